@@ -1,0 +1,282 @@
+//! The versioned messages of the control stream and the header that opens every other stream.
+//!
+//! Payloads are protobuf (prost derive, no code generation), so later versions can add fields
+//! without breaking older peers; the frame type byte says which message a payload is.
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, BytesMut};
+use prost::Message as _;
+
+use crate::error::ProtoError;
+use crate::frame::HEADER_LEN;
+
+/// First message on the control stream, agent → gateway.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    /// Protocol versions the agent speaks.
+    #[prost(uint32, repeated, tag = "1")]
+    pub versions: Vec<u32>,
+    /// The agent's software version, for display.
+    #[prost(string, tag = "2")]
+    pub agent_version: String,
+    /// Features the agent offers (`relay`, `tcp`, `commands`, ...).
+    #[prost(string, repeated, tag = "3")]
+    pub capabilities: Vec<String>,
+    /// Free-form labels from the agent's config (cluster, region, ...).
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub labels: BTreeMap<String, String>,
+    /// Identifies one agent process (one replica); several may share an agent id.
+    #[prost(string, tag = "5")]
+    pub instance_id: String,
+}
+
+/// The gateway's answer to `Hello`: the session is established.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Welcome {
+    /// The protocol version chosen for this session.
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Session id assigned by the gateway, unique per gateway process.
+    #[prost(string, tag = "2")]
+    pub session_id: String,
+    /// How often the agent must send a heartbeat.
+    #[prost(uint64, tag = "3")]
+    pub heartbeat_interval_ms: u64,
+    /// Largest frame payload either side may send on any stream.
+    #[prost(uint32, tag = "4")]
+    pub max_frame_size: u32,
+    /// How many gateway-opened streams the agent must accept concurrently.
+    #[prost(uint32, tag = "5")]
+    pub max_concurrent_streams: u32,
+    /// Which gateway instance answered, for display.
+    #[prost(string, tag = "6")]
+    pub gateway_id: String,
+}
+
+/// Agent → gateway liveness probe; the gateway answers with [`HeartbeatAck`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Heartbeat {
+    /// Sequence number, echoed in the ack.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// The last round-trip time the agent measured, in microseconds (0 = none yet).
+    #[prost(uint64, tag = "2")]
+    pub last_rtt_us: u64,
+}
+
+/// Gateway → agent answer to a [`Heartbeat`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeartbeatAck {
+    /// The sequence number of the heartbeat being answered.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+}
+
+/// Gateway → agent: this gateway is draining; open a new session (make-before-break) and let
+/// this one go.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GoAway {
+    /// Why, for logs.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    /// How long the agent should spread its reconnect over, to avoid a thundering herd.
+    #[prost(uint64, tag = "2")]
+    pub reconnect_within_ms: u64,
+}
+
+/// Either side: the session is ending, with a code and a reason for logs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Close {
+    /// An [`crate::ErrorCode`] value.
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    /// Human-readable reason.
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+/// What a gateway-opened stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamKind {
+    /// Not set: rejected.
+    Unspecified = 0,
+    /// A relayed gRPC call.
+    Rpc = 1,
+    /// A raw TCP stream to an allow-listed service.
+    Tcp = 2,
+    /// A command delivery.
+    Command = 3,
+    /// An end-to-end liveness probe.
+    Probe = 4,
+}
+
+/// One metadata entry (gRPC header or trailer) carried in a [`StreamHeader`].
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MetadataEntry {
+    /// Lower-case header name.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Raw value bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// First frame of every gateway-opened stream: what the stream is for.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamHeader {
+    /// What the stream carries.
+    #[prost(enumeration = "StreamKind", tag = "1")]
+    pub kind: i32,
+    /// The agent-side service name (a key of the agent's service map).
+    #[prost(string, tag = "2")]
+    pub service: String,
+    /// The gRPC method path (`/pkg.Service/Method`), or empty for TCP.
+    #[prost(string, tag = "3")]
+    pub method: String,
+    /// Request metadata to forward.
+    #[prost(message, repeated, tag = "4")]
+    pub metadata: Vec<MetadataEntry>,
+    /// Time the caller still allows, in milliseconds (0 = no deadline).
+    #[prost(uint64, tag = "5")]
+    pub timeout_ms: u64,
+    /// W3C trace context (`traceparent`, `tracestate`).
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub trace_context: BTreeMap<String, String>,
+    /// An id for the stream's subject (a command id, for deliveries).
+    #[prost(string, tag = "7")]
+    pub id: String,
+}
+
+impl StreamHeader {
+    /// The stream kind, or `Unspecified` for a value this build does not know.
+    pub fn stream_kind(&self) -> StreamKind {
+        StreamKind::try_from(self.kind).unwrap_or(StreamKind::Unspecified)
+    }
+}
+
+/// Any frame the protocol knows, tagged by its frame type.
+#[derive(Clone, PartialEq, Debug)]
+#[non_exhaustive]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// See [`HeartbeatAck`].
+    HeartbeatAck(HeartbeatAck),
+    /// See [`GoAway`].
+    GoAway(GoAway),
+    /// See [`Close`].
+    Close(Close),
+    /// See [`StreamHeader`].
+    StreamHeader(StreamHeader),
+}
+
+/// Frame type bytes. Stable on the wire: never renumber.
+pub(crate) mod frame_type {
+    pub(crate) const HELLO: u8 = 0x01;
+    pub(crate) const WELCOME: u8 = 0x02;
+    pub(crate) const HEARTBEAT: u8 = 0x03;
+    pub(crate) const HEARTBEAT_ACK: u8 = 0x04;
+    pub(crate) const GO_AWAY: u8 = 0x05;
+    pub(crate) const CLOSE: u8 = 0x06;
+    pub(crate) const STREAM_HEADER: u8 = 0x10;
+}
+
+impl Message {
+    /// The frame type byte this message is sent with.
+    pub fn frame_type(&self) -> u8 {
+        use frame_type::*;
+        match self {
+            Message::Hello(_) => HELLO,
+            Message::Welcome(_) => WELCOME,
+            Message::Heartbeat(_) => HEARTBEAT,
+            Message::HeartbeatAck(_) => HEARTBEAT_ACK,
+            Message::GoAway(_) => GO_AWAY,
+            Message::Close(_) => CLOSE,
+            Message::StreamHeader(_) => STREAM_HEADER,
+        }
+    }
+
+    /// A short name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Heartbeat(_) => "Heartbeat",
+            Message::HeartbeatAck(_) => "HeartbeatAck",
+            Message::GoAway(_) => "GoAway",
+            Message::Close(_) => "Close",
+            Message::StreamHeader(_) => "StreamHeader",
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Message::Hello(m) => m.encoded_len(),
+            Message::Welcome(m) => m.encoded_len(),
+            Message::Heartbeat(m) => m.encoded_len(),
+            Message::HeartbeatAck(m) => m.encoded_len(),
+            Message::GoAway(m) => m.encoded_len(),
+            Message::Close(m) => m.encoded_len(),
+            Message::StreamHeader(m) => m.encoded_len(),
+        }
+    }
+
+    /// Length of the whole frame (header and payload).
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload_len()
+    }
+
+    /// Appends this message as one frame to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let len = self.payload_len();
+        dst.reserve(HEADER_LEN + len);
+        dst.put_u8(self.frame_type());
+        // Payloads are far below 4 GiB: every sender enforces `Limits` before it gets here.
+        dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        // Encoding into a BytesMut cannot fail: it grows as needed.
+        let res = match self {
+            Message::Hello(m) => m.encode(dst),
+            Message::Welcome(m) => m.encode(dst),
+            Message::Heartbeat(m) => m.encode(dst),
+            Message::HeartbeatAck(m) => m.encode(dst),
+            Message::GoAway(m) => m.encode(dst),
+            Message::Close(m) => m.encode(dst),
+            Message::StreamHeader(m) => m.encode(dst),
+        };
+        debug_assert!(res.is_ok());
+    }
+
+    /// Encodes this message as one frame into a fresh buffer.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        let mut b = BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut b);
+        b.freeze()
+    }
+
+    /// Decodes a payload of the given frame type.
+    pub fn decode(ty: u8, payload: &[u8]) -> Result<Message, ProtoError> {
+        use frame_type::*;
+        fn de<M: prost::Message + Default>(kind: &'static str, p: &[u8]) -> Result<M, ProtoError> {
+            M::decode(p).map_err(|e| ProtoError::Malformed {
+                kind,
+                detail: e.to_string(),
+            })
+        }
+        Ok(match ty {
+            HELLO => Message::Hello(de("Hello", payload)?),
+            WELCOME => Message::Welcome(de("Welcome", payload)?),
+            HEARTBEAT => Message::Heartbeat(de("Heartbeat", payload)?),
+            HEARTBEAT_ACK => Message::HeartbeatAck(de("HeartbeatAck", payload)?),
+            GO_AWAY => Message::GoAway(de("GoAway", payload)?),
+            CLOSE => Message::Close(de("Close", payload)?),
+            STREAM_HEADER => Message::StreamHeader(de("StreamHeader", payload)?),
+            other => return Err(ProtoError::UnknownFrameType(other)),
+        })
+    }
+}

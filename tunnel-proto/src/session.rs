@@ -1,0 +1,587 @@
+//! The control-stream state machines: [`AgentSession`] (dialing side) and [`GatewaySession`].
+//!
+//! Both are sans-IO. Feed received bytes with `handle_input`, the end of the stream with
+//! `handle_eof`, and the passing of time with `handle_timeout`; then drain `poll_transmit`
+//! (bytes to write on the control stream), `poll_event` (what happened) and ask `poll_timeout`
+//! when to call again. A session never panics on peer input: bad input closes it with a code.
+//!
+//! Liveness: the agent sends a `Heartbeat` every interval the gateway chose in `Welcome`; the
+//! gateway answers each with `HeartbeatAck`, from which the agent measures RTT (and reports the
+//! last value in its next heartbeat). Either side closes the session with `HEARTBEAT_TIMEOUT`
+//! when it has heard nothing from its peer for `dead_after` intervals.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::{ErrorCode, ProtoError};
+use crate::frame::{FrameDecoder, Limits};
+use crate::message::{Close, GoAway, Heartbeat, HeartbeatAck, Hello, Message, Welcome};
+use crate::SUPPORTED_VERSIONS;
+
+/// How a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The close code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub reason: String,
+    /// True when the peer closed (sent `Close` or finished the stream), false when we did.
+    pub by_peer: bool,
+}
+
+// === Core ===
+
+/// What both sides share: the decoder, the outgoing buffer and the close state.
+#[derive(Debug)]
+struct Core {
+    decoder: FrameDecoder,
+    out: BytesMut,
+    closed: Option<CloseInfo>,
+    last_heard: Instant,
+}
+
+impl Core {
+    fn new(max_frame: usize, now: Instant) -> Self {
+        Core {
+            decoder: FrameDecoder::new(max_frame),
+            out: BytesMut::new(),
+            closed: None,
+            last_heard: now,
+        }
+    }
+
+    fn send(&mut self, msg: Message) {
+        if self.closed.is_none() {
+            msg.encode(&mut self.out);
+        }
+    }
+
+    /// Closes locally: queues a `Close` frame and returns the info to report.
+    fn close_local(&mut self, code: ErrorCode, reason: String) -> Option<CloseInfo> {
+        if self.closed.is_some() {
+            return None;
+        }
+        self.send(Message::Close(Close {
+            code: code.0,
+            reason: reason.clone(),
+        }));
+        let info = CloseInfo {
+            code,
+            reason,
+            by_peer: false,
+        };
+        self.closed = Some(info.clone());
+        Some(info)
+    }
+
+    fn close_by_peer(&mut self, code: ErrorCode, reason: String) -> Option<CloseInfo> {
+        if self.closed.is_some() {
+            return None;
+        }
+        let info = CloseInfo {
+            code,
+            reason,
+            by_peer: true,
+        };
+        self.closed = Some(info.clone());
+        Some(info)
+    }
+
+    fn handle_eof(&mut self) -> Option<CloseInfo> {
+        match self.decoder.finish() {
+            Ok(()) => self.close_by_peer(ErrorCode::NO_ERROR, "control stream finished".into()),
+            Err(e) => self.close_local(e.code(), e.to_string()),
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        if self.out.is_empty() {
+            None
+        } else {
+            Some(self.out.split().freeze())
+        }
+    }
+}
+
+// === AgentSession ===
+
+/// Settings for the agent side of a session.
+#[derive(Clone, Debug)]
+pub struct AgentSessionConfig {
+    /// The `Hello` to send; its `versions` default to [`SUPPORTED_VERSIONS`] when empty.
+    pub hello: Hello,
+    /// How long to wait for `Welcome`.
+    pub handshake_timeout: Duration,
+    /// Heartbeat intervals without hearing from the gateway before giving up.
+    pub dead_after: u32,
+    /// Largest control frame accepted from the gateway.
+    pub max_frame: usize,
+}
+
+impl AgentSessionConfig {
+    /// Defaults for everything but the `Hello`.
+    pub fn new(hello: Hello) -> Self {
+        AgentSessionConfig {
+            hello,
+            handshake_timeout: Duration::from_secs(10),
+            dead_after: 3,
+            max_frame: Limits::DEFAULT.max_control_frame,
+        }
+    }
+}
+
+/// Something the agent's IO layer must act on or may report.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentEvent {
+    /// The gateway accepted the session.
+    Established(Welcome),
+    /// A heartbeat round trip completed.
+    Rtt(Duration),
+    /// The gateway asks for a new session elsewhere; keep this one until that one is up.
+    GoAway(GoAway),
+    /// The session is over; close the connection with this code.
+    Closed(CloseInfo),
+}
+
+#[derive(Debug)]
+enum AgentState {
+    AwaitingWelcome { deadline: Instant },
+    Established { interval: Duration, next_heartbeat: Instant },
+}
+
+/// The agent's side of the control stream.
+#[derive(Debug)]
+pub struct AgentSession {
+    core: Core,
+    state: AgentState,
+    dead_after: u32,
+    events: VecDeque<AgentEvent>,
+    seq: u64,
+    outstanding: Option<(u64, Instant)>,
+    rtt: Option<Duration>,
+}
+
+impl AgentSession {
+    /// Starts a session: the `Hello` is queued for transmission at once.
+    pub fn new(mut config: AgentSessionConfig, now: Instant) -> Self {
+        if config.hello.versions.is_empty() {
+            config.hello.versions = SUPPORTED_VERSIONS.to_vec();
+        }
+        let mut core = Core::new(config.max_frame, now);
+        core.send(Message::Hello(config.hello));
+        AgentSession {
+            core,
+            state: AgentState::AwaitingWelcome {
+                deadline: now + config.handshake_timeout,
+            },
+            dead_after: config.dead_after.max(1),
+            events: VecDeque::new(),
+            seq: 0,
+            outstanding: None,
+            rtt: None,
+        }
+    }
+
+    /// Bytes read from the control stream.
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        self.core.decoder.push(data);
+        loop {
+            match self.core.decoder.next_message() {
+                Ok(Some(msg)) => {
+                    self.core.last_heard = now;
+                    if let Err(e) = self.on_message(msg, now) {
+                        self.fail(e);
+                    }
+                    if self.is_closed() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => return self.fail(e),
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: Message, now: Instant) -> Result<(), ProtoError> {
+        match (&self.state, msg) {
+            (AgentState::AwaitingWelcome { .. }, Message::Welcome(w)) => {
+                if !SUPPORTED_VERSIONS.contains(&w.version) {
+                    return Err(ProtoError::NoCommonVersion {
+                        peer: vec![w.version],
+                        ours: SUPPORTED_VERSIONS.to_vec(),
+                    });
+                }
+                let interval = Duration::from_millis(w.heartbeat_interval_ms.max(10));
+                self.state = AgentState::Established {
+                    interval,
+                    next_heartbeat: now + interval,
+                };
+                self.events.push_back(AgentEvent::Established(w));
+            }
+            (AgentState::Established { .. }, Message::HeartbeatAck(ack)) => {
+                if let Some((seq, sent)) = self.outstanding {
+                    if seq == ack.seq {
+                        let rtt = now.saturating_duration_since(sent);
+                        self.rtt = Some(rtt);
+                        self.outstanding = None;
+                        self.events.push_back(AgentEvent::Rtt(rtt));
+                    }
+                }
+            }
+            (AgentState::Established { .. }, Message::GoAway(g)) => {
+                self.events.push_back(AgentEvent::GoAway(g));
+            }
+            (_, Message::Close(c)) => {
+                if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
+                    self.events.push_back(AgentEvent::Closed(info));
+                }
+            }
+            (state, other) => {
+                return Err(ProtoError::Unexpected {
+                    got: other.name(),
+                    state: match state {
+                        AgentState::AwaitingWelcome { .. } => "awaiting Welcome",
+                        AgentState::Established { .. } => "established",
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The gateway finished the control stream.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if let Some(info) = self.core.handle_eof() {
+            self.events.push_back(AgentEvent::Closed(info));
+        }
+    }
+
+    /// Call when [`AgentSession::poll_timeout`] has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        match self.state {
+            AgentState::AwaitingWelcome { deadline } => {
+                if now >= deadline {
+                    self.close(ErrorCode::HANDSHAKE_TIMEOUT, "no Welcome from the gateway in time");
+                }
+            }
+            AgentState::Established {
+                interval,
+                ref mut next_heartbeat,
+            } => {
+                if now >= self.core.last_heard + interval * self.dead_after {
+                    let reason =
+                        format!("gateway silent for {} heartbeat intervals", self.dead_after);
+                    self.close(ErrorCode::HEARTBEAT_TIMEOUT, &reason);
+                    return;
+                }
+                if now >= *next_heartbeat {
+                    *next_heartbeat = now + interval;
+                    self.seq += 1;
+                    self.outstanding = Some((self.seq, now));
+                    let last_rtt_us = self.rtt.map_or(0, |d| d.as_micros() as u64);
+                    self.core.send(Message::Heartbeat(Heartbeat {
+                        seq: self.seq,
+                        last_rtt_us,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// When to call [`AgentSession::handle_timeout`] next; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        Some(match self.state {
+            AgentState::AwaitingWelcome { deadline } => deadline,
+            AgentState::Established {
+                interval,
+                next_heartbeat,
+            } => next_heartbeat.min(self.core.last_heard + interval * self.dead_after),
+        })
+    }
+
+    /// Bytes to write on the control stream.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.core.poll_transmit()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    /// Closes the session from this side; a `Close` frame is queued.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        if let Some(info) = self.core.close_local(code, reason.to_owned()) {
+            self.events.push_back(AgentEvent::Closed(info));
+        }
+    }
+
+    fn fail(&mut self, e: ProtoError) {
+        self.close(e.code(), &e.to_string());
+    }
+
+    /// True once closed by either side.
+    pub fn is_closed(&self) -> bool {
+        self.core.closed.is_some()
+    }
+
+    /// True once `Welcome` arrived (and until closed).
+    pub fn is_established(&self) -> bool {
+        !self.is_closed() && matches!(self.state, AgentState::Established { .. })
+    }
+
+    /// The last measured heartbeat round trip.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+}
+
+// === GatewaySession ===
+
+/// Settings for the gateway side of a session.
+#[derive(Clone, Debug)]
+pub struct GatewaySessionConfig {
+    /// Session id to announce.
+    pub session_id: String,
+    /// This gateway's id, for display.
+    pub gateway_id: String,
+    /// How often agents must send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long to wait for `Hello`.
+    pub handshake_timeout: Duration,
+    /// Heartbeat intervals without hearing from the agent before closing.
+    pub dead_after: u32,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Concurrent gateway-opened streams the agent must accept.
+    pub max_concurrent_streams: u32,
+    /// Versions this gateway speaks.
+    pub versions: Vec<u32>,
+}
+
+impl GatewaySessionConfig {
+    /// Defaults for a session id.
+    pub fn new(session_id: String) -> Self {
+        GatewaySessionConfig {
+            session_id,
+            gateway_id: String::new(),
+            heartbeat_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            dead_after: 3,
+            limits: Limits::DEFAULT,
+            max_concurrent_streams: 1024,
+            versions: SUPPORTED_VERSIONS.to_vec(),
+        }
+    }
+}
+
+/// Something the gateway's IO layer must act on or may report.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GatewayEvent {
+    /// `Hello` accepted and `Welcome` queued: register the session.
+    Established {
+        /// The agent's hello.
+        hello: Hello,
+        /// The negotiated version.
+        version: u32,
+    },
+    /// The agent reported its last heartbeat round trip.
+    Rtt(Duration),
+    /// The session is over; close the connection with this code.
+    Closed(CloseInfo),
+}
+
+#[derive(Debug)]
+enum GatewayState {
+    AwaitingHello { deadline: Instant },
+    Established,
+}
+
+/// The gateway's side of the control stream.
+#[derive(Debug)]
+pub struct GatewaySession {
+    core: Core,
+    state: GatewayState,
+    config: GatewaySessionConfig,
+    events: VecDeque<GatewayEvent>,
+}
+
+impl GatewaySession {
+    /// Waits for `Hello` from `now`.
+    pub fn new(config: GatewaySessionConfig, now: Instant) -> Self {
+        GatewaySession {
+            core: Core::new(config.limits.max_control_frame, now),
+            state: GatewayState::AwaitingHello {
+                deadline: now + config.handshake_timeout,
+            },
+            config,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Bytes read from the control stream.
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        self.core.decoder.push(data);
+        loop {
+            match self.core.decoder.next_message() {
+                Ok(Some(msg)) => {
+                    self.core.last_heard = now;
+                    if let Err(e) = self.on_message(msg) {
+                        self.fail(e);
+                    }
+                    if self.is_closed() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => return self.fail(e),
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), ProtoError> {
+        match (&self.state, msg) {
+            (GatewayState::AwaitingHello { .. }, Message::Hello(hello)) => {
+                let version = hello
+                    .versions
+                    .iter()
+                    .copied()
+                    .filter(|v| self.config.versions.contains(v))
+                    .max()
+                    .ok_or_else(|| ProtoError::NoCommonVersion {
+                        peer: hello.versions.clone(),
+                        ours: self.config.versions.clone(),
+                    })?;
+                self.core.send(Message::Welcome(Welcome {
+                    version,
+                    session_id: self.config.session_id.clone(),
+                    heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                    max_frame_size: self.config.limits.max_control_frame as u32,
+                    max_concurrent_streams: self.config.max_concurrent_streams,
+                    gateway_id: self.config.gateway_id.clone(),
+                }));
+                self.state = GatewayState::Established;
+                self.events
+                    .push_back(GatewayEvent::Established { hello, version });
+            }
+            (GatewayState::Established, Message::Heartbeat(hb)) => {
+                self.core
+                    .send(Message::HeartbeatAck(HeartbeatAck { seq: hb.seq }));
+                if hb.last_rtt_us > 0 {
+                    self.events
+                        .push_back(GatewayEvent::Rtt(Duration::from_micros(hb.last_rtt_us)));
+                }
+            }
+            (_, Message::Close(c)) => {
+                if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
+                    self.events.push_back(GatewayEvent::Closed(info));
+                }
+            }
+            (state, other) => {
+                return Err(ProtoError::Unexpected {
+                    got: other.name(),
+                    state: match state {
+                        GatewayState::AwaitingHello { .. } => "awaiting Hello",
+                        GatewayState::Established => "established",
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent finished the control stream.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if let Some(info) = self.core.handle_eof() {
+            self.events.push_back(GatewayEvent::Closed(info));
+        }
+    }
+
+    /// Call when [`GatewaySession::poll_timeout`] has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.poll_timeout() {
+            Some(t) if now >= t => {}
+            _ => return,
+        }
+        match self.state {
+            GatewayState::AwaitingHello { .. } => {
+                self.close(ErrorCode::HANDSHAKE_TIMEOUT, "no Hello from the agent in time");
+            }
+            GatewayState::Established => {
+                let reason = format!(
+                    "agent silent for {} heartbeat intervals",
+                    self.config.dead_after
+                );
+                self.close(ErrorCode::HEARTBEAT_TIMEOUT, &reason);
+            }
+        }
+    }
+
+    /// When to call [`GatewaySession::handle_timeout`] next; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        Some(match self.state {
+            GatewayState::AwaitingHello { deadline } => deadline,
+            GatewayState::Established => {
+                self.core.last_heard + self.config.heartbeat_interval * self.config.dead_after.max(1)
+            }
+        })
+    }
+
+    /// Bytes to write on the control stream.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.core.poll_transmit()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<GatewayEvent> {
+        self.events.pop_front()
+    }
+
+    /// Asks the agent to move to a new session within `within`.
+    pub fn go_away(&mut self, reason: &str, within: Duration) {
+        if matches!(self.state, GatewayState::Established) {
+            self.core.send(Message::GoAway(GoAway {
+                reason: reason.to_owned(),
+                reconnect_within_ms: within.as_millis() as u64,
+            }));
+        }
+    }
+
+    /// Closes the session from this side; a `Close` frame is queued.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        if let Some(info) = self.core.close_local(code, reason.to_owned()) {
+            self.events.push_back(GatewayEvent::Closed(info));
+        }
+    }
+
+    fn fail(&mut self, e: ProtoError) {
+        self.close(e.code(), &e.to_string());
+    }
+
+    /// True once closed by either side.
+    pub fn is_closed(&self) -> bool {
+        self.core.closed.is_some()
+    }
+
+    /// The heartbeat interval this session announces.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
+}

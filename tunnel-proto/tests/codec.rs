@@ -1,0 +1,146 @@
+//! Codec properties: every message round-trips, any byte string decodes without panicking.
+
+use proptest::prelude::*;
+use tunnel_proto::frame::{decode_frame, FrameDecoder, Limits};
+use tunnel_proto::message::*;
+
+fn s() -> impl Strategy<Value = String> {
+    ".{0,40}"
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (
+            proptest::collection::vec(any::<u32>(), 0..4),
+            s(),
+            proptest::collection::vec(s(), 0..4),
+            proptest::collection::btree_map(s(), s(), 0..4),
+            s()
+        )
+            .prop_map(|(versions, agent_version, capabilities, labels, instance_id)| {
+                Message::Hello(Hello {
+                    versions,
+                    agent_version,
+                    capabilities,
+                    labels,
+                    instance_id,
+                })
+            }),
+        (any::<u32>(), s(), any::<u64>(), any::<u32>(), any::<u32>(), s()).prop_map(
+            |(version, session_id, hb, mfs, mcs, gateway_id)| Message::Welcome(Welcome {
+                version,
+                session_id,
+                heartbeat_interval_ms: hb,
+                max_frame_size: mfs,
+                max_concurrent_streams: mcs,
+                gateway_id,
+            })
+        ),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
+        any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),
+        (s(), any::<u64>()).prop_map(|(reason, w)| Message::GoAway(GoAway {
+            reason,
+            reconnect_within_ms: w
+        })),
+        (any::<u32>(), s()).prop_map(|(code, reason)| Message::Close(Close { code, reason })),
+        (
+            0i32..5,
+            s(),
+            s(),
+            proptest::collection::vec(
+                (s(), proptest::collection::vec(any::<u8>(), 0..32))
+                    .prop_map(|(key, value)| MetadataEntry { key, value }),
+                0..6
+            ),
+            any::<u64>(),
+            proptest::collection::btree_map(s(), s(), 0..3),
+            s()
+        )
+            .prop_map(|(kind, service, method, metadata, timeout_ms, trace_context, id)| {
+                Message::StreamHeader(StreamHeader {
+                    kind,
+                    service,
+                    method,
+                    metadata,
+                    timeout_ms,
+                    trace_context,
+                    id,
+                })
+            }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(msg in message()) {
+        let bytes = msg.to_bytes();
+        prop_assert_eq!(bytes.len(), msg.encoded_len());
+        let (back, used) = decode_frame(&bytes, usize::MAX).unwrap().unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn streams_of_messages_round_trip_across_any_split(
+        msgs in proptest::collection::vec(message(), 1..8),
+        cuts in proptest::collection::vec(1usize..64, 1..40),
+    ) {
+        let mut wire = bytes::BytesMut::new();
+        for m in &msgs {
+            m.encode(&mut wire);
+        }
+        let mut dec = FrameDecoder::new(usize::MAX);
+        let mut out = Vec::new();
+        let mut rest = &wire[..];
+        let mut cuts = cuts.into_iter().cycle();
+        while !rest.is_empty() {
+            let n = cuts.next().unwrap().min(rest.len());
+            dec.push(&rest[..n]);
+            rest = &rest[n..];
+            while let Some(m) = dec.next_message().unwrap() {
+                out.push(m);
+            }
+        }
+        prop_assert!(dec.finish().is_ok());
+        prop_assert_eq!(out, msgs);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut dec = FrameDecoder::new(Limits::DEFAULT.max_control_frame);
+        dec.push(&bytes);
+        for _ in 0..bytes.len() + 1 {
+            match dec.next_message() {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+        let _ = decode_frame(&bytes, 16);
+    }
+
+    #[test]
+    fn decoder_buffers_at_most_one_frame_beyond_the_limit(len in 65_537u32..u32::MAX) {
+        let mut dec = FrameDecoder::new(65_536);
+        let mut hdr = vec![0x01];
+        hdr.extend_from_slice(&len.to_be_bytes());
+        dec.push(&hdr);
+        let err = dec.next_message().unwrap_err();
+        let too_large = matches!(err, tunnel_proto::ProtoError::FrameTooLarge { .. });
+        prop_assert!(too_large);
+    }
+}
+
+#[test]
+fn stream_header_kind_is_typed() {
+    let h = StreamHeader {
+        kind: StreamKind::Tcp as i32,
+        ..Default::default()
+    };
+    assert_eq!(h.stream_kind(), StreamKind::Tcp);
+    let h = StreamHeader {
+        kind: 99,
+        ..Default::default()
+    };
+    assert_eq!(h.stream_kind(), StreamKind::Unspecified);
+}

@@ -1,0 +1,219 @@
+//! The control-stream state machines driven through the simulated-clock harness.
+
+use std::time::Duration;
+
+use tunnel_proto::harness::{Pair, To};
+use tunnel_proto::message::{Hello, Message};
+use tunnel_proto::session::{
+    AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
+};
+use tunnel_proto::ErrorCode;
+
+const INTERVAL: Duration = Duration::from_secs(1);
+const LATENCY: Duration = Duration::from_millis(20);
+
+fn pair() -> Pair {
+    pair_with(Hello {
+        agent_version: "test".into(),
+        ..Default::default()
+    })
+}
+
+fn pair_with(hello: Hello) -> Pair {
+    let mut gw = GatewaySessionConfig::new("s-1".into());
+    gw.heartbeat_interval = INTERVAL;
+    Pair::new(AgentSessionConfig::new(hello), gw, LATENCY)
+}
+
+fn gateway_closed(p: &Pair) -> Option<(Duration, CloseInfo)> {
+    p.gateway_events.iter().find_map(|(t, e)| match e {
+        GatewayEvent::Closed(c) => Some((*t, c.clone())),
+        _ => None,
+    })
+}
+
+fn agent_closed(p: &Pair) -> Option<(Duration, CloseInfo)> {
+    p.agent_events.iter().find_map(|(t, e)| match e {
+        AgentEvent::Closed(c) => Some((*t, c.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn hello_welcome_establishes_in_one_round_trip() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    let (t, welcome) = p
+        .agent_events
+        .iter()
+        .find_map(|(t, e)| match e {
+            AgentEvent::Established(w) => Some((*t, w.clone())),
+            _ => None,
+        })
+        .expect("agent established");
+    assert_eq!(t, LATENCY * 2);
+    assert_eq!(welcome.version, 1);
+    assert_eq!(welcome.session_id, "s-1");
+    assert_eq!(welcome.heartbeat_interval_ms, 1000);
+    assert!(matches!(
+        &p.gateway_events[0].1,
+        GatewayEvent::Established { version: 1, hello } if hello.agent_version == "test"
+    ));
+    assert!(p.agent.is_established());
+}
+
+#[test]
+fn heartbeats_measure_rtt_and_keep_the_session_alive() {
+    let mut p = pair().with_chunking(7);
+    p.run_for(Duration::from_secs(60));
+    let rtts: Vec<_> = p
+        .agent_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            AgentEvent::Rtt(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    assert!(rtts.len() >= 58, "one RTT per heartbeat, got {}", rtts.len());
+    assert!(rtts.iter().all(|r| *r == LATENCY * 2));
+    // The agent reports its RTT to the gateway in the next heartbeat.
+    assert!(p
+        .gateway_events
+        .iter()
+        .any(|(_, e)| *e == GatewayEvent::Rtt(LATENCY * 2)));
+    assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
+}
+
+#[test]
+fn gateway_closes_a_silent_agent_within_three_intervals() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(2500));
+    let killed_at = p.elapsed();
+    p.silence_agent();
+    p.run_for(Duration::from_secs(10));
+    let (t, info) = gateway_closed(&p).expect("gateway closed the session");
+    assert_eq!(info.code, ErrorCode::HEARTBEAT_TIMEOUT);
+    assert!(!info.by_peer);
+    assert!(t - killed_at <= INTERVAL * 3, "closed {:?} after the kill", t - killed_at);
+}
+
+#[test]
+fn partition_longer_than_the_dead_interval_closes_both_sides() {
+    let mut p = pair();
+    p.run_for(Duration::from_secs(2));
+    p.partition(true);
+    p.run_for(Duration::from_secs(5));
+    assert_eq!(gateway_closed(&p).unwrap().1.code, ErrorCode::HEARTBEAT_TIMEOUT);
+    assert_eq!(agent_closed(&p).unwrap().1.code, ErrorCode::HEARTBEAT_TIMEOUT);
+}
+
+#[test]
+fn short_partition_is_survived() {
+    let mut p = pair();
+    p.run_for(Duration::from_secs(2));
+    p.partition(true);
+    p.run_for(Duration::from_millis(1500));
+    p.partition(false);
+    p.run_for(Duration::from_secs(10));
+    assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
+}
+
+#[test]
+fn no_common_version_closes_with_unsupported_version() {
+    let mut p = pair_with(Hello {
+        versions: vec![7, 8],
+        ..Default::default()
+    });
+    p.run_for(Duration::from_secs(1));
+    let (_, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::UNSUPPORTED_VERSION);
+    assert!(info.reason.contains("[7, 8]"), "{}", info.reason);
+    let (_, info) = agent_closed(&p).unwrap();
+    assert!(info.by_peer);
+    assert_eq!(info.code, ErrorCode::UNSUPPORTED_VERSION);
+}
+
+#[test]
+fn garbage_on_the_control_stream_is_a_protocol_error() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    p.inject(To::Gateway, &[0x7f, 0, 0, 0, 1, 0]);
+    p.run_for(Duration::from_millis(100));
+    let (_, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::PROTOCOL_ERROR);
+    assert!(info.reason.contains("unknown frame type"), "{}", info.reason);
+}
+
+#[test]
+fn oversized_frame_is_rejected_from_its_header() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    // Only the header: the limit is enforced before the payload arrives.
+    p.inject(To::Gateway, &[0x03, 0x7f, 0xff, 0xff, 0xff]);
+    p.run_for(Duration::from_millis(100));
+    let (_, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::FRAME_TOO_LARGE);
+}
+
+#[test]
+fn hello_must_come_first() {
+    let mut gw = GatewaySessionConfig::new("s".into());
+    gw.heartbeat_interval = INTERVAL;
+    let mut p = Pair::new(AgentSessionConfig::new(Hello::default()), gw, LATENCY);
+    // A heartbeat before Hello, injected ahead of the agent's own Hello.
+    p.inject(
+        To::Gateway,
+        &Message::Heartbeat(Default::default()).to_bytes(),
+    );
+    p.run_for(Duration::from_millis(100));
+    let (_, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::PROTOCOL_ERROR);
+    assert!(info.reason.contains("awaiting Hello"), "{}", info.reason);
+}
+
+#[test]
+fn missing_hello_times_out() {
+    let mut gw = GatewaySessionConfig::new("s".into());
+    gw.handshake_timeout = Duration::from_secs(3);
+    let mut p = Pair::new(AgentSessionConfig::new(Hello::default()), gw, LATENCY);
+    p.partition(true);
+    p.run_for(Duration::from_secs(4));
+    let (t, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::HANDSHAKE_TIMEOUT);
+    assert_eq!(t, Duration::from_secs(3));
+}
+
+#[test]
+fn go_away_reaches_the_agent_and_the_session_stays_up() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    p.gateway.go_away("draining", Duration::from_secs(5));
+    p.run_for(Duration::from_secs(3));
+    let g = p
+        .agent_events
+        .iter()
+        .find_map(|(_, e)| match e {
+            AgentEvent::GoAway(g) => Some(g.clone()),
+            _ => None,
+        })
+        .expect("GoAway delivered");
+    assert_eq!(g.reason, "draining");
+    assert_eq!(g.reconnect_within_ms, 5000);
+    assert!(agent_closed(&p).is_none());
+    p.agent.close(ErrorCode::REPLACED, "new session up");
+    p.run_for(Duration::from_millis(100));
+    let (_, info) = gateway_closed(&p).unwrap();
+    assert_eq!(info.code, ErrorCode::REPLACED);
+    assert!(info.by_peer);
+}
+
+#[test]
+fn stream_ending_mid_frame_is_truncation() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    p.inject(To::Gateway, &[0x03, 0, 0]);
+    p.run_for(Duration::from_millis(100));
+    p.gateway.handle_eof(p.now);
+    p.run_for(Duration::from_millis(1));
+    assert_eq!(gateway_closed(&p).unwrap().1.code, ErrorCode::PROTOCOL_ERROR);
+}
