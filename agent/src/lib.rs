@@ -1,1 +1,123 @@
-//! placeholder
+//! Tether's data-plane agent.
+//!
+//! The agent dials **out** to one or more gateways over mutual-TLS QUIC and keeps a session up to
+//! each, so the gateway can reach the private network without any inbound port. It listens on
+//! nothing but its loopback ops endpoint.
+//!
+//! # Layout
+//! Layers only look down: transport → session → feature → backend.
+//! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
+//! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
+//! - [`status`]: what `/readyz` and metrics report;
+//! - [`config`], [`run`]/[`start`] (wiring).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dialer;
+pub mod error;
+pub mod status;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use tether_runtime::CancellationToken;
+use tokio::task::JoinHandle;
+use tunnel_proto::message::Hello;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+pub use status::AgentStatus;
+
+/// The agent's software version, sent in `Hello`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Live status.
+    pub status: Arc<AgentStatus>,
+    /// Where the ops endpoint listens, if one was given.
+    pub ops_addr: Option<std::net::SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Waits until every supervisor has stopped (after shutdown was cancelled).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn instance_id(cfg: &AgentConfig) -> String {
+    cfg.instance_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| format!("agent-{:08x}", rand::random::<u32>()))
+}
+
+/// Starts the agent: one supervisor per gateway, plus the ops endpoint on `ops` if given.
+pub fn start(
+    cfg: &AgentConfig,
+    ops: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    let dialer = dialer::Dialer::new(cfg)?;
+    let status = Arc::new(AgentStatus::default());
+    let shared = Arc::new(supervisor::Shared {
+        dialer,
+        hello: Hello {
+            versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
+            agent_version: VERSION.to_owned(),
+            capabilities: Vec::new(),
+            labels: cfg.labels.clone(),
+            instance_id: instance_id(cfg),
+        },
+        status: status.clone(),
+        initial_backoff: cfg.reconnect.initial_backoff,
+        max_backoff: cfg.reconnect.max_backoff,
+    });
+    let mut ops_addr = None;
+    if let Some(l) = ops {
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| AgentError::Io { what, source }
+        };
+        ops_addr = Some(l.local_addr().map_err(io("ops socket"))?);
+        l.set_nonblocking(true).map_err(io("ops socket"))?;
+        let l = tokio::net::TcpListener::from_std(l).map_err(io("ops socket"))?;
+        let st = status.clone();
+        tokio::spawn(tether_runtime::ops::serve(
+            l,
+            Arc::new(move || st.readiness()),
+            shutdown.clone(),
+        ));
+    }
+    let sups: Vec<_> = cfg
+        .gateways
+        .iter()
+        .map(|g| tokio::spawn(supervisor::supervise(g.clone(), shared.clone(), shutdown.clone())))
+        .collect();
+    let task = tokio::spawn(async move {
+        for s in sups {
+            let _ = s.await;
+        }
+        tracing::info!("agent stopped");
+    });
+    Ok(AgentHandle {
+        status,
+        ops_addr,
+        task,
+    })
+}
+
+/// Runs the agent until `shutdown`: binds the ops listener from config and starts.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let ops = std::net::TcpListener::bind(cfg.ops.listen).map_err(|source| AgentError::Io {
+        what: format!("binding ops listener tcp/{}", cfg.ops.listen),
+        source,
+    })?;
+    let handle = start(&cfg, Some(ops), shutdown)?;
+    tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
+    handle.wait().await;
+    Ok(())
+}

@@ -1,1 +1,67 @@
-fn main() {}
+//! `tether-agent`: parses flags and config, then runs the agent library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether_agent::AgentConfig;
+use tether_runtime::config::EXIT_CONFIG;
+use tether_runtime::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "tether-agent", version, about = "Tether data-plane agent: dials out to the gateway, opens no inbound port")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Connect to the gateway(s) and keep the sessions up until SIGTERM.
+    Run {
+        /// TOML config file; every key can also come from TETHER_* env vars and --set.
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key: --set gateways='["gw:443"]' (repeatable; wins over file and env).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Log format (overrides log.format).
+        #[arg(long)]
+        log_format: Option<LogFormat>,
+        /// Validate the config and exit (0 when valid, 64 when not).
+        #[arg(long)]
+        check_config: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let Cmd::Run { config, set, log_format, check_config } = Cli::parse().cmd;
+    let cfg = match AgentConfig::load(config.as_deref(), &set) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether-agent: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if check_config {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    logging::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let shutdown = tether_runtime::shutdown::on_signals();
+        match tether_agent::run(cfg, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ (tether_agent::AgentError::Config(_) | tether_agent::AgentError::TlsMaterial(_) | tether_agent::AgentError::Tls(_))) => {
+                tracing::error!("{e}");
+                eprintln!("tether-agent: {e}");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+            Err(e) => {
+                eprintln!("tether-agent: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

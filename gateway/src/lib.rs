@@ -1,1 +1,29 @@
-//! placeholder
+//! Tether's control-plane gateway.
+//!
+//! Agents dial the gateway over mutual-TLS QUIC; the gateway keeps a registry of their live
+//! sessions and serves the northbound gRPC API the control plane calls.
+//!
+//! # Layout
+//! Layers only look down: transport → session → feature → backend.
+//! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
+//! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
+//! - [`registry`] (session): live sessions and the connect/disconnect feed;
+//! - [`northbound`] (feature): `tether.v1.Agents` over TLS with caller authentication;
+//! - [`pki`] (backend): CA and certificate issuance with rcgen;
+//! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod ctl;
+pub mod dev;
+pub mod error;
+pub mod northbound;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod tunnel;
+pub mod verifier;
+
+pub use config::GatewayConfig;
+pub use error::GatewayError;
+pub use server::{start, GatewayHandle, Sockets};

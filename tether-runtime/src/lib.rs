@@ -1,1 +1,18 @@
-//! placeholder
+//! IO-side pieces shared by the gateway and the agent (they never import each other).
+//!
+//! # Layout
+//! - [`config`]: one merge point for TOML file, `TETHER_*` environment and `--set` flags, with
+//!   errors that name the key; exit code [`config::EXIT_CONFIG`] (64) for bad config;
+//! - [`logging`]: `tracing` subscriber, text or JSON;
+//! - [`ops`]: the ops HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
+//! - [`tls`]: loading PEM material and reading SPIFFE identities out of certificates;
+//! - [`shutdown`]: the one shutdown signal every task listens to.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod logging;
+pub mod ops;
+pub mod shutdown;
+pub mod tls;
+
+pub use tokio_util::sync::CancellationToken;

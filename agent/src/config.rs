@@ -1,0 +1,239 @@
+//! The agent's configuration: TOML file, `TETHER_*` environment, `--set` flags.
+//!
+//! ```toml
+//! gateways = ["gateway.example.com:443"]  # one session is kept to each
+//! # server_name = "gateway.example.com"  # TLS name to verify; default: each address's host
+//! [tls]                                   # paths are relative to this file
+//! ca = "ca.pem"                           # CA bundle the gateway's certificate chains to
+//! cert = "agent.pem"                      # the agent's client certificate
+//! key = "agent-key.pem"
+//! [reconnect]
+//! initial_backoff = "500ms"
+//! max_backoff = "30s"
+//! [ops]
+//! listen = "127.0.0.1:9091"
+//! [log]
+//! format = "text"
+//! level = "info"
+//! [labels]
+//! region = "eu-west-1"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tether_runtime::config::{ConfigError, Keys, Validate};
+use tether_runtime::logging::LogFormat;
+
+/// Every key, for the environment and `--set`.
+pub const KEYS: Keys = &[
+    "gateways",
+    "server_name",
+    "instance_id",
+    "labels",
+    "tls.ca",
+    "tls.cert",
+    "tls.key",
+    "reconnect.initial_backoff",
+    "reconnect.max_backoff",
+    "ops.listen",
+    "log.format",
+    "log.level",
+];
+
+/// The whole agent config.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Gateway addresses, `host:port`; the agent keeps one session to each.
+    pub gateways: Vec<String>,
+    /// TLS server name to verify instead of each address's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Names this agent process among replicas of one agent id; default `$HOSTNAME` or random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Free-form labels shown in `Agents/Get`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Certificates and keys.
+    pub tls: TlsConfig,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// The ops HTTP listener (loopback).
+    #[serde(default)]
+    pub ops: OpsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Certificates and keys (PEM files).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle the gateway's server certificate must chain to.
+    pub ca: PathBuf,
+    /// The agent's client certificate (its identity).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// Reconnect backoff: full jitter in `[0, min(max, initial · 2ⁿ))`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    /// Ceiling of the first delay.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Cap of the delay.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The ops HTTP listener.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// TCP address; loopback by default, so the agent listens on nothing reachable.
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            listen: ([127, 0, 0, 1], 9091).into(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(skip_serializing)]
+    pub format: LogFormat,
+    /// A tracing filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`) into host and port.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+impl Validate for AgentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.gateways.is_empty() {
+            return Err(ConfigError::invalid("gateways", "at least one gateway address is required"));
+        }
+        for g in &self.gateways {
+            if split_host_port(g).is_none() {
+                return Err(ConfigError::invalid(
+                    "gateways",
+                    format!("{g:?} is not host:port"),
+                ));
+            }
+        }
+        if self.reconnect.initial_backoff.is_zero() {
+            return Err(ConfigError::invalid("reconnect.initial_backoff", "must be positive"));
+        }
+        if self.reconnect.max_backoff < self.reconnect.initial_backoff {
+            return Err(ConfigError::invalid(
+                "reconnect.max_backoff",
+                "must be at least reconnect.initial_backoff",
+            ));
+        }
+        if let Some(id) = &self.instance_id {
+            tunnel_proto::identity::check_name("instance_id", id)
+                .map_err(|e| ConfigError::invalid("instance_id", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// Loads file, environment and `--set` flags, then validates. Relative TLS paths are taken
+    /// from the config file's directory.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<AgentConfig, ConfigError> {
+        let mut cfg: AgentConfig = tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
+        let base = file.and_then(Path::parent);
+        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+            *p = tether_runtime::config::resolve(base, p);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("gw.example:443"), Some(("gw.example", 443)));
+        assert_eq!(split_host_port("[::1]:7443"), Some(("::1", 7443)));
+        assert_eq!(split_host_port("gw.example"), None);
+        assert_eq!(split_host_port(":443"), None);
+        assert_eq!(split_host_port("gw:http"), None);
+    }
+
+    #[test]
+    fn every_serialized_key_is_listed() {
+        let cfg = AgentConfig {
+            gateways: vec!["a:1".into()],
+            server_name: Some("x".into()),
+            instance_id: Some("i".into()),
+            labels: [("k".to_string(), "v".to_string())].into(),
+            tls: TlsConfig {
+                ca: "a".into(),
+                cert: "b".into(),
+                key: "c".into(),
+            },
+            reconnect: Default::default(),
+            ops: Default::default(),
+            log: Default::default(),
+        };
+        let v = toml::Value::try_from(&cfg).unwrap();
+        for (k, v) in v.as_table().unwrap() {
+            match v.as_table() {
+                Some(t) if k != "labels" => {
+                    for sub in t.keys() {
+                        let key = format!("{k}.{sub}");
+                        assert!(KEYS.contains(&key.as_str()), "{key} missing from KEYS");
+                    }
+                }
+                _ => assert!(KEYS.contains(&k.as_str()), "{k} missing from KEYS"),
+            }
+        }
+    }
+}

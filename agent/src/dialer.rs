@@ -1,0 +1,113 @@
+//! Transport layer: dialing the gateway over mutual-TLS QUIC.
+//!
+//! Each session gets its own UDP socket, bound to an ephemeral port and *connected* to the
+//! gateway's address: the kernel then drops datagrams from anyone else, and the socket is not a
+//! listener (`ss -lu` does not show it). The agent listens on nothing but its loopback ops port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::ServerName;
+use tether_runtime::tls;
+use tunnel_proto::ALPN;
+
+use crate::config::{split_host_port, AgentConfig};
+use crate::error::AgentError;
+
+/// Everything needed to dial, built once from config.
+#[derive(Clone)]
+pub struct Dialer {
+    client: quinn::ClientConfig,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl Dialer {
+    /// Loads the CA bundle and the agent's certificate and key.
+    pub fn new(cfg: &AgentConfig) -> Result<Dialer, AgentError> {
+        tls::install_crypto_provider();
+        let roots = tls::load_roots(&cfg.tls.ca)?;
+        let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
+        let key = tls::load_key(&cfg.tls.key)?;
+        let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| AgentError::Tls(format!("agent certificate and key: {e}")))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| AgentError::Tls(format!("QUIC TLS config: {e}")))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(1024u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(120).try_into().expect("120s is a valid idle timeout"),
+        ));
+        client.transport_config(Arc::new(transport));
+        Ok(Dialer {
+            client,
+            server_name: cfg.server_name.clone(),
+        })
+    }
+
+    /// Resolves `addr` and completes the QUIC + TLS handshake.
+    pub async fn dial(&self, addr: &str) -> Result<(quinn::Endpoint, quinn::Connection), AgentError> {
+        let (host, _) = split_host_port(addr).ok_or_else(|| AgentError::Dial {
+            gateway: addr.to_owned(),
+            reason: "not host:port".into(),
+        })?;
+        let fail = |reason: String| AgentError::Dial {
+            gateway: addr.to_owned(),
+            reason,
+        };
+        let remote: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| fail(format!("resolving: {e}")))?
+            .next()
+            .ok_or_else(|| fail("resolves to no address".into()))?;
+        let name = self.server_name.as_deref().unwrap_or(host).to_owned();
+        ServerName::try_from(name.clone()).map_err(|e| fail(format!("server name {name:?}: {e}")))?;
+        let local: SocketAddr = if remote.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(local).map_err(|e| fail(format!("binding UDP: {e}")))?;
+        socket.connect(remote).map_err(|e| fail(format!("UDP connect: {e}")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| fail(format!("QUIC endpoint: {e}")))?;
+        let conn = endpoint
+            .connect_with(self.client.clone(), remote, &name)
+            .map_err(|e| fail(format!("connect: {e}")))?
+            .await
+            .map_err(|e| fail(describe(&e)))?;
+        Ok((endpoint, conn))
+    }
+}
+
+/// A connection error in words an operator can act on.
+pub fn describe(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TimedOut => {
+            "no answer from the gateway (is UDP to it allowed by the firewall?)".into()
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => format!(
+            "gateway closed the connection: {} {}",
+            tunnel_proto::ErrorCode::from(u64::from(c.error_code)),
+            String::from_utf8_lossy(&c.reason)
+        ),
+        other => other.to_string(),
+    }
+}

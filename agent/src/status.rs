@@ -1,0 +1,105 @@
+//! What the agent reports about itself: live sessions (for `/readyz` and metrics) and the
+//! reconnect delays it chose (observable, so the jitter can be checked from outside).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// One live session as the agent sees it.
+#[derive(Clone, Debug)]
+pub struct SessionStatus {
+    /// The gateway address dialed.
+    pub gateway: String,
+    /// Session id assigned by the gateway.
+    pub session_id: String,
+    /// Transport (`quic`).
+    pub transport: &'static str,
+    /// When `Welcome` arrived.
+    pub since: SystemTime,
+    /// Last heartbeat RTT.
+    pub rtt: Option<Duration>,
+}
+
+/// Shared status of one agent process.
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    sessions: Mutex<BTreeMap<u64, SessionStatus>>,
+    last_error: Mutex<Option<String>>,
+    delays: Mutex<Vec<Duration>>,
+}
+
+impl AgentStatus {
+    pub(crate) fn session_up(&self, key: u64, s: SessionStatus) {
+        let mut m = self.sessions.lock().expect("status lock");
+        m.insert(key, s);
+        metrics::gauge!("tether_agent_sessions_active").set(m.len() as f64);
+    }
+
+    pub(crate) fn session_rtt(&self, key: u64, rtt: Duration) {
+        if let Some(s) = self.sessions.lock().expect("status lock").get_mut(&key) {
+            s.rtt = Some(rtt);
+        }
+    }
+
+    pub(crate) fn session_down(&self, key: u64) {
+        let mut m = self.sessions.lock().expect("status lock");
+        m.remove(&key);
+        metrics::gauge!("tether_agent_sessions_active").set(m.len() as f64);
+    }
+
+    pub(crate) fn set_error(&self, e: String) {
+        *self.last_error.lock().expect("status lock") = Some(e);
+    }
+
+    pub(crate) fn record_delay(&self, d: Duration) {
+        let mut v = self.delays.lock().expect("status lock");
+        if v.len() >= 1024 {
+            v.remove(0);
+        }
+        v.push(d);
+        metrics::histogram!("tether_agent_reconnect_delay_seconds").record(d.as_secs_f64());
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self) -> Vec<SessionStatus> {
+        self.sessions.lock().expect("status lock").values().cloned().collect()
+    }
+
+    /// True while at least one session is up.
+    pub fn connected(&self) -> bool {
+        !self.sessions.lock().expect("status lock").is_empty()
+    }
+
+    /// The last connection error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("status lock").clone()
+    }
+
+    /// Reconnect delays chosen so far (most recent last, at most 1024).
+    pub fn reconnect_delays(&self) -> Vec<Duration> {
+        self.delays.lock().expect("status lock").clone()
+    }
+
+    /// The `/readyz` body.
+    pub fn readiness(&self) -> tether_runtime::ops::Readiness {
+        let sessions: Vec<_> = self
+            .sessions()
+            .into_iter()
+            .map(|s| {
+                serde_json::json!({
+                    "gateway": s.gateway,
+                    "session_id": s.session_id,
+                    "transport": s.transport,
+                    "rtt_ms": s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                })
+            })
+            .collect();
+        tether_runtime::ops::Readiness {
+            ready: !sessions.is_empty(),
+            detail: serde_json::json!({
+                "sessions": sessions,
+                "last_error": self.last_error(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The gateway's configuration: TOML file, `TETHER_*` environment, `--set` flags.
+//!
+//! ```toml
+//! trust_domain = "tether.local"
+//! [tls]                       # paths are relative to this file
+//! ca = "pki/ca.pem"           # trusted for agent and control-plane client certificates
+//! cert = "pki/gateway.pem"
+//! key = "pki/gateway-key.pem"
+//! [tunnel]
+//! listen = "0.0.0.0:7443"     # UDP (QUIC)
+//! heartbeat_interval = "10s"
+//! handshake_timeout = "10s"
+//! drain_timeout = "15s"
+//! [northbound]
+//! listen = "0.0.0.0:7444"     # gRPC over TLS
+//! [ops]
+//! listen = "127.0.0.1:9090"   # /metrics /healthz /readyz
+//! [log]
+//! format = "text"             # or json
+//! level = "info"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tether_runtime::config::{ConfigError, Keys, Validate};
+use tether_runtime::logging::LogFormat;
+
+/// Every key, for the environment and `--set`.
+pub const KEYS: Keys = &[
+    "trust_domain",
+    "tls.ca",
+    "tls.cert",
+    "tls.key",
+    "tunnel.listen",
+    "tunnel.heartbeat_interval",
+    "tunnel.handshake_timeout",
+    "tunnel.drain_timeout",
+    "tunnel.max_concurrent_streams",
+    "northbound.listen",
+    "ops.listen",
+    "log.format",
+    "log.level",
+];
+
+/// The whole gateway config.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The SPIFFE trust domain agents and callers must belong to.
+    pub trust_domain: String,
+    /// Certificates and keys.
+    pub tls: TlsConfig,
+    /// The agent-facing listener.
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+    /// The control-plane-facing gRPC listener.
+    #[serde(default)]
+    pub northbound: NorthboundConfig,
+    /// The ops HTTP listener.
+    #[serde(default)]
+    pub ops: OpsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Certificates and keys (PEM files).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle that agent and control-plane client certificates must chain to.
+    pub ca: PathBuf,
+    /// The gateway's certificate (served on the tunnel and northbound listeners).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// The agent-facing QUIC listener.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// Heartbeat interval announced to agents; 3 missed intervals end a session.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Time allowed for TLS plus `Hello`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long agents get to move away after `GoAway` before sessions are closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Gateway-opened streams an agent must accept concurrently.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            listen: ([0, 0, 0, 0], 7443).into(),
+            heartbeat_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(15),
+            max_concurrent_streams: 1024,
+        }
+    }
+}
+
+/// The northbound gRPC listener.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NorthboundConfig {
+    /// TCP address.
+    pub listen: SocketAddr,
+}
+
+impl Default for NorthboundConfig {
+    fn default() -> Self {
+        NorthboundConfig {
+            listen: ([0, 0, 0, 0], 7444).into(),
+        }
+    }
+}
+
+/// The ops HTTP listener.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// TCP address; loopback by default.
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            listen: ([127, 0, 0, 1], 9090).into(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(skip_serializing)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `tether_gateway=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Validate for GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        tunnel_proto::identity::check_trust_domain(&self.trust_domain)
+            .map_err(|e| ConfigError::invalid("trust_domain", e.to_string()))?;
+        let t = &self.tunnel;
+        if t.heartbeat_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "tunnel.heartbeat_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if t.handshake_timeout.is_zero() {
+            return Err(ConfigError::invalid("tunnel.handshake_timeout", "must be positive"));
+        }
+        if t.max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "tunnel.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// Loads file, environment and `--set` flags, then validates. Relative TLS paths are taken
+    /// from the config file's directory.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<GatewayConfig, ConfigError> {
+        let mut cfg: GatewayConfig =
+            tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
+        let base = file.and_then(Path::parent);
+        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+            *p = tether_runtime::config::resolve(base, p);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_serialized_key_is_listed() {
+        let cfg = GatewayConfig {
+            trust_domain: "td".into(),
+            tls: TlsConfig {
+                ca: "a".into(),
+                cert: "b".into(),
+                key: "c".into(),
+            },
+            tunnel: Default::default(),
+            northbound: Default::default(),
+            ops: Default::default(),
+            log: Default::default(),
+        };
+        let v = toml::Value::try_from(&cfg).unwrap();
+        let mut leaves = Vec::new();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        walk(&p, v, out);
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        walk("", &v, &mut leaves);
+        for leaf in leaves {
+            assert!(KEYS.contains(&leaf.as_str()), "{leaf} missing from KEYS");
+        }
+    }
+}

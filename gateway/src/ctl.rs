@@ -1,0 +1,1 @@
+//! tetherctl client (WIP)

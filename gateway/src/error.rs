@@ -1,0 +1,28 @@
+//! The gateway's error type.
+
+/// Why the gateway could not start or serve. Config and TLS errors are the operator's to fix;
+/// IO errors at start (a port in use) likewise.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] tether_runtime::config::ConfigError),
+    /// Certificates or keys could not be loaded.
+    #[error(transparent)]
+    TlsMaterial(#[from] tether_runtime::tls::TlsError),
+    /// The TLS configuration was refused.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A listener could not be bound or served.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// PKI operation failed.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+}

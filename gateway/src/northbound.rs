@@ -1,0 +1,207 @@
+//! Feature layer: the northbound gRPC API (`tether.v1.Agents`) over TLS.
+//!
+//! Callers authenticate with a client certificate carrying a control-plane identity of our trust
+//! domain (`spiffe://<td>/controlplane/<name>`). Agent identities are refused: an agent's
+//! certificate chains to the same CA but must never drive the control plane.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tether_api::v1;
+use tether_api::v1::agents_server::{Agents, AgentsServer};
+use tether_runtime::tls::spiffe_id;
+use tether_runtime::CancellationToken;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tunnel_proto::{AgentId, SpiffeId};
+
+use crate::registry::{AgentSnapshot, Registry, SessionInfo};
+
+/// The authenticated caller, put in request extensions by [`authenticate`].
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The caller's name from its identity.
+    pub name: String,
+}
+
+/// Checks the caller's client certificate; used as the interceptor of every service.
+pub fn authenticate(trust_domain: &str, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let id = spiffe_id(cert)
+        .map_err(|e| Status::unauthenticated(format!("client certificate identity: {e}")))?;
+    match id {
+        SpiffeId::ControlPlane { trust_domain: td, name } if td == trust_domain => {
+            req.extensions_mut().insert(Caller { name });
+            Ok(req)
+        }
+        SpiffeId::ControlPlane { trust_domain: td, .. } => Err(Status::permission_denied(format!(
+            "caller trust domain {td:?} is not {trust_domain:?}"
+        ))),
+        SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(
+            "agent identity {id} may not call the northbound API"
+        ))),
+    }
+}
+
+/// `tether.v1.Agents`.
+#[derive(Debug, Clone)]
+pub struct AgentsApi {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+}
+
+impl AgentsApi {
+    /// Serves from `registry`; watches end when `shutdown` is cancelled.
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        AgentsApi { registry, shutdown }
+    }
+
+    /// The tonic service with authentication.
+    pub fn into_service(
+        self,
+        trust_domain: String,
+    ) -> tonic::service::interceptor::InterceptedService<
+        AgentsServer<AgentsApi>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        AgentsServer::with_interceptor(self, move |req| authenticate(&trust_domain, req))
+    }
+}
+
+fn ts(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// The API view of a session.
+pub fn session_proto(s: &SessionInfo) -> v1::Session {
+    v1::Session {
+        session_id: s.session_id.clone(),
+        agent: s.agent.to_string(),
+        remote_addr: s.remote.to_string(),
+        transport: s.transport.to_owned(),
+        connected_at: Some(ts(s.connected_at)),
+        agent_version: s.hello.agent_version.clone(),
+        labels: s.hello.labels.clone().into_iter().collect(),
+        capabilities: s.hello.capabilities.clone(),
+        rtt: s.rtt().and_then(|d| prost_types::Duration::try_from(d).ok()),
+        instance_id: s.hello.instance_id.clone(),
+        protocol_version: s.version,
+    }
+}
+
+fn agent_proto(a: &AgentSnapshot) -> v1::Agent {
+    v1::Agent {
+        id: a.id.to_string(),
+        tenant: a.id.tenant().to_owned(),
+        name: a.id.agent().to_owned(),
+        connected: !a.sessions.is_empty(),
+        sessions: a.sessions.iter().map(|s| session_proto(s)).collect(),
+        last_seen: Some(ts(a.last_seen)),
+    }
+}
+
+fn parse_agent(s: &str) -> Result<AgentId, Status> {
+    s.parse()
+        .map_err(|e| Status::invalid_argument(format!("agent: {e}")))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::AgentEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agents for AgentsApi {
+    async fn list(&self, req: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        let r = req.into_inner();
+        let agents = self
+            .registry
+            .list()
+            .iter()
+            .filter(|a| r.tenant.is_empty() || a.id.tenant() == r.tenant)
+            .filter(|a| !r.connected_only || !a.sessions.is_empty())
+            .map(agent_proto)
+            .collect();
+        Ok(Response::new(v1::ListAgentsResponse { agents }))
+    }
+
+    async fn get(&self, req: Request<v1::GetAgentRequest>) -> Result<Response<v1::Agent>, Status> {
+        let id = parse_agent(&req.get_ref().agent)?;
+        match self.registry.get(&id) {
+            Some(a) => Ok(Response::new(agent_proto(&a))),
+            None => Err(Status::not_found(format!("agent {id} is not known to this gateway"))),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<v1::WatchAgentsRequest>) -> Result<Response<WatchStream>, Status> {
+        let r = req.into_inner();
+        let only_agent = if r.agent.is_empty() { None } else { Some(parse_agent(&r.agent)?) };
+        let tenant = r.tenant;
+        let wanted = move |s: &SessionInfo| {
+            (tenant.is_empty() || s.agent.tenant() == tenant)
+                && only_agent.as_ref().is_none_or(|a| *a == s.agent)
+        };
+        let (live, mut feed) = self.registry.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            for s in live.iter().filter(|s| wanted(s)) {
+                let ev = v1::AgentEvent {
+                    kind: v1::agent_event::Kind::Connected as i32,
+                    agent: s.agent.to_string(),
+                    session: Some(session_proto(s)),
+                    time: Some(ts(s.connected_at)),
+                    reason: String::new(),
+                    initial: true,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    ev = feed.recv() => ev,
+                };
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "watch fell {n} events behind; start a new watch"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if !wanted(&ev.session) {
+                    continue;
+                }
+                let kind = if ev.connected {
+                    v1::agent_event::Kind::Connected
+                } else {
+                    v1::agent_event::Kind::Disconnected
+                };
+                let msg = v1::AgentEvent {
+                    kind: kind as i32,
+                    agent: ev.session.agent.to_string(),
+                    session: Some(session_proto(&ev.session)),
+                    time: Some(ts(ev.time)),
+                    reason: ev.reason,
+                    initial: false,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

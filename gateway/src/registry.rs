@@ -1,0 +1,245 @@
+//! Session layer: the registry of live agent sessions, and the event feed `Agents/Watch` reads.
+//!
+//! Several sessions per agent id are normal (replicas, make-before-break reconnects). The
+//! registry also remembers agents whose sessions all ended, so `Agents/Get` can tell "known but
+//! offline" from "never seen".
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, mpsc};
+use tunnel_proto::message::Hello;
+use tunnel_proto::AgentId;
+
+/// What is known about one live session; immutable once registered (but for the RTT).
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// Gateway-assigned id.
+    pub session_id: String,
+    /// The agent's identity, from its certificate.
+    pub agent: AgentId,
+    /// Where the connection came from.
+    pub remote: SocketAddr,
+    /// `quic` (or `tcp` for the fallback).
+    pub transport: &'static str,
+    /// When `Hello` was accepted.
+    pub connected_at: SystemTime,
+    /// The agent's `Hello`.
+    pub hello: Hello,
+    /// Negotiated protocol version.
+    pub version: u32,
+    rtt: Mutex<Option<Duration>>,
+    control: mpsc::UnboundedSender<SessionCommand>,
+}
+
+impl SessionInfo {
+    /// The last RTT the agent reported.
+    pub fn rtt(&self) -> Option<Duration> {
+        *self.rtt.lock().expect("rtt lock")
+    }
+
+    /// Records the RTT the agent reported.
+    pub fn set_rtt(&self, rtt: Duration) {
+        *self.rtt.lock().expect("rtt lock") = Some(rtt);
+    }
+
+    /// Asks the session's driver to do something; false if the session is already gone.
+    pub fn command(&self, cmd: SessionCommand) -> bool {
+        self.control.send(cmd).is_ok()
+    }
+}
+
+/// Orders the registry can give a session's driver.
+#[derive(Clone, Debug)]
+pub enum SessionCommand {
+    /// Send `GoAway`: the agent should reconnect (make-before-break) within the duration.
+    GoAway(String, Duration),
+}
+
+/// The fields needed to register a session.
+#[derive(Debug)]
+pub struct NewSession {
+    /// Gateway-assigned id.
+    pub session_id: String,
+    /// The agent's identity.
+    pub agent: AgentId,
+    /// Peer address.
+    pub remote: SocketAddr,
+    /// Transport name.
+    pub transport: &'static str,
+    /// The agent's `Hello`.
+    pub hello: Hello,
+    /// Negotiated version.
+    pub version: u32,
+}
+
+/// A connect or disconnect.
+#[derive(Clone, Debug)]
+pub struct RegistryEvent {
+    /// True for connect.
+    pub connected: bool,
+    /// The session.
+    pub session: Arc<SessionInfo>,
+    /// When.
+    pub time: SystemTime,
+    /// For disconnects: why.
+    pub reason: String,
+}
+
+/// A point-in-time view of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentSnapshot {
+    /// The agent.
+    pub id: AgentId,
+    /// Its live sessions.
+    pub sessions: Vec<Arc<SessionInfo>>,
+    /// Now if connected, else when its last session ended.
+    pub last_seen: SystemTime,
+}
+
+#[derive(Default)]
+struct Entry {
+    sessions: Vec<Arc<SessionInfo>>,
+    last_seen: Option<SystemTime>,
+}
+
+/// See the module docs.
+pub struct Registry {
+    agents: Mutex<HashMap<AgentId, Entry>>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            agents: Mutex::new(HashMap::new()),
+            events: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl Registry {
+    /// Adds a live session; returns it and the receiving end of its command channel.
+    pub fn register(
+        &self,
+        s: NewSession,
+    ) -> (Arc<SessionInfo>, mpsc::UnboundedReceiver<SessionCommand>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let info = Arc::new(SessionInfo {
+            session_id: s.session_id,
+            agent: s.agent,
+            remote: s.remote,
+            transport: s.transport,
+            connected_at: SystemTime::now(),
+            hello: s.hello,
+            version: s.version,
+            rtt: Mutex::new(None),
+            control: tx,
+        });
+        let mut agents = self.agents.lock().expect("registry lock");
+        agents
+            .entry(info.agent.clone())
+            .or_default()
+            .sessions
+            .push(info.clone());
+        self.publish_gauges(&agents);
+        // Sent under the lock so a concurrent `subscribe` sees it either in its snapshot or in
+        // its feed, never both and never neither.
+        let _ = self.events.send(RegistryEvent {
+            connected: true,
+            session: info.clone(),
+            time: info.connected_at,
+            reason: String::new(),
+        });
+        (info, rx)
+    }
+
+    /// Removes a session that ended.
+    pub fn unregister(&self, session: &Arc<SessionInfo>, reason: String) {
+        let mut agents = self.agents.lock().expect("registry lock");
+        let Some(entry) = agents.get_mut(&session.agent) else {
+            return;
+        };
+        let before = entry.sessions.len();
+        entry.sessions.retain(|s| !Arc::ptr_eq(s, session));
+        if entry.sessions.len() == before {
+            return;
+        }
+        let now = SystemTime::now();
+        entry.last_seen = Some(now);
+        self.publish_gauges(&agents);
+        let _ = self.events.send(RegistryEvent {
+            connected: false,
+            session: session.clone(),
+            time: now,
+            reason,
+        });
+    }
+
+    fn publish_gauges(&self, agents: &HashMap<AgentId, Entry>) {
+        let sessions: usize = agents.values().map(|e| e.sessions.len()).sum();
+        let connected = agents.values().filter(|e| !e.sessions.is_empty()).count();
+        metrics::gauge!("tether_gateway_sessions_active").set(sessions as f64);
+        metrics::gauge!("tether_gateway_agents_connected").set(connected as f64);
+    }
+
+    fn snapshot(id: &AgentId, e: &Entry) -> AgentSnapshot {
+        AgentSnapshot {
+            id: id.clone(),
+            sessions: e.sessions.clone(),
+            last_seen: if e.sessions.is_empty() {
+                e.last_seen.unwrap_or(SystemTime::UNIX_EPOCH)
+            } else {
+                SystemTime::now()
+            },
+        }
+    }
+
+    /// Every known agent, sorted by id.
+    pub fn list(&self) -> Vec<AgentSnapshot> {
+        let agents = self.agents.lock().expect("registry lock");
+        let sorted: BTreeMap<_, _> = agents.iter().collect();
+        sorted.into_iter().map(|(id, e)| Self::snapshot(id, e)).collect()
+    }
+
+    /// One agent, if it was ever seen.
+    pub fn get(&self, id: &AgentId) -> Option<AgentSnapshot> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).map(|e| Self::snapshot(id, e))
+    }
+
+    /// The live sessions now, and a feed of every change after them.
+    pub fn subscribe(&self) -> (Vec<Arc<SessionInfo>>, broadcast::Receiver<RegistryEvent>) {
+        let agents = self.agents.lock().expect("registry lock");
+        let rx = self.events.subscribe();
+        let mut live: Vec<_> = agents.values().flat_map(|e| e.sessions.iter().cloned()).collect();
+        live.sort_by(|a, b| (&a.agent, &a.session_id).cmp(&(&b.agent, &b.session_id)));
+        (live, rx)
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> Vec<Arc<SessionInfo>> {
+        self.subscribe().0
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.values().map(|e| e.sessions.len()).sum()
+    }
+
+    /// Sends `GoAway` to every live session.
+    pub fn go_away_all(&self, reason: &str, within: Duration) {
+        for s in self.sessions() {
+            s.command(SessionCommand::GoAway(reason.to_owned(), within));
+        }
+    }
+}

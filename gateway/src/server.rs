@@ -1,0 +1,182 @@
+//! Wiring: binds nothing itself (sockets come in already bound, so tests use port 0), starts the
+//! tunnel listener, the northbound API and the ops endpoint, and runs the drain on shutdown:
+//! stop accepting → `GoAway` to every agent → wait up to `drain_timeout` for them to move →
+//! close what is left with `SHUTDOWN` → wait for QUIC to go idle.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_runtime::ops::{self, Readiness};
+use tether_runtime::CancellationToken;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+use crate::northbound::AgentsApi;
+use crate::registry::Registry;
+use crate::tunnel::{self, TunnelContext};
+
+/// The gateway's three listeners, bound before start.
+#[derive(Debug)]
+pub struct Sockets {
+    /// UDP for QUIC.
+    pub tunnel: std::net::UdpSocket,
+    /// TCP for northbound gRPC.
+    pub northbound: std::net::TcpListener,
+    /// TCP for ops HTTP.
+    pub ops: std::net::TcpListener,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> GatewayError {
+    move |source| GatewayError::Io { what, source }
+}
+
+impl Sockets {
+    /// Binds the addresses in `cfg`.
+    pub fn bind(cfg: &GatewayConfig) -> Result<Sockets, GatewayError> {
+        Sockets::bind_addrs(cfg.tunnel.listen, cfg.northbound.listen, cfg.ops.listen)
+    }
+
+    /// Binds explicit addresses (port 0 picks a free port).
+    pub fn bind_addrs(tunnel: SocketAddr, northbound: SocketAddr, ops: SocketAddr) -> Result<Sockets, GatewayError> {
+        Ok(Sockets {
+            tunnel: std::net::UdpSocket::bind(tunnel)
+                .map_err(io(format!("binding tunnel listener udp/{tunnel}")))?,
+            northbound: std::net::TcpListener::bind(northbound)
+                .map_err(io(format!("binding northbound listener tcp/{northbound}")))?,
+            ops: std::net::TcpListener::bind(ops).map_err(io(format!("binding ops listener tcp/{ops}")))?,
+        })
+    }
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Where agents connect (UDP).
+    pub tunnel_addr: SocketAddr,
+    /// Where the control plane connects (TCP, TLS).
+    pub northbound_addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub ops_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Waits until the gateway has shut down (after its shutdown token was cancelled).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the gateway on `sockets`; it runs until `shutdown` is cancelled and then drains.
+pub async fn start(cfg: GatewayConfig, sockets: Sockets, shutdown: CancellationToken) -> Result<GatewayHandle, GatewayError> {
+    tether_runtime::tls::install_crypto_provider();
+    let tunnel_addr = sockets.tunnel.local_addr().map_err(io("tunnel socket".into()))?;
+    let northbound_addr = sockets.northbound.local_addr().map_err(io("northbound socket".into()))?;
+    let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
+
+    let server_config = tunnel::server_config(&cfg)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        sockets.tunnel,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
+
+    let registry = Arc::new(Registry::default());
+    let stop_accepting = CancellationToken::new();
+    let close_sessions = CancellationToken::new();
+    let ctx = Arc::new(TunnelContext::new(&cfg, registry.clone(), close_sessions.clone()));
+    tokio::spawn(tunnel::accept_loop(endpoint.clone(), ctx, stop_accepting.clone()));
+
+    // Northbound gRPC over TLS, client certificates required.
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?))
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.ca)?));
+    sockets.northbound.set_nonblocking(true).map_err(io("northbound socket".into()))?;
+    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound).map_err(io("northbound socket".into()))?;
+    let api = AgentsApi::new(registry.clone(), close_sessions.clone());
+    let router = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| GatewayError::Tls(format!("northbound: {e}")))?
+        .add_service(api.into_service(cfg.trust_domain.clone()));
+    let nb_stop = close_sessions.clone();
+    let northbound = tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(nb_listener);
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, nb_stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "northbound server failed");
+        }
+    });
+
+    // Ops HTTP.
+    sockets.ops.set_nonblocking(true).map_err(io("ops socket".into()))?;
+    let ops_listener = tokio::net::TcpListener::from_std(sockets.ops).map_err(io("ops socket".into()))?;
+    let ready_registry = registry.clone();
+    let ready_stop = stop_accepting.clone();
+    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
+        ready: !ready_stop.is_cancelled(),
+        detail: serde_json::json!({
+            "draining": ready_stop.is_cancelled(),
+            "sessions": ready_registry.session_count(),
+        }),
+    });
+    let ops_stop = CancellationToken::new();
+    let ops_task = tokio::spawn(ops::serve(ops_listener, readiness, ops_stop.clone()));
+
+    tracing::info!(tunnel = %tunnel_addr, northbound = %northbound_addr, ops = %ops_addr,
+        trust_domain = %cfg.trust_domain, "gateway listening");
+
+    let drain_registry = registry.clone();
+    let drain_timeout = cfg.tunnel.drain_timeout;
+    let task = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop_accepting.cancel();
+        drain(&drain_registry, drain_timeout).await;
+        close_sessions.cancel();
+        let _ = northbound.await;
+        endpoint.close(tunnel_proto::ErrorCode::SHUTDOWN.0.into(), b"gateway shutting down");
+        if tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await.is_err() {
+            tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
+        }
+        ops_stop.cancel();
+        let _ = ops_task.await;
+        tracing::info!("gateway stopped");
+    });
+    Ok(GatewayHandle {
+        registry,
+        tunnel_addr,
+        northbound_addr,
+        ops_addr,
+        task,
+    })
+}
+
+/// Sends `GoAway` to every session and waits for them to leave, up to `timeout`.
+async fn drain(registry: &Registry, timeout: Duration) {
+    let (live, mut feed) = registry.subscribe();
+    if live.is_empty() || timeout.is_zero() {
+        return;
+    }
+    tracing::info!(sessions = live.len(), ?timeout, "draining: asking agents to reconnect elsewhere");
+    registry.go_away_all("gateway shutting down", timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+    while registry.session_count() > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(left = registry.session_count(), "drain timeout reached; closing remaining sessions");
+                return;
+            }
+            r = feed.recv() => if r.is_err() && !matches!(r, Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) {
+                return;
+            }
+        }
+    }
+    tracing::info!("drained: every agent moved away");
+}

@@ -1,0 +1,123 @@
+//! The ops HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process is alive) and
+//! `/readyz` (ready to do its job, with a JSON detail body). Loopback by default.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The answer `/readyz` gives.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    /// 200 when true, 503 when false.
+    pub ready: bool,
+    /// A JSON body explaining the state.
+    pub detail: serde_json::Value,
+}
+
+/// Computes readiness on each request.
+pub type ReadinessFn = Arc<dyn Fn() -> Readiness + Send + Sync>;
+
+/// The process-wide Prometheus recorder, installed on first use.
+///
+/// One per process: the gateway and agent each install it in `main`; tests that run several
+/// gateways in one process share it, which is why metric values in tests are read as deltas.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); ours still renders
+            // what is recorded through it only if it is the global one, so say so.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Serves the ops endpoint on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, readiness: ReadinessFn, shutdown: CancellationToken) {
+    let handle = metrics_handle();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ops listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let r = route(&req, &handle, &readiness);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: &ReadinessFn) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, &metrics.render());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let r = ready();
+            let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let mut body = serde_json::json!({ "ready": r.ready });
+            if let (Some(b), serde_json::Value::Object(d)) = (body.as_object_mut(), r.detail) {
+                b.extend(d);
+            }
+            let mut resp = text(status, &format!("{body}\n"));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,108 @@
+//! TLS material: PEM loading with errors that name the file, the process crypto provider, and
+//! reading the SPIFFE identity out of a certificate's URI SAN.
+
+use std::path::{Path, PathBuf};
+
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tunnel_proto::{IdentityError, SpiffeId};
+
+/// Why TLS material could not be loaded or an identity read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{what} {path}: {message}")]
+    Pem {
+        /// What the file should hold (`certificate`, `private key`, `CA bundle`).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The certificate is not parseable X.509.
+    #[error("certificate does not parse: {0}")]
+    X509(String),
+    /// The certificate has no URI SAN.
+    #[error("certificate has no URI SAN identity")]
+    NoIdentity,
+    /// The certificate has several URI SANs; exactly one is required.
+    #[error("certificate has {0} URI SANs; exactly one identity is allowed")]
+    SeveralIdentities(usize),
+    /// The URI SAN is not a Tether SPIFFE identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Installs aws-lc-rs as the process's rustls provider. Idempotent; call first in every `main`
+/// and test harness (mixing providers panics at run time otherwise).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// All certificates in a PEM file.
+pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem {
+            what,
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what,
+            path: path.to_owned(),
+            message: "no CERTIFICATE block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        what: "private key",
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// A root store holding every certificate of a PEM bundle.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs("CA bundle", path)? {
+        roots.add(c).map_err(|e| TlsError::Pem {
+            what: "CA bundle",
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The SPIFFE identity in a certificate's single URI SAN.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| TlsError::X509(e.to_string()))?;
+    let uris: Vec<String> = match x509.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(TlsError::X509(e.to_string())),
+    };
+    match uris.as_slice() {
+        [] => Err(TlsError::NoIdentity),
+        [one] => Ok(SpiffeId::parse(one)?),
+        many => Err(TlsError::SeveralIdentities(many.len())),
+    }
+}
