@@ -250,6 +250,14 @@ async fn drive_session(
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
+                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c))) => {
+                    close_reason = format!(
+                        "closed by agent: {} {}",
+                        ErrorCode::from(u64::from(c.error_code)),
+                        String::from_utf8_lossy(&c.reason)
+                    );
+                    break;
+                }
                 Err(e) => {
                     close_reason = format!("connection lost: {e}");
                     break;
