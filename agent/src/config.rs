@@ -10,6 +10,7 @@
 //! [reconnect]
 //! initial_backoff = "500ms"
 //! max_backoff = "30s"
+//! connect_timeout = "5s"
 //! [ops]
 //! listen = "127.0.0.1:9091"
 //! [log]
@@ -39,6 +40,7 @@ pub const KEYS: Keys = &[
     "tls.key",
     "reconnect.initial_backoff",
     "reconnect.max_backoff",
+    "reconnect.connect_timeout",
     "ops.listen",
     "log.format",
     "log.level",
@@ -94,6 +96,9 @@ pub struct ReconnectConfig {
     /// Cap of the delay.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// How long one dial (QUIC and TLS handshake, then `Welcome`) may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for ReconnectConfig {
@@ -101,6 +106,7 @@ impl Default for ReconnectConfig {
         ReconnectConfig {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -172,6 +178,9 @@ impl Validate for AgentConfig {
                 "reconnect.max_backoff",
                 "must be at least reconnect.initial_backoff",
             ));
+        }
+        if self.reconnect.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid("reconnect.connect_timeout", "must be positive"));
         }
         if let Some(id) = &self.instance_id {
             tunnel_proto::identity::check_name("instance_id", id)

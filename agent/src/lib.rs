@@ -75,6 +75,7 @@ pub fn start(
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,
         max_backoff: cfg.reconnect.max_backoff,
+        connect_timeout: cfg.reconnect.connect_timeout,
     });
     let mut ops_addr = None;
     if let Some(l) = ops {

@@ -35,6 +35,8 @@ pub struct Shared {
     pub initial_backoff: Duration,
     /// Backoff cap.
     pub max_backoff: Duration,
+    /// Time allowed for one dial.
+    pub connect_timeout: Duration,
 }
 
 enum Report {
@@ -173,7 +175,15 @@ async fn session(
     established: &mut bool,
 ) -> Result<String, String> {
     let dial = tokio::select! {
-        d = shared.dialer.dial(gateway) => d,
+        d = tokio::time::timeout(shared.connect_timeout, shared.dialer.dial(gateway)) => match d {
+            Ok(d) => d,
+            Err(_) => {
+                return Err(format!(
+                    "gateway {gateway}: no answer within {:?} (is UDP to it allowed by the firewall?)",
+                    shared.connect_timeout
+                ));
+            }
+        },
         r = &mut close_rx => {
             return Ok(format!("closed before connecting: {}", r.map(|(_, why)| why).unwrap_or("supervisor gone")));
         }

@@ -1,1 +1,360 @@
-//! placeholder
+//! Test harness: real gateways and real agents on `127.0.0.1:0`, with certificates from a
+//! throwaway CA. Waiting is always on an observable condition with a deadline.
+//!
+//! # Layout
+//! - [`Pki`]: a CA in a temp dir, issuing agent and client certificates (good and bad ones);
+//! - [`TestGateway`] / [`TestAgent`]: in-process gateway and agent with their shutdown tokens;
+//! - [`AgentProcess`]: a real `tether-agent` process, for kill tests;
+//! - [`RawAgent`]: a bare QUIC client, for sending what a well-behaved agent never would;
+//! - [`wait_until`], [`metric`]: observation helpers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_agent::AgentConfig;
+use tether_api::v1::agents_client::AgentsClient;
+use tether_gateway::config::{GatewayConfig, TlsConfig};
+use tether_gateway::ctl::{self, Target};
+use tether_gateway::pki::{self, Ca, LeafSpec};
+use tether_gateway::{GatewayHandle, Sockets};
+use tether_runtime::CancellationToken;
+use tunnel_proto::AgentId;
+
+/// The trust domain of test PKIs.
+pub const TD: &str = "test.local";
+
+/// Installs the crypto provider and a test log subscriber (`RUST_LOG` to see it).
+pub fn init() {
+    tether_runtime::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Files of one issued certificate.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    /// CA bundle.
+    pub ca: PathBuf,
+    /// Certificate.
+    pub cert: PathBuf,
+    /// Key.
+    pub key: PathBuf,
+}
+
+/// A throwaway CA.
+pub struct Pki {
+    /// The directory (deleted on drop).
+    pub dir: tempfile::TempDir,
+    /// The CA.
+    pub ca: Ca,
+    n: std::sync::atomic::AtomicU32,
+}
+
+impl Pki {
+    /// A CA for [`TD`] with a gateway certificate for `localhost` and `127.0.0.1`.
+    pub fn new() -> Pki {
+        Pki::with_trust_domain(TD)
+    }
+
+    /// A CA for another trust domain.
+    pub fn with_trust_domain(td: &str) -> Pki {
+        init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = pki::init(dir.path(), td, &["localhost".into(), "127.0.0.1".into()], false).expect("pki init");
+        Pki { dir, ca, n: Default::default() }
+    }
+
+    /// The gateway's TLS config.
+    pub fn gateway_tls(&self) -> TlsConfig {
+        TlsConfig {
+            ca: self.dir.path().join("ca.pem"),
+            cert: self.dir.path().join("gateway.pem"),
+            key: self.dir.path().join("gateway-key.pem"),
+        }
+    }
+
+    fn write(&self, issued: &pki::Issued) -> CertFiles {
+        let n = self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = self.dir.path().join(format!("issued-{n}"));
+        pki::write_issued(&out, "leaf", issued, &self.ca).expect("write cert");
+        CertFiles { ca: out.join("ca.pem"), cert: out.join("leaf.pem"), key: out.join("leaf-key.pem") }
+    }
+
+    /// A valid agent certificate.
+    pub fn agent(&self, id: &str) -> CertFiles {
+        let id: AgentId = id.parse().expect("agent id");
+        self.write(&self.ca.issue_agent(&id, pki::AGENT_TTL).expect("issue agent"))
+    }
+
+    /// A certificate from an arbitrary spec (expired, no URI, ...).
+    pub fn leaf(&self, spec: &LeafSpec) -> CertFiles {
+        self.write(&self.ca.issue(spec).expect("issue leaf"))
+    }
+
+    /// A valid control-plane client certificate.
+    pub fn client(&self, name: &str) -> CertFiles {
+        self.write(&self.ca.issue_client(name, pki::CLIENT_TTL).expect("issue client"))
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
+    }
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    /// Its handle (registry, addresses).
+    pub handle: GatewayHandle,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+}
+
+impl TestGateway {
+    /// The default test config: heartbeat 500 ms, no drain wait.
+    pub fn config(pki: &Pki) -> GatewayConfig {
+        let mut cfg: GatewayConfig = toml::from_str(&format!("trust_domain = \"{TD}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"))
+            .expect("minimal config");
+        cfg.trust_domain = pki.ca.trust_domain.clone();
+        cfg.tls = pki.gateway_tls();
+        cfg.tunnel.heartbeat_interval = Duration::from_millis(500);
+        cfg.tunnel.drain_timeout = Duration::ZERO;
+        cfg
+    }
+
+    /// Starts on free loopback ports.
+    pub async fn start(pki: &Pki) -> TestGateway {
+        Self::start_with(Self::config(pki), "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts with `cfg`, its tunnel bound to `tunnel` (port 0 for any).
+    pub async fn start_with(cfg: GatewayConfig, tunnel: SocketAddr) -> TestGateway {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let sockets = Sockets::bind_addrs(tunnel, any, any).expect("bind gateway sockets");
+        let shutdown = CancellationToken::new();
+        let handle = tether_gateway::start(cfg, sockets, shutdown.clone()).await.expect("gateway start");
+        TestGateway { handle, shutdown }
+    }
+
+    /// Shuts down and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.wait().await;
+    }
+
+    /// Live session count of an agent.
+    pub fn sessions_of(&self, id: &str) -> usize {
+        let id: AgentId = id.parse().expect("agent id");
+        self.handle.registry.get(&id).map_or(0, |a| a.sessions.len())
+    }
+
+    /// Session ids of an agent.
+    pub fn session_ids(&self, id: &str) -> Vec<String> {
+        let id: AgentId = id.parse().expect("agent id");
+        self.handle
+            .registry
+            .get(&id)
+            .map(|a| a.sessions.iter().map(|s| s.session_id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// A northbound client authenticated as control-plane caller `name`.
+    pub async fn client(&self, pki: &Pki, name: &str) -> AgentsClient<tonic::transport::Channel> {
+        let files = pki.client(name);
+        AgentsClient::new(self.channel(&files).await.expect("northbound connect"))
+    }
+
+    /// A northbound channel with the given client certificate.
+    pub async fn channel(&self, files: &CertFiles) -> Result<tonic::transport::Channel, String> {
+        ctl::connect(&Target {
+            addr: self.handle.northbound_addr.to_string(),
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            server_name: Some("localhost".into()),
+        })
+        .await
+    }
+}
+
+/// An agent config dialing `gateway` with `files`.
+pub fn agent_config(files: &CertFiles, gateway: SocketAddr) -> AgentConfig {
+    let mut cfg: AgentConfig = toml::from_str(&format!(
+        "gateways = [\"{gateway}\"]\nserver_name = \"localhost\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"1s\"\nconnect_timeout = \"1s\"\n",
+        files.ca.display(),
+        files.cert.display(),
+        files.key.display()
+    ))
+    .expect("agent config");
+    cfg.labels.insert("suite".into(), "e2e".into());
+    cfg
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    /// Its handle.
+    pub handle: tether_agent::AgentHandle,
+    /// Cancel to stop it.
+    pub shutdown: CancellationToken,
+}
+
+impl TestAgent {
+    /// Starts an agent with `cfg` (no ops listener).
+    pub fn start(cfg: &AgentConfig) -> TestAgent {
+        let shutdown = CancellationToken::new();
+        let handle = tether_agent::start(cfg, None, shutdown.clone()).expect("agent start");
+        TestAgent { handle, shutdown }
+    }
+
+    /// Stops and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.wait().await;
+    }
+}
+
+/// Path of a workspace binary (built by `cargo test --workspace` / `nextest run --workspace`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo nextest run --workspace` (or `cargo test --workspace`) so every binary is built",
+        p.display()
+    );
+    p
+}
+
+/// A real `tether-agent` process.
+pub struct AgentProcess {
+    /// The child.
+    pub child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Writes `cfg` to a file and runs `tether-agent run --config` on it.
+    pub fn spawn(cfg: &AgentConfig) -> AgentProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = cfg.clone();
+        cfg.ops.listen = "127.0.0.1:0".parse().expect("addr");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml::to_string(&cfg).expect("serialize agent config")).expect("write config");
+        let child = tokio::process::Command::new(binary("tether-agent"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tether-agent");
+        AgentProcess { child, _dir: dir }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("child running") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
+    }
+}
+
+/// Reads a counter or gauge from this process's metrics (0 when absent). Labels as `k="v"`.
+pub fn metric(name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = tether_runtime::ops::metrics_handle().render();
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && want.iter().all(|w| rest.contains(w.as_str()))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A bare QUIC client with an agent certificate, to misbehave on purpose.
+pub struct RawAgent {
+    /// The endpoint.
+    pub endpoint: quinn::Endpoint,
+}
+
+impl RawAgent {
+    /// A client presenting `files` (or no certificate) and offering `alpn`.
+    pub fn new(files: &CertFiles, with_cert: bool, alpn: &[u8]) -> RawAgent {
+        init();
+        let roots = tether_runtime::tls::load_roots(&files.ca).expect("roots");
+        let b = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]).with_root_certificates(roots);
+        let mut tls = if with_cert {
+            b.with_client_auth_cert(
+                tether_runtime::tls::load_certs("cert", &files.cert).expect("cert"),
+                tether_runtime::tls::load_key(&files.key).expect("key"),
+            )
+            .expect("client auth")
+        } else {
+            b.with_no_client_auth()
+        };
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        RawAgent { endpoint }
+    }
+
+    /// Connects, opens the control stream, writes `bytes`, and returns how the gateway ended
+    /// the connection (waits up to 10 s).
+    pub async fn send_and_wait_close(&self, gateway: SocketAddr, bytes: &[u8]) -> Result<quinn::ConnectionError, String> {
+        let conn = self
+            .endpoint
+            .connect(gateway, "localhost")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let work = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open_bi: {e}"))?;
+            if let Err(e) = send.write_all(bytes).await {
+                return match e {
+                    quinn::WriteError::ConnectionLost(c) => Ok(c),
+                    other => Err(format!("write: {other}")),
+                };
+            }
+            let mut buf = [0u8; 1024];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(conn.closed().await),
+                    Err(quinn::ReadError::ConnectionLost(e)) => return Ok(e),
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .map_err(|_| "gateway did not close the connection within 10s".to_string())?
+    }
+}
+
+/// The QUIC application close code of a connection error, if it was an application close.
+pub fn app_close_code(e: &quinn::ConnectionError) -> Option<u64> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code.into()),
+        _ => None,
+    }
+}

@@ -28,6 +28,8 @@ pub struct DevOptions {
     pub check: bool,
     /// The `tether-agent` binary; default: next to this executable.
     pub agent_bin: Option<PathBuf>,
+    /// Bind free ports instead of the defaults (7443, 7444, 9090, 9091).
+    pub any_port: bool,
 }
 
 /// The dev trust domain.
@@ -77,7 +79,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     issue("client", ca.issue_client("dev", pki::CLIENT_TTL).map_err(|e| e.to_string())?)?;
     issue("agent", ca.issue_agent(&agent_id, pki::AGENT_TTL).map_err(|e| e.to_string())?)?;
 
-    let lo = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let lo = |port| SocketAddr::from(([127, 0, 0, 1], if opts.any_port { 0 } else { port }));
     let sockets = Sockets {
         tunnel: udp_or_any(lo(7443)).map_err(|e| format!("binding tunnel: {e}"))?,
         northbound: tcp_or_any(lo(7444)).map_err(|e| format!("binding northbound: {e}"))?,

@@ -49,6 +49,9 @@ enum Cmd {
         /// The tether-agent binary (default: next to this one).
         #[arg(long)]
         agent_bin: Option<PathBuf>,
+        /// Bind free ports instead of the defaults (dev.json says which).
+        #[arg(long)]
+        any_port: bool,
         /// Log format.
         #[arg(long, default_value = "text")]
         log_format: LogFormat,
@@ -119,11 +122,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG as u8)
             }
         },
-        Cmd::Dev { dir, check, agent_bin, log_format } => {
+        Cmd::Dev { dir, check, agent_bin, any_port, log_format } => {
             logging::init(log_format, "info");
             runtime().block_on(async {
                 let shutdown = tether_runtime::shutdown::on_signals();
-                match dev::run(DevOptions { dir, check, agent_bin }, shutdown).await {
+                match dev::run(DevOptions { dir, check, agent_bin, any_port }, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("tether-gateway dev: {e}");
