@@ -110,10 +110,13 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<TunnelContext>, sto
     }
 }
 
-/// TLS alerts the verifier has already counted and logged.
+/// TLS alerts that rustls sends for a certificate our verifier refused (and already counted):
+/// bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
+/// certificate_unknown, unknown_ca, access_denied, decrypt_error (bad signature).
 fn counted_by_verifier(e: &quinn::ConnectionError) -> bool {
+    const ALERTS: [u64; 8] = [42, 43, 44, 45, 46, 48, 49, 51];
     matches!(e, quinn::ConnectionError::TransportError(t)
-        if (0x100 + 42..=0x100 + 49).contains(&u64::from(t.code)))
+        if ALERTS.iter().any(|a| u64::from(t.code) == 0x100 + a))
 }
 
 fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
@@ -132,11 +135,12 @@ fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
 
 async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<TunnelContext>) -> Result<(), quinn::ConnectionError> {
     let remote = incoming.remote_address();
-    let connecting = match incoming.accept() {
-        Ok(c) => c,
-        Err(e) => return Err(e),
+    // The first flight is processed in `accept`, so a refusal can surface there or later.
+    let handshake = match incoming.accept() {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
     };
-    let conn = match connecting.await {
+    let conn = match handshake {
         Ok(c) => c,
         Err(e) => {
             if !counted_by_verifier(&e) {

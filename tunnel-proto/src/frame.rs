@@ -101,6 +101,13 @@ fn frame_len(buf: &[u8]) -> usize {
 
 /// If `buf` starts with a whole frame, its type and payload length.
 fn peek_frame(buf: &[u8], max_payload: usize) -> Result<Option<(u8, usize)>, ProtoError> {
+    // An unknown type is refused from its first byte: garbage gets a clear error rather than
+    // being read as a length.
+    match buf.first() {
+        None => return Ok(None),
+        Some(&ty) if !Message::is_known_type(ty) => return Err(ProtoError::UnknownFrameType(ty)),
+        Some(_) => {}
+    }
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }

@@ -202,6 +202,12 @@ impl Message {
         }
     }
 
+    /// True for the frame types this version knows.
+    pub fn is_known_type(ty: u8) -> bool {
+        use frame_type::*;
+        matches!(ty, HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER)
+    }
+
     /// A short name, for errors and logs.
     pub fn name(&self) -> &'static str {
         match self {
