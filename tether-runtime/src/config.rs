@@ -151,7 +151,8 @@ pub fn load<T: DeserializeOwned + Validate>(
         ConfigError::Invalid {
             key,
             origin,
-            message: e.into_inner().to_string(),
+            // toml adds a second line ("in `section`") that repeats the key path: one line only.
+            message: e.into_inner().to_string().lines().next().unwrap_or_default().trim().to_owned(),
         }
     })?;
     cfg.validate()?;

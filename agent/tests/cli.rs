@@ -1,0 +1,65 @@
+//! The `tether-agent` binary: config errors exit 64 naming the key.
+
+use std::process::{Command, Output};
+
+fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tether-agent"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run tether-agent")
+}
+
+fn config(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("agent.toml");
+    std::fs::write(&p, format!("gateways = [\"gw.example:443\"]\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n{extra}")).unwrap();
+    (d, p)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn valid_config_checks_ok() {
+    let (_d, p) = config("[labels]\nregion = \"eu\"\n");
+    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_key_exits_64_naming_the_key() {
+    let (_d, p) = config("[reconnect]\nmax_backof = \"1s\"\n");
+    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    let e = stderr(&o);
+    assert!(e.contains("max_backof") && e.contains("reconnect"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
+#[test]
+fn gateway_without_port_exits_64_naming_the_key() {
+    let (_d, p) = config("");
+    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[("TETHER_GATEWAYS", "[\"gw.example\"]")]);
+    assert_eq!(o.status.code(), Some(64));
+    let e = stderr(&o);
+    assert!(e.contains("gateways") && e.contains("host:port"), "{e}");
+}
+
+#[test]
+fn bad_duration_from_flag_exits_64_naming_the_key() {
+    let (_d, p) = config("");
+    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config", "--set", "reconnect.connect_timeout=soon"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("reconnect.connect_timeout"), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_certificate_exits_64_naming_the_file() {
+    let (_d, p) = config("");
+    let o = agent(&["run", "--config", p.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("ca.pem"), "{}", stderr(&o));
+}
