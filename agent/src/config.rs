@@ -150,7 +150,10 @@ impl Default for LogConfig {
 /// Splits `host:port` (or `[v6]:port`) into host and port.
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() {
         return None;
     }
@@ -160,7 +163,10 @@ pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
 impl Validate for AgentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.gateways.is_empty() {
-            return Err(ConfigError::invalid("gateways", "at least one gateway address is required"));
+            return Err(ConfigError::invalid(
+                "gateways",
+                "at least one gateway address is required",
+            ));
         }
         for g in &self.gateways {
             if split_host_port(g).is_none() {
@@ -171,7 +177,10 @@ impl Validate for AgentConfig {
             }
         }
         if self.reconnect.initial_backoff.is_zero() {
-            return Err(ConfigError::invalid("reconnect.initial_backoff", "must be positive"));
+            return Err(ConfigError::invalid(
+                "reconnect.initial_backoff",
+                "must be positive",
+            ));
         }
         if self.reconnect.max_backoff < self.reconnect.initial_backoff {
             return Err(ConfigError::invalid(
@@ -180,7 +189,10 @@ impl Validate for AgentConfig {
             ));
         }
         if self.reconnect.connect_timeout.is_zero() {
-            return Err(ConfigError::invalid("reconnect.connect_timeout", "must be positive"));
+            return Err(ConfigError::invalid(
+                "reconnect.connect_timeout",
+                "must be positive",
+            ));
         }
         if let Some(id) = &self.instance_id {
             tunnel_proto::identity::check_name("instance_id", id)
@@ -194,7 +206,8 @@ impl AgentConfig {
     /// Loads file, environment and `--set` flags, then validates. Relative TLS paths are taken
     /// from the config file's directory.
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<AgentConfig, ConfigError> {
-        let mut cfg: AgentConfig = tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
+        let mut cfg: AgentConfig =
+            tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
         let base = file.and_then(Path::parent);
         for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
             *p = tether_runtime::config::resolve(base, p);

@@ -13,7 +13,7 @@ use rustls_pki_types::ServerName;
 use tether_runtime::tls;
 use tunnel_proto::ALPN;
 
-use crate::config::{split_host_port, AgentConfig};
+use crate::config::{AgentConfig, split_host_port};
 use crate::error::AgentError;
 
 /// Everything needed to dial, built once from config.
@@ -25,7 +25,9 @@ pub struct Dialer {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialer").field("server_name", &self.server_name).finish_non_exhaustive()
+        f.debug_struct("Dialer")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -36,10 +38,11 @@ impl Dialer {
         let roots = tls::load_roots(&cfg.tls.ca)?;
         let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
         let key = tls::load_key(&cfg.tls.key)?;
-        let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| AgentError::Tls(format!("agent certificate and key: {e}")))?;
+        let mut tls =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_root_certificates(roots)
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| AgentError::Tls(format!("agent certificate and key: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| AgentError::Tls(format!("QUIC TLS config: {e}")))?;
@@ -48,7 +51,9 @@ impl Dialer {
         transport.max_concurrent_bidi_streams(1024u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
-            Duration::from_secs(120).try_into().expect("120s is a valid idle timeout"),
+            Duration::from_secs(120)
+                .try_into()
+                .expect("120s is a valid idle timeout"),
         ));
         client.transport_config(Arc::new(transport));
         Ok(Dialer {
@@ -58,7 +63,10 @@ impl Dialer {
     }
 
     /// Resolves `addr` and completes the QUIC + TLS handshake.
-    pub async fn dial(&self, addr: &str) -> Result<(quinn::Endpoint, quinn::Connection), AgentError> {
+    pub async fn dial(
+        &self,
+        addr: &str,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), AgentError> {
         let (host, _) = split_host_port(addr).ok_or_else(|| AgentError::Dial {
             gateway: addr.to_owned(),
             reason: "not host:port".into(),
@@ -73,14 +81,18 @@ impl Dialer {
             .next()
             .ok_or_else(|| fail("resolves to no address".into()))?;
         let name = self.server_name.as_deref().unwrap_or(host).to_owned();
-        ServerName::try_from(name.clone()).map_err(|e| fail(format!("server name {name:?}: {e}")))?;
+        ServerName::try_from(name.clone())
+            .map_err(|e| fail(format!("server name {name:?}: {e}")))?;
         let local: SocketAddr = if remote.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = std::net::UdpSocket::bind(local).map_err(|e| fail(format!("binding UDP: {e}")))?;
-        socket.connect(remote).map_err(|e| fail(format!("UDP connect: {e}")))?;
+        let socket =
+            std::net::UdpSocket::bind(local).map_err(|e| fail(format!("binding UDP: {e}")))?;
+        socket
+            .connect(remote)
+            .map_err(|e| fail(format!("UDP connect: {e}")))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,

@@ -96,7 +96,13 @@ pub fn start(
     let sups: Vec<_> = cfg
         .gateways
         .iter()
-        .map(|g| tokio::spawn(supervisor::supervise(g.clone(), shared.clone(), shutdown.clone())))
+        .map(|g| {
+            tokio::spawn(supervisor::supervise(
+                g.clone(),
+                shared.clone(),
+                shutdown.clone(),
+            ))
+        })
         .collect();
     let task = tokio::spawn(async move {
         for s in sups {

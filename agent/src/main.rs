@@ -9,7 +9,11 @@ use tether_runtime::config::EXIT_CONFIG;
 use tether_runtime::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "tether-agent", version, about = "Tether data-plane agent: dials out to the gateway, opens no inbound port")]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "Tether data-plane agent: dials out to the gateway, opens no inbound port"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,7 +39,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let Cmd::Run { config, set, log_format, check_config } = Cli::parse().cmd;
+    let Cmd::Run {
+        config,
+        set,
+        log_format,
+        check_config,
+    } = Cli::parse().cmd;
     let cfg = match AgentConfig::load(config.as_deref(), &set) {
         Ok(c) => c,
         Err(e) => {
@@ -48,12 +57,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async {
         let shutdown = tether_runtime::shutdown::on_signals();
         match tether_agent::run(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ (tether_agent::AgentError::Config(_) | tether_agent::AgentError::TlsMaterial(_) | tether_agent::AgentError::Tls(_))) => {
+            Err(
+                e @ (tether_agent::AgentError::Config(_)
+                | tether_agent::AgentError::TlsMaterial(_)
+                | tether_agent::AgentError::Tls(_)),
+            ) => {
                 tracing::error!("{e}");
                 eprintln!("tether-agent: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)

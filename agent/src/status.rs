@@ -62,7 +62,12 @@ impl AgentStatus {
 
     /// Live sessions.
     pub fn sessions(&self) -> Vec<SessionStatus> {
-        self.sessions.lock().expect("status lock").values().cloned().collect()
+        self.sessions
+            .lock()
+            .expect("status lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// True while at least one session is up.

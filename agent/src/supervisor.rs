@@ -19,7 +19,7 @@ use tunnel_proto::message::Hello;
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
 use tunnel_proto::{Backoff, ErrorCode};
 
-use crate::dialer::{describe, Dialer};
+use crate::dialer::{Dialer, describe};
 use crate::status::{AgentStatus, SessionStatus};
 
 /// What a supervisor needs, shared by all of an agent's supervisors.
@@ -40,9 +40,18 @@ pub struct Shared {
 }
 
 enum Report {
-    Established { id: u64 },
-    GoAway { id: u64, within: Duration },
-    Ended { id: u64, established: bool, reason: String },
+    Established {
+        id: u64,
+    },
+    GoAway {
+        id: u64,
+        within: Duration,
+    },
+    Ended {
+        id: u64,
+        established: bool,
+        reason: String,
+    },
 }
 
 struct Attempt {
@@ -62,7 +71,8 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
     let mut replacing = false;
     let far = Duration::from_secs(86_400 * 365);
     loop {
-        let dial_timer = tokio::time::sleep_until(dial_at.unwrap_or_else(|| tokio::time::Instant::now() + far));
+        let dial_timer =
+            tokio::time::sleep_until(dial_at.unwrap_or_else(|| tokio::time::Instant::now() + far));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = dial_timer, if dial_at.is_some() => {
@@ -81,11 +91,10 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                     }
                     // Make-before-break: the new session is up, retire the others.
                     for (other, a) in attempts.iter_mut() {
-                        if *other != id && a.established {
-                            if let Some(c) = a.close.take() {
+                        if *other != id && a.established
+                            && let Some(c) = a.close.take() {
                                 let _ = c.send((ErrorCode::REPLACED, "replaced by a new session"));
                             }
-                        }
                     }
                 }
                 Report::GoAway { id, within } => {
@@ -205,13 +214,18 @@ async fn run_control(
     conn: &quinn::Connection,
 ) -> Result<String, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe(&e))?;
-    let mut session = AgentSession::new(AgentSessionConfig::new(shared.hello.clone()), Instant::now());
+    let mut session = AgentSession::new(
+        AgentSessionConfig::new(shared.hello.clone()),
+        Instant::now(),
+    );
     let key = id_key(gateway, id);
     let mut buf = vec![0u8; 16 * 1024];
     let mut close_rx_live = true;
     loop {
         while let Some(bytes) = session.poll_transmit() {
-            send.write_all(&bytes).await.map_err(|e| format!("control stream: {e}"))?;
+            send.write_all(&bytes)
+                .await
+                .map_err(|e| format!("control stream: {e}"))?;
         }
         while let Some(ev) = session.poll_event() {
             match ev {
@@ -233,7 +247,8 @@ async fn run_control(
                 }
                 AgentEvent::Rtt(rtt) => {
                     shared.status.session_rtt(key, rtt);
-                    metrics::histogram!("tether_agent_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
+                    metrics::histogram!("tether_agent_heartbeat_rtt_seconds")
+                        .record(rtt.as_secs_f64());
                 }
                 AgentEvent::GoAway(g) => {
                     let _ = tx.send(Report::GoAway {

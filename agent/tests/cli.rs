@@ -25,14 +25,20 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn valid_config_checks_ok() {
     let (_d, p) = config("[labels]\nregion = \"eu\"\n");
-    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = agent(
+        &["run", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
 fn unknown_key_exits_64_naming_the_key() {
     let (_d, p) = config("[reconnect]\nmax_backof = \"1s\"\n");
-    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = agent(
+        &["run", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
     let e = stderr(&o);
     assert!(e.contains("max_backof") && e.contains("reconnect"), "{e}");
@@ -42,7 +48,10 @@ fn unknown_key_exits_64_naming_the_key() {
 #[test]
 fn gateway_without_port_exits_64_naming_the_key() {
     let (_d, p) = config("");
-    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config"], &[("TETHER_GATEWAYS", "[\"gw.example\"]")]);
+    let o = agent(
+        &["run", "--config", p.to_str().unwrap(), "--check-config"],
+        &[("TETHER_GATEWAYS", "[\"gw.example\"]")],
+    );
     assert_eq!(o.status.code(), Some(64));
     let e = stderr(&o);
     assert!(e.contains("gateways") && e.contains("host:port"), "{e}");
@@ -51,9 +60,23 @@ fn gateway_without_port_exits_64_naming_the_key() {
 #[test]
 fn bad_duration_from_flag_exits_64_naming_the_key() {
     let (_d, p) = config("");
-    let o = agent(&["run", "--config", p.to_str().unwrap(), "--check-config", "--set", "reconnect.connect_timeout=soon"], &[]);
+    let o = agent(
+        &[
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--check-config",
+            "--set",
+            "reconnect.connect_timeout=soon",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
-    assert!(stderr(&o).contains("reconnect.connect_timeout"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("reconnect.connect_timeout"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

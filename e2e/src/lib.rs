@@ -41,7 +41,10 @@ pub fn init() {
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -76,8 +79,18 @@ impl Pki {
     pub fn with_trust_domain(td: &str) -> Pki {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = pki::init(dir.path(), td, &["localhost".into(), "127.0.0.1".into()], false).expect("pki init");
-        Pki { dir, ca, n: Default::default() }
+        let ca = pki::init(
+            dir.path(),
+            td,
+            &["localhost".into(), "127.0.0.1".into()],
+            false,
+        )
+        .expect("pki init");
+        Pki {
+            dir,
+            ca,
+            n: Default::default(),
+        }
     }
 
     /// The gateway's TLS config.
@@ -93,13 +106,22 @@ impl Pki {
         let n = self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = self.dir.path().join(format!("issued-{n}"));
         pki::write_issued(&out, "leaf", issued, &self.ca).expect("write cert");
-        CertFiles { ca: out.join("ca.pem"), cert: out.join("leaf.pem"), key: out.join("leaf-key.pem") }
+        CertFiles {
+            ca: out.join("ca.pem"),
+            cert: out.join("leaf.pem"),
+            key: out.join("leaf-key.pem"),
+        }
     }
 
     /// A valid agent certificate.
     pub fn agent(&self, id: &str) -> CertFiles {
         let id: AgentId = id.parse().expect("agent id");
-        self.write(&self.ca.issue_agent(&id, pki::AGENT_TTL).expect("issue agent"))
+        self.write(
+            &self
+                .ca
+                .issue_agent(&id, pki::AGENT_TTL)
+                .expect("issue agent"),
+        )
     }
 
     /// A certificate from an arbitrary spec (expired, no URI, ...).
@@ -109,7 +131,12 @@ impl Pki {
 
     /// A valid control-plane client certificate.
     pub fn client(&self, name: &str) -> CertFiles {
-        self.write(&self.ca.issue_client(name, pki::CLIENT_TTL).expect("issue client"))
+        self.write(
+            &self
+                .ca
+                .issue_client(name, pki::CLIENT_TTL)
+                .expect("issue client"),
+        )
     }
 }
 
@@ -130,8 +157,10 @@ pub struct TestGateway {
 impl TestGateway {
     /// The default test config: heartbeat 500 ms, no drain wait.
     pub fn config(pki: &Pki) -> GatewayConfig {
-        let mut cfg: GatewayConfig = toml::from_str(&format!("trust_domain = \"{TD}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"))
-            .expect("minimal config");
+        let mut cfg: GatewayConfig = toml::from_str(&format!(
+            "trust_domain = \"{TD}\"\n[tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"
+        ))
+        .expect("minimal config");
         cfg.trust_domain = pki.ca.trust_domain.clone();
         cfg.tls = pki.gateway_tls();
         cfg.tunnel.heartbeat_interval = Duration::from_millis(500);
@@ -149,7 +178,9 @@ impl TestGateway {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let sockets = Sockets::bind_addrs(tunnel, any, any).expect("bind gateway sockets");
         let shutdown = CancellationToken::new();
-        let handle = tether_gateway::start(cfg, sockets, shutdown.clone()).await.expect("gateway start");
+        let handle = tether_gateway::start(cfg, sockets, shutdown.clone())
+            .await
+            .expect("gateway start");
         TestGateway { handle, shutdown }
     }
 
@@ -162,7 +193,10 @@ impl TestGateway {
     /// Live session count of an agent.
     pub fn sessions_of(&self, id: &str) -> usize {
         let id: AgentId = id.parse().expect("agent id");
-        self.handle.registry.get(&id).map_or(0, |a| a.sessions.len())
+        self.handle
+            .registry
+            .get(&id)
+            .map_or(0, |a| a.sessions.len())
     }
 
     /// Session ids of an agent.
@@ -258,7 +292,11 @@ impl AgentProcess {
         let mut cfg = cfg.clone();
         cfg.ops.listen = "127.0.0.1:0".parse().expect("addr");
         let path = dir.path().join("agent.toml");
-        std::fs::write(&path, toml::to_string(&cfg).expect("serialize agent config")).expect("write config");
+        std::fs::write(
+            &path,
+            toml::to_string(&cfg).expect("serialize agent config"),
+        )
+        .expect("write config");
         let child = tokio::process::Command::new(binary("tether-agent"))
             .args(["run", "--config"])
             .arg(&path)
@@ -285,7 +323,8 @@ pub fn metric(name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && want.iter().all(|w| rest.contains(w.as_str()))).then(|| value.parse::<f64>().ok())?
+            (n == name && want.iter().all(|w| rest.contains(w.as_str())))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
@@ -301,7 +340,8 @@ impl RawAgent {
     pub fn new(files: &CertFiles, with_cert: bool, alpn: &[u8]) -> RawAgent {
         init();
         let roots = tether_runtime::tls::load_roots(&files.ca).expect("roots");
-        let b = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]).with_root_certificates(roots);
+        let b = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(roots);
         let mut tls = if with_cert {
             b.with_client_auth_cert(
                 tether_runtime::tls::load_certs("cert", &files.cert).expect("cert"),
@@ -313,14 +353,19 @@ impl RawAgent {
         };
         tls.alpn_protocols = vec![alpn.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let mut endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
         RawAgent { endpoint }
     }
 
     /// Connects, opens the control stream, writes `bytes`, and returns how the gateway ended
     /// the connection (waits up to 10 s).
-    pub async fn send_and_wait_close(&self, gateway: SocketAddr, bytes: &[u8]) -> Result<quinn::ConnectionError, String> {
+    pub async fn send_and_wait_close(
+        &self,
+        gateway: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<quinn::ConnectionError, String> {
         let conn = self
             .endpoint
             .connect(gateway, "localhost")

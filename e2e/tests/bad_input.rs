@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tether_e2e::*;
 use tether_gateway::pki::LeafSpec;
-use tunnel_proto::message::{Hello, Message};
 use tunnel_proto::ErrorCode;
+use tunnel_proto::message::{Hello, Message};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -22,18 +22,35 @@ impl Scene {
     async fn new() -> Scene {
         let pki = Pki::new();
         let gw = TestGateway::start(&pki).await;
-        let bystander = TestAgent::start(&agent_config(&pki.agent("good/bystander"), gw.handle.tunnel_addr));
-        wait_until("bystander connected", T, || gw.sessions_of("good/bystander") == 1).await;
+        let bystander = TestAgent::start(&agent_config(
+            &pki.agent("good/bystander"),
+            gw.handle.tunnel_addr,
+        ));
+        wait_until("bystander connected", T, || {
+            gw.sessions_of("good/bystander") == 1
+        })
+        .await;
         let session = gw.session_ids("good/bystander")[0].clone();
-        Scene { pki, gw, bystander, session }
+        Scene {
+            pki,
+            gw,
+            bystander,
+            session,
+        }
     }
 
     /// The bystander still has the very same session, and heartbeats kept flowing.
     async fn assert_bystander_untouched(self) {
         // Two more heartbeat round trips prove the session is alive, not just registered.
         let before = metric("tether_gateway_heartbeat_rtt_seconds_count", &[]);
-        wait_until("heartbeats continue", T, || metric("tether_gateway_heartbeat_rtt_seconds_count", &[]) >= before + 2.0).await;
-        assert_eq!(self.gw.session_ids("good/bystander"), vec![self.session.clone()]);
+        wait_until("heartbeats continue", T, || {
+            metric("tether_gateway_heartbeat_rtt_seconds_count", &[]) >= before + 2.0
+        })
+        .await;
+        assert_eq!(
+            self.gw.session_ids("good/bystander"),
+            vec![self.session.clone()]
+        );
         assert!(self.bystander.handle.status.connected());
         self.bystander.stop().await;
         self.gw.stop().await;
@@ -41,21 +58,38 @@ impl Scene {
 
     /// Presents `files` as an agent; asserts the handshake is refused with `reason` counted.
     async fn assert_refused(&self, files: &CertFiles, reason: &str) {
-        let before = metric("tether_gateway_handshake_failures_total", &[("reason", reason)]);
+        let before = metric(
+            "tether_gateway_handshake_failures_total",
+            &[("reason", reason)],
+        );
         let raw = RawAgent::new(files, true, tunnel_proto::ALPN);
         let hello = Message::Hello(Hello::default()).to_bytes();
         // In QUIC the client's handshake can complete before the server has judged its
         // certificate; the refusal shows at the first stream operation.
-        match raw.send_and_wait_close(self.gw.handle.tunnel_addr, &hello).await {
+        match raw
+            .send_and_wait_close(self.gw.handle.tunnel_addr, &hello)
+            .await
+        {
             Err(e) => assert!(e.contains("handshake") || e.contains("open_bi"), "{e}"),
             Ok(e) => assert!(
-                matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)),
+                matches!(
+                    e,
+                    quinn::ConnectionError::TransportError(_)
+                        | quinn::ConnectionError::ConnectionClosed(_)
+                ),
                 "expected a TLS refusal, got {e:?}"
             ),
         }
-        assert_eq!(self.gw.handle.registry.session_count(), 1, "nothing but the bystander registered");
+        assert_eq!(
+            self.gw.handle.registry.session_count(),
+            1,
+            "nothing but the bystander registered"
+        );
         wait_until(&format!("metric reason={reason}"), T, || {
-            metric("tether_gateway_handshake_failures_total", &[("reason", reason)]) >= before + 1.0
+            metric(
+                "tether_gateway_handshake_failures_total",
+                &[("reason", reason)],
+            ) >= before + 1.0
         })
         .await;
     }
@@ -118,7 +152,11 @@ async fn agent_certificate_without_identity_uri_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_certificate_with_malformed_identity_uri_is_refused() {
     let s = Scene::new().await;
-    for uri in ["spiffe://test.local/tenant/a/agent/", "spiffe://test.local/team/a", "https://test.local/tenant/a/agent/b"] {
+    for uri in [
+        "spiffe://test.local/tenant/a/agent/",
+        "spiffe://test.local/team/a",
+        "https://test.local/tenant/a/agent/b",
+    ] {
         let files = s.pki.leaf(&spec(Some(uri), (-1, 24)));
         s.assert_refused(&files, "bad_identity").await;
     }
@@ -130,7 +168,9 @@ async fn control_plane_and_foreign_trust_domain_identities_cannot_be_agents() {
     let s = Scene::new().await;
     let files = s.pki.client("api");
     s.assert_refused(&files, "not_an_agent").await;
-    let files = s.pki.leaf(&spec(Some("spiffe://elsewhere/tenant/a/agent/b"), (-1, 24)));
+    let files = s
+        .pki
+        .leaf(&spec(Some("spiffe://elsewhere/tenant/a/agent/b"), (-1, 24)));
     s.assert_refused(&files, "wrong_trust_domain").await;
     s.assert_bystander_untouched().await;
 }
@@ -139,12 +179,26 @@ async fn control_plane_and_foreign_trust_domain_identities_cannot_be_agents() {
 async fn agent_without_client_certificate_is_refused() {
     let s = Scene::new().await;
     let files = s.pki.agent("bad/x");
-    let before = metric("tether_gateway_handshake_failures_total", &[("reason", "no_client_certificate")]);
+    let before = metric(
+        "tether_gateway_handshake_failures_total",
+        &[("reason", "no_client_certificate")],
+    );
     let raw = RawAgent::new(&files, false, tunnel_proto::ALPN);
-    let r = raw.send_and_wait_close(s.gw.handle.tunnel_addr, &Message::Hello(Hello::default()).to_bytes()).await;
-    assert!(!matches!(r, Ok(quinn::ConnectionError::ApplicationClosed(_))), "{r:?}");
+    let r = raw
+        .send_and_wait_close(
+            s.gw.handle.tunnel_addr,
+            &Message::Hello(Hello::default()).to_bytes(),
+        )
+        .await;
+    assert!(
+        !matches!(r, Ok(quinn::ConnectionError::ApplicationClosed(_))),
+        "{r:?}"
+    );
     wait_until("counted", T, || {
-        metric("tether_gateway_handshake_failures_total", &[("reason", "no_client_certificate")]) >= before + 1.0
+        metric(
+            "tether_gateway_handshake_failures_total",
+            &[("reason", "no_client_certificate")],
+        ) >= before + 1.0
     })
     .await;
     s.assert_bystander_untouched().await;
@@ -154,12 +208,23 @@ async fn agent_without_client_certificate_is_refused() {
 async fn wrong_alpn_is_refused() {
     let s = Scene::new().await;
     let files = s.pki.agent("bad/alpn");
-    let before = metric("tether_gateway_handshake_failures_total", &[("reason", "alpn_mismatch")]);
+    let before = metric(
+        "tether_gateway_handshake_failures_total",
+        &[("reason", "alpn_mismatch")],
+    );
     let raw = RawAgent::new(&files, true, b"h3");
-    let r = raw.send_and_wait_close(s.gw.handle.tunnel_addr, b"hello").await;
-    assert!(r.is_err() || !matches!(r, Ok(quinn::ConnectionError::ApplicationClosed(_))), "{r:?}");
+    let r = raw
+        .send_and_wait_close(s.gw.handle.tunnel_addr, b"hello")
+        .await;
+    assert!(
+        r.is_err() || !matches!(r, Ok(quinn::ConnectionError::ApplicationClosed(_))),
+        "{r:?}"
+    );
     wait_until("counted", T, || {
-        metric("tether_gateway_handshake_failures_total", &[("reason", "alpn_mismatch")]) >= before + 1.0
+        metric(
+            "tether_gateway_handshake_failures_total",
+            &[("reason", "alpn_mismatch")],
+        ) >= before + 1.0
     })
     .await;
     assert_eq!(s.gw.sessions_of("bad/alpn"), 0);
@@ -171,10 +236,17 @@ async fn garbage_on_the_control_stream_closes_that_connection_with_protocol_erro
     let s = Scene::new().await;
     let raw = RawAgent::new(&s.pki.agent("bad/garbage"), true, tunnel_proto::ALPN);
     let e = raw
-        .send_and_wait_close(s.gw.handle.tunnel_addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .send_and_wait_close(
+            s.gw.handle.tunnel_addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
         .await
         .expect("connection closed by the gateway");
-    assert_eq!(app_close_code(&e), Some(ErrorCode::PROTOCOL_ERROR.0 as u64), "{e:?}");
+    assert_eq!(
+        app_close_code(&e),
+        Some(ErrorCode::PROTOCOL_ERROR.0 as u64),
+        "{e:?}"
+    );
     s.assert_bystander_untouched().await;
 }
 
@@ -186,8 +258,15 @@ async fn oversized_frame_on_the_control_stream_closes_with_frame_too_large() {
     let mut bytes = vec![0x01];
     bytes.extend_from_slice(&(16u32 << 20).to_be_bytes());
     bytes.extend_from_slice(&[0u8; 1024]);
-    let e = raw.send_and_wait_close(s.gw.handle.tunnel_addr, &bytes).await.expect("closed");
-    assert_eq!(app_close_code(&e), Some(ErrorCode::FRAME_TOO_LARGE.0 as u64), "{e:?}");
+    let e = raw
+        .send_and_wait_close(s.gw.handle.tunnel_addr, &bytes)
+        .await
+        .expect("closed");
+    assert_eq!(
+        app_close_code(&e),
+        Some(ErrorCode::FRAME_TOO_LARGE.0 as u64),
+        "{e:?}"
+    );
     s.assert_bystander_untouched().await;
 }
 
@@ -195,8 +274,19 @@ async fn oversized_frame_on_the_control_stream_closes_with_frame_too_large() {
 async fn unsupported_protocol_version_is_refused_with_its_code() {
     let s = Scene::new().await;
     let raw = RawAgent::new(&s.pki.agent("bad/version"), true, tunnel_proto::ALPN);
-    let hello = Message::Hello(Hello { versions: vec![99], ..Default::default() }).to_bytes();
-    let e = raw.send_and_wait_close(s.gw.handle.tunnel_addr, &hello).await.expect("closed");
-    assert_eq!(app_close_code(&e), Some(ErrorCode::UNSUPPORTED_VERSION.0 as u64), "{e:?}");
+    let hello = Message::Hello(Hello {
+        versions: vec![99],
+        ..Default::default()
+    })
+    .to_bytes();
+    let e = raw
+        .send_and_wait_close(s.gw.handle.tunnel_addr, &hello)
+        .await
+        .expect("closed");
+    assert_eq!(
+        app_close_code(&e),
+        Some(ErrorCode::UNSUPPORTED_VERSION.0 as u64),
+        "{e:?}"
+    );
     s.assert_bystander_untouched().await;
 }

@@ -15,12 +15,24 @@ fn dev_check_passes_on_a_fresh_directory_and_tetherctl_reads_dev_json() {
         .output()
         .expect("run tether-gateway dev --check");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "dev --check failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dev --check failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("agent dev/local is connected"), "{stdout}");
     assert!(stdout.contains("dev check passed"), "{stdout}");
 
-    let dev: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("dev.json")).unwrap()).unwrap();
-    for key in ["northbound", "ops", "ca", "client_cert", "client_key", "agent"] {
+    let dev: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("dev.json")).unwrap()).unwrap();
+    for key in [
+        "northbound",
+        "ops",
+        "ca",
+        "client_cert",
+        "client_key",
+        "agent",
+    ] {
         assert!(dev.get(key).is_some(), "dev.json lacks {key}: {dev}");
     }
     assert_eq!(dev["agent"], "dev/local");
@@ -33,7 +45,11 @@ fn dev_check_passes_on_a_fresh_directory_and_tetherctl_reads_dev_json() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(state.join("pki/ca.pem")).unwrap(), ca_before);
 
     // tetherctl reports the gateway is gone once dev has exited, naming the address.

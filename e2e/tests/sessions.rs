@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tether_api::v1::{agent_event::Kind, GetAgentRequest, ListAgentsRequest, WatchAgentsRequest};
+use tether_api::v1::{GetAgentRequest, ListAgentsRequest, WatchAgentsRequest, agent_event::Kind};
 use tether_e2e::*;
 use tokio_stream::StreamExt;
 
@@ -14,10 +14,21 @@ async fn agent_appears_in_list_get_and_watch() {
     let pki = Pki::new();
     let gw = TestGateway::start(&pki).await;
     let mut api = gw.client(&pki, "api").await;
-    let mut watch = api.watch(WatchAgentsRequest::default()).await.unwrap().into_inner();
+    let mut watch = api
+        .watch(WatchAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
 
-    let agent = TestAgent::start(&agent_config(&pki.agent("acme/eu-1"), gw.handle.tunnel_addr));
-    let ev = tokio::time::timeout(T, watch.next()).await.expect("watch event").unwrap().unwrap();
+    let agent = TestAgent::start(&agent_config(
+        &pki.agent("acme/eu-1"),
+        gw.handle.tunnel_addr,
+    ));
+    let ev = tokio::time::timeout(T, watch.next())
+        .await
+        .expect("watch event")
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.kind, Kind::Connected as i32);
     assert_eq!(ev.agent, "acme/eu-1");
     assert!(!ev.initial);
@@ -26,35 +37,76 @@ async fn agent_appears_in_list_get_and_watch() {
     assert_eq!(s.labels.get("suite").map(String::as_str), Some("e2e"));
     assert_eq!(s.agent_version, tether_agent::VERSION);
 
-    let list = api.list(ListAgentsRequest::default()).await.unwrap().into_inner();
+    let list = api
+        .list(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.agents.len(), 1);
     assert_eq!(list.agents[0].id, "acme/eu-1");
     assert!(list.agents[0].connected);
     let other_tenant = api
-        .list(ListAgentsRequest { tenant: "other".into(), connected_only: false })
+        .list(ListAgentsRequest {
+            tenant: "other".into(),
+            connected_only: false,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(other_tenant.agents.is_empty());
 
-    let got = api.get(GetAgentRequest { agent: "acme/eu-1".into() }).await.unwrap().into_inner();
+    let got = api
+        .get(GetAgentRequest {
+            agent: "acme/eu-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(got.connected);
     assert_eq!(got.sessions.len(), 1);
 
     // RTT arrives with the second heartbeat (the agent reports the previous round trip).
-    wait_until("RTT reported", T, || gw.handle.registry.sessions().iter().any(|s| s.rtt().is_some())).await;
+    wait_until("RTT reported", T, || {
+        gw.handle
+            .registry
+            .sessions()
+            .iter()
+            .any(|s| s.rtt().is_some())
+    })
+    .await;
 
     // A second watch starts with a snapshot of what is already connected.
-    let mut late = api.watch(WatchAgentsRequest { tenant: "acme".into(), agent: String::new() }).await.unwrap().into_inner();
-    let snap = tokio::time::timeout(T, late.next()).await.unwrap().unwrap().unwrap();
+    let mut late = api
+        .watch(WatchAgentsRequest {
+            tenant: "acme".into(),
+            agent: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = tokio::time::timeout(T, late.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(snap.initial);
     assert_eq!(snap.agent, "acme/eu-1");
 
     agent.stop().await;
-    let ev = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(T, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.kind, Kind::Disconnected as i32);
     assert!(ev.reason.contains("shutdown"), "{}", ev.reason);
-    let got = api.get(GetAgentRequest { agent: "acme/eu-1".into() }).await.unwrap().into_inner();
+    let got = api
+        .get(GetAgentRequest {
+            agent: "acme/eu-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!got.connected, "known but offline after a clean stop");
     gw.stop().await;
 }
@@ -64,9 +116,19 @@ async fn get_of_unknown_agent_is_not_found_and_bad_id_is_invalid_argument() {
     let pki = Pki::new();
     let gw = TestGateway::start(&pki).await;
     let mut api = gw.client(&pki, "api").await;
-    let e = api.get(GetAgentRequest { agent: "nobody/here".into() }).await.unwrap_err();
+    let e = api
+        .get(GetAgentRequest {
+            agent: "nobody/here".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = api.get(GetAgentRequest { agent: "no-slash".into() }).await.unwrap_err();
+    let e = api
+        .get(GetAgentRequest {
+            agent: "no-slash".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     gw.stop().await;
 }
@@ -80,24 +142,41 @@ async fn killed_agent_disappears_within_three_heartbeat_intervals() {
     let gw = TestGateway::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
     let mut api = gw.client(&pki, "api").await;
     let mut watch = api
-        .watch(WatchAgentsRequest { tenant: String::new(), agent: "acme/killed".into() })
+        .watch(WatchAgentsRequest {
+            tenant: String::new(),
+            agent: "acme/killed".into(),
+        })
         .await
         .unwrap()
         .into_inner();
 
-    let proc = AgentProcess::spawn(&agent_config(&pki.agent("acme/killed"), gw.handle.tunnel_addr));
-    let ev = tokio::time::timeout(T, watch.next()).await.expect("connect event").unwrap().unwrap();
+    let proc = AgentProcess::spawn(&agent_config(
+        &pki.agent("acme/killed"),
+        gw.handle.tunnel_addr,
+    ));
+    let ev = tokio::time::timeout(T, watch.next())
+        .await
+        .expect("connect event")
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.kind, Kind::Connected as i32);
 
     let killed = Instant::now();
     proc.signal(nix::sys::signal::Signal::SIGKILL);
-    let ev = tokio::time::timeout(T, watch.next()).await.expect("disconnect event").unwrap().unwrap();
+    let ev = tokio::time::timeout(T, watch.next())
+        .await
+        .expect("disconnect event")
+        .unwrap()
+        .unwrap();
     let took = killed.elapsed();
     assert_eq!(ev.kind, Kind::Disconnected as i32);
     assert!(ev.reason.contains("heartbeat"), "reason: {}", ev.reason);
     // The session is closed at most 3 intervals after the last heartbeat, which came before the
     // kill; 300 ms covers event delivery on a loaded machine.
-    assert!(took <= interval * 3 + Duration::from_millis(300), "took {took:?}");
+    assert!(
+        took <= interval * 3 + Duration::from_millis(300),
+        "took {took:?}"
+    );
     assert_eq!(gw.sessions_of("acme/killed"), 0);
     gw.stop().await;
 }
@@ -110,17 +189,32 @@ async fn gateway_restart_on_the_same_port_agents_come_back_with_jittered_backoff
     let agents: Vec<_> = (0..6)
         .map(|i| TestAgent::start(&agent_config(&pki.agent(&format!("fleet/a{i}")), addr)))
         .collect();
-    wait_until("6 agents connected", T, || gw.handle.registry.session_count() == 6).await;
+    wait_until("6 agents connected", T, || {
+        gw.handle.registry.session_count() == 6
+    })
+    .await;
     gw.stop().await;
-    wait_until("agents notice", T, || agents.iter().all(|a| !a.handle.status.connected())).await;
+    wait_until("agents notice", T, || {
+        agents.iter().all(|a| !a.handle.status.connected())
+    })
+    .await;
 
     let gw = TestGateway::start_with(TestGateway::config(&pki), addr).await;
-    wait_until("6 agents back", Duration::from_secs(30), || gw.handle.registry.session_count() == 6).await;
+    wait_until("6 agents back", Duration::from_secs(30), || {
+        gw.handle.registry.session_count() == 6
+    })
+    .await;
 
     // Each agent waited a full-jitter delay in [0, 200ms · 2ⁿ) before each attempt; the first
     // delays of six agents are all different and within the first window.
-    let firsts: Vec<Duration> = agents.iter().map(|a| a.handle.status.reconnect_delays()[0]).collect();
-    assert!(firsts.iter().all(|d| *d < Duration::from_millis(200)), "{firsts:?}");
+    let firsts: Vec<Duration> = agents
+        .iter()
+        .map(|a| a.handle.status.reconnect_delays()[0])
+        .collect();
+    assert!(
+        firsts.iter().all(|d| *d < Duration::from_millis(200)),
+        "{firsts:?}"
+    );
     let mut uniq = firsts.clone();
     uniq.sort();
     uniq.dedup();
@@ -136,21 +230,37 @@ async fn go_away_moves_the_agent_to_a_new_session_make_before_break() {
     let pki = Pki::new();
     let gw = TestGateway::start(&pki).await;
     let mut api = gw.client(&pki, "api").await;
-    let agent = TestAgent::start(&agent_config(&pki.agent("acme/mover"), gw.handle.tunnel_addr));
+    let agent = TestAgent::start(&agent_config(
+        &pki.agent("acme/mover"),
+        gw.handle.tunnel_addr,
+    ));
     wait_until("connected", T, || gw.sessions_of("acme/mover") == 1).await;
     let old = gw.session_ids("acme/mover")[0].clone();
     let mut watch = api
-        .watch(WatchAgentsRequest { tenant: String::new(), agent: "acme/mover".into() })
+        .watch(WatchAgentsRequest {
+            tenant: String::new(),
+            agent: "acme/mover".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let snap = watch.next().await.unwrap().unwrap();
     assert!(snap.initial);
 
-    gw.handle.registry.go_away_all("test drain", Duration::from_millis(400));
+    gw.handle
+        .registry
+        .go_away_all("test drain", Duration::from_millis(400));
 
-    let first = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap().unwrap();
-    let second = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(T, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(T, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     // Make-before-break: the new session registers before the old one leaves, so the agent is
     // never absent from the registry.
     assert_eq!(first.kind, Kind::Connected as i32);
@@ -176,7 +286,13 @@ async fn several_sessions_per_agent_id_are_kept() {
     let a1 = TestAgent::start(&c1);
     let a2 = TestAgent::start(&c2);
     wait_until("two sessions", T, || gw.sessions_of("acme/replicated") == 2).await;
-    let mut instances: Vec<String> = gw.handle.registry.sessions().iter().map(|s| s.hello.instance_id.clone()).collect();
+    let mut instances: Vec<String> = gw
+        .handle
+        .registry
+        .sessions()
+        .iter()
+        .map(|s| s.hello.instance_id.clone())
+        .collect();
     instances.sort();
     assert_eq!(instances, ["replica-1", "replica-2"]);
     a1.stop().await;
@@ -191,7 +307,10 @@ async fn gateway_drain_sends_go_away_then_closes_with_shutdown() {
     let mut cfg = TestGateway::config(&pki);
     cfg.tunnel.drain_timeout = Duration::from_millis(500);
     let gw = TestGateway::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
-    let agent = TestAgent::start(&agent_config(&pki.agent("acme/drained"), gw.handle.tunnel_addr));
+    let agent = TestAgent::start(&agent_config(
+        &pki.agent("acme/drained"),
+        gw.handle.tunnel_addr,
+    ));
     wait_until("connected", T, || agent.handle.status.connected()).await;
     let started = Instant::now();
     gw.stop().await;

@@ -174,7 +174,10 @@ impl Validate for GatewayConfig {
             ));
         }
         if t.handshake_timeout.is_zero() {
-            return Err(ConfigError::invalid("tunnel.handshake_timeout", "must be positive"));
+            return Err(ConfigError::invalid(
+                "tunnel.handshake_timeout",
+                "must be positive",
+            ));
         }
         if t.max_concurrent_streams == 0 {
             return Err(ConfigError::invalid(
@@ -224,7 +227,11 @@ mod tests {
             match v {
                 toml::Value::Table(t) => {
                     for (k, v) in t {
-                        let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let p = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         walk(&p, v, out);
                     }
                 }

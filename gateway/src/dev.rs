@@ -9,12 +9,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tether_api::v1::agents_client::AgentsClient;
 use tether_api::v1::GetAgentRequest;
+use tether_api::v1::agents_client::AgentsClient;
 use tether_runtime::CancellationToken;
 use tunnel_proto::AgentId;
 
-use crate::config::{GatewayConfig, LogConfig, NorthboundConfig, OpsConfig, TlsConfig, TunnelConfig};
+use crate::config::{
+    GatewayConfig, LogConfig, NorthboundConfig, OpsConfig, TlsConfig, TunnelConfig,
+};
 use crate::ctl::{self, DevJson};
 use crate::pki::{self, Ca};
 use crate::server::{self, Sockets};
@@ -43,7 +45,8 @@ fn udp_or_any(preferred: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 }
 
 fn tcp_or_any(preferred: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(preferred).or_else(|_| std::net::TcpListener::bind((preferred.ip(), 0)))
+    std::net::TcpListener::bind(preferred)
+        .or_else(|_| std::net::TcpListener::bind((preferred.ip(), 0)))
 }
 
 fn agent_binary(opts: &DevOptions) -> Result<PathBuf, String> {
@@ -67,8 +70,13 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     let dir = std::path::absolute(&opts.dir).map_err(|e| format!("{}: {e}", opts.dir.display()))?;
     let pki_dir = dir.join("pki");
     if !pki_dir.join("ca-key.pem").exists() {
-        pki::init(&pki_dir, TRUST_DOMAIN, &["localhost".into(), "127.0.0.1".into()], false)
-            .map_err(|e| format!("creating dev PKI: {e}"))?;
+        pki::init(
+            &pki_dir,
+            TRUST_DOMAIN,
+            &["localhost".into(), "127.0.0.1".into()],
+            false,
+        )
+        .map_err(|e| format!("creating dev PKI: {e}"))?;
         println!("created dev PKI in {}", pki_dir.display());
     }
     let ca = Ca::load(&pki_dir).map_err(|e| format!("loading dev PKI: {e}"))?;
@@ -76,8 +84,16 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     let issue = |stem: &str, issued: pki::Issued| {
         pki::write_issued(&dir.join(stem), stem, &issued, &ca).map_err(|e| e.to_string())
     };
-    issue("client", ca.issue_client("dev", pki::CLIENT_TTL).map_err(|e| e.to_string())?)?;
-    issue("agent", ca.issue_agent(&agent_id, pki::AGENT_TTL).map_err(|e| e.to_string())?)?;
+    issue(
+        "client",
+        ca.issue_client("dev", pki::CLIENT_TTL)
+            .map_err(|e| e.to_string())?,
+    )?;
+    issue(
+        "agent",
+        ca.issue_agent(&agent_id, pki::AGENT_TTL)
+            .map_err(|e| e.to_string())?,
+    )?;
 
     let lo = |port| SocketAddr::from(([127, 0, 0, 1], if opts.any_port { 0 } else { port }));
     let sockets = Sockets {
@@ -88,7 +104,9 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     let tunnel = sockets.tunnel.local_addr().map_err(|e| e.to_string())?;
     let northbound = sockets.northbound.local_addr().map_err(|e| e.to_string())?;
     let ops = sockets.ops.local_addr().map_err(|e| e.to_string())?;
-    let agent_ops = tcp_or_any(lo(9091)).and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
+    let agent_ops = tcp_or_any(lo(9091))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?;
 
     let cfg = GatewayConfig {
         trust_domain: TRUST_DOMAIN.into(),
@@ -120,10 +138,15 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         client_key: dir.join("client/client-key.pem"),
         agent: AGENT.into(),
     };
-    write(&dir.join("dev.json"), &serde_json::to_string_pretty(&dev_json).map_err(|e| e.to_string())?)?;
+    write(
+        &dir.join("dev.json"),
+        &serde_json::to_string_pretty(&dev_json).map_err(|e| e.to_string())?,
+    )?;
 
     let gw_stop = CancellationToken::new();
-    let gw = server::start(cfg, sockets, gw_stop.clone()).await.map_err(|e| e.to_string())?;
+    let gw = server::start(cfg, sockets, gw_stop.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let (_, mut feed) = gw.registry.subscribe();
 
     let bin = agent_binary(&opts)?;
@@ -136,7 +159,11 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
 
     // Wait for the agent's session.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !gw.registry.get(&agent_id).is_some_and(|a| !a.sessions.is_empty()) {
+    while gw
+        .registry
+        .get(&agent_id)
+        .is_none_or(|a| a.sessions.is_empty())
+    {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 return Err("the dev agent did not connect within 30s; see its log above".into());
@@ -152,24 +179,48 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     // Prove the whole path a real client takes: TLS, client certificate, northbound API.
     let channel = ctl::connect(&(&dev_json).into()).await?;
     let agent = AgentsClient::new(channel)
-        .get(GetAgentRequest { agent: AGENT.into() })
+        .get(GetAgentRequest {
+            agent: AGENT.into(),
+        })
         .await
         .map_err(|s| format!("Agents/Get {AGENT}: {}", s.message()))?
         .into_inner();
     if !agent.connected {
         return Err(format!("Agents/Get says {AGENT} is not connected"));
     }
-    let rel = |p: &Path| p.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(p).display().to_string();
+    let rel = |p: &Path| {
+        p.strip_prefix(std::env::current_dir().unwrap_or_default())
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    };
     println!();
-    println!("tether dev is up: agent {AGENT} is connected ({} session).", agent.sessions.len());
+    println!(
+        "tether dev is up: agent {AGENT} is connected ({} session).",
+        agent.sessions.len()
+    );
     println!("  tunnel      {tunnel}/udp (QUIC, mutual TLS)");
-    println!("  northbound  {northbound} (gRPC over TLS, client cert {})", rel(&dev_json.client_cert));
-    println!("  ops         http://{ops}/metrics  /healthz  /readyz   (agent: http://{agent_ops}/readyz)");
+    println!(
+        "  northbound  {northbound} (gRPC over TLS, client cert {})",
+        rel(&dev_json.client_cert)
+    );
+    println!(
+        "  ops         http://{ops}/metrics  /healthz  /readyz   (agent: http://{agent_ops}/readyz)"
+    );
     println!("  client info {}", rel(&dir.join("dev.json")));
     println!();
     println!("AGENT        CONNECTED  SESSIONS  VERSION");
-    println!("{:<12} {:<10} {:<9} {}", agent.id, agent.connected, agent.sessions.len(),
-        agent.sessions.first().map(|s| s.agent_version.as_str()).unwrap_or("-"));
+    println!(
+        "{:<12} {:<10} {:<9} {}",
+        agent.id,
+        agent.connected,
+        agent.sessions.len(),
+        agent
+            .sessions
+            .first()
+            .map(|s| s.agent_version.as_str())
+            .unwrap_or("-")
+    );
     println!();
     println!("Try:  ./target/debug/tetherctl agents list");
     println!("      ./target/debug/tetherctl agents watch");
@@ -196,7 +247,10 @@ async fn stop_child(child: &mut tokio::process::Child) {
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok() {
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
     }

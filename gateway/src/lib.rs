@@ -26,4 +26,4 @@ pub mod verifier;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
-pub use server::{start, GatewayHandle, Sockets};
+pub use server::{GatewayHandle, Sockets, start};

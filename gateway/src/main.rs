@@ -12,7 +12,11 @@ use tether_runtime::config::EXIT_CONFIG;
 use tether_runtime::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "tether-gateway", version, about = "Tether control-plane gateway: agents dial in, the control plane calls through")]
+#[command(
+    name = "tether-gateway",
+    version,
+    about = "Tether control-plane gateway: agents dial in, the control plane calls through"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -105,13 +109,21 @@ enum PkiCmd {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn main() -> ExitCode {
     tether_runtime::tls::install_crypto_provider();
     match Cli::parse().cmd {
-        Cmd::Serve { config, set, log_format, check_config } => serve(config, set, log_format, check_config),
+        Cmd::Serve {
+            config,
+            set,
+            log_format,
+            check_config,
+        } => serve(config, set, log_format, check_config),
         Cmd::Pki(cmd) => match pki_cmd(cmd) {
             Ok(msg) => {
                 println!("{msg}");
@@ -122,11 +134,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG as u8)
             }
         },
-        Cmd::Dev { dir, check, agent_bin, any_port, log_format } => {
+        Cmd::Dev {
+            dir,
+            check,
+            agent_bin,
+            any_port,
+            log_format,
+        } => {
             logging::init(log_format, "info");
             runtime().block_on(async {
                 let shutdown = tether_runtime::shutdown::on_signals();
-                match dev::run(DevOptions { dir, check, agent_bin, any_port }, shutdown).await {
+                match dev::run(
+                    DevOptions {
+                        dir,
+                        check,
+                        agent_bin,
+                        any_port,
+                    },
+                    shutdown,
+                )
+                .await
+                {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("tether-gateway dev: {e}");
@@ -138,7 +166,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Option<PathBuf>, set: Vec<String>, log_format: Option<LogFormat>, check: bool) -> ExitCode {
+fn serve(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    log_format: Option<LogFormat>,
+    check: bool,
+) -> ExitCode {
     let cfg = match GatewayConfig::load(config.as_deref(), &set) {
         Ok(c) => c,
         Err(e) => {
@@ -170,7 +203,9 @@ fn serve(config: Option<PathBuf>, set: Vec<String>, log_format: Option<LogFormat
                 handle.wait().await;
                 ExitCode::SUCCESS
             }
-            Err(e @ (GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_))) => {
+            Err(
+                e @ (GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_)),
+            ) => {
                 eprintln!("tether-gateway: invalid config: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)
             }
@@ -184,7 +219,12 @@ fn serve(config: Option<PathBuf>, set: Vec<String>, log_format: Option<LogFormat
 
 fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
     Ok(match cmd {
-        PkiCmd::Init { dir, trust_domain, gateway_names, force } => {
+        PkiCmd::Init {
+            dir,
+            trust_domain,
+            gateway_names,
+            force,
+        } => {
             pki::init(&dir, &trust_domain, &gateway_names, force)?;
             format!(
                 "CA and gateway certificate for {} written to {} (keys mode 0600)",
@@ -192,7 +232,13 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
                 dir.display()
             )
         }
-        PkiCmd::IssueAgent { dir, tenant, agent, out, ttl } => {
+        PkiCmd::IssueAgent {
+            dir,
+            tenant,
+            agent,
+            out,
+            ttl,
+        } => {
             let ca = Ca::load(&dir)?;
             let id = tunnel_proto::AgentId::new(&tenant, &agent).map_err(pki::PkiError::from)?;
             let issued = ca.issue_agent(&id, ttl)?;
@@ -205,7 +251,12 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
                 out.display()
             )
         }
-        PkiCmd::IssueClient { dir, name, out, ttl } => {
+        PkiCmd::IssueClient {
+            dir,
+            name,
+            out,
+            ttl,
+        } => {
             let ca = Ca::load(&dir)?;
             let issued = ca.issue_client(&name, ttl)?;
             pki::write_issued(&out, "client", &issued, &ca)?;

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 
 use tether_api::v1;
 use tether_api::v1::agents_server::{Agents, AgentsServer};
-use tether_runtime::tls::spiffe_id;
 use tether_runtime::CancellationToken;
+use tether_runtime::tls::spiffe_id;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tunnel_proto::{AgentId, SpiffeId};
@@ -36,11 +36,16 @@ pub fn authenticate(trust_domain: &str, mut req: Request<()>) -> Result<Request<
     let id = spiffe_id(cert)
         .map_err(|e| Status::unauthenticated(format!("client certificate identity: {e}")))?;
     match id {
-        SpiffeId::ControlPlane { trust_domain: td, name } if td == trust_domain => {
+        SpiffeId::ControlPlane {
+            trust_domain: td,
+            name,
+        } if td == trust_domain => {
             req.extensions_mut().insert(Caller { name });
             Ok(req)
         }
-        SpiffeId::ControlPlane { trust_domain: td, .. } => Err(Status::permission_denied(format!(
+        SpiffeId::ControlPlane {
+            trust_domain: td, ..
+        } => Err(Status::permission_denied(format!(
             "caller trust domain {td:?} is not {trust_domain:?}"
         ))),
         SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(
@@ -89,7 +94,9 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
         agent_version: s.hello.agent_version.clone(),
         labels: s.hello.labels.clone().into_iter().collect(),
         capabilities: s.hello.capabilities.clone(),
-        rtt: s.rtt().and_then(|d| prost_types::Duration::try_from(d).ok()),
+        rtt: s
+            .rtt()
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
         instance_id: s.hello.instance_id.clone(),
         protocol_version: s.version,
     }
@@ -115,7 +122,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::AgentEvent, Status>> + S
 
 #[tonic::async_trait]
 impl Agents for AgentsApi {
-    async fn list(&self, req: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         let r = req.into_inner();
         let agents = self
             .registry
@@ -132,15 +142,24 @@ impl Agents for AgentsApi {
         let id = parse_agent(&req.get_ref().agent)?;
         match self.registry.get(&id) {
             Some(a) => Ok(Response::new(agent_proto(&a))),
-            None => Err(Status::not_found(format!("agent {id} is not known to this gateway"))),
+            None => Err(Status::not_found(format!(
+                "agent {id} is not known to this gateway"
+            ))),
         }
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, req: Request<v1::WatchAgentsRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<v1::WatchAgentsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
         let r = req.into_inner();
-        let only_agent = if r.agent.is_empty() { None } else { Some(parse_agent(&r.agent)?) };
+        let only_agent = if r.agent.is_empty() {
+            None
+        } else {
+            Some(parse_agent(&r.agent)?)
+        };
         let tenant = r.tenant;
         let wanted = move |s: &SessionInfo| {
             (tenant.is_empty() || s.agent.tenant() == tenant)
@@ -202,6 +221,8 @@ impl Agents for AgentsApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -32,7 +32,9 @@ pub enum PkiError {
         source: std::io::Error,
     },
     /// `pki init` would overwrite an existing CA.
-    #[error("{0} already holds a CA; pass --force to replace it (every issued certificate becomes useless)")]
+    #[error(
+        "{0} already holds a CA; pass --force to replace it (every issued certificate becomes useless)"
+    )]
     Exists(PathBuf),
     /// rcgen refused the parameters or the stored material.
     #[error("certificate generation failed: {0}")]
@@ -97,7 +99,9 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
     }
 }
 
@@ -205,7 +209,10 @@ impl Ca {
     pub fn issue_server(&self, names: &[String]) -> Result<Issued, PkiError> {
         let now = OffsetDateTime::now_utc();
         self.issue(&LeafSpec {
-            common_name: names.first().cloned().unwrap_or_else(|| "tether-gateway".into()),
+            common_name: names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "tether-gateway".into()),
             uris: Vec::new(),
             names: names.to_vec(),
             not_before: now - time::Duration::minutes(1),
@@ -263,7 +270,11 @@ pub fn init(dir: &Path, trust_domain: &str, names: &[String], force: bool) -> Re
     write_file(&dir.join("ca-key.pem"), &ca.key.serialize_pem(), true)?;
     write_file(&dir.join("gateway.pem"), &server.cert_pem, false)?;
     write_file(&dir.join("gateway-key.pem"), &server.key_pem, true)?;
-    write_file(&dir.join("trust-domain"), &format!("{trust_domain}\n"), false)?;
+    write_file(
+        &dir.join("trust-domain"),
+        &format!("{trust_domain}\n"),
+        false,
+    )?;
     Ok(ca)
 }
 
@@ -282,9 +293,18 @@ mod tests {
     #[test]
     fn init_writes_keys_with_mode_0600_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), "td.example", &["localhost".into(), "127.0.0.1".into()], false).unwrap();
+        init(
+            dir.path(),
+            "td.example",
+            &["localhost".into(), "127.0.0.1".into()],
+            false,
+        )
+        .unwrap();
         for key in ["ca-key.pem", "gateway-key.pem"] {
-            let mode = fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
         assert!(matches!(
@@ -300,7 +320,8 @@ mod tests {
         let ca = Ca::load(dir.path()).unwrap();
         let id: AgentId = "acme/eu-1".parse().unwrap();
         let issued = ca.issue_agent(&id, AGENT_TTL).unwrap();
-        let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
         let got = tether_runtime::tls::spiffe_id(&der).unwrap();
         assert_eq!(
             got,

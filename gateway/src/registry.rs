@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{broadcast, mpsc};
-use tunnel_proto::message::Hello;
 use tunnel_proto::AgentId;
+use tunnel_proto::message::Hello;
 
 /// What is known about one live session; immutable once registered (but for the RTT).
 #[derive(Debug)]
@@ -207,7 +207,10 @@ impl Registry {
     pub fn list(&self) -> Vec<AgentSnapshot> {
         let agents = self.agents.lock().expect("registry lock");
         let sorted: BTreeMap<_, _> = agents.iter().collect();
-        sorted.into_iter().map(|(id, e)| Self::snapshot(id, e)).collect()
+        sorted
+            .into_iter()
+            .map(|(id, e)| Self::snapshot(id, e))
+            .collect()
     }
 
     /// One agent, if it was ever seen.
@@ -220,7 +223,10 @@ impl Registry {
     pub fn subscribe(&self) -> (Vec<Arc<SessionInfo>>, broadcast::Receiver<RegistryEvent>) {
         let agents = self.agents.lock().expect("registry lock");
         let rx = self.events.subscribe();
-        let mut live: Vec<_> = agents.values().flat_map(|e| e.sessions.iter().cloned()).collect();
+        let mut live: Vec<_> = agents
+            .values()
+            .flat_map(|e| e.sessions.iter().cloned())
+            .collect();
         live.sort_by(|a, b| (&a.agent, &a.session_id).cmp(&(&b.agent, &b.session_id)));
         (live, rx)
     }

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_runtime::ops::{self, Readiness};
 use tether_runtime::CancellationToken;
+use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -41,13 +41,18 @@ impl Sockets {
     }
 
     /// Binds explicit addresses (port 0 picks a free port).
-    pub fn bind_addrs(tunnel: SocketAddr, northbound: SocketAddr, ops: SocketAddr) -> Result<Sockets, GatewayError> {
+    pub fn bind_addrs(
+        tunnel: SocketAddr,
+        northbound: SocketAddr,
+        ops: SocketAddr,
+    ) -> Result<Sockets, GatewayError> {
         Ok(Sockets {
             tunnel: std::net::UdpSocket::bind(tunnel)
                 .map_err(io(format!("binding tunnel listener udp/{tunnel}")))?,
             northbound: std::net::TcpListener::bind(northbound)
                 .map_err(io(format!("binding northbound listener tcp/{northbound}")))?,
-            ops: std::net::TcpListener::bind(ops).map_err(io(format!("binding ops listener tcp/{ops}")))?,
+            ops: std::net::TcpListener::bind(ops)
+                .map_err(io(format!("binding ops listener tcp/{ops}")))?,
         })
     }
 }
@@ -74,10 +79,20 @@ impl GatewayHandle {
 }
 
 /// Starts the gateway on `sockets`; it runs until `shutdown` is cancelled and then drains.
-pub async fn start(cfg: GatewayConfig, sockets: Sockets, shutdown: CancellationToken) -> Result<GatewayHandle, GatewayError> {
+pub async fn start(
+    cfg: GatewayConfig,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+) -> Result<GatewayHandle, GatewayError> {
     tether_runtime::tls::install_crypto_provider();
-    let tunnel_addr = sockets.tunnel.local_addr().map_err(io("tunnel socket".into()))?;
-    let northbound_addr = sockets.northbound.local_addr().map_err(io("northbound socket".into()))?;
+    let tunnel_addr = sockets
+        .tunnel
+        .local_addr()
+        .map_err(io("tunnel socket".into()))?;
+    let northbound_addr = sockets
+        .northbound
+        .local_addr()
+        .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
     let server_config = tunnel::server_config(&cfg)?;
@@ -92,16 +107,32 @@ pub async fn start(cfg: GatewayConfig, sockets: Sockets, shutdown: CancellationT
     let registry = Arc::new(Registry::default());
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
-    let ctx = Arc::new(TunnelContext::new(&cfg, registry.clone(), close_sessions.clone()));
-    tokio::spawn(tunnel::accept_loop(endpoint.clone(), ctx, stop_accepting.clone()));
+    let ctx = Arc::new(TunnelContext::new(
+        &cfg,
+        registry.clone(),
+        close_sessions.clone(),
+    ));
+    tokio::spawn(tunnel::accept_loop(
+        endpoint.clone(),
+        ctx,
+        stop_accepting.clone(),
+    ));
 
     // Northbound gRPC over TLS, client certificates required.
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?))
+        .identity(Identity::from_pem(
+            read(&cfg.tls.cert)?,
+            read(&cfg.tls.key)?,
+        ))
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.ca)?));
-    sockets.northbound.set_nonblocking(true).map_err(io("northbound socket".into()))?;
-    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound).map_err(io("northbound socket".into()))?;
+    sockets
+        .northbound
+        .set_nonblocking(true)
+        .map_err(io("northbound socket".into()))?;
+    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
+        .map_err(io("northbound socket".into()))?;
     let api = AgentsApi::new(registry.clone(), close_sessions.clone());
     let router = Server::builder()
         .tls_config(tls)
@@ -110,14 +141,21 @@ pub async fn start(cfg: GatewayConfig, sockets: Sockets, shutdown: CancellationT
     let nb_stop = close_sessions.clone();
     let northbound = tokio::spawn(async move {
         let incoming = TcpListenerStream::new(nb_listener);
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, nb_stop.cancelled_owned()).await {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, nb_stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "northbound server failed");
         }
     });
 
     // Ops HTTP.
-    sockets.ops.set_nonblocking(true).map_err(io("ops socket".into()))?;
-    let ops_listener = tokio::net::TcpListener::from_std(sockets.ops).map_err(io("ops socket".into()))?;
+    sockets
+        .ops
+        .set_nonblocking(true)
+        .map_err(io("ops socket".into()))?;
+    let ops_listener =
+        tokio::net::TcpListener::from_std(sockets.ops).map_err(io("ops socket".into()))?;
     let ready_registry = registry.clone();
     let ready_stop = stop_accepting.clone();
     let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
@@ -141,8 +179,14 @@ pub async fn start(cfg: GatewayConfig, sockets: Sockets, shutdown: CancellationT
         drain(&drain_registry, drain_timeout).await;
         close_sessions.cancel();
         let _ = northbound.await;
-        endpoint.close(tunnel_proto::ErrorCode::SHUTDOWN.0.into(), b"gateway shutting down");
-        if tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await.is_err() {
+        endpoint.close(
+            tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
+            b"gateway shutting down",
+        );
+        if tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle())
+            .await
+            .is_err()
+        {
             tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
         }
         ops_stop.cancel();
@@ -164,7 +208,11 @@ async fn drain(registry: &Registry, timeout: Duration) {
     if live.is_empty() || timeout.is_zero() {
         return;
     }
-    tracing::info!(sessions = live.len(), ?timeout, "draining: asking agents to reconnect elsewhere");
+    tracing::info!(
+        sessions = live.len(),
+        ?timeout,
+        "draining: asking agents to reconnect elsewhere"
+    );
     registry.go_away_all("gateway shutting down", timeout);
     let deadline = tokio::time::Instant::now() + timeout;
     while registry.session_count() > 0 {

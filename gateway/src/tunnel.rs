@@ -7,21 +7,21 @@
 //! connection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use tether_runtime::tls;
 use tether_runtime::CancellationToken;
+use tether_runtime::tls;
 use tunnel_proto::session::{GatewayEvent, GatewaySession, GatewaySessionConfig};
-use tunnel_proto::{ErrorCode, SpiffeId, ALPN};
+use tunnel_proto::{ALPN, ErrorCode, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
-use crate::verifier::{count_refusal, AgentVerifier};
+use crate::verifier::{AgentVerifier, count_refusal};
 
 /// Builds the QUIC server config: TLS 1.3, ALPN `tether/1`, mandatory agent client certificates.
 pub fn server_config(cfg: &GatewayConfig) -> Result<quinn::ServerConfig, GatewayError> {
@@ -47,7 +47,8 @@ pub fn server_config(cfg: &GatewayConfig) -> Result<quinn::ServerConfig, Gateway
     // Backstop for the heartbeat timeout in the session itself.
     let idle = cfg.tunnel.heartbeat_interval * 3 + Duration::from_secs(2);
     transport.max_idle_timeout(Some(
-        idle.try_into().map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
+        idle.try_into()
+            .map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
     ));
     server.transport_config(Arc::new(transport));
     Ok(server)
@@ -91,7 +92,11 @@ impl TunnelContext {
 }
 
 /// Accepts agent connections until `stop_accepting` is cancelled.
-pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<TunnelContext>, stop_accepting: CancellationToken) {
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<TunnelContext>,
+    stop_accepting: CancellationToken,
+) {
     loop {
         let incoming = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -133,7 +138,10 @@ fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
     }
 }
 
-async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<TunnelContext>) -> Result<(), quinn::ConnectionError> {
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<TunnelContext>,
+) -> Result<(), quinn::ConnectionError> {
     let remote = incoming.remote_address();
     // The first flight is processed in `accept`, so a refusal can surface there or later.
     let handshake = match incoming.accept() {
@@ -162,7 +170,10 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<TunnelContext>) -
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e),
         Err(_) => {
-            conn.close(ErrorCode::HANDSHAKE_TIMEOUT.0.into(), b"no control stream opened");
+            conn.close(
+                ErrorCode::HANDSHAKE_TIMEOUT.0.into(),
+                b"no control stream opened",
+            );
             return Ok(());
         }
     };
@@ -218,7 +229,8 @@ async fn drive_session(
                     });
                     tracing::info!(%agent, session = %session_id, %remote,
                         agent_version = %info.hello.agent_version, "agent connected");
-                    metrics::counter!("tether_gateway_sessions_total", "transport" => "quic").increment(1);
+                    metrics::counter!("tether_gateway_sessions_total", "transport" => "quic")
+                        .increment(1);
                     registered = Some(info);
                     commands = Some(rx);
                 }
@@ -226,13 +238,15 @@ async fn drive_session(
                     if let Some(s) = &registered {
                         s.set_rtt(rtt);
                     }
-                    metrics::histogram!("tether_gateway_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
+                    metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
+                        .record(rtt.as_secs_f64());
                 }
                 GatewayEvent::Closed(info) => closed = Some(info),
             }
         }
         if let Some(info) = closed {
-            metrics::counter!("tether_gateway_session_closes_total", "code" => info.code.name()).increment(1);
+            metrics::counter!("tether_gateway_session_closes_total", "code" => info.code.name())
+                .increment(1);
             close_reason = format!("{}: {}", info.code, info.reason);
             if info.by_peer {
                 conn.close(ErrorCode::NO_ERROR.0.into(), b"");
@@ -243,7 +257,9 @@ async fn drive_session(
             }
             break;
         }
-        let deadline = session.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let deadline = session
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let command = async {
             match commands.as_mut() {
                 Some(rx) => rx.recv().await,

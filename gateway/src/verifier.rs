@@ -12,7 +12,7 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tether_runtime::tls::{spiffe_id, TlsError};
+use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
 
 /// Metric: refused agent handshakes by reason.
@@ -80,7 +80,10 @@ impl ClientCertVerifier for AgentVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             count_refusal(reason_of(&e), &e.to_string());
             return Err(e);
         }
@@ -96,11 +99,15 @@ impl ClientCertVerifier for AgentVerifier {
             }
             Ok(SpiffeId::Agent { trust_domain, id }) => refuse(
                 "wrong_trust_domain",
-                format!("agent {id} is in trust domain {trust_domain:?}, not {:?}", self.trust_domain),
+                format!(
+                    "agent {id} is in trust domain {trust_domain:?}, not {:?}",
+                    self.trust_domain
+                ),
             ),
-            Ok(other @ SpiffeId::ControlPlane { .. }) => {
-                refuse("not_an_agent", format!("{other} is a control-plane identity"))
-            }
+            Ok(other @ SpiffeId::ControlPlane { .. }) => refuse(
+                "not_an_agent",
+                format!("{other} is a control-plane identity"),
+            ),
             Err(e @ (TlsError::NoIdentity | TlsError::SeveralIdentities(_))) => {
                 refuse("no_identity", e.to_string())
             }

@@ -19,7 +19,18 @@ fn stderr(o: &Output) -> String {
 fn pki_dir() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     let o = gw(
-        &["pki", "init", "--dir", d.path().to_str().unwrap(), "--trust-domain", "td.example", "--gateway-name", "localhost", "--gateway-name", "127.0.0.1"],
+        &[
+            "pki",
+            "init",
+            "--dir",
+            d.path().to_str().unwrap(),
+            "--trust-domain",
+            "td.example",
+            "--gateway-name",
+            "localhost",
+            "--gateway-name",
+            "127.0.0.1",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -40,7 +51,10 @@ fn config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
 fn valid_config_checks_ok() {
     let d = pki_dir();
     let p = config(d.path(), "[tunnel]\nheartbeat_interval = \"5s\"\n");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -48,10 +62,16 @@ fn valid_config_checks_ok() {
 fn unknown_key_exits_64_naming_the_key() {
     let d = pki_dir();
     let p = config(d.path(), "[tunnel]\nheartbeat_intervall = \"5s\"\n");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
     let e = stderr(&o);
-    assert!(e.contains("heartbeat_intervall") && e.contains("tunnel"), "{e}");
+    assert!(
+        e.contains("heartbeat_intervall") && e.contains("tunnel"),
+        "{e}"
+    );
     assert_eq!(e.trim().lines().count(), 1, "one readable line: {e}");
 }
 
@@ -59,23 +79,60 @@ fn unknown_key_exits_64_naming_the_key() {
 fn invalid_value_exits_64_naming_the_key() {
     let d = pki_dir();
     let p = config(d.path(), "[tunnel]\nheartbeat_interval = \"often\"\n");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
-    assert!(stderr(&o).contains("tunnel.heartbeat_interval"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tunnel.heartbeat_interval"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn invalid_value_from_env_and_flag_exit_64_naming_key_and_source() {
     let d = pki_dir();
     let p = config(d.path(), "");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config"], &[("TETHER_NORTHBOUND_LISTEN", "not-an-address")]);
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[("TETHER_NORTHBOUND_LISTEN", "not-an-address")],
+    );
     assert_eq!(o.status.code(), Some(64));
     let e = stderr(&o);
-    assert!(e.contains("northbound.listen") && e.contains("TETHER_NORTHBOUND_LISTEN"), "{e}");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config", "--set", "tunnel.heartbeat_interval=1ms"], &[]);
+    assert!(
+        e.contains("northbound.listen") && e.contains("TETHER_NORTHBOUND_LISTEN"),
+        "{e}"
+    );
+    let o = gw(
+        &[
+            "serve",
+            "--config",
+            p.to_str().unwrap(),
+            "--check-config",
+            "--set",
+            "tunnel.heartbeat_interval=1ms",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
-    assert!(stderr(&o).contains("tunnel.heartbeat_interval"), "{}", stderr(&o));
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config", "--set", "tunnel.nope=1"], &[]);
+    assert!(
+        stderr(&o).contains("tunnel.heartbeat_interval"),
+        "{}",
+        stderr(&o)
+    );
+    let o = gw(
+        &[
+            "serve",
+            "--config",
+            p.to_str().unwrap(),
+            "--check-config",
+            "--set",
+            "tunnel.nope=1",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("tunnel.nope"), "{}", stderr(&o));
 }
@@ -84,7 +141,10 @@ fn invalid_value_from_env_and_flag_exit_64_naming_key_and_source() {
 fn missing_certificate_file_exits_64_naming_the_file() {
     let d = tempfile::tempdir().unwrap();
     let p = config(d.path(), "");
-    let o = gw(&["serve", "--config", p.to_str().unwrap(), "--check-config"], &[]);
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("ca.pem"), "{}", stderr(&o));
 }
@@ -94,27 +154,78 @@ fn pki_issues_agent_and_client_certificates_with_private_keys_0600() {
     let d = pki_dir();
     let out = d.path().join("agent-out");
     let o = gw(
-        &["pki", "issue-agent", "--dir", d.path().to_str().unwrap(), "--tenant", "acme", "--agent", "eu-1", "--out", out.to_str().unwrap(), "--ttl", "2h"],
+        &[
+            "pki",
+            "issue-agent",
+            "--dir",
+            d.path().to_str().unwrap(),
+            "--tenant",
+            "acme",
+            "--agent",
+            "eu-1",
+            "--out",
+            out.to_str().unwrap(),
+            "--ttl",
+            "2h",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let msg = String::from_utf8_lossy(&o.stdout);
-    assert!(msg.contains("spiffe://td.example/tenant/acme/agent/eu-1") && msg.contains("2h"), "{msg}");
-    for (f, mode) in [("agent.pem", 0o644), ("agent-key.pem", 0o600), ("ca.pem", 0o644)] {
+    assert!(
+        msg.contains("spiffe://td.example/tenant/acme/agent/eu-1") && msg.contains("2h"),
+        "{msg}"
+    );
+    for (f, mode) in [
+        ("agent.pem", 0o644),
+        ("agent-key.pem", 0o600),
+        ("ca.pem", 0o644),
+    ] {
         let m = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(m, mode, "{f}");
     }
     for f in ["ca-key.pem", "gateway-key.pem"] {
-        assert_eq!(std::fs::metadata(d.path().join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+        assert_eq!(
+            std::fs::metadata(d.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600,
+            "{f}"
+        );
     }
     let out = d.path().join("client-out");
-    let o = gw(&["pki", "issue-client", "--dir", d.path().to_str().unwrap(), "--name", "api", "--out", out.to_str().unwrap()], &[]);
+    let o = gw(
+        &[
+            "pki",
+            "issue-client",
+            "--dir",
+            d.path().to_str().unwrap(),
+            "--name",
+            "api",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("spiffe://td.example/controlplane/api"));
     assert!(out.join("client.pem").exists());
 
     let o = gw(
-        &["pki", "issue-agent", "--dir", d.path().to_str().unwrap(), "--tenant", "ac me", "--agent", "x", "--out", out.to_str().unwrap()],
+        &[
+            "pki",
+            "issue-agent",
+            "--dir",
+            d.path().to_str().unwrap(),
+            "--tenant",
+            "ac me",
+            "--agent",
+            "x",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert_eq!(o.status.code(), Some(64));

@@ -84,10 +84,13 @@ pub trait Validate {
 /// The env var name for a key: `tunnel.heartbeat_interval` → `TETHER_TUNNEL_HEARTBEAT_INTERVAL`.
 pub fn env_name(key: &str) -> String {
     let mut s = String::from(ENV_PREFIX);
-    s.extend(
-        key.chars()
-            .map(|c| if c == '.' || c == '-' { '_' } else { c.to_ascii_uppercase() }),
-    );
+    s.extend(key.chars().map(|c| {
+        if c == '.' || c == '-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase()
+        }
+    }));
     s
 }
 
@@ -126,7 +129,9 @@ pub fn load<T: DeserializeOwned + Validate>(
             }
             // Other TETHER_* variables may belong to the other binary or to tools: not ours to
             // reject, but worth a line when it looks like a typo of one of our keys.
-            None => tracing::debug!(variable = %name, "ignoring environment variable that is not a config key"),
+            None => {
+                tracing::debug!(variable = %name, "ignoring environment variable that is not a config key")
+            }
         }
     }
     for set in sets {
@@ -147,12 +152,23 @@ pub fn load<T: DeserializeOwned + Validate>(
     let cfg: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         let origin = origins.get(&key).cloned().unwrap_or_default();
-        let key = if key == "." { "(top level)".to_owned() } else { key };
+        let key = if key == "." {
+            "(top level)".to_owned()
+        } else {
+            key
+        };
         ConfigError::Invalid {
             key,
             origin,
             // toml adds a second line ("in `section`") that repeats the key path: one line only.
-            message: e.into_inner().to_string().lines().next().unwrap_or_default().trim().to_owned(),
+            message: e
+                .into_inner()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
         }
     })?;
     cfg.validate()?;
@@ -162,7 +178,9 @@ pub fn load<T: DeserializeOwned + Validate>(
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
 }
@@ -236,9 +254,15 @@ mod tests {
     fn env_overrides_file_and_flags_override_env() {
         let f = file("[tunnel]\nlisten = \"127.0.0.1:1\"\nretries = 2\n");
         let env = [
-            ("TETHER_TUNNEL_LISTEN".to_string(), "127.0.0.1:2".to_string()),
+            (
+                "TETHER_TUNNEL_LISTEN".to_string(),
+                "127.0.0.1:2".to_string(),
+            ),
             ("TETHER_TUNNEL_RETRIES".to_string(), "3".to_string()),
-            ("TETHER_LABELS".to_string(), "{ region = \"eu\" }".to_string()),
+            (
+                "TETHER_LABELS".to_string(),
+                "{ region = \"eu\" }".to_string(),
+            ),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let cfg: Cfg = load(KEYS, Some(f.path()), env, &["tunnel.retries=4".into()]).unwrap();
@@ -250,7 +274,9 @@ mod tests {
     #[test]
     fn unknown_key_in_file_is_named() {
         let f = file("[tunnel]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n");
-        let err = load::<Cfg>(KEYS, Some(f.path()), [], &[]).unwrap_err().to_string();
+        let err = load::<Cfg>(KEYS, Some(f.path()), [], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tunnel") && err.contains("listne"), "{err}");
     }
 
@@ -273,11 +299,17 @@ mod tests {
     #[test]
     fn validate_runs_after_merge() {
         let err = load::<Cfg>(KEYS, None, [], &["tunnel.retries=0".into()]).unwrap_err();
-        assert_eq!(err.to_string(), "config key tunnel.retries: must be at least 1");
+        assert_eq!(
+            err.to_string(),
+            "config key tunnel.retries: must be at least 1"
+        );
     }
 
     #[test]
     fn env_names_are_derived_from_keys() {
-        assert_eq!(env_name("tunnel.heartbeat_interval"), "TETHER_TUNNEL_HEARTBEAT_INTERVAL");
+        assert_eq!(
+            env_name("tunnel.heartbeat_interval"),
+            "TETHER_TUNNEL_HEARTBEAT_INTERVAL"
+        );
     }
 }

@@ -84,7 +84,11 @@ pub async fn serve(listener: TcpListener, readiness: ReadinessFn, shutdown: Canc
     }
 }
 
-fn route(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: &ReadinessFn) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    metrics: &PrometheusHandle,
+    ready: &ReadinessFn,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
@@ -100,7 +104,11 @@ fn route(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: &ReadinessF
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let r = ready();
-            let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if r.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             let mut body = serde_json::json!({ "ready": r.ready });
             if let (Some(b), serde_json::Value::Object(d)) = (body.as_object_mut(), r.detail) {
                 b.extend(d);
@@ -112,7 +120,10 @@ fn route(req: &Request<Incoming>, metrics: &PrometheusHandle, ready: &ReadinessF
             );
             resp
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 

@@ -43,7 +43,10 @@ pub fn install_crypto_provider() {
 }
 
 /// All certificates in a PEM file.
-pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Pem {
@@ -85,8 +88,8 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 
 /// The SPIFFE identity in a certificate's single URI SAN.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
-    let (_, x509) =
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| TlsError::X509(e.to_string()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::X509(e.to_string()))?;
     let uris: Vec<String> = match x509.subject_alternative_name() {
         Ok(Some(san)) => san
             .value

@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use bytes::BytesMut;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tunnel_proto::frame::FrameDecoder;
 use tunnel_proto::message::*;
 
@@ -19,13 +19,20 @@ fn header() -> Message {
             })
             .collect(),
         timeout_ms: 5000,
-        trace_context: [("traceparent".to_string(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string())].into(),
+        trace_context: [(
+            "traceparent".to_string(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string(),
+        )]
+        .into(),
         id: String::new(),
     })
 }
 
 fn bench(c: &mut Criterion) {
-    let hb = Message::Heartbeat(Heartbeat { seq: 12345, last_rtt_us: 250 });
+    let hb = Message::Heartbeat(Heartbeat {
+        seq: 12345,
+        last_rtt_us: 250,
+    });
     let hdr = header();
     let mut g = c.benchmark_group("codec");
     for (name, msg) in [("heartbeat", &hb), ("stream_header", &hdr)] {

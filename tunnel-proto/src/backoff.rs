@@ -33,7 +33,11 @@ impl Backoff {
 
     /// The next delay, given `unit` uniform in `[0, 1)`; advances the attempt counter.
     pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let d = self.ceiling().mul_f64(unit);
         self.attempt = self.attempt.saturating_add(1);
         d

@@ -126,7 +126,10 @@ fn peek_frame(buf: &[u8], max_payload: usize) -> Result<Option<(u8, usize)>, Pro
 
 /// Decodes one frame from the start of `buf`: the message and how many bytes it used, or
 /// `Ok(None)` if `buf` holds only part of a frame. For one-shot use and fuzzing.
-pub fn decode_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Message, usize)>, ProtoError> {
+pub fn decode_frame(
+    buf: &[u8],
+    max_payload: usize,
+) -> Result<Option<(Message, usize)>, ProtoError> {
     match peek_frame(buf, max_payload)? {
         None => Ok(None),
         Some((ty, len)) => {

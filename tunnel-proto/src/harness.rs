@@ -56,7 +56,11 @@ pub struct Pair {
 
 impl Pair {
     /// Both sessions start now; bytes take `latency` each way.
-    pub fn new(agent: AgentSessionConfig, gateway: GatewaySessionConfig, latency: Duration) -> Pair {
+    pub fn new(
+        agent: AgentSessionConfig,
+        gateway: GatewaySessionConfig,
+        latency: Duration,
+    ) -> Pair {
         let now = Instant::now();
         Pair {
             agent: AgentSession::new(agent, now),
@@ -162,11 +166,19 @@ impl Pair {
     }
 
     fn next_time(&self) -> Option<Instant> {
-        let agent = if self.agent_eof { None } else { self.agent.poll_timeout() };
-        [self.in_flight.front().map(|p| p.at), agent, self.gateway.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        let agent = if self.agent_eof {
+            None
+        } else {
+            self.agent.poll_timeout()
+        };
+        [
+            self.in_flight.front().map(|p| p.at),
+            agent,
+            self.gateway.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Advances to the next delivery or timer, but not past `limit`. False when idle.

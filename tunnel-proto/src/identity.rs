@@ -17,10 +17,14 @@ pub enum IdentityError {
     #[error("invalid trust domain {0:?}: use 1-255 characters of a-z 0-9 . _ -")]
     TrustDomain(String),
     /// The path is neither `/tenant/<t>/agent/<a>` nor `/controlplane/<name>`.
-    #[error("identity path {0:?} is neither /tenant/<tenant>/agent/<agent> nor /controlplane/<name>")]
+    #[error(
+        "identity path {0:?} is neither /tenant/<tenant>/agent/<agent> nor /controlplane/<name>"
+    )]
     Path(String),
     /// A tenant, agent or caller name is empty, too long or has disallowed characters.
-    #[error("invalid {what} {value:?}: use 1-63 characters of a-z A-Z 0-9 . _ -, not starting with . or -")]
+    #[error(
+        "invalid {what} {value:?}: use 1-63 characters of a-z A-Z 0-9 . _ -, not starting with . or -"
+    )]
     Name {
         /// Which part was bad (`tenant`, `agent`, `name`).
         what: &'static str,
@@ -179,8 +183,7 @@ pub fn check_name(what: &'static str, v: &str) -> Result<(), IdentityError> {
     let ok = !v.is_empty()
         && v.len() <= 63
         && !v.starts_with(['.', '-'])
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
@@ -206,7 +209,10 @@ mod tests {
                 id: AgentId::new("acme", "eu-1").unwrap()
             }
         );
-        assert_eq!(id.to_string(), "spiffe://tether.example/tenant/acme/agent/eu-1");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://tether.example/tenant/acme/agent/eu-1"
+        );
     }
 
     #[test]

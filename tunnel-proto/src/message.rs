@@ -205,7 +205,10 @@ impl Message {
     /// True for the frame types this version knows.
     pub fn is_known_type(ty: u8) -> bool {
         use frame_type::*;
-        matches!(ty, HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER)
+        matches!(
+            ty,
+            HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER
+        )
     }
 
     /// A short name, for errors and logs.

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::SUPPORTED_VERSIONS;
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, Limits};
 use crate::message::{Close, GoAway, Heartbeat, HeartbeatAck, Hello, Message, Welcome};
-use crate::SUPPORTED_VERSIONS;
 
 /// How a session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,8 +147,13 @@ pub enum AgentEvent {
 
 #[derive(Debug)]
 enum AgentState {
-    AwaitingWelcome { deadline: Instant },
-    Established { interval: Duration, next_heartbeat: Instant },
+    AwaitingWelcome {
+        deadline: Instant,
+    },
+    Established {
+        interval: Duration,
+        next_heartbeat: Instant,
+    },
 }
 
 /// The agent's side of the control stream.
@@ -224,13 +229,13 @@ impl AgentSession {
                 self.events.push_back(AgentEvent::Established(w));
             }
             (AgentState::Established { .. }, Message::HeartbeatAck(ack)) => {
-                if let Some((seq, sent)) = self.outstanding {
-                    if seq == ack.seq {
-                        let rtt = now.saturating_duration_since(sent);
-                        self.rtt = Some(rtt);
-                        self.outstanding = None;
-                        self.events.push_back(AgentEvent::Rtt(rtt));
-                    }
+                if let Some((seq, sent)) = self.outstanding
+                    && seq == ack.seq
+                {
+                    let rtt = now.saturating_duration_since(sent);
+                    self.rtt = Some(rtt);
+                    self.outstanding = None;
+                    self.events.push_back(AgentEvent::Rtt(rtt));
                 }
             }
             (AgentState::Established { .. }, Message::GoAway(g)) => {
@@ -269,7 +274,10 @@ impl AgentSession {
         match self.state {
             AgentState::AwaitingWelcome { deadline } => {
                 if now >= deadline {
-                    self.close(ErrorCode::HANDSHAKE_TIMEOUT, "no Welcome from the gateway in time");
+                    self.close(
+                        ErrorCode::HANDSHAKE_TIMEOUT,
+                        "no Welcome from the gateway in time",
+                    );
                 }
             }
             AgentState::Established {
@@ -519,7 +527,10 @@ impl GatewaySession {
         }
         match self.state {
             GatewayState::AwaitingHello { .. } => {
-                self.close(ErrorCode::HANDSHAKE_TIMEOUT, "no Hello from the agent in time");
+                self.close(
+                    ErrorCode::HANDSHAKE_TIMEOUT,
+                    "no Hello from the agent in time",
+                );
             }
             GatewayState::Established => {
                 let reason = format!(
@@ -539,7 +550,8 @@ impl GatewaySession {
         Some(match self.state {
             GatewayState::AwaitingHello { deadline } => deadline,
             GatewayState::Established => {
-                self.core.last_heard + self.config.heartbeat_interval * self.config.dead_after.max(1)
+                self.core.last_heard
+                    + self.config.heartbeat_interval * self.config.dead_after.max(1)
             }
         })
     }

@@ -1,7 +1,7 @@
 //! Codec properties: every message round-trips, any byte string decodes without panicking.
 
 use proptest::prelude::*;
-use tunnel_proto::frame::{decode_frame, FrameDecoder, Limits};
+use tunnel_proto::frame::{FrameDecoder, Limits, decode_frame};
 use tunnel_proto::message::*;
 
 fn s() -> impl Strategy<Value = String> {
@@ -17,25 +17,35 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::btree_map(s(), s(), 0..4),
             s()
         )
-            .prop_map(|(versions, agent_version, capabilities, labels, instance_id)| {
-                Message::Hello(Hello {
-                    versions,
-                    agent_version,
-                    capabilities,
-                    labels,
-                    instance_id,
+            .prop_map(
+                |(versions, agent_version, capabilities, labels, instance_id)| {
+                    Message::Hello(Hello {
+                        versions,
+                        agent_version,
+                        capabilities,
+                        labels,
+                        instance_id,
+                    })
+                }
+            ),
+        (
+            any::<u32>(),
+            s(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            s()
+        )
+            .prop_map(
+                |(version, session_id, hb, mfs, mcs, gateway_id)| Message::Welcome(Welcome {
+                    version,
+                    session_id,
+                    heartbeat_interval_ms: hb,
+                    max_frame_size: mfs,
+                    max_concurrent_streams: mcs,
+                    gateway_id,
                 })
-            }),
-        (any::<u32>(), s(), any::<u64>(), any::<u32>(), any::<u32>(), s()).prop_map(
-            |(version, session_id, hb, mfs, mcs, gateway_id)| Message::Welcome(Welcome {
-                version,
-                session_id,
-                heartbeat_interval_ms: hb,
-                max_frame_size: mfs,
-                max_concurrent_streams: mcs,
-                gateway_id,
-            })
-        ),
+            ),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
         any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),
@@ -57,17 +67,19 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::btree_map(s(), s(), 0..3),
             s()
         )
-            .prop_map(|(kind, service, method, metadata, timeout_ms, trace_context, id)| {
-                Message::StreamHeader(StreamHeader {
-                    kind,
-                    service,
-                    method,
-                    metadata,
-                    timeout_ms,
-                    trace_context,
-                    id,
-                })
-            }),
+            .prop_map(
+                |(kind, service, method, metadata, timeout_ms, trace_context, id)| {
+                    Message::StreamHeader(StreamHeader {
+                        kind,
+                        service,
+                        method,
+                        metadata,
+                        timeout_ms,
+                        trace_context,
+                        id,
+                    })
+                }
+            ),
     ]
 }
 

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
+use tunnel_proto::ErrorCode;
 use tunnel_proto::harness::{Pair, To};
 use tunnel_proto::message::{Hello, Message};
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
 };
-use tunnel_proto::ErrorCode;
 
 const INTERVAL: Duration = Duration::from_secs(1);
 const LATENCY: Duration = Duration::from_millis(20);
@@ -74,13 +74,18 @@ fn heartbeats_measure_rtt_and_keep_the_session_alive() {
             _ => None,
         })
         .collect();
-    assert!(rtts.len() >= 58, "one RTT per heartbeat, got {}", rtts.len());
+    assert!(
+        rtts.len() >= 58,
+        "one RTT per heartbeat, got {}",
+        rtts.len()
+    );
     assert!(rtts.iter().all(|r| *r == LATENCY * 2));
     // The agent reports its RTT to the gateway in the next heartbeat.
-    assert!(p
-        .gateway_events
-        .iter()
-        .any(|(_, e)| *e == GatewayEvent::Rtt(LATENCY * 2)));
+    assert!(
+        p.gateway_events
+            .iter()
+            .any(|(_, e)| *e == GatewayEvent::Rtt(LATENCY * 2))
+    );
     assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
 }
 
@@ -94,7 +99,11 @@ fn gateway_closes_a_silent_agent_within_three_intervals() {
     let (t, info) = gateway_closed(&p).expect("gateway closed the session");
     assert_eq!(info.code, ErrorCode::HEARTBEAT_TIMEOUT);
     assert!(!info.by_peer);
-    assert!(t - killed_at <= INTERVAL * 3, "closed {:?} after the kill", t - killed_at);
+    assert!(
+        t - killed_at <= INTERVAL * 3,
+        "closed {:?} after the kill",
+        t - killed_at
+    );
 }
 
 #[test]
@@ -103,8 +112,14 @@ fn partition_longer_than_the_dead_interval_closes_both_sides() {
     p.run_for(Duration::from_secs(2));
     p.partition(true);
     p.run_for(Duration::from_secs(5));
-    assert_eq!(gateway_closed(&p).unwrap().1.code, ErrorCode::HEARTBEAT_TIMEOUT);
-    assert_eq!(agent_closed(&p).unwrap().1.code, ErrorCode::HEARTBEAT_TIMEOUT);
+    assert_eq!(
+        gateway_closed(&p).unwrap().1.code,
+        ErrorCode::HEARTBEAT_TIMEOUT
+    );
+    assert_eq!(
+        agent_closed(&p).unwrap().1.code,
+        ErrorCode::HEARTBEAT_TIMEOUT
+    );
 }
 
 #[test]
@@ -141,7 +156,11 @@ fn garbage_on_the_control_stream_is_a_protocol_error() {
     p.run_for(Duration::from_millis(100));
     let (_, info) = gateway_closed(&p).unwrap();
     assert_eq!(info.code, ErrorCode::PROTOCOL_ERROR);
-    assert!(info.reason.contains("unknown frame type"), "{}", info.reason);
+    assert!(
+        info.reason.contains("unknown frame type"),
+        "{}",
+        info.reason
+    );
 }
 
 #[test]
@@ -215,5 +234,8 @@ fn stream_ending_mid_frame_is_truncation() {
     p.run_for(Duration::from_millis(100));
     p.gateway.handle_eof(p.now);
     p.run_for(Duration::from_millis(1));
-    assert_eq!(gateway_closed(&p).unwrap().1.code, ErrorCode::PROTOCOL_ERROR);
+    assert_eq!(
+        gateway_closed(&p).unwrap().1.code,
+        ErrorCode::PROTOCOL_ERROR
+    );
 }

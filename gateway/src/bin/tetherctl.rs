@@ -7,10 +7,14 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand, ValueEnum};
 use tether_api::v1;
 use tether_api::v1::agents_client::AgentsClient;
-use tether_gateway::ctl::{self, DevJson, Target, DEV_JSON};
+use tether_gateway::ctl::{self, DEV_JSON, DevJson, Target};
 
 #[derive(Parser)]
-#[command(name = "tetherctl", version, about = "Talk to a Tether gateway's northbound API")]
+#[command(
+    name = "tetherctl",
+    version,
+    about = "Talk to a Tether gateway's northbound API"
+)]
 struct Cli {
     /// Northbound address host:port (default: from ./.tether/dev.json when present).
     #[arg(long, env = "TETHER_NORTHBOUND", global = true)]
@@ -74,10 +78,16 @@ enum AgentsCmd {
 }
 
 fn target(cli: &Cli) -> Result<Target, String> {
-    let dev = if cli.dev_json.exists() { Some(DevJson::read(&cli.dev_json)?) } else { None };
+    let dev = if cli.dev_json.exists() {
+        Some(DevJson::read(&cli.dev_json)?)
+    } else {
+        None
+    };
     let pick = |flag: &Option<PathBuf>, from_dev: Option<PathBuf>, what: &str| {
         flag.clone().or(from_dev).ok_or_else(|| {
-            format!("no {what}: pass --{what} (or run `tether-gateway dev`, which writes {DEV_JSON})")
+            format!(
+                "no {what}: pass --{what} (or run `tether-gateway dev`, which writes {DEV_JSON})"
+            )
         })
     };
     Ok(Target {
@@ -95,9 +105,14 @@ fn target(cli: &Cli) -> Result<Target, String> {
 
 fn ago(t: &Option<prost_types::Timestamp>) -> String {
     let Some(t) = t else { return "-".into() };
-    let Ok(st) = SystemTime::try_from(t.clone()) else { return "-".into() };
+    let Ok(st) = SystemTime::try_from(*t) else {
+        return "-".into();
+    };
     match SystemTime::now().duration_since(st) {
-        Ok(d) => format!("{}", humantime::format_duration(Duration::from_secs(d.as_secs()))),
+        Ok(d) => format!(
+            "{}",
+            humantime::format_duration(Duration::from_secs(d.as_secs()))
+        ),
         Err(_) => "now".into(),
     }
 }
@@ -105,13 +120,16 @@ fn ago(t: &Option<prost_types::Timestamp>) -> String {
 fn rtt(s: &v1::Session) -> String {
     s.rtt
         .as_ref()
-        .and_then(|d| Duration::try_from(d.clone()).ok())
+        .and_then(|d| Duration::try_from(*d).ok())
         .map(|d| format!("{:.1}ms", d.as_secs_f64() * 1000.0))
         .unwrap_or_else(|| "-".into())
 }
 
 fn print_agents(agents: &[v1::Agent]) {
-    println!("{:<28} {:<10} {:<8} {:<10} {:<22} {:<8} {}", "AGENT", "CONNECTED", "SESSIONS", "VERSION", "REMOTE", "RTT", "UP/SEEN");
+    println!(
+        "{:<28} {:<10} {:<8} {:<10} {:<22} {:<8} UP/SEEN",
+        "AGENT", "CONNECTED", "SESSIONS", "VERSION", "REMOTE", "RTT"
+    );
     for a in agents {
         let s = a.sessions.first();
         println!(
@@ -158,17 +176,27 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
         Cmd::Agents(AgentsCmd::List { tenant, connected }) => {
             let r = client
-                .list(v1::ListAgentsRequest { tenant: tenant.unwrap_or_default(), connected_only: connected })
+                .list(v1::ListAgentsRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    connected_only: connected,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             match cli.output {
                 Output::Table => print_agents(&r.agents),
-                Output::Json => println!("{}", serde_json::Value::Array(r.agents.iter().map(json_agent).collect())),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(r.agents.iter().map(json_agent).collect())
+                ),
             }
         }
         Cmd::Agents(AgentsCmd::Get { agent }) => {
-            let a = client.get(v1::GetAgentRequest { agent }).await.map_err(status)?.into_inner();
+            let a = client
+                .get(v1::GetAgentRequest { agent })
+                .await
+                .map_err(status)?
+                .into_inner();
             match cli.output {
                 Output::Table => print_agents(std::slice::from_ref(&a)),
                 Output::Json => println!("{}", json_agent(&a)),
@@ -176,7 +204,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
             let mut stream = client
-                .watch(v1::WatchAgentsRequest { tenant: tenant.unwrap_or_default(), agent: agent.unwrap_or_default() })
+                .watch(v1::WatchAgentsRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    agent: agent.unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -201,8 +232,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                         ev.agent,
                         session.map(|s| s.session_id.as_str()).unwrap_or("-"),
                         session.map(|s| s.remote_addr.as_str()).unwrap_or("-"),
-                        if ev.initial { " (already connected)" } else { "" },
-                        if ev.reason.is_empty() { String::new() } else { format!(" reason={}", ev.reason) },
+                        if ev.initial {
+                            " (already connected)"
+                        } else {
+                            ""
+                        },
+                        if ev.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" reason={}", ev.reason)
+                        },
                     ),
                 }
             }
@@ -214,7 +253,10 @@ async fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     tether_runtime::tls::install_crypto_provider();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
