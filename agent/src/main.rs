@@ -36,15 +36,31 @@ enum Cmd {
         #[arg(long)]
         check_config: bool,
     },
+    /// Ask a running agent's loopback ops endpoint whether it is alive (default) or ready; exits
+    /// 0 or 1. For Kubernetes exec probes: no shell or curl needed in the image.
+    Probe {
+        /// The agent's config, to find `ops.listen` (default 127.0.0.1:9091).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Check /readyz (at least one session up) instead of /healthz (process alive).
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 fn main() -> ExitCode {
-    let Cmd::Run {
-        config,
-        set,
-        log_format,
-        check_config,
-    } = Cli::parse().cmd;
+    let (config, set, log_format, check_config) = match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            set,
+            log_format,
+            check_config,
+        } => (config, set, log_format, check_config),
+        Cmd::Probe { config, set, ready } => return probe(config, set, ready),
+    };
     let cfg = match AgentConfig::load(config.as_deref(), &set) {
         Ok(c) => c,
         Err(e) => {
@@ -80,4 +96,29 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+fn probe(config: Option<PathBuf>, set: Vec<String>, ready: bool) -> ExitCode {
+    let addr = match config {
+        Some(path) => match AgentConfig::load(Some(&path), &set) {
+            Ok(c) => c.ops.listen,
+            Err(e) => {
+                eprintln!("tether-agent probe: invalid config: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
+        None => tether_agent::config::OpsConfig::default().listen,
+    };
+    let path = if ready { "/readyz" } else { "/healthz" };
+    match tether_runtime::ops::probe(addr, path, std::time::Duration::from_secs(2)) {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("tether-agent probe: {path} answered {status}: {}", body.trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tether-agent probe: {addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

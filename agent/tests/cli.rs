@@ -86,3 +86,14 @@ fn missing_certificate_exits_64_naming_the_file() {
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("ca.pem"), "{}", stderr(&o));
 }
+
+#[test]
+fn probe_fails_clearly_when_no_agent_runs() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let (_d, p) = config(&format!("[ops]\nlisten = \"{addr}\"\n"));
+    let o = agent(&["probe", "--config", p.to_str().unwrap(), "--ready"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&addr.to_string()), "{}", stderr(&o));
+}

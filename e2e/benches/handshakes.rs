@@ -36,7 +36,7 @@ async fn setup(endpoint: &quinn::Endpoint, cfg: &quinn::ClientConfig, gw: std::n
     let start = Instant::now();
     let conn = endpoint.connect_with(cfg.clone(), gw, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Message::Hello(Hello::default()).to_bytes()).await.unwrap();
+    send.write_all(&Message::Hello(Hello { versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(), ..Default::default() }).to_bytes()).await.unwrap();
     let mut dec = FrameDecoder::new(1 << 16);
     let mut buf = [0u8; 4096];
     loop {

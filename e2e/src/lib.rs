@@ -257,6 +257,14 @@ impl TestAgent {
         TestAgent { handle, shutdown }
     }
 
+    /// Starts an agent with an ops endpoint on a free loopback port.
+    pub fn start_with_ops(cfg: &AgentConfig) -> TestAgent {
+        let shutdown = CancellationToken::new();
+        let ops = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ops");
+        let handle = tether_agent::start(cfg, Some(ops), shutdown.clone()).expect("agent start");
+        TestAgent { handle, shutdown }
+    }
+
     /// Stops and waits.
     pub async fn stop(self) {
         self.shutdown.cancel();
