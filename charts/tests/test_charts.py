@@ -1,0 +1,978 @@
+"""Tests of the Helm charts in charts/: rendered with Helm's own Go SDK (helm-python-sdk), checked
+against the Kubernetes OpenAPI schemas (kubernetes-validate), and run through the real
+`tether-agent` and `tether-gateway` binaries, so a chart that drifts from the binaries fails here.
+
+Run: .venv/bin/python -m pytest charts/tests -q   (scripts/test does, after cargo nextest)
+The binaries come from target/debug: `cargo build --workspace --bins` builds them.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import helm_python as helm
+    import kubernetes_validate
+    import yaml
+except ImportError as e:  # pragma: no cover - the message is the point
+    raise ImportError(
+        f"{e}: the chart tests need the packages in requirements-test.txt "
+        "(scripts/test installs them into .venv)"
+    ) from e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHARTS = ROOT / "charts"
+AGENT_CHART = CHARTS / "tether-agent"
+GATEWAY_CHART = CHARTS / "tether-gateway"
+VALUES = CHARTS / "tests" / "values"
+BIN = ROOT / "target" / "debug"
+
+# The chart declares kubeVersion >= 1.26; check against a mainstream and a recent release.
+KUBERNETES_VERSIONS = ("1.30", "1.34")
+# prometheus-operator kinds: kubernetes-validate has no schema for CRDs; checked by hand below.
+CRD_KINDS = {"PodMonitor", "ServiceMonitor"}
+
+AGENT_VALUES = sorted(p.name for p in VALUES.glob("agent-*.yaml"))
+GATEWAY_VALUES = sorted(p.name for p in VALUES.glob("gateway-*.yaml"))
+RELEASE = "tether"
+NAMESPACE = "tether-system"
+
+helm.disable_logging()
+
+
+# === rendering ===
+
+
+def load_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((VALUES / name).read_text()) or {}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+class Rendered:
+    """One chart rendered with one set of values: the parsed objects and the NOTES text."""
+
+    def __init__(self, chart: Path, values: dict[str, Any]):
+        self.values = values
+        with helm.Chart.load(chart) as c:
+            files = c.render(values, name=RELEASE, namespace=NAMESPACE)
+        self.notes = ""
+        self.objects: list[dict[str, Any]] = []
+        for path, text in sorted(files.items()):
+            if path.endswith("NOTES.txt"):
+                self.notes = text
+                continue
+            for doc in yaml.safe_load_all(text):
+                if doc is not None:
+                    self.objects.append(doc)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [o for o in self.of_kind(kind) if name is None or o["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+        return found[0]
+
+    def pod_specs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every pod spec: Deployment templates and bare Pods (the helm test hooks)."""
+        specs = []
+        for o in self.objects:
+            if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+                specs.append((f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]))
+            elif o["kind"] == "Pod":
+                specs.append((f"Pod/{o['metadata']['name']}", o["spec"]))
+        return specs
+
+
+def render(chart: Path, values: dict[str, Any]) -> Rendered:
+    return Rendered(chart, values)
+
+
+def render_file(chart: Path, name: str, extra: dict[str, Any] | None = None) -> Rendered:
+    return render(chart, deep_merge(load_values(name), extra or {}))
+
+
+def all_renders() -> list[tuple[Path, str]]:
+    return [(AGENT_CHART, v) for v in AGENT_VALUES] + [(GATEWAY_CHART, v) for v in GATEWAY_VALUES]
+
+
+def render_id(p: tuple[Path, str]) -> str:
+    return f"{p[0].name}:{p[1]}"
+
+
+def test_the_value_files_the_tests_rely_on_exist():
+    assert set(AGENT_VALUES) >= {
+        "agent-required.yaml",
+        "agent-existing-secret.yaml",
+        "agent-proxy.yaml",
+        "agent-metrics-no-netpol.yaml",
+    }, AGENT_VALUES
+    assert set(GATEWAY_VALUES) >= {"gateway-required.yaml", "gateway-postgres.yaml"}, GATEWAY_VALUES
+
+
+# === lint and schema ===
+
+
+@pytest.mark.parametrize("chart", [AGENT_CHART, GATEWAY_CHART], ids=lambda p: p.name)
+def test_chart_lints_without_errors_or_warnings_with_its_defaults(chart):
+    report = helm.lint(chart, strict=True)
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [], report
+    bad = [m for m in report["messages"] if m["severity"] >= 2]
+    assert bad == [], bad
+
+
+@pytest.mark.parametrize("case", all_renders(), ids=render_id)
+def test_chart_lints_without_errors_or_warnings_with_each_values_file(case):
+    chart, name = case
+    report = helm.lint(chart, load_values(name), strict=True)
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [], report
+    bad = [m for m in report["messages"] if m["severity"] >= 2]
+    assert bad == [], bad
+
+
+@pytest.mark.parametrize(
+    "chart,values,expected",
+    [
+        (AGENT_CHART, {}, "gateway.addresses is required"),
+        (AGENT_CHART, {"gateway": {"addresses": ["gw:443"]}}, "identity is required"),
+        (
+            AGENT_CHART,
+            {"gateway": {"addresses": ["gw:443"]}, "identity": {"certificate": "c", "privateKey": "k"}},
+            "gateway.caBundle is required",
+        ),
+        (
+            AGENT_CHART,
+            {"gateway": {"addresses": ["gw:443"]}, "identity": {"existingSecret": "s"}},
+            "networkPolicy.gatewayCIDRs is required",
+        ),
+        (
+            AGENT_CHART,
+            {
+                "gateway": {"addresses": ["gw:443"]},
+                "identity": {"existingSecret": "s", "certificate": "c"},
+                "networkPolicy": {"enabled": False},
+            },
+            "not both",
+        ),
+        (
+            AGENT_CHART,
+            {
+                "gateway": {"addresses": ["gw:443"]},
+                "identity": {"existingSecret": "s"},
+                "networkPolicy": {"enabled": False},
+                "metrics": {"podMonitor": {"enabled": True}},
+            },
+            "metrics.podMonitor.enabled needs metrics.enabled",
+        ),
+        (GATEWAY_CHART, {}, "trustDomain is required"),
+        (GATEWAY_CHART, {"trustDomain": "t.example"}, "tls.existingSecret is required"),
+        (
+            GATEWAY_CHART,
+            {"trustDomain": "t.example", "tls": {"existingSecret": "pki"}, "store": {"type": "postgres"}},
+            "store.postgres.existingSecret is required",
+        ),
+        (
+            GATEWAY_CHART,
+            {"trustDomain": "t.example", "tls": {"existingSecret": "pki"}, "replicaCount": 2},
+            "replicaCount > 1 needs store.type=postgres",
+        ),
+        (
+            GATEWAY_CHART,
+            {
+                "trustDomain": "t.example",
+                "tls": {"existingSecret": "pki"},
+                "tunnel": {"drainTimeout": "1m"},
+                "terminationGracePeriodSeconds": 60,
+            },
+            "terminationGracePeriodSeconds (60) must exceed tunnel.drainTimeout (1m)",
+        ),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart, values, expected):
+    """The defaults alone do not render: a gateway address and an identity have no sensible
+    default, and an agent that crash-loops on install is worse than a clear refusal."""
+    with pytest.raises(helm.HelmRenderError) as e:
+        render(chart, values)
+    assert expected in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "chart,base,bad,field",
+    [
+        (AGENT_CHART, "agent-required.yaml", {"replicaCount": "two"}, "/replicaCount"),
+        (AGENT_CHART, "agent-required.yaml", {"replicaCoutn": 2}, "'replicaCoutn'"),
+        (AGENT_CHART, "agent-required.yaml", {"gateway": {"addresses": ["gw.example.com"]}}, "/gateway/addresses/0"),
+        (AGENT_CHART, "agent-required.yaml", {"image": {"tagg": "1"}}, "'tagg'"),
+        (AGENT_CHART, "agent-required.yaml", {"services": {"db": {"address": "db:5432", "kind": "http"}}}, "/services/db/kind"),
+        (AGENT_CHART, "agent-required.yaml", {"config": {"reconnect": {"maxBackoff": "soon"}}}, "/config/reconnect/maxBackoff"),
+        (AGENT_CHART, "agent-required.yaml", {"networkPolicy": {"gatewayCIDRs": ["gw.example.com"]}}, "/networkPolicy/gatewayCIDRs/0"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": "two"}, "/replicaCount"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"storeType": "postgres"}, "'storeType'"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"tunnel": {"drainTimeout": "1h30m"}}, "/tunnel/drainTimeout"),
+    ],
+    ids=lambda x: x if isinstance(x, str) and x.startswith(("/", "'")) else None,
+)
+def test_schema_rejects_bad_values_naming_the_field(chart, base, bad, field):
+    values = deep_merge(load_values(base), bad)
+    with helm.Chart.load(chart) as c:
+        with pytest.raises(helm.HelmValuesError) as e:
+            c.validate_schema(values)
+        assert field in str(e.value), str(e.value)
+        # helm install/template run the same check before rendering.
+        with pytest.raises(helm.HelmValuesError) as e:
+            c.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert field in str(e.value), str(e.value)
+
+
+def _schema_walk(schema: dict[str, Any], path: str, out: list[tuple[str, dict[str, Any]]]):
+    out.append((path, schema))
+    for k, sub in schema.get("properties", {}).items():
+        _schema_walk(sub, f"{path}.{k}" if path else k, out)
+    ap = schema.get("additionalProperties")
+    if isinstance(ap, dict):
+        _schema_walk(ap, f"{path}.*", out)
+    items = schema.get("items")
+    if isinstance(items, dict):
+        _schema_walk(items, f"{path}[]", out)
+
+
+def _values_leaves(values: Any, path: str, out: set[str]):
+    if isinstance(values, dict) and values:
+        for k, v in values.items():
+            _values_leaves(v, f"{path}.{k}" if path else k, out)
+    else:
+        out.add(path)
+
+
+PASSTHROUGH = {
+    AGENT_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]", "networkPolicy.extraEgress[]"},
+    GATEWAY_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]"},
+}
+
+
+@pytest.mark.parametrize("chart", [AGENT_CHART, GATEWAY_CHART], ids=lambda p: p.name)
+def test_schema_closes_every_object_and_covers_every_value(chart):
+    schema = json.loads((chart / "values.schema.json").read_text())
+    nodes: list[tuple[str, dict[str, Any]]] = []
+    _schema_walk(schema, "", nodes)
+    open_objects = set()
+    for path, node in nodes:
+        if node.get("type") == "object" or "properties" in node:
+            assert "additionalProperties" in node, f"{chart.name}: {path or '(top)'} does not say additionalProperties"
+            if node["additionalProperties"] is True:
+                open_objects.add(path)
+    # Only Kubernetes objects passed through verbatim stay open; the API server checks those.
+    assert open_objects == PASSTHROUGH[chart], open_objects
+    assert schema["additionalProperties"] is False
+    # Every default in values.yaml is declared, and every declared property has a default.
+    defaults = yaml.safe_load((chart / "values.yaml").read_text())
+    leaves: set[str] = set()
+    _values_leaves(defaults, "", leaves)
+    declared = {p for p, n in nodes if p and "*" not in p and "[]" not in p}
+    # Maps (labels, annotations, resources.requests, ...) declare their entries' type, not names.
+    maps = {p for p, n in nodes if n.get("additionalProperties") not in (None, False)}
+    for leaf in leaves:
+        parts = leaf.split(".")
+        in_map = any(".".join(parts[:i]) in maps for i in range(1, len(parts)))
+        assert leaf in declared or in_map, f"{chart.name}: values.yaml key {leaf} is not in values.schema.json"
+    parents = {p for p, n in nodes if n.get("properties")}
+    for p in declared - parents:
+        assert p in leaves or any(leaf.startswith(p + ".") for leaf in leaves), (
+            f"{chart.name}: schema property {p} has no default in values.yaml")
+    with helm.Chart.load(chart) as c:
+        c.validate_schema(defaults)
+
+
+# === every manifest against the Kubernetes schema ===
+
+
+@pytest.mark.parametrize("case", all_renders(), ids=render_id)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_is_valid_kubernetes(case, version):
+    chart, name = case
+    r = render_file(chart, name)
+    assert r.objects, "nothing rendered"
+    checked = 0
+    for obj in r.objects:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1", obj
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version}: {e}")
+        checked += 1
+        assert obj["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("case", all_renders(), ids=render_id)
+def test_objects_carry_the_standard_labels(case):
+    chart, name = case
+    r = render_file(chart, name)
+    for obj in r.objects:
+        labels = obj["metadata"].get("labels", {})
+        for key in (
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/version",
+            "app.kubernetes.io/component",
+            "app.kubernetes.io/part-of",
+            "app.kubernetes.io/managed-by",
+        ):
+            assert key in labels, f"{obj['kind']}/{obj['metadata']['name']} lacks {key}"
+        assert labels["app.kubernetes.io/name"] == chart.name
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/part-of"] == "tether"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+# === hardening ===
+
+
+@pytest.mark.parametrize("case", all_renders(), ids=render_id)
+def test_every_container_is_non_root_read_only_and_drops_all_capabilities(case):
+    chart, name = case
+    r = render_file(chart, name)
+    specs = r.pod_specs()
+    # The workload and the `helm test` hook pod, at least.
+    assert len(specs) >= 2, [s for s, _ in specs]
+    assert any(o["kind"] == "Pod" and o["metadata"]["annotations"]["helm.sh/hook"] == "test" for o in r.objects)
+    containers = 0
+    for where, spec in specs:
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert "hostNetwork" not in spec and "hostPID" not in spec, where
+        for kind in ("initContainers", "containers", "ephemeralContainers"):
+            for c in spec.get(kind, []):
+                containers += 1
+                sc = c.get("securityContext", {})
+                what = f"{where} {kind}/{c['name']}"
+                assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, what
+                uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+                assert uid == 65532, f"{what}: runAsUser {uid}"
+                assert sc.get("runAsGroup", pod_sc.get("runAsGroup")) == 65532, what
+                assert sc.get("readOnlyRootFilesystem") is True, what
+                assert sc.get("allowPrivilegeEscalation") is False, what
+                assert sc.get("privileged", False) is False, what
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], what
+                assert not sc.get("capabilities", {}).get("add"), what
+    assert containers >= 2
+
+
+@pytest.mark.parametrize("name", AGENT_VALUES)
+def test_agent_renders_no_service_no_ingress_and_listens_only_on_loopback(name):
+    r = render_file(AGENT_CHART, name)
+    assert r.of_kind("Service") == []
+    assert r.of_kind("Ingress") == []
+    agent = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    toml = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    if r.values.get("metrics", {}).get("enabled"):
+        assert agent["ports"] == [{"name": "ops", "containerPort": 9091, "protocol": "TCP"}]
+        assert toml["ops"]["listen"] == "0.0.0.0:9091"
+    else:
+        assert "ports" not in agent
+        assert toml["ops"]["listen"] == "127.0.0.1:9091"
+
+
+def test_agent_deployment_shape():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    d = r.one("Deployment")
+    assert d["spec"]["replicas"] == 2
+    assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = d["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert pod["enableServiceLinks"] is False
+    assert pod["automountServiceAccountToken"] is True
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    spread = pod["topologySpreadConstraints"]
+    assert {s["topologyKey"] for s in spread} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert all(s["whenUnsatisfiable"] == "ScheduleAnyway" for s in spread)
+    c = pod["containers"][0]
+    assert c["command"] == ["/usr/local/bin/tether-agent", "run", "--config", "/etc/tether/agent.toml"]
+    assert c["livenessProbe"]["exec"]["command"] == [
+        "/usr/local/bin/tether-agent", "probe", "--config", "/etc/tether/agent.toml"]
+    assert c["readinessProbe"]["exec"]["command"] == [
+        "/usr/local/bin/tether-agent", "probe", "--config", "/etc/tether/agent.toml", "--ready"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/tether"]["readOnly"] is True
+    state = next(v for v in pod["volumes"] if v["name"] == mounts["/var/lib/tether"]["name"])
+    assert "emptyDir" in state
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == d["spec"]["selector"]
+
+
+def test_agent_scheduling_and_extension_values_reach_the_pod():
+    r = render_file(AGENT_CHART, "agent-metrics-no-netpol.yaml")
+    v = r.values
+    d = r.one("Deployment")
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert d["spec"]["replicas"] == 3
+    assert c["image"] == "registry.example.com/tether/tether-agent:0.1.0-rc1"
+    assert c["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["nodeSelector"] == v["nodeSelector"]
+    assert pod["tolerations"] == v["tolerations"]
+    assert pod["affinity"] == v["affinity"], "affinity must replace the default anti-affinity"
+    assert pod["terminationGracePeriodSeconds"] == 20
+    assert d["spec"]["template"]["metadata"]["annotations"]["example.com/team"] == "platform"
+    assert d["spec"]["template"]["metadata"]["labels"]["team"] == "platform"
+    assert {"name": "RUST_BACKTRACE", "value": "1"} in c["env"]
+    assert v["extraVolumes"][0] in pod["volumes"]
+    assert v["extraVolumeMounts"][0] in c["volumeMounts"]
+    assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 2
+    assert r.of_kind("NetworkPolicy") == []
+    pm = r.one("PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "prometheus"
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "ops", "path": "/metrics", "interval": "15s"}]
+    pod_labels = d["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_agent_service_account_carries_cloud_identity():
+    r = render_file(AGENT_CHART, "agent-existing-secret.yaml")
+    sa = r.one("ServiceAccount")
+    ann = sa["metadata"]["annotations"]
+    assert ann["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/tether-agent"
+    assert ann["azure.workload.identity/client-id"] == "00000000-0000-0000-0000-000000000000"
+    d = r.one("Deployment")
+    assert d["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert d["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    plain = render_file(AGENT_CHART, "agent-required.yaml")
+    assert "annotations" not in plain.one("ServiceAccount")["metadata"]
+    assert "azure.workload.identity/use" not in plain.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_agent_proxy_is_passed_as_environment_and_services_are_not_rendered():
+    r = render_file(AGENT_CHART, "agent-proxy.yaml")
+    c = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
+    assert env["NO_PROXY"] == ".svc,.cluster.local,10.0.0.0/8"
+    text = r.one("ConfigMap")["data"]["agent.toml"]
+    assert "orders" not in text and "services" not in tomllib.loads(text)
+    assert "not rendered into agent.toml" in r.notes
+    assert "does not use a proxy yet" in r.notes
+    plain = render_file(AGENT_CHART, "agent-required.yaml")
+    assert "env" not in plain.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
+    r = render_file(AGENT_CHART, "agent-existing-secret.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert cfg == {
+        "gateways": ["gw-1.tether.example.com:443", "gw-2.tether.example.com:8443"],
+        "server_name": "gw.tether.example.com",
+        "labels": {"region": "eu-west-1", "cluster": 'prod "blue"'},
+        "tls": {
+            "ca": "/etc/tether/identity/ca.crt",
+            "cert": "/etc/tether/identity/tls.crt",
+            "key": "/etc/tether/identity/tls.key",
+        },
+        "reconnect": {"initial_backoff": "1s", "max_backoff": "1m", "connect_timeout": "10s"},
+        "ops": {"listen": "127.0.0.1:9091"},
+        "log": {"format": "text", "level": "info,tether_agent=debug"},
+    }
+    inline = tomllib.loads(render_file(AGENT_CHART, "agent-required.yaml").one("ConfigMap")["data"]["agent.toml"])
+    assert inline["tls"]["ca"] == "/etc/tether/gateway-ca.crt"
+    assert "server_name" not in inline and "instance_id" not in inline
+
+
+def test_checksums_roll_the_pods_when_config_or_identity_change():
+    def checksums(extra):
+        r = render_file(AGENT_CHART, "agent-required.yaml", extra)
+        ann = r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return ann["checksum/config"], ann["checksum/identity"]
+
+    base = checksums({})
+    relabelled = checksums({"config": {"labels": {"region": "us-east-1"}}})
+    rekeyed = checksums({"identity": {"privateKey": "-----BEGIN PRIVATE KEY-----\nother\n-----END PRIVATE KEY-----\n"}})
+    assert relabelled[0] != base[0] and relabelled[1] == base[1]
+    assert rekeyed[1] != base[1] and rekeyed[0] == base[0]
+    assert checksums({})[0] == base[0], "checksums must be deterministic"
+
+
+def test_notes_tell_how_to_check_the_agent_is_connected():
+    notes = render_file(AGENT_CHART, "agent-required.yaml").notes
+    assert "kubectl -n tether-system logs deployment/tether-tether-agent" in notes
+    assert "tether-agent probe --config /etc/tether/agent.toml --ready" in notes
+    assert "tetherctl agents get <tenant>/<agent>" in notes
+    assert "Bootstrap-token enrollment is" in notes
+
+
+# === NetworkPolicy ===
+
+
+def _egress_by_ports(np: dict[str, Any]) -> dict[tuple, list]:
+    return {tuple(sorted((p["protocol"], p["port"]) for p in rule["ports"])): rule["to"] for rule in np["spec"]["egress"]}
+
+
+def test_agent_network_policy_denies_all_ingress_and_allows_only_the_listed_egress():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    np = r.one("NetworkPolicy")
+    spec = np["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    assert spec["ingress"] == []
+    pod_labels = r.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    for rule in spec["egress"]:
+        # A rule without `to` or `ports` would allow every destination or every port.
+        assert rule.get("to"), rule
+        assert rule.get("ports"), rule
+    rules = _egress_by_ports(np)
+    assert rules == {
+        (("TCP", 443), ("UDP", 443)): [{"ipBlock": {"cidr": "203.0.113.10/32"}}],
+        (("TCP", 53), ("UDP", 53)): [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ],
+    }
+    assert "kubernetesAPICIDRs is empty" in r.notes
+
+
+def test_agent_network_policy_opens_each_gateway_port_and_the_api_server():
+    np = render_file(AGENT_CHART, "agent-existing-secret.yaml").one("NetworkPolicy")
+    assert np["spec"]["ingress"] == []
+    rules = _egress_by_ports(np)
+    gw = rules[(("TCP", 443), ("TCP", 8443), ("UDP", 443), ("UDP", 8443))]
+    assert gw == [{"ipBlock": {"cidr": "203.0.113.0/28"}}, {"ipBlock": {"cidr": "198.51.100.7/32"}}]
+    assert rules[(("TCP", 443), ("TCP", 6443))] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+
+
+def test_agent_network_policy_extra_egress():
+    np = render_file(AGENT_CHART, "agent-proxy.yaml").one("NetworkPolicy")
+    assert np["spec"]["ingress"] == []
+    rules = _egress_by_ports(np)
+    assert rules[(("TCP", 443),)] == [{"ipBlock": {"cidr": "10.0.200.0/24"}}]
+    assert rules[(("TCP", 3128),)] == [{"ipBlock": {"cidr": "10.0.50.10/32"}}]
+    assert rules[(("TCP", 443), ("TCP", 6443))] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}, {"ipBlock": {"cidr": "10.0.1.0/24"}}]
+    assert len(rules) == 5
+
+
+# === RBAC ===
+
+
+def architecture_rbac() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples from the `## Kubernetes RBAC (agent)` table."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    m = re.search(r"^## Kubernetes RBAC \(agent\)\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, "ARCHITECTURE.md has no '## Kubernetes RBAC (agent)' section"
+    rows = [line for line in m.group(1).splitlines() if line.startswith("|")]
+    assert rows[0].lower().replace(" ", "") == "|apigroups|resources|verbs|", rows[0]
+    triples = set()
+    for row in rows[2:]:
+        groups_cell, resources_cell, verbs_cell = [c.strip() for c in row.strip("|").split("|")]
+        groups = re.findall(r"`([^`]*)`", groups_cell)
+        groups = ["" if g == '""' else g for g in groups]
+        resources = re.findall(r"`([^`]*)`", resources_cell)
+        verbs = [v.strip() for v in verbs_cell.split(",")]
+        assert groups and resources and verbs, row
+        for g in groups:
+            for res in resources:
+                for v in verbs:
+                    triples.add((g, res, v))
+    assert len(triples) > 10
+    return triples
+
+
+def test_agent_cluster_role_grants_exactly_the_architecture_table():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    role = r.one("ClusterRole")
+    granted = set()
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule, rule
+        for field in ("apiGroups", "resources", "verbs"):
+            assert not any("*" in x for x in rule[field]), f"wildcard in {rule}"
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+        for g in rule["apiGroups"]:
+            for res in rule["resources"]:
+                for v in rule["verbs"]:
+                    granted.add((g, res, v))
+    expected = architecture_rbac()
+    assert granted == expected, f"extra: {sorted(granted - expected)} missing: {sorted(expected - granted)}"
+    binding = r.one("ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    sa = r.one("ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+    assert r.of_kind("Role") == [] and r.of_kind("RoleBinding") == []
+
+
+def test_agent_rbac_can_be_left_out():
+    r = render_file(AGENT_CHART, "agent-required.yaml", {"rbac": {"create": False}})
+    assert r.of_kind("ClusterRole") == [] and r.of_kind("ClusterRoleBinding") == []
+
+
+# === gateway ===
+
+
+def test_gateway_services_expose_quic_and_tcp_fallback_and_the_northbound_api():
+    r = render_file(GATEWAY_CHART, "gateway-required.yaml")
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in pod["containers"][0]["ports"]}
+    assert ports == {"tunnel-udp": (7443, "UDP"), "tunnel-tcp": (7443, "TCP"), "northbound": (7444, "TCP"), "ops": (9090, "TCP")}
+    tunnel = r.one("Service", "tether-tether-gateway-tunnel")
+    assert tunnel["spec"]["type"] == "LoadBalancer"
+    exposed = {(p["port"], p["protocol"], ports[p["targetPort"]]) for p in tunnel["spec"]["ports"]}
+    assert exposed == {(443, "UDP", (7443, "UDP")), (443, "TCP", (7443, "TCP"))}
+    ann = tunnel["metadata"]["annotations"]
+    assert ann["service.beta.kubernetes.io/aws-load-balancer-type"] == "external"
+    assert ann["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "ip"
+    assert ann["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
+    nb = r.one("Service", "tether-tether-gateway-northbound")
+    assert nb["spec"]["type"] == "ClusterIP"
+    assert [(p["port"], ports[p["targetPort"]]) for p in nb["spec"]["ports"]] == [(7444, (7444, "TCP"))]
+    pod_labels = r.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    for svc in r.of_kind("Service"):
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert len(r.of_kind("Service")) == 2, "the ops port is in no Service unless the ServiceMonitor is on"
+    assert r.of_kind("ServiceMonitor") == []
+
+
+def test_gateway_probes_config_and_embedded_store():
+    r = render_file(GATEWAY_CHART, "gateway-required.yaml")
+    d = r.one("Deployment")
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["/usr/local/bin/tether-gateway", "serve", "--config", "/etc/tether/gateway.toml"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert d["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert pod["automountServiceAccountToken"] is False
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    data = next(v for v in pod["volumes"] if v["name"] == mounts["/var/lib/tether"])
+    pvc = r.one("PersistentVolumeClaim")
+    assert data["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "env" not in c
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])
+    assert cfg == {
+        "trust_domain": "tether.example.com",
+        "tls": {"ca": "/etc/tether/tls/ca.crt", "cert": "/etc/tether/tls/tls.crt", "key": "/etc/tether/tls/tls.key"},
+        "tunnel": {
+            "listen": "0.0.0.0:7443",
+            "heartbeat_interval": "10s",
+            "handshake_timeout": "10s",
+            "drain_timeout": "15s",
+            "max_concurrent_streams": 1024,
+        },
+        "northbound": {"listen": "0.0.0.0:7444"},
+        "ops": {"listen": "0.0.0.0:9090"},
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+def test_gateway_postgres_store_takes_the_dsn_from_a_secret():
+    r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
+    d = r.one("Deployment")
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["env"] == [
+        {"name": "TETHER_STORE_DSN", "valueFrom": {"secretKeyRef": {"name": "tether-gateway-db", "key": "dsn"}}}
+    ]
+    assert r.of_kind("PersistentVolumeClaim") == []
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mounts["/var/lib/tether"])
+    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert pod["terminationGracePeriodSeconds"] == 75
+    assert tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])["tunnel"]["drain_timeout"] == "1m"
+    sm = r.one("ServiceMonitor")
+    metrics = r.one("Service", "tether-tether-gateway-metrics")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [p["name"] for p in metrics["spec"]["ports"]] == ["ops"]
+    for svc in r.of_kind("Service"):
+        if svc is not metrics:
+            assert not sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items(), (
+                f"the ServiceMonitor would also scrape {svc['metadata']['name']}")
+    assert "does not use a store yet" in r.notes
+
+
+# === the real binaries ===
+
+
+def binary(name: str) -> Path:
+    path = BIN / name
+    if not path.is_file() or not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: run `cargo build --workspace --bins` first (scripts/test builds it)")
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without TETHER_* variables (they would override config keys)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env.update(extra)
+    return env
+
+
+def run(args: list[str | Path], timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env or clean_env())
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, str]:
+    """A real CA, gateway certificate and agent certificate from `tether-gateway pki`."""
+    d = tmp_path_factory.mktemp("pki")
+    gw = binary("tether-gateway")
+    out = run([gw, "pki", "init", "--dir", d, "--trust-domain", "t.example", "--gateway-name", "localhost"])
+    assert out.returncode == 0, out.stderr
+    out = run([gw, "pki", "issue-agent", "--dir", d, "--tenant", "acme", "--agent", "eu-1", "--out", d / "agent", "--ttl", "1h"])
+    assert out.returncode == 0, out.stderr
+    return {
+        "ca": (d / "ca.pem").read_text(),
+        "gateway_cert": (d / "gateway.pem").read_text(),
+        "gateway_key": (d / "gateway-key.pem").read_text(),
+        "agent_cert": (d / "agent" / "agent.pem").read_text(),
+        "agent_key": (d / "agent" / "agent-key.pem").read_text(),
+    }
+
+
+def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, str]]) -> Path:
+    """Lay out the Deployment's /etc/tether volume under root the way the kubelet would: each
+    projected item from the rendered ConfigMap or Secret, or from `external_secrets` for Secrets
+    the chart does not create. A missing key fails, as it would keep the pod from starting.
+    Returns the directory that stands for /etc/tether."""
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/tether")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    etc = root / "etc" / "tether"
+    for source in volume["projected"]["sources"]:
+        if "configMap" in source:
+            ref = source["configMap"]
+            data = r.one("ConfigMap", ref["name"])["data"]
+        else:
+            ref = source["secret"]
+            created = [s for s in r.of_kind("Secret") if s["metadata"]["name"] == ref["name"]]
+            if created:
+                data = {k: base64.b64decode(v).decode() for k, v in created[0]["data"].items()}
+            else:
+                assert ref["name"] in external_secrets, f"Secret {ref['name']} is neither rendered nor provided"
+                data = external_secrets[ref["name"]]
+        for item in ref["items"]:
+            assert item["key"] in data, f"{ref['name']} has no key {item['key']}: the pod would not start"
+            dest = etc / item["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(data[item["key"]])
+    # The config refers to files by their in-pod path: point it at this directory instead.
+    for conf in etc.glob("*.toml"):
+        conf.write_text(conf.read_text().replace('"/etc/tether/', f'"{etc}/'))
+    return etc
+
+
+def agent_values(name: str, pki: dict[str, str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    values = load_values(name)
+    if not values.get("identity", {}).get("existingSecret"):
+        values = deep_merge(values, {
+            "identity": {"certificate": pki["agent_cert"], "privateKey": pki["agent_key"]},
+            "gateway": {"caBundle": pki["ca"]},
+        })
+    return deep_merge(values, extra or {})
+
+
+def agent_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, dict[str, str]]:
+    name = values.get("identity", {}).get("existingSecret")
+    if not name:
+        return {}
+    return {name: {"tls.crt": pki["agent_cert"], "tls.key": pki["agent_key"], "ca.crt": pki["ca"]}}
+
+
+def in_pod(cmd: list[str], etc: Path) -> list[str]:
+    """A command from the rendered manifests, run here: binaries from target/debug, files from etc."""
+    assert cmd[0].startswith("/usr/local/bin/"), cmd
+    return [str(binary(Path(cmd[0]).name))] + [a.replace("/etc/tether", str(etc)) for a in cmd[1:]]
+
+
+@pytest.mark.parametrize("name", AGENT_VALUES)
+def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_path):
+    values = agent_values(name, pki)
+    r = render(AGENT_CHART, values)
+    etc = materialize(r, tmp_path, agent_secrets(values, pki))
+    for path in tomllib.loads((etc / "agent.toml").read_text())["tls"].values():
+        assert Path(path).is_file(), path
+    # The same command as the chart's `helm test` hook pod.
+    hook = r.one("Pod")["spec"]["containers"][0]["command"]
+    assert hook[-1] == "--check-config"
+    out = run(in_pod(hook, etc))
+    assert out.returncode == 0, f"tether-agent rejected the chart's agent.toml:\n{out.stderr}"
+    assert "config ok" in out.stdout
+    # The check can fail: a key this agent does not know yet (the service map) exits 64 naming it.
+    (etc / "agent.toml").write_text("services = {}\n" + (etc / "agent.toml").read_text())
+    bad = run(in_pod(hook, etc))
+    assert bad.returncode == 64 and "services" in bad.stderr, bad
+
+
+def gateway_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {values["tls"]["existingSecret"]: {
+        "ca.crt": pki["ca"], "tls.crt": pki["gateway_cert"], "tls.key": pki["gateway_key"]}}
+
+
+@pytest.mark.parametrize("name", GATEWAY_VALUES)
+def test_rendered_gateway_config_passes_the_gateway_binarys_check(name, pki, tmp_path):
+    values = load_values(name)
+    r = render(GATEWAY_CHART, values)
+    etc = materialize(r, tmp_path, gateway_secrets(values, pki))
+    hook = r.one("Pod")["spec"]["containers"][0]["command"]
+    assert hook[-1] == "--check-config"
+    out = run(in_pod(hook, etc))
+    assert out.returncode == 0, f"tether-gateway rejected the chart's gateway.toml:\n{out.stderr}"
+    # --check-config loads the TLS files: a broken key fails it.
+    (etc / "tls" / "tls.key").write_text("not a key\n")
+    bad = run(in_pod(hook, etc))
+    assert bad.returncode == 64, bad
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        ok, last = check()
+        if ok:
+            return last
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last}")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def stop(proc: subprocess.Popen):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_rendered_agent_and_gateway_connect_and_the_charts_probes_tell_the_truth(pki, tmp_path):
+    """Both charts rendered, their files laid out as the kubelet would, the real binaries run
+    with them (listen addresses moved to free loopback ports), and the charts' own probe commands
+    asked: the agent's liveness holds while no gateway is reachable, its readiness follows the
+    session, and the gateway's httpGet paths answer."""
+    agent_bin = binary("tether-agent")
+    help_out = run([agent_bin, "probe", "--help"])
+    if help_out.returncode != 0:
+        pytest.fail(
+            f"{agent_bin} has no `probe` subcommand, which the chart's liveness and readiness probes "
+            f"run: rebuild it with `cargo build --workspace --bins`.\n{help_out.stderr}")
+
+    tunnel, northbound, gw_ops, agent_ops = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+
+    gw_values = deep_merge(load_values("gateway-required.yaml"), {"trustDomain": "t.example", "tunnel": {"drainTimeout": "1s"}})
+    gw = render(GATEWAY_CHART, gw_values)
+    gw_etc = materialize(gw, tmp_path / "gateway", gateway_secrets(gw_values, pki))
+    conf = gw_etc / "gateway.toml"
+    conf.write_text(conf.read_text()
+                    .replace('"0.0.0.0:7443"', f'"127.0.0.1:{tunnel}"')
+                    .replace('"0.0.0.0:7444"', f'"127.0.0.1:{northbound}"')
+                    .replace('"0.0.0.0:9090"', f'"127.0.0.1:{gw_ops}"'))
+    gw_container = gw.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+    ag_values = agent_values("agent-required.yaml", pki, {
+        "gateway": {"addresses": [f"127.0.0.1:{tunnel}"], "serverName": "localhost"},
+        "config": {"reconnect": {"initialBackoff": "100ms", "maxBackoff": "1s"}, "log": {"level": "debug"}},
+    })
+    ag = render(AGENT_CHART, ag_values)
+    ag_etc = materialize(ag, tmp_path / "agent", agent_secrets(ag_values, pki))
+    conf = ag_etc / "agent.toml"
+    conf.write_text(conf.read_text().replace('"127.0.0.1:9091"', f'"127.0.0.1:{agent_ops}"'))
+    ag_container = ag.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    liveness = in_pod(ag_container["livenessProbe"]["exec"]["command"], ag_etc)
+    readiness = in_pod(ag_container["readinessProbe"]["exec"]["command"], ag_etc)
+
+    def probe(cmd):
+        out = run(cmd, timeout=10)
+        return out.returncode, out.stderr.strip()
+
+    def probe_until(cmd, code):
+        def check():
+            got = probe(cmd)
+            return got[0] == code, got
+        return check
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = clean_env(HOSTNAME="tether-tether-agent-5d9c7-abcde")
+    agent = subprocess.Popen(in_pod(ag_container["command"], ag_etc), env=env,
+                             stdout=open(logs / "agent.out", "w"), stderr=subprocess.STDOUT)
+    gateway = None
+    try:
+        # No gateway yet: alive, not ready.
+        wait_for("agent liveness with no gateway", probe_until(liveness, 0))
+        code, err = probe(readiness)
+        assert code == 1, (code, err)
+
+        gateway = subprocess.Popen(in_pod(gw_container["command"], gw_etc), env=clean_env(),
+                                   stdout=open(logs / "gateway.out", "w"), stderr=subprocess.STDOUT)
+        ready_url = f"http://127.0.0.1:{gw_ops}{gw_container['readinessProbe']['httpGet']['path']}"
+        live_url = f"http://127.0.0.1:{gw_ops}{gw_container['livenessProbe']['httpGet']['path']}"
+        wait_for("gateway /readyz", lambda: (lambda s: (s == 200, s))(http_status(ready_url)))
+        assert http_status(live_url) == 200
+
+        wait_for("agent readiness once connected", probe_until(readiness, 0))
+        assert probe(liveness)[0] == 0
+
+        # The gateway goes away: readiness drops, liveness must not (no restarts in an outage).
+        stop(gateway)
+        assert gateway.returncode == 0, (logs / "gateway.out").read_text()
+        wait_for("agent readiness to drop", probe_until(readiness, 1))
+        assert probe(liveness) == (0, ""), "liveness must not depend on the gateway"
+        assert agent.poll() is None, "the agent exited"
+    except BaseException:
+        print("--- agent log ---\n", (logs / "agent.out").read_text()[-4000:])
+        if gateway is not None:
+            print("--- gateway log ---\n", (logs / "gateway.out").read_text()[-4000:])
+        raise
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(agent)
+    assert agent.returncode == 0, (logs / "agent.out").read_text()[-4000:]
