@@ -587,12 +587,18 @@ def test_agent_network_policy_extra_egress():
 # === RBAC ===
 
 
-def architecture_rbac() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) triples from the `## Kubernetes RBAC (agent)` table."""
-    text = (ROOT / "ARCHITECTURE.md").read_text()
-    m = re.search(r"^## Kubernetes RBAC \(agent\)\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert m, "ARCHITECTURE.md has no '## Kubernetes RBAC (agent)' section"
-    rows = [line for line in m.group(1).splitlines() if line.startswith("|")]
+def rbac_table(path: Path, heading: str) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples from the first table under `heading` in `path`."""
+    text = path.read_text()
+    m = re.search(rf"^{re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, f"{path.name} has no '{heading}' section"
+    lines = m.group(1).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
     assert rows[0].lower().replace(" ", "") == "|apigroups|resources|verbs|", rows[0]
     triples = set()
     for row in rows[2:]:
@@ -608,6 +614,15 @@ def architecture_rbac() -> set[tuple[str, str, str]]:
                     triples.add((g, res, v))
     assert len(triples) > 10
     return triples
+
+
+def architecture_rbac() -> set[tuple[str, str, str]]:
+    return rbac_table(ROOT / "ARCHITECTURE.md", "## Kubernetes RBAC (agent)")
+
+
+def test_install_guide_shows_the_same_rbac_as_architecture():
+    guide = rbac_table(ROOT / "docs" / "install-agent.md", "## What the agent can and cannot do in your cluster")
+    assert guide == architecture_rbac()
 
 
 def test_agent_cluster_role_grants_exactly_the_architecture_table():
