@@ -2,7 +2,18 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["tether/v1/agents.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "tether/v1/agents.proto",
+            "tether/v1/streams.proto",
+            "tether/agent/v1/agent_info.proto",
+            "tether/demo/v1/echo.proto",
+        ],
+        ["proto"],
+    )?;
+    // Kept for gRPC server reflection (the dev demo upstream serves it).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("descriptors.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

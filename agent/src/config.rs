@@ -3,6 +3,7 @@
 //! ```toml
 //! gateways = ["gateway.example.com:443"]  # one session is kept to each
 //! # server_name = "gateway.example.com"  # TLS name to verify; default: each address's host
+//! default_service = "default"             # for relayed calls without tether-service
 //! [tls]                                   # paths are relative to this file
 //! ca = "ca.pem"                           # CA bundle the gateway's certificate chains to
 //! cert = "agent.pem"                      # the agent's client certificate
@@ -18,6 +19,11 @@
 //! level = "info"
 //! [labels]
 //! region = "eu-west-1"
+//! [services.default]                      # the allow-list: the agent dials nothing else
+//! address = "http://billing.internal:50051"   # gRPC over h2c; https:// needs `ca`
+//! [services.db]
+//! address = "postgres.internal:5432"
+//! kind = "tcp"
 //! ```
 
 use std::collections::BTreeMap;
@@ -35,6 +41,8 @@ pub const KEYS: Keys = &[
     "server_name",
     "instance_id",
     "labels",
+    "services",
+    "default_service",
     "tls.ca",
     "tls.cert",
     "tls.key",
@@ -61,6 +69,12 @@ pub struct AgentConfig {
     /// Free-form labels shown in `Agents/Get`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The allow-list: service name → upstream. The agent dials nothing else.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// The service a call without `tether-service` goes to.
+    #[serde(default = "default_service")]
+    pub default_service: String,
     /// Certificates and keys.
     pub tls: TlsConfig,
     /// Reconnect backoff.
@@ -72,6 +86,38 @@ pub struct AgentConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+fn default_service() -> String {
+    "default".into()
+}
+
+/// What an allow-listed upstream speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// gRPC (HTTP/2): `http://` (h2c) or `https://` addresses.
+    #[default]
+    Grpc,
+    /// Raw TCP: `host:port` addresses.
+    Tcp,
+}
+
+/// One allow-listed upstream.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `http://host:port`, `https://host:port` (gRPC) or `host:port` (TCP).
+    pub address: String,
+    /// `grpc` (default) or `tcp`.
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// CA bundle for an `https://` upstream (default: none, so https needs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// TLS name to verify for an `https://` upstream (default: the address's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// Certificates and keys (PEM files).
@@ -194,6 +240,36 @@ impl Validate for AgentConfig {
                 "must be positive",
             ));
         }
+        for (name, svc) in &self.services {
+            let key = format!("services.{name}");
+            if name == "agent" {
+                return Err(ConfigError::invalid(&key, "the name `agent` is reserved for the agent's built-in service"));
+            }
+            tunnel_proto::identity::check_name("service", name)
+                .map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
+            match svc.kind {
+                ServiceKind::Grpc => {
+                    let rest = svc
+                        .address
+                        .strip_prefix("http://")
+                        .or_else(|| svc.address.strip_prefix("https://"))
+                        .ok_or_else(|| {
+                            ConfigError::invalid(&format!("{key}.address"), format!("{:?} must start with http:// (h2c) or https://", svc.address))
+                        })?;
+                    if split_host_port(rest.trim_end_matches('/')).is_none() {
+                        return Err(ConfigError::invalid(&format!("{key}.address"), format!("{:?} has no host:port", svc.address)));
+                    }
+                    if svc.address.starts_with("https://") && svc.ca.is_none() {
+                        return Err(ConfigError::invalid(&format!("{key}.ca"), "an https:// upstream needs the CA bundle that signed it"));
+                    }
+                }
+                ServiceKind::Tcp => {
+                    if split_host_port(&svc.address).is_none() {
+                        return Err(ConfigError::invalid(&format!("{key}.address"), format!("{:?} is not host:port", svc.address)));
+                    }
+                }
+            }
+        }
         if let Some(id) = &self.instance_id {
             tunnel_proto::identity::check_name("instance_id", id)
                 .map_err(|e| ConfigError::invalid("instance_id", e.to_string()))?;
@@ -211,6 +287,11 @@ impl AgentConfig {
         let base = file.and_then(Path::parent);
         for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
             *p = tether_runtime::config::resolve(base, p);
+        }
+        for svc in cfg.services.values_mut() {
+            if let Some(ca) = &mut svc.ca {
+                *ca = tether_runtime::config::resolve(base, ca);
+            }
         }
         Ok(cfg)
     }
@@ -236,6 +317,8 @@ mod tests {
             server_name: Some("x".into()),
             instance_id: Some("i".into()),
             labels: [("k".to_string(), "v".to_string())].into(),
+            services: Default::default(),
+            default_service: "default".into(),
             tls: TlsConfig {
                 ca: "a".into(),
                 cert: "b".into(),
@@ -248,7 +331,7 @@ mod tests {
         let v = toml::Value::try_from(&cfg).unwrap();
         for (k, v) in v.as_table().unwrap() {
             match v.as_table() {
-                Some(t) if k != "labels" => {
+                Some(t) if k != "labels" && k != "services" => {
                     for sub in t.keys() {
                         let key = format!("{k}.{sub}");
                         assert!(KEYS.contains(&key.as_str()), "{key} missing from KEYS");

@@ -8,6 +8,8 @@
 //! Layers only look down: transport → session → feature → backend.
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
+//! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
+//! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
@@ -15,6 +17,8 @@
 pub mod config;
 pub mod dialer;
 pub mod error;
+pub mod info;
+pub mod relay;
 pub mod status;
 pub mod supervisor;
 
@@ -55,6 +59,22 @@ fn instance_id(cfg: &AgentConfig) -> String {
         .unwrap_or_else(|| format!("agent-{:08x}", rand::random::<u32>()))
 }
 
+/// What this agent offers, announced in `Hello`.
+pub const CAPABILITIES: &[&str] = &["relay", "tcp"];
+
+/// `<tenant>/<agent>` from the agent's own certificate.
+fn own_identity(cfg: &AgentConfig) -> Result<String, AgentError> {
+    let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
+    let first = certs.first().ok_or_else(|| AgentError::Tls("empty certificate file".into()))?;
+    match tether_runtime::tls::spiffe_id(first)? {
+        tunnel_proto::SpiffeId::Agent { id, .. } => Ok(id.to_string()),
+        other => Err(AgentError::Tls(format!(
+            "{}: {other} is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)",
+            cfg.tls.cert.display()
+        ))),
+    }
+}
+
 /// Starts the agent: one supervisor per gateway, plus the ops endpoint on `ops` if given.
 pub fn start(
     cfg: &AgentConfig,
@@ -63,14 +83,29 @@ pub fn start(
 ) -> Result<AgentHandle, AgentError> {
     let dialer = dialer::Dialer::new(cfg)?;
     let status = Arc::new(AgentStatus::default());
+    let agent = own_identity(cfg)?;
+    let instance_id = instance_id(cfg);
+    let capabilities: Vec<String> = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
+    let info = Arc::new(info::Info {
+        agent: agent.clone(),
+        version: VERSION.to_owned(),
+        capabilities: capabilities.clone(),
+        labels: cfg.labels.clone(),
+        services: cfg.services.keys().cloned().collect(),
+        instance_id: instance_id.clone(),
+        started: std::time::Instant::now(),
+        status: status.clone(),
+    });
+    let services = Arc::new(relay::Services::new(cfg, agent, info::service(info))?);
     let shared = Arc::new(supervisor::Shared {
         dialer,
+        services,
         hello: Hello {
             versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
             agent_version: VERSION.to_owned(),
-            capabilities: Vec::new(),
+            capabilities,
             labels: cfg.labels.clone(),
-            instance_id: instance_id(cfg),
+            instance_id,
         },
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,

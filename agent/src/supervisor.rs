@@ -27,6 +27,8 @@ use crate::status::{AgentStatus, SessionStatus};
 pub struct Shared {
     /// Dialing material.
     pub dialer: Dialer,
+    /// The allow-listed upstreams gateway-opened streams may reach.
+    pub services: Arc<crate::relay::Services>,
     /// The `Hello` every session sends.
     pub hello: Hello,
     /// Reported status.
@@ -198,6 +200,8 @@ async fn session(
         }
     };
     let (endpoint, conn) = dial.map_err(|e| e.to_string())?;
+    // Streams the gateway opens on this connection; ends with the connection.
+    tokio::spawn(crate::relay::serve(conn.clone(), shared.services.clone()));
     let result = run_control(id, gateway, shared, tx, close_rx, established, &conn).await;
     // Give the close a moment to reach the gateway, without holding shutdown hostage.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

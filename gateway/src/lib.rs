@@ -9,6 +9,8 @@
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
 //! - [`registry`] (session): live sessions and the connect/disconnect feed;
 //! - [`northbound`] (feature): `tether.v1.Agents` over TLS with caller authentication;
+//! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
+//! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
 //! - [`pki`] (backend): CA and certificate issuance with rcgen;
 //! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
 #![warn(missing_docs)]
@@ -20,7 +22,9 @@ pub mod error;
 pub mod northbound;
 pub mod pki;
 pub mod registry;
+pub mod relay;
 pub mod server;
+pub mod streams;
 pub mod tunnel;
 pub mod verifier;
 

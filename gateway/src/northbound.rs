@@ -27,25 +27,24 @@ pub struct Caller {
 
 /// Checks the caller's client certificate; used as the interceptor of every service.
 pub fn authenticate(trust_domain: &str, mut req: Request<()>) -> Result<Request<()>, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let caller = caller_from_certs(trust_domain, req.peer_certs().as_deref().map(Vec::as_slice))?;
+    req.extensions_mut().insert(caller);
+    Ok(req)
+}
+
+/// The caller a client-certificate chain identifies, or why it may not call.
+pub fn caller_from_certs(
+    trust_domain: &str,
+    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+) -> Result<Caller, Status> {
     let cert = certs
-        .first()
+        .and_then(|c| c.first())
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let id = spiffe_id(cert)
         .map_err(|e| Status::unauthenticated(format!("client certificate identity: {e}")))?;
     match id {
-        SpiffeId::ControlPlane {
-            trust_domain: td,
-            name,
-        } if td == trust_domain => {
-            req.extensions_mut().insert(Caller { name });
-            Ok(req)
-        }
-        SpiffeId::ControlPlane {
-            trust_domain: td, ..
-        } => Err(Status::permission_denied(format!(
+        SpiffeId::ControlPlane { trust_domain: td, name } if td == trust_domain => Ok(Caller { name }),
+        SpiffeId::ControlPlane { trust_domain: td, .. } => Err(Status::permission_denied(format!(
             "caller trust domain {td:?} is not {trust_domain:?}"
         ))),
         SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(

@@ -30,6 +30,8 @@ pub struct SessionInfo {
     pub hello: Hello,
     /// Negotiated protocol version.
     pub version: u32,
+    /// The connection, for opening streams towards the agent.
+    pub conn: quinn::Connection,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
@@ -73,6 +75,8 @@ pub struct NewSession {
     pub hello: Hello,
     /// Negotiated version.
     pub version: u32,
+    /// The connection.
+    pub conn: quinn::Connection,
 }
 
 /// A connect or disconnect.
@@ -141,6 +145,7 @@ impl Registry {
             connected_at: SystemTime::now(),
             hello: s.hello,
             version: s.version,
+            conn: s.conn,
             rtt: Mutex::new(None),
             control: tx,
         });

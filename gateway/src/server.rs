@@ -16,6 +16,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::northbound::AgentsApi;
+use crate::relay::{Relay, RelayService};
+use crate::streams::StreamsApi;
 use crate::registry::Registry;
 use crate::tunnel::{self, TunnelContext};
 
@@ -134,10 +136,18 @@ pub async fn start(
     let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
         .map_err(io("northbound socket".into()))?;
     let api = AgentsApi::new(registry.clone(), close_sessions.clone());
+    let relay = Relay::new(registry.clone(), cfg.trust_domain.clone());
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(api.into_service(cfg.trust_domain.clone()));
+    routes.add_service(StreamsApi::new(relay.clone()).into_service());
+    let mut routes = routes.routes();
+    // Everything that is not tether.v1.* is relayed to an agent.
+    let axum_router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| GatewayError::Tls(format!("northbound: {e}")))?
-        .add_service(api.into_service(cfg.trust_domain.clone()));
+        .add_routes(routes);
     let nb_stop = close_sessions.clone();
     let northbound = tokio::spawn(async move {
         let incoming = TcpListenerStream::new(nb_listener);

@@ -226,6 +226,7 @@ async fn drive_session(
                         transport: "quic",
                         hello,
                         version,
+                        conn: conn.clone(),
                     });
                     tracing::info!(%agent, session = %session_id, %remote,
                         agent_version = %info.hello.agent_version, "agent connected");

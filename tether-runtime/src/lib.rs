@@ -3,16 +3,20 @@
 //! # Layout
 //! - [`config`]: one merge point for TOML file, `TETHER_*` environment and `--set` flags, with
 //!   errors that name the key; exit code [`config::EXIT_CONFIG`] (64) for bad config;
+//! - [`grpc`]: metadata and `grpc-timeout` handling for the relay;
 //! - [`logging`]: `tracing` subscriber, text or JSON;
 //! - [`ops`]: the ops HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`tls`]: loading PEM material and reading SPIFFE identities out of certificates;
-//! - [`shutdown`]: the one shutdown signal every task listens to.
+//! - [`shutdown`]: the one shutdown signal every task listens to;
+//! - [`stream`]: framed reads and writes on one tunnel stream.
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod grpc;
 pub mod logging;
 pub mod ops;
 pub mod shutdown;
+pub mod stream;
 pub mod tls;
 
 pub use tokio_util::sync::CancellationToken;

@@ -3,13 +3,26 @@
 //! The length is checked against the limit as soon as the five header bytes are in, before any
 //! buffer is grown for the payload, so a peer cannot make us allocate more than the limit.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::ProtoError;
 use crate::message::Message;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 5;
+
+/// Largest `Data` payload a sender puts in one frame, and the limit a stream decoder enforces
+/// (with room for trailers and heads, which are smaller).
+pub const MAX_DATA_FRAME: usize = 64 * 1024;
+
+/// The 5-byte header of a `Data` frame of `len` bytes, so callers can send the payload without
+/// copying it (`write_all_chunks([header, payload])`).
+pub fn data_header(len: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER_LEN);
+    b.put_u8(0x11);
+    b.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    b.freeze()
+}
 
 /// Hard limits of the protocol; the gateway announces its frame limit in `Welcome`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +35,7 @@ pub struct Limits {
 
 impl Limits {
     /// Default: 64 KiB for both. Control frames are small; headers carry metadata only.
+    /// Body bytes travel in `Data` frames of at most [`MAX_DATA_FRAME`].
     pub const DEFAULT: Limits = Limits {
         max_control_frame: 64 * 1024,
         max_stream_header: 64 * 1024,
@@ -71,10 +85,17 @@ impl FrameDecoder {
                 Ok(None)
             }
             Some((ty, len)) => {
-                let frame = self.buf.split_to(HEADER_LEN + len);
-                Message::decode(ty, &frame[HEADER_LEN..]).map(Some)
+                let mut frame = self.buf.split_to(HEADER_LEN + len);
+                let payload = frame.split_off(HEADER_LEN).freeze();
+                Message::decode(ty, payload).map(Some)
             }
         }
+    }
+
+    /// Takes the bytes buffered past the last whole message (for streams that switch to raw
+    /// bytes after their header).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.split().freeze()
     }
 
     /// Bytes buffered but not yet returned as a message.
@@ -133,7 +154,8 @@ pub fn decode_frame(
     match peek_frame(buf, max_payload)? {
         None => Ok(None),
         Some((ty, len)) => {
-            let msg = Message::decode(ty, &buf[HEADER_LEN..HEADER_LEN + len])?;
+            let payload = Bytes::copy_from_slice(&buf[HEADER_LEN..HEADER_LEN + len]);
+            let msg = Message::decode(ty, payload)?;
             Ok(Some((msg, HEADER_LEN + len)))
         }
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
 use crate::error::ProtoError;
@@ -156,6 +156,80 @@ impl StreamHeader {
     }
 }
 
+/// First frame the agent sends back on a relayed RPC stream: the upstream's response headers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ResponseHead {
+    /// HTTP status of the upstream response (200 for gRPC).
+    #[prost(uint32, tag = "1")]
+    pub status: u32,
+    /// Response metadata (headers).
+    #[prost(message, repeated, tag = "2")]
+    pub metadata: Vec<MetadataEntry>,
+}
+
+/// Last frame of a relayed RPC stream from the agent: the trailers (`grpc-status`,
+/// `grpc-message`, custom ones). Sent alone ("trailers-only") when the call fails before any
+/// response, e.g. a service the agent does not allow-list.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Trailers {
+    /// Trailer entries.
+    #[prost(message, repeated, tag = "1")]
+    pub metadata: Vec<MetadataEntry>,
+}
+
+impl Trailers {
+    /// Trailers carrying a gRPC status.
+    pub fn status(code: i32, message: &str) -> Trailers {
+        let mut metadata = vec![MetadataEntry {
+            key: "grpc-status".into(),
+            value: code.to_string().into_bytes(),
+        }];
+        if !message.is_empty() {
+            metadata.push(MetadataEntry {
+                key: "grpc-message".into(),
+                value: percent_encode(message).into_bytes(),
+            });
+        }
+        Trailers { metadata }
+    }
+
+    /// The `grpc-status` these trailers carry, if any.
+    pub fn grpc_status(&self) -> Option<i32> {
+        self.metadata
+            .iter()
+            .find(|m| m.key == "grpc-status")
+            .and_then(|m| std::str::from_utf8(&m.value).ok()?.parse().ok())
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec): everything outside printable
+/// ASCII, and `%` itself.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The agent's answer to a TCP stream header: connected, or why not. Raw bytes follow an `ok`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OpenResult {
+    /// True when the agent connected to the service.
+    #[prost(bool, tag = "1")]
+    pub ok: bool,
+    /// A gRPC status code when not ok.
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    /// Why not, for the caller.
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
 /// Any frame the protocol knows, tagged by its frame type.
 #[derive(Clone, PartialEq, Debug)]
 #[non_exhaustive]
@@ -174,6 +248,14 @@ pub enum Message {
     Close(Close),
     /// See [`StreamHeader`].
     StreamHeader(StreamHeader),
+    /// A chunk of body bytes on a relayed stream; the payload is raw, not protobuf.
+    Data(Bytes),
+    /// See [`ResponseHead`].
+    ResponseHead(ResponseHead),
+    /// See [`Trailers`].
+    Trailers(Trailers),
+    /// See [`OpenResult`].
+    OpenResult(OpenResult),
 }
 
 /// Frame type bytes. Stable on the wire: never renumber.
@@ -185,6 +267,10 @@ pub(crate) mod frame_type {
     pub(crate) const GO_AWAY: u8 = 0x05;
     pub(crate) const CLOSE: u8 = 0x06;
     pub(crate) const STREAM_HEADER: u8 = 0x10;
+    pub(crate) const DATA: u8 = 0x11;
+    pub(crate) const RESPONSE_HEAD: u8 = 0x12;
+    pub(crate) const TRAILERS: u8 = 0x13;
+    pub(crate) const OPEN_RESULT: u8 = 0x14;
 }
 
 impl Message {
@@ -199,6 +285,10 @@ impl Message {
             Message::GoAway(_) => GO_AWAY,
             Message::Close(_) => CLOSE,
             Message::StreamHeader(_) => STREAM_HEADER,
+            Message::Data(_) => DATA,
+            Message::ResponseHead(_) => RESPONSE_HEAD,
+            Message::Trailers(_) => TRAILERS,
+            Message::OpenResult(_) => OPEN_RESULT,
         }
     }
 
@@ -207,7 +297,7 @@ impl Message {
         use frame_type::*;
         matches!(
             ty,
-            HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER
+            HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER | DATA | RESPONSE_HEAD | TRAILERS | OPEN_RESULT
         )
     }
 
@@ -221,6 +311,10 @@ impl Message {
             Message::GoAway(_) => "GoAway",
             Message::Close(_) => "Close",
             Message::StreamHeader(_) => "StreamHeader",
+            Message::Data(_) => "Data",
+            Message::ResponseHead(_) => "ResponseHead",
+            Message::Trailers(_) => "Trailers",
+            Message::OpenResult(_) => "OpenResult",
         }
     }
 
@@ -233,6 +327,10 @@ impl Message {
             Message::GoAway(m) => m.encoded_len(),
             Message::Close(m) => m.encoded_len(),
             Message::StreamHeader(m) => m.encoded_len(),
+            Message::Data(b) => b.len(),
+            Message::ResponseHead(m) => m.encoded_len(),
+            Message::Trailers(m) => m.encoded_len(),
+            Message::OpenResult(m) => m.encoded_len(),
         }
     }
 
@@ -257,6 +355,13 @@ impl Message {
             Message::GoAway(m) => m.encode(dst),
             Message::Close(m) => m.encode(dst),
             Message::StreamHeader(m) => m.encode(dst),
+            Message::Data(b) => {
+                dst.extend_from_slice(b);
+                Ok(())
+            }
+            Message::ResponseHead(m) => m.encode(dst),
+            Message::Trailers(m) => m.encode(dst),
+            Message::OpenResult(m) => m.encode(dst),
         };
         debug_assert!(res.is_ok());
     }
@@ -268,8 +373,8 @@ impl Message {
         b.freeze()
     }
 
-    /// Decodes a payload of the given frame type.
-    pub fn decode(ty: u8, payload: &[u8]) -> Result<Message, ProtoError> {
+    /// Decodes a payload of the given frame type. `Data` keeps the payload without copying.
+    pub fn decode(ty: u8, payload: Bytes) -> Result<Message, ProtoError> {
         use frame_type::*;
         fn de<M: prost::Message + Default>(kind: &'static str, p: &[u8]) -> Result<M, ProtoError> {
             M::decode(p).map_err(|e| ProtoError::Malformed {
@@ -277,14 +382,19 @@ impl Message {
                 detail: e.to_string(),
             })
         }
+        let p = &payload[..];
         Ok(match ty {
-            HELLO => Message::Hello(de("Hello", payload)?),
-            WELCOME => Message::Welcome(de("Welcome", payload)?),
-            HEARTBEAT => Message::Heartbeat(de("Heartbeat", payload)?),
-            HEARTBEAT_ACK => Message::HeartbeatAck(de("HeartbeatAck", payload)?),
-            GO_AWAY => Message::GoAway(de("GoAway", payload)?),
-            CLOSE => Message::Close(de("Close", payload)?),
-            STREAM_HEADER => Message::StreamHeader(de("StreamHeader", payload)?),
+            HELLO => Message::Hello(de("Hello", p)?),
+            WELCOME => Message::Welcome(de("Welcome", p)?),
+            HEARTBEAT => Message::Heartbeat(de("Heartbeat", p)?),
+            HEARTBEAT_ACK => Message::HeartbeatAck(de("HeartbeatAck", p)?),
+            GO_AWAY => Message::GoAway(de("GoAway", p)?),
+            CLOSE => Message::Close(de("Close", p)?),
+            STREAM_HEADER => Message::StreamHeader(de("StreamHeader", p)?),
+            DATA => Message::Data(payload),
+            RESPONSE_HEAD => Message::ResponseHead(de("ResponseHead", p)?),
+            TRAILERS => Message::Trailers(de("Trailers", p)?),
+            OPEN_RESULT => Message::OpenResult(de("OpenResult", p)?),
             other => return Err(ProtoError::UnknownFrameType(other)),
         })
     }

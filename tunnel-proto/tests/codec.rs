@@ -8,8 +8,19 @@ fn s() -> impl Strategy<Value = String> {
     ".{0,40}"
 }
 
+fn metadata() -> impl Strategy<Value = Vec<MetadataEntry>> {
+    proptest::collection::vec(
+        (s(), proptest::collection::vec(any::<u8>(), 0..32)).prop_map(|(key, value)| MetadataEntry { key, value }),
+        0..6,
+    )
+}
+
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..2048).prop_map(|b| Message::Data(b.into())),
+        (any::<u32>(), metadata()).prop_map(|(status, metadata)| Message::ResponseHead(ResponseHead { status, metadata })),
+        metadata().prop_map(|metadata| Message::Trailers(Trailers { metadata })),
+        (any::<bool>(), any::<i32>(), s()).prop_map(|(ok, code, message)| Message::OpenResult(OpenResult { ok, code, message })),
         (
             proptest::collection::vec(any::<u32>(), 0..4),
             s(),
@@ -155,4 +166,21 @@ fn stream_header_kind_is_typed() {
         ..Default::default()
     };
     assert_eq!(h.stream_kind(), StreamKind::Unspecified);
+}
+
+#[test]
+fn data_header_matches_the_data_frame_encoding() {
+    let payload = bytes::Bytes::from_static(b"hello world");
+    let whole = Message::Data(payload.clone()).to_bytes();
+    let mut split = tunnel_proto::frame::data_header(payload.len()).to_vec();
+    split.extend_from_slice(&payload);
+    assert_eq!(&whole[..], &split[..]);
+}
+
+#[test]
+fn status_trailers_percent_encode_the_message() {
+    let t = Trailers::status(14, "upstream 100% down\n");
+    assert_eq!(t.grpc_status(), Some(14));
+    let msg = t.metadata.iter().find(|m| m.key == "grpc-message").unwrap();
+    assert_eq!(msg.value, b"upstream 100%25 down%0A");
 }

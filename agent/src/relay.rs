@@ -1,0 +1,405 @@
+//! Feature layer: serves the streams a gateway opens on a session — relayed gRPC calls and TCP
+//! streams — to the upstreams in the agent's service map, and the built-in `agent` service.
+//!
+//! The service map is the allow-list: a stream naming anything else is refused here, before any
+//! connection is made. Cancellation travels both ways: a gateway reset cancels the upstream call
+//! (its h2 stream is reset), and a deadline passing does the same.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tether_runtime::grpc;
+use tether_runtime::stream::{send_data, send_msg, FramedRecv, StreamError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::Code;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
+use tunnel_proto::message::{OpenResult, ResponseHead, StreamHeader, StreamKind, Trailers};
+use tunnel_proto::{ErrorCode, Message};
+
+use crate::config::{AgentConfig, ServiceKind};
+use crate::error::AgentError;
+
+/// Errors of upstream services.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A gRPC upstream: an HTTP/2 client (tonic's `Channel`) or an in-process service.
+pub type GrpcService = BoxCloneSyncService<Request<tonic::body::Body>, Response<tonic::body::Body>, BoxError>;
+
+/// The reserved name of the built-in service.
+pub const BUILTIN: &str = "agent";
+
+/// Time allowed for a stream's header to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to connect to a TCP upstream.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Upstream {
+    Grpc { svc: GrpcService, address: String },
+    Tcp { address: String },
+}
+
+/// The agent's allow-listed upstreams.
+pub struct Services {
+    map: BTreeMap<String, Upstream>,
+    default: String,
+    builtin: GrpcService,
+    agent: String,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("names", &self.map.keys().collect::<Vec<_>>())
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl Services {
+    /// Builds clients for every service in the config (they connect lazily, on first use).
+    pub fn new(cfg: &AgentConfig, agent: String, builtin: GrpcService) -> Result<Services, AgentError> {
+        let mut map = BTreeMap::new();
+        for (name, s) in &cfg.services {
+            let up = match s.kind {
+                ServiceKind::Tcp => Upstream::Tcp { address: s.address.clone() },
+                ServiceKind::Grpc => {
+                    let bad = |e: String| AgentError::Tls(format!("services.{name}: {e}"));
+                    let mut ep = Endpoint::from_shared(s.address.clone())
+                        .map_err(|e| bad(e.to_string()))?
+                        .connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true);
+                    if let Some(ca) = &s.ca {
+                        let pem = std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+                        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+                        if let Some(n) = &s.server_name {
+                            tls = tls.domain_name(n.clone());
+                        }
+                        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+                    }
+                    let channel = ep.connect_lazy();
+                    Upstream::Grpc {
+                        svc: BoxCloneSyncService::new(channel.map_err(BoxError::from)),
+                        address: s.address.clone(),
+                    }
+                }
+            };
+            map.insert(name.clone(), up);
+        }
+        Ok(Services {
+            map,
+            default: cfg.default_service.clone(),
+            builtin,
+            agent,
+        })
+    }
+
+    /// Service names, for `AgentInfo`.
+    pub fn names(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+}
+
+/// Serves every stream the gateway opens on `conn` until the connection ends.
+pub async fn serve(conn: quinn::Connection, services: Arc<Services>) {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(handle(send, recv, services.clone()));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: Arc<Services>) {
+    let mut framed = FramedRecv::relay(recv);
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, framed.next()).await {
+        Ok(Ok(Some(Message::StreamHeader(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            tracing::warn!(frame = other.name(), "stream did not start with a StreamHeader");
+            let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+            framed.stop(ErrorCode::PROTOCOL_ERROR);
+            return;
+        }
+        Ok(Err(StreamError::Protocol(e))) => {
+            tracing::warn!(error = %e, "bad stream header");
+            let _ = send.reset(e.code().0.into());
+            framed.stop(e.code());
+            return;
+        }
+        Ok(_) | Err(_) => {
+            let _ = send.reset(ErrorCode::CANCELLED.0.into());
+            return;
+        }
+    };
+    match header.stream_kind() {
+        StreamKind::Rpc => rpc(header, framed, send, &services).await,
+        StreamKind::Tcp => tcp(header, framed, send, &services).await,
+        other => {
+            tracing::warn!(kind = ?other, "stream kind not supported by this agent");
+            let _ = send_msg(&mut send, &Message::Trailers(Trailers::status(Code::Unimplemented as i32, "stream kind not supported by this agent"))).await;
+            let _ = send.finish();
+        }
+    }
+}
+
+fn service_name<'a>(header: &'a StreamHeader, services: &'a Services) -> &'a str {
+    if header.service.is_empty() {
+        &services.default
+    } else {
+        &header.service
+    }
+}
+
+async fn finish_with(send: &mut quinn::SendStream, code: Code, message: &str) {
+    metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
+    let _ = send_msg(send, &Message::Trailers(Trailers::status(code as i32, message))).await;
+    let _ = send.finish();
+}
+
+async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStream, services: &Services) {
+    let name = service_name(&header, services).to_owned();
+    let (svc, address) = match services.map.get(&name) {
+        _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
+        Some(Upstream::Grpc { svc, address }) => (svc.clone(), address.clone()),
+        Some(Upstream::Tcp { .. }) => {
+            let msg = format!("service {name:?} on agent {} is a TCP service: use tether.v1.Streams/Open", services.agent);
+            return finish_with(&mut send, Code::FailedPrecondition, &msg).await;
+        }
+        None => {
+            tracing::info!(service = %name, method = %header.method, "refused: service not in the allow-list");
+            let msg = format!("service {name:?} is not allow-listed on agent {}", services.agent);
+            return finish_with(&mut send, Code::PermissionDenied, &msg).await;
+        }
+    };
+    let deadline = (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
+
+    // The request: headers from metadata, body streamed from Data frames.
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let mut req = Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(body_rx),
+    )));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = match header.method.parse() {
+        Ok(u) => u,
+        Err(_) => return finish_with(&mut send, Code::InvalidArgument, "method is not a valid path").await,
+    };
+    grpc::metadata_to_headers(&header.metadata, req.headers_mut());
+    for (k, v) in &header.trace_context {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            req.headers_mut().insert(k, v);
+        }
+    }
+    req.headers_mut().insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if let Some(d) = deadline {
+        req.headers_mut().insert("grpc-timeout", grpc::encode_grpc_timeout(d.saturating_duration_since(Instant::now())));
+    }
+    let request_pump = tokio::spawn(pump_request(framed, body_tx));
+
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let deadline_at = deadline.unwrap_or(far);
+    let call = async { svc.oneshot(req).await };
+    let resp = tokio::select! {
+        r = call => r,
+        _ = tokio::time::sleep_until(deadline_at.into()) => {
+            request_pump.abort();
+            return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
+        }
+        _ = send.stopped() => {
+            // The gateway cancelled: dropping the call resets the upstream's stream.
+            request_pump.abort();
+            metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
+            return;
+        }
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            request_pump.abort();
+            let msg = format!("upstream service {name:?} ({address}) is unavailable: {}", error_chain(e.as_ref()));
+            tracing::warn!(service = %name, %address, "{msg}");
+            return finish_with(&mut send, Code::Unavailable, &msg).await;
+        }
+    };
+    let (parts, mut body) = resp.into_parts();
+    let head = ResponseHead {
+        status: u32::from(parts.status.as_u16()),
+        metadata: grpc::headers_to_metadata(&parts.headers),
+    };
+    if send_msg(&mut send, &Message::ResponseHead(head)).await.is_err() {
+        request_pump.abort();
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = tokio::time::sleep_until(deadline_at.into()) => {
+                request_pump.abort();
+                return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded").await;
+            }
+            _ = send.stopped() => {
+                request_pump.abort();
+                metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
+                return;
+            }
+        };
+        match frame {
+            Some(Ok(f)) => match f.into_data() {
+                Ok(data) => {
+                    if send_data(&mut send, data).await.is_err() {
+                        request_pump.abort();
+                        return;
+                    }
+                }
+                Err(f) => {
+                    if let Ok(trailers) = f.into_trailers() {
+                        let t = Trailers { metadata: grpc::headers_to_metadata(&trailers) };
+                        let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
+                        metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
+                        let _ = send_msg(&mut send, &Message::Trailers(t)).await;
+                        let _ = send.finish();
+                        return;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                request_pump.abort();
+                let msg = format!("upstream service {name:?} failed mid-call: {}", error_chain(&e));
+                return finish_with(&mut send, Code::Unavailable, &msg).await;
+            }
+            None => {
+                // A response without trailers is not valid gRPC; report it rather than hang.
+                return finish_with(&mut send, Code::Internal, "upstream response ended without trailers").await;
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Gateway → upstream: Data frames into the request body. A reset from the gateway fails the
+/// body, which makes the HTTP/2 client reset the upstream stream.
+async fn pump_request(mut framed: FramedRecv, tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>) {
+    loop {
+        let msg = tokio::select! {
+            m = framed.next() => m,
+            _ = tx.closed() => return,
+        };
+        match msg {
+            Ok(Some(Message::Data(b))) => {
+                if tx.send(Ok(Frame::data(b))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Ok(Some(other)) => {
+                let _ = tx.send(Err(format!("unexpected {} frame in request", other.name()).into())).await;
+                framed.stop(ErrorCode::PROTOCOL_ERROR);
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(Box::new(e))).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn open_result(send: &mut quinn::SendStream, code: Code, message: String) {
+    let r = OpenResult { ok: code == Code::Ok, code: code as i32, message };
+    let _ = send_msg(send, &Message::OpenResult(r)).await;
+    if code != Code::Ok {
+        let _ = send.finish();
+    }
+    metrics::counter!("tether_agent_relay_calls_total", "kind" => "tcp", "code" => format!("{code:?}")).increment(1);
+}
+
+async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStream, services: &Services) {
+    let name = service_name(&header, services).to_owned();
+    let address = match services.map.get(&name) {
+        Some(Upstream::Tcp { address }) => address.clone(),
+        Some(Upstream::Grpc { .. }) => {
+            let msg = format!("service {name:?} on agent {} is a gRPC service, not TCP", services.agent);
+            return open_result(&mut send, Code::FailedPrecondition, msg).await;
+        }
+        None => {
+            tracing::info!(service = %name, "refused: TCP service not in the allow-list");
+            let msg = format!("service {name:?} is not allow-listed on agent {}", services.agent);
+            return open_result(&mut send, Code::PermissionDenied, msg).await;
+        }
+    };
+    let stream = match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let msg = format!("upstream service {name:?} ({address}) is unavailable: {e}");
+            return open_result(&mut send, Code::Unavailable, msg).await;
+        }
+        Err(_) => {
+            let msg = format!("upstream service {name:?} ({address}) did not accept within {TCP_CONNECT_TIMEOUT:?}");
+            return open_result(&mut send, Code::Unavailable, msg).await;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    open_result(&mut send, Code::Ok, String::new()).await;
+    let (mut recv, leftover) = framed.into_parts();
+    let (mut rd, mut wr) = stream.into_split();
+    // Gateway → service; the gateway finishing its side half-closes ours.
+    let inbound = async move {
+        if !leftover.is_empty() && wr.write_all(&leftover).await.is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    if wr.write_all(&buf[..n]).await.is_err() {
+                        let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    // Service → gateway; the service closing its side finishes the stream.
+    let outbound = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    return;
+                }
+                Ok(n) => {
+                    if send.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                    return;
+                }
+            }
+        }
+    };
+    tokio::join!(inbound, outbound);
+}

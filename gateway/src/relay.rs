@@ -1,0 +1,382 @@
+//! Feature layer: the transparent gRPC relay on the northbound listener.
+//!
+//! Any call to a service other than `tether.v1.*` that carries `tether-agent: <tenant>/<agent>`
+//! (and optionally `tether-service: <name>`) is carried over a new gateway-opened QUIC stream to
+//! one of that agent's live sessions, which forwards it to the upstream it maps the service name
+//! to. Every call shape works because bytes are streamed as they come, both ways:
+//!
+//! ```text
+//! caller ──h2──► gateway ──QUIC stream: StreamHeader, Data…, FIN──► agent ──h2──► upstream
+//! caller ◄─h2─── gateway ◄─ResponseHead, Data…, Trailers, FIN────── agent ◄─h2─── upstream
+//! ```
+//!
+//! Backpressure is end to end: the response pump holds at most a few frames and only reads the
+//! QUIC stream when the caller takes them; QUIC flow control then slows the agent, whose h2
+//! flow control slows the upstream. Cancellation is a reset: a caller that goes away, or a
+//! deadline that passes, resets the QUIC stream both ways and the agent cancels the upstream call.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tether_runtime::grpc::{self, TETHER_AGENT, TETHER_SERVICE};
+use tether_runtime::stream::{send_data, send_msg, FramedRecv};
+use tokio::sync::mpsc;
+use tether_runtime::CancellationToken;
+use tonic::{Code, Status};
+use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
+use tunnel_proto::{AgentId, ErrorCode, Message};
+
+use crate::northbound::caller_from_certs;
+use crate::registry::{Registry, SessionInfo};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long opening a stream may wait when the agent's stream limit is reached and the call has
+/// no deadline of its own.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared state of the relay.
+#[derive(Debug)]
+pub struct Relay {
+    registry: Arc<Registry>,
+    trust_domain: String,
+    next: AtomicUsize,
+}
+
+impl Relay {
+    /// A relay over `registry`'s sessions, for callers of `trust_domain`.
+    pub fn new(registry: Arc<Registry>, trust_domain: String) -> Arc<Relay> {
+        Arc::new(Relay {
+            registry,
+            trust_domain,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
+    /// A stream stays on the session it was opened on.
+    pub fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, Status> {
+        let snapshot = self
+            .registry
+            .get(agent)
+            .ok_or_else(|| Status::not_found(format!("agent {agent} is not known to this gateway")))?;
+        if snapshot.sessions.is_empty() {
+            return Err(Status::unavailable(format!("agent {agent} is not connected")));
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % snapshot.sessions.len();
+        Ok(snapshot.sessions[i].clone())
+    }
+
+    /// Authenticates the caller and resolves `tether-agent` / `tether-service` from metadata.
+    pub fn route(&self, headers: &HeaderMap, certs: Option<&[rustls_pki_types::CertificateDer<'static>]>) -> Result<(AgentId, String), Status> {
+        caller_from_certs(&self.trust_domain, certs)?;
+        let agent = headers
+            .get(TETHER_AGENT)
+            .ok_or_else(|| Status::invalid_argument("missing tether-agent metadata: set it to <tenant>/<agent>"))?
+            .to_str()
+            .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
+            .parse::<AgentId>()
+            .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))?;
+        let service = match headers.get(TETHER_SERVICE) {
+            None => String::new(),
+            Some(v) => v
+                .to_str()
+                .map_err(|_| Status::invalid_argument("tether-service metadata is not text"))?
+                .to_owned(),
+        };
+        Ok((agent, service))
+    }
+
+    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header.
+    pub async fn open(
+        &self,
+        agent: &AgentId,
+        header: StreamHeader,
+        deadline: Option<Instant>,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Status> {
+        let session = self.pick(agent)?;
+        let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
+        let (mut send, recv) = match tokio::time::timeout_at(open_by.into(), session.conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Status::unavailable(format!("agent {agent}: connection lost: {e}"))),
+            Err(_) if deadline.is_some() => {
+                return Err(Status::deadline_exceeded(format!("deadline passed waiting for a stream to agent {agent}")));
+            }
+            Err(_) => {
+                return Err(Status::resource_exhausted(format!("agent {agent} has no free stream for {OPEN_TIMEOUT:?}")));
+            }
+        };
+        send_msg(&mut send, &Message::StreamHeader(header))
+            .await
+            .map_err(|e| Status::unavailable(format!("agent {agent}: {e}")))?;
+        Ok((send, recv))
+    }
+}
+
+/// The tower service mounted as the northbound router's fallback.
+#[derive(Clone, Debug)]
+pub struct RelayService(pub Arc<Relay>);
+
+fn peer_certs<B>(req: &Request<B>) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+}
+
+impl tower::Service<Request<axum::body::Body>> for RelayService {
+    type Response = Response<axum::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
+        let relay = self.0.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let tenant = req
+                .headers()
+                .get(TETHER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.split_once('/'))
+                .map(|(t, _)| t.to_owned())
+                .unwrap_or_default();
+            match relay_call(&relay, req).await {
+                Ok(resp) => {
+                    metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "grpc")
+                        .record(started.elapsed().as_secs_f64());
+                    Ok(resp)
+                }
+                Err(status) => {
+                    record_end(&tenant, status.code());
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+fn record_end(tenant: &str, code: Code) {
+    metrics::counter!("tether_gateway_relay_calls_total", "kind" => "grpc", "tenant" => tenant.to_owned(),
+        "code" => format!("{code:?}")).increment(1);
+}
+
+async fn relay_call(relay: &Relay, req: Request<axum::body::Body>) -> Result<Response<axum::body::Body>, Status> {
+    let certs = peer_certs(&req);
+    let (agent, service) = relay.route(req.headers(), certs.as_deref().map(Vec::as_slice))?;
+    let timeout = req.headers().get("grpc-timeout").and_then(grpc::parse_grpc_timeout);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let trace_context = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|k| Some(((*k).to_owned(), req.headers().get(*k)?.to_str().ok()?.to_owned())))
+        .collect();
+    let header = StreamHeader {
+        kind: StreamKind::Rpc as i32,
+        service,
+        method: req.uri().path().to_owned(),
+        metadata: grpc::headers_to_metadata(req.headers()),
+        timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+        trace_context,
+        id: String::new(),
+    };
+    let (send, recv) = relay.open(&agent, header, deadline).await?;
+    let tenant = agent.tenant().to_owned();
+    let active = ActiveGuard::new("grpc");
+    let cancel = CancellationToken::new();
+    tokio::spawn(pump_request(req.into_body(), send, cancel.clone()));
+
+    let mut framed = FramedRecv::relay(recv);
+    let first = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), framed.next()).await {
+            Ok(r) => r,
+            Err(_) => {
+                framed.stop(ErrorCode::CANCELLED);
+                cancel.cancel();
+                return Err(Status::deadline_exceeded("deadline exceeded waiting for the upstream's response"));
+            }
+        },
+        None => framed.next().await,
+    };
+    let mut resp = Response::new(axum::body::Body::empty());
+    match first {
+        Ok(Some(Message::ResponseHead(head))) => {
+            *resp.status_mut() = http::StatusCode::from_u16(head.status as u16).unwrap_or(http::StatusCode::OK);
+            grpc::metadata_to_headers(&head.metadata, resp.headers_mut());
+        }
+        Ok(Some(Message::Trailers(t))) => {
+            // Trailers-only: the call failed before any response (or had no body).
+            cancel.cancel();
+            record_end(&tenant, code_of(&t));
+            grpc::metadata_to_headers(&t.metadata, resp.headers_mut());
+            resp.headers_mut()
+                .entry(http::header::CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static("application/grpc"));
+            return Ok(resp);
+        }
+        Ok(Some(other)) => {
+            framed.stop(ErrorCode::PROTOCOL_ERROR);
+            cancel.cancel();
+            return Err(Status::internal(format!("agent {agent} sent {} before the response head", other.name())));
+        }
+        Ok(None) | Err(_) => {
+            cancel.cancel();
+            let why = first.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
+            return Err(Status::unavailable(format!("agent {agent}: {why}")));
+        }
+    }
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(pump_response(framed, tx, deadline, cancel, tenant, active));
+    *resp.body_mut() = axum::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    Ok(resp)
+}
+
+fn code_of(t: &Trailers) -> Code {
+    t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown)
+}
+
+/// Counts a stream as active for as long as it lives.
+struct ActiveGuard(&'static str);
+
+impl ActiveGuard {
+    fn new(kind: &'static str) -> Self {
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => kind).increment(1.0);
+        ActiveGuard(kind)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.0).decrement(1.0);
+    }
+}
+
+/// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
+/// caller's body fails (the caller went away) or the call is cancelled.
+async fn pump_request(mut body: axum::body::Body, mut send: quinn::SendStream, cancel: CancellationToken) {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = cancel.cancelled() => {
+                let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                return;
+            }
+            _ = send.stopped() => return,
+        };
+        match frame {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "to_agent").increment(data.len() as u64);
+                    if send_data(&mut send, data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                return;
+            }
+            None => {
+                let _ = send.finish();
+                // Stay until the call ends so a later cancellation can still reset.
+                tokio::select! {
+                    _ = cancel.cancelled() => { let _ = send.reset(ErrorCode::CANCELLED.0.into()); }
+                    _ = send.stopped() => {}
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn status_trailers(code: Code, msg: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    grpc::metadata_to_headers(&Trailers::status(code as i32, msg).metadata, &mut h);
+    h
+}
+
+/// Agent → caller: `Data` frames as body chunks, `Trailers` as HTTP/2 trailers. Ends the call
+/// with a status of its own when the agent's stream breaks or the deadline passes.
+async fn pump_response(
+    mut framed: FramedRecv,
+    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    deadline: Option<Instant>,
+    cancel: CancellationToken,
+    tenant: String,
+    _active: ActiveGuard,
+) {
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let deadline = deadline.unwrap_or(far);
+    let end = |code: Code, framed: &mut FramedRecv, cancel: &CancellationToken| {
+        framed.stop(ErrorCode::CANCELLED);
+        cancel.cancel();
+        record_end(&tenant, code);
+    };
+    loop {
+        let msg = tokio::select! {
+            m = framed.next() => m,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                end(Code::DeadlineExceeded, &mut framed, &cancel);
+                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::DeadlineExceeded, "deadline exceeded")))).await;
+                return;
+            }
+            _ = tx.closed() => {
+                // The caller went away: cancel end to end.
+                end(Code::Cancelled, &mut framed, &cancel);
+                return;
+            }
+        };
+        let frame = match msg {
+            Ok(Some(Message::Data(b))) => {
+                metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent").increment(b.len() as u64);
+                Frame::data(b)
+            }
+            Ok(Some(Message::Trailers(t))) => {
+                record_end(&tenant, code_of(&t));
+                let mut h = HeaderMap::new();
+                grpc::metadata_to_headers(&t.metadata, &mut h);
+                let _ = tx.send(Ok(Frame::trailers(h))).await;
+                cancel.cancel();
+                return;
+            }
+            Ok(other) => {
+                let what = other.map_or("end of stream", |m| m.name());
+                end(Code::Internal, &mut framed, &cancel);
+                let msg = format!("agent stream ended unexpectedly ({what})");
+                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::Internal, &msg)))).await;
+                return;
+            }
+            Err(e) => {
+                end(Code::Unavailable, &mut framed, &cancel);
+                let msg = format!("agent stream failed: {e}");
+                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::Unavailable, &msg)))).await;
+                return;
+            }
+        };
+        let sent = tokio::select! {
+            r = tx.send(Ok(frame)) => r.is_ok(),
+            _ = tokio::time::sleep_until(deadline.into()) => false,
+        };
+        if !sent {
+            let code = if Instant::now() >= deadline { Code::DeadlineExceeded } else { Code::Cancelled };
+            end(code, &mut framed, &cancel);
+            if code == Code::DeadlineExceeded {
+                let _ = tx.try_send(Ok(Frame::trailers(status_trailers(code, "deadline exceeded"))));
+            }
+            return;
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Feature layer: `tether.v1.Streams/Open`, raw TCP streams to an agent's `kind = "tcp"` services.
+//!
+//! The gateway opens a `Tcp` stream; the agent connects to the service and answers `OpenResult`;
+//! from then on the QUIC stream carries raw bytes both ways. Ending the request stream finishes
+//! the QUIC stream (the agent half-closes the TCP connection); the service closing its side
+//! finishes the response stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tether_api::v1::streams_server::{Streams, StreamsServer};
+use tether_api::v1::StreamChunk;
+use tether_runtime::stream::FramedRecv;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tunnel_proto::message::{StreamHeader, StreamKind};
+use tunnel_proto::{ErrorCode, Message};
+
+use crate::relay::Relay;
+
+/// `tether.v1.Streams`.
+#[derive(Debug, Clone)]
+pub struct StreamsApi {
+    relay: Arc<Relay>,
+}
+
+impl StreamsApi {
+    /// Streams through `relay`'s routing and sessions.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        StreamsApi { relay }
+    }
+
+    /// The tonic service (authentication happens in `Relay::route`).
+    pub fn into_service(self) -> StreamsServer<StreamsApi> {
+        StreamsServer::new(self)
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, Status>> + Send>>;
+
+/// Bytes per response message.
+const CHUNK: usize = 64 * 1024;
+
+#[tonic::async_trait]
+impl Streams for StreamsApi {
+    type OpenStream = ChunkStream;
+
+    async fn open(&self, req: Request<Streaming<StreamChunk>>) -> Result<Response<ChunkStream>, Status> {
+        let certs = req.peer_certs();
+        let headers = req.metadata().clone().into_headers();
+        let (agent, service) = self.relay.route(&headers, certs.as_deref().map(Vec::as_slice))?;
+        let header = StreamHeader {
+            kind: StreamKind::Tcp as i32,
+            service,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let (mut send, recv) = self.relay.open(&agent, header, None).await?;
+        let mut framed = FramedRecv::relay(recv);
+        match framed.next().await {
+            Ok(Some(Message::OpenResult(r))) if r.ok => {}
+            Ok(Some(Message::OpenResult(r))) => {
+                return Err(Status::new(tonic::Code::from_i32(r.code), r.message));
+            }
+            Ok(other) => {
+                let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+                return Err(Status::internal(format!(
+                    "agent {agent} answered a TCP stream with {}",
+                    other.map_or("nothing", |m| m.name())
+                )));
+            }
+            Err(e) => return Err(Status::unavailable(format!("agent {agent}: {e}"))),
+        }
+        metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "tcp").record(started.elapsed().as_secs_f64());
+        metrics::counter!("tether_gateway_relay_calls_total", "kind" => "tcp", "tenant" => agent.tenant().to_owned(), "code" => "Ok").increment(1);
+        let (mut recv, leftover) = framed.into_parts();
+
+        // Caller → agent.
+        let mut inbound = req.into_inner();
+        tokio::spawn(async move {
+            loop {
+                match inbound.next().await {
+                    Some(Ok(chunk)) => {
+                        metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "to_agent").increment(chunk.data.len() as u64);
+                        if send.write_all(&chunk.data).await.is_err() {
+                            return;
+                        }
+                    }
+                    // The caller half-closed: so do we.
+                    None => {
+                        let _ = send.finish();
+                        return;
+                    }
+                    Some(Err(_)) => {
+                        let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                        return;
+                    }
+                }
+            }
+        });
+
+        // Agent → caller.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            if !leftover.is_empty() && tx.send(Ok(StreamChunk { data: leftover.to_vec() })).await.is_err() {
+                let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                return;
+            }
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = tokio::select! {
+                    r = recv.read(&mut buf) => r,
+                    _ = tx.closed() => {
+                        let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                        return;
+                    }
+                };
+                match n {
+                    Ok(Some(n)) => {
+                        metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent").increment(n as u64);
+                        if tx.send(Ok(StreamChunk { data: buf[..n].to_vec() })).await.is_err() {
+                            let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(format!("agent stream failed: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
