@@ -220,6 +220,11 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
     };
     let resp = match resp {
         Ok(r) => r,
+        Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d) => {
+            // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
+            request_pump.abort();
+            return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
+        }
         Err(e) => {
             request_pump.abort();
             let msg = format!("upstream service {name:?} ({address}) is unavailable: {}", error_chain(e.as_ref()));
@@ -228,6 +233,16 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
         }
     };
     let (parts, mut body) = resp.into_parts();
+    if parts.headers.contains_key("grpc-status") {
+        // Trailers-only response (the call failed, or had nothing to say): relay it as such.
+        request_pump.abort();
+        let t = Trailers { metadata: grpc::headers_to_metadata(&parts.headers) };
+        let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
+        metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
+        let _ = send_msg(&mut send, &Message::Trailers(t)).await;
+        let _ = send.finish();
+        return;
+    }
     let head = ResponseHead {
         status: u32::from(parts.status.as_u16()),
         metadata: grpc::headers_to_metadata(&parts.headers),

@@ -411,3 +411,262 @@ pub fn app_close_code(e: &quinn::ConnectionError) -> Option<u64> {
         _ => None,
     }
 }
+
+// === Relay helpers ===
+
+pub use tether_gateway::demo::{EchoService, Observed};
+
+/// The demo upstream (Echo, health, reflection) on a free loopback port.
+pub struct DemoUpstream {
+    /// Where it listens (plain HTTP/2).
+    pub addr: SocketAddr,
+    /// What it observed.
+    pub observed: Arc<Observed>,
+    shutdown: CancellationToken,
+}
+
+impl DemoUpstream {
+    /// Starts it.
+    pub async fn start() -> DemoUpstream {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = l.local_addr().expect("addr");
+        let echo = EchoService::default();
+        let observed = echo.observed.clone();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(tether_gateway::demo::serve(l, echo, shutdown.clone()));
+        DemoUpstream { addr, observed, shutdown }
+    }
+
+    /// `http://addr`, for a service map.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for DemoUpstream {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Adds an allow-listed service to an agent config.
+pub fn with_service(cfg: &mut AgentConfig, name: &str, address: &str, kind: tether_agent::config::ServiceKind) {
+    cfg.services.insert(
+        name.to_owned(),
+        tether_agent::config::ServiceConfig { address: address.to_owned(), kind, ca: None, server_name: None },
+    );
+}
+
+/// Adds `tether-agent` / `tether-service` metadata to every call.
+#[derive(Clone, Debug)]
+pub struct Route {
+    agent: Option<String>,
+    service: Option<String>,
+}
+
+impl Route {
+    /// Routes to `agent` (raw text, so tests can send malformed ids), optionally a service.
+    pub fn new(agent: Option<&str>, service: Option<&str>) -> Route {
+        Route { agent: agent.map(str::to_owned), service: service.map(str::to_owned) }
+    }
+}
+
+impl tonic::service::Interceptor for Route {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(a) = &self.agent {
+            req.metadata_mut().insert("tether-agent", a.parse().expect("ascii agent id"));
+        }
+        if let Some(s) = &self.service {
+            req.metadata_mut().insert("tether-service", s.parse().expect("ascii service"));
+        }
+        Ok(req)
+    }
+}
+
+/// A channel through the gateway with routing metadata.
+pub type Routed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Route>;
+
+/// An Echo client that reaches the demo upstream through the gateway and `agent`.
+pub async fn echo_via(gw: &TestGateway, pki: &Pki, route: Route) -> tether_api::demo::v1::echo_client::EchoClient<Routed> {
+    let ch = gw.channel(&pki.client("api")).await.expect("northbound connect");
+    tether_api::demo::v1::echo_client::EchoClient::with_interceptor(ch, route)
+        .max_decoding_message_size(16 << 20)
+}
+
+/// A TCP upstream that echoes everything and half-closes after the client half-closes.
+pub async fn tcp_echo_server() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind tcp echo");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if wr.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// A real `tether-gateway serve` process on free loopback ports.
+pub struct GatewayProcess {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Tunnel (UDP) address.
+    pub tunnel: SocketAddr,
+    /// Northbound address.
+    pub northbound: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts one with `pki` and reads its bound addresses from its JSON log.
+    pub async fn spawn(pki: &Pki) -> GatewayProcess {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = pki.gateway_tls();
+        let cfg = format!(
+            "trust_domain = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"127.0.0.1:0\"\n[ops]\nlisten = \"127.0.0.1:0\"\n",
+            pki.ca.trust_domain,
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, cfg).expect("write gateway config");
+        let mut child = tokio::process::Command::new(binary("tether-gateway"))
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tether-gateway");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if v["message"] == "gateway listening" {
+                    let addr = |k: &str| v[k].as_str().and_then(|s| s.parse().ok()).expect("address in log");
+                    return Some((addr("tunnel"), addr("northbound")));
+                }
+            }
+            None
+        })
+        .await
+        .expect("gateway started within 20s")
+        .expect("gateway printed its addresses");
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        GatewayProcess { child, tunnel: found.0, northbound: found.1, _dir: dir }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// A northbound channel with `files`.
+    pub async fn channel(&self, files: &CertFiles) -> tonic::transport::Channel {
+        ctl::connect(&Target {
+            addr: self.northbound.to_string(),
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            server_name: Some("localhost".into()),
+        })
+        .await
+        .expect("connect to gateway process")
+    }
+}
+
+impl AgentProcess {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+}
+
+/// What a raw gRPC call got back.
+#[derive(Debug)]
+pub struct RawReply {
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// Trailers (or the headers, for a trailers-only response).
+    pub trailers: http::HeaderMap,
+}
+
+impl RawReply {
+    /// The `grpc-status`, from trailers or a trailers-only response.
+    pub fn grpc_status(&self) -> Option<i32> {
+        self.trailers
+            .get("grpc-status")
+            .or_else(|| self.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    }
+}
+
+/// A gRPC call over a bare HTTP/2 client (h2 on rustls) with no timer of its own, so what comes
+/// back is exactly what the gateway sent. `message` is an encoded protobuf request.
+pub async fn raw_grpc_call(addr: SocketAddr, files: &CertFiles, path: &str, headers: &[(&str, &str)], message: &[u8]) -> RawReply {
+    let roots = tether_runtime::tls::load_roots(&files.ca).expect("roots");
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            tether_runtime::tls::load_certs("cert", &files.cert).expect("cert"),
+            tether_runtime::tls::load_key(&files.key).expect("key"),
+        )
+        .expect("client auth");
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.expect("TLS");
+    let (mut client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let (resp, mut send) = client.send_request(req.body(()).expect("request"), false).expect("send");
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    send.send_data(framed.into(), true).expect("send body");
+    let resp = resp.await.expect("response");
+    let (parts, mut body) = resp.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body chunk");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    RawReply { headers: parts.headers, body: bytes, trailers }
+}

@@ -21,6 +21,7 @@ fn dev_check_passes_on_a_fresh_directory_and_tetherctl_reads_dev_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("agent dev/local is connected"), "{stdout}");
+    assert!(stdout.contains("a call relayed to it answered"), "{stdout}");
     assert!(stdout.contains("dev check passed"), "{stdout}");
 
     let dev: serde_json::Value =

@@ -126,8 +126,16 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         log: LogConfig::default(),
     };
     write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
+    // The demo upstream the dev agent allow-lists as `demo`, its default service.
+    let demo_listener = tokio::net::TcpListener::bind(lo(50051))
+        .await
+        .or(tokio::net::TcpListener::bind(lo(0)).await)
+        .map_err(|e| format!("binding the demo upstream: {e}"))?;
+    let demo_addr = demo_listener.local_addr().map_err(|e| e.to_string())?;
+    let demo_stop = CancellationToken::new();
+    tokio::spawn(crate::demo::serve(demo_listener, crate::demo::EchoService::default(), demo_stop.clone()));
     let agent_toml = format!(
-        "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
+        "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
     );
     write(&dir.join("agent.toml"), &agent_toml)?;
     let dev_json = DevJson {
@@ -188,6 +196,20 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     if !agent.connected {
         return Err(format!("Agents/Get says {AGENT} is not connected"));
     }
+    // And a call relayed through the tunnel to the demo upstream.
+    let channel = ctl::connect(&(&dev_json).into()).await?;
+    let mut echo = tether_api::demo::v1::echo_client::EchoClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("tether-agent", tonic::metadata::MetadataValue::from_static(AGENT));
+        Ok(req)
+    });
+    let reply = echo
+        .unary(tether_api::demo::v1::EchoRequest { message: "hello through the tunnel".into(), ..Default::default() })
+        .await
+        .map_err(|s| format!("relayed Echo/Unary to {AGENT}: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    if reply.message != "hello through the tunnel" {
+        return Err(format!("relayed Echo/Unary answered {:?}", reply.message));
+    }
     let rel = |p: &Path| {
         p.strip_prefix(std::env::current_dir().unwrap_or_default())
             .unwrap_or(p)
@@ -196,7 +218,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     };
     println!();
     println!(
-        "tether dev is up: agent {AGENT} is connected ({} session).",
+        "tether dev is up: agent {AGENT} is connected ({} session); a call relayed to it answered.",
         agent.sessions.len()
     );
     println!("  tunnel      {tunnel}/udp (QUIC, mutual TLS)");
@@ -222,8 +244,15 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             .unwrap_or("-")
     );
     println!();
+    println!("  demo        the agent's default service `demo` ({demo_addr}): Echo, health, reflection");
+    println!();
     println!("Try:  ./target/debug/tetherctl agents list");
     println!("      ./target/debug/tetherctl agents watch");
+    let c = rel(&dev_json.client_cert);
+    let k = rel(&dev_json.client_key);
+    let ca = rel(&dev_json.ca);
+    println!("      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' {northbound} list");
+    println!("      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' -d '{{\"message\":\"hi\"}}' {northbound} tether.demo.v1.Echo/Unary");
 
     if !opts.check {
         println!("\nPress Ctrl-C to stop.");
@@ -233,6 +262,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         }
     }
     stop_child(&mut child).await;
+    demo_stop.cancel();
     gw_stop.cancel();
     gw.wait().await;
     if opts.check {

@@ -6,19 +6,23 @@
 //! # Layout
 //! Layers only look down: transport → session → feature → backend.
 //! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
+//! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
 //! - [`registry`] (session): live sessions and the connect/disconnect feed;
 //! - [`northbound`] (feature): `tether.v1.Agents` over TLS with caller authentication;
 //! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
 //! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
 //! - [`pki`] (backend): CA and certificate issuance with rcgen;
+//! - [`demo`] (backend): the demo upstream `dev` runs behind its agent;
 //! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod ctl;
+pub mod demo;
 pub mod dev;
 pub mod error;
+pub mod listener;
 pub mod northbound;
 pub mod pki;
 pub mod registry;

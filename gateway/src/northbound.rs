@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tunnel_proto::{AgentId, SpiffeId};
 
+use crate::listener::PeerCerts;
 use crate::registry::{AgentSnapshot, Registry, SessionInfo};
 
 /// The authenticated caller, put in request extensions by [`authenticate`].
@@ -27,7 +28,8 @@ pub struct Caller {
 
 /// Checks the caller's client certificate; used as the interceptor of every service.
 pub fn authenticate(trust_domain: &str, mut req: Request<()>) -> Result<Request<()>, Status> {
-    let caller = caller_from_certs(trust_domain, req.peer_certs().as_deref().map(Vec::as_slice))?;
+    let certs = req.extensions().get::<PeerCerts>().map(|c| c.0.clone());
+    let caller = caller_from_certs(trust_domain, certs.as_deref().map(Vec::as_slice))?;
     req.extensions_mut().insert(caller);
     Ok(req)
 }

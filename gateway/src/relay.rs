@@ -127,10 +127,7 @@ impl Relay {
 pub struct RelayService(pub Arc<Relay>);
 
 fn peer_certs<B>(req: &Request<B>) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    req.extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs())
+    req.extensions().get::<crate::listener::PeerCerts>().map(|c| c.0.clone())
 }
 
 impl tower::Service<Request<axum::body::Body>> for RelayService {

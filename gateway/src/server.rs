@@ -10,8 +10,6 @@ use std::time::Duration;
 use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -121,20 +119,9 @@ pub async fn start(
     ));
 
     // Northbound gRPC over TLS, client certificates required.
-    let read =
-        |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&cfg.tls.cert)?,
-            read(&cfg.tls.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.ca)?));
-    sockets
-        .northbound
-        .set_nonblocking(true)
-        .map_err(io("northbound socket".into()))?;
-    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
-        .map_err(io("northbound socket".into()))?;
+    let tls = northbound_tls(&cfg)?;
+    sockets.northbound.set_nonblocking(true).map_err(io("northbound socket".into()))?;
+    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound).map_err(io("northbound socket".into()))?;
     let api = AgentsApi::new(registry.clone(), close_sessions.clone());
     let relay = Relay::new(registry.clone(), cfg.trust_domain.clone());
     let mut routes = tonic::service::Routes::builder();
@@ -144,20 +131,7 @@ pub async fn start(
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    let router = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| GatewayError::Tls(format!("northbound: {e}")))?
-        .add_routes(routes);
-    let nb_stop = close_sessions.clone();
-    let northbound = tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(nb_listener);
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming, nb_stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "northbound server failed");
-        }
-    });
+    let northbound = tokio::spawn(crate::listener::serve(nb_listener, tls, routes.prepare(), close_sessions.clone()));
 
     // Ops HTTP.
     sockets
@@ -210,6 +184,23 @@ pub async fn start(
         ops_addr,
         task,
     })
+}
+
+/// TLS for the northbound listener: the gateway's certificate, client certificates required and
+/// verified against the CA (which identities may call is decided per request), ALPN h2.
+fn northbound_tls(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+    let roots = tether_runtime::tls::load_roots(&cfg.tls.ca)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| GatewayError::Tls(format!("northbound client verifier: {e}")))?;
+    let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
+    let key = tether_runtime::tls::load_key(&cfg.tls.key)?;
+    let mut tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| GatewayError::Tls(format!("northbound certificate: {e}")))?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(tls))
 }
 
 /// Sends `GoAway` to every session and waits for them to leave, up to `timeout`.

@@ -47,7 +47,7 @@ impl Streams for StreamsApi {
     type OpenStream = ChunkStream;
 
     async fn open(&self, req: Request<Streaming<StreamChunk>>) -> Result<Response<ChunkStream>, Status> {
-        let certs = req.peer_certs();
+        let certs = req.extensions().get::<crate::listener::PeerCerts>().map(|c| c.0.clone());
         let headers = req.metadata().clone().into_headers();
         let (agent, service) = self.relay.route(&headers, certs.as_deref().map(Vec::as_slice))?;
         let header = StreamHeader {

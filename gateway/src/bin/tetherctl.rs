@@ -52,6 +52,18 @@ enum Cmd {
     /// Agents and their sessions.
     #[command(subcommand)]
     Agents(AgentsCmd),
+    /// Listen on a loopback port and carry each connection to an agent's TCP service.
+    Forward {
+        /// The agent, <tenant>/<agent>.
+        agent: String,
+        /// The agent's service (kind = "tcp" in its service map).
+        service: String,
+        /// Local port (0 picks a free one; the chosen port is printed).
+        local_port: u16,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +183,9 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let channel = ctl::connect(&target(&cli)?).await?;
+    if let Cmd::Forward { agent, service, local_port, bind } = &cli.cmd {
+        return forward(channel, agent, service, std::net::SocketAddr::new(*bind, *local_port)).await;
+    }
     let mut client = AgentsClient::new(channel);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     match cli.cmd {
@@ -202,6 +217,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Output::Json => println!("{}", json_agent(&a)),
             }
         }
+        Cmd::Forward { .. } => unreachable!("handled above"),
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
             let mut stream = client
                 .watch(v1::WatchAgentsRequest {
@@ -248,6 +264,58 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+async fn forward(channel: tonic::transport::Channel, agent: &str, service: &str, listen: std::net::SocketAddr) -> Result<(), String> {
+    agent.parse::<tunnel_proto::AgentId>().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("listening on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("forwarding {local} -> {agent} service {service}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    loop {
+        let (tcp, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
+        let (channel, agent, service) = (channel.clone(), agent.to_owned(), service.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = carry(channel, &agent, &service, tcp).await {
+                eprintln!("tetherctl forward: connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// One local connection as one `Streams/Open` call; half-close travels both ways.
+async fn carry(channel: tonic::transport::Channel, agent: &str, service: &str, tcp: tokio::net::TcpStream) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.set_nodelay(true);
+    let (mut rd, mut wr) = tcp.into_split();
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::StreamChunk>(4);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return, // dropping tx ends the request stream: half-close
+                Ok(n) => {
+                    if tx.send(v1::StreamChunk { data: buf[..n].to_vec() }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert("tether-agent", agent.parse().map_err(|_| "agent id is not ASCII")?);
+    req.metadata_mut().insert("tether-service", service.parse().map_err(|_| "service is not ASCII")?);
+    let mut client = tether_api::v1::streams_client::StreamsClient::new(channel);
+    let mut inbound = client
+        .open(req)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    while let Some(chunk) = inbound.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+        wr.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+    }
+    wr.shutdown().await.map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
