@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "tether/v1/agents.proto",
             "tether/v1/streams.proto",
+            "tether/v1/commands.proto",
             "tether/agent/v1/agent_info.proto",
             "tether/demo/v1/echo.proto",
         ],
@@ -13,7 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // Kept for gRPC server reflection (the dev demo upstream serves it).
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("descriptors.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -52,6 +52,7 @@ pub const KEYS: Keys = &[
     "ops.listen",
     "log.format",
     "log.level",
+    "state_dir",
 ];
 
 /// The whole agent config.
@@ -86,6 +87,10 @@ pub struct AgentConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Where the agent keeps its record of completed commands (so a redelivered command is not
+    /// run twice across restarts); unset: kept in memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_service() -> String {
@@ -243,7 +248,10 @@ impl Validate for AgentConfig {
         for (name, svc) in &self.services {
             let key = format!("services.{name}");
             if name == "agent" {
-                return Err(ConfigError::invalid(&key, "the name `agent` is reserved for the agent's built-in service"));
+                return Err(ConfigError::invalid(
+                    &key,
+                    "the name `agent` is reserved for the agent's built-in service",
+                ));
             }
             tunnel_proto::identity::check_name("service", name)
                 .map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
@@ -254,18 +262,33 @@ impl Validate for AgentConfig {
                         .strip_prefix("http://")
                         .or_else(|| svc.address.strip_prefix("https://"))
                         .ok_or_else(|| {
-                            ConfigError::invalid(&format!("{key}.address"), format!("{:?} must start with http:// (h2c) or https://", svc.address))
+                            ConfigError::invalid(
+                                &format!("{key}.address"),
+                                format!(
+                                    "{:?} must start with http:// (h2c) or https://",
+                                    svc.address
+                                ),
+                            )
                         })?;
                     if split_host_port(rest.trim_end_matches('/')).is_none() {
-                        return Err(ConfigError::invalid(&format!("{key}.address"), format!("{:?} has no host:port", svc.address)));
+                        return Err(ConfigError::invalid(
+                            &format!("{key}.address"),
+                            format!("{:?} has no host:port", svc.address),
+                        ));
                     }
                     if svc.address.starts_with("https://") && svc.ca.is_none() {
-                        return Err(ConfigError::invalid(&format!("{key}.ca"), "an https:// upstream needs the CA bundle that signed it"));
+                        return Err(ConfigError::invalid(
+                            &format!("{key}.ca"),
+                            "an https:// upstream needs the CA bundle that signed it",
+                        ));
                     }
                 }
                 ServiceKind::Tcp => {
                     if split_host_port(&svc.address).is_none() {
-                        return Err(ConfigError::invalid(&format!("{key}.address"), format!("{:?} is not host:port", svc.address)));
+                        return Err(ConfigError::invalid(
+                            &format!("{key}.address"),
+                            format!("{:?} is not host:port", svc.address),
+                        ));
                     }
                 }
             }
@@ -292,6 +315,9 @@ impl AgentConfig {
             if let Some(ca) = &mut svc.ca {
                 *ca = tether_runtime::config::resolve(base, ca);
             }
+        }
+        if let Some(d) = &mut cfg.state_dir {
+            *d = tether_runtime::config::resolve(base, d);
         }
         Ok(cfg)
     }
@@ -327,6 +353,7 @@ mod tests {
             reconnect: Default::default(),
             ops: Default::default(),
             log: Default::default(),
+            state_dir: Some("s".into()),
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         for (k, v) in v.as_table().unwrap() {

@@ -9,11 +9,13 @@
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
+//! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
 
+pub mod commands;
 pub mod config;
 pub mod dialer;
 pub mod error;
@@ -60,12 +62,14 @@ fn instance_id(cfg: &AgentConfig) -> String {
 }
 
 /// What this agent offers, announced in `Hello`.
-pub const CAPABILITIES: &[&str] = &["relay", "tcp"];
+pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
 /// `<tenant>/<agent>` from the agent's own certificate.
 fn own_identity(cfg: &AgentConfig) -> Result<String, AgentError> {
     let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
-    let first = certs.first().ok_or_else(|| AgentError::Tls("empty certificate file".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| AgentError::Tls("empty certificate file".into()))?;
     match tether_runtime::tls::spiffe_id(first)? {
         tunnel_proto::SpiffeId::Agent { id, .. } => Ok(id.to_string()),
         other => Err(AgentError::Tls(format!(
@@ -80,6 +84,21 @@ pub fn start(
     cfg: &AgentConfig,
     ops: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    start_with_handlers(
+        cfg,
+        ops,
+        shutdown,
+        Arc::new(commands::Handlers::with_builtins()),
+    )
+}
+
+/// [`start`] with a given command handler registry (embedders add their own kinds to it).
+pub fn start_with_handlers(
+    cfg: &AgentConfig,
+    ops: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+    handlers: Arc<commands::Handlers>,
 ) -> Result<AgentHandle, AgentError> {
     let dialer = dialer::Dialer::new(cfg)?;
     let status = Arc::new(AgentStatus::default());
@@ -96,7 +115,13 @@ pub fn start(
         started: std::time::Instant::now(),
         status: status.clone(),
     });
-    let services = Arc::new(relay::Services::new(cfg, agent, info::service(info))?);
+    let executor = Arc::new(commands::Executor::new(handlers, cfg.state_dir.as_deref())?);
+    let services = Arc::new(relay::Services::new(
+        cfg,
+        agent,
+        info::service(info),
+        executor,
+    )?);
     let shared = Arc::new(supervisor::Shared {
         dialer,
         services,

@@ -1,5 +1,6 @@
 //! Feature layer: serves the streams a gateway opens on a session — relayed gRPC calls and TCP
-//! streams — to the upstreams in the agent's service map, and the built-in `agent` service.
+//! streams — to the upstreams in the agent's service map, and the built-in `agent` service;
+//! command deliveries go to [`crate::commands`].
 //!
 //! The service map is the allow-list: a stream naming anything else is refused here, before any
 //! connection is made. Cancellation travels both ways: a gateway reset cancels the upstream call
@@ -14,12 +15,12 @@ use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::grpc;
-use tether_runtime::stream::{send_data, send_msg, FramedRecv, StreamError};
+use tether_runtime::stream::{FramedRecv, StreamError, send_data, send_msg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Code;
-use tower::util::BoxCloneSyncService;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
 use tunnel_proto::message::{OpenResult, ResponseHead, StreamHeader, StreamKind, Trailers};
 use tunnel_proto::{ErrorCode, Message};
 
@@ -29,7 +30,8 @@ use crate::error::AgentError;
 /// Errors of upstream services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A gRPC upstream: an HTTP/2 client (tonic's `Channel`) or an in-process service.
-pub type GrpcService = BoxCloneSyncService<Request<tonic::body::Body>, Response<tonic::body::Body>, BoxError>;
+pub type GrpcService =
+    BoxCloneSyncService<Request<tonic::body::Body>, Response<tonic::body::Body>, BoxError>;
 
 /// The reserved name of the built-in service.
 pub const BUILTIN: &str = "agent";
@@ -50,6 +52,7 @@ pub struct Services {
     default: String,
     builtin: GrpcService,
     agent: String,
+    commands: Arc<crate::commands::Executor>,
 }
 
 impl std::fmt::Debug for Services {
@@ -63,11 +66,18 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     /// Builds clients for every service in the config (they connect lazily, on first use).
-    pub fn new(cfg: &AgentConfig, agent: String, builtin: GrpcService) -> Result<Services, AgentError> {
+    pub fn new(
+        cfg: &AgentConfig,
+        agent: String,
+        builtin: GrpcService,
+        commands: Arc<crate::commands::Executor>,
+    ) -> Result<Services, AgentError> {
         let mut map = BTreeMap::new();
         for (name, s) in &cfg.services {
             let up = match s.kind {
-                ServiceKind::Tcp => Upstream::Tcp { address: s.address.clone() },
+                ServiceKind::Tcp => Upstream::Tcp {
+                    address: s.address.clone(),
+                },
                 ServiceKind::Grpc => {
                     let bad = |e: String| AgentError::Tls(format!("services.{name}: {e}"));
                     let mut ep = Endpoint::from_shared(s.address.clone())
@@ -75,8 +85,10 @@ impl Services {
                         .connect_timeout(Duration::from_secs(5))
                         .tcp_nodelay(true);
                     if let Some(ca) = &s.ca {
-                        let pem = std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
-                        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+                        let pem =
+                            std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+                        let mut tls =
+                            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
                         if let Some(n) = &s.server_name {
                             tls = tls.domain_name(n.clone());
                         }
@@ -96,6 +108,7 @@ impl Services {
             default: cfg.default_service.clone(),
             builtin,
             agent,
+            commands,
         })
     }
 
@@ -122,7 +135,10 @@ async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: 
     let header = match tokio::time::timeout(HEADER_TIMEOUT, framed.next()).await {
         Ok(Ok(Some(Message::StreamHeader(h)))) => h,
         Ok(Ok(Some(other))) => {
-            tracing::warn!(frame = other.name(), "stream did not start with a StreamHeader");
+            tracing::warn!(
+                frame = other.name(),
+                "stream did not start with a StreamHeader"
+            );
             let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
             framed.stop(ErrorCode::PROTOCOL_ERROR);
             return;
@@ -141,9 +157,17 @@ async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: 
     match header.stream_kind() {
         StreamKind::Rpc => rpc(header, framed, send, &services).await,
         StreamKind::Tcp => tcp(header, framed, send, &services).await,
+        StreamKind::Command => services.commands.clone().serve(header, framed, send).await,
         other => {
             tracing::warn!(kind = ?other, "stream kind not supported by this agent");
-            let _ = send_msg(&mut send, &Message::Trailers(Trailers::status(Code::Unimplemented as i32, "stream kind not supported by this agent"))).await;
+            let _ = send_msg(
+                &mut send,
+                &Message::Trailers(Trailers::status(
+                    Code::Unimplemented as i32,
+                    "stream kind not supported by this agent",
+                )),
+            )
+            .await;
             let _ = send.finish();
         }
     }
@@ -159,26 +183,42 @@ fn service_name<'a>(header: &'a StreamHeader, services: &'a Services) -> &'a str
 
 async fn finish_with(send: &mut quinn::SendStream, code: Code, message: &str) {
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
-    let _ = send_msg(send, &Message::Trailers(Trailers::status(code as i32, message))).await;
+    let _ = send_msg(
+        send,
+        &Message::Trailers(Trailers::status(code as i32, message)),
+    )
+    .await;
     let _ = send.finish();
 }
 
-async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStream, services: &Services) {
+async fn rpc(
+    header: StreamHeader,
+    framed: FramedRecv,
+    mut send: quinn::SendStream,
+    services: &Services,
+) {
     let name = service_name(&header, services).to_owned();
     let (svc, address) = match services.map.get(&name) {
         _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
         Some(Upstream::Grpc { svc, address }) => (svc.clone(), address.clone()),
         Some(Upstream::Tcp { .. }) => {
-            let msg = format!("service {name:?} on agent {} is a TCP service: use tether.v1.Streams/Open", services.agent);
+            let msg = format!(
+                "service {name:?} on agent {} is a TCP service: use tether.v1.Streams/Open",
+                services.agent
+            );
             return finish_with(&mut send, Code::FailedPrecondition, &msg).await;
         }
         None => {
             tracing::info!(service = %name, method = %header.method, "refused: service not in the allow-list");
-            let msg = format!("service {name:?} is not allow-listed on agent {}", services.agent);
+            let msg = format!(
+                "service {name:?} is not allow-listed on agent {}",
+                services.agent
+            );
             return finish_with(&mut send, Code::PermissionDenied, &msg).await;
         }
     };
-    let deadline = (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
+    let deadline =
+        (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
 
     // The request: headers from metadata, body streamed from Data frames.
     let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
@@ -188,17 +228,31 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = match header.method.parse() {
         Ok(u) => u,
-        Err(_) => return finish_with(&mut send, Code::InvalidArgument, "method is not a valid path").await,
+        Err(_) => {
+            return finish_with(
+                &mut send,
+                Code::InvalidArgument,
+                "method is not a valid path",
+            )
+            .await;
+        }
     };
     grpc::metadata_to_headers(&header.metadata, req.headers_mut());
     for (k, v) in &header.trace_context {
-        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             req.headers_mut().insert(k, v);
         }
     }
-    req.headers_mut().insert(http::header::TE, HeaderValue::from_static("trailers"));
+    req.headers_mut()
+        .insert(http::header::TE, HeaderValue::from_static("trailers"));
     if let Some(d) = deadline {
-        req.headers_mut().insert("grpc-timeout", grpc::encode_grpc_timeout(d.saturating_duration_since(Instant::now())));
+        req.headers_mut().insert(
+            "grpc-timeout",
+            grpc::encode_grpc_timeout(d.saturating_duration_since(Instant::now())),
+        );
     }
     let request_pump = tokio::spawn(pump_request(framed, body_tx));
 
@@ -223,11 +277,19 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
         Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d) => {
             // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
             request_pump.abort();
-            return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
+            return finish_with(
+                &mut send,
+                Code::DeadlineExceeded,
+                "deadline exceeded before the upstream answered",
+            )
+            .await;
         }
         Err(e) => {
             request_pump.abort();
-            let msg = format!("upstream service {name:?} ({address}) is unavailable: {}", error_chain(e.as_ref()));
+            let msg = format!(
+                "upstream service {name:?} ({address}) is unavailable: {}",
+                error_chain(e.as_ref())
+            );
             tracing::warn!(service = %name, %address, "{msg}");
             return finish_with(&mut send, Code::Unavailable, &msg).await;
         }
@@ -236,7 +298,9 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
     if parts.headers.contains_key("grpc-status") {
         // Trailers-only response (the call failed, or had nothing to say): relay it as such.
         request_pump.abort();
-        let t = Trailers { metadata: grpc::headers_to_metadata(&parts.headers) };
+        let t = Trailers {
+            metadata: grpc::headers_to_metadata(&parts.headers),
+        };
         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
         let _ = send_msg(&mut send, &Message::Trailers(t)).await;
@@ -247,7 +311,10 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
         status: u32::from(parts.status.as_u16()),
         metadata: grpc::headers_to_metadata(&parts.headers),
     };
-    if send_msg(&mut send, &Message::ResponseHead(head)).await.is_err() {
+    if send_msg(&mut send, &Message::ResponseHead(head))
+        .await
+        .is_err()
+    {
         request_pump.abort();
         return;
     }
@@ -274,7 +341,9 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
                 }
                 Err(f) => {
                     if let Ok(trailers) = f.into_trailers() {
-                        let t = Trailers { metadata: grpc::headers_to_metadata(&trailers) };
+                        let t = Trailers {
+                            metadata: grpc::headers_to_metadata(&trailers),
+                        };
                         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
                         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
                         let _ = send_msg(&mut send, &Message::Trailers(t)).await;
@@ -285,12 +354,20 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStre
             },
             Some(Err(e)) => {
                 request_pump.abort();
-                let msg = format!("upstream service {name:?} failed mid-call: {}", error_chain(&e));
+                let msg = format!(
+                    "upstream service {name:?} failed mid-call: {}",
+                    error_chain(&e)
+                );
                 return finish_with(&mut send, Code::Unavailable, &msg).await;
             }
             None => {
                 // A response without trailers is not valid gRPC; report it rather than hang.
-                return finish_with(&mut send, Code::Internal, "upstream response ended without trailers").await;
+                return finish_with(
+                    &mut send,
+                    Code::Internal,
+                    "upstream response ended without trailers",
+                )
+                .await;
             }
         }
     }
@@ -309,7 +386,10 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Gateway → upstream: Data frames into the request body. A reset from the gateway fails the
 /// body, which makes the HTTP/2 client reset the upstream stream.
-async fn pump_request(mut framed: FramedRecv, tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>) {
+async fn pump_request(
+    mut framed: FramedRecv,
+    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+) {
     loop {
         let msg = tokio::select! {
             m = framed.next() => m,
@@ -323,7 +403,11 @@ async fn pump_request(mut framed: FramedRecv, tx: tokio::sync::mpsc::Sender<Resu
             }
             Ok(None) => return,
             Ok(Some(other)) => {
-                let _ = tx.send(Err(format!("unexpected {} frame in request", other.name()).into())).await;
+                let _ = tx
+                    .send(Err(
+                        format!("unexpected {} frame in request", other.name()).into()
+                    ))
+                    .await;
                 framed.stop(ErrorCode::PROTOCOL_ERROR);
                 return;
             }
@@ -336,7 +420,11 @@ async fn pump_request(mut framed: FramedRecv, tx: tokio::sync::mpsc::Sender<Resu
 }
 
 async fn open_result(send: &mut quinn::SendStream, code: Code, message: String) {
-    let r = OpenResult { ok: code == Code::Ok, code: code as i32, message };
+    let r = OpenResult {
+        ok: code == Code::Ok,
+        code: code as i32,
+        message,
+    };
     let _ = send_msg(send, &Message::OpenResult(r)).await;
     if code != Code::Ok {
         let _ = send.finish();
@@ -344,28 +432,46 @@ async fn open_result(send: &mut quinn::SendStream, code: Code, message: String) 
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "tcp", "code" => format!("{code:?}")).increment(1);
 }
 
-async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: quinn::SendStream, services: &Services) {
+async fn tcp(
+    header: StreamHeader,
+    framed: FramedRecv,
+    mut send: quinn::SendStream,
+    services: &Services,
+) {
     let name = service_name(&header, services).to_owned();
     let address = match services.map.get(&name) {
         Some(Upstream::Tcp { address }) => address.clone(),
         Some(Upstream::Grpc { .. }) => {
-            let msg = format!("service {name:?} on agent {} is a gRPC service, not TCP", services.agent);
+            let msg = format!(
+                "service {name:?} on agent {} is a gRPC service, not TCP",
+                services.agent
+            );
             return open_result(&mut send, Code::FailedPrecondition, msg).await;
         }
         None => {
             tracing::info!(service = %name, "refused: TCP service not in the allow-list");
-            let msg = format!("service {name:?} is not allow-listed on agent {}", services.agent);
+            let msg = format!(
+                "service {name:?} is not allow-listed on agent {}",
+                services.agent
+            );
             return open_result(&mut send, Code::PermissionDenied, msg).await;
         }
     };
-    let stream = match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&address)).await {
+    let stream = match tokio::time::timeout(
+        TCP_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&address),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let msg = format!("upstream service {name:?} ({address}) is unavailable: {e}");
             return open_result(&mut send, Code::Unavailable, msg).await;
         }
         Err(_) => {
-            let msg = format!("upstream service {name:?} ({address}) did not accept within {TCP_CONNECT_TIMEOUT:?}");
+            let msg = format!(
+                "upstream service {name:?} ({address}) did not accept within {TCP_CONNECT_TIMEOUT:?}"
+            );
             return open_result(&mut send, Code::Unavailable, msg).await;
         }
     };

@@ -165,6 +165,10 @@ impl TestGateway {
         cfg.tls = pki.gateway_tls();
         cfg.tunnel.heartbeat_interval = Duration::from_millis(500);
         cfg.tunnel.drain_timeout = Duration::ZERO;
+        // Kept after the test (a restarted gateway may reuse it); it lives under the temp dir.
+        cfg.data_dir = Some(tempfile::tempdir().expect("data dir").keep());
+        cfg.commands.retry_backoff = Duration::from_millis(50);
+        cfg.commands.max_retry_backoff = Duration::from_millis(500);
         cfg
     }
 
@@ -428,13 +432,19 @@ pub struct DemoUpstream {
 impl DemoUpstream {
     /// Starts it.
     pub async fn start() -> DemoUpstream {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = l.local_addr().expect("addr");
         let echo = EchoService::default();
         let observed = echo.observed.clone();
         let shutdown = CancellationToken::new();
         tokio::spawn(tether_gateway::demo::serve(l, echo, shutdown.clone()));
-        DemoUpstream { addr, observed, shutdown }
+        DemoUpstream {
+            addr,
+            observed,
+            shutdown,
+        }
     }
 
     /// `http://addr`, for a service map.
@@ -450,10 +460,20 @@ impl Drop for DemoUpstream {
 }
 
 /// Adds an allow-listed service to an agent config.
-pub fn with_service(cfg: &mut AgentConfig, name: &str, address: &str, kind: tether_agent::config::ServiceKind) {
+pub fn with_service(
+    cfg: &mut AgentConfig,
+    name: &str,
+    address: &str,
+    kind: tether_agent::config::ServiceKind,
+) {
     cfg.services.insert(
         name.to_owned(),
-        tether_agent::config::ServiceConfig { address: address.to_owned(), kind, ca: None, server_name: None },
+        tether_agent::config::ServiceConfig {
+            address: address.to_owned(),
+            kind,
+            ca: None,
+            server_name: None,
+        },
     );
 }
 
@@ -467,17 +487,22 @@ pub struct Route {
 impl Route {
     /// Routes to `agent` (raw text, so tests can send malformed ids), optionally a service.
     pub fn new(agent: Option<&str>, service: Option<&str>) -> Route {
-        Route { agent: agent.map(str::to_owned), service: service.map(str::to_owned) }
+        Route {
+            agent: agent.map(str::to_owned),
+            service: service.map(str::to_owned),
+        }
     }
 }
 
 impl tonic::service::Interceptor for Route {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(a) = &self.agent {
-            req.metadata_mut().insert("tether-agent", a.parse().expect("ascii agent id"));
+            req.metadata_mut()
+                .insert("tether-agent", a.parse().expect("ascii agent id"));
         }
         if let Some(s) = &self.service {
-            req.metadata_mut().insert("tether-service", s.parse().expect("ascii service"));
+            req.metadata_mut()
+                .insert("tether-service", s.parse().expect("ascii service"));
         }
         Ok(req)
     }
@@ -487,8 +512,15 @@ impl tonic::service::Interceptor for Route {
 pub type Routed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Route>;
 
 /// An Echo client that reaches the demo upstream through the gateway and `agent`.
-pub async fn echo_via(gw: &TestGateway, pki: &Pki, route: Route) -> tether_api::demo::v1::echo_client::EchoClient<Routed> {
-    let ch = gw.channel(&pki.client("api")).await.expect("northbound connect");
+pub async fn echo_via(
+    gw: &TestGateway,
+    pki: &Pki,
+    route: Route,
+) -> tether_api::demo::v1::echo_client::EchoClient<Routed> {
+    let ch = gw
+        .channel(&pki.client("api"))
+        .await
+        .expect("northbound connect");
     tether_api::demo::v1::echo_client::EchoClient::with_interceptor(ch, route)
         .max_decoding_message_size(16 << 20)
 }
@@ -496,7 +528,9 @@ pub async fn echo_via(gw: &TestGateway, pki: &Pki, route: Route) -> tether_api::
 /// A TCP upstream that echoes everything and half-closes after the client half-closes.
 pub async fn tcp_echo_server() -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind tcp echo");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind tcp echo");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
@@ -544,12 +578,29 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts one with `pki` and reads its bound addresses from its JSON log.
     pub async fn spawn(pki: &Pki) -> GatewayProcess {
-        use tokio::io::AsyncBufReadExt;
         let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        Self::spawn_in(pki, dir, &data, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts one keeping its command store in `data_dir`, its tunnel on `tunnel` (port 0 for
+    /// any; a restart passes the previous address so agents find it again).
+    pub async fn spawn_with(pki: &Pki, data_dir: &Path, tunnel: SocketAddr) -> GatewayProcess {
+        Self::spawn_in(pki, tempfile::tempdir().expect("tempdir"), data_dir, tunnel).await
+    }
+
+    async fn spawn_in(
+        pki: &Pki,
+        dir: tempfile::TempDir,
+        data_dir: &Path,
+        tunnel: SocketAddr,
+    ) -> GatewayProcess {
+        use tokio::io::AsyncBufReadExt;
         let tls = pki.gateway_tls();
         let cfg = format!(
-            "trust_domain = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"127.0.0.1:0\"\n[ops]\nlisten = \"127.0.0.1:0\"\n",
+            "trust_domain = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"127.0.0.1:0\"\n[ops]\nlisten = \"127.0.0.1:0\"\n[commands]\nretry_backoff = \"50ms\"\nmax_retry_backoff = \"500ms\"\n",
             pki.ca.trust_domain,
+            data_dir.display(),
             tls.ca.display(),
             tls.cert.display(),
             tls.key.display()
@@ -568,9 +619,15 @@ impl GatewayProcess {
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let found = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
                 if v["message"] == "gateway listening" {
-                    let addr = |k: &str| v[k].as_str().and_then(|s| s.parse().ok()).expect("address in log");
+                    let addr = |k: &str| {
+                        v[k].as_str()
+                            .and_then(|s| s.parse().ok())
+                            .expect("address in log")
+                    };
                     return Some((addr("tunnel"), addr("northbound")));
                 }
             }
@@ -581,7 +638,12 @@ impl GatewayProcess {
         .expect("gateway printed its addresses");
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProcess { child, tunnel: found.0, northbound: found.1, _dir: dir }
+        GatewayProcess {
+            child,
+            tunnel: found.0,
+            northbound: found.1,
+            _dir: dir,
+        }
     }
 
     /// The process id.
@@ -633,7 +695,13 @@ impl RawReply {
 
 /// A gRPC call over a bare HTTP/2 client (h2 on rustls) with no timer of its own, so what comes
 /// back is exactly what the gateway sent. `message` is an encoded protobuf request.
-pub async fn raw_grpc_call(addr: SocketAddr, files: &CertFiles, path: &str, headers: &[(&str, &str)], message: &[u8]) -> RawReply {
+pub async fn raw_grpc_call(
+    addr: SocketAddr,
+    files: &CertFiles,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &[u8],
+) -> RawReply {
     let roots = tether_runtime::tls::load_roots(&files.ca).expect("roots");
     let mut tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -645,7 +713,10 @@ pub async fn raw_grpc_call(addr: SocketAddr, files: &CertFiles, path: &str, head
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.expect("TLS");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
     let (mut client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
     tokio::spawn(conn);
     let mut req = http::Request::post(format!("https://localhost{path}"))
@@ -654,7 +725,9 @@ pub async fn raw_grpc_call(addr: SocketAddr, files: &CertFiles, path: &str, head
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let (resp, mut send) = client.send_request(req.body(()).expect("request"), false).expect("send");
+    let (resp, mut send) = client
+        .send_request(req.body(()).expect("request"), false)
+        .expect("send");
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);
@@ -668,5 +741,109 @@ pub async fn raw_grpc_call(addr: SocketAddr, files: &CertFiles, path: &str, head
         bytes.extend_from_slice(&chunk);
     }
     let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
-    RawReply { headers: parts.headers, body: bytes, trailers }
+    RawReply {
+        headers: parts.headers,
+        body: bytes,
+        trailers,
+    }
+}
+
+// === Commands helpers ===
+
+pub use tether_agent::commands::{Handlers, ProgressSink};
+use tether_api::v1::{Command, CommandState};
+
+/// A `tether.v1.Commands` client.
+pub type CommandsClient =
+    tether_api::v1::commands_client::CommandsClient<tonic::transport::Channel>;
+
+/// A Commands client over `channel`, taking replies as large as any payload.
+pub fn commands_client(channel: tonic::transport::Channel) -> CommandsClient {
+    CommandsClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+impl TestGateway {
+    /// A Commands client authenticated as control-plane caller `api`.
+    pub async fn commands(&self, pki: &Pki) -> CommandsClient {
+        commands_client(
+            self.channel(&pki.client("api"))
+                .await
+                .expect("northbound connect"),
+        )
+    }
+}
+
+impl TestAgent {
+    /// Starts an agent (no ops listener) with its own command handler registry.
+    pub fn start_with_handlers(cfg: &AgentConfig, handlers: Arc<Handlers>) -> TestAgent {
+        let shutdown = CancellationToken::new();
+        let handle = tether_agent::start_with_handlers(cfg, None, shutdown.clone(), handlers)
+            .expect("agent start");
+        TestAgent { handle, shutdown }
+    }
+}
+
+/// The built-in handlers plus the test-only `panic` kind (panics with the payload as message).
+pub fn test_handlers() -> Arc<Handlers> {
+    let h = Handlers::with_builtins();
+    h.register(
+        "panic",
+        |payload: bytes::Bytes, _p: ProgressSink| async move {
+            let msg = String::from_utf8_lossy(&payload).into_owned();
+            if !msg.is_empty() {
+                panic!("{msg}");
+            }
+            Ok(payload)
+        },
+    );
+    Arc::new(h)
+}
+
+/// A Submit request with the usual defaults.
+pub fn submit_req(
+    agent: &str,
+    kind: &str,
+    payload: impl Into<Vec<u8>>,
+) -> tether_api::v1::SubmitCommandRequest {
+    tether_api::v1::SubmitCommandRequest {
+        agent: agent.to_owned(),
+        kind: kind.to_owned(),
+        payload: payload.into(),
+        content_type: "text/plain".into(),
+        ..Default::default()
+    }
+}
+
+/// True for Succeeded, Failed, Expired and Cancelled.
+pub fn is_final(c: &Command) -> bool {
+    matches!(
+        c.state(),
+        CommandState::Succeeded
+            | CommandState::Failed
+            | CommandState::Expired
+            | CommandState::Cancelled
+    )
+}
+
+/// Polls `Get` until the command is in a final state (or panics after `timeout`).
+pub async fn wait_final(client: &mut CommandsClient, id: &str, timeout: Duration) -> Command {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = client
+            .get(tether_api::v1::GetCommandRequest { id: id.to_owned() })
+            .await
+            .expect("get command")
+            .into_inner();
+        if is_final(&c) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "command {id} not final after {timeout:?}: {:?}",
+            c.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

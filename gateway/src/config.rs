@@ -18,7 +18,14 @@
 //! [log]
 //! format = "text"             # or json
 //! level = "info"
+//! [commands]
+//! max_payload = 4194304       # bytes
+//! max_attempts = 10           # deliveries before a command fails
+//! retry_backoff = "200ms"     # doubled per failed delivery, capped at max_retry_backoff
+//! max_retry_backoff = "30s"
 //! ```
+//!
+//! `data_dir` (top level, default `data` next to the config file) holds the command store.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,6 +50,11 @@ pub const KEYS: Keys = &[
     "ops.listen",
     "log.format",
     "log.level",
+    "data_dir",
+    "commands.max_payload",
+    "commands.max_attempts",
+    "commands.retry_backoff",
+    "commands.max_retry_backoff",
 ];
 
 /// The whole gateway config.
@@ -65,6 +77,40 @@ pub struct GatewayConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Where durable state (the command store) lives; default `data` next to the config file
+    /// (or in the working directory without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Durable commands.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+/// Durable commands: limits and redelivery.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Largest payload a Submit may carry, in bytes.
+    pub max_payload: u64,
+    /// Deliveries (first one included) before a command whose stream keeps failing is Failed.
+    pub max_attempts: u32,
+    /// Wait before the first redelivery; doubled each time.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Cap of the redelivery wait.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            max_payload: 4 << 20,
+            max_attempts: 10,
+            retry_backoff: Duration::from_millis(200),
+            max_retry_backoff: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Certificates and keys (PEM files).
@@ -179,6 +225,18 @@ impl Validate for GatewayConfig {
                 "must be positive",
             ));
         }
+        if self.commands.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "commands.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.commands.max_payload == 0 {
+            return Err(ConfigError::invalid(
+                "commands.max_payload",
+                "must be at least 1",
+            ));
+        }
         if t.max_concurrent_streams == 0 {
             return Err(ConfigError::invalid(
                 "tunnel.max_concurrent_streams",
@@ -199,6 +257,8 @@ impl GatewayConfig {
         for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
             *p = tether_runtime::config::resolve(base, p);
         }
+        let data = cfg.data_dir.take().unwrap_or_else(|| PathBuf::from("data"));
+        cfg.data_dir = Some(tether_runtime::config::resolve(base, &data));
         Ok(cfg)
     }
 }
@@ -220,6 +280,8 @@ mod tests {
             northbound: Default::default(),
             ops: Default::default(),
             log: Default::default(),
+            data_dir: Some("d".into()),
+            commands: Default::default(),
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         let mut leaves = Vec::new();

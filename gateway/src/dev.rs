@@ -124,6 +124,8 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         northbound: NorthboundConfig { listen: northbound },
         ops: OpsConfig { listen: ops },
         log: LogConfig::default(),
+        data_dir: Some(dir.join("data")),
+        commands: Default::default(),
     };
     write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
     // The demo upstream the dev agent allow-lists as `demo`, its default service.
@@ -133,7 +135,11 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         .map_err(|e| format!("binding the demo upstream: {e}"))?;
     let demo_addr = demo_listener.local_addr().map_err(|e| e.to_string())?;
     let demo_stop = CancellationToken::new();
-    tokio::spawn(crate::demo::serve(demo_listener, crate::demo::EchoService::default(), demo_stop.clone()));
+    tokio::spawn(crate::demo::serve(
+        demo_listener,
+        crate::demo::EchoService::default(),
+        demo_stop.clone(),
+    ));
     let agent_toml = format!(
         "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
     );
@@ -198,14 +204,29 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     }
     // And a call relayed through the tunnel to the demo upstream.
     let channel = ctl::connect(&(&dev_json).into()).await?;
-    let mut echo = tether_api::demo::v1::echo_client::EchoClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("tether-agent", tonic::metadata::MetadataValue::from_static(AGENT));
-        Ok(req)
-    });
+    let mut echo = tether_api::demo::v1::echo_client::EchoClient::with_interceptor(
+        channel,
+        |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert(
+                "tether-agent",
+                tonic::metadata::MetadataValue::from_static(AGENT),
+            );
+            Ok(req)
+        },
+    );
     let reply = echo
-        .unary(tether_api::demo::v1::EchoRequest { message: "hello through the tunnel".into(), ..Default::default() })
+        .unary(tether_api::demo::v1::EchoRequest {
+            message: "hello through the tunnel".into(),
+            ..Default::default()
+        })
         .await
-        .map_err(|s| format!("relayed Echo/Unary to {AGENT}: {:?}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            format!(
+                "relayed Echo/Unary to {AGENT}: {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     if reply.message != "hello through the tunnel" {
         return Err(format!("relayed Echo/Unary answered {:?}", reply.message));
@@ -244,15 +265,21 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             .unwrap_or("-")
     );
     println!();
-    println!("  demo        the agent's default service `demo` ({demo_addr}): Echo, health, reflection");
+    println!(
+        "  demo        the agent's default service `demo` ({demo_addr}): Echo, health, reflection"
+    );
     println!();
     println!("Try:  ./target/debug/tetherctl agents list");
     println!("      ./target/debug/tetherctl agents watch");
     let c = rel(&dev_json.client_cert);
     let k = rel(&dev_json.client_key);
     let ca = rel(&dev_json.ca);
-    println!("      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' {northbound} list");
-    println!("      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' -d '{{\"message\":\"hi\"}}' {northbound} tether.demo.v1.Echo/Unary");
+    println!(
+        "      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' {northbound} list"
+    );
+    println!(
+        "      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' -d '{{\"message\":\"hi\"}}' {northbound} tether.demo.v1.Echo/Unary"
+    );
 
     if !opts.check {
         println!("\nPress Ctrl-C to stop.");

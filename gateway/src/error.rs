@@ -22,6 +22,9 @@ pub enum GatewayError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The command store could not be opened or recovered.
+    #[error("command store: {0}")]
+    Store(String),
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),

@@ -11,12 +11,15 @@
 //! - [`registry`] (session): live sessions and the connect/disconnect feed;
 //! - [`northbound`] (feature): `tether.v1.Agents` over TLS with caller authentication;
 //! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
+//! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
+//! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
 //! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
 //! - [`pki`] (backend): CA and certificate issuance with rcgen;
 //! - [`demo`] (backend): the demo upstream `dev` runs behind its agent;
 //! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
 #![warn(missing_docs)]
 
+pub mod commands;
 pub mod config;
 pub mod ctl;
 pub mod demo;
@@ -28,6 +31,7 @@ pub mod pki;
 pub mod registry;
 pub mod relay;
 pub mod server;
+pub mod store;
 pub mod streams;
 pub mod tunnel;
 pub mod verifier;

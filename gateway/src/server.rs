@@ -11,12 +11,14 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
+use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::northbound::AgentsApi;
-use crate::relay::{Relay, RelayService};
-use crate::streams::StreamsApi;
 use crate::registry::Registry;
+use crate::relay::{Relay, RelayService};
+use crate::store::EmbeddedStore;
+use crate::streams::StreamsApi;
 use crate::tunnel::{self, TunnelContext};
 
 /// The gateway's three listeners, bound before start.
@@ -68,6 +70,8 @@ pub struct GatewayHandle {
     pub northbound_addr: SocketAddr,
     /// Where `/metrics` is served.
     pub ops_addr: SocketAddr,
+    /// Durable commands.
+    pub commands: Arc<Commands>,
     task: JoinHandle<()>,
 }
 
@@ -104,7 +108,23 @@ pub async fn start(
     )
     .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
 
+    let data_dir = cfg.data_dir.clone().ok_or_else(|| {
+        GatewayError::Config(tether_runtime::config::ConfigError::invalid(
+            "data_dir",
+            "must be set",
+        ))
+    })?;
+    let store = EmbeddedStore::open(&data_dir)
+        .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
+    let commands_stop = CancellationToken::new();
+    let commands = Commands::start(
+        Arc::new(store),
+        registry.clone(),
+        cfg.commands.clone(),
+        commands_stop.clone(),
+    )
+    .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
     let ctx = Arc::new(TunnelContext::new(
@@ -120,18 +140,31 @@ pub async fn start(
 
     // Northbound gRPC over TLS, client certificates required.
     let tls = northbound_tls(&cfg)?;
-    sockets.northbound.set_nonblocking(true).map_err(io("northbound socket".into()))?;
-    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound).map_err(io("northbound socket".into()))?;
+    sockets
+        .northbound
+        .set_nonblocking(true)
+        .map_err(io("northbound socket".into()))?;
+    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
+        .map_err(io("northbound socket".into()))?;
     let api = AgentsApi::new(registry.clone(), close_sessions.clone());
     let relay = Relay::new(registry.clone(), cfg.trust_domain.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(api.into_service(cfg.trust_domain.clone()));
+    routes.add_service(
+        CommandsApi::new(commands.clone())
+            .into_service(cfg.trust_domain.clone(), cfg.commands.max_payload),
+    );
     routes.add_service(StreamsApi::new(relay.clone()).into_service());
     let mut routes = routes.routes();
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    let northbound = tokio::spawn(crate::listener::serve(nb_listener, tls, routes.prepare(), close_sessions.clone()));
+    let northbound = tokio::spawn(crate::listener::serve(
+        nb_listener,
+        tls,
+        routes.prepare(),
+        close_sessions.clone(),
+    ));
 
     // Ops HTTP.
     sockets
@@ -161,6 +194,7 @@ pub async fn start(
         shutdown.cancelled().await;
         stop_accepting.cancel();
         drain(&drain_registry, drain_timeout).await;
+        commands_stop.cancel();
         close_sessions.cancel();
         let _ = northbound.await;
         endpoint.close(
@@ -182,6 +216,7 @@ pub async fn start(
         tunnel_addr,
         northbound_addr,
         ops_addr,
+        commands,
         task,
     })
 }

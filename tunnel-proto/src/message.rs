@@ -230,6 +230,33 @@ pub struct OpenResult {
     pub message: String,
 }
 
+/// Agent → gateway on a `Command` stream: the command arrived and its handler is starting.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandAck {}
+
+/// Agent → gateway on a `Command` stream: a progress line the handler reported.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandProgress {
+    /// Free text for display.
+    #[prost(string, tag = "1")]
+    pub message: String,
+}
+
+/// Agent → gateway on a `Command` stream, last frame: how the command ended. Output larger than
+/// one frame travels in `Data` frames before it; the gateway appends `output` to them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandResult {
+    /// True when the handler succeeded.
+    #[prost(bool, tag = "1")]
+    pub succeeded: bool,
+    /// The handler's output (or its tail, after `Data` frames).
+    #[prost(bytes = "vec", tag = "2")]
+    pub output: Vec<u8>,
+    /// A message for people: the error when it failed.
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
 /// Any frame the protocol knows, tagged by its frame type.
 #[derive(Clone, PartialEq, Debug)]
 #[non_exhaustive]
@@ -256,6 +283,12 @@ pub enum Message {
     Trailers(Trailers),
     /// See [`OpenResult`].
     OpenResult(OpenResult),
+    /// See [`CommandAck`].
+    CommandAck(CommandAck),
+    /// See [`CommandProgress`].
+    CommandProgress(CommandProgress),
+    /// See [`CommandResult`].
+    CommandResult(CommandResult),
 }
 
 /// Frame type bytes. Stable on the wire: never renumber.
@@ -271,6 +304,9 @@ pub(crate) mod frame_type {
     pub(crate) const RESPONSE_HEAD: u8 = 0x12;
     pub(crate) const TRAILERS: u8 = 0x13;
     pub(crate) const OPEN_RESULT: u8 = 0x14;
+    pub(crate) const COMMAND_ACK: u8 = 0x15;
+    pub(crate) const COMMAND_PROGRESS: u8 = 0x16;
+    pub(crate) const COMMAND_RESULT: u8 = 0x17;
 }
 
 impl Message {
@@ -289,6 +325,9 @@ impl Message {
             Message::ResponseHead(_) => RESPONSE_HEAD,
             Message::Trailers(_) => TRAILERS,
             Message::OpenResult(_) => OPEN_RESULT,
+            Message::CommandAck(_) => COMMAND_ACK,
+            Message::CommandProgress(_) => COMMAND_PROGRESS,
+            Message::CommandResult(_) => COMMAND_RESULT,
         }
     }
 
@@ -297,7 +336,20 @@ impl Message {
         use frame_type::*;
         matches!(
             ty,
-            HELLO | WELCOME | HEARTBEAT | HEARTBEAT_ACK | GO_AWAY | CLOSE | STREAM_HEADER | DATA | RESPONSE_HEAD | TRAILERS | OPEN_RESULT
+            HELLO
+                | WELCOME
+                | HEARTBEAT
+                | HEARTBEAT_ACK
+                | GO_AWAY
+                | CLOSE
+                | STREAM_HEADER
+                | DATA
+                | RESPONSE_HEAD
+                | TRAILERS
+                | OPEN_RESULT
+                | COMMAND_ACK
+                | COMMAND_PROGRESS
+                | COMMAND_RESULT
         )
     }
 
@@ -315,6 +367,9 @@ impl Message {
             Message::ResponseHead(_) => "ResponseHead",
             Message::Trailers(_) => "Trailers",
             Message::OpenResult(_) => "OpenResult",
+            Message::CommandAck(_) => "CommandAck",
+            Message::CommandProgress(_) => "CommandProgress",
+            Message::CommandResult(_) => "CommandResult",
         }
     }
 
@@ -331,6 +386,9 @@ impl Message {
             Message::ResponseHead(m) => m.encoded_len(),
             Message::Trailers(m) => m.encoded_len(),
             Message::OpenResult(m) => m.encoded_len(),
+            Message::CommandAck(m) => m.encoded_len(),
+            Message::CommandProgress(m) => m.encoded_len(),
+            Message::CommandResult(m) => m.encoded_len(),
         }
     }
 
@@ -362,6 +420,9 @@ impl Message {
             Message::ResponseHead(m) => m.encode(dst),
             Message::Trailers(m) => m.encode(dst),
             Message::OpenResult(m) => m.encode(dst),
+            Message::CommandAck(m) => m.encode(dst),
+            Message::CommandProgress(m) => m.encode(dst),
+            Message::CommandResult(m) => m.encode(dst),
         };
         debug_assert!(res.is_ok());
     }
@@ -395,6 +456,9 @@ impl Message {
             RESPONSE_HEAD => Message::ResponseHead(de("ResponseHead", p)?),
             TRAILERS => Message::Trailers(de("Trailers", p)?),
             OPEN_RESULT => Message::OpenResult(de("OpenResult", p)?),
+            COMMAND_ACK => Message::CommandAck(de("CommandAck", p)?),
+            COMMAND_PROGRESS => Message::CommandProgress(de("CommandProgress", p)?),
+            COMMAND_RESULT => Message::CommandResult(de("CommandResult", p)?),
             other => return Err(ProtoError::UnknownFrameType(other)),
         })
     }

@@ -10,7 +10,8 @@ fn s() -> impl Strategy<Value = String> {
 
 fn metadata() -> impl Strategy<Value = Vec<MetadataEntry>> {
     proptest::collection::vec(
-        (s(), proptest::collection::vec(any::<u8>(), 0..32)).prop_map(|(key, value)| MetadataEntry { key, value }),
+        (s(), proptest::collection::vec(any::<u8>(), 0..32))
+            .prop_map(|(key, value)| MetadataEntry { key, value }),
         0..6,
     )
 }
@@ -18,9 +19,26 @@ fn metadata() -> impl Strategy<Value = Vec<MetadataEntry>> {
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2048).prop_map(|b| Message::Data(b.into())),
-        (any::<u32>(), metadata()).prop_map(|(status, metadata)| Message::ResponseHead(ResponseHead { status, metadata })),
+        (any::<u32>(), metadata()).prop_map(|(status, metadata)| Message::ResponseHead(
+            ResponseHead { status, metadata }
+        )),
         metadata().prop_map(|metadata| Message::Trailers(Trailers { metadata })),
-        (any::<bool>(), any::<i32>(), s()).prop_map(|(ok, code, message)| Message::OpenResult(OpenResult { ok, code, message })),
+        (any::<bool>(), any::<i32>(), s())
+            .prop_map(|(ok, code, message)| Message::OpenResult(OpenResult { ok, code, message })),
+        Just(Message::CommandAck(CommandAck {})),
+        s().prop_map(|message| Message::CommandProgress(CommandProgress { message })),
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..512),
+            s()
+        )
+            .prop_map(|(succeeded, output, message)| Message::CommandResult(
+                CommandResult {
+                    succeeded,
+                    output,
+                    message
+                }
+            )),
         (
             proptest::collection::vec(any::<u32>(), 0..4),
             s(),

@@ -1,0 +1,550 @@
+//! Feature layer: runs the commands a gateway delivers on `Command` streams.
+//!
+//! ```text
+//! gateway ──StreamHeader{Command, id, kind}, Data(payload)…, FIN──► agent
+//! gateway ◄──CommandAck, CommandProgress…, Data(output)…, CommandResult, FIN── agent
+//! ```
+//!
+//! Handlers are looked up by kind in [`Handlers`] (built-ins: `echo`, `sleep`). A handler runs in
+//! its own task, detached from the stream that delivered it: a panic becomes a Failed result and
+//! a lost stream does not stop it. Delivery is at-least-once, execution at-most-once in effect:
+//! [`Executor`] keeps a bounded record of completed ids with their results (appended and fsync'd
+//! to `state_dir/commands.jsonl` when the agent has a state directory, before the result is
+//! reported); a redelivered id that completed is answered from the record, one still running is
+//! attached to instead of started again.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tokio::sync::{broadcast, watch};
+use tunnel_proto::message::{CommandAck, CommandProgress, CommandResult, StreamHeader};
+use tunnel_proto::{ErrorCode, Message};
+
+use crate::error::AgentError;
+
+/// Completed ids remembered (and re-reported on redelivery).
+pub const COMPLETED_KEPT: usize = 10_000;
+/// Largest payload the agent accepts on a command stream.
+const MAX_PAYLOAD: usize = 64 << 20;
+/// Output up to this size travels inside `CommandResult`; larger output in `Data` frames first.
+const INLINE_OUTPUT: usize = 32 << 10;
+/// The state file inside `state_dir`.
+const STATE_FILE: &str = "commands.jsonl";
+
+/// What a handler returns: its output, or an error message.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
+
+/// Runs one kind of command.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs the command with `payload`, reporting progress lines on `progress`.
+    fn run(&self, payload: Bytes, progress: ProgressSink) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Bytes, ProgressSink) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+{
+    fn run(&self, payload: Bytes, progress: ProgressSink) -> HandlerFuture {
+        Box::pin(self(payload, progress))
+    }
+}
+
+/// Where a handler reports progress; lines reach the gateway (and its watchers) as they come.
+#[derive(Clone, Debug)]
+pub struct ProgressSink(broadcast::Sender<String>);
+
+impl ProgressSink {
+    /// Reports one progress line.
+    pub fn report(&self, message: impl Into<String>) {
+        let _ = self.0.send(message.into());
+    }
+}
+
+/// The handler registry: kind → handler.
+pub struct Handlers {
+    map: RwLock<HashMap<String, Arc<dyn Handler>>>,
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handlers")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}
+
+impl Handlers {
+    /// No handlers at all.
+    pub fn empty() -> Handlers {
+        Handlers {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The built-ins: `echo` (returns its payload) and `sleep` (payload `{"ms": N}` or `N`).
+    pub fn with_builtins() -> Handlers {
+        let h = Handlers::empty();
+        h.register(
+            "echo",
+            |payload: Bytes, _progress: ProgressSink| async move { Ok(payload) },
+        );
+        h.register("sleep", sleep);
+        h
+    }
+
+    /// Adds (or replaces) the handler of `kind`.
+    pub fn register(&self, kind: &str, handler: impl Handler) {
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind.to_owned(), Arc::new(handler));
+    }
+
+    /// The handler of `kind`.
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kind)
+            .cloned()
+    }
+
+    /// Registered kinds, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    }
+}
+
+impl Default for Handlers {
+    fn default() -> Self {
+        Handlers::with_builtins()
+    }
+}
+
+/// The built-in `sleep`: waits, reporting progress about ten times along the way.
+async fn sleep(payload: Bytes, progress: ProgressSink) -> Result<Bytes, String> {
+    #[derive(Deserialize)]
+    struct Args {
+        ms: u64,
+    }
+    let text = std::str::from_utf8(&payload)
+        .map_err(|_| "sleep: payload is not UTF-8".to_owned())?
+        .trim();
+    let ms = match text.parse::<u64>() {
+        Ok(ms) => ms,
+        Err(_) => {
+            serde_json::from_str::<Args>(text)
+                .map_err(|e| format!("sleep: payload must be {{\"ms\": N}} or N: {e}"))?
+                .ms
+        }
+    };
+    let steps = 10u64;
+    for i in 1..=steps {
+        tokio::time::sleep(Duration::from_millis(ms / steps)).await;
+        progress.report(format!("slept {} of {ms} ms", ms * i / steps));
+    }
+    Ok(Bytes::from(format!("slept {ms} ms")))
+}
+
+// === Executor ===
+
+/// How a command ended, as remembered and re-reported.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Outcome {
+    id: String,
+    ok: bool,
+    /// Output, hex-encoded in the state file.
+    #[serde(with = "hex")]
+    out: Vec<u8>,
+    msg: String,
+}
+
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(b.len() * 2);
+        for byte in b {
+            out.push_str(&format!("{byte:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd hex length"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| {
+                u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+struct Running {
+    progress: broadcast::Sender<String>,
+    done: watch::Receiver<Option<Outcome>>,
+}
+
+#[derive(Default)]
+struct Record {
+    done: HashMap<String, Outcome>,
+    order: VecDeque<String>,
+    running: HashMap<String, Running>,
+    /// Lines in the state file, to know when to compact it.
+    lines: usize,
+}
+
+impl Record {
+    fn remember(&mut self, o: Outcome) {
+        if self.done.insert(o.id.clone(), o.clone()).is_none() {
+            self.order.push_back(o.id);
+        }
+        while self.order.len() > COMPLETED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.done.remove(&old);
+            }
+        }
+    }
+}
+
+/// Runs delivered commands at most once in effect; see the module docs.
+pub struct Executor {
+    handlers: Arc<Handlers>,
+    record: Mutex<Record>,
+    state_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("handlers", &self.handlers)
+            .field("state_file", &self.state_file)
+            .finish()
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |source| AgentError::Io { what, source }
+}
+
+impl Executor {
+    /// An executor for `handlers`, loading completed ids from `state_dir` when given.
+    pub fn new(handlers: Arc<Handlers>, state_dir: Option<&Path>) -> Result<Executor, AgentError> {
+        let mut record = Record::default();
+        let state_file = match state_dir {
+            None => None,
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(io(format!("creating state_dir {}", dir.display())))?;
+                let path = dir.join(STATE_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => {
+                        for line in text.lines() {
+                            record.lines += 1;
+                            // A torn last line (crash mid-write) is skipped: its result was never
+                            // reported, so the gateway redelivers and the command runs again.
+                            if let Ok(o) = serde_json::from_str::<Outcome>(line) {
+                                record.remember(o);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+                }
+                Some(path)
+            }
+        };
+        Ok(Executor {
+            handlers,
+            record: Mutex::new(record),
+            state_file,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many completed ids are remembered.
+    pub fn completed(&self) -> usize {
+        self.lock().done.len()
+    }
+
+    /// Appends an outcome to the state file and fsyncs; compacts when it grew to twice the
+    /// record. Blocking: called from `spawn_blocking`.
+    fn persist(&self, o: &Outcome) {
+        let Some(path) = &self.state_file else { return };
+        let compact = {
+            let mut r = self.lock();
+            r.lines += 1;
+            (r.lines > 2 * COMPLETED_KEPT).then(|| {
+                r.lines = r.order.len();
+                r.order
+                    .iter()
+                    .filter_map(|id| r.done.get(id).cloned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let res = match compact {
+            None => append(path, o),
+            Some(all) => rewrite(path, &all),
+        };
+        if let Err(e) = res {
+            tracing::error!(error = %e, path = %path.display(), "could not record a completed command");
+        }
+    }
+
+    /// Serves one `Command` stream whose header was read.
+    pub async fn serve(
+        self: Arc<Self>,
+        header: StreamHeader,
+        mut framed: FramedRecv,
+        mut send: quinn::SendStream,
+    ) {
+        let id = header.id.clone();
+        let kind = header.service.clone();
+        // The payload: Data frames up to FIN.
+        let mut payload = Vec::new();
+        loop {
+            match framed.next().await {
+                Ok(Some(Message::Data(b))) => {
+                    if payload.len() + b.len() > MAX_PAYLOAD {
+                        framed.stop(ErrorCode::FRAME_TOO_LARGE);
+                        let _ = send.reset(ErrorCode::FRAME_TOO_LARGE.0.into());
+                        return;
+                    }
+                    payload.extend_from_slice(&b);
+                }
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    tracing::warn!(frame = other.name(), command = %id, "unexpected frame on a command stream");
+                    framed.stop(ErrorCode::PROTOCOL_ERROR);
+                    let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+                    return;
+                }
+                Err(_) => {
+                    let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                    return;
+                }
+            }
+        }
+        if send_msg(&mut send, &Message::CommandAck(CommandAck {}))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let (mut progress, mut done) = self.clone().start(id.clone(), kind, Bytes::from(payload));
+        let outcome = loop {
+            if let Some(o) = done.borrow_and_update().clone() {
+                break o;
+            }
+            tokio::select! {
+                p = progress.recv() => match p {
+                    Ok(message) => {
+                        if send_msg(&mut send, &Message::CommandProgress(CommandProgress { message })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    // The execution ended; its outcome is in `done`.
+                    Err(broadcast::error::RecvError::Closed) => {
+                        if done.changed().await.is_err() && done.borrow().is_none() {
+                            return;
+                        }
+                    }
+                },
+                r = done.changed() => if r.is_err() && done.borrow().is_none() {
+                    return;
+                },
+            }
+        };
+        let mut result = CommandResult {
+            succeeded: outcome.ok,
+            output: Vec::new(),
+            message: outcome.msg,
+        };
+        if outcome.out.len() <= INLINE_OUTPUT {
+            result.output = outcome.out;
+        } else if send_data(&mut send, Bytes::from(outcome.out))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if send_msg(&mut send, &Message::CommandResult(result))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
+        }
+    }
+
+    /// The progress feed and outcome of command `id`: from the record if it completed, from its
+    /// execution if it is running, or from a new execution.
+    fn start(
+        self: Arc<Self>,
+        id: String,
+        kind: String,
+        payload: Bytes,
+    ) -> (
+        broadcast::Receiver<String>,
+        watch::Receiver<Option<Outcome>>,
+    ) {
+        let mut r = self.lock();
+        if let Some(o) = r.done.get(&id) {
+            tracing::info!(command = %id, "redelivered command already completed: re-reporting its result");
+            let (ptx, prx) = broadcast::channel(1);
+            drop(ptx);
+            return (prx, watch::channel(Some(o.clone())).1);
+        }
+        if let Some(run) = r.running.get(&id) {
+            tracing::info!(command = %id, "redelivered command still running: attaching to it");
+            return (run.progress.subscribe(), run.done.clone());
+        }
+        let (ptx, prx) = broadcast::channel(64);
+        let (dtx, drx) = watch::channel(None);
+        r.running.insert(
+            id.clone(),
+            Running {
+                progress: ptx.clone(),
+                done: drx.clone(),
+            },
+        );
+        drop(r);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (ok, out, msg) = match this.handlers.get(&kind) {
+                None => (false, Vec::new(), format!("unsupported kind {kind}")),
+                Some(h) => {
+                    let fut = h.run(payload, ProgressSink(ptx));
+                    match tokio::spawn(fut).await {
+                        Ok(Ok(out)) => (true, out.to_vec(), String::new()),
+                        Ok(Err(msg)) => (false, Vec::new(), msg),
+                        Err(e) => {
+                            let why = if e.is_panic() {
+                                let p = e.into_panic();
+                                p.downcast_ref::<&str>()
+                                    .map(|s| (*s).to_owned())
+                                    .or_else(|| p.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "non-text panic payload".into())
+                            } else {
+                                "cancelled".into()
+                            };
+                            tracing::warn!(command = %id, %kind, %why, "command handler panicked");
+                            (false, Vec::new(), format!("handler panicked: {why}"))
+                        }
+                    }
+                }
+            };
+            let o = Outcome {
+                id: id.clone(),
+                ok,
+                out,
+                msg,
+            };
+            // Durable before anyone hears of it.
+            let persisted = {
+                let this = this.clone();
+                let o = o.clone();
+                tokio::task::spawn_blocking(move || this.persist(&o)).await
+            };
+            if persisted.is_err() {
+                tracing::error!(command = %id, "recording the command's result failed");
+            }
+            {
+                let mut r = this.lock();
+                r.running.remove(&id);
+                r.remember(o.clone());
+            }
+            let _ = dtx.send(Some(o));
+        });
+        (prx, drx)
+    }
+}
+
+fn append(path: &Path, o: &Outcome) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(o).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+fn rewrite(path: &Path, all: &[Outcome]) -> std::io::Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        for o in all {
+            let mut line = serde_json::to_vec(o).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            f.write_all(&line)?;
+        }
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = Executor::new(Arc::new(Handlers::with_builtins()), Some(dir.path())).unwrap();
+        let o = Outcome {
+            id: "c1".into(),
+            ok: true,
+            out: vec![0, 1, 255],
+            msg: "m".into(),
+        };
+        ex.persist(&o);
+        let again = Executor::new(Arc::new(Handlers::with_builtins()), Some(dir.path())).unwrap();
+        assert_eq!(again.lock().done.get("c1"), Some(&o));
+    }
+
+    #[test]
+    fn the_record_is_bounded() {
+        let mut r = Record::default();
+        for i in 0..COMPLETED_KEPT + 5 {
+            r.remember(Outcome {
+                id: i.to_string(),
+                ok: true,
+                out: vec![],
+                msg: String::new(),
+            });
+        }
+        assert_eq!(r.done.len(), COMPLETED_KEPT);
+        assert!(!r.done.contains_key("0"));
+    }
+}

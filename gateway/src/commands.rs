@@ -1,0 +1,871 @@
+//! Feature layer: durable asynchronous commands — `tether.v1.Commands` and delivery to agents.
+//!
+//! A Submit is committed to the [`CommandStore`] (fsync'd, group-committed) before it is
+//! answered. Delivery runs in *lanes*, one per `(agent, ordering_key)`: a lane delivers its
+//! commands one at a time in submission order, the next only after the previous reached a final
+//! state; different lanes run in parallel. A delivery is a gateway-opened QUIC stream of kind
+//! `Command` on any live session of the agent (never the control stream):
+//!
+//! ```text
+//! gateway ──StreamHeader{Command, id, kind}, Data(payload)…, FIN──► agent
+//! gateway ◄──CommandAck, CommandProgress…, Data(output)…, CommandResult, FIN── agent
+//! ```
+//!
+//! A stream that fails before its `CommandResult` (agent died, connection lost) is redelivered
+//! after a backoff once the agent has a session again, up to `commands.max_attempts` deliveries;
+//! the agent's record of completed ids makes redelivery at-most-once in effect. On start every
+//! command not in a final state goes back into its lane.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tether_api::v1;
+use tether_api::v1::commands_server::{Commands as CommandsRpc, CommandsServer};
+use tether_api::v1::{Command, CommandState};
+use tether_runtime::CancellationToken;
+use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tokio::sync::broadcast;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tunnel_proto::message::{MetadataEntry, StreamHeader, StreamKind};
+use tunnel_proto::{AgentId, ErrorCode, Message};
+
+use crate::config::CommandsConfig;
+use crate::registry::{Registry, SessionInfo};
+use crate::store::embedded::is_final;
+use crate::store::{CommandStore, ListFilter, StoreError};
+
+/// Progress lines kept per command (the last ones).
+const PROGRESS_KEPT: usize = 20;
+/// Default and largest `List` page.
+const PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+/// How often queued commands are checked for expiry.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// Time allowed to open a delivery stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+// === Errors ===
+
+/// Why a Commands call failed; mapped to a gRPC status in one place (`From` below).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The caller named an agent this gateway has never seen (caller's mistake).
+    #[error("agent {0} is not known to this gateway")]
+    UnknownAgent(String),
+    /// The caller sent a malformed request (caller's mistake, do not retry as is).
+    #[error("{0}")]
+    Invalid(String),
+    /// The payload is over the configured limit (caller's mistake).
+    #[error("payload is {size} bytes, above the limit of {limit} bytes (commands.max_payload)")]
+    PayloadTooLarge {
+        /// What was sent.
+        size: usize,
+        /// `commands.max_payload`.
+        limit: u64,
+    },
+    /// No command has this id.
+    #[error("no command {0}")]
+    NotFound(String),
+    /// Cancel came too late: the command was already delivered or finished.
+    #[error("command {id} was already {state}: too late to cancel")]
+    TooLate {
+        /// The command.
+        id: String,
+        /// Its state, lower case.
+        state: String,
+    },
+    /// The store failed (the gateway's fault; retrying may help).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CommandError> for Status {
+    fn from(e: CommandError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CommandError::UnknownAgent(_) | CommandError::NotFound(_) => Status::not_found(msg),
+            CommandError::Invalid(_) | CommandError::PayloadTooLarge { .. } => {
+                Status::invalid_argument(msg)
+            }
+            CommandError::TooLate { .. } => Status::failed_precondition(msg),
+            CommandError::Store(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+fn state_name(state: i32) -> String {
+    CommandState::try_from(state).map_or_else(
+        |_| format!("state {state}"),
+        |s| s.as_str_name().to_lowercase(),
+    )
+}
+
+fn now_ts() -> prost_types::Timestamp {
+    SystemTime::now().into()
+}
+
+fn since(ts: Option<&prost_types::Timestamp>) -> f64 {
+    let Some(ts) = ts else { return 0.0 };
+    let Ok(t) = SystemTime::try_from(*ts) else {
+        return 0.0;
+    };
+    SystemTime::now()
+        .duration_since(t)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+// === State ===
+
+type LaneKey = (String, String);
+
+#[derive(Default)]
+struct State {
+    /// Commands not in a final state.
+    active: HashMap<String, Command>,
+    /// Ids waiting or being delivered, per lane, in order. A lane with an entry here has a
+    /// running task.
+    lanes: HashMap<LaneKey, VecDeque<String>>,
+    /// Active commands per state, for the gauge.
+    depth: HashMap<i32, i64>,
+}
+
+impl State {
+    fn count(&mut self, state: i32, delta: i64) {
+        let n = self.depth.entry(state).or_default();
+        *n += delta;
+        metrics::gauge!("tether_gateway_commands", "state" => state_name(state)).set(*n as f64);
+    }
+
+    /// Moves an active command to `to`; final states leave `active`. Returns the new record.
+    fn transition(
+        &mut self,
+        id: &str,
+        to: CommandState,
+        edit: impl FnOnce(&mut Command),
+    ) -> Option<Command> {
+        let cmd = self.active.get_mut(id)?;
+        let from = cmd.state;
+        cmd.state = to as i32;
+        edit(cmd);
+        let snapshot = cmd.clone();
+        if from != to as i32 {
+            self.count(from, -1);
+            if !is_final(to as i32) {
+                self.count(to as i32, 1);
+            }
+        }
+        if is_final(to as i32) {
+            self.active.remove(id);
+        }
+        Some(snapshot)
+    }
+}
+
+/// The commands feature: the API's state and the delivery lanes.
+pub struct Commands {
+    store: Arc<dyn CommandStore>,
+    registry: Arc<Registry>,
+    cfg: CommandsConfig,
+    state: Mutex<State>,
+    events: broadcast::Sender<Command>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Commands {
+    /// Recovers every unfinished command from `store` into its lane and starts delivering.
+    pub fn start(
+        store: Arc<dyn CommandStore>,
+        registry: Arc<Registry>,
+        cfg: CommandsConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Commands>, StoreError> {
+        let unfinished = store.unfinished()?;
+        let this = Arc::new(Commands {
+            store,
+            registry,
+            cfg,
+            state: Mutex::new(State::default()),
+            events: broadcast::channel(65536).0,
+            shutdown,
+        });
+        let mut lanes = Vec::new();
+        {
+            let mut st = this.lock();
+            for cmd in unfinished {
+                let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
+                st.count(cmd.state, 1);
+                let q = st.lanes.entry(lane.clone()).or_default();
+                if q.is_empty() {
+                    lanes.push(lane);
+                }
+                q.push_back(cmd.id.clone());
+                st.active.insert(cmd.id.clone(), cmd);
+            }
+        }
+        if !lanes.is_empty() {
+            tracing::info!(lanes = lanes.len(), "recovered unfinished commands");
+        }
+        for lane in lanes {
+            tokio::spawn(this.clone().run_lane(lane));
+        }
+        tokio::spawn(this.clone().sweep());
+        Ok(this)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, cmd: &Command) {
+        let _ = self.events.send(cmd.clone());
+    }
+
+    /// Writes a record; logged when it fails (the in-memory state stays authoritative until the
+    /// next write, and redelivery covers a lost intermediate state).
+    fn persist(&self, cmd: Command) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let fut = self.store.put(cmd);
+        async move {
+            if let Err(e) = fut.await {
+                tracing::error!(error = %e, "command state not persisted");
+            }
+        }
+    }
+
+    // === Submit, Get, List, Cancel ===
+
+    /// Validates and durably queues a command; returns it and whether it was created.
+    pub async fn submit(
+        self: &Arc<Self>,
+        req: v1::SubmitCommandRequest,
+    ) -> Result<(Command, bool), CommandError> {
+        let agent: AgentId = req
+            .agent
+            .parse()
+            .map_err(|e| CommandError::Invalid(format!("agent {:?}: {e}", req.agent)))?;
+        if req.kind.is_empty() {
+            return Err(CommandError::Invalid(
+                "kind is empty: name the handler the agent should run".into(),
+            ));
+        }
+        if req.payload.len() as u64 > self.cfg.max_payload {
+            return Err(CommandError::PayloadTooLarge {
+                size: req.payload.len(),
+                limit: self.cfg.max_payload,
+            });
+        }
+        let agent = agent.to_string();
+        let known = self
+            .registry
+            .get(
+                &agent
+                    .parse()
+                    .map_err(|_| CommandError::UnknownAgent(agent.clone()))?,
+            )
+            .is_some()
+            || self.store.knows_agent(&agent)?;
+        if !known {
+            return Err(CommandError::UnknownAgent(agent));
+        }
+        let created = SystemTime::now();
+        let expires = match req.ttl {
+            Some(ttl) if ttl.seconds > 0 || ttl.nanos > 0 => {
+                let ttl = Duration::try_from(ttl)
+                    .map_err(|e| CommandError::Invalid(format!("ttl: {e}")))?;
+                Some(
+                    created
+                        .checked_add(ttl)
+                        .ok_or_else(|| CommandError::Invalid("ttl is too large".into()))?
+                        .into(),
+                )
+            }
+            Some(_) | None => None,
+        };
+        let cmd = Command {
+            agent,
+            kind: req.kind,
+            payload: req.payload,
+            content_type: req.content_type,
+            idempotency_key: req.idempotency_key,
+            ordering_key: req.ordering_key,
+            state: CommandState::Queued as i32,
+            created: Some(created.into()),
+            expires,
+            ..Default::default()
+        };
+        let out = self.store.submit(cmd).await?;
+        if out.created {
+            let cmd = out.command.clone();
+            let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
+            let spawn = {
+                let mut st = self.lock();
+                st.count(cmd.state, 1);
+                st.active.insert(cmd.id.clone(), cmd.clone());
+                let q = st.lanes.entry(lane.clone()).or_default();
+                q.push_back(cmd.id.clone());
+                q.len() == 1
+            };
+            self.publish(&cmd);
+            if spawn {
+                tokio::spawn(self.clone().run_lane(lane));
+            }
+        }
+        Ok((out.command, out.created))
+    }
+
+    /// One command.
+    pub fn get(&self, id: &str) -> Result<Command, CommandError> {
+        if let Some(c) = self.lock().active.get(id) {
+            return Ok(c.clone());
+        }
+        self.store
+            .get(id)?
+            .ok_or_else(|| CommandError::NotFound(id.to_owned()))
+    }
+
+    /// Cancels a command that was not delivered yet.
+    pub async fn cancel(&self, id: &str) -> Result<Command, CommandError> {
+        let (cmd, write) = {
+            let mut st = self.lock();
+            match st.active.get(id).map(|c| c.state) {
+                Some(s) if s == CommandState::Queued as i32 => {
+                    let cmd = st
+                        .transition(id, CommandState::Cancelled, |c| {
+                            c.finished = Some(now_ts());
+                            c.result = Some(v1::CommandResult {
+                                output: Vec::new(),
+                                message: "cancelled".into(),
+                            });
+                        })
+                        .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
+                    let write = self.persist(cmd.clone());
+                    (cmd, write)
+                }
+                Some(s) => {
+                    return Err(CommandError::TooLate {
+                        id: id.to_owned(),
+                        state: state_name(s),
+                    });
+                }
+                None => {
+                    drop(st);
+                    let c = self
+                        .store
+                        .get(id)?
+                        .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
+                    return Err(CommandError::TooLate {
+                        id: id.to_owned(),
+                        state: state_name(c.state),
+                    });
+                }
+            }
+        };
+        write.await;
+        self.publish(&cmd);
+        Ok(cmd)
+    }
+
+    // === Delivery ===
+
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+            let now = SystemTime::now();
+            let expired: Vec<Command> = {
+                let mut st = self.lock();
+                let ids: Vec<String> = st
+                    .active
+                    .values()
+                    .filter(|c| c.state == CommandState::Queued as i32)
+                    .filter(|c| {
+                        c.expires
+                            .and_then(|e| SystemTime::try_from(e).ok())
+                            .is_some_and(|e| e <= now)
+                    })
+                    .map(|c| c.id.clone())
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| {
+                        st.transition(id, CommandState::Expired, |c| {
+                            c.finished = Some(now.into());
+                            c.result = Some(v1::CommandResult {
+                                output: Vec::new(),
+                                message: "expired before delivery".into(),
+                            });
+                        })
+                    })
+                    .inspect(|c| drop(self.persist(c.clone())))
+                    .collect()
+            };
+            for c in expired {
+                metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+                self.publish(&c);
+            }
+        }
+    }
+
+    async fn run_lane(self: Arc<Self>, lane: LaneKey) {
+        loop {
+            let id = {
+                let mut st = self.lock();
+                match st.lanes.get(&lane).and_then(|q| q.front()) {
+                    Some(id) => id.clone(),
+                    None => {
+                        st.lanes.remove(&lane);
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.deliver_until_final(&lane.0, &id) => {}
+            }
+            let mut st = self.lock();
+            if let Some(q) = st.lanes.get_mut(&lane) {
+                q.pop_front();
+            }
+        }
+    }
+
+    fn is_active(&self, id: &str) -> bool {
+        self.lock().active.contains_key(id)
+    }
+
+    /// A live session of `agent`, waiting for one; `None` once the command left `active`
+    /// (expired or cancelled meanwhile).
+    async fn wait_session(&self, agent: &AgentId, id: &str) -> Option<Arc<SessionInfo>> {
+        let (_, mut feed) = self.registry.subscribe();
+        loop {
+            if !self.is_active(id) {
+                return None;
+            }
+            if let Some(s) = self
+                .registry
+                .get(agent)
+                .and_then(|a| a.sessions.last().cloned())
+            {
+                return Some(s);
+            }
+            tokio::select! {
+                _ = feed.recv() => {}
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+        }
+    }
+
+    async fn deliver_until_final(&self, agent: &str, id: &str) {
+        let Ok(agent_id) = agent.parse::<AgentId>() else {
+            self.finish(
+                id,
+                false,
+                Vec::new(),
+                format!("agent id {agent:?} is malformed"),
+            )
+            .await;
+            return;
+        };
+        loop {
+            let Some(session) = self.wait_session(&agent_id, id).await else {
+                return;
+            };
+            let reason = match self.attempt(&session, id).await {
+                Ok(()) => return,
+                Err(reason) => reason,
+            };
+            let attempts = match self.lock().active.get(id) {
+                Some(c) => c.attempts,
+                None => return,
+            };
+            if attempts >= self.cfg.max_attempts {
+                let msg = format!("delivery failed {attempts} times; last: {reason}");
+                self.finish(id, false, Vec::new(), msg).await;
+                return;
+            }
+            tracing::info!(command = %id, %agent, attempts, %reason, "command delivery failed; will redeliver");
+            metrics::counter!("tether_gateway_command_redeliveries_total").increment(1);
+            let exp = attempts.saturating_sub(1).min(16);
+            let wait = self
+                .cfg
+                .retry_backoff
+                .saturating_mul(1 << exp)
+                .min(self.cfg.max_retry_backoff);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Records a final Succeeded/Failed state durably and publishes it.
+    async fn finish(&self, id: &str, succeeded: bool, output: Vec<u8>, message: String) {
+        let to = if succeeded {
+            CommandState::Succeeded
+        } else {
+            CommandState::Failed
+        };
+        let (cmd, write) = {
+            let mut st = self.lock();
+            let Some(cmd) = st.transition(id, to, |c| {
+                c.finished = Some(now_ts());
+                c.result = Some(v1::CommandResult { output, message });
+            }) else {
+                return;
+            };
+            let write = self.persist(cmd.clone());
+            (cmd, write)
+        };
+        write.await;
+        metrics::histogram!("tether_gateway_command_submit_to_completed_seconds")
+            .record(since(cmd.created.as_ref()));
+        self.publish(&cmd);
+    }
+
+    /// One delivery: `Ok` when the command reached a final state, `Err(reason)` when the stream
+    /// failed before the result.
+    async fn attempt(&self, session: &SessionInfo, id: &str) -> Result<(), String> {
+        // Mark delivered (first time) and count the attempt, atomically with Cancel's check.
+        let (cmd, first) = {
+            let mut st = self.lock();
+            let Some(state) = st.active.get(id).map(|c| c.state) else {
+                return Ok(());
+            };
+            let first = state == CommandState::Queued as i32;
+            let to = if first {
+                CommandState::Delivered
+            } else {
+                CommandState::try_from(state).unwrap_or(CommandState::Delivered)
+            };
+            let Some(cmd) = st.transition(id, to, |c| {
+                c.attempts += 1;
+                if first {
+                    c.delivered = Some(now_ts());
+                }
+            }) else {
+                return Ok(());
+            };
+            drop(self.persist(cmd.clone()));
+            (cmd, first)
+        };
+        if first {
+            metrics::histogram!("tether_gateway_command_submit_to_delivered_seconds")
+                .record(since(cmd.created.as_ref()));
+        }
+        self.publish(&cmd);
+
+        let (mut send, recv) =
+            match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("connection lost: {e}")),
+                Err(_) => return Err("no free stream to the agent".into()),
+            };
+        let header = StreamHeader {
+            kind: StreamKind::Command as i32,
+            service: cmd.kind.clone(),
+            id: cmd.id.clone(),
+            metadata: vec![MetadataEntry {
+                key: "content-type".into(),
+                value: cmd.content_type.clone().into_bytes(),
+            }],
+            ..Default::default()
+        };
+        let sent = async {
+            send_msg(&mut send, &Message::StreamHeader(header)).await?;
+            send_data(&mut send, Bytes::from(cmd.payload)).await?;
+            Ok::<_, quinn::WriteError>(())
+        };
+        if let Err(e) = sent.await {
+            return Err(format!("sending the command: {e}"));
+        }
+        let _ = send.finish();
+
+        let mut framed = FramedRecv::relay(recv);
+        let mut output = Vec::new();
+        loop {
+            let msg = match framed.next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err("agent ended the stream without a result".into()),
+                Err(e) => return Err(e.to_string()),
+            };
+            match msg {
+                Message::CommandAck(_) => {
+                    let running = {
+                        let mut st = self.lock();
+                        let started = st.active.get(id).is_some_and(|c| c.started.is_some());
+                        let cmd = st.transition(id, CommandState::Running, |c| {
+                            if !started {
+                                c.started = Some(now_ts());
+                            }
+                        });
+                        if let Some(c) = &cmd {
+                            drop(self.persist(c.clone()));
+                        }
+                        cmd
+                    };
+                    if let Some(c) = running {
+                        self.publish(&c);
+                    }
+                }
+                Message::CommandProgress(p) => {
+                    let cmd = {
+                        let mut st = self.lock();
+                        let cmd = st.transition(id, CommandState::Running, |c| {
+                            if c.started.is_none() {
+                                c.started = Some(now_ts());
+                            }
+                            c.progress.push(p.message);
+                            let extra = c.progress.len().saturating_sub(PROGRESS_KEPT);
+                            c.progress.drain(..extra);
+                        });
+                        if let Some(c) = &cmd {
+                            drop(self.persist(c.clone()));
+                        }
+                        cmd
+                    };
+                    if let Some(c) = cmd {
+                        self.publish(&c);
+                    }
+                }
+                Message::Data(b) => {
+                    if (output.len() + b.len()) as u64 > self.cfg.max_payload.max(16 << 20) {
+                        framed.stop(ErrorCode::FRAME_TOO_LARGE);
+                        self.finish(
+                            id,
+                            false,
+                            Vec::new(),
+                            "agent's output is above the limit".into(),
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                    output.extend_from_slice(&b);
+                }
+                Message::CommandResult(r) => {
+                    output.extend_from_slice(&r.output);
+                    self.finish(id, r.succeeded, output, r.message).await;
+                    return Ok(());
+                }
+                other => {
+                    framed.stop(ErrorCode::PROTOCOL_ERROR);
+                    return Err(format!("agent sent {} on a command stream", other.name()));
+                }
+            }
+        }
+    }
+
+    // === Watch ===
+
+    fn watch(
+        self: &Arc<Self>,
+        target: Option<v1::watch_commands_request::Target>,
+    ) -> Result<EventStream, CommandError> {
+        use v1::watch_commands_request::Target;
+        let mut feed = self.events.subscribe();
+        let (initial, only_id, only_agent) = match target {
+            Some(Target::Id(id)) => (vec![self.get(&id)?], Some(id), None),
+            Some(Target::Agent(agent)) => {
+                let agent: AgentId = agent
+                    .parse()
+                    .map_err(|e| CommandError::Invalid(format!("agent {agent:?}: {e}")))?;
+                let agent = agent.to_string();
+                let st = self.lock();
+                let mut cmds: Vec<Command> = st
+                    .active
+                    .values()
+                    .filter(|c| c.agent == agent)
+                    .cloned()
+                    .collect();
+                cmds.sort_by(|a, b| a.id.cmp(&b.id));
+                (cmds, None, Some(agent))
+            }
+            None => {
+                return Err(CommandError::Invalid(
+                    "watch needs an id or an agent".into(),
+                ));
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut done = false;
+            for c in initial {
+                done |= only_id.is_some() && is_final(c.state);
+                if tx
+                    .send(Ok(v1::CommandEvent {
+                        command: Some(c),
+                        initial: true,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            while !done {
+                let c = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = feed.recv() => match r {
+                        Ok(c) => c,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx.send(Err(Status::resource_exhausted(format!("watch fell {n} events behind")))).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if only_id.as_ref().is_some_and(|id| *id != c.id)
+                    || only_agent.as_ref().is_some_and(|a| *a != c.agent)
+                {
+                    continue;
+                }
+                done = only_id.is_some() && is_final(c.state);
+                if tx
+                    .send(Ok(v1::CommandEvent {
+                        command: Some(c),
+                        initial: false,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+// === The gRPC service ===
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
+
+/// `tether.v1.Commands`.
+#[derive(Debug, Clone)]
+pub struct CommandsApi {
+    commands: Arc<Commands>,
+}
+
+impl CommandsApi {
+    /// Serves `commands`.
+    pub fn new(commands: Arc<Commands>) -> Self {
+        CommandsApi { commands }
+    }
+
+    /// The tonic service with authentication.
+    pub fn into_service(
+        self,
+        trust_domain: String,
+        max_payload: u64,
+    ) -> tonic::service::interceptor::InterceptedService<
+        CommandsServer<CommandsApi>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        // Room for the payload plus the request's other fields; larger ones are refused by tonic
+        // before they reach Submit's own check, which names the limit.
+        let max = usize::try_from(max_payload)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 << 10);
+        let server = CommandsServer::new(self)
+            .max_decoding_message_size(max.max(8 << 20))
+            .max_encoding_message_size(usize::MAX);
+        tonic::service::interceptor::InterceptedService::new(server, move |req| {
+            crate::northbound::authenticate(&trust_domain, req)
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CommandsRpc for CommandsApi {
+    async fn submit(
+        &self,
+        req: Request<v1::SubmitCommandRequest>,
+    ) -> Result<Response<v1::SubmitCommandResponse>, Status> {
+        let (cmd, created) = self.commands.submit(req.into_inner()).await?;
+        Ok(Response::new(v1::SubmitCommandResponse {
+            id: cmd.id,
+            created,
+        }))
+    }
+
+    async fn get(&self, req: Request<v1::GetCommandRequest>) -> Result<Response<Command>, Status> {
+        Ok(Response::new(self.commands.get(&req.into_inner().id)?))
+    }
+
+    async fn list(
+        &self,
+        req: Request<v1::ListCommandsRequest>,
+    ) -> Result<Response<v1::ListCommandsResponse>, Status> {
+        let r = req.into_inner();
+        let ms = |t: Option<prost_types::Timestamp>| {
+            t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        };
+        let limit = match r.page_size as usize {
+            0 => PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let filter = ListFilter {
+            agent: r.agent,
+            state: r.state,
+            kind: r.kind,
+            from_ms: ms(r.from),
+            to_ms: ms(r.to),
+            after: r.page_token,
+            limit: limit + 1,
+        };
+        let store = self.commands.store.clone();
+        let mut cmds = tokio::task::spawn_blocking(move || store.list(&filter))
+            .await
+            .map_err(|e| Status::internal(format!("list: {e}")))?
+            .map_err(CommandError::from)?;
+        let next_page_token = if cmds.len() > limit {
+            cmds.truncate(limit);
+            cmds.last().map(|c| c.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        // The store may lag the in-memory state by one write: show the live one.
+        {
+            let st = self.commands.lock();
+            for c in &mut cmds {
+                if let Some(live) = st.active.get(&c.id) {
+                    *c = live.clone();
+                }
+            }
+        }
+        Ok(Response::new(v1::ListCommandsResponse {
+            commands: cmds,
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchCommandsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Ok(Response::new(self.commands.watch(req.into_inner().target)?))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        Ok(Response::new(
+            self.commands.cancel(&req.into_inner().id).await?,
+        ))
+    }
+}
