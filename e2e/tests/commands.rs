@@ -184,6 +184,12 @@ async fn watch_shows_each_transition_and_progress_then_succeeded() {
         "progress events: {running_with_progress}"
     );
     assert_eq!(last.progress.last().unwrap(), "slept 500 of 500 ms");
+    assert!(
+        metric(
+            "tether_gateway_command_submit_to_completed_seconds_count",
+            &[]
+        ) >= 1.0
+    );
     // States only move forward.
     let order = |c: &Command| c.state() as i32;
     assert!(
@@ -524,4 +530,84 @@ async fn killed_gateway_with_1000_commands_in_flight_loses_none_and_runs_each_at
         );
     }
     assert!(runs.values().all(|n| *n == 1), "some command ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tetherctl_submits_watches_progress_live_and_lists() {
+    let s = scene().await;
+    let files = s._pki.client("api");
+    let ctl = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(binary("tetherctl"));
+        c.arg("--northbound")
+            .arg(s.gw.handle.northbound_addr.to_string())
+            .arg("--ca")
+            .arg(&files.ca)
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .args([
+                "--server-name",
+                "localhost",
+                "--dev-json",
+                "/nonexistent",
+                "commands",
+            ])
+            .args(args)
+            .kill_on_drop(true);
+        c
+    };
+    let out = tokio::time::timeout(
+        T,
+        ctl(&["submit", AGENT, "sleep", "400", "--watch"]).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let id = lines[0].trim().to_owned();
+    let pos = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{text}"))
+    };
+    assert!(
+        pos("progress  slept 40 of 400 ms") < pos("SUCCEEDED"),
+        "{text}"
+    );
+    assert!(
+        pos("progress  slept 400 of 400 ms") < pos("SUCCEEDED"),
+        "{text}"
+    );
+    assert!(
+        lines.last().unwrap().contains("SUCCEEDED")
+            && lines.last().unwrap().contains("slept 400 ms"),
+        "{text}"
+    );
+
+    let out = ctl(&["get", &id, "-o", "json"]).output().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["output"], "slept 400 ms");
+
+    let out = ctl(&["list", "--agent", AGENT, "--state", "succeeded"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().nth(1).is_some_and(|l| l.starts_with(&id)),
+        "{text}"
+    );
+
+    let out = ctl(&["cancel", &id]).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));
 }

@@ -45,6 +45,10 @@ const PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 /// How often queued commands are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// Largest result output a Watch event carries.
+pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
+/// Events buffered for slow watchers before they are dropped with RESOURCE_EXHAUSTED.
+const EVENT_BUFFER: usize = 8192;
 /// Time allowed to open a delivery stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -198,7 +202,7 @@ impl Commands {
             registry,
             cfg,
             state: Mutex::new(State::default()),
-            events: broadcast::channel(65536).0,
+            events: broadcast::channel(EVENT_BUFFER).0,
             shutdown,
         });
         let mut lanes = Vec::new();
@@ -230,8 +234,19 @@ impl Commands {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sends a transition to watchers. Events leave out the payload, and output above
+    /// [`EVENT_OUTPUT_MAX`] (Get has it): the feed's ring buffer must not pin megabytes.
     fn publish(&self, cmd: &Command) {
-        let _ = self.events.send(cmd.clone());
+        let mut ev = Command {
+            payload: Vec::new(),
+            ..cmd.clone()
+        };
+        if let Some(r) = &mut ev.result
+            && r.output.len() > EVENT_OUTPUT_MAX
+        {
+            r.output.clear();
+        }
+        let _ = self.events.send(ev);
     }
 
     /// Writes a record; logged when it fails (the in-memory state stays authoritative until the
@@ -700,7 +715,8 @@ impl Commands {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut done = false;
-            for c in initial {
+            for mut c in initial {
+                c.payload.clear();
                 done |= only_id.is_some() && is_final(c.state);
                 if tx
                     .send(Ok(v1::CommandEvent {

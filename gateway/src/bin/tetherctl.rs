@@ -52,6 +52,9 @@ enum Cmd {
     /// Agents and their sessions.
     #[command(subcommand)]
     Agents(AgentsCmd),
+    /// Durable commands: submit, inspect, watch, cancel.
+    #[command(subcommand)]
+    Commands(CommandsCmd),
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -87,6 +90,339 @@ enum AgentsCmd {
         #[arg(long)]
         agent: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum CommandsCmd {
+    /// Queue a command for an agent; prints its id.
+    Submit {
+        /// The agent, <tenant>/<agent>.
+        agent: String,
+        /// The handler kind (`echo`, `sleep`, ...).
+        kind: String,
+        /// Payload text (or use --payload-file).
+        #[arg(default_value = "")]
+        payload: String,
+        /// Read the payload from this file (`-` for stdin).
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+        /// Content type of the payload.
+        #[arg(long, default_value = "text/plain")]
+        content_type: String,
+        /// Same key, same agent: the same command comes back and nothing new is queued.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Expire if not delivered within this long (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Commands with the same key run one after another.
+        #[arg(long, default_value = "")]
+        ordering_key: String,
+        /// Then watch it to completion.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Show one command.
+    Get { id: String },
+    /// List commands, oldest first.
+    List {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this state (queued, delivered, running, succeeded, failed, expired, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue from a previous page's token.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Follow state transitions and progress live: of one command (until it ends) or of every
+    /// command of an agent (--agent).
+    Watch {
+        /// The command id.
+        id: Option<String>,
+        /// Watch every command of this agent instead.
+        #[arg(long, conflicts_with = "id")]
+        agent: Option<String>,
+    },
+    /// Cancel a command that was not delivered yet.
+    Cancel { id: String },
+}
+
+fn state_of(c: &v1::Command) -> String {
+    c.state().as_str_name().to_lowercase()
+}
+
+fn result_text(c: &v1::Command) -> String {
+    match &c.result {
+        None => String::new(),
+        Some(r) if !r.message.is_empty() => r.message.clone(),
+        Some(r) => {
+            let out = String::from_utf8_lossy(&r.output);
+            let out: String = out.chars().take(60).collect();
+            out.replace('\n', " ")
+        }
+    }
+}
+
+fn print_commands(cmds: &[v1::Command]) {
+    println!(
+        "{:<26} {:<20} {:<10} {:<10} {:<8} {:<10} RESULT",
+        "ID", "AGENT", "KIND", "STATE", "ATTEMPTS", "CREATED"
+    );
+    for c in cmds {
+        println!(
+            "{:<26} {:<20} {:<10} {:<10} {:<8} {:<10} {}",
+            c.id,
+            c.agent,
+            c.kind,
+            state_of(c),
+            c.attempts,
+            ago(&c.created),
+            result_text(c)
+        );
+    }
+}
+
+fn ts_json(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .map(|t| serde_json::Value::String(humantime::format_rfc3339_millis(t).to_string()))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn json_command(c: &v1::Command) -> serde_json::Value {
+    serde_json::json!({
+        "id": c.id,
+        "agent": c.agent,
+        "kind": c.kind,
+        "content_type": c.content_type,
+        "idempotency_key": c.idempotency_key,
+        "ordering_key": c.ordering_key,
+        "state": state_of(c),
+        "attempts": c.attempts,
+        "created": ts_json(&c.created),
+        "delivered": ts_json(&c.delivered),
+        "started": ts_json(&c.started),
+        "finished": ts_json(&c.finished),
+        "expires": ts_json(&c.expires),
+        "output": c.result.as_ref().map(|r| String::from_utf8_lossy(&r.output).into_owned()),
+        "message": c.result.as_ref().map(|r| r.message.clone()),
+        "progress": c.progress,
+    })
+}
+
+async fn commands_cmd(
+    channel: tonic::transport::Channel,
+    cmd: CommandsCmd,
+    output: Output,
+) -> Result<(), String> {
+    let mut client = v1::commands_client::CommandsClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let show = |c: &v1::Command| match output {
+        Output::Table => print_commands(std::slice::from_ref(c)),
+        Output::Json => println!("{}", json_command(c)),
+    };
+    match cmd {
+        CommandsCmd::Submit {
+            agent,
+            kind,
+            payload,
+            payload_file,
+            content_type,
+            idempotency_key,
+            ttl,
+            ordering_key,
+            watch,
+        } => {
+            let payload = match payload_file {
+                None => payload.into_bytes(),
+                Some(p) if p.as_os_str() == "-" => {
+                    use std::io::Read as _;
+                    let mut b = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut b)
+                        .map_err(|e| format!("reading stdin: {e}"))?;
+                    b
+                }
+                Some(p) => std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+            };
+            let r = client
+                .submit(v1::SubmitCommandRequest {
+                    agent,
+                    kind,
+                    payload,
+                    content_type,
+                    idempotency_key,
+                    ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+                    ordering_key,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match output {
+                Output::Table => println!(
+                    "{}{}",
+                    r.id,
+                    if r.created {
+                        ""
+                    } else {
+                        " (existing command for this idempotency key)"
+                    }
+                ),
+                Output::Json => {
+                    println!("{}", serde_json::json!({"id": r.id, "created": r.created}))
+                }
+            }
+            if watch {
+                return watch_commands(
+                    &mut client,
+                    v1::watch_commands_request::Target::Id(r.id),
+                    output,
+                )
+                .await;
+            }
+        }
+        CommandsCmd::Get { id } => show(
+            &client
+                .get(v1::GetCommandRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ),
+        CommandsCmd::List {
+            agent,
+            state,
+            kind,
+            limit,
+            page_token,
+        } => {
+            let state = match state {
+                None => 0,
+                Some(s) => v1::CommandState::from_str_name(&s.to_uppercase())
+                    .ok_or_else(|| format!("unknown state {s:?}: queued, delivered, running, succeeded, failed, expired or cancelled"))?
+                    as i32,
+            };
+            let r = client
+                .list(v1::ListCommandsRequest {
+                    agent: agent.unwrap_or_default(),
+                    state,
+                    kind: kind.unwrap_or_default(),
+                    page_size: limit,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match output {
+                Output::Table => {
+                    print_commands(&r.commands);
+                    if !r.next_page_token.is_empty() {
+                        println!("more: --page-token {}", r.next_page_token);
+                    }
+                }
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "commands": r.commands.iter().map(json_command).collect::<Vec<_>>(),
+                        "next_page_token": r.next_page_token,
+                    })
+                ),
+            }
+        }
+        CommandsCmd::Watch { id, agent } => {
+            let target = match (id, agent) {
+                (Some(id), _) => v1::watch_commands_request::Target::Id(id),
+                (None, Some(a)) => v1::watch_commands_request::Target::Agent(a),
+                (None, None) => {
+                    return Err("watch what? pass a command id or --agent <tenant>/<agent>".into());
+                }
+            };
+            return watch_commands(&mut client, target, output).await;
+        }
+        CommandsCmd::Cancel { id } => show(
+            &client
+                .cancel(v1::CancelCommandRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ),
+    }
+    Ok(())
+}
+
+/// Prints each transition and each new progress line as it happens.
+async fn watch_commands(
+    client: &mut v1::commands_client::CommandsClient<tonic::transport::Channel>,
+    target: v1::watch_commands_request::Target,
+    output: Output,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut stream = client
+        .watch(v1::WatchCommandsRequest {
+            target: Some(target),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    // Per command: the last state printed and how many progress lines were shown.
+    let mut shown: std::collections::HashMap<String, (i32, Vec<String>)> = Default::default();
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        let Some(c) = ev.command else { continue };
+        if output == Output::Json {
+            println!(
+                "{}",
+                serde_json::json!({"initial": ev.initial, "command": json_command(&c)})
+            );
+            let _ = std::io::stdout().flush();
+            continue;
+        }
+        let (last_state, last_progress) = shown.entry(c.id.clone()).or_insert((0, Vec::new()));
+        // Progress keeps the last lines: print those not seen yet.
+        let new_from = (0..=last_progress.len())
+            .find(|&k| c.progress.starts_with(&last_progress[k..]))
+            .map_or(0, |k| last_progress.len() - k);
+        for line in c.progress.iter().skip(new_from) {
+            println!("{}  progress  {line}", c.id);
+        }
+        *last_progress = c.progress.clone();
+        if *last_state != c.state {
+            *last_state = c.state;
+            let extra = match c.state() {
+                v1::CommandState::Delivered => format!(" (attempt {})", c.attempts),
+                v1::CommandState::Succeeded
+                | v1::CommandState::Failed
+                | v1::CommandState::Expired
+                | v1::CommandState::Cancelled => {
+                    let r = result_text(&c);
+                    if r.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {r}")
+                    }
+                }
+                _ => String::new(),
+            };
+            println!(
+                "{}  {:<10} {} {}{extra}",
+                c.id,
+                state_of(&c).to_uppercase(),
+                c.agent,
+                c.kind
+            );
+        }
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
 }
 
 fn target(cli: &Cli) -> Result<Target, String> {
@@ -183,9 +519,25 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let channel = ctl::connect(&target(&cli)?).await?;
-    if let Cmd::Forward { agent, service, local_port, bind } = &cli.cmd {
-        return forward(channel, agent, service, std::net::SocketAddr::new(*bind, *local_port)).await;
+    if let Cmd::Forward {
+        agent,
+        service,
+        local_port,
+        bind,
+    } = &cli.cmd
+    {
+        return forward(
+            channel,
+            agent,
+            service,
+            std::net::SocketAddr::new(*bind, *local_port),
+        )
+        .await;
     }
+    let cli = match cli.cmd {
+        Cmd::Commands(cmd) => return commands_cmd(channel, cmd, cli.output).await,
+        _ => cli,
+    };
     let mut client = AgentsClient::new(channel);
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     match cli.cmd {
@@ -217,7 +569,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Output::Json => println!("{}", json_agent(&a)),
             }
         }
-        Cmd::Forward { .. } => unreachable!("handled above"),
+        Cmd::Forward { .. } | Cmd::Commands(_) => unreachable!("handled above"),
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
             let mut stream = client
                 .watch(v1::WatchAgentsRequest {
@@ -266,15 +618,27 @@ async fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-async fn forward(channel: tonic::transport::Channel, agent: &str, service: &str, listen: std::net::SocketAddr) -> Result<(), String> {
-    agent.parse::<tunnel_proto::AgentId>().map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("listening on {listen}: {e}"))?;
+async fn forward(
+    channel: tonic::transport::Channel,
+    agent: &str,
+    service: &str,
+    listen: std::net::SocketAddr,
+) -> Result<(), String> {
+    agent
+        .parse::<tunnel_proto::AgentId>()
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!("forwarding {local} -> {agent} service {service}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     loop {
-        let (tcp, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
+        let (tcp, peer) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
         let (channel, agent, service) = (channel.clone(), agent.to_owned(), service.to_owned());
         tokio::spawn(async move {
             if let Err(e) = carry(channel, &agent, &service, tcp).await {
@@ -285,7 +649,12 @@ async fn forward(channel: tonic::transport::Channel, agent: &str, service: &str,
 }
 
 /// One local connection as one `Streams/Open` call; half-close travels both ways.
-async fn carry(channel: tonic::transport::Channel, agent: &str, service: &str, tcp: tokio::net::TcpStream) -> Result<(), String> {
+async fn carry(
+    channel: tonic::transport::Channel,
+    agent: &str,
+    service: &str,
+    tcp: tokio::net::TcpStream,
+) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tcp.set_nodelay(true);
     let (mut rd, mut wr) = tcp.into_split();
@@ -296,7 +665,13 @@ async fn carry(channel: tonic::transport::Channel, agent: &str, service: &str, t
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return, // dropping tx ends the request stream: half-close
                 Ok(n) => {
-                    if tx.send(v1::StreamChunk { data: buf[..n].to_vec() }).await.is_err() {
+                    if tx
+                        .send(v1::StreamChunk {
+                            data: buf[..n].to_vec(),
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -304,15 +679,25 @@ async fn carry(channel: tonic::transport::Channel, agent: &str, service: &str, t
         }
     });
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut().insert("tether-agent", agent.parse().map_err(|_| "agent id is not ASCII")?);
-    req.metadata_mut().insert("tether-service", service.parse().map_err(|_| "service is not ASCII")?);
+    req.metadata_mut().insert(
+        "tether-agent",
+        agent.parse().map_err(|_| "agent id is not ASCII")?,
+    );
+    req.metadata_mut().insert(
+        "tether-service",
+        service.parse().map_err(|_| "service is not ASCII")?,
+    );
     let mut client = tether_api::v1::streams_client::StreamsClient::new(channel);
     let mut inbound = client
         .open(req)
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    while let Some(chunk) = inbound.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+    while let Some(chunk) = inbound
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    {
         wr.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
     }
     wr.shutdown().await.map_err(|e| e.to_string())
