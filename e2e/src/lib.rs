@@ -152,6 +152,7 @@ pub struct TestGateway {
     pub handle: GatewayHandle,
     /// Cancel to shut it down.
     pub shutdown: CancellationToken,
+    _data: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -165,8 +166,6 @@ impl TestGateway {
         cfg.tls = pki.gateway_tls();
         cfg.tunnel.heartbeat_interval = Duration::from_millis(500);
         cfg.tunnel.drain_timeout = Duration::ZERO;
-        // Kept after the test (a restarted gateway may reuse it); it lives under the temp dir.
-        cfg.data_dir = Some(tempfile::tempdir().expect("data dir").keep());
         cfg.commands.retry_backoff = Duration::from_millis(50);
         cfg.commands.max_retry_backoff = Duration::from_millis(500);
         cfg
@@ -178,14 +177,28 @@ impl TestGateway {
     }
 
     /// Starts with `cfg`, its tunnel bound to `tunnel` (port 0 for any).
-    pub async fn start_with(cfg: GatewayConfig, tunnel: SocketAddr) -> TestGateway {
+    /// Without a `data_dir` in `cfg`, the command store goes to a temp dir that lives as long
+    /// as the gateway.
+    pub async fn start_with(mut cfg: GatewayConfig, tunnel: SocketAddr) -> TestGateway {
+        let data = match cfg.data_dir {
+            Some(_) => None,
+            None => {
+                let d = tempfile::tempdir().expect("data dir");
+                cfg.data_dir = Some(d.path().to_owned());
+                Some(d)
+            }
+        };
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let sockets = Sockets::bind_addrs(tunnel, any, any).expect("bind gateway sockets");
         let shutdown = CancellationToken::new();
         let handle = tether_gateway::start(cfg, sockets, shutdown.clone())
             .await
             .expect("gateway start");
-        TestGateway { handle, shutdown }
+        TestGateway {
+            handle,
+            shutdown,
+            _data: data,
+        }
     }
 
     /// Shuts down and waits.

@@ -451,9 +451,16 @@ impl Commands {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.deliver_until_final(&lane.0, &id) => {}
             }
+            // Pop and retire the lane in one critical section: a Submit that finds no lane
+            // starts a new runner, so there is never a second runner on one lane.
             let mut st = self.lock();
-            if let Some(q) = st.lanes.get_mut(&lane) {
+            let empty = st.lanes.get_mut(&lane).is_none_or(|q| {
                 q.pop_front();
+                q.is_empty()
+            });
+            if empty {
+                st.lanes.remove(&lane);
+                return;
             }
         }
     }
@@ -554,10 +561,31 @@ impl Commands {
         // Mark delivered (first time) and count the attempt, atomically with Cancel's check.
         let (cmd, first) = {
             let mut st = self.lock();
-            let Some(state) = st.active.get(id).map(|c| c.state) else {
+            let Some((state, expires)) = st.active.get(id).map(|c| (c.state, c.expires)) else {
                 return Ok(());
             };
             let first = state == CommandState::Queued as i32;
+            let now = SystemTime::now();
+            if first
+                && expires
+                    .and_then(|e| SystemTime::try_from(e).ok())
+                    .is_some_and(|e| e <= now)
+            {
+                // The sweeper would get to it; never deliver late.
+                if let Some(c) = st.transition(id, CommandState::Expired, |c| {
+                    c.finished = Some(now.into());
+                    c.result = Some(v1::CommandResult {
+                        output: Vec::new(),
+                        message: "expired before delivery".into(),
+                    });
+                }) {
+                    drop(self.persist(c.clone()));
+                    drop(st);
+                    metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+                    self.publish(&c);
+                }
+                return Ok(());
+            }
             let to = if first {
                 CommandState::Delivered
             } else {
@@ -670,6 +698,17 @@ impl Commands {
                 Message::CommandResult(r) => {
                     output.extend_from_slice(&r.output);
                     self.finish(id, r.succeeded, output, r.message).await;
+                    return Ok(());
+                }
+                // An agent without command support answers like a relay stream.
+                Message::Trailers(_) => {
+                    self.finish(
+                        id,
+                        false,
+                        Vec::new(),
+                        format!("agent {} does not support commands", session.agent),
+                    )
+                    .await;
                     return Ok(());
                 }
                 other => {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message as _;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tether_api::v1::{Command, CommandState};
 use tokio::sync::{mpsc, oneshot};
 
@@ -168,7 +168,9 @@ fn write_batch(
     prefix: &str,
     mut seq: u64,
 ) -> Result<(u64, Vec<Answer>), StoreError> {
-    let tx = db.begin_write().map_err(backend)?;
+    let mut tx = db.begin_write().map_err(backend)?;
+    // The default, stated: commit returns only once the data is on disk.
+    tx.set_durability(Durability::Immediate).map_err(backend)?;
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let mut results = Vec::with_capacity(batch.len());
     {
