@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tether_agent::config::ServiceKind;
-use tether_api::agent::v1::agent_info_client::AgentInfoClient;
 use tether_api::agent::v1::GetAgentInfoRequest;
+use tether_api::agent::v1::agent_info_client::AgentInfoClient;
 use tether_api::demo::v1::EchoRequest;
 use tether_e2e::*;
 use tokio_stream::StreamExt;
@@ -31,11 +31,19 @@ async fn scene() -> Scene {
     with_service(&mut cfg, "echo", &upstream.url(), ServiceKind::Grpc);
     let agent = TestAgent::start(&cfg);
     wait_until("agent connected", T, || gw.sessions_of("acme/eu-1") == 1).await;
-    Scene { pki, gw, upstream, agent }
+    Scene {
+        pki,
+        gw,
+        upstream,
+        agent,
+    }
 }
 
 fn req(message: &str) -> EchoRequest {
-    EchoRequest { message: message.into(), ..Default::default() }
+    EchoRequest {
+        message: message.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +53,8 @@ async fn all_four_call_shapes_relay_with_metadata_both_ways() {
 
     // Unary, with request metadata seen upstream and response metadata seen here.
     let mut r = tonic::Request::new(req("hello"));
-    r.metadata_mut().insert("x-request-id", "r-1".parse().unwrap());
+    r.metadata_mut()
+        .insert("x-request-id", "r-1".parse().unwrap());
     let resp = echo.unary(r).await.expect("unary");
     assert_eq!(resp.metadata().get("x-echo-initial").unwrap(), "yes");
     let body = resp.into_inner();
@@ -54,7 +63,11 @@ async fn all_four_call_shapes_relay_with_metadata_both_ways() {
 
     // Server streaming.
     let mut stream = echo
-        .server_stream(EchoRequest { message: "s".into(), repeat: 5, ..Default::default() })
+        .server_stream(EchoRequest {
+            message: "s".into(),
+            repeat: 5,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -78,11 +91,40 @@ async fn all_four_call_shapes_relay_with_metadata_both_ways() {
         .into_inner();
     for i in 0..3 {
         tx.send(req(&format!("m{i}"))).await.unwrap();
-        let m = tokio::time::timeout(T, replies.next()).await.unwrap().unwrap().unwrap();
+        let m = tokio::time::timeout(T, replies.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(m.message, format!("m{i}"));
     }
     drop(tx);
     assert!(replies.next().await.is_none());
+
+    // Counted at tenant level, with the final status; bytes both ways.
+    let ok = metric(
+        "tether_gateway_relay_calls_total",
+        &[("kind", "grpc"), ("tenant", "acme"), ("code", "Ok")],
+    );
+    assert!(ok >= 4.0, "relay calls counted: {ok}");
+    assert!(
+        metric(
+            "tether_gateway_relay_bytes_total",
+            &[("direction", "to_agent")]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            "tether_gateway_relay_bytes_total",
+            &[("direction", "from_agent")]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            "tether_gateway_relay_first_byte_seconds_count",
+            &[("kind", "grpc")]
+        ) >= 4.0
+    );
     s.agent.stop().await;
     s.gw.stop().await;
 }
@@ -92,16 +134,27 @@ async fn upstream_status_message_and_custom_trailers_reach_the_caller() {
     let s = scene().await;
     let mut echo = echo_via(&s.gw, &s.pki, Route::new(Some("acme/eu-1"), Some("echo"))).await;
     let e = echo
-        .unary(EchoRequest { message: "nope: ünïcode".into(), fail_with_code: Code::AlreadyExists as u32, ..Default::default() })
+        .unary(EchoRequest {
+            message: "nope: ünïcode".into(),
+            fail_with_code: Code::AlreadyExists as u32,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     assert_eq!(e.message(), "nope: ünïcode");
-    assert_eq!(e.metadata().get("x-echo-trailer").unwrap(), "failed-on-purpose");
+    assert_eq!(
+        e.metadata().get("x-echo-trailer").unwrap(),
+        "failed-on-purpose"
+    );
     // Also mid-stream: a bidi call that fails after a reply.
     let reqs = tokio_stream::iter(vec![
         req("ok"),
-        EchoRequest { message: "late".into(), fail_with_code: Code::Aborted as u32, ..Default::default() },
+        EchoRequest {
+            message: "late".into(),
+            fail_with_code: Code::Aborted as u32,
+            ..Default::default()
+        },
     ]);
     let mut replies = echo.bidi_stream(reqs).await.unwrap().into_inner();
     assert_eq!(replies.next().await.unwrap().unwrap().message, "ok");
@@ -116,7 +169,13 @@ async fn routing_errors_have_the_documented_status_codes() {
     let s = scene().await;
     let call = |route: Route| {
         let (gw, pki) = (&s.gw, &s.pki);
-        async move { echo_via(gw, pki, route).await.unary(req("x")).await.unwrap_err() }
+        async move {
+            echo_via(gw, pki, route)
+                .await
+                .unary(req("x"))
+                .await
+                .unwrap_err()
+        }
     };
     let e = call(Route::new(Some("acme/nobody"), None)).await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -129,8 +188,15 @@ async fn routing_errors_have_the_documented_status_codes() {
     let calls_before = s.upstream.observed.calls.load(Ordering::SeqCst);
     let e = call(Route::new(Some("acme/eu-1"), Some("billing"))).await;
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("not allow-listed on agent acme/eu-1"), "{}", e.message());
-    assert_eq!(s.upstream.observed.calls.load(Ordering::SeqCst), calls_before);
+    assert!(
+        e.message().contains("not allow-listed on agent acme/eu-1"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        s.upstream.observed.calls.load(Ordering::SeqCst),
+        calls_before
+    );
 
     // Known agent, not connected.
     s.agent.stop().await;
@@ -149,7 +215,12 @@ async fn upstream_down_is_unavailable_naming_the_service() {
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let mut cfg = agent_config(&pki.agent("acme/eu-1"), gw.handle.tunnel_addr);
-    with_service(&mut cfg, "billing", &format!("http://{dead_addr}"), ServiceKind::Grpc);
+    with_service(
+        &mut cfg,
+        "billing",
+        &format!("http://{dead_addr}"),
+        ServiceKind::Grpc,
+    );
     let agent = TestAgent::start(&cfg);
     wait_until("agent connected", T, || gw.sessions_of("acme/eu-1") == 1).await;
     let e = echo_via(&gw, &pki, Route::new(Some("acme/eu-1"), Some("billing")))
@@ -158,7 +229,11 @@ async fn upstream_down_is_unavailable_naming_the_service() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("\"billing\"") && e.message().contains(&dead_addr.to_string()), "{}", e.message());
+    assert!(
+        e.message().contains("\"billing\"") && e.message().contains(&dead_addr.to_string()),
+        "{}",
+        e.message()
+    );
     agent.stop().await;
     gw.stop().await;
 }
@@ -168,7 +243,11 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_upstream_call() {
     let s = scene().await;
     // A bare HTTP/2 client with no timer of its own, so the status is the one the gateway and
     // agent produced (tonic and grpcio clients also run their own timer on grpc-timeout).
-    let message = prost::Message::encode_to_vec(&EchoRequest { message: "slow".into(), delay_ms: 5_000, ..Default::default() });
+    let message = prost::Message::encode_to_vec(&EchoRequest {
+        message: "slow".into(),
+        delay_ms: 5_000,
+        ..Default::default()
+    });
     let started = Instant::now();
     let reply = raw_grpc_call(
         s.gw.handle.northbound_addr,
@@ -178,17 +257,41 @@ async fn deadline_exceeded_reaches_the_caller_and_cancels_the_upstream_call() {
         &message,
     )
     .await;
-    assert_eq!(reply.grpc_status(), Some(Code::DeadlineExceeded as i32), "{reply:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "caller waited {:?}", started.elapsed());
-    wait_until("upstream call cancelled", T, || s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 1).await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(Code::DeadlineExceeded as i32),
+        "{reply:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "caller waited {:?}",
+        started.elapsed()
+    );
+    wait_until("upstream call cancelled", T, || {
+        s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 1
+    })
+    .await;
 
     // With a tonic caller, its own timer fires at the same deadline: it never hangs either.
     let mut echo = echo_via(&s.gw, &s.pki, Route::new(Some("acme/eu-1"), None)).await;
-    let mut r = tonic::Request::new(EchoRequest { message: "slow".into(), delay_ms: 5_000, ..Default::default() });
+    let mut r = tonic::Request::new(EchoRequest {
+        message: "slow".into(),
+        delay_ms: 5_000,
+        ..Default::default()
+    });
     r.set_timeout(Duration::from_millis(300));
-    let e = tokio::time::timeout(Duration::from_secs(3), echo.unary(r)).await.expect("no hang").unwrap_err();
-    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
-    wait_until("second upstream call cancelled", T, || s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 2).await;
+    let e = tokio::time::timeout(Duration::from_secs(3), echo.unary(r))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    wait_until("second upstream call cancelled", T, || {
+        s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     s.agent.stop().await;
     s.gw.stop().await;
 }
@@ -198,7 +301,12 @@ async fn caller_cancellation_reaches_the_upstream_promptly() {
     let s = scene().await;
     let mut echo = echo_via(&s.gw, &s.pki, Route::new(Some("acme/eu-1"), None)).await;
     let mut stream = echo
-        .server_stream(EchoRequest { message: "tick".into(), repeat: 100_000, delay_ms: 5, ..Default::default() })
+        .server_stream(EchoRequest {
+            message: "tick".into(),
+            repeat: 100_000,
+            delay_ms: 5,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -208,8 +316,15 @@ async fn caller_cancellation_reaches_the_upstream_promptly() {
     assert_eq!(s.upstream.observed.cancelled.load(Ordering::SeqCst), 0);
     let dropped = Instant::now();
     drop(stream);
-    wait_until("upstream saw the cancel", T, || s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 1).await;
-    assert!(dropped.elapsed() < Duration::from_secs(2), "took {:?}", dropped.elapsed());
+    wait_until("upstream saw the cancel", T, || {
+        s.upstream.observed.cancelled.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        dropped.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        dropped.elapsed()
+    );
     s.agent.stop().await;
     s.gw.stop().await;
 }
@@ -225,7 +340,12 @@ async fn agent_dying_mid_stream_gives_unavailable_within_the_heartbeat_timeout()
     wait_until("agent connected", T, || gw.sessions_of("acme/doomed") == 1).await;
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/doomed"), None)).await;
     let mut stream = echo
-        .server_stream(EchoRequest { message: "t".into(), repeat: 100_000, delay_ms: 10, ..Default::default() })
+        .server_stream(EchoRequest {
+            message: "t".into(),
+            repeat: 100_000,
+            delay_ms: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -233,14 +353,21 @@ async fn agent_dying_mid_stream_gives_unavailable_within_the_heartbeat_timeout()
     let killed = Instant::now();
     proc.signal(nix::sys::signal::Signal::SIGKILL);
     let e = loop {
-        match tokio::time::timeout(T, stream.next()).await.expect("no hang") {
+        match tokio::time::timeout(T, stream.next())
+            .await
+            .expect("no hang")
+        {
             Some(Ok(_)) => continue,
             Some(Err(e)) => break e,
             None => panic!("stream ended without an error"),
         }
     };
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert!(killed.elapsed() <= Duration::from_millis(1500 + 500), "took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() <= Duration::from_millis(1500 + 500),
+        "took {:?}",
+        killed.elapsed()
+    );
     gw.stop().await;
 }
 
@@ -248,7 +375,8 @@ async fn agent_dying_mid_stream_gives_unavailable_within_the_heartbeat_timeout()
 async fn builtin_agent_info_is_reachable_through_the_relay() {
     let s = scene().await;
     let ch = s.gw.channel(&s.pki.client("api")).await.unwrap();
-    let mut info = AgentInfoClient::with_interceptor(ch, Route::new(Some("acme/eu-1"), Some("agent")));
+    let mut info =
+        AgentInfoClient::with_interceptor(ch, Route::new(Some("acme/eu-1"), Some("agent")));
     let r = info.get(GetAgentInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(r.agent, "acme/eu-1");
     assert_eq!(r.version, tether_agent::VERSION);
@@ -269,13 +397,21 @@ async fn a_thousand_concurrent_streams_through_one_agent_succeed() {
         let mut echo = echo.clone();
         async move {
             // Each call stays open ~200 ms upstream, so they overlap.
-            let r = EchoRequest { message: format!("c{i}"), delay_ms: 200, ..Default::default() };
+            let r = EchoRequest {
+                message: format!("c{i}"),
+                delay_ms: 200,
+                ..Default::default()
+            };
             echo.unary(r).await.map(|r| r.into_inner().message)
         }
     });
     let results = futures::future::join_all(calls).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
-    let errors: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).take(3).collect();
+    let errors: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .take(3)
+        .collect();
     assert_eq!(ok, 1000, "first errors: {errors:?}");
     for (i, r) in results.into_iter().enumerate() {
         assert_eq!(r.unwrap(), format!("c{i}"));
@@ -297,12 +433,22 @@ async fn streams_spread_across_an_agents_sessions() {
     let a2 = TestAgent::start(&cfg);
     wait_until("two sessions", T, || gw.sessions_of("acme/ha") == 2).await;
     let ch = gw.channel(&pki.client("api")).await.unwrap();
-    let mut info = AgentInfoClient::with_interceptor(ch, Route::new(Some("acme/ha"), Some("agent")));
+    let mut info =
+        AgentInfoClient::with_interceptor(ch, Route::new(Some("acme/ha"), Some("agent")));
     let mut instances = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        instances.insert(info.get(GetAgentInfoRequest {}).await.unwrap().into_inner().instance_id);
+        instances.insert(
+            info.get(GetAgentInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .instance_id,
+        );
     }
-    assert_eq!(instances.into_iter().collect::<Vec<_>>(), vec!["r1".to_string(), "r2".to_string()]);
+    assert_eq!(
+        instances.into_iter().collect::<Vec<_>>(),
+        vec!["r1".to_string(), "r2".to_string()]
+    );
     a1.stop().await;
     a2.stop().await;
     gw.stop().await;
