@@ -533,6 +533,50 @@ mod tests {
         assert_eq!(again.lock().done.get("c1"), Some(&o));
     }
 
+    async fn outcome_of(mut done: watch::Receiver<Option<Outcome>>) -> Outcome {
+        loop {
+            if let Some(o) = done.borrow_and_update().clone() {
+                return o;
+            }
+            done.changed()
+                .await
+                .expect("execution ended without an outcome");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_id_attaches_or_is_answered_from_the_record_and_runs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let handlers = || {
+            let h = Handlers::with_builtins();
+            let r = runs.clone();
+            h.register("count", move |p: Bytes, _s: ProgressSink| {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(p)
+                }
+            });
+            Arc::new(h)
+        };
+        let ex = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
+        let (_, first) = ex
+            .clone()
+            .start("c1".into(), "count".into(), Bytes::from_static(b"x"));
+        // Redelivered while running: attaches.
+        let (_, second) = ex
+            .clone()
+            .start("c1".into(), "count".into(), Bytes::from_static(b"x"));
+        assert_eq!(outcome_of(first).await.out, b"x");
+        assert_eq!(outcome_of(second).await.out, b"x");
+        // Redelivered after completion, even to a restarted agent: answered from the record.
+        let restarted = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
+        let (_, third) = restarted.start("c1".into(), "count".into(), Bytes::from_static(b"y"));
+        assert_eq!(outcome_of(third).await.out, b"x");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn the_record_is_bounded() {
         let mut r = Record::default();

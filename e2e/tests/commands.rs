@@ -473,7 +473,7 @@ async fn killed_gateway_with_1000_commands_in_flight_loses_none_and_runs_each_at
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Submit 1,000 from 50 tasks over 16 ordering keys; kill -9 the gateway mid-way.
+    // 1,000 commands from 50 tasks over 16 ordering keys, all acknowledged.
     let accepted: Arc<Mutex<Vec<(String, String)>>> = Default::default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -487,6 +487,22 @@ async fn killed_gateway_with_1000_commands_in_flight_loses_none_and_runs_each_at
                 }
                 let mut r = submit_req(AGENT, "count", i.to_string());
                 r.ordering_key = format!("k{}", i % 16);
+                let id = c.submit(r).await.expect("submit").into_inner().id;
+                accepted.lock().unwrap().push((id, i.to_string()));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(accepted.lock().unwrap().len(), 1000);
+    // More Submits keep arriving while the gateway dies: the acknowledged ones are promised too.
+    let late = {
+        let (mut c, accepted) = (client.clone(), accepted.clone());
+        tokio::spawn(async move {
+            for i in 1000.. {
+                let mut r = submit_req(AGENT, "count", i.to_string());
+                r.ordering_key = format!("k{}", i % 16);
                 match c.submit(r).await {
                     Ok(resp) => accepted
                         .lock()
@@ -496,21 +512,18 @@ async fn killed_gateway_with_1000_commands_in_flight_loses_none_and_runs_each_at
                     Err(_) => return,
                 }
             }
-        }));
-    }
+        })
+    };
     wait_until("some commands ran", T, || runs.lock().unwrap().len() >= 100).await;
     let mut gw = gw;
     gw.child.start_kill().unwrap(); // SIGKILL
     gw.child.wait().await.unwrap();
     let ran_at_kill = runs.lock().unwrap().len();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    late.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
     assert!(
-        ran_at_kill < accepted.len(),
-        "killed too late: {ran_at_kill} of {} already ran",
-        accepted.len()
+        ran_at_kill < 900,
+        "killed too late: {ran_at_kill} of 1000 already ran"
     );
 
     let gw2 = GatewayProcess::spawn_with(&pki, data.path(), tunnel).await;

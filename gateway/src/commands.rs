@@ -43,14 +43,14 @@ const PROGRESS_KEPT: usize = 20;
 /// Default and largest `List` page.
 const PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
-/// How often queued commands are checked for expiry.
-const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// How often queued commands are checked for expiry (and checked again right before delivery).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often a lane waiting for its agent rechecks on its own; registry events wake it anyway.
+const LANE_RECHECK: Duration = Duration::from_secs(5);
 /// Largest result output a Watch event carries.
 pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
 /// Events buffered for slow watchers before they are dropped with RESOURCE_EXHAUSTED.
 const EVENT_BUFFER: usize = 8192;
-/// Time allowed to open a delivery stream.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 // === Errors ===
 
@@ -486,7 +486,7 @@ impl Commands {
             }
             tokio::select! {
                 _ = feed.recv() => {}
-                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                _ = tokio::time::sleep(LANE_RECHECK) => {}
             }
         }
     }
@@ -558,10 +558,20 @@ impl Commands {
     /// One delivery: `Ok` when the command reached a final state, `Err(reason)` when the stream
     /// failed before the result.
     async fn attempt(&self, session: &SessionInfo, id: &str) -> Result<(), String> {
+        // The stream first: waiting for stream credit (the agent's stream limit) is not a
+        // failed attempt, and Cancel stays possible meanwhile.
+        let (mut send, recv) = match session.conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return Err(format!("connection lost: {e}")),
+        };
+        let abandon = |mut send: quinn::SendStream| {
+            let _ = send.reset(ErrorCode::CANCELLED.0.into());
+        };
         // Mark delivered (first time) and count the attempt, atomically with Cancel's check.
         let (cmd, first) = {
             let mut st = self.lock();
             let Some((state, expires)) = st.active.get(id).map(|c| (c.state, c.expires)) else {
+                abandon(send);
                 return Ok(());
             };
             let first = state == CommandState::Queued as i32;
@@ -584,6 +594,7 @@ impl Commands {
                     metrics::counter!("tether_gateway_command_expirations_total").increment(1);
                     self.publish(&c);
                 }
+                abandon(send);
                 return Ok(());
             }
             let to = if first {
@@ -597,6 +608,7 @@ impl Commands {
                     c.delivered = Some(now_ts());
                 }
             }) else {
+                abandon(send);
                 return Ok(());
             };
             drop(self.persist(cmd.clone()));
@@ -608,12 +620,6 @@ impl Commands {
         }
         self.publish(&cmd);
 
-        let (mut send, recv) =
-            match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(format!("connection lost: {e}")),
-                Err(_) => return Err("no free stream to the agent".into()),
-            };
         let header = StreamHeader {
             kind: StreamKind::Command as i32,
             service: cmd.kind.clone(),

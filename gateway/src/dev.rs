@@ -141,7 +141,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         demo_stop.clone(),
     ));
     let agent_toml = format!(
-        "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
+        "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\nstate_dir = \"agent-state\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
     );
     write(&dir.join("agent.toml"), &agent_toml)?;
     let dev_json = DevJson {
