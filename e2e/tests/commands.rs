@@ -624,3 +624,46 @@ async fn tetherctl_submits_watches_progress_live_and_lists() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_ordering_keys_run_in_parallel_up_to_max_in_flight() {
+    let pki = Pki::new();
+    let mut cfg = TestGateway::config(&pki);
+    cfg.commands.max_in_flight = 3;
+    let gw = TestGateway::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let (now, peak) = (
+        Arc::new(std::sync::atomic::AtomicU32::new(0)),
+        Arc::new(std::sync::atomic::AtomicU32::new(0)),
+    );
+    let handlers = test_handlers();
+    let (n, p) = (now.clone(), peak.clone());
+    handlers.register("busy", move |payload: bytes::Bytes, _s: ProgressSink| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let cur = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            p.fetch_max(cur, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(payload)
+        }
+    });
+    let _agent = TestAgent::start_with_handlers(
+        &agent_config(&pki.agent(AGENT), gw.handle.tunnel_addr),
+        handlers,
+    );
+    wait_until("agent connected", T, || gw.sessions_of(AGENT) == 1).await;
+    let mut client = gw.commands(&pki).await;
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let mut r = submit_req(AGENT, "busy", "x");
+        r.ordering_key = format!("k{i}");
+        ids.push(submit(&mut client, r).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            wait_final(&mut client, id, T).await.state(),
+            CommandState::Succeeded
+        );
+    }
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

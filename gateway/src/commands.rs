@@ -51,6 +51,8 @@ const LANE_RECHECK: Duration = Duration::from_secs(5);
 pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
 /// Events buffered for slow watchers before they are dropped with RESOURCE_EXHAUSTED.
 const EVENT_BUFFER: usize = 8192;
+/// Recently finished commands kept in memory (see `State::recent`).
+const RECENT_KEPT: usize = 4096;
 
 // === Errors ===
 
@@ -127,18 +129,45 @@ fn since(ts: Option<&prost_types::Timestamp>) -> f64 {
 
 type LaneKey = (String, String);
 
-#[derive(Default)]
 struct State {
     /// Commands not in a final state.
     active: HashMap<String, Command>,
+    /// The last commands that reached a final state (without payload), so reads never see an
+    /// older state from the store while its final write is still on its way.
+    recent: HashMap<String, Command>,
+    recent_order: VecDeque<String>,
+    /// Every transition, sent under the state lock: the feed's order is the state's order, and a
+    /// watcher that subscribes under the lock with a snapshot misses nothing and sees nothing twice.
+    events: broadcast::Sender<Command>,
     /// Ids waiting or being delivered, per lane, in order. A lane with an entry here has a
     /// running task.
     lanes: HashMap<LaneKey, VecDeque<String>>,
     /// Active commands per state, for the gauge.
     depth: HashMap<i32, i64>,
+    /// Per agent: permits for concurrent deliveries (`commands.max_in_flight`), so command
+    /// streams never take all of an agent's stream credit from relayed calls.
+    in_flight: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 impl State {
+    fn new() -> State {
+        State {
+            active: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            lanes: HashMap::new(),
+            depth: HashMap::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    /// Sends a transition to watchers. Events leave out the payload, and output above
+    /// [`EVENT_OUTPUT_MAX`] (Get has it): the feed's ring buffer must not pin megabytes.
+    fn publish(&self, cmd: &Command) {
+        let _ = self.events.send(for_event(cmd));
+    }
+
     fn count(&mut self, state: i32, delta: i64) {
         let n = self.depth.entry(state).or_default();
         *n += delta;
@@ -165,9 +194,31 @@ impl State {
         }
         if is_final(to as i32) {
             self.active.remove(id);
+            self.recent.insert(id.to_owned(), for_event(&snapshot));
+            self.recent_order.push_back(id.to_owned());
+            while self.recent_order.len() > RECENT_KEPT {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
         }
+        self.publish(&snapshot);
         Some(snapshot)
     }
+}
+
+/// A command as events carry it: no payload, no large output.
+fn for_event(cmd: &Command) -> Command {
+    let mut ev = Command {
+        payload: Vec::new(),
+        ..cmd.clone()
+    };
+    if let Some(r) = &mut ev.result
+        && r.output.len() > EVENT_OUTPUT_MAX
+    {
+        r.output.clear();
+    }
+    ev
 }
 
 /// The commands feature: the API's state and the delivery lanes.
@@ -176,7 +227,6 @@ pub struct Commands {
     registry: Arc<Registry>,
     cfg: CommandsConfig,
     state: Mutex<State>,
-    events: broadcast::Sender<Command>,
     shutdown: CancellationToken,
 }
 
@@ -201,8 +251,7 @@ impl Commands {
             store,
             registry,
             cfg,
-            state: Mutex::new(State::default()),
-            events: broadcast::channel(EVENT_BUFFER).0,
+            state: Mutex::new(State::new()),
             shutdown,
         });
         let mut lanes = Vec::new();
@@ -232,21 +281,6 @@ impl Commands {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sends a transition to watchers. Events leave out the payload, and output above
-    /// [`EVENT_OUTPUT_MAX`] (Get has it): the feed's ring buffer must not pin megabytes.
-    fn publish(&self, cmd: &Command) {
-        let mut ev = Command {
-            payload: Vec::new(),
-            ..cmd.clone()
-        };
-        if let Some(r) = &mut ev.result
-            && r.output.len() > EVENT_OUTPUT_MAX
-        {
-            r.output.clear();
-        }
-        let _ = self.events.send(ev);
     }
 
     /// Writes a record; logged when it fails (the in-memory state stays authoritative until the
@@ -329,11 +363,11 @@ impl Commands {
                 let mut st = self.lock();
                 st.count(cmd.state, 1);
                 st.active.insert(cmd.id.clone(), cmd.clone());
+                st.publish(&cmd);
                 let q = st.lanes.entry(lane.clone()).or_default();
                 q.push_back(cmd.id.clone());
                 q.len() == 1
             };
-            self.publish(&cmd);
             if spawn {
                 tokio::spawn(self.clone().run_lane(lane));
             }
@@ -346,9 +380,29 @@ impl Commands {
         if let Some(c) = self.lock().active.get(id) {
             return Ok(c.clone());
         }
-        self.store
-            .get(id)?
-            .ok_or_else(|| CommandError::NotFound(id.to_owned()))
+        let stored = self.store.get(id)?;
+        let mut c = stored.ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
+        self.overlay_recent(std::slice::from_mut(&mut c));
+        Ok(c)
+    }
+
+    /// Replaces store records that lag the in-memory state (an active command, or a final
+    /// state whose write is still on its way) with the live state, keeping the stored payload.
+    fn overlay_recent(&self, cmds: &mut [Command]) {
+        let st = self.lock();
+        for c in cmds {
+            let live = st
+                .active
+                .get(&c.id)
+                .or_else(|| st.recent.get(&c.id).filter(|_| !is_final(c.state)));
+            if let Some(live) = live {
+                let payload = std::mem::take(&mut c.payload);
+                *c = Command {
+                    payload,
+                    ..live.clone()
+                };
+            }
+        }
     }
 
     /// Cancels a command that was not delivered yet.
@@ -389,7 +443,6 @@ impl Commands {
             }
         };
         write.await;
-        self.publish(&cmd);
         Ok(cmd)
     }
 
@@ -428,10 +481,8 @@ impl Commands {
                     .inspect(|c| drop(self.persist(c.clone())))
                     .collect()
             };
-            for c in expired {
-                metrics::counter!("tether_gateway_command_expirations_total").increment(1);
-                self.publish(&c);
-            }
+            metrics::counter!("tether_gateway_command_expirations_total")
+                .increment(expired.len() as u64);
         }
     }
 
@@ -502,7 +553,18 @@ impl Commands {
             .await;
             return;
         };
+        let permits = {
+            let max = self.cfg.max_in_flight.max(1) as usize;
+            let mut st = self.lock();
+            st.in_flight
+                .entry(agent.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
+                .clone()
+        };
         loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
             let Some(session) = self.wait_session(&agent_id, id).await else {
                 return;
             };
@@ -510,6 +572,7 @@ impl Commands {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
+            drop(permit);
             let attempts = match self.lock().active.get(id) {
                 Some(c) => c.attempts,
                 None => return,
@@ -531,28 +594,38 @@ impl Commands {
         }
     }
 
-    /// Records a final Succeeded/Failed state durably and publishes it.
+    /// Records a final Succeeded/Failed state durably, then makes it visible (memory, watchers):
+    /// whoever sees the final state can read it, output included, from the store.
     async fn finish(&self, id: &str, succeeded: bool, output: Vec<u8>, message: String) {
         let to = if succeeded {
             CommandState::Succeeded
         } else {
             CommandState::Failed
         };
-        let (cmd, write) = {
-            let mut st = self.lock();
-            let Some(cmd) = st.transition(id, to, |c| {
-                c.finished = Some(now_ts());
-                c.result = Some(v1::CommandResult { output, message });
-            }) else {
-                return;
-            };
-            let write = self.persist(cmd.clone());
-            (cmd, write)
+        let finished = now_ts();
+        let write = {
+            let st = self.lock();
+            let Some(c) = st.active.get(id) else { return };
+            let mut record = c.clone();
+            record.state = to as i32;
+            record.finished = Some(finished);
+            record.result = Some(v1::CommandResult {
+                output: output.clone(),
+                message: message.clone(),
+            });
+            // Enqueued under the lock, so it lands after every earlier write of this command.
+            self.persist(record)
         };
         write.await;
-        metrics::histogram!("tether_gateway_command_submit_to_completed_seconds")
-            .record(since(cmd.created.as_ref()));
-        self.publish(&cmd);
+        let mut st = self.lock();
+        if let Some(c) = st.active.get(id) {
+            metrics::histogram!("tether_gateway_command_submit_to_completed_seconds")
+                .record(since(c.created.as_ref()));
+        }
+        st.transition(id, to, |c| {
+            c.finished = Some(finished);
+            c.result = Some(v1::CommandResult { output, message });
+        });
     }
 
     /// One delivery: `Ok` when the command reached a final state, `Err(reason)` when the stream
@@ -589,10 +662,8 @@ impl Commands {
                         message: "expired before delivery".into(),
                     });
                 }) {
-                    drop(self.persist(c.clone()));
-                    drop(st);
+                    drop(self.persist(c));
                     metrics::counter!("tether_gateway_command_expirations_total").increment(1);
-                    self.publish(&c);
                 }
                 abandon(send);
                 return Ok(());
@@ -618,7 +689,6 @@ impl Commands {
             metrics::histogram!("tether_gateway_command_submit_to_delivered_seconds")
                 .record(since(cmd.created.as_ref()));
         }
-        self.publish(&cmd);
 
         let header = StreamHeader {
             kind: StreamKind::Command as i32,
@@ -650,41 +720,28 @@ impl Commands {
             };
             match msg {
                 Message::CommandAck(_) => {
-                    let running = {
-                        let mut st = self.lock();
-                        let started = st.active.get(id).is_some_and(|c| c.started.is_some());
-                        let cmd = st.transition(id, CommandState::Running, |c| {
-                            if !started {
-                                c.started = Some(now_ts());
-                            }
-                        });
-                        if let Some(c) = &cmd {
-                            drop(self.persist(c.clone()));
+                    let mut st = self.lock();
+                    let cmd = st.transition(id, CommandState::Running, |c| {
+                        if c.started.is_none() {
+                            c.started = Some(now_ts());
                         }
-                        cmd
-                    };
-                    if let Some(c) = running {
-                        self.publish(&c);
+                    });
+                    if let Some(c) = cmd {
+                        drop(self.persist(c));
                     }
                 }
                 Message::CommandProgress(p) => {
-                    let cmd = {
-                        let mut st = self.lock();
-                        let cmd = st.transition(id, CommandState::Running, |c| {
-                            if c.started.is_none() {
-                                c.started = Some(now_ts());
-                            }
-                            c.progress.push(p.message);
-                            let extra = c.progress.len().saturating_sub(PROGRESS_KEPT);
-                            c.progress.drain(..extra);
-                        });
-                        if let Some(c) = &cmd {
-                            drop(self.persist(c.clone()));
+                    let mut st = self.lock();
+                    let cmd = st.transition(id, CommandState::Running, |c| {
+                        if c.started.is_none() {
+                            c.started = Some(now_ts());
                         }
-                        cmd
-                    };
+                        c.progress.push(p.message);
+                        let extra = c.progress.len().saturating_sub(PROGRESS_KEPT);
+                        c.progress.drain(..extra);
+                    });
                     if let Some(c) = cmd {
-                        self.publish(&c);
+                        drop(self.persist(c));
                     }
                 }
                 Message::Data(b) => {
@@ -732,9 +789,24 @@ impl Commands {
         target: Option<v1::watch_commands_request::Target>,
     ) -> Result<EventStream, CommandError> {
         use v1::watch_commands_request::Target;
-        let mut feed = self.events.subscribe();
-        let (initial, only_id, only_agent) = match target {
-            Some(Target::Id(id)) => (vec![self.get(&id)?], Some(id), None),
+        // Snapshot and subscription under the state lock (events are sent under it too): no
+        // transition is missed or seen twice between the two.
+        let (mut feed, initial, only_id, only_agent) = match target {
+            Some(Target::Id(id)) => {
+                let st = self.lock();
+                let live = st.active.get(&id).or_else(|| st.recent.get(&id)).cloned();
+                let feed = st.events.subscribe();
+                drop(st);
+                // Neither active nor recent: final long ago, and stored.
+                let c = match live {
+                    Some(c) => c,
+                    None => self
+                        .store
+                        .get(&id)?
+                        .ok_or_else(|| CommandError::NotFound(id.clone()))?,
+                };
+                (feed, vec![c], Some(id), None)
+            }
             Some(Target::Agent(agent)) => {
                 let agent: AgentId = agent
                     .parse()
@@ -747,8 +819,10 @@ impl Commands {
                     .filter(|c| c.agent == agent)
                     .cloned()
                     .collect();
+                let feed = st.events.subscribe();
+                drop(st);
                 cmds.sort_by(|a, b| a.id.cmp(&b.id));
-                (cmds, None, Some(agent))
+                (feed, cmds, None, Some(agent))
             }
             None => {
                 return Err(CommandError::Invalid(
@@ -898,14 +972,7 @@ impl CommandsRpc for CommandsApi {
             String::new()
         };
         // The store may lag the in-memory state by one write: show the live one.
-        {
-            let st = self.commands.lock();
-            for c in &mut cmds {
-                if let Some(live) = st.active.get(&c.id) {
-                    *c = live.clone();
-                }
-            }
-        }
+        self.commands.overlay_recent(&mut cmds);
         Ok(Response::new(v1::ListCommandsResponse {
             commands: cmds,
             next_page_token,

@@ -23,6 +23,7 @@
 //! max_attempts = 10           # deliveries before a command fails
 //! retry_backoff = "200ms"     # doubled per failed delivery, capped at max_retry_backoff
 //! max_retry_backoff = "30s"
+//! max_in_flight = 256         # concurrent deliveries per agent
 //! ```
 //!
 //! `data_dir` (top level, default `data` next to the config file) holds the command store.
@@ -55,6 +56,7 @@ pub const KEYS: Keys = &[
     "commands.max_attempts",
     "commands.retry_backoff",
     "commands.max_retry_backoff",
+    "commands.max_in_flight",
 ];
 
 /// The whole gateway config.
@@ -100,6 +102,9 @@ pub struct CommandsConfig {
     /// Cap of the redelivery wait.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
+    /// Commands delivered to one agent at the same time (one per ordering key at most); keep it
+    /// below `tunnel.max_concurrent_streams` so relayed calls always find a stream.
+    pub max_in_flight: u32,
 }
 
 impl Default for CommandsConfig {
@@ -109,6 +114,7 @@ impl Default for CommandsConfig {
             max_attempts: 10,
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(30),
+            max_in_flight: 256,
         }
     }
 }
@@ -228,6 +234,12 @@ impl Validate for GatewayConfig {
         if self.commands.max_attempts == 0 {
             return Err(ConfigError::invalid(
                 "commands.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.commands.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "commands.max_in_flight",
                 "must be at least 1",
             ));
         }
