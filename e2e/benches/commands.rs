@@ -6,6 +6,7 @@
 //! 2. Submit→Succeeded latency at a steady 1,000 commands/s to one connected agent (`echo`, 100
 //!    byte payload, 256 ordering keys so lanes run in parallel), for 5 s, measured from just
 //!    before Submit to the SUCCEEDED event on an `agent` Watch.
+//! 3. Throughput of one lane (one ordering key, so strictly one command at a time).
 //!
 //! The gateway and the agent run in this process, on loopback, with real QUIC, real TLS and the
 //! store on the real disk (under `target/`).
@@ -173,13 +174,15 @@ async fn run() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let e = ended.lock().unwrap();
-    let mut lat: Vec<Duration> = started_at
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|(id, t0)| e.get(id).map(|t1| t1.duration_since(*t0)))
-        .collect();
+    let mut lat: Vec<Duration> = {
+        let e = ended.lock().unwrap();
+        started_at
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, t0)| e.get(id).map(|t1| t1.duration_since(*t0)))
+            .collect()
+    };
     lat.sort();
     println!(
         "Submit→Succeeded at {offered:.0}/s offered ({} of {total} completed): p50 {:.2?} p99 {:.2?} max {:.2?}",
@@ -187,5 +190,24 @@ async fn run() {
         pct(&lat, 0.50),
         pct(&lat, 0.99),
         lat.last().copied().unwrap_or_default()
+    );
+
+    // 3. One lane (one ordering key): strictly one command at a time, each final (and durable)
+    //    before the next is delivered. 1,000 queued at once, time to drain them.
+    let n = 1000;
+    let mut ids = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let mut r = submit_req(AGENT, "echo", vec![b'x'; 100]);
+        r.ordering_key = "one-lane".into();
+        ids.push(client.submit(r).await.expect("submit").into_inner().id);
+    }
+    for id in &ids {
+        wait_final(&mut client, id, Duration::from_secs(120)).await;
+    }
+    let took = t0.elapsed();
+    println!(
+        "one ordering key: {n} commands in {took:.2?} = {:.0} commands/s through one lane",
+        n as f64 / took.as_secs_f64()
     );
 }

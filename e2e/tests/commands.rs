@@ -224,6 +224,10 @@ async fn offline_agent_gets_100_queued_commands_in_order_on_connect() {
         .into_inner();
     assert_eq!(queued.commands.len(), 100);
     assert!(seen.lock().unwrap().is_empty());
+    assert_eq!(
+        metric("tether_gateway_commands", &[("state", "queued")]),
+        100.0
+    );
 
     let _agent = TestAgent::start_with_handlers(&s.cfg, handlers);
     for id in &ids {
@@ -234,6 +238,16 @@ async fn offline_agent_gets_100_queued_commands_in_order_on_connect() {
     }
     let want: Vec<String> = (0..100).map(|i| i.to_string()).collect();
     assert_eq!(*seen.lock().unwrap(), want);
+    assert_eq!(
+        metric("tether_gateway_commands", &[("state", "queued")]),
+        0.0
+    );
+    assert!(
+        metric(
+            "tether_gateway_command_submit_to_delivered_seconds_count",
+            &[]
+        ) >= 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,6 +336,7 @@ async fn cancel_works_only_before_delivery_and_ttl_expires_undelivered_commands(
     let c = wait_final(&mut s.client, &expiring, T).await;
     assert_eq!(c.state(), CommandState::Expired);
     assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(metric("tether_gateway_command_expirations_total", &[]), 1.0);
 
     // Reconnecting delivers neither.
     let handlers = test_handlers();
@@ -389,6 +404,31 @@ async fn list_filters_by_state_and_kind_and_paginates() {
         f.commands.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         vec![failed]
     );
+    // Time range: created at or after `from`, before `to`.
+    let future =
+        prost_types::Timestamp::from(std::time::SystemTime::now() + Duration::from_secs(60));
+    let past = prost_types::Timestamp::from(std::time::SystemTime::now() - Duration::from_secs(60));
+    let none = s
+        .client
+        .list(ListCommandsRequest {
+            from: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.commands.is_empty());
+    let all = s
+        .client
+        .list(ListCommandsRequest {
+            from: Some(past),
+            to: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.commands.len(), 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,4 +706,63 @@ async fn different_ordering_keys_run_in_parallel_up_to_max_in_flight() {
         );
     }
     assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_commands_survive_a_gateway_kill_and_arrive_in_order_when_the_agent_connects() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let gw = GatewayProcess::spawn_with(&pki, data.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let tunnel = gw.tunnel;
+    let handlers = test_handlers();
+    let seen = recording(&handlers, "record");
+    let cfg = agent_config(&pki.agent(AGENT), tunnel);
+    let files = pki.client("api");
+    // Known to the gateway: connected once, then gone.
+    let agent = TestAgent::start_with_handlers(&cfg, handlers.clone());
+    let mut agents = tether_api::v1::agents_client::AgentsClient::new(gw.channel(&files).await);
+    let connected = |a: Result<tonic::Response<tether_api::v1::Agent>, tonic::Status>| {
+        a.is_ok_and(|a| a.into_inner().connected)
+    };
+    let deadline = Instant::now() + T;
+    while !connected(
+        agents
+            .get(tether_api::v1::GetAgentRequest {
+                agent: AGENT.into(),
+            })
+            .await,
+    ) {
+        assert!(Instant::now() < deadline, "agent never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.stop().await;
+    let mut client = commands_client(gw.channel(&files).await);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(submit(&mut client, submit_req(AGENT, "record", i.to_string())).await);
+    }
+    let mut gw = gw;
+    gw.child.start_kill().unwrap();
+    gw.child.wait().await.unwrap();
+
+    let gw2 = GatewayProcess::spawn_with(&pki, data.path(), tunnel).await;
+    let mut client = commands_client(gw2.channel(&files).await);
+    // The new process has never seen the agent connect; its stored commands make it known.
+    ids.push(submit(&mut client, submit_req(AGENT, "record", "3")).await);
+    for id in &ids {
+        let c = client
+            .get(tether_api::v1::GetCommandRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(c.state(), CommandState::Queued);
+    }
+    let _agent = TestAgent::start_with_handlers(&cfg, handlers);
+    for id in &ids {
+        assert_eq!(
+            wait_final(&mut client, id, T).await.state(),
+            CommandState::Succeeded
+        );
+    }
+    assert_eq!(*seen.lock().unwrap(), vec!["0", "1", "2", "3"]);
 }
