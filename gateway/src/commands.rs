@@ -731,8 +731,9 @@ impl Commands {
                     }
                 }
                 Message::CommandProgress(p) => {
-                    let mut st = self.lock();
-                    let cmd = st.transition(id, CommandState::Running, |c| {
+                    // Progress is for display: not written on its own (a chatty handler would
+                    // rewrite the whole record per line); the final record carries the last lines.
+                    self.lock().transition(id, CommandState::Running, |c| {
                         if c.started.is_none() {
                             c.started = Some(now_ts());
                         }
@@ -740,9 +741,6 @@ impl Commands {
                         let extra = c.progress.len().saturating_sub(PROGRESS_KEPT);
                         c.progress.drain(..extra);
                     });
-                    if let Some(c) = cmd {
-                        drop(self.persist(c));
-                    }
                 }
                 Message::Data(b) => {
                     if (output.len() + b.len()) as u64 > self.cfg.max_payload.max(16 << 20) {
@@ -973,6 +971,7 @@ impl CommandsRpc for CommandsApi {
         };
         // The store may lag the in-memory state by one write: show the live one.
         self.commands.overlay_recent(&mut cmds);
+        let cmds = cmds.iter().map(for_event).collect();
         Ok(Response::new(v1::ListCommandsResponse {
             commands: cmds,
             next_page_token,

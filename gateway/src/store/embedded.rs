@@ -15,8 +15,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{CommandStore, ListFilter, StoreError, StoreFuture, SubmitOutcome};
 
-/// id → encoded `Command`.
+/// id → encoded `Command`, without its payload.
 const COMMANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("commands");
+/// id → payload, written once at Submit: state changes rewrite the small record only.
+const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("payloads");
 /// `agent \n idempotency_key` → id.
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 /// agent → number of commands ever submitted.
@@ -53,6 +55,16 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Command, StoreError> {
     })
 }
 
+/// The record as stored: everything but the payload.
+fn encode_record(cmd: &Command) -> Vec<u8> {
+    if cmd.payload.is_empty() {
+        return cmd.encode_to_vec();
+    }
+    let mut record = cmd.clone();
+    record.payload = Vec::new();
+    record.encode_to_vec()
+}
+
 /// Final states never change again.
 pub fn is_final(state: i32) -> bool {
     matches!(
@@ -77,6 +89,7 @@ impl EmbeddedStore {
             let meta = {
                 let mut meta = tx.open_table(META).map_err(backend)?;
                 tx.open_table(COMMANDS).map_err(backend)?;
+                tx.open_table(PAYLOADS).map_err(backend)?;
                 tx.open_table(IDEMPOTENCY).map_err(backend)?;
                 tx.open_table(AGENTS).map_err(backend)?;
                 let existing = meta
@@ -175,6 +188,7 @@ fn write_batch(
     let mut results = Vec::with_capacity(batch.len());
     {
         let mut commands = tx.open_table(COMMANDS).map_err(backend)?;
+        let mut payloads = tx.open_table(PAYLOADS).map_err(backend)?;
         let mut idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
         let mut agents = tx.open_table(AGENTS).map_err(backend)?;
         for op in batch.iter() {
@@ -185,7 +199,7 @@ fn write_batch(
                         && let Some(id) = idem.get(key.as_str()).map_err(backend)?
                     {
                         let id = id.value().to_owned();
-                        let existing = match commands.get(id.as_str()).map_err(backend)? {
+                        let mut existing = match commands.get(id.as_str()).map_err(backend)? {
                             Some(b) => decode(&id, b.value())?,
                             None => {
                                 return Err(StoreError::Corrupt {
@@ -194,6 +208,9 @@ fn write_batch(
                                 });
                             }
                         };
+                        if let Some(p) = payloads.get(id.as_str()).map_err(backend)? {
+                            existing.payload = p.value().to_vec();
+                        }
                         results.push(Some(SubmitOutcome {
                             command: existing,
                             created: false,
@@ -204,7 +221,10 @@ fn write_batch(
                     let mut cmd = cmd.clone();
                     cmd.id = format!("{prefix}{seq:016x}");
                     commands
-                        .insert(cmd.id.as_str(), cmd.encode_to_vec().as_slice())
+                        .insert(cmd.id.as_str(), encode_record(&cmd).as_slice())
+                        .map_err(backend)?;
+                    payloads
+                        .insert(cmd.id.as_str(), cmd.payload.as_slice())
                         .map_err(backend)?;
                     if !cmd.idempotency_key.is_empty() {
                         idem.insert(key.as_str(), cmd.id.as_str())
@@ -222,7 +242,7 @@ fn write_batch(
                 }
                 Op::Put(cmd, _) => {
                     commands
-                        .insert(cmd.id.as_str(), cmd.encode_to_vec().as_slice())
+                        .insert(cmd.id.as_str(), encode_record(cmd).as_slice())
                         .map_err(backend)?;
                     results.push(None);
                 }
@@ -272,10 +292,15 @@ impl CommandStore for EmbeddedStore {
     fn get(&self, id: &str) -> Result<Option<Command>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(COMMANDS).map_err(backend)?;
-        t.get(id)
-            .map_err(backend)?
-            .map(|b| decode(id, b.value()))
-            .transpose()
+        let p = tx.open_table(PAYLOADS).map_err(backend)?;
+        let Some(b) = t.get(id).map_err(backend)? else {
+            return Ok(None);
+        };
+        let mut c = decode(id, b.value())?;
+        if let Some(payload) = p.get(id).map_err(backend)? {
+            c.payload = payload.value().to_vec();
+        }
+        Ok(Some(c))
     }
 
     fn list(&self, f: &ListFilter) -> Result<Vec<Command>, StoreError> {
@@ -317,11 +342,15 @@ impl CommandStore for EmbeddedStore {
     fn unfinished(&self) -> Result<Vec<Command>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(COMMANDS).map_err(backend)?;
+        let p = tx.open_table(PAYLOADS).map_err(backend)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(backend)? {
             let (k, v) = entry.map_err(backend)?;
-            let c = decode(k.value(), v.value())?;
+            let mut c = decode(k.value(), v.value())?;
             if !is_final(c.state) {
+                if let Some(payload) = p.get(k.value()).map_err(backend)? {
+                    c.payload = payload.value().to_vec();
+                }
                 out.push(c);
             }
         }
@@ -369,6 +398,21 @@ mod tests {
         assert_eq!(store.unfinished().unwrap().len(), 3);
         assert!(store.knows_agent("t/a").unwrap());
         assert!(!store.knows_agent("t/b").unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_payload_is_written_once_and_joined_on_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut c = cmd("t/a", "");
+        c.payload = vec![9; 1000];
+        let mut c = store.submit(c).await.unwrap().command;
+        c.state = CommandState::Succeeded as i32;
+        store.put(c.clone()).await.unwrap();
+        let got = store.get(&c.id).unwrap().unwrap();
+        assert_eq!((got.state, got.payload.len()), (c.state, 1000));
+        let listed = store.list(&ListFilter::default()).unwrap();
+        assert!(listed[0].payload.is_empty());
     }
 
     #[tokio::test]
