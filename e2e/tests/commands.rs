@@ -94,6 +94,14 @@ async fn submit_refuses_bad_input_with_the_right_status() {
         "{e:?}"
     );
 
+    let mut r = submit_req(AGENT, "echo", "x");
+    r.ttl = Some(prost_types::Duration {
+        seconds: -1,
+        nanos: 0,
+    });
+    let e = c.submit(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
     // Exactly at the limit is fine, and comes back whole.
     let id = submit(c, submit_req(AGENT, "echo", vec![7u8; 4 << 20])).await;
     let done = wait_final(c, &id, T).await;

@@ -316,21 +316,18 @@ impl Commands {
                 limit: self.cfg.max_payload,
             });
         }
+        // Known: seen by this process, or has commands in the store (a restarted gateway
+        // accepts commands for its agents before they reconnect).
+        let known = self.registry.get(&agent).is_some();
         let agent = agent.to_string();
-        let known = self
-            .registry
-            .get(
-                &agent
-                    .parse()
-                    .map_err(|_| CommandError::UnknownAgent(agent.clone()))?,
-            )
-            .is_some()
-            || self.store.knows_agent(&agent)?;
-        if !known {
+        if !known && !self.store.knows_agent(&agent)? {
             return Err(CommandError::UnknownAgent(agent));
         }
         let created = SystemTime::now();
         let expires = match req.ttl {
+            Some(ttl) if ttl.seconds < 0 || ttl.nanos < 0 => {
+                return Err(CommandError::Invalid("ttl is negative".into()));
+            }
             Some(ttl) if ttl.seconds > 0 || ttl.nanos > 0 => {
                 let ttl = Duration::try_from(ttl)
                     .map_err(|e| CommandError::Invalid(format!("ttl: {e}")))?;
