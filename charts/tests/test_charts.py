@@ -476,18 +476,39 @@ def test_agent_service_account_carries_cloud_identity():
     assert "azure.workload.identity/use" not in plain.one("Deployment")["spec"]["template"]["metadata"]["labels"]
 
 
-def test_agent_proxy_is_passed_as_environment_and_services_are_not_rendered():
+def test_agent_proxy_is_passed_as_environment_and_services_are_rendered_as_the_allow_list():
     r = render_file(AGENT_CHART, "agent-proxy.yaml")
     c = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
     assert env["NO_PROXY"] == ".svc,.cluster.local,10.0.0.0/8"
-    text = r.one("ConfigMap")["data"]["agent.toml"]
-    assert "orders" not in text and "services" not in tomllib.loads(text)
-    assert "not rendered into agent.toml" in r.notes
+    cm = r.one("ConfigMap")["data"]
+    cfg = tomllib.loads(cm["agent.toml"])
+    assert cfg["default_service"] == "orders-api"
+    assert cfg["services"] == {
+        "orders-api": {"address": "https://orders.shop.svc:9000", "ca": "/etc/tether/service-orders-api-ca.crt"},
+        "postgres": {"address": "db.internal:5432", "kind": "tcp"},
+    }
+    assert "MIIBplaceholderUpstreamCA" in cm["service-orders-api-ca.crt"]
+    items = [i["path"] for src in r.one("Deployment")["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+             if "configMap" in src for i in src["configMap"]["items"]]
+    assert "service-orders-api-ca.crt" in items
+    assert "Allow-listed services: orders-api, postgres" in r.notes
     assert "does not use a proxy yet" in r.notes
     plain = render_file(AGENT_CHART, "agent-required.yaml")
     assert "env" not in plain.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "services" not in tomllib.loads(plain.one("ConfigMap")["data"]["agent.toml"])
+
+
+def test_a_tcp_service_with_a_ca_and_the_reserved_name_are_refused_with_the_key_named():
+    with pytest.raises(Exception) as e:
+        render(AGENT_CHART, deep_merge(load_values("agent-required.yaml"),
+                                       {"services": {"db": {"address": "db:5432", "kind": "tcp", "ca": "x"}}}))
+    assert "services.db.ca" in str(e.value)
+    with pytest.raises(Exception) as e:
+        render(AGENT_CHART, deep_merge(load_values("agent-required.yaml"),
+                                       {"services": {"agent": {"address": "x:1"}}}))
+    assert "services.agent" in str(e.value)
 
 
 def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
@@ -496,6 +517,7 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
     assert cfg == {
         "gateways": ["gw-1.tether.example.com:443", "gw-2.tether.example.com:8443"],
         "server_name": "gw.tether.example.com",
+        "default_service": "default",
         "labels": {"region": "eu-west-1", "cluster": 'prod "blue"'},
         "tls": {
             "ca": "/etc/tether/identity/ca.crt",
@@ -844,10 +866,10 @@ def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_pat
     out = run(in_pod(hook, etc))
     assert out.returncode == 0, f"tether-agent rejected the chart's agent.toml:\n{out.stderr}"
     assert "config ok" in out.stdout
-    # The check can fail: a key this agent does not know yet (the service map) exits 64 naming it.
-    (etc / "agent.toml").write_text("services = {}\n" + (etc / "agent.toml").read_text())
+    # The check can fail: a key this agent does not know exits 64 naming it.
+    (etc / "agent.toml").write_text("relay_everything = true\n" + (etc / "agent.toml").read_text())
     bad = run(in_pod(hook, etc))
-    assert bad.returncode == 64 and "services" in bad.stderr, bad
+    assert bad.returncode == 64 and "relay_everything" in bad.stderr, bad
 
 
 def gateway_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, dict[str, str]]:

@@ -90,6 +90,14 @@ them, so `helm template` fails with one readable line.
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.gatewayCIDRs) -}}
 {{- fail "networkPolicy.gatewayCIDRs is required while networkPolicy.enabled: a NetworkPolicy matches IP ranges, not host names. Set the gateway's IP ranges, or networkPolicy.enabled=false" -}}
 {{- end -}}
+{{- range $name, $svc := .Values.services -}}
+{{- if and (eq ($svc.kind | default "grpc") "tcp") $svc.ca -}}
+{{- fail (printf "services.%s.ca: a tcp service is carried as raw bytes; the agent does not terminate TLS for it (remove ca, or use kind: grpc)" $name) -}}
+{{- end -}}
+{{- if eq $name "agent" -}}
+{{- fail "services.agent: the name `agent` is reserved for the agent's built-in service" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.metrics.podMonitor.enabled (not .Values.metrics.enabled) -}}
 {{- fail "metrics.podMonitor.enabled needs metrics.enabled (otherwise the ops port is bound to loopback and cannot be scraped)" -}}
 {{- end -}}
@@ -149,6 +157,12 @@ read-only, so the nested mount point cannot be created).
             {{- if .Values.gateway.caBundle }}
             - key: gateway-ca.crt
               path: gateway-ca.crt
+            {{- end }}
+            {{- range $name, $svc := .Values.services }}
+            {{- if $svc.ca }}
+            - key: service-{{ $name }}-ca.crt
+              path: service-{{ $name }}-ca.crt
+            {{- end }}
             {{- end }}
       - secret:
           name: {{ include "tether-agent.identitySecretName" . }}
