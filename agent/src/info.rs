@@ -36,7 +36,10 @@ pub struct Info {
 
 #[tonic::async_trait]
 impl AgentInfo for Info {
-    async fn get(&self, _: Request<GetAgentInfoRequest>) -> Result<Response<AgentInfoResponse>, Status> {
+    async fn get(
+        &self,
+        _: Request<GetAgentInfoRequest>,
+    ) -> Result<Response<AgentInfoResponse>, Status> {
         let gateways = self
             .status
             .sessions()

@@ -113,7 +113,10 @@ fn probe(config: Option<PathBuf>, set: Vec<String>, ready: bool) -> ExitCode {
     match tether_runtime::ops::probe(addr, path, std::time::Duration::from_secs(2)) {
         Ok((200, _)) => ExitCode::SUCCESS,
         Ok((status, body)) => {
-            eprintln!("tether-agent probe: {path} answered {status}: {}", body.trim());
+            eprintln!(
+                "tether-agent probe: {path} answered {status}: {}",
+                body.trim()
+            );
             ExitCode::FAILURE
         }
         Err(e) => {

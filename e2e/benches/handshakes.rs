@@ -32,11 +32,27 @@ fn client_config(pki: &Pki, agent: &str) -> quinn::ClientConfig {
     ))
 }
 
-async fn setup(endpoint: &quinn::Endpoint, cfg: &quinn::ClientConfig, gw: std::net::SocketAddr) -> Duration {
+async fn setup(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    gw: std::net::SocketAddr,
+) -> Duration {
     let start = Instant::now();
-    let conn = endpoint.connect_with(cfg.clone(), gw, "localhost").unwrap().await.unwrap();
+    let conn = endpoint
+        .connect_with(cfg.clone(), gw, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Message::Hello(Hello { versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(), ..Default::default() }).to_bytes()).await.unwrap();
+    send.write_all(
+        &Message::Hello(Hello {
+            versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
+            ..Default::default()
+        })
+        .to_bytes(),
+    )
+    .await
+    .unwrap();
     let mut dec = FrameDecoder::new(1 << 16);
     let mut buf = [0u8; 4096];
     loop {
@@ -52,10 +68,17 @@ async fn setup(endpoint: &quinn::Endpoint, cfg: &quinn::ClientConfig, gw: std::n
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let total: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(4000);
     let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let pki = Pki::new();
         let gw = TestGateway::start(&pki).await;

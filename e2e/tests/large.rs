@@ -2,13 +2,13 @@
 //! agent processes raises neither's RSS by more than a few MiB, and a slow caller slows the
 //! upstream instead of growing buffers.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tether_agent::config::ServiceKind;
-use tether_api::demo::v1::echo_client::EchoClient;
 use tether_api::demo::v1::EchoRequest;
+use tether_api::demo::v1::echo_client::EchoClient;
 use tether_e2e::*;
 use tokio_stream::StreamExt;
 
@@ -17,7 +17,8 @@ const MSG: u32 = 64 * 1024;
 const COUNT: u32 = 1024; // 64 MiB
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_more_than_a_few_mib() {
+async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_more_than_a_few_mib()
+{
     let pki = Pki::new();
     let gw = GatewayProcess::spawn(&pki).await;
     let upstream = DemoUpstream::start().await;
@@ -25,9 +26,15 @@ async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_mo
     with_service(&mut cfg, "default", &upstream.url(), ServiceKind::Grpc);
     let agent = AgentProcess::spawn(&cfg);
     let ch = gw.channel(&pki.client("api")).await;
-    let mut echo = EchoClient::with_interceptor(ch, Route::new(Some("acme/big"), None)).max_decoding_message_size(1 << 20);
+    let mut echo = EchoClient::with_interceptor(ch, Route::new(Some("acme/big"), None))
+        .max_decoding_message_size(1 << 20);
     // Connected and warmed up: the first relayed stream allocates what every stream shares.
-    let warm = EchoRequest { message: "w".into(), repeat: 32, size: MSG, ..Default::default() };
+    let warm = EchoRequest {
+        message: "w".into(),
+        repeat: 32,
+        size: MSG,
+        ..Default::default()
+    };
     let deadline = std::time::Instant::now() + T;
     loop {
         match echo.server_stream(warm.clone()).await {
@@ -37,7 +44,10 @@ async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_mo
                 break;
             }
             Err(e) if e.code() == tonic::Code::NotFound || e.code() == tonic::Code::Unavailable => {
-                assert!(std::time::Instant::now() < deadline, "agent never connected: {e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "agent never connected: {e:?}"
+                );
                 tokio::task::yield_now().await;
             }
             Err(e) => panic!("{e:?}"),
@@ -60,7 +70,12 @@ async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_mo
         })
     };
     let mut stream = echo
-        .server_stream(EchoRequest { message: "big".into(), repeat: COUNT, size: MSG, ..Default::default() })
+        .server_stream(EchoRequest {
+            message: "big".into(),
+            repeat: COUNT,
+            size: MSG,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -79,7 +94,10 @@ async fn sixty_four_mib_server_stream_raises_neither_gateway_nor_agent_rss_by_mo
     assert_eq!(bytes, u64::from(MSG) * u64::from(COUNT));
     let peak = *peak.lock().unwrap();
     let growth = (peak.0.saturating_sub(base.0), peak.1.saturating_sub(base.1));
-    eprintln!("RSS growth during a 64 MiB stream: gateway {} KiB (base {} KiB), agent {} KiB (base {} KiB)", growth.0, base.0, growth.1, base.1);
+    eprintln!(
+        "RSS growth during a 64 MiB stream: gateway {} KiB (base {} KiB), agent {} KiB (base {} KiB)",
+        growth.0, base.0, growth.1, base.1
+    );
     assert!(growth.0 < 8 * 1024, "gateway RSS grew {} KiB", growth.0);
     assert!(growth.1 < 8 * 1024, "agent RSS grew {} KiB", growth.1);
 }
@@ -95,7 +113,12 @@ async fn a_paused_caller_stops_the_upstream_within_a_bounded_window() {
     wait_until("agent connected", T, || gw.sessions_of("acme/slow") == 1).await;
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/slow"), None)).await;
     let mut stream = echo
-        .server_stream(EchoRequest { message: "p".into(), repeat: COUNT, size: MSG, ..Default::default() })
+        .server_stream(EchoRequest {
+            message: "p".into(),
+            repeat: COUNT,
+            size: MSG,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -111,8 +134,14 @@ async fn a_paused_caller_stops_the_upstream_within_a_bounded_window() {
         max_ahead = max_ahead.max(sent.load(Ordering::SeqCst).saturating_sub(10));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("upstream got {max_ahead} messages ({} KiB) ahead of a paused caller", max_ahead * u64::from(MSG) / 1024);
-    assert!(max_ahead < 256, "upstream ran {max_ahead} messages ahead: buffers are absorbing the stream");
+    eprintln!(
+        "upstream got {max_ahead} messages ({} KiB) ahead of a paused caller",
+        max_ahead * u64::from(MSG) / 1024
+    );
+    assert!(
+        max_ahead < 256,
+        "upstream ran {max_ahead} messages ahead: buffers are absorbing the stream"
+    );
     // Resuming drains everything.
     let rest = stream.collect::<Vec<_>>().await;
     assert_eq!(rest.len() as u32, COUNT - 10);

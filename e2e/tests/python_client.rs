@@ -27,12 +27,20 @@ async fn python_grpcio_client_calls_unary_and_bidi_through_the_relay() {
     let mut cfg = agent_config(&pki.agent("acme/py"), gw.handle.tunnel_addr);
     with_service(&mut cfg, "default", &upstream.url(), ServiceKind::Grpc);
     let agent = TestAgent::start(&cfg);
-    wait_until("agent connected", Duration::from_secs(20), || gw.sessions_of("acme/py") == 1).await;
+    wait_until("agent connected", Duration::from_secs(20), || {
+        gw.sessions_of("acme/py") == 1
+    })
+    .await;
     let client = pki.client("py");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/relay_client.py");
     let out = tokio::process::Command::new(python())
         .arg(script)
-        .args(["--target", &gw.handle.northbound_addr.to_string(), "--agent", "acme/py"])
+        .args([
+            "--target",
+            &gw.handle.northbound_addr.to_string(),
+            "--agent",
+            "acme/py",
+        ])
         .arg("--ca")
         .arg(&client.ca)
         .arg("--cert")
@@ -44,7 +52,10 @@ async fn python_grpcio_client_calls_unary_and_bidi_through_the_relay() {
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python client failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("passed, 0 failed"), "{stdout}");
     agent.stop().await;
     gw.stop().await;

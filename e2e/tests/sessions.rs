@@ -332,20 +332,37 @@ async fn agent_readyz_follows_the_session_and_healthz_does_not() {
     drop(probe_sock);
     let agent = TestAgent::start_with_ops(&agent_config(&pki.agent("acme/ready"), addr));
     let ops = agent.handle.ops_addr.unwrap();
-    let get = move |path: &'static str| tether_runtime::ops::probe(ops, path, Duration::from_secs(2)).unwrap();
-    let (status, body) = tokio::task::spawn_blocking(move || get("/readyz")).await.unwrap();
+    let get = move |path: &'static str| {
+        tether_runtime::ops::probe(ops, path, Duration::from_secs(2)).unwrap()
+    };
+    let (status, body) = tokio::task::spawn_blocking(move || get("/readyz"))
+        .await
+        .unwrap();
     assert_eq!(status, 503, "not ready without a session: {body}");
     // Liveness must not fail merely because the gateway is unreachable.
-    assert_eq!(tokio::task::spawn_blocking(move || get("/healthz")).await.unwrap().0, 200);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || get("/healthz"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
 
     let gw = TestGateway::start_with(TestGateway::config(&pki), addr).await;
     wait_until("agent connected", T, || agent.handle.status.connected()).await;
-    let (status, body) = tokio::task::spawn_blocking(move || get("/readyz")).await.unwrap();
+    let (status, body) = tokio::task::spawn_blocking(move || get("/readyz"))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"transport\":\"quic\""), "{body}");
-    let (status, metrics) = tokio::task::spawn_blocking(move || get("/metrics")).await.unwrap();
+    let (status, metrics) = tokio::task::spawn_blocking(move || get("/metrics"))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(metrics.contains("tether_agent_sessions_active"), "{metrics}");
+    assert!(
+        metrics.contains("tether_agent_sessions_active"),
+        "{metrics}"
+    );
     agent.stop().await;
     gw.stop().await;
 }

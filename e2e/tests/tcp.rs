@@ -5,8 +5,8 @@ use std::hash::Hasher;
 use std::time::Duration;
 
 use tether_agent::config::ServiceKind;
-use tether_api::v1::streams_client::StreamsClient;
 use tether_api::v1::StreamChunk;
+use tether_api::v1::streams_client::StreamsClient;
 use tether_e2e::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -53,12 +53,18 @@ async fn scene() -> Scene {
     with_service(&mut cfg, "grpc", &upstream.url(), ServiceKind::Grpc);
     let agent = TestAgent::start(&cfg);
     wait_until("agent connected", T, || gw.sessions_of("acme/db") == 1).await;
-    Scene { pki, gw, agent, _upstream: upstream }
+    Scene {
+        pki,
+        gw,
+        agent,
+        _upstream: upstream,
+    }
 }
 
 async fn open(s: &Scene, service: &str, chunks: Vec<Vec<u8>>) -> Result<Vec<u8>, tonic::Status> {
     let ch = s.gw.channel(&s.pki.client("api")).await.unwrap();
-    let mut client = StreamsClient::with_interceptor(ch, Route::new(Some("acme/db"), Some(service)));
+    let mut client =
+        StreamsClient::with_interceptor(ch, Route::new(Some("acme/db"), Some(service)));
     let reqs = tokio_stream::iter(chunks.into_iter().map(|data| StreamChunk { data }));
     let mut inbound = client.open(reqs).await?.into_inner();
     let mut got = Vec::new();
@@ -75,7 +81,10 @@ async fn streams_open_echoes_bytes_and_half_close_ends_the_stream() {
     let chunks: Vec<Vec<u8>> = data.chunks(100_000).map(<[u8]>::to_vec).collect();
     // The echo server only closes after it sees our half-close, so the response stream ending
     // proves half-close went through in both directions.
-    let got = tokio::time::timeout(T, open(&s, "echo", chunks)).await.expect("no hang").unwrap();
+    let got = tokio::time::timeout(T, open(&s, "echo", chunks))
+        .await
+        .expect("no hang")
+        .unwrap();
     assert_eq!(got.len(), data.len());
     assert_eq!(hash(&got), hash(&data));
     s.agent.stop().await;
@@ -109,13 +118,26 @@ async fn tetherctl_forward_carries_100_mib_intact_with_half_close() {
         .arg(&client.cert)
         .arg("--key")
         .arg(&client.key)
-        .args(["--server-name", "localhost", "--dev-json", "/nonexistent", "forward", "acme/db", "echo", "0"])
+        .args([
+            "--server-name",
+            "localhost",
+            "--dev-json",
+            "/nonexistent",
+            "forward",
+            "acme/db",
+            "echo",
+            "0",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tetherctl");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(T, lines.next_line()).await.unwrap().unwrap().expect("tetherctl prints its port");
+    let line = tokio::time::timeout(T, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("tetherctl prints its port");
     let local: std::net::SocketAddr = line
         .strip_prefix("forwarding ")
         .and_then(|r| r.split_whitespace().next())
@@ -131,7 +153,10 @@ async fn tetherctl_forward_carries_100_mib_intact_with_half_close() {
         wr.shutdown().await.unwrap(); // half-close: the echo server then closes its side
     });
     let mut got = Vec::with_capacity(100 << 20);
-    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut got)).await.expect("EOF arrives: half-close propagated").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut got))
+        .await
+        .expect("EOF arrives: half-close propagated")
+        .unwrap();
     writer.await.unwrap();
     assert_eq!(got.len(), 100 << 20);
     assert_eq!(hash(&got), expected);

@@ -6,14 +6,14 @@
 //! check that a cancellation reached the upstream.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tether_api::demo::v1::echo_server::{Echo, EchoServer};
 use tether_api::demo::v1::{EchoRequest, EchoResponse};
 use tether_runtime::CancellationToken;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -47,7 +47,10 @@ struct CallGuard {
 impl CallGuard {
     fn new(observed: &Arc<Observed>) -> Self {
         observed.calls.fetch_add(1, Ordering::SeqCst);
-        CallGuard { observed: observed.clone(), done: false }
+        CallGuard {
+            observed: observed.clone(),
+            done: false,
+        }
     }
 }
 
@@ -84,18 +87,31 @@ fn seen<T>(req: &Request<T>) -> Vec<String> {
 fn failure(r: &EchoRequest) -> Option<Status> {
     (r.fail_with_code != 0).then(|| {
         let mut s = Status::new(Code::from_i32(r.fail_with_code as i32), r.message.clone());
-        s.metadata_mut().insert("x-echo-trailer", MetadataValue::from_static("failed-on-purpose"));
+        s.metadata_mut().insert(
+            "x-echo-trailer",
+            MetadataValue::from_static("failed-on-purpose"),
+        );
         s
     })
 }
 
 fn reply(r: &EchoRequest, index: u32, seen_metadata: Vec<String>) -> EchoResponse {
-    let payload = if r.size > 0 { vec![b'x'; r.size as usize] } else { r.payload.clone() };
-    EchoResponse { message: r.message.clone(), index, payload, seen_metadata }
+    let payload = if r.size > 0 {
+        vec![b'x'; r.size as usize]
+    } else {
+        r.payload.clone()
+    };
+    EchoResponse {
+        message: r.message.clone(),
+        index,
+        payload,
+        seen_metadata,
+    }
 }
 
 fn with_initial<T>(mut resp: Response<T>) -> Response<T> {
-    resp.metadata_mut().insert("x-echo-initial", MetadataValue::from_static("yes"));
+    resp.metadata_mut()
+        .insert("x-echo-initial", MetadataValue::from_static("yes"));
     resp
 }
 
@@ -119,7 +135,10 @@ impl Echo for EchoService {
 
     type ServerStreamStream = RespStream;
 
-    async fn server_stream(&self, req: Request<EchoRequest>) -> Result<Response<RespStream>, Status> {
+    async fn server_stream(
+        &self,
+        req: Request<EchoRequest>,
+    ) -> Result<Response<RespStream>, Status> {
         let seen = seen(&req);
         let r = req.into_inner();
         if let Some(s) = failure(&r) {
@@ -142,10 +161,15 @@ impl Echo for EchoService {
             }
             guard.done = true;
         });
-        Ok(with_initial(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))))
+        Ok(with_initial(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))))
     }
 
-    async fn client_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<EchoResponse>, Status> {
+    async fn client_stream(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
         let mut guard = CallGuard::new(&self.observed);
         let seen = seen(&req);
         let mut stream = req.into_inner();
@@ -163,12 +187,20 @@ impl Echo for EchoService {
             n += 1;
         }
         guard.done = true;
-        Ok(with_initial(Response::new(EchoResponse { message: joined, index: n, payload: bytes, seen_metadata: seen })))
+        Ok(with_initial(Response::new(EchoResponse {
+            message: joined,
+            index: n,
+            payload: bytes,
+            seen_metadata: seen,
+        })))
     }
 
     type BidiStreamStream = RespStream;
 
-    async fn bidi_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<RespStream>, Status> {
+    async fn bidi_stream(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<RespStream>, Status> {
         let guard = CallGuard::new(&self.observed);
         let seen = seen(&req);
         let mut inbound = req.into_inner();
@@ -197,12 +229,18 @@ impl Echo for EchoService {
                 }
             }
         });
-        Ok(with_initial(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))))
+        Ok(with_initial(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))))
     }
 }
 
 /// Serves Echo, health and reflection on `listener` (plain HTTP/2) until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, echo: EchoService, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    echo: EchoService,
+    shutdown: CancellationToken,
+) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<EchoServer<EchoService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

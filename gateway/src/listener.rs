@@ -50,24 +50,31 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, routes, shutdown) = (acceptor.clone(), routes.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "northbound TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "northbound TLS handshake timed out");
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "northbound TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "northbound TLS handshake timed out");
+                        return;
+                    }
+                };
             let certs = PeerCerts(Arc::new(
-                stream.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
+                stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(<[_]>::to_vec)
+                    .unwrap_or_default(),
             ));
-            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(certs.clone());
-                routes.clone().oneshot(req)
-            });
+            let svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(certs.clone());
+                    routes.clone().oneshot(req)
+                });
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())

@@ -45,8 +45,13 @@ pub fn caller_from_certs(
     let id = spiffe_id(cert)
         .map_err(|e| Status::unauthenticated(format!("client certificate identity: {e}")))?;
     match id {
-        SpiffeId::ControlPlane { trust_domain: td, name } if td == trust_domain => Ok(Caller { name }),
-        SpiffeId::ControlPlane { trust_domain: td, .. } => Err(Status::permission_denied(format!(
+        SpiffeId::ControlPlane {
+            trust_domain: td,
+            name,
+        } if td == trust_domain => Ok(Caller { name }),
+        SpiffeId::ControlPlane {
+            trust_domain: td, ..
+        } => Err(Status::permission_denied(format!(
             "caller trust domain {td:?} is not {trust_domain:?}"
         ))),
         SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(

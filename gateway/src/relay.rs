@@ -18,8 +18,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,10 +27,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tether_runtime::grpc::{self, TETHER_AGENT, TETHER_SERVICE};
-use tether_runtime::stream::{send_data, send_msg, FramedRecv};
-use tokio::sync::mpsc;
 use tether_runtime::CancellationToken;
+use tether_runtime::grpc::{self, TETHER_AGENT, TETHER_SERVICE};
+use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::{AgentId, ErrorCode, Message};
@@ -65,23 +65,32 @@ impl Relay {
     /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
     /// A stream stays on the session it was opened on.
     pub fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, Status> {
-        let snapshot = self
-            .registry
-            .get(agent)
-            .ok_or_else(|| Status::not_found(format!("agent {agent} is not known to this gateway")))?;
+        let snapshot = self.registry.get(agent).ok_or_else(|| {
+            Status::not_found(format!("agent {agent} is not known to this gateway"))
+        })?;
         if snapshot.sessions.is_empty() {
-            return Err(Status::unavailable(format!("agent {agent} is not connected")));
+            return Err(Status::unavailable(format!(
+                "agent {agent} is not connected"
+            )));
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % snapshot.sessions.len();
         Ok(snapshot.sessions[i].clone())
     }
 
     /// Authenticates the caller and resolves `tether-agent` / `tether-service` from metadata.
-    pub fn route(&self, headers: &HeaderMap, certs: Option<&[rustls_pki_types::CertificateDer<'static>]>) -> Result<(AgentId, String), Status> {
+    pub fn route(
+        &self,
+        headers: &HeaderMap,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Result<(AgentId, String), Status> {
         caller_from_certs(&self.trust_domain, certs)?;
         let agent = headers
             .get(TETHER_AGENT)
-            .ok_or_else(|| Status::invalid_argument("missing tether-agent metadata: set it to <tenant>/<agent>"))?
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "missing tether-agent metadata: set it to <tenant>/<agent>",
+                )
+            })?
             .to_str()
             .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
             .parse::<AgentId>()
@@ -105,16 +114,25 @@ impl Relay {
     ) -> Result<(quinn::SendStream, quinn::RecvStream), Status> {
         let session = self.pick(agent)?;
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
-        let (mut send, recv) = match tokio::time::timeout_at(open_by.into(), session.conn.open_bi()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Status::unavailable(format!("agent {agent}: connection lost: {e}"))),
-            Err(_) if deadline.is_some() => {
-                return Err(Status::deadline_exceeded(format!("deadline passed waiting for a stream to agent {agent}")));
-            }
-            Err(_) => {
-                return Err(Status::resource_exhausted(format!("agent {agent} has no free stream for {OPEN_TIMEOUT:?}")));
-            }
-        };
+        let (mut send, recv) =
+            match tokio::time::timeout_at(open_by.into(), session.conn.open_bi()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(Status::unavailable(format!(
+                        "agent {agent}: connection lost: {e}"
+                    )));
+                }
+                Err(_) if deadline.is_some() => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "deadline passed waiting for a stream to agent {agent}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::resource_exhausted(format!(
+                        "agent {agent} has no free stream for {OPEN_TIMEOUT:?}"
+                    )));
+                }
+            };
         send_msg(&mut send, &Message::StreamHeader(header))
             .await
             .map_err(|e| Status::unavailable(format!("agent {agent}: {e}")))?;
@@ -127,7 +145,9 @@ impl Relay {
 pub struct RelayService(pub Arc<Relay>);
 
 fn peer_certs<B>(req: &Request<B>) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
-    req.extensions().get::<crate::listener::PeerCerts>().map(|c| c.0.clone())
+    req.extensions()
+        .get::<crate::listener::PeerCerts>()
+        .map(|c| c.0.clone())
 }
 
 impl tower::Service<Request<axum::body::Body>> for RelayService {
@@ -170,14 +190,25 @@ fn record_end(tenant: &str, code: Code) {
         "code" => format!("{code:?}")).increment(1);
 }
 
-async fn relay_call(relay: &Relay, req: Request<axum::body::Body>) -> Result<Response<axum::body::Body>, Status> {
+async fn relay_call(
+    relay: &Relay,
+    req: Request<axum::body::Body>,
+) -> Result<Response<axum::body::Body>, Status> {
     let certs = peer_certs(&req);
     let (agent, service) = relay.route(req.headers(), certs.as_deref().map(Vec::as_slice))?;
-    let timeout = req.headers().get("grpc-timeout").and_then(grpc::parse_grpc_timeout);
+    let timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(grpc::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let trace_context = ["traceparent", "tracestate"]
         .iter()
-        .filter_map(|k| Some(((*k).to_owned(), req.headers().get(*k)?.to_str().ok()?.to_owned())))
+        .filter_map(|k| {
+            Some((
+                (*k).to_owned(),
+                req.headers().get(*k)?.to_str().ok()?.to_owned(),
+            ))
+        })
         .collect();
     let header = StreamHeader {
         kind: StreamKind::Rpc as i32,
@@ -201,7 +232,9 @@ async fn relay_call(relay: &Relay, req: Request<axum::body::Body>) -> Result<Res
             Err(_) => {
                 framed.stop(ErrorCode::CANCELLED);
                 cancel.cancel();
-                return Err(Status::deadline_exceeded("deadline exceeded waiting for the upstream's response"));
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for the upstream's response",
+                ));
             }
         },
         None => framed.next().await,
@@ -209,7 +242,8 @@ async fn relay_call(relay: &Relay, req: Request<axum::body::Body>) -> Result<Res
     let mut resp = Response::new(axum::body::Body::empty());
     match first {
         Ok(Some(Message::ResponseHead(head))) => {
-            *resp.status_mut() = http::StatusCode::from_u16(head.status as u16).unwrap_or(http::StatusCode::OK);
+            *resp.status_mut() =
+                http::StatusCode::from_u16(head.status as u16).unwrap_or(http::StatusCode::OK);
             grpc::metadata_to_headers(&head.metadata, resp.headers_mut());
         }
         Ok(Some(Message::Trailers(t))) => {
@@ -225,11 +259,17 @@ async fn relay_call(relay: &Relay, req: Request<axum::body::Body>) -> Result<Res
         Ok(Some(other)) => {
             framed.stop(ErrorCode::PROTOCOL_ERROR);
             cancel.cancel();
-            return Err(Status::internal(format!("agent {agent} sent {} before the response head", other.name())));
+            return Err(Status::internal(format!(
+                "agent {agent} sent {} before the response head",
+                other.name()
+            )));
         }
         Ok(None) | Err(_) => {
             cancel.cancel();
-            let why = first.err().map(|e| e.to_string()).unwrap_or_else(|| "stream ended".into());
+            let why = first
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "stream ended".into());
             return Err(Status::unavailable(format!("agent {agent}: {why}")));
         }
     }
@@ -263,7 +303,11 @@ impl Drop for ActiveGuard {
 
 /// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
 /// caller's body fails (the caller went away) or the call is cancelled.
-async fn pump_request(mut body: axum::body::Body, mut send: quinn::SendStream, cancel: CancellationToken) {
+async fn pump_request(
+    mut body: axum::body::Body,
+    mut send: quinn::SendStream,
+    cancel: CancellationToken,
+) {
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
@@ -338,7 +382,8 @@ async fn pump_response(
         };
         let frame = match msg {
             Ok(Some(Message::Data(b))) => {
-                metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent").increment(b.len() as u64);
+                metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent")
+                    .increment(b.len() as u64);
                 Frame::data(b)
             }
             Ok(Some(Message::Trailers(t))) => {
@@ -353,13 +398,20 @@ async fn pump_response(
                 let what = other.map_or("end of stream", |m| m.name());
                 end(Code::Internal, &mut framed, &cancel);
                 let msg = format!("agent stream ended unexpectedly ({what})");
-                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::Internal, &msg)))).await;
+                let _ = tx
+                    .send(Ok(Frame::trailers(status_trailers(Code::Internal, &msg))))
+                    .await;
                 return;
             }
             Err(e) => {
                 end(Code::Unavailable, &mut framed, &cancel);
                 let msg = format!("agent stream failed: {e}");
-                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::Unavailable, &msg)))).await;
+                let _ = tx
+                    .send(Ok(Frame::trailers(status_trailers(
+                        Code::Unavailable,
+                        &msg,
+                    ))))
+                    .await;
                 return;
             }
         };
@@ -368,10 +420,17 @@ async fn pump_response(
             _ = tokio::time::sleep_until(deadline.into()) => false,
         };
         if !sent {
-            let code = if Instant::now() >= deadline { Code::DeadlineExceeded } else { Code::Cancelled };
+            let code = if Instant::now() >= deadline {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            };
             end(code, &mut framed, &cancel);
             if code == Code::DeadlineExceeded {
-                let _ = tx.try_send(Ok(Frame::trailers(status_trailers(code, "deadline exceeded"))));
+                let _ = tx.try_send(Ok(Frame::trailers(status_trailers(
+                    code,
+                    "deadline exceeded",
+                ))));
             }
             return;
         }

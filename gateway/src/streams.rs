@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tether_api::v1::streams_server::{Streams, StreamsServer};
 use tether_api::v1::StreamChunk;
+use tether_api::v1::streams_server::{Streams, StreamsServer};
 use tether_runtime::stream::FramedRecv;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -46,10 +46,18 @@ const CHUNK: usize = 64 * 1024;
 impl Streams for StreamsApi {
     type OpenStream = ChunkStream;
 
-    async fn open(&self, req: Request<Streaming<StreamChunk>>) -> Result<Response<ChunkStream>, Status> {
-        let certs = req.extensions().get::<crate::listener::PeerCerts>().map(|c| c.0.clone());
+    async fn open(
+        &self,
+        req: Request<Streaming<StreamChunk>>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let certs = req
+            .extensions()
+            .get::<crate::listener::PeerCerts>()
+            .map(|c| c.0.clone());
         let headers = req.metadata().clone().into_headers();
-        let (agent, service) = self.relay.route(&headers, certs.as_deref().map(Vec::as_slice))?;
+        let (agent, service) = self
+            .relay
+            .route(&headers, certs.as_deref().map(Vec::as_slice))?;
         let header = StreamHeader {
             kind: StreamKind::Tcp as i32,
             service,
@@ -72,7 +80,8 @@ impl Streams for StreamsApi {
             }
             Err(e) => return Err(Status::unavailable(format!("agent {agent}: {e}"))),
         }
-        metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "tcp").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "tcp")
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("tether_gateway_relay_calls_total", "kind" => "tcp", "tenant" => agent.tenant().to_owned(), "code" => "Ok").increment(1);
         let (mut recv, leftover) = framed.into_parts();
 
@@ -103,7 +112,14 @@ impl Streams for StreamsApi {
         // Agent → caller.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            if !leftover.is_empty() && tx.send(Ok(StreamChunk { data: leftover.to_vec() })).await.is_err() {
+            if !leftover.is_empty()
+                && tx
+                    .send(Ok(StreamChunk {
+                        data: leftover.to_vec(),
+                    }))
+                    .await
+                    .is_err()
+            {
                 let _ = recv.stop(ErrorCode::CANCELLED.0.into());
                 return;
             }
@@ -119,19 +135,31 @@ impl Streams for StreamsApi {
                 match n {
                     Ok(Some(n)) => {
                         metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent").increment(n as u64);
-                        if tx.send(Ok(StreamChunk { data: buf[..n].to_vec() })).await.is_err() {
+                        if tx
+                            .send(Ok(StreamChunk {
+                                data: buf[..n].to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             let _ = recv.stop(ErrorCode::CANCELLED.0.into());
                             return;
                         }
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("agent stream failed: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "agent stream failed: {e}"
+                            ))))
+                            .await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

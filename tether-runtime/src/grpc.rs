@@ -28,7 +28,10 @@ pub fn headers_to_metadata(h: &HeaderMap) -> Vec<MetadataEntry> {
     h.iter()
         .filter(|(k, _)| {
             let k = k.as_str();
-            !HOP_BY_HOP.contains(&k) && k != "grpc-timeout" && k != TETHER_AGENT && k != TETHER_SERVICE
+            !HOP_BY_HOP.contains(&k)
+                && k != "grpc-timeout"
+                && k != TETHER_AGENT
+                && k != TETHER_SERVICE
         })
         .map(|(k, v)| MetadataEntry {
             key: k.as_str().to_owned(),
@@ -44,7 +47,10 @@ pub fn metadata_to_headers(m: &[MetadataEntry], into: &mut HeaderMap) {
         if HOP_BY_HOP.contains(&e.key.as_str()) {
             continue;
         }
-        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(e.key.as_bytes()), HeaderValue::from_bytes(&e.value)) {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(e.key.as_bytes()),
+            HeaderValue::from_bytes(&e.value),
+        ) {
             into.append(k, v);
         }
     }
@@ -82,12 +88,21 @@ mod tests {
     #[test]
     fn grpc_timeout_round_trips_and_rejects_garbage() {
         let v = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(parse_grpc_timeout(&v("100m")), Some(Duration::from_millis(100)));
+        assert_eq!(
+            parse_grpc_timeout(&v("100m")),
+            Some(Duration::from_millis(100))
+        );
         assert_eq!(parse_grpc_timeout(&v("2S")), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout(&v("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout(&v("1H")),
+            Some(Duration::from_secs(3600))
+        );
         assert_eq!(parse_grpc_timeout(&v("5x")), None);
         assert_eq!(parse_grpc_timeout(&v("m")), None);
-        assert_eq!(parse_grpc_timeout(&encode_grpc_timeout(Duration::from_millis(1500))), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_grpc_timeout(&encode_grpc_timeout(Duration::from_millis(1500))),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

@@ -151,7 +151,9 @@ pub fn probe(
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))?;
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
+        })?;
     let body = resp
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())

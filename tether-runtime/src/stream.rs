@@ -5,7 +5,7 @@
 //! per-stream flow control is the end-to-end backpressure: nobody reads faster than its consumer.
 
 use bytes::Bytes;
-use tunnel_proto::frame::{data_header, FrameDecoder, MAX_DATA_FRAME};
+use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, data_header};
 use tunnel_proto::{ErrorCode, Message, ProtoError};
 
 /// Why a stream read failed.
@@ -88,12 +88,18 @@ impl FramedRecv {
 }
 
 /// Writes one message as a frame.
-pub async fn send_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<(), quinn::WriteError> {
+pub async fn send_msg(
+    send: &mut quinn::SendStream,
+    msg: &Message,
+) -> Result<(), quinn::WriteError> {
     send.write_all(&msg.to_bytes()).await
 }
 
 /// Writes body bytes as `Data` frames, without copying the payload.
-pub async fn send_data(send: &mut quinn::SendStream, mut data: Bytes) -> Result<(), quinn::WriteError> {
+pub async fn send_data(
+    send: &mut quinn::SendStream,
+    mut data: Bytes,
+) -> Result<(), quinn::WriteError> {
     while !data.is_empty() {
         let chunk = data.split_to(data.len().min(MAX_DATA_FRAME));
         let mut parts = [data_header(chunk.len()), chunk];
