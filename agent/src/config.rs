@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tether_runtime::config::{ConfigError, Keys, Validate};
-use tether_runtime::logging::LogFormat;
+pub use tether_runtime::logging::LogConfig;
 
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
@@ -174,26 +174,6 @@ impl Default for OpsConfig {
     fn default() -> Self {
         OpsConfig {
             listen: ([127, 0, 0, 1], 9091).into(),
-        }
-    }
-}
-
-/// Logging.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    #[serde(skip_serializing)]
-    pub format: LogFormat,
-    /// A tracing filter; `RUST_LOG` wins when set.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
         }
     }
 }

@@ -108,15 +108,14 @@ fn main() {
             lat.extend(t.await.unwrap());
         }
         let secs = start.elapsed().as_secs_f64();
-        lat.sort();
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        let (p50, p99) = (tether_e2e::percentile(&mut lat, 0.50), tether_e2e::percentile(&mut lat, 0.99));
         println!(
             "mTLS QUIC session setups: {} in {:.2}s = {:.0}/s (concurrency {concurrency}); setup latency p50 {:.2}ms p99 {:.2}ms",
             lat.len(),
             secs,
             lat.len() as f64 / secs,
-            pct(0.50).as_secs_f64() * 1e3,
-            pct(0.99).as_secs_f64() * 1e3,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
         );
         gw.stop().await;
     });

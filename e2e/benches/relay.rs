@@ -18,11 +18,6 @@ use tether_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -108,7 +103,7 @@ fn main() {
                 t.push(tt);
             }
         }
-        let (d50, d99, t50, t99) = (pct(&mut d, 0.5), pct(&mut d, 0.99), pct(&mut t, 0.5), pct(&mut t, 0.99));
+        let (d50, d99, t50, t99) = (percentile(&mut d, 0.5), percentile(&mut d, 0.99), percentile(&mut t, 0.5), percentile(&mut t, 0.99));
         println!("unary 1 KiB      direct p50 {:>7.1} µs p99 {:>7.1} µs | tunneled p50 {:>7.1} µs p99 {:>7.1} µs | p50 ratio {:.2}× (target ≤ 2×)",
             us(d50), us(d99), us(t50), us(t99), us(t50) / us(d50));
 
@@ -140,7 +135,7 @@ fn main() {
                 t.push(tt);
             }
         }
-        let (d50, t50, t99) = (pct(&mut d, 0.5), pct(&mut t, 0.5), pct(&mut t, 0.99));
+        let (d50, t50, t99) = (percentile(&mut d, 0.5), percentile(&mut t, 0.5), percentile(&mut t, 0.99));
         println!("tcp ping-pong 64 B direct p50 {:>7.1} µs | tunneled p50 {:>7.1} µs p99 {:>7.1} µs | added at p50 {:.1} µs (target ≤ 40 µs)",
             us(d50), us(t50), us(t99), us(t50) - us(d50));
         drop(tx);

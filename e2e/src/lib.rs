@@ -37,6 +37,12 @@ pub fn init() {
         .try_init();
 }
 
+/// The `p` quantile (0..1) of latencies, sorting them in place.
+pub fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))]
+}
+
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -1,6 +1,6 @@
 //! The `tracing` subscriber: human text or JSON lines, filtered by `RUST_LOG` or a level.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -22,6 +22,26 @@ impl std::str::FromStr for LogFormat {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             other => Err(format!("log format {other:?} is neither text nor json")),
+        }
+    }
+}
+
+/// The `[log]` section both binaries share.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(skip_serializing)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `tether_gateway=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
         }
     }
 }
