@@ -15,10 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{CommandStore, ListFilter, StoreError, StoreFuture, SubmitOutcome};
 
-/// id → encoded `Command`, without its payload.
+/// id → encoded `Command` (its payload inline when at most [`INLINE_PAYLOAD`] bytes).
 const COMMANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("commands");
-/// id → payload, written once at Submit: state changes rewrite the small record only.
+/// id → a larger payload, written once at Submit: state changes rewrite the small record only.
 const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("payloads");
+/// Payloads up to this size stay in the record: one B-tree insert per Submit, not two.
+const INLINE_PAYLOAD: usize = 4096;
 /// `agent \n idempotency_key` → id.
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 /// agent → number of commands ever submitted.
@@ -57,7 +59,7 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Command, StoreError> {
 
 /// The record as stored: everything but the payload.
 fn encode_record(cmd: &Command) -> Vec<u8> {
-    if cmd.payload.is_empty() {
+    if cmd.payload.len() <= INLINE_PAYLOAD {
         return cmd.encode_to_vec();
     }
     let mut record = cmd.clone();
@@ -208,7 +210,9 @@ fn write_batch(
                                 });
                             }
                         };
-                        if let Some(p) = payloads.get(id.as_str()).map_err(backend)? {
+                        if existing.payload.is_empty()
+                            && let Some(p) = payloads.get(id.as_str()).map_err(backend)?
+                        {
                             existing.payload = p.value().to_vec();
                         }
                         results.push(Some(SubmitOutcome {
@@ -223,9 +227,11 @@ fn write_batch(
                     commands
                         .insert(cmd.id.as_str(), encode_record(&cmd).as_slice())
                         .map_err(backend)?;
-                    payloads
-                        .insert(cmd.id.as_str(), cmd.payload.as_slice())
-                        .map_err(backend)?;
+                    if cmd.payload.len() > INLINE_PAYLOAD {
+                        payloads
+                            .insert(cmd.id.as_str(), cmd.payload.as_slice())
+                            .map_err(backend)?;
+                    }
                     if !cmd.idempotency_key.is_empty() {
                         idem.insert(key.as_str(), cmd.id.as_str())
                             .map_err(backend)?;
@@ -297,7 +303,9 @@ impl CommandStore for EmbeddedStore {
             return Ok(None);
         };
         let mut c = decode(id, b.value())?;
-        if let Some(payload) = p.get(id).map_err(backend)? {
+        if c.payload.is_empty()
+            && let Some(payload) = p.get(id).map_err(backend)?
+        {
             c.payload = payload.value().to_vec();
         }
         Ok(Some(c))
@@ -348,7 +356,9 @@ impl CommandStore for EmbeddedStore {
             let (k, v) = entry.map_err(backend)?;
             let mut c = decode(k.value(), v.value())?;
             if !is_final(c.state) {
-                if let Some(payload) = p.get(k.value()).map_err(backend)? {
+                if c.payload.is_empty()
+                    && let Some(payload) = p.get(k.value()).map_err(backend)?
+                {
                     c.payload = payload.value().to_vec();
                 }
                 out.push(c);
@@ -405,12 +415,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let mut c = cmd("t/a", "");
-        c.payload = vec![9; 1000];
+        c.payload = vec![9; INLINE_PAYLOAD + 1];
         let mut c = store.submit(c).await.unwrap().command;
         c.state = CommandState::Succeeded as i32;
         store.put(c.clone()).await.unwrap();
         let got = store.get(&c.id).unwrap().unwrap();
-        assert_eq!((got.state, got.payload.len()), (c.state, 1000));
+        assert_eq!(
+            (got.state, got.payload.len()),
+            (c.state, INLINE_PAYLOAD + 1)
+        );
         let listed = store.list(&ListFilter::default()).unwrap();
         assert!(listed[0].payload.is_empty());
     }

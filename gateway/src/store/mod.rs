@@ -2,8 +2,8 @@
 //! implementation can follow the embedded one ([`embedded`], on redb).
 //!
 //! Records are the northbound `tether.v1.Command` messages themselves (protobuf-encoded at rest):
-//! the API and the store cannot drift apart, and fields added later load from older files. The
-//! payload is kept apart and written once, so state changes rewrite a small record.
+//! the API and the store cannot drift apart, and fields added later load from older files. A
+//! large payload is kept apart and written once, so state changes rewrite a small record.
 
 pub mod embedded;
 
@@ -75,7 +75,7 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug + 'static {
     fn put(&self, command: Command) -> StoreFuture<()>;
     /// One command.
     fn get(&self, id: &str) -> Result<Option<Command>, StoreError>;
-    /// Commands matching `filter`, in id (submission) order, without their payloads.
+    /// Commands matching `filter`, in id (submission) order; large payloads are left out.
     fn list(&self, filter: &ListFilter) -> Result<Vec<Command>, StoreError>;
     /// Every command not in a final state, in submission order (for recovery at start).
     fn unfinished(&self) -> Result<Vec<Command>, StoreError>;
