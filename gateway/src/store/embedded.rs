@@ -190,7 +190,15 @@ fn write_batch(
     let mut results = Vec::with_capacity(batch.len());
     {
         let mut commands = tx.open_table(COMMANDS).map_err(backend)?;
-        let mut payloads = tx.open_table(PAYLOADS).map_err(backend)?;
+        // Opened only when a batch has a large payload: an opened table costs the commit.
+        let large = batch
+            .iter()
+            .any(|op| matches!(op, Op::Submit(c, _) if c.payload.len() > INLINE_PAYLOAD));
+        let mut payloads = if large {
+            Some(tx.open_table(PAYLOADS).map_err(backend)?)
+        } else {
+            None
+        };
         let mut idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
         let mut agents = tx.open_table(AGENTS).map_err(backend)?;
         for op in batch.iter() {
@@ -201,7 +209,8 @@ fn write_batch(
                         && let Some(id) = idem.get(key.as_str()).map_err(backend)?
                     {
                         let id = id.value().to_owned();
-                        let mut existing = match commands.get(id.as_str()).map_err(backend)? {
+                        // Submit answers with the id: the existing command's payload is not needed.
+                        let existing = match commands.get(id.as_str()).map_err(backend)? {
                             Some(b) => decode(&id, b.value())?,
                             None => {
                                 return Err(StoreError::Corrupt {
@@ -210,11 +219,6 @@ fn write_batch(
                                 });
                             }
                         };
-                        if existing.payload.is_empty()
-                            && let Some(p) = payloads.get(id.as_str()).map_err(backend)?
-                        {
-                            existing.payload = p.value().to_vec();
-                        }
                         results.push(Some(SubmitOutcome {
                             command: existing,
                             created: false,
@@ -227,7 +231,9 @@ fn write_batch(
                     commands
                         .insert(cmd.id.as_str(), encode_record(&cmd).as_slice())
                         .map_err(backend)?;
-                    if cmd.payload.len() > INLINE_PAYLOAD {
+                    if cmd.payload.len() > INLINE_PAYLOAD
+                        && let Some(payloads) = payloads.as_mut()
+                    {
                         payloads
                             .insert(cmd.id.as_str(), cmd.payload.as_slice())
                             .map_err(backend)?;

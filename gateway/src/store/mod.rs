@@ -69,7 +69,8 @@ pub struct ListFilter {
 /// Durable command state. Ids are assigned by the store and sort in submission order.
 pub trait CommandStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new command (its `id` is assigned here) unless `(agent, idempotency_key)` already
-    /// names one, in which case that one is returned. Resolves only once the write is durable.
+    /// names one, in which case that one is returned (its payload may be left out). Resolves
+    /// only once the write is durable.
     fn submit(&self, command: Command) -> StoreFuture<SubmitOutcome>;
     /// Overwrites a command's record. Writes are applied in call order; resolves once durable.
     fn put(&self, command: Command) -> StoreFuture<()>;
