@@ -518,6 +518,7 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
         "gateways": ["gw-1.tether.example.com:443", "gw-2.tether.example.com:8443"],
         "server_name": "gw.tether.example.com",
         "default_service": "default",
+        "state_dir": "/var/lib/tether",
         "labels": {"region": "eu-west-1", "cluster": 'prod "blue"'},
         "tls": {
             "ca": "/etc/tether/identity/ca.crt",
@@ -720,6 +721,7 @@ def test_gateway_probes_config_and_embedded_store():
     cfg = tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])
     assert cfg == {
         "trust_domain": "tether.example.com",
+        "data_dir": "/var/lib/tether",
         "tls": {"ca": "/etc/tether/tls/ca.crt", "cert": "/etc/tether/tls/tls.crt", "key": "/etc/tether/tls/tls.key"},
         "tunnel": {
             "listen": "0.0.0.0:7443",
@@ -824,9 +826,14 @@ def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, s
             dest = etc / item["path"]
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(data[item["key"]])
-    # The config refers to files by their in-pod path: point it at this directory instead.
+    # The config refers to files by their in-pod path: point it at this directory instead, and
+    # the pod's writable volume (/var/lib/tether) at a directory of the test's own.
+    state = root / "var-lib-tether"
+    state.mkdir(exist_ok=True)
     for conf in etc.glob("*.toml"):
-        conf.write_text(conf.read_text().replace('"/etc/tether/', f'"{etc}/'))
+        text = conf.read_text().replace('"/etc/tether/', f'"{etc}/').replace('"/var/lib/tether"', f'"{state}"')
+        assert "/var/lib/tether" not in text, "an in-pod path the test did not remap"
+        conf.write_text(text)
     return etc
 
 
