@@ -30,11 +30,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (_, rt) = tether_e2e::bench_setup();
     rt.block_on(run());
 }
 

@@ -58,17 +58,9 @@ fn gso_report() -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let (args, rt) = tether_e2e::bench_setup();
     let iters: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(3000);
     let bulk_mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async move {
         let pki = Pki::new();
         let gw = TestGateway::start(&pki).await;

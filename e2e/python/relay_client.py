@@ -34,37 +34,28 @@ def echo_request(message, fail_with_code=0):
     return msg
 
 
+def read_varint(buf, i):
+    """The varint at buf[i:], and the index after it."""
+    v, shift = 0, 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, i
+
+
 def parse(buf):
     """Decodes length-delimited and varint fields: {field: [values]}."""
     fields, i = {}, 0
     while i < len(buf):
-        key, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        key, i = read_varint(buf, i)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            v, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                v |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            v, i = read_varint(buf, i)
         elif wire == 2:
-            n, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                n |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            n, i = read_varint(buf, i)
             v = buf[i:i + n]
             i += n
         else:

@@ -37,6 +37,21 @@ pub fn init() {
         .try_init();
 }
 
+/// A bench's positional arguments (cargo's own `--bench` and friends left out), and the
+/// two-worker runtime every bench runs on (the machine has two cores).
+pub fn bench_setup() -> (Vec<String>, tokio::runtime::Runtime) {
+    let args = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    (args, rt)
+}
+
 /// The `p` quantile (0..1) of latencies, sorting them in place.
 pub fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
