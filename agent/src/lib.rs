@@ -100,6 +100,8 @@ pub fn start_with_handlers(
     shutdown: CancellationToken,
     handlers: Arc<commands::Handlers>,
 ) -> Result<AgentHandle, AgentError> {
+    // Install the metrics recorder before anything can record: metrics recorded earlier are lost.
+    tether_runtime::ops::metrics_handle();
     let dialer = dialer::Dialer::new(cfg)?;
     let status = Arc::new(AgentStatus::default());
     let agent = own_identity(cfg)?;

@@ -89,6 +89,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<GatewayHandle, GatewayError> {
     tether_runtime::tls::install_crypto_provider();
+    // Install the metrics recorder before anything can record: metrics recorded earlier are lost.
+    tether_runtime::ops::metrics_handle();
     let tunnel_addr = sockets
         .tunnel
         .local_addr()

@@ -26,7 +26,8 @@ pub struct Readiness {
 /// Computes readiness on each request.
 pub type ReadinessFn = Arc<dyn Fn() -> Readiness + Send + Sync>;
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use. Call it before anything records
+/// (the gateway's and agent's `start` do): metrics recorded with no recorder installed are lost.
 ///
 /// One per process: the gateway and agent each install it in `main`; tests that run several
 /// gateways in one process share it, which is why metric values in tests are read as deltas.
