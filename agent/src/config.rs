@@ -34,6 +34,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tether_runtime::config::{ConfigError, Keys, Validate};
 pub use tether_runtime::logging::LogConfig;
+/// Certificates and keys (PEM files): `[tls] ca cert key`.
+pub use tether_runtime::tls::TlsFiles as TlsConfig;
 
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
@@ -123,18 +125,6 @@ pub struct ServiceConfig {
     /// TLS name to verify for an `https://` upstream (default: the address's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-}
-
-/// Certificates and keys (PEM files).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// CA bundle the gateway's server certificate must chain to.
-    pub ca: PathBuf,
-    /// The agent's client certificate (its identity).
-    pub cert: PathBuf,
-    /// Its private key.
-    pub key: PathBuf,
 }
 
 /// Reconnect backoff: full jitter in `[0, min(max, initial · 2ⁿ))`.
@@ -288,9 +278,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig =
             tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
         let base = file.and_then(Path::parent);
-        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
-            *p = tether_runtime::config::resolve(base, p);
-        }
+        cfg.tls.resolve(base);
         for svc in cfg.services.values_mut() {
             if let Some(ca) = &mut svc.ca {
                 *ca = tether_runtime::config::resolve(base, ca);

@@ -35,6 +35,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tether_runtime::config::{ConfigError, Keys, Validate};
 pub use tether_runtime::logging::LogConfig;
+/// Certificates and keys (PEM files): `[tls] ca cert key`.
+pub use tether_runtime::tls::TlsFiles as TlsConfig;
 
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
@@ -117,18 +119,6 @@ impl Default for CommandsConfig {
             max_in_flight: 256,
         }
     }
-}
-
-/// Certificates and keys (PEM files).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// CA bundle that agent and control-plane client certificates must chain to.
-    pub ca: PathBuf,
-    /// The gateway's certificate (served on the tunnel and northbound listeners).
-    pub cert: PathBuf,
-    /// Its private key.
-    pub key: PathBuf,
 }
 
 /// The agent-facing QUIC listener.
@@ -246,9 +236,7 @@ impl GatewayConfig {
         let mut cfg: GatewayConfig =
             tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
         let base = file.and_then(Path::parent);
-        for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
-            *p = tether_runtime::config::resolve(base, p);
-        }
+        cfg.tls.resolve(base);
         let data = cfg.data_dir.take().unwrap_or_else(|| PathBuf::from("data"));
         cfg.data_dir = Some(tether_runtime::config::resolve(base, &data));
         Ok(cfg)

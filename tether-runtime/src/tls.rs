@@ -36,6 +36,28 @@ pub enum TlsError {
     Identity(#[from] IdentityError),
 }
 
+/// The `[tls]` section both binaries share: a CA bundle (what the peer must chain to), this
+/// side's certificate and its private key, as PEM files.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA bundle the peer's certificate must chain to.
+    pub ca: PathBuf,
+    /// This side's certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes relative paths relative to `base` (the config file's directory).
+    pub fn resolve(&mut self, base: Option<&Path>) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            *p = crate::config::resolve(base, p);
+        }
+    }
+}
+
 /// Installs aws-lc-rs as the process's rustls provider. Idempotent; call first in every `main`
 /// and test harness (mixing providers panics at run time otherwise).
 pub fn install_crypto_provider() {
