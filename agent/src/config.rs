@@ -19,6 +19,15 @@
 //! level = "info"
 //! [labels]
 //! region = "eu-west-1"
+//! [identity]
+//! source = "files"                        # or "aws-secretsmanager:<secret id or ARN>"
+//! [aws]                                   # credentials: the standard chain (IRSA in EKS)
+//! region = "eu-west-1"
+//! # endpoint_url = "https://vpce-….secretsmanager.eu-west-1.vpce.amazonaws.com"
+//! [kubernetes]
+//! # kubeconfig = "~/.kube/config"         # default: the in-cluster service account
+//! poll_interval = "2s"
+//! rollout_timeout = "10m"
 //! [services.default]                      # the allow-list: the agent dials nothing else
 //! address = "http://billing.internal:50051"   # gRPC over h2c; https:// needs `ca`
 //! [services.db]
@@ -55,6 +64,13 @@ pub const KEYS: Keys = &[
     "log.format",
     "log.level",
     "state_dir",
+    "identity.source",
+    "aws.region",
+    "aws.endpoint_url",
+    "aws.max_attempts",
+    "kubernetes.kubeconfig",
+    "kubernetes.poll_interval",
+    "kubernetes.rollout_timeout",
 ];
 
 /// The whole agent config.
@@ -93,6 +109,131 @@ pub struct AgentConfig {
     /// run twice across restarts); unset: kept in memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// Where the agent's own certificate and key come from.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// AWS access (Secrets Manager): region and endpoint; credentials from the standard chain.
+    #[serde(default)]
+    pub aws: AwsConfig,
+    /// Kubernetes access for the environment, deploy and secret handlers.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `[identity]`: where the agent's certificate and key come from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// `files` (default: `tls.cert` and `tls.key`) or `aws-secretsmanager:<secret id or ARN>`.
+    pub source: IdentitySource,
+}
+
+/// Where the agent's certificate and key come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// PEM files `tls.cert` and `tls.key`.
+    #[default]
+    Files,
+    /// A Secrets Manager secret holding the PEM certificate and key (see `docs/install-agent.md`).
+    AwsSecretsManager(String),
+}
+
+/// The `identity.source` prefix naming a Secrets Manager secret.
+pub const AWS_SECRETS_MANAGER_PREFIX: &str = "aws-secretsmanager:";
+
+impl std::fmt::Display for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentitySource::Files => f.write_str("files"),
+            IdentitySource::AwsSecretsManager(id) => write!(f, "{AWS_SECRETS_MANAGER_PREFIX}{id}"),
+        }
+    }
+}
+
+impl std::str::FromStr for IdentitySource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "files" {
+            return Ok(IdentitySource::Files);
+        }
+        match s.strip_prefix(AWS_SECRETS_MANAGER_PREFIX) {
+            Some(id) if !id.trim().is_empty() => {
+                Ok(IdentitySource::AwsSecretsManager(id.to_owned()))
+            }
+            Some(_) => Err(format!(
+                "{s:?} names no secret: {AWS_SECRETS_MANAGER_PREFIX}<secret id or ARN>"
+            )),
+            None => Err(format!(
+                "{s:?} is neither `files` nor `{AWS_SECRETS_MANAGER_PREFIX}<secret id or ARN>`"
+            )),
+        }
+    }
+}
+
+impl Serialize for IdentitySource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentitySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[aws]`: how the agent reaches AWS. Credentials always come from the standard chain
+/// (environment, profile, web identity / IRSA, container and instance metadata).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region; default: the standard chain (`AWS_REGION`, profile, instance metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Endpoint override, e.g. a VPC endpoint or a local emulator; default: the SDK's choice
+    /// (which honours `AWS_ENDPOINT_URL`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Attempts per Secrets Manager call, throttling and transient errors retried with backoff.
+    pub max_attempts: u32,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: None,
+            endpoint_url: None,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// `[kubernetes]`: how the agent reaches the Kubernetes API.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file (its current context) for running outside a cluster; default: the
+    /// in-cluster service account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How often `deploy` looks at the rollout.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long `deploy` waits for a rollout when the payload gives no `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub rollout_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            poll_interval: Duration::from_secs(2),
+            rollout_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 fn default_service() -> String {
@@ -263,6 +404,32 @@ impl Validate for AgentConfig {
                 }
             }
         }
+        if self.aws.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "aws.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.aws.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "aws.endpoint_url",
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+        if self.kubernetes.poll_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "kubernetes.poll_interval",
+                "must be positive",
+            ));
+        }
+        if self.kubernetes.rollout_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "kubernetes.rollout_timeout",
+                "must be positive",
+            ));
+        }
         if let Some(id) = &self.instance_id {
             tunnel_proto::identity::check_name("instance_id", id)
                 .map_err(|e| ConfigError::invalid("instance_id", e.to_string()))?;
@@ -286,6 +453,9 @@ impl AgentConfig {
         }
         if let Some(d) = &mut cfg.state_dir {
             *d = tether_runtime::config::resolve(base, d);
+        }
+        if let Some(k) = &mut cfg.kubernetes.kubeconfig {
+            *k = tether_runtime::config::resolve(base, k);
         }
         Ok(cfg)
     }
@@ -322,6 +492,16 @@ mod tests {
             ops: Default::default(),
             log: Default::default(),
             state_dir: Some("s".into()),
+            identity: Default::default(),
+            aws: AwsConfig {
+                region: Some("r".into()),
+                endpoint_url: Some("http://e".into()),
+                max_attempts: 5,
+            },
+            kubernetes: KubernetesConfig {
+                kubeconfig: Some("k".into()),
+                ..Default::default()
+            },
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         for (k, v) in v.as_table().unwrap() {
