@@ -63,6 +63,13 @@ where
 pub struct ProgressSink(broadcast::Sender<String>);
 
 impl ProgressSink {
+    /// A sink and a receiver of what is reported to it, for running a handler directly (tests,
+    /// embedders).
+    pub fn channel(capacity: usize) -> (ProgressSink, broadcast::Receiver<String>) {
+        let (tx, rx) = broadcast::channel(capacity);
+        (ProgressSink(tx), rx)
+    }
+
     /// Reports one progress line.
     pub fn report(&self, message: impl Into<String>) {
         let _ = self.0.send(message.into());
