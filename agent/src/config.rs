@@ -6,8 +6,8 @@
 //! default_service = "default"             # for relayed calls without tether-service
 //! [tls]                                   # paths are relative to this file
 //! ca = "ca.pem"                           # CA bundle the gateway's certificate chains to
-//! cert = "agent.pem"                      # the agent's client certificate
-//! key = "agent-key.pem"
+//! cert = "agent.pem"                      # the agent's certificate (identity.source = "files")
+//! key = "agent-key.pem"                   # its key (identity.source = "files")
 //! [reconnect]
 //! initial_backoff = "500ms"
 //! max_backoff = "30s"
@@ -43,8 +43,40 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tether_runtime::config::{ConfigError, Keys, Validate};
 pub use tether_runtime::logging::LogConfig;
-/// Certificates and keys (PEM files): `[tls] ca cert key`.
-pub use tether_runtime::tls::TlsFiles as TlsConfig;
+
+/// `[tls]`: PEM files, relative to the config file. `cert` and `key` are the agent's identity
+/// with `identity.source = "files"` and must be unset otherwise; `ca` (what the gateway's
+/// certificate must chain to) is needed unless the identity secret carries its own. An empty
+/// path means unset. (The gateway's `[tls]`, `tether_runtime::tls::TlsFiles`, needs all three.)
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA bundle the gateway's certificate must chain to.
+    #[serde(skip_serializing_if = "is_unset")]
+    pub ca: PathBuf,
+    /// The agent's certificate (chain), with `identity.source = "files"`.
+    #[serde(skip_serializing_if = "is_unset")]
+    pub cert: PathBuf,
+    /// Its private key, with `identity.source = "files"`.
+    #[serde(skip_serializing_if = "is_unset")]
+    pub key: PathBuf,
+}
+
+/// Whether a path option was left out (empty).
+pub fn is_unset(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+impl TlsConfig {
+    /// Makes the set paths relative to `base` (the config file's directory).
+    pub fn resolve(&mut self, base: Option<&Path>) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if !is_unset(p) {
+                *p = tether_runtime::config::resolve(base, p);
+            }
+        }
+    }
+}
 
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
@@ -95,6 +127,7 @@ pub struct AgentConfig {
     #[serde(default = "default_service")]
     pub default_service: String,
     /// Certificates and keys.
+    #[serde(default)]
     pub tls: TlsConfig,
     /// Reconnect backoff.
     #[serde(default)]
@@ -404,6 +437,35 @@ impl Validate for AgentConfig {
                 }
             }
         }
+        match &self.identity.source {
+            IdentitySource::Files => {
+                for (key, p) in [
+                    ("tls.ca", &self.tls.ca),
+                    ("tls.cert", &self.tls.cert),
+                    ("tls.key", &self.tls.key),
+                ] {
+                    if is_unset(p) {
+                        return Err(ConfigError::invalid(
+                            key,
+                            "required with identity.source = \"files\"",
+                        ));
+                    }
+                }
+            }
+            IdentitySource::AwsSecretsManager(_) => {
+                for (key, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                    if !is_unset(p) {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!(
+                                "not used with identity.source = \"{}\" (the certificate and key come from the secret): remove it",
+                                self.identity.source
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if self.aws.max_attempts == 0 {
             return Err(ConfigError::invalid(
                 "aws.max_attempts",
@@ -472,6 +534,55 @@ mod tests {
         assert_eq!(split_host_port("gw.example"), None);
         assert_eq!(split_host_port(":443"), None);
         assert_eq!(split_host_port("gw:http"), None);
+    }
+
+    fn parse(extra: &str) -> AgentConfig {
+        toml::from_str(&format!("gateways = [\"gw:443\"]\n{extra}")).expect("parses")
+    }
+
+    #[test]
+    fn files_identity_needs_every_tls_file() {
+        let e = parse("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("tls.key"), "{e}");
+        assert!(
+            parse("")
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("tls.ca")
+        );
+        parse("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n")
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
+    fn secrets_manager_identity_needs_no_tls_files_and_refuses_cert_and_key() {
+        let sm = "[identity]\nsource = \"aws-secretsmanager:tether/agent\"\n";
+        parse(sm).validate().expect("no [tls] needed");
+        parse(&format!("{sm}[tls]\nca = \"ca.pem\"\n"))
+            .validate()
+            .expect("tls.ca may be given");
+        let e = parse(&format!("{sm}[tls]\ncert = \"a.pem\"\n"))
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("tls.cert") && e.to_string().contains("remove it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unset_tls_paths_stay_unset_when_resolved() {
+        let mut tls = TlsConfig {
+            ca: "ca.pem".into(),
+            ..Default::default()
+        };
+        tls.resolve(Some(Path::new("/etc/tether")));
+        assert_eq!(tls.ca, Path::new("/etc/tether/ca.pem"));
+        assert!(is_unset(&tls.cert) && is_unset(&tls.key));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tunnel_proto::ALPN;
 
 use crate::config::{AgentConfig, split_host_port};
 use crate::error::AgentError;
+use crate::identity::Identity;
 
 /// Everything needed to dial, built once from config.
 #[derive(Clone)]
@@ -32,16 +33,13 @@ impl std::fmt::Debug for Dialer {
 }
 
 impl Dialer {
-    /// Loads the CA bundle and the agent's certificate and key.
-    pub fn new(cfg: &AgentConfig) -> Result<Dialer, AgentError> {
+    /// A dialer presenting `identity` and trusting its roots.
+    pub fn new(cfg: &AgentConfig, identity: &Identity) -> Result<Dialer, AgentError> {
         tls::install_crypto_provider();
-        let roots = tls::load_roots(&cfg.tls.ca)?;
-        let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
-        let key = tls::load_key(&cfg.tls.key)?;
         let mut tls =
             rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-                .with_root_certificates(roots)
-                .with_client_auth_cert(certs, key)
+                .with_root_certificates(identity.roots.clone())
+                .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())
                 .map_err(|e| AgentError::Tls(format!("agent certificate and key: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicClientConfig::try_from(tls)

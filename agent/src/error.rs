@@ -21,6 +21,29 @@ pub enum AgentError {
         /// What failed.
         reason: String,
     },
+    /// The agent's identity could not be fetched from where `identity.source` points (not found,
+    /// access denied, throttled, unreachable): [`SecretsError::is_retryable`] says whether a
+    /// restart later can help.
+    ///
+    /// [`SecretsError::is_retryable`]: crate::secrets::SecretsError::is_retryable
+    #[error("identity.source = \"{identity_source}\": {error}")]
+    IdentityFetch {
+        /// The configured `identity.source`.
+        identity_source: String,
+        /// Why the fetch failed.
+        #[source]
+        error: crate::secrets::SecretsError,
+    },
+    /// What `identity.source` points to is not a usable agent identity (not the expected JSON,
+    /// not PEM, key and certificate do not match, not an agent certificate): the operator's to
+    /// fix.
+    #[error("identity.source = \"{identity_source}\": {reason}")]
+    Identity {
+        /// The configured `identity.source`.
+        identity_source: String,
+        /// What is wrong (never key material).
+        reason: String,
+    },
     /// A local listener could not be bound.
     #[error("{what}: {source}")]
     Io {

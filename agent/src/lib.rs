@@ -7,10 +7,12 @@
 //! # Layout
 //! Layers only look down: transport → session → feature → backend.
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
+//! - [`identity`]: the agent's certificate and key, from files or Secrets Manager;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
+//! - [`secrets`] (backend): AWS Secrets Manager reads;
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
@@ -19,8 +21,10 @@ pub mod commands;
 pub mod config;
 pub mod dialer;
 pub mod error;
+pub mod identity;
 pub mod info;
 pub mod relay;
+pub mod secrets;
 pub mod status;
 pub mod supervisor;
 
@@ -32,6 +36,7 @@ use tunnel_proto::message::Hello;
 
 pub use config::AgentConfig;
 pub use error::AgentError;
+pub use identity::Identity;
 pub use status::AgentStatus;
 
 /// The agent's software version, sent in `Hello`.
@@ -64,21 +69,6 @@ fn instance_id(cfg: &AgentConfig) -> String {
 /// What this agent offers, announced in `Hello`.
 pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
-/// `<tenant>/<agent>` from the agent's own certificate.
-fn own_identity(cfg: &AgentConfig) -> Result<String, AgentError> {
-    let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
-    let first = certs
-        .first()
-        .ok_or_else(|| AgentError::Tls("empty certificate file".into()))?;
-    match tether_runtime::tls::spiffe_id(first)? {
-        tunnel_proto::SpiffeId::Agent { id, .. } => Ok(id.to_string()),
-        other => Err(AgentError::Tls(format!(
-            "{}: {other} is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)",
-            cfg.tls.cert.display()
-        ))),
-    }
-}
-
 /// Starts the agent: one supervisor per gateway, plus the ops endpoint on `ops` if given.
 pub fn start(
     cfg: &AgentConfig,
@@ -94,17 +84,39 @@ pub fn start(
 }
 
 /// [`start`] with a given command handler registry (embedders add their own kinds to it).
+///
+/// Reads the identity from files: with `identity.source = "aws-secretsmanager:…"` use [`run`],
+/// or [`Identity::load`] then [`start_with_identity`].
 pub fn start_with_handlers(
     cfg: &AgentConfig,
     ops: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
     handlers: Arc<commands::Handlers>,
 ) -> Result<AgentHandle, AgentError> {
+    if cfg.identity.source != config::IdentitySource::Files {
+        return Err(AgentError::Identity {
+            identity_source: cfg.identity.source.to_string(),
+            reason: "is fetched asynchronously: start the agent with run(), or with \
+                     Identity::load then start_with_identity"
+                .into(),
+        });
+    }
+    start_with_identity(cfg, Identity::from_files(cfg)?, ops, shutdown, handlers)
+}
+
+/// [`start_with_handlers`] with an identity already loaded (from anywhere).
+pub fn start_with_identity(
+    cfg: &AgentConfig,
+    identity: Identity,
+    ops: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+    handlers: Arc<commands::Handlers>,
+) -> Result<AgentHandle, AgentError> {
     // Install the metrics recorder before anything can record: metrics recorded earlier are lost.
     tether_runtime::ops::metrics_handle();
-    let dialer = dialer::Dialer::new(cfg)?;
+    let dialer = dialer::Dialer::new(cfg, &identity)?;
     let status = Arc::new(AgentStatus::default());
-    let agent = own_identity(cfg)?;
+    let agent = identity.agent;
     let instance_id = instance_id(cfg);
     let capabilities: Vec<String> = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
     let info = Arc::new(info::Info {
@@ -179,13 +191,22 @@ pub fn start_with_handlers(
     })
 }
 
-/// Runs the agent until `shutdown`: binds the ops listener from config and starts.
+/// Runs the agent until `shutdown`: loads its identity from where `identity.source` points
+/// (once: a rotated secret is picked up at the next restart), binds the ops listener from
+/// config and starts.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let identity = Identity::load(&cfg).await?;
     let ops = std::net::TcpListener::bind(cfg.ops.listen).map_err(|source| AgentError::Io {
         what: format!("binding ops listener tcp/{}", cfg.ops.listen),
         source,
     })?;
-    let handle = start(&cfg, Some(ops), shutdown)?;
+    let handle = start_with_identity(
+        &cfg,
+        identity,
+        Some(ops),
+        shutdown,
+        Arc::new(commands::Handlers::with_builtins()),
+    )?;
     tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
     handle.wait().await;
     Ok(())

@@ -84,7 +84,8 @@ fn main() -> ExitCode {
             Err(
                 e @ (tether_agent::AgentError::Config(_)
                 | tether_agent::AgentError::TlsMaterial(_)
-                | tether_agent::AgentError::Tls(_)),
+                | tether_agent::AgentError::Tls(_)
+                | tether_agent::AgentError::Identity { .. }),
             ) => {
                 tracing::error!("{e}");
                 eprintln!("tether-agent: {e}");

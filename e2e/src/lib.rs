@@ -6,7 +6,10 @@
 //! - [`TestGateway`] / [`TestAgent`]: in-process gateway and agent with their shutdown tokens;
 //! - [`AgentProcess`]: a real `tether-agent` process, for kill tests;
 //! - [`RawAgent`]: a bare QUIC client, for sending what a well-behaved agent never would;
-//! - [`wait_until`], [`metric`]: observation helpers.
+//! - [`wait_until`], [`metric`]: observation helpers;
+//! - [`moto`]: a real AWS Secrets Manager emulator (moto) and a throttling proxy in front of it.
+
+pub mod moto;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
