@@ -7,8 +7,10 @@
 //! - [`AgentProcess`]: a real `tether-agent` process, for kill tests;
 //! - [`RawAgent`]: a bare QUIC client, for sending what a well-behaved agent never would;
 //! - [`wait_until`], [`metric`]: observation helpers;
+//! - [`fake_apiserver`]: an in-process fake Kubernetes API server for the agent's kube handlers.
 //! - [`moto`]: a real AWS Secrets Manager emulator (moto) and a throttling proxy in front of it.
 
+pub mod fake_apiserver;
 pub mod moto;
 
 use std::net::SocketAddr;
