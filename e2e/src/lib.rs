@@ -9,9 +9,11 @@
 //! - [`wait_until`], [`metric`]: observation helpers;
 //! - [`fake_apiserver`]: an in-process fake Kubernetes API server for the agent's kube handlers.
 //! - [`moto`]: a real AWS Secrets Manager emulator (moto) and a throttling proxy in front of it.
+//! - [`netns`]: network namespaces and an nftables firewall around real gateway and agent processes.
 
 pub mod fake_apiserver;
 pub mod moto;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -339,6 +341,15 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `cfg` to a file and runs `tether-agent run --config` on it.
     pub fn spawn(cfg: &AgentConfig) -> AgentProcess {
+        Self::spawn_with(cfg, tokio::process::Command::new(binary("tether-agent")))
+    }
+
+    /// The same, inside network namespace `ns`.
+    pub fn spawn_netns(cfg: &AgentConfig, ns: &netns::Netns) -> AgentProcess {
+        Self::spawn_with(cfg, ns.command(binary("tether-agent")))
+    }
+
+    fn spawn_with(cfg: &AgentConfig, mut command: tokio::process::Command) -> AgentProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = cfg.clone();
         cfg.ops.listen = "127.0.0.1:0".parse().expect("addr");
@@ -348,7 +359,7 @@ impl AgentProcess {
             toml::to_string(&cfg).expect("serialize agent config"),
         )
         .expect("write config");
-        let child = tokio::process::Command::new(binary("tether-agent"))
+        let child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
@@ -474,6 +485,16 @@ impl DemoUpstream {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
+        Self::serve(l)
+    }
+
+    /// Starts it on `listener` (bound elsewhere, e.g. in a network namespace).
+    pub fn start_on(listener: std::net::TcpListener) -> DemoUpstream {
+        listener.set_nonblocking(true).expect("nonblocking");
+        Self::serve(tokio::net::TcpListener::from_std(listener).expect("tokio listener"))
+    }
+
+    fn serve(l: tokio::net::TcpListener) -> DemoUpstream {
         let addr = l.local_addr().expect("addr");
         let echo = EchoService::default();
         let observed = echo.observed.clone();
@@ -566,10 +587,20 @@ pub async fn echo_via(
 
 /// A TCP upstream that echoes everything and half-closes after the client half-closes.
 pub async fn tcp_echo_server() -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind tcp echo");
+    tcp_echo_serve(l)
+}
+
+/// The same echo on `listener` (bound elsewhere, e.g. in a network namespace).
+pub fn tcp_echo_on(listener: std::net::TcpListener) -> SocketAddr {
+    listener.set_nonblocking(true).expect("nonblocking");
+    tcp_echo_serve(tokio::net::TcpListener::from_std(listener).expect("tokio listener"))
+}
+
+fn tcp_echo_serve(l: tokio::net::TcpListener) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
@@ -611,6 +642,8 @@ pub struct GatewayProcess {
     pub tunnel: SocketAddr,
     /// Northbound address.
     pub northbound: SocketAddr,
+    /// Ops (metrics, health) address.
+    pub ops: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -619,25 +652,45 @@ impl GatewayProcess {
     pub async fn spawn(pki: &Pki) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        Self::spawn_in(pki, dir, &data, "127.0.0.1:0".parse().expect("addr")).await
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_in(pki, dir, &data, [any; 3], None).await
+    }
+
+    /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on
+    /// free ports of `api` (port 0 for any).
+    pub async fn spawn_netns(
+        pki: &Pki,
+        ns: &netns::Netns,
+        tunnel: SocketAddr,
+        api: std::net::IpAddr,
+    ) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let api = SocketAddr::new(api, 0);
+        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns)).await
     }
 
     /// Starts one keeping its command store in `data_dir`, its tunnel on `tunnel` (port 0 for
     /// any; a restart passes the previous address so agents find it again).
     pub async fn spawn_with(pki: &Pki, data_dir: &Path, tunnel: SocketAddr) -> GatewayProcess {
-        Self::spawn_in(pki, tempfile::tempdir().expect("tempdir"), data_dir, tunnel).await
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None).await
     }
 
+    /// `listen`: tunnel, northbound, ops.
     async fn spawn_in(
         pki: &Pki,
         dir: tempfile::TempDir,
         data_dir: &Path,
-        tunnel: SocketAddr,
+        listen: [SocketAddr; 3],
+        ns: Option<&netns::Netns>,
     ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
+        let [tunnel, northbound, ops] = listen;
         let tls = pki.gateway_tls();
         let cfg = format!(
-            "trust_domain = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"127.0.0.1:0\"\n[ops]\nlisten = \"127.0.0.1:0\"\n[commands]\nretry_backoff = \"50ms\"\nmax_retry_backoff = \"500ms\"\n",
+            "trust_domain = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"{northbound}\"\n[ops]\nlisten = \"{ops}\"\n[commands]\nretry_backoff = \"50ms\"\nmax_retry_backoff = \"500ms\"\n",
             pki.ca.trust_domain,
             data_dir.display(),
             tls.ca.display(),
@@ -646,7 +699,11 @@ impl GatewayProcess {
         );
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, cfg).expect("write gateway config");
-        let mut child = tokio::process::Command::new(binary("tether-gateway"))
+        let mut command = match ns {
+            Some(ns) => ns.command(binary("tether-gateway")),
+            None => tokio::process::Command::new(binary("tether-gateway")),
+        };
+        let mut child = command
             .args(["serve", "--log-format", "json", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -667,7 +724,7 @@ impl GatewayProcess {
                             .and_then(|s| s.parse().ok())
                             .expect("address in log")
                     };
-                    return Some((addr("tunnel"), addr("northbound")));
+                    return Some((addr("tunnel"), addr("northbound"), addr("ops")));
                 }
             }
             None
@@ -681,6 +738,7 @@ impl GatewayProcess {
             child,
             tunnel: found.0,
             northbound: found.1,
+            ops: found.2,
             _dir: dir,
         }
     }
