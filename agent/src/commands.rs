@@ -466,6 +466,11 @@ impl Executor {
                     }
                 }
             };
+            if ok {
+                tracing::info!(command = %id, %kind, "command succeeded");
+            } else {
+                tracing::warn!(command = %id, %kind, reason = %msg, "command failed");
+            }
             let o = Outcome {
                 id: id.clone(),
                 ok,

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod dialer;
 pub mod error;
+pub mod executors;
 pub mod identity;
 pub mod info;
 pub mod relay;
@@ -69,18 +70,27 @@ fn instance_id(cfg: &AgentConfig) -> String {
 /// What this agent offers, announced in `Hello`.
 pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
+/// The command kinds an agent runs: the built-ins (`echo`, `sleep`) and the data-plane
+/// executors ([`executors::KINDS`]) on the `[kubernetes]` and `[aws]` config.
+pub fn default_handlers(cfg: &AgentConfig) -> Arc<commands::Handlers> {
+    let handlers = commands::Handlers::with_builtins();
+    executors::register(
+        &handlers,
+        Arc::new(executors::Backends::new(
+            cfg.kubernetes.clone(),
+            cfg.aws.clone(),
+        )),
+    );
+    Arc::new(handlers)
+}
+
 /// Starts the agent: one supervisor per gateway, plus the ops endpoint on `ops` if given.
 pub fn start(
     cfg: &AgentConfig,
     ops: Option<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
-    start_with_handlers(
-        cfg,
-        ops,
-        shutdown,
-        Arc::new(commands::Handlers::with_builtins()),
-    )
+    start_with_handlers(cfg, ops, shutdown, default_handlers(cfg))
 }
 
 /// [`start`] with a given command handler registry (embedders add their own kinds to it).
@@ -200,13 +210,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         what: format!("binding ops listener tcp/{}", cfg.ops.listen),
         source,
     })?;
-    let handle = start_with_identity(
-        &cfg,
-        identity,
-        Some(ops),
-        shutdown,
-        Arc::new(commands::Handlers::with_builtins()),
-    )?;
+    let handle = start_with_identity(&cfg, identity, Some(ops), shutdown, default_handlers(&cfg))?;
     tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
     handle.wait().await;
     Ok(())

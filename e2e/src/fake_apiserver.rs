@@ -33,8 +33,9 @@
 //!   ...`, the RBAC `... is forbidden: User "..." cannot patch resource "secrets" in API group ""
 //!   in the namespace "team-a"` / `at the cluster scope`).
 //! - **RBAC** from ClusterRole-like [`Rule`]s (default: allow all), with the real verb mapping
-//!   (get, list, watch, create, update, patch, delete) and request-info rule that a request on
-//!   `namespaces/{name}` is in namespace `{name}`.
+//!   (get, list, watch, create, update, patch, delete), the request-info rule that a request on
+//!   `namespaces/{name}` is in namespace `{name}`, and server-side apply of an absent object
+//!   needing `create` as well as `patch`.
 //! - **Garbage collection, simplified**: deleting a namespace removes everything in it at once
 //!   and answers with the namespace in phase `Terminating`; deleting a deployment removes its
 //!   pods.
@@ -768,6 +769,24 @@ impl State {
         self.used
             .insert((verb.to_owned(), r.group.to_owned(), r.resource.to_owned()));
         self.authorize(verb, &route)?;
+        // Server-side apply of an object that does not exist creates it, and the real server
+        // then also requires the `create` verb.
+        let applies = rq.content_type.starts_with("application/apply-patch+yaml");
+        if verb == "patch" && applies {
+            let absent = !self.objects.contains_key(&key(
+                r.resource,
+                route.ns.as_deref().unwrap_or(""),
+                route.name.as_deref().unwrap_or(""),
+            ));
+            if absent {
+                self.used.insert((
+                    "create".to_owned(),
+                    r.group.to_owned(),
+                    r.resource.to_owned(),
+                ));
+                self.authorize("create", &route)?;
+            }
+        }
         if let Some(i) = self
             .failures
             .iter()

@@ -335,13 +335,56 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct AgentProcess {
     /// The child.
     pub child: tokio::process::Child,
+    logs: LogLines,
     _dir: tempfile::TempDir,
+}
+
+/// A child process's log lines, collected as it writes them.
+#[derive(Clone, Debug, Default)]
+pub struct LogLines(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    /// Reads `stream` to its end in a task, keeping every line.
+    pub fn collect(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> LogLines {
+        let logs = LogLines::default();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.push(line);
+            }
+        });
+        logs
+    }
+
+    fn push(&self, line: String) {
+        self.0.lock().expect("log lines").push(line);
+    }
+
+    /// Everything so far, one line each.
+    pub fn text(&self) -> String {
+        self.0.lock().expect("log lines").join("\n")
+    }
 }
 
 impl AgentProcess {
     /// Writes `cfg` to a file and runs `tether-agent run --config` on it.
     pub fn spawn(cfg: &AgentConfig) -> AgentProcess {
         Self::spawn_with(cfg, tokio::process::Command::new(binary("tether-agent")))
+    }
+
+    /// Runs it with extra environment variables (e.g. `RUST_LOG`, AWS credentials), keeping
+    /// its log ([`logs`](Self::logs)).
+    pub fn spawn_env(cfg: &AgentConfig, env: &[(&str, &str)]) -> AgentProcess {
+        let mut command = tokio::process::Command::new(binary("tether-agent"));
+        command.envs(env.iter().copied());
+        Self::spawn_with(cfg, command)
+    }
+
+    /// What it logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.text()
     }
 
     /// The same, inside network namespace `ns`.
@@ -359,14 +402,22 @@ impl AgentProcess {
             toml::to_string(&cfg).expect("serialize agent config"),
         )
         .expect("write config");
-        let child = command
+        if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "warn");
+        }
+        let mut child = command
             .args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn tether-agent");
-        AgentProcess { child, _dir: dir }
+        let logs = LogLines::collect(child.stderr.take().expect("stderr"));
+        AgentProcess {
+            child,
+            logs,
+            _dir: dir,
+        }
     }
 
     /// Sends a signal.
@@ -644,6 +695,7 @@ pub struct GatewayProcess {
     pub northbound: SocketAddr,
     /// Ops (metrics, health) address.
     pub ops: SocketAddr,
+    logs: LogLines,
     _dir: tempfile::TempDir,
 }
 
@@ -653,7 +705,7 @@ impl GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        Self::spawn_in(pki, dir, &data, [any; 3], None).await
+        Self::spawn_in(pki, dir, &data, [any; 3], None, "info").await
     }
 
     /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on
@@ -667,7 +719,7 @@ impl GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let api = SocketAddr::new(api, 0);
-        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns)).await
+        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info").await
     }
 
     /// Starts one keeping its command store in `data_dir`, its tunnel on `tunnel` (port 0 for
@@ -675,7 +727,19 @@ impl GatewayProcess {
     pub async fn spawn_with(pki: &Pki, data_dir: &Path, tunnel: SocketAddr) -> GatewayProcess {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None).await
+        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, "info").await
+    }
+
+    /// As [`spawn_with`](Self::spawn_with), logging at `rust_log` (a tracing filter).
+    pub async fn spawn_logging(
+        pki: &Pki,
+        data_dir: &Path,
+        tunnel: SocketAddr,
+        rust_log: &str,
+    ) -> GatewayProcess {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, rust_log).await
     }
 
     /// `listen`: tunnel, northbound, ops.
@@ -685,6 +749,7 @@ impl GatewayProcess {
         data_dir: &Path,
         listen: [SocketAddr; 3],
         ns: Option<&netns::Netns>,
+        rust_log: &str,
     ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         let [tunnel, northbound, ops] = listen;
@@ -706,15 +771,17 @@ impl GatewayProcess {
         let mut child = command
             .args(["serve", "--log-format", "json", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn tether-gateway");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let logs = LogLines::default();
         let found = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(line)) = lines.next_line().await {
+                logs.push(line.clone());
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
@@ -732,13 +799,19 @@ impl GatewayProcess {
         .await
         .expect("gateway started within 20s")
         .expect("gateway printed its addresses");
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep reading its log so it never blocks on a full pipe.
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.push(line);
+            }
+        });
         GatewayProcess {
             child,
             tunnel: found.0,
             northbound: found.1,
             ops: found.2,
+            logs,
             _dir: dir,
         }
     }
@@ -746,6 +819,11 @@ impl GatewayProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// What it logged so far (JSON lines).
+    pub fn logs(&self) -> String {
+        self.logs.text()
     }
 
     /// A northbound channel with `files`.
@@ -910,6 +988,27 @@ pub fn submit_req(
         payload: payload.into(),
         content_type: "text/plain".into(),
         ..Default::default()
+    }
+}
+
+/// Polls `Agents/Get` on `channel` until `agent` is connected (or panics after `timeout`).
+pub async fn wait_connected(channel: tonic::transport::Channel, agent: &str, timeout: Duration) {
+    let mut agents = tether_api::v1::agents_client::AgentsClient::new(channel);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = agents
+            .get(tether_api::v1::GetAgentRequest {
+                agent: agent.to_owned(),
+            })
+            .await;
+        if got.is_ok_and(|a| a.into_inner().connected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent {agent} not connected after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -507,19 +507,7 @@ async fn killed_gateway_with_1000_commands_in_flight_loses_none_and_runs_each_at
     let files = pki.client("api");
     let client = commands_client(gw.channel(&files).await);
     // The agent must be known before Submit accepts commands for it.
-    let deadline = Instant::now() + T;
-    let mut agents = tether_api::v1::agents_client::AgentsClient::new(gw.channel(&files).await);
-    while agents
-        .get(tether_api::v1::GetAgentRequest {
-            agent: AGENT.into(),
-        })
-        .await
-        .map(|a| a.into_inner().sessions.is_empty())
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "agent never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tether_e2e::wait_connected(gw.channel(&files).await, AGENT, T).await;
 
     // 1,000 commands from 50 tasks over 16 ordering keys, all acknowledged.
     let accepted: Arc<Mutex<Vec<(String, String)>>> = Default::default();
@@ -728,21 +716,7 @@ async fn queued_commands_survive_a_gateway_kill_and_arrive_in_order_when_the_age
     let files = pki.client("api");
     // Known to the gateway: connected once, then gone.
     let agent = TestAgent::start_with_handlers(&cfg, handlers.clone());
-    let mut agents = tether_api::v1::agents_client::AgentsClient::new(gw.channel(&files).await);
-    let connected = |a: Result<tonic::Response<tether_api::v1::Agent>, tonic::Status>| {
-        a.is_ok_and(|a| a.into_inner().connected)
-    };
-    let deadline = Instant::now() + T;
-    while !connected(
-        agents
-            .get(tether_api::v1::GetAgentRequest {
-                agent: AGENT.into(),
-            })
-            .await,
-    ) {
-        assert!(Instant::now() < deadline, "agent never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tether_e2e::wait_connected(gw.channel(&files).await, AGENT, T).await;
     agent.stop().await;
     let mut client = commands_client(gw.channel(&files).await);
     let mut ids = Vec::new();

@@ -122,7 +122,10 @@ async fn environment_create_applies_namespace_quota_and_default_deny_policy_idem
     let ns = c.fake.get("namespaces", None, "team-a").expect("namespace");
     assert_eq!(label(&ns, "app.kubernetes.io/managed-by"), "tether");
     assert_eq!(label(&ns, "tether.dev/tenant"), "acme");
-    assert_eq!(ns["metadata"]["managedFields"][0]["manager"], "tether-agent");
+    assert_eq!(
+        ns["metadata"]["managedFields"][0]["manager"],
+        "tether-agent"
+    );
     assert_eq!(ns["metadata"]["managedFields"][0]["operation"], "Apply");
     let quota = c
         .fake
@@ -154,7 +157,11 @@ async fn environment_create_applies_namespace_quota_and_default_deny_policy_idem
     let before = versions(&c);
     let again = c.run_json("environment.create", payload).await;
     assert_eq!(again.ok()["created"], false);
-    assert_eq!(versions(&c), before, "re-applying the same environment changed it");
+    assert_eq!(
+        versions(&c),
+        before,
+        "re-applying the same environment changed it"
+    );
 
     // Re-created without a quota: the quota goes (declarative), the rest stays.
     let bare = c
@@ -276,7 +283,11 @@ async fn a_malformed_payload_fails_naming_the_field() {
     let c = Cluster::start().await;
     let cases: [(&str, &str, &str); 5] = [
         ("environment.create", "{not json", "malformed payload"),
-        ("environment.create", r#"{"labels": {}}"#, "missing field `name`"),
+        (
+            "environment.create",
+            r#"{"labels": {}}"#,
+            "missing field `name`",
+        ),
         (
             "deploy",
             r#"{"environment": "e", "name": "web", "image": "x", "replicas": "three"}"#,
@@ -429,7 +440,10 @@ async fn deploy_applies_deployment_and_service_reports_progress_and_succeeds() {
                 "available": 3, "service": "web"})
     );
     let p = run.progress.join("\n");
-    assert!(p.contains("deployment team-a/web applied (generation 1"), "{p}");
+    assert!(
+        p.contains("deployment team-a/web applied (generation 1"),
+        "{p}"
+    );
     assert!(p.contains("service team-a/web applied"), "{p}");
     assert!(p.contains("1 of 3 replicas updated"), "{p}");
     assert!(p.contains("rollout complete: 3 of 3"), "{p}");
@@ -550,7 +564,8 @@ async fn deploy_never_overwrites_workloads_tether_does_not_manage() {
         )
         .await;
     assert!(
-        run.err().contains("service team-a/web exists and is not managed by tether"),
+        run.err()
+            .contains("service team-a/web exists and is not managed by tether"),
         "{}",
         run.err()
     );
@@ -607,7 +622,13 @@ fn architecture_rbac() -> BTreeSet<(String, String, String)> {
             s.split('`')
                 .skip(1)
                 .step_by(2)
-                .map(|g| if g == "\"\"" { String::new() } else { g.to_owned() })
+                .map(|g| {
+                    if g == "\"\"" {
+                        String::new()
+                    } else {
+                        g.to_owned()
+                    }
+                })
                 .collect()
         };
         for g in ticks(cells[0]) {
@@ -618,7 +639,10 @@ fn architecture_rbac() -> BTreeSet<(String, String, String)> {
             }
         }
     }
-    assert!(out.len() > 10, "parsed too little of the RBAC table: {out:?}");
+    assert!(
+        out.len() > 10,
+        "parsed too little of the RBAC table: {out:?}"
+    );
     out
 }
 

@@ -3,7 +3,7 @@
 //! deterministic deployment rollout, and namespace deletion.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -467,13 +467,30 @@ async fn rbac_denies_with_the_real_wording_and_records_every_verb_tried() {
         s.message
     );
 
-    Api::<Deployment>::namespaced(client, NS)
+    Api::<Deployment>::namespaced(client.clone(), NS)
         .list(&ListParams::default())
         .await
         .expect("deployments are allowed");
 
+    // Server-side apply that would create the object needs `create` too, as on the real server.
+    fake.set_rules(vec![Rule::new(&["patch"], "", &["services"])]);
+    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}});
+    let s = api_error(
+        Api::<Service>::namespaced(client, NS)
+            .patch("web", &ssa("tether"), &Patch::Apply(svc))
+            .await,
+    );
+    assert!(
+        s.code == 403 && s.message.contains("cannot create resource \"services\""),
+        "{}",
+        s.message
+    );
+
     let used = fake.verbs_used();
     for (verb, group, resource) in [
+        ("create", "", "namespaces"),
+        ("patch", "", "services"),
+        ("create", "", "services"),
         ("patch", "", "namespaces"),
         ("get", "", "secrets"),
         ("patch", "", "secrets"),
@@ -486,7 +503,7 @@ async fn rbac_denies_with_the_real_wording_and_records_every_verb_tried() {
             "{verb} {group}/{resource} missing from {used:?}"
         );
     }
-    assert_eq!(used.len(), 6, "{used:?}");
+    assert_eq!(used.len(), 9, "{used:?}");
 }
 
 #[tokio::test]

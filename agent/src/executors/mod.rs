@@ -82,6 +82,17 @@ impl Backends {
         }
     }
 
+    /// Backends using `secrets` for Secrets Manager (e.g. with credentials of the embedder's
+    /// choosing) instead of one built from `[aws]`.
+    pub fn with_secrets_manager(kubernetes: KubernetesConfig, secrets: SecretsManager) -> Backends {
+        Backends {
+            kubernetes,
+            aws: AwsConfig::default(),
+            kube: tokio::sync::Mutex::new(None),
+            secrets: tokio::sync::OnceCell::from(secrets),
+        }
+    }
+
     /// The Kubernetes client, built on first success. A failure is not remembered: the next
     /// command tries again (the kubeconfig may have appeared).
     async fn kube(&self) -> Result<kube::Client, String> {

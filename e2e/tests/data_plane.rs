@@ -1,0 +1,430 @@
+//! `secret.sync` against a real Secrets Manager emulator (moto) and `fake_apiserver`, and the
+//! three data-plane kinds end to end: control plane → real gateway process → real agent process
+//! → Secrets Manager and Kubernetes, with a search for the secret's value everywhere it must not
+//! be.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tether_agent::commands::{Handlers, ProgressSink};
+use tether_agent::config::KubernetesConfig;
+use tether_agent::executors::{self, Backends, VERSION_ANNOTATION};
+use tether_api::v1::{Command, CommandState, WatchCommandsRequest, watch_commands_request};
+use tether_e2e::fake_apiserver::FakeApiServer;
+use tether_e2e::moto::{Moto, secrets_manager};
+use tether_e2e::{
+    AgentProcess, GatewayProcess, Pki, agent_config, commands_client, submit_req, wait_connected,
+    wait_until,
+};
+use tokio_stream::StreamExt;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A value nobody could find by accident.
+fn unique_secret() -> String {
+    format!(
+        "pw-{:016x}{:016x}",
+        rand_u64(),
+        std::process::id() as u64 ^ rand_u64()
+    )
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+/// Decodes a Secret's `data` entry (base64) as Kubernetes clients do.
+fn secret_value(secret: &Value, key: &str) -> String {
+    let b: k8s_openapi::ByteString =
+        serde_json::from_value(secret["data"][key].clone()).expect("base64 data");
+    String::from_utf8(b.0).expect("utf-8")
+}
+
+struct Rig {
+    moto: Moto,
+    fake: FakeApiServer,
+    handlers: Handlers,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let moto = Moto::start().await;
+        let fake = FakeApiServer::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubernetes = KubernetesConfig {
+            kubeconfig: Some(fake.kubeconfig(dir.path())),
+            poll_interval: Duration::from_millis(5),
+            ..KubernetesConfig::default()
+        };
+        let handlers = Handlers::empty();
+        executors::register(
+            &handlers,
+            Arc::new(Backends::with_secrets_manager(
+                kubernetes,
+                secrets_manager(&moto.aws_config()).await,
+            )),
+        );
+        Rig {
+            moto,
+            fake,
+            handlers,
+            _dir: dir,
+        }
+    }
+
+    /// Runs `kind`; gives the result (or failure) and the progress lines, as text.
+    async fn run(&self, kind: &str, payload: Value) -> (Result<String, String>, String) {
+        let (sink, mut rx) = ProgressSink::channel(1024);
+        let out = self
+            .handlers
+            .get(kind)
+            .expect("kind")
+            .run(payload.to_string().into(), sink)
+            .await
+            .map(|b| String::from_utf8(b.to_vec()).expect("utf-8 output"));
+        let mut progress = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            progress.push(l);
+        }
+        (out, progress.join("\n"))
+    }
+}
+
+#[tokio::test]
+async fn secret_sync_copies_keys_and_follows_rotation_and_returns_no_value() {
+    let r = Rig::start().await;
+    let (pw1, pw2) = (unique_secret(), unique_secret());
+    let v1 = r
+        .moto
+        .create_secret(
+            "prod/db",
+            &json!({"username": "app", "password": pw1}).to_string(),
+        )
+        .await;
+    r.run("environment.create", json!({"name": "team-a"}))
+        .await
+        .0
+        .expect("environment");
+
+    let sync = json!({"secret_id": "prod/db", "environment": "team-a", "name": "db"});
+    let (out, progress) = r.run("secret.sync", sync.clone()).await;
+    let out = out.expect("secret.sync");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"environment": "team-a", "name": "db", "secret_id": "prod/db",
+               "version_id": v1, "keys": ["password", "username"]})
+    );
+    assert!(!out.contains(&pw1) && !progress.contains(&pw1));
+    let s = r.fake.get("secrets", Some("team-a"), "db").expect("secret");
+    assert_eq!(secret_value(&s, "password"), pw1);
+    assert_eq!(secret_value(&s, "username"), "app");
+    assert_eq!(s["metadata"]["annotations"][VERSION_ANNOTATION], v1);
+    assert_eq!(
+        s["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "tether"
+    );
+
+    // Rotation: a new version in Secrets Manager, synced again.
+    let v2 = r
+        .moto
+        .client()
+        .put_secret_value()
+        .secret_id("prod/db")
+        .secret_string(json!({"username": "app", "password": pw2}).to_string())
+        .send()
+        .await
+        .expect("rotate")
+        .version_id()
+        .expect("version")
+        .to_owned();
+    assert_ne!(v1, v2);
+    let (out, _) = r.run("secret.sync", sync).await;
+    let out: Value = serde_json::from_str(&out.expect("sync after rotation")).unwrap();
+    assert_eq!(out["version_id"], v2);
+    let s = r.fake.get("secrets", Some("team-a"), "db").expect("secret");
+    assert_eq!(secret_value(&s, "password"), pw2);
+    assert_eq!(s["metadata"]["annotations"][VERSION_ANNOTATION], v2);
+
+    // Only the keys asked for; the ones no longer copied leave the Secret.
+    let (out, _) = r
+        .run(
+            "secret.sync",
+            json!({"secret_id": "prod/db", "environment": "team-a", "name": "db",
+                   "keys": ["password"]}),
+        )
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out.unwrap()).unwrap()["keys"],
+        json!(["password"])
+    );
+    let s = r.fake.get("secrets", Some("team-a"), "db").expect("secret");
+    assert!(s["data"].get("username").is_none(), "{}", s["data"]);
+}
+
+#[tokio::test]
+async fn secret_sync_failures_are_readable_and_write_nothing() {
+    let r = Rig::start().await;
+    let pw = unique_secret();
+    r.moto
+        .create_secret("prod/db", &json!({"password": pw}).to_string())
+        .await;
+    r.run("environment.create", json!({"name": "team-a"}))
+        .await
+        .0
+        .expect("environment");
+    r.fake.insert(
+        "secrets",
+        Some("team-a"),
+        json!({"metadata": {"name": "theirs", "namespace": "team-a"}, "data": {}}),
+    );
+    r.fake.insert(
+        "namespaces",
+        None,
+        json!({"metadata": {"name": "unmanaged"}}),
+    );
+    r.fake.clear_requests();
+    let cases = [
+        (
+            json!({"secret_id": "prod/nope", "environment": "team-a", "name": "db"}),
+            "not found",
+        ),
+        (
+            json!({"secret_id": "prod/db", "environment": "team-a", "name": "db", "keys": ["token"]}),
+            "has no key \"token\"; it has: password",
+        ),
+        (
+            json!({"secret_id": "prod/db", "environment": "team-a", "name": "theirs"}),
+            "secret team-a/theirs exists and is not managed by tether",
+        ),
+        (
+            json!({"secret_id": "prod/db", "environment": "unmanaged", "name": "db"}),
+            "not managed by tether",
+        ),
+        (
+            json!({"secret_id": "prod/db", "environment": "absent", "name": "db"}),
+            "environment \"absent\" does not exist",
+        ),
+        (
+            json!({"secret_id": "prod/db", "environment": "team-a"}),
+            "missing field `name`",
+        ),
+    ];
+    for (payload, want) in cases {
+        let (out, progress) = r.run("secret.sync", payload.clone()).await;
+        let e = out.expect_err("should fail");
+        assert!(e.contains(want), "{payload}: {e}");
+        assert!(!e.contains(&pw) && !progress.contains(&pw));
+    }
+    let writes: Vec<_> = r
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|q| q.is_write())
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}
+
+/// Everything a watch of `id` shows, to the final state.
+async fn watch_to_end(client: &mut tether_e2e::CommandsClient, id: &str) -> Vec<Command> {
+    let mut events = client
+        .watch(WatchCommandsRequest {
+            target: Some(watch_commands_request::Target::Id(id.to_owned())),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(ev) = tokio::time::timeout(T, events.next())
+        .await
+        .expect("watch event in time")
+    {
+        seen.push(ev.expect("event").command.expect("command"));
+    }
+    seen
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).expect("read file")));
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value_behind() {
+    tether_e2e::init();
+    let moto = Moto::start().await;
+    let fake = FakeApiServer::start().await;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("gateway-data");
+    let pw = unique_secret();
+    moto.create_secret(
+        "prod/db",
+        &json!({"username": "app", "password": pw}).to_string(),
+    )
+    .await;
+
+    let gw = GatewayProcess::spawn_logging(
+        &pki,
+        &data_dir,
+        "127.0.0.1:0".parse().unwrap(),
+        "debug,h2=info,hyper=info,quinn=info,rustls=info",
+    )
+    .await;
+    let mut cfg = agent_config(&pki.agent("acme/edge"), gw.tunnel);
+    cfg.kubernetes.kubeconfig = Some(fake.kubeconfig(dir.path()));
+    cfg.kubernetes.poll_interval = Duration::from_millis(20);
+    cfg.aws = moto.aws_config();
+    cfg.state_dir = Some(dir.path().join("agent-state"));
+    let agent = AgentProcess::spawn_env(
+        &cfg,
+        &[
+            (
+                "RUST_LOG",
+                "debug,h2=info,hyper=info,quinn=info,rustls=info",
+            ),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let api = pki.client("api");
+    wait_connected(gw.channel(&api).await, "acme/edge", T).await;
+    let mut client = commands_client(gw.channel(&api).await);
+
+    let mut submit = async |kind: &str, payload: Value| -> String {
+        let mut req = submit_req("acme/edge", kind, payload.to_string());
+        req.content_type = "application/json".into();
+        client.submit(req).await.expect("submit").into_inner().id
+    };
+    // Submitted back to back: delivered in order (one lane per agent), each waiting for the last.
+    let env = submit(
+        "environment.create",
+        json!({"name": "shop", "quota": {"pods": 10}}),
+    )
+    .await;
+    let sync = submit(
+        "secret.sync",
+        json!({"secret_id": "prod/db", "environment": "shop", "name": "db"}),
+    )
+    .await;
+    let deploy = submit(
+        "deploy",
+        json!({"environment": "shop", "name": "web", "image": "registry.example.com/web:1.0",
+               "replicas": 3, "ports": [8080],
+               "secret_env": {"DB_PASSWORD": {"secret": "db", "key": "password"}}}),
+    )
+    .await;
+
+    let mut finals = Vec::new();
+    for id in [&env, &sync, &deploy] {
+        let seen = watch_to_end(&mut client, id).await;
+        let last = seen.last().expect("events").clone();
+        assert_eq!(
+            last.state(),
+            CommandState::Succeeded,
+            "{} failed: {:?}",
+            last.kind,
+            last.result.as_ref().map(|r| &r.message)
+        );
+        finals.push((seen, last));
+    }
+    // Watch showed the deploy's rollout progress while it ran, then Succeeded.
+    let (deploy_events, deploy_final) = &finals[2];
+    let progress_while_running = deploy_events
+        .iter()
+        .filter(|c| c.state() == CommandState::Running && !c.progress.is_empty())
+        .count();
+    assert!(
+        progress_while_running >= 2,
+        "{progress_while_running} progress events"
+    );
+    assert!(
+        deploy_final
+            .progress
+            .iter()
+            .any(|p| p.contains("rollout complete: 3 of 3")),
+        "{:?}",
+        deploy_final.progress
+    );
+    let sync_out: Value =
+        serde_json::from_slice(&finals[1].1.result.as_ref().unwrap().output).unwrap();
+    assert_eq!(sync_out["keys"], json!(["password", "username"]));
+
+    // The value reached Kubernetes, in the data plane…
+    let s = fake.get("secrets", Some("shop"), "db").expect("secret");
+    assert_eq!(secret_value(&s, "password"), pw);
+    let d = fake
+        .get("deployments", Some("shop"), "web")
+        .expect("deploy");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"],
+        json!({"name": "db", "key": "password"})
+    );
+
+    // …and nowhere else: not in the gateway's store, nor its log, nor the agent's log, nor the
+    // agent's state, in clear or base64.
+    wait_until("the agent logged its work", T, || {
+        agent.logs().matches("command succeeded").count() >= 3
+    })
+    .await;
+    let b64 = serde_json::to_value(k8s_openapi::ByteString(pw.as_bytes().to_vec())).unwrap();
+    let needles = [
+        pw.as_bytes().to_vec(),
+        b64.as_str().unwrap().as_bytes().to_vec(),
+    ];
+    let store = files_under(&data_dir);
+    assert!(
+        !store.is_empty(),
+        "the gateway wrote no store under {data_dir:?}"
+    );
+    assert!(
+        store.iter().any(|(_, b)| contains(b, b"prod/db")),
+        "positive control: the store holds the command payloads, so a value would be found"
+    );
+    let state = files_under(&dir.path().join("agent-state"));
+    let logs = [
+        ("gateway log", gw.logs().into_bytes()),
+        ("agent log", agent.logs().into_bytes()),
+    ];
+    // Positive controls: both logs were captured and speak of this agent and its commands.
+    assert!(
+        contains(&logs[0].1, b"acme/edge") && contains(&logs[1].1, b"command succeeded"),
+        "logs were not captured:\n{}\n{}",
+        String::from_utf8_lossy(&logs[0].1),
+        String::from_utf8_lossy(&logs[1].1)
+    );
+    for (what, bytes) in store
+        .iter()
+        .chain(state.iter())
+        .map(|(p, b)| (p.display().to_string(), b.clone()))
+        .chain(logs.iter().map(|(w, b)| ((*w).to_owned(), b.clone())))
+    {
+        for n in &needles {
+            assert!(!contains(&bytes, n), "the secret's value is in {what}");
+        }
+    }
+    drop(agent);
+}
