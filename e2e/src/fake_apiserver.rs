@@ -2193,3 +2193,56 @@ fn now() -> String {
         t.second()
     )
 }
+
+/// The agent's RBAC as documented in ARCHITECTURE.md (`## Kubernetes RBAC (agent)`), as
+/// (verb, API group, resource), the shape of [`FakeApiServer::verbs_used`].
+pub fn architecture_rbac() -> BTreeSet<(String, String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md"))
+        .expect("read ARCHITECTURE.md");
+    let section = text
+        .split("## Kubernetes RBAC (agent)")
+        .nth(1)
+        .expect("RBAC section");
+    let mut out = BTreeSet::new();
+    for row in section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+    {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let ticks = |s: &str| -> Vec<String> {
+            s.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|g| {
+                    if g == "\"\"" {
+                        String::new()
+                    } else {
+                        g.to_owned()
+                    }
+                })
+                .collect()
+        };
+        for g in ticks(cells[0]) {
+            for r in ticks(cells[1]) {
+                for v in cells[2].split(',') {
+                    out.insert((v.trim().to_owned(), g.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    assert!(
+        out.len() > 10,
+        "parsed too little of the RBAC table: {out:?}"
+    );
+    out
+}
+
+/// [`Rule`]s granting exactly `table` (see [`architecture_rbac`]).
+pub fn rules_of(table: &BTreeSet<(String, String, String)>) -> Vec<Rule> {
+    table
+        .iter()
+        .map(|(v, g, r)| Rule::new(&[v.as_str()], g, &[r.as_str()]))
+        .collect()
+}

@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 use tether_agent::commands::{Handlers, ProgressSink};
 use tether_agent::config::KubernetesConfig;
 use tether_agent::executors::{self, Backends, VERSION_ANNOTATION};
+use tether_agent::secrets::SecretsManager;
 use tether_api::v1::{Command, CommandState, WatchCommandsRequest, watch_commands_request};
-use tether_e2e::fake_apiserver::FakeApiServer;
-use tether_e2e::moto::{Moto, secrets_manager};
+use tether_e2e::fake_apiserver::{FakeApiServer, architecture_rbac, rules_of};
+use tether_e2e::moto::{Fault, FaultProxy, Moto, aws_config_for, secrets_manager};
 use tether_e2e::{
     AgentProcess, GatewayProcess, Pki, agent_config, commands_client, submit_req, wait_connected,
     wait_until,
@@ -116,6 +117,9 @@ async fn secret_sync_copies_keys_and_follows_rotation_and_returns_no_value() {
         .0
         .expect("environment");
 
+    // Under exactly the documented RBAC; the secrets rows are what secret.sync needs.
+    let table = architecture_rbac();
+    r.fake.set_rules(rules_of(&table));
     let sync = json!({"secret_id": "prod/db", "environment": "team-a", "name": "db"});
     let (out, progress) = r.run("secret.sync", sync.clone()).await;
     let out = out.expect("secret.sync");
@@ -169,6 +173,90 @@ async fn secret_sync_copies_keys_and_follows_rotation_and_returns_no_value() {
     );
     let s = r.fake.get("secrets", Some("team-a"), "db").expect("secret");
     assert!(s["data"].get("username").is_none(), "{}", s["data"]);
+    let used = r.fake.verbs_used();
+    assert!(used.is_subset(&table), "{used:?}");
+    for verb in ["get", "create", "patch"] {
+        let row = (verb.to_owned(), String::new(), "secrets".to_owned());
+        assert!(used.contains(&row), "{row:?} granted but unused");
+    }
+}
+
+#[tokio::test]
+async fn secrets_manager_denial_and_throttling_fail_the_command_after_retrying_throttling() {
+    tether_e2e::init();
+    let fake = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubernetes = KubernetesConfig {
+        kubeconfig: Some(fake.kubeconfig(dir.path())),
+        ..KubernetesConfig::default()
+    };
+    let handlers = |secrets| {
+        let h = Handlers::empty();
+        executors::register(
+            &h,
+            Arc::new(Backends::with_secrets_manager(kubernetes.clone(), secrets)),
+        );
+        h
+    };
+    let run = async |h: &Handlers, payload: Value| {
+        let (sink, _rx) = ProgressSink::channel(64);
+        h.get(kind_of(&payload))
+            .expect("kind")
+            .run(payload.to_string().into(), sink)
+            .await
+    };
+    // (environment.create never calls Secrets Manager: any endpoint will do.)
+    let env = handlers(secrets_manager(&aws_config_for("http://127.0.0.1:9")).await);
+    run(&env, json!({"name": "team-a"}))
+        .await
+        .expect("environment");
+    let sync = json!({"secret_id": "guarded", "environment": "team-a", "name": "db"});
+
+    // Denied by moto's own IAM enforcement: a user whose policy lacks GetSecretValue.
+    let moto = Moto::start_with_iam().await;
+    moto.create_secret("guarded", r#"{"k": "v"}"#).await;
+    let denied =
+        SecretsManager::with_credentials(&moto.aws_config(), moto.users().denied.clone()).await;
+    let e = run(&handlers(denied), sync.clone()).await.unwrap_err();
+    assert!(
+        e.contains("access denied") || e.contains("AccessDenied"),
+        "{e}"
+    );
+    assert!(e.contains("guarded"), "{e}");
+
+    // Throttled twice, then answered: retried with backoff, succeeds.
+    let plain = Moto::start().await;
+    plain.create_secret("guarded", r#"{"k": "v"}"#).await;
+    let twice = FaultProxy::start(plain.addr(), Fault::Throttling, Some(2)).await;
+    let ok = run(
+        &handlers(secrets_manager(&aws_config_for(&twice.endpoint())).await),
+        sync.clone(),
+    )
+    .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(twice.requests(), 3);
+
+    let written = fake.get("secrets", Some("team-a"), "db").expect("synced");
+
+    // Throttled on every attempt: Failed, saying so, after the configured attempts.
+    let always = FaultProxy::start(plain.addr(), Fault::Throttling, None).await;
+    let e = run(
+        &handlers(secrets_manager(&aws_config_for(&always.endpoint())).await),
+        sync,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("throttl"), "{e}");
+    assert_eq!(always.requests(), 3, "max_attempts = 3");
+    assert_eq!(fake.get("secrets", Some("team-a"), "db"), Some(written));
+}
+
+fn kind_of(payload: &Value) -> &'static str {
+    if payload.get("secret_id").is_some() {
+        "secret.sync"
+    } else {
+        "environment.create"
+    }
 }
 
 #[tokio::test]

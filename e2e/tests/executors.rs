@@ -3,7 +3,6 @@
 //! HTTP server is the only fake). `secret.sync` and the path through the real gateway are in
 //! `data_plane.rs`.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -602,59 +601,12 @@ async fn outside_a_cluster_without_a_kubeconfig_the_kinds_fail_saying_so() {
     );
 }
 
-/// The RBAC table in ARCHITECTURE.md as (verb, group, resource).
-fn architecture_rbac() -> BTreeSet<(String, String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md"))
-        .expect("ARCHITECTURE.md");
-    let section = text
-        .split("## Kubernetes RBAC (agent)")
-        .nth(1)
-        .expect("RBAC section");
-    let mut out = BTreeSet::new();
-    for row in section
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
-        .skip(2)
-    {
-        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-        let ticks = |s: &str| -> Vec<String> {
-            s.split('`')
-                .skip(1)
-                .step_by(2)
-                .map(|g| {
-                    if g == "\"\"" {
-                        String::new()
-                    } else {
-                        g.to_owned()
-                    }
-                })
-                .collect()
-        };
-        for g in ticks(cells[0]) {
-            for r in ticks(cells[1]) {
-                for v in cells[2].split(',') {
-                    out.insert((v.trim().to_owned(), g.clone(), r.clone()));
-                }
-            }
-        }
-    }
-    assert!(
-        out.len() > 10,
-        "parsed too little of the RBAC table: {out:?}"
-    );
-    out
-}
-
 #[tokio::test]
 async fn the_kubernetes_handlers_work_under_exactly_the_documented_rbac() {
     let c = Cluster::start().await;
-    let table = architecture_rbac();
-    let rules = table
-        .iter()
-        .map(|(v, g, r)| Rule::new(&[v.as_str()], g, &[r.as_str()]))
-        .collect();
-    c.fake.set_rules(rules);
+    let table = tether_e2e::fake_apiserver::architecture_rbac();
+    c.fake
+        .set_rules(tether_e2e::fake_apiserver::rules_of(&table));
     let steps = [
         (
             "environment.create",
