@@ -130,6 +130,7 @@ def test_the_value_files_the_tests_rely_on_exist():
         "agent-existing-secret.yaml",
         "agent-proxy.yaml",
         "agent-metrics-no-netpol.yaml",
+        "agent-aws-secretsmanager.yaml",
     }, AGENT_VALUES
     assert set(GATEWAY_VALUES) >= {"gateway-required.yaml", "gateway-postgres.yaml"}, GATEWAY_VALUES
 
@@ -184,6 +185,24 @@ def test_chart_lints_without_errors_or_warnings_with_each_values_file(case):
             AGENT_CHART,
             {
                 "gateway": {"addresses": ["gw:443"]},
+                "identity": {"awsSecretsManager": "tether/agent", "existingSecret": "s"},
+                "networkPolicy": {"enabled": False},
+            },
+            "identity.awsSecretsManager cannot be combined with identity.existingSecret: the agent reads",
+        ),
+        (
+            AGENT_CHART,
+            {
+                "gateway": {"addresses": ["gw:443"]},
+                "identity": {"awsSecretsManager": "tether/agent", "certificate": "c", "privateKey": "k"},
+                "networkPolicy": {"enabled": False},
+            },
+            "identity.awsSecretsManager cannot be combined with identity.certificate, identity.privateKey",
+        ),
+        (
+            AGENT_CHART,
+            {
+                "gateway": {"addresses": ["gw:443"]},
                 "identity": {"existingSecret": "s"},
                 "networkPolicy": {"enabled": False},
                 "metrics": {"podMonitor": {"enabled": True}},
@@ -233,6 +252,13 @@ def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart,
         (AGENT_CHART, "agent-required.yaml", {"services": {"db": {"address": "db:5432", "kind": "http"}}}, "/services/db/kind"),
         (AGENT_CHART, "agent-required.yaml", {"config": {"reconnect": {"maxBackoff": "soon"}}}, "/config/reconnect/maxBackoff"),
         (AGENT_CHART, "agent-required.yaml", {"networkPolicy": {"gatewayCIDRs": ["gw.example.com"]}}, "/networkPolicy/gatewayCIDRs/0"),
+        (AGENT_CHART, "agent-required.yaml", {"identity": {"awsSecretManager": "tether/agent"}}, "'awsSecretManager'"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"identity": {"awsSecretsManager": "tether/agent identity"}}, "/identity/awsSecretsManager"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"aws": {"regoin": "eu-west-1"}}, "'regoin'"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"aws": {"endpointUrl": "vpce.example.com"}}, "/aws/endpointUrl"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"aws": {"maxAttempts": 0}}, "/aws/maxAttempts"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"kubernetes": {"kubeconfig": "/root/.kube/config"}}, "'kubeconfig'"),
+        (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"kubernetes": {"rolloutTimeout": "ten minutes"}}, "/kubernetes/rolloutTimeout"),
         (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": "two"}, "/replicaCount"),
         (GATEWAY_CHART, "gateway-required.yaml", {"storeType": "postgres"}, "'storeType'"),
         (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
@@ -525,6 +551,9 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
             "cert": "/etc/tether/identity/tls.crt",
             "key": "/etc/tether/identity/tls.key",
         },
+        "identity": {"source": "files"},
+        "aws": {"max_attempts": 5},
+        "kubernetes": {"poll_interval": "2s", "rollout_timeout": "10m"},
         "reconnect": {"initial_backoff": "1s", "max_backoff": "1m", "connect_timeout": "10s"},
         "ops": {"listen": "127.0.0.1:9091"},
         "log": {"format": "text", "level": "info,tether_agent=debug"},
@@ -532,6 +561,65 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
     inline = tomllib.loads(render_file(AGENT_CHART, "agent-required.yaml").one("ConfigMap")["data"]["agent.toml"])
     assert inline["tls"]["ca"] == "/etc/tether/gateway-ca.crt"
     assert "server_name" not in inline and "instance_id" not in inline
+
+
+SM_SECRET = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/agent-identity-AbCdEf"
+
+
+def test_agent_identity_from_aws_secrets_manager_and_the_aws_and_kubernetes_values_reach_agent_toml():
+    r = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    # No [tls] at all: no cert/key (the agent refuses them with this source), and no ca without
+    # gateway.caBundle (the secret's `ca` is used).
+    assert cfg == {
+        "gateways": ["gw.tether.example.com:443"],
+        "default_service": "default",
+        "state_dir": "/var/lib/tether",
+        "labels": {},
+        "identity": {"source": f"aws-secretsmanager:{SM_SECRET}"},
+        "aws": {
+            "region": "eu-west-1",
+            "endpoint_url": "https://vpce-0123-abcd.secretsmanager.eu-west-1.vpce.amazonaws.com",
+            "max_attempts": 8,
+        },
+        "kubernetes": {"poll_interval": "500ms", "rollout_timeout": "15m"},
+        "reconnect": {"initial_backoff": "500ms", "max_backoff": "30s", "connect_timeout": "5s"},
+        "ops": {"listen": "127.0.0.1:9091"},
+        "log": {"format": "json", "level": "info"},
+    }
+    with_ca = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"gateway": {"caBundle": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}})
+    assert tomllib.loads(with_ca.one("ConfigMap")["data"]["agent.toml"])["tls"] == {"ca": "/etc/tether/gateway-ca.crt"}
+    # Only the keys that are set reach [aws].
+    plain = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"aws": {"region": "", "endpointUrl": ""}})
+    assert tomllib.loads(plain.one("ConfigMap")["data"]["agent.toml"])["aws"] == {"max_attempts": 8}
+    assert "Identity comes from the AWS Secrets Manager secret" in r.notes
+    assert SM_SECRET in r.notes
+
+
+def test_agent_identity_from_aws_secrets_manager_mounts_no_identity_secret_and_uses_irsa():
+    r = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"gateway": {"caBundle": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}})
+    assert r.of_kind("Secret") == [], "the chart must create no identity Secret"
+    for where, spec in r.pod_specs():
+        for volume in spec["volumes"]:
+            assert "secret" not in volume, f"{where} mounts a Secret: {volume}"
+            for source in volume.get("projected", {}).get("sources", []):
+                assert "secret" not in source, f"{where} mounts a Secret: {source}"
+                if "configMap" in source:
+                    assert [i["path"] for i in source["configMap"]["items"]] == ["agent.toml", "gateway-ca.crt"]
+    sa = r.one("ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/tether-agent"}
+    assert r.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert "serviceAccount.awsRoleArn is empty" not in r.notes
+    without_role = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"serviceAccount": {"awsRoleArn": ""}})
+    assert "annotations" not in without_role.one("ServiceAccount")["metadata"]
+    assert "serviceAccount.awsRoleArn is empty" in without_role.notes
+
+    def identity_checksum(secret_id):
+        r = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"identity": {"awsSecretsManager": secret_id}})
+        return r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/identity"]
+
+    assert identity_checksum(SM_SECRET) == identity_checksum(SM_SECRET)
+    assert identity_checksum("tether/other-identity") != identity_checksum(SM_SECRET)
 
 
 def test_checksums_roll_the_pods_when_config_or_identity_change():
@@ -839,7 +927,7 @@ def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, s
 
 def agent_values(name: str, pki: dict[str, str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     values = load_values(name)
-    if not values.get("identity", {}).get("existingSecret"):
+    if not {"existingSecret", "awsSecretsManager"} & {k for k, v in values.get("identity", {}).items() if v}:
         values = deep_merge(values, {
             "identity": {"certificate": pki["agent_cert"], "privateKey": pki["agent_key"]},
             "gateway": {"caBundle": pki["ca"]},
@@ -865,7 +953,7 @@ def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_pat
     values = agent_values(name, pki)
     r = render(AGENT_CHART, values)
     etc = materialize(r, tmp_path, agent_secrets(values, pki))
-    for path in tomllib.loads((etc / "agent.toml").read_text())["tls"].values():
+    for path in tomllib.loads((etc / "agent.toml").read_text()).get("tls", {}).values():
         assert Path(path).is_file(), path
     # The same command as the chart's `helm test` hook pod.
     hook = r.one("Pod")["spec"]["containers"][0]["command"]
@@ -877,6 +965,24 @@ def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_pat
     (etc / "agent.toml").write_text("relay_everything = true\n" + (etc / "agent.toml").read_text())
     bad = run(in_pod(hook, etc))
     assert bad.returncode == 64 and "relay_everything" in bad.stderr, bad
+
+
+def test_agent_identity_from_aws_secrets_manager_with_a_ca_bundle_passes_the_agent_binarys_check(pki, tmp_path):
+    """With gateway.caBundle the config keeps tls.ca (used when the secret holds no `ca`); the
+    agent accepts it without contacting AWS, and refuses a tls.cert next to this source, which is
+    why the chart renders none."""
+    values = deep_merge(load_values("agent-aws-secretsmanager.yaml"), {"gateway": {"caBundle": pki["ca"]}})
+    r = render(AGENT_CHART, values)
+    etc = materialize(r, tmp_path, {})
+    assert sorted(p.name for p in etc.iterdir()) == ["agent.toml", "gateway-ca.crt"]
+    hook = r.one("Pod")["spec"]["containers"][0]["command"]
+    out = run(in_pod(hook, etc))
+    assert out.returncode == 0, f"tether-agent rejected the chart's agent.toml:\n{out.stderr}"
+    assert "config ok" in out.stdout
+    conf = etc / "agent.toml"
+    conf.write_text(conf.read_text().replace("[tls]\n", f'[tls]\ncert = "{etc}/tls.crt"\n'))
+    bad = run(in_pod(hook, etc))
+    assert bad.returncode == 64 and "tls.cert" in bad.stderr and "remove it" in bad.stderr, bad
 
 
 def gateway_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, dict[str, str]]:

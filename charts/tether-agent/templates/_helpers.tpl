@@ -75,13 +75,21 @@ them, so `helm template` fails with one readable line.
 {{- fail "gateway.addresses is required: the gateway address(es) the agent dials, e.g. --set 'gateway.addresses={gw.tether.example.com:443}'" -}}
 {{- end -}}
 {{- $id := .Values.identity -}}
-{{- if $id.existingSecret -}}
+{{- if $id.awsSecretsManager -}}
+{{- $others := list -}}
+{{- range $k := list "existingSecret" "certificate" "privateKey" -}}
+{{- if index $id $k -}}{{- $others = append $others (printf "identity.%s" $k) -}}{{- end -}}
+{{- end -}}
+{{- if $others -}}
+{{- fail (printf "identity.awsSecretsManager cannot be combined with %s: the agent reads its certificate and key from the Secrets Manager secret; set exactly one identity source" (join ", " $others)) -}}
+{{- end -}}
+{{- else if $id.existingSecret -}}
 {{- if or $id.certificate $id.privateKey -}}
 {{- fail "identity: set either identity.existingSecret or identity.certificate + identity.privateKey, not both" -}}
 {{- end -}}
 {{- else -}}
 {{- if not (and $id.certificate $id.privateKey) -}}
-{{- fail "identity is required: set identity.existingSecret (a Secret with tls.crt, tls.key, ca.crt) or both identity.certificate and identity.privateKey (PEM). Bootstrap-token enrollment is not available yet." -}}
+{{- fail "identity is required: set identity.existingSecret (a Secret with tls.crt, tls.key, ca.crt), both identity.certificate and identity.privateKey (PEM), or identity.awsSecretsManager (a Secrets Manager secret name or ARN). Bootstrap-token enrollment is not available yet." -}}
 {{- end -}}
 {{- if not .Values.gateway.caBundle -}}
 {{- fail "gateway.caBundle is required when the identity comes from identity.certificate/privateKey (only an identity.existingSecret can supply ca.crt)" -}}
@@ -140,7 +148,8 @@ seccompProfile:
 
 {{/*
 The /etc/tether volume: agent.toml (and the gateway CA bundle) from the ConfigMap plus the
-identity Secret under identity/, in one read-only projected volume. One volume rather than a
+identity Secret under identity/ (none with identity.awsSecretsManager: the agent reads its
+identity from AWS at start), in one read-only projected volume. One volume rather than a
 Secret mounted inside a ConfigMap mount, which runtimes may refuse (the ConfigMap mount is
 read-only, so the nested mount point cannot be created).
 */}}
@@ -164,6 +173,7 @@ read-only, so the nested mount point cannot be created).
               path: service-{{ $name }}-ca.crt
             {{- end }}
             {{- end }}
+      {{- if not .Values.identity.awsSecretsManager }}
       - secret:
           name: {{ include "tether-agent.identitySecretName" . }}
           items:
@@ -175,6 +185,7 @@ read-only, so the nested mount point cannot be created).
             - key: ca.crt
               path: identity/ca.crt
             {{- end }}
+      {{- end }}
 {{- end -}}
 
 {{/* Cluster-scoped names carry the namespace: two releases of the same name must not collide. */}}
