@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tether_runtime::transport::SendStream;
 use tokio::sync::{broadcast, watch};
 use tunnel_proto::message::{CommandAck, CommandProgress, CommandResult, StreamHeader};
 use tunnel_proto::{ErrorCode, Message};
@@ -328,7 +329,7 @@ impl Executor {
         self: Arc<Self>,
         header: StreamHeader,
         mut framed: FramedRecv,
-        mut send: quinn::SendStream,
+        mut send: SendStream,
     ) {
         let id = header.id.clone();
         let kind = header.service.clone();
@@ -339,7 +340,7 @@ impl Executor {
                 Ok(Some(Message::Data(b))) => {
                     if payload.len() + b.len() > MAX_PAYLOAD {
                         framed.stop(ErrorCode::FRAME_TOO_LARGE);
-                        let _ = send.reset(ErrorCode::FRAME_TOO_LARGE.0.into());
+                        send.reset(ErrorCode::FRAME_TOO_LARGE);
                         return;
                     }
                     payload.extend_from_slice(&b);
@@ -348,11 +349,11 @@ impl Executor {
                 Ok(Some(other)) => {
                     tracing::warn!(frame = other.name(), command = %id, "unexpected frame on a command stream");
                     framed.stop(ErrorCode::PROTOCOL_ERROR);
-                    let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+                    send.reset(ErrorCode::PROTOCOL_ERROR);
                     return;
                 }
                 Err(_) => {
-                    let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                    send.reset(ErrorCode::CANCELLED);
                     return;
                 }
             }

@@ -24,6 +24,12 @@
 //! [aws]                                   # credentials: the standard chain (IRSA in EKS)
 //! region = "eu-west-1"
 //! # endpoint_url = "https://vpce-….secretsmanager.eu-west-1.vpce.amazonaws.com"
+//! [transport]
+//! mode = "auto"                           # quic, then TCP (TLS + HTTP/2) when UDP is blocked
+//! quic_retry = "60s"                      # while on TCP, how often QUIC is tried again
+//! [proxy]                                 # HTTP CONNECT, TCP only; else HTTPS_PROXY / NO_PROXY
+//! # url = "http://proxy.corp:3128"
+//! # no_proxy = ".internal,10.0.0.0/8"
 //! [kubernetes]
 //! # kubeconfig = "~/.kube/config"         # default: the in-cluster service account
 //! poll_interval = "2s"
@@ -103,6 +109,12 @@ pub const KEYS: Keys = &[
     "kubernetes.kubeconfig",
     "kubernetes.poll_interval",
     "kubernetes.rollout_timeout",
+    "transport.mode",
+    "transport.quic_retry",
+    "proxy.url",
+    "proxy.no_proxy",
+    "proxy.username",
+    "proxy.password",
 ];
 
 /// The whole agent config.
@@ -151,6 +163,65 @@ pub struct AgentConfig {
     /// Kubernetes access for the environment, deploy and secret handlers.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// QUIC, or the TLS + HTTP/2 over TCP fallback.
+    #[serde(default)]
+    pub transport: TransportConfig,
+    /// An HTTP CONNECT proxy for the TCP transport (else `HTTPS_PROXY` / `NO_PROXY`).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+}
+
+/// Which transports the agent uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC; when it cannot connect, TCP (through the proxy if one applies), re-probing QUIC in
+    /// the background and moving back to it when it works.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS + HTTP/2 over TCP only.
+    Tcp,
+}
+
+/// `[transport]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// `auto` (default), `quic` or `tcp`.
+    pub mode: TransportMode,
+    /// While on TCP in `auto` mode, how often QUIC is tried again.
+    #[serde(with = "humantime_serde")]
+    pub quic_retry: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            mode: TransportMode::Auto,
+            quic_retry: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[proxy]`: an HTTP CONNECT proxy for the TCP transport. Unset keys fall back to
+/// `HTTPS_PROXY` / `https_proxy` and `NO_PROXY` / `no_proxy`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// `http://[user:password@]host:port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Comma-separated hosts, domains (`.corp`), CIDRs or `*` reached directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_proxy: Option<String>,
+    /// Proxy user (wins over the URL's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Proxy password. Never logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 /// `[identity]`: where the agent's certificate and key come from.
@@ -480,6 +551,14 @@ impl Validate for AgentConfig {
                 format!("{url:?} must start with http:// or https://"),
             ));
         }
+        if self.transport.quic_retry.is_zero() {
+            return Err(ConfigError::invalid(
+                "transport.quic_retry",
+                "must be positive",
+            ));
+        }
+        crate::proxy::Proxy::from_config(&self.proxy, |k| std::env::var(k).ok())
+            .map_err(|e| ConfigError::invalid("proxy", e))?;
         if self.kubernetes.poll_interval.is_zero() {
             return Err(ConfigError::invalid(
                 "kubernetes.poll_interval",
@@ -612,6 +691,13 @@ mod tests {
             kubernetes: KubernetesConfig {
                 kubeconfig: Some("k".into()),
                 ..Default::default()
+            },
+            transport: Default::default(),
+            proxy: ProxyConfig {
+                url: Some("http://p:1".into()),
+                no_proxy: Some("x".into()),
+                username: Some("u".into()),
+                password: Some("p".into()),
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

@@ -24,6 +24,7 @@ pub mod error;
 pub mod executors;
 pub mod identity;
 pub mod info;
+pub mod proxy;
 pub mod relay;
 pub mod secrets;
 pub mod status;
@@ -160,6 +161,8 @@ pub fn start_with_identity(
         initial_backoff: cfg.reconnect.initial_backoff,
         max_backoff: cfg.reconnect.max_backoff,
         connect_timeout: cfg.reconnect.connect_timeout,
+        mode: cfg.transport.mode,
+        quic_retry: cfg.transport.quic_retry,
     });
     let mut ops_addr = None;
     if let Some(l) = ops {

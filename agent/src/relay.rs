@@ -16,6 +16,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::grpc;
 use tether_runtime::stream::{FramedRecv, StreamError, send_data, send_msg};
+use tether_runtime::transport::{Link, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -118,19 +119,54 @@ impl Services {
     }
 }
 
-/// Serves every stream the gateway opens on `conn` until the connection ends.
-pub async fn serve(conn: quinn::Connection, services: Arc<Services>) {
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(handle(send, recv, services.clone()));
-            }
-            Err(_) => return,
+/// What the session layer watches on one connection: streams in flight (a retired session
+/// closes once they are done) and when the gateway last probed it.
+#[derive(Debug)]
+pub struct LinkStats {
+    active: std::sync::atomic::AtomicUsize,
+    last_probe: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for LinkStats {
+    fn default() -> Self {
+        LinkStats {
+            active: Default::default(),
+            last_probe: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
 }
 
-async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: Arc<Services>) {
+impl LinkStats {
+    /// Streams being served.
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// When the gateway's last probe arrived (or when serving began).
+    pub fn last_probe(&self) -> std::time::Instant {
+        *self.last_probe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Serves every stream the gateway opens on `link` until the connection ends.
+pub async fn serve(link: Link, services: Arc<Services>, stats: Arc<LinkStats>) {
+    use std::sync::atomic::Ordering;
+    while let Some((send, recv)) = link.accept().await {
+        let (services, stats) = (services.clone(), stats.clone());
+        stats.active.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            handle(send, recv, services, &stats).await;
+            stats.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn handle(
+    mut send: SendStream,
+    recv: RecvStream,
+    services: Arc<Services>,
+    stats: &LinkStats,
+) {
     let mut framed = FramedRecv::relay(recv);
     let header = match tokio::time::timeout(HEADER_TIMEOUT, framed.next()).await {
         Ok(Ok(Some(Message::StreamHeader(h)))) => h,
@@ -139,18 +175,18 @@ async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: 
                 frame = other.name(),
                 "stream did not start with a StreamHeader"
             );
-            let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+            send.reset(ErrorCode::PROTOCOL_ERROR);
             framed.stop(ErrorCode::PROTOCOL_ERROR);
             return;
         }
         Ok(Err(StreamError::Protocol(e))) => {
             tracing::warn!(error = %e, "bad stream header");
-            let _ = send.reset(e.code().0.into());
+            send.reset(e.code());
             framed.stop(e.code());
             return;
         }
         Ok(_) | Err(_) => {
-            let _ = send.reset(ErrorCode::CANCELLED.0.into());
+            send.reset(ErrorCode::CANCELLED);
             return;
         }
     };
@@ -158,6 +194,16 @@ async fn handle(mut send: quinn::SendStream, recv: quinn::RecvStream, services: 
         StreamKind::Rpc => rpc(header, framed, send, &services).await,
         StreamKind::Tcp => tcp(header, framed, send, &services).await,
         StreamKind::Command => services.commands.clone().serve(header, framed, send).await,
+        StreamKind::Probe => {
+            *stats.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+            let ok = Message::OpenResult(OpenResult {
+                ok: true,
+                ..Default::default()
+            });
+            if send_msg(&mut send, &ok).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
         other => {
             tracing::warn!(kind = ?other, "stream kind not supported by this agent");
             let _ = send_msg(
@@ -181,7 +227,7 @@ fn service_name<'a>(header: &'a StreamHeader, services: &'a Services) -> &'a str
     }
 }
 
-async fn finish_with(send: &mut quinn::SendStream, code: Code, message: &str) {
+async fn finish_with(send: &mut SendStream, code: Code, message: &str) {
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
     let _ = send_msg(
         send,
@@ -191,12 +237,7 @@ async fn finish_with(send: &mut quinn::SendStream, code: Code, message: &str) {
     let _ = send.finish();
 }
 
-async fn rpc(
-    header: StreamHeader,
-    framed: FramedRecv,
-    mut send: quinn::SendStream,
-    services: &Services,
-) {
+async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, services: &Services) {
     let name = service_name(&header, services).to_owned();
     let (svc, address) = match services.map.get(&name) {
         _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
@@ -419,7 +460,7 @@ async fn pump_request(
     }
 }
 
-async fn open_result(send: &mut quinn::SendStream, code: Code, message: String) {
+async fn open_result(send: &mut SendStream, code: Code, message: String) {
     let r = OpenResult {
         ok: code == Code::Ok,
         code: code as i32,
@@ -432,12 +473,7 @@ async fn open_result(send: &mut quinn::SendStream, code: Code, message: String) 
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "tcp", "code" => format!("{code:?}")).increment(1);
 }
 
-async fn tcp(
-    header: StreamHeader,
-    framed: FramedRecv,
-    mut send: quinn::SendStream,
-    services: &Services,
-) {
+async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, services: &Services) {
     let name = service_name(&header, services).to_owned();
     let address = match services.map.get(&name) {
         Some(Upstream::Tcp { address }) => address.clone(),
@@ -489,7 +525,7 @@ async fn tcp(
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => {
                     if wr.write_all(&buf[..n]).await.is_err() {
-                        let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                        recv.stop(ErrorCode::CANCELLED);
                         return;
                     }
                 }
@@ -516,7 +552,7 @@ async fn tcp(
                     }
                 }
                 Err(_) => {
-                    let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                    send.reset(ErrorCode::CANCELLED);
                     return;
                 }
             }

@@ -8,19 +8,39 @@
 //!   so a fleet spreads out), and keep the old session until the new one is established —
 //!   make-before-break — then close the old one with `REPLACED`;
 //! - shutdown: close every session with `SHUTDOWN`.
+//!
+//! Transport (`transport.mode = auto`): an attempt dials QUIC and, when QUIC cannot connect
+//! within `connect_timeout`, TCP (TLS + HTTP/2, through the proxy if one applies), so the
+//! fallback is chosen within one connect timeout of start. While on TCP, QUIC is tried again
+//! after [`REPROBE_FIRST`], then at doubling intervals up to `transport.quic_retry`; when it
+//! works, the QUIC session takes over make-before-break.
+//!
+//! A retired session (replaced, or moved off TCP) closes only when the streams it carries are
+//! done (at most [`DRAIN_MAX`]): the gateway routes new streams to the newest session of each
+//! agent instance, so nothing in flight fails. A session the gateway stops probing for three
+//! of its announced probe intervals is wedged: it is replaced like after `GoAway`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_runtime::CancellationToken;
+use tether_runtime::transport::{Link, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tunnel_proto::message::Hello;
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
 use tunnel_proto::{Backoff, ErrorCode};
 
-use crate::dialer::{Dialer, describe};
+use crate::config::TransportMode;
+use crate::dialer::Dialer;
+use crate::relay::LinkStats;
 use crate::status::{AgentStatus, SessionStatus};
+
+/// The first QUIC re-probe after landing on TCP; later ones double up to `transport.quic_retry`.
+pub const REPROBE_FIRST: Duration = Duration::from_secs(2);
+
+/// Longest a retired session waits for its streams before closing.
+pub const DRAIN_MAX: Duration = Duration::from_secs(30);
 
 /// What a supervisor needs, shared by all of an agent's supervisors.
 #[derive(Debug)]
@@ -39,11 +59,27 @@ pub struct Shared {
     pub max_backoff: Duration,
     /// Time allowed for one dial.
     pub connect_timeout: Duration,
+    /// Which transports to use.
+    pub mode: TransportMode,
+    /// While on TCP in `auto` mode, how often QUIC is tried again.
+    pub quic_retry: Duration,
+}
+
+/// What one attempt may dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dial {
+    /// QUIC, then TCP if QUIC cannot connect.
+    QuicThenTcp,
+    /// QUIC only (also the background re-probe while on TCP).
+    Quic,
+    /// TCP only.
+    Tcp,
 }
 
 enum Report {
     Established {
         id: u64,
+        transport: Transport,
     },
     GoAway {
         id: u64,
@@ -59,6 +95,9 @@ enum Report {
 struct Attempt {
     close: Option<oneshot::Sender<(ErrorCode, &'static str)>>,
     established: bool,
+    /// A background QUIC re-probe while on TCP: its failure is expected, not an outage.
+    reprobe: bool,
+    transport: Option<Transport>,
 }
 
 /// Keeps a session to `gateway` until `shutdown`.
@@ -69,27 +108,72 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
     let mut next_id = 0u64;
     // When to dial next; `Some(now)` dials at once.
     let mut dial_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    // When to try QUIC again while the live session runs on TCP (auto mode): soon at first
+    // (QUIC may only have lost a race, e.g. with a gateway restart), then every `quic_retry`.
+    let mut reprobe_at: Option<tokio::time::Instant> = None;
+    let mut reprobe_delay = REPROBE_FIRST.min(shared.quic_retry);
     // Set by GoAway until a replacement is established.
     let mut replacing = false;
+    let first_dial = match shared.mode {
+        TransportMode::Auto => Dial::QuicThenTcp,
+        TransportMode::Quic => Dial::Quic,
+        TransportMode::Tcp => Dial::Tcp,
+    };
     let far = Duration::from_secs(86_400 * 365);
     loop {
         let dial_timer =
             tokio::time::sleep_until(dial_at.unwrap_or_else(|| tokio::time::Instant::now() + far));
+        let reprobe_timer = tokio::time::sleep_until(
+            reprobe_at.unwrap_or_else(|| tokio::time::Instant::now() + far),
+        );
+        let mut spawn = |dial: Dial, reprobe: bool, attempts: &mut HashMap<u64, Attempt>| {
+            next_id += 1;
+            let (close_tx, close_rx) = oneshot::channel();
+            attempts.insert(
+                next_id,
+                Attempt {
+                    close: Some(close_tx),
+                    established: false,
+                    reprobe,
+                    transport: None,
+                },
+            );
+            tokio::spawn(run_attempt(
+                next_id,
+                gateway.clone(),
+                shared.clone(),
+                tx.clone(),
+                close_rx,
+                dial,
+            ));
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = dial_timer, if dial_at.is_some() => {
                 dial_at = None;
-                next_id += 1;
-                let (close_tx, close_rx) = oneshot::channel();
-                attempts.insert(next_id, Attempt { close: Some(close_tx), established: false });
-                tokio::spawn(run_attempt(next_id, gateway.clone(), shared.clone(), tx.clone(), close_rx));
+                spawn(first_dial, false, &mut attempts);
+            }
+            _ = reprobe_timer, if reprobe_at.is_some() => {
+                reprobe_at = None;
+                let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
+                if !dialing {
+                    tracing::debug!(%gateway, "on the TCP fallback: trying QUIC again");
+                    spawn(Dial::Quic, true, &mut attempts);
+                }
             }
             Some(report) = rx.recv() => match report {
-                Report::Established { id } => {
+                Report::Established { id, transport } => {
                     backoff.reset();
                     replacing = false;
                     if let Some(a) = attempts.get_mut(&id) {
                         a.established = true;
+                        a.transport = Some(transport);
+                        if a.reprobe {
+                            tracing::info!(%gateway, "QUIC works again: moving off the TCP fallback");
+                            metrics::counter!("tether_agent_transport_switches_total", "to" => "quic").increment(1);
+                        } else if transport == Transport::Tcp && shared.mode == TransportMode::Auto {
+                            metrics::counter!("tether_agent_transport_switches_total", "to" => "tcp").increment(1);
+                        }
                     }
                     // Make-before-break: the new session is up, retire the others.
                     for (other, a) in attempts.iter_mut() {
@@ -98,9 +182,14 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                                 let _ = c.send((ErrorCode::REPLACED, "replaced by a new session"));
                             }
                     }
+                    if transport == Transport::Quic {
+                        reprobe_delay = REPROBE_FIRST.min(shared.quic_retry);
+                    }
+                    reprobe_at = (transport == Transport::Tcp && shared.mode == TransportMode::Auto)
+                        .then(|| tokio::time::Instant::now() + reprobe_delay);
                 }
                 Report::GoAway { id, within } => {
-                    tracing::info!(%gateway, attempt = id, ?within, "gateway asked us to move (GoAway)");
+                    tracing::info!(%gateway, attempt = id, ?within, "replacing the session");
                     let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
                     replacing = true;
                     if !dialing {
@@ -109,16 +198,28 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                     }
                 }
                 Report::Ended { id, established, reason } => {
-                    attempts.remove(&id);
-                    if established {
+                    let was = attempts.remove(&id);
+                    let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
+                    if reprobe && !established {
+                        tracing::debug!(%gateway, %reason, "QUIC still does not work; staying on TCP");
+                        reprobe_delay = (reprobe_delay * 2).min(shared.quic_retry);
+                        if attempts.values().any(|a| a.established) {
+                            reprobe_at = Some(tokio::time::Instant::now() + reprobe_delay);
+                        }
+                    } else if established {
                         tracing::warn!(%gateway, %reason, "session ended");
                     } else {
                         tracing::warn!(%gateway, %reason, "could not establish a session");
                         metrics::counter!("tether_agent_connect_failures_total").increment(1);
                     }
-                    shared.status.set_error(reason);
+                    if !reprobe || established {
+                        shared.status.set_error(reason);
+                    }
                     let live = attempts.values().any(|a| a.established);
                     let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
+                    if !live {
+                        reprobe_at = None;
+                    }
                     if (!live || replacing) && !dialing {
                         let delay = backoff.next_delay(rand::random::<f64>());
                         shared.status.record_delay(delay);
@@ -154,9 +255,10 @@ async fn run_attempt(
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Report>,
     close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
+    dial: Dial,
 ) {
     let mut established = false;
-    let reason = match session(id, &gateway, &shared, &tx, close_rx, &mut established).await {
+    let reason = match session(id, &gateway, &shared, &tx, close_rx, &mut established, dial).await {
         Ok(r) | Err(r) => r,
     };
     if established {
@@ -177,6 +279,43 @@ fn id_key(gateway: &str, id: u64) -> u64 {
     h.finish() ^ id
 }
 
+/// Dials `dial` within `connect_timeout` per transport.
+async fn connect(
+    gateway: &str,
+    shared: &Shared,
+    dial: Dial,
+) -> Result<(Option<quinn::Endpoint>, Link), String> {
+    let t = shared.connect_timeout;
+    let quic = async {
+        match tokio::time::timeout(t, shared.dialer.dial(gateway)).await {
+            Ok(Ok((endpoint, link))) => Ok((Some(endpoint), link)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "gateway {gateway}: no QUIC answer within {t:?} (is UDP to it allowed by the firewall?)"
+            )),
+        }
+    };
+    let tcp = async {
+        match tokio::time::timeout(t, shared.dialer.dial_tcp(gateway)).await {
+            Ok(Ok(link)) => Ok((None, link)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("gateway {gateway}: no TCP answer within {t:?}")),
+        }
+    };
+    match dial {
+        Dial::Quic => quic.await,
+        Dial::Tcp => tcp.await,
+        Dial::QuicThenTcp => match quic.await {
+            Ok(l) => Ok(l),
+            Err(quic_err) => {
+                tracing::info!(%gateway, reason = %quic_err, "QUIC cannot connect; trying TCP");
+                tcp.await
+                    .map_err(|tcp_err| format!("{quic_err}; and over TCP: {tcp_err}"))
+            }
+        },
+    }
+}
+
 async fn session(
     id: u64,
     gateway: &str,
@@ -184,30 +323,59 @@ async fn session(
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     established: &mut bool,
+    dial: Dial,
 ) -> Result<String, String> {
-    let dial = tokio::select! {
-        d = tokio::time::timeout(shared.connect_timeout, shared.dialer.dial(gateway)) => match d {
-            Ok(d) => d,
-            Err(_) => {
-                return Err(format!(
-                    "gateway {gateway}: no answer within {:?} (is UDP to it allowed by the firewall?)",
-                    shared.connect_timeout
-                ));
-            }
-        },
+    let (endpoint, link) = tokio::select! {
+        d = connect(gateway, shared, dial) => d?,
         r = &mut close_rx => {
             return Ok(format!("closed before connecting: {}", r.map(|(_, why)| why).unwrap_or("supervisor gone")));
         }
     };
-    let (endpoint, conn) = dial.map_err(|e| e.to_string())?;
+    let stats = Arc::new(LinkStats::default());
+    // Over HTTP/2 the first stream the gateway opens is the control stream; QUIC's are all
+    // gateway-opened streams after the one we open.
+    let control = match &link {
+        Link::Quic(_) => link
+            .open()
+            .await
+            .map_err(|e| format!("control stream: {e}"))?,
+        Link::H2(_) => tokio::time::timeout(shared.connect_timeout, link.accept())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("gateway {gateway}: no control stream over TCP"))?,
+    };
     // Streams the gateway opens on this connection; ends with the connection.
-    tokio::spawn(crate::relay::serve(conn.clone(), shared.services.clone()));
-    let result = run_control(id, gateway, shared, tx, close_rx, established, &conn).await;
+    tokio::spawn(crate::relay::serve(
+        link.clone(),
+        shared.services.clone(),
+        stats.clone(),
+    ));
+    let result = run_control(
+        id,
+        gateway,
+        shared,
+        tx,
+        close_rx,
+        established,
+        &link,
+        control,
+        &stats,
+    )
+    .await;
     // Give the close a moment to reach the gateway, without holding shutdown hostage.
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    match endpoint {
+        Some(e) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+        }
+        None => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), link.closed()).await;
+        }
+    }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_control(
     id: u64,
     gateway: &str,
@@ -215,16 +383,27 @@ async fn run_control(
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     established: &mut bool,
-    conn: &quinn::Connection,
+    link: &Link,
+    (mut send, mut recv): (
+        tether_runtime::transport::SendStream,
+        tether_runtime::transport::RecvStream,
+    ),
+    stats: &LinkStats,
 ) -> Result<String, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe(&e))?;
     let mut session = AgentSession::new(
         AgentSessionConfig::new(shared.hello.clone()),
         Instant::now(),
     );
     let key = id_key(gateway, id);
+    let transport = link.transport();
     let mut buf = vec![0u8; 16 * 1024];
     let mut close_rx_live = true;
+    // Retired: close once the streams in flight are done, or at this deadline.
+    let mut draining: Option<(Instant, ErrorCode, &'static str)> = None;
+    // The gateway's probe interval, once known; a session unprobed for long is wedged.
+    let mut probe_interval: Option<Duration> = None;
+    let mut wedged_reported = false;
+    let tick = Duration::from_millis(100);
     loop {
         while let Some(bytes) = session.poll_transmit() {
             send.write_all(&bytes)
@@ -236,18 +415,20 @@ async fn run_control(
                 AgentEvent::Established(w) => {
                     *established = true;
                     tracing::info!(%gateway, session = %w.session_id, gateway_id = %w.gateway_id,
-                        heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
+                        %transport, heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
+                    probe_interval = (w.probe_interval_ms > 0)
+                        .then(|| Duration::from_millis(w.probe_interval_ms));
                     shared.status.session_up(
                         key,
                         SessionStatus {
                             gateway: gateway.to_owned(),
                             session_id: w.session_id,
-                            transport: "quic",
+                            transport: transport.name(),
                             since: SystemTime::now(),
                             rtt: None,
                         },
                     );
-                    let _ = tx.send(Report::Established { id });
+                    let _ = tx.send(Report::Established { id, transport });
                 }
                 AgentEvent::Rtt(rtt) => {
                     shared.status.session_rtt(key, rtt);
@@ -264,27 +445,60 @@ async fn run_control(
                     if !info.by_peer {
                         let _ = send.finish();
                     }
-                    conn.close(info.code.0.into(), info.reason.as_bytes());
+                    link.close(info.code, info.reason.as_bytes());
+                    if !info.by_peer {
+                        link.linger().await;
+                    }
                     let who = if info.by_peer { "gateway" } else { "agent" };
                     return Ok(format!("closed by {who}: {} {}", info.code, info.reason));
                 }
             }
         }
-        let deadline = session
+        if let Some((deadline, code, why)) = draining
+            && (stats.active() == 0 || Instant::now() >= deadline)
+        {
+            draining = None;
+            session.close(code, why);
+            continue;
+        }
+        if let Some(every) = probe_interval
+            && !wedged_reported
+            && stats.last_probe().elapsed() > every * 3
+        {
+            wedged_reported = true;
+            tracing::warn!(%gateway, %transport, since = ?stats.last_probe().elapsed(),
+                "the gateway has stopped probing this session: replacing it");
+            metrics::counter!("tether_agent_wedged_sessions_total").increment(1);
+            let _ = tx.send(Report::GoAway {
+                id,
+                within: Duration::ZERO,
+            });
+        }
+        let mut deadline = session
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if draining.is_some() || probe_interval.is_some() {
+            deadline = deadline.min(Instant::now() + tick);
+        }
         tokio::select! {
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
-                Err(quinn::ReadError::ConnectionLost(e)) => return Err(describe(&e)),
-                Err(e) => return Err(format!("control stream: {e}")),
+                Err(tether_runtime::stream::StreamError::Closed { code, reason }) => {
+                    return Err(format!("gateway closed the connection: {code} {reason}"));
+                }
+                Err(e) => return Err(format!("gateway {gateway}: {e}")),
             },
             _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
             r = &mut close_rx, if close_rx_live => {
                 close_rx_live = false;
                 if let Ok((code, why)) = r {
-                    session.close(code, why);
+                    if code == ErrorCode::REPLACED {
+                        // Finish what this session carries first: new streams go to the new one.
+                        draining = Some((Instant::now() + DRAIN_MAX, code, why));
+                    } else {
+                        session.close(code, why);
+                    }
                 }
             }
         }

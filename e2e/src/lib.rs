@@ -509,6 +509,85 @@ impl RawAgent {
     }
 }
 
+/// A gateway that completes `Hello`/`Welcome`, announces end-to-end probes every
+/// `probe_interval` and answers heartbeats, but never probes: to an agent, a wedged gateway.
+pub struct SilentGateway {
+    /// Where it listens (UDP).
+    pub addr: SocketAddr,
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentGateway {
+    /// Starts one with `pki`'s gateway certificate on a free loopback port.
+    pub async fn start(pki: &Pki, probe_interval: Duration) -> SilentGateway {
+        use tunnel_proto::session::{GatewaySession, GatewaySessionConfig};
+        init();
+        let cfg = TestGateway::config(pki);
+        let tls = tether_gateway::tunnel::tls_config(&cfg).expect("tls");
+        let server = tether_gateway::tunnel::server_config(&cfg, tls).expect("server config");
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr"))
+            .expect("endpoint");
+        let addr = endpoint.local_addr().expect("addr");
+        let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sessions.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut sc = GatewaySessionConfig::new("silent".into());
+                    sc.heartbeat_interval = Duration::from_secs(1);
+                    sc.probe_interval = probe_interval;
+                    let mut session = GatewaySession::new(sc, Instant::now());
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        while let Some(b) = session.poll_transmit() {
+                            if send.write_all(&b).await.is_err() {
+                                return;
+                            }
+                        }
+                        while session.poll_event().is_some() {}
+                        if session.is_closed() {
+                            return;
+                        }
+                        let at = session
+                            .poll_timeout()
+                            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+                        tokio::select! {
+                            r = recv.read(&mut buf) => match r {
+                                Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
+                                _ => return,
+                            },
+                            _ = tokio::time::sleep_until(at.into()) => session.handle_timeout(Instant::now()),
+                        }
+                    }
+                });
+            }
+        });
+        SilentGateway {
+            addr,
+            sessions,
+            task,
+        }
+    }
+
+    /// Sessions established so far.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The QUIC application close code of a connection error, if it was an application close.
 pub fn app_close_code(e: &quinn::ConnectionError) -> Option<u64> {
     match e {

@@ -349,7 +349,17 @@ async fn agent_readyz_follows_the_session_and_healthz_does_not() {
     );
 
     let gw = TestGateway::start_with(TestGateway::config(&pki), addr).await;
-    wait_until("agent connected", T, || agent.handle.status.connected()).await;
+    // After a gateway restart an agent may land on the TCP fallback first (its QUIC attempt
+    // lost the race with the restart) and moves to QUIC within seconds.
+    wait_until("agent connected over QUIC", T, || {
+        agent
+            .handle
+            .status
+            .sessions()
+            .iter()
+            .any(|s| s.transport == "quic")
+    })
+    .await;
     let (status, body) = tokio::task::spawn_blocking(move || get("/readyz"))
         .await
         .unwrap();

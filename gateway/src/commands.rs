@@ -27,6 +27,7 @@ use tether_api::v1::commands_server::{Commands as CommandsRpc, CommandsServer};
 use tether_api::v1::{Command, CommandState};
 use tether_runtime::CancellationToken;
 use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tether_runtime::transport::SendStream;
 use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -630,12 +631,12 @@ impl Commands {
     async fn attempt(&self, session: &SessionInfo, id: &str) -> Result<(), String> {
         // The stream first: waiting for stream credit (the agent's stream limit) is not a
         // failed attempt, and Cancel stays possible meanwhile.
-        let (mut send, recv) = match session.conn.open_bi().await {
+        let (mut send, recv) = match session.link.open().await {
             Ok(s) => s,
             Err(e) => return Err(format!("connection lost: {e}")),
         };
-        let abandon = |mut send: quinn::SendStream| {
-            let _ = send.reset(ErrorCode::CANCELLED.0.into());
+        let abandon = |mut send: SendStream| {
+            send.reset(ErrorCode::CANCELLED);
         };
         // Mark delivered (first time) and count the attempt, atomically with Cancel's check.
         let (cmd, first) = {
@@ -700,7 +701,7 @@ impl Commands {
         let sent = async {
             send_msg(&mut send, &Message::StreamHeader(header)).await?;
             send_data(&mut send, Bytes::from(cmd.payload)).await?;
-            Ok::<_, quinn::WriteError>(())
+            Ok::<_, tether_runtime::stream::StreamError>(())
         };
         if let Err(e) = sent.await {
             return Err(format!("sending the command: {e}"));

@@ -49,6 +49,9 @@ pub const KEYS: Keys = &[
     "tunnel.handshake_timeout",
     "tunnel.drain_timeout",
     "tunnel.max_concurrent_streams",
+    "tunnel.tcp_fallback",
+    "tunnel.probe_interval",
+    "tunnel.probe_timeout",
     "northbound.listen",
     "ops.listen",
     "log.format",
@@ -138,6 +141,16 @@ pub struct TunnelConfig {
     pub drain_timeout: Duration,
     /// Gateway-opened streams an agent must accept concurrently.
     pub max_concurrent_streams: u32,
+    /// Also listen on TCP, same address and port, for agents whose network blocks UDP (TLS +
+    /// HTTP/2, the agent as HTTP/2 server).
+    pub tcp_fallback: bool,
+    /// How often each session is probed end to end (a stream opened, answered by the agent);
+    /// a session whose probe fails is closed even if its connection looks alive.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// How long a probe may take.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -148,6 +161,9 @@ impl Default for TunnelConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             max_concurrent_streams: 1024,
+            tcp_fallback: true,
+            probe_interval: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -199,6 +215,18 @@ impl Validate for GatewayConfig {
             return Err(ConfigError::invalid(
                 "tunnel.handshake_timeout",
                 "must be positive",
+            ));
+        }
+        if t.probe_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "tunnel.probe_interval",
+                "must be positive",
+            ));
+        }
+        if t.probe_timeout.is_zero() || t.probe_timeout > t.probe_interval {
+            return Err(ConfigError::invalid(
+                "tunnel.probe_timeout",
+                "must be positive and at most tunnel.probe_interval",
             ));
         }
         if self.commands.max_attempts == 0 {

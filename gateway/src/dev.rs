@@ -96,8 +96,15 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     )?;
 
     let lo = |port| SocketAddr::from(([127, 0, 0, 1], if opts.any_port { 0 } else { port }));
+    let udp = udp_or_any(lo(7443)).map_err(|e| format!("binding tunnel: {e}"))?;
+    // The TCP fallback on the same port when it is free (dev agents use QUIC either way).
+    let tunnel_tcp = udp
+        .local_addr()
+        .ok()
+        .and_then(|a| std::net::TcpListener::bind(a).ok());
     let sockets = Sockets {
-        tunnel: udp_or_any(lo(7443)).map_err(|e| format!("binding tunnel: {e}"))?,
+        tunnel: udp,
+        tunnel_tcp,
         northbound: tcp_or_any(lo(7444)).map_err(|e| format!("binding northbound: {e}"))?,
         ops: tcp_or_any(lo(9090)).map_err(|e| format!("binding ops: {e}"))?,
     };

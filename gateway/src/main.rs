@@ -180,7 +180,9 @@ fn serve(
         }
     };
     // TLS material is part of the config: load it now so --check-config catches a bad path.
-    if let Err(e) = tether_gateway::tunnel::server_config(&cfg) {
+    if let Err(e) = tether_gateway::tunnel::tls_config(&cfg)
+        .and_then(|tls| tether_gateway::tunnel::server_config(&cfg, tls))
+    {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }

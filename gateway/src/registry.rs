@@ -31,7 +31,7 @@ pub struct SessionInfo {
     /// Negotiated protocol version.
     pub version: u32,
     /// The connection, for opening streams towards the agent.
-    pub conn: quinn::Connection,
+    pub link: tether_runtime::transport::Link,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
@@ -76,7 +76,7 @@ pub struct NewSession {
     /// Negotiated version.
     pub version: u32,
     /// The connection.
-    pub conn: quinn::Connection,
+    pub link: tether_runtime::transport::Link,
 }
 
 /// A connect or disconnect.
@@ -145,7 +145,7 @@ impl Registry {
             connected_at: SystemTime::now(),
             hello: s.hello,
             version: s.version,
-            conn: s.conn,
+            link: s.link,
             rtt: Mutex::new(None),
             control: tx,
         });

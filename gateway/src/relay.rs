@@ -30,6 +30,7 @@ use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc::{self, TETHER_AGENT, TETHER_SERVICE};
 use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tether_runtime::transport::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
@@ -73,8 +74,22 @@ impl Relay {
                 "agent {agent} is not connected"
             )));
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % snapshot.sessions.len();
-        Ok(snapshot.sessions[i].clone())
+        // Make-before-break: while an agent instance moves to a new session (GoAway, or back
+        // from the TCP fallback to QUIC), its older session only finishes what it carries.
+        // Sessions are in connection order, so the newest of each instance is the last.
+        let s = &snapshot.sessions;
+        let current: Vec<&Arc<SessionInfo>> = s
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                !s[i + 1..]
+                    .iter()
+                    .any(|b| b.hello.instance_id == a.hello.instance_id)
+            })
+            .map(|(_, a)| a)
+            .collect();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % current.len();
+        Ok(current[i].clone())
     }
 
     /// Authenticates the caller and resolves `tether-agent` / `tether-service` from metadata.
@@ -111,11 +126,11 @@ impl Relay {
         agent: &AgentId,
         header: StreamHeader,
         deadline: Option<Instant>,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), Status> {
+    ) -> Result<(SendStream, RecvStream), Status> {
         let session = self.pick(agent)?;
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
-            match tokio::time::timeout_at(open_by.into(), session.conn.open_bi()).await {
+            match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     return Err(Status::unavailable(format!(
@@ -303,16 +318,12 @@ impl Drop for ActiveGuard {
 
 /// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
 /// caller's body fails (the caller went away) or the call is cancelled.
-async fn pump_request(
-    mut body: axum::body::Body,
-    mut send: quinn::SendStream,
-    cancel: CancellationToken,
-) {
+async fn pump_request(mut body: axum::body::Body, mut send: SendStream, cancel: CancellationToken) {
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = cancel.cancelled() => {
-                let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                send.reset(ErrorCode::CANCELLED);
                 return;
             }
             _ = send.stopped() => return,
@@ -327,14 +338,14 @@ async fn pump_request(
                 }
             }
             Some(Err(_)) => {
-                let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                send.reset(ErrorCode::CANCELLED);
                 return;
             }
             None => {
                 let _ = send.finish();
                 // Stay until the call ends so a later cancellation can still reset.
                 tokio::select! {
-                    _ = cancel.cancelled() => { let _ = send.reset(ErrorCode::CANCELLED.0.into()); }
+                    _ = cancel.cancelled() => { send.reset(ErrorCode::CANCELLED); }
                     _ = send.stopped() => {}
                 }
                 return;

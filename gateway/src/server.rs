@@ -21,11 +21,14 @@ use crate::store::EmbeddedStore;
 use crate::streams::StreamsApi;
 use crate::tunnel::{self, TunnelContext};
 
-/// The gateway's three listeners, bound before start.
+/// The gateway's listeners, bound before start.
 #[derive(Debug)]
 pub struct Sockets {
     /// UDP for QUIC.
     pub tunnel: std::net::UdpSocket,
+    /// TCP for the fallback (TLS + HTTP/2), on the same address and port as `tunnel`; `None`
+    /// when `tunnel.tcp_fallback` is off.
+    pub tunnel_tcp: Option<std::net::TcpListener>,
     /// TCP for northbound gRPC.
     pub northbound: std::net::TcpListener,
     /// TCP for ops HTTP.
@@ -36,21 +39,52 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> GatewayError {
     move |source| GatewayError::Io { what, source }
 }
 
+/// UDP and TCP on one address and port. With port 0 the UDP socket picks the port and TCP
+/// follows; if that TCP port is taken, both are tried again on another.
+fn bind_tunnel(
+    addr: SocketAddr,
+) -> Result<(std::net::UdpSocket, std::net::TcpListener), GatewayError> {
+    let mut tries = 0;
+    loop {
+        let udp = std::net::UdpSocket::bind(addr)
+            .map_err(io(format!("binding tunnel listener udp/{addr}")))?;
+        let bound = udp.local_addr().map_err(io("tunnel socket".into()))?;
+        match std::net::TcpListener::bind(bound) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && tries < 32 => {
+                tries += 1;
+                tracing::debug!(%bound, error = %e, "TCP port taken; picking another tunnel port");
+            }
+            Err(e) => {
+                return Err(io(format!(
+                    "binding tunnel fallback listener tcp/{bound} (set tunnel.tcp_fallback = false to run QUIC only)"
+                ))(e));
+            }
+        }
+    }
+}
+
 impl Sockets {
     /// Binds the addresses in `cfg`.
     pub fn bind(cfg: &GatewayConfig) -> Result<Sockets, GatewayError> {
-        Sockets::bind_addrs(cfg.tunnel.listen, cfg.northbound.listen, cfg.ops.listen)
+        let mut s = Sockets::bind_addrs(cfg.tunnel.listen, cfg.northbound.listen, cfg.ops.listen)?;
+        if !cfg.tunnel.tcp_fallback {
+            s.tunnel_tcp = None;
+        }
+        Ok(s)
     }
 
-    /// Binds explicit addresses (port 0 picks a free port).
+    /// Binds explicit addresses (port 0 picks a free port; the tunnel's TCP listener then takes
+    /// the same port number as its UDP socket).
     pub fn bind_addrs(
         tunnel: SocketAddr,
         northbound: SocketAddr,
         ops: SocketAddr,
     ) -> Result<Sockets, GatewayError> {
+        let (udp, tcp) = bind_tunnel(tunnel)?;
         Ok(Sockets {
-            tunnel: std::net::UdpSocket::bind(tunnel)
-                .map_err(io(format!("binding tunnel listener udp/{tunnel}")))?,
+            tunnel: udp,
+            tunnel_tcp: Some(tcp),
             northbound: std::net::TcpListener::bind(northbound)
                 .map_err(io(format!("binding northbound listener tcp/{northbound}")))?,
             ops: std::net::TcpListener::bind(ops)
@@ -101,7 +135,8 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
-    let server_config = tunnel::server_config(&cfg)?;
+    let tunnel_tls = tunnel::tls_config(&cfg)?;
+    let server_config = tunnel::server_config(&cfg, tunnel_tls.clone())?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),
@@ -136,9 +171,25 @@ pub async fn start(
     ));
     tokio::spawn(tunnel::accept_loop(
         endpoint.clone(),
-        ctx,
+        ctx.clone(),
         stop_accepting.clone(),
     ));
+    let tunnel_tcp = match sockets.tunnel_tcp {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .map_err(io("tunnel TCP socket".into()))?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(io("tunnel TCP socket".into()))?;
+            let addr = l.local_addr().map_err(io("tunnel TCP socket".into()))?;
+            tokio::spawn(tunnel::accept_tcp_loop(
+                l,
+                tunnel_tls,
+                ctx,
+                stop_accepting.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
 
     // Northbound gRPC over TLS, client certificates required.
     let tls = northbound_tls(&cfg)?;
@@ -187,7 +238,8 @@ pub async fn start(
     let ops_stop = CancellationToken::new();
     let ops_task = tokio::spawn(ops::serve(ops_listener, readiness, ops_stop.clone()));
 
-    tracing::info!(tunnel = %tunnel_addr, northbound = %northbound_addr, ops = %ops_addr,
+    tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
+        northbound = %northbound_addr, ops = %ops_addr,
         trust_domain = %cfg.trust_domain, "gateway listening");
 
     let drain_registry = registry.clone();

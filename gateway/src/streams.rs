@@ -72,7 +72,7 @@ impl Streams for StreamsApi {
                 return Err(Status::new(tonic::Code::from_i32(r.code), r.message));
             }
             Ok(other) => {
-                let _ = send.reset(ErrorCode::PROTOCOL_ERROR.0.into());
+                send.reset(ErrorCode::PROTOCOL_ERROR);
                 return Err(Status::internal(format!(
                     "agent {agent} answered a TCP stream with {}",
                     other.map_or("nothing", |m| m.name())
@@ -102,7 +102,7 @@ impl Streams for StreamsApi {
                         return;
                     }
                     Some(Err(_)) => {
-                        let _ = send.reset(ErrorCode::CANCELLED.0.into());
+                        send.reset(ErrorCode::CANCELLED);
                         return;
                     }
                 }
@@ -120,7 +120,7 @@ impl Streams for StreamsApi {
                     .await
                     .is_err()
             {
-                let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                recv.stop(ErrorCode::CANCELLED);
                 return;
             }
             let mut buf = vec![0u8; CHUNK];
@@ -128,7 +128,7 @@ impl Streams for StreamsApi {
                 let n = tokio::select! {
                     r = recv.read(&mut buf) => r,
                     _ = tx.closed() => {
-                        let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                        recv.stop(ErrorCode::CANCELLED);
                         return;
                     }
                 };
@@ -142,7 +142,7 @@ impl Streams for StreamsApi {
                             .await
                             .is_err()
                         {
-                            let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                            recv.stop(ErrorCode::CANCELLED);
                             return;
                         }
                     }

@@ -1,10 +1,13 @@
-//! Transport + session layers: the QUIC listener agents dial, and the driver that runs one
-//! `tunnel_proto::GatewaySession` per connection.
+//! Transport + session layers: the listeners agents dial (QUIC on UDP, and TLS + HTTP/2 on TCP,
+//! same port, for networks that block UDP), and the driver that runs one
+//! `tunnel_proto::GatewaySession` per connection, whatever its transport.
 //!
 //! The driver owns the control stream: it feeds bytes and time into the sans-IO session, writes
 //! what the session wants written, registers the session when `Hello` is accepted, and closes
-//! the connection with the session's close code when it ends. A bad peer ends only its own
-//! connection.
+//! the connection with the session's close code when it ends. Beside it, a probe opens a stream
+//! every `probe_interval` and expects the agent's answer within `probe_timeout`: a session whose
+//! connection looks alive but whose streams do not work is closed (`UNRESPONSIVE`). A bad peer
+//! ends only its own connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,17 +17,21 @@ use std::time::{Duration, Instant};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use tether_runtime::CancellationToken;
+use tether_runtime::stream::{FramedRecv, StreamError, send_msg};
 use tether_runtime::tls;
+use tether_runtime::transport::{H2Link, Link, RecvStream, SendStream};
+use tunnel_proto::message::{StreamHeader, StreamKind};
 use tunnel_proto::session::{GatewayEvent, GatewaySession, GatewaySessionConfig};
-use tunnel_proto::{ALPN, ErrorCode, SpiffeId};
+use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
 use crate::verifier::{AgentVerifier, count_refusal};
 
-/// Builds the QUIC server config: TLS 1.3, ALPN `tether/1`, mandatory agent client certificates.
-pub fn server_config(cfg: &GatewayConfig) -> Result<quinn::ServerConfig, GatewayError> {
+/// The tunnel's TLS config, for QUIC and TCP alike: TLS 1.3, ALPN `tether/1`, mandatory agent
+/// client certificates checked by [`AgentVerifier`].
+pub fn tls_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
     let roots = tls::load_roots(&cfg.tls.ca)?;
     let inner = WebPkiClientVerifier::builder(Arc::new(roots))
         .build()
@@ -37,6 +44,14 @@ pub fn server_config(cfg: &GatewayConfig) -> Result<quinn::ServerConfig, Gateway
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(format!("gateway certificate: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// Builds the QUIC server config on [`tls_config`].
+pub fn server_config(
+    cfg: &GatewayConfig,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<quinn::ServerConfig, GatewayError> {
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| GatewayError::Tls(format!("QUIC TLS config: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -63,6 +78,8 @@ pub struct TunnelContext {
     pub session: GatewaySessionConfig,
     /// Cancelled when the gateway shuts down: sessions close with `SHUTDOWN`.
     pub shutdown: CancellationToken,
+    /// How often each session is probed, and how long a probe may take.
+    pub probe: (Duration, Duration),
     next_session: AtomicU64,
     instance: String,
 }
@@ -76,10 +93,12 @@ impl TunnelContext {
         session.heartbeat_interval = cfg.tunnel.heartbeat_interval;
         session.handshake_timeout = cfg.tunnel.handshake_timeout;
         session.max_concurrent_streams = cfg.tunnel.max_concurrent_streams;
+        session.probe_interval = cfg.tunnel.probe_interval;
         TunnelContext {
             registry,
             session,
             shutdown,
+            probe: (cfg.tunnel.probe_interval, cfg.tunnel.probe_timeout),
             next_session: AtomicU64::new(1),
             instance,
         }
@@ -165,20 +184,112 @@ async fn handle_connection(
             return Ok(());
         }
     };
-    let accept = tokio::time::timeout(ctx.session.handshake_timeout, conn.accept_bi()).await;
+    let link = Link::Quic(conn);
+    // Over QUIC the agent opens the control stream.
+    let accept = tokio::time::timeout(ctx.session.handshake_timeout, link.accept()).await;
     let (send, recv) = match accept {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(e),
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(()),
         Err(_) => {
-            conn.close(
-                ErrorCode::HANDSHAKE_TIMEOUT.0.into(),
-                b"no control stream opened",
-            );
+            link.close(ErrorCode::HANDSHAKE_TIMEOUT, b"no control stream opened");
             return Ok(());
         }
     };
-    drive_session(conn, send, recv, agent, remote, ctx).await;
+    drive_session(link, send, recv, agent, remote, ctx).await;
     Ok(())
+}
+
+/// Accepts agent connections on TCP (the fallback) until `stop_accepting` is cancelled.
+pub async fn accept_tcp_loop(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<TunnelContext>,
+    stop_accepting: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (sock, remote) = tokio::select! {
+            _ = stop_accepting.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the ones we have.
+                    tracing::warn!(error = %e, "accepting a TCP tunnel connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tokio::spawn(async move {
+            handle_tcp(sock, remote, acceptor, ctx).await;
+        });
+    }
+}
+
+/// Why a TLS-over-TCP handshake failed, as a `handshake_failures_total` reason; `None` when the
+/// verifier already counted it.
+fn tcp_failure_reason(e: &std::io::Error) -> Option<&'static str> {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return Some("connection_error");
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => Some("no_client_certificate"),
+        rustls::Error::NoApplicationProtocol => Some("alpn_mismatch"),
+        rustls::Error::InvalidCertificate(_) => None,
+        _ => Some("tls_error"),
+    }
+}
+
+async fn handle_tcp(
+    sock: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<TunnelContext>,
+) {
+    let handshake = tokio::time::timeout(ctx.session.handshake_timeout, acceptor.accept(sock));
+    let tls = match handshake.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            if let Some(reason) = tcp_failure_reason(&e) {
+                count_refusal(reason, &format!("tcp {remote}: {e}"));
+            }
+            return;
+        }
+        Err(_) => {
+            count_refusal("timeout", &format!("tcp {remote}: TLS handshake timed out"));
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN) {
+        count_refusal("alpn_mismatch", &format!("tcp {remote}: no tether ALPN"));
+        return;
+    }
+    let agent = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => match tls::spiffe_id(cert) {
+            Ok(SpiffeId::Agent { id, .. }) => id,
+            _ => return,
+        },
+        None => return,
+    };
+    let link = match H2Link::client(tls, remote).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/2 handshake with an agent failed");
+            return;
+        }
+    };
+    // Over HTTP/2 the gateway opens the control stream (the agent is the HTTP/2 server).
+    let (send, recv) = match link.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "opening the control stream failed");
+            return;
+        }
+    };
+    drive_session(link, send, recv, agent, remote, ctx).await;
 }
 
 fn peer_agent(conn: &quinn::Connection) -> Option<tunnel_proto::AgentId> {
@@ -193,9 +304,9 @@ fn peer_agent(conn: &quinn::Connection) -> Option<tunnel_proto::AgentId> {
 }
 
 async fn drive_session(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    link: Link,
+    mut send: SendStream,
+    mut recv: RecvStream,
     agent: tunnel_proto::AgentId,
     remote: SocketAddr,
     ctx: Arc<TunnelContext>,
@@ -207,6 +318,10 @@ async fn drive_session(
     let mut registered: Option<Arc<SessionInfo>> = None;
     let mut commands = None;
     let mut buf = vec![0u8; 16 * 1024];
+    let transport = link.transport();
+    let probe_failed = CancellationToken::new();
+    let _probe = ProbeGuard(probe_failed.clone());
+    let mut probe_closing = false;
     let close_reason;
     loop {
         while let Some(bytes) = session.poll_transmit() {
@@ -223,15 +338,16 @@ async fn drive_session(
                         session_id: session_id.clone(),
                         agent: agent.clone(),
                         remote,
-                        transport: "quic",
+                        transport: transport.name(),
                         hello,
                         version,
-                        conn: conn.clone(),
+                        link: link.clone(),
                     });
-                    tracing::info!(%agent, session = %session_id, %remote,
+                    tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");
-                    metrics::counter!("tether_gateway_sessions_total", "transport" => "quic")
+                    metrics::counter!("tether_gateway_sessions_total", "transport" => transport.name())
                         .increment(1);
+                    tokio::spawn(probe(link.clone(), ctx.probe, probe_failed.clone()));
                     registered = Some(info);
                     commands = Some(rx);
                 }
@@ -250,11 +366,12 @@ async fn drive_session(
                 .increment(1);
             close_reason = format!("{}: {}", info.code, info.reason);
             if info.by_peer {
-                conn.close(ErrorCode::NO_ERROR.0.into(), b"");
+                link.close(ErrorCode::NO_ERROR, b"");
             } else {
                 // Let the Close frame go out before the connection close discards it.
                 let _ = send.finish();
-                conn.close(info.code.0.into(), info.reason.as_bytes());
+                link.close(info.code, info.reason.as_bytes());
+                link.linger().await;
             }
             break;
         }
@@ -271,19 +388,19 @@ async fn drive_session(
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
-                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c))) => {
-                    close_reason = format!(
-                        "closed by agent: {} {}",
-                        ErrorCode::from(u64::from(c.error_code)),
-                        String::from_utf8_lossy(&c.reason)
-                    );
+                Err(StreamError::Closed { code, reason }) => {
+                    close_reason = format!("closed by agent: {code} {reason}");
                     break;
                 }
                 Err(e) => {
-                    close_reason = format!("connection lost: {e}");
+                    close_reason = e.to_string();
                     break;
                 }
             },
+            _ = probe_failed.cancelled(), if !probe_closing => {
+                probe_closing = true;
+                session.close(ErrorCode::UNRESPONSIVE, "end-to-end probe failed");
+            }
             _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
             Some(cmd) = command => match cmd {
                 SessionCommand::GoAway(reason, within) => session.go_away(&reason, within),
@@ -292,9 +409,69 @@ async fn drive_session(
         }
     }
     if let Some(info) = registered {
-        tracing::info!(%agent, session = %session_id, reason = %close_reason, "agent disconnected");
+        tracing::info!(%agent, session = %session_id, %transport, reason = %close_reason, "agent disconnected");
         ctx.registry.unregister(&info, close_reason);
     } else {
         tracing::info!(%agent, %remote, reason = %close_reason, "agent session ended before Hello");
+    }
+}
+
+/// Stops a session's probe when its driver ends.
+struct ProbeGuard(CancellationToken);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Probes `link` every `interval`: opens a stream, sends a `Probe` header, and expects the
+/// agent's `OpenResult` within `timeout`. Cancels `failed` on the first failure (and ends).
+async fn probe(link: Link, (interval, timeout): (Duration, Duration), failed: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = failed.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(timeout, probe_once(&link)).await;
+        let why = match outcome {
+            Ok(Ok(())) => {
+                metrics::histogram!("tether_gateway_probe_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                continue;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {timeout:?}"),
+        };
+        if failed.is_cancelled() {
+            return;
+        }
+        metrics::counter!("tether_gateway_probe_failures_total",
+            "transport" => link.transport().name())
+        .increment(1);
+        tracing::warn!(remote = %link.remote_address(), transport = %link.transport(), reason = %why,
+            "end-to-end probe failed; closing the session");
+        failed.cancel();
+        return;
+    }
+}
+
+async fn probe_once(link: &Link) -> Result<(), String> {
+    let (mut send, recv) = link.open().await.map_err(|e| e.to_string())?;
+    let header = StreamHeader {
+        kind: StreamKind::Probe as i32,
+        ..Default::default()
+    };
+    send_msg(&mut send, &Message::StreamHeader(header))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut framed = FramedRecv::new(recv, 1024);
+    match framed.next().await {
+        Ok(Some(Message::OpenResult(r))) if r.ok => Ok(()),
+        Ok(Some(other)) => Err(format!("unexpected answer {}", other.name())),
+        Ok(None) => Err("stream ended without an answer".into()),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -8,6 +8,7 @@
 //! - [`ops`]: the ops HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`tls`]: loading PEM material and reading SPIFFE identities out of certificates;
 //! - [`shutdown`]: the one shutdown signal every task listens to;
+//! - [`transport`]: a tunnel connection and its streams, over QUIC or TLS + HTTP/2 on TCP;
 //! - [`stream`]: framed reads and writes on one tunnel stream.
 #![warn(missing_docs)]
 
@@ -18,5 +19,6 @@ pub mod ops;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;
+pub mod transport;
 
 pub use tokio_util::sync::CancellationToken;

@@ -91,6 +91,8 @@ impl ErrorCode {
     pub const CANCELLED: ErrorCode = ErrorCode(10);
     /// The peer's identity is not acceptable here.
     pub const UNAUTHENTICATED: ErrorCode = ErrorCode(11);
+    /// The end-to-end probe failed: the connection looks alive but streams do not work.
+    pub const UNRESPONSIVE: ErrorCode = ErrorCode(12);
 
     /// A stable lower-case name, for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -107,6 +109,7 @@ impl ErrorCode {
             9 => "internal",
             10 => "cancelled",
             11 => "unauthenticated",
+            12 => "unresponsive",
             _ => "unknown",
         }
     }

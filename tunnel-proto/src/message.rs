@@ -52,6 +52,10 @@ pub struct Welcome {
     /// Which gateway instance answered, for display.
     #[prost(string, tag = "6")]
     pub gateway_id: String,
+    /// How often the gateway probes the session end to end (a `Probe` stream); 0: never. An
+    /// agent that sees no probe for much longer replaces the session.
+    #[prost(uint64, tag = "7")]
+    pub probe_interval_ms: u64,
 }
 
 /// Agent → gateway liveness probe; the gateway answers with [`HeartbeatAck`].

@@ -376,6 +376,9 @@ pub struct GatewaySessionConfig {
     pub max_concurrent_streams: u32,
     /// Versions this gateway speaks.
     pub versions: Vec<u32>,
+    /// How often the gateway probes the session end to end (announced in `Welcome`); zero:
+    /// never.
+    pub probe_interval: Duration,
 }
 
 impl GatewaySessionConfig {
@@ -390,6 +393,7 @@ impl GatewaySessionConfig {
             limits: Limits::DEFAULT,
             max_concurrent_streams: 1024,
             versions: SUPPORTED_VERSIONS.to_vec(),
+            probe_interval: Duration::ZERO,
         }
     }
 }
@@ -481,6 +485,7 @@ impl GatewaySession {
                     max_frame_size: self.config.limits.max_control_frame as u32,
                     max_concurrent_streams: self.config.max_concurrent_streams,
                     gateway_id: self.config.gateway_id.clone(),
+                    probe_interval_ms: self.config.probe_interval.as_millis() as u64,
                 }));
                 self.state = GatewayState::Established;
                 self.events

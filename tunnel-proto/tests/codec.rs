@@ -63,18 +63,20 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<u32>(),
             any::<u32>(),
-            s()
+            s(),
+            any::<u64>()
         )
-            .prop_map(
-                |(version, session_id, hb, mfs, mcs, gateway_id)| Message::Welcome(Welcome {
+            .prop_map(|(version, session_id, hb, mfs, mcs, gateway_id, probe)| {
+                Message::Welcome(Welcome {
                     version,
                     session_id,
                     heartbeat_interval_ms: hb,
                     max_frame_size: mfs,
                     max_concurrent_streams: mcs,
                     gateway_id,
+                    probe_interval_ms: probe,
                 })
-            ),
+            }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
         any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),
