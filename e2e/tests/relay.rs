@@ -453,3 +453,26 @@ async fn streams_spread_across_an_agents_sessions() {
     a2.stop().await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_retrying_an_unknown_agent_keeps_its_connection() {
+    init();
+    let pki = Pki::new();
+    let gw = TestGateway::start(&pki).await;
+    // One channel, one HTTP/2 connection. Each request's body comes a moment after its headers,
+    // so the gateway refuses the call while the request is still open: that must not count
+    // towards the HTTP/2 server's limit of 1,024 locally reset streams per connection.
+    let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/nobody"), None)).await;
+    for i in 0..1100 {
+        let late = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            EchoRequest {
+                message: "x".into(),
+                ..Default::default()
+            }
+        });
+        let e = echo.client_stream(late).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "call {i}: {e:?}");
+    }
+    gw.stop().await;
+}
