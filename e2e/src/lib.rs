@@ -392,6 +392,18 @@ impl AgentProcess {
         Self::spawn_with(cfg, ns.command(binary("tether-agent")))
     }
 
+    /// Inside network namespace `ns` with extra environment variables (e.g. `RUST_LOG`,
+    /// `HTTPS_PROXY`), keeping its log ([`logs`](Self::logs)).
+    pub fn spawn_netns_env(
+        cfg: &AgentConfig,
+        ns: &netns::Netns,
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
+        let mut command = ns.command(binary("tether-agent"));
+        command.envs(env.iter().copied());
+        Self::spawn_with(cfg, command)
+    }
+
     fn spawn_with(cfg: &AgentConfig, mut command: tokio::process::Command) -> AgentProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = cfg.clone();
@@ -713,6 +725,61 @@ pub async fn echo_via(
         .expect("northbound connect");
     tether_api::demo::v1::echo_client::EchoClient::with_interceptor(ch, route)
         .max_decoding_message_size(16 << 20)
+}
+
+/// An Echo request carrying `message`.
+pub fn echo_req(message: &str) -> tether_api::demo::v1::EchoRequest {
+    tether_api::demo::v1::EchoRequest {
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+/// Makes one call of each shape through `echo` and checks the answers: unary, server
+/// streaming (5 replies in order), client streaming (3 requests folded into one reply), and
+/// bidi with each reply arriving while the request stream is still open.
+pub async fn call_every_shape(echo: &mut tether_api::demo::v1::echo_client::EchoClient<Routed>) {
+    use tokio_stream::StreamExt;
+    let t = Duration::from_secs(30);
+    let r = echo.unary(echo_req("unary")).await.expect("unary");
+    assert_eq!(r.into_inner().message, "unary");
+    let mut stream = echo
+        .server_stream(tether_api::demo::v1::EchoRequest {
+            message: "s".into(),
+            repeat: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("server stream")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = stream.next().await {
+        got.push(m.expect("server stream reply").index);
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    let resp = echo
+        .client_stream(tokio_stream::iter(["a", "b", "c"].map(echo_req)))
+        .await
+        .expect("client stream")
+        .into_inner();
+    assert_eq!((resp.message.as_str(), resp.index), ("abc", 3));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = echo
+        .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..3 {
+        tx.send(echo_req(&format!("m{i}"))).await.expect("send");
+        let m = tokio::time::timeout(t, replies.next())
+            .await
+            .expect("bidi reply in time")
+            .expect("bidi reply")
+            .expect("bidi reply ok");
+        assert_eq!(m.message, format!("m{i}"));
+    }
+    drop(tx);
+    assert!(replies.next().await.is_none());
 }
 
 /// A TCP upstream that echoes everything and half-closes after the client half-closes.

@@ -61,45 +61,8 @@ async fn all_four_call_shapes_relay_with_metadata_both_ways() {
     assert_eq!(body.message, "hello");
     assert_eq!(body.seen_metadata, vec!["x-request-id=r-1".to_string()]);
 
-    // Server streaming.
-    let mut stream = echo
-        .server_stream(EchoRequest {
-            message: "s".into(),
-            repeat: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut got = Vec::new();
-    while let Some(m) = stream.next().await {
-        got.push(m.unwrap().index);
-    }
-    assert_eq!(got, vec![0, 1, 2, 3, 4]);
-
-    // Client streaming.
-    let reqs = tokio_stream::iter(["a", "b", "c"].map(req));
-    let resp = echo.client_stream(reqs).await.unwrap().into_inner();
-    assert_eq!((resp.message.as_str(), resp.index), ("abc", 3));
-
-    // Bidi: replies arrive while the request stream is still open.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = echo
-        .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    for i in 0..3 {
-        tx.send(req(&format!("m{i}"))).await.unwrap();
-        let m = tokio::time::timeout(T, replies.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(m.message, format!("m{i}"));
-    }
-    drop(tx);
-    assert!(replies.next().await.is_none());
+    // Server streaming, client streaming, bidi (replies while the request stream is open).
+    call_every_shape(&mut echo).await;
 
     // Counted at tenant level, with the final status; bytes both ways.
     let ok = metric(

@@ -9,10 +9,10 @@ use tether_api::demo::v1::EchoRequest;
 use tether_api::v1::streams_client::StreamsClient;
 use tether_api::v1::{GetAgentRequest, StreamChunk};
 use tether_e2e::{
-    DemoUpstream, Pki, Route, TestAgent, TestGateway, agent_config, echo_via, metric, submit_req,
+    DemoUpstream, Pki, Route, TestAgent, TestGateway, agent_config, call_every_shape, echo_via,
+    metric, submit_req,
     tcp_echo_server, wait_final, wait_until, with_service,
 };
-use tokio_stream::StreamExt;
 use tunnel_proto::ErrorCode;
 
 const T: Duration = Duration::from_secs(20);
@@ -48,51 +48,7 @@ async fn over_tcp_every_call_shape_a_stream_and_a_command_work_and_it_shows() {
 
     // Four call shapes.
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/tcp"), None)).await;
-    let r = echo
-        .unary(EchoRequest {
-            message: "hi".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.message, "hi");
-    let mut s = echo
-        .server_stream(EchoRequest {
-            message: "s".into(),
-            repeat: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(m) = s.next().await {
-        m.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, 5);
-    let reqs = (0..4).map(|i| EchoRequest {
-        message: i.to_string(),
-        ..Default::default()
-    });
-    let r = echo
-        .client_stream(tokio_stream::iter(reqs.clone()))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!r.message.is_empty());
-    let mut b = echo
-        .bidi_stream(tokio_stream::iter(reqs))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(m) = b.next().await {
-        m.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, 4);
+    call_every_shape(&mut echo).await;
     // A large body, to exercise HTTP/2 flow control both ways.
     let big = vec![7u8; 3 << 20];
     let r = echo
