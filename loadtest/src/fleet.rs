@@ -1,0 +1,608 @@
+//! Fleet simulator: many agents in one process, each with its own identity and its own QUIC
+//! connection to the gateway, ramped up at a set rate.
+//!
+//! Two kinds of agent:
+//! - **lean** (the default): the agent's own feature code on a lighter session driver. Each agent
+//!   has its own certificate, `rustls` config and QUIC connection; the control stream runs
+//!   `tunnel_proto::AgentSession` (the agent's state machine: `Hello`, heartbeats at the interval
+//!   the gateway announces, RTT, close codes); gateway-opened streams are served by
+//!   `tether_agent::relay::serve` with the agent's own service map and command executor
+//!   (`tether_agent::commands`, the built-in `echo` and `sleep` kinds). What it leaves out of the
+//!   real supervisor: the TCP fallback and its re-probing, make-before-break on `GoAway`, and the
+//!   100 ms housekeeping tick; reconnects use the same full-jitter [`Backoff`] with the agent's
+//!   defaults. Agents share a few UDP sockets (`--sockets`) instead of one connected socket
+//!   each. The relay's upstream is an in-process echo service (`tether.demo.v1.Echo`), the
+//!   agent's default service.
+//! - **full**: `tether_agent::start_with_identity`, a complete agent per identity (supervisor,
+//!   one UDP socket and QUIC endpoint per session, the 100 ms tick), with a real TCP echo
+//!   upstream on loopback. Heavier: for checking that the lean fleet behaves like real agents.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::QuicClientConfig;
+use tether_agent::commands::{Executor, Handlers};
+use tether_agent::relay::{BoxError, GrpcService, LinkStats, Services};
+use tether_runtime::CancellationToken;
+use tether_runtime::transport::Link;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tunnel_proto::message::Hello;
+use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
+use tunnel_proto::{Backoff, ErrorCode};
+
+use crate::LoadError;
+use crate::identities::AgentIdentity;
+
+/// Which agent implementation the fleet runs; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetMode {
+    /// The agent's session state machine, relay and command executor on a light driver.
+    Lean,
+    /// Complete `tether_agent` instances.
+    Full,
+}
+
+/// How the fleet dials and behaves.
+#[derive(Clone, Debug)]
+pub struct FleetSettings {
+    /// The gateway's QUIC address.
+    pub gateway: SocketAddr,
+    /// TLS name the gateway's certificate must carry.
+    pub server_name: String,
+    /// Lean or full agents.
+    pub mode: FleetMode,
+    /// Agents started per second during the ramp.
+    pub ramp_rate: f64,
+    /// UDP sockets the lean agents share.
+    pub sockets: usize,
+    /// Most handshakes in flight at once across the fleet (0: no limit, as with real agents).
+    pub max_handshakes: usize,
+    /// Reconnect backoff ceiling of the first attempt (full jitter).
+    pub initial_backoff: Duration,
+    /// Reconnect backoff cap.
+    pub max_backoff: Duration,
+    /// Time allowed for one dial (handshake and `Welcome`).
+    pub connect_timeout: Duration,
+}
+
+/// What happened in the fleet, with times, for the storm's figures.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    /// Sessions established.
+    pub ups: Vec<Instant>,
+    /// Sessions that ended.
+    pub downs: Vec<Instant>,
+    /// Reconnect delays chosen (when chosen, how long).
+    pub delays: Vec<(Instant, Duration)>,
+    /// Dials that failed (when, why); the first 1,000 reasons are kept.
+    pub failures: Vec<(Instant, String)>,
+}
+
+struct Shared {
+    settings: FleetSettings,
+    connected: AtomicUsize,
+    started: AtomicUsize,
+    sessions: AtomicU64,
+    connect_failures: AtomicU64,
+    log: Mutex<EventLog>,
+    handshakes: Option<Arc<Semaphore>>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn log(&self) -> std::sync::MutexGuard<'_, EventLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running fleet.
+pub struct Fleet {
+    shared: Arc<Shared>,
+    full: Arc<Mutex<Vec<tether_agent::AgentHandle>>>,
+    total: usize,
+    ramp: Option<tokio::task::JoinHandle<()>>,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The in-process echo upstream every lean agent serves as its default service.
+fn echo_service() -> GrpcService {
+    let svc = tether_api::demo::v1::echo_server::EchoServer::new(
+        tether_gateway::demo::EchoService::default(),
+    );
+    GrpcService::new(ServiceExt::<http::Request<tonic::body::Body>>::map_err(
+        svc,
+        |e: std::convert::Infallible| -> BoxError { match e {} },
+    ))
+}
+
+/// A UDP socket for lean agents, with buffers as large as the system allows: one socket
+/// carries thousands of connections.
+fn client_endpoint(gateway: SocketAddr) -> Result<quinn::Endpoint, LoadError> {
+    let local: SocketAddr = if gateway.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let io = |e: std::io::Error| LoadError::Fleet(format!("fleet UDP socket: {e}"));
+    let socket = std::net::UdpSocket::bind(local).map_err(io)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(io)?;
+    let _ = state.set_recv_buffer_size((&socket).into(), 8 << 20);
+    let _ = state.set_send_buffer_size((&socket).into(), 8 << 20);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(io)
+}
+
+/// The agent dialer's QUIC transport settings (`tether_agent::dialer`).
+fn agent_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(
+        Duration::from_secs(120)
+            .try_into()
+            .expect("120s is a valid idle timeout"),
+    ));
+    Arc::new(t)
+}
+
+impl Fleet {
+    /// Starts the ramp: agents are started at `settings.ramp_rate` per second in the background.
+    pub fn start(
+        settings: FleetSettings,
+        identities: Vec<AgentIdentity>,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<Fleet, LoadError> {
+        let total = identities.len();
+        let endpoints = match settings.mode {
+            FleetMode::Lean => (0..settings.sockets.max(1))
+                .map(|_| client_endpoint(settings.gateway))
+                .collect::<Result<Vec<_>, _>>()?,
+            FleetMode::Full => Vec::new(),
+        };
+        let shared = Arc::new(Shared {
+            handshakes: (settings.max_handshakes > 0)
+                .then(|| Arc::new(Semaphore::new(settings.max_handshakes))),
+            settings,
+            connected: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            sessions: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            log: Mutex::new(EventLog::default()),
+            stop: CancellationToken::new(),
+        });
+        let full = Arc::new(Mutex::new(Vec::new()));
+        let ramp = tokio::spawn(ramp(
+            shared.clone(),
+            identities,
+            roots,
+            endpoints.clone(),
+            full.clone(),
+        ));
+        Ok(Fleet {
+            shared,
+            full,
+            total,
+            ramp: Some(ramp),
+            endpoints,
+        })
+    }
+
+    /// Agents in the fleet.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// A cheap handle for reading the connected count from another task.
+    pub fn counter(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        let full = self.full.clone();
+        move || connected(&shared, &full)
+    }
+
+    /// Agents with an established session now.
+    pub fn connected(&self) -> usize {
+        connected(&self.shared, &self.full)
+    }
+
+    /// Agents started so far.
+    pub fn started(&self) -> usize {
+        self.shared.started.load(Ordering::Relaxed)
+    }
+
+    /// Sessions established so far (reconnects included).
+    pub fn sessions_total(&self) -> u64 {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Dials that failed so far.
+    pub fn connect_failures(&self) -> u64 {
+        self.shared.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the event log.
+    pub fn with_log<T>(&self, f: impl FnOnce(&EventLog) -> T) -> T {
+        f(&self.shared.log())
+    }
+
+    /// Reconnect delays chosen by full agents so far (their status keeps the last 1,024 each).
+    pub fn full_agent_delays(&self) -> Vec<Vec<Duration>> {
+        self.full
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|h| h.status.reconnect_delays())
+            .collect()
+    }
+
+    /// Waits until `n` agents are connected or `timeout` passes; true if reached.
+    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.connected() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Closes every session (`SHUTDOWN`) and waits briefly for the closes to go out.
+    pub async fn stop(mut self) {
+        self.shared.stop.cancel();
+        if let Some(r) = self.ramp.take() {
+            let _ = r.await;
+        }
+        let handles = std::mem::take(&mut *self.full.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.connected.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for e in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+        }
+    }
+}
+
+fn connected(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> usize {
+    match shared.settings.mode {
+        FleetMode::Lean => shared.connected.load(Ordering::Relaxed),
+        FleetMode::Full => full
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|h| h.status.connected())
+            .count(),
+    }
+}
+
+async fn ramp(
+    shared: Arc<Shared>,
+    identities: Vec<AgentIdentity>,
+    roots: Arc<rustls::RootCertStore>,
+    endpoints: Vec<quinn::Endpoint>,
+    full: Arc<Mutex<Vec<tether_agent::AgentHandle>>>,
+) {
+    let handlers = Arc::new(Handlers::with_builtins());
+    let echo = echo_service();
+    let transport = agent_transport();
+    // Full agents need a real upstream to dial.
+    let upstream = match shared.settings.mode {
+        FleetMode::Full => match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => {
+                let addr = l.local_addr().expect("bound address");
+                tokio::spawn(tether_gateway::demo::serve(
+                    l,
+                    tether_gateway::demo::EchoService::default(),
+                    shared.stop.clone(),
+                ));
+                Some(format!("http://{addr}"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bind the echo upstream");
+                return;
+            }
+        },
+        FleetMode::Lean => None,
+    };
+    let template = agent_config(&shared.settings, upstream.as_deref());
+    let rate = shared.settings.ramp_rate.max(0.001);
+    let start = tokio::time::Instant::now();
+    for (i, identity) in identities.into_iter().enumerate() {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep_until(at) => {}
+        }
+        let started = match shared.settings.mode {
+            FleetMode::Lean => start_lean(
+                &shared,
+                identity,
+                &roots,
+                &endpoints[i % endpoints.len()],
+                &transport,
+                &template,
+                &echo,
+                &handlers,
+            ),
+            FleetMode::Full => start_full(&shared, identity, &roots, &template, &handlers, &full),
+        };
+        match started {
+            Ok(()) => {
+                shared.started.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a simulated agent"),
+        }
+    }
+}
+
+/// The config every agent of the fleet shares (full agents: their whole config; lean ones:
+/// the service map and default service).
+fn agent_config(s: &FleetSettings, upstream: Option<&str>) -> tether_agent::AgentConfig {
+    let text = format!(
+        "gateways = [\"{gw}\"]\nserver_name = \"{name}\"\ndefault_service = \"{default}\"\n\
+         [transport]\nmode = \"quic\"\n\
+         [reconnect]\ninitial_backoff = \"{ib}\"\nmax_backoff = \"{mb}\"\nconnect_timeout = \"{ct}\"\n",
+        gw = s.gateway,
+        name = s.server_name,
+        default = if upstream.is_some() {
+            "echo"
+        } else {
+            tether_agent::relay::BUILTIN
+        },
+        ib = humantime::format_duration(s.initial_backoff),
+        mb = humantime::format_duration(s.max_backoff),
+        ct = humantime::format_duration(s.connect_timeout),
+    );
+    let mut cfg: tether_agent::AgentConfig = toml::from_str(&text).expect("fleet agent config");
+    if let Some(u) = upstream {
+        cfg.services.insert(
+            "echo".into(),
+            tether_agent::config::ServiceConfig {
+                address: u.to_owned(),
+                kind: tether_agent::config::ServiceKind::Grpc,
+                ca: None,
+                server_name: None,
+            },
+        );
+    }
+    cfg
+}
+
+fn start_full(
+    shared: &Arc<Shared>,
+    identity: AgentIdentity,
+    roots: &rustls::RootCertStore,
+    template: &tether_agent::AgentConfig,
+    handlers: &Arc<Handlers>,
+    full: &Mutex<Vec<tether_agent::AgentHandle>>,
+) -> Result<(), LoadError> {
+    let mut cfg = template.clone();
+    cfg.instance_id = Some(identity.id.to_string());
+    let id = tether_agent::Identity {
+        agent: identity.id.to_string(),
+        certs: identity.certs,
+        key: identity.key,
+        roots: roots.clone(),
+    };
+    let h = tether_agent::start_with_identity(
+        &cfg,
+        id,
+        None,
+        shared.stop.child_token(),
+        handlers.clone(),
+    )
+    .map_err(|e| LoadError::Fleet(e.to_string()))?;
+    full.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+    Ok(())
+}
+
+/// One lean agent, from its identity.
+struct LeanAgent {
+    client: quinn::ClientConfig,
+    services: Arc<Services>,
+    hello: Hello,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_lean(
+    shared: &Arc<Shared>,
+    identity: AgentIdentity,
+    roots: &Arc<rustls::RootCertStore>,
+    endpoint: &quinn::Endpoint,
+    transport: &Arc<quinn::TransportConfig>,
+    template: &tether_agent::AgentConfig,
+    echo: &GrpcService,
+    handlers: &Arc<Handlers>,
+) -> Result<(), LoadError> {
+    let name = identity.id.to_string();
+    let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(identity.certs, identity.key)
+        .map_err(|e| LoadError::Fleet(format!("{name}: certificate: {e}")))?;
+    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| LoadError::Fleet(format!("{name}: QUIC TLS: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport.clone());
+    let executor = Executor::new(handlers.clone(), None)
+        .map_err(|e| LoadError::Fleet(format!("{name}: executor: {e}")))?;
+    let services = Services::new(template, name.clone(), echo.clone(), Arc::new(executor))
+        .map_err(|e| LoadError::Fleet(format!("{name}: services: {e}")))?;
+    let agent = LeanAgent {
+        client,
+        services: Arc::new(services),
+        hello: Hello {
+            versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
+            agent_version: format!("loadtest-{}", env!("CARGO_PKG_VERSION")),
+            capabilities: vec!["relay".into(), "commands".into()],
+            labels: Default::default(),
+            instance_id: name,
+        },
+    };
+    tokio::spawn(run_lean(agent, endpoint.clone(), shared.clone()));
+    Ok(())
+}
+
+/// Keeps one lean agent's session up until the fleet stops.
+async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let s = &shared.settings;
+    let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let permit = match &shared.handshakes {
+            Some(sem) => tokio::select! {
+                p = sem.clone().acquire_owned() => p.ok(),
+                _ = shared.stop.cancelled() => return,
+            },
+            None => None,
+        };
+        let dial = async {
+            let connecting = endpoint
+                .connect_with(agent.client.clone(), s.gateway, &s.server_name)
+                .map_err(|e| e.to_string())?;
+            let conn = connecting
+                .await
+                .map_err(|e| tether_agent::dialer::describe(&e))?;
+            let link = Link::Quic(conn);
+            let control = link.open().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((link, control))
+        };
+        let dialed = tokio::select! {
+            r = tokio::time::timeout(s.connect_timeout, dial) => match r {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {:?}", s.connect_timeout)),
+            },
+            _ = shared.stop.cancelled() => return,
+        };
+        let outcome = match dialed {
+            Ok((link, control)) => {
+                let established = session(&agent, &shared, link, control, permit).await;
+                if established {
+                    backoff.reset();
+                }
+                established
+            }
+            Err(why) => {
+                drop(permit);
+                shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let mut log = shared.log();
+                if log.failures.len() < 1000 {
+                    log.failures.push((Instant::now(), why));
+                }
+                false
+            }
+        };
+        let _ = outcome;
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        shared.log().delays.push((Instant::now(), delay));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Runs one session on `link` to its end; true if it was established.
+async fn session(
+    agent: &LeanAgent,
+    shared: &Shared,
+    link: Link,
+    (mut send, mut recv): (
+        tether_runtime::transport::SendStream,
+        tether_runtime::transport::RecvStream,
+    ),
+    mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> bool {
+    // Streams the gateway opens (relayed calls, commands, probes); ends with the connection.
+    tokio::spawn(tether_agent::relay::serve(
+        link.clone(),
+        agent.services.clone(),
+        Arc::new(LinkStats::default()),
+    ));
+    let mut session = AgentSession::new(
+        AgentSessionConfig::new(agent.hello.clone()),
+        std::time::Instant::now(),
+    );
+    let mut established = false;
+    let mut stopping = false;
+    let mut buf = vec![0u8; 2048];
+    let ended = loop {
+        let mut write_failed = false;
+        while let Some(bytes) = session.poll_transmit() {
+            if send.write_all(&bytes).await.is_err() {
+                write_failed = true;
+                break;
+            }
+        }
+        if write_failed {
+            break "control stream write failed".to_owned();
+        }
+        let mut closed = None;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                AgentEvent::Established(_) => {
+                    established = true;
+                    permit.take();
+                    shared.connected.fetch_add(1, Ordering::Relaxed);
+                    shared.sessions.fetch_add(1, Ordering::Relaxed);
+                    shared.log().ups.push(Instant::now());
+                }
+                AgentEvent::Closed(info) => closed = Some(info),
+                AgentEvent::Rtt(_) | AgentEvent::GoAway(_) => {}
+            }
+        }
+        if let Some(info) = closed {
+            if !info.by_peer {
+                let _ = send.finish();
+            }
+            link.close(info.code, info.reason.as_bytes());
+            break format!("{} {}", info.code, info.reason);
+        }
+        let deadline = session
+            .poll_timeout()
+            .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => session.handle_input(&buf[..n], std::time::Instant::now()),
+                Ok(None) => session.handle_eof(std::time::Instant::now()),
+                Err(e) => break e.to_string(),
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(std::time::Instant::now()),
+            _ = shared.stop.cancelled(), if !stopping => {
+                stopping = true;
+                session.close(ErrorCode::SHUTDOWN, "load test over");
+            }
+        }
+    };
+    tracing::debug!(agent = %agent.hello.instance_id, reason = %ended, "session ended");
+    if established {
+        shared.connected.fetch_sub(1, Ordering::Relaxed);
+        shared.log().downs.push(Instant::now());
+    }
+    established
+}

@@ -1,0 +1,771 @@
+//! The scenarios, and [`run`], which wires the gateway, the fleet, the driver and the sampler
+//! and writes the report.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::Rng;
+use tether_api::v1::CommandState;
+use tether_gateway::pki::Ca;
+use tether_runtime::CancellationToken;
+
+use crate::driver::{self, Driver};
+use crate::fleet::{Fleet, FleetMode, FleetSettings};
+use crate::gateway::{LocalGateway, LocalSettings};
+use crate::identities::{self, TENANT};
+use crate::procstat::{self, Sampler};
+use crate::report::{self, Calls, Latency, Report};
+use crate::{LoadError, RunOptions, Scenario};
+
+/// Trust domain of a PKI this tool makes.
+const TRUST_DOMAIN: &str = "load.test";
+/// Deadline of one relayed call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything the scenarios share.
+struct Ctx {
+    opts: RunOptions,
+    fleet: Fleet,
+    driver: Arc<Driver>,
+    gateway: Option<LocalGateway>,
+    sampler: Sampler,
+    progress: MultiProgress,
+    agents: Vec<String>,
+    marks: Vec<(f64, String)>,
+}
+
+impl Ctx {
+    fn bar(&self, prefix: &str, len: u64) -> ProgressBar {
+        let pb = self.progress.add(ProgressBar::new(len));
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10.bold} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        pb.set_prefix(prefix.to_owned());
+        pb
+    }
+
+    fn mark(&mut self, name: &str) {
+        self.marks.push((self.sampler.now(), name.to_owned()));
+    }
+
+    fn n(&self) -> usize {
+        self.agents.len()
+    }
+
+    fn random_agent(&self) -> String {
+        self.agents[rand::rng().random_range(0..self.agents.len())].clone()
+    }
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Runs the load test; returns the report directory.
+pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
+    if opts.agents == 0 {
+        return Err(LoadError::Usage("--agents must be at least 1".into()));
+    }
+    if opts.gateway.is_some() && opts.scenario.contains(&Scenario::Storm) {
+        return Err(LoadError::Usage(
+            "the storm scenario kills and restarts the gateway: it needs a gateway this tool starts (no --gateway)".into(),
+        ));
+    }
+    raise_fd_limit();
+    let started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("loadtest-report/{started_unix}")));
+    std::fs::create_dir_all(&out)
+        .map_err(|e| LoadError::Report(format!("{}: {e}", out.display())))?;
+    let mut report = Report {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        commit: commit(),
+        started_unix,
+        machine: report::Machine::probe(),
+        fleet: format!("{:?}", opts.fleet).to_lowercase(),
+        agents: opts.agents,
+        scenarios: opts.scenario.iter().map(|s| s.name().to_owned()).collect(),
+        ..Default::default()
+    };
+    let progress = MultiProgress::with_draw_target(if opts.no_progress {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+
+    // PKI: ours, or the existing gateway's CA.
+    let ca = match &opts.pki {
+        Some(dir) => Ca::load(dir).map_err(|e| LoadError::Pki(e.to_string()))?,
+        None => tether_gateway::pki::init(
+            &out.join("pki"),
+            TRUST_DOMAIN,
+            &["localhost".into(), "127.0.0.1".into()],
+            true,
+        )
+        .map_err(|e| LoadError::Pki(e.to_string()))?,
+    };
+    let issuing = progress.add(ProgressBar::new_spinner());
+    issuing.set_message(format!("issuing {} agent certificates", opts.agents));
+    issuing.enable_steady_tick(Duration::from_millis(200));
+    let t = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let ids = {
+        let (n, ca_ref) = (opts.agents, &ca);
+        tokio::task::block_in_place(|| identities::issue_agents(ca_ref, n, threads))?
+    };
+    issuing.finish_with_message(format!(
+        "issued {} agent certificates in {:.1}s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    ));
+    let agents: Vec<String> = ids.iter().map(|i| i.id.to_string()).collect();
+    let roots = identities::roots(&ca)?;
+    let client = identities::issue_client(&ca, &out.join("client"))?;
+
+    // The gateway.
+    let (gateway, tunnel, northbound, pid) = match opts.gateway {
+        Some(addr) => {
+            report.gateway = "external".into();
+            let nb = opts.northbound.clone().expect("clap requires --northbound");
+            (None, addr, nb, opts.gateway_pid.unwrap_or(0))
+        }
+        None => {
+            report.gateway = "local".into();
+            let bin = match &opts.gateway_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join("tether-gateway")))
+                    .ok_or_else(|| LoadError::Gateway("cannot locate tether-gateway".into()))?,
+            };
+            let gw = LocalGateway::start(LocalSettings {
+                bin,
+                dir: out.clone(),
+                trust_domain: TRUST_DOMAIN.into(),
+                heartbeat: opts.heartbeat,
+                log: opts.gateway_log.clone(),
+                sets: opts.gateway_set.clone(),
+            })
+            .await?;
+            let (t, nb, pid) = (
+                gw.addrs.tunnel,
+                gw.addrs.northbound.to_string(),
+                gw.pid().unwrap_or(0),
+            );
+            (Some(gw), t, nb, pid)
+        }
+    };
+    let driver =
+        Arc::new(Driver::connect(&northbound, &opts.server_name, &client, opts.connections).await?);
+    let sampler = Sampler::new(pid);
+    let stop_sampling = CancellationToken::new();
+
+    // Memory with no agent: after the driver's connections, before the fleet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = sampler.gateway_now().map_or(0, |r| r.rss_kib);
+
+    let settings = FleetSettings {
+        gateway: tunnel,
+        server_name: opts.server_name.clone(),
+        mode: opts.fleet,
+        ramp_rate: opts.ramp_rate,
+        sockets: opts
+            .sockets
+            .unwrap_or(opts.agents.div_ceil(500))
+            .clamp(1, 256),
+        max_handshakes: opts.max_handshakes,
+        initial_backoff: opts.initial_backoff,
+        max_backoff: opts.max_backoff,
+        connect_timeout: opts.connect_timeout,
+    };
+    let ramp_started = Instant::now();
+    let fleet = Fleet::start(settings, ids, roots)?;
+    tokio::spawn(
+        sampler
+            .clone()
+            .run(opts.sample_every, fleet.counter(), stop_sampling.clone()),
+    );
+    let mut ctx = Ctx {
+        opts,
+        fleet,
+        driver,
+        gateway,
+        sampler,
+        progress,
+        agents,
+        marks: Vec::new(),
+    };
+    ctx.mark("ramp");
+    let measure = ctx.opts.scenario.contains(&Scenario::Ramp);
+    let ramp = ramp(&mut ctx, ramp_started, rss_before, measure).await;
+    let all_up = ramp.connected == ctx.n();
+    if measure {
+        report.ramp = Some(ramp);
+    }
+    if !all_up {
+        tracing::warn!("not every agent connected; the scenarios run with those that did");
+    }
+    for s in ctx.opts.scenario.clone() {
+        match s {
+            Scenario::Ramp => {}
+            Scenario::Broadcast => {
+                ctx.mark("broadcast");
+                report.broadcast = Some(broadcast(&ctx).await);
+            }
+            Scenario::Commands => {
+                ctx.mark("commands");
+                report.commands = Some(commands(&ctx).await);
+            }
+            Scenario::Storm => {
+                ctx.mark("storm");
+                report.storm = Some(storm(&mut ctx).await?);
+            }
+            Scenario::Soak => {
+                ctx.mark("soak");
+                report.soak = Some(soak(&ctx).await);
+            }
+        }
+    }
+    ctx.mark("stop");
+    // One more sample, then stop everything.
+    tokio::time::sleep(ctx.opts.sample_every).await;
+    stop_sampling.cancel();
+    report.series = ctx.sampler.samples();
+    report.marks = std::mem::take(&mut ctx.marks);
+    let Ctx {
+        fleet, mut gateway, ..
+    } = ctx;
+    fleet.stop().await;
+    if let Some(gw) = gateway.as_mut() {
+        gw.stop().await;
+    }
+    report.targets = report::judge(&report);
+    report::write(&out, &report)?;
+    for t in &report.targets {
+        let v = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "n/a",
+        };
+        println!("{v:>7}  {}: {} (target {})", t.name, t.measured, t.target);
+    }
+    Ok(out)
+}
+
+// === ramp ===
+
+async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -> report::Ramp {
+    let n = ctx.n();
+    let bar = ctx.bar("connect", n as u64);
+    let deadline = started
+        + Duration::from_secs_f64(n as f64 / ctx.opts.ramp_rate.max(0.001))
+        + ctx.opts.connect_timeout
+        + Duration::from_secs(60);
+    let mut done_at = None;
+    while Instant::now() < deadline {
+        let c = ctx.fleet.connected();
+        bar.set_position(c as u64);
+        bar.set_message(format!("{} failed dials", ctx.fleet.connect_failures()));
+        if c >= n {
+            done_at = Some(Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connected = ctx.fleet.connected();
+    bar.finish();
+    let duration = done_at.unwrap_or_else(Instant::now) - started;
+    let gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+    let mut r = report::Ramp {
+        agents: n,
+        connected,
+        gateway_connected,
+        duration_s: duration.as_secs_f64(),
+        agents_per_s: connected as f64 / duration.as_secs_f64().max(1e-9),
+        ramp_rate: ctx.opts.ramp_rate,
+        connect_failures: ctx.fleet.connect_failures(),
+        rss_before_kib: rss_before,
+        heartbeat_s: ctx.opts.heartbeat.as_secs_f64(),
+        ..Default::default()
+    };
+    if !measure {
+        return r;
+    }
+    ctx.mark("idle");
+    let pb = ctx.progress.add(ProgressBar::new_spinner());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb.set_message(format!(
+        "settling {:?}, then measuring idle for {:?}",
+        ctx.opts.settle, ctx.opts.idle_window
+    ));
+    tokio::time::sleep(ctx.opts.settle).await;
+    if let Some((cpu, rss)) = procstat::measure_window(&ctx.sampler, ctx.opts.idle_window).await {
+        r.idle_cpu_pct = cpu;
+        r.rss_connected_kib = rss;
+        r.rss_per_agent_bytes = (rss as f64 - rss_before as f64) * 1024.0 / n as f64;
+    }
+    r.idle_window_s = ctx.opts.idle_window.as_secs_f64();
+    r.fleet_rss_kib = procstat::read(std::process::id()).map_or(0, |p| p.rss_kib);
+    pb.finish_with_message(format!("idle: gateway CPU {:.2}%", r.idle_cpu_pct));
+    r
+}
+
+// === broadcast ===
+
+async fn broadcast(ctx: &Ctx) -> report::Broadcast {
+    let d = &ctx.driver;
+    // Warm-up: connections and code paths.
+    for _ in 0..50.min(ctx.opts.unary_calls) {
+        let _ = d.unary(&ctx.random_agent(), CALL_TIMEOUT).await;
+    }
+    let targets: Vec<String> = (0..ctx.opts.unary_calls)
+        .map(|_| ctx.random_agent())
+        .collect();
+    let bar = ctx.bar("unary", targets.len() as u64);
+    let unary = driver::batch(
+        targets,
+        1,
+        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
+        || bar.inc(1),
+    )
+    .await;
+    bar.finish();
+
+    let bar = ctx.bar("broadcast", ctx.n() as u64);
+    let all = driver::batch(
+        ctx.agents.clone(),
+        ctx.opts.concurrency,
+        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
+        || bar.inc(1),
+    )
+    .await;
+    bar.finish_with_message(format!("{} errors", all.failed()));
+
+    let k = ctx.opts.bulk_agents.min(ctx.n());
+    let step = (ctx.n() / k.max(1)).max(1);
+    let subset: Vec<String> = ctx.agents.iter().step_by(step).take(k).cloned().collect();
+    let count = (ctx.opts.bulk_kib / 64).max(1);
+    let bytes = AtomicU64::new(0);
+    let bar = ctx.bar("bulk", subset.len() as u64);
+    let bulk = driver::batch(
+        subset,
+        k.max(1),
+        |a: String| {
+            let bytes = &bytes;
+            async move {
+                let got = d.bulk(&a, count, 64 << 10, CALL_TIMEOUT).await?;
+                bytes.fetch_add(got, Ordering::Relaxed);
+                Ok(())
+            }
+        },
+        || bar.inc(1),
+    )
+    .await;
+    bar.finish();
+    let b = bytes.load(Ordering::Relaxed);
+    report::Broadcast {
+        unary_random: Calls::from(&unary),
+        errors: all.failed(),
+        broadcast: Calls::from(&all),
+        concurrency: ctx.opts.concurrency,
+        bulk: report::Bulk {
+            streams: bulk.calls,
+            ok: bulk.ok,
+            bytes: b,
+            duration_s: bulk.elapsed.as_secs_f64(),
+            mib_per_s: b as f64 / (1 << 20) as f64 / bulk.elapsed.as_secs_f64().max(1e-9),
+            error_samples: bulk.samples,
+        },
+    }
+}
+
+// === commands ===
+
+fn millis(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn ts(t: Option<&prost_types::Timestamp>) -> f64 {
+    t.map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
+
+async fn commands(ctx: &Ctx) -> report::Commands {
+    let d = &ctx.driver;
+    // Created at or after (the store filters on milliseconds).
+    let from = SystemTime::now() - Duration::from_millis(1);
+    let first = SystemTime::now();
+    let bar = ctx.bar("submit", ctx.n() as u64);
+    let submitted = driver::batch(
+        ctx.agents.clone(),
+        ctx.opts.concurrency,
+        |a: String| async move { d.submit(&a, "echo", b"load".to_vec()).await.map(|_| ()) },
+        || bar.inc(1),
+    )
+    .await;
+    bar.finish();
+    let bar = ctx.bar("succeeded", submitted.ok as u64);
+    let deadline = Instant::now() + ctx.opts.commands_timeout;
+    let mut done = Vec::new();
+    loop {
+        if let Ok(v) = d.list_commands(from, CommandState::Succeeded).await {
+            done = v;
+        }
+        bar.set_position(done.len() as u64);
+        if done.len() >= submitted.ok || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bar.finish();
+    let mut h = driver::histogram();
+    let mut last = 0f64;
+    for c in &done {
+        let (created, finished) = (ts(c.created.as_ref()), ts(c.finished.as_ref()));
+        last = last.max(finished);
+        h.saturating_record(((finished - created) * 1e6).max(1.0) as u64);
+    }
+    let all = done.len() == submitted.ok && submitted.failed() == 0;
+    report::Commands {
+        submitted: submitted.calls,
+        submit_errors: submitted.failed(),
+        submit_duration_s: submitted.elapsed.as_secs_f64(),
+        succeeded: done.len(),
+        not_succeeded: submitted.calls - done.len(),
+        all_succeeded: all,
+        all_succeeded_s: (last - millis(first)).max(0.0),
+        latency: Latency::from_histogram(&h),
+    }
+}
+
+// === storm ===
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * q).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
+}
+
+async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
+    let Some(gw) = ctx.gateway.as_mut() else {
+        return Err(LoadError::Usage("storm needs a local gateway".into()));
+    };
+    let before = ctx.fleet.connected();
+    let failures_before = ctx.fleet.connect_failures();
+    let kill_at = Instant::now();
+    gw.kill9().await;
+    ctx.sampler.gateway_pid.store(0, Ordering::Relaxed);
+    gw.restart().await?;
+    let restart_at = Instant::now();
+    ctx.sampler
+        .gateway_pid
+        .store(gw.pid().unwrap_or(0), Ordering::Relaxed);
+    ctx.mark("restarted");
+    let bar = ctx.bar("back", before as u64);
+    let deadline = restart_at + ctx.opts.storm_timeout;
+    // Lean agents log when each session came up; full agents are counted by polling the
+    // (new) gateway.
+    let mut polled: Vec<(f64, usize)> = Vec::new();
+    loop {
+        let back = match ctx.opts.fleet {
+            FleetMode::Lean => ctx
+                .fleet
+                .with_log(|l| l.ups.iter().filter(|t| **t > kill_at).count()),
+            FleetMode::Full => {
+                let n = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+                polled.push((restart_at.elapsed().as_secs_f64(), n));
+                n
+            }
+        };
+        bar.set_position(back as u64);
+        bar.set_message(format!(
+            "{} failed dials",
+            ctx.fleet.connect_failures() - failures_before
+        ));
+        if back >= before || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(match ctx.opts.fleet {
+            FleetMode::Lean => 50,
+            FleetMode::Full => 500,
+        }))
+        .await;
+    }
+    bar.finish();
+    let mut s = report::Storm {
+        agents: before,
+        restart_s: (restart_at - kill_at).as_secs_f64(),
+        connect_failures: ctx.fleet.connect_failures() - failures_before,
+        ..Default::default()
+    };
+    let since_restart = |t: Instant| t.saturating_duration_since(restart_at).as_secs_f64();
+    let (mut back, mut detect, mut delays, failures) = ctx.fleet.with_log(|l| {
+        (
+            l.ups
+                .iter()
+                .filter(|t| **t > kill_at)
+                .map(|t| since_restart(*t))
+                .collect::<Vec<f64>>(),
+            l.downs
+                .iter()
+                .filter(|t| **t > kill_at)
+                .map(|t| (*t - kill_at).as_secs_f64())
+                .collect::<Vec<f64>>(),
+            l.delays
+                .iter()
+                .filter(|(t, _)| *t > kill_at)
+                .map(|(_, d)| d.as_secs_f64() * 1000.0)
+                .collect::<Vec<f64>>(),
+            l.failures
+                .iter()
+                .filter(|(t, _)| *t > kill_at)
+                .take(5)
+                .map(|(_, w)| w.clone())
+                .collect::<Vec<String>>(),
+        )
+    });
+    s.failure_samples = failures;
+    if ctx.opts.fleet == FleetMode::Full {
+        // Thresholds from the polled counts; delays from the agents' own record.
+        back = Vec::new();
+        let mut prev = 0;
+        for (t, n) in &polled {
+            for _ in prev..*n {
+                back.push(*t);
+            }
+            prev = prev.max(*n);
+        }
+        delays = ctx
+            .fleet
+            .full_agent_delays()
+            .iter()
+            .filter_map(|d| d.last().map(|d| d.as_secs_f64() * 1000.0))
+            .collect();
+    }
+    back.sort_by(f64::total_cmp);
+    s.reconnected = back.len().min(before);
+    let need = |frac: f64| ((before as f64 * frac).ceil() as usize).max(1);
+    s.back_99_s = back.get(need(0.99) - 1).copied();
+    s.back_100_s = (back.len() >= before).then(|| back[before - 1]);
+    let within =
+        |secs: f64| back.iter().filter(|t| **t <= secs).count() as f64 / before.max(1) as f64;
+    s.within_10s = within(10.0).min(1.0);
+    s.within_20s = within(20.0).min(1.0);
+    s.detect_s = [
+        quantile(&mut detect, 0.5),
+        quantile(&mut detect, 0.99),
+        quantile(&mut detect, 1.0),
+    ];
+    s.backoff_ms = [
+        quantile(&mut delays, 0.5),
+        quantile(&mut delays, 0.9),
+        quantile(&mut delays, 0.99),
+        quantile(&mut delays, 1.0),
+    ];
+    let bounds = [
+        50u64,
+        100,
+        200,
+        300,
+        400,
+        500,
+        750,
+        1000,
+        2000,
+        5000,
+        10_000,
+        30_000,
+        u64::MAX,
+    ];
+    s.backoff_histogram = bounds
+        .iter()
+        .enumerate()
+        .map(|(i, hi)| {
+            let lo = if i == 0 { 0 } else { bounds[i - 1] };
+            let n = delays
+                .iter()
+                .filter(|d| **d >= lo as f64 && **d < *hi as f64)
+                .count();
+            (*hi, n)
+        })
+        .collect();
+
+    // Dispatch afterwards: one call to every agent. The driver's connections reconnect on
+    // their first use; give them a few tries.
+    let d = &ctx.driver;
+    for _ in 0..20 {
+        if d.unary(&ctx.agents[0], CALL_TIMEOUT).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let bar = ctx.bar("dispatch", ctx.n() as u64);
+    let all = driver::batch(
+        ctx.agents.clone(),
+        ctx.opts.concurrency,
+        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
+        || bar.inc(1),
+    )
+    .await;
+    bar.finish_with_message(format!("{} errors", all.failed()));
+    s.dispatch = Calls::from(&all);
+    Ok(s)
+}
+
+// === soak ===
+
+async fn soak(ctx: &Ctx) -> report::Soak {
+    let dur = ctx.opts.soak_duration;
+    let rate = ctx.opts.soak_rate.max(1.0);
+    let warmup = (dur / 10).max(Duration::from_secs(5)).min(dur);
+    let bar = ctx.bar("soak", dur.as_secs());
+    let hist = Arc::new(Mutex::new(driver::histogram()));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<std::collections::BTreeMap<String, usize>>> = Default::default();
+    let samples: Arc<Mutex<Vec<String>>> = Default::default();
+    let cmds = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let bulk = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let permits = Arc::new(tokio::sync::Semaphore::new(ctx.opts.concurrency.max(1)));
+    let mut skipped = 0usize;
+    let start = Instant::now();
+    let cpu_start = ctx.sampler.gateway_now();
+    let mut rss_start = None;
+    let mut rss_max = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut n_sec = 0u64;
+    let per_sec_cmds = (rate / 100.0).round().max(1.0) as usize;
+    let bulk_count = (ctx.opts.bulk_kib / 64).max(1);
+    while start.elapsed() < dur {
+        tokio::select! {
+            _ = tick.tick() => {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    skipped += 1;
+                    continue;
+                };
+                let (d, a) = (ctx.driver.clone(), ctx.random_agent());
+                let (hist, ok, calls, errors, samples) =
+                    (hist.clone(), ok.clone(), calls.clone(), errors.clone(), samples.clone());
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = d.unary(&a, CALL_TIMEOUT).await;
+                    hist.lock().expect("hist").saturating_record(t.elapsed().as_micros().max(1) as u64);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    match r {
+                        Ok(()) => { ok.fetch_add(1, Ordering::Relaxed); }
+                        Err(s) => {
+                            *errors.lock().expect("errors").entry(format!("{:?}", s.code())).or_default() += 1;
+                            let mut v = samples.lock().expect("samples");
+                            if v.len() < 5 { v.push(format!("{:?}: {}", s.code(), s.message())); }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            _ = second.tick() => {
+                n_sec += 1;
+                bar.set_position(start.elapsed().as_secs());
+                if let Some(r) = ctx.sampler.gateway_now() {
+                    rss_max = rss_max.max(r.rss_kib);
+                    if rss_start.is_none() && start.elapsed() >= warmup {
+                        rss_start = Some(r.rss_kib);
+                    }
+                }
+                for _ in 0..per_sec_cmds {
+                    let (d, a, cmds) = (ctx.driver.clone(), ctx.random_agent(), cmds.clone());
+                    tokio::spawn(async move {
+                        cmds.0.fetch_add(1, Ordering::Relaxed);
+                        if d.submit(&a, "echo", b"soak".to_vec()).await.is_ok() {
+                            cmds.1.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+                if n_sec % 5 == 0 {
+                    let (d, a, bulk) = (ctx.driver.clone(), ctx.random_agent(), bulk.clone());
+                    tokio::spawn(async move {
+                        bulk.0.fetch_add(1, Ordering::Relaxed);
+                        if d.bulk(&a, bulk_count, 64 << 10, CALL_TIMEOUT).await.is_ok() {
+                            bulk.1.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            }
+        }
+    }
+    // Let the calls in flight finish.
+    let _ = tokio::time::timeout(
+        CALL_TIMEOUT,
+        permits.acquire_many(ctx.opts.concurrency.max(1) as u32),
+    )
+    .await;
+    let elapsed = start.elapsed();
+    bar.finish();
+    let end = ctx.sampler.gateway_now();
+    let rss_end = end.map_or(0, |r| r.rss_kib);
+    let rss_start = rss_start.unwrap_or(rss_end);
+    let h = hist.lock().expect("hist").clone();
+    let calls = calls.load(Ordering::Relaxed);
+    let ok = ok.load(Ordering::Relaxed);
+    report::Soak {
+        duration_s: elapsed.as_secs_f64(),
+        rate,
+        rpc: Calls {
+            calls,
+            ok,
+            errors: calls - ok,
+            error_codes: errors.lock().expect("errors").clone(),
+            error_samples: samples.lock().expect("samples").clone(),
+            duration_s: elapsed.as_secs_f64(),
+            latency: Latency::from_histogram(&h),
+        },
+        skipped,
+        commands: (
+            cmds.0.load(Ordering::Relaxed),
+            cmds.1.load(Ordering::Relaxed),
+        ),
+        bulk: (
+            bulk.0.load(Ordering::Relaxed),
+            bulk.1.load(Ordering::Relaxed),
+        ),
+        rss_start_kib: rss_start,
+        rss_end_kib: rss_end,
+        rss_max_kib: rss_max.max(rss_end),
+        rss_growth_pct: (rss_end as f64 - rss_start as f64) / rss_start.max(1) as f64 * 100.0,
+        cpu_avg_pct: match (cpu_start, end) {
+            (Some(a), Some(b)) => (b.cpu_secs - a.cpu_secs) / elapsed.as_secs_f64() * 100.0,
+            _ => 0.0,
+        },
+    }
+}
