@@ -89,7 +89,17 @@ enum Report {
         id: u64,
         established: bool,
         reason: String,
+        /// The gateway refused this agent's certificate as revoked (a `REVOKED` close, or the
+        /// TLS `certificate_revoked` alert).
+        revoked: bool,
     },
+}
+
+/// What one attempt learned, beside why it ended.
+#[derive(Default)]
+struct Outcome {
+    established: bool,
+    revoked: bool,
 }
 
 struct Attempt {
@@ -197,7 +207,7 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         dial_at = Some(tokio::time::Instant::now() + spread);
                     }
                 }
-                Report::Ended { id, established, reason } => {
+                Report::Ended { id, established, reason, revoked } => {
                     let was = attempts.remove(&id);
                     let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
                     if reprobe && !established {
@@ -206,6 +216,12 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         if attempts.values().any(|a| a.established) {
                             reprobe_at = Some(tokio::time::Instant::now() + reprobe_delay);
                         }
+                    } else if revoked {
+                        // Retrying cannot help until the agent has a new certificate: do not
+                        // hammer the gateway, try again only at the longest backoff.
+                        tracing::error!(%gateway, %reason, retry_in = ?shared.max_backoff,
+                            "the gateway revoked this agent's certificate; it needs a new one");
+                        metrics::counter!("tether_agent_revoked_total").increment(1);
                     } else if established {
                         tracing::warn!(%gateway, %reason, "session ended");
                     } else {
@@ -221,7 +237,11 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         reprobe_at = None;
                     }
                     if (!live || replacing) && !dialing {
-                        let delay = backoff.next_delay(rand::random::<f64>());
+                        let delay = if revoked {
+                            shared.max_backoff
+                        } else {
+                            backoff.next_delay(rand::random::<f64>())
+                        };
                         shared.status.record_delay(delay);
                         tracing::info!(%gateway, ?delay, attempt = backoff.attempt(), "reconnecting after backoff");
                         dial_at = Some(tokio::time::Instant::now() + delay);
@@ -257,17 +277,18 @@ async fn run_attempt(
     close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     dial: Dial,
 ) {
-    let mut established = false;
-    let reason = match session(id, &gateway, &shared, &tx, close_rx, &mut established, dial).await {
+    let mut outcome = Outcome::default();
+    let reason = match session(id, &gateway, &shared, &tx, close_rx, &mut outcome, dial).await {
         Ok(r) | Err(r) => r,
     };
-    if established {
+    if outcome.established {
         shared.status.session_down(id_key(&gateway, id));
     }
     let _ = tx.send(Report::Ended {
         id,
-        established,
+        established: outcome.established,
         reason,
+        revoked: outcome.revoked,
     });
 }
 
@@ -322,11 +343,15 @@ async fn session(
     shared: &Shared,
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
-    established: &mut bool,
+    outcome: &mut Outcome,
     dial: Dial,
 ) -> Result<String, String> {
     let (endpoint, link) = tokio::select! {
-        d = connect(gateway, shared, dial) => d?,
+        d = connect(gateway, shared, dial) => d.inspect_err(|e| {
+            // Over TCP the refusal ends the HTTP/2 handshake inside `connect`; only rustls'
+            // words for the alert are left by then.
+            outcome.revoked = e.contains("received fatal alert: CertificateRevoked");
+        })?,
         r = &mut close_rx => {
             return Ok(format!("closed before connecting: {}", r.map(|(_, why)| why).unwrap_or("supervisor gone")));
         }
@@ -334,35 +359,33 @@ async fn session(
     let stats = Arc::new(LinkStats::default());
     // Over HTTP/2 the first stream the gateway opens is the control stream; QUIC's are all
     // gateway-opened streams after the one we open.
-    let control = match &link {
-        Link::Quic(_) => link
-            .open()
-            .await
-            .map_err(|e| format!("control stream: {e}"))?,
-        Link::H2(_) => tokio::time::timeout(shared.connect_timeout, link.accept())
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("gateway {gateway}: no control stream over TCP"))?,
-    };
-    // Streams the gateway opens on this connection; ends with the connection.
-    tokio::spawn(crate::relay::serve(
-        link.clone(),
-        shared.services.clone(),
-        stats.clone(),
-    ));
-    let result = run_control(
-        id,
-        gateway,
-        shared,
-        tx,
-        close_rx,
-        established,
-        &link,
-        control,
-        &stats,
-    )
+    let result = async {
+        let control = match &link {
+            Link::Quic(_) => link
+                .open()
+                .await
+                .map_err(|e| format!("control stream: {e}"))?,
+            Link::H2(_) => tokio::time::timeout(shared.connect_timeout, link.accept())
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| format!("gateway {gateway}: no control stream over TCP"))?,
+        };
+        // Streams the gateway opens on this connection; ends with the connection.
+        tokio::spawn(crate::relay::serve(
+            link.clone(),
+            shared.services.clone(),
+            stats.clone(),
+        ));
+        run_control(
+            id, gateway, shared, tx, close_rx, outcome, &link, control, &stats,
+        )
+        .await
+    }
     .await;
+    if result.is_err() && refused_as_revoked(&link) {
+        outcome.revoked = true;
+    }
     // Give the close a moment to reach the gateway, without holding shutdown hostage.
     match endpoint {
         Some(e) => {
@@ -382,7 +405,7 @@ async fn run_control(
     shared: &Shared,
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
-    established: &mut bool,
+    outcome: &mut Outcome,
     link: &Link,
     (mut send, mut recv): (
         tether_runtime::transport::SendStream,
@@ -413,7 +436,7 @@ async fn run_control(
         while let Some(ev) = session.poll_event() {
             match ev {
                 AgentEvent::Established(w) => {
-                    *established = true;
+                    outcome.established = true;
                     tracing::info!(%gateway, session = %w.session_id, gateway_id = %w.gateway_id,
                         %transport, heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
                     probe_interval = (w.probe_interval_ms > 0)
@@ -442,6 +465,7 @@ async fn run_control(
                     });
                 }
                 AgentEvent::Closed(info) => {
+                    outcome.revoked |= info.by_peer && info.code == ErrorCode::REVOKED;
                     if !info.by_peer {
                         let _ = send.finish();
                     }
@@ -485,6 +509,7 @@ async fn run_control(
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
                 Err(tether_runtime::stream::StreamError::Closed { code, reason }) => {
+                    outcome.revoked |= code == ErrorCode::REVOKED;
                     return Err(format!("gateway closed the connection: {code} {reason}"));
                 }
                 Err(e) => return Err(format!("gateway {gateway}: {e}")),
@@ -502,5 +527,21 @@ async fn run_control(
                 }
             }
         }
+    }
+}
+
+/// True when the gateway ended the TLS handshake of `link` with the `certificate_revoked`
+/// alert (over QUIC a refused client certificate shows only after the handshake, at the first
+/// stream operation).
+fn refused_as_revoked(link: &Link) -> bool {
+    /// TLS alert `certificate_revoked`.
+    const CERTIFICATE_REVOKED: u8 = 44;
+    match link {
+        Link::Quic(c) => matches!(
+            c.close_reason(),
+            Some(quinn::ConnectionError::ConnectionClosed(close))
+                if close.error_code == quinn::TransportErrorCode::crypto(CERTIFICATE_REVOKED)
+        ),
+        Link::H2(_) => false,
     }
 }

@@ -25,6 +25,9 @@ pub enum GatewayError {
     /// The command store could not be opened or recovered.
     #[error("command store: {0}")]
     Store(String),
+    /// The identity store (revocations, enrollment tokens) could not be opened.
+    #[error("identity store: {0}")]
+    IdentityStore(String),
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),

@@ -65,12 +65,23 @@ pub fn caller_from_certs(
 pub struct AgentsApi {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
+    identity: Option<Arc<crate::identity_db::IdentityDb>>,
 }
 
 impl AgentsApi {
     /// Serves from `registry`; watches end when `shutdown` is cancelled.
     pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        AgentsApi { registry, shutdown }
+        AgentsApi {
+            registry,
+            shutdown,
+            identity: None,
+        }
+    }
+
+    /// Serves `Revoke` with revocations stored in `identity` (without it: UNIMPLEMENTED).
+    pub fn with_identity(mut self, identity: Arc<crate::identity_db::IdentityDb>) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// The tonic service with authentication.
@@ -230,5 +241,22 @@ impl Agents for AgentsApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<v1::RevokeAgentRequest>,
+    ) -> Result<Response<v1::RevokeAgentResponse>, Status> {
+        let Some(identity) = &self.identity else {
+            return Err(Status::unimplemented("this gateway has no identity store"));
+        };
+        let caller = req.extensions().get::<Caller>().map(|c| c.name.clone());
+        let r = req.into_inner();
+        let id = parse_agent(&r.agent)?;
+        tracing::info!(agent = %id, caller = ?caller, "revocation requested");
+        let done = crate::revocation::revoke(&self.registry, identity, &id, &r.reason)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(crate::revocation::response(&id, &done)))
     }
 }

@@ -32,6 +32,10 @@ pub struct SessionInfo {
     pub version: u32,
     /// The connection, for opening streams towards the agent.
     pub link: tether_runtime::transport::Link,
+    /// SHA-256 of the agent's certificate (DER), lowercase hex.
+    pub cert_fingerprint: String,
+    /// Its serial number, lowercase hex.
+    pub cert_serial: String,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
@@ -58,6 +62,8 @@ impl SessionInfo {
 pub enum SessionCommand {
     /// Send `GoAway`: the agent should reconnect (make-before-break) within the duration.
     GoAway(String, Duration),
+    /// Close the session with this code and reason (e.g. `REVOKED`).
+    Close(tunnel_proto::ErrorCode, String),
 }
 
 /// The fields needed to register a session.
@@ -77,6 +83,10 @@ pub struct NewSession {
     pub version: u32,
     /// The connection.
     pub link: tether_runtime::transport::Link,
+    /// SHA-256 of the agent's certificate (DER), lowercase hex.
+    pub cert_fingerprint: String,
+    /// Its serial number, lowercase hex.
+    pub cert_serial: String,
 }
 
 /// A connect or disconnect.
@@ -146,6 +156,8 @@ impl Registry {
             hello: s.hello,
             version: s.version,
             link: s.link,
+            cert_fingerprint: s.cert_fingerprint,
+            cert_serial: s.cert_serial,
             rtt: Mutex::new(None),
             control: tx,
         });

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::identity_db::IdentityDb;
 use crate::northbound::AgentsApi;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayService};
@@ -135,7 +136,17 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
-    let tunnel_tls = tunnel::tls_config(&cfg)?;
+    let data_dir = cfg.data_dir.clone().ok_or_else(|| {
+        GatewayError::Config(tether_runtime::config::ConfigError::invalid(
+            "data_dir",
+            "must be set",
+        ))
+    })?;
+    // Revocations and enrollment tokens, beside the command store.
+    let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
+        GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
+    })?);
+    let tunnel_tls = tunnel::tls_config_with(&cfg, identity.revocations())?;
     let server_config = tunnel::server_config(&cfg, tunnel_tls.clone())?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -145,12 +156,6 @@ pub async fn start(
     )
     .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
 
-    let data_dir = cfg.data_dir.clone().ok_or_else(|| {
-        GatewayError::Config(tether_runtime::config::ConfigError::invalid(
-            "data_dir",
-            "must be set",
-        ))
-    })?;
     let store = EmbeddedStore::open(&data_dir)
         .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
@@ -164,11 +169,10 @@ pub async fn start(
     .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
-    let ctx = Arc::new(TunnelContext::new(
-        &cfg,
-        registry.clone(),
-        close_sessions.clone(),
-    ));
+    let ctx = Arc::new(
+        TunnelContext::new(&cfg, registry.clone(), close_sessions.clone())
+            .with_revocations(identity.revocations()),
+    );
     tokio::spawn(tunnel::accept_loop(
         endpoint.clone(),
         ctx.clone(),
@@ -199,7 +203,8 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
         .map_err(io("northbound socket".into()))?;
-    let api = AgentsApi::new(registry.clone(), close_sessions.clone());
+    let api =
+        AgentsApi::new(registry.clone(), close_sessions.clone()).with_identity(identity.clone());
     let relay = Relay::new(registry.clone(), cfg.trust_domain.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(api.into_service(cfg.trust_domain.clone()));

@@ -27,16 +27,26 @@ use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
+use crate::revocation::{CertFacts, RevocationList};
 use crate::verifier::{AgentVerifier, count_refusal};
 
 /// The tunnel's TLS config, for QUIC and TCP alike: TLS 1.3, ALPN `tether/1`, mandatory agent
-/// client certificates checked by [`AgentVerifier`].
+/// client certificates checked by [`AgentVerifier`] (with an empty revocation list).
 pub fn tls_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+    tls_config_with(cfg, Arc::default())
+}
+
+/// [`tls_config`] refusing the certificates `revocations` lists.
+pub fn tls_config_with(
+    cfg: &GatewayConfig,
+    revocations: Arc<RevocationList>,
+) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
     let roots = tls::load_roots(&cfg.tls.ca)?;
     let inner = WebPkiClientVerifier::builder(Arc::new(roots))
         .build()
         .map_err(|e| GatewayError::Tls(format!("client verifier: {e}")))?;
-    let verifier = Arc::new(AgentVerifier::new(inner, cfg.trust_domain.clone()));
+    let verifier =
+        Arc::new(AgentVerifier::new(inner, cfg.trust_domain.clone()).with_revocations(revocations));
     let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
     let key = tls::load_key(&cfg.tls.key)?;
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
@@ -44,6 +54,10 @@ pub fn tls_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, Gate
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(format!("gateway certificate: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed handshake skips the client-certificate verifier, so a
+    // revoked (or since expired) certificate would get back in on its old session ticket.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     Ok(Arc::new(tls))
 }
 
@@ -80,6 +94,9 @@ pub struct TunnelContext {
     pub shutdown: CancellationToken,
     /// How often each session is probed, and how long a probe may take.
     pub probe: (Duration, Duration),
+    /// Checked again once a session is registered (a revocation may have landed after its
+    /// handshake).
+    pub revocations: Arc<RevocationList>,
     next_session: AtomicU64,
     instance: String,
 }
@@ -99,9 +116,16 @@ impl TunnelContext {
             session,
             shutdown,
             probe: (cfg.tunnel.probe_interval, cfg.tunnel.probe_timeout),
+            revocations: Arc::default(),
             next_session: AtomicU64::new(1),
             instance,
         }
+    }
+
+    /// Uses `revocations` (the list the verifier consults) for the post-registration check.
+    pub fn with_revocations(mut self, revocations: Arc<RevocationList>) -> Self {
+        self.revocations = revocations;
+        self
     }
 
     fn next_session_id(&self) -> String {
@@ -177,7 +201,7 @@ async fn handle_connection(
         }
     };
     // The verifier accepted exactly one agent identity of our trust domain.
-    let agent = match peer_agent(&conn) {
+    let (agent, cert) = match peer_agent(&conn) {
         Some(a) => a,
         None => {
             conn.close(ErrorCode::UNAUTHENTICATED.0.into(), b"no agent identity");
@@ -195,7 +219,7 @@ async fn handle_connection(
             return Ok(());
         }
     };
-    drive_session(link, send, recv, agent, remote, ctx).await;
+    drive_session(link, send, recv, (agent, cert), remote, ctx).await;
     Ok(())
 }
 
@@ -267,12 +291,12 @@ async fn handle_tcp(
         count_refusal("alpn_mismatch", &format!("tcp {remote}: no tether ALPN"));
         return;
     }
-    let agent = match conn.peer_certificates().and_then(|c| c.first()) {
-        Some(cert) => match tls::spiffe_id(cert) {
-            Ok(SpiffeId::Agent { id, .. }) => id,
-            _ => return,
-        },
-        None => return,
+    let Some(peer) = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(agent_of)
+    else {
+        return;
     };
     let link = match H2Link::client(tls, remote).await {
         Ok(l) => l,
@@ -289,16 +313,23 @@ async fn handle_tcp(
             return;
         }
     };
-    drive_session(link, send, recv, agent, remote, ctx).await;
+    drive_session(link, send, recv, peer, remote, ctx).await;
 }
 
-fn peer_agent(conn: &quinn::Connection) -> Option<tunnel_proto::AgentId> {
+fn peer_agent(conn: &quinn::Connection) -> Option<(tunnel_proto::AgentId, CertFacts)> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .ok()?;
-    match tls::spiffe_id(certs.first()?) {
-        Ok(SpiffeId::Agent { id, .. }) => Some(id),
+    agent_of(certs.first()?)
+}
+
+/// The agent identity and revocation facts of a leaf the verifier accepted.
+fn agent_of(
+    cert: &rustls_pki_types::CertificateDer<'_>,
+) -> Option<(tunnel_proto::AgentId, CertFacts)> {
+    match tls::spiffe_id(cert) {
+        Ok(SpiffeId::Agent { id, .. }) => Some((id, CertFacts::of(cert).ok()?)),
         _ => None,
     }
 }
@@ -307,7 +338,7 @@ async fn drive_session(
     link: Link,
     mut send: SendStream,
     mut recv: RecvStream,
-    agent: tunnel_proto::AgentId,
+    (agent, cert): (tunnel_proto::AgentId, CertFacts),
     remote: SocketAddr,
     ctx: Arc<TunnelContext>,
 ) {
@@ -342,6 +373,8 @@ async fn drive_session(
                         hello,
                         version,
                         link: link.clone(),
+                        cert_fingerprint: cert.fingerprint.clone(),
+                        cert_serial: cert.serial.clone(),
                     });
                     tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");
@@ -350,6 +383,13 @@ async fn drive_session(
                     tokio::spawn(probe(link.clone(), ctx.probe, probe_failed.clone()));
                     registered = Some(info);
                     commands = Some(rx);
+                    // A revocation that landed between the handshake and the registration
+                    // missed this session: catch it here.
+                    if let Some(why) = ctx.revocations.refusal(&agent, &cert) {
+                        tracing::warn!(%agent, session = %session_id, reason = %why,
+                            "closing a session of a revoked certificate");
+                        session.close(ErrorCode::REVOKED, "agent revoked");
+                    }
                 }
                 GatewayEvent::Rtt(rtt) => {
                     if let Some(s) = &registered {
@@ -368,6 +408,16 @@ async fn drive_session(
             if info.by_peer {
                 link.close(ErrorCode::NO_ERROR, b"");
             } else {
+                // A close decided while handling events (a revoked certificate) has its Close
+                // frame still queued.
+                let flush = async {
+                    while let Some(bytes) = session.poll_transmit() {
+                        if send.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(250), flush).await;
                 // Let the Close frame go out before the connection close discards it.
                 let _ = send.finish();
                 link.close(info.code, info.reason.as_bytes());
@@ -404,6 +454,7 @@ async fn drive_session(
             _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
             Some(cmd) = command => match cmd {
                 SessionCommand::GoAway(reason, within) => session.go_away(&reason, within),
+                SessionCommand::Close(code, reason) => session.close(code, &reason),
             },
             _ = ctx.shutdown.cancelled() => session.close(ErrorCode::SHUTDOWN, "gateway shutting down"),
         }

@@ -2,7 +2,7 @@
 //!
 //! Wraps rustls' WebPKI verifier (chain to the configured CA, validity period, client-auth
 //! purpose) and then requires exactly one URI SAN holding an *agent* identity of our trust
-//! domain. Every refusal is logged with its reason and counted in
+//! domain, whose certificate is not revoked ([`RevocationList`]). Every refusal is logged with its reason and counted in
 //! `tether_gateway_handshake_failures_total{reason}`; the handshake fails with a TLS alert and
 //! no other session is touched.
 
@@ -14,6 +14,8 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
+
+use crate::revocation::{CertFacts, RevocationList};
 
 /// Metric: refused agent handshakes by reason.
 pub const HANDSHAKE_FAILURES: &str = "tether_gateway_handshake_failures_total";
@@ -29,6 +31,7 @@ pub fn count_refusal(reason: &'static str, detail: &str) {
 pub struct AgentVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    revocations: Arc<RevocationList>,
 }
 
 impl AgentVerifier {
@@ -37,7 +40,14 @@ impl AgentVerifier {
         AgentVerifier {
             inner,
             trust_domain,
+            revocations: Arc::default(),
         }
+    }
+
+    /// Also refuses the certificates `revocations` lists (`reason="revoked"`).
+    pub fn with_revocations(mut self, revocations: Arc<RevocationList>) -> Self {
+        self.revocations = revocations;
+        self
     }
 }
 
@@ -94,8 +104,19 @@ impl ClientCertVerifier for AgentVerifier {
             ))
         };
         match spiffe_id(end_entity) {
-            Ok(SpiffeId::Agent { trust_domain, .. }) if trust_domain == self.trust_domain => {
-                Ok(ClientCertVerified::assertion())
+            Ok(SpiffeId::Agent { trust_domain, id }) if trust_domain == self.trust_domain => {
+                let facts = match CertFacts::of(end_entity) {
+                    Ok(f) => f,
+                    Err(e) => return refuse("bad_identity", e),
+                };
+                match self.revocations.refusal(&id, &facts) {
+                    None => Ok(ClientCertVerified::assertion()),
+                    Some(why) => {
+                        count_refusal("revoked", &why);
+                        // The agent sees the `certificate_revoked` alert.
+                        Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+                    }
+                }
             }
             Ok(SpiffeId::Agent { trust_domain, id }) => refuse(
                 "wrong_trust_domain",

@@ -90,6 +90,14 @@ enum AgentsCmd {
         #[arg(long)]
         agent: Option<String>,
     },
+    /// Revoke an agent (<tenant>/<agent>): its certificates issued until now are refused from
+    /// now on, its live sessions are closed, its pending enrollment tokens become invalid.
+    Revoke {
+        agent: String,
+        /// Why (kept with the revocation and shown to the agent).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -567,6 +575,45 @@ async fn run(cli: Cli) -> Result<(), String> {
             match cli.output {
                 Output::Table => print_agents(std::slice::from_ref(&a)),
                 Output::Json => println!("{}", json_agent(&a)),
+            }
+        }
+        Cmd::Agents(AgentsCmd::Revoke { agent, reason }) => {
+            let r = client
+                .revoke(v1::RevokeAgentRequest { agent, reason })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match cli.output {
+                Output::Table => {
+                    println!(
+                        "revoked {} as of {}: {} session(s) closed, {} pending enrollment token(s) invalidated",
+                        r.agent,
+                        match ts_json(&r.revoked_at) {
+                            serde_json::Value::String(s) => s,
+                            _ => "-".into(),
+                        },
+                        r.sessions_closed,
+                        r.tokens_invalidated
+                    );
+                    for c in &r.certificates {
+                        println!(
+                            "  certificate sha256:{} serial:{}",
+                            c.sha256_fingerprint, c.serial
+                        );
+                    }
+                }
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "agent": r.agent,
+                        "revoked_at": ts_json(&r.revoked_at),
+                        "sessions_closed": r.sessions_closed,
+                        "tokens_invalidated": r.tokens_invalidated,
+                        "certificates": r.certificates.iter().map(|c| serde_json::json!({
+                            "sha256_fingerprint": c.sha256_fingerprint, "serial": c.serial,
+                        })).collect::<Vec<_>>(),
+                    })
+                ),
             }
         }
         Cmd::Forward { .. } | Cmd::Commands(_) => unreachable!("handled above"),
