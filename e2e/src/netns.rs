@@ -24,12 +24,17 @@
 //! a test panics); the first [`Topology`] of a process removes those left by crashed runs whose
 //! process is gone.
 //!
+//! [`Topology::firewall_egress`] installs the same firewall with other egress (e.g. only TCP to
+//! an HTTP proxy, so the gateway itself is unreachable); [`Tinyproxy`] is a real HTTP CONNECT
+//! proxy (Debian's `tinyproxy`) to run in the control plane for it.
+//!
 //! Faults ([`Topology::set_loss`], [`Topology::block_udp`]) sit in `netdev` ingress chains on
 //! both ends of the cp–dp veth, so a dropped packet vanishes on the wire: the sender's
 //! `sendmsg` still succeeds, as it would behind a lossy link or a firewall in the network.
 //!
 //! Everything here needs root (`CAP_NET_ADMIN`, `CAP_SYS_ADMIN`), `ip` (iproute2) and `nft`
-//! (nftables); [`Topology::new`] says which one is missing.
+//! (nftables); [`Topology::new`] says which one is missing ([`Tinyproxy::start`] likewise for
+//! `tinyproxy`).
 
 use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -281,6 +286,15 @@ fn remove_stale() {
 
 // === impl Topology ===
 
+/// One kind of packet the data plane's firewall lets out ([`Topology::firewall_egress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Egress {
+    /// New UDP flows to this address and port.
+    Udp(SocketAddr),
+    /// New TCP connections to this address and port.
+    Tcp(SocketAddr),
+}
+
 /// A `/30`: network address + 1 and + 2.
 fn block(base: [u8; 2], i: u32) -> (Ipv4Addr, Ipv4Addr) {
     let n = u32::from(Ipv4Addr::new(base[0], base[1], 0, 0)) + 4 * i;
@@ -428,12 +442,35 @@ impl Topology {
     /// initiated (established/related); outbound, only loopback, established/related, and UDP
     /// and TCP to `gateway` (TCP too: the TCP fallback uses the same port). Nothing forwarded.
     pub fn firewall(&self, gateway: SocketAddr) -> Result<()> {
-        let (family, addr, port) = match gateway.ip() {
-            IpAddr::V4(a) => ("ip", a.to_string(), gateway.port()),
-            IpAddr::V6(a) => ("ip6", a.to_string(), gateway.port()),
-        };
+        self.firewall_egress(&[Egress::Udp(gateway), Egress::Tcp(gateway)])
+    }
+
+    /// The same firewall letting out only `allowed` (besides loopback and established/related):
+    /// e.g. `[Egress::Tcp(proxy)]` for a data plane that reaches the world only through an HTTP
+    /// proxy, so UDP and TCP to the gateway itself are dropped. Replaces any firewall
+    /// installed before, in one transaction.
+    pub fn firewall_egress(&self, allowed: &[Egress]) -> Result<()> {
+        let rules: String = allowed
+            .iter()
+            .map(|e| {
+                let (proto, to) = match *e {
+                    Egress::Udp(a) => ("udp", a),
+                    Egress::Tcp(a) => ("tcp", a),
+                };
+                let family = if to.is_ipv4() { "ip" } else { "ip6" };
+                format!(
+                    "\t\t{family} daddr {} {proto} dport {} accept\n",
+                    to.ip(),
+                    to.port()
+                )
+            })
+            .collect();
+        // `add` + `delete` first: the script replaces a previous firewall instead of adding
+        // rules to it, and works when there was none.
         self.dp.nft(&format!(
-            "table inet tether_fw {{\n\
+            "add table inet tether_fw\n\
+             delete table inet tether_fw\n\
+             table inet tether_fw {{\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy drop;\n\
              \t\tiif \"lo\" accept\n\
@@ -443,8 +480,7 @@ impl Topology {
              \t\ttype filter hook output priority filter; policy drop;\n\
              \t\toif \"lo\" accept\n\
              \t\tct state established,related accept\n\
-             \t\t{family} daddr {addr} udp dport {port} accept\n\
-             \t\t{family} daddr {addr} tcp dport {port} accept\n\
+             {rules}\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy drop;\n\
@@ -708,4 +744,132 @@ pub fn is_loopback_listener(local: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = host.split('%').next().unwrap_or(host);
     host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// TCP ports process `pid` listens on in `ns` (`ss -lntpH`), as local addresses.
+pub fn tcp_listeners_of(ns: &Netns, pid: u32) -> Result<Vec<SocketAddr>> {
+    let out = ns.exec("ss", &["-lntpH"])?;
+    let tag = format!("pid={pid},");
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(&tag))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .collect())
+}
+
+// === HTTP CONNECT proxy ===
+
+/// A real HTTP CONNECT proxy, Debian's `tinyproxy`, running in the foreground (`-d`) inside a
+/// namespace with a config of its own, Basic authentication required. Killed on drop.
+#[derive(Debug)]
+pub struct Tinyproxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    stdout: crate::LogLines,
+    stderr: crate::LogLines,
+    _dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    /// Starts tinyproxy in `ns` on `listen` (port 0: a free port of that address), serving
+    /// clients from `allow` (an address or CIDR), allowing CONNECT only to `connect_port`,
+    /// and only with the Basic credentials `user` / `password`. Returns once it listens; an
+    /// error says what is missing (the binary, or why it did not start).
+    pub async fn start(
+        ns: &Netns,
+        listen: SocketAddr,
+        allow: &str,
+        connect_port: u16,
+        user: &str,
+        password: &str,
+    ) -> Result<Tinyproxy> {
+        let bin = which("tinyproxy").context(
+            "the HTTP CONNECT proxy test cannot run: the `tinyproxy` binary (Debian package \
+             tinyproxy) is not in PATH, /usr/sbin or /usr/bin (scripts/test installs it with \
+             apt-get when run as root)",
+        )?;
+        let addr = if listen.port() == 0 {
+            // Nothing else binds in a test's own namespace, so the port stays free.
+            let probe = ns
+                .run(|| std::net::TcpListener::bind(listen))?
+                .with_context(|| format!("finding a free port on {listen} in {}", ns.name()))?;
+            probe.local_addr()?
+        } else {
+            listen
+        };
+        let dir = tempfile::tempdir().context("tinyproxy config dir")?;
+        let conf = dir.path().join("tinyproxy.conf");
+        // No LogFile or Syslog: with -d it logs to stdout. LogLevel Connect logs each client
+        // and its request line (the CONNECT and its target), nothing of the headers.
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\n\
+                 Listen {ip}\n\
+                 Timeout 600\n\
+                 MaxClients 64\n\
+                 Allow {allow}\n\
+                 ConnectPort {connect_port}\n\
+                 BasicAuth {user} {password}\n\
+                 LogLevel Connect\n",
+                port = addr.port(),
+                ip = addr.ip(),
+            ),
+        )
+        .context("writing the tinyproxy config")?;
+        let mut child = ns
+            .command(&bin)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} in {}", bin.display(), ns.name()))?;
+        let stdout = crate::LogLines::collect(child.stdout.take().context("tinyproxy stdout")?);
+        let stderr = crate::LogLines::collect(child.stderr.take().context("tinyproxy stderr")?);
+        let mut proxy = Tinyproxy {
+            addr,
+            child,
+            stdout,
+            stderr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = addr.to_string();
+        loop {
+            if let Some(status) = proxy.child.try_wait()? {
+                bail!(
+                    "tinyproxy exited ({status}) instead of listening on {addr}:\n{}",
+                    proxy.logs()
+                );
+            }
+            if listeners(ns)?
+                .iter()
+                .any(|(netid, local)| netid == "tcp" && *local == want)
+            {
+                return Ok(proxy);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "tinyproxy is not listening on {addr} after 10 s:\n{}",
+                    proxy.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What it logged so far (stdout, then stderr).
+    pub fn logs(&self) -> String {
+        let (out, err) = (self.stdout.text(), self.stderr.text());
+        if err.is_empty() {
+            out
+        } else {
+            format!("{out}\n{err}")
+        }
+    }
 }
