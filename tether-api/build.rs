@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tether/v1/agents.proto",
             "tether/v1/streams.proto",
             "tether/v1/commands.proto",
+            "tether/v1/enrollment.proto",
             "tether/agent/v1/agent_info.proto",
             "tether/demo/v1/echo.proto",
         ],

@@ -21,6 +21,8 @@
 //! region = "eu-west-1"
 //! [identity]
 //! source = "files"                        # or "aws-secretsmanager:<secret id or ARN>"
+//! [enrollment]                            # no tls.cert/tls.key: the identity lives in state_dir
+//! token = "tet1_…"                        # or TETHER_ENROLLMENT_TOKEN; used once, at first start
 //! [aws]                                   # credentials: the standard chain (IRSA in EKS)
 //! region = "eu-west-1"
 //! # endpoint_url = "https://vpce-….secretsmanager.eu-west-1.vpce.amazonaws.com"
@@ -115,6 +117,7 @@ pub const KEYS: Keys = &[
     "proxy.no_proxy",
     "proxy.username",
     "proxy.password",
+    "enrollment.token",
 ];
 
 /// The whole agent config.
@@ -169,6 +172,29 @@ pub struct AgentConfig {
     /// An HTTP CONNECT proxy for the TCP transport (else `HTTPS_PROXY` / `NO_PROXY`).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Enrollment with a bootstrap token, for an identity kept in `state_dir`.
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
+}
+
+/// `[enrollment]`: with `identity.source = "files"` and no `tls.cert`/`tls.key`, the agent's
+/// identity is `<state_dir>/agent.pem` and `<state_dir>/agent-key.pem`; when they are missing
+/// (or `token` is one this agent has not used yet) the agent generates a key there and enrolls
+/// with `token` (see [`crate::enroll`]).
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentConfig {
+    /// The single-use bootstrap token (`tetherctl tokens create`). Never logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollmentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollmentConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Which transports the agent uses.
@@ -508,22 +534,56 @@ impl Validate for AgentConfig {
                 }
             }
         }
+        let token = self.enrollment.token.as_deref().map(str::trim);
+        if token == Some("") {
+            return Err(ConfigError::invalid("enrollment.token", "is empty"));
+        }
         match &self.identity.source {
             IdentitySource::Files => {
-                for (key, p) in [
-                    ("tls.ca", &self.tls.ca),
-                    ("tls.cert", &self.tls.cert),
-                    ("tls.key", &self.tls.key),
-                ] {
-                    if is_unset(p) {
+                if is_unset(&self.tls.ca) {
+                    return Err(ConfigError::invalid(
+                        "tls.ca",
+                        "required with identity.source = \"files\"",
+                    ));
+                }
+                let enrolled = is_unset(&self.tls.cert) && is_unset(&self.tls.key);
+                if enrolled && self.state_dir.is_none() {
+                    return Err(ConfigError::invalid(
+                        if token.is_some() {
+                            "state_dir"
+                        } else {
+                            "tls.cert"
+                        },
+                        "required with identity.source = \"files\": set tls.cert and tls.key, or state_dir (where an enrolled identity is kept, see enrollment.token)",
+                    ));
+                }
+                if !enrolled {
+                    for (key, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                        if is_unset(p) {
+                            return Err(ConfigError::invalid(
+                                key,
+                                "required with identity.source = \"files\"",
+                            ));
+                        }
+                    }
+                    if token.is_some() {
                         return Err(ConfigError::invalid(
-                            key,
-                            "required with identity.source = \"files\"",
+                            "enrollment.token",
+                            "not used with tls.cert and tls.key (an enrolled identity lives in state_dir): remove one or the other",
                         ));
                     }
                 }
             }
             IdentitySource::AwsSecretsManager(_) => {
+                if token.is_some() {
+                    return Err(ConfigError::invalid(
+                        "enrollment.token",
+                        format!(
+                            "not used with identity.source = \"{}\": remove it",
+                            self.identity.source
+                        ),
+                    ));
+                }
                 for (key, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
                     if !is_unset(p) {
                         return Err(ConfigError::invalid(
@@ -600,6 +660,27 @@ impl AgentConfig {
         }
         Ok(cfg)
     }
+
+    /// True when the identity is enrolled and kept in `state_dir` (files source, no
+    /// `tls.cert`/`tls.key`).
+    pub fn enrolled_identity(&self) -> bool {
+        self.identity.source == IdentitySource::Files
+            && is_unset(&self.tls.cert)
+            && is_unset(&self.tls.key)
+            && self.state_dir.is_some()
+    }
+
+    /// The certificate and key files of a files identity: `tls.cert` and `tls.key`, or the
+    /// enrolled ones in `state_dir`.
+    pub fn identity_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.state_dir, self.enrolled_identity()) {
+            (Some(dir), true) => (
+                dir.join(crate::enroll::CERT_FILE),
+                dir.join(crate::enroll::KEY_FILE),
+            ),
+            _ => (self.tls.cert.clone(), self.tls.key.clone()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -654,6 +735,33 @@ mod tests {
     }
 
     #[test]
+    fn an_enrolled_identity_needs_state_dir_and_excludes_cert_and_key() {
+        let tok = "[enrollment]\ntoken = \"tet1_x\"\n";
+        let e = parse(&format!("[tls]\nca = \"ca.pem\"\n{tok}"))
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("state_dir"), "{e}");
+        let cfg = parse(&format!("state_dir = \"s\"\n[tls]\nca = \"ca.pem\"\n{tok}"));
+        cfg.validate().expect("valid");
+        assert!(cfg.enrolled_identity());
+        assert_eq!(cfg.identity_files().0, Path::new("s/agent.pem"));
+        assert!(
+            !format!("{cfg:?}").contains("tet1_x"),
+            "the token is never shown"
+        );
+        let e = parse(&format!(
+            "state_dir = \"s\"\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n{tok}"
+        ))
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("enrollment.token"), "{e}");
+        // Without a token, a state_dir alone is an enrolled identity too (already enrolled).
+        parse("state_dir = \"s\"\n[tls]\nca = \"ca.pem\"\n")
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
     fn unset_tls_paths_stay_unset_when_resolved() {
         let mut tls = TlsConfig {
             ca: "ca.pem".into(),
@@ -698,6 +806,9 @@ mod tests {
                 no_proxy: Some("x".into()),
                 username: Some("u".into()),
                 password: Some("p".into()),
+            },
+            enrollment: EnrollmentConfig {
+                token: Some("t".into()),
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

@@ -44,6 +44,11 @@ pub enum AgentError {
         /// What is wrong (never key material).
         reason: String,
     },
+    /// Enrollment with `enrollment.token` failed for good (the token was refused, the gateway
+    /// is not the one `tls.ca` trusts, the state directory cannot be written): the operator's
+    /// to fix. Unreachable gateways are retried, not reported here.
+    #[error(transparent)]
+    Enrollment(#[from] crate::enroll::EnrollError),
     /// A local listener could not be bound.
     #[error("{what}: {source}")]
     Io {

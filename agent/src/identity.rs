@@ -1,8 +1,10 @@
 //! Wiring: the agent's own identity (certificate chain and private key) and the roots the
 //! gateway's certificate must chain to, for the transport ([`crate::dialer`]).
 //!
-//! `identity.source` says where they come from: PEM files (`tls.cert`, `tls.key`, `tls.ca`), or
-//! a Secrets Manager secret read through the backend ([`crate::secrets`]) holding
+//! `identity.source` says where they come from: PEM files (`tls.cert`, `tls.key`, `tls.ca`; or,
+//! without `tls.cert`/`tls.key`, the enrolled identity in `state_dir`, enrolled first when
+//! needed: [`crate::enroll`]), or a Secrets Manager secret read through the backend
+//! ([`crate::secrets`]) holding
 //!
 //! ```json
 //! {"certificate": "<PEM chain>", "private_key": "<PEM key>", "ca": "<PEM bundle, optional>"}
@@ -56,7 +58,12 @@ impl Identity {
     /// from `[aws]` (standard credential chain) only when needed.
     pub async fn load(cfg: &AgentConfig) -> Result<Identity, AgentError> {
         match &cfg.identity.source {
-            IdentitySource::Files => Identity::from_files(cfg),
+            IdentitySource::Files => {
+                if cfg.enrolled_identity() {
+                    crate::enroll::ensure(cfg).await?;
+                }
+                Identity::from_files(cfg)
+            }
             IdentitySource::AwsSecretsManager(_) => {
                 Identity::load_with(cfg, &SecretsManager::new(&cfg.aws).await).await
             }
@@ -91,13 +98,15 @@ impl Identity {
         }
     }
 
-    /// Reads `tls.ca`, `tls.cert` and `tls.key`.
+    /// Reads `tls.ca`, `tls.cert` and `tls.key` (or the enrolled certificate and key in
+    /// `state_dir`).
     pub fn from_files(cfg: &AgentConfig) -> Result<Identity, AgentError> {
         let roots = tls::load_roots(&cfg.tls.ca)?;
-        let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
-        let key = tls::load_key(&cfg.tls.key)?;
+        let (cert, key) = cfg.identity_files();
+        let certs = tls::load_certs("certificate", &cert)?;
+        let key = tls::load_key(&key)?;
         let agent = agent_id(&certs)
-            .map_err(|reason| AgentError::Tls(format!("{}: {reason}", cfg.tls.cert.display())))?;
+            .map_err(|reason| AgentError::Tls(format!("{}: {reason}", cert.display())))?;
         Ok(Identity {
             certs,
             key,

@@ -8,6 +8,7 @@
 //! Layers only look down: transport → session → feature → backend.
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
 //! - [`identity`]: the agent's certificate and key, from files or Secrets Manager;
+//! - [`enroll`] (transport + wiring): enrolling with a bootstrap token for a key made here;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
@@ -20,6 +21,7 @@
 pub mod commands;
 pub mod config;
 pub mod dialer;
+pub mod enroll;
 pub mod error;
 pub mod executors;
 pub mod identity;
@@ -208,7 +210,11 @@ pub fn start_with_identity(
 /// (once: a rotated secret is picked up at the next restart), binds the ops listener from
 /// config and starts.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let identity = Identity::load(&cfg).await?;
+    // Loading may enroll first, retrying an unreachable gateway: a signal stops that too.
+    let identity = tokio::select! {
+        i = Identity::load(&cfg) => i?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let ops = std::net::TcpListener::bind(cfg.ops.listen).map_err(|source| AgentError::Io {
         what: format!("binding ops listener tcp/{}", cfg.ops.listen),
         source,

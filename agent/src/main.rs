@@ -85,7 +85,8 @@ fn main() -> ExitCode {
                 e @ (tether_agent::AgentError::Config(_)
                 | tether_agent::AgentError::TlsMaterial(_)
                 | tether_agent::AgentError::Tls(_)
-                | tether_agent::AgentError::Identity { .. }),
+                | tether_agent::AgentError::Identity { .. }
+                | tether_agent::AgentError::Enrollment(_)),
             ) => {
                 tracing::error!("{e}");
                 eprintln!("tether-agent: {e}");

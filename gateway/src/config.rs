@@ -24,9 +24,16 @@
 //! retry_backoff = "200ms"     # doubled per failed delivery, capped at max_retry_backoff
 //! max_retry_backoff = "30s"
 //! max_in_flight = 256         # concurrent deliveries per agent
+//! [enrollment]                # agents enroll with a token on the tunnel's TCP port
+//! ca_key = "pki/ca-key.pem"   # unset: enrollment is off
+//! # ca_cert = "pki/ca.pem"    # the certificate of ca_key; default tls.ca
+//! cert_ttl = "24h"            # lifetime of enrolled agents' certificates
+//! token_ttl = "1h"            # default lifetime of a token
+//! max_token_ttl = "7d"
 //! ```
 //!
-//! `data_dir` (top level, default `data` next to the config file) holds the command store.
+//! `data_dir` (top level, default `data` next to the config file) holds the command store
+//! (`commands.redb`) and the identity store (`identity.redb`: revocations, enrollment tokens).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +69,11 @@ pub const KEYS: Keys = &[
     "commands.retry_backoff",
     "commands.max_retry_backoff",
     "commands.max_in_flight",
+    "enrollment.ca_key",
+    "enrollment.ca_cert",
+    "enrollment.cert_ttl",
+    "enrollment.token_ttl",
+    "enrollment.max_token_ttl",
 ];
 
 /// The whole gateway config.
@@ -91,6 +103,43 @@ pub struct GatewayConfig {
     /// Durable commands.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// Agent enrollment with bootstrap tokens.
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
+}
+
+/// `[enrollment]`: tokens and the certificates they are redeemed for.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentConfig {
+    /// The CA's private key (PEM) enrolled agents' certificates are signed with; unset:
+    /// enrollment is off (`CreateToken` is FAILED_PRECONDITION).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<PathBuf>,
+    /// The certificate of `ca_key` (PEM, first in the file); default `tls.ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// Lifetime of an enrolled agent's certificate.
+    #[serde(with = "humantime_serde")]
+    pub cert_ttl: Duration,
+    /// Lifetime of a token when `CreateToken` gives none.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Longest lifetime `CreateToken` may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_token_ttl: Duration,
+}
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        EnrollmentConfig {
+            ca_key: None,
+            ca_cert: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            token_ttl: Duration::from_secs(3600),
+            max_token_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Durable commands: limits and redelivery.
@@ -247,6 +296,19 @@ impl Validate for GatewayConfig {
                 "must be at least 1",
             ));
         }
+        let e = &self.enrollment;
+        if e.cert_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "enrollment.cert_ttl",
+                "must be at least 1m",
+            ));
+        }
+        if e.token_ttl.is_zero() || e.token_ttl > e.max_token_ttl {
+            return Err(ConfigError::invalid(
+                "enrollment.token_ttl",
+                "must be positive and at most enrollment.max_token_ttl",
+            ));
+        }
         if t.max_concurrent_streams == 0 {
             return Err(ConfigError::invalid(
                 "tunnel.max_concurrent_streams",
@@ -267,6 +329,12 @@ impl GatewayConfig {
         cfg.tls.resolve(base);
         let data = cfg.data_dir.take().unwrap_or_else(|| PathBuf::from("data"));
         cfg.data_dir = Some(tether_runtime::config::resolve(base, &data));
+        for p in [&mut cfg.enrollment.ca_key, &mut cfg.enrollment.ca_cert]
+            .into_iter()
+            .flatten()
+        {
+            *p = tether_runtime::config::resolve(base, p);
+        }
         Ok(cfg)
     }
 }
@@ -290,6 +358,11 @@ mod tests {
             log: Default::default(),
             data_dir: Some("d".into()),
             commands: Default::default(),
+            enrollment: EnrollmentConfig {
+                ca_key: Some("k".into()),
+                ca_cert: Some("c".into()),
+                ..Default::default()
+            },
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         let mut leaves = Vec::new();

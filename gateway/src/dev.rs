@@ -133,6 +133,10 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         log: LogConfig::default(),
         data_dir: Some(dir.join("data")),
         commands: Default::default(),
+        enrollment: crate::config::EnrollmentConfig {
+            ca_key: Some(pki_dir.join("ca-key.pem")),
+            ..Default::default()
+        },
     };
     write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
     // The demo upstream the dev agent allow-lists as `demo`, its default service.

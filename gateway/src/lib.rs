@@ -15,6 +15,7 @@
 //! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
 //! - [`revocation`] (feature): `Agents/Revoke` and the revocation list the verifier consults;
 //! - [`identity_db`] (backend): revocations and enrollment tokens, durable (redb);
+//! - [`enrollment`] (feature): `tether.v1.Enrollment`, tokens and CSR-based issuance;
 //! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
 //! - [`pki`] (backend): CA and certificate issuance with rcgen;
 //! - [`demo`] (backend): the demo upstream `dev` runs behind its agent;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod dev;
+pub mod enrollment;
 pub mod error;
 pub mod identity_db;
 pub mod listener;

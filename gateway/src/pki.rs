@@ -45,6 +45,14 @@ pub enum PkiError {
     /// A gateway name is neither a DNS name nor an IP address.
     #[error("gateway name {0:?} is neither a DNS name nor an IP address")]
     GatewayName(String),
+    /// The CA certificate does not belong to the CA key.
+    #[error("{cert}: {reason}")]
+    CaMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
 }
 
 /// A certificate and its private key, PEM.
@@ -149,37 +157,53 @@ impl Ca {
         })
     }
 
+    /// Loads a CA from its certificate (the first in `cert`) and key files, checking that they
+    /// belong together.
+    pub fn from_files(cert: &Path, key: &Path, trust_domain: &str) -> Result<Ca, PkiError> {
+        check_trust_domain(trust_domain)?;
+        let bundle = read(cert)?;
+        let mismatch = |reason: String| PkiError::CaMismatch {
+            cert: cert.to_owned(),
+            reason,
+        };
+        let first = pem_first_certificate(&bundle)
+            .ok_or_else(|| mismatch("no CERTIFICATE block".into()))?;
+        let key = KeyPair::from_pem(&read(key)?)?;
+        let der = rustls_pki_types::CertificateDer::from(
+            pem_block_der(&first).ok_or_else(|| mismatch("not PEM".into()))?,
+        );
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| mismatch(format!("does not parse: {e}")))?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(mismatch(
+                "its first certificate is not the certificate of the CA key".into(),
+            ));
+        }
+        if !x509.is_ca() {
+            return Err(mismatch("its first certificate is not a CA".into()));
+        }
+        Ok(Ca {
+            cert_pem: first,
+            key,
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// Signs a leaf certificate for a public key the holder generated (and keeps).
+    pub fn sign(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, PkiError> {
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(leaf_params(spec)?.signed_by(public_key, &issuer)?.pem())
+    }
+
     /// Issues a leaf certificate with a fresh key.
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(&spec.common_name);
-        params.not_before = spec.not_before;
-        params.not_after = spec.not_after;
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if spec.server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        for u in &spec.uris {
-            params
-                .subject_alt_names
-                .push(SanType::URI(u.as_str().try_into()?));
-        }
-        for n in &spec.names {
-            params.subject_alt_names.push(match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    n.as_str()
-                        .try_into()
-                        .map_err(|_| PkiError::GatewayName(n.clone()))?,
-                ),
-            });
-        }
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = leaf_params(spec)?.signed_by(&key, &issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -220,6 +244,55 @@ impl Ca {
             server: true,
         })
     }
+}
+
+/// The parameters of a leaf certificate: `spec`'s names and dates, digital signature only,
+/// client or server authentication, never a CA.
+fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&spec.common_name);
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![if spec.server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    for u in &spec.uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI(u.as_str().try_into()?));
+    }
+    for n in &spec.names {
+        params.subject_alt_names.push(match n.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                n.as_str()
+                    .try_into()
+                    .map_err(|_| PkiError::GatewayName(n.clone()))?,
+            ),
+        });
+    }
+    Ok(params)
+}
+
+/// The first `CERTIFICATE` block of a PEM bundle, as PEM.
+fn pem_first_certificate(bundle: &str) -> Option<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let start = bundle.find(BEGIN)?;
+    let end = start + bundle[start..].find(END)? + END.len();
+    Some(format!("{}\n", &bundle[start..end]))
+}
+
+/// The DER inside one PEM block.
+fn pem_block_der(pem: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|c| c.to_vec())
 }
 
 fn dn(cn: &str) -> DistinguishedName {

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
+use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
 use crate::identity_db::IdentityDb;
 use crate::northbound::AgentsApi;
@@ -147,6 +148,8 @@ pub async fn start(
         GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
     })?);
     let tunnel_tls = tunnel::tls_config_with(&cfg, identity.revocations())?;
+    let enrollment = Arc::new(Enrollment::new(&cfg, identity.clone())?);
+    let enroll_endpoint = Arc::new(EnrollEndpoint::new(&cfg, enrollment.clone())?);
     let server_config = tunnel::server_config(&cfg, tunnel_tls.clone())?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -171,7 +174,14 @@ pub async fn start(
     let close_sessions = CancellationToken::new();
     let ctx = Arc::new(
         TunnelContext::new(&cfg, registry.clone(), close_sessions.clone())
-            .with_revocations(identity.revocations()),
+            .with_revocations(identity.revocations())
+            // Agents enroll on the tunnel's TCP port: the egress rule they already have.
+            .with_side_door(
+                ENROLL_ALPN,
+                Arc::new(move |start, remote| {
+                    Box::pin(enroll_endpoint.clone().serve(start, remote))
+                }),
+            ),
     );
     tokio::spawn(tunnel::accept_loop(
         endpoint.clone(),
@@ -192,7 +202,14 @@ pub async fn start(
             ));
             Some(addr)
         }
-        None => None,
+        None => {
+            if enrollment.enabled() {
+                tracing::warn!(
+                    "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
+                );
+            }
+            None
+        }
     };
 
     // Northbound gRPC over TLS, client certificates required.
@@ -213,6 +230,10 @@ pub async fn start(
             .into_service(cfg.trust_domain.clone(), cfg.commands.max_payload),
     );
     routes.add_service(StreamsApi::new(relay.clone()).into_service());
+    routes.add_service(EnrollmentApi::into_northbound_service(
+        enrollment.clone(),
+        cfg.trust_domain.clone(),
+    ));
     let mut routes = routes.routes();
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());

@@ -9,7 +9,9 @@
 //! connection looks alive but whose streams do not work is closed (`UNRESPONSIVE`). A bad peer
 //! ends only its own connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -97,6 +99,8 @@ pub struct TunnelContext {
     /// Checked again once a session is registered (a revocation may have landed after its
     /// handshake).
     pub revocations: Arc<RevocationList>,
+    /// Other protocols on the tunnel's TCP port, chosen by the ClientHello's ALPN (enrollment).
+    pub side_doors: Vec<SideDoor>,
     next_session: AtomicU64,
     instance: String,
 }
@@ -117,6 +121,7 @@ impl TunnelContext {
             shutdown,
             probe: (cfg.tunnel.probe_interval, cfg.tunnel.probe_timeout),
             revocations: Arc::default(),
+            side_doors: Vec::new(),
             next_session: AtomicU64::new(1),
             instance,
         }
@@ -128,9 +133,44 @@ impl TunnelContext {
         self
     }
 
+    /// Hands TCP connections offering `alpn` to `serve` instead of the tunnel.
+    pub fn with_side_door(mut self, alpn: &[u8], serve: SideDoorFn) -> Self {
+        self.side_doors.push(SideDoor {
+            alpn: alpn.to_vec(),
+            serve,
+        });
+        self
+    }
+
     fn next_session_id(&self) -> String {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", self.instance)
+    }
+}
+
+/// Serves one TCP connection whose ClientHello was read (the handler completes the handshake
+/// with its own TLS config).
+pub type SideDoorFn = Arc<
+    dyn Fn(
+            tokio_rustls::StartHandshake<tokio::net::TcpStream>,
+            SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Another protocol on the tunnel's TCP port, selected by ALPN.
+#[derive(Clone)]
+pub struct SideDoor {
+    alpn: Vec<u8>,
+    serve: SideDoorFn,
+}
+
+impl std::fmt::Debug for SideDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideDoor")
+            .field("alpn", &String::from_utf8_lossy(&self.alpn))
+            .finish_non_exhaustive()
     }
 }
 
@@ -230,7 +270,6 @@ pub async fn accept_tcp_loop(
     ctx: Arc<TunnelContext>,
     stop_accepting: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (sock, remote) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -245,9 +284,9 @@ pub async fn accept_tcp_loop(
             },
         };
         let _ = sock.set_nodelay(true);
-        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        let (tls, ctx) = (tls.clone(), ctx.clone());
         tokio::spawn(async move {
-            handle_tcp(sock, remote, acceptor, ctx).await;
+            handle_tcp(sock, remote, tls, ctx).await;
         });
     }
 }
@@ -269,10 +308,39 @@ fn tcp_failure_reason(e: &std::io::Error) -> Option<&'static str> {
 async fn handle_tcp(
     sock: tokio::net::TcpStream,
     remote: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tunnel_tls: Arc<rustls::ServerConfig>,
     ctx: Arc<TunnelContext>,
 ) {
-    let handshake = tokio::time::timeout(ctx.session.handshake_timeout, acceptor.accept(sock));
+    let deadline = tokio::time::Instant::now() + ctx.session.handshake_timeout;
+    // Read the ClientHello first: its ALPN says whether this is the tunnel or a side door.
+    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), sock);
+    let start = match tokio::time::timeout_at(deadline, hello).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if let Some(reason) = tcp_failure_reason(&e) {
+                count_refusal(reason, &format!("tcp {remote}: {e}"));
+            }
+            return;
+        }
+        Err(_) => {
+            count_refusal("timeout", &format!("tcp {remote}: no TLS ClientHello"));
+            return;
+        }
+    };
+    let offered: Vec<Vec<u8>> = start
+        .client_hello()
+        .alpn()
+        .map(|a| a.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default();
+    if let Some(door) = ctx
+        .side_doors
+        .iter()
+        .find(|d| !offered.contains(&ALPN.to_vec()) && offered.contains(&d.alpn))
+    {
+        (door.serve)(start, remote).await;
+        return;
+    }
+    let handshake = tokio::time::timeout_at(deadline, start.into_stream(tunnel_tls));
     let tls = match handshake.await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {

@@ -38,5 +38,9 @@ pub use session::{AgentEvent, AgentSession, GatewayEvent, GatewaySession};
 /// The ALPN protocol id both sides must negotiate, on QUIC and on the TLS fallback.
 pub const ALPN: &[u8] = b"tether/1";
 
+/// The ALPN protocol id of agent enrollment (TLS + HTTP/2 on the tunnel's TCP port, no client
+/// certificate).
+pub const ENROLL_ALPN: &[u8] = b"tether-enroll/1";
+
 /// Protocol versions this build speaks, newest last. Negotiated in `Hello` / `Welcome`.
 pub const SUPPORTED_VERSIONS: &[u32] = &[1];

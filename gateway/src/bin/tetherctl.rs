@@ -55,6 +55,9 @@ enum Cmd {
     /// Durable commands: submit, inspect, watch, cancel.
     #[command(subcommand)]
     Commands(CommandsCmd),
+    /// Enrollment tokens: single-use bootstrap tokens for agents.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -98,6 +101,60 @@ enum AgentsCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a single-use token an agent enrolls with (`enrollment.token`); printed once.
+    Create {
+        /// The tenant.
+        tenant: String,
+        /// The agent's name within the tenant.
+        agent: String,
+        /// How long the token may be used, e.g. 1h (default: the gateway's enrollment.token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+async fn tokens_cmd(
+    channel: tonic::transport::Channel,
+    cmd: TokensCmd,
+    output: Output,
+) -> Result<(), String> {
+    let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
+    let TokensCmd::Create { tenant, agent, ttl } = cmd;
+    let r = client
+        .create_token(v1::CreateTokenRequest {
+            tenant,
+            agent,
+            ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+        })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    match output {
+        Output::Table => {
+            println!("{}", r.token);
+            eprintln!(
+                "token for {} (single use), valid until {}; it is shown only now",
+                r.agent,
+                match ts_json(&r.expires_at) {
+                    serde_json::Value::String(s) => s,
+                    _ => "-".into(),
+                }
+            );
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "token": r.token,
+                "agent": r.agent,
+                "expires_at": ts_json(&r.expires_at),
+            })
+        ),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -544,6 +601,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     let cli = match cli.cmd {
         Cmd::Commands(cmd) => return commands_cmd(channel, cmd, cli.output).await,
+        Cmd::Tokens(cmd) => return tokens_cmd(channel, cmd, cli.output).await,
         _ => cli,
     };
     let mut client = AgentsClient::new(channel);
@@ -616,7 +674,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ),
             }
         }
-        Cmd::Forward { .. } | Cmd::Commands(_) => unreachable!("handled above"),
+        Cmd::Forward { .. } | Cmd::Commands(_) | Cmd::Tokens(_) => {
+            unreachable!("handled above")
+        }
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
             let mut stream = client
                 .watch(v1::WatchAgentsRequest {

@@ -1,0 +1,639 @@
+//! Feature layer: agent enrollment with single-use bootstrap tokens (`tether.v1.Enrollment`).
+//!
+//! - `CreateToken` (northbound, control-plane callers): a random 256-bit token for one agent
+//!   identity, returned once; the gateway stores only its SHA-256 with the identity, expiry and
+//!   state ([`IdentityDb`]).
+//! - `Enroll` (agent-facing): served on the tunnel's **TCP port**, the one egress rule the
+//!   customer already has, to connections whose ClientHello offers ALPN `tether-enroll/1`
+//!   ([`ENROLL_ALPN`]; the tunnel's accept loop picks the TLS config from the ClientHello). That
+//!   TLS is server-authenticated only: the agent verifies the gateway against its CA bundle and
+//!   holds no certificate yet. The token is redeemed inside one write transaction together with
+//!   the issuance, so it is used at most once and only when a certificate came out of it.
+//!
+//! **What is issued.** The gateway decides the certificate: the token's identity as the only
+//! URI SAN, digital signature, client authentication, not a CA, valid `enrollment.cert_ttl`
+//! (24 h by default) and, for a revoked agent, from after its revocation cut-off. The CSR
+//! contributes its public key (ECDSA P-256 or Ed25519) and nothing else: a CSR that asks for
+//! any other SAN, more than one, CA rights or certificate signing is **refused** (rather than
+//! silently ignored), so a confused or malicious requester learns exactly why. A refused CSR
+//! leaves the token unused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use tether_api::v1;
+use tether_api::v1::enrollment_server::{Enrollment as EnrollmentService, EnrollmentServer};
+use tokio::net::TcpStream;
+use tonic::{Request, Response, Status};
+use tower::ServiceExt;
+use tunnel_proto::AgentId;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+use x509_parser::prelude::FromDer;
+
+use crate::config::{EnrollmentConfig, GatewayConfig};
+use crate::error::GatewayError;
+use crate::identity_db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal};
+use crate::northbound::{Caller, authenticate};
+use crate::pki::{Ca, LeafSpec};
+use crate::revocation::{RevocationList, sha256_hex, to_ms};
+
+pub use tunnel_proto::ENROLL_ALPN;
+
+/// Token prefix: says what the string is when it turns up in a log or a secret store.
+pub const TOKEN_PREFIX: &str = "tet1_";
+
+/// Largest `Enroll` request accepted (a CSR is well under 2 KiB).
+const MAX_REQUEST: usize = 16 * 1024;
+
+/// Enrollment connections served at once; more are dropped at the ClientHello.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Longest an enrollment connection may live.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Certificates are valid from a minute ago: agents' clocks may lag the gateway's.
+const CLOCK_SKEW: i64 = 60;
+
+/// Why an enrollment operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// The gateway has no CA key (`enrollment.ca_key`): the operator's to fix.
+    #[error("enrollment is not enabled on this gateway (set enrollment.ca_key)")]
+    Disabled,
+    /// A tenant or agent name is malformed (the caller's mistake).
+    #[error("{0}")]
+    BadIdentity(tunnel_proto::IdentityError),
+    /// The requested token lifetime is out of bounds (the caller's mistake).
+    #[error("ttl {ttl:?} is out of range: it must be positive and at most {max:?}")]
+    BadTtl {
+        /// What was asked.
+        ttl: Duration,
+        /// `enrollment.max_token_ttl`.
+        max: Duration,
+    },
+    /// The token cannot be used (the agent's operator needs a new one).
+    #[error(transparent)]
+    Token(#[from] TokenRefusal),
+    /// The CSR is refused (the agent's mistake; the token stays unused).
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
+    /// The identity store failed (the gateway's fault; retrying may help).
+    #[error(transparent)]
+    Store(#[from] IdentityDbError),
+    /// Signing failed (the gateway's fault).
+    #[error("issuing the certificate failed: {0}")]
+    Issue(String),
+}
+
+impl EnrollError {
+    /// The gRPC status, decided here for every caller.
+    pub fn status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            EnrollError::Disabled => Status::failed_precondition(msg),
+            EnrollError::BadIdentity(_) | EnrollError::BadTtl { .. } | EnrollError::Csr(_) => {
+                Status::invalid_argument(msg)
+            }
+            EnrollError::Token(_) => Status::unauthenticated(msg),
+            EnrollError::Store(_) => Status::unavailable(msg),
+            EnrollError::Issue(_) => Status::internal(msg),
+        }
+    }
+
+    /// The `result` label of `tether_gateway_enrollments_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            EnrollError::Token(TokenRefusal::Unknown) => "token_unknown",
+            EnrollError::Token(TokenRefusal::Used) => "token_used",
+            EnrollError::Token(TokenRefusal::Expired) => "token_expired",
+            EnrollError::Token(TokenRefusal::Revoked(_)) => "token_revoked",
+            EnrollError::Csr(_) => "bad_csr",
+            EnrollError::Disabled => "disabled",
+            _ => "error",
+        }
+    }
+}
+
+/// Tokens and issuance; shared by both faces of the service.
+pub struct Enrollment {
+    db: Arc<IdentityDb>,
+    revocations: Arc<RevocationList>,
+    ca: Option<Ca>,
+    cfg: EnrollmentConfig,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("enabled", &self.ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Enrollment {
+    /// Loads the CA named by `enrollment.ca_key` (and `ca_cert`, default `tls.ca`) when set.
+    pub fn new(cfg: &GatewayConfig, db: Arc<IdentityDb>) -> Result<Enrollment, GatewayError> {
+        let ca = match &cfg.enrollment.ca_key {
+            Some(key) => {
+                let cert = cfg.enrollment.ca_cert.as_ref().unwrap_or(&cfg.tls.ca);
+                Some(Ca::from_files(cert, key, &cfg.trust_domain)?)
+            }
+            None => None,
+        };
+        Ok(Enrollment {
+            revocations: db.revocations(),
+            db,
+            ca,
+            cfg: cfg.enrollment.clone(),
+        })
+    }
+
+    /// True when tokens can be created and redeemed.
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    /// A new token for `tenant/agent`; see the module docs.
+    pub async fn create_token(
+        &self,
+        created_by: &str,
+        tenant: &str,
+        agent: &str,
+        ttl: Option<Duration>,
+    ) -> Result<v1::CreateTokenResponse, EnrollError> {
+        if self.ca.is_none() {
+            return Err(EnrollError::Disabled);
+        }
+        let id = AgentId::new(tenant, agent).map_err(EnrollError::BadIdentity)?;
+        let ttl = ttl.unwrap_or(self.cfg.token_ttl);
+        if ttl.is_zero() || ttl > self.cfg.max_token_ttl {
+            return Err(EnrollError::BadTtl {
+                ttl,
+                max: self.cfg.max_token_ttl,
+            });
+        }
+        let token = new_token();
+        let now = SystemTime::now();
+        let expires = now + ttl;
+        let record = TokenRecord {
+            agent: id.to_string(),
+            created_ms: to_ms(now),
+            expires_ms: to_ms(expires),
+            state: crate::identity_db::TokenState::Pending,
+            changed_ms: None,
+            created_by: created_by.to_owned(),
+            certificate: None,
+        };
+        let (db, hash) = (self.db.clone(), sha256_hex(token.as_bytes()));
+        tokio::task::spawn_blocking(move || db.put_token(&hash, &record))
+            .await
+            .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+        metrics::counter!("tether_gateway_enrollment_tokens_created_total").increment(1);
+        tracing::info!(agent = %id, created_by, ttl = %humantime::format_duration(ttl),
+            "enrollment token created");
+        Ok(v1::CreateTokenResponse {
+            token,
+            agent: id.to_string(),
+            expires_at: Some(expires.into()),
+            certificate_ttl: prost_types::Duration::try_from(self.cfg.cert_ttl).ok(),
+        })
+    }
+
+    /// Redeems `token` for a certificate of its identity with the CSR's public key.
+    pub async fn enroll(
+        self: &Arc<Self>,
+        token: &str,
+        csr_pem: &str,
+        remote: Option<SocketAddr>,
+    ) -> Result<v1::EnrollResponse, EnrollError> {
+        let result = self.enroll_inner(token, csr_pem).await;
+        let label = match &result {
+            Ok(_) => "issued",
+            Err(e) => e.label(),
+        };
+        metrics::counter!("tether_gateway_enrollments_total", "result" => label).increment(1);
+        match &result {
+            Ok(r) => tracing::info!(agent = %r.agent, ?remote, "agent enrolled"),
+            Err(e) => tracing::warn!(?remote, error = %e, "enrollment refused"),
+        }
+        result
+    }
+
+    async fn enroll_inner(
+        self: &Arc<Self>,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<v1::EnrollResponse, EnrollError> {
+        if self.ca.is_none() {
+            return Err(EnrollError::Disabled);
+        }
+        if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
+            return Err(TokenRefusal::Unknown.into());
+        }
+        let hash = sha256_hex(token.as_bytes());
+        let (this, csr) = (self.clone(), csr_pem.to_owned());
+        let redeemed = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            this.db.redeem_token(&hash, to_ms(now), |record| {
+                let (pem, not_after) = this.issue(record, &csr, now)?;
+                let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| EnrollError::Issue(e.to_string()))?;
+                Ok::<_, EnrollError>(((pem, not_after), sha256_hex(der.as_ref())))
+            })
+        })
+        .await
+        .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+        let (record, (certificate_pem, not_after)) = match redeemed {
+            Ok(r) => r,
+            Err(RedeemError::Refused(r)) => return Err(r.into()),
+            Err(RedeemError::Issue(e)) => return Err(e),
+        };
+        Ok(v1::EnrollResponse {
+            certificate_pem,
+            ca_pem: self
+                .ca
+                .as_ref()
+                .map(|c| c.cert_pem.clone())
+                .unwrap_or_default(),
+            agent: record.agent,
+            not_after: Some(not_after.into()),
+        })
+    }
+
+    /// Checks the CSR against the token's identity and signs its key.
+    fn issue(
+        &self,
+        record: &TokenRecord,
+        csr_pem: &str,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), EnrollError> {
+        let ca = self.ca.as_ref().ok_or(EnrollError::Disabled)?;
+        let id: AgentId = record.agent.parse().map_err(|e| {
+            EnrollError::Store(IdentityDbError::Corrupt {
+                key: "token".into(),
+                detail: format!("{e}"),
+            })
+        })?;
+        let uri = id.to_uri(&ca.trust_domain);
+        let key = check_csr(csr_pem, &uri).map_err(EnrollError::Csr)?;
+        let now_s = to_ms(now) / 1000;
+        let not_before = self.revocations.not_before(&id, now_s - CLOCK_SKEW);
+        let not_after = now + self.cfg.cert_ttl;
+        let ts = |s: i64| {
+            time::OffsetDateTime::from_unix_timestamp(s)
+                .map_err(|e| EnrollError::Issue(e.to_string()))
+        };
+        let spec = LeafSpec {
+            common_name: id.to_string(),
+            uris: vec![uri],
+            names: Vec::new(),
+            not_before: ts(not_before)?,
+            not_after: ts(to_ms(not_after) / 1000)?,
+            server: false,
+        };
+        let pem = ca
+            .sign(&spec, &key)
+            .map_err(|e| EnrollError::Issue(e.to_string()))?;
+        Ok((pem, not_after))
+    }
+}
+
+/// A new token: [`TOKEN_PREFIX`] and 256 random bits, base64url.
+fn new_token() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).expect("system randomness");
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Checks a PEM CSR against the module docs' rules for `identity` (the token's URI); returns
+/// its verified public key.
+pub fn check_csr(csr_pem: &str, identity: &str) -> Result<rcgen::PublicKey, String> {
+    let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate request: {e}"))?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| format!("does not parse as PKCS#10: {e}"))?;
+    let spki = &csr.certification_request_info.subject_pki.algorithm;
+    let curve = spki
+        .parameters
+        .clone()
+        .and_then(|p| x509_parser::oid_registry::Oid::try_from(p).ok());
+    let key_ok = (spki.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256))
+        || spki.algorithm == OID_SIG_ED25519;
+    if !key_ok {
+        return Err(format!(
+            "key type {}{} is not allowed: use ECDSA P-256 or Ed25519",
+            spki.algorithm,
+            curve.map(|c| format!(" ({c})")).unwrap_or_default()
+        ));
+    }
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                let asked: Vec<String> = san
+                    .general_names
+                    .iter()
+                    .map(|n| match n {
+                        GeneralName::URI(u) => (*u).to_owned(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                if asked.len() > 1 || asked.iter().any(|a| a != identity) {
+                    return Err(format!(
+                        "it asks for the subject alternative name(s) {asked:?}; this token is for {identity} only (ask for it, or for no SAN)"
+                    ));
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                return Err("it asks for a CA certificate".into());
+            }
+            ParsedExtension::BasicConstraints(_) | ParsedExtension::ExtendedKeyUsage(_) => {}
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                return Err("it asks for certificate or CRL signing".into());
+            }
+            ParsedExtension::KeyUsage(_) => {}
+            ParsedExtension::UnsupportedExtension { oid } => {
+                return Err(format!("it asks for an unsupported extension {oid}"));
+            }
+            other => {
+                return Err(format!(
+                    "it asks for an extension not allowed here: {other:?}"
+                ));
+            }
+        }
+    }
+    let params = rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
+        rcgen::Error::InvalidCertificationRequestSignature => {
+            "its signature does not verify".to_owned()
+        }
+        other => format!("it cannot be used: {other}"),
+    })?;
+    // rcgen infers the key's algorithm from the signature's: they must agree with the key.
+    let alg = rcgen::PublicKeyData::algorithm(&params.public_key);
+    if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ED25519 {
+        return Err(
+            "its signature algorithm does not go with its key (ECDSA P-256 signs with SHA-256)"
+                .into(),
+        );
+    }
+    Ok(params.public_key)
+}
+
+// === The gRPC service ===
+
+/// Which listener an [`EnrollmentApi`] serves on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Face {
+    /// The northbound API: `CreateToken` for control-plane callers.
+    ControlPlane,
+    /// The tunnel's TCP port (ALPN `tether-enroll/1`): `Enroll` for agents.
+    Agent,
+}
+
+/// `tether.v1.Enrollment`, one face of it.
+#[derive(Clone, Debug)]
+pub struct EnrollmentApi {
+    inner: Arc<Enrollment>,
+    face: Face,
+}
+
+/// The enrolling peer's address, in request extensions on the agent face.
+#[derive(Clone, Copy, Debug)]
+struct Remote(SocketAddr);
+
+impl EnrollmentApi {
+    /// The service on `face`.
+    pub fn new(inner: Arc<Enrollment>, face: Face) -> Self {
+        EnrollmentApi { inner, face }
+    }
+
+    /// The northbound face with caller authentication.
+    pub fn into_northbound_service(
+        inner: Arc<Enrollment>,
+        trust_domain: String,
+    ) -> tonic::service::interceptor::InterceptedService<
+        EnrollmentServer<EnrollmentApi>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        EnrollmentServer::with_interceptor(
+            EnrollmentApi::new(inner, Face::ControlPlane),
+            move |req| authenticate(&trust_domain, req),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentApi {
+    async fn create_token(
+        &self,
+        req: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        if self.face != Face::ControlPlane {
+            return Err(Status::permission_denied(
+                "CreateToken is a control-plane call: use the northbound API",
+            ));
+        }
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let r = req.into_inner();
+        let ttl = match r.ttl {
+            None => None,
+            Some(d) => Some(
+                Duration::try_from(d).map_err(|e| Status::invalid_argument(format!("ttl: {e}")))?,
+            ),
+        };
+        self.inner
+            .create_token(&caller, &r.tenant, &r.agent, ttl)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        if self.face != Face::Agent {
+            return Err(Status::unimplemented(
+                "Enroll is served on the gateway's tunnel port (TCP, ALPN tether-enroll/1), not on the northbound API",
+            ));
+        }
+        let remote = req.extensions().get::<Remote>().map(|r| r.0);
+        let r = req.into_inner();
+        self.inner
+            .enroll(&r.token, &r.csr_pem, remote)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+}
+
+// === The agent-facing endpoint on the tunnel's TCP port ===
+
+/// Serves `Enroll` on TLS connections the tunnel's TCP accept loop hands over (their
+/// ClientHello offered [`ENROLL_ALPN`]).
+pub struct EnrollEndpoint {
+    tls: Arc<rustls::ServerConfig>,
+    routes: tonic::service::Routes,
+    slots: Arc<tokio::sync::Semaphore>,
+    handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for EnrollEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollEndpoint").finish_non_exhaustive()
+    }
+}
+
+impl EnrollEndpoint {
+    /// TLS 1.3 with the gateway's certificate, no client certificate, ALPN `tether-enroll/1`.
+    pub fn new(cfg: &GatewayConfig, inner: Arc<Enrollment>) -> Result<Self, GatewayError> {
+        let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
+        let key = tether_runtime::tls::load_key(&cfg.tls.key)?;
+        let mut tls =
+            rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| GatewayError::Tls(format!("enrollment certificate: {e}")))?;
+        tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+        let svc = EnrollmentServer::new(EnrollmentApi::new(inner, Face::Agent))
+            .max_decoding_message_size(MAX_REQUEST);
+        Ok(EnrollEndpoint {
+            tls: Arc::new(tls),
+            routes: tonic::service::Routes::new(svc).prepare(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            handshake_timeout: cfg.tunnel.handshake_timeout,
+        })
+    }
+
+    /// Completes the TLS handshake and serves HTTP/2 (gRPC) on it, for at most
+    /// [`CONNECTION_LIFETIME`].
+    pub async fn serve(
+        self: Arc<Self>,
+        start: tokio_rustls::StartHandshake<TcpStream>,
+        remote: SocketAddr,
+    ) {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            metrics::counter!("tether_gateway_enrollments_total", "result" => "busy").increment(1);
+            tracing::warn!(%remote, "too many enrollment connections; dropping one");
+            return;
+        };
+        let tls =
+            match tokio::time::timeout(self.handshake_timeout, start.into_stream(self.tls.clone()))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::info!(%remote, error = %e, "enrollment TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%remote, "enrollment TLS handshake timed out");
+                    return;
+                }
+            };
+        let routes = self.routes.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Remote(remote));
+                routes.clone().oneshot(req)
+            });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.max_concurrent_streams(4);
+        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(%remote, error = %e, "enrollment connection ended"),
+            Err(_) => tracing::debug!(%remote, "enrollment connection closed at its lifetime"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "spiffe://td/tenant/acme/agent/a";
+
+    fn csr(params: rcgen::CertificateParams, key: &rcgen::KeyPair) -> String {
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn with_uris(uris: &[&str]) -> rcgen::CertificateParams {
+        let mut p = rcgen::CertificateParams::default();
+        for u in uris {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+        }
+        p
+    }
+
+    #[test]
+    fn csr_for_the_identity_or_for_nothing_is_accepted() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        check_csr(&csr(with_uris(&[ID]), &key), ID).unwrap();
+        check_csr(&csr(with_uris(&[]), &key), ID).unwrap();
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        check_csr(&csr(with_uris(&[ID]), &ed), ID).unwrap();
+    }
+
+    #[test]
+    fn csr_asking_for_more_or_other_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = "spiffe://td/tenant/globex/agent/a";
+        let e = check_csr(&csr(with_uris(&[other]), &key), ID).unwrap_err();
+        assert!(e.contains("globex"), "{e}");
+        let e = check_csr(&csr(with_uris(&[ID, other]), &key), ID).unwrap_err();
+        assert!(e.contains("subject alternative name"), "{e}");
+        let mut dns = with_uris(&[ID]);
+        dns.subject_alt_names
+            .push(rcgen::SanType::DnsName("evil.example".try_into().unwrap()));
+        assert!(check_csr(&csr(dns, &key), ID).is_err());
+        let mut ca = with_uris(&[ID]);
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let e = check_csr(&csr(ca, &key), ID).unwrap_err();
+        assert!(e.contains("CA"), "{e}");
+        let mut signing = with_uris(&[]);
+        signing.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        assert!(check_csr(&csr(signing, &key), ID).is_err());
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let e = check_csr(&csr(with_uris(&[ID]), &p384), ID).unwrap_err();
+        assert!(e.contains("P-256"), "{e}");
+        assert!(check_csr("not pem", ID).is_err());
+    }
+
+    #[test]
+    fn a_tampered_csr_is_refused() {
+        use base64::Engine as _;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = with_uris(&[ID]).serialize_request(&key).unwrap();
+        let mut der = req.der().to_vec();
+        let n = der.len();
+        der[n - 10] ^= 0x01; // inside the signature
+        let pem = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        );
+        let e = check_csr(&pem, ID).unwrap_err();
+        assert!(e.contains("signature"), "{e}");
+    }
+
+    #[test]
+    fn tokens_are_long_random_and_prefixed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX));
+        assert_eq!(a.len(), TOKEN_PREFIX.len() + 43);
+    }
+}
