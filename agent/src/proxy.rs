@@ -174,10 +174,18 @@ impl Proxy {
             .map_err(|e| format!("proxy {self}: CONNECT {target}: {e}"))?;
         match resp.status() {
             s if s.is_success() => {}
-            http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+            // 407 is the standard answer; some proxies (tinyproxy) answer wrong credentials
+            // with 401 instead.
+            http::StatusCode::PROXY_AUTHENTICATION_REQUIRED | http::StatusCode::UNAUTHORIZED => {
+                let what = if self.auth.is_some() {
+                    "the proxy refused the credentials (check proxy.username and proxy.password, \
+                     or the credentials in the URL)"
+                } else {
+                    "set proxy.username and proxy.password, or credentials in the URL"
+                };
                 return Err(format!(
-                    "proxy {self} refused CONNECT {target}: 407 proxy authentication required \
-                     (set proxy.username and proxy.password, or credentials in the URL)"
+                    "proxy {self} refused CONNECT {target}: {} proxy authentication required ({what})",
+                    resp.status().as_u16()
                 ));
             }
             s => return Err(format!("proxy {self} refused CONNECT {target}: {s}")),

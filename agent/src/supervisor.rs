@@ -189,7 +189,7 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                     for (other, a) in attempts.iter_mut() {
                         if *other != id && a.established
                             && let Some(c) = a.close.take() {
-                                let _ = c.send((ErrorCode::REPLACED, "replaced by a new session"));
+                                let _ = c.send((ErrorCode::REPLACED, "a newer session took over"));
                             }
                     }
                     if transport == Transport::Quic {
@@ -222,6 +222,8 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::error!(%gateway, %reason, retry_in = ?shared.max_backoff,
                             "the gateway revoked this agent's certificate; it needs a new one");
                         metrics::counter!("tether_agent_revoked_total").increment(1);
+                    } else if established && reason.starts_with("closed by agent: replaced") {
+                        tracing::info!(%gateway, %reason, "session retired");
                     } else if established {
                         tracing::warn!(%gateway, %reason, "session ended");
                     } else {

@@ -705,6 +705,7 @@ fn transport_lines(logs: &str) -> String {
                 "TCP",
                 "connected to gateway",
                 "session ended",
+                "session retired",
                 "could not establish",
                 "replac",
             ]
@@ -1160,14 +1161,19 @@ async fn without_proxy_credentials_the_agent_reports_407_proxy_authentication_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_wrong_proxy_password_the_agent_does_not_connect_and_says_why_without_the_password()
 {
-    // EXPECTATION NOT MET, as found: the issue wants "407 proxy authentication required" here.
     // tinyproxy 1.11 answers wrong credentials with `401 Unauthorized` (and a WWW-Authenticate
-    // header), keeping 407 for a CONNECT without credentials (the test above), and the agent's
-    // proxy.rs words only 407 as an authentication failure: for any other status it reports
-    // "refused CONNECT <gw>: <status>" verbatim, without the hint to check proxy.username /
-    // proxy.password. This asserts what the agent says today (no connection, the proxy's 401,
-    // never the password); when 401 from the proxy is worded like 407, expect that wording.
-    let r = proxy_refuses(Some(secret("wr0ng-pw")), "401 Unauthorized").await;
+    // header), keeping 407 for a CONNECT without credentials (the test above); the agent words
+    // both as an authentication failure and says which setting to check.
+    let r = proxy_refuses(
+        Some(secret("wr0ng-pw")),
+        "401 proxy authentication required (the proxy refused the credentials",
+    )
+    .await;
+    assert!(
+        r.line.contains("check proxy.username and proxy.password"),
+        "no hint at the proxy credentials: {}",
+        r.line
+    );
     eprintln!(
         "wrong proxy password: refused {:?} after start; log: {}; /readyz {}: {}",
         r.after,
