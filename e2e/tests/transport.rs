@@ -10,8 +10,7 @@ use tether_api::v1::streams_client::StreamsClient;
 use tether_api::v1::{GetAgentRequest, StreamChunk};
 use tether_e2e::{
     DemoUpstream, Pki, Route, TestAgent, TestGateway, agent_config, call_every_shape, echo_via,
-    metric, submit_req,
-    tcp_echo_server, wait_final, wait_until, with_service,
+    metric, submit_req, tcp_echo_server, wait_final, wait_until, with_service,
 };
 use tunnel_proto::ErrorCode;
 
