@@ -1189,3 +1189,78 @@ pub async fn wait_final(client: &mut CommandsClient, id: &str, timeout: Duration
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// === Audit events ===
+
+/// The audit events (tracing target `tether::audit`) of gateways running in this process, each
+/// as its fields (`caller`, `kind`, `method`, `tenant`, `agent`, `decision`, `reason`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct AuditLog(Arc<std::sync::Mutex<Vec<std::collections::BTreeMap<String, String>>>>);
+
+impl AuditLog {
+    /// The process's audit log: installs a global subscriber that keeps audit events and
+    /// prints the rest as [`init`] does. Call it before anything logs (before [`Pki::new`]).
+    pub fn install() -> AuditLog {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        static LOG: std::sync::OnceLock<AuditLog> = std::sync::OnceLock::new();
+        LOG.get_or_init(|| {
+            let log = AuditLog::default();
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                );
+            let audit = log
+                .clone()
+                .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                    m.target() == tether_gateway::auth::AUDIT_TARGET
+                }));
+            let _ = tracing_subscriber::registry()
+                .with(fmt)
+                .with(audit)
+                .try_init();
+            log
+        })
+        .clone()
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<std::collections::BTreeMap<String, String>> {
+        self.0.lock().expect("audit log").clone()
+    }
+
+    /// The events whose fields include all of `want`.
+    pub fn matching(
+        &self,
+        want: &[(&str, &str)],
+    ) -> Vec<std::collections::BTreeMap<String, String>> {
+        self.events()
+            .into_iter()
+            .filter(|e| want.iter().all(|(k, v)| e.get(*k).is_some_and(|x| x == v)))
+            .collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AuditLog {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Fields(std::collections::BTreeMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                self.0.insert(f.name().to_owned(), v.to_owned());
+            }
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0.insert(f.name().to_owned(), format!("{v:?}"));
+            }
+        }
+        let mut fields = Fields(Default::default());
+        event.record(&mut fields);
+        self.0.lock().expect("audit log").push(fields.0);
+    }
+}

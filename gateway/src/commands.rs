@@ -34,6 +34,7 @@ use tonic::{Request, Response, Status};
 use tunnel_proto::message::{MetadataEntry, StreamHeader, StreamKind};
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
+use crate::auth::{Caller, TenantScope, caller};
 use crate::config::CommandsConfig;
 use crate::registry::{Registry, SessionInfo};
 use crate::store::embedded::is_final;
@@ -881,6 +882,60 @@ impl Commands {
 
 // === The gRPC service ===
 
+/// One page as the store gives it: `limit` commands and the token of the next page.
+fn list_page(
+    store: &dyn CommandStore,
+    filter: &ListFilter,
+    limit: usize,
+) -> Result<(Vec<Command>, String), StoreError> {
+    let mut cmds = store.list(filter)?;
+    let next = if cmds.len() > limit {
+        cmds.truncate(limit);
+        cmds.last().map(|c| c.id.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok((cmds, next))
+}
+
+/// One page of the commands of `caller`'s tenants. The store has no tenant index, so this reads
+/// it in order and keeps the caller's commands; after [`SCOPED_LIST_SCAN`] records the page ends
+/// short, with a token to go on from (a short page with a token is not the end).
+fn list_scoped(
+    store: &dyn CommandStore,
+    mut filter: ListFilter,
+    limit: usize,
+    caller: &Caller,
+) -> Result<(Vec<Command>, String), StoreError> {
+    const BATCH: usize = 1000;
+    let mut out = Vec::new();
+    let mut scanned = 0;
+    loop {
+        filter.limit = BATCH;
+        let batch = store.list(&filter)?;
+        let full = batch.len() == BATCH;
+        for c in batch {
+            scanned += 1;
+            filter.after = c.id.clone();
+            let tenant = c.agent.split_once('/').map_or(c.agent.as_str(), |(t, _)| t);
+            if caller.may_act_for(tenant) {
+                out.push(c);
+                if out.len() > limit {
+                    out.truncate(limit);
+                    let next = out.last().map(|c| c.id.clone()).unwrap_or_default();
+                    return Ok((out, next));
+                }
+            }
+        }
+        if !full {
+            return Ok((out, String::new()));
+        }
+        if scanned >= SCOPED_LIST_SCAN {
+            return Ok((out, filter.after));
+        }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
 
 /// `tether.v1.Commands`.
@@ -895,28 +950,45 @@ impl CommandsApi {
         CommandsApi { commands }
     }
 
-    /// The tonic service with authentication.
-    pub fn into_service(
-        self,
-        trust_domain: String,
-        max_payload: u64,
-    ) -> tonic::service::interceptor::InterceptedService<
-        CommandsServer<CommandsApi>,
-        impl tonic::service::Interceptor + Clone,
-    > {
+    /// The tonic service (callers are authenticated by `auth::Authenticated` around it; each
+    /// method checks the tenant of the command's agent).
+    pub fn into_service(self, max_payload: u64) -> CommandsServer<CommandsApi> {
         // Room for the payload plus the request's other fields; larger ones are refused by tonic
         // before they reach Submit's own check, which names the limit.
         let max = usize::try_from(max_payload)
             .unwrap_or(usize::MAX)
             .saturating_add(64 << 10);
-        let server = CommandsServer::new(self)
+        CommandsServer::new(self)
             .max_decoding_message_size(max.max(8 << 20))
-            .max_encoding_message_size(usize::MAX);
-        tonic::service::interceptor::InterceptedService::new(server, move |req| {
-            crate::northbound::authenticate(&trust_domain, req)
-        })
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The command `id` if `caller` may act for its agent's tenant (`NOT_FOUND` when there is
+    /// no such command, for any caller).
+    fn authorized(
+        &self,
+        caller: &Caller,
+        method: &'static str,
+        id: &str,
+    ) -> Result<Command, Status> {
+        let cmd = self.commands.get(id)?;
+        caller.authorize_command(method, id, &cmd.agent)?;
+        Ok(cmd)
     }
 }
+
+/// The agent a request names, checked against the caller's tenants.
+fn authorized_agent(caller: &Caller, method: &'static str, agent: &str) -> Result<AgentId, Status> {
+    let id: AgentId = agent
+        .parse()
+        .map_err(|e| CommandError::Invalid(format!("agent {agent:?}: {e}")))?;
+    caller.authorize(method, &id)?;
+    Ok(id)
+}
+
+/// Store records scanned per `List` call of a caller scoped to some tenants that names no agent;
+/// the page then ends early with a token to go on from.
+const SCOPED_LIST_SCAN: usize = 10_000;
 
 #[tonic::async_trait]
 impl CommandsRpc for CommandsApi {
@@ -924,7 +996,12 @@ impl CommandsRpc for CommandsApi {
         &self,
         req: Request<v1::SubmitCommandRequest>,
     ) -> Result<Response<v1::SubmitCommandResponse>, Status> {
+        const METHOD: &str = "tether.v1.Commands/Submit";
+        let caller = caller(&req)?;
+        let agent = authorized_agent(&caller, METHOD, &req.get_ref().agent)?;
         let (cmd, created) = self.commands.submit(req.into_inner()).await?;
+        let detail = format!("command {} kind {} created {created}", cmd.id, cmd.kind);
+        caller.audit_allowed(METHOD, &agent, &detail);
         Ok(Response::new(v1::SubmitCommandResponse {
             id: cmd.id,
             created,
@@ -932,14 +1009,20 @@ impl CommandsRpc for CommandsApi {
     }
 
     async fn get(&self, req: Request<v1::GetCommandRequest>) -> Result<Response<Command>, Status> {
-        Ok(Response::new(self.commands.get(&req.into_inner().id)?))
+        let caller = caller(&req)?;
+        let cmd = self.authorized(&caller, "tether.v1.Commands/Get", &req.get_ref().id)?;
+        Ok(Response::new(cmd))
     }
 
     async fn list(
         &self,
         req: Request<v1::ListCommandsRequest>,
     ) -> Result<Response<v1::ListCommandsResponse>, Status> {
+        let caller = caller(&req)?;
         let r = req.into_inner();
+        if !r.agent.is_empty() {
+            authorized_agent(&caller, "tether.v1.Commands/List", &r.agent)?;
+        }
         let ms = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
         };
@@ -957,16 +1040,17 @@ impl CommandsRpc for CommandsApi {
             limit: limit + 1,
         };
         let store = self.commands.store.clone();
-        let mut cmds = tokio::task::spawn_blocking(move || store.list(&filter))
-            .await
-            .map_err(|e| Status::internal(format!("list: {e}")))?
-            .map_err(CommandError::from)?;
-        let next_page_token = if cmds.len() > limit {
-            cmds.truncate(limit);
-            cmds.last().map(|c| c.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let scoped = filter.agent.is_empty() && caller.tenants != TenantScope::All;
+        let (mut cmds, next_page_token) = tokio::task::spawn_blocking(move || {
+            if scoped {
+                list_scoped(&*store, filter, limit, &caller)
+            } else {
+                list_page(&*store, &filter, limit)
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("list: {e}")))?
+        .map_err(CommandError::from)?;
         // The store may lag the in-memory state by one write: show the live one.
         self.commands.overlay_recent(&mut cmds);
         let cmds = cmds.iter().map(for_event).collect();
@@ -982,15 +1066,34 @@ impl CommandsRpc for CommandsApi {
         &self,
         req: Request<v1::WatchCommandsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        Ok(Response::new(self.commands.watch(req.into_inner().target)?))
+        use v1::watch_commands_request::Target;
+        const METHOD: &str = "tether.v1.Commands/Watch";
+        let caller = caller(&req)?;
+        let target = req.into_inner().target;
+        match &target {
+            Some(Target::Id(id)) => {
+                self.authorized(&caller, METHOD, id)?;
+            }
+            Some(Target::Agent(agent)) => {
+                authorized_agent(&caller, METHOD, agent)?;
+            }
+            None => {}
+        }
+        Ok(Response::new(self.commands.watch(target)?))
     }
 
     async fn cancel(
         &self,
         req: Request<v1::CancelCommandRequest>,
     ) -> Result<Response<Command>, Status> {
-        Ok(Response::new(
-            self.commands.cancel(&req.into_inner().id).await?,
-        ))
+        const METHOD: &str = "tether.v1.Commands/Cancel";
+        let caller = caller(&req)?;
+        let id = req.into_inner().id;
+        let cmd = self.authorized(&caller, METHOD, &id)?;
+        let cancelled = self.commands.cancel(&id).await?;
+        if let Ok(agent) = cmd.agent.parse::<AgentId>() {
+            caller.audit_allowed(METHOD, &agent, &format!("command {id}"));
+        }
+        Ok(Response::new(cancelled))
     }
 }

@@ -30,6 +30,18 @@
 //! cert_ttl = "24h"            # lifetime of enrolled agents' certificates
 //! token_ttl = "1h"            # default lifetime of a token
 //! max_token_ttl = "7d"
+//! [auth]                      # without it: every control-plane caller may act for every tenant
+//! jwks_file = "jwks.json"     # or jwks_url = "https://idp.example.com/.well-known/jwks.json"
+//! issuer = "https://idp.example.com/"
+//! audience = "tether"
+//! tenant_claim = "tenants"    # a string or an array of strings in the token
+//! [[auth.callers]]            # mTLS caller spiffe://<td>/controlplane/billing
+//! name = "billing"
+//! tenants = ["acme", "globex"] # or ["*"] for every tenant
+//! [[auth.callers]]            # a JWT subject: its tenant claim, intersected with these
+//! name = "svc-deployer"
+//! kind = "jwt"
+//! tenants = ["acme"]
 //! ```
 //!
 //! `data_dir` (top level, default `data` next to the config file) holds the command store
@@ -74,6 +86,15 @@ pub const KEYS: Keys = &[
     "enrollment.cert_ttl",
     "enrollment.token_ttl",
     "enrollment.max_token_ttl",
+    "auth.callers",
+    "auth.jwks_file",
+    "auth.jwks_url",
+    "auth.jwks_ca",
+    "auth.jwks_refresh",
+    "auth.issuer",
+    "auth.audience",
+    "auth.tenant_claim",
+    "auth.leeway",
 ];
 
 /// The whole gateway config.
@@ -106,6 +127,93 @@ pub struct GatewayConfig {
     /// Agent enrollment with bootstrap tokens.
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    /// Northbound caller authentication and tenant scoping. Without it every control-plane
+    /// (mTLS) caller may act for every tenant and bearer tokens are not accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+}
+
+/// `[auth]`: who may call the northbound API and for which tenants.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The tenants of each mTLS caller (by the `<name>` of `spiffe://<td>/controlplane/<name>`)
+    /// and, optionally, of each JWT subject. An mTLS caller not listed is refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<CallerPolicy>,
+    /// A JWKS (JSON Web Key Set) file with the keys bearer tokens are signed with; re-read when
+    /// it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`https://`, or `http://` on a loopback address), fetched at start, every
+    /// `jwks_refresh`, and when a token names a key id the gateway does not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// CA bundle for the `jwks_url` server; default: the system's trust store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_ca: Option<PathBuf>,
+    /// How often `jwks_url` is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// The `iss` every token must carry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The audience (`aud`) every token must include.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// The claim listing the tenants a token may act for (a string or an array of strings).
+    pub tenant_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            callers: Vec::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_ca: None,
+            jwks_refresh: Duration::from_secs(300),
+            issuer: None,
+            audience: None,
+            tenant_claim: "tenants".into(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// True when bearer tokens are accepted.
+    pub fn jwt_enabled(&self) -> bool {
+        self.jwks_file.is_some() || self.jwks_url.is_some()
+    }
+}
+
+/// One `[[auth.callers]]` entry.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerPolicy {
+    /// The mTLS caller's name, or the JWT's `sub`.
+    pub name: String,
+    /// Which kind of caller `name` is.
+    #[serde(default)]
+    pub kind: PolicyKind,
+    /// Tenants it may act for; `["*"]` for all of them (mTLS callers only).
+    pub tenants: Vec<String>,
+}
+
+/// How a `[[auth.callers]]` entry's caller authenticates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// A client certificate `spiffe://<td>/controlplane/<name>`.
+    #[default]
+    Mtls,
+    /// A bearer token whose `sub` is `name`: its tenants are the token's tenant claim
+    /// intersected with this entry's.
+    Jwt,
 }
 
 /// `[enrollment]`: tokens and the certificates they are redeemed for.
@@ -315,7 +423,144 @@ impl Validate for GatewayConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
         Ok(())
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        use tunnel_proto::identity::check_name;
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.callers.iter().enumerate() {
+            let key = |field: &str| format!("auth.callers[{i}].{field}");
+            match c.kind {
+                PolicyKind::Mtls => check_name("control-plane caller name", &c.name)
+                    .map_err(|e| ConfigError::invalid(&key("name"), e.to_string()))?,
+                PolicyKind::Jwt if c.name.is_empty() => {
+                    return Err(ConfigError::invalid(&key("name"), "is empty"));
+                }
+                PolicyKind::Jwt => {}
+            }
+            if !seen.insert((c.kind, c.name.as_str())) {
+                return Err(ConfigError::invalid(
+                    &key("name"),
+                    format!("{:?} is listed twice", c.name),
+                ));
+            }
+            if c.tenants.is_empty() {
+                return Err(ConfigError::invalid(
+                    &key("tenants"),
+                    "is empty: list tenants, or \"*\" for all of them",
+                ));
+            }
+            if c.tenants.iter().any(|t| t == "*") {
+                if c.tenants.len() > 1 {
+                    return Err(ConfigError::invalid(
+                        &key("tenants"),
+                        "\"*\" (every tenant) must stand alone",
+                    ));
+                }
+            } else {
+                for t in &c.tenants {
+                    check_name("tenant", t)
+                        .map_err(|e| ConfigError::invalid(&key("tenants"), e.to_string()))?;
+                }
+            }
+        }
+        if self.jwks_file.is_some() && self.jwks_url.is_some() {
+            return Err(ConfigError::invalid(
+                "auth.jwks_url",
+                "set auth.jwks_file or auth.jwks_url, not both",
+            ));
+        }
+        if let Some(url) = &self.jwks_url {
+            check_jwks_url(url).map_err(|e| ConfigError::invalid("auth.jwks_url", e))?;
+        }
+        if self.jwks_ca.is_some() && self.jwks_url.is_none() {
+            return Err(ConfigError::invalid(
+                "auth.jwks_ca",
+                "is only used with auth.jwks_url",
+            ));
+        }
+        if self.jwt_enabled() {
+            for (key, v) in [
+                ("auth.issuer", &self.issuer),
+                ("auth.audience", &self.audience),
+            ] {
+                if v.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "is required when bearer tokens are accepted (auth.jwks_file or auth.jwks_url)",
+                    ));
+                }
+            }
+        } else {
+            for (key, set) in [
+                ("auth.issuer", self.issuer.is_some()),
+                ("auth.audience", self.audience.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "is set but no keys are: add auth.jwks_file or auth.jwks_url",
+                    ));
+                }
+            }
+            if let Some(c) = self.callers.iter().find(|c| c.kind == PolicyKind::Jwt) {
+                return Err(ConfigError::invalid(
+                    "auth.callers",
+                    format!(
+                        "{:?} is a jwt caller but no keys are configured: add auth.jwks_file or auth.jwks_url",
+                        c.name
+                    ),
+                ));
+            }
+        }
+        if self.tenant_claim.is_empty() {
+            return Err(ConfigError::invalid("auth.tenant_claim", "is empty"));
+        }
+        if self.jwks_refresh < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "auth.jwks_refresh",
+                "must be at least 100ms",
+            ));
+        }
+        if self.leeway > Duration::from_secs(300) {
+            return Err(ConfigError::invalid(
+                "auth.leeway",
+                "must be at most 5m: tokens outlive their expiry by this much",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `https://host[:port]/path`, or `http://` to a loopback host (keys in clear text can be
+/// swapped by anyone on the path).
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http")
+            if host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            Ok(())
+        }
+        Some("http") => Err(format!(
+            "{url:?}: http:// is only allowed to a loopback address; use https://"
+        )),
+        _ => Err(format!("{url:?} is not an https:// URL")),
     }
 }
 
@@ -327,6 +572,14 @@ impl GatewayConfig {
             tether_runtime::config::load(KEYS, file, std::env::vars(), sets)?;
         let base = file.and_then(Path::parent);
         cfg.tls.resolve(base);
+        if let Some(auth) = &mut cfg.auth {
+            for p in [&mut auth.jwks_file, &mut auth.jwks_ca]
+                .into_iter()
+                .flatten()
+            {
+                *p = tether_runtime::config::resolve(base, p);
+            }
+        }
         let data = cfg.data_dir.take().unwrap_or_else(|| PathBuf::from("data"));
         cfg.data_dir = Some(tether_runtime::config::resolve(base, &data));
         for p in [&mut cfg.enrollment.ca_key, &mut cfg.enrollment.ca_cert]
@@ -342,6 +595,79 @@ impl GatewayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_auth(auth: &str) -> Result<(), ConfigError> {
+        let mut cfg: GatewayConfig =
+            toml::from_str("trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
+                .unwrap();
+        cfg.auth =
+            Some(toml::from_str(auth).map_err(|e| ConfigError::invalid("auth", e.to_string()))?);
+        cfg.validate()
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let jwt = "jwks_file = \"j\"\nissuer = \"i\"\naudience = \"a\"\n";
+        let cases = [
+            (
+                "[[callers]]\nname = \"b\"\ntenants = []\n",
+                "auth.callers[0].tenants",
+            ),
+            (
+                "[[callers]]\nname = \"b\"\ntenants = [\"*\", \"x\"]\n",
+                "auth.callers[0].tenants",
+            ),
+            (
+                "[[callers]]\nname = \"b\"\ntenants = [\"no/slash\"]\n",
+                "auth.callers[0].tenants",
+            ),
+            (
+                "[[callers]]\nname = \"bad name\"\ntenants = [\"x\"]\n",
+                "auth.callers[0].name",
+            ),
+            (
+                "[[callers]]\nname = \"b\"\ntenants = [\"x\"]\n[[callers]]\nname = \"b\"\ntenants = [\"y\"]\n",
+                "auth.callers[1].name",
+            ),
+            (
+                "[[callers]]\nname = \"s\"\nkind = \"jwt\"\ntenants = [\"x\"]\n",
+                "auth.callers",
+            ),
+            ("issuer = \"i\"\n", "auth.issuer"),
+            ("jwks_file = \"j\"\naudience = \"a\"\n", "auth.issuer"),
+            ("jwks_file = \"j\"\nissuer = \"i\"\n", "auth.audience"),
+            (
+                "jwks_file = \"j\"\njwks_url = \"https://x/\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwks_url",
+            ),
+            (
+                "jwks_url = \"http://idp.example.com/\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwks_url",
+            ),
+            (
+                "jwks_url = \"ftp://idp/\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwks_url",
+            ),
+            ("jwks_ca = \"ca.pem\"\n", "auth.jwks_ca"),
+        ];
+        for (auth, key) in cases {
+            let e = with_auth(auth).expect_err(auth).to_string();
+            assert!(e.contains(key), "{auth}: want {key} in {e}");
+        }
+        assert!(
+            with_auth(&format!("{jwt}leeway = \"10m\"\n"))
+                .unwrap_err()
+                .to_string()
+                .contains("auth.leeway")
+        );
+        with_auth(jwt).unwrap();
+        with_auth("jwks_url = \"http://127.0.0.1:8080/jwks\"\nissuer = \"i\"\naudience = \"a\"\n")
+            .unwrap();
+        with_auth("jwks_url = \"http://[::1]:8080/jwks\"\nissuer = \"i\"\naudience = \"a\"\n")
+            .unwrap();
+        with_auth("[[callers]]\nname = \"b\"\ntenants = [\"*\"]\n").unwrap();
+        with_auth(&format!("{jwt}[[callers]]\nname = \"b\"\ntenants = [\"x\"]\n[[callers]]\nname = \"b\"\nkind = \"jwt\"\ntenants = [\"x\"]\n")).unwrap();
+    }
 
     #[test]
     fn every_serialized_key_is_listed() {
@@ -363,6 +689,18 @@ mod tests {
                 ca_cert: Some("c".into()),
                 ..Default::default()
             },
+            auth: Some(AuthConfig {
+                callers: vec![CallerPolicy {
+                    name: "n".into(),
+                    kind: PolicyKind::Mtls,
+                    tenants: vec!["*".into()],
+                }],
+                jwks_url: Some("https://idp/jwks".into()),
+                jwks_ca: Some("ca".into()),
+                issuer: Some("i".into()),
+                audience: Some("a".into()),
+                ..Default::default()
+            }),
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         let mut leaves = Vec::new();

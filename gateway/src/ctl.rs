@@ -1,9 +1,12 @@
 //! The northbound client used by `tetherctl` and `tether-gateway dev --check`: mutual TLS with a
-//! control-plane certificate, endpoint details from flags or from `./.tether/dev.json`.
+//! control-plane certificate and/or a bearer token, endpoint details from flags or from
+//! `./.tether/dev.json`.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// What `tether-gateway dev` writes for clients (`./.tether/dev.json`).
@@ -64,16 +67,78 @@ impl From<&DevJson> for Target {
 /// Connects to the northbound API.
 pub async fn connect(t: &Target) -> Result<Channel, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    channel(t, Some(Identity::from_pem(read(&t.cert)?, read(&t.key)?))).await
+}
+
+/// Sends a bearer token as `authorization` metadata on every call. Its `Debug` hides the token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<token>)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Bearer {
+    /// `token`, or nothing to send.
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        token
+            .map(|t| {
+                let mut v: MetadataValue<Ascii> = format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| "the token is not printable ASCII".to_string())?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A northbound connection that sends a bearer token (or none) with every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// Connects with `token` on every call, and `t`'s client certificate unless `t.cert` is empty
+/// (a caller with a token may present none).
+pub async fn connect_with_token(t: &Target, token: Option<&str>) -> Result<Conn, String> {
+    let bearer = Bearer::new(token)?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let identity = if t.cert.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+    };
+    Ok(InterceptedService::new(channel(t, identity).await?, bearer))
+}
+
+async fn channel(t: &Target, identity: Option<Identity>) -> Result<Channel, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let host = t
         .addr
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         .unwrap_or(&t.addr);
     let name = t.server_name.clone().unwrap_or_else(|| host.to_owned());
-    let tls = ClientTlsConfig::new()
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-        .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
         .domain_name(name);
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
     Channel::from_shared(format!("https://{}", t.addr))
         .map_err(|e| format!("northbound address {:?}: {e}", t.addr))?
         .tls_config(tls)

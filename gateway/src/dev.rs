@@ -137,6 +137,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             ca_key: Some(pki_dir.join("ca-key.pem")),
             ..Default::default()
         },
+        auth: None,
     };
     write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
     // The demo upstream the dev agent allow-lists as `demo`, its default service.

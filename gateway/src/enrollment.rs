@@ -441,23 +441,27 @@ impl EnrollmentService for EnrollmentApi {
                 "CreateToken is a control-plane call: use the northbound API",
             ));
         }
-        let caller = req
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+        const METHOD: &str = "tether.v1.Enrollment/CreateToken";
+        let caller: Caller = crate::auth::caller(&req)?;
         let r = req.into_inner();
+        // A token enrolls an agent of the tenant: only a caller acting for it may mint one.
+        let agent = format!("{}/{}", r.tenant, r.agent);
+        caller.authorize_tenant(METHOD, &r.tenant, &agent)?;
         let ttl = match r.ttl {
             None => None,
             Some(d) => Some(
                 Duration::try_from(d).map_err(|e| Status::invalid_argument(format!("ttl: {e}")))?,
             ),
         };
-        self.inner
-            .create_token(&caller, &r.tenant, &r.agent, ttl)
+        let created = self
+            .inner
+            .create_token(&caller.name, &r.tenant, &r.agent, ttl)
             .await
-            .map(Response::new)
-            .map_err(|e| e.status())
+            .map_err(|e| e.status())?;
+        if let Ok(id) = AgentId::new(&r.tenant, &r.agent) {
+            caller.audit_allowed(METHOD, &id, "enrollment token created");
+        }
+        Ok(Response::new(created))
     }
 
     async fn enroll(

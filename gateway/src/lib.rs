@@ -9,7 +9,9 @@
 //! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
 //! - [`registry`] (session): live sessions and the connect/disconnect feed;
-//! - [`northbound`] (feature): `tether.v1.Agents` over TLS with caller authentication;
+//! - [`auth`] (feature): northbound callers (client certificates, bearer JWTs), their tenant
+//!   scope, and the audit of denials;
+//! - [`northbound`] (feature): `tether.v1.Agents` over TLS, scoped to the caller's tenants;
 //! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
 //! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
 //! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
@@ -22,6 +24,7 @@
 //! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod ctl;

@@ -6,8 +6,10 @@
 //! end to end and answer `DEADLINE_EXCEEDED`, as the gRPC spec says. The generated services
 //! still run unchanged, as tonic `Routes`.
 //!
-//! Each request carries the caller's certificate chain as a [`PeerCerts`] extension.
+//! Each request carries the caller's certificate chain as a [`PeerCerts`] extension; who the
+//! caller is and what it may do is decided above this layer (`auth`).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,14 +29,28 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent calls per caller connection (each relayed call is one stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
 
-/// Serves `routes` on `listener` until `shutdown`, then lets open calls finish (graceful h2
-/// shutdown) for as long as the process waits.
-pub async fn serve(
+/// The request body callers send.
+pub type Incoming = hyper::body::Incoming;
+
+/// Serves `service` (the northbound routes behind authentication) on `listener` until
+/// `shutdown`, then lets open calls finish (graceful h2 shutdown) for as long as the process
+/// waits. An empty certificate chain in [`PeerCerts`] means the caller sent none (allowed only
+/// when the TLS config does not require one).
+pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    routes: tonic::service::Routes,
+    service: S,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -48,7 +64,7 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, routes, shutdown) = (acceptor.clone(), routes.clone(), shutdown.clone());
+        let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -70,11 +86,10 @@ pub async fn serve(
                     .map(<[_]>::to_vec)
                     .unwrap_or_default(),
             ));
-            let svc =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(certs.clone());
-                    routes.clone().oneshot(req)
-                });
+            let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(certs.clone());
+                service.clone().oneshot(req)
+            });
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())

@@ -179,9 +179,11 @@ fn serve(
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    // TLS material is part of the config: load it now so --check-config catches a bad path.
+    // TLS material and the JWKS file are part of the config: load them now so --check-config
+    // catches a bad path.
     if let Err(e) = tether_gateway::tunnel::tls_config(&cfg)
         .and_then(|tls| tether_gateway::tunnel::server_config(&cfg, tls))
+        .and_then(|_| tether_gateway::auth::Authenticator::new(&cfg))
     {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);

@@ -1,8 +1,9 @@
 //! Feature layer: the northbound gRPC API (`tether.v1.Agents`) over TLS.
 //!
-//! Callers authenticate with a client certificate carrying a control-plane identity of our trust
-//! domain (`spiffe://<td>/controlplane/<name>`). Agent identities are refused: an agent's
-//! certificate chains to the same CA but must never drive the control plane.
+//! Callers are authenticated before they get here (`auth::Authenticated`); each method checks
+//! the tenants of what it touches against the caller's scope: `List` and `Watch` show only the
+//! caller's tenants, and naming another tenant or its agent is `PERMISSION_DENIED` whether or
+//! not the agent exists.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,53 +12,19 @@ use std::time::SystemTime;
 use tether_api::v1;
 use tether_api::v1::agents_server::{Agents, AgentsServer};
 use tether_runtime::CancellationToken;
-use tether_runtime::tls::spiffe_id;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tunnel_proto::{AgentId, SpiffeId};
+use tunnel_proto::AgentId;
 
-use crate::listener::PeerCerts;
+pub use crate::auth::Caller;
+use crate::auth::caller;
 use crate::registry::{AgentSnapshot, Registry, SessionInfo};
 
-/// The authenticated caller, put in request extensions by [`authenticate`].
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// The caller's name from its identity.
-    pub name: String,
-}
-
-/// Checks the caller's client certificate; used as the interceptor of every service.
-pub fn authenticate(trust_domain: &str, mut req: Request<()>) -> Result<Request<()>, Status> {
-    let certs = req.extensions().get::<PeerCerts>().map(|c| c.0.clone());
-    let caller = caller_from_certs(trust_domain, certs.as_deref().map(Vec::as_slice))?;
-    req.extensions_mut().insert(caller);
+/// Checks that the request was authenticated (by `auth::Authenticated`, which wraps every
+/// northbound service); usable as a tonic interceptor.
+pub fn authenticate(_trust_domain: &str, req: Request<()>) -> Result<Request<()>, Status> {
+    caller(&req)?;
     Ok(req)
-}
-
-/// The caller a client-certificate chain identifies, or why it may not call.
-pub fn caller_from_certs(
-    trust_domain: &str,
-    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-) -> Result<Caller, Status> {
-    let cert = certs
-        .and_then(|c| c.first())
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let id = spiffe_id(cert)
-        .map_err(|e| Status::unauthenticated(format!("client certificate identity: {e}")))?;
-    match id {
-        SpiffeId::ControlPlane {
-            trust_domain: td,
-            name,
-        } if td == trust_domain => Ok(Caller { name }),
-        SpiffeId::ControlPlane {
-            trust_domain: td, ..
-        } => Err(Status::permission_denied(format!(
-            "caller trust domain {td:?} is not {trust_domain:?}"
-        ))),
-        SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(
-            "agent identity {id} may not call the northbound API"
-        ))),
-    }
 }
 
 /// `tether.v1.Agents`.
@@ -84,15 +51,9 @@ impl AgentsApi {
         self
     }
 
-    /// The tonic service with authentication.
-    pub fn into_service(
-        self,
-        trust_domain: String,
-    ) -> tonic::service::interceptor::InterceptedService<
-        AgentsServer<AgentsApi>,
-        impl tonic::service::Interceptor + Clone,
-    > {
-        AgentsServer::with_interceptor(self, move |req| authenticate(&trust_domain, req))
+    /// The tonic service (callers are authenticated by `auth::Authenticated` around it).
+    pub fn into_service(self) -> AgentsServer<AgentsApi> {
+        AgentsServer::new(self)
     }
 }
 
@@ -143,11 +104,16 @@ impl Agents for AgentsApi {
         &self,
         req: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        let caller = caller(&req)?;
         let r = req.into_inner();
+        if !r.tenant.is_empty() {
+            caller.authorize_tenant("tether.v1.Agents/List", &r.tenant, "")?;
+        }
         let agents = self
             .registry
             .list()
             .iter()
+            .filter(|a| caller.may_act_for(a.id.tenant()))
             .filter(|a| r.tenant.is_empty() || a.id.tenant() == r.tenant)
             .filter(|a| !r.connected_only || !a.sessions.is_empty())
             .map(agent_proto)
@@ -156,7 +122,10 @@ impl Agents for AgentsApi {
     }
 
     async fn get(&self, req: Request<v1::GetAgentRequest>) -> Result<Response<v1::Agent>, Status> {
+        let caller = caller(&req)?;
         let id = parse_agent(&req.get_ref().agent)?;
+        // Before the lookup: another tenant's agent is denied whether or not it exists.
+        caller.authorize("tether.v1.Agents/Get", &id)?;
         match self.registry.get(&id) {
             Some(a) => Ok(Response::new(agent_proto(&a))),
             None => Err(Status::not_found(format!(
@@ -171,15 +140,23 @@ impl Agents for AgentsApi {
         &self,
         req: Request<v1::WatchAgentsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let caller = caller(&req)?;
         let r = req.into_inner();
         let only_agent = if r.agent.is_empty() {
             None
         } else {
             Some(parse_agent(&r.agent)?)
         };
+        if let Some(a) = &only_agent {
+            caller.authorize("tether.v1.Agents/Watch", a)?;
+        }
+        if !r.tenant.is_empty() {
+            caller.authorize_tenant("tether.v1.Agents/Watch", &r.tenant, "")?;
+        }
         let tenant = r.tenant;
         let wanted = move |s: &SessionInfo| {
-            (tenant.is_empty() || s.agent.tenant() == tenant)
+            caller.may_act_for(s.agent.tenant())
+                && (tenant.is_empty() || s.agent.tenant() == tenant)
                 && only_agent.as_ref().is_none_or(|a| *a == s.agent)
         };
         let (live, mut feed) = self.registry.subscribe();
@@ -250,13 +227,16 @@ impl Agents for AgentsApi {
         let Some(identity) = &self.identity else {
             return Err(Status::unimplemented("this gateway has no identity store"));
         };
-        let caller = req.extensions().get::<Caller>().map(|c| c.name.clone());
+        const METHOD: &str = "tether.v1.Agents/Revoke";
+        let caller = caller(&req)?;
         let r = req.into_inner();
         let id = parse_agent(&r.agent)?;
-        tracing::info!(agent = %id, caller = ?caller, "revocation requested");
+        caller.authorize(METHOD, &id)?;
+        tracing::info!(agent = %id, caller = %caller.name, "revocation requested");
         let done = crate::revocation::revoke(&self.registry, identity, &id, &r.reason)
             .await
             .map_err(|e| e.status())?;
+        caller.audit_allowed(METHOD, &id, &format!("revoked: {}", r.reason));
         Ok(Response::new(crate::revocation::response(&id, &done)))
     }
 }

@@ -14,6 +14,10 @@
 //! QUIC stream when the caller takes them; QUIC flow control then slows the agent, whose h2
 //! flow control slows the upstream. Cancellation is a reset: a caller that goes away, or a
 //! deadline that passes, resets the QUIC stream both ways and the agent cancels the upstream call.
+//!
+//! The caller (resolved by `auth::Authenticated`) must be allowed to act for the agent's tenant:
+//! otherwise `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing
+//! about whether the agent exists.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,7 +40,7 @@ use tonic::{Code, Status};
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
-use crate::northbound::caller_from_certs;
+use crate::auth::Caller;
 use crate::registry::{Registry, SessionInfo};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,16 +53,14 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Relay {
     registry: Arc<Registry>,
-    trust_domain: String,
     next: AtomicUsize,
 }
 
 impl Relay {
-    /// A relay over `registry`'s sessions, for callers of `trust_domain`.
-    pub fn new(registry: Arc<Registry>, trust_domain: String) -> Arc<Relay> {
+    /// A relay over `registry`'s sessions.
+    pub fn new(registry: Arc<Registry>) -> Arc<Relay> {
         Arc::new(Relay {
             registry,
-            trust_domain,
             next: AtomicUsize::new(0),
         })
     }
@@ -92,13 +94,14 @@ impl Relay {
         Ok(current[i].clone())
     }
 
-    /// Authenticates the caller and resolves `tether-agent` / `tether-service` from metadata.
+    /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
+    /// for the agent's tenant (`method` names the call in audit events).
     pub fn route(
         &self,
         headers: &HeaderMap,
-        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        caller: &Caller,
+        method: &'static str,
     ) -> Result<(AgentId, String), Status> {
-        caller_from_certs(&self.trust_domain, certs)?;
         let agent = headers
             .get(TETHER_AGENT)
             .ok_or_else(|| {
@@ -110,6 +113,7 @@ impl Relay {
             .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
             .parse::<AgentId>()
             .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))?;
+        caller.authorize(method, &agent)?;
         let service = match headers.get(TETHER_SERVICE) {
             None => String::new(),
             Some(v) => v
@@ -159,10 +163,11 @@ impl Relay {
 #[derive(Clone, Debug)]
 pub struct RelayService(pub Arc<Relay>);
 
-fn peer_certs<B>(req: &Request<B>) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
+fn caller_of<B>(req: &Request<B>) -> Result<Caller, Status> {
     req.extensions()
-        .get::<crate::listener::PeerCerts>()
-        .map(|c| c.0.clone())
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
 }
 
 impl tower::Service<Request<axum::body::Body>> for RelayService {
@@ -209,8 +214,8 @@ async fn relay_call(
     relay: &Relay,
     req: Request<axum::body::Body>,
 ) -> Result<Response<axum::body::Body>, Status> {
-    let certs = peer_certs(&req);
-    let (agent, service) = relay.route(req.headers(), certs.as_deref().map(Vec::as_slice))?;
+    let caller = caller_of(&req)?;
+    let (agent, service) = relay.route(req.headers(), &caller, "relay")?;
     let timeout = req
         .headers()
         .get("grpc-timeout")

@@ -11,6 +11,7 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
+use crate::auth::{Authenticated, Authenticator};
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
@@ -212,8 +213,15 @@ pub async fn start(
         }
     };
 
-    // Northbound gRPC over TLS, client certificates required.
-    let tls = northbound_tls(&cfg)?;
+    // Northbound gRPC over TLS: a client certificate, or a bearer token when [auth] names keys.
+    let auth = Authenticator::new(&cfg)?;
+    if !auth.scoping() {
+        tracing::warn!(
+            "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
+        );
+    }
+    tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
+    let tls = northbound_tls(&cfg, auth.accepts_tokens())?;
     sockets
         .northbound
         .set_nonblocking(true)
@@ -222,13 +230,10 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let api =
         AgentsApi::new(registry.clone(), close_sessions.clone()).with_identity(identity.clone());
-    let relay = Relay::new(registry.clone(), cfg.trust_domain.clone());
+    let relay = Relay::new(registry.clone());
     let mut routes = tonic::service::Routes::builder();
-    routes.add_service(api.into_service(cfg.trust_domain.clone()));
-    routes.add_service(
-        CommandsApi::new(commands.clone())
-            .into_service(cfg.trust_domain.clone(), cfg.commands.max_payload),
-    );
+    routes.add_service(api.into_service());
+    routes.add_service(CommandsApi::new(commands.clone()).into_service(cfg.commands.max_payload));
     routes.add_service(StreamsApi::new(relay.clone()).into_service());
     routes.add_service(EnrollmentApi::into_northbound_service(
         enrollment.clone(),
@@ -238,10 +243,11 @@ pub async fn start(
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
+    // Every request, the relay's included, is authenticated before it is routed.
     let northbound = tokio::spawn(crate::listener::serve(
         nb_listener,
         tls,
-        routes.prepare(),
+        Authenticated::new(auth, routes.prepare()),
         close_sessions.clone(),
     ));
 
@@ -301,11 +307,20 @@ pub async fn start(
     })
 }
 
-/// TLS for the northbound listener: the gateway's certificate, client certificates required and
-/// verified against the CA (which identities may call is decided per request), ALPN h2.
-fn northbound_tls(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+/// TLS for the northbound listener: the gateway's certificate, client certificates verified
+/// against the CA (which identities may call is decided per request), ALPN h2. Required, unless
+/// `tokens_accepted`: a caller with a bearer token may come without one (a certificate it does
+/// send is still verified).
+fn northbound_tls(
+    cfg: &GatewayConfig,
+    tokens_accepted: bool,
+) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
     let roots = tether_runtime::tls::load_roots(&cfg.tls.ca)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots));
+    if tokens_accepted {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
         .build()
         .map_err(|e| GatewayError::Tls(format!("northbound client verifier: {e}")))?;
     let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;

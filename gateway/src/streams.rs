@@ -31,7 +31,8 @@ impl StreamsApi {
         StreamsApi { relay }
     }
 
-    /// The tonic service (authentication happens in `Relay::route`).
+    /// The tonic service (callers are authenticated by `auth::Authenticated` around it; the
+    /// tenant is checked in `Relay::route`).
     pub fn into_service(self) -> StreamsServer<StreamsApi> {
         StreamsServer::new(self)
     }
@@ -50,14 +51,11 @@ impl Streams for StreamsApi {
         &self,
         req: Request<Streaming<StreamChunk>>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let certs = req
-            .extensions()
-            .get::<crate::listener::PeerCerts>()
-            .map(|c| c.0.clone());
+        let caller = crate::auth::caller(&req)?;
         let headers = req.metadata().clone().into_headers();
         let (agent, service) = self
             .relay
-            .route(&headers, certs.as_deref().map(Vec::as_slice))?;
+            .route(&headers, &caller, "tether.v1.Streams/Open")?;
         let header = StreamHeader {
             kind: StreamKind::Tcp as i32,
             service,

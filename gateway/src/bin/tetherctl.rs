@@ -31,6 +31,10 @@ struct Cli {
     /// TLS name to verify (default: the host of --northbound).
     #[arg(long, global = true)]
     server_name: Option<String>,
+    /// Bearer token (JWT) sent as `authorization` on every call, for gateways with [auth] keys;
+    /// with it, --cert/--key are optional.
+    #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// Where `tether-gateway dev` wrote its client details.
     #[arg(long, env = "TETHER_DEV_JSON", global = true, default_value = DEV_JSON)]
     dev_json: PathBuf,
@@ -117,11 +121,7 @@ enum TokensCmd {
     },
 }
 
-async fn tokens_cmd(
-    channel: tonic::transport::Channel,
-    cmd: TokensCmd,
-    output: Output,
-) -> Result<(), String> {
+async fn tokens_cmd(channel: ctl::Conn, cmd: TokensCmd, output: Output) -> Result<(), String> {
     let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
     let TokensCmd::Create { tenant, agent, ttl } = cmd;
     let r = client
@@ -282,11 +282,7 @@ fn json_command(c: &v1::Command) -> serde_json::Value {
     })
 }
 
-async fn commands_cmd(
-    channel: tonic::transport::Channel,
-    cmd: CommandsCmd,
-    output: Output,
-) -> Result<(), String> {
+async fn commands_cmd(channel: ctl::Conn, cmd: CommandsCmd, output: Output) -> Result<(), String> {
     let mut client = v1::commands_client::CommandsClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -426,7 +422,7 @@ async fn commands_cmd(
 
 /// Prints each transition and each new progress line as it happens.
 async fn watch_commands(
-    client: &mut v1::commands_client::CommandsClient<tonic::transport::Channel>,
+    client: &mut v1::commands_client::CommandsClient<ctl::Conn>,
     target: v1::watch_commands_request::Target,
     output: Output,
 ) -> Result<(), String> {
@@ -503,6 +499,18 @@ fn target(cli: &Cli) -> Result<Target, String> {
             )
         })
     };
+    let (cert, key) = match (&cli.token, &cli.cert, &cli.key) {
+        // A token is enough; a certificate is sent only when one was given.
+        (Some(_), None, None) => (PathBuf::new(), PathBuf::new()),
+        _ => (
+            pick(
+                &cli.cert,
+                dev.as_ref().map(|d| d.client_cert.clone()),
+                "cert",
+            )?,
+            pick(&cli.key, dev.as_ref().map(|d| d.client_key.clone()), "key")?,
+        ),
+    };
     Ok(Target {
         addr: cli
             .northbound
@@ -510,8 +518,8 @@ fn target(cli: &Cli) -> Result<Target, String> {
             .or(dev.as_ref().map(|d| d.northbound.clone()))
             .ok_or_else(|| format!("no gateway address: pass --northbound host:port (or run `tether-gateway dev`, which writes {DEV_JSON})"))?,
         ca: pick(&cli.ca, dev.as_ref().map(|d| d.ca.clone()), "ca")?,
-        cert: pick(&cli.cert, dev.as_ref().map(|d| d.client_cert.clone()), "cert")?,
-        key: pick(&cli.key, dev.as_ref().map(|d| d.client_key.clone()), "key")?,
+        cert,
+        key,
         server_name: cli.server_name.clone(),
     })
 }
@@ -583,7 +591,7 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = ctl::connect(&target(&cli)?).await?;
+    let channel = ctl::connect_with_token(&target(&cli)?, cli.token.as_deref()).await?;
     if let Cmd::Forward {
         agent,
         service,
@@ -726,7 +734,7 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn forward(
-    channel: tonic::transport::Channel,
+    channel: ctl::Conn,
     agent: &str,
     service: &str,
     listen: std::net::SocketAddr,
@@ -757,7 +765,7 @@ async fn forward(
 
 /// One local connection as one `Streams/Open` call; half-close travels both ways.
 async fn carry(
-    channel: tonic::transport::Channel,
+    channel: ctl::Conn,
     agent: &str,
     service: &str,
     tcp: tokio::net::TcpStream,
