@@ -727,22 +727,8 @@ fn secret(tag: &str) -> String {
 
 /// Standard base64 (what `Proxy-Authorization: Basic` carries).
 fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in bytes.chunks(3) {
-        let n = c
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                A[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// `text` holds neither `password` nor the Basic credentials made from it.
@@ -755,18 +741,6 @@ fn assert_no_credentials(what: &str, text: &str, user: &str, password: &str) {
     assert!(
         !text.contains(&basic),
         "{what} contains the Basic credentials {basic}"
-    );
-}
-
-#[test]
-fn base64_is_the_standard_one() {
-    assert_eq!(
-        base64(b"Aladdin:open sesame"),
-        "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
-    );
-    assert_eq!(
-        (base64(b"a:"), base64(b"ab:")),
-        ("YTo=".into(), "YWI6".into())
     );
 }
 
