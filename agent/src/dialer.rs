@@ -79,10 +79,7 @@ impl Dialer {
 
     /// Resolves `addr` and completes the QUIC + TLS handshake.
     pub async fn dial(&self, addr: &str) -> Result<(quinn::Endpoint, Link), AgentError> {
-        let (host, _) = split_host_port(addr).ok_or_else(|| AgentError::Dial {
-            gateway: addr.to_owned(),
-            reason: "not host:port".into(),
-        })?;
+        let (host, _) = host_of(addr)?;
         let fail = |reason: String| AgentError::Dial {
             gateway: addr.to_owned(),
             reason,
@@ -123,10 +120,7 @@ impl Dialer {
     /// Connects to `addr` over TCP (through the proxy when one applies), completes TLS with the
     /// same identity and ALPN as QUIC, then serves HTTP/2 on it.
     pub async fn dial_tcp(&self, addr: &str) -> Result<Link, AgentError> {
-        let (host, _) = split_host_port(addr).ok_or_else(|| AgentError::Dial {
-            gateway: addr.to_owned(),
-            reason: "not host:port".into(),
-        })?;
+        let (host, _) = host_of(addr)?;
         let fail = |reason: String| AgentError::Dial {
             gateway: addr.to_owned(),
             reason: format!("tcp: {reason}"),
@@ -164,6 +158,14 @@ impl Dialer {
         };
         link.map_err(|e| fail(format!("HTTP/2: {e}")))
     }
+}
+
+/// `addr`'s host and port, or the error saying it is not `host:port`.
+fn host_of(addr: &str) -> Result<(&str, u16), AgentError> {
+    split_host_port(addr).ok_or_else(|| AgentError::Dial {
+        gateway: addr.to_owned(),
+        reason: "not host:port".into(),
+    })
 }
 
 /// A connection error in words an operator can act on.
