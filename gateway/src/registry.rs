@@ -119,9 +119,20 @@ struct Entry {
     last_seen: Option<SystemTime>,
 }
 
+/// Every live session in `(agent, session id)` order, and how many agents have one. Changed
+/// only while the agents map is locked, so it always agrees with it; kept so that a snapshot
+/// needs no sort and the gauges and counts no scan of every agent (both ran once per
+/// register, unregister or command delivery: quadratic in the fleet size).
+#[derive(Default)]
+struct Live {
+    sessions: BTreeMap<(AgentId, String), Arc<SessionInfo>>,
+    agents: usize,
+}
+
 /// See the module docs.
 pub struct Registry {
     agents: Mutex<HashMap<AgentId, Entry>>,
+    live: Mutex<Live>,
     events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -135,6 +146,7 @@ impl Default for Registry {
     fn default() -> Self {
         Registry {
             agents: Mutex::new(HashMap::new()),
+            live: Mutex::new(Live::default()),
             events: broadcast::channel(4096).0,
         }
     }
@@ -162,12 +174,16 @@ impl Registry {
             control: tx,
         });
         let mut agents = self.agents.lock().expect("registry lock");
-        agents
-            .entry(info.agent.clone())
-            .or_default()
-            .sessions
-            .push(info.clone());
-        self.publish_gauges(&agents);
+        let entry = agents.entry(info.agent.clone()).or_default();
+        entry.sessions.push(info.clone());
+        let mut live = self.live.lock().expect("registry lock");
+        if entry.sessions.len() == 1 {
+            live.agents += 1;
+        }
+        live.sessions
+            .insert((info.agent.clone(), info.session_id.clone()), info.clone());
+        Self::publish_gauges(&live);
+        drop(live);
         // Sent under the lock so a concurrent `subscribe` sees it either in its snapshot or in
         // its feed, never both and never neither.
         let _ = self.events.send(RegistryEvent {
@@ -192,7 +208,14 @@ impl Registry {
         }
         let now = SystemTime::now();
         entry.last_seen = Some(now);
-        self.publish_gauges(&agents);
+        let mut live = self.live.lock().expect("registry lock");
+        if entry.sessions.is_empty() {
+            live.agents -= 1;
+        }
+        live.sessions
+            .remove(&(session.agent.clone(), session.session_id.clone()));
+        Self::publish_gauges(&live);
+        drop(live);
         let _ = self.events.send(RegistryEvent {
             connected: false,
             session: session.clone(),
@@ -201,11 +224,9 @@ impl Registry {
         });
     }
 
-    fn publish_gauges(&self, agents: &HashMap<AgentId, Entry>) {
-        let sessions: usize = agents.values().map(|e| e.sessions.len()).sum();
-        let connected = agents.values().filter(|e| !e.sessions.is_empty()).count();
-        metrics::gauge!("tether_gateway_sessions_active").set(sessions as f64);
-        metrics::gauge!("tether_gateway_agents_connected").set(connected as f64);
+    fn publish_gauges(live: &Live) {
+        metrics::gauge!("tether_gateway_sessions_active").set(live.sessions.len() as f64);
+        metrics::gauge!("tether_gateway_agents_connected").set(live.agents as f64);
     }
 
     fn snapshot(id: &AgentId, e: &Entry) -> AgentSnapshot {
@@ -238,14 +259,16 @@ impl Registry {
 
     /// The live sessions now, and a feed of every change after them.
     pub fn subscribe(&self) -> (Vec<Arc<SessionInfo>>, broadcast::Receiver<RegistryEvent>) {
-        let agents = self.agents.lock().expect("registry lock");
+        let _agents = self.agents.lock().expect("registry lock");
         let rx = self.events.subscribe();
-        let mut live: Vec<_> = agents
-            .values()
-            .flat_map(|e| e.sessions.iter().cloned())
-            .collect();
-        live.sort_by(|a, b| (&a.agent, &a.session_id).cmp(&(&b.agent, &b.session_id)));
-        (live, rx)
+        let live = self.live.lock().expect("registry lock");
+        (live.sessions.values().cloned().collect(), rx)
+    }
+
+    /// The feed of changes alone, without a snapshot: for waiters that only need to wake when
+    /// something changes (a snapshot copies every live session).
+    pub fn feed(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
     }
 
     /// Every live session.
@@ -255,8 +278,7 @@ impl Registry {
 
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
-        let agents = self.agents.lock().expect("registry lock");
-        agents.values().map(|e| e.sessions.len()).sum()
+        self.live.lock().expect("registry lock").sessions.len()
     }
 
     /// Sends `GoAway` to every live session.

@@ -75,6 +75,12 @@ pub fn server_config(
     // Agents open only the control stream; every other stream is gateway-opened.
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Many mostly idle connections: no QUIC keep-alive (the session's heartbeats keep the
+    // connection alive and QUIC's idle timer is only their backstop), and no unreliable
+    // datagrams (the protocol uses none, and with them on a peer could make the gateway buffer
+    // up to 1.25 MB of datagrams per connection that nobody reads).
+    transport.keep_alive_interval(None);
+    transport.datagram_receive_buffer_size(None);
     // Backstop for the heartbeat timeout in the session itself.
     let idle = cfg.tunnel.heartbeat_interval * 3 + Duration::from_secs(2);
     transport.max_idle_timeout(Some(
@@ -174,12 +180,21 @@ impl std::fmt::Debug for SideDoor {
     }
 }
 
+/// QUIC handshakes in progress at most. Beyond it a new connection is refused at once
+/// (`CONNECTION_REFUSED`, before any cryptography) and the agent retries after its jittered
+/// backoff. Without a cap, a reconnect storm (every agent after a gateway restart) queues more
+/// handshakes than the CPU completes within the agents' connect timeout: they give up and
+/// retry, and the work spent on them is lost (measured with `tether-loadtest`: 10,000 agents
+/// took 40 s to come back with thousands of timed-out dials; see docs/PERFORMANCE.md).
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+
 /// Accepts agent connections until `stop_accepting` is cancelled.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: Arc<TunnelContext>,
     stop_accepting: CancellationToken,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -188,10 +203,17 @@ pub async fn accept_loop(
                 None => return,
             },
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            metrics::counter!("tether_gateway_handshakes_refused_total").increment(1);
+            tracing::debug!(remote = %incoming.remote_address(),
+                "too many handshakes in progress; refusing a connection");
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = handle_connection(incoming, ctx).await {
+            if let Err(e) = handle_connection(incoming, ctx, permit).await {
                 tracing::debug!(%remote, error = %e, "agent connection ended with an error");
             }
         });
@@ -224,6 +246,7 @@ fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
 async fn handle_connection(
     incoming: quinn::Incoming,
     ctx: Arc<TunnelContext>,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), quinn::ConnectionError> {
     let remote = incoming.remote_address();
     // The first flight is processed in `accept`, so a refusal can surface there or later.
@@ -231,6 +254,7 @@ async fn handle_connection(
         Ok(connecting) => connecting.await,
         Err(e) => Err(e),
     };
+    drop(handshake_permit);
     let conn = match handshake {
         Ok(c) => c,
         Err(e) => {
