@@ -69,6 +69,9 @@ pub struct FleetSettings {
     pub connect_timeout: Duration,
 }
 
+/// Failed dials whose reason is kept.
+pub const FAILURES_KEPT: usize = 1000;
+
 /// What happened in the fleet, with times, for the storm's figures.
 #[derive(Debug, Default)]
 pub struct EventLog {
@@ -78,8 +81,8 @@ pub struct EventLog {
     pub downs: Vec<Instant>,
     /// Reconnect delays chosen (when chosen, how long).
     pub delays: Vec<(Instant, Duration)>,
-    /// Dials that failed (when, why); the first 1,000 reasons are kept.
-    pub failures: Vec<(Instant, String)>,
+    /// Dials that failed (when, why); the last [`FAILURES_KEPT`].
+    pub failures: std::collections::VecDeque<(Instant, String)>,
 }
 
 struct Shared {
@@ -508,9 +511,10 @@ async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Share
                 drop(permit);
                 shared.connect_failures.fetch_add(1, Ordering::Relaxed);
                 let mut log = shared.log();
-                if log.failures.len() < 1000 {
-                    log.failures.push((Instant::now(), why));
+                if log.failures.len() >= FAILURES_KEPT {
+                    log.failures.pop_front();
                 }
+                log.failures.push_back((Instant::now(), why));
                 false
             }
         };

@@ -127,6 +127,8 @@ pub struct Ramp {
     pub ramp_rate: f64,
     /// Dials that failed during the ramp.
     pub connect_failures: u64,
+    /// A few of their reasons.
+    pub failure_samples: Vec<String>,
     /// Gateway RSS with no agent, KiB.
     pub rss_before_kib: u64,
     /// Gateway RSS with every agent connected and idle, KiB.
@@ -542,6 +544,9 @@ fn markdown(r: &Report) -> String {
             x.idle_window_s,
             x.fleet_rss_kib / 1024
         );
+        for e in &x.failure_samples {
+            let _ = writeln!(s, "  - failed dial: `{e}`");
+        }
     }
     if let Some(b) = &r.broadcast {
         let _ = writeln!(

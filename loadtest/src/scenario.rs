@@ -310,6 +310,13 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
         agents_per_s: connected as f64 / duration.as_secs_f64().max(1e-9),
         ramp_rate: ctx.opts.ramp_rate,
         connect_failures: ctx.fleet.connect_failures(),
+        failure_samples: ctx.fleet.with_log(|l| {
+            let mut v: Vec<String> = l.failures.iter().map(|(_, w)| w.clone()).collect();
+            v.sort();
+            v.dedup();
+            v.truncate(5);
+            v
+        }),
         rss_before_kib: rss_before,
         heartbeat_s: ctx.opts.heartbeat.as_secs_f64(),
         ..Default::default()
@@ -328,7 +335,14 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
     if let Some((cpu, rss)) = procstat::measure_window(&ctx.sampler, ctx.opts.idle_window).await {
         r.idle_cpu_pct = cpu;
         r.rss_connected_kib = rss;
-        r.rss_per_agent_bytes = (rss as f64 - rss_before as f64) * 1024.0 / n as f64;
+        // Per agent the gateway holds a session for (all of them when the ramp completed).
+        let held = ctx
+            .driver
+            .connected_agents(TENANT)
+            .await
+            .unwrap_or(connected)
+            .max(1);
+        r.rss_per_agent_bytes = (rss as f64 - rss_before as f64) * 1024.0 / held as f64;
     }
     r.idle_window_s = ctx.opts.idle_window.as_secs_f64();
     r.fleet_rss_kib = procstat::read(std::process::id()).map_or(0, |p| p.rss_kib);
