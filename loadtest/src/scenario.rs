@@ -726,7 +726,7 @@ async fn soak(ctx: &Ctx) -> report::Soak {
                         }
                     });
                 }
-                if n_sec % 5 == 0 {
+                if n_sec.is_multiple_of(5) {
                     let (d, a, bulk) = (ctx.driver.clone(), ctx.random_agent(), bulk.clone());
                     tokio::spawn(async move {
                         bulk.0.fetch_add(1, Ordering::Relaxed);
