@@ -155,9 +155,13 @@ pub struct RunOptions {
     /// Length of the soak.
     #[arg(long, value_parser = duration, default_value = "10m")]
     pub soak_duration: Duration,
-    /// Unary calls per second during the soak (plus 1% as commands, a bulk stream every 5 s).
+    /// Unary calls per second during the soak (plus `--soak-command-share` of that as
+    /// commands, and a bulk stream every 5 s).
     #[arg(long, default_value_t = 1000.0)]
     pub soak_rate: f64,
+    /// Commands submitted during the soak, as a share of its unary calls (0: none).
+    #[arg(long, default_value_t = 0.01)]
+    pub soak_command_share: f64,
     /// How often the gateway and this process are sampled.
     #[arg(long, value_parser = duration, default_value = "500ms")]
     pub sample_every: Duration,

@@ -680,7 +680,7 @@ async fn soak(ctx: &Ctx) -> report::Soak {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut n_sec = 0u64;
-    let per_sec_cmds = (rate / 100.0).round().max(1.0) as usize;
+    let per_sec_cmds = (rate * ctx.opts.soak_command_share.max(0.0)).round() as usize;
     let bulk_count = (ctx.opts.bulk_kib / 64).max(1);
     while start.elapsed() < dur {
         tokio::select! {
