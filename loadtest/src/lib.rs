@@ -162,6 +162,10 @@ pub struct RunOptions {
     /// Commands submitted during the soak, as a share of its unary calls (0: none).
     #[arg(long, default_value_t = 0.01)]
     pub soak_command_share: f64,
+    /// Scrape the local gateway's `/metrics` this often, as Prometheus would (0s: never). The
+    /// gateway's histograms buffer their samples until a scrape drains them.
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    pub scrape_every: Duration,
     /// How often the gateway and this process are sampled.
     #[arg(long, value_parser = duration, default_value = "500ms")]
     pub sample_every: Duration,

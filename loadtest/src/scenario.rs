@@ -183,6 +183,12 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     };
     let driver =
         Arc::new(Driver::connect(&northbound, &opts.server_name, &client, opts.connections).await?);
+    let stop_scraping = CancellationToken::new();
+    if let Some(ops) = gateway.as_ref().map(|g| g.addrs.ops)
+        && !opts.scrape_every.is_zero()
+    {
+        tokio::spawn(scrape(ops, opts.scrape_every, stop_scraping.clone()));
+    }
     let sampler = Sampler::new(pid);
     let stop_sampling = CancellationToken::new();
 
@@ -256,6 +262,7 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     // One more sample, then stop everything.
     tokio::time::sleep(ctx.opts.sample_every).await;
     stop_sampling.cancel();
+    stop_scraping.cancel();
     report.series = ctx.sampler.samples();
     report.marks = std::mem::take(&mut ctx.marks);
     let Ctx {
@@ -276,6 +283,26 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
         println!("{v:>7}  {}: {} (target {})", t.name, t.measured, t.target);
     }
     Ok(out)
+}
+
+/// GETs `http://ops/metrics` every `every` (and throws the body away), as Prometheus would.
+async fn scrape(ops: std::net::SocketAddr, every: Duration, stop: CancellationToken) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(mut s) = tokio::net::TcpStream::connect(ops).await else {
+            continue;
+        };
+        let _ = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
+    }
 }
 
 // === ramp ===
