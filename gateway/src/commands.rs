@@ -522,18 +522,21 @@ impl Commands {
     /// A live session of `agent`, waiting for one; `None` once the command left `active`
     /// (expired or cancelled meanwhile).
     async fn wait_session(&self, agent: &AgentId, id: &str) -> Option<Arc<SessionInfo>> {
-        let (_, mut feed) = self.registry.subscribe();
+        // The common case (the agent is connected) needs no feed; the feed alone (no snapshot
+        // of every live session: O(agents) per delivery) is taken before the check that may
+        // wait on it, so a session registered in between still wakes this lane.
+        let mut feed = None;
         loop {
             if !self.is_active(id) {
                 return None;
             }
-            if let Some(s) = self
-                .registry
-                .get(agent)
-                .and_then(|a| a.sessions.last().cloned())
-            {
+            if let Some(s) = self.registry.last_session(agent) {
                 return Some(s);
             }
+            let Some(feed) = feed.as_mut() else {
+                feed = Some(self.registry.feed());
+                continue;
+            };
             tokio::select! {
                 _ = feed.recv() => {}
                 _ = tokio::time::sleep(LANE_RECHECK) => {}

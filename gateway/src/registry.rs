@@ -257,6 +257,12 @@ impl Registry {
         agents.get(id).map(|e| Self::snapshot(id, e))
     }
 
+    /// The newest live session of `id`, if it has one (no snapshot of the agent).
+    pub fn last_session(&self, id: &AgentId) -> Option<Arc<SessionInfo>> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).and_then(|e| e.sessions.last().cloned())
+    }
+
     /// The live sessions now, and a feed of every change after them.
     pub fn subscribe(&self) -> (Vec<Arc<SessionInfo>>, broadcast::Receiver<RegistryEvent>) {
         let _agents = self.agents.lock().expect("registry lock");
