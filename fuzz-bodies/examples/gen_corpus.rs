@@ -1,0 +1,506 @@
+//! Writes the hand-made seeds of the fuzz targets to `fuzz/corpus/<target>/`: real messages,
+//! real CSRs and real tokens, valid and near-valid. Run after changing the protocol:
+//!
+//! ```text
+//! cargo run -p tether-fuzz --example gen_corpus
+//! ```
+//!
+//! Seeds are named for what they are; files the fuzzer added (hash names) are left alone. Keys
+//! and CSRs are generated afresh, so the CSR seeds change at every run (the JWT seeds too: ECDSA
+//! signatures are randomised).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use tether_fuzz::{IDENTITY, JWT_AUDIENCE, JWT_ISSUER, TOKEN_PLACEHOLDER, pem_of};
+use tunnel_proto::message::*;
+
+fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d).expect("corpus directory");
+    std::fs::write(d.join(name), bytes).expect("corpus file");
+}
+
+fn header(kind: StreamKind) -> StreamHeader {
+    StreamHeader {
+        kind: kind as i32,
+        service: "greeter".into(),
+        method: "/helloworld.Greeter/SayHello".into(),
+        metadata: vec![
+            MetadataEntry {
+                key: "x-request-id".into(),
+                value: b"abc".to_vec(),
+            },
+            MetadataEntry {
+                key: "authorization-bin".into(),
+                value: vec![0, 1, 2, 255],
+            },
+        ],
+        timeout_ms: 1500,
+        trace_context: BTreeMap::from([(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]),
+        id: "cmd-1".into(),
+    }
+}
+
+fn frames(split: u8, msgs: &[Message]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u8(split);
+    for m in msgs {
+        m.encode(&mut b);
+    }
+    b.to_vec()
+}
+
+fn csr(params: rcgen::CertificateParams, key: &rcgen::KeyPair) -> Vec<u8> {
+    params.serialize_request(key).expect("csr").der().to_vec()
+}
+
+fn with_uris(uris: &[&str]) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    for u in uris {
+        p.subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().expect("uri")));
+    }
+    p
+}
+
+fn prefixed(mode: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut v = vec![mode];
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn main() {
+    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+
+    // control_message: one real message of every type, and a few broken payloads.
+    let hello = Hello {
+        versions: vec![1, 2],
+        agent_version: "0.1.0".into(),
+        capabilities: vec!["relay".into(), "tcp".into(), "commands".into()],
+        labels: BTreeMap::from([("region".to_owned(), "eu-west-1".to_owned())]),
+        instance_id: "i-1".into(),
+    };
+    let welcome = Welcome {
+        version: 1,
+        session_id: "s-1".into(),
+        heartbeat_interval_ms: 15_000,
+        max_frame_size: 65_536,
+        max_concurrent_streams: 1024,
+        gateway_id: "gw-1".into(),
+        probe_interval_ms: 30_000,
+        ..Default::default()
+    };
+    let messages = [
+        Message::Hello(hello.clone()),
+        Message::Welcome(welcome.clone()),
+        Message::Heartbeat(Heartbeat {
+            seq: 7,
+            last_rtt_us: 1200,
+        }),
+        Message::HeartbeatAck(HeartbeatAck { seq: 7 }),
+        Message::GoAway(GoAway {
+            reason: "draining".into(),
+            reconnect_within_ms: 30_000,
+        }),
+        Message::Close(Close {
+            code: 1,
+            reason: "bye".into(),
+        }),
+        Message::StreamHeader(header(StreamKind::Rpc)),
+        Message::Data(Bytes::from_static(b"\0\0\0\0\x05hello")),
+        Message::ResponseHead(ResponseHead {
+            status: 200,
+            metadata: header(StreamKind::Rpc).metadata,
+        }),
+        Message::Trailers(Trailers::status(5, "not found: caf\u{e9} 100%")),
+        Message::OpenResult(OpenResult {
+            ok: false,
+            code: 7,
+            message: "denied".into(),
+        }),
+        Message::CommandAck(CommandAck {}),
+        Message::CommandProgress(CommandProgress {
+            message: "half way".into(),
+        }),
+        Message::CommandResult(CommandResult {
+            succeeded: true,
+            output: b"ok".to_vec(),
+            message: String::new(),
+        }),
+    ];
+    for m in &messages {
+        let sel = m.frame_type();
+        let frame = m.to_bytes();
+        write(
+            &dir,
+            "control_message",
+            &m.name().to_lowercase(),
+            &prefixed(sel, &frame[5..]),
+        );
+    }
+    let mut bad_utf8 = hello.encode_to_vec();
+    let at = bad_utf8
+        .windows(5)
+        .position(|w| w == b"0.1.0")
+        .expect("version string");
+    bad_utf8[at] = 0xff;
+    write(
+        &dir,
+        "control_message",
+        "hello_bad_utf8",
+        &prefixed(1, &bad_utf8),
+    );
+    write(
+        &dir,
+        "control_message",
+        "hello_truncated_varint",
+        &[1, 0x08, 0xff],
+    );
+    let old = Welcome {
+        version: 99,
+        ..welcome.clone()
+    };
+    write(
+        &dir,
+        "control_message",
+        "welcome_unknown_version",
+        &prefixed(2, &old.encode_to_vec()),
+    );
+
+    // gateway_session: an agent's control stream from the start (no split byte: the body
+    // reads 7 bytes at a time).
+    let stream = |msgs: &[Message]| frames(0, msgs)[1..].to_vec();
+    write(
+        &dir,
+        "gateway_session",
+        "hello_heartbeats_close",
+        &stream(&[
+            messages[0].clone(),
+            messages[2].clone(),
+            Message::Heartbeat(Heartbeat {
+                seq: 8,
+                last_rtt_us: 0,
+            }),
+            messages[5].clone(),
+        ]),
+    );
+    write(
+        &dir,
+        "gateway_session",
+        "hello_unknown_version",
+        &stream(&[Message::Hello(Hello {
+            versions: vec![7],
+            ..hello.clone()
+        })]),
+    );
+    write(
+        &dir,
+        "gateway_session",
+        "hello_twice",
+        &stream(&[messages[0].clone(), messages[0].clone()]),
+    );
+
+    // stream_header: a gateway-opened stream of each kind, then what follows it.
+    let data = Message::Data(Bytes::from_static(b"\0\0\0\0\x05hello"));
+    for (name, kind) in [
+        ("rpc", StreamKind::Rpc),
+        ("tcp", StreamKind::Tcp),
+        ("command", StreamKind::Command),
+        ("probe", StreamKind::Probe),
+        ("unspecified", StreamKind::Unspecified),
+    ] {
+        let h = Message::StreamHeader(header(kind));
+        write(&dir, "stream_header", name, &frames(4, &[h, data.clone()]));
+    }
+    let mut unknown = header(StreamKind::Rpc);
+    unknown.kind = 42;
+    unknown.timeout_ms = u64::MAX;
+    write(
+        &dir,
+        "stream_header",
+        "unknown_kind_huge_deadline",
+        &frames(1, &[Message::StreamHeader(unknown)]),
+    );
+    let mut bad_meta = header(StreamKind::Rpc);
+    bad_meta.metadata.push(MetadataEntry {
+        key: "Bad Name\n".into(),
+        value: b"v\r\nx".to_vec(),
+    });
+    bad_meta.metadata.push(MetadataEntry {
+        key: "grpc-timeout".into(),
+        value: b"99999999H".to_vec(),
+    });
+    bad_meta.method = "not a path".into();
+    write(
+        &dir,
+        "stream_header",
+        "bad_metadata_and_method",
+        &frames(255, &[Message::StreamHeader(bad_meta)]),
+    );
+    write(
+        &dir,
+        "stream_header",
+        "responses",
+        &frames(
+            3,
+            &[
+                Message::StreamHeader(header(StreamKind::Rpc)),
+                messages[8].clone(),
+                data.clone(),
+                messages[9].clone(),
+            ],
+        ),
+    );
+    write(&dir, "stream_header", "data_first", &frames(2, &[data]));
+    write(
+        &dir,
+        "stream_header",
+        "oversized",
+        &[1, 0x10, 0xff, 0xff, 0xff, 0xff],
+    );
+
+    // csr_check: real requests, valid and each refusal; DER (mode 0) and PEM text (mode 1).
+    let key = rcgen::KeyPair::generate().expect("p256 key");
+    let ok = csr(with_uris(&[IDENTITY]), &key);
+    write(&dir, "csr_check", "valid_p256_der", &prefixed(0, &ok));
+    write(
+        &dir,
+        "csr_check",
+        "valid_p256_pem",
+        &prefixed(1, pem_of(&ok).as_bytes()),
+    );
+    write(
+        &dir,
+        "csr_check",
+        "valid_no_san_der",
+        &prefixed(0, &csr(with_uris(&[]), &key)),
+    );
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+    write(
+        &dir,
+        "csr_check",
+        "valid_ed25519_der",
+        &prefixed(0, &csr(with_uris(&[IDENTITY]), &ed)),
+    );
+    let other = "spiffe://fuzz.test/tenant/globex/agent/a";
+    write(
+        &dir,
+        "csr_check",
+        "other_identity",
+        &prefixed(0, &csr(with_uris(&[other]), &key)),
+    );
+    write(
+        &dir,
+        "csr_check",
+        "extra_uri",
+        &prefixed(0, &csr(with_uris(&[IDENTITY, other]), &key)),
+    );
+    let mut dns = with_uris(&[IDENTITY]);
+    dns.subject_alt_names.push(rcgen::SanType::DnsName(
+        "evil.example".try_into().expect("dns"),
+    ));
+    write(
+        &dir,
+        "csr_check",
+        "extra_dns",
+        &prefixed(0, &csr(dns, &key)),
+    );
+    let mut ca = with_uris(&[IDENTITY]);
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    write(&dir, "csr_check", "ca", &prefixed(0, &csr(ca, &key)));
+    let mut signing = with_uris(&[]);
+    signing.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+    ];
+    write(
+        &dir,
+        "csr_check",
+        "key_cert_sign",
+        &prefixed(0, &csr(signing, &key)),
+    );
+    let mut eku = with_uris(&[IDENTITY]);
+    eku.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    eku.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    write(
+        &dir,
+        "csr_check",
+        "valid_usages",
+        &prefixed(0, &csr(eku, &key)),
+    );
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("p384 key");
+    write(
+        &dir,
+        "csr_check",
+        "p384",
+        &prefixed(0, &csr(with_uris(&[IDENTITY]), &p384)),
+    );
+    let mut tampered = ok.clone();
+    let n = tampered.len();
+    tampered[n - 10] ^= 1;
+    write(&dir, "csr_check", "bad_signature", &prefixed(0, &tampered));
+    write(
+        &dir,
+        "csr_check",
+        "not_pem",
+        b"\x01not a certificate request",
+    );
+
+    // enroll_request: EnrollRequest protobufs with the placeholder token (a pending token).
+    let req = |token: &str, csr_pem: String| {
+        tether_api::v1::EnrollRequest {
+            token: token.into(),
+            csr_pem,
+        }
+        .encode_to_vec()
+    };
+    write(
+        &dir,
+        "enroll_request",
+        "valid",
+        &req(TOKEN_PLACEHOLDER, pem_of(&ok)),
+    );
+    write(
+        &dir,
+        "enroll_request",
+        "valid_ed25519",
+        &req(TOKEN_PLACEHOLDER, pem_of(&csr(with_uris(&[]), &ed))),
+    );
+    write(
+        &dir,
+        "enroll_request",
+        "unknown_token",
+        &req(
+            "tet1_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            pem_of(&ok),
+        ),
+    );
+    write(
+        &dir,
+        "enroll_request",
+        "not_a_token",
+        &req("hello", pem_of(&ok)),
+    );
+    write(
+        &dir,
+        "enroll_request",
+        "other_identity",
+        &req(TOKEN_PLACEHOLDER, pem_of(&csr(with_uris(&[other]), &key))),
+    );
+    write(
+        &dir,
+        "enroll_request",
+        "garbage_csr",
+        &req(
+            TOKEN_PLACEHOLDER,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+        ),
+    );
+
+    // bearer_token: `authorization` values: good tokens and each refusal.
+    let pkcs8 = {
+        use rustls_pki_types::pem::PemObject as _;
+        rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(include_bytes!(
+            "../fixtures/jwt-key.pem"
+        ))
+        .expect("the fixture key")
+    };
+    let signing_key = jsonwebtoken::EncodingKey::from_ec_der(pkcs8.secret_pkcs8_der());
+    let far = 4_102_444_800u64; // 2100-01-01
+    let sign = |kid: Option<&str>, claims: serde_json::Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&h, &claims, &signing_key).expect("signed token")
+    };
+    let claims = |sub: &str, tenants: serde_json::Value, exp: u64| {
+        serde_json::json!({
+            "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": sub, "exp": exp, "nbf": 0,
+            "tenants": tenants,
+        })
+    };
+    let bearer = |t: &str| format!("Bearer {t}").into_bytes();
+    let tok = |name: &str, t: String| write(&dir, "bearer_token", name, &bearer(&t));
+    tok(
+        "valid",
+        sign(
+            Some("fuzz-1"),
+            claims("ops", serde_json::json!(["acme"]), far),
+        ),
+    );
+    tok(
+        "valid_scope_intersected",
+        sign(
+            Some("fuzz-1"),
+            claims("ops", serde_json::json!(["acme", "globex"]), far),
+        ),
+    );
+    tok(
+        "valid_other_sub_string_claim",
+        sign(
+            Some("fuzz-1"),
+            claims("ci", serde_json::json!("globex"), far),
+        ),
+    );
+    tok(
+        "valid_no_kid",
+        sign(None, claims("ci", serde_json::json!(["acme"]), far)),
+    );
+    tok(
+        "no_tenants",
+        sign(Some("fuzz-1"), claims("ci", serde_json::json!([]), far)),
+    );
+    tok(
+        "bad_tenant_name",
+        sign(
+            Some("fuzz-1"),
+            claims("ci", serde_json::json!(["A/../b"]), far),
+        ),
+    );
+    tok(
+        "expired",
+        sign(
+            Some("fuzz-1"),
+            claims("ops", serde_json::json!(["acme"]), 1000),
+        ),
+    );
+    let mut wrong_aud = claims("ops", serde_json::json!(["acme"]), far);
+    wrong_aud["aud"] = "someone-else".into();
+    tok("wrong_audience", sign(Some("fuzz-1"), wrong_aud));
+    tok(
+        "unknown_kid",
+        sign(
+            Some("other"),
+            claims("ops", serde_json::json!(["acme"]), far),
+        ),
+    );
+    let body = b64(claims("ops", serde_json::json!(["acme"]), far)
+        .to_string()
+        .as_bytes());
+    tok(
+        "alg_none",
+        format!("{}.{body}.", b64(br#"{"alg":"none","typ":"JWT"}"#)),
+    );
+    tok(
+        "alg_hs256",
+        format!(
+            "{}.{body}.{}",
+            b64(br#"{"alg":"HS256","typ":"JWT","kid":"fuzz-1"}"#),
+            b64(&[7; 32])
+        ),
+    );
+    tok("not_a_jwt", "a.b".into());
+    write(&dir, "bearer_token", "basic", b"Basic dXNlcjpwYXNz");
+    write(&dir, "bearer_token", "empty_bearer", b"Bearer ");
+    println!("seeds written under {}", dir.display());
+}
