@@ -851,7 +851,16 @@ impl GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        Self::spawn_in(pki, dir, &data, [any; 3], None, "info").await
+        Self::spawn_in(pki, dir, &data, [any; 3], None, "info", "").await
+    }
+
+    /// As [`spawn`](Self::spawn), with `extra` appended to its config file (new TOML tables,
+    /// e.g. `[limits]`).
+    pub async fn spawn_configured(pki: &Pki, extra: &str) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_in(pki, dir, &data, [any; 3], None, "info", extra).await
     }
 
     /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on
@@ -865,7 +874,7 @@ impl GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let api = SocketAddr::new(api, 0);
-        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info").await
+        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info", "").await
     }
 
     /// Starts one keeping its command store in `data_dir`, its tunnel on `tunnel` (port 0 for
@@ -873,7 +882,7 @@ impl GatewayProcess {
     pub async fn spawn_with(pki: &Pki, data_dir: &Path, tunnel: SocketAddr) -> GatewayProcess {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, "info").await
+        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, "info", "").await
     }
 
     /// As [`spawn_with`](Self::spawn_with), logging at `rust_log` (a tracing filter).
@@ -885,7 +894,7 @@ impl GatewayProcess {
     ) -> GatewayProcess {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, rust_log).await
+        Self::spawn_in(pki, dir, data_dir, [tunnel, any, any], None, rust_log, "").await
     }
 
     /// `listen`: tunnel, northbound, ops.
@@ -896,6 +905,7 @@ impl GatewayProcess {
         listen: [SocketAddr; 3],
         ns: Option<&netns::Netns>,
         rust_log: &str,
+        extra: &str,
     ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         let [tunnel, northbound, ops] = listen;
@@ -909,7 +919,7 @@ impl GatewayProcess {
             tls.key.display()
         );
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, cfg).expect("write gateway config");
+        std::fs::write(&path, cfg + extra).expect("write gateway config");
         let mut command = match ns {
             Some(ns) => ns.command(binary("tether-gateway")),
             None => tokio::process::Command::new(binary("tether-gateway")),

@@ -76,6 +76,17 @@ pub enum CommandError {
         /// `commands.max_payload`.
         limit: u64,
     },
+    /// The agent has as many unfinished commands as `limits.pending_commands_per_agent`
+    /// (retry once some have finished).
+    #[error(
+        "agent {agent} has {limit} pending commands, the limit (limits.pending_commands_per_agent); submit again once some have finished"
+    )]
+    TooManyPending {
+        /// The agent.
+        agent: String,
+        /// The limit.
+        limit: u32,
+    },
     /// No command has this id.
     #[error("no command {0}")]
     NotFound(String),
@@ -101,6 +112,7 @@ impl From<CommandError> for Status {
                 Status::invalid_argument(msg)
             }
             CommandError::TooLate { .. } => Status::failed_precondition(msg),
+            CommandError::TooManyPending { .. } => Status::resource_exhausted(msg),
             CommandError::Store(_) => Status::unavailable(msg),
         }
     }
@@ -149,6 +161,9 @@ struct State {
     /// Per agent: permits for concurrent deliveries (`commands.max_in_flight`), so command
     /// streams never take all of an agent's stream credit from relayed calls.
     in_flight: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Per agent: commands not final (in `active`) plus Submits reserved but not yet stored,
+    /// for `limits.pending_commands_per_agent`; kept as commands come and go, never counted.
+    pending: HashMap<String, u32>,
 }
 
 impl State {
@@ -161,6 +176,16 @@ impl State {
             lanes: HashMap::new(),
             depth: HashMap::new(),
             in_flight: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    fn release_pending(&mut self, agent: &str) {
+        if let Some(n) = self.pending.get_mut(agent) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(agent);
+            }
         }
     }
 
@@ -196,6 +221,7 @@ impl State {
         }
         if is_final(to as i32) {
             self.active.remove(id);
+            self.release_pending(&snapshot.agent);
             self.recent.insert(id.to_owned(), for_event(&snapshot));
             self.recent_order.push_back(id.to_owned());
             while self.recent_order.len() > RECENT_KEPT {
@@ -230,6 +256,7 @@ pub struct Commands {
     cfg: CommandsConfig,
     state: Mutex<State>,
     shutdown: CancellationToken,
+    pending_limit: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Commands {
@@ -255,6 +282,7 @@ impl Commands {
             cfg,
             state: Mutex::new(State::new()),
             shutdown,
+            pending_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
         });
         let mut lanes = Vec::new();
         {
@@ -267,6 +295,7 @@ impl Commands {
                     lanes.push(lane);
                 }
                 q.push_back(cmd.id.clone());
+                *st.pending.entry(cmd.agent.clone()).or_default() += 1;
                 st.active.insert(cmd.id.clone(), cmd);
             }
         }
@@ -278,6 +307,13 @@ impl Commands {
         }
         tokio::spawn(this.clone().sweep());
         Ok(this)
+    }
+
+    /// Caps unfinished commands per agent (`limits.pending_commands_per_agent`); unlimited
+    /// until set.
+    pub fn set_pending_limit(&self, limit: u32) {
+        self.pending_limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -354,7 +390,35 @@ impl Commands {
             expires,
             ..Default::default()
         };
-        let out = self.store.submit(cmd).await?;
+        // Reserve a pending slot before storing, so racing Submits cannot overshoot the limit;
+        // given back below unless a new command took it.
+        let limit = self
+            .pending_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let reserved = {
+            let mut st = self.lock();
+            let n = st.pending.entry(cmd.agent.clone()).or_default();
+            let free = *n < limit;
+            if free {
+                *n += 1;
+            }
+            free
+        };
+        if !reserved {
+            crate::limits::count_rejection("pending_commands_per_agent");
+            return Err(CommandError::TooManyPending {
+                agent: cmd.agent,
+                limit,
+            });
+        }
+        let agent = cmd.agent.clone();
+        let out = match self.store.submit(cmd).await {
+            Ok(out) if out.created => out,
+            other => {
+                self.lock().release_pending(&agent);
+                other?
+            }
+        };
         if out.created {
             let cmd = out.command.clone();
             let lane = (cmd.agent.clone(), cmd.ordering_key.clone());

@@ -30,6 +30,19 @@
 //! cert_ttl = "24h"            # lifetime of enrolled agents' certificates
 //! token_ttl = "1h"            # default lifetime of a token
 //! max_token_ttl = "7d"
+//! [limits]                    # against abuse; each refusal counted in
+//!                             # tether_gateway_limit_rejections_total{limit}
+//! streams_per_agent = 1024    # relayed calls + TCP streams in flight to one agent
+//! pending_commands_per_agent = 10000 # commands not yet final, per agent
+//! max_message_size = 4194304  # northbound gRPC messages (tether.v1.*), each way
+//! max_header_list_size = 16384 # northbound HTTP/2 request headers
+//! max_control_message = 65536 # a frame on an agent's control stream
+//! northbound_handshake_timeout = "10s" # a northbound TLS handshake
+//! northbound_idle_timeout = "5m" # a northbound connection with no call open
+//! handshakes_per_second = 50  # new tunnel handshakes per source address (token bucket)
+//! handshake_burst = 100
+//! retry_above = 1000          # gateway-wide QUIC handshakes/s above which QUIC Retry
+//!                             # validates source addresses first
 //! [auth]                      # without it: every control-plane caller may act for every tenant
 //! jwks_file = "jwks.json"     # or jwks_url = "https://idp.example.com/.well-known/jwks.json"
 //! issuer = "https://idp.example.com/"
@@ -86,6 +99,16 @@ pub const KEYS: Keys = &[
     "enrollment.cert_ttl",
     "enrollment.token_ttl",
     "enrollment.max_token_ttl",
+    "limits.streams_per_agent",
+    "limits.pending_commands_per_agent",
+    "limits.max_message_size",
+    "limits.max_header_list_size",
+    "limits.max_control_message",
+    "limits.northbound_handshake_timeout",
+    "limits.northbound_idle_timeout",
+    "limits.handshakes_per_second",
+    "limits.handshake_burst",
+    "limits.retry_above",
     "auth.callers",
     "auth.jwks_file",
     "auth.jwks_url",
@@ -127,10 +150,124 @@ pub struct GatewayConfig {
     /// Agent enrollment with bootstrap tokens.
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    /// Limits against abuse.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Northbound caller authentication and tenant scoping. Without it every control-plane
     /// (mTLS) caller may act for every tenant and bearer tokens are not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+}
+
+/// `[limits]`: bounds on what one agent, caller or source address can make the gateway hold
+/// or do. Each refusal is counted in `tether_gateway_limit_rejections_total{limit}`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Relayed calls and TCP streams in flight to one agent (all its sessions together); beyond
+    /// it a call is RESOURCE_EXHAUSTED at once.
+    pub streams_per_agent: u32,
+    /// Commands of one agent not yet in a final state; beyond it Submit is RESOURCE_EXHAUSTED
+    /// and nothing is stored.
+    pub pending_commands_per_agent: u32,
+    /// Largest northbound gRPC message (`tether.v1.*` services), received or sent, in bytes;
+    /// `Commands` allows at least `commands.max_payload`.
+    pub max_message_size: u64,
+    /// Largest HTTP/2 request header list (names, values and 32 bytes each) a northbound call
+    /// may carry; above it RESOURCE_EXHAUSTED (and, at twice it, HTTP/2's own refusal). The
+    /// tunnel's TCP fallback carries no metadata in headers and caps them at 16 KiB.
+    pub max_header_list_size: u32,
+    /// Largest frame accepted on an agent's control stream, in bytes (announced in `Welcome`).
+    pub max_control_message: u32,
+    /// Time a northbound caller has to complete TLS.
+    #[serde(with = "humantime_serde")]
+    pub northbound_handshake_timeout: Duration,
+    /// A northbound connection with no call open for this long is closed (gracefully: the
+    /// client reconnects on its next call); this also ends a connection that never sends one.
+    #[serde(with = "humantime_serde")]
+    pub northbound_idle_timeout: Duration,
+    /// New tunnel handshakes per second per source IP address (refilled continuously); beyond
+    /// it, and the burst, a connection is refused before any cryptography.
+    pub handshakes_per_second: u32,
+    /// Handshakes one source address may start at once before `handshakes_per_second` paces it.
+    pub handshake_burst: u32,
+    /// Gateway-wide new QUIC handshakes per second above which an Initial from an unvalidated
+    /// address is answered with a stateless Retry (proof of address, one extra round trip)
+    /// instead of a handshake; 0: always.
+    pub retry_above: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            streams_per_agent: 1024,
+            pending_commands_per_agent: 10_000,
+            max_message_size: 4 << 20,
+            max_header_list_size: 16 << 10,
+            max_control_message: 64 << 10,
+            northbound_handshake_timeout: Duration::from_secs(10),
+            northbound_idle_timeout: Duration::from_secs(300),
+            handshakes_per_second: 50,
+            handshake_burst: 100,
+            retry_above: 1000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |key: &str, v: u64, min: u64| {
+            if v < min {
+                Err(ConfigError::invalid(key, format!("must be at least {min}")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("limits.streams_per_agent", self.streams_per_agent.into(), 1)?;
+        at_least(
+            "limits.pending_commands_per_agent",
+            self.pending_commands_per_agent.into(),
+            1,
+        )?;
+        at_least("limits.max_message_size", self.max_message_size, 1024)?;
+        at_least(
+            "limits.max_header_list_size",
+            self.max_header_list_size.into(),
+            1024,
+        )?;
+        at_least(
+            "limits.max_control_message",
+            self.max_control_message.into(),
+            1024,
+        )?;
+        if self.max_control_message > 16 << 20 {
+            return Err(ConfigError::invalid(
+                "limits.max_control_message",
+                "must be at most 16777216",
+            ));
+        }
+        at_least(
+            "limits.handshakes_per_second",
+            self.handshakes_per_second.into(),
+            1,
+        )?;
+        at_least("limits.handshake_burst", self.handshake_burst.into(), 1)?;
+        for (key, d) in [
+            (
+                "limits.northbound_handshake_timeout",
+                self.northbound_handshake_timeout,
+            ),
+            (
+                "limits.northbound_idle_timeout",
+                self.northbound_idle_timeout,
+            ),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(ConfigError::invalid(key, "must be at least 100ms"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[auth]`: who may call the northbound API and for which tenants.
@@ -423,6 +560,7 @@ impl Validate for GatewayConfig {
                 "must be at least 1",
             ));
         }
+        self.limits.validate()?;
         if let Some(auth) = &self.auth {
             auth.validate()?;
         }
@@ -670,6 +808,43 @@ mod tests {
     }
 
     #[test]
+    fn limits_errors_name_the_key() {
+        let base =
+            "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[limits]\n";
+        for (limits, key) in [
+            ("streams_per_agent = 0", "limits.streams_per_agent"),
+            (
+                "pending_commands_per_agent = 0",
+                "limits.pending_commands_per_agent",
+            ),
+            ("max_message_size = 10", "limits.max_message_size"),
+            ("max_header_list_size = 10", "limits.max_header_list_size"),
+            (
+                "max_control_message = 100000000",
+                "limits.max_control_message",
+            ),
+            (
+                "northbound_idle_timeout = \"1ms\"",
+                "limits.northbound_idle_timeout",
+            ),
+            (
+                "northbound_handshake_timeout = \"0s\"",
+                "limits.northbound_handshake_timeout",
+            ),
+            ("handshakes_per_second = 0", "limits.handshakes_per_second"),
+            ("handshake_burst = 0", "limits.handshake_burst"),
+        ] {
+            let cfg: GatewayConfig = toml::from_str(&format!("{base}{limits}\n")).unwrap();
+            let e = cfg.validate().expect_err(limits).to_string();
+            assert!(e.contains(key), "{limits}: want {key} in {e}");
+        }
+        let unknown = toml::from_str::<GatewayConfig>(&format!("{base}streams = 3\n"));
+        assert!(unknown.unwrap_err().to_string().contains("streams"));
+        let ok: GatewayConfig = toml::from_str(&format!("{base}retry_above = 0\n")).unwrap();
+        ok.validate().unwrap();
+    }
+
+    #[test]
     fn every_serialized_key_is_listed() {
         let cfg = GatewayConfig {
             trust_domain: "td".into(),
@@ -684,6 +859,7 @@ mod tests {
             log: Default::default(),
             data_dir: Some("d".into()),
             commands: Default::default(),
+            limits: Default::default(),
             enrollment: EnrollmentConfig {
                 ca_key: Some("k".into()),
                 ca_cert: Some("c".into()),

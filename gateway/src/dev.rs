@@ -133,6 +133,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         log: LogConfig::default(),
         data_dir: Some(dir.join("data")),
         commands: Default::default(),
+        limits: Default::default(),
         enrollment: crate::config::EnrollmentConfig {
             ca_key: Some(pki_dir.join("ca-key.pem")),
             ..Default::default()

@@ -543,6 +543,7 @@ impl EnrollEndpoint {
                     return;
                 }
                 Err(_) => {
+                    crate::limits::count_idle_timeout("enrollment");
                     tracing::info!(%remote, "enrollment TLS handshake timed out");
                     return;
                 }

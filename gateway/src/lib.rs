@@ -8,6 +8,8 @@
 //! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
 //! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
+//! - [`limits`] (transport + feature): handshake admission per source address (and QUIC Retry),
+//!   streams per agent, and the abuse-limit metrics;
 //! - [`registry`] (session): live sessions and the connect/disconnect feed;
 //! - [`auth`] (feature): northbound callers (client certificates, bearer JWTs), their tenant
 //!   scope, and the audit of denials;
@@ -33,6 +35,7 @@ pub mod dev;
 pub mod enrollment;
 pub mod error;
 pub mod identity_db;
+pub mod limits;
 pub mod listener;
 pub mod northbound;
 pub mod pki;

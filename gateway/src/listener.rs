@@ -13,18 +13,45 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use tether_runtime::CancellationToken;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::limits::{count_idle_timeout, count_rejection};
+
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
 
-/// Time allowed for a caller's TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How the listener bounds what one caller connection may hold (from `[limits]`).
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    /// Time allowed for a caller's TLS handshake.
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// Largest request header list answered normally; a larger one (up to twice this, which
+    /// HTTP/2 enforces itself) gets RESOURCE_EXHAUSTED.
+    pub max_header_list_size: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_header_list_size: 16 << 10,
+        }
+    }
+}
+
+/// How long a connection closed for idling may take to finish its GOAWAY before it is dropped
+/// (one that never sent its HTTP/2 preface never finishes it).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Concurrent calls per caller connection (each relayed call is one stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
@@ -40,6 +67,7 @@ pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: S,
+    limits: ListenerLimits,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -47,8 +75,7 @@ pub async fn serve<S, B>(
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -67,13 +94,14 @@ pub async fn serve<S, B>(
         let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
         tokio::spawn(async move {
             let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "northbound TLS handshake refused");
                         return;
                     }
                     Err(_) => {
+                        count_idle_timeout("northbound_tls");
                         tracing::info!(%peer, "northbound TLS handshake timed out");
                         return;
                     }
@@ -86,9 +114,29 @@ pub async fn serve<S, B>(
                     .map(<[_]>::to_vec)
                     .unwrap_or_default(),
             ));
+            let (calls, mut calls_rx) = tokio::sync::watch::channel(0usize);
+            let calls = Arc::new(calls);
+            let max_headers = limits.max_header_list_size;
             let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                let call = CallGuard::new(calls.clone());
                 req.extensions_mut().insert(certs.clone());
-                service.clone().oneshot(req)
+                let too_big = header_list_size(req.headers()) > max_headers as usize;
+                let service = service.clone();
+                async move {
+                    if too_big {
+                        count_rejection("header_list_size");
+                        let status = tonic::Status::resource_exhausted(format!(
+                            "request headers are above {max_headers} bytes (limits.max_header_list_size)"
+                        ));
+                        let resp = status.into_http::<UnsyncBoxBody<bytes::Bytes, BoxError>>();
+                        return Ok(resp.map(|b| Guarded::new(b, call)));
+                    }
+                    let mut resp = service.oneshot(req).await?;
+                    size_status_to_resource_exhausted(resp.headers_mut());
+                    Ok::<_, Infallible>(
+                        resp.map(|b| Guarded::new(b.map_err(Into::into).boxed_unsync(), call)),
+                    )
+                }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
@@ -96,14 +144,35 @@ pub async fn serve<S, B>(
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(8 << 20)
-                .keep_alive_interval(Some(Duration::from_secs(30)));
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .max_header_list_size(max_headers.saturating_mul(2));
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
+            let idle = async {
+                loop {
+                    // Wait for no call to be open, then for one to start within the timeout.
+                    if calls_rx.wait_for(|n| *n == 0).await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    let started =
+                        tokio::time::timeout(limits.idle_timeout, calls_rx.wait_for(|n| *n > 0));
+                    if started.await.is_err() {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "northbound connection ended");
                     }
+                }
+                _ = idle => {
+                    count_idle_timeout("northbound_idle");
+                    tracing::debug!(%peer, timeout = ?limits.idle_timeout,
+                        "closing an idle northbound connection");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await;
                 }
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
@@ -111,5 +180,92 @@ pub async fn serve<S, B>(
                 }
             }
         });
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Header list size as HTTP/2 counts it (RFC 9113 §6.5.2): name, value and 32 bytes each.
+fn header_list_size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum()
+}
+
+/// One call open on a connection, from its request to the end of its response body.
+struct CallGuard(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl CallGuard {
+    fn new(calls: Arc<tokio::sync::watch::Sender<usize>>) -> CallGuard {
+        calls.send_modify(|n| *n += 1);
+        CallGuard(calls)
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its call counted until it ends, and says RESOURCE_EXHAUSTED
+/// (as the gRPC spec does) where tonic answers a message over the size limit with
+/// OUT_OF_RANGE, counting it.
+struct Guarded {
+    inner: UnsyncBoxBody<bytes::Bytes, BoxError>,
+    _call: CallGuard,
+}
+
+impl Guarded {
+    fn new(inner: UnsyncBoxBody<bytes::Bytes, BoxError>, call: CallGuard) -> Guarded {
+        Guarded { inner, _call: call }
+    }
+}
+
+/// Rewrites tonic's message-size status in `headers` (trailers, or a trailers-only response).
+fn size_status_to_resource_exhausted(headers: &mut http::HeaderMap) {
+    let is_size_error = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers.get("grpc-message").is_some_and(|m| {
+            // tonic's "Error, decoded (or encoded) message length too large", percent-encoded.
+            let m = m.as_bytes();
+            [&b"message%20length%20too%20large"[..], b"message length too large"]
+                .iter()
+                .any(|needle| m.windows(needle.len()).any(|w| w == *needle))
+        });
+    if is_size_error {
+        count_rejection("message_size");
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        polled.map(|f| {
+            f.map(|r| {
+                r.map(|frame| match frame.into_trailers() {
+                    Ok(mut t) => {
+                        size_status_to_resource_exhausted(&mut t);
+                        http_body::Frame::trailers(t)
+                    }
+                    Err(frame) => frame,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -41,6 +41,7 @@ use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
 use crate::auth::Caller;
+use crate::limits::{AgentStreams, StreamPermit};
 use crate::registry::{Registry, SessionInfo};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,14 +55,22 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Relay {
     registry: Arc<Registry>,
     next: AtomicUsize,
+    streams: AgentStreams,
 }
 
 impl Relay {
-    /// A relay over `registry`'s sessions.
+    /// A relay over `registry`'s sessions, with no cap on streams per agent but the tunnel's.
     pub fn new(registry: Arc<Registry>) -> Arc<Relay> {
+        Self::with_stream_limit(registry, u32::MAX)
+    }
+
+    /// A relay carrying at most `streams_per_agent` calls and TCP streams to one agent at a
+    /// time (`limits.streams_per_agent`).
+    pub fn with_stream_limit(registry: Arc<Registry>, streams_per_agent: u32) -> Arc<Relay> {
         Arc::new(Relay {
             registry,
             next: AtomicUsize::new(0),
+            streams: AgentStreams::new(streams_per_agent),
         })
     }
 
@@ -124,14 +133,22 @@ impl Relay {
         Ok((agent, service))
     }
 
-    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header.
+    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header. The permit
+    /// counts the stream against `limits.streams_per_agent` until dropped: keep it as long as
+    /// the stream lives.
     pub async fn open(
         &self,
         agent: &AgentId,
         header: StreamHeader,
         deadline: Option<Instant>,
-    ) -> Result<(SendStream, RecvStream), Status> {
+    ) -> Result<(SendStream, RecvStream, StreamPermit), Status> {
         let session = self.pick(agent)?;
+        let permit = self.streams.acquire(agent).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "agent {agent} has {} streams in flight, the limit (limits.streams_per_agent); retry when some have ended",
+                self.streams.max()
+            ))
+        })?;
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
             match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
@@ -155,7 +172,7 @@ impl Relay {
         send_msg(&mut send, &Message::StreamHeader(header))
             .await
             .map_err(|e| Status::unavailable(format!("agent {agent}: {e}")))?;
-        Ok((send, recv))
+        Ok((send, recv, permit))
     }
 }
 
@@ -239,9 +256,9 @@ async fn relay_call(
         trace_context,
         id: String::new(),
     };
-    let (send, recv) = relay.open(&agent, header, deadline).await?;
+    let (send, recv, permit) = relay.open(&agent, header, deadline).await?;
     let tenant = agent.tenant().to_owned();
-    let active = ActiveGuard::new("grpc");
+    let active = ActiveGuard::new("grpc", permit);
     let cancel = CancellationToken::new();
     tokio::spawn(pump_request(req.into_body(), send, cancel.clone()));
 
@@ -305,19 +322,25 @@ fn code_of(t: &Trailers) -> Code {
     t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown)
 }
 
-/// Counts a stream as active for as long as it lives.
-struct ActiveGuard(&'static str);
+/// Counts a stream as active (and against its agent's stream limit) for as long as it lives.
+struct ActiveGuard {
+    kind: &'static str,
+    _permit: StreamPermit,
+}
 
 impl ActiveGuard {
-    fn new(kind: &'static str) -> Self {
+    fn new(kind: &'static str, permit: StreamPermit) -> Self {
         metrics::gauge!("tether_gateway_relay_streams_active", "kind" => kind).increment(1.0);
-        ActiveGuard(kind)
+        ActiveGuard {
+            kind,
+            _permit: permit,
+        }
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.0).decrement(1.0);
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.kind).decrement(1.0);
     }
 }
 

@@ -17,6 +17,7 @@ use crate::config::GatewayConfig;
 use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
 use crate::identity_db::IdentityDb;
+use crate::limits::Admission;
 use crate::northbound::AgentsApi;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayService};
@@ -166,10 +167,14 @@ pub async fn start(
         commands_stop.clone(),
     )
     .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
+    commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
+    let mut tunnel_ctx = TunnelContext::new(&cfg, registry.clone(), close_sessions.clone());
+    tunnel_ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
+    let admission = Admission::new(&cfg.limits);
     let ctx = Arc::new(
-        TunnelContext::new(&cfg, registry.clone(), close_sessions.clone())
+        tunnel_ctx
             .with_revocations(identity.revocations())
             // Agents enroll on the tunnel's TCP port: the egress rule they already have.
             .with_side_door(
@@ -182,6 +187,7 @@ pub async fn start(
     tokio::spawn(tunnel::accept_loop(
         endpoint.clone(),
         ctx.clone(),
+        admission.clone(),
         stop_accepting.clone(),
     ));
     let tunnel_tcp = match sockets.tunnel_tcp {
@@ -194,6 +200,7 @@ pub async fn start(
                 l,
                 tunnel_tls,
                 ctx,
+                admission,
                 stop_accepting.clone(),
             ));
             Some(addr)
@@ -225,11 +232,21 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let api =
         AgentsApi::new(registry.clone(), close_sessions.clone()).with_identity(identity.clone());
-    let relay = Relay::new(registry.clone());
+    let relay = Relay::with_stream_limit(registry.clone(), cfg.limits.streams_per_agent);
+    let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
     let mut routes = tonic::service::Routes::builder();
-    routes.add_service(api.into_service());
+    routes.add_service(
+        api.into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
     routes.add_service(CommandsApi::new(commands.clone()).into_service(cfg.commands.max_payload));
-    routes.add_service(StreamsApi::new(relay.clone()).into_service());
+    routes.add_service(
+        StreamsApi::new(relay.clone())
+            .into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
     routes.add_service(EnrollmentApi::into_northbound_service(
         enrollment.clone(),
         cfg.trust_domain.clone(),
@@ -243,6 +260,11 @@ pub async fn start(
         nb_listener,
         tls,
         Authenticated::new(auth, routes.prepare()),
+        crate::listener::ListenerLimits {
+            handshake_timeout: cfg.limits.northbound_handshake_timeout,
+            idle_timeout: cfg.limits.northbound_idle_timeout,
+            max_header_list_size: cfg.limits.max_header_list_size,
+        },
         close_sessions.clone(),
     ));
 
@@ -322,7 +344,7 @@ const RESET_KEY_FILE: &str = "quic-reset-key";
 fn tunnel_endpoint(
     cfg: &GatewayConfig,
     socket: std::net::UdpSocket,
-    server: quinn::ServerConfig,
+    mut server: quinn::ServerConfig,
 ) -> std::io::Result<quinn::Endpoint> {
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     for (what, r) in [
@@ -345,9 +367,22 @@ fn tunnel_endpoint(
         "tunnel socket buffers"
     );
     let mut endpoint = match &cfg.data_dir {
-        Some(dir) => quinn::EndpointConfig::new(Arc::new(ResetKey::load_or_create(dir)?)),
+        Some(dir) => {
+            let key = ResetKey::load_or_create(dir)?;
+            // Retry tokens sealed with a key derived from the kept one: a token handed out
+            // just before a restart is still good after it (a restart storm is when Retry is
+            // on), and so are tokens of replicas sharing data_dir's key.
+            server.token_key(Arc::new(key.retry_token_key()));
+            quinn::EndpointConfig::new(Arc::new(key))
+        }
         None => quinn::EndpointConfig::default(),
     };
+    // Connection attempts queued before the accept loop decides on them (each answered at once
+    // by a refusal, a Retry or a handshake): bounded, so a flood cannot grow the queue.
+    server
+        .max_incoming(4096)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(16 << 20);
     endpoint.min_reset_interval(Duration::ZERO);
     // Connection ids the restarted process accepts as its own: quinn's default generator signs
     // its ids with a per-process key and drops packets whose id it did not sign, which would
@@ -412,6 +447,13 @@ impl ResetKey {
         f.write_all(&key)?;
         f.sync_all()?;
         Ok(ResetKey(key))
+    }
+
+    /// The HKDF key quinn seals Retry tokens with, derived from this key (so it persists with
+    /// it) for that one purpose.
+    fn retry_token_key(&self) -> aws_lc_rs::hkdf::Prk {
+        let derived = self.tag(b"tether quic retry token key v1");
+        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(derived.as_ref())
     }
 
     fn tag(&self, data: &[u8]) -> rustls::crypto::hmac::Tag {
@@ -525,6 +567,19 @@ mod tests {
         assert!(b.verify(b"connection id", &sa).is_ok());
         assert!(b.verify(b"another id", &sa).is_err());
         assert!(b.verify(b"connection id", &sa[..16]).is_err());
+        // Retry tokens sealed before a restart open after it.
+        use quinn::crypto::HandshakeTokenKey;
+        let mut token = b"retry token".to_vec();
+        a.retry_token_key()
+            .aead_from_hkdf(b"nonce")
+            .seal(&mut token, b"ad")
+            .unwrap();
+        let opened = b
+            .retry_token_key()
+            .aead_from_hkdf(b"nonce")
+            .open(&mut token, b"ad")
+            .unwrap();
+        assert_eq!(opened, b"retry token");
         let mode = std::fs::metadata(dir.path().join(RESET_KEY_FILE))
             .unwrap()
             .permissions();

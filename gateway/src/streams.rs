@@ -62,7 +62,7 @@ impl Streams for StreamsApi {
             ..Default::default()
         };
         let started = Instant::now();
-        let (mut send, recv) = self.relay.open(&agent, header, None).await?;
+        let (mut send, recv, permit) = self.relay.open(&agent, header, None).await?;
         let mut framed = FramedRecv::relay(recv);
         match framed.next().await {
             Ok(Some(Message::OpenResult(r))) if r.ok => {}
@@ -107,9 +107,10 @@ impl Streams for StreamsApi {
             }
         });
 
-        // Agent → caller.
+        // Agent → caller. The stream counts against the agent's limit until this side ends.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            let _permit = permit;
             if !leftover.is_empty()
                 && tx
                     .send(Ok(StreamChunk {

@@ -28,6 +28,7 @@ use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::limits::{Admission, Admit, count_idle_timeout, count_rejection};
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
 use crate::revocation::{CertFacts, RevocationList};
 use crate::verifier::{AgentVerifier, count_refusal};
@@ -188,10 +189,14 @@ impl std::fmt::Debug for SideDoor {
 /// took 40 s to come back with thousands of timed-out dials; see docs/PERFORMANCE.md).
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
-/// Accepts agent connections until `stop_accepting` is cancelled.
+/// Accepts agent connections until `stop_accepting` is cancelled. Each Initial is first
+/// admitted by `admission` (before any cryptography): a stateless Retry while the gateway-wide
+/// handshake rate is above `limits.retry_above` and the address is unvalidated, a refusal when
+/// its source address is over `limits.handshakes_per_second`.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: Arc<TunnelContext>,
+    admission: Arc<Admission>,
     stop_accepting: CancellationToken,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
@@ -203,16 +208,37 @@ pub async fn accept_loop(
                 None => return,
             },
         };
+        let remote = incoming.remote_address();
+        match admission.admit_quic(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            Instant::now(),
+        ) {
+            Admit::Accept => {}
+            Admit::Retry => {
+                metrics::counter!("tether_gateway_quic_retries_total").increment(1);
+                if let Err(e) = incoming.retry() {
+                    // Only an Initial that already carried a token cannot be retried, and
+                    // those are validated: not reached.
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Admit::Refuse => {
+                count_rejection("handshake_rate");
+                tracing::debug!(%remote, "too many handshakes from this address; refusing");
+                incoming.refuse();
+                continue;
+            }
+        }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             metrics::counter!("tether_gateway_handshakes_refused_total").increment(1);
-            tracing::debug!(remote = %incoming.remote_address(),
-                "too many handshakes in progress; refusing a connection");
+            tracing::debug!(%remote, "too many handshakes in progress; refusing a connection");
             incoming.refuse();
             continue;
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             if let Err(e) = handle_connection(incoming, ctx, permit).await {
                 tracing::debug!(%remote, error = %e, "agent connection ended with an error");
             }
@@ -250,8 +276,19 @@ async fn handle_connection(
 ) -> Result<(), quinn::ConnectionError> {
     let remote = incoming.remote_address();
     // The first flight is processed in `accept`, so a refusal can surface there or later.
+    // Bounded: a peer that sends its Initial and then nothing must not hold a handshake slot
+    // until QUIC's idle timeout (dropping `Connecting` abandons the connection).
     let handshake = match incoming.accept() {
-        Ok(connecting) => connecting.await,
+        Ok(connecting) => {
+            match tokio::time::timeout(ctx.session.handshake_timeout, connecting).await {
+                Ok(r) => r,
+                Err(_) => {
+                    count_idle_timeout("tunnel_quic");
+                    count_refusal("timeout", &format!("{remote}: QUIC handshake timed out"));
+                    return Ok(());
+                }
+            }
+        }
         Err(e) => Err(e),
     };
     drop(handshake_permit);
@@ -279,6 +316,7 @@ async fn handle_connection(
         Ok(Some(s)) => s,
         Ok(None) => return Ok(()),
         Err(_) => {
+            count_idle_timeout("tunnel_quic");
             link.close(ErrorCode::HANDSHAKE_TIMEOUT, b"no control stream opened");
             return Ok(());
         }
@@ -287,11 +325,14 @@ async fn handle_connection(
     Ok(())
 }
 
-/// Accepts agent connections on TCP (the fallback) until `stop_accepting` is cancelled.
+/// Accepts agent connections on TCP (the fallback, and the enrollment side door) until
+/// `stop_accepting` is cancelled; a source address over `limits.handshakes_per_second` is
+/// closed at once, before TLS.
 pub async fn accept_tcp_loop(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ctx: Arc<TunnelContext>,
+    admission: Arc<Admission>,
     stop_accepting: CancellationToken,
 ) {
     loop {
@@ -307,6 +348,12 @@ pub async fn accept_tcp_loop(
                 }
             },
         };
+        if admission.admit_tcp(remote.ip(), Instant::now()) != Admit::Accept {
+            count_rejection("handshake_rate");
+            tracing::debug!(%remote, "too many TCP handshakes from this address; closing");
+            drop(sock);
+            continue;
+        }
         let _ = sock.set_nodelay(true);
         let (tls, ctx) = (tls.clone(), ctx.clone());
         tokio::spawn(async move {
@@ -347,6 +394,7 @@ async fn handle_tcp(
             return;
         }
         Err(_) => {
+            count_idle_timeout("tunnel_tcp");
             count_refusal("timeout", &format!("tcp {remote}: no TLS ClientHello"));
             return;
         }
@@ -374,6 +422,7 @@ async fn handle_tcp(
             return;
         }
         Err(_) => {
+            count_idle_timeout("tunnel_tcp");
             count_refusal("timeout", &format!("tcp {remote}: TLS handshake timed out"));
             return;
         }

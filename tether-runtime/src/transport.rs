@@ -70,6 +70,10 @@ pub mod h2_settings {
     pub const MAX_STREAMS: u32 = 1024;
     /// Data buffered per stream before `write` waits for the peer.
     pub const SEND_BUFFER: usize = 256 << 10;
+    /// Largest header list accepted: tunnel streams carry their metadata in the body (the
+    /// `StreamHeader`), so HTTP/2 headers here are a few bytes; this bounds what a peer can
+    /// make the other end decode and hold.
+    pub const MAX_HEADER_LIST: u32 = 16 << 10;
 }
 
 /// One tunnel connection (cheap to clone).
@@ -253,6 +257,7 @@ impl H2Link {
             .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
             .max_frame_size(h2_settings::MAX_FRAME)
             .max_send_buffer_size(h2_settings::SEND_BUFFER)
+            .max_header_list_size(h2_settings::MAX_HEADER_LIST)
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await
@@ -296,6 +301,7 @@ impl H2Link {
             .max_frame_size(h2_settings::MAX_FRAME)
             .max_concurrent_streams(h2_settings::MAX_STREAMS)
             .max_send_buffer_size(h2_settings::SEND_BUFFER)
+            .max_header_list_size(h2_settings::MAX_HEADER_LIST)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(h2_conn_err)?;
