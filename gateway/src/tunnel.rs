@@ -489,11 +489,10 @@ async fn drive_session(
     let mut session = GatewaySession::new(cfg, Instant::now());
     let mut registered: Option<Arc<SessionInfo>> = None;
     let mut commands = None;
-    let mut buf = vec![0u8; 16 * 1024];
     let transport = link.transport();
-    let probe_failed = CancellationToken::new();
-    let _probe = ProbeGuard(probe_failed.clone());
-    let mut probe_closing = false;
+    // The end-to-end probe runs inside this driver (one task and one timer per session, which
+    // matters at 10,000 mostly idle sessions; see docs/PERFORMANCE.md).
+    let mut probe = Probe::new(ctx.probe);
     let close_reason;
     loop {
         while let Some(bytes) = session.poll_transmit() {
@@ -521,7 +520,7 @@ async fn drive_session(
                         agent_version = %info.hello.agent_version, "agent connected");
                     metrics::counter!("tether_gateway_sessions_total", "transport" => transport.name())
                         .increment(1);
-                    tokio::spawn(probe(link.clone(), ctx.probe, probe_failed.clone()));
+                    probe.start(Instant::now());
                     registered = Some(info);
                     commands = Some(rx);
                     // A revocation that landed between the handshake and the registration
@@ -566,8 +565,11 @@ async fn drive_session(
             }
             break;
         }
-        let deadline = session
-            .poll_timeout()
+        let session_deadline = session.poll_timeout();
+        let deadline = [session_deadline, probe.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let command = async {
             match commands.as_mut() {
@@ -576,8 +578,9 @@ async fn drive_session(
             }
         };
         tokio::select! {
-            r = recv.read(&mut buf) => match r {
-                Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
+            // `read_chunk` hands over the transport's own buffer: no read buffer per session.
+            r = recv.read_chunk(CONTROL_READ_MAX) => match r {
+                Ok(Some(bytes)) => session.handle_input(&bytes, Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
                 Err(StreamError::Closed { code, reason }) => {
                     close_reason = format!("closed by agent: {code} {reason}");
@@ -588,11 +591,23 @@ async fn drive_session(
                     break;
                 }
             },
-            _ = probe_failed.cancelled(), if !probe_closing => {
-                probe_closing = true;
-                session.close(ErrorCode::UNRESPONSIVE, "end-to-end probe failed");
+            outcome = probe.answer() => {
+                if let Err(why) = outcome {
+                    metrics::counter!("tether_gateway_probe_failures_total",
+                        "transport" => transport.name())
+                    .increment(1);
+                    tracing::warn!(%agent, session = %session_id, %remote, %transport,
+                        reason = %why, "end-to-end probe failed; closing the session");
+                    session.close(ErrorCode::UNRESPONSIVE, "end-to-end probe failed");
+                }
             }
-            _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                if session_deadline.is_some_and(|d| d <= now) {
+                    session.handle_timeout(now);
+                }
+                probe.on_timer(&link, now);
+            }
             Some(cmd) = command => match cmd {
                 SessionCommand::GoAway(reason, within) => session.go_away(&reason, within),
                 SessionCommand::Close(code, reason) => session.close(code, &reason),
@@ -608,44 +623,83 @@ async fn drive_session(
     }
 }
 
-/// Stops a session's probe when its driver ends.
-struct ProbeGuard(CancellationToken);
+/// Most bytes of the control stream taken at once. Control messages are a few dozen bytes.
+const CONTROL_READ_MAX: usize = 16 * 1024;
 
-impl Drop for ProbeGuard {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
+type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The end-to-end probe of one session: every `interval` the gateway opens a stream, sends a
+/// `Probe` header and expects the agent's `OpenResult` within `timeout`. Driven by the
+/// session's own loop: a timer deadline and, while a probe is out, its future.
+struct Probe {
+    interval: Duration,
+    timeout: Duration,
+    /// When the next probe goes out; `None` before the session is established and after a
+    /// failure.
+    next: Option<Instant>,
+    /// The probe in flight, with when it went out.
+    in_flight: Option<(Instant, ProbeFuture)>,
 }
 
-/// Probes `link` every `interval`: opens a stream, sends a `Probe` header, and expects the
-/// agent's `OpenResult` within `timeout`. Cancels `failed` on the first failure (and ends).
-async fn probe(link: Link, (interval, timeout): (Duration, Duration), failed: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = failed.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+impl Probe {
+    fn new((interval, timeout): (Duration, Duration)) -> Probe {
+        Probe {
+            interval,
+            timeout,
+            next: None,
+            in_flight: None,
         }
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(timeout, probe_once(&link)).await;
-        let why = match outcome {
-            Ok(Ok(())) => {
-                metrics::histogram!("tether_gateway_probe_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                continue;
-            }
-            Ok(Err(e)) => e,
-            Err(_) => format!("no answer within {timeout:?}"),
+    }
+
+    fn start(&mut self, now: Instant) {
+        self.next = Some(now + self.interval);
+    }
+
+    /// When the session's timer must wake for the probe.
+    fn deadline(&self) -> Option<Instant> {
+        match &self.in_flight {
+            Some((sent, _)) => Some(*sent + self.timeout),
+            None => self.next,
+        }
+    }
+
+    fn on_timer(&mut self, link: &Link, now: Instant) {
+        if self.in_flight.is_some() {
+            return; // its own timeout ends it, in `answer`
+        }
+        if self.next.is_some_and(|n| n <= now) {
+            self.next = None;
+            let link = link.clone();
+            let timeout = self.timeout;
+            let fut = tokio::time::timeout(timeout, async move { probe_once(&link).await });
+            let fut = async move {
+                match fut.await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                }
+            };
+            self.in_flight = Some((now, Box::pin(fut)));
+        }
+    }
+
+    /// The outcome of the probe in flight (pending while there is none). On success the next
+    /// probe is scheduled; on failure none is.
+    async fn answer(&mut self) -> Result<(), String> {
+        let Some((sent, fut)) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
         };
-        if failed.is_cancelled() {
-            return;
+        let outcome = fut.await;
+        let sent = *sent;
+        self.in_flight = None;
+        match &outcome {
+            Ok(()) => {
+                metrics::histogram!("tether_gateway_probe_seconds")
+                    .record(sent.elapsed().as_secs_f64());
+                self.next = Some(Instant::now() + self.interval);
+            }
+            Err(_) => self.next = None,
         }
-        metrics::counter!("tether_gateway_probe_failures_total",
-            "transport" => link.transport().name())
-        .increment(1);
-        tracing::warn!(remote = %link.remote_address(), transport = %link.transport(), reason = %why,
-            "end-to-end probe failed; closing the session");
-        failed.cancel();
-        return;
+        outcome
     }
 }
 
