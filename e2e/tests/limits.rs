@@ -57,6 +57,8 @@ async fn scene(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_and_tcp_streams_beyond_streams_per_agent_are_resource_exhausted() {
     let (pki, gw, agent, _up) = scene(|c| c.limits.streams_per_agent = 2).await;
+    // Below limits.retry_above, an agent's handshake costs no Retry round trip.
+    assert_eq!(metric("tether_gateway_quic_retries_total", &[]), 0.0);
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/a"), None)).await;
     // Two bidi calls held open, each proven established by one reply.
     let mut held = Vec::new();
