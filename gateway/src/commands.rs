@@ -574,6 +574,16 @@ impl Commands {
             });
             if empty {
                 st.lanes.remove(&lane);
+                // The agent's permits go once no lane holds them (a lane clones them under
+                // this lock): the map stays as large as the agents with work, not every agent
+                // ever commanded.
+                if st
+                    .in_flight
+                    .get(&lane.0)
+                    .is_some_and(|p| Arc::strong_count(p) == 1)
+                {
+                    st.in_flight.remove(&lane.0);
+                }
                 return;
             }
         }

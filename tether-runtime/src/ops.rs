@@ -43,6 +43,18 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
+            // Histograms buffer every sample until drained: without upkeep an unscraped
+            // process grows by each sample it records (~3 MB a minute in a gateway relaying
+            // 1,000 calls/s). Prometheus' own scrapes drain them too; this bounds the rest.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
             // Another recorder may already be installed (a test harness); ours still renders
             // what is recorded through it only if it is the global one, so say so.
             if metrics::set_global_recorder(recorder).is_err() {

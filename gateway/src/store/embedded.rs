@@ -5,6 +5,7 @@
 //! owns every write and commits whatever is queued in one transaction (group commit): concurrent
 //! Submits share one fsync, which is what makes thousands of durable Submits per second possible.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,6 +31,12 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// The file name inside the data directory.
 pub const FILE: &str = "commands.redb";
+
+/// redb's page cache (its default is 1 GiB). The store keeps every command, and the cache keeps
+/// every page it has read or written up to this size: with the default, gateway RSS grows with
+/// the store file (~400 bytes a command) for as long as the gateway runs. Pages beyond it are
+/// read again through the OS page cache.
+const CACHE_SIZE: usize = 64 << 20;
 
 /// Largest number of operations committed in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -84,7 +91,9 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE);
-        let db = Database::create(&path)
+        let db = Database::builder()
+            .set_cache_size(CACHE_SIZE)
+            .create(&path)
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let (prefix, seq) = {
             let tx = db.begin_write().map_err(backend)?;
@@ -201,7 +210,15 @@ fn write_batch(
         };
         let mut idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
         let mut agents = tx.open_table(AGENTS).map_err(backend)?;
-        for op in batch.iter() {
+        // A command's state changes often land in one batch (delivered, running, succeeded):
+        // only its last record is written, which is what applying them in order leaves.
+        let mut last_put: HashMap<&str, usize> = HashMap::new();
+        for (i, op) in batch.iter().enumerate() {
+            if let Op::Put(cmd, _) = op {
+                last_put.insert(cmd.id.as_str(), i);
+            }
+        }
+        for (i, op) in batch.iter().enumerate() {
             match op {
                 Op::Submit(cmd, _) => {
                     let key = format!("{}\n{}", cmd.agent, cmd.idempotency_key);
@@ -251,6 +268,9 @@ fn write_batch(
                         command: cmd,
                         created: true,
                     }));
+                }
+                Op::Put(cmd, _) if last_put.get(cmd.id.as_str()) != Some(&i) => {
+                    results.push(None);
                 }
                 Op::Put(cmd, _) => {
                     commands
@@ -432,6 +452,35 @@ mod tests {
         );
         let listed = store.list(&ListFilter::default()).unwrap();
         assert!(listed[0].payload.is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_changes_queued_together_leave_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut c = store.submit(cmd("t/a", "")).await.unwrap().command;
+        // Enqueued back to back (the writer may commit them in one batch): the last one wins.
+        let writes: Vec<_> = [
+            CommandState::Delivered,
+            CommandState::Running,
+            CommandState::Succeeded,
+        ]
+        .into_iter()
+        .map(|s| {
+            c.state = s as i32;
+            c.attempts += 1;
+            store.put(c.clone())
+        })
+        .collect();
+        for w in writes {
+            w.await.unwrap();
+        }
+        let got = store.get(&c.id).unwrap().unwrap();
+        assert_eq!(
+            (got.state, got.attempts),
+            (CommandState::Succeeded as i32, 3)
+        );
+        assert!(store.unfinished().unwrap().is_empty());
     }
 
     #[tokio::test]
