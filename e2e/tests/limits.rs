@@ -288,8 +288,10 @@ async fn northbound_connections_that_never_finish_tls_or_never_call_are_closed_a
 
     // TCP connected, no ClientHello.
     let before = idle_timeouts("northbound_tls");
+    // Every clock starts before the connection does: the gateway's starts later, never earlier.
+    let start = Instant::now();
     let tcp = tokio::net::TcpStream::connect(nb).await.unwrap();
-    let took = closed_after(tcp, Instant::now()).await;
+    let took = closed_after(tcp, start).await;
     assert_window("northbound, no TLS", took, IDLE, Duration::ZERO);
     wait_until("counted", T, || {
         idle_timeouts("northbound_tls") == before + 1.0
@@ -298,12 +300,13 @@ async fn northbound_connections_that_never_finish_tls_or_never_call_are_closed_a
 
     // TLS done, never an HTTP/2 preface or a request.
     let before = idle_timeouts("northbound_idle");
+    let start = Instant::now();
     let tcp = tokio::net::TcpStream::connect(nb).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_tls(&pki.client("api"), b"h2", true))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .expect("TLS");
-    let took = closed_after(tls, Instant::now()).await;
+    let took = closed_after(tls, start).await;
     // A connection that never sent its preface cannot finish a GOAWAY: dropped after a 1 s grace.
     assert_window("northbound, no request", took, IDLE, Duration::from_secs(1));
     wait_until("counted", T, || {
@@ -337,8 +340,9 @@ async fn tunnel_tcp_and_enrollment_connections_that_stall_are_closed_at_the_hand
 
     // The TCP fallback: connected, no ClientHello.
     let before = idle_timeouts("tunnel_tcp");
+    let start = Instant::now();
     let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
-    let took = closed_after(tcp, Instant::now()).await;
+    let took = closed_after(tcp, start).await;
     assert_window("tunnel TCP, no ClientHello", took, IDLE, Duration::ZERO);
     wait_until("counted", T, || idle_timeouts("tunnel_tcp") == before + 1.0).await;
 
@@ -374,13 +378,13 @@ async fn quic_connections_and_control_streams_that_never_send_are_closed_at_the_
 
     // Connected, but the control stream is never opened.
     let before = idle_timeouts("tunnel_quic");
+    let start = Instant::now();
     let conn = raw
         .endpoint
         .connect(gw.handle.tunnel_addr, "localhost")
         .unwrap()
         .await
         .expect("handshake");
-    let start = Instant::now();
     let why = tokio::time::timeout(IDLE * 10, conn.closed())
         .await
         .expect("closed");

@@ -57,6 +57,8 @@ struct Bucket {
 #[derive(Debug)]
 struct AdmissionState {
     buckets: HashMap<IpAddr, Bucket>,
+    /// QUIC handshakes in progress per source address (entries leave at zero).
+    in_progress: HashMap<IpAddr, usize>,
     window_start: Instant,
     this_window: u32,
     last_window: u32,
@@ -80,6 +82,7 @@ impl Admission {
             retry_above: cfg.retry_above,
             state: Mutex::new(AdmissionState {
                 buckets: HashMap::new(),
+                in_progress: HashMap::new(),
                 window_start: Instant::now(),
                 this_window: 0,
                 last_window: 0,
@@ -119,6 +122,27 @@ impl Admission {
         self.take(&mut st, ip, now)
     }
 
+    /// A slot for one QUIC handshake from `ip`, held until the handshake ends; `None` when
+    /// `ip` already has `max` in progress. Without it, one address whose Initials never lead
+    /// anywhere could hold every gateway-wide handshake slot for `tunnel.handshake_timeout`.
+    pub fn begin_handshake(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<HandshakeSlot> {
+        let mut st = self.lock();
+        let n = st.in_progress.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            admission: self.clone(),
+            ip,
+        })
+    }
+
+    /// `limits.handshake_burst`.
+    pub fn burst(&self) -> f64 {
+        self.burst
+    }
+
     /// Source addresses currently tracked.
     pub fn tracked(&self) -> usize {
         self.lock().buckets.len()
@@ -150,6 +174,25 @@ impl Admission {
             Admit::Accept
         } else {
             Admit::Refuse
+        }
+    }
+}
+
+/// One QUIC handshake in progress from an address; released when dropped.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut st = self.admission.lock();
+        if let Some(n) = st.in_progress.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.in_progress.remove(&self.ip);
+            }
         }
     }
 }
@@ -271,6 +314,18 @@ mod tests {
             a.admit_tcp(IpAddr::from(i.to_be_bytes()), t);
             assert!(a.tracked() <= MAX_TRACKED);
         }
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_handshakes_in_progress() {
+        let a = Admission::new(&limits(10, 10, 0));
+        let ip: IpAddr = [127, 0, 0, 2].into();
+        let held: Vec<_> = (0..3).map(|_| a.begin_handshake(ip, 3).unwrap()).collect();
+        assert!(a.begin_handshake(ip, 3).is_none());
+        assert!(a.begin_handshake([127, 0, 0, 3].into(), 3).is_some());
+        drop(held);
+        assert!(a.begin_handshake(ip, 3).is_some());
+        assert!(a.lock().in_progress.is_empty(), "entries leave at zero");
     }
 
     #[test]

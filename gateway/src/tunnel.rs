@@ -28,7 +28,7 @@ use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::limits::{Admission, Admit, count_idle_timeout, count_rejection};
+use crate::limits::{Admission, Admit, HandshakeSlot, count_idle_timeout, count_rejection};
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
 use crate::revocation::{CertFacts, RevocationList};
 use crate::verifier::{AgentVerifier, count_refusal};
@@ -189,6 +189,18 @@ impl std::fmt::Debug for SideDoor {
 /// took 40 s to come back with thousands of timed-out dials; see docs/PERFORMANCE.md).
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
+/// QUIC handshakes in progress from one source address at most: a quarter of
+/// [`MAX_CONCURRENT_HANDSHAKES`], so one address cannot take every slot while a fleet behind one
+/// NAT still connects many agents at once; all of them when `limits.handshake_burst` is above
+/// [`MAX_CONCURRENT_HANDSHAKES`] (one address standing for many hosts, as in a load test).
+fn handshakes_per_address(admission: &Admission) -> usize {
+    if admission.burst() > MAX_CONCURRENT_HANDSHAKES as f64 {
+        MAX_CONCURRENT_HANDSHAKES
+    } else {
+        MAX_CONCURRENT_HANDSHAKES / 4
+    }
+}
+
 /// Accepts agent connections until `stop_accepting` is cancelled. Each Initial is first
 /// admitted by `admission` (before any cryptography): a stateless Retry while the gateway-wide
 /// handshake rate is above `limits.retry_above` and the address is unvalidated, a refusal when
@@ -200,6 +212,7 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let per_address = handshakes_per_address(&admission);
     loop {
         let incoming = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -231,6 +244,12 @@ pub async fn accept_loop(
                 continue;
             }
         }
+        let Some(own_slot) = admission.begin_handshake(remote.ip(), per_address) else {
+            count_rejection("handshakes_per_address");
+            tracing::debug!(%remote, "too many handshakes in progress from this address; refusing");
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             metrics::counter!("tether_gateway_handshakes_refused_total").increment(1);
             tracing::debug!(%remote, "too many handshakes in progress; refusing a connection");
@@ -239,7 +258,7 @@ pub async fn accept_loop(
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_connection(incoming, ctx, permit).await {
+            if let Err(e) = handle_connection(incoming, ctx, (permit, own_slot)).await {
                 tracing::debug!(%remote, error = %e, "agent connection ended with an error");
             }
         });
@@ -272,7 +291,7 @@ fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
 async fn handle_connection(
     incoming: quinn::Incoming,
     ctx: Arc<TunnelContext>,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_permit: (tokio::sync::OwnedSemaphorePermit, HandshakeSlot),
 ) -> Result<(), quinn::ConnectionError> {
     let remote = incoming.remote_address();
     // The first flight is processed in `accept`, so a refusal can surface there or later.
