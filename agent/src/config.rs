@@ -154,7 +154,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub log: LogConfig,
     /// Where the agent keeps its record of completed commands (so a redelivered command is not
-    /// run twice across restarts); unset: kept in memory only.
+    /// run twice across restarts), an enrolled identity, and the certificates it renews over
+    /// the tunnel with the CA bundle that came with them (see [`crate::renew`]); unset: kept in
+    /// memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     /// Where the agent's own certificate and key come from.

@@ -45,6 +45,25 @@ impl Dialer {
     /// A dialer presenting `identity` and trusting its roots.
     pub fn new(cfg: &AgentConfig, identity: &Identity) -> Result<Dialer, AgentError> {
         tls::install_crypto_provider();
+        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())
+            .map_err(|e| AgentError::Tls(format!("proxy: {e}")))?;
+        if let Some(p) = &proxy {
+            tracing::info!(proxy = %p, "TCP transport goes through an HTTP CONNECT proxy");
+        }
+        Dialer::build(identity, cfg.server_name.clone(), proxy)
+    }
+
+    /// The same dialer presenting another identity (a renewed certificate) and trusting its
+    /// roots.
+    pub fn with_identity(&self, identity: &Identity) -> Result<Dialer, AgentError> {
+        Dialer::build(identity, self.server_name.clone(), self.proxy.clone())
+    }
+
+    fn build(
+        identity: &Identity,
+        server_name: Option<String>,
+        proxy: Option<Proxy>,
+    ) -> Result<Dialer, AgentError> {
         let mut tls =
             rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
                 .with_root_certificates(identity.roots.clone())
@@ -64,15 +83,10 @@ impl Dialer {
                 .expect("120s is a valid idle timeout"),
         ));
         client.transport_config(Arc::new(transport));
-        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())
-            .map_err(|e| AgentError::Tls(format!("proxy: {e}")))?;
-        if let Some(p) = &proxy {
-            tracing::info!(proxy = %p, "TCP transport goes through an HTTP CONNECT proxy");
-        }
         Ok(Dialer {
             client,
             tls,
-            server_name: cfg.server_name.clone(),
+            server_name,
             proxy,
         })
     }

@@ -8,8 +8,10 @@
 //!   this process but to its 0600 file), send a CSR with no name in it (the token decides the
 //!   identity) to the gateway's tunnel port over TLS with ALPN `tether-enroll/1` — the gateway
 //!   verified against `tls.ca` and `server_name`, through the HTTP CONNECT proxy when one
-//!   applies, like the TCP transport — check that the certificate returned chains to `tls.ca`
-//!   and carries this key, then write key, certificate and record (each atomically);
+//!   applies, like the TCP transport — check that the certificate returned carries this key
+//!   and chains to `tls.ca` or to the CA bundle that came with it (the gateway's, during a CA
+//!   rotation the new CA is only there), then write key, certificate, that bundle
+//!   (`gateway-ca.pem`, see [`crate::renew`]) and record (each atomically);
 //! - without a token and without a certificate: an error saying what to do.
 //!
 //! An unreachable gateway is retried with the reconnect backoff, each configured gateway in
@@ -137,6 +139,8 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
     let Some(dir) = cfg.state_dir.as_deref() else {
         return Ok(());
     };
+    // A renewal interrupted by a restart is finished first: it is the newer identity.
+    crate::renew::recover(cfg)?;
     let (cert, key) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
     let have = cert.exists() && key.exists();
     let token = cfg
@@ -194,27 +198,20 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
         gateway: gateway.clone(),
         reason,
     };
-    let certs = CertificateDer::pem_slice_iter(response.certificate_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("not PEM: {e}")))?;
-    let leaf = certs.first().ok_or_else(|| bad("no certificate".into()))?;
-    // It must chain to tls.ca for client authentication, and carry our key.
-    let roots = tls::load_roots(&cfg.tls.ca)?;
-    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .map_err(|e| bad(e.to_string()))?
-        .verify_client_cert(leaf, &certs[1..], UnixTime::now())
-        .map_err(|e| bad(format!("does not verify against tls.ca: {e}")))?;
     let key_pem = key_pair.serialize_pem();
-    let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| EnrollError::Key(e.to_string()))?;
-    rustls::sign::CertifiedKey::from_der(
-        certs.clone(),
-        key_der,
-        &rustls::crypto::aws_lc_rs::default_provider(),
-    )
-    .map_err(|e| bad(format!("it is not for this agent's key: {e}")))?;
+    let mut roots = tls::load_roots(&cfg.tls.ca)?;
+    for c in CertificateDer::pem_slice_iter(response.ca_pem.as_bytes()).flatten() {
+        let _ = roots.add(c);
+    }
+    check_issued(&response.certificate_pem, &key_pem, &roots).map_err(bad)?;
     create_dir(dir)?;
+    if !response.ca_pem.trim().is_empty() {
+        write_file(
+            &dir.join(crate::renew::CA_FILE),
+            response.ca_pem.as_bytes(),
+            false,
+        )?;
+    }
     write_file(&key, key_pem.as_bytes(), true)?;
     write_file(&cert, response.certificate_pem.as_bytes(), false)?;
     let record = Record {
@@ -236,7 +233,33 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn create_dir(dir: &Path) -> Result<(), EnrollError> {
+/// Checks an issued certificate (PEM chain, leaf first): it chains to `roots` for client
+/// authentication and carries the key `key_pem`. Returns the chain.
+pub(crate) fn check_issued(
+    certificate_pem: &str,
+    key_pem: &str,
+    roots: &rustls::RootCertStore,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(certificate_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM: {e}"))?;
+    let leaf = certs.first().ok_or("no certificate")?;
+    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots.clone()))
+        .build()
+        .map_err(|e| e.to_string())?
+        .verify_client_cert(leaf, &certs[1..], UnixTime::now())
+        .map_err(|e| format!("does not verify against the CA bundle: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    rustls::sign::CertifiedKey::from_der(
+        certs.clone(),
+        key,
+        &rustls::crypto::aws_lc_rs::default_provider(),
+    )
+    .map_err(|e| format!("it is not for this agent's key: {e}"))?;
+    Ok(certs)
+}
+
+pub(crate) fn create_dir(dir: &Path) -> Result<(), EnrollError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -249,7 +272,7 @@ fn create_dir(dir: &Path) -> Result<(), EnrollError> {
 
 /// Writes beside and renames, so a reader never sees half a file; `secret` files are 0600
 /// from creation on.
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), EnrollError> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), EnrollError> {
     let io = |source| EnrollError::Io {
         path: path.to_owned(),
         source,

@@ -12,6 +12,11 @@
 //!
 //! (without `ca`, `tls.ca` is used). The identity is loaded once at start: a rotated secret is
 //! picked up at the next restart. The key is never logged, and no error quotes it.
+//!
+//! Renewed over the tunnel ([`crate::renew`]), a certificate is kept in `state_dir`, never
+//! written back to a Secret or Secrets Manager: at start a renewed certificate there of the same
+//! identity that is valid longer is used instead of the configured one, and the CA bundle
+//! that came with it is trusted in addition to `tls.ca` (or the secret's `ca`).
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -86,7 +91,8 @@ impl Identity {
                             identity_source: cfg.identity.source.to_string(),
                             error,
                         })?;
-                let identity = Identity::from_secret(cfg, &value)?;
+                crate::renew::recover(cfg)?;
+                let identity = crate::renew::with_stored(cfg, Identity::from_secret(cfg, &value)?);
                 tracing::info!(
                     identity_source = %cfg.identity.source,
                     version_id = %value.version_id,
@@ -99,20 +105,24 @@ impl Identity {
     }
 
     /// Reads `tls.ca`, `tls.cert` and `tls.key` (or the enrolled certificate and key in
-    /// `state_dir`).
+    /// `state_dir`), with what a renewal kept in `state_dir` (see the module docs).
     pub fn from_files(cfg: &AgentConfig) -> Result<Identity, AgentError> {
+        crate::renew::recover(cfg)?;
         let roots = tls::load_roots(&cfg.tls.ca)?;
         let (cert, key) = cfg.identity_files();
         let certs = tls::load_certs("certificate", &cert)?;
         let key = tls::load_key(&key)?;
         let agent = agent_id(&certs)
             .map_err(|reason| AgentError::Tls(format!("{}: {reason}", cert.display())))?;
-        Ok(Identity {
-            certs,
-            key,
-            roots,
-            agent,
-        })
+        Ok(crate::renew::with_stored(
+            cfg,
+            Identity {
+                certs,
+                key,
+                roots,
+                agent,
+            },
+        ))
     }
 
     /// Parses an identity secret's value (see the module docs); `tls.ca` when it has no `ca`.
@@ -188,7 +198,7 @@ fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// `<tenant>/<agent>` from the leaf certificate's URI SAN.
-fn agent_id(certs: &[CertificateDer<'_>]) -> Result<String, String> {
+pub(crate) fn agent_id(certs: &[CertificateDer<'_>]) -> Result<String, String> {
     let leaf = certs.first().ok_or("no certificate")?;
     match tls::spiffe_id(leaf).map_err(|e| e.to_string())? {
         SpiffeId::Agent { id, .. } => Ok(id.to_string()),

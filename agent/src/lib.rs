@@ -9,6 +9,8 @@
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
 //! - [`identity`]: the agent's certificate and key, from files or Secrets Manager;
 //! - [`enroll`] (transport + wiring): enrolling with a bootstrap token for a key made here;
+//! - [`renew`] (wiring + session): renewing the certificate over the tunnel at two thirds of
+//!   its lifetime, kept in `state_dir`;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
@@ -28,6 +30,7 @@ pub mod identity;
 pub mod info;
 pub mod proxy;
 pub mod relay;
+pub mod renew;
 pub mod secrets;
 pub mod status;
 pub mod supervisor;
@@ -57,7 +60,8 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    /// Waits until every supervisor has stopped (after shutdown was cancelled).
+    /// Waits until every supervisor and the renewer have stopped (after shutdown was
+    /// cancelled).
     pub async fn wait(self) {
         let _ = self.task.await;
     }
@@ -127,9 +131,9 @@ pub fn start_with_identity(
 ) -> Result<AgentHandle, AgentError> {
     // Install the metrics recorder before anything can record: metrics recorded earlier are lost.
     tether_runtime::ops::metrics_handle();
-    let dialer = dialer::Dialer::new(cfg, &identity)?;
     let status = Arc::new(AgentStatus::default());
-    let agent = identity.agent;
+    let agent = identity.agent.clone();
+    let credentials = Arc::new(renew::Credentials::new(cfg, identity)?);
     let instance_id = instance_id(cfg);
     let capabilities: Vec<String> = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
     let info = Arc::new(info::Info {
@@ -150,7 +154,7 @@ pub fn start_with_identity(
         executor,
     )?);
     let shared = Arc::new(supervisor::Shared {
-        dialer,
+        credentials: credentials.clone(),
         services,
         hello: Hello {
             versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
@@ -182,6 +186,7 @@ pub fn start_with_identity(
             shutdown.clone(),
         ));
     }
+    let renewer = tokio::spawn(renew::run(credentials, cfg.clone(), shutdown.clone()));
     let sups: Vec<_> = cfg
         .gateways
         .iter()
@@ -197,6 +202,8 @@ pub fn start_with_identity(
         for s in sups {
             let _ = s.await;
         }
+        // A renewal under way finishes (or fails, its session gone) before the agent is done.
+        let _ = renewer.await;
         tracing::info!("agent stopped");
     });
     Ok(AgentHandle {

@@ -16,9 +16,15 @@
 //! works, the QUIC session takes over make-before-break.
 //!
 //! A retired session (replaced, or moved off TCP) closes only when the streams it carries are
-//! done (at most [`DRAIN_MAX`]): the gateway routes new streams to the newest session of each
-//! agent instance, so nothing in flight fails. A session the gateway stops probing for three
-//! of its announced probe intervals is wedged: it is replaced like after `GoAway`.
+//! done (at most [`DRAIN_MAX`]) and no sooner than [`DRAIN_GRACE`] after it was retired: the
+//! gateway routes new streams to the newest session of each agent instance, so nothing in
+//! flight fails. A session the gateway stops probing for three of its announced probe
+//! intervals is wedged: it is replaced like after `GoAway`.
+//!
+//! A renewed certificate ([`crate::renew`]) replaces every session the same way: once nothing
+//! is being dialed, a session presenting an older certificate is replaced by one dialed with
+//! the new. Each established session to a gateway that renews certificates takes renewal
+//! requests on its control stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +40,7 @@ use tunnel_proto::{Backoff, ErrorCode};
 use crate::config::TransportMode;
 use crate::dialer::Dialer;
 use crate::relay::LinkStats;
+use crate::renew::{Credentials, SessionRenewals};
 use crate::status::{AgentStatus, SessionStatus};
 
 /// The first QUIC re-probe after landing on TCP; later ones double up to `transport.quic_retry`.
@@ -42,11 +49,17 @@ pub const REPROBE_FIRST: Duration = Duration::from_secs(2);
 /// Longest a retired session waits for its streams before closing.
 pub const DRAIN_MAX: Duration = Duration::from_secs(30);
 
+/// Least time a retired session stays open, idle or not: the gateway sends new calls to the new
+/// session from before the agent hears of it, but a call it routed to the old one just before
+/// is still on its way, on the old connection, when the new session's `Welcome` arrives on the
+/// new one. Closing at the first idle moment would fail that call.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// What a supervisor needs, shared by all of an agent's supervisors.
 #[derive(Debug)]
 pub struct Shared {
-    /// Dialing material.
-    pub dialer: Dialer,
+    /// The certificate to dial with (replaced by renewals), and the sessions renewals go on.
+    pub credentials: Arc<Credentials>,
     /// The allow-listed upstreams gateway-opened streams may reach.
     pub services: Arc<crate::relay::Services>,
     /// The `Hello` every session sends.
@@ -108,12 +121,15 @@ struct Attempt {
     /// A background QUIC re-probe while on TCP: its failure is expected, not an outage.
     reprobe: bool,
     transport: Option<Transport>,
+    /// Which certificate it dialed with ([`crate::renew::Current::generation`]).
+    generation: u64,
 }
 
 /// Keeps a session to `gateway` until `shutdown`.
 pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(shared.initial_backoff, shared.max_backoff);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut renewed = shared.credentials.subscribe();
     let mut attempts: HashMap<u64, Attempt> = HashMap::new();
     let mut next_id = 0u64;
     // When to dial next; `Some(now)` dials at once.
@@ -139,6 +155,7 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
         let mut spawn = |dial: Dial, reprobe: bool, attempts: &mut HashMap<u64, Attempt>| {
             next_id += 1;
             let (close_tx, close_rx) = oneshot::channel();
+            let credentials = shared.credentials.current();
             attempts.insert(
                 next_id,
                 Attempt {
@@ -146,12 +163,14 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                     established: false,
                     reprobe,
                     transport: None,
+                    generation: credentials.generation,
                 },
             );
             tokio::spawn(run_attempt(
                 next_id,
                 gateway.clone(),
                 shared.clone(),
+                credentials.dialer.clone(),
                 tx.clone(),
                 close_rx,
                 dial,
@@ -163,6 +182,8 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                 dial_at = None;
                 spawn(first_dial, false, &mut attempts);
             }
+            // A renewed certificate: the sessions move to it below.
+            Ok(()) = renewed.changed() => {}
             _ = reprobe_timer, if reprobe_at.is_some() => {
                 reprobe_at = None;
                 let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
@@ -251,6 +272,20 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                 }
             },
         }
+        // Make-before-break onto a renewed certificate: when nothing is being dialed and a live
+        // session (not one already retired) presents an older certificate, dial its
+        // replacement now.
+        let generation = *renewed.borrow_and_update();
+        let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
+        if !dialing
+            && attempts
+                .values()
+                .any(|a| a.established && a.close.is_some() && a.generation < generation)
+        {
+            tracing::info!(%gateway, "certificate renewed: replacing the session");
+            replacing = true;
+            dial_at = Some(tokio::time::Instant::now());
+        }
     }
     // Shutdown: close every session and wait for the attempts to report their end.
     for a in attempts.values_mut() {
@@ -275,12 +310,23 @@ async fn run_attempt(
     id: u64,
     gateway: String,
     shared: Arc<Shared>,
+    dialer: Arc<Dialer>,
     tx: mpsc::UnboundedSender<Report>,
     close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     dial: Dial,
 ) {
     let mut outcome = Outcome::default();
-    let reason = match session(id, &gateway, &shared, &tx, close_rx, &mut outcome, dial).await {
+    let attempt = session(
+        id,
+        &gateway,
+        &shared,
+        &dialer,
+        &tx,
+        close_rx,
+        &mut outcome,
+        dial,
+    );
+    let reason = match attempt.await {
         Ok(r) | Err(r) => r,
     };
     if outcome.established {
@@ -305,12 +351,12 @@ fn id_key(gateway: &str, id: u64) -> u64 {
 /// Dials `dial` within `connect_timeout` per transport.
 async fn connect(
     gateway: &str,
-    shared: &Shared,
+    dialer: &Dialer,
+    t: Duration,
     dial: Dial,
 ) -> Result<(Option<quinn::Endpoint>, Link), String> {
-    let t = shared.connect_timeout;
     let quic = async {
-        match tokio::time::timeout(t, shared.dialer.dial(gateway)).await {
+        match tokio::time::timeout(t, dialer.dial(gateway)).await {
             Ok(Ok((endpoint, link))) => Ok((Some(endpoint), link)),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
@@ -319,7 +365,7 @@ async fn connect(
         }
     };
     let tcp = async {
-        match tokio::time::timeout(t, shared.dialer.dial_tcp(gateway)).await {
+        match tokio::time::timeout(t, dialer.dial_tcp(gateway)).await {
             Ok(Ok(link)) => Ok((None, link)),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("gateway {gateway}: no TCP answer within {t:?}")),
@@ -339,17 +385,19 @@ async fn connect(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     id: u64,
     gateway: &str,
     shared: &Shared,
+    dialer: &Dialer,
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     outcome: &mut Outcome,
     dial: Dial,
 ) -> Result<String, String> {
     let (endpoint, link) = tokio::select! {
-        d = connect(gateway, shared, dial) => d.inspect_err(|e| {
+        d = connect(gateway, dialer, shared.connect_timeout, dial) => d.inspect_err(|e| {
             // Over TCP the refusal ends the HTTP/2 handshake inside `connect`; only rustls'
             // words for the alert are left by then.
             outcome.revoked = e.contains("received fatal alert: CertificateRevoked");
@@ -423,10 +471,15 @@ async fn run_control(
     let transport = link.transport();
     let mut buf = vec![0u8; 16 * 1024];
     let mut close_rx_live = true;
-    // Retired: close once the streams in flight are done, or at this deadline.
-    let mut draining: Option<(Instant, ErrorCode, &'static str)> = None;
+    // Retired: close once the grace has passed and the streams in flight are done, or at the
+    // deadline.
+    let mut draining: Option<(Instant, Instant, ErrorCode, &'static str)> = None;
     // The gateway's probe interval, once known; a session unprobed for long is wedged.
     let mut probe_interval: Option<Duration> = None;
+    // Renewal requests for this session, while it is the one to send them on, and the one
+    // awaiting the gateway's answer.
+    let mut renewals: Option<SessionRenewals> = None;
+    let mut renewing: Option<(u64, oneshot::Sender<tunnel_proto::message::RenewResponse>)> = None;
     let mut wedged_reported = false;
     let tick = Duration::from_millis(100);
     loop {
@@ -454,6 +507,16 @@ async fn run_control(
                         },
                     );
                     let _ = tx.send(Report::Established { id, transport });
+                    if session.can_renew() {
+                        renewals = Some(shared.credentials.register(key));
+                    }
+                }
+                AgentEvent::Renewed(r) => {
+                    if let Some((want, reply)) = renewing.take()
+                        && want == r.id
+                    {
+                        let _ = reply.send(r);
+                    }
                 }
                 AgentEvent::Rtt(rtt) => {
                     shared.status.session_rtt(key, rtt);
@@ -480,8 +543,8 @@ async fn run_control(
                 }
             }
         }
-        if let Some((deadline, code, why)) = draining
-            && (stats.active() == 0 || Instant::now() >= deadline)
+        if let Some((grace, deadline, code, why)) = draining
+            && ((stats.active() == 0 && Instant::now() >= grace) || Instant::now() >= deadline)
         {
             draining = None;
             session.close(code, why);
@@ -506,7 +569,19 @@ async fn run_control(
         if draining.is_some() || probe_interval.is_some() {
             deadline = deadline.min(Instant::now() + tick);
         }
+        let order = async {
+            match renewals.as_mut() {
+                Some(r) => r.orders.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(order) = order => {
+                // Dropping the reply when nothing was sent tells the renewer at once.
+                if let Some(id) = session.renew(order.csr_pem) {
+                    renewing = Some((id, order.reply));
+                }
+            }
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
@@ -520,9 +595,12 @@ async fn run_control(
             r = &mut close_rx, if close_rx_live => {
                 close_rx_live = false;
                 if let Ok((code, why)) = r {
+                    // Retired: renewals go on the newer session.
+                    renewals = None;
                     if code == ErrorCode::REPLACED {
                         // Finish what this session carries first: new streams go to the new one.
-                        draining = Some((Instant::now() + DRAIN_MAX, code, why));
+                        let now = Instant::now();
+                        draining = Some((now + DRAIN_GRACE, now + DRAIN_MAX, code, why));
                     } else {
                         session.close(code, why);
                     }

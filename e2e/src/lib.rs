@@ -121,6 +121,51 @@ impl Pki {
         }
     }
 
+    /// Another CA under the very name of `of`'s CA, with its own key: an impostor that
+    /// name matching alone would take for `of`.
+    pub fn impostor(of: &Pki) -> Pki {
+        use rustls_pki_types::pem::PemObject;
+        init();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(of.ca.cert_pem.as_bytes())
+            .expect("CA certificate");
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parses");
+        let mut name = rcgen::DistinguishedName::new();
+        for (ty, attr) in [
+            (
+                rcgen::DnType::OrganizationName,
+                x509.subject().iter_organization().next(),
+            ),
+            (
+                rcgen::DnType::CommonName,
+                x509.subject().iter_common_name().next(),
+            ),
+        ] {
+            if let Some(v) = attr.and_then(|a| a.as_str().ok()) {
+                name.push(ty, v);
+            }
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = name;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("self-signed");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let td = &of.ca.trust_domain;
+        pki::write_file(&dir.path().join("ca.pem"), &cert.pem(), false).expect("write");
+        pki::write_file(&dir.path().join("ca-key.pem"), &key.serialize_pem(), true).expect("write");
+        pki::write_file(&dir.path().join("trust-domain"), td, false).expect("write");
+        let ca = Ca::load(dir.path()).expect("impostor CA");
+        Pki {
+            dir,
+            ca,
+            n: Default::default(),
+        }
+    }
+
     /// The gateway's TLS config.
     pub fn gateway_tls(&self) -> TlsConfig {
         TlsConfig {

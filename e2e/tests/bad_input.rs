@@ -118,7 +118,7 @@ async fn agent_certificate_from_another_ca_is_refused() {
     files.ca = s.pki.dir.path().join("ca.pem");
     s.assert_refused(&files, "unknown_ca").await;
     // A foreign CA that copies our CA's name is caught by the signature check.
-    let impostor = Pki::new();
+    let impostor = Pki::impostor(&s.pki);
     let mut files = impostor.agent("bad/x");
     files.ca = s.pki.dir.path().join("ca.pem");
     s.assert_refused(&files, "bad_signature").await;

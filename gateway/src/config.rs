@@ -3,7 +3,8 @@
 //! ```toml
 //! trust_domain = "tether.local"
 //! [tls]                       # paths are relative to this file
-//! ca = "pki/ca.pem"           # trusted for agent and control-plane client certificates
+//! ca = "pki/ca.pem"           # trusted for agent and control-plane client certificates; may
+//!                             # hold several CAs (old and new during a CA rotation)
 //! cert = "pki/gateway.pem"
 //! key = "pki/gateway-key.pem"
 //! [tunnel]
@@ -25,9 +26,9 @@
 //! max_retry_backoff = "30s"
 //! max_in_flight = 256         # concurrent deliveries per agent
 //! [enrollment]                # agents enroll with a token on the tunnel's TCP port
-//! ca_key = "pki/ca-key.pem"   # unset: enrollment is off
-//! # ca_cert = "pki/ca.pem"    # the certificate of ca_key; default tls.ca
-//! cert_ttl = "24h"            # lifetime of enrolled agents' certificates
+//! ca_key = "pki/ca-key.pem"   # signs enrollments and renewals; unset: both are off
+//! # ca_cert = "pki/ca.pem"    # holds the certificate of ca_key (found by key); default tls.ca
+//! cert_ttl = "24h"            # lifetime of enrolled and renewed agents' certificates
 //! token_ttl = "1h"            # default lifetime of a token
 //! max_token_ttl = "7d"
 //! [limits]                    # against abuse; each refusal counted in
@@ -357,14 +358,16 @@ pub enum PolicyKind {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnrollmentConfig {
-    /// The CA's private key (PEM) enrolled agents' certificates are signed with; unset:
-    /// enrollment is off (`CreateToken` is FAILED_PRECONDITION).
+    /// The CA's private key (PEM) enrolled and renewed agents' certificates are signed with;
+    /// unset: enrollment and renewal are off (`CreateToken` is FAILED_PRECONDITION). Its CA
+    /// must be one of `tls.ca`'s; during a CA rotation, the new one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_key: Option<PathBuf>,
-    /// The certificate of `ca_key` (PEM, first in the file); default `tls.ca`.
+    /// A PEM file holding the certificate of `ca_key` (found by its key, so a bundle of old
+    /// and new CA will do); default `tls.ca`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
-    /// Lifetime of an enrolled agent's certificate.
+    /// Lifetime of an enrolled or renewed agent's certificate (agents renew at two thirds).
     #[serde(with = "humantime_serde")]
     pub cert_ttl: Duration,
     /// Lifetime of a token when `CreateToken` gives none.
@@ -542,10 +545,11 @@ impl Validate for GatewayConfig {
             ));
         }
         let e = &self.enrollment;
-        if e.cert_ttl < Duration::from_secs(60) {
+        // Seconds are for tests of renewal; agents renew at two thirds of the lifetime.
+        if e.cert_ttl < Duration::from_secs(3) {
             return Err(ConfigError::invalid(
                 "enrollment.cert_ttl",
-                "must be at least 1m",
+                "must be at least 3s",
             ));
         }
         if e.token_ttl.is_zero() || e.token_ttl > e.max_token_ttl {

@@ -17,6 +17,15 @@
 //! any other SAN, more than one, CA rights or certificate signing is **refused** (rather than
 //! silently ignored), so a confused or malicious requester learns exactly why. A refused CSR
 //! leaves the token unused.
+//!
+//! **Renewal** ([`Enrollment::renew`]): an agent sends a `RenewRequest` (a CSR for a key it has
+//! just made) on the control stream of a live session; the tunnel's session driver hands it
+//! here with the identity of the certificate that session authenticated with. The same CSR
+//! checks and the same certificate as enrollment, for exactly that identity, unless that
+//! certificate or its agent is revoked. Certificates are signed by the CA of
+//! `enrollment.ca_key`, and every issued certificate goes out with `tls.ca`, the CA bundle of
+//! the trust domain: during a CA rotation it holds the old and the new CA, and agents trust it
+//! for the gateway's certificate as well (docs/ca-rotation.md).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +39,7 @@ use tokio::net::TcpStream;
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 use tunnel_proto::AgentId;
+use tunnel_proto::message::{RenewRequest, RenewResponse};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
 use x509_parser::prelude::FromDer;
@@ -38,8 +48,8 @@ use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
 use crate::identity_db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal};
 use crate::northbound::{Caller, authenticate};
-use crate::pki::{Ca, LeafSpec};
-use crate::revocation::{RevocationList, sha256_hex, to_ms};
+use crate::pki::{Ca, LeafSpec, PkiError};
+use crate::revocation::{CertFacts, RevocationList, sha256_hex, to_ms};
 
 pub use tunnel_proto::ENROLL_ALPN;
 
@@ -55,7 +65,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// Longest an enrollment connection may live.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
-/// Certificates are valid from a minute ago: agents' clocks may lag the gateway's.
+/// Certificates are valid from a minute ago: agents' clocks may lag the gateway's. (Or from a
+/// quarter of their lifetime ago, when that is shorter: agents renew at two thirds of the
+/// lifetime, so a certificate of a few seconds, as in tests, would otherwise be due at once.)
 const CLOCK_SKEW: i64 = 60;
 
 /// Why an enrollment operation failed.
@@ -82,6 +94,9 @@ pub enum EnrollError {
     /// The CSR is refused (the agent's mistake; the token stays unused).
     #[error("certificate signing request refused: {0}")]
     Csr(String),
+    /// A renewal for a revoked certificate or agent (a new enrollment is needed).
+    #[error("{0}")]
+    Revoked(String),
     /// The identity store failed (the gateway's fault; retrying may help).
     #[error(transparent)]
     Store(#[from] IdentityDbError),
@@ -100,12 +115,14 @@ impl EnrollError {
                 Status::invalid_argument(msg)
             }
             EnrollError::Token(_) => Status::unauthenticated(msg),
+            EnrollError::Revoked(_) => Status::permission_denied(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
             EnrollError::Issue(_) => Status::internal(msg),
         }
     }
 
-    /// The `result` label of `tether_gateway_enrollments_total`.
+    /// The `result` label of `tether_gateway_enrollments_total` and
+    /// `tether_gateway_renewals_total`.
     fn label(&self) -> &'static str {
         match self {
             EnrollError::Token(TokenRefusal::Unknown) => "token_unknown",
@@ -113,6 +130,7 @@ impl EnrollError {
             EnrollError::Token(TokenRefusal::Expired) => "token_expired",
             EnrollError::Token(TokenRefusal::Revoked(_)) => "token_revoked",
             EnrollError::Csr(_) => "bad_csr",
+            EnrollError::Revoked(_) => "revoked",
             EnrollError::Disabled => "disabled",
             _ => "error",
         }
@@ -125,6 +143,8 @@ pub struct Enrollment {
     revocations: Arc<RevocationList>,
     ca: Option<Ca>,
     cfg: EnrollmentConfig,
+    /// `tls.ca` (PEM): the CA bundle that goes out with every issued certificate.
+    bundle: String,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -136,20 +156,15 @@ impl std::fmt::Debug for Enrollment {
 }
 
 impl Enrollment {
-    /// Loads the CA named by `enrollment.ca_key` (and `ca_cert`, default `tls.ca`) when set.
+    /// Loads the CA named by `enrollment.ca_key` when set; see [`signing_ca`].
     pub fn new(cfg: &GatewayConfig, db: Arc<IdentityDb>) -> Result<Enrollment, GatewayError> {
-        let ca = match &cfg.enrollment.ca_key {
-            Some(key) => {
-                let cert = cfg.enrollment.ca_cert.as_ref().unwrap_or(&cfg.tls.ca);
-                Some(Ca::from_files(cert, key, &cfg.trust_domain)?)
-            }
-            None => None,
-        };
+        let (ca, bundle) = signing_ca(cfg)?;
         Ok(Enrollment {
             revocations: db.revocations(),
             db,
             ca,
             cfg: cfg.enrollment.clone(),
+            bundle,
         })
     }
 
@@ -240,7 +255,13 @@ impl Enrollment {
         let redeemed = tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
             this.db.redeem_token(&hash, to_ms(now), |record| {
-                let (pem, not_after) = this.issue(record, &csr, now)?;
+                let id: AgentId = record.agent.parse().map_err(|e| {
+                    EnrollError::Store(IdentityDbError::Corrupt {
+                        key: "token".into(),
+                        detail: format!("{e}"),
+                    })
+                })?;
+                let (pem, not_after) = this.issue(&id, &csr, now)?;
                 let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
                     .map_err(|e| EnrollError::Issue(e.to_string()))?;
                 Ok::<_, EnrollError>(((pem, not_after), sha256_hex(der.as_ref())))
@@ -255,34 +276,79 @@ impl Enrollment {
         };
         Ok(v1::EnrollResponse {
             certificate_pem,
-            ca_pem: self
-                .ca
-                .as_ref()
-                .map(|c| c.cert_pem.clone())
-                .unwrap_or_default(),
+            ca_pem: self.bundle.clone(),
             agent: record.agent,
             not_after: Some(not_after.into()),
         })
     }
 
-    /// Checks the CSR against the token's identity and signs its key.
+    /// Renews the certificate of a live session: signs `req`'s CSR for exactly `agent`, the
+    /// identity of `cert`, the certificate the session authenticated with (see the module
+    /// docs). Never fails: a refusal is an answer with a gRPC code and the reason.
+    pub fn renew(&self, agent: &AgentId, cert: &CertFacts, req: &RenewRequest) -> RenewResponse {
+        let result = self.renew_inner(agent, cert, &req.csr_pem);
+        let label = match &result {
+            Ok(_) => "issued",
+            Err(e) => e.label(),
+        };
+        metrics::counter!("tether_gateway_renewals_total", "result" => label).increment(1);
+        match result {
+            Ok((certificate_pem, not_after)) => {
+                let issued =
+                    rustls_pki_types::CertificateDer::from_pem_slice(certificate_pem.as_bytes())
+                        .ok()
+                        .and_then(|d| CertFacts::of(&d).ok());
+                tracing::info!(%agent, old_serial = %cert.serial,
+                    serial = %issued.map(|f| f.serial).unwrap_or_default(),
+                    not_after = %humantime::format_rfc3339_seconds(not_after),
+                    "agent certificate renewed");
+                RenewResponse {
+                    id: req.id,
+                    certificate_pem,
+                    ca_pem: self.bundle.clone(),
+                    ..Default::default()
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%agent, serial = %cert.serial, error = %e, "renewal refused");
+                RenewResponse {
+                    id: req.id,
+                    code: e.status().code() as i32,
+                    message: e.to_string(),
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    fn renew_inner(
+        &self,
+        agent: &AgentId,
+        cert: &CertFacts,
+        csr_pem: &str,
+    ) -> Result<(String, SystemTime), EnrollError> {
+        if self.ca.is_none() {
+            return Err(EnrollError::Disabled);
+        }
+        if let Some(why) = self.revocations.refusal(agent, cert) {
+            return Err(EnrollError::Revoked(why));
+        }
+        self.issue(agent, csr_pem, SystemTime::now())
+    }
+
+    /// Checks the CSR against the identity `id` and signs its key.
     fn issue(
         &self,
-        record: &TokenRecord,
+        id: &AgentId,
         csr_pem: &str,
         now: SystemTime,
     ) -> Result<(String, SystemTime), EnrollError> {
         let ca = self.ca.as_ref().ok_or(EnrollError::Disabled)?;
-        let id: AgentId = record.agent.parse().map_err(|e| {
-            EnrollError::Store(IdentityDbError::Corrupt {
-                key: "token".into(),
-                detail: format!("{e}"),
-            })
-        })?;
         let uri = id.to_uri(&ca.trust_domain);
         let key = check_csr(csr_pem, &uri).map_err(EnrollError::Csr)?;
         let now_s = to_ms(now) / 1000;
-        let not_before = self.revocations.not_before(&id, now_s - CLOCK_SKEW);
+        let skew = CLOCK_SKEW.min(self.cfg.cert_ttl.as_secs() as i64 / 4);
+        let not_before = self.revocations.not_before(id, now_s - skew);
         let not_after = now + self.cfg.cert_ttl;
         let ts = |s: i64| {
             time::OffsetDateTime::from_unix_timestamp(s)
@@ -301,6 +367,33 @@ impl Enrollment {
             .map_err(|e| EnrollError::Issue(e.to_string()))?;
         Ok((pem, not_after))
     }
+}
+
+/// The CA of `enrollment.ca_key` when set (its certificate found in `enrollment.ca_cert`,
+/// default `tls.ca`, by the key), which must be one of the CAs `tls.ca` trusts; and `tls.ca`
+/// itself (PEM), the bundle that goes out with every issued certificate. For the start and
+/// `--check-config`.
+pub fn signing_ca(cfg: &GatewayConfig) -> Result<(Option<Ca>, String), GatewayError> {
+    let bundle = std::fs::read_to_string(&cfg.tls.ca).map_err(|source| PkiError::Io {
+        path: cfg.tls.ca.clone(),
+        source,
+    })?;
+    let Some(key) = &cfg.enrollment.ca_key else {
+        return Ok((None, bundle));
+    };
+    let cert = cfg.enrollment.ca_cert.as_ref().unwrap_or(&cfg.tls.ca);
+    let ca = Ca::from_files(cert, key, &cfg.trust_domain)?;
+    if !crate::pki::bundle_contains(&bundle, &ca.cert_pem) {
+        return Err(PkiError::CaMismatch {
+            cert: cfg.tls.ca.clone(),
+            reason: "it does not hold the CA certificate of enrollment.ca_key: the gateway \
+                     would refuse every certificate it issues (during a CA rotation tls.ca \
+                     holds the old and the new CA)"
+                .into(),
+        }
+        .into());
+    }
+    Ok((Some(ca), bundle))
 }
 
 /// A new token: [`TOKEN_PREFIX`] and 256 random bits, base64url.
@@ -632,6 +725,136 @@ mod tests {
         );
         let e = check_csr(&pem, ID).unwrap_err();
         assert!(e.contains("signature"), "{e}");
+    }
+
+    /// An enrollment service on a fresh PKI in `dir` (signing when `signing`), its store there.
+    fn service(dir: &std::path::Path, signing: bool) -> (Enrollment, Arc<IdentityDb>) {
+        crate::pki::init(&dir.join("pki"), "td", &["localhost".into()], false).unwrap();
+        let mut cfg: GatewayConfig =
+            toml::from_str("trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
+                .unwrap();
+        cfg.tls.ca = dir.join("pki/ca.pem");
+        if signing {
+            cfg.enrollment.ca_key = Some(dir.join("pki/ca-key.pem"));
+        }
+        let db = Arc::new(IdentityDb::open(dir).unwrap());
+        (Enrollment::new(&cfg, db.clone()).unwrap(), db)
+    }
+
+    fn facts(not_before: i64) -> CertFacts {
+        CertFacts {
+            fingerprint: "ab".repeat(32),
+            serial: "01".into(),
+            not_before,
+        }
+    }
+
+    fn renew_req(csr_pem: String) -> RenewRequest {
+        RenewRequest { id: 5, csr_pem }
+    }
+
+    #[test]
+    fn a_session_renews_for_exactly_its_own_identity() {
+        tether_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _db) = service(dir.path(), true);
+        let agent: AgentId = "acme/a".parse().unwrap();
+        let now = to_ms(SystemTime::now()) / 1000;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let r = svc.renew(
+            &agent,
+            &facts(now - 100),
+            &renew_req(csr(with_uris(&[]), &key)),
+        );
+        assert_eq!((r.id, r.code), (5, 0), "{}", r.message);
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(r.certificate_pem.as_bytes()).unwrap();
+        assert_eq!(
+            tether_runtime::tls::spiffe_id(&der).unwrap().to_string(),
+            "spiffe://td/tenant/acme/agent/a"
+        );
+        let (nb, na) = tether_runtime::tls::validity(&der).unwrap();
+        assert_eq!(
+            na.duration_since(nb).unwrap(),
+            Duration::from_secs(24 * 3600 + 60)
+        );
+        assert_eq!(
+            r.ca_pem,
+            std::fs::read_to_string(dir.path().join("pki/ca.pem")).unwrap()
+        );
+        // Another identity, or more than its own, is refused with the reason.
+        for uris in [
+            &["spiffe://td/tenant/globex/agent/a"][..],
+            &[
+                "spiffe://td/tenant/acme/agent/a",
+                "spiffe://td/tenant/acme/agent/b",
+            ][..],
+        ] {
+            let r = svc.renew(
+                &agent,
+                &facts(now - 100),
+                &renew_req(csr(with_uris(uris), &key)),
+            );
+            assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{uris:?}");
+            assert!(r.certificate_pem.is_empty());
+            assert!(
+                r.message.contains("subject alternative name"),
+                "{}",
+                r.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_revoked_certificate_or_agent_is_not_renewed() {
+        tether_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, db) = service(dir.path(), true);
+        let agent: AgentId = "acme/a".parse().unwrap();
+        let now_ms = to_ms(SystemTime::now());
+        db.revoke(&agent, "key leaked", Vec::new(), now_ms).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let r = svc.renew(
+            &agent,
+            &facts(now_ms / 1000 - 100),
+            &renew_req(csr(with_uris(&[]), &key)),
+        );
+        assert_eq!(r.code, tonic::Code::PermissionDenied as i32);
+        assert!(r.message.contains("key leaked"), "{}", r.message);
+        assert!(r.certificate_pem.is_empty());
+        // A certificate issued after the cut-off (the agent enrolled again) renews.
+        let r = svc.renew(
+            &agent,
+            &facts(now_ms / 1000 + 1),
+            &renew_req(csr(with_uris(&[]), &key)),
+        );
+        assert_eq!(r.code, 0, "{}", r.message);
+    }
+
+    #[test]
+    fn without_a_ca_key_renewal_is_refused_and_a_foreign_signing_ca_is_a_start_error() {
+        tether_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _db) = service(dir.path(), false);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let r = svc.renew(
+            &"acme/a".parse().unwrap(),
+            &facts(0),
+            &renew_req(csr(with_uris(&[]), &key)),
+        );
+        assert_eq!(r.code, tonic::Code::FailedPrecondition as i32);
+        // enrollment.ca_key of a CA that tls.ca does not hold: refused at start.
+        let other = tempfile::tempdir().unwrap();
+        crate::pki::init(other.path(), "td", &["localhost".into()], false).unwrap();
+        let mut cfg: GatewayConfig =
+            toml::from_str("trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
+                .unwrap();
+        cfg.tls.ca = dir.path().join("pki/ca.pem");
+        cfg.enrollment.ca_key = Some(other.path().join("ca-key.pem"));
+        cfg.enrollment.ca_cert = Some(other.path().join("ca.pem"));
+        let db = Arc::new(IdentityDb::open(other.path()).unwrap());
+        let e = Enrollment::new(&cfg, db).unwrap_err().to_string();
+        assert!(e.contains("does not hold the CA certificate"), "{e}");
     }
 
     #[test]

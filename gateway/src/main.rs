@@ -184,6 +184,7 @@ fn serve(
     if let Err(e) = tether_gateway::tunnel::tls_config(&cfg)
         .and_then(|tls| tether_gateway::tunnel::server_config(&cfg, tls))
         .and_then(|_| tether_gateway::auth::Authenticator::new(&cfg))
+        .and_then(|_| tether_gateway::enrollment::signing_ca(&cfg))
     {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);

@@ -126,7 +126,14 @@ impl Ca {
         check_trust_domain(trust_domain)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = dn(&format!("Tether CA {trust_domain}"));
+        // Named for its key too: during a CA rotation old and new CA are told apart by name
+        // (in tools, and when a verifier looks for a certificate's issuer).
+        let id = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key_raw());
+        let id: String = id.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params.distinguished_name = dn(&format!("Tether CA {trust_domain} {id}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -157,8 +164,9 @@ impl Ca {
         })
     }
 
-    /// Loads a CA from its certificate (the first in `cert`) and key files, checking that they
-    /// belong together.
+    /// Loads a CA from its key file and the certificate of that key, found in `cert` (a PEM
+    /// bundle: during a CA rotation `tls.ca` holds the old and the new CA, and the key says
+    /// which one signs).
     pub fn from_files(cert: &Path, key: &Path, trust_domain: &str) -> Result<Ca, PkiError> {
         check_trust_domain(trust_domain)?;
         let bundle = read(cert)?;
@@ -166,27 +174,32 @@ impl Ca {
             cert: cert.to_owned(),
             reason,
         };
-        let first = pem_first_certificate(&bundle)
-            .ok_or_else(|| mismatch("no CERTIFICATE block".into()))?;
         let key = KeyPair::from_pem(&read(key)?)?;
-        let der = rustls_pki_types::CertificateDer::from(
-            pem_block_der(&first).ok_or_else(|| mismatch("not PEM".into()))?,
-        );
-        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
-            .map_err(|e| mismatch(format!("does not parse: {e}")))?;
-        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(mismatch(
-                "its first certificate is not the certificate of the CA key".into(),
-            ));
+        let blocks = pem_certificates(&bundle);
+        if blocks.is_empty() {
+            return Err(mismatch("no CERTIFICATE block".into()));
         }
-        if !x509.is_ca() {
-            return Err(mismatch("its first certificate is not a CA".into()));
+        for pem in blocks {
+            let der = pem_block_der(&pem).ok_or_else(|| mismatch("not PEM".into()))?;
+            let (_, x509) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| mismatch(format!("does not parse: {e}")))?;
+            if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                continue;
+            }
+            if !x509.is_ca() {
+                return Err(mismatch(
+                    "the certificate of the CA key is not a CA certificate".into(),
+                ));
+            }
+            return Ok(Ca {
+                cert_pem: pem,
+                key,
+                trust_domain: trust_domain.to_owned(),
+            });
         }
-        Ok(Ca {
-            cert_pem: first,
-            key,
-            trust_domain: trust_domain.to_owned(),
-        })
+        Err(mismatch(
+            "no certificate in it is the certificate of the CA key".into(),
+        ))
     }
 
     /// Signs a leaf certificate for a public key the holder generated (and keeps).
@@ -278,13 +291,31 @@ fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
-/// The first `CERTIFICATE` block of a PEM bundle, as PEM.
-fn pem_first_certificate(bundle: &str) -> Option<String> {
+/// Every `CERTIFICATE` block of a PEM bundle, each as PEM.
+pub fn pem_certificates(bundle: &str) -> Vec<String> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
-    let start = bundle.find(BEGIN)?;
-    let end = start + bundle[start..].find(END)? + END.len();
-    Some(format!("{}\n", &bundle[start..end]))
+    let mut out = Vec::new();
+    let mut rest = bundle;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + len + END.len();
+        out.push(format!("{}\n", &rest[start..end]));
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// True when `bundle` (PEM) holds the certificate `cert_pem` (compared as DER).
+pub fn bundle_contains(bundle: &str, cert_pem: &str) -> bool {
+    let Some(want) = pem_block_der(cert_pem) else {
+        return false;
+    };
+    pem_certificates(bundle)
+        .iter()
+        .any(|c| pem_block_der(c).as_ref() == Some(&want))
 }
 
 /// The DER inside one PEM block.
@@ -403,6 +434,32 @@ mod tests {
                 id
             }
         );
+    }
+
+    #[test]
+    fn the_signing_ca_is_found_in_a_bundle_by_its_key() {
+        let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(old.path(), "td.example", &["localhost".into()], false).unwrap();
+        init(new.path(), "td.example", &["localhost".into()], false).unwrap();
+        let bundle = format!(
+            "{}{}",
+            read(&old.path().join("ca.pem")).unwrap(),
+            read(&new.path().join("ca.pem")).unwrap()
+        );
+        let path = old.path().join("bundle.pem");
+        write_file(&path, &bundle, false).unwrap();
+        for dir in [&old, &new] {
+            let ca = Ca::from_files(&path, &dir.path().join("ca-key.pem"), "td.example").unwrap();
+            assert_eq!(ca.cert_pem, read(&dir.path().join("ca.pem")).unwrap());
+            assert!(bundle_contains(&bundle, &ca.cert_pem));
+        }
+        let third = tempfile::tempdir().unwrap();
+        init(third.path(), "td.example", &["localhost".into()], false).unwrap();
+        let e = Ca::from_files(&path, &third.path().join("ca-key.pem"), "td.example").unwrap_err();
+        assert!(e.to_string().contains("no certificate in it"), "{e}");
+        let other = read(&third.path().join("ca.pem")).unwrap();
+        assert!(!bundle_contains(&bundle, &other));
+        assert_eq!(pem_certificates(&bundle).len(), 2);
     }
 
     use rustls_pki_types::pem::PemObject;

@@ -176,6 +176,7 @@ pub async fn start(
     let ctx = Arc::new(
         tunnel_ctx
             .with_revocations(identity.revocations())
+            .with_renewal(enrollment.clone())
             // Agents enroll on the tunnel's TCP port: the egress rule they already have.
             .with_side_door(
                 ENROLL_ALPN,

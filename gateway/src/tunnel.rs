@@ -108,6 +108,8 @@ pub struct TunnelContext {
     pub revocations: Arc<RevocationList>,
     /// Other protocols on the tunnel's TCP port, chosen by the ClientHello's ALPN (enrollment).
     pub side_doors: Vec<SideDoor>,
+    /// Signs renewal requests made on sessions (`RenewRequest`); `None`: not offered.
+    pub renewal: Option<Arc<crate::enrollment::Enrollment>>,
     next_session: AtomicU64,
     instance: String,
 }
@@ -129,6 +131,7 @@ impl TunnelContext {
             probe: (cfg.tunnel.probe_interval, cfg.tunnel.probe_timeout),
             revocations: Arc::default(),
             side_doors: Vec::new(),
+            renewal: None,
             next_session: AtomicU64::new(1),
             instance,
         }
@@ -137,6 +140,18 @@ impl TunnelContext {
     /// Uses `revocations` (the list the verifier consults) for the post-registration check.
     pub fn with_revocations(mut self, revocations: Arc<RevocationList>) -> Self {
         self.revocations = revocations;
+        self
+    }
+
+    /// Offers certificate renewal on every session (`Welcome` lists `renew`) when `enrollment`
+    /// can sign.
+    pub fn with_renewal(mut self, enrollment: Arc<crate::enrollment::Enrollment>) -> Self {
+        if enrollment.enabled() {
+            self.session
+                .capabilities
+                .push(tunnel_proto::message::RENEW.to_owned());
+            self.renewal = Some(enrollment);
+        }
         self
     }
 
@@ -556,6 +571,12 @@ async fn drive_session(
                     }
                     metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
                         .record(rtt.as_secs_f64());
+                }
+                // Signing takes well under a millisecond: answered here, in order.
+                GatewayEvent::RenewRequested(req) => {
+                    if let Some(renewal) = &ctx.renewal {
+                        session.renew_response(renewal.renew(&agent, &cert, &req));
+                    }
                 }
                 GatewayEvent::Closed(info) => closed = Some(info),
             }

@@ -577,7 +577,7 @@ async fn session(
                     shared.log().ups.push(Instant::now());
                 }
                 AgentEvent::Closed(info) => closed = Some(info),
-                AgentEvent::Rtt(_) | AgentEvent::GoAway(_) => {}
+                AgentEvent::Rtt(_) | AgentEvent::GoAway(_) | AgentEvent::Renewed(_) => {}
             }
         }
         if let Some(info) = closed {

@@ -108,6 +108,25 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A certificate's validity period, `notBefore` and `notAfter`.
+pub fn validity(
+    cert: &CertificateDer<'_>,
+) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::X509(e.to_string()))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let s = t.timestamp();
+        let d = std::time::Duration::from_secs(s.unsigned_abs());
+        if s >= 0 {
+            std::time::UNIX_EPOCH + d
+        } else {
+            std::time::UNIX_EPOCH - d
+        }
+    };
+    let v = x509.validity();
+    Ok((at(v.not_before), at(v.not_after)))
+}
+
 /// The SPIFFE identity in a certificate's single URI SAN.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())

@@ -1,7 +1,8 @@
 //! Tether's wire protocol, sans-IO.
 //!
 //! The agent dials the gateway and opens a *control stream*; over it the two sides exchange
-//! `Hello` → `Welcome`, heartbeats (which measure RTT) and `GoAway`. The gateway opens one more
+//! `Hello` → `Welcome`, heartbeats (which measure RTT), `GoAway`, and certificate renewals
+//! (`RenewRequest` → `RenewResponse`). The gateway opens one more
 //! stream per relayed RPC, TCP stream or command delivery, each starting with a [`StreamHeader`].
 //!
 //! This crate only encodes, decodes and steps state machines. The caller hands it bytes and the

@@ -56,7 +56,15 @@ pub struct Welcome {
     /// agent that sees no probe for much longer replaces the session.
     #[prost(uint64, tag = "7")]
     pub probe_interval_ms: u64,
+    /// What the gateway offers on this session beyond the base protocol ([`RENEW`]: it answers
+    /// [`RenewRequest`]). An agent sends nothing optional that is not listed: an older gateway
+    /// would close the session on a frame type it does not know.
+    #[prost(string, repeated, tag = "8")]
+    pub capabilities: Vec<String>,
 }
+
+/// The [`Welcome::capabilities`] entry of a gateway that renews agent certificates.
+pub const RENEW: &str = "renew";
 
 /// Agent → gateway liveness probe; the gateway answers with [`HeartbeatAck`].
 #[derive(Clone, PartialEq, prost::Message)]
@@ -98,6 +106,41 @@ pub struct Close {
     /// Human-readable reason.
     #[prost(string, tag = "2")]
     pub reason: String,
+}
+
+/// Agent → gateway on the control stream: a certificate signing request (PKCS#10, PEM) for a key
+/// the agent has just generated, to renew its certificate before it expires. Only to a gateway
+/// whose `Welcome` lists [`RENEW`], and one at a time.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RenewRequest {
+    /// Chosen by the agent, echoed in the answer.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The CSR. The gateway signs it only for the identity of the session's certificate.
+    #[prost(string, tag = "2")]
+    pub csr_pem: String,
+}
+
+/// Gateway → agent on the control stream: the answer to the [`RenewRequest`] with the same id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RenewResponse {
+    /// The request's id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// A gRPC status code: 0 (OK) when a certificate was issued.
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    /// Why not, for the agent's log (empty on success).
+    #[prost(string, tag = "3")]
+    pub message: String,
+    /// The new certificate, PEM (empty when refused).
+    #[prost(string, tag = "4")]
+    pub certificate_pem: String,
+    /// The CA bundle of the trust domain (PEM): every CA the gateway trusts for agents, the
+    /// new certificate's issuer among them. During a CA rotation it holds the old and the new
+    /// CA, and the agent trusts it for the gateway's certificate too.
+    #[prost(string, tag = "5")]
+    pub ca_pem: String,
 }
 
 /// What a gateway-opened stream carries.
@@ -277,6 +320,10 @@ pub enum Message {
     GoAway(GoAway),
     /// See [`Close`].
     Close(Close),
+    /// See [`RenewRequest`].
+    RenewRequest(RenewRequest),
+    /// See [`RenewResponse`].
+    RenewResponse(RenewResponse),
     /// See [`StreamHeader`].
     StreamHeader(StreamHeader),
     /// A chunk of body bytes on a relayed stream; the payload is raw, not protobuf.
@@ -303,6 +350,8 @@ pub(crate) mod frame_type {
     pub(crate) const HEARTBEAT_ACK: u8 = 0x04;
     pub(crate) const GO_AWAY: u8 = 0x05;
     pub(crate) const CLOSE: u8 = 0x06;
+    pub(crate) const RENEW_REQUEST: u8 = 0x07;
+    pub(crate) const RENEW_RESPONSE: u8 = 0x08;
     pub(crate) const STREAM_HEADER: u8 = 0x10;
     pub(crate) const DATA: u8 = 0x11;
     pub(crate) const RESPONSE_HEAD: u8 = 0x12;
@@ -324,6 +373,8 @@ impl Message {
             Message::HeartbeatAck(_) => HEARTBEAT_ACK,
             Message::GoAway(_) => GO_AWAY,
             Message::Close(_) => CLOSE,
+            Message::RenewRequest(_) => RENEW_REQUEST,
+            Message::RenewResponse(_) => RENEW_RESPONSE,
             Message::StreamHeader(_) => STREAM_HEADER,
             Message::Data(_) => DATA,
             Message::ResponseHead(_) => RESPONSE_HEAD,
@@ -346,6 +397,8 @@ impl Message {
                 | HEARTBEAT_ACK
                 | GO_AWAY
                 | CLOSE
+                | RENEW_REQUEST
+                | RENEW_RESPONSE
                 | STREAM_HEADER
                 | DATA
                 | RESPONSE_HEAD
@@ -366,6 +419,8 @@ impl Message {
             Message::HeartbeatAck(_) => "HeartbeatAck",
             Message::GoAway(_) => "GoAway",
             Message::Close(_) => "Close",
+            Message::RenewRequest(_) => "RenewRequest",
+            Message::RenewResponse(_) => "RenewResponse",
             Message::StreamHeader(_) => "StreamHeader",
             Message::Data(_) => "Data",
             Message::ResponseHead(_) => "ResponseHead",
@@ -385,6 +440,8 @@ impl Message {
             Message::HeartbeatAck(m) => m.encoded_len(),
             Message::GoAway(m) => m.encoded_len(),
             Message::Close(m) => m.encoded_len(),
+            Message::RenewRequest(m) => m.encoded_len(),
+            Message::RenewResponse(m) => m.encoded_len(),
             Message::StreamHeader(m) => m.encoded_len(),
             Message::Data(b) => b.len(),
             Message::ResponseHead(m) => m.encoded_len(),
@@ -416,6 +473,8 @@ impl Message {
             Message::HeartbeatAck(m) => m.encode(dst),
             Message::GoAway(m) => m.encode(dst),
             Message::Close(m) => m.encode(dst),
+            Message::RenewRequest(m) => m.encode(dst),
+            Message::RenewResponse(m) => m.encode(dst),
             Message::StreamHeader(m) => m.encode(dst),
             Message::Data(b) => {
                 dst.extend_from_slice(b);
@@ -455,6 +514,8 @@ impl Message {
             HEARTBEAT_ACK => Message::HeartbeatAck(de("HeartbeatAck", p)?),
             GO_AWAY => Message::GoAway(de("GoAway", p)?),
             CLOSE => Message::Close(de("Close", p)?),
+            RENEW_REQUEST => Message::RenewRequest(de("RenewRequest", p)?),
+            RENEW_RESPONSE => Message::RenewResponse(de("RenewResponse", p)?),
             STREAM_HEADER => Message::StreamHeader(de("StreamHeader", p)?),
             DATA => Message::Data(payload),
             RESPONSE_HEAD => Message::ResponseHead(de("ResponseHead", p)?),

@@ -9,6 +9,13 @@
 //! gateway answers each with `HeartbeatAck`, from which the agent measures RTT (and reports the
 //! last value in its next heartbeat). Either side closes the session with `HEARTBEAT_TIMEOUT`
 //! when it has heard nothing from its peer for `dead_after` intervals.
+//!
+//! Renewal: a gateway that lists `renew` in `Welcome.capabilities` takes `RenewRequest`s (a CSR)
+//! and answers each with a `RenewResponse` of the same id. The agent sends one at a time and only
+//! to such a gateway ([`AgentSession::renew`]); the gateway session hands a request out as
+//! [`GatewayEvent::RenewRequested`] and answers itself, without handing it out, one sooner than
+//! `renew_min_interval` after the previous (`RESOURCE_EXHAUSTED`) or when it does not renew
+//! (`UNIMPLEMENTED`). A response to nothing asked is a protocol error.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -18,7 +25,15 @@ use bytes::{Bytes, BytesMut};
 use crate::SUPPORTED_VERSIONS;
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, Limits};
-use crate::message::{Close, GoAway, Heartbeat, HeartbeatAck, Hello, Message, Welcome};
+use crate::message::{
+    Close, GoAway, Heartbeat, HeartbeatAck, Hello, Message, RENEW, RenewRequest, RenewResponse,
+    Welcome,
+};
+
+/// gRPC `RESOURCE_EXHAUSTED`, in a [`RenewResponse`] the session answers itself.
+const RESOURCE_EXHAUSTED: i32 = 8;
+/// gRPC `UNIMPLEMENTED`.
+const UNIMPLEMENTED: i32 = 12;
 
 /// How a session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +156,8 @@ pub enum AgentEvent {
     Rtt(Duration),
     /// The gateway asks for a new session elsewhere; keep this one until that one is up.
     GoAway(GoAway),
+    /// The gateway answered the [`AgentSession::renew`] request with this id.
+    Renewed(RenewResponse),
     /// The session is over; close the connection with this code.
     Closed(CloseInfo),
 }
@@ -166,6 +183,11 @@ pub struct AgentSession {
     seq: u64,
     outstanding: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+    /// The gateway listed [`RENEW`] in its `Welcome`.
+    gateway_renews: bool,
+    /// The id of the renewal awaiting its answer, and the last id used.
+    renewing: Option<u64>,
+    renew_ids: u64,
 }
 
 impl AgentSession {
@@ -186,6 +208,9 @@ impl AgentSession {
             seq: 0,
             outstanding: None,
             rtt: None,
+            gateway_renews: false,
+            renewing: None,
+            renew_ids: 0,
         }
     }
 
@@ -222,6 +247,7 @@ impl AgentSession {
                     });
                 }
                 let interval = Duration::from_millis(w.heartbeat_interval_ms.max(10));
+                self.gateway_renews = w.capabilities.iter().any(|c| c == RENEW);
                 self.state = AgentState::Established {
                     interval,
                     next_heartbeat: now + interval,
@@ -240,6 +266,12 @@ impl AgentSession {
             }
             (AgentState::Established { .. }, Message::GoAway(g)) => {
                 self.events.push_back(AgentEvent::GoAway(g));
+            }
+            (AgentState::Established { .. }, Message::RenewResponse(r))
+                if self.renewing == Some(r.id) =>
+            {
+                self.renewing = None;
+                self.events.push_back(AgentEvent::Renewed(r));
             }
             (_, Message::Close(c)) => {
                 if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
@@ -339,6 +371,27 @@ impl AgentSession {
         self.close(e.code(), &e.to_string());
     }
 
+    /// True when [`AgentSession::renew`] would send: established, the gateway renews
+    /// certificates, and no renewal is awaiting its answer.
+    pub fn can_renew(&self) -> bool {
+        self.is_established() && self.gateway_renews && self.renewing.is_none()
+    }
+
+    /// Queues a [`RenewRequest`] carrying `csr_pem`; its answer comes as
+    /// [`AgentEvent::Renewed`] with the returned id. `None` (nothing sent) unless
+    /// [`AgentSession::can_renew`].
+    pub fn renew(&mut self, csr_pem: String) -> Option<u64> {
+        if !self.can_renew() {
+            return None;
+        }
+        self.renew_ids += 1;
+        let id = self.renew_ids;
+        self.renewing = Some(id);
+        self.core
+            .send(Message::RenewRequest(RenewRequest { id, csr_pem }));
+        Some(id)
+    }
+
     /// True once closed by either side.
     pub fn is_closed(&self) -> bool {
         self.core.closed.is_some()
@@ -379,6 +432,12 @@ pub struct GatewaySessionConfig {
     /// How often the gateway probes the session end to end (announced in `Welcome`); zero:
     /// never.
     pub probe_interval: Duration,
+    /// What the gateway offers beyond the base protocol, announced in `Welcome` ([`RENEW`]:
+    /// renewal requests become [`GatewayEvent::RenewRequested`]; without it they are refused).
+    pub capabilities: Vec<String>,
+    /// Least time between two renewal requests of one session; sooner ones are refused
+    /// (`RESOURCE_EXHAUSTED`), so an agent cannot make the gateway sign in a loop.
+    pub renew_min_interval: Duration,
 }
 
 impl GatewaySessionConfig {
@@ -394,6 +453,8 @@ impl GatewaySessionConfig {
             max_concurrent_streams: 1024,
             versions: SUPPORTED_VERSIONS.to_vec(),
             probe_interval: Duration::ZERO,
+            capabilities: Vec::new(),
+            renew_min_interval: Duration::from_secs(1),
         }
     }
 }
@@ -410,6 +471,9 @@ pub enum GatewayEvent {
     },
     /// The agent reported its last heartbeat round trip.
     Rtt(Duration),
+    /// The agent asks for a new certificate: answer with [`GatewaySession::renew_response`]
+    /// (one renewal per session is pending at most).
+    RenewRequested(RenewRequest),
     /// The session is over; close the connection with this code.
     Closed(CloseInfo),
 }
@@ -427,6 +491,10 @@ pub struct GatewaySession {
     state: GatewayState,
     config: GatewaySessionConfig,
     events: VecDeque<GatewayEvent>,
+    /// The renewal handed out as an event and not answered yet.
+    renew_pending: Option<u64>,
+    /// When the last renewal request was accepted.
+    last_renew: Option<Instant>,
 }
 
 impl GatewaySession {
@@ -439,6 +507,8 @@ impl GatewaySession {
             },
             config,
             events: VecDeque::new(),
+            renew_pending: None,
+            last_renew: None,
         }
     }
 
@@ -452,7 +522,7 @@ impl GatewaySession {
             match self.core.decoder.next_message() {
                 Ok(Some(msg)) => {
                     self.core.last_heard = now;
-                    if let Err(e) = self.on_message(msg) {
+                    if let Err(e) = self.on_message(msg, now) {
                         self.fail(e);
                     }
                     if self.is_closed() {
@@ -465,7 +535,7 @@ impl GatewaySession {
         }
     }
 
-    fn on_message(&mut self, msg: Message) -> Result<(), ProtoError> {
+    fn on_message(&mut self, msg: Message, now: Instant) -> Result<(), ProtoError> {
         match (&self.state, msg) {
             (GatewayState::AwaitingHello { .. }, Message::Hello(hello)) => {
                 let version = hello
@@ -486,6 +556,7 @@ impl GatewaySession {
                     max_concurrent_streams: self.config.max_concurrent_streams,
                     gateway_id: self.config.gateway_id.clone(),
                     probe_interval_ms: self.config.probe_interval.as_millis() as u64,
+                    capabilities: self.config.capabilities.clone(),
                 }));
                 self.state = GatewayState::Established;
                 self.events
@@ -499,6 +570,7 @@ impl GatewaySession {
                         .push_back(GatewayEvent::Rtt(Duration::from_micros(hb.last_rtt_us)));
                 }
             }
+            (GatewayState::Established, Message::RenewRequest(req)) => self.on_renew(req, now),
             (_, Message::Close(c)) => {
                 if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
                     self.events.push_back(GatewayEvent::Closed(info));
@@ -515,6 +587,55 @@ impl GatewaySession {
             }
         }
         Ok(())
+    }
+
+    /// A renewal request: handed out as an event, or refused here (not offered, one already
+    /// pending, or too soon after the last one).
+    fn on_renew(&mut self, req: RenewRequest, now: Instant) {
+        let refusal = if !self.config.capabilities.iter().any(|c| c == RENEW) {
+            Some((
+                UNIMPLEMENTED,
+                "this gateway does not renew certificates".to_owned(),
+            ))
+        } else if self.renew_pending.is_some() {
+            Some((
+                RESOURCE_EXHAUSTED,
+                "a renewal of this session is already in progress".to_owned(),
+            ))
+        } else {
+            match self.last_renew {
+                Some(last) if now < last + self.config.renew_min_interval => Some((
+                    RESOURCE_EXHAUSTED,
+                    format!(
+                        "renewal requests come too often: at most one every {:?}",
+                        self.config.renew_min_interval
+                    ),
+                )),
+                _ => None,
+            }
+        };
+        match refusal {
+            Some((code, message)) => self.core.send(Message::RenewResponse(RenewResponse {
+                id: req.id,
+                code,
+                message,
+                ..Default::default()
+            })),
+            None => {
+                self.renew_pending = Some(req.id);
+                self.last_renew = Some(now);
+                self.events.push_back(GatewayEvent::RenewRequested(req));
+            }
+        }
+    }
+
+    /// Answers the pending [`GatewayEvent::RenewRequested`] (matched by `response.id`; an
+    /// answer to nothing pending is dropped).
+    pub fn renew_response(&mut self, response: RenewResponse) {
+        if self.renew_pending == Some(response.id) {
+            self.renew_pending = None;
+            self.core.send(Message::RenewResponse(response));
+        }
     }
 
     /// The agent finished the control stream.

@@ -64,19 +64,34 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             s(),
-            any::<u64>()
+            any::<u64>(),
+            proptest::collection::vec(s(), 0..3)
         )
-            .prop_map(|(version, session_id, hb, mfs, mcs, gateway_id, probe)| {
-                Message::Welcome(Welcome {
-                    version,
-                    session_id,
-                    heartbeat_interval_ms: hb,
-                    max_frame_size: mfs,
-                    max_concurrent_streams: mcs,
-                    gateway_id,
-                    probe_interval_ms: probe,
-                })
-            }),
+            .prop_map(
+                |(version, session_id, hb, mfs, mcs, gateway_id, probe, capabilities)| {
+                    Message::Welcome(Welcome {
+                        version,
+                        session_id,
+                        heartbeat_interval_ms: hb,
+                        max_frame_size: mfs,
+                        max_concurrent_streams: mcs,
+                        gateway_id,
+                        probe_interval_ms: probe,
+                        capabilities,
+                    })
+                }
+            ),
+        (any::<u64>(), ".{0,600}")
+            .prop_map(|(id, csr_pem)| Message::RenewRequest(RenewRequest { id, csr_pem })),
+        (any::<u64>(), any::<i32>(), s(), ".{0,600}", ".{0,600}").prop_map(
+            |(id, code, message, certificate_pem, ca_pem)| Message::RenewResponse(RenewResponse {
+                id,
+                code,
+                message,
+                certificate_pem,
+                ca_pem
+            })
+        ),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
         any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),

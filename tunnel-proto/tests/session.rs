@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tunnel_proto::ErrorCode;
 use tunnel_proto::harness::{Pair, To};
-use tunnel_proto::message::{Hello, Message};
+use tunnel_proto::message::{Hello, Message, RENEW, RenewRequest, RenewResponse};
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
 };
@@ -238,4 +238,172 @@ fn stream_ending_mid_frame_is_truncation() {
         gateway_closed(&p).unwrap().1.code,
         ErrorCode::PROTOCOL_ERROR
     );
+}
+
+// === Renewal ===
+
+fn renewing_pair() -> Pair {
+    let mut gw = GatewaySessionConfig::new("s-1".into());
+    gw.heartbeat_interval = INTERVAL;
+    gw.capabilities = vec![RENEW.into()];
+    Pair::new(AgentSessionConfig::new(Hello::default()), gw, LATENCY)
+}
+
+fn renew_requests(p: &Pair) -> Vec<RenewRequest> {
+    p.gateway_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            GatewayEvent::RenewRequested(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn renewed(p: &Pair) -> Vec<RenewResponse> {
+    p.agent_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            AgentEvent::Renewed(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_renewal_round_trips_on_the_control_stream_one_at_a_time() {
+    let mut p = renewing_pair();
+    assert!(!p.agent.can_renew(), "not before Welcome");
+    assert_eq!(p.agent.renew("early".into()), None);
+    p.run_for(Duration::from_millis(100));
+    assert!(p.agent.can_renew());
+    let id = p.agent.renew("csr-1".into()).expect("sent");
+    assert!(!p.agent.can_renew(), "one renewal at a time");
+    assert_eq!(p.agent.renew("csr-2".into()), None);
+    p.run_for(Duration::from_millis(100));
+    let reqs = renew_requests(&p);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!((reqs[0].id, reqs[0].csr_pem.as_str()), (id, "csr-1"));
+    // An answer to something else is dropped; the right one reaches the agent.
+    p.gateway.renew_response(RenewResponse {
+        id: id + 7,
+        ..Default::default()
+    });
+    p.gateway.renew_response(RenewResponse {
+        id,
+        certificate_pem: "cert".into(),
+        ca_pem: "bundle".into(),
+        ..Default::default()
+    });
+    p.run_for(Duration::from_millis(100));
+    let got = renewed(&p);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].id, got[0].code), (id, 0));
+    assert_eq!(got[0].certificate_pem, "cert");
+    assert!(p.agent.can_renew());
+    // Heartbeats went on around it.
+    p.run_for(Duration::from_secs(5));
+    assert!(agent_closed(&p).is_none() && gateway_closed(&p).is_none());
+}
+
+#[test]
+fn renewal_requests_faster_than_the_minimum_interval_are_refused_by_the_session() {
+    let mut p = renewing_pair();
+    p.run_for(Duration::from_millis(100));
+    for round in 0..2 {
+        let id = p.agent.renew(format!("csr-{round}")).expect("sent");
+        p.run_for(Duration::from_millis(100));
+        p.gateway.renew_response(RenewResponse {
+            id,
+            ..Default::default()
+        });
+        p.run_for(Duration::from_millis(100));
+    }
+    // The second came 200 ms after the first: answered by the session, never handed out.
+    assert_eq!(renew_requests(&p).len(), 1);
+    let got = renewed(&p);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].code, 8, "RESOURCE_EXHAUSTED");
+    assert!(got[1].message.contains("too often"), "{}", got[1].message);
+    // A second later it is handed out again.
+    p.run_for(Duration::from_secs(1));
+    p.agent.renew("csr-late".into()).expect("sent");
+    p.run_for(Duration::from_millis(100));
+    assert_eq!(renew_requests(&p).len(), 2);
+    assert!(gateway_closed(&p).is_none());
+}
+
+#[test]
+fn an_agent_does_not_ask_a_gateway_that_does_not_renew() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    assert!(p.agent.is_established());
+    assert!(!p.agent.can_renew());
+    assert_eq!(p.agent.renew("csr".into()), None);
+}
+
+#[test]
+fn a_gateway_that_does_not_renew_refuses_a_request_and_keeps_the_session() {
+    use tunnel_proto::frame::decode_frame;
+    use tunnel_proto::session::GatewaySession;
+    let now = std::time::Instant::now();
+    let mut gw = GatewaySession::new(GatewaySessionConfig::new("s-1".into()), now);
+    let hello = Hello {
+        versions: vec![1],
+        ..Default::default()
+    };
+    let mut wire = Message::Hello(hello).to_bytes().to_vec();
+    wire.extend_from_slice(
+        &Message::RenewRequest(RenewRequest {
+            id: 9,
+            csr_pem: "csr".into(),
+        })
+        .to_bytes(),
+    );
+    gw.handle_input(&wire, now);
+    let mut out = Vec::new();
+    while let Some(b) = gw.poll_transmit() {
+        out.extend_from_slice(&b);
+    }
+    let mut sent = Vec::new();
+    let mut rest = &out[..];
+    while let Some((m, used)) = decode_frame(rest, usize::MAX).unwrap() {
+        sent.push(m);
+        rest = &rest[used..];
+    }
+    match &sent[..] {
+        [Message::Welcome(w), Message::RenewResponse(r)] => {
+            assert!(w.capabilities.is_empty());
+            assert_eq!((r.id, r.code), (9, 12), "UNIMPLEMENTED");
+            assert!(r.certificate_pem.is_empty());
+        }
+        other => panic!("unexpected frames {other:?}"),
+    }
+    let mut events = Vec::new();
+    while let Some(e) = gw.poll_event() {
+        events.push(e);
+    }
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, GatewayEvent::Established { .. })),
+        "{events:?}"
+    );
+    assert!(!gw.is_closed());
+}
+
+#[test]
+fn an_unsolicited_renew_response_is_a_protocol_error() {
+    let mut p = pair();
+    p.run_for(Duration::from_millis(100));
+    p.inject(
+        To::Agent,
+        &Message::RenewResponse(RenewResponse {
+            id: 3,
+            certificate_pem: "not asked for".into(),
+            ..Default::default()
+        })
+        .to_bytes(),
+    );
+    p.run_for(Duration::from_millis(100));
+    assert_eq!(agent_closed(&p).unwrap().1.code, ErrorCode::PROTOCOL_ERROR);
 }
