@@ -229,9 +229,12 @@ fn size_status_to_resource_exhausted(headers: &mut http::HeaderMap) {
         && headers.get("grpc-message").is_some_and(|m| {
             // tonic's "Error, decoded (or encoded) message length too large", percent-encoded.
             let m = m.as_bytes();
-            [&b"message%20length%20too%20large"[..], b"message length too large"]
-                .iter()
-                .any(|needle| m.windows(needle.len()).any(|w| w == *needle))
+            [
+                &b"message%20length%20too%20large"[..],
+                b"message length too large",
+            ]
+            .iter()
+            .any(|needle| m.windows(needle.len()).any(|w| w == *needle))
         });
     if is_size_error {
         count_rejection("message_size");
