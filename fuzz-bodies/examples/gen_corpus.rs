@@ -138,6 +138,17 @@ fn main() {
             output: b"ok".to_vec(),
             message: String::new(),
         }),
+        Message::RenewRequest(RenewRequest {
+            id: 1,
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+                .into(),
+        }),
+        Message::RenewResponse(RenewResponse {
+            id: 1,
+            code: 7,
+            message: "agent revoked".into(),
+            ..Default::default()
+        }),
     ];
     for m in &messages {
         let sel = m.frame_type();
@@ -203,6 +214,16 @@ fn main() {
             versions: vec![7],
             ..hello.clone()
         })]),
+    );
+    write(
+        &dir,
+        "gateway_session",
+        "hello_renew_twice",
+        &stream(&[
+            messages[0].clone(),
+            messages[messages.len() - 2].clone(),
+            messages[messages.len() - 2].clone(),
+        ]),
     );
     write(
         &dir,
