@@ -140,8 +140,9 @@ fn main() {
         }),
         Message::RenewRequest(RenewRequest {
             id: 1,
-            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
-                .into(),
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
         }),
         Message::RenewResponse(RenewResponse {
             id: 1,
