@@ -281,22 +281,25 @@ fn client_tls(files: &CertFiles, alpn: &[u8], with_cert: bool) -> Arc<rustls::Cl
     Arc::new(tls)
 }
 
+/// Connects to `addr`, sends nothing, and checks the gateway closes the connection at `IDLE`
+/// and counts it under `idle_timeouts_total{where=place}`.
+async fn silent_tcp_is_closed_at_the_timeout(addr: SocketAddr, place: &str, what: &str) {
+    let before = idle_timeouts(place);
+    // Every clock starts before the connection does: the gateway's starts later, never earlier.
+    let start = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let took = closed_after(tcp, start).await;
+    assert_window(what, took, IDLE, Duration::ZERO);
+    wait_until("counted", T, || idle_timeouts(place) == before + 1.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn northbound_connections_that_never_finish_tls_or_never_call_are_closed_at_their_timeouts() {
     let (pki, gw) = slow_gateway().await;
     let nb = gw.handle.northbound_addr;
 
     // TCP connected, no ClientHello.
-    let before = idle_timeouts("northbound_tls");
-    // Every clock starts before the connection does: the gateway's starts later, never earlier.
-    let start = Instant::now();
-    let tcp = tokio::net::TcpStream::connect(nb).await.unwrap();
-    let took = closed_after(tcp, start).await;
-    assert_window("northbound, no TLS", took, IDLE, Duration::ZERO);
-    wait_until("counted", T, || {
-        idle_timeouts("northbound_tls") == before + 1.0
-    })
-    .await;
+    silent_tcp_is_closed_at_the_timeout(nb, "northbound_tls", "northbound, no TLS").await;
 
     // TLS done, never an HTTP/2 preface or a request.
     let before = idle_timeouts("northbound_idle");
@@ -339,12 +342,7 @@ async fn tunnel_tcp_and_enrollment_connections_that_stall_are_closed_at_the_hand
     let tunnel = gw.handle.tunnel_addr;
 
     // The TCP fallback: connected, no ClientHello.
-    let before = idle_timeouts("tunnel_tcp");
-    let start = Instant::now();
-    let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
-    let took = closed_after(tcp, start).await;
-    assert_window("tunnel TCP, no ClientHello", took, IDLE, Duration::ZERO);
-    wait_until("counted", T, || idle_timeouts("tunnel_tcp") == before + 1.0).await;
+    silent_tcp_is_closed_at_the_timeout(tunnel, "tunnel_tcp", "tunnel TCP, no ClientHello").await;
 
     // The enrollment side door: a ClientHello for tether-enroll/1, then nothing.
     let before = idle_timeouts("enrollment");
