@@ -177,3 +177,44 @@ async fn an_agent_replaces_a_session_the_gateway_stopped_probing() {
     assert!(metric("tether_agent_wedged_sessions_total", &[]) >= 1.0);
     agent.stop().await;
 }
+
+/// The tunnel negotiates TLS 1.3's AES-128-GCM suite even with an agent that prefers
+/// AES-256-GCM (rustls's stock order): the gateway's order decides (`tls::crypto_provider`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_picks_aes_128_gcm_whatever_the_agent_prefers() {
+    tether_e2e::init();
+    let pki = Pki::new();
+    let gw = TestGateway::start(&pki).await;
+    let files = pki.agent("acme/suites");
+    let stock = rustls::crypto::aws_lc_rs::default_provider();
+    assert_eq!(
+        stock.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "this test needs a client that prefers AES-256-GCM"
+    );
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(stock))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(tether_runtime::tls::load_roots(&files.ca).expect("roots"))
+        .with_client_auth_cert(
+            tether_runtime::tls::load_certs("cert", &files.cert).expect("cert"),
+            tether_runtime::tls::load_key(&files.key).expect("key"),
+        )
+        .expect("client auth");
+    tls.alpn_protocols = vec![tunnel_proto::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.handle.tunnel_addr)
+        .await
+        .expect("connect to the tunnel's TCP port");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the tunnel");
+    let (_, conn) = stream.get_ref();
+    assert_eq!(
+        conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    drop(stream);
+    gw.stop().await;
+}

@@ -57,6 +57,9 @@ pub fn tls_config_with(
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(format!("gateway certificate: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // The gateway's suite order (AES-128-GCM first, `tls::crypto_provider`), whatever an agent
+    // prefers: the cheaper handshake is the gateway's to choose when thousands reconnect.
+    tls.ignore_client_order = true;
     // No session resumption: a resumed handshake skips the client-certificate verifier, so a
     // revoked (or since expired) certificate would get back in on its old session ticket.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -526,7 +529,7 @@ async fn drive_session(
     let transport = link.transport();
     // The end-to-end probe runs inside this driver (one task and one timer per session, which
     // matters at 10,000 mostly idle sessions; see docs/PERFORMANCE.md).
-    let mut probe = Probe::new(ctx.probe);
+    let mut probe = Probe::new(ctx.probe, ctx.session.heartbeat_interval);
     let close_reason;
     loop {
         while let Some(bytes) = session.poll_transmit() {
@@ -565,12 +568,15 @@ async fn drive_session(
                         session.close(ErrorCode::REVOKED, "agent revoked");
                     }
                 }
-                GatewayEvent::Rtt(rtt) => {
-                    if let Some(s) = &registered {
-                        s.set_rtt(rtt);
+                GatewayEvent::Heartbeat { rtt } => {
+                    if let Some(rtt) = rtt {
+                        if let Some(s) = &registered {
+                            s.set_rtt(rtt);
+                        }
+                        metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
+                            .record(rtt.as_secs_f64());
                     }
-                    metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
-                        .record(rtt.as_secs_f64());
+                    probe.on_heartbeat(&link, Instant::now());
                 }
                 // Signing takes well under a millisecond: answered here, in order.
                 GatewayEvent::RenewRequested(req) => {
@@ -671,10 +677,18 @@ type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 /// The end-to-end probe of one session: every `interval` the gateway opens a stream, sends a
 /// `Probe` header and expects the agent's `OpenResult` within `timeout`. Driven by the
 /// session's own loop: a timer deadline and, while a probe is out, its future.
+///
+/// A probe goes out with the heartbeat answer nearest its due time (within `slack`, half a
+/// heartbeat interval, either side): both are written in one turn of the session's task, so
+/// they share a packet, and the agent's answer to the probe carries its acknowledgement of
+/// both. At 10,000 idle agents that is a third fewer datagrams than probing on a timer of its
+/// own (see docs/PERFORMANCE.md). The timer at `next + slack` covers a session whose
+/// heartbeats stopped.
 struct Probe {
     interval: Duration,
     timeout: Duration,
-    /// When the next probe goes out; `None` before the session is established and after a
+    slack: Duration,
+    /// When the next probe is due; `None` before the session is established and after a
     /// failure.
     next: Option<Instant>,
     /// The probe in flight, with when it went out.
@@ -682,10 +696,11 @@ struct Probe {
 }
 
 impl Probe {
-    fn new((interval, timeout): (Duration, Duration)) -> Probe {
+    fn new((interval, timeout): (Duration, Duration), heartbeat: Duration) -> Probe {
         Probe {
             interval,
             timeout,
+            slack: (heartbeat / 2).min(interval / 2),
             next: None,
             in_flight: None,
         }
@@ -699,7 +714,15 @@ impl Probe {
     fn deadline(&self) -> Option<Instant> {
         match &self.in_flight {
             Some((sent, _)) => Some(*sent + self.timeout),
-            None => self.next,
+            None => self.next.map(|n| n + self.slack),
+        }
+    }
+
+    /// A heartbeat's answer is about to be written: the probe goes with it when due within
+    /// `slack`.
+    fn on_heartbeat(&mut self, link: &Link, now: Instant) {
+        if self.in_flight.is_none() && self.next.is_some_and(|n| n <= now + self.slack) {
+            self.send(link, now);
         }
     }
 
@@ -707,19 +730,25 @@ impl Probe {
         if self.in_flight.is_some() {
             return; // its own timeout ends it, in `answer`
         }
-        if self.next.is_some_and(|n| n <= now) {
-            self.next = None;
-            let link = link.clone();
-            let timeout = self.timeout;
-            let fut = tokio::time::timeout(timeout, async move { probe_once(&link).await });
-            let fut = async move {
-                match fut.await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
-                }
-            };
-            self.in_flight = Some((now, Box::pin(fut)));
+        if self.next.is_some_and(|n| n + self.slack <= now) {
+            self.send(link, now);
         }
+    }
+
+    /// Starts a probe; its first poll (in the same turn of the session's loop, by `answer`)
+    /// opens the stream and writes the header.
+    fn send(&mut self, link: &Link, now: Instant) {
+        self.next = None;
+        let link = link.clone();
+        let timeout = self.timeout;
+        let fut = tokio::time::timeout(timeout, async move { probe_once(&link).await });
+        let fut = async move {
+            match fut.await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            }
+        };
+        self.in_flight = Some((now, Box::pin(fut)));
     }
 
     /// The outcome of the probe in flight (pending while there is none). On success the next

@@ -146,13 +146,41 @@ impl Sampler {
 }
 
 /// The gateway's average CPU (percent of one core) and its RSS at the end, over `window`.
-pub async fn measure_window(sampler: &Sampler, window: Duration) -> Option<(f64, u64)> {
+pub async fn measure_window(sampler: &Sampler, window: Duration) -> Option<Window> {
     let a = sampler.gateway_now()?;
+    let udp_a = udp_datagrams_received();
     let t = Instant::now();
     tokio::time::sleep(window).await;
     let b = sampler.gateway_now()?;
     let secs = t.elapsed().as_secs_f64();
-    Some(((b.cpu_secs - a.cpu_secs) / secs * 100.0, b.rss_kib))
+    Some(Window {
+        cpu_pct: (b.cpu_secs - a.cpu_secs) / secs * 100.0,
+        rss_kib: b.rss_kib,
+        udp_datagrams_per_s: udp_a
+            .zip(udp_datagrams_received())
+            .map(|(a, b)| b.saturating_sub(a) as f64 / secs),
+    })
+}
+
+/// What [`measure_window`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    /// Gateway CPU, percent of one core.
+    pub cpu_pct: f64,
+    /// Gateway RSS at the end, KiB.
+    pub rss_kib: u64,
+    /// UDP datagrams received per second by this network namespace (on loopback each datagram
+    /// between fleet and gateway is counted once, whichever way it went).
+    pub udp_datagrams_per_s: Option<f64>,
+}
+
+/// `Udp: InDatagrams` of this network namespace (`/proc/net/snmp`).
+pub fn udp_datagrams_received() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "InDatagrams")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -164,5 +192,16 @@ mod tests {
         let r = read(std::process::id()).expect("own /proc entry");
         assert!(r.rss_kib > 0);
         assert!(r.cpu_secs >= 0.0);
+    }
+
+    #[test]
+    fn reads_udp_counters() {
+        let before = udp_datagrams_received().expect("/proc/net/snmp has Udp: InDatagrams");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"x", rx.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 4];
+        rx.recv(&mut buf).unwrap();
+        assert!(udp_datagrams_received().unwrap() > before);
     }
 }

@@ -139,6 +139,9 @@ pub struct Ramp {
     pub idle_window_s: f64,
     /// Gateway CPU while every agent is connected and only heartbeating, percent of one core.
     pub idle_cpu_pct: f64,
+    /// UDP datagrams per second on the machine (fleet ↔ gateway, each counted once) over the
+    /// same window; `None` when `/proc/net/snmp` could not be read.
+    pub idle_udp_datagrams_per_s: Option<f64>,
     /// The heartbeat interval agents ran with, seconds.
     pub heartbeat_s: f64,
     /// The fleet's own RSS (this process), KiB, when connected.
@@ -544,6 +547,13 @@ fn markdown(r: &Report) -> String {
             x.idle_window_s,
             x.fleet_rss_kib / 1024
         );
+        if let Some(d) = x.idle_udp_datagrams_per_s.filter(|d| *d > 0.0) {
+            let _ = writeln!(
+                s,
+                "- UDP datagrams while idle: {d:.0}/s (both directions), {:.1} µs of gateway CPU per datagram",
+                x.idle_cpu_pct / 100.0 * 1e6 / d
+            );
+        }
         for e in &x.failure_samples {
             let _ = writeln!(s, "  - failed dial: `{e}`");
         }

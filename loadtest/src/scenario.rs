@@ -359,9 +359,11 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
         ctx.opts.settle, ctx.opts.idle_window
     ));
     tokio::time::sleep(ctx.opts.settle).await;
-    if let Some((cpu, rss)) = procstat::measure_window(&ctx.sampler, ctx.opts.idle_window).await {
-        r.idle_cpu_pct = cpu;
+    if let Some(w) = procstat::measure_window(&ctx.sampler, ctx.opts.idle_window).await {
+        let rss = w.rss_kib;
+        r.idle_cpu_pct = w.cpu_pct;
         r.rss_connected_kib = rss;
+        r.idle_udp_datagrams_per_s = w.udp_datagrams_per_s;
         // Per agent the gateway holds a session for (all of them when the ramp completed).
         let held = ctx
             .driver

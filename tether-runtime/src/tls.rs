@@ -58,10 +58,26 @@ impl TlsFiles {
     }
 }
 
-/// Installs aws-lc-rs as the process's rustls provider. Idempotent; call first in every `main`
-/// and test harness (mixing providers panics at run time otherwise).
+/// Installs [`crypto_provider`] as the process's rustls provider. Idempotent; call first in
+/// every `main` and test harness (mixing providers panics at run time otherwise).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = crypto_provider().install_default();
+}
+
+/// aws-lc-rs with TLS 1.3's `TLS_AES_128_GCM_SHA256` first (rustls lists
+/// `TLS_AES_256_GCM_SHA384` first); every other suite stays offered, in rustls's order.
+///
+/// AES-128-GCM is what Go's TLS and most browsers pick too. Its SHA-256 runs on the CPU's SHA
+/// extensions, which x86 has for SHA-256 only: with SHA-384 the handshake's key schedule and
+/// transcript hashing were 5% of a gateway's CPU during a reconnect storm (`perf`, see
+/// docs/PERFORMANCE.md), and AES-128 protects every QUIC packet in fewer rounds.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // Stable: the other suites keep their order.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
 }
 
 /// All certificates in a PEM file.
@@ -148,5 +164,27 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
         [] => Err(TlsError::NoIdentity),
         [one] => Ok(SpiffeId::parse(one)?),
         many => Err(TlsError::SeveralIdentities(many.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_comes_first_and_nothing_is_dropped() {
+        let ours = crypto_provider();
+        let stock = rustls::crypto::aws_lc_rs::default_provider();
+        assert_eq!(
+            ours.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        let names = |p: &rustls::crypto::CryptoProvider| {
+            let mut v: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+            v.sort_by_key(|s| u16::from(*s));
+            v
+        };
+        assert_eq!(names(&ours), names(&stock));
+        assert_eq!(ours.kx_groups.len(), stock.kx_groups.len());
     }
 }

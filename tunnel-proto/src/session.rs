@@ -469,8 +469,13 @@ pub enum GatewayEvent {
         /// The negotiated version.
         version: u32,
     },
-    /// The agent reported its last heartbeat round trip.
-    Rtt(Duration),
+    /// A heartbeat arrived and its `HeartbeatAck` is queued; `rtt` is the round trip the agent
+    /// reported for its previous one (none on the first). Other traffic the gateway sends before
+    /// writing the queued bytes shares their packet (the end-to-end probe rides on it).
+    Heartbeat {
+        /// The agent's last measured heartbeat round trip.
+        rtt: Option<Duration>,
+    },
     /// The agent asks for a new certificate: answer with [`GatewaySession::renew_response`]
     /// (one renewal per session is pending at most).
     RenewRequested(RenewRequest),
@@ -565,10 +570,8 @@ impl GatewaySession {
             (GatewayState::Established, Message::Heartbeat(hb)) => {
                 self.core
                     .send(Message::HeartbeatAck(HeartbeatAck { seq: hb.seq }));
-                if hb.last_rtt_us > 0 {
-                    self.events
-                        .push_back(GatewayEvent::Rtt(Duration::from_micros(hb.last_rtt_us)));
-                }
+                let rtt = (hb.last_rtt_us > 0).then(|| Duration::from_micros(hb.last_rtt_us));
+                self.events.push_back(GatewayEvent::Heartbeat { rtt });
             }
             (GatewayState::Established, Message::RenewRequest(req)) => self.on_renew(req, now),
             (_, Message::Close(c)) => {

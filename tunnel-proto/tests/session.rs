@@ -81,11 +81,10 @@ fn heartbeats_measure_rtt_and_keep_the_session_alive() {
     );
     assert!(rtts.iter().all(|r| *r == LATENCY * 2));
     // The agent reports its RTT to the gateway in the next heartbeat.
-    assert!(
-        p.gateway_events
-            .iter()
-            .any(|(_, e)| *e == GatewayEvent::Rtt(LATENCY * 2))
-    );
+    assert!(p.gateway_events.iter().any(|(_, e)| *e
+        == GatewayEvent::Heartbeat {
+            rtt: Some(LATENCY * 2)
+        }));
     assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
 }
 
