@@ -176,11 +176,34 @@ pub struct Window {
 
 /// `Udp: InDatagrams` of this network namespace (`/proc/net/snmp`).
 pub fn udp_datagrams_received() -> Option<u64> {
+    udp_counter("InDatagrams")
+}
+
+/// `Udp: RcvbufErrors` of this network namespace: datagrams dropped because a socket's receive
+/// buffer was full.
+pub fn udp_receive_buffer_drops() -> Option<u64> {
+    udp_counter("RcvbufErrors")
+}
+
+fn udp_counter(name: &str) -> Option<u64> {
     let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (names, values) = (udp.next()?, udp.next()?);
-    let at = names.split_whitespace().position(|n| n == "InDatagrams")?;
+    let at = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// Datagrams dropped so far by the IPv4 UDP socket bound to `port` (the last column of
+/// `/proc/net/udp`); `None` when no such socket exists.
+pub fn udp_socket_drops(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = f.get(1)?.rsplit(':').next()?;
+        (u16::from_str_radix(local_port, 16).ok()? == port)
+            .then(|| f.last()?.parse().ok())
+            .flatten()
+    })
 }
 
 #[cfg(test)]
@@ -203,5 +226,12 @@ mod tests {
         let mut buf = [0u8; 4];
         rx.recv(&mut buf).unwrap();
         assert!(udp_datagrams_received().unwrap() > before);
+        assert!(udp_receive_buffer_drops().is_some());
+        let port = rx.local_addr().unwrap().port();
+        assert_eq!(
+            udp_socket_drops(port),
+            Some(0),
+            "a socket that dropped nothing"
+        );
     }
 }

@@ -228,6 +228,12 @@ pub struct Storm {
     pub connect_failures: u64,
     /// A few of their reasons.
     pub failure_samples: Vec<String>,
+    /// Datagrams the restarted gateway's tunnel socket dropped, its receive buffer full, until
+    /// every agent was back (each a lost Initial or handshake flight: a retransmission timeout
+    /// for its agent).
+    pub gateway_socket_drops: Option<u64>,
+    /// The same for every UDP socket on the machine (the fleet's included).
+    pub machine_receive_drops: Option<u64>,
     /// One call to every agent after the storm.
     pub dispatch: Calls,
 }
@@ -627,6 +633,12 @@ fn markdown(r: &Report) -> String {
             x.dispatch.ok,
             x.dispatch.calls
         );
+        if let (Some(g), Some(m)) = (x.gateway_socket_drops, x.machine_receive_drops) {
+            let _ = writeln!(
+                s,
+                "- UDP datagrams dropped for a full receive buffer until all were back: {g} by the gateway's socket, {m} on the machine"
+            );
+        }
         for e in &x.failure_samples {
             let _ = writeln!(s, "  - `{e}`");
         }

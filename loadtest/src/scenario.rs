@@ -525,6 +525,8 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
     };
     let before = ctx.fleet.connected();
     let failures_before = ctx.fleet.connect_failures();
+    let drops_before = procstat::udp_receive_buffer_drops();
+    let tunnel_port = gw.addrs.tunnel.port();
     let kill_at = Instant::now();
     gw.kill9().await;
     ctx.sampler.gateway_pid.store(0, Ordering::Relaxed);
@@ -569,6 +571,11 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
         agents: before,
         restart_s: (restart_at - kill_at).as_secs_f64(),
         connect_failures: ctx.fleet.connect_failures() - failures_before,
+        // The new process's socket counts from its start.
+        gateway_socket_drops: procstat::udp_socket_drops(tunnel_port),
+        machine_receive_drops: drops_before
+            .zip(procstat::udp_receive_buffer_drops())
+            .map(|(a, b)| b.saturating_sub(a)),
         ..Default::default()
     };
     let since_restart = |t: Instant| t.saturating_duration_since(restart_at).as_secs_f64();
