@@ -721,18 +721,24 @@ impl Probe {
     /// A heartbeat's answer is about to be written: the probe goes with it when due within
     /// `slack`.
     fn on_heartbeat(&mut self, link: &Link, now: Instant) {
-        if self.in_flight.is_none() && self.next.is_some_and(|n| n <= now + self.slack) {
+        if self.due_with_heartbeat(now) {
             self.send(link, now);
         }
     }
 
     fn on_timer(&mut self, link: &Link, now: Instant) {
-        if self.in_flight.is_some() {
-            return; // its own timeout ends it, in `answer`
-        }
-        if self.next.is_some_and(|n| n + self.slack <= now) {
+        // A probe in flight is ended by its own timeout, in `answer`.
+        if self.due_by_timer(now) {
             self.send(link, now);
         }
+    }
+
+    fn due_with_heartbeat(&self, now: Instant) -> bool {
+        self.in_flight.is_none() && self.next.is_some_and(|n| n <= now + self.slack)
+    }
+
+    fn due_by_timer(&self, now: Instant) -> bool {
+        self.in_flight.is_none() && self.next.is_some_and(|n| n + self.slack <= now)
     }
 
     /// Starts a probe; its first poll (in the same turn of the session's loop, by `answer`)
@@ -788,5 +794,57 @@ async fn probe_once(link: &Link) -> Result<(), String> {
         Ok(Some(other)) => Err(format!("unexpected answer {}", other.name())),
         Ok(None) => Err("stream ended without an answer".into()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_probe_rides_on_the_heartbeat_nearest_its_due_time() {
+        // Probe every 30 s, heartbeat every 10 s: slack 5 s either side.
+        let mut p = Probe::new((30 * S, 10 * S), 10 * S);
+        let t0 = Instant::now();
+        assert!(
+            !p.due_with_heartbeat(t0) && !p.due_by_timer(t0 + 3600 * S),
+            "not started"
+        );
+        p.start(t0);
+        assert_eq!(
+            p.deadline(),
+            Some(t0 + 35 * S),
+            "the timer waits out the slack"
+        );
+        assert!(
+            !p.due_with_heartbeat(t0 + 20 * S),
+            "10 s early: the next heartbeat is nearer"
+        );
+        assert!(p.due_with_heartbeat(t0 + 26 * S), "4 s early");
+        assert!(
+            p.due_with_heartbeat(t0 + 34 * S),
+            "4 s late (no heartbeat came in between)"
+        );
+        assert!(
+            !p.due_by_timer(t0 + 34 * S),
+            "the timer leaves the window to heartbeats"
+        );
+        assert!(
+            p.due_by_timer(t0 + 35 * S),
+            "heartbeats stopped: the timer sends it"
+        );
+    }
+
+    #[test]
+    fn the_slack_never_exceeds_half_the_probe_interval() {
+        // Probes faster than heartbeats (as tests configure): slack is half the probe interval.
+        let mut p = Probe::new((S / 5, S / 5), 10 * S);
+        let t0 = Instant::now();
+        p.start(t0);
+        assert_eq!(p.deadline(), Some(t0 + S / 5 + S / 10));
+        assert!(!p.due_with_heartbeat(t0));
+        assert!(p.due_by_timer(t0 + S / 5 + S / 10));
     }
 }
