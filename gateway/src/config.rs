@@ -442,7 +442,9 @@ pub struct TunnelConfig {
     /// HTTP/2, the agent as HTTP/2 server).
     pub tcp_fallback: bool,
     /// How often each session is probed end to end (a stream opened, answered by the agent);
-    /// a session whose probe fails is closed even if its connection looks alive.
+    /// a session whose probe fails is closed even if its connection looks alive. Each probe goes
+    /// out with the answer to the heartbeat nearest its due time (up to half a heartbeat
+    /// interval early or late), sharing its packet.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
     /// How long a probe may take.
