@@ -25,6 +25,7 @@ pub struct SessionStatus {
 pub struct AgentStatus {
     sessions: Mutex<BTreeMap<u64, SessionStatus>>,
     last_error: Mutex<Option<String>>,
+    last_session_end: Mutex<Option<String>>,
     delays: Mutex<Vec<Duration>>,
 }
 
@@ -51,6 +52,10 @@ impl AgentStatus {
         *self.last_error.lock().expect("status lock") = Some(e);
     }
 
+    pub(crate) fn set_session_end(&self, reason: String) {
+        *self.last_session_end.lock().expect("status lock") = Some(reason);
+    }
+
     pub(crate) fn record_delay(&self, d: Duration) {
         let mut v = self.delays.lock().expect("status lock");
         if v.len() >= 1024 {
@@ -75,9 +80,17 @@ impl AgentStatus {
         !self.sessions.lock().expect("status lock").is_empty()
     }
 
-    /// The last connection error, if any.
+    /// The last connection error, if any: why the latest session or dial attempt ended.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().expect("status lock").clone()
+    }
+
+    /// Why the last established session ended, if one has: kept apart from [`last_error`]
+    /// so that the failed redials which usually follow do not hide it.
+    ///
+    /// [`last_error`]: Self::last_error
+    pub fn last_session_end(&self) -> Option<String> {
+        self.last_session_end.lock().expect("status lock").clone()
     }
 
     /// Reconnect delays chosen so far (most recent last, at most 1024).
@@ -104,6 +117,7 @@ impl AgentStatus {
             detail: serde_json::json!({
                 "sessions": sessions,
                 "last_error": self.last_error(),
+                "last_session_end": self.last_session_end(),
             }),
         }
     }

@@ -251,6 +251,9 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::warn!(%gateway, %reason, "could not establish a session");
                         metrics::counter!("tether_agent_connect_failures_total").increment(1);
                     }
+                    if established {
+                        shared.status.set_session_end(reason.clone());
+                    }
                     if !reprobe || established {
                         shared.status.set_error(reason);
                     }

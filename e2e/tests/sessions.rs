@@ -317,9 +317,13 @@ async fn gateway_drain_sends_go_away_then_closes_with_shutdown() {
     // The draining gateway refuses the replacement, so the old session lasts until the drain
     // timeout and then closes with SHUTDOWN.
     assert!(started.elapsed() >= Duration::from_millis(500));
-    wait_until("agent notices", T, || !agent.handle.status.connected()).await;
-    let err = agent.handle.status.last_error().unwrap_or_default();
-    assert!(err.contains("shutdown") || err.contains("gateway"), "{err}");
+    wait_until("agent notices", T, || {
+        agent.handle.status.last_session_end().is_some()
+    })
+    .await;
+    assert!(!agent.handle.status.connected());
+    let err = agent.handle.status.last_session_end().unwrap_or_default();
+    assert!(err.contains("shutdown gateway shutting down"), "{err}");
     agent.stop().await;
 }
 
@@ -373,6 +377,24 @@ async fn agent_readyz_follows_the_session_and_healthz_does_not() {
         metrics.contains("tether_agent_sessions_active"),
         "{metrics}"
     );
-    agent.stop().await;
+    // Once the gateway is gone the body says why the session ended, however many redials
+    // have failed since.
     gw.stop().await;
+    wait_until("agent saw the gateway's SHUTDOWN", T, || {
+        agent
+            .handle
+            .status
+            .last_session_end()
+            .is_some_and(|e| e.contains("shutdown"))
+    })
+    .await;
+    let (status, body) = tokio::task::spawn_blocking(move || get("/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"last_session_end\":\"gateway closed the connection: shutdown"),
+        "{body}"
+    );
+    agent.stop().await;
 }

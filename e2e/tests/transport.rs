@@ -109,7 +109,7 @@ async fn a_tcp_agent_sees_the_gateways_close_reason() {
         agent
             .handle
             .status
-            .last_error()
+            .last_session_end()
             .is_some_and(|e| e.contains("shutdown"))
     })
     .await;
