@@ -359,6 +359,13 @@ impl TestAgent {
         TestAgent { handle, shutdown }
     }
 
+    /// True once the agent holds no session and its last established one ended for a reason
+    /// containing `what` (redials that fail afterwards do not change it).
+    pub fn disconnected_because(&self, what: &str) -> bool {
+        let status = &self.handle.status;
+        !status.connected() && status.last_session_end().is_some_and(|e| e.contains(what))
+    }
+
     /// Stops and waits.
     pub async fn stop(self) {
         self.shutdown.cancel();

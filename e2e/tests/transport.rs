@@ -106,11 +106,7 @@ async fn a_tcp_agent_sees_the_gateways_close_reason() {
     wait_until("agent connected", T, || gw.sessions_of("acme/tcp") == 1).await;
     gw.stop().await;
     wait_until("agent saw the gateway's SHUTDOWN", T, || {
-        agent
-            .handle
-            .status
-            .last_session_end()
-            .is_some_and(|e| e.contains("shutdown"))
+        agent.disconnected_because("closed by gateway: shutdown")
     })
     .await;
     agent.stop().await;
