@@ -389,6 +389,20 @@ impl Executor {
                 },
             }
         };
+        // The handler has returned, so every line it reported is queued by now: send those the
+        // loop did not reach before the result, or the record would miss its last lines.
+        loop {
+            match progress.try_recv() {
+                Ok(message) => {
+                    let line = Message::CommandProgress(CommandProgress { message });
+                    if send_msg(&mut send, &line).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
         let mut result = CommandResult {
             succeeded: outcome.ok,
             output: Vec::new(),

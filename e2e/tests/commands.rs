@@ -207,6 +207,27 @@ async fn watch_shows_each_transition_and_progress_then_succeeded() {
     );
 }
 
+/// A handler that reports its lines faster than they can be sent and returns at once: every
+/// line still reaches the record, before the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reported_just_before_the_end_is_kept() {
+    let handlers = test_handlers();
+    handlers.register("chatty", |_: bytes::Bytes, p: ProgressSink| async move {
+        for i in 1..=15 {
+            p.report(format!("line {i}"));
+        }
+        Ok(bytes::Bytes::from_static(b"done"))
+    });
+    let mut s = scene_with(handlers).await;
+    for _ in 0..5 {
+        let id = submit(&mut s.client, submit_req(AGENT, "chatty", "")).await;
+        let c = wait_final(&mut s.client, &id, T).await;
+        assert_eq!(c.state(), CommandState::Succeeded);
+        let want: Vec<String> = (1..=15).map(|i| format!("line {i}")).collect();
+        assert_eq!(c.progress, want);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_agent_gets_100_queued_commands_in_order_on_connect() {
     let handlers = test_handlers();
