@@ -396,13 +396,31 @@ pub struct AgentProcess {
 }
 
 /// A child process's log lines, collected as it writes them.
-#[derive(Clone, Debug, Default)]
-pub struct LogLines(Arc<std::sync::Mutex<Vec<String>>>);
+#[derive(Clone, Debug)]
+pub struct LogLines {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    /// True once the stream being collected has ended.
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for LogLines {
+    /// Lines pushed by hand; never "ended".
+    fn default() -> Self {
+        LogLines {
+            lines: Arc::default(),
+            ended: tokio::sync::watch::channel(false).1,
+        }
+    }
+}
 
 impl LogLines {
     /// Reads `stream` to its end in a task, keeping every line.
     pub fn collect(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> LogLines {
-        let logs = LogLines::default();
+        let (ended, rx) = tokio::sync::watch::channel(false);
+        let logs = LogLines {
+            lines: Arc::default(),
+            ended: rx,
+        };
         let sink = logs.clone();
         tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
@@ -410,17 +428,25 @@ impl LogLines {
             while let Ok(Some(line)) = lines.next_line().await {
                 sink.push(line);
             }
+            ended.send_replace(true);
         });
         logs
     }
 
+    /// Waits until the collected stream has ended (the process closed it, usually by
+    /// exiting), so that [`text`](Self::text) holds every line it wrote.
+    pub async fn ended(&self) {
+        // An error means the collecting task is gone: nothing more will come either way.
+        let _ = self.ended.clone().wait_for(|e| *e).await;
+    }
+
     fn push(&self, line: String) {
-        self.0.lock().expect("log lines").push(line);
+        self.lines.lock().expect("log lines").push(line);
     }
 
     /// Everything so far, one line each.
     pub fn text(&self) -> String {
-        self.0.lock().expect("log lines").join("\n")
+        self.lines.lock().expect("log lines").join("\n")
     }
 }
 
@@ -441,6 +467,17 @@ impl AgentProcess {
     /// What it logged so far.
     pub fn logs(&self) -> String {
         self.logs.text()
+    }
+
+    /// Waits up to `timeout` for the process to exit and for its log to be read to the end;
+    /// panics if it does not exit in time.
+    pub async fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("tether-agent still running after {timeout:?}"))
+            .expect("wait for tether-agent");
+        self.logs.ended().await;
+        status
     }
 
     /// The same, inside network namespace `ns`.

@@ -242,10 +242,7 @@ async fn a_reused_token_is_refused() {
     // An agent with that used token and no certificate stops, saying so.
     let state = tempfile::tempdir().unwrap();
     let mut agent = AgentProcess::spawn(&enroll_config(&pki, &gw, state.path(), Some(&token)));
-    let status = tokio::time::timeout(T, agent.child.wait())
-        .await
-        .expect("the agent exits")
-        .unwrap();
+    let status = agent.exit_within(T).await;
     assert_eq!(status.code(), Some(64));
     assert!(agent.logs().contains("already used"), "{}", agent.logs());
     assert!(!state.path().join("agent.pem").exists());
