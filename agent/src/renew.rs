@@ -266,7 +266,7 @@ pub async fn run(credentials: Arc<Credentials>, cfg: AgentConfig, shutdown: Canc
                 let expired = SystemTime::now() >= cur.not_after;
                 if expired {
                     tracing::error!(error = %e, not_after = %rfc3339(cur.not_after),
-                        "certificate renewal failed and the certificate has expired: live sessions stay up, new ones cannot be opened until a renewal succeeds (or the agent is enrolled again)");
+                        "certificate renewal failed and the certificate has expired: gateways renew only unexpired certificates, so the agent needs a new enrollment token (live sessions stay up; new ones cannot be opened)");
                 } else {
                     tracing::error!(error = %e, not_after = %rfc3339(cur.not_after),
                         "certificate renewal failed; keeping the current certificate and trying again");

@@ -233,6 +233,27 @@ fn main() {
         &stream(&[messages[0].clone(), messages[0].clone()]),
     );
 
+    // agent_session: a gateway that offers renewal answers the agent's request (id 1).
+    write(
+        &dir,
+        "agent_session",
+        "welcome_renew_answered",
+        &stream(&[
+            Message::Welcome(Welcome {
+                capabilities: vec![tunnel_proto::message::RENEW.into()],
+                ..welcome.clone()
+            }),
+            Message::HeartbeatAck(HeartbeatAck { seq: 1 }),
+            Message::RenewResponse(RenewResponse {
+                id: 1,
+                code: 7,
+                message: "agent revoked".into(),
+                ..Default::default()
+            }),
+            messages[5].clone(),
+        ]),
+    );
+
     // stream_header: a gateway-opened stream of each kind, then what follows it.
     let data = Message::Data(Bytes::from_static(b"\0\0\0\0\x05hello"));
     for (name, kind) in [

@@ -34,7 +34,7 @@ use tether_gateway::auth::{Authenticator, CallerKind, TenantScope};
 use tether_gateway::enrollment::{Enrollment, check_csr};
 use tether_gateway::identity_db::IdentityDb;
 use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, decode_frame};
-use tunnel_proto::message::{Hello, Message, StreamKind, Welcome};
+use tunnel_proto::message::{Hello, Message, RenewResponse, StreamKind, Welcome};
 use tunnel_proto::session::{
     AgentEvent, AgentSession, AgentSessionConfig, GatewayEvent, GatewaySession,
     GatewaySessionConfig,
@@ -130,18 +130,40 @@ pub fn frame_decoder(data: &[u8]) -> Outcome {
 }
 
 /// Any bytes from an agent into the gateway's session state machine, 7 bytes at a time with
-/// 300 ms between reads: no panic, and the session always ends.
+/// 300 ms between reads, on a gateway that renews certificates (each renewal it lets through is
+/// answered, as the tunnel does): no panic, at most one renewal handed out per
+/// `renew_min_interval`, and the session always ends.
 pub fn gateway_session(data: &[u8]) -> Outcome {
     let start = Instant::now();
-    let mut s = GatewaySession::new(GatewaySessionConfig::new("fuzz".into()), start);
+    let mut cfg = GatewaySessionConfig::new("fuzz".into());
+    cfg.capabilities = vec![tunnel_proto::message::RENEW.into()];
+    let min_interval = cfg.renew_min_interval;
+    let mut s = GatewaySession::new(cfg, start);
     let mut established = false;
+    let mut last_renewal: Option<Instant> = None;
     for (i, chunk) in data.chunks(7).enumerate() {
         let now = start + Duration::from_millis(i as u64 * 300);
         s.handle_input(chunk, now);
         s.handle_timeout(now);
         while s.poll_transmit().is_some() {}
         while let Some(e) = s.poll_event() {
-            established |= matches!(e, GatewayEvent::Established { .. });
+            match e {
+                GatewayEvent::Established { .. } => established = true,
+                GatewayEvent::RenewRequested(req) => {
+                    assert!(
+                        last_renewal.is_none_or(|t| now >= t + min_interval),
+                        "two renewals handed out within renew_min_interval"
+                    );
+                    last_renewal = Some(now);
+                    s.renew_response(RenewResponse {
+                        id: req.id,
+                        code: 7,
+                        message: "fuzz".into(),
+                        ..Default::default()
+                    });
+                }
+                _ => {}
+            }
         }
     }
     s.handle_eof(start + Duration::from_secs(3600));
@@ -165,14 +187,31 @@ pub fn agent_session(data: &[u8]) -> Outcome {
     let start = Instant::now();
     let mut s = agent(start);
     let mut established = false;
+    // A renewal is asked for whenever the session allows one (a gateway that offers `renew`),
+    // so the fuzzer reaches the answers' handling: only the pending id is ever answered.
+    let mut renewing: Option<u64> = None;
     while s.poll_transmit().is_some() {}
     for (i, chunk) in data.chunks(7).enumerate() {
         let now = start + Duration::from_millis(i as u64 * 300);
+        if s.can_renew() {
+            renewing = s.renew("-----BEGIN CERTIFICATE REQUEST-----\n".into());
+            assert!(renewing.is_some(), "can_renew, yet renew sent nothing");
+        }
         s.handle_input(chunk, now);
         s.handle_timeout(now);
         while s.poll_transmit().is_some() {}
         while let Some(e) = s.poll_event() {
-            established |= matches!(e, AgentEvent::Established(_));
+            match e {
+                AgentEvent::Established(_) => established = true,
+                AgentEvent::Renewed(r) => {
+                    assert_eq!(
+                        Some(r.id),
+                        renewing.take(),
+                        "an answer to no pending renewal"
+                    );
+                }
+                _ => {}
+            }
         }
     }
     s.handle_eof(start + Duration::from_secs(3600));

@@ -22,14 +22,17 @@
 //! just made) on the control stream of a live session; the tunnel's session driver hands it
 //! here with the identity of the certificate that session authenticated with. The same CSR
 //! checks and the same certificate as enrollment, for exactly that identity, unless that
-//! certificate or its agent is revoked. Certificates are signed by the CA of
+//! certificate or its agent is revoked, or that certificate has expired (a session outlives
+//! its certificate; renewing over it would extend a stolen key for ever), and at most one
+//! certificate per agent every [`RENEW_EVERY`] however many sessions it holds. Certificates are signed by the CA of
 //! `enrollment.ca_key`, and every issued certificate goes out with `tls.ca`, the CA bundle of
 //! the trust domain: during a CA rotation it holds the old and the new CA, and agents trust it
 //! for the gateway's certificate as well (docs/ca-rotation.md).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
@@ -70,6 +73,14 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// lifetime, so a certificate of a few seconds, as in tests, would otherwise be due at once.)
 const CLOCK_SKEW: i64 = 60;
 
+/// Renewals of one agent are signed at most this often, across all its sessions (each session
+/// also refuses a second request within a second: `GatewaySessionConfig::renew_min_interval`).
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// Agents whose last renewal is remembered; beyond this, entries older than [`RENEW_EVERY`]
+/// are dropped.
+const RENEWED_KEPT: usize = 4096;
+
 /// Why an enrollment operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,6 +108,14 @@ pub enum EnrollError {
     /// A renewal for a revoked certificate or agent (a new enrollment is needed).
     #[error("{0}")]
     Revoked(String),
+    /// A renewal over a session whose certificate has expired (a new enrollment is needed).
+    #[error(
+        "this session's certificate expired at {0}: it cannot be renewed; enrol the agent again"
+    )]
+    Expired(String),
+    /// A renewal sooner than [`RENEW_EVERY`] after the agent's previous one.
+    #[error("agent {0} was issued a certificate less than {RENEW_EVERY:?} ago; try again later")]
+    TooSoon(AgentId),
     /// The identity store failed (the gateway's fault; retrying may help).
     #[error(transparent)]
     Store(#[from] IdentityDbError),
@@ -116,6 +135,8 @@ impl EnrollError {
             }
             EnrollError::Token(_) => Status::unauthenticated(msg),
             EnrollError::Revoked(_) => Status::permission_denied(msg),
+            EnrollError::Expired(_) => Status::unauthenticated(msg),
+            EnrollError::TooSoon(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
             EnrollError::Issue(_) => Status::internal(msg),
         }
@@ -131,6 +152,8 @@ impl EnrollError {
             EnrollError::Token(TokenRefusal::Revoked(_)) => "token_revoked",
             EnrollError::Csr(_) => "bad_csr",
             EnrollError::Revoked(_) => "revoked",
+            EnrollError::Expired(_) => "expired",
+            EnrollError::TooSoon(_) => "rate_limited",
             EnrollError::Disabled => "disabled",
             _ => "error",
         }
@@ -145,6 +168,8 @@ pub struct Enrollment {
     cfg: EnrollmentConfig,
     /// `tls.ca` (PEM): the CA bundle that goes out with every issued certificate.
     bundle: String,
+    /// When each agent was last renewed (see [`RENEW_EVERY`]).
+    renewed: std::sync::Mutex<HashMap<AgentId, Instant>>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -165,6 +190,7 @@ impl Enrollment {
             ca,
             cfg: cfg.enrollment.clone(),
             bundle,
+            renewed: Default::default(),
         })
     }
 
@@ -333,7 +359,29 @@ impl Enrollment {
         if let Some(why) = self.revocations.refusal(agent, cert) {
             return Err(EnrollError::Revoked(why));
         }
-        self.issue(agent, csr_pem, SystemTime::now())
+        let now = SystemTime::now();
+        if cert.not_after <= to_ms(now) / 1000 {
+            let at = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(cert.not_after).unwrap_or(0));
+            let at = humantime::format_rfc3339_seconds(at).to_string();
+            return Err(EnrollError::Expired(at));
+        }
+        let key = self.check(agent, csr_pem)?;
+        // Held while signing, so that two sessions of one agent cannot both pass.
+        let mut renewed = self.renewed.lock().expect("renewal times");
+        let started = Instant::now();
+        if renewed
+            .get(agent)
+            .is_some_and(|t| started.duration_since(*t) < RENEW_EVERY)
+        {
+            return Err(EnrollError::TooSoon(agent.clone()));
+        }
+        let issued = self.sign(agent, &key, now)?;
+        if renewed.len() >= RENEWED_KEPT {
+            renewed.retain(|_, t| started.duration_since(*t) < RENEW_EVERY);
+        }
+        renewed.insert(agent.clone(), started);
+        Ok(issued)
     }
 
     /// Checks the CSR against the identity `id` and signs its key.
@@ -343,9 +391,25 @@ impl Enrollment {
         csr_pem: &str,
         now: SystemTime,
     ) -> Result<(String, SystemTime), EnrollError> {
+        let key = self.check(id, csr_pem)?;
+        self.sign(id, &key, now)
+    }
+
+    /// The key of a CSR that asks for nothing beyond the identity `id`.
+    fn check(&self, id: &AgentId, csr_pem: &str) -> Result<rcgen::PublicKey, EnrollError> {
+        let ca = self.ca.as_ref().ok_or(EnrollError::Disabled)?;
+        check_csr(csr_pem, &id.to_uri(&ca.trust_domain)).map_err(EnrollError::Csr)
+    }
+
+    /// A certificate for `id` and `key`, valid from now (or the agent's revocation cut-off).
+    fn sign(
+        &self,
+        id: &AgentId,
+        key: &rcgen::PublicKey,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), EnrollError> {
         let ca = self.ca.as_ref().ok_or(EnrollError::Disabled)?;
         let uri = id.to_uri(&ca.trust_domain);
-        let key = check_csr(csr_pem, &uri).map_err(EnrollError::Csr)?;
         let now_s = to_ms(now) / 1000;
         let skew = CLOCK_SKEW.min(self.cfg.cert_ttl.as_secs() as i64 / 4);
         let not_before = self.revocations.not_before(id, now_s - skew);
@@ -363,7 +427,7 @@ impl Enrollment {
             server: false,
         };
         let pem = ca
-            .sign(&spec, &key)
+            .sign(&spec, key)
             .map_err(|e| EnrollError::Issue(e.to_string()))?;
         Ok((pem, not_after))
     }
@@ -746,6 +810,7 @@ mod tests {
             fingerprint: "ab".repeat(32),
             serial: "01".into(),
             not_before,
+            not_after: not_before + 24 * 3600,
         }
     }
 
@@ -829,6 +894,55 @@ mod tests {
             &renew_req(csr(with_uris(&[]), &key)),
         );
         assert_eq!(r.code, 0, "{}", r.message);
+    }
+
+    #[test]
+    fn an_expired_certificate_is_not_renewed() {
+        tether_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _db) = service(dir.path(), true);
+        let agent: AgentId = "acme/a".parse().unwrap();
+        let now = to_ms(SystemTime::now()) / 1000;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut expired = facts(now - 100);
+        expired.not_after = now - 1;
+        let r = svc.renew(&agent, &expired, &renew_req(csr(with_uris(&[]), &key)));
+        assert_eq!(r.code, tonic::Code::Unauthenticated as i32, "{}", r.message);
+        assert!(r.message.contains("expired at"), "{}", r.message);
+        assert!(r.certificate_pem.is_empty());
+        // The same session a little earlier, before its certificate expired, is renewed.
+        expired.not_after = now + 60;
+        let r = svc.renew(&agent, &expired, &renew_req(csr(with_uris(&[]), &key)));
+        assert_eq!(r.code, 0, "{}", r.message);
+    }
+
+    #[test]
+    fn an_agent_is_renewed_at_most_once_a_second_whatever_its_sessions() {
+        tether_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _db) = service(dir.path(), true);
+        let (a, b): (AgentId, AgentId) = ("acme/a".parse().unwrap(), "acme/b".parse().unwrap());
+        let now = to_ms(SystemTime::now()) / 1000;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = renew_req(csr(with_uris(&[]), &key));
+        let started = Instant::now();
+        assert_eq!(svc.renew(&a, &facts(now - 100), &req).code, 0);
+        // Another session of the same agent (another certificate) asking at once.
+        let mut other = facts(now - 50);
+        other.fingerprint = "cd".repeat(32);
+        let r = svc.renew(&a, &other, &req);
+        if started.elapsed() < RENEW_EVERY {
+            assert_eq!(
+                r.code,
+                tonic::Code::ResourceExhausted as i32,
+                "{}",
+                r.message
+            );
+            assert!(r.message.contains("acme/a"), "{}", r.message);
+            assert!(r.certificate_pem.is_empty());
+        }
+        // Other agents are not held back.
+        assert_eq!(svc.renew(&b, &facts(now - 100), &req).code, 0);
     }
 
     #[test]

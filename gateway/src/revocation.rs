@@ -56,6 +56,8 @@ pub struct CertFacts {
     pub serial: String,
     /// `notBefore`, Unix seconds.
     pub not_before: i64,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
 }
 
 impl CertFacts {
@@ -67,6 +69,7 @@ impl CertFacts {
             fingerprint: sha256_hex(cert.as_ref()),
             serial: hex(x509.raw_serial()),
             not_before: x509.validity().not_before.timestamp(),
+            not_after: x509.validity().not_after.timestamp(),
         })
     }
 }
@@ -366,6 +369,7 @@ mod tests {
             fingerprint: fp.into(),
             serial: "01".into(),
             not_before,
+            not_after: i64::MAX,
         }
     }
 
