@@ -248,7 +248,14 @@ pub async fn run(credentials: Arc<Credentials>, cfg: AgentConfig, shutdown: Canc
             s = wait_session(&credentials, cur.not_after) => s,
         };
         let started = SystemTime::now();
-        match renew_once(&credentials, session, &cfg).await {
+        // Shutdown does not wait for an answer (up to ANSWER_TIMEOUT): a renewal cut short
+        // before its commit point is simply not done, and one after it is finished by the next
+        // start (see `recover`).
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = renew_once(&credentials, session, &cfg) => r,
+        };
+        match result {
             Ok(next) => {
                 retry = None;
                 earliest = started + MIN_INTERVAL;

@@ -79,6 +79,7 @@ struct Seen {
     session_id: String,
     cert_fingerprint: String,
     cert_serial: String,
+    cert_not_after: i64,
     connected_at: SystemTime,
 }
 
@@ -88,6 +89,7 @@ impl Seen {
             session_id: s.session_id.clone(),
             cert_fingerprint: s.cert_fingerprint.clone(),
             cert_serial: s.cert_serial.clone(),
+            cert_not_after: s.cert_not_after,
             connected_at: s.connected_at,
         }
     }
@@ -231,27 +233,28 @@ async fn a_short_lived_certificate_is_renewed_at_two_thirds_and_no_call_fails_ac
     );
     assert!(ok >= 100, "only {ok} calls in the load");
 
-    // Each renewal is a new session with a new certificate, about two thirds into the old
-    // one's lifetime: issued at t, it is valid from ⌊t⌋ − 1 s (the gateway backdates by a
-    // quarter of the lifetime, at most a minute) to ⌊t⌋ + 6 s, so it is due at ⌊t⌋ + 3.67 s
-    // less up to 5% of 7 s: 2.3 to 3.7 s after t. At its expiry would be 5 to 6 s after t.
-    let seen = sessions.all();
-    for (i, pair) in seen.windows(2).enumerate() {
+    // Each renewal is a new session with a new certificate, made about two thirds into the old
+    // certificate's lifetime and before it expired. Every certificate here lives 7 s (the
+    // gateway backdates by a quarter of `cert_ttl`, at most a minute; the first one is made
+    // alike), so the renewal is due between 2/3 − 5% and 2/3 of it: 2.68 to 2.33 s before the
+    // old certificate's `notAfter`. (Sessions that reconnect on the same certificate, e.g. a
+    // TCP fallback moving to QUIC on a loaded machine, are not renewals: one per certificate.)
+    let mut seen = sessions.all();
+    seen.dedup_by(|next, prev| next.cert_fingerprint == prev.cert_fingerprint);
+    assert!(seen.len() >= 4, "{seen:#?}");
+    let life = TTL + Duration::from_secs(1);
+    for pair in seen.windows(2) {
         let (old, new) = (&pair[0], &pair[1]);
         assert_ne!(old.session_id, new.session_id);
-        assert_ne!(old.cert_fingerprint, new.cert_fingerprint);
         assert_ne!(old.cert_serial, new.cert_serial);
-        // (The first certificate was not issued when its session connected.)
-        if i > 0 {
-            let gap = new
-                .connected_at
-                .duration_since(old.connected_at)
-                .unwrap_or_default();
-            assert!(
-                gap > Duration::from_millis(2000) && gap < Duration::from_millis(4200),
-                "renewed {gap:?} after the previous renewal"
-            );
-        }
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(old.cert_not_after as u64);
+        let due = expiry - life.mul_f64(1.0 / 3.0 + 0.05);
+        assert!(
+            new.connected_at >= due - Duration::from_millis(20) && new.connected_at < expiry,
+            "renewed {:?} before the old certificate's expiry; due from {:?} before it",
+            expiry.duration_since(new.connected_at).ok(),
+            expiry.duration_since(due).unwrap_or_default()
+        );
     }
     assert!(metric("tether_gateway_renewals_total", &[("result", "issued")]) >= 3.0);
     assert_eq!(
@@ -453,27 +456,54 @@ async fn over_the_tunnel_the_gateway_renews_only_the_sessions_own_identity() {
         6.0
     );
 
-    // Its own identity, or no name at all: a certificate for exactly the session's identity,
-    // from the CA, with the CA bundle. A second request at once is refused, and the session
-    // stays up: refusals are answers, not protocol errors.
-    for params in [with_sans(vec![uri(me)]), with_sans(Vec::new())] {
-        let mut raw = RawSession::open(&files, gw.handle.tunnel_addr).await;
+    // Its own identity, or no name at all (two agents: one agent is issued at most one
+    // certificate a second): a certificate for exactly the session's identity, from the CA,
+    // with the CA bundle. A second request at once, on that session or on another session of
+    // the agent, is refused, and the session stays up: refusals are answers, not protocol
+    // errors.
+    let other = "spiffe://test.local/tenant/acme/agent/raw2";
+    let mut limited = 0.0;
+    for (files, id, params) in [
+        (&files, me, with_sans(vec![uri(me)])),
+        (&pki.agent("acme/raw2"), other, with_sans(Vec::new())),
+    ] {
+        let mut raw = RawSession::open(files, gw.handle.tunnel_addr).await;
+        let mut second = RawSession::open(files, gw.handle.tunnel_addr).await;
         let r = raw.renew(csr(params)).await;
+        let issued = Instant::now();
         assert_eq!(r.code, 0, "{}", r.message);
         let der = CertificateDer::from_pem_slice(r.certificate_pem.as_bytes()).unwrap();
         assert_eq!(
             tether_runtime::tls::spiffe_id(&der).unwrap().to_string(),
-            me
+            id
         );
         assert_eq!(
             r.ca_pem,
             std::fs::read_to_string(pki.dir.path().join("ca.pem")).unwrap()
         );
         let again = raw.renew(csr(with_sans(Vec::new()))).await;
-        assert_eq!(again.code, tonic::Code::ResourceExhausted as i32);
-        assert!(again.message.contains("too often"), "{}", again.message);
-        assert!(raw.session.is_established());
+        let elsewhere = second.renew(csr(with_sans(Vec::new()))).await;
+        // (Asserted when this machine answered within the second, as it does but under
+        // extreme load.)
+        if issued.elapsed() < Duration::from_millis(900) {
+            assert_eq!(again.code, tonic::Code::ResourceExhausted as i32);
+            assert!(again.message.contains("too often"), "{}", again.message);
+            assert_eq!(elsewhere.code, tonic::Code::ResourceExhausted as i32);
+            assert!(
+                elsewhere.message.contains("less than 1s ago"),
+                "{}",
+                elsewhere.message
+            );
+            limited += 1.0;
+        }
+        assert!(raw.session.is_established() && second.session.is_established());
     }
+    assert!(
+        metric(
+            "tether_gateway_renewals_total",
+            &[("result", "rate_limited")]
+        ) >= limited
+    );
     gw.stop().await;
 }
 

@@ -444,7 +444,8 @@ pub struct TunnelConfig {
     /// How often each session is probed end to end (a stream opened, answered by the agent);
     /// a session whose probe fails is closed even if its connection looks alive. Each probe goes
     /// out with the answer to the heartbeat nearest its due time (up to half a heartbeat
-    /// interval early or late), sharing its packet.
+    /// interval, or half this interval when shorter, early or late), written in the same turn
+    /// of the session task, so that it usually shares that answer's packet.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
     /// How long a probe may take.

@@ -36,6 +36,8 @@ pub struct SessionInfo {
     pub cert_fingerprint: String,
     /// Its serial number, lowercase hex.
     pub cert_serial: String,
+    /// Its `notAfter`, Unix seconds (the session may outlive it).
+    pub cert_not_after: i64,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
@@ -87,6 +89,8 @@ pub struct NewSession {
     pub cert_fingerprint: String,
     /// Its serial number, lowercase hex.
     pub cert_serial: String,
+    /// Its `notAfter`, Unix seconds.
+    pub cert_not_after: i64,
 }
 
 /// A connect or disconnect.
@@ -170,6 +174,7 @@ impl Registry {
             link: s.link,
             cert_fingerprint: s.cert_fingerprint,
             cert_serial: s.cert_serial,
+            cert_not_after: s.cert_not_after,
             rtt: Mutex::new(None),
             control: tx,
         });

@@ -552,6 +552,7 @@ async fn drive_session(
                         link: link.clone(),
                         cert_fingerprint: cert.fingerprint.clone(),
                         cert_serial: cert.serial.clone(),
+                        cert_not_after: cert.not_after,
                     });
                     tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");

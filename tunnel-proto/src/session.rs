@@ -470,8 +470,9 @@ pub enum GatewayEvent {
         version: u32,
     },
     /// A heartbeat arrived and its `HeartbeatAck` is queued; `rtt` is the round trip the agent
-    /// reported for its previous one (none on the first). Other traffic the gateway sends before
-    /// writing the queued bytes shares their packet (the end-to-end probe rides on it).
+    /// reported for its previous one (none on the first). Traffic the gateway writes in the same
+    /// turn as the queued bytes usually shares their packet, since the transport builds packets
+    /// once the writer yields; the gateway's end-to-end probe rides on this.
     Heartbeat {
         /// The agent's last measured heartbeat round trip.
         rtt: Option<Duration>,
