@@ -818,14 +818,41 @@ mod tests {
         RenewRequest { id: 5, csr_pem }
     }
 
-    #[test]
-    fn a_session_renews_for_exactly_its_own_identity() {
+    /// What the renewal tests share: a signing service in a fresh directory, agent `acme/a`,
+    /// the time (Unix seconds) and a key for CSRs.
+    struct Renewing {
+        svc: Enrollment,
+        db: Arc<IdentityDb>,
+        agent: AgentId,
+        now: i64,
+        key: rcgen::KeyPair,
+        _dir: tempfile::TempDir,
+    }
+
+    fn renewing() -> Renewing {
         tether_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let (svc, _db) = service(dir.path(), true);
-        let agent: AgentId = "acme/a".parse().unwrap();
-        let now = to_ms(SystemTime::now()) / 1000;
-        let key = rcgen::KeyPair::generate().unwrap();
+        let (svc, db) = service(dir.path(), true);
+        Renewing {
+            svc,
+            db,
+            agent: "acme/a".parse().unwrap(),
+            now: to_ms(SystemTime::now()) / 1000,
+            key: rcgen::KeyPair::generate().unwrap(),
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn a_session_renews_for_exactly_its_own_identity() {
+        let Renewing {
+            svc,
+            agent,
+            now,
+            key,
+            _dir: dir,
+            ..
+        } = renewing();
         let r = svc.renew(
             &agent,
             &facts(now - 100),
@@ -872,13 +899,16 @@ mod tests {
 
     #[test]
     fn a_revoked_certificate_or_agent_is_not_renewed() {
-        tether_runtime::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let (svc, db) = service(dir.path(), true);
-        let agent: AgentId = "acme/a".parse().unwrap();
-        let now_ms = to_ms(SystemTime::now());
+        let Renewing {
+            svc,
+            db,
+            agent,
+            now,
+            key,
+            _dir,
+        } = renewing();
+        let now_ms = now * 1000;
         db.revoke(&agent, "key leaked", Vec::new(), now_ms).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
         let r = svc.renew(
             &agent,
             &facts(now_ms / 1000 - 100),
@@ -898,12 +928,14 @@ mod tests {
 
     #[test]
     fn an_expired_certificate_is_not_renewed() {
-        tether_runtime::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let (svc, _db) = service(dir.path(), true);
-        let agent: AgentId = "acme/a".parse().unwrap();
-        let now = to_ms(SystemTime::now()) / 1000;
-        let key = rcgen::KeyPair::generate().unwrap();
+        let Renewing {
+            svc,
+            agent,
+            now,
+            key,
+            _dir,
+            ..
+        } = renewing();
         let mut expired = facts(now - 100);
         expired.not_after = now - 1;
         let r = svc.renew(&agent, &expired, &renew_req(csr(with_uris(&[]), &key)));
@@ -918,12 +950,15 @@ mod tests {
 
     #[test]
     fn an_agent_is_renewed_at_most_once_a_second_whatever_its_sessions() {
-        tether_runtime::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let (svc, _db) = service(dir.path(), true);
-        let (a, b): (AgentId, AgentId) = ("acme/a".parse().unwrap(), "acme/b".parse().unwrap());
-        let now = to_ms(SystemTime::now()) / 1000;
-        let key = rcgen::KeyPair::generate().unwrap();
+        let Renewing {
+            svc,
+            agent: a,
+            now,
+            key,
+            _dir,
+            ..
+        } = renewing();
+        let b: AgentId = "acme/b".parse().unwrap();
         let req = renew_req(csr(with_uris(&[]), &key));
         let started = Instant::now();
         assert_eq!(svc.renew(&a, &facts(now - 100), &req).code, 0);
