@@ -680,12 +680,12 @@ async fn ca_rotation_old_and_new_ca_overlap_then_the_old_one_is_refused() {
     // The end of the overlap: the gateway trusts only the new CA and presents a certificate
     // of the new CA, on the same address.
     let after = TestGateway::start_with(rotation_config(&new_ca, &new, &new), tunnel).await;
-    // The renewed agent comes back on its own.
+    // The renewed agent comes back on its own (the gateway registers the session before its
+    // Welcome reaches the agent: wait for both ends).
     wait_until("renewed agent reconnected", T, || {
-        after.sessions_of(AGENT) == 1
+        after.sessions_of(AGENT) == 1 && agent.handle.status.connected()
     })
     .await;
-    assert!(agent.handle.status.connected());
 
     // An agent with only an old-CA certificate is refused by the gateway (it trusts the
     // gateway's new certificate, so the refusal is the gateway's).
