@@ -79,7 +79,7 @@ struct Seen {
     session_id: String,
     cert_fingerprint: String,
     cert_serial: String,
-    cert_not_after: i64,
+    cert_not_after: SystemTime,
     connected_at: SystemTime,
 }
 
@@ -247,7 +247,7 @@ async fn a_short_lived_certificate_is_renewed_at_two_thirds_and_no_call_fails_ac
         let (old, new) = (&pair[0], &pair[1]);
         assert_ne!(old.session_id, new.session_id);
         assert_ne!(old.cert_serial, new.cert_serial);
-        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(old.cert_not_after as u64);
+        let expiry = old.cert_not_after;
         let due = expiry - life.mul_f64(1.0 / 3.0 + 0.05);
         assert!(
             new.connected_at >= due - Duration::from_millis(20) && new.connected_at < expiry,

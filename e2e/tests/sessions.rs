@@ -20,10 +20,8 @@ async fn agent_appears_in_list_get_and_watch() {
         .unwrap()
         .into_inner();
 
-    let agent = TestAgent::start(&agent_config(
-        &pki.agent("acme/eu-1"),
-        gw.handle.tunnel_addr,
-    ));
+    let files = pki.agent("acme/eu-1");
+    let agent = TestAgent::start(&agent_config(&files, gw.handle.tunnel_addr));
     let ev = tokio::time::timeout(T, watch.next())
         .await
         .expect("watch event")
@@ -36,6 +34,13 @@ async fn agent_appears_in_list_get_and_watch() {
     assert_eq!(s.transport, "quic");
     assert_eq!(s.labels.get("suite").map(String::as_str), Some("e2e"));
     assert_eq!(s.agent_version, tether_agent::VERSION);
+    // The expiry of the certificate the session authenticated with.
+    let cert = tether_runtime::tls::load_certs("certificate", &files.cert).unwrap();
+    let (_, not_after) = tether_runtime::tls::validity(&cert[0]).unwrap();
+    assert_eq!(
+        s.certificate_expires.map(std::time::SystemTime::try_from),
+        Some(Ok(not_after))
+    );
 
     let list = api
         .list(ListAgentsRequest::default())

@@ -24,10 +24,10 @@
 //! checks and the same certificate as enrollment, for exactly that identity, unless that
 //! certificate or its agent is revoked, or that certificate has expired (a session outlives
 //! its certificate; renewing over it would extend a stolen key for ever), and at most one
-//! certificate per agent every [`RENEW_EVERY`] however many sessions it holds. Certificates are signed by the CA of
-//! `enrollment.ca_key`, and every issued certificate goes out with `tls.ca`, the CA bundle of
-//! the trust domain: during a CA rotation it holds the old and the new CA, and agents trust it
-//! for the gateway's certificate as well (docs/ca-rotation.md).
+//! certificate per agent every [`RENEW_EVERY`] however many sessions it holds. Certificates
+//! are signed by the CA of `enrollment.ca_key`, and every issued certificate goes out with
+//! `tls.ca`, the CA bundle of the trust domain: during a CA rotation it holds the old and the
+//! new CA, and agents trust it for the gateway's certificate as well (docs/ca-rotation.md).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,7 +52,7 @@ use crate::error::GatewayError;
 use crate::identity_db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal};
 use crate::northbound::{Caller, authenticate};
 use crate::pki::{Ca, LeafSpec, PkiError};
-use crate::revocation::{CertFacts, RevocationList, sha256_hex, to_ms};
+use crate::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
 
 pub use tunnel_proto::ENROLL_ALPN;
 
@@ -361,10 +361,8 @@ impl Enrollment {
         }
         let now = SystemTime::now();
         if cert.not_after <= to_ms(now) / 1000 {
-            let at = SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(cert.not_after).unwrap_or(0));
-            let at = humantime::format_rfc3339_seconds(at).to_string();
-            return Err(EnrollError::Expired(at));
+            let at = humantime::format_rfc3339_seconds(from_ms(cert.not_after * 1000));
+            return Err(EnrollError::Expired(at.to_string()));
         }
         let key = self.check(agent, csr_pem)?;
         // Held while signing, so that two sessions of one agent cannot both pass.
@@ -907,11 +905,11 @@ mod tests {
             key,
             _dir,
         } = renewing();
-        let now_ms = now * 1000;
-        db.revoke(&agent, "key leaked", Vec::new(), now_ms).unwrap();
+        db.revoke(&agent, "key leaked", Vec::new(), now * 1000)
+            .unwrap();
         let r = svc.renew(
             &agent,
-            &facts(now_ms / 1000 - 100),
+            &facts(now - 100),
             &renew_req(csr(with_uris(&[]), &key)),
         );
         assert_eq!(r.code, tonic::Code::PermissionDenied as i32);
@@ -920,7 +918,7 @@ mod tests {
         // A certificate issued after the cut-off (the agent enrolled again) renews.
         let r = svc.renew(
             &agent,
-            &facts(now_ms / 1000 + 1),
+            &facts(now + 1),
             &renew_req(csr(with_uris(&[]), &key)),
         );
         assert_eq!(r.code, 0, "{}", r.message);

@@ -77,6 +77,7 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
         instance_id: s.hello.instance_id.clone(),
         protocol_version: s.version,
+        certificate_expires: Some(ts(s.cert_not_after)),
     }
 }
 

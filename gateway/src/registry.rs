@@ -36,8 +36,8 @@ pub struct SessionInfo {
     pub cert_fingerprint: String,
     /// Its serial number, lowercase hex.
     pub cert_serial: String,
-    /// Its `notAfter`, Unix seconds (the session may outlive it).
-    pub cert_not_after: i64,
+    /// Its `notAfter` (the session may outlive it).
+    pub cert_not_after: SystemTime,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
@@ -89,8 +89,8 @@ pub struct NewSession {
     pub cert_fingerprint: String,
     /// Its serial number, lowercase hex.
     pub cert_serial: String,
-    /// Its `notAfter`, Unix seconds.
-    pub cert_not_after: i64,
+    /// Its `notAfter`.
+    pub cert_not_after: SystemTime,
 }
 
 /// A connect or disconnect.

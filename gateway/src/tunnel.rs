@@ -552,7 +552,7 @@ async fn drive_session(
                         link: link.clone(),
                         cert_fingerprint: cert.fingerprint.clone(),
                         cert_serial: cert.serial.clone(),
-                        cert_not_after: cert.not_after,
+                        cert_not_after: crate::revocation::from_ms(cert.not_after * 1000),
                     });
                     tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");
