@@ -37,6 +37,7 @@ pub mod error;
 pub mod identity_db;
 pub mod limits;
 pub mod listener;
+pub mod local_postgres;
 pub mod northbound;
 pub mod pki;
 pub mod registry;
