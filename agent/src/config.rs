@@ -257,9 +257,8 @@ impl EnvironmentsConfig {
             ));
         }
         for (i, r) in self.egress_allow.iter().enumerate() {
-            r.check().map_err(|e| {
-                ConfigError::invalid(&format!("environments.egress_allow[{i}]"), e)
-            })?;
+            r.check()
+                .map_err(|e| ConfigError::invalid(&format!("environments.egress_allow[{i}]"), e))?;
         }
         if self.dns_namespace.is_empty() {
             return Err(ConfigError::invalid(
@@ -896,10 +895,18 @@ mod tests {
     #[test]
     fn bad_secret_patterns_and_egress_rules_are_refused_naming_the_key() {
         for (set, key, why) in [
-            ("secrets.allow=[\"ok/*\", \"bad pattern\"]", "secrets.allow[1]", "cannot appear"),
+            (
+                "secrets.allow=[\"ok/*\", \"bad pattern\"]",
+                "secrets.allow[1]",
+                "cannot appear",
+            ),
             ("secrets.allow=\"tether/*\"", "secrets.allow", "sequence"),
             ("secrets.alow=[]", "secrets.alow", "unknown"),
-            ("environments.egress=block", "environments.egress", "unknown variant"),
+            (
+                "environments.egress=block",
+                "environments.egress",
+                "unknown variant",
+            ),
             (
                 "environments.egress_allow=[{ cidr = \"10.0.0.1/8\" }]",
                 "environments.egress_allow[0].cidr",
@@ -917,15 +924,23 @@ mod tests {
         let e = load(&["environments.egress_allow=[{ cidr = \"10.0.0.0/8\" }]"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("environments.egress_allow") && e.contains("deny"), "{e}");
+        assert!(
+            e.contains("environments.egress_allow") && e.contains("deny"),
+            "{e}"
+        );
         let e = load(&[
             "environments.egress=deny",
             "environments.egress_allow=[{ cidr = \"10.0.0.0/8\", ports = [0] }]",
         ])
         .unwrap_err()
         .to_string();
-        assert!(e.contains("environments.egress_allow[0]") && e.contains("port 0"), "{e}");
-        let e = load(&["environments.dns_pod_labels={}"]).unwrap_err().to_string();
+        assert!(
+            e.contains("environments.egress_allow[0]") && e.contains("port 0"),
+            "{e}"
+        );
+        let e = load(&["environments.dns_pod_labels={}"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("environments.dns_pod_labels"), "{e}");
     }
 

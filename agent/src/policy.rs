@@ -96,9 +96,7 @@ impl FromStr for SecretPattern {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if s.is_empty() || s.len() > MAX_PATTERN {
-            return Err(format!(
-                "{s:?}: a pattern is 1 to {MAX_PATTERN} characters"
-            ));
+            return Err(format!("{s:?}: a pattern is 1 to {MAX_PATTERN} characters"));
         }
         let allowed = |c: char| c.is_ascii_alphanumeric() || "/_+=.@-:*?".contains(c);
         if let Some(c) = s.chars().find(|&c| !allowed(c)) {
@@ -256,7 +254,9 @@ impl EgressRule {
         match (self.ports.is_empty(), self.protocol) {
             (true, None) => Traffic::All,
             (true, Some(p)) => Traffic::Protocol(p),
-            (false, p) => Traffic::Ports(p.unwrap_or_default(), self.ports.iter().copied().collect()),
+            (false, p) => {
+                Traffic::Ports(p.unwrap_or_default(), self.ports.iter().copied().collect())
+            }
         }
     }
 
@@ -354,8 +354,15 @@ mod tests {
             assert!(!p.matches(other), "{other}");
         }
         let any_region = pat("arn:aws:secretsmanager:*:123456789012:secret:apps/db-??????");
-        assert!(any_region.matches("arn:aws:secretsmanager:us-east-1:123456789012:secret:apps/db-AbCdEf"));
-        assert!(!any_region.matches("arn:aws:secretsmanager:us-east-1:123456789012:secret:apps/db-admin-AbCdEf"));
+        assert!(
+            any_region
+                .matches("arn:aws:secretsmanager:us-east-1:123456789012:secret:apps/db-AbCdEf")
+        );
+        assert!(
+            !any_region.matches(
+                "arn:aws:secretsmanager:us-east-1:123456789012:secret:apps/db-admin-AbCdEf"
+            )
+        );
     }
 
     #[test]
@@ -365,10 +372,19 @@ mod tests {
             ("apps/ db", "cannot appear"),
             ("apps/[a-z]", "cannot appear"),
             ("apps:db", "cannot contain ':'"),
-            ("arn:aws:secretsmanager:*:secret:apps/*", "an ARN pattern is"),
+            (
+                "arn:aws:secretsmanager:*:secret:apps/*",
+                "an ARN pattern is",
+            ),
             ("arn:aws:ssm:eu-west-1:1:secret:x", "an ARN pattern is"),
-            ("arn:aws:secretsmanager:eu-west-1:1:parameter:x", "an ARN pattern is"),
-            ("arn:aws:secretsmanager:eu-west-1:1:secret:", "an ARN pattern is"),
+            (
+                "arn:aws:secretsmanager:eu-west-1:1:parameter:x",
+                "an ARN pattern is",
+            ),
+            (
+                "arn:aws:secretsmanager:eu-west-1:1:secret:",
+                "an ARN pattern is",
+            ),
         ] {
             let e = bad.parse::<SecretPattern>().unwrap_err();
             assert!(e.contains(why), "{bad:?}: {e}");
@@ -442,11 +458,19 @@ mod tests {
 
     #[test]
     fn cidrs_must_be_networks() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert!("fd00::/8".parse::<Cidr>().is_ok());
         let e = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
-        assert!("10.1.2.3".parse::<Cidr>().unwrap_err().contains("not a CIDR"));
+        assert!(
+            "10.1.2.3"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("not a CIDR")
+        );
     }
 
     #[test]
@@ -455,13 +479,31 @@ mod tests {
         let db = rule("10.0.0.0/16", &[5432, 6432], None);
         assert!(rule("10.0.1.0/24", &[5432], None).within(&db));
         assert!(rule("10.0.1.0/24", &[5432], Some(Tcp)).within(&db));
-        assert!(!rule("10.0.1.0/24", &[5432], Some(Udp)).within(&db), "other protocol");
-        assert!(!rule("10.0.1.0/24", &[5432, 22], None).within(&db), "a port more");
+        assert!(
+            !rule("10.0.1.0/24", &[5432], Some(Udp)).within(&db),
+            "other protocol"
+        );
+        assert!(
+            !rule("10.0.1.0/24", &[5432, 22], None).within(&db),
+            "a port more"
+        );
         assert!(!rule("10.0.1.0/24", &[], None).within(&db), "every port");
-        assert!(!rule("10.0.1.0/24", &[], Some(Tcp)).within(&db), "every TCP port");
-        assert!(!rule("10.0.0.0/8", &[5432], None).within(&db), "a wider network");
-        assert!(!rule("10.1.0.0/16", &[5432], None).within(&db), "another network");
-        assert!(!rule("fd00::/8", &[5432], None).within(&db), "another family");
+        assert!(
+            !rule("10.0.1.0/24", &[], Some(Tcp)).within(&db),
+            "every TCP port"
+        );
+        assert!(
+            !rule("10.0.0.0/8", &[5432], None).within(&db),
+            "a wider network"
+        );
+        assert!(
+            !rule("10.1.0.0/16", &[5432], None).within(&db),
+            "another network"
+        );
+        assert!(
+            !rule("fd00::/8", &[5432], None).within(&db),
+            "another family"
+        );
         let all = rule("10.0.0.0/8", &[], None);
         assert!(rule("10.2.0.0/16", &[], Some(Udp)).within(&all));
         assert!(rule("10.2.0.0/16", &[1], None).within(&all));

@@ -451,7 +451,11 @@ async fn secret_sync_is_refused_for_every_secret_when_the_agent_allows_none() {
         .0
         .expect("environment");
     let before = r.aws.requests();
-    for id in ["prod/db", "*", "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db"] {
+    for id in [
+        "prod/db",
+        "*",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db",
+    ] {
         let (out, _) = r
             .run(
                 "secret.sync",

@@ -755,7 +755,9 @@ async fn environment_create_with_egress_deny_admits_only_dns_and_the_listed_dest
             .is_none()
     );
     assert!(
-        open.progress.iter().any(|p| p.contains("tether-egress removed")),
+        open.progress
+            .iter()
+            .any(|p| p.contains("tether-egress removed")),
         "{:?}",
         open.progress
     );
@@ -926,19 +928,30 @@ async fn deploy_references_only_secrets_synced_from_an_allowed_secret() {
                "secret_env": {"DB_PASSWORD": {"secret": secret, "key": key}}})
     };
     for ((secret, key), want) in [
-        (("absent", "password"), "secret team-a/absent does not exist: sync it first"),
-        (("theirs", "password"), "secret team-a/theirs is not managed by tether"),
+        (
+            ("absent", "password"),
+            "secret team-a/absent does not exist: sync it first",
+        ),
+        (
+            ("theirs", "password"),
+            "secret team-a/theirs is not managed by tether",
+        ),
         (
             ("legacy", "password"),
             "secret team-a/legacy was synced from \"legacy/db\", which the agent's secrets.allow does not allow",
         ),
-        (("bare", "password"), "has no tether.dev/secret-id annotation"),
+        (
+            ("bare", "password"),
+            "has no tether.dev/secret-id annotation",
+        ),
         (("db", "user"), "secret team-a/db has no key \"user\""),
     ] {
         let run = c.run_json("deploy", deploy(secret, key)).await;
         let e = run.err();
         assert!(
-            e.contains("`secret_env.DB_PASSWORD`") && e.contains(want) && e.contains("nothing was changed"),
+            e.contains("`secret_env.DB_PASSWORD`")
+                && e.contains(want)
+                && e.contains("nothing was changed"),
             "{secret}/{key}: {e}"
         );
     }

@@ -397,7 +397,9 @@ async fn check_secret_env(b: &Backends, client: &kube::Client, req: &Deploy) -> 
                 .await
                 .map_err(kube_err(format!("reading secret {env}/{}", r.secret)))?
                 .ok_or_else(|| {
-                    format!("{what} does not exist: sync it first (secret.sync); nothing was changed")
+                    format!(
+                        "{what} does not exist: sync it first (secret.sync); nothing was changed"
+                    )
                 })?;
             seen.insert(&r.secret, s);
         }

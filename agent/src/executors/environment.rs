@@ -137,7 +137,9 @@ impl Create {
                 ),
                 None => Ok(None),
             },
-            (Egress::Allow, Egress::Deny) => Ok(Some(self.egress_allow.clone().unwrap_or_default())),
+            (Egress::Allow, Egress::Deny) => {
+                Ok(Some(self.egress_allow.clone().unwrap_or_default()))
+            }
             (Egress::Deny, Egress::Allow) => Err(
                 "environment.create: `egress`: \"allow\" is refused: this agent denies \
                  environments' egress (its config environments.egress = \"deny\", set by the \
@@ -328,7 +330,9 @@ pub(super) async fn create(
                 Ok(_) => progress.report(format!("network policy {EGRESS_POLICY_NAME} removed")),
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
-                    return Err(kube_err(format!("removing egress network policy in {name}"))(e));
+                    return Err(kube_err(format!(
+                        "removing egress network policy in {name}"
+                    ))(e));
                 }
             }
             None
