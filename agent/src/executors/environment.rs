@@ -156,8 +156,8 @@ impl Create {
                         ));
                     }
                 }
-                // Policies add up, so narrower entries would change nothing: every environment
-                // gets the operator's list, which `deploy` re-applies.
+                // A narrower list could not narrow anything: `deploy` re-applies the operator's
+                // list, and NetworkPolicies add up. So every environment gets exactly that list.
                 Ok(Some(cfg.egress_allow.clone()))
             }
         }
