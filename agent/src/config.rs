@@ -36,6 +36,11 @@
 //! # kubeconfig = "~/.kube/config"         # default: the in-cluster service account
 //! poll_interval = "2s"
 //! rollout_timeout = "10m"
+//! [secrets]                               # what secret.sync may read; empty: nothing
+//! allow = ["tether/apps/*"]
+//! [environments]
+//! egress = "deny"                         # or "allow" (default): the command decides
+//! egress_allow = [{ cidr = "10.0.0.0/16", ports = [5432] }]
 //! [services.default]                      # the allow-list: the agent dials nothing else
 //! address = "http://billing.internal:50051"   # gRPC over h2c; https:// needs `ca`
 //! [services.db]
@@ -51,6 +56,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tether_runtime::config::{ConfigError, Keys, Validate};
 pub use tether_runtime::logging::LogConfig;
+
+pub use crate::policy::{Egress, EgressRule, SecretPattern};
 
 /// `[tls]`: PEM files, relative to the config file. `cert` and `key` are the agent's identity
 /// with `identity.source = "files"` and must be unset otherwise; `ca` (what the gateway's
@@ -118,6 +125,11 @@ pub const KEYS: Keys = &[
     "proxy.username",
     "proxy.password",
     "enrollment.token",
+    "secrets.allow",
+    "environments.egress",
+    "environments.egress_allow",
+    "environments.dns_namespace",
+    "environments.dns_pod_labels",
 ];
 
 /// The whole agent config.
@@ -177,6 +189,92 @@ pub struct AgentConfig {
     /// Enrollment with a bootstrap token, for an identity kept in `state_dir`.
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    /// Which Secrets Manager secrets `secret.sync` may read (none by default).
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+    /// The egress of environments' workloads.
+    #[serde(default)]
+    pub environments: EnvironmentsConfig,
+}
+
+// === [secrets] and [environments]: what the control plane may reach ===
+
+/// `[secrets]`: the Secrets Manager secrets `secret.sync` may read, as patterns of names or
+/// ARNs ([`SecretPattern`] gives the exact semantics). Empty, the default: `secret.sync` is
+/// refused for every secret. The agent's own identity secret (`identity.source`) is not
+/// subject to it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The patterns; a secret id matching any of them may be synced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<SecretPattern>,
+}
+
+impl SecretsConfig {
+    /// Whether `secret_id` (a name or an ARN) matches one of the patterns.
+    pub fn allows(&self, secret_id: &str) -> bool {
+        self.allow.iter().any(|p| p.matches(secret_id))
+    }
+}
+
+/// `[environments]`: where the workloads of environments may send to.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvironmentsConfig {
+    /// `allow` (default): `environment.create`'s `egress` decides, default allow. `deny`: every
+    /// environment gets the NetworkPolicy `tether-egress`, admitting only the cluster DNS and
+    /// `egress_allow`, and commands cannot loosen it.
+    pub egress: Egress,
+    /// With `egress = "deny"`: the destinations every environment may reach besides DNS, and
+    /// the bound for the ones a command asks for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<EgressRule>,
+    /// Namespace of the cluster DNS pods, which an egress policy always admits (UDP and TCP 53).
+    pub dns_namespace: String,
+    /// Labels of the cluster DNS pods.
+    pub dns_pod_labels: BTreeMap<String, String>,
+}
+
+impl Default for EnvironmentsConfig {
+    fn default() -> Self {
+        EnvironmentsConfig {
+            egress: Egress::Allow,
+            egress_allow: Vec::new(),
+            dns_namespace: "kube-system".into(),
+            dns_pod_labels: [("k8s-app".to_owned(), "kube-dns".to_owned())].into(),
+        }
+    }
+}
+
+impl EnvironmentsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.egress == Egress::Allow && !self.egress_allow.is_empty() {
+            return Err(ConfigError::invalid(
+                "environments.egress_allow",
+                "only used with environments.egress = \"deny\" (with \"allow\" nothing is \
+                 restricted): set environments.egress = \"deny\" or remove it",
+            ));
+        }
+        for (i, r) in self.egress_allow.iter().enumerate() {
+            r.check()
+                .map_err(|e| ConfigError::invalid(&format!("environments.egress_allow[{i}]"), e))?;
+        }
+        if self.dns_namespace.is_empty() {
+            return Err(ConfigError::invalid(
+                "environments.dns_namespace",
+                "is empty: the namespace of the cluster DNS pods (e.g. kube-system)",
+            ));
+        }
+        if self.dns_pod_labels.is_empty() {
+            return Err(ConfigError::invalid(
+                "environments.dns_pod_labels",
+                "is empty, which would admit port 53 of every pod in environments.dns_namespace: \
+                 give the DNS pods' labels (e.g. { \"k8s-app\" = \"kube-dns\" })",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[enrollment]`: with `identity.source = "files"` and no `tls.cert`/`tls.key`, the agent's
@@ -637,6 +735,7 @@ impl Validate for AgentConfig {
             tunnel_proto::identity::check_name("instance_id", id)
                 .map_err(|e| ConfigError::invalid("instance_id", e.to_string()))?;
         }
+        self.environments.validate()?;
         Ok(())
     }
 }
@@ -763,6 +862,88 @@ mod tests {
             .expect("valid");
     }
 
+    /// Loads through the one merge point, as the binary does, so errors name the key.
+    fn load(sets: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let mut all = vec![
+            "gateways=[\"gw:443\"]".to_owned(),
+            "tls.ca=ca.pem".to_owned(),
+            "tls.cert=a.pem".to_owned(),
+            "tls.key=k.pem".to_owned(),
+        ];
+        all.extend(sets.iter().map(|s| (*s).to_owned()));
+        tether_runtime::config::load(KEYS, None, std::iter::empty(), &all)
+    }
+
+    #[test]
+    fn no_secret_is_allowed_and_egress_is_the_commands_choice_by_default() {
+        let cfg = load(&[]).expect("valid");
+        assert!(cfg.secrets.allow.is_empty());
+        assert!(!cfg.secrets.allows("anything") && !cfg.secrets.allows("*"));
+        assert_eq!(cfg.environments.egress, Egress::Allow);
+        let cfg = load(&[
+            "secrets.allow=[\"tether/apps/*\", \"arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/apps/*\"]",
+            "environments.egress=deny",
+            "environments.egress_allow=[{ cidr = \"10.0.0.0/16\", ports = [5432] }]",
+        ])
+        .expect("valid");
+        assert!(cfg.secrets.allows("tether/apps/db"));
+        assert!(!cfg.secrets.allows("prod/db"));
+        assert_eq!(cfg.environments.egress, Egress::Deny);
+        assert_eq!(cfg.environments.egress_allow[0].ports, [5432]);
+    }
+
+    #[test]
+    fn bad_secret_patterns_and_egress_rules_are_refused_naming_the_key() {
+        for (set, key, why) in [
+            (
+                "secrets.allow=[\"ok/*\", \"bad pattern\"]",
+                "secrets.allow[1]",
+                "cannot appear",
+            ),
+            ("secrets.allow=\"tether/*\"", "secrets.allow", "sequence"),
+            ("secrets.alow=[]", "secrets.alow", "unknown"),
+            (
+                "environments.egress=block",
+                "environments.egress",
+                "unknown variant",
+            ),
+            (
+                "environments.egress_allow=[{ cidr = \"10.0.0.1/8\" }]",
+                "environments.egress_allow[0].cidr",
+                "did you mean 10.0.0.0/8",
+            ),
+            (
+                "environments.egress_allow=[{ cidr = \"10.0.0.0/8\", port = 5432 }]",
+                "environments.egress_allow[0]",
+                "unknown field `port`",
+            ),
+        ] {
+            let e = load(&[set]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{set}: {e}");
+        }
+        let e = load(&["environments.egress_allow=[{ cidr = \"10.0.0.0/8\" }]"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("environments.egress_allow") && e.contains("deny"),
+            "{e}"
+        );
+        let e = load(&[
+            "environments.egress=deny",
+            "environments.egress_allow=[{ cidr = \"10.0.0.0/8\", ports = [0] }]",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("environments.egress_allow[0]") && e.contains("port 0"),
+            "{e}"
+        );
+        let e = load(&["environments.dns_pod_labels={}"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("environments.dns_pod_labels"), "{e}");
+    }
+
     #[test]
     fn unset_tls_paths_stay_unset_when_resolved() {
         let mut tls = TlsConfig {
@@ -811,6 +992,18 @@ mod tests {
             },
             enrollment: EnrollmentConfig {
                 token: Some("t".into()),
+            },
+            secrets: SecretsConfig {
+                allow: vec!["a/*".parse().unwrap()],
+            },
+            environments: EnvironmentsConfig {
+                egress: Egress::Deny,
+                egress_allow: vec![EgressRule {
+                    cidr: "10.0.0.0/8".parse().unwrap(),
+                    ports: vec![1],
+                    protocol: None,
+                }],
+                ..Default::default()
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

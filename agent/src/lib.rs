@@ -16,6 +16,8 @@
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
 //! - [`secrets`] (backend): AWS Secrets Manager reads;
+//! - [`policy`]: what the operator lets commands reach (secrets `secret.sync` may read,
+//!   environments' egress), a leaf imported by [`config`] and the executors;
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
@@ -28,6 +30,7 @@ pub mod error;
 pub mod executors;
 pub mod identity;
 pub mod info;
+pub mod policy;
 pub mod proxy;
 pub mod relay;
 pub mod renew;
@@ -78,15 +81,17 @@ fn instance_id(cfg: &AgentConfig) -> String {
 pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
 /// The command kinds an agent runs: the built-ins (`echo`, `sleep`) and the data-plane
-/// executors ([`executors::KINDS`]) on the `[kubernetes]` and `[aws]` config.
+/// executors ([`executors::KINDS`]) on the `[kubernetes]`, `[aws]`, `[secrets]` and
+/// `[environments]` config.
 pub fn default_handlers(cfg: &AgentConfig) -> Arc<commands::Handlers> {
     let handlers = commands::Handlers::with_builtins();
     executors::register(
         &handlers,
-        Arc::new(executors::Backends::new(
-            cfg.kubernetes.clone(),
-            cfg.aws.clone(),
-        )),
+        Arc::new(
+            executors::Backends::new(cfg.kubernetes.clone(), cfg.aws.clone())
+                .allow_secrets(cfg.secrets.clone())
+                .environments(cfg.environments.clone()),
+        ),
     );
     Arc::new(handlers)
 }

@@ -209,6 +209,16 @@ def test_chart_lints_without_errors_or_warnings_with_each_values_file(case):
             },
             "metrics.podMonitor.enabled needs metrics.enabled",
         ),
+        (
+            AGENT_CHART,
+            {
+                "gateway": {"addresses": ["gw:443"]},
+                "identity": {"existingSecret": "s"},
+                "networkPolicy": {"enabled": False},
+                "environments": {"egressAllow": [{"cidr": "10.0.0.0/8"}]},
+            },
+            "environments.egressAllow is used only with environments.egress=deny",
+        ),
         (GATEWAY_CHART, {}, "trustDomain is required"),
         (GATEWAY_CHART, {"trustDomain": "t.example"}, "tls.existingSecret is required"),
         (
@@ -259,6 +269,13 @@ def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart,
         (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"aws": {"maxAttempts": 0}}, "/aws/maxAttempts"),
         (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"kubernetes": {"kubeconfig": "/root/.kube/config"}}, "'kubeconfig'"),
         (AGENT_CHART, "agent-aws-secretsmanager.yaml", {"kubernetes": {"rolloutTimeout": "ten minutes"}}, "/kubernetes/rolloutTimeout"),
+        (AGENT_CHART, "agent-required.yaml", {"secrets": {"allow": ["tether/apps/ *"]}}, "/secrets/allow/0"),
+        (AGENT_CHART, "agent-required.yaml", {"secrets": {"allow": "tether/apps/*"}}, "/secrets/allow"),
+        (AGENT_CHART, "agent-required.yaml", {"secrets": {"allowed": ["x"]}}, "'allowed'"),
+        (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "block"}}, "/environments/egress"),
+        (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0"}]}}, "/environments/egressAllow/0/cidr"),
+        (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0/8", "port": 5432}]}}, "'port'"),
+        (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0/8", "ports": [0]}]}}, "/environments/egressAllow/0/ports/0"),
         (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": "two"}, "/replicaCount"),
         (GATEWAY_CHART, "gateway-required.yaml", {"storeType": "postgres"}, "'storeType'"),
         (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
@@ -554,6 +571,8 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
         "identity": {"source": "files"},
         "aws": {"max_attempts": 5},
         "kubernetes": {"poll_interval": "2s", "rollout_timeout": "10m"},
+        "secrets": {"allow": []},
+        "environments": {"egress": "allow", "dns_namespace": "kube-system", "dns_pod_labels": {"k8s-app": "kube-dns"}},
         "reconnect": {"initial_backoff": "1s", "max_backoff": "1m", "connect_timeout": "10s"},
         "ops": {"listen": "127.0.0.1:9091"},
         "log": {"format": "text", "level": "info,tether_agent=debug"},
@@ -583,6 +602,16 @@ def test_agent_identity_from_aws_secrets_manager_and_the_aws_and_kubernetes_valu
             "max_attempts": 8,
         },
         "kubernetes": {"poll_interval": "500ms", "rollout_timeout": "15m"},
+        "secrets": {"allow": ["tether/apps/*", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/apps/*"]},
+        "environments": {
+            "egress": "deny",
+            "dns_namespace": "kube-system",
+            "dns_pod_labels": {"k8s-app": "kube-dns"},
+            "egress_allow": [
+                {"cidr": "10.0.0.0/16", "ports": [5432, 6432]},
+                {"cidr": "10.1.0.0/16", "protocol": "UDP"},
+            ],
+        },
         "reconnect": {"initial_backoff": "500ms", "max_backoff": "30s", "connect_timeout": "5s"},
         "ops": {"listen": "127.0.0.1:9091"},
         "log": {"format": "json", "level": "info"},
@@ -594,6 +623,42 @@ def test_agent_identity_from_aws_secrets_manager_and_the_aws_and_kubernetes_valu
     assert tomllib.loads(plain.one("ConfigMap")["data"]["agent.toml"])["aws"] == {"max_attempts": 8}
     assert "Identity comes from the AWS Secrets Manager secret" in r.notes
     assert SM_SECRET in r.notes
+
+
+def test_secret_sync_is_refused_for_every_secret_and_egress_left_to_commands_by_default():
+    defaults = yaml.safe_load((AGENT_CHART / "values.yaml").read_text())
+    assert defaults["secrets"] == {"allow": []}
+    assert defaults["environments"] == {"egress": "allow", "egressAllow": []}
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    # Rendered explicitly, so a reviewer reading agent.toml sees the deny.
+    assert cfg["secrets"] == {"allow": []}
+    assert cfg["environments"]["egress"] == "allow" and "egress_allow" not in cfg["environments"]
+    assert "secret.sync is refused for every secret: secrets.allow is empty" in r.notes
+    assert "Environments' egress is the control plane's choice" in r.notes
+
+
+def test_environments_egress_follows_the_charts_dns_values_and_notes_say_what_is_allowed():
+    r = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {
+        "networkPolicy": {"dns": {"namespace": "dns", "podLabels": {"k8s-app": "coredns", "tier": "node"}}}})
+    env = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])["environments"]
+    assert env["dns_namespace"] == "dns"
+    assert env["dns_pod_labels"] == {"k8s-app": "coredns", "tier": "node"}
+    assert "tether/apps/*, arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/apps/* (secrets.allow)" in r.notes
+    assert "egress is denied except to the cluster DNS and 2 destination(s)" in r.notes
+
+
+def test_agent_refuses_a_secret_pattern_the_schema_lets_through_naming_the_key(pki, tmp_path):
+    """The schema checks characters; the agent checks an ARN pattern's shape and exits 64 naming
+    the entry, which the chart's helm test hook shows before any pod runs the agent."""
+    values = deep_merge(load_values("agent-aws-secretsmanager.yaml"), {
+        "gateway": {"caBundle": pki["ca"]},
+        "secrets": {"allow": ["tether/apps/*", "arn:aws:ssm:eu-west-1:123456789012:parameter:x"]}})
+    r = render(AGENT_CHART, values)
+    etc = materialize(r, tmp_path, {})
+    bad = run(in_pod(r.one("Pod")["spec"]["containers"][0]["command"], etc))
+    assert bad.returncode == 64, bad
+    assert "secrets.allow[1]" in bad.stderr and "an ARN pattern is" in bad.stderr, bad.stderr
 
 
 def test_agent_identity_from_aws_secrets_manager_mounts_no_identity_secret_and_uses_irsa():

@@ -348,6 +348,12 @@ impl FaultProxy {
         }
     }
 
+    /// A proxy to `upstream` that forwards every request and counts them: how a test shows
+    /// that nothing reached Secrets Manager.
+    pub async fn counting(upstream: SocketAddr) -> FaultProxy {
+        Self::start(upstream, Fault::Throttling, Some(0)).await
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)

@@ -1,14 +1,15 @@
 //! `secret.sync` against a real Secrets Manager emulator (moto) and `fake_apiserver`, and the
 //! three data-plane kinds end to end: control plane → real gateway process → real agent process
 //! → Secrets Manager and Kubernetes, with a search for the secret's value everywhere it must not
-//! be.
+//! be. Every Secrets Manager request of the in-process rigs goes through a counting proxy, so a
+//! test can show that a refused `secret.sync` read nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tether_agent::commands::{Handlers, ProgressSink};
-use tether_agent::config::KubernetesConfig;
+use tether_agent::config::{KubernetesConfig, SecretsConfig};
 use tether_agent::executors::{self, Backends, VERSION_ANNOTATION};
 use tether_agent::secrets::SecretsManager;
 use tether_api::v1::{Command, CommandState, WatchCommandsRequest, watch_commands_request};
@@ -50,16 +51,34 @@ fn secret_value(secret: &Value, key: &str) -> String {
     String::from_utf8(b.0).expect("utf-8")
 }
 
+/// `[secrets]` allowing `patterns`.
+fn allow(patterns: &[&str]) -> SecretsConfig {
+    SecretsConfig {
+        allow: patterns
+            .iter()
+            .map(|p| p.parse().expect("pattern"))
+            .collect(),
+    }
+}
+
 struct Rig {
     moto: Moto,
+    /// Between the agent's Secrets Manager client and moto: counts what reached it.
+    aws: FaultProxy,
     fake: FakeApiServer,
     handlers: Handlers,
     _dir: tempfile::TempDir,
 }
 
 impl Rig {
+    /// An agent allowing the secrets under `prod/`.
     async fn start() -> Rig {
+        Self::allowing(&["prod/*"]).await
+    }
+
+    async fn allowing(patterns: &[&str]) -> Rig {
         let moto = Moto::start().await;
+        let aws = FaultProxy::counting(moto.addr()).await;
         let fake = FakeApiServer::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let kubernetes = KubernetesConfig {
@@ -70,13 +89,17 @@ impl Rig {
         let handlers = Handlers::empty();
         executors::register(
             &handlers,
-            Arc::new(Backends::with_secrets_manager(
-                kubernetes,
-                secrets_manager(&moto.aws_config()).await,
-            )),
+            Arc::new(
+                Backends::with_secrets_manager(
+                    kubernetes,
+                    secrets_manager(&aws_config_for(&aws.endpoint())).await,
+                )
+                .allow_secrets(allow(patterns)),
+            ),
         );
         Rig {
             moto,
+            aws,
             fake,
             handlers,
             _dir: dir,
@@ -194,7 +217,10 @@ async fn secrets_manager_denial_and_throttling_fail_the_command_after_retrying_t
         let h = Handlers::empty();
         executors::register(
             &h,
-            Arc::new(Backends::with_secrets_manager(kubernetes.clone(), secrets)),
+            Arc::new(
+                Backends::with_secrets_manager(kubernetes.clone(), secrets)
+                    .allow_secrets(allow(&["guarded"])),
+            ),
         );
         h
     };
@@ -322,6 +348,132 @@ async fn secret_sync_failures_are_readable_and_write_nothing() {
     assert!(writes.is_empty(), "{writes:?}");
 }
 
+/// The ARN moto gave a secret (`arn:aws:secretsmanager:us-east-1:123456789012:secret:<name>-XXXXXX`).
+async fn arn_of(moto: &Moto, name: &str) -> String {
+    moto.client()
+        .describe_secret()
+        .secret_id(name)
+        .send()
+        .await
+        .expect("describe secret")
+        .arn()
+        .expect("arn")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn secret_sync_outside_the_allow_list_is_refused_before_any_call_and_inside_it_works() {
+    let r = Rig::allowing(&[
+        "prod/app/*",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/app/*",
+    ])
+    .await;
+    let (outside, inside) = (unique_secret(), unique_secret());
+    r.moto
+        .create_secret("prod/db", &json!({"password": outside}).to_string())
+        .await;
+    r.moto
+        .create_secret("prod/app/api", &json!({"token": inside}).to_string())
+        .await;
+    let (outside_arn, inside_arn) = (
+        arn_of(&r.moto, "prod/db").await,
+        arn_of(&r.moto, "prod/app/api").await,
+    );
+    r.run("environment.create", json!({"name": "team-a"}))
+        .await
+        .0
+        .expect("environment");
+    r.fake.clear_requests();
+    let before = r.aws.requests();
+
+    // The attack: name a secret the agent's role can read but the operator did not allow, by
+    // name, by ARN, or by an allowed name in another account's ARN.
+    for id in [
+        "prod/db".to_owned(),
+        outside_arn.clone(),
+        "prod/app".to_owned(),
+        inside_arn.replace("123456789012", "999999999999"),
+        inside_arn.replace(":us-east-1:", ":eu-west-1:"),
+    ] {
+        let (out, progress) = r
+            .run(
+                "secret.sync",
+                json!({"secret_id": id, "environment": "team-a", "name": "stolen"}),
+            )
+            .await;
+        let e = out.expect_err("a secret outside secrets.allow must be refused");
+        assert!(
+            e.contains("matches no pattern of the agent's secrets.allow") && e.contains("not read"),
+            "{id}: {e}"
+        );
+        assert!(progress.is_empty(), "{id}: {progress}");
+    }
+    assert_eq!(
+        r.aws.requests(),
+        before,
+        "a refused secret.sync reached Secrets Manager"
+    );
+    assert!(
+        r.fake.requests().is_empty(),
+        "a refused secret.sync called Kubernetes: {:?}",
+        r.fake.requests()
+    );
+    assert!(r.fake.get("secrets", Some("team-a"), "stolen").is_none());
+
+    // Inside the list, by name and by ARN: synced as before.
+    for (id, name) in [("prod/app/api", "api"), (inside_arn.as_str(), "api-by-arn")] {
+        let (out, _) = r
+            .run(
+                "secret.sync",
+                json!({"secret_id": id, "environment": "team-a", "name": name}),
+            )
+            .await;
+        let out: Value = serde_json::from_str(&out.expect("an allowed secret syncs")).unwrap();
+        assert_eq!(out["keys"], json!(["token"]));
+        let s = r.fake.get("secrets", Some("team-a"), name).expect("synced");
+        assert_eq!(secret_value(&s, "token"), inside);
+    }
+    assert!(
+        r.aws.requests() > before,
+        "positive control: the allowed syncs went through the counting proxy"
+    );
+}
+
+#[tokio::test]
+async fn secret_sync_is_refused_for_every_secret_when_the_agent_allows_none() {
+    // `Backends` as an embedder or the agent gets it without `[secrets]`: nothing allowed.
+    let r = Rig::allowing(&[]).await;
+    r.moto
+        .create_secret("prod/db", &json!({"password": unique_secret()}).to_string())
+        .await;
+    r.run("environment.create", json!({"name": "team-a"}))
+        .await
+        .0
+        .expect("environment");
+    let before = r.aws.requests();
+    for id in [
+        "prod/db",
+        "*",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db",
+    ] {
+        let (out, _) = r
+            .run(
+                "secret.sync",
+                json!({"secret_id": id, "environment": "team-a", "name": "db"}),
+            )
+            .await;
+        let e = out.expect_err("no secret is allowed by default");
+        assert!(
+            e.contains("allows no secret to be synced")
+                && e.contains("config key secrets.allow")
+                && e.contains("not read"),
+            "{e}"
+        );
+    }
+    assert_eq!(r.aws.requests(), before, "Secrets Manager was called");
+    assert!(r.fake.get("secrets", Some("team-a"), "db").is_none());
+}
+
 /// Everything a watch of `id` shows, to the final state.
 async fn watch_to_end(client: &mut tether_e2e::CommandsClient, id: &str) -> Vec<Command> {
     let mut events = client
@@ -373,6 +525,10 @@ async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value
         &json!({"username": "app", "password": pw}).to_string(),
     )
     .await;
+    // Readable by the agent's credentials, not allowed by its secrets.allow.
+    let other = unique_secret();
+    moto.create_secret("prod/other", &json!({"password": other}).to_string())
+        .await;
 
     let gw = GatewayProcess::spawn_logging(
         &pki,
@@ -385,6 +541,7 @@ async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value
     cfg.kubernetes.kubeconfig = Some(fake.kubeconfig(dir.path()));
     cfg.kubernetes.poll_interval = Duration::from_millis(20);
     cfg.aws = moto.aws_config();
+    cfg.secrets = allow(&["prod/db"]);
     cfg.state_dir = Some(dir.path().join("agent-state"));
     let agent = AgentProcess::spawn_env(
         &cfg,
@@ -425,6 +582,11 @@ async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value
                "secret_env": {"DB_PASSWORD": {"secret": "db", "key": "password"}}}),
     )
     .await;
+    let refused = submit(
+        "secret.sync",
+        json!({"secret_id": "prod/other", "environment": "shop", "name": "other"}),
+    )
+    .await;
 
     let mut finals = Vec::new();
     for id in [&env, &sync, &deploy] {
@@ -439,6 +601,19 @@ async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value
         );
         finals.push((seen, last));
     }
+    // A secret outside the agent's secrets.allow: FAILED, saying which key decides, and never
+    // copied into the cluster.
+    let last = watch_to_end(&mut client, &refused)
+        .await
+        .pop()
+        .expect("events");
+    assert_eq!(last.state(), CommandState::Failed);
+    let reason = &last.result.as_ref().expect("result").message;
+    assert!(
+        reason.contains("\"prod/other\" matches no pattern of the agent's secrets.allow"),
+        "{reason}"
+    );
+    assert!(fake.get("secrets", Some("shop"), "other").is_none());
     // Watch showed the deploy's rollout progress while it ran, then Succeeded.
     let (deploy_events, deploy_final) = &finals[2];
     let progress_while_running = deploy_events
@@ -479,9 +654,13 @@ async fn environment_secret_and_deploy_through_the_gateway_leave_no_secret_value
     })
     .await;
     let b64 = serde_json::to_value(k8s_openapi::ByteString(pw.as_bytes().to_vec())).unwrap();
+    let other_b64 =
+        serde_json::to_value(k8s_openapi::ByteString(other.as_bytes().to_vec())).unwrap();
     let needles = [
         pw.as_bytes().to_vec(),
         b64.as_str().unwrap().as_bytes().to_vec(),
+        other.as_bytes().to_vec(),
+        other_b64.as_str().unwrap().as_bytes().to_vec(),
     ];
     let store = files_under(&data_dir);
     assert!(

@@ -1,7 +1,7 @@
 //! The agent's Kubernetes command handlers (`environment.*`, `deploy`) driven through kube-rs's
 //! real client against `fake_apiserver` (no Kubernetes API server can run on this machine; the
-//! HTTP server is the only fake). `secret.sync` and the path through the real gateway are in
-//! `data_plane.rs`.
+//! HTTP server is the only fake), under the agent's `[secrets]` and `[environments]` policy.
+//! `secret.sync` and the path through the real gateway are in `data_plane.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tether_agent::commands::{Handlers, ProgressSink};
-use tether_agent::config::{AwsConfig, KubernetesConfig};
+use tether_agent::config::{
+    AwsConfig, Egress, EgressRule, EnvironmentsConfig, KubernetesConfig, SecretsConfig,
+};
 use tether_agent::executors::{self, Backends};
 use tether_e2e::fake_apiserver::{FakeApiServer, Rule};
 
@@ -44,25 +46,36 @@ impl Run {
     }
 }
 
+/// The `[secrets]` of these tests' agent: the secrets under `prod/`.
+fn allowed_secrets() -> SecretsConfig {
+    SecretsConfig {
+        allow: vec!["prod/*".parse().expect("pattern")],
+    }
+}
+
+/// `[environments]` denying egress except to `rules` (given as JSON, as in the config).
+fn deny_egress(rules: Value) -> EnvironmentsConfig {
+    EnvironmentsConfig {
+        egress: Egress::Deny,
+        egress_allow: serde_json::from_value::<Vec<EgressRule>>(rules).expect("rules"),
+        ..EnvironmentsConfig::default()
+    }
+}
+
 impl Cluster {
     async fn start() -> Cluster {
         Self::with_timeout(Duration::from_secs(30)).await
     }
 
     async fn with_timeout(rollout_timeout: Duration) -> Cluster {
+        Self::with(rollout_timeout, EnvironmentsConfig::default()).await
+    }
+
+    async fn with(rollout_timeout: Duration, environments: EnvironmentsConfig) -> Cluster {
         tether_e2e::init();
         let fake = FakeApiServer::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let kubernetes = KubernetesConfig {
-            kubeconfig: Some(fake.kubeconfig(dir.path())),
-            poll_interval: Duration::from_millis(5),
-            rollout_timeout,
-        };
-        let handlers = Handlers::empty();
-        executors::register(
-            &handlers,
-            Arc::new(Backends::new(kubernetes, AwsConfig::default())),
-        );
+        let handlers = handlers_for(&fake, dir.path(), rollout_timeout, environments);
         Cluster {
             fake,
             handlers,
@@ -96,6 +109,43 @@ impl Cluster {
             .map(|r| format!("{} {}", r.verb, r.path))
             .collect()
     }
+}
+
+/// Handlers of an agent on `fake` with `environments` (several agents' configs can share one
+/// API server: the operator changing the config between commands).
+fn handlers_for(
+    fake: &FakeApiServer,
+    dir: &std::path::Path,
+    rollout_timeout: Duration,
+    environments: EnvironmentsConfig,
+) -> Handlers {
+    let kubernetes = KubernetesConfig {
+        kubeconfig: Some(fake.kubeconfig(dir)),
+        poll_interval: Duration::from_millis(5),
+        rollout_timeout,
+    };
+    let handlers = Handlers::empty();
+    executors::register(
+        &handlers,
+        Arc::new(
+            Backends::new(kubernetes, AwsConfig::default())
+                .allow_secrets(allowed_secrets())
+                .environments(environments),
+        ),
+    );
+    handlers
+}
+
+/// A Secret as `secret.sync` writes it: Tether's label, the source annotation, `data`.
+fn synced_secret(ns: &str, name: &str, source: &str, keys: &[&str]) -> Value {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| ((*k).to_owned(), json!("c2VjcmV0")))
+        .collect();
+    json!({"metadata": {"name": name, "namespace": ns,
+                        "labels": {"app.kubernetes.io/managed-by": "tether"},
+                        "annotations": {"tether.dev/secret-id": source}},
+           "data": data})
 }
 
 fn label<'a>(obj: &'a Value, key: &str) -> &'a Value {
@@ -422,6 +472,11 @@ async fn deploy_applies_deployment_and_service_reports_progress_and_succeeds() {
     c.run_json("environment.create", json!({"name": "team-a"}))
         .await
         .ok();
+    c.fake.insert(
+        "secrets",
+        Some("team-a"),
+        synced_secret("team-a", "db", "prod/db", &["password"]),
+    );
     let run = c
         .run_json(
             "deploy",
@@ -610,8 +665,10 @@ async fn the_kubernetes_handlers_work_under_exactly_the_documented_rbac() {
     let steps = [
         (
             "environment.create",
-            json!({"name": "team-a", "quota": {"pods": 5}}),
+            json!({"name": "team-a", "quota": {"pods": 5}, "egress": "deny",
+                   "egress_allow": [{"cidr": "10.0.0.0/16", "ports": [5432]}]}),
         ),
+        // Without quota and egress: both removed.
         ("environment.create", json!({"name": "team-a"})),
         (
             "deploy",
@@ -638,4 +695,267 @@ async fn the_kubernetes_handlers_work_under_exactly_the_documented_rbac() {
         .filter(|t| !used.contains(*t))
         .collect();
     assert!(unused.is_empty(), "granted but never used: {unused:?}");
+}
+
+#[tokio::test]
+async fn environment_create_with_egress_deny_admits_only_dns_and_the_listed_destinations() {
+    let c = Cluster::start().await;
+    let run = c
+        .run_json(
+            "environment.create",
+            json!({"name": "team-a", "egress": "deny", "egress_allow": [
+                {"cidr": "10.0.0.0/16", "ports": [5432, 6432]},
+                {"cidr": "fd00::/8", "protocol": "UDP"},
+                {"cidr": "192.0.2.10/32"},
+            ]}),
+        )
+        .await;
+    assert_eq!(
+        run.ok(),
+        &json!({"namespace": "team-a", "created": true, "network_policy": "tether-default-deny",
+                "egress_policy": "tether-egress"})
+    );
+    let policy = c
+        .fake
+        .get("networkpolicies", Some("team-a"), "tether-egress")
+        .expect("egress policy");
+    assert_eq!(label(&policy, "app.kubernetes.io/managed-by"), "tether");
+    assert_eq!(
+        policy["spec"],
+        json!({
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                         "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+                 "ports": [{"protocol": "TCP", "port": 5432}, {"protocol": "TCP", "port": 6432}]},
+                {"to": [{"ipBlock": {"cidr": "fd00::/8"}}], "ports": [{"protocol": "UDP"}]},
+                {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}]},
+            ],
+        })
+    );
+    // The ingress policy is unchanged beside it.
+    assert_eq!(
+        c.fake
+            .get("networkpolicies", Some("team-a"), "tether-default-deny")
+            .expect("ingress policy")["spec"],
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]})
+    );
+
+    // Re-created without `egress`: open again, the policy removed (declarative).
+    let open = c
+        .run_json("environment.create", json!({"name": "team-a"}))
+        .await;
+    assert!(open.ok().get("egress_policy").is_none(), "{}", open.ok());
+    assert!(
+        c.fake
+            .get("networkpolicies", Some("team-a"), "tether-egress")
+            .is_none()
+    );
+    assert!(
+        open.progress
+            .iter()
+            .any(|p| p.contains("tether-egress removed")),
+        "{:?}",
+        open.progress
+    );
+
+    // Bad entries fail naming the field, before any API call.
+    c.fake.clear_requests();
+    for (payload, want) in [
+        (
+            json!({"name": "team-a", "egress_allow": [{"cidr": "10.0.0.0/16"}]}),
+            "`egress_allow` is used only with `egress`: \"deny\"",
+        ),
+        (
+            json!({"name": "team-a", "egress": "deny", "egress_allow": [{"cidr": "10.0.0.1/16"}]}),
+            "field `egress_allow[0].cidr`",
+        ),
+        (
+            json!({"name": "team-a", "egress": "deny", "egress_allow": [{"cidr": "10.0.0.0/16", "ports": [0]}]}),
+            "`egress_allow[0].ports`",
+        ),
+        (
+            json!({"name": "team-a", "egress": "closed"}),
+            "field `egress`",
+        ),
+    ] {
+        let run = c.run_json("environment.create", payload.clone()).await;
+        assert!(run.err().contains(want), "{payload}: {}", run.err());
+    }
+    assert!(c.fake.requests().is_empty(), "{:?}", c.fake.requests());
+}
+
+#[tokio::test]
+async fn an_agent_denying_egress_gives_every_environment_its_policy_and_no_command_loosens_it() {
+    let operator = json!([{"cidr": "10.0.0.0/16", "ports": [5432]}]);
+    let c = Cluster::with(Duration::from_secs(30), deny_egress(operator)).await;
+    let expected_egress = json!([
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 5432}]},
+    ]);
+    let egress_of = |c: &Cluster, ns: &str| {
+        c.fake
+            .get("networkpolicies", Some(ns), "tether-egress")
+            .map(|p| p["spec"]["egress"].clone())
+    };
+
+    // No `egress` in the command: denied all the same.
+    let run = c
+        .run_json("environment.create", json!({"name": "team-a"}))
+        .await;
+    assert_eq!(run.ok()["egress_policy"], "tether-egress");
+    assert_eq!(egress_of(&c, "team-a"), Some(expected_egress.clone()));
+
+    // The attack: a command asking for open egress, or for a destination beyond the operator's.
+    c.fake.clear_requests();
+    for (payload, want) in [
+        (
+            json!({"name": "team-a", "egress": "allow"}),
+            "this agent denies environments' egress (its config environments.egress = \"deny\"",
+        ),
+        (
+            json!({"name": "team-a", "egress": "deny", "egress_allow": [{"cidr": "0.0.0.0/0"}]}),
+            "`egress_allow[0]`: 0.0.0.0/0 (all ports) is outside what this agent allows",
+        ),
+        (
+            json!({"name": "team-a", "egress_allow": [{"cidr": "10.0.1.0/24", "ports": [22]}]}),
+            "outside what this agent allows (its config environments.egress_allow",
+        ),
+    ] {
+        let run = c.run_json("environment.create", payload.clone()).await;
+        assert!(
+            run.err().contains(want) && run.err().contains("nothing was changed"),
+            "{payload}: {}",
+            run.err()
+        );
+    }
+    assert!(c.fake.requests().is_empty(), "{:?}", c.fake.requests());
+    assert_eq!(egress_of(&c, "team-a"), Some(expected_egress.clone()));
+
+    // Within the operator's list: accepted, and the environment keeps the operator's list.
+    let run = c
+        .run_json(
+            "environment.create",
+            json!({"name": "team-a", "egress": "deny",
+                   "egress_allow": [{"cidr": "10.0.1.0/24", "ports": [5432]}]}),
+        )
+        .await;
+    run.ok();
+    assert_eq!(egress_of(&c, "team-a"), Some(expected_egress.clone()));
+
+    // An environment made while the agent allowed egress has no policy; a deploy by the agent
+    // that now denies it applies the policy before the workload.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = handlers_for(
+        &c.fake,
+        dir.path(),
+        Duration::from_secs(30),
+        EnvironmentsConfig::default(),
+    );
+    let (sink, _rx) = ProgressSink::channel(64);
+    before
+        .get("environment.create")
+        .expect("kind")
+        .run(Bytes::from_static(br#"{"name": "old"}"#), sink)
+        .await
+        .expect("environment made with egress allowed");
+    assert_eq!(egress_of(&c, "old"), None);
+    c.fake.clear_requests();
+    let run = c
+        .run_json(
+            "deploy",
+            json!({"environment": "old", "name": "web", "image": "nginx"}),
+        )
+        .await;
+    run.ok();
+    assert_eq!(egress_of(&c, "old"), Some(expected_egress));
+    let writes = c.writes();
+    let policy = writes
+        .iter()
+        .position(|w| w.contains("/networkpolicies/tether-egress"))
+        .expect("the policy was applied");
+    let deployment = writes
+        .iter()
+        .position(|w| w.contains("/deployments/web"))
+        .expect("the deployment was applied");
+    assert!(policy < deployment, "{writes:?}");
+    assert!(
+        run.progress
+            .iter()
+            .any(|p| p.contains("tether-egress applied (the agent's environments.egress")),
+        "{:?}",
+        run.progress
+    );
+}
+
+#[tokio::test]
+async fn deploy_references_only_secrets_synced_from_an_allowed_secret() {
+    let c = Cluster::start().await;
+    c.run_json("environment.create", json!({"name": "team-a"}))
+        .await
+        .ok();
+    // What secret.sync wrote from an allowed secret: usable.
+    c.fake.insert(
+        "secrets",
+        Some("team-a"),
+        synced_secret("team-a", "db", "prod/db", &["password"]),
+    );
+    // Put there by someone else, or synced before the operator narrowed secrets.allow.
+    c.fake.insert(
+        "secrets",
+        Some("team-a"),
+        json!({"metadata": {"name": "theirs", "namespace": "team-a"}, "data": {"password": "eA=="}}),
+    );
+    c.fake.insert(
+        "secrets",
+        Some("team-a"),
+        synced_secret("team-a", "legacy", "legacy/db", &["password"]),
+    );
+    let mut unannotated = synced_secret("team-a", "bare", "prod/db", &["password"]);
+    unannotated["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    c.fake.insert("secrets", Some("team-a"), unannotated);
+    c.fake.clear_requests();
+    let deploy = |secret: &str, key: &str| {
+        json!({"environment": "team-a", "name": "web", "image": "nginx",
+               "secret_env": {"DB_PASSWORD": {"secret": secret, "key": key}}})
+    };
+    for ((secret, key), want) in [
+        (
+            ("absent", "password"),
+            "secret team-a/absent does not exist: sync it first",
+        ),
+        (
+            ("theirs", "password"),
+            "secret team-a/theirs is not managed by tether",
+        ),
+        (
+            ("legacy", "password"),
+            "secret team-a/legacy was synced from \"legacy/db\", which the agent's secrets.allow does not allow",
+        ),
+        (
+            ("bare", "password"),
+            "has no tether.dev/secret-id annotation",
+        ),
+        (("db", "user"), "secret team-a/db has no key \"user\""),
+    ] {
+        let run = c.run_json("deploy", deploy(secret, key)).await;
+        let e = run.err();
+        assert!(
+            e.contains("`secret_env.DB_PASSWORD`")
+                && e.contains(want)
+                && e.contains("nothing was changed"),
+            "{secret}/{key}: {e}"
+        );
+    }
+    assert_eq!(c.writes(), Vec::<String>::new(), "something was written");
+    let run = c.run_json("deploy", deploy("db", "password")).await;
+    assert_eq!(run.ok()["available"], 1);
 }

@@ -1,23 +1,31 @@
 //! `deploy`: a Deployment (and a ClusterIP Service when it has ports) in a managed environment,
 //! then a wait for the rollout that reports progress and ends with why it failed, if it did.
+//!
+//! The control plane chooses the image, so what a workload can read and where it can send it
+//! is bounded here: `secret_env` may reference only Secrets `secret.sync` wrote from a secret
+//! the agent's `secrets.allow` still allows, and with `environments.egress = "deny"` the
+//! environment's egress policy is (re-)applied before the workload starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::environment::{EGRESS_POLICY_NAME, apply_egress_policy};
 use super::names::{self, Invalid};
+use super::secret_sync::SOURCE_ANNOTATION;
 use super::{
     Backends, MANAGED_BY, MANAGED_BY_VALUE, apply_params, is_managed, kube_err, managed_namespace,
     output, parse,
 };
 use crate::commands::ProgressSink;
+use crate::policy::Egress;
 
 /// The label naming the workload; with [`MANAGED_BY`] it is the Deployment's selector.
 const NAME_LABEL: &str = "app.kubernetes.io/name";
@@ -315,6 +323,15 @@ pub(super) async fn deploy(
             "service {env}/{name} exists and is not managed by tether; nothing was changed"
         ));
     }
+    check_secret_env(b, &client, &req).await?;
+    if b.environments.egress == Egress::Deny {
+        // Re-applied on every deploy: an environment created before the operator denied egress,
+        // or under an older egress_allow, gets today's policy before the workload runs.
+        apply_egress_policy(&client, env, &b.environments.egress_allow, &b.environments).await?;
+        progress.report(format!(
+            "network policy {EGRESS_POLICY_NAME} applied (the agent's environments.egress = \"deny\")"
+        ));
+    }
     let applied = deployments
         .patch(name, &apply_params(), &Patch::Apply(&req.deployment()))
         .await
@@ -362,6 +379,65 @@ pub(super) async fn deploy(
         available,
         service,
     })
+}
+
+/// Every Secret `secret_env` references must exist in the environment, be one `secret.sync`
+/// wrote (Tether's label), come from a secret `secrets.allow` allows now, and hold the key:
+/// otherwise a workload could read a Secret someone else put in the namespace, or one synced
+/// before the operator narrowed the list.
+async fn check_secret_env(b: &Backends, client: &kube::Client, req: &Deploy) -> Result<(), String> {
+    let env = req.environment.as_str();
+    let secrets = Api::<Secret>::namespaced(client.clone(), env);
+    let mut seen: BTreeMap<&str, Secret> = BTreeMap::new();
+    for (var, r) in &req.secret_env {
+        let what = format!("deploy: `secret_env.{var}`: secret {env}/{}", r.secret);
+        if !seen.contains_key(r.secret.as_str()) {
+            let s = secrets
+                .get_opt(&r.secret)
+                .await
+                .map_err(kube_err(format!("reading secret {env}/{}", r.secret)))?
+                .ok_or_else(|| {
+                    format!(
+                        "{what} does not exist: sync it first (secret.sync); nothing was changed"
+                    )
+                })?;
+            seen.insert(&r.secret, s);
+        }
+        let s = &seen[r.secret.as_str()];
+        if !is_managed(s.metadata.labels.as_ref()) {
+            return Err(format!(
+                "{what} is not managed by tether: only Secrets written by secret.sync may be \
+                 referenced; nothing was changed"
+            ));
+        }
+        let source = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_ANNOTATION));
+        match source {
+            Some(id) if b.allowed_secrets.allows(id) => {}
+            Some(id) => {
+                return Err(format!(
+                    "{what} was synced from {id:?}, which the agent's secrets.allow does not \
+                     allow; nothing was changed"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "{what} has no {SOURCE_ANNOTATION} annotation, so it was not written by \
+                     secret.sync; nothing was changed"
+                ));
+            }
+        }
+        if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key)) {
+            return Err(format!(
+                "{what} has no key {:?}; nothing was changed",
+                r.key
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where a rollout stands, judged as `kubectl rollout status` does.

@@ -1,4 +1,10 @@
 //! `environment.create` and `environment.delete`: one environment is one namespace.
+//!
+//! An environment's ingress is always denied (`tether-default-deny`). Its egress is open unless
+//! the command asks for `egress: "deny"` or the agent's `environments.egress = "deny"` imposes
+//! it: then the NetworkPolicy `tether-egress` admits only the cluster DNS and the listed
+//! destinations, so a workload the control plane deploys cannot send what it reads (a synced
+//! Secret, say) anywhere else.
 
 use std::collections::BTreeMap;
 
@@ -15,11 +21,17 @@ use super::{
     output, parse,
 };
 use crate::commands::ProgressSink;
+use crate::config::EnvironmentsConfig;
+use crate::policy::{Egress, EgressRule};
 
 /// The ResourceQuota an environment gets when its payload has a `quota`.
 pub(super) const QUOTA_NAME: &str = "tether-quota";
 /// The default-deny NetworkPolicy every environment gets.
 pub(super) const POLICY_NAME: &str = "tether-default-deny";
+/// The NetworkPolicy that limits an environment's egress, when it is denied.
+pub(super) const EGRESS_POLICY_NAME: &str = "tether-egress";
+/// Most `egress_allow` entries one command may give.
+const MAX_EGRESS_RULES: usize = 100;
 
 /// `environment.create` payload.
 #[derive(Debug, Deserialize)]
@@ -30,6 +42,14 @@ struct Create {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     quota: Option<Quota>,
+    /// `allow` or `deny` (then only DNS and `egress_allow`); default: `allow`, unless the agent
+    /// denies egress (`environments.egress = "deny"`), which a command cannot loosen.
+    #[serde(default)]
+    egress: Option<Egress>,
+    /// With egress denied, where the workloads may send to besides DNS. Under the agent's
+    /// `environments.egress = "deny"` each entry must fall within its `egress_allow`.
+    #[serde(default)]
+    egress_allow: Option<Vec<EgressRule>>,
 }
 
 /// Limits on what the environment's workloads may request.
@@ -57,6 +77,9 @@ struct Created {
     #[serde(skip_serializing_if = "Option::is_none")]
     quota: Option<&'static str>,
     network_policy: &'static str,
+    /// The egress NetworkPolicy's name, when egress is denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress_policy: Option<&'static str>,
 }
 
 impl Create {
@@ -81,8 +104,116 @@ impl Create {
                 names::quantity("quota.memory", mem)?;
             }
         }
+        if let Some(rules) = &self.egress_allow {
+            if rules.len() > MAX_EGRESS_RULES {
+                return Err(Invalid {
+                    field: "egress_allow".into(),
+                    value: format!("{} entries", rules.len()),
+                    rule: "at most 100 entries",
+                });
+            }
+            for (i, r) in rules.iter().enumerate() {
+                if r.check().is_err() {
+                    return Err(Invalid {
+                        field: format!("egress_allow[{i}].ports"),
+                        value: format!("{:?}", r.ports),
+                        rule: "a list of ports from 1 to 65535",
+                    });
+                }
+            }
+        }
         Ok(())
     }
+
+    /// The egress this environment gets under the agent's `cfg`: `None` for open egress, or
+    /// the destinations besides DNS. Decided before any API call, so a refusal changes nothing.
+    fn egress_plan(&self, cfg: &EnvironmentsConfig) -> Result<Option<Vec<EgressRule>>, String> {
+        match (cfg.egress, self.egress.unwrap_or(cfg.egress)) {
+            (Egress::Allow, Egress::Allow) => match self.egress_allow {
+                Some(_) => Err(
+                    "environment.create: `egress_allow` is used only with `egress`: \"deny\" \
+                     (with egress allowed every destination is open); nothing was changed"
+                        .into(),
+                ),
+                None => Ok(None),
+            },
+            (Egress::Allow, Egress::Deny) => {
+                Ok(Some(self.egress_allow.clone().unwrap_or_default()))
+            }
+            (Egress::Deny, Egress::Allow) => Err(
+                "environment.create: `egress`: \"allow\" is refused: this agent denies \
+                 environments' egress (its config environments.egress = \"deny\", set by the \
+                 cluster's operator, who alone can change it); nothing was changed"
+                    .into(),
+            ),
+            (Egress::Deny, Egress::Deny) => {
+                for (i, r) in self.egress_allow.iter().flatten().enumerate() {
+                    if !r.within_any(&cfg.egress_allow) {
+                        return Err(format!(
+                            "environment.create: `egress_allow[{i}]`: {r} is outside what this \
+                             agent allows (its config environments.egress_allow, set by the \
+                             cluster's operator); nothing was changed"
+                        ));
+                    }
+                }
+                // A narrower list could not narrow anything: `deploy` re-applies the operator's
+                // list, and NetworkPolicies add up. So every environment gets exactly that list.
+                Ok(Some(cfg.egress_allow.clone()))
+            }
+        }
+    }
+}
+
+/// Applies `tether-egress` to namespace `ns`: every pod's egress denied except to the cluster
+/// DNS (UDP and TCP 53 of the pods `cfg` names) and to `rules`.
+pub(super) async fn apply_egress_policy(
+    client: &kube::Client,
+    ns: &str,
+    rules: &[EgressRule],
+    cfg: &EnvironmentsConfig,
+) -> Result<(), String> {
+    let mut egress = vec![json!({
+        "to": [{
+            "namespaceSelector": {
+                "matchLabels": { "kubernetes.io/metadata.name": cfg.dns_namespace },
+            },
+            "podSelector": { "matchLabels": cfg.dns_pod_labels },
+        }],
+        "ports": [
+            { "protocol": "UDP", "port": 53 },
+            { "protocol": "TCP", "port": 53 },
+        ],
+    })];
+    for r in rules {
+        let mut rule = json!({ "to": [{ "ipBlock": { "cidr": r.cidr.to_string() } }] });
+        let protocol = r.protocol.unwrap_or_default();
+        if !r.ports.is_empty() {
+            let ports: Vec<_> = r
+                .ports
+                .iter()
+                .map(|p| json!({ "protocol": protocol, "port": p }))
+                .collect();
+            rule["ports"] = json!(ports);
+        } else if r.protocol.is_some() {
+            rule["ports"] = json!([{ "protocol": protocol }]);
+        }
+        egress.push(rule);
+    }
+    let policy = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": EGRESS_POLICY_NAME,
+            "namespace": ns,
+            "labels": { MANAGED_BY: MANAGED_BY_VALUE },
+        },
+        "spec": { "podSelector": {}, "policyTypes": ["Egress"], "egress": egress },
+    });
+    Api::<NetworkPolicy>::namespaced(client.clone(), ns)
+        .patch(EGRESS_POLICY_NAME, &apply_params(), &Patch::Apply(&policy))
+        .await
+        .map_err(kube_err(format!("applying egress network policy in {ns}")))?;
+    Ok(())
 }
 
 pub(super) async fn create(
@@ -93,6 +224,7 @@ pub(super) async fn create(
     let req: Create = parse("environment.create", &payload)?;
     req.validate()
         .map_err(|e| format!("environment.create: {e}"))?;
+    let egress = req.egress_plan(&b.environments)?;
     let client = b.kube().await?;
     let name = req.name.as_str();
     let namespaces = Api::<Namespace>::all(client.clone());
@@ -172,16 +304,47 @@ pub(super) async fn create(
         "metadata": { "name": POLICY_NAME, "namespace": name, "labels": managed },
         "spec": { "podSelector": {}, "policyTypes": ["Ingress"] },
     });
-    Api::<NetworkPolicy>::namespaced(client, name)
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), name);
+    policies
         .patch(POLICY_NAME, &apply_params(), &Patch::Apply(&policy))
         .await
         .map_err(kube_err(format!("applying network policy in {name}")))?;
     progress.report(format!("network policy {POLICY_NAME} applied"));
+
+    let egress_policy = match &egress {
+        Some(rules) => {
+            apply_egress_policy(&client, name, rules, &b.environments).await?;
+            progress.report(format!(
+                "network policy {EGRESS_POLICY_NAME} applied: egress only to DNS and {} \
+                 destination(s)",
+                rules.len()
+            ));
+            Some(EGRESS_POLICY_NAME)
+        }
+        None if existing.is_some() => {
+            // Declarative, like the quota: re-created with egress allowed, it has no policy.
+            match policies
+                .delete(EGRESS_POLICY_NAME, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => progress.report(format!("network policy {EGRESS_POLICY_NAME} removed")),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    return Err(kube_err(format!(
+                        "removing egress network policy in {name}"
+                    ))(e));
+                }
+            }
+            None
+        }
+        None => None,
+    };
     output(&Created {
         namespace: name.to_owned(),
         created: existing.is_none(),
         quota,
         network_policy: POLICY_NAME,
+        egress_policy,
     })
 }
 

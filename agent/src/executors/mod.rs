@@ -2,10 +2,16 @@
 //!
 //! | kind | does |
 //! |---|---|
-//! | `environment.create` | Namespace labelled `app.kubernetes.io/managed-by=tether`, optional ResourceQuota, default-deny NetworkPolicy |
+//! | `environment.create` | Namespace labelled `app.kubernetes.io/managed-by=tether`, optional ResourceQuota, default-deny NetworkPolicy, egress policy when asked or when `environments.egress = "deny"` |
 //! | `environment.delete` | deletes a namespace Tether manages (and nothing else) |
 //! | `deploy` | Deployment (+ ClusterIP Service) in a managed namespace, waits for the rollout |
-//! | `secret.sync` | reads an AWS Secrets Manager secret in the data plane, writes a Kubernetes Secret |
+//! | `secret.sync` | reads an AWS Secrets Manager secret that `secrets.allow` allows, in the data plane, writes a Kubernetes Secret |
+//!
+//! What the control plane may reach through them is the operator's to decide, in the agent's
+//! config ([`crate::policy`]): `secret.sync` reads only secrets `secrets.allow` matches (none by
+//! default), checked before any call; `deploy` references only Secrets `secret.sync` wrote from
+//! a secret still allowed; with `environments.egress = "deny"` every environment's workloads
+//! reach only the cluster DNS and `environments.egress_allow`.
 //!
 //! Every handler parses a typed payload (unknown fields refused, errors name the field), checks
 //! every name against Kubernetes' rules before any API call ([`names`]), writes with server-side
@@ -35,7 +41,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::commands::{Handlers, ProgressSink};
-use crate::config::{AwsConfig, KubernetesConfig};
+use crate::config::{AwsConfig, EnvironmentsConfig, KubernetesConfig, SecretsConfig};
 use crate::secrets::SecretsManager;
 
 /// The field manager of every server-side apply, and the value of [`MANAGED_BY`].
@@ -53,11 +59,13 @@ pub const KINDS: &[&str] = &[
     "secret.sync",
 ];
 
-/// What the handlers share: the Kubernetes client (built on first use) and the Secrets Manager
-/// client (likewise).
+/// What the handlers share: the Kubernetes client (built on first use), the Secrets Manager
+/// client (likewise), and what the operator allows (`[secrets]`, `[environments]`).
 pub struct Backends {
     kubernetes: KubernetesConfig,
     aws: AwsConfig,
+    allowed_secrets: SecretsConfig,
+    environments: EnvironmentsConfig,
     kube: tokio::sync::Mutex<Option<kube::Client>>,
     secrets: tokio::sync::OnceCell<SecretsManager>,
 }
@@ -67,16 +75,23 @@ impl std::fmt::Debug for Backends {
         f.debug_struct("Backends")
             .field("kubernetes", &self.kubernetes)
             .field("aws", &self.aws)
+            .field("allowed_secrets", &self.allowed_secrets)
+            .field("environments", &self.environments)
             .finish_non_exhaustive()
     }
 }
 
 impl Backends {
-    /// Backends for the agent's `[kubernetes]` and `[aws]` config; nothing is dialed yet.
+    /// Backends for the agent's `[kubernetes]` and `[aws]` config; nothing is dialed yet. No
+    /// secret may be synced and egress is the commands' choice until
+    /// [`allow_secrets`](Self::allow_secrets) and [`environments`](Self::environments) say
+    /// otherwise.
     pub fn new(kubernetes: KubernetesConfig, aws: AwsConfig) -> Backends {
         Backends {
             kubernetes,
             aws,
+            allowed_secrets: SecretsConfig::default(),
+            environments: EnvironmentsConfig::default(),
             kube: tokio::sync::Mutex::new(None),
             secrets: tokio::sync::OnceCell::new(),
         }
@@ -86,11 +101,21 @@ impl Backends {
     /// choosing) instead of one built from `[aws]`.
     pub fn with_secrets_manager(kubernetes: KubernetesConfig, secrets: SecretsManager) -> Backends {
         Backends {
-            kubernetes,
-            aws: AwsConfig::default(),
-            kube: tokio::sync::Mutex::new(None),
             secrets: tokio::sync::OnceCell::from(secrets),
+            ..Backends::new(kubernetes, AwsConfig::default())
         }
+    }
+
+    /// The secrets `secret.sync` may read (`[secrets]`; default: none).
+    pub fn allow_secrets(mut self, allowed: SecretsConfig) -> Backends {
+        self.allowed_secrets = allowed;
+        self
+    }
+
+    /// The egress of environments (`[environments]`; default: the commands' choice).
+    pub fn environments(mut self, environments: EnvironmentsConfig) -> Backends {
+        self.environments = environments;
+        self
     }
 
     /// The Kubernetes client, built on first success. A failure is not remembered: the next

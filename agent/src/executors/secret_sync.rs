@@ -4,6 +4,11 @@
 //! The value goes from Secrets Manager to the Kubernetes API server and nowhere else: it never
 //! crosses the tunnel (the result carries the version id and key names only), is never logged and
 //! never reaches the gateway or its store.
+//!
+//! Which secrets: only those the agent's `secrets.allow` matches, checked before any call to
+//! Kubernetes or AWS. The agent's IAM role may read more (its own identity, say); the control
+//! plane names the secret, so without this list it could copy anything the role can read into
+//! an environment and deploy a workload that sends it out.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +25,7 @@ use super::{
     output, parse,
 };
 use crate::commands::ProgressSink;
+use crate::config::SecretsConfig;
 
 /// Annotation: the Secrets Manager secret a Kubernetes Secret was synced from.
 pub const SOURCE_ANNOTATION: &str = "tether.dev/secret-id";
@@ -71,6 +77,25 @@ impl Sync {
     }
 }
 
+/// Refuses a secret the operator did not allow, saying which config key decides.
+pub(super) fn check_allowed(allowed: &SecretsConfig, secret_id: &str) -> Result<(), String> {
+    if allowed.allow.is_empty() {
+        return Err(format!(
+            "secret.sync: refused: this agent allows no secret to be synced, so {secret_id:?} \
+             was not read; the cluster's operator lists the secrets the control plane may sync \
+             in the agent's config key secrets.allow (Helm value secrets.allow)"
+        ));
+    }
+    if !allowed.allows(secret_id) {
+        return Err(format!(
+            "secret.sync: refused: secret_id {secret_id:?} matches no pattern of the agent's \
+             secrets.allow, so it was not read; the cluster's operator can add it there (names \
+             match name patterns, ARNs match arn: patterns)"
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn sync(
     b: &Backends,
     payload: Bytes,
@@ -78,6 +103,7 @@ pub(super) async fn sync(
 ) -> Result<Bytes, String> {
     let req: Sync = parse("secret.sync", &payload)?;
     req.validate().map_err(|e| format!("secret.sync: {e}"))?;
+    check_allowed(&b.allowed_secrets, &req.secret_id)?;
     let client = b.kube().await?;
     let (env, name) = (req.environment.as_str(), req.name.as_str());
     managed_namespace(&client, env).await?;

@@ -106,6 +106,9 @@ them, so `helm template` fails with one readable line.
 {{- fail "services.agent: the name `agent` is reserved for the agent's built-in service" -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.environments.egressAllow (ne .Values.environments.egress "deny") -}}
+{{- fail "environments.egressAllow is used only with environments.egress=deny (with allow, nothing is restricted): set environments.egress=deny or remove it" -}}
+{{- end -}}
 {{- if and .Values.metrics.podMonitor.enabled (not .Values.metrics.enabled) -}}
 {{- fail "metrics.podMonitor.enabled needs metrics.enabled (otherwise the ops port is bound to loopback and cannot be scraped)" -}}
 {{- end -}}
