@@ -16,13 +16,17 @@
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
 //! - [`secrets`] (backend): AWS Secrets Manager reads;
+//! - [`ecr`] (backend): AWS ECR container repositories;
+//! - [`aws`] (backend): what the AWS clients share (configuration, retries, errors);
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
 
+pub mod aws;
 pub mod commands;
 pub mod config;
 pub mod dialer;
+pub mod ecr;
 pub mod enroll;
 pub mod error;
 pub mod executors;
@@ -78,15 +82,15 @@ fn instance_id(cfg: &AgentConfig) -> String {
 pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
 /// The command kinds an agent runs: the built-ins (`echo`, `sleep`) and the data-plane
-/// executors ([`executors::KINDS`]) on the `[kubernetes]` and `[aws]` config.
+/// executors ([`executors::KINDS`]) on the `[kubernetes]`, `[aws]` and `[registry]` config.
 pub fn default_handlers(cfg: &AgentConfig) -> Arc<commands::Handlers> {
     let handlers = commands::Handlers::with_builtins();
     executors::register(
         &handlers,
-        Arc::new(executors::Backends::new(
-            cfg.kubernetes.clone(),
-            cfg.aws.clone(),
-        )),
+        Arc::new(
+            executors::Backends::new(cfg.kubernetes.clone(), cfg.aws.clone())
+                .with_registry(cfg.registry.clone()),
+        ),
     );
     Arc::new(handlers)
 }
