@@ -722,13 +722,14 @@ impl Validate for AgentConfig {
         crate::proxy::Proxy::from_config(&self.proxy, |k| std::env::var(k).ok())
             .map_err(|e| ConfigError::invalid("proxy", e))?;
         let prefix = &self.registry.name_prefix;
-        if !prefix.is_empty()
-            && !(prefix.len() <= 200
-                && prefix.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        let lower_or_digit = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let prefix_ok = prefix.is_empty()
+            || (prefix.len() <= 200
+                && prefix.starts_with(lower_or_digit)
                 && prefix
                     .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c)))
-        {
+                    .all(|c| lower_or_digit(c) || "._-/".contains(c)));
+        if !prefix_ok {
             return Err(ConfigError::invalid(
                 "registry.name_prefix",
                 format!(
