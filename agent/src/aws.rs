@@ -4,8 +4,8 @@
 //! One way to load the SDK configuration from `[aws]` (the standard credential chain, the
 //! region, the endpoint override, standard retries with `aws.max_attempts`, bounded timeouts),
 //! an interceptor counting the requests a call sent, and one reading of a failed call
-//! ([`Failure`]): whose fault it is and whether retrying can help. Each client maps a
-//! [`Failure`] to its own typed error, adding what only it knows (the secret, the repository,
+//! (`Failure`): whose fault it is and whether retrying can help. Each client maps a
+//! `Failure` to its own typed error, adding what only it knows (the secret, the repository,
 //! the IAM action).
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Backend layer: container repositories in AWS ECR (Elastic Container Registry).
 //!
 //! One [`Ecr`] wraps the SDK client built from `[aws]`, exactly as [`crate::secrets`] does for
-//! Secrets Manager ([`crate::aws::sdk_config`]: the standard credential chain, the region, the
+//! Secrets Manager (`aws::sdk_config`: the standard credential chain, the region, the
 //! endpoint override, standard retries with `aws.max_attempts`, throttling retried with
 //! exponential backoff and jitter). Each method is one ECR call in the agent's own account and
 //! maps its failure to an [`EcrError`] naming the repository and the IAM action the call needs,
@@ -378,7 +378,7 @@ pub struct Ecr {
 }
 
 impl Ecr {
-    /// A client using the standard credential chain and `[aws]` (see [`crate::aws::sdk_config`]).
+    /// A client using the standard credential chain and `[aws]` (see [`crate::aws`]).
     pub async fn new(cfg: &AwsConfig) -> Ecr {
         Self::build(
             cfg,

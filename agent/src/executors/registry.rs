@@ -386,6 +386,7 @@ pub(super) async fn create(
             progress.report(format!("scan_on_push set to {}", req.scan_on_push));
             changed.push("scan_on_push");
         }
+        // ECR's `*_WITH_EXCLUSION` forms (set outside Tether) converge to the plain one asked.
         if repo.immutable_tags() != req.immutable_tags
             || !matches!(repo.tag_mutability.as_str(), "MUTABLE" | "IMMUTABLE")
         {
@@ -411,9 +412,10 @@ pub(super) async fn create(
     }
 
     // A new repository has no policies yet: nothing to read.
-    let have = match created {
-        true => None,
-        false => ecr.lifecycle_policy(name).await.map_err(err)?,
+    let have = if created {
+        None
+    } else {
+        ecr.lifecycle_policy(name).await.map_err(err)?
     };
     match req.keep_last {
         Some(n) => {
@@ -434,9 +436,10 @@ pub(super) async fn create(
         None => {}
     }
 
-    let have = match created {
-        true => None,
-        false => ecr.repository_policy(name).await.map_err(err)?,
+    let have = if created {
+        None
+    } else {
+        ecr.repository_policy(name).await.map_err(err)?
     };
     let want = repository_policy(
         have.as_deref(),
