@@ -26,6 +26,9 @@
 //! [aws]                                   # credentials: the standard chain (IRSA in EKS)
 //! region = "eu-west-1"
 //! # endpoint_url = "https://vpce-….secretsmanager.eu-west-1.vpce.amazonaws.com"
+//! [registry]                              # the registry.create / registry.delete commands (AWS ECR)
+//! name_prefix = "tether/"                 # only repositories named so; match the IAM policy's scope
+//! pull_principals = ["arn:aws:iam::123456789012:role/eks-nodes"]   # the cluster's nodes pull
 //! [transport]
 //! mode = "auto"                           # quic, then TCP (TLS + HTTP/2) when UDP is blocked
 //! quic_retry = "60s"                      # while on TCP, how often QUIC is tried again
@@ -115,6 +118,8 @@ pub const KEYS: Keys = &[
     "aws.region",
     "aws.endpoint_url",
     "aws.max_attempts",
+    "registry.name_prefix",
+    "registry.pull_principals",
     "kubernetes.kubeconfig",
     "kubernetes.poll_interval",
     "kubernetes.rollout_timeout",
@@ -174,12 +179,16 @@ pub struct AgentConfig {
     /// Where the agent's own certificate and key come from.
     #[serde(default)]
     pub identity: IdentityConfig,
-    /// AWS access (Secrets Manager): region and endpoint; credentials from the standard chain.
+    /// AWS access (Secrets Manager, ECR): region and endpoint; credentials from the standard
+    /// chain.
     #[serde(default)]
     pub aws: AwsConfig,
     /// Kubernetes access for the environment, deploy and secret handlers.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// What the registry commands (AWS ECR) may touch, and who pulls.
+    #[serde(default)]
+    pub registry: RegistryConfig,
     /// QUIC, or the TLS + HTTP/2 over TCP fallback.
     #[serde(default)]
     pub transport: TransportConfig,
@@ -426,7 +435,8 @@ pub struct AwsConfig {
     /// (which honours `AWS_ENDPOINT_URL`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
-    /// Attempts per Secrets Manager call, throttling and transient errors retried with backoff.
+    /// Attempts per AWS call (Secrets Manager, ECR), throttling and transient errors retried
+    /// with backoff.
     pub max_attempts: u32,
 }
 
@@ -437,6 +447,96 @@ impl Default for AwsConfig {
             endpoint_url: None,
             max_attempts: 5,
         }
+    }
+}
+
+/// `[registry]`: the `registry.create` and `registry.delete` commands (AWS ECR, in the account
+/// of the agent's AWS credentials, through `[aws]`). Set by the customer: the gateway cannot
+/// widen it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Only repositories whose names start with this are created, converged or deleted (the
+    /// others are refused before any AWS call); empty: any. Scope the agent's IAM policy to
+    /// the same prefix.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name_prefix: String,
+    /// IAM principals the repository policy of every repository the agent manages lets pull:
+    /// the cluster's node role(s). Empty: no pull statement (same-account nodes then pull with
+    /// their own IAM policy, e.g. `AmazonEC2ContainerRegistryReadOnly`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pull_principals: Vec<PrincipalArn>,
+}
+
+/// An IAM principal a resource policy may name: `arn:<partition>:iam::<account>:root`,
+/// `…:role/<path/name>` or `…:user/<path/name>`. No wildcards: a policy must not grant
+/// everyone.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PrincipalArn(String);
+
+impl PrincipalArn {
+    /// The ARN.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PrincipalArn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<PrincipalArn> for String {
+    fn from(p: PrincipalArn) -> String {
+        p.0
+    }
+}
+
+impl TryFrom<String> for PrincipalArn {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<PrincipalArn, String> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && !n.starts_with('/')
+                && !n.ends_with('/')
+                && !n.contains("//")
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+=,.@_/-".contains(c))
+        };
+        let ok = s.len() <= 2048
+            && match s.split(':').collect::<Vec<_>>()[..] {
+                ["arn", partition, "iam", "", account, resource] => {
+                    (partition == "aws"
+                        || partition.strip_prefix("aws-").is_some_and(|p| {
+                            !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                        }))
+                        && account.len() == 12
+                        && account.bytes().all(|b| b.is_ascii_digit())
+                        && (resource == "root"
+                            || resource.strip_prefix("role/").is_some_and(name_ok)
+                            || resource.strip_prefix("user/").is_some_and(name_ok))
+                }
+                _ => false,
+            };
+        if ok {
+            Ok(PrincipalArn(s))
+        } else {
+            Err(format!(
+                "{s:?} is not an IAM principal ARN (arn:aws:iam::<12-digit account>:role/<name>, \
+                 …:user/<name> or …:root; no wildcards)"
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for PrincipalArn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PrincipalArn, String> {
+        PrincipalArn::try_from(s.to_owned())
     }
 }
 
@@ -719,6 +819,23 @@ impl Validate for AgentConfig {
         }
         crate::proxy::Proxy::from_config(&self.proxy, |k| std::env::var(k).ok())
             .map_err(|e| ConfigError::invalid("proxy", e))?;
+        let prefix = &self.registry.name_prefix;
+        let lower_or_digit = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let prefix_ok = prefix.is_empty()
+            || (prefix.len() <= 200
+                && prefix.starts_with(lower_or_digit)
+                && prefix
+                    .chars()
+                    .all(|c| lower_or_digit(c) || "._-/".contains(c)));
+        if !prefix_ok {
+            return Err(ConfigError::invalid(
+                "registry.name_prefix",
+                format!(
+                    "{prefix:?} cannot start an ECR repository name (at most 200 lowercase \
+                     letters, digits, '.', '_', '-' and '/', starting with a letter or digit)"
+                ),
+            ));
+        }
         if self.kubernetes.poll_interval.is_zero() {
             return Err(ConfigError::invalid(
                 "kubernetes.poll_interval",
@@ -945,6 +1062,60 @@ mod tests {
     }
 
     #[test]
+    fn registry_keys_are_checked_and_a_bad_one_is_named() {
+        let tls = [
+            "tls.ca=ca.pem".to_owned(),
+            "tls.cert=a.pem".to_owned(),
+            "tls.key=k.pem".to_owned(),
+        ];
+        let load = |extra: &[&str]| {
+            let sets: Vec<String> = tls
+                .iter()
+                .cloned()
+                .chain(std::iter::once("gateways=[\"gw:443\"]".to_owned()))
+                .chain(extra.iter().map(|s| (*s).to_owned()))
+                .collect();
+            tether_runtime::config::load::<AgentConfig>(KEYS, None, std::iter::empty(), &sets)
+        };
+        let cfg = load(&[
+            "registry.name_prefix=tether/",
+            r#"registry.pull_principals=["arn:aws:iam::123456789012:role/eks-nodes", "arn:aws-cn:iam::123456789012:root", "arn:aws:iam::123456789012:user/ci/pusher"]"#,
+        ])
+        .expect("valid");
+        assert_eq!(cfg.registry.name_prefix, "tether/");
+        assert_eq!(cfg.registry.pull_principals.len(), 3);
+        assert_eq!(load(&[]).expect("valid").registry.name_prefix, "");
+
+        for (set, key) in [
+            (
+                r#"registry.pull_principals=["arn:aws:iam::123456789012:role/*"]"#,
+                "registry.pull_principals[0]",
+            ),
+            (
+                r#"registry.pull_principals=["*"]"#,
+                "registry.pull_principals[0]",
+            ),
+            (
+                r#"registry.pull_principals=["arn:aws:iam::12345:role/x"]"#,
+                "registry.pull_principals[0]",
+            ),
+            (
+                r#"registry.pull_principals=["arn:aws:sts::123456789012:assumed-role/x/y"]"#,
+                "registry.pull_principals[0]",
+            ),
+            ("registry.name_prefix=Tether/", "registry.name_prefix"),
+            ("registry.name_prefix=/tether", "registry.name_prefix"),
+        ] {
+            let e = load(&[set]).expect_err(set).to_string();
+            assert!(e.contains(key), "{set}: {e}");
+            assert!(
+                e.contains("not an IAM principal ARN") || e.contains("cannot start an ECR"),
+                "{set}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn unset_tls_paths_stay_unset_when_resolved() {
         let mut tls = TlsConfig {
             ca: "ca.pem".into(),
@@ -982,6 +1153,10 @@ mod tests {
             kubernetes: KubernetesConfig {
                 kubeconfig: Some("k".into()),
                 ..Default::default()
+            },
+            registry: RegistryConfig {
+                name_prefix: "tether/".into(),
+                pull_principals: vec!["arn:aws:iam::123456789012:role/nodes".parse().unwrap()],
             },
             transport: Default::default(),
             proxy: ProxyConfig {

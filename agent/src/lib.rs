@@ -18,13 +18,17 @@
 //! - [`secrets`] (backend): AWS Secrets Manager reads;
 //! - [`policy`]: what the operator lets commands reach (secrets `secret.sync` may read,
 //!   environments' egress), a leaf imported by [`config`] and the executors;
+//! - [`ecr`] (backend): AWS ECR container repositories;
+//! - [`aws`] (backend): what the AWS clients share (configuration, retries, errors);
 //! - [`status`]: what `/readyz` and metrics report;
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
 
+pub mod aws;
 pub mod commands;
 pub mod config;
 pub mod dialer;
+pub mod ecr;
 pub mod enroll;
 pub mod error;
 pub mod executors;
@@ -81,8 +85,8 @@ fn instance_id(cfg: &AgentConfig) -> String {
 pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
 
 /// The command kinds an agent runs: the built-ins (`echo`, `sleep`) and the data-plane
-/// executors ([`executors::KINDS`]) on the `[kubernetes]`, `[aws]`, `[secrets]` and
-/// `[environments]` config.
+/// executors ([`executors::KINDS`]) on the `[kubernetes]`, `[aws]`, `[secrets]`,
+/// `[environments]` and `[registry]` config.
 pub fn default_handlers(cfg: &AgentConfig) -> Arc<commands::Handlers> {
     let handlers = commands::Handlers::with_builtins();
     executors::register(
@@ -90,7 +94,8 @@ pub fn default_handlers(cfg: &AgentConfig) -> Arc<commands::Handlers> {
         Arc::new(
             executors::Backends::new(cfg.kubernetes.clone(), cfg.aws.clone())
                 .allow_secrets(cfg.secrets.clone())
-                .environments(cfg.environments.clone()),
+                .environments(cfg.environments.clone())
+                .with_registry(cfg.registry.clone()),
         ),
     );
     Arc::new(handlers)

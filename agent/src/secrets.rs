@@ -11,55 +11,15 @@
 //! version only, and no error carries a value.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
-use aws_sdk_secretsmanager::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_secretsmanager::config::retry::RetryConfig;
-use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
-use aws_sdk_secretsmanager::config::{
-    ConfigBag, Intercept, ProvideCredentials, Region, RuntimeComponents,
-};
-use aws_sdk_secretsmanager::error::{
-    BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError,
-};
-use aws_sdk_secretsmanager::operation::get_secret_value::{
-    GetSecretValueError, GetSecretValueOutput,
-};
+use aws_sdk_secretsmanager::config::ProvideCredentials;
+use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueOutput;
 
+use crate::aws::{self, Attempts, Failure, FailureKind};
 use crate::config::AwsConfig;
-
-/// How long opening a connection to Secrets Manager may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one attempt (request and response) may take.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one call may take, retries and their backoff included.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The key a secret that is not a JSON object of strings is stored under in [`SecretValue::data`].
 pub const VALUE_KEY: &str = "value";
-
-/// Error codes that mean the caller's AWS identity may not read the secret.
-const DENIED_CODES: &[&str] = &[
-    "AccessDeniedException",
-    "AccessDenied",
-    "UnrecognizedClientException",
-    "InvalidClientTokenId",
-    "InvalidSignatureException",
-    "IncompleteSignature",
-    "ExpiredTokenException",
-    "MissingAuthenticationToken",
-];
-
-/// Error codes AWS answers when a caller goes over its request rate.
-const THROTTLING_CODES: &[&str] = &[
-    "ThrottlingException",
-    "Throttling",
-    "TooManyRequestsException",
-    "RequestLimitExceeded",
-    "RequestThrottled",
-];
 
 // === SecretsError ===
 
@@ -271,25 +231,9 @@ impl SecretsManager {
         .await
     }
 
-    async fn build(cfg: &AwsConfig, mut loader: aws_config::ConfigLoader) -> SecretsManager {
-        loader = loader
-            .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts.max(1)))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                    .operation_timeout(CALL_TIMEOUT)
-                    .build(),
-            );
-        if let Some(region) = &cfg.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(url) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let sdk = loader.load().await;
+    async fn build(cfg: &AwsConfig, loader: aws_config::ConfigLoader) -> SecretsManager {
         SecretsManager {
-            client: aws_sdk_secretsmanager::Client::new(&sdk),
+            client: aws_sdk_secretsmanager::Client::new(&aws::sdk_config(cfg, loader).await),
         }
     }
 
@@ -301,23 +245,19 @@ impl SecretsManager {
     /// Reads the `AWSCURRENT` version of `secret_id` (a name or an ARN).
     pub async fn get(&self, secret_id: &str) -> Result<SecretValue, SecretsError> {
         if self.client.config().region().is_none() {
-            return Err(SecretsError::Other {
-                secret_id: secret_id.to_owned(),
-                code: None,
-                message: "no AWS region: set aws.region or AWS_REGION".into(),
-            });
+            return Err(classify(secret_id, Failure::no_region()));
         }
-        let attempts = Arc::new(AtomicU32::new(0));
+        let counter = Attempts::default();
         let result = self
             .client
             .get_secret_value()
             .secret_id(secret_id)
             .version_stage("AWSCURRENT")
             .customize()
-            .interceptor(CountAttempts(attempts.clone()))
+            .interceptor(counter.interceptor())
             .send()
             .await;
-        let attempts = attempts.load(Ordering::Relaxed);
+        let attempts = counter.get();
         match result {
             Ok(out) => {
                 let value = SecretValue::from_output(secret_id, &out)?;
@@ -331,7 +271,7 @@ impl SecretsManager {
                 Ok(value)
             }
             Err(e) => {
-                let e = classify(secret_id, e, attempts);
+                let e = classify(secret_id, Failure::of(e, attempts));
                 tracing::debug!(secret_id, attempts, error = %e, "reading secret failed");
                 Err(e)
             }
@@ -339,123 +279,29 @@ impl SecretsManager {
     }
 }
 
-/// Counts the requests one call sends (the first attempt and every retry).
-#[derive(Debug)]
-struct CountAttempts(Arc<AtomicU32>);
-
-impl Intercept for CountAttempts {
-    fn name(&self) -> &'static str {
-        "CountAttempts"
-    }
-
-    fn read_before_transmit(
-        &self,
-        _: &BeforeTransmitInterceptorContextRef<'_>,
-        _: &RuntimeComponents,
-        _: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-/// Maps the SDK's error (after its retries) to ours.
-fn classify(secret_id: &str, e: SdkError<GetSecretValueError>, attempts: u32) -> SecretsError {
+/// Maps a failed call (after the SDK's retries) to ours.
+fn classify(secret_id: &str, f: Failure) -> SecretsError {
     let secret_id = secret_id.to_owned();
-    let context = DisplayErrorContext(&e).to_string();
-    let service = match e {
-        SdkError::ServiceError(s) => s,
-        SdkError::TimeoutError(_) => {
-            return SecretsError::Unavailable {
-                secret_id,
-                message: format!("no answer in time ({attempts} attempts)"),
-            };
-        }
-        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => {
-            return SecretsError::Unavailable {
-                secret_id,
-                message: format!("{context} ({attempts} attempts)"),
-            };
-        }
-        SdkError::ResponseError(r) => {
-            return SecretsError::Unavailable {
-                secret_id,
-                message: format!(
-                    "unreadable answer (HTTP {}): {context}",
-                    r.raw().status().as_u16()
-                ),
-            };
-        }
-        _ => {
-            return SecretsError::Other {
-                secret_id,
-                code: None,
-                message: context,
-            };
-        }
-    };
-    let status = service.raw().status().as_u16();
-    let err = service.err();
-    let code = err.code().map(str::to_owned);
-    // An answer whose error the SDK could not parse (a proxy, an emulator speaking another
-    // protocol) has no code: fall back on the HTTP status and an excerpt of the body.
-    let message = match err.message() {
-        Some(m) => m.to_owned(),
-        None => {
-            let body = service.raw().body().bytes().unwrap_or_default();
-            let excerpt: String = String::from_utf8_lossy(body)
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .chars()
-                .take(300)
-                .collect();
-            format!("HTTP {status}: {excerpt}")
-        }
-    };
-    let described = match &code {
-        Some(c) => format!("{c}: {message}"),
-        None => message,
-    };
-    match code.as_deref() {
-        Some("ResourceNotFoundException") => SecretsError::NotFound { secret_id },
-        Some(c) if DENIED_CODES.contains(&c) => SecretsError::AccessDenied {
+    if f.is("ResourceNotFoundException") {
+        return SecretsError::NotFound { secret_id };
+    }
+    match f.kind {
+        FailureKind::Denied => SecretsError::AccessDenied {
             secret_id,
-            message: described,
+            message: f.message,
         },
-        Some(c) if THROTTLING_CODES.contains(&c) => SecretsError::Throttled {
+        FailureKind::Throttled => SecretsError::Throttled {
             secret_id,
-            attempts,
+            attempts: f.attempts,
         },
-        Some("InternalServiceError" | "ServiceUnavailable" | "ServiceUnavailableException") => {
-            SecretsError::Unavailable {
-                secret_id,
-                message: described,
-            }
-        }
-        Some(_) => SecretsError::Other {
+        FailureKind::Unavailable => SecretsError::Unavailable {
             secret_id,
-            code,
-            message: described,
+            message: f.message,
         },
-        None => match status {
-            401 | 403 => SecretsError::AccessDenied {
-                secret_id,
-                message: described,
-            },
-            429 => SecretsError::Throttled {
-                secret_id,
-                attempts,
-            },
-            500..=599 => SecretsError::Unavailable {
-                secret_id,
-                message: described,
-            },
-            _ => SecretsError::Other {
-                secret_id,
-                code: None,
-                message: described,
-            },
+        FailureKind::Other => SecretsError::Other {
+            secret_id,
+            code: f.code,
+            message: f.message,
         },
     }
 }

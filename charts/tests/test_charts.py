@@ -131,6 +131,7 @@ def test_the_value_files_the_tests_rely_on_exist():
         "agent-proxy.yaml",
         "agent-metrics-no-netpol.yaml",
         "agent-aws-secretsmanager.yaml",
+        "agent-registry.yaml",
     }, AGENT_VALUES
     assert set(GATEWAY_VALUES) >= {"gateway-required.yaml", "gateway-postgres.yaml"}, GATEWAY_VALUES
 
@@ -276,6 +277,9 @@ def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart,
         (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0"}]}}, "/environments/egressAllow/0/cidr"),
         (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0/8", "port": 5432}]}}, "'port'"),
         (AGENT_CHART, "agent-required.yaml", {"environments": {"egress": "deny", "egressAllow": [{"cidr": "10.0.0.0/8", "ports": [0]}]}}, "/environments/egressAllow/0/ports/0"),
+        (AGENT_CHART, "agent-registry.yaml", {"registry": {"namePrefix": "Tether/"}}, "/registry/namePrefix"),
+        (AGENT_CHART, "agent-registry.yaml", {"registry": {"pullPrincipals": ["arn:aws:iam::123456789012:role/*"]}}, "/registry/pullPrincipals/0"),
+        (AGENT_CHART, "agent-registry.yaml", {"registry": {"pullPrincipal": []}}, "'pullPrincipal'"),
         (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": "two"}, "/replicaCount"),
         (GATEWAY_CHART, "gateway-required.yaml", {"storeType": "postgres"}, "'storeType'"),
         (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
@@ -659,6 +663,39 @@ def test_agent_refuses_a_secret_pattern_the_schema_lets_through_naming_the_key(p
     bad = run(in_pod(r.one("Pod")["spec"]["containers"][0]["command"], etc))
     assert bad.returncode == 64, bad
     assert "secrets.allow[1]" in bad.stderr and "an ARN pattern is" in bad.stderr, bad.stderr
+
+
+def documented_registry_actions() -> list[str]:
+    """The Allow actions of the first JSON policy under "IAM for the registry commands" in
+    docs/install-agent.md (e2e/tests/registry.rs checks them against what the commands call)."""
+    section = (ROOT / "docs" / "install-agent.md").read_text().split("### IAM for the registry commands", 1)[1]
+    block = section.split("```json", 1)[1].split("```", 1)[0]
+    return sorted(a for s in json.loads(block)["Statement"] if s["Effect"] == "Allow" for a in s["Action"])
+
+
+def test_agent_registry_values_reach_agent_toml_and_the_notes_list_the_documented_iam_actions():
+    r = render_file(AGENT_CHART, "agent-registry.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert cfg["registry"] == {
+        "name_prefix": "tether/",
+        "pull_principals": ["arn:aws:iam::123456789012:role/eks-nodes", "arn:aws:iam::123456789012:role/karpenter-nodes"],
+    }
+    assert cfg["aws"] == {"region": "eu-west-1", "max_attempts": 5}
+    # The NOTES name exactly the actions of the install guide's policy, scoped to the prefix.
+    notes_actions = sorted(set(re.findall(r"ecr:[A-Za-z]+", r.notes)))
+    assert notes_actions == documented_registry_actions(), r.notes
+    assert "repository/tether/*" in r.notes
+    assert "serviceAccount.awsRoleArn is empty" not in r.notes
+    assert "no egress to ECR" not in r.notes
+    only_prefix = render_file(AGENT_CHART, "agent-registry.yaml", {"registry": {"pullPrincipals": []}})
+    assert tomllib.loads(only_prefix.one("ConfigMap")["data"]["agent.toml"])["registry"] == {"name_prefix": "tether/"}
+    bare = render_file(AGENT_CHART, "agent-registry.yaml",
+                       {"serviceAccount": {"awsRoleArn": ""}, "networkPolicy": {"extraEgressCIDRs": []}})
+    assert "serviceAccount.awsRoleArn is empty" in bare.notes and "no egress to ECR" in bare.notes, bare.notes
+    # Unset: no [registry] at all, and no registry notes.
+    unset = render_file(AGENT_CHART, "agent-required.yaml")
+    assert "registry" not in tomllib.loads(unset.one("ConfigMap")["data"]["agent.toml"])
+    assert "ecr:" not in unset.notes
 
 
 def test_agent_identity_from_aws_secrets_manager_mounts_no_identity_secret_and_uses_irsa():

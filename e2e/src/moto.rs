@@ -1,18 +1,21 @@
-//! A real AWS Secrets Manager for tests: moto's server (`moto[server]`, pinned in
+//! A real AWS Secrets Manager and ECR for tests: moto's server (`moto[server]`, pinned in
 //! `requirements-test.txt`) in a child Python process on a free loopback port, and
-//! [`FaultProxy`], which puts in front of it the throttling that moto never produces.
+//! [`FaultProxy`], which puts in front of it the throttling and quota errors that moto never
+//! produces, and records which operations reach it.
 //!
 //! Python comes from `$TETHER_TEST_PYTHON`, else the workspace's `.venv` (both set up by
 //! `scripts/test`), as for the other Python peers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
 use tether_agent::config::AwsConfig;
+use tether_agent::ecr::Ecr;
 use tether_agent::secrets::SecretsManager;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -22,11 +25,13 @@ pub const REGION: &str = "us-east-1";
 /// How long moto may take to start (importing moto is slow on a loaded 2-core machine).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Starts `ThreadedMotoServer` on port 0 and prints `{"port": N}` (and, with `--iam`, the
-/// access keys of three IAM users) as one JSON line; exits when its stdin closes, so it never
-/// outlives the test. With `--iam`, IAM users and policies are created first, then
+/// Starts `ThreadedMotoServer` on port 0 and prints `{"port": N}` (and, with `--iam USERS`, the
+/// access keys of those IAM users) as one JSON line; exits when its stdin closes, so it never
+/// outlives the test. With `--iam`, USERS is a JSON object `{"<user>": ["<action>", ...]}`: each
+/// user is created with a policy allowing those actions on every resource, then
 /// `INITIAL_NO_AUTH_ACTION_COUNT` is set to 0 so that from then on every request is
-/// authenticated and checked against its user's policies (moto's IAM enforcement).
+/// authenticated and checked against its user's policies (moto's IAM enforcement; moto checks
+/// the action, and for ECR and Secrets Manager not the resource).
 const SERVER_PY: &str = r#"
 import json, logging, sys
 try:
@@ -44,6 +49,7 @@ if "--iam" in sys.argv:
     import boto3
     iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                        aws_access_key_id="test", aws_secret_access_key="test")
+    spec = json.loads(sys.argv[sys.argv.index("--iam") + 1])
     def user(name, actions):
         iam.create_user(UserName=name)
         iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps({
@@ -51,11 +57,7 @@ if "--iam" in sys.argv:
             "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}
-    out["users"] = {
-        "admin": user("admin", ["secretsmanager:*"]),
-        "reader": user("reader", ["secretsmanager:GetSecretValue"]),
-        "denied": user("denied", ["secretsmanager:DescribeSecret", "secretsmanager:ListSecrets"]),
-    }
+    out["users"] = {name: user(name, actions) for name, actions in spec.items()}
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 print(json.dumps(out), flush=True)
 sys.stdin.read()
@@ -78,6 +80,22 @@ pub fn python() -> PathBuf {
     venv
 }
 
+/// The user every IAM-enforcing server has: it may do anything in Secrets Manager and ECR (the
+/// test's own clients, [`Moto::client`] and [`Moto::ecr_client`], use it).
+pub const ADMIN: (&str, &[&str]) = ("admin", &["secretsmanager:*", "ecr:*"]);
+
+/// The users of [`Moto::start_with_iam`].
+const SECRETS_USERS: &[(&str, &[&str])] = &[
+    ("reader", &["secretsmanager:GetSecretValue"]),
+    (
+        "denied",
+        &[
+            "secretsmanager:DescribeSecret",
+            "secretsmanager:ListSecrets",
+        ],
+    ),
+];
+
 /// Access keys of the IAM users of a [`Moto::start_with_iam`] server.
 #[derive(Clone, Debug)]
 pub struct IamUsers {
@@ -93,7 +111,8 @@ pub struct IamUsers {
 pub struct Moto {
     addr: SocketAddr,
     client: aws_sdk_secretsmanager::Client,
-    users: Option<IamUsers>,
+    ecr_client: aws_sdk_ecr::Client,
+    users: BTreeMap<String, Credentials>,
     _stdin: tokio::process::ChildStdin,
     _child: tokio::process::Child,
 }
@@ -101,22 +120,31 @@ pub struct Moto {
 impl Moto {
     /// Starts moto with no authentication: any credentials work.
     pub async fn start() -> Moto {
-        Self::spawn(false).await
+        Self::spawn(None).await
     }
 
     /// Starts moto enforcing IAM: only the [`IamUsers`] it creates are let in, each limited by
     /// its policy.
     pub async fn start_with_iam() -> Moto {
-        Self::spawn(true).await
+        Self::start_with_iam_users(SECRETS_USERS).await
     }
 
-    async fn spawn(iam: bool) -> Moto {
+    /// Starts moto enforcing IAM with [`ADMIN`] and `users` (name, allowed actions; see
+    /// [`user`](Self::user)).
+    pub async fn start_with_iam_users(users: &[(&str, &[&str])]) -> Moto {
+        let spec: BTreeMap<&str, &[&str]> = std::iter::once(ADMIN)
+            .chain(users.iter().copied())
+            .collect();
+        Self::spawn(Some(serde_json::to_string(&spec).expect("users as JSON"))).await
+    }
+
+    async fn spawn(iam: Option<String>) -> Moto {
         crate::init();
         let python = python();
         let mut cmd = tokio::process::Command::new(&python);
         cmd.arg("-c").arg(SERVER_PY);
-        if iam {
-            cmd.arg("--iam");
+        if let Some(users) = &iam {
+            cmd.arg("--iam").arg(users);
         }
         let mut child = cmd
             .stdin(std::process::Stdio::piped())
@@ -152,28 +180,29 @@ impl Moto {
         }
         let port = v["port"].as_u64().expect("port in moto's report") as u16;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let creds = |who: &str| {
-            let u = &v["users"][who];
-            Credentials::new(
-                u["access_key_id"].as_str().expect("access key id"),
-                u["secret_access_key"].as_str().expect("secret access key"),
-                None,
-                None,
-                "moto-iam",
-            )
-        };
-        let users = iam.then(|| IamUsers {
-            admin: creds("admin"),
-            reader: creds("reader"),
-            denied: creds("denied"),
-        });
-        let admin = users
-            .as_ref()
-            .map_or_else(test_credentials, |u| u.admin.clone());
-        let client = sdk_client(&format!("http://{addr}"), admin);
+        let users: BTreeMap<String, Credentials> = v["users"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(who, u)| {
+                let creds = Credentials::new(
+                    u["access_key_id"].as_str().expect("access key id"),
+                    u["secret_access_key"].as_str().expect("secret access key"),
+                    None,
+                    None,
+                    "moto-iam",
+                );
+                (who.clone(), creds)
+            })
+            .collect();
+        let admin = users.get(ADMIN.0).cloned().unwrap_or_else(test_credentials);
+        let endpoint = format!("http://{addr}");
+        let client = sdk_client(&endpoint, admin.clone());
+        let ecr_client = ecr_sdk_client(&endpoint, admin);
         let moto = Moto {
             addr,
             client,
+            ecr_client,
             users,
             _stdin: stdin,
             _child: child,
@@ -215,9 +244,27 @@ impl Moto {
         &self.client
     }
 
+    /// An ECR SDK client for the test to set up and read back repositories (the admin user's
+    /// keys under IAM enforcement, `test`/`test` otherwise).
+    pub fn ecr_client(&self) -> &aws_sdk_ecr::Client {
+        &self.ecr_client
+    }
+
     /// The IAM users, for a server started with [`start_with_iam`](Self::start_with_iam).
-    pub fn users(&self) -> &IamUsers {
-        self.users.as_ref().expect("moto was started without IAM")
+    pub fn users(&self) -> IamUsers {
+        IamUsers {
+            admin: self.user(ADMIN.0),
+            reader: self.user("reader"),
+            denied: self.user("denied"),
+        }
+    }
+
+    /// The access keys of IAM user `name` of a server started with IAM enforcement.
+    pub fn user(&self, name: &str) -> Credentials {
+        self.users
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("moto has no IAM user {name:?} (started without IAM?)"))
     }
 
     /// The agent's `[aws]` for this server (3 attempts).
@@ -260,6 +307,22 @@ pub async fn secrets_manager(cfg: &AwsConfig) -> SecretsManager {
     SecretsManager::with_credentials(cfg, test_credentials()).await
 }
 
+/// The agent's [`Ecr`] for `cfg` with static `test`/`test` credentials.
+pub async fn ecr(cfg: &AwsConfig) -> Ecr {
+    Ecr::with_credentials(cfg, test_credentials()).await
+}
+
+fn ecr_sdk_client(endpoint: &str, credentials: Credentials) -> aws_sdk_ecr::Client {
+    aws_sdk_ecr::Client::from_conf(
+        aws_sdk_ecr::Config::builder()
+            .behavior_version(aws_sdk_ecr::config::BehaviorVersion::latest())
+            .region(aws_sdk_ecr::config::Region::new(REGION))
+            .endpoint_url(endpoint)
+            .credentials_provider(credentials)
+            .build(),
+    )
+}
+
 fn sdk_client(endpoint: &str, credentials: Credentials) -> aws_sdk_secretsmanager::Client {
     aws_sdk_secretsmanager::Client::from_conf(
         aws_sdk_secretsmanager::Config::builder()
@@ -284,6 +347,9 @@ pub enum Fault {
     /// (query/XML) format with HTTP 403 and no JSON error type, so the error-code path needs
     /// this.
     AccessDenied,
+    /// `LimitExceededException`, as ECR answers a `CreateRepository` over the account's
+    /// repository quota (moto has no quotas).
+    LimitExceeded,
 }
 
 impl Fault {
@@ -291,6 +357,7 @@ impl Fault {
         match self {
             Fault::Throttling => "ThrottlingException",
             Fault::AccessDenied => "AccessDeniedException",
+            Fault::LimitExceeded => "LimitExceededException",
         }
     }
 
@@ -302,50 +369,106 @@ impl Fault {
                  to perform: secretsmanager:GetSecretValue because no identity-based policy \
                  allows the secretsmanager:GetSecretValue action"
             }
+            Fault::LimitExceeded => {
+                "The operation did not succeed because it would have exceeded a service limit \
+                 for your account (repositories per region)"
+            }
         }
     }
 }
 
-/// An HTTP/1.1 proxy in front of moto that answers the first `n` requests (or all) with a
-/// [`Fault`] in the real Secrets Manager wire format (HTTP 400, `x-amzn-ErrorType` and
-/// `{"__type": ..., "message": ...}`, `application/x-amz-json-1.1`) and forwards the rest,
-/// counting every request.
+/// An HTTP/1.1 proxy in front of moto that answers the first `n` requests (or all; or only
+/// those of one operation) with a [`Fault`] in the real wire format of Secrets Manager and ECR
+/// (AWS JSON 1.1: HTTP 400, `x-amzn-ErrorType` and `{"__type": ..., "message": ...}`) and
+/// forwards the rest, counting every request and recording its operation (`X-Amz-Target`).
 ///
-/// A fake in the sense of STYLE.md: moto itself never throttles, and no real component on
-/// this machine does, so the throttling answers are made here; everything else is moto's.
+/// A fake in the sense of STYLE.md: moto itself never throttles and has no quotas, and no real
+/// component on this machine does, so those answers are made here; everything else is moto's.
 /// One request per connection (every answer says `Connection: close`); chunked request bodies
 /// are not supported (the SDK sends a `Content-Length`).
 pub struct FaultProxy {
     addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    state: Arc<ProxyState>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Which requests get a fault.
+#[derive(Clone, Debug)]
+struct Rule {
+    fault: Option<Fault>,
+    /// How many of the matching requests (`None`: all).
+    first: Option<usize>,
+    /// Only requests of this operation match (`None`: every request).
+    operation: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    requests: AtomicUsize,
+    matched: AtomicUsize,
+    operations: Mutex<Vec<String>>,
 }
 
 impl FaultProxy {
     /// Starts a proxy to `upstream` on a free loopback port; `first`: how many requests get
     /// the fault (`None`: all).
     pub async fn start(upstream: SocketAddr, fault: Fault, first: Option<usize>) -> FaultProxy {
+        Self::spawn(
+            upstream,
+            Rule {
+                fault: Some(fault),
+                first,
+                operation: None,
+            },
+        )
+        .await
+    }
+
+    /// A proxy that answers every request of `operation` (e.g. `CreateRepository`) with
+    /// `fault` and forwards the others.
+    pub async fn start_for(upstream: SocketAddr, fault: Fault, operation: &str) -> FaultProxy {
+        Self::spawn(
+            upstream,
+            Rule {
+                fault: Some(fault),
+                first: None,
+                operation: Some(operation.to_owned()),
+            },
+        )
+        .await
+    }
+
+    /// A proxy that forwards everything, recording each request's operation.
+    pub async fn recording(upstream: SocketAddr) -> FaultProxy {
+        Self::spawn(
+            upstream,
+            Rule {
+                fault: None,
+                first: None,
+                operation: None,
+            },
+        )
+        .await
+    }
+
+    async fn spawn(upstream: SocketAddr, rule: Rule) -> FaultProxy {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fault proxy");
         let addr = l.local_addr().expect("addr");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let seen = requests.clone();
+        let state = Arc::new(ProxyState::default());
+        let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = l.accept().await {
-                let seen = seen.clone();
+                let (state, rule) = (shared.clone(), rule.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = proxy_one(conn, upstream, fault, first, &seen).await {
+                    if let Err(e) = proxy_one(conn, upstream, &rule, &state).await {
                         tracing::warn!("fault proxy: {e}");
                     }
                 });
             }
         });
-        FaultProxy {
-            addr,
-            requests,
-            task,
-        }
+        FaultProxy { addr, state, task }
     }
 
     /// A proxy to `upstream` that forwards every request and counts them: how a test shows
@@ -361,7 +484,13 @@ impl FaultProxy {
 
     /// Requests received so far (faulted and forwarded).
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// The operation of each request received so far, in order (the part of `X-Amz-Target`
+    /// after the dot, e.g. `CreateRepository`; empty when a request had none).
+    pub fn operations(&self) -> Vec<String> {
+        self.state.operations.lock().expect("lock").clone()
     }
 }
 
@@ -374,15 +503,39 @@ impl Drop for FaultProxy {
 async fn proxy_one(
     mut conn: tokio::net::TcpStream,
     upstream: SocketAddr,
-    fault: Fault,
-    first: Option<usize>,
-    seen: &AtomicUsize,
+    rule: &Rule,
+    state: &ProxyState,
 ) -> std::io::Result<()> {
     let Some((head, body)) = read_message(&mut conn, true).await? else {
         return Ok(());
     };
-    let n = seen.fetch_add(1, Ordering::SeqCst);
-    if first.is_none_or(|first| n < first) {
+    let operation = String::from_utf8_lossy(&head)
+        .split("\r\n")
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("x-amz-target").then(|| {
+                value
+                    .trim()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        })
+        .unwrap_or_default();
+    state
+        .operations
+        .lock()
+        .expect("lock")
+        .push(operation.clone());
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    let fault = rule.fault.filter(|_| {
+        rule.operation.as_ref().is_none_or(|o| *o == operation)
+            && rule
+                .first
+                .is_none_or(|first| state.matched.fetch_add(1, Ordering::SeqCst) < first)
+    });
+    if let Some(fault) = fault {
         let body = serde_json::json!({"__type": fault.error_type(), "message": fault.message()})
             .to_string();
         let answer = format!(

@@ -6,6 +6,8 @@
 //! | `environment.delete` | deletes a namespace Tether manages (and nothing else) |
 //! | `deploy` | Deployment (+ ClusterIP Service) in a managed namespace, waits for the rollout |
 //! | `secret.sync` | reads an AWS Secrets Manager secret that `secrets.allow` allows, in the data plane, writes a Kubernetes Secret |
+//! | `registry.create` | creates or converges an AWS ECR repository tagged as Tether's (scanning, tag immutability, lifecycle and repository policies) |
+//! | `registry.delete` | deletes an ECR repository Tether manages (with its images only when forced) |
 //!
 //! What the control plane may reach through them is the operator's to decide, in the agent's
 //! config ([`crate::policy`]): `secret.sync` reads only secrets `secrets.allow` matches (none by
@@ -14,10 +16,10 @@
 //! reach only the cluster DNS and `environments.egress_allow`.
 //!
 //! Every handler parses a typed payload (unknown fields refused, errors name the field), checks
-//! every name against Kubernetes' rules before any API call ([`names`]), writes with server-side
-//! apply under the field manager `tether-agent`, and touches only namespaces labelled as managed
-//! by Tether. Results are typed JSON; `secret.sync` results carry key names and the version id,
-//! never a value.
+//! every name against Kubernetes' rules ([`names`]) or ECR's before any API call, writes with
+//! server-side apply under the field manager `tether-agent`, and touches only namespaces
+//! labelled as managed by Tether (ECR repositories tagged so). Results are typed JSON;
+//! `secret.sync` results carry key names and the version id, never a value.
 //!
 //! The Kubernetes calls go through kube-rs's real client (backend layer); the client is built on
 //! first use from `kubernetes.kubeconfig` or the in-cluster service account, so an agent outside
@@ -26,8 +28,10 @@
 mod deploy;
 mod environment;
 pub mod names;
+mod registry;
 mod secret_sync;
 
+pub use registry::{PULL_ACTIONS, PULL_SID, PUSH_ACTIONS, PUSH_SID};
 pub use secret_sync::{SOURCE_ANNOTATION, VERSION_ANNOTATION};
 
 use std::collections::BTreeMap;
@@ -41,7 +45,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::commands::{Handlers, ProgressSink};
-use crate::config::{AwsConfig, EnvironmentsConfig, KubernetesConfig, SecretsConfig};
+use crate::config::{
+    AwsConfig, EnvironmentsConfig, KubernetesConfig, RegistryConfig, SecretsConfig,
+};
+use crate::ecr::Ecr;
 use crate::secrets::SecretsManager;
 
 /// The field manager of every server-side apply, and the value of [`MANAGED_BY`].
@@ -57,17 +64,22 @@ pub const KINDS: &[&str] = &[
     "environment.delete",
     "deploy",
     "secret.sync",
+    "registry.create",
+    "registry.delete",
 ];
 
 /// What the handlers share: the Kubernetes client (built on first use), the Secrets Manager
-/// client (likewise), and what the operator allows (`[secrets]`, `[environments]`).
+/// client (likewise), the ECR client (likewise), and what the operator allows (`[secrets]`,
+/// `[environments]`, `[registry]`).
 pub struct Backends {
     kubernetes: KubernetesConfig,
     aws: AwsConfig,
     allowed_secrets: SecretsConfig,
     environments: EnvironmentsConfig,
+    registry: RegistryConfig,
     kube: tokio::sync::Mutex<Option<kube::Client>>,
     secrets: tokio::sync::OnceCell<SecretsManager>,
+    ecr: tokio::sync::OnceCell<Ecr>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -77,6 +89,7 @@ impl std::fmt::Debug for Backends {
             .field("aws", &self.aws)
             .field("allowed_secrets", &self.allowed_secrets)
             .field("environments", &self.environments)
+            .field("registry", &self.registry)
             .finish_non_exhaustive()
     }
 }
@@ -92,8 +105,10 @@ impl Backends {
             aws,
             allowed_secrets: SecretsConfig::default(),
             environments: EnvironmentsConfig::default(),
+            registry: RegistryConfig::default(),
             kube: tokio::sync::Mutex::new(None),
             secrets: tokio::sync::OnceCell::new(),
+            ecr: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -103,6 +118,21 @@ impl Backends {
         Backends {
             secrets: tokio::sync::OnceCell::from(secrets),
             ..Backends::new(kubernetes, AwsConfig::default())
+        }
+    }
+
+    /// These backends with the agent's `[registry]` settings (default: any repository name, no
+    /// pull principals).
+    pub fn with_registry(self, registry: RegistryConfig) -> Backends {
+        Backends { registry, ..self }
+    }
+
+    /// These backends using `ecr` for ECR (e.g. with credentials of the embedder's choosing)
+    /// instead of one built from `[aws]`.
+    pub fn with_ecr(self, ecr: Ecr) -> Backends {
+        Backends {
+            ecr: tokio::sync::OnceCell::from(ecr),
+            ..self
         }
     }
 
@@ -161,6 +191,11 @@ impl Backends {
             .get_or_init(|| SecretsManager::new(&self.aws))
             .await
     }
+
+    /// The ECR client, built once.
+    async fn ecr(&self) -> &Ecr {
+        self.ecr.get_or_init(|| Ecr::new(&self.aws)).await
+    }
 }
 
 /// Registers the data-plane kinds ([`KINDS`]) in `handlers`.
@@ -178,6 +213,8 @@ pub fn register(handlers: &Handlers, backends: Arc<Backends>) {
     kind!("environment.delete", environment::delete);
     kind!("deploy", deploy::deploy);
     kind!("secret.sync", secret_sync::sync);
+    kind!("registry.create", registry::create);
+    kind!("registry.delete", registry::delete);
 }
 
 /// Parses a payload as `T`, naming the offending field on error.
