@@ -119,6 +119,18 @@ pub const KEYS: Keys = &[
     "auth.audience",
     "auth.tenant_claim",
     "auth.leeway",
+    "store.dsn",
+    "store.password_file",
+    "store.sslmode",
+    "store.ca_file",
+    "store.pool_size",
+    "store.connect_timeout",
+    "store.statement_timeout",
+    "cluster.replica_id",
+    "cluster.advertise",
+    "cluster.peer_listen",
+    "cluster.heartbeat_interval",
+    "cluster.liveness_timeout",
 ];
 
 /// The whole gateway config.
@@ -158,6 +170,261 @@ pub struct GatewayConfig {
     /// (mTLS) caller may act for every tenant and bearer tokens are not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+    /// Where durable state lives: PostgreSQL with `store.dsn` (replicas), else the embedded
+    /// store in `data_dir` (one replica).
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// This replica among several (with `store.dsn`).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// `[store]`: PostgreSQL for every durable thing (commands, identity, the cluster state), shared
+/// by every replica. Without `dsn`, the embedded store in `data_dir` (one replica only).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user[:password]@host[:port]/database[?sslmode=…]` (env `TETHER_STORE_DSN`).
+    /// Never logged with its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn: Option<String>,
+    /// A file holding the password (e.g. a mounted Secret); wins over one in `dsn`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS to PostgreSQL, as libpq's `sslmode`: `disable`, `prefer`, `require`, `verify-ca`,
+    /// `verify-full`; wins over the DSN's. Default: the DSN's, else `prefer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// CA bundle for `verify-ca`/`verify-full` (libpq's `sslrootcert`); default: the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Connections this replica keeps to PostgreSQL at most.
+    pub pool_size: u32,
+    /// How long start-up waits for PostgreSQL (retrying), and a connection attempt at most.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest a statement may run before PostgreSQL cancels it; a hung store fails a Submit
+    /// instead of holding it.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dsn: None,
+            password_file: None,
+            sslmode: None,
+            ca_file: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("dsn", &self.dsn.as_deref().map(redact_dsn))
+            .field("password_file", &self.password_file)
+            .field("sslmode", &self.sslmode)
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+/// `dsn` with its password, if any, replaced by `***` (for logs and errors).
+pub fn redact_dsn(dsn: &str) -> String {
+    // postgres://user:password@host…: the password is between the first ':' after the scheme
+    // and the last '@' of the authority.
+    let Some((scheme, rest)) = dsn.split_once("://") else {
+        return dsn.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => dsn.to_owned(),
+        },
+        None => dsn.to_owned(),
+    }
+}
+
+/// libpq's `sslmode` values Tether supports.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, unverified.
+    Prefer,
+    /// TLS, unverified.
+    Require,
+    /// TLS, the server's certificate chained to `store.ca_file` (or the system's roots).
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the host.
+    VerifyFull,
+}
+
+/// `[cluster]`: this replica among the gateway's replicas (used with `store.dsn`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This replica's name, unique in the cluster; default: the host name (a pod's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
+    /// `host:port` other replicas dial this one's peer listener at; default: the host name
+    /// and `peer_listen`'s port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The peer listener (replica to replica).
+    pub peer_listen: SocketAddr,
+    /// How often this replica renews its liveness in PostgreSQL (jittered ±20%).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A replica whose liveness is older than this is dead for every purpose (its command
+    /// leases are taken over, its sessions ignored); it also stops delivering commands itself
+    /// once it could not renew for this long.
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            replica_id: None,
+            advertise: None,
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 7445)),
+            heartbeat_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(6),
+        }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(dsn) = &self.dsn {
+            dsn.parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| {
+                    ConfigError::invalid(
+                        "store.dsn",
+                        format!(
+                            "{} is not a PostgreSQL URL (postgres://user@host:5432/database): {e}",
+                            redact_dsn(dsn)
+                        ),
+                    )
+                })?;
+        } else {
+            for (key, set) in [
+                ("store.password_file", self.password_file.is_some()),
+                ("store.sslmode", self.sslmode.is_some()),
+                ("store.ca_file", self.ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "is set but store.dsn is not: set store.dsn (PostgreSQL) or remove it",
+                    ));
+                }
+            }
+        }
+        if self.pool_size < 2 {
+            return Err(ConfigError::invalid(
+                "store.pool_size",
+                "must be at least 2 (one connection listens for notifications)",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "store.connect_timeout",
+                "must be positive",
+            ));
+        }
+        if self.statement_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "store.statement_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.replica_id {
+            check_replica_id(id).map_err(|e| ConfigError::invalid("cluster.replica_id", e))?;
+        }
+        if let Some(a) = &self.advertise
+            && a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(ConfigError::invalid(
+                "cluster.advertise",
+                format!("{a:?} is not host:port"),
+            ));
+        }
+        if self.heartbeat_interval < Duration::from_millis(50) {
+            return Err(ConfigError::invalid(
+                "cluster.heartbeat_interval",
+                "must be at least 50ms",
+            ));
+        }
+        if self.liveness_timeout < self.heartbeat_interval * 3 {
+            return Err(ConfigError::invalid(
+                "cluster.liveness_timeout",
+                "must be at least 3 times cluster.heartbeat_interval (a replica must survive a lost heartbeat or two)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `replica_id`, else the host name.
+    pub fn replica_id(&self) -> String {
+        self.replica_id.clone().unwrap_or_else(host_name)
+    }
+
+    /// `advertise`, else the host name and `peer_listen`'s port.
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), self.peer_listen.port()))
+    }
+}
+
+/// A replica id: 1 to 128 characters of `[A-Za-z0-9._-]` (it names the replica in URIs and
+/// metric labels).
+pub fn check_replica_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("{id:?} must be 1 to 128 characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{id:?} has {c:?}: use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// The host name (`$HOSTNAME`, else the kernel's), or `gateway` when neither is usable.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|h| check_replica_id(h).is_ok())
+        .unwrap_or_else(|| "gateway".to_owned())
 }
 
 /// `[limits]`: bounds on what one agent, caller or source address can make the gateway hold
@@ -568,6 +835,8 @@ impl Validate for GatewayConfig {
             ));
         }
         self.limits.validate()?;
+        self.store.validate()?;
+        self.cluster.validate()?;
         if let Some(auth) = &self.auth {
             auth.validate()?;
         }
@@ -727,9 +996,14 @@ impl GatewayConfig {
         }
         let data = cfg.data_dir.take().unwrap_or_else(|| PathBuf::from("data"));
         cfg.data_dir = Some(tether_runtime::config::resolve(base, &data));
-        for p in [&mut cfg.enrollment.ca_key, &mut cfg.enrollment.ca_cert]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.enrollment.ca_key,
+            &mut cfg.enrollment.ca_cert,
+            &mut cfg.store.password_file,
+            &mut cfg.store.ca_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = tether_runtime::config::resolve(base, p);
         }
@@ -884,6 +1158,18 @@ mod tests {
                 audience: Some("a".into()),
                 ..Default::default()
             }),
+            store: StoreConfig {
+                dsn: Some("postgres://u@h/d".into()),
+                password_file: Some("p".into()),
+                sslmode: Some(SslMode::VerifyFull),
+                ca_file: Some("ca".into()),
+                ..Default::default()
+            },
+            cluster: ClusterConfig {
+                replica_id: Some("r".into()),
+                advertise: Some("r:7445".into()),
+                ..Default::default()
+            },
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         let mut leaves = Vec::new();
@@ -906,5 +1192,49 @@ mod tests {
         for leaf in leaves {
             assert!(KEYS.contains(&leaf.as_str()), "{leaf} missing from KEYS");
         }
+    }
+
+    #[test]
+    fn store_and_cluster_keys_are_checked_and_the_dsn_password_never_shows() {
+        let base = "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let check = |extra: &str| {
+            let cfg: GatewayConfig = toml::from_str(&format!("{base}{extra}")).unwrap();
+            cfg.validate()
+        };
+        check("[store]\ndsn = \"postgres://tether:pw@db:5432/tether?sslmode=require\"\n").unwrap();
+        let e = check("[store]\ndsn = \"mysql://tether:s3cret@db/tether\"\n").unwrap_err();
+        assert!(e.to_string().contains("store.dsn"), "{e}");
+        assert!(
+            !e.to_string().contains("s3cret"),
+            "the password leaked: {e}"
+        );
+        let e = check("[store]\nsslmode = \"require\"\n").unwrap_err();
+        assert!(e.to_string().contains("store.sslmode"), "{e}");
+        assert!(
+            toml::from_str::<GatewayConfig>(&format!("{base}[store]\nsslmode = \"verify\"\n"))
+                .is_err()
+        );
+        let e = check("[cluster]\nreplica_id = \"a b\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.replica_id"), "{e}");
+        let e = check("[cluster]\nheartbeat_interval = \"1s\"\nliveness_timeout = \"2s\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster.liveness_timeout"), "{e}");
+        let e = check("[cluster]\nadvertise = \"gw-1\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.advertise"), "{e}");
+        let cfg = StoreConfig {
+            dsn: Some("postgres://tether:s3cret@db:5432/tether".into()),
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("tether:***@db:5432"),
+            "{shown}"
+        );
+        assert_eq!(redact_dsn("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_dsn("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(
+            redact_dsn("postgres://u:p@ss@db/x"),
+            "postgres://u:***@db/x"
+        );
     }
 }

@@ -139,6 +139,8 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             ..Default::default()
         },
         auth: None,
+        store: Default::default(),
+        cluster: Default::default(),
     };
     write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
     // The demo upstream the dev agent allow-lists as `demo`, its default service.

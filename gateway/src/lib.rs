@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod ctl;

@@ -78,6 +78,7 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
         instance_id: s.hello.instance_id.clone(),
         protocol_version: s.version,
         certificate_expires: Some(ts(s.cert_not_after)),
+        replica: String::new(),
     }
 }
 

@@ -1,0 +1,443 @@
+//! The cluster's shared state on a real PostgreSQL server (started by the test, as the
+//! unprivileged `postgres` user when the test runs as root): migrations, replica liveness,
+//! command leases and their fence, the event feed's ordering, presence.
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgPool;
+use tether_gateway::cluster::db::{self, DbError};
+use tether_gateway::cluster::events::{self, EventKind};
+use tether_gateway::cluster::lease::{self, FenceError};
+use tether_gateway::cluster::replica::{self, Liveness, Replica};
+use tether_gateway::config::StoreConfig;
+use tether_gateway::local_postgres::{LocalPostgres, LocalPostgresOptions};
+
+fn server() -> LocalPostgres {
+    LocalPostgres::start(LocalPostgresOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn store(pg: &LocalPostgres) -> StoreConfig {
+    StoreConfig {
+        dsn: Some(pg.dsn()),
+        connect_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
+}
+
+async fn pool(pg: &LocalPostgres) -> PgPool {
+    let pool = db::connect(&store(pg)).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+    pool
+}
+
+/// Waits for `cond` (checked every 20 ms) up to `within`.
+async fn until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrate_concurrently_once_and_a_newer_schema_is_refused_naming_both_versions() {
+    let pg = server();
+    let cfg = store(&pg);
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let pool = db::connect(&cfg).await.unwrap();
+                db::migrate(&pool).await.map(|_| pool)
+            })
+        })
+        .collect();
+    let mut pools = Vec::new();
+    for r in runs {
+        pools.push(r.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        db::applied_version(&pools[0]).await.unwrap(),
+        db::schema_version()
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pools[0])
+        .await
+        .unwrap();
+    assert_eq!(applied, db::schema_version(), "each migration applied once");
+    // A newer binary migrated this database.
+    let newer = db::schema_version() + 7;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'from the future', true, '\\x00', 1)",
+    )
+    .bind(newer)
+    .execute(&pools[0])
+    .await
+    .unwrap();
+    let e = db::migrate(&pools[0]).await.unwrap_err();
+    assert!(
+        matches!(e, DbError::SchemaTooNew { database, binary, .. }
+        if database == newer && binary == db::schema_version()),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&newer.to_string()) && msg.contains(&db::schema_version().to_string()),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_and_a_missing_database_are_config_errors_and_a_dead_server_times_out() {
+    let pg = server();
+    let mut cfg = store(&pg);
+    cfg.dsn = Some(pg.dsn().replace(pg.password(), "wrong-password"));
+    let e = db::connect(&cfg).await.unwrap_err();
+    assert!(e.is_config(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("store.dsn") && msg.contains("refused user"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("wrong-password"),
+        "the password leaked: {msg}"
+    );
+
+    cfg.dsn = Some(pg.dsn().replace("/tether", "/no_such_db"));
+    let e = db::connect(&cfg).await.unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("no_such_db"), "{e}");
+
+    // Nothing listens there: start-up gives up after store.connect_timeout, naming it.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    cfg.dsn = Some(format!("postgres://tether:x@127.0.0.1:{port}/tether"));
+    cfg.connect_timeout = Duration::from_millis(600);
+    let e = db::connect(&cfg).await.unwrap_err();
+    assert!(!e.is_config(), "{e}");
+    assert!(e.to_string().contains("store.connect_timeout"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_alive_while_it_renews_and_a_second_process_of_the_same_name_supersedes_it() {
+    let pg = server();
+    let pool = pool(&pg).await;
+    let timeout = Duration::from_millis(900);
+    let a = Replica::register(pool.clone(), "gw-a", "gw-a:7445", timeout / 3, timeout)
+        .await
+        .unwrap();
+    let stop = tether_runtime::CancellationToken::new();
+    tokio::spawn(a.clone().run(stop.clone()));
+    let b = Replica::register(pool.clone(), "gw-b", "gw-b:7445", timeout / 3, timeout)
+        .await
+        .unwrap();
+    // gw-b does not renew: it expires by the database's clock, and fences itself.
+    until(Duration::from_secs(10), "gw-b to expire", || async {
+        let rows = replica::replicas(&pool).await.unwrap();
+        rows.iter().any(|r| r.replica_id == "gw-b" && !r.alive)
+            && rows.iter().any(|r| r.replica_id == "gw-a" && r.alive)
+    })
+    .await;
+    assert!(!b.is_live(), "a replica that cannot renew knows it is dead");
+    assert!(a.is_live());
+    // The same name again: the next epoch, and the old process is superseded.
+    let a2 = Replica::register(pool.clone(), "gw-a", "gw-a:7445", timeout / 3, timeout)
+        .await
+        .unwrap();
+    assert_eq!(a2.id().epoch, a.id().epoch + 1);
+    let mut w = a.watch();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        w.wait_for(|l| *l == Liveness::Superseded),
+    )
+    .await
+    .expect("superseded within 10 s")
+    .unwrap();
+    assert!(!a.is_live());
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_holds_a_lease_until_it_dies_then_the_taker_fences_it() {
+    let pg = server();
+    let pool = pool(&pg).await;
+    let timeout = Duration::from_millis(900);
+    let a = Replica::register(pool.clone(), "gw-a", "a:1", timeout / 3, timeout)
+        .await
+        .unwrap();
+    let b = Replica::register(pool.clone(), "gw-b", "b:1", timeout / 3, timeout)
+        .await
+        .unwrap();
+    let stop_b = tether_runtime::CancellationToken::new();
+    tokio::spawn(b.clone().run(stop_b.clone()));
+    let agent = "acme/eu-1";
+
+    // Both race for a free lease: exactly one gets it.
+    let (ra, rb) = tokio::join!(
+        lease::acquire(&pool, a.id(), agent, "acme"),
+        lease::acquire(&pool, b.id(), agent, "acme")
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(
+        ra.is_some() != rb.is_some(),
+        "exactly one holder: {ra:?} {rb:?}"
+    );
+    // Make gw-a the holder for what follows (gw-b gives it back if it won).
+    if let Some(l) = rb {
+        assert_eq!(lease::release(&pool, b.id(), &[l]).await.unwrap(), 1);
+    }
+    let held = lease::acquire(&pool, a.id(), agent, "acme")
+        .await
+        .unwrap()
+        .expect("free");
+    assert_eq!(
+        lease::acquire(&pool, a.id(), agent, "acme").await.unwrap(),
+        Some(held.clone()),
+        "the holder keeps its epoch"
+    );
+    assert_eq!(
+        lease::acquire(&pool, b.id(), agent, "acme").await.unwrap(),
+        None,
+        "a live holder keeps it"
+    );
+    // The holder's writes pass its fence.
+    let mut tx = pool.begin().await.unwrap();
+    lease::fence(&mut tx, a.id(), &held).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // gw-a stops renewing (it is not running its heartbeat): once it expired, gw-b takes over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let taken = loop {
+        if let Some(l) = lease::acquire(&pool, b.id(), agent, "acme").await.unwrap() {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "gw-b never took the lease over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(taken.epoch, held.epoch + 1);
+    // gw-a can still reach PostgreSQL, but its writes are refused.
+    let mut tx = pool.begin().await.unwrap();
+    let e = lease::fence(&mut tx, a.id(), &held).await.unwrap_err();
+    assert!(matches!(e, FenceError::Lost { .. }), "{e}");
+    drop(tx);
+    let (holder, alive) = lease::holder(&pool, agent).await.unwrap().unwrap();
+    assert_eq!((holder.name.as_str(), alive), ("gw-b", true));
+    stop_b.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_waits_for_the_holders_fenced_write_to_commit() {
+    let pg = server();
+    let pool = pool(&pg).await;
+    let timeout = Duration::from_millis(600);
+    let a = Replica::register(pool.clone(), "gw-a", "a:1", timeout / 3, timeout)
+        .await
+        .unwrap();
+    let b = Replica::register(
+        pool.clone(),
+        "gw-b",
+        "b:1",
+        timeout / 3,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let held = lease::acquire(&pool, a.id(), "t/x", "t")
+        .await
+        .unwrap()
+        .unwrap();
+    // gw-a writes under its fence and holds the transaction open...
+    let mut tx = pool.begin().await.unwrap();
+    lease::fence(&mut tx, a.id(), &held).await.unwrap();
+    // ...while it expires; gw-b's take-over must wait for that write.
+    until(Duration::from_secs(10), "gw-a to expire", || async {
+        replica::replicas(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.replica_id == "gw-a" && !r.alive)
+    })
+    .await;
+    let (pool2, bid) = (pool.clone(), b.id().clone());
+    let take = tokio::spawn(async move { lease::acquire(&pool2, &bid, "t/x", "t").await });
+    // The taker is blocked on gw-a's row lock: it shows in pg_locks as waiting.
+    until(
+        Duration::from_secs(10),
+        "the take-over to wait on the lock",
+        || async {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    assert!(!take.is_finished());
+    tx.commit().await.unwrap();
+    let taken = take
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("taken once gw-a committed");
+    assert_eq!(taken.epoch, held.epoch + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_never_skips_a_row_committed_after_a_later_one() {
+    let pg = server();
+    let pool = pool(&pg).await;
+    let start = events::now(&pool).await.unwrap();
+    // tx1 appends first but commits last.
+    let mut tx1 = pool.begin().await.unwrap();
+    events::append(&mut tx1, EventKind::Lease, "t/first", b"1")
+        .await
+        .unwrap();
+    let mut tx2 = pool.begin().await.unwrap();
+    events::append(&mut tx2, EventKind::Lease, "t/second", b"2")
+        .await
+        .unwrap();
+    tx2.commit().await.unwrap();
+    // While tx1 runs, nothing after it can be read, tx2's row included.
+    assert!(events::read(&pool, start).await.unwrap().is_empty());
+    tx1.commit().await.unwrap();
+    let read = events::read(&pool, start).await.unwrap();
+    let agents: Vec<String> = read
+        .iter()
+        .map(|(_, e)| e.as_ref().unwrap().agent.clone())
+        .collect();
+    assert_eq!(agents, ["t/first", "t/second"]);
+    // Read from the last position: nothing twice.
+    let last = read.last().unwrap().0;
+    assert!(events::read(&pool, last).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_delivers_every_event_to_every_replica_in_one_order() {
+    let pg = server();
+    let pool = pool(&pg).await;
+    let stop = tether_runtime::CancellationToken::new();
+    let feeds = [
+        events::EventFeed::start(pool.clone(), stop.clone())
+            .await
+            .unwrap(),
+        events::EventFeed::start(pool.clone(), stop.clone())
+            .await
+            .unwrap(),
+    ];
+    let mut subs: Vec<_> = feeds.iter().map(|f| f.subscribe()).collect();
+    // 4 writers × 50 transactions, concurrently.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let mut tx = pool.begin().await.unwrap();
+                    events::append(&mut tx, EventKind::Lease, &format!("t/w{w}-{i}"), b"")
+                        .await
+                        .unwrap();
+                    events::notify(&mut tx).await.unwrap();
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut orders = Vec::new();
+    for sub in &mut subs {
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            match tokio::time::timeout(Duration::from_secs(20), sub.recv()).await {
+                Ok(Ok(events::FeedItem::Event(e))) => got.push(e.agent.clone()),
+                other => panic!("after {} events: {other:?}", got.len()),
+            }
+        }
+        let mut distinct = got.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 200, "every event once");
+        orders.push(got);
+    }
+    assert_eq!(orders[0], orders[1], "one order for every replica");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_replica_count_only_while_it_is_alive() {
+    use tether_api::v1;
+    let pg = server();
+    let pool = pool(&pg).await;
+    let stop = tether_runtime::CancellationToken::new();
+    let feed = events::EventFeed::start(pool.clone(), stop.clone())
+        .await
+        .unwrap();
+    let mut sub = feed.subscribe();
+    let timeout = Duration::from_millis(900);
+    let a = Replica::register(pool.clone(), "gw-a", "a:1", timeout / 3, timeout)
+        .await
+        .unwrap();
+    let presence =
+        tether_gateway::cluster::presence::Presence::start(a.clone(), feed.clone(), stop.clone());
+    let session = |id: &str| v1::Session {
+        session_id: id.into(),
+        agent: "acme/eu-1".into(),
+        connected_at: Some(std::time::SystemTime::now().into()),
+        ..Default::default()
+    };
+    presence.up(session("s1"));
+    presence.up(session("s2"));
+    presence.down(session("s1"), "REPLACED".into());
+    let filter = tether_gateway::cluster::presence::SessionFilter {
+        agent: Some("acme/eu-1".into()),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Ok(events::FeedItem::Event(e))) => seen.push(e.kind),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            EventKind::SessionUp,
+            EventKind::SessionUp,
+            EventKind::SessionDown
+        ]
+    );
+    let live = tether_gateway::cluster::presence::sessions(&pool, &filter)
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        (live[0].session_id.as_str(), live[0].replica.as_str()),
+        ("s2", "gw-a")
+    );
+    // gw-a does not renew: its session no longer counts, though its row is still there.
+    until(
+        Duration::from_secs(10),
+        "gw-a's sessions to stop counting",
+        || async {
+            tether_gateway::cluster::presence::sessions(&pool, &filter)
+                .await
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    let agents = tether_gateway::cluster::presence::agents(&pool, &filter)
+        .await
+        .unwrap();
+    assert_eq!(agents.len(), 1, "the agent stays known, offline");
+    stop.cancel();
+}
