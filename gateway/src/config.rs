@@ -255,6 +255,23 @@ pub fn redact_dsn(dsn: &str) -> String {
     }
 }
 
+/// Checks `dsn` is a PostgreSQL URL; the error never shows its password.
+pub fn check_dsn(dsn: &str) -> Result<(), String> {
+    let scheme_ok = dsn.starts_with("postgres://") || dsn.starts_with("postgresql://");
+    let parsed = dsn.parse::<sqlx::postgres::PgConnectOptions>();
+    match (scheme_ok, parsed) {
+        (true, Ok(_)) => Ok(()),
+        (_, Err(e)) => Err(format!(
+            "{} is not a PostgreSQL URL (postgres://user@host:5432/database): {e}",
+            redact_dsn(dsn)
+        )),
+        (false, Ok(_)) => Err(format!(
+            "{} is not a PostgreSQL URL: it must start with postgres:// (postgres://user@host:5432/database)",
+            redact_dsn(dsn)
+        )),
+    }
+}
+
 /// libpq's `sslmode` values Tether supports.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -309,16 +326,7 @@ impl Default for ClusterConfig {
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(dsn) = &self.dsn {
-            dsn.parse::<sqlx::postgres::PgConnectOptions>()
-                .map_err(|e| {
-                    ConfigError::invalid(
-                        "store.dsn",
-                        format!(
-                            "{} is not a PostgreSQL URL (postgres://user@host:5432/database): {e}",
-                            redact_dsn(dsn)
-                        ),
-                    )
-                })?;
+            check_dsn(dsn).map_err(|e| ConfigError::invalid("store.dsn", e))?;
         } else {
             for (key, set) in [
                 ("store.password_file", self.password_file.is_some()),

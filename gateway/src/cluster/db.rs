@@ -87,12 +87,13 @@ pub fn connect_options(cfg: &StoreConfig) -> Result<PgConnectOptions, DbError> {
         key: "store.dsn",
         message: "is not set".into(),
     })?;
+    crate::config::check_dsn(dsn).map_err(|message| DbError::Config {
+        key: "store.dsn",
+        message,
+    })?;
     let mut opts = PgConnectOptions::from_str(dsn).map_err(|e| DbError::Config {
         key: "store.dsn",
-        message: format!(
-            "{} is not a PostgreSQL URL (postgres://user@host:5432/database): {e}",
-            redact_dsn(dsn)
-        ),
+        message: format!("{}: {e}", redact_dsn(dsn)),
     })?;
     if let Some(file) = &cfg.password_file {
         let pw = std::fs::read_to_string(file).map_err(|e| DbError::Config {
