@@ -18,6 +18,7 @@
 //! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
 //! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
 //! - [`revocation`] (feature): `Agents/Revoke` and the revocation list the verifier consults;
+//! - [`data_dir`] (backend): the state directory, private to the gateway's user (0700/0600);
 //! - [`identity_db`] (backend): revocations and enrollment tokens, durable (redb);
 //! - [`enrollment`] (feature): `tether.v1.Enrollment`, tokens and CSR-based issuance;
 //! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod ctl;
+pub mod data_dir;
 pub mod demo;
 pub mod dev;
 pub mod enrollment;

@@ -145,6 +145,8 @@ pub async fn start(
             "must be set",
         ))
     })?;
+    // Private to the gateway's user before any store creates a file in it.
+    crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
     // Revocations and enrollment tokens, beside the command store.
     let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
         GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
@@ -158,6 +160,8 @@ pub async fn start(
 
     let store = EmbeddedStore::open(&data_dir)
         .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
+    crate::data_dir::tighten_files(&data_dir)
+        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
     let commands = Commands::start(
@@ -521,6 +525,11 @@ fn northbound_tls(
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(format!("northbound certificate: {e}")))?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption, as on the tunnel: a resumed handshake skips the client-certificate
+    // verifier, so an expired caller certificate, or one of a CA a rotation removed, would keep
+    // working for as long as its session was cached.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     Ok(Arc::new(tls))
 }
 

@@ -1,0 +1,91 @@
+//! Backend layer: the gateway's `data_dir`, kept private to the gateway's user.
+//!
+//! It holds command payloads and outputs (`commands.redb`), the revocation list and enrollment
+//! token hashes (`identity.redb`) and the QUIC stateless-reset key: none of it is for other
+//! local users. The directory is created `0700` before any store opens in it (so a file is
+//! never reachable by others, whatever mode its library gives it), and at every start the
+//! directory is tightened to `0700` and each file in it to `0600`, each change logged: a
+//! `data_dir` created by an older gateway (`0755`, files `0644`) is fixed by the next start.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+/// Mode of the directory.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of each file in it.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` (and missing parents) with mode `0700`, or tightens it to `0700` when it
+/// exists with a looser mode. Call before opening any store in it.
+pub fn prepare(dir: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(_) => tighten(dir, DIR_MODE),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tightens every regular file directly in `dir` to `0600` (the stores' files once they are
+/// open: redb creates them with the process's umask).
+pub fn tighten_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            tighten(&entry.path(), FILE_MODE)?;
+        }
+    }
+    Ok(())
+}
+
+/// Clears the bits of `path`'s mode beyond `wanted` (setuid and the like included), logging
+/// the change; leaves a stricter mode alone.
+fn tighten(path: &Path, wanted: u32) -> std::io::Result<()> {
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & !wanted == 0 {
+        return Ok(());
+    }
+    let new = mode & wanted;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(new))?;
+    tracing::warn!(
+        path = %path.display(),
+        from = format!("{mode:04o}"),
+        to = format!("{new:04o}"),
+        "tightened the permissions of gateway state: it is readable by the gateway's user only"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_data_dir_is_0700_and_an_old_one_is_tightened_with_its_files() {
+        let root = tempfile::tempdir().unwrap();
+        let new = root.path().join("a/b/data");
+        prepare(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+
+        let old = root.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = old.join("commands.redb");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let strict = old.join("quic-reset-key");
+        std::fs::write(&strict, b"k").unwrap();
+        std::fs::set_permissions(&strict, std::fs::Permissions::from_mode(0o400)).unwrap();
+        prepare(&old).unwrap();
+        tighten_files(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&strict), 0o400, "a stricter mode is left alone");
+    }
+}
