@@ -14,6 +14,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,8 @@ pub enum TokenRefusal {
 pub struct IdentityDb {
     db: Database,
     revocations: Arc<RevocationList>,
+    /// Token records decoded so far: the work token operations do, for tests.
+    token_rows_read: AtomicU64,
 }
 
 impl std::fmt::Debug for IdentityDb {
@@ -173,6 +176,7 @@ impl IdentityDb {
         Ok(IdentityDb {
             db,
             revocations: Arc::new(list),
+            token_rows_read: AtomicU64::new(0),
         })
     }
 
@@ -230,6 +234,7 @@ impl IdentityDb {
             let mut pending = Vec::new();
             for row in tokens.iter().map_err(backend)? {
                 let (k, v) = row.map_err(backend)?;
+                self.token_rows_read.fetch_add(1, Ordering::Relaxed);
                 let t: TokenRecord = decode(k.value(), v.value())?;
                 if t.agent == key && t.state == TokenState::Pending {
                     pending.push((k.value().to_owned(), t));
@@ -263,6 +268,7 @@ impl IdentityDb {
         let tokens = tx.open_table(TOKENS).map_err(backend)?;
         for row in tokens.iter().map_err(backend)? {
             let (k, v) = row.map_err(backend)?;
+            self.token_rows_read.fetch_add(1, Ordering::Relaxed);
             if decode::<TokenRecord>(k.value(), v.value())?.agent == key {
                 return Ok(true);
             }
@@ -280,6 +286,7 @@ impl IdentityDb {
             let mut stale = Vec::new();
             for row in tokens.iter().map_err(backend)? {
                 let (k, v) = row.map_err(backend)?;
+                self.token_rows_read.fetch_add(1, Ordering::Relaxed);
                 let t: TokenRecord = decode(k.value(), v.value())?;
                 let ended = match t.state {
                     TokenState::Pending => t.expires_ms,
@@ -343,6 +350,23 @@ impl IdentityDb {
         };
         tx.commit().map_err(backend)?;
         Ok(Ok(out))
+    }
+}
+
+#[cfg(test)]
+impl IdentityDb {
+    /// Stores many token records in one transaction, as they are (tests only).
+    fn put_tokens_for_test(&self, records: &[(String, TokenRecord)]) -> Result<(), IdentityDbError> {
+        let tx = self.write()?;
+        {
+            let mut tokens = tx.open_table(TOKENS).map_err(backend)?;
+            for (hash, r) in records {
+                tokens
+                    .insert(hash.as_str(), encode(r).as_slice())
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
     }
 }
 
@@ -434,5 +458,39 @@ mod tests {
         assert!(db.knows_agent(&id).unwrap());
         assert!(db.knows_agent(&"t/b".parse().unwrap()).unwrap());
         assert!(!db.knows_agent(&"t/c".parse().unwrap()).unwrap());
+    }
+
+    /// Work done by token operations since the last call.
+    fn rows_read(db: &IdentityDb) -> u64 {
+        db.token_rows_read.swap(0, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn revoking_creating_and_looking_up_read_only_the_agents_own_tokens() {
+        const OTHERS: usize = 5_000;
+        let dir = tempfile::tempdir().unwrap();
+        let db = IdentityDb::open(dir.path()).unwrap();
+        // One transaction for the many: the test is about what the operations below read.
+        let many: Vec<(String, TokenRecord)> = (0..OTHERS)
+            .map(|i| (format!("h{i}"), token(&format!("other/a{i}"), i64::MAX)))
+            .collect();
+        db.put_tokens_for_test(&many).unwrap();
+        db.put_token("mine1", &token("t/a", i64::MAX)).unwrap();
+        db.put_token("mine2", &token("t/a", i64::MAX)).unwrap();
+        rows_read(&db);
+
+        let id: AgentId = "t/a".parse().unwrap();
+        assert!(db.knows_agent(&id).unwrap());
+        let read = rows_read(&db);
+        assert!(read <= 2, "knows_agent read {read} token records");
+
+        let (_, invalidated) = db.revoke(&id, "", Vec::new(), 5_000).unwrap();
+        assert_eq!(invalidated, 2);
+        let read = rows_read(&db);
+        assert!(read <= 2, "revoke read {read} token records for an agent with 2");
+
+        db.put_token("mine3", &token("t/b", i64::MAX)).unwrap();
+        let read = rows_read(&db);
+        assert!(read <= 2, "put_token read {read} token records");
     }
 }
