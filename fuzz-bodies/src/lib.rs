@@ -457,7 +457,8 @@ fn enroll_fixture() -> &'static EnrollFixture {
         let cfg: GatewayConfig = toml::from_str(&format!(
             "trust_domain = \"fuzz.test\"\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
-             [enrollment]\nca_key = {ca_key:?}\n",
+             [enrollment]\nca_key = {ca_key:?}\n\
+             [limits]\ntoken_creations_per_minute = 4000000000\n",
             ca = pki.join("ca.pem"),
             cert = pki.join("gateway.pem"),
             key = pki.join("gateway-key.pem"),
@@ -481,7 +482,7 @@ fn enroll_fixture() -> &'static EnrollFixture {
 }
 
 fn new_token(rt: &tokio::runtime::Runtime, e: &std::sync::Arc<Enrollment>) -> String {
-    rt.block_on(e.create_token("fuzz", "acme", "a", None))
+    rt.block_on(e.create_token("fuzz", "mtls:fuzz", "acme", "a", None))
         .expect("create token")
         .token
 }

@@ -49,7 +49,10 @@ use x509_parser::prelude::FromDer;
 
 use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
-use crate::identity_db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal};
+use crate::identity_db::{
+    IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
+};
+use crate::limits::{KeyedRate, count_rejection};
 use crate::northbound::{Caller, authenticate};
 use crate::pki::{Ca, LeafSpec, PkiError};
 use crate::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
@@ -113,6 +116,14 @@ pub enum EnrollError {
         "this session's certificate expired at {0}: it cannot be renewed; enrol the agent again"
     )]
     Expired(String),
+    /// The agent has `limits.pending_tokens_per_agent` tokens pending already.
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
+    /// The caller created `limits.token_creations_per_minute` tokens in the last minute.
+    #[error(
+        "caller {0:?} is creating enrollment tokens faster than limits.token_creations_per_minute allows; retry in a few seconds"
+    )]
+    CreationRate(String),
     /// A renewal sooner than [`RENEW_EVERY`] after the agent's previous one.
     #[error("agent {0} was issued a certificate less than {RENEW_EVERY:?} ago; try again later")]
     TooSoon(AgentId),
@@ -136,7 +147,9 @@ impl EnrollError {
             EnrollError::Token(_) => Status::unauthenticated(msg),
             EnrollError::Revoked(_) => Status::permission_denied(msg),
             EnrollError::Expired(_) => Status::unauthenticated(msg),
-            EnrollError::TooSoon(_) => Status::resource_exhausted(msg),
+            EnrollError::TooSoon(_)
+            | EnrollError::TooManyPending(_)
+            | EnrollError::CreationRate(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
             EnrollError::Issue(_) => Status::internal(msg),
         }
@@ -170,6 +183,10 @@ pub struct Enrollment {
     bundle: String,
     /// When each agent was last renewed (see [`RENEW_EVERY`]).
     renewed: std::sync::Mutex<HashMap<AgentId, Instant>>,
+    /// `limits.pending_tokens_per_agent`.
+    max_pending: u32,
+    /// `CreateToken` calls per caller (`limits.token_creations_per_minute`).
+    creations: KeyedRate<String>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -191,6 +208,8 @@ impl Enrollment {
             cfg: cfg.enrollment.clone(),
             bundle,
             renewed: Default::default(),
+            max_pending: cfg.limits.pending_tokens_per_agent,
+            creations: KeyedRate::per_minute(cfg.limits.token_creations_per_minute),
         })
     }
 
@@ -199,16 +218,22 @@ impl Enrollment {
         self.ca.is_some()
     }
 
-    /// A new token for `tenant/agent`; see the module docs.
+    /// A new token for `tenant/agent`, created by the caller named `created_by` (`rate_key`
+    /// names it for `limits.token_creations_per_minute`); see the module docs.
     pub async fn create_token(
         &self,
         created_by: &str,
+        rate_key: &str,
         tenant: &str,
         agent: &str,
         ttl: Option<Duration>,
     ) -> Result<v1::CreateTokenResponse, EnrollError> {
         if self.ca.is_none() {
             return Err(EnrollError::Disabled);
+        }
+        if !self.creations.take(&rate_key.to_owned(), Instant::now()) {
+            count_rejection("token_creations_per_minute");
+            return Err(EnrollError::CreationRate(created_by.to_owned()));
         }
         let id = AgentId::new(tenant, agent).map_err(EnrollError::BadIdentity)?;
         let ttl = ttl.unwrap_or(self.cfg.token_ttl);
@@ -230,10 +255,14 @@ impl Enrollment {
             created_by: created_by.to_owned(),
             certificate: None,
         };
-        let (db, hash) = (self.db.clone(), sha256_hex(token.as_bytes()));
-        tokio::task::spawn_blocking(move || db.put_token(&hash, &record))
+        let (db, hash, max) = (self.db.clone(), sha256_hex(token.as_bytes()), self.max_pending);
+        let stored = tokio::task::spawn_blocking(move || db.put_token(&hash, &record, max))
             .await
             .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+        if let Err(e) = stored {
+            count_rejection("pending_tokens_per_agent");
+            return Err(e.into());
+        }
         metrics::counter!("tether_gateway_enrollment_tokens_created_total").increment(1);
         tracing::info!(agent = %id, created_by, ttl = %humantime::format_duration(ttl),
             "enrollment token created");
@@ -610,7 +639,13 @@ impl EnrollmentService for EnrollmentApi {
         };
         let created = self
             .inner
-            .create_token(&caller.name, &r.tenant, &r.agent, ttl)
+            .create_token(
+                &caller.name,
+                &format!("{}:{}", caller.kind.as_str(), caller.name),
+                &r.tenant,
+                &r.agent,
+                ttl,
+            )
             .await
             .map_err(|e| e.status())?;
         if let Ok(id) = AgentId::new(&r.tenant, &r.agent) {

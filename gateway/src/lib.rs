@@ -17,6 +17,7 @@
 //! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
 //! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
 //! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
+//! - [`callers`] (feature): `tether.v1.Callers/Revoke`, the deny-list of caller certificates;
 //! - [`revocation`] (feature): `Agents/Revoke` and the revocation list the verifier consults;
 //! - [`data_dir`] (backend): the state directory, private to the gateway's user (0700/0600);
 //! - [`identity_db`] (backend): revocations and enrollment tokens, durable (redb);
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod callers;
 pub mod commands;
 pub mod config;
 pub mod ctl;

@@ -27,6 +27,76 @@ use crate::limits::{count_idle_timeout, count_rejection};
 #[derive(Clone, Debug)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
 
+/// The caller connections open now that presented a certificate, so that a feature above can
+/// close some of them (a revoked caller's: `callers`).
+#[derive(Debug, Default)]
+pub struct LiveConnections {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, (PeerCerts, CancellationToken)>>,
+}
+
+impl LiveConnections {
+    /// Closes (at once, without GOAWAY) every open connection whose chain `matches`; returns
+    /// their chains.
+    pub fn close_matching(
+        &self,
+        matches: impl Fn(&[CertificateDer<'static>]) -> bool,
+    ) -> Vec<PeerCerts> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.values()
+            .filter(|(certs, _)| matches(&certs.0))
+            .map(|(certs, close)| {
+                close.cancel();
+                certs.clone()
+            })
+            .collect()
+    }
+
+    /// Connections open now with a certificate.
+    pub fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn register(self: &Arc<Self>, certs: &PeerCerts) -> Option<Registered> {
+        if certs.0.is_empty() {
+            return None;
+        }
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let close = CancellationToken::new();
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (certs.clone(), close.clone()));
+        Some(Registered {
+            live: self.clone(),
+            id,
+            close,
+        })
+    }
+}
+
+/// One connection in [`LiveConnections`], until dropped.
+struct Registered {
+    live: Arc<LiveConnections>,
+    id: u64,
+    close: CancellationToken,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.live
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// How the listener bounds what one caller connection may hold (from `[limits]`).
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerLimits {
@@ -62,12 +132,14 @@ pub type Incoming = hyper::body::Incoming;
 /// Serves `service` (the northbound routes behind authentication) on `listener` until
 /// `shutdown`, then lets open calls finish (graceful h2 shutdown) for as long as the process
 /// waits. An empty certificate chain in [`PeerCerts`] means the caller sent none (allowed only
-/// when the TLS config does not require one).
+/// when the TLS config does not require one). Connections with a certificate are kept in
+/// `live` while they are open.
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: S,
     limits: ListenerLimits,
+    live: Arc<LiveConnections>,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -92,6 +164,7 @@ pub async fn serve<S, B>(
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
+        let live = live.clone();
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -114,6 +187,14 @@ pub async fn serve<S, B>(
                     .map(<[_]>::to_vec)
                     .unwrap_or_default(),
             ));
+            // Registered before any request is served, so a revocation cannot miss it.
+            let registered = live.register(&certs);
+            let revoked = async {
+                match &registered {
+                    Some(r) => r.close.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
             let (calls, mut calls_rx) = tokio::sync::watch::channel(0usize);
             let calls = Arc::new(calls);
             let max_headers = limits.max_header_list_size;
@@ -177,6 +258,10 @@ pub async fn serve<S, B>(
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                }
+                // Its certificate was revoked: dropped with every call it has open.
+                _ = revoked => {
+                    tracing::info!(%peer, "closing a revoked caller's connection");
                 }
             }
         });

@@ -12,12 +12,14 @@ use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticated, Authenticator};
+use crate::callers::CallersApi;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
 use crate::identity_db::IdentityDb;
 use crate::limits::Admission;
+use crate::listener::LiveConnections;
 use crate::northbound::AgentsApi;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayService};
@@ -221,7 +223,7 @@ pub async fn start(
     };
 
     // Northbound gRPC over TLS: a client certificate, or a bearer token when [auth] names keys.
-    let auth = Authenticator::new(&cfg)?;
+    let auth = Authenticator::with_revocations(&cfg, identity.caller_revocations())?;
     if !auth.scoping() {
         tracing::warn!(
             "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
@@ -256,6 +258,8 @@ pub async fn start(
         enrollment.clone(),
         cfg.trust_domain.clone(),
     ));
+    let live_callers = Arc::new(LiveConnections::default());
+    routes.add_service(CallersApi::new(identity.clone(), live_callers.clone()).into_service());
     let mut routes = routes.routes();
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
@@ -270,6 +274,7 @@ pub async fn start(
             idle_timeout: cfg.limits.northbound_idle_timeout,
             max_header_list_size: cfg.limits.max_header_list_size,
         },
+        live_callers,
         close_sessions.clone(),
     ));
 
