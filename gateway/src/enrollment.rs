@@ -30,7 +30,7 @@
 //! new CA, and agents trust it for the gateway's certificate as well (docs/ca-rotation.md).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,7 +52,7 @@ use crate::error::GatewayError;
 use crate::identity_db::{
     IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
 };
-use crate::limits::{KeyedRate, count_rejection};
+use crate::limits::{Full, KeyedRate, Shares, count_idle_timeout, count_rejection};
 use crate::northbound::{Caller, authenticate};
 use crate::pki::{Ca, LeafSpec, PkiError};
 use crate::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
@@ -65,11 +65,24 @@ pub const TOKEN_PREFIX: &str = "tet1_";
 /// Largest `Enroll` request accepted (a CSR is well under 2 KiB).
 const MAX_REQUEST: usize = 16 * 1024;
 
-/// Enrollment connections served at once; more are dropped at the ClientHello.
-const MAX_CONNECTIONS: usize = 64;
+/// Enrollment connections open at once, idle ones included; more are dropped at the
+/// ClientHello (`tether_gateway_limit_rejections_total{limit="enrollment_connections"}`).
+const MAX_CONNECTIONS: usize = 1024;
 
-/// Longest an enrollment connection may live.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Enrollment connections one source address may have open at once: an address cannot take
+/// the places of others.
+const CONNECTIONS_PER_ADDRESS: usize = 8;
+
+/// Time a connection has, once TLS is done, to send its request; then it is closed.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Time the one request of a connection has to arrive whole and be answered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Enrollments being decided at once (token check, CSR check, signing, the store's write),
+/// and by one source address: taken only once a whole request has arrived.
+const MAX_ISSUING: usize = 64;
+const ISSUING_PER_ADDRESS: usize = 4;
 
 /// Certificates are valid from a minute ago: agents' clocks may lag the gateway's. (Or from a
 /// quarter of their lifetime ago, when that is shorter: agents renew at two thirds of the
@@ -124,6 +137,10 @@ pub enum EnrollError {
         "caller {0:?} is creating enrollment tokens faster than limits.token_creations_per_minute allows; retry in a few seconds"
     )]
     CreationRate(String),
+    /// Too many enrollments are being decided, gateway-wide or (`true`) from the requester's
+    /// address; retrying in a moment helps.
+    #[error("the gateway is busy with other enrollments{}; retry in a moment", if *.0 { " from this address" } else { "" })]
+    Busy(bool),
     /// A renewal sooner than [`RENEW_EVERY`] after the agent's previous one.
     #[error("agent {0} was issued a certificate less than {RENEW_EVERY:?} ago; try again later")]
     TooSoon(AgentId),
@@ -148,6 +165,7 @@ impl EnrollError {
             EnrollError::Revoked(_) => Status::permission_denied(msg),
             EnrollError::Expired(_) => Status::unauthenticated(msg),
             EnrollError::TooSoon(_)
+            | EnrollError::Busy(_)
             | EnrollError::TooManyPending(_)
             | EnrollError::CreationRate(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
@@ -168,6 +186,7 @@ impl EnrollError {
             EnrollError::Expired(_) => "expired",
             EnrollError::TooSoon(_) => "rate_limited",
             EnrollError::Disabled => "disabled",
+            EnrollError::Busy(_) => "busy",
             _ => "error",
         }
     }
@@ -187,6 +206,8 @@ pub struct Enrollment {
     max_pending: u32,
     /// `CreateToken` calls per caller (`limits.token_creations_per_minute`).
     creations: KeyedRate<String>,
+    /// Enrollments being decided, per source address ([`MAX_ISSUING`]).
+    issuing: Arc<Shares<IpAddr>>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -210,6 +231,7 @@ impl Enrollment {
             renewed: Default::default(),
             max_pending: cfg.limits.pending_tokens_per_agent,
             creations: KeyedRate::per_minute(cfg.limits.token_creations_per_minute),
+            issuing: Shares::new(MAX_ISSUING, ISSUING_PER_ADDRESS),
         })
     }
 
@@ -281,7 +303,14 @@ impl Enrollment {
         csr_pem: &str,
         remote: Option<SocketAddr>,
     ) -> Result<v1::EnrollResponse, EnrollError> {
-        let result = self.enroll_inner(token, csr_pem).await;
+        let ip = remote.map_or(IpAddr::from([0, 0, 0, 0]), |r| r.ip());
+        let result = match self.issuing.take(&ip) {
+            Ok(_share) => self.enroll_inner(token, csr_pem).await,
+            Err(full) => {
+                count_rejection("enrollments_in_progress");
+                Err(EnrollError::Busy(full == Full::Key))
+            }
+        };
         let label = match &result {
             Ok(_) => "issued",
             Err(e) => e.label(),
@@ -677,10 +706,17 @@ impl EnrollmentService for EnrollmentApi {
 
 /// Serves `Enroll` on TLS connections the tunnel's TCP accept loop hands over (their
 /// ClientHello offered [`ENROLL_ALPN`]).
+///
+/// Nothing an idle connection holds can keep a real agent out: a connection takes one of
+/// [`MAX_CONNECTIONS`] places, at most [`CONNECTIONS_PER_ADDRESS`] per source address; once TLS
+/// is done it must send its request within [`FIRST_REQUEST_TIMEOUT`]; it carries one request
+/// ([`REQUEST_TIMEOUT`] to arrive and be answered) and is then closed; and the work of an
+/// enrollment is admitted only once its request is whole ([`MAX_ISSUING`], per address
+/// [`ISSUING_PER_ADDRESS`]).
 pub struct EnrollEndpoint {
     tls: Arc<rustls::ServerConfig>,
     routes: tonic::service::Routes,
-    slots: Arc<tokio::sync::Semaphore>,
+    connections: Arc<Shares<IpAddr>>,
     handshake_timeout: Duration,
 }
 
@@ -701,27 +737,41 @@ impl EnrollEndpoint {
                 .with_single_cert(certs, key)
                 .map_err(|e| GatewayError::Tls(format!("enrollment certificate: {e}")))?;
         tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+        // One request per connection: nothing to resume.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         let svc = EnrollmentServer::new(EnrollmentApi::new(inner, Face::Agent))
             .max_decoding_message_size(MAX_REQUEST);
         Ok(EnrollEndpoint {
             tls: Arc::new(tls),
             routes: tonic::service::Routes::new(svc).prepare(),
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            connections: Shares::new(MAX_CONNECTIONS, CONNECTIONS_PER_ADDRESS),
             handshake_timeout: cfg.tunnel.handshake_timeout,
         })
     }
 
-    /// Completes the TLS handshake and serves HTTP/2 (gRPC) on it, for at most
-    /// [`CONNECTION_LIFETIME`].
+    /// Enrollment connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.taken()
+    }
+
+    /// Completes the TLS handshake and serves one HTTP/2 (gRPC) request on it; see the type's
+    /// docs for the bounds.
     pub async fn serve(
         self: Arc<Self>,
         start: tokio_rustls::StartHandshake<TcpStream>,
         remote: SocketAddr,
     ) {
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            metrics::counter!("tether_gateway_enrollments_total", "result" => "busy").increment(1);
-            tracing::warn!(%remote, "too many enrollment connections; dropping one");
-            return;
+        let _place = match self.connections.take(&remote.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                count_rejection("enrollment_connections");
+                metrics::counter!("tether_gateway_enrollments_total", "result" => "busy")
+                    .increment(1);
+                tracing::debug!(%remote, per_address = (full == Full::Key),
+                    "too many enrollment connections; dropping one");
+                return;
+            }
         };
         let tls =
             match tokio::time::timeout(self.handshake_timeout, start.into_stream(self.tls.clone()))
@@ -733,24 +783,48 @@ impl EnrollEndpoint {
                     return;
                 }
                 Err(_) => {
-                    crate::limits::count_idle_timeout("enrollment");
+                    count_idle_timeout("enrollment");
                     tracing::info!(%remote, "enrollment TLS handshake timed out");
                     return;
                 }
             };
         let routes = self.routes.clone();
+        let (arrived, mut first) = tokio::sync::watch::channel(false);
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                arrived.send_replace(true);
                 req.extensions_mut().insert(Remote(remote));
                 routes.clone().oneshot(req)
             });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder.max_concurrent_streams(4);
+        builder.max_concurrent_streams(1);
         let conn = builder.serve_connection(TokioIo::new(tls), svc);
-        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        tokio::pin!(conn);
+        let waited = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, first.wait_for(|a| *a));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "enrollment connection ended");
+                }
+                return;
+            }
+            w = waited => {
+                if !matches!(w, Ok(Ok(_))) {
+                    count_idle_timeout("enrollment");
+                    tracing::debug!(%remote, "no enrollment request in {FIRST_REQUEST_TIMEOUT:?}; closing");
+                    return;
+                }
+            }
+        }
+        // The one request: GOAWAY now, so no other stream is accepted, and let it finish.
+        conn.as_mut().graceful_shutdown();
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "enrollment connection ended"),
-            Err(_) => tracing::debug!(%remote, "enrollment connection closed at its lifetime"),
+            Err(_) => {
+                count_idle_timeout("enrollment");
+                tracing::debug!(%remote, "enrollment request not done in {REQUEST_TIMEOUT:?}; closed");
+            }
         }
     }
 }
