@@ -719,7 +719,11 @@ mod tests {
             "gateways = [\"gw:7443\"]\n[tls]\nca = \"ca.pem\"\n[proxy]\nurl = \"http://alice:url-s3cret@proxy.corp:3128\"\nusername = \"bob\"\npassword = \"key-s3cret\"\n",
         )
         .unwrap();
-        for text in [format!("{cfg:?}"), format!("{cfg:#?}"), format!("{:?}", cfg.proxy)] {
+        for text in [
+            format!("{cfg:?}"),
+            format!("{cfg:#?}"),
+            format!("{:?}", cfg.proxy),
+        ] {
             assert!(!text.contains("s3cret"), "credentials in {text}");
             assert!(text.contains("proxy.corp:3128"), "{text}");
         }

@@ -44,7 +44,6 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-
 impl Proxy {
     /// The proxy configured in `cfg`, else in the environment (`env` gives a variable's
     /// value); `None` when there is none. Errors name the key or variable, never credentials.

@@ -956,6 +956,14 @@ impl GatewayProcess {
         Self::spawn_in(pki, dir, &data, [any; 3], None, "info", extra).await
     }
 
+    /// As [`spawn_configured`](Self::spawn_configured), keeping its state in `data_dir` (a
+    /// restart on the same directory finds it again).
+    pub async fn spawn_configured_in(pki: &Pki, data_dir: &Path, extra: &str) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_in(pki, dir, data_dir, [any; 3], None, "info", extra).await
+    }
+
     /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on
     /// free ports of `api` (port 0 for any).
     pub async fn spawn_netns(

@@ -70,8 +70,9 @@ const MAX_REQUEST: usize = 16 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 
 /// Enrollment connections one source address may have open at once: an address cannot take
-/// the places of others.
-const CONNECTIONS_PER_ADDRESS: usize = 8;
+/// the places of others (and agents behind one NAT still enroll many at a time; one refused
+/// retries with its backoff).
+pub const CONNECTIONS_PER_ADDRESS: usize = 32;
 
 /// Time a connection has, once TLS is done, to send its request; then it is closed.
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -82,7 +83,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enrollments being decided at once (token check, CSR check, signing, the store's write),
 /// and by one source address: taken only once a whole request has arrived.
 const MAX_ISSUING: usize = 64;
-const ISSUING_PER_ADDRESS: usize = 4;
+const ISSUING_PER_ADDRESS: usize = 16;
 
 /// Certificates are valid from a minute ago: agents' clocks may lag the gateway's. (Or from a
 /// quarter of their lifetime ago, when that is shorter: agents renew at two thirds of the
@@ -277,7 +278,11 @@ impl Enrollment {
             created_by: created_by.to_owned(),
             certificate: None,
         };
-        let (db, hash, max) = (self.db.clone(), sha256_hex(token.as_bytes()), self.max_pending);
+        let (db, hash, max) = (
+            self.db.clone(),
+            sha256_hex(token.as_bytes()),
+            self.max_pending,
+        );
         let stored = tokio::task::spawn_blocking(move || db.put_token(&hash, &record, max))
             .await
             .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
@@ -792,9 +797,16 @@ impl EnrollEndpoint {
         let (arrived, mut first) = tokio::sync::watch::channel(false);
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                arrived.send_replace(true);
+                if arrived.send_replace(true) {
+                    count_rejection("enrollment_requests_per_connection");
+                    let status =
+                        Status::resource_exhausted("one request per enrollment connection");
+                    return futures::future::Either::Left(std::future::ready(Ok(
+                        status.into_http()
+                    )));
+                }
                 req.extensions_mut().insert(Remote(remote));
-                routes.clone().oneshot(req)
+                futures::future::Either::Right(routes.clone().oneshot(req))
             });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder.max_concurrent_streams(1);
@@ -816,8 +828,8 @@ impl EnrollEndpoint {
                 }
             }
         }
-        // The one request: GOAWAY now, so no other stream is accepted, and let it finish.
-        conn.as_mut().graceful_shutdown();
+        // The one request (a second one is refused above): it has this long, and then the
+        // connection goes, whatever the client does.
         match tokio::time::timeout(REQUEST_TIMEOUT, conn).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "enrollment connection ended"),

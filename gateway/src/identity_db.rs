@@ -760,7 +760,10 @@ mod tests {
         let (_, invalidated) = db.revoke(&id, "", Vec::new(), 5_000).unwrap();
         assert_eq!(invalidated, 2);
         let read = rows_read(&db);
-        assert!(read <= 2, "revoke read {read} token records for an agent with 2");
+        assert!(
+            read <= 2,
+            "revoke read {read} token records for an agent with 2"
+        );
 
         put(&db, "mine3", &token("t/b", i64::MAX));
         let read = rows_read(&db);
@@ -779,11 +782,18 @@ mod tests {
         let refused = db.put_token("p3", &token("t/a", 50_000), 3).unwrap();
         let e = refused.unwrap_err();
         assert_eq!(e.pending, 3);
-        assert!(e.to_string().contains("limits.pending_tokens_per_agent"), "{e}");
+        assert!(
+            e.to_string().contains("limits.pending_tokens_per_agent"),
+            "{e}"
+        );
         // Another agent is not affected; a used token frees a place.
-        db.put_token("q", &token("t/b", 50_000), 3).unwrap().unwrap();
+        db.put_token("q", &token("t/b", 50_000), 3)
+            .unwrap()
+            .unwrap();
         redeem(&db, "p0", 2_000).unwrap();
-        db.put_token("p4", &token("t/a", 50_000), 3).unwrap().unwrap();
+        db.put_token("p4", &token("t/a", 50_000), 3)
+            .unwrap()
+            .unwrap();
 
         // Expired tokens free their place too, and only the newest ended ones are kept.
         for i in 0..20 {
@@ -832,7 +842,10 @@ mod tests {
         let id: AgentId = "t/a".parse().unwrap();
         assert!(db.knows_agent(&id).unwrap());
         let (_, invalidated) = db.revoke(&id, "", Vec::new(), 5_000).unwrap();
-        assert_eq!(invalidated, 1, "the old token is found through the new index");
+        assert_eq!(
+            invalidated, 1,
+            "the old token is found through the new index"
+        );
         assert_eq!(
             redeem(&db, "h1", 6_000),
             Err(TokenRefusal::Revoked("t/a".into()))

@@ -495,3 +495,55 @@ async fn pump_response(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(agent: &[u8]) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
+        Some(h)
+    }
+
+    proptest! {
+        /// Whatever a caller writes in `tether-agent`, the label of a call that reached no
+        /// agent is the one fixed value, and an accepted id's tenant is a valid name (at most
+        /// 63 bytes): metadata never becomes a label of its own.
+        #[test]
+        fn the_relay_label_never_comes_from_raw_metadata(
+            raw in proptest::collection::vec(any::<u8>(), 0..300),
+            tenant in "[a-z0-9._-]{0,80}",
+            agent in "[a-zA-Z0-9/._-]{0,20}",
+        ) {
+            prop_assert_eq!(tenant_label(None), UNROUTED);
+            for value in [raw.clone(), format!("{tenant}/{agent}").into_bytes()] {
+                let Some(h) = headers(&value) else { continue };
+                if let Ok(id) = agent_of_metadata(&h) {
+                    prop_assert!(id.tenant().len() <= 63);
+                    prop_assert!(tunnel_proto::identity::check_name("tenant", id.tenant()).is_ok());
+                    prop_assert_eq!(tenant_label(Some(id.tenant())), id.tenant());
+                    prop_assert_ne!(id.tenant(), UNROUTED);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_or_malformed_metadata_is_invalid_argument() {
+        assert_eq!(
+            agent_of_metadata(&HeaderMap::new()).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let long = format!("{}/a", "t".repeat(8 << 10));
+        let e = agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            agent_of_metadata(&headers(b"acme/a").unwrap())
+                .unwrap()
+                .tenant(),
+            "acme"
+        );
+    }
+}

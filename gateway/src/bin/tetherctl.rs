@@ -162,7 +162,10 @@ async fn callers_cmd(channel: ctl::Conn, cmd: CallersCmd, output: Output) -> Res
     match output {
         Output::Table => {
             let what = match (r.name.is_empty(), r.sha256_fingerprint.is_empty()) {
-                (false, false) => format!("caller {} and certificate sha256:{}", r.name, r.sha256_fingerprint),
+                (false, false) => format!(
+                    "caller {} and certificate sha256:{}",
+                    r.name, r.sha256_fingerprint
+                ),
                 (false, true) => format!("caller {}", r.name),
                 _ => format!("certificate sha256:{}", r.sha256_fingerprint),
             };
