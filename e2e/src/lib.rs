@@ -375,6 +375,16 @@ impl TestAgent {
 
 /// Path of a workspace binary (built by `cargo test --workspace` / `nextest run --workspace`).
 pub fn binary(name: &str) -> PathBuf {
+    // TETHER_E2E_BIN_DIR: run against other builds (release binaries, for measurements).
+    if let Some(dir) = std::env::var_os("TETHER_E2E_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        assert!(
+            p.exists(),
+            "{} is missing (TETHER_E2E_BIN_DIR)",
+            p.display()
+        );
+        return p;
+    }
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test> → target/debug/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");

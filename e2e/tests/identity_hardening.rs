@@ -82,7 +82,12 @@ async fn echo_with_agent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_tenants_in_relay_metadata_do_not_grow_the_metrics() {
-    const CALLS: u64 = 150;
+    // Rounds of three refused calls; TETHER_E2E_ATTACK_ROUNDS makes it larger for a
+    // measurement (docs/PERFORMANCE.md).
+    let calls: u64 = std::env::var("TETHER_E2E_ATTACK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
     let pki = Pki::new();
     let gw = GatewayProcess::spawn_configured(&pki, AUTH).await;
     let upstream = DemoUpstream::start().await;
@@ -99,34 +104,38 @@ async fn random_tenants_in_relay_metadata_do_not_grow_the_metrics() {
         .expect("relayed");
     let before = scrape(gw.ops);
     let series_before = series(&before, "tether_gateway_relay_calls_total").len();
+    let rss_before = rss_kib(gw.pid());
 
-    for i in 0..CALLS {
+    for i in 0..calls {
         // Malformed: an 8 KB tenant (INVALID_ARGUMENT).
         let e = echo_with_agent(&mut as_admin, &format!("{}/a", name(i, 8 << 10)))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         // Well-formed, unknown to the gateway (NOT_FOUND).
-        let e = echo_with_agent(&mut as_admin, &format!("{}/a", name(i + CALLS, 40)))
+        let e = echo_with_agent(&mut as_admin, &format!("{}/a", name(i + calls, 40)))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         // Another tenant than the caller's (PERMISSION_DENIED).
-        let e = echo_with_agent(&mut as_acme, &format!("{}/a", name(i + 2 * CALLS, 40)))
+        let e = echo_with_agent(&mut as_acme, &format!("{}/a", name(i + 2 * calls, 40)))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     }
 
     let after = scrape(gw.ops);
+    let rss_after = rss_kib(gw.pid());
     let relay_series = series(&after, "tether_gateway_relay_calls_total");
     eprintln!(
-        "{} refused calls with random tenants: relay_calls_total series {} -> {}, /metrics {} -> {} bytes",
-        3 * CALLS,
+        "{} refused calls with random tenants: relay_calls_total series {} -> {}, /metrics {} -> {} bytes, gateway RSS {} -> {} KiB",
+        3 * calls,
         series_before,
         relay_series.len(),
         before.len(),
-        after.len()
+        after.len(),
+        rss_before,
+        rss_after
     );
     for s in &relay_series {
         assert!(
@@ -139,7 +148,7 @@ async fn random_tenants_in_relay_metadata_do_not_grow_the_metrics() {
         relay_series.len() <= series_before + 3,
         "{} series after {} calls",
         relay_series.len(),
-        3 * CALLS
+        3 * calls
     );
     assert!(
         after.len() < before.len() + 4096,

@@ -7,6 +7,8 @@
 //! Layers only look down: transport → session → feature → backend.
 //! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
 //! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
+//! - [`live_connections`] (transport): its open connections by certificate, to close a
+//!   revoked caller's;
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
 //! - [`limits`] (transport + feature): handshake admission per source address (and QUIC Retry),
 //!   streams per agent, and the abuse-limit metrics;
@@ -41,6 +43,7 @@ pub mod error;
 pub mod identity_db;
 pub mod limits;
 pub mod listener;
+pub mod live_connections;
 pub mod northbound;
 pub mod pki;
 pub mod registry;

@@ -22,80 +22,11 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::limits::{count_idle_timeout, count_rejection};
+pub use crate::live_connections::LiveConnections;
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
-
-/// The caller connections open now that presented a certificate, so that a feature above can
-/// close some of them (a revoked caller's: `callers`).
-#[derive(Debug, Default)]
-pub struct LiveConnections {
-    next: std::sync::atomic::AtomicU64,
-    open: std::sync::Mutex<std::collections::HashMap<u64, (PeerCerts, CancellationToken)>>,
-}
-
-impl LiveConnections {
-    /// Closes (at once, without GOAWAY) every open connection whose chain `matches`; returns
-    /// their chains.
-    pub fn close_matching(
-        &self,
-        matches: impl Fn(&[CertificateDer<'static>]) -> bool,
-    ) -> Vec<PeerCerts> {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.values()
-            .filter(|(certs, _)| matches(&certs.0))
-            .map(|(certs, close)| {
-                close.cancel();
-                certs.clone()
-            })
-            .collect()
-    }
-
-    /// Connections open now with a certificate.
-    pub fn len(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// True when none is.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn register(self: &Arc<Self>, certs: &PeerCerts) -> Option<Registered> {
-        if certs.0.is_empty() {
-            return None;
-        }
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let close = CancellationToken::new();
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (certs.clone(), close.clone()));
-        Some(Registered {
-            live: self.clone(),
-            id,
-            close,
-        })
-    }
-}
-
-/// One connection in [`LiveConnections`], until dropped.
-struct Registered {
-    live: Arc<LiveConnections>,
-    id: u64,
-    close: CancellationToken,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.live
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
-}
 
 /// How the listener bounds what one caller connection may hold (from `[limits]`).
 #[derive(Clone, Copy, Debug)]
