@@ -6,6 +6,9 @@
 //! never reachable by others, whatever mode its library gives it), and at every start the
 //! directory is tightened to `0700` and each file in it to `0600`, each change logged: a
 //! `data_dir` created by an older gateway (`0755`, files `0644`) is fixed by the next start.
+//! A directory the gateway's user does not own (the mount point of a Kubernetes volume, owned
+//! by root with the pod's `fsGroup`) cannot be changed: that is logged, and the files in it are
+//! still tightened.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -48,7 +51,22 @@ fn tighten(path: &Path, wanted: u32) -> std::io::Result<()> {
         return Ok(());
     }
     let new = mode & wanted;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(new))?;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(new)) {
+        Ok(()) => {}
+        // Not ours to change: a volume's mount point owned by root (Kubernetes' fsGroup
+        // volumes are). Its contents are still ours, and tightened.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                error = %e,
+                "cannot make gateway state private to the gateway's user (it does not own it): \
+                 give data_dir to that user, or keep it on a volume no one else mounts"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
     tracing::warn!(
         path = %path.display(),
         from = format!("{mode:04o}"),
