@@ -22,7 +22,7 @@ pub const FILE_MODE: u32 = 0o600;
 /// exists with a looser mode. Call before opening any store in it.
 pub fn prepare(dir: &Path) -> std::io::Result<()> {
     match std::fs::metadata(dir) {
-        Ok(_) => tighten(dir, DIR_MODE),
+        Ok(_) => tighten(dir, DIR_MODE, Found::AtStart),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
@@ -31,13 +31,23 @@ pub fn prepare(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Tightens every regular file directly in `dir` to `0600` (the stores' files once they are
-/// open: redb creates them with the process's umask).
-pub fn tighten_files(dir: &Path) -> std::io::Result<()> {
+/// Whether a tightening is worth a warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Files found at start, before any store opened: a looser mode was left by someone else.
+    AtStart,
+    /// Files the stores have just created with the process's umask: expected, logged at debug.
+    JustCreated,
+}
+
+/// Tightens every regular file directly in `dir` to `0600`: call it before the stores open
+/// (files an older gateway left open, [`Found::AtStart`]) and after (the files redb has just
+/// created with the process's umask, [`Found::JustCreated`]).
+pub fn tighten_files(dir: &Path, found: Found) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_file() {
-            tighten(&entry.path(), FILE_MODE)?;
+            tighten(&entry.path(), FILE_MODE, found)?;
         }
     }
     Ok(())
@@ -45,7 +55,7 @@ pub fn tighten_files(dir: &Path) -> std::io::Result<()> {
 
 /// Clears the bits of `path`'s mode beyond `wanted` (setuid and the like included), logging
 /// the change; leaves a stricter mode alone.
-fn tighten(path: &Path, wanted: u32) -> std::io::Result<()> {
+fn tighten(path: &Path, wanted: u32, found: Found) -> std::io::Result<()> {
     let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
     if mode & !wanted == 0 {
         return Ok(());
@@ -67,12 +77,12 @@ fn tighten(path: &Path, wanted: u32) -> std::io::Result<()> {
         }
         Err(e) => return Err(e),
     }
-    tracing::warn!(
-        path = %path.display(),
-        from = format!("{mode:04o}"),
-        to = format!("{new:04o}"),
-        "tightened the permissions of gateway state: it is readable by the gateway's user only"
-    );
+    let (path, from, to) = (path.display(), format!("{mode:04o}"), format!("{new:04o}"));
+    match found {
+        Found::AtStart => tracing::warn!(%path, from, to,
+            "tightened the permissions of gateway state: it is readable by the gateway's user only"),
+        Found::JustCreated => tracing::debug!(%path, from, to, "new gateway state made private"),
+    }
     Ok(())
 }
 
@@ -101,7 +111,7 @@ mod tests {
         std::fs::write(&strict, b"k").unwrap();
         std::fs::set_permissions(&strict, std::fs::Permissions::from_mode(0o400)).unwrap();
         prepare(&old).unwrap();
-        tighten_files(&old).unwrap();
+        tighten_files(&old, Found::AtStart).unwrap();
         assert_eq!(mode(&old), 0o700);
         assert_eq!(mode(&file), 0o600);
         assert_eq!(mode(&strict), 0o400, "a stricter mode is left alone");

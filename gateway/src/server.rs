@@ -149,6 +149,8 @@ pub async fn start(
     })?;
     // Private to the gateway's user before any store creates a file in it.
     crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
+    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
+        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     // Revocations and enrollment tokens, beside the command store.
     let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
         GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
@@ -162,7 +164,7 @@ pub async fn start(
 
     let store = EmbeddedStore::open(&data_dir)
         .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
-    crate::data_dir::tighten_files(&data_dir)
+    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::JustCreated)
         .map_err(io(format!("data_dir {}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
