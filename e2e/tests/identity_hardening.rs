@@ -37,12 +37,21 @@ const AUTH: &str = "[auth]\n\
     [[auth.callers]]\nname = \"victim\"\ntenants = [\"acme\"]\n\
     [[auth.callers]]\nname = \"second\"\ntenants = [\"acme\"]\n";
 
-/// `/metrics` of a gateway process.
+/// `/metrics` of a gateway process, whole (an HTTP/1.0 GET read to the end).
 fn scrape(ops: SocketAddr) -> String {
-    let (status, body) =
-        tether_runtime::ops::probe(ops, "/metrics", Duration::from_secs(5)).expect("scrape");
-    assert_eq!(status, 200);
-    body
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(ops).expect("ops");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    tcp.read_to_string(&mut resp).expect("metrics");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    body.to_owned()
 }
 
 /// The series (label sets) of `name` in a `/metrics` text.
