@@ -341,8 +341,9 @@ impl Default for TransportConfig {
 }
 
 /// `[proxy]`: an HTTP CONNECT proxy for the TCP transport. Unset keys fall back to
-/// `HTTPS_PROXY` / `https_proxy` and `NO_PROXY` / `no_proxy`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+/// `HTTPS_PROXY` / `https_proxy` and `NO_PROXY` / `no_proxy`. Its `Debug` shows neither the
+/// password nor the URL's credentials.
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// `http://[user:password@]host:port`.
@@ -357,6 +358,29 @@ pub struct ProxyConfig {
     /// Proxy password. Never logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("no_proxy", &self.no_proxy)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A proxy URL without the credentials of its user info (`http://***@host:port`), for logs,
+/// errors and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.rsplit_once('@').map_or(url, |(_, h)| h).to_owned(),
+    }
 }
 
 /// `[identity]`: where the agent's certificate and key come from.
@@ -904,6 +928,22 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_the_config_never_shows_proxy_credentials() {
+        let cfg: AgentConfig = toml::from_str(
+            "gateways = [\"gw:7443\"]\n[tls]\nca = \"ca.pem\"\n[proxy]\nurl = \"http://alice:url-s3cret@proxy.corp:3128\"\nusername = \"bob\"\npassword = \"key-s3cret\"\n",
+        )
+        .unwrap();
+        for text in [
+            format!("{cfg:?}"),
+            format!("{cfg:#?}"),
+            format!("{:?}", cfg.proxy),
+        ] {
+            assert!(!text.contains("s3cret"), "credentials in {text}");
+            assert!(text.contains("proxy.corp:3128"), "{text}");
+        }
+    }
 
     #[test]
     fn host_port_forms() {

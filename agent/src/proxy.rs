@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, redact_url as redacted};
 
 /// A proxy to CONNECT through.
 #[derive(Clone)]
@@ -41,17 +41,6 @@ impl std::fmt::Debug for Proxy {
             .field("proxy", &self.to_string())
             .field("no_proxy", &self.no_proxy)
             .finish()
-    }
-}
-
-/// A proxy URL in words, without its credentials (for errors about it).
-fn redacted(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.rsplit_once('@').map_or(url, |(_, h)| h).to_owned(),
     }
 }
 

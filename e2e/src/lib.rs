@@ -375,6 +375,16 @@ impl TestAgent {
 
 /// Path of a workspace binary (built by `cargo test --workspace` / `nextest run --workspace`).
 pub fn binary(name: &str) -> PathBuf {
+    // TETHER_E2E_BIN_DIR: run against other builds (release binaries, for measurements).
+    if let Some(dir) = std::env::var_os("TETHER_E2E_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        assert!(
+            p.exists(),
+            "{} is missing (TETHER_E2E_BIN_DIR)",
+            p.display()
+        );
+        return p;
+    }
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test> → target/debug/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
@@ -954,6 +964,14 @@ impl GatewayProcess {
         let data = dir.path().join("data");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         Self::spawn_in(pki, dir, &data, [any; 3], None, "info", extra).await
+    }
+
+    /// As [`spawn_configured`](Self::spawn_configured), keeping its state in `data_dir` (a
+    /// restart on the same directory finds it again).
+    pub async fn spawn_configured_in(pki: &Pki, data_dir: &Path, extra: &str) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_in(pki, dir, data_dir, [any; 3], None, "info", extra).await
     }
 
     /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on

@@ -545,5 +545,21 @@ fn main() {
     tok("not_a_jwt", "a.b".into());
     write(&dir, "bearer_token", "basic", b"Basic dXNlcjpwYXNz");
     write(&dir, "bearer_token", "empty_bearer", b"Bearer ");
+    // relay_metadata: `tether-agent` values, good and each refusal.
+    for (name, v) in [
+        ("valid", &b"acme/eu-1"[..]),
+        ("dotted", b"acme.prod/a_b-c"),
+        ("no_slash", b"acme"),
+        ("two_slashes", b"acme/a/b"),
+        ("empty_tenant", b"/a"),
+        ("dash_first", b"-acme/a"),
+        ("sixty_four", &[b'a'; 64][..]),
+        ("utf8", "ac\u{e9}me/a".as_bytes()),
+    ] {
+        write(&dir, "relay_metadata", name, v);
+    }
+    let mut long = vec![b't'; 8 << 10];
+    long.extend_from_slice(b"/a");
+    write(&dir, "relay_metadata", "long_tenant", &long);
     println!("seeds written under {}", dir.display());
 }

@@ -17,6 +17,7 @@
 //! - relay streams: [`stream_header`];
 //! - enrollment and renewal: [`csr_check`], [`enroll_request`] (a gateway's enrollment with a
 //!   temporary CA and identity store, made once per process);
+//! - the relay's metadata, which feeds its metrics labels: [`relay_metadata`];
 //! - northbound authentication: [`bearer_token`] (a gateway's authenticator with [`JWKS`]).
 //!
 //! The seeds are written by `examples/gen_corpus.rs`; `fixtures/` holds the JWKS and its private
@@ -74,6 +75,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("csr_check", csr_check),
     ("enroll_request", enroll_request),
     ("bearer_token", bearer_token),
+    ("relay_metadata", relay_metadata),
 ];
 
 /// The identity the CSR targets check requests against (and enrollment tokens are for).
@@ -457,7 +459,8 @@ fn enroll_fixture() -> &'static EnrollFixture {
         let cfg: GatewayConfig = toml::from_str(&format!(
             "trust_domain = \"fuzz.test\"\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
-             [enrollment]\nca_key = {ca_key:?}\n",
+             [enrollment]\nca_key = {ca_key:?}\n\
+             [limits]\ntoken_creations_per_minute = 4000000000\n",
             ca = pki.join("ca.pem"),
             cert = pki.join("gateway.pem"),
             key = pki.join("gateway-key.pem"),
@@ -481,7 +484,7 @@ fn enroll_fixture() -> &'static EnrollFixture {
 }
 
 fn new_token(rt: &tokio::runtime::Runtime, e: &std::sync::Arc<Enrollment>) -> String {
-    rt.block_on(e.create_token("fuzz", "acme", "a", None))
+    rt.block_on(e.create_token("fuzz", "mtls:fuzz", "acme", "a", None))
         .expect("create token")
         .token
 }
@@ -601,4 +604,33 @@ pub fn bearer_token(data: &[u8]) -> Outcome {
         }
     }
     Outcome::Accepted
+}
+
+/// The relay's `tether-agent` metadata (the input's bytes as the header value), as parsed
+/// before a call is routed: an accepted id names a valid tenant (a name of at most 63 bytes),
+/// and the label of a call that reached no agent is the fixed [`tether_gateway::relay::UNROUTED`],
+/// so no input becomes a metrics series of its own.
+pub fn relay_metadata(data: &[u8]) -> Outcome {
+    use tether_gateway::relay::{UNROUTED, agent_of_metadata, tenant_label};
+    assert_eq!(tenant_label(None), UNROUTED);
+    let Ok(value) = HeaderValue::from_bytes(data) else {
+        return Outcome::Refused;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(tether_runtime::grpc::TETHER_AGENT, value);
+    match agent_of_metadata(&headers) {
+        Ok(id) => {
+            let tenant = id.tenant();
+            assert!(tenant.len() <= 63, "tenant of {} bytes", tenant.len());
+            assert!(tunnel_proto::identity::check_name("tenant", tenant).is_ok());
+            assert_eq!(tenant_label(Some(tenant)), tenant);
+            assert_ne!(tenant, UNROUTED);
+            Outcome::Accepted
+        }
+        Err(status) => {
+            // INVALID_ARGUMENT, whatever the input.
+            assert_eq!(status.code() as i32, 3, "{status:?}");
+            Outcome::Refused
+        }
+    }
 }

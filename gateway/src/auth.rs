@@ -43,6 +43,7 @@ use tether_runtime::tls::spiffe_id;
 use tonic::Status;
 use tunnel_proto::{AgentId, SpiffeId};
 
+use crate::callers::CallerRevocationList;
 use crate::config::{AuthConfig, GatewayConfig, PolicyKind};
 use crate::error::GatewayError;
 use crate::listener::PeerCerts;
@@ -181,15 +182,35 @@ impl Caller {
         )))
     }
 
+    /// Allows `method` only to a caller acting for every tenant (calls whose effect is not
+    /// confined to tenants, such as revoking another caller), or audits the denial and says
+    /// `PERMISSION_DENIED`.
+    pub fn authorize_every_tenant(&self, method: &'static str) -> Result<(), Status> {
+        if self.tenants == TenantScope::All {
+            return Ok(());
+        }
+        let reason = "only a caller acting for every tenant may do this";
+        audit_denied(&self.name, self.kind, method, "*", "", "", reason);
+        Err(Status::permission_denied(format!(
+            "caller {:?} may not call {method}: {reason}",
+            self.name
+        )))
+    }
+
     /// Audits a successful mutating call (`detail`: the command id, say).
     pub fn audit_allowed(&self, method: &'static str, agent: &AgentId, detail: &str) {
+        self.audit_allowed_on(method, agent.tenant(), &agent.to_string(), detail);
+    }
+
+    /// Audits a successful mutating call on `tenant`/`agent` (either may be empty).
+    pub fn audit_allowed_on(&self, method: &'static str, tenant: &str, agent: &str, detail: &str) {
         tracing::info!(
             target: AUDIT_TARGET,
             caller = %self.name,
             kind = self.kind.as_str(),
             method,
-            tenant = agent.tenant(),
-            agent = %agent,
+            tenant,
+            agent,
             detail,
             decision = "allow",
             reason = "",
@@ -261,6 +282,7 @@ const METHODS: &[&str] = &[
     "tether.v1.Streams/Open",
     "tether.v1.Enrollment/CreateToken",
     "tether.v1.Enrollment/Enroll",
+    "tether.v1.Callers/Revoke",
 ];
 
 /// The method label of a request path (a bounded set: paths are the caller's to choose).
@@ -279,6 +301,8 @@ pub fn method_of(path: &str) -> &'static str {
 #[derive(Debug)]
 pub struct Authenticator {
     trust_domain: String,
+    /// Revoked caller certificates (`tether.v1.Callers/Revoke`).
+    revoked: Arc<CallerRevocationList>,
     /// `None`: no `[auth]` section, every control-plane certificate acts for every tenant.
     policy: Option<Policy>,
     jwt: Option<Arc<JwtVerifier>>,
@@ -294,6 +318,14 @@ impl Authenticator {
     /// From `cfg`: the policy, and the JWKS file's keys (read now: a bad file is a config error).
     /// A `jwks_url` is fetched by [`run_refresh`](Self::run_refresh).
     pub fn new(cfg: &GatewayConfig) -> Result<Arc<Authenticator>, GatewayError> {
+        Self::with_revocations(cfg, Arc::default())
+    }
+
+    /// As [`new`](Self::new), refusing the caller certificates `revoked` lists.
+    pub fn with_revocations(
+        cfg: &GatewayConfig,
+        revoked: Arc<CallerRevocationList>,
+    ) -> Result<Arc<Authenticator>, GatewayError> {
         let (policy, jwt) = match &cfg.auth {
             None => (None, None),
             Some(a) => {
@@ -315,6 +347,7 @@ impl Authenticator {
         };
         Ok(Arc::new(Authenticator {
             trust_domain: cfg.trust_domain.clone(),
+            revoked,
             policy,
             jwt,
         }))
@@ -346,7 +379,16 @@ impl Authenticator {
     ) -> Result<Caller, Status> {
         let name = match certs.and_then(|c| c.first()) {
             Some(cert) => match caller_from_cert(&self.trust_domain, cert) {
-                Ok(name) => Some(name),
+                // A revoked certificate is refused even when a token comes with it.
+                Ok(name) => match self.revoked.refusal_of(cert) {
+                    None => Some(name),
+                    Some(why) => {
+                        audit_unauthenticated(&name, CallerKind::Mtls, method, &why);
+                        return Err(Status::unauthenticated(format!(
+                            "{why}; ask for a new certificate"
+                        )));
+                    }
+                },
                 Err(status) => {
                     audit_unauthenticated("", CallerKind::Mtls, method, status.message());
                     return Err(status);

@@ -44,6 +44,8 @@
 //! handshake_burst = 100
 //! retry_above = 1000          # gateway-wide QUIC handshakes/s above which QUIC Retry
 //!                             # validates source addresses first
+//! pending_tokens_per_agent = 16 # enrollment tokens pending at once for one agent
+//! token_creations_per_minute = 60 # CreateToken calls per caller
 //! [auth]                      # without it: every control-plane caller may act for every tenant
 //! jwks_file = "jwks.json"     # or jwks_url = "https://idp.example.com/.well-known/jwks.json"
 //! issuer = "https://idp.example.com/"
@@ -110,6 +112,8 @@ pub const KEYS: Keys = &[
     "limits.handshakes_per_second",
     "limits.handshake_burst",
     "limits.retry_above",
+    "limits.pending_tokens_per_agent",
+    "limits.token_creations_per_minute",
     "auth.callers",
     "auth.jwks_file",
     "auth.jwks_url",
@@ -471,6 +475,12 @@ pub struct LimitsConfig {
     /// address is answered with a stateless Retry (proof of address, one extra round trip)
     /// instead of a handshake; 0: always.
     pub retry_above: u32,
+    /// Enrollment tokens of one agent pending (not used, not expired) at once; beyond it
+    /// `CreateToken` is RESOURCE_EXHAUSTED.
+    pub pending_tokens_per_agent: u32,
+    /// `CreateToken` calls per minute per caller (a token bucket with a burst as large);
+    /// beyond it RESOURCE_EXHAUSTED.
+    pub token_creations_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -486,6 +496,8 @@ impl Default for LimitsConfig {
             handshakes_per_second: 50,
             handshake_burst: 100,
             retry_above: 1000,
+            pending_tokens_per_agent: 16,
+            token_creations_per_minute: 60,
         }
     }
 }
@@ -528,6 +540,16 @@ impl LimitsConfig {
             1,
         )?;
         at_least("limits.handshake_burst", self.handshake_burst.into(), 1)?;
+        at_least(
+            "limits.pending_tokens_per_agent",
+            self.pending_tokens_per_agent.into(),
+            1,
+        )?;
+        at_least(
+            "limits.token_creations_per_minute",
+            self.token_creations_per_minute.into(),
+            1,
+        )?;
         for (key, d) in [
             (
                 "limits.northbound_handshake_timeout",
@@ -1122,6 +1144,14 @@ mod tests {
             ),
             ("handshakes_per_second = 0", "limits.handshakes_per_second"),
             ("handshake_burst = 0", "limits.handshake_burst"),
+            (
+                "pending_tokens_per_agent = 0",
+                "limits.pending_tokens_per_agent",
+            ),
+            (
+                "token_creations_per_minute = 0",
+                "limits.token_creations_per_minute",
+            ),
         ] {
             let cfg: GatewayConfig = toml::from_str(&format!("{base}{limits}\n")).unwrap();
             let e = cfg.validate().expect_err(limits).to_string();

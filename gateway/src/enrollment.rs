@@ -30,7 +30,7 @@
 //! new CA, and agents trust it for the gateway's certificate as well (docs/ca-rotation.md).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,7 +49,10 @@ use x509_parser::prelude::FromDer;
 
 use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
-use crate::identity_db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal};
+use crate::identity_db::{
+    IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
+};
+use crate::limits::{Full, KeyedRate, Shares, count_idle_timeout, count_rejection};
 use crate::northbound::{Caller, authenticate};
 use crate::pki::{Ca, LeafSpec, PkiError};
 use crate::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
@@ -62,11 +65,25 @@ pub const TOKEN_PREFIX: &str = "tet1_";
 /// Largest `Enroll` request accepted (a CSR is well under 2 KiB).
 const MAX_REQUEST: usize = 16 * 1024;
 
-/// Enrollment connections served at once; more are dropped at the ClientHello.
-const MAX_CONNECTIONS: usize = 64;
+/// Enrollment connections open at once, idle ones included; more are dropped at the
+/// ClientHello (`tether_gateway_limit_rejections_total{limit="enrollment_connections"}`).
+const MAX_CONNECTIONS: usize = 1024;
 
-/// Longest an enrollment connection may live.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Enrollment connections one source address may have open at once: an address cannot take
+/// the places of others (and agents behind one NAT still enroll many at a time; one refused
+/// retries with its backoff).
+pub const CONNECTIONS_PER_ADDRESS: usize = 32;
+
+/// Time a connection has, once TLS is done, to send its request; then it is closed.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Time the one request of a connection has to arrive whole and be answered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Enrollments being decided at once (token check, CSR check, signing, the store's write),
+/// and by one source address: taken only once a whole request has arrived.
+const MAX_ISSUING: usize = 64;
+const ISSUING_PER_ADDRESS: usize = 16;
 
 /// Certificates are valid from a minute ago: agents' clocks may lag the gateway's. (Or from a
 /// quarter of their lifetime ago, when that is shorter: agents renew at two thirds of the
@@ -113,6 +130,18 @@ pub enum EnrollError {
         "this session's certificate expired at {0}: it cannot be renewed; enrol the agent again"
     )]
     Expired(String),
+    /// The agent has `limits.pending_tokens_per_agent` tokens pending already.
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
+    /// The caller created `limits.token_creations_per_minute` tokens in the last minute.
+    #[error(
+        "caller {0:?} is creating enrollment tokens faster than limits.token_creations_per_minute allows; retry in a few seconds"
+    )]
+    CreationRate(String),
+    /// Too many enrollments are being decided, gateway-wide or (`true`) from the requester's
+    /// address; retrying in a moment helps.
+    #[error("the gateway is busy with other enrollments{}; retry in a moment", if *.0 { " from this address" } else { "" })]
+    Busy(bool),
     /// A renewal sooner than [`RENEW_EVERY`] after the agent's previous one.
     #[error("agent {0} was issued a certificate less than {RENEW_EVERY:?} ago; try again later")]
     TooSoon(AgentId),
@@ -136,7 +165,10 @@ impl EnrollError {
             EnrollError::Token(_) => Status::unauthenticated(msg),
             EnrollError::Revoked(_) => Status::permission_denied(msg),
             EnrollError::Expired(_) => Status::unauthenticated(msg),
-            EnrollError::TooSoon(_) => Status::resource_exhausted(msg),
+            EnrollError::TooSoon(_)
+            | EnrollError::Busy(_)
+            | EnrollError::TooManyPending(_)
+            | EnrollError::CreationRate(_) => Status::resource_exhausted(msg),
             EnrollError::Store(_) => Status::unavailable(msg),
             EnrollError::Issue(_) => Status::internal(msg),
         }
@@ -155,6 +187,7 @@ impl EnrollError {
             EnrollError::Expired(_) => "expired",
             EnrollError::TooSoon(_) => "rate_limited",
             EnrollError::Disabled => "disabled",
+            EnrollError::Busy(_) => "busy",
             _ => "error",
         }
     }
@@ -170,6 +203,12 @@ pub struct Enrollment {
     bundle: String,
     /// When each agent was last renewed (see [`RENEW_EVERY`]).
     renewed: std::sync::Mutex<HashMap<AgentId, Instant>>,
+    /// `limits.pending_tokens_per_agent`.
+    max_pending: u32,
+    /// `CreateToken` calls per caller (`limits.token_creations_per_minute`).
+    creations: KeyedRate<String>,
+    /// Enrollments being decided, per source address ([`MAX_ISSUING`]).
+    issuing: Arc<Shares<IpAddr>>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -191,6 +230,9 @@ impl Enrollment {
             cfg: cfg.enrollment.clone(),
             bundle,
             renewed: Default::default(),
+            max_pending: cfg.limits.pending_tokens_per_agent,
+            creations: KeyedRate::per_minute(cfg.limits.token_creations_per_minute),
+            issuing: Shares::new(MAX_ISSUING, ISSUING_PER_ADDRESS),
         })
     }
 
@@ -199,16 +241,22 @@ impl Enrollment {
         self.ca.is_some()
     }
 
-    /// A new token for `tenant/agent`; see the module docs.
+    /// A new token for `tenant/agent`, created by the caller named `created_by` (`rate_key`
+    /// names it for `limits.token_creations_per_minute`); see the module docs.
     pub async fn create_token(
         &self,
         created_by: &str,
+        rate_key: &str,
         tenant: &str,
         agent: &str,
         ttl: Option<Duration>,
     ) -> Result<v1::CreateTokenResponse, EnrollError> {
         if self.ca.is_none() {
             return Err(EnrollError::Disabled);
+        }
+        if !self.creations.take(&rate_key.to_owned(), Instant::now()) {
+            count_rejection("token_creations_per_minute");
+            return Err(EnrollError::CreationRate(created_by.to_owned()));
         }
         let id = AgentId::new(tenant, agent).map_err(EnrollError::BadIdentity)?;
         let ttl = ttl.unwrap_or(self.cfg.token_ttl);
@@ -230,10 +278,18 @@ impl Enrollment {
             created_by: created_by.to_owned(),
             certificate: None,
         };
-        let (db, hash) = (self.db.clone(), sha256_hex(token.as_bytes()));
-        tokio::task::spawn_blocking(move || db.put_token(&hash, &record))
+        let (db, hash, max) = (
+            self.db.clone(),
+            sha256_hex(token.as_bytes()),
+            self.max_pending,
+        );
+        let stored = tokio::task::spawn_blocking(move || db.put_token(&hash, &record, max))
             .await
             .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+        if let Err(e) = stored {
+            count_rejection("pending_tokens_per_agent");
+            return Err(e.into());
+        }
         metrics::counter!("tether_gateway_enrollment_tokens_created_total").increment(1);
         tracing::info!(agent = %id, created_by, ttl = %humantime::format_duration(ttl),
             "enrollment token created");
@@ -252,7 +308,14 @@ impl Enrollment {
         csr_pem: &str,
         remote: Option<SocketAddr>,
     ) -> Result<v1::EnrollResponse, EnrollError> {
-        let result = self.enroll_inner(token, csr_pem).await;
+        let ip = remote.map_or(IpAddr::from([0, 0, 0, 0]), |r| r.ip());
+        let result = match self.issuing.take(&ip) {
+            Ok(_share) => self.enroll_inner(token, csr_pem).await,
+            Err(full) => {
+                count_rejection("enrollments_in_progress");
+                Err(EnrollError::Busy(full == Full::Key))
+            }
+        };
         let label = match &result {
             Ok(_) => "issued",
             Err(e) => e.label(),
@@ -610,7 +673,13 @@ impl EnrollmentService for EnrollmentApi {
         };
         let created = self
             .inner
-            .create_token(&caller.name, &r.tenant, &r.agent, ttl)
+            .create_token(
+                &caller.name,
+                &format!("{}:{}", caller.kind.as_str(), caller.name),
+                &r.tenant,
+                &r.agent,
+                ttl,
+            )
             .await
             .map_err(|e| e.status())?;
         if let Ok(id) = AgentId::new(&r.tenant, &r.agent) {
@@ -642,10 +711,17 @@ impl EnrollmentService for EnrollmentApi {
 
 /// Serves `Enroll` on TLS connections the tunnel's TCP accept loop hands over (their
 /// ClientHello offered [`ENROLL_ALPN`]).
+///
+/// Nothing an idle connection holds can keep a real agent out: a connection takes one of
+/// [`MAX_CONNECTIONS`] places, at most [`CONNECTIONS_PER_ADDRESS`] per source address; once TLS
+/// is done it must send its request within [`FIRST_REQUEST_TIMEOUT`]; it carries one request
+/// ([`REQUEST_TIMEOUT`] to arrive and be answered) and is then closed; and the work of an
+/// enrollment is admitted only once its request is whole ([`MAX_ISSUING`], per address
+/// [`ISSUING_PER_ADDRESS`]).
 pub struct EnrollEndpoint {
     tls: Arc<rustls::ServerConfig>,
     routes: tonic::service::Routes,
-    slots: Arc<tokio::sync::Semaphore>,
+    connections: Arc<Shares<IpAddr>>,
     handshake_timeout: Duration,
 }
 
@@ -666,27 +742,41 @@ impl EnrollEndpoint {
                 .with_single_cert(certs, key)
                 .map_err(|e| GatewayError::Tls(format!("enrollment certificate: {e}")))?;
         tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+        // One request per connection: nothing to resume.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         let svc = EnrollmentServer::new(EnrollmentApi::new(inner, Face::Agent))
             .max_decoding_message_size(MAX_REQUEST);
         Ok(EnrollEndpoint {
             tls: Arc::new(tls),
             routes: tonic::service::Routes::new(svc).prepare(),
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            connections: Shares::new(MAX_CONNECTIONS, CONNECTIONS_PER_ADDRESS),
             handshake_timeout: cfg.tunnel.handshake_timeout,
         })
     }
 
-    /// Completes the TLS handshake and serves HTTP/2 (gRPC) on it, for at most
-    /// [`CONNECTION_LIFETIME`].
+    /// Enrollment connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.taken()
+    }
+
+    /// Completes the TLS handshake and serves one HTTP/2 (gRPC) request on it; see the type's
+    /// docs for the bounds.
     pub async fn serve(
         self: Arc<Self>,
         start: tokio_rustls::StartHandshake<TcpStream>,
         remote: SocketAddr,
     ) {
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            metrics::counter!("tether_gateway_enrollments_total", "result" => "busy").increment(1);
-            tracing::warn!(%remote, "too many enrollment connections; dropping one");
-            return;
+        let _place = match self.connections.take(&remote.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                count_rejection("enrollment_connections");
+                metrics::counter!("tether_gateway_enrollments_total", "result" => "busy")
+                    .increment(1);
+                tracing::debug!(%remote, per_address = (full == Full::Key),
+                    "too many enrollment connections; dropping one");
+                return;
+            }
         };
         let tls =
             match tokio::time::timeout(self.handshake_timeout, start.into_stream(self.tls.clone()))
@@ -698,24 +788,55 @@ impl EnrollEndpoint {
                     return;
                 }
                 Err(_) => {
-                    crate::limits::count_idle_timeout("enrollment");
+                    count_idle_timeout("enrollment");
                     tracing::info!(%remote, "enrollment TLS handshake timed out");
                     return;
                 }
             };
         let routes = self.routes.clone();
+        let (arrived, mut first) = tokio::sync::watch::channel(false);
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                if arrived.send_replace(true) {
+                    count_rejection("enrollment_requests_per_connection");
+                    let status =
+                        Status::resource_exhausted("one request per enrollment connection");
+                    return futures::future::Either::Left(std::future::ready(Ok(
+                        status.into_http()
+                    )));
+                }
                 req.extensions_mut().insert(Remote(remote));
-                routes.clone().oneshot(req)
+                futures::future::Either::Right(routes.clone().oneshot(req))
             });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder.max_concurrent_streams(4);
+        builder.max_concurrent_streams(1);
         let conn = builder.serve_connection(TokioIo::new(tls), svc);
-        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        tokio::pin!(conn);
+        let waited = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, first.wait_for(|a| *a));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "enrollment connection ended");
+                }
+                return;
+            }
+            w = waited => {
+                if !matches!(w, Ok(Ok(_))) {
+                    count_idle_timeout("enrollment");
+                    tracing::debug!(%remote, "no enrollment request in {FIRST_REQUEST_TIMEOUT:?}; closing");
+                    return;
+                }
+            }
+        }
+        // The one request (a second one is refused above): it has this long, and then the
+        // connection goes, whatever the client does.
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "enrollment connection ended"),
-            Err(_) => tracing::debug!(%remote, "enrollment connection closed at its lifetime"),
+            Err(_) => {
+                count_idle_timeout("enrollment");
+                tracing::debug!(%remote, "enrollment request not done in {REQUEST_TIMEOUT:?}; closed");
+            }
         }
     }
 }

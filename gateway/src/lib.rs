@@ -7,6 +7,8 @@
 //! Layers only look down: transport → session → feature → backend.
 //! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
 //! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
+//! - [`live_connections`] (transport): its open connections by certificate, to close a
+//!   revoked caller's;
 //! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
 //! - [`limits`] (transport + feature): handshake admission per source address (and QUIC Retry),
 //!   streams per agent, and the abuse-limit metrics;
@@ -17,7 +19,9 @@
 //! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
 //! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
 //! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
+//! - [`callers`] (feature): `tether.v1.Callers/Revoke`, the deny-list of caller certificates;
 //! - [`revocation`] (feature): `Agents/Revoke` and the revocation list the verifier consults;
+//! - [`data_dir`] (backend): the state directory, private to the gateway's user (0700/0600);
 //! - [`identity_db`] (backend): revocations and enrollment tokens, durable (redb);
 //! - [`enrollment`] (feature): `tether.v1.Enrollment`, tokens and CSR-based issuance;
 //! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
@@ -27,10 +31,12 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod callers;
 pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod ctl;
+pub mod data_dir;
 pub mod demo;
 pub mod dev;
 pub mod enrollment;
@@ -38,6 +44,7 @@ pub mod error;
 pub mod identity_db;
 pub mod limits;
 pub mod listener;
+pub mod live_connections;
 pub mod local_postgres;
 pub mod northbound;
 pub mod pki;

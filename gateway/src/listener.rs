@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::limits::{count_idle_timeout, count_rejection};
+pub use crate::live_connections::LiveConnections;
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
@@ -62,12 +63,14 @@ pub type Incoming = hyper::body::Incoming;
 /// Serves `service` (the northbound routes behind authentication) on `listener` until
 /// `shutdown`, then lets open calls finish (graceful h2 shutdown) for as long as the process
 /// waits. An empty certificate chain in [`PeerCerts`] means the caller sent none (allowed only
-/// when the TLS config does not require one).
+/// when the TLS config does not require one). Connections with a certificate are kept in
+/// `live` while they are open.
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: S,
     limits: ListenerLimits,
+    live: Arc<LiveConnections>,
     shutdown: CancellationToken,
 ) where
     S: tower::Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -92,6 +95,7 @@ pub async fn serve<S, B>(
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
+        let live = live.clone();
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -114,6 +118,14 @@ pub async fn serve<S, B>(
                     .map(<[_]>::to_vec)
                     .unwrap_or_default(),
             ));
+            // Registered before any request is served, so a revocation cannot miss it.
+            let registered = live.register(&certs);
+            let revoked = async {
+                match &registered {
+                    Some(r) => r.close.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
             let (calls, mut calls_rx) = tokio::sync::watch::channel(0usize);
             let calls = Arc::new(calls);
             let max_headers = limits.max_header_list_size;
@@ -177,6 +189,10 @@ pub async fn serve<S, B>(
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                }
+                // Its certificate was revoked: dropped with every call it has open.
+                _ = revoked => {
+                    tracing::info!(%peer, "closing a revoked caller's connection");
                 }
             }
         });

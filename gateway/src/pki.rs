@@ -55,13 +55,22 @@ pub enum PkiError {
     },
 }
 
-/// A certificate and its private key, PEM.
-#[derive(Clone, Debug)]
+/// A certificate and its private key, PEM. Its `Debug` never shows the key.
+#[derive(Clone)]
 pub struct Issued {
     /// The certificate.
     pub cert_pem: String,
     /// Its private key (PKCS#8).
     pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// What to put in a leaf certificate.
@@ -392,6 +401,16 @@ pub fn write_issued(out: &Path, stem: &str, issued: &Issued, ca: &Ca) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_an_issued_certificate_never_shows_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init(dir.path(), "td", &["localhost".into()], false).unwrap();
+        let issued = ca.issue_client("api", CLIENT_TTL).unwrap();
+        let text = format!("{issued:?}");
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+        assert!(text.contains("BEGIN CERTIFICATE"), "{text}");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -111,17 +111,7 @@ impl Relay {
         caller: &Caller,
         method: &'static str,
     ) -> Result<(AgentId, String), Status> {
-        let agent = headers
-            .get(TETHER_AGENT)
-            .ok_or_else(|| {
-                Status::invalid_argument(
-                    "missing tether-agent metadata: set it to <tenant>/<agent>",
-                )
-            })?
-            .to_str()
-            .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
-            .parse::<AgentId>()
-            .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))?;
+        let agent = agent_of_metadata(headers)?;
         caller.authorize(method, &agent)?;
         let service = match headers.get(TETHER_SERVICE) {
             None => String::new(),
@@ -200,21 +190,16 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
         let relay = self.0.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let tenant = req
-                .headers()
-                .get(TETHER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.split_once('/'))
-                .map(|(t, _)| t.to_owned())
-                .unwrap_or_default();
-            match relay_call(&relay, req).await {
+            // Set once the call reached an agent the caller may act for and the gateway knows.
+            let mut tenant = None;
+            match relay_call(&relay, req, &mut tenant).await {
                 Ok(resp) => {
                     metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "grpc")
                         .record(started.elapsed().as_secs_f64());
                     Ok(resp)
                 }
                 Err(status) => {
-                    record_end(&tenant, status.code());
+                    record_end(tenant_label(tenant.as_deref()), status.code());
                     Ok(status.into_http())
                 }
             }
@@ -222,14 +207,44 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
     }
 }
 
+/// The `tenant` label of `tether_gateway_relay_calls_total` for a call refused before it
+/// reached an agent the gateway knows (missing or malformed `tether-agent`, a tenant outside
+/// the caller's scope, an unknown agent). Not a valid tenant name (names never start with
+/// `-`), so it cannot be mistaken for one.
+pub const UNROUTED: &str = "-";
+
+/// The `tenant` label of a relayed call: the tenant of the agent it was routed to, or
+/// [`UNROUTED`]. Labels are for tenants the caller was authorized for *and* that have an agent
+/// the registry knows, never for what a caller wrote in its metadata: every distinct label
+/// value is a series the gateway keeps for good, and callers choose their metadata freely.
+pub fn tenant_label(routed: Option<&str>) -> &str {
+    routed.unwrap_or(UNROUTED)
+}
+
 fn record_end(tenant: &str, code: Code) {
     metrics::counter!("tether_gateway_relay_calls_total", "kind" => "grpc", "tenant" => tenant.to_owned(),
         "code" => format!("{code:?}")).increment(1);
 }
 
+/// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.
+pub fn agent_of_metadata(headers: &HeaderMap) -> Result<AgentId, Status> {
+    headers
+        .get(TETHER_AGENT)
+        .ok_or_else(|| {
+            Status::invalid_argument("missing tether-agent metadata: set it to <tenant>/<agent>")
+        })?
+        .to_str()
+        .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
+        .parse::<AgentId>()
+        .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))
+}
+
+/// Relays one call; `tenant` is set to the agent's tenant once the call is routed to an agent
+/// the caller may act for and the registry knows (for the metrics label).
 async fn relay_call(
     relay: &Relay,
     req: Request<axum::body::Body>,
+    tenant: &mut Option<String>,
 ) -> Result<Response<axum::body::Body>, Status> {
     let caller = caller_of(&req)?;
     let (agent, service) = relay.route(req.headers(), &caller, "relay")?;
@@ -256,7 +271,12 @@ async fn relay_call(
         trace_context,
         id: String::new(),
     };
-    let (send, recv, permit) = relay.open(&agent, header, deadline).await?;
+    let opened = relay.open(&agent, header, deadline).await;
+    // NOT_FOUND is the one answer for an agent the registry does not know.
+    if !matches!(&opened, Err(s) if s.code() == Code::NotFound) {
+        *tenant = Some(agent.tenant().to_owned());
+    }
+    let (send, recv, permit) = opened?;
     let tenant = agent.tenant().to_owned();
     let active = ActiveGuard::new("grpc", permit);
     let cancel = CancellationToken::new();
@@ -473,5 +493,57 @@ async fn pump_response(
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(agent: &[u8]) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
+        Some(h)
+    }
+
+    proptest! {
+        /// Whatever a caller writes in `tether-agent`, the label of a call that reached no
+        /// agent is the one fixed value, and an accepted id's tenant is a valid name (at most
+        /// 63 bytes): metadata never becomes a label of its own.
+        #[test]
+        fn the_relay_label_never_comes_from_raw_metadata(
+            raw in proptest::collection::vec(any::<u8>(), 0..300),
+            tenant in "[a-z0-9._-]{0,80}",
+            agent in "[a-zA-Z0-9/._-]{0,20}",
+        ) {
+            prop_assert_eq!(tenant_label(None), UNROUTED);
+            for value in [raw.clone(), format!("{tenant}/{agent}").into_bytes()] {
+                let Some(h) = headers(&value) else { continue };
+                if let Ok(id) = agent_of_metadata(&h) {
+                    prop_assert!(id.tenant().len() <= 63);
+                    prop_assert!(tunnel_proto::identity::check_name("tenant", id.tenant()).is_ok());
+                    prop_assert_eq!(tenant_label(Some(id.tenant())), id.tenant());
+                    prop_assert_ne!(id.tenant(), UNROUTED);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_or_malformed_metadata_is_invalid_argument() {
+        assert_eq!(
+            agent_of_metadata(&HeaderMap::new()).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let long = format!("{}/a", "t".repeat(8 << 10));
+        let e = agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            agent_of_metadata(&headers(b"acme/a").unwrap())
+                .unwrap()
+                .tenant(),
+            "acme"
+        );
     }
 }

@@ -12,12 +12,14 @@ use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticated, Authenticator};
+use crate::callers::CallersApi;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
 use crate::identity_db::IdentityDb;
 use crate::limits::Admission;
+use crate::listener::LiveConnections;
 use crate::northbound::AgentsApi;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayService};
@@ -145,6 +147,10 @@ pub async fn start(
             "must be set",
         ))
     })?;
+    // Private to the gateway's user before any store creates a file in it.
+    crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
+    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
+        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     // Revocations and enrollment tokens, beside the command store.
     let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
         GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
@@ -158,6 +164,8 @@ pub async fn start(
 
     let store = EmbeddedStore::open(&data_dir)
         .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
+    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::JustCreated)
+        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
     let commands = Commands::start(
@@ -217,7 +225,7 @@ pub async fn start(
     };
 
     // Northbound gRPC over TLS: a client certificate, or a bearer token when [auth] names keys.
-    let auth = Authenticator::new(&cfg)?;
+    let auth = Authenticator::with_revocations(&cfg, identity.caller_revocations())?;
     if !auth.scoping() {
         tracing::warn!(
             "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
@@ -252,6 +260,8 @@ pub async fn start(
         enrollment.clone(),
         cfg.trust_domain.clone(),
     ));
+    let live_callers = Arc::new(LiveConnections::default());
+    routes.add_service(CallersApi::new(identity.clone(), live_callers.clone()).into_service());
     let mut routes = routes.routes();
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
@@ -266,6 +276,7 @@ pub async fn start(
             idle_timeout: cfg.limits.northbound_idle_timeout,
             max_header_list_size: cfg.limits.max_header_list_size,
         },
+        live_callers,
         close_sessions.clone(),
     ));
 
@@ -521,6 +532,11 @@ fn northbound_tls(
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(format!("northbound certificate: {e}")))?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption, as on the tunnel: a resumed handshake skips the client-certificate
+    // verifier, so an expired caller certificate, or one of a CA a rotation removed, would keep
+    // working for as long as its session was cached.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     Ok(Arc::new(tls))
 }
 

@@ -62,6 +62,9 @@ enum Cmd {
     /// Enrollment tokens: single-use bootstrap tokens for agents.
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Northbound callers (control-plane client certificates).
+    #[command(subcommand)]
+    Callers(CallersCmd),
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -119,6 +122,77 @@ enum TokensCmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
+}
+
+#[derive(Subcommand)]
+enum CallersCmd {
+    /// Revoke a caller's certificates: by name (every certificate of
+    /// spiffe://<td>/controlplane/<name> issued until now) and/or one certificate by its SHA-256
+    /// fingerprint. Its open connections are closed; needs a caller acting for every tenant.
+    Revoke {
+        /// The caller's <name>.
+        name: Option<String>,
+        /// One certificate's SHA-256 fingerprint (hex, colons allowed).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Why (kept with the revocation).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+async fn callers_cmd(channel: ctl::Conn, cmd: CallersCmd, output: Output) -> Result<(), String> {
+    let CallersCmd::Revoke {
+        name,
+        fingerprint,
+        reason,
+    } = cmd;
+    if name.is_none() && fingerprint.is_none() {
+        return Err("name a caller, or give --fingerprint".into());
+    }
+    let r = v1::callers_client::CallersClient::new(channel)
+        .revoke(v1::RevokeCallerRequest {
+            name: name.unwrap_or_default(),
+            sha256_fingerprint: fingerprint.unwrap_or_default(),
+            reason,
+        })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    match output {
+        Output::Table => {
+            let what = match (r.name.is_empty(), r.sha256_fingerprint.is_empty()) {
+                (false, false) => format!(
+                    "caller {} and certificate sha256:{}",
+                    r.name, r.sha256_fingerprint
+                ),
+                (false, true) => format!("caller {}", r.name),
+                _ => format!("certificate sha256:{}", r.sha256_fingerprint),
+            };
+            println!(
+                "revoked {what} as of {}: {} connection(s) closed",
+                match ts_json(&r.revoked_at) {
+                    serde_json::Value::String(s) => s,
+                    _ => "-".into(),
+                },
+                r.connections_closed
+            );
+            for fp in &r.closed_fingerprints {
+                println!("  closed a connection of certificate sha256:{fp}");
+            }
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "name": r.name,
+                "sha256_fingerprint": r.sha256_fingerprint,
+                "revoked_at": ts_json(&r.revoked_at),
+                "connections_closed": r.connections_closed,
+                "closed_fingerprints": r.closed_fingerprints,
+            })
+        ),
+    }
+    Ok(())
 }
 
 async fn tokens_cmd(channel: ctl::Conn, cmd: TokensCmd, output: Output) -> Result<(), String> {
@@ -610,6 +684,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let cli = match cli.cmd {
         Cmd::Commands(cmd) => return commands_cmd(channel, cmd, cli.output).await,
         Cmd::Tokens(cmd) => return tokens_cmd(channel, cmd, cli.output).await,
+        Cmd::Callers(cmd) => return callers_cmd(channel, cmd, cli.output).await,
         _ => cli,
     };
     let mut client = AgentsClient::new(channel);
@@ -682,7 +757,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ),
             }
         }
-        Cmd::Forward { .. } | Cmd::Commands(_) | Cmd::Tokens(_) => {
+        Cmd::Forward { .. } | Cmd::Commands(_) | Cmd::Tokens(_) | Cmd::Callers(_) => {
             unreachable!("handled above")
         }
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
