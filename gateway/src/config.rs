@@ -40,6 +40,11 @@
 //! max_control_message = 65536 # a frame on an agent's control stream
 //! northbound_handshake_timeout = "10s" # a northbound TLS handshake
 //! northbound_idle_timeout = "5m" # a northbound connection with no call open
+//! northbound_unauthenticated_timeout = "10s" # a northbound connection with no caller
+//!                             # authenticated on it yet
+//! northbound_connections = 4096 # northbound connections open at once, in total
+//! northbound_connections_per_address = 256 # ...and from one source address
+//! sessions_per_agent = 8      # tunnel connections of one agent identity, all its instances
 //! handshakes_per_second = 50  # new tunnel handshakes per source address (token bucket)
 //! handshake_burst = 100
 //! retry_above = 1000          # gateway-wide QUIC handshakes/s above which QUIC Retry
@@ -110,6 +115,10 @@ pub const KEYS: Keys = &[
     "limits.handshakes_per_second",
     "limits.handshake_burst",
     "limits.retry_above",
+    "limits.sessions_per_agent",
+    "limits.northbound_connections",
+    "limits.northbound_connections_per_address",
+    "limits.northbound_unauthenticated_timeout",
     "auth.callers",
     "auth.jwks_file",
     "auth.jwks_url",
@@ -196,6 +205,23 @@ pub struct LimitsConfig {
     /// address is answered with a stateless Retry (proof of address, one extra round trip)
     /// instead of a handshake; 0: always.
     pub retry_above: u32,
+    /// Tunnel connections one agent identity may hold on this gateway, all its instances and
+    /// transports together, counted from the TLS handshake to the connection's end; beyond it
+    /// a connection is closed with `TOO_MANY_SESSIONS`. Leaves room for make-before-break: each
+    /// instance briefly holds one more session per gateway address while it moves.
+    pub sessions_per_agent: u32,
+    /// Northbound connections open at once; beyond it a new one is closed at once, before TLS.
+    /// Keep it below the process's open-file limit, leaving room for agents on the TCP
+    /// fallback.
+    pub northbound_connections: u32,
+    /// Northbound connections open at once from one source IP address.
+    pub northbound_connections_per_address: u32,
+    /// A northbound connection on which no call has passed authentication this long after its
+    /// TLS handshake is closed. With bearer tokens on, TLS lets anyone in without a
+    /// certificate: this bounds how long they hold a connection, where
+    /// `northbound_idle_timeout` is for callers the gateway knows.
+    #[serde(with = "humantime_serde")]
+    pub northbound_unauthenticated_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -211,6 +237,10 @@ impl Default for LimitsConfig {
             handshakes_per_second: 50,
             handshake_burst: 100,
             retry_above: 1000,
+            sessions_per_agent: 8,
+            northbound_connections: 4096,
+            northbound_connections_per_address: 256,
+            northbound_unauthenticated_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -253,6 +283,21 @@ impl LimitsConfig {
             1,
         )?;
         at_least("limits.handshake_burst", self.handshake_burst.into(), 1)?;
+        at_least(
+            "limits.sessions_per_agent",
+            self.sessions_per_agent.into(),
+            1,
+        )?;
+        at_least(
+            "limits.northbound_connections",
+            self.northbound_connections.into(),
+            1,
+        )?;
+        at_least(
+            "limits.northbound_connections_per_address",
+            self.northbound_connections_per_address.into(),
+            1,
+        )?;
         for (key, d) in [
             (
                 "limits.northbound_handshake_timeout",
@@ -261,6 +306,10 @@ impl LimitsConfig {
             (
                 "limits.northbound_idle_timeout",
                 self.northbound_idle_timeout,
+            ),
+            (
+                "limits.northbound_unauthenticated_timeout",
+                self.northbound_unauthenticated_timeout,
             ),
         ] {
             if d < Duration::from_millis(100) {
@@ -840,6 +889,19 @@ mod tests {
             ),
             ("handshakes_per_second = 0", "limits.handshakes_per_second"),
             ("handshake_burst = 0", "limits.handshake_burst"),
+            ("sessions_per_agent = 0", "limits.sessions_per_agent"),
+            (
+                "northbound_connections = 0",
+                "limits.northbound_connections",
+            ),
+            (
+                "northbound_connections_per_address = 0",
+                "limits.northbound_connections_per_address",
+            ),
+            (
+                "northbound_unauthenticated_timeout = \"10ms\"",
+                "limits.northbound_unauthenticated_timeout",
+            ),
         ] {
             let cfg: GatewayConfig = toml::from_str(&format!("{base}{limits}\n")).unwrap();
             let e = cfg.validate().expect_err(limits).to_string();
