@@ -105,6 +105,9 @@ enum Report {
         /// The gateway refused this agent's certificate as revoked (a `REVOKED` close, or the
         /// TLS `certificate_revoked` alert).
         revoked: bool,
+        /// The gateway refused the session: the agent holds `limits.sessions_per_agent` there
+        /// already (a `TOO_MANY_SESSIONS` close).
+        over_limit: bool,
     },
 }
 
@@ -113,6 +116,15 @@ enum Report {
 struct Outcome {
     established: bool,
     revoked: bool,
+    over_limit: bool,
+}
+
+impl Outcome {
+    /// Notes what a close by the gateway with `code` says about this agent.
+    fn closed_by_gateway(&mut self, code: ErrorCode) {
+        self.revoked |= code == ErrorCode::REVOKED;
+        self.over_limit |= code == ErrorCode::TOO_MANY_SESSIONS;
+    }
 }
 
 struct Attempt {
@@ -228,7 +240,7 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         dial_at = Some(tokio::time::Instant::now() + spread);
                     }
                 }
-                Report::Ended { id, established, reason, revoked } => {
+                Report::Ended { id, established, reason, revoked, over_limit } => {
                     let was = attempts.remove(&id);
                     let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
                     if reprobe && !established {
@@ -243,6 +255,12 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::error!(%gateway, %reason, retry_in = ?shared.max_backoff,
                             "the gateway revoked this agent's certificate; it needs a new one");
                         metrics::counter!("tether_agent_revoked_total").increment(1);
+                    } else if over_limit {
+                        // The gateway's reason says what to do; retrying with the backoff
+                        // succeeds once one of the agent's other sessions there ends.
+                        tracing::error!(%gateway, %reason,
+                            "the gateway refused this session: this agent (all its instances together) already holds as many sessions there as limits.sessions_per_agent allows");
+                        metrics::counter!("tether_agent_connect_failures_total").increment(1);
                     } else if established && reason.starts_with("closed by agent: replaced") {
                         tracing::info!(%gateway, %reason, "session retired");
                     } else if established {
@@ -340,6 +358,7 @@ async fn run_attempt(
         established: outcome.established,
         reason,
         revoked: outcome.revoked,
+        over_limit: outcome.over_limit,
     });
 }
 
@@ -436,8 +455,11 @@ async fn session(
         .await
     }
     .await;
-    if result.is_err() && refused_as_revoked(&link) {
-        outcome.revoked = true;
+    if result.is_err() {
+        outcome.revoked |= refused_as_revoked(&link);
+        if let Some(code) = app_close_code(&link) {
+            outcome.closed_by_gateway(code);
+        }
     }
     // Give the close a moment to reach the gateway, without holding shutdown hostage.
     match endpoint {
@@ -533,7 +555,9 @@ async fn run_control(
                     });
                 }
                 AgentEvent::Closed(info) => {
-                    outcome.revoked |= info.by_peer && info.code == ErrorCode::REVOKED;
+                    if info.by_peer {
+                        outcome.closed_by_gateway(info.code);
+                    }
                     if !info.by_peer {
                         let _ = send.finish();
                     }
@@ -589,7 +613,7 @@ async fn run_control(
                 Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
                 Ok(None) => session.handle_eof(Instant::now()),
                 Err(tether_runtime::stream::StreamError::Closed { code, reason }) => {
-                    outcome.revoked |= code == ErrorCode::REVOKED;
+                    outcome.closed_by_gateway(code);
                     return Err(format!("gateway closed the connection: {code} {reason}"));
                 }
                 Err(e) => return Err(format!("gateway {gateway}: {e}")),
@@ -610,6 +634,20 @@ async fn run_control(
                 }
             }
         }
+    }
+}
+
+/// The application close code the gateway ended a QUIC `link` with, if it did (a refusal
+/// right after the handshake shows at the first stream operation, as any error).
+fn app_close_code(link: &Link) -> Option<ErrorCode> {
+    match link {
+        Link::Quic(c) => match c.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                Some(ErrorCode::from(u64::from(close.error_code)))
+            }
+            _ => None,
+        },
+        Link::H2(_) => None,
     }
 }
 

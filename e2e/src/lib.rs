@@ -373,21 +373,21 @@ impl TestAgent {
     }
 }
 
-/// Path of a workspace binary (built by `cargo test --workspace` / `nextest run --workspace`).
+/// Path of a workspace binary (built by `cargo test --workspace` / `nextest run --workspace`),
+/// or of the one in `$TETHER_E2E_BIN_DIR` when that is set (to run a test against other
+/// builds, e.g. release binaries of two commits for before/after figures).
 pub fn binary(name: &str) -> PathBuf {
-    // TETHER_E2E_BIN_DIR: run against other builds (release binaries, for measurements).
-    if let Some(dir) = std::env::var_os("TETHER_E2E_BIN_DIR") {
-        let p = PathBuf::from(dir).join(name);
-        assert!(
-            p.exists(),
-            "{} is missing (TETHER_E2E_BIN_DIR)",
-            p.display()
-        );
-        return p;
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> → target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let dir = match std::env::var_os("TETHER_E2E_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/debug/deps/<test> → target/debug/<name>
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_owned()
+        }
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -924,6 +924,22 @@ fn tcp_echo_serve(l: tokio::net::TcpListener) -> SocketAddr {
     addr
 }
 
+/// File descriptors a process holds (entries of `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc fd")
+        .count()
+}
+
+/// CPU time a process has used, user and system, in clock ticks (`/proc/<pid>/stat`).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // After the command name in parentheses: state is field 3, utime and stime 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
 /// Resident set size of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
@@ -974,6 +990,24 @@ impl GatewayProcess {
         Self::spawn_in(pki, dir, data_dir, [any; 3], None, "info", extra).await
     }
 
+    /// As [`spawn_configured`](Self::spawn_configured), allowed at most `nofile` open files
+    /// (soft and hard limit, set by util-linux `prlimit` before it starts).
+    pub async fn spawn_limited(pki: &Pki, extra: &str, nofile: u64) -> GatewayProcess {
+        let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("prlimit (util-linux) is missing: apt-get install util-linux");
+        let mut command = tokio::process::Command::new(prlimit);
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(binary("tether-gateway"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_command(pki, dir, &data, [any; 3], command, "info", extra).await
+    }
+
     /// Starts one inside network namespace `ns`: its tunnel on `tunnel`, northbound and ops on
     /// free ports of `api` (port 0 for any).
     pub async fn spawn_netns(
@@ -1018,6 +1052,24 @@ impl GatewayProcess {
         rust_log: &str,
         extra: &str,
     ) -> GatewayProcess {
+        let command = match ns {
+            Some(ns) => ns.command(binary("tether-gateway")),
+            None => tokio::process::Command::new(binary("tether-gateway")),
+        };
+        Self::spawn_command(pki, dir, data_dir, listen, command, rust_log, extra).await
+    }
+
+    /// Runs `command` (the gateway binary, or a wrapper running it) with a config of `listen`
+    /// plus `extra`.
+    async fn spawn_command(
+        pki: &Pki,
+        dir: tempfile::TempDir,
+        data_dir: &Path,
+        listen: [SocketAddr; 3],
+        mut command: tokio::process::Command,
+        rust_log: &str,
+        extra: &str,
+    ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         let [tunnel, northbound, ops] = listen;
         let tls = pki.gateway_tls();
@@ -1031,10 +1083,6 @@ impl GatewayProcess {
         );
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, cfg + extra).expect("write gateway config");
-        let mut command = match ns {
-            Some(ns) => ns.command(binary("tether-gateway")),
-            None => tokio::process::Command::new(binary("tether-gateway")),
-        };
         let mut child = command
             .args(["serve", "--log-format", "json", "--config"])
             .arg(&path)
@@ -1091,6 +1139,23 @@ impl GatewayProcess {
     /// What it logged so far (JSON lines).
     pub fn logs(&self) -> String {
         self.logs.text()
+    }
+
+    /// A metric from its `/metrics`, summed over the series whose labels contain `label`
+    /// (`k="v"`, or empty for all).
+    pub fn metric(&self, name: &str, label: &str) -> f64 {
+        let (status, body) =
+            tether_runtime::ops::probe(self.ops, "/metrics", Duration::from_secs(5))
+                .expect("scrape the gateway's /metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let series = l.split(' ').next().unwrap_or("");
+                series.split('{').next() == Some(name) && series.contains(label)
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
     }
 
     /// A northbound channel with `files`.

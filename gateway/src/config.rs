@@ -40,6 +40,11 @@
 //! max_control_message = 65536 # a frame on an agent's control stream
 //! northbound_handshake_timeout = "10s" # a northbound TLS handshake
 //! northbound_idle_timeout = "5m" # a northbound connection with no call open
+//! northbound_unauthenticated_timeout = "10s" # a northbound connection with no caller
+//!                             # authenticated on it yet
+//! northbound_connections = 4096 # northbound connections open at once, in total
+//! northbound_connections_per_address = 256 # ...and from one source address
+//! sessions_per_agent = 8      # tunnel connections of one agent identity, all its instances
 //! handshakes_per_second = 50  # new tunnel handshakes per source address (token bucket)
 //! handshake_burst = 100
 //! retry_above = 1000          # gateway-wide QUIC handshakes/s above which QUIC Retry
@@ -114,6 +119,10 @@ pub const KEYS: Keys = &[
     "limits.retry_above",
     "limits.pending_tokens_per_agent",
     "limits.token_creations_per_minute",
+    "limits.sessions_per_agent",
+    "limits.northbound_connections",
+    "limits.northbound_connections_per_address",
+    "limits.northbound_unauthenticated_timeout",
     "auth.callers",
     "auth.jwks_file",
     "auth.jwks_url",
@@ -481,6 +490,23 @@ pub struct LimitsConfig {
     /// `CreateToken` calls per minute per caller (a token bucket with a burst as large);
     /// beyond it RESOURCE_EXHAUSTED.
     pub token_creations_per_minute: u32,
+    /// Tunnel connections one agent identity may hold on this gateway, all its instances and
+    /// transports together, counted from the TLS handshake to the connection's end; beyond it
+    /// a connection is closed with `TOO_MANY_SESSIONS`. Leaves room for make-before-break: each
+    /// instance briefly holds one more session per gateway address while it moves.
+    pub sessions_per_agent: u32,
+    /// Northbound connections open at once; beyond it a new one is closed at once, before TLS.
+    /// Keep it below the process's open-file limit, leaving room for agents on the TCP
+    /// fallback.
+    pub northbound_connections: u32,
+    /// Northbound connections open at once from one source IP address.
+    pub northbound_connections_per_address: u32,
+    /// A northbound connection on which no call has passed authentication this long after its
+    /// TLS handshake is closed. With bearer tokens on, TLS lets anyone in without a
+    /// certificate: this bounds how long they hold a connection, where
+    /// `northbound_idle_timeout` is for callers the gateway knows.
+    #[serde(with = "humantime_serde")]
+    pub northbound_unauthenticated_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -498,6 +524,10 @@ impl Default for LimitsConfig {
             retry_above: 1000,
             pending_tokens_per_agent: 16,
             token_creations_per_minute: 60,
+            sessions_per_agent: 8,
+            northbound_connections: 4096,
+            northbound_connections_per_address: 256,
+            northbound_unauthenticated_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -550,6 +580,21 @@ impl LimitsConfig {
             self.token_creations_per_minute.into(),
             1,
         )?;
+        at_least(
+            "limits.sessions_per_agent",
+            self.sessions_per_agent.into(),
+            1,
+        )?;
+        at_least(
+            "limits.northbound_connections",
+            self.northbound_connections.into(),
+            1,
+        )?;
+        at_least(
+            "limits.northbound_connections_per_address",
+            self.northbound_connections_per_address.into(),
+            1,
+        )?;
         for (key, d) in [
             (
                 "limits.northbound_handshake_timeout",
@@ -558,6 +603,10 @@ impl LimitsConfig {
             (
                 "limits.northbound_idle_timeout",
                 self.northbound_idle_timeout,
+            ),
+            (
+                "limits.northbound_unauthenticated_timeout",
+                self.northbound_unauthenticated_timeout,
             ),
         ] {
             if d < Duration::from_millis(100) {
@@ -1151,6 +1200,19 @@ mod tests {
             (
                 "token_creations_per_minute = 0",
                 "limits.token_creations_per_minute",
+            ),
+            ("sessions_per_agent = 0", "limits.sessions_per_agent"),
+            (
+                "northbound_connections = 0",
+                "limits.northbound_connections",
+            ),
+            (
+                "northbound_connections_per_address = 0",
+                "limits.northbound_connections_per_address",
+            ),
+            (
+                "northbound_unauthenticated_timeout = \"10ms\"",
+                "limits.northbound_unauthenticated_timeout",
             ),
         ] {
             let cfg: GatewayConfig = toml::from_str(&format!("{base}{limits}\n")).unwrap();

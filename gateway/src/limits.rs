@@ -4,6 +4,9 @@
 //!   bounded map), and the gateway-wide handshake rate above which QUIC answers unvalidated
 //!   addresses with a stateless Retry. Decided before any cryptography.
 //! - [`AgentStreams`]: relayed calls and TCP streams in flight per agent.
+//! - [`AgentSessions`]: tunnel connections per agent identity.
+//! - [`Connections`]: northbound connections, in total and per source address.
+//! - [`raise_open_files_limit`]: the process's file-descriptor limit, raised to what it may.
 //!
 //! Every refusal is counted in `tether_gateway_limit_rejections_total{limit}`; every connection
 //! closed for idling in `tether_gateway_idle_timeouts_total{where}`.
@@ -197,54 +200,60 @@ impl Drop for HandshakeSlot {
     }
 }
 
-// === AgentStreams ===
+// === Per agent ===
 
-/// Streams in flight per agent, capped at `limits.streams_per_agent`.
+type PerAgentCounts = Arc<Mutex<HashMap<AgentId, u32>>>;
+
+/// Something counted per agent, capped at `max`; the map holds only agents with a count.
 #[derive(Debug)]
-pub struct AgentStreams {
+struct PerAgent {
     max: u32,
-    open: Arc<Mutex<HashMap<AgentId, u32>>>,
+    /// The `limit` label of refusals.
+    limit: &'static str,
+    open: PerAgentCounts,
 }
 
-/// One stream counted against its agent; released when dropped.
+/// One thing counted against its agent; released when dropped.
 #[derive(Debug)]
-pub struct StreamPermit {
+pub struct AgentPermit {
     agent: AgentId,
-    open: Arc<Mutex<HashMap<AgentId, u32>>>,
+    open: PerAgentCounts,
 }
 
-impl AgentStreams {
-    /// At most `max` streams per agent.
-    pub fn new(max: u32) -> AgentStreams {
-        AgentStreams {
+/// One stream counted against its agent.
+pub type StreamPermit = AgentPermit;
+
+/// One tunnel connection counted against its agent.
+pub type SessionPermit = AgentPermit;
+
+impl PerAgent {
+    fn new(limit: &'static str, max: u32) -> PerAgent {
+        PerAgent {
             max,
+            limit,
             open: Arc::default(),
         }
     }
 
-    /// A permit for one more stream to `agent`, or `None` (counted) when it has `max` already.
-    pub fn acquire(&self, agent: &AgentId) -> Option<StreamPermit> {
+    /// A permit, or (counted as a refusal) how many `agent` holds already.
+    fn acquire(&self, agent: &AgentId) -> Result<AgentPermit, u32> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(agent.clone()).or_default();
         if *n >= self.max {
+            let held = *n;
             drop(open);
-            count_rejection("streams_per_agent");
-            return None;
+            count_rejection(self.limit);
+            return Err(held);
         }
         *n += 1;
-        Some(StreamPermit {
+        Ok(AgentPermit {
             agent: agent.clone(),
             open: self.open.clone(),
         })
     }
-
-    /// The cap.
-    pub fn max(&self) -> u32 {
-        self.max
-    }
 }
 
-impl Drop for StreamPermit {
+impl Drop for AgentPermit {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = open.get_mut(&self.agent) {
@@ -381,6 +390,151 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Share<K> {
     }
 }
 
+// === AgentStreams ===
+
+/// Streams in flight per agent, capped at `limits.streams_per_agent`.
+#[derive(Debug)]
+pub struct AgentStreams(PerAgent);
+
+impl AgentStreams {
+    /// At most `max` streams per agent.
+    pub fn new(max: u32) -> AgentStreams {
+        AgentStreams(PerAgent::new("streams_per_agent", max))
+    }
+
+    /// A permit for one more stream to `agent`, or `None` (counted) when it has `max` already.
+    pub fn acquire(&self, agent: &AgentId) -> Option<StreamPermit> {
+        self.0.acquire(agent).ok()
+    }
+
+    /// The cap.
+    pub fn max(&self) -> u32 {
+        self.0.max
+    }
+}
+
+// === AgentSessions ===
+
+/// Tunnel connections per agent identity (every instance, QUIC and TCP), capped at
+/// `limits.sessions_per_agent`. Counted from the moment the TLS handshake names the agent, so
+/// a connection that never sends `Hello` counts too: an agent certificate cannot make the
+/// gateway hold more connections than this, whatever they carry.
+#[derive(Debug)]
+pub struct AgentSessions(PerAgent);
+
+impl AgentSessions {
+    /// At most `max` connections per agent.
+    pub fn new(max: u32) -> AgentSessions {
+        AgentSessions(PerAgent::new("sessions_per_agent", max))
+    }
+
+    /// A permit for one more connection of `agent`, held for the connection's life; or
+    /// (counted) how many it holds already.
+    pub fn acquire(&self, agent: &AgentId) -> Result<SessionPermit, u32> {
+        self.0.acquire(agent)
+    }
+
+    /// The cap.
+    pub fn max(&self) -> u32 {
+        self.0.max
+    }
+}
+
+// === Northbound connections ===
+
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: u32,
+    /// Entries leave at zero: the map never holds more addresses than open connections.
+    per_address: HashMap<IpAddr, u32>,
+}
+
+/// Northbound connections open at once, capped in total (`limits.northbound_connections`) and
+/// per source address (`limits.northbound_connections_per_address`). Checked as a connection
+/// is accepted, before TLS: a refused one costs a file descriptor for an instant.
+#[derive(Debug)]
+pub struct Connections {
+    total: u32,
+    per_address: u32,
+    counts: Mutex<ConnectionCounts>,
+}
+
+/// One open northbound connection; released when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    /// From `[limits]`.
+    pub fn new(total: u32, per_address: u32) -> Arc<Connections> {
+        Arc::new(Connections {
+            total,
+            per_address,
+            counts: Mutex::default(),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or the limit it would exceed (counted as a refusal):
+    /// `northbound_connections_per_address` or `northbound_connections`.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, &'static str> {
+        let mut c = self.lock();
+        let limit = if c.per_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
+            "northbound_connections_per_address"
+        } else if c.total >= self.total {
+            "northbound_connections"
+        } else {
+            c.total += 1;
+            *c.per_address.entry(ip).or_default() += 1;
+            return Ok(ConnectionSlot {
+                connections: self.clone(),
+                ip,
+            });
+        };
+        drop(c);
+        count_rejection(limit);
+        Err(limit)
+    }
+
+    /// Connections open now.
+    pub fn open_now(&self) -> u32 {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.connections.lock();
+        c.total -= 1;
+        if let Some(n) = c.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+// === File descriptors ===
+
+/// Raises the soft limit on open files to the hard limit (Linux starts most processes at a
+/// soft 1,024 whatever the hard limit allows) and returns the limit now in force. Every
+/// connection on every listener costs one: with too few, `northbound_connections` cannot be
+/// reached before the process runs out and agents on the TCP fallback are shut out.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +605,38 @@ mod tests {
         drop(held);
         assert!(a.begin_handshake(ip, 3).is_some());
         assert!(a.lock().in_progress.is_empty(), "entries leave at zero");
+    }
+
+    #[test]
+    fn agent_sessions_are_capped_per_identity_and_released() {
+        let s = AgentSessions::new(2);
+        let a: AgentId = "t/a".parse().unwrap();
+        let b: AgentId = "t/b".parse().unwrap();
+        let p1 = s.acquire(&a).unwrap();
+        let _p2 = s.acquire(&a).unwrap();
+        assert_eq!(s.acquire(&a).unwrap_err(), 2);
+        let _q = s.acquire(&b).unwrap();
+        drop(p1);
+        assert!(s.acquire(&a).is_ok());
+    }
+
+    #[test]
+    fn northbound_connections_are_capped_per_address_then_in_total() {
+        let c = Connections::new(3, 2);
+        let (x, y, z): (IpAddr, IpAddr, IpAddr) = (
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            [10, 0, 0, 3].into(),
+        );
+        let x1 = c.open(x).unwrap();
+        let _x2 = c.open(x).unwrap();
+        assert_eq!(c.open(x).unwrap_err(), "northbound_connections_per_address");
+        let _y1 = c.open(y).unwrap();
+        assert_eq!(c.open(z).unwrap_err(), "northbound_connections");
+        drop(x1);
+        assert_eq!(c.open_now(), 2);
+        let _z1 = c.open(z).unwrap();
+        assert_eq!(c.lock().per_address.len(), 3);
     }
 
     #[test]

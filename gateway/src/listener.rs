@@ -7,7 +7,14 @@
 //! still run unchanged, as tonic `Routes`.
 //!
 //! Each request carries the caller's certificate chain as a [`PeerCerts`] extension; who the
-//! caller is and what it may do is decided above this layer (`auth`).
+//! caller is and what it may do is decided above this layer (`auth`), which tells the
+//! connection through [`MarkAuthenticated`] when a call got past it.
+//!
+//! What one caller can hold: connections are counted from `accept` (`Connections`: in total
+//! and per source address, refused at once beyond either); TLS must finish within
+//! `handshake_timeout`; a connection on which no call got past authentication within
+//! `unauthenticated_timeout` of its handshake is closed (with bearer tokens on, anyone can
+//! finish TLS without a certificate); after that, `idle_timeout` without a call open.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,26 +25,35 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use tether_runtime::CancellationToken;
+use tether_runtime::accept::Acceptor;
+use tether_runtime::logging::LogThrottle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::limits::{count_idle_timeout, count_rejection};
+use crate::limits::{Connections, count_idle_timeout, count_rejection};
 pub use crate::live_connections::LiveConnections;
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
 
-/// How the listener bounds what one caller connection may hold (from `[limits]`).
+/// How the listener bounds what callers may hold (from `[limits]`).
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerLimits {
     /// Time allowed for a caller's TLS handshake.
     pub handshake_timeout: Duration,
     /// A connection with no call open for this long is closed (GOAWAY).
     pub idle_timeout: Duration,
+    /// A connection on which no call got past authentication this long after its TLS
+    /// handshake is closed (GOAWAY).
+    pub unauthenticated_timeout: Duration,
     /// Largest request header list answered normally; a larger one (up to twice this, which
     /// HTTP/2 enforces itself) gets RESOURCE_EXHAUSTED.
     pub max_header_list_size: u32,
+    /// Connections open at once; beyond it a new one is closed before TLS.
+    pub max_connections: u32,
+    /// Connections open at once from one source address.
+    pub max_connections_per_address: u32,
 }
 
 impl Default for ListenerLimits {
@@ -45,8 +61,54 @@ impl Default for ListenerLimits {
         ListenerLimits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            unauthenticated_timeout: Duration::from_secs(10),
             max_header_list_size: 16 << 10,
+            max_connections: 4096,
+            max_connections_per_address: 256,
         }
+    }
+}
+
+/// In every request's extensions: tells the request's connection that one of its calls got
+/// past authentication (see [`MarkAuthenticated`]).
+#[derive(Clone, Debug)]
+pub struct ConnectionAuth(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl ConnectionAuth {
+    fn mark(&self) {
+        if !*self.0.borrow() {
+            self.0
+                .send_if_modified(|authenticated| !std::mem::replace(authenticated, true));
+        }
+    }
+}
+
+/// Wraps the services behind authentication: a request that reaches it was authenticated, so
+/// its connection is no longer held to `unauthenticated_timeout`. (The listener sits below
+/// authentication and cannot tell a refusal from an answer by itself.)
+#[derive(Clone, Debug)]
+pub struct MarkAuthenticated<S>(pub S);
+
+impl<S, B> tower::Service<http::Request<B>> for MarkAuthenticated<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if let Some(auth) = req.extensions().get::<ConnectionAuth>() {
+            auth.mark();
+        }
+        self.0.call(req)
     }
 }
 
@@ -82,21 +144,36 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut listener = Acceptor::new(listener, "northbound").with_hint(
+        "out of file descriptors: raise the process's open-file limit (ulimit -n, systemd \
+         LimitNOFILE) or lower limits.northbound_connections",
+    );
+    let connections = Connections::new(limits.max_connections, limits.max_connections_per_address);
+    // Refusals are logged at most every 10 s: whoever is refused can retry at any rate.
+    let mut refusals = LogThrottle::new(Duration::from_secs(10));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "northbound accept failed");
-                    continue;
+            a = listener.accept() => a,
+        };
+        let slot = match connections.open(peer.ip()) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                if let Some(held_back) = refusals.allow(std::time::Instant::now()) {
+                    tracing::warn!(%peer, limit, open = connections.open_now(),
+                        refusals_since_last_warning = held_back,
+                        "refusing a northbound connection: limits.{limit} reached");
                 }
-            },
+                // Dropped unanswered, before TLS: the cheapest refusal there is.
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
         let live = live.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let stream =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -128,10 +205,13 @@ pub async fn serve<S, B>(
             };
             let (calls, mut calls_rx) = tokio::sync::watch::channel(0usize);
             let calls = Arc::new(calls);
+            let (authenticated, mut authenticated_rx) = tokio::sync::watch::channel(false);
+            let authenticated = ConnectionAuth(Arc::new(authenticated));
             let max_headers = limits.max_header_list_size;
             let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
                 let call = CallGuard::new(calls.clone());
                 req.extensions_mut().insert(certs.clone());
+                req.extensions_mut().insert(authenticated.clone());
                 let too_big = header_list_size(req.headers()) > max_headers as usize;
                 let service = service.clone();
                 async move {
@@ -173,11 +253,28 @@ pub async fn serve<S, B>(
                     }
                 }
             };
+            // Until a call gets past authentication; the idle timeout runs beside it.
+            let unauthenticated = async {
+                let authenticated = authenticated_rx.wait_for(|a| *a);
+                let timed_out = tokio::time::timeout(limits.unauthenticated_timeout, authenticated)
+                    .await
+                    .is_err();
+                if !timed_out {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "northbound connection ended");
                     }
+                }
+                _ = unauthenticated => {
+                    count_idle_timeout("northbound_unauthenticated");
+                    tracing::debug!(%peer, timeout = ?limits.unauthenticated_timeout,
+                        "closing a northbound connection on which no caller authenticated");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await;
                 }
                 _ = idle => {
                     count_idle_timeout("northbound_idle");

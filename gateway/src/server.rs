@@ -19,7 +19,7 @@ use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
 use crate::identity_db::IdentityDb;
 use crate::limits::Admission;
-use crate::listener::LiveConnections;
+use crate::listener::{LiveConnections, MarkAuthenticated};
 use crate::northbound::AgentsApi;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayService};
@@ -266,15 +266,19 @@ pub async fn start(
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    // Every request, the relay's included, is authenticated before it is routed.
+    // Every request, the relay's included, is authenticated before it is routed; one that
+    // gets through tells its connection so.
     let northbound = tokio::spawn(crate::listener::serve(
         nb_listener,
         tls,
-        Authenticated::new(auth, routes.prepare()),
+        Authenticated::new(auth, MarkAuthenticated(routes.prepare())),
         crate::listener::ListenerLimits {
             handshake_timeout: cfg.limits.northbound_handshake_timeout,
             idle_timeout: cfg.limits.northbound_idle_timeout,
+            unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,
             max_header_list_size: cfg.limits.max_header_list_size,
+            max_connections: cfg.limits.northbound_connections,
+            max_connections_per_address: cfg.limits.northbound_connections_per_address,
         },
         live_callers,
         close_sessions.clone(),

@@ -19,16 +19,21 @@ use std::time::{Duration, Instant};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use tether_runtime::CancellationToken;
+use tether_runtime::accept::Acceptor;
+use tether_runtime::logging::LogThrottle;
 use tether_runtime::stream::{FramedRecv, StreamError, send_msg};
 use tether_runtime::tls;
 use tether_runtime::transport::{H2Link, Link, RecvStream, SendStream};
-use tunnel_proto::message::{StreamHeader, StreamKind};
+use tunnel_proto::message::{Close, StreamHeader, StreamKind};
 use tunnel_proto::session::{GatewayEvent, GatewaySession, GatewaySessionConfig};
 use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::limits::{Admission, Admit, HandshakeSlot, count_idle_timeout, count_rejection};
+use crate::limits::{
+    Admission, Admit, AgentSessions, HandshakeSlot, SessionPermit, count_idle_timeout,
+    count_rejection,
+};
 use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
 use crate::revocation::{CertFacts, RevocationList};
 use crate::verifier::{AgentVerifier, count_refusal};
@@ -67,6 +72,21 @@ pub fn tls_config_with(
     Ok(Arc::new(tls))
 }
 
+/// What one agent stream may have in flight towards the gateway (QUIC's per-stream receive
+/// window): quinn's default, kept so a relayed response streams as fast as before (25 MB/s per
+/// call at 50 ms). A gateway-opened stream is read as its caller takes the data, and the
+/// control stream as it comes.
+pub const STREAM_WINDOW: u32 = 1_250_000;
+
+/// What one agent connection may have in flight towards the gateway across its streams
+/// (quinn's default is unbounded): six streams at full speed, 160 MiB/s at 50 ms.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+
+/// What the gateway keeps written but not yet acknowledged towards one agent connection
+/// (quinn's default is 10 MB): 80 MiB/s at 50 ms, beyond what a control plane sends one data
+/// plane, and the bound on what an agent that stops acknowledging can make it hold.
+pub const SEND_WINDOW: u64 = 4 << 20;
+
 /// Builds the QUIC server config on [`tls_config`].
 pub fn server_config(
     cfg: &GatewayConfig,
@@ -76,9 +96,19 @@ pub fn server_config(
         .map_err(|e| GatewayError::Tls(format!("QUIC TLS config: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // Agents open only the control stream; every other stream is gateway-opened.
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // Agents open exactly one stream, the control stream, and the gateway accepts exactly one:
+    // every other stream is gateway-opened. A second agent stream would be one the gateway
+    // never reads, buffering up to a stream window each for the connection's life (with 4
+    // allowed, 40 sessions of one certificate took the gateway from 22 to 185 MB). With 1,
+    // quinn refuses it at the transport (STREAM_LIMIT_ERROR).
+    transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Bounded windows (see the constants): per connection, what an agent can make the gateway
+    // buffer is at most CONNECTION_WINDOW received plus SEND_WINDOW unacknowledged, and
+    // `limits.sessions_per_agent` bounds the connections.
+    transport.stream_receive_window(STREAM_WINDOW.into());
+    transport.receive_window(CONNECTION_WINDOW.into());
+    transport.send_window(SEND_WINDOW);
     // Many mostly idle connections: no QUIC keep-alive (the session's heartbeats keep the
     // connection alive and QUIC's idle timer is only their backstop), and no unreliable
     // datagrams (the protocol uses none, and with them on a peer could make the gateway buffer
@@ -113,6 +143,11 @@ pub struct TunnelContext {
     pub side_doors: Vec<SideDoor>,
     /// Signs renewal requests made on sessions (`RenewRequest`); `None`: not offered.
     pub renewal: Option<Arc<crate::enrollment::Enrollment>>,
+    /// Connections per agent identity (`limits.sessions_per_agent`).
+    pub sessions: AgentSessions,
+    /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
+    /// retries as fast as its handshake rate allows.
+    refusals: std::sync::Mutex<LogThrottle>,
     next_session: AtomicU64,
     instance: String,
 }
@@ -135,6 +170,8 @@ impl TunnelContext {
             revocations: Arc::default(),
             side_doors: Vec::new(),
             renewal: None,
+            sessions: AgentSessions::new(cfg.limits.sessions_per_agent),
+            refusals: std::sync::Mutex::new(LogThrottle::new(Duration::from_secs(10))),
             next_session: AtomicU64::new(1),
             instance,
         }
@@ -170,6 +207,35 @@ impl TunnelContext {
     fn next_session_id(&self) -> String {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", self.instance)
+    }
+
+    /// Counts a new connection of `agent`, or says (to log and to the agent) why it is
+    /// refused.
+    fn admit_session(
+        &self,
+        agent: &tunnel_proto::AgentId,
+        remote: SocketAddr,
+    ) -> Result<SessionPermit, String> {
+        let held = match self.sessions.acquire(agent) {
+            Ok(permit) => return Ok(permit),
+            Err(held) => held,
+        };
+        let throttled = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(Instant::now());
+        if let Some(held_back) = throttled {
+            tracing::warn!(%agent, %remote, held, limit = self.sessions.max(),
+                refusals_since_last_warning = held_back,
+                "refusing a tunnel connection: the agent holds limits.sessions_per_agent already");
+        }
+        Err(format!(
+            "agent {agent} is at limits.sessions_per_agent on this gateway (connections open: \
+             {held}): if they are not all its own instances, another \
+             process holds its certificate (revoke it); otherwise wait for old sessions to end, \
+             run fewer instances, or raise limits.sessions_per_agent on the gateway"
+        ))
     }
 }
 
@@ -346,6 +412,13 @@ async fn handle_connection(
             return Ok(());
         }
     };
+    let permit = match ctx.admit_session(&agent, remote) {
+        Ok(p) => p,
+        Err(why) => {
+            conn.close(ErrorCode::TOO_MANY_SESSIONS.0.into(), why.as_bytes());
+            return Ok(());
+        }
+    };
     let link = Link::Quic(conn);
     // Over QUIC the agent opens the control stream.
     let accept = tokio::time::timeout(ctx.session.handshake_timeout, link.accept()).await;
@@ -358,7 +431,7 @@ async fn handle_connection(
             return Ok(());
         }
     };
-    drive_session(link, send, recv, (agent, cert), remote, ctx).await;
+    drive_session(link, send, recv, (agent, cert), remote, ctx, permit).await;
     Ok(())
 }
 
@@ -372,18 +445,12 @@ pub async fn accept_tcp_loop(
     admission: Arc<Admission>,
     stop_accepting: CancellationToken,
 ) {
+    // Out of file descriptors: keep serving the connections we have, paced and quiet.
+    let mut listener = Acceptor::new(listener, "tunnel_tcp");
     loop {
         let (sock, remote) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving the ones we have.
-                    tracing::warn!(error = %e, "accepting a TCP tunnel connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            a = listener.accept() => a,
         };
         if admission.admit_tcp(remote.ip(), Instant::now()) != Admit::Accept {
             count_rejection("handshake_rate");
@@ -476,6 +543,7 @@ async fn handle_tcp(
     else {
         return;
     };
+    let admitted = ctx.admit_session(&peer.0, remote);
     let link = match H2Link::client(tls, remote).await {
         Ok(l) => l,
         Err(e) => {
@@ -484,14 +552,34 @@ async fn handle_tcp(
         }
     };
     // Over HTTP/2 the gateway opens the control stream (the agent is the HTTP/2 server).
-    let (send, recv) = match link.open().await {
+    let (mut send, recv) = match link.open().await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%remote, error = %e, "opening the control stream failed");
             return;
         }
     };
-    drive_session(link, send, recv, peer, remote, ctx).await;
+    let permit = match admitted {
+        Ok(p) => p,
+        Err(why) => {
+            // No CONNECTION_CLOSE over TCP: the refusal travels as the session's Close frame.
+            let code = ErrorCode::TOO_MANY_SESSIONS;
+            let close = Message::Close(Close {
+                code: code.0,
+                reason: why.clone(),
+            });
+            let refuse = async {
+                if send_msg(&mut send, &close).await.is_ok() {
+                    let _ = send.finish();
+                }
+                link.close(code, why.as_bytes());
+                link.linger().await;
+            };
+            let _ = tokio::time::timeout(ctx.session.handshake_timeout, refuse).await;
+            return;
+        }
+    };
+    drive_session(link, send, recv, peer, remote, ctx, permit).await;
 }
 
 fn peer_agent(conn: &quinn::Connection) -> Option<(tunnel_proto::AgentId, CertFacts)> {
@@ -512,6 +600,8 @@ fn agent_of(
     }
 }
 
+/// Runs one session until its connection ends; `_permit` counts the connection against its
+/// agent until then.
 async fn drive_session(
     link: Link,
     mut send: SendStream,
@@ -519,6 +609,7 @@ async fn drive_session(
     (agent, cert): (tunnel_proto::AgentId, CertFacts),
     remote: SocketAddr,
     ctx: Arc<TunnelContext>,
+    _permit: SessionPermit,
 ) {
     let mut cfg = ctx.session.clone();
     cfg.session_id = ctx.next_session_id();

@@ -1,10 +1,12 @@
 //! IO-side pieces shared by the gateway and the agent (they never import each other).
 //!
 //! # Layout
+//! - [`accept`]: taking TCP connections without spinning when the process is out of file
+//!   descriptors;
 //! - [`config`]: one merge point for TOML file, `TETHER_*` environment and `--set` flags, with
 //!   errors that name the key; exit code [`config::EXIT_CONFIG`] (64) for bad config;
 //! - [`grpc`]: metadata and `grpc-timeout` handling for the relay;
-//! - [`logging`]: `tracing` subscriber, text or JSON;
+//! - [`logging`]: `tracing` subscriber, text or JSON, and a throttle for repeated lines;
 //! - [`ops`]: the ops HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`tls`]: loading PEM material and reading SPIFFE identities out of certificates;
 //! - [`shutdown`]: the one shutdown signal every task listens to;
@@ -12,6 +14,7 @@
 //! - [`stream`]: framed reads and writes on one tunnel stream.
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod config;
 pub mod grpc;
 pub mod logging;

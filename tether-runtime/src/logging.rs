@@ -1,4 +1,7 @@
-//! The `tracing` subscriber: human text or JSON lines, filtered by `RUST_LOG` or a level.
+//! The `tracing` subscriber: human text or JSON lines, filtered by `RUST_LOG` or a level; and
+//! [`LogThrottle`], for lines a peer could make the process write as fast as it likes.
+
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
@@ -57,4 +60,57 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Lets one log line through per interval and counts the ones held back, for events a peer
+/// or a failing resource can repeat at any rate (a refusal per connection, an `accept` that
+/// keeps failing): the log says it happened and how often, and cannot fill a disk.
+#[derive(Debug)]
+pub struct LogThrottle {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogThrottle {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(n)`: write the line now, saying that `n` were held back since the previous one;
+    /// `None`: hold this one back.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_interval_and_the_count_of_the_rest() {
+        let mut t = LogThrottle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.allow(t0), Some(0));
+        for s in 1..10 {
+            assert_eq!(t.allow(t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(t.allow(t0 + Duration::from_secs(10)), Some(9));
+        assert_eq!(t.allow(t0 + Duration::from_secs(11)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(30)), Some(1));
+    }
 }

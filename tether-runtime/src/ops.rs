@@ -14,6 +14,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::Acceptor;
+
 /// The answer `/readyz` gives.
 #[derive(Clone, Debug)]
 pub struct Readiness {
@@ -68,16 +70,11 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Serves the ops endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, readiness: ReadinessFn, shutdown: CancellationToken) {
     let handle = metrics_handle();
+    let mut listener = Acceptor::new(listener, "ops");
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ops listener accept failed");
-                    continue;
-                }
-            },
+            a = listener.accept() => a,
         };
         let handle = handle.clone();
         let readiness = readiness.clone();

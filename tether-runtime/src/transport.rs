@@ -558,3 +558,75 @@ impl H2Recv {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// Reads frames from the gateway's end until a GOAWAY; its error code (`None` if the
+    /// connection ended without one).
+    async fn goaway_code(io: &mut DuplexStream) -> Option<u32> {
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.ok()?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.ok()?;
+            if head[3] == 0x7 {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().ok()?));
+            }
+        }
+    }
+
+    /// An HTTP/2 "agent" that speaks raw frames: takes the gateway's preface, sends its own
+    /// SETTINGS, then `misbehave`.
+    async fn hostile_agent(misbehave: Vec<u8>) -> (Link, DuplexStream) {
+        let (gateway_io, mut agent_io) = tokio::io::duplex(1 << 20);
+        let link = tokio::spawn(H2Link::client(gateway_io, ([127, 0, 0, 1], 1).into()));
+        let mut preface = vec![0u8; PREFACE.len()];
+        agent_io.read_exact(&mut preface).await.unwrap();
+        assert_eq!(preface, PREFACE);
+        agent_io.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+        agent_io.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+        let link = link.await.unwrap().expect("HTTP/2 handshake");
+        agent_io.write_all(&misbehave).await.unwrap();
+        (link, agent_io)
+    }
+
+    #[tokio::test]
+    async fn the_agent_end_of_a_tcp_tunnel_can_neither_push_nor_open_streams() {
+        // :method GET, :scheme https, :path /, :authority localhost (HPACK).
+        let mut request = vec![0x82, 0x87, 0x84, 0x41, 9];
+        request.extend(b"localhost");
+
+        // A PUSH_PROMISE on a stream the gateway opened.
+        let mut promise = 2u32.to_be_bytes().to_vec();
+        promise.extend(&request);
+        let (link, mut io) = hostile_agent(Vec::new()).await;
+        let (_send, _recv) = link.open().await.expect("gateway opens a stream");
+        io.write_all(&frame(0x5, 0x4, 1, &promise)).await.unwrap();
+        assert_eq!(goaway_code(&mut io).await, Some(0x1), "PROTOCOL_ERROR");
+        let why = tokio::time::timeout(Duration::from_secs(10), link.closed())
+            .await
+            .expect("the connection ends");
+        assert!(why.contains("HTTP/2"), "{why}");
+
+        // HEADERS opening a stream of its own (stream 2: server-initiated).
+        let (link, mut io) = hostile_agent(frame(0x1, 0x4 | 0x1, 2, &request)).await;
+        assert_eq!(goaway_code(&mut io).await, Some(0x1), "PROTOCOL_ERROR");
+        tokio::time::timeout(Duration::from_secs(10), link.closed())
+            .await
+            .expect("the connection ends");
+    }
+}

@@ -93,6 +93,9 @@ impl ErrorCode {
     pub const UNAUTHENTICATED: ErrorCode = ErrorCode(11);
     /// The end-to-end probe failed: the connection looks alive but streams do not work.
     pub const UNRESPONSIVE: ErrorCode = ErrorCode(12);
+    /// The agent already holds as many sessions as the gateway allows one agent; retrying helps
+    /// once one of them ends.
+    pub const TOO_MANY_SESSIONS: ErrorCode = ErrorCode(13);
 
     /// A stable lower-case name, for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -110,6 +113,7 @@ impl ErrorCode {
             10 => "cancelled",
             11 => "unauthenticated",
             12 => "unresponsive",
+            13 => "too_many_sessions",
             _ => "unknown",
         }
     }

@@ -824,11 +824,10 @@ async fn forward(
     println!("forwarding {local} -> {agent} service {service}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
+    // Out of file descriptors, it waits for one to be freed instead of exiting or spinning.
+    let mut listener = tether_runtime::accept::Acceptor::new(listener, "forward");
     loop {
-        let (tcp, peer) = listener
-            .accept()
-            .await
-            .map_err(|e| format!("accept: {e}"))?;
+        let (tcp, peer) = listener.accept().await;
         let (channel, agent, service) = (channel.clone(), agent.to_owned(), service.to_owned());
         tokio::spawn(async move {
             if let Err(e) = carry(channel, &agent, &service, tcp).await {
