@@ -86,9 +86,101 @@ fn tighten(path: &Path, wanted: u32, found: Found) -> std::io::Result<()> {
     Ok(())
 }
 
+// === One gateway per data_dir ===
+
+/// The lock file in `data_dir`.
+pub const LOCK_FILE: &str = "gateway.lock";
+
+/// Holds `data_dir` for this process (an exclusive `flock` on [`LOCK_FILE`], released when
+/// dropped or when the process dies, however it dies).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Why `data_dir` could not be taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Another gateway process holds it.
+    #[error(
+        "data_dir {dir} is in use by another tether-gateway process{pid}: two gateways cannot \
+         share an embedded store (data_dir) — stop the other one, give this one its own \
+         data_dir, or run replicas on PostgreSQL (store.dsn)"
+    )]
+    InUse {
+        /// The directory.
+        dir: String,
+        /// `" (pid N)"` when the holder wrote it.
+        pid: String,
+    },
+    /// The lock file could not be opened.
+    #[error("data_dir {dir}: cannot open {LOCK_FILE}: {source}")]
+    Io {
+        /// The directory.
+        dir: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Takes `dir` for this process, or says which process has it. The kernel releases the lock
+/// when the holder exits, `kill -9` included: a stale lock file never blocks a start.
+pub fn lock(dir: &Path) -> Result<DirLock, LockError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let shown = dir.display().to_string();
+    let io = |source| LockError::Io {
+        dir: shown.clone(),
+        source,
+    };
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(&path)
+        .map_err(io)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut held) => {
+            held.set_len(0).map_err(io)?;
+            held.rewind().map_err(io)?;
+            writeln!(held, "{}", std::process::id()).map_err(io)?;
+            Ok(DirLock { _file: held })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut s = String::new();
+            let _ = file.read_to_string(&mut s);
+            let pid = s
+                .trim()
+                .parse::<u32>()
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default();
+            Err(LockError::InUse { dir: shown, pid })
+        }
+        Err((_, e)) => Err(io(std::io::Error::from(e))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_is_held_by_one_holder_at_a_time_and_the_refusal_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        let e = lock(dir.path()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("(pid {})", std::process::id())) && msg.contains("store.dsn"),
+            "{msg}"
+        );
+        drop(held);
+        lock(dir.path()).expect("free again once the holder let go");
+    }
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o7777

@@ -28,6 +28,9 @@ pub enum GatewayError {
     /// The identity store (revocations, enrollment tokens) could not be opened.
     #[error("identity store: {0}")]
     IdentityStore(String),
+    /// `data_dir` is held by another gateway process.
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::LockError),
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),

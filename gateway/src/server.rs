@@ -151,6 +151,8 @@ pub async fn start(
     crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
     crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
         .map_err(io(format!("data_dir {}", data_dir.display())))?;
+    // One gateway per data_dir: a second one would find the stores locked, or worse.
+    let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
     // Revocations and enrollment tokens, beside the command store.
     let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
         GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
@@ -310,6 +312,8 @@ pub async fn start(
     let drain_registry = registry.clone();
     let drain_timeout = cfg.tunnel.drain_timeout;
     let task = tokio::spawn(async move {
+        // data_dir stays this process's until the gateway has stopped.
+        let _dir_lock = dir_lock;
         shutdown.cancelled().await;
         stop_accepting.cancel();
         drain(&drain_registry, drain_timeout).await;

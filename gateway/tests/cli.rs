@@ -231,3 +231,63 @@ fn pki_issues_agent_and_client_certificates_with_private_keys_0600() {
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("tenant"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_refuses_to_start_naming_the_first() {
+    use std::io::BufRead as _;
+    let d = pki_dir();
+    let p = config(
+        d.path(),
+        "[tunnel]\nlisten = \"127.0.0.1:0\"\n[northbound]\nlisten = \"127.0.0.1:0\"\n[ops]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut first = Command::new(env!("CARGO_BIN_EXE_tether-gateway"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--config",
+            p.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("gateway listening"));
+    assert!(listening, "the first gateway did not start");
+    let second = gw(&["serve", "--config", p.to_str().unwrap()], &[]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!second.status.success());
+    let e = stderr(&second);
+    assert!(
+        e.contains("in use by another tether-gateway process")
+            && e.contains(&format!("pid {}", first.id()))
+            && e.contains("store.dsn"),
+        "{e}"
+    );
+    // The first is gone (killed, no clean-up): the directory is free again.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_tether-gateway"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--config",
+            p.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::io::BufReader::new(again.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("gateway listening"));
+    let _ = again.kill();
+    let _ = again.wait();
+    assert!(
+        started,
+        "a data_dir left by a killed gateway must not block the next"
+    );
+}
