@@ -12,6 +12,12 @@
 //! to `state_dir/commands.jsonl` when the agent has a state directory, before the result is
 //! reported); a redelivered id that completed is answered from the record, one still running is
 //! attached to instead of started again.
+//!
+//! What goes back stays within the protocol's caps: progress lines are cut to
+//! [`COMMAND_PROGRESS_LINE_MAX`] bytes and result messages to [`COMMAND_MESSAGE_MAX`] (with a
+//! marker saying how much was cut), and an output above the limit the gateway states in the
+//! delivery's header (`tether-max-output`, its `commands.max_output`) is reported as a failure
+//! instead of being sent.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use tether_runtime::stream::{FramedRecv, send_data, send_msg};
 use tether_runtime::transport::SendStream;
 use tokio::sync::{broadcast, watch};
-use tunnel_proto::message::{CommandAck, CommandProgress, CommandResult, StreamHeader};
+use tunnel_proto::message::{
+    COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck, CommandProgress, CommandResult,
+    StreamHeader, truncate_text,
+};
 use tunnel_proto::{ErrorCode, Message};
 
 use crate::error::AgentError;
@@ -39,6 +48,8 @@ const MAX_PAYLOAD: usize = 64 << 20;
 const INLINE_OUTPUT: usize = 32 << 10;
 /// The state file inside `state_dir`.
 const STATE_FILE: &str = "commands.jsonl";
+/// The delivery header's metadata key carrying the gateway's output limit, in bytes.
+const MAX_OUTPUT_HEADER: &str = "tether-max-output";
 
 /// What a handler returns: its output, or an error message.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
@@ -71,9 +82,12 @@ impl ProgressSink {
         (ProgressSink(tx), rx)
     }
 
-    /// Reports one progress line.
+    /// Reports one progress line; a line above [`COMMAND_PROGRESS_LINE_MAX`] bytes is cut, with
+    /// a marker saying how much.
     pub fn report(&self, message: impl Into<String>) {
-        let _ = self.0.send(message.into());
+        let mut line = message.into();
+        truncate_text(&mut line, COMMAND_PROGRESS_LINE_MAX);
+        let _ = self.0.send(line);
     }
 }
 
@@ -333,6 +347,12 @@ impl Executor {
     ) {
         let id = header.id.clone();
         let kind = header.service.clone();
+        // A gateway that does not say has its own limit, and refuses what is above it.
+        let max_output = header
+            .metadata
+            .iter()
+            .find(|m| m.key == MAX_OUTPUT_HEADER)
+            .and_then(|m| std::str::from_utf8(&m.value).ok()?.parse::<usize>().ok());
         // The payload: Data frames up to FIN.
         let mut payload = Vec::new();
         loop {
@@ -408,7 +428,18 @@ impl Executor {
             output: Vec::new(),
             message: outcome.msg,
         };
-        if outcome.out.len() <= INLINE_OUTPUT {
+        // Outcomes recorded by an older agent may carry longer messages.
+        truncate_text(&mut result.message, COMMAND_MESSAGE_MAX);
+        if let Some(max) = max_output
+            && outcome.out.len() > max
+        {
+            tracing::warn!(command = %id, bytes = outcome.out.len(), limit = max, "command output is above the gateway's limit: reported as a failure");
+            result.succeeded = false;
+            result.message = format!(
+                "the handler's output is {} bytes, above the gateway's limit of {max} bytes (commands.max_output)",
+                outcome.out.len()
+            );
+        } else if outcome.out.len() <= INLINE_OUTPUT {
             result.output = outcome.out;
         } else if send_data(&mut send, Bytes::from(outcome.out))
             .await
@@ -486,6 +517,8 @@ impl Executor {
             } else {
                 tracing::warn!(command = %id, %kind, reason = %msg, "command failed");
             }
+            let mut msg = msg;
+            truncate_text(&mut msg, COMMAND_MESSAGE_MAX);
             let o = Outcome {
                 id: id.clone(),
                 ok,
