@@ -69,8 +69,8 @@ const NAME_MAX: usize = 256;
 const KEY_MAX: usize = 1024;
 /// Finished commands deleted per store transaction, so retention never holds the writer long.
 const PRUNE_BATCH: usize = 1000;
-/// Longest wait between two retention passes.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait between two retention passes (a pass with nothing to delete is one read).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Default and largest `List` page.
 const PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -1336,3 +1336,86 @@ impl CommandsRpc for CommandsApi {
         Ok(Response::new(cancelled))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z ]{0,80}",
+            // Long lines, multi-byte characters across the cut.
+            "(é|x|\u{1F600}){0,4000}",
+            (0usize..200_000).prop_map(|n| "y".repeat(n)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever an agent sends, in whatever attempt, a command keeps at most PROGRESS_KEPT
+        /// lines of at most COMMAND_PROGRESS_LINE_MAX bytes and PROGRESS_BYTES_MAX together, and
+        /// they are the newest lines, in order, each the head of what was sent.
+        #[test]
+        fn progress_kept_is_the_newest_lines_within_every_cap(
+            attempts in proptest::collection::vec(proptest::collection::vec(line(), 0..60), 1..4),
+        ) {
+            let mut progress = Vec::new();
+            for lines in &attempts {
+                // A new attempt starts its progress anew (see `attempt`).
+                progress.clear();
+                for l in lines {
+                    push_progress(&mut progress, l.clone());
+                    prop_assert!(progress.len() <= PROGRESS_KEPT);
+                    prop_assert!(progress.iter().map(String::len).sum::<usize>() <= PROGRESS_BYTES_MAX);
+                    prop_assert!(progress.iter().all(|p| p.len() <= COMMAND_PROGRESS_LINE_MAX));
+                }
+                let sent = lines.len();
+                let kept = progress.len();
+                prop_assert!(kept <= sent);
+                prop_assert!(sent == 0 || kept >= 1, "the newest line is always kept");
+                for (k, s) in progress.iter().zip(&lines[sent - kept..]) {
+                    if s.len() <= COMMAND_PROGRESS_LINE_MAX {
+                        prop_assert_eq!(k, s);
+                    } else {
+                        let head = k.rsplit_once(" \u{2026} [+").map(|(h, _)| h).unwrap_or(k);
+                        prop_assert!(s.starts_with(head));
+                    }
+                }
+                // Only the byte budget may make it keep fewer than the last PROGRESS_KEPT.
+                if kept < sent.min(PROGRESS_KEPT) {
+                    let dropped = &lines[sent - kept - 1];
+                    let mut d = dropped.clone();
+                    truncate_text(&mut d, COMMAND_PROGRESS_LINE_MAX);
+                    let total: usize = progress.iter().map(String::len).sum();
+                    prop_assert!(total + d.len() > PROGRESS_BYTES_MAX);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_list_page_fits_its_byte_budget_and_carries_at_least_one_command() {
+        let big = |id: &str| Command {
+            id: id.into(),
+            progress: vec!["p".repeat(COMMAND_PROGRESS_LINE_MAX); PROGRESS_KEPT],
+            result: Some(v1::CommandResult {
+                output: vec![0; EVENT_OUTPUT_MAX],
+                message: "m".repeat(COMMAND_MESSAGE_MAX),
+            }),
+            ..Default::default()
+        };
+        let cmds: Vec<Command> = (0..1000).map(|i| big(&i.to_string())).collect();
+        let n = fit_page(&cmds);
+        let bytes: usize = cmds[..n]
+            .iter()
+            .map(|c| prost::Message::encoded_len(c) + 8)
+            .sum();
+        assert!(n >= 1 && n < 1000 && bytes <= LIST_PAGE_BYTES, "{n} {bytes}");
+        let huge = Command {
+            kind: "k".repeat(2 * LIST_PAGE_BYTES),
+            ..Default::default()
+        };
+        assert_eq!(fit_page(&[huge.clone(), huge]), 1);
+    }
+}
+
