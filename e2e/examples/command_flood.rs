@@ -108,7 +108,10 @@ fn main() -> anyhow::Result<()> {
             peak / 1024
         );
         println!("gateway CPU         {:.1} s", cpu1 - cpu0);
-        println!("commands.redb       {:.1} MiB", store as f64 / f64::from(1 << 20));
+        println!(
+            "commands.redb       {:.1} MiB",
+            store as f64 / f64::from(1 << 20)
+        );
         println!("largest progress    {kept_progress} bytes kept per command");
         println!(
             "result message      {} bytes",

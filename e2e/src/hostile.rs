@@ -29,8 +29,8 @@ pub struct Flood {
     pub output_bytes: usize,
     /// Bytes of the result's message.
     pub message_bytes: usize,
-    /// Abandon the first delivery of each command after its progress lines (reset the stream),
-    /// so the gateway redelivers it; the second delivery sends one line, `second attempt`.
+    /// End the first delivery of each command after its progress lines, without a result, so
+    /// the gateway redelivers it; the second delivery sends one line, `second attempt`.
     pub fail_first_attempt: bool,
 }
 
@@ -219,15 +219,22 @@ async fn answer(
         }
     }
     if flood.fail_first_attempt && !second {
+        // The stream ends without a result (a clean FIN, so the gateway reads every line
+        // first): a failed attempt, redelivered.
         answered.fetch_add(1, Ordering::SeqCst);
-        let _ = send.reset(quinn::VarInt::from_u32(0x10c));
+        let _ = send.finish();
+        let _ = send.stopped().await;
         return;
     }
     let output = Bytes::from(vec![b'o'; if second { 2 } else { flood.output_bytes }]);
     let mut out = output.clone();
     while !out.is_empty() {
         let chunk = out.split_to(out.len().min(MAX_DATA_FRAME));
-        if send.write_all(&Message::Data(chunk).to_bytes()).await.is_err() {
+        if send
+            .write_all(&Message::Data(chunk).to_bytes())
+            .await
+            .is_err()
+        {
             // The gateway stopped reading (an output above its limit): nothing more to say.
             answered.fetch_add(1, Ordering::SeqCst);
             return;

@@ -1410,7 +1410,10 @@ mod tests {
             .iter()
             .map(|c| prost::Message::encoded_len(c) + 8)
             .sum();
-        assert!(n >= 1 && n < 1000 && bytes <= LIST_PAGE_BYTES, "{n} {bytes}");
+        assert!(
+            n >= 1 && n < 1000 && bytes <= LIST_PAGE_BYTES,
+            "{n} {bytes}"
+        );
         let huge = Command {
             kind: "k".repeat(2 * LIST_PAGE_BYTES),
             ..Default::default()
@@ -1418,4 +1421,3 @@ mod tests {
         assert_eq!(fit_page(&[huge.clone(), huge]), 1);
     }
 }
-

@@ -266,7 +266,10 @@ fn the_caps_leave_a_line_readable() {
     let mut line = "x".repeat(128 << 10);
     truncate_text(&mut line, COMMAND_PROGRESS_LINE_MAX);
     assert!(line.len() <= COMMAND_PROGRESS_LINE_MAX);
-    assert!(line.ends_with(&format!(" \u{2026} [+{} bytes]", (128 << 10) - line.find(' ').unwrap())));
+    assert!(line.ends_with(&format!(
+        " \u{2026} [+{} bytes]",
+        (128 << 10) - line.find(' ').unwrap()
+    )));
     let mut short = "rollout 2/3".to_owned();
     truncate_text(&mut short, COMMAND_MESSAGE_MAX);
     assert_eq!(short, "rollout 2/3");

@@ -23,15 +23,15 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
 };
 use tether_api::v1::{Command, CommandState};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CommandStore, LIST_SCAN_BYTES, LIST_SCAN_RECORDS, ListFilter, ListPage, Retention,
-    StoreError, StoreFuture, SubmitOutcome,
+    CommandStore, LIST_SCAN_BYTES, LIST_SCAN_RECORDS, ListFilter, ListPage, Retention, StoreError,
+    StoreFuture, SubmitOutcome,
 };
 
 /// id → encoded `Command` (its payload inline when at most [`INLINE_PAYLOAD`] bytes, its output
@@ -972,7 +972,11 @@ mod tests {
         let mut steps = std::collections::HashSet::new();
         for i in 0..2000u64 {
             // The clock stands still for a while, then jumps back.
-            let now = if i < 1000 { 1_700_000_000_000 } else { 1_600_000_000_000 };
+            let now = if i < 1000 {
+                1_700_000_000_000
+            } else {
+                1_600_000_000_000
+            };
             let before = g;
             let id = g.next(now);
             assert!(id > last, "{id} after {last}");
@@ -1167,15 +1171,33 @@ mod tests {
         let tx = store.db.begin_read().unwrap();
         for id in &ids[..4] {
             assert!(store.get(id).unwrap().is_none());
-            assert!(tx.open_table(PAYLOADS).unwrap().get(id.as_str()).unwrap().is_none());
-            assert!(tx.open_table(OUTPUTS).unwrap().get(id.as_str()).unwrap().is_none());
+            assert!(
+                tx.open_table(PAYLOADS)
+                    .unwrap()
+                    .get(id.as_str())
+                    .unwrap()
+                    .is_none()
+            );
+            assert!(
+                tx.open_table(OUTPUTS)
+                    .unwrap()
+                    .get(id.as_str())
+                    .unwrap()
+                    .is_none()
+            );
         }
         assert_eq!(tx.open_table(FINISHED).unwrap().len().unwrap(), 2);
         assert_eq!(tx.open_table(BY_OWNER).unwrap().len().unwrap(), 6);
         drop(tx);
         let again = store.submit(cmd("t/a", "k0")).await.unwrap();
-        assert!(again.created, "a pruned command's idempotency key is free again");
+        assert!(
+            again.created,
+            "a pruned command's idempotency key is free again"
+        );
         let kept = store.submit(cmd("t/a", "k5")).await.unwrap();
-        assert_eq!((kept.created, kept.command.id.as_str()), (false, ids[5].as_str()));
+        assert_eq!(
+            (kept.created, kept.command.id.as_str()),
+            (false, ids[5].as_str())
+        );
     }
 }
