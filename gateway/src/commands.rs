@@ -200,9 +200,8 @@ struct State {
     lanes: HashMap<LaneKey, VecDeque<String>>,
     /// Active commands per state, for the gauge.
     depth: HashMap<i32, i64>,
-    /// Per agent: permits for concurrent deliveries (`commands.max_in_flight`), so command
-    /// streams never take all of an agent's stream credit from relayed calls.
-    in_flight: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Per agent: permits for concurrent deliveries and for buffering their outputs.
+    in_flight: HashMap<String, AgentPermits>,
     /// Per agent: commands not final (in `active`) plus Submits reserved but not yet stored,
     /// for `limits.pending_commands_per_agent`; kept as commands come and go, never counted.
     pending: HashMap<String, u32>,
@@ -293,6 +292,21 @@ pub fn push_progress(progress: &mut Vec<String>, mut line: String) {
     }
     progress.drain(..drop);
 }
+
+/// An agent's delivery permits.
+#[derive(Clone)]
+struct AgentPermits {
+    /// Concurrent deliveries (`commands.max_in_flight`), so command streams never take all of
+    /// an agent's stream credit from relayed calls.
+    deliveries: Arc<tokio::sync::Semaphore>,
+    /// Deliveries buffering an output sent in `Data` frames ([`OUTPUT_BUFFERS_PER_AGENT`]), so
+    /// one agent makes the gateway hold at most that many times `commands.max_output`.
+    outputs: Arc<tokio::sync::Semaphore>,
+}
+
+/// Deliveries of one agent that may buffer a large output (up to `commands.max_output`) at once;
+/// the others wait before reading theirs, and the agent's stream flow control holds it back.
+pub const OUTPUT_BUFFERS_PER_AGENT: usize = 4;
 
 /// A command as events carry it: no payload, no large output.
 fn for_event(cmd: &Command) -> Command {
@@ -746,7 +760,7 @@ impl Commands {
                 if st
                     .in_flight
                     .get(&lane.0)
-                    .is_some_and(|p| Arc::strong_count(p) == 1)
+                    .is_some_and(|p| Arc::strong_count(&p.deliveries) == 1)
                 {
                     st.in_flight.remove(&lane.0);
                 }
@@ -800,17 +814,20 @@ impl Commands {
             let mut st = self.lock();
             st.in_flight
                 .entry(agent.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
+                .or_insert_with(|| AgentPermits {
+                    deliveries: Arc::new(tokio::sync::Semaphore::new(max)),
+                    outputs: Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUFFERS_PER_AGENT)),
+                })
                 .clone()
         };
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            let Ok(permit) = permits.deliveries.clone().acquire_owned().await else {
                 return;
             };
             let Some(session) = self.wait_session(&agent_id, id).await else {
                 return;
             };
-            let reason = match self.attempt(&session, id).await {
+            let reason = match self.attempt(&session, id, &permits.outputs).await {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
@@ -872,7 +889,12 @@ impl Commands {
 
     /// One delivery: `Ok` when the command reached a final state, `Err(reason)` when the stream
     /// failed before the result.
-    async fn attempt(&self, session: &SessionInfo, id: &str) -> Result<(), String> {
+    async fn attempt(
+        &self,
+        session: &SessionInfo,
+        id: &str,
+        outputs: &Arc<tokio::sync::Semaphore>,
+    ) -> Result<(), String> {
         // The stream first: waiting for stream credit (the agent's stream limit) is not a
         // failed attempt, and Cancel stays possible meanwhile.
         let (mut send, recv) = match session.link.open().await {
@@ -963,6 +985,7 @@ impl Commands {
 
         let mut framed = FramedRecv::relay(recv);
         let mut output = Vec::new();
+        let mut buffering = None;
         loop {
             let msg = match framed.next().await {
                 Ok(Some(m)) => m,
@@ -997,6 +1020,13 @@ impl Commands {
                         self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
                             .await;
                         return Ok(());
+                    }
+                    if buffering.is_none() {
+                        // Until a buffer is free this stream is not read: the agent waits.
+                        match outputs.clone().acquire_owned().await {
+                            Ok(p) => buffering = Some(p),
+                            Err(_) => return Err("the gateway is shutting down".into()),
+                        }
                     }
                     output.extend_from_slice(&b);
                 }
@@ -1411,7 +1441,7 @@ mod tests {
             .map(|c| prost::Message::encoded_len(c) + 8)
             .sum();
         assert!(
-            n >= 1 && n < 1000 && bytes <= LIST_PAGE_BYTES,
+            (1..1000).contains(&n) && bytes <= LIST_PAGE_BYTES,
             "{n} {bytes}"
         );
         let huge = Command {

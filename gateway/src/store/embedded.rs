@@ -352,7 +352,7 @@ type Answer = Box<dyn FnOnce() + Send>;
 
 /// What an operation of a batch did, answered once the batch is committed.
 enum Done {
-    Submitted(SubmitOutcome),
+    Submitted(Box<SubmitOutcome>),
     Written,
     Pruned(usize),
 }
@@ -461,10 +461,10 @@ fn write_batch(
                                 });
                             }
                         };
-                        results.push(Done::Submitted(SubmitOutcome {
+                        results.push(Done::Submitted(Box::new(SubmitOutcome {
                             command: existing,
                             created: false,
-                        }));
+                        })));
                         continue;
                     }
                     let mut cmd = cmd.clone();
@@ -494,10 +494,10 @@ fn write_batch(
                         .map_err(backend)?
                         .map_or(0, |v| v.value());
                     agents.insert(cmd.agent.as_str(), n + 1).map_err(backend)?;
-                    results.push(Done::Submitted(SubmitOutcome {
+                    results.push(Done::Submitted(Box::new(SubmitOutcome {
                         command: cmd,
                         created: true,
-                    }));
+                    })));
                 }
                 Op::Put(cmd, _) if last_put.get(cmd.id.as_str()) != Some(&i) => {
                     results.push(Done::Written);
@@ -555,7 +555,7 @@ fn write_batch(
     for (op, res) in batch.drain(..).zip(results) {
         match (op, res) {
             (Op::Submit(_, tx), Done::Submitted(out)) => answers.push(Box::new(move || {
-                let _ = tx.send(Ok(out));
+                let _ = tx.send(Ok(*out));
             })),
             (Op::Put(_, tx), _) => answers.push(Box::new(move || {
                 let _ = tx.send(Ok(()));
@@ -700,13 +700,11 @@ impl EmbeddedStore {
                 let mut best: Option<(usize, String)> = None;
                 for (i, head) in heads.iter_mut().enumerate() {
                     match head.peek() {
-                        None => {}
                         Some(Err(_)) => return head.next().map(|r| r.map(|id| (id, None))),
-                        Some(Ok(id)) => {
-                            if best.as_ref().is_none_or(|(_, b)| id < b) {
-                                best = Some((i, id.clone()));
-                            }
+                        Some(Ok(id)) if best.as_ref().is_none_or(|(_, b)| id < b) => {
+                            best = Some((i, id.clone()));
                         }
+                        _ => {}
                     }
                 }
                 let (i, _) = best?;
