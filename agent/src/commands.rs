@@ -33,8 +33,8 @@ use tether_runtime::stream::{FramedRecv, send_data, send_msg};
 use tether_runtime::transport::SendStream;
 use tokio::sync::{broadcast, watch};
 use tunnel_proto::message::{
-    COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck, CommandProgress, CommandResult,
-    StreamHeader, truncate_text,
+    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
+    CommandProgress, CommandResult, StreamHeader, truncate_text,
 };
 use tunnel_proto::{ErrorCode, Message};
 
@@ -48,8 +48,6 @@ const MAX_PAYLOAD: usize = 64 << 20;
 const INLINE_OUTPUT: usize = 32 << 10;
 /// The state file inside `state_dir`.
 const STATE_FILE: &str = "commands.jsonl";
-/// The delivery header's metadata key carrying the gateway's output limit, in bytes.
-const MAX_OUTPUT_HEADER: &str = "tether-max-output";
 
 /// What a handler returns: its output, or an error message.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
@@ -351,7 +349,7 @@ impl Executor {
         let max_output = header
             .metadata
             .iter()
-            .find(|m| m.key == MAX_OUTPUT_HEADER)
+            .find(|m| m.key == COMMAND_MAX_OUTPUT_KEY)
             .and_then(|m| std::str::from_utf8(&m.value).ok()?.parse::<usize>().ok());
         // The payload: Data frames up to FIN.
         let mut payload = Vec::new();
@@ -650,5 +648,21 @@ mod tests {
         }
         assert_eq!(r.done.len(), COMPLETED_KEPT);
         assert!(!r.done.contains_key("0"));
+    }
+
+    #[tokio::test]
+    async fn progress_lines_and_messages_leave_the_agent_within_the_protocols_caps() {
+        let handlers = Handlers::empty();
+        handlers.register("loud", |_: Bytes, p: ProgressSink| async move {
+            p.report("é".repeat(100_000));
+            Err::<Bytes, _>("x".repeat(100_000))
+        });
+        let ex = Arc::new(Executor::new(Arc::new(handlers), None).unwrap());
+        let (mut progress, done) = ex.start("c1".into(), "loud".into(), Bytes::new());
+        let line = progress.recv().await.unwrap();
+        assert!(line.len() <= COMMAND_PROGRESS_LINE_MAX && line.starts_with("éé"));
+        assert!(line.ends_with(" bytes]"), "{line}");
+        let o = outcome_of(done).await;
+        assert!(!o.ok && o.msg.len() <= COMMAND_MESSAGE_MAX && o.msg.starts_with("xx"));
     }
 }

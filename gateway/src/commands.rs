@@ -38,8 +38,8 @@ use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tunnel_proto::message::{
-    COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, MetadataEntry, StreamHeader, StreamKind,
-    truncate_text,
+    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, MetadataEntry,
+    StreamHeader, StreamKind, truncate_text,
 };
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
@@ -53,11 +53,8 @@ use crate::store::{CommandStore, ListFilter, Retention, StoreError};
 pub const PROGRESS_KEPT: usize = 20;
 /// Bytes of progress kept per command: the last lines that fit (each at most
 /// [`COMMAND_PROGRESS_LINE_MAX`]). Every progress line publishes the command, progress included,
-/// to the watchers' feed, whose buffer holds [`EVENT_BUFFER`] events.
+/// to the watchers' feed, whose buffer holds 8,192 events for slow watchers.
 pub const PROGRESS_BYTES_MAX: usize = 8 << 10;
-/// Metadata key of a delivery's header telling the agent `commands.max_output`, so an honest
-/// agent reports an oversized output as a failure instead of sending it.
-pub const MAX_OUTPUT_HEADER: &str = "tether-max-output";
 /// Largest `List` response, in bytes: a page ends before the command that would pass it. gRPC
 /// clients refuse messages above 4 MiB unless told otherwise (tonic, grpc-go, grpcio), and the
 /// largest listed command (no payload, output up to [`EVENT_OUTPUT_MAX`], capped progress and
@@ -81,7 +78,7 @@ const LANE_RECHECK: Duration = Duration::from_secs(5);
 /// Largest result output a Watch event carries.
 pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
 /// Events buffered for slow watchers before they are dropped with RESOURCE_EXHAUSTED.
-pub const EVENT_BUFFER: usize = 8192;
+const EVENT_BUFFER: usize = 8192;
 /// Recently finished commands kept in memory (see `State::recent`).
 const RECENT_KEPT: usize = 4096;
 
@@ -967,7 +964,7 @@ impl Commands {
                     value: cmd.content_type.clone().into_bytes(),
                 },
                 MetadataEntry {
-                    key: MAX_OUTPUT_HEADER.into(),
+                    key: COMMAND_MAX_OUTPUT_KEY.into(),
                     value: self.cfg.max_output.to_string().into_bytes(),
                 },
             ],

@@ -868,6 +868,28 @@ mod tests {
     }
 
     #[test]
+    fn commands_errors_name_the_key() {
+        let base =
+            "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[commands]\n";
+        for (commands, key) in [
+            ("max_output = 0", "commands.max_output"),
+            ("max_output = 67108865", "commands.max_output"),
+            ("retention = \"500ms\"", "commands.retention"),
+            ("retention_max = 0", "commands.retention_max"),
+        ] {
+            let cfg: GatewayConfig = toml::from_str(&format!("{base}{commands}\n")).unwrap();
+            let e = cfg.validate().expect_err(commands).to_string();
+            assert!(e.contains(key), "{commands}: want {key} in {e}");
+        }
+        let ok: GatewayConfig = toml::from_str(&format!(
+            "{base}max_output = 67108864\nretention = \"30d\"\nretention_max = 1\n"
+        ))
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.commands.retention, Duration::from_secs(30 * 24 * 3600));
+    }
+
+    #[test]
     fn limits_errors_name_the_key() {
         let base =
             "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[limits]\n";

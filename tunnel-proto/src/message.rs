@@ -298,6 +298,11 @@ pub const COMMAND_PROGRESS_LINE_MAX: usize = 1024;
 /// Largest `CommandResult.message`, in bytes (cut like progress lines, by both sides).
 pub const COMMAND_MESSAGE_MAX: usize = 4096;
 
+/// Metadata key of a `Command` stream's header: the largest output, in bytes (decimal), the
+/// gateway keeps. An agent reports a larger output as a failure instead of sending it; a gateway
+/// that does not say refuses what is above its own limit anyway.
+pub const COMMAND_MAX_OUTPUT_KEY: &str = "tether-max-output";
+
 /// Cuts `text` to at most `max` bytes: its head up to a character boundary, then a marker
 /// saying how many bytes were cut (`… [+1234 bytes]`), so a reader sees that the end is missing
 /// and where. Text within `max` is left as is. With `max` below the marker's size the head alone
