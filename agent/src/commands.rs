@@ -12,6 +12,12 @@
 //! to `state_dir/commands.jsonl` when the agent has a state directory, before the result is
 //! reported); a redelivered id that completed is answered from the record, one still running is
 //! attached to instead of started again.
+//!
+//! What goes back stays within the protocol's caps: progress lines are cut to
+//! [`COMMAND_PROGRESS_LINE_MAX`] bytes and result messages to [`COMMAND_MESSAGE_MAX`] (with a
+//! marker saying how much was cut), and an output above the limit the gateway states in the
+//! delivery's header (`tether-max-output`, its `commands.max_output`) is reported as a failure
+//! instead of being sent.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use tether_runtime::stream::{FramedRecv, send_data, send_msg};
 use tether_runtime::transport::SendStream;
 use tokio::sync::{broadcast, watch};
-use tunnel_proto::message::{CommandAck, CommandProgress, CommandResult, StreamHeader};
+use tunnel_proto::message::{
+    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
+    CommandProgress, CommandResult, StreamHeader, truncate_text,
+};
 use tunnel_proto::{ErrorCode, Message};
 
 use crate::error::AgentError;
@@ -71,9 +80,12 @@ impl ProgressSink {
         (ProgressSink(tx), rx)
     }
 
-    /// Reports one progress line.
+    /// Reports one progress line; a line above [`COMMAND_PROGRESS_LINE_MAX`] bytes is cut, with
+    /// a marker saying how much.
     pub fn report(&self, message: impl Into<String>) {
-        let _ = self.0.send(message.into());
+        let mut line = message.into();
+        truncate_text(&mut line, COMMAND_PROGRESS_LINE_MAX);
+        let _ = self.0.send(line);
     }
 }
 
@@ -333,6 +345,12 @@ impl Executor {
     ) {
         let id = header.id.clone();
         let kind = header.service.clone();
+        // A gateway that does not say has its own limit, and refuses what is above it.
+        let max_output = header
+            .metadata
+            .iter()
+            .find(|m| m.key == COMMAND_MAX_OUTPUT_KEY)
+            .and_then(|m| std::str::from_utf8(&m.value).ok()?.parse::<usize>().ok());
         // The payload: Data frames up to FIN.
         let mut payload = Vec::new();
         loop {
@@ -408,7 +426,18 @@ impl Executor {
             output: Vec::new(),
             message: outcome.msg,
         };
-        if outcome.out.len() <= INLINE_OUTPUT {
+        // Outcomes recorded by an older agent may carry longer messages.
+        truncate_text(&mut result.message, COMMAND_MESSAGE_MAX);
+        if let Some(max) = max_output
+            && outcome.out.len() > max
+        {
+            tracing::warn!(command = %id, bytes = outcome.out.len(), limit = max, "command output is above the gateway's limit: reported as a failure");
+            result.succeeded = false;
+            result.message = format!(
+                "the handler's output is {} bytes, above the gateway's limit of {max} bytes (commands.max_output)",
+                outcome.out.len()
+            );
+        } else if outcome.out.len() <= INLINE_OUTPUT {
             result.output = outcome.out;
         } else if send_data(&mut send, Bytes::from(outcome.out))
             .await
@@ -486,6 +515,8 @@ impl Executor {
             } else {
                 tracing::warn!(command = %id, %kind, reason = %msg, "command failed");
             }
+            let mut msg = msg;
+            truncate_text(&mut msg, COMMAND_MESSAGE_MAX);
             let o = Outcome {
                 id: id.clone(),
                 ok,
@@ -617,5 +648,21 @@ mod tests {
         }
         assert_eq!(r.done.len(), COMPLETED_KEPT);
         assert!(!r.done.contains_key("0"));
+    }
+
+    #[tokio::test]
+    async fn progress_lines_and_messages_leave_the_agent_within_the_protocols_caps() {
+        let handlers = Handlers::empty();
+        handlers.register("loud", |_: Bytes, p: ProgressSink| async move {
+            p.report("é".repeat(100_000));
+            Err::<Bytes, _>("x".repeat(100_000))
+        });
+        let ex = Arc::new(Executor::new(Arc::new(handlers), None).unwrap());
+        let (mut progress, done) = ex.start("c1".into(), "loud".into(), Bytes::new());
+        let line = progress.recv().await.unwrap();
+        assert!(line.len() <= COMMAND_PROGRESS_LINE_MAX && line.starts_with("éé"));
+        assert!(line.ends_with(" bytes]"), "{line}");
+        let o = outcome_of(done).await;
+        assert!(!o.ok && o.msg.len() <= COMMAND_MESSAGE_MAX && o.msg.starts_with("xx"));
     }
 }

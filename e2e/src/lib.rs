@@ -6,12 +6,14 @@
 //! - [`TestGateway`] / [`TestAgent`]: in-process gateway and agent with their shutdown tokens;
 //! - [`AgentProcess`]: a real `tether-agent` process, for kill tests;
 //! - [`RawAgent`]: a bare QUIC client, for sending what a well-behaved agent never would;
+//! - [`hostile`]: an agent holding a real session that floods every command it is given;
 //! - [`wait_until`], [`metric`]: observation helpers;
 //! - [`fake_apiserver`]: an in-process fake Kubernetes API server for the agent's kube handlers.
 //! - [`moto`]: a real AWS Secrets Manager emulator (moto) and a throttling proxy in front of it.
 //! - [`netns`]: network namespaces and an nftables firewall around real gateway and agent processes.
 
 pub mod fake_apiserver;
+pub mod hostile;
 pub mod moto;
 pub mod netns;
 

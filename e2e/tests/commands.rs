@@ -102,11 +102,37 @@ async fn submit_refuses_bad_input_with_the_right_status() {
     let e = c.submit(r).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    // Exactly at the limit is fine, and comes back whole.
+    // Names and keys are stored and listed with the command: bounded too.
+    for field in ["kind", "idempotency_key", "ordering_key", "content_type"] {
+        let mut r = submit_req(AGENT, "echo", "x");
+        let long = "k".repeat(1025);
+        match field {
+            "kind" => r.kind = long,
+            "idempotency_key" => r.idempotency_key = long,
+            "ordering_key" => r.ordering_key = long,
+            _ => r.content_type = long,
+        }
+        let e = c.submit(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+    }
+
+    // A payload exactly at the limit is accepted; echoed, it is an output above
+    // commands.max_output (1 MiB by default), which the agent reports as a failure.
     let id = submit(c, submit_req(AGENT, "echo", vec![7u8; 4 << 20])).await;
     let done = wait_final(c, &id, T).await;
-    assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
-    assert_eq!(done.result.unwrap().output, vec![7u8; 4 << 20]);
+    assert_eq!(done.state(), CommandState::Failed);
+    let r = done.result.unwrap();
+    assert!(
+        r.output.is_empty() && r.message.contains("commands.max_output"),
+        "{}",
+        r.message
+    );
+    // An output exactly at that limit comes back whole.
+    let id = submit(c, submit_req(AGENT, "echo", vec![7u8; 1 << 20])).await;
+    let done = wait_final(c, &id, T).await;
+    assert_eq!(done.state(), CommandState::Succeeded);
+    assert_eq!(done.result.unwrap().output, vec![7u8; 1 << 20]);
 
     let e = c
         .get(tether_api::v1::GetCommandRequest { id: "nope".into() })

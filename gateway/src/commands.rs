@@ -15,6 +15,12 @@
 //! after a backoff once the agent has a session again, up to `commands.max_attempts` deliveries;
 //! the agent's record of completed ids makes redelivery at-most-once in effect. On start every
 //! command not in a final state goes back into its lane.
+//!
+//! What an agent reports is bounded here whatever it sends: a progress line is cut to
+//! [`COMMAND_PROGRESS_LINE_MAX`] bytes and a command keeps its last [`PROGRESS_KEPT`] lines within
+//! [`PROGRESS_BYTES_MAX`] (each delivery attempt starts them anew), a result message is cut to
+//! [`COMMAND_MESSAGE_MAX`], and an output above `commands.max_output` fails the command. Finished
+//! commands are deleted after `commands.retention` or beyond `commands.retention_max`.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -31,17 +37,37 @@ use tether_runtime::transport::SendStream;
 use tokio::sync::broadcast;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tunnel_proto::message::{MetadataEntry, StreamHeader, StreamKind};
+use tunnel_proto::message::{
+    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, MetadataEntry,
+    StreamHeader, StreamKind, truncate_text,
+};
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
 use crate::auth::{Caller, TenantScope, caller};
 use crate::config::CommandsConfig;
 use crate::registry::{Registry, SessionInfo};
 use crate::store::embedded::is_final;
-use crate::store::{CommandStore, ListFilter, StoreError};
+use crate::store::{CommandStore, ListFilter, Retention, StoreError};
 
 /// Progress lines kept per command (the last ones).
-const PROGRESS_KEPT: usize = 20;
+pub const PROGRESS_KEPT: usize = 20;
+/// Bytes of progress kept per command: the last lines that fit (each at most
+/// [`COMMAND_PROGRESS_LINE_MAX`]). Every progress line publishes the command, progress included,
+/// to the watchers' feed, whose buffer holds 8,192 events for slow watchers.
+pub const PROGRESS_BYTES_MAX: usize = 8 << 10;
+/// Largest `List` response, in bytes: a page ends before the command that would pass it. gRPC
+/// clients refuse messages above 4 MiB unless told otherwise (tonic, grpc-go, grpcio), and the
+/// largest listed command (no payload, output up to [`EVENT_OUTPUT_MAX`], capped progress and
+/// message, bounded names) is well below this, so every page carries at least one.
+pub const LIST_PAGE_BYTES: usize = 1 << 20;
+/// Longest `kind`, `content_type`, `idempotency_key` and `ordering_key` a Submit may carry: they
+/// are stored with the command and listed with it.
+const NAME_MAX: usize = 256;
+const KEY_MAX: usize = 1024;
+/// Finished commands deleted per store transaction, so retention never holds the writer long.
+const PRUNE_BATCH: usize = 1000;
+/// Longest wait between two retention passes (a pass with nothing to delete is one read).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Default and largest `List` page.
 const PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -87,7 +113,18 @@ pub enum CommandError {
         /// The limit.
         limit: u32,
     },
-    /// No command has this id.
+    /// The caller has as many `Commands/Watch` streams open as
+    /// `limits.command_watches_per_caller` (retry once one has ended).
+    #[error(
+        "caller {caller:?} has {limit} command watches open, the limit (limits.command_watches_per_caller); end one before opening another"
+    )]
+    TooManyWatches {
+        /// The caller's name.
+        caller: String,
+        /// The limit.
+        limit: u32,
+    },
+    /// No command has this id (or none the caller may see: the answer is the same).
     #[error("no command {0}")]
     NotFound(String),
     /// Cancel came too late: the command was already delivered or finished.
@@ -112,7 +149,9 @@ impl From<CommandError> for Status {
                 Status::invalid_argument(msg)
             }
             CommandError::TooLate { .. } => Status::failed_precondition(msg),
-            CommandError::TooManyPending { .. } => Status::resource_exhausted(msg),
+            CommandError::TooManyPending { .. } | CommandError::TooManyWatches { .. } => {
+                Status::resource_exhausted(msg)
+            }
             CommandError::Store(_) => Status::unavailable(msg),
         }
     }
@@ -158,9 +197,8 @@ struct State {
     lanes: HashMap<LaneKey, VecDeque<String>>,
     /// Active commands per state, for the gauge.
     depth: HashMap<i32, i64>,
-    /// Per agent: permits for concurrent deliveries (`commands.max_in_flight`), so command
-    /// streams never take all of an agent's stream credit from relayed calls.
-    in_flight: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Per agent: permits for concurrent deliveries and for buffering their outputs.
+    in_flight: HashMap<String, AgentPermits>,
     /// Per agent: commands not final (in `active`) plus Submits reserved but not yet stored,
     /// for `limits.pending_commands_per_agent`; kept as commands come and go, never counted.
     pending: HashMap<String, u32>,
@@ -235,6 +273,38 @@ impl State {
     }
 }
 
+/// Appends a progress line the agent reported to a command's `progress`: the line cut to
+/// [`COMMAND_PROGRESS_LINE_MAX`], then the oldest lines dropped until at most [`PROGRESS_KEPT`]
+/// lines of at most [`PROGRESS_BYTES_MAX`] bytes together are left. The newest line always stays.
+pub fn push_progress(progress: &mut Vec<String>, mut line: String) {
+    truncate_text(&mut line, COMMAND_PROGRESS_LINE_MAX);
+    progress.push(line);
+    let mut bytes: usize = progress.iter().map(String::len).sum();
+    let mut drop = 0;
+    while progress.len() - drop > PROGRESS_KEPT
+        || (bytes > PROGRESS_BYTES_MAX && progress.len() - drop > 1)
+    {
+        bytes -= progress[drop].len();
+        drop += 1;
+    }
+    progress.drain(..drop);
+}
+
+/// An agent's delivery permits.
+#[derive(Clone)]
+struct AgentPermits {
+    /// Concurrent deliveries (`commands.max_in_flight`), so command streams never take all of
+    /// an agent's stream credit from relayed calls.
+    deliveries: Arc<tokio::sync::Semaphore>,
+    /// Deliveries buffering an output sent in `Data` frames ([`OUTPUT_BUFFERS_PER_AGENT`]), so
+    /// one agent makes the gateway hold at most that many times `commands.max_output`.
+    outputs: Arc<tokio::sync::Semaphore>,
+}
+
+/// Deliveries of one agent that may buffer a large output (up to `commands.max_output`) at once;
+/// the others wait before reading theirs, and the agent's stream flow control holds it back.
+pub const OUTPUT_BUFFERS_PER_AGENT: usize = 4;
+
 /// A command as events carry it: no payload, no large output.
 fn for_event(cmd: &Command) -> Command {
     let mut ev = Command {
@@ -257,6 +327,31 @@ pub struct Commands {
     state: Mutex<State>,
     shutdown: CancellationToken,
     pending_limit: std::sync::atomic::AtomicU32,
+    /// Open `Commands/Watch` streams per caller, for `limits.command_watches_per_caller`.
+    watches: Mutex<HashMap<String, u32>>,
+    watch_limit: std::sync::atomic::AtomicU32,
+}
+
+/// One open `Commands/Watch` stream of a caller; given back when the stream's task ends.
+struct WatchSlot {
+    commands: Arc<Commands>,
+    key: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self
+            .commands
+            .watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Commands {
@@ -283,6 +378,8 @@ impl Commands {
             state: Mutex::new(State::new()),
             shutdown,
             pending_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
+            watches: Mutex::new(HashMap::new()),
+            watch_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
         });
         let mut lanes = Vec::new();
         {
@@ -306,7 +403,74 @@ impl Commands {
             tokio::spawn(this.clone().run_lane(lane));
         }
         tokio::spawn(this.clone().sweep());
+        tokio::spawn(this.clone().retain());
         Ok(this)
+    }
+
+    /// Caps `Commands/Watch` streams per caller (`limits.command_watches_per_caller`);
+    /// unlimited until set.
+    pub fn set_watch_limit(&self, limit: u32) {
+        self.watch_limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes one of `caller`'s watch slots, or refuses when it holds them all.
+    fn watch_slot(self: &Arc<Self>, caller: &Caller) -> Result<WatchSlot, CommandError> {
+        let limit = self.watch_limit.load(std::sync::atomic::Ordering::Relaxed);
+        // Names are unique per kind: a certificate's `<name>` and a token's `sub` may coincide.
+        let key = format!("{}:{}", caller.kind.as_str(), caller.name);
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.get(&key).copied().unwrap_or(0);
+        if n >= limit {
+            drop(w);
+            crate::limits::count_rejection("command_watches_per_caller");
+            return Err(CommandError::TooManyWatches {
+                caller: caller.name.clone(),
+                limit,
+            });
+        }
+        w.insert(key.clone(), n + 1);
+        Ok(WatchSlot {
+            commands: self.clone(),
+            key,
+        })
+    }
+
+    /// Deletes finished commands past `commands.retention` / `commands.retention_max`, a batch
+    /// per store transaction so Submits and state changes queue behind one batch at most.
+    async fn retain(self: Arc<Self>) {
+        let every = (self.cfg.retention / 4).clamp(Duration::from_millis(250), PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let finished_before = SystemTime::now()
+                .checked_sub(self.cfg.retention)
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let retention = Retention {
+                finished_before_ms: finished_before,
+                keep: self.cfg.retention_max,
+                batch: PRUNE_BATCH,
+            };
+            loop {
+                match self.store.prune(retention).await {
+                    Ok(n) => {
+                        metrics::counter!("tether_gateway_commands_pruned_total")
+                            .increment(n as u64);
+                        if n < PRUNE_BATCH || self.shutdown.is_cancelled() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "deleting finished commands past their retention failed; will retry");
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Caps unfinished commands per agent (`limits.pending_commands_per_agent`); unlimited
@@ -347,6 +511,19 @@ impl Commands {
             return Err(CommandError::Invalid(
                 "kind is empty: name the handler the agent should run".into(),
             ));
+        }
+        for (field, value, max) in [
+            ("kind", &req.kind, NAME_MAX),
+            ("content_type", &req.content_type, NAME_MAX),
+            ("idempotency_key", &req.idempotency_key, KEY_MAX),
+            ("ordering_key", &req.ordering_key, KEY_MAX),
+        ] {
+            if value.len() > max {
+                return Err(CommandError::Invalid(format!(
+                    "{field} is {} bytes, above the limit of {max} bytes",
+                    value.len()
+                )));
+            }
         }
         if req.payload.len() as u64 > self.cfg.max_payload {
             return Err(CommandError::PayloadTooLarge {
@@ -580,7 +757,7 @@ impl Commands {
                 if st
                     .in_flight
                     .get(&lane.0)
-                    .is_some_and(|p| Arc::strong_count(p) == 1)
+                    .is_some_and(|p| Arc::strong_count(&p.deliveries) == 1)
                 {
                     st.in_flight.remove(&lane.0);
                 }
@@ -634,17 +811,20 @@ impl Commands {
             let mut st = self.lock();
             st.in_flight
                 .entry(agent.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
+                .or_insert_with(|| AgentPermits {
+                    deliveries: Arc::new(tokio::sync::Semaphore::new(max)),
+                    outputs: Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUFFERS_PER_AGENT)),
+                })
                 .clone()
         };
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            let Ok(permit) = permits.deliveries.clone().acquire_owned().await else {
                 return;
             };
             let Some(session) = self.wait_session(&agent_id, id).await else {
                 return;
             };
-            let reason = match self.attempt(&session, id).await {
+            let reason = match self.attempt(&session, id, &permits.outputs).await {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
@@ -706,7 +886,12 @@ impl Commands {
 
     /// One delivery: `Ok` when the command reached a final state, `Err(reason)` when the stream
     /// failed before the result.
-    async fn attempt(&self, session: &SessionInfo, id: &str) -> Result<(), String> {
+    async fn attempt(
+        &self,
+        session: &SessionInfo,
+        id: &str,
+        outputs: &Arc<tokio::sync::Semaphore>,
+    ) -> Result<(), String> {
         // The stream first: waiting for stream credit (the agent's stream limit) is not a
         // failed attempt, and Cancel stays possible meanwhile.
         let (mut send, recv) = match session.link.open().await {
@@ -751,6 +936,9 @@ impl Commands {
             };
             let Some(cmd) = st.transition(id, to, |c| {
                 c.attempts += 1;
+                // Each attempt's progress starts anew: the record shows the lines of the attempt
+                // that produced its result, and nothing a failed attempt sent outlives it.
+                c.progress.clear();
                 if first {
                     c.delivered = Some(now_ts());
                 }
@@ -770,10 +958,16 @@ impl Commands {
             kind: StreamKind::Command as i32,
             service: cmd.kind.clone(),
             id: cmd.id.clone(),
-            metadata: vec![MetadataEntry {
-                key: "content-type".into(),
-                value: cmd.content_type.clone().into_bytes(),
-            }],
+            metadata: vec![
+                MetadataEntry {
+                    key: "content-type".into(),
+                    value: cmd.content_type.clone().into_bytes(),
+                },
+                MetadataEntry {
+                    key: COMMAND_MAX_OUTPUT_KEY.into(),
+                    value: self.cfg.max_output.to_string().into_bytes(),
+                },
+            ],
             ..Default::default()
         };
         let sent = async {
@@ -788,6 +982,7 @@ impl Commands {
 
         let mut framed = FramedRecv::relay(recv);
         let mut output = Vec::new();
+        let mut buffering = None;
         loop {
             let msg = match framed.next().await {
                 Ok(Some(m)) => m,
@@ -813,27 +1008,33 @@ impl Commands {
                         if c.started.is_none() {
                             c.started = Some(now_ts());
                         }
-                        c.progress.push(p.message);
-                        let extra = c.progress.len().saturating_sub(PROGRESS_KEPT);
-                        c.progress.drain(..extra);
+                        push_progress(&mut c.progress, p.message);
                     });
                 }
                 Message::Data(b) => {
-                    if (output.len() + b.len()) as u64 > self.cfg.max_payload.max(16 << 20) {
+                    if (output.len() + b.len()) as u64 > self.cfg.max_output {
                         framed.stop(ErrorCode::FRAME_TOO_LARGE);
-                        self.finish(
-                            id,
-                            false,
-                            Vec::new(),
-                            "agent's output is above the limit".into(),
-                        )
-                        .await;
+                        self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
+                            .await;
                         return Ok(());
+                    }
+                    if buffering.is_none() {
+                        // Until a buffer is free this stream is not read: the agent waits.
+                        match outputs.clone().acquire_owned().await {
+                            Ok(p) => buffering = Some(p),
+                            Err(_) => return Err("the gateway is shutting down".into()),
+                        }
                     }
                     output.extend_from_slice(&b);
                 }
-                Message::CommandResult(r) => {
+                Message::CommandResult(mut r) => {
+                    if (output.len() + r.output.len()) as u64 > self.cfg.max_output {
+                        self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
+                            .await;
+                        return Ok(());
+                    }
                     output.extend_from_slice(&r.output);
+                    truncate_text(&mut r.message, COMMAND_MESSAGE_MAX);
                     self.finish(id, r.succeeded, output, r.message).await;
                     return Ok(());
                 }
@@ -856,11 +1057,19 @@ impl Commands {
         }
     }
 
+    fn output_too_large(&self, agent: &AgentId) -> String {
+        format!(
+            "agent {agent} reported an output above the gateway's limit of {} bytes (commands.max_output); the output was not kept",
+            self.cfg.max_output
+        )
+    }
+
     // === Watch ===
 
     fn watch(
         self: &Arc<Self>,
         target: Option<v1::watch_commands_request::Target>,
+        slot: WatchSlot,
     ) -> Result<EventStream, CommandError> {
         use v1::watch_commands_request::Target;
         // Snapshot and subscription under the state lock (events are sent under it too): no
@@ -891,7 +1100,7 @@ impl Commands {
                     .active
                     .values()
                     .filter(|c| c.agent == agent)
-                    .cloned()
+                    .map(for_event)
                     .collect();
                 let feed = st.events.subscribe();
                 drop(st);
@@ -907,6 +1116,8 @@ impl Commands {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            // The caller's slot is held for as long as this stream runs.
+            let _slot = slot;
             let mut done = false;
             for mut c in initial {
                 c.payload.clear();
@@ -959,58 +1170,19 @@ impl Commands {
 
 // === The gRPC service ===
 
-/// One page as the store gives it: `limit` commands and the token of the next page.
-fn list_page(
-    store: &dyn CommandStore,
-    filter: &ListFilter,
-    limit: usize,
-) -> Result<(Vec<Command>, String), StoreError> {
-    let mut cmds = store.list(filter)?;
-    let next = if cmds.len() > limit {
-        cmds.truncate(limit);
-        cmds.last().map(|c| c.id.clone()).unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((cmds, next))
-}
-
-/// One page of the commands of `caller`'s tenants. The store has no tenant index, so this reads
-/// it in order and keeps the caller's commands; after [`SCOPED_LIST_SCAN`] records the page ends
-/// short, with a token to go on from (a short page with a token is not the end).
-fn list_scoped(
-    store: &dyn CommandStore,
-    mut filter: ListFilter,
-    limit: usize,
-    caller: &Caller,
-) -> Result<(Vec<Command>, String), StoreError> {
-    const BATCH: usize = 1000;
-    let mut out = Vec::new();
-    let mut scanned = 0;
-    loop {
-        filter.limit = BATCH;
-        let batch = store.list(&filter)?;
-        let full = batch.len() == BATCH;
-        for c in batch {
-            scanned += 1;
-            filter.after = c.id.clone();
-            let tenant = c.agent.split_once('/').map_or(c.agent.as_str(), |(t, _)| t);
-            if caller.may_act_for(tenant) {
-                out.push(c);
-                if out.len() > limit {
-                    out.truncate(limit);
-                    let next = out.last().map(|c| c.id.clone()).unwrap_or_default();
-                    return Ok((out, next));
-                }
-            }
-        }
-        if !full {
-            return Ok((out, String::new()));
-        }
-        if scanned >= SCOPED_LIST_SCAN {
-            return Ok((out, filter.after));
+/// Cuts a page of listed commands (already as events carry them) to [`LIST_PAGE_BYTES`]:
+/// returns how many fit, at least one.
+fn fit_page(cmds: &[Command]) -> usize {
+    use prost::Message as _;
+    let mut bytes = 0;
+    for (i, c) in cmds.iter().enumerate() {
+        // Each command is a length-delimited field of the response: its bytes plus a few.
+        bytes += c.encoded_len() + 8;
+        if bytes > LIST_PAGE_BYTES && i > 0 {
+            return i;
         }
     }
+    cmds.len()
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
@@ -1040,8 +1212,9 @@ impl CommandsApi {
             .max_encoding_message_size(usize::MAX)
     }
 
-    /// The command `id` if `caller` may act for its agent's tenant (`NOT_FOUND` when there is
-    /// no such command, for any caller).
+    /// The command `id` if `caller` may act for its agent's tenant. `NOT_FOUND` when there is
+    /// no such command, and the very same answer for a command of another tenant (still audited
+    /// and counted as a denial): a caller cannot tell another tenant's ids from unused ones.
     fn authorized(
         &self,
         caller: &Caller,
@@ -1049,7 +1222,9 @@ impl CommandsApi {
         id: &str,
     ) -> Result<Command, Status> {
         let cmd = self.commands.get(id)?;
-        caller.authorize_command(method, id, &cmd.agent)?;
+        if caller.authorize_command(method, id, &cmd.agent).is_err() {
+            return Err(CommandError::NotFound(id.to_owned()).into());
+        }
         Ok(cmd)
     }
 }
@@ -1062,10 +1237,6 @@ fn authorized_agent(caller: &Caller, method: &'static str, agent: &str) -> Resul
     caller.authorize(method, &id)?;
     Ok(id)
 }
-
-/// Store records scanned per `List` call of a caller scoped to some tenants that names no agent;
-/// the page then ends early with a token to go on from.
-const SCOPED_LIST_SCAN: usize = 10_000;
 
 #[tonic::async_trait]
 impl CommandsRpc for CommandsApi {
@@ -1107,8 +1278,21 @@ impl CommandsRpc for CommandsApi {
             0 => PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
+        if r.page_token.len() > KEY_MAX {
+            return Err(CommandError::Invalid(
+                "page_token is not one List returned: pass next_page_token as it came".into(),
+            )
+            .into());
+        }
+        // A caller scoped to some tenants reads their indexes only, never another tenant's
+        // records (nor their ids in a page token).
+        let tenants = match (&caller.tenants, r.agent.is_empty()) {
+            (TenantScope::Set(set), true) => Some(set.iter().cloned().collect()),
+            _ => None,
+        };
         let filter = ListFilter {
             agent: r.agent,
+            tenants,
             state: r.state,
             kind: r.kind,
             from_ms: ms(r.from),
@@ -1117,20 +1301,24 @@ impl CommandsRpc for CommandsApi {
             limit: limit + 1,
         };
         let store = self.commands.store.clone();
-        let scoped = filter.agent.is_empty() && caller.tenants != TenantScope::All;
-        let (mut cmds, next_page_token) = tokio::task::spawn_blocking(move || {
-            if scoped {
-                list_scoped(&*store, filter, limit, &caller)
-            } else {
-                list_page(&*store, &filter, limit)
-            }
-        })
-        .await
-        .map_err(|e| Status::internal(format!("list: {e}")))?
-        .map_err(CommandError::from)?;
+        let page = tokio::task::spawn_blocking(move || store.list(&filter))
+            .await
+            .map_err(|e| Status::internal(format!("list: {e}")))?
+            .map_err(CommandError::from)?;
+        let mut cmds = page.commands;
+        let more = cmds.len() > limit;
+        cmds.truncate(limit);
         // The store may lag the in-memory state by one write: show the live one.
         self.commands.overlay_recent(&mut cmds);
-        let cmds = cmds.iter().map(for_event).collect();
+        let mut cmds: Vec<Command> = cmds.iter().map(for_event).collect();
+        let fit = fit_page(&cmds);
+        let cut = fit < cmds.len();
+        cmds.truncate(fit);
+        let next_page_token = if cut || more {
+            cmds.last().map(|c| c.id.clone()).unwrap_or_default()
+        } else {
+            page.resume.unwrap_or_default()
+        };
         Ok(Response::new(v1::ListCommandsResponse {
             commands: cmds,
             next_page_token,
@@ -1156,7 +1344,8 @@ impl CommandsRpc for CommandsApi {
             }
             None => {}
         }
-        Ok(Response::new(self.commands.watch(target)?))
+        let slot = self.commands.watch_slot(&caller)?;
+        Ok(Response::new(self.commands.watch(target, slot)?))
     }
 
     async fn cancel(
@@ -1172,5 +1361,90 @@ impl CommandsRpc for CommandsApi {
             caller.audit_allowed(METHOD, &agent, &format!("command {id}"));
         }
         Ok(Response::new(cancelled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z ]{0,80}",
+            // Long lines, multi-byte characters across the cut.
+            "(é|x|\u{1F600}){0,4000}",
+            (0usize..200_000).prop_map(|n| "y".repeat(n)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever an agent sends, in whatever attempt, a command keeps at most PROGRESS_KEPT
+        /// lines of at most COMMAND_PROGRESS_LINE_MAX bytes and PROGRESS_BYTES_MAX together, and
+        /// they are the newest lines, in order, each the head of what was sent.
+        #[test]
+        fn progress_kept_is_the_newest_lines_within_every_cap(
+            attempts in proptest::collection::vec(proptest::collection::vec(line(), 0..60), 1..4),
+        ) {
+            let mut progress = Vec::new();
+            for lines in &attempts {
+                // A new attempt starts its progress anew (see `attempt`).
+                progress.clear();
+                for l in lines {
+                    push_progress(&mut progress, l.clone());
+                    prop_assert!(progress.len() <= PROGRESS_KEPT);
+                    prop_assert!(progress.iter().map(String::len).sum::<usize>() <= PROGRESS_BYTES_MAX);
+                    prop_assert!(progress.iter().all(|p| p.len() <= COMMAND_PROGRESS_LINE_MAX));
+                }
+                let sent = lines.len();
+                let kept = progress.len();
+                prop_assert!(kept <= sent);
+                prop_assert!(sent == 0 || kept >= 1, "the newest line is always kept");
+                for (k, s) in progress.iter().zip(&lines[sent - kept..]) {
+                    if s.len() <= COMMAND_PROGRESS_LINE_MAX {
+                        prop_assert_eq!(k, s);
+                    } else {
+                        let head = k.rsplit_once(" \u{2026} [+").map(|(h, _)| h).unwrap_or(k);
+                        prop_assert!(s.starts_with(head));
+                    }
+                }
+                // Only the byte budget may make it keep fewer than the last PROGRESS_KEPT.
+                if kept < sent.min(PROGRESS_KEPT) {
+                    let dropped = &lines[sent - kept - 1];
+                    let mut d = dropped.clone();
+                    truncate_text(&mut d, COMMAND_PROGRESS_LINE_MAX);
+                    let total: usize = progress.iter().map(String::len).sum();
+                    prop_assert!(total + d.len() > PROGRESS_BYTES_MAX);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_list_page_fits_its_byte_budget_and_carries_at_least_one_command() {
+        let big = |id: &str| Command {
+            id: id.into(),
+            progress: vec!["p".repeat(COMMAND_PROGRESS_LINE_MAX); PROGRESS_KEPT],
+            result: Some(v1::CommandResult {
+                output: vec![0; EVENT_OUTPUT_MAX],
+                message: "m".repeat(COMMAND_MESSAGE_MAX),
+            }),
+            ..Default::default()
+        };
+        let cmds: Vec<Command> = (0..1000).map(|i| big(&i.to_string())).collect();
+        let n = fit_page(&cmds);
+        let bytes: usize = cmds[..n]
+            .iter()
+            .map(|c| prost::Message::encoded_len(c) + 8)
+            .sum();
+        assert!(
+            (1..1000).contains(&n) && bytes <= LIST_PAGE_BYTES,
+            "{n} {bytes}"
+        );
+        let huge = Command {
+            kind: "k".repeat(2 * LIST_PAGE_BYTES),
+            ..Default::default()
+        };
+        assert_eq!(fit_page(&[huge.clone(), huge]), 1);
     }
 }

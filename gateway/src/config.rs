@@ -25,6 +25,9 @@
 //! retry_backoff = "200ms"     # doubled per failed delivery, capped at max_retry_backoff
 //! max_retry_backoff = "30s"
 //! max_in_flight = 256         # concurrent deliveries per agent
+//! max_output = 1048576        # bytes of result output an agent may report per command
+//! retention = "7d"            # finished commands are deleted this long after they finished
+//! retention_max = 1000000     # ...or sooner, oldest first, beyond this many
 //! [enrollment]                # agents enroll with a token on the tunnel's TCP port
 //! ca_key = "pki/ca-key.pem"   # signs enrollments and renewals; unset: both are off
 //! # ca_cert = "pki/ca.pem"    # holds the certificate of ca_key (found by key); default tls.ca
@@ -35,6 +38,7 @@
 //!                             # tether_gateway_limit_rejections_total{limit}
 //! streams_per_agent = 1024    # relayed calls + TCP streams in flight to one agent
 //! pending_commands_per_agent = 10000 # commands not yet final, per agent
+//! command_watches_per_caller = 64 # Commands/Watch streams one caller holds open
 //! max_message_size = 4194304  # northbound gRPC messages (tether.v1.*), each way
 //! max_header_list_size = 16384 # northbound HTTP/2 request headers
 //! max_control_message = 65536 # a frame on an agent's control stream
@@ -102,6 +106,9 @@ pub const KEYS: Keys = &[
     "commands.retry_backoff",
     "commands.max_retry_backoff",
     "commands.max_in_flight",
+    "commands.max_output",
+    "commands.retention",
+    "commands.retention_max",
     "enrollment.ca_key",
     "enrollment.ca_cert",
     "enrollment.cert_ttl",
@@ -109,6 +116,7 @@ pub const KEYS: Keys = &[
     "enrollment.max_token_ttl",
     "limits.streams_per_agent",
     "limits.pending_commands_per_agent",
+    "limits.command_watches_per_caller",
     "limits.max_message_size",
     "limits.max_header_list_size",
     "limits.max_control_message",
@@ -459,6 +467,9 @@ pub struct LimitsConfig {
     /// Commands of one agent not yet in a final state; beyond it Submit is RESOURCE_EXHAUSTED
     /// and nothing is stored.
     pub pending_commands_per_agent: u32,
+    /// `Commands/Watch` streams one northbound caller (a certificate's name or a token's
+    /// subject) holds open at once; beyond it Watch is RESOURCE_EXHAUSTED.
+    pub command_watches_per_caller: u32,
     /// Largest northbound gRPC message (`tether.v1.*` services), received or sent, in bytes;
     /// `Commands` allows at least `commands.max_payload`.
     pub max_message_size: u64,
@@ -514,6 +525,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             streams_per_agent: 1024,
             pending_commands_per_agent: 10_000,
+            command_watches_per_caller: 64,
             max_message_size: 4 << 20,
             max_header_list_size: 16 << 10,
             max_control_message: 64 << 10,
@@ -545,6 +557,11 @@ impl LimitsConfig {
         at_least(
             "limits.pending_commands_per_agent",
             self.pending_commands_per_agent.into(),
+            1,
+        )?;
+        at_least(
+            "limits.command_watches_per_caller",
+            self.command_watches_per_caller.into(),
             1,
         )?;
         at_least("limits.max_message_size", self.max_message_size, 1024)?;
@@ -753,7 +770,22 @@ pub struct CommandsConfig {
     /// Commands delivered to one agent at the same time (one per ordering key at most); keep it
     /// below `tunnel.max_concurrent_streams` so relayed calls always find a stream.
     pub max_in_flight: u32,
+    /// Largest result output an agent may report for one command, in bytes; a larger one ends
+    /// the command Failed. The gateway holds an output in memory until it is stored (at most
+    /// `max_in_flight` of them per agent) and keeps it for `retention`, so this bounds what an
+    /// agent can make it hold. Agents are told the limit with each delivery.
+    pub max_output: u64,
+    /// Finished commands (with their payload, output and idempotency key) are deleted this long
+    /// after they finished.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// At most this many finished commands are kept: beyond it the oldest finished are deleted
+    /// sooner than `retention`.
+    pub retention_max: u64,
 }
+
+/// The largest `commands.max_output`: what one delivery may make the gateway buffer.
+pub const MAX_OUTPUT_CEILING: u64 = 64 << 20;
 
 impl Default for CommandsConfig {
     fn default() -> Self {
@@ -763,6 +795,9 @@ impl Default for CommandsConfig {
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(30),
             max_in_flight: 256,
+            max_output: 1 << 20,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            retention_max: 1_000_000,
         }
     }
 }
@@ -890,6 +925,24 @@ impl Validate for GatewayConfig {
         if self.commands.max_payload == 0 {
             return Err(ConfigError::invalid(
                 "commands.max_payload",
+                "must be at least 1",
+            ));
+        }
+        if self.commands.max_output == 0 || self.commands.max_output > MAX_OUTPUT_CEILING {
+            return Err(ConfigError::invalid(
+                "commands.max_output",
+                format!("must be between 1 and {MAX_OUTPUT_CEILING} bytes"),
+            ));
+        }
+        if self.commands.retention < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "commands.retention",
+                "must be at least 1s",
+            ));
+        }
+        if self.commands.retention_max == 0 {
+            return Err(ConfigError::invalid(
+                "commands.retention_max",
                 "must be at least 1",
             ));
         }
@@ -1168,11 +1221,37 @@ mod tests {
     }
 
     #[test]
+    fn commands_errors_name_the_key() {
+        let base =
+            "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[commands]\n";
+        for (commands, key) in [
+            ("max_output = 0", "commands.max_output"),
+            ("max_output = 67108865", "commands.max_output"),
+            ("retention = \"500ms\"", "commands.retention"),
+            ("retention_max = 0", "commands.retention_max"),
+        ] {
+            let cfg: GatewayConfig = toml::from_str(&format!("{base}{commands}\n")).unwrap();
+            let e = cfg.validate().expect_err(commands).to_string();
+            assert!(e.contains(key), "{commands}: want {key} in {e}");
+        }
+        let ok: GatewayConfig = toml::from_str(&format!(
+            "{base}max_output = 67108864\nretention = \"30d\"\nretention_max = 1\n"
+        ))
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.commands.retention, Duration::from_secs(30 * 24 * 3600));
+    }
+
+    #[test]
     fn limits_errors_name_the_key() {
         let base =
             "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[limits]\n";
         for (limits, key) in [
             ("streams_per_agent = 0", "limits.streams_per_agent"),
+            (
+                "command_watches_per_caller = 0",
+                "limits.command_watches_per_caller",
+            ),
             (
                 "pending_commands_per_agent = 0",
                 "limits.pending_commands_per_agent",

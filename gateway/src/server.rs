@@ -178,6 +178,7 @@ pub async fn start(
     )
     .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
     commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
+    commands.set_watch_limit(cfg.limits.command_watches_per_caller);
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
     let mut tunnel_ctx = TunnelContext::new(&cfg, registry.clone(), close_sessions.clone());

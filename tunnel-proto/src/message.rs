@@ -284,9 +284,47 @@ pub struct CommandAck {}
 /// Agent → gateway on a `Command` stream: a progress line the handler reported.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CommandProgress {
-    /// Free text for display.
+    /// Free text for display, at most [`COMMAND_PROGRESS_LINE_MAX`] bytes.
     #[prost(string, tag = "1")]
     pub message: String,
+}
+
+/// Largest progress line, in bytes. A progress line is for a person to read; the gateway keeps
+/// the last ones of every command in memory, in every `Watch` event and in its store, so a line
+/// is bounded whoever sent it: the agent cuts longer lines before sending them and the gateway
+/// cuts again whatever arrives (with [`truncate_text`]).
+pub const COMMAND_PROGRESS_LINE_MAX: usize = 1024;
+
+/// Largest `CommandResult.message`, in bytes (cut like progress lines, by both sides).
+pub const COMMAND_MESSAGE_MAX: usize = 4096;
+
+/// Metadata key of a `Command` stream's header: the largest output, in bytes (decimal), the
+/// gateway keeps. An agent reports a larger output as a failure instead of sending it; a gateway
+/// that does not say refuses what is above its own limit anyway.
+pub const COMMAND_MAX_OUTPUT_KEY: &str = "tether-max-output";
+
+/// Cuts `text` to at most `max` bytes: its head up to a character boundary, then a marker
+/// saying how many bytes were cut (`… [+1234 bytes]`), so a reader sees that the end is missing
+/// and where. Text within `max` is left as is. With `max` below the marker's size the head alone
+/// is kept.
+pub fn truncate_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let marker = |cut: usize| format!(" \u{2026} [+{cut} bytes]");
+    // The marker names the bytes cut, which depends on where the cut falls: room is made for
+    // the largest possible count (the whole text), which is never shorter than the real one.
+    let reserve = marker(text.len()).len();
+    let with_marker = max >= reserve;
+    let mut end = if with_marker { max - reserve } else { max };
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    if with_marker {
+        text.push_str(&marker(cut));
+    }
 }
 
 /// Agent → gateway on a `Command` stream, last frame: how the command ended. Output larger than
@@ -299,7 +337,7 @@ pub struct CommandResult {
     /// The handler's output (or its tail, after `Data` frames).
     #[prost(bytes = "vec", tag = "2")]
     pub output: Vec<u8>,
-    /// A message for people: the error when it failed.
+    /// A message for people: the error when it failed; at most [`COMMAND_MESSAGE_MAX`] bytes.
     #[prost(string, tag = "3")]
     pub message: String,
 }

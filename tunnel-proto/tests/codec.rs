@@ -219,3 +219,58 @@ fn status_trailers_percent_encode_the_message() {
     let msg = t.metadata.iter().find(|m| m.key == "grpc-message").unwrap();
     assert_eq!(msg.value, b"upstream 100%25 down%0A");
 }
+
+proptest! {
+    /// Progress lines and result messages are cut to their caps: never longer than the cap,
+    /// unchanged when within it, otherwise the original's head (at a character boundary) and a
+    /// marker naming exactly how many bytes were cut.
+    #[test]
+    fn truncated_text_keeps_its_head_within_the_cap_and_says_how_much_was_cut(
+        text in "(\\PC|\u{1F600}|é){0,3000}",
+        max in 0usize..2100,
+    ) {
+        let mut t = text.clone();
+        truncate_text(&mut t, max);
+        prop_assert!(t.len() <= max || text.len() <= max);
+        if text.len() <= max {
+            prop_assert_eq!(&t, &text);
+        } else {
+            prop_assert!(t.len() <= max);
+            match t.rfind(" \u{2026} [+") {
+                Some(at) if t.ends_with(" bytes]") => {
+                    let head = &t[..at];
+                    prop_assert!(text.starts_with(head));
+                    let cut: usize = t[at..]
+                        .trim_start_matches(" \u{2026} [+")
+                        .trim_end_matches(" bytes]")
+                        .parse()
+                        .unwrap();
+                    prop_assert_eq!(head.len() + cut, text.len());
+                    // Nothing is given up beyond a partial character and the marker's spare
+                    // digits.
+                    let slack = max - t.len();
+                    prop_assert!(slack < 4 + 20, "{} bytes unused", slack);
+                }
+                _ => {
+                    // Too small for a marker: the head alone.
+                    prop_assert!(max < 40, "no marker with max {}", max);
+                    prop_assert!(text.starts_with(t.as_str()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_caps_leave_a_line_readable() {
+    let mut line = "x".repeat(128 << 10);
+    truncate_text(&mut line, COMMAND_PROGRESS_LINE_MAX);
+    assert!(line.len() <= COMMAND_PROGRESS_LINE_MAX);
+    assert!(line.ends_with(&format!(
+        " \u{2026} [+{} bytes]",
+        (128 << 10) - line.find(' ').unwrap()
+    )));
+    let mut short = "rollout 2/3".to_owned();
+    truncate_text(&mut short, COMMAND_MESSAGE_MAX);
+    assert_eq!(short, "rollout 2/3");
+}

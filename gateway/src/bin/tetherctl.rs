@@ -312,12 +312,12 @@ fn result_text(c: &v1::Command) -> String {
 
 fn print_commands(cmds: &[v1::Command]) {
     println!(
-        "{:<26} {:<20} {:<10} {:<10} {:<8} {:<10} RESULT",
+        "{:<33} {:<20} {:<10} {:<10} {:<8} {:<10} RESULT",
         "ID", "AGENT", "KIND", "STATE", "ATTEMPTS", "CREATED"
     );
     for c in cmds {
         println!(
-            "{:<26} {:<20} {:<10} {:<10} {:<8} {:<10} {}",
+            "{:<33} {:<20} {:<10} {:<10} {:<8} {:<10} {}",
             c.id,
             c.agent,
             c.kind,

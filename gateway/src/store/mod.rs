@@ -50,8 +50,11 @@ pub struct SubmitOutcome {
 /// Which commands `list` returns; empty fields match everything.
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
-    /// `<tenant>/<agent>`.
+    /// `<tenant>/<agent>`: read from the agent's index.
     pub agent: String,
+    /// Only these tenants' commands (a caller scoped to some tenants): read from their
+    /// indexes. `None`: every tenant.
+    pub tenants: Option<Vec<String>>,
     /// A `CommandState` value, 0 for any.
     pub state: i32,
     /// Command kind.
@@ -66,7 +69,37 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// Durable command state. Ids are assigned by the store and sort in submission order.
+/// What `list` found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListPage {
+    /// Matching commands in id order, at most the filter's `limit`.
+    pub commands: Vec<Command>,
+    /// Set when the read stopped at its budget ([`LIST_SCAN_RECORDS`], [`LIST_SCAN_BYTES`])
+    /// before `limit` matches: the id to go on after (the last record read, which may not
+    /// match). State, kind and time filters are checked record by record within the agent's,
+    /// the tenants' or the whole store's id range, so a filter that matches little ends its page
+    /// here instead of reading everything.
+    pub resume: Option<String>,
+}
+
+/// Records one `list` call reads at most (matching or not).
+pub const LIST_SCAN_RECORDS: usize = 10_000;
+/// Record bytes one `list` call reads at most.
+pub const LIST_SCAN_BYTES: usize = 32 << 20;
+
+/// Which finished commands `prune` deletes.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Finished before this (Unix ms).
+    pub finished_before_ms: u64,
+    /// And the oldest finished beyond this many.
+    pub keep: u64,
+    /// At most this many per call, so one call holds the writer briefly.
+    pub batch: usize,
+}
+
+/// Durable command state. Ids are assigned by the store, unguessable, and sort in submission
+/// order.
 pub trait CommandStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new command (its `id` is assigned here) unless `(agent, idempotency_key)` already
     /// names one, in which case that one is returned (its payload may be left out). Resolves
@@ -76,10 +109,14 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug + 'static {
     fn put(&self, command: Command) -> StoreFuture<()>;
     /// One command.
     fn get(&self, id: &str) -> Result<Option<Command>, StoreError>;
-    /// Commands matching `filter`, in id (submission) order; large payloads are left out.
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Command>, StoreError>;
+    /// Commands matching `filter`, in id (submission) order; large payloads and outputs are
+    /// left out. Reads a bounded part of the store per call (see [`ListPage::resume`]).
+    fn list(&self, filter: &ListFilter) -> Result<ListPage, StoreError>;
     /// Every command not in a final state, in submission order (for recovery at start).
     fn unfinished(&self) -> Result<Vec<Command>, StoreError>;
-    /// True when the store holds any command for `agent`.
+    /// True when the store holds any command for `agent` (or ever held one).
     fn knows_agent(&self, agent: &str) -> Result<bool, StoreError>;
+    /// Deletes up to `retention.batch` finished commands that are past `retention` (with their
+    /// payload, output, index entries and idempotency key); resolves to how many, once durable.
+    fn prune(&self, retention: Retention) -> StoreFuture<usize>;
 }
