@@ -33,5 +33,5 @@ pub enum GatewayError {
     DataDir(#[from] crate::data_dir::LockError),
     /// PKI operation failed.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Pki(#[from] crate::identity::pki::PkiError),
 }

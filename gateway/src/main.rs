@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tether_gateway::dev::{self, DevOptions};
-use tether_gateway::pki::{self, Ca};
+use tether_gateway::identity::pki::{self, Ca};
+use tether_gateway::tools::dev::{self, DevOptions};
 use tether_gateway::{GatewayConfig, GatewayError, Sockets};
 use tether_runtime::config::EXIT_CONFIG;
 use tether_runtime::logging::{self, LogFormat};
@@ -181,10 +181,10 @@ fn serve(
     };
     // TLS material and the JWKS file are part of the config: load them now so --check-config
     // catches a bad path.
-    if let Err(e) = tether_gateway::tunnel::tls_config(&cfg)
-        .and_then(|tls| tether_gateway::tunnel::server_config(&cfg, tls))
-        .and_then(|_| tether_gateway::auth::Authenticator::new(&cfg))
-        .and_then(|_| tether_gateway::enrollment::signing_ca(&cfg))
+    if let Err(e) = tether_gateway::tunnel::accept::tls_config(&cfg)
+        .and_then(|tls| tether_gateway::tunnel::accept::server_config(&cfg, tls))
+        .and_then(|_| tether_gateway::northbound::auth::Authenticator::new(&cfg))
+        .and_then(|_| tether_gateway::identity::enrollment::signing_ca(&cfg))
     {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
@@ -281,7 +281,7 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
 fn check_open_files_limit(cfg: &GatewayConfig) {
     /// Descriptors beside the northbound's: listeners, stores, and agents on TCP.
     const RESERVE: u64 = 1024;
-    match tether_gateway::limits::raise_open_files_limit() {
+    match tether_gateway::tunnel::admission::raise_open_files_limit() {
         Ok(limit) => {
             let wanted = u64::from(cfg.limits.northbound_connections) + RESERVE;
             if limit < wanted {

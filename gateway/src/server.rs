@@ -11,21 +11,21 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
-use crate::auth::{Authenticated, Authenticator};
-use crate::callers::CallersApi;
+use crate::commands::store::EmbeddedStore;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
-use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
-use crate::identity_db::IdentityDb;
-use crate::limits::Admission;
-use crate::listener::{LiveConnections, MarkAuthenticated};
-use crate::northbound::AgentsApi;
-use crate::registry::Registry;
-use crate::relay::{Relay, RelayService};
-use crate::store::EmbeddedStore;
-use crate::streams::StreamsApi;
-use crate::tunnel::{self, TunnelContext};
+use crate::identity::callers::CallersApi;
+use crate::identity::db::IdentityDb;
+use crate::identity::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
+use crate::northbound::agents::AgentsApi;
+use crate::northbound::auth::{Authenticated, Authenticator};
+use crate::northbound::listener::{LiveConnections, MarkAuthenticated};
+use crate::relay::grpc::{Relay, RelayService};
+use crate::relay::tcp::StreamsApi;
+use crate::tunnel::accept::{self as tunnel, TunnelContext};
+use crate::tunnel::admission::Admission;
+use crate::tunnel::registry::Registry;
 
 /// The gateway's listeners, bound before start.
 #[derive(Debug)]
@@ -271,11 +271,11 @@ pub async fn start(
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
     // Every request, the relay's included, is authenticated before it is routed; one that
     // gets through tells its connection so.
-    let northbound = tokio::spawn(crate::listener::serve(
+    let northbound = tokio::spawn(crate::northbound::listener::serve(
         nb_listener,
         tls,
         Authenticated::new(auth, MarkAuthenticated(routes.prepare())),
-        crate::listener::ListenerLimits {
+        crate::northbound::listener::ListenerLimits {
             handshake_timeout: cfg.limits.northbound_handshake_timeout,
             idle_timeout: cfg.limits.northbound_idle_timeout,
             unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,

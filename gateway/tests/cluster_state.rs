@@ -10,7 +10,7 @@ use tether_gateway::cluster::events::{self, EventKind};
 use tether_gateway::cluster::lease::{self, FenceError};
 use tether_gateway::cluster::replica::{self, Liveness, Replica};
 use tether_gateway::config::StoreConfig;
-use tether_gateway::local_postgres::{LocalPostgres, LocalPostgresOptions};
+use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
 fn server() -> LocalPostgres {
     LocalPostgres::start(LocalPostgresOptions::default()).unwrap_or_else(|e| panic!("{e}"))

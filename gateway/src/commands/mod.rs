@@ -22,6 +22,8 @@
 //! [`COMMAND_MESSAGE_MAX`], and an output above `commands.max_output` fails the command. Finished
 //! commands are deleted after `commands.retention` or beyond `commands.retention_max`.
 
+pub mod store;
+
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -43,11 +45,11 @@ use tunnel_proto::message::{
 };
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
-use crate::auth::{Caller, TenantScope, caller};
+use crate::commands::store::embedded::is_final;
+use crate::commands::store::{CommandStore, ListFilter, Retention, StoreError};
 use crate::config::CommandsConfig;
-use crate::registry::{Registry, SessionInfo};
-use crate::store::embedded::is_final;
-use crate::store::{CommandStore, ListFilter, Retention, StoreError};
+use crate::northbound::auth::{Caller, TenantScope, caller};
+use crate::tunnel::registry::{Registry, SessionInfo};
 
 /// Progress lines kept per command (the last ones).
 pub const PROGRESS_KEPT: usize = 20;
@@ -423,7 +425,7 @@ impl Commands {
         let n = w.get(&key).copied().unwrap_or(0);
         if n >= limit {
             drop(w);
-            crate::limits::count_rejection("command_watches_per_caller");
+            crate::tunnel::admission::count_rejection("command_watches_per_caller");
             return Err(CommandError::TooManyWatches {
                 caller: caller.name.clone(),
                 limit,
@@ -582,7 +584,7 @@ impl Commands {
             free
         };
         if !reserved {
-            crate::limits::count_rejection("pending_commands_per_agent");
+            crate::tunnel::admission::count_rejection("pending_commands_per_agent");
             return Err(CommandError::TooManyPending {
                 agent: cmd.agent,
                 limit,

@@ -31,9 +31,9 @@ use tether_api::v1::callers_server::{Callers, CallersServer};
 use tonic::{Request, Response, Status};
 use tunnel_proto::SpiffeId;
 
-use crate::identity_db::{IdentityDb, IdentityDbError};
-use crate::listener::LiveConnections;
-use crate::revocation::{CertFacts, MAX_REASON, from_ms, to_ms};
+use crate::identity::db::{IdentityDb, IdentityDbError};
+use crate::identity::revocation::{CertFacts, MAX_REASON, from_ms, to_ms};
+use crate::northbound::listener::LiveConnections;
 
 /// The revocation of a caller name, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,7 +228,7 @@ impl Callers for CallersApi {
         req: Request<v1::RevokeCallerRequest>,
     ) -> Result<Response<v1::RevokeCallerResponse>, Status> {
         const METHOD: &str = "tether.v1.Callers/Revoke";
-        let caller = crate::auth::caller(&req)?;
+        let caller = crate::northbound::auth::caller(&req)?;
         caller.authorize_every_tenant(METHOD)?;
         let r = req.into_inner();
         let done = revoke(
@@ -322,7 +322,7 @@ pub async fn revoke(
         .close_matching(|certs| certs.first().is_some_and(|c| list.refusal_of(c).is_some()))
         .iter()
         .filter_map(|certs| certs.0.first())
-        .map(|c| crate::revocation::sha256_hex(c.as_ref()))
+        .map(|c| crate::identity::revocation::sha256_hex(c.as_ref()))
         .collect();
     tracing::warn!(caller = name, fingerprint = ?fingerprint, reason, revoked_by,
         connections_closed = closed.len(), "northbound caller revoked");

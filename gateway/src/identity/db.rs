@@ -31,8 +31,8 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tunnel_proto::AgentId;
 
-use crate::callers::{CallerRevocation, CallerRevocationList, RevokedCallerCert};
-use crate::revocation::{AgentRevocation, RevocationList, RevokedCert};
+use crate::identity::callers::{CallerRevocation, CallerRevocationList, RevokedCallerCert};
+use crate::identity::revocation::{AgentRevocation, RevocationList, RevokedCert};
 
 /// agent id → [`AgentRevocation`] (JSON).
 const REVOKED_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_agents");

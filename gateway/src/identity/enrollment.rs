@@ -49,13 +49,13 @@ use x509_parser::prelude::FromDer;
 
 use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
-use crate::identity_db::{
+use crate::identity::db::{
     IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
 };
-use crate::limits::{Full, KeyedRate, Shares, count_idle_timeout, count_rejection};
-use crate::northbound::{Caller, authenticate};
-use crate::pki::{Ca, LeafSpec, PkiError};
-use crate::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
+use crate::identity::pki::{Ca, LeafSpec, PkiError};
+use crate::identity::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
+use crate::northbound::agents::{Caller, authenticate};
+use crate::tunnel::admission::{Full, KeyedRate, Shares, count_idle_timeout, count_rejection};
 
 pub use tunnel_proto::ENROLL_ALPN;
 
@@ -273,7 +273,7 @@ impl Enrollment {
             agent: id.to_string(),
             created_ms: to_ms(now),
             expires_ms: to_ms(expires),
-            state: crate::identity_db::TokenState::Pending,
+            state: crate::identity::db::TokenState::Pending,
             changed_ms: None,
             created_by: created_by.to_owned(),
             certificate: None,
@@ -508,7 +508,7 @@ pub fn signing_ca(cfg: &GatewayConfig) -> Result<(Option<Ca>, String), GatewayEr
     };
     let cert = cfg.enrollment.ca_cert.as_ref().unwrap_or(&cfg.tls.ca);
     let ca = Ca::from_files(cert, key, &cfg.trust_domain)?;
-    if !crate::pki::bundle_contains(&bundle, &ca.cert_pem) {
+    if !crate::identity::pki::bundle_contains(&bundle, &ca.cert_pem) {
         return Err(PkiError::CaMismatch {
             cert: cfg.tls.ca.clone(),
             reason: "it does not hold the CA certificate of enrollment.ca_key: the gateway \
@@ -660,7 +660,7 @@ impl EnrollmentService for EnrollmentApi {
             ));
         }
         const METHOD: &str = "tether.v1.Enrollment/CreateToken";
-        let caller: Caller = crate::auth::caller(&req)?;
+        let caller: Caller = crate::northbound::auth::caller(&req)?;
         let r = req.into_inner();
         // A token enrolls an agent of the tenant: only a caller acting for it may mint one.
         let agent = format!("{}/{}", r.tenant, r.agent);
@@ -912,7 +912,7 @@ mod tests {
 
     /// An enrollment service on a fresh PKI in `dir` (signing when `signing`), its store there.
     fn service(dir: &std::path::Path, signing: bool) -> (Enrollment, Arc<IdentityDb>) {
-        crate::pki::init(&dir.join("pki"), "td", &["localhost".into()], false).unwrap();
+        crate::identity::pki::init(&dir.join("pki"), "td", &["localhost".into()], false).unwrap();
         let mut cfg: GatewayConfig =
             toml::from_str("trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
                 .unwrap();
@@ -1113,7 +1113,7 @@ mod tests {
         assert_eq!(r.code, tonic::Code::FailedPrecondition as i32);
         // enrollment.ca_key of a CA that tls.ca does not hold: refused at start.
         let other = tempfile::tempdir().unwrap();
-        crate::pki::init(other.path(), "td", &["localhost".into()], false).unwrap();
+        crate::identity::pki::init(other.path(), "td", &["localhost".into()], false).unwrap();
         let mut cfg: GatewayConfig =
             toml::from_str("trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")
                 .unwrap();

@@ -24,8 +24,8 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tunnel_proto::{AgentId, ErrorCode};
 
-use crate::identity_db::{IdentityDb, IdentityDbError};
-use crate::registry::{Registry, SessionCommand};
+use crate::identity::db::{IdentityDb, IdentityDbError};
+use crate::tunnel::registry::{Registry, SessionCommand};
 
 /// Longest reason a revocation may carry (it travels in the session's close frame).
 pub const MAX_REASON: usize = 256;

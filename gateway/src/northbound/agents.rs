@@ -16,9 +16,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tunnel_proto::AgentId;
 
-pub use crate::auth::Caller;
-use crate::auth::caller;
-use crate::registry::{AgentSnapshot, Registry, SessionInfo};
+pub use crate::northbound::auth::Caller;
+use crate::northbound::auth::caller;
+use crate::tunnel::registry::{AgentSnapshot, Registry, SessionInfo};
 
 /// Checks that the request was authenticated (by `auth::Authenticated`, which wraps every
 /// northbound service); usable as a tonic interceptor.
@@ -32,7 +32,7 @@ pub fn authenticate(_trust_domain: &str, req: Request<()>) -> Result<Request<()>
 pub struct AgentsApi {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
-    identity: Option<Arc<crate::identity_db::IdentityDb>>,
+    identity: Option<Arc<crate::identity::db::IdentityDb>>,
 }
 
 impl AgentsApi {
@@ -46,7 +46,7 @@ impl AgentsApi {
     }
 
     /// Serves `Revoke` with revocations stored in `identity` (without it: UNIMPLEMENTED).
-    pub fn with_identity(mut self, identity: Arc<crate::identity_db::IdentityDb>) -> Self {
+    pub fn with_identity(mut self, identity: Arc<crate::identity::db::IdentityDb>) -> Self {
         self.identity = Some(identity);
         self
     }
@@ -235,10 +235,12 @@ impl Agents for AgentsApi {
         let id = parse_agent(&r.agent)?;
         caller.authorize(METHOD, &id)?;
         tracing::info!(agent = %id, caller = %caller.name, "revocation requested");
-        let done = crate::revocation::revoke(&self.registry, identity, &id, &r.reason)
+        let done = crate::identity::revocation::revoke(&self.registry, identity, &id, &r.reason)
             .await
             .map_err(|e| e.status())?;
         caller.audit_allowed(METHOD, &id, &format!("revoked: {}", r.reason));
-        Ok(Response::new(crate::revocation::response(&id, &done)))
+        Ok(Response::new(crate::identity::revocation::response(
+            &id, &done,
+        )))
     }
 }

@@ -30,8 +30,8 @@ use tether_runtime::logging::LogThrottle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::limits::{Connections, count_idle_timeout, count_rejection};
-pub use crate::live_connections::LiveConnections;
+pub use crate::northbound::live_connections::LiveConnections;
+use crate::tunnel::admission::{Connections, count_idle_timeout, count_rejection};
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use tether_runtime::CancellationToken;
 
-use crate::listener::PeerCerts;
+use crate::northbound::listener::PeerCerts;
 
 /// The caller connections open now that presented a certificate, so that a feature above can
 /// close some of them (a revoked caller's: `callers`).

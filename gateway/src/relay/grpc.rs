@@ -40,9 +40,9 @@ use tonic::{Code, Status};
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::{AgentId, ErrorCode, Message};
 
-use crate::auth::Caller;
-use crate::limits::{AgentStreams, StreamPermit};
-use crate::registry::{Registry, SessionInfo};
+use crate::northbound::auth::Caller;
+use crate::tunnel::admission::{AgentStreams, StreamPermit};
+use crate::tunnel::registry::{Registry, SessionInfo};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

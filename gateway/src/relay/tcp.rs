@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tunnel_proto::message::{StreamHeader, StreamKind};
 use tunnel_proto::{ErrorCode, Message};
 
-use crate::relay::Relay;
+use crate::relay::grpc::Relay;
 
 /// `tether.v1.Streams`.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ impl Streams for StreamsApi {
         &self,
         req: Request<Streaming<StreamChunk>>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let caller = crate::auth::caller(&req)?;
+        let caller = crate::northbound::auth::caller(&req)?;
         let headers = req.metadata().clone().into_headers();
         let (agent, service) = self
             .relay

@@ -17,9 +17,9 @@ use tunnel_proto::AgentId;
 use crate::config::{
     GatewayConfig, LogConfig, NorthboundConfig, OpsConfig, TlsConfig, TunnelConfig,
 };
-use crate::ctl::{self, DevJson};
-use crate::pki::{self, Ca};
+use crate::identity::pki::{self, Ca};
 use crate::server::{self, Sockets};
+use crate::tools::ctl::{self, DevJson};
 
 /// Options of the `dev` command.
 #[derive(Debug, Clone)]
@@ -150,9 +150,9 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         .map_err(|e| format!("binding the demo upstream: {e}"))?;
     let demo_addr = demo_listener.local_addr().map_err(|e| e.to_string())?;
     let demo_stop = CancellationToken::new();
-    tokio::spawn(crate::demo::serve(
+    tokio::spawn(crate::tools::demo::serve(
         demo_listener,
-        crate::demo::EchoService::default(),
+        crate::tools::demo::EchoService::default(),
         demo_stop.clone(),
     ));
     let agent_toml = format!(

@@ -30,13 +30,13 @@ use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::limits::{
+use crate::identity::revocation::{CertFacts, RevocationList};
+use crate::tunnel::admission::{
     Admission, Admit, AgentSessions, HandshakeSlot, SessionPermit, count_idle_timeout,
     count_rejection,
 };
-use crate::registry::{NewSession, Registry, SessionCommand, SessionInfo};
-use crate::revocation::{CertFacts, RevocationList};
-use crate::verifier::{AgentVerifier, count_refusal};
+use crate::tunnel::registry::{NewSession, Registry, SessionCommand, SessionInfo};
+use crate::tunnel::verifier::{AgentVerifier, count_refusal};
 
 /// The tunnel's TLS config, for QUIC and TCP alike: TLS 1.3, ALPN `tether/1`, mandatory agent
 /// client certificates checked by [`AgentVerifier`] (with an empty revocation list).
@@ -142,7 +142,7 @@ pub struct TunnelContext {
     /// Other protocols on the tunnel's TCP port, chosen by the ClientHello's ALPN (enrollment).
     pub side_doors: Vec<SideDoor>,
     /// Signs renewal requests made on sessions (`RenewRequest`); `None`: not offered.
-    pub renewal: Option<Arc<crate::enrollment::Enrollment>>,
+    pub renewal: Option<Arc<crate::identity::enrollment::Enrollment>>,
     /// Connections per agent identity (`limits.sessions_per_agent`).
     pub sessions: AgentSessions,
     /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
@@ -185,7 +185,10 @@ impl TunnelContext {
 
     /// Offers certificate renewal on every session (`Welcome` lists `renew`) when `enrollment`
     /// can sign.
-    pub fn with_renewal(mut self, enrollment: Arc<crate::enrollment::Enrollment>) -> Self {
+    pub fn with_renewal(
+        mut self,
+        enrollment: Arc<crate::identity::enrollment::Enrollment>,
+    ) -> Self {
         if enrollment.enabled() {
             self.session
                 .capabilities
@@ -643,7 +646,7 @@ async fn drive_session(
                         link: link.clone(),
                         cert_fingerprint: cert.fingerprint.clone(),
                         cert_serial: cert.serial.clone(),
-                        cert_not_after: crate::revocation::from_ms(cert.not_after * 1000),
+                        cert_not_after: crate::identity::revocation::from_ms(cert.not_after * 1000),
                     });
                     tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");

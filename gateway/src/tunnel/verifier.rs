@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
 
-use crate::revocation::{CertFacts, RevocationList};
+use crate::identity::revocation::{CertFacts, RevocationList};
 
 /// Metric: refused agent handshakes by reason.
 pub const HANDSHAKE_FAILURES: &str = "tether_gateway_handshake_failures_total";

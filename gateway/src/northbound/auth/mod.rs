@@ -43,10 +43,10 @@ use tether_runtime::tls::spiffe_id;
 use tonic::Status;
 use tunnel_proto::{AgentId, SpiffeId};
 
-use crate::callers::CallerRevocationList;
 use crate::config::{AuthConfig, GatewayConfig, PolicyKind};
 use crate::error::GatewayError;
-use crate::listener::PeerCerts;
+use crate::identity::callers::CallerRevocationList;
+use crate::northbound::listener::PeerCerts;
 
 /// The tracing target of audit events.
 pub const AUDIT_TARGET: &str = "tether::audit";

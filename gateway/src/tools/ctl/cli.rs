@@ -1,13 +1,13 @@
-//! `tetherctl`: the command-line client of the northbound API.
+//! `tetherctl`'s command line: its flags, and what each command does.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use crate::tools::ctl::{self, DEV_JSON, DevJson, Target};
 use clap::{Parser, Subcommand, ValueEnum};
 use tether_api::v1;
 use tether_api::v1::agents_client::AgentsClient;
-use tether_gateway::ctl::{self, DEV_JSON, DevJson, Target};
 
 #[derive(Parser)]
 #[command(
@@ -892,7 +892,8 @@ async fn carry(
     wr.shutdown().await.map_err(|e| e.to_string())
 }
 
-fn main() -> ExitCode {
+/// Runs `tetherctl` with the process's arguments.
+pub fn main() -> ExitCode {
     tether_runtime::tls::install_crypto_provider();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
