@@ -611,7 +611,8 @@ pub fn bearer_token(data: &[u8]) -> Outcome {
 /// and the label of a call that reached no agent is the fixed [`tether_gateway::relay::grpc::UNROUTED`],
 /// so no input becomes a metrics series of its own.
 pub fn relay_metadata(data: &[u8]) -> Outcome {
-    use tether_gateway::relay::grpc::{UNROUTED, agent_of_metadata, tenant_label};
+    use tether_gateway::relay::agent_of_metadata;
+    use tether_gateway::relay::grpc::{UNROUTED, tenant_label};
     assert_eq!(tenant_label(None), UNROUTED);
     let Ok(value) = HeaderValue::from_bytes(data) else {
         return Outcome::Refused;

@@ -181,8 +181,8 @@ fn serve(
     };
     // TLS material and the JWKS file are part of the config: load them now so --check-config
     // catches a bad path.
-    if let Err(e) = tether_gateway::tunnel::accept::tls_config(&cfg)
-        .and_then(|tls| tether_gateway::tunnel::accept::server_config(&cfg, tls))
+    if let Err(e) = tether_gateway::tunnel::tls::tls_config(&cfg)
+        .and_then(|tls| tether_gateway::tunnel::tls::server_config(&cfg, tls))
         .and_then(|_| tether_gateway::northbound::auth::Authenticator::new(&cfg))
         .and_then(|_| tether_gateway::identity::enrollment::signing_ca(&cfg))
     {
@@ -194,7 +194,7 @@ fn serve(
         return ExitCode::SUCCESS;
     }
     logging::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-    check_open_files_limit(&cfg);
+    tether_gateway::server::check_open_files_limit(&cfg);
     runtime().block_on(async {
         let shutdown = tether_runtime::shutdown::on_signals();
         let sockets = match Sockets::bind(&cfg) {
@@ -274,24 +274,4 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
             )
         }
     })
-}
-
-/// Raises the open-file limit as far as the hard limit allows, and warns when it leaves too
-/// few descriptors for the northbound connections allowed plus agents on the TCP fallback.
-fn check_open_files_limit(cfg: &GatewayConfig) {
-    /// Descriptors beside the northbound's: listeners, stores, and agents on TCP.
-    const RESERVE: u64 = 1024;
-    match tether_gateway::tunnel::admission::raise_open_files_limit() {
-        Ok(limit) => {
-            let wanted = u64::from(cfg.limits.northbound_connections) + RESERVE;
-            if limit < wanted {
-                tracing::warn!(
-                    limit,
-                    wanted,
-                    "the open-file limit is below limits.northbound_connections plus {RESERVE} for listeners and agents on TCP: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.northbound_connections"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
-    }
 }

@@ -425,7 +425,7 @@ impl Commands {
         let n = w.get(&key).copied().unwrap_or(0);
         if n >= limit {
             drop(w);
-            crate::tunnel::admission::count_rejection("command_watches_per_caller");
+            crate::metrics::count_rejection(crate::metrics::Limit::CommandWatchesPerCaller);
             return Err(CommandError::TooManyWatches {
                 caller: caller.name.clone(),
                 limit,
@@ -584,7 +584,7 @@ impl Commands {
             free
         };
         if !reserved {
-            crate::tunnel::admission::count_rejection("pending_commands_per_agent");
+            crate::metrics::count_rejection(crate::metrics::Limit::PendingCommandsPerAgent);
             return Err(CommandError::TooManyPending {
                 agent: cmd.agent,
                 limit,

@@ -54,8 +54,9 @@ use crate::identity::db::{
 };
 use crate::identity::pki::{Ca, LeafSpec, PkiError};
 use crate::identity::revocation::{CertFacts, RevocationList, from_ms, sha256_hex, to_ms};
+use crate::metrics::{IdleIn, Limit, count_idle_timeout, count_rejection};
 use crate::northbound::agents::{Caller, authenticate};
-use crate::tunnel::admission::{Full, KeyedRate, Shares, count_idle_timeout, count_rejection};
+use crate::quota::{Full, KeyedRate, Shares};
 
 pub use tunnel_proto::ENROLL_ALPN;
 
@@ -255,7 +256,7 @@ impl Enrollment {
             return Err(EnrollError::Disabled);
         }
         if !self.creations.take(&rate_key.to_owned(), Instant::now()) {
-            count_rejection("token_creations_per_minute");
+            count_rejection(Limit::TokenCreationsPerMinute);
             return Err(EnrollError::CreationRate(created_by.to_owned()));
         }
         let id = AgentId::new(tenant, agent).map_err(EnrollError::BadIdentity)?;
@@ -287,7 +288,7 @@ impl Enrollment {
             .await
             .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
         if let Err(e) = stored {
-            count_rejection("pending_tokens_per_agent");
+            count_rejection(Limit::PendingTokensPerAgent);
             return Err(e.into());
         }
         metrics::counter!("tether_gateway_enrollment_tokens_created_total").increment(1);
@@ -312,7 +313,7 @@ impl Enrollment {
         let result = match self.issuing.take(&ip) {
             Ok(_share) => self.enroll_inner(token, csr_pem).await,
             Err(full) => {
-                count_rejection("enrollments_in_progress");
+                count_rejection(Limit::EnrollmentsInProgress);
                 Err(EnrollError::Busy(full == Full::Key))
             }
         };
@@ -770,7 +771,7 @@ impl EnrollEndpoint {
         let _place = match self.connections.take(&remote.ip()) {
             Ok(p) => p,
             Err(full) => {
-                count_rejection("enrollment_connections");
+                count_rejection(Limit::EnrollmentConnections);
                 metrics::counter!("tether_gateway_enrollments_total", "result" => "busy")
                     .increment(1);
                 tracing::debug!(%remote, per_address = (full == Full::Key),
@@ -788,7 +789,7 @@ impl EnrollEndpoint {
                     return;
                 }
                 Err(_) => {
-                    count_idle_timeout("enrollment");
+                    count_idle_timeout(IdleIn::Enrollment);
                     tracing::info!(%remote, "enrollment TLS handshake timed out");
                     return;
                 }
@@ -798,7 +799,7 @@ impl EnrollEndpoint {
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 if arrived.send_replace(true) {
-                    count_rejection("enrollment_requests_per_connection");
+                    count_rejection(Limit::EnrollmentRequestsPerConnection);
                     let status =
                         Status::resource_exhausted("one request per enrollment connection");
                     return futures::future::Either::Left(std::future::ready(Ok(
@@ -822,7 +823,7 @@ impl EnrollEndpoint {
             }
             w = waited => {
                 if !matches!(w, Ok(Ok(_))) {
-                    count_idle_timeout("enrollment");
+                    count_idle_timeout(IdleIn::Enrollment);
                     tracing::debug!(%remote, "no enrollment request in {FIRST_REQUEST_TIMEOUT:?}; closing");
                     return;
                 }
@@ -834,7 +835,7 @@ impl EnrollEndpoint {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "enrollment connection ended"),
             Err(_) => {
-                count_idle_timeout("enrollment");
+                count_idle_timeout(IdleIn::Enrollment);
                 tracing::debug!(%remote, "enrollment request not done in {REQUEST_TIMEOUT:?}; closed");
             }
         }

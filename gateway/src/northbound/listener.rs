@@ -16,8 +16,10 @@
 //! `unauthenticated_timeout` of its handshake is closed (with bearer tokens on, anyone can
 //! finish TLS without a certificate); after that, `idle_timeout` without a call open.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -30,8 +32,8 @@ use tether_runtime::logging::LogThrottle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::metrics::{IdleIn, Limit, count_idle_timeout, count_rejection};
 pub use crate::northbound::live_connections::LiveConnections;
-use crate::tunnel::admission::{Connections, count_idle_timeout, count_rejection};
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
@@ -160,7 +162,7 @@ pub async fn serve<S, B>(
             Ok(slot) => slot,
             Err(limit) => {
                 if let Some(held_back) = refusals.allow(std::time::Instant::now()) {
-                    tracing::warn!(%peer, limit, open = connections.open_now(),
+                    tracing::warn!(%peer, limit = limit.as_str(), open = connections.open_now(),
                         refusals_since_last_warning = held_back,
                         "refusing a northbound connection: limits.{limit} reached");
                 }
@@ -182,7 +184,7 @@ pub async fn serve<S, B>(
                         return;
                     }
                     Err(_) => {
-                        count_idle_timeout("northbound_tls");
+                        count_idle_timeout(IdleIn::NorthboundTls);
                         tracing::info!(%peer, "northbound TLS handshake timed out");
                         return;
                     }
@@ -216,7 +218,7 @@ pub async fn serve<S, B>(
                 let service = service.clone();
                 async move {
                     if too_big {
-                        count_rejection("header_list_size");
+                        count_rejection(Limit::HeaderListSize);
                         let status = tonic::Status::resource_exhausted(format!(
                             "request headers are above {max_headers} bytes (limits.max_header_list_size)"
                         ));
@@ -270,14 +272,14 @@ pub async fn serve<S, B>(
                     }
                 }
                 _ = unauthenticated => {
-                    count_idle_timeout("northbound_unauthenticated");
+                    count_idle_timeout(IdleIn::NorthboundUnauthenticated);
                     tracing::debug!(%peer, timeout = ?limits.unauthenticated_timeout,
                         "closing a northbound connection on which no caller authenticated");
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await;
                 }
                 _ = idle => {
-                    count_idle_timeout("northbound_idle");
+                    count_idle_timeout(IdleIn::NorthboundIdle);
                     tracing::debug!(%peer, timeout = ?limits.idle_timeout,
                         "closing an idle northbound connection");
                     conn.as_mut().graceful_shutdown();
@@ -350,7 +352,7 @@ fn size_status_to_resource_exhausted(headers: &mut http::HeaderMap) {
             .any(|needle| m.windows(needle.len()).any(|w| w == *needle))
         });
     if is_size_error {
-        count_rejection("message_size");
+        count_rejection(Limit::MessageSize);
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
 }
@@ -383,5 +385,116 @@ impl http_body::Body for Guarded {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+// === Connections ===
+
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: u32,
+    /// Entries leave at zero: the map never holds more addresses than open connections.
+    per_address: HashMap<IpAddr, u32>,
+}
+
+/// Northbound connections open at once, capped in total (`limits.northbound_connections`) and
+/// per source address (`limits.northbound_connections_per_address`). Checked as a connection
+/// is accepted, before TLS: a refused one costs a file descriptor for an instant.
+#[derive(Debug)]
+pub struct Connections {
+    total: u32,
+    per_address: u32,
+    counts: Mutex<ConnectionCounts>,
+}
+
+/// One open northbound connection; released when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    /// From `[limits]`.
+    pub fn new(total: u32, per_address: u32) -> Arc<Connections> {
+        Arc::new(Connections {
+            total,
+            per_address,
+            counts: Mutex::default(),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or the limit it would exceed (counted as a refusal):
+    /// `northbound_connections_per_address` or `northbound_connections`.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Limit> {
+        let mut c = self.lock();
+        let limit = if c.per_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
+            Limit::NorthboundConnectionsPerAddress
+        } else if c.total >= self.total {
+            Limit::NorthboundConnections
+        } else {
+            c.total += 1;
+            *c.per_address.entry(ip).or_default() += 1;
+            return Ok(ConnectionSlot {
+                connections: self.clone(),
+                ip,
+            });
+        };
+        drop(c);
+        count_rejection(limit);
+        Err(limit)
+    }
+
+    /// Connections open now.
+    pub fn open_now(&self) -> u32 {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.connections.lock();
+        c.total -= 1;
+        if let Some(n) = c.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn northbound_connections_are_capped_per_address_then_in_total() {
+        let c = Connections::new(3, 2);
+        let (x, y, z): (IpAddr, IpAddr, IpAddr) = (
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            [10, 0, 0, 3].into(),
+        );
+        let x1 = c.open(x).unwrap();
+        let _x2 = c.open(x).unwrap();
+        assert_eq!(
+            c.open(x).unwrap_err(),
+            Limit::NorthboundConnectionsPerAddress
+        );
+        assert_eq!(
+            Limit::NorthboundConnectionsPerAddress.as_str(),
+            "northbound_connections_per_address"
+        );
+        let _y1 = c.open(y).unwrap();
+        assert_eq!(c.open(z).unwrap_err(), Limit::NorthboundConnections);
+        drop(x1);
+        assert_eq!(c.open_now(), 2);
+        let _z1 = c.open(z).unwrap();
+        assert_eq!(c.lock().per_address.len(), 3);
     }
 }

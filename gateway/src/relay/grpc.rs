@@ -1,4 +1,5 @@
-//! Feature layer: the transparent gRPC relay on the northbound listener.
+//! Feature layer: the transparent gRPC relay on the northbound listener, and the pumps that
+//! carry one call's bytes.
 //!
 //! Any call to a service other than `tether.v1.*` that carries `tether-agent: <tenant>/<agent>`
 //! (and optionally `tether-service: <name>`) is carried over a new gateway-opened QUIC stream to
@@ -23,7 +24,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -32,139 +32,20 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
-use tether_runtime::grpc::{self, TETHER_AGENT, TETHER_SERVICE};
-use tether_runtime::stream::{FramedRecv, send_data, send_msg};
-use tether_runtime::transport::{RecvStream, SendStream};
+use tether_runtime::grpc;
+use tether_runtime::stream::{FramedRecv, send_data};
+use tether_runtime::transport::SendStream;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
-use tunnel_proto::{AgentId, ErrorCode, Message};
+use tunnel_proto::{ErrorCode, Message};
 
+use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
 use crate::northbound::auth::Caller;
-use crate::tunnel::admission::{AgentStreams, StreamPermit};
-use crate::tunnel::registry::{Registry, SessionInfo};
+use crate::relay::limits::StreamPermit;
+use crate::relay::{Relay, record_call, record_first_byte};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How long opening a stream may wait when the agent's stream limit is reached and the call has
-/// no deadline of its own.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Shared state of the relay.
-#[derive(Debug)]
-pub struct Relay {
-    registry: Arc<Registry>,
-    next: AtomicUsize,
-    streams: AgentStreams,
-}
-
-impl Relay {
-    /// A relay over `registry`'s sessions, with no cap on streams per agent but the tunnel's.
-    pub fn new(registry: Arc<Registry>) -> Arc<Relay> {
-        Self::with_stream_limit(registry, u32::MAX)
-    }
-
-    /// A relay carrying at most `streams_per_agent` calls and TCP streams to one agent at a
-    /// time (`limits.streams_per_agent`).
-    pub fn with_stream_limit(registry: Arc<Registry>, streams_per_agent: u32) -> Arc<Relay> {
-        Arc::new(Relay {
-            registry,
-            next: AtomicUsize::new(0),
-            streams: AgentStreams::new(streams_per_agent),
-        })
-    }
-
-    /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
-    /// A stream stays on the session it was opened on.
-    pub fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, Status> {
-        let snapshot = self.registry.get(agent).ok_or_else(|| {
-            Status::not_found(format!("agent {agent} is not known to this gateway"))
-        })?;
-        if snapshot.sessions.is_empty() {
-            return Err(Status::unavailable(format!(
-                "agent {agent} is not connected"
-            )));
-        }
-        // Make-before-break: while an agent instance moves to a new session (GoAway, or back
-        // from the TCP fallback to QUIC), its older session only finishes what it carries.
-        // Sessions are in connection order, so the newest of each instance is the last.
-        let s = &snapshot.sessions;
-        let current: Vec<&Arc<SessionInfo>> = s
-            .iter()
-            .enumerate()
-            .filter(|(i, a)| {
-                !s[i + 1..]
-                    .iter()
-                    .any(|b| b.hello.instance_id == a.hello.instance_id)
-            })
-            .map(|(_, a)| a)
-            .collect();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % current.len();
-        Ok(current[i].clone())
-    }
-
-    /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
-    /// for the agent's tenant (`method` names the call in audit events).
-    pub fn route(
-        &self,
-        headers: &HeaderMap,
-        caller: &Caller,
-        method: &'static str,
-    ) -> Result<(AgentId, String), Status> {
-        let agent = agent_of_metadata(headers)?;
-        caller.authorize(method, &agent)?;
-        let service = match headers.get(TETHER_SERVICE) {
-            None => String::new(),
-            Some(v) => v
-                .to_str()
-                .map_err(|_| Status::invalid_argument("tether-service metadata is not text"))?
-                .to_owned(),
-        };
-        Ok((agent, service))
-    }
-
-    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header. The permit
-    /// counts the stream against `limits.streams_per_agent` until dropped: keep it as long as
-    /// the stream lives.
-    pub async fn open(
-        &self,
-        agent: &AgentId,
-        header: StreamHeader,
-        deadline: Option<Instant>,
-    ) -> Result<(SendStream, RecvStream, StreamPermit), Status> {
-        let session = self.pick(agent)?;
-        let permit = self.streams.acquire(agent).ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "agent {agent} has {} streams in flight, the limit (limits.streams_per_agent); retry when some have ended",
-                self.streams.max()
-            ))
-        })?;
-        let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
-        let (mut send, recv) =
-            match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    return Err(Status::unavailable(format!(
-                        "agent {agent}: connection lost: {e}"
-                    )));
-                }
-                Err(_) if deadline.is_some() => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "deadline passed waiting for a stream to agent {agent}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(Status::resource_exhausted(format!(
-                        "agent {agent} has no free stream for {OPEN_TIMEOUT:?}"
-                    )));
-                }
-            };
-        send_msg(&mut send, &Message::StreamHeader(header))
-            .await
-            .map_err(|e| Status::unavailable(format!("agent {agent}: {e}")))?;
-        Ok((send, recv, permit))
-    }
-}
 
 /// The tower service mounted as the northbound router's fallback.
 #[derive(Clone, Debug)]
@@ -194,8 +75,7 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
             let mut tenant = None;
             match relay_call(&relay, req, &mut tenant).await {
                 Ok(resp) => {
-                    metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "grpc")
-                        .record(started.elapsed().as_secs_f64());
+                    record_first_byte(RelayKind::Grpc, started);
                     Ok(resp)
                 }
                 Err(status) => {
@@ -222,21 +102,7 @@ pub fn tenant_label(routed: Option<&str>) -> &str {
 }
 
 fn record_end(tenant: &str, code: Code) {
-    metrics::counter!("tether_gateway_relay_calls_total", "kind" => "grpc", "tenant" => tenant.to_owned(),
-        "code" => format!("{code:?}")).increment(1);
-}
-
-/// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.
-pub fn agent_of_metadata(headers: &HeaderMap) -> Result<AgentId, Status> {
-    headers
-        .get(TETHER_AGENT)
-        .ok_or_else(|| {
-            Status::invalid_argument("missing tether-agent metadata: set it to <tenant>/<agent>")
-        })?
-        .to_str()
-        .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
-        .parse::<AgentId>()
-        .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))
+    record_call(RelayKind::Grpc, tenant, code);
 }
 
 /// Relays one call; `tenant` is set to the agent's tenant once the call is routed to an agent
@@ -278,7 +144,7 @@ async fn relay_call(
     }
     let (send, recv, permit) = opened?;
     let tenant = agent.tenant().to_owned();
-    let active = ActiveGuard::new("grpc", permit);
+    let active = ActiveGuard::new(RelayKind::Grpc, permit);
     let cancel = CancellationToken::new();
     tokio::spawn(pump_request(req.into_body(), send, cancel.clone()));
 
@@ -344,13 +210,14 @@ fn code_of(t: &Trailers) -> Code {
 
 /// Counts a stream as active (and against its agent's stream limit) for as long as it lives.
 struct ActiveGuard {
-    kind: &'static str,
+    kind: RelayKind,
     _permit: StreamPermit,
 }
 
 impl ActiveGuard {
-    fn new(kind: &'static str, permit: StreamPermit) -> Self {
-        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => kind).increment(1.0);
+    fn new(kind: RelayKind, permit: StreamPermit) -> Self {
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => kind.as_str())
+            .increment(1.0);
         ActiveGuard {
             kind,
             _permit: permit,
@@ -360,7 +227,8 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.kind).decrement(1.0);
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.kind.as_str())
+            .decrement(1.0);
     }
 }
 
@@ -379,7 +247,7 @@ async fn pump_request(mut body: axum::body::Body, mut send: SendStream, cancel: 
         match frame {
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
-                    metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "to_agent").increment(data.len() as u64);
+                    count_relayed_bytes(Direction::ToAgent, data.len());
                     if send_data(&mut send, data).await.is_err() {
                         return;
                     }
@@ -441,8 +309,7 @@ async fn pump_response(
         };
         let frame = match msg {
             Ok(Some(Message::Data(b))) => {
-                metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent")
-                    .increment(b.len() as u64);
+                count_relayed_bytes(Direction::FromAgent, b.len());
                 Frame::data(b)
             }
             Ok(Some(Message::Trailers(t))) => {
@@ -499,7 +366,9 @@ async fn pump_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::agent_of_metadata;
     use proptest::prelude::*;
+    use tether_runtime::grpc::TETHER_AGENT;
 
     fn headers(agent: &[u8]) -> Option<HeaderMap> {
         let mut h = HeaderMap::new();
@@ -528,22 +397,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn missing_or_malformed_metadata_is_invalid_argument() {
-        assert_eq!(
-            agent_of_metadata(&HeaderMap::new()).unwrap_err().code(),
-            Code::InvalidArgument
-        );
-        let long = format!("{}/a", "t".repeat(8 << 10));
-        let e = agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-        assert_eq!(
-            agent_of_metadata(&headers(b"acme/a").unwrap())
-                .unwrap()
-                .tenant(),
-            "acme"
-        );
     }
 }

@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tunnel_proto::message::{StreamHeader, StreamKind};
 use tunnel_proto::{ErrorCode, Message};
 
-use crate::relay::grpc::Relay;
+use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::relay::{Relay, record_call, record_first_byte};
 
 /// `tether.v1.Streams`.
 #[derive(Debug, Clone)]
@@ -78,9 +79,8 @@ impl Streams for StreamsApi {
             }
             Err(e) => return Err(Status::unavailable(format!("agent {agent}: {e}"))),
         }
-        metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => "tcp")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("tether_gateway_relay_calls_total", "kind" => "tcp", "tenant" => agent.tenant().to_owned(), "code" => "Ok").increment(1);
+        record_first_byte(RelayKind::Tcp, started);
+        record_call(RelayKind::Tcp, agent.tenant(), tonic::Code::Ok);
         let (mut recv, leftover) = framed.into_parts();
 
         // Caller → agent.
@@ -89,7 +89,7 @@ impl Streams for StreamsApi {
             loop {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
-                        metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "to_agent").increment(chunk.data.len() as u64);
+                        count_relayed_bytes(Direction::ToAgent, chunk.data.len());
                         if send.write_all(&chunk.data).await.is_err() {
                             return;
                         }
@@ -133,7 +133,7 @@ impl Streams for StreamsApi {
                 };
                 match n {
                     Ok(Some(n)) => {
-                        metrics::counter!("tether_gateway_relay_bytes_total", "direction" => "from_agent").increment(n as u64);
+                        count_relayed_bytes(Direction::FromAgent, n);
                         if tx
                             .send(Ok(StreamChunk {
                                 data: buf[..n].to_vec(),

@@ -16,15 +16,7 @@ use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
 
 use crate::identity::revocation::{CertFacts, RevocationList};
-
-/// Metric: refused agent handshakes by reason.
-pub const HANDSHAKE_FAILURES: &str = "tether_gateway_handshake_failures_total";
-
-/// Counts and logs one refused handshake.
-pub fn count_refusal(reason: &'static str, detail: &str) {
-    metrics::counter!(HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-    tracing::warn!(reason, detail, "agent handshake refused");
-}
+use crate::metrics::{HandshakeFailure, count_handshake_failure};
 
 /// See the module docs.
 #[derive(Debug)]
@@ -44,30 +36,32 @@ impl AgentVerifier {
         }
     }
 
-    /// Also refuses the certificates `revocations` lists (`reason="revoked"`).
+    /// Also refuses the certificates `revocations` lists (`reason=HandshakeFailure::Revoked`).
     pub fn with_revocations(mut self, revocations: Arc<RevocationList>) -> Self {
         self.revocations = revocations;
         self
     }
 }
 
-/// A stable metric label for a certificate verification error.
-fn reason_of(e: &rustls::Error) -> &'static str {
+/// The metric label for a certificate verification error.
+fn reason_of(e: &rustls::Error) -> HandshakeFailure {
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                HandshakeFailure::Expired
+            }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
+                HandshakeFailure::NotYetValid
             }
-            CertificateError::UnknownIssuer => "unknown_ca",
-            CertificateError::BadSignature => "bad_signature",
-            CertificateError::Revoked => "revoked",
+            CertificateError::UnknownIssuer => HandshakeFailure::UnknownCa,
+            CertificateError::BadSignature => HandshakeFailure::BadSignature,
+            CertificateError::Revoked => HandshakeFailure::Revoked,
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                "wrong_purpose"
+                HandshakeFailure::WrongPurpose
             }
-            _ => "invalid_certificate",
+            _ => HandshakeFailure::InvalidCertificate,
         },
-        _ => "invalid_certificate",
+        _ => HandshakeFailure::InvalidCertificate,
     }
 }
 
@@ -94,11 +88,11 @@ impl ClientCertVerifier for AgentVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)
         {
-            count_refusal(reason_of(&e), &e.to_string());
+            count_handshake_failure(reason_of(&e), &e.to_string());
             return Err(e);
         }
-        let refuse = |reason: &'static str, detail: String| {
-            count_refusal(reason, &detail);
+        let refuse = |reason: HandshakeFailure, detail: String| {
+            count_handshake_failure(reason, &detail);
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ))
@@ -107,32 +101,32 @@ impl ClientCertVerifier for AgentVerifier {
             Ok(SpiffeId::Agent { trust_domain, id }) if trust_domain == self.trust_domain => {
                 let facts = match CertFacts::of(end_entity) {
                     Ok(f) => f,
-                    Err(e) => return refuse("bad_identity", e),
+                    Err(e) => return refuse(HandshakeFailure::BadIdentity, e),
                 };
                 match self.revocations.refusal(&id, &facts) {
                     None => Ok(ClientCertVerified::assertion()),
                     Some(why) => {
-                        count_refusal("revoked", &why);
+                        count_handshake_failure(HandshakeFailure::Revoked, &why);
                         // The agent sees the `certificate_revoked` alert.
                         Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
                     }
                 }
             }
             Ok(SpiffeId::Agent { trust_domain, id }) => refuse(
-                "wrong_trust_domain",
+                HandshakeFailure::WrongTrustDomain,
                 format!(
                     "agent {id} is in trust domain {trust_domain:?}, not {:?}",
                     self.trust_domain
                 ),
             ),
             Ok(other @ SpiffeId::ControlPlane { .. }) => refuse(
-                "not_an_agent",
+                HandshakeFailure::NotAnAgent,
                 format!("{other} is a control-plane identity"),
             ),
             Err(e @ (TlsError::NoIdentity | TlsError::SeveralIdentities(_))) => {
-                refuse("no_identity", e.to_string())
+                refuse(HandshakeFailure::NoIdentity, e.to_string())
             }
-            Err(e) => refuse("bad_identity", e.to_string()),
+            Err(e) => refuse(HandshakeFailure::BadIdentity, e.to_string()),
         }
     }
 
