@@ -26,12 +26,12 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, WriteTransaction,
 };
-use tether_api::v1::{Command, CommandState};
+use tether_api::v1::Command;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     CommandStore, LIST_SCAN_BYTES, LIST_SCAN_RECORDS, ListFilter, ListPage, Retention, StoreError,
-    StoreFuture, SubmitOutcome,
+    StoreFuture, SubmitOutcome, is_final,
 };
 
 /// id → encoded `Command` (its payload inline when at most [`INLINE_PAYLOAD`] bytes, its output
@@ -123,17 +123,6 @@ fn encode_record(cmd: &Command) -> Vec<u8> {
         message: r.message.clone(),
     });
     record.encode_to_vec()
-}
-
-/// Final states never change again.
-pub fn is_final(state: i32) -> bool {
-    matches!(
-        CommandState::try_from(state),
-        Ok(CommandState::Succeeded
-            | CommandState::Failed
-            | CommandState::Expired
-            | CommandState::Cancelled)
-    )
 }
 
 fn tenant_of(agent: &str) -> &str {
@@ -857,6 +846,7 @@ impl CommandStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_api::v1::CommandState;
 
     fn cmd(agent: &str, key: &str) -> Command {
         Command {

@@ -10,7 +10,7 @@ pub mod embedded;
 use std::future::Future;
 use std::pin::Pin;
 
-use tether_api::v1::Command;
+use tether_api::v1::{Command, CommandState};
 
 pub use embedded::EmbeddedStore;
 
@@ -96,6 +96,17 @@ pub struct Retention {
     pub keep: u64,
     /// At most this many per call, so one call holds the writer briefly.
     pub batch: usize,
+}
+
+/// Final states never change again.
+pub fn is_final(state: i32) -> bool {
+    matches!(
+        CommandState::try_from(state),
+        Ok(CommandState::Succeeded
+            | CommandState::Failed
+            | CommandState::Expired
+            | CommandState::Cancelled)
+    )
 }
 
 /// Durable command state. Ids are assigned by the store, unguessable, and sort in submission
