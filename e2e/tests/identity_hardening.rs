@@ -279,7 +279,7 @@ async fn idle_enrollment_connections_from_one_address_do_not_keep_a_real_agent_o
 
     // The idle ones are closed at the first-request deadline, not kept for a lifetime.
     let deadline =
-        tether_gateway::identity::enrollment::FIRST_REQUEST_TIMEOUT + Duration::from_secs(8);
+        tether_gateway::identity::endpoint::FIRST_REQUEST_TIMEOUT + Duration::from_secs(8);
     let n = idle.len();
     for c in idle {
         let left = deadline.saturating_sub(started.elapsed()) + Duration::from_secs(1);
@@ -288,7 +288,7 @@ async fn idle_enrollment_connections_from_one_address_do_not_keep_a_real_agent_o
             "an idle enrollment connection outlived the first-request deadline"
         );
     }
-    let share = tether_gateway::identity::enrollment::CONNECTIONS_PER_ADDRESS;
+    let share = tether_gateway::identity::endpoint::CONNECTIONS_PER_ADDRESS;
     assert!(
         n <= share,
         "{n} idle connections of one address were served (share {share})"

@@ -3,7 +3,10 @@
 //! The PKI, the durable identity store, revocation of agents and callers, and enrollment.
 
 pub mod callers;
+pub mod csr;
 pub mod db;
+pub mod endpoint;
 pub mod enrollment;
 pub mod pki;
+pub mod renewal;
 pub mod revocation;
