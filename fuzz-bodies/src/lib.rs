@@ -629,7 +629,8 @@ pub fn relay_metadata(data: &[u8]) -> Outcome {
             assert_ne!(tenant, UNROUTED);
             Outcome::Accepted
         }
-        Err(status) => {
+        Err(e) => {
+            let status = tonic::Status::from(e);
             // INVALID_ARGUMENT, whatever the input.
             assert_eq!(status.code() as i32, 3, "{status:?}");
             Outcome::Refused

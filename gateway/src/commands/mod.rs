@@ -38,7 +38,6 @@ use tether_api::v1;
 use tether_api::v1::{Command, CommandState};
 use tether_runtime::CancellationToken;
 use tokio::sync::broadcast;
-use tonic::Status;
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{COMMAND_PROGRESS_LINE_MAX, truncate_text};
 
@@ -82,7 +81,7 @@ const RECENT_KEPT: usize = 4096;
 
 // === Errors ===
 
-/// Why a Commands call failed; mapped to a gRPC status in one place (`From` below).
+/// Why a Commands call failed; mapped to a gRPC status in `northbound::status`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommandError {
@@ -136,23 +135,6 @@ pub enum CommandError {
     /// The store failed (the gateway's fault; retrying may help).
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<CommandError> for Status {
-    fn from(e: CommandError) -> Status {
-        let msg = e.to_string();
-        match e {
-            CommandError::UnknownAgent(_) | CommandError::NotFound(_) => Status::not_found(msg),
-            CommandError::Invalid(_) | CommandError::PayloadTooLarge { .. } => {
-                Status::invalid_argument(msg)
-            }
-            CommandError::TooLate { .. } => Status::failed_precondition(msg),
-            CommandError::TooManyPending { .. } | CommandError::TooManyWatches { .. } => {
-                Status::resource_exhausted(msg)
-            }
-            CommandError::Store(_) => Status::unavailable(msg),
-        }
-    }
 }
 
 fn state_name(state: i32) -> String {

@@ -189,19 +189,6 @@ pub enum CallerRevokeError {
     Store(#[from] IdentityDbError),
 }
 
-impl CallerRevokeError {
-    /// The gRPC status for the caller.
-    pub fn status(&self) -> Status {
-        let msg = self.to_string();
-        match self {
-            CallerRevokeError::Nothing | CallerRevokeError::Invalid(_) => {
-                Status::invalid_argument(msg)
-            }
-            CallerRevokeError::Store(_) => Status::unavailable(msg),
-        }
-    }
-}
-
 /// `tether.v1.Callers`.
 #[derive(Debug, Clone)]
 pub struct CallersApi {
@@ -240,7 +227,7 @@ impl Callers for CallersApi {
             &caller.name,
         )
         .await
-        .map_err(|e| e.status())?;
+        .map_err(Status::from)?;
         let target = if r.name.is_empty() {
             done.fingerprint.clone().unwrap_or_default()
         } else {

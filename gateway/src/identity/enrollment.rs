@@ -121,26 +121,6 @@ pub enum EnrollError {
 }
 
 impl EnrollError {
-    /// The gRPC status, decided here for every caller.
-    pub fn status(&self) -> Status {
-        let msg = self.to_string();
-        match self {
-            EnrollError::Disabled => Status::failed_precondition(msg),
-            EnrollError::BadIdentity(_) | EnrollError::BadTtl { .. } | EnrollError::Csr(_) => {
-                Status::invalid_argument(msg)
-            }
-            EnrollError::Token(_) => Status::unauthenticated(msg),
-            EnrollError::Revoked(_) => Status::permission_denied(msg),
-            EnrollError::Expired(_) => Status::unauthenticated(msg),
-            EnrollError::TooSoon(_)
-            | EnrollError::Busy(_)
-            | EnrollError::TooManyPending(_)
-            | EnrollError::CreationRate(_) => Status::resource_exhausted(msg),
-            EnrollError::Store(_) => Status::unavailable(msg),
-            EnrollError::Issue(_) => Status::internal(msg),
-        }
-    }
-
     /// The `result` label of `tether_gateway_enrollments_total` and
     /// `tether_gateway_renewals_total`.
     pub(super) fn label(&self) -> &'static str {
@@ -505,7 +485,7 @@ impl EnrollmentService for EnrollmentApi {
                 ttl,
             )
             .await
-            .map_err(|e| e.status())?;
+            .map_err(Status::from)?;
         if let Ok(id) = AgentId::new(&r.tenant, &r.agent) {
             caller.audit_allowed(METHOD, &id, "enrollment token created");
         }
@@ -527,7 +507,7 @@ impl EnrollmentService for EnrollmentApi {
             .enroll(&r.token, &r.csr_pem, remote)
             .await
             .map(Response::new)
-            .map_err(|e| e.status())
+            .map_err(Status::from)
     }
 }
 

@@ -57,7 +57,7 @@ impl Enrollment {
                 tracing::warn!(%agent, serial = %cert.serial, error = %e, "renewal refused");
                 RenewResponse {
                     id: req.id,
-                    code: e.status().code() as i32,
+                    code: tonic::Status::from(&e).code() as i32,
                     message: e.to_string(),
                     ..Default::default()
                 }

@@ -217,18 +217,6 @@ pub enum RevokeError {
     Store(#[from] IdentityDbError),
 }
 
-impl RevokeError {
-    /// The gRPC status for the caller.
-    pub fn status(&self) -> tonic::Status {
-        let msg = self.to_string();
-        match self {
-            RevokeError::UnknownAgent(_) => tonic::Status::not_found(msg),
-            RevokeError::ReasonTooLong(_) => tonic::Status::invalid_argument(msg),
-            RevokeError::Store(_) => tonic::Status::unavailable(msg),
-        }
-    }
-}
-
 /// What a revocation did.
 #[derive(Clone, Debug)]
 pub struct Revoked {

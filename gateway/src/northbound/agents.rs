@@ -237,7 +237,7 @@ impl Agents for AgentsApi {
         tracing::info!(agent = %id, caller = %caller.name, "revocation requested");
         let done = crate::identity::revocation::revoke(&self.registry, identity, &id, &r.reason)
             .await
-            .map_err(|e| e.status())?;
+            .map_err(Status::from)?;
         caller.audit_allowed(METHOD, &id, &format!("revoked: {}", r.reason));
         Ok(Response::new(crate::identity::revocation::response(
             &id, &done,

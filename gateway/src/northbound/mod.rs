@@ -6,3 +6,4 @@ pub mod agents;
 pub mod auth;
 pub mod listener;
 pub mod live_connections;
+pub mod status;

@@ -43,7 +43,7 @@ use tunnel_proto::{ErrorCode, Message};
 use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
 use crate::northbound::auth::Caller;
 use crate::relay::limits::StreamPermit;
-use crate::relay::{Relay, record_call, record_first_byte};
+use crate::relay::{Relay, RelayError, record_call, record_first_byte};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -138,8 +138,7 @@ async fn relay_call(
         id: String::new(),
     };
     let opened = relay.open(&agent, header, deadline).await;
-    // NOT_FOUND is the one answer for an agent the registry does not know.
-    if !matches!(&opened, Err(s) if s.code() == Code::NotFound) {
+    if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
         *tenant = Some(agent.tenant().to_owned());
     }
     let (send, recv, permit) = opened?;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
-use tether_runtime::stream::send_msg;
+use tether_runtime::stream::{StreamError, send_msg};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
 use tunnel_proto::message::StreamHeader;
@@ -31,6 +31,63 @@ use crate::tunnel::registry::{Registry, SessionInfo};
 /// How long opening a stream may wait when the agent's stream limit is reached and the call has
 /// no deadline of its own.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a call or stream could not be relayed; the northbound maps it to a gRPC status
+/// (`northbound::status`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// No `tether-agent` metadata (the caller's mistake).
+    #[error("missing tether-agent metadata: set it to <tenant>/<agent>")]
+    NoAgent,
+    /// `tether-agent` is not text (the caller's mistake).
+    #[error("tether-agent metadata is not text")]
+    AgentNotText,
+    /// `tether-agent` is not `<tenant>/<agent>` of valid names (the caller's mistake).
+    #[error("tether-agent metadata: {0}")]
+    BadAgent(tunnel_proto::IdentityError),
+    /// `tether-service` is not text (the caller's mistake).
+    #[error("tether-service metadata is not text")]
+    ServiceNotText,
+    /// The gateway has never seen the agent.
+    #[error("agent {0} is not known to this gateway")]
+    UnknownAgent(AgentId),
+    /// The agent has no live session (retrying once it is back helps).
+    #[error("agent {0} is not connected")]
+    NotConnected(AgentId),
+    /// The agent has `limits.streams_per_agent` streams in flight (retry when some end).
+    #[error(
+        "agent {agent} has {limit} streams in flight, the limit (limits.streams_per_agent); retry when some have ended"
+    )]
+    TooManyStreams {
+        /// The agent.
+        agent: AgentId,
+        /// `limits.streams_per_agent`.
+        limit: u32,
+    },
+    /// The session's connection went away while the stream was being opened.
+    #[error("agent {agent}: connection lost: {source}")]
+    ConnectionLost {
+        /// The agent.
+        agent: AgentId,
+        /// What the transport said.
+        source: StreamError,
+    },
+    /// The call's deadline passed while it waited for stream credit.
+    #[error("deadline passed waiting for a stream to agent {0}")]
+    DeadlineWaitingForStream(AgentId),
+    /// No stream credit came within [`OPEN_TIMEOUT`] for a call without a deadline.
+    #[error("agent {0} has no free stream for {OPEN_TIMEOUT:?}")]
+    NoFreeStream(AgentId),
+    /// The stream's header could not be written.
+    #[error("agent {agent}: {source}")]
+    Header {
+        /// The agent.
+        agent: AgentId,
+        /// What the transport said.
+        source: StreamError,
+    },
+}
 
 /// Shared state of the relay.
 #[derive(Debug)]
@@ -53,14 +110,13 @@ impl Relay {
 
     /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
     /// A stream stays on the session it was opened on.
-    pub fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, Status> {
-        let snapshot = self.registry.get(agent).ok_or_else(|| {
-            Status::not_found(format!("agent {agent} is not known to this gateway"))
-        })?;
+    fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, RelayError> {
+        let snapshot = self
+            .registry
+            .get(agent)
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
         if snapshot.sessions.is_empty() {
-            return Err(Status::unavailable(format!(
-                "agent {agent} is not connected"
-            )));
+            return Err(RelayError::NotConnected(agent.clone()));
         }
         // Make-before-break: while an agent instance moves to a new session (GoAway, or back
         // from the TCP fallback to QUIC), its older session only finishes what it carries.
@@ -94,7 +150,7 @@ impl Relay {
             None => String::new(),
             Some(v) => v
                 .to_str()
-                .map_err(|_| Status::invalid_argument("tether-service metadata is not text"))?
+                .map_err(|_| RelayError::ServiceNotText)?
                 .to_owned(),
         };
         Ok((agent, service))
@@ -108,52 +164,49 @@ impl Relay {
         agent: &AgentId,
         header: StreamHeader,
         deadline: Option<Instant>,
-    ) -> Result<(SendStream, RecvStream, StreamPermit), Status> {
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let session = self.pick(agent)?;
-        let permit = self.streams.acquire(agent).ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "agent {agent} has {} streams in flight, the limit (limits.streams_per_agent); retry when some have ended",
-                self.streams.max()
-            ))
-        })?;
+        let permit = self
+            .streams
+            .acquire(agent)
+            .ok_or_else(|| RelayError::TooManyStreams {
+                agent: agent.clone(),
+                limit: self.streams.max(),
+            })?;
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
             match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    return Err(Status::unavailable(format!(
-                        "agent {agent}: connection lost: {e}"
-                    )));
+                Ok(Err(source)) => {
+                    return Err(RelayError::ConnectionLost {
+                        agent: agent.clone(),
+                        source,
+                    });
                 }
                 Err(_) if deadline.is_some() => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "deadline passed waiting for a stream to agent {agent}"
-                    )));
+                    return Err(RelayError::DeadlineWaitingForStream(agent.clone()));
                 }
-                Err(_) => {
-                    return Err(Status::resource_exhausted(format!(
-                        "agent {agent} has no free stream for {OPEN_TIMEOUT:?}"
-                    )));
-                }
+                Err(_) => return Err(RelayError::NoFreeStream(agent.clone())),
             };
         send_msg(&mut send, &Message::StreamHeader(header))
             .await
-            .map_err(|e| Status::unavailable(format!("agent {agent}: {e}")))?;
+            .map_err(|source| RelayError::Header {
+                agent: agent.clone(),
+                source,
+            })?;
         Ok((send, recv, permit))
     }
 }
 
 /// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.
-pub fn agent_of_metadata(headers: &HeaderMap) -> Result<AgentId, Status> {
+pub fn agent_of_metadata(headers: &HeaderMap) -> Result<AgentId, RelayError> {
     headers
         .get(TETHER_AGENT)
-        .ok_or_else(|| {
-            Status::invalid_argument("missing tether-agent metadata: set it to <tenant>/<agent>")
-        })?
+        .ok_or(RelayError::NoAgent)?
         .to_str()
-        .map_err(|_| Status::invalid_argument("tether-agent metadata is not text"))?
+        .map_err(|_| RelayError::AgentNotText)?
         .parse::<AgentId>()
-        .map_err(|e| Status::invalid_argument(format!("tether-agent metadata: {e}")))
+        .map_err(RelayError::BadAgent)
 }
 
 /// Records the time to a relayed call's first answer (its response head, or the TCP stream's
@@ -185,11 +238,11 @@ mod tests {
     #[test]
     fn missing_or_malformed_metadata_is_invalid_argument() {
         assert_eq!(
-            agent_of_metadata(&HeaderMap::new()).unwrap_err().code(),
+            Status::from(agent_of_metadata(&HeaderMap::new()).unwrap_err()).code(),
             Code::InvalidArgument
         );
         let long = format!("{}/a", "t".repeat(8 << 10));
-        let e = agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err();
+        let e = Status::from(agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err());
         assert_eq!(e.code(), Code::InvalidArgument);
         assert_eq!(
             agent_of_metadata(&headers(b"acme/a").unwrap())
