@@ -641,7 +641,9 @@ impl SilentGateway {
         use tunnel_proto::session::{GatewaySession, GatewaySessionConfig};
         init();
         let cfg = TestGateway::config(pki);
-        let tls = tether_gateway::tunnel::tls::tls_config(&cfg).expect("tls");
+        let material = tether_gateway::tls::TlsMaterial::load(&cfg.tls).expect("TLS material");
+        let tls =
+            tether_gateway::tunnel::tls::tls_config(&cfg, &material, Arc::default()).expect("tls");
         let server = tether_gateway::tunnel::tls::server_config(&cfg, tls).expect("server config");
         let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr"))
             .expect("endpoint");

@@ -518,8 +518,9 @@ async fn a_revoked_agent_is_not_renewed() {
     let mut cfg = renewing_config(&pki, Duration::from_secs(3600));
     cfg.data_dir = Some(data.path().to_owned());
     let db = Arc::new(tether_gateway::identity::db::IdentityDb::open(data.path()).unwrap());
+    let bundle = std::fs::read_to_string(&cfg.tls.ca).unwrap();
     let enrollment =
-        tether_gateway::identity::enrollment::Enrollment::new(&cfg, db.clone()).unwrap();
+        tether_gateway::identity::enrollment::Enrollment::new(&cfg, &bundle, db.clone()).unwrap();
     let files = pki.agent("acme/victim");
     let facts = tether_gateway::identity::revocation::CertFacts::of(&leaf_of(&files.cert)).unwrap();
     let agent: AgentId = "acme/victim".parse().unwrap();

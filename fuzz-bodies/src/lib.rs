@@ -469,7 +469,9 @@ fn enroll_fixture() -> &'static EnrollFixture {
         ))
         .expect("fuzz gateway config");
         let db = std::sync::Arc::new(IdentityDb::open(&dir.path().join("data")).expect("db"));
-        let enrollment = std::sync::Arc::new(Enrollment::new(&cfg, db).expect("enrollment"));
+        let bundle = std::fs::read_to_string(&cfg.tls.ca).expect("CA bundle");
+        let enrollment =
+            std::sync::Arc::new(Enrollment::new(&cfg, &bundle, db).expect("enrollment"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

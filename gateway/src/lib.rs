@@ -41,6 +41,7 @@ pub mod northbound;
 pub mod quota;
 pub mod relay;
 pub mod server;
+pub mod tls;
 pub mod tools;
 pub mod tunnel;
 

@@ -181,11 +181,7 @@ fn serve(
     };
     // TLS material and the JWKS file are part of the config: load them now so --check-config
     // catches a bad path.
-    if let Err(e) = tether_gateway::tunnel::tls::tls_config(&cfg)
-        .and_then(|tls| tether_gateway::tunnel::tls::server_config(&cfg, tls))
-        .and_then(|_| tether_gateway::northbound::auth::Authenticator::new(&cfg))
-        .and_then(|_| tether_gateway::identity::enrollment::signing_ca(&cfg))
-    {
+    if let Err(e) = tether_gateway::server::check_config(&cfg) {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }

@@ -4,6 +4,7 @@
 //! close what is left with `SHUTDOWN` → wait for QUIC to go idle.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +19,14 @@ use crate::error::GatewayError;
 use crate::identity::callers::CallersApi;
 use crate::identity::db::IdentityDb;
 use crate::identity::endpoint::EnrollEndpoint;
-use crate::identity::enrollment::{ENROLL_ALPN, Enrollment, EnrollmentApi};
+use crate::identity::enrollment::{ENROLL_ALPN, Enrollment, EnrollmentApi, signing_ca};
 use crate::northbound::agents::AgentsApi;
 use crate::northbound::auth::{Authenticated, Authenticator};
 use crate::northbound::listener::{LiveConnections, MarkAuthenticated};
 use crate::relay::Relay;
 use crate::relay::grpc::RelayService;
 use crate::relay::tcp::StreamsApi;
+use crate::tls::TlsMaterial;
 use crate::tunnel::admission::Admission;
 use crate::tunnel::registry::Registry;
 use crate::tunnel::{self, TunnelContext};
@@ -124,6 +126,18 @@ impl GatewayHandle {
     }
 }
 
+/// Checks what `--check-config` checks beyond the config's own validation: the TLS material
+/// loads, the tunnel's TLS and QUIC configs build on it, the JWKS file (if any) is usable, and
+/// the enrollment CA (if any) is one `tls.ca` holds.
+pub fn check_config(cfg: &GatewayConfig) -> Result<(), GatewayError> {
+    let material = TlsMaterial::load(&cfg.tls)?;
+    let tls = tunnel::tls::tls_config(cfg, &material, Arc::default())?;
+    tunnel::tls::server_config(cfg, tls)?;
+    Authenticator::new(cfg)?;
+    signing_ca(cfg, material.ca_pem())?;
+    Ok(())
+}
+
 /// Starts the gateway on `sockets`; it runs until `shutdown` is cancelled and then drains.
 pub async fn start(
     cfg: GatewayConfig,
@@ -143,200 +157,72 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
-    let data_dir = cfg.data_dir.clone().ok_or_else(|| {
-        GatewayError::Config(tether_runtime::config::ConfigError::invalid(
-            "data_dir",
-            "must be set",
-        ))
-    })?;
-    // Private to the gateway's user before any store creates a file in it.
-    crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
-    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
-        .map_err(io(format!("data_dir {}", data_dir.display())))?;
-    // One gateway per data_dir: a second one would find the stores locked, or worse.
-    let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
-    // Revocations and enrollment tokens, beside the command store.
-    let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
-        GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
-    })?);
-    let tunnel_tls = tunnel::tls::tls_config_with(&cfg, identity.revocations())?;
-    let enrollment = Arc::new(Enrollment::new(&cfg, identity.clone())?);
-    let enroll_endpoint = Arc::new(EnrollEndpoint::new(&cfg, enrollment.clone())?);
+    let state = State::open(&cfg)?;
+    let material = TlsMaterial::load(&cfg.tls)?;
+    let tunnel_tls = tunnel::tls::tls_config(&cfg, &material, state.identity.revocations())?;
+    let enrollment = Arc::new(Enrollment::new(
+        &cfg,
+        material.ca_pem(),
+        state.identity.clone(),
+    )?);
+    let enroll_endpoint = Arc::new(EnrollEndpoint::new(&cfg, &material, enrollment.clone())?);
     let server_config = tunnel::tls::server_config(&cfg, tunnel_tls.clone())?;
     let endpoint = tunnel::endpoint::quic_endpoint(&cfg, sockets.tunnel, server_config)
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
-
-    let store = EmbeddedStore::open(&data_dir)
-        .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
-    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::JustCreated)
-        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
-    let commands = Commands::start(
-        Arc::new(store),
-        registry.clone(),
-        cfg.commands.clone(),
-        commands_stop.clone(),
-    )
-    .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
-    commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
-    commands.set_watch_limit(cfg.limits.command_watches_per_caller);
+    let commands = start_commands(&cfg, &state, registry.clone(), commands_stop.clone())?;
+
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
-    let mut tunnel_ctx = TunnelContext::new(&cfg, registry.clone(), close_sessions.clone());
-    tunnel_ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
-    let admission = Admission::new(&cfg.limits);
-    let ctx = Arc::new(
-        tunnel_ctx
-            .with_revocations(identity.revocations())
-            .with_renewal(enrollment.clone())
-            // Agents enroll on the tunnel's TCP port: the egress rule they already have.
-            .with_side_door(
-                ENROLL_ALPN,
-                Arc::new(move |start, remote| {
-                    Box::pin(enroll_endpoint.clone().serve(start, remote))
-                }),
-            ),
-    );
-    tokio::spawn(tunnel::accept::accept_loop(
-        endpoint.clone(),
-        ctx.clone(),
-        admission.clone(),
-        stop_accepting.clone(),
-    ));
-    let tunnel_tcp = match sockets.tunnel_tcp {
-        Some(l) => {
-            l.set_nonblocking(true)
-                .map_err(io("tunnel TCP socket".into()))?;
-            let l = tokio::net::TcpListener::from_std(l).map_err(io("tunnel TCP socket".into()))?;
-            let addr = l.local_addr().map_err(io("tunnel TCP socket".into()))?;
-            tokio::spawn(tunnel::accept::accept_tcp_loop(
-                l,
-                tunnel_tls,
-                ctx,
-                admission,
-                stop_accepting.clone(),
-            ));
-            Some(addr)
-        }
-        None => {
-            if enrollment.enabled() {
-                tracing::warn!(
-                    "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
-                );
-            }
-            None
-        }
-    };
-
-    // Northbound gRPC over TLS: a client certificate, or a bearer token when [auth] names keys.
-    let auth = Authenticator::with_revocations(&cfg, identity.caller_revocations())?;
-    if !auth.scoping() {
-        tracing::warn!(
-            "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
-        );
-    }
-    tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
-    let tls = northbound_tls(&cfg, auth.accepts_tokens())?;
-    sockets
-        .northbound
-        .set_nonblocking(true)
-        .map_err(io("northbound socket".into()))?;
-    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
-        .map_err(io("northbound socket".into()))?;
-    let api =
-        AgentsApi::new(registry.clone(), close_sessions.clone()).with_identity(identity.clone());
-    let relay = Relay::with_stream_limit(registry.clone(), cfg.limits.streams_per_agent);
-    let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
-    let mut routes = tonic::service::Routes::builder();
-    routes.add_service(
-        api.into_service()
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-    );
-    routes.add_service(CommandsApi::new(commands.clone()).into_service(cfg.commands.max_payload));
-    routes.add_service(
-        StreamsApi::new(relay.clone())
-            .into_service()
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-    );
-    routes.add_service(EnrollmentApi::into_northbound_service(
-        enrollment.clone(),
-        cfg.trust_domain.clone(),
-    ));
-    let live_callers = Arc::new(LiveConnections::default());
-    routes.add_service(CallersApi::new(identity.clone(), live_callers.clone()).into_service());
-    let mut routes = routes.routes();
-    // Everything that is not tether.v1.* is relayed to an agent.
-    let axum_router = std::mem::take(routes.axum_router_mut());
-    *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    // Every request, the relay's included, is authenticated before it is routed; one that
-    // gets through tells its connection so.
-    let northbound = tokio::spawn(crate::northbound::listener::serve(
-        nb_listener,
-        tls,
-        Authenticated::new(auth, MarkAuthenticated(routes.prepare())),
-        crate::northbound::listener::ListenerLimits {
-            handshake_timeout: cfg.limits.northbound_handshake_timeout,
-            idle_timeout: cfg.limits.northbound_idle_timeout,
-            unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,
-            max_header_list_size: cfg.limits.max_header_list_size,
-            max_connections: cfg.limits.northbound_connections,
-            max_connections_per_address: cfg.limits.northbound_connections_per_address,
+    let tunnel_tcp = start_tunnel(
+        &cfg,
+        Tunnel {
+            endpoint: endpoint.clone(),
+            tcp: sockets.tunnel_tcp,
+            tls: tunnel_tls,
+            registry: registry.clone(),
+            identity: &state.identity,
+            enrollment: enrollment.clone(),
+            enroll_endpoint,
         },
-        live_callers,
+        stop_accepting.clone(),
         close_sessions.clone(),
-    ));
-
-    // Ops HTTP.
-    sockets
-        .ops
-        .set_nonblocking(true)
-        .map_err(io("ops socket".into()))?;
-    let ops_listener =
-        tokio::net::TcpListener::from_std(sockets.ops).map_err(io("ops socket".into()))?;
-    let ready_registry = registry.clone();
-    let ready_stop = stop_accepting.clone();
-    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
-        ready: !ready_stop.is_cancelled(),
-        detail: serde_json::json!({
-            "draining": ready_stop.is_cancelled(),
-            "sessions": ready_registry.session_count(),
-        }),
-    });
+    )?;
+    let northbound = start_northbound(
+        &cfg,
+        &material,
+        sockets.northbound,
+        Features {
+            registry: registry.clone(),
+            commands: commands.clone(),
+            identity: state.identity.clone(),
+            enrollment,
+        },
+        close_sessions.clone(),
+    )?;
     let ops_stop = CancellationToken::new();
-    let ops_task = tokio::spawn(ops::serve(ops_listener, readiness, ops_stop.clone()));
+    let ops_task = start_ops(sockets.ops, &registry, &stop_accepting, ops_stop.clone())?;
 
     tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
         northbound = %northbound_addr, ops = %ops_addr,
         trust_domain = %cfg.trust_domain, "gateway listening");
 
-    let drain_registry = registry.clone();
-    let drain_timeout = cfg.tunnel.drain_timeout;
-    let task = tokio::spawn(async move {
-        // data_dir stays this process's until the gateway has stopped.
-        let _dir_lock = dir_lock;
-        shutdown.cancelled().await;
-        stop_accepting.cancel();
-        drain(&drain_registry, drain_timeout).await;
-        commands_stop.cancel();
-        close_sessions.cancel();
-        let _ = northbound.await;
-        endpoint.close(
-            tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
-            b"gateway shutting down",
-        );
-        if tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle())
-            .await
-            .is_err()
-        {
-            tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
-        }
-        ops_stop.cancel();
-        let _ = ops_task.await;
-        tracing::info!("gateway stopped");
-    });
+    let task = tokio::spawn(stop_on(
+        shutdown,
+        Running {
+            dir_lock: state.dir_lock,
+            registry: registry.clone(),
+            drain_timeout: cfg.tunnel.drain_timeout,
+            stop_accepting,
+            commands_stop,
+            close_sessions,
+            northbound,
+            endpoint,
+            ops_stop,
+            ops_task,
+        },
+    ));
     Ok(GatewayHandle {
         registry,
         tunnel_addr,
@@ -347,35 +233,280 @@ pub async fn start(
     })
 }
 
-/// TLS for the northbound listener: the gateway's certificate, client certificates verified
-/// against the CA (which identities may call is decided per request), ALPN h2. Required, unless
-/// `tokens_accepted`: a caller with a bearer token may come without one (a certificate it does
-/// send is still verified).
-fn northbound_tls(
-    cfg: &GatewayConfig,
-    tokens_accepted: bool,
-) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
-    let roots = tether_runtime::tls::load_roots(&cfg.tls.ca)?;
-    let mut verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots));
-    if tokens_accepted {
-        verifier = verifier.allow_unauthenticated();
+// === The steps of start ===
+
+/// The gateway's durable state: its `data_dir`, held by this process, and the identity store.
+struct State {
+    data_dir: PathBuf,
+    /// Held until the gateway has stopped.
+    dir_lock: crate::data_dir::DirLock,
+    identity: Arc<IdentityDb>,
+}
+
+impl State {
+    /// Prepares `data_dir` (private to the gateway's user before any store creates a file in
+    /// it), takes it for this process and opens the identity store.
+    fn open(cfg: &GatewayConfig) -> Result<State, GatewayError> {
+        let data_dir = cfg.data_dir.clone().ok_or_else(|| {
+            GatewayError::Config(tether_runtime::config::ConfigError::invalid(
+                "data_dir",
+                "must be set",
+            ))
+        })?;
+        crate::data_dir::prepare(&data_dir)
+            .map_err(io(format!("data_dir {}", data_dir.display())))?;
+        crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
+            .map_err(io(format!("data_dir {}", data_dir.display())))?;
+        // One gateway per data_dir: a second one would find the stores locked, or worse.
+        let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
+        // Revocations and enrollment tokens, beside the command store.
+        let identity =
+            IdentityDb::open(&data_dir).map_err(|source| GatewayError::IdentityStore {
+                data_dir: data_dir.clone(),
+                source,
+            })?;
+        Ok(State {
+            data_dir,
+            dir_lock,
+            identity: Arc::new(identity),
+        })
     }
-    let verifier = verifier
-        .build()
-        .map_err(|e| GatewayError::Tls(format!("northbound client verifier: {e}")))?;
-    let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
-    let key = tether_runtime::tls::load_key(&cfg.tls.key)?;
-    let mut tls = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| GatewayError::Tls(format!("northbound certificate: {e}")))?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    // No session resumption, as on the tunnel: a resumed handshake skips the client-certificate
-    // verifier, so an expired caller certificate, or one of a CA a rotation removed, would keep
-    // working for as long as its session was cached.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
-    Ok(Arc::new(tls))
+}
+
+/// Opens the command store in `data_dir` and starts the commands feature on it (recovering
+/// unfinished commands into their lanes).
+fn start_commands(
+    cfg: &GatewayConfig,
+    state: &State,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) -> Result<Arc<Commands>, GatewayError> {
+    let store_error = |source| GatewayError::Store {
+        data_dir: state.data_dir.clone(),
+        source,
+    };
+    let store = EmbeddedStore::open(&state.data_dir).map_err(store_error)?;
+    crate::data_dir::tighten_files(&state.data_dir, crate::data_dir::Found::JustCreated)
+        .map_err(io(format!("data_dir {}", state.data_dir.display())))?;
+    let commands = Commands::start(Arc::new(store), registry, cfg.commands.clone(), stop)
+        .map_err(store_error)?;
+    commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
+    commands.set_watch_limit(cfg.limits.command_watches_per_caller);
+    Ok(commands)
+}
+
+/// What the tunnel's listeners serve with.
+struct Tunnel<'a> {
+    endpoint: quinn::Endpoint,
+    tcp: Option<std::net::TcpListener>,
+    tls: Arc<rustls::ServerConfig>,
+    registry: Arc<Registry>,
+    identity: &'a Arc<IdentityDb>,
+    enrollment: Arc<Enrollment>,
+    enroll_endpoint: Arc<EnrollEndpoint>,
+}
+
+/// Starts accepting agents on QUIC and, when its socket is there, on TCP (where enrollment is
+/// served too) until `stop_accepting`; sessions close when `close_sessions` is cancelled.
+/// Returns the TCP listener's address.
+fn start_tunnel(
+    cfg: &GatewayConfig,
+    t: Tunnel<'_>,
+    stop_accepting: CancellationToken,
+    close_sessions: CancellationToken,
+) -> Result<Option<SocketAddr>, GatewayError> {
+    let mut ctx = TunnelContext::new(cfg, t.registry, close_sessions);
+    ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
+    let admission = Admission::new(&cfg.limits);
+    let enroll_endpoint = t.enroll_endpoint;
+    let ctx = Arc::new(
+        ctx.with_revocations(t.identity.revocations())
+            .with_renewal(t.enrollment.clone())
+            // Agents enroll on the tunnel's TCP port: the egress rule they already have.
+            .with_side_door(
+                ENROLL_ALPN,
+                Arc::new(move |start, remote| {
+                    Box::pin(enroll_endpoint.clone().serve(start, remote))
+                }),
+            ),
+    );
+    tokio::spawn(tunnel::accept::accept_loop(
+        t.endpoint,
+        ctx.clone(),
+        admission.clone(),
+        stop_accepting.clone(),
+    ));
+    let Some(l) = t.tcp else {
+        if t.enrollment.enabled() {
+            tracing::warn!(
+                "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
+            );
+        }
+        return Ok(None);
+    };
+    l.set_nonblocking(true)
+        .map_err(io("tunnel TCP socket".into()))?;
+    let l = tokio::net::TcpListener::from_std(l).map_err(io("tunnel TCP socket".into()))?;
+    let addr = l.local_addr().map_err(io("tunnel TCP socket".into()))?;
+    tokio::spawn(tunnel::accept::accept_tcp_loop(
+        l,
+        t.tls,
+        ctx,
+        admission,
+        stop_accepting,
+    ));
+    Ok(Some(addr))
+}
+
+/// What the northbound API serves.
+struct Features {
+    registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    identity: Arc<IdentityDb>,
+    enrollment: Arc<Enrollment>,
+}
+
+/// Serves the northbound API (TLS with a client certificate, or a bearer token when `[auth]`
+/// names keys) on `socket` until `close_sessions`; returns the listener's task.
+fn start_northbound(
+    cfg: &GatewayConfig,
+    material: &TlsMaterial,
+    socket: std::net::TcpListener,
+    f: Features,
+    close_sessions: CancellationToken,
+) -> Result<JoinHandle<()>, GatewayError> {
+    let auth = Authenticator::with_revocations(cfg, f.identity.caller_revocations())?;
+    if !auth.scoping() {
+        tracing::warn!(
+            "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
+        );
+    }
+    tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
+    let tls = crate::northbound::listener::tls_config(material, auth.accepts_tokens())?;
+    socket
+        .set_nonblocking(true)
+        .map_err(io("northbound socket".into()))?;
+    let listener =
+        tokio::net::TcpListener::from_std(socket).map_err(io("northbound socket".into()))?;
+    let live_callers = Arc::new(LiveConnections::default());
+    let routes = northbound_routes(cfg, f, live_callers.clone(), close_sessions.clone());
+    // Every request, the relay's included, is authenticated before it is routed; one that
+    // gets through tells its connection so.
+    Ok(tokio::spawn(crate::northbound::listener::serve(
+        listener,
+        tls,
+        Authenticated::new(auth, MarkAuthenticated(routes)),
+        crate::northbound::listener::ListenerLimits {
+            handshake_timeout: cfg.limits.northbound_handshake_timeout,
+            idle_timeout: cfg.limits.northbound_idle_timeout,
+            unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,
+            max_header_list_size: cfg.limits.max_header_list_size,
+            max_connections: cfg.limits.northbound_connections,
+            max_connections_per_address: cfg.limits.northbound_connections_per_address,
+        },
+        live_callers,
+        close_sessions,
+    )))
+}
+
+/// The northbound services by path: `tether.v1.Agents`, `Commands`, `Streams`, `Enrollment`
+/// and `Callers`; every other path is relayed to an agent.
+fn northbound_routes(
+    cfg: &GatewayConfig,
+    f: Features,
+    live_callers: Arc<LiveConnections>,
+    close_sessions: CancellationToken,
+) -> tonic::service::Routes {
+    let api = AgentsApi::new(f.registry.clone(), close_sessions).with_identity(f.identity.clone());
+    let relay = Relay::with_stream_limit(f.registry, cfg.limits.streams_per_agent);
+    let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(
+        api.into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
+    routes.add_service(CommandsApi::new(f.commands).into_service(cfg.commands.max_payload));
+    routes.add_service(
+        StreamsApi::new(relay.clone())
+            .into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
+    routes.add_service(EnrollmentApi::into_northbound_service(
+        f.enrollment,
+        cfg.trust_domain.clone(),
+    ));
+    routes.add_service(CallersApi::new(f.identity, live_callers).into_service());
+    let mut routes = routes.routes();
+    // Everything that is not tether.v1.* is relayed to an agent.
+    let axum_router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
+    routes.prepare()
+}
+
+/// Serves ops HTTP (`/metrics`, `/healthz`, `/readyz`: ready until the gateway stops
+/// accepting) on `socket` until `stop`.
+fn start_ops(
+    socket: std::net::TcpListener,
+    registry: &Arc<Registry>,
+    stop_accepting: &CancellationToken,
+    stop: CancellationToken,
+) -> Result<JoinHandle<()>, GatewayError> {
+    socket
+        .set_nonblocking(true)
+        .map_err(io("ops socket".into()))?;
+    let listener = tokio::net::TcpListener::from_std(socket).map_err(io("ops socket".into()))?;
+    let (registry, draining) = (registry.clone(), stop_accepting.clone());
+    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
+        ready: !draining.is_cancelled(),
+        detail: serde_json::json!({
+            "draining": draining.is_cancelled(),
+            "sessions": registry.session_count(),
+        }),
+    });
+    Ok(tokio::spawn(ops::serve(listener, readiness, stop)))
+}
+
+/// What a running gateway stops, in order.
+struct Running {
+    /// `data_dir` stays this process's until the gateway has stopped.
+    dir_lock: crate::data_dir::DirLock,
+    registry: Arc<Registry>,
+    drain_timeout: Duration,
+    stop_accepting: CancellationToken,
+    commands_stop: CancellationToken,
+    close_sessions: CancellationToken,
+    northbound: JoinHandle<()>,
+    endpoint: quinn::Endpoint,
+    ops_stop: CancellationToken,
+    ops_task: JoinHandle<()>,
+}
+
+/// Waits for `shutdown`, then: stop accepting → `GoAway` to every agent → wait up to
+/// `drain_timeout` for them to move → close what is left with `SHUTDOWN` → wait for QUIC to
+/// go idle (3 s at most) → stop ops.
+async fn stop_on(shutdown: CancellationToken, r: Running) {
+    let _dir_lock = r.dir_lock;
+    shutdown.cancelled().await;
+    r.stop_accepting.cancel();
+    drain(&r.registry, r.drain_timeout).await;
+    r.commands_stop.cancel();
+    r.close_sessions.cancel();
+    let _ = r.northbound.await;
+    r.endpoint.close(
+        tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
+        b"gateway shutting down",
+    );
+    if tokio::time::timeout(Duration::from_secs(3), r.endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
+    }
+    r.ops_stop.cancel();
+    let _ = r.ops_task.await;
+    tracing::info!("gateway stopped");
 }
 
 // === File descriptors ===

@@ -13,10 +13,10 @@ use tonic::Status;
 use tower::ServiceExt;
 
 use crate::config::GatewayConfig;
-use crate::error::GatewayError;
 use crate::identity::enrollment::{ENROLL_ALPN, Enrollment, EnrollmentApi, Face, Remote};
 use crate::metrics::{IdleIn, Limit, count_idle_timeout, count_rejection};
 use crate::quota::{Full, Shares};
+use crate::tls::{Listener, TlsMaterial, TlsSetupError};
 
 /// Largest `Enroll` request accepted (a CSR is well under 2 KiB).
 const MAX_REQUEST: usize = 16 * 1024;
@@ -60,18 +60,17 @@ impl std::fmt::Debug for EnrollEndpoint {
 
 impl EnrollEndpoint {
     /// TLS 1.3 with the gateway's certificate, no client certificate, ALPN `tether-enroll/1`.
-    pub fn new(cfg: &GatewayConfig, inner: Arc<Enrollment>) -> Result<Self, GatewayError> {
-        let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
-        let key = tether_runtime::tls::load_key(&cfg.tls.key)?;
-        let mut tls =
-            rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .map_err(|e| GatewayError::Tls(format!("enrollment certificate: {e}")))?;
-        tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
-        // One request per connection: nothing to resume.
-        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        tls.send_tls13_tickets = 0;
+    pub fn new(
+        cfg: &GatewayConfig,
+        material: &TlsMaterial,
+        inner: Arc<Enrollment>,
+    ) -> Result<Self, TlsSetupError> {
+        let tls = material.server_config(
+            Listener::Enrollment,
+            &[&rustls::version::TLS13],
+            None,
+            ENROLL_ALPN,
+        )?;
         let svc = EnrollmentServer::new(EnrollmentApi::new(inner, Face::Agent))
             .max_decoding_message_size(MAX_REQUEST);
         Ok(EnrollEndpoint {

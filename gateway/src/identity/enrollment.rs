@@ -167,9 +167,15 @@ impl std::fmt::Debug for Enrollment {
 }
 
 impl Enrollment {
-    /// Loads the CA named by `enrollment.ca_key` when set; see [`signing_ca`].
-    pub fn new(cfg: &GatewayConfig, db: Arc<IdentityDb>) -> Result<Enrollment, GatewayError> {
-        let (ca, bundle) = signing_ca(cfg)?;
+    /// Loads the CA named by `enrollment.ca_key` when set (see [`signing_ca`]); `ca_bundle`
+    /// is `tls.ca` as written (PEM), which goes out with every issued certificate.
+    pub fn new(
+        cfg: &GatewayConfig,
+        ca_bundle: &str,
+        db: Arc<IdentityDb>,
+    ) -> Result<Enrollment, GatewayError> {
+        let ca = signing_ca(cfg, ca_bundle)?;
+        let bundle = ca_bundle.to_owned();
         Ok(Enrollment {
             revocations: db.revocations(),
             db,
@@ -372,30 +378,24 @@ impl Enrollment {
 }
 
 /// The CA of `enrollment.ca_key` when set (its certificate found in `enrollment.ca_cert`,
-/// default `tls.ca`, by the key), which must be one of the CAs `tls.ca` trusts; and `tls.ca`
-/// itself (PEM), the bundle that goes out with every issued certificate. For the start and
-/// `--check-config`.
-pub fn signing_ca(cfg: &GatewayConfig) -> Result<(Option<Ca>, String), GatewayError> {
-    let bundle = std::fs::read_to_string(&cfg.tls.ca).map_err(|source| PkiError::Io {
-        path: cfg.tls.ca.clone(),
-        source,
-    })?;
+/// default `tls.ca`, by the key), which must be one of the CAs of `bundle` (`tls.ca` as
+/// written). For the start and `--check-config`.
+pub fn signing_ca(cfg: &GatewayConfig, bundle: &str) -> Result<Option<Ca>, PkiError> {
     let Some(key) = &cfg.enrollment.ca_key else {
-        return Ok((None, bundle));
+        return Ok(None);
     };
     let cert = cfg.enrollment.ca_cert.as_ref().unwrap_or(&cfg.tls.ca);
     let ca = Ca::from_files(cert, key, &cfg.trust_domain)?;
-    if !crate::identity::pki::bundle_contains(&bundle, &ca.cert_pem) {
+    if !crate::identity::pki::bundle_contains(bundle, &ca.cert_pem) {
         return Err(PkiError::CaMismatch {
             cert: cfg.tls.ca.clone(),
             reason: "it does not hold the CA certificate of enrollment.ca_key: the gateway \
                      would refuse every certificate it issues (during a CA rotation tls.ca \
                      holds the old and the new CA)"
                 .into(),
-        }
-        .into());
+        });
     }
-    Ok((Some(ca), bundle))
+    Ok(Some(ca))
 }
 
 /// A new token: [`TOKEN_PREFIX`] and 256 random bits, base64url.

@@ -121,7 +121,8 @@ mod tests {
             cfg.enrollment.ca_key = Some(dir.join("pki/ca-key.pem"));
         }
         let db = Arc::new(IdentityDb::open(dir).unwrap());
-        (Enrollment::new(&cfg, db.clone()).unwrap(), db)
+        let bundle = std::fs::read_to_string(&cfg.tls.ca).unwrap();
+        (Enrollment::new(&cfg, &bundle, db.clone()).unwrap(), db)
     }
 
     fn facts(not_before: i64) -> CertFacts {
@@ -321,7 +322,8 @@ mod tests {
         cfg.enrollment.ca_key = Some(other.path().join("ca-key.pem"));
         cfg.enrollment.ca_cert = Some(other.path().join("ca.pem"));
         let db = Arc::new(IdentityDb::open(other.path()).unwrap());
-        let e = Enrollment::new(&cfg, db).unwrap_err().to_string();
+        let bundle = std::fs::read_to_string(&cfg.tls.ca).unwrap();
+        let e = Enrollment::new(&cfg, &bundle, db).unwrap_err().to_string();
         assert!(e.contains("does not hold the CA certificate"), "{e}");
     }
 }

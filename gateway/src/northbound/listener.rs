@@ -34,6 +34,7 @@ use tower::ServiceExt;
 
 use crate::metrics::{IdleIn, Limit, count_idle_timeout, count_rejection};
 pub use crate::northbound::live_connections::LiveConnections;
+use crate::tls::{Listener, TlsMaterial, TlsSetupError};
 
 /// The caller's client-certificate chain, in every northbound request's extensions.
 #[derive(Clone, Debug)]
@@ -112,6 +113,33 @@ where
         }
         self.0.call(req)
     }
+}
+
+/// TLS for the northbound listener: the gateway's certificate, client certificates verified
+/// against the CA (which identities may call is decided per request), ALPN h2, TLS 1.2 or
+/// 1.3. Required, unless `tokens_accepted`: a caller with a bearer token may come without one
+/// (a certificate it does send is still verified). No session resumption, as on the tunnel
+/// ([`TlsMaterial::server_config`]): an expired caller certificate, or one of a CA a rotation
+/// removed, would keep working for as long as its session was cached.
+pub fn tls_config(
+    material: &TlsMaterial,
+    tokens_accepted: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder(material.roots());
+    if tokens_accepted {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|source| TlsSetupError::Verifier {
+        listener: Listener::Northbound,
+        source,
+    })?;
+    let tls = material.server_config(
+        Listener::Northbound,
+        rustls::DEFAULT_VERSIONS,
+        Some(verifier),
+        b"h2",
+    )?;
+    Ok(Arc::new(tls))
 }
 
 /// How long a connection closed for idling may take to finish its GOAWAY before it is dropped

@@ -5,45 +5,38 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use tether_runtime::tls;
 use tunnel_proto::ALPN;
 
 use crate::config::GatewayConfig;
-use crate::error::GatewayError;
 use crate::identity::revocation::RevocationList;
+use crate::tls::{Listener, TlsMaterial, TlsSetupError};
 use crate::tunnel::verifier::AgentVerifier;
 
 /// The tunnel's TLS config, for QUIC and TCP alike: TLS 1.3, ALPN `tether/1`, mandatory agent
-/// client certificates checked by [`AgentVerifier`] (with an empty revocation list).
-pub fn tls_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
-    tls_config_with(cfg, Arc::default())
-}
-
-/// [`tls_config`] refusing the certificates `revocations` lists.
-pub fn tls_config_with(
+/// client certificates checked by [`AgentVerifier`], refusing the certificates `revocations`
+/// lists, and no session resumption ([`TlsMaterial::server_config`]).
+pub fn tls_config(
     cfg: &GatewayConfig,
+    material: &TlsMaterial,
     revocations: Arc<RevocationList>,
-) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
-    let roots = tls::load_roots(&cfg.tls.ca)?;
-    let inner = WebPkiClientVerifier::builder(Arc::new(roots))
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let inner = WebPkiClientVerifier::builder(material.roots())
         .build()
-        .map_err(|e| GatewayError::Tls(format!("client verifier: {e}")))?;
+        .map_err(|source| TlsSetupError::Verifier {
+            listener: Listener::Tunnel,
+            source,
+        })?;
     let verifier =
         Arc::new(AgentVerifier::new(inner, cfg.trust_domain.clone()).with_revocations(revocations));
-    let certs = tls::load_certs("certificate", &cfg.tls.cert)?;
-    let key = tls::load_key(&cfg.tls.key)?;
-    let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| GatewayError::Tls(format!("gateway certificate: {e}")))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut tls = material.server_config(
+        Listener::Tunnel,
+        &[&rustls::version::TLS13],
+        Some(verifier),
+        ALPN,
+    )?;
     // The gateway's suite order (AES-128-GCM first, `tls::crypto_provider`), whatever an agent
     // prefers: the cheaper handshake is the gateway's to choose when thousands reconnect.
     tls.ignore_client_order = true;
-    // No session resumption: a resumed handshake skips the client-certificate verifier, so a
-    // revoked (or since expired) certificate would get back in on its old session ticket.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
     Ok(Arc::new(tls))
 }
 
@@ -66,9 +59,8 @@ pub const SEND_WINDOW: u64 = 4 << 20;
 pub fn server_config(
     cfg: &GatewayConfig,
     tls: Arc<rustls::ServerConfig>,
-) -> Result<quinn::ServerConfig, GatewayError> {
-    let crypto = QuicServerConfig::try_from(tls)
-        .map_err(|e| GatewayError::Tls(format!("QUIC TLS config: {e}")))?;
+) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(TlsSetupError::Quic)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     // Agents open exactly one stream, the control stream, and the gateway accepts exactly one:
@@ -93,8 +85,7 @@ pub fn server_config(
     // Backstop for the heartbeat timeout in the session itself.
     let idle = cfg.tunnel.heartbeat_interval * 3 + Duration::from_secs(2);
     transport.max_idle_timeout(Some(
-        idle.try_into()
-            .map_err(|_| GatewayError::Tls("idle timeout out of range".into()))?,
+        idle.try_into().map_err(|_| TlsSetupError::IdleTimeout)?,
     ));
     server.transport_config(Arc::new(transport));
     Ok(server)
