@@ -419,7 +419,7 @@ async fn scoped_gateway(pki: &Pki, data: &Path) -> GatewayProcess {
 
 fn fingerprint(files: &CertFiles) -> String {
     let der = tether_runtime::tls::load_certs("cert", &files.cert).unwrap();
-    tether_gateway::identity::revocation::sha256_hex(der[0].as_ref())
+    tether_runtime::digest::sha256_hex(der[0].as_ref())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

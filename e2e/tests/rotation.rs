@@ -26,8 +26,8 @@ use tether_agent::config::ServiceKind;
 use tether_e2e::*;
 use tether_gateway::config::GatewayConfig;
 use tether_gateway::identity::pki::LeafSpec;
-use tether_gateway::identity::revocation::sha256_hex;
-use tether_gateway::tunnel::registry::SessionInfo;
+use tether_runtime::digest::sha256_hex;
+use tether_gateway::tunnel::registry::{RegistryEvent, SessionInfo};
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{Hello, RenewResponse};
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
@@ -112,8 +112,10 @@ impl Sessions {
         let sink = seen.clone();
         tokio::spawn(async move {
             while let Ok(ev) = feed.recv().await {
-                if ev.connected && ev.session.agent == agent {
-                    sink.0.lock().unwrap().push(Seen::of(&ev.session));
+                if let RegistryEvent::Connected(s) = &ev
+                    && s.agent == agent
+                {
+                    sink.0.lock().unwrap().push(Seen::of(s));
                 }
             }
         });
@@ -522,7 +524,7 @@ async fn a_revoked_agent_is_not_renewed() {
     let enrollment =
         tether_gateway::identity::enrollment::Enrollment::new(&cfg, &bundle, db.clone()).unwrap();
     let files = pki.agent("acme/victim");
-    let facts = tether_gateway::identity::revocation::CertFacts::of(&leaf_of(&files.cert)).unwrap();
+    let facts = tether_gateway::tls::CertFacts::of(&leaf_of(&files.cert)).unwrap();
     let agent: AgentId = "acme/victim".parse().unwrap();
     let req = |id| tunnel_proto::message::RenewRequest {
         id,

@@ -4,13 +4,48 @@
 //! session resumption) decided here once.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rustls::RootCertStore;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tether_runtime::digest::sha256_hex;
 use tether_runtime::tls::{self as runtime_tls, TlsError};
 
 use crate::config::TlsConfig;
+
+/// What the gateway reads of a peer's certificate: to refuse a revoked one, to show it in
+/// `Agents/Get`, to renew it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFacts {
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// `notBefore`, Unix seconds.
+    pub not_before: i64,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertFacts {
+    /// Reads them from a DER certificate.
+    pub fn of(cert: &CertificateDer<'_>) -> Result<CertFacts, TlsError> {
+        let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| TlsError::X509(e.to_string()))?;
+        Ok(CertFacts {
+            fingerprint: sha256_hex(cert.as_ref()),
+            serial: hex::encode(x509.raw_serial()),
+            not_before: x509.validity().not_before.timestamp(),
+            not_after: x509.validity().not_after.timestamp(),
+        })
+    }
+
+    /// `notAfter` as a time.
+    pub fn not_after_time(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after.max(0) as u64)
+    }
+}
 
 /// A listener whose TLS config is built from [`TlsMaterial`], for the messages that name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

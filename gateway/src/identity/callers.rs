@@ -32,7 +32,8 @@ use tonic::{Request, Response, Status};
 use tunnel_proto::SpiffeId;
 
 use crate::identity::db::{IdentityDb, IdentityDbError};
-use crate::identity::revocation::{CertFacts, MAX_REASON, from_ms, to_ms};
+use crate::identity::revocation::{MAX_REASON, from_ms, to_ms};
+use crate::tls::CertFacts;
 use crate::northbound::listener::LiveConnections;
 
 /// The revocation of a caller name, as stored.
@@ -151,7 +152,7 @@ impl CallerRevocationList {
         };
         match CertFacts::of(cert) {
             Ok(facts) => self.refusal(&name, &facts),
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
         }
     }
 }
@@ -309,7 +310,7 @@ pub async fn revoke(
         .close_matching(|certs| certs.first().is_some_and(|c| list.refusal_of(c).is_some()))
         .iter()
         .filter_map(|certs| certs.0.first())
-        .map(|c| crate::identity::revocation::sha256_hex(c.as_ref()))
+        .map(|c| tether_runtime::digest::sha256_hex(c.as_ref()))
         .collect();
     tracing::warn!(caller = name, fingerprint = ?fingerprint, reason, revoked_by,
         connections_closed = closed.len(), "northbound caller revoked");

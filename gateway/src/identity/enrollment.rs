@@ -45,7 +45,9 @@ use crate::identity::db::{
 };
 use crate::identity::pki::{Ca, LeafSpec, PkiError};
 use crate::identity::renewal::RENEW_EVERY;
-use crate::identity::revocation::{RevocationList, sha256_hex, to_ms};
+use tether_runtime::digest::sha256_hex;
+
+use crate::identity::revocation::{RevocationList, to_ms};
 use crate::metrics::{Limit, count_rejection};
 use crate::northbound::agents::{Caller, authenticate};
 use crate::quota::{Full, KeyedRate, Shares};

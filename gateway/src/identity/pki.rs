@@ -138,10 +138,7 @@ impl Ca {
         // Named for its key too: during a CA rotation old and new CA are told apart by name
         // (in tools, and when a verifier looks for a certificate's issuer).
         let id = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key_raw());
-        let id: String = id.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = hex::encode(&id.as_ref()[..4]);
         params.distinguished_name = dn(&format!("Tether CA {trust_domain} {id}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![

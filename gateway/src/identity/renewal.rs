@@ -15,7 +15,8 @@ use tunnel_proto::AgentId;
 use tunnel_proto::message::{RenewRequest, RenewResponse};
 
 use crate::identity::enrollment::{EnrollError, Enrollment};
-use crate::identity::revocation::{CertFacts, from_ms, to_ms};
+use crate::identity::revocation::{from_ms, to_ms};
+use crate::tls::CertFacts;
 
 /// Renewals of one agent are signed at most this often, across all its sessions (each session
 /// also refuses a second request within a second: `GatewaySessionConfig::renew_min_interval`).

@@ -20,11 +20,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tunnel_proto::{AgentId, ErrorCode};
 
 use crate::identity::db::{IdentityDb, IdentityDbError};
+use crate::tls::CertFacts;
 use crate::tunnel::registry::{Registry, SessionCommand};
 
 /// Longest reason a revocation may carry (it travels in the session's close frame).
@@ -32,47 +32,6 @@ pub const MAX_REASON: usize = 256;
 
 /// How long closing sessions get to leave on their own before their connections are closed.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
-
-/// SHA-256 of `bytes`, lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-/// What a revocation check needs from a certificate.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CertFacts {
-    /// SHA-256 of the DER, lowercase hex.
-    pub fingerprint: String,
-    /// Serial number, lowercase hex.
-    pub serial: String,
-    /// `notBefore`, Unix seconds.
-    pub not_before: i64,
-    /// `notAfter`, Unix seconds.
-    pub not_after: i64,
-}
-
-impl CertFacts {
-    /// Reads them from a DER certificate.
-    pub fn of(cert: &CertificateDer<'_>) -> Result<CertFacts, String> {
-        let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
-            .map_err(|e| format!("certificate does not parse: {e}"))?;
-        Ok(CertFacts {
-            fingerprint: sha256_hex(cert.as_ref()),
-            serial: hex(x509.raw_serial()),
-            not_before: x509.validity().not_before.timestamp(),
-            not_after: x509.validity().not_after.timestamp(),
-        })
-    }
-}
 
 /// One revoked certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,11 +349,4 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sha256_is_the_known_digest() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
 }

@@ -18,7 +18,7 @@ use tunnel_proto::AgentId;
 
 pub use crate::northbound::auth::Caller;
 use crate::northbound::auth::caller;
-use crate::tunnel::registry::{AgentSnapshot, Registry, SessionInfo};
+use crate::tunnel::registry::{AgentSnapshot, Registry, RegistryEvent, SessionInfo};
 
 /// Checks that the request was authenticated (by `auth::Authenticated`, which wraps every
 /// northbound service); usable as a tonic interceptor.
@@ -196,20 +196,26 @@ impl Agents for AgentsApi {
                     }
                     Err(_) => return,
                 };
-                if !wanted(&ev.session) {
+                if !wanted(ev.session()) {
                     continue;
                 }
-                let kind = if ev.connected {
-                    v1::agent_event::Kind::Connected
-                } else {
-                    v1::agent_event::Kind::Disconnected
+                let (kind, session, time, reason) = match ev {
+                    RegistryEvent::Connected(s) => {
+                        let at = s.connected_at;
+                        (v1::agent_event::Kind::Connected, s, at, String::new())
+                    }
+                    RegistryEvent::Disconnected {
+                        session,
+                        at,
+                        reason,
+                    } => (v1::agent_event::Kind::Disconnected, session, at, reason),
                 };
                 let msg = v1::AgentEvent {
                     kind: kind as i32,
-                    agent: ev.session.agent.to_string(),
-                    session: Some(session_proto(&ev.session)),
-                    time: Some(ts(ev.time)),
-                    reason: ev.reason,
+                    agent: session.agent.to_string(),
+                    session: Some(session_proto(&session)),
+                    time: Some(ts(time)),
+                    reason,
                     initial: false,
                 };
                 if tx.send(Ok(msg)).await.is_err() {

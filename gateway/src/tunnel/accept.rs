@@ -16,7 +16,7 @@ use tether_runtime::transport::{H2Link, Link};
 use tunnel_proto::message::Close;
 use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
-use crate::identity::revocation::CertFacts;
+use crate::tls::CertFacts;
 use crate::metrics::{
     HandshakeFailure, IdleIn, Limit, count_handshake_failure, count_idle_timeout, count_rejection,
 };

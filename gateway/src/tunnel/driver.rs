@@ -15,11 +15,11 @@ use tether_runtime::transport::{Link, RecvStream, SendStream};
 use tunnel_proto::ErrorCode;
 use tunnel_proto::session::{GatewayEvent, GatewaySession};
 
-use crate::identity::revocation::CertFacts;
+use crate::tls::CertFacts;
 use crate::tunnel::TunnelContext;
 use crate::tunnel::admission::SessionPermit;
 use crate::tunnel::probe::Probe;
-use crate::tunnel::registry::{NewSession, SessionCommand, SessionInfo};
+use crate::tunnel::registry::{SessionCommand, SessionInfo};
 
 /// Runs one session until its connection ends; `_permit` counts the connection against its
 /// agent until then.
@@ -54,18 +54,15 @@ pub(crate) async fn drive_session(
         while let Some(ev) = session.poll_event() {
             match ev {
                 GatewayEvent::Established { hello, version } => {
-                    let (info, rx) = ctx.registry.register(NewSession {
-                        session_id: session_id.clone(),
-                        agent: agent.clone(),
+                    let (info, rx) = SessionInfo::new(
+                        session_id.clone(),
+                        agent.clone(),
                         remote,
-                        transport: transport.name(),
-                        hello,
-                        version,
-                        link: link.clone(),
-                        cert_fingerprint: cert.fingerprint.clone(),
-                        cert_serial: cert.serial.clone(),
-                        cert_not_after: crate::identity::revocation::from_ms(cert.not_after * 1000),
-                    });
+                        link.clone(),
+                        (hello, version),
+                        &cert,
+                    );
+                    let info = ctx.registry.register(info);
                     tracing::info!(%agent, session = %session_id, %remote, %transport,
                         agent_version = %info.hello.agent_version, "agent connected");
                     metrics::counter!("tether_gateway_sessions_total", "transport" => transport.name())

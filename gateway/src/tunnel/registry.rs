@@ -13,6 +13,8 @@ use tokio::sync::{broadcast, mpsc};
 use tunnel_proto::AgentId;
 use tunnel_proto::message::Hello;
 
+use crate::tls::CertFacts;
+
 /// What is known about one live session; immutable once registered (but for the RTT).
 #[derive(Debug)]
 pub struct SessionInfo {
@@ -59,6 +61,37 @@ impl SessionInfo {
     }
 }
 
+impl SessionInfo {
+    /// A session whose `Hello` was accepted now, over `link`, authenticated with `cert`; and
+    /// the receiving end of the orders the registry gives its driver.
+    pub fn new(
+        session_id: String,
+        agent: AgentId,
+        remote: SocketAddr,
+        link: tether_runtime::transport::Link,
+        (hello, version): (Hello, u32),
+        cert: &CertFacts,
+    ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
+        let (control, orders) = mpsc::unbounded_channel();
+        let info = SessionInfo {
+            session_id,
+            agent,
+            remote,
+            transport: link.transport().name(),
+            connected_at: SystemTime::now(),
+            hello,
+            version,
+            link,
+            cert_fingerprint: cert.fingerprint.clone(),
+            cert_serial: cert.serial.clone(),
+            cert_not_after: cert.not_after_time(),
+            rtt: Mutex::new(None),
+            control,
+        };
+        (info, orders)
+    }
+}
+
 /// Orders the registry can give a session's driver.
 #[derive(Clone, Debug)]
 pub enum SessionCommand {
@@ -68,42 +101,29 @@ pub enum SessionCommand {
     Close(tunnel_proto::ErrorCode, String),
 }
 
-/// The fields needed to register a session.
-#[derive(Debug)]
-pub struct NewSession {
-    /// Gateway-assigned id.
-    pub session_id: String,
-    /// The agent's identity.
-    pub agent: AgentId,
-    /// Peer address.
-    pub remote: SocketAddr,
-    /// Transport name.
-    pub transport: &'static str,
-    /// The agent's `Hello`.
-    pub hello: Hello,
-    /// Negotiated version.
-    pub version: u32,
-    /// The connection.
-    pub link: tether_runtime::transport::Link,
-    /// SHA-256 of the agent's certificate (DER), lowercase hex.
-    pub cert_fingerprint: String,
-    /// Its serial number, lowercase hex.
-    pub cert_serial: String,
-    /// Its `notAfter`.
-    pub cert_not_after: SystemTime,
-}
-
 /// A connect or disconnect.
 #[derive(Clone, Debug)]
-pub struct RegistryEvent {
-    /// True for connect.
-    pub connected: bool,
-    /// The session.
-    pub session: Arc<SessionInfo>,
-    /// When.
-    pub time: SystemTime,
-    /// For disconnects: why.
-    pub reason: String,
+pub enum RegistryEvent {
+    /// A session was registered (at its `connected_at`).
+    Connected(Arc<SessionInfo>),
+    /// A session ended.
+    Disconnected {
+        /// The session.
+        session: Arc<SessionInfo>,
+        /// When.
+        at: SystemTime,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RegistryEvent {
+    /// The session that connected or ended.
+    pub fn session(&self) -> &Arc<SessionInfo> {
+        match self {
+            RegistryEvent::Connected(s) | RegistryEvent::Disconnected { session: s, .. } => s,
+        }
+    }
 }
 
 /// A point-in-time view of one agent.
@@ -157,27 +177,9 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Adds a live session; returns it and the receiving end of its command channel.
-    pub fn register(
-        &self,
-        s: NewSession,
-    ) -> (Arc<SessionInfo>, mpsc::UnboundedReceiver<SessionCommand>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let info = Arc::new(SessionInfo {
-            session_id: s.session_id,
-            agent: s.agent,
-            remote: s.remote,
-            transport: s.transport,
-            connected_at: SystemTime::now(),
-            hello: s.hello,
-            version: s.version,
-            link: s.link,
-            cert_fingerprint: s.cert_fingerprint,
-            cert_serial: s.cert_serial,
-            cert_not_after: s.cert_not_after,
-            rtt: Mutex::new(None),
-            control: tx,
-        });
+    /// Adds a live session.
+    pub fn register(&self, info: SessionInfo) -> Arc<SessionInfo> {
+        let info = Arc::new(info);
         let mut agents = self.agents.lock().expect("registry lock");
         let entry = agents.entry(info.agent.clone()).or_default();
         entry.sessions.push(info.clone());
@@ -191,13 +193,8 @@ impl Registry {
         drop(live);
         // Sent under the lock so a concurrent `subscribe` sees it either in its snapshot or in
         // its feed, never both and never neither.
-        let _ = self.events.send(RegistryEvent {
-            connected: true,
-            session: info.clone(),
-            time: info.connected_at,
-            reason: String::new(),
-        });
-        (info, rx)
+        let _ = self.events.send(RegistryEvent::Connected(info.clone()));
+        info
     }
 
     /// Removes a session that ended.
@@ -221,10 +218,9 @@ impl Registry {
             .remove(&(session.agent.clone(), session.session_id.clone()));
         Self::publish_gauges(&live);
         drop(live);
-        let _ = self.events.send(RegistryEvent {
-            connected: false,
+        let _ = self.events.send(RegistryEvent::Disconnected {
             session: session.clone(),
-            time: now,
+            at: now,
             reason,
         });
     }

@@ -15,7 +15,8 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
 
-use crate::identity::revocation::{CertFacts, RevocationList};
+use crate::identity::revocation::RevocationList;
+use crate::tls::CertFacts;
 use crate::metrics::{HandshakeFailure, count_handshake_failure};
 
 /// See the module docs.
@@ -101,7 +102,7 @@ impl ClientCertVerifier for AgentVerifier {
             Ok(SpiffeId::Agent { trust_domain, id }) if trust_domain == self.trust_domain => {
                 let facts = match CertFacts::of(end_entity) {
                     Ok(f) => f,
-                    Err(e) => return refuse(HandshakeFailure::BadIdentity, e),
+                    Err(e) => return refuse(HandshakeFailure::BadIdentity, e.to_string()),
                 };
                 match self.revocations.refusal(&id, &facts) {
                     None => Ok(ClientCertVerified::assertion()),
