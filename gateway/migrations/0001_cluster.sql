@@ -66,3 +66,34 @@ CREATE TABLE agent_queues (
     lease_epoch         bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX agent_queues_by_lease ON agent_queues (lease_replica, lease_replica_epoch);
+
+-- Identity: the same records as the embedded identity store (JSON), one row each.
+CREATE TABLE revoked_agents (
+    agent  text PRIMARY KEY,
+    record jsonb NOT NULL -- AgentRevocation
+);
+CREATE TABLE revoked_certs (
+    fingerprint text PRIMARY KEY,
+    agent       text NOT NULL
+);
+CREATE TABLE enrollment_tokens (
+    hash       text PRIMARY KEY, -- SHA-256 of the token; the token itself is never stored
+    agent      text NOT NULL,
+    expires_ms bigint NOT NULL,
+    record     jsonb NOT NULL -- TokenRecord
+);
+CREATE INDEX enrollment_tokens_by_agent ON enrollment_tokens (agent);
+CREATE INDEX enrollment_tokens_by_expiry ON enrollment_tokens (expires_ms);
+CREATE TABLE revoked_callers (
+    name   text PRIMARY KEY,
+    record jsonb NOT NULL -- CallerRevocation
+);
+CREATE TABLE revoked_caller_certs (
+    fingerprint text PRIMARY KEY,
+    record      jsonb NOT NULL -- RevokedCallerCert
+);
+-- When each agent was last issued a certificate by renewal (one a second, cluster-wide).
+CREATE TABLE renewals (
+    agent          text PRIMARY KEY,
+    last_issued_ms bigint NOT NULL
+);

@@ -441,3 +441,124 @@ async fn sessions_of_a_replica_count_only_while_it_is_alive() {
     assert_eq!(agents.len(), 1, "the agent stays known, offline");
     stop.cancel();
 }
+
+mod identity {
+    use super::*;
+    use tether_gateway::cluster::identity as pgid;
+    use tether_gateway::identity_db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
+
+    fn token(agent: &str, created_ms: i64) -> TokenRecord {
+        TokenRecord {
+            agent: agent.into(),
+            created_ms,
+            expires_ms: created_ms + 3_600_000,
+            state: TokenState::Pending,
+            changed_ms: None,
+            created_by: "test".into(),
+            certificate: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_redeemed_at_two_replicas_at_once_issues_one_certificate() {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let now = 1_700_000_000_000;
+        for i in 0..20 {
+            let hash = format!("h{i}");
+            pgid::put_token(&a, &hash, &token("acme/eu-1", now), 64)
+                .await
+                .unwrap()
+                .unwrap();
+            let issued = std::sync::atomic::AtomicU32::new(0);
+            let issue = |_: &TokenRecord| {
+                issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, String>(((), "fp".to_owned()))
+            };
+            let (ra, rb) = tokio::join!(
+                pgid::redeem_token(&a, &hash, now + 1, issue),
+                pgid::redeem_token(&b, &hash, now + 1, issue)
+            );
+            let outcomes = [ra.unwrap(), rb.unwrap()];
+            let won = outcomes.iter().filter(|o| o.is_ok()).count();
+            assert_eq!(won, 1, "round {i}: {outcomes:?}");
+            assert!(
+                outcomes
+                    .iter()
+                    .any(|o| matches!(o, Err(RedeemError::Refused(TokenRefusal::Used))))
+            );
+            assert_eq!(issued.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pending_token_cap_holds_across_replicas_and_a_revocation_voids_them_with_an_event()
+    {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let now = 1_700_000_000_000;
+        let tries: Vec<_> = (0..12)
+            .map(|i| {
+                let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    pgid::put_token(&p, &format!("t{i}"), &token("acme/eu-2", now), 4)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tries {
+            stored += usize::from(t.await.unwrap().is_ok());
+        }
+        assert_eq!(stored, 4, "the cap holds whatever replica creates");
+        assert!(pgid::knows_agent(&a, "acme/eu-2").await.unwrap());
+        assert!(!pgid::knows_agent(&a, "acme/none").await.unwrap());
+
+        let start = events::now(&a).await.unwrap();
+        let agent: tunnel_proto::AgentId = "acme/eu-2".parse().unwrap();
+        let (record, voided) = pgid::revoke(&b, &agent, "key leaked", Vec::new(), now + 5)
+            .await
+            .unwrap();
+        assert_eq!(voided, 4);
+        assert_eq!(record.reason, "key leaked");
+        let seen = events::read(&a, start).await.unwrap();
+        assert!(seen.iter().any(|(_, e)| {
+            e.as_ref()
+                .is_some_and(|e| e.kind == EventKind::Revocation && e.agent == "acme/eu-2")
+        }));
+        let all = pgid::load(&a).await.unwrap();
+        assert_eq!(all.agents.len(), 1);
+        let r = pgid::redeem_token(&a, "t0", now + 6, |_| Ok::<_, ()>(((), String::new())))
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, Err(RedeemError::Refused(TokenRefusal::Revoked(_))))
+                || matches!(r, Err(RedeemError::Refused(TokenRefusal::Unknown))),
+            "a voided token is refused"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_is_renewed_at_most_once_a_second_across_replicas() {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let t = 1_700_000_000_000;
+        assert!(pgid::take_renewal(&a, "acme/x", t, 1000).await.unwrap());
+        assert!(
+            !pgid::take_renewal(&b, "acme/x", t + 500, 1000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            pgid::take_renewal(&b, "acme/y", t + 500, 1000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            pgid::take_renewal(&b, "acme/x", t + 1000, 1000)
+                .await
+                .unwrap()
+        );
+    }
+}

@@ -17,6 +17,7 @@
 
 pub mod db;
 pub mod events;
+pub mod identity;
 pub mod lease;
 pub mod presence;
 pub mod replica;
