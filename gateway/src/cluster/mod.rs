@@ -15,6 +15,7 @@
 //! all its leases at once (see `../shared/SCALE.md` in the design notes, and ARCHITECTURE.md,
 //! "Replicas").
 
+pub mod commands;
 pub mod db;
 pub mod events;
 pub mod identity;
