@@ -342,7 +342,7 @@ pub enum NotCancelled {
     /// No such command.
     NotFound,
     /// It left `QUEUED` first; its state now.
-    TooLate(Command),
+    TooLate(Box<Command>),
 }
 
 /// Cancels a command still queued (any replica may: the holder's delivery write is
@@ -356,7 +356,7 @@ pub async fn cancel(
         return Ok(Err(NotCancelled::NotFound));
     };
     if cmd.state != CommandState::Queued as i32 {
-        return Ok(Err(NotCancelled::TooLate(cmd)));
+        return Ok(Err(NotCancelled::TooLate(Box::new(cmd))));
     }
     let expected = cmd.version;
     cmd.payload.clear();
@@ -370,7 +370,7 @@ pub async fn cancel(
     if !change_unleased(pool, &cmd, expected).await? {
         // Delivered (or expired) meanwhile.
         return match get(pool, id).await? {
-            Some(c) => Ok(Err(NotCancelled::TooLate(c))),
+            Some(c) => Ok(Err(NotCancelled::TooLate(Box::new(c)))),
             None => Ok(Err(NotCancelled::NotFound)),
         };
     }
