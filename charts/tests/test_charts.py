@@ -1321,11 +1321,11 @@ def pod_env(container: dict[str, Any], secrets: dict[str, dict[str, str]], pod_n
     return env
 
 
-def gateway_check(name: str, pki: dict[str, str], tmp_path: Path, secrets: dict[str, dict[str, str]] | None = None,
+def gateway_check(values: dict[str, Any], pki: dict[str, str], tmp_path: Path,
+                  secrets: dict[str, dict[str, str]] | None = None,
                   drop_env: tuple[str, ...] = ()) -> tuple[Rendered, Path, dict[str, str], subprocess.CompletedProcess]:
-    """Renders a gateway values file, lays out the `helm test` pod's files and environment from
-    the operator's objects, and runs its command (`serve --check-config`) with the real binary."""
-    values = load_values(name)
+    """Renders the gateway chart, lays out the `helm test` pod's files and environment from the
+    operator's objects, and runs its command (`serve --check-config`) with the real binary."""
     r = render(GATEWAY_CHART, values)
     ext_secrets, ext_config_maps = gateway_externals(pki)
     etc = materialize(r, tmp_path, secrets or ext_secrets, ext_config_maps)
@@ -1342,7 +1342,7 @@ def gateway_check(name: str, pki: dict[str, str], tmp_path: Path, secrets: dict[
 
 @pytest.mark.parametrize("name", GATEWAY_VALUES)
 def test_rendered_gateway_config_passes_the_gateway_binarys_check(name, pki, tmp_path):
-    r, etc, env, out = gateway_check(name, pki, tmp_path)
+    r, etc, env, out = gateway_check(load_values(name), pki, tmp_path)
     assert out.returncode == 0, f"tether-gateway rejected the chart's gateway.toml:\n{out.stderr}"
     # The hook checks what the gateway runs with: the same files and the same environment.
     hook = r.one("Pod")["spec"]
@@ -1371,7 +1371,7 @@ def test_gateway_check_reads_the_dsn_from_its_secret_and_never_shows_its_passwor
     else than a PostgreSQL URL fails the check naming store.dsn, without the password in it."""
     secrets, _ = gateway_externals(pki)
     secrets["tether-gateway-db"] = {"dsn": "mysql://tether:hunter2@db.example.com:3306/tether"}
-    _, _, env, out = gateway_check("gateway-postgres-dsn-only.yaml", pki, tmp_path, secrets)
+    _, _, env, out = gateway_check(load_values("gateway-postgres-dsn-only.yaml"), pki, tmp_path, secrets)
     assert env["TETHER_STORE_DSN"].startswith("mysql://")
     assert out.returncode == 64, out
     assert "store.dsn" in out.stderr and "postgres://" in out.stderr, out.stderr
@@ -1382,10 +1382,30 @@ def test_gateway_store_section_needs_the_dsn_from_the_environment(pki, tmp_path)
     """The [store] the chart renders (password file, sslmode, CA) is valid only with the DSN,
     which comes from the Secret through TETHER_STORE_DSN and nowhere else: without the
     variable the same files fail the check."""
-    _, etc, env, out = gateway_check("gateway-postgres.yaml", pki, tmp_path, drop_env=("TETHER_STORE_DSN",))
+    _, etc, env, out = gateway_check(load_values("gateway-postgres.yaml"), pki, tmp_path, drop_env=("TETHER_STORE_DSN",))
     assert "dsn" not in tomllib.loads((etc / "gateway.toml").read_text())["store"]
     assert out.returncode == 64, out
     assert "store.password_file" in out.stderr and "store.dsn is not" in out.stderr, out.stderr
+
+
+def documented_gateway_values() -> dict[str, Any]:
+    """The values block under "### Values" in docs/install-gateway.md (PostgreSQL mode)."""
+    section = (ROOT / "docs" / "install-gateway.md").read_text().split("### Values", 1)[1]
+    return yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+
+
+def test_the_install_guides_postgres_values_render_and_pass_the_gateway_binarys_check(pki, tmp_path):
+    """What docs/install-gateway.md tells an operator to write, with the Secrets and ConfigMap it
+    tells them to create, installs and passes the chart's `helm test`."""
+    values = documented_gateway_values()
+    assert values["store"]["type"] == "postgres"
+    r, etc, env, out = gateway_check(values, pki, tmp_path)
+    assert out.returncode == 0, f"tether-gateway rejected the documented config:\n{out.stderr}"
+    assert r.one("Deployment")["spec"]["replicas"] == 3
+    assert (etc / "postgres" / "password").read_text().strip() == DB_PASSWORD
+    assert (etc / "postgres" / "ca.crt").is_file()
+    userinfo = env["TETHER_STORE_DSN"].split("://", 1)[1].split("@", 1)[0]
+    assert ":" not in userinfo, "with the password in its own Secret, the DSN carries none"
 
 
 def free_port(kind: int) -> int:
