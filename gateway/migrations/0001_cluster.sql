@@ -66,3 +66,73 @@ CREATE TABLE agent_queues (
     lease_epoch         bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX agent_queues_by_lease ON agent_queues (lease_replica, lease_replica_epoch);
+
+-- Identity: the same records as the embedded identity store (JSON), one row each.
+CREATE TABLE revoked_agents (
+    agent  text PRIMARY KEY,
+    record jsonb NOT NULL -- AgentRevocation
+);
+CREATE TABLE revoked_certs (
+    fingerprint text PRIMARY KEY,
+    agent       text NOT NULL
+);
+CREATE TABLE enrollment_tokens (
+    hash       text PRIMARY KEY, -- SHA-256 of the token; the token itself is never stored
+    agent      text NOT NULL,
+    expires_ms bigint NOT NULL,
+    record     jsonb NOT NULL -- TokenRecord
+);
+CREATE INDEX enrollment_tokens_by_agent ON enrollment_tokens (agent);
+CREATE INDEX enrollment_tokens_by_expiry ON enrollment_tokens (expires_ms);
+CREATE TABLE revoked_callers (
+    name   text PRIMARY KEY,
+    record jsonb NOT NULL -- CallerRevocation
+);
+CREATE TABLE revoked_caller_certs (
+    fingerprint text PRIMARY KEY,
+    record      jsonb NOT NULL -- RevokedCallerCert
+);
+-- When each agent was last issued a certificate by renewal (one a second, cluster-wide).
+CREATE TABLE renewals (
+    agent          text PRIMARY KEY,
+    last_issued_ms bigint NOT NULL
+);
+
+-- Commands. `record` is the tether.v1.Command without its payload (in command_payloads,
+-- written once) and without an output above 64 KiB (in `output`, read by Get only). The
+-- indexed columns are what List, delivery and retention look up by.
+CREATE TABLE commands (
+    id              text PRIMARY KEY,
+    agent           text NOT NULL,
+    tenant          text NOT NULL,
+    seq             bigint NOT NULL, -- submission order (a sequence: causal order kept)
+    state           smallint NOT NULL,
+    kind            text NOT NULL,
+    idempotency_key text NOT NULL,
+    created_ms      bigint NOT NULL,
+    expires_ms      bigint,
+    finished_ms     bigint,
+    version         bigint NOT NULL,
+    record          bytea NOT NULL,
+    output          bytea
+);
+CREATE SEQUENCE commands_seq AS bigint;
+CREATE UNIQUE INDEX commands_by_idempotency ON commands (agent, idempotency_key)
+    WHERE idempotency_key <> '';
+CREATE INDEX commands_by_agent ON commands (agent, id);
+CREATE INDEX commands_by_tenant ON commands (tenant, id);
+-- QUEUED, DELIVERED, RUNNING: the work of an agent, in submission order.
+CREATE INDEX commands_unfinished ON commands (agent, seq) WHERE state IN (1, 2, 3);
+CREATE INDEX commands_expiring ON commands (expires_ms) WHERE state = 1 AND expires_ms IS NOT NULL;
+CREATE INDEX commands_finished ON commands (finished_ms, id) WHERE finished_ms IS NOT NULL;
+CREATE TABLE command_payloads (
+    id      text PRIMARY KEY REFERENCES commands (id) ON DELETE CASCADE,
+    payload bytea NOT NULL
+);
+-- Unfinished commands per agent = submitted - finished: Submits count on agent_queues (and
+-- lock it, so the limit holds across replicas), the lease holder counts on its own row.
+ALTER TABLE agent_queues ADD COLUMN submitted bigint NOT NULL DEFAULT 0;
+CREATE TABLE agent_finished (
+    agent    text PRIMARY KEY,
+    finished bigint NOT NULL DEFAULT 0
+);

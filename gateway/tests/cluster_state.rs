@@ -441,3 +441,334 @@ async fn sessions_of_a_replica_count_only_while_it_is_alive() {
     assert_eq!(agents.len(), 1, "the agent stays known, offline");
     stop.cancel();
 }
+
+mod identity {
+    use super::*;
+    use tether_gateway::cluster::identity as pgid;
+    use tether_gateway::identity_db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
+
+    fn token(agent: &str, created_ms: i64) -> TokenRecord {
+        TokenRecord {
+            agent: agent.into(),
+            created_ms,
+            expires_ms: created_ms + 3_600_000,
+            state: TokenState::Pending,
+            changed_ms: None,
+            created_by: "test".into(),
+            certificate: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_redeemed_at_two_replicas_at_once_issues_one_certificate() {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let now = 1_700_000_000_000;
+        for i in 0..20 {
+            let hash = format!("h{i}");
+            pgid::put_token(&a, &hash, &token("acme/eu-1", now), 64)
+                .await
+                .unwrap()
+                .unwrap();
+            let issued = std::sync::atomic::AtomicU32::new(0);
+            let issue = |_: &TokenRecord| {
+                issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, String>(((), "fp".to_owned()))
+            };
+            let (ra, rb) = tokio::join!(
+                pgid::redeem_token(&a, &hash, now + 1, issue),
+                pgid::redeem_token(&b, &hash, now + 1, issue)
+            );
+            let outcomes = [ra.unwrap(), rb.unwrap()];
+            let won = outcomes.iter().filter(|o| o.is_ok()).count();
+            assert_eq!(won, 1, "round {i}: {outcomes:?}");
+            assert!(
+                outcomes
+                    .iter()
+                    .any(|o| matches!(o, Err(RedeemError::Refused(TokenRefusal::Used))))
+            );
+            assert_eq!(issued.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pending_token_cap_holds_across_replicas_and_a_revocation_voids_them_with_an_event()
+    {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let now = 1_700_000_000_000;
+        let tries: Vec<_> = (0..12)
+            .map(|i| {
+                let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    pgid::put_token(&p, &format!("t{i}"), &token("acme/eu-2", now), 4)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tries {
+            stored += usize::from(t.await.unwrap().is_ok());
+        }
+        assert_eq!(stored, 4, "the cap holds whatever replica creates");
+        assert!(pgid::knows_agent(&a, "acme/eu-2").await.unwrap());
+        assert!(!pgid::knows_agent(&a, "acme/none").await.unwrap());
+
+        let start = events::now(&a).await.unwrap();
+        let agent: tunnel_proto::AgentId = "acme/eu-2".parse().unwrap();
+        let (record, voided) = pgid::revoke(&b, &agent, "key leaked", Vec::new(), now + 5)
+            .await
+            .unwrap();
+        assert_eq!(voided, 4);
+        assert_eq!(record.reason, "key leaked");
+        let seen = events::read(&a, start).await.unwrap();
+        assert!(seen.iter().any(|(_, e)| {
+            e.as_ref()
+                .is_some_and(|e| e.kind == EventKind::Revocation && e.agent == "acme/eu-2")
+        }));
+        let all = pgid::load(&a).await.unwrap();
+        assert_eq!(all.agents.len(), 1);
+        let r = pgid::redeem_token(&a, "t0", now + 6, |_| Ok::<_, ()>(((), String::new())))
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, Err(RedeemError::Refused(TokenRefusal::Revoked(_))))
+                || matches!(r, Err(RedeemError::Refused(TokenRefusal::Unknown))),
+            "a voided token is refused"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_is_renewed_at_most_once_a_second_across_replicas() {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let t = 1_700_000_000_000;
+        assert!(pgid::take_renewal(&a, "acme/x", t, 1000).await.unwrap());
+        assert!(
+            !pgid::take_renewal(&b, "acme/x", t + 500, 1000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            pgid::take_renewal(&b, "acme/y", t + 500, 1000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            pgid::take_renewal(&b, "acme/x", t + 1000, 1000)
+                .await
+                .unwrap()
+        );
+    }
+}
+
+mod commands {
+    use super::*;
+    use tether_api::v1::{Command, CommandState};
+    use tether_gateway::cluster::commands::{self as pgc, Submitted, Write, Written};
+
+    fn new_cmd(id: &str, agent: &str, key: &str) -> Command {
+        Command {
+            id: id.into(),
+            agent: agent.into(),
+            kind: "echo".into(),
+            payload: b"hello".to_vec(),
+            idempotency_key: key.into(),
+            state: CommandState::Queued as i32,
+            created: Some(std::time::SystemTime::now().into()),
+            version: 1,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_idempotency_key_through_three_replicas_at_once_is_one_command() {
+        let pg = server();
+        let pools = [pool(&pg).await, pool(&pg).await, pool(&pg).await];
+        for round in 0..10 {
+            let key = format!("k{round}");
+            let tries: Vec<_> = (0..3)
+                .map(|r| {
+                    let (p, key) = (pools[r].clone(), key.clone());
+                    tokio::spawn(async move {
+                        pgc::submit(
+                            &p,
+                            &new_cmd(&format!("c{round}-{r}"), "acme/eu-1", &key),
+                            100,
+                        )
+                        .await
+                        .unwrap()
+                    })
+                })
+                .collect();
+            let mut created = Vec::new();
+            let mut ids = Vec::new();
+            for t in tries {
+                match t.await.unwrap() {
+                    Submitted::Created(c) => {
+                        ids.push(c.id.clone());
+                        created.push(c.id)
+                    }
+                    Submitted::Existing(c) => ids.push(c.id),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(created.len(), 1, "round {round}: {ids:?}");
+            assert!(
+                ids.iter().all(|i| *i == created[0]),
+                "every caller gets the one id"
+            );
+        }
+        let all = pgc::list(
+            &pools[0],
+            &pgc::ListQuery {
+                agent: Some("acme/eu-1".into()),
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(all.len(), 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pending_limit_holds_across_replicas() {
+        let pg = server();
+        let (a, b) = (pool(&pg).await, pool(&pg).await);
+        let tries: Vec<_> = (0..20)
+            .map(|i| {
+                let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    pgc::submit(&p, &new_cmd(&format!("c{i}"), "acme/eu-1", ""), 7)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tries {
+            if let Submitted::Created(_) = t.await.unwrap() {
+                stored += 1;
+            }
+        }
+        assert_eq!(stored, 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_holders_writes_are_fenced_after_a_take_over_and_never_undo_a_cancel() {
+        let pg = server();
+        let pool = pool(&pg).await;
+        let timeout = Duration::from_millis(900);
+        let a = Replica::register(pool.clone(), "gw-a", "a:1", timeout / 3, timeout)
+            .await
+            .unwrap();
+        let b = Replica::register(
+            pool.clone(),
+            "gw-b",
+            "b:1",
+            timeout / 3,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        let agent = "acme/eu-1";
+        for i in 0..3 {
+            let Submitted::Created(_) =
+                pgc::submit(&pool, &new_cmd(&format!("c{i}"), agent, ""), 100)
+                    .await
+                    .unwrap()
+            else {
+                panic!()
+            };
+        }
+        let lease_a = lease::acquire(&pool, a.id(), agent, "acme")
+            .await
+            .unwrap()
+            .unwrap();
+        let queued = pgc::unfinished(&pool, agent).await.unwrap();
+        assert_eq!(
+            queued.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            ["c0", "c1", "c2"],
+            "in submission order, with payloads"
+        );
+        assert_eq!(queued[0].payload, b"hello");
+        let delivered = |c: &Command| {
+            let mut d = c.clone();
+            d.state = CommandState::Delivered as i32;
+            d.version += 1;
+            Write {
+                record: d,
+                expected: c.version,
+            }
+        };
+        // c0 delivered; c1 cancelled first, so its delivery write conflicts.
+        let now = std::time::SystemTime::now().into();
+        assert!(pgc::cancel(&pool, "c1", now).await.unwrap().is_ok());
+        let w = pgc::write(
+            &pool,
+            a.id(),
+            &lease_a,
+            &[delivered(&queued[0]), delivered(&queued[1])],
+        )
+        .await
+        .unwrap();
+        assert_eq!(w, [Written::Ok, Written::Conflict]);
+        assert_eq!(
+            pgc::get(&pool, "c1").await.unwrap().unwrap().state,
+            CommandState::Cancelled as i32,
+            "the cancel is not undone"
+        );
+        // Too late to cancel c0.
+        assert!(pgc::cancel(&pool, "c0", now).await.unwrap().is_err());
+        // gw-a expires; gw-b takes the lease; gw-a's next write is fenced.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let lease_b = loop {
+            if let Some(l) = lease::acquire(&pool, b.id(), agent, "acme").await.unwrap() {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no take-over");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let w = pgc::write(&pool, a.id(), &lease_a, &[delivered(&queued[2])])
+            .await
+            .unwrap();
+        assert_eq!(w, [Written::Fenced]);
+        let w = pgc::write(&pool, b.id(), &lease_b, &[delivered(&queued[2])])
+            .await
+            .unwrap();
+        assert_eq!(w, [Written::Ok]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_commands_expire_once_and_finished_ones_are_pruned_by_age_and_count() {
+        let pg = server();
+        let pool = pool(&pg).await;
+        let past = std::time::SystemTime::now() - Duration::from_secs(5);
+        for i in 0..5 {
+            let mut c = new_cmd(&format!("e{i}"), "acme/eu-1", "");
+            c.expires = Some(past.into());
+            pgc::submit(&pool, &c, 100).await.unwrap();
+        }
+        pgc::submit(&pool, &new_cmd("keep", "acme/eu-1", ""), 100)
+            .await
+            .unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let (x, y) = tokio::join!(
+            pgc::expire_due(&pool, now_ms, 100),
+            pgc::expire_due(&pool, now_ms, 100)
+        );
+        assert_eq!(x.unwrap().len() + y.unwrap().len(), 5, "each expires once");
+        assert_eq!(pgc::unfinished(&pool, "acme/eu-1").await.unwrap().len(), 1);
+        // Keep 2 of the 5 finished: 3 go, the oldest first.
+        assert_eq!(pgc::prune(&pool, 0, 2, 100).await.unwrap(), 3);
+        // Everything finished before the far future goes.
+        assert_eq!(pgc::prune(&pool, i64::MAX, 1000, 100).await.unwrap(), 2);
+        assert!(pgc::get(&pool, "keep").await.unwrap().is_some());
+        assert!(pgc::get(&pool, "e0").await.unwrap().is_none());
+    }
+}

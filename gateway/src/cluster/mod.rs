@@ -15,8 +15,10 @@
 //! all its leases at once (see `../shared/SCALE.md` in the design notes, and ARCHITECTURE.md,
 //! "Replicas").
 
+pub mod commands;
 pub mod db;
 pub mod events;
+pub mod identity;
 pub mod lease;
 pub mod presence;
 pub mod replica;

@@ -1,0 +1,545 @@
+//! Backend: durable commands on PostgreSQL, shared by every replica.
+//!
+//! - **Submit** (any replica): one transaction inserts the command, its payload and its event;
+//!   the idempotency key is a unique index, so concurrent Submits of one key on several replicas
+//!   make one command. The agent's `agent_queues` row counts Submits and is locked for the
+//!   check, so `limits.pending_commands_per_agent` holds across replicas.
+//! - **Writes of the lease holder** ([`write`]): each names the version it changes and the lease
+//!   it holds; it lands only if both are still current (optimistic concurrency plus the epoch
+//!   fence, in one `UPDATE`), so a replica that was taken over cannot overwrite its successor's
+//!   work, and a Cancel or an expiry that won the race is never undone.
+//! - **Cancel and expiry** (any replica): conditional on the command still being queued.
+//! - Every change appends a `Command` event (the record without its payload) to the cluster
+//!   feed in its transaction, and the transaction notifies once.
+
+use prost::Message as _;
+use sqlx::PgConnection;
+use sqlx::Row as _;
+use sqlx::postgres::PgPool;
+use tether_api::v1::{Command, CommandResult, CommandState};
+
+use super::events::{self, EventKind};
+use super::lease::Lease;
+use super::replica::ReplicaId;
+
+/// Outputs up to this size stay in the record (and its events); larger ones are read by Get.
+pub const INLINE_OUTPUT: usize = 64 << 10;
+
+/// States not final (`QUEUED`, `DELIVERED`, `RUNNING`).
+pub fn is_unfinished(state: i32) -> bool {
+    (CommandState::Queued as i32..=CommandState::Running as i32).contains(&state)
+}
+
+/// The record as stored and sent on the feed: no payload, no output above [`INLINE_OUTPUT`].
+/// Returns it and the large output, if any.
+fn split(cmd: &Command) -> (Vec<u8>, Option<Vec<u8>>) {
+    let big = cmd
+        .result
+        .as_ref()
+        .filter(|r| r.output.len() > INLINE_OUTPUT)
+        .map(|r| r.output.clone());
+    let record = Command {
+        payload: Vec::new(),
+        result: cmd.result.as_ref().map(|r| CommandResult {
+            output: if big.is_some() {
+                Vec::new()
+            } else {
+                r.output.clone()
+            },
+            message: r.message.clone(),
+        }),
+        ..cmd.clone()
+    };
+    (record.encode_to_vec(), big)
+}
+
+fn ms(ts: Option<&prost_types::Timestamp>) -> Option<i64> {
+    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<Command, sqlx::Error> {
+    Command::decode(bytes).map_err(|e| sqlx::Error::Decode(format!("command {id}: {e}").into()))
+}
+
+/// What [`submit`] did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Stored (with the id the caller chose).
+    Created(Command),
+    /// The idempotency key already named this command; nothing was stored.
+    Existing(Command),
+    /// The agent has `pending` unfinished commands, the limit; nothing was stored.
+    TooManyPending {
+        /// Its unfinished commands.
+        pending: i64,
+    },
+}
+
+/// Stores `cmd` (its `id` chosen by the caller, version 1) durably, unless its idempotency key
+/// names a command already or its agent has `pending_limit` unfinished commands.
+pub async fn submit(
+    pool: &PgPool,
+    cmd: &Command,
+    pending_limit: u32,
+) -> Result<Submitted, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let tenant = cmd.agent.split('/').next().unwrap_or_default();
+    if !cmd.idempotency_key.is_empty()
+        && let Some(existing) = by_idempotency(pool, &cmd.agent, &cmd.idempotency_key).await?
+    {
+        return Ok(Submitted::Existing(existing));
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO agent_queues (agent, tenant) VALUES ($1, $2) ON CONFLICT (agent) DO NOTHING",
+    )
+    .bind(&cmd.agent)
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?;
+    // Locks the agent's counter until commit: concurrent Submits for one agent check one at a
+    // time, on any replica.
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT q.submitted - coalesce((SELECT f.finished FROM agent_finished f WHERE f.agent = q.agent), 0)
+         FROM agent_queues q WHERE q.agent = $1 FOR NO KEY UPDATE",
+    )
+    .bind(&cmd.agent)
+    .fetch_one(&mut *tx)
+    .await?;
+    if pending >= i64::from(pending_limit) {
+        return Ok(Submitted::TooManyPending { pending });
+    }
+    let (record, big) = split(cmd);
+    let inserted = sqlx::query(
+        "INSERT INTO commands (id, agent, tenant, seq, state, kind, idempotency_key, created_ms,
+                               expires_ms, version, record, output)
+         VALUES ($1, $2, $3, nextval('commands_seq'), $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (agent, idempotency_key) WHERE idempotency_key <> '' DO NOTHING",
+    )
+    .bind(&cmd.id)
+    .bind(&cmd.agent)
+    .bind(tenant)
+    .bind(cmd.state as i16)
+    .bind(&cmd.kind)
+    .bind(&cmd.idempotency_key)
+    .bind(ms(cmd.created.as_ref()).unwrap_or_default())
+    .bind(ms(cmd.expires.as_ref()))
+    .bind(cmd.version as i64)
+    .bind(&record)
+    .bind(big)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        // A concurrent Submit of the same key committed first.
+        drop(tx);
+        return match by_idempotency(pool, &cmd.agent, &cmd.idempotency_key).await? {
+            Some(c) => Ok(Submitted::Existing(c)),
+            None => Err(sqlx::Error::RowNotFound),
+        };
+    }
+    if !cmd.payload.is_empty() {
+        sqlx::query("INSERT INTO command_payloads (id, payload) VALUES ($1, $2)")
+            .bind(&cmd.id)
+            .bind(&cmd.payload)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("UPDATE agent_queues SET submitted = submitted + 1 WHERE agent = $1")
+        .bind(&cmd.agent)
+        .execute(&mut *tx)
+        .await?;
+    events::append(&mut tx, EventKind::Command, &cmd.agent, &record).await?;
+    events::notify(&mut tx).await?;
+    tx.commit().await?;
+    super::record_store_latency("command_submit", started.elapsed());
+    Ok(Submitted::Created(cmd.clone()))
+}
+
+async fn by_idempotency(
+    pool: &PgPool,
+    agent: &str,
+    key: &str,
+) -> Result<Option<Command>, sqlx::Error> {
+    let row: Option<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT id, record FROM commands WHERE agent = $1 AND idempotency_key = $2")
+            .bind(agent)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(id, r)| decode(&id, &r)).transpose()
+}
+
+/// One change a lease holder makes.
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// The new record (its `version` one above `expected`).
+    pub record: Command,
+    /// The version it replaces.
+    pub expected: u64,
+}
+
+/// What became of one [`Write`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Stored.
+    Ok,
+    /// Someone else changed the command first (a Cancel, an expiry, a previous holder): the
+    /// holder must reload it.
+    Conflict,
+    /// The lease is no longer this replica's: it must stop delivering the agent's commands.
+    Fenced,
+}
+
+/// Applies `writes` of `lease`'s agent in one transaction; each lands only if the command is
+/// still at its expected version and the lease is still `me`'s at `lease.epoch`.
+pub async fn write(
+    pool: &PgPool,
+    me: &ReplicaId,
+    lease: &Lease,
+    writes: &[Write],
+) -> Result<Vec<Written>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(writes.len());
+    let mut finished = 0i64;
+    let mut bodies = Vec::new();
+    for w in writes {
+        let (record, big) = split(&w.record);
+        let done = ms(w.record.finished.as_ref());
+        let n = sqlx::query(
+            "UPDATE commands c SET state = $3, version = $4, finished_ms = $5, record = $6,
+                 output = coalesce($7, c.output)
+             WHERE c.id = $1 AND c.version = $2
+               AND EXISTS (SELECT 1 FROM agent_queues q WHERE q.agent = c.agent
+                           AND q.lease_replica = $8 AND q.lease_replica_epoch = $9
+                           AND q.lease_epoch = $10)",
+        )
+        .bind(&w.record.id)
+        .bind(w.expected as i64)
+        .bind(w.record.state as i16)
+        .bind(w.record.version as i64)
+        .bind(done)
+        .bind(&record)
+        .bind(big)
+        .bind(&me.name)
+        .bind(me.epoch)
+        .bind(lease.epoch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            if !is_unfinished(w.record.state) {
+                finished += 1;
+            }
+            bodies.push(record);
+            out.push(Written::Ok);
+            continue;
+        }
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM agent_queues WHERE agent = $1 AND lease_replica = $2
+                            AND lease_replica_epoch = $3 AND lease_epoch = $4)",
+        )
+        .bind(&lease.agent)
+        .bind(&me.name)
+        .bind(me.epoch)
+        .bind(lease.epoch)
+        .fetch_one(&mut *tx)
+        .await?;
+        if held {
+            out.push(Written::Conflict);
+        } else {
+            metrics::counter!("tether_gateway_fenced_writes_total").increment(1);
+            out.push(Written::Fenced);
+        }
+    }
+    if finished > 0 {
+        count_finished(&mut tx, &lease.agent, finished).await?;
+    }
+    let events: Vec<(EventKind, &str, &[u8])> = bodies
+        .iter()
+        .map(|b| (EventKind::Command, lease.agent.as_str(), b.as_slice()))
+        .collect();
+    events::append_all(&mut tx, &events).await?;
+    if !events.is_empty() {
+        events::notify(&mut tx).await?;
+    }
+    tx.commit().await?;
+    super::record_store_latency("command_write", started.elapsed());
+    Ok(out)
+}
+
+async fn count_finished(conn: &mut PgConnection, agent: &str, n: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO agent_finished (agent, finished) VALUES ($1, $2)
+         ON CONFLICT (agent) DO UPDATE SET finished = agent_finished.finished + excluded.finished",
+    )
+    .bind(agent)
+    .bind(n)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// One command, with its payload and output.
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Command>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT c.record, c.output, p.payload FROM commands c
+         LEFT JOIN command_payloads p ON p.id = c.id WHERE c.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let record: Vec<u8> = row.try_get("record")?;
+    let mut cmd = decode(id, &record)?;
+    if let Some(out) = row.try_get::<Option<Vec<u8>>, _>("output")?
+        && let Some(r) = cmd.result.as_mut()
+    {
+        r.output = out;
+    }
+    if let Some(p) = row.try_get::<Option<Vec<u8>>, _>("payload")? {
+        cmd.payload = p;
+    }
+    Ok(Some(cmd))
+}
+
+/// The unfinished commands of `agent`, with payloads, in submission order (what a new lease
+/// holder delivers).
+pub async fn unfinished(pool: &PgPool, agent: &str) -> Result<Vec<Command>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT c.id, c.record, p.payload FROM commands c
+         LEFT JOIN command_payloads p ON p.id = c.id
+         WHERE c.agent = $1 AND c.state IN (1, 2, 3) ORDER BY c.seq",
+    )
+    .bind(agent)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let record: Vec<u8> = row.try_get("record")?;
+        let mut cmd = decode(&id, &record)?;
+        if let Some(p) = row.try_get::<Option<Vec<u8>>, _>("payload")? {
+            cmd.payload = p;
+        }
+        out.push(cmd);
+    }
+    Ok(out)
+}
+
+/// True when any command was ever submitted for `agent`.
+pub async fn knows_agent(pool: &PgPool, agent: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agent_queues WHERE agent = $1)")
+        .bind(agent)
+        .fetch_one(pool)
+        .await
+}
+
+/// Why [`cancel`] changed nothing.
+#[derive(Debug)]
+pub enum NotCancelled {
+    /// No such command.
+    NotFound,
+    /// It left `QUEUED` first; its state now.
+    TooLate(Box<Command>),
+}
+
+/// Cancels a command still queued (any replica may: the holder's delivery write is
+/// conditional on the version this changes).
+pub async fn cancel(
+    pool: &PgPool,
+    id: &str,
+    now: prost_types::Timestamp,
+) -> Result<Result<Command, NotCancelled>, sqlx::Error> {
+    let Some(mut cmd) = get(pool, id).await? else {
+        return Ok(Err(NotCancelled::NotFound));
+    };
+    if cmd.state != CommandState::Queued as i32 {
+        return Ok(Err(NotCancelled::TooLate(Box::new(cmd))));
+    }
+    let expected = cmd.version;
+    cmd.payload.clear();
+    cmd.state = CommandState::Cancelled as i32;
+    cmd.finished = Some(now);
+    cmd.version += 1;
+    cmd.result = Some(CommandResult {
+        output: Vec::new(),
+        message: "cancelled".into(),
+    });
+    if !change_unleased(pool, &cmd, expected).await? {
+        // Delivered (or expired) meanwhile.
+        return match get(pool, id).await? {
+            Some(c) => Ok(Err(NotCancelled::TooLate(Box::new(c)))),
+            None => Ok(Err(NotCancelled::NotFound)),
+        };
+    }
+    Ok(Ok(cmd))
+}
+
+/// A final transition any replica may make (Cancel, expiry): lands only while the command is
+/// still queued at `expected`.
+async fn change_unleased(pool: &PgPool, cmd: &Command, expected: u64) -> Result<bool, sqlx::Error> {
+    let (record, _) = split(cmd);
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "UPDATE commands SET state = $3, version = $4, finished_ms = $5, record = $6
+         WHERE id = $1 AND version = $2 AND state = 1",
+    )
+    .bind(&cmd.id)
+    .bind(expected as i64)
+    .bind(cmd.state as i16)
+    .bind(cmd.version as i64)
+    .bind(ms(cmd.finished.as_ref()))
+    .bind(&record)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Ok(false);
+    }
+    count_finished(&mut tx, &cmd.agent, 1).await?;
+    events::append(&mut tx, EventKind::Command, &cmd.agent, &record).await?;
+    events::notify(&mut tx).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Expires up to `limit` queued commands whose TTL passed at `now_ms`, whoever holds their
+/// agent; returns them.
+pub async fn expire_due(
+    pool: &PgPool,
+    now_ms: i64,
+    limit: i64,
+) -> Result<Vec<Command>, sqlx::Error> {
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, record FROM commands WHERE state = 1 AND expires_ms IS NOT NULL
+         AND expires_ms <= $1 ORDER BY expires_ms LIMIT $2",
+    )
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let now = prost_types::Timestamp {
+        seconds: now_ms.div_euclid(1000),
+        nanos: (now_ms.rem_euclid(1000) * 1_000_000) as i32,
+    };
+    let mut out = Vec::new();
+    for (id, r) in rows {
+        let mut cmd = decode(&id, &r)?;
+        let expected = cmd.version;
+        cmd.state = CommandState::Expired as i32;
+        cmd.finished = Some(now);
+        cmd.version += 1;
+        cmd.result = Some(CommandResult {
+            output: Vec::new(),
+            message: "expired before delivery".into(),
+        });
+        if change_unleased(pool, &cmd, expected).await? {
+            out.push(cmd);
+        }
+    }
+    Ok(out)
+}
+
+/// Agents with unfinished commands whose lease no live replica holds, among those `me` holds
+/// a session with (at most `limit`): the ones `me` should take.
+pub async fn orphaned(
+    pool: &PgPool,
+    me: &ReplicaId,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT q.agent, q.tenant FROM agent_queues q
+         WHERE q.submitted > coalesce((SELECT f.finished FROM agent_finished f WHERE f.agent = q.agent), 0)
+           AND EXISTS (SELECT 1 FROM agent_sessions s WHERE s.agent = q.agent
+                       AND s.replica_id = $1 AND s.replica_epoch = $2)
+           AND NOT EXISTS (SELECT 1 FROM gateway_replicas r WHERE r.replica_id = q.lease_replica
+                           AND r.epoch = q.lease_replica_epoch AND r.expires_at > now())
+         LIMIT $3",
+    )
+    .bind(&me.name)
+    .bind(me.epoch)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes up to `batch` finished commands, oldest finished first: those finished before
+/// `before_ms`, and those beyond the newest `keep`; returns how many.
+pub async fn prune(
+    pool: &PgPool,
+    before_ms: i64,
+    keep: i64,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let excess: i64 = sqlx::query_scalar(
+        "SELECT greatest(count(*) - $1, 0) FROM commands WHERE finished_ms IS NOT NULL",
+    )
+    .bind(keep)
+    .fetch_one(pool)
+    .await?;
+    let n = sqlx::query(
+        "DELETE FROM commands WHERE id IN (
+             SELECT id FROM (
+                 SELECT id, finished_ms, row_number() OVER (ORDER BY finished_ms, id) AS n
+                 FROM commands WHERE finished_ms IS NOT NULL
+                 ORDER BY finished_ms, id LIMIT $3) v
+             WHERE v.finished_ms < $1 OR v.n <= $2)",
+    )
+    .bind(before_ms)
+    .bind(excess)
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+/// Which commands [`list`] returns.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    /// One agent.
+    pub agent: Option<String>,
+    /// Only these tenants (`None`: every tenant).
+    pub tenants: Option<Vec<String>>,
+    /// A `CommandState`, 0 for any.
+    pub state: i32,
+    /// A kind, empty for any.
+    pub kind: String,
+    /// Created at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Created before (Unix ms).
+    pub to_ms: Option<i64>,
+    /// Ids strictly after this one.
+    pub after: String,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Commands matching `q` in id (submission) order, without payloads or large outputs, read
+/// through the agent's or the tenants' index when the query names them.
+pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<Command>, sqlx::Error> {
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, record FROM commands
+         WHERE ($1::text IS NULL OR agent = $1)
+           AND ($2::text[] IS NULL OR tenant = ANY($2))
+           AND ($3 = 0 OR state = $3)
+           AND ($4 = '' OR kind = $4)
+           AND ($5::bigint IS NULL OR created_ms >= $5)
+           AND ($6::bigint IS NULL OR created_ms < $6)
+           AND id > $7
+         ORDER BY id LIMIT $8",
+    )
+    .bind(q.agent.as_deref())
+    .bind(q.tenants.as_deref())
+    .bind(q.state as i16)
+    .bind(&q.kind)
+    .bind(q.from_ms)
+    .bind(q.to_ms)
+    .bind(&q.after)
+    .bind(q.limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(id, r)| decode(&id, &r)).collect()
+}
