@@ -445,7 +445,7 @@ async fn sessions_of_a_replica_count_only_while_it_is_alive() {
 mod identity {
     use super::*;
     use tether_gateway::cluster::identity as pgid;
-    use tether_gateway::identity_db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
+    use tether_gateway::identity::db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
 
     fn token(agent: &str, created_ms: i64) -> TokenRecord {
         TokenRecord {

@@ -33,8 +33,8 @@ use tunnel_proto::SpiffeId;
 
 use crate::identity::db::{IdentityDb, IdentityDbError};
 use crate::identity::revocation::{MAX_REASON, from_ms, to_ms};
-use crate::tls::CertFacts;
 use crate::northbound::listener::LiveConnections;
+use crate::tls::CertFacts;
 
 /// The revocation of a caller name, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

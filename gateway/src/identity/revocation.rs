@@ -348,5 +348,4 @@ mod tests {
                 .contains("lost laptop")
         );
     }
-
 }

@@ -16,10 +16,10 @@ use tether_runtime::transport::{H2Link, Link};
 use tunnel_proto::message::Close;
 use tunnel_proto::{ALPN, ErrorCode, Message, SpiffeId};
 
-use crate::tls::CertFacts;
 use crate::metrics::{
     HandshakeFailure, IdleIn, Limit, count_handshake_failure, count_idle_timeout, count_rejection,
 };
+use crate::tls::CertFacts;
 use crate::tunnel::TunnelContext;
 use crate::tunnel::admission::{Admission, Admit, HandshakeSlot};
 use crate::tunnel::driver::drive_session;

@@ -16,8 +16,8 @@ use tether_runtime::tls::{TlsError, spiffe_id};
 use tunnel_proto::SpiffeId;
 
 use crate::identity::revocation::RevocationList;
-use crate::tls::CertFacts;
 use crate::metrics::{HandshakeFailure, count_handshake_failure};
+use crate::tls::CertFacts;
 
 /// See the module docs.
 #[derive(Debug)]
