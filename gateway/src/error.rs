@@ -43,7 +43,23 @@ pub enum GatewayError {
     /// `data_dir` is held by another gateway process.
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::LockError),
+    /// PostgreSQL (`store.dsn`) could not be used: unreachable, refused, or a schema newer than
+    /// this binary.
+    #[error("store: {0}")]
+    Cluster(#[from] crate::cluster::db::DbError),
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::identity::pki::PkiError),
+}
+
+impl GatewayError {
+    /// True when the operator's configuration is at fault (exit 64): a bad key, TLS material
+    /// that cannot load, or a PostgreSQL refusal that names a `store.*` key.
+    pub fn is_config(&self) -> bool {
+        match self {
+            GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_) => true,
+            GatewayError::Cluster(e) => e.is_config(),
+            _ => false,
+        }
+    }
 }

@@ -205,9 +205,7 @@ fn serve(
                 handle.wait().await;
                 ExitCode::SUCCESS
             }
-            Err(
-                e @ (GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_)),
-            ) => {
+            Err(e) if e.is_config() => {
                 eprintln!("tether-gateway: invalid config: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)
             }

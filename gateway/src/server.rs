@@ -12,6 +12,7 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
+use crate::cluster::Cluster;
 use crate::commands::store::EmbeddedStore;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
@@ -171,7 +172,14 @@ pub async fn start(
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
-    let commands = start_commands(&cfg, &state, registry.clone(), commands_stop.clone())?;
+    let cluster = start_cluster(&cfg, commands_stop.clone()).await?;
+    let commands = start_commands(
+        &cfg,
+        &state,
+        cluster.as_ref(),
+        registry.clone(),
+        commands_stop.clone(),
+    )?;
 
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
@@ -273,14 +281,34 @@ impl State {
     }
 }
 
-/// Opens the command store in `data_dir` and starts the commands feature on it (recovering
-/// unfinished commands into their lanes).
+/// With `store.dsn`: connects to PostgreSQL, migrates, and joins the replicas (see
+/// [`Cluster::start`]); its tasks stop with `stop`.
+async fn start_cluster(
+    cfg: &GatewayConfig,
+    stop: CancellationToken,
+) -> Result<Option<Arc<Cluster>>, GatewayError> {
+    if cfg.store.dsn.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Cluster::start(&cfg.store, &cfg.cluster, stop).await?))
+}
+
+/// Starts the commands feature: on PostgreSQL with the other replicas when `cluster` is there,
+/// else on the command store in `data_dir` (recovering unfinished commands into their lanes).
 fn start_commands(
     cfg: &GatewayConfig,
     state: &State,
+    cluster: Option<&Arc<Cluster>>,
     registry: Arc<Registry>,
     stop: CancellationToken,
 ) -> Result<Arc<Commands>, GatewayError> {
+    if let Some(cluster) = cluster {
+        let commands =
+            Commands::start_replicated(cluster.clone(), registry, cfg.commands.clone(), stop);
+        commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
+        commands.set_watch_limit(cfg.limits.command_watches_per_caller);
+        return Ok(commands);
+    }
     let store_error = |source| GatewayError::Store {
         data_dir: state.data_dir.clone(),
         source,

@@ -698,10 +698,7 @@ mod commands {
             let mut d = c.clone();
             d.state = CommandState::Delivered as i32;
             d.version += 1;
-            Write {
-                record: d,
-                expected: c.version,
-            }
+            Write { record: d }
         };
         // c0 delivered; c1 cancelled first, so its delivery write conflicts.
         let now = std::time::SystemTime::now().into();

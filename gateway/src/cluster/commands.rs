@@ -173,10 +173,8 @@ async fn by_idempotency(
 /// One change a lease holder makes.
 #[derive(Clone, Debug)]
 pub struct Write {
-    /// The new record (its `version` one above `expected`).
+    /// The new record: it lands only over a lower `version` of a command not final yet.
     pub record: Command,
-    /// The version it replaces.
-    pub expected: u64,
 }
 
 /// What became of one [`Write`].
@@ -191,8 +189,9 @@ pub enum Written {
     Fenced,
 }
 
-/// Applies `writes` of `lease`'s agent in one transaction; each lands only if the command is
-/// still at its expected version and the lease is still `me`'s at `lease.epoch`.
+/// Applies `writes` of `lease`'s agent in one transaction; each lands only if the stored command
+/// is older (a lower version; the holder's versions only grow, see `commands::replicated`), not
+/// final (a Cancel or an expiry that won stays), and the lease is still `me`'s at `lease.epoch`.
 pub async fn write(
     pool: &PgPool,
     me: &ReplicaId,
@@ -208,15 +207,14 @@ pub async fn write(
         let (record, big) = split(&w.record);
         let done = ms(w.record.finished.as_ref());
         let n = sqlx::query(
-            "UPDATE commands c SET state = $3, version = $4, finished_ms = $5, record = $6,
-                 output = coalesce($7, c.output)
-             WHERE c.id = $1 AND c.version = $2
+            "UPDATE commands c SET state = $2, version = $3, finished_ms = $4, record = $5,
+                 output = coalesce($6, c.output)
+             WHERE c.id = $1 AND c.version < $3 AND c.state IN (1, 2, 3)
                AND EXISTS (SELECT 1 FROM agent_queues q WHERE q.agent = c.agent
-                           AND q.lease_replica = $8 AND q.lease_replica_epoch = $9
-                           AND q.lease_epoch = $10)",
+                           AND q.lease_replica = $7 AND q.lease_replica_epoch = $8
+                           AND q.lease_epoch = $9)",
         )
         .bind(&w.record.id)
-        .bind(w.expected as i64)
         .bind(w.record.state as i16)
         .bind(w.record.version as i64)
         .bind(done)
@@ -328,12 +326,15 @@ pub async fn unfinished(pool: &PgPool, agent: &str) -> Result<Vec<Command>, sqlx
     Ok(out)
 }
 
-/// True when any command was ever submitted for `agent`.
+/// True when any replica ever held a session with `agent` or any command was submitted for it.
 pub async fn knows_agent(pool: &PgPool, agent: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agent_queues WHERE agent = $1)")
-        .bind(agent)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM agents WHERE agent = $1)
+             OR EXISTS (SELECT 1 FROM agent_queues WHERE agent = $1)",
+    )
+    .bind(agent)
+    .fetch_one(pool)
+    .await
 }
 
 /// Why [`cancel`] changed nothing.

@@ -59,13 +59,13 @@ impl CommandsApi {
     /// The command `id` if `caller` may act for its agent's tenant. `NOT_FOUND` when there is
     /// no such command, and the very same answer for a command of another tenant (still audited
     /// and counted as a denial): a caller cannot tell another tenant's ids from unused ones.
-    fn authorized(
+    async fn authorized(
         &self,
         caller: &Caller,
         method: &'static str,
         id: &str,
     ) -> Result<Command, Status> {
-        let cmd = self.commands.get(id)?;
+        let cmd = self.commands.get(id).await?;
         if caller.authorize_command(method, id, &cmd.agent).is_err() {
             return Err(CommandError::NotFound(id.to_owned()).into());
         }
@@ -102,7 +102,9 @@ impl CommandsRpc for CommandsApi {
 
     async fn get(&self, req: Request<v1::GetCommandRequest>) -> Result<Response<Command>, Status> {
         let caller = caller(&req)?;
-        let cmd = self.authorized(&caller, "tether.v1.Commands/Get", &req.get_ref().id)?;
+        let cmd = self
+            .authorized(&caller, "tether.v1.Commands/Get", &req.get_ref().id)
+            .await?;
         Ok(Response::new(cmd))
     }
 
@@ -144,10 +146,10 @@ impl CommandsRpc for CommandsApi {
             after: r.page_token,
             limit: limit + 1,
         };
-        let store = self.commands.store.clone();
-        let page = tokio::task::spawn_blocking(move || store.list(&filter))
+        let page = self
+            .commands
+            .list_stored(filter)
             .await
-            .map_err(|e| Status::internal(format!("list: {e}")))?
             .map_err(CommandError::from)?;
         let mut cmds = page.commands;
         let more = cmds.len() > limit;
@@ -181,7 +183,7 @@ impl CommandsRpc for CommandsApi {
         let target = req.into_inner().target;
         match &target {
             Some(Target::Id(id)) => {
-                self.authorized(&caller, METHOD, id)?;
+                self.authorized(&caller, METHOD, id).await?;
             }
             Some(Target::Agent(agent)) => {
                 authorized_agent(&caller, METHOD, agent)?;
@@ -189,7 +191,7 @@ impl CommandsRpc for CommandsApi {
             None => {}
         }
         let slot = self.commands.watch_slot(&caller)?;
-        Ok(Response::new(self.commands.watch(target, slot)?))
+        Ok(Response::new(self.commands.watch(target, slot).await?))
     }
 
     async fn cancel(
@@ -199,7 +201,7 @@ impl CommandsRpc for CommandsApi {
         const METHOD: &str = "tether.v1.Commands/Cancel";
         let caller = caller(&req)?;
         let id = req.into_inner().id;
-        let cmd = self.authorized(&caller, METHOD, &id)?;
+        let cmd = self.authorized(&caller, METHOD, &id).await?;
         let cancelled = self.commands.cancel(&id).await?;
         if let Ok(agent) = cmd.agent.parse::<AgentId>() {
             caller.audit_allowed(METHOD, &agent, &format!("command {id}"));

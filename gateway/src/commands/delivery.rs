@@ -65,9 +65,15 @@ pub const OUTPUT_BUFFERS_PER_AGENT: usize = 4;
 
 impl Commands {
     pub(super) async fn run_lane(self: Arc<Self>, lane: LaneKey) {
+        // A lane whose agent's lease went to another replica is retired (its generation moves):
+        // this runner then stops without touching a queue a later runner owns.
+        let generation = self.lock().lane_gen.get(&lane).copied().unwrap_or(0);
         loop {
             let id = {
                 let mut st = self.lock();
+                if st.lane_gen.get(&lane).copied().unwrap_or(0) != generation {
+                    return;
+                }
                 match st.lanes.get(&lane).and_then(|q| q.front()) {
                     Some(id) => id.clone(),
                     None => {
@@ -83,6 +89,9 @@ impl Commands {
             // Pop and retire the lane in one critical section: a Submit that finds no lane
             // starts a new runner, so there is never a second runner on one lane.
             let mut st = self.lock();
+            if st.lane_gen.get(&lane).copied().unwrap_or(0) != generation {
+                return;
+            }
             let empty = st.lanes.get_mut(&lane).is_none_or(|q| {
                 q.pop_front();
                 q.is_empty()
@@ -100,6 +109,29 @@ impl Commands {
                     st.in_flight.remove(&lane.0);
                 }
                 return;
+            }
+        }
+    }
+
+    /// Across replicas: waits while this replica fenced itself (its liveness lapsed: another
+    /// replica may be taking its leases), and says whether the command is still this replica's
+    /// to deliver. Always true at once in the embedded mode.
+    async fn wait_live(&self, id: &str) -> bool {
+        let Some(r) = self.replicated() else {
+            return true;
+        };
+        let mut live = r.cluster.replica.watch();
+        loop {
+            if !self.is_active(id) {
+                return false;
+            }
+            if r.cluster.replica.is_live() {
+                return true;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                changed = live.changed() => if changed.is_err() { return false },
+                _ = tokio::time::sleep(LANE_RECHECK) => {}
             }
         }
     }
@@ -156,6 +188,9 @@ impl Commands {
                 .clone()
         };
         loop {
+            if !self.wait_live(id).await {
+                return;
+            }
             let Ok(permit) = permits.deliveries.clone().acquire_owned().await else {
                 return;
             };
@@ -237,10 +272,23 @@ impl Commands {
             .open()
             .await
             .map_err(DeliveryError::ConnectionLost)?;
-        let Some(cmd) = self.begin_attempt(id) else {
+        let Some((cmd, written)) = self.begin_attempt(id) else {
             send.reset(ErrorCode::CANCELLED);
             return Ok(());
         };
+        if self.replicated().is_some() {
+            // Across replicas the delivery is recorded before the agent sees the command: a
+            // Cancel on another replica either lands first (this write is then refused and the
+            // command left `active`) or finds it delivered.
+            written.await;
+            if !self.is_active(id) {
+                send.reset(ErrorCode::CANCELLED);
+                return Ok(());
+            }
+        } else {
+            // The embedded store applies writes in call order; no need to wait here.
+            drop(written);
+        }
         self.send_command(&mut send, cmd).await?;
         let _ = send.finish();
         self.read_outcome(session, id, FramedRecv::relay(recv), outputs)
@@ -250,8 +298,8 @@ impl Commands {
     /// Marks the command delivered (the first time) and counts the attempt, atomically with
     /// Cancel's check; `None` when it is no longer to be delivered (cancelled, finished, or
     /// expired, which this records).
-    fn begin_attempt(&self, id: &str) -> Option<Command> {
-        let (cmd, first) = {
+    fn begin_attempt(&self, id: &str) -> Option<(Command, super::Persisting)> {
+        let (cmd, written, first) = {
             let mut st = self.lock();
             let (state, expires) = st.active.get(id).map(|c| (c.state, c.expires))?;
             let first = state == CommandState::Queued as i32;
@@ -288,14 +336,14 @@ impl Commands {
                     c.delivered = Some(now_ts());
                 }
             })?;
-            drop(self.persist(cmd.clone()));
-            (cmd, first)
+            let written = self.persist(cmd.clone());
+            (cmd, written, first)
         };
         if first {
             metrics::histogram!("tether_gateway_command_submit_to_delivered_seconds")
                 .record(since(cmd.created.as_ref()));
         }
-        Some(cmd)
+        Some((cmd, written))
     }
 
     /// Writes the command's header and payload.

@@ -24,6 +24,7 @@
 
 mod api;
 mod delivery;
+mod replicated;
 pub mod store;
 mod watch;
 
@@ -41,8 +42,11 @@ use tokio::sync::broadcast;
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{COMMAND_PROGRESS_LINE_MAX, truncate_text};
 
+use crate::cluster::Cluster;
+use crate::cluster::commands as pg;
 use crate::commands::delivery::AgentPermits;
-use crate::commands::store::{CommandStore, Retention, StoreError, is_final};
+use crate::commands::replicated::Replicated;
+use crate::commands::store::{CommandStore, ListFilter, ListPage, Retention, StoreError, is_final};
 use crate::config::CommandsConfig;
 use crate::tunnel::registry::Registry;
 
@@ -69,7 +73,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(1);
 pub(crate) const PAGE_SIZE: usize = 100;
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 /// How often queued commands are checked for expiry (and checked again right before delivery).
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often a lane waiting for its agent rechecks on its own; registry events wake it anyway.
 pub(crate) const LANE_RECHECK: Duration = Duration::from_secs(5);
 /// Largest result output a Watch event carries.
@@ -78,6 +82,9 @@ pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
 const EVENT_BUFFER: usize = 8192;
 /// Recently finished commands kept in memory (see `State::recent`).
 const RECENT_KEPT: usize = 4096;
+/// Commands whose last published version is remembered across replicas (see
+/// `State::published`).
+const PUBLISHED_KEPT: usize = 16_384;
 
 // === Errors ===
 
@@ -124,6 +131,10 @@ pub enum CommandError {
     /// No command has this id (or none the caller may see: the answer is the same).
     #[error("no command {0}")]
     NotFound(String),
+    /// This replica cannot take the Submit now: it fenced itself (its liveness in PostgreSQL
+    /// expired) or PostgreSQL failed. Another replica can; this one once it renewed.
+    #[error("{0}")]
+    Unavailable(String),
     /// Cancel came too late: the command was already delivered or finished.
     #[error("command {id} was already {state}: too late to cancel")]
     TooLate {
@@ -181,7 +192,15 @@ struct State {
     in_flight: HashMap<String, AgentPermits>,
     /// Per agent: commands not final (in `active`) plus Submits reserved but not yet stored,
     /// for `limits.pending_commands_per_agent`; kept as commands come and go, never counted.
+    /// (Across replicas PostgreSQL counts them.)
     pending: HashMap<String, u32>,
+    /// Across replicas only: the last version shown to watchers per command (the newest
+    /// [`PUBLISHED_KEPT`]), so a change published here when made is not published again when
+    /// the feed brings it back, and a stale one never follows a newer one.
+    published: Option<(HashMap<String, u64>, VecDeque<String>)>,
+    /// Bumped when a lane's commands leave memory (its agent's lease went elsewhere): a lane
+    /// runner started before stops instead of touching the lane's new queue.
+    lane_gen: HashMap<LaneKey, u64>,
 }
 
 impl State {
@@ -195,6 +214,22 @@ impl State {
             depth: HashMap::new(),
             in_flight: HashMap::new(),
             pending: HashMap::new(),
+            published: None,
+            lane_gen: HashMap::new(),
+        }
+    }
+
+    /// Forgets `agent`'s lanes; their runners stop at their next step.
+    fn retire_lanes(&mut self, agent: &str) {
+        let lanes: Vec<LaneKey> = self
+            .lanes
+            .keys()
+            .filter(|(a, _)| a == agent)
+            .cloned()
+            .collect();
+        for lane in lanes {
+            self.lanes.remove(&lane);
+            *self.lane_gen.entry(lane).or_default() += 1;
         }
     }
 
@@ -209,7 +244,22 @@ impl State {
 
     /// Sends a transition to watchers. Events leave out the payload, and output above
     /// [`EVENT_OUTPUT_MAX`] (Get has it): the feed's ring buffer must not pin megabytes.
-    fn publish(&self, cmd: &Command) {
+    fn publish(&mut self, cmd: &Command) {
+        if let Some((seen, order)) = &mut self.published {
+            match seen.get_mut(&cmd.id) {
+                Some(v) if *v >= cmd.version => return,
+                Some(v) => *v = cmd.version,
+                None => {
+                    seen.insert(cmd.id.clone(), cmd.version);
+                    order.push_back(cmd.id.clone());
+                    while order.len() > PUBLISHED_KEPT {
+                        if let Some(old) = order.pop_front() {
+                            seen.remove(&old);
+                        }
+                    }
+                }
+            }
+        }
         let _ = self.events.send(for_event(cmd));
     }
 
@@ -219,8 +269,21 @@ impl State {
         metrics::gauge!("tether_gateway_commands", "state" => state_name(state)).set(*n as f64);
     }
 
-    /// Moves an active command to `to`; final states leave `active`. Returns the new record.
+    /// Moves an active command to `to` (its version one up); final states leave `active`.
+    /// Returns the new record, published to watchers.
     fn transition(
+        &mut self,
+        id: &str,
+        to: CommandState,
+        edit: impl FnOnce(&mut Command),
+    ) -> Option<Command> {
+        let cmd = self.transition_quiet(id, to, edit)?;
+        self.publish(&cmd);
+        Some(cmd)
+    }
+
+    /// [`State::transition`] without publishing (the change was published already).
+    fn transition_quiet(
         &mut self,
         id: &str,
         to: CommandState,
@@ -229,6 +292,7 @@ impl State {
         let cmd = self.active.get_mut(id)?;
         let from = cmd.state;
         cmd.state = to as i32;
+        cmd.version += 1;
         edit(cmd);
         let snapshot = cmd.clone();
         if from != to as i32 {
@@ -248,7 +312,6 @@ impl State {
                 }
             }
         }
-        self.publish(&snapshot);
         Some(snapshot)
     }
 }
@@ -284,9 +347,22 @@ pub(crate) fn for_event(cmd: &Command) -> Command {
     ev
 }
 
+/// A write of command state on its way; queued when made, so dropping it does not cancel it.
+pub(crate) type Persisting = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Where command state lives.
+#[derive(Debug)]
+enum Backend {
+    /// One gateway, the store in `data_dir`: every command is this process's to deliver.
+    Embedded(Arc<dyn CommandStore>),
+    /// Replicas sharing PostgreSQL: this one delivers the commands of the agents whose lease it
+    /// holds (see [`replicated`]).
+    Replicated(Arc<Replicated>),
+}
+
 /// The commands feature: the API's state and the delivery lanes.
 pub struct Commands {
-    store: Arc<dyn CommandStore>,
+    backend: Backend,
     registry: Arc<Registry>,
     cfg: CommandsConfig,
     state: Mutex<State>,
@@ -300,7 +376,7 @@ pub struct Commands {
 impl std::fmt::Debug for Commands {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Commands")
-            .field("store", &self.store)
+            .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }
@@ -314,16 +390,13 @@ impl Commands {
         shutdown: CancellationToken,
     ) -> Result<Arc<Commands>, StoreError> {
         let unfinished = store.unfinished()?;
-        let this = Arc::new(Commands {
-            store,
+        let this = Commands::new(
+            Backend::Embedded(store),
             registry,
             cfg,
-            state: Mutex::new(State::new()),
             shutdown,
-            pending_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
-            watches: Mutex::new(HashMap::new()),
-            watch_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
-        });
+            State::new(),
+        );
         let mut lanes = Vec::new();
         {
             let mut st = this.lock();
@@ -350,6 +423,75 @@ impl Commands {
         Ok(this)
     }
 
+    fn new(
+        backend: Backend,
+        registry: Arc<Registry>,
+        cfg: CommandsConfig,
+        shutdown: CancellationToken,
+        state: State,
+    ) -> Arc<Commands> {
+        Arc::new(Commands {
+            backend,
+            registry,
+            cfg,
+            state: Mutex::new(state),
+            shutdown,
+            pending_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
+            watches: Mutex::new(HashMap::new()),
+            watch_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
+        })
+    }
+
+    /// Starts the feature on a replica sharing `cluster`'s PostgreSQL: it delivers the
+    /// commands of agents whose lease it takes (see [`replicated`]).
+    pub fn start_replicated(
+        cluster: Arc<Cluster>,
+        registry: Arc<Registry>,
+        cfg: CommandsConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Commands> {
+        let (r, writers) = Replicated::new(cluster);
+        let mut state = State::new();
+        state.published = Some((HashMap::new(), VecDeque::new()));
+        let this = Commands::new(
+            Backend::Replicated(r.clone()),
+            registry,
+            cfg,
+            shutdown,
+            state,
+        );
+        this.start_replicated_tasks(&r, writers);
+        tokio::spawn(this.clone().retain());
+        this
+    }
+
+    /// Puts a command this replica now delivers into its lane (once).
+    fn adopt(self: &Arc<Self>, cmd: Command) {
+        let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
+        let spawn = {
+            let mut st = self.lock();
+            if st.active.contains_key(&cmd.id) || is_final(cmd.state) {
+                return;
+            }
+            st.count(cmd.state, 1);
+            st.active.insert(cmd.id.clone(), cmd.clone());
+            let q = st.lanes.entry(lane.clone()).or_default();
+            q.push_back(cmd.id.clone());
+            q.len() == 1
+        };
+        if spawn {
+            tokio::spawn(self.clone().run_lane(lane));
+        }
+    }
+
+    /// The replicated part, when replicas share PostgreSQL.
+    fn replicated(&self) -> Option<&Arc<Replicated>> {
+        match &self.backend {
+            Backend::Replicated(r) => Some(r),
+            Backend::Embedded(_) => None,
+        }
+    }
+
     /// Deletes finished commands past `commands.retention` / `commands.retention_max`, a batch
     /// per store transaction so Submits and state changes queue behind one batch at most.
     async fn retain(self: Arc<Self>) {
@@ -369,7 +511,19 @@ impl Commands {
                 batch: PRUNE_BATCH,
             };
             loop {
-                match self.store.prune(retention).await {
+                let pruned = match &self.backend {
+                    Backend::Embedded(store) => store.prune(retention).await,
+                    Backend::Replicated(r) => pg::prune(
+                        &r.cluster.pool,
+                        i64::try_from(retention.finished_before_ms).unwrap_or(i64::MAX),
+                        i64::try_from(retention.keep).unwrap_or(i64::MAX),
+                        retention.batch as i64,
+                    )
+                    .await
+                    .map(|n| n as usize)
+                    .map_err(|e| StoreError::Backend(format!("PostgreSQL: {e}"))),
+                };
+                match pruned {
                     Ok(n) => {
                         metrics::counter!("tether_gateway_commands_pruned_total")
                             .increment(n as u64);
@@ -401,12 +555,18 @@ impl Commands {
 
     /// Writes a record; logged when it fails (the in-memory state stays authoritative until the
     /// next write, and redelivery covers a lost intermediate state).
-    fn persist(&self, cmd: Command) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let fut = self.store.put(cmd);
-        async move {
-            if let Err(e) = fut.await {
-                tracing::error!(error = %e, "command state not persisted");
+    fn persist(&self, cmd: Command) -> Persisting {
+        match &self.backend {
+            Backend::Embedded(store) => {
+                let fut = store.put(cmd);
+                Box::pin(async move {
+                    if let Err(e) = fut.await {
+                        tracing::error!(error = %e, "command state not persisted");
+                    }
+                })
             }
+            // Refusals (fenced, cancelled elsewhere) are handled by the writer.
+            Backend::Replicated(r) => Box::pin(r.write(cmd)),
         }
     }
 
@@ -449,7 +609,15 @@ impl Commands {
         // accepts commands for its agents before they reconnect).
         let known = self.registry.get(&agent).is_some();
         let agent = agent.to_string();
-        if !known && !self.store.knows_agent(&agent)? {
+        if let Some(r) = self.replicated()
+            && !r.cluster.replica.is_live()
+        {
+            return Err(CommandError::Unavailable(format!(
+                "gateway replica {} cannot renew its liveness in PostgreSQL, so it takes no Submit now; retry (another replica can take it)",
+                r.cluster.replica.id()
+            )));
+        }
+        if !known && !self.knows_agent(&agent).await? {
             return Err(CommandError::UnknownAgent(agent));
         }
         let created = SystemTime::now();
@@ -481,11 +649,17 @@ impl Commands {
             expires,
             ..Default::default()
         };
-        // Reserve a pending slot before storing, so racing Submits cannot overshoot the limit;
-        // given back below unless a new command took it.
         let limit = self
             .pending_limit
             .load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.replicated() {
+            return self.submit_replicated(r, cmd, limit).await;
+        }
+        let Backend::Embedded(store) = &self.backend else {
+            unreachable!("replicated Submits returned above")
+        };
+        // Reserve a pending slot before storing, so racing Submits cannot overshoot the limit;
+        // given back below unless a new command took it.
         let reserved = {
             let mut st = self.lock();
             let n = st.pending.entry(cmd.agent.clone()).or_default();
@@ -503,7 +677,7 @@ impl Commands {
             });
         }
         let agent = cmd.agent.clone();
-        let out = match self.store.submit(cmd).await {
+        let out = match store.submit(cmd).await {
             Ok(out) if out.created => out,
             other => {
                 self.lock().release_pending(&agent);
@@ -529,12 +703,61 @@ impl Commands {
         Ok((out.command, out.created))
     }
 
+    /// True when `agent` was seen (by any replica) or has commands in the store.
+    async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Embedded(store) => store.knows_agent(agent),
+            Backend::Replicated(r) => pg::knows_agent(&r.cluster.pool, agent)
+                .await
+                .map_err(replicated::sql),
+        }
+    }
+
+    /// One stored command.
+    async fn stored(&self, id: &str) -> Result<Option<Command>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(store) => store.get(id),
+            Backend::Replicated(r) => pg::get(&r.cluster.pool, id).await.map_err(replicated::sql),
+        }
+    }
+
+    /// Stored commands matching `filter`.
+    pub(crate) async fn list_stored(&self, filter: ListFilter) -> Result<ListPage, StoreError> {
+        match &self.backend {
+            Backend::Embedded(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.list(&filter))
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("list: {e}")))?
+            }
+            Backend::Replicated(r) => {
+                let q = pg::ListQuery {
+                    agent: (!filter.agent.is_empty()).then_some(filter.agent),
+                    tenants: filter.tenants,
+                    state: filter.state,
+                    kind: filter.kind,
+                    from_ms: filter.from_ms,
+                    to_ms: filter.to_ms,
+                    after: filter.after,
+                    limit: filter.limit as i64,
+                };
+                let commands = pg::list(&r.cluster.pool, &q)
+                    .await
+                    .map_err(replicated::sql)?;
+                Ok(ListPage {
+                    commands,
+                    resume: None,
+                })
+            }
+        }
+    }
+
     /// One command.
-    pub fn get(&self, id: &str) -> Result<Command, CommandError> {
+    pub async fn get(&self, id: &str) -> Result<Command, CommandError> {
         if let Some(c) = self.lock().active.get(id) {
             return Ok(c.clone());
         }
-        let stored = self.store.get(id)?;
+        let stored = self.stored(id).await?;
         let mut c = stored.ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
         self.overlay_recent(std::slice::from_mut(&mut c));
         Ok(c)
@@ -561,7 +784,10 @@ impl Commands {
 
     /// Cancels a command that was not delivered yet.
     pub async fn cancel(&self, id: &str) -> Result<Command, CommandError> {
-        let (cmd, write) = {
+        if let Some(r) = self.replicated() {
+            return self.cancel_replicated(r, id).await;
+        }
+        let found = {
             let mut st = self.lock();
             match st.active.get(id).map(|c| c.state) {
                 Some(s) if s == CommandState::Queued as i32 => {
@@ -575,7 +801,7 @@ impl Commands {
                         })
                         .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
                     let write = self.persist(cmd.clone());
-                    (cmd, write)
+                    Some((cmd, write))
                 }
                 Some(s) => {
                     return Err(CommandError::TooLate {
@@ -583,18 +809,18 @@ impl Commands {
                         state: state_name(s),
                     });
                 }
-                None => {
-                    drop(st);
-                    let c = self
-                        .store
-                        .get(id)?
-                        .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
-                    return Err(CommandError::TooLate {
-                        id: id.to_owned(),
-                        state: state_name(c.state),
-                    });
-                }
+                None => None,
             }
+        };
+        let Some((cmd, write)) = found else {
+            let c = self
+                .stored(id)
+                .await?
+                .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
+            return Err(CommandError::TooLate {
+                id: id.to_owned(),
+                state: state_name(c.state),
+            });
         };
         write.await;
         Ok(cmd)
@@ -602,6 +828,8 @@ impl Commands {
 
     // === Delivery ===
 
+    /// Expires queued commands past their TTL (embedded; across replicas see
+    /// `replicated::expire_replicated`).
     async fn sweep(self: Arc<Self>) {
         loop {
             tokio::select! {

@@ -70,26 +70,29 @@ impl Commands {
         })
     }
 
-    pub(super) fn watch(
+    pub(super) async fn watch(
         self: &Arc<Self>,
         target: Option<v1::watch_commands_request::Target>,
         slot: WatchSlot,
     ) -> Result<EventStream, CommandError> {
         use v1::watch_commands_request::Target;
         // Snapshot and subscription under the state lock (events are sent under it too): no
-        // transition is missed or seen twice between the two.
+        // transition is missed between the two. Across replicas the snapshot may also be read
+        // from PostgreSQL after subscribing: events of a version the snapshot already shows are
+        // dropped (`seen`), so none is seen twice either.
         let (mut feed, initial, only_id, only_agent) = match target {
             Some(Target::Id(id)) => {
-                let st = self.lock();
-                let live = st.active.get(&id).or_else(|| st.recent.get(&id)).cloned();
-                let feed = st.events.subscribe();
-                drop(st);
+                let (live, feed) = {
+                    let st = self.lock();
+                    let live = st.active.get(&id).or_else(|| st.recent.get(&id)).cloned();
+                    (live, st.events.subscribe())
+                };
                 // Neither active nor recent: final long ago, and stored.
                 let c = match live {
                     Some(c) => c,
                     None => self
-                        .store
-                        .get(&id)?
+                        .stored(&id)
+                        .await?
                         .ok_or_else(|| CommandError::NotFound(id.clone()))?,
                 };
                 (feed, vec![c], Some(id), None)
@@ -99,15 +102,29 @@ impl Commands {
                     .parse()
                     .map_err(|e| CommandError::Invalid(format!("agent {agent:?}: {e}")))?;
                 let agent = agent.to_string();
-                let st = self.lock();
-                let mut cmds: Vec<Command> = st
-                    .active
-                    .values()
-                    .filter(|c| c.agent == agent)
-                    .map(for_event)
-                    .collect();
-                let feed = st.events.subscribe();
-                drop(st);
+                let (mut cmds, feed) = {
+                    let st = self.lock();
+                    let cmds: Vec<Command> = st
+                        .active
+                        .values()
+                        .filter(|c| c.agent == agent)
+                        .map(for_event)
+                        .collect();
+                    (cmds, st.events.subscribe())
+                };
+                // Another replica delivers them: its unfinished commands from the store.
+                if let Some(r) = self.replicated()
+                    && !r.holds(&agent)
+                {
+                    let stored = crate::cluster::commands::unfinished(&r.cluster.pool, &agent)
+                        .await
+                        .map_err(super::replicated::sql)?;
+                    for c in stored {
+                        if !cmds.iter().any(|k| k.id == c.id) {
+                            cmds.push(for_event(&c));
+                        }
+                    }
+                }
                 cmds.sort_by(|a, b| a.id.cmp(&b.id));
                 (feed, cmds, None, Some(agent))
             }
@@ -123,6 +140,12 @@ impl Commands {
             // The caller's slot is held for as long as this stream runs.
             let _slot = slot;
             let mut done = false;
+            // Versions already sent, of commands not final yet.
+            let mut seen: std::collections::HashMap<String, u64> = initial
+                .iter()
+                .filter(|c| !is_final(c.state))
+                .map(|c| (c.id.clone(), c.version))
+                .collect();
             for mut c in initial {
                 c.payload.clear();
                 done |= only_id.is_some() && is_final(c.state);
@@ -154,6 +177,14 @@ impl Commands {
                     || only_agent.as_ref().is_some_and(|a| *a != c.agent)
                 {
                     continue;
+                }
+                if seen.get(&c.id).is_some_and(|v| c.version <= *v) {
+                    continue;
+                }
+                if is_final(c.state) {
+                    seen.remove(&c.id);
+                } else {
+                    seen.insert(c.id.clone(), c.version);
                 }
                 done = only_id.is_some() && is_final(c.state);
                 if tx

@@ -25,7 +25,7 @@ impl From<CommandError> for Status {
             CommandError::TooManyPending { .. } | CommandError::TooManyWatches { .. } => {
                 Status::resource_exhausted(msg)
             }
-            CommandError::Store(_) => Status::unavailable(msg),
+            CommandError::Store(_) | CommandError::Unavailable(_) => Status::unavailable(msg),
         }
     }
 }

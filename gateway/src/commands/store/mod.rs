@@ -98,6 +98,16 @@ pub struct Retention {
     pub batch: usize,
 }
 
+/// A fresh command id for a command submitted at `at`: `t`, the Unix ms in 12 hex digits, 80
+/// random bits in 20 (ids sort by submission time across replicas, to the millisecond).
+pub fn fresh_id(at: std::time::SystemTime) -> String {
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let rand = rand::random::<u128>() & ((1u128 << 80) - 1);
+    format!("t{ms:012x}{rand:020x}")
+}
+
 /// Final states never change again.
 pub fn is_final(state: i32) -> bool {
     matches!(

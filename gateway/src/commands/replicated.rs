@@ -1,0 +1,570 @@
+//! Feature layer: the commands feature across replicas (`store.dsn`), on the PostgreSQL state
+//! in `cluster::commands` and `cluster::lease`.
+//!
+//! Any replica takes Submits, Gets, Lists, Cancels and Watches; exactly one delivers an agent's
+//! commands: the holder of the agent's *lease*, taken by a replica that holds a session with the
+//! agent when the lease is free or its holder is not alive. The holder keeps the agent's
+//! unfinished commands in its lanes (the same lanes as the embedded mode) and writes every
+//! transition through [`Replicated::write`], which lands only while the lease is still its own
+//! (the epoch fence) and the stored command is older and not final: a replica that was taken over
+//! stops at its first write, and a Cancel or an expiry that won a race is never undone.
+//!
+//! Versions only grow across holders: a holder that took the lease at lease epoch `E` numbers
+//! its writes from `E << 32`, above anything an earlier holder wrote or published, so every
+//! replica's watchers order one command's events by version alone and drop what they saw.
+//!
+//! What other replicas did arrives on the cluster feed: a Submit for an agent whose lease is
+//! held here enters its lane; a Cancel or an expiry made elsewhere leaves it; every change is
+//! published to this replica's watchers once.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+use tether_api::v1::{Command, CommandState};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
+use super::Commands;
+use super::store::{StoreError, is_final};
+use crate::cluster::Cluster;
+use crate::cluster::commands::{self as pg, Write, Written};
+use crate::cluster::events::{EventKind, FeedItem};
+use crate::cluster::lease::{self, Lease};
+use crate::tunnel::registry::RegistryEvent;
+
+/// Writer tasks: one agent's writes go through one of them, in order; agents spread over all.
+const WRITERS: usize = 8;
+/// Writes of one writer applied in one transaction at most.
+const WRITE_BATCH: usize = 64;
+/// How often this replica looks for agents it holds a session with whose lease nobody alive
+/// holds (a session's arrival and a Submit's event look at once).
+const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
+/// Agents taken per sweep at most.
+const ORPHANS_PER_SWEEP: i64 = 500;
+/// Queued commands expired per pass at most.
+const EXPIRE_BATCH: i64 = 1000;
+
+/// A holder's version for its first write under lease epoch `epoch`: above every version
+/// written under an earlier epoch.
+pub(super) fn version_floor(epoch: i64) -> u64 {
+    u64::try_from(epoch).unwrap_or(0) << 32
+}
+
+pub(super) struct Pending {
+    cmd: Command,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// This replica's part in the commands feature across replicas.
+pub(crate) struct Replicated {
+    pub(super) cluster: Arc<Cluster>,
+    /// Leases held here, by agent.
+    leases: Mutex<HashMap<String, Lease>>,
+    writers: Vec<mpsc::UnboundedSender<Pending>>,
+    /// Wakes the orphan sweep (a session arrived).
+    sweep: Notify,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("replica", self.cluster.replica.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn shard(agent: &str) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    agent.hash(&mut h);
+    (h.finish() as usize) % WRITERS
+}
+
+pub(super) fn sql(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(format!("PostgreSQL: {e}"))
+}
+
+impl Replicated {
+    /// The replica's writers and feed follower, delivering for `commands`.
+    pub(super) fn new(
+        cluster: Arc<Cluster>,
+    ) -> (Arc<Replicated>, Vec<mpsc::UnboundedReceiver<Pending>>) {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..WRITERS).map(|_| mpsc::unbounded_channel()).unzip();
+        let r = Arc::new(Replicated {
+            cluster,
+            leases: Mutex::new(HashMap::new()),
+            writers: txs,
+            sweep: Notify::new(),
+        });
+        (r, rxs)
+    }
+
+    fn lease_of(&self, agent: &str) -> Option<Lease> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent)
+            .cloned()
+    }
+
+    /// True when this replica delivers `agent`'s commands.
+    pub(super) fn holds(&self, agent: &str) -> bool {
+        self.lease_of(agent).is_some()
+    }
+
+    /// Queues a holder's write; the future resolves once it was applied or refused.
+    pub(super) fn write(
+        &self,
+        cmd: Command,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.writers[shard(&cmd.agent)].send(Pending {
+            cmd,
+            done: Some(tx),
+        });
+        async move {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Commands {
+    /// Starts the writers, the feed follower, the orphan sweep, expiry and retention of the
+    /// replicated mode.
+    pub(super) fn start_replicated_tasks(
+        self: &Arc<Self>,
+        r: &Arc<Replicated>,
+        writers: Vec<mpsc::UnboundedReceiver<Pending>>,
+    ) {
+        for rx in writers {
+            tokio::spawn(run_writer(Arc::downgrade(self), r.clone(), rx));
+        }
+        tokio::spawn(self.clone().follow(r.clone()));
+        tokio::spawn(self.clone().take_orphans(r.clone()));
+        tokio::spawn(self.clone().expire_replicated(r.clone()));
+    }
+
+    /// Takes `agent`'s lease if nobody alive holds it, and puts its unfinished commands into
+    /// lanes here. Does nothing while this replica is not alive.
+    async fn take_lease(self: &Arc<Self>, r: &Arc<Replicated>, agent: &str) {
+        if r.holds(agent) || !r.cluster.replica.is_live() {
+            return;
+        }
+        let tenant = agent.split('/').next().unwrap_or_default();
+        let me = r.cluster.replica.id().clone();
+        let lease = match lease::acquire(&r.cluster.pool, &me, agent, tenant).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "taking the command lease failed; the sweep retries");
+                return;
+            }
+        };
+        let cmds = match pg::unfinished(&r.cluster.pool, agent).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "loading the agent's commands failed; releasing its lease");
+                let _ = lease::release(&r.cluster.pool, &me, &[lease]).await;
+                return;
+            }
+        };
+        let floor = version_floor(lease.epoch);
+        r.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent.to_owned(), lease);
+        let n = cmds.len();
+        for mut cmd in cmds {
+            cmd.version = cmd.version.max(floor);
+            self.adopt(cmd);
+        }
+        if n > 0 {
+            tracing::info!(%agent, commands = n, "holding the agent's command lease");
+        }
+    }
+
+    /// Stops delivering `agent`'s commands here: its lease was released or taken over. Its
+    /// commands leave memory without a state change (the store keeps them for the next holder).
+    fn drop_agent(&self, r: &Replicated, agent: &str) {
+        r.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(agent);
+        let mut st = self.lock();
+        let ids: Vec<String> = st
+            .active
+            .values()
+            .filter(|c| c.agent == agent)
+            .map(|c| c.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(c) = st.active.remove(&id) {
+                st.count(c.state, -1);
+                st.release_pending(agent);
+            }
+        }
+        st.retire_lanes(agent);
+    }
+
+    /// Releases `agent`'s lease (its last session here ended) so a replica that has one takes
+    /// it at once.
+    async fn release_lease(&self, r: &Replicated, agent: &str) {
+        let Some(lease) = r.lease_of(agent) else {
+            return;
+        };
+        self.drop_agent(r, agent);
+        let me = r.cluster.replica.id().clone();
+        if let Err(e) = lease::release(&r.cluster.pool, &me, &[lease]).await {
+            tracing::warn!(%agent, error = %e, "releasing the command lease failed; it lapses with this replica");
+        }
+    }
+
+    /// Reads the cluster feed and the registry: other replicas' Submits, Cancels and expiries,
+    /// lease changes, and this replica's sessions coming and going.
+    async fn follow(self: Arc<Self>, r: Arc<Replicated>) {
+        let mut feed = r.cluster.feed.subscribe();
+        let mut sessions = self.registry.feed();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                ev = feed.recv() => match ev {
+                    Ok(FeedItem::Event(ev)) => self.on_feed(&r, ev.kind, &ev.agent, &ev.body).await,
+                    Ok(FeedItem::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Events may be gone: the sweep finds agents with work again.
+                        r.sweep.notify_one();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                ev = sessions.recv() => match ev {
+                    Ok(RegistryEvent::Connected(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        r.sweep.notify_one();
+                    }
+                    Ok(RegistryEvent::Disconnected { session, .. }) => {
+                        if self.registry.last_session(&session.agent).is_none() {
+                            self.release_lease(&r, &session.agent.to_string()).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        // Shutting down: hand every lease over at once instead of after the liveness timeout.
+        let leases: Vec<Lease> = r
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        let me = r.cluster.replica.id().clone();
+        if let Err(e) = lease::release(&r.cluster.pool, &me, &leases).await {
+            tracing::warn!(error = %e, leases = leases.len(), "releasing command leases at shutdown failed; they lapse with this replica");
+        }
+    }
+
+    async fn on_feed(
+        self: &Arc<Self>,
+        r: &Arc<Replicated>,
+        kind: EventKind,
+        agent: &str,
+        body: &[u8],
+    ) {
+        match kind {
+            EventKind::Command => {
+                let Ok(cmd) = Command::decode(body) else {
+                    tracing::warn!(%agent, "a command event on the cluster feed did not decode; ignored");
+                    return;
+                };
+                self.on_command_event(r, cmd).await;
+            }
+            // A lease was released or taken: if this replica has a session, it may take it.
+            EventKind::Lease if !r.holds(agent) => {
+                if let Ok(id) = agent.parse()
+                    && self.registry.last_session(&id).is_some()
+                {
+                    self.take_lease(r, agent).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_command_event(self: &Arc<Self>, r: &Arc<Replicated>, cmd: Command) {
+        let id = cmd.id.clone();
+        let agent = cmd.agent.clone();
+        // Watchers first: this replica's own changes were published when made.
+        self.lock().publish(&cmd);
+        if r.holds(&agent) {
+            let active = self.lock().active.contains_key(&id);
+            if is_final(cmd.state) && active {
+                // Cancelled or expired by another replica.
+                let mut st = self.lock();
+                let to = CommandState::try_from(cmd.state).unwrap_or(CommandState::Cancelled);
+                st.transition_quiet(&id, to, |c| {
+                    c.finished = cmd.finished;
+                    c.result = cmd.result.clone();
+                    c.version = c.version.max(cmd.version);
+                });
+            } else if cmd.state == CommandState::Queued as i32 && !active {
+                // Submitted on another replica: into its lane, with its payload.
+                match pg::get(&r.cluster.pool, &id).await {
+                    Ok(Some(mut full))
+                        if full.state == CommandState::Queued as i32 && r.holds(&agent) =>
+                    {
+                        if let Some(l) = r.lease_of(&agent) {
+                            full.version = full.version.max(version_floor(l.epoch));
+                        }
+                        self.adopt(full);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(command = %id, error = %e, "loading a command submitted on another replica failed; the sweep retries");
+                        self.drop_agent(r, &agent);
+                        let me = r.cluster.replica.id().clone();
+                        if let Some(l) = r.lease_of(&agent) {
+                            let _ = lease::release(&r.cluster.pool, &me, &[l]).await;
+                        }
+                    }
+                }
+            }
+        } else if cmd.state == CommandState::Queued as i32
+            && let Ok(aid) = agent.parse()
+            && self.registry.last_session(&aid).is_some()
+        {
+            self.take_lease(r, &agent).await;
+        }
+    }
+
+    /// Takes the leases nobody alive holds of agents this replica has a session with, every
+    /// [`ORPHAN_SWEEP`] and whenever a session arrives: how a replica's death hands its agents'
+    /// commands over, and how work submitted while no session existed starts.
+    async fn take_orphans(self: Arc<Self>, r: Arc<Replicated>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(ORPHAN_SWEEP) => {}
+                _ = r.sweep.notified() => {}
+            }
+            if !r.cluster.replica.is_live() {
+                continue;
+            }
+            let me = r.cluster.replica.id().clone();
+            let agents = match pg::orphaned(&r.cluster.pool, &me, ORPHANS_PER_SWEEP).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking for agents whose command lease is free failed; will retry");
+                    continue;
+                }
+            };
+            for (agent, _) in agents {
+                self.take_lease(&r, &agent).await;
+            }
+        }
+    }
+
+    /// Expires queued commands past their TTL, whoever holds their agent (conditional on the
+    /// command still being queued, so replicas racing here expire each once).
+    async fn expire_replicated(self: Arc<Self>, r: Arc<Replicated>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(super::SWEEP_EVERY) => {}
+            }
+            if !r.cluster.replica.is_live() {
+                continue;
+            }
+            let now_ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            match pg::expire_due(&r.cluster.pool, now_ms, EXPIRE_BATCH).await {
+                Ok(done) => {
+                    metrics::counter!("tether_gateway_command_expirations_total")
+                        .increment(done.len() as u64);
+                }
+                Err(e) => tracing::warn!(error = %e, "expiring queued commands failed; will retry"),
+            }
+        }
+    }
+}
+
+/// Applies one writer's queue: each agent's writes in order, in batches, fenced by its lease.
+async fn run_writer(
+    commands: Weak<Commands>,
+    r: Arc<Replicated>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // Group by agent, keeping each agent's order.
+        let mut by_agent: Vec<(String, Vec<Pending>)> = Vec::new();
+        for p in batch.drain(..) {
+            match by_agent.iter_mut().find(|(a, _)| *a == p.cmd.agent) {
+                Some((_, v)) => v.push(p),
+                None => by_agent.push((p.cmd.agent.clone(), vec![p])),
+            }
+        }
+        for (agent, pending) in by_agent {
+            let Some(lease) = r.lease_of(&agent) else {
+                // Not ours any more: the new holder redelivers.
+                metrics::counter!("tether_gateway_fenced_writes_total")
+                    .increment(pending.len() as u64);
+                continue;
+            };
+            let writes: Vec<Write> = pending
+                .iter()
+                .map(|p| Write {
+                    record: p.cmd.clone(),
+                })
+                .collect();
+            let me = r.cluster.replica.id().clone();
+            let outcome = loop {
+                match pg::write(&r.cluster.pool, &me, &lease, &writes).await {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        // PostgreSQL unreachable: keep the order and try again; the lease lapses
+                        // with this replica's liveness if it stays so, and the fence then
+                        // refuses these writes.
+                        tracing::warn!(%agent, error = %e, "writing command state failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        if r.lease_of(&agent).is_none() {
+                            break Vec::new();
+                        }
+                    }
+                }
+            };
+            let Some(commands) = commands.upgrade() else {
+                return;
+            };
+            let mut conflicts = HashSet::new();
+            let mut fenced = false;
+            for (p, w) in pending.iter().zip(&outcome) {
+                match w {
+                    Written::Ok => {}
+                    Written::Conflict => {
+                        conflicts.insert(p.cmd.id.clone());
+                    }
+                    Written::Fenced => fenced = true,
+                }
+            }
+            if fenced {
+                tracing::warn!(%agent, "another replica took this agent's command lease; delivering its commands stops here");
+                commands.drop_agent(&r, &agent);
+            }
+            for id in conflicts {
+                commands.reconcile(&r, &id).await;
+            }
+            for mut p in pending {
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
+
+impl Commands {
+    /// A holder's write was refused though it holds the lease: the command was cancelled or
+    /// expired elsewhere first. Takes the stored state.
+    async fn reconcile(&self, r: &Replicated, id: &str) {
+        let stored = match pg::get(&r.cluster.pool, id).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(command = %id, error = %e, "reloading a command after a refused write failed");
+                return;
+            }
+        };
+        if !is_final(stored.state) {
+            return;
+        }
+        let to = CommandState::try_from(stored.state).unwrap_or(CommandState::Cancelled);
+        let mut st = self.lock();
+        st.transition_quiet(id, to, |c| {
+            c.finished = stored.finished;
+            c.result = stored.result.clone();
+            c.version = c.version.max(stored.version);
+        });
+    }
+}
+
+impl Commands {
+    /// Stores a Submit in PostgreSQL (idempotency key and pending limit checked there, across
+    /// replicas); the agent's lease holder delivers it, this replica if it holds a session.
+    pub(super) async fn submit_replicated(
+        self: &Arc<Self>,
+        r: &Arc<Replicated>,
+        mut cmd: Command,
+        limit: u32,
+    ) -> Result<(Command, bool), super::CommandError> {
+        let created = cmd
+            .created
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or_else(SystemTime::now);
+        cmd.id = super::store::fresh_id(created);
+        cmd.version = 1;
+        let agent = cmd.agent.clone();
+        let out = pg::submit(&r.cluster.pool, &cmd, limit)
+            .await
+            .map_err(|e| {
+                super::CommandError::Unavailable(format!(
+                    "storing the command in PostgreSQL failed: {e}; retry"
+                ))
+            })?;
+        match out {
+            pg::Submitted::Existing(c) => Ok((c, false)),
+            pg::Submitted::TooManyPending { .. } => {
+                crate::metrics::count_rejection(crate::metrics::Limit::PendingCommandsPerAgent);
+                Err(super::CommandError::TooManyPending { agent, limit })
+            }
+            pg::Submitted::Created(c) => {
+                let mut st = self.lock();
+                st.publish(&super::for_event(&c));
+                drop(st);
+                if let Some(l) = r.lease_of(&agent) {
+                    let mut own = c.clone();
+                    own.version = own.version.max(version_floor(l.epoch));
+                    self.adopt(own);
+                } else if let Ok(aid) = agent.parse()
+                    && self.registry.last_session(&aid).is_some()
+                {
+                    let this = self.clone();
+                    let r = r.clone();
+                    tokio::spawn(async move { this.take_lease(&r, &agent).await });
+                }
+                r.cluster.feed.poke();
+                Ok((c, true))
+            }
+        }
+    }
+
+    /// Cancels a queued command in PostgreSQL, whoever holds its agent (the holder's delivery
+    /// write then conflicts, and the holder takes the cancelled state).
+    pub(super) async fn cancel_replicated(
+        &self,
+        r: &Replicated,
+        id: &str,
+    ) -> Result<Command, super::CommandError> {
+        let now = SystemTime::now().into();
+        match pg::cancel(&r.cluster.pool, id, now).await.map_err(sql)? {
+            Ok(cmd) => {
+                let mut st = self.lock();
+                if st.active.contains_key(id) {
+                    st.transition_quiet(id, CommandState::Cancelled, |c| {
+                        c.finished = cmd.finished;
+                        c.result = cmd.result.clone();
+                        c.version = c.version.max(cmd.version);
+                    });
+                }
+                st.publish(&cmd);
+                r.cluster.feed.poke();
+                Ok(cmd)
+            }
+            Err(pg::NotCancelled::NotFound) => Err(super::CommandError::NotFound(id.to_owned())),
+            Err(pg::NotCancelled::TooLate(c)) => Err(super::CommandError::TooLate {
+                id: id.to_owned(),
+                state: super::state_name(c.state),
+            }),
+        }
+    }
+}
