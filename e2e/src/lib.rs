@@ -268,7 +268,23 @@ impl TestGateway {
             }
         };
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let sockets = Sockets::bind_addrs(tunnel, any, any).expect("bind gateway sockets");
+        // A gateway restarted on the port of one just stopped (in this process) may find the
+        // old UDP socket still open for a moment: quinn closes it once its endpoint driver task
+        // has run to its end, after `stop` returned. Retry while the address is in use.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let sockets = loop {
+            match Sockets::bind_addrs(tunnel, any, any) {
+                Ok(s) => break s,
+                Err(tether_gateway::GatewayError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && tunnel.port() != 0
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind gateway sockets: {e:?}"),
+            }
+        };
         let shutdown = CancellationToken::new();
         let handle = tether_gateway::start(cfg, sockets, shutdown.clone())
             .await

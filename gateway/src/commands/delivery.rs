@@ -236,6 +236,8 @@ impl Commands {
             let st = self.lock();
             let Some(c) = st.active.get(id) else { return };
             let mut record = c.clone();
+            // The version the transition below gives it.
+            record.version += 1;
             record.state = to as i32;
             record.finished = Some(finished);
             record.result = Some(v1::CommandResult {

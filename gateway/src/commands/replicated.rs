@@ -170,10 +170,11 @@ impl Commands {
             }
         };
         let floor = version_floor(lease.epoch);
-        r.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(agent.to_owned(), lease);
+        {
+            let mut leases = r.leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases.insert(agent.to_owned(), lease);
+            metrics::gauge!("tether_gateway_command_leases").set(leases.len() as f64);
+        }
         let n = cmds.len();
         for mut cmd in cmds {
             cmd.version = cmd.version.max(floor);
@@ -187,10 +188,11 @@ impl Commands {
     /// Stops delivering `agent`'s commands here: its lease was released or taken over. Its
     /// commands leave memory without a state change (the store keeps them for the next holder).
     fn drop_agent(&self, r: &Replicated, agent: &str) {
-        r.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(agent);
+        {
+            let mut leases = r.leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases.remove(agent);
+            metrics::gauge!("tether_gateway_command_leases").set(leases.len() as f64);
+        }
         let mut st = self.lock();
         let ids: Vec<String> = st
             .active
@@ -320,11 +322,7 @@ impl Commands {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(command = %id, error = %e, "loading a command submitted on another replica failed; the sweep retries");
-                        self.drop_agent(r, &agent);
-                        let me = r.cluster.replica.id().clone();
-                        if let Some(l) = r.lease_of(&agent) {
-                            let _ = lease::release(&r.cluster.pool, &me, &[l]).await;
-                        }
+                        self.release_lease(r, &agent).await;
                     }
                 }
             }

@@ -1,0 +1,367 @@
+//! Commands across gateway replicas on one real PostgreSQL (Debian's server, started by the
+//! test as an unprivileged user): real `tether-gateway` processes with `store.dsn`, a real agent
+//! over real QUIC. Submits on any replica, one delivery per command by the agent's lease holder,
+//! `kill -9` of the holder with 1,000 commands in flight, Cancel racing delivery across
+//! replicas, idempotency keys submitted on every replica at once, and PostgreSQL restarting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether_api::v1::{CancelCommandRequest, CommandState};
+use tether_e2e::*;
+use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(60);
+const AGENT: &str = "acme/eu-1";
+
+/// Replicas sharing one PostgreSQL.
+struct Fleet {
+    pki: Pki,
+    pg: LocalPostgres,
+    gws: Vec<GatewayProcess>,
+}
+
+impl Fleet {
+    async fn start(n: usize) -> Fleet {
+        let pg =
+            LocalPostgres::start(LocalPostgresOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let pki = Pki::new();
+        let mut gws = Vec::new();
+        for i in 0..n {
+            gws.push(GatewayProcess::spawn_configured(&pki, &replica_config(&pg, i)).await);
+        }
+        Fleet { pki, pg, gws }
+    }
+
+    async fn client(&self, i: usize) -> CommandsClient {
+        commands_client(self.gws[i].channel(&self.pki.client("api")).await)
+    }
+
+    /// The replica holding `AGENT`'s command lease, by its `tether_gateway_command_leases`.
+    async fn holder(&self) -> usize {
+        let deadline = Instant::now() + T;
+        loop {
+            let held: Vec<usize> = (0..self.gws.len())
+                .filter(|&i| self.gws[i].metric("tether_gateway_command_leases", "") >= 1.0)
+                .collect();
+            if let [one] = held[..] {
+                return one;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single lease holder: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn replica_config(pg: &LocalPostgres, i: usize) -> String {
+    format!(
+        "[store]\ndsn = \"{}\"\nconnect_timeout = \"30s\"\n[cluster]\nreplica_id = \"gw-{i}\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1s\"\n",
+        pg.dsn()
+    )
+}
+
+/// An agent with sessions to `gateways`, whose `count` handler counts runs per payload.
+fn counting_agent(
+    fleet: &Fleet,
+    gateways: &[usize],
+    state: &std::path::Path,
+) -> (TestAgent, Arc<Mutex<HashMap<String, u32>>>) {
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Default::default();
+    let handlers = test_handlers();
+    let r = runs.clone();
+    handlers.register("count", move |payload: bytes::Bytes, _p: ProgressSink| {
+        let r = r.clone();
+        async move {
+            *r.lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&payload).into_owned())
+                .or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(payload)
+        }
+    });
+    let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[gateways[0]].tunnel);
+    cfg.gateways = gateways
+        .iter()
+        .map(|&i| fleet.gws[i].tunnel.to_string())
+        .collect();
+    cfg.state_dir = Some(state.to_owned());
+    (TestAgent::start_with_handlers(&cfg, handlers), runs)
+}
+
+async fn wait_connected_everywhere(fleet: &Fleet, on: &[usize]) {
+    for &i in on {
+        wait_connected(
+            fleet.gws[i].channel(&fleet.pki.client("api")).await,
+            AGENT,
+            T,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_submitted_on_every_replica_run_once_each_and_every_replica_reads_them() {
+    let fleet = Fleet::start(3).await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, runs) = counting_agent(&fleet, &[0, 1, 2], state.path());
+    wait_connected_everywhere(&fleet, &[0, 1, 2]).await;
+
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(fleet.client(i).await);
+    }
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        let c = &mut clients[n % 3];
+        let mut req = submit_req(AGENT, "count", n.to_string());
+        req.ordering_key = format!("k{}", n % 4);
+        ids.push((c.submit(req).await.expect("submit").into_inner().id, n));
+    }
+    fleet.holder().await;
+    for (id, n) in &ids {
+        // Read back on a replica other than the one that took the Submit.
+        let c = wait_final(&mut clients[(n + 1) % 3], id, T).await;
+        assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
+        assert_eq!(c.result.unwrap().output, n.to_string().as_bytes());
+        assert!(
+            c.version > 1,
+            "a finished command has moved past version 1: {}",
+            c.version
+        );
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 60);
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "some command ran twice: {runs:?}"
+    );
+    // Lists agree on every replica.
+    for c in &mut clients {
+        let page = c
+            .list(tether_api::v1::ListCommandsRequest {
+                agent: AGENT.into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(page.commands.len(), 60);
+        assert!(
+            page.commands
+                .iter()
+                .all(|c| c.state() == CommandState::Succeeded)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_runs_each_at_most_once()
+ {
+    let mut fleet = Fleet::start(3).await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, runs) = counting_agent(&fleet, &[0, 1, 2], state.path());
+    wait_connected_everywhere(&fleet, &[0, 1, 2]).await;
+
+    // 1,000 commands from 30 tasks over 16 ordering keys, spread over the three replicas.
+    let accepted: Arc<Mutex<Vec<(String, String)>>> = Default::default();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..30 {
+        let mut c = fleet.client(t % 3).await;
+        let (accepted, next) = (accepted.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= 1000 {
+                    return;
+                }
+                let mut r = submit_req(AGENT, "count", i.to_string());
+                r.ordering_key = format!("k{}", i % 16);
+                let id = c.submit(r).await.expect("submit").into_inner().id;
+                accepted.lock().unwrap().push((id, i.to_string()));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let holder = fleet.holder().await;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != holder).collect();
+    wait_until("some commands ran", T, || runs.lock().unwrap().len() >= 50).await;
+    let killed_at = Instant::now();
+    fleet.gws[holder].child.start_kill().unwrap(); // SIGKILL
+    fleet.gws[holder].child.wait().await.unwrap();
+    let ran_at_kill = runs.lock().unwrap().len();
+    assert!(
+        ran_at_kill < 950,
+        "killed too late: {ran_at_kill} of 1000 already ran"
+    );
+    // Submits on the survivors go on during the hand-over, every one accepted.
+    let mut late = fleet.client(survivors[0]).await;
+    for i in 1000..1100 {
+        let mut r = submit_req(AGENT, "count", i.to_string());
+        r.ordering_key = format!("k{}", i % 16);
+        let id = late
+            .submit(r)
+            .await
+            .expect("submit on a survivor")
+            .into_inner()
+            .id;
+        accepted.lock().unwrap().push((id, i.to_string()));
+    }
+    wait_until("another replica delivers", T, || {
+        runs.lock().unwrap().len() > ran_at_kill + 1
+    })
+    .await;
+    let handover = killed_at.elapsed();
+
+    let accepted = accepted.lock().unwrap().clone();
+    let mut client = fleet.client(survivors[1]).await;
+    for (id, payload) in &accepted {
+        let c = wait_final(&mut client, id, Duration::from_secs(120)).await;
+        assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
+        assert_eq!(c.result.unwrap().output, payload.as_bytes());
+    }
+    let runs = runs.lock().unwrap();
+    for (_, payload) in &accepted {
+        assert_eq!(
+            runs.get(payload),
+            Some(&1),
+            "payload {payload} ran {:?} times",
+            runs.get(payload)
+        );
+    }
+    eprintln!(
+        "hand-over after kill -9 of the lease holder: first delivery by another replica after {handover:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_one_replica_and_delivery_by_another_never_both_win() {
+    let fleet = Fleet::start(2).await;
+    let state = tempfile::tempdir().unwrap();
+    // The agent is connected to replica 0 only: replica 1 takes the Cancels.
+    let (_agent, runs) = counting_agent(&fleet, &[0], state.path());
+    wait_connected_everywhere(&fleet, &[0]).await;
+    let mut on0 = fleet.client(0).await;
+    let mut on1 = fleet.client(1).await;
+    let mut outcomes = Vec::new();
+    for n in 0..150 {
+        let mut req = submit_req(AGENT, "count", n.to_string());
+        // Each its own lane: delivery starts at once, racing the Cancel.
+        req.ordering_key = format!("k{n}");
+        let id = on0.submit(req).await.expect("submit").into_inner().id;
+        let cancel = on1.cancel(CancelCommandRequest { id: id.clone() }).await;
+        outcomes.push((id, n, cancel));
+    }
+    let (mut cancelled, mut ran) = (0, 0);
+    for (id, n, cancel) in outcomes {
+        let c = wait_final(&mut on1, &id, T).await;
+        match cancel {
+            Ok(_) => {
+                cancelled += 1;
+                assert_eq!(c.state(), CommandState::Cancelled, "{c:?}");
+            }
+            Err(e) => {
+                ran += 1;
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
+            }
+        }
+        let ran_n = runs.lock().unwrap().get(&n.to_string()).copied();
+        if c.state() == CommandState::Cancelled {
+            assert_eq!(ran_n, None, "cancelled command {id} ran on the agent");
+        } else {
+            assert_eq!(ran_n, Some(1), "command {id} ran {ran_n:?} times");
+        }
+    }
+    eprintln!("{cancelled} cancelled before delivery, {ran} delivered first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_submitted_on_three_replicas_at_once_makes_one_command() {
+    let fleet = Fleet::start(3).await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, runs) = counting_agent(&fleet, &[0, 1, 2], state.path());
+    wait_connected_everywhere(&fleet, &[0, 1, 2]).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(fleet.client(i).await);
+    }
+    for key in 0..40 {
+        let calls = clients.iter().map(|c| {
+            let mut c = c.clone();
+            let mut req = submit_req(AGENT, "count", format!("key{key}"));
+            req.idempotency_key = format!("key{key}");
+            async move { c.submit(req).await.expect("submit").into_inner() }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let ids: std::collections::HashSet<&str> = answers.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids.len(), 1, "one command per key: {answers:?}");
+        assert_eq!(
+            answers.iter().filter(|a| a.created).count(),
+            1,
+            "{answers:?}"
+        );
+        let c = wait_final(&mut clients[key % 3], &answers[0].id, T).await;
+        assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 40);
+    assert!(runs.values().all(|n| *n == 1), "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarting_fails_submits_with_unavailable_and_loses_no_accepted_command() {
+    let mut fleet = Fleet::start(2).await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, runs) = counting_agent(&fleet, &[0, 1], state.path());
+    wait_connected_everywhere(&fleet, &[0, 1]).await;
+    let mut c = fleet.client(1).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(
+            c.submit(submit_req(AGENT, "count", n.to_string()))
+                .await
+                .expect("submit")
+                .into_inner()
+                .id,
+        );
+    }
+    fleet.pg.stop(true);
+    let e = c
+        .submit(submit_req(AGENT, "count", "refused"))
+        .await
+        .expect_err("a Submit with PostgreSQL down is refused");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    fleet.pg.start_again().expect("PostgreSQL starts again");
+    // Accepted again once the replicas renewed their liveness.
+    let deadline = Instant::now() + T;
+    loop {
+        match c.submit(submit_req(AGENT, "count", "after")).await {
+            Ok(r) => {
+                ids.push(r.into_inner().id);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(Instant::now() < deadline, "Submits still refused: {e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    for id in &ids {
+        let c = wait_final(&mut c, id, T).await;
+        assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
+    }
+    let runs = runs.lock().unwrap();
+    assert!(runs.values().all(|n| *n == 1), "{runs:?}");
+    assert!(!runs.contains_key("refused"));
+}
