@@ -4,30 +4,22 @@
 //! sessions and serves the northbound gRPC API the control plane calls.
 //!
 //! # Layout
-//! Layers only look down: transport → session → feature → backend.
-//! - [`verifier`] (transport): agent client-certificate checks, with refusal metrics;
-//! - [`listener`] (transport): the northbound TLS + HTTP/2 listener (hyper);
-//! - [`live_connections`] (transport): its open connections by certificate, to close a
-//!   revoked caller's;
-//! - [`tunnel`] (transport + session): the QUIC listener and the per-connection session driver;
-//! - [`limits`] (transport + feature): handshake admission per source address (and QUIC Retry),
-//!   streams per agent, and the abuse-limit metrics;
-//! - [`registry`] (session): live sessions and the connect/disconnect feed;
-//! - [`auth`] (feature): northbound callers (client certificates, bearer JWTs), their tenant
-//!   scope, and the audit of denials;
-//! - [`northbound`] (feature): `tether.v1.Agents` over TLS, scoped to the caller's tenants;
-//! - [`relay`] (feature): the transparent gRPC relay (any other service, to an agent);
-//! - [`commands`] (feature): `tether.v1.Commands`, durable commands and their delivery;
-//! - [`store`] (backend): the command store interface and its embedded (redb) implementation;
-//! - [`callers`] (feature): `tether.v1.Callers/Revoke`, the deny-list of caller certificates;
-//! - [`revocation`] (feature): `Agents/Revoke` and the revocation list the verifier consults;
-//! - [`data_dir`] (backend): the state directory, private to the gateway's user (0700/0600);
-//! - [`identity_db`] (backend): revocations and enrollment tokens, durable (redb);
-//! - [`enrollment`] (feature): `tether.v1.Enrollment`, tokens and CSR-based issuance;
-//! - [`streams`] (feature): `tether.v1.Streams`, raw TCP streams to an agent's TCP services;
-//! - [`pki`] (backend): CA and certificate issuance with rcgen;
-//! - [`demo`] (backend): the demo upstream `dev` runs behind its agent;
-//! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
+//! One folder per concern, each in its layers: transport → session → feature → backend
+//! (ARCHITECTURE.md, "Inside the gateway", says which folder may import which).
+//! - [`tunnel`] (transport + session): where agents connect: TLS, the QUIC endpoint, the accept
+//!   loops and their side doors, admission, the certificate verifier, the session driver, the
+//!   end-to-end probe, the registry of live sessions;
+//! - [`northbound`] (transport + feature): the listener the control plane calls, its callers
+//!   and their tenants (`auth`), `tether.v1.Agents`, and the one error → status mapping;
+//! - [`relay`] (feature): gRPC calls and TCP streams relayed to agents, streams per agent;
+//! - [`commands`] (feature + backend): durable commands, their delivery, `Watch`, and the
+//!   command store;
+//! - [`identity`] (feature + backend): the PKI, the identity store, revocation of agents and
+//!   callers, enrollment, the CSR check, renewal;
+//! - [`cluster`] (backend): the state replicas share in PostgreSQL;
+//! - [`tools`] (dev tooling): `dev`, the demo upstream, `tetherctl`'s logic;
+//! - leaves: [`config`], [`metrics`], [`quota`], [`tls`], [`data_dir`], [`error`];
+//! - [`server`] (wiring).
 #![warn(missing_docs)]
 
 pub mod cluster;
