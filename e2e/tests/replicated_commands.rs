@@ -365,3 +365,56 @@ async fn postgresql_restarting_fails_submits_with_unavailable_and_loses_no_accep
     assert!(runs.values().all(|n| *n == 1), "{runs:?}");
     assert!(!runs.contains_key("refused"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let fleet = Fleet::start(2).await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, runs) = counting_agent(&fleet, &[0, 1], state.path());
+    wait_connected_everywhere(&fleet, &[0, 1]).await;
+    let mut ids = Vec::new();
+    let mut c0 = fleet.client(0).await;
+    for n in 0..300 {
+        let mut req = submit_req(AGENT, "count", n.to_string());
+        req.ordering_key = format!("k{}", n % 8);
+        ids.push((c0.submit(req).await.expect("submit").into_inner().id, n));
+    }
+    let holder = fleet.holder().await;
+    let other = 1 - holder;
+    wait_until("some commands ran", T, || runs.lock().unwrap().len() >= 20).await;
+    // Paused well past its liveness (1 s): it cannot tell, and wakes up believing it holds the
+    // lease, with deliveries and writes in flight.
+    let pid = Pid::from_raw(fleet.gws[holder].pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + T;
+    while fleet.gws[other].metric("tether_gateway_command_leases", "") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no take-over while the holder was paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    let mut c = fleet.client(other).await;
+    for (id, n) in &ids {
+        let got = wait_final(&mut c, id, Duration::from_secs(120)).await;
+        assert_eq!(got.state(), CommandState::Succeeded, "{got:?}");
+        assert_eq!(got.result.unwrap().output, n.to_string().as_bytes());
+    }
+    let deadline = Instant::now() + T;
+    while fleet.gws[holder].metric("tether_gateway_command_leases", "") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the paused replica still believes it holds the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 300);
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "some command ran twice: {runs:?}"
+    );
+}

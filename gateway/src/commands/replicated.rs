@@ -32,6 +32,7 @@ use crate::cluster::Cluster;
 use crate::cluster::commands::{self as pg, Write, Written};
 use crate::cluster::events::{EventKind, FeedItem};
 use crate::cluster::lease::{self, Lease};
+use crate::cluster::replica::Liveness;
 use crate::tunnel::registry::RegistryEvent;
 
 /// Writer tasks: one agent's writes go through one of them, in order; agents spread over all.
@@ -222,14 +223,53 @@ impl Commands {
         }
     }
 
+    /// Drops the leases (all, or `only`'s) that PostgreSQL says another replica holds now.
+    async fn verify_leases(&self, r: &Replicated, only: Option<&str>) {
+        let agents: Vec<String> = match only {
+            Some(a) => vec![a.to_owned()],
+            None => r
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect(),
+        };
+        let me = r.cluster.replica.id().clone();
+        for agent in agents {
+            match lease::holder(&r.cluster.pool, &agent).await {
+                Ok(Some((holder, _))) if holder == me => {}
+                Ok(_) => {
+                    tracing::info!(%agent, "another replica holds this agent's command lease now; delivering its commands stops here");
+                    self.drop_agent(r, &agent);
+                }
+                // The first write will tell (it is fenced).
+                Err(e) => tracing::warn!(%agent, error = %e, "checking a command lease failed"),
+            }
+        }
+    }
+
     /// Reads the cluster feed and the registry: other replicas' Submits, Cancels and expiries,
     /// lease changes, and this replica's sessions coming and going.
     async fn follow(self: Arc<Self>, r: Arc<Replicated>) {
         let mut feed = r.cluster.feed.subscribe();
         let mut sessions = self.registry.feed();
+        let mut liveness = r.cluster.replica.watch();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                changed = liveness.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // Live again after a lapse (PostgreSQL unreachable, the process paused; the
+                    // lapse itself may not be seen, only that the liveness changed): other
+                    // replicas may have taken leases meanwhile.
+                    let live = *liveness.borrow_and_update() == Liveness::Live;
+                    if live {
+                        self.verify_leases(&r, None).await;
+                    }
+                }
                 ev = feed.recv() => match ev {
                     Ok(FeedItem::Event(ev)) => self.on_feed(&r, ev.kind, &ev.agent, &ev.body).await,
                     Ok(FeedItem::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -280,8 +320,11 @@ impl Commands {
                 };
                 self.on_command_event(r, cmd).await;
             }
+            // Taken by someone else while this replica believed it held it (it was paused or
+            // cut off longer than its liveness).
+            EventKind::Lease if r.holds(agent) => self.verify_leases(r, Some(agent)).await,
             // A lease was released or taken: if this replica has a session, it may take it.
-            EventKind::Lease if !r.holds(agent) => {
+            EventKind::Lease => {
                 if let Ok(id) = agent.parse()
                     && self.registry.last_session(&id).is_some()
                 {
