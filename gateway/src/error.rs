@@ -40,6 +40,13 @@ pub enum GatewayError {
         /// What the store said.
         source: crate::identity::db::IdentityDbError,
     },
+    /// The cluster's PostgreSQL (`store.dsn`) could not be used: a config error (exit 64)
+    /// when [`DbError::is_config`](crate::cluster::db::DbError::is_config).
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::db::DbError),
+    /// The identity state in PostgreSQL could not be read.
+    #[error(transparent)]
+    ClusterIdentity(#[from] crate::cluster::identity::IdentityPgError),
     /// `data_dir` is held by another gateway process.
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::LockError),
