@@ -102,8 +102,27 @@ async fn every_replica_lists_every_agent_with_its_replica_and_forgets_a_killed_o
     let pg = postgres();
     let mut gws = replicas(&pki, &pg, 3, "").await;
     let all: Vec<&GatewayProcess> = gws.iter().collect();
+    // A watch at r3 sees the sessions registered at every replica.
+    let mut watch = agents_client(&gws[2], &pki)
+        .await
+        .watch(tether_api::v1::WatchAgentsRequest::default())
+        .await
+        .expect("watch at r3")
+        .into_inner();
     let a = TestAgent::start(&agent_on(&pki, "acme/a", &all));
     let b = TestAgent::start(&agent_on(&pki, "globex/b", &all));
+    let mut watched = BTreeSet::new();
+    while watched.len() < 6 {
+        let ev = tokio::time::timeout(T, watch.message())
+            .await
+            .expect("six connects watched at r3 in time")
+            .expect("watch stream")
+            .expect("watch open");
+        let s = ev.session.expect("a session");
+        watched.insert((ev.agent, s.replica));
+    }
+    let replicas_watched: BTreeSet<&str> = watched.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(replicas_watched, BTreeSet::from(["r1", "r2", "r3"]), "{watched:?}");
     let three = strings(&["r1", "r2", "r3"]);
     for gw in &gws {
         for agent in ["acme/a", "globex/b"] {
