@@ -109,5 +109,8 @@ fn dev_replicas_three_answers_through_each_replica() {
     }
     // No PostgreSQL password in what it wrote for reference.
     let toml = std::fs::read_to_string(state.join("gateway-1.toml")).unwrap();
-    assert!(toml.contains("dsn = \"postgres://tether@127.0.0.1:"), "{toml}");
+    assert!(
+        toml.contains("dsn = \"postgres://tether@127.0.0.1:"),
+        "{toml}"
+    );
 }

@@ -23,8 +23,7 @@ use tether_api::v1::agents_client::AgentsClient;
 use tether_api::v1::callers_client::CallersClient;
 use tether_api::v1::enrollment_client::EnrollmentClient;
 use tether_api::v1::{
-    CreateTokenRequest, GetAgentRequest, ListAgentsRequest, RevokeAgentRequest,
-    RevokeCallerRequest,
+    CreateTokenRequest, GetAgentRequest, ListAgentsRequest, RevokeAgentRequest, RevokeCallerRequest,
 };
 use tether_e2e::*;
 use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
@@ -122,13 +121,19 @@ async fn every_replica_lists_every_agent_with_its_replica_and_forgets_a_killed_o
         watched.insert((ev.agent, s.replica));
     }
     let replicas_watched: BTreeSet<&str> = watched.iter().map(|(_, r)| r.as_str()).collect();
-    assert_eq!(replicas_watched, BTreeSet::from(["r1", "r2", "r3"]), "{watched:?}");
+    assert_eq!(
+        replicas_watched,
+        BTreeSet::from(["r1", "r2", "r3"]),
+        "{watched:?}"
+    );
     let three = strings(&["r1", "r2", "r3"]);
     for gw in &gws {
         for agent in ["acme/a", "globex/b"] {
-            eventually(&format!("{agent} on r1, r2, r3 as {}", gw.northbound), T, || async {
-                replicas_of(gw, &pki, agent).await == three
-            })
+            eventually(
+                &format!("{agent} on r1, r2, r3 as {}", gw.northbound),
+                T,
+                || async { replicas_of(gw, &pki, agent).await == three },
+            )
             .await;
         }
     }
@@ -247,7 +252,10 @@ async fn a_revocation_at_one_replica_closes_the_session_at_another_and_a_third_r
     // A caller revoked at r1 is refused at r2, its open connection there closed.
     let billing = pki.client("billing");
     let mut at_r2 = AgentsClient::new(r2.channel(&billing).await);
-    at_r2.list(ListAgentsRequest::default()).await.expect("billing before");
+    at_r2
+        .list(ListAgentsRequest::default())
+        .await
+        .expect("billing before");
     CallersClient::new(r1.channel(&pki.client("ops")).await)
         .revoke(RevokeCallerRequest {
             name: "billing".into(),
@@ -386,7 +394,10 @@ async fn postgres_stopped_every_replica_is_not_ready_with_the_reason_relays_on_a
         .await;
     }
     // Fenced for good measure (liveness 1.5 s): the reason says so.
-    eventually("fenced", T, || async { ready(&gws[0]).1.contains("fenced") }).await;
+    eventually("fenced", T, || async {
+        ready(&gws[0]).1.contains("fenced")
+    })
+    .await;
     let (_, body) = ready(&gws[0]);
     eprintln!("r1 while PostgreSQL is down: {body}");
     // Sync relaying through the sessions each replica holds goes on.

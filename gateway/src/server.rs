@@ -17,13 +17,13 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
+use crate::cluster::Cluster;
+use crate::cluster::identity::PgIdentity;
+use crate::cluster::replica::Liveness;
 use crate::commands::store::EmbeddedStore;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::cluster::Cluster;
-use crate::cluster::identity::PgIdentity;
-use crate::cluster::replica::Liveness;
 use crate::identity::callers::CallersApi;
 use crate::identity::db::IdentityDb;
 use crate::identity::endpoint::EnrollEndpoint;
@@ -292,16 +292,17 @@ impl State {
             .map_err(io(format!("data_dir {}", data_dir.display())))?;
         // One gateway per data_dir: a second one would find the stores locked, or worse.
         let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
-        let identity = match cluster {
-            Some(c) => IdentityStore::from(Arc::new(PgIdentity::open(c.pool.clone()).await?)),
-            // Revocations and enrollment tokens, beside the command store.
-            None => IdentityStore::from(Arc::new(IdentityDb::open(&data_dir).map_err(
-                |source| GatewayError::IdentityStore {
-                    data_dir: data_dir.clone(),
-                    source,
-                },
-            )?)),
-        };
+        let identity =
+            match cluster {
+                Some(c) => IdentityStore::from(Arc::new(PgIdentity::open(c.pool.clone()).await?)),
+                // Revocations and enrollment tokens, beside the command store.
+                None => IdentityStore::from(Arc::new(IdentityDb::open(&data_dir).map_err(
+                    |source| GatewayError::IdentityStore {
+                        data_dir: data_dir.clone(),
+                        source,
+                    },
+                )?)),
+            };
         Ok(State {
             data_dir,
             dir_lock,
@@ -612,7 +613,9 @@ fn cluster_readiness(
             Some(format!(
                 "fenced: this replica could not renew its liveness in PostgreSQL within \
                  cluster.liveness_timeout ({}); it delivers no commands until PostgreSQL is back",
-                store_error.as_deref().unwrap_or("no renewal succeeded in time")
+                store_error
+                    .as_deref()
+                    .unwrap_or("no renewal succeeded in time")
             ))
         } else {
             store_error
@@ -624,7 +627,12 @@ fn cluster_readiness(
             d.insert("live".into(), replica.is_live().into());
             d.insert(
                 "postgres".into(),
-                if store_error.is_some() { "unreachable" } else { "ok" }.into(),
+                if store_error.is_some() {
+                    "unreachable"
+                } else {
+                    "ok"
+                }
+                .into(),
             );
             if let Some(r) = &reason {
                 d.insert("reason".into(), r.clone().into());

@@ -95,7 +95,11 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// Keeps `tether_gateway_replicas` (replicas alive now) current and deletes the sessions of
 /// replicas long dead, until `shutdown`. Any live replica may collect; doing it twice is
 /// harmless.
-async fn housekeeping(replica: Arc<Replica>, liveness_timeout: Duration, shutdown: CancellationToken) {
+async fn housekeeping(
+    replica: Arc<Replica>,
+    liveness_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let after = COLLECT_AFTER.max(liveness_timeout * 10);
     loop {
         if replica.is_live() {
@@ -111,7 +115,10 @@ async fn housekeeping(replica: Arc<Replica>, liveness_timeout: Duration, shutdow
                 Ok(0) => {}
                 Ok(n) => {
                     record_store_latency("presence_collect", started.elapsed());
-                    tracing::info!(sessions = n, "deleted the sessions of replicas dead for long");
+                    tracing::info!(
+                        sessions = n,
+                        "deleted the sessions of replicas dead for long"
+                    );
                 }
                 Err(e) => tracing::debug!(error = %e, "collecting dead replicas' sessions failed"),
             }

@@ -33,8 +33,8 @@ use tonic::{Request, Response, Status};
 use tunnel_proto::SpiffeId;
 
 use crate::identity::db::IdentityDbError;
-use crate::identity::store::IdentityStore;
 use crate::identity::revocation::{MAX_REASON, from_ms, to_ms};
+use crate::identity::store::IdentityStore;
 use crate::northbound::listener::LiveConnections;
 use crate::tls::CertFacts;
 

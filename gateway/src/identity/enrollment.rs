@@ -40,10 +40,12 @@ use tunnel_proto::AgentId;
 use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
 use crate::identity::csr::{CsrError, check_csr};
-use crate::identity::db::{IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending};
-use crate::identity::store::IdentityStore;
+use crate::identity::db::{
+    IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
+};
 use crate::identity::pki::{Ca, LeafSpec, PkiError};
 use crate::identity::renewal::RENEW_EVERY;
+use crate::identity::store::IdentityStore;
 use tether_runtime::digest::sha256_hex;
 
 use crate::identity::revocation::{RevocationList, to_ms};

@@ -101,8 +101,10 @@ impl Follower {
     fn close_callers(&self) {
         let closed = close_refused(&self.identity.caller_revocations(), &self.callers);
         if !closed.is_empty() {
-            tracing::warn!(connections = closed.len(),
-                "northbound caller revoked (by another replica or this one): its connections here closed");
+            tracing::warn!(
+                connections = closed.len(),
+                "northbound caller revoked (by another replica or this one): its connections here closed"
+            );
         }
     }
 

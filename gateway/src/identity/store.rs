@@ -15,9 +15,7 @@ use tunnel_proto::AgentId;
 
 use crate::cluster::identity::PgIdentity;
 use crate::identity::callers::CallerRevocationList;
-use crate::identity::db::{
-    IdentityDb, IdentityDbError, RedeemError, TokenRecord, TooManyPending,
-};
+use crate::identity::db::{IdentityDb, IdentityDbError, RedeemError, TokenRecord, TooManyPending};
 use crate::identity::revocation::{AgentRevocation, RevocationList, RevokedCert};
 
 /// How long the renewal rate may wait for PostgreSQL before the replica's own memory decides
@@ -95,11 +93,9 @@ impl IdentityStore {
                     .await
                     .map_err(joined)?
             }
-            IdentityStore::Postgres(db) => Ok(crate::cluster::identity::knows_agent(
-                db.pool(),
-                &agent.to_string(),
-            )
-            .await?),
+            IdentityStore::Postgres(db) => {
+                Ok(crate::cluster::identity::knows_agent(db.pool(), &agent.to_string()).await?)
+            }
         }
     }
 
@@ -117,13 +113,12 @@ impl IdentityStore {
                     .await
                     .map_err(joined)?
             }
-            IdentityStore::Postgres(db) => Ok(crate::cluster::identity::put_token(
-                db.pool(),
-                &hash,
-                &record,
-                max_pending,
-            )
-            .await?),
+            IdentityStore::Postgres(db) => {
+                Ok(
+                    crate::cluster::identity::put_token(db.pool(), &hash, &record, max_pending)
+                        .await?,
+                )
+            }
         }
     }
 
@@ -147,13 +142,9 @@ impl IdentityStore {
                     .await
                     .map_err(joined)?
             }
-            IdentityStore::Postgres(db) => Ok(crate::cluster::identity::redeem_token(
-                db.pool(),
-                &hash,
-                now_ms,
-                issue,
-            )
-            .await?),
+            IdentityStore::Postgres(db) => {
+                Ok(crate::cluster::identity::redeem_token(db.pool(), &hash, now_ms, issue).await?)
+            }
         }
     }
 
@@ -199,7 +190,12 @@ impl IdentityStore {
     /// this replica's memory decides alone: the embedded store, or PostgreSQL not answering
     /// within half a second (renewal must not stall the session asking for it), or a runtime
     /// that cannot wait in place.
-    pub fn take_renewal(&self, agent: &AgentId, now_ms: i64, min_interval: Duration) -> Option<bool> {
+    pub fn take_renewal(
+        &self,
+        agent: &AgentId,
+        now_ms: i64,
+        min_interval: Duration,
+    ) -> Option<bool> {
         let IdentityStore::Postgres(db) = self else {
             return None;
         };

@@ -247,10 +247,7 @@ impl WatchFilter {
         let tenant = agent.split_once('/').map_or(agent, |(t, _)| t);
         self.caller.may_act_for(tenant)
             && (self.tenant.is_empty() || tenant == self.tenant)
-            && self
-                .agent
-                .as_ref()
-                .is_none_or(|a| a.to_string() == agent)
+            && self.agent.as_ref().is_none_or(|a| a.to_string() == agent)
     }
 }
 

@@ -271,7 +271,9 @@ async fn run_replicas(
     println!();
     print_agent(&agent);
     println!();
-    println!("Try:  ./target/debug/tetherctl agents get {AGENT}          # every session says its replica");
+    println!(
+        "Try:  ./target/debug/tetherctl agents get {AGENT}          # every session says its replica"
+    );
     println!(
         "      ./target/debug/tetherctl --dev-json {} agents watch   # at replica dev-2, while the agent moves",
         rel_path(&dir.join("dev-2.json"))
@@ -333,7 +335,10 @@ async fn check_replicas(
                     agent = Some(a);
                     break;
                 }
-                Ok(a) => format!("Agents/Get shows {} sessions of {AGENT}, not {n}", a.sessions.len()),
+                Ok(a) => format!(
+                    "Agents/Get shows {} sessions of {AGENT}, not {n}",
+                    a.sessions.len()
+                ),
                 Err(e) => e,
             };
             if tokio::time::Instant::now() > deadline {
