@@ -1196,6 +1196,15 @@ impl GatewayProcess {
     }
 }
 
+/// Config tables (to append with [`GatewayProcess::spawn_configured`]) that make a gateway
+/// process replica `id` of a cluster on the PostgreSQL at `dsn`: liveness renewed every 200 ms
+/// and expiring after 1.5 s, so tests see a dead replica go within seconds.
+pub fn replica_config(dsn: &str, id: &str) -> String {
+    format!(
+        "[store]\ndsn = \"{dsn}\"\nconnect_timeout = \"20s\"\n[cluster]\nreplica_id = \"{id}\"\nadvertise = \"127.0.0.1:7445\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1500ms\"\n"
+    )
+}
+
 impl AgentProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {

@@ -404,3 +404,54 @@ async fn out_of_file_descriptors_the_gateway_neither_spins_nor_floods_its_log_an
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_watches_beyond_the_per_caller_limit_are_resource_exhausted() {
+    use tether_api::v1::WatchAgentsRequest;
+    let pki = Pki::new();
+    let mut cfg = TestGateway::config(&pki);
+    cfg.limits.agent_watches_per_caller = 2;
+    let gw = TestGateway::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let mut billing = gw.client(&pki, "billing").await;
+    let first = billing
+        .watch(WatchAgentsRequest::default())
+        .await
+        .expect("first watch");
+    let _second = billing
+        .watch(WatchAgentsRequest::default())
+        .await
+        .expect("second watch");
+    let e = billing
+        .watch(WatchAgentsRequest::default())
+        .await
+        .expect_err("third watch");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("limits.agent_watches_per_caller") && e.message().contains("billing"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(rejections("agent_watches_per_caller"), 1.0);
+    // Per caller: another caller is not affected.
+    let mut ops = gw.client(&pki, "ops").await;
+    ops.watch(WatchAgentsRequest::default())
+        .await
+        .expect("another caller's watch");
+    // A watch that ends gives its slot back.
+    drop(first);
+    let deadline = Instant::now() + T;
+    let _third = loop {
+        match billing.watch(WatchAgentsRequest::default()).await {
+            Ok(w) => break w,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the ended watch's slot never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    gw.stop().await;
+}

@@ -39,6 +39,7 @@
 //! streams_per_agent = 1024    # relayed calls + TCP streams in flight to one agent
 //! pending_commands_per_agent = 10000 # commands not yet final, per agent
 //! command_watches_per_caller = 64 # Commands/Watch streams one caller holds open
+//! agent_watches_per_caller = 64 # Agents/Watch streams one caller holds open
 //! max_message_size = 4194304  # northbound gRPC messages (tether.v1.*), each way
 //! max_header_list_size = 16384 # northbound HTTP/2 request headers
 //! max_control_message = 65536 # a frame on an agent's control stream
@@ -117,6 +118,7 @@ pub const KEYS: Keys = &[
     "limits.streams_per_agent",
     "limits.pending_commands_per_agent",
     "limits.command_watches_per_caller",
+    "limits.agent_watches_per_caller",
     "limits.max_message_size",
     "limits.max_header_list_size",
     "limits.max_control_message",
@@ -470,6 +472,9 @@ pub struct LimitsConfig {
     /// `Commands/Watch` streams one northbound caller (a certificate's name or a token's
     /// subject) holds open at once; beyond it Watch is RESOURCE_EXHAUSTED.
     pub command_watches_per_caller: u32,
+    /// `Agents/Watch` streams one northbound caller holds open at once; beyond it Watch is
+    /// RESOURCE_EXHAUSTED.
+    pub agent_watches_per_caller: u32,
     /// Largest northbound gRPC message (`tether.v1.*` services), received or sent, in bytes;
     /// `Commands` allows at least `commands.max_payload`.
     pub max_message_size: u64,
@@ -526,6 +531,7 @@ impl Default for LimitsConfig {
             streams_per_agent: 1024,
             pending_commands_per_agent: 10_000,
             command_watches_per_caller: 64,
+            agent_watches_per_caller: 64,
             max_message_size: 4 << 20,
             max_header_list_size: 16 << 10,
             max_control_message: 64 << 10,
@@ -562,6 +568,11 @@ impl LimitsConfig {
         at_least(
             "limits.command_watches_per_caller",
             self.command_watches_per_caller.into(),
+            1,
+        )?;
+        at_least(
+            "limits.agent_watches_per_caller",
+            self.agent_watches_per_caller.into(),
             1,
         )?;
         at_least("limits.max_message_size", self.max_message_size, 1024)?;
@@ -1251,6 +1262,10 @@ mod tests {
             (
                 "command_watches_per_caller = 0",
                 "limits.command_watches_per_caller",
+            ),
+            (
+                "agent_watches_per_caller = 0",
+                "limits.agent_watches_per_caller",
             ),
             (
                 "pending_commands_per_agent = 0",

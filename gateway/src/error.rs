@@ -40,13 +40,16 @@ pub enum GatewayError {
         /// What the store said.
         source: crate::identity::db::IdentityDbError,
     },
+    /// The cluster's PostgreSQL (`store.dsn`) could not be used: a config error (exit 64)
+    /// when [`DbError::is_config`](crate::cluster::db::DbError::is_config).
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::db::DbError),
+    /// The identity state in PostgreSQL could not be read.
+    #[error(transparent)]
+    ClusterIdentity(#[from] crate::cluster::identity::IdentityPgError),
     /// `data_dir` is held by another gateway process.
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::LockError),
-    /// PostgreSQL (`store.dsn`) could not be used: unreachable, refused, or a schema newer than
-    /// this binary.
-    #[error("store: {0}")]
-    Cluster(#[from] crate::cluster::db::DbError),
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::identity::pki::PkiError),

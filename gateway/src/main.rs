@@ -42,7 +42,8 @@ enum Cmd {
     /// Certificates: a CA, the gateway's certificate, agent and control-plane client certificates.
     #[command(subcommand)]
     Pki(PkiCmd),
-    /// Run a gateway and a `dev/local` agent locally on embedded defaults (state in ./.tether).
+    /// Run a gateway and a `dev/local` agent locally on embedded defaults (state in ./.tether);
+    /// with --replicas N, N gateway replicas on a throwaway local PostgreSQL.
     Dev {
         /// State directory.
         #[arg(long, default_value = ".tether")]
@@ -56,6 +57,10 @@ enum Cmd {
         /// Bind free ports instead of the defaults (dev.json says which).
         #[arg(long)]
         any_port: bool,
+        /// Gateway replicas: 1 runs on the embedded store; more share a local PostgreSQL
+        /// started for the run (Debian's `postgresql` package must be installed).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+        replicas: u16,
         /// Log format.
         #[arg(long, default_value = "text")]
         log_format: LogFormat,
@@ -139,6 +144,7 @@ fn main() -> ExitCode {
             check,
             agent_bin,
             any_port,
+            replicas,
             log_format,
         } => {
             logging::init(log_format, "info");
@@ -150,6 +156,7 @@ fn main() -> ExitCode {
                         check,
                         agent_bin,
                         any_port,
+                        replicas: replicas.into(),
                     },
                     shutdown,
                 )
@@ -205,6 +212,7 @@ fn serve(
                 handle.wait().await;
                 ExitCode::SUCCESS
             }
+            // Also a DSN, password or database PostgreSQL refused: retrying cannot fix it.
             Err(e) if e.is_config() => {
                 eprintln!("tether-gateway: invalid config: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)

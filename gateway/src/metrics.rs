@@ -16,6 +16,8 @@ pub enum Limit {
     PendingCommandsPerAgent,
     /// `limits.command_watches_per_caller`: `Commands/Watch` streams of one caller.
     CommandWatchesPerCaller,
+    /// `limits.agent_watches_per_caller`: `Agents/Watch` streams of one caller.
+    AgentWatchesPerCaller,
     /// `limits.handshakes_per_second`: tunnel handshakes from one source address.
     HandshakeRate,
     /// QUIC handshakes in progress from one source address.
@@ -48,6 +50,7 @@ impl Limit {
             Limit::SessionsPerAgent => "sessions_per_agent",
             Limit::PendingCommandsPerAgent => "pending_commands_per_agent",
             Limit::CommandWatchesPerCaller => "command_watches_per_caller",
+            Limit::AgentWatchesPerCaller => "agent_watches_per_caller",
             Limit::HandshakeRate => "handshake_rate",
             Limit::HandshakesPerAddress => "handshakes_per_address",
             Limit::MessageSize => "message_size",

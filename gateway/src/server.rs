@@ -2,6 +2,11 @@
 //! tunnel listener, the northbound API and the ops endpoint, and runs the drain on shutdown:
 //! stop accepting → `GoAway` to every agent → wait up to `drain_timeout` for them to move →
 //! close what is left with `SHUTDOWN` → wait for QUIC to go idle.
+//!
+//! With `store.dsn` the gateway is one replica of several (see `cluster`): its identity state
+//! is in PostgreSQL, its sessions are recorded there (presence), it follows the other
+//! replicas' revocations, its `Agents` API answers for the whole fleet, and `/readyz` says
+//! whether it reaches PostgreSQL and is live. Those steps are the `cluster_*` functions below.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +18,8 @@ use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
+use crate::cluster::identity::PgIdentity;
+use crate::cluster::replica::Liveness;
 use crate::commands::store::EmbeddedStore;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
@@ -21,7 +28,9 @@ use crate::identity::callers::CallersApi;
 use crate::identity::db::IdentityDb;
 use crate::identity::endpoint::EnrollEndpoint;
 use crate::identity::enrollment::{ENROLL_ALPN, Enrollment, EnrollmentApi, signing_ca};
-use crate::northbound::agents::AgentsApi;
+use crate::identity::follow::Follower;
+use crate::identity::store::IdentityStore;
+use crate::northbound::agents::{AgentsApi, Fleet, session_proto};
 use crate::northbound::auth::{Authenticated, Authenticator};
 use crate::northbound::listener::{LiveConnections, MarkAuthenticated};
 use crate::relay::Relay;
@@ -117,6 +126,8 @@ pub struct GatewayHandle {
     pub ops_addr: SocketAddr,
     /// Durable commands.
     pub commands: Arc<Commands>,
+    /// This replica's place in the cluster (with `store.dsn`).
+    pub cluster: Option<Arc<Cluster>>,
     task: JoinHandle<()>,
 }
 
@@ -158,7 +169,10 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
-    let state = State::open(&cfg)?;
+    // Stopped last, once the sessions are gone (their ends are recorded).
+    let cluster_stop = CancellationToken::new();
+    let cluster = cluster_start(&cfg, cluster_stop.clone()).await?;
+    let state = State::open(&cfg, cluster.as_deref()).await?;
     let material = TlsMaterial::load(&cfg.tls)?;
     let tunnel_tls = tunnel::tls::tls_config(&cfg, &material, state.identity.revocations())?;
     let enrollment = Arc::new(Enrollment::new(
@@ -171,8 +185,12 @@ pub async fn start(
     let endpoint = tunnel::endpoint::quic_endpoint(&cfg, sockets.tunnel, server_config)
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
     let registry = Arc::new(Registry::default());
+    let live_callers = Arc::new(LiveConnections::default());
+    if let Some(c) = &cluster {
+        cluster_presence(c, &registry, cluster_stop.clone());
+        cluster_follow_identity(c, &state.identity, &registry, &live_callers, &cluster_stop);
+    }
     let commands_stop = CancellationToken::new();
-    let cluster = start_cluster(&cfg, commands_stop.clone()).await?;
     let commands = start_commands(
         &cfg,
         &state,
@@ -206,15 +224,23 @@ pub async fn start(
             commands: commands.clone(),
             identity: state.identity.clone(),
             enrollment,
+            fleet: cluster.as_ref().map(|c| Fleet {
+                pool: c.pool.clone(),
+                feed: c.feed.clone(),
+            }),
+            live_callers,
         },
         close_sessions.clone(),
     )?;
     let ops_stop = CancellationToken::new();
-    let ops_task = start_ops(sockets.ops, &registry, &stop_accepting, ops_stop.clone())?;
+    let readiness = cluster_readiness(&registry, &stop_accepting, cluster.as_deref());
+    let ops_task = start_ops(sockets.ops, readiness, ops_stop.clone())?;
 
     tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
         northbound = %northbound_addr, ops = %ops_addr,
-        trust_domain = %cfg.trust_domain, "gateway listening");
+        trust_domain = %cfg.trust_domain,
+        replica = cluster.as_ref().map(|c| c.replica.id().to_string()).unwrap_or_default(),
+        "gateway listening");
 
     let task = tokio::spawn(stop_on(
         shutdown,
@@ -229,6 +255,8 @@ pub async fn start(
             endpoint,
             ops_stop,
             ops_task,
+            cluster: cluster.clone(),
+            cluster_stop,
         },
     ));
     Ok(GatewayHandle {
@@ -237,24 +265,27 @@ pub async fn start(
         northbound_addr,
         ops_addr,
         commands,
+        cluster,
         task,
     })
 }
 
 // === The steps of start ===
 
-/// The gateway's durable state: its `data_dir`, held by this process, and the identity store.
+/// The gateway's durable state: its `data_dir`, held by this process, and the identity store
+/// (in `data_dir`, or the cluster's PostgreSQL).
 struct State {
     data_dir: PathBuf,
     /// Held until the gateway has stopped.
     dir_lock: crate::data_dir::DirLock,
-    identity: Arc<IdentityDb>,
+    identity: IdentityStore,
 }
 
 impl State {
     /// Prepares `data_dir` (private to the gateway's user before any store creates a file in
-    /// it), takes it for this process and opens the identity store.
-    fn open(cfg: &GatewayConfig) -> Result<State, GatewayError> {
+    /// it), takes it for this process and opens the identity store: the cluster's when there
+    /// is one, else `identity.redb`.
+    async fn open(cfg: &GatewayConfig, cluster: Option<&Cluster>) -> Result<State, GatewayError> {
         let data_dir = cfg.data_dir.clone().ok_or_else(|| {
             GatewayError::Config(tether_runtime::config::ConfigError::invalid(
                 "data_dir",
@@ -267,30 +298,23 @@ impl State {
             .map_err(io(format!("data_dir {}", data_dir.display())))?;
         // One gateway per data_dir: a second one would find the stores locked, or worse.
         let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
-        // Revocations and enrollment tokens, beside the command store.
         let identity =
-            IdentityDb::open(&data_dir).map_err(|source| GatewayError::IdentityStore {
-                data_dir: data_dir.clone(),
-                source,
-            })?;
+            match cluster {
+                Some(c) => IdentityStore::from(Arc::new(PgIdentity::open(c.pool.clone()).await?)),
+                // Revocations and enrollment tokens, beside the command store.
+                None => IdentityStore::from(Arc::new(IdentityDb::open(&data_dir).map_err(
+                    |source| GatewayError::IdentityStore {
+                        data_dir: data_dir.clone(),
+                        source,
+                    },
+                )?)),
+            };
         Ok(State {
             data_dir,
             dir_lock,
-            identity: Arc::new(identity),
+            identity,
         })
     }
-}
-
-/// With `store.dsn`: connects to PostgreSQL, migrates, and joins the replicas (see
-/// [`Cluster::start`]); its tasks stop with `stop`.
-async fn start_cluster(
-    cfg: &GatewayConfig,
-    stop: CancellationToken,
-) -> Result<Option<Arc<Cluster>>, GatewayError> {
-    if cfg.store.dsn.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(Cluster::start(&cfg.store, &cfg.cluster, stop).await?))
 }
 
 /// Starts the commands feature: on PostgreSQL with the other replicas when `cluster` is there,
@@ -329,7 +353,7 @@ struct Tunnel<'a> {
     tcp: Option<std::net::TcpListener>,
     tls: Arc<rustls::ServerConfig>,
     registry: Arc<Registry>,
-    identity: &'a Arc<IdentityDb>,
+    identity: &'a IdentityStore,
     enrollment: Arc<Enrollment>,
     enroll_endpoint: Arc<EnrollEndpoint>,
 }
@@ -390,8 +414,12 @@ fn start_tunnel(
 struct Features {
     registry: Arc<Registry>,
     commands: Arc<Commands>,
-    identity: Arc<IdentityDb>,
+    identity: IdentityStore,
     enrollment: Arc<Enrollment>,
+    /// The whole fleet, with replicas.
+    fleet: Option<Fleet>,
+    /// Open caller connections (closed when their caller is revoked).
+    live_callers: Arc<LiveConnections>,
 }
 
 /// Serves the northbound API (TLS with a client certificate, or a bearer token when `[auth]`
@@ -416,7 +444,7 @@ fn start_northbound(
         .map_err(io("northbound socket".into()))?;
     let listener =
         tokio::net::TcpListener::from_std(socket).map_err(io("northbound socket".into()))?;
-    let live_callers = Arc::new(LiveConnections::default());
+    let live_callers = f.live_callers.clone();
     let routes = northbound_routes(cfg, f, live_callers.clone(), close_sessions.clone());
     // Every request, the relay's included, is authenticated before it is routed; one that
     // gets through tells its connection so.
@@ -445,7 +473,12 @@ fn northbound_routes(
     live_callers: Arc<LiveConnections>,
     close_sessions: CancellationToken,
 ) -> tonic::service::Routes {
-    let api = AgentsApi::new(f.registry.clone(), close_sessions).with_identity(f.identity.clone());
+    let mut api = AgentsApi::new(f.registry.clone(), close_sessions)
+        .with_identity(f.identity.clone())
+        .with_watch_limit(cfg.limits.agent_watches_per_caller);
+    if let Some(fleet) = f.fleet {
+        api = api.with_fleet(fleet);
+    }
     let relay = Relay::with_stream_limit(f.registry, cfg.limits.streams_per_agent);
     let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
     let mut routes = tonic::service::Routes::builder();
@@ -473,27 +506,157 @@ fn northbound_routes(
     routes.prepare()
 }
 
-/// Serves ops HTTP (`/metrics`, `/healthz`, `/readyz`: ready until the gateway stops
-/// accepting) on `socket` until `stop`.
+/// Serves ops HTTP (`/metrics`, `/healthz`, `/readyz` as `readiness` says) on `socket` until
+/// `stop`.
 fn start_ops(
     socket: std::net::TcpListener,
-    registry: &Arc<Registry>,
-    stop_accepting: &CancellationToken,
+    readiness: ops::ReadinessFn,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, GatewayError> {
     socket
         .set_nonblocking(true)
         .map_err(io("ops socket".into()))?;
     let listener = tokio::net::TcpListener::from_std(socket).map_err(io("ops socket".into()))?;
+    Ok(tokio::spawn(ops::serve(listener, readiness, stop)))
+}
+
+// === Replicas (`store.dsn`) ===
+
+/// Joins the cluster when `store.dsn` is set: connects (retrying up to
+/// `store.connect_timeout`), migrates, registers this replica and starts its heartbeat, the
+/// feed reader and the presence writer, all stopped by `stop`. `None` on the embedded store.
+async fn cluster_start(
+    cfg: &GatewayConfig,
+    stop: CancellationToken,
+) -> Result<Option<Arc<Cluster>>, GatewayError> {
+    if cfg.store.dsn.is_none() {
+        return Ok(None);
+    }
+    let cluster = Cluster::start(&cfg.store, &cfg.cluster, stop).await?;
+    Ok(Some(cluster))
+}
+
+/// Records this replica's sessions in the cluster's presence as they register and end (in
+/// batches, nothing per heartbeat). When this replica comes back after its liveness expired
+/// (PostgreSQL unreachable for longer than `cluster.liveness_timeout`), its sessions were
+/// invisible to the fleet, and may have been collected since: they are written again.
+fn cluster_presence(cluster: &Arc<Cluster>, registry: &Arc<Registry>, stop: CancellationToken) {
+    let presence = cluster.presence.clone();
+    registry.set_observer(Arc::new(move |ev| match ev {
+        crate::tunnel::registry::RegistryEvent::Connected(s) => presence.up(session_proto(s)),
+        crate::tunnel::registry::RegistryEvent::Disconnected {
+            session, reason, ..
+        } => presence.down(session_proto(session), reason.clone()),
+    }));
+    let (presence, registry) = (cluster.presence.clone(), registry.clone());
+    let mut liveness = cluster.replica.watch();
+    tokio::spawn(async move {
+        let mut was_live = true;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = liveness.changed() => if r.is_err() { return },
+            }
+            let live = *liveness.borrow_and_update() == Liveness::Live;
+            if live && !was_live {
+                let sessions = registry.sessions();
+                tracing::info!(
+                    sessions = sessions.len(),
+                    "live again: recording this replica's sessions in the cluster again"
+                );
+                for s in &sessions {
+                    presence.up(session_proto(s));
+                }
+            }
+            was_live = live;
+        }
+    });
+}
+
+/// Applies the revocations every replica makes (read from the cluster feed) to this
+/// replica's lists, sessions and caller connections, until `stop`.
+fn cluster_follow_identity(
+    cluster: &Arc<Cluster>,
+    identity: &IdentityStore,
+    registry: &Arc<Registry>,
+    live_callers: &Arc<LiveConnections>,
+    stop: &CancellationToken,
+) {
+    let IdentityStore::Postgres(pg) = identity else {
+        return;
+    };
+    let follower = Follower {
+        identity: pg.clone(),
+        registry: registry.clone(),
+        callers: live_callers.clone(),
+    };
+    tokio::spawn(follower.run(cluster.feed.clone(), stop.clone()));
+}
+
+/// What `/readyz` answers: ready until the gateway stops accepting; with replicas, also only
+/// while this replica reaches PostgreSQL, is live (not fenced) and not draining, with the
+/// reason when not.
+fn cluster_readiness(
+    registry: &Arc<Registry>,
+    stop_accepting: &CancellationToken,
+    cluster: Option<&Cluster>,
+) -> ops::ReadinessFn {
     let (registry, draining) = (registry.clone(), stop_accepting.clone());
-    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
-        ready: !draining.is_cancelled(),
-        detail: serde_json::json!({
+    let replica = cluster.map(|c| c.replica.clone());
+    Arc::new(move || {
+        let mut detail = serde_json::json!({
             "draining": draining.is_cancelled(),
             "sessions": registry.session_count(),
-        }),
-    });
-    Ok(tokio::spawn(ops::serve(listener, readiness, stop)))
+        });
+        let Some(replica) = &replica else {
+            return Readiness {
+                ready: !draining.is_cancelled(),
+                detail,
+            };
+        };
+        let store_error = replica.store_error();
+        let reason = if draining.is_cancelled() || replica.is_draining() {
+            Some("draining: this replica is shutting down".to_owned())
+        } else if replica.liveness() == Liveness::Superseded {
+            Some(
+                "superseded: another gateway process registered the same cluster.replica_id; \
+                 give every replica its own"
+                    .to_owned(),
+            )
+        } else if !replica.is_live() {
+            Some(format!(
+                "fenced: this replica could not renew its liveness in PostgreSQL within \
+                 cluster.liveness_timeout ({}); it delivers no commands until PostgreSQL is back",
+                store_error
+                    .as_deref()
+                    .unwrap_or("no renewal succeeded in time")
+            ))
+        } else {
+            store_error
+                .as_ref()
+                .map(|e| format!("PostgreSQL unreachable: {e}"))
+        };
+        if let Some(d) = detail.as_object_mut() {
+            d.insert("replica".into(), replica.id().to_string().into());
+            d.insert("live".into(), replica.is_live().into());
+            d.insert(
+                "postgres".into(),
+                if store_error.is_some() {
+                    "unreachable"
+                } else {
+                    "ok"
+                }
+                .into(),
+            );
+            if let Some(r) = &reason {
+                d.insert("reason".into(), r.clone().into());
+            }
+        }
+        Readiness {
+            ready: reason.is_none(),
+            detail,
+        }
+    })
 }
 
 /// What a running gateway stops, in order.
@@ -509,6 +672,9 @@ struct Running {
     endpoint: quinn::Endpoint,
     ops_stop: CancellationToken,
     ops_task: JoinHandle<()>,
+    /// This replica, with `store.dsn`: marked draining first, stopped last.
+    cluster: Option<Arc<Cluster>>,
+    cluster_stop: CancellationToken,
 }
 
 /// Waits for `shutdown`, then: stop accepting → `GoAway` to every agent → wait up to
@@ -518,6 +684,14 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
     let _dir_lock = r.dir_lock;
     shutdown.cancelled().await;
     r.stop_accepting.cancel();
+    if let Some(c) = &r.cluster {
+        // Peers stop choosing this replica; PostgreSQL may be gone, so bounded.
+        match tokio::time::timeout(Duration::from_secs(2), c.replica.set_draining()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not mark this replica draining"),
+            Err(_) => tracing::warn!("marking this replica draining timed out"),
+        }
+    }
     drain(&r.registry, r.drain_timeout).await;
     r.commands_stop.cancel();
     r.close_sessions.cancel();
@@ -534,6 +708,7 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
     }
     r.ops_stop.cancel();
     let _ = r.ops_task.await;
+    r.cluster_stop.cancel();
     tracing::info!("gateway stopped");
 }
 

@@ -8,6 +8,8 @@
 //! replicas. A revocation appends an event to the cluster feed in its transaction: every
 //! replica then reloads that agent's record into its in-memory list and closes its sessions.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
@@ -15,11 +17,12 @@ use sqlx::postgres::PgPool;
 use tunnel_proto::AgentId;
 
 use super::events::{self, EventKind};
-use crate::identity::callers::{CallerRevocation, RevokedCallerCert};
+use crate::identity::callers::{CallerRevocation, CallerRevocationList, RevokedCallerCert};
 use crate::identity::db::{
-    ENDED_TOKENS_KEPT, RedeemError, TokenRecord, TokenRefusal, TokenState, TooManyPending,
+    ENDED_TOKENS_KEPT, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TokenState,
+    TooManyPending,
 };
-use crate::identity::revocation::{AgentRevocation, RevokedCert};
+use crate::identity::revocation::{AgentRevocation, RevocationList, RevokedCert};
 
 /// How long token records are kept after they expire (for a clear "already used" or
 /// "expired" answer), as in the embedded store.
@@ -42,6 +45,115 @@ pub enum IdentityPgError {
         /// What the decoder said.
         detail: String,
     },
+}
+
+impl From<IdentityPgError> for IdentityDbError {
+    fn from(e: IdentityPgError) -> Self {
+        match e {
+            IdentityPgError::Store(e) => IdentityDbError::Backend(format!("PostgreSQL: {e}")),
+            IdentityPgError::Corrupt { key, detail } => IdentityDbError::Corrupt { key, detail },
+        }
+    }
+}
+
+/// The identity state on PostgreSQL, with this replica's in-memory revocation lists (the TLS
+/// verifier and the northbound authentication read those on every handshake and call). A
+/// revocation made here updates them after its commit; one made by another replica reaches
+/// them through the cluster feed (`identity::follow`).
+#[derive(Debug)]
+pub struct PgIdentity {
+    pool: PgPool,
+    revocations: Arc<RevocationList>,
+    callers: Arc<CallerRevocationList>,
+}
+
+impl PgIdentity {
+    /// Loads every revocation into new lists.
+    pub async fn open(pool: PgPool) -> Result<PgIdentity, IdentityPgError> {
+        let me = PgIdentity {
+            pool,
+            revocations: Arc::default(),
+            callers: Arc::default(),
+        };
+        me.reload().await?;
+        Ok(me)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The agents' revocation list in memory.
+    pub fn revocations(&self) -> Arc<RevocationList> {
+        self.revocations.clone()
+    }
+
+    /// The callers' revocation list in memory.
+    pub fn caller_revocations(&self) -> Arc<CallerRevocationList> {
+        self.callers.clone()
+    }
+
+    /// Reads every revocation again into the lists (revocations are never lifted, so adding
+    /// is enough): after the feed could not be followed.
+    pub async fn reload(&self) -> Result<(), IdentityPgError> {
+        let all = load(&self.pool).await?;
+        for (agent, r) in all.agents {
+            self.revocations.insert(agent, r);
+        }
+        for (fp, agent) in all.certs {
+            self.revocations.insert_cert(fp, agent);
+        }
+        for (name, r) in all.callers {
+            self.callers.insert_name(name, r);
+        }
+        for (fp, r) in all.caller_certs {
+            self.callers.insert_cert(fp, r);
+        }
+        Ok(())
+    }
+
+    /// Puts `agent`'s revocation `r` (as stored) into the list.
+    pub fn apply_revocation(&self, agent: &AgentId, r: AgentRevocation) {
+        for c in &r.certificates {
+            self.revocations
+                .insert_cert(c.fingerprint.clone(), agent.clone());
+        }
+        self.revocations.insert(agent.clone(), r);
+    }
+
+    /// [`revoke`], then the list updated.
+    pub async fn revoke(
+        &self,
+        agent: &AgentId,
+        reason: &str,
+        certs: Vec<RevokedCert>,
+        now_ms: i64,
+    ) -> Result<(AgentRevocation, u32), IdentityPgError> {
+        let (record, n) = revoke(&self.pool, agent, reason, certs, now_ms).await?;
+        self.apply_revocation(agent, record.clone());
+        Ok((record, n))
+    }
+
+    /// [`revoke_caller`], then the list updated.
+    pub async fn revoke_caller(
+        &self,
+        name: Option<&str>,
+        fingerprint: Option<&str>,
+        reason: &str,
+        revoked_by: &str,
+        now_ms: i64,
+    ) -> Result<(), IdentityPgError> {
+        let (by_name, by_cert) =
+            revoke_caller(&self.pool, name, fingerprint, reason, revoked_by, now_ms).await?;
+        if let (Some(n), Some(r)) = (name, by_name) {
+            self.callers.insert_name(n.to_owned(), r);
+        }
+        if let (Some(f), Some(r)) = (fingerprint, by_cert) {
+            self.callers.insert_cert(f.to_owned(), r);
+        }
+        Ok(())
+    }
 }
 
 fn decode<T: DeserializeOwned>(key: &str, json: &str) -> Result<T, IdentityPgError> {
@@ -191,11 +303,13 @@ pub async fn revoke(
     Ok((record, invalidated))
 }
 
-/// True when the store has anything on `agent`: a revocation or an enrollment token.
+/// True when the cluster has anything on `agent`: a revocation, an enrollment token, or a
+/// session on any replica, ever (`agents`).
 pub async fn knows_agent(pool: &PgPool, agent: &str) -> Result<bool, IdentityPgError> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM revoked_agents WHERE agent = $1)
-             OR EXISTS (SELECT 1 FROM enrollment_tokens WHERE agent = $1)",
+             OR EXISTS (SELECT 1 FROM enrollment_tokens WHERE agent = $1)
+             OR EXISTS (SELECT 1 FROM agents WHERE agent = $1)",
     )
     .bind(agent)
     .fetch_one(pool)

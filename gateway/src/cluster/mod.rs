@@ -70,13 +70,63 @@ impl Cluster {
         .await?;
         tokio::spawn(replica.clone().run(shutdown.clone()));
         let feed = EventFeed::start(pool.clone(), shutdown.clone()).await?;
-        let presence = Presence::start(replica.clone(), feed.clone(), shutdown);
+        let presence = Presence::start(replica.clone(), feed.clone(), shutdown.clone());
+        tokio::spawn(housekeeping(
+            replica.clone(),
+            cluster.liveness_timeout,
+            shutdown,
+        ));
         Ok(Arc::new(Cluster {
             pool,
             replica,
             feed,
             presence,
         }))
+    }
+}
+
+/// Sessions of a dead replica are ignored at once and deleted this long after it died (or
+/// ten liveness timeouts, if longer); a replica cut off for longer writes its sessions again
+/// when it is back (see `server`).
+const COLLECT_AFTER: Duration = Duration::from_secs(60);
+/// How often the replica count is refreshed and dead replicas' sessions collected.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps `tether_gateway_replicas` (replicas alive now) current and deletes the sessions of
+/// replicas long dead, until `shutdown`. Any live replica may collect; doing it twice is
+/// harmless.
+async fn housekeeping(
+    replica: Arc<Replica>,
+    liveness_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let after = COLLECT_AFTER.max(liveness_timeout * 10);
+    loop {
+        if replica.is_live() {
+            match replica::replicas(replica.pool()).await {
+                Ok(rows) => {
+                    let alive = rows.iter().filter(|r| r.alive).count();
+                    metrics::gauge!("tether_gateway_replicas").set(alive as f64);
+                }
+                Err(e) => tracing::debug!(error = %e, "counting live replicas failed"),
+            }
+            let started = std::time::Instant::now();
+            match presence::collect_dead(replica.pool(), after).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    record_store_latency("presence_collect", started.elapsed());
+                    tracing::info!(
+                        sessions = n,
+                        "deleted the sessions of replicas dead for long"
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "collecting dead replicas' sessions failed"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
     }
 }
 

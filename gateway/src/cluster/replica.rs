@@ -81,6 +81,8 @@ pub struct Replica {
     liveness: watch::Sender<Liveness>,
     /// When the last successful renewal was sent (local monotonic clock).
     renewed: std::sync::Mutex<Instant>,
+    /// Why the last renewal failed, until one succeeds.
+    failing: std::sync::Mutex<Option<String>>,
     draining: AtomicBool,
 }
 
@@ -128,6 +130,7 @@ impl Replica {
             timeout,
             liveness: watch::channel(Liveness::Live).0,
             renewed: std::sync::Mutex::new(sent),
+            failing: std::sync::Mutex::new(None),
             draining: AtomicBool::new(false),
         }))
     }
@@ -155,6 +158,19 @@ impl Replica {
     /// The current liveness.
     pub fn liveness(&self) -> Liveness {
         self.liveness.borrow().clone()
+    }
+
+    /// Why PostgreSQL could not be reached at the last renewal, until a renewal succeeds
+    /// again (sooner than the liveness expires: for `/readyz`).
+    pub fn store_error(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_failing(&self, why: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     fn deadline_passed(&self, now: Instant) -> bool {
@@ -261,16 +277,23 @@ impl Replica {
             // A renewal may take at most what is left of the liveness window.
             let budget = self.timeout.max(Duration::from_millis(100));
             match tokio::time::timeout(budget, self.renew()).await {
-                Ok(Ok(true)) => self.set(Liveness::Live),
+                Ok(Ok(true)) => {
+                    self.set_failing(None);
+                    self.set(Liveness::Live)
+                }
                 Ok(Ok(false)) => self.set(Liveness::Superseded),
                 Ok(Err(e)) => {
                     last_error = e.to_string();
+                    self.set_failing(Some(last_error.clone()));
                     if warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(replica = %self.id, error = %e, "liveness renewal failed");
                         warned_at = Some(Instant::now());
                     }
                 }
-                Err(_) => last_error = format!("a renewal took longer than {budget:?}"),
+                Err(_) => {
+                    last_error = format!("a renewal took longer than {budget:?}");
+                    self.set_failing(Some(last_error.clone()));
+                }
             }
         }
         let _ = sqlx::query(

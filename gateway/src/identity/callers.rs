@@ -11,7 +11,8 @@
 //! - by **certificate fingerprint** (SHA-256 of the DER): exactly that certificate, whatever its
 //!   dates.
 //!
-//! Revoking persists first (`identity.redb`, fsync'd), then updates this list (from then on
+//! Revoking persists first (the identity store: `identity.redb`, fsync'd, or PostgreSQL with
+//! replicas, whose feed tells every other replica to do the same), then updates this list (from then on
 //! every call with such a certificate is `UNAUTHENTICATED`), then closes the open northbound
 //! connections that presented one. The northbound TLS has no session resumption, so a new
 //! connection always goes through the certificate checks.
@@ -31,8 +32,9 @@ use tether_api::v1::callers_server::{Callers, CallersServer};
 use tonic::{Request, Response, Status};
 use tunnel_proto::SpiffeId;
 
-use crate::identity::db::{IdentityDb, IdentityDbError};
+use crate::identity::db::IdentityDbError;
 use crate::identity::revocation::{MAX_REASON, from_ms, to_ms};
+use crate::identity::store::IdentityStore;
 use crate::northbound::listener::LiveConnections;
 use crate::tls::CertFacts;
 
@@ -66,7 +68,8 @@ struct Index {
     certs: HashMap<String, RevokedCallerCert>,
 }
 
-/// The revoked callers in memory; see the module docs. Filled and updated by [`IdentityDb`].
+/// The revoked callers in memory; see the module docs. Filled and updated by the
+/// [`IdentityStore`].
 #[derive(Default)]
 pub struct CallerRevocationList {
     index: RwLock<Index>,
@@ -193,14 +196,17 @@ pub enum CallerRevokeError {
 /// `tether.v1.Callers`.
 #[derive(Debug, Clone)]
 pub struct CallersApi {
-    db: Arc<IdentityDb>,
+    db: IdentityStore,
     live: Arc<LiveConnections>,
 }
 
 impl CallersApi {
     /// Revocations stored in `db`; connections to close from `live`.
-    pub fn new(db: Arc<IdentityDb>, live: Arc<LiveConnections>) -> Self {
-        CallersApi { db, live }
+    pub fn new(db: impl Into<IdentityStore>, live: Arc<LiveConnections>) -> Self {
+        CallersApi {
+            db: db.into(),
+            live,
+        }
     }
 
     /// The tonic service (callers are authenticated by `auth::Authenticated` around it).
@@ -264,7 +270,7 @@ pub struct CallerRevoked {
 /// Revokes caller `name` (may be empty) and/or the certificate `fingerprint` (may be empty),
 /// then closes the open northbound connections whose certificate is now refused.
 pub async fn revoke(
-    db: &Arc<IdentityDb>,
+    db: &IdentityStore,
     live: &LiveConnections,
     name: &str,
     fingerprint: &str,
@@ -290,28 +296,16 @@ pub async fn revoke(
         Some(normalize_fingerprint(fingerprint).map_err(CallerRevokeError::Invalid)?)
     };
     let now_ms = to_ms(SystemTime::now());
-    {
-        let (db, name, fp, reason, by) = (
-            db.clone(),
-            (!name.is_empty()).then(|| name.to_owned()),
-            fingerprint.clone(),
-            reason.to_owned(),
-            revoked_by.to_owned(),
-        );
-        tokio::task::spawn_blocking(move || {
-            db.revoke_caller(name.as_deref(), fp.as_deref(), &reason, &by, now_ms)
-        })
-        .await
-        .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
-    }
+    db.revoke_caller(
+        (!name.is_empty()).then(|| name.to_owned()),
+        fingerprint.clone(),
+        reason.to_owned(),
+        revoked_by.to_owned(),
+        now_ms,
+    )
+    .await?;
     // From here on every call with such a certificate is refused; close what is open.
-    let list = db.caller_revocations();
-    let closed: Vec<String> = live
-        .close_matching(|certs| certs.first().is_some_and(|c| list.refusal_of(c).is_some()))
-        .iter()
-        .filter_map(|certs| certs.0.first())
-        .map(|c| tether_runtime::digest::sha256_hex(c.as_ref()))
-        .collect();
+    let closed = close_refused(&db.caller_revocations(), live);
     tracing::warn!(caller = name, fingerprint = ?fingerprint, reason, revoked_by,
         connections_closed = closed.len(), "northbound caller revoked");
     metrics::counter!("tether_gateway_caller_revocations_total").increment(1);
@@ -320,6 +314,16 @@ pub async fn revoke(
         revoked_at_ms: now_ms,
         closed,
     })
+}
+
+/// Closes the open northbound connections whose certificate `list` refuses; returns their
+/// certificates' fingerprints.
+pub fn close_refused(list: &CallerRevocationList, live: &LiveConnections) -> Vec<String> {
+    live.close_matching(|certs| certs.first().is_some_and(|c| list.refusal_of(c).is_some()))
+        .iter()
+        .filter_map(|certs| certs.0.first())
+        .map(|c| tether_runtime::digest::sha256_hex(c.as_ref()))
+        .collect()
 }
 
 #[cfg(test)]

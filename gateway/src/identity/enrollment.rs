@@ -2,7 +2,7 @@
 //!
 //! - `CreateToken` (northbound, control-plane callers): a random 256-bit token for one agent
 //!   identity, returned once; the gateway stores only its SHA-256 with the identity, expiry and
-//!   state ([`IdentityDb`]).
+//!   state ([`IdentityStore`]).
 //! - `Enroll` (agent-facing): served on the tunnel's **TCP port**, the one egress rule the
 //!   customer already has, to connections whose ClientHello offers ALPN `tether-enroll/1`
 //!   ([`ENROLL_ALPN`]; the tunnel's accept loop picks the TLS config from the ClientHello). That
@@ -41,10 +41,11 @@ use crate::config::{EnrollmentConfig, GatewayConfig};
 use crate::error::GatewayError;
 use crate::identity::csr::{CsrError, check_csr};
 use crate::identity::db::{
-    IdentityDb, IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
+    IdentityDbError, RedeemError, TokenRecord, TokenRefusal, TooManyPending,
 };
 use crate::identity::pki::{Ca, LeafSpec, PkiError};
 use crate::identity::renewal::RENEW_EVERY;
+use crate::identity::store::IdentityStore;
 use tether_runtime::digest::sha256_hex;
 
 use crate::identity::revocation::{RevocationList, to_ms};
@@ -144,7 +145,7 @@ impl EnrollError {
 
 /// Tokens and issuance; shared by both faces of the service.
 pub struct Enrollment {
-    pub(super) db: Arc<IdentityDb>,
+    pub(super) db: IdentityStore,
     pub(super) revocations: Arc<RevocationList>,
     pub(super) ca: Option<Ca>,
     pub(super) cfg: EnrollmentConfig,
@@ -174,8 +175,9 @@ impl Enrollment {
     pub fn new(
         cfg: &GatewayConfig,
         ca_bundle: &str,
-        db: Arc<IdentityDb>,
+        db: impl Into<IdentityStore>,
     ) -> Result<Enrollment, GatewayError> {
+        let db = db.into();
         let ca = signing_ca(cfg, ca_bundle)?;
         let bundle = ca_bundle.to_owned();
         Ok(Enrollment {
@@ -233,14 +235,10 @@ impl Enrollment {
             created_by: created_by.to_owned(),
             certificate: None,
         };
-        let (db, hash, max) = (
-            self.db.clone(),
-            sha256_hex(token.as_bytes()),
-            self.max_pending,
-        );
-        let stored = tokio::task::spawn_blocking(move || db.put_token(&hash, &record, max))
-            .await
-            .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+        let stored = self
+            .db
+            .put_token(sha256_hex(token.as_bytes()), record, self.max_pending)
+            .await?;
         if let Err(e) = stored {
             count_rejection(Limit::PendingTokensPerAgent);
             return Err(e.into());
@@ -296,9 +294,10 @@ impl Enrollment {
         }
         let hash = sha256_hex(token.as_bytes());
         let (this, csr) = (self.clone(), csr_pem.to_owned());
-        let redeemed = tokio::task::spawn_blocking(move || {
-            let now = SystemTime::now();
-            this.db.redeem_token(&hash, to_ms(now), |record| {
+        let now = SystemTime::now();
+        let redeemed = self
+            .db
+            .redeem_token(hash, to_ms(now), move |record| {
                 let id: AgentId = record.agent.parse().map_err(|e| {
                     EnrollError::Store(IdentityDbError::Corrupt {
                         key: "token".into(),
@@ -310,9 +309,7 @@ impl Enrollment {
                     .map_err(|e| EnrollError::Issue(e.to_string()))?;
                 Ok::<_, EnrollError>(((pem, not_after), sha256_hex(der.as_ref())))
             })
-        })
-        .await
-        .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
+            .await?;
         let (record, (certificate_pem, not_after)) = match redeemed {
             Ok(r) => r,
             Err(RedeemError::Refused(r)) => return Err(r.into()),

@@ -84,12 +84,19 @@ impl Enrollment {
             return Err(EnrollError::Expired(at.to_string()));
         }
         let key = self.check(agent, csr_pem)?;
+        // With replicas, PostgreSQL decides across all of them (one row per agent, taken
+        // atomically); this replica's memory decides when it alone can.
+        let cluster = self.db.take_renewal(agent, to_ms(now), RENEW_EVERY);
+        if cluster == Some(false) {
+            return Err(EnrollError::TooSoon(agent.clone()));
+        }
         // Held while signing, so that two sessions of one agent cannot both pass.
         let mut renewed = self.renewed.lock().expect("renewal times");
         let started = Instant::now();
-        if renewed
-            .get(agent)
-            .is_some_and(|t| started.duration_since(*t) < RENEW_EVERY)
+        if cluster.is_none()
+            && renewed
+                .get(agent)
+                .is_some_and(|t| started.duration_since(*t) < RENEW_EVERY)
         {
             return Err(EnrollError::TooSoon(agent.clone()));
         }

@@ -9,12 +9,15 @@
 //! - by **certificate fingerprint** (SHA-256 of the DER): the certificates the agent's live
 //!   sessions presented, refused whatever their dates.
 //!
-//! Revoking persists first ([`IdentityDb`], fsync'd), then updates this list, then closes the
+//! Revoking persists first ([`IdentityStore`]: fsync'd, or committed in PostgreSQL), then
+//! updates this list, then closes the
 //! agent's live sessions with `REVOKED` (forcing the connection closed if a session has not
 //! gone within half a second). A session whose handshake passed the verifier just before the
 //! list changed registers and is then caught by the session driver, which checks the list again
 //! once the session is registered: no session of a revoked certificate outlives the call by
-//! more than about a second.
+//! more than about a second. With replicas, every other replica learns of the revocation from
+//! the cluster feed (within a quarter of a second, or at once when notified) and does the same
+//! to the sessions it holds (`identity::follow`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,9 +26,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tunnel_proto::{AgentId, ErrorCode};
 
-use crate::identity::db::{IdentityDb, IdentityDbError};
+use crate::identity::db::IdentityDbError;
+use crate::identity::store::IdentityStore;
 use crate::tls::CertFacts;
-use crate::tunnel::registry::{Registry, SessionCommand};
+use crate::tunnel::registry::{Registry, SessionCommand, SessionInfo};
 
 /// Longest reason a revocation may carry (it travels in the session's close frame).
 pub const MAX_REASON: usize = 256;
@@ -66,7 +70,8 @@ struct Index {
     certs: HashMap<String, AgentId>,
 }
 
-/// The revocation list in memory; see the module docs. Filled and updated by [`IdentityDb`].
+/// The revocation list in memory; see the module docs. Filled and updated by the
+/// [`IdentityStore`].
 #[derive(Default)]
 pub struct RevocationList {
     index: RwLock<Index>,
@@ -193,7 +198,7 @@ pub struct Revoked {
 /// at most).
 pub async fn revoke(
     registry: &Registry,
-    db: &Arc<IdentityDb>,
+    db: &IdentityStore,
     agent: &AgentId,
     reason: &str,
 ) -> Result<Revoked, RevokeError> {
@@ -202,14 +207,8 @@ pub async fn revoke(
     }
     let started = Instant::now();
     let seen = registry.get(agent);
-    if seen.is_none() {
-        let (db2, id) = (db.clone(), agent.clone());
-        let known = tokio::task::spawn_blocking(move || db2.knows_agent(&id))
-            .await
-            .map_err(|e| IdentityDbError::Backend(e.to_string()))??;
-        if !known {
-            return Err(RevokeError::UnknownAgent(agent.clone()));
-        }
+    if seen.is_none() && !db.knows_agent(agent).await? {
+        return Err(RevokeError::UnknownAgent(agent.clone()));
     }
     let live = seen.map(|a| a.sessions).unwrap_or_default();
     let mut certificates: Vec<RevokedCert> = Vec::new();
@@ -226,29 +225,46 @@ pub async fn revoke(
         }
     }
     let now_ms = to_ms(SystemTime::now());
-    let (record, tokens_invalidated) = {
-        let (db, id, reason, certs) = (
-            db.clone(),
-            agent.clone(),
-            reason.to_owned(),
-            certificates.clone(),
-        );
-        tokio::task::spawn_blocking(move || db.revoke(&id, &reason, certs, now_ms))
-            .await
-            .map_err(|e| IdentityDbError::Backend(e.to_string()))??
-    };
+    let (record, tokens_invalidated) = db
+        .revoke(agent, reason, certificates.clone(), now_ms)
+        .await?;
     // From here on the verifier refuses the agent's certificates; close what is live now (a
     // session registering after this look is closed by its own driver's check).
-    let close_reason = if reason.is_empty() {
+    let sessions = registry.get(agent).map(|a| a.sessions).unwrap_or_default();
+    close_sessions(registry, agent, &sessions, &close_reason(reason)).await;
+    metrics::counter!("tether_gateway_revocations_total").increment(1);
+    tracing::warn!(%agent, reason, sessions_closed = sessions.len(), tokens_invalidated,
+        certificates = certificates.len(), elapsed = ?started.elapsed(), "agent revoked");
+    Ok(Revoked {
+        record,
+        sessions_closed: sessions.len() as u32,
+        certificates,
+        tokens_invalidated,
+    })
+}
+
+/// What a revoked session is told.
+pub fn close_reason(reason: &str) -> String {
+    if reason.is_empty() {
         "agent revoked".to_owned()
     } else {
         format!("agent revoked: {reason}")
-    };
-    let sessions = registry.get(agent).map(|a| a.sessions).unwrap_or_default();
-    for s in &sessions {
+    }
+}
+
+/// Closes `sessions` of `agent` with `REVOKED` and waits for them to leave the registry,
+/// forcing the connection closed under a session that has not left within [`CLOSE_GRACE`]
+/// (a driver stuck writing to a peer that does not read).
+pub async fn close_sessions(
+    registry: &Registry,
+    agent: &AgentId,
+    sessions: &[Arc<SessionInfo>],
+    close_reason: &str,
+) {
+    for s in sessions {
         s.command(SessionCommand::Close(
             ErrorCode::REVOKED,
-            close_reason.clone(),
+            close_reason.to_owned(),
         ));
     }
     let gone = |registry: &Registry| {
@@ -265,7 +281,6 @@ pub async fn revoke(
         tokio::time::sleep(Duration::from_millis(5)).await;
         left = gone(registry);
     }
-    // A driver stuck writing to a peer that does not read: close the connection under it.
     for s in &left {
         tracing::warn!(agent = %agent, session = %s.session_id,
             "revoked session did not close within {CLOSE_GRACE:?}; closing its connection");
@@ -276,15 +291,6 @@ pub async fn revoke(
         tokio::time::sleep(Duration::from_millis(5)).await;
         left = gone(registry);
     }
-    metrics::counter!("tether_gateway_revocations_total").increment(1);
-    tracing::warn!(%agent, reason, sessions_closed = sessions.len(), tokens_invalidated,
-        certificates = certificates.len(), elapsed = ?started.elapsed(), "agent revoked");
-    Ok(Revoked {
-        record,
-        sessions_closed: sessions.len() as u32,
-        certificates,
-        tokens_invalidated,
-    })
 }
 
 /// The API view of a revocation.

@@ -4,6 +4,12 @@
 //! `tether-agent` process (agent id `dev/local`) beside it, writes `./.tether/dev.json` for
 //! clients, and waits for the agent to connect. With `--check` it then verifies the agent through
 //! the northbound API and exits 0; without, it keeps running until Ctrl-C.
+//!
+//! `--replicas N` (N > 1) runs N gateway replicas in this process instead, sharing a throwaway
+//! PostgreSQL started for the run (`tools::local_postgres`: Debian's `postgresql` must be
+//! installed; it is removed at exit). The agent dials every replica (one session each), and
+//! each replica answers for the whole fleet; `dev.json` points at the first, `dev-<i>.json`
+//! at replica i. `--check` makes a call through each replica.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +26,7 @@ use crate::config::{
 use crate::identity::pki::{self, Ca};
 use crate::server::{self, Sockets};
 use crate::tools::ctl::{self, DevJson};
+use crate::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
 /// Options of the `dev` command.
 #[derive(Debug, Clone)]
@@ -30,8 +37,11 @@ pub struct DevOptions {
     pub check: bool,
     /// The `tether-agent` binary; default: next to this executable.
     pub agent_bin: Option<PathBuf>,
-    /// Bind free ports instead of the defaults (7443, 7444, 9090, 9091).
+    /// Bind free ports instead of the defaults (7443, 7444, 9090, 9091; replica i > 1 tries
+    /// those plus 10·(i−1)).
     pub any_port: bool,
+    /// Gateway replicas: 1 on the embedded store, more on a local PostgreSQL.
+    pub replicas: usize,
 }
 
 /// The dev trust domain.
@@ -95,8 +105,258 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             .map_err(|e| e.to_string())?,
     )?;
 
+    if opts.replicas > 1 {
+        return run_replicas(&opts, &dir, &ca, shutdown).await;
+    }
     let lo = |port| SocketAddr::from(([127, 0, 0, 1], if opts.any_port { 0 } else { port }));
-    let udp = udp_or_any(lo(7443)).map_err(|e| format!("binding tunnel: {e}"))?;
+    let (sockets, [tunnel, northbound, ops]) = bind(lo(7443), lo(7444), lo(9090))?;
+    let agent_ops = tcp_or_any(lo(9091))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?;
+    let cfg = gateway_config(&dir, tunnel, northbound, ops, dir.join("data"));
+    write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
+    let (demo_addr, demo_stop) = start_demo(lo(50051)).await?;
+    write(
+        &dir.join("agent.toml"),
+        &agent_toml(&[tunnel], demo_addr, agent_ops),
+    )?;
+    let dev_json = dev_json(&dir, northbound, ops);
+    write(
+        &dir.join("dev.json"),
+        &serde_json::to_string_pretty(&dev_json).map_err(|e| e.to_string())?,
+    )?;
+
+    let gw_stop = CancellationToken::new();
+    let gw = server::start(cfg, sockets, gw_stop.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut child = start_agent(&opts, &dir)?;
+    wait_for_session(&gw, &mut child, &shutdown).await?;
+    let agent = check_through(&dev_json).await?;
+    let rel = rel_path;
+    println!();
+    println!(
+        "tether dev is up: agent {AGENT} is connected ({} session); a call relayed to it answered.",
+        agent.sessions.len()
+    );
+    println!("  tunnel      {tunnel}/udp (QUIC, mutual TLS)");
+    println!(
+        "  northbound  {northbound} (gRPC over TLS, client cert {})",
+        rel(&dev_json.client_cert)
+    );
+    println!(
+        "  ops         http://{ops}/metrics  /healthz  /readyz   (agent: http://{agent_ops}/readyz)"
+    );
+    println!("  client info {}", rel(&dir.join("dev.json")));
+    println!();
+    print_agent(&agent);
+    println!();
+    println!(
+        "  demo        the agent's default service `demo` ({demo_addr}): Echo, health, reflection"
+    );
+    println!();
+    println!("Try:  ./target/debug/tetherctl agents list");
+    println!("      ./target/debug/tetherctl agents watch");
+    print_grpcurl(&dev_json, northbound);
+
+    if !opts.check {
+        println!("\nPress Ctrl-C to stop.");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            status = child.wait() => println!("the dev agent exited: {status:?}"),
+        }
+    }
+    stop_child(&mut child).await;
+    demo_stop.cancel();
+    gw_stop.cancel();
+    gw.wait().await;
+    if opts.check {
+        println!("dev check passed");
+    }
+    Ok(())
+}
+
+/// `dev --replicas N`: a local PostgreSQL, N replicas on it, the agent dialing all of them.
+async fn run_replicas(
+    opts: &DevOptions,
+    dir: &Path,
+    _ca: &Ca,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let n = opts.replicas;
+    println!("starting a local PostgreSQL for {n} replicas...");
+    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(LocalPostgresOptions::default()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("dev --replicas {n} needs a local PostgreSQL: {e}"))?;
+    let lo = |port: u16, i: usize| {
+        let port = if opts.any_port {
+            0
+        } else {
+            port + 10 * (i as u16)
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    };
+    let mut replicas: Vec<Replica> = Vec::new();
+    for i in 0..n {
+        let (sockets, [tunnel, northbound, ops]) = bind(lo(7443, i), lo(7444, i), lo(9090, i))?;
+        let mut cfg = gateway_config(
+            dir,
+            tunnel,
+            northbound,
+            ops,
+            dir.join(format!("data-{}", i + 1)),
+        );
+        cfg.store.dsn = Some(pg.dsn());
+        cfg.cluster.replica_id = Some(format!("dev-{}", i + 1));
+        // Nothing listens there yet (replica-to-replica links come later); unique per replica.
+        cfg.cluster.advertise = Some(format!("127.0.0.1:{}", 7445 + 10 * i));
+        let mut shown = cfg.clone();
+        shown.store.dsn = Some(pg.dsn_without_password());
+        write(
+            &dir.join(format!("gateway-{}.toml", i + 1)),
+            &toml_of(&shown)?,
+        )?;
+        let stop = CancellationToken::new();
+        let gw = server::start(cfg, sockets, stop.clone())
+            .await
+            .map_err(|e| format!("replica dev-{}: {e}", i + 1))?;
+        let json = dev_json(dir, northbound, ops);
+        let name = if i == 0 {
+            "dev.json".to_owned()
+        } else {
+            format!("dev-{}.json", i + 1)
+        };
+        write(
+            &dir.join(&name),
+            &serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+        )?;
+        replicas.push((gw, stop, json, name, [tunnel, northbound, ops]));
+    }
+    let agent_ops = tcp_or_any(lo(9091, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?;
+    let (demo_addr, demo_stop) = start_demo(lo(50051, 0)).await?;
+    let tunnels: Vec<SocketAddr> = replicas.iter().map(|r| r.4[0]).collect();
+    write(
+        &dir.join("agent.toml"),
+        &agent_toml(&tunnels, demo_addr, agent_ops),
+    )?;
+    let mut child = start_agent(opts, dir)?;
+    let up = check_replicas(&replicas, &mut child, &shutdown).await;
+    let agent = match up {
+        Ok(a) => a,
+        Err(e) => {
+            // Stopped before the server they use goes.
+            stop_child(&mut child).await;
+            for (gw, stop, ..) in replicas {
+                stop.cancel();
+                gw.wait().await;
+            }
+            return Err(e);
+        }
+    };
+    println!();
+    println!(
+        "tether dev is up: {n} gateway replicas on PostgreSQL {}; agent {AGENT} holds a session on each, and a call relayed through each answered.",
+        pg.dsn_without_password()
+    );
+    for (i, (_, _, _, name, [tunnel, northbound, ops])) in replicas.iter().enumerate() {
+        println!(
+            "  replica dev-{}  tunnel {tunnel}/udp  northbound {northbound}  ops http://{ops}/readyz  client info {}",
+            i + 1,
+            rel_path(&dir.join(name))
+        );
+    }
+    println!();
+    print_agent(&agent);
+    println!();
+    println!(
+        "Try:  ./target/debug/tetherctl agents get {AGENT}          # every session says its replica"
+    );
+    println!(
+        "      ./target/debug/tetherctl --dev-json {} agents watch   # at replica dev-2, while the agent moves",
+        rel_path(&dir.join("dev-2.json"))
+    );
+    println!(
+        "      curl -s http://{}/readyz                  # replica dev-1: live, PostgreSQL reachable",
+        replicas[0].4[2]
+    );
+    print_grpcurl(&replicas[0].2, replicas[0].4[1]);
+
+    if !opts.check {
+        println!("\nPress Ctrl-C to stop.");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            status = child.wait() => println!("the dev agent exited: {status:?}"),
+        }
+    }
+    stop_child(&mut child).await;
+    demo_stop.cancel();
+    for (gw, stop, ..) in replicas {
+        stop.cancel();
+        gw.wait().await;
+    }
+    drop(pg);
+    if opts.check {
+        println!("dev check passed");
+    }
+    Ok(())
+}
+
+/// What `run_replicas` runs: a gateway replica, its stop, its client info (and file name), and
+/// its tunnel, northbound and ops addresses.
+type Replica = (
+    server::GatewayHandle,
+    CancellationToken,
+    DevJson,
+    String,
+    [SocketAddr; 3],
+);
+
+/// Waits for the agent's session on every replica, then proves every replica answers for the
+/// whole fleet (the agent's sessions on all of them, through `Agents/Get`) and relays a call.
+async fn check_replicas(
+    replicas: &[Replica],
+    child: &mut tokio::process::Child,
+    shutdown: &CancellationToken,
+) -> Result<tether_api::v1::Agent, String> {
+    let n = replicas.len();
+    for (gw, ..) in replicas {
+        wait_for_session(gw, child, shutdown).await?;
+    }
+    let mut agent = None;
+    for (_, _, json, name, _) in replicas {
+        // Presence is written in batches, a moment after the session registered.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = match check_through(json).await {
+                Ok(a) if a.sessions.len() >= n => {
+                    agent = Some(a);
+                    break;
+                }
+                Ok(a) => format!(
+                    "Agents/Get shows {} sessions of {AGENT}, not {n}",
+                    a.sessions.len()
+                ),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("through {name}, after 30s: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    agent.ok_or_else(|| "no replica answered".to_owned())
+}
+
+/// Binds the gateway's sockets at the preferred addresses, or free ports on loopback.
+fn bind(
+    tunnel: SocketAddr,
+    northbound: SocketAddr,
+    ops: SocketAddr,
+) -> Result<(Sockets, [SocketAddr; 3]), String> {
+    let udp = udp_or_any(tunnel).map_err(|e| format!("binding tunnel: {e}"))?;
     // The TCP fallback on the same port when it is free (dev agents use QUIC either way).
     let tunnel_tcp = udp
         .local_addr()
@@ -105,17 +365,26 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     let sockets = Sockets {
         tunnel: udp,
         tunnel_tcp,
-        northbound: tcp_or_any(lo(7444)).map_err(|e| format!("binding northbound: {e}"))?,
-        ops: tcp_or_any(lo(9090)).map_err(|e| format!("binding ops: {e}"))?,
+        northbound: tcp_or_any(northbound).map_err(|e| format!("binding northbound: {e}"))?,
+        ops: tcp_or_any(ops).map_err(|e| format!("binding ops: {e}"))?,
     };
-    let tunnel = sockets.tunnel.local_addr().map_err(|e| e.to_string())?;
-    let northbound = sockets.northbound.local_addr().map_err(|e| e.to_string())?;
-    let ops = sockets.ops.local_addr().map_err(|e| e.to_string())?;
-    let agent_ops = tcp_or_any(lo(9091))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?;
+    let addrs = [
+        sockets.tunnel.local_addr().map_err(|e| e.to_string())?,
+        sockets.northbound.local_addr().map_err(|e| e.to_string())?,
+        sockets.ops.local_addr().map_err(|e| e.to_string())?,
+    ];
+    Ok((sockets, addrs))
+}
 
-    let cfg = GatewayConfig {
+fn gateway_config(
+    dir: &Path,
+    tunnel: SocketAddr,
+    northbound: SocketAddr,
+    ops: SocketAddr,
+    data_dir: PathBuf,
+) -> GatewayConfig {
+    let pki_dir = dir.join("pki");
+    GatewayConfig {
         trust_domain: TRUST_DOMAIN.into(),
         tls: TlsConfig {
             ca: pki_dir.join("ca.pem"),
@@ -131,7 +400,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         northbound: NorthboundConfig { listen: northbound },
         ops: OpsConfig { listen: ops },
         log: LogConfig::default(),
-        data_dir: Some(dir.join("data")),
+        data_dir: Some(data_dir),
         commands: Default::default(),
         limits: Default::default(),
         enrollment: crate::config::EnrollmentConfig {
@@ -141,12 +410,14 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         auth: None,
         store: Default::default(),
         cluster: Default::default(),
-    };
-    write(&dir.join("gateway.toml"), &toml_of(&cfg)?)?;
-    // The demo upstream the dev agent allow-lists as `demo`, its default service.
-    let demo_listener = tokio::net::TcpListener::bind(lo(50051))
+    }
+}
+
+/// The demo upstream the dev agent allow-lists as `demo`, its default service.
+async fn start_demo(preferred: SocketAddr) -> Result<(SocketAddr, CancellationToken), String> {
+    let demo_listener = tokio::net::TcpListener::bind(preferred)
         .await
-        .or(tokio::net::TcpListener::bind(lo(0)).await)
+        .or(tokio::net::TcpListener::bind((preferred.ip(), 0)).await)
         .map_err(|e| format!("binding the demo upstream: {e}"))?;
     let demo_addr = demo_listener.local_addr().map_err(|e| e.to_string())?;
     let demo_stop = CancellationToken::new();
@@ -155,38 +426,50 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
         crate::tools::demo::EchoService::default(),
         demo_stop.clone(),
     ));
-    let agent_toml = format!(
-        "# Written by `tether-gateway dev`.\ngateways = [\"{tunnel}\"]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\nstate_dir = \"agent-state\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
-    );
-    write(&dir.join("agent.toml"), &agent_toml)?;
-    let dev_json = DevJson {
+    Ok((demo_addr, demo_stop))
+}
+
+/// The dev agent's config: one session to each of `gateways`.
+fn agent_toml(gateways: &[SocketAddr], demo_addr: SocketAddr, agent_ops: SocketAddr) -> String {
+    let gateways = gateways
+        .iter()
+        .map(|g| format!("\"{g}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "# Written by `tether-gateway dev`.\ngateways = [{gateways}]\nserver_name = \"localhost\"\ninstance_id = \"dev\"\ndefault_service = \"demo\"\nstate_dir = \"agent-state\"\n\n[services.demo]\naddress = \"http://{demo_addr}\"\n\n[labels]\nenv = \"dev\"\n\n[tls]\nca = \"agent/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent-key.pem\"\n\n[reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"5s\"\n\n[ops]\nlisten = \"{agent_ops}\"\n"
+    )
+}
+
+fn dev_json(dir: &Path, northbound: SocketAddr, ops: SocketAddr) -> DevJson {
+    DevJson {
         northbound: northbound.to_string(),
         ops: ops.to_string(),
-        ca: pki_dir.join("ca.pem"),
+        ca: dir.join("pki/ca.pem"),
         client_cert: dir.join("client/client.pem"),
         client_key: dir.join("client/client-key.pem"),
         agent: AGENT.into(),
-    };
-    write(
-        &dir.join("dev.json"),
-        &serde_json::to_string_pretty(&dev_json).map_err(|e| e.to_string())?,
-    )?;
+    }
+}
 
-    let gw_stop = CancellationToken::new();
-    let gw = server::start(cfg, sockets, gw_stop.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let (_, mut feed) = gw.registry.subscribe();
-
-    let bin = agent_binary(&opts)?;
-    let mut child = tokio::process::Command::new(&bin)
+fn start_agent(opts: &DevOptions, dir: &Path) -> Result<tokio::process::Child, String> {
+    let bin = agent_binary(opts)?;
+    tokio::process::Command::new(&bin)
         .args(["run", "--config"])
         .arg(dir.join("agent.toml"))
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        .map_err(|e| format!("starting {}: {e}", bin.display()))
+}
 
-    // Wait for the agent's session.
+/// Waits for the agent's session on `gw`.
+async fn wait_for_session(
+    gw: &server::GatewayHandle,
+    child: &mut tokio::process::Child,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let agent_id: AgentId = AGENT.parse().expect("static agent id is valid");
+    let (_, mut feed) = gw.registry.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while gw
         .registry
@@ -204,9 +487,14 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             _ = shutdown.cancelled() => break,
         }
     }
+    Ok(())
+}
 
-    // Prove the whole path a real client takes: TLS, client certificate, northbound API.
-    let channel = ctl::connect(&(&dev_json).into()).await?;
+/// Proves the whole path a real client takes through the gateway `dev_json` names: TLS, a
+/// client certificate, `Agents/Get`, and a call relayed through the tunnel to the demo
+/// upstream. Returns the agent as the gateway sees it.
+async fn check_through(dev_json: &DevJson) -> Result<tether_api::v1::Agent, String> {
+    let channel = ctl::connect(&dev_json.into()).await?;
     let agent = AgentsClient::new(channel)
         .get(GetAgentRequest {
             agent: AGENT.into(),
@@ -217,8 +505,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     if !agent.connected {
         return Err(format!("Agents/Get says {AGENT} is not connected"));
     }
-    // And a call relayed through the tunnel to the demo upstream.
-    let channel = ctl::connect(&(&dev_json).into()).await?;
+    let channel = ctl::connect(&dev_json.into()).await?;
     let mut echo = tether_api::demo::v1::echo_client::EchoClient::with_interceptor(
         channel,
         |mut req: tonic::Request<()>| {
@@ -246,30 +533,22 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     if reply.message != "hello through the tunnel" {
         return Err(format!("relayed Echo/Unary answered {:?}", reply.message));
     }
-    let rel = |p: &Path| {
-        p.strip_prefix(std::env::current_dir().unwrap_or_default())
-            .unwrap_or(p)
-            .display()
-            .to_string()
-    };
-    println!();
+    Ok(agent)
+}
+
+fn rel_path(p: &Path) -> String {
+    p.strip_prefix(std::env::current_dir().unwrap_or_default())
+        .unwrap_or(p)
+        .display()
+        .to_string()
+}
+
+fn print_agent(agent: &tether_api::v1::Agent) {
+    println!("AGENT        CONNECTED  SESSIONS  VERSION  REPLICAS");
+    let mut replicas: Vec<&str> = agent.sessions.iter().map(|s| s.replica.as_str()).collect();
+    replicas.retain(|r| !r.is_empty());
     println!(
-        "tether dev is up: agent {AGENT} is connected ({} session); a call relayed to it answered.",
-        agent.sessions.len()
-    );
-    println!("  tunnel      {tunnel}/udp (QUIC, mutual TLS)");
-    println!(
-        "  northbound  {northbound} (gRPC over TLS, client cert {})",
-        rel(&dev_json.client_cert)
-    );
-    println!(
-        "  ops         http://{ops}/metrics  /healthz  /readyz   (agent: http://{agent_ops}/readyz)"
-    );
-    println!("  client info {}", rel(&dir.join("dev.json")));
-    println!();
-    println!("AGENT        CONNECTED  SESSIONS  VERSION");
-    println!(
-        "{:<12} {:<10} {:<9} {}",
+        "{:<12} {:<10} {:<9} {:<8} {}",
         agent.id,
         agent.connected,
         agent.sessions.len(),
@@ -277,40 +556,25 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
             .sessions
             .first()
             .map(|s| s.agent_version.as_str())
-            .unwrap_or("-")
+            .unwrap_or("-"),
+        if replicas.is_empty() {
+            "-".to_owned()
+        } else {
+            replicas.join(",")
+        }
     );
-    println!();
-    println!(
-        "  demo        the agent's default service `demo` ({demo_addr}): Echo, health, reflection"
-    );
-    println!();
-    println!("Try:  ./target/debug/tetherctl agents list");
-    println!("      ./target/debug/tetherctl agents watch");
-    let c = rel(&dev_json.client_cert);
-    let k = rel(&dev_json.client_key);
-    let ca = rel(&dev_json.ca);
+}
+
+fn print_grpcurl(dev_json: &DevJson, northbound: SocketAddr) {
+    let c = rel_path(&dev_json.client_cert);
+    let k = rel_path(&dev_json.client_key);
+    let ca = rel_path(&dev_json.ca);
     println!(
         "      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' {northbound} list"
     );
     println!(
         "      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' -d '{{\"message\":\"hi\"}}' {northbound} tether.demo.v1.Echo/Unary"
     );
-
-    if !opts.check {
-        println!("\nPress Ctrl-C to stop.");
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            status = child.wait() => println!("the dev agent exited: {status:?}"),
-        }
-    }
-    stop_child(&mut child).await;
-    demo_stop.cancel();
-    gw_stop.cancel();
-    gw.wait().await;
-    if opts.check {
-        println!("dev check passed");
-    }
-    Ok(())
 }
 
 async fn stop_child(child: &mut tokio::process::Child) {

@@ -40,11 +40,27 @@ pub struct SessionInfo {
     pub cert_serial: String,
     /// Its `notAfter` (the session may outlive it).
     pub cert_not_after: SystemTime,
+    /// Its `notBefore` (Unix seconds): what a revocation's cut-off is compared with.
+    pub cert_not_before: i64,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
 }
 
 impl SessionInfo {
+    /// The facts of the certificate this session authenticated with, as a revocation list
+    /// checks them.
+    pub fn cert_facts(&self) -> CertFacts {
+        CertFacts {
+            fingerprint: self.cert_fingerprint.clone(),
+            serial: self.cert_serial.clone(),
+            not_before: self.cert_not_before,
+            not_after: self
+                .cert_not_after
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        }
+    }
+
     /// The last RTT the agent reported.
     pub fn rtt(&self) -> Option<Duration> {
         *self.rtt.lock().expect("rtt lock")
@@ -85,6 +101,7 @@ impl SessionInfo {
             cert_fingerprint: cert.fingerprint.clone(),
             cert_serial: cert.serial.clone(),
             cert_not_after: cert.not_after_time(),
+            cert_not_before: cert.not_before,
             rtt: Mutex::new(None),
             control,
         };
@@ -153,11 +170,16 @@ struct Live {
     agents: usize,
 }
 
+/// Told of every connect and disconnect, in order, synchronously (under the registry's lock):
+/// must not block. The replicas' presence writer is one.
+pub type RegistryObserver = Arc<dyn Fn(&RegistryEvent) + Send + Sync>;
+
 /// See the module docs.
 pub struct Registry {
     agents: Mutex<HashMap<AgentId, Entry>>,
     live: Mutex<Live>,
     events: broadcast::Sender<RegistryEvent>,
+    observer: std::sync::OnceLock<RegistryObserver>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -172,6 +194,7 @@ impl Default for Registry {
             agents: Mutex::new(HashMap::new()),
             live: Mutex::new(Live::default()),
             events: broadcast::channel(4096).0,
+            observer: std::sync::OnceLock::new(),
         }
     }
 }
@@ -193,8 +216,22 @@ impl Registry {
         drop(live);
         // Sent under the lock so a concurrent `subscribe` sees it either in its snapshot or in
         // its feed, never both and never neither.
-        let _ = self.events.send(RegistryEvent::Connected(info.clone()));
+        self.publish(RegistryEvent::Connected(info.clone()));
         info
+    }
+
+    /// Tells `observer` of every connect and disconnect from now on, unlike the broadcast feed
+    /// never dropping one (a lagging feed subscriber loses events; a presence writer must not).
+    /// Set once; a second call is ignored and returns false.
+    pub fn set_observer(&self, observer: RegistryObserver) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn publish(&self, ev: RegistryEvent) {
+        if let Some(o) = self.observer.get() {
+            o(&ev);
+        }
+        let _ = self.events.send(ev);
     }
 
     /// Removes a session that ended.
@@ -218,7 +255,7 @@ impl Registry {
             .remove(&(session.agent.clone(), session.session_id.clone()));
         Self::publish_gauges(&live);
         drop(live);
-        let _ = self.events.send(RegistryEvent::Disconnected {
+        self.publish(RegistryEvent::Disconnected {
             session: session.clone(),
             at: now,
             reason,
