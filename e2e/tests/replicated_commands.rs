@@ -91,7 +91,42 @@ fn counting_agent(
         .map(|&i| fleet.gws[i].tunnel.to_string())
         .collect();
     cfg.state_dir = Some(state.to_owned());
+    // `slow`: the same, 30 ms each (four lanes run ~130 a second: a kill lands mid-way).
+    let r = runs.clone();
+    handlers.register("slow", move |payload: bytes::Bytes, _p: ProgressSink| {
+        let r = r.clone();
+        async move {
+            *r.lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&payload).into_owned())
+                .or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok(payload)
+        }
+    });
     (TestAgent::start_with_handlers(&cfg, handlers), runs)
+}
+
+/// Submits as a careful client does: with an idempotency key, again on `UNAVAILABLE` (a replica
+/// that could not reach PostgreSQL in time on a loaded machine says so, and retrying is safe).
+async fn submit_keyed(
+    c: &mut CommandsClient,
+    mut req: tether_api::v1::SubmitCommandRequest,
+) -> tether_api::v1::SubmitCommandResponse {
+    if req.idempotency_key.is_empty() {
+        req.idempotency_key = format!("{}-{}", req.kind, String::from_utf8_lossy(&req.payload));
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        match c.submit(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                eprintln!("submit unavailable, retrying: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("submit: {e:?}"),
+        }
+    }
 }
 
 async fn wait_connected_everywhere(fleet: &Fleet, on: &[usize]) {
@@ -121,7 +156,7 @@ async fn commands_submitted_on_every_replica_run_once_each_and_every_replica_rea
         let c = &mut clients[n % 3];
         let mut req = submit_req(AGENT, "count", n.to_string());
         req.ordering_key = format!("k{}", n % 4);
-        ids.push((c.submit(req).await.expect("submit").into_inner().id, n));
+        ids.push((submit_keyed(c, req).await.id, n));
     }
     fleet.holder().await;
     for (id, n) in &ids {
@@ -182,9 +217,9 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
                 if i >= 1000 {
                     return;
                 }
-                let mut r = submit_req(AGENT, "count", i.to_string());
-                r.ordering_key = format!("k{}", i % 16);
-                let id = c.submit(r).await.expect("submit").into_inner().id;
+                let mut r = submit_req(AGENT, "slow", i.to_string());
+                r.ordering_key = format!("k{}", i % 4);
+                let id = submit_keyed(&mut c, r).await.id;
                 accepted.lock().unwrap().push((id, i.to_string()));
             }
         }));
@@ -206,14 +241,9 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
     // Submits on the survivors go on during the hand-over, every one accepted.
     let mut late = fleet.client(survivors[0]).await;
     for i in 1000..1100 {
-        let mut r = submit_req(AGENT, "count", i.to_string());
-        r.ordering_key = format!("k{}", i % 16);
-        let id = late
-            .submit(r)
-            .await
-            .expect("submit on a survivor")
-            .into_inner()
-            .id;
+        let mut r = submit_req(AGENT, "slow", i.to_string());
+        r.ordering_key = format!("k{}", i % 4);
+        let id = submit_keyed(&mut late, r).await.id;
         accepted.lock().unwrap().push((id, i.to_string()));
     }
     wait_until("another replica delivers", T, || {
@@ -257,7 +287,7 @@ async fn cancel_on_one_replica_and_delivery_by_another_never_both_win() {
         let mut req = submit_req(AGENT, "count", n.to_string());
         // Each its own lane: delivery starts at once, racing the Cancel.
         req.ordering_key = format!("k{n}");
-        let id = on0.submit(req).await.expect("submit").into_inner().id;
+        let id = submit_keyed(&mut on0, req).await.id;
         let cancel = on1.cancel(CancelCommandRequest { id: id.clone() }).await;
         outcomes.push((id, n, cancel));
     }
@@ -300,7 +330,7 @@ async fn one_idempotency_key_submitted_on_three_replicas_at_once_makes_one_comma
             let mut c = c.clone();
             let mut req = submit_req(AGENT, "count", format!("key{key}"));
             req.idempotency_key = format!("key{key}");
-            async move { c.submit(req).await.expect("submit").into_inner() }
+            async move { submit_keyed(&mut c, req).await }
         });
         let answers = futures::future::join_all(calls).await;
         let ids: std::collections::HashSet<&str> = answers.iter().map(|a| a.id.as_str()).collect();
@@ -328,10 +358,8 @@ async fn postgresql_restarting_fails_submits_with_unavailable_and_loses_no_accep
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(
-            c.submit(submit_req(AGENT, "count", n.to_string()))
+            submit_keyed(&mut c, submit_req(AGENT, "count", n.to_string()))
                 .await
-                .expect("submit")
-                .into_inner()
                 .id,
         );
     }
@@ -379,7 +407,7 @@ async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing(
     for n in 0..300 {
         let mut req = submit_req(AGENT, "count", n.to_string());
         req.ordering_key = format!("k{}", n % 8);
-        ids.push((c0.submit(req).await.expect("submit").into_inner().id, n));
+        ids.push((submit_keyed(&mut c0, req).await.id, n));
     }
     let holder = fleet.holder().await;
     let other = 1 - holder;
