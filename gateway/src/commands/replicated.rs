@@ -66,7 +66,16 @@ pub(crate) struct Replicated {
     writers: Vec<mpsc::UnboundedSender<Pending>>,
     /// Wakes the orphan sweep (a session arrived).
     sweep: Notify,
+    /// Commands submitted here for an agent whose lease this replica holds, with their
+    /// payloads, until the feed brings their event: the lane takes them in the feed's (commit)
+    /// order, so a Submit acknowledged on another replica before this one was sent runs first,
+    /// and without reading the payload back.
+    submitted_here: Mutex<HashMap<String, Command>>,
 }
+
+/// Commands kept in [`Replicated::submitted_here`] at most (a feed that lags that far is
+/// caught up by reading the store).
+const SUBMITTED_HERE_MAX: usize = 10_000;
 
 impl std::fmt::Debug for Replicated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,6 +106,7 @@ impl Replicated {
             leases: Mutex::new(HashMap::new()),
             writers: txs,
             sweep: Notify::new(),
+            submitted_here: Mutex::new(HashMap::new()),
         });
         (r, rxs)
     }
@@ -352,6 +362,18 @@ impl Commands {
                     c.version = c.version.max(cmd.version);
                 });
             } else if cmd.state == CommandState::Queued as i32 && !active {
+                let here = r
+                    .submitted_here
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(mut own) = here {
+                    if let Some(l) = r.lease_of(&agent) {
+                        own.version = own.version.max(version_floor(l.epoch));
+                    }
+                    self.adopt(own);
+                    return;
+                }
                 // Submitted on another replica: into its lane, with its payload.
                 match pg::get(&r.cluster.pool, &id).await {
                     Ok(Some(mut full))
@@ -545,13 +567,28 @@ impl Commands {
         cmd.id = super::store::fresh_id(created);
         cmd.version = 1;
         let agent = cmd.agent.clone();
-        let out = pg::submit(&r.cluster.pool, &cmd, limit)
-            .await
-            .map_err(|e| {
-                super::CommandError::Unavailable(format!(
-                    "storing the command in PostgreSQL failed: {e}; retry"
-                ))
-            })?;
+        // Kept before the write, so its feed event (which may come back before the write
+        // returns) finds it.
+        let holding = r.holds(&agent);
+        if holding {
+            let mut here = r.submitted_here.lock().unwrap_or_else(|e| e.into_inner());
+            if here.len() >= SUBMITTED_HERE_MAX {
+                here.clear();
+            }
+            here.insert(cmd.id.clone(), cmd.clone());
+        }
+        let out = pg::submit(&r.cluster.pool, &cmd, limit).await;
+        if holding && !matches!(out, Ok(pg::Submitted::Created(_))) {
+            r.submitted_here
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&cmd.id);
+        }
+        let out = out.map_err(|e| {
+            super::CommandError::Unavailable(format!(
+                "storing the command in PostgreSQL failed: {e}; retry"
+            ))
+        })?;
         match out {
             pg::Submitted::Existing(c) => Ok((c, false)),
             pg::Submitted::TooManyPending { .. } => {
@@ -562,11 +599,11 @@ impl Commands {
                 let mut st = self.lock();
                 st.publish(&super::for_event(&c));
                 drop(st);
-                if let Some(l) = r.lease_of(&agent) {
-                    let mut own = c.clone();
-                    own.version = own.version.max(version_floor(l.epoch));
-                    self.adopt(own);
-                } else if let Ok(aid) = agent.parse()
+                // Held here: into the lane when the feed brings it (see `submitted_here`).
+                // Else, with a session to the agent, this replica may take the lease.
+                if !holding
+                    && !r.holds(&agent)
+                    && let Ok(aid) = agent.parse()
                     && self.registry.last_session(&aid).is_some()
                 {
                     let this = self.clone();
