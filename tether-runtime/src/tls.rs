@@ -80,6 +80,15 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     provider
 }
 
+/// The TLS alert the peer sent, when `e` is the error of a socket TLS runs on (rustls's typed
+/// error inside the `io::Error` tokio-rustls returns).
+pub fn received_alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    }
+}
+
 /// All certificates in a PEM file.
 pub fn load_certs(
     what: &'static str,
