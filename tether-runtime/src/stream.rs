@@ -86,25 +86,12 @@ impl LinkError {
     /// `CRYPTO_ERROR` code, TLS on TCP as rustls's typed error inside the socket's.
     pub fn tls_alert(&self) -> Option<rustls::AlertDescription> {
         match self {
-            LinkError::Quic(quinn::ConnectionError::ConnectionClosed(c)) => {
-                quic_crypto_alert(c.error_code)
-            }
-            LinkError::Quic(_) => None,
+            LinkError::Quic(e) => crate::tls::quic_alert(e),
             LinkError::Tcp(e) | LinkError::Http2(e) => {
                 e.get_io().and_then(crate::tls::received_alert)
             }
         }
     }
-}
-
-/// The TLS alert a QUIC `CRYPTO_ERROR` code (`0x100` + alert) carries.
-pub(crate) fn quic_crypto_alert(
-    code: quinn::TransportErrorCode,
-) -> Option<rustls::AlertDescription> {
-    let code = u64::from(code);
-    (0x100..=0x1ff)
-        .contains(&code)
-        .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
 }
 
 /// A QUIC connection error as a stream error: the peer's application close keeps its code.

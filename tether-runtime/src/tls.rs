@@ -89,6 +89,18 @@ pub fn received_alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
     }
 }
 
+/// The TLS alert a QUIC connection was closed with, if it was: QUIC carries it as the
+/// transport error code `CRYPTO_ERROR` (`0x100` + the alert).
+pub fn quic_alert(e: &quinn::ConnectionError) -> Option<rustls::AlertDescription> {
+    let quinn::ConnectionError::ConnectionClosed(close) = e else {
+        return None;
+    };
+    let code = u64::from(close.error_code);
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
+}
+
 /// All certificates in a PEM file.
 pub fn load_certs(
     what: &'static str,
