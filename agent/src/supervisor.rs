@@ -833,3 +833,99 @@ impl Side<AgentSession> for AgentSide<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tether_runtime::stream::LinkError;
+    use tunnel_proto::session::CloseInfo;
+
+    use super::*;
+
+    fn closed(code: ErrorCode, reason: &str, by_peer: bool) -> Ended {
+        Ended::Session {
+            gateway: "gw:7443".into(),
+            end: SessionEnd::Closed(CloseInfo {
+                code,
+                reason: reason.into(),
+                by_peer,
+            }),
+        }
+    }
+
+    fn quic_closed_by_tls_alert(alert: u8) -> StreamError {
+        StreamError::ConnectionLost(LinkError::Quic(quinn::ConnectionError::ConnectionClosed(
+            quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(alert),
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            },
+        )))
+    }
+
+    #[test]
+    fn the_retry_policy_reads_codes_and_typed_alerts_never_the_words() {
+        // Revoked: the gateway's REVOKED close, in its Close frame or its connection close, or
+        // the TLS alert certificate_revoked (44).
+        assert!(closed(ErrorCode::REVOKED, "agent revoked", true).is_revoked());
+        assert!(
+            Ended::Session {
+                gateway: "gw:7443".into(),
+                end: SessionEnd::Transport(StreamError::Closed {
+                    code: ErrorCode::REVOKED,
+                    reason: String::new(),
+                }),
+            }
+            .is_revoked()
+        );
+        assert!(Ended::ControlStream(quic_closed_by_tls_alert(44)).is_revoked());
+        assert!(!Ended::ControlStream(quic_closed_by_tls_alert(42)).is_revoked());
+        // Words that look like it decide nothing.
+        let lookalike = closed(
+            ErrorCode::PROTOCOL_ERROR,
+            "received fatal alert: CertificateRevoked",
+            true,
+        );
+        assert!(!lookalike.is_revoked());
+
+        // Retired: this agent closed it with REPLACED; the same code from the gateway is not.
+        let retired = closed(ErrorCode::REPLACED, "a newer session took over", false);
+        assert!(retired.is_retired());
+        assert_eq!(
+            retired.to_string(),
+            "closed by agent: replaced a newer session took over"
+        );
+        assert!(!closed(ErrorCode::REPLACED, "a newer session took over", true).is_retired());
+        assert!(!closed(ErrorCode::SHUTDOWN, "replaced", false).is_retired());
+
+        // Over the limit: TOO_MANY_SESSIONS, however it arrived.
+        let refused = Ended::ControlStream(StreamError::Closed {
+            code: ErrorCode::TOO_MANY_SESSIONS,
+            reason: "this agent holds 2 sessions".into(),
+        });
+        assert!(refused.is_over_limit() && !refused.is_revoked());
+        assert!(closed(ErrorCode::TOO_MANY_SESSIONS, "", true).is_over_limit());
+    }
+
+    #[test]
+    fn how_a_session_ended_reads_as_before() {
+        assert_eq!(
+            closed(ErrorCode::SHUTDOWN, "gateway shutting down", true).to_string(),
+            "closed by gateway: shutdown gateway shutting down"
+        );
+        let by_connection = Ended::Session {
+            gateway: "gw:7443".into(),
+            end: SessionEnd::Transport(StreamError::Closed {
+                code: ErrorCode::SHUTDOWN,
+                reason: "gateway shutting down".into(),
+            }),
+        };
+        assert_eq!(
+            by_connection.to_string(),
+            "gateway closed the connection: shutdown gateway shutting down"
+        );
+        assert_eq!(
+            Ended::Cancelled("agent shutting down").to_string(),
+            "closed before connecting: agent shutting down"
+        );
+    }
+}
