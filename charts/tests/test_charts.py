@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -133,7 +134,12 @@ def test_the_value_files_the_tests_rely_on_exist():
         "agent-aws-secretsmanager.yaml",
         "agent-registry.yaml",
     }, AGENT_VALUES
-    assert set(GATEWAY_VALUES) >= {"gateway-required.yaml", "gateway-postgres.yaml"}, GATEWAY_VALUES
+    assert set(GATEWAY_VALUES) >= {
+        "gateway-required.yaml",
+        "gateway-postgres.yaml",
+        "gateway-postgres-dsn-only.yaml",
+        "gateway-postgres-one-secret.yaml",
+    }, GATEWAY_VALUES
 
 
 # === lint and schema ===
@@ -225,12 +231,33 @@ def test_chart_lints_without_errors_or_warnings_with_each_values_file(case):
         (
             GATEWAY_CHART,
             {"trustDomain": "t.example", "tls": {"existingSecret": "pki"}, "store": {"type": "postgres"}},
-            "store.postgres.existingSecret is required",
+            "store.postgres.existingSecret is required when store.type is postgres: create a Secret whose key "
+            "\"dsn\" holds the DSN (kubectl create secret generic tether-gateway-db --from-literal=dsn=",
         ),
         (
             GATEWAY_CHART,
             {"trustDomain": "t.example", "tls": {"existingSecret": "pki"}, "replicaCount": 2},
-            "replicaCount > 1 needs store.type=postgres",
+            "replicaCount is 2 but store.type is embedded, which allows 1: its store is one ReadWriteOnce volume "
+            "that one gateway process holds. Set replicaCount: 1, or run replicas on PostgreSQL: store.type: "
+            "postgres with store.postgres.existingSecret",
+        ),
+        (
+            GATEWAY_CHART,
+            {"trustDomain": "t.example", "tls": {"existingSecret": "pki"}, "replicaCount": 3,
+             "store": {"type": "embedded", "postgres": {"existingSecret": "db"}}},
+            "replicaCount is 3 but store.type is embedded",
+        ),
+        (
+            GATEWAY_CHART,
+            {"trustDomain": "t.example", "tls": {"existingSecret": "pki"},
+             "store": {"type": "postgres", "postgres": {"existingSecret": "db", "ca": {"existingSecret": "a", "existingConfigMap": "b"}}}},
+            "store.postgres.ca: set existingSecret or existingConfigMap, not both",
+        ),
+        (
+            GATEWAY_CHART,
+            {"trustDomain": "t.example", "tls": {"existingSecret": "pki"},
+             "store": {"type": "postgres", "postgres": {"existingSecret": "db", "sslmode": "disable", "ca": {"existingConfigMap": "b"}}}},
+            "store.postgres.ca is set but store.postgres.sslmode is disable, which never uses it: set sslmode to verify-full",
         ),
         (
             GATEWAY_CHART,
@@ -284,6 +311,20 @@ def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart,
         (GATEWAY_CHART, "gateway-required.yaml", {"storeType": "postgres"}, "'storeType'"),
         (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
         (GATEWAY_CHART, "gateway-required.yaml", {"tunnel": {"drainTimeout": "1h30m"}}, "/tunnel/drainTimeout"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": -1}, "/replicaCount"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"sslmode": "verify"}}}, "/store/postgres/sslmode"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"poolSize": 1}}}, "/store/postgres/poolSize"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"connectTimeout": "30"}}}, "/store/postgres/connectTimeout"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"passwordFile": "/pw"}}}, "'passwordFile'"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"password": {"secret": "pw"}}}}, "'secret'"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"ca": {"existingSecret": "RDS_CA"}}}}, "/store/postgres/ca/existingSecret"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"ca": {"key": "ca crt"}}}}, "/store/postgres/ca/key"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"cluster": {"podIPFamily": "v6"}}, "/cluster/podIPFamily"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"cluster": {"replicaId": "gw-1"}}, "'replicaId'"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"cluster": {"livenessTimeout": "soon"}}, "/cluster/livenessTimeout"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"podDisruptionBudget": {"maxUnavailable": 0}}, "/podDisruptionBudget/maxUnavailable"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"podDisruptionBudget": {"minAvailable": 2}}, "'minAvailable'"),
+        (GATEWAY_CHART, "gateway-postgres.yaml", {"topologySpread": {"whenUnsatisfiable": "Never"}}, "/topologySpread/whenUnsatisfiable"),
     ],
     ids=lambda x: x if isinstance(x, str) and x.startswith(("/", "'")) else None,
 )
@@ -926,20 +967,124 @@ def test_gateway_probes_config_and_embedded_store():
     }
 
 
-def test_gateway_postgres_store_takes_the_dsn_from_a_secret():
+def test_gateway_replica_count_defaults_to_1_embedded_and_3_on_postgres():
+    def replicas(name, extra=None):
+        return render_file(GATEWAY_CHART, name, extra).one("Deployment")["spec"]["replicas"]
+
+    assert replicas("gateway-required.yaml") == 1
+    assert replicas("gateway-postgres-dsn-only.yaml") == 3
+    assert replicas("gateway-postgres-dsn-only.yaml", {"replicaCount": 1}) == 1
+    assert replicas("gateway-postgres-one-secret.yaml") == 5
+    assert replicas("gateway-required.yaml", {"replicaCount": 0}) == 0, "scaling to zero stays possible"
+
+
+def test_gateway_embedded_mode_ignores_the_postgres_and_replica_settings():
+    """One replica, Recreate, the PVC, and nothing of PostgreSQL mode: its values change no object."""
+    plain = render_file(GATEWAY_CHART, "gateway-required.yaml")
+    tuned = render_file(GATEWAY_CHART, "gateway-required.yaml", {
+        "store": {"postgres": {"existingSecret": "db", "password": {"existingSecret": "pw"}, "sslmode": "verify-full",
+                               "ca": {"existingConfigMap": "ca"}, "poolSize": 4}},
+        "cluster": {"heartbeatInterval": "3s", "livenessTimeout": "20s", "podIPFamily": "IPv6"},
+        "podDisruptionBudget": {"maxUnavailable": 2},
+        "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
+    })
+    assert tuned.objects == plain.objects
+    assert plain.of_kind("PodDisruptionBudget") == []
+    pod = plain.one("Deployment")["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod
+    assert "startupProbe" not in pod["containers"][0]
+    assert "Store: embedded (redb) on the PVC tether-tether-gateway-data" in plain.notes
+    assert "rolled with Recreate" in plain.notes
+
+
+def test_gateway_postgres_mode_rolls_one_pod_at_a_time_with_a_budget_and_soft_spread():
+    r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
+    d = r.one("Deployment")
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}}
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["metadata"]["name"] == d["metadata"]["name"]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": spec["selector"]}
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    # The budget and the spread count gateway pods only, not the `helm test` pod.
+    assert not spec["selector"]["matchLabels"].items() <= r.one("Pod")["metadata"]["labels"].items()
+    spread = pod["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for c in spread:
+        assert c["maxSkew"] == 1 and c["whenUnsatisfiable"] == "ScheduleAnyway", c
+        assert c["labelSelector"] == spec["selector"], c
+        assert c["matchLabelKeys"] == ["pod-template-hash"], c
+    assert "affinity" not in pod
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    # Liveness waits for a start that waits for PostgreSQL (connectTimeout 45s here) and migrations.
+    startup = c["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert "RollingUpdate, maxUnavailable 1, maxSurge 1); PodDisruptionBudget maxUnavailable 1; spread over zones and nodes (ScheduleAnyway)" in r.notes
+
+    # One replica on PostgreSQL: its replacement is Ready before it stops; drains may still move it.
+    one = render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"replicaCount": 1})
+    assert one.one("Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert one.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert "One replica: a crash or a lost node stops the gateway" in one.notes
+    assert "One replica" not in r.notes
+
+    hard = render_file(GATEWAY_CHART, "gateway-postgres-one-secret.yaml")
+    assert hard.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == "40%"
+    hard_spread = hard.one("Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [c["whenUnsatisfiable"] for c in hard_spread] == ["DoNotSchedule", "DoNotSchedule"]
+
+    off = render_file(GATEWAY_CHART, "gateway-postgres.yaml",
+                      {"podDisruptionBudget": {"enabled": False}, "topologySpread": {"enabled": False}})
+    assert off.of_kind("PodDisruptionBudget") == []
+    assert "topologySpreadConstraints" not in off.one("Deployment")["spec"]["template"]["spec"]
+    mine = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "x"}}}]}}
+    custom = render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"affinity": mine})
+    assert custom.one("Deployment")["spec"]["template"]["spec"]["affinity"] == mine
+
+
+def test_gateway_postgres_store_takes_the_dsn_the_password_and_the_ca_from_their_objects():
     r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
     d = r.one("Deployment")
     pod = d["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["env"] == [
-        {"name": "TETHER_STORE_DSN", "valueFrom": {"secretKeyRef": {"name": "tether-gateway-db", "key": "dsn"}}}
+        {"name": "TETHER_STORE_DSN", "valueFrom": {"secretKeyRef": {"name": "tether-gateway-db", "key": "dsn"}}},
+        {"name": "TETHER_CLUSTER_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "TETHER_CLUSTER_ADVERTISE", "value": "$(POD_IP):7445"},
     ]
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])
+    assert cfg["store"] == {
+        "password_file": "/etc/tether/postgres/password",
+        "sslmode": "verify-full",
+        "ca_file": "/etc/tether/postgres/ca.crt",
+        "pool_size": 12,
+        "connect_timeout": "45s",
+        "statement_timeout": "3s",
+    }
+    assert cfg["cluster"] == {"peer_listen": "0.0.0.0:7445", "heartbeat_interval": "2s", "liveness_timeout": "10s"}
+    config = next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
+    assert {"secret": {"name": "tether-gateway-db-password", "items": [{"key": "password", "path": "postgres/password"}]}} in config
+    assert {"configMap": {"name": "rds-ca-bundle", "items": [{"key": "global-bundle.pem", "path": "postgres/ca.crt"}]}} in config
+    # The password reaches a pod only as that file: never through the environment.
+    for where, spec in r.pod_specs():
+        for container in spec["containers"]:
+            assert "envFrom" not in container, where
+            for e in container.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+                assert ref.get("name") != "tether-gateway-db-password", f"{where}: {e}"
     assert r.of_kind("PersistentVolumeClaim") == []
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mounts["/var/lib/tether"])
-    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert pod["terminationGracePeriodSeconds"] == 75
-    assert tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])["tunnel"]["drain_timeout"] == "1m"
+    assert cfg["tunnel"]["drain_timeout"] == "1m"
     sm = r.one("ServiceMonitor")
     metrics = r.one("Service", "tether-tether-gateway-metrics")
     assert sm["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
@@ -948,7 +1093,29 @@ def test_gateway_postgres_store_takes_the_dsn_from_a_secret():
         if svc is not metrics:
             assert not sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items(), (
                 f"the ServiceMonitor would also scrape {svc['metadata']['name']}")
-    assert "does not use a store yet" in r.notes
+    assert "Store: PostgreSQL, shared by 3 replica(s)" in r.notes
+    assert "DSN:      Secret tether-gateway-db, key dsn (TETHER_STORE_DSN)" in r.notes
+    assert "Password: Secret tether-gateway-db-password, key password, mounted as /etc/tether/postgres/password" in r.notes
+    assert "TLS:      sslmode verify-full, CA from ConfigMap rds-ca-bundle key global-bundle.pem" in r.notes
+    assert "A replica is Ready only while it reaches PostgreSQL (/readyz)" in r.notes
+
+    # The least: the DSN alone, everything else the gateway's defaults.
+    bare = render_file(GATEWAY_CHART, "gateway-postgres-dsn-only.yaml")
+    bare_cfg = tomllib.loads(bare.one("ConfigMap")["data"]["gateway.toml"])
+    assert bare_cfg["store"] == {"pool_size": 16, "connect_timeout": "30s", "statement_timeout": "5s"}
+    assert bare_cfg["cluster"] == {"peer_listen": "0.0.0.0:7445", "heartbeat_interval": "1s", "liveness_timeout": "6s"}
+    bare_sources = next(v for v in bare.one("Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert [list(s.values())[0]["name"] for s in bare_sources["projected"]["sources"]] == ["tether-tether-gateway", "tether-gateway-pki"]
+    assert "Password: the DSN's" in bare.notes and "CA: the image's system roots" in bare.notes
+
+    # One Secret for all three, a CA from a Secret, IPv6 pod addresses.
+    one = render_file(GATEWAY_CHART, "gateway-postgres-one-secret.yaml")
+    one_pod = one.one("Deployment")["spec"]["template"]["spec"]
+    assert one_pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "tether-db-app", "key": "uri"}
+    assert one_pod["containers"][0]["env"][3] == {"name": "TETHER_CLUSTER_ADVERTISE", "value": "[$(POD_IP)]:7445"}
+    one_sources = next(v for v in one_pod["volumes"] if v["name"] == "config")["projected"]["sources"]
+    assert {"secret": {"name": "tether-db-app", "items": [{"key": "ca.crt", "path": "postgres/ca.crt"}]}} in one_sources
+    assert tomllib.loads(one.one("ConfigMap")["data"]["gateway.toml"])["store"]["sslmode"] == "verify-ca"
 
 
 # === the real binaries ===
@@ -990,11 +1157,12 @@ def pki(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, str]]) -> Path:
+def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, str]],
+                external_config_maps: dict[str, dict[str, str]] | None = None) -> Path:
     """Lay out the Deployment's /etc/tether volume under root the way the kubelet would: each
-    projected item from the rendered ConfigMap or Secret, or from `external_secrets` for Secrets
-    the chart does not create. A missing key fails, as it would keep the pod from starting.
-    Returns the directory that stands for /etc/tether."""
+    projected item from the rendered ConfigMap or Secret, or from `external_secrets` and
+    `external_config_maps` for those the chart does not create. A missing key fails, as it would
+    keep the pod from starting. Returns the directory that stands for /etc/tether."""
     pod = r.one("Deployment")["spec"]["template"]["spec"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/tether")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
@@ -1002,7 +1170,12 @@ def materialize(r: Rendered, root: Path, external_secrets: dict[str, dict[str, s
     for source in volume["projected"]["sources"]:
         if "configMap" in source:
             ref = source["configMap"]
-            data = r.one("ConfigMap", ref["name"])["data"]
+            created = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"] == ref["name"]]
+            if created:
+                data = created[0]["data"]
+            else:
+                assert ref["name"] in (external_config_maps or {}), f"ConfigMap {ref['name']} is neither rendered nor provided"
+                data = external_config_maps[ref["name"]]
         else:
             ref = source["secret"]
             created = [s for s in r.of_kind("Secret") if s["metadata"]["name"] == ref["name"]]
@@ -1092,19 +1265,147 @@ def gateway_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, di
         "ca.crt": pki["ca"], "tls.crt": pki["gateway_cert"], "tls.key": pki["gateway_key"]}}
 
 
+DB_PASSWORD = "pw-from-its-own-secret"
+
+
+def gateway_externals(pki: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The Secrets and ConfigMaps the gateway values files name, as an operator would create
+    them (docs/install-gateway.md): the PKI, DSNs, a password kept apart, CA bundles."""
+    secrets = {
+        "tether-gateway-pki": {"ca.crt": pki["ca"], "tls.crt": pki["gateway_cert"], "tls.key": pki["gateway_key"]},
+        # With the password in its own Secret the DSN carries none.
+        "tether-gateway-db": {"dsn": "postgres://tether@db.example.com:5432/tether?sslmode=verify-full"},
+        "tether-gateway-db-password": {"password": DB_PASSWORD + "\n"},
+        # One Secret with everything, keyed as operators such as CloudNativePG write them.
+        "tether-db-app": {
+            "uri": "postgresql://tether:pw-in-the-uri@tether-db-rw.db.svc:5432/tether",
+            "password": DB_PASSWORD,
+            "ca.crt": pki["ca"],
+        },
+    }
+    config_maps = {"rds-ca-bundle": {"global-bundle.pem": pki["ca"]}}
+    return secrets, config_maps
+
+
+POD_IPS = {"IPv4": "10.42.0.7", "IPv6": "fd00:42::7"}
+
+
+def pod_env(container: dict[str, Any], secrets: dict[str, dict[str, str]], pod_name: str, pod_ip: str) -> dict[str, str]:
+    """The container's environment as the kubelet sets it: secretKeyRef from `secrets` (a missing
+    Secret or key keeps the pod from starting), fieldRef from the downward API, and `$(VAR)` in a
+    value expanded from variables defined before it (`$$` is a literal `$`)."""
+    env: dict[str, str] = {}
+
+    def expand(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, e["value"])
+            continue
+        source = e["valueFrom"]
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            assert ref["key"] in secrets.get(ref["name"], {}), (
+                f"Secret {ref['name']} has no key {ref['key']} for {e['name']}: the pod would not start")
+            env[e["name"]] = secrets[ref["name"]][ref["key"]]
+        elif "fieldRef" in source:
+            fields = {"metadata.name": pod_name, "status.podIP": pod_ip}
+            path = source["fieldRef"]["fieldPath"]
+            assert path in fields, f"{e['name']}: the test does not model fieldRef {path}"
+            env[e["name"]] = fields[path]
+        else:
+            pytest.fail(f"{e['name']}: the test does not model {source}")
+    return env
+
+
+def gateway_check(values: dict[str, Any], pki: dict[str, str], tmp_path: Path,
+                  secrets: dict[str, dict[str, str]] | None = None,
+                  drop_env: tuple[str, ...] = ()) -> tuple[Rendered, Path, dict[str, str], subprocess.CompletedProcess]:
+    """Renders the gateway chart, lays out the `helm test` pod's files and environment from the
+    operator's objects, and runs its command (`serve --check-config`) with the real binary."""
+    r = render(GATEWAY_CHART, values)
+    ext_secrets, ext_config_maps = gateway_externals(pki)
+    etc = materialize(r, tmp_path, secrets or ext_secrets, ext_config_maps)
+    hook = r.one("Pod")
+    container = hook["spec"]["containers"][0]
+    assert container["command"][-1] == "--check-config"
+    family = values.get("cluster", {}).get("podIPFamily", "IPv4")
+    env = pod_env(container, secrets or ext_secrets, hook["metadata"]["name"], POD_IPS[family])
+    for k in drop_env:
+        env.pop(k)
+    out = run(in_pod(container["command"], etc), env=clean_env(**env))
+    return r, etc, env, out
+
+
 @pytest.mark.parametrize("name", GATEWAY_VALUES)
 def test_rendered_gateway_config_passes_the_gateway_binarys_check(name, pki, tmp_path):
-    values = load_values(name)
-    r = render(GATEWAY_CHART, values)
-    etc = materialize(r, tmp_path, gateway_secrets(values, pki))
-    hook = r.one("Pod")["spec"]["containers"][0]["command"]
-    assert hook[-1] == "--check-config"
-    out = run(in_pod(hook, etc))
+    r, etc, env, out = gateway_check(load_values(name), pki, tmp_path)
     assert out.returncode == 0, f"tether-gateway rejected the chart's gateway.toml:\n{out.stderr}"
+    # The hook checks what the gateway runs with: the same files and the same environment.
+    hook = r.one("Pod")["spec"]
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    assert hook["volumes"] == [v for v in pod["volumes"] if v["name"] == "config"]
+    assert hook["containers"][0].get("env") == pod["containers"][0].get("env")
+    # Every file the config names is where the volume put it.
+    cfg = tomllib.loads((etc / "gateway.toml").read_text())
+    files = [*cfg["tls"].values(), *(v for k, v in cfg.get("store", {}).items() if k.endswith("_file"))]
+    for path in files:
+        assert Path(path).is_file(), path
+    if "store" in cfg:
+        # The advertised address is the pod IP and the peer port, as a socket address.
+        host, _, port = env["TETHER_CLUSTER_ADVERTISE"].rpartition(":")
+        assert ipaddress.ip_address(host.removeprefix("[").removesuffix("]")) and port == "7445", env
+        assert (host.startswith("[") and host.endswith("]")) == (":" in host.strip("[]")), env
+        assert env["TETHER_CLUSTER_REPLICA_ID"] == "tether-tether-gateway-test-config"
     # --check-config loads the TLS files: a broken key fails it.
     (etc / "tls" / "tls.key").write_text("not a key\n")
-    bad = run(in_pod(hook, etc))
+    bad = run(in_pod(r.one("Pod")["spec"]["containers"][0]["command"], etc), env=clean_env(**env))
     assert bad.returncode == 64, bad
+
+
+def test_gateway_check_reads_the_dsn_from_its_secret_and_never_shows_its_password(pki, tmp_path):
+    """The `helm test` hook gets the DSN the way the gateway does: a DSN Secret holding something
+    else than a PostgreSQL URL fails the check naming store.dsn, without the password in it."""
+    secrets, _ = gateway_externals(pki)
+    secrets["tether-gateway-db"] = {"dsn": "mysql://tether:hunter2@db.example.com:3306/tether"}
+    _, _, env, out = gateway_check(load_values("gateway-postgres-dsn-only.yaml"), pki, tmp_path, secrets)
+    assert env["TETHER_STORE_DSN"].startswith("mysql://")
+    assert out.returncode == 64, out
+    assert "store.dsn" in out.stderr and "postgres://" in out.stderr, out.stderr
+    assert "hunter2" not in out.stderr + out.stdout, out
+
+
+def test_gateway_store_section_needs_the_dsn_from_the_environment(pki, tmp_path):
+    """The [store] the chart renders (password file, sslmode, CA) is valid only with the DSN,
+    which comes from the Secret through TETHER_STORE_DSN and nowhere else: without the
+    variable the same files fail the check."""
+    _, etc, env, out = gateway_check(load_values("gateway-postgres.yaml"), pki, tmp_path, drop_env=("TETHER_STORE_DSN",))
+    assert "dsn" not in tomllib.loads((etc / "gateway.toml").read_text())["store"]
+    assert out.returncode == 64, out
+    assert "store.password_file" in out.stderr and "store.dsn is not" in out.stderr, out.stderr
+
+
+def documented_gateway_values() -> dict[str, Any]:
+    """The values block under "### Values" in docs/install-gateway.md (PostgreSQL mode)."""
+    section = (ROOT / "docs" / "install-gateway.md").read_text().split("### Values", 1)[1]
+    return yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+
+
+def test_the_install_guides_postgres_values_render_and_pass_the_gateway_binarys_check(pki, tmp_path):
+    """What docs/install-gateway.md tells an operator to write, with the Secrets and ConfigMap it
+    tells them to create, installs and passes the chart's `helm test`."""
+    values = documented_gateway_values()
+    assert values["store"]["type"] == "postgres"
+    r, etc, env, out = gateway_check(values, pki, tmp_path)
+    assert out.returncode == 0, f"tether-gateway rejected the documented config:\n{out.stderr}"
+    assert r.one("Deployment")["spec"]["replicas"] == 3
+    assert (etc / "postgres" / "password").read_text().strip() == DB_PASSWORD
+    assert (etc / "postgres" / "ca.crt").is_file()
+    userinfo = env["TETHER_STORE_DSN"].split("://", 1)[1].split("@", 1)[0]
+    assert ":" not in userinfo, "with the password in its own Secret, the DSN carries none"
 
 
 def free_port(kind: int) -> int:

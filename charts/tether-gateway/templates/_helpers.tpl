@@ -67,6 +67,15 @@ app.kubernetes.io/component: gateway
 {{- end -}}
 {{- end -}}
 
+{{/* replicaCount, or the store's default: 1 embedded, 3 postgres. */}}
+{{- define "tether-gateway.replicas" -}}
+{{- if kindIs "invalid" .Values.replicaCount -}}
+{{- if eq .Values.store.type "postgres" -}}3{{- else -}}1{{- end -}}
+{{- else -}}
+{{- int .Values.replicaCount -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Cross-field checks the JSON schema cannot word clearly. */}}
 {{- define "tether-gateway.validate" -}}
 {{- if not .Values.trustDomain -}}
@@ -75,11 +84,21 @@ app.kubernetes.io/component: gateway
 {{- if not .Values.tls.existingSecret -}}
 {{- fail "tls.existingSecret is required: a Secret with ca.crt, tls.crt and tls.key (see `tether-gateway pki init`)" -}}
 {{- end -}}
-{{- if and (eq .Values.store.type "postgres") (not .Values.store.postgres.existingSecret) -}}
-{{- fail "store.postgres.existingSecret is required when store.type is postgres" -}}
+{{- $pg := .Values.store.postgres -}}
+{{- if and (eq .Values.store.type "postgres") (not $pg.existingSecret) -}}
+{{- fail (printf "store.postgres.existingSecret is required when store.type is postgres: create a Secret whose key %q holds the DSN (kubectl create secret generic tether-gateway-db --from-literal=%s='postgres://tether@db.example.com:5432/tether?sslmode=verify-full') and set store.postgres.existingSecret to its name (docs/install-gateway.md)" $pg.key $pg.key) -}}
 {{- end -}}
-{{- if and (eq .Values.store.type "embedded") (gt (int .Values.replicaCount) 1) -}}
-{{- fail "replicaCount > 1 needs store.type=postgres: the embedded store is one ReadWriteOnce volume" -}}
+{{- $replicas := include "tether-gateway.replicas" . | int -}}
+{{- if and (eq .Values.store.type "embedded") (gt $replicas 1) -}}
+{{- fail (printf "replicaCount is %d but store.type is embedded, which allows 1: its store is one ReadWriteOnce volume that one gateway process holds. Set replicaCount: 1, or run replicas on PostgreSQL: store.type: postgres with store.postgres.existingSecret (docs/install-gateway.md)" $replicas) -}}
+{{- end -}}
+{{- if eq .Values.store.type "postgres" -}}
+{{- if and $pg.ca.existingSecret $pg.ca.existingConfigMap -}}
+{{- fail "store.postgres.ca: set existingSecret or existingConfigMap, not both: the CA bundle comes from one of them" -}}
+{{- end -}}
+{{- if and (eq $pg.sslmode "disable") (or $pg.ca.existingSecret $pg.ca.existingConfigMap) -}}
+{{- fail "store.postgres.ca is set but store.postgres.sslmode is disable, which never uses it: set sslmode to verify-full (or verify-ca), or remove the CA" -}}
+{{- end -}}
 {{- end -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (include "tether-gateway.drainSeconds" . | int) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed tunnel.drainTimeout (%s), or pods are killed mid-drain" (int .Values.terminationGracePeriodSeconds) .Values.tunnel.drainTimeout) -}}
@@ -108,8 +127,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* /etc/tether: gateway.toml plus the PKI Secret under tls/, one read-only projected volume. */}}
+{{/* /etc/tether: gateway.toml plus the PKI Secret under tls/, one read-only projected volume;
+with store.type=postgres also the PostgreSQL password (postgres/password) and CA bundle
+(postgres/ca.crt) when they are given. */}}
 {{- define "tether-gateway.configVolume" -}}
+{{- $pg := .Values.store.postgres -}}
 - name: config
   projected:
     defaultMode: 0440
@@ -128,5 +150,52 @@ seccompProfile:
               path: tls/tls.crt
             - key: tls.key
               path: tls/tls.key
+      {{- if eq .Values.store.type "postgres" }}
+      {{- with $pg.password.existingSecret }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $pg.password.key }}
+              path: postgres/password
+      {{- end }}
+      {{- if $pg.ca.existingSecret }}
+      - secret:
+          name: {{ $pg.ca.existingSecret }}
+          items:
+            - key: {{ $pg.ca.key }}
+              path: postgres/ca.crt
+      {{- else if $pg.ca.existingConfigMap }}
+      - configMap:
+          name: {{ $pg.ca.existingConfigMap }}
+          items:
+            - key: {{ $pg.ca.key }}
+              path: postgres/ca.crt
+      {{- end }}
+      {{- end }}
 {{- end -}}
 
+{{/* The environment of the gateway container and of the `helm test` pod (so the test checks the
+same config): with store.type=postgres the DSN from its Secret, and this replica's name and
+address from the downward API. Empty with store.type=embedded. */}}
+{{- define "tether-gateway.storeEnv" -}}
+{{- if eq .Values.store.type "postgres" }}
+# From the Secret, not the ConfigMap; with store.postgres.password set it holds no password.
+- name: TETHER_STORE_DSN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.store.postgres.existingSecret }}
+      key: {{ .Values.store.postgres.key }}
+# A replica is named after its pod: unique among live pods, and a new pod is a new replica.
+- name: TETHER_CLUSTER_REPLICA_ID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+# Peers reach it at its pod IP: a Deployment's pod names do not resolve in DNS.
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: TETHER_CLUSTER_ADVERTISE
+  value: {{ if eq .Values.cluster.podIPFamily "IPv6" }}"[$(POD_IP)]:7445"{{ else }}"$(POD_IP):7445"{{ end }}
+{{- end }}
+{{- end -}}
