@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use tunnel_proto::{ErrorCode, Session};
 use tunnel_proto::harness::{Pair, To};
 use tunnel_proto::message::{Hello, Message, RENEW, RenewRequest, RenewResponse};
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
 };
+use tunnel_proto::{ErrorCode, Session};
 
 const INTERVAL: Duration = Duration::from_secs(1);
 const LATENCY: Duration = Duration::from_millis(20);
