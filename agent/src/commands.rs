@@ -46,8 +46,6 @@ pub const COMPLETED_KEPT: usize = 10_000;
 const MAX_PAYLOAD: usize = 64 << 20;
 /// Output up to this size travels inside `CommandResult`; larger output in `Data` frames first.
 const INLINE_OUTPUT: usize = 32 << 10;
-/// The state file inside `state_dir`.
-const STATE_FILE: &str = "commands.jsonl";
 
 /// What a handler returns: its output, or an error message.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
@@ -274,7 +272,7 @@ impl Executor {
             Some(dir) => {
                 std::fs::create_dir_all(dir)
                     .map_err(io(format!("creating state_dir {}", dir.display())))?;
-                let path = dir.join(STATE_FILE);
+                let path = crate::state::StateDir::new(dir).commands();
                 match std::fs::read_to_string(&path) {
                     Ok(text) => {
                         for line in text.lines() {

@@ -172,8 +172,8 @@ pub struct AgentConfig {
     pub log: LogConfig,
     /// Where the agent keeps its record of completed commands (so a redelivered command is not
     /// run twice across restarts), an enrolled identity, and the certificates it renews over
-    /// the tunnel with the CA bundle that came with them (see [`crate::renew`]); unset: kept in
-    /// memory only.
+    /// the tunnel with the CA bundle that came with them (the file layout is `state.rs`'s);
+    /// unset: kept in memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     /// Where the agent's own certificate and key come from.
@@ -289,7 +289,7 @@ impl EnvironmentsConfig {
 /// `[enrollment]`: with `identity.source = "files"` and no `tls.cert`/`tls.key`, the agent's
 /// identity is `<state_dir>/agent.pem` and `<state_dir>/agent-key.pem`; when they are missing
 /// (or `token` is one this agent has not used yet) the agent generates a key there and enrolls
-/// with `token` (see [`crate::enroll`]).
+/// with `token` (the agent's `enroll` module).
 #[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnrollmentConfig {
@@ -381,6 +381,136 @@ pub fn redact_url(url: &str) -> String {
         },
         None => url.rsplit_once('@').map_or(url, |(_, h)| h).to_owned(),
     }
+}
+
+/// The proxy `[proxy]` (or the environment) names, parsed and checked. Its `Debug` shows no
+/// credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// The proxy's host.
+    pub host: String,
+    /// Its port (80 when the URL gives none).
+    pub port: u16,
+    /// User and password, from `proxy.username`/`proxy.password` or the URL's user info.
+    pub credentials: Option<(String, String)>,
+    /// Hosts, domains (`.corp`), CIDRs or `*` reached directly, lowercase.
+    pub no_proxy: Vec<String>,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
+/// Why `[proxy]` (or `HTTPS_PROXY`) names no usable proxy. Never shows credentials.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyConfigError {
+    /// The URL's scheme is not `http://`.
+    #[error(
+        "{from}: {url} is not an http:// proxy (the agent speaks plain HTTP CONNECT to its proxy; the tunnel inside is TLS)"
+    )]
+    NotHttp {
+        /// The key or variable it came from.
+        from: &'static str,
+        /// The URL, credentials redacted.
+        url: String,
+    },
+    /// The URL has no valid `host:port`.
+    #[error("{from}: {url} has no valid host:port")]
+    NoHostPort {
+        /// The key or variable it came from.
+        from: &'static str,
+        /// The URL, credentials redacted.
+        url: String,
+    },
+    /// A password without a user.
+    #[error("proxy.password is set without proxy.username")]
+    PasswordWithoutUsername,
+}
+
+impl ProxyConfig {
+    /// The proxy configured here, else in the environment (`env` gives a variable's value);
+    /// `None` when there is none.
+    pub fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<ProxySettings>, ProxyConfigError> {
+        let var = |a: &str, b: &str| env(a).or_else(|| env(b)).filter(|v| !v.trim().is_empty());
+        let (url, from) = match &self.url {
+            Some(u) => (u.clone(), "proxy.url"),
+            None => match (env("HTTPS_PROXY"), env("https_proxy")) {
+                (Some(u), _) if !u.trim().is_empty() => (u, "HTTPS_PROXY"),
+                (_, Some(u)) if !u.trim().is_empty() => (u, "https_proxy"),
+                _ => return Ok(None),
+            },
+        };
+        let no_proxy = self
+            .no_proxy
+            .clone()
+            .or_else(|| var("NO_PROXY", "no_proxy"))
+            .unwrap_or_default();
+        let url = url.trim();
+        let rest = if let Some(r) = url.strip_prefix("http://") {
+            r
+        } else if url.contains("://") {
+            return Err(ProxyConfigError::NotHttp {
+                from,
+                url: redact_url(url),
+            });
+        } else {
+            url
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (host, port) = match split_host_port(hostport) {
+            Some((h, p)) => (h.to_owned(), p),
+            None if !hostport.is_empty() && !hostport.contains(':') => (hostport.to_owned(), 80),
+            None => {
+                return Err(ProxyConfigError::NoHostPort {
+                    from,
+                    url: redact_url(url),
+                });
+            }
+        };
+        let from_url = userinfo.map(|u| match u.split_once(':') {
+            Some((user, pass)) => (percent_decode(user), percent_decode(pass)),
+            None => (percent_decode(u), String::new()),
+        });
+        let credentials = match (&self.username, &self.password) {
+            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+            (None, Some(_)) => return Err(ProxyConfigError::PasswordWithoutUsername),
+            (None, None) => from_url,
+        };
+        Ok(Some(ProxySettings {
+            host,
+            port,
+            credentials,
+            no_proxy: no_proxy
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// `[identity]`: where the agent's certificate and key come from.
@@ -841,8 +971,9 @@ impl Validate for AgentConfig {
                 "must be positive",
             ));
         }
-        crate::proxy::Proxy::from_config(&self.proxy, |k| std::env::var(k).ok())
-            .map_err(|e| ConfigError::invalid("proxy", e))?;
+        self.proxy
+            .resolve(|k| std::env::var(k).ok())
+            .map_err(|e| ConfigError::invalid("proxy", e.to_string()))?;
         let prefix = &self.registry.name_prefix;
         let lower_or_digit = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
         let prefix_ok = prefix.is_empty()
@@ -910,18 +1041,6 @@ impl AgentConfig {
             && is_unset(&self.tls.cert)
             && is_unset(&self.tls.key)
             && self.state_dir.is_some()
-    }
-
-    /// The certificate and key files of a files identity: `tls.cert` and `tls.key`, or the
-    /// enrolled ones in `state_dir`.
-    pub fn identity_files(&self) -> (PathBuf, PathBuf) {
-        match (&self.state_dir, self.enrolled_identity()) {
-            (Some(dir), true) => (
-                dir.join(crate::enroll::CERT_FILE),
-                dir.join(crate::enroll::KEY_FILE),
-            ),
-            _ => (self.tls.cert.clone(), self.tls.key.clone()),
-        }
     }
 }
 
@@ -1002,7 +1121,6 @@ mod tests {
         let cfg = parse(&format!("state_dir = \"s\"\n[tls]\nca = \"ca.pem\"\n{tok}"));
         cfg.validate().expect("valid");
         assert!(cfg.enrolled_identity());
-        assert_eq!(cfg.identity_files().0, Path::new("s/agent.pem"));
         assert!(
             !format!("{cfg:?}").contains("tet1_x"),
             "the token is never shown"

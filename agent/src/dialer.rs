@@ -16,12 +16,132 @@ use rustls_pki_types::ServerName;
 use tether_runtime::tls;
 use tunnel_proto::ALPN;
 
+use tether_runtime::stream::StreamError;
 use tether_runtime::transport::{H2Link, Link};
 
-use crate::config::{AgentConfig, split_host_port};
-use crate::error::AgentError;
+use crate::config::{AgentConfig, ProxyConfigError, split_host_port};
 use crate::identity::Identity;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyError};
+
+/// Why a dialer could not be built from the agent's identity and config: the operator's to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialerError {
+    /// `[proxy]` (or `HTTPS_PROXY`) names no usable proxy.
+    #[error("TLS: proxy: {0}")]
+    Proxy(#[from] ProxyConfigError),
+    /// rustls refused the agent's certificate and key.
+    #[error("TLS: agent certificate and key: {0}")]
+    Certificate(#[source] rustls::Error),
+    /// The TLS configuration cannot carry QUIC.
+    #[error("TLS: QUIC TLS config: {0}")]
+    Quic(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// Why one dial of a gateway failed; the supervisor retries with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway {gateway}: {failure}")]
+pub struct DialError {
+    /// The address dialed.
+    pub gateway: String,
+    /// What failed.
+    #[source]
+    pub failure: DialFailure,
+}
+
+impl DialError {
+    /// The TLS alert the gateway refused this agent with, if it did (typed: from QUIC's
+    /// `CRYPTO_ERROR` code or rustls's error, never from text).
+    pub fn tls_alert(&self) -> Option<rustls::AlertDescription> {
+        match &self.failure {
+            DialFailure::Handshake(e) => tls::quic_alert(e),
+            DialFailure::Tcp(TcpFailure::Tls(e) | TcpFailure::TlsThroughProxy { error: e, .. }) => {
+                tls::received_alert(e)
+            }
+            DialFailure::Tcp(TcpFailure::Http2(e)) => e.tls_alert(),
+            _ => None,
+        }
+    }
+}
+
+/// What failed in one dial.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialFailure {
+    /// The address is not `host:port`.
+    #[error("not host:port")]
+    NotHostPort,
+    /// The name did not resolve.
+    #[error("resolving: {0}")]
+    Resolve(#[source] std::io::Error),
+    /// The name resolved to nothing.
+    #[error("resolves to no address")]
+    NoAddress,
+    /// The TLS server name is not a DNS name or IP address.
+    #[error("server name {name:?}: {error}")]
+    ServerName {
+        /// The name.
+        name: String,
+        /// Why rustls refused it.
+        #[source]
+        error: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// No UDP socket.
+    #[error("binding UDP: {0}")]
+    BindUdp(#[source] std::io::Error),
+    /// The UDP socket could not be connected to the gateway.
+    #[error("UDP connect: {0}")]
+    ConnectUdp(#[source] std::io::Error),
+    /// No QUIC endpoint on the socket.
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+    /// QUIC refused to start the connection.
+    #[error("connect: {0}")]
+    Connect(#[source] quinn::ConnectError),
+    /// The QUIC handshake failed.
+    #[error("{}", describe(.0))]
+    Handshake(#[source] quinn::ConnectionError),
+    /// The TCP fallback failed.
+    #[error("tcp: {0}")]
+    Tcp(#[source] TcpFailure),
+}
+
+/// What failed in one dial of the TCP fallback.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TcpFailure {
+    /// The TLS server name is not a DNS name or IP address.
+    #[error("server name {name:?}: {error}")]
+    ServerName {
+        /// The name.
+        name: String,
+        /// Why rustls refused it.
+        #[source]
+        error: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The HTTP CONNECT proxy failed.
+    #[error("{0}")]
+    Proxy(#[source] ProxyError),
+    /// TLS through the proxy failed.
+    #[error("TLS through proxy {proxy}: {error}")]
+    TlsThroughProxy {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// What TLS said.
+        #[source]
+        error: std::io::Error,
+    },
+    /// The TCP connection failed.
+    #[error("{0}")]
+    Connect(#[source] std::io::Error),
+    /// TLS failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
+    /// HTTP/2 on the TLS connection failed (a refused certificate shows here: TLS 1.3 refuses
+    /// a client certificate after the client's side of the handshake is done).
+    #[error("HTTP/2: {0}")]
+    Http2(#[source] StreamError),
+}
 
 /// Everything needed to dial, built once from config.
 #[derive(Clone)]
@@ -43,10 +163,9 @@ impl std::fmt::Debug for Dialer {
 
 impl Dialer {
     /// A dialer presenting `identity` and trusting its roots.
-    pub fn new(cfg: &AgentConfig, identity: &Identity) -> Result<Dialer, AgentError> {
+    pub fn new(cfg: &AgentConfig, identity: &Identity) -> Result<Dialer, DialerError> {
         tls::install_crypto_provider();
-        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())
-            .map_err(|e| AgentError::Tls(format!("proxy: {e}")))?;
+        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())?;
         if let Some(p) = &proxy {
             tracing::info!(proxy = %p, "TCP transport goes through an HTTP CONNECT proxy");
         }
@@ -55,7 +174,7 @@ impl Dialer {
 
     /// The same dialer presenting another identity (a renewed certificate) and trusting its
     /// roots.
-    pub fn with_identity(&self, identity: &Identity) -> Result<Dialer, AgentError> {
+    pub fn with_identity(&self, identity: &Identity) -> Result<Dialer, DialerError> {
         Dialer::build(identity, self.server_name.clone(), self.proxy.clone())
     }
 
@@ -63,16 +182,15 @@ impl Dialer {
         identity: &Identity,
         server_name: Option<String>,
         proxy: Option<Proxy>,
-    ) -> Result<Dialer, AgentError> {
+    ) -> Result<Dialer, DialerError> {
         let mut tls =
             rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
                 .with_root_certificates(identity.roots.clone())
                 .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())
-                .map_err(|e| AgentError::Tls(format!("agent certificate and key: {e}")))?;
+                .map_err(DialerError::Certificate)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let tls = Arc::new(tls);
-        let crypto = QuicClientConfig::try_from(tls.clone())
-            .map_err(|e| AgentError::Tls(format!("QUIC TLS config: {e}")))?;
+        let crypto = QuicClientConfig::try_from(tls.clone()).map_err(DialerError::Quic)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(1024u32.into());
@@ -92,94 +210,96 @@ impl Dialer {
     }
 
     /// Resolves `addr` and completes the QUIC + TLS handshake.
-    pub async fn dial(&self, addr: &str) -> Result<(quinn::Endpoint, Link), AgentError> {
-        let (host, _) = host_of(addr)?;
-        let fail = |reason: String| AgentError::Dial {
+    pub async fn dial(&self, addr: &str) -> Result<(quinn::Endpoint, Link), DialError> {
+        let fail = |failure| DialError {
             gateway: addr.to_owned(),
-            reason,
+            failure,
         };
+        let (host, _) = split_host_port(addr).ok_or_else(|| fail(DialFailure::NotHostPort))?;
         let remote: SocketAddr = tokio::net::lookup_host(addr)
             .await
-            .map_err(|e| fail(format!("resolving: {e}")))?
+            .map_err(|e| fail(DialFailure::Resolve(e)))?
             .next()
-            .ok_or_else(|| fail("resolves to no address".into()))?;
+            .ok_or_else(|| fail(DialFailure::NoAddress))?;
         let name = self.server_name.as_deref().unwrap_or(host).to_owned();
-        ServerName::try_from(name.clone())
-            .map_err(|e| fail(format!("server name {name:?}: {e}")))?;
+        if let Err(error) = ServerName::try_from(name.clone()) {
+            return Err(fail(DialFailure::ServerName { name, error }));
+        }
         let local: SocketAddr = if remote.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket =
-            std::net::UdpSocket::bind(local).map_err(|e| fail(format!("binding UDP: {e}")))?;
+        let socket = std::net::UdpSocket::bind(local).map_err(|e| fail(DialFailure::BindUdp(e)))?;
         socket
             .connect(remote)
-            .map_err(|e| fail(format!("UDP connect: {e}")))?;
+            .map_err(|e| fail(DialFailure::ConnectUdp(e)))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|e| fail(format!("QUIC endpoint: {e}")))?;
+        .map_err(|e| fail(DialFailure::Endpoint(e)))?;
         let conn = endpoint
             .connect_with(self.client.clone(), remote, &name)
-            .map_err(|e| fail(format!("connect: {e}")))?
+            .map_err(|e| fail(DialFailure::Connect(e)))?
             .await
-            .map_err(|e| fail(describe(&e)))?;
+            .map_err(|e| fail(DialFailure::Handshake(e)))?;
         Ok((endpoint, Link::Quic(conn)))
     }
 
     /// Connects to `addr` over TCP (through the proxy when one applies), completes TLS with the
     /// same identity and ALPN as QUIC, then serves HTTP/2 on it.
-    pub async fn dial_tcp(&self, addr: &str) -> Result<Link, AgentError> {
-        let (host, _) = host_of(addr)?;
-        let fail = |reason: String| AgentError::Dial {
+    pub async fn dial_tcp(&self, addr: &str) -> Result<Link, DialError> {
+        let fail = |failure| DialError {
             gateway: addr.to_owned(),
-            reason: format!("tcp: {reason}"),
+            failure,
         };
+        let (host, _) = split_host_port(addr).ok_or_else(|| fail(DialFailure::NotHostPort))?;
+        let tcp_fail = |f| fail(DialFailure::Tcp(f));
         let name = self.server_name.as_deref().unwrap_or(host).to_owned();
-        let server_name = ServerName::try_from(name.clone())
-            .map_err(|e| fail(format!("server name {name:?}: {e}")))?;
+        let server_name = match ServerName::try_from(name.clone()) {
+            Ok(n) => n,
+            Err(error) => return Err(tcp_fail(TcpFailure::ServerName { name, error })),
+        };
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let link = match self.proxy.as_ref().filter(|p| p.applies_to(host)) {
             Some(proxy) => {
-                let io = proxy.connect(addr).await.map_err(fail)?;
+                let io = proxy
+                    .connect(addr)
+                    .await
+                    .map_err(|e| tcp_fail(TcpFailure::Proxy(e)))?;
                 let remote = tokio::net::lookup_host(addr)
                     .await
                     .ok()
                     .and_then(|mut a| a.next())
                     .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-                let tls = connector
-                    .connect(server_name, io)
-                    .await
-                    .map_err(|e| fail(format!("TLS through proxy {proxy}: {e}")))?;
+                let tls = connector.connect(server_name, io).await.map_err(|error| {
+                    tcp_fail(TcpFailure::TlsThroughProxy {
+                        proxy: proxy.to_string(),
+                        error,
+                    })
+                })?;
                 H2Link::server(tls, remote).await
             }
             None => {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| tcp_fail(TcpFailure::Connect(e)))?;
                 let _ = tcp.set_nodelay(true);
-                let remote = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+                let remote = tcp
+                    .peer_addr()
+                    .map_err(|e| tcp_fail(TcpFailure::Connect(e)))?;
                 let tls = connector
                     .connect(server_name, tcp)
                     .await
-                    .map_err(|e| fail(format!("TLS: {e}")))?;
+                    .map_err(|e| tcp_fail(TcpFailure::Tls(e)))?;
                 H2Link::server(tls, remote).await
             }
         };
-        link.map_err(|e| fail(format!("HTTP/2: {e}")))
+        link.map_err(|e| tcp_fail(TcpFailure::Http2(e)))
     }
-}
-
-/// `addr`'s host and port, or the error saying it is not `host:port`.
-fn host_of(addr: &str) -> Result<(&str, u16), AgentError> {
-    split_host_port(addr).ok_or_else(|| AgentError::Dial {
-        gateway: addr.to_owned(),
-        reason: "not host:port".into(),
-    })
 }
 
 /// A connection error in words an operator can act on.

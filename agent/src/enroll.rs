@@ -11,40 +11,33 @@
 //!   applies, like the TCP transport — check that the certificate returned carries this key
 //!   and chains to `tls.ca` or to the CA bundle that came with it (the gateway's, during a CA
 //!   rotation the new CA is only there), then write key, certificate, that bundle
-//!   (`gateway-ca.pem`, see [`crate::renew`]) and record (each atomically);
+//!   (`gateway-ca.pem`, see [`crate::renew`]) and record (each atomically, in the layout of
+//!   [`crate::state`]);
 //! - without a token and without a certificate: an error saying what to do.
 //!
 //! An unreachable gateway is retried with the reconnect backoff, each configured gateway in
 //! turn; a refusal (token unknown, used, expired or revoked; CSR refused) or a gateway whose
 //! certificate `tls.ca` does not trust ends the agent with a clear error.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use tether_api::v1;
 use tether_api::v1::enrollment_client::EnrollmentClient;
 use tether_runtime::digest::sha256_hex;
-use tether_runtime::tls;
+use tether_runtime::tls::{self, TlsError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tunnel_proto::{Backoff, ENROLL_ALPN};
 
-use crate::config::{AgentConfig, split_host_port};
-use crate::error::AgentError;
+use crate::certs::{self, CertificateError};
+use crate::config::{AgentConfig, ProxyConfigError, split_host_port};
 use crate::proxy::Proxy;
-
-/// The enrolled certificate inside `state_dir`.
-pub const CERT_FILE: &str = "agent.pem";
-/// Its private key (mode 0600).
-pub const KEY_FILE: &str = "agent-key.pem";
-/// Which token the certificate came from (its SHA-256), so a restart does not enroll again.
-pub const RECORD_FILE: &str = "enrollment.json";
+use crate::state::{StateDir, StateError, write_file};
 
 /// How long one enrollment exchange may take, connection included.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -88,7 +81,8 @@ pub enum EnrollError {
         /// The gateway address.
         gateway: String,
         /// What is wrong.
-        reason: String,
+        #[source]
+        reason: CertificateError,
     },
     /// No certificate in `state_dir` and no token to get one.
     #[error(
@@ -99,16 +93,17 @@ pub enum EnrollError {
         dir: PathBuf,
     },
     /// The state directory could not be written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The key or CSR could not be generated.
     #[error("generating the key and CSR: {0}")]
-    Key(String),
+    Key(#[source] rcgen::Error),
+    /// `tls.ca` could not be loaded.
+    #[error(transparent)]
+    TlsMaterial(#[from] TlsError),
+    /// `[proxy]` (or `HTTPS_PROXY`) names no usable proxy.
+    #[error("proxy: {0}")]
+    Proxy(#[from] ProxyConfigError),
 }
 
 impl EnrollError {
@@ -127,14 +122,15 @@ struct Record {
     agent: String,
 }
 
-/// Makes sure `state_dir` holds a certificate and key for the agent; see the module docs.
-pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
-    let Some(dir) = cfg.state_dir.as_deref() else {
+/// Makes sure `state_dir` holds a certificate and key for the agent; see the module docs. A
+/// renewal interrupted by a restart is to be finished first
+/// ([`StateDir::recover_renewal`]): it is the newer identity.
+pub async fn ensure(cfg: &AgentConfig) -> Result<(), EnrollError> {
+    let Some(state) = StateDir::of(cfg) else {
         return Ok(());
     };
-    // A renewal interrupted by a restart is finished first: it is the newer identity.
-    crate::renew::recover(cfg)?;
-    let (cert, key) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+    let dir = state.path();
+    let (cert, key) = (state.cert(), state.key());
     let have = cert.exists() && key.exists();
     let token = cfg
         .enrollment
@@ -148,13 +144,12 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
         } else {
             Err(EnrollError::NoToken {
                 dir: dir.to_owned(),
-            }
-            .into())
+            })
         };
     };
     let token_sha256 = sha256_hex(token.as_bytes());
     if have {
-        let used = std::fs::read(dir.join(RECORD_FILE))
+        let used = std::fs::read(state.record())
             .ok()
             .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
             .is_some_and(|r| r.token_sha256 == token_sha256);
@@ -165,11 +160,11 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
         tracing::info!(dir = %dir.display(), "a new enrollment token is configured: enrolling again");
     }
     let client = EnrollClient::new(cfg)?;
-    let key_pair = rcgen::KeyPair::generate().map_err(|e| EnrollError::Key(e.to_string()))?;
+    let key_pair = rcgen::KeyPair::generate().map_err(EnrollError::Key)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key_pair)
         .and_then(|c| c.pem())
-        .map_err(|e| EnrollError::Key(e.to_string()))?;
+        .map_err(EnrollError::Key)?;
     let mut backoff = Backoff::new(cfg.reconnect.initial_backoff, cfg.reconnect.max_backoff);
     let (gateway, response) = 'attempts: loop {
         let mut last = None;
@@ -180,14 +175,14 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
                     tracing::warn!(error = %e, "enrollment attempt failed; trying again");
                     last = Some(e);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         let delay = backoff.next_delay(rand::random::<f64>());
         tracing::info!(?delay, error = ?last.map(|e| e.to_string()), "enrolling again after backoff");
         tokio::time::sleep(delay).await;
     };
-    let bad = |reason: String| EnrollError::BadCertificate {
+    let bad = |reason: CertificateError| EnrollError::BadCertificate {
         gateway: gateway.clone(),
         reason,
     };
@@ -196,14 +191,10 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
     for c in CertificateDer::pem_slice_iter(response.ca_pem.as_bytes()).flatten() {
         let _ = roots.add(c);
     }
-    check_issued(&response.certificate_pem, &key_pem, &roots).map_err(bad)?;
-    create_dir(dir)?;
+    certs::check_issued(&response.certificate_pem, &key_pem, &roots).map_err(bad)?;
+    state.create()?;
     if !response.ca_pem.trim().is_empty() {
-        write_file(
-            &dir.join(crate::renew::CA_FILE),
-            response.ca_pem.as_bytes(),
-            false,
-        )?;
+        write_file(&state.ca(), response.ca_pem.as_bytes(), false)?;
     }
     write_file(&key, key_pem.as_bytes(), true)?;
     write_file(&cert, response.certificate_pem.as_bytes(), false)?;
@@ -212,7 +203,7 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
         agent: response.agent.clone(),
     };
     write_file(
-        &dir.join(RECORD_FILE),
+        &state.record(),
         &serde_json::to_vec_pretty(&record).expect("record serializes"),
         false,
     )?;
@@ -224,63 +215,6 @@ pub async fn ensure(cfg: &AgentConfig) -> Result<(), AgentError> {
     tracing::info!(agent = %response.agent, %gateway, %not_after, cert = %cert.display(),
         "enrolled: certificate and key written");
     Ok(())
-}
-
-/// Checks an issued certificate (PEM chain, leaf first): it chains to `roots` for client
-/// authentication and carries the key `key_pem`. Returns the chain.
-pub(crate) fn check_issued(
-    certificate_pem: &str,
-    key_pem: &str,
-    roots: &rustls::RootCertStore,
-) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(certificate_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM: {e}"))?;
-    let leaf = certs.first().ok_or("no certificate")?;
-    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots.clone()))
-        .build()
-        .map_err(|e| e.to_string())?
-        .verify_client_cert(leaf, &certs[1..], UnixTime::now())
-        .map_err(|e| format!("does not verify against the CA bundle: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    rustls::sign::CertifiedKey::from_der(
-        certs.clone(),
-        key,
-        &rustls::crypto::aws_lc_rs::default_provider(),
-    )
-    .map_err(|e| format!("it is not for this agent's key: {e}"))?;
-    Ok(certs)
-}
-
-pub(crate) fn create_dir(dir: &Path) -> Result<(), EnrollError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| EnrollError::Io {
-            path: dir.to_owned(),
-            source,
-        })
-}
-
-/// Writes beside and renames, so a reader never sees half a file; `secret` files are 0600
-/// from creation on.
-pub(crate) fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), EnrollError> {
-    let io = |source| EnrollError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(contents).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -305,7 +239,7 @@ impl std::fmt::Debug for EnrollClient {
 
 impl EnrollClient {
     /// TLS 1.3 trusting `tls.ca`, no client certificate, ALPN `tether-enroll/1`.
-    pub fn new(cfg: &AgentConfig) -> Result<EnrollClient, AgentError> {
+    pub fn new(cfg: &AgentConfig) -> Result<EnrollClient, EnrollError> {
         tls::install_crypto_provider();
         let roots = tls::load_roots(&cfg.tls.ca)?;
         let mut tls =
@@ -313,8 +247,7 @@ impl EnrollClient {
                 .with_root_certificates(roots)
                 .with_no_client_auth();
         tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
-        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())
-            .map_err(|e| AgentError::Tls(format!("proxy: {e}")))?;
+        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())?;
         Ok(EnrollClient {
             tls: Arc::new(tls),
             server_name: cfg.server_name.clone(),
@@ -393,7 +326,12 @@ impl EnrollClient {
                 reason: format!("server name {name:?}: {e}"),
             })?;
         let io: Box<dyn Io> = match self.proxy.as_ref().filter(|p| p.applies_to(host)) {
-            Some(proxy) => Box::new(proxy.connect(gateway).await.map_err(unreachable)?),
+            Some(proxy) => Box::new(
+                proxy
+                    .connect(gateway)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?,
+            ),
             None => {
                 let tcp = tokio::net::TcpStream::connect(gateway)
                     .await

@@ -1,6 +1,7 @@
-//! The agent's error type.
+//! The agent's error type: why it could not start. It wraps the errors of the modules below
+//! it (which never import it back), so the import graph has no circle through here.
 
-/// Why the agent could not start, or why one connection attempt failed.
+/// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AgentError {
@@ -10,16 +11,17 @@ pub enum AgentError {
     /// Certificates or keys could not be loaded: the operator's to fix.
     #[error(transparent)]
     TlsMaterial(#[from] tether_runtime::tls::TlsError),
-    /// The TLS configuration was refused: the operator's to fix.
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// One attempt to reach a gateway failed; the agent retries with backoff.
-    #[error("gateway {gateway}: {reason}")]
-    Dial {
-        /// The address dialed.
-        gateway: String,
-        /// What failed.
-        reason: String,
+    /// The agent's certificate, key or proxy cannot make a TLS client: the operator's to fix.
+    #[error(transparent)]
+    Dialer(#[from] crate::dialer::DialerError),
+    /// An upstream of `services` cannot be set up: the operator's to fix.
+    #[error("TLS: services.{service}: {error}")]
+    Upstream {
+        /// The service name.
+        service: String,
+        /// What is wrong.
+        #[source]
+        error: UpstreamError,
     },
     /// The agent's identity could not be fetched from where `identity.source` points (not found,
     /// access denied, throttled, unreachable): [`SecretsError::is_retryable`] says whether a
@@ -34,26 +36,38 @@ pub enum AgentError {
         #[source]
         error: crate::secrets::SecretsError,
     },
-    /// What `identity.source` points to is not a usable agent identity (not the expected JSON,
-    /// not PEM, key and certificate do not match, not an agent certificate): the operator's to
-    /// fix.
-    #[error("identity.source = \"{identity_source}\": {reason}")]
-    Identity {
-        /// The configured `identity.source`.
-        identity_source: String,
-        /// What is wrong (never key material).
-        reason: String,
-    },
+    /// The agent's identity is not usable (what `identity.source` points to is not an agent
+    /// identity, a certificate file is not an agent certificate, `state_dir` cannot be read):
+    /// the operator's to fix.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// Enrollment with `enrollment.token` failed for good (the token was refused, the gateway
     /// is not the one `tls.ca` trusts, the state directory cannot be written): the operator's
     /// to fix. Unreachable gateways are retried, not reported here.
     #[error(transparent)]
     Enrollment(#[from] crate::enroll::EnrollError),
-    /// A local listener could not be bound.
+    /// A local listener or file could not be set up.
     #[error("{what}: {source}")]
     Io {
         /// What was being done.
         what: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Why an upstream of `services` cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The address is not a URI tonic can dial, or its TLS settings are refused.
+    #[error("{0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    /// The `ca` file could not be read.
+    #[error("{}: {source}", path.display())]
+    Ca {
+        /// The file.
+        path: std::path::PathBuf,
         /// What the OS said.
         source: std::io::Error,
     },

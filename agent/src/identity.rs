@@ -13,20 +13,22 @@
 //! (without `ca`, `tls.ca` is used). The identity is loaded once at start: a rotated secret is
 //! picked up at the next restart. The key is never logged, and no error quotes it.
 //!
+//! This module reads and checks; choosing where from (enrolling first, fetching the secret) is
+//! wiring: [`Identity::load`], beside [`crate::run`].
+//!
 //! Renewed over the tunnel ([`crate::renew`]), a certificate is kept in `state_dir`, never
 //! written back to a Secret or Secrets Manager: at start a renewed certificate there of the same
 //! identity that is valid longer is used instead of the configured one, and the CA bundle
 //! that came with it is trusted in addition to `tls.ca` (or the secret's `ca`).
 
 use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tether_runtime::tls;
-use tunnel_proto::SpiffeId;
+use tether_runtime::tls::{self, TlsError};
 
-use crate::config::{AgentConfig, IdentitySource, is_unset};
-use crate::error::AgentError;
-use crate::secrets::{SecretValue, SecretsManager};
+use crate::certs::{self, CertificateError};
+use crate::config::{AgentConfig, is_unset};
+use crate::secrets::SecretValue;
+use crate::state::{self, StateDir, StateError};
 
 /// The key of the identity secret holding the agent's PEM certificate chain.
 pub const CERTIFICATE_KEY: &str = "certificate";
@@ -34,6 +36,37 @@ pub const CERTIFICATE_KEY: &str = "certificate";
 pub const PRIVATE_KEY_KEY: &str = "private_key";
 /// The optional key of the identity secret holding the PEM CA bundle.
 pub const CA_KEY: &str = "ca";
+
+/// Why the agent's identity could not be read: the operator's to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// A PEM file (`tls.ca`, `tls.cert`, `tls.key`) could not be loaded.
+    #[error(transparent)]
+    TlsMaterial(#[from] TlsError),
+    /// A certificate is not a usable agent certificate (`origin`: its file, or what it is).
+    #[error("TLS: {origin}: {error}")]
+    Certificate {
+        /// The file, or what the certificate is.
+        origin: String,
+        /// What is wrong.
+        #[source]
+        error: CertificateError,
+    },
+    /// What `identity.source` points to is not a usable agent identity (not the expected JSON,
+    /// not PEM, key and certificate do not match, not an agent certificate), or cannot be
+    /// loaded this way.
+    #[error("identity.source = \"{identity_source}\": {reason}")]
+    Source {
+        /// The configured `identity.source`.
+        identity_source: String,
+        /// What is wrong (never key material).
+        reason: String,
+    },
+    /// `state_dir` could not be read or written (finishing an interrupted renewal).
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 /// The agent's certificate chain and key, and the roots it trusts for the gateway.
 pub struct Identity {
@@ -59,62 +92,21 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// Loads the identity from where `identity.source` points; a Secrets Manager client is built
-    /// from `[aws]` (standard credential chain) only when needed.
-    pub async fn load(cfg: &AgentConfig) -> Result<Identity, AgentError> {
-        match &cfg.identity.source {
-            IdentitySource::Files => {
-                if cfg.enrolled_identity() {
-                    crate::enroll::ensure(cfg).await?;
-                }
-                Identity::from_files(cfg)
-            }
-            IdentitySource::AwsSecretsManager(_) => {
-                Identity::load_with(cfg, &SecretsManager::new(&cfg.aws).await).await
-            }
-        }
-    }
-
-    /// [`load`](Self::load) with a given Secrets Manager client.
-    pub async fn load_with(
-        cfg: &AgentConfig,
-        secrets: &SecretsManager,
-    ) -> Result<Identity, AgentError> {
-        match &cfg.identity.source {
-            IdentitySource::Files => Identity::from_files(cfg),
-            IdentitySource::AwsSecretsManager(secret_id) => {
-                let value =
-                    secrets
-                        .get(secret_id)
-                        .await
-                        .map_err(|error| AgentError::IdentityFetch {
-                            identity_source: cfg.identity.source.to_string(),
-                            error,
-                        })?;
-                crate::renew::recover(cfg)?;
-                let identity = crate::renew::with_stored(cfg, Identity::from_secret(cfg, &value)?);
-                tracing::info!(
-                    identity_source = %cfg.identity.source,
-                    version_id = %value.version_id,
-                    agent = %identity.agent,
-                    "agent identity loaded from AWS Secrets Manager"
-                );
-                Ok(identity)
-            }
-        }
-    }
-
     /// Reads `tls.ca`, `tls.cert` and `tls.key` (or the enrolled certificate and key in
     /// `state_dir`), with what a renewal kept in `state_dir` (see the module docs).
-    pub fn from_files(cfg: &AgentConfig) -> Result<Identity, AgentError> {
-        crate::renew::recover(cfg)?;
+    pub fn from_files(cfg: &AgentConfig) -> Result<Identity, IdentityError> {
+        if let Some(state) = StateDir::of(cfg) {
+            state.recover_renewal()?;
+        }
         let roots = tls::load_roots(&cfg.tls.ca)?;
-        let (cert, key) = cfg.identity_files();
+        let (cert, key) = state::identity_files(cfg);
         let certs = tls::load_certs("certificate", &cert)?;
         let key = tls::load_key(&key)?;
-        let agent = agent_id(&certs)
-            .map_err(|reason| AgentError::Tls(format!("{}: {reason}", cert.display())))?;
-        Ok(crate::renew::with_stored(
+        let agent = certs::agent_id(&certs).map_err(|error| IdentityError::Certificate {
+            origin: cert.display().to_string(),
+            error,
+        })?;
+        Ok(with_stored(
             cfg,
             Identity {
                 certs,
@@ -126,8 +118,8 @@ impl Identity {
     }
 
     /// Parses an identity secret's value (see the module docs); `tls.ca` when it has no `ca`.
-    pub fn from_secret(cfg: &AgentConfig, value: &SecretValue) -> Result<Identity, AgentError> {
-        let bad = |reason: String| AgentError::Identity {
+    pub fn from_secret(cfg: &AgentConfig, value: &SecretValue) -> Result<Identity, IdentityError> {
+        let bad = |reason: String| IdentityError::Source {
             identity_source: cfg.identity.source.to_string(),
             reason,
         };
@@ -142,29 +134,29 @@ impl Identity {
                 ))
             })
         };
-        let certs = pem_certs(field(CERTIFICATE_KEY)?)
+        let certs = certs::pem_chain(field(CERTIFICATE_KEY)?)
             .map_err(|e| bad(format!("`{CERTIFICATE_KEY}`: {e}")))?;
         // No detail from the parser: nothing about the key's bytes goes into an error.
-        let key = PrivateKeyDer::from_pem_slice(field(PRIVATE_KEY_KEY)?).map_err(|_| {
+        let key = certs::pem_key(field(PRIVATE_KEY_KEY)?).map_err(|_| {
             bad(format!(
                 "`{PRIVATE_KEY_KEY}` is not a PEM private key (PKCS#8, PKCS#1 or SEC1)"
             ))
         })?;
-        rustls::sign::CertifiedKey::from_der(
-            certs.clone(),
-            key.clone_key(),
-            &rustls::crypto::aws_lc_rs::default_provider(),
-        )
-        .map_err(|e| {
+        certs::check_pair(&certs, &key).map_err(|e| {
+            let why = match e {
+                CertificateError::KeyMismatch(e) => e.to_string(),
+                other => other.to_string(),
+            };
             bad(format!(
-                "`{PRIVATE_KEY_KEY}` does not go with `{CERTIFICATE_KEY}`: {e}"
+                "`{PRIVATE_KEY_KEY}` does not go with `{CERTIFICATE_KEY}`: {why}"
             ))
         })?;
-        let agent = agent_id(&certs).map_err(|e| bad(format!("`{CERTIFICATE_KEY}`: {e}")))?;
+        let agent =
+            certs::agent_id(&certs).map_err(|e| bad(format!("`{CERTIFICATE_KEY}`: {e}")))?;
         let roots = match value.get(CA_KEY) {
             Some(pem) => {
                 let mut roots = RootCertStore::empty();
-                for c in pem_certs(pem).map_err(|e| bad(format!("`{CA_KEY}`: {e}")))? {
+                for c in certs::pem_chain(pem).map_err(|e| bad(format!("`{CA_KEY}`: {e}")))? {
                     roots.add(c).map_err(|e| bad(format!("`{CA_KEY}`: {e}")))?;
                 }
                 roots
@@ -186,24 +178,58 @@ impl Identity {
     }
 }
 
-/// Every certificate of a PEM bundle; at least one.
-fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err("no CERTIFICATE block found".into());
+/// `identity` with what `state_dir` adds (see [`crate::renew`]): the CA bundle of the last
+/// renewal among its roots, and a renewed certificate of the same identity that is valid longer
+/// than the configured one in its place.
+pub fn with_stored(cfg: &AgentConfig, mut identity: Identity) -> Identity {
+    let Some(state) = StateDir::of(cfg) else {
+        return identity;
+    };
+    let bundle = state.ca();
+    if bundle.exists() {
+        match tls::load_certs("CA bundle", &bundle) {
+            Ok(certs) => {
+                for c in certs {
+                    let _ = identity.roots.add(c);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring the stored CA bundle"),
+        }
     }
-    Ok(certs)
-}
-
-/// `<tenant>/<agent>` from the leaf certificate's URI SAN.
-pub(crate) fn agent_id(certs: &[CertificateDer<'_>]) -> Result<String, String> {
-    let leaf = certs.first().ok_or("no certificate")?;
-    match tls::spiffe_id(leaf).map_err(|e| e.to_string())? {
-        SpiffeId::Agent { id, .. } => Ok(id.to_string()),
-        other => Err(format!(
-            "{other} is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)"
-        )),
+    if cfg.enrolled_identity() {
+        // The state files are the identity already.
+        return identity;
     }
+    let (cert, key) = (state.cert(), state.key());
+    let (Ok(cert_pem), Ok(key_pem)) = (
+        std::fs::read_to_string(&cert),
+        std::fs::read_to_string(&key),
+    ) else {
+        return identity;
+    };
+    let stored = certs::pair(&cert_pem, &key_pem).and_then(|(certs, key)| {
+        let agent = certs::agent_id(&certs)?;
+        let (_, not_after) = tls::validity(&certs[0])?;
+        Ok((certs, key, agent, not_after))
+    });
+    let configured = identity
+        .certs
+        .first()
+        .and_then(|c| tls::validity(c).ok())
+        .map(|(_, not_after)| not_after);
+    match stored {
+        Ok((certs, key, agent, not_after))
+            if agent == identity.agent && configured.is_none_or(|c| not_after > c) =>
+        {
+            tracing::info!(cert = %cert.display(), not_after = %humantime::format_rfc3339_seconds(not_after),
+                "using the renewed certificate kept in state_dir (the configured one expires sooner)");
+            identity.certs = certs;
+            identity.key = key;
+        }
+        Ok(_) => {}
+        Err(reason) => {
+            tracing::warn!(cert = %cert.display(), %reason, "ignoring the certificate kept in state_dir")
+        }
+    }
+    identity
 }

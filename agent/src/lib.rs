@@ -5,13 +5,20 @@
 //! nothing but its loopback ops endpoint.
 //!
 //! # Layout
-//! Layers only look down: transport → session → feature → backend.
+//! Layers only look down: transport → session → feature → backend; no circle of imports runs
+//! through the modules (the leaves [`config`], [`policy`] and [`certs`] import no feature, and
+//! [`error`] wraps the errors of the modules below it, which never import it back).
 //! - [`dialer`] (transport): QUIC + TLS client, one connected UDP socket per session;
-//! - [`identity`]: the agent's certificate and key, from files or Secrets Manager;
+//! - [`proxy`] (transport): HTTP CONNECT through a proxy, for the TCP fallback;
+//! - [`identity`]: the agent's certificate and key, from files or a Secrets Manager secret
+//!   ([`Identity::load`], the wiring that chooses, is here in `lib.rs`);
+//! - [`certs`]: checks on PEM certificates and keys (a leaf);
+//! - [`state`] (backend): the `state_dir` file layout and its atomic writes;
 //! - [`enroll`] (transport + wiring): enrolling with a bootstrap token for a key made here;
 //! - [`renew`] (wiring + session): renewing the certificate over the tunnel at two thirds of
 //!   its lifetime, kept in `state_dir`;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
+//!   each session runs on `tether_runtime::driver`, and how it ended is a [`supervisor::Ended`];
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
@@ -25,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod aws;
+pub mod certs;
 pub mod commands;
 pub mod config;
 pub mod dialer;
@@ -39,6 +47,7 @@ pub mod proxy;
 pub mod relay;
 pub mod renew;
 pub mod secrets;
+pub mod state;
 pub mod status;
 pub mod supervisor;
 
@@ -50,7 +59,7 @@ use tunnel_proto::message::Hello;
 
 pub use config::AgentConfig;
 pub use error::AgentError;
-pub use identity::Identity;
+pub use identity::{Identity, IdentityError};
 pub use status::AgentStatus;
 
 /// The agent's software version, sent in `Hello`.
@@ -121,12 +130,13 @@ pub fn start_with_handlers(
     handlers: Arc<commands::Handlers>,
 ) -> Result<AgentHandle, AgentError> {
     if cfg.identity.source != config::IdentitySource::Files {
-        return Err(AgentError::Identity {
+        return Err(IdentityError::Source {
             identity_source: cfg.identity.source.to_string(),
             reason: "is fetched asynchronously: start the agent with run(), or with \
                      Identity::load then start_with_identity"
                 .into(),
-        });
+        }
+        .into());
     }
     start_with_identity(cfg, Identity::from_files(cfg)?, ops, shutdown, handlers)
 }
@@ -240,4 +250,61 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
     handle.wait().await;
     Ok(())
+}
+
+// === Loading the identity (wiring) ===
+
+impl Identity {
+    /// Loads the identity from where `identity.source` points: files (enrolling first when the
+    /// identity is an enrolled one and needs it, see [`enroll`]) or a Secrets Manager secret,
+    /// whose client is built from `[aws]` (standard credential chain) only when needed.
+    pub async fn load(cfg: &AgentConfig) -> Result<Identity, AgentError> {
+        match &cfg.identity.source {
+            config::IdentitySource::Files => {
+                if cfg.enrolled_identity() {
+                    // A renewal interrupted by a restart is finished first: it is the newer
+                    // identity.
+                    if let Some(state) = state::StateDir::of(cfg) {
+                        state.recover_renewal().map_err(IdentityError::from)?;
+                    }
+                    enroll::ensure(cfg).await?;
+                }
+                Ok(Identity::from_files(cfg)?)
+            }
+            config::IdentitySource::AwsSecretsManager(_) => {
+                Identity::load_with(cfg, &secrets::SecretsManager::new(&cfg.aws).await).await
+            }
+        }
+    }
+
+    /// [`load`](Self::load) with a given Secrets Manager client.
+    pub async fn load_with(
+        cfg: &AgentConfig,
+        secrets: &secrets::SecretsManager,
+    ) -> Result<Identity, AgentError> {
+        match &cfg.identity.source {
+            config::IdentitySource::Files => Ok(Identity::from_files(cfg)?),
+            config::IdentitySource::AwsSecretsManager(secret_id) => {
+                let value =
+                    secrets
+                        .get(secret_id)
+                        .await
+                        .map_err(|error| AgentError::IdentityFetch {
+                            identity_source: cfg.identity.source.to_string(),
+                            error,
+                        })?;
+                if let Some(state) = state::StateDir::of(cfg) {
+                    state.recover_renewal().map_err(IdentityError::from)?;
+                }
+                let identity = identity::with_stored(cfg, Identity::from_secret(cfg, &value)?);
+                tracing::info!(
+                    identity_source = %cfg.identity.source,
+                    version_id = %value.version_id,
+                    agent = %identity.agent,
+                    "agent identity loaded from AWS Secrets Manager"
+                );
+                Ok(identity)
+            }
+        }
+    }
 }

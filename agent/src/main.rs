@@ -84,8 +84,9 @@ fn main() -> ExitCode {
             Err(
                 e @ (tether_agent::AgentError::Config(_)
                 | tether_agent::AgentError::TlsMaterial(_)
-                | tether_agent::AgentError::Tls(_)
-                | tether_agent::AgentError::Identity { .. }
+                | tether_agent::AgentError::Dialer(_)
+                | tether_agent::AgentError::Upstream { .. }
+                | tether_agent::AgentError::Identity(_)
                 | tether_agent::AgentError::Enrollment(_)),
             ) => {
                 tracing::error!("{e}");

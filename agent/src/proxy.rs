@@ -14,7 +14,79 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use crate::config::{ProxyConfig, redact_url as redacted};
+use crate::config::{ProxyConfig, ProxyConfigError, ProxySettings};
+
+/// Why CONNECT through the proxy failed. Never shows credentials.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The proxy could not be reached.
+    #[error("proxy {proxy}: {source}")]
+    Connect {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange with the proxy failed.
+    #[error("proxy {proxy}: {source}")]
+    Http {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// What hyper said.
+        source: hyper::Error,
+    },
+    /// The CONNECT request could not be built (the target is not an authority).
+    #[error("CONNECT {target}: {source}")]
+    Request {
+        /// The target, `host:port`.
+        target: String,
+        /// What http said.
+        source: http::Error,
+    },
+    /// The credentials cannot travel in a header.
+    #[error("proxy credentials are not valid header text")]
+    Credentials,
+    /// The exchange failed after the request was sent (or the upgrade to a tunnel did).
+    #[error("proxy {proxy}: CONNECT {target}: {source}")]
+    Exchange {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// The target, `host:port`.
+        target: String,
+        /// What hyper said.
+        source: hyper::Error,
+    },
+    /// The proxy asks for credentials, or refused the ones sent (401 or 407).
+    #[error(
+        "proxy {proxy} refused CONNECT {target}: {status} proxy authentication required ({})",
+        if *.sent_credentials {
+            "the proxy refused the credentials (check proxy.username and proxy.password, or the credentials in the URL)"
+        } else {
+            "set proxy.username and proxy.password, or credentials in the URL"
+        }
+    )]
+    AuthenticationRequired {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// The target, `host:port`.
+        target: String,
+        /// 401 or 407.
+        status: u16,
+        /// Whether credentials were sent.
+        sent_credentials: bool,
+    },
+    /// The proxy refused the CONNECT.
+    #[error("proxy {proxy} refused CONNECT {target}: {status}")]
+    Refused {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// The target, `host:port`.
+        target: String,
+        /// Its answer.
+        status: http::StatusCode,
+    },
+}
 
 /// A proxy to CONNECT through.
 #[derive(Clone)]
@@ -50,70 +122,18 @@ impl Proxy {
     pub fn from_config(
         cfg: &ProxyConfig,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<Proxy>, String> {
-        let var = |a: &str, b: &str| env(a).or_else(|| env(b)).filter(|v| !v.trim().is_empty());
-        let (url, source) = match &cfg.url {
-            Some(u) => (u.clone(), "proxy.url".to_owned()),
-            None => match (env("HTTPS_PROXY"), env("https_proxy")) {
-                (Some(u), _) if !u.trim().is_empty() => (u, "HTTPS_PROXY".into()),
-                (_, Some(u)) if !u.trim().is_empty() => (u, "https_proxy".into()),
-                _ => return Ok(None),
-            },
-        };
-        let no_proxy = cfg
-            .no_proxy
-            .clone()
-            .or_else(|| var("NO_PROXY", "no_proxy"))
-            .unwrap_or_default();
-        let url = url.trim();
-        let rest = if let Some(r) = url.strip_prefix("http://") {
-            r
-        } else if url.contains("://") {
-            return Err(format!(
-                "{source}: {} is not an http:// proxy (the agent speaks plain HTTP CONNECT to \
-                 its proxy; the tunnel inside is TLS)",
-                redacted(url)
-            ));
-        } else {
-            url
-        };
-        let rest = rest.trim_end_matches('/');
-        let (userinfo, hostport) = match rest.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, rest),
-        };
-        let (host, port) = match crate::config::split_host_port(hostport) {
-            Some((h, p)) => (h.to_owned(), p),
-            None if !hostport.is_empty() && !hostport.contains(':') => (hostport.to_owned(), 80),
-            None => {
-                return Err(format!(
-                    "{source}: {} has no valid host:port",
-                    redacted(url)
-                ));
-            }
-        };
-        let from_url = userinfo.map(|u| match u.split_once(':') {
-            Some((user, pass)) => (percent_decode(user), percent_decode(pass)),
-            None => (percent_decode(u), String::new()),
-        });
-        let creds = match (&cfg.username, &cfg.password) {
-            (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
-            (None, Some(_)) => {
-                return Err("proxy.password is set without proxy.username".into());
-            }
-            (None, None) => from_url,
-        };
-        let auth = creds.map(|(u, p)| basic(&u, &p));
-        Ok(Some(Proxy {
-            host,
-            port,
-            auth,
-            no_proxy: no_proxy
-                .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .filter(|s| !s.is_empty())
-                .collect(),
-        }))
+    ) -> Result<Option<Proxy>, ProxyConfigError> {
+        Ok(cfg.resolve(env)?.map(Proxy::new))
+    }
+
+    /// A proxy as configured.
+    pub fn new(settings: ProxySettings) -> Proxy {
+        Proxy {
+            host: settings.host,
+            port: settings.port,
+            auth: settings.credentials.map(|(u, p)| basic(&u, &p)),
+            no_proxy: settings.no_proxy,
+        }
     }
 
     /// True when `host` is to be reached through this proxy (not listed in `no_proxy`).
@@ -136,52 +156,67 @@ impl Proxy {
     }
 
     /// Opens a TCP connection to the proxy and asks it to CONNECT to `target` (`host:port`).
-    pub async fn connect(&self, target: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+    pub async fn connect(
+        &self,
+        target: &str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ProxyError> {
+        let proxy = || self.to_string();
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("proxy {self}: {e}"))?;
+            .map_err(|source| ProxyError::Connect {
+                proxy: proxy(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("proxy {self}: {e}"))?;
+            .map_err(|source| ProxyError::Http {
+                proxy: proxy(),
+                source,
+            })?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
         let mut req = http::Request::connect(target)
             .header(http::header::HOST, target)
             .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("CONNECT {target}: {e}"))?;
+            .map_err(|source| ProxyError::Request {
+                target: target.to_owned(),
+                source,
+            })?;
         if let Some(auth) = &self.auth {
-            let value = http::HeaderValue::from_str(auth)
-                .map_err(|_| "proxy credentials are not valid header text".to_owned())?;
+            let value = http::HeaderValue::from_str(auth).map_err(|_| ProxyError::Credentials)?;
             req.headers_mut()
                 .insert(http::header::PROXY_AUTHORIZATION, value);
         }
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("proxy {self}: CONNECT {target}: {e}"))?;
+        let exchange = |source| ProxyError::Exchange {
+            proxy: proxy(),
+            target: target.to_owned(),
+            source,
+        };
+        let resp = sender.send_request(req).await.map_err(exchange)?;
         match resp.status() {
             s if s.is_success() => {}
             // 407 is the standard answer; some proxies (tinyproxy) answer wrong credentials
             // with 401 instead.
-            http::StatusCode::PROXY_AUTHENTICATION_REQUIRED | http::StatusCode::UNAUTHORIZED => {
-                let what = if self.auth.is_some() {
-                    "the proxy refused the credentials (check proxy.username and proxy.password, \
-                     or the credentials in the URL)"
-                } else {
-                    "set proxy.username and proxy.password, or credentials in the URL"
-                };
-                return Err(format!(
-                    "proxy {self} refused CONNECT {target}: {} proxy authentication required ({what})",
-                    resp.status().as_u16()
-                ));
+            s @ (http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            | http::StatusCode::UNAUTHORIZED) => {
+                return Err(ProxyError::AuthenticationRequired {
+                    proxy: proxy(),
+                    target: target.to_owned(),
+                    status: s.as_u16(),
+                    sent_credentials: self.auth.is_some(),
+                });
             }
-            s => return Err(format!("proxy {self} refused CONNECT {target}: {s}")),
+            status => {
+                return Err(ProxyError::Refused {
+                    proxy: proxy(),
+                    target: target.to_owned(),
+                    status,
+                });
+            }
         }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|e| format!("proxy {self}: CONNECT {target}: {e}"))?;
+        let upgraded = hyper::upgrade::on(resp).await.map_err(exchange)?;
         Ok(TokioIo::new(upgraded))
     }
 }
@@ -201,12 +236,6 @@ fn in_cidr(ip: IpAddr, net: &str, bits: &str) -> bool {
         }
         _ => false,
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// `Basic base64(user:pass)`.
@@ -256,13 +285,17 @@ mod tests {
 
     #[test]
     fn bad_proxies_are_named_without_their_credentials() {
-        let e = Proxy::from_config(&cfg(Some("https://u:pw@p:443")), |_| None).unwrap_err();
+        let e = Proxy::from_config(&cfg(Some("https://u:pw@p:443")), |_| None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("proxy.url") && e.contains("not an http:// proxy"),
             "{e}"
         );
         assert!(!e.contains("pw"), "{e}");
-        let e = Proxy::from_config(&cfg(Some("http://u:pw@p:notaport")), |_| None).unwrap_err();
+        let e = Proxy::from_config(&cfg(Some("http://u:pw@p:notaport")), |_| None)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("pw") && e.contains("host:port"), "{e}");
     }
 

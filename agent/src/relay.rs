@@ -26,7 +26,7 @@ use tunnel_proto::message::{OpenResult, ResponseHead, StreamHeader, StreamKind, 
 use tunnel_proto::{ErrorCode, Message};
 
 use crate::config::{AgentConfig, ServiceKind};
-use crate::error::AgentError;
+use crate::error::{AgentError, UpstreamError};
 
 /// Errors of upstream services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -80,20 +80,29 @@ impl Services {
                     address: s.address.clone(),
                 },
                 ServiceKind::Grpc => {
-                    let bad = |e: String| AgentError::Tls(format!("services.{name}: {e}"));
+                    let bad = |error| AgentError::Upstream {
+                        service: name.clone(),
+                        error,
+                    };
                     let mut ep = Endpoint::from_shared(s.address.clone())
-                        .map_err(|e| bad(e.to_string()))?
+                        .map_err(|e| bad(UpstreamError::Endpoint(e)))?
                         .connect_timeout(Duration::from_secs(5))
                         .tcp_nodelay(true);
                     if let Some(ca) = &s.ca {
-                        let pem =
-                            std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+                        let pem = std::fs::read(ca).map_err(|source| {
+                            bad(UpstreamError::Ca {
+                                path: ca.clone(),
+                                source,
+                            })
+                        })?;
                         let mut tls =
                             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
                         if let Some(n) = &s.server_name {
                             tls = tls.domain_name(n.clone());
                         }
-                        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+                        ep = ep
+                            .tls_config(tls)
+                            .map_err(|e| bad(UpstreamError::Endpoint(e)))?;
                     }
                     let channel = ep.connect_lazy();
                     Upstream::Grpc {
@@ -120,18 +129,26 @@ impl Services {
 }
 
 /// What the session layer watches on one connection: streams in flight (a retired session
-/// closes once they are done) and when the gateway last probed it.
+/// closes once they are done) and when the gateway last probed it. Read by the session's driver
+/// only at its deadlines, and woken by [`LinkStats::idle`]: nothing here is polled.
 #[derive(Debug)]
 pub struct LinkStats {
     active: std::sync::atomic::AtomicUsize,
-    last_probe: std::sync::Mutex<std::time::Instant>,
+    /// Notified when `active` drops to zero.
+    became_idle: tokio::sync::Notify,
+    /// When serving began; `last_probe` counts from it.
+    since: Instant,
+    /// Nanoseconds from `since` to the last probe.
+    last_probe: std::sync::atomic::AtomicU64,
 }
 
 impl Default for LinkStats {
     fn default() -> Self {
         LinkStats {
             active: Default::default(),
-            last_probe: std::sync::Mutex::new(std::time::Instant::now()),
+            became_idle: tokio::sync::Notify::new(),
+            since: Instant::now(),
+            last_probe: Default::default(),
         }
     }
 }
@@ -142,9 +159,29 @@ impl LinkStats {
         self.active.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Resolves once no stream is being served (at once when none is).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.became_idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// When the gateway's last probe arrived (or when serving began).
-    pub fn last_probe(&self) -> std::time::Instant {
-        *self.last_probe.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn last_probe(&self) -> Instant {
+        let nanos = self.last_probe.load(std::sync::atomic::Ordering::Relaxed);
+        self.since + Duration::from_nanos(nanos)
+    }
+
+    fn probed(&self) {
+        let nanos = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_probe
+            .store(nanos, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -156,7 +193,9 @@ pub async fn serve(link: Link, services: Arc<Services>, stats: Arc<LinkStats>) {
         stats.active.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             handle(send, recv, services, &stats).await;
-            stats.active.fetch_sub(1, Ordering::SeqCst);
+            if stats.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                stats.became_idle.notify_waiters();
+            }
         });
     }
 }
@@ -195,7 +234,7 @@ async fn handle(
         StreamKind::Tcp => tcp(header, framed, send, &services).await,
         StreamKind::Command => services.commands.clone().serve(header, framed, send).await,
         StreamKind::Probe => {
-            *stats.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+            stats.probed();
             let ok = Message::OpenResult(OpenResult {
                 ok: true,
                 ..Default::default()

@@ -26,34 +26,29 @@
 //! moment, `renewed.pem`. Every file is written beside and renamed. Key and certificate are two
 //! files, so the new pair is first written as one (`renewed.pem`, the commit point), then
 //! installed, then that file removed; a start that finds it (a crash in between) installs it
-//! first ([`recover`]). An identity from `tls.cert`/`tls.key` (a Kubernetes Secret mount) or
+//! first ([`crate::state::StateDir::recover_renewal`]; the layout is [`crate::state`]'s). An identity from `tls.cert`/`tls.key` (a Kubernetes Secret mount) or
 //! from Secrets Manager is not written back to its source: the renewed pair goes to
 //! `state_dir`, and at start the agent uses it instead of the configured one when it is the
 //! same identity and valid longer. Without `state_dir` the renewed certificate lives in memory
 //! only.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tether_runtime::CancellationToken;
 use tether_runtime::tls;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tunnel_proto::Backoff;
 use tunnel_proto::message::RenewResponse;
 
+use crate::certs::{self, CertificateError};
 use crate::config::AgentConfig;
 use crate::dialer::Dialer;
-use crate::enroll::{CERT_FILE, KEY_FILE, create_dir, write_file};
 use crate::error::AgentError;
-use crate::identity::Identity;
-
-/// The renewed pair, certificate then key, while it is being installed (the commit point).
-pub const RENEWED_FILE: &str = "renewed.pem";
-/// The CA bundle that came with the last certificate.
-pub const CA_FILE: &str = "gateway-ca.pem";
+use crate::identity::{Identity, IdentityError};
+use crate::state::StateDir;
 
 /// How long the gateway gets to answer a renewal.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,7 +155,10 @@ fn current(generation: u64, dialer: Dialer, identity: Identity) -> Result<Curren
     let leaf = identity
         .certs
         .first()
-        .ok_or_else(|| AgentError::Tls("no certificate".into()))?;
+        .ok_or_else(|| IdentityError::Certificate {
+            origin: "the identity in use".into(),
+            error: CertificateError::Missing,
+        })?;
     let (not_before, not_after) = tls::validity(leaf)?;
     Ok(Current {
         generation,
@@ -196,15 +194,24 @@ enum RenewError {
     /// The gateway said no (revoked, a refused CSR, renewal not enabled).
     #[error("the gateway refused the renewal (code {code}): {message}")]
     Refused { code: i32, message: String },
-    /// No answer: the session ended or the gateway took too long.
-    #[error("no answer from the gateway: {0}")]
-    NoAnswer(String),
+    /// The session ended before the gateway answered.
+    #[error("no answer from the gateway: the session ended first")]
+    SessionEnded,
+    /// The gateway took longer than this.
+    #[error("no answer from the gateway: none within {0:?}")]
+    Timeout(Duration),
     /// What came back is not usable.
     #[error("the gateway returned an unusable certificate: {0}")]
-    BadCertificate(String),
+    BadCertificate(#[source] CertificateError),
+    /// What came back is another agent's certificate.
+    #[error("the gateway returned an unusable certificate: it is for {got}, not {want}")]
+    WrongAgent { got: String, want: String },
+    /// The certificate cannot make a TLS client.
+    #[error("the gateway returned an unusable certificate: {0}")]
+    Unusable(#[source] AgentError),
     /// The key or CSR could not be made.
     #[error("generating the key and CSR: {0}")]
-    Key(String),
+    Key(#[source] rcgen::Error),
 }
 
 impl RenewError {
@@ -313,20 +320,20 @@ async fn renew_once(
     session: mpsc::Sender<RenewOrder>,
     cfg: &AgentConfig,
 ) -> Result<Arc<Current>, RenewError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| RenewError::Key(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().map_err(RenewError::Key)?;
     let csr_pem = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .and_then(|c| c.pem())
-        .map_err(|e| RenewError::Key(e.to_string()))?;
+        .map_err(RenewError::Key)?;
     let (reply, answer) = oneshot::channel();
     session
         .send(RenewOrder { csr_pem, reply })
         .await
-        .map_err(|_| RenewError::NoAnswer("the session ended".into()))?;
+        .map_err(|_| RenewError::SessionEnded)?;
     let resp = tokio::time::timeout(ANSWER_TIMEOUT, answer)
         .await
-        .map_err(|_| RenewError::NoAnswer(format!("none within {ANSWER_TIMEOUT:?}")))?
-        .map_err(|_| RenewError::NoAnswer("the session ended first".into()))?;
+        .map_err(|_| RenewError::Timeout(ANSWER_TIMEOUT))?
+        .map_err(|_| RenewError::SessionEnded)?;
     if resp.code != 0 {
         return Err(RenewError::Refused {
             code: resp.code,
@@ -339,31 +346,35 @@ async fn renew_once(
     for c in CertificateDer::pem_slice_iter(resp.ca_pem.as_bytes()).flatten() {
         let _ = roots.add(c);
     }
-    let certs = crate::enroll::check_issued(&resp.certificate_pem, &key_pem, &roots)
+    let certs = certs::check_issued(&resp.certificate_pem, &key_pem, &roots)
         .map_err(RenewError::BadCertificate)?;
-    let agent = crate::identity::agent_id(&certs).map_err(RenewError::BadCertificate)?;
+    let agent = certs::agent_id(&certs).map_err(RenewError::BadCertificate)?;
     if agent != cur.identity.agent {
-        return Err(RenewError::BadCertificate(format!(
-            "it is for {agent}, not {}",
-            cur.identity.agent
-        )));
+        return Err(RenewError::WrongAgent {
+            got: agent,
+            want: cur.identity.agent.clone(),
+        });
     }
     let identity = Identity {
         certs,
-        key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| RenewError::Key(e.to_string()))?,
+        key: certs::pem_key(key_pem.as_bytes()).map_err(RenewError::BadCertificate)?,
         roots,
         agent,
     };
-    let saved = match cfg.state_dir.clone() {
-        Some(dir) => {
+    let saved = match StateDir::of(cfg) {
+        Some(state) => {
             let (cert_pem, ca_pem) = (resp.certificate_pem.clone(), resp.ca_pem.clone());
             let key_pem = key_pem.clone();
-            let r = tokio::task::spawn_blocking(move || save(&dir, &cert_pem, &key_pem, &ca_pem))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let dir = state.path().to_owned();
+            let r = tokio::task::spawn_blocking(move || {
+                state
+                    .save_renewed(&cert_pem, &key_pem, &ca_pem)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
             if let Err(e) = &r {
-                tracing::error!(error = %e, state_dir = %cfg.state_dir.as_deref().unwrap_or(Path::new("")).display(),
+                tracing::error!(error = %e, state_dir = %dir.display(),
                     "the renewed certificate could not be saved: using it, but a restart will start from the previous one");
             }
             r.is_ok()
@@ -377,7 +388,7 @@ async fn renew_once(
     };
     let next = credentials
         .install(identity)
-        .map_err(|e| RenewError::BadCertificate(e.to_string()))?;
+        .map_err(RenewError::Unusable)?;
     metrics::counter!("tether_agent_renewals_total",
         "result" => if saved || cfg.state_dir.is_none() { "renewed" } else { "unsaved" })
     .increment(1);
@@ -385,145 +396,6 @@ async fn renew_once(
     tracing::info!(agent = %next.identity.agent, not_after = %rfc3339(next.not_after),
         generation = next.generation, "certificate renewed: moving to new sessions");
     Ok(next)
-}
-
-/// Keeps a renewed pair and its CA bundle in `dir`; see the module docs.
-fn save(dir: &Path, cert_pem: &str, key_pem: &str, ca_pem: &str) -> std::io::Result<()> {
-    create_dir(dir).map_err(io)?;
-    if !ca_pem.trim().is_empty() {
-        write_file(&dir.join(CA_FILE), ca_pem.as_bytes(), false).map_err(io)?;
-    }
-    let pair = format!("{}\n{key_pem}", cert_pem.trim_end());
-    write_file(&dir.join(RENEWED_FILE), pair.as_bytes(), true).map_err(io)?;
-    install(dir, cert_pem, key_pem)
-}
-
-/// Puts a committed pair in place of `agent.pem`/`agent-key.pem` and drops the commit file.
-fn install(dir: &Path, cert_pem: &str, key_pem: &str) -> std::io::Result<()> {
-    write_file(&dir.join(KEY_FILE), key_pem.as_bytes(), true).map_err(io)?;
-    write_file(&dir.join(CERT_FILE), cert_pem.as_bytes(), false).map_err(io)?;
-    std::fs::remove_file(dir.join(RENEWED_FILE))?;
-    // The renames are durable once the directory is.
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn io(e: crate::enroll::EnrollError) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-/// Finishes a renewal interrupted between its commit and its install (see the module docs); a
-/// commit file that is not a matching pair is removed.
-pub fn recover(cfg: &AgentConfig) -> Result<(), AgentError> {
-    let Some(dir) = cfg.state_dir.as_deref() else {
-        return Ok(());
-    };
-    let path = dir.join(RENEWED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(AgentError::Io {
-                what: format!("reading {}", path.display()),
-                source,
-            });
-        }
-    };
-    let split = text
-        .find("-----BEGIN PRIVATE KEY-----")
-        .unwrap_or(text.len());
-    let (cert_pem, key_pem) = text.split_at(split);
-    let io = |source| AgentError::Io {
-        what: format!("installing {}", path.display()),
-        source,
-    };
-    match pair(cert_pem, key_pem) {
-        Ok(_) => {
-            tracing::info!(file = %path.display(), "finishing a certificate renewal interrupted by a restart");
-            install(dir, cert_pem, key_pem).map_err(io)
-        }
-        Err(reason) => {
-            tracing::warn!(file = %path.display(), %reason, "removing an unusable renewal file");
-            std::fs::remove_file(&path).map_err(io)
-        }
-    }
-}
-
-/// The certificate chain and key of PEM texts, when they belong together.
-fn pair(
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|_| "no usable private key".to_owned())?;
-    rustls::sign::CertifiedKey::from_der(
-        certs.clone(),
-        key.clone_key(),
-        &rustls::crypto::aws_lc_rs::default_provider(),
-    )
-    .map_err(|e| format!("the key does not go with the certificate: {e}"))?;
-    Ok((certs, key))
-}
-
-/// `identity` with what `state_dir` adds (see the module docs): the CA bundle of the last
-/// renewal among its roots, and a renewed certificate of the same identity that is valid longer
-/// than the configured one in its place.
-pub fn with_stored(cfg: &AgentConfig, mut identity: Identity) -> Identity {
-    let Some(dir) = cfg.state_dir.as_deref() else {
-        return identity;
-    };
-    let bundle = dir.join(CA_FILE);
-    if bundle.exists() {
-        match tls::load_certs("CA bundle", &bundle) {
-            Ok(certs) => {
-                for c in certs {
-                    let _ = identity.roots.add(c);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring the stored CA bundle"),
-        }
-    }
-    if cfg.enrolled_identity() {
-        // The state files are the identity already.
-        return identity;
-    }
-    let (cert, key) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-    let (Ok(cert_pem), Ok(key_pem)) = (
-        std::fs::read_to_string(&cert),
-        std::fs::read_to_string(&key),
-    ) else {
-        return identity;
-    };
-    let stored = pair(&cert_pem, &key_pem).and_then(|(certs, key)| {
-        let agent = crate::identity::agent_id(&certs)?;
-        let (_, not_after) = tls::validity(&certs[0]).map_err(|e| e.to_string())?;
-        Ok((certs, key, agent, not_after))
-    });
-    let configured = identity
-        .certs
-        .first()
-        .and_then(|c| tls::validity(c).ok())
-        .map(|(_, not_after)| not_after);
-    match stored {
-        Ok((certs, key, agent, not_after))
-            if agent == identity.agent && configured.is_none_or(|c| not_after > c) =>
-        {
-            tracing::info!(cert = %cert.display(), not_after = %rfc3339(not_after),
-                "using the renewed certificate kept in state_dir (the configured one expires sooner)");
-            identity.certs = certs;
-            identity.key = key;
-        }
-        Ok(_) => {}
-        Err(reason) => {
-            tracing::warn!(cert = %cert.display(), %reason, "ignoring the certificate kept in state_dir")
-        }
-    }
-    identity
 }
 
 fn unix(t: SystemTime) -> f64 {

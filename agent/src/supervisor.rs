@@ -21,6 +21,12 @@
 //! flight fails. A session the gateway stops probing for three of its announced probe
 //! intervals is wedged: it is replaced like after `GoAway`.
 //!
+//! Each session runs on the shared control-stream driver (`tether_runtime::driver`); what only
+//! the agent does there (renewal orders, the drain of a retired session, the wedged-session
+//! check) is its [`Side`], woken by deadlines and channels, never by a tick. How an attempt
+//! ended is an [`Ended`], and the retry policy decides on its methods ([`Ended::is_revoked`],
+//! [`Ended::is_over_limit`], [`Ended::is_retired`]), never on its text.
+//!
 //! A renewed certificate ([`crate::renew`]) replaces every session the same way: once nothing
 //! is being dialed, a session presenting an older certificate is replaced by one dialed with
 //! the new. Each established session to a gateway that renews certificates takes renewal
@@ -30,17 +36,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use rustls::AlertDescription;
 use tether_runtime::CancellationToken;
+use tether_runtime::driver::{self, SessionEnd, Side};
+use tether_runtime::stream::StreamError;
 use tether_runtime::transport::{Link, Transport};
 use tokio::sync::{mpsc, oneshot};
-use tunnel_proto::message::Hello;
+use tunnel_proto::message::{Hello, RenewResponse};
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
 use tunnel_proto::{Backoff, ErrorCode};
 
 use crate::config::TransportMode;
-use crate::dialer::Dialer;
+use crate::dialer::{DialError, DialFailure, Dialer};
 use crate::relay::LinkStats;
-use crate::renew::{Credentials, SessionRenewals};
+use crate::renew::{Credentials, RenewOrder, SessionRenewals};
 use crate::status::{AgentStatus, SessionStatus};
 
 /// The first QUIC re-probe after landing on TCP; later ones double up to `transport.quic_retry`.
@@ -100,30 +109,160 @@ enum Report {
     },
     Ended {
         id: u64,
+        /// The session was established before it ended.
         established: bool,
-        reason: String,
-        /// The gateway refused this agent's certificate as revoked (a `REVOKED` close, or the
-        /// TLS `certificate_revoked` alert).
-        revoked: bool,
-        /// The gateway refused the session: the agent holds `limits.sessions_per_agent` there
-        /// already (a `TOO_MANY_SESSIONS` close).
-        over_limit: bool,
+        ended: Ended,
     },
 }
 
-/// What one attempt learned, beside why it ended.
-#[derive(Default)]
-struct Outcome {
-    established: bool,
-    revoked: bool,
-    over_limit: bool,
+// === How an attempt ended ===
+
+/// How one attempt (a dial, then a session) ended. Its `Display` is what the agent reports
+/// (`last_error`, `last_session_end`, logs); the supervisor decides on its methods.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Ended {
+    /// The supervisor retired or stopped the attempt before it connected.
+    #[error("closed before connecting: {0}")]
+    Cancelled(&'static str),
+    /// No connection to the gateway.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// Connected, but the control stream could not be opened.
+    #[error("control stream: {0}")]
+    ControlStream(#[source] StreamError),
+    /// Connected over TCP, but the gateway opened no control stream in time.
+    #[error("gateway {gateway}: no control stream over TCP")]
+    NoControlStream {
+        /// The gateway address.
+        gateway: String,
+    },
+    /// The session ran and ended.
+    #[error("{}", describe_end(gateway, end))]
+    Session {
+        /// The gateway address.
+        gateway: String,
+        /// How the driver saw it end.
+        end: SessionEnd,
+    },
 }
 
-impl Outcome {
-    /// Notes what a close by the gateway with `code` says about this agent.
-    fn closed_by_gateway(&mut self, code: ErrorCode) {
-        self.revoked |= code == ErrorCode::REVOKED;
-        self.over_limit |= code == ErrorCode::TOO_MANY_SESSIONS;
+fn describe_end(gateway: &str, end: &SessionEnd) -> String {
+    match end {
+        SessionEnd::Closed(info) => {
+            let who = if info.by_peer { "gateway" } else { "agent" };
+            format!("closed by {who}: {} {}", info.code, info.reason)
+        }
+        SessionEnd::Transport(StreamError::Closed { code, reason }) => {
+            format!("gateway closed the connection: {code} {reason}")
+        }
+        SessionEnd::Transport(e) => format!("gateway {gateway}: {e}"),
+        other => format!("gateway {gateway}: {other:?}"),
+    }
+}
+
+impl Ended {
+    /// The gateway refused this agent's certificate as revoked: it closed with `REVOKED`, or
+    /// ended the TLS handshake with the `certificate_revoked` alert.
+    pub fn is_revoked(&self) -> bool {
+        self.gateway_code() == Some(ErrorCode::REVOKED)
+            || self.tls_alert() == Some(AlertDescription::CertificateRevoked)
+    }
+
+    /// The gateway refused the session because this agent holds `limits.sessions_per_agent`
+    /// there already (it closed with `TOO_MANY_SESSIONS`).
+    pub fn is_over_limit(&self) -> bool {
+        self.gateway_code() == Some(ErrorCode::TOO_MANY_SESSIONS)
+    }
+
+    /// This agent retired the session (`REPLACED`): a newer one took over.
+    pub fn is_retired(&self) -> bool {
+        matches!(
+            self,
+            Ended::Session { end: SessionEnd::Closed(info), .. }
+                if !info.by_peer && info.code == ErrorCode::REPLACED
+        )
+    }
+
+    /// The close code the gateway ended the attempt with: in its `Close` frame, or as the
+    /// application close of the connection (a refusal right after the handshake shows at the
+    /// first stream operation, or at the end of the handshake).
+    pub fn gateway_code(&self) -> Option<ErrorCode> {
+        match self {
+            Ended::Session { end, .. } => end.peer_code(),
+            Ended::ControlStream(e) => e.close_code(),
+            Ended::Connect(e) => e.gateway_code(),
+            Ended::Cancelled(_) | Ended::NoControlStream { .. } => None,
+        }
+    }
+
+    /// The TLS alert the gateway ended the connection with, if it did.
+    pub fn tls_alert(&self) -> Option<AlertDescription> {
+        match self {
+            Ended::Session {
+                end: SessionEnd::Transport(e),
+                ..
+            }
+            | Ended::ControlStream(e) => e.tls_alert(),
+            Ended::Connect(e) => e.tls_alert(),
+            _ => None,
+        }
+    }
+}
+
+/// Why an attempt could not connect, within `connect_timeout` per transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// A dial failed.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// QUIC did not connect in time.
+    #[error(
+        "gateway {gateway}: no QUIC answer within {after:?} (is UDP to it allowed by the firewall?)"
+    )]
+    QuicTimeout {
+        /// The gateway address.
+        gateway: String,
+        /// The connect timeout.
+        after: Duration,
+    },
+    /// TCP did not connect in time.
+    #[error("gateway {gateway}: no TCP answer within {after:?}")]
+    TcpTimeout {
+        /// The gateway address.
+        gateway: String,
+        /// The connect timeout.
+        after: Duration,
+    },
+    /// QUIC failed, and so did the TCP fallback.
+    #[error("{quic}; and over TCP: {tcp}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<ConnectError>,
+        /// Why TCP failed.
+        tcp: Box<ConnectError>,
+    },
+}
+
+impl ConnectError {
+    fn tls_alert(&self) -> Option<AlertDescription> {
+        match self {
+            ConnectError::Dial(e) => e.tls_alert(),
+            ConnectError::Both { quic, tcp } => tcp.tls_alert().or_else(|| quic.tls_alert()),
+            _ => None,
+        }
+    }
+
+    fn gateway_code(&self) -> Option<ErrorCode> {
+        match self {
+            ConnectError::Dial(DialError {
+                failure: DialFailure::Handshake(quinn::ConnectionError::ApplicationClosed(c)),
+                ..
+            }) => Some(ErrorCode::from(u64::from(c.error_code))),
+            ConnectError::Both { quic, tcp } => tcp.gateway_code().or_else(|| quic.gateway_code()),
+            _ => None,
+        }
     }
 }
 
@@ -240,7 +379,10 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         dial_at = Some(tokio::time::Instant::now() + spread);
                     }
                 }
-                Report::Ended { id, established, reason, revoked, over_limit } => {
+                Report::Ended { id, established, ended } => {
+                    let reason = ended.to_string();
+                    let revoked = ended.is_revoked();
+                    let over_limit = ended.is_over_limit();
                     let was = attempts.remove(&id);
                     let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
                     if reprobe && !established {
@@ -261,7 +403,7 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::error!(%gateway, %reason,
                             "the gateway refused this session: this agent (all its instances together) already holds as many sessions there as limits.sessions_per_agent allows");
                         metrics::counter!("tether_agent_connect_failures_total").increment(1);
-                    } else if established && reason.starts_with("closed by agent: replaced") {
+                    } else if established && ended.is_retired() {
                         tracing::info!(%gateway, %reason, "session retired");
                     } else if established {
                         tracing::warn!(%gateway, %reason, "session ended");
@@ -336,29 +478,25 @@ async fn run_attempt(
     close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     dial: Dial,
 ) {
-    let mut outcome = Outcome::default();
-    let attempt = session(
+    let mut established = false;
+    let ended = session(
         id,
         &gateway,
         &shared,
         &dialer,
         &tx,
         close_rx,
-        &mut outcome,
+        &mut established,
         dial,
-    );
-    let reason = match attempt.await {
-        Ok(r) | Err(r) => r,
-    };
-    if outcome.established {
+    )
+    .await;
+    if established {
         shared.status.session_down(id_key(&gateway, id));
     }
     let _ = tx.send(Report::Ended {
         id,
-        established: outcome.established,
-        reason,
-        revoked: outcome.revoked,
-        over_limit: outcome.over_limit,
+        established,
+        ended,
     });
 }
 
@@ -376,21 +514,25 @@ async fn connect(
     dialer: &Dialer,
     t: Duration,
     dial: Dial,
-) -> Result<(Option<quinn::Endpoint>, Link), String> {
+) -> Result<(Option<quinn::Endpoint>, Link), ConnectError> {
     let quic = async {
         match tokio::time::timeout(t, dialer.dial(gateway)).await {
             Ok(Ok((endpoint, link))) => Ok((Some(endpoint), link)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "gateway {gateway}: no QUIC answer within {t:?} (is UDP to it allowed by the firewall?)"
-            )),
+            Ok(Err(e)) => Err(ConnectError::Dial(e)),
+            Err(_) => Err(ConnectError::QuicTimeout {
+                gateway: gateway.to_owned(),
+                after: t,
+            }),
         }
     };
     let tcp = async {
         match tokio::time::timeout(t, dialer.dial_tcp(gateway)).await {
             Ok(Ok(link)) => Ok((None, link)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("gateway {gateway}: no TCP answer within {t:?}")),
+            Ok(Err(e)) => Err(ConnectError::Dial(e)),
+            Err(_) => Err(ConnectError::TcpTimeout {
+                gateway: gateway.to_owned(),
+                after: t,
+            }),
         }
     };
     match dial {
@@ -400,8 +542,10 @@ async fn connect(
             Ok(l) => Ok(l),
             Err(quic_err) => {
                 tracing::info!(%gateway, reason = %quic_err, "QUIC cannot connect; trying TCP");
-                tcp.await
-                    .map_err(|tcp_err| format!("{quic_err}; and over TCP: {tcp_err}"))
+                tcp.await.map_err(|tcp_err| ConnectError::Both {
+                    quic: Box::new(quic_err),
+                    tcp: Box::new(tcp_err),
+                })
             }
         },
     }
@@ -415,33 +559,31 @@ async fn session(
     dialer: &Dialer,
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
-    outcome: &mut Outcome,
+    established: &mut bool,
     dial: Dial,
-) -> Result<String, String> {
+) -> Ended {
     let (endpoint, link) = tokio::select! {
-        d = connect(gateway, dialer, shared.connect_timeout, dial) => d.inspect_err(|e| {
-            // Over TCP the refusal ends the HTTP/2 handshake inside `connect`; only rustls'
-            // words for the alert are left by then.
-            outcome.revoked = e.contains("received fatal alert: CertificateRevoked");
-        })?,
+        d = connect(gateway, dialer, shared.connect_timeout, dial) => match d {
+            Ok(connected) => connected,
+            Err(e) => return e.into(),
+        },
         r = &mut close_rx => {
-            return Ok(format!("closed before connecting: {}", r.map(|(_, why)| why).unwrap_or("supervisor gone")));
+            return Ended::Cancelled(r.map(|(_, why)| why).unwrap_or("supervisor gone"));
         }
     };
     let stats = Arc::new(LinkStats::default());
     // Over HTTP/2 the first stream the gateway opens is the control stream; QUIC's are all
     // gateway-opened streams after the one we open.
-    let result = async {
+    let ended = async {
         let control = match &link {
-            Link::Quic(_) => link
-                .open()
-                .await
-                .map_err(|e| format!("control stream: {e}"))?,
+            Link::Quic(_) => link.open().await.map_err(Ended::ControlStream)?,
             Link::H2(_) => tokio::time::timeout(shared.connect_timeout, link.accept())
                 .await
                 .ok()
                 .flatten()
-                .ok_or_else(|| format!("gateway {gateway}: no control stream over TCP"))?,
+                .ok_or_else(|| Ended::NoControlStream {
+                    gateway: gateway.to_owned(),
+                })?,
         };
         // Streams the gateway opens on this connection; ends with the connection.
         tokio::spawn(crate::relay::serve(
@@ -449,18 +591,35 @@ async fn session(
             shared.services.clone(),
             stats.clone(),
         ));
-        run_control(
-            id, gateway, shared, tx, close_rx, outcome, &link, control, &stats,
-        )
-        .await
+        let mut side = AgentSide {
+            id,
+            key: id_key(gateway, id),
+            gateway,
+            shared,
+            tx,
+            transport: link.transport(),
+            stats: &stats,
+            established: false,
+            close_rx: Some(close_rx),
+            draining: None,
+            probe_interval: None,
+            wedged_reported: false,
+            renewals: None,
+            renewing: None,
+        };
+        let mut session = AgentSession::new(
+            AgentSessionConfig::new(shared.hello.clone()),
+            Instant::now(),
+        );
+        let end = driver::drive(&mut session, &mut side, &link, control).await;
+        *established = side.established;
+        Ok::<_, Ended>(Ended::Session {
+            gateway: gateway.to_owned(),
+            end,
+        })
     }
-    .await;
-    if result.is_err() {
-        outcome.revoked |= refused_as_revoked(&link);
-        if let Some(code) = app_close_code(&link) {
-            outcome.closed_by_gateway(code);
-        }
-    }
+    .await
+    .unwrap_or_else(|e| e);
     // Give the close a moment to reach the gateway, without holding shutdown hostage.
     match endpoint {
         Some(e) => {
@@ -470,199 +629,303 @@ async fn session(
             let _ = tokio::time::timeout(Duration::from_secs(1), link.closed()).await;
         }
     }
-    result
+    ended
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_control(
+// === The agent's side of the driver ===
+
+/// A retired session: it closes once the grace has passed and the streams in flight are done,
+/// or at the deadline.
+struct Drain {
+    grace: Instant,
+    deadline: Instant,
+    code: ErrorCode,
+    why: &'static str,
+}
+
+/// What the agent adds to the shared driver for one session.
+struct AgentSide<'a> {
     id: u64,
-    gateway: &str,
-    shared: &Shared,
-    tx: &mpsc::UnboundedSender<Report>,
-    mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
-    outcome: &mut Outcome,
-    link: &Link,
-    (mut send, mut recv): (
-        tether_runtime::transport::SendStream,
-        tether_runtime::transport::RecvStream,
-    ),
-    stats: &LinkStats,
-) -> Result<String, String> {
-    let mut session = AgentSession::new(
-        AgentSessionConfig::new(shared.hello.clone()),
-        Instant::now(),
-    );
-    let key = id_key(gateway, id);
-    let transport = link.transport();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut close_rx_live = true;
-    // Retired: close once the grace has passed and the streams in flight are done, or at the
-    // deadline.
-    let mut draining: Option<(Instant, Instant, ErrorCode, &'static str)> = None;
-    // The gateway's probe interval, once known; a session unprobed for long is wedged.
-    let mut probe_interval: Option<Duration> = None;
-    // Renewal requests for this session, while it is the one to send them on, and the one
-    // awaiting the gateway's answer.
-    let mut renewals: Option<SessionRenewals> = None;
-    let mut renewing: Option<(u64, oneshot::Sender<tunnel_proto::message::RenewResponse>)> = None;
-    let mut wedged_reported = false;
-    let tick = Duration::from_millis(100);
-    loop {
-        while let Some(bytes) = session.poll_transmit() {
-            send.write_all(&bytes)
-                .await
-                .map_err(|e| format!("control stream: {e}"))?;
-        }
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                AgentEvent::Established(w) => {
-                    outcome.established = true;
-                    tracing::info!(%gateway, session = %w.session_id, gateway_id = %w.gateway_id,
-                        %transport, heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
-                    probe_interval = (w.probe_interval_ms > 0)
-                        .then(|| Duration::from_millis(w.probe_interval_ms));
-                    shared.status.session_up(
-                        key,
-                        SessionStatus {
-                            gateway: gateway.to_owned(),
-                            session_id: w.session_id,
-                            transport: transport.name(),
-                            since: SystemTime::now(),
-                            rtt: None,
-                        },
-                    );
-                    let _ = tx.send(Report::Established { id, transport });
-                    if session.can_renew() {
-                        renewals = Some(shared.credentials.register(key));
-                    }
-                }
-                AgentEvent::Renewed(r) => {
-                    if let Some((want, reply)) = renewing.take()
-                        && want == r.id
-                    {
-                        let _ = reply.send(r);
-                    }
-                }
-                AgentEvent::Rtt(rtt) => {
-                    shared.status.session_rtt(key, rtt);
-                    metrics::histogram!("tether_agent_heartbeat_rtt_seconds")
-                        .record(rtt.as_secs_f64());
-                }
-                AgentEvent::GoAway(g) => {
-                    let _ = tx.send(Report::GoAway {
-                        id,
-                        within: Duration::from_millis(g.reconnect_within_ms),
-                    });
-                }
-                AgentEvent::Closed(info) => {
-                    if info.by_peer {
-                        outcome.closed_by_gateway(info.code);
-                    }
-                    if !info.by_peer {
-                        let _ = send.finish();
-                    }
-                    link.close(info.code, info.reason.as_bytes());
-                    if !info.by_peer {
-                        link.linger().await;
-                    }
-                    let who = if info.by_peer { "gateway" } else { "agent" };
-                    return Ok(format!("closed by {who}: {} {}", info.code, info.reason));
-                }
-            }
-        }
-        if let Some((grace, deadline, code, why)) = draining
-            && ((stats.active() == 0 && Instant::now() >= grace) || Instant::now() >= deadline)
+    /// This session in the status map.
+    key: u64,
+    gateway: &'a str,
+    shared: &'a Shared,
+    tx: &'a mpsc::UnboundedSender<Report>,
+    transport: Transport,
+    stats: &'a LinkStats,
+    established: bool,
+    /// The supervisor's order to retire or close the session; taken once it came.
+    close_rx: Option<oneshot::Receiver<(ErrorCode, &'static str)>>,
+    draining: Option<Drain>,
+    /// The gateway's probe interval, once known; a session unprobed for long is wedged.
+    probe_interval: Option<Duration>,
+    wedged_reported: bool,
+    /// Renewal requests for this session, while it is the one to send them on, and the one
+    /// awaiting the gateway's answer.
+    renewals: Option<SessionRenewals>,
+    renewing: Option<(u64, oneshot::Sender<RenewResponse>)>,
+}
+
+/// What woke the agent's side.
+enum Wake {
+    /// A renewal to send.
+    Renew(RenewOrder),
+    /// The supervisor's order (`None`: the supervisor is gone).
+    Close(Option<(ErrorCode, &'static str)>),
+    /// A draining session's last stream is done.
+    Idle,
+}
+
+impl AgentSide<'_> {
+    /// When an unprobed session counts as wedged.
+    fn wedged_at(&self) -> Option<Instant> {
+        let every = self.probe_interval?;
+        (!self.wedged_reported).then(|| self.stats.last_probe() + every * 3)
+    }
+
+    /// Closes a retired session that is done, and reports a wedged one.
+    fn check(&mut self, session: &mut AgentSession, now: Instant) {
+        if let Some(d) = &self.draining
+            && ((self.stats.active() == 0 && now >= d.grace) || now >= d.deadline)
         {
-            draining = None;
-            session.close(code, why);
-            continue;
+            session.close(d.code, d.why);
+            self.draining = None;
         }
-        if let Some(every) = probe_interval
-            && !wedged_reported
-            && stats.last_probe().elapsed() > every * 3
+        if let Some(at) = self.wedged_at()
+            && now >= at
         {
-            wedged_reported = true;
-            tracing::warn!(%gateway, %transport, since = ?stats.last_probe().elapsed(),
+            self.wedged_reported = true;
+            tracing::warn!(gateway = %self.gateway, transport = %self.transport,
+                since = ?self.stats.last_probe().elapsed(),
                 "the gateway has stopped probing this session: replacing it");
             metrics::counter!("tether_agent_wedged_sessions_total").increment(1);
-            let _ = tx.send(Report::GoAway {
-                id,
+            let _ = self.tx.send(Report::GoAway {
+                id: self.id,
                 within: Duration::ZERO,
             });
         }
-        let mut deadline = session
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        if draining.is_some() || probe_interval.is_some() {
-            deadline = deadline.min(Instant::now() + tick);
+    }
+}
+
+impl Side<AgentSession> for AgentSide<'_> {
+    type Wake = Wake;
+
+    fn on_event(&mut self, session: &mut AgentSession, event: AgentEvent, _: Instant) {
+        match event {
+            AgentEvent::Established(w) => {
+                self.established = true;
+                tracing::info!(gateway = %self.gateway, session = %w.session_id, gateway_id = %w.gateway_id,
+                    transport = %self.transport, heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
+                self.probe_interval =
+                    (w.probe_interval_ms > 0).then(|| Duration::from_millis(w.probe_interval_ms));
+                self.shared.status.session_up(
+                    self.key,
+                    SessionStatus {
+                        gateway: self.gateway.to_owned(),
+                        session_id: w.session_id,
+                        transport: self.transport.name(),
+                        since: SystemTime::now(),
+                        rtt: None,
+                    },
+                );
+                let _ = self.tx.send(Report::Established {
+                    id: self.id,
+                    transport: self.transport,
+                });
+                if session.can_renew() {
+                    self.renewals = Some(self.shared.credentials.register(self.key));
+                }
+            }
+            AgentEvent::Renewed(r) => {
+                if let Some((want, reply)) = self.renewing.take()
+                    && want == r.id
+                {
+                    let _ = reply.send(r);
+                }
+            }
+            AgentEvent::Rtt(rtt) => {
+                self.shared.status.session_rtt(self.key, rtt);
+                metrics::histogram!("tether_agent_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
+            }
+            AgentEvent::GoAway(g) => {
+                let _ = self.tx.send(Report::GoAway {
+                    id: self.id,
+                    within: Duration::from_millis(g.reconnect_within_ms),
+                });
+            }
+            // The driver ends the session; the supervisor learns how from `Ended`.
+            AgentEvent::Closed(_) => {}
         }
-        let order = async {
-            match renewals.as_mut() {
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let drain = self.draining.as_ref().map(|d| {
+            if Instant::now() < d.grace {
+                d.grace
+            } else {
+                // From here the last stream's end wakes it (`Wake::Idle`).
+                d.deadline
+            }
+        });
+        match (drain, self.wedged_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn handle_timeout(&mut self, session: &mut AgentSession, now: Instant) {
+        self.check(session, now);
+    }
+
+    async fn wake(&mut self) -> Wake {
+        let idle_matters = self
+            .draining
+            .as_ref()
+            .is_some_and(|d| Instant::now() >= d.grace);
+        let (renewals, close_rx, stats) = (&mut self.renewals, &mut self.close_rx, self.stats);
+        let order = async move {
+            match renewals {
                 Some(r) => r.orders.recv().await,
+                None => None,
+            }
+        };
+        let close = async move {
+            match close_rx {
+                Some(rx) => rx.await.ok(),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            Some(order) = order => {
+            Some(order) = order => Wake::Renew(order),
+            r = close => Wake::Close(r),
+            () = stats.idle(), if idle_matters => Wake::Idle,
+        }
+    }
+
+    fn on_wake(&mut self, session: &mut AgentSession, wake: Wake, now: Instant) {
+        match wake {
+            Wake::Renew(order) => {
                 // Dropping the reply when nothing was sent tells the renewer at once.
                 if let Some(id) = session.renew(order.csr_pem) {
-                    renewing = Some((id, order.reply));
+                    self.renewing = Some((id, order.reply));
                 }
             }
-            r = recv.read(&mut buf) => match r {
-                Ok(Some(n)) => session.handle_input(&buf[..n], Instant::now()),
-                Ok(None) => session.handle_eof(Instant::now()),
-                Err(tether_runtime::stream::StreamError::Closed { code, reason }) => {
-                    outcome.closed_by_gateway(code);
-                    return Err(format!("gateway closed the connection: {code} {reason}"));
-                }
-                Err(e) => return Err(format!("gateway {gateway}: {e}")),
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => session.handle_timeout(Instant::now()),
-            r = &mut close_rx, if close_rx_live => {
-                close_rx_live = false;
-                if let Ok((code, why)) = r {
+            Wake::Close(order) => {
+                self.close_rx = None;
+                if let Some((code, why)) = order {
                     // Retired: renewals go on the newer session.
-                    renewals = None;
+                    self.renewals = None;
                     if code == ErrorCode::REPLACED {
-                        // Finish what this session carries first: new streams go to the new one.
-                        let now = Instant::now();
-                        draining = Some((now + DRAIN_GRACE, now + DRAIN_MAX, code, why));
+                        // Finish what this session carries first: new streams go to the new
+                        // one.
+                        self.draining = Some(Drain {
+                            grace: now + DRAIN_GRACE,
+                            deadline: now + DRAIN_MAX,
+                            code,
+                            why,
+                        });
                     } else {
                         session.close(code, why);
                     }
                 }
             }
+            Wake::Idle => self.check(session, now),
         }
     }
 }
 
-/// The application close code the gateway ended a QUIC `link` with, if it did (a refusal
-/// right after the handshake shows at the first stream operation, as any error).
-fn app_close_code(link: &Link) -> Option<ErrorCode> {
-    match link {
-        Link::Quic(c) => match c.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                Some(ErrorCode::from(u64::from(close.error_code)))
-            }
-            _ => None,
-        },
-        Link::H2(_) => None,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use tether_runtime::stream::LinkError;
+    use tunnel_proto::session::CloseInfo;
 
-/// True when the gateway ended the TLS handshake of `link` with the `certificate_revoked`
-/// alert (over QUIC a refused client certificate shows only after the handshake, at the first
-/// stream operation).
-fn refused_as_revoked(link: &Link) -> bool {
-    /// TLS alert `certificate_revoked`.
-    const CERTIFICATE_REVOKED: u8 = 44;
-    match link {
-        Link::Quic(c) => matches!(
-            c.close_reason(),
-            Some(quinn::ConnectionError::ConnectionClosed(close))
-                if close.error_code == quinn::TransportErrorCode::crypto(CERTIFICATE_REVOKED)
-        ),
-        Link::H2(_) => false,
+    use super::*;
+
+    fn closed(code: ErrorCode, reason: &str, by_peer: bool) -> Ended {
+        Ended::Session {
+            gateway: "gw:7443".into(),
+            end: SessionEnd::Closed(CloseInfo {
+                code,
+                reason: reason.into(),
+                by_peer,
+            }),
+        }
+    }
+
+    fn quic_closed_by_tls_alert(alert: u8) -> StreamError {
+        StreamError::ConnectionLost(LinkError::Quic(quinn::ConnectionError::ConnectionClosed(
+            quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(alert),
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            },
+        )))
+    }
+
+    #[test]
+    fn the_retry_policy_reads_codes_and_typed_alerts_never_the_words() {
+        // Revoked: the gateway's REVOKED close, in its Close frame or its connection close, or
+        // the TLS alert certificate_revoked (44).
+        assert!(closed(ErrorCode::REVOKED, "agent revoked", true).is_revoked());
+        assert!(
+            Ended::Session {
+                gateway: "gw:7443".into(),
+                end: SessionEnd::Transport(StreamError::Closed {
+                    code: ErrorCode::REVOKED,
+                    reason: String::new(),
+                }),
+            }
+            .is_revoked()
+        );
+        assert!(Ended::ControlStream(quic_closed_by_tls_alert(44)).is_revoked());
+        assert!(!Ended::ControlStream(quic_closed_by_tls_alert(42)).is_revoked());
+        // Words that look like it decide nothing.
+        let lookalike = closed(
+            ErrorCode::PROTOCOL_ERROR,
+            "received fatal alert: CertificateRevoked",
+            true,
+        );
+        assert!(!lookalike.is_revoked());
+
+        // Retired: this agent closed it with REPLACED; the same code from the gateway is not.
+        let retired = closed(ErrorCode::REPLACED, "a newer session took over", false);
+        assert!(retired.is_retired());
+        assert_eq!(
+            retired.to_string(),
+            "closed by agent: replaced a newer session took over"
+        );
+        assert!(!closed(ErrorCode::REPLACED, "a newer session took over", true).is_retired());
+        assert!(!closed(ErrorCode::SHUTDOWN, "replaced", false).is_retired());
+
+        // Over the limit: TOO_MANY_SESSIONS, however it arrived.
+        let refused = Ended::ControlStream(StreamError::Closed {
+            code: ErrorCode::TOO_MANY_SESSIONS,
+            reason: "this agent holds 2 sessions".into(),
+        });
+        assert!(refused.is_over_limit() && !refused.is_revoked());
+        assert!(closed(ErrorCode::TOO_MANY_SESSIONS, "", true).is_over_limit());
+    }
+
+    #[test]
+    fn how_a_session_ended_reads_as_before() {
+        assert_eq!(
+            closed(ErrorCode::SHUTDOWN, "gateway shutting down", true).to_string(),
+            "closed by gateway: shutdown gateway shutting down"
+        );
+        let by_connection = Ended::Session {
+            gateway: "gw:7443".into(),
+            end: SessionEnd::Transport(StreamError::Closed {
+                code: ErrorCode::SHUTDOWN,
+                reason: "gateway shutting down".into(),
+            }),
+        };
+        assert_eq!(
+            by_connection.to_string(),
+            "gateway closed the connection: shutdown gateway shutting down"
+        );
+        assert_eq!(
+            Ended::Cancelled("agent shutting down").to_string(),
+            "closed before connecting: agent shutting down"
+        );
     }
 }

@@ -4,6 +4,8 @@
 //! - [`accept`]: taking TCP connections without spinning when the process is out of file
 //!   descriptors;
 //! - [`digest`]: SHA-256 in lowercase hex (certificate fingerprints, token hashes);
+//! - [`driver`]: the one control-stream driver, for the agent's and the gateway's session
+//!   machines alike (deadlines from the machines, no fixed tick);
 //! - [`config`]: one merge point for TOML file, `TETHER_*` environment and `--set` flags, with
 //!   errors that name the key; exit code [`config::EXIT_CONFIG`] (64) for bad config;
 //! - [`grpc`]: metadata and `grpc-timeout` handling for the relay;
@@ -18,6 +20,7 @@
 pub mod accept;
 pub mod config;
 pub mod digest;
+pub mod driver;
 pub mod grpc;
 pub mod logging;
 pub mod ops;

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, data_header};
 use tunnel_proto::{ErrorCode, Message, ProtoError};
 
-/// Why a stream read failed.
+/// Why a stream operation failed. [`StreamError::close_code`] and [`StreamError::tls_alert`]
+/// give what a caller decides on (how the peer closed, a refused certificate), never the text.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StreamError {
@@ -26,29 +27,115 @@ pub enum StreamError {
         /// Its reason.
         reason: String,
     },
-    /// The connection under the stream is gone.
+    /// The connection under the stream is gone (timed out, reset, refused by TLS, or closed on
+    /// this side).
     #[error("connection lost: {0}")]
-    ConnectionLost(String),
+    ConnectionLost(#[source] LinkError),
     /// The peer sent something that is not a valid frame.
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtoError),
-    /// Other stream failure (stream already closed locally, ...).
-    #[error("stream failed: {0}")]
-    Other(String),
+    /// The stream ended with an HTTP/2 error code of HTTP/2's own rather than one of Tether's
+    /// (the peer's HTTP/2 stack refused or reset it).
+    #[error("stream failed: HTTP/2 stream error: {0}")]
+    Http2(#[source] h2::Error),
+    /// This side cannot use the stream (`what` says why): it finished, reset or stopped it
+    /// already, or asked for something its transport does not do. Never the peer's doing.
+    #[error("stream failed: {what}")]
+    Unusable {
+        /// What the transport refused.
+        what: &'static str,
+    },
+}
+
+impl StreamError {
+    /// The application close code the peer closed the connection with, if it did.
+    pub fn close_code(&self) -> Option<ErrorCode> {
+        match self {
+            StreamError::Closed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The TLS alert the peer ended the connection with, if it did (a refused certificate
+    /// shows here, at the first stream operation after the handshake).
+    pub fn tls_alert(&self) -> Option<rustls::AlertDescription> {
+        match self {
+            StreamError::ConnectionLost(l) => l.tls_alert(),
+            _ => None,
+        }
+    }
+}
+
+/// Why a tunnel connection is gone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// QUIC: timed out, reset, ended by a transport or TLS error, or closed on this side.
+    #[error("{0}")]
+    Quic(#[source] quinn::ConnectionError),
+    /// TCP fallback: the socket, or TLS on it, failed under HTTP/2.
+    #[error("TCP: {0}")]
+    Tcp(#[source] h2::Error),
+    /// TCP fallback: HTTP/2 ended the connection (`GOAWAY`, a protocol error).
+    #[error("HTTP/2: {0}")]
+    Http2(#[source] h2::Error),
+}
+
+impl LinkError {
+    /// The TLS alert the peer ended the connection with, if it did: QUIC carries it as a
+    /// `CRYPTO_ERROR` code, TLS on TCP as rustls's typed error inside the socket's.
+    pub fn tls_alert(&self) -> Option<rustls::AlertDescription> {
+        match self {
+            LinkError::Quic(e) => crate::tls::quic_alert(e),
+            LinkError::Tcp(e) | LinkError::Http2(e) => {
+                e.get_io().and_then(crate::tls::received_alert)
+            }
+        }
+    }
+}
+
+/// A QUIC connection error as a stream error: the peer's application close keeps its code.
+pub(crate) fn quinn_connection_err(e: quinn::ConnectionError) -> StreamError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => StreamError::Closed {
+            code: ErrorCode::from(u64::from(c.error_code)),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        other => StreamError::ConnectionLost(LinkError::Quic(other)),
+    }
 }
 
 impl From<quinn::ReadError> for StreamError {
     fn from(e: quinn::ReadError) -> Self {
         match e {
             quinn::ReadError::Reset(code) => StreamError::Reset(ErrorCode::from(u64::from(code))),
-            quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c)) => {
-                StreamError::Closed {
-                    code: ErrorCode::from(u64::from(c.error_code)),
-                    reason: String::from_utf8_lossy(&c.reason).into_owned(),
-                }
+            quinn::ReadError::ConnectionLost(c) => quinn_connection_err(c),
+            quinn::ReadError::ClosedStream => StreamError::Unusable {
+                what: "closed stream",
+            },
+            quinn::ReadError::IllegalOrderedRead => StreamError::Unusable {
+                what: "ordered read after unordered read",
+            },
+            quinn::ReadError::ZeroRttRejected => StreamError::Unusable {
+                what: "0-RTT rejected",
+            },
+        }
+    }
+}
+
+impl From<quinn::WriteError> for StreamError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(code) => {
+                StreamError::Reset(ErrorCode::from(code.into_inner()))
             }
-            quinn::ReadError::ConnectionLost(c) => StreamError::ConnectionLost(c.to_string()),
-            other => StreamError::Other(other.to_string()),
+            quinn::WriteError::ConnectionLost(c) => quinn_connection_err(c),
+            quinn::WriteError::ClosedStream => StreamError::Unusable {
+                what: "closed stream",
+            },
+            quinn::WriteError::ZeroRttRejected => StreamError::Unusable {
+                what: "0-RTT rejected",
+            },
         }
     }
 }

@@ -80,6 +80,27 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     provider
 }
 
+/// The TLS alert the peer sent, when `e` is the error of a socket TLS runs on (rustls's typed
+/// error inside the `io::Error` tokio-rustls returns).
+pub fn received_alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    }
+}
+
+/// The TLS alert a QUIC connection was closed with, if it was: QUIC carries it as the
+/// transport error code `CRYPTO_ERROR` (`0x100` + the alert).
+pub fn quic_alert(e: &quinn::ConnectionError) -> Option<rustls::AlertDescription> {
+    let quinn::ConnectionError::ConnectionClosed(close) = e else {
+        return None;
+    };
+    let code = u64::from(close.error_code);
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
+}
+
 /// All certificates in a PEM file.
 pub fn load_certs(
     what: &'static str,

@@ -30,7 +30,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::ErrorCode;
 
-use crate::stream::StreamError;
+use crate::stream::{LinkError, StreamError, quinn_connection_err};
 
 /// Which transport a link runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,17 +146,14 @@ impl Link {
     pub async fn open(&self) -> Result<(SendStream, RecvStream), StreamError> {
         match self {
             Link::Quic(c) => {
-                let (s, r) = c
-                    .open_bi()
-                    .await
-                    .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
+                let (s, r) = c.open_bi().await.map_err(quinn_connection_err)?;
                 Ok((SendStream::Quic(s), RecvStream::Quic(r)))
             }
             Link::H2(h) => {
                 let Role::Client(sr) = &h.inner.role else {
-                    return Err(StreamError::Other(
-                        "the agent's end of an HTTP/2 tunnel cannot open streams".into(),
-                    ));
+                    return Err(StreamError::Unusable {
+                        what: "the agent's end of an HTTP/2 tunnel cannot open streams",
+                    });
                 };
                 let mut sr = sr.clone().ready().await.map_err(h2_conn_err)?;
                 let req = http::Request::post("/tether")
@@ -368,7 +365,7 @@ fn h2_err(e: h2::Error) -> StreamError {
         } else if r == u32::from(h2::Reason::CANCEL) || r == u32::from(h2::Reason::NO_ERROR) {
             StreamError::Reset(ErrorCode::CANCELLED)
         } else {
-            StreamError::Other(format!("HTTP/2 stream error: {e}"))
+            StreamError::Http2(e)
         };
     }
     h2_conn_err(e)
@@ -376,18 +373,10 @@ fn h2_err(e: h2::Error) -> StreamError {
 
 fn h2_conn_err(e: h2::Error) -> StreamError {
     StreamError::ConnectionLost(if e.is_io() {
-        format!("TCP: {e}")
+        LinkError::Tcp(e)
     } else {
-        format!("HTTP/2: {e}")
+        LinkError::Http2(e)
     })
-}
-
-fn quinn_write_err(e: quinn::WriteError) -> StreamError {
-    match e {
-        quinn::WriteError::Stopped(code) => StreamError::Reset(ErrorCode::from(code.into_inner())),
-        quinn::WriteError::ConnectionLost(c) => StreamError::ConnectionLost(c.to_string()),
-        other => StreamError::Other(other.to_string()),
-    }
 }
 
 /// The sending half of a tunnel stream.
@@ -403,7 +392,7 @@ impl SendStream {
     /// Writes all of `buf`, waiting for flow control.
     pub async fn write_all(&mut self, buf: &[u8]) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => s.write_all(buf).await.map_err(quinn_write_err),
+            SendStream::Quic(s) => Ok(s.write_all(buf).await?),
             SendStream::H2(s) => h2_write(s, Bytes::copy_from_slice(buf)).await,
         }
     }
@@ -411,7 +400,7 @@ impl SendStream {
     /// Writes every chunk, in order, without copying them.
     pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => s.write_all_chunks(chunks).await.map_err(quinn_write_err),
+            SendStream::Quic(s) => Ok(s.write_all_chunks(chunks).await?),
             SendStream::H2(s) => {
                 for c in chunks.iter_mut() {
                     h2_write(s, std::mem::take(c)).await?;
@@ -424,7 +413,9 @@ impl SendStream {
     /// Ends the stream cleanly (the peer reads end-of-stream after the data).
     pub fn finish(&mut self) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => s.finish().map_err(|e| StreamError::Other(e.to_string())),
+            SendStream::Quic(s) => s.finish().map_err(|_| StreamError::Unusable {
+                what: "closed stream",
+            }),
             SendStream::H2(s) => s.send_data(Bytes::new(), true).map_err(h2_err),
         }
     }
@@ -460,7 +451,11 @@ async fn h2_write(s: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), 
         let n = match poll_fn(|cx| s.poll_capacity(cx)).await {
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(h2_err(e)),
-            None => return Err(StreamError::Other("stream closed for sending".into())),
+            None => {
+                return Err(StreamError::Unusable {
+                    what: "stream closed for sending",
+                });
+            }
         };
         if n == 0 {
             continue;

@@ -14,7 +14,8 @@
 //! # Layout
 //! - [`frame`]: length-delimited framing, with limits checked before any allocation;
 //! - [`message`]: the versioned messages (protobuf encoded, so fields can be added compatibly);
-//! - [`session`]: the control-stream state machines, [`AgentSession`] and [`GatewaySession`];
+//! - [`session`]: the control-stream state machines, [`AgentSession`] and [`GatewaySession`],
+//!   and the [`Session`] face they share;
 //! - [`identity`]: the SPIFFE identity URIs agents and control-plane callers carry;
 //! - [`backoff`]: capped exponential backoff with full jitter for reconnects;
 //! - [`error`]: [`ProtoError`] and the connection/stream close codes [`ErrorCode`];
@@ -34,7 +35,7 @@ pub use error::{ErrorCode, ProtoError};
 pub use frame::{FrameDecoder, Limits};
 pub use identity::{AgentId, IdentityError, SpiffeId};
 pub use message::{Message, StreamHeader, StreamKind};
-pub use session::{AgentEvent, AgentSession, GatewayEvent, GatewaySession};
+pub use session::{AgentEvent, AgentSession, GatewayEvent, GatewaySession, Session};
 
 /// The ALPN protocol id both sides must negotiate, on QUIC and on the TLS fallback.
 pub const ALPN: &[u8] = b"tether/1";

@@ -16,6 +16,9 @@
 //! [`GatewayEvent::RenewRequested`] and answers itself, without handing it out, one sooner than
 //! `renew_min_interval` after the previous (`RESOURCE_EXHAUSTED`) or when it does not renew
 //! (`UNIMPLEMENTED`). A response to nothing asked is a protocol error.
+//!
+//! [`Session`] is the face both sides share, so that one IO driver (in `tether-runtime`) runs
+//! either: it is the calls above and nothing more.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -45,6 +48,69 @@ pub struct CloseInfo {
     /// True when the peer closed (sent `Close` or finished the stream), false when we did.
     pub by_peer: bool,
 }
+
+// === Session ===
+
+/// What a driver needs from either side's machine: the sans-IO calls both share. The side's
+/// own calls (`renew`, `go_away`, ...) stay inherent; a driver hands the machine back to the
+/// side's code for those.
+pub trait Session {
+    /// What this side reports ([`AgentEvent`] or [`GatewayEvent`]).
+    type Event;
+
+    /// Bytes read from the control stream.
+    fn handle_input(&mut self, data: &[u8], now: Instant);
+    /// The peer finished the control stream.
+    fn handle_eof(&mut self, now: Instant);
+    /// Call when [`Session::poll_timeout`] has passed.
+    fn handle_timeout(&mut self, now: Instant);
+    /// Bytes to write on the control stream.
+    fn poll_transmit(&mut self) -> Option<Bytes>;
+    /// The next event, if any.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// When to call [`Session::handle_timeout`] next; `None` once closed.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Closes the session from this side; a `Close` frame is queued.
+    fn close(&mut self, code: ErrorCode, reason: &str);
+    /// How the session ended, once it has (by either side).
+    fn close_info(&self) -> Option<&CloseInfo>;
+}
+
+/// Implements [`Session`] by the inherent methods of the same names.
+macro_rules! session_by_inherent {
+    ($ty:ty, $event:ty) => {
+        impl Session for $ty {
+            type Event = $event;
+            fn handle_input(&mut self, data: &[u8], now: Instant) {
+                <$ty>::handle_input(self, data, now)
+            }
+            fn handle_eof(&mut self, now: Instant) {
+                <$ty>::handle_eof(self, now)
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                <$ty>::handle_timeout(self, now)
+            }
+            fn poll_transmit(&mut self) -> Option<Bytes> {
+                <$ty>::poll_transmit(self)
+            }
+            fn poll_event(&mut self) -> Option<$event> {
+                <$ty>::poll_event(self)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                <$ty>::poll_timeout(self)
+            }
+            fn close(&mut self, code: ErrorCode, reason: &str) {
+                <$ty>::close(self, code, reason)
+            }
+            fn close_info(&self) -> Option<&CloseInfo> {
+                self.core.closed.as_ref()
+            }
+        }
+    };
+}
+
+session_by_inherent!(AgentSession, AgentEvent);
+session_by_inherent!(GatewaySession, GatewayEvent);
 
 // === Core ===
 

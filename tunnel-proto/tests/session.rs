@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use tunnel_proto::ErrorCode;
 use tunnel_proto::harness::{Pair, To};
 use tunnel_proto::message::{Hello, Message, RENEW, RenewRequest, RenewResponse};
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
 };
+use tunnel_proto::{ErrorCode, Session};
 
 const INTERVAL: Duration = Duration::from_secs(1);
 const LATENCY: Duration = Duration::from_millis(20);
@@ -405,4 +405,28 @@ fn an_unsolicited_renew_response_is_a_protocol_error() {
     );
     p.run_for(Duration::from_millis(100));
     assert_eq!(agent_closed(&p).unwrap().1.code, ErrorCode::PROTOCOL_ERROR);
+}
+
+/// What a driver that knows only the `Session` face sees: `close_info` agrees with the
+/// `Closed` event on both sides, and a closed machine asks for no more wake-ups.
+#[test]
+fn the_session_face_tells_a_driver_how_each_side_ended() {
+    fn closed<S: Session>(s: &S) -> Option<CloseInfo> {
+        s.close_info().cloned()
+    }
+    let mut p = pair();
+    p.run_for(Duration::from_secs(3));
+    assert_eq!(closed(&p.agent), None);
+    assert_eq!(closed(&p.gateway), None);
+    Session::close(&mut p.gateway, ErrorCode::SHUTDOWN, "gateway shutting down");
+    p.run_for(Duration::from_secs(1));
+    let gateway = closed(&p.gateway).expect("gateway closed");
+    let agent = closed(&p.agent).expect("agent closed");
+    assert_eq!(Some(&gateway), gateway_closed(&p).map(|(_, c)| c).as_ref());
+    assert_eq!(Some(&agent), agent_closed(&p).map(|(_, c)| c).as_ref());
+    assert!(!gateway.by_peer && agent.by_peer);
+    assert_eq!(agent.code, ErrorCode::SHUTDOWN);
+    assert_eq!(agent.reason, "gateway shutting down");
+    assert_eq!(Session::poll_timeout(&p.agent), None);
+    assert_eq!(Session::poll_timeout(&p.gateway), None);
 }

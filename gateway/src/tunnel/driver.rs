@@ -1,19 +1,27 @@
-//! Session layer: the driver of one agent session, whatever its transport.
+//! Session layer: one agent session, whatever its transport, on the shared control-stream
+//! driver (`tether_runtime::driver`).
 //!
-//! The driver owns the control stream: it feeds bytes and time into the sans-IO
-//! `tunnel_proto::GatewaySession`, writes what the session wants written, registers the session
-//! when `Hello` is accepted, and closes the connection with the session's close code when it
-//! ends. The end-to-end probe ([`super::probe`]) runs inside it. A bad peer ends only its own
-//! connection.
+//! The shared driver owns the control stream: it feeds bytes and time into the sans-IO
+//! `tunnel_proto::GatewaySession`, writes what the session wants written, sleeps until the
+//! earliest deadline (no tick), and closes the connection with the session's close code when it
+//! ends. A control-stream read or write error ends the session and its connection at once, as
+//! on the agent: a session that cannot carry heartbeats and their answers is not alive, and
+//! keeping it registered would route streams to it until the heartbeat timeout. What only the
+//! gateway does is its [`GatewaySide`]: registering the session when `Hello` is accepted,
+//! answering renewals, the registry's orders (`GoAway`, `Close`), shutdown, and the end-to-end
+//! probe ([`super::probe`]), whose timer is the side's deadline and whose answer is one of its
+//! wake-ups. A bad peer ends only its own connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use tether_runtime::driver::{self, SessionEnd, Side};
 use tether_runtime::stream::StreamError;
-use tether_runtime::transport::{Link, RecvStream, SendStream};
-use tunnel_proto::ErrorCode;
+use tether_runtime::transport::{Link, RecvStream, SendStream, Transport};
+use tokio::sync::mpsc;
 use tunnel_proto::session::{GatewayEvent, GatewaySession};
+use tunnel_proto::{AgentId, ErrorCode};
 
 use crate::tls::CertFacts;
 use crate::tunnel::TunnelContext;
@@ -25,9 +33,9 @@ use crate::tunnel::registry::{SessionCommand, SessionInfo};
 /// agent until then.
 pub(crate) async fn drive_session(
     link: Link,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    (agent, cert): (tunnel_proto::AgentId, CertFacts),
+    send: SendStream,
+    recv: RecvStream,
+    (agent, cert): (AgentId, CertFacts),
     remote: SocketAddr,
     ctx: Arc<TunnelContext>,
     _permit: SessionPermit,
@@ -36,142 +44,35 @@ pub(crate) async fn drive_session(
     cfg.session_id = ctx.next_session_id();
     let session_id = cfg.session_id.clone();
     let mut session = GatewaySession::new(cfg, Instant::now());
-    let mut registered: Option<Arc<SessionInfo>> = None;
-    let mut commands = None;
     let transport = link.transport();
-    // The end-to-end probe runs inside this driver (one task and one timer per session, which
-    // matters at 10,000 mostly idle sessions; see docs/PERFORMANCE.md).
-    let mut probe = Probe::new(ctx.probe, ctx.session.heartbeat_interval);
-    let close_reason;
-    loop {
-        while let Some(bytes) = session.poll_transmit() {
-            if let Err(e) = send.write_all(&bytes).await {
-                tracing::debug!(%agent, error = %e, "control stream write failed");
-                break;
-            }
-        }
-        let mut closed = None;
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                GatewayEvent::Established { hello, version } => {
-                    let (info, rx) = SessionInfo::new(
-                        session_id.clone(),
-                        agent.clone(),
-                        remote,
-                        link.clone(),
-                        (hello, version),
-                        &cert,
-                    );
-                    let info = ctx.registry.register(info);
-                    tracing::info!(%agent, session = %session_id, %remote, %transport,
-                        agent_version = %info.hello.agent_version, "agent connected");
-                    metrics::counter!("tether_gateway_sessions_total", "transport" => transport.name())
-                        .increment(1);
-                    probe.start(Instant::now());
-                    registered = Some(info);
-                    commands = Some(rx);
-                    // A revocation that landed between the handshake and the registration
-                    // missed this session: catch it here.
-                    if let Some(why) = ctx.revocations.refusal(&agent, &cert) {
-                        tracing::warn!(%agent, session = %session_id, reason = %why,
-                            "closing a session of a revoked certificate");
-                        session.close(ErrorCode::REVOKED, "agent revoked");
-                    }
-                }
-                GatewayEvent::Heartbeat { rtt } => {
-                    if let Some(rtt) = rtt {
-                        if let Some(s) = &registered {
-                            s.set_rtt(rtt);
-                        }
-                        metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
-                            .record(rtt.as_secs_f64());
-                    }
-                    probe.on_heartbeat(&link, Instant::now());
-                }
-                // Signing takes well under a millisecond: answered here, in order.
-                GatewayEvent::RenewRequested(req) => {
-                    if let Some(renewal) = &ctx.renewal {
-                        session.renew_response(renewal.renew(&agent, &cert, &req));
-                    }
-                }
-                GatewayEvent::Closed(info) => closed = Some(info),
-            }
-        }
-        if let Some(info) = closed {
+    let mut side = GatewaySide {
+        ctx: &ctx,
+        link: &link,
+        agent: &agent,
+        cert: &cert,
+        remote,
+        session_id: &session_id,
+        transport,
+        // The end-to-end probe runs inside this session's task (one task and one timer per
+        // session, which matters at 10,000 mostly idle sessions; see docs/PERFORMANCE.md).
+        probe: Probe::new(ctx.probe, ctx.session.heartbeat_interval),
+        registered: None,
+        orders: None,
+    };
+    let end = driver::drive(&mut session, &mut side, &link, (send, recv)).await;
+    let close_reason = match &end {
+        SessionEnd::Closed(info) => {
             metrics::counter!("tether_gateway_session_closes_total", "code" => info.code.name())
                 .increment(1);
-            close_reason = format!("{}: {}", info.code, info.reason);
-            if info.by_peer {
-                link.close(ErrorCode::NO_ERROR, b"");
-            } else {
-                // A close decided while handling events (a revoked certificate) has its Close
-                // frame still queued.
-                let flush = async {
-                    while let Some(bytes) = session.poll_transmit() {
-                        if send.write_all(&bytes).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_millis(250), flush).await;
-                // Let the Close frame go out before the connection close discards it.
-                let _ = send.finish();
-                link.close(info.code, info.reason.as_bytes());
-                link.linger().await;
-            }
-            break;
+            format!("{}: {}", info.code, info.reason)
         }
-        let session_deadline = session.poll_timeout();
-        let deadline = [session_deadline, probe.deadline()]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let command = async {
-            match commands.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            // `read_chunk` hands over the transport's own buffer: no read buffer per session.
-            r = recv.read_chunk(CONTROL_READ_MAX) => match r {
-                Ok(Some(bytes)) => session.handle_input(&bytes, Instant::now()),
-                Ok(None) => session.handle_eof(Instant::now()),
-                Err(StreamError::Closed { code, reason }) => {
-                    close_reason = format!("closed by agent: {code} {reason}");
-                    break;
-                }
-                Err(e) => {
-                    close_reason = e.to_string();
-                    break;
-                }
-            },
-            outcome = probe.answer() => {
-                if let Err(why) = outcome {
-                    metrics::counter!("tether_gateway_probe_failures_total",
-                        "transport" => transport.name())
-                    .increment(1);
-                    tracing::warn!(%agent, session = %session_id, %remote, %transport,
-                        reason = %why, "end-to-end probe failed; closing the session");
-                    session.close(ErrorCode::UNRESPONSIVE, "end-to-end probe failed");
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let now = Instant::now();
-                if session_deadline.is_some_and(|d| d <= now) {
-                    session.handle_timeout(now);
-                }
-                probe.on_timer(&link, now);
-            }
-            Some(cmd) = command => match cmd {
-                SessionCommand::GoAway(reason, within) => session.go_away(&reason, within),
-                SessionCommand::Close(code, reason) => session.close(code, &reason),
-            },
-            _ = ctx.shutdown.cancelled() => session.close(ErrorCode::SHUTDOWN, "gateway shutting down"),
+        SessionEnd::Transport(StreamError::Closed { code, reason }) => {
+            format!("closed by agent: {code} {reason}")
         }
-    }
-    if let Some(info) = registered {
+        SessionEnd::Transport(e) => e.to_string(),
+        _ => format!("{end:?}"),
+    };
+    if let Some(info) = side.registered {
         tracing::info!(%agent, session = %session_id, %transport, reason = %close_reason, "agent disconnected");
         ctx.registry.unregister(&info, close_reason);
     } else {
@@ -179,5 +80,295 @@ pub(crate) async fn drive_session(
     }
 }
 
-/// Most bytes of the control stream taken at once. Control messages are a few dozen bytes.
-const CONTROL_READ_MAX: usize = 16 * 1024;
+/// What the gateway adds to the shared driver for one session.
+struct GatewaySide<'a> {
+    ctx: &'a TunnelContext,
+    link: &'a Link,
+    agent: &'a AgentId,
+    cert: &'a CertFacts,
+    remote: SocketAddr,
+    session_id: &'a str,
+    transport: Transport,
+    probe: Probe,
+    /// The session in the registry, once `Hello` is accepted.
+    registered: Option<Arc<SessionInfo>>,
+    /// The registry's orders for this session, once registered.
+    orders: Option<mpsc::UnboundedReceiver<SessionCommand>>,
+}
+
+/// What woke the gateway's side.
+enum Wake {
+    /// The registry's order.
+    Order(SessionCommand),
+    /// The probe in flight has its outcome.
+    Probe(Result<(), String>),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl GatewaySide<'_> {
+    fn established(
+        &mut self,
+        session: &mut GatewaySession,
+        (hello, version): (tunnel_proto::message::Hello, u32),
+        now: Instant,
+    ) {
+        let (agent, transport) = (self.agent, self.transport);
+        let (info, orders) = SessionInfo::new(
+            self.session_id.to_owned(),
+            agent.clone(),
+            self.remote,
+            self.link.clone(),
+            (hello, version),
+            self.cert,
+        );
+        let info = self.ctx.registry.register(info);
+        tracing::info!(%agent, session = %self.session_id, remote = %self.remote, %transport,
+            agent_version = %info.hello.agent_version, "agent connected");
+        metrics::counter!("tether_gateway_sessions_total", "transport" => transport.name())
+            .increment(1);
+        self.probe.start(now);
+        self.registered = Some(info);
+        self.orders = Some(orders);
+        // A revocation that landed between the handshake and the registration missed this
+        // session: catch it here.
+        if let Some(why) = self.ctx.revocations.refusal(agent, self.cert) {
+            tracing::warn!(%agent, session = %self.session_id, reason = %why,
+                "closing a session of a revoked certificate");
+            session.close(ErrorCode::REVOKED, "agent revoked");
+        }
+    }
+}
+
+impl Side<GatewaySession> for GatewaySide<'_> {
+    type Wake = Wake;
+
+    fn on_event(&mut self, session: &mut GatewaySession, event: GatewayEvent, now: Instant) {
+        match event {
+            GatewayEvent::Established { hello, version } => {
+                self.established(session, (hello, version), now);
+            }
+            GatewayEvent::Heartbeat { rtt } => {
+                if let Some(rtt) = rtt {
+                    if let Some(s) = &self.registered {
+                        s.set_rtt(rtt);
+                    }
+                    metrics::histogram!("tether_gateway_heartbeat_rtt_seconds")
+                        .record(rtt.as_secs_f64());
+                }
+                self.probe.on_heartbeat(self.link, now);
+            }
+            // Signing takes well under a millisecond: answered here, in order.
+            GatewayEvent::RenewRequested(req) => {
+                if let Some(renewal) = &self.ctx.renewal {
+                    session.renew_response(renewal.renew(self.agent, self.cert, &req));
+                }
+            }
+            // The driver ends the session; `drive_session` reads how from its `SessionEnd`.
+            GatewayEvent::Closed(_) => {}
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.probe.deadline()
+    }
+
+    fn handle_timeout(&mut self, _: &mut GatewaySession, now: Instant) {
+        self.probe.on_timer(self.link, now);
+    }
+
+    async fn wake(&mut self) -> Wake {
+        let orders = &mut self.orders;
+        let order = async move {
+            match orders {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(order) = order => Wake::Order(order),
+            outcome = self.probe.answer() => Wake::Probe(outcome),
+            () = self.ctx.shutdown.cancelled() => Wake::Shutdown,
+        }
+    }
+
+    fn on_wake(&mut self, session: &mut GatewaySession, wake: Wake, _: Instant) {
+        match wake {
+            Wake::Order(SessionCommand::GoAway(reason, within)) => session.go_away(&reason, within),
+            Wake::Order(SessionCommand::Close(code, reason)) => session.close(code, &reason),
+            Wake::Probe(Ok(())) => {}
+            Wake::Probe(Err(why)) => {
+                let (agent, transport) = (self.agent, self.transport);
+                metrics::counter!("tether_gateway_probe_failures_total",
+                    "transport" => transport.name())
+                .increment(1);
+                tracing::warn!(%agent, session = %self.session_id, remote = %self.remote,
+                    %transport, reason = %why, "end-to-end probe failed; closing the session");
+                session.close(ErrorCode::UNRESPONSIVE, "end-to-end probe failed");
+            }
+            Wake::Shutdown => session.close(ErrorCode::SHUTDOWN, "gateway shutting down"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tether_runtime::CancellationToken;
+    use tokio::sync::broadcast::error::RecvError;
+    use tunnel_proto::Message;
+    use tunnel_proto::message::{Heartbeat, Hello};
+
+    use super::*;
+    use crate::config::GatewayConfig;
+    use crate::tunnel::registry::{Registry, RegistryEvent};
+
+    const T: Duration = Duration::from_secs(20);
+
+    /// A real QUIC connection on loopback: (the agent's end, the gateway's end). The endpoints
+    /// are returned so they outlive the test.
+    async fn quic_pair() -> (quinn::Connection, Link, [quinn::Endpoint; 2]) {
+        tether_runtime::tls::install_crypto_provider();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let der = cert.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .expect("key");
+        let server = quinn::ServerConfig::with_single_cert(vec![der.clone()], key).expect("tls");
+        let server = quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("server");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client_cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+        ));
+        let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("client");
+        client.set_default_client_config(client_cfg);
+        let addr = server.local_addr().expect("addr");
+        let (dialed, accepted) = tokio::join!(
+            async {
+                client
+                    .connect(addr, "localhost")
+                    .unwrap()
+                    .await
+                    .expect("connect")
+            },
+            async {
+                server
+                    .accept()
+                    .await
+                    .expect("incoming")
+                    .await
+                    .expect("accept")
+            },
+        );
+        (dialed, Link::Quic(accepted), [client, server])
+    }
+
+    /// The gateway's half of the shared driver's rule: a control stream the gateway can no
+    /// longer write ends the session (unregistered, its connection closed) while the agent's
+    /// heartbeats still arrive, instead of staying registered with its answers lost.
+    #[tokio::test]
+    async fn a_session_whose_control_stream_cannot_be_written_is_unregistered_at_once() {
+        let cfg: GatewayConfig = toml::from_str(
+            "trust_domain = \"td\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             [tunnel]\nheartbeat_interval = \"10s\"\nprobe_interval = \"1h\"\n",
+        )
+        .expect("config");
+        let registry = Arc::new(Registry::default());
+        let mut feed = registry.feed();
+        let ctx = Arc::new(TunnelContext::new(
+            &cfg,
+            registry.clone(),
+            CancellationToken::new(),
+        ));
+        let (agent_conn, gateway_link, _endpoints) = quic_pair().await;
+        let agent = AgentId::new("t1", "a1").expect("agent id");
+        let permit = ctx.sessions.acquire(&agent).expect("permit");
+        let facts = CertFacts {
+            fingerprint: "00".into(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let remote = SocketAddr::from(([127, 0, 0, 1], 0));
+        let gateway = tokio::spawn(async move {
+            let (send, recv) = gateway_link.accept().await.expect("control stream");
+            drive_session(
+                gateway_link,
+                send,
+                recv,
+                (agent, facts),
+                remote,
+                ctx,
+                permit,
+            )
+            .await;
+        });
+
+        // A hand-driven agent: Hello, then it stops reading but keeps its heartbeats coming.
+        let (mut send, mut recv) = agent_conn.open_bi().await.expect("control stream");
+        let hello = Hello {
+            versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
+            agent_version: "test".into(),
+            ..Default::default()
+        };
+        send.write_all(&Message::Hello(hello).to_bytes())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(T, recv.read(&mut buf))
+            .await
+            .expect("Welcome in time")
+            .unwrap();
+        assert!(n.is_some_and(|n| n > 0), "Welcome");
+        match tokio::time::timeout(T, feed.recv())
+            .await
+            .expect("registered")
+        {
+            Ok(RegistryEvent::Connected(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        recv.stop(7u32.into()).unwrap();
+        let heartbeats = async {
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                every.tick().await;
+                let beat = Message::Heartbeat(Heartbeat::default()).to_bytes();
+                if send.write_all(&beat).await.is_err() {
+                    return std::future::pending::<()>().await;
+                }
+            }
+        };
+        let disconnected = tokio::select! {
+            e = feed.recv() => e,
+            () = heartbeats => unreachable!(),
+            () = tokio::time::sleep(T) => Err(RecvError::Closed),
+        };
+        match disconnected {
+            Ok(RegistryEvent::Disconnected { reason, .. }) => {
+                assert!(reason.contains("reset the stream"), "{reason}");
+            }
+            other => panic!("the session stayed registered: {other:?}"),
+        }
+        match tokio::time::timeout(T, agent_conn.closed())
+            .await
+            .expect("the gateway closes the connection")
+        {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    u64::from(c.error_code),
+                    u64::from(ErrorCode::PROTOCOL_ERROR.0)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::timeout(T, gateway)
+            .await
+            .expect("the driver returns")
+            .unwrap();
+        assert_eq!(registry.session_count(), 0);
+    }
+}

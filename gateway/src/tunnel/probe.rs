@@ -47,10 +47,12 @@ impl Probe {
         self.next = Some(now + self.interval);
     }
 
-    /// When the session's timer must wake for the probe.
+    /// When the session's timer must wake for the probe. None while a probe is out: its own
+    /// timeout ends it, in `answer`, and a deadline already passed would only wake the driver
+    /// again and again until then.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.in_flight {
-            Some((sent, _)) => Some(*sent + self.timeout),
+            Some(_) => None,
             None => self.next.map(|n| n + self.slack),
         }
     }
