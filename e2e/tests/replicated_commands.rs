@@ -71,7 +71,21 @@ fn counting_agent(
     gateways: &[usize],
     state: &std::path::Path,
 ) -> (TestAgent, Arc<Mutex<HashMap<String, u32>>>) {
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Default::default();
+    let (agent, runs, _) = ordered_agent(fleet, gateways, state);
+    (agent, runs)
+}
+
+/// Runs per payload.
+type Runs = Arc<Mutex<HashMap<String, u32>>>;
+
+/// [`counting_agent`], also giving the order in which `slow` commands first ran.
+fn ordered_agent(
+    fleet: &Fleet,
+    gateways: &[usize],
+    state: &std::path::Path,
+) -> (TestAgent, Runs, Arc<Mutex<Vec<String>>>) {
+    let runs: Runs = Default::default();
+    let order: Arc<Mutex<Vec<String>>> = Default::default();
     let handlers = test_handlers();
     let r = runs.clone();
     handlers.register("count", move |payload: bytes::Bytes, _p: ProgressSink| {
@@ -92,19 +106,24 @@ fn counting_agent(
         .collect();
     cfg.state_dir = Some(state.to_owned());
     // `slow`: the same, 30 ms each (four lanes run ~130 a second: a kill lands mid-way).
-    let r = runs.clone();
+    let (r, o) = (runs.clone(), order.clone());
     handlers.register("slow", move |payload: bytes::Bytes, _p: ProgressSink| {
-        let r = r.clone();
+        let (r, o) = (r.clone(), o.clone());
         async move {
-            *r.lock()
-                .unwrap()
-                .entry(String::from_utf8_lossy(&payload).into_owned())
-                .or_default() += 1;
+            {
+                let p = String::from_utf8_lossy(&payload).into_owned();
+                let mut runs = r.lock().unwrap();
+                let n = runs.entry(p.clone()).or_default();
+                *n += 1;
+                if *n == 1 {
+                    o.lock().unwrap().push(p);
+                }
+            }
             tokio::time::sleep(Duration::from_millis(30)).await;
             Ok(payload)
         }
     });
-    (TestAgent::start_with_handlers(&cfg, handlers), runs)
+    (TestAgent::start_with_handlers(&cfg, handlers), runs, order)
 }
 
 /// Submits as a careful client does: with an idempotency key, again on `UNAVAILABLE` (a replica
@@ -201,8 +220,10 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
  {
     let mut fleet = Fleet::start(3).await;
     let state = tempfile::tempdir().unwrap();
-    let (_agent, runs) = counting_agent(&fleet, &[0, 1, 2], state.path());
+    let (_agent, runs, order) = ordered_agent(&fleet, &[0, 1, 2], state.path());
     wait_connected_everywhere(&fleet, &[0, 1, 2]).await;
+    // When each Submit was sent and acknowledged, per payload.
+    let timing: Arc<Mutex<HashMap<String, (Instant, Instant)>>> = Default::default();
 
     // 1,000 commands from 30 tasks over 16 ordering keys, spread over the three replicas.
     let accepted: Arc<Mutex<Vec<(String, String)>>> = Default::default();
@@ -210,7 +231,7 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
     let mut tasks = Vec::new();
     for t in 0..30 {
         let mut c = fleet.client(t % 3).await;
-        let (accepted, next) = (accepted.clone(), next.clone());
+        let (accepted, next, timing) = (accepted.clone(), next.clone(), timing.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -219,7 +240,12 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
                 }
                 let mut r = submit_req(AGENT, "slow", i.to_string());
                 r.ordering_key = format!("k{}", i % 4);
+                let sent = Instant::now();
                 let id = submit_keyed(&mut c, r).await.id;
+                timing
+                    .lock()
+                    .unwrap()
+                    .insert(i.to_string(), (sent, Instant::now()));
                 accepted.lock().unwrap().push((id, i.to_string()));
             }
         }));
@@ -258,6 +284,26 @@ async fn killing_the_lease_holder_with_1000_commands_in_flight_loses_none_and_ru
         let c = wait_final(&mut client, id, Duration::from_secs(120)).await;
         assert_eq!(c.state(), CommandState::Succeeded, "{c:?}");
         assert_eq!(c.result.unwrap().output, payload.as_bytes());
+    }
+    // Order per ordering key: a Submit acknowledged before another of its key was sent ran first.
+    let order = order.lock().unwrap();
+    let first_run: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(n, p)| (p.as_str(), n))
+        .collect();
+    let timing = timing.lock().unwrap();
+    for (x, (_, x_acked)) in timing.iter() {
+        for (y, (y_sent, _)) in timing.iter() {
+            let key = |p: &str| p.parse::<usize>().unwrap() % 4;
+            if key(x) == key(y) && x_acked < y_sent {
+                assert!(
+                    first_run[x.as_str()] < first_run[y.as_str()],
+                    "{x} was acknowledged before {y} was sent (key k{}) but ran after it",
+                    key(x)
+                );
+            }
+        }
     }
     let runs = runs.lock().unwrap();
     for (_, payload) in &accepted {
