@@ -200,11 +200,7 @@ mod hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        let mut out = String::with_capacity(b.len() * 2);
-        for byte in b {
-            out.push_str(&format!("{byte:02x}"));
-        }
-        s.serialize_str(&out)
+        s.serialize_str(&hex::encode(b))
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {

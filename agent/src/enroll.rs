@@ -30,6 +30,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use tether_api::v1;
 use tether_api::v1::enrollment_client::EnrollmentClient;
+use tether_runtime::digest::sha256_hex;
 use tether_runtime::tls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tunnel_proto::{Backoff, ENROLL_ALPN};
@@ -124,14 +125,6 @@ struct Record {
     token_sha256: String,
     /// `<tenant>/<agent>`.
     agent: String,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Makes sure `state_dir` holds a certificate and key for the agent; see the module docs.

@@ -164,7 +164,8 @@ impl FakeApiServer {
     /// Starts a fake on `127.0.0.1:0` with a fresh CA and token.
     pub async fn start() -> FakeApiServer {
         tether_runtime::tls::install_crypto_provider();
-        let ca = tether_gateway::pki::Ca::generate("fake-apiserver.test").expect("fake CA");
+        let ca =
+            tether_gateway::identity::pki::Ca::generate("fake-apiserver.test").expect("fake CA");
         let leaf = ca
             .issue_server(&["127.0.0.1".into(), "localhost".into()])
             .expect("fake API server certificate");

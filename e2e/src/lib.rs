@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use tether_agent::AgentConfig;
 use tether_api::v1::agents_client::AgentsClient;
 use tether_gateway::config::{GatewayConfig, TlsConfig};
-use tether_gateway::ctl::{self, Target};
-use tether_gateway::pki::{self, Ca, LeafSpec};
+use tether_gateway::identity::pki::{self, Ca, LeafSpec};
+use tether_gateway::tools::ctl::{self, Target};
 use tether_gateway::{GatewayHandle, Sockets};
 use tether_runtime::CancellationToken;
 use tunnel_proto::AgentId;
@@ -641,8 +641,10 @@ impl SilentGateway {
         use tunnel_proto::session::{GatewaySession, GatewaySessionConfig};
         init();
         let cfg = TestGateway::config(pki);
-        let tls = tether_gateway::tunnel::tls_config(&cfg).expect("tls");
-        let server = tether_gateway::tunnel::server_config(&cfg, tls).expect("server config");
+        let material = tether_gateway::tls::TlsMaterial::load(&cfg.tls).expect("TLS material");
+        let tls =
+            tether_gateway::tunnel::tls::tls_config(&cfg, &material, Arc::default()).expect("tls");
+        let server = tether_gateway::tunnel::tls::server_config(&cfg, tls).expect("server config");
         let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr"))
             .expect("endpoint");
         let addr = endpoint.local_addr().expect("addr");
@@ -715,7 +717,7 @@ pub fn app_close_code(e: &quinn::ConnectionError) -> Option<u64> {
 
 // === Relay helpers ===
 
-pub use tether_gateway::demo::{EchoService, Observed};
+pub use tether_gateway::tools::demo::{EchoService, Observed};
 
 /// The demo upstream (Echo, health, reflection) on a free loopback port.
 pub struct DemoUpstream {
@@ -746,7 +748,11 @@ impl DemoUpstream {
         let echo = EchoService::default();
         let observed = echo.observed.clone();
         let shutdown = CancellationToken::new();
-        tokio::spawn(tether_gateway::demo::serve(l, echo, shutdown.clone()));
+        tokio::spawn(tether_gateway::tools::demo::serve(
+            l,
+            echo,
+            shutdown.clone(),
+        ));
         DemoUpstream {
             addr,
             observed,
@@ -1404,7 +1410,7 @@ impl AuditLog {
             let audit = log
                 .clone()
                 .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                    m.target() == tether_gateway::auth::AUDIT_TARGET
+                    m.target() == tether_gateway::northbound::auth::AUDIT_TARGET
                 }));
             let _ = tracing_subscriber::registry()
                 .with(fmt)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tether_e2e::*;
-use tether_gateway::pki::LeafSpec;
+use tether_gateway::identity::pki::LeafSpec;
 use tunnel_proto::ErrorCode;
 use tunnel_proto::message::{Hello, Message};
 

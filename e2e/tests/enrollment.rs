@@ -189,7 +189,7 @@ async fn agent_enrolls_with_a_token_then_connects_with_exactly_that_identity() {
     let db = std::fs::read(data.path().join("identity.redb")).unwrap();
     let contains = |needle: &[u8]| db.windows(needle.len()).any(|w| w == needle);
     assert!(!contains(token.as_bytes()), "the token is stored in clear");
-    let hash = tether_gateway::revocation::sha256_hex(token.as_bytes());
+    let hash = tether_runtime::digest::sha256_hex(token.as_bytes());
     assert!(contains(hash.as_bytes()), "the token's hash is stored");
     assert!(!agent.logs().contains(&token), "the agent logged its token");
 

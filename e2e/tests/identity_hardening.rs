@@ -230,7 +230,7 @@ async fn idle_enrollment_connections_from_one_address_do_not_keep_a_real_agent_o
     let mut tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![tether_gateway::enrollment::ENROLL_ALPN.to_vec()];
+    tls.alpn_protocols = vec![tether_gateway::identity::enrollment::ENROLL_ALPN.to_vec()];
     let tls = Arc::new(tls);
 
     // The attack: idle enrollment connections from one address, TLS done, never a request.
@@ -278,7 +278,8 @@ async fn idle_enrollment_connections_from_one_address_do_not_keep_a_real_agent_o
     assert_eq!(enrolled.agent, "acme/new");
 
     // The idle ones are closed at the first-request deadline, not kept for a lifetime.
-    let deadline = tether_gateway::enrollment::FIRST_REQUEST_TIMEOUT + Duration::from_secs(8);
+    let deadline =
+        tether_gateway::identity::endpoint::FIRST_REQUEST_TIMEOUT + Duration::from_secs(8);
     let n = idle.len();
     for c in idle {
         let left = deadline.saturating_sub(started.elapsed()) + Duration::from_secs(1);
@@ -287,7 +288,7 @@ async fn idle_enrollment_connections_from_one_address_do_not_keep_a_real_agent_o
             "an idle enrollment connection outlived the first-request deadline"
         );
     }
-    let share = tether_gateway::enrollment::CONNECTIONS_PER_ADDRESS;
+    let share = tether_gateway::identity::endpoint::CONNECTIONS_PER_ADDRESS;
     assert!(
         n <= share,
         "{n} idle connections of one address were served (share {share})"
@@ -418,7 +419,7 @@ async fn scoped_gateway(pki: &Pki, data: &Path) -> GatewayProcess {
 
 fn fingerprint(files: &CertFiles) -> String {
     let der = tether_runtime::tls::load_certs("cert", &files.cert).unwrap();
-    tether_gateway::revocation::sha256_hex(der[0].as_ref())
+    tether_runtime::digest::sha256_hex(der[0].as_ref())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,7 +580,7 @@ async fn the_data_dir_and_its_files_are_private_also_when_an_older_gateway_left_
     // One an older gateway left world-readable.
     let old = root.path().join("old");
     std::fs::create_dir(&old).unwrap();
-    drop(tether_gateway::identity_db::IdentityDb::open(&old).unwrap());
+    drop(tether_gateway::identity::db::IdentityDb::open(&old).unwrap());
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = old.join("identity.redb");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();

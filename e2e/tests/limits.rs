@@ -350,7 +350,7 @@ async fn tunnel_tcp_and_enrollment_connections_that_stall_are_closed_at_the_hand
     let mut conn = rustls::ClientConnection::new(
         client_tls(
             &pki.agent("acme/new"),
-            tether_gateway::enrollment::ENROLL_ALPN,
+            tether_gateway::identity::enrollment::ENROLL_ALPN,
             false,
         ),
         "localhost".try_into().unwrap(),

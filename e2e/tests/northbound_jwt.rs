@@ -15,7 +15,7 @@ use tether_agent::config::ServiceKind;
 use tether_api::v1::agents_client::AgentsClient;
 use tether_api::v1::{GetAgentRequest, ListAgentsRequest};
 use tether_e2e::*;
-use tether_gateway::ctl::{self, Target};
+use tether_gateway::tools::ctl::{self, Target};
 use tonic::Code;
 
 const T: Duration = Duration::from_secs(20);

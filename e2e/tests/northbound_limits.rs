@@ -376,7 +376,7 @@ async fn out_of_file_descriptors_the_gateway_neither_spins_nor_floods_its_log_an
     let deadline = Instant::now() + T;
     loop {
         let ok = tokio::time::timeout(Duration::from_secs(5), async {
-            let ch = tether_gateway::ctl::connect(&tether_gateway::ctl::Target {
+            let ch = tether_gateway::tools::ctl::connect(&tether_gateway::tools::ctl::Target {
                 addr: gw.northbound.to_string(),
                 ca: api.ca.clone(),
                 cert: api.cert.clone(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tether_api::v1::{GetAgentRequest, RevokeAgentRequest};
 use tether_e2e::*;
-use tether_gateway::pki::LeafSpec;
+use tether_gateway::identity::pki::LeafSpec;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -79,7 +79,7 @@ async fn revoked_agent_is_disconnected_within_one_second() {
     assert_eq!(r.certificates.len(), 1, "{:?}", r.certificates);
     assert_eq!(
         r.certificates[0].sha256_fingerprint,
-        tether_gateway::revocation::sha256_hex(der[0].as_ref())
+        tether_runtime::digest::sha256_hex(der[0].as_ref())
     );
     assert!(r.revoked_at.is_some());
 

@@ -25,9 +25,9 @@ use rustls_pki_types::pem::PemObject;
 use tether_agent::config::ServiceKind;
 use tether_e2e::*;
 use tether_gateway::config::GatewayConfig;
-use tether_gateway::pki::LeafSpec;
-use tether_gateway::registry::SessionInfo;
-use tether_gateway::revocation::sha256_hex;
+use tether_gateway::identity::pki::LeafSpec;
+use tether_gateway::tunnel::registry::{RegistryEvent, SessionInfo};
+use tether_runtime::digest::sha256_hex;
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{Hello, RenewResponse};
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
@@ -112,8 +112,10 @@ impl Sessions {
         let sink = seen.clone();
         tokio::spawn(async move {
             while let Ok(ev) = feed.recv().await {
-                if ev.connected && ev.session.agent == agent {
-                    sink.0.lock().unwrap().push(Seen::of(&ev.session));
+                if let RegistryEvent::Connected(s) = &ev
+                    && s.agent == agent
+                {
+                    sink.0.lock().unwrap().push(Seen::of(s));
                 }
             }
         });
@@ -517,10 +519,12 @@ async fn a_revoked_agent_is_not_renewed() {
     let data = tempfile::tempdir().unwrap();
     let mut cfg = renewing_config(&pki, Duration::from_secs(3600));
     cfg.data_dir = Some(data.path().to_owned());
-    let db = Arc::new(tether_gateway::identity_db::IdentityDb::open(data.path()).unwrap());
-    let enrollment = tether_gateway::enrollment::Enrollment::new(&cfg, db.clone()).unwrap();
+    let db = Arc::new(tether_gateway::identity::db::IdentityDb::open(data.path()).unwrap());
+    let bundle = std::fs::read_to_string(&cfg.tls.ca).unwrap();
+    let enrollment =
+        tether_gateway::identity::enrollment::Enrollment::new(&cfg, &bundle, db.clone()).unwrap();
     let files = pki.agent("acme/victim");
-    let facts = tether_gateway::revocation::CertFacts::of(&leaf_of(&files.cert)).unwrap();
+    let facts = tether_gateway::tls::CertFacts::of(&leaf_of(&files.cert)).unwrap();
     let agent: AgentId = "acme/victim".parse().unwrap();
     let req = |id| tunnel_proto::message::RenewRequest {
         id,
@@ -531,7 +535,7 @@ async fn a_revoked_agent_is_not_renewed() {
         &agent,
         "key leaked",
         Vec::new(),
-        tether_gateway::revocation::to_ms(SystemTime::now()),
+        tether_gateway::identity::revocation::to_ms(SystemTime::now()),
     )
     .unwrap();
     let r = enrollment.renew(&agent, &facts, &req(2));

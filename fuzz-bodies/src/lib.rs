@@ -31,9 +31,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use rustls_pki_types::pem::PemObject;
 use tether_gateway::GatewayConfig;
-use tether_gateway::auth::{Authenticator, CallerKind, TenantScope};
-use tether_gateway::enrollment::{Enrollment, check_csr};
-use tether_gateway::identity_db::IdentityDb;
+use tether_gateway::identity::csr::check_csr;
+use tether_gateway::identity::db::IdentityDb;
+use tether_gateway::identity::enrollment::Enrollment;
+use tether_gateway::northbound::auth::{Authenticator, CallerKind, TenantScope};
 use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, decode_frame};
 use tunnel_proto::message::{Hello, Message, RenewResponse, StreamKind, Welcome};
 use tunnel_proto::session::{
@@ -454,7 +455,7 @@ fn enroll_fixture() -> &'static EnrollFixture {
         let dir = tempfile::tempdir().expect("temporary directory");
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).expect("pki dir");
-        tether_gateway::pki::init(&pki, "fuzz.test", &["localhost".into()], false)
+        tether_gateway::identity::pki::init(&pki, "fuzz.test", &["localhost".into()], false)
             .expect("pki init");
         let cfg: GatewayConfig = toml::from_str(&format!(
             "trust_domain = \"fuzz.test\"\n\
@@ -468,7 +469,9 @@ fn enroll_fixture() -> &'static EnrollFixture {
         ))
         .expect("fuzz gateway config");
         let db = std::sync::Arc::new(IdentityDb::open(&dir.path().join("data")).expect("db"));
-        let enrollment = std::sync::Arc::new(Enrollment::new(&cfg, db).expect("enrollment"));
+        let bundle = std::fs::read_to_string(&cfg.tls.ca).expect("CA bundle");
+        let enrollment =
+            std::sync::Arc::new(Enrollment::new(&cfg, &bundle, db).expect("enrollment"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -608,10 +611,11 @@ pub fn bearer_token(data: &[u8]) -> Outcome {
 
 /// The relay's `tether-agent` metadata (the input's bytes as the header value), as parsed
 /// before a call is routed: an accepted id names a valid tenant (a name of at most 63 bytes),
-/// and the label of a call that reached no agent is the fixed [`tether_gateway::relay::UNROUTED`],
+/// and the label of a call that reached no agent is the fixed [`tether_gateway::relay::grpc::UNROUTED`],
 /// so no input becomes a metrics series of its own.
 pub fn relay_metadata(data: &[u8]) -> Outcome {
-    use tether_gateway::relay::{UNROUTED, agent_of_metadata, tenant_label};
+    use tether_gateway::relay::agent_of_metadata;
+    use tether_gateway::relay::grpc::{UNROUTED, tenant_label};
     assert_eq!(tenant_label(None), UNROUTED);
     let Ok(value) = HeaderValue::from_bytes(data) else {
         return Outcome::Refused;
@@ -627,7 +631,8 @@ pub fn relay_metadata(data: &[u8]) -> Outcome {
             assert_ne!(tenant, UNROUTED);
             Outcome::Accepted
         }
-        Err(status) => {
+        Err(e) => {
+            let status = tonic::Status::from(e);
             // INVALID_ARGUMENT, whatever the input.
             assert_eq!(status.code() as i32, 3, "{status:?}");
             Outcome::Refused

@@ -1,7 +1,9 @@
-//! The gateway's error type.
+//! The gateway's error at start: why it could not start or serve.
 
-/// Why the gateway could not start or serve. Config and TLS errors are the operator's to fix;
-/// IO errors at start (a port in use) likewise.
+use std::path::PathBuf;
+
+/// Why the gateway could not start or serve. Config and TLS errors are the operator's to fix
+/// (`tether-gateway serve` exits 64 on them); IO errors at start (a port in use) likewise.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GatewayError {
@@ -13,7 +15,7 @@ pub enum GatewayError {
     TlsMaterial(#[from] tether_runtime::tls::TlsError),
     /// The TLS configuration was refused.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsSetupError),
     /// A listener could not be bound or served.
     #[error("{what}: {source}")]
     Io {
@@ -23,15 +25,25 @@ pub enum GatewayError {
         source: std::io::Error,
     },
     /// The command store could not be opened or recovered.
-    #[error("command store: {0}")]
-    Store(String),
+    #[error("command store: data_dir {}: {source}", data_dir.display())]
+    Store {
+        /// Where it lives.
+        data_dir: PathBuf,
+        /// What the store said.
+        source: crate::commands::store::StoreError,
+    },
     /// The identity store (revocations, enrollment tokens) could not be opened.
-    #[error("identity store: {0}")]
-    IdentityStore(String),
+    #[error("identity store: data_dir {}: {source}", data_dir.display())]
+    IdentityStore {
+        /// Where it lives.
+        data_dir: PathBuf,
+        /// What the store said.
+        source: crate::identity::db::IdentityDbError,
+    },
     /// `data_dir` is held by another gateway process.
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::LockError),
     /// PKI operation failed.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Pki(#[from] crate::identity::pki::PkiError),
 }

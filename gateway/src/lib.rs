@@ -30,32 +30,20 @@
 //! - [`config`], [`server`] (wiring), [`dev`] (the `dev` command), [`ctl`] (tetherctl's client).
 #![warn(missing_docs)]
 
-pub mod auth;
-pub mod callers;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-pub mod ctl;
 pub mod data_dir;
-pub mod demo;
-pub mod dev;
-pub mod enrollment;
 pub mod error;
-pub mod identity_db;
-pub mod limits;
-pub mod listener;
-pub mod live_connections;
-pub mod local_postgres;
+pub mod identity;
+pub mod metrics;
 pub mod northbound;
-pub mod pki;
-pub mod registry;
+pub mod quota;
 pub mod relay;
-pub mod revocation;
 pub mod server;
-pub mod store;
-pub mod streams;
+pub mod tls;
+pub mod tools;
 pub mod tunnel;
-pub mod verifier;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tether_gateway::dev::{self, DevOptions};
-use tether_gateway::pki::{self, Ca};
+use tether_gateway::identity::pki::{self, Ca};
+use tether_gateway::tools::dev::{self, DevOptions};
 use tether_gateway::{GatewayConfig, GatewayError, Sockets};
 use tether_runtime::config::EXIT_CONFIG;
 use tether_runtime::logging::{self, LogFormat};
@@ -181,11 +181,7 @@ fn serve(
     };
     // TLS material and the JWKS file are part of the config: load them now so --check-config
     // catches a bad path.
-    if let Err(e) = tether_gateway::tunnel::tls_config(&cfg)
-        .and_then(|tls| tether_gateway::tunnel::server_config(&cfg, tls))
-        .and_then(|_| tether_gateway::auth::Authenticator::new(&cfg))
-        .and_then(|_| tether_gateway::enrollment::signing_ca(&cfg))
-    {
+    if let Err(e) = tether_gateway::server::check_config(&cfg) {
         eprintln!("tether-gateway: invalid config: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
@@ -194,7 +190,7 @@ fn serve(
         return ExitCode::SUCCESS;
     }
     logging::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-    check_open_files_limit(&cfg);
+    tether_gateway::server::check_open_files_limit(&cfg);
     runtime().block_on(async {
         let shutdown = tether_runtime::shutdown::on_signals();
         let sockets = match Sockets::bind(&cfg) {
@@ -274,24 +270,4 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
             )
         }
     })
-}
-
-/// Raises the open-file limit as far as the hard limit allows, and warns when it leaves too
-/// few descriptors for the northbound connections allowed plus agents on the TCP fallback.
-fn check_open_files_limit(cfg: &GatewayConfig) {
-    /// Descriptors beside the northbound's: listeners, stores, and agents on TCP.
-    const RESERVE: u64 = 1024;
-    match tether_gateway::limits::raise_open_files_limit() {
-        Ok(limit) => {
-            let wanted = u64::from(cfg.limits.northbound_connections) + RESERVE;
-            if limit < wanted {
-                tracing::warn!(
-                    limit,
-                    wanted,
-                    "the open-file limit is below limits.northbound_connections plus {RESERVE} for listeners and agents on TCP: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.northbound_connections"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
-    }
 }

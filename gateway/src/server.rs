@@ -4,6 +4,7 @@
 //! close what is left with `SHUTDOWN` → wait for QUIC to go idle.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,20 +12,23 @@ use tether_runtime::CancellationToken;
 use tether_runtime::ops::{self, Readiness};
 use tokio::task::JoinHandle;
 
-use crate::auth::{Authenticated, Authenticator};
-use crate::callers::CallersApi;
+use crate::commands::store::EmbeddedStore;
 use crate::commands::{Commands, CommandsApi};
 use crate::config::GatewayConfig;
-use crate::enrollment::{ENROLL_ALPN, EnrollEndpoint, Enrollment, EnrollmentApi};
 use crate::error::GatewayError;
-use crate::identity_db::IdentityDb;
-use crate::limits::Admission;
-use crate::listener::{LiveConnections, MarkAuthenticated};
-use crate::northbound::AgentsApi;
-use crate::registry::Registry;
-use crate::relay::{Relay, RelayService};
-use crate::store::EmbeddedStore;
-use crate::streams::StreamsApi;
+use crate::identity::callers::CallersApi;
+use crate::identity::db::IdentityDb;
+use crate::identity::endpoint::EnrollEndpoint;
+use crate::identity::enrollment::{ENROLL_ALPN, Enrollment, EnrollmentApi, signing_ca};
+use crate::northbound::agents::AgentsApi;
+use crate::northbound::auth::{Authenticated, Authenticator};
+use crate::northbound::listener::{LiveConnections, MarkAuthenticated};
+use crate::relay::Relay;
+use crate::relay::grpc::RelayService;
+use crate::relay::tcp::StreamsApi;
+use crate::tls::TlsMaterial;
+use crate::tunnel::admission::Admission;
+use crate::tunnel::registry::Registry;
 use crate::tunnel::{self, TunnelContext};
 
 /// The gateway's listeners, bound before start.
@@ -122,6 +126,18 @@ impl GatewayHandle {
     }
 }
 
+/// Checks what `--check-config` checks beyond the config's own validation: the TLS material
+/// loads, the tunnel's TLS and QUIC configs build on it, the JWKS file (if any) is usable, and
+/// the enrollment CA (if any) is one `tls.ca` holds.
+pub fn check_config(cfg: &GatewayConfig) -> Result<(), GatewayError> {
+    let material = TlsMaterial::load(&cfg.tls)?;
+    let tls = tunnel::tls::tls_config(cfg, &material, Arc::default())?;
+    tunnel::tls::server_config(cfg, tls)?;
+    Authenticator::new(cfg)?;
+    signing_ca(cfg, material.ca_pem())?;
+    Ok(())
+}
+
 /// Starts the gateway on `sockets`; it runs until `shutdown` is cancelled and then drains.
 pub async fn start(
     cfg: GatewayConfig,
@@ -141,200 +157,72 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
-    let data_dir = cfg.data_dir.clone().ok_or_else(|| {
-        GatewayError::Config(tether_runtime::config::ConfigError::invalid(
-            "data_dir",
-            "must be set",
-        ))
-    })?;
-    // Private to the gateway's user before any store creates a file in it.
-    crate::data_dir::prepare(&data_dir).map_err(io(format!("data_dir {}", data_dir.display())))?;
-    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
-        .map_err(io(format!("data_dir {}", data_dir.display())))?;
-    // One gateway per data_dir: a second one would find the stores locked, or worse.
-    let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
-    // Revocations and enrollment tokens, beside the command store.
-    let identity = Arc::new(IdentityDb::open(&data_dir).map_err(|e| {
-        GatewayError::IdentityStore(format!("data_dir {}: {e}", data_dir.display()))
-    })?);
-    let tunnel_tls = tunnel::tls_config_with(&cfg, identity.revocations())?;
-    let enrollment = Arc::new(Enrollment::new(&cfg, identity.clone())?);
-    let enroll_endpoint = Arc::new(EnrollEndpoint::new(&cfg, enrollment.clone())?);
-    let server_config = tunnel::server_config(&cfg, tunnel_tls.clone())?;
-    let endpoint = tunnel_endpoint(&cfg, sockets.tunnel, server_config)
+    let state = State::open(&cfg)?;
+    let material = TlsMaterial::load(&cfg.tls)?;
+    let tunnel_tls = tunnel::tls::tls_config(&cfg, &material, state.identity.revocations())?;
+    let enrollment = Arc::new(Enrollment::new(
+        &cfg,
+        material.ca_pem(),
+        state.identity.clone(),
+    )?);
+    let enroll_endpoint = Arc::new(EnrollEndpoint::new(&cfg, &material, enrollment.clone())?);
+    let server_config = tunnel::tls::server_config(&cfg, tunnel_tls.clone())?;
+    let endpoint = tunnel::endpoint::quic_endpoint(&cfg, sockets.tunnel, server_config)
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
-
-    let store = EmbeddedStore::open(&data_dir)
-        .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
-    crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::JustCreated)
-        .map_err(io(format!("data_dir {}", data_dir.display())))?;
     let registry = Arc::new(Registry::default());
     let commands_stop = CancellationToken::new();
-    let commands = Commands::start(
-        Arc::new(store),
-        registry.clone(),
-        cfg.commands.clone(),
-        commands_stop.clone(),
-    )
-    .map_err(|e| GatewayError::Store(format!("data_dir {}: {e}", data_dir.display())))?;
-    commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
-    commands.set_watch_limit(cfg.limits.command_watches_per_caller);
+    let commands = start_commands(&cfg, &state, registry.clone(), commands_stop.clone())?;
+
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
-    let mut tunnel_ctx = TunnelContext::new(&cfg, registry.clone(), close_sessions.clone());
-    tunnel_ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
-    let admission = Admission::new(&cfg.limits);
-    let ctx = Arc::new(
-        tunnel_ctx
-            .with_revocations(identity.revocations())
-            .with_renewal(enrollment.clone())
-            // Agents enroll on the tunnel's TCP port: the egress rule they already have.
-            .with_side_door(
-                ENROLL_ALPN,
-                Arc::new(move |start, remote| {
-                    Box::pin(enroll_endpoint.clone().serve(start, remote))
-                }),
-            ),
-    );
-    tokio::spawn(tunnel::accept_loop(
-        endpoint.clone(),
-        ctx.clone(),
-        admission.clone(),
-        stop_accepting.clone(),
-    ));
-    let tunnel_tcp = match sockets.tunnel_tcp {
-        Some(l) => {
-            l.set_nonblocking(true)
-                .map_err(io("tunnel TCP socket".into()))?;
-            let l = tokio::net::TcpListener::from_std(l).map_err(io("tunnel TCP socket".into()))?;
-            let addr = l.local_addr().map_err(io("tunnel TCP socket".into()))?;
-            tokio::spawn(tunnel::accept_tcp_loop(
-                l,
-                tunnel_tls,
-                ctx,
-                admission,
-                stop_accepting.clone(),
-            ));
-            Some(addr)
-        }
-        None => {
-            if enrollment.enabled() {
-                tracing::warn!(
-                    "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
-                );
-            }
-            None
-        }
-    };
-
-    // Northbound gRPC over TLS: a client certificate, or a bearer token when [auth] names keys.
-    let auth = Authenticator::with_revocations(&cfg, identity.caller_revocations())?;
-    if !auth.scoping() {
-        tracing::warn!(
-            "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
-        );
-    }
-    tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
-    let tls = northbound_tls(&cfg, auth.accepts_tokens())?;
-    sockets
-        .northbound
-        .set_nonblocking(true)
-        .map_err(io("northbound socket".into()))?;
-    let nb_listener = tokio::net::TcpListener::from_std(sockets.northbound)
-        .map_err(io("northbound socket".into()))?;
-    let api =
-        AgentsApi::new(registry.clone(), close_sessions.clone()).with_identity(identity.clone());
-    let relay = Relay::with_stream_limit(registry.clone(), cfg.limits.streams_per_agent);
-    let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
-    let mut routes = tonic::service::Routes::builder();
-    routes.add_service(
-        api.into_service()
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-    );
-    routes.add_service(CommandsApi::new(commands.clone()).into_service(cfg.commands.max_payload));
-    routes.add_service(
-        StreamsApi::new(relay.clone())
-            .into_service()
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-    );
-    routes.add_service(EnrollmentApi::into_northbound_service(
-        enrollment.clone(),
-        cfg.trust_domain.clone(),
-    ));
-    let live_callers = Arc::new(LiveConnections::default());
-    routes.add_service(CallersApi::new(identity.clone(), live_callers.clone()).into_service());
-    let mut routes = routes.routes();
-    // Everything that is not tether.v1.* is relayed to an agent.
-    let axum_router = std::mem::take(routes.axum_router_mut());
-    *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    // Every request, the relay's included, is authenticated before it is routed; one that
-    // gets through tells its connection so.
-    let northbound = tokio::spawn(crate::listener::serve(
-        nb_listener,
-        tls,
-        Authenticated::new(auth, MarkAuthenticated(routes.prepare())),
-        crate::listener::ListenerLimits {
-            handshake_timeout: cfg.limits.northbound_handshake_timeout,
-            idle_timeout: cfg.limits.northbound_idle_timeout,
-            unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,
-            max_header_list_size: cfg.limits.max_header_list_size,
-            max_connections: cfg.limits.northbound_connections,
-            max_connections_per_address: cfg.limits.northbound_connections_per_address,
+    let tunnel_tcp = start_tunnel(
+        &cfg,
+        Tunnel {
+            endpoint: endpoint.clone(),
+            tcp: sockets.tunnel_tcp,
+            tls: tunnel_tls,
+            registry: registry.clone(),
+            identity: &state.identity,
+            enrollment: enrollment.clone(),
+            enroll_endpoint,
         },
-        live_callers,
+        stop_accepting.clone(),
         close_sessions.clone(),
-    ));
-
-    // Ops HTTP.
-    sockets
-        .ops
-        .set_nonblocking(true)
-        .map_err(io("ops socket".into()))?;
-    let ops_listener =
-        tokio::net::TcpListener::from_std(sockets.ops).map_err(io("ops socket".into()))?;
-    let ready_registry = registry.clone();
-    let ready_stop = stop_accepting.clone();
-    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
-        ready: !ready_stop.is_cancelled(),
-        detail: serde_json::json!({
-            "draining": ready_stop.is_cancelled(),
-            "sessions": ready_registry.session_count(),
-        }),
-    });
+    )?;
+    let northbound = start_northbound(
+        &cfg,
+        &material,
+        sockets.northbound,
+        Features {
+            registry: registry.clone(),
+            commands: commands.clone(),
+            identity: state.identity.clone(),
+            enrollment,
+        },
+        close_sessions.clone(),
+    )?;
     let ops_stop = CancellationToken::new();
-    let ops_task = tokio::spawn(ops::serve(ops_listener, readiness, ops_stop.clone()));
+    let ops_task = start_ops(sockets.ops, &registry, &stop_accepting, ops_stop.clone())?;
 
     tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
         northbound = %northbound_addr, ops = %ops_addr,
         trust_domain = %cfg.trust_domain, "gateway listening");
 
-    let drain_registry = registry.clone();
-    let drain_timeout = cfg.tunnel.drain_timeout;
-    let task = tokio::spawn(async move {
-        // data_dir stays this process's until the gateway has stopped.
-        let _dir_lock = dir_lock;
-        shutdown.cancelled().await;
-        stop_accepting.cancel();
-        drain(&drain_registry, drain_timeout).await;
-        commands_stop.cancel();
-        close_sessions.cancel();
-        let _ = northbound.await;
-        endpoint.close(
-            tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
-            b"gateway shutting down",
-        );
-        if tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle())
-            .await
-            .is_err()
-        {
-            tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
-        }
-        ops_stop.cancel();
-        let _ = ops_task.await;
-        tracing::info!("gateway stopped");
-    });
+    let task = tokio::spawn(stop_on(
+        shutdown,
+        Running {
+            dir_lock: state.dir_lock,
+            registry: registry.clone(),
+            drain_timeout: cfg.tunnel.drain_timeout,
+            stop_accepting,
+            commands_stop,
+            close_sessions,
+            northbound,
+            endpoint,
+            ops_stop,
+            ops_task,
+        },
+    ));
     Ok(GatewayHandle {
         registry,
         tunnel_addr,
@@ -345,208 +233,315 @@ pub async fn start(
     })
 }
 
-/// Kernel buffer asked for the tunnel's UDP socket, each way. One socket carries every agent's
-/// connection: a reconnect storm (a burst of Initials) or a broadcast (a burst of responses)
-/// overflows the default ~208 KiB and the lost datagrams cost a retransmission timeout each
-/// (about a second for a handshake). Linux caps it at `net.core.rmem_max`/`wmem_max`.
-const TUNNEL_SOCKET_BUFFER: usize = 8 << 20;
+// === The steps of start ===
 
-/// The file in `data_dir` holding the QUIC stateless-reset key.
-const RESET_KEY_FILE: &str = "quic-reset-key";
+/// The gateway's durable state: its `data_dir`, held by this process, and the identity store.
+struct State {
+    data_dir: PathBuf,
+    /// Held until the gateway has stopped.
+    dir_lock: crate::data_dir::DirLock,
+    identity: Arc<IdentityDb>,
+}
 
-/// The QUIC endpoint on the tunnel socket: large socket buffers, and a stateless-reset key that
-/// survives a restart. With the key kept, a gateway that crashed and came back answers the
-/// agents' next packets on their old connections with a stateless reset they recognise
-/// (RFC 9000 §10.3), so they reconnect at their next heartbeat instead of waiting out three
-/// heartbeat intervals; with a fresh random key (quinn's default) they cannot tell a reset
-/// from noise. Resets are sent for every such packet (quinn limits them to one per 20 ms by
-/// default, 50/s, far too few for a fleet): a reset is always smaller than the packet that
-/// caused it, so this amplifies nothing.
-fn tunnel_endpoint(
-    cfg: &GatewayConfig,
-    socket: std::net::UdpSocket,
-    mut server: quinn::ServerConfig,
-) -> std::io::Result<quinn::Endpoint> {
-    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
-    for (what, r) in [
-        (
-            "receive",
-            state.set_recv_buffer_size((&socket).into(), TUNNEL_SOCKET_BUFFER),
-        ),
-        (
-            "send",
-            state.set_send_buffer_size((&socket).into(), TUNNEL_SOCKET_BUFFER),
-        ),
-    ] {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "cannot enlarge the tunnel socket's {what} buffer");
-        }
+impl State {
+    /// Prepares `data_dir` (private to the gateway's user before any store creates a file in
+    /// it), takes it for this process and opens the identity store.
+    fn open(cfg: &GatewayConfig) -> Result<State, GatewayError> {
+        let data_dir = cfg.data_dir.clone().ok_or_else(|| {
+            GatewayError::Config(tether_runtime::config::ConfigError::invalid(
+                "data_dir",
+                "must be set",
+            ))
+        })?;
+        crate::data_dir::prepare(&data_dir)
+            .map_err(io(format!("data_dir {}", data_dir.display())))?;
+        crate::data_dir::tighten_files(&data_dir, crate::data_dir::Found::AtStart)
+            .map_err(io(format!("data_dir {}", data_dir.display())))?;
+        // One gateway per data_dir: a second one would find the stores locked, or worse.
+        let dir_lock = crate::data_dir::lock(&data_dir).map_err(GatewayError::DataDir)?;
+        // Revocations and enrollment tokens, beside the command store.
+        let identity =
+            IdentityDb::open(&data_dir).map_err(|source| GatewayError::IdentityStore {
+                data_dir: data_dir.clone(),
+                source,
+            })?;
+        Ok(State {
+            data_dir,
+            dir_lock,
+            identity: Arc::new(identity),
+        })
     }
-    tracing::debug!(
-        recv = state.recv_buffer_size((&socket).into()).unwrap_or(0),
-        send = state.send_buffer_size((&socket).into()).unwrap_or(0),
-        "tunnel socket buffers"
-    );
-    let mut endpoint = match &cfg.data_dir {
-        Some(dir) => {
-            let key = ResetKey::load_or_create(dir)?;
-            // Retry tokens sealed with a key derived from the kept one: a token handed out
-            // just before a restart is still good after it (a restart storm is when Retry is
-            // on), and so are tokens of replicas sharing data_dir's key.
-            server.token_key(Arc::new(key.retry_token_key()));
-            quinn::EndpointConfig::new(Arc::new(key))
-        }
-        None => quinn::EndpointConfig::default(),
+}
+
+/// Opens the command store in `data_dir` and starts the commands feature on it (recovering
+/// unfinished commands into their lanes).
+fn start_commands(
+    cfg: &GatewayConfig,
+    state: &State,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) -> Result<Arc<Commands>, GatewayError> {
+    let store_error = |source| GatewayError::Store {
+        data_dir: state.data_dir.clone(),
+        source,
     };
-    // Connection attempts queued before the accept loop decides on them (each answered at once
-    // by a refusal, a Retry or a handshake): bounded, so a flood cannot grow the queue.
-    server
-        .max_incoming(4096)
-        .incoming_buffer_size(64 << 10)
-        .incoming_buffer_size_total(16 << 20);
-    endpoint.min_reset_interval(Duration::ZERO);
-    // Connection ids the restarted process accepts as its own: quinn's default generator signs
-    // its ids with a per-process key and drops packets whose id it did not sign, which would
-    // silence the reset above.
-    endpoint.cid_generator(|| Box::new(RandomCids));
-    quinn::Endpoint::new(
-        endpoint,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    let store = EmbeddedStore::open(&state.data_dir).map_err(store_error)?;
+    crate::data_dir::tighten_files(&state.data_dir, crate::data_dir::Found::JustCreated)
+        .map_err(io(format!("data_dir {}", state.data_dir.display())))?;
+    let commands = Commands::start(Arc::new(store), registry, cfg.commands.clone(), stop)
+        .map_err(store_error)?;
+    commands.set_pending_limit(cfg.limits.pending_commands_per_agent);
+    commands.set_watch_limit(cfg.limits.command_watches_per_caller);
+    Ok(commands)
 }
 
-/// Random 8-byte connection ids (quinn's own random generator is not exported).
-struct RandomCids;
-
-impl quinn::ConnectionIdGenerator for RandomCids {
-    fn generate_cid(&mut self) -> quinn::ConnectionId {
-        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
-    }
-
-    fn cid_len(&self) -> usize {
-        8
-    }
-
-    fn cid_lifetime(&self) -> Option<Duration> {
-        None
-    }
+/// What the tunnel's listeners serve with.
+struct Tunnel<'a> {
+    endpoint: quinn::Endpoint,
+    tcp: Option<std::net::TcpListener>,
+    tls: Arc<rustls::ServerConfig>,
+    registry: Arc<Registry>,
+    identity: &'a Arc<IdentityDb>,
+    enrollment: Arc<Enrollment>,
+    enroll_endpoint: Arc<EnrollEndpoint>,
 }
 
-/// HMAC-SHA256 key for stateless-reset tokens (from the one crypto provider).
-struct ResetKey([u8; 32]);
-
-impl ResetKey {
-    /// Reads `dir/quic-reset-key`, or creates it (mode 0600) with a random key.
-    fn load_or_create(dir: &std::path::Path) -> std::io::Result<ResetKey> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(RESET_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(b) if b.len() == 32 => {
-                let mut k = [0u8; 32];
-                k.copy_from_slice(&b);
-                return Ok(ResetKey(k));
-            }
-            Ok(_) => {
-                return Err(std::io::Error::other(format!(
-                    "{} is not a 32-byte key: delete it to make a new one",
-                    path.display()
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::create_dir_all(dir)?;
-        let key: [u8; 32] = rand::random();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(&key)?;
-        f.sync_all()?;
-        Ok(ResetKey(key))
-    }
-
-    /// The HKDF key quinn seals Retry tokens with, derived from this key (so it persists with
-    /// it) for that one purpose.
-    fn retry_token_key(&self) -> aws_lc_rs::hkdf::Prk {
-        let derived = self.tag(b"tether quic retry token key v1");
-        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(derived.as_ref())
-    }
-
-    fn tag(&self, data: &[u8]) -> rustls::crypto::hmac::Tag {
-        let rustls::SupportedCipherSuite::Tls13(suite) =
-            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
-        else {
-            unreachable!("a TLS 1.3 suite")
-        };
-        suite
-            .hkdf_provider
-            .hmac_sign(&rustls::crypto::tls13::OkmBlock::new(&self.0), data)
-    }
-}
-
-impl quinn::crypto::HmacKey for ResetKey {
-    fn sign(&self, data: &[u8], out: &mut [u8]) {
-        let tag = self.tag(data);
-        let n = out.len().min(tag.as_ref().len());
-        out[..n].copy_from_slice(&tag.as_ref()[..n]);
-    }
-
-    fn signature_len(&self) -> usize {
-        32
-    }
-
-    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
-        let tag = self.tag(data);
-        let t = tag.as_ref();
-        // Constant time: no early exit on the first differing byte.
-        let diff = t
-            .iter()
-            .zip(signature)
-            .fold(t.len() ^ signature.len(), |d, (a, b)| {
-                d | usize::from(a ^ b)
-            });
-        if diff == 0 {
-            Ok(())
-        } else {
-            Err(quinn::crypto::CryptoError)
-        }
-    }
-}
-
-/// TLS for the northbound listener: the gateway's certificate, client certificates verified
-/// against the CA (which identities may call is decided per request), ALPN h2. Required, unless
-/// `tokens_accepted`: a caller with a bearer token may come without one (a certificate it does
-/// send is still verified).
-fn northbound_tls(
+/// Starts accepting agents on QUIC and, when its socket is there, on TCP (where enrollment is
+/// served too) until `stop_accepting`; sessions close when `close_sessions` is cancelled.
+/// Returns the TCP listener's address.
+fn start_tunnel(
     cfg: &GatewayConfig,
-    tokens_accepted: bool,
-) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
-    let roots = tether_runtime::tls::load_roots(&cfg.tls.ca)?;
-    let mut verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots));
-    if tokens_accepted {
-        verifier = verifier.allow_unauthenticated();
+    t: Tunnel<'_>,
+    stop_accepting: CancellationToken,
+    close_sessions: CancellationToken,
+) -> Result<Option<SocketAddr>, GatewayError> {
+    let mut ctx = TunnelContext::new(cfg, t.registry, close_sessions);
+    ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
+    let admission = Admission::new(&cfg.limits);
+    let enroll_endpoint = t.enroll_endpoint;
+    let ctx = Arc::new(
+        ctx.with_revocations(t.identity.revocations())
+            .with_renewal(t.enrollment.clone())
+            // Agents enroll on the tunnel's TCP port: the egress rule they already have.
+            .with_side_door(
+                ENROLL_ALPN,
+                Arc::new(move |start, remote| {
+                    Box::pin(enroll_endpoint.clone().serve(start, remote))
+                }),
+            ),
+    );
+    tokio::spawn(tunnel::accept::accept_loop(
+        t.endpoint,
+        ctx.clone(),
+        admission.clone(),
+        stop_accepting.clone(),
+    ));
+    let Some(l) = t.tcp else {
+        if t.enrollment.enabled() {
+            tracing::warn!(
+                "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
+            );
+        }
+        return Ok(None);
+    };
+    l.set_nonblocking(true)
+        .map_err(io("tunnel TCP socket".into()))?;
+    let l = tokio::net::TcpListener::from_std(l).map_err(io("tunnel TCP socket".into()))?;
+    let addr = l.local_addr().map_err(io("tunnel TCP socket".into()))?;
+    tokio::spawn(tunnel::accept::accept_tcp_loop(
+        l,
+        t.tls,
+        ctx,
+        admission,
+        stop_accepting,
+    ));
+    Ok(Some(addr))
+}
+
+/// What the northbound API serves.
+struct Features {
+    registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    identity: Arc<IdentityDb>,
+    enrollment: Arc<Enrollment>,
+}
+
+/// Serves the northbound API (TLS with a client certificate, or a bearer token when `[auth]`
+/// names keys) on `socket` until `close_sessions`; returns the listener's task.
+fn start_northbound(
+    cfg: &GatewayConfig,
+    material: &TlsMaterial,
+    socket: std::net::TcpListener,
+    f: Features,
+    close_sessions: CancellationToken,
+) -> Result<JoinHandle<()>, GatewayError> {
+    let auth = Authenticator::with_revocations(cfg, f.identity.caller_revocations())?;
+    if !auth.scoping() {
+        tracing::warn!(
+            "northbound tenant scoping is off: every control-plane caller may act for every tenant (add an [auth] section with [[auth.callers]] to scope callers)"
+        );
     }
-    let verifier = verifier
-        .build()
-        .map_err(|e| GatewayError::Tls(format!("northbound client verifier: {e}")))?;
-    let certs = tether_runtime::tls::load_certs("certificate", &cfg.tls.cert)?;
-    let key = tether_runtime::tls::load_key(&cfg.tls.key)?;
-    let mut tls = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| GatewayError::Tls(format!("northbound certificate: {e}")))?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    // No session resumption, as on the tunnel: a resumed handshake skips the client-certificate
-    // verifier, so an expired caller certificate, or one of a CA a rotation removed, would keep
-    // working for as long as its session was cached.
-    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    tls.send_tls13_tickets = 0;
-    Ok(Arc::new(tls))
+    tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
+    let tls = crate::northbound::listener::tls_config(material, auth.accepts_tokens())?;
+    socket
+        .set_nonblocking(true)
+        .map_err(io("northbound socket".into()))?;
+    let listener =
+        tokio::net::TcpListener::from_std(socket).map_err(io("northbound socket".into()))?;
+    let live_callers = Arc::new(LiveConnections::default());
+    let routes = northbound_routes(cfg, f, live_callers.clone(), close_sessions.clone());
+    // Every request, the relay's included, is authenticated before it is routed; one that
+    // gets through tells its connection so.
+    Ok(tokio::spawn(crate::northbound::listener::serve(
+        listener,
+        tls,
+        Authenticated::new(auth, MarkAuthenticated(routes)),
+        crate::northbound::listener::ListenerLimits {
+            handshake_timeout: cfg.limits.northbound_handshake_timeout,
+            idle_timeout: cfg.limits.northbound_idle_timeout,
+            unauthenticated_timeout: cfg.limits.northbound_unauthenticated_timeout,
+            max_header_list_size: cfg.limits.max_header_list_size,
+            max_connections: cfg.limits.northbound_connections,
+            max_connections_per_address: cfg.limits.northbound_connections_per_address,
+        },
+        live_callers,
+        close_sessions,
+    )))
+}
+
+/// The northbound services by path: `tether.v1.Agents`, `Commands`, `Streams`, `Enrollment`
+/// and `Callers`; every other path is relayed to an agent.
+fn northbound_routes(
+    cfg: &GatewayConfig,
+    f: Features,
+    live_callers: Arc<LiveConnections>,
+    close_sessions: CancellationToken,
+) -> tonic::service::Routes {
+    let api = AgentsApi::new(f.registry.clone(), close_sessions).with_identity(f.identity.clone());
+    let relay = Relay::with_stream_limit(f.registry, cfg.limits.streams_per_agent);
+    let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(
+        api.into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
+    routes.add_service(CommandsApi::new(f.commands).into_service(cfg.commands.max_payload));
+    routes.add_service(
+        StreamsApi::new(relay.clone())
+            .into_service()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    );
+    routes.add_service(EnrollmentApi::into_northbound_service(
+        f.enrollment,
+        cfg.trust_domain.clone(),
+    ));
+    routes.add_service(CallersApi::new(f.identity, live_callers).into_service());
+    let mut routes = routes.routes();
+    // Everything that is not tether.v1.* is relayed to an agent.
+    let axum_router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
+    routes.prepare()
+}
+
+/// Serves ops HTTP (`/metrics`, `/healthz`, `/readyz`: ready until the gateway stops
+/// accepting) on `socket` until `stop`.
+fn start_ops(
+    socket: std::net::TcpListener,
+    registry: &Arc<Registry>,
+    stop_accepting: &CancellationToken,
+    stop: CancellationToken,
+) -> Result<JoinHandle<()>, GatewayError> {
+    socket
+        .set_nonblocking(true)
+        .map_err(io("ops socket".into()))?;
+    let listener = tokio::net::TcpListener::from_std(socket).map_err(io("ops socket".into()))?;
+    let (registry, draining) = (registry.clone(), stop_accepting.clone());
+    let readiness: ops::ReadinessFn = Arc::new(move || Readiness {
+        ready: !draining.is_cancelled(),
+        detail: serde_json::json!({
+            "draining": draining.is_cancelled(),
+            "sessions": registry.session_count(),
+        }),
+    });
+    Ok(tokio::spawn(ops::serve(listener, readiness, stop)))
+}
+
+/// What a running gateway stops, in order.
+struct Running {
+    /// `data_dir` stays this process's until the gateway has stopped.
+    dir_lock: crate::data_dir::DirLock,
+    registry: Arc<Registry>,
+    drain_timeout: Duration,
+    stop_accepting: CancellationToken,
+    commands_stop: CancellationToken,
+    close_sessions: CancellationToken,
+    northbound: JoinHandle<()>,
+    endpoint: quinn::Endpoint,
+    ops_stop: CancellationToken,
+    ops_task: JoinHandle<()>,
+}
+
+/// Waits for `shutdown`, then: stop accepting → `GoAway` to every agent → wait up to
+/// `drain_timeout` for them to move → close what is left with `SHUTDOWN` → wait for QUIC to
+/// go idle (3 s at most) → stop ops.
+async fn stop_on(shutdown: CancellationToken, r: Running) {
+    let _dir_lock = r.dir_lock;
+    shutdown.cancelled().await;
+    r.stop_accepting.cancel();
+    drain(&r.registry, r.drain_timeout).await;
+    r.commands_stop.cancel();
+    r.close_sessions.cancel();
+    let _ = r.northbound.await;
+    r.endpoint.close(
+        tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
+        b"gateway shutting down",
+    );
+    if tokio::time::timeout(Duration::from_secs(3), r.endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("QUIC endpoint did not go idle within 3s; exiting anyway");
+    }
+    r.ops_stop.cancel();
+    let _ = r.ops_task.await;
+    tracing::info!("gateway stopped");
+}
+
+// === File descriptors ===
+
+/// Raises the open-file limit as far as the hard limit allows, and warns when it leaves too
+/// few descriptors for the northbound connections allowed plus agents on the TCP fallback.
+pub fn check_open_files_limit(cfg: &GatewayConfig) {
+    /// Descriptors beside the northbound's: listeners, stores, and agents on TCP.
+    const RESERVE: u64 = 1024;
+    match raise_open_files_limit() {
+        Ok(limit) => {
+            let wanted = u64::from(cfg.limits.northbound_connections) + RESERVE;
+            if limit < wanted {
+                tracing::warn!(
+                    limit,
+                    wanted,
+                    "the open-file limit is below limits.northbound_connections plus {RESERVE} for listeners and agents on TCP: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.northbound_connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (Linux starts most processes at a
+/// soft 1,024 whatever the hard limit allows) and returns the limit now in force. Every
+/// connection on every listener costs one: with too few, `northbound_connections` cannot be
+/// reached before the process runs out and agents on the TCP fallback are shut out.
+fn raise_open_files_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
 }
 
 /// Sends `GoAway` to every session and waits for them to leave, up to `timeout`.
@@ -574,44 +569,4 @@ async fn drain(registry: &Registry, timeout: Duration) {
         }
     }
     tracing::info!("drained: every agent moved away");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use quinn::crypto::HmacKey;
-
-    #[test]
-    fn reset_key_survives_a_restart_and_signs_the_same_tokens() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = ResetKey::load_or_create(dir.path()).unwrap();
-        let b = ResetKey::load_or_create(dir.path()).unwrap();
-        let (mut sa, mut sb) = ([0u8; 32], [0u8; 32]);
-        a.sign(b"connection id", &mut sa);
-        b.sign(b"connection id", &mut sb);
-        assert_eq!(sa, sb);
-        assert!(b.verify(b"connection id", &sa).is_ok());
-        assert!(b.verify(b"another id", &sa).is_err());
-        assert!(b.verify(b"connection id", &sa[..16]).is_err());
-        // Retry tokens sealed before a restart open after it.
-        use quinn::crypto::HandshakeTokenKey;
-        let mut token = b"retry token".to_vec();
-        a.retry_token_key()
-            .aead_from_hkdf(b"nonce")
-            .seal(&mut token, b"ad")
-            .unwrap();
-        let opened = b
-            .retry_token_key()
-            .aead_from_hkdf(b"nonce")
-            .open(&mut token, b"ad")
-            .unwrap();
-        assert_eq!(opened, b"retry token");
-        let mode = std::fs::metadata(dir.path().join(RESET_KEY_FILE))
-            .unwrap()
-            .permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
-        );
-    }
 }

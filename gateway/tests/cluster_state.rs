@@ -10,7 +10,7 @@ use tether_gateway::cluster::events::{self, EventKind};
 use tether_gateway::cluster::lease::{self, FenceError};
 use tether_gateway::cluster::replica::{self, Liveness, Replica};
 use tether_gateway::config::StoreConfig;
-use tether_gateway::local_postgres::{LocalPostgres, LocalPostgresOptions};
+use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
 fn server() -> LocalPostgres {
     LocalPostgres::start(LocalPostgresOptions::default()).unwrap_or_else(|e| panic!("{e}"))
@@ -445,7 +445,7 @@ async fn sessions_of_a_replica_count_only_while_it_is_alive() {
 mod identity {
     use super::*;
     use tether_gateway::cluster::identity as pgid;
-    use tether_gateway::identity_db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
+    use tether_gateway::identity::db::{RedeemError, TokenRecord, TokenRefusal, TokenState};
 
     fn token(agent: &str, created_ms: i64) -> TokenRecord {
         TokenRecord {

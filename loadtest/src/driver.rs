@@ -62,7 +62,7 @@ impl Driver {
         files: &ClientFiles,
         connections: usize,
     ) -> Result<Driver, LoadError> {
-        let target = tether_gateway::ctl::Target {
+        let target = tether_gateway::tools::ctl::Target {
             addr: addr.to_owned(),
             ca: files.ca.clone(),
             cert: files.cert.clone(),
@@ -72,7 +72,7 @@ impl Driver {
         let mut channels = Vec::new();
         for _ in 0..connections.max(1) {
             channels.push(
-                tether_gateway::ctl::connect(&target)
+                tether_gateway::tools::ctl::connect(&target)
                     .await
                     .map_err(LoadError::Driver)?,
             );

@@ -122,7 +122,7 @@ impl std::fmt::Debug for Fleet {
 /// The in-process echo upstream every lean agent serves as its default service.
 fn echo_service() -> GrpcService {
     let svc = tether_api::demo::v1::echo_server::EchoServer::new(
-        tether_gateway::demo::EchoService::default(),
+        tether_gateway::tools::demo::EchoService::default(),
     );
     GrpcService::new(ServiceExt::<http::Request<tonic::body::Body>>::map_err(
         svc,
@@ -313,9 +313,9 @@ async fn ramp(
         FleetMode::Full => match tokio::net::TcpListener::bind("127.0.0.1:0").await {
             Ok(l) => {
                 let addr = l.local_addr().expect("bound address");
-                tokio::spawn(tether_gateway::demo::serve(
+                tokio::spawn(tether_gateway::tools::demo::serve(
                     l,
-                    tether_gateway::demo::EchoService::default(),
+                    tether_gateway::tools::demo::EchoService::default(),
                     shared.stop.clone(),
                 ));
                 Some(format!("http://{addr}"))

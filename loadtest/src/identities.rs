@@ -1,4 +1,4 @@
-//! Backend: identities for the fleet, issued in bulk from a local CA (`tether_gateway::pki::Ca`,
+//! Backend: identities for the fleet, issued in bulk from a local CA (`tether_gateway::identity::pki::Ca`,
 //! rcgen, ECDSA P-256 as in production), in memory: no per-agent files.
 
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tether_gateway::pki::{self, Ca};
+use tether_gateway::identity::pki::{self, Ca};
 use tunnel_proto::AgentId;
 
 use crate::LoadError;

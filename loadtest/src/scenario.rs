@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng;
 use tether_api::v1::CommandState;
-use tether_gateway::pki::Ca;
+use tether_gateway::identity::pki::Ca;
 use tether_runtime::CancellationToken;
 
 use crate::driver::{self, Driver};
@@ -122,7 +122,7 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     // PKI: ours, or the existing gateway's CA.
     let ca = match &opts.pki {
         Some(dir) => Ca::load(dir).map_err(|e| LoadError::Pki(e.to_string()))?,
-        None => tether_gateway::pki::init(
+        None => tether_gateway::identity::pki::init(
             &out.join("pki"),
             TRUST_DOMAIN,
             &["localhost".into(), "127.0.0.1".into()],

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`accept`]: taking TCP connections without spinning when the process is out of file
 //!   descriptors;
+//! - [`digest`]: SHA-256 in lowercase hex (certificate fingerprints, token hashes);
 //! - [`config`]: one merge point for TOML file, `TETHER_*` environment and `--set` flags, with
 //!   errors that name the key; exit code [`config::EXIT_CONFIG`] (64) for bad config;
 //! - [`grpc`]: metadata and `grpc-timeout` handling for the relay;
@@ -16,6 +17,7 @@
 
 pub mod accept;
 pub mod config;
+pub mod digest;
 pub mod grpc;
 pub mod logging;
 pub mod ops;

@@ -15,11 +15,11 @@ use sqlx::postgres::PgPool;
 use tunnel_proto::AgentId;
 
 use super::events::{self, EventKind};
-use crate::callers::{CallerRevocation, RevokedCallerCert};
-use crate::identity_db::{
+use crate::identity::callers::{CallerRevocation, RevokedCallerCert};
+use crate::identity::db::{
     ENDED_TOKENS_KEPT, RedeemError, TokenRecord, TokenRefusal, TokenState, TooManyPending,
 };
-use crate::revocation::{AgentRevocation, RevokedCert};
+use crate::identity::revocation::{AgentRevocation, RevokedCert};
 
 /// How long token records are kept after they expire (for a clear "already used" or
 /// "expired" answer), as in the embedded store.

@@ -1,0 +1,244 @@
+//! Feature layer: `tether.v1.Commands`, the gRPC face of [`Commands`]. Each method checks the
+//! tenant of the command's agent against the caller's scope.
+
+use std::sync::Arc;
+
+use tether_api::v1;
+use tether_api::v1::Command;
+use tether_api::v1::commands_server::{Commands as CommandsRpc, CommandsServer};
+use tonic::{Request, Response, Status};
+use tunnel_proto::AgentId;
+
+use super::store::ListFilter;
+use super::watch::EventStream;
+use super::{
+    CommandError, Commands, KEY_MAX, LIST_PAGE_BYTES, MAX_PAGE_SIZE, PAGE_SIZE, for_event,
+};
+use crate::northbound::auth::{Caller, TenantScope, caller};
+
+/// Cuts a page of listed commands (already as events carry them) to [`LIST_PAGE_BYTES`]:
+/// returns how many fit, at least one.
+fn fit_page(cmds: &[Command]) -> usize {
+    use prost::Message as _;
+    let mut bytes = 0;
+    for (i, c) in cmds.iter().enumerate() {
+        // Each command is a length-delimited field of the response: its bytes plus a few.
+        bytes += c.encoded_len() + 8;
+        if bytes > LIST_PAGE_BYTES && i > 0 {
+            return i;
+        }
+    }
+    cmds.len()
+}
+
+/// `tether.v1.Commands`.
+#[derive(Debug, Clone)]
+pub struct CommandsApi {
+    commands: Arc<Commands>,
+}
+
+impl CommandsApi {
+    /// Serves `commands`.
+    pub fn new(commands: Arc<Commands>) -> Self {
+        CommandsApi { commands }
+    }
+
+    /// The tonic service (callers are authenticated by `auth::Authenticated` around it; each
+    /// method checks the tenant of the command's agent).
+    pub fn into_service(self, max_payload: u64) -> CommandsServer<CommandsApi> {
+        // Room for the payload plus the request's other fields; larger ones are refused by tonic
+        // before they reach Submit's own check, which names the limit.
+        let max = usize::try_from(max_payload)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 << 10);
+        CommandsServer::new(self)
+            .max_decoding_message_size(max.max(8 << 20))
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The command `id` if `caller` may act for its agent's tenant. `NOT_FOUND` when there is
+    /// no such command, and the very same answer for a command of another tenant (still audited
+    /// and counted as a denial): a caller cannot tell another tenant's ids from unused ones.
+    fn authorized(
+        &self,
+        caller: &Caller,
+        method: &'static str,
+        id: &str,
+    ) -> Result<Command, Status> {
+        let cmd = self.commands.get(id)?;
+        if caller.authorize_command(method, id, &cmd.agent).is_err() {
+            return Err(CommandError::NotFound(id.to_owned()).into());
+        }
+        Ok(cmd)
+    }
+}
+
+/// The agent a request names, checked against the caller's tenants.
+fn authorized_agent(caller: &Caller, method: &'static str, agent: &str) -> Result<AgentId, Status> {
+    let id: AgentId = agent
+        .parse()
+        .map_err(|e| CommandError::Invalid(format!("agent {agent:?}: {e}")))?;
+    caller.authorize(method, &id)?;
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl CommandsRpc for CommandsApi {
+    async fn submit(
+        &self,
+        req: Request<v1::SubmitCommandRequest>,
+    ) -> Result<Response<v1::SubmitCommandResponse>, Status> {
+        const METHOD: &str = "tether.v1.Commands/Submit";
+        let caller = caller(&req)?;
+        let agent = authorized_agent(&caller, METHOD, &req.get_ref().agent)?;
+        let (cmd, created) = self.commands.submit(req.into_inner()).await?;
+        let detail = format!("command {} kind {} created {created}", cmd.id, cmd.kind);
+        caller.audit_allowed(METHOD, &agent, &detail);
+        Ok(Response::new(v1::SubmitCommandResponse {
+            id: cmd.id,
+            created,
+        }))
+    }
+
+    async fn get(&self, req: Request<v1::GetCommandRequest>) -> Result<Response<Command>, Status> {
+        let caller = caller(&req)?;
+        let cmd = self.authorized(&caller, "tether.v1.Commands/Get", &req.get_ref().id)?;
+        Ok(Response::new(cmd))
+    }
+
+    async fn list(
+        &self,
+        req: Request<v1::ListCommandsRequest>,
+    ) -> Result<Response<v1::ListCommandsResponse>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        if !r.agent.is_empty() {
+            authorized_agent(&caller, "tether.v1.Commands/List", &r.agent)?;
+        }
+        let ms = |t: Option<prost_types::Timestamp>| {
+            t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        };
+        let limit = match r.page_size as usize {
+            0 => PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if r.page_token.len() > KEY_MAX {
+            return Err(CommandError::Invalid(
+                "page_token is not one List returned: pass next_page_token as it came".into(),
+            )
+            .into());
+        }
+        // A caller scoped to some tenants reads their indexes only, never another tenant's
+        // records (nor their ids in a page token).
+        let tenants = match (&caller.tenants, r.agent.is_empty()) {
+            (TenantScope::Set(set), true) => Some(set.iter().cloned().collect()),
+            _ => None,
+        };
+        let filter = ListFilter {
+            agent: r.agent,
+            tenants,
+            state: r.state,
+            kind: r.kind,
+            from_ms: ms(r.from),
+            to_ms: ms(r.to),
+            after: r.page_token,
+            limit: limit + 1,
+        };
+        let store = self.commands.store.clone();
+        let page = tokio::task::spawn_blocking(move || store.list(&filter))
+            .await
+            .map_err(|e| Status::internal(format!("list: {e}")))?
+            .map_err(CommandError::from)?;
+        let mut cmds = page.commands;
+        let more = cmds.len() > limit;
+        cmds.truncate(limit);
+        // The store may lag the in-memory state by one write: show the live one.
+        self.commands.overlay_recent(&mut cmds);
+        let mut cmds: Vec<Command> = cmds.iter().map(for_event).collect();
+        let fit = fit_page(&cmds);
+        let cut = fit < cmds.len();
+        cmds.truncate(fit);
+        let next_page_token = if cut || more {
+            cmds.last().map(|c| c.id.clone()).unwrap_or_default()
+        } else {
+            page.resume.unwrap_or_default()
+        };
+        Ok(Response::new(v1::ListCommandsResponse {
+            commands: cmds,
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchCommandsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        use v1::watch_commands_request::Target;
+        const METHOD: &str = "tether.v1.Commands/Watch";
+        let caller = caller(&req)?;
+        let target = req.into_inner().target;
+        match &target {
+            Some(Target::Id(id)) => {
+                self.authorized(&caller, METHOD, id)?;
+            }
+            Some(Target::Agent(agent)) => {
+                authorized_agent(&caller, METHOD, agent)?;
+            }
+            None => {}
+        }
+        let slot = self.commands.watch_slot(&caller)?;
+        Ok(Response::new(self.commands.watch(target, slot)?))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelCommandRequest>,
+    ) -> Result<Response<Command>, Status> {
+        const METHOD: &str = "tether.v1.Commands/Cancel";
+        let caller = caller(&req)?;
+        let id = req.into_inner().id;
+        let cmd = self.authorized(&caller, METHOD, &id)?;
+        let cancelled = self.commands.cancel(&id).await?;
+        if let Ok(agent) = cmd.agent.parse::<AgentId>() {
+            caller.audit_allowed(METHOD, &agent, &format!("command {id}"));
+        }
+        Ok(Response::new(cancelled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::{EVENT_OUTPUT_MAX, PROGRESS_KEPT};
+    use tunnel_proto::message::{COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX};
+
+    #[test]
+    fn a_list_page_fits_its_byte_budget_and_carries_at_least_one_command() {
+        let big = |id: &str| Command {
+            id: id.into(),
+            progress: vec!["p".repeat(COMMAND_PROGRESS_LINE_MAX); PROGRESS_KEPT],
+            result: Some(v1::CommandResult {
+                output: vec![0; EVENT_OUTPUT_MAX],
+                message: "m".repeat(COMMAND_MESSAGE_MAX),
+            }),
+            ..Default::default()
+        };
+        let cmds: Vec<Command> = (0..1000).map(|i| big(&i.to_string())).collect();
+        let n = fit_page(&cmds);
+        let bytes: usize = cmds[..n]
+            .iter()
+            .map(|c| prost::Message::encoded_len(c) + 8)
+            .sum();
+        assert!(
+            (1..1000).contains(&n) && bytes <= LIST_PAGE_BYTES,
+            "{n} {bytes}"
+        );
+        let huge = Command {
+            kind: "k".repeat(2 * LIST_PAGE_BYTES),
+            ..Default::default()
+        };
+        assert_eq!(fit_page(&[huge.clone(), huge]), 1);
+    }
+}

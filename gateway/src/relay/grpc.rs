@@ -1,0 +1,400 @@
+//! Feature layer: the transparent gRPC relay on the northbound listener, and the pumps that
+//! carry one call's bytes.
+//!
+//! Any call to a service other than `tether.v1.*` that carries `tether-agent: <tenant>/<agent>`
+//! (and optionally `tether-service: <name>`) is carried over a new gateway-opened QUIC stream to
+//! one of that agent's live sessions, which forwards it to the upstream it maps the service name
+//! to. Every call shape works because bytes are streamed as they come, both ways:
+//!
+//! ```text
+//! caller ──h2──► gateway ──QUIC stream: StreamHeader, Data…, FIN──► agent ──h2──► upstream
+//! caller ◄─h2─── gateway ◄─ResponseHead, Data…, Trailers, FIN────── agent ◄─h2─── upstream
+//! ```
+//!
+//! Backpressure is end to end: the response pump holds at most a few frames and only reads the
+//! QUIC stream when the caller takes them; QUIC flow control then slows the agent, whose h2
+//! flow control slows the upstream. Cancellation is a reset: a caller that goes away, or a
+//! deadline that passes, resets the QUIC stream both ways and the agent cancels the upstream call.
+//!
+//! The caller (resolved by `auth::Authenticated`) must be allowed to act for the agent's tenant:
+//! otherwise `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing
+//! about whether the agent exists.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tether_runtime::CancellationToken;
+use tether_runtime::grpc;
+use tether_runtime::stream::{FramedRecv, send_data};
+use tether_runtime::transport::SendStream;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
+use tunnel_proto::{ErrorCode, Message};
+
+use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::northbound::auth::Caller;
+use crate::relay::limits::StreamPermit;
+use crate::relay::{Relay, RelayError, record_call, record_first_byte};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The tower service mounted as the northbound router's fallback.
+#[derive(Clone, Debug)]
+pub struct RelayService(pub Arc<Relay>);
+
+fn caller_of<B>(req: &Request<B>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+impl tower::Service<Request<axum::body::Body>> for RelayService {
+    type Response = Response<axum::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
+        let relay = self.0.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            // Set once the call reached an agent the caller may act for and the gateway knows.
+            let mut tenant = None;
+            match relay_call(&relay, req, &mut tenant).await {
+                Ok(resp) => {
+                    record_first_byte(RelayKind::Grpc, started);
+                    Ok(resp)
+                }
+                Err(status) => {
+                    record_end(tenant_label(tenant.as_deref()), status.code());
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+/// The `tenant` label of `tether_gateway_relay_calls_total` for a call refused before it
+/// reached an agent the gateway knows (missing or malformed `tether-agent`, a tenant outside
+/// the caller's scope, an unknown agent). Not a valid tenant name (names never start with
+/// `-`), so it cannot be mistaken for one.
+pub const UNROUTED: &str = "-";
+
+/// The `tenant` label of a relayed call: the tenant of the agent it was routed to, or
+/// [`UNROUTED`]. Labels are for tenants the caller was authorized for *and* that have an agent
+/// the registry knows, never for what a caller wrote in its metadata: every distinct label
+/// value is a series the gateway keeps for good, and callers choose their metadata freely.
+pub fn tenant_label(routed: Option<&str>) -> &str {
+    routed.unwrap_or(UNROUTED)
+}
+
+fn record_end(tenant: &str, code: Code) {
+    record_call(RelayKind::Grpc, tenant, code);
+}
+
+/// Relays one call; `tenant` is set to the agent's tenant once the call is routed to an agent
+/// the caller may act for and the registry knows (for the metrics label).
+async fn relay_call(
+    relay: &Relay,
+    req: Request<axum::body::Body>,
+    tenant: &mut Option<String>,
+) -> Result<Response<axum::body::Body>, Status> {
+    let caller = caller_of(&req)?;
+    let (agent, service) = relay.route(req.headers(), &caller, "relay")?;
+    let timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(grpc::parse_grpc_timeout);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let trace_context = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|k| {
+            Some((
+                (*k).to_owned(),
+                req.headers().get(*k)?.to_str().ok()?.to_owned(),
+            ))
+        })
+        .collect();
+    let header = StreamHeader {
+        kind: StreamKind::Rpc as i32,
+        service,
+        method: req.uri().path().to_owned(),
+        metadata: grpc::headers_to_metadata(req.headers()),
+        timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+        trace_context,
+        id: String::new(),
+    };
+    let opened = relay.open(&agent, header, deadline).await;
+    if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
+        *tenant = Some(agent.tenant().to_owned());
+    }
+    let (send, recv, permit) = opened?;
+    let tenant = agent.tenant().to_owned();
+    let active = ActiveGuard::new(RelayKind::Grpc, permit);
+    let cancel = CancellationToken::new();
+    tokio::spawn(pump_request(req.into_body(), send, cancel.clone()));
+
+    let mut framed = FramedRecv::relay(recv);
+    let first = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), framed.next()).await {
+            Ok(r) => r,
+            Err(_) => {
+                framed.stop(ErrorCode::CANCELLED);
+                cancel.cancel();
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for the upstream's response",
+                ));
+            }
+        },
+        None => framed.next().await,
+    };
+    let mut resp = Response::new(axum::body::Body::empty());
+    match first {
+        Ok(Some(Message::ResponseHead(head))) => {
+            *resp.status_mut() =
+                http::StatusCode::from_u16(head.status as u16).unwrap_or(http::StatusCode::OK);
+            grpc::metadata_to_headers(&head.metadata, resp.headers_mut());
+        }
+        Ok(Some(Message::Trailers(t))) => {
+            // Trailers-only: the call failed before any response (or had no body).
+            cancel.cancel();
+            record_end(&tenant, code_of(&t));
+            grpc::metadata_to_headers(&t.metadata, resp.headers_mut());
+            resp.headers_mut()
+                .entry(http::header::CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static("application/grpc"));
+            return Ok(resp);
+        }
+        Ok(Some(other)) => {
+            framed.stop(ErrorCode::PROTOCOL_ERROR);
+            cancel.cancel();
+            return Err(Status::internal(format!(
+                "agent {agent} sent {} before the response head",
+                other.name()
+            )));
+        }
+        Ok(None) | Err(_) => {
+            cancel.cancel();
+            let why = first
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "stream ended".into());
+            return Err(Status::unavailable(format!("agent {agent}: {why}")));
+        }
+    }
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(pump_response(framed, tx, deadline, cancel, tenant, active));
+    *resp.body_mut() = axum::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    Ok(resp)
+}
+
+fn code_of(t: &Trailers) -> Code {
+    t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown)
+}
+
+/// Counts a stream as active (and against its agent's stream limit) for as long as it lives.
+struct ActiveGuard {
+    kind: RelayKind,
+    _permit: StreamPermit,
+}
+
+impl ActiveGuard {
+    fn new(kind: RelayKind, permit: StreamPermit) -> Self {
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => kind.as_str())
+            .increment(1.0);
+        ActiveGuard {
+            kind,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("tether_gateway_relay_streams_active", "kind" => self.kind.as_str())
+            .decrement(1.0);
+    }
+}
+
+/// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
+/// caller's body fails (the caller went away) or the call is cancelled.
+async fn pump_request(mut body: axum::body::Body, mut send: SendStream, cancel: CancellationToken) {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = cancel.cancelled() => {
+                send.reset(ErrorCode::CANCELLED);
+                return;
+            }
+            _ = send.stopped() => return,
+        };
+        match frame {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    count_relayed_bytes(Direction::ToAgent, data.len());
+                    if send_data(&mut send, data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                send.reset(ErrorCode::CANCELLED);
+                return;
+            }
+            None => {
+                let _ = send.finish();
+                // Stay until the call ends so a later cancellation can still reset.
+                tokio::select! {
+                    _ = cancel.cancelled() => { send.reset(ErrorCode::CANCELLED); }
+                    _ = send.stopped() => {}
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn status_trailers(code: Code, msg: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    grpc::metadata_to_headers(&Trailers::status(code as i32, msg).metadata, &mut h);
+    h
+}
+
+/// Agent → caller: `Data` frames as body chunks, `Trailers` as HTTP/2 trailers. Ends the call
+/// with a status of its own when the agent's stream breaks or the deadline passes.
+async fn pump_response(
+    mut framed: FramedRecv,
+    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    deadline: Option<Instant>,
+    cancel: CancellationToken,
+    tenant: String,
+    _active: ActiveGuard,
+) {
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let deadline = deadline.unwrap_or(far);
+    let end = |code: Code, framed: &mut FramedRecv, cancel: &CancellationToken| {
+        framed.stop(ErrorCode::CANCELLED);
+        cancel.cancel();
+        record_end(&tenant, code);
+    };
+    loop {
+        let msg = tokio::select! {
+            m = framed.next() => m,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                end(Code::DeadlineExceeded, &mut framed, &cancel);
+                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::DeadlineExceeded, "deadline exceeded")))).await;
+                return;
+            }
+            _ = tx.closed() => {
+                // The caller went away: cancel end to end.
+                end(Code::Cancelled, &mut framed, &cancel);
+                return;
+            }
+        };
+        let frame = match msg {
+            Ok(Some(Message::Data(b))) => {
+                count_relayed_bytes(Direction::FromAgent, b.len());
+                Frame::data(b)
+            }
+            Ok(Some(Message::Trailers(t))) => {
+                record_end(&tenant, code_of(&t));
+                let mut h = HeaderMap::new();
+                grpc::metadata_to_headers(&t.metadata, &mut h);
+                let _ = tx.send(Ok(Frame::trailers(h))).await;
+                cancel.cancel();
+                return;
+            }
+            Ok(other) => {
+                let what = other.map_or("end of stream", |m| m.name());
+                end(Code::Internal, &mut framed, &cancel);
+                let msg = format!("agent stream ended unexpectedly ({what})");
+                let _ = tx
+                    .send(Ok(Frame::trailers(status_trailers(Code::Internal, &msg))))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                end(Code::Unavailable, &mut framed, &cancel);
+                let msg = format!("agent stream failed: {e}");
+                let _ = tx
+                    .send(Ok(Frame::trailers(status_trailers(
+                        Code::Unavailable,
+                        &msg,
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        let sent = tokio::select! {
+            r = tx.send(Ok(frame)) => r.is_ok(),
+            _ = tokio::time::sleep_until(deadline.into()) => false,
+        };
+        if !sent {
+            let code = if Instant::now() >= deadline {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            };
+            end(code, &mut framed, &cancel);
+            if code == Code::DeadlineExceeded {
+                let _ = tx.try_send(Ok(Frame::trailers(status_trailers(
+                    code,
+                    "deadline exceeded",
+                ))));
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::agent_of_metadata;
+    use proptest::prelude::*;
+    use tether_runtime::grpc::TETHER_AGENT;
+
+    fn headers(agent: &[u8]) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
+        Some(h)
+    }
+
+    proptest! {
+        /// Whatever a caller writes in `tether-agent`, the label of a call that reached no
+        /// agent is the one fixed value, and an accepted id's tenant is a valid name (at most
+        /// 63 bytes): metadata never becomes a label of its own.
+        #[test]
+        fn the_relay_label_never_comes_from_raw_metadata(
+            raw in proptest::collection::vec(any::<u8>(), 0..300),
+            tenant in "[a-z0-9._-]{0,80}",
+            agent in "[a-zA-Z0-9/._-]{0,20}",
+        ) {
+            prop_assert_eq!(tenant_label(None), UNROUTED);
+            for value in [raw.clone(), format!("{tenant}/{agent}").into_bytes()] {
+                let Some(h) = headers(&value) else { continue };
+                if let Ok(id) = agent_of_metadata(&h) {
+                    prop_assert!(id.tenant().len() <= 63);
+                    prop_assert!(tunnel_proto::identity::check_name("tenant", id.tenant()).is_ok());
+                    prop_assert_eq!(tenant_label(Some(id.tenant())), id.tenant());
+                    prop_assert_ne!(id.tenant(), UNROUTED);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Feature layer: calls and TCP streams relayed to agents.
+//!
+//! [`Relay`] picks the session a stream goes on and opens it: [`grpc`] relays any gRPC call
+//! that is not `tether.v1.*` ([`grpc::RelayService`]), [`tcp`] serves `tether.v1.Streams`, and
+//! [`limits`] caps the streams in flight per agent. The caller (resolved by
+//! `northbound::auth::Authenticated`) must be allowed to act for the agent's tenant: otherwise
+//! `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing about
+//! whether the agent exists.
+
+pub mod grpc;
+pub mod limits;
+pub mod tcp;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
+use tether_runtime::stream::{StreamError, send_msg};
+use tether_runtime::transport::{RecvStream, SendStream};
+use tonic::{Code, Status};
+use tunnel_proto::message::StreamHeader;
+use tunnel_proto::{AgentId, Message};
+
+use crate::metrics::RelayKind;
+use crate::northbound::auth::Caller;
+use crate::relay::limits::{AgentStreams, StreamPermit};
+use crate::tunnel::registry::{Registry, SessionInfo};
+
+/// How long opening a stream may wait when the agent's stream limit is reached and the call has
+/// no deadline of its own.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a call or stream could not be relayed; the northbound maps it to a gRPC status
+/// (`northbound::status`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// No `tether-agent` metadata (the caller's mistake).
+    #[error("missing tether-agent metadata: set it to <tenant>/<agent>")]
+    NoAgent,
+    /// `tether-agent` is not text (the caller's mistake).
+    #[error("tether-agent metadata is not text")]
+    AgentNotText,
+    /// `tether-agent` is not `<tenant>/<agent>` of valid names (the caller's mistake).
+    #[error("tether-agent metadata: {0}")]
+    BadAgent(tunnel_proto::IdentityError),
+    /// `tether-service` is not text (the caller's mistake).
+    #[error("tether-service metadata is not text")]
+    ServiceNotText,
+    /// The gateway has never seen the agent.
+    #[error("agent {0} is not known to this gateway")]
+    UnknownAgent(AgentId),
+    /// The agent has no live session (retrying once it is back helps).
+    #[error("agent {0} is not connected")]
+    NotConnected(AgentId),
+    /// The agent has `limits.streams_per_agent` streams in flight (retry when some end).
+    #[error(
+        "agent {agent} has {limit} streams in flight, the limit (limits.streams_per_agent); retry when some have ended"
+    )]
+    TooManyStreams {
+        /// The agent.
+        agent: AgentId,
+        /// `limits.streams_per_agent`.
+        limit: u32,
+    },
+    /// The session's connection went away while the stream was being opened.
+    #[error("agent {agent}: connection lost: {source}")]
+    ConnectionLost {
+        /// The agent.
+        agent: AgentId,
+        /// What the transport said.
+        source: StreamError,
+    },
+    /// The call's deadline passed while it waited for stream credit.
+    #[error("deadline passed waiting for a stream to agent {0}")]
+    DeadlineWaitingForStream(AgentId),
+    /// No stream credit came within [`OPEN_TIMEOUT`] for a call without a deadline.
+    #[error("agent {0} has no free stream for {OPEN_TIMEOUT:?}")]
+    NoFreeStream(AgentId),
+    /// The stream's header could not be written.
+    #[error("agent {agent}: {source}")]
+    Header {
+        /// The agent.
+        agent: AgentId,
+        /// What the transport said.
+        source: StreamError,
+    },
+}
+
+/// Shared state of the relay.
+#[derive(Debug)]
+pub struct Relay {
+    registry: Arc<Registry>,
+    next: AtomicUsize,
+    streams: AgentStreams,
+}
+
+impl Relay {
+    /// A relay carrying at most `streams_per_agent` calls and TCP streams to one agent at a
+    /// time (`limits.streams_per_agent`).
+    pub fn with_stream_limit(registry: Arc<Registry>, streams_per_agent: u32) -> Arc<Relay> {
+        Arc::new(Relay {
+            registry,
+            next: AtomicUsize::new(0),
+            streams: AgentStreams::new(streams_per_agent),
+        })
+    }
+
+    /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
+    /// A stream stays on the session it was opened on.
+    fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, RelayError> {
+        let snapshot = self
+            .registry
+            .get(agent)
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
+        if snapshot.sessions.is_empty() {
+            return Err(RelayError::NotConnected(agent.clone()));
+        }
+        // Make-before-break: while an agent instance moves to a new session (GoAway, or back
+        // from the TCP fallback to QUIC), its older session only finishes what it carries.
+        // Sessions are in connection order, so the newest of each instance is the last.
+        let s = &snapshot.sessions;
+        let current: Vec<&Arc<SessionInfo>> = s
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                !s[i + 1..]
+                    .iter()
+                    .any(|b| b.hello.instance_id == a.hello.instance_id)
+            })
+            .map(|(_, a)| a)
+            .collect();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % current.len();
+        Ok(current[i].clone())
+    }
+
+    /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
+    /// for the agent's tenant (`method` names the call in audit events).
+    pub fn route(
+        &self,
+        headers: &HeaderMap,
+        caller: &Caller,
+        method: &'static str,
+    ) -> Result<(AgentId, String), Status> {
+        let agent = agent_of_metadata(headers)?;
+        caller.authorize(method, &agent)?;
+        let service = match headers.get(TETHER_SERVICE) {
+            None => String::new(),
+            Some(v) => v
+                .to_str()
+                .map_err(|_| RelayError::ServiceNotText)?
+                .to_owned(),
+        };
+        Ok((agent, service))
+    }
+
+    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header. The permit
+    /// counts the stream against `limits.streams_per_agent` until dropped: keep it as long as
+    /// the stream lives.
+    pub async fn open(
+        &self,
+        agent: &AgentId,
+        header: StreamHeader,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        let session = self.pick(agent)?;
+        let permit = self
+            .streams
+            .acquire(agent)
+            .ok_or_else(|| RelayError::TooManyStreams {
+                agent: agent.clone(),
+                limit: self.streams.max(),
+            })?;
+        let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
+        let (mut send, recv) =
+            match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
+                    return Err(RelayError::ConnectionLost {
+                        agent: agent.clone(),
+                        source,
+                    });
+                }
+                Err(_) if deadline.is_some() => {
+                    return Err(RelayError::DeadlineWaitingForStream(agent.clone()));
+                }
+                Err(_) => return Err(RelayError::NoFreeStream(agent.clone())),
+            };
+        send_msg(&mut send, &Message::StreamHeader(header))
+            .await
+            .map_err(|source| RelayError::Header {
+                agent: agent.clone(),
+                source,
+            })?;
+        Ok((send, recv, permit))
+    }
+}
+
+/// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.
+pub fn agent_of_metadata(headers: &HeaderMap) -> Result<AgentId, RelayError> {
+    headers
+        .get(TETHER_AGENT)
+        .ok_or(RelayError::NoAgent)?
+        .to_str()
+        .map_err(|_| RelayError::AgentNotText)?
+        .parse::<AgentId>()
+        .map_err(RelayError::BadAgent)
+}
+
+/// Records the time to a relayed call's first answer (its response head, or the TCP stream's
+/// `OpenResult`).
+fn record_first_byte(kind: RelayKind, started: Instant) {
+    metrics::histogram!("tether_gateway_relay_first_byte_seconds", "kind" => kind.as_str())
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Counts a relayed call or stream that ended (or was refused) with `code`, by the tenant it
+/// was routed to (see [`grpc::tenant_label`]).
+fn record_call(kind: RelayKind, tenant: &str, code: Code) {
+    metrics::counter!("tether_gateway_relay_calls_total", "kind" => kind.as_str(),
+        "tenant" => tenant.to_owned(), "code" => format!("{code:?}"))
+    .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(agent: &[u8]) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
+        Some(h)
+    }
+
+    #[test]
+    fn missing_or_malformed_metadata_is_invalid_argument() {
+        assert_eq!(
+            Status::from(agent_of_metadata(&HeaderMap::new()).unwrap_err()).code(),
+            Code::InvalidArgument
+        );
+        let long = format!("{}/a", "t".repeat(8 << 10));
+        let e = Status::from(agent_of_metadata(&headers(long.as_bytes()).unwrap()).unwrap_err());
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            agent_of_metadata(&headers(b"acme/a").unwrap())
+                .unwrap()
+                .tenant(),
+            "acme"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! `tetherctl`: the command-line client of the northbound API, as a library.
+
+pub mod cli;
+mod client;
+
+pub use client::*;

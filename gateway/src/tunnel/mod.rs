@@ -1,0 +1,150 @@
+//! Transport and session layers: where agents connect.
+//!
+//! The listeners agents dial (QUIC on UDP, and TLS + HTTP/2 on TCP, same port, for networks
+//! that block UDP), the admission of their handshakes, the certificate verifier, the driver
+//! that runs one `tunnel_proto::GatewaySession` per connection whatever its transport, the
+//! end-to-end probe of each session, and the registry of live sessions. Beside the session
+//! driver, a probe opens a stream every `probe_interval` and expects the agent's answer within
+//! `probe_timeout`: a session whose connection looks alive but whose streams do not work is
+//! closed (`UNRESPONSIVE`). A bad peer ends only its own connection.
+
+pub mod accept;
+pub mod admission;
+pub mod driver;
+pub mod endpoint;
+pub mod probe;
+pub mod registry;
+pub mod tls;
+pub mod verifier;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tether_runtime::CancellationToken;
+use tether_runtime::logging::LogThrottle;
+use tunnel_proto::session::GatewaySessionConfig;
+
+use crate::config::GatewayConfig;
+use crate::identity::revocation::RevocationList;
+use crate::tunnel::accept::{SideDoor, SideDoorFn};
+use crate::tunnel::admission::{AgentSessions, SessionPermit};
+use crate::tunnel::registry::Registry;
+
+/// Shared by every connection's driver.
+#[derive(Debug)]
+pub struct TunnelContext {
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Template for each session's config.
+    pub session: GatewaySessionConfig,
+    /// Cancelled when the gateway shuts down: sessions close with `SHUTDOWN`.
+    pub shutdown: CancellationToken,
+    /// How often each session is probed, and how long a probe may take.
+    pub probe: (Duration, Duration),
+    /// Checked again once a session is registered (a revocation may have landed after its
+    /// handshake).
+    pub revocations: Arc<RevocationList>,
+    /// Other protocols on the tunnel's TCP port, chosen by the ClientHello's ALPN (enrollment).
+    pub side_doors: Vec<SideDoor>,
+    /// Signs renewal requests made on sessions (`RenewRequest`); `None`: not offered.
+    pub renewal: Option<Arc<crate::identity::enrollment::Enrollment>>,
+    /// Connections per agent identity (`limits.sessions_per_agent`).
+    pub sessions: AgentSessions,
+    /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
+    /// retries as fast as its handshake rate allows.
+    refusals: std::sync::Mutex<LogThrottle>,
+    next_session: AtomicU64,
+    instance: String,
+}
+
+impl TunnelContext {
+    /// A context for sessions announcing `cfg`'s limits.
+    pub fn new(cfg: &GatewayConfig, registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        let instance = format!("{:08x}", rand::random::<u32>());
+        let mut session = GatewaySessionConfig::new(String::new());
+        session.gateway_id = format!("gw-{instance}");
+        session.heartbeat_interval = cfg.tunnel.heartbeat_interval;
+        session.handshake_timeout = cfg.tunnel.handshake_timeout;
+        session.max_concurrent_streams = cfg.tunnel.max_concurrent_streams;
+        session.probe_interval = cfg.tunnel.probe_interval;
+        TunnelContext {
+            registry,
+            session,
+            shutdown,
+            probe: (cfg.tunnel.probe_interval, cfg.tunnel.probe_timeout),
+            revocations: Arc::default(),
+            side_doors: Vec::new(),
+            renewal: None,
+            sessions: AgentSessions::new(cfg.limits.sessions_per_agent),
+            refusals: std::sync::Mutex::new(LogThrottle::new(Duration::from_secs(10))),
+            next_session: AtomicU64::new(1),
+            instance,
+        }
+    }
+
+    /// Uses `revocations` (the list the verifier consults) for the post-registration check.
+    pub fn with_revocations(mut self, revocations: Arc<RevocationList>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
+    /// Offers certificate renewal on every session (`Welcome` lists `renew`) when `enrollment`
+    /// can sign.
+    pub fn with_renewal(
+        mut self,
+        enrollment: Arc<crate::identity::enrollment::Enrollment>,
+    ) -> Self {
+        if enrollment.enabled() {
+            self.session
+                .capabilities
+                .push(tunnel_proto::message::RENEW.to_owned());
+            self.renewal = Some(enrollment);
+        }
+        self
+    }
+
+    /// Hands TCP connections offering `alpn` to `serve` instead of the tunnel.
+    pub fn with_side_door(mut self, alpn: &[u8], serve: SideDoorFn) -> Self {
+        self.side_doors.push(SideDoor {
+            alpn: alpn.to_vec(),
+            serve,
+        });
+        self
+    }
+
+    fn next_session_id(&self) -> String {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.instance)
+    }
+
+    /// Counts a new connection of `agent`, or says (to log and to the agent) why it is
+    /// refused.
+    fn admit_session(
+        &self,
+        agent: &tunnel_proto::AgentId,
+        remote: SocketAddr,
+    ) -> Result<SessionPermit, String> {
+        let held = match self.sessions.acquire(agent) {
+            Ok(permit) => return Ok(permit),
+            Err(held) => held,
+        };
+        let throttled = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(Instant::now());
+        if let Some(held_back) = throttled {
+            tracing::warn!(%agent, %remote, held, limit = self.sessions.max(),
+                refusals_since_last_warning = held_back,
+                "refusing a tunnel connection: the agent holds limits.sessions_per_agent already");
+        }
+        Err(format!(
+            "agent {agent} is at limits.sessions_per_agent on this gateway (connections open: \
+             {held}): if they are not all its own instances, another \
+             process holds its certificate (revoke it); otherwise wait for old sessions to end, \
+             run fewer instances, or raise limits.sessions_per_agent on the gateway"
+        ))
+    }
+}

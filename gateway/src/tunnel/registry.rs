@@ -1,0 +1,297 @@
+//! Session layer: the registry of live agent sessions, and the event feed `Agents/Watch` reads.
+//!
+//! Several sessions per agent id are normal (replicas, make-before-break reconnects). The
+//! registry also remembers agents whose sessions all ended, so `Agents/Get` can tell "known but
+//! offline" from "never seen".
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, mpsc};
+use tunnel_proto::AgentId;
+use tunnel_proto::message::Hello;
+
+use crate::tls::CertFacts;
+
+/// What is known about one live session; immutable once registered (but for the RTT).
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// Gateway-assigned id.
+    pub session_id: String,
+    /// The agent's identity, from its certificate.
+    pub agent: AgentId,
+    /// Where the connection came from.
+    pub remote: SocketAddr,
+    /// `quic` (or `tcp` for the fallback).
+    pub transport: &'static str,
+    /// When `Hello` was accepted.
+    pub connected_at: SystemTime,
+    /// The agent's `Hello`.
+    pub hello: Hello,
+    /// Negotiated protocol version.
+    pub version: u32,
+    /// The connection, for opening streams towards the agent.
+    pub link: tether_runtime::transport::Link,
+    /// SHA-256 of the agent's certificate (DER), lowercase hex.
+    pub cert_fingerprint: String,
+    /// Its serial number, lowercase hex.
+    pub cert_serial: String,
+    /// Its `notAfter` (the session may outlive it).
+    pub cert_not_after: SystemTime,
+    rtt: Mutex<Option<Duration>>,
+    control: mpsc::UnboundedSender<SessionCommand>,
+}
+
+impl SessionInfo {
+    /// The last RTT the agent reported.
+    pub fn rtt(&self) -> Option<Duration> {
+        *self.rtt.lock().expect("rtt lock")
+    }
+
+    /// Records the RTT the agent reported.
+    pub fn set_rtt(&self, rtt: Duration) {
+        *self.rtt.lock().expect("rtt lock") = Some(rtt);
+    }
+
+    /// Asks the session's driver to do something; false if the session is already gone.
+    pub fn command(&self, cmd: SessionCommand) -> bool {
+        self.control.send(cmd).is_ok()
+    }
+}
+
+impl SessionInfo {
+    /// A session whose `Hello` was accepted now, over `link`, authenticated with `cert`; and
+    /// the receiving end of the orders the registry gives its driver.
+    pub fn new(
+        session_id: String,
+        agent: AgentId,
+        remote: SocketAddr,
+        link: tether_runtime::transport::Link,
+        (hello, version): (Hello, u32),
+        cert: &CertFacts,
+    ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
+        let (control, orders) = mpsc::unbounded_channel();
+        let info = SessionInfo {
+            session_id,
+            agent,
+            remote,
+            transport: link.transport().name(),
+            connected_at: SystemTime::now(),
+            hello,
+            version,
+            link,
+            cert_fingerprint: cert.fingerprint.clone(),
+            cert_serial: cert.serial.clone(),
+            cert_not_after: cert.not_after_time(),
+            rtt: Mutex::new(None),
+            control,
+        };
+        (info, orders)
+    }
+}
+
+/// Orders the registry can give a session's driver.
+#[derive(Clone, Debug)]
+pub enum SessionCommand {
+    /// Send `GoAway`: the agent should reconnect (make-before-break) within the duration.
+    GoAway(String, Duration),
+    /// Close the session with this code and reason (e.g. `REVOKED`).
+    Close(tunnel_proto::ErrorCode, String),
+}
+
+/// A connect or disconnect.
+#[derive(Clone, Debug)]
+pub enum RegistryEvent {
+    /// A session was registered (at its `connected_at`).
+    Connected(Arc<SessionInfo>),
+    /// A session ended.
+    Disconnected {
+        /// The session.
+        session: Arc<SessionInfo>,
+        /// When.
+        at: SystemTime,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RegistryEvent {
+    /// The session that connected or ended.
+    pub fn session(&self) -> &Arc<SessionInfo> {
+        match self {
+            RegistryEvent::Connected(s) | RegistryEvent::Disconnected { session: s, .. } => s,
+        }
+    }
+}
+
+/// A point-in-time view of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentSnapshot {
+    /// The agent.
+    pub id: AgentId,
+    /// Its live sessions.
+    pub sessions: Vec<Arc<SessionInfo>>,
+    /// Now if connected, else when its last session ended.
+    pub last_seen: SystemTime,
+}
+
+#[derive(Default)]
+struct Entry {
+    sessions: Vec<Arc<SessionInfo>>,
+    last_seen: Option<SystemTime>,
+}
+
+/// Every live session in `(agent, session id)` order, and how many agents have one. Changed
+/// only while the agents map is locked, so it always agrees with it; kept so that a snapshot
+/// needs no sort and the gauges and counts no scan of every agent (both ran once per
+/// register, unregister or command delivery: quadratic in the fleet size).
+#[derive(Default)]
+struct Live {
+    sessions: BTreeMap<(AgentId, String), Arc<SessionInfo>>,
+    agents: usize,
+}
+
+/// See the module docs.
+pub struct Registry {
+    agents: Mutex<HashMap<AgentId, Entry>>,
+    live: Mutex<Live>,
+    events: broadcast::Sender<RegistryEvent>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            agents: Mutex::new(HashMap::new()),
+            live: Mutex::new(Live::default()),
+            events: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl Registry {
+    /// Adds a live session.
+    pub fn register(&self, info: SessionInfo) -> Arc<SessionInfo> {
+        let info = Arc::new(info);
+        let mut agents = self.agents.lock().expect("registry lock");
+        let entry = agents.entry(info.agent.clone()).or_default();
+        entry.sessions.push(info.clone());
+        let mut live = self.live.lock().expect("registry lock");
+        if entry.sessions.len() == 1 {
+            live.agents += 1;
+        }
+        live.sessions
+            .insert((info.agent.clone(), info.session_id.clone()), info.clone());
+        Self::publish_gauges(&live);
+        drop(live);
+        // Sent under the lock so a concurrent `subscribe` sees it either in its snapshot or in
+        // its feed, never both and never neither.
+        let _ = self.events.send(RegistryEvent::Connected(info.clone()));
+        info
+    }
+
+    /// Removes a session that ended.
+    pub fn unregister(&self, session: &Arc<SessionInfo>, reason: String) {
+        let mut agents = self.agents.lock().expect("registry lock");
+        let Some(entry) = agents.get_mut(&session.agent) else {
+            return;
+        };
+        let before = entry.sessions.len();
+        entry.sessions.retain(|s| !Arc::ptr_eq(s, session));
+        if entry.sessions.len() == before {
+            return;
+        }
+        let now = SystemTime::now();
+        entry.last_seen = Some(now);
+        let mut live = self.live.lock().expect("registry lock");
+        if entry.sessions.is_empty() {
+            live.agents -= 1;
+        }
+        live.sessions
+            .remove(&(session.agent.clone(), session.session_id.clone()));
+        Self::publish_gauges(&live);
+        drop(live);
+        let _ = self.events.send(RegistryEvent::Disconnected {
+            session: session.clone(),
+            at: now,
+            reason,
+        });
+    }
+
+    fn publish_gauges(live: &Live) {
+        metrics::gauge!("tether_gateway_sessions_active").set(live.sessions.len() as f64);
+        metrics::gauge!("tether_gateway_agents_connected").set(live.agents as f64);
+    }
+
+    fn snapshot(id: &AgentId, e: &Entry) -> AgentSnapshot {
+        AgentSnapshot {
+            id: id.clone(),
+            sessions: e.sessions.clone(),
+            last_seen: if e.sessions.is_empty() {
+                e.last_seen.unwrap_or(SystemTime::UNIX_EPOCH)
+            } else {
+                SystemTime::now()
+            },
+        }
+    }
+
+    /// Every known agent, sorted by id.
+    pub fn list(&self) -> Vec<AgentSnapshot> {
+        let agents = self.agents.lock().expect("registry lock");
+        let sorted: BTreeMap<_, _> = agents.iter().collect();
+        sorted
+            .into_iter()
+            .map(|(id, e)| Self::snapshot(id, e))
+            .collect()
+    }
+
+    /// One agent, if it was ever seen.
+    pub fn get(&self, id: &AgentId) -> Option<AgentSnapshot> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).map(|e| Self::snapshot(id, e))
+    }
+
+    /// The newest live session of `id`, if it has one (no snapshot of the agent).
+    pub fn last_session(&self, id: &AgentId) -> Option<Arc<SessionInfo>> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).and_then(|e| e.sessions.last().cloned())
+    }
+
+    /// The live sessions now, and a feed of every change after them.
+    pub fn subscribe(&self) -> (Vec<Arc<SessionInfo>>, broadcast::Receiver<RegistryEvent>) {
+        let _agents = self.agents.lock().expect("registry lock");
+        let rx = self.events.subscribe();
+        let live = self.live.lock().expect("registry lock");
+        (live.sessions.values().cloned().collect(), rx)
+    }
+
+    /// The feed of changes alone, without a snapshot: for waiters that only need to wake when
+    /// something changes (a snapshot copies every live session).
+    pub fn feed(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> Vec<Arc<SessionInfo>> {
+        self.subscribe().0
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.live.lock().expect("registry lock").sessions.len()
+    }
+
+    /// Sends `GoAway` to every live session.
+    pub fn go_away_all(&self, reason: &str, within: Duration) {
+        for s in self.sessions() {
+            s.command(SessionCommand::GoAway(reason.to_owned(), within));
+        }
+    }
+}
