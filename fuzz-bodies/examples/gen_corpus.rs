@@ -358,28 +358,50 @@ fn main() {
         &dir,
         "agent_stream",
         "rpc_reset",
-        &frames(0x82, &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()]),
+        &frames(
+            0x82,
+            &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()],
+        ),
     );
     write(
         &dir,
         "agent_stream",
         "rpc_then_trailers",
-        &frames(9, &[Message::StreamHeader(header(StreamKind::Rpc)), trailers()]),
+        &frames(
+            9,
+            &[Message::StreamHeader(header(StreamKind::Rpc)), trailers()],
+        ),
     );
-    write(&dir, "agent_stream", "data_first", &frames(2, &[hello_data()]));
+    write(
+        &dir,
+        "agent_stream",
+        "data_first",
+        &frames(2, &[hello_data()]),
+    );
     let mut big = frames(0x7f, &[Message::StreamHeader(header(StreamKind::Command))]);
     for _ in 0..2 {
         big.extend_from_slice(&Message::Data(Bytes::from(vec![7u8; 3000])).to_bytes());
     }
     write(&dir, "agent_stream", "command_payload_above_4k", &big);
-    let mut cut = frames(4, &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()]);
+    let mut cut = frames(
+        4,
+        &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()],
+    );
     cut.truncate(cut.len() - 2);
     write(&dir, "agent_stream", "rpc_fin_inside_a_frame", &cut);
 
     // rpc_response: a whole answer, trailers-only, and answers out of order or cut short.
     let rpc_seeds: [(&str, u8, Vec<Message>); 5] = [
-        ("head_body_trailers", 3, vec![head(), hello_data(), trailers()]),
-        ("trailers_only", 1, vec![Message::Trailers(Trailers::status(5, "not found"))]),
+        (
+            "head_body_trailers",
+            3,
+            vec![head(), hello_data(), trailers()],
+        ),
+        (
+            "trailers_only",
+            1,
+            vec![Message::Trailers(Trailers::status(5, "not found"))],
+        ),
         ("data_before_head", 2, vec![hello_data(), trailers()]),
         ("two_heads", 0x45, vec![head(), head(), trailers()]),
         ("ends_after_head", 0x80, vec![head(), hello_data()]),
@@ -430,17 +452,48 @@ fn main() {
         &dir,
         "command_report",
         "streamed_output",
-        &report(0x43, 64, &[ack(), Message::Data(Bytes::from(vec![1u8; 600])), result(b"tail")]),
+        &report(
+            0x43,
+            64,
+            &[
+                ack(),
+                Message::Data(Bytes::from(vec![1u8; 600])),
+                result(b"tail"),
+            ],
+        ),
     );
     write(
         &dir,
         "command_report",
         "output_above_limit",
-        &report(7, 1, &[ack(), Message::Data(Bytes::from(vec![1u8; 40])), result(b"")]),
+        &report(
+            7,
+            1,
+            &[
+                ack(),
+                Message::Data(Bytes::from(vec![1u8; 40])),
+                result(b""),
+            ],
+        ),
     );
-    write(&dir, "command_report", "unsupported", &report(2, 16, &[trailers()]));
-    write(&dir, "command_report", "result_before_ack", &report(1, 16, &[result(b"")]));
-    write(&dir, "command_report", "reset_after_ack", &report(0x81, 16, &[ack(), progress()]));
+    write(
+        &dir,
+        "command_report",
+        "unsupported",
+        &report(2, 16, &[trailers()]),
+    );
+    write(
+        &dir,
+        "command_report",
+        "result_before_ack",
+        &report(1, 16, &[result(b"")]),
+    );
+    write(
+        &dir,
+        "command_report",
+        "reset_after_ack",
+        &report(0x81, 16, &[ack(), progress()]),
+    );
 
     // probe_answer.
     write(&dir, "probe_answer", "answered", &frames(1, &[ok()]));
@@ -458,7 +511,12 @@ fn main() {
         ),
     );
     write(&dir, "probe_answer", "trailers", &frames(3, &[trailers()]));
-    write(&dir, "probe_answer", "oversized", &[0, 0x0d, 0xff, 0xff, 0, 0]);
+    write(
+        &dir,
+        "probe_answer",
+        "oversized",
+        &[0, 0x0d, 0xff, 0xff, 0, 0],
+    );
 
     // csr_check: real requests, valid and each refusal; DER (mode 0) and PEM text (mode 1).
     let key = rcgen::KeyPair::generate().expect("p256 key");

@@ -41,15 +41,15 @@ use tether_gateway::identity::enrollment::Enrollment;
 use tether_gateway::northbound::auth::{Authenticator, CallerKind, TenantScope};
 use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, decode_frame};
 use tunnel_proto::message::{Hello, Message, RenewResponse, StreamKind, Welcome};
+use tunnel_proto::session::{
+    AgentEvent, AgentSession, AgentSessionConfig, GatewayEvent, GatewaySession,
+    GatewaySessionConfig,
+};
 use tunnel_proto::stream::command::{GatewayCommand, PayloadEvent, ReportEvent};
 use tunnel_proto::stream::probe::{GatewayProbe, ProbeEvent};
 use tunnel_proto::stream::rpc::{RequestEvent, ResponseEvent, ResponseRecv};
 use tunnel_proto::stream::tcp::{GatewayTcp, TcpEvent};
 use tunnel_proto::stream::{Accepted, Incoming, IncomingEvent, RecvHalf, SendHalf, Transmit};
-use tunnel_proto::session::{
-    AgentEvent, AgentSession, AgentSessionConfig, GatewayEvent, GatewaySession,
-    GatewaySessionConfig,
-};
 
 /// What a body made of its input, so tests can tell seeds that reach the checks behind the
 /// decoders from seeds refused at the door. libFuzzer ignores it.
@@ -429,10 +429,7 @@ fn drive<R: RecvHalf>(
     let mut stops = 0;
     let mut collect = |r: &mut R, events: &mut Vec<R::Event>| {
         while let Some(e) = r.poll_event() {
-            assert!(
-                !events.iter().any(is_final),
-                "an event after the final one"
-            );
+            assert!(!events.iter().any(is_final), "an event after the final one");
             events.push(e);
         }
         stops += std::iter::from_fn(|| r.poll_stop()).count();
@@ -564,8 +561,14 @@ pub fn rpc_response(data: &[u8]) -> Outcome {
         .filter(|&i| matches!(events[i], ResponseEvent::Head(_)))
         .collect();
     assert!(heads.len() <= 1, "two heads");
-    if let Some(d) = events.iter().position(|e| matches!(e, ResponseEvent::Data(_))) {
-        assert!(heads.first().is_some_and(|&h| h < d), "body before the head");
+    if let Some(d) = events
+        .iter()
+        .position(|e| matches!(e, ResponseEvent::Data(_)))
+    {
+        assert!(
+            heads.first().is_some_and(|&h| h < d),
+            "body before the head"
+        );
     }
     matches!(events.last(), Some(ResponseEvent::Trailers(_))).into()
 }

@@ -78,7 +78,11 @@ enum End {
 }
 
 fn end() -> impl Strategy<Value = End> {
-    prop_oneof![Just(End::Open), Just(End::Fin), (0u32..20).prop_map(End::Reset)]
+    prop_oneof![
+        Just(End::Open),
+        Just(End::Fin),
+        (0u32..20).prop_map(End::Reset)
+    ]
 }
 
 fn wire(pieces: &[Piece]) -> Bytes {
@@ -145,7 +149,11 @@ fn feed<R: RecvHalf>(
 }
 
 /// Consecutive byte events joined, so events can be compared across different splits.
-fn joined<E: Clone>(events: Vec<E>, data: impl Fn(&E) -> Option<&Bytes>, mk: impl Fn(Bytes) -> E) -> Vec<E> {
+fn joined<E: Clone>(
+    events: Vec<E>,
+    data: impl Fn(&E) -> Option<&Bytes>,
+    mk: impl Fn(Bytes) -> E,
+) -> Vec<E> {
     let mut out: Vec<E> = Vec::new();
     let mut pending = BytesMut::new();
     for e in events {
@@ -239,7 +247,10 @@ fn agent_side(chunks: &[Bytes], end: End) -> Result<Vec<String>, TestCaseError> 
                 End::Fin => incoming.handle_fin(),
                 End::Reset(c) => incoming.handle_reset(ErrorCode(c)),
             }
-            prop_assert!(incoming.poll_event().is_none(), "an event after the final one");
+            prop_assert!(
+                incoming.poll_event().is_none(),
+                "an event after the final one"
+            );
         }
         return Ok(log);
     };

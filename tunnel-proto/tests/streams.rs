@@ -403,7 +403,11 @@ fn a_response_out_of_order_or_malformed_stops_the_stream_with_its_code() {
     let head = Message::ResponseHead(ResponseHead::default());
     let data = Message::Data(Bytes::from_static(b"d"));
     let cases: Vec<(Bytes, &str, ErrorCode)> = vec![
-        (frames(&[data.clone()]), "Data", ErrorCode::PROTOCOL_ERROR),
+        (
+            frames(std::slice::from_ref(&data)),
+            "Data",
+            ErrorCode::PROTOCOL_ERROR,
+        ),
         (
             frames(&[head.clone(), head.clone()]),
             "ResponseHead",
@@ -472,7 +476,7 @@ fn a_response_that_ends_early_says_what_was_missing() {
         })]
     );
     assert_eq!(stopped, None, "nothing to stop once the agent finished");
-    let (ev, _) = response_from(frames(&[head.clone()]), true);
+    let (ev, _) = response_from(frames(std::slice::from_ref(&head)), true);
     assert_eq!(
         ev.last(),
         Some(&ResponseEvent::Failed(StreamFailure::Ended {
@@ -600,7 +604,7 @@ fn a_refused_tcp_stream_reports_the_code_and_ends() {
     };
     agent.refuse(7, "not allow-listed".into()).unwrap();
     assert!(agent.accept().is_err(), "one answer");
-    let mut agent = agent.into_raw().expect_err("refused streams do not open");
+    let mut agent = *agent.into_raw().expect_err("refused streams do not open");
     link.run(&mut gw, &mut agent);
     assert_eq!(
         events(&mut gw),

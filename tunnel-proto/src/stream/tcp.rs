@@ -113,11 +113,11 @@ impl GatewayTcp {
         self.opened
     }
 
-    /// The two raw halves, once open (events not yet polled move with them); `Err(self)`
+    /// The two raw halves, once open (events not yet polled move with them); the machine
     /// before.
-    pub fn into_raw(self) -> Result<(RawSend, RawRecv), GatewayTcp> {
+    pub fn into_raw(self) -> Result<(RawSend, RawRecv), Box<GatewayTcp>> {
         if !self.opened {
-            return Err(self);
+            return Err(Box::new(self));
         }
         Ok((RawSend { out: self.out }, RawRecv { raw: self.raw }))
     }
@@ -286,9 +286,9 @@ impl AgentTcp {
 
     /// The two raw halves, once accepted (events not yet polled move with them); `Err(self)`
     /// before.
-    pub fn into_raw(self) -> Result<(RawSend, RawRecv), AgentTcp> {
+    pub fn into_raw(self) -> Result<(RawSend, RawRecv), Box<AgentTcp>> {
         if self.answered != Some(true) {
-            return Err(self);
+            return Err(Box::new(self));
         }
         Ok((RawSend { out: self.out }, RawRecv { raw: self.raw }))
     }
