@@ -29,23 +29,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tether_runtime::stream::{FramedRecv, send_data, send_msg};
+use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::SendStream;
 use tokio::sync::{broadcast, watch};
-use tunnel_proto::message::{
-    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
-    CommandProgress, CommandResult, StreamHeader, truncate_text,
-};
-use tunnel_proto::{ErrorCode, Message};
+use tunnel_proto::ErrorCode;
+use tunnel_proto::message::{COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, truncate_text};
+use tunnel_proto::stream::StreamFailure;
+use tunnel_proto::stream::command::{AgentCommand, OutputSent, PayloadEvent};
 
 use crate::error::AgentError;
 
 /// Completed ids remembered (and re-reported on redelivery).
 pub const COMPLETED_KEPT: usize = 10_000;
-/// Largest payload the agent accepts on a command stream.
-const MAX_PAYLOAD: usize = 64 << 20;
-/// Output up to this size travels inside `CommandResult`; larger output in `Data` frames first.
-const INLINE_OUTPUT: usize = 32 << 10;
 
 /// What a handler returns: its output, or an error message.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
@@ -331,52 +326,31 @@ impl Executor {
     }
 
     /// Serves one `Command` stream whose header was read.
-    pub async fn serve(
-        self: Arc<Self>,
-        header: StreamHeader,
-        mut framed: FramedRecv,
-        mut send: SendStream,
-    ) {
-        let id = header.id.clone();
-        let kind = header.service.clone();
-        // A gateway that does not say has its own limit, and refuses what is above it.
-        let max_output = header
-            .metadata
-            .iter()
-            .find(|m| m.key == COMMAND_MAX_OUTPUT_KEY)
-            .and_then(|m| std::str::from_utf8(&m.value).ok()?.parse::<usize>().ok());
+    pub async fn serve(self: Arc<Self>, mut reader: Reader<AgentCommand>, mut send: SendStream) {
+        let id = reader.half_mut().id().to_owned();
+        let kind = reader.half_mut().kind().to_owned();
         // The payload: Data frames up to FIN.
-        let mut payload = Vec::new();
-        loop {
-            match framed.next().await {
-                Ok(Some(Message::Data(b))) => {
-                    if payload.len() + b.len() > MAX_PAYLOAD {
-                        framed.stop(ErrorCode::FRAME_TOO_LARGE);
-                        send.reset(ErrorCode::FRAME_TOO_LARGE);
-                        return;
-                    }
-                    payload.extend_from_slice(&b);
+        let payload = match reader.next().await {
+            Ok(PayloadEvent::Payload(p)) => p,
+            Ok(PayloadEvent::Failed(e)) => {
+                if let StreamFailure::Protocol(e) = &e {
+                    tracing::warn!(command = %id, error = %e, "command stream refused");
                 }
-                Ok(None) => break,
-                Ok(Some(other)) => {
-                    tracing::warn!(frame = other.name(), command = %id, "unexpected frame on a command stream");
-                    framed.stop(ErrorCode::PROTOCOL_ERROR);
-                    send.reset(ErrorCode::PROTOCOL_ERROR);
-                    return;
-                }
-                Err(_) => {
-                    send.reset(ErrorCode::CANCELLED);
-                    return;
-                }
+                // The machine reset the stream.
+                let _ = flush(&mut send, reader.half_mut()).await;
+                return;
             }
-        }
-        if send_msg(&mut send, &Message::CommandAck(CommandAck {}))
-            .await
-            .is_err()
-        {
+            Err(_) => {
+                send.reset(ErrorCode::CANCELLED);
+                return;
+            }
+        };
+        let (_, mut machine) = reader.into_parts();
+        let _ = machine.ack();
+        if flush(&mut send, &mut machine).await.is_err() {
             return;
         }
-        let (mut progress, mut done) = self.clone().start(id.clone(), kind, Bytes::from(payload));
+        let (mut progress, mut done) = self.clone().start(id.clone(), kind, payload);
         let outcome = loop {
             if let Some(o) = done.borrow_and_update().clone() {
                 break o;
@@ -384,7 +358,8 @@ impl Executor {
             tokio::select! {
                 p = progress.recv() => match p {
                     Ok(message) => {
-                        if send_msg(&mut send, &Message::CommandProgress(CommandProgress { message })).await.is_err() {
+                        let _ = machine.progress(message);
+                        if flush(&mut send, &mut machine).await.is_err() {
                             return;
                         }
                     }
@@ -406,8 +381,8 @@ impl Executor {
         loop {
             match progress.try_recv() {
                 Ok(message) => {
-                    let line = Message::CommandProgress(CommandProgress { message });
-                    if send_msg(&mut send, &line).await.is_err() {
+                    let _ = machine.progress(message);
+                    if flush(&mut send, &mut machine).await.is_err() {
                         return;
                     }
                 }
@@ -415,36 +390,15 @@ impl Executor {
                 Err(_) => break,
             }
         }
-        let mut result = CommandResult {
-            succeeded: outcome.ok,
-            output: Vec::new(),
-            message: outcome.msg,
-        };
-        // Outcomes recorded by an older agent may carry longer messages.
-        truncate_text(&mut result.message, COMMAND_MESSAGE_MAX);
-        if let Some(max) = max_output
-            && outcome.out.len() > max
+        // The machine cuts the message (outcomes recorded by an older agent may carry longer
+        // ones) and sends the output inline, in `Data` frames, or not at all above the
+        // gateway's limit.
+        if let Ok(OutputSent::AboveLimit { len, max }) =
+            machine.result(outcome.ok, Bytes::from(outcome.out), outcome.msg)
         {
-            tracing::warn!(command = %id, bytes = outcome.out.len(), limit = max, "command output is above the gateway's limit: reported as a failure");
-            result.succeeded = false;
-            result.message = format!(
-                "the handler's output is {} bytes, above the gateway's limit of {max} bytes (commands.max_output)",
-                outcome.out.len()
-            );
-        } else if outcome.out.len() <= INLINE_OUTPUT {
-            result.output = outcome.out;
-        } else if send_data(&mut send, Bytes::from(outcome.out))
-            .await
-            .is_err()
-        {
-            return;
+            tracing::warn!(command = %id, bytes = len, limit = max, "command output is above the gateway's limit: reported as a failure");
         }
-        if send_msg(&mut send, &Message::CommandResult(result))
-            .await
-            .is_ok()
-        {
-            let _ = send.finish();
-        }
+        let _ = flush(&mut send, &mut machine).await;
     }
 
     /// The progress feed and outcome of command `id`: from the record if it completed, from its

@@ -15,15 +15,18 @@ use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::grpc;
-use tether_runtime::stream::{FramedRecv, StreamError, send_data, send_msg};
+use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::{Link, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
-use tunnel_proto::message::{OpenResult, ResponseHead, StreamHeader, StreamKind, Trailers};
-use tunnel_proto::{ErrorCode, Message};
+use tunnel_proto::message::{ResponseHead, StreamHeader, Trailers};
+use tunnel_proto::stream::rpc::{RequestEvent, RequestRecv, ResponseSend};
+use tunnel_proto::stream::tcp::{AgentTcp, TcpEvent};
+use tunnel_proto::stream::{Accepted, Incoming, IncomingEvent, StreamFailure};
+use tunnel_proto::{ErrorCode, ProtoError};
 
 use crate::config::{AgentConfig, ServiceKind};
 use crate::error::{AgentError, UpstreamError};
@@ -206,55 +209,49 @@ async fn handle(
     services: Arc<Services>,
     stats: &LinkStats,
 ) {
-    let mut framed = FramedRecv::relay(recv);
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, framed.next()).await {
-        Ok(Ok(Some(Message::StreamHeader(h)))) => h,
-        Ok(Ok(Some(other))) => {
-            tracing::warn!(
-                frame = other.name(),
-                "stream did not start with a StreamHeader"
-            );
-            send.reset(ErrorCode::PROTOCOL_ERROR);
-            framed.stop(ErrorCode::PROTOCOL_ERROR);
-            return;
-        }
-        Ok(Err(StreamError::Protocol(e))) => {
-            tracing::warn!(error = %e, "bad stream header");
-            send.reset(e.code());
-            framed.stop(e.code());
-            return;
-        }
-        Ok(_) | Err(_) => {
-            send.reset(ErrorCode::CANCELLED);
+    // Command payloads up to the protocol's default limit (64 MiB).
+    let mut reader = Reader::new(recv, Incoming::new());
+    let event = match tokio::time::timeout(HEADER_TIMEOUT, reader.next()).await {
+        Ok(Ok(e)) => e,
+        // The connection is gone, or the header did not come in time.
+        Ok(Err(_)) | Err(_) => {
+            reader.half_mut().cancel();
+            let _ = flush(&mut send, reader.half_mut()).await;
             return;
         }
     };
-    match header.stream_kind() {
-        StreamKind::Rpc => rpc(header, framed, send, &services).await,
-        StreamKind::Tcp => tcp(header, framed, send, &services).await,
-        StreamKind::Command => services.commands.clone().serve(header, framed, send).await,
-        StreamKind::Probe => {
-            stats.probed();
-            let ok = Message::OpenResult(OpenResult {
-                ok: true,
-                ..Default::default()
-            });
-            if send_msg(&mut send, &ok).await.is_ok() {
-                let _ = send.finish();
+    let (recv, mut incoming) = reader.into_parts();
+    // What the machine answers itself (a probe, an unknown kind, a broken stream).
+    let _ = flush(&mut send, &mut incoming).await;
+    match event {
+        IncomingEvent::Accepted(accepted) => match *accepted {
+            Accepted::Rpc {
+                header,
+                request,
+                response,
+            } => {
+                let request = Reader::new(recv, request);
+                rpc(header, request, response, send, &services).await
             }
+            Accepted::Tcp(machine) => tcp(Reader::new(recv, machine), send, &services).await,
+            Accepted::Command(machine) => {
+                let reader = Reader::new(recv, machine);
+                services.commands.clone().serve(reader, send).await
+            }
+        },
+        IncomingEvent::Probed => {
+            stats.probed();
         }
-        other => {
-            tracing::warn!(kind = ?other, "stream kind not supported by this agent");
-            let _ = send_msg(
-                &mut send,
-                &Message::Trailers(Trailers::status(
-                    Code::Unimplemented as i32,
-                    "stream kind not supported by this agent",
-                )),
-            )
-            .await;
-            let _ = send.finish();
+        IncomingEvent::Unsupported(header) => {
+            tracing::warn!(kind = ?header.stream_kind(), "stream kind not supported by this agent");
         }
+        IncomingEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected { got, .. })) => {
+            tracing::warn!(frame = got, "stream did not start with a StreamHeader");
+        }
+        IncomingEvent::Failed(StreamFailure::Protocol(e)) => {
+            tracing::warn!(error = %e, "bad stream header");
+        }
+        IncomingEvent::Failed(_) => {}
     }
 }
 
@@ -266,17 +263,24 @@ fn service_name<'a>(header: &'a StreamHeader, services: &'a Services) -> &'a str
     }
 }
 
-async fn finish_with(send: &mut SendStream, code: Code, message: &str) {
+async fn finish_with(
+    send: &mut SendStream,
+    response: &mut ResponseSend,
+    code: Code,
+    message: &str,
+) {
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
-    let _ = send_msg(
-        send,
-        &Message::Trailers(Trailers::status(code as i32, message)),
-    )
-    .await;
-    let _ = send.finish();
+    let _ = response.trailers(Trailers::status(code as i32, message));
+    let _ = flush(send, response).await;
 }
 
-async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, services: &Services) {
+async fn rpc(
+    header: StreamHeader,
+    request: Reader<RequestRecv>,
+    mut response: ResponseSend,
+    mut send: SendStream,
+    services: &Services,
+) {
     let name = service_name(&header, services).to_owned();
     let (svc, address) = match services.map.get(&name) {
         _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
@@ -286,7 +290,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                 "service {name:?} on agent {} is a TCP service: use tether.v1.Streams/Open",
                 services.agent
             );
-            return finish_with(&mut send, Code::FailedPrecondition, &msg).await;
+            return finish_with(&mut send, &mut response, Code::FailedPrecondition, &msg).await;
         }
         None => {
             tracing::info!(service = %name, method = %header.method, "refused: service not in the allow-list");
@@ -294,7 +298,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                 "service {name:?} is not allow-listed on agent {}",
                 services.agent
             );
-            return finish_with(&mut send, Code::PermissionDenied, &msg).await;
+            return finish_with(&mut send, &mut response, Code::PermissionDenied, &msg).await;
         }
     };
     let deadline =
@@ -311,6 +315,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
         Err(_) => {
             return finish_with(
                 &mut send,
+                &mut response,
                 Code::InvalidArgument,
                 "method is not a valid path",
             )
@@ -334,7 +339,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
             grpc::encode_grpc_timeout(d.saturating_duration_since(Instant::now())),
         );
     }
-    let request_pump = tokio::spawn(pump_request(framed, body_tx));
+    let request_pump = tokio::spawn(pump_request(request, body_tx));
 
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let deadline_at = deadline.unwrap_or(far);
@@ -343,7 +348,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
         r = call => r,
         _ = tokio::time::sleep_until(deadline_at.into()) => {
             request_pump.abort();
-            return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
+            return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
         }
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
@@ -359,6 +364,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
             request_pump.abort();
             return finish_with(
                 &mut send,
+                &mut response,
                 Code::DeadlineExceeded,
                 "deadline exceeded before the upstream answered",
             )
@@ -371,7 +377,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                 error_chain(e.as_ref())
             );
             tracing::warn!(service = %name, %address, "{msg}");
-            return finish_with(&mut send, Code::Unavailable, &msg).await;
+            return finish_with(&mut send, &mut response, Code::Unavailable, &msg).await;
         }
     };
     let (parts, mut body) = resp.into_parts();
@@ -383,18 +389,16 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
         };
         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
-        let _ = send_msg(&mut send, &Message::Trailers(t)).await;
-        let _ = send.finish();
+        let _ = response.trailers(t);
+        let _ = flush(&mut send, &mut response).await;
         return;
     }
     let head = ResponseHead {
         status: u32::from(parts.status.as_u16()),
         metadata: grpc::headers_to_metadata(&parts.headers),
     };
-    if send_msg(&mut send, &Message::ResponseHead(head))
-        .await
-        .is_err()
-    {
+    let _ = response.head(head);
+    if flush(&mut send, &mut response).await.is_err() {
         request_pump.abort();
         return;
     }
@@ -403,7 +407,7 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
             f = body.frame() => f,
             _ = tokio::time::sleep_until(deadline_at.into()) => {
                 request_pump.abort();
-                return finish_with(&mut send, Code::DeadlineExceeded, "deadline exceeded").await;
+                return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await;
             }
             _ = send.stopped() => {
                 request_pump.abort();
@@ -414,7 +418,8 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
         match frame {
             Some(Ok(f)) => match f.into_data() {
                 Ok(data) => {
-                    if send_data(&mut send, data).await.is_err() {
+                    let _ = response.data(data);
+                    if flush(&mut send, &mut response).await.is_err() {
                         request_pump.abort();
                         return;
                     }
@@ -426,8 +431,8 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                         };
                         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
                         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
-                        let _ = send_msg(&mut send, &Message::Trailers(t)).await;
-                        let _ = send.finish();
+                        let _ = response.trailers(t);
+                        let _ = flush(&mut send, &mut response).await;
                         return;
                     }
                 }
@@ -438,12 +443,13 @@ async fn rpc(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                     "upstream service {name:?} failed mid-call: {}",
                     error_chain(&e)
                 );
-                return finish_with(&mut send, Code::Unavailable, &msg).await;
+                return finish_with(&mut send, &mut response, Code::Unavailable, &msg).await;
             }
             None => {
                 // A response without trailers is not valid gRPC; report it rather than hang.
                 return finish_with(
                     &mut send,
+                    &mut response,
                     Code::Internal,
                     "upstream response ended without trailers",
                 )
@@ -467,53 +473,49 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Gateway → upstream: Data frames into the request body. A reset from the gateway fails the
 /// body, which makes the HTTP/2 client reset the upstream stream.
 async fn pump_request(
-    mut framed: FramedRecv,
+    mut request: Reader<RequestRecv>,
     tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
 ) {
     loop {
-        let msg = tokio::select! {
-            m = framed.next() => m,
+        let event = tokio::select! {
+            e = request.next() => e,
             _ = tx.closed() => return,
         };
-        match msg {
-            Ok(Some(Message::Data(b))) => {
+        let failure: BoxError = match event {
+            Ok(RequestEvent::Data(b)) => {
                 if tx.send(Ok(Frame::data(b))).await.is_err() {
                     return;
                 }
+                continue;
             }
-            Ok(None) => return,
-            Ok(Some(other)) => {
-                let _ = tx
-                    .send(Err(
-                        format!("unexpected {} frame in request", other.name()).into()
-                    ))
-                    .await;
-                framed.stop(ErrorCode::PROTOCOL_ERROR);
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Err(Box::new(e))).await;
-                return;
-            }
-        }
+            Ok(RequestEvent::Finished) => return,
+            // The machine stopped the stream (PROTOCOL_ERROR).
+            Ok(RequestEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
+                got,
+                ..
+            }))) => format!("unexpected {got} frame in request").into(),
+            Ok(RequestEvent::Failed(e)) => Box::new(e),
+            Err(e) => Box::new(e),
+        };
+        let _ = tx.send(Err(failure)).await;
+        return;
     }
 }
 
-async fn open_result(send: &mut SendStream, code: Code, message: String) {
-    let r = OpenResult {
-        ok: code == Code::Ok,
-        code: code as i32,
-        message,
+/// Answers the TCP stream: `Code::Ok` accepts it, anything else refuses it (and ends it).
+async fn open_result(send: &mut SendStream, machine: &mut AgentTcp, code: Code, message: String) {
+    let _ = if code == Code::Ok {
+        machine.accept()
+    } else {
+        machine.refuse(code as i32, message)
     };
-    let _ = send_msg(send, &Message::OpenResult(r)).await;
-    if code != Code::Ok {
-        let _ = send.finish();
-    }
+    let _ = flush(send, machine).await;
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "tcp", "code" => format!("{code:?}")).increment(1);
 }
 
-async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, services: &Services) {
-    let name = service_name(&header, services).to_owned();
+async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services) {
+    let (recv, mut machine) = reader.into_parts();
+    let name = service_name(machine.header(), services).to_owned();
     let address = match services.map.get(&name) {
         Some(Upstream::Tcp { address }) => address.clone(),
         Some(Upstream::Grpc { .. }) => {
@@ -521,7 +523,7 @@ async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                 "service {name:?} on agent {} is a gRPC service, not TCP",
                 services.agent
             );
-            return open_result(&mut send, Code::FailedPrecondition, msg).await;
+            return open_result(&mut send, &mut machine, Code::FailedPrecondition, msg).await;
         }
         None => {
             tracing::info!(service = %name, "refused: TCP service not in the allow-list");
@@ -529,7 +531,7 @@ async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
                 "service {name:?} is not allow-listed on agent {}",
                 services.agent
             );
-            return open_result(&mut send, Code::PermissionDenied, msg).await;
+            return open_result(&mut send, &mut machine, Code::PermissionDenied, msg).await;
         }
     };
     let stream = match tokio::time::timeout(
@@ -541,38 +543,38 @@ async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let msg = format!("upstream service {name:?} ({address}) is unavailable: {e}");
-            return open_result(&mut send, Code::Unavailable, msg).await;
+            return open_result(&mut send, &mut machine, Code::Unavailable, msg).await;
         }
         Err(_) => {
             let msg = format!(
                 "upstream service {name:?} ({address}) did not accept within {TCP_CONNECT_TIMEOUT:?}"
             );
-            return open_result(&mut send, Code::Unavailable, msg).await;
+            return open_result(&mut send, &mut machine, Code::Unavailable, msg).await;
         }
     };
     let _ = stream.set_nodelay(true);
-    open_result(&mut send, Code::Ok, String::new()).await;
-    let (mut recv, leftover) = framed.into_parts();
+    open_result(&mut send, &mut machine, Code::Ok, String::new()).await;
+    let Ok((mut to_gateway, from_gateway)) = machine.into_raw() else {
+        return;
+    };
+    let mut from_gateway = Reader::new(recv, from_gateway);
     let (mut rd, mut wr) = stream.into_split();
     // Gateway → service; the gateway finishing its side half-closes ours.
     let inbound = async move {
-        if !leftover.is_empty() && wr.write_all(&leftover).await.is_err() {
-            return;
-        }
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => {
-                    if wr.write_all(&buf[..n]).await.is_err() {
-                        recv.stop(ErrorCode::CANCELLED);
+            match from_gateway.next().await {
+                Ok(TcpEvent::Data(b)) => {
+                    if wr.write_all(&b).await.is_err() {
+                        from_gateway.half_mut().stop(ErrorCode::CANCELLED);
+                        from_gateway.apply_stop();
                         return;
                     }
                 }
-                Ok(None) => {
+                Ok(TcpEvent::Finished) => {
                     let _ = wr.shutdown().await;
                     return;
                 }
-                Err(_) => return,
+                Ok(_) | Err(_) => return,
             }
         }
     };
@@ -580,20 +582,16 @@ async fn tcp(header: StreamHeader, framed: FramedRecv, mut send: SendStream, ser
     let outbound = async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match rd.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = send.finish();
-                    return;
-                }
-                Ok(n) => {
-                    if send.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
+            let done = match rd.read(&mut buf).await {
+                Ok(0) => to_gateway.finish().is_ok(),
+                Ok(n) => to_gateway.write(Bytes::copy_from_slice(&buf[..n])).is_err(),
                 Err(_) => {
-                    send.reset(ErrorCode::CANCELLED);
-                    return;
+                    to_gateway.reset(ErrorCode::CANCELLED);
+                    true
                 }
+            };
+            if flush(&mut send, &mut to_gateway).await.is_err() || done {
+                return;
             }
         }
     };

@@ -313,6 +313,211 @@ fn main() {
         &[1, 0x10, 0xff, 0xff, 0xff, 0xff],
     );
 
+    // The stream machines. First byte: reads of `1 + (b & 0x3f)` bytes (times 64 with 0x40),
+    // and 0x80 for a reset instead of FIN.
+    let hello_data = || Message::Data(Bytes::from_static(b"hello"));
+    let ok = || {
+        Message::OpenResult(OpenResult {
+            ok: true,
+            ..Default::default()
+        })
+    };
+    let head = || {
+        Message::ResponseHead(ResponseHead {
+            status: 200,
+            metadata: vec![],
+        })
+    };
+    let trailers = || Message::Trailers(Trailers::status(0, ""));
+    let result = |output: &[u8]| {
+        Message::CommandResult(CommandResult {
+            succeeded: true,
+            output: output.to_vec(),
+            message: "done".into(),
+        })
+    };
+    // agent_stream: every kind with what follows it, and what breaks it.
+    for (name, kind, split) in [
+        ("rpc", StreamKind::Rpc, 3),
+        ("command", StreamKind::Command, 0x41),
+        ("probe", StreamKind::Probe, 7),
+        ("unspecified", StreamKind::Unspecified, 1),
+    ] {
+        let h = Message::StreamHeader(header(kind));
+        write(
+            &dir,
+            "agent_stream",
+            name,
+            &frames(split, &[h, hello_data(), hello_data()]),
+        );
+    }
+    let mut tcp = frames(5, &[Message::StreamHeader(header(StreamKind::Tcp))]);
+    tcp.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+    write(&dir, "agent_stream", "tcp_raw_bytes", &tcp);
+    write(
+        &dir,
+        "agent_stream",
+        "rpc_reset",
+        &frames(
+            0x82,
+            &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()],
+        ),
+    );
+    write(
+        &dir,
+        "agent_stream",
+        "rpc_then_trailers",
+        &frames(
+            9,
+            &[Message::StreamHeader(header(StreamKind::Rpc)), trailers()],
+        ),
+    );
+    write(
+        &dir,
+        "agent_stream",
+        "data_first",
+        &frames(2, &[hello_data()]),
+    );
+    let mut big = frames(0x7f, &[Message::StreamHeader(header(StreamKind::Command))]);
+    for _ in 0..2 {
+        big.extend_from_slice(&Message::Data(Bytes::from(vec![7u8; 3000])).to_bytes());
+    }
+    write(&dir, "agent_stream", "command_payload_above_4k", &big);
+    let mut cut = frames(
+        4,
+        &[Message::StreamHeader(header(StreamKind::Rpc)), hello_data()],
+    );
+    cut.truncate(cut.len() - 2);
+    write(&dir, "agent_stream", "rpc_fin_inside_a_frame", &cut);
+
+    // rpc_response: a whole answer, trailers-only, and answers out of order or cut short.
+    let rpc_seeds: [(&str, u8, Vec<Message>); 5] = [
+        (
+            "head_body_trailers",
+            3,
+            vec![head(), hello_data(), trailers()],
+        ),
+        (
+            "trailers_only",
+            1,
+            vec![Message::Trailers(Trailers::status(5, "not found"))],
+        ),
+        ("data_before_head", 2, vec![hello_data(), trailers()]),
+        ("two_heads", 0x45, vec![head(), head(), trailers()]),
+        ("ends_after_head", 0x80, vec![head(), hello_data()]),
+    ];
+    for (name, split, msgs) in rpc_seeds {
+        write(&dir, "rpc_response", name, &frames(split, &msgs));
+    }
+
+    // tcp_answer: opened with the service's first bytes, refused, or not an answer.
+    let mut opened = frames(6, &[ok()]);
+    opened.extend_from_slice(b"SSH-2.0-OpenSSH_9.6\r\n");
+    write(&dir, "tcp_answer", "opened_with_bytes", &opened);
+    write(
+        &dir,
+        "tcp_answer",
+        "refused",
+        &frames(
+            1,
+            &[Message::OpenResult(OpenResult {
+                ok: false,
+                code: 14,
+                message: "connection refused".into(),
+            })],
+        ),
+    );
+    write(&dir, "tcp_answer", "trailers", &frames(3, &[trailers()]));
+    write(&dir, "tcp_answer", "nothing", &[0]);
+
+    // command_report: the second byte is the output limit / 16.
+    let report = |split: u8, limit: u8, msgs: &[Message]| {
+        let mut v = frames(split, msgs);
+        v.insert(1, limit);
+        v
+    };
+    let ack = || Message::CommandAck(CommandAck {});
+    let progress = || {
+        Message::CommandProgress(CommandProgress {
+            message: "step 1 of 2".into(),
+        })
+    };
+    write(
+        &dir,
+        "command_report",
+        "inline_output",
+        &report(5, 16, &[ack(), progress(), result(b"ok")]),
+    );
+    write(
+        &dir,
+        "command_report",
+        "streamed_output",
+        &report(
+            0x43,
+            64,
+            &[
+                ack(),
+                Message::Data(Bytes::from(vec![1u8; 600])),
+                result(b"tail"),
+            ],
+        ),
+    );
+    write(
+        &dir,
+        "command_report",
+        "output_above_limit",
+        &report(
+            7,
+            1,
+            &[
+                ack(),
+                Message::Data(Bytes::from(vec![1u8; 40])),
+                result(b""),
+            ],
+        ),
+    );
+    write(
+        &dir,
+        "command_report",
+        "unsupported",
+        &report(2, 16, &[trailers()]),
+    );
+    write(
+        &dir,
+        "command_report",
+        "result_before_ack",
+        &report(1, 16, &[result(b"")]),
+    );
+    write(
+        &dir,
+        "command_report",
+        "reset_after_ack",
+        &report(0x81, 16, &[ack(), progress()]),
+    );
+
+    // probe_answer.
+    write(&dir, "probe_answer", "answered", &frames(1, &[ok()]));
+    write(
+        &dir,
+        "probe_answer",
+        "not_ok",
+        &frames(
+            2,
+            &[Message::OpenResult(OpenResult {
+                ok: false,
+                code: 12,
+                message: String::new(),
+            })],
+        ),
+    );
+    write(&dir, "probe_answer", "trailers", &frames(3, &[trailers()]));
+    write(
+        &dir,
+        "probe_answer",
+        "oversized",
+        &[0, 0x0d, 0xff, 0xff, 0, 0],
+    );
+
     // csr_check: real requests, valid and each refusal; DER (mode 0) and PEM text (mode 1).
     let key = rcgen::KeyPair::generate().expect("p256 key");
     let ok = csr(with_uris(&[IDENTITY]), &key);

@@ -15,6 +15,10 @@
 //! - framing and the control stream: [`frame_decoder`], [`gateway_session`], [`agent_session`],
 //!   [`control_message`];
 //! - relay streams: [`stream_header`];
+//! - the stream machines (`tunnel_proto::stream`), each fed the peer's bytes: the agent's side
+//!   of any gateway-opened stream ([`agent_stream`]), the gateway's side of a relayed call
+//!   ([`rpc_response`]), a TCP stream ([`tcp_answer`]), a command delivery ([`command_report`])
+//!   and a probe ([`probe_answer`]);
 //! - enrollment and renewal: [`csr_check`], [`enroll_request`] (a gateway's enrollment with a
 //!   temporary CA and identity store, made once per process);
 //! - the relay's metadata, which feeds its metrics labels: [`relay_metadata`];
@@ -41,6 +45,11 @@ use tunnel_proto::session::{
     AgentEvent, AgentSession, AgentSessionConfig, GatewayEvent, GatewaySession,
     GatewaySessionConfig,
 };
+use tunnel_proto::stream::command::{GatewayCommand, PayloadEvent, ReportEvent};
+use tunnel_proto::stream::probe::{GatewayProbe, ProbeEvent};
+use tunnel_proto::stream::rpc::{RequestEvent, ResponseEvent, ResponseRecv};
+use tunnel_proto::stream::tcp::{GatewayTcp, TcpEvent};
+use tunnel_proto::stream::{Accepted, Incoming, IncomingEvent, RecvHalf, SendHalf, Transmit};
 
 /// What a body made of its input, so tests can tell seeds that reach the checks behind the
 /// decoders from seeds refused at the door. libFuzzer ignores it.
@@ -77,6 +86,11 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("enroll_request", enroll_request),
     ("bearer_token", bearer_token),
     ("relay_metadata", relay_metadata),
+    ("agent_stream", agent_stream),
+    ("rpc_response", rpc_response),
+    ("tcp_answer", tcp_answer),
+    ("command_report", command_report),
+    ("probe_answer", probe_answer),
 ];
 
 /// The identity the CSR targets check requests against (and enrollment tokens are for).
@@ -376,6 +390,287 @@ fn on_stream_message(msg: &Message) {
     for v in headers.values() {
         let _ = tether_runtime::grpc::parse_grpc_timeout(v);
     }
+}
+
+// === The stream machines ===
+
+/// The first byte of a stream-machine input: how the reads split the rest (`1 + (b & 0x3f)`
+/// bytes each, times 64 when bit 6 is set) and how the peer ends its half (bit 7: a reset,
+/// otherwise FIN).
+struct Schedule {
+    split: usize,
+    reset: bool,
+}
+
+fn schedule(data: &[u8]) -> Option<(Schedule, &[u8])> {
+    let (&b, rest) = data.split_first()?;
+    let mut split = 1 + usize::from(b & 0x3f);
+    if b & 0x40 != 0 {
+        split *= 64;
+    }
+    Some((
+        Schedule {
+            split,
+            reset: b & 0x80 != 0,
+        },
+        rest,
+    ))
+}
+
+/// Feeds `chunks`, then the end `s` says, to `r`: no event after the final one, exactly one
+/// final event by the end, at most one stop. The events, in order.
+fn drive<R: RecvHalf>(
+    r: &mut R,
+    chunks: &mut dyn Iterator<Item = Bytes>,
+    s: &Schedule,
+    is_final: fn(&R::Event) -> bool,
+) -> Vec<R::Event> {
+    let mut events: Vec<R::Event> = Vec::new();
+    let mut stops = 0;
+    let mut collect = |r: &mut R, events: &mut Vec<R::Event>| {
+        while let Some(e) = r.poll_event() {
+            assert!(!events.iter().any(is_final), "an event after the final one");
+            events.push(e);
+        }
+        stops += std::iter::from_fn(|| r.poll_stop()).count();
+    };
+    for c in chunks {
+        r.handle_input(c);
+        collect(r, &mut events);
+    }
+    if s.reset {
+        r.handle_reset(tunnel_proto::ErrorCode::CANCELLED);
+    } else {
+        r.handle_fin();
+    }
+    collect(r, &mut events);
+    assert!(stops <= 1, "stopped {stops} times");
+    assert_eq!(
+        events.iter().filter(|e| is_final(e)).count(),
+        1,
+        "not exactly one final event once the stream ended"
+    );
+    events
+}
+
+/// Everything a send half has queued; none of it after its FIN or reset.
+fn drain_transmits(s: &mut dyn SendHalf) {
+    let mut closed = false;
+    while let Some(t) = s.poll_transmit() {
+        assert!(!closed, "a transmit after FIN or reset: {t:?}");
+        closed = !matches!(t, Transmit::Bytes(_));
+    }
+}
+
+fn chunks<'a>(data: &'a [u8], s: &Schedule) -> impl Iterator<Item = Bytes> + 'a {
+    data.chunks(s.split).map(Bytes::copy_from_slice)
+}
+
+/// The bytes of a gateway-opened stream (see [`schedule`] for the first byte) into the agent's
+/// machines: [`Incoming`] until the header, then the machine it hands the stream to (a relayed
+/// call's request half, a TCP stream, a command delivery with a 4 KiB payload limit), each read
+/// going to whichever is current, as the agent's IO does. Exactly one final event from each,
+/// no payload above its limit, no panic. Accepted: a stream to serve (or a probe) whose machine
+/// ended without a failure.
+pub fn agent_stream(data: &[u8]) -> Outcome {
+    let Some((s, rest)) = schedule(data) else {
+        return Outcome::Refused;
+    };
+    let mut reads = chunks(rest, &s);
+    let mut incoming = Incoming::with_max_command_payload(4096);
+    let mut first = None;
+    for c in reads.by_ref() {
+        incoming.handle_input(c);
+        drain_transmits(&mut incoming);
+        if let Some(e) = incoming.poll_event() {
+            assert!(incoming.poll_event().is_none(), "two events from Incoming");
+            first = Some(e);
+            break;
+        }
+    }
+    let Some(first) = first else {
+        drive(&mut incoming, &mut reads, &s, |_| true);
+        drain_transmits(&mut incoming);
+        return Outcome::Refused;
+    };
+    let accepted = match first {
+        IncomingEvent::Accepted(a) => *a,
+        IncomingEvent::Probed => return Outcome::Accepted,
+        IncomingEvent::Unsupported(_) | IncomingEvent::Failed(_) => return Outcome::Refused,
+    };
+    match accepted {
+        Accepted::Rpc {
+            mut request,
+            mut response,
+            ..
+        } => {
+            let events = drive(&mut request, &mut reads, &s, |e| {
+                !matches!(e, RequestEvent::Data(_))
+            });
+            let _ = response.trailers(tunnel_proto::message::Trailers::status(0, ""));
+            drain_transmits(&mut response);
+            matches!(events.last(), Some(RequestEvent::Finished)).into()
+        }
+        Accepted::Command(mut c) => {
+            let events = drive(&mut c, &mut reads, &s, |_| true);
+            let ok = match events.last() {
+                Some(PayloadEvent::Payload(p)) => {
+                    assert!(p.len() <= 4096, "a payload above the agent's limit");
+                    c.ack().expect("ack after the payload");
+                    c.progress("fuzz".into()).expect("progress after the ack");
+                    c.result(true, Bytes::from_static(b"out"), String::new())
+                        .expect("result after the ack");
+                    true
+                }
+                _ => {
+                    assert!(c.ack().is_err(), "ack of a delivery that failed");
+                    false
+                }
+            };
+            drain_transmits(&mut c);
+            ok.into()
+        }
+        Accepted::Tcp(mut t) => {
+            t.accept().expect("the first answer");
+            assert!(t.accept().is_err(), "a second answer");
+            let Ok((mut send, mut recv)) = t.into_raw() else {
+                panic!("accepted, yet not open");
+            };
+            let events = drive(&mut recv, &mut reads, &s, |e| {
+                !matches!(e, TcpEvent::Data(_))
+            });
+            let _ = send.finish();
+            drain_transmits(&mut send);
+            matches!(events.last(), Some(TcpEvent::Finished)).into()
+        }
+    }
+}
+
+/// The agent's answer to a relayed call (see [`schedule`] for the first byte) into the
+/// gateway's response half: one final event, a head at most once and before any body, no
+/// panic. Accepted: the call ended with trailers.
+pub fn rpc_response(data: &[u8]) -> Outcome {
+    let Some((s, rest)) = schedule(data) else {
+        return Outcome::Refused;
+    };
+    let mut r = ResponseRecv::new();
+    let events = drive(&mut r, &mut chunks(rest, &s), &s, |e| {
+        matches!(e, ResponseEvent::Trailers(_) | ResponseEvent::Failed(_))
+    });
+    let heads: Vec<usize> = (0..events.len())
+        .filter(|&i| matches!(events[i], ResponseEvent::Head(_)))
+        .collect();
+    assert!(heads.len() <= 1, "two heads");
+    if let Some(d) = events
+        .iter()
+        .position(|e| matches!(e, ResponseEvent::Data(_)))
+    {
+        assert!(
+            heads.first().is_some_and(|&h| h < d),
+            "body before the head"
+        );
+    }
+    matches!(events.last(), Some(ResponseEvent::Trailers(_))).into()
+}
+
+/// The agent's answer on a TCP stream (see [`schedule`] for the first byte) into the
+/// gateway's machine: one final event, `Opened` at most once and before any bytes, which are
+/// exactly what followed the answer. Accepted: opened.
+pub fn tcp_answer(data: &[u8]) -> Outcome {
+    let Some((s, rest)) = schedule(data) else {
+        return Outcome::Refused;
+    };
+    let mut t = GatewayTcp::new("db".into());
+    drain_transmits(&mut t);
+    let events = drive(&mut t, &mut chunks(rest, &s), &s, |e| {
+        !matches!(e, TcpEvent::Opened | TcpEvent::Data(_))
+    });
+    let opened = events.iter().position(|e| *e == TcpEvent::Opened);
+    let bytes: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match e {
+            TcpEvent::Data(b) => Some(b.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    match opened {
+        Some(0) => {
+            // The answer was one whole frame at the start; the rest is the service's.
+            let (_, used) = decode_frame(rest, tunnel_proto::frame::MAX_STREAM_FRAME)
+                .expect("the answer decoded")
+                .expect("the answer was whole");
+            assert_eq!(bytes, &rest[used..], "raw bytes lost or changed");
+        }
+        Some(i) => panic!("Opened as event {i}"),
+        None => assert!(bytes.is_empty(), "bytes before the answer"),
+    }
+    drain_transmits(&mut t);
+    opened.is_some().into()
+}
+
+/// The agent's report of a command (see [`schedule`] for the first byte; the limit on its
+/// output is the second byte times 16) into the gateway's delivery: one final event, never an
+/// output above the limit. Accepted: a result.
+pub fn command_report(data: &[u8]) -> Outcome {
+    let Some((s, rest)) = schedule(data) else {
+        return Outcome::Refused;
+    };
+    let Some((&limit, rest)) = rest.split_first() else {
+        return Outcome::Refused;
+    };
+    let max_output = u64::from(limit) * 16;
+    let mut c = GatewayCommand::new(
+        "c-1".into(),
+        "fuzz".into(),
+        String::new(),
+        Bytes::from_static(b"payload"),
+        max_output,
+    );
+    drain_transmits(&mut c);
+    let events = drive(&mut c, &mut chunks(rest, &s), &s, |e| {
+        !matches!(
+            e,
+            ReportEvent::Acked | ReportEvent::Progress(_) | ReportEvent::OutputStarted
+        )
+    });
+    let mut finished = false;
+    for e in &events {
+        match e {
+            ReportEvent::Finished {
+                output, message, ..
+            } => {
+                assert!(output.len() as u64 <= max_output, "output above the limit");
+                assert!(message.len() <= tunnel_proto::message::COMMAND_MESSAGE_MAX);
+                finished = true;
+            }
+            ReportEvent::Progress(line) => {
+                assert!(line.len() <= tunnel_proto::message::COMMAND_PROGRESS_LINE_MAX);
+            }
+            _ => {}
+        }
+    }
+    finished.into()
+}
+
+/// The agent's answer to a probe (see [`schedule`] for the first byte) into the gateway's
+/// probe: one final event; answered only by an `ok` `OpenResult` first. Accepted: answered.
+pub fn probe_answer(data: &[u8]) -> Outcome {
+    let Some((s, rest)) = schedule(data) else {
+        return Outcome::Refused;
+    };
+    let mut p = GatewayProbe::new();
+    drain_transmits(&mut p);
+    let events = drive(&mut p, &mut chunks(rest, &s), &s, |_| true);
+    let answered = events.first() == Some(&ProbeEvent::Answered);
+    if answered {
+        let first = decode_frame(rest, tunnel_proto::stream::probe::MAX_ANSWER_FRAME);
+        assert!(
+            matches!(&first, Ok(Some((Message::OpenResult(r), _))) if r.ok),
+            "answered by {first:?}"
+        );
+    }
+    answered.into()
 }
 
 // === Enrollment ===

@@ -8,7 +8,8 @@
 
 use crate::transport::{RecvStream, SendStream};
 use bytes::Bytes;
-use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME, data_header};
+use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME};
+use tunnel_proto::stream::{RecvHalf, SendHalf, Transmit};
 use tunnel_proto::{ErrorCode, Message, ProtoError};
 
 /// Why a stream operation failed. [`StreamError::close_code`] and [`StreamError::tls_alert`]
@@ -196,14 +197,109 @@ pub async fn send_msg(send: &mut SendStream, msg: &Message) -> Result<(), Stream
     send.write_all(&msg.to_bytes()).await
 }
 
-/// Writes body bytes as `Data` frames, without copying the payload.
-pub async fn send_data(send: &mut SendStream, mut data: Bytes) -> Result<(), StreamError> {
-    while !data.is_empty() {
-        let chunk = data.split_to(data.len().min(MAX_DATA_FRAME));
-        let mut parts = [data_header(chunk.len()), chunk];
-        // write_all_chunks only fails with the stream's error; it never writes partially and
-        // reports success.
-        send.write_all_chunks(&mut parts).await?;
+// === Driving the stream machines (`tunnel_proto::stream`) ===
+
+/// Writes everything a machine's send half has queued, in order: consecutive bytes in one
+/// gathered write, then its FIN or reset. `Err` when the stream could not take the bytes (the
+/// peer stopped it, the connection is gone).
+pub async fn flush<S: SendHalf + ?Sized>(
+    send: &mut SendStream,
+    half: &mut S,
+) -> Result<(), StreamError> {
+    let mut batch: Vec<Bytes> = Vec::new();
+    while let Some(t) = half.poll_transmit() {
+        match t {
+            Transmit::Bytes(b) => batch.push(b),
+            Transmit::Finish => {
+                write_batch(send, &mut batch).await?;
+                send.finish()?;
+            }
+            Transmit::Reset(code) => {
+                batch.clear();
+                send.reset(code);
+            }
+        }
     }
-    Ok(())
+    write_batch(send, &mut batch).await
+}
+
+async fn write_batch(send: &mut SendStream, batch: &mut Vec<Bytes>) -> Result<(), StreamError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let r = send.write_all_chunks(batch).await;
+    batch.clear();
+    r
+}
+
+/// A stream's receiving half read through a machine: what comes in goes to the machine, its
+/// events come out, and a stop it asks for goes to the peer.
+#[derive(Debug)]
+pub struct Reader<R> {
+    recv: RecvStream,
+    half: R,
+    /// The transport reported FIN or a reset: nothing more is read.
+    ended: bool,
+}
+
+impl<R: RecvHalf> Reader<R> {
+    /// Reads `recv` into `half`.
+    pub fn new(recv: RecvStream, half: R) -> Self {
+        Reader {
+            recv,
+            half,
+            ended: false,
+        }
+    }
+
+    /// The machine's next event, reading as much as it needs. `Err` when the transport failed
+    /// otherwise than by a reset (which the machine reports), or when called again after the
+    /// stream ended without an event. Cancel-safe: bytes read are handed to the machine before
+    /// anything else can happen.
+    pub async fn next(&mut self) -> Result<R::Event, StreamError> {
+        loop {
+            let event = self.half.poll_event();
+            self.apply_stop();
+            if let Some(e) = event {
+                return Ok(e);
+            }
+            if self.ended {
+                return Err(StreamError::Unusable {
+                    what: "read after the stream ended",
+                });
+            }
+            match self.recv.read_chunk(MAX_DATA_FRAME).await {
+                Ok(Some(chunk)) => self.half.handle_input(chunk),
+                Ok(None) => {
+                    self.ended = true;
+                    self.half.handle_fin();
+                }
+                Err(StreamError::Reset(code)) => {
+                    self.ended = true;
+                    self.half.handle_reset(code);
+                }
+                Err(e) => {
+                    self.ended = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// The machine, to cancel or query it; call [`Reader::apply_stop`] after a cancel.
+    pub fn half_mut(&mut self) -> &mut R {
+        &mut self.half
+    }
+
+    /// Sends the stop the machine asks for, if any.
+    pub fn apply_stop(&mut self) {
+        while let Some(code) = self.half.poll_stop() {
+            self.recv.stop(code);
+        }
+    }
+
+    /// The stream and the machine, to continue with another machine (a TCP stream once open).
+    pub fn into_parts(self) -> (RecvStream, R) {
+        (self.recv, self.half)
+    }
 }

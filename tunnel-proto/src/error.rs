@@ -42,6 +42,17 @@ pub enum ProtoError {
         /// Versions this side speaks.
         ours: Vec<u32>,
     },
+    /// What a stream carries in several frames (a command's payload or output) adds up to more
+    /// than the receiver takes; nothing beyond the limit was buffered.
+    #[error("{what} of at least {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// What grew too large.
+        what: &'static str,
+        /// Bytes it would have had with the frame that crossed the limit.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({buffered} bytes buffered)")]
     Truncated {
@@ -54,7 +65,9 @@ impl ProtoError {
     /// The close code to send when this error ends a stream or a connection.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ProtoError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+            ProtoError::FrameTooLarge { .. } | ProtoError::TooLarge { .. } => {
+                ErrorCode::FRAME_TOO_LARGE
+            }
             ProtoError::NoCommonVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,
             _ => ErrorCode::PROTOCOL_ERROR,
         }

@@ -15,6 +15,10 @@ pub const HEADER_LEN: usize = 5;
 /// (with room for trailers and heads, which are smaller).
 pub const MAX_DATA_FRAME: usize = 64 * 1024;
 
+/// Largest frame payload accepted on a gateway-opened stream: a full `Data` frame, or a head,
+/// trailers or header with room for their metadata.
+pub const MAX_STREAM_FRAME: usize = MAX_DATA_FRAME + 64 * 1024;
+
 /// The 5-byte header of a `Data` frame of `len` bytes, so callers can send the payload without
 /// copying it (`write_all_chunks([header, payload])`).
 pub fn data_header(len: usize) -> Bytes {

@@ -5,6 +5,10 @@
 //! reads, and partitions during which bytes are held back and then delivered late, in order.
 //! Time only moves when [`Pair::step`] jumps to the next delivery or timer; nothing reads a clock
 //! except [`Pair::new`], once, to get a base `Instant`.
+//!
+//! The other streams' machines ([`crate::stream`]) meet over a [`stream::StreamLink`].
+
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

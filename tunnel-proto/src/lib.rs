@@ -16,10 +16,13 @@
 //! - [`message`]: the versioned messages (protobuf encoded, so fields can be added compatibly);
 //! - [`session`]: the control-stream state machines, [`AgentSession`] and [`GatewaySession`],
 //!   and the [`Session`] face they share;
+//! - [`stream`]: the protocols of the other streams (relayed calls, TCP streams, command
+//!   deliveries, probes), one small machine per kind and side;
 //! - [`identity`]: the SPIFFE identity URIs agents and control-plane callers carry;
 //! - [`backoff`]: capped exponential backoff with full jitter for reconnects;
 //! - [`error`]: [`ProtoError`] and the connection/stream close codes [`ErrorCode`];
-//! - [`harness`]: an in-memory agent/gateway pair with a simulated clock, for tests.
+//! - [`harness`]: an in-memory agent/gateway pair with a simulated clock, and a simulated
+//!   stream between two stream machines ([`harness::stream`]), for tests.
 #![warn(missing_docs)]
 
 pub mod backoff;
@@ -29,6 +32,7 @@ pub mod harness;
 pub mod identity;
 pub mod message;
 pub mod session;
+pub mod stream;
 
 pub use backoff::Backoff;
 pub use error::{ErrorCode, ProtoError};

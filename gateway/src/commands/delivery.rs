@@ -12,13 +12,10 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use tether_api::v1;
 use tether_api::v1::{Command, CommandState};
-use tether_runtime::stream::{FramedRecv, StreamError, send_data, send_msg};
-use tether_runtime::transport::SendStream;
-use tunnel_proto::message::{
-    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, MetadataEntry, StreamHeader, StreamKind,
-    truncate_text,
-};
-use tunnel_proto::{AgentId, ErrorCode, Message};
+use tether_runtime::stream::{Reader, StreamError, flush};
+use tunnel_proto::stream::StreamFailure;
+use tunnel_proto::stream::command::{GatewayCommand, ReportEvent};
+use tunnel_proto::{AgentId, ErrorCode, ProtoError};
 
 use super::{Commands, LANE_RECHECK, LaneKey, now_ts, push_progress, since};
 use crate::tunnel::registry::SessionInfo;
@@ -46,6 +43,9 @@ pub enum DeliveryError {
     /// The agent sent a frame that has no place on a command stream.
     #[error("agent sent {0} on a command stream")]
     Unexpected(&'static str),
+    /// The command stream failed otherwise, as its machine reports it.
+    #[error("the command stream failed: {0}")]
+    Stream(StreamFailure),
 }
 
 /// An agent's delivery permits.
@@ -291,9 +291,11 @@ impl Commands {
             // The embedded store applies writes in call order; no need to wait here.
             drop(written);
         }
-        self.send_command(&mut send, cmd).await?;
-        let _ = send.finish();
-        self.read_outcome(session, id, FramedRecv::relay(recv), outputs)
+        let mut delivery = self.delivery(cmd);
+        flush(&mut send, &mut delivery)
+            .await
+            .map_err(DeliveryError::Send)?;
+        self.read_outcome(session, id, Reader::new(recv, delivery), outputs)
             .await
     }
 
@@ -348,30 +350,15 @@ impl Commands {
         Some((cmd, written))
     }
 
-    /// Writes the command's header and payload.
-    async fn send_command(&self, send: &mut SendStream, cmd: Command) -> Result<(), DeliveryError> {
-        let header = StreamHeader {
-            kind: StreamKind::Command as i32,
-            service: cmd.kind.clone(),
-            id: cmd.id.clone(),
-            metadata: vec![
-                MetadataEntry {
-                    key: "content-type".into(),
-                    value: cmd.content_type.clone().into_bytes(),
-                },
-                MetadataEntry {
-                    key: COMMAND_MAX_OUTPUT_KEY.into(),
-                    value: self.cfg.max_output.to_string().into_bytes(),
-                },
-            ],
-            ..Default::default()
-        };
-        send_msg(send, &Message::StreamHeader(header))
-            .await
-            .map_err(DeliveryError::Send)?;
-        send_data(send, Bytes::from(cmd.payload))
-            .await
-            .map_err(DeliveryError::Send)
+    /// The command's delivery: header, payload and FIN queued, the agent's report to read.
+    fn delivery(&self, cmd: Command) -> GatewayCommand {
+        GatewayCommand::new(
+            cmd.id,
+            cmd.kind,
+            cmd.content_type,
+            Bytes::from(cmd.payload),
+            self.cfg.max_output,
+        )
     }
 
     /// Reads the agent's answer up to its result, recording each step; `Ok` once the command
@@ -380,19 +367,13 @@ impl Commands {
         &self,
         session: &SessionInfo,
         id: &str,
-        mut framed: FramedRecv,
+        mut reader: Reader<GatewayCommand>,
         outputs: &Arc<tokio::sync::Semaphore>,
     ) -> Result<(), DeliveryError> {
-        let mut output = Vec::new();
         let mut buffering = None;
         loop {
-            let msg = match framed.next().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Err(DeliveryError::NoResult),
-                Err(e) => return Err(DeliveryError::Read(e)),
-            };
-            match msg {
-                Message::CommandAck(_) => {
+            match reader.next().await.map_err(DeliveryError::Read)? {
+                ReportEvent::Acked => {
                     let mut st = self.lock();
                     let cmd = st.transition(id, CommandState::Running, |c| {
                         if c.started.is_none() {
@@ -403,23 +384,17 @@ impl Commands {
                         drop(self.persist(c));
                     }
                 }
-                Message::CommandProgress(p) => {
+                ReportEvent::Progress(line) => {
                     // Progress is for display: not written on its own (a chatty handler would
                     // rewrite the whole record per line); the final record carries the last lines.
                     self.lock().transition(id, CommandState::Running, |c| {
                         if c.started.is_none() {
                             c.started = Some(now_ts());
                         }
-                        push_progress(&mut c.progress, p.message);
+                        push_progress(&mut c.progress, line);
                     });
                 }
-                Message::Data(b) => {
-                    if (output.len() + b.len()) as u64 > self.cfg.max_output {
-                        framed.stop(ErrorCode::FRAME_TOO_LARGE);
-                        self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
-                            .await;
-                        return Ok(());
-                    }
+                ReportEvent::OutputStarted => {
                     if buffering.is_none() {
                         // Until a buffer is free this stream is not read: the agent waits.
                         match outputs.clone().acquire_owned().await {
@@ -427,21 +402,23 @@ impl Commands {
                             Err(_) => return Err(DeliveryError::ShuttingDown),
                         }
                     }
-                    output.extend_from_slice(&b);
                 }
-                Message::CommandResult(mut r) => {
-                    if (output.len() + r.output.len()) as u64 > self.cfg.max_output {
-                        self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
-                            .await;
-                        return Ok(());
-                    }
-                    output.extend_from_slice(&r.output);
-                    truncate_text(&mut r.message, COMMAND_MESSAGE_MAX);
-                    self.finish(id, r.succeeded, output, r.message).await;
+                ReportEvent::Finished {
+                    succeeded,
+                    output,
+                    message,
+                } => {
+                    self.finish(id, succeeded, output, message).await;
+                    return Ok(());
+                }
+                // The machine stopped a stream whose `Data` went above the limit.
+                ReportEvent::OutputTooLarge { .. } => {
+                    self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
+                        .await;
                     return Ok(());
                 }
                 // An agent without command support answers like a relay stream.
-                Message::Trailers(_) => {
+                ReportEvent::Unsupported => {
                     self.finish(
                         id,
                         false,
@@ -451,9 +428,22 @@ impl Commands {
                     .await;
                     return Ok(());
                 }
-                other => {
-                    framed.stop(ErrorCode::PROTOCOL_ERROR);
-                    return Err(DeliveryError::Unexpected(other.name()));
+                ReportEvent::Failed(StreamFailure::Ended { .. }) => {
+                    return Err(DeliveryError::NoResult);
+                }
+                // The machine stopped the stream (PROTOCOL_ERROR).
+                ReportEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
+                    got,
+                    ..
+                })) => return Err(DeliveryError::Unexpected(got)),
+                ReportEvent::Failed(StreamFailure::Reset(code)) => {
+                    return Err(DeliveryError::Read(StreamError::Reset(code)));
+                }
+                ReportEvent::Failed(StreamFailure::Protocol(e)) => {
+                    return Err(DeliveryError::Read(StreamError::Protocol(e)));
+                }
+                ReportEvent::Failed(other) => {
+                    return Err(DeliveryError::Stream(other));
                 }
             }
         }

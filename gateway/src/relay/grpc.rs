@@ -33,12 +33,14 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
-use tether_runtime::stream::{FramedRecv, send_data};
+use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::SendStream;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
+use tunnel_proto::ProtoError;
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
-use tunnel_proto::{ErrorCode, Message};
+use tunnel_proto::stream::StreamFailure;
+use tunnel_proto::stream::rpc::{self, RequestSend, ResponseEvent, ResponseRecv};
 
 use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
 use crate::northbound::auth::Caller;
@@ -137,7 +139,8 @@ async fn relay_call(
         trace_context,
         id: String::new(),
     };
-    let opened = relay.open(&agent, header, deadline).await;
+    let (mut request, response) = rpc::open(header);
+    let opened = relay.open(&agent, &mut request, deadline).await;
     if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
         *tenant = Some(agent.tenant().to_owned());
     }
@@ -145,30 +148,31 @@ async fn relay_call(
     let tenant = agent.tenant().to_owned();
     let active = ActiveGuard::new(RelayKind::Grpc, permit);
     let cancel = CancellationToken::new();
-    tokio::spawn(pump_request(req.into_body(), send, cancel.clone()));
+    tokio::spawn(pump_request(req.into_body(), send, request, cancel.clone()));
 
-    let mut framed = FramedRecv::relay(recv);
+    let mut reader = Reader::new(recv, response);
     let first = match deadline {
-        Some(d) => match tokio::time::timeout_at(d.into(), framed.next()).await {
+        Some(d) => match tokio::time::timeout_at(d.into(), reader.next()).await {
             Ok(r) => r,
             Err(_) => {
-                framed.stop(ErrorCode::CANCELLED);
+                reader.half_mut().cancel();
+                reader.apply_stop();
                 cancel.cancel();
                 return Err(Status::deadline_exceeded(
                     "deadline exceeded waiting for the upstream's response",
                 ));
             }
         },
-        None => framed.next().await,
+        None => reader.next().await,
     };
     let mut resp = Response::new(axum::body::Body::empty());
     match first {
-        Ok(Some(Message::ResponseHead(head))) => {
+        Ok(ResponseEvent::Head(head)) => {
             *resp.status_mut() =
                 http::StatusCode::from_u16(head.status as u16).unwrap_or(http::StatusCode::OK);
             grpc::metadata_to_headers(&head.metadata, resp.headers_mut());
         }
-        Ok(Some(Message::Trailers(t))) => {
+        Ok(ResponseEvent::Trailers(t)) => {
             // Trailers-only: the call failed before any response (or had no body).
             cancel.cancel();
             record_end(&tenant, code_of(&t));
@@ -178,25 +182,41 @@ async fn relay_call(
                 .or_insert(HeaderValue::from_static("application/grpc"));
             return Ok(resp);
         }
-        Ok(Some(other)) => {
-            framed.stop(ErrorCode::PROTOCOL_ERROR);
+        Ok(ResponseEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
+            got, ..
+        }))) => {
+            // The machine stopped the stream (PROTOCOL_ERROR).
+            reader.apply_stop();
             cancel.cancel();
             return Err(Status::internal(format!(
-                "agent {agent} sent {} before the response head",
-                other.name()
+                "agent {agent} sent {got} before the response head"
             )));
         }
-        Ok(None) | Err(_) => {
+        Ok(ResponseEvent::Failed(StreamFailure::Ended { .. })) => {
             cancel.cancel();
-            let why = first
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "stream ended".into());
-            return Err(Status::unavailable(format!("agent {agent}: {why}")));
+            return Err(Status::unavailable(format!("agent {agent}: stream ended")));
+        }
+        // The machine never gives a body before the head; should it, this is what it means.
+        Ok(ResponseEvent::Data(_)) => {
+            reader.half_mut().cancel();
+            reader.apply_stop();
+            cancel.cancel();
+            return Err(Status::internal(format!(
+                "agent {agent} sent Data before the response head"
+            )));
+        }
+        Ok(ResponseEvent::Failed(e)) => {
+            reader.apply_stop();
+            cancel.cancel();
+            return Err(Status::unavailable(format!("agent {agent}: {e}")));
+        }
+        Err(e) => {
+            cancel.cancel();
+            return Err(Status::unavailable(format!("agent {agent}: {e}")));
         }
     }
     let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(pump_response(framed, tx, deadline, cancel, tenant, active));
+    tokio::spawn(pump_response(reader, tx, deadline, cancel, tenant, active));
     *resp.body_mut() = axum::body::Body::new(http_body_util::StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     ));
@@ -233,40 +253,42 @@ impl Drop for ActiveGuard {
 
 /// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
 /// caller's body fails (the caller went away) or the call is cancelled.
-async fn pump_request(mut body: axum::body::Body, mut send: SendStream, cancel: CancellationToken) {
+async fn pump_request(
+    mut body: axum::body::Body,
+    mut send: SendStream,
+    mut request: RequestSend,
+    cancel: CancellationToken,
+) {
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
-            _ = cancel.cancelled() => {
-                send.reset(ErrorCode::CANCELLED);
-                return;
-            }
+            _ = cancel.cancelled() => break,
             _ = send.stopped() => return,
         };
         match frame {
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     count_relayed_bytes(Direction::ToAgent, data.len());
-                    if send_data(&mut send, data).await.is_err() {
+                    let _ = request.data(data);
+                    if flush(&mut send, &mut request).await.is_err() {
                         return;
                     }
                 }
             }
-            Some(Err(_)) => {
-                send.reset(ErrorCode::CANCELLED);
-                return;
-            }
+            Some(Err(_)) => break,
             None => {
-                let _ = send.finish();
+                let _ = request.finish();
+                let _ = flush(&mut send, &mut request).await;
                 // Stay until the call ends so a later cancellation can still reset.
                 tokio::select! {
-                    _ = cancel.cancelled() => { send.reset(ErrorCode::CANCELLED); }
-                    _ = send.stopped() => {}
+                    _ = cancel.cancelled() => break,
+                    _ = send.stopped() => return,
                 }
-                return;
             }
         }
     }
+    request.cancel();
+    let _ = flush(&mut send, &mut request).await;
 }
 
 fn status_trailers(code: Code, msg: &str) -> HeaderMap {
@@ -278,7 +300,7 @@ fn status_trailers(code: Code, msg: &str) -> HeaderMap {
 /// Agent → caller: `Data` frames as body chunks, `Trailers` as HTTP/2 trailers. Ends the call
 /// with a status of its own when the agent's stream breaks or the deadline passes.
 async fn pump_response(
-    mut framed: FramedRecv,
+    mut reader: Reader<ResponseRecv>,
     tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     deadline: Option<Instant>,
     cancel: CancellationToken,
@@ -287,31 +309,51 @@ async fn pump_response(
 ) {
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let deadline = deadline.unwrap_or(far);
-    let end = |code: Code, framed: &mut FramedRecv, cancel: &CancellationToken| {
-        framed.stop(ErrorCode::CANCELLED);
+    let end = |code: Code, reader: &mut Reader<ResponseRecv>, cancel: &CancellationToken| {
+        reader.half_mut().cancel();
+        reader.apply_stop();
         cancel.cancel();
         record_end(&tenant, code);
     };
     loop {
-        let msg = tokio::select! {
-            m = framed.next() => m,
+        let event = tokio::select! {
+            e = reader.next() => e,
             _ = tokio::time::sleep_until(deadline.into()) => {
-                end(Code::DeadlineExceeded, &mut framed, &cancel);
+                end(Code::DeadlineExceeded, &mut reader, &cancel);
                 let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::DeadlineExceeded, "deadline exceeded")))).await;
                 return;
             }
             _ = tx.closed() => {
                 // The caller went away: cancel end to end.
-                end(Code::Cancelled, &mut framed, &cancel);
+                end(Code::Cancelled, &mut reader, &cancel);
                 return;
             }
         };
-        let frame = match msg {
-            Ok(Some(Message::Data(b))) => {
+        let (code, why) = match event {
+            Ok(ResponseEvent::Data(b)) => {
                 count_relayed_bytes(Direction::FromAgent, b.len());
-                Frame::data(b)
+                let sent = tokio::select! {
+                    r = tx.send(Ok(Frame::data(b))) => r.is_ok(),
+                    _ = tokio::time::sleep_until(deadline.into()) => false,
+                };
+                if sent {
+                    continue;
+                }
+                let code = if Instant::now() >= deadline {
+                    Code::DeadlineExceeded
+                } else {
+                    Code::Cancelled
+                };
+                end(code, &mut reader, &cancel);
+                if code == Code::DeadlineExceeded {
+                    let _ = tx.try_send(Ok(Frame::trailers(status_trailers(
+                        code,
+                        "deadline exceeded",
+                    ))));
+                }
+                return;
             }
-            Ok(Some(Message::Trailers(t))) => {
+            Ok(ResponseEvent::Trailers(t)) => {
                 record_end(&tenant, code_of(&t));
                 let mut h = HeaderMap::new();
                 grpc::metadata_to_headers(&t.metadata, &mut h);
@@ -319,46 +361,32 @@ async fn pump_response(
                 cancel.cancel();
                 return;
             }
-            Ok(other) => {
-                let what = other.map_or("end of stream", |m| m.name());
-                end(Code::Internal, &mut framed, &cancel);
-                let msg = format!("agent stream ended unexpectedly ({what})");
-                let _ = tx
-                    .send(Ok(Frame::trailers(status_trailers(Code::Internal, &msg))))
-                    .await;
-                return;
+            Ok(ResponseEvent::Failed(StreamFailure::Ended { .. })) => (
+                Code::Internal,
+                "agent stream ended unexpectedly (end of stream)".to_owned(),
+            ),
+            Ok(ResponseEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
+                got,
+                ..
+            }))) => (
+                Code::Internal,
+                format!("agent stream ended unexpectedly ({got})"),
+            ),
+            // The machine refuses a second head; should it not, this is what it means.
+            Ok(ResponseEvent::Head(_)) => (
+                Code::Internal,
+                "agent stream ended unexpectedly (ResponseHead)".to_owned(),
+            ),
+            Ok(ResponseEvent::Failed(e)) => {
+                (Code::Unavailable, format!("agent stream failed: {e}"))
             }
-            Err(e) => {
-                end(Code::Unavailable, &mut framed, &cancel);
-                let msg = format!("agent stream failed: {e}");
-                let _ = tx
-                    .send(Ok(Frame::trailers(status_trailers(
-                        Code::Unavailable,
-                        &msg,
-                    ))))
-                    .await;
-                return;
-            }
+            Err(e) => (Code::Unavailable, format!("agent stream failed: {e}")),
         };
-        let sent = tokio::select! {
-            r = tx.send(Ok(frame)) => r.is_ok(),
-            _ = tokio::time::sleep_until(deadline.into()) => false,
-        };
-        if !sent {
-            let code = if Instant::now() >= deadline {
-                Code::DeadlineExceeded
-            } else {
-                Code::Cancelled
-            };
-            end(code, &mut framed, &cancel);
-            if code == Code::DeadlineExceeded {
-                let _ = tx.try_send(Ok(Frame::trailers(status_trailers(
-                    code,
-                    "deadline exceeded",
-                ))));
-            }
-            return;
-        }
+        end(code, &mut reader, &cancel);
+        let _ = tx
+            .send(Ok(Frame::trailers(status_trailers(code, &why))))
+            .await;
+        return;
     }
 }
 

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
-use tether_runtime::stream::{StreamError, send_msg};
+use tether_runtime::stream::{StreamError, flush};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
-use tunnel_proto::message::StreamHeader;
-use tunnel_proto::{AgentId, Message};
+use tunnel_proto::AgentId;
+use tunnel_proto::stream::SendHalf;
 
 use crate::metrics::RelayKind;
 use crate::northbound::auth::Caller;
@@ -156,13 +156,13 @@ impl Relay {
         Ok((agent, service))
     }
 
-    /// Opens a stream of `kind` to one of `agent`'s sessions and sends its header. The permit
-    /// counts the stream against `limits.streams_per_agent` until dropped: keep it as long as
-    /// the stream lives.
-    pub async fn open(
+    /// Opens a stream to one of `agent`'s sessions and writes what `machine` queued (its
+    /// header). The permit counts the stream against `limits.streams_per_agent` until dropped:
+    /// keep it as long as the stream lives.
+    pub async fn open<S: SendHalf + ?Sized>(
         &self,
         agent: &AgentId,
-        header: StreamHeader,
+        machine: &mut S,
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let session = self.pick(agent)?;
@@ -188,7 +188,7 @@ impl Relay {
                 }
                 Err(_) => return Err(RelayError::NoFreeStream(agent.clone())),
             };
-        send_msg(&mut send, &Message::StreamHeader(header))
+        flush(&mut send, machine)
             .await
             .map_err(|source| RelayError::Header {
                 agent: agent.clone(),

@@ -9,13 +9,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tether_api::v1::StreamChunk;
 use tether_api::v1::streams_server::{Streams, StreamsServer};
-use tether_runtime::stream::FramedRecv;
+use tether_runtime::stream::{Reader, flush};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tunnel_proto::message::{StreamHeader, StreamKind};
-use tunnel_proto::{ErrorCode, Message};
+use tunnel_proto::stream::StreamFailure;
+use tunnel_proto::stream::tcp::{GatewayTcp, TcpEvent};
+use tunnel_proto::{ErrorCode, ProtoError};
 
 use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
 use crate::relay::{Relay, record_call, record_first_byte};
@@ -41,9 +43,6 @@ impl StreamsApi {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, Status>> + Send>>;
 
-/// Bytes per response message.
-const CHUNK: usize = 64 * 1024;
-
 #[tonic::async_trait]
 impl Streams for StreamsApi {
     type OpenStream = ChunkStream;
@@ -57,31 +56,49 @@ impl Streams for StreamsApi {
         let (agent, service) = self
             .relay
             .route(&headers, &caller, "tether.v1.Streams/Open")?;
-        let header = StreamHeader {
-            kind: StreamKind::Tcp as i32,
-            service,
-            ..Default::default()
-        };
+        let mut machine = GatewayTcp::new(service);
         let started = Instant::now();
-        let (mut send, recv, permit) = self.relay.open(&agent, header, None).await?;
-        let mut framed = FramedRecv::relay(recv);
-        match framed.next().await {
-            Ok(Some(Message::OpenResult(r))) if r.ok => {}
-            Ok(Some(Message::OpenResult(r))) => {
-                return Err(Status::new(tonic::Code::from_i32(r.code), r.message));
+        let (mut send, recv, permit) = self.relay.open(&agent, &mut machine, None).await?;
+        let mut reader = Reader::new(recv, machine);
+        match reader.next().await {
+            Ok(TcpEvent::Opened) => {}
+            Ok(TcpEvent::Refused { code, message }) => {
+                return Err(Status::new(tonic::Code::from_i32(code), message));
             }
+            Ok(TcpEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
+                got, ..
+            }))) => {
+                // The machine reset the stream (PROTOCOL_ERROR).
+                let _ = flush(&mut send, reader.half_mut()).await;
+                return Err(Status::internal(format!(
+                    "agent {agent} answered a TCP stream with {got}"
+                )));
+            }
+            Ok(TcpEvent::Failed(StreamFailure::Ended { .. })) => {
+                let _ = flush(&mut send, reader.half_mut()).await;
+                return Err(Status::internal(format!(
+                    "agent {agent} answered a TCP stream with nothing"
+                )));
+            }
+            Ok(TcpEvent::Failed(e)) => {
+                let _ = flush(&mut send, reader.half_mut()).await;
+                return Err(Status::unavailable(format!("agent {agent}: {e}")));
+            }
+            // Bytes or an end come only after `Opened`.
             Ok(other) => {
                 send.reset(ErrorCode::PROTOCOL_ERROR);
                 return Err(Status::internal(format!(
-                    "agent {agent} answered a TCP stream with {}",
-                    other.map_or("nothing", |m| m.name())
+                    "agent {agent} answered a TCP stream with {other:?}"
                 )));
             }
             Err(e) => return Err(Status::unavailable(format!("agent {agent}: {e}"))),
         }
         record_first_byte(RelayKind::Tcp, started);
         record_call(RelayKind::Tcp, agent.tenant(), tonic::Code::Ok);
-        let (mut recv, leftover) = framed.into_parts();
+        let (recv, machine) = reader.into_parts();
+        let Ok((mut to_agent, from_agent)) = machine.into_raw() else {
+            return Err(Status::internal("TCP stream not open after its answer"));
+        };
 
         // Caller → agent.
         let mut inbound = req.into_inner();
@@ -90,71 +107,61 @@ impl Streams for StreamsApi {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
                         count_relayed_bytes(Direction::ToAgent, chunk.data.len());
-                        if send.write_all(&chunk.data).await.is_err() {
-                            return;
-                        }
+                        let _ = to_agent.write(Bytes::from(chunk.data));
                     }
                     // The caller half-closed: so do we.
                     None => {
-                        let _ = send.finish();
+                        let _ = to_agent.finish();
+                        let _ = flush(&mut send, &mut to_agent).await;
                         return;
                     }
                     Some(Err(_)) => {
-                        send.reset(ErrorCode::CANCELLED);
+                        to_agent.reset(ErrorCode::CANCELLED);
+                        let _ = flush(&mut send, &mut to_agent).await;
                         return;
                     }
+                }
+                if flush(&mut send, &mut to_agent).await.is_err() {
+                    return;
                 }
             }
         });
 
         // Agent → caller. The stream counts against the agent's limit until this side ends.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut reader = Reader::new(recv, from_agent);
         tokio::spawn(async move {
             let _permit = permit;
-            if !leftover.is_empty()
-                && tx
-                    .send(Ok(StreamChunk {
-                        data: leftover.to_vec(),
-                    }))
-                    .await
-                    .is_err()
-            {
-                recv.stop(ErrorCode::CANCELLED);
-                return;
-            }
-            let mut buf = vec![0u8; CHUNK];
             loop {
-                let n = tokio::select! {
-                    r = recv.read(&mut buf) => r,
+                let event = tokio::select! {
+                    e = reader.next() => e,
                     _ = tx.closed() => {
-                        recv.stop(ErrorCode::CANCELLED);
+                        reader.half_mut().stop(ErrorCode::CANCELLED);
+                        reader.apply_stop();
                         return;
                     }
                 };
-                match n {
-                    Ok(Some(n)) => {
-                        count_relayed_bytes(Direction::FromAgent, n);
-                        if tx
-                            .send(Ok(StreamChunk {
-                                data: buf[..n].to_vec(),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            recv.stop(ErrorCode::CANCELLED);
+                let failed = match event {
+                    Ok(TcpEvent::Data(b)) => {
+                        count_relayed_bytes(Direction::FromAgent, b.len());
+                        if tx.send(Ok(StreamChunk { data: b.to_vec() })).await.is_err() {
+                            reader.half_mut().stop(ErrorCode::CANCELLED);
+                            reader.apply_stop();
                             return;
                         }
+                        continue;
                     }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "agent stream failed: {e}"
-                            ))))
-                            .await;
-                        return;
-                    }
-                }
+                    Ok(TcpEvent::Finished) => return,
+                    Ok(TcpEvent::Failed(e)) => e.to_string(),
+                    Ok(other) => format!("{other:?}"),
+                    Err(e) => e.to_string(),
+                };
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "agent stream failed: {failed}"
+                    ))))
+                    .await;
+                return;
             }
         });
         Ok(Response::new(Box::pin(

@@ -4,10 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use tether_runtime::stream::{FramedRecv, send_msg};
+use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::Link;
-use tunnel_proto::Message;
-use tunnel_proto::message::{StreamHeader, StreamKind};
+use tunnel_proto::ProtoError;
+use tunnel_proto::stream::StreamFailure;
+use tunnel_proto::stream::probe::{GatewayProbe, ProbeEvent};
 
 type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -119,19 +120,19 @@ impl Probe {
 
 async fn probe_once(link: &Link) -> Result<(), String> {
     let (mut send, recv) = link.open().await.map_err(|e| e.to_string())?;
-    let header = StreamHeader {
-        kind: StreamKind::Probe as i32,
-        ..Default::default()
-    };
-    send_msg(&mut send, &Message::StreamHeader(header))
+    let mut probe = GatewayProbe::new();
+    flush(&mut send, &mut probe)
         .await
         .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let mut framed = FramedRecv::new(recv, 1024);
-    match framed.next().await {
-        Ok(Some(Message::OpenResult(r))) if r.ok => Ok(()),
-        Ok(Some(other)) => Err(format!("unexpected answer {}", other.name())),
-        Ok(None) => Err("stream ended without an answer".into()),
+    match Reader::new(recv, probe).next().await {
+        Ok(ProbeEvent::Answered) => Ok(()),
+        Ok(ProbeEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected { got, .. }))) => {
+            Err(format!("unexpected answer {got}"))
+        }
+        Ok(ProbeEvent::Failed(StreamFailure::Ended { .. })) => {
+            Err("stream ended without an answer".into())
+        }
+        Ok(ProbeEvent::Failed(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }
