@@ -122,7 +122,7 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
     let rate = done.load(Ordering::Relaxed) as f64 / phase.as_secs_f64();
 
     // Latency at a paced rate: 1,000/s, or 80% of the maximum when that is lower.
-    let paced = (rate * 0.8).min(1000.0).max(1.0);
+    let paced = (rate * 0.8).clamp(1.0, 1000.0);
     let every = Duration::from_secs_f64(1.0 / paced);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

@@ -189,12 +189,14 @@ async fn commands_submitted_on_every_replica_run_once_each_and_every_replica_rea
             c.version
         );
     }
-    let runs = runs.lock().unwrap();
-    assert_eq!(runs.len(), 60);
-    assert!(
-        runs.values().all(|n| *n == 1),
-        "some command ran twice: {runs:?}"
-    );
+    {
+        let runs = runs.lock().unwrap();
+        assert_eq!(runs.len(), 60);
+        assert!(
+            runs.values().all(|n| *n == 1),
+            "some command ran twice: {runs:?}"
+        );
+    }
     // Lists agree on every replica.
     for c in &mut clients {
         let page = c
