@@ -420,25 +420,10 @@ pub async fn redeem_token<T, E>(
         return Ok(Err(RedeemError::Refused(TokenRefusal::Unknown)));
     };
     let mut record: TokenRecord = decode(hash, &row)?;
-    match record.state {
-        TokenState::Used => return Ok(Err(RedeemError::Refused(TokenRefusal::Used))),
-        TokenState::Revoked => {
-            return Ok(Err(RedeemError::Refused(TokenRefusal::Revoked(
-                record.agent,
-            ))));
-        }
-        TokenState::Pending => {}
-    }
-    if now_ms >= record.expires_ms {
-        return Ok(Err(RedeemError::Refused(TokenRefusal::Expired)));
-    }
-    let (value, certificate) = match issue(&record) {
+    let value = match record.redeem(now_ms, issue) {
         Ok(v) => v,
-        Err(e) => return Ok(Err(RedeemError::Issue(e))),
+        Err(e) => return Ok(Err(e)),
     };
-    record.state = TokenState::Used;
-    record.changed_ms = Some(now_ms);
-    record.certificate = Some(certificate);
     update_token(&mut tx, hash, &record).await?;
     tx.commit().await?;
     Ok(Ok((record, value)))

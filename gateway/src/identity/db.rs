@@ -517,25 +517,10 @@ impl IdentityDb {
             };
             let mut record: TokenRecord = decode(hash, v.value())?;
             drop(v);
-            match record.state {
-                TokenState::Used => return Ok(Err(RedeemError::Refused(TokenRefusal::Used))),
-                TokenState::Revoked => {
-                    return Ok(Err(RedeemError::Refused(TokenRefusal::Revoked(
-                        record.agent,
-                    ))));
-                }
-                TokenState::Pending => {}
-            }
-            if now_ms >= record.expires_ms {
-                return Ok(Err(RedeemError::Refused(TokenRefusal::Expired)));
-            }
-            let (value, certificate) = match issue(&record) {
+            let value = match record.redeem(now_ms, issue) {
                 Ok(v) => v,
-                Err(e) => return Ok(Err(RedeemError::Issue(e))),
+                Err(e) => return Ok(Err(e)),
             };
-            record.state = TokenState::Used;
-            record.changed_ms = Some(now_ms);
-            record.certificate = Some(certificate);
             tokens
                 .insert(hash, encode(&record).as_slice())
                 .map_err(backend)?;
@@ -632,6 +617,36 @@ pub enum RedeemError<E> {
     Refused(TokenRefusal),
     /// The issuing step failed (the token stays pending).
     Issue(E),
+}
+
+impl TokenRecord {
+    /// Uses this token, read under the store's lock, if it is pending and unexpired at
+    /// `now_ms`: `issue` signs the certificate, and only when it succeeds is the record marked
+    /// used with it (the caller writes the record back in the same transaction). Both stores
+    /// redeem through this.
+    pub fn redeem<T, E>(
+        &mut self,
+        now_ms: i64,
+        issue: impl FnOnce(&TokenRecord) -> Result<(T, String), E>,
+    ) -> Result<T, RedeemError<E>> {
+        match self.state {
+            TokenState::Used => return Err(RedeemError::Refused(TokenRefusal::Used)),
+            TokenState::Revoked => {
+                return Err(RedeemError::Refused(TokenRefusal::Revoked(
+                    self.agent.clone(),
+                )));
+            }
+            TokenState::Pending => {}
+        }
+        if now_ms >= self.expires_ms {
+            return Err(RedeemError::Refused(TokenRefusal::Expired));
+        }
+        let (value, certificate) = issue(self).map_err(RedeemError::Issue)?;
+        self.state = TokenState::Used;
+        self.changed_ms = Some(now_ms);
+        self.certificate = Some(certificate);
+        Ok(value)
+    }
 }
 
 #[cfg(test)]
