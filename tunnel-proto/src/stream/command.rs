@@ -229,24 +229,14 @@ impl RecvHalf for GatewayCommand {
     }
 
     fn handle_fin(&mut self) {
-        if self.inbox.ended {
-            return;
+        if let Some(failure) = self.inbox.fin_failure("the CommandResult") {
+            self.events.push_back(ReportEvent::Failed(failure));
         }
-        self.inbox.end();
-        let failure = match self.inbox.finish() {
-            Err(e) => StreamFailure::Protocol(e),
-            Ok(()) => StreamFailure::Ended {
-                expected: "the CommandResult",
-            },
-        };
-        self.events.push_back(ReportEvent::Failed(failure));
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
-            self.events
-                .push_back(ReportEvent::Failed(StreamFailure::Reset(code)));
+        if let Some(failure) = self.inbox.reset_failure(code) {
+            self.events.push_back(ReportEvent::Failed(failure));
         }
     }
 
@@ -500,13 +490,11 @@ impl RecvHalf for AgentCommand {
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
+        if let Some(failure) = self.inbox.reset_failure(code) {
             // The gateway gave up on this delivery: so does the agent.
             self.out.reset(ErrorCode::CANCELLED);
             self.payload = Vec::new();
-            self.events
-                .push_back(PayloadEvent::Failed(StreamFailure::Reset(code)));
+            self.events.push_back(PayloadEvent::Failed(failure));
         }
     }
 

@@ -193,11 +193,9 @@ impl RecvHalf for Incoming {
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
+        if let Some(failure) = self.inbox.reset_failure(code) {
             self.out.reset(ErrorCode::CANCELLED);
-            self.events
-                .push_back(IncomingEvent::Failed(StreamFailure::Reset(code)));
+            self.events.push_back(IncomingEvent::Failed(failure));
         }
     }
 

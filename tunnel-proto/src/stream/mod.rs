@@ -330,6 +330,28 @@ impl Inbox {
         self.decoder.finish()
     }
 
+    /// On FIN before the half's last frame: the failure to report (a frame cut short, or the
+    /// stream ended while `expected` was still to come), once; `None` when it had ended.
+    fn fin_failure(&mut self, expected: &'static str) -> Option<StreamFailure> {
+        if self.ended {
+            return None;
+        }
+        self.end();
+        Some(match self.finish() {
+            Err(e) => StreamFailure::Protocol(e),
+            Ok(()) => StreamFailure::Ended { expected },
+        })
+    }
+
+    /// On the peer's reset: the failure to report, once; `None` when the half had ended.
+    fn reset_failure(&mut self, code: ErrorCode) -> Option<StreamFailure> {
+        if self.ended {
+            return None;
+        }
+        self.end();
+        Some(StreamFailure::Reset(code))
+    }
+
     fn poll_stop(&mut self) -> Option<ErrorCode> {
         let code = self.stop.take()?;
         self.stop_sent = true;

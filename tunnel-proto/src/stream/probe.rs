@@ -99,24 +99,14 @@ impl RecvHalf for GatewayProbe {
     }
 
     fn handle_fin(&mut self) {
-        if self.inbox.ended {
-            return;
+        if let Some(failure) = self.inbox.fin_failure("an answer") {
+            self.events.push_back(ProbeEvent::Failed(failure));
         }
-        self.inbox.end();
-        let failure = match self.inbox.finish() {
-            Err(e) => StreamFailure::Protocol(e),
-            Ok(()) => StreamFailure::Ended {
-                expected: "an answer",
-            },
-        };
-        self.events.push_back(ProbeEvent::Failed(failure));
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
-            self.events
-                .push_back(ProbeEvent::Failed(StreamFailure::Reset(code)));
+        if let Some(failure) = self.inbox.reset_failure(code) {
+            self.events.push_back(ProbeEvent::Failed(failure));
         }
     }
 

@@ -191,24 +191,14 @@ impl RecvHalf for ResponseRecv {
     }
 
     fn handle_fin(&mut self) {
-        if self.inbox.ended {
-            return;
+        if let Some(failure) = self.inbox.fin_failure(self.state.expected()) {
+            self.events.push_back(ResponseEvent::Failed(failure));
         }
-        let failure = match self.inbox.finish() {
-            Err(e) => StreamFailure::Protocol(e),
-            Ok(()) => StreamFailure::Ended {
-                expected: self.state.expected(),
-            },
-        };
-        self.inbox.end();
-        self.events.push_back(ResponseEvent::Failed(failure));
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
-            self.events
-                .push_back(ResponseEvent::Failed(StreamFailure::Reset(code)));
+        if let Some(failure) = self.inbox.reset_failure(code) {
+            self.events.push_back(ResponseEvent::Failed(failure));
         }
     }
 
@@ -296,10 +286,8 @@ impl RecvHalf for RequestRecv {
     }
 
     fn handle_reset(&mut self, code: ErrorCode) {
-        if !self.inbox.ended {
-            self.inbox.end();
-            self.events
-                .push_back(RequestEvent::Failed(StreamFailure::Reset(code)));
+        if let Some(failure) = self.inbox.reset_failure(code) {
+            self.events.push_back(RequestEvent::Failed(failure));
         }
     }
 

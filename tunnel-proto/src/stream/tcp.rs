@@ -187,15 +187,8 @@ impl RecvHalf for GatewayTcp {
         if self.opened {
             return self.raw.fin();
         }
-        if self.inbox.ended {
+        let Some(failure) = self.inbox.fin_failure("the OpenResult") else {
             return;
-        }
-        self.inbox.end();
-        let failure = match self.inbox.finish() {
-            Err(e) => StreamFailure::Protocol(e),
-            Ok(()) => StreamFailure::Ended {
-                expected: "the OpenResult",
-            },
         };
         // An agent that ends the stream without answering has broken it.
         self.out.reset(ErrorCode::PROTOCOL_ERROR);
