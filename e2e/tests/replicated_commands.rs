@@ -78,7 +78,7 @@ fn counting_agent(
 /// Runs per payload.
 type Runs = Arc<Mutex<HashMap<String, u32>>>;
 
-/// [`counting_agent`], also giving the order in which `slow` commands first ran.
+/// [`counting_agent`], also giving the order in which commands first ran.
 fn ordered_agent(
     fleet: &Fleet,
     gateways: &[usize],
@@ -87,42 +87,32 @@ fn ordered_agent(
     let runs: Runs = Default::default();
     let order: Arc<Mutex<Vec<String>>> = Default::default();
     let handlers = test_handlers();
-    let r = runs.clone();
-    handlers.register("count", move |payload: bytes::Bytes, _p: ProgressSink| {
-        let r = r.clone();
-        async move {
-            *r.lock()
-                .unwrap()
-                .entry(String::from_utf8_lossy(&payload).into_owned())
-                .or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            Ok(payload)
-        }
-    });
+    // `count` takes 5 ms; `slow` 30 ms (four lanes run ~130 a second: a kill lands mid-way).
+    for (kind, ms) in [("count", 5), ("slow", 30)] {
+        let (r, o) = (runs.clone(), order.clone());
+        handlers.register(kind, move |payload: bytes::Bytes, _p: ProgressSink| {
+            let (r, o) = (r.clone(), o.clone());
+            async move {
+                {
+                    let p = String::from_utf8_lossy(&payload).into_owned();
+                    let mut runs = r.lock().unwrap();
+                    let n = runs.entry(p.clone()).or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        o.lock().unwrap().push(p);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(payload)
+            }
+        });
+    }
     let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[gateways[0]].tunnel);
     cfg.gateways = gateways
         .iter()
         .map(|&i| fleet.gws[i].tunnel.to_string())
         .collect();
     cfg.state_dir = Some(state.to_owned());
-    // `slow`: the same, 30 ms each (four lanes run ~130 a second: a kill lands mid-way).
-    let (r, o) = (runs.clone(), order.clone());
-    handlers.register("slow", move |payload: bytes::Bytes, _p: ProgressSink| {
-        let (r, o) = (r.clone(), o.clone());
-        async move {
-            {
-                let p = String::from_utf8_lossy(&payload).into_owned();
-                let mut runs = r.lock().unwrap();
-                let n = runs.entry(p.clone()).or_default();
-                *n += 1;
-                if *n == 1 {
-                    o.lock().unwrap().push(p);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            Ok(payload)
-        }
-    });
     (TestAgent::start_with_handlers(&cfg, handlers), runs, order)
 }
 
