@@ -82,82 +82,130 @@ pub async fn submit(
     cmd: &Command,
     pending_limit: u32,
 ) -> Result<Submitted, sqlx::Error> {
-    let started = std::time::Instant::now();
-    let tenant = cmd.agent.split('/').next().unwrap_or_default();
-    if !cmd.idempotency_key.is_empty()
-        && let Some(existing) = by_idempotency(pool, &cmd.agent, &cmd.idempotency_key).await?
-    {
-        return Ok(Submitted::Existing(existing));
-    }
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO agent_queues (agent, tenant) VALUES ($1, $2) ON CONFLICT (agent) DO NOTHING",
-    )
-    .bind(&cmd.agent)
-    .bind(tenant)
-    .execute(&mut *tx)
-    .await?;
-    // Locks the agent's counter until commit: concurrent Submits for one agent check one at a
-    // time, on any replica.
-    let pending: i64 = sqlx::query_scalar(
-        "SELECT q.submitted - coalesce((SELECT f.finished FROM agent_finished f WHERE f.agent = q.agent), 0)
-         FROM agent_queues q WHERE q.agent = $1 FOR NO KEY UPDATE",
-    )
-    .bind(&cmd.agent)
-    .fetch_one(&mut *tx)
-    .await?;
-    if pending >= i64::from(pending_limit) {
-        return Ok(Submitted::TooManyPending { pending });
-    }
-    let (record, big) = split(cmd);
-    let inserted = sqlx::query(
-        "INSERT INTO commands (id, agent, tenant, seq, state, kind, idempotency_key, created_ms,
-                               expires_ms, version, record, output)
-         VALUES ($1, $2, $3, nextval('commands_seq'), $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (agent, idempotency_key) WHERE idempotency_key <> '' DO NOTHING",
-    )
-    .bind(&cmd.id)
-    .bind(&cmd.agent)
-    .bind(tenant)
-    .bind(cmd.state as i16)
-    .bind(&cmd.kind)
-    .bind(&cmd.idempotency_key)
-    .bind(ms(cmd.created.as_ref()).unwrap_or_default())
-    .bind(ms(cmd.expires.as_ref()))
-    .bind(cmd.version as i64)
-    .bind(&record)
-    .bind(big)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        // A concurrent Submit of the same key committed first.
-        drop(tx);
-        return match by_idempotency(pool, &cmd.agent, &cmd.idempotency_key).await? {
-            Some(c) => Ok(Submitted::Existing(c)),
-            None => Err(sqlx::Error::RowNotFound),
-        };
-    }
-    if !cmd.payload.is_empty() {
-        sqlx::query("INSERT INTO command_payloads (id, payload) VALUES ($1, $2)")
-            .bind(&cmd.id)
-            .bind(&cmd.payload)
-            .execute(&mut *tx)
-            .await?;
-    }
-    sqlx::query("UPDATE agent_queues SET submitted = submitted + 1 WHERE agent = $1")
-        .bind(&cmd.agent)
-        .execute(&mut *tx)
-        .await?;
-    events::append(&mut tx, EventKind::Command, &cmd.agent, &record).await?;
-    events::notify(&mut tx).await?;
-    tx.commit().await?;
-    super::record_store_latency("command_submit", started.elapsed());
-    Ok(Submitted::Created(cmd.clone()))
+    submit_batch(pool, std::slice::from_ref(cmd), pending_limit)
+        .await?
+        .pop()
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
-async fn by_idempotency(
+/// Stores `cmds` (ids chosen by the caller, version 1) in ONE transaction, each as [`submit`]
+/// would alone and in order: a group commit, so concurrent Submits share the agent's row lock
+/// and one fsync instead of queueing on them one by one. Agents' rows are locked in name order
+/// (no deadlock with another replica's batch); a key repeated within the batch, or committed by
+/// another replica meanwhile, answers the existing command.
+pub async fn submit_batch(
     pool: &PgPool,
+    cmds: &[Command],
+    pending_limit: u32,
+) -> Result<Vec<Submitted>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut tx = pool.begin().await?;
+    let mut agents: Vec<&str> = cmds.iter().map(|c| c.agent.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let tenants: Vec<&str> = agents
+        .iter()
+        .map(|a| a.split('/').next().unwrap_or_default())
+        .collect();
+    sqlx::query(
+        "INSERT INTO agent_queues (agent, tenant)
+         SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (agent) DO NOTHING",
+    )
+    .bind(&agents)
+    .bind(&tenants)
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT q.agent, q.submitted - coalesce((SELECT f.finished FROM agent_finished f WHERE f.agent = q.agent), 0)
+         FROM agent_queues q WHERE q.agent = ANY($1) ORDER BY q.agent FOR NO KEY UPDATE OF q",
+    )
+    .bind(&agents)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut pending: std::collections::HashMap<String, i64> = rows.into_iter().collect();
+    let mut out = Vec::with_capacity(cmds.len());
+    let mut created: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+    for cmd in cmds {
+        if !cmd.idempotency_key.is_empty()
+            && let Some(existing) =
+                by_idempotency(&mut *tx, &cmd.agent, &cmd.idempotency_key).await?
+        {
+            out.push(Submitted::Existing(existing));
+            continue;
+        }
+        let n = pending.entry(cmd.agent.clone()).or_default();
+        if *n >= i64::from(pending_limit) {
+            out.push(Submitted::TooManyPending { pending: *n });
+            continue;
+        }
+        let (record, big) = split(cmd);
+        let tenant = cmd.agent.split('/').next().unwrap_or_default();
+        let inserted = sqlx::query(
+            "INSERT INTO commands (id, agent, tenant, seq, state, kind, idempotency_key, created_ms,
+                                   expires_ms, version, record, output)
+             VALUES ($1, $2, $3, nextval('commands_seq'), $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (agent, idempotency_key) WHERE idempotency_key <> '' DO NOTHING",
+        )
+        .bind(&cmd.id)
+        .bind(&cmd.agent)
+        .bind(tenant)
+        .bind(cmd.state as i16)
+        .bind(&cmd.kind)
+        .bind(&cmd.idempotency_key)
+        .bind(ms(cmd.created.as_ref()).unwrap_or_default())
+        .bind(ms(cmd.expires.as_ref()))
+        .bind(cmd.version as i64)
+        .bind(&record)
+        .bind(big)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Another replica committed the key while this batch waited for it.
+            match by_idempotency(&mut *tx, &cmd.agent, &cmd.idempotency_key).await? {
+                Some(c) => out.push(Submitted::Existing(c)),
+                None => return Err(sqlx::Error::RowNotFound),
+            }
+            continue;
+        }
+        if !cmd.payload.is_empty() {
+            sqlx::query("INSERT INTO command_payloads (id, payload) VALUES ($1, $2)")
+                .bind(&cmd.id)
+                .bind(&cmd.payload)
+                .execute(&mut *tx)
+                .await?;
+        }
+        *n += 1;
+        *created.entry(cmd.agent.as_str()).or_default() += 1;
+        bodies.push((cmd.agent.clone(), record));
+        out.push(Submitted::Created(cmd.clone()));
+    }
+    if !created.is_empty() {
+        let (a, n): (Vec<&str>, Vec<i64>) = created.into_iter().unzip();
+        sqlx::query(
+            "UPDATE agent_queues q SET submitted = q.submitted + c.n
+             FROM unnest($1::text[], $2::bigint[]) AS c(agent, n) WHERE q.agent = c.agent",
+        )
+        .bind(&a)
+        .bind(&n)
+        .execute(&mut *tx)
+        .await?;
+        let events: Vec<(EventKind, &str, &[u8])> = bodies
+            .iter()
+            .map(|(a, b)| (EventKind::Command, a.as_str(), b.as_slice()))
+            .collect();
+        events::append_all(&mut tx, &events).await?;
+        events::notify(&mut tx).await?;
+    }
+    tx.commit().await?;
+    super::record_store_latency("command_submit_batch", started.elapsed());
+    metrics::histogram!("tether_gateway_submit_batch_size").record(cmds.len() as f64);
+    Ok(out)
+}
+
+async fn by_idempotency<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     agent: &str,
     key: &str,
 ) -> Result<Option<Command>, sqlx::Error> {
@@ -165,7 +213,7 @@ async fn by_idempotency(
         sqlx::query_as("SELECT id, record FROM commands WHERE agent = $1 AND idempotency_key = $2")
             .bind(agent)
             .bind(key)
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await?;
     row.map(|(id, r)| decode(&id, &r)).transpose()
 }

@@ -37,6 +37,10 @@ use crate::tunnel::registry::RegistryEvent;
 
 /// Writer tasks: one agent's writes go through one of them, in order; agents spread over all.
 const WRITERS: usize = 8;
+/// Tasks storing Submits, each a batch (one transaction) at a time.
+const SUBMITTERS: usize = 4;
+/// Submits stored in one transaction at most.
+const SUBMIT_BATCH: usize = 256;
 /// Writes of one writer applied in one transaction at most.
 const WRITE_BATCH: usize = 64;
 /// How often this replica looks for agents it holds a session with whose lease nobody alive
@@ -51,6 +55,13 @@ const EXPIRE_BATCH: i64 = 1000;
 /// written under an earlier epoch.
 pub(super) fn version_floor(epoch: i64) -> u64 {
     u64::try_from(epoch).unwrap_or(0) << 32
+}
+
+/// A Submit waiting for its batch.
+struct Queued {
+    cmd: Command,
+    limit: u32,
+    done: oneshot::Sender<Result<pg::Submitted, String>>,
 }
 
 pub(super) struct Pending {
@@ -71,6 +82,8 @@ pub(crate) struct Replicated {
     /// order, so a Submit acknowledged on another replica before this one was sent runs first,
     /// and without reading the payload back.
     submitted_here: Mutex<HashMap<String, Command>>,
+    /// Submits waiting to be stored (see [`run_submitter`]).
+    submits: mpsc::UnboundedSender<Queued>,
 }
 
 /// Commands kept in [`Replicated::submitted_here`] at most (a feed that lags that far is
@@ -101,12 +114,18 @@ impl Replicated {
         cluster: Arc<Cluster>,
     ) -> (Arc<Replicated>, Vec<mpsc::UnboundedReceiver<Pending>>) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..WRITERS).map(|_| mpsc::unbounded_channel()).unzip();
+        let (submits, queued) = mpsc::unbounded_channel();
+        let queued = Arc::new(tokio::sync::Mutex::new(queued));
+        for _ in 0..SUBMITTERS {
+            tokio::spawn(run_submitter(cluster.pool.clone(), queued.clone()));
+        }
         let r = Arc::new(Replicated {
             cluster,
             leases: Mutex::new(HashMap::new()),
             writers: txs,
             sweep: Notify::new(),
             submitted_here: Mutex::new(HashMap::new()),
+            submits,
         });
         (r, rxs)
     }
@@ -577,7 +596,15 @@ impl Commands {
             }
             here.insert(cmd.id.clone(), cmd.clone());
         }
-        let out = pg::submit(&r.cluster.pool, &cmd, limit).await;
+        let (done, stored) = oneshot::channel();
+        let _ = r.submits.send(Queued {
+            cmd: cmd.clone(),
+            limit,
+            done,
+        });
+        let out = stored
+            .await
+            .unwrap_or_else(|_| Err("the gateway is shutting down".to_owned()));
         if holding && !matches!(out, Ok(pg::Submitted::Created(_))) {
             r.submitted_here
                 .lock()
@@ -643,6 +670,37 @@ impl Commands {
                 id: id.to_owned(),
                 state: super::state_name(c.state),
             }),
+        }
+    }
+}
+
+/// Stores queued Submits, as many as are waiting (up to [`SUBMIT_BATCH`]) per transaction:
+/// concurrent Submits share one commit (see `cluster::commands::submit_batch`).
+async fn run_submitter(
+    pool: sqlx::PgPool,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Queued>>>,
+) {
+    let mut batch = Vec::with_capacity(SUBMIT_BATCH);
+    loop {
+        let n = queue.lock().await.recv_many(&mut batch, SUBMIT_BATCH).await;
+        if n == 0 {
+            return;
+        }
+        // One batch's limit: they are all the configured limit (it changes only at start).
+        let limit = batch.iter().map(|q| q.limit).min().unwrap_or(u32::MAX);
+        let cmds: Vec<Command> = batch.iter().map(|q| q.cmd.clone()).collect();
+        match pg::submit_batch(&pool, &cmds, limit).await {
+            Ok(outcomes) => {
+                for (q, o) in batch.drain(..).zip(outcomes) {
+                    let _ = q.done.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for q in batch.drain(..) {
+                    let _ = q.done.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
