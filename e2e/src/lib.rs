@@ -1046,6 +1046,28 @@ impl GatewayProcess {
         Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info", "").await
     }
 
+    /// As [`spawn_netns`](Self::spawn_netns), with `extra` appended to its config file.
+    pub async fn spawn_netns_configured(
+        pki: &Pki,
+        ns: &netns::Netns,
+        tunnel: SocketAddr,
+        api: std::net::IpAddr,
+        extra: &str,
+    ) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let api = SocketAddr::new(api, 0);
+        Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info", extra).await
+    }
+
+    /// As [`spawn_configured`](Self::spawn_configured), its tunnel on `tunnel`.
+    pub async fn spawn_configured_at(pki: &Pki, tunnel: SocketAddr, extra: &str) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::spawn_in(pki, dir, &data, [tunnel, any, any], None, "info", extra).await
+    }
+
     /// Starts one keeping its command store in `data_dir`, its tunnel on `tunnel` (port 0 for
     /// any; a restart passes the previous address so agents find it again).
     pub async fn spawn_with(pki: &Pki, data_dir: &Path, tunnel: SocketAddr) -> GatewayProcess {

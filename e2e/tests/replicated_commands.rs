@@ -5,6 +5,7 @@
 //! replicas, idempotency keys submitted on every replica at once, and PostgreSQL restarting.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,9 +60,12 @@ impl Fleet {
 }
 
 fn replica_config(pg: &LocalPostgres, i: usize) -> String {
+    replica_config_dsn(&pg.dsn(), i)
+}
+
+fn replica_config_dsn(dsn: &str, i: usize) -> String {
     format!(
-        "[store]\ndsn = \"{}\"\nconnect_timeout = \"30s\"\n[cluster]\nreplica_id = \"gw-{i}\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1s\"\n",
-        pg.dsn()
+        "[store]\ndsn = \"{dsn}\"\nconnect_timeout = \"30s\"\n[cluster]\nreplica_id = \"gw-{i}\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1s\"\n"
     )
 }
 
@@ -78,16 +82,10 @@ fn counting_agent(
 /// Runs per payload.
 type Runs = Arc<Mutex<HashMap<String, u32>>>;
 
-/// [`counting_agent`], also giving the order in which commands first ran.
-fn ordered_agent(
-    fleet: &Fleet,
-    gateways: &[usize],
-    state: &std::path::Path,
-) -> (TestAgent, Runs, Arc<Mutex<Vec<String>>>) {
-    let runs: Runs = Default::default();
-    let order: Arc<Mutex<Vec<String>>> = Default::default();
+/// `count` (5 ms) and `slow` (30 ms; four lanes run ~130 a second: a kill lands mid-way),
+/// each counting its runs per payload and noting the order of first runs.
+fn counting_handlers(runs: &Runs, order: &Arc<Mutex<Vec<String>>>) -> Arc<Handlers> {
     let handlers = test_handlers();
-    // `count` takes 5 ms; `slow` 30 ms (four lanes run ~130 a second: a kill lands mid-way).
     for (kind, ms) in [("count", 5), ("slow", 30)] {
         let (r, o) = (runs.clone(), order.clone());
         handlers.register(kind, move |payload: bytes::Bytes, _p: ProgressSink| {
@@ -107,6 +105,18 @@ fn ordered_agent(
             }
         });
     }
+    handlers
+}
+
+/// [`counting_agent`], also giving the order in which commands first ran.
+fn ordered_agent(
+    fleet: &Fleet,
+    gateways: &[usize],
+    state: &std::path::Path,
+) -> (TestAgent, Runs, Arc<Mutex<Vec<String>>>) {
+    let runs: Runs = Default::default();
+    let order: Arc<Mutex<Vec<String>>> = Default::default();
+    let handlers = counting_handlers(&runs, &order);
     let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[gateways[0]].tunnel);
     cfg.gateways = gateways
         .iter()
@@ -483,4 +493,129 @@ async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing(
         runs.values().all(|n| *n == 1),
         "some command ran twice: {runs:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_postgresql_by_a_firewall_fences_itself_and_another_takes_its_agents()
+ {
+    let topo = netns::Topology::new().unwrap_or_else(|e| panic!("{e:#}"));
+    let pg = LocalPostgres::start(LocalPostgresOptions {
+        listen: topo.host_addr,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pki = Pki::new();
+    // Replica 0 in the control-plane namespace (where the firewall goes), replica 1 here.
+    let gw0 = GatewayProcess::spawn_netns_configured(
+        &pki,
+        &topo.cp,
+        SocketAddr::new(topo.api_addr.into(), 0),
+        topo.api_addr.into(),
+        &replica_config_dsn(&pg.dsn(), 0),
+    )
+    .await;
+    // Replica 1 starts later on an address the agent already dials: until then the agent's
+    // only session is with replica 0, which therefore takes the agent's lease.
+    let gw1_addr = free_udp_and_tcp_port();
+    let state = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet {
+        pki,
+        pg,
+        gws: vec![gw0],
+    };
+    let (runs, order): (Runs, _) = Default::default();
+    let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[0].tunnel);
+    cfg.gateways = vec![fleet.gws[0].tunnel.to_string(), gw1_addr.to_string()];
+    cfg.state_dir = Some(state.path().to_owned());
+    let _agent = TestAgent::start_with_handlers(&cfg, counting_handlers(&runs, &order));
+    wait_connected_everywhere(&fleet, &[0]).await;
+    let mut c0 = fleet.client(0).await;
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        let mut req = submit_req(AGENT, "slow", n.to_string());
+        req.ordering_key = format!("k{}", n % 4);
+        ids.push((submit_keyed(&mut c0, req).await.id, n));
+    }
+    assert_eq!(fleet.holder().await, 0);
+    let extra = replica_config_dsn(&fleet.pg.dsn(), 1);
+    fleet
+        .gws
+        .push(GatewayProcess::spawn_configured_at(&fleet.pki, gw1_addr, &extra).await);
+    wait_connected_everywhere(&fleet, &[1]).await;
+    wait_until("some commands ran", T, || runs.lock().unwrap().len() >= 10).await;
+
+    // Cut replica 0 off from PostgreSQL: every packet to the server's port dropped.
+    let port = fleet.pg.port();
+    topo.cp
+        .nft(&format!(
+            "table inet pg_cut {{\n chain out {{\n type filter hook output priority 0;\n tcp dport {port} drop\n }}\n}}\n"
+        ))
+        .expect("nft");
+    // It fences itself: not ready, with the reason; Submits refused at once.
+    let deadline = Instant::now() + T;
+    loop {
+        let (status, body) =
+            tether_runtime::ops::probe(fleet.gws[0].ops, "/readyz", Duration::from_secs(5))
+                .expect("readyz");
+        if status != 200 {
+            assert!(
+                body.contains("PostgreSQL") || body.contains("liveness"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica 0 still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        c0.submit(submit_req(AGENT, "count", "refused")),
+    )
+    .await
+    .expect("a fenced replica answers a Submit at once")
+    .expect_err("a fenced replica refuses Submits");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // Replica 1 takes the lease and delivers the rest, in order, each once.
+    let mut c1 = fleet.client(1).await;
+    for (id, n) in &ids {
+        let got = wait_final(&mut c1, id, Duration::from_secs(120)).await;
+        assert_eq!(got.state(), CommandState::Succeeded, "{got:?}");
+        assert_eq!(got.result.unwrap().output, n.to_string().as_bytes());
+    }
+    assert!(fleet.gws[1].metric("tether_gateway_command_leases", "") >= 1.0);
+    {
+        let runs = runs.lock().unwrap();
+        assert!(
+            runs.values().all(|n| *n == 1),
+            "some command ran twice: {runs:?}"
+        );
+        assert!(!runs.contains_key("refused"));
+    }
+    // The firewall lifted, replica 0 is ready again by itself.
+    topo.cp.nft("delete table inet pg_cut").expect("nft");
+    let deadline = Instant::now() + T;
+    loop {
+        let (status, body) =
+            tether_runtime::ops::probe(fleet.gws[0].ops, "/readyz", Duration::from_secs(5))
+                .expect("readyz");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica 0 not ready again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback port free for both UDP and TCP now (for a gateway started later).
+fn free_udp_and_tcp_port() -> SocketAddr {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
 }

@@ -275,6 +275,15 @@ impl LocalPostgres {
                 ),
             ));
         }
+        if !self.listen.is_loopback() {
+            // initdb lets in loopback clients only; a server listening elsewhere is meant to be
+            // reached from there (a network namespace), with the same password.
+            let hba = self.data().join("pg_hba.conf");
+            let mut text =
+                std::fs::read_to_string(&hba).map_err(|e| failed("reading pg_hba.conf", e))?;
+            text.push_str("host all all 0.0.0.0/0 scram-sha-256\n");
+            std::fs::write(&hba, text).map_err(|e| failed("writing pg_hba.conf", e))?;
+        }
         Ok(())
     }
 
