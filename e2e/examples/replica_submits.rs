@@ -67,8 +67,12 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
     let pki = Pki::new();
     let pg = if s.postgres {
         Some(
-            LocalPostgres::start(LocalPostgresOptions::default())
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            // fsync on, as the embedded store's commits are: durable figures for both.
+            LocalPostgres::start(LocalPostgresOptions {
+                fsync: true,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         )
     } else {
         None
