@@ -8,7 +8,7 @@
 //! `SECONDS`, and how long the last accepted command took to succeed.
 //!
 //! ```sh
-//! cargo build --release --workspace && cargo run --release -p tether-e2e --example replica_submits -- 10
+//! cargo build --release --workspace && cargo run --release -p tether-e2e --example replica_submits -- 10 [AGENTS]
 //! ```
 
 use std::sync::Arc;
@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 use tether_e2e::*;
 use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
-const AGENT: &str = "bench/a1";
+/// The agent a Submit goes to: the second argument says over how many they are spread (default
+/// 1: every Submit for one agent, whose pending-command counter all of them lock in turn).
+fn agent(i: usize, agents: usize) -> String {
+    format!("bench/a{}", i % agents)
+}
 
 struct Setup {
     name: &'static str,
@@ -31,6 +35,10 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .map_or(Ok(10), |a| a.parse())
         .map_err(|e| anyhow::anyhow!("the seconds per phase: {e}"))?;
+    let agents: usize = std::env::args()
+        .nth(2)
+        .map_or(Ok(1), |a| a.parse())
+        .map_err(|e| anyhow::anyhow!("the number of agents: {e}"))?;
     init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -58,12 +66,12 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     for s in setups {
-        rt.block_on(run(&s, Duration::from_secs(seconds)))?;
+        rt.block_on(run(&s, Duration::from_secs(seconds), agents))?;
     }
     Ok(())
 }
 
-async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
+async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
     let pki = Pki::new();
     let pg = if s.postgres {
         Some(
@@ -88,17 +96,22 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
         };
         gws.push(GatewayProcess::spawn_configured(&pki, &extra).await);
     }
-    let mut cfg = agent_config(&pki.agent(AGENT), gws[0].tunnel);
-    cfg.gateways = gws.iter().map(|g| g.tunnel.to_string()).collect();
-    let agent = TestAgent::start_with_handlers(&cfg, test_handlers());
+    let mut fleet = Vec::new();
+    for a in 0..agents {
+        let mut cfg = agent_config(&pki.agent(&agent(a, agents)), gws[0].tunnel);
+        cfg.gateways = gws.iter().map(|g| g.tunnel.to_string()).collect();
+        fleet.push(TestAgent::start_with_handlers(&cfg, test_handlers()));
+    }
     let mut clients = Vec::new();
     for g in &gws {
-        wait_connected(
-            g.channel(&pki.client("api")).await,
-            AGENT,
-            Duration::from_secs(30),
-        )
-        .await;
+        for a in 0..agents {
+            wait_connected(
+                g.channel(&pki.client("api")).await,
+                &agent(a, agents),
+                Duration::from_secs(30),
+            )
+            .await;
+        }
         clients.push(commands_client(g.channel(&pki.client("api")).await));
     }
 
@@ -112,7 +125,8 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < until {
-                let mut req = submit_req(AGENT, "echo", format!("{c}-{n}"));
+                let mut req =
+                    submit_req(&agent(c + n as usize, agents), "echo", format!("{c}-{n}"));
                 req.ordering_key = format!("k{}", c % 16);
                 client.submit(req).await.expect("submit");
                 done.fetch_add(1, Ordering::Relaxed);
@@ -137,10 +151,11 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
         tick.tick().await;
         let mut client = clients[i % clients.len()].clone();
         let tx = tx.clone();
+        let to = agent(i, agents);
         tokio::spawn(async move {
             let t = Instant::now();
             let id = client
-                .submit(submit_req(AGENT, "echo", "paced"))
+                .submit(submit_req(&to, "echo", "paced"))
                 .await
                 .expect("submit")
                 .into_inner()
@@ -167,7 +182,9 @@ async fn run(s: &Setup, phase: Duration) -> anyhow::Result<()> {
         percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
         drained.as_secs_f64()
     );
-    agent.stop().await;
+    for a in fleet {
+        a.stop().await;
+    }
     drop(gws);
     drop(pg);
     Ok(())

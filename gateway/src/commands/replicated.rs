@@ -38,7 +38,7 @@ use crate::tunnel::registry::RegistryEvent;
 /// Writer tasks: one agent's writes go through one of them, in order; agents spread over all.
 const WRITERS: usize = 8;
 /// Tasks storing Submits, each a batch (one transaction) at a time.
-const SUBMITTERS: usize = 4;
+const SUBMITTERS: usize = 1;
 /// Submits stored in one transaction at most.
 const SUBMIT_BATCH: usize = 256;
 /// Writes of one writer applied in one transaction at most.
