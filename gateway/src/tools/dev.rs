@@ -279,6 +279,13 @@ async fn run_replicas(
         rel_path(&dir.join("dev-2.json"))
     );
     println!(
+        "      ./target/debug/tetherctl --dev-json {} commands watch --agent {AGENT}   # at replica dev-2",
+        rel_path(&dir.join("dev-2.json"))
+    );
+    println!(
+        "      ./target/debug/tetherctl commands submit {AGENT} sleep 2000 --watch   # at replica dev-1; one replica delivers it"
+    );
+    println!(
         "      curl -s http://{}/readyz                  # replica dev-1: live, PostgreSQL reachable",
         replicas[0].4[2]
     );
