@@ -246,8 +246,41 @@ pub async fn write(
     lease: &Lease,
     writes: &[Write],
 ) -> Result<Vec<Written>, sqlx::Error> {
+    let mut out = write_many(pool, me, &[(lease, writes)]).await?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// [`write`] for several agents' leases in ONE transaction (one WAL flush for a writer's whole
+/// batch): what became of each group's writes, in order.
+pub async fn write_many(
+    pool: &PgPool,
+    me: &ReplicaId,
+    groups: &[(&Lease, &[Write])],
+) -> Result<Vec<Vec<Written>>, sqlx::Error> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(groups.len());
+    let mut events = false;
+    for (lease, writes) in groups {
+        let (written, appended) = write_in(&mut tx, me, lease, writes).await?;
+        out.push(written);
+        events |= appended;
+    }
+    if events {
+        events::notify(&mut tx).await?;
+    }
+    tx.commit().await?;
+    super::record_store_latency("command_write", started.elapsed());
+    Ok(out)
+}
+
+/// One lease's writes inside `tx`; true when it appended events.
+async fn write_in(
+    tx: &mut PgConnection,
+    me: &ReplicaId,
+    lease: &Lease,
+    writes: &[Write],
+) -> Result<(Vec<Written>, bool), sqlx::Error> {
     let mut out = Vec::with_capacity(writes.len());
     let mut finished = 0i64;
     let mut bodies = Vec::new();
@@ -300,19 +333,14 @@ pub async fn write(
         }
     }
     if finished > 0 {
-        count_finished(&mut tx, &lease.agent, finished).await?;
+        count_finished(&mut *tx, &lease.agent, finished).await?;
     }
     let events: Vec<(EventKind, &str, &[u8])> = bodies
         .iter()
         .map(|b| (EventKind::Command, lease.agent.as_str(), b.as_slice()))
         .collect();
-    events::append_all(&mut tx, &events).await?;
-    if !events.is_empty() {
-        events::notify(&mut tx).await?;
-    }
-    tx.commit().await?;
-    super::record_store_latency("command_write", started.elapsed());
-    Ok(out)
+    events::append_all(&mut *tx, &events).await?;
+    Ok((out, !events.is_empty()))
 }
 
 async fn count_finished(conn: &mut PgConnection, agent: &str, n: i64) -> Result<(), sqlx::Error> {

@@ -486,41 +486,56 @@ async fn run_writer(
                 None => by_agent.push((p.cmd.agent.clone(), vec![p])),
             }
         }
+        // Each agent under the lease held now; the others are not ours any more (the new
+        // holder redelivers).
+        let mut groups: Vec<(String, Lease, Vec<Write>, Vec<Pending>)> = Vec::new();
         for (agent, pending) in by_agent {
-            let Some(lease) = r.lease_of(&agent) else {
-                // Not ours any more: the new holder redelivers.
-                metrics::counter!("tether_gateway_fenced_writes_total")
-                    .increment(pending.len() as u64);
-                continue;
-            };
-            let writes: Vec<Write> = pending
+            match r.lease_of(&agent) {
+                Some(lease) => {
+                    let writes = pending
+                        .iter()
+                        .map(|p| Write {
+                            record: p.cmd.clone(),
+                        })
+                        .collect();
+                    groups.push((agent, lease, writes, pending));
+                }
+                None => metrics::counter!("tether_gateway_fenced_writes_total")
+                    .increment(pending.len() as u64),
+            }
+        }
+        if groups.is_empty() {
+            continue;
+        }
+        let me = r.cluster.replica.id().clone();
+        // One transaction for the whole batch, every agent's writes in their order.
+        let outcome = loop {
+            let args: Vec<(&Lease, &[Write])> = groups
                 .iter()
-                .map(|p| Write {
-                    record: p.cmd.clone(),
-                })
+                .map(|(_, l, w, _)| (l, w.as_slice()))
                 .collect();
-            let me = r.cluster.replica.id().clone();
-            let outcome = loop {
-                match pg::write(&r.cluster.pool, &me, &lease, &writes).await {
-                    Ok(o) => break o,
-                    Err(e) => {
-                        // PostgreSQL unreachable: keep the order and try again; the lease lapses
-                        // with this replica's liveness if it stays so, and the fence then
-                        // refuses these writes.
-                        tracing::warn!(%agent, error = %e, "writing command state failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        if r.lease_of(&agent).is_none() {
-                            break Vec::new();
-                        }
+            match pg::write_many(&r.cluster.pool, &me, &args).await {
+                Ok(o) => break o,
+                Err(e) => {
+                    // PostgreSQL unreachable: keep the order and try again; the lease lapses
+                    // with this replica's liveness if it stays so, and the fence then refuses
+                    // these writes.
+                    tracing::warn!(agents = groups.len(), error = %e, "writing command state failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    groups.retain(|(a, ..)| r.lease_of(a).is_some());
+                    if groups.is_empty() {
+                        break Vec::new();
                     }
                 }
-            };
-            let Some(commands) = commands.upgrade() else {
-                return;
-            };
+            }
+        };
+        let Some(commands) = commands.upgrade() else {
+            return;
+        };
+        for ((agent, _, _, pending), written) in groups.into_iter().zip(outcome) {
             let mut conflicts = HashSet::new();
             let mut fenced = false;
-            for (p, w) in pending.iter().zip(&outcome) {
+            for (p, w) in pending.iter().zip(&written) {
                 match w {
                     Written::Ok => {}
                     Written::Conflict => {
