@@ -252,6 +252,31 @@ impl Commands {
         }
     }
 
+    /// Puts every unfinished command of the agents held here into its lane (those missing: a
+    /// Submit whose feed event this replica missed).
+    async fn reload_held(self: &Arc<Self>, r: &Replicated) {
+        let held: Vec<(String, Lease)> = r
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, l)| (a.clone(), l.clone()))
+            .collect();
+        for (agent, lease) in held {
+            match pg::unfinished(&r.cluster.pool, &agent).await {
+                Ok(cmds) => {
+                    for mut cmd in cmds {
+                        cmd.version = cmd.version.max(version_floor(lease.epoch));
+                        self.adopt(cmd);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "reloading the agent's commands failed; the next resync retries")
+                }
+            }
+        }
+    }
+
     /// Drops the leases (all, or `only`'s) that PostgreSQL says another replica holds now.
     async fn verify_leases(&self, r: &Replicated, only: Option<&str>) {
         let agents: Vec<String> = match only {
@@ -302,7 +327,9 @@ impl Commands {
                 ev = feed.recv() => match ev {
                     Ok(FeedItem::Event(ev)) => self.on_feed(&r, ev.kind, &ev.agent, &ev.body).await,
                     Ok(FeedItem::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Events may be gone: the sweep finds agents with work again.
+                        // Events may be gone: Submits for the agents held here are read from
+                        // the store, and the sweep finds agents with work again.
+                        self.reload_held(&r).await;
                         r.sweep.notify_one();
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
