@@ -205,6 +205,18 @@ impl Commands {
             leases.insert(agent.to_owned(), lease);
             metrics::gauge!("tether_gateway_command_leases").set(leases.len() as f64);
         }
+        // The agent's last session here may have ended while the lease was being taken (its
+        // release then found no lease): a lease without a session would keep the agent's
+        // commands from every replica that has one.
+        if agent
+            .parse()
+            .ok()
+            .and_then(|id| self.registry.last_session(&id))
+            .is_none()
+        {
+            self.release_lease(r, agent).await;
+            return;
+        }
         let n = cmds.len();
         for mut cmd in cmds {
             cmd.version = cmd.version.max(floor);
