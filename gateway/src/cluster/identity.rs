@@ -252,21 +252,11 @@ pub async fn revoke(
             .bind(&key)
             .fetch_optional(&mut *tx)
             .await?;
-    // Fingerprints revoked earlier stay revoked.
-    let mut all: Vec<RevokedCert> = match old {
-        Some(r) => decode::<AgentRevocation>(&key, &r)?.certificates,
-        None => Vec::new(),
+    let previous = match old {
+        Some(r) => Some(decode::<AgentRevocation>(&key, &r)?),
+        None => None,
     };
-    for c in certs {
-        if !all.iter().any(|a| a.fingerprint == c.fingerprint) {
-            all.push(c);
-        }
-    }
-    let record = AgentRevocation {
-        revoked_at_ms: now_ms,
-        reason: reason.to_owned(),
-        certificates: all,
-    };
+    let record = AgentRevocation::renewed(previous, reason, certs, now_ms);
     let json = encode(&record);
     sqlx::query(
         "INSERT INTO revoked_agents (agent, record) VALUES ($1, $2::jsonb)

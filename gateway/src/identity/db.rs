@@ -359,21 +359,11 @@ impl IdentityDb {
         let tx = self.write()?;
         let (record, invalidated) = {
             let mut agents = tx.open_table(REVOKED_AGENTS).map_err(backend)?;
-            // Fingerprints revoked earlier stay revoked.
-            let mut all: Vec<RevokedCert> = match agents.get(key.as_str()).map_err(backend)? {
-                Some(v) => decode::<AgentRevocation>(&key, v.value())?.certificates,
-                None => Vec::new(),
+            let previous = match agents.get(key.as_str()).map_err(backend)? {
+                Some(v) => Some(decode::<AgentRevocation>(&key, v.value())?),
+                None => None,
             };
-            for c in certs {
-                if !all.iter().any(|a| a.fingerprint == c.fingerprint) {
-                    all.push(c);
-                }
-            }
-            let record = AgentRevocation {
-                revoked_at_ms: now_ms,
-                reason: reason.to_owned(),
-                certificates: all,
-            };
+            let record = AgentRevocation::renewed(previous, reason, certs, now_ms);
             agents
                 .insert(key.as_str(), encode(&record).as_slice())
                 .map_err(backend)?;

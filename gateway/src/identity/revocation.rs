@@ -58,6 +58,27 @@ pub struct AgentRevocation {
 }
 
 impl AgentRevocation {
+    /// A revocation at `now_ms` for `reason`, refusing `certs` and every fingerprint the
+    /// `previous` revocation refused (those stay revoked). Both stores revoke through this.
+    pub fn renewed(
+        previous: Option<AgentRevocation>,
+        reason: &str,
+        certs: Vec<RevokedCert>,
+        now_ms: i64,
+    ) -> AgentRevocation {
+        let mut all = previous.map(|p| p.certificates).unwrap_or_default();
+        for c in certs {
+            if !all.iter().any(|a| a.fingerprint == c.fingerprint) {
+                all.push(c);
+            }
+        }
+        AgentRevocation {
+            revoked_at_ms: now_ms,
+            reason: reason.to_owned(),
+            certificates: all,
+        }
+    }
+
     /// The cut-off in whole seconds (X.509 times have one-second resolution).
     fn cutoff_secs(&self) -> i64 {
         self.revoked_at_ms.div_euclid(1000)
