@@ -628,6 +628,17 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
     assert "server_name" not in inline and "instance_id" not in inline
 
 
+
+def test_agent_connections_reaches_agent_toml_only_when_set():
+    unset = tomllib.loads(render_file(AGENT_CHART, "agent-required.yaml").one("ConfigMap")["data"]["agent.toml"])
+    assert "connections" not in unset
+    three = render_file(AGENT_CHART, "agent-required.yaml", {"gateway": {"connections": 3}})
+    assert tomllib.loads(three.one("ConfigMap")["data"]["agent.toml"])["connections"] == 3
+    for bad in (0, 17, "2"):
+        with pytest.raises(Exception) as e:
+            render_file(AGENT_CHART, "agent-required.yaml", {"gateway": {"connections": bad}})
+        assert "connections" in str(e.value), e.value
+
 SM_SECRET = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/agent-identity-AbCdEf"
 
 
