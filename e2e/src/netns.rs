@@ -769,7 +769,15 @@ impl LoadBalancer {
             let j = (start + k) % LB_BLOCKS;
             let link = format!("tl{j}");
             match ip(&[
-                "link", "add", &link, "type", "veth", "peer", "name", CP_UPLINK, "netns",
+                "link",
+                "add",
+                &link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CP_UPLINK,
+                "netns",
                 lb.name(),
             ]) {
                 Ok(_) => {
@@ -777,7 +785,9 @@ impl LoadBalancer {
                     break;
                 }
                 Err(e) if format!("{e}").contains("File exists") => continue,
-                Err(e) => return Err(e.context("creating the veth from the test into the balancer")),
+                Err(e) => {
+                    return Err(e.context("creating the veth from the test into the balancer"));
+                }
             }
         }
         let (j, host_link) = claimed.context("no free load balancer address block")?;
@@ -814,7 +824,13 @@ impl LoadBalancer {
 
     fn wire(&self, backend_net: Ipv4Addr) -> Result<()> {
         let lb = &self.lb;
-        ip(&["addr", "add", &format!("{}/30", self.host_addr), "dev", &self.host_link])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", self.host_addr),
+            "dev",
+            &self.host_link,
+        ])?;
         ip(&["link", "set", &self.host_link, "up"])?;
         lb.ip(&["addr", "add", &format!("{}/30", self.vip), "dev", CP_UPLINK])?;
         lb.ip(&["link", "set", CP_UPLINK, "up"])?;
@@ -826,7 +842,15 @@ impl LoadBalancer {
         for (k, b) in self.backends.iter().enumerate() {
             let link = &names[k];
             lb.ip(&[
-                "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
+                "link",
+                "add",
+                link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
                 b.ns.name(),
             ])?;
             lb.ip(&["addr", "add", &format!("{}/30", b.gateway), "dev", link])?;
@@ -952,7 +976,11 @@ impl LoadBalancer {
 
     /// The backends new flows go to now.
     pub fn active(&self) -> Vec<usize> {
-        self.state.lock().expect("load balancer state").active.clone()
+        self.state
+            .lock()
+            .expect("load balancer state")
+            .active
+            .clone()
     }
 
     /// New flows sent to each backend so far, by index (the nat chain sees only the first

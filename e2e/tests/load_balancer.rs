@@ -56,7 +56,10 @@ async fn all_listed(
     let deadline = Instant::now() + within;
     loop {
         let s = sessions(gw, pki).await;
-        if agents.iter().all(|a| s.get(a).is_some_and(|r| !r.is_empty())) {
+        if agents
+            .iter()
+            .all(|a| s.get(a).is_some_and(|r| !r.is_empty()))
+        {
             return s;
         }
         assert!(
@@ -67,7 +70,13 @@ async fn all_listed(
     }
 }
 
-fn start_agents(pki: &Pki, lb: &LoadBalancer, prefix: &str, n: usize, mode: TransportMode) -> Vec<(String, TestAgent)> {
+fn start_agents(
+    pki: &Pki,
+    lb: &LoadBalancer,
+    prefix: &str,
+    n: usize,
+    mode: TransportMode,
+) -> Vec<(String, TestAgent)> {
     (0..n)
         .map(|i| {
             let id = format!("acme/{prefix}-{i}");
@@ -79,7 +88,10 @@ fn start_agents(pki: &Pki, lb: &LoadBalancer, prefix: &str, n: usize, mode: Tran
 }
 
 /// The replicas `agents` have sessions on, per `listed`.
-fn replicas_of(listed: &BTreeMap<String, Vec<String>>, agents: &[(String, TestAgent)]) -> BTreeSet<String> {
+fn replicas_of(
+    listed: &BTreeMap<String, Vec<String>>,
+    agents: &[(String, TestAgent)],
+) -> BTreeSet<String> {
     agents
         .iter()
         .flat_map(|(id, _)| listed.get(id).cloned().unwrap_or_default())
@@ -88,7 +100,7 @@ fn replicas_of(listed: &BTreeMap<String, Vec<String>>, agents: &[(String, TestAg
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_behind_a_load_balancer_spread_over_replicas_and_a_removed_backend_gets_no_new_flows()
-{
+ {
     init();
     let lb = LoadBalancer::new(3, PORT).expect("load balancer");
     let pki = Pki::new();
@@ -112,8 +124,14 @@ async fn agents_behind_a_load_balancer_spread_over_replicas_and_a_removed_backen
     let listed = all_listed(&gws[0], &pki, &ids, T, "first agents").await;
     let (on_quic, on_tcp) = (replicas_of(&listed, &quic), replicas_of(&listed, &tcp));
     eprintln!("QUIC sessions on {on_quic:?}, TCP sessions on {on_tcp:?}");
-    assert!(on_quic.len() >= 2, "QUIC agents all on {on_quic:?}: {listed:?}");
-    assert!(on_tcp.len() >= 2, "TCP agents all on {on_tcp:?}: {listed:?}");
+    assert!(
+        on_quic.len() >= 2,
+        "QUIC agents all on {on_quic:?}: {listed:?}"
+    );
+    assert!(
+        on_tcp.len() >= 2,
+        "TCP agents all on {on_tcp:?}: {listed:?}"
+    );
     let flows = lb.new_flows().unwrap();
     eprintln!("new flows per backend: {flows:?}");
     assert!(
@@ -164,9 +182,10 @@ async fn agents_behind_a_load_balancer_spread_over_replicas_and_a_removed_backen
     loop {
         let s = sessions(&gws[0], &pki).await;
         let everyone = ids.iter().chain(&late);
-        let placed = everyone
-            .clone()
-            .all(|a| s.get(a).is_some_and(|r| !r.is_empty() && r.iter().all(|r| r != "r2")));
+        let placed = everyone.clone().all(|a| {
+            s.get(a)
+                .is_some_and(|r| !r.is_empty() && r.iter().all(|r| r != "r2"))
+        });
         if placed {
             break;
         }
