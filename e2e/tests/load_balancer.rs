@@ -7,15 +7,20 @@
 //! - the agents' sessions land on more than one replica, over UDP and over TCP alike;
 //! - a backend removed from the set gets no new flow while the sessions it holds stay up;
 //! - when that replica then dies (kill -9), its agents come back through the balancer, on the
-//!   replicas still in the set.
+//!   replicas still in the set;
+//! - the balancer itself, with plain UDP and TCP servers behind it: new flows spread (by flow
+//!   hash and at random), every datagram of a flow reaches the same backend, a backend out of
+//!   the set keeps its flows and gets no new one, and with no backend new flows are dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_agent::config::TransportMode;
 use tether_api::v1::ListAgentsRequest;
 use tether_api::v1::agents_client::AgentsClient;
-use tether_e2e::netns::LoadBalancer;
+use tether_e2e::netns::{LoadBalancer, Spread};
 use tether_e2e::*;
 use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
@@ -198,5 +203,163 @@ async fn agents_behind_a_load_balancer_spread_over_replicas_and_a_removed_backen
     assert_eq!(lb.new_flows().unwrap()[1], before[1]);
     for (_, a) in quic.into_iter().chain(tcp).chain(more_quic).chain(more_tcp) {
         a.stop().await;
+    }
+}
+
+/// A backend's UDP and TCP servers, answering every datagram and connection with its index.
+fn serve_index(lb: &LoadBalancer, k: usize, stop: &Arc<AtomicBool>) {
+    let addr = lb.backend_addr(k);
+    let (udp, tcp) = lb.backends[k]
+        .ns
+        .run(|| {
+            (
+                std::net::UdpSocket::bind(addr).expect("bind UDP in the backend"),
+                std::net::TcpListener::bind(addr).expect("bind TCP in the backend"),
+            )
+        })
+        .expect("enter the backend's namespace");
+    udp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let (s1, s2) = (stop.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !s1.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&[k as u8], from);
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            match tcp.accept() {
+                Ok((mut c, _)) => {
+                    let _ = std::io::Write::write_all(&mut c, &[k as u8]);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+}
+
+/// A UDP flow to the balancer: one socket, so one 5-tuple.
+struct Flow(std::net::UdpSocket);
+
+impl Flow {
+    fn open(lb: &LoadBalancer) -> Flow {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect(lb.addr()).unwrap();
+        Flow(s)
+    }
+
+    /// The backend that answers a datagram of this flow.
+    fn ask(&self) -> usize {
+        self.0.send(b"?").unwrap();
+        let mut b = [0u8; 8];
+        let n = self.0.recv(&mut b).expect("an answer through the balancer");
+        assert_eq!(n, 1);
+        b[0] as usize
+    }
+}
+
+fn tcp_ask(lb: &LoadBalancer) -> usize {
+    let mut c = std::net::TcpStream::connect_timeout(&lb.addr(), Duration::from_secs(5))
+        .expect("a TCP connection through the balancer");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut c, &mut b).expect("the backend's answer");
+    b[0] as usize
+}
+
+#[test]
+fn the_balancer_spreads_new_flows_keeps_each_on_its_backend_and_drains_a_removed_one() {
+    for spread in [Spread::FlowHash, Spread::Random] {
+        let lb = LoadBalancer::with_spread(3, PORT, spread).expect("load balancer");
+        let stop = Arc::new(AtomicBool::new(false));
+        for k in 0..3 {
+            serve_index(&lb, k, &stop);
+        }
+        // 40 UDP flows and 40 TCP connections: each lands on one backend, and all of a flow's
+        // datagrams on the same one.
+        let flows: Vec<(Flow, usize)> = (0..40)
+            .map(|_| {
+                let f = Flow::open(&lb);
+                let k = f.ask();
+                (f, k)
+            })
+            .collect();
+        for (f, k) in &flows {
+            for _ in 0..3 {
+                assert_eq!(f.ask(), *k, "{spread:?}: a flow moved between backends");
+            }
+        }
+        let mut udp = [0usize; 3];
+        for (_, k) in &flows {
+            udp[*k] += 1;
+        }
+        let mut tcp = [0usize; 3];
+        for _ in 0..40 {
+            tcp[tcp_ask(&lb)] += 1;
+        }
+        eprintln!("{spread:?}: UDP flows per backend {udp:?}, TCP {tcp:?}");
+        assert!(
+            udp.iter().filter(|n| **n > 0).count() >= 2,
+            "{spread:?} UDP {udp:?}"
+        );
+        assert!(
+            tcp.iter().filter(|n| **n > 0).count() >= 2,
+            "{spread:?} TCP {tcp:?}"
+        );
+        let counted = lb.new_flows().unwrap();
+        assert_eq!(counted.iter().sum::<u64>(), 80, "{spread:?}: {counted:?}");
+        for k in 0..3 {
+            assert_eq!(
+                counted[k] as usize,
+                udp[k] + tcp[k],
+                "{spread:?}: {counted:?}"
+            );
+        }
+
+        // Backend 1 leaves the set: new flows avoid it, its established flows stay on it.
+        lb.set_backends(&[0, 2]).unwrap();
+        assert_eq!(lb.active(), [0, 2]);
+        for _ in 0..30 {
+            assert_ne!(
+                Flow::open(&lb).ask(),
+                1,
+                "{spread:?}: a new UDP flow went to the removed backend"
+            );
+            assert_ne!(
+                tcp_ask(&lb),
+                1,
+                "{spread:?}: a new TCP connection went to the removed backend"
+            );
+        }
+        for (f, k) in &flows {
+            assert_eq!(
+                f.ask(),
+                *k,
+                "{spread:?}: an established flow moved when its backend left the set"
+            );
+        }
+        assert_eq!(lb.new_flows().unwrap()[1], counted[1]);
+
+        // No backend at all: new flows are dropped (and counted), none answered.
+        lb.set_backends(&[]).unwrap();
+        let f = Flow::open(&lb);
+        f.0.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        f.0.send(b"?").unwrap();
+        assert!(
+            f.0.recv(&mut [0u8; 8]).is_err(),
+            "{spread:?}: answered with no backend"
+        );
+        assert!(lb.refused_flows().unwrap() >= 1);
+        assert!(
+            lb.set_backends(&[3]).is_err(),
+            "a backend that does not exist"
+        );
+        stop.store(true, Ordering::Relaxed);
     }
 }

@@ -286,7 +286,8 @@ pub struct ReplicaReport {
     pub rss_max_kib: u64,
     /// Its CPU over the whole run, percent of one core (average of the samples).
     pub cpu_avg_pct: f64,
-    /// Relayed calls it counted (`tether_gateway_relay_calls_total`) since its last start.
+    /// Relayed calls it counted (`tether_gateway_relay_calls_total`) since its last start;
+    /// `None` when its `/metrics` could not be read.
     pub relay_calls: Option<f64>,
     /// Calls it forwarded to a peer replica since its last start: the sum of its counters
     /// whose name holds `forward` (see [`Forwarding::gateway_metrics`]); `None` when it

@@ -1025,11 +1025,12 @@ async fn replica_reports(ctx: &Ctx, mut replicas: Vec<ReplicaReport>) -> Vec<Rep
         let Some(text) = crate::gateway::metrics_text(gw.addrs.ops).await else {
             continue;
         };
-        x.relay_calls =
+        // No series yet: nothing relayed since it started.
+        x.relay_calls = Some(
             crate::gateway::metric_sums(&text, |n| n == "tether_gateway_relay_calls_total")
                 .values()
-                .next()
-                .copied();
+                .sum(),
+        );
         let fwd = crate::gateway::metric_sums(&text, is_forward_counter);
         x.forwarded = (!fwd.is_empty()).then(|| fwd.values().sum());
     }
@@ -1119,6 +1120,8 @@ async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
         let restarts = async {
             let mut out = Vec::new();
             let mut marks = Vec::new();
+            // The load stops with the restarts, whatever becomes of them.
+            let _stop_load = stop.clone().drop_guard();
             tokio::time::sleep(ctx_ref.opts.rolling_pause).await;
             for (k, gw) in gateways.iter_mut().enumerate() {
                 let on_it = (ctx_ref.fleet.counter())().1.get(k).copied().unwrap_or(0);
@@ -1138,7 +1141,6 @@ async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
                 restarted?;
                 tokio::time::sleep(ctx_ref.opts.rolling_pause).await;
             }
-            stop.cancel();
             Ok::<_, LoadError>((out, marks))
         };
         let (load, restarts) = tokio::join!(load, restarts);
