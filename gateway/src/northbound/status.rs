@@ -22,9 +22,9 @@ impl From<CommandError> for Status {
                 Status::invalid_argument(msg)
             }
             CommandError::TooLate { .. } => Status::failed_precondition(msg),
-            CommandError::TooManyPending { .. } | CommandError::TooManyWatches { .. } => {
-                Status::resource_exhausted(msg)
-            }
+            CommandError::TooManyPending { .. }
+            | CommandError::TooManyWatches { .. }
+            | CommandError::WatchLagged { .. } => Status::resource_exhausted(msg),
             CommandError::Store(_) | CommandError::Unavailable(_) => Status::unavailable(msg),
         }
     }
