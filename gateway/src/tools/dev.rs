@@ -374,6 +374,7 @@ fn bind(
         tunnel_tcp,
         northbound: tcp_or_any(northbound).map_err(|e| format!("binding northbound: {e}"))?,
         ops: tcp_or_any(ops).map_err(|e| format!("binding ops: {e}"))?,
+        peer: None,
     };
     let addrs = [
         sockets.tunnel.local_addr().map_err(|e| e.to_string())?,
