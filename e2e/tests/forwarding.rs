@@ -122,7 +122,12 @@ fn req(message: &str) -> EchoRequest {
 
 /// An agent dialing `gws` (one session each) with the demo upstream as `default` and a TCP
 /// echo as `echo`.
-fn agent_on(pki: &Pki, gws: &[&GatewayProcess], upstream: &DemoUpstream, echo: SocketAddr) -> TestAgent {
+fn agent_on(
+    pki: &Pki,
+    gws: &[&GatewayProcess],
+    upstream: &DemoUpstream,
+    echo: SocketAddr,
+) -> TestAgent {
     let mut cfg = agent_config(&pki.agent(AGENT), gws[0].tunnel);
     cfg.gateways = gws.iter().map(|g| g.tunnel.to_string()).collect();
     with_service(&mut cfg, "default", &upstream.url(), ServiceKind::Grpc);
@@ -157,7 +162,10 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
         })
         .await
         .unwrap_err();
-    assert_eq!((e.code(), e.message()), (Code::AlreadyExists, "nope: ünïcode"));
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::AlreadyExists, "nope: ünïcode")
+    );
     assert_eq!(
         e.metadata().get("x-echo-trailer").unwrap(),
         "failed-on-purpose"
@@ -197,7 +205,11 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
         Some(Code::DeadlineExceeded as i32),
         "{reply:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     wait_until("the upstream call past its deadline cancelled", T, || {
         upstream.observed.cancelled.load(Ordering::SeqCst) > cancelled
     })
@@ -224,8 +236,16 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
         upstream.observed.cancelled.load(Ordering::SeqCst) > cancelled
     })
     .await;
-    eprintln!("{}: caller gone → upstream cancelled in {:?}", gw.northbound, dropped.elapsed());
-    assert!(dropped.elapsed() < Duration::from_secs(2), "{:?}", dropped.elapsed());
+    eprintln!(
+        "{}: caller gone → upstream cancelled in {:?}",
+        gw.northbound,
+        dropped.elapsed()
+    );
+    assert!(
+        dropped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        dropped.elapsed()
+    );
 
     // Flow control end to end: a paused caller stops the upstream within bounded windows.
     const MSG: u32 = 64 * 1024;
@@ -256,7 +276,10 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
         gw.northbound,
         ahead * u64::from(MSG) / 1024
     );
-    assert!(ahead < 256, "upstream ran {ahead} messages ahead of a paused caller");
+    assert!(
+        ahead < 256,
+        "upstream ran {ahead} messages ahead of a paused caller"
+    );
     let rest = stream.collect::<Vec<_>>().await;
     assert_eq!(rest.len() as u32, COUNT - 10);
 
@@ -281,7 +304,12 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
     {
         got.extend_from_slice(&c.data);
     }
-    assert!(got == data, "TCP echo differs: {} of {} bytes", got.len(), data.len());
+    assert!(
+        got == data,
+        "TCP echo differs: {} of {} bytes",
+        got.len(),
+        data.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +329,10 @@ async fn every_call_shape_and_a_tcp_stream_work_through_a_replica_without_the_se
     let out = r2.forwarded("r1", "out");
     let carried = r1.forwarded("r2", "in");
     eprintln!("r2 forwarded {out} streams to r1; r1 carried {carried}");
-    assert!(out >= 10.0 && carried >= 10.0, "out {out}, carried {carried}");
+    assert!(
+        out >= 10.0 && carried >= 10.0,
+        "out {out}, carried {carried}"
+    );
     // Local: r1 holds it, and forwards nothing.
     every_relay_behaviour_through(r1, &pki, &upstream).await;
     assert_eq!(r1.forwarded("r2", "out"), 0.0);
@@ -386,7 +417,11 @@ async fn probe_as(addr: SocketAddr, files: &CertFiles) -> Result<(), String> {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let work = async {
         let conn = endpoint
-            .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), addr, "tether-peer")
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr,
+                "tether-peer",
+            )
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| format!("handshake: {e}"))?;
@@ -497,10 +532,12 @@ async fn a_cut_peer_link_fails_over_to_the_other_holder_answers_unavailable_prom
         &peer_replica_config(&pg.dsn(), "r0", &pki, api),
     )
     .await;
-    let r1 = GatewayProcess::spawn_configured(&pki, &peer_replica_config(&pg.dsn(), "r1", &pki, host))
-        .await;
-    let r2 = GatewayProcess::spawn_configured(&pki, &peer_replica_config(&pg.dsn(), "r2", &pki, host))
-        .await;
+    let r1 =
+        GatewayProcess::spawn_configured(&pki, &peer_replica_config(&pg.dsn(), "r1", &pki, host))
+            .await;
+    let r2 =
+        GatewayProcess::spawn_configured(&pki, &peer_replica_config(&pg.dsn(), "r2", &pki, host))
+            .await;
     wait_linked(&[&r0, &r1, &r2], &["r0", "r1", "r2"]).await;
     let upstream = DemoUpstream::start().await;
     let echo_addr = tcp_echo_server().await;
@@ -538,7 +575,10 @@ async fn a_cut_peer_link_fails_over_to_the_other_holder_answers_unavailable_prom
     }
     eprintln!("r0–r1 cut: 40 calls succeeded through r2, the slowest in {slowest:?}");
     assert!(r0.forwarded("r2", "out") >= to_r2 + 40.0);
-    eventually("r0 seeing its link to r1 down", T, || async { !r0.peer_up("r1") }).await;
+    eventually("r0 seeing its link to r1 down", T, || async {
+        !r0.peer_up("r1")
+    })
+    .await;
     eprintln!("r0's link to r1 down {:?} after the cut", cut_at.elapsed());
 
     // Cut r0–r2 too: nobody reachable holds the agent; UNAVAILABLE naming it, promptly.
@@ -546,7 +586,9 @@ async fn a_cut_peer_link_fails_over_to_the_other_holder_answers_unavailable_prom
     let mut answered_in = Vec::new();
     for n in 0..3 {
         let started = Instant::now();
-        let e = call(&mut echo, n).await.expect_err("no holder is reachable");
+        let e = call(&mut echo, n)
+            .await
+            .expect_err("no holder is reachable");
         answered_in.push(started.elapsed());
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         assert!(e.message().contains(AGENT), "{e:?}");
@@ -558,7 +600,9 @@ async fn a_cut_peer_link_fails_over_to_the_other_holder_answers_unavailable_prom
     );
 
     // Lift both cuts: the links come back by themselves, and calls are forwarded again.
-    topo.cp.nft("delete table inet cut_r1\ndelete table inet cut_r2\n").expect("nft");
+    topo.cp
+        .nft("delete table inet cut_r1\ndelete table inet cut_r2\n")
+        .expect("nft");
     let lifted = Instant::now();
     eventually("r0's links to r1 and r2 back", T, || async {
         r0.peer_up("r1") && r0.peer_up("r2")
@@ -567,10 +611,15 @@ async fn a_cut_peer_link_fails_over_to_the_other_holder_answers_unavailable_prom
     eprintln!("links back {:?} after the cut was lifted", lifted.elapsed());
     let before = r0.forwarded("r1", "out") + r0.forwarded("r2", "out");
     for n in 0..20 {
-        call(&mut echo, n).await.expect("forwarded again after the cut");
+        call(&mut echo, n)
+            .await
+            .expect("forwarded again after the cut");
     }
     assert!(r0.forwarded("r1", "out") + r0.forwarded("r2", "out") >= before + 20.0);
 }
+
+/// When a call started, and how it ended.
+type CallResult = (Instant, Result<(), Code>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_without_cleanup_is_never_routed_to_once_its_liveness_expired() {
@@ -586,7 +635,7 @@ async fn a_replica_killed_without_cleanup_is_never_routed_to_once_its_liveness_e
     // Callers at r3, the replica without a session, all along (each result kept with the time
     // its call started).
     let stop = tether_runtime::CancellationToken::new();
-    let results: Arc<std::sync::Mutex<Vec<(Instant, Result<(), Code>)>>> = Arc::default();
+    let results: Arc<std::sync::Mutex<Vec<CallResult>>> = Arc::default();
     let mut callers = Vec::new();
     for c in 0..4 {
         let mut echo = echo_at(&gws[2], &pki, AGENT).await;
@@ -595,7 +644,9 @@ async fn a_replica_killed_without_cleanup_is_never_routed_to_once_its_liveness_e
             let mut n = 0;
             while !stop.is_cancelled() {
                 let started = Instant::now();
-                let r = call(&mut echo, c * 1_000_000 + n).await.map_err(|e| e.code());
+                let r = call(&mut echo, c * 1_000_000 + n)
+                    .await
+                    .map_err(|e| e.code());
                 results.lock().unwrap().push((started, r));
                 n += 1;
             }

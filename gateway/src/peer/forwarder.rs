@@ -194,7 +194,7 @@ impl Forwarder {
                 cache.remove(agent);
             }
         }
-        Ok(presence::holders(&self.pool, agent).await?)
+        presence::holders(&self.pool, agent).await
     }
 
     /// Opens a stream to `req.agent` through a replica that holds one of its sessions and
@@ -207,13 +207,13 @@ impl Forwarder {
         header: &[Transmit],
     ) -> Result<(SendStream, RecvStream), ForwardError> {
         let agent = req.agent;
-        let holders = self
-            .holders(&agent.to_string())
-            .await
-            .map_err(|source| ForwardError::Lookup {
-                agent: agent.clone(),
-                source,
-            })?;
+        let holders =
+            self.holders(&agent.to_string())
+                .await
+                .map_err(|source| ForwardError::Lookup {
+                    agent: agent.clone(),
+                    source,
+                })?;
         let me = self.peers.me();
         let mut notes: Vec<String> = Vec::new();
         let mut ready: Vec<(Arc<PeerLink>, bool)> = Vec::new();

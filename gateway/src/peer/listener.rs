@@ -49,7 +49,10 @@ pub async fn accept_loop(peers: Arc<Peers>) {
                 }
             };
             let Some(peer) = super::tls::peer_replica(&conn, &peers.trust_domain) else {
-                conn.close(ErrorCode::UNAUTHENTICATED.0.into(), b"not a gateway replica");
+                conn.close(
+                    ErrorCode::UNAUTHENTICATED.0.into(),
+                    b"not a gateway replica",
+                );
                 return;
             };
             if peer == peers.me {

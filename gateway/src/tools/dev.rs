@@ -201,8 +201,7 @@ async fn run_replicas(
     };
     let mut replicas: Vec<Replica> = Vec::new();
     for i in 0..n {
-        let (mut sockets, [tunnel, northbound, ops]) =
-            bind(lo(7443, i), lo(7444, i), lo(9090, i))?;
+        let (mut sockets, [tunnel, northbound, ops]) = bind(lo(7443, i), lo(7444, i), lo(9090, i))?;
         let replica = format!("dev-{}", i + 1);
         let peer_socket = udp_or_any(lo(7445, i)).map_err(|e| format!("binding peer: {e}"))?;
         let peer_listen = peer_socket.local_addr().map_err(|e| e.to_string())?;
