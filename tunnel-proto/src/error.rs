@@ -109,6 +109,13 @@ impl ErrorCode {
     /// The agent already holds as many sessions as the gateway allows one agent; retrying helps
     /// once one of them ends.
     pub const TOO_MANY_SESSIONS: ErrorCode = ErrorCode(13);
+    /// Peer links between gateway replicas (numbered from 0x100, apart from the tunnel's): the
+    /// replica asked to carry a stream holds no session of its agent, and nothing reached the
+    /// agent, so the stream may be sent to another replica.
+    pub const NOT_HERE: ErrorCode = ErrorCode(0x100);
+    /// Peer links: the connection on the far side of a replica in the middle (its agent's
+    /// session, or the peer link) was lost under a stream it was carrying.
+    pub const LINK_LOST: ErrorCode = ErrorCode(0x101);
 
     /// A stable lower-case name, for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -127,6 +134,8 @@ impl ErrorCode {
             11 => "unauthenticated",
             12 => "unresponsive",
             13 => "too_many_sessions",
+            0x100 => "not_here",
+            0x101 => "link_lost",
             _ => "unknown",
         }
     }

@@ -11,6 +11,7 @@ use crate::commands::CommandError;
 use crate::identity::callers::CallerRevokeError;
 use crate::identity::enrollment::EnrollError;
 use crate::identity::revocation::RevokeError;
+use crate::peer::forwarder::ForwardError;
 use crate::relay::RelayError;
 
 impl From<CommandError> for Status {
@@ -96,6 +97,12 @@ impl From<RelayError> for Status {
                 Status::resource_exhausted(msg)
             }
             RelayError::DeadlineWaitingForStream(_) => Status::deadline_exceeded(msg),
+            RelayError::Forward(e) => match e {
+                ForwardError::NoSession { known: false, .. } => Status::not_found(msg),
+                ForwardError::Busy { .. } => Status::resource_exhausted(msg),
+                ForwardError::Deadline(_) => Status::deadline_exceeded(msg),
+                _ => Status::unavailable(msg),
+            },
         }
     }
 }

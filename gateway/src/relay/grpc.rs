@@ -140,7 +140,9 @@ async fn relay_call(
         id: String::new(),
     };
     let (mut request, response) = rpc::open(header);
-    let opened = relay.open(&agent, &mut request, deadline).await;
+    let opened = relay
+        .open_as(Some(&caller), &agent, &mut request, deadline)
+        .await;
     if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
         *tenant = Some(agent.tenant().to_owned());
     }

@@ -2,7 +2,11 @@
 //!
 //! [`Relay`] picks the session a stream goes on and opens it: [`grpc`] relays any gRPC call
 //! that is not `tether.v1.*` ([`grpc::RelayService`]), [`tcp`] serves `tether.v1.Streams`, and
-//! [`limits`] caps the streams in flight per agent. The caller (resolved by
+//! [`limits`] caps the streams in flight per agent. With replicas, a stream for an agent with
+//! no session here goes over a peer link to a replica that holds one (`peer::forwarder`): the
+//! local session first, else forward; the stream handed back is the same either way, so the
+//! call's code does not know. [`Relay`] is also what a forwarded stream is opened on at the
+//! holder (`peer::LocalStreams`: local sessions only, one hop at most). The caller (resolved by
 //! `northbound::auth::Authenticated`) must be allowed to act for the agent's tenant: otherwise
 //! `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing about
 //! whether the agent exists.
@@ -11,20 +15,23 @@ pub mod grpc;
 pub mod limits;
 pub mod tcp;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use http::HeaderMap;
 use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
 use tether_runtime::stream::{StreamError, flush};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
-use tunnel_proto::AgentId;
-use tunnel_proto::stream::SendHalf;
+use tunnel_proto::stream::{SendHalf, Transmit};
+use tunnel_proto::{AgentId, Message, StreamKind};
 
 use crate::metrics::RelayKind;
 use crate::northbound::auth::Caller;
+use crate::peer::forwarder::{ForwardError, ForwardRequest, Forwarder};
+use crate::peer::{LocalRefusal, LocalStream, LocalStreams};
 use crate::relay::limits::{AgentStreams, StreamPermit};
 use crate::tunnel::registry::{Registry, SessionInfo};
 
@@ -87,6 +94,9 @@ pub enum RelayError {
         /// What the transport said.
         source: StreamError,
     },
+    /// The agent's sessions are on other replicas, and forwarding there failed.
+    #[error(transparent)]
+    Forward(ForwardError),
 }
 
 /// Shared state of the relay.
@@ -95,6 +105,8 @@ pub struct Relay {
     registry: Arc<Registry>,
     next: AtomicUsize,
     streams: AgentStreams,
+    /// With peer links: where a stream goes when no session is here.
+    forwarder: OnceLock<Arc<Forwarder>>,
 }
 
 impl Relay {
@@ -105,7 +117,14 @@ impl Relay {
             registry,
             next: AtomicUsize::new(0),
             streams: AgentStreams::new(streams_per_agent),
+            forwarder: OnceLock::new(),
         })
+    }
+
+    /// Forwards streams for agents with no session here through `forwarder` from now on (set
+    /// once; a second call is ignored).
+    pub fn set_forwarder(&self, forwarder: Arc<Forwarder>) {
+        let _ = self.forwarder.set(forwarder);
     }
 
     /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
@@ -165,23 +184,49 @@ impl Relay {
         machine: &mut S,
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
-        let session = self.pick(agent)?;
-        let permit = self
-            .streams
-            .acquire(agent)
-            .ok_or_else(|| RelayError::TooManyStreams {
-                agent: agent.clone(),
-                limit: self.streams.max(),
-            })?;
+        self.open_as(None, agent, machine, deadline).await
+    }
+
+    /// As [`open`](Self::open), for `caller` (named in the holder's logs when the stream is
+    /// forwarded). A session here is used first; with none (or when its connection fails
+    /// before anything was written), the stream is forwarded to a replica that holds one.
+    pub async fn open_as<S: SendHalf + ?Sized>(
+        &self,
+        caller: Option<&Caller>,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        let local = match self.pick(agent) {
+            Ok(session) => session,
+            Err(e @ (RelayError::UnknownAgent(_) | RelayError::NotConnected(_))) => {
+                return match self.forwarder.get() {
+                    Some(f) => self.forward(f, caller, agent, machine, deadline, e).await,
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let permit = self.permit(agent)?;
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
-            match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
+            match tokio::time::timeout_at(open_by.into(), local.link.open()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(source)) => {
-                    return Err(RelayError::ConnectionLost {
+                    let lost = RelayError::ConnectionLost {
                         agent: agent.clone(),
                         source,
-                    });
+                    };
+                    // The session is going away and nothing was written: another replica's
+                    // session may take the stream.
+                    return match self.forwarder.get() {
+                        Some(f) => {
+                            drop(permit);
+                            self.forward(f, caller, agent, machine, deadline, lost)
+                                .await
+                        }
+                        None => Err(lost),
+                    };
                 }
                 Err(_) if deadline.is_some() => {
                     return Err(RelayError::DeadlineWaitingForStream(agent.clone()));
@@ -195,6 +240,95 @@ impl Relay {
                 source,
             })?;
         Ok((send, recv, permit))
+    }
+
+    fn permit(&self, agent: &AgentId) -> Result<StreamPermit, RelayError> {
+        self.streams
+            .acquire(agent)
+            .ok_or_else(|| RelayError::TooManyStreams {
+                agent: agent.clone(),
+                limit: self.streams.max(),
+            })
+    }
+
+    /// Forwards the stream `machine` opens to a replica holding a session of `agent`;
+    /// `local` is why it could not stay here (answered when no replica holds the agent).
+    async fn forward<S: SendHalf + ?Sized>(
+        &self,
+        forwarder: &Forwarder,
+        caller: Option<&Caller>,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+        local: RelayError,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        let permit = self.permit(agent)?;
+        let mut queued = Vec::new();
+        while let Some(t) = machine.poll_transmit() {
+            queued.push(t);
+        }
+        let req = ForwardRequest {
+            agent,
+            caller: caller.map_or("-", |c| c.name.as_str()),
+            stream_kind: stream_kind(&queued),
+            deadline,
+        };
+        match forwarder.open(req, &queued).await {
+            Ok((send, recv)) => Ok((send, recv, permit)),
+            Err(ForwardError::NoSession { known, .. }) => Err(match local {
+                RelayError::UnknownAgent(a) if known => RelayError::NotConnected(a),
+                other => other,
+            }),
+            Err(ForwardError::Deadline(a)) => Err(RelayError::DeadlineWaitingForStream(a)),
+            Err(e) => Err(RelayError::Forward(e)),
+        }
+    }
+}
+
+/// What a stream carries, from the `StreamHeader` its machine queued (for the holder's logs).
+fn stream_kind(queued: &[Transmit]) -> &'static str {
+    let Some(Transmit::Bytes(first)) = queued.first() else {
+        return "unknown";
+    };
+    let mut dec = tunnel_proto::FrameDecoder::new(tunnel_proto::frame::MAX_STREAM_FRAME);
+    dec.push(first);
+    if let Some(Transmit::Bytes(rest)) = queued.get(1) {
+        dec.push(rest);
+    }
+    match dec.next_message() {
+        Ok(Some(Message::StreamHeader(h))) => match StreamKind::try_from(h.kind) {
+            Ok(StreamKind::Rpc) => "grpc",
+            Ok(StreamKind::Tcp) => "tcp",
+            _ => "other",
+        },
+        _ => "unknown",
+    }
+}
+
+impl LocalStreams for Relay {
+    /// A stream to one of `agent`'s sessions here, never forwarded again (one hop at most).
+    fn open_local<'a>(
+        &'a self,
+        agent: &'a AgentId,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<LocalStream, LocalRefusal>> {
+        Box::pin(async move {
+            let session = self.pick(agent).map_err(|_| LocalRefusal::NotHere)?;
+            let permit = self
+                .permit(agent)
+                .map_err(|e| LocalRefusal::TooManyStreams(e.to_string()))?;
+            match tokio::time::timeout_at(deadline.into(), session.link.open()).await {
+                Ok(Ok((send, recv))) => Ok(LocalStream {
+                    send,
+                    recv,
+                    permit: Box::new(permit),
+                }),
+                Ok(Err(e)) => Err(LocalRefusal::Lost(format!("agent {agent}: {e}"))),
+                Err(_) => Err(LocalRefusal::NoFreeStream(
+                    RelayError::NoFreeStream(agent.clone()).to_string(),
+                )),
+            }
+        })
     }
 }
 

@@ -58,7 +58,10 @@ impl Streams for StreamsApi {
             .route(&headers, &caller, "tether.v1.Streams/Open")?;
         let mut machine = GatewayTcp::new(service);
         let started = Instant::now();
-        let (mut send, recv, permit) = self.relay.open(&agent, &mut machine, None).await?;
+        let (mut send, recv, permit) = self
+            .relay
+            .open_as(Some(&caller), &agent, &mut machine, None)
+            .await?;
         let mut reader = Reader::new(recv, machine);
         match reader.next().await {
             Ok(TcpEvent::Opened) => {}
