@@ -44,6 +44,8 @@ pub const BUILTIN: &str = "agent";
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to connect to a TCP upstream.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most read from a TCP upstream at once (one write to the tunnel stream).
+const TCP_READ_CHUNK: usize = 64 * 1024;
 
 enum Upstream {
     Grpc { svc: GrpcService, address: String },
@@ -580,11 +582,13 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
     };
     // Service → gateway; the service closing its side finishes the stream.
     let outbound = async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Read straight into the buffer the stream sends from: no copy on the way to QUIC.
+        let mut buf = bytes::BytesMut::new();
         loop {
-            let done = match rd.read(&mut buf).await {
+            buf.reserve(TCP_READ_CHUNK);
+            let done = match rd.read_buf(&mut buf).await {
                 Ok(0) => to_gateway.finish().is_ok(),
-                Ok(n) => to_gateway.write(Bytes::copy_from_slice(&buf[..n])).is_err(),
+                Ok(_) => to_gateway.write(buf.split().freeze()).is_err(),
                 Err(_) => {
                     to_gateway.reset(ErrorCode::CANCELLED);
                     true

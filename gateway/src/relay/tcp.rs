@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tether_api::v1::StreamChunk;
 use tether_api::v1::streams_server::{Streams, StreamsServer};
 use tether_runtime::stream::{Reader, flush};
@@ -107,7 +106,7 @@ impl Streams for StreamsApi {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
                         count_relayed_bytes(Direction::ToAgent, chunk.data.len());
-                        let _ = to_agent.write(Bytes::from(chunk.data));
+                        let _ = to_agent.write(chunk.data);
                     }
                     // The caller half-closed: so do we.
                     None => {
@@ -144,7 +143,7 @@ impl Streams for StreamsApi {
                 let failed = match event {
                     Ok(TcpEvent::Data(b)) => {
                         count_relayed_bytes(Direction::FromAgent, b.len());
-                        if tx.send(Ok(StreamChunk { data: b.to_vec() })).await.is_err() {
+                        if tx.send(Ok(StreamChunk { data: b })).await.is_err() {
                             reader.half_mut().stop(ErrorCode::CANCELLED);
                             reader.apply_stop();
                             return;
