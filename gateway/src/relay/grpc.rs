@@ -41,7 +41,7 @@ use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::rpc::{self, RequestSend, ResponseEvent, ResponseRecv};
 
-use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::northbound::auth::Caller;
 use crate::relay::limits::StreamPermit;
 use crate::relay::{Relay, RelayError, record_call, record_first_byte};
@@ -227,6 +227,7 @@ async fn relay_call(
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
         cancel,
         tenant,
+        bytes: relayed_bytes(Direction::FromAgent),
         done: false,
         _active: active,
     };
@@ -277,6 +278,7 @@ async fn pump_request(
     cancel: CancellationToken,
     deadline: Option<Instant>,
 ) {
+    let bytes = relayed_bytes(Direction::ToAgent);
     let deadline = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -294,7 +296,7 @@ async fn pump_request(
         match frame {
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
-                    count_relayed_bytes(Direction::ToAgent, data.len());
+                    bytes.increment(data.len() as u64);
                     let _ = request.data(data);
                     if flush(&mut send, &mut request).await.is_err() {
                         return;
@@ -333,6 +335,7 @@ struct ToCaller {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     cancel: CancellationToken,
     tenant: String,
+    bytes: metrics::Counter,
     /// The final frame was given (or the call was ended): nothing more is read.
     done: bool,
     _active: ActiveGuard,
@@ -364,7 +367,7 @@ impl ToCaller {
         };
         let (code, why) = match event {
             Ok(ResponseEvent::Data(b)) => {
-                count_relayed_bytes(Direction::FromAgent, b.len());
+                self.bytes.increment(b.len() as u64);
                 return Some(Ok(Frame::data(b)));
             }
             Ok(ResponseEvent::Trailers(t)) => {

@@ -18,7 +18,7 @@ use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::tcp::{GatewayTcp, RawRecv, TcpEvent};
 use tunnel_proto::{ErrorCode, ProtoError};
 
-use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::relay::limits::StreamPermit;
 use crate::relay::{Relay, record_call, record_first_byte};
 
@@ -103,11 +103,12 @@ impl Streams for StreamsApi {
         // Caller → agent: a task of its own, so this direction flows whether or not the caller
         // reads the other.
         let mut inbound = req.into_inner();
+        let to_agent_bytes = relayed_bytes(Direction::ToAgent);
         tokio::spawn(async move {
             loop {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
-                        count_relayed_bytes(Direction::ToAgent, chunk.data.len());
+                        to_agent_bytes.increment(chunk.data.len() as u64);
                         let _ = to_agent.write(chunk.data);
                     }
                     // The caller half-closed: so do we.
@@ -133,6 +134,7 @@ impl Streams for StreamsApi {
         // agent's limit until this side ends or is dropped.
         let state = FromAgent {
             reader: Reader::new(recv, from_agent),
+            bytes: relayed_bytes(Direction::FromAgent),
             done: false,
             _permit: permit,
         };
@@ -149,6 +151,7 @@ impl Streams for StreamsApi {
 /// The agent → caller half of an open TCP stream, read as the caller's response is polled.
 struct FromAgent {
     reader: Reader<RawRecv>,
+    bytes: metrics::Counter,
     /// The final item was given: nothing more is read.
     done: bool,
     _permit: StreamPermit,
@@ -162,7 +165,7 @@ impl FromAgent {
         }
         let failed = match self.reader.next().await {
             Ok(TcpEvent::Data(b)) => {
-                count_relayed_bytes(Direction::FromAgent, b.len());
+                self.bytes.increment(b.len() as u64);
                 return Some(Ok(StreamChunk { data: b }));
             }
             Ok(TcpEvent::Finished) => {
