@@ -130,29 +130,30 @@ impl Relay {
     /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
     /// A stream stays on the session it was opened on.
     fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, RelayError> {
-        let snapshot = self
-            .registry
-            .get(agent)
-            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
-        if snapshot.sessions.is_empty() {
-            return Err(RelayError::NotConnected(agent.clone()));
-        }
-        // Make-before-break: while an agent instance moves to a new session (GoAway, or back
-        // from the TCP fallback to QUIC), its older session only finishes what it carries.
-        // Sessions are in connection order, so the newest of each instance is the last.
-        let s = &snapshot.sessions;
-        let current: Vec<&Arc<SessionInfo>> = s
-            .iter()
-            .enumerate()
-            .filter(|(i, a)| {
-                !s[i + 1..]
-                    .iter()
-                    .any(|b| b.hello.instance_id == a.hello.instance_id)
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        // Under the registry's lock, without copying the agent's sessions.
+        self.registry
+            .with_sessions(agent, |s| {
+                // Make-before-break: while an agent instance moves to a new session (GoAway, or
+                // back from the TCP fallback to QUIC), its older session only finishes what it
+                // carries. Sessions are in connection order, so the newest of each instance is
+                // the last.
+                let current = |i: usize| {
+                    !s[i + 1..]
+                        .iter()
+                        .any(|b| b.hello.instance_id == s[i].hello.instance_id)
+                };
+                let n = (0..s.len()).filter(|&i| current(i)).count();
+                if n == 0 {
+                    return None;
+                }
+                (0..s.len())
+                    .filter(|&i| current(i))
+                    .nth(turn % n)
+                    .map(|i| s[i].clone())
             })
-            .map(|(_, a)| a)
-            .collect();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % current.len();
-        Ok(current[i].clone())
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?
+            .ok_or_else(|| RelayError::NotConnected(agent.clone()))
     }
 
     /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
@@ -354,8 +355,32 @@ fn record_first_byte(kind: RelayKind, started: Instant) {
 /// was routed to (see [`grpc::tenant_label`]).
 fn record_call(kind: RelayKind, tenant: &str, code: Code) {
     metrics::counter!("tether_gateway_relay_calls_total", "kind" => kind.as_str(),
-        "tenant" => tenant.to_owned(), "code" => format!("{code:?}"))
+        "tenant" => tenant.to_owned(), "code" => code_label(code))
     .increment(1);
+}
+
+/// The `code` label: the status code's name, as `{code:?}` writes it, without formatting it
+/// on every call.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +392,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
         Some(h)
+    }
+
+    #[test]
+    fn code_labels_are_the_codes_debug_names() {
+        for i in 0..=16 {
+            let code = Code::from_i32(i);
+            assert_eq!(code_label(code), format!("{code:?}"));
+        }
     }
 
     #[test]

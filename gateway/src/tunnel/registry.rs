@@ -295,6 +295,18 @@ impl Registry {
         agents.get(id).map(|e| Self::snapshot(id, e))
     }
 
+    /// Runs `f` on `id`'s live sessions (in connection order) under the registry's lock, without
+    /// copying them: for the relay's per-call pick. `None` when the agent was never seen. `f`
+    /// must not block.
+    pub fn with_sessions<T>(
+        &self,
+        id: &AgentId,
+        f: impl FnOnce(&[Arc<SessionInfo>]) -> T,
+    ) -> Option<T> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).map(|e| f(&e.sessions))
+    }
+
     /// The newest live session of `id`, if it has one (no snapshot of the agent).
     pub fn last_session(&self, id: &AgentId) -> Option<Arc<SessionInfo>> {
         let agents = self.agents.lock().expect("registry lock");
