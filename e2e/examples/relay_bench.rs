@@ -46,7 +46,8 @@ struct Route {
 
 impl Interceptor for Route {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("tether-agent", self.agent.clone());
+        req.metadata_mut()
+            .insert("tether-agent", self.agent.clone());
         if let Some(s) = &self.service {
             req.metadata_mut().insert("tether-service", s.clone());
         }
@@ -73,7 +74,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
     let need = |name: &str| flag(args, name).with_context(|| format!("{name} is required"));
     let num = |name: &str, default: f64| -> anyhow::Result<f64> {
         flag(args, name).map_or(Ok(default), |v| {
-            v.parse().with_context(|| format!("{name} {v:?} is not a number"))
+            v.parse()
+                .with_context(|| format!("{name} {v:?} is not a number"))
         })
     };
     Ok(Args {
@@ -86,9 +88,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             server_name: Some("localhost".into()),
         },
         route: Route {
-            agent: need("--agent")?
-                .parse()
-                .context("--agent is not ASCII")?,
+            agent: need("--agent")?.parse().context("--agent is not ASCII")?,
             service: flag(args, "--service")
                 .map(|s| s.parse())
                 .transpose()
@@ -228,7 +228,11 @@ async fn concurrent(a: &[String]) -> anyhow::Result<()> {
     };
     let route = Route {
         agent: need("--agent")?.parse().context("--agent is not ASCII")?,
-        service: Some(need("--service")?.parse().context("--service is not ASCII")?),
+        service: Some(
+            need("--service")?
+                .parse()
+                .context("--service is not ASCII")?,
+        ),
     };
     let streams: usize = flag(a, "--streams").map_or(Ok(1000), |v| v.parse())?;
     let seconds: f64 = flag(a, "--seconds").map_or(Ok(4.0), |v| v.parse())?;
@@ -322,41 +326,45 @@ async fn udp_delay(listen: &str, target: &str, delay: Duration) -> anyhow::Resul
     back.connect(target).await?;
     let (client_tx, mut client_rx) = tokio::sync::watch::channel(None);
     // Each direction: a reader queueing (due, datagram) and a writer sending at the due time.
-    let pipe = |from: Arc<tokio::net::UdpSocket>, to: Arc<tokio::net::UdpSocket>, towards_client: bool| {
-        let (q_tx, mut q_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-        let client_tx_r = client_tx.clone();
-        let client_tx = client_tx.clone();
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let (n, peer) = from.recv_from(&mut buf).await?;
-                if !towards_client {
-                    client_tx_r.send_if_modified(|c| {
-                        let changed = c.is_none();
-                        c.get_or_insert(peer);
-                        changed
-                    });
+    let pipe =
+        |from: Arc<tokio::net::UdpSocket>, to: Arc<tokio::net::UdpSocket>, towards_client: bool| {
+            let (q_tx, mut q_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+            let client_tx_r = client_tx.clone();
+            let client_tx = client_tx.clone();
+            let reader = tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let (n, peer) = from.recv_from(&mut buf).await?;
+                    if !towards_client {
+                        client_tx_r.send_if_modified(|c| {
+                            let changed = c.is_none();
+                            c.get_or_insert(peer);
+                            changed
+                        });
+                    }
+                    if q_tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return anyhow::Ok(());
+                    }
                 }
-                if q_tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
-                    return anyhow::Ok(());
+            });
+            let mut client = client_tx.subscribe();
+            let writer = tokio::spawn(async move {
+                while let Some((due, d)) = q_rx.recv().await {
+                    tokio::time::sleep_until(due.into()).await;
+                    if towards_client {
+                        let peer = *client.wait_for(Option::is_some).await?;
+                        let _ = to.send_to(&d, peer.expect("waited for a client")).await;
+                    } else {
+                        let _ = to.send(&d).await;
+                    }
                 }
-            }
-        });
-        let mut client = client_tx.subscribe();
-        let writer = tokio::spawn(async move {
-            while let Some((due, d)) = q_rx.recv().await {
-                tokio::time::sleep_until(due.into()).await;
-                if towards_client {
-                    let peer = *client.wait_for(Option::is_some).await?;
-                    let _ = to.send_to(&d, peer.expect("waited for a client")).await;
-                } else {
-                    let _ = to.send(&d).await;
-                }
-            }
-            anyhow::Ok(())
-        });
-        (reader, writer)
-    };
+                anyhow::Ok(())
+            });
+            (reader, writer)
+        };
     let (r1, w1) = pipe(front.clone(), back.clone(), false);
     let (r2, w2) = pipe(back, front, true);
     client_rx.wait_for(Option::is_some).await?;
@@ -373,7 +381,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match args.first().map(String::as_str) {
         Some("upstream") => {
-            let addr = args.get(1).context("upstream needs an address to listen on")?;
+            let addr = args
+                .get(1)
+                .context("upstream needs an address to listen on")?;
             rt.block_on(async {
                 let l = tokio::net::TcpListener::bind(addr)
                     .await

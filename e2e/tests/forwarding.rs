@@ -289,7 +289,9 @@ async fn every_relay_behaviour_through(gw: &GatewayProcess, pki: &Pki, upstream:
     let data: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i * 7 % 251) as u8).collect();
     let chunks: Vec<StreamChunk> = data
         .chunks(100_000)
-        .map(|c| StreamChunk { data: c.to_vec() })
+        .map(|c| StreamChunk {
+            data: c.to_vec().into(),
+        })
         .collect();
     let mut inbound = tokio::time::timeout(T, streams.open(tokio_stream::iter(chunks)))
         .await

@@ -1,7 +1,7 @@
 //! Short runs of the load test: `tether-loadtest run` with 200 agents against a debug gateway
 //! it starts on loopback ports picked at run time, scenarios ramp, broadcast and commands; and
-//! with 60 agents over two replicas on a local PostgreSQL (Debian's `postgresql`), with a
-//! rolling restart. The full runs (10,000 agents, storm, soak, three replicas) are in
+//! with 60 agents over two replicas on a local PostgreSQL (Debian's `postgresql`), a share of
+//! the calls sent to the replica without the agent's session (forwarded), and a rolling restart. The full runs (10,000 agents, storm, soak, three replicas) are in
 //! docs/PERFORMANCE.md, not in the suite.
 
 use std::time::Duration;
@@ -122,6 +122,8 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
         "1s",
         "--soak-command-share",
         "0.1",
+        "--forwarded",
+        "0.3",
     ])
     .arg("--out")
     .arg(out.path())
@@ -161,21 +163,40 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
             .iter()
             .all(|s| s["replicas"].as_array().unwrap().len() == 2)
     );
-    // Calls sent to the replica holding the agent's session all succeed before the restarts.
+    // Before the restarts every call succeeds, the ones sent to the replica holding the agent's
+    // session and the ones (--forwarded 0.3) sent to the other, which forwards them over its
+    // peer link: their latencies are reported apart.
     let b = &r["broadcast"];
     assert_eq!(b["broadcast"]["ok"], 60, "{:#}", b["broadcast"]);
     assert_eq!(b["unary_local"]["errors"], 0, "{:#}", b["unary_local"]);
+    assert!(b["unary_local"]["calls"].as_u64().unwrap() > 0, "{b:#}");
+    assert_eq!(
+        b["unary_forwarded"]["errors"], 0,
+        "{:#}",
+        b["unary_forwarded"]
+    );
+    assert!(b["unary_forwarded"]["calls"].as_u64().unwrap() > 0, "{b:#}");
     assert!(
-        b["unary_forwarded"].is_null(),
-        "--forwarded 0 forwards nothing"
+        b["unary_forwarded"]["latency"]["p50_us"].as_u64().unwrap() > 0,
+        "{b:#}"
     );
     assert_eq!(r["commands"]["succeeded"], 60, "{:#}", r["commands"]);
-    // Forwarded calls: not measured in this run, and the report says why.
-    let not_measured = r["forwarding"]["not_measured"].as_array().unwrap();
+    // The gateways' own count of forwarded streams is read (peer links on), and the report
+    // says what it covers after the restarts.
+    let f = &r["forwarding"];
+    assert_eq!(
+        f["gateway_metrics"][0], "tether_gateway_peer_forwarded_streams_total{direction=\"out\"}",
+        "{f:#}"
+    );
+    assert!(
+        replicas.iter().all(|x| x["forwarded"].as_f64().is_some()),
+        "{replicas:#?}"
+    );
+    let not_measured = f["not_measured"].as_array().unwrap();
     assert!(
         not_measured
             .iter()
-            .any(|w| w.as_str().unwrap().contains("--forwarded 0")),
+            .any(|w| w.as_str().unwrap().contains("restart with their process")),
         "{not_measured:?}"
     );
     // The rolling restart: both replicas stopped (drained, not killed) and back, under load; every
@@ -218,7 +239,10 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
         md.contains("## Replicas") && md.contains("## rolling"),
         "{md}"
     );
-    assert!(md.contains("not measured"), "{md}");
+    assert!(
+        md.contains("unary, sent to another replica (forwarded)"),
+        "{md}"
+    );
     for f in [
         "connected.svg",
         "gateway-rss.svg",

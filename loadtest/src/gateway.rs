@@ -54,6 +54,9 @@ pub struct ReplicaSettings {
     pub id: String,
     /// `cluster.peer_listen` (a free loopback port per replica), also advertised.
     pub peer: SocketAddr,
+    /// `cluster.peer_cert` and `cluster.peer_key`: its peer certificate
+    /// (`spiffe://<trust-domain>/gateway/<id>`), which turns the peer links on.
+    pub peer_tls: (PathBuf, PathBuf),
 }
 
 /// A `tether-gateway serve` process.
@@ -136,10 +139,13 @@ impl LocalGateway {
             None => cfg,
             Some(r) => format!(
                 "{cfg}[store]\ndsn = {dsn}\n\
-                 [cluster]\nreplica_id = {id}\npeer_listen = \"{peer}\"\nadvertise = \"{peer}\"\n",
+                 [cluster]\nreplica_id = {id}\npeer_listen = \"{peer}\"\nadvertise = \"{peer}\"\n\
+                 peer_cert = {cert}\npeer_key = {key}\n",
                 dsn = toml::Value::String(r.dsn.clone()),
                 id = toml::Value::String(r.id.clone()),
                 peer = r.peer,
+                cert = q(&r.peer_tls.0),
+                key = q(&r.peer_tls.1),
             ),
         };
         std::fs::write(self.config_path(), cfg)
@@ -281,6 +287,31 @@ pub async fn metrics_text(ops: SocketAddr) -> Option<String> {
     text.starts_with("HTTP/1.1 200").then_some(text)
 }
 
+/// The counter of streams a replica forwarded to a peer (`direction="out"`; the receiving
+/// replica counts the same stream `in`).
+pub const FORWARDED: &str = "tether_gateway_peer_forwarded_streams_total";
+
+/// Streams this replica forwarded to peers, from its `/metrics` text: `None` when it exports no
+/// peer-link metric at all (a gateway without peer links, or with them off), else the sum of
+/// [`FORWARDED`]'s `direction="out"` series (0 when it forwarded nothing since its start).
+pub fn forwarded_out(text: &str) -> Option<f64> {
+    let series = |l: &&str| !l.starts_with('#');
+    if !text
+        .lines()
+        .filter(series)
+        .any(|l| l.starts_with("tether_gateway_peer_"))
+    {
+        return None;
+    }
+    Some(
+        text.lines()
+            .filter(series)
+            .filter(|l| l.starts_with(FORWARDED) && l.contains("direction=\"out\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// Sums, per metric name, the samples of every family `wanted` accepts (Prometheus text
 /// format; comment lines skipped).
 pub fn metric_sums(
@@ -312,13 +343,29 @@ mod tests {
         let text = "HTTP/1.1 200 OK\r\n\r\n# TYPE tether_gateway_relay_calls_total counter\n\
                     tether_gateway_relay_calls_total{kind=\"unary\"} 3\n\
                     tether_gateway_relay_calls_total{kind=\"stream\"} 4\n\
-                    tether_gateway_peer_forwarded_total{peer=\"r2\"} 2\n\
                     other_total 9\n";
         let all = metric_sums(text, |_| true);
         assert_eq!(all["tether_gateway_relay_calls_total"], 7.0);
-        assert_eq!(all["tether_gateway_peer_forwarded_total"], 2.0);
         assert!(!all.contains_key("other_total"));
-        let fwd = metric_sums(text, |n| n.contains("forward") && n.ends_with("_total"));
-        assert_eq!(fwd.len(), 1);
+        assert_eq!(
+            forwarded_out(text),
+            None,
+            "no peer-link metric: no peer links"
+        );
+    }
+
+    #[test]
+    fn forwarded_streams_are_the_out_series_only() {
+        let peers = "# TYPE tether_gateway_peer_up gauge\n\
+                     tether_gateway_peer_up{peer=\"r2\"} 1\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r2\",direction=\"out\"} 5\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r3\",direction=\"out\"} 2\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r2\",direction=\"in\"} 9\n";
+        assert_eq!(forwarded_out(peers), Some(7.0));
+        // Peer links up, nothing forwarded since the start.
+        assert_eq!(
+            forwarded_out("tether_gateway_peer_up{peer=\"r2\"} 1\n"),
+            Some(0.0)
+        );
     }
 }

@@ -289,9 +289,9 @@ pub struct ReplicaReport {
     /// Relayed calls it counted (`tether_gateway_relay_calls_total`) since its last start;
     /// `None` when its `/metrics` could not be read.
     pub relay_calls: Option<f64>,
-    /// Calls it forwarded to a peer replica since its last start: the sum of its counters
-    /// whose name holds `forward` (see [`Forwarding::gateway_metrics`]); `None` when it
-    /// exports none (a gateway without peer forwarding).
+    /// Streams (relayed calls, TCP streams) it forwarded to a peer replica since its last
+    /// start (`tether_gateway_peer_forwarded_streams_total{direction="out"}`); `None` when it
+    /// exports no peer-link metric (a gateway without peer links).
     pub forwarded: Option<f64>,
 }
 
@@ -301,8 +301,8 @@ pub struct Forwarding {
     /// `--forwarded`: the share of relayed calls the driver sent to a replica that did not
     /// hold the agent's session.
     pub share_asked: f64,
-    /// Counter families read from the gateways' `/metrics` for forwarded calls (names holding
-    /// `forward`, ending `_total`); empty when the gateways export none.
+    /// The series read from the gateways' `/metrics` for forwarded calls; empty when the
+    /// gateways export none.
     pub gateway_metrics: Vec<String>,
     /// Forwarded calls over relayed calls, as the gateways count them, summed over replicas;
     /// `None` when not measured.

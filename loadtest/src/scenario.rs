@@ -225,7 +225,8 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
                 replica: None,
             };
             let gws = if opts.replicas > 1 {
-                let (gws, server) = start_replicas(&settings, opts.replicas, &progress).await?;
+                let (gws, server) =
+                    start_replicas(&settings, &ca, opts.replicas, &progress).await?;
                 pg = Some(server);
                 gws
             } else {
@@ -321,7 +322,7 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
         }
     }
     report.replicas = replica_reports(&ctx, report.replicas.clone()).await;
-    report.forwarding = forwarding(&ctx, &report.replicas).await;
+    report.forwarding = forwarding(&ctx, &report.replicas);
     ctx.mark("stop");
     // One more sample, then stop everything.
     tokio::time::sleep(ctx.opts.sample_every).await;
@@ -967,6 +968,7 @@ async fn soak(ctx: &Ctx) -> report::Soak {
 /// free loopback port (advertised there).
 async fn start_replicas(
     base: &LocalSettings,
+    ca: &Ca,
     n: usize,
     progress: &MultiProgress,
 ) -> Result<(Vec<LocalGateway>, LocalPostgres), LoadError> {
@@ -985,10 +987,22 @@ async fn start_replicas(
         let peer = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .map_err(|e| LoadError::Gateway(format!("a free port for a peer listener: {e}")))?;
+        let id = format!("r{}", k + 1);
+        // Its peer certificate, spiffe://<trust domain>/gateway/<id>: the peer links need it.
+        let issued = ca
+            .issue_gateway(&id, tether_gateway::identity::pki::PEER_TTL)
+            .map_err(|e| LoadError::Pki(format!("{id}'s peer certificate: {e}")))?;
+        let dir = base.dir.join("pki");
+        tether_gateway::identity::pki::write_issued(&dir, &format!("{id}-peer"), &issued, ca)
+            .map_err(|e| LoadError::Pki(format!("{id}'s peer certificate: {e}")))?;
         let mut s = base.clone();
         s.replica = Some(ReplicaSettings {
             dsn: pg.dsn(),
-            id: format!("r{}", k + 1),
+            peer_tls: (
+                dir.join(format!("{id}-peer.pem")),
+                dir.join(format!("{id}-peer-key.pem")),
+            ),
+            id,
             peer,
         });
         gws.push(LocalGateway::start(s).await?);
@@ -1031,32 +1045,23 @@ async fn replica_reports(ctx: &Ctx, mut replicas: Vec<ReplicaReport>) -> Vec<Rep
                 .values()
                 .sum(),
         );
-        let fwd = crate::gateway::metric_sums(&text, is_forward_counter);
-        x.forwarded = (!fwd.is_empty()).then(|| fwd.values().sum());
+        x.forwarded = crate::gateway::forwarded_out(&text);
     }
     replicas
 }
 
-/// A counter family counting forwarded calls (named by the gateway's peer forwarding).
-fn is_forward_counter(name: &str) -> bool {
-    name.contains("forward") && name.ends_with("_total")
-}
-
 /// The forwarding figures, and why any is not measured.
-async fn forwarding_metrics(ctx: &Ctx) -> Vec<String> {
-    let mut names = std::collections::BTreeSet::new();
-    for gw in &ctx.gateways {
-        if let Some(text) = crate::gateway::metrics_text(gw.addrs.ops).await {
-            names.extend(crate::gateway::metric_sums(&text, is_forward_counter).into_keys());
-        }
-    }
-    names.into_iter().collect()
-}
-
-async fn forwarding(ctx: &Ctx, replicas: &[ReplicaReport]) -> report::Forwarding {
+fn forwarding(ctx: &Ctx, replicas: &[ReplicaReport]) -> report::Forwarding {
     let mut f = report::Forwarding {
         share_asked: ctx.opts.forwarded,
-        gateway_metrics: forwarding_metrics(ctx).await,
+        gateway_metrics: if replicas.iter().any(|r| r.forwarded.is_some()) {
+            vec![format!(
+                "{}{{direction=\"out\"}}",
+                crate::gateway::FORWARDED
+            )]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
     let n = ctx.gateways.len().max(1);
@@ -1074,7 +1079,7 @@ async fn forwarding(ctx: &Ctx, replicas: &[ReplicaReport]) -> report::Forwarding
     }
     if f.gateway_metrics.is_empty() {
         f.not_measured.push(
-            "share of forwarded calls as the gateways count it: they export no counter named *forward*_total (gateways without peer forwarding)"
+            "share of forwarded calls as the gateways count it: they export no peer-link metric (gateways without peer links)"
                 .into(),
         );
     } else {
