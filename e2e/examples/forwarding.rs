@@ -86,7 +86,7 @@ async fn grpc_bulk(echo: &mut EchoClient<Routed>, total: usize) -> f64 {
 async fn tcp_bulk(gw: &GatewayProcess, pki: &Pki, total: usize) -> f64 {
     let ch = gw.channel(&pki.client("bench")).await;
     let mut streams = StreamsClient::with_interceptor(ch, Route::new(Some(AGENT), Some("sink")));
-    let chunk = vec![1u8; 64 * 1024];
+    let chunk = bytes::Bytes::from(vec![1u8; 64 * 1024]);
     let n = total / chunk.len();
     let s = Instant::now();
     let reqs = tokio_stream::iter((0..n).map(move |_| StreamChunk {
