@@ -150,7 +150,7 @@ fn main() {
         let s = Instant::now();
         let n = total / chunk.len();
         let c = bytes::Bytes::from(chunk.clone());
-        let reqs = tokio_stream::iter((0..n).map(move |_| StreamChunk { data: c.clone().into() }));
+        let reqs = tokio_stream::iter((0..n).map(move |_| StreamChunk { data: c.clone() }));
         let mut inbound = streams.open(reqs).await.unwrap().into_inner();
         let mut ack = Vec::new();
         while let Some(m) = inbound.message().await.unwrap() {

@@ -287,7 +287,7 @@ async fn concurrent(a: &[String]) -> anyhow::Result<()> {
                 while Instant::now() < until {
                     if tx
                         .send(StreamChunk {
-                            data: chunk.clone().into(),
+                            data: chunk.clone(),
                         })
                         .await
                         .is_err()

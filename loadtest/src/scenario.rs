@@ -33,6 +33,9 @@ struct Ctx {
     driver: Arc<Driver>,
     /// The gateways this tool started (empty for an external one).
     gateways: Vec<LocalGateway>,
+    /// Replicas out of the driver's rotation (being stopped or restarted), as a Kubernetes
+    /// Service drops a Terminating pod from its endpoints: no new call is sent to them.
+    out: Vec<std::sync::atomic::AtomicBool>,
     sampler: Sampler,
     progress: MultiProgress,
     agents: Vec<String>,
@@ -66,6 +69,8 @@ impl Ctx {
 
     /// The replica a relayed call to agent `i` goes through, and whether it is one without
     /// the agent's session (sent there on purpose, `--forwarded`, so the gateway forwards it).
+    /// A replica out of rotation is never picked while another is in: a call meant for it goes
+    /// to another, which must forward it.
     fn route(&self, i: usize) -> (usize, bool) {
         let n = self.driver.replicas();
         let holder = self
@@ -73,9 +78,12 @@ impl Ctx {
             .holder(i)
             .unwrap_or_else(|| self.fleet.last_replica(i))
             % n;
+        let is_in = |k: usize| !self.out.get(k).is_some_and(|o| o.load(Ordering::Relaxed));
+        let others: Vec<usize> = (0..n).filter(|k| *k != holder && is_in(*k)).collect();
         let share = self.opts.forwarded.clamp(0.0, 1.0);
-        if n > 1 && share > 0.0 && rand::rng().random_bool(share) {
-            ((holder + rand::rng().random_range(1..n)) % n, true)
+        let elsewhere = !is_in(holder) || (share > 0.0 && rand::rng().random_bool(share));
+        if elsewhere && !others.is_empty() {
+            (others[rand::rng().random_range(0..others.len())], true)
         } else {
             (holder, false)
         }
@@ -275,11 +283,15 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
             .clone()
             .run(opts.sample_every, fleet.counter(), stop_sampling.clone()),
     );
+    let out_of_rotation = (0..gateways.len())
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
     let mut ctx = Ctx {
         opts,
         fleet,
         driver,
         gateways,
+        out: out_of_rotation,
         sampler,
         progress,
         agents,
@@ -1131,11 +1143,13 @@ async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
             for (k, gw) in gateways.iter_mut().enumerate() {
                 let on_it = (ctx_ref.fleet.counter())().1.get(k).copied().unwrap_or(0);
                 marks.push((ctx_ref.sampler.now(), format!("stop {}", gw.name())));
+                ctx_ref.out[k].store(true, Ordering::Relaxed);
                 let t = Instant::now();
                 let (took, killed) = gw.stop().await;
                 ctx_ref.sampler.set_pid(k, 0);
                 let restarted = gw.restart().await;
                 ctx_ref.sampler.set_pid(k, gw.pid().unwrap_or(0));
+                ctx_ref.out[k].store(false, Ordering::Relaxed);
                 out.push(report::Restart {
                     replica: gw.name().to_owned(),
                     agents_on_it: on_it,
