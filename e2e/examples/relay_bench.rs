@@ -6,7 +6,7 @@
 //! relay_bench upstream 127.0.0.1:PORT [SINK_ADDR]
 //! relay_bench client --direct http://127.0.0.1:PORT --northbound 127.0.0.1:NB \
 //!     --ca ca.pem --cert client.pem --key client-key.pem --agent tenant/agent \
-//!     [--service NAME] [--seconds 4] [--payload 1024] [--chunk 65536]
+//!     [--service NAME] [--seconds 4] [--payload 1024] [--chunk 65536] [--cpu-pids GW,AGENT]
 //! relay_bench concurrent --streams 1000 --service sink --northbound ... --ca ... --cert ... \
 //!     --key ... --agent tenant/agent [--seconds 4]
 //! relay_bench udp-delay LISTEN TARGET MS
@@ -15,7 +15,9 @@
 //! `client` prints one line of JSON: unary p50/p99 in µs (direct, relayed) and server-stream
 //! bulk in bytes per second (direct, relayed). The relayed calls go over mutual TLS to the
 //! northbound listener with `tether-agent` (and `tether-service`) metadata, as a control plane
-//! would; the direct ones over plain HTTP/2 to the upstream. Same client code both ways.
+//! would; the direct ones over plain HTTP/2 to the upstream. Same client code both ways. With
+//! `--cpu-pids`, it adds the CPU time those processes (the gateway and the agent) used per
+//! relayed unary call and per relayed MB (`/proc/PID/stat`, user + system).
 //!
 //! `upstream` with a `SINK_ADDR` also serves a TCP sink there: it reads a connection to its end,
 //! then answers the number of bytes it read (8 bytes, big-endian). `concurrent` opens that many
@@ -62,6 +64,20 @@ struct Args {
     seconds: f64,
     payload: usize,
     chunk: u32,
+    cpu_pids: Vec<u32>,
+}
+
+/// CPU seconds (user + system) used so far by `pids` together.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces) start after the last ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .sum()
 }
 
 fn flag(args: &[String], name: &str) -> Option<String> {
@@ -97,6 +113,14 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         seconds: num("--seconds", 4.0)?,
         payload: num("--payload", 1024.0)? as usize,
         chunk: num("--chunk", 65536.0)? as u32,
+        cpu_pids: flag(args, "--cpu-pids")
+            .map(|v| {
+                v.split(',')
+                    .map(|p| p.parse().with_context(|| format!("--cpu-pids: {p:?}")))
+                    .collect::<anyhow::Result<Vec<u32>>>()
+            })
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 
@@ -159,6 +183,7 @@ async fn client(a: Args) -> anyhow::Result<()> {
         relayed.unary(req.clone()).await?;
     }
     let (mut d, mut r) = (Vec::new(), Vec::new());
+    let cpu0 = cpu_seconds(&a.cpu_pids);
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < a.seconds {
         let s = Instant::now();
@@ -172,6 +197,7 @@ async fn client(a: Args) -> anyhow::Result<()> {
         bail!("no unary call completed in {} s", a.seconds);
     }
     let calls = d.len();
+    let cpu_unary = cpu_seconds(&a.cpu_pids) - cpu0;
     let (d50, d99, r50, r99) = (
         quantile(&mut d, 0.5),
         quantile(&mut d, 0.99),
@@ -179,7 +205,11 @@ async fn client(a: Args) -> anyhow::Result<()> {
         quantile(&mut r, 0.99),
     );
     let direct_bps = bulk(&mut direct, a.chunk, a.seconds).await?;
+    let cpu0 = cpu_seconds(&a.cpu_pids);
+    let start = Instant::now();
     let relayed_bps = bulk(&mut relayed, a.chunk, a.seconds).await?;
+    let relayed_mb = relayed_bps * start.elapsed().as_secs_f64() / 1e6;
+    let cpu_stream = cpu_seconds(&a.cpu_pids) - cpu0;
     println!(
         "{}",
         serde_json::json!({
@@ -189,6 +219,8 @@ async fn client(a: Args) -> anyhow::Result<()> {
             "unary_relayed_p50_us": r50, "unary_relayed_p99_us": r99,
             "stream_chunk": a.chunk,
             "stream_direct_bps": direct_bps, "stream_relayed_bps": relayed_bps,
+            "cpu_us_per_unary": cpu_unary * 1e6 / calls as f64,
+            "cpu_us_per_stream_mb": cpu_stream * 1e6 / relayed_mb.max(1e-9),
         })
     );
     Ok(())

@@ -365,12 +365,15 @@ impl State {
                 count(to, 1);
             }
         }
+        if !to.is_final() {
+            if publish {
+                self.publish(Arc::new(cmd.view()));
+            }
+            return Some(None);
+        }
         let view = Arc::new(cmd.view());
         if publish {
             self.publish(view.clone());
-        }
-        if !to.is_final() {
-            return Some(None);
         }
         let done = st.active.remove(id)?;
         st.release_pending();
@@ -472,6 +475,59 @@ mod tests {
         });
         assert_ne!(g1, g2, "a lane runner of the old state stops");
         assert_eq!(state.agents.len(), 1);
+    }
+
+    #[test]
+    fn one_agents_lock_held_does_not_stop_another_agents_commands() {
+        let state = State::new(false);
+        let (a, b): (AgentId, AgentId) = ("t/a".parse().unwrap(), "t/b".parse().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            state.agents.run_new(&a, |_held| {
+                // While `a`'s lock is held, `b`'s commands come, change and finish.
+                s.spawn(|| {
+                    state.agents.run_new(&b, |st| {
+                        st.pending += 1;
+                        state.activate(st, cmd("t/b", "b1"));
+                        state.transition(st, "b1", CommandState::Running, |_| {});
+                        state.change(st, "b1", CommandState::Failed, true, |_| {});
+                    });
+                    let _ = tx.send(state.recent("b1").map(|c| c.state));
+                });
+                let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+                assert_eq!(got, Ok(Some(CommandState::Failed)), "b waited for a");
+            });
+        });
+    }
+
+    #[test]
+    fn agents_made_and_dropped_from_many_threads_at_once_leave_nothing_behind() {
+        let state = State::new(false);
+        let agents: Vec<AgentId> = (0..4).map(|i| format!("t/a{i}").parse().unwrap()).collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (state, agents) = (&state, &agents);
+                s.spawn(move || {
+                    for n in 0..300 {
+                        let agent = &agents[(t + n) % agents.len()];
+                        let id = format!("c{t}-{n}");
+                        state.agents.run_new(agent, |st| {
+                            st.pending += 1;
+                            state.activate(st, cmd(&agent.to_string(), &id));
+                        });
+                        assert_eq!(state.agent_of(&id).as_ref(), Some(agent));
+                        let done = state.agents.run(agent, |st| {
+                            state.transition(st, &id, CommandState::Delivered, |_| {});
+                            state.transition(st, &id, CommandState::Succeeded, |_| {})
+                        });
+                        let done = done.flatten().expect("its agent's state kept it");
+                        assert_eq!((done.state, done.version), (CommandState::Succeeded, 2));
+                    }
+                });
+            }
+        });
+        assert_eq!(state.agents.len(), 0);
+        assert!(state.index.each().all(|s| s.is_empty()));
     }
 
     #[test]
