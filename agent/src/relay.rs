@@ -417,7 +417,7 @@ async fn rpc(
                 Ok(data) => {
                     let _ = response.data(data);
                     if flush(&mut send, &mut response).await.is_err() {
-                                    return;
+                        return;
                     }
                 }
                 Err(f) => {
@@ -434,7 +434,7 @@ async fn rpc(
                 }
             },
             Some(Err(e)) => {
-                    let msg = format!(
+                let msg = format!(
                     "upstream service {name:?} failed mid-call: {}",
                     error_chain(&e)
                 );
