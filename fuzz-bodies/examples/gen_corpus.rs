@@ -495,6 +495,51 @@ fn main() {
         &report(0x81, 16, &[ack(), progress()]),
     );
 
+    // peer_frame: a header (even first byte) or an answer (odd) on a peer link.
+    {
+        use tether_gateway::peer::wire::{self, AnswerCode, PeerAnswer, PeerHeader, PeerKind};
+        let forward = PeerHeader {
+            version: wire::VERSION,
+            kind: PeerKind::Forward as u32,
+            agent: "acme/a".into(),
+            caller: "billing".into(),
+            timeout_ms: 1500,
+            stream_kind: "grpc".into(),
+        };
+        let ping = PeerHeader {
+            version: wire::VERSION,
+            kind: PeerKind::Ping as u32,
+            ..Default::default()
+        };
+        let framed = |mode: u8, f: bytes::Bytes| [&[mode][..], &f[..]].concat();
+        write(
+            &dir,
+            "peer_frame",
+            "forward",
+            &framed(0, wire::encode(&forward)),
+        );
+        write(&dir, "peer_frame", "ping", &framed(0, wire::encode(&ping)));
+        write(
+            &dir,
+            "peer_frame",
+            "answer_ok",
+            &framed(1, wire::encode(&PeerAnswer::new(AnswerCode::Ok, ""))),
+        );
+        write(
+            &dir,
+            "peer_frame",
+            "answer_not_here",
+            &framed(
+                1,
+                wire::encode(&PeerAnswer::new(
+                    AnswerCode::NotHere,
+                    "no session of acme/a",
+                )),
+            ),
+        );
+        write(&dir, "peer_frame", "too_large", &[0, 0, 1, 0, 0, 8, 1]);
+    }
+
     // probe_answer.
     write(&dir, "probe_answer", "answered", &frames(1, &[ok()]));
     write(

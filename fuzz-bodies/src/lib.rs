@@ -22,7 +22,8 @@
 //! - enrollment and renewal: [`csr_check`], [`enroll_request`] (a gateway's enrollment with a
 //!   temporary CA and identity store, made once per process);
 //! - the relay's metadata, which feeds its metrics labels: [`relay_metadata`];
-//! - northbound authentication: [`bearer_token`] (a gateway's authenticator with [`JWKS`]).
+//! - northbound authentication: [`bearer_token`] (a gateway's authenticator with [`JWKS`]);
+//! - the links between gateway replicas: [`peer_frame`].
 //!
 //! The seeds are written by `examples/gen_corpus.rs`; `fixtures/` holds the JWKS and its private
 //! key (a test key, used for nothing else).
@@ -91,6 +92,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("tcp_answer", tcp_answer),
     ("command_report", command_report),
     ("probe_answer", probe_answer),
+    ("peer_frame", peer_frame),
 ];
 
 /// The identity the CSR targets check requests against (and enrollment tokens are for).
@@ -671,6 +673,60 @@ pub fn probe_answer(data: &[u8]) -> Outcome {
         );
     }
     answered.into()
+}
+
+// === Peer links ===
+
+/// A frame on a peer link between gateway replicas (`gateway/src/peer/wire.rs`): the first byte
+/// says whether it is read as a `PeerHeader` (even: what the holder reads before it opens an
+/// agent stream) or a `PeerAnswer` (odd: what the forwarding replica reads). A length above the
+/// limit is refused before anything is read; a message decoded re-encodes to a frame that
+/// decodes to the same message; an agent field the holder would use parses as an agent id or
+/// is refused.
+pub fn peer_frame(data: &[u8]) -> Outcome {
+    use tether_gateway::peer::wire::{self, MAX_FRAME, PeerAnswer, PeerHeader, WireError};
+    let Some((&mode, rest)) = data.split_first() else {
+        return Outcome::Refused;
+    };
+    if let Some(prefix) = rest.get(..4) {
+        let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME {
+            let r = if mode & 1 == 0 {
+                wire::decode::<PeerHeader>(rest).map(|_| ())
+            } else {
+                wire::decode::<PeerAnswer>(rest).map(|_| ())
+            };
+            assert!(
+                matches!(r, Err(WireError::TooLarge(n)) if n == len),
+                "{r:?}"
+            );
+            return Outcome::Refused;
+        }
+    }
+    if mode & 1 == 0 {
+        let Ok(h) = wire::decode::<PeerHeader>(rest) else {
+            return Outcome::Refused;
+        };
+        assert_eq!(
+            wire::decode::<PeerHeader>(&wire::encode(&h)).ok(),
+            Some(h.clone())
+        );
+        let _ = tether_gateway::peer::wire::PeerKind::from_u32(h.kind);
+        if let Ok(id) = h.agent.parse::<tunnel_proto::AgentId>() {
+            assert_eq!(id.to_string(), h.agent);
+        }
+        Outcome::Accepted
+    } else {
+        let Ok(a) = wire::decode::<PeerAnswer>(rest) else {
+            return Outcome::Refused;
+        };
+        assert_eq!(
+            wire::decode::<PeerAnswer>(&wire::encode(&a)).ok(),
+            Some(a.clone())
+        );
+        let _ = a.code();
+        Outcome::Accepted
+    }
 }
 
 // === Enrollment ===

@@ -81,12 +81,18 @@ async fn answer(send: &mut SendStream, code: AnswerCode, message: &str) -> bool 
         .is_ok()
 }
 
-/// Answers a refusal and ends the stream: nothing reached the agent.
+/// Answers a refusal and ends the stream: nothing reached the agent. The forwarding replica
+/// reads the answer; the stop (`NOT_HERE` when there is no session here) tells its send side
+/// the same.
 async fn refuse(mut send: SendStream, mut recv: RecvStream, code: AnswerCode, message: &str) {
     if answer(&mut send, code, message).await {
         let _ = send.finish();
     }
-    recv.stop(ErrorCode::NO_ERROR);
+    recv.stop(if code == AnswerCode::NotHere {
+        ErrorCode::NOT_HERE
+    } else {
+        ErrorCode::NO_ERROR
+    });
 }
 
 async fn serve_stream(
