@@ -16,7 +16,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
-use tether_runtime::stream::{Reader, flush};
+use tether_runtime::stream::{Gathered, Reader, flush};
 use tether_runtime::transport::{Link, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -47,6 +47,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most read from a TCP upstream at once (one write to the tunnel stream).
 const TCP_READ_CHUNK: usize = 64 * 1024;
+/// The most bytes already received from the gateway gathered into one write to a TCP upstream.
+const TCP_WRITE_GATHER: usize = 256 * 1024;
 
 enum Upstream {
     Grpc { svc: GrpcService, address: String },
@@ -552,10 +554,29 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
     let (mut rd, mut wr) = stream.into_split();
     // Gateway → service; the gateway finishing its side half-closes ours.
     let inbound = async move {
+        // What has already arrived goes to the service in one gathered write: QUIC hands bytes
+        // over a packet (~1.4 KB) at a time, and a write each would be a TCP segment each.
+        let mut gathered = Gathered::default();
+        let mut next = None;
         loop {
-            match from_gateway.next().await {
+            let event = match next.take() {
+                Some(e) => e,
+                None => from_gateway.next().await,
+            };
+            match event {
                 Ok(TcpEvent::Data(b)) => {
-                    if wr.write_all(&b).await.is_err() {
+                    gathered.push(b);
+                    while gathered.has_room(TCP_WRITE_GATHER) {
+                        match from_gateway.try_next() {
+                            Some(Ok(TcpEvent::Data(b))) => gathered.push(b),
+                            Some(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if wr.write_all_buf(&mut gathered).await.is_err() {
                         from_gateway.half_mut().stop(ErrorCode::CANCELLED);
                         from_gateway.apply_stop();
                         return;

@@ -353,8 +353,17 @@ async fn concurrent(a: &[String]) -> anyhow::Result<()> {
 /// `delay` in both directions.
 async fn udp_delay(listen: &str, target: &str, delay: Duration) -> anyhow::Result<()> {
     use std::sync::Arc;
-    let front = Arc::new(tokio::net::UdpSocket::bind(listen).await?);
-    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    // Buffers as large as the gateway's own: a burst of the tunnel must queue, not drop.
+    let bind = |addr: &str| -> anyhow::Result<tokio::net::UdpSocket> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let s = std::net::UdpSocket::bind(addr)?;
+        let _ = setsockopt(&s, sockopt::RcvBuf, &(8 << 20));
+        let _ = setsockopt(&s, sockopt::SndBuf, &(8 << 20));
+        s.set_nonblocking(true)?;
+        Ok(tokio::net::UdpSocket::from_std(s)?)
+    };
+    let front = Arc::new(bind(listen)?);
+    let back = Arc::new(bind("127.0.0.1:0")?);
     back.connect(target).await?;
     let (client_tx, mut client_rx) = tokio::sync::watch::channel(None);
     // Each direction: a reader queueing (due, datagram) and a writer sending at the due time.

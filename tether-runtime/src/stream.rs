@@ -6,8 +6,11 @@
 //! transport's per-stream flow control is the end-to-end backpressure: nobody reads faster than
 //! its consumer.
 
+use std::collections::VecDeque;
+use std::future::Future;
+
 use crate::transport::{RecvStream, SendStream};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tunnel_proto::frame::{FrameDecoder, MAX_DATA_FRAME};
 use tunnel_proto::stream::{RecvHalf, SendHalf, Transmit};
 use tunnel_proto::{ErrorCode, Message, ProtoError};
@@ -286,6 +289,19 @@ impl<R: RecvHalf> Reader<R> {
         }
     }
 
+    /// The machine's next event if it is ready without waiting: what the transport already
+    /// holds (QUIC hands bytes over a packet at a time), so a caller can gather it into one
+    /// write. `None` when the next event needs more bytes than have arrived.
+    pub fn try_next(&mut self) -> Option<Result<R::Event, StreamError>> {
+        // `next` is cancel-safe, so a poll that finds nothing leaves nothing behind; the no-op
+        // waker it registers is replaced by the caller's next `next().await`.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(self.next()).poll(&mut cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     /// The machine, to cancel or query it; call [`Reader::apply_stop`] after a cancel.
     pub fn half_mut(&mut self) -> &mut R {
         &mut self.half
@@ -301,5 +317,118 @@ impl<R: RecvHalf> Reader<R> {
     /// The stream and the machine, to continue with another machine (a TCP stream once open).
     pub fn into_parts(self) -> (RecvStream, R) {
         (self.recv, self.half)
+    }
+}
+
+// === Gathered writes ===
+
+/// Byte chunks queued for one gathered write (`write_all_buf` on a socket that does vectored
+/// writes): bytes that arrived a packet at a time leave in one system call, and on a
+/// `TCP_NODELAY` socket in as few segments as fit, instead of one per chunk.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Gathered {
+    /// Most chunks handed to one vectored write (tokio passes at most 64).
+    const MAX_SLICES: usize = 64;
+
+    /// Queues `chunk` after the others.
+    pub fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.len += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// True when another chunk may be gathered before writing: fewer than `max` bytes and
+    /// fewer chunks than one vectored write takes.
+    pub fn has_room(&self, max: usize) -> bool {
+        self.len < max && self.chunks.len() < Self::MAX_SLICES
+    }
+}
+
+impl Buf for Gathered {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, c) in dst.iter_mut().zip(&self.chunks) {
+            *slot = std::io::IoSlice::new(c);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.len, "advance past the end of the gathered chunks");
+        self.len -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_chunks_advance_across_chunk_boundaries() {
+        let mut g = Gathered::default();
+        g.push(Bytes::from_static(b"abc"));
+        g.push(Bytes::new());
+        g.push(Bytes::from_static(b"defg"));
+        assert_eq!(g.remaining(), 7);
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
+        assert_eq!(g.chunks_vectored(&mut slices), 2);
+        g.advance(4);
+        assert_eq!(g.chunk(), b"efg");
+        assert_eq!(g.remaining(), 3);
+        g.advance(3);
+        assert_eq!(g.remaining(), 0);
+        assert_eq!(g.chunk(), b"");
+        assert!(g.has_room(1));
+    }
+
+    #[tokio::test]
+    async fn a_gathered_write_delivers_every_byte_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let mut g = Gathered::default();
+        let mut want = Vec::new();
+        for i in 0..100u8 {
+            let chunk = vec![i; usize::from(i % 13) + 1];
+            want.extend_from_slice(&chunk);
+            g.push(Bytes::from(chunk));
+        }
+        let writer = tokio::spawn(async move {
+            a.write_all_buf(&mut g).await.unwrap();
+            assert_eq!(g.remaining(), 0);
+        });
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let mut buf = [0u8; 5];
+            let n = b.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, want);
     }
 }

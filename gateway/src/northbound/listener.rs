@@ -149,6 +149,10 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Concurrent calls per caller connection (each relayed call is one stream).
 pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
 
+/// Largest HTTP/2 frame accepted from a caller (the default is 16 KiB): a relayed stream's
+/// bytes arrive in a quarter of the frames, each one wake-up of the call's task.
+pub const MAX_FRAME_SIZE: u32 = 64 << 10;
+
 /// The request body callers send.
 pub type Incoming = hyper::body::Incoming;
 
@@ -266,6 +270,7 @@ pub async fn serve<S, B>(
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(8 << 20)
+                .max_frame_size(MAX_FRAME_SIZE)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .max_header_list_size(max_headers.saturating_mul(2));
             let conn = builder.serve_connection(TokioIo::new(stream), svc);

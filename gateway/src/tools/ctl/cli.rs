@@ -839,6 +839,8 @@ async fn forward(
 
 /// The most `forward` reads from a local connection at once: one message.
 const READ_CHUNK: usize = 64 * 1024;
+/// The most bytes of messages already received that `forward` gathers into one write.
+const WRITE_GATHER: usize = 256 * 1024;
 
 /// One local connection as one `Streams/Open` call; half-close travels both ways.
 async fn carry(
@@ -847,6 +849,7 @@ async fn carry(
     service: &str,
     tcp: tokio::net::TcpStream,
 ) -> Result<(), String> {
+    use futures::FutureExt as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tcp.set_nodelay(true);
     let (mut rd, mut wr) = tcp.into_split();
@@ -882,12 +885,34 @@ async fn carry(
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    while let Some(chunk) = inbound
-        .message()
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-    {
-        wr.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    // Messages that have already arrived leave in one gathered write (the gateway sends what
+    // the tunnel delivered, often a packet's worth per message).
+    let mut gathered = tether_runtime::stream::Gathered::default();
+    let mut ended = None;
+    while let Some(chunk) = inbound.message().await.map_err(status)? {
+        gathered.push(chunk.data);
+        while gathered.has_room(WRITE_GATHER) {
+            match inbound.message().now_or_never() {
+                Some(Ok(Some(chunk))) => gathered.push(chunk.data),
+                Some(Ok(None)) => {
+                    ended = Some(Ok(()));
+                    break;
+                }
+                Some(Err(s)) => {
+                    ended = Some(Err(status(s)));
+                    break;
+                }
+                None => break,
+            }
+        }
+        wr.write_all_buf(&mut gathered)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(end) = ended {
+            end?;
+            break;
+        }
     }
     wr.shutdown().await.map_err(|e| e.to_string())
 }
