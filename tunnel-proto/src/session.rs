@@ -661,7 +661,9 @@ pub enum GatewayEvent {
 
 #[derive(Debug)]
 enum GatewayState {
-    AwaitingHello { deadline: Instant },
+    AwaitingHello {
+        deadline: Instant,
+    },
     /// `Hello` held for the IO's decision ([`GatewaySessionConfig::hold_hello`]).
     Deciding {
         deadline: Instant,

@@ -301,7 +301,8 @@ fn a_leaving_agent_is_reported_once_and_the_session_stays_up() {
     assert!(p.gateway.has_left() && p.agent.has_left());
     // Heartbeats go on: the gateway closes the session when its streams are done.
     assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
-    p.gateway.close(ErrorCode::REPLACED, "the agent left this session");
+    p.gateway
+        .close(ErrorCode::REPLACED, "the agent left this session");
     p.run_for(Duration::from_millis(100));
     let (_, info) = agent_closed(&p).expect("closed");
     assert_eq!(info.code, ErrorCode::REPLACED);

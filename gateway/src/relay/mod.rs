@@ -6,9 +6,16 @@
 //! `northbound::auth::Authenticated`) must be allowed to act for the agent's tenant: otherwise
 //! `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing about
 //! whether the agent exists.
+//!
+//! **Sessions and re-sends.** Calls are spread over the agent's sessions here (round robin),
+//! preferring those this gateway has not asked to go; a session the agent left takes nothing
+//! new. A call that did not reach the agent when its session went away is sent again on
+//! another session ([`Attempts`]): nothing of it reached the upstream, so this is safe for
+//! every call, idempotent or not.
 
 pub mod grpc;
 pub mod limits;
+pub mod resend;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -20,8 +27,8 @@ use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
 use tether_runtime::stream::{StreamError, flush};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
-use tunnel_proto::AgentId;
-use tunnel_proto::stream::SendHalf;
+use tunnel_proto::stream::{SendHalf, StreamFailure};
+use tunnel_proto::{AgentId, ErrorCode};
 
 use crate::metrics::RelayKind;
 use crate::northbound::auth::Caller;
@@ -55,6 +62,12 @@ pub enum RelayError {
     /// The agent has no live session (retrying once it is back helps).
     #[error("agent {0} is not connected")]
     NotConnected(AgentId),
+    /// Every session the agent has here is one it is leaving (it moved to another replica) or
+    /// one that already refused this call (retrying helps: another replica holds it).
+    #[error(
+        "agent {0} is moving its sessions away from this gateway and none here takes the call; retry (another replica holds its new session)"
+    )]
+    Moving(AgentId),
     /// The agent has `limits.streams_per_agent` streams in flight (retry when some end).
     #[error(
         "agent {agent} has {limit} streams in flight, the limit (limits.streams_per_agent); retry when some have ended"
@@ -108,9 +121,17 @@ impl Relay {
         })
     }
 
-    /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
-    /// A stream stays on the session it was opened on.
-    fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, RelayError> {
+    /// Where to send a call for `agent`: its local sessions in turn, so load spreads across
+    /// them, leaving out the sessions `attempts` tried. A stream stays on the session it was
+    /// opened on.
+    ///
+    /// - A session the agent left takes nothing (it refuses new streams).
+    /// - An agent that does not leave sessions (before `leave`) moves make-before-break by
+    ///   opening a newer session and retiring the older: only the newest session of each agent
+    ///   instance takes calls (sessions are in connection order).
+    /// - Sessions this gateway asked to go (`GoAway`: draining, rebalancing) take calls only
+    ///   when the agent has no other here.
+    fn pick(&self, agent: &AgentId, attempts: &Attempts) -> Result<Arc<SessionInfo>, RelayError> {
         let snapshot = self
             .registry
             .get(agent)
@@ -118,22 +139,31 @@ impl Relay {
         if snapshot.sessions.is_empty() {
             return Err(RelayError::NotConnected(agent.clone()));
         }
-        // Make-before-break: while an agent instance moves to a new session (GoAway, or back
-        // from the TCP fallback to QUIC), its older session only finishes what it carries.
-        // Sessions are in connection order, so the newest of each instance is the last.
         let s = &snapshot.sessions;
         let current: Vec<&Arc<SessionInfo>> = s
             .iter()
             .enumerate()
             .filter(|(i, a)| {
-                !s[i + 1..]
-                    .iter()
-                    .any(|b| b.hello.instance_id == a.hello.instance_id)
+                a.is_usable()
+                    && !attempts.tried(a)
+                    && (a.agent_leaves()
+                        || !s[i + 1..]
+                            .iter()
+                            .any(|b| b.hello.instance_id == a.hello.instance_id))
             })
             .map(|(_, a)| a)
             .collect();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % current.len();
-        Ok(current[i].clone())
+        let staying: Vec<&Arc<SessionInfo>> = current
+            .iter()
+            .copied()
+            .filter(|a| !a.is_asked_to_go())
+            .collect();
+        let from = if staying.is_empty() { current } else { staying };
+        if from.is_empty() {
+            return Err(RelayError::Moving(agent.clone()));
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % from.len();
+        Ok(from[i].clone())
     }
 
     /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
@@ -165,7 +195,20 @@ impl Relay {
         machine: &mut S,
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
-        let session = self.pick(agent)?;
+        self.open_attempt(agent, machine, deadline, &mut Attempts::default())
+            .await
+    }
+
+    /// [`Relay::open`] for one attempt of a call: on a session `attempts` has not tried, which
+    /// it records (see [`Attempts`] for when the call may go again).
+    pub async fn open_attempt<S: SendHalf + ?Sized>(
+        &self,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+        attempts: &mut Attempts,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        let session = self.pick(agent, attempts)?;
         let permit = self
             .streams
             .acquire(agent)
@@ -173,6 +216,10 @@ impl Relay {
                 agent: agent.clone(),
                 limit: self.streams.max(),
             })?;
+        // Counted on the session before the stream is opened: a session the agent left
+        // closes only once this is dropped (see `SessionInfo::was_closed_after_leave`).
+        let permit = permit.on_session(session.relay_stream());
+        attempts.tried.push(session.clone());
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
             match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
@@ -196,6 +243,87 @@ impl Relay {
             })?;
         Ok((send, recv, permit))
     }
+}
+
+/// Sends (at most) of one call: the first, and re-sends after a failure that proves the call did
+/// not reach the agent.
+pub const MAX_SENDS: usize = 4;
+
+/// The sessions one call was sent on, and whether it may be sent again on another.
+///
+/// A call is re-sent, on a session it was not sent on, at most [`MAX_SENDS`] times in all, when
+/// nothing of it can have reached an upstream (the caller's request body is replayed, see
+/// [`resend::Replay`]), that is when no answer arrived and:
+/// 1. the agent reset the stream with `REFUSED_STREAM`: it arrived on a session the agent is
+///    leaving, and was dropped unread;
+/// 2. the stream could not be opened (the connection was gone before anything was written);
+/// 3. the session's connection was closed by this gateway because the agent had left it and
+///    its relayed streams were done: a stream opened on it after that arrived after the agent
+///    left, and the agent refuses those.
+///
+/// Everything else is not re-sent: a connection lost otherwise (the agent died, the network,
+/// a heartbeat timeout: the agent may have forwarded the call), a stream reset with any other
+/// code, any failure after the first answer, and a request body larger than
+/// [`resend::REPLAY_MAX`].
+#[derive(Debug, Default)]
+pub struct Attempts {
+    tried: Vec<Arc<SessionInfo>>,
+}
+
+impl Attempts {
+    fn tried(&self, s: &Arc<SessionInfo>) -> bool {
+        self.tried.iter().any(|t| Arc::ptr_eq(t, s))
+    }
+
+    fn may_send_again(&self) -> bool {
+        self.tried.len() < MAX_SENDS
+    }
+
+    /// The last attempt's session was closed by this gateway after the agent left it.
+    fn closed_after_leave(&self) -> bool {
+        self.tried
+            .last()
+            .is_some_and(|s| s.was_closed_after_leave())
+    }
+
+    /// `open_attempt` failed with `e`: may the call go again?
+    pub fn resend_after_open(&self, e: &RelayError) -> bool {
+        self.may_send_again()
+            && match e {
+                RelayError::ConnectionLost { .. } => true,
+                RelayError::Header { source, .. } => {
+                    refused(source) || (self.closed_after_leave() && connection_gone(source))
+                }
+                _ => false,
+            }
+    }
+
+    /// The stream failed with `e` before any answer: may the call go again?
+    pub fn resend_after_stream_error(&self, e: &StreamError) -> bool {
+        self.may_send_again() && (refused(e) || (self.closed_after_leave() && connection_gone(e)))
+    }
+
+    /// The stream's machine reported `failure` before any answer: may the call go again?
+    pub fn resend_after_failure(&self, failure: &StreamFailure) -> bool {
+        self.may_send_again()
+            && matches!(failure, StreamFailure::Reset(code) if *code == ErrorCode::REFUSED_STREAM)
+    }
+}
+
+fn refused(e: &StreamError) -> bool {
+    matches!(e, StreamError::Reset(code) if *code == ErrorCode::REFUSED_STREAM)
+}
+
+fn connection_gone(e: &StreamError) -> bool {
+    matches!(
+        e,
+        StreamError::Closed { .. } | StreamError::ConnectionLost(_)
+    )
+}
+
+/// Counts a call sent again on another session.
+fn record_resend(kind: RelayKind) {
+    metrics::counter!("tether_gateway_relay_resends_total", "kind" => kind.as_str()).increment(1);
 }
 
 /// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.

@@ -3,13 +3,15 @@
 //! The listeners agents dial (QUIC on UDP, and TLS + HTTP/2 on TCP, same port, for networks
 //! that block UDP), the admission of their handshakes, the certificate verifier, the driver
 //! that runs one `tunnel_proto::GatewaySession` per connection whatever its transport, the
-//! end-to-end probe of each session, and the registry of live sessions. Beside the session
+//! end-to-end probe of each session, the registry of live sessions, and the balance of sessions
+//! across replicas (which new sessions to take, which agents to ask to move). Beside the session
 //! driver, a probe opens a stream every `probe_interval` and expects the agent's answer within
 //! `probe_timeout`: a session whose connection looks alive but whose streams do not work is
 //! closed (`UNRESPONSIVE`). A bad peer ends only its own connection.
 
 pub mod accept;
 pub mod admission;
+pub mod balance;
 pub mod driver;
 pub mod endpoint;
 pub mod probe;
@@ -30,6 +32,7 @@ use crate::config::GatewayConfig;
 use crate::identity::revocation::RevocationList;
 use crate::tunnel::accept::{SideDoor, SideDoorFn};
 use crate::tunnel::admission::{AgentSessions, SessionPermit};
+use crate::tunnel::balance::Balance;
 use crate::tunnel::registry::Registry;
 
 /// Shared by every connection's driver.
@@ -52,6 +55,9 @@ pub struct TunnelContext {
     pub renewal: Option<Arc<crate::identity::enrollment::Enrollment>>,
     /// Connections per agent identity (`limits.sessions_per_agent`).
     pub sessions: AgentSessions,
+    /// Which new sessions to take (drain, fair share, budget), and what `Welcome` says of the
+    /// replicas.
+    pub balance: Arc<Balance>,
     /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
     /// retries as fast as its handshake rate allows.
     refusals: std::sync::Mutex<LogThrottle>,
@@ -69,6 +75,15 @@ impl TunnelContext {
         session.handshake_timeout = cfg.tunnel.handshake_timeout;
         session.max_concurrent_streams = cfg.tunnel.max_concurrent_streams;
         session.probe_interval = cfg.tunnel.probe_interval;
+        session.hold_hello = true;
+        session
+            .capabilities
+            .push(tunnel_proto::message::LEAVE.to_owned());
+        let balance = Arc::new(Balance::new(
+            session.gateway_id.clone(),
+            cfg.tunnel.fair_share_margin,
+            cfg.limits.new_sessions_per_second,
+        ));
         TunnelContext {
             registry,
             session,
@@ -78,10 +93,18 @@ impl TunnelContext {
             side_doors: Vec::new(),
             renewal: None,
             sessions: AgentSessions::new(cfg.limits.sessions_per_agent),
+            balance,
             refusals: std::sync::Mutex::new(LogThrottle::new(Duration::from_secs(10))),
             next_session: AtomicU64::new(1),
             instance,
         }
+    }
+
+    /// Decides on new sessions with `balance` (a replica's: its cluster id and the fleet's
+    /// counts) instead of this process's own.
+    pub fn with_balance(mut self, balance: Arc<Balance>) -> Self {
+        self.balance = balance;
+        self
     }
 
     /// Uses `revocations` (the list the verifier consults) for the post-registration check.

@@ -48,6 +48,13 @@ impl Probe {
         self.next = Some(now + self.interval);
     }
 
+    /// No more probes (the agent left the session: it refuses new streams), nor the outcome of
+    /// one in flight.
+    pub(crate) fn stop(&mut self) {
+        self.next = None;
+        self.in_flight = None;
+    }
+
     /// When the session's timer must wake for the probe. None while a probe is out: its own
     /// timeout ends it, in `answer`, and a deadline already passed would only wake the driver
     /// again and again until then.
