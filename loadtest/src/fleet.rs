@@ -460,6 +460,7 @@ fn start_lean(
             capabilities: vec!["relay".into(), "commands".into()],
             labels: Default::default(),
             instance_id: name,
+            ..Default::default()
         },
     };
     tokio::spawn(run_lean(agent, endpoint.clone(), shared.clone()));
@@ -577,7 +578,10 @@ async fn session(
                     shared.log().ups.push(Instant::now());
                 }
                 AgentEvent::Closed(info) => closed = Some(info),
-                AgentEvent::Rtt(_) | AgentEvent::GoAway(_) | AgentEvent::Renewed(_) => {}
+                AgentEvent::Rtt(_)
+                | AgentEvent::GoAway(_)
+                | AgentEvent::Renewed(_)
+                | AgentEvent::LiveReplicas(_) => {}
             }
         }
         if let Some(info) = closed {
