@@ -355,7 +355,105 @@ fn record_call(kind: RelayKind, tenant: &str, code: Code) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::CertFacts;
+    use crate::tunnel::registry::SessionCommand;
+    use crate::tunnel::test_support::quic_pair;
     use http::HeaderValue;
+    use tunnel_proto::message::{GoAway, Hello, LEAVE};
+
+    type Orders = Vec<tokio::sync::mpsc::UnboundedReceiver<SessionCommand>>;
+
+    /// Registers a session of agent `t/a` for instance `instance` (leaving sessions when
+    /// `leaves`) over `link`; returns it, keeping its orders' receiver in `orders`.
+    fn session(
+        (registry, orders): (&Registry, &mut Orders),
+        link: &tether_runtime::transport::Link,
+        id: &str,
+        instance: &str,
+        leaves: bool,
+    ) -> Arc<SessionInfo> {
+        let hello = Hello {
+            instance_id: instance.into(),
+            capabilities: if leaves { vec![LEAVE.into()] } else { vec![] },
+            ..Default::default()
+        };
+        let facts = CertFacts {
+            fingerprint: "00".into(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let (info, rx) = SessionInfo::new(
+            id.into(),
+            "t/a".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            link.clone(),
+            (hello, 1),
+            &facts,
+        );
+        orders.push(rx);
+        registry.register(info)
+    }
+
+    fn picks(relay: &Relay, n: usize) -> std::collections::BTreeMap<String, usize> {
+        let agent: AgentId = "t/a".parse().unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let s = relay.pick(&agent, &Attempts::default()).unwrap();
+            *seen.entry(s.session_id.clone()).or_default() += 1;
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn calls_are_spread_over_an_agents_sessions_and_never_go_to_one_it_left() {
+        let (_agent_end, link, _endpoints) = quic_pair().await;
+        let registry = Arc::new(Registry::default());
+        let relay = Relay::with_stream_limit(registry.clone(), 16);
+        let mut orders = Orders::new();
+        // One agent process with two sessions here (two addresses, or connections = 2 with two
+        // of its replicas here).
+        let s1 = session((&registry, &mut orders), &link, "s1", "i1", true);
+        let s2 = session((&registry, &mut orders), &link, "s2", "i1", true);
+        let seen = picks(&relay, 100);
+        assert_eq!(seen.get("s1"), Some(&50));
+        assert_eq!(seen.get("s2"), Some(&50));
+        // A session this gateway asked to go takes calls only when nothing else does.
+        s1.command(SessionCommand::GoAway(GoAway::default()));
+        assert_eq!(picks(&relay, 10).keys().collect::<Vec<_>>(), ["s2"]);
+        // A session the agent left takes none, even the last one.
+        s2.mark_left();
+        assert_eq!(picks(&relay, 10).keys().collect::<Vec<_>>(), ["s1"]);
+        s1.mark_left();
+        let agent: AgentId = "t/a".parse().unwrap();
+        assert!(matches!(
+            relay.pick(&agent, &Attempts::default()),
+            Err(RelayError::Moving(_))
+        ));
+        // A call is never sent twice to one session.
+        let s3 = session((&registry, &mut orders), &link, "s3", "i1", true);
+        let mut tried = Attempts::default();
+        tried.tried.push(s3.clone());
+        assert!(matches!(
+            relay.pick(&agent, &tried),
+            Err(RelayError::Moving(_))
+        ));
+        assert!(!tried.resend_after_failure(&StreamFailure::Reset(ErrorCode::CANCELLED)));
+        assert!(tried.resend_after_failure(&StreamFailure::Reset(ErrorCode::REFUSED_STREAM)));
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_leave_gets_calls_on_the_newest_session_of_each_instance() {
+        let (_agent_end, link, _endpoints) = quic_pair().await;
+        let registry = Arc::new(Registry::default());
+        let relay = Relay::with_stream_limit(registry.clone(), 16);
+        let mut orders = Orders::new();
+        session((&registry, &mut orders), &link, "old", "i1", false);
+        session((&registry, &mut orders), &link, "new", "i1", false);
+        session((&registry, &mut orders), &link, "other", "i2", false);
+        let seen = picks(&relay, 100);
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["new", "other"]);
+    }
 
     fn headers(agent: &[u8]) -> Option<HeaderMap> {
         let mut h = HeaderMap::new();

@@ -294,49 +294,9 @@ mod tests {
     use super::*;
     use crate::config::GatewayConfig;
     use crate::tunnel::registry::{Registry, RegistryEvent};
+    use crate::tunnel::test_support::quic_pair;
 
     const T: Duration = Duration::from_secs(20);
-
-    /// A real QUIC connection on loopback: (the agent's end, the gateway's end). The endpoints
-    /// are returned so they outlive the test.
-    async fn quic_pair() -> (quinn::Connection, Link, [quinn::Endpoint; 2]) {
-        tether_runtime::tls::install_crypto_provider();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        let der = cert.cert.der().clone();
-        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
-            .expect("key");
-        let server = quinn::ServerConfig::with_single_cert(vec![der.clone()], key).expect("tls");
-        let server = quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("server");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).expect("root");
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let client_cfg = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
-        ));
-        let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("client");
-        client.set_default_client_config(client_cfg);
-        let addr = server.local_addr().expect("addr");
-        let (dialed, accepted) = tokio::join!(
-            async {
-                client
-                    .connect(addr, "localhost")
-                    .unwrap()
-                    .await
-                    .expect("connect")
-            },
-            async {
-                server
-                    .accept()
-                    .await
-                    .expect("incoming")
-                    .await
-                    .expect("accept")
-            },
-        );
-        (dialed, Link::Quic(accepted), [client, server])
-    }
 
     /// The gateway's half of the shared driver's rule: a control stream the gateway can no
     /// longer write ends the session (unregistered, its connection closed) while the agent's
