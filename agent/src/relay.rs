@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
+use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
 use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::{Link, RecvStream, SendStream};
@@ -44,6 +45,8 @@ pub const BUILTIN: &str = "agent";
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to connect to a TCP upstream.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most read from a TCP upstream at once (one write to the tunnel stream).
+const TCP_READ_CHUNK: usize = 64 * 1024;
 
 enum Upstream {
     Grpc { svc: GrpcService, address: String },
@@ -322,10 +325,13 @@ async fn rpc(
     let deadline =
         (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
 
-    // The request: headers from metadata, body streamed from Data frames.
-    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    // The request: headers from metadata, body read from the Data frames as the HTTP/2 client
+    // polls it (no task or channel between). Any return from here on ends the body with an
+    // error, which makes the HTTP/2 client reset the upstream's stream.
+    let abort = CancellationToken::new();
+    let _abort_body = abort.clone().drop_guard();
     let mut req = Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
-        tokio_stream::wrappers::ReceiverStream::new(body_rx),
+        request_body(request, abort),
     )));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = match header.method.parse() {
@@ -357,7 +363,6 @@ async fn rpc(
             grpc::encode_grpc_timeout(d.saturating_duration_since(Instant::now())),
         );
     }
-    let request_pump = tokio::spawn(pump_request(request, body_tx));
 
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let deadline_at = deadline.unwrap_or(far);
@@ -365,12 +370,10 @@ async fn rpc(
     let resp = tokio::select! {
         r = call => r,
         _ = tokio::time::sleep_until(deadline_at.into()) => {
-            request_pump.abort();
             return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
         }
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
-            request_pump.abort();
             metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
             return;
         }
@@ -379,7 +382,6 @@ async fn rpc(
         Ok(r) => r,
         Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d) => {
             // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
-            request_pump.abort();
             return finish_with(
                 &mut send,
                 &mut response,
@@ -389,7 +391,6 @@ async fn rpc(
             .await;
         }
         Err(e) => {
-            request_pump.abort();
             let msg = format!(
                 "upstream service {name:?} ({address}) is unavailable: {}",
                 error_chain(e.as_ref())
@@ -401,7 +402,6 @@ async fn rpc(
     let (parts, mut body) = resp.into_parts();
     if parts.headers.contains_key("grpc-status") {
         // Trailers-only response (the call failed, or had nothing to say): relay it as such.
-        request_pump.abort();
         let t = Trailers {
             metadata: grpc::headers_to_metadata(&parts.headers),
         };
@@ -417,19 +417,16 @@ async fn rpc(
     };
     let _ = response.head(head);
     if flush(&mut send, &mut response).await.is_err() {
-        request_pump.abort();
         return;
     }
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = tokio::time::sleep_until(deadline_at.into()) => {
-                request_pump.abort();
-                return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await;
+                    return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await;
             }
             _ = send.stopped() => {
-                request_pump.abort();
-                metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
+                    metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
                 return;
             }
         };
@@ -438,7 +435,6 @@ async fn rpc(
                 Ok(data) => {
                     let _ = response.data(data);
                     if flush(&mut send, &mut response).await.is_err() {
-                        request_pump.abort();
                         return;
                     }
                 }
@@ -456,7 +452,6 @@ async fn rpc(
                 }
             },
             Some(Err(e)) => {
-                request_pump.abort();
                 let msg = format!(
                     "upstream service {name:?} failed mid-call: {}",
                     error_chain(&e)
@@ -488,25 +483,22 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Gateway → upstream: Data frames into the request body. A reset from the gateway fails the
-/// body, which makes the HTTP/2 client reset the upstream stream.
-async fn pump_request(
-    mut request: Reader<RequestRecv>,
-    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-) {
-    loop {
+/// Gateway → upstream: the Data frames as the request body, read as the HTTP/2 client polls
+/// it. A reset from the gateway (or `abort`) fails the body, which makes the HTTP/2 client
+/// reset the upstream stream.
+fn request_body(
+    request: Reader<RequestRecv>,
+    abort: CancellationToken,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static {
+    futures::stream::unfold(Some((request, abort)), |state| async move {
+        let (mut request, abort) = state?;
         let event = tokio::select! {
             e = request.next() => e,
-            _ = tx.closed() => return,
+            _ = abort.cancelled() => return Some((Err("the call ended".into()), None)),
         };
         let failure: BoxError = match event {
-            Ok(RequestEvent::Data(b)) => {
-                if tx.send(Ok(Frame::data(b))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Ok(RequestEvent::Finished) => return,
+            Ok(RequestEvent::Data(b)) => return Some((Ok(Frame::data(b)), Some((request, abort)))),
+            Ok(RequestEvent::Finished) => return None,
             // The machine stopped the stream (PROTOCOL_ERROR).
             Ok(RequestEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
                 got,
@@ -515,9 +507,8 @@ async fn pump_request(
             Ok(RequestEvent::Failed(e)) => Box::new(e),
             Err(e) => Box::new(e),
         };
-        let _ = tx.send(Err(failure)).await;
-        return;
-    }
+        Some((Err(failure), None))
+    })
 }
 
 /// Answers the TCP stream: `Code::Ok` accepts it, anything else refuses it (and ends it).
@@ -598,11 +589,13 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
     };
     // Service → gateway; the service closing its side finishes the stream.
     let outbound = async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Read straight into the buffer the stream sends from: no copy on the way to QUIC.
+        let mut buf = bytes::BytesMut::new();
         loop {
-            let done = match rd.read(&mut buf).await {
+            buf.reserve(TCP_READ_CHUNK);
+            let done = match rd.read_buf(&mut buf).await {
                 Ok(0) => to_gateway.finish().is_ok(),
-                Ok(n) => to_gateway.write(Bytes::copy_from_slice(&buf[..n])).is_err(),
+                Ok(_) => to_gateway.write(buf.split().freeze()).is_err(),
                 Err(_) => {
                     to_gateway.reset(ErrorCode::CANCELLED);
                     true

@@ -362,7 +362,8 @@ def _values_leaves(values: Any, path: str, out: set[str]):
 
 PASSTHROUGH = {
     AGENT_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]", "networkPolicy.extraEgress[]"},
-    GATEWAY_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]"},
+    GATEWAY_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]",
+                    "networkPolicy.northboundFrom[]", "networkPolicy.opsFrom[]"},
 }
 
 
@@ -626,6 +627,17 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
     assert inline["tls"]["ca"] == "/etc/tether/gateway-ca.crt"
     assert "server_name" not in inline and "instance_id" not in inline
 
+
+
+def test_agent_connections_reaches_agent_toml_only_when_set():
+    unset = tomllib.loads(render_file(AGENT_CHART, "agent-required.yaml").one("ConfigMap")["data"]["agent.toml"])
+    assert "connections" not in unset
+    three = render_file(AGENT_CHART, "agent-required.yaml", {"gateway": {"connections": 3}})
+    assert tomllib.loads(three.one("ConfigMap")["data"]["agent.toml"])["connections"] == 3
+    for bad in (0, 17, "2"):
+        with pytest.raises(Exception) as e:
+            render_file(AGENT_CHART, "agent-required.yaml", {"gateway": {"connections": bad}})
+        assert "connections" in str(e.value), e.value
 
 SM_SECRET = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tether/agent-identity-AbCdEf"
 
@@ -984,7 +996,9 @@ def test_gateway_embedded_mode_ignores_the_postgres_and_replica_settings():
     tuned = render_file(GATEWAY_CHART, "gateway-required.yaml", {
         "store": {"postgres": {"existingSecret": "db", "password": {"existingSecret": "pw"}, "sslmode": "verify-full",
                                "ca": {"existingConfigMap": "ca"}, "poolSize": 4}},
-        "cluster": {"heartbeatInterval": "3s", "livenessTimeout": "20s", "podIPFamily": "IPv6"},
+        "cluster": {"heartbeatInterval": "3s", "livenessTimeout": "20s", "podIPFamily": "IPv6",
+                    "advertise": "podIP", "clusterDomain": "example.internal"},
+        "preStop": {"sleepSeconds": 25},
         "podDisruptionBudget": {"maxUnavailable": 2},
         "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
     })
@@ -1057,8 +1071,8 @@ def test_gateway_postgres_store_takes_the_dsn_the_password_and_the_ca_from_their
     assert c["env"] == [
         {"name": "TETHER_STORE_DSN", "valueFrom": {"secretKeyRef": {"name": "tether-gateway-db", "key": "dsn"}}},
         {"name": "TETHER_CLUSTER_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "TETHER_CLUSTER_ADVERTISE", "value": "$(POD_IP):7445"},
+        {"name": "TETHER_CLUSTER_ADVERTISE",
+         "value": "$(TETHER_CLUSTER_REPLICA_ID).tether-tether-gateway-peers.tether-system.svc.cluster.local:7445"},
     ]
     cfg = tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])
     assert cfg["store"] == {
@@ -1116,6 +1130,142 @@ def test_gateway_postgres_store_takes_the_dsn_the_password_and_the_ca_from_their
     one_sources = next(v for v in one_pod["volumes"] if v["name"] == "config")["projected"]["sources"]
     assert {"secret": {"name": "tether-db-app", "items": [{"key": "ca.crt", "path": "postgres/ca.crt"}]}} in one_sources
     assert tomllib.loads(one.one("ConfigMap")["data"]["gateway.toml"])["store"]["sslmode"] == "verify-ca"
+
+
+def test_gateway_replicas_find_each_other_through_a_headless_service_and_advertise_their_dns_name():
+    r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
+    d = r.one("Deployment")
+    pod = d["spec"]["template"]["spec"]
+    peers = r.one("Service", "tether-tether-gateway-peers")
+    assert peers["spec"]["clusterIP"] == "None"
+    # A starting or draining pod (not Ready) keeps its DNS name: peers still reach it.
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
+    assert peers["spec"]["ports"] == [{"name": "peer", "protocol": "UDP", "port": 7445, "targetPort": "peer"}]
+    # The pod's hostname (its name) under this subdomain is what cluster DNS answers for.
+    assert pod["subdomain"] == "tether-tether-gateway-peers"
+    ports = {p["name"]: p for p in pod["containers"][0]["ports"]}
+    assert ports["peer"] == {"name": "peer", "containerPort": 7445, "protocol": "UDP"}
+    env = pod_env(pod["containers"][0], gateway_externals({"ca": "", "gateway_cert": "", "gateway_key": ""})[0],
+                  "tether-tether-gateway-7d9f8b6c5d-x2x4q", "10.42.0.7")
+    assert env["TETHER_CLUSTER_REPLICA_ID"] == "tether-tether-gateway-7d9f8b6c5d-x2x4q"
+    assert env["TETHER_CLUSTER_ADVERTISE"] == (
+        "tether-tether-gateway-7d9f8b6c5d-x2x4q.tether-tether-gateway-peers.tether-system.svc.cluster.local:7445")
+    # Each label of the advertised name is a valid DNS label.
+    host = env["TETHER_CLUSTER_ADVERTISE"].rpartition(":")[0]
+    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", label) for label in host.split(".")), host
+    assert "tether-tether-gateway-peers.tether-system.svc.cluster.local:7445 (headless Service tether-tether-gateway-peers)" in r.notes
+
+    other = render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"cluster": {"clusterDomain": "k8s.example"}})
+    other_env = other.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert other_env[-1]["value"].endswith(".tether-tether-gateway-peers.tether-system.svc.k8s.example:7445")
+
+    # The pod IP instead: no name needed, the Service still groups the peers.
+    ip = render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"cluster": {"advertise": "podIP"}})
+    ip_env = ip.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert ip_env[-2:] == [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "TETHER_CLUSTER_ADVERTISE", "value": "$(POD_IP):7445"},
+    ]
+
+    # A pod name is the Deployment's name + a 10-character hash + 5 characters: past 46 characters
+    # it would not fit a DNS label, and its name would not resolve.
+    with pytest.raises(Exception) as e:
+        render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"fullnameOverride": "g" * 47})
+    assert "cluster.advertise is dns" in str(e.value) and "fullnameOverride" in str(e.value), e.value
+    assert render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"fullnameOverride": "g" * 46}).one("Deployment")
+    assert render_file(GATEWAY_CHART, "gateway-postgres.yaml",
+                       {"fullnameOverride": "g" * 47, "cluster": {"advertise": "podIP"}}).one("Deployment")
+
+    # One embedded replica has no peers: no headless Service, no subdomain, no peer port.
+    one = render_file(GATEWAY_CHART, "gateway-required.yaml")
+    assert [s["metadata"]["name"] for s in one.of_kind("Service")] == [
+        "tether-tether-gateway-tunnel", "tether-tether-gateway-northbound"]
+    one_pod = one.one("Deployment")["spec"]["template"]["spec"]
+    assert "subdomain" not in one_pod
+    assert "peer" not in {p["name"] for p in one_pod["containers"][0]["ports"]}
+
+
+def _ingress_by_port(np: dict[str, Any]) -> dict[tuple[str, int], list]:
+    """(protocol, port) → the `from` of the rule opening it (None: from anywhere)."""
+    out: dict[tuple[str, int], list] = {}
+    for rule in np["spec"]["ingress"]:
+        for p in rule["ports"]:
+            key = (p["protocol"], p["port"])
+            assert key not in out, f"{key} opened by two rules"
+            out[key] = rule.get("from")
+    return out
+
+
+def test_gateway_network_policy_opens_the_peer_port_to_gateway_pods_only():
+    r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
+    d = r.one("Deployment")
+    np = r.one("NetworkPolicy")
+    assert np["spec"]["podSelector"] == d["spec"]["selector"]
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    rules = _ingress_by_port(np)
+    assert rules == {
+        ("UDP", 7443): None,
+        ("TCP", 7443): None,
+        ("TCP", 7444): None,
+        ("TCP", 9090): None,
+        ("UDP", 7445): [{"podSelector": d["spec"]["selector"]}],
+    }
+    # Exactly the ports the pod listens on, nothing more.
+    pod_ports = {(p["protocol"], p["containerPort"]) for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert set(rules) == pod_ports
+    # Only gateway pods match the peer rule: not the `helm test` pod, not an agent.
+    peer_selector = rules[("UDP", 7445)][0]["podSelector"]["matchLabels"]
+    assert peer_selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    assert not peer_selector.items() <= r.one("Pod")["metadata"]["labels"].items()
+    agent = render_file(AGENT_CHART, "agent-required.yaml").one("Deployment")
+    assert not peer_selector.items() <= agent["spec"]["template"]["metadata"]["labels"].items()
+
+    # The control plane and the scrapers can be narrowed.
+    cp = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "control-plane"}}}]
+    mon = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+           {"ipBlock": {"cidr": "10.0.0.0/16"}}]
+    narrow = render_file(GATEWAY_CHART, "gateway-postgres.yaml",
+                         {"networkPolicy": {"northboundFrom": cp, "opsFrom": mon}})
+    narrow_rules = _ingress_by_port(narrow.one("NetworkPolicy"))
+    assert narrow_rules[("TCP", 7444)] == cp and narrow_rules[("TCP", 9090)] == mon
+    assert narrow_rules[("UDP", 7443)] is None and narrow_rules[("UDP", 7445)] == rules[("UDP", 7445)]
+
+    # One embedded replica: no peer port to open.
+    one = _ingress_by_port(render_file(GATEWAY_CHART, "gateway-required.yaml").one("NetworkPolicy"))
+    assert set(one) == {("UDP", 7443), ("TCP", 7443), ("TCP", 7444), ("TCP", 9090)}
+    assert render_file(GATEWAY_CHART, "gateway-postgres.yaml",
+                       {"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
+
+
+def test_gateway_pods_sleep_before_draining_and_their_grace_period_covers_sleep_and_drain():
+    r = render_file(GATEWAY_CHART, "gateway-postgres.yaml")
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    # The load balancer deregisters the pod during the sleep, before SIGTERM starts the drain.
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 10}}}
+    drain = tomllib.loads(r.one("ConfigMap")["data"]["gateway.toml"])["tunnel"]["drain_timeout"]
+    assert drain == "1m"
+    assert pod["terminationGracePeriodSeconds"] == 75 > 10 + 60
+    assert "sleeps 10s (preStop" in r.notes and "drains for up to tunnel.drainTimeout (1m)" in r.notes
+    # The defaults hold together: 10 s + 15 s < 30 s.
+    defaults = render_file(GATEWAY_CHART, "gateway-postgres-dsn-only.yaml")
+    dpod = defaults.one("Deployment")["spec"]["template"]["spec"]
+    assert dpod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"] == 10
+    assert dpod["terminationGracePeriodSeconds"] == 30
+    # A grace period that does not cover the sleep and the drain is refused, naming both.
+    with pytest.raises(Exception) as e:
+        render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"terminationGracePeriodSeconds": 70})
+    assert ("terminationGracePeriodSeconds (70) must exceed preStop.sleepSeconds (10) + tunnel.drainTimeout (1m) = 70s"
+            in str(e.value)), e.value
+    assert render_file(GATEWAY_CHART, "gateway-postgres.yaml", {"terminationGracePeriodSeconds": 71}).one("Deployment")
+    # 0: no hook, and only the drain counts.
+    none = render_file(GATEWAY_CHART, "gateway-postgres.yaml",
+                       {"preStop": {"sleepSeconds": 0}, "terminationGracePeriodSeconds": 61})
+    assert "lifecycle" not in none.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    # One embedded replica has nowhere else for agents to go: no sleep.
+    one = render_file(GATEWAY_CHART, "gateway-required.yaml")
+    assert "lifecycle" not in one.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
 # === the real binaries ===
@@ -1355,10 +1505,15 @@ def test_rendered_gateway_config_passes_the_gateway_binarys_check(name, pki, tmp
     for path in files:
         assert Path(path).is_file(), path
     if "store" in cfg:
-        # The advertised address is the pod IP and the peer port, as a socket address.
         host, _, port = env["TETHER_CLUSTER_ADVERTISE"].rpartition(":")
-        assert ipaddress.ip_address(host.removeprefix("[").removesuffix("]")) and port == "7445", env
-        assert (host.startswith("[") and host.endswith("]")) == (":" in host.strip("[]")), env
+        assert port == "7445", env
+        if r.values.get("cluster", {}).get("advertise", "dns") == "dns":
+            # The pod's name in the headless Service, as cluster DNS answers for it.
+            assert host == "tether-tether-gateway-test-config.tether-tether-gateway-peers.tether-system.svc.cluster.local", env
+        else:
+            # The pod IP and the peer port, as a socket address.
+            assert ipaddress.ip_address(host.removeprefix("[").removesuffix("]")), env
+            assert (host.startswith("[") and host.endswith("]")) == (":" in host.strip("[]")), env
         assert env["TETHER_CLUSTER_REPLICA_ID"] == "tether-tether-gateway-test-config"
     # --check-config loads the TLS files: a broken key fails it.
     (etc / "tls" / "tls.key").write_text("not a key\n")

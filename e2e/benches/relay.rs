@@ -116,7 +116,7 @@ fn main() {
             direct.read_exact(&mut buf).await.unwrap();
             let dd = s.elapsed();
             let s = Instant::now();
-            tx.send(StreamChunk { data: ping.to_vec() }).await.unwrap();
+            tx.send(StreamChunk { data: ping.to_vec().into() }).await.unwrap();
             let mut got = 0;
             while got < 64 {
                 got += inbound.message().await.unwrap().unwrap().data.len();
@@ -149,7 +149,7 @@ fn main() {
         let mut streams = StreamsClient::with_interceptor(ch.clone(), Route::new(Some("bench/agent"), Some("sink")));
         let s = Instant::now();
         let n = total / chunk.len();
-        let c = chunk.clone();
+        let c = bytes::Bytes::from(chunk.clone());
         let reqs = tokio_stream::iter((0..n).map(move |_| StreamChunk { data: c.clone() }));
         let mut inbound = streams.open(reqs).await.unwrap().into_inner();
         let mut ack = Vec::new();

@@ -5,11 +5,16 @@
 //!
 //! For each setup: Submits/s with 64 concurrent callers spread over the replicas for
 //! `SECONDS`, then p50/p99 of Submit at a paced 1,000/s (or the setup's maximum, if lower) for
-//! `SECONDS`, and how long the last accepted command took to succeed.
+//! `SECONDS`, how long the last accepted command took to succeed, and the CPU time the gateway
+//! processes used for all of it per 1,000 commands (user + system, PostgreSQL not counted: a
+//! figure that moves less with other load on the machine than the rates do).
 //!
 //! ```sh
-//! cargo build --release --workspace && cargo run --release -p tether-e2e --example replica_submits -- 10 [AGENTS]
+//! cargo build --release --workspace && cargo run --release -p tether-e2e --example replica_submits -- 10 [AGENTS] [PAYLOAD_BYTES]
 //! ```
+//!
+//! `PAYLOAD_BYTES` (default: a few bytes) gives every command a payload of that size (`echo`
+//! answers it back as its output).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +44,10 @@ fn main() -> anyhow::Result<()> {
         .nth(2)
         .map_or(Ok(1), |a| a.parse())
         .map_err(|e| anyhow::anyhow!("the number of agents: {e}"))?;
+    let payload: usize = std::env::args()
+        .nth(3)
+        .map_or(Ok(0), |a| a.parse())
+        .map_err(|e| anyhow::anyhow!("the payload bytes: {e}"))?;
     init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -62,16 +71,34 @@ fn main() -> anyhow::Result<()> {
         },
     ];
     println!(
-        "| setup | Submits/s (64 callers) | paced rate | p50 | p99 | last command succeeded after |"
+        "| setup | Submits/s (64 callers) | paced rate | p50 | p99 | last command succeeded after | gateway CPU per 1k commands |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for s in setups {
-        rt.block_on(run(&s, Duration::from_secs(seconds), agents))?;
+        rt.block_on(run(&s, Duration::from_secs(seconds), agents, payload))?;
     }
     Ok(())
 }
 
-async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
+/// User + system CPU seconds of a process.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat.rsplit_once(')').expect("comm").1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A command's payload: `payload` bytes, or `small` when that is 0.
+fn body(payload: usize, small: String) -> Vec<u8> {
+    if payload == 0 {
+        small.into_bytes()
+    } else {
+        vec![b'x'; payload]
+    }
+}
+
+async fn run(s: &Setup, phase: Duration, agents: usize, payload: usize) -> anyhow::Result<()> {
     let pki = Pki::new();
     let pg = if s.postgres {
         Some(
@@ -115,6 +142,9 @@ async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
         clients.push(commands_client(g.channel(&pki.client("api")).await));
     }
 
+    let cpu = || gws.iter().map(|g| cpu_secs(g.pid())).sum::<f64>();
+    let cpu0 = cpu();
+
     // Throughput: 64 callers, spread over the replicas, for one phase.
     let done = Arc::new(AtomicUsize::new(0));
     let until = Instant::now() + phase;
@@ -125,8 +155,11 @@ async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < until {
-                let mut req =
-                    submit_req(&agent(c + n as usize, agents), "echo", format!("{c}-{n}"));
+                let mut req = submit_req(
+                    &agent(c + n as usize, agents),
+                    "echo",
+                    body(payload, format!("{c}-{n}")),
+                );
                 req.ordering_key = format!("k{}", c % 16);
                 client.submit(req).await.expect("submit");
                 done.fetch_add(1, Ordering::Relaxed);
@@ -155,7 +188,7 @@ async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let t = Instant::now();
             let id = client
-                .submit(submit_req(&to, "echo", "paced"))
+                .submit(submit_req(&to, "echo", body(payload, "paced".into())))
                 .await
                 .expect("submit")
                 .into_inner()
@@ -175,12 +208,15 @@ async fn run(s: &Setup, phase: Duration, agents: usize) -> anyhow::Result<()> {
     let mut client = clients[clients.len() - 1].clone();
     wait_final(&mut client, &last_id, Duration::from_secs(600)).await;
     let drained = accepted_at.elapsed();
+    let commands = done.load(Ordering::Relaxed) + lat.len();
+    let cpu_per_k = (cpu() - cpu0) * 1000.0 / commands as f64;
     println!(
-        "| {} | {rate:.0} | {paced:.0}/s | {:.1} ms | {:.1} ms | {:.1} s |",
+        "| {} | {rate:.0} | {paced:.0}/s | {:.1} ms | {:.1} ms | {:.1} s | {:.2} s |",
         s.name,
         percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
         percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
-        drained.as_secs_f64()
+        drained.as_secs_f64(),
+        cpu_per_k
     );
     for a in fleet {
         a.stop().await;

@@ -1523,3 +1523,77 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AuditLog {
         self.0.lock().expect("audit log").push(fields.0);
     }
 }
+
+// === Replicas with peer links ===
+
+impl Pki {
+    /// A gateway replica's peer certificate (`spiffe://<td>/gateway/<replica>`).
+    pub fn peer(&self, replica: &str) -> CertFiles {
+        self.write(
+            &self
+                .ca
+                .issue_gateway(replica, pki::PEER_TTL)
+                .expect("issue peer"),
+        )
+    }
+}
+
+/// Config tables (to append with [`GatewayProcess::spawn_configured`]) that make a gateway
+/// process replica `id` of a cluster on the PostgreSQL at `dsn`, linked to its peers: its peer
+/// listener on a free port of `peer_ip` (advertised as bound), its peer certificate from `pki`,
+/// liveness renewed every 200 ms and expiring after 1.5 s, peers probed every 200 ms.
+pub fn peer_replica_config(dsn: &str, id: &str, pki: &Pki, peer_ip: std::net::IpAddr) -> String {
+    let peer = pki.peer(id);
+    format!(
+        "[store]\ndsn = \"{dsn}\"\nconnect_timeout = \"20s\"\n[cluster]\nreplica_id = \"{id}\"\npeer_listen = \"{}\"\npeer_cert = \"{}\"\npeer_key = \"{}\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1500ms\"\n",
+        SocketAddr::new(peer_ip, 0),
+        peer.cert.display(),
+        peer.key.display()
+    )
+}
+
+impl GatewayProcess {
+    /// Where its peer listener is bound (from its `gateway listening` log line).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.logs().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            if v["message"] != "gateway listening" {
+                return None;
+            }
+            v["peer"].as_str()?.parse().ok()
+        })
+    }
+
+    /// True when its link to `peer` is up (`tether_gateway_peer_up`).
+    pub fn peer_up(&self, peer: &str) -> bool {
+        self.metric("tether_gateway_peer_up", &format!("peer=\"{peer}\"")) >= 1.0
+    }
+
+    /// Streams it forwarded to `peer` (`out`, every attempt) or carried for `peer` (`in`).
+    pub fn forwarded(&self, peer: &str, direction: &str) -> f64 {
+        self.metric_with(
+            "tether_gateway_peer_forwarded_streams_total",
+            &[
+                &format!("peer=\"{peer}\""),
+                &format!("direction=\"{direction}\""),
+            ],
+        )
+    }
+
+    /// A metric from its `/metrics`, summed over the series whose labels contain every one of
+    /// `labels` (`k="v"` each).
+    pub fn metric_with(&self, name: &str, labels: &[&str]) -> f64 {
+        let (status, body) =
+            tether_runtime::ops::probe(self.ops, "/metrics", Duration::from_secs(5))
+                .expect("scrape the gateway's /metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let series = l.split(' ').next().unwrap_or("");
+                series.split('{').next() == Some(name) && labels.iter().all(|x| series.contains(x))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+}

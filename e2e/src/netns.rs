@@ -32,6 +32,44 @@
 //! both ends of the cp–dp veth, so a dropped packet vanishes on the wire: the sender's
 //! `sendmsg` still succeeds, as it would behind a lossy link or a firewall in the network.
 //!
+//! # A load balancer in front of replicas
+//!
+//! [`LoadBalancer`] is a real layer-4 balancer, as a cloud NLB in front of gateway replicas:
+//!
+//! ```text
+//!  test process (root ns)       lb  tt-<pid>-<n>-lb                  b<k>  tt-<pid>-<n>-b<k>
+//!  tl<j> host_addr/30 ──veth── up0 vip/30  (ip_forward = 1)
+//!    route backends/27 via vip     b0 ───────────────────veth── eth0 backends[0].addr/30
+//!                                  b1 ───────────────────veth── eth0 backends[1].addr/30
+//!                                  nftables (ip tether_lb, nat prerouting):
+//!                                    ip daddr vip, udp|tcp dport port:
+//!                                    jhash of the 5-tuple mod |set| → dnat to a backend
+//!                                    (chains be<k>, each counting the flows it sent)
+//! ```
+//!
+//! - Clients (agents) are given only [`LoadBalancer::addr`] (`vip:port`). Each new flow (a
+//!   QUIC connection's first datagram from a new source port, a TCP SYN) is hashed to one
+//!   backend of the set ([`Spread::FlowHash`], or [`Spread::Random`]); conntrack keeps every
+//!   later packet of the flow there and rewrites the replies' source back to the VIP. In-process
+//!   agents ([`crate::TestAgent`]) dial it from the test's namespace.
+//! - Backend `k` is a namespace of its own with address `backends[k].addr`; run a replica there
+//!   with [`LoadBalancer::spawn_gateway`] (tunnel on [`LoadBalancer::backend_addr`], northbound
+//!   and ops on free ports of the backend's address, which the test process reaches through a
+//!   route via the balancer). [`LoadBalancer::replica_config`] is [`crate::replica_config`]
+//!   advertising the peer listener at the backend's address. Backends reach the test process
+//!   at `host_addr`: start PostgreSQL there (`LocalPostgresOptions { listen: lb.host_addr, .. }`).
+//!   Restart a replica by spawning it again in the same backend once the old process is gone.
+//! - [`LoadBalancer::set_backends`] changes the set new flows go to; flows already established
+//!   stay where they are (a deregistration with connection draining).
+//!   [`LoadBalancer::new_flows`] counts the flows each backend was sent.
+//! - Faults: [`LoadBalancer::cut_between`] partitions two backends (their peer link) and
+//!   [`LoadBalancer::heal_between`] heals it; [`LoadBalancer::backend_link_down`] makes a
+//!   backend vanish from the network (a dead host the balancer still sends flows to).
+//!
+//! Balancers take their addresses from `198.18.128.0/17` and `198.19.128.0/17` (a `/27` of each
+//! per balancer, claimed by creating the root-namespace link `tl<j>`), so they never collide with
+//! a [`Topology`] or with each other.
+//!
 //! Everything here needs root (`CAP_NET_ADMIN`, `CAP_SYS_ADMIN`), `ip` (iproute2) and `nft`
 //! (nftables); [`Topology::new`] says which one is missing ([`Tinyproxy::start`] likewise for
 //! `tinyproxy`).
@@ -48,9 +86,11 @@ use anyhow::{Context, Result, anyhow, bail};
 
 /// Prefix of every namespace this harness creates.
 const PREFIX: &str = "tt-";
-/// `/30` blocks available: `198.18.0.0/16` (test ↔ cp) and `198.19.0.0/16` (cp ↔ dp), the
-/// range RFC 2544 reserves for network tests, so no real network is shadowed.
-const BLOCKS: u32 = 1 << 14;
+/// `/30` blocks available to [`Topology`]: `198.18.0.0/17` (test ↔ cp) and `198.19.0.0/17`
+/// (cp ↔ dp), in the range RFC 2544 reserves for network tests, so no real network is
+/// shadowed. The upper halves (`198.18.128.0/17`, `198.19.128.0/17`) belong to
+/// [`LoadBalancer`].
+const BLOCKS: u32 = 1 << 13;
 /// Name of the dp's end of the cp–dp veth (inside dp).
 pub const DP_LINK: &str = "cp0";
 /// Name of the cp's end of the cp–dp veth (inside cp).
@@ -247,6 +287,11 @@ impl Drop for Netns {
 
 // === Stale namespaces ===
 
+/// Numbers the namespaces this process creates (their names carry it).
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// Set once the first harness object of this process has removed stale namespaces.
+static CLEANED: OnceLock<()> = OnceLock::new();
+
 /// Deletes namespaces of this harness whose process is gone (a crashed or killed run), and
 /// any carrying this process's pid (a reused pid: none of ours exists yet when this runs).
 /// Processes still inside one (an orphaned gateway or agent of that run) are killed first,
@@ -326,8 +371,6 @@ impl Topology {
     /// uses, loopback up, and the fault chains (empty). No firewall yet: see
     /// [`Topology::firewall`].
     pub fn new() -> Result<Topology> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        static CLEANED: OnceLock<()> = OnceLock::new();
         tools()?;
         CLEANED.get_or_init(remove_stale);
 
@@ -594,6 +637,490 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Deleting one end deletes the pair; the namespaces (and the cp–dp pair with them) go
+        // when the fields drop.
+        if let Err(e) = ip(&["link", "del", &self.host_link]) {
+            eprintln!("netns: could not delete {}: {e:#}", self.host_link);
+        }
+    }
+}
+
+// === impl LoadBalancer ===
+
+/// Backends a [`LoadBalancer`] can have (its backend links share one `/27`).
+pub const MAX_BACKENDS: usize = 8;
+/// Address blocks of load balancers: block `j` is `198.18.128.0/17 + 32·j` (the uplink, its
+/// first `/30`) and `198.19.128.0/17 + 32·j` (one `/30` per backend).
+const LB_BLOCKS: u32 = 1 << 10;
+
+/// How a [`LoadBalancer`] picks the backend of a new flow. Either way the choice is made once,
+/// on a flow's first packet: conntrack keeps every later packet of the flow (a QUIC
+/// connection's datagrams, a TCP connection's segments) on the same backend, as a cloud
+/// network load balancer does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Spread {
+    /// A hash of the 5-tuple (`jhash ip saddr . th sport . ip daddr . th dport . meta l4proto`,
+    /// seeded at random per balancer), as AWS's NLB and GCP's passthrough balancer do. A client
+    /// that redials from a new source port is a new flow, hashed again.
+    #[default]
+    FlowHash,
+    /// `numgen random`: each new flow to a backend drawn at random.
+    Random,
+}
+
+/// One backend of a [`LoadBalancer`]: a namespace of its own (a pod, a VM), reached through the
+/// balancer's namespace.
+#[derive(Debug)]
+pub struct Backend {
+    /// Its namespace: run the replica here ([`LoadBalancer::spawn_gateway`]).
+    pub ns: Netns,
+    /// Its address (on `eth0`); the balancer forwards flows to it, and the test process reaches
+    /// it directly (a route through the balancer's namespace).
+    pub addr: Ipv4Addr,
+    /// The balancer's address toward it (its default gateway).
+    pub gateway: Ipv4Addr,
+}
+
+/// A real layer-4 load balancer: a network namespace with an nftables DNAT rule that spreads
+/// new UDP and TCP flows to one address and port (the VIP) over the backends in its set, as a
+/// cloud network load balancer does, with a namespace per backend behind it. Dropping it
+/// deletes all of it. See the module docs for the picture and how tests use it.
+#[derive(Debug)]
+pub struct LoadBalancer {
+    /// The balancer's namespace (it forwards: `ip_forward = 1`).
+    pub lb: Netns,
+    /// The backends, by index.
+    pub backends: Vec<Backend>,
+    /// The test process's address toward the balancer: services the backends use (PostgreSQL)
+    /// listen here.
+    pub host_addr: Ipv4Addr,
+    /// The address clients dial (the balancer's own address toward the test process).
+    pub vip: Ipv4Addr,
+    /// The port balanced, UDP and TCP; backends listen on the same port.
+    pub port: u16,
+    spread: Spread,
+    seed: u32,
+    state: std::sync::Mutex<LbState>,
+    host_link: String,
+}
+
+#[derive(Debug, Default)]
+struct LbState {
+    /// Backends new flows go to.
+    active: Vec<usize>,
+    /// Pairs of backends that cannot reach each other.
+    cuts: std::collections::BTreeSet<(usize, usize)>,
+}
+
+/// Name of the balancer's end of the link to backend `k` (inside the balancer's namespace).
+fn backend_link(k: usize) -> String {
+    format!("b{k}")
+}
+
+/// Polls `ip -j link show` until every `(ns, device)` is up, or fails after `timeout`.
+fn wait_links_up(links: &[(&Netns, &str)], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        for (ns, dev) in links {
+            let out = ns.ip(&["-j", "link", "show", dev])?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).context("parsing `ip -j link show` output")?;
+            all &= v[0]["operstate"] == "UP";
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("links {links:?} not up after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl LoadBalancer {
+    /// A balancer of `port` (UDP and TCP) over `n` backends (1 to [`MAX_BACKENDS`]), every
+    /// one in the set, spreading by [`Spread::FlowHash`].
+    pub fn new(n: usize, port: u16) -> Result<LoadBalancer> {
+        Self::with_spread(n, port, Spread::FlowHash)
+    }
+
+    /// As [`new`](Self::new), choosing backends by `spread`.
+    pub fn with_spread(n: usize, port: u16, spread: Spread) -> Result<LoadBalancer> {
+        if !(1..=MAX_BACKENDS).contains(&n) {
+            bail!("a load balancer has 1 to {MAX_BACKENDS} backends, not {n}");
+        }
+        tools()?;
+        CLEANED.get_or_init(remove_stale);
+        let pid = std::process::id();
+        let n_lb = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let lb = Netns::create(format!("{PREFIX}{pid}-{n_lb}-lb"))
+            .context("creating the load balancer's network namespace")?;
+        let mut backend_ns = Vec::new();
+        for k in 0..n {
+            backend_ns.push(
+                Netns::create(format!("{PREFIX}{pid}-{n_lb}-b{k}"))
+                    .with_context(|| format!("creating backend {k}'s network namespace"))?,
+            );
+        }
+        // Claim a block as Topology does, with links `tl<j>` (a namespace of claims of its own).
+        let start = (pid.wrapping_mul(16).wrapping_add(n_lb * 3)) % LB_BLOCKS;
+        let mut claimed = None;
+        for k in 0..LB_BLOCKS {
+            let j = (start + k) % LB_BLOCKS;
+            let link = format!("tl{j}");
+            match ip(&[
+                "link",
+                "add",
+                &link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CP_UPLINK,
+                "netns",
+                lb.name(),
+            ]) {
+                Ok(_) => {
+                    claimed = Some((j, link));
+                    break;
+                }
+                Err(e) if format!("{e}").contains("File exists") => continue,
+                Err(e) => {
+                    return Err(e.context("creating the veth from the test into the balancer"));
+                }
+            }
+        }
+        let (j, host_link) = claimed.context("no free load balancer address block")?;
+        let up = u32::from(Ipv4Addr::new(198, 18, 128, 0)) + 32 * j;
+        let down = u32::from(Ipv4Addr::new(198, 19, 128, 0)) + 32 * j;
+        let backends = backend_ns
+            .into_iter()
+            .enumerate()
+            .map(|(k, ns)| Backend {
+                ns,
+                gateway: Ipv4Addr::from(down + 4 * k as u32 + 1),
+                addr: Ipv4Addr::from(down + 4 * k as u32 + 2),
+            })
+            .collect();
+        let balancer = LoadBalancer {
+            lb,
+            backends,
+            host_addr: Ipv4Addr::from(up + 1),
+            vip: Ipv4Addr::from(up + 2),
+            port,
+            spread,
+            seed: rand_seed(),
+            state: std::sync::Mutex::new(LbState {
+                active: (0..n).collect(),
+                cuts: Default::default(),
+            }),
+            host_link,
+        };
+        balancer
+            .wire(Ipv4Addr::from(down))
+            .context("wiring the load balancer")?;
+        Ok(balancer)
+    }
+
+    fn wire(&self, backend_net: Ipv4Addr) -> Result<()> {
+        let lb = &self.lb;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", self.host_addr),
+            "dev",
+            &self.host_link,
+        ])?;
+        ip(&["link", "set", &self.host_link, "up"])?;
+        lb.ip(&["addr", "add", &format!("{}/30", self.vip), "dev", CP_UPLINK])?;
+        lb.ip(&["link", "set", CP_UPLINK, "up"])?;
+        // It routes between the test and the backends, and between backends.
+        lb.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .context("setting net.ipv4.ip_forward in the balancer's namespace")?;
+        let mut links = vec![(lb, CP_UPLINK)];
+        let names: Vec<String> = (0..self.backends.len()).map(backend_link).collect();
+        for (k, b) in self.backends.iter().enumerate() {
+            let link = &names[k];
+            lb.ip(&[
+                "link",
+                "add",
+                link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                b.ns.name(),
+            ])?;
+            lb.ip(&["addr", "add", &format!("{}/30", b.gateway), "dev", link])?;
+            lb.ip(&["link", "set", link, "up"])?;
+            b.ns.ip(&["addr", "add", &format!("{}/30", b.addr), "dev", "eth0"])?;
+            b.ns.ip(&["link", "set", "eth0", "up"])?;
+            links.push((&b.ns, "eth0"));
+        }
+        wait_links_up(&links, Duration::from_secs(10))?;
+        for b in &self.backends {
+            b.ns.ip(&["route", "add", "default", "via", &b.gateway.to_string()])?;
+        }
+        // The test process reaches every backend (northbound, ops) through the balancer.
+        ip(&[
+            "route",
+            "add",
+            &format!("{backend_net}/27"),
+            "via",
+            &self.vip.to_string(),
+            "dev",
+            &self.host_link,
+        ])?;
+        let chains: String = (0..self.backends.len())
+            .map(|k| {
+                format!(
+                    "\tchain be{k} {{\n\t\tcounter dnat to {}\n\t}}\n",
+                    self.backends[k].addr
+                )
+            })
+            .collect();
+        lb.nft(&format!(
+            "table ip tether_lb {{\n\
+             {chains}\
+             \tchain none {{\n\t\tcounter drop\n\t}}\n\
+             \tchain prerouting {{\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             \t}}\n\
+             }}\n\
+             table inet tether_lb_faults {{\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t}}\n\
+             }}\n"
+        ))?;
+        self.apply()
+    }
+
+    /// Rewrites the balancing rule and the cuts from the state, in one transaction.
+    fn apply(&self) -> Result<()> {
+        let st = self.state.lock().expect("load balancer state");
+        let matcher = format!(
+            "ip daddr {} meta l4proto {{ tcp, udp }} th dport {}",
+            self.vip, self.port
+        );
+        let choose = match st.active.as_slice() {
+            [] => "jump none".to_owned(),
+            [only] => format!("jump be{only}"),
+            many => {
+                let m = many.len();
+                let pick = match self.spread {
+                    Spread::FlowHash => format!(
+                        "jhash ip saddr . th sport . ip daddr . th dport . meta l4proto mod {m} seed {:#x}",
+                        self.seed
+                    ),
+                    Spread::Random => format!("numgen random mod {m}"),
+                };
+                let map: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| format!("{i} : jump be{k}"))
+                    .collect();
+                format!("{pick} vmap {{ {} }}", map.join(", "))
+            }
+        };
+        let cuts: String = st
+            .cuts
+            .iter()
+            .flat_map(|&(a, b)| [(a, b), (b, a)])
+            .map(|(a, b)| {
+                format!(
+                    "add rule inet tether_lb_faults forward ip saddr {} ip daddr {} counter drop\n",
+                    self.backends[a].addr, self.backends[b].addr
+                )
+            })
+            .collect();
+        self.lb.nft(&format!(
+            "flush chain ip tether_lb prerouting\n\
+             add rule ip tether_lb prerouting {matcher} {choose}\n\
+             flush chain inet tether_lb_faults forward\n\
+             {cuts}"
+        ))?;
+        Ok(())
+    }
+
+    /// `vip:port`: the one address clients (agents) are given.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.vip, self.port))
+    }
+
+    /// `addr:port` of backend `k`: where its server listens (UDP and TCP) for the flows the
+    /// balancer sends it.
+    pub fn backend_addr(&self, k: usize) -> SocketAddr {
+        SocketAddr::from((self.backends[k].addr, self.port))
+    }
+
+    /// Sends new flows only to `backends` (indices; empty: new flows are dropped, counted in
+    /// [`LoadBalancer::refused_flows`]). Flows already established stay on their backend, as
+    /// with a cloud balancer's deregistration (connection draining): a removed backend keeps
+    /// its sessions until they end, and gets no new ones.
+    pub fn set_backends(&self, backends: &[usize]) -> Result<()> {
+        if let Some(k) = backends.iter().find(|k| **k >= self.backends.len()) {
+            bail!(
+                "backend {k} does not exist (the balancer has {})",
+                self.backends.len()
+            );
+        }
+        let mut set = backends.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        self.state.lock().expect("load balancer state").active = set;
+        self.apply()
+    }
+
+    /// The backends new flows go to now.
+    pub fn active(&self) -> Vec<usize> {
+        self.state
+            .lock()
+            .expect("load balancer state")
+            .active
+            .clone()
+    }
+
+    /// New flows sent to each backend so far, by index (the nat chain sees only the first
+    /// packet of a flow, so its counter counts flows).
+    pub fn new_flows(&self) -> Result<Vec<u64>> {
+        let counts = self.chain_counters()?;
+        Ok((0..self.backends.len())
+            .map(|k| counts.get(&format!("be{k}")).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// New flows dropped because the set was empty.
+    pub fn refused_flows(&self) -> Result<u64> {
+        Ok(self.chain_counters()?.get("none").copied().unwrap_or(0))
+    }
+
+    fn chain_counters(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let nft = tools()?.nft.to_str().context("nft path is not UTF-8")?;
+        let out = self
+            .lb
+            .exec(nft, &["-j", "list", "table", "ip", "tether_lb"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).context("parsing `nft -j list table` output")?;
+        let mut counts = std::collections::BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let rule = &item["rule"];
+            let Some(chain) = rule["chain"].as_str() else {
+                continue;
+            };
+            for expr in rule["expr"].as_array().into_iter().flatten() {
+                if let Some(p) = expr["counter"]["packets"].as_u64() {
+                    *counts.entry(chain.to_owned()).or_default() += p;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Drops every packet between backends `a` and `b`, both ways (a network partition between
+    /// two replicas: their peer link); flows from clients and to the test process still pass.
+    pub fn cut_between(&self, a: usize, b: usize) -> Result<()> {
+        let n = self.backends.len();
+        if a >= n || b >= n || a == b {
+            bail!("cannot cut backends {a} and {b} (the balancer has {n})");
+        }
+        self.state
+            .lock()
+            .expect("load balancer state")
+            .cuts
+            .insert((a.min(b), a.max(b)));
+        self.apply()
+    }
+
+    /// Lets packets between backends `a` and `b` through again.
+    pub fn heal_between(&self, a: usize, b: usize) -> Result<()> {
+        self.state
+            .lock()
+            .expect("load balancer state")
+            .cuts
+            .remove(&(a.min(b), a.max(b)));
+        self.apply()
+    }
+
+    /// Takes the link to backend `k` down at the balancer's end: packets to and from it vanish
+    /// (a dead host or a cut cable; the balancer still sends it the new flows it hashes there,
+    /// as a balancer whose health check has not noticed yet does).
+    pub fn backend_link_down(&self, k: usize) -> Result<()> {
+        self.lb
+            .ip(&["link", "set", &backend_link(k), "down"])
+            .map(drop)
+    }
+
+    /// Brings the link to backend `k` back (and its default route, which went with it).
+    pub fn backend_link_up(&self, k: usize) -> Result<()> {
+        let b = &self.backends[k];
+        self.lb.ip(&["link", "set", &backend_link(k), "up"])?;
+        wait_links_up(
+            &[(&self.lb, backend_link(k).as_str()), (&b.ns, "eth0")],
+            Duration::from_secs(10),
+        )?;
+        b.ns.ip(&["route", "replace", "default", "via", &b.gateway.to_string()])
+            .map(drop)
+    }
+
+    /// Config tables making a gateway replica `id` on the PostgreSQL at `dsn` (see
+    /// [`crate::replica_config`]), advertising its peer listener at backend `k`'s address,
+    /// where the other replicas reach it.
+    pub fn replica_config(&self, k: usize, dsn: &str, id: &str) -> String {
+        let mut t: toml::Table = crate::replica_config(dsn, id)
+            .parse()
+            .expect("replica_config is TOML");
+        let peer_port = t
+            .get("cluster")
+            .and_then(|c| c.get("advertise"))
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(7445);
+        if let Some(toml::Value::Table(c)) = t.get_mut("cluster") {
+            c.insert(
+                "advertise".into(),
+                toml::Value::String(format!("{}:{peer_port}", self.backends[k].addr)),
+            );
+        }
+        toml::to_string(&t).expect("TOML serializes")
+    }
+
+    /// Starts a `tether-gateway serve` process in backend `k`'s namespace: its tunnel on
+    /// [`backend_addr(k)`](Self::backend_addr), northbound and ops on free ports of the
+    /// backend's address (the test process reaches them), `extra` appended to its config
+    /// (e.g. [`LoadBalancer::replica_config`]). Call it again after the process exits to
+    /// restart the replica at the same address.
+    pub async fn spawn_gateway(
+        &self,
+        k: usize,
+        pki: &crate::Pki,
+        extra: &str,
+    ) -> crate::GatewayProcess {
+        crate::GatewayProcess::spawn_netns_configured(
+            pki,
+            &self.backends[k].ns,
+            self.backend_addr(k),
+            self.backends[k].addr.into(),
+            extra,
+        )
+        .await
+    }
+}
+
+/// A seed for the flow hash, different per balancer and run.
+fn rand_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+impl Drop for LoadBalancer {
+    fn drop(&mut self) {
+        // The route goes with the link; the namespaces (and the backend links with them) go
         // when the fields drop.
         if let Err(e) = ip(&["link", "del", &self.host_link]) {
             eprintln!("netns: could not delete {}: {e:#}", self.host_link);

@@ -302,7 +302,9 @@ async fn all_shapes_work(s: &Scene, what: &str) {
     let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     let chunks = data
         .chunks(16 * 1024)
-        .map(|c| StreamChunk { data: c.to_vec() })
+        .map(|c| StreamChunk {
+            data: c.to_vec().into(),
+        })
         .collect::<Vec<_>>();
     let mut inbound = streams
         .open(tokio_stream::iter(chunks))

@@ -86,7 +86,7 @@ async fn calls_and_tcp_streams_beyond_streams_per_agent_are_resource_exhausted()
     let mut streams = StreamsClient::with_interceptor(ch, Route::new(Some("acme/a"), Some("tcp")));
     let err = streams
         .open(tokio_stream::iter(vec![StreamChunk {
-            data: b"x".to_vec(),
+            data: b"x".to_vec().into(),
         }]))
         .await
         .unwrap_err();

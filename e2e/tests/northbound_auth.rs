@@ -152,7 +152,7 @@ async fn relay_unary(ch: tonic::transport::Channel, agent: &str) -> Result<Strin
 async fn stream_open(ch: tonic::transport::Channel, agent: &str) -> Result<Vec<u8>, tonic::Status> {
     let mut client = StreamsClient::with_interceptor(ch, Route::new(Some(agent), Some("tcp")));
     let reqs = tokio_stream::iter([StreamChunk {
-        data: b"ping".to_vec(),
+        data: b"ping".to_vec().into(),
     }]);
     let mut inbound = client.open(reqs).await?.into_inner();
     let mut got = Vec::new();

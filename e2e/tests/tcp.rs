@@ -65,7 +65,11 @@ async fn open(s: &Scene, service: &str, chunks: Vec<Vec<u8>>) -> Result<Vec<u8>,
     let ch = s.gw.channel(&s.pki.client("api")).await.unwrap();
     let mut client =
         StreamsClient::with_interceptor(ch, Route::new(Some("acme/db"), Some(service)));
-    let reqs = tokio_stream::iter(chunks.into_iter().map(|data| StreamChunk { data }));
+    let reqs = tokio_stream::iter(
+        chunks
+            .into_iter()
+            .map(|data| StreamChunk { data: data.into() }),
+    );
     let mut inbound = client.open(reqs).await?.into_inner();
     let mut got = Vec::new();
     while let Some(c) = inbound.message().await? {

@@ -67,7 +67,9 @@ async fn over_tcp_every_call_shape_a_stream_and_a_command_work_and_it_shows() {
     let data: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
     let chunks: Vec<StreamChunk> = data
         .chunks(64 << 10)
-        .map(|c| StreamChunk { data: c.to_vec() })
+        .map(|c| StreamChunk {
+            data: c.to_vec().into(),
+        })
         .collect();
     let mut inbound = streams
         .open(tokio_stream::iter(chunks))

@@ -161,6 +161,8 @@ pub const KEYS: Keys = &[
     "cluster.peer_listen",
     "cluster.heartbeat_interval",
     "cluster.liveness_timeout",
+    "cluster.peer_cert",
+    "cluster.peer_key",
 ];
 
 /// The whole gateway config.
@@ -329,8 +331,17 @@ pub struct ClusterConfig {
     /// and `peer_listen`'s port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
-    /// The peer listener (replica to replica).
+    /// The peer listener (replica to replica): QUIC over UDP, mutual TLS with `peer_cert`.
     pub peer_listen: SocketAddr,
+    /// This replica's peer certificate (PEM), identity `spiffe://<trust_domain>/gateway/<replica_id>`
+    /// (`tether-gateway pki issue-gateway`). With `peer_key` it turns on the peer links: calls
+    /// that land here for an agent whose sessions are on other replicas are forwarded there.
+    /// Without them a replica serves only the agents connected to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_cert: Option<PathBuf>,
+    /// The private key of `peer_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_key: Option<PathBuf>,
     /// How often this replica renews its liveness in PostgreSQL (jittered ±20%).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -347,6 +358,8 @@ impl Default for ClusterConfig {
             replica_id: None,
             advertise: None,
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7445)),
+            peer_cert: None,
+            peer_key: None,
             heartbeat_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(6),
         }
@@ -398,6 +411,21 @@ impl ClusterConfig {
         if let Some(id) = &self.replica_id {
             check_replica_id(id).map_err(|e| ConfigError::invalid("cluster.replica_id", e))?;
         }
+        match (&self.peer_cert, &self.peer_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "cluster.peer_key",
+                    "must be set with cluster.peer_cert (the key of the peer certificate)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "cluster.peer_cert",
+                    "must be set with cluster.peer_key (tether-gateway pki issue-gateway writes both)",
+                ));
+            }
+            _ => {}
+        }
         if let Some(a) = &self.advertise
             && a.rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
@@ -429,9 +457,26 @@ impl ClusterConfig {
 
     /// `advertise`, else the host name and `peer_listen`'s port.
     pub fn advertise(&self) -> String {
-        self.advertise
-            .clone()
-            .unwrap_or_else(|| format!("{}:{}", host_name(), self.peer_listen.port()))
+        self.advertise_for(self.peer_listen)
+    }
+
+    /// Where peers dial this replica once its peer listener is bound at `bound`: `advertise`
+    /// (its port 0 meaning `bound`'s port); without it, `bound` when it is a specific address,
+    /// else the host name and `bound`'s port.
+    pub fn advertise_for(&self, bound: SocketAddr) -> String {
+        match &self.advertise {
+            Some(a) => match a.rsplit_once(':') {
+                Some((host, "0")) => format!("{host}:{}", bound.port()),
+                _ => a.clone(),
+            },
+            None if !bound.ip().is_unspecified() => bound.to_string(),
+            None => format!("{}:{}", host_name(), bound.port()),
+        }
+    }
+
+    /// True when this replica runs peer links (`peer_cert` and `peer_key` set).
+    pub fn peer_links(&self) -> bool {
+        self.peer_cert.is_some() && self.peer_key.is_some()
     }
 }
 
@@ -440,6 +485,11 @@ impl ClusterConfig {
 pub fn check_replica_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err(format!("{id:?} must be 1 to 128 characters"));
+    }
+    if id == "." || id == ".." {
+        return Err(format!(
+            "{id:?} cannot name a replica (it is a path segment in the replica's identity URI)"
+        ));
     }
     if let Some(c) = id
         .chars()
@@ -1180,6 +1230,8 @@ impl GatewayConfig {
             &mut cfg.enrollment.ca_cert,
             &mut cfg.store.password_file,
             &mut cfg.store.ca_file,
+            &mut cfg.cluster.peer_cert,
+            &mut cfg.cluster.peer_key,
         ]
         .into_iter()
         .flatten()
@@ -1451,6 +1503,13 @@ mod tests {
         assert!(e.to_string().contains("cluster.liveness_timeout"), "{e}");
         let e = check("[cluster]\nadvertise = \"gw-1\"\n").unwrap_err();
         assert!(e.to_string().contains("cluster.advertise"), "{e}");
+        let e = check("[cluster]\nreplica_id = \"..\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.replica_id"), "{e}");
+        let e = check("[cluster]\npeer_cert = \"peer.pem\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.peer_key"), "{e}");
+        let e = check("[cluster]\npeer_key = \"peer-key.pem\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.peer_cert"), "{e}");
+        check("[cluster]\npeer_cert = \"p.pem\"\npeer_key = \"k.pem\"\n").unwrap();
         let cfg = StoreConfig {
             dsn: Some("postgres://tether:s3cret@db:5432/tether".into()),
             ..Default::default()

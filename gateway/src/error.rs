@@ -53,6 +53,10 @@ pub enum GatewayError {
     /// PKI operation failed.
     #[error(transparent)]
     Pki(#[from] crate::identity::pki::PkiError),
+    /// The peer links could not start: a config error (exit 64) when
+    /// [`PeerError::is_config`](crate::peer::PeerError::is_config).
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
 }
 
 impl GatewayError {
@@ -62,6 +66,7 @@ impl GatewayError {
         match self {
             GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_) => true,
             GatewayError::Cluster(e) => e.is_config(),
+            GatewayError::Peer(e) => e.is_config(),
             _ => false,
         }
     }

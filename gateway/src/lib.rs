@@ -17,6 +17,8 @@
 //! - [`identity`] (feature + backend): the PKI, the identity store, revocation of agents and
 //!   callers, enrollment, the CSR check, renewal;
 //! - [`cluster`] (backend): the state replicas share in PostgreSQL;
+//! - [`peer`] (transport + feature): the links between replicas, and forwarding a call to the
+//!   replica that holds the agent's session;
 //! - [`tools`] (dev tooling): `dev`, the demo upstream, `tetherctl`'s logic;
 //! - leaves: [`config`], [`metrics`], [`quota`], [`tls`], [`data_dir`], [`error`];
 //! - [`server`] (wiring).
@@ -30,6 +32,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod northbound;
+pub mod peer;
 pub mod quota;
 pub mod relay;
 pub mod server;

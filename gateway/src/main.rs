@@ -98,6 +98,21 @@ enum PkiCmd {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Issue a gateway replica's peer certificate (spiffe://<td>/gateway/<replica-id>), for
+    /// the links between replicas: set cluster.peer_cert and cluster.peer_key to the files.
+    IssueGateway {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The replica's cluster.replica_id.
+        #[arg(long)]
+        replica_id: String,
+        /// Output directory: peer.pem, peer-key.pem, ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 365d (the gateway reads it at start: renew and restart before then).
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
     /// Issue a control-plane client certificate (spiffe://<td>/controlplane/<name>).
     IssueClient {
         #[arg(long)]
@@ -257,6 +272,24 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
                 id.to_uri(&ca.trust_domain),
                 humantime::format_duration(ttl),
                 out.display()
+            )
+        }
+        PkiCmd::IssueGateway {
+            dir,
+            replica_id,
+            out,
+            ttl,
+        } => {
+            let ca = Ca::load(&dir)?;
+            let issued = ca.issue_gateway(&replica_id, ttl)?;
+            pki::write_issued(&out, "peer", &issued, &ca)?;
+            format!(
+                "peer certificate for {} valid for {} written to {}: set cluster.peer_cert = \"{}\" and cluster.peer_key = \"{}\" on replica {replica_id}",
+                tunnel_proto::SpiffeId::gateway_uri(&ca.trust_domain, &replica_id),
+                humantime::format_duration(ttl),
+                out.display(),
+                out.join("peer.pem").display(),
+                out.join("peer-key.pem").display(),
             )
         }
         PkiCmd::IssueClient {

@@ -216,12 +216,12 @@ pub enum Direction {
     FromAgent,
 }
 
-/// Counts `n` bytes relayed `direction`.
-pub fn count_relayed_bytes(direction: Direction, n: usize) {
+/// The counter of bytes relayed `direction`: looked up once per relayed call or stream, so
+/// the per-frame path only adds to it (no key built, no registry lookup).
+pub fn relayed_bytes(direction: Direction) -> metrics::Counter {
     let direction = match direction {
         Direction::ToAgent => "to_agent",
         Direction::FromAgent => "from_agent",
     };
     metrics::counter!("tether_gateway_relay_bytes_total", "direction" => direction)
-        .increment(n as u64);
 }

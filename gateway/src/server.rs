@@ -10,7 +10,9 @@
 //! With `store.dsn` the gateway is one replica of several (see `cluster`): its identity state
 //! is in PostgreSQL, its sessions are recorded there (presence), it follows the other
 //! replicas' revocations, its `Agents` API answers for the whole fleet, and `/readyz` says
-//! whether it reaches PostgreSQL and is live. Those steps are the `cluster_*` functions below.
+//! whether it reaches PostgreSQL and is live. With `cluster.peer_cert` it also links to the
+//! other replicas and forwards calls for agents whose sessions are elsewhere (`peer`). Those
+//! steps are the `cluster_*` functions below.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +39,8 @@ use crate::identity::store::IdentityStore;
 use crate::northbound::agents::{AgentsApi, Fleet, session_proto};
 use crate::northbound::auth::{Authenticated, Authenticator};
 use crate::northbound::listener::{LiveConnections, MarkAuthenticated};
+use crate::peer::Peers;
+use crate::peer::forwarder::Forwarder;
 use crate::relay::Relay;
 use crate::relay::grpc::RelayService;
 use crate::relay::tcp::StreamsApi;
@@ -58,6 +62,9 @@ pub struct Sockets {
     pub northbound: std::net::TcpListener,
     /// TCP for ops HTTP.
     pub ops: std::net::TcpListener,
+    /// UDP for the peer links (`cluster.peer_listen`), with replicas and `cluster.peer_cert`;
+    /// when `None` there, `start` binds `cluster.peer_listen` itself.
+    pub peer: Option<std::net::UdpSocket>,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> GatewayError {
@@ -96,6 +103,9 @@ impl Sockets {
         if !cfg.tunnel.tcp_fallback {
             s.tunnel_tcp = None;
         }
+        if peer_links_on(cfg) {
+            s.peer = Some(bind_peer(cfg.cluster.peer_listen)?);
+        }
         Ok(s)
     }
 
@@ -114,8 +124,20 @@ impl Sockets {
                 .map_err(io(format!("binding northbound listener tcp/{northbound}")))?,
             ops: std::net::TcpListener::bind(ops)
                 .map_err(io(format!("binding ops listener tcp/{ops}")))?,
+            peer: None,
         })
     }
+}
+
+/// True when this gateway runs peer links: a replica (`store.dsn`) with `cluster.peer_cert`.
+fn peer_links_on(cfg: &GatewayConfig) -> bool {
+    cfg.store.dsn.is_some() && cfg.cluster.peer_links()
+}
+
+fn bind_peer(addr: SocketAddr) -> Result<std::net::UdpSocket, GatewayError> {
+    std::net::UdpSocket::bind(addr).map_err(io(format!(
+        "binding the peer listener udp/{addr} (cluster.peer_listen)"
+    )))
 }
 
 /// A running gateway.
@@ -133,6 +155,8 @@ pub struct GatewayHandle {
     pub commands: Arc<Commands>,
     /// This replica's place in the cluster (with `store.dsn`).
     pub cluster: Option<Arc<Cluster>>,
+    /// Its links to the other replicas (with `cluster.peer_cert`).
+    pub peers: Option<Arc<Peers>>,
     task: JoinHandle<()>,
 }
 
@@ -152,6 +176,7 @@ pub fn check_config(cfg: &GatewayConfig) -> Result<(), GatewayError> {
     tunnel::tls::server_config(cfg, tls)?;
     Authenticator::new(cfg)?;
     signing_ca(cfg, material.ca_pem())?;
+    crate::peer::tls::check(cfg, material.roots())?;
     Ok(())
 }
 
@@ -174,9 +199,19 @@ pub async fn start(
         .map_err(io("northbound socket".into()))?;
     let ops_addr = sockets.ops.local_addr().map_err(io("ops socket".into()))?;
 
+    // Bound before the cluster is joined: peers dial this replica where its row says.
+    let peer_socket = match (peer_links_on(&cfg), sockets.peer) {
+        (true, Some(s)) => Some(s),
+        (true, None) => Some(bind_peer(cfg.cluster.peer_listen)?),
+        (false, _) => None,
+    };
+    let peer_addr = match &peer_socket {
+        Some(s) => Some(s.local_addr().map_err(io("peer socket".into()))?),
+        None => None,
+    };
     // Stopped last, once the sessions are gone (their ends are recorded).
     let cluster_stop = CancellationToken::new();
-    let cluster = cluster_start(&cfg, cluster_stop.clone()).await?;
+    let cluster = cluster_start(&cfg, peer_addr, cluster_stop.clone()).await?;
     let state = State::open(&cfg, cluster.as_deref()).await?;
     let material = TlsMaterial::load(&cfg.tls)?;
     let tunnel_tls = tunnel::tls::tls_config(&cfg, &material, state.identity.revocations())?;
@@ -190,6 +225,18 @@ pub async fn start(
     let endpoint = tunnel::endpoint::quic_endpoint(&cfg, sockets.tunnel, server_config)
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
     let registry = Arc::new(Registry::default());
+    let relay = Relay::with_stream_limit(registry.clone(), cfg.limits.streams_per_agent);
+    let peers = match (&cluster, peer_socket) {
+        (Some(c), Some(socket)) => Some(cluster_peers(
+            &cfg,
+            &material,
+            c,
+            socket,
+            &relay,
+            cluster_stop.clone(),
+        )?),
+        _ => None,
+    };
     let live_callers = Arc::new(LiveConnections::default());
     if let Some(c) = &cluster {
         cluster_presence(c, &registry, cluster_stop.clone());
@@ -239,6 +286,7 @@ pub async fn start(
         sockets.northbound,
         Features {
             registry: registry.clone(),
+            relay,
             commands: commands.clone(),
             identity: state.identity.clone(),
             enrollment,
@@ -251,11 +299,12 @@ pub async fn start(
         close_sessions.clone(),
     )?;
     let ops_stop = CancellationToken::new();
-    let readiness = cluster_readiness(&registry, &draining, cluster.as_deref());
+    let readiness = cluster_readiness(&registry, &draining, cluster.as_deref(), peers.clone());
     let ops_task = start_ops(sockets.ops, readiness, ops_stop.clone())?;
 
     tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
         northbound = %northbound_addr, ops = %ops_addr,
+        peer = peer_addr.map(|a| a.to_string()).unwrap_or_default(),
         trust_domain = %cfg.trust_domain,
         replica = cluster.as_ref().map(|c| c.replica.id().to_string()).unwrap_or_default(),
         "gateway listening");
@@ -286,6 +335,7 @@ pub async fn start(
         ops_addr,
         commands,
         cluster,
+        peers,
         task,
     })
 }
@@ -439,6 +489,8 @@ fn start_tunnel(
 /// What the northbound API serves.
 struct Features {
     registry: Arc<Registry>,
+    /// Relayed calls and streams (forwarded to other replicas with peer links).
+    relay: Arc<Relay>,
     commands: Arc<Commands>,
     identity: IdentityStore,
     enrollment: Arc<Enrollment>,
@@ -505,7 +557,7 @@ fn northbound_routes(
     if let Some(fleet) = f.fleet {
         api = api.with_fleet(fleet);
     }
-    let relay = Relay::with_stream_limit(f.registry, cfg.limits.streams_per_agent);
+    let relay = f.relay;
     let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(
@@ -553,13 +605,58 @@ fn start_ops(
 /// feed reader and the presence writer, all stopped by `stop`. `None` on the embedded store.
 async fn cluster_start(
     cfg: &GatewayConfig,
+    peer_addr: Option<SocketAddr>,
     stop: CancellationToken,
 ) -> Result<Option<Arc<Cluster>>, GatewayError> {
     if cfg.store.dsn.is_none() {
+        if cfg.cluster.peer_links() {
+            tracing::warn!(
+                "cluster.peer_cert is set but store.dsn is not: a single gateway has no peers, the peer links stay off"
+            );
+        }
         return Ok(None);
     }
-    let cluster = Cluster::start(&cfg.store, &cfg.cluster, stop).await?;
+    let advertise = match peer_addr {
+        Some(bound) => cfg.cluster.advertise_for(bound),
+        None => {
+            tracing::warn!(
+                "peer links are off (cluster.peer_cert and cluster.peer_key are not set): calls \
+                 that land on this replica reach only the agents connected to it; issue a peer \
+                 certificate with `tether-gateway pki issue-gateway` to forward them"
+            );
+            cfg.cluster.advertise()
+        }
+    };
+    let cluster = Cluster::start(&cfg.store, &cfg.cluster, &advertise, stop).await?;
     Ok(Some(cluster))
+}
+
+/// Starts the peer links on `socket`: links to the other replicas, the holder's side of
+/// forwarded streams (opened on `relay`'s local sessions), and the relay forwarding what it
+/// has no session for. They stop at `stop`.
+fn cluster_peers(
+    cfg: &GatewayConfig,
+    material: &TlsMaterial,
+    cluster: &Arc<Cluster>,
+    socket: std::net::UdpSocket,
+    relay: &Arc<Relay>,
+    stop: CancellationToken,
+) -> Result<Arc<Peers>, GatewayError> {
+    let peers = Peers::start(
+        cfg,
+        socket,
+        material.roots(),
+        cluster.pool.clone(),
+        relay.clone(),
+        stop.clone(),
+    )?;
+    relay.set_forwarder(Forwarder::start(
+        peers.clone(),
+        cluster.pool.clone(),
+        &cluster.feed,
+        stop,
+    ));
+    Ok(peers)
 }
 
 /// Records this replica's sessions in the cluster's presence as they register and end (in
@@ -682,6 +779,7 @@ fn cluster_readiness(
     registry: &Arc<Registry>,
     draining: &CancellationToken,
     cluster: Option<&Cluster>,
+    peers: Option<Arc<Peers>>,
 ) -> ops::ReadinessFn {
     let (registry, draining) = (registry.clone(), draining.clone());
     let replica = cluster.map(|c| c.replica.clone());
@@ -732,6 +830,21 @@ fn cluster_readiness(
             );
             if let Some(r) = &reason {
                 d.insert("reason".into(), r.clone().into());
+            }
+            // Informational: a replica without links still serves its own agents.
+            if let Some(peers) = &peers {
+                let links: Vec<serde_json::Value> = peers
+                    .status()
+                    .into_iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "peer": p.peer,
+                            "up": p.up,
+                            "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1e3),
+                        })
+                    })
+                    .collect();
+                d.insert("peers".into(), links.into());
             }
         }
         Readiness {

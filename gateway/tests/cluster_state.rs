@@ -565,21 +565,26 @@ mod identity {
 
 mod commands {
     use super::*;
-    use tether_api::v1::{Command, CommandState};
     use tether_gateway::cluster::commands::{self as pgc, Submitted, Write, Written};
+    use tether_gateway::commands::{CommandRecord, CommandState, NewCommand};
 
-    fn new_cmd(id: &str, agent: &str, key: &str) -> Command {
-        Command {
-            id: id.into(),
-            agent: agent.into(),
-            kind: "echo".into(),
-            payload: b"hello".to_vec(),
-            idempotency_key: key.into(),
-            state: CommandState::Queued as i32,
-            created: Some(std::time::SystemTime::now().into()),
-            version: 1,
-            ..Default::default()
-        }
+    fn new_cmd(id: &str, agent: &str, key: &str) -> CommandRecord {
+        let mut c = CommandRecord::queued(
+            NewCommand {
+                agent: agent.parse().unwrap(),
+                kind: "echo".into(),
+                payload: bytes::Bytes::from_static(b"hello"),
+                content_type: String::new(),
+                idempotency_key: key.into(),
+                ordering_key: String::new(),
+                ttl: None,
+            },
+            std::time::SystemTime::now(),
+            None,
+        );
+        c.id = id.into();
+        c.version = 1;
+        c
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,7 +628,7 @@ mod commands {
         let all = pgc::list(
             &pools[0],
             &pgc::ListQuery {
-                agent: Some("acme/eu-1".into()),
+                agent: Some("acme/eu-1".parse().unwrap()),
                 limit: 100,
                 ..Default::default()
             },
@@ -687,21 +692,23 @@ mod commands {
             .await
             .unwrap()
             .unwrap();
-        let queued = pgc::unfinished(&pool, agent).await.unwrap();
+        let queued = pgc::unfinished(&pool, &agent.parse().unwrap())
+            .await
+            .unwrap();
         assert_eq!(
             queued.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
             ["c0", "c1", "c2"],
             "in submission order, with payloads"
         );
-        assert_eq!(queued[0].payload, b"hello");
-        let delivered = |c: &Command| {
+        assert_eq!(&queued[0].payload[..], b"hello");
+        let delivered = |c: &CommandRecord| {
             let mut d = c.clone();
-            d.state = CommandState::Delivered as i32;
+            d.state = CommandState::Delivered;
             d.version += 1;
             Write { record: d }
         };
         // c0 delivered; c1 cancelled first, so its delivery write conflicts.
-        let now = std::time::SystemTime::now().into();
+        let now = std::time::SystemTime::now();
         assert!(pgc::cancel(&pool, "c1", now).await.unwrap().is_ok());
         let w = pgc::write(
             &pool,
@@ -714,7 +721,7 @@ mod commands {
         assert_eq!(w, [Written::Ok, Written::Conflict]);
         assert_eq!(
             pgc::get(&pool, "c1").await.unwrap().unwrap().state,
-            CommandState::Cancelled as i32,
+            CommandState::Cancelled,
             "the cancel is not undone"
         );
         // Too late to cancel c0.
@@ -745,7 +752,7 @@ mod commands {
         let past = std::time::SystemTime::now() - Duration::from_secs(5);
         for i in 0..5 {
             let mut c = new_cmd(&format!("e{i}"), "acme/eu-1", "");
-            c.expires = Some(past.into());
+            c.expires = Some(past);
             pgc::submit(&pool, &c, 100).await.unwrap();
         }
         pgc::submit(&pool, &new_cmd("keep", "acme/eu-1", ""), 100)
@@ -760,7 +767,8 @@ mod commands {
             pgc::expire_due(&pool, now_ms, 100)
         );
         assert_eq!(x.unwrap().len() + y.unwrap().len(), 5, "each expires once");
-        assert_eq!(pgc::unfinished(&pool, "acme/eu-1").await.unwrap().len(), 1);
+        let agent = "acme/eu-1".parse().unwrap();
+        assert_eq!(pgc::unfinished(&pool, &agent).await.unwrap().len(), 1);
         // Keep 2 of the 5 finished: 3 go, the oldest first.
         assert_eq!(pgc::prune(&pool, 0, 2, 100).await.unwrap(), 3);
         // Everything finished before the far future goes.

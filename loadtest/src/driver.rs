@@ -1,7 +1,9 @@
 //! The driver: talks to the gateway's northbound API only, as a control plane would — relayed
 //! unary calls and server streams to agents (`tether.demo.v1.Echo`, routed with
 //! `tether-agent`), durable commands (`tether.v1.Commands`) and the agent list
-//! (`tether.v1.Agents`) — over a few HTTP/2 connections with a client certificate.
+//! (`tether.v1.Agents`) — over a few HTTP/2 connections with a client certificate to each
+//! gateway replica. A relayed call goes to the replica the caller names (`via`): the one
+//! holding the agent's session, or another that must forward it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,10 +20,10 @@ use tonic::transport::Channel;
 use crate::LoadError;
 use crate::identities::ClientFiles;
 
-/// A pool of northbound connections.
+/// A pool of northbound connections, per replica.
 #[derive(Debug)]
 pub struct Driver {
-    channels: Vec<Channel>,
+    replicas: Vec<Vec<Channel>>,
     next: AtomicUsize,
 }
 
@@ -43,9 +45,44 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of no calls yet, to [`record`](Self::record) into.
+    pub fn new() -> Batch {
+        Batch {
+            calls: 0,
+            ok: 0,
+            errors: BTreeMap::new(),
+            samples: Vec::new(),
+            latency: histogram(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
     /// Failed calls.
     pub fn failed(&self) -> usize {
         self.calls - self.ok
+    }
+
+    /// Counts one call that took `took` and ended with `r`.
+    pub fn record<T>(&mut self, took: Duration, r: &Result<T, tonic::Status>) {
+        self.calls += 1;
+        self.latency
+            .saturating_record(took.as_micros().max(1) as u64);
+        match r {
+            Ok(_) => self.ok += 1,
+            Err(s) => {
+                *self.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                if self.samples.len() < 5 {
+                    self.samples
+                        .push(format!("{:?}: {}", s.code(), s.message()));
+                }
+            }
+        }
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Batch {
+        Batch::new()
     }
 }
 
@@ -55,37 +92,58 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 impl Driver {
-    /// Opens `connections` northbound connections to `addr` with `files`.
+    /// Opens `connections` northbound connections to each of `addrs` (one per replica) with
+    /// `files`.
     pub async fn connect(
-        addr: &str,
+        addrs: &[String],
         server_name: &str,
         files: &ClientFiles,
         connections: usize,
     ) -> Result<Driver, LoadError> {
-        let target = tether_gateway::tools::ctl::Target {
-            addr: addr.to_owned(),
-            ca: files.ca.clone(),
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            server_name: Some(server_name.to_owned()),
-        };
-        let mut channels = Vec::new();
-        for _ in 0..connections.max(1) {
-            channels.push(
-                tether_gateway::tools::ctl::connect(&target)
-                    .await
-                    .map_err(LoadError::Driver)?,
-            );
+        let mut replicas = Vec::new();
+        for addr in addrs {
+            let target = tether_gateway::tools::ctl::Target {
+                addr: addr.clone(),
+                ca: files.ca.clone(),
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                server_name: Some(server_name.to_owned()),
+            };
+            let mut channels = Vec::new();
+            for _ in 0..connections.max(1) {
+                channels.push(
+                    tether_gateway::tools::ctl::connect(&target)
+                        .await
+                        .map_err(|e| LoadError::Driver(format!("{addr}: {e}")))?,
+                );
+            }
+            replicas.push(channels);
+        }
+        if replicas.is_empty() {
+            return Err(LoadError::Driver("no northbound address".into()));
         }
         Ok(Driver {
-            channels,
+            replicas,
             next: AtomicUsize::new(0),
         })
     }
 
+    /// Replicas the driver reaches.
+    pub fn replicas(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// A connection to any replica (round robin over all of them).
     fn channel(&self) -> Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        self.channels[i].clone()
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let r = &self.replicas[i % self.replicas.len()];
+        r[(i / self.replicas.len()) % r.len()].clone()
+    }
+
+    /// A connection to replica `via`.
+    fn channel_to(&self, via: usize) -> Channel {
+        let r = &self.replicas[via % self.replicas.len()];
+        r[self.next.fetch_add(1, Ordering::Relaxed) % r.len()].clone()
     }
 
     fn routed<T>(agent: &str, msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -98,9 +156,14 @@ impl Driver {
         req
     }
 
-    /// One relayed unary call to `agent`'s echo service.
-    pub async fn unary(&self, agent: &str, timeout: Duration) -> Result<(), tonic::Status> {
-        let mut c = EchoClient::new(self.channel());
+    /// One relayed unary call to `agent`'s echo service, through replica `via`.
+    pub async fn unary(
+        &self,
+        via: usize,
+        agent: &str,
+        timeout: Duration,
+    ) -> Result<(), tonic::Status> {
+        let mut c = EchoClient::new(self.channel_to(via));
         let msg = EchoRequest {
             message: "ping".into(),
             ..Default::default()
@@ -108,16 +171,17 @@ impl Driver {
         c.unary(Self::routed(agent, msg, timeout)).await.map(|_| ())
     }
 
-    /// A relayed server stream of `count` messages of `size` bytes from `agent`; returns the
-    /// bytes received.
+    /// A relayed server stream of `count` messages of `size` bytes from `agent`, through
+    /// replica `via`; returns the bytes received.
     pub async fn bulk(
         &self,
+        via: usize,
         agent: &str,
         count: u32,
         size: u32,
         timeout: Duration,
     ) -> Result<u64, tonic::Status> {
-        let mut c = EchoClient::new(self.channel()).max_decoding_message_size(16 << 20);
+        let mut c = EchoClient::new(self.channel_to(via)).max_decoding_message_size(16 << 20);
         let msg = EchoRequest {
             message: "bulk".into(),
             repeat: count,
@@ -186,6 +250,30 @@ impl Driver {
 
     /// Agents of `tenant` the gateway lists as connected.
     pub async fn connected_agents(&self, tenant: &str) -> Result<usize, tonic::Status> {
+        Ok(self.list_connected(tenant).await?.len())
+    }
+
+    /// Sessions of `tenant`'s agents per replica id, as the gateway lists them (every replica
+    /// lists every replica's sessions).
+    pub async fn sessions_by_replica(
+        &self,
+        tenant: &str,
+    ) -> Result<BTreeMap<String, usize>, tonic::Status> {
+        let mut by = BTreeMap::new();
+        for a in self.list_connected(tenant).await? {
+            for s in a.sessions {
+                let r = if s.replica.is_empty() {
+                    "gateway".to_owned()
+                } else {
+                    s.replica
+                };
+                *by.entry(r).or_default() += 1;
+            }
+        }
+        Ok(by)
+    }
+
+    async fn list_connected(&self, tenant: &str) -> Result<Vec<v1::Agent>, tonic::Status> {
         let mut c = v1::agents_client::AgentsClient::new(self.channel())
             .max_decoding_message_size(64 << 20);
         let r = c
@@ -194,7 +282,7 @@ impl Driver {
                 connected_only: true,
             })
             .await?;
-        Ok(r.into_inner().agents.len())
+        Ok(r.into_inner().agents)
     }
 }
 
@@ -221,27 +309,12 @@ where
         }
     }))
     .buffer_unordered(concurrency.max(1));
-    let mut b = Batch {
-        calls,
-        ok: 0,
-        errors: BTreeMap::new(),
-        samples: Vec::new(),
-        latency: histogram(),
-        elapsed: Duration::ZERO,
-    };
+    let mut b = Batch::new();
     while let Some((took, r)) = results.next().await {
-        b.latency.saturating_record(took.as_micros().max(1) as u64);
-        match r {
-            Ok(()) => b.ok += 1,
-            Err(s) => {
-                *b.errors.entry(format!("{:?}", s.code())).or_default() += 1;
-                if b.samples.len() < 5 {
-                    b.samples.push(format!("{:?}: {}", s.code(), s.message()));
-                }
-            }
-        }
+        b.record(took, &r);
         tick();
     }
+    debug_assert_eq!(b.calls, calls);
     b.elapsed = start.elapsed();
     b
 }

@@ -10,12 +10,15 @@
 //!   (`tether_agent::commands`, the built-in `echo` and `sleep` kinds). What it leaves out of the
 //!   real supervisor: the TCP fallback and its re-probing, make-before-break on `GoAway`, and the
 //!   100 ms housekeeping tick; reconnects use the same full-jitter [`Backoff`] with the agent's
-//!   defaults. Agents share a few UDP sockets (`--sockets`) instead of one connected socket
+//!   defaults. With several replicas, agent `i` first dials replica `i mod N` (round robin), and
+//!   after a session ends or a dial fails it dials the next one, as an agent behind a load
+//!   balancer lands elsewhere when it redials. Agents share a few UDP sockets (`--sockets`) instead of one connected socket
 //!   each. The relay's upstream is an in-process echo service (`tether.demo.v1.Echo`), the
 //!   agent's default service.
 //! - **full**: `tether_agent::start_with_identity`, a complete agent per identity (supervisor,
 //!   one UDP socket and QUIC endpoint per session, the 100 ms tick), with a real TCP echo
 //!   upstream on loopback. Heavier: for checking that the lean fleet behaves like real agents.
+//!   With several replicas, agent `i` is configured with replica `i mod N` only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,8 +52,8 @@ pub enum FleetMode {
 /// How the fleet dials and behaves.
 #[derive(Clone, Debug)]
 pub struct FleetSettings {
-    /// The gateway's QUIC address.
-    pub gateway: SocketAddr,
+    /// The gateway replicas' QUIC addresses (one for a lone gateway).
+    pub gateways: Vec<SocketAddr>,
     /// TLS name the gateway's certificate must carry.
     pub server_name: String,
     /// Lean or full agents.
@@ -85,8 +88,16 @@ pub struct EventLog {
     pub failures: std::collections::VecDeque<(Instant, String)>,
 }
 
+/// Where one agent is: the replica it holds a session on (or dials next) and whether it is up.
+#[derive(Debug, Default)]
+struct Place {
+    replica: AtomicUsize,
+    up: std::sync::atomic::AtomicBool,
+}
+
 struct Shared {
     settings: FleetSettings,
+    places: Vec<Place>,
     connected: AtomicUsize,
     started: AtomicUsize,
     sessions: AtomicU64,
@@ -175,11 +186,19 @@ impl Fleet {
         let total = identities.len();
         let endpoints = match settings.mode {
             FleetMode::Lean => (0..settings.sockets.max(1))
-                .map(|_| client_endpoint(settings.gateway))
+                .map(|_| client_endpoint(settings.gateways[0]))
                 .collect::<Result<Vec<_>, _>>()?,
             FleetMode::Full => Vec::new(),
         };
+        let replicas = settings.gateways.len().max(1);
+        let places = (0..total)
+            .map(|i| Place {
+                replica: AtomicUsize::new(i % replicas),
+                up: Default::default(),
+            })
+            .collect();
         let shared = Arc::new(Shared {
+            places,
             handshakes: (settings.max_handshakes > 0)
                 .then(|| Arc::new(Semaphore::new(settings.max_handshakes))),
             settings,
@@ -212,11 +231,47 @@ impl Fleet {
         self.total
     }
 
-    /// A cheap handle for reading the connected count from another task.
-    pub fn counter(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+    /// A cheap handle for reading the connected count, in all and per replica, from another
+    /// task.
+    pub fn counter(&self) -> impl Fn() -> crate::procstat::Placement + Send + Sync + 'static {
         let shared = self.shared.clone();
         let full = self.full.clone();
-        move || connected(&shared, &full)
+        move || {
+            let mut by = vec![0; shared.settings.gateways.len().max(1)];
+            for r in holders(&shared, &full).into_iter().flatten() {
+                by[r] += 1;
+            }
+            (by.iter().sum(), by)
+        }
+    }
+
+    /// The replica agent `i` (in the order of the identities) holds a session on now.
+    pub fn holder(&self, i: usize) -> Option<usize> {
+        let n = self.shared.settings.gateways.len().max(1);
+        match self.shared.settings.mode {
+            FleetMode::Lean => {
+                let p = self.shared.places.get(i)?;
+                p.up.load(Ordering::Relaxed)
+                    .then(|| p.replica.load(Ordering::Relaxed))
+            }
+            FleetMode::Full => {
+                let full = self.full.lock().unwrap_or_else(|e| e.into_inner());
+                full.get(i)?.status.connected().then_some(i % n)
+            }
+        }
+    }
+
+    /// The replica agent `i` was last placed on, up or not (its home before it first dialed).
+    pub fn last_replica(&self, i: usize) -> usize {
+        let n = self.shared.settings.gateways.len().max(1);
+        match self.shared.settings.mode {
+            FleetMode::Lean => self
+                .shared
+                .places
+                .get(i)
+                .map_or(i % n, |p| p.replica.load(Ordering::Relaxed)),
+            FleetMode::Full => i % n,
+        }
     }
 
     /// Agents with an established session now.
@@ -286,6 +341,28 @@ impl Fleet {
     }
 }
 
+/// Each agent's replica, `None` when it holds no session.
+fn holders(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> Vec<Option<usize>> {
+    let n = shared.settings.gateways.len().max(1);
+    match shared.settings.mode {
+        FleetMode::Lean => shared
+            .places
+            .iter()
+            .map(|p| {
+                p.up.load(Ordering::Relaxed)
+                    .then(|| p.replica.load(Ordering::Relaxed))
+            })
+            .collect(),
+        FleetMode::Full => full
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .enumerate()
+            .map(|(i, h)| h.status.connected().then_some(i % n))
+            .collect(),
+    }
+}
+
 fn connected(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> usize {
     match shared.settings.mode {
         FleetMode::Lean => shared.connected.load(Ordering::Relaxed),
@@ -327,7 +404,12 @@ async fn ramp(
         },
         FleetMode::Lean => None,
     };
-    let template = agent_config(&shared.settings, upstream.as_deref());
+    let templates: Vec<tether_agent::AgentConfig> = shared
+        .settings
+        .gateways
+        .iter()
+        .map(|g| agent_config(&shared.settings, *g, upstream.as_deref()))
+        .collect();
     let rate = shared.settings.ramp_rate.max(0.001);
     let start = tokio::time::Instant::now();
     for (i, identity) in identities.into_iter().enumerate() {
@@ -339,15 +421,23 @@ async fn ramp(
         let started = match shared.settings.mode {
             FleetMode::Lean => start_lean(
                 &shared,
+                i,
                 identity,
                 &roots,
                 &endpoints[i % endpoints.len()],
                 &transport,
-                &template,
+                &templates[0],
                 &echo,
                 &handlers,
             ),
-            FleetMode::Full => start_full(&shared, identity, &roots, &template, &handlers, &full),
+            FleetMode::Full => start_full(
+                &shared,
+                identity,
+                &roots,
+                &templates[i % templates.len()],
+                &handlers,
+                &full,
+            ),
         };
         match started {
             Ok(()) => {
@@ -360,12 +450,16 @@ async fn ramp(
 
 /// The config every agent of the fleet shares (full agents: their whole config; lean ones:
 /// the service map and default service).
-fn agent_config(s: &FleetSettings, upstream: Option<&str>) -> tether_agent::AgentConfig {
+fn agent_config(
+    s: &FleetSettings,
+    gateway: SocketAddr,
+    upstream: Option<&str>,
+) -> tether_agent::AgentConfig {
     let text = format!(
         "gateways = [\"{gw}\"]\nserver_name = \"{name}\"\ndefault_service = \"{default}\"\n\
          [transport]\nmode = \"quic\"\n\
          [reconnect]\ninitial_backoff = \"{ib}\"\nmax_backoff = \"{mb}\"\nconnect_timeout = \"{ct}\"\n",
-        gw = s.gateway,
+        gw = gateway,
         name = s.server_name,
         default = if upstream.is_some() {
             "echo"
@@ -429,6 +523,7 @@ struct LeanAgent {
 #[allow(clippy::too_many_arguments)]
 fn start_lean(
     shared: &Arc<Shared>,
+    index: usize,
     identity: AgentIdentity,
     roots: &Arc<rustls::RootCertStore>,
     endpoint: &quinn::Endpoint,
@@ -463,15 +558,24 @@ fn start_lean(
             ..Default::default()
         },
     };
-    tokio::spawn(run_lean(agent, endpoint.clone(), shared.clone()));
+    tokio::spawn(run_lean(agent, index, endpoint.clone(), shared.clone()));
     Ok(())
 }
 
 /// Keeps one lean agent's session up until the fleet stops.
-async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+async fn run_lean(agent: LeanAgent, index: usize, endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let s = &shared.settings;
+    let place = &shared.places[index];
     let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+    let mut first = true;
     loop {
+        if !first && s.gateways.len() > 1 {
+            // Redialing: lands on the next replica, as through a load balancer.
+            let next = (place.replica.load(Ordering::Relaxed) + 1) % s.gateways.len();
+            place.replica.store(next, Ordering::Relaxed);
+        }
+        first = false;
+        let gateway = s.gateways[place.replica.load(Ordering::Relaxed)];
         if shared.stop.is_cancelled() {
             return;
         }
@@ -484,7 +588,7 @@ async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Share
         };
         let dial = async {
             let connecting = endpoint
-                .connect_with(agent.client.clone(), s.gateway, &s.server_name)
+                .connect_with(agent.client.clone(), gateway, &s.server_name)
                 .map_err(|e| e.to_string())?;
             let conn = connecting
                 .await
@@ -502,7 +606,7 @@ async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Share
         };
         let outcome = match dialed {
             Ok((link, control)) => {
-                let established = session(&agent, &shared, link, control, permit).await;
+                let established = session(&agent, &shared, place, link, control, permit).await;
                 if established {
                     backoff.reset();
                 }
@@ -536,6 +640,7 @@ async fn run_lean(agent: LeanAgent, endpoint: quinn::Endpoint, shared: Arc<Share
 async fn session(
     agent: &LeanAgent,
     shared: &Shared,
+    place: &Place,
     link: Link,
     (mut send, mut recv): (
         tether_runtime::transport::SendStream,
@@ -572,6 +677,7 @@ async fn session(
             match ev {
                 AgentEvent::Established(_) => {
                     established = true;
+                    place.up.store(true, Ordering::Relaxed);
                     permit.take();
                     shared.connected.fetch_add(1, Ordering::Relaxed);
                     shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -609,6 +715,7 @@ async fn session(
     };
     tracing::debug!(agent = %agent.hello.instance_id, reason = %ended, "session ended");
     if established {
+        place.up.store(false, Ordering::Relaxed);
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         shared.log().downs.push(Instant::now());
     }

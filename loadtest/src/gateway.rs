@@ -1,6 +1,7 @@
-//! Wiring: the gateway under test. Either a real `tether-gateway serve` process this tool starts
+//! Wiring: the gateway under test. Either real `tether-gateway serve` processes this tool starts
 //! (config, PKI and data in the report directory, free loopback ports picked at start and kept
-//! across a restart) and can `kill -9` and restart, or an existing gateway given by address.
+//! across a restart) and can `kill -9`, stop and restart: one on its embedded store, or
+//! `--replicas N` of them on a local PostgreSQL; or an existing gateway given by address.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,24 @@ pub struct LocalSettings {
     pub log: String,
     /// Extra `--set KEY=VALUE` flags.
     pub sets: Vec<String>,
+    /// `tunnel.drain_timeout`: how long a stopped gateway drains its agents.
+    pub drain: Duration,
+    /// Replica settings, when this gateway is one of several on PostgreSQL.
+    pub replica: Option<ReplicaSettings>,
+}
+
+/// One replica among several sharing a PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct ReplicaSettings {
+    /// `store.dsn`.
+    pub dsn: String,
+    /// `cluster.replica_id`; also names its config, data and log in the report directory.
+    pub id: String,
+    /// `cluster.peer_listen` (a free loopback port per replica), also advertised.
+    pub peer: SocketAddr,
+    /// `cluster.peer_cert` and `cluster.peer_key`: its peer certificate
+    /// (`spiffe://<trust-domain>/gateway/<id>`), which turns the peer links on.
+    pub peer_tls: (PathBuf, PathBuf),
 }
 
 /// A `tether-gateway serve` process.
@@ -74,8 +93,20 @@ impl LocalGateway {
         self.child.as_ref().and_then(Child::id)
     }
 
+    /// The replica id, or `gateway` for a lone gateway: names its files.
+    pub fn name(&self) -> &str {
+        self.settings
+            .replica
+            .as_ref()
+            .map_or("gateway", |r| r.id.as_str())
+    }
+
     fn config_path(&self) -> PathBuf {
-        self.settings.dir.join("gateway.toml")
+        self.settings.dir.join(format!("{}.toml", self.name()))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.settings.dir.join(format!("{}.log", self.name()))
     }
 
     fn write_config(&self) -> Result<(), LoadError> {
@@ -86,20 +117,37 @@ impl LocalGateway {
         let cfg = format!(
             "trust_domain = \"{td}\"\ndata_dir = {data}\n\
              [tls]\nca = {ca}\ncert = {cert}\nkey = {key}\n\
-             [tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"{hb}\"\ndrain_timeout = \"0s\"\n\
+             [tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"{hb}\"\ndrain_timeout = \"{drain}\"\n\
              [northbound]\nlisten = \"{nb}\"\n[ops]\nlisten = \"{ops}\"\n\
              # The whole fleet dials from one address: no per-address handshake limit.\n\
              [limits]\nhandshakes_per_second = 1000000\nhandshake_burst = 1000000\n",
             td = s.trust_domain,
-            data = q(&s.dir.join("gateway-data")),
+            data = q(&s.dir.join(match &s.replica {
+                Some(r) => format!("{}-data", r.id),
+                None => "gateway-data".to_owned(),
+            })),
             ca = q(&pki.join("ca.pem")),
             cert = q(&pki.join("gateway.pem")),
             key = q(&pki.join("gateway-key.pem")),
             tunnel = a.tunnel,
             hb = humantime::format_duration(s.heartbeat),
+            drain = humantime::format_duration(s.drain),
             nb = a.northbound,
             ops = a.ops,
         );
+        let cfg = match &s.replica {
+            None => cfg,
+            Some(r) => format!(
+                "{cfg}[store]\ndsn = {dsn}\n\
+                 [cluster]\nreplica_id = {id}\npeer_listen = \"{peer}\"\nadvertise = \"{peer}\"\n\
+                 peer_cert = {cert}\npeer_key = {key}\n",
+                dsn = toml::Value::String(r.dsn.clone()),
+                id = toml::Value::String(r.id.clone()),
+                peer = r.peer,
+                cert = q(&r.peer_tls.0),
+                key = q(&r.peer_tls.1),
+            ),
+        };
         std::fs::write(self.config_path(), cfg)
             .map_err(|e| LoadError::Gateway(format!("writing gateway.toml: {e}")))
     }
@@ -128,7 +176,7 @@ impl LocalGateway {
         let mut log = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.settings.dir.join("gateway.log"))
+            .open(self.log_path())
             .await
             .map_err(|e| LoadError::Gateway(format!("gateway.log: {e}")))?;
         let found = tokio::time::timeout(Duration::from_secs(30), async {
@@ -152,14 +200,17 @@ impl LocalGateway {
             Ok(None) => {
                 let _ = log.flush().await;
                 return Err(LoadError::Gateway(format!(
-                    "the gateway exited before listening; see {}",
-                    self.settings.dir.join("gateway.log").display()
+                    "{} exited before listening; see {}",
+                    self.name(),
+                    self.log_path().display()
                 )));
             }
             Err(_) => {
-                return Err(LoadError::Gateway(
-                    "the gateway did not listen within 30s".into(),
-                ));
+                return Err(LoadError::Gateway(format!(
+                    "{} did not listen within 30s; see {}",
+                    self.name(),
+                    self.log_path().display()
+                )));
             }
         };
         self.addrs = Addrs {
@@ -193,22 +244,128 @@ impl LocalGateway {
         self.spawn().await
     }
 
-    /// SIGTERM (the gateway drains), then waits up to 20 s before killing it.
-    pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if let Some(pid) = c.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            if tokio::time::timeout(Duration::from_secs(20), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.start_kill();
-                let _ = c.wait().await;
-            }
+    /// SIGTERM (the gateway drains for `drain`), then waits until it exits, killing it after
+    /// the drain and 20 s more. Returns how long it took to exit and whether it had to be
+    /// killed.
+    pub async fn stop(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        let Some(mut c) = self.child.take() else {
+            return (Duration::ZERO, false);
+        };
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
+        let grace = self.settings.drain + Duration::from_secs(20);
+        let killed = tokio::time::timeout(grace, c.wait()).await.is_err();
+        if killed {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+        (started.elapsed(), killed)
+    }
+}
+
+/// `GET /metrics` from an ops listener; `None` when it cannot be read.
+pub async fn metrics_text(ops: SocketAddr) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(ops))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+/// The counter of streams a replica forwarded to a peer (`direction="out"`; the receiving
+/// replica counts the same stream `in`).
+pub const FORWARDED: &str = "tether_gateway_peer_forwarded_streams_total";
+
+/// Streams this replica forwarded to peers, from its `/metrics` text: `None` when it exports no
+/// peer-link metric at all (a gateway without peer links, or with them off), else the sum of
+/// [`FORWARDED`]'s `direction="out"` series (0 when it forwarded nothing since its start).
+pub fn forwarded_out(text: &str) -> Option<f64> {
+    let series = |l: &&str| !l.starts_with('#');
+    if !text
+        .lines()
+        .filter(series)
+        .any(|l| l.starts_with("tether_gateway_peer_"))
+    {
+        return None;
+    }
+    Some(
+        text.lines()
+            .filter(series)
+            .filter(|l| l.starts_with(FORWARDED) && l.contains("direction=\"out\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// Sums, per metric name, the samples of every family `wanted` accepts (Prometheus text
+/// format; comment lines skipped).
+pub fn metric_sums(
+    text: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut sums = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if !name.starts_with("tether_") || !wanted(name) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sums.entry(name.to_owned()).or_default() += v;
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_add_up_series_and_skip_comments() {
+        let text = "HTTP/1.1 200 OK\r\n\r\n# TYPE tether_gateway_relay_calls_total counter\n\
+                    tether_gateway_relay_calls_total{kind=\"unary\"} 3\n\
+                    tether_gateway_relay_calls_total{kind=\"stream\"} 4\n\
+                    other_total 9\n";
+        let all = metric_sums(text, |_| true);
+        assert_eq!(all["tether_gateway_relay_calls_total"], 7.0);
+        assert!(!all.contains_key("other_total"));
+        assert_eq!(
+            forwarded_out(text),
+            None,
+            "no peer-link metric: no peer links"
+        );
+    }
+
+    #[test]
+    fn forwarded_streams_are_the_out_series_only() {
+        let peers = "# TYPE tether_gateway_peer_up gauge\n\
+                     tether_gateway_peer_up{peer=\"r2\"} 1\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r2\",direction=\"out\"} 5\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r3\",direction=\"out\"} 2\n\
+                     tether_gateway_peer_forwarded_streams_total{peer=\"r2\",direction=\"in\"} 9\n";
+        assert_eq!(forwarded_out(peers), Some(7.0));
+        // Peer links up, nothing forwarded since the start.
+        assert_eq!(
+            forwarded_out("tether_gateway_peer_up{peer=\"r2\"} 1\n"),
+            Some(0.0)
+        );
     }
 }

@@ -5,19 +5,23 @@
 //!
 //! ```text
 //! tether-loadtest run --agents 10000 --scenario ramp,broadcast,commands,storm,soak
+//! tether-loadtest run --agents 3000 --replicas 3 --scenario ramp,broadcast,rolling
 //! ```
 //!
 //! # Layout
 //! - [`identities`] (backend): agent and driver certificates issued in bulk from a local CA;
-//! - [`gateway`] (wiring): the gateway under test, a `tether-gateway serve` process this tool
-//!   starts, kills and restarts, or an existing one;
+//! - [`gateway`] (wiring): the gateway under test, `tether-gateway serve` processes this tool
+//!   starts, kills and restarts (one, or `--replicas N` on a local PostgreSQL), or an existing
+//!   one;
 //! - [`fleet`] (transport + session + feature): the simulated agents;
 //! - [`driver`] (northbound client): relayed calls, commands, the agent list;
-//! - [`procstat`] (backend): RSS and CPU of the gateway and of this process, over time;
-//! - [`scenario`]: `ramp`, `broadcast`, `commands`, `storm`, `soak`, and [`run`] that wires them;
-//! - [`report`]: `report.json`, `report.md` and SVG charts.
+//! - [`procstat`] (backend): RSS and CPU of each gateway replica and of this process, over time;
+//! - [`scenario`]: `ramp`, `broadcast`, `commands`, `storm`, `soak`, `rolling`, and [`run`]
+//!   that wires them;
+//! - [`report`]: `report.json`, `report.md`, and [`chart`]: the SVG charts (plotters).
 #![warn(missing_docs)]
 
+pub mod chart;
 pub mod driver;
 pub mod fleet;
 pub mod gateway;
@@ -70,6 +74,9 @@ pub enum Scenario {
     Storm,
     /// Steady mixed load (unary calls, commands, bulk streams) for `--soak-duration`.
     Soak,
+    /// Steady mixed load while each replica in turn is stopped (SIGTERM: it drains) and
+    /// started again; counts failed calls, lost commands and cut streams.
+    Rolling,
 }
 
 impl Scenario {
@@ -81,6 +88,7 @@ impl Scenario {
             Scenario::Commands => "commands",
             Scenario::Storm => "storm",
             Scenario::Soak => "soak",
+            Scenario::Rolling => "rolling",
         }
     }
 }
@@ -95,6 +103,26 @@ pub struct RunOptions {
     /// Agents in the fleet.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
+    /// Gateway replicas to start, on a local PostgreSQL started for the run (Debian's
+    /// `postgresql`), as `tether-gateway dev --replicas N` does; agents are spread over them
+    /// round robin. 1: one gateway on its embedded store.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Share of relayed calls sent to a replica that does not hold the agent's session, so
+    /// that the gateway must forward it (0 to 1; needs --replicas 2 or more). The report gives
+    /// local and forwarded latency apart.
+    #[arg(long, default_value_t = 0.0)]
+    pub forwarded: f64,
+    /// `tunnel.drain_timeout` of the started gateways: how long a stopped replica drains.
+    #[arg(long, value_parser = duration, default_value = "2s")]
+    pub drain_timeout: Duration,
+    /// Unary calls per second during the rolling restart (plus `--soak-command-share` of that
+    /// as commands, and one bulk stream a second).
+    #[arg(long, default_value_t = 200.0)]
+    pub rolling_rate: f64,
+    /// Steady load before the first restart, between restarts and after the last.
+    #[arg(long, value_parser = duration, default_value = "3s")]
+    pub rolling_pause: Duration,
     /// Scenarios, comma-separated, run in this order (the fleet always ramps up first).
     #[arg(long, value_delimiter = ',', default_value = "ramp,broadcast,commands")]
     pub scenario: Vec<Scenario>,

@@ -1,8 +1,7 @@
 //! Backend: a process's resident memory and CPU time, read from `/proc/<pid>/status` and
-//! `/proc/<pid>/stat`, and a sampler that records them (with the fleet's connected count) over
-//! time for the report's charts.
+//! `/proc/<pid>/stat`, and a sampler that records them for every gateway replica and this
+//! process (with the fleet's connected count, per replica) over time for the report's charts.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,40 +40,68 @@ pub fn read(pid: u32) -> Option<ProcReading> {
     })
 }
 
-/// One point of the time series.
+/// One replica at one point of the time series.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ReplicaPoint {
+    /// Its RSS, KiB (0 when unknown or not running).
+    pub rss_kib: u64,
+    /// Its CPU over the last interval, percent of one core.
+    pub cpu_pct: f64,
+    /// Agents of the fleet with a session on it.
+    pub connected: usize,
+}
+
+/// One point of the time series.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Sample {
     /// Seconds since the run started.
     pub t: f64,
     /// Agents the fleet holds a session for.
     pub connected: usize,
-    /// Gateway RSS, KiB (0 when unknown).
+    /// Gateway RSS, KiB (0 when unknown), every replica together.
     pub gateway_rss_kib: u64,
-    /// Gateway CPU over the last interval, percent of one core.
+    /// Gateway CPU over the last interval, percent of one core, every replica together.
     pub gateway_cpu_pct: f64,
+    /// Each replica (one entry for a lone gateway).
+    pub replicas: Vec<ReplicaPoint>,
     /// This process's (the fleet's and driver's) RSS, KiB.
     pub fleet_rss_kib: u64,
     /// This process's CPU over the last interval, percent of one core.
     pub fleet_cpu_pct: f64,
 }
 
-/// Samples the gateway (whose pid may change across a restart) and this process.
+/// What the fleet reports at each sample: agents connected, in all and per replica.
+pub type Placement = (usize, Vec<usize>);
+
+/// Samples the gateway replicas (whose pids change across restarts) and this process.
 #[derive(Clone, Debug)]
 pub struct Sampler {
-    /// The gateway's pid; 0 when unknown (an external gateway without `--gateway-pid`).
-    pub gateway_pid: Arc<AtomicU32>,
+    /// Each replica's pid; 0 when unknown (not running, or an external gateway without
+    /// `--gateway-pid`).
+    pids: Arc<Mutex<Vec<u32>>>,
     samples: Arc<Mutex<Vec<Sample>>>,
     start: Instant,
 }
 
 impl Sampler {
-    /// A sampler whose time axis starts now.
-    pub fn new(gateway_pid: u32) -> Sampler {
+    /// A sampler of the replicas with these pids, whose time axis starts now.
+    pub fn new(gateway_pids: Vec<u32>) -> Sampler {
         Sampler {
-            gateway_pid: Arc::new(AtomicU32::new(gateway_pid)),
+            pids: Arc::new(Mutex::new(gateway_pids)),
             samples: Default::default(),
             start: Instant::now(),
         }
+    }
+
+    /// Replica `k` runs as `pid` now (0: not running).
+    pub fn set_pid(&self, k: usize, pid: u32) {
+        if let Some(p) = self.pids.lock().expect("pids").get_mut(k) {
+            *p = pid;
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.pids.lock().expect("pids").clone()
     }
 
     /// Seconds since the sampler started.
@@ -82,15 +109,15 @@ impl Sampler {
         self.start.elapsed().as_secs_f64()
     }
 
-    /// Samples every `every` until `stop`; `connected` reads the fleet's count.
+    /// Samples every `every` until `stop`; `connected` reads the fleet's counts.
     pub async fn run(
         self,
         every: Duration,
-        connected: impl Fn() -> usize + Send + 'static,
+        connected: impl Fn() -> Placement + Send + 'static,
         stop: tether_runtime::CancellationToken,
     ) {
         let me = std::process::id();
-        let mut last_gw: Option<(u32, f64, f64)> = None;
+        let mut last_gw: Vec<Option<(u32, f64, f64)>> = Vec::new();
         let mut last_me: Option<(f64, f64)> = None;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -100,23 +127,34 @@ impl Sampler {
                 _ = tick.tick() => {}
             }
             let t = self.now();
+            let (total, by_replica) = connected();
             let mut s = Sample {
                 t,
-                connected: connected(),
+                connected: total,
                 ..Default::default()
             };
-            let pid = self.gateway_pid.load(Ordering::Relaxed);
-            if pid != 0
-                && let Some(r) = read(pid)
-            {
-                s.gateway_rss_kib = r.rss_kib;
-                if let Some((p, t0, c0)) = last_gw
-                    && p == pid
-                    && t > t0
+            let pids = self.pids();
+            last_gw.resize(pids.len(), None);
+            for (k, pid) in pids.into_iter().enumerate() {
+                let mut point = ReplicaPoint {
+                    connected: by_replica.get(k).copied().unwrap_or(0),
+                    ..Default::default()
+                };
+                if pid != 0
+                    && let Some(r) = read(pid)
                 {
-                    s.gateway_cpu_pct = (r.cpu_secs - c0) / (t - t0) * 100.0;
+                    point.rss_kib = r.rss_kib;
+                    if let Some((p, t0, c0)) = last_gw[k]
+                        && p == pid
+                        && t > t0
+                    {
+                        point.cpu_pct = (r.cpu_secs - c0) / (t - t0) * 100.0;
+                    }
+                    last_gw[k] = Some((pid, t, r.cpu_secs));
                 }
-                last_gw = Some((pid, t, r.cpu_secs));
+                s.gateway_rss_kib += point.rss_kib;
+                s.gateway_cpu_pct += point.cpu_pct;
+                s.replicas.push(point);
             }
             if let Some(r) = read(me) {
                 s.fleet_rss_kib = r.rss_kib;
@@ -136,26 +174,49 @@ impl Sampler {
         self.samples.lock().expect("samples").clone()
     }
 
-    /// Reads the gateway now.
+    /// Reads every replica now, summed; `None` when none is known to run.
     pub fn gateway_now(&self) -> Option<ProcReading> {
-        match self.gateway_pid.load(Ordering::Relaxed) {
-            0 => None,
-            pid => read(pid),
-        }
+        let each: Vec<ProcReading> = self.replicas_now().into_iter().flatten().collect();
+        (!each.is_empty()).then(|| ProcReading {
+            rss_kib: each.iter().map(|r| r.rss_kib).sum(),
+            cpu_secs: each.iter().map(|r| r.cpu_secs).sum(),
+        })
+    }
+
+    /// Reads each replica now (`None`: not running or unknown).
+    pub fn replicas_now(&self) -> Vec<Option<ProcReading>> {
+        self.pids()
+            .into_iter()
+            .map(|pid| if pid == 0 { None } else { read(pid) })
+            .collect()
     }
 }
 
-/// The gateway's average CPU (percent of one core) and its RSS at the end, over `window`.
+/// The gateway's average CPU (percent of one core) and its RSS at the end, over `window`, in
+/// all and per replica.
 pub async fn measure_window(sampler: &Sampler, window: Duration) -> Option<Window> {
-    let a = sampler.gateway_now()?;
+    let a = sampler.replicas_now();
     let udp_a = udp_datagrams_received();
     let t = Instant::now();
     tokio::time::sleep(window).await;
-    let b = sampler.gateway_now()?;
+    let b = sampler.replicas_now();
     let secs = t.elapsed().as_secs_f64();
+    let per_replica: Vec<Option<(f64, u64)>> = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| {
+            let (a, b) = (a.as_ref()?, b.as_ref()?);
+            Some(((b.cpu_secs - a.cpu_secs) / secs * 100.0, b.rss_kib))
+        })
+        .collect();
+    let known: Vec<(f64, u64)> = per_replica.iter().flatten().copied().collect();
+    if known.is_empty() {
+        return None;
+    }
     Some(Window {
-        cpu_pct: (b.cpu_secs - a.cpu_secs) / secs * 100.0,
-        rss_kib: b.rss_kib,
+        cpu_pct: known.iter().map(|k| k.0).sum(),
+        rss_kib: known.iter().map(|k| k.1).sum(),
+        per_replica,
         udp_datagrams_per_s: udp_a
             .zip(udp_datagrams_received())
             .map(|(a, b)| b.saturating_sub(a) as f64 / secs),
@@ -163,12 +224,15 @@ pub async fn measure_window(sampler: &Sampler, window: Duration) -> Option<Windo
 }
 
 /// What [`measure_window`] measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Window {
-    /// Gateway CPU, percent of one core.
+    /// Gateway CPU, percent of one core, every replica together.
     pub cpu_pct: f64,
-    /// Gateway RSS at the end, KiB.
+    /// Gateway RSS at the end, KiB, every replica together.
     pub rss_kib: u64,
+    /// Each replica's (CPU %, RSS KiB at the end); `None` for one that restarted or was not
+    /// running.
+    pub per_replica: Vec<Option<(f64, u64)>>,
     /// UDP datagrams received per second by this network namespace (on loopback each datagram
     /// between fleet and gateway is counted once, whichever way it went).
     pub udp_datagrams_per_s: Option<f64>,

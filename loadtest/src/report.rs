@@ -1,6 +1,6 @@
 //! The report directory: `report.json` (everything measured, machine-readable), `report.md`
-//! (the same for people, with each target met or missed) and SVG charts drawn here as plain
-//! polylines: connected agents, gateway RSS and CPU over time, latency CDFs.
+//! (the same for people, with each target met or missed) and SVG charts ([`crate::chart`]):
+//! connected agents, gateway RSS and CPU over time (per replica), latency CDFs.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::LoadError;
+use crate::chart::{Series, line_chart};
 use crate::procstat::Sample;
 
 // === Figures ===
@@ -153,6 +154,11 @@ pub struct Ramp {
 pub struct Broadcast {
     /// Sequential unary calls, each to a random agent.
     pub unary_random: Calls,
+    /// Those of them sent to the replica holding the agent's session.
+    pub unary_local: Calls,
+    /// Those sent to another replica, which had to forward them (`--forwarded`); `None` when
+    /// none were (one replica, or `--forwarded 0`).
+    pub unary_forwarded: Option<Calls>,
     /// One unary call to every agent.
     pub broadcast: Calls,
     /// Concurrency of the broadcast.
@@ -265,6 +271,93 @@ pub struct Soak {
     pub cpu_avg_pct: f64,
 }
 
+/// One replica of the gateway, as measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicaReport {
+    /// `cluster.replica_id` (`gateway` for a lone gateway).
+    pub id: String,
+    /// Sessions it held at the end of the ramp, as `Agents/List` reports them.
+    pub sessions: usize,
+    /// Its RSS with every agent connected and idle, KiB (`None`: not measured).
+    pub rss_idle_kib: Option<u64>,
+    /// Its CPU while idle, percent of one core (`None`: not measured).
+    pub idle_cpu_pct: Option<f64>,
+    /// Its highest RSS over the run, KiB.
+    pub rss_max_kib: u64,
+    /// Its CPU over the whole run, percent of one core (average of the samples).
+    pub cpu_avg_pct: f64,
+    /// Relayed calls it counted (`tether_gateway_relay_calls_total`) since its last start;
+    /// `None` when its `/metrics` could not be read.
+    pub relay_calls: Option<f64>,
+    /// Streams (relayed calls, TCP streams) it forwarded to a peer replica since its last
+    /// start (`tether_gateway_peer_forwarded_streams_total{direction="out"}`); `None` when it
+    /// exports no peer-link metric (a gateway without peer links).
+    pub forwarded: Option<f64>,
+}
+
+/// Calls that reached a replica without the agent's session, as measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Forwarding {
+    /// `--forwarded`: the share of relayed calls the driver sent to a replica that did not
+    /// hold the agent's session.
+    pub share_asked: f64,
+    /// The series read from the gateways' `/metrics` for forwarded calls; empty when the
+    /// gateways export none.
+    pub gateway_metrics: Vec<String>,
+    /// Forwarded calls over relayed calls, as the gateways count them, summed over replicas;
+    /// `None` when not measured.
+    pub gateway_share: Option<f64>,
+    /// Why a figure is not measured, when one is not.
+    pub not_measured: Vec<String>,
+}
+
+/// One replica stopped and started again during `rolling`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Restart {
+    /// The replica.
+    pub replica: String,
+    /// Agents of the fleet with a session on it when it was stopped.
+    pub agents_on_it: usize,
+    /// From SIGTERM to its exit, seconds.
+    pub stop_s: f64,
+    /// It did not exit within its drain and 20 s more and was killed.
+    pub killed: bool,
+    /// From SIGTERM to the new process listening, seconds.
+    pub down_s: f64,
+}
+
+/// `rolling`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rolling {
+    /// Replicas restarted in turn.
+    pub restarts: Vec<Restart>,
+    /// `--drain-timeout`, seconds.
+    pub drain_timeout_s: f64,
+    /// Seconds of load, from the first call to the last restart's pause.
+    pub duration_s: f64,
+    /// Unary calls per second asked for.
+    pub rate: f64,
+    /// The unary calls made meanwhile (to the replica holding the agent's session when the
+    /// call was sent, or another with `--forwarded`).
+    pub rpc: Calls,
+    /// Calls not made because `--concurrency` calls were already in flight.
+    pub skipped: usize,
+    /// Commands submitted meanwhile.
+    pub commands_submitted: usize,
+    /// Submits refused (a failed call; no command was created).
+    pub commands_refused: usize,
+    /// Accepted commands that reached Succeeded by the end of `--commands-timeout`.
+    pub commands_succeeded: usize,
+    /// Accepted commands that did not: lost, or late.
+    pub commands_lost: usize,
+    /// Bulk server streams started meanwhile.
+    pub streams: usize,
+    /// Those that completed.
+    pub streams_completed: usize,
+    /// Failures of streams cut (first few).
+    pub stream_errors: Vec<String>,
+}
+
 /// One target of the issue, as measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -334,6 +427,12 @@ pub struct Report {
     pub machine: Machine,
     /// `local` (a gateway this tool started) or `external`.
     pub gateway: String,
+    /// Gateway replicas (1: a lone gateway on its embedded store).
+    pub replica_count: usize,
+    /// Each replica.
+    pub replicas: Vec<ReplicaReport>,
+    /// Forwarded calls.
+    pub forwarding: Forwarding,
     /// `lean` or `full`.
     pub fleet: String,
     /// Agents in the fleet.
@@ -350,6 +449,8 @@ pub struct Report {
     pub storm: Option<Storm>,
     /// `soak`.
     pub soak: Option<Soak>,
+    /// `rolling`.
+    pub rolling: Option<Rolling>,
     /// The issue's targets.
     pub targets: Vec<Target>,
     /// Where each scenario started on the time axis (seconds, name).
@@ -482,6 +583,27 @@ pub fn judge(r: &Report) -> Vec<Target> {
         )),
         None => t.push(target("soak", "—", "not run".into(), None)),
     }
+    if let Some(r) = &r.rolling {
+        let cut = r.streams - r.streams_completed;
+        t.push(target(
+            "rolling restart of every replica under load",
+            "0 failed unary calls, 0 lost commands (cut streams counted)",
+            format!(
+                "{} of {} unary calls failed {:?}; {} of {} commands lost, {} Submits refused; {} of {} streams cut; {} replicas restarted",
+                r.rpc.errors,
+                r.rpc.calls,
+                r.rpc.error_codes,
+                r.commands_lost,
+                r.commands_submitted - r.commands_refused,
+                r.commands_refused,
+                cut,
+                r.streams,
+                r.restarts.len()
+            ),
+            (r.restarts.len() >= 2 && r.rpc.calls > 0)
+                .then_some(r.rpc.errors == 0 && r.commands_lost == 0),
+        ));
+    }
     t
 }
 
@@ -532,6 +654,7 @@ fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(s, "| {} | {} | {} | {} |", t.name, t.target, t.measured, v);
     }
+    replicas_md(&mut s, r);
     if let Some(x) = &r.ramp {
         let _ = writeln!(
             s,
@@ -665,6 +788,45 @@ fn markdown(r: &Report) -> String {
             x.cpu_avg_pct
         );
     }
+    if let Some(x) = &r.rolling {
+        let _ = writeln!(
+            s,
+            "\n## rolling\n\n- each replica in turn: SIGTERM (drain {:.1} s), wait for the exit, start again; steady load of {:.0} unary calls/s for {:.1} s\n\
+             - unary calls: {} made, {} failed {:?}, {} skipped (concurrency cap); {}\n\
+             - commands: {} submitted, {} Submits refused, {} Succeeded, **{} lost** (not Succeeded by the end of --commands-timeout)\n\
+             - bulk streams: {} started, {} completed, {} cut\n\n\
+             | replica | agents on it | SIGTERM → exit | killed | SIGTERM → listening again |\n|---|---|---|---|---|",
+            x.drain_timeout_s,
+            x.rate,
+            x.duration_s,
+            x.rpc.calls,
+            x.rpc.errors,
+            x.rpc.error_codes,
+            x.skipped,
+            x.rpc.latency.line(),
+            x.commands_submitted,
+            x.commands_refused,
+            x.commands_succeeded,
+            x.commands_lost,
+            x.streams,
+            x.streams_completed,
+            x.streams - x.streams_completed
+        );
+        for k in &x.restarts {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} s | {} | {:.2} s |",
+                k.replica,
+                k.agents_on_it,
+                k.stop_s,
+                if k.killed { "yes" } else { "no" },
+                k.down_s
+            );
+        }
+        for e in x.rpc.error_samples.iter().chain(&x.stream_errors) {
+            let _ = writeln!(s, "  - `{e}`");
+        }
+    }
     let _ = writeln!(
         s,
         "\n## Charts\n\n![connected](connected.svg)\n![gateway RSS](gateway-rss.svg)\n![CPU](cpu.svg)\n![latency CDF](latency-cdf.svg)"
@@ -672,48 +834,167 @@ fn markdown(r: &Report) -> String {
     s
 }
 
+fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {
+    v.map_or_else(|| "not measured".to_owned(), |v| format!("{v}{unit}"))
+}
+
+/// The replicas table and the forwarding figures.
+fn replicas_md(s: &mut String, r: &Report) {
+    let _ = writeln!(
+        s,
+        "\n## Replicas\n\n{} gateway replica(s){}.\n\n\
+         | replica | sessions after the ramp | RSS idle | CPU idle | RSS max | CPU avg | relayed calls | forwarded calls |\n\
+         |---|---|---|---|---|---|---|---|",
+        r.replica_count,
+        if r.replica_count > 1 {
+            " on one local PostgreSQL, agents spread over them round robin"
+        } else {
+            ""
+        }
+    );
+    for x in &r.replicas {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} MiB | {:.1}% | {} | {} |",
+            x.id,
+            x.sessions,
+            opt(x.rss_idle_kib.map(|k| k / 1024), " MiB"),
+            opt(x.idle_cpu_pct.map(|c| format!("{c:.2}")), "%"),
+            x.rss_max_kib / 1024,
+            x.cpu_avg_pct,
+            opt(x.relay_calls.map(|c| format!("{c:.0}")), ""),
+            opt(x.forwarded.map(|c| format!("{c:.0}")), ""),
+        );
+    }
+    let f = &r.forwarding;
+    let _ = writeln!(s, "\n### Forwarding\n");
+    let _ = writeln!(
+        s,
+        "- share of relayed calls sent to a replica without the agent's session: {:.0}% (--forwarded)",
+        f.share_asked * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "- share of forwarded calls, as the gateways count them: {}",
+        opt(
+            f.gateway_share.map(|v| format!(
+                "{:.1}% ({})",
+                v * 100.0,
+                f.gateway_metrics.join(", ")
+            )),
+            ""
+        )
+    );
+    if let Some(b) = &r.broadcast {
+        let _ = writeln!(
+            s,
+            "- unary, sent to the replica holding the session: {}, {} errors",
+            b.unary_local.latency.line(),
+            b.unary_local.errors
+        );
+        match &b.unary_forwarded {
+            Some(c) => {
+                let _ = writeln!(
+                    s,
+                    "- unary, sent to another replica (forwarded): {}, {} errors {:?}",
+                    c.latency.line(),
+                    c.errors,
+                    c.error_codes
+                );
+                for e in &c.error_samples {
+                    let _ = writeln!(s, "  - `{e}`");
+                }
+            }
+            None => {
+                let _ = writeln!(s, "- unary, forwarded: not measured");
+            }
+        }
+    }
+    for why in &f.not_measured {
+        let _ = writeln!(s, "- not measured: {why}");
+    }
+}
+
 // === Charts ===
 
-const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"];
-
-/// A line series: name and points.
-type Series<'a> = (&'a str, Vec<(f64, f64)>);
+/// A series name per replica: `r1`, or `gateway` for a lone gateway.
+fn replica_names(r: &Report) -> Vec<String> {
+    let n = r.series.iter().map(|s| s.replicas.len()).max().unwrap_or(0);
+    (0..n)
+        .map(|k| {
+            r.replicas
+                .get(k)
+                .map_or_else(|| format!("replica {}", k + 1), |x| x.id.clone())
+        })
+        .collect()
+}
 
 fn charts(r: &Report) -> Vec<(String, String)> {
     let pts = |f: &dyn Fn(&Sample) -> f64| r.series.iter().map(|s| (s.t, f(s))).collect();
+    let names = replica_names(r);
+    let per_replica = |f: &dyn Fn(&crate::procstat::ReplicaPoint) -> f64| -> Vec<Vec<(f64, f64)>> {
+        (0..names.len())
+            .map(|k| {
+                r.series
+                    .iter()
+                    .map(|s| (s.t, s.replicas.get(k).map_or(0.0, f)))
+                    .collect()
+            })
+            .collect()
+    };
+    let several = names.len() > 1;
+
+    let mut connected: Vec<Series<'_>> = vec![("connected (fleet)", pts(&|s| s.connected as f64))];
+    let conn_names: Vec<String> = names.iter().map(|n| format!("on {n}")).collect();
+    if several {
+        for (k, p) in per_replica(&|p| p.connected as f64).into_iter().enumerate() {
+            connected.push((conn_names[k].as_str(), p));
+        }
+    }
+    let rss_names: Vec<String> = names.iter().map(|n| format!("{n} RSS")).collect();
+    let rss: Vec<Series<'_>> = if several {
+        per_replica(&|p| p.rss_kib as f64 / 1024.0)
+            .into_iter()
+            .enumerate()
+            .map(|(k, p)| (rss_names[k].as_str(), p))
+            .collect()
+    } else {
+        vec![("gateway RSS", pts(&|s| s.gateway_rss_kib as f64 / 1024.0))]
+    };
+    let cpu_names: Vec<String> = names.iter().map(|n| format!("gateway {n}")).collect();
+    let mut cpu: Vec<Series<'_>> = if several {
+        per_replica(&|p| p.cpu_pct)
+            .into_iter()
+            .enumerate()
+            .map(|(k, p)| (cpu_names[k].as_str(), p))
+            .collect()
+    } else {
+        vec![("gateway", pts(&|s| s.gateway_cpu_pct))]
+    };
+    cpu.push(("fleet + driver", pts(&|s| s.fleet_cpu_pct)));
     let mut out = vec![
         (
             "connected.svg".to_owned(),
-            chart(
+            line_chart(
                 "Connected agents",
                 "time (s)",
                 "agents",
-                &[("connected (fleet)", pts(&|s| s.connected as f64))],
+                &connected,
                 false,
                 &r.marks,
             ),
         ),
         (
             "gateway-rss.svg".to_owned(),
-            chart(
-                "Gateway RSS",
-                "time (s)",
-                "MiB",
-                &[("gateway RSS", pts(&|s| s.gateway_rss_kib as f64 / 1024.0))],
-                false,
-                &r.marks,
-            ),
+            line_chart("Gateway RSS", "time (s)", "MiB", &rss, false, &r.marks),
         ),
         (
             "cpu.svg".to_owned(),
-            chart(
+            line_chart(
                 "CPU (percent of one core)",
                 "time (s)",
                 "%",
-                &[
-                    ("gateway", pts(&|s| s.gateway_cpu_pct)),
-                    ("fleet + driver", pts(&|s| s.fleet_cpu_pct)),
-                ],
+                &cpu,
                 false,
                 &r.marks,
             ),
@@ -727,7 +1008,13 @@ fn charts(r: &Report) -> Vec<(String, String)> {
             .collect()
     };
     if let Some(b) = &r.broadcast {
-        cdfs.push(("unary, random agent", cdf(&b.unary_random.latency)));
+        match &b.unary_forwarded {
+            Some(f) => {
+                cdfs.push(("unary, local", cdf(&b.unary_local.latency)));
+                cdfs.push(("unary, forwarded", cdf(&f.latency)));
+            }
+            None => cdfs.push(("unary, random agent", cdf(&b.unary_random.latency))),
+        }
         cdfs.push(("broadcast", cdf(&b.broadcast.latency)));
     }
     if let Some(c) = &r.commands {
@@ -736,9 +1023,12 @@ fn charts(r: &Report) -> Vec<(String, String)> {
     if let Some(s) = &r.soak {
         cdfs.push(("soak unary", cdf(&s.rpc.latency)));
     }
+    if let Some(x) = &r.rolling {
+        cdfs.push(("unary during rolling restart", cdf(&x.rpc.latency)));
+    }
     out.push((
         "latency-cdf.svg".to_owned(),
-        chart(
+        line_chart(
             "Latency CDF",
             "latency (ms, log scale)",
             "fraction of calls ≤ x",
@@ -750,227 +1040,9 @@ fn charts(r: &Report) -> Vec<(String, String)> {
     out
 }
 
-fn nice_step(range: f64) -> f64 {
-    let raw = range / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let step = if norm < 1.5 {
-        1.0
-    } else if norm < 3.0 {
-        2.0
-    } else if norm < 7.0 {
-        5.0
-    } else {
-        10.0
-    };
-    step * mag
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A line chart as SVG. With `log_x`, x values must be positive and are drawn on log10.
-pub fn chart(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series<'_>],
-    log_x: bool,
-    marks: &[(f64, String)],
-) -> String {
-    let (w, h) = (800.0, 400.0);
-    let (l, rt, t, b) = (70.0, 20.0, 40.0, 50.0);
-    let fx = |x: f64| if log_x { x.max(1e-3).log10() } else { x };
-    let all: Vec<(f64, f64)> = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|&(x, y)| (fx(x), y)))
-        .collect();
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
-    if all.is_empty() {
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">no data</text></svg>"#,
-            w / 2.0,
-            h / 2.0
-        );
-        return s;
-    }
-    let (mut x0, mut x1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let mut y1 = all.iter().fold(0f64, |a, p| a.max(p.1));
-    if log_x {
-        x0 = x0.floor();
-        x1 = x1.ceil().max(x0 + 1.0);
-    } else {
-        x0 = x0.min(0.0);
-        if x1 <= x0 {
-            x1 = x0 + 1.0;
-        }
-    }
-    if y1 <= 0.0 {
-        y1 = 1.0;
-    }
-    let ystep = nice_step(y1);
-    y1 = (y1 / ystep).ceil() * ystep;
-    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - rt);
-    let py = |y: f64| h - b - y / y1 * (h - t - b);
-    // Axes, grid, ticks.
-    let _ = writeln!(s, r##"<g stroke="#ccc" stroke-width="1">"##);
-    let mut y = 0.0;
-    while y <= y1 + ystep / 2.0 {
-        let _ = writeln!(
-            s,
-            r#"<line x1="{l}" y1="{0:.1}" x2="{1}" y2="{0:.1}"/>"#,
-            py(y),
-            w - rt
-        );
-        y += ystep;
-    }
-    let _ = writeln!(s, "</g>");
-    let mut y = 0.0;
-    while y <= y1 + ystep / 2.0 {
-        let label = if ystep < 1.0 {
-            format!("{y:.2}")
-        } else {
-            format!("{y:.0}")
-        };
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{label}</text>"#,
-            l - 6.0,
-            py(y) + 4.0
-        );
-        y += ystep;
-    }
-    if log_x {
-        let mut e = x0;
-        while e <= x1 + 1e-9 {
-            let v = 10f64.powf(e);
-            let label = if v >= 1.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v}")
-            };
-            let _ = writeln!(
-                s,
-                r##"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text><line x1="{0:.1}" y1="{2}" x2="{0:.1}" y2="{3}" stroke="#ccc"/>"##,
-                px(e),
-                h - b + 16.0,
-                t,
-                h - b
-            );
-            e += 1.0;
-        }
-    } else {
-        let xstep = nice_step(x1 - x0);
-        let mut x = (x0 / xstep).ceil() * xstep;
-        while x <= x1 + 1e-9 {
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{x:.0}</text>"#,
-                px(x),
-                h - b + 16.0
-            );
-            x += xstep;
-        }
-    }
-    let _ = writeln!(
-        s,
-        r##"<line x1="{l}" y1="{0}" x2="{1}" y2="{0}" stroke="#333"/><line x1="{l}" y1="{t}" x2="{l}" y2="{0}" stroke="#333"/>"##,
-        h - b,
-        w - rt
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        (l + w - rt) / 2.0,
-        h - 10.0,
-        esc(x_label)
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{0}" text-anchor="middle" transform="rotate(-90 16 {0})">{1}</text>"#,
-        (t + h - b) / 2.0,
-        esc(y_label)
-    );
-    for (mx, name) in marks {
-        let x = px(fx(*mx));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{}" fill="#666" font-size="10">{}</text>"##,
-            h - b,
-            x + 3.0,
-            t + 10.0,
-            esc(name)
-        );
-    }
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let mut d = String::new();
-        for &(x, y) in pts {
-            let _ = write!(d, "{:.1},{:.1} ", px(fx(x)), py(y));
-        }
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-            d.trim_end()
-        );
-        let ly = t + 14.0 + i as f64 * 16.0;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
-            w - rt - 190.0,
-            ly - 4.0,
-            w - rt - 174.0,
-            ly,
-            esc(name)
-        );
-    }
-    let _ = writeln!(s, "</svg>");
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chart_is_svg_with_one_polyline_per_series() {
-        let svg = chart(
-            "t",
-            "x",
-            "y",
-            &[("a", vec![(0.0, 1.0), (1.0, 2.0)]), ("b", vec![(0.5, 3.0)])],
-            false,
-            &[(0.5, "mark".into())],
-        );
-        assert!(svg.starts_with("<svg"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        let log = chart(
-            "t",
-            "x",
-            "y",
-            &[("a", vec![(0.1, 0.5), (20.0, 1.0)])],
-            true,
-            &[],
-        );
-        assert!(log.contains("<polyline"));
-    }
 
     #[test]
     fn latency_summary_has_a_monotone_cdf() {

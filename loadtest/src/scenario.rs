@@ -10,14 +10,15 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng;
 use tether_api::v1::CommandState;
 use tether_gateway::identity::pki::Ca;
+use tether_gateway::tools::local_postgres::{LocalPostgres, LocalPostgresOptions};
 use tether_runtime::CancellationToken;
 
-use crate::driver::{self, Driver};
+use crate::driver::{self, Batch, Driver};
 use crate::fleet::{Fleet, FleetMode, FleetSettings};
-use crate::gateway::{LocalGateway, LocalSettings};
+use crate::gateway::{LocalGateway, LocalSettings, ReplicaSettings};
 use crate::identities::{self, TENANT};
 use crate::procstat::{self, Sampler};
-use crate::report::{self, Calls, Latency, Report};
+use crate::report::{self, Calls, Latency, ReplicaReport, Report};
 use crate::{LoadError, RunOptions, Scenario};
 
 /// Trust domain of a PKI this tool makes.
@@ -30,7 +31,11 @@ struct Ctx {
     opts: RunOptions,
     fleet: Fleet,
     driver: Arc<Driver>,
-    gateway: Option<LocalGateway>,
+    /// The gateways this tool started (empty for an external one).
+    gateways: Vec<LocalGateway>,
+    /// Replicas out of the driver's rotation (being stopped or restarted), as a Kubernetes
+    /// Service drops a Terminating pod from its endpoints: no new call is sent to them.
+    out: Vec<std::sync::atomic::AtomicBool>,
     sampler: Sampler,
     progress: MultiProgress,
     agents: Vec<String>,
@@ -58,8 +63,30 @@ impl Ctx {
         self.agents.len()
     }
 
-    fn random_agent(&self) -> String {
-        self.agents[rand::rng().random_range(0..self.agents.len())].clone()
+    fn random_agent(&self) -> usize {
+        rand::rng().random_range(0..self.agents.len())
+    }
+
+    /// The replica a relayed call to agent `i` goes through, and whether it is one without
+    /// the agent's session (sent there on purpose, `--forwarded`, so the gateway forwards it).
+    /// A replica out of rotation is never picked while another is in: a call meant for it goes
+    /// to another, which must forward it.
+    fn route(&self, i: usize) -> (usize, bool) {
+        let n = self.driver.replicas();
+        let holder = self
+            .fleet
+            .holder(i)
+            .unwrap_or_else(|| self.fleet.last_replica(i))
+            % n;
+        let is_in = |k: usize| !self.out.get(k).is_some_and(|o| o.load(Ordering::Relaxed));
+        let others: Vec<usize> = (0..n).filter(|k| *k != holder && is_in(*k)).collect();
+        let share = self.opts.forwarded.clamp(0.0, 1.0);
+        let elsewhere = !is_in(holder) || (share > 0.0 && rand::rng().random_bool(share));
+        if elsewhere && !others.is_empty() {
+            (others[rand::rng().random_range(0..others.len())], true)
+        } else {
+            (holder, false)
+        }
     }
 }
 
@@ -90,6 +117,30 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     if opts.gateway.is_some() && opts.scenario.contains(&Scenario::Storm) {
         return Err(LoadError::Usage(
             "the storm scenario kills and restarts the gateway: it needs a gateway this tool starts (no --gateway)".into(),
+        ));
+    }
+    if opts.gateway.is_some() && opts.scenario.contains(&Scenario::Rolling) {
+        return Err(LoadError::Usage(
+            "the rolling scenario stops and restarts each replica: it needs replicas this tool starts (--replicas N, no --gateway)".into(),
+        ));
+    }
+    if opts.replicas == 0 {
+        return Err(LoadError::Usage("--replicas must be at least 1".into()));
+    }
+    if opts.replicas > 1 && opts.gateway.is_some() {
+        return Err(LoadError::Usage(
+            "--replicas starts its own gateway replicas on a local PostgreSQL: drop --gateway, or --replicas".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&opts.forwarded) {
+        return Err(LoadError::Usage(format!(
+            "--forwarded {} is not a share between 0 and 1",
+            opts.forwarded
+        )));
+    }
+    if opts.forwarded > 0.0 && opts.replicas < 2 {
+        return Err(LoadError::Usage(
+            "--forwarded sends calls to a replica without the agent's session: it needs --replicas 2 or more".into(),
         ));
     }
     raise_fd_limit();
@@ -148,12 +199,19 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     let roots = identities::roots(&ca)?;
     let client = identities::issue_client(&ca, &out.join("client"))?;
 
-    // The gateway.
-    let (gateway, tunnel, northbound, pid) = match opts.gateway {
+    // The gateway: an external one, or ours (one, or replicas on a local PostgreSQL).
+    report.replica_count = opts.replicas;
+    let mut pg = None;
+    let (gateways, tunnels, northbounds, pids) = match opts.gateway {
         Some(addr) => {
             report.gateway = "external".into();
             let nb = opts.northbound.clone().expect("clap requires --northbound");
-            (None, addr, nb, opts.gateway_pid.unwrap_or(0))
+            (
+                Vec::new(),
+                vec![addr],
+                vec![nb],
+                vec![opts.gateway_pid.unwrap_or(0)],
+            )
         }
         None => {
             report.gateway = "local".into();
@@ -164,32 +222,40 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
                     .and_then(|e| e.parent().map(|d| d.join("tether-gateway")))
                     .ok_or_else(|| LoadError::Gateway("cannot locate tether-gateway".into()))?,
             };
-            let gw = LocalGateway::start(LocalSettings {
+            let settings = LocalSettings {
                 bin,
                 dir: out.clone(),
                 trust_domain: TRUST_DOMAIN.into(),
                 heartbeat: opts.heartbeat,
                 log: opts.gateway_log.clone(),
                 sets: opts.gateway_set.clone(),
-            })
-            .await?;
-            let (t, nb, pid) = (
-                gw.addrs.tunnel,
-                gw.addrs.northbound.to_string(),
-                gw.pid().unwrap_or(0),
-            );
-            (Some(gw), t, nb, pid)
+                drain: opts.drain_timeout,
+                replica: None,
+            };
+            let gws = if opts.replicas > 1 {
+                let (gws, server) =
+                    start_replicas(&settings, &ca, opts.replicas, &progress).await?;
+                pg = Some(server);
+                gws
+            } else {
+                vec![LocalGateway::start(settings).await?]
+            };
+            let tunnels = gws.iter().map(|g| g.addrs.tunnel).collect();
+            let nbs = gws.iter().map(|g| g.addrs.northbound.to_string()).collect();
+            let pids = gws.iter().map(|g| g.pid().unwrap_or(0)).collect();
+            (gws, tunnels, nbs, pids)
         }
     };
-    let driver =
-        Arc::new(Driver::connect(&northbound, &opts.server_name, &client, opts.connections).await?);
+    let driver = Arc::new(
+        Driver::connect(&northbounds, &opts.server_name, &client, opts.connections).await?,
+    );
     let stop_scraping = CancellationToken::new();
-    if let Some(ops) = gateway.as_ref().map(|g| g.addrs.ops)
-        && !opts.scrape_every.is_zero()
-    {
-        tokio::spawn(scrape(ops, opts.scrape_every, stop_scraping.clone()));
+    if !opts.scrape_every.is_zero() {
+        for ops in gateways.iter().map(|g| g.addrs.ops) {
+            tokio::spawn(scrape(ops, opts.scrape_every, stop_scraping.clone()));
+        }
     }
-    let sampler = Sampler::new(pid);
+    let sampler = Sampler::new(pids);
     let stop_sampling = CancellationToken::new();
 
     // Memory with no agent: after the driver's connections, before the fleet.
@@ -197,7 +263,7 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     let rss_before = sampler.gateway_now().map_or(0, |r| r.rss_kib);
 
     let settings = FleetSettings {
-        gateway: tunnel,
+        gateways: tunnels,
         server_name: opts.server_name.clone(),
         mode: opts.fleet,
         ramp_rate: opts.ramp_rate,
@@ -217,11 +283,15 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
             .clone()
             .run(opts.sample_every, fleet.counter(), stop_sampling.clone()),
     );
+    let out_of_rotation = (0..gateways.len())
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
     let mut ctx = Ctx {
         opts,
         fleet,
         driver,
-        gateway,
+        gateways,
+        out: out_of_rotation,
         sampler,
         progress,
         agents,
@@ -229,7 +299,8 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     };
     ctx.mark("ramp");
     let measure = ctx.opts.scenario.contains(&Scenario::Ramp);
-    let ramp = ramp(&mut ctx, ramp_started, rss_before, measure).await;
+    let (ramp, replicas) = ramp(&mut ctx, ramp_started, rss_before, measure).await;
+    report.replicas = replicas;
     let all_up = ramp.connected == ctx.n();
     if measure {
         report.ramp = Some(ramp);
@@ -256,8 +327,14 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
                 ctx.mark("soak");
                 report.soak = Some(soak(&ctx).await);
             }
+            Scenario::Rolling => {
+                ctx.mark("rolling");
+                report.rolling = Some(rolling(&mut ctx).await?);
+            }
         }
     }
+    report.replicas = replica_reports(&ctx, report.replicas.clone()).await;
+    report.forwarding = forwarding(&ctx, &report.replicas);
     ctx.mark("stop");
     // One more sample, then stop everything.
     tokio::time::sleep(ctx.opts.sample_every).await;
@@ -266,12 +343,16 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     report.series = ctx.sampler.samples();
     report.marks = std::mem::take(&mut ctx.marks);
     let Ctx {
-        fleet, mut gateway, ..
+        fleet,
+        mut gateways,
+        ..
     } = ctx;
     fleet.stop().await;
-    if let Some(gw) = gateway.as_mut() {
+    for gw in &mut gateways {
         gw.stop().await;
     }
+    // PostgreSQL goes after the replicas using it.
+    drop(pg);
     report.targets = report::judge(&report);
     report::write(&out, &report)?;
     for t in &report.targets {
@@ -307,7 +388,21 @@ async fn scrape(ops: std::net::SocketAddr, every: Duration, stop: CancellationTo
 
 // === ramp ===
 
-async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -> report::Ramp {
+/// The replicas' names, in order (`gateway` for a lone or external gateway).
+fn replica_ids(ctx: &Ctx) -> Vec<String> {
+    if ctx.gateways.is_empty() {
+        vec!["gateway".to_owned()]
+    } else {
+        ctx.gateways.iter().map(|g| g.name().to_owned()).collect()
+    }
+}
+
+async fn ramp(
+    ctx: &mut Ctx,
+    started: Instant,
+    rss_before: u64,
+    measure: bool,
+) -> (report::Ramp, Vec<ReplicaReport>) {
     let n = ctx.n();
     let bar = ctx.bar("connect", n as u64);
     let deadline = started
@@ -328,7 +423,14 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
     let connected = ctx.fleet.connected();
     bar.finish();
     let duration = done_at.unwrap_or_else(Instant::now) - started;
-    let gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+    // Replicas learn of each other's sessions through PostgreSQL, in batches: wait (a little)
+    // until the list the driver gets holds every agent the fleet connected.
+    let listed_by = Instant::now() + Duration::from_secs(15);
+    let mut gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+    while gateway_connected < connected && Instant::now() < listed_by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+    }
     let mut r = report::Ramp {
         agents: n,
         connected,
@@ -348,8 +450,21 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
         heartbeat_s: ctx.opts.heartbeat.as_secs_f64(),
         ..Default::default()
     };
+    let by = ctx
+        .driver
+        .sessions_by_replica(TENANT)
+        .await
+        .unwrap_or_default();
+    let mut replicas: Vec<ReplicaReport> = replica_ids(ctx)
+        .into_iter()
+        .map(|id| ReplicaReport {
+            sessions: by.get(&id).copied().unwrap_or(0),
+            id,
+            ..Default::default()
+        })
+        .collect();
     if !measure {
-        return r;
+        return (r, replicas);
     }
     ctx.mark("idle");
     let pb = ctx.progress.add(ProgressBar::new_spinner());
@@ -360,6 +475,10 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
     ));
     tokio::time::sleep(ctx.opts.settle).await;
     if let Some(w) = procstat::measure_window(&ctx.sampler, ctx.opts.idle_window).await {
+        for (x, m) in replicas.iter_mut().zip(&w.per_replica) {
+            x.idle_cpu_pct = m.map(|m| m.0);
+            x.rss_idle_kib = m.map(|m| m.1);
+        }
         let rss = w.rss_kib;
         r.idle_cpu_pct = w.cpu_pct;
         r.rss_connected_kib = rss;
@@ -376,35 +495,46 @@ async fn ramp(ctx: &mut Ctx, started: Instant, rss_before: u64, measure: bool) -
     r.idle_window_s = ctx.opts.idle_window.as_secs_f64();
     r.fleet_rss_kib = procstat::read(std::process::id()).map_or(0, |p| p.rss_kib);
     pb.finish_with_message(format!("idle: gateway CPU {:.2}%", r.idle_cpu_pct));
-    r
+    (r, replicas)
 }
 
 // === broadcast ===
 
 async fn broadcast(ctx: &Ctx) -> report::Broadcast {
     let d = &ctx.driver;
-    // Warm-up: connections and code paths.
-    for _ in 0..50.min(ctx.opts.unary_calls) {
-        let _ = d.unary(&ctx.random_agent(), CALL_TIMEOUT).await;
+    // Warm-up: connections (to every replica) and code paths.
+    for _ in 0..50.min(ctx.opts.unary_calls).max(d.replicas()) {
+        let i = ctx.random_agent();
+        let _ = d.unary(ctx.route(i).0, &ctx.agents[i], CALL_TIMEOUT).await;
     }
-    let targets: Vec<String> = (0..ctx.opts.unary_calls)
-        .map(|_| ctx.random_agent())
-        .collect();
-    let bar = ctx.bar("unary", targets.len() as u64);
-    let unary = driver::batch(
-        targets,
-        1,
-        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
-        || bar.inc(1),
-    )
-    .await;
+    // One at a time, each to a random agent through the replica `route` picks when it is
+    // sent: local and forwarded calls interleave in the same run and are tallied apart.
+    let bar = ctx.bar("unary", ctx.opts.unary_calls as u64);
+    let (mut unary, mut local, mut forwarded) = (Batch::new(), Batch::new(), Batch::new());
+    let started = Instant::now();
+    for _ in 0..ctx.opts.unary_calls {
+        let i = ctx.random_agent();
+        let (via, fwd) = ctx.route(i);
+        let t = Instant::now();
+        let r = d.unary(via, &ctx.agents[i], CALL_TIMEOUT).await;
+        let took = t.elapsed();
+        unary.record(took, &r);
+        if fwd {
+            forwarded.record(took, &r);
+        } else {
+            local.record(took, &r);
+        }
+        bar.inc(1);
+    }
+    unary.elapsed = started.elapsed();
+    (local.elapsed, forwarded.elapsed) = (unary.elapsed, unary.elapsed);
     bar.finish();
 
     let bar = ctx.bar("broadcast", ctx.n() as u64);
     let all = driver::batch(
-        ctx.agents.clone(),
+        (0..ctx.n()).collect(),
         ctx.opts.concurrency,
-        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
+        |i: usize| async move { d.unary(ctx.route(i).0, &ctx.agents[i], CALL_TIMEOUT).await },
         || bar.inc(1),
     )
     .await;
@@ -412,17 +542,20 @@ async fn broadcast(ctx: &Ctx) -> report::Broadcast {
 
     let k = ctx.opts.bulk_agents.min(ctx.n());
     let step = (ctx.n() / k.max(1)).max(1);
-    let subset: Vec<String> = ctx.agents.iter().step_by(step).take(k).cloned().collect();
+    let subset: Vec<usize> = (0..ctx.n()).step_by(step).take(k).collect();
     let count = (ctx.opts.bulk_kib / 64).max(1);
     let bytes = AtomicU64::new(0);
     let bar = ctx.bar("bulk", subset.len() as u64);
     let bulk = driver::batch(
         subset,
         k.max(1),
-        |a: String| {
+        |i: usize| {
             let bytes = &bytes;
             async move {
-                let got = d.bulk(&a, count, 64 << 10, CALL_TIMEOUT).await?;
+                let (via, _) = ctx.route(i);
+                let got = d
+                    .bulk(via, &ctx.agents[i], count, 64 << 10, CALL_TIMEOUT)
+                    .await?;
                 bytes.fetch_add(got, Ordering::Relaxed);
                 Ok(())
             }
@@ -434,6 +567,8 @@ async fn broadcast(ctx: &Ctx) -> report::Broadcast {
     let b = bytes.load(Ordering::Relaxed);
     report::Broadcast {
         unary_random: Calls::from(&unary),
+        unary_local: Calls::from(&local),
+        unary_forwarded: (forwarded.calls > 0).then(|| Calls::from(&forwarded)),
         errors: all.failed(),
         broadcast: Calls::from(&all),
         concurrency: ctx.opts.concurrency,
@@ -520,21 +655,27 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 }
 
 async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
-    let Some(gw) = ctx.gateway.as_mut() else {
+    // With replicas, the first one dies: its agents (and only they) come back, on the others
+    // or on it once restarted.
+    let (total, on) = (ctx.fleet.counter())();
+    let before = if ctx.gateways.len() > 1 {
+        on[0]
+    } else {
+        ctx.fleet.connected()
+    };
+    let others = total.saturating_sub(before);
+    let Some(gw) = ctx.gateways.first_mut() else {
         return Err(LoadError::Usage("storm needs a local gateway".into()));
     };
-    let before = ctx.fleet.connected();
     let failures_before = ctx.fleet.connect_failures();
     let drops_before = procstat::udp_receive_buffer_drops();
     let tunnel_port = gw.addrs.tunnel.port();
     let kill_at = Instant::now();
     gw.kill9().await;
-    ctx.sampler.gateway_pid.store(0, Ordering::Relaxed);
+    ctx.sampler.set_pid(0, 0);
     gw.restart().await?;
     let restart_at = Instant::now();
-    ctx.sampler
-        .gateway_pid
-        .store(gw.pid().unwrap_or(0), Ordering::Relaxed);
+    ctx.sampler.set_pid(0, gw.pid().unwrap_or(0));
     ctx.mark("restarted");
     let bar = ctx.bar("back", before as u64);
     let deadline = restart_at + ctx.opts.storm_timeout;
@@ -547,7 +688,12 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
                 .fleet
                 .with_log(|l| l.ups.iter().filter(|t| **t > kill_at).count()),
             FleetMode::Full => {
-                let n = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+                let n = ctx
+                    .driver
+                    .connected_agents(TENANT)
+                    .await
+                    .unwrap_or(0)
+                    .saturating_sub(others);
                 polled.push((restart_at.elapsed().as_secs_f64(), n));
                 n
             }
@@ -672,18 +818,22 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
 
     // Dispatch afterwards: one call to every agent. The driver's connections reconnect on
     // their first use; give them a few tries.
+    let ctx: &Ctx = ctx;
     let d = &ctx.driver;
     for _ in 0..20 {
-        if d.unary(&ctx.agents[0], CALL_TIMEOUT).await.is_ok() {
+        if d.unary(ctx.route(0).0, &ctx.agents[0], CALL_TIMEOUT)
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let bar = ctx.bar("dispatch", ctx.n() as u64);
     let all = driver::batch(
-        ctx.agents.clone(),
+        (0..ctx.n()).collect(),
         ctx.opts.concurrency,
-        |a: String| async move { d.unary(&a, CALL_TIMEOUT).await },
+        |i: usize| async move { d.unary(ctx.route(i).0, &ctx.agents[i], CALL_TIMEOUT).await },
         || bar.inc(1),
     )
     .await;
@@ -725,12 +875,13 @@ async fn soak(ctx: &Ctx) -> report::Soak {
                     skipped += 1;
                     continue;
                 };
-                let (d, a) = (ctx.driver.clone(), ctx.random_agent());
+                let i = ctx.random_agent();
+                let (d, a, via) = (ctx.driver.clone(), ctx.agents[i].clone(), ctx.route(i).0);
                 let (hist, ok, calls, errors, samples) =
                     (hist.clone(), ok.clone(), calls.clone(), errors.clone(), samples.clone());
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let r = d.unary(&a, CALL_TIMEOUT).await;
+                    let r = d.unary(via, &a, CALL_TIMEOUT).await;
                     hist.lock().expect("hist").saturating_record(t.elapsed().as_micros().max(1) as u64);
                     calls.fetch_add(1, Ordering::Relaxed);
                     match r {
@@ -754,7 +905,8 @@ async fn soak(ctx: &Ctx) -> report::Soak {
                     }
                 }
                 for _ in 0..per_sec_cmds {
-                    let (d, a, cmds) = (ctx.driver.clone(), ctx.random_agent(), cmds.clone());
+                    let a = ctx.agents[ctx.random_agent()].clone();
+                    let (d, cmds) = (ctx.driver.clone(), cmds.clone());
                     tokio::spawn(async move {
                         cmds.0.fetch_add(1, Ordering::Relaxed);
                         if d.submit(&a, "echo", b"soak".to_vec()).await.is_ok() {
@@ -763,10 +915,12 @@ async fn soak(ctx: &Ctx) -> report::Soak {
                     });
                 }
                 if n_sec.is_multiple_of(5) {
-                    let (d, a, bulk) = (ctx.driver.clone(), ctx.random_agent(), bulk.clone());
+                    let i = ctx.random_agent();
+                    let (a, via) = (ctx.agents[i].clone(), ctx.route(i).0);
+                    let (d, bulk) = (ctx.driver.clone(), bulk.clone());
                     tokio::spawn(async move {
                         bulk.0.fetch_add(1, Ordering::Relaxed);
-                        if d.bulk(&a, bulk_count, 64 << 10, CALL_TIMEOUT).await.is_ok() {
+                        if d.bulk(via, &a, bulk_count, 64 << 10, CALL_TIMEOUT).await.is_ok() {
                             bulk.1.fetch_add(1, Ordering::Relaxed);
                         }
                     });
@@ -817,5 +971,330 @@ async fn soak(ctx: &Ctx) -> report::Soak {
             (Some(a), Some(b)) => (b.cpu_secs - a.cpu_secs) / elapsed.as_secs_f64() * 100.0,
             _ => 0.0,
         },
+    }
+}
+
+// === replicas ===
+
+/// A local PostgreSQL and `n` replicas on it, `r1` … `rn`, each with its peer listener on a
+/// free loopback port (advertised there).
+async fn start_replicas(
+    base: &LocalSettings,
+    ca: &Ca,
+    n: usize,
+    progress: &MultiProgress,
+) -> Result<(Vec<LocalGateway>, LocalPostgres), LoadError> {
+    let pb = progress.add(ProgressBar::new_spinner());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb.set_message(format!(
+        "starting a local PostgreSQL and {n} gateway replicas"
+    ));
+    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(LocalPostgresOptions::default()))
+        .await
+        .map_err(|e| LoadError::Gateway(e.to_string()))?
+        .map_err(|e| LoadError::Gateway(format!("--replicas {n} needs a local PostgreSQL: {e}")))?;
+    let mut gws = Vec::new();
+    for k in 0..n {
+        // A free port for the peer listener (QUIC: UDP); nothing else of this run binds one.
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map_err(|e| LoadError::Gateway(format!("a free port for a peer listener: {e}")))?;
+        let id = format!("r{}", k + 1);
+        // Its peer certificate, spiffe://<trust domain>/gateway/<id>: the peer links need it.
+        let issued = ca
+            .issue_gateway(&id, tether_gateway::identity::pki::PEER_TTL)
+            .map_err(|e| LoadError::Pki(format!("{id}'s peer certificate: {e}")))?;
+        let dir = base.dir.join("pki");
+        tether_gateway::identity::pki::write_issued(&dir, &format!("{id}-peer"), &issued, ca)
+            .map_err(|e| LoadError::Pki(format!("{id}'s peer certificate: {e}")))?;
+        let mut s = base.clone();
+        s.replica = Some(ReplicaSettings {
+            dsn: pg.dsn(),
+            peer_tls: (
+                dir.join(format!("{id}-peer.pem")),
+                dir.join(format!("{id}-peer-key.pem")),
+            ),
+            id,
+            peer,
+        });
+        gws.push(LocalGateway::start(s).await?);
+    }
+    pb.finish_with_message(format!(
+        "{n} gateway replicas on PostgreSQL 127.0.0.1:{}",
+        pg.port()
+    ));
+    Ok((gws, pg))
+}
+
+/// Completes each replica's figures at the end of the run: RSS and CPU over the run from the
+/// samples, relayed and forwarded calls from its `/metrics`.
+async fn replica_reports(ctx: &Ctx, mut replicas: Vec<ReplicaReport>) -> Vec<ReplicaReport> {
+    let ids = replica_ids(ctx);
+    if replicas.len() != ids.len() {
+        replicas = ids
+            .into_iter()
+            .map(|id| ReplicaReport {
+                id,
+                ..Default::default()
+            })
+            .collect();
+    }
+    let samples = ctx.sampler.samples();
+    for (k, x) in replicas.iter_mut().enumerate() {
+        let points: Vec<&crate::procstat::ReplicaPoint> =
+            samples.iter().filter_map(|s| s.replicas.get(k)).collect();
+        x.rss_max_kib = points.iter().map(|p| p.rss_kib).max().unwrap_or(0);
+        x.cpu_avg_pct = points.iter().map(|p| p.cpu_pct).sum::<f64>() / points.len().max(1) as f64;
+        let Some(gw) = ctx.gateways.get(k) else {
+            continue;
+        };
+        let Some(text) = crate::gateway::metrics_text(gw.addrs.ops).await else {
+            continue;
+        };
+        // No series yet: nothing relayed since it started.
+        x.relay_calls = Some(
+            crate::gateway::metric_sums(&text, |n| n == "tether_gateway_relay_calls_total")
+                .values()
+                .sum(),
+        );
+        x.forwarded = crate::gateway::forwarded_out(&text);
+    }
+    replicas
+}
+
+/// The forwarding figures, and why any is not measured.
+fn forwarding(ctx: &Ctx, replicas: &[ReplicaReport]) -> report::Forwarding {
+    let mut f = report::Forwarding {
+        share_asked: ctx.opts.forwarded,
+        gateway_metrics: if replicas.iter().any(|r| r.forwarded.is_some()) {
+            vec![format!(
+                "{}{{direction=\"out\"}}",
+                crate::gateway::FORWARDED
+            )]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    let n = ctx.gateways.len().max(1);
+    if n < 2 {
+        f.not_measured.push(
+            "forwarding: one gateway, so no call reaches a replica without the session".into(),
+        );
+        return f;
+    }
+    if ctx.opts.forwarded <= 0.0 {
+        f.not_measured.push(
+            "forwarded vs local latency: --forwarded 0 sent every call to the replica holding the agent's session"
+                .into(),
+        );
+    }
+    if f.gateway_metrics.is_empty() {
+        f.not_measured.push(
+            "share of forwarded calls as the gateways count it: they export no peer-link metric (gateways without peer links)"
+                .into(),
+        );
+    } else {
+        let fwd: f64 = replicas.iter().filter_map(|r| r.forwarded).sum();
+        let relayed: f64 = replicas.iter().filter_map(|r| r.relay_calls).sum();
+        f.gateway_share = (relayed > 0.0).then(|| fwd / relayed);
+        if ctx
+            .opts
+            .scenario
+            .iter()
+            .any(|s| matches!(s, Scenario::Storm | Scenario::Rolling))
+        {
+            f.not_measured.push(
+                "the gateways' counters restart with their process: after storm or rolling, their share covers the calls since each replica's last start"
+                    .into(),
+            );
+        }
+    }
+    f
+}
+
+// === rolling ===
+
+/// What the load of `rolling` counted.
+#[derive(Default)]
+struct RollingLoad {
+    calls: Batch,
+    skipped: usize,
+    submitted: Vec<Result<String, tonic::Status>>,
+    streams: usize,
+    streams_ok: usize,
+    stream_errors: Vec<String>,
+}
+
+async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
+    let mut gateways = std::mem::take(&mut ctx.gateways);
+    let stop = CancellationToken::new();
+    let from = SystemTime::now() - Duration::from_millis(1);
+    let started = Instant::now();
+    let restarts = {
+        let ctx_ref: &Ctx = ctx;
+        let load = rolling_load(ctx_ref, stop.clone());
+        let restarts = async {
+            let mut out = Vec::new();
+            let mut marks = Vec::new();
+            // The load stops with the restarts, whatever becomes of them.
+            let _stop_load = stop.clone().drop_guard();
+            tokio::time::sleep(ctx_ref.opts.rolling_pause).await;
+            for (k, gw) in gateways.iter_mut().enumerate() {
+                let on_it = (ctx_ref.fleet.counter())().1.get(k).copied().unwrap_or(0);
+                marks.push((ctx_ref.sampler.now(), format!("stop {}", gw.name())));
+                ctx_ref.out[k].store(true, Ordering::Relaxed);
+                let t = Instant::now();
+                let (took, killed) = gw.stop().await;
+                ctx_ref.sampler.set_pid(k, 0);
+                let restarted = gw.restart().await;
+                ctx_ref.sampler.set_pid(k, gw.pid().unwrap_or(0));
+                ctx_ref.out[k].store(false, Ordering::Relaxed);
+                out.push(report::Restart {
+                    replica: gw.name().to_owned(),
+                    agents_on_it: on_it,
+                    stop_s: took.as_secs_f64(),
+                    killed,
+                    down_s: t.elapsed().as_secs_f64(),
+                });
+                restarted?;
+                tokio::time::sleep(ctx_ref.opts.rolling_pause).await;
+            }
+            Ok::<_, LoadError>((out, marks))
+        };
+        let (load, restarts) = tokio::join!(load, restarts);
+        restarts.map(|(r, marks)| (r, marks, load))
+    };
+    ctx.gateways = gateways;
+    let (restarts, marks, load) = restarts?;
+    ctx.marks.extend(marks);
+    ctx.marks.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let duration = started.elapsed();
+
+    // Every accepted command must succeed: wait for them, through any replica.
+    let accepted: std::collections::BTreeSet<String> = load
+        .submitted
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
+    let refused = load.submitted.len() - accepted.len();
+    let bar = ctx.bar("succeeded", accepted.len() as u64);
+    let deadline = Instant::now() + ctx.opts.commands_timeout;
+    let mut succeeded = 0;
+    loop {
+        if let Ok(v) = ctx
+            .driver
+            .list_commands(from, CommandState::Succeeded)
+            .await
+        {
+            succeeded = v.iter().filter(|c| accepted.contains(&c.id)).count();
+        }
+        bar.set_position(succeeded as u64);
+        if succeeded >= accepted.len() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bar.finish();
+    Ok(report::Rolling {
+        restarts,
+        drain_timeout_s: ctx.opts.drain_timeout.as_secs_f64(),
+        duration_s: duration.as_secs_f64(),
+        rate: ctx.opts.rolling_rate,
+        rpc: Calls::from(&load.calls),
+        skipped: load.skipped,
+        commands_submitted: load.submitted.len(),
+        commands_refused: refused,
+        commands_succeeded: succeeded,
+        commands_lost: accepted.len() - succeeded,
+        streams: load.streams,
+        streams_completed: load.streams_ok,
+        stream_errors: load.stream_errors,
+    })
+}
+
+/// Steady load until `stop`: unary calls at `--rolling-rate`, commands at
+/// `--soak-command-share` of that, one bulk stream a second; each call routed when it is sent.
+async fn rolling_load(ctx: &Ctx, stop: CancellationToken) -> RollingLoad {
+    let rate = ctx.opts.rolling_rate.max(1.0);
+    let per_sec_cmds = (rate * ctx.opts.soak_command_share.max(0.0)).round() as usize;
+    let bulk_count = (ctx.opts.bulk_kib / 64).max(1);
+    let permits = Arc::new(tokio::sync::Semaphore::new(ctx.opts.concurrency.max(1)));
+    let calls: Arc<Mutex<Batch>> = Default::default();
+    let submitted: Arc<Mutex<Vec<Result<String, tonic::Status>>>> = Default::default();
+    let streams: Arc<Mutex<(usize, usize, Vec<String>)>> = Default::default();
+    let mut skipped = 0;
+    let bar = ctx.bar("rolling", 0);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    skipped += 1;
+                    continue;
+                };
+                let i = ctx.random_agent();
+                let (d, a, via) = (ctx.driver.clone(), ctx.agents[i].clone(), ctx.route(i).0);
+                let calls = calls.clone();
+                tasks.spawn(async move {
+                    let t = Instant::now();
+                    let r = d.unary(via, &a, CALL_TIMEOUT).await;
+                    calls.lock().expect("calls").record(t.elapsed(), &r);
+                    drop(permit);
+                });
+            }
+            _ = second.tick() => {
+                let done = calls.lock().expect("calls");
+                bar.set_message(format!(
+                    "{:.0} s: {} calls, {} failed",
+                    started.elapsed().as_secs_f64(),
+                    done.calls,
+                    done.failed()
+                ));
+                drop(done);
+                for _ in 0..per_sec_cmds {
+                    let a = ctx.agents[ctx.random_agent()].clone();
+                    let (d, submitted) = (ctx.driver.clone(), submitted.clone());
+                    tasks.spawn(async move {
+                        let r = d.submit(&a, "echo", b"rolling".to_vec()).await;
+                        submitted.lock().expect("submitted").push(r);
+                    });
+                }
+                let i = ctx.random_agent();
+                let (d, a, via) = (ctx.driver.clone(), ctx.agents[i].clone(), ctx.route(i).0);
+                let streams = streams.clone();
+                tasks.spawn(async move {
+                    let r = d.bulk(via, &a, bulk_count, 64 << 10, CALL_TIMEOUT).await;
+                    let mut s = streams.lock().expect("streams");
+                    s.0 += 1;
+                    match r {
+                        Ok(_) => s.1 += 1,
+                        Err(e) if s.2.len() < 5 => s.2.push(format!("{:?}: {}", e.code(), e.message())),
+                        Err(_) => {}
+                    }
+                });
+            }
+        }
+    }
+    // The calls in flight finish (or time out) before the figures are read.
+    while tasks.join_next().await.is_some() {}
+    bar.finish();
+    let mut calls = std::mem::take(&mut *calls.lock().expect("calls"));
+    calls.elapsed = started.elapsed();
+    let submitted = std::mem::take(&mut *submitted.lock().expect("submitted"));
+    let (streams, streams_ok, stream_errors) =
+        std::mem::take(&mut *streams.lock().expect("streams"));
+    RollingLoad {
+        calls,
+        skipped,
+        submitted,
+        streams,
+        streams_ok,
+        stream_errors,
     }
 }

@@ -443,6 +443,30 @@ impl SendStream {
             }
         }
     }
+
+    /// As [`stopped`](Self::stopped), with the code the peer stopped the stream with (over
+    /// HTTP/2, its reset's code); `None` when the stream ended otherwise: finished and
+    /// acknowledged, or its connection gone. For a relay in the middle (a peer link's splice)
+    /// that hands the code on.
+    pub async fn stopped_code(&mut self) -> Option<ErrorCode> {
+        match self {
+            SendStream::Quic(s) => match s.stopped().await {
+                Ok(Some(code)) => Some(ErrorCode::from(code.into_inner())),
+                _ => None,
+            },
+            SendStream::H2(s) => match poll_fn(|cx| s.poll_reset(cx)).await {
+                Ok(reason) => {
+                    let r = u32::from(reason);
+                    Some(if r >= APP_RESET_BASE {
+                        ErrorCode(r - APP_RESET_BASE)
+                    } else {
+                        ErrorCode::CANCELLED
+                    })
+                }
+                Err(_) => None,
+            },
+        }
+    }
 }
 
 async fn h2_write(s: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), StreamError> {

@@ -121,6 +121,13 @@ impl ErrorCode {
     /// A session the agent was leaving was still carrying streams when the longest drain
     /// ran out: those streams were cut.
     pub const DRAIN_TIMEOUT: ErrorCode = ErrorCode(16);
+    /// Peer links between gateway replicas (numbered from 0x100, apart from the tunnel's): the
+    /// replica asked to carry a stream holds no session of its agent, and nothing reached the
+    /// agent, so the stream may be sent to another replica.
+    pub const NOT_HERE: ErrorCode = ErrorCode(0x100);
+    /// Peer links: the connection on the far side of a replica in the middle (its agent's
+    /// session, or the peer link) was lost under a stream it was carrying.
+    pub const LINK_LOST: ErrorCode = ErrorCode(0x101);
 
     /// A stable lower-case name, for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -142,6 +149,8 @@ impl ErrorCode {
             14 => "refused_stream",
             15 => "busy",
             16 => "drain_timeout",
+            0x100 => "not_here",
+            0x101 => "link_lost",
             _ => "unknown",
         }
     }

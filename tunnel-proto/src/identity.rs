@@ -1,7 +1,8 @@
 //! The SPIFFE identities carried in certificates' URI SAN.
 //!
 //! - agents: `spiffe://<trust-domain>/tenant/<tenant>/agent/<agent>`, written `<tenant>/<agent>`;
-//! - control-plane callers: `spiffe://<trust-domain>/controlplane/<name>`.
+//! - control-plane callers: `spiffe://<trust-domain>/controlplane/<name>`;
+//! - gateway replicas, on the links between them: `spiffe://<trust-domain>/gateway/<replica>`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,9 +17,9 @@ pub enum IdentityError {
     /// The trust domain is empty, too long or has characters outside `[a-z0-9._-]`.
     #[error("invalid trust domain {0:?}: use 1-255 characters of a-z 0-9 . _ -")]
     TrustDomain(String),
-    /// The path is neither `/tenant/<t>/agent/<a>` nor `/controlplane/<name>`.
+    /// The path is not `/tenant/<t>/agent/<a>`, `/controlplane/<name>` or `/gateway/<replica>`.
     #[error(
-        "identity path {0:?} is neither /tenant/<tenant>/agent/<agent> nor /controlplane/<name>"
+        "identity path {0:?} is neither /tenant/<tenant>/agent/<agent>, /controlplane/<name> nor /gateway/<replica>"
     )]
     Path(String),
     /// A tenant, agent or caller name is empty, too long or has disallowed characters.
@@ -31,6 +32,9 @@ pub enum IdentityError {
         /// The offending value.
         value: String,
     },
+    /// A gateway replica id is empty, too long, `.`/`..` or has disallowed characters.
+    #[error("invalid replica id {0:?}: use 1-128 characters of a-z A-Z 0-9 . _ -, not . or ..")]
+    Replica(String),
     /// An agent id written as text was not `<tenant>/<agent>`.
     #[error("agent id {0:?} is not of the form <tenant>/<agent>")]
     AgentIdForm(String),
@@ -110,10 +114,18 @@ pub enum SpiffeId {
         /// The caller's name.
         name: String,
     },
+    /// A gateway replica, on the peer links between replicas (never an agent or a caller).
+    Gateway {
+        /// The trust domain.
+        trust_domain: String,
+        /// The replica's `cluster.replica_id`.
+        replica: String,
+    },
 }
 
 impl SpiffeId {
-    /// Parses `spiffe://<td>/tenant/<t>/agent/<a>` or `spiffe://<td>/controlplane/<name>`.
+    /// Parses `spiffe://<td>/tenant/<t>/agent/<a>`, `spiffe://<td>/controlplane/<name>` or
+    /// `spiffe://<td>/gateway/<replica>`.
     pub fn parse(uri: &str) -> Result<SpiffeId, IdentityError> {
         let rest = uri
             .strip_prefix("spiffe://")
@@ -133,6 +145,13 @@ impl SpiffeId {
                     name: (*n).to_owned(),
                 })
             }
+            ["gateway", r] => {
+                check_replica(r)?;
+                Ok(SpiffeId::Gateway {
+                    trust_domain: td.to_owned(),
+                    replica: (*r).to_owned(),
+                })
+            }
             _ => Err(IdentityError::Path(format!("/{path}"))),
         }
     }
@@ -140,15 +159,20 @@ impl SpiffeId {
     /// The trust domain of either kind.
     pub fn trust_domain(&self) -> &str {
         match self {
-            SpiffeId::Agent { trust_domain, .. } | SpiffeId::ControlPlane { trust_domain, .. } => {
-                trust_domain
-            }
+            SpiffeId::Agent { trust_domain, .. }
+            | SpiffeId::ControlPlane { trust_domain, .. }
+            | SpiffeId::Gateway { trust_domain, .. } => trust_domain,
         }
     }
 
     /// The control-plane identity URI for `name`.
     pub fn controlplane_uri(trust_domain: &str, name: &str) -> String {
         format!("spiffe://{trust_domain}/controlplane/{name}")
+    }
+
+    /// The identity URI of gateway replica `replica` on the peer links.
+    pub fn gateway_uri(trust_domain: &str, replica: &str) -> String {
+        format!("spiffe://{trust_domain}/gateway/{replica}")
     }
 }
 
@@ -159,6 +183,10 @@ impl fmt::Display for SpiffeId {
             SpiffeId::ControlPlane { trust_domain, name } => {
                 f.write_str(&SpiffeId::controlplane_uri(trust_domain, name))
             }
+            SpiffeId::Gateway {
+                trust_domain,
+                replica,
+            } => f.write_str(&SpiffeId::gateway_uri(trust_domain, replica)),
         }
     }
 }
@@ -192,6 +220,22 @@ pub fn check_name(what: &'static str, v: &str) -> Result<(), IdentityError> {
             what,
             value: v.to_owned(),
         })
+    }
+}
+
+/// Validates a gateway replica id (`cluster.replica_id`): 1-128 characters of
+/// `[A-Za-z0-9._-]`, and not `.` or `..` (which SPIFFE forbids as path segments).
+pub fn check_replica(v: &str) -> Result<(), IdentityError> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v != "."
+        && v != ".."
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Replica(v.to_owned()))
     }
 }
 
@@ -242,6 +286,31 @@ mod tests {
             "spiffe://td/tenant/a b/agent/b",
             "spiffe://td/agent/b",
             "spiffe://td/controlplane/",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn parses_gateway_identity_and_refuses_bad_replica_ids() {
+        let id = SpiffeId::parse("spiffe://td/gateway/gw-1.a_b").unwrap();
+        assert_eq!(
+            id,
+            SpiffeId::Gateway {
+                trust_domain: "td".into(),
+                replica: "gw-1.a_b".into()
+            }
+        );
+        assert_eq!(id.to_string(), "spiffe://td/gateway/gw-1.a_b");
+        assert_eq!(id.trust_domain(), "td");
+        let long = format!("spiffe://td/gateway/{}", "r".repeat(129));
+        for bad in [
+            "spiffe://td/gateway/",
+            "spiffe://td/gateway/..",
+            "spiffe://td/gateway/.",
+            "spiffe://td/gateway/a b",
+            "spiffe://td/gateway/a/b",
+            long.as_str(),
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -67,6 +67,20 @@ app.kubernetes.io/component: gateway
 {{- end -}}
 {{- end -}}
 
+{{/* preStop.sleepSeconds with store.type=postgres (replicas behind a load balancer), else 0. */}}
+{{- define "tether-gateway.preStopSeconds" -}}
+{{- if eq .Values.store.type "postgres" -}}
+{{- int .Values.preStop.sleepSeconds -}}
+{{- else -}}
+0
+{{- end -}}
+{{- end -}}
+
+{{/* The headless Service giving every gateway pod a DNS name for the peer links. */}}
+{{- define "tether-gateway.peersService" -}}
+{{- printf "%s-peers" (include "tether-gateway.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* replicaCount, or the store's default: 1 embedded, 3 postgres. */}}
 {{- define "tether-gateway.replicas" -}}
 {{- if kindIs "invalid" .Values.replicaCount -}}
@@ -100,8 +114,17 @@ app.kubernetes.io/component: gateway
 {{- fail "store.postgres.ca is set but store.postgres.sslmode is disable, which never uses it: set sslmode to verify-full (or verify-ca), or remove the CA" -}}
 {{- end -}}
 {{- end -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) (include "tether-gateway.drainSeconds" . | int) -}}
+{{- $preStop := include "tether-gateway.preStopSeconds" . | int -}}
+{{- $drain := include "tether-gateway.drainSeconds" . | int -}}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add $preStop $drain) -}}
+{{- if gt $preStop 0 -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStop.sleepSeconds (%d) + tunnel.drainTimeout (%s) = %ds, or pods are killed mid-drain" (int .Values.terminationGracePeriodSeconds) $preStop .Values.tunnel.drainTimeout (add $preStop $drain)) -}}
+{{- else -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed tunnel.drainTimeout (%s), or pods are killed mid-drain" (int .Values.terminationGracePeriodSeconds) .Values.tunnel.drainTimeout) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.store.type "postgres") (eq .Values.cluster.advertise "dns") (gt (len (include "tether-gateway.fullname" .)) 46) -}}
+{{- fail (printf "cluster.advertise is dns but the release's full name %q is %d characters: a pod's name (it, a 10-character template hash and a 5-character suffix) must fit a 63-character DNS label. Shorten it with fullnameOverride (at most 46 characters), or set cluster.advertise: podIP" (include "tether-gateway.fullname" .) (len (include "tether-gateway.fullname" .))) -}}
 {{- end -}}
 {{- end -}}
 
@@ -175,8 +198,8 @@ with store.type=postgres also the PostgreSQL password (postgres/password) and CA
 {{- end -}}
 
 {{/* The environment of the gateway container and of the `helm test` pod (so the test checks the
-same config): with store.type=postgres the DSN from its Secret, and this replica's name and
-address from the downward API. Empty with store.type=embedded. */}}
+same config): with store.type=postgres the DSN from its Secret, this replica's name from the
+downward API, and the address it advertises to its peers. Empty with store.type=embedded. */}}
 {{- define "tether-gateway.storeEnv" -}}
 {{- if eq .Values.store.type "postgres" }}
 # From the Secret, not the ConfigMap; with store.postgres.password set it holds no password.
@@ -190,12 +213,19 @@ address from the downward API. Empty with store.type=embedded. */}}
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
-# Peers reach it at its pod IP: a Deployment's pod names do not resolve in DNS.
+{{- if eq .Values.cluster.advertise "dns" }}
+# Peers reach it by name: the pod's hostname (its name) in the headless Service (the pod's
+# `subdomain`), resolving to its IP whether it is Ready or not.
+- name: TETHER_CLUSTER_ADVERTISE
+  value: "$(TETHER_CLUSTER_REPLICA_ID).{{ include "tether-gateway.peersService" . }}.{{ .Release.Namespace }}.svc.{{ .Values.cluster.clusterDomain }}:7445"
+{{- else }}
+# Peers reach it at its pod IP.
 - name: POD_IP
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
 - name: TETHER_CLUSTER_ADVERTISE
   value: {{ if eq .Values.cluster.podIPFamily "IPv6" }}"[$(POD_IP)]:7445"{{ else }}"$(POD_IP):7445"{{ end }}
+{{- end }}
 {{- end }}
 {{- end -}}

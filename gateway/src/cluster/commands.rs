@@ -11,63 +11,72 @@
 //! - **Cancel and expiry** (any replica): conditional on the command still being queued.
 //! - Every change appends a `Command` event (the record without its payload) to the cluster
 //!   feed in its transaction, and the transaction notifies once.
+//!
+//! A [`CommandRecord`] is stored as columns the queries filter on (`agent`, `tenant`, `state` as
+//! its `tether.v1.CommandState` number, `kind`, times in Unix ms, `version`) beside `record`, its
+//! bytes without payload ([`codec`]), and the payload and a large output in their own columns.
 
-use prost::Message as _;
+use std::time::SystemTime;
+
+use bytes::Bytes;
 use sqlx::PgConnection;
 use sqlx::Row as _;
 use sqlx::postgres::PgPool;
-use tether_api::v1::{Command, CommandResult, CommandState};
+use tunnel_proto::AgentId;
 
 use super::events::{self, EventKind};
 use super::lease::Lease;
 use super::replica::ReplicaId;
+use crate::commands::record::{CommandRecord, CommandState, Outcome, from_unix_ms, unix_ms};
+use crate::commands::store::codec::{self, Parts};
 
 /// Outputs up to this size stay in the record (and its events); larger ones are read by Get.
 pub const INLINE_OUTPUT: usize = 64 << 10;
 
-/// States not final (`QUEUED`, `DELIVERED`, `RUNNING`).
-pub fn is_unfinished(state: i32) -> bool {
-    (CommandState::Queued as i32..=CommandState::Running as i32).contains(&state)
-}
-
 /// The record as stored and sent on the feed: no payload, no output above [`INLINE_OUTPUT`].
 /// Returns it and the large output, if any.
-fn split(cmd: &Command) -> (Vec<u8>, Option<Vec<u8>>) {
+fn split(cmd: &CommandRecord) -> (Vec<u8>, Option<&[u8]>) {
     let big = cmd
         .result
         .as_ref()
         .filter(|r| r.output.len() > INLINE_OUTPUT)
-        .map(|r| r.output.clone());
-    let record = Command {
-        payload: Vec::new(),
-        result: cmd.result.as_ref().map(|r| CommandResult {
-            output: if big.is_some() {
-                Vec::new()
-            } else {
-                r.output.clone()
-            },
-            message: r.message.clone(),
-        }),
-        ..cmd.clone()
-    };
-    (record.encode_to_vec(), big)
+        .map(|r| &r.output[..]);
+    let record = codec::encode(
+        cmd,
+        Parts {
+            payload: false,
+            output: big.is_none(),
+        },
+    );
+    (record, big)
 }
 
-fn ms(ts: Option<&prost_types::Timestamp>) -> Option<i64> {
-    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+/// The `state` column.
+fn state_col(s: CommandState) -> i16 {
+    s.wire() as i16
 }
 
-fn decode(id: &str, bytes: &[u8]) -> Result<Command, sqlx::Error> {
-    Command::decode(bytes).map_err(|e| sqlx::Error::Decode(format!("command {id}: {e}").into()))
+fn ms(t: Option<SystemTime>) -> Option<i64> {
+    t.map(unix_ms)
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<CommandRecord, sqlx::Error> {
+    codec::decode(id, bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// A `Command` event's body from the cluster feed: the record without payload (and without an
+/// output above [`INLINE_OUTPUT`]).
+pub fn decode_event(body: &[u8]) -> Result<CommandRecord, sqlx::Error> {
+    decode("(feed event)", body)
 }
 
 /// What [`submit`] did.
 #[derive(Debug)]
 pub enum Submitted {
     /// Stored (with the id the caller chose).
-    Created(Command),
+    Created(CommandRecord),
     /// The idempotency key already named this command; nothing was stored.
-    Existing(Command),
+    Existing(CommandRecord),
     /// The agent has `pending` unfinished commands, the limit; nothing was stored.
     TooManyPending {
         /// Its unfinished commands.
@@ -79,7 +88,7 @@ pub enum Submitted {
 /// names a command already or its agent has `pending_limit` unfinished commands.
 pub async fn submit(
     pool: &PgPool,
-    cmd: &Command,
+    cmd: &CommandRecord,
     pending_limit: u32,
 ) -> Result<Submitted, sqlx::Error> {
     submit_batch(pool, std::slice::from_ref(cmd), pending_limit)
@@ -95,12 +104,13 @@ pub async fn submit(
 /// another replica meanwhile, answers the existing command.
 pub async fn submit_batch(
     pool: &PgPool,
-    cmds: &[Command],
+    cmds: &[CommandRecord],
     pending_limit: u32,
 ) -> Result<Vec<Submitted>, sqlx::Error> {
     let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
-    let mut agents: Vec<&str> = cmds.iter().map(|c| c.agent.as_str()).collect();
+    let names: Vec<String> = cmds.iter().map(|c| c.agent.to_string()).collect();
+    let mut agents: Vec<&str> = names.iter().map(String::as_str).collect();
     agents.sort_unstable();
     agents.dedup();
     let tenants: Vec<&str> = agents
@@ -125,22 +135,20 @@ pub async fn submit_batch(
     let mut pending: std::collections::HashMap<String, i64> = rows.into_iter().collect();
     let mut out = Vec::with_capacity(cmds.len());
     let mut created: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
-    for cmd in cmds {
+    let mut bodies: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (cmd, agent) in cmds.iter().zip(&names) {
         if !cmd.idempotency_key.is_empty()
-            && let Some(existing) =
-                by_idempotency(&mut *tx, &cmd.agent, &cmd.idempotency_key).await?
+            && let Some(existing) = by_idempotency(&mut *tx, agent, &cmd.idempotency_key).await?
         {
             out.push(Submitted::Existing(existing));
             continue;
         }
-        let n = pending.entry(cmd.agent.clone()).or_default();
+        let n = pending.entry(agent.clone()).or_default();
         if *n >= i64::from(pending_limit) {
             out.push(Submitted::TooManyPending { pending: *n });
             continue;
         }
         let (record, big) = split(cmd);
-        let tenant = cmd.agent.split('/').next().unwrap_or_default();
         let inserted = sqlx::query(
             "INSERT INTO commands (id, agent, tenant, seq, state, kind, idempotency_key, created_ms,
                                    expires_ms, version, record, output)
@@ -148,13 +156,13 @@ pub async fn submit_batch(
              ON CONFLICT (agent, idempotency_key) WHERE idempotency_key <> '' DO NOTHING",
         )
         .bind(&cmd.id)
-        .bind(&cmd.agent)
-        .bind(tenant)
-        .bind(cmd.state as i16)
+        .bind(agent)
+        .bind(cmd.agent.tenant())
+        .bind(state_col(cmd.state))
         .bind(&cmd.kind)
         .bind(&cmd.idempotency_key)
-        .bind(ms(cmd.created.as_ref()).unwrap_or_default())
-        .bind(ms(cmd.expires.as_ref()))
+        .bind(ms(cmd.created).unwrap_or_default())
+        .bind(ms(cmd.expires))
         .bind(cmd.version as i64)
         .bind(&record)
         .bind(big)
@@ -163,7 +171,7 @@ pub async fn submit_batch(
         .rows_affected();
         if inserted == 0 {
             // Another replica committed the key while this batch waited for it.
-            match by_idempotency(&mut *tx, &cmd.agent, &cmd.idempotency_key).await? {
+            match by_idempotency(&mut *tx, agent, &cmd.idempotency_key).await? {
                 Some(c) => out.push(Submitted::Existing(c)),
                 None => return Err(sqlx::Error::RowNotFound),
             }
@@ -172,13 +180,13 @@ pub async fn submit_batch(
         if !cmd.payload.is_empty() {
             sqlx::query("INSERT INTO command_payloads (id, payload) VALUES ($1, $2)")
                 .bind(&cmd.id)
-                .bind(&cmd.payload)
+                .bind(&cmd.payload[..])
                 .execute(&mut *tx)
                 .await?;
         }
         *n += 1;
-        *created.entry(cmd.agent.as_str()).or_default() += 1;
-        bodies.push((cmd.agent.clone(), record));
+        *created.entry(agent.as_str()).or_default() += 1;
+        bodies.push((agent.as_str(), record));
         out.push(Submitted::Created(cmd.clone()));
     }
     if !created.is_empty() {
@@ -193,7 +201,7 @@ pub async fn submit_batch(
         .await?;
         let events: Vec<(EventKind, &str, &[u8])> = bodies
             .iter()
-            .map(|(a, b)| (EventKind::Command, a.as_str(), b.as_slice()))
+            .map(|(a, b)| (EventKind::Command, *a, b.as_slice()))
             .collect();
         events::append_all(&mut tx, &events).await?;
         events::notify(&mut tx).await?;
@@ -208,7 +216,7 @@ async fn by_idempotency<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     agent: &str,
     key: &str,
-) -> Result<Option<Command>, sqlx::Error> {
+) -> Result<Option<CommandRecord>, sqlx::Error> {
     let row: Option<(String, Vec<u8>)> =
         sqlx::query_as("SELECT id, record FROM commands WHERE agent = $1 AND idempotency_key = $2")
             .bind(agent)
@@ -222,7 +230,7 @@ async fn by_idempotency<'c>(
 #[derive(Clone, Debug)]
 pub struct Write {
     /// The new record: it lands only over a lower `version` of a command not final yet.
-    pub record: Command,
+    pub record: CommandRecord,
 }
 
 /// What became of one [`Write`].
@@ -286,7 +294,7 @@ async fn write_in(
     let mut bodies = Vec::new();
     for w in writes {
         let (record, big) = split(&w.record);
-        let done = ms(w.record.finished.as_ref());
+        let done = ms(w.record.finished);
         let n = sqlx::query(
             "UPDATE commands c SET state = $2, version = $3, finished_ms = $4, record = $5,
                  output = coalesce($6, c.output)
@@ -296,7 +304,7 @@ async fn write_in(
                            AND q.lease_epoch = $9)",
         )
         .bind(&w.record.id)
-        .bind(w.record.state as i16)
+        .bind(state_col(w.record.state))
         .bind(w.record.version as i64)
         .bind(done)
         .bind(&record)
@@ -308,7 +316,7 @@ async fn write_in(
         .await?
         .rows_affected();
         if n == 1 {
-            if !is_unfinished(w.record.state) {
+            if w.record.is_final() {
                 finished += 1;
             }
             bodies.push(record);
@@ -356,7 +364,7 @@ async fn count_finished(conn: &mut PgConnection, agent: &str, n: i64) -> Result<
 }
 
 /// One command, with its payload and output.
-pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Command>, sqlx::Error> {
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<CommandRecord>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT c.record, c.output, p.payload FROM commands c
          LEFT JOIN command_payloads p ON p.id = c.id WHERE c.id = $1",
@@ -370,23 +378,23 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<Option<Command>, sqlx::Error
     if let Some(out) = row.try_get::<Option<Vec<u8>>, _>("output")?
         && let Some(r) = cmd.result.as_mut()
     {
-        r.output = out;
+        r.output = Bytes::from(out);
     }
     if let Some(p) = row.try_get::<Option<Vec<u8>>, _>("payload")? {
-        cmd.payload = p;
+        cmd.payload = Bytes::from(p);
     }
     Ok(Some(cmd))
 }
 
 /// The unfinished commands of `agent`, with payloads, in submission order (what a new lease
 /// holder delivers).
-pub async fn unfinished(pool: &PgPool, agent: &str) -> Result<Vec<Command>, sqlx::Error> {
+pub async fn unfinished(pool: &PgPool, agent: &AgentId) -> Result<Vec<CommandRecord>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT c.id, c.record, p.payload FROM commands c
          LEFT JOIN command_payloads p ON p.id = c.id
          WHERE c.agent = $1 AND c.state IN (1, 2, 3) ORDER BY c.seq",
     )
-    .bind(agent)
+    .bind(agent.to_string())
     .fetch_all(pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -395,7 +403,7 @@ pub async fn unfinished(pool: &PgPool, agent: &str) -> Result<Vec<Command>, sqlx
         let record: Vec<u8> = row.try_get("record")?;
         let mut cmd = decode(&id, &record)?;
         if let Some(p) = row.try_get::<Option<Vec<u8>>, _>("payload")? {
-            cmd.payload = p;
+            cmd.payload = Bytes::from(p);
         }
         out.push(cmd);
     }
@@ -403,12 +411,12 @@ pub async fn unfinished(pool: &PgPool, agent: &str) -> Result<Vec<Command>, sqlx
 }
 
 /// True when any replica ever held a session with `agent` or any command was submitted for it.
-pub async fn knows_agent(pool: &PgPool, agent: &str) -> Result<bool, sqlx::Error> {
+pub async fn knows_agent(pool: &PgPool, agent: &AgentId) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM agents WHERE agent = $1)
              OR EXISTS (SELECT 1 FROM agent_queues WHERE agent = $1)",
     )
-    .bind(agent)
+    .bind(agent.to_string())
     .fetch_one(pool)
     .await
 }
@@ -419,7 +427,7 @@ pub enum NotCancelled {
     /// No such command.
     NotFound,
     /// It left `QUEUED` first; its state now.
-    TooLate(Box<Command>),
+    TooLate(Box<CommandRecord>),
 }
 
 /// Cancels a command still queued (any replica may: the holder's delivery write is
@@ -427,23 +435,20 @@ pub enum NotCancelled {
 pub async fn cancel(
     pool: &PgPool,
     id: &str,
-    now: prost_types::Timestamp,
-) -> Result<Result<Command, NotCancelled>, sqlx::Error> {
+    now: SystemTime,
+) -> Result<Result<CommandRecord, NotCancelled>, sqlx::Error> {
     let Some(mut cmd) = get(pool, id).await? else {
         return Ok(Err(NotCancelled::NotFound));
     };
-    if cmd.state != CommandState::Queued as i32 {
+    if cmd.state != CommandState::Queued {
         return Ok(Err(NotCancelled::TooLate(Box::new(cmd))));
     }
     let expected = cmd.version;
-    cmd.payload.clear();
-    cmd.state = CommandState::Cancelled as i32;
+    cmd.payload = Bytes::new();
+    cmd.state = CommandState::Cancelled;
     cmd.finished = Some(now);
     cmd.version += 1;
-    cmd.result = Some(CommandResult {
-        output: Vec::new(),
-        message: "cancelled".into(),
-    });
+    cmd.result = Some(Outcome::message("cancelled"));
     if !change_unleased(pool, &cmd, expected).await? {
         // Delivered (or expired) meanwhile.
         return match get(pool, id).await? {
@@ -456,8 +461,13 @@ pub async fn cancel(
 
 /// A final transition any replica may make (Cancel, expiry): lands only while the command is
 /// still queued at `expected`.
-async fn change_unleased(pool: &PgPool, cmd: &Command, expected: u64) -> Result<bool, sqlx::Error> {
+async fn change_unleased(
+    pool: &PgPool,
+    cmd: &CommandRecord,
+    expected: u64,
+) -> Result<bool, sqlx::Error> {
     let (record, _) = split(cmd);
+    let agent = cmd.agent.to_string();
     let mut tx = pool.begin().await?;
     let n = sqlx::query(
         "UPDATE commands SET state = $3, version = $4, finished_ms = $5, record = $6
@@ -465,9 +475,9 @@ async fn change_unleased(pool: &PgPool, cmd: &Command, expected: u64) -> Result<
     )
     .bind(&cmd.id)
     .bind(expected as i64)
-    .bind(cmd.state as i16)
+    .bind(state_col(cmd.state))
     .bind(cmd.version as i64)
-    .bind(ms(cmd.finished.as_ref()))
+    .bind(ms(cmd.finished))
     .bind(&record)
     .execute(&mut *tx)
     .await?
@@ -475,8 +485,8 @@ async fn change_unleased(pool: &PgPool, cmd: &Command, expected: u64) -> Result<
     if n == 0 {
         return Ok(false);
     }
-    count_finished(&mut tx, &cmd.agent, 1).await?;
-    events::append(&mut tx, EventKind::Command, &cmd.agent, &record).await?;
+    count_finished(&mut tx, &agent, 1).await?;
+    events::append(&mut tx, EventKind::Command, &agent, &record).await?;
     events::notify(&mut tx).await?;
     tx.commit().await?;
     Ok(true)
@@ -488,7 +498,7 @@ pub async fn expire_due(
     pool: &PgPool,
     now_ms: i64,
     limit: i64,
-) -> Result<Vec<Command>, sqlx::Error> {
+) -> Result<Vec<CommandRecord>, sqlx::Error> {
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
         "SELECT id, record FROM commands WHERE state = 1 AND expires_ms IS NOT NULL
          AND expires_ms <= $1 ORDER BY expires_ms LIMIT $2",
@@ -497,21 +507,15 @@ pub async fn expire_due(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    let now = prost_types::Timestamp {
-        seconds: now_ms.div_euclid(1000),
-        nanos: (now_ms.rem_euclid(1000) * 1_000_000) as i32,
-    };
+    let now = from_unix_ms(now_ms);
     let mut out = Vec::new();
     for (id, r) in rows {
         let mut cmd = decode(&id, &r)?;
         let expected = cmd.version;
-        cmd.state = CommandState::Expired as i32;
+        cmd.state = CommandState::Expired;
         cmd.finished = Some(now);
         cmd.version += 1;
-        cmd.result = Some(CommandResult {
-            output: Vec::new(),
-            message: "expired before delivery".into(),
-        });
+        cmd.result = Some(Outcome::message("expired before delivery"));
         if change_unleased(pool, &cmd, expected).await? {
             out.push(cmd);
         }
@@ -525,8 +529,8 @@ pub async fn orphaned(
     pool: &PgPool,
     me: &ReplicaId,
     limit: i64,
-) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as(
+) -> Result<Vec<AgentId>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT q.agent, q.tenant FROM agent_queues q
          WHERE q.submitted > coalesce((SELECT f.finished FROM agent_finished f WHERE f.agent = q.agent), 0)
            AND EXISTS (SELECT 1 FROM agent_sessions s WHERE s.agent = q.agent
@@ -539,7 +543,14 @@ pub async fn orphaned(
     .bind(me.epoch)
     .bind(limit)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.into_iter()
+        .map(|(agent, _)| {
+            agent.parse().map_err(|e| {
+                sqlx::Error::Decode(format!("agent_queues.agent {agent:?}: {e}").into())
+            })
+        })
+        .collect()
 }
 
 /// Deletes up to `batch` finished commands, oldest finished first: those finished before
@@ -577,11 +588,11 @@ pub async fn prune(
 #[derive(Clone, Debug, Default)]
 pub struct ListQuery {
     /// One agent.
-    pub agent: Option<String>,
+    pub agent: Option<AgentId>,
     /// Only these tenants (`None`: every tenant).
     pub tenants: Option<Vec<String>>,
-    /// A `CommandState`, 0 for any.
-    pub state: i32,
+    /// One state (`None`: any).
+    pub state: Option<CommandState>,
     /// A kind, empty for any.
     pub kind: String,
     /// Created at or after (Unix ms).
@@ -596,7 +607,7 @@ pub struct ListQuery {
 
 /// Commands matching `q` in id (submission) order, without payloads or large outputs, read
 /// through the agent's or the tenants' index when the query names them.
-pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<Command>, sqlx::Error> {
+pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<CommandRecord>, sqlx::Error> {
     let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
         "SELECT id, record FROM commands
          WHERE ($1::text IS NULL OR agent = $1)
@@ -608,9 +619,9 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<Command>, sqlx::Er
            AND id > $7
          ORDER BY id LIMIT $8",
     )
-    .bind(q.agent.as_deref())
+    .bind(q.agent.as_ref().map(ToString::to_string))
     .bind(q.tenants.as_deref())
-    .bind(q.state as i16)
+    .bind(q.state.map_or(0, state_col))
     .bind(&q.kind)
     .bind(q.from_ms)
     .bind(q.to_ms)

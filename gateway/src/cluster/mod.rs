@@ -53,11 +53,13 @@ pub struct Cluster {
 
 impl Cluster {
     /// Connects (retrying up to `store.connect_timeout`), migrates the schema under the
-    /// advisory lock, registers this replica with the next epoch and starts its heartbeat, the
-    /// feed reader and the presence writer; they stop at `shutdown`.
+    /// advisory lock, registers this replica with the next epoch (peers dial it at
+    /// `advertise`) and starts its heartbeat, the feed reader and the presence writer; they
+    /// stop at `shutdown`.
     pub async fn start(
         store: &StoreConfig,
         cluster: &ClusterConfig,
+        advertise: &str,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>, DbError> {
         let pool = db::connect(store).await?;
@@ -65,7 +67,7 @@ impl Cluster {
         let replica = Replica::register(
             pool.clone(),
             &cluster.replica_id(),
-            &cluster.advertise(),
+            advertise,
             cluster.heartbeat_interval,
             cluster.liveness_timeout,
         )

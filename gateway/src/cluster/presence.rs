@@ -249,3 +249,29 @@ pub async fn collect_dead(pool: &PgPool, after: Duration) -> Result<u64, sqlx::E
     .await?
     .rows_affected())
 }
+
+/// Who holds an agent's sessions, for forwarding: the live replicas with one, and whether the
+/// cluster has ever seen the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Replicas (`cluster.replica_id`) with a session of the agent, alive when read.
+    pub replicas: Vec<String>,
+    /// The agent is in `agents` (connected at least once to some replica).
+    pub known: bool,
+}
+
+/// The live replicas holding a session of `agent`, in one indexed query (the forwarder caches
+/// the answer: this runs on a miss, not per call).
+pub async fn holders(pool: &PgPool, agent: &str) -> Result<Holders, sqlx::Error> {
+    let (replicas, known): (Vec<String>, bool) = sqlx::query_as(
+        "SELECT COALESCE((SELECT array_agg(DISTINCT s.replica_id) FROM agent_sessions s
+                  JOIN gateway_replicas r
+                    ON r.replica_id = s.replica_id AND r.epoch = s.replica_epoch
+                  WHERE s.agent = $1 AND r.expires_at > now()), '{}'::text[]),
+                EXISTS (SELECT 1 FROM agents WHERE agent = $1)",
+    )
+    .bind(agent)
+    .fetch_one(pool)
+    .await?;
+    Ok(Holders { replicas, known })
+}

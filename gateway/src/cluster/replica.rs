@@ -329,3 +329,43 @@ pub async fn replicas(pool: &PgPool) -> Result<Vec<ReplicaRow>, DbError> {
         )
         .collect())
 }
+
+/// A replica as its peers need it: where to dial it and how long it is surely alive.
+#[derive(Clone, Debug)]
+pub struct PeerRecord {
+    /// Name.
+    pub replica_id: String,
+    /// Epoch.
+    pub epoch: i64,
+    /// Where its peers dial it.
+    pub advertise: String,
+    /// Draining (shutting down).
+    pub draining: bool,
+    /// What was left of its liveness by the database's clock when the row was read (zero once
+    /// expired).
+    pub alive_for: Duration,
+}
+
+/// Every registered replica with what is left of its liveness: the peer links read it every
+/// probe interval (one small query, whatever the number of agents).
+pub async fn peer_records(pool: &PgPool) -> Result<Vec<PeerRecord>, DbError> {
+    let rows: Vec<(String, i64, String, bool, i64)> = sqlx::query_as(
+        "SELECT replica_id, epoch, advertise, draining,
+                GREATEST(0, EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::bigint
+         FROM gateway_replicas",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(replica_id, epoch, advertise, draining, left_ms)| PeerRecord {
+                replica_id,
+                epoch,
+                advertise,
+                draining,
+                alive_for: Duration::from_millis(left_ms.max(0) as u64),
+            },
+        )
+        .collect())
+}

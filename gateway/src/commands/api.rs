@@ -1,20 +1,89 @@
 //! Feature layer: `tether.v1.Commands`, the gRPC face of [`Commands`]. Each method checks the
 //! tenant of the command's agent against the caller's scope.
+//!
+//! The API edge: requests become domain values here ([`NewCommand`], [`WatchTarget`],
+//! [`ListFilter`]) and records become `tether.v1.Command` messages here ([`to_proto`]), nowhere
+//! else (the stores have their own encoding, `store/codec.rs`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use tether_api::v1;
 use tether_api::v1::Command;
 use tether_api::v1::commands_server::{Commands as CommandsRpc, CommandsServer};
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 use tunnel_proto::AgentId;
 
+use super::record::{CommandRecord, CommandState, NewCommand};
 use super::store::ListFilter;
-use super::watch::EventStream;
-use super::{
-    CommandError, Commands, KEY_MAX, LIST_PAGE_BYTES, MAX_PAGE_SIZE, PAGE_SIZE, for_event,
-};
+use super::watch::{WatchEvent, WatchTarget};
+use super::{CommandError, Commands, KEY_MAX, LIST_PAGE_BYTES, MAX_PAGE_SIZE, PAGE_SIZE};
 use crate::northbound::auth::{Caller, TenantScope, caller};
+
+/// The stream a `Commands/Watch` call answers with.
+pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
+
+fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
+    t.map(Into::into)
+}
+
+/// The API's message for a record (its payload copied in: the message owns its bytes).
+pub(super) fn to_proto(c: &CommandRecord) -> Command {
+    Command {
+        id: c.id.clone(),
+        agent: c.agent.to_string(),
+        kind: c.kind.clone(),
+        payload: c.payload.to_vec(),
+        content_type: c.content_type.clone(),
+        idempotency_key: c.idempotency_key.clone(),
+        ordering_key: c.ordering_key.clone(),
+        state: c.state.wire(),
+        attempts: c.attempts,
+        created: ts(c.created),
+        delivered: ts(c.delivered),
+        started: ts(c.started),
+        finished: ts(c.finished),
+        expires: ts(c.expires),
+        result: c.result.as_ref().map(|r| v1::CommandResult {
+            output: r.output.to_vec(),
+            message: r.message.clone(),
+        }),
+        progress: c.progress.clone(),
+        version: c.version,
+    }
+}
+
+fn to_event(ev: WatchEvent) -> v1::CommandEvent {
+    v1::CommandEvent {
+        command: Some(to_proto(&ev.command)),
+        initial: ev.initial,
+    }
+}
+
+/// A Submit's request as the feature takes it: the agent already parsed and authorized.
+fn new_command(agent: AgentId, r: v1::SubmitCommandRequest) -> Result<NewCommand, CommandError> {
+    let ttl = match r.ttl {
+        Some(ttl) if ttl.seconds < 0 || ttl.nanos < 0 => {
+            return Err(CommandError::Invalid("ttl is negative".into()));
+        }
+        Some(ttl) => {
+            Some(Duration::try_from(ttl).map_err(|e| CommandError::Invalid(format!("ttl: {e}")))?)
+        }
+        None => None,
+    };
+    Ok(NewCommand {
+        agent,
+        kind: r.kind,
+        payload: Bytes::from(r.payload),
+        content_type: r.content_type,
+        idempotency_key: r.idempotency_key,
+        ordering_key: r.ordering_key,
+        ttl,
+    })
+}
 
 /// Cuts a page of listed commands (already as events carry them) to [`LIST_PAGE_BYTES`]:
 /// returns how many fit, at least one.
@@ -64,9 +133,12 @@ impl CommandsApi {
         caller: &Caller,
         method: &'static str,
         id: &str,
-    ) -> Result<Command, Status> {
+    ) -> Result<CommandRecord, Status> {
         let cmd = self.commands.get(id).await?;
-        if caller.authorize_command(method, id, &cmd.agent).is_err() {
+        if caller
+            .authorize_command(method, id, &cmd.agent.to_string())
+            .is_err()
+        {
             return Err(CommandError::NotFound(id.to_owned()).into());
         }
         Ok(cmd)
@@ -91,7 +163,8 @@ impl CommandsRpc for CommandsApi {
         const METHOD: &str = "tether.v1.Commands/Submit";
         let caller = caller(&req)?;
         let agent = authorized_agent(&caller, METHOD, &req.get_ref().agent)?;
-        let (cmd, created) = self.commands.submit(req.into_inner()).await?;
+        let new = new_command(agent.clone(), req.into_inner())?;
+        let (cmd, created) = self.commands.submit(new).await?;
         let detail = format!("command {} kind {} created {created}", cmd.id, cmd.kind);
         caller.audit_allowed(METHOD, &agent, &detail);
         Ok(Response::new(v1::SubmitCommandResponse {
@@ -105,7 +178,7 @@ impl CommandsRpc for CommandsApi {
         let cmd = self
             .authorized(&caller, "tether.v1.Commands/Get", &req.get_ref().id)
             .await?;
-        Ok(Response::new(cmd))
+        Ok(Response::new(to_proto(&cmd)))
     }
 
     async fn list(
@@ -114,9 +187,16 @@ impl CommandsRpc for CommandsApi {
     ) -> Result<Response<v1::ListCommandsResponse>, Status> {
         let caller = caller(&req)?;
         let r = req.into_inner();
-        if !r.agent.is_empty() {
-            authorized_agent(&caller, "tether.v1.Commands/List", &r.agent)?;
-        }
+        let agent = match r.agent.as_str() {
+            "" => None,
+            a => Some(authorized_agent(&caller, "tether.v1.Commands/List", a)?),
+        };
+        let state = match r.state {
+            0 => None,
+            n => Some(CommandState::from_wire(n).ok_or_else(|| {
+                CommandError::Invalid(format!("state {n} is not a command state"))
+            })?),
+        };
         let ms = |t: Option<prost_types::Timestamp>| {
             t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
         };
@@ -132,14 +212,14 @@ impl CommandsRpc for CommandsApi {
         }
         // A caller scoped to some tenants reads their indexes only, never another tenant's
         // records (nor their ids in a page token).
-        let tenants = match (&caller.tenants, r.agent.is_empty()) {
-            (TenantScope::Set(set), true) => Some(set.iter().cloned().collect()),
+        let tenants = match (&caller.tenants, &agent) {
+            (TenantScope::Set(set), None) => Some(set.iter().cloned().collect()),
             _ => None,
         };
         let filter = ListFilter {
-            agent: r.agent,
+            agent,
             tenants,
-            state: r.state,
+            state,
             kind: r.kind,
             from_ms: ms(r.from),
             to_ms: ms(r.to),
@@ -156,7 +236,7 @@ impl CommandsRpc for CommandsApi {
         cmds.truncate(limit);
         // The store may lag the in-memory state by one write: show the live one.
         self.commands.overlay_recent(&mut cmds);
-        let mut cmds: Vec<Command> = cmds.iter().map(for_event).collect();
+        let mut cmds: Vec<Command> = cmds.iter().map(|c| to_proto(&c.view())).collect();
         let fit = fit_page(&cmds);
         let cut = fit < cmds.len();
         cmds.truncate(fit);
@@ -180,18 +260,23 @@ impl CommandsRpc for CommandsApi {
         use v1::watch_commands_request::Target;
         const METHOD: &str = "tether.v1.Commands/Watch";
         let caller = caller(&req)?;
-        let target = req.into_inner().target;
-        match &target {
+        let target = match req.into_inner().target {
             Some(Target::Id(id)) => {
-                self.authorized(&caller, METHOD, id).await?;
+                self.authorized(&caller, METHOD, &id).await?;
+                WatchTarget::Id(id)
             }
             Some(Target::Agent(agent)) => {
-                authorized_agent(&caller, METHOD, agent)?;
+                WatchTarget::Agent(authorized_agent(&caller, METHOD, &agent)?)
             }
-            None => {}
-        }
+            None => {
+                return Err(CommandError::Invalid("watch needs an id or an agent".into()).into());
+            }
+        };
         let slot = self.commands.watch_slot(&caller)?;
-        Ok(Response::new(self.commands.watch(target, slot).await?))
+        let events = self.commands.watch(target, slot).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(events)
+            .map(|ev| ev.map(to_event).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel(
@@ -203,10 +288,8 @@ impl CommandsRpc for CommandsApi {
         let id = req.into_inner().id;
         let cmd = self.authorized(&caller, METHOD, &id).await?;
         let cancelled = self.commands.cancel(&id).await?;
-        if let Ok(agent) = cmd.agent.parse::<AgentId>() {
-            caller.audit_allowed(METHOD, &agent, &format!("command {id}"));
-        }
-        Ok(Response::new(cancelled))
+        caller.audit_allowed(METHOD, &cmd.agent, &format!("command {id}"));
+        Ok(Response::new(to_proto(&cancelled)))
     }
 }
 

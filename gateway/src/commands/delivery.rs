@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use tether_api::v1;
-use tether_api::v1::{Command, CommandState};
 use tether_runtime::stream::{Reader, StreamError, flush};
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::command::{GatewayCommand, ReportEvent};
 use tunnel_proto::{AgentId, ErrorCode, ProtoError};
 
-use super::{Commands, LANE_RECHECK, LaneKey, now_ts, push_progress, since};
+use super::record::{CommandRecord, CommandState, Outcome};
+use super::{Commands, LANE_RECHECK, push_progress, since};
 use crate::tunnel::registry::SessionInfo;
 
 /// Why one delivery attempt failed before the command's result: the command is delivered
@@ -64,50 +63,60 @@ pub(super) struct AgentPermits {
 pub const OUTPUT_BUFFERS_PER_AGENT: usize = 4;
 
 impl Commands {
-    pub(super) async fn run_lane(self: Arc<Self>, lane: LaneKey) {
-        // A lane whose agent's lease went to another replica is retired (its generation moves):
-        // this runner then stops without touching a queue a later runner owns.
-        let generation = self.lock().lane_gen.get(&lane).copied().unwrap_or(0);
+    /// Delivers the lane `(agent, ordering_key)` until it is empty. `generation` is the agent
+    /// state's when the lane was started: a lane whose agent's lease went to another replica is
+    /// retired (the generation moves), and this runner then stops without touching a queue a
+    /// later runner owns.
+    pub(super) async fn run_lane(
+        self: Arc<Self>,
+        agent: AgentId,
+        ordering_key: String,
+        generation: u64,
+    ) {
         loop {
-            let id = {
-                let mut st = self.lock();
-                if st.lane_gen.get(&lane).copied().unwrap_or(0) != generation {
-                    return;
+            let next = self.state.agents.run(&agent, |st| {
+                if st.generation != generation {
+                    return None;
                 }
-                match st.lanes.get(&lane).and_then(|q| q.front()) {
-                    Some(id) => id.clone(),
+                match st.lanes.get(&ordering_key).and_then(|q| q.front()) {
+                    Some(id) => Some(id.clone()),
                     None => {
-                        st.lanes.remove(&lane);
-                        return;
+                        st.lanes.remove(&ordering_key);
+                        None
                     }
                 }
-            };
+            });
+            let Some(id) = next.flatten() else { return };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = self.deliver_until_final(&lane.0, &id) => {}
+                _ = self.deliver_until_final(&agent, &id) => {}
             }
             // Pop and retire the lane in one critical section: a Submit that finds no lane
             // starts a new runner, so there is never a second runner on one lane.
-            let mut st = self.lock();
-            if st.lane_gen.get(&lane).copied().unwrap_or(0) != generation {
-                return;
-            }
-            let empty = st.lanes.get_mut(&lane).is_none_or(|q| {
-                q.pop_front();
-                q.is_empty()
-            });
-            if empty {
-                st.lanes.remove(&lane);
+            let more = self.state.agents.run(&agent, |st| {
+                if st.generation != generation {
+                    return false;
+                }
+                let empty = st.lanes.get_mut(&ordering_key).is_none_or(|q| {
+                    q.pop_front();
+                    q.is_empty()
+                });
+                if !empty {
+                    return true;
+                }
+                st.lanes.remove(&ordering_key);
                 // The agent's permits go once no lane holds them (a lane clones them under
-                // this lock): the map stays as large as the agents with work, not every agent
-                // ever commanded.
+                // this lock): only agents with work keep them.
                 if st
-                    .in_flight
-                    .get(&lane.0)
+                    .permits
+                    .as_ref()
                     .is_some_and(|p| Arc::strong_count(&p.deliveries) == 1)
                 {
-                    st.in_flight.remove(&lane.0);
+                    st.permits = None;
                 }
+                false
+            });
+            if more != Some(true) {
                 return;
             }
         }
@@ -116,13 +125,13 @@ impl Commands {
     /// Across replicas: waits while this replica fenced itself (its liveness lapsed: another
     /// replica may be taking its leases), and says whether the command is still this replica's
     /// to deliver. Always true at once in the embedded mode.
-    async fn wait_live(&self, id: &str) -> bool {
+    async fn wait_live(&self, agent: &AgentId, id: &str) -> bool {
         let Some(r) = self.replicated() else {
             return true;
         };
         let mut live = r.cluster.replica.watch();
         loop {
-            if !self.is_active(id) {
+            if !self.is_active(agent, id) {
                 return false;
             }
             if r.cluster.replica.is_live() {
@@ -136,8 +145,11 @@ impl Commands {
         }
     }
 
-    fn is_active(&self, id: &str) -> bool {
-        self.lock().active.contains_key(id)
+    pub(super) fn is_active(&self, agent: &AgentId, id: &str) -> bool {
+        self.state
+            .agents
+            .run(agent, |st| st.active.contains_key(id))
+            .unwrap_or(false)
     }
 
     /// A live session of `agent`, waiting for one; `None` once the command left `active`
@@ -148,7 +160,7 @@ impl Commands {
         // wait on it, so a session registered in between still wakes this lane.
         let mut feed = None;
         loop {
-            if !self.is_active(id) {
+            if !self.is_active(agent, id) {
                 return None;
             }
             if let Some(s) = self.registry.last_session(agent) {
@@ -165,36 +177,25 @@ impl Commands {
         }
     }
 
-    async fn deliver_until_final(&self, agent: &str, id: &str) {
-        let Ok(agent_id) = agent.parse::<AgentId>() else {
-            self.finish(
-                id,
-                false,
-                Vec::new(),
-                format!("agent id {agent:?} is malformed"),
-            )
-            .await;
-            return;
-        };
-        let permits = {
-            let max = self.cfg.max_in_flight.max(1) as usize;
-            let mut st = self.lock();
-            st.in_flight
-                .entry(agent.to_owned())
-                .or_insert_with(|| AgentPermits {
+    async fn deliver_until_final(&self, agent: &AgentId, id: &str) {
+        let max = self.cfg.max_in_flight.max(1) as usize;
+        let permits = self.state.agents.run(agent, |st| {
+            st.permits
+                .get_or_insert_with(|| AgentPermits {
                     deliveries: Arc::new(tokio::sync::Semaphore::new(max)),
                     outputs: Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUFFERS_PER_AGENT)),
                 })
                 .clone()
-        };
+        });
+        let Some(permits) = permits else { return };
         loop {
-            if !self.wait_live(id).await {
+            if !self.wait_live(agent, id).await {
                 return;
             }
             let Ok(permit) = permits.deliveries.clone().acquire_owned().await else {
                 return;
             };
-            let Some(session) = self.wait_session(&agent_id, id).await else {
+            let Some(session) = self.wait_session(agent, id).await else {
                 return;
             };
             let reason = match self.attempt(&session, id, &permits.outputs).await {
@@ -202,13 +203,15 @@ impl Commands {
                 Err(reason) => reason,
             };
             drop(permit);
-            let attempts = match self.lock().active.get(id) {
-                Some(c) => c.attempts,
-                None => return,
-            };
+            let attempts = self
+                .state
+                .agents
+                .run(agent, |st| st.active.get(id).map(|c| c.attempts))
+                .flatten();
+            let Some(attempts) = attempts else { return };
             if attempts >= self.cfg.max_attempts {
                 let msg = format!("delivery failed {attempts} times; last: {reason}");
-                self.finish(id, false, Vec::new(), msg).await;
+                self.finish(agent, id, false, Bytes::new(), msg).await;
                 return;
             }
             tracing::info!(command = %id, %agent, attempts, %reason, "command delivery failed; will redeliver");
@@ -225,37 +228,43 @@ impl Commands {
 
     /// Records a final Succeeded/Failed state durably, then makes it visible (memory, watchers):
     /// whoever sees the final state can read it, output included, from the store.
-    async fn finish(&self, id: &str, succeeded: bool, output: Vec<u8>, message: String) {
+    async fn finish(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        succeeded: bool,
+        output: Bytes,
+        message: String,
+    ) {
         let to = if succeeded {
             CommandState::Succeeded
         } else {
             CommandState::Failed
         };
-        let finished = now_ts();
-        let write = {
-            let st = self.lock();
-            let Some(c) = st.active.get(id) else { return };
+        let finished = SystemTime::now();
+        let outcome = Outcome { output, message };
+        let write = self.state.agents.run(agent, |st| {
+            let c = st.active.get(id)?;
             let mut record = c.clone();
             // The version the transition below gives it.
             record.version += 1;
-            record.state = to as i32;
+            record.state = to;
             record.finished = Some(finished);
-            record.result = Some(v1::CommandResult {
-                output: output.clone(),
-                message: message.clone(),
-            });
+            record.result = Some(outcome.clone());
             // Enqueued under the lock, so it lands after every earlier write of this command.
-            self.persist(record)
-        };
+            Some(self.persist(record))
+        });
+        let Some(write) = write.flatten() else { return };
         write.await;
-        let mut st = self.lock();
-        if let Some(c) = st.active.get(id) {
-            metrics::histogram!("tether_gateway_command_submit_to_completed_seconds")
-                .record(since(c.created.as_ref()));
-        }
-        st.transition(id, to, |c| {
-            c.finished = Some(finished);
-            c.result = Some(v1::CommandResult { output, message });
+        self.state.agents.run(agent, |st| {
+            if let Some(c) = st.active.get(id) {
+                metrics::histogram!("tether_gateway_command_submit_to_completed_seconds")
+                    .record(since(c.created));
+            }
+            self.state.change(st, id, to, true, |c| {
+                c.finished = Some(finished);
+                c.result = Some(outcome);
+            });
         });
     }
 
@@ -267,6 +276,7 @@ impl Commands {
         id: &str,
         outputs: &Arc<tokio::sync::Semaphore>,
     ) -> Result<(), DeliveryError> {
+        let agent = &session.agent;
         // The stream first: waiting for stream credit (the agent's stream limit) is not a
         // failed attempt, and Cancel stays possible meanwhile.
         let (mut send, recv) = session
@@ -274,7 +284,7 @@ impl Commands {
             .open()
             .await
             .map_err(DeliveryError::ConnectionLost)?;
-        let Some((cmd, written)) = self.begin_attempt(id) else {
+        let Some((cmd, written)) = self.begin_attempt(agent, id) else {
             send.reset(ErrorCode::CANCELLED);
             return Ok(());
         };
@@ -283,7 +293,7 @@ impl Commands {
             // Cancel on another replica either lands first (this write is then refused and the
             // command left `active`) or finds it delivered.
             written.await;
-            if !self.is_active(id) {
+            if !self.is_active(agent, id) {
                 send.reset(ErrorCode::CANCELLED);
                 return Ok(());
             }
@@ -302,61 +312,63 @@ impl Commands {
     /// Marks the command delivered (the first time) and counts the attempt, atomically with
     /// Cancel's check; `None` when it is no longer to be delivered (cancelled, finished, or
     /// expired, which this records).
-    fn begin_attempt(&self, id: &str) -> Option<(Command, super::Persisting)> {
-        let (cmd, written, first) = {
-            let mut st = self.lock();
-            let (state, expires) = st.active.get(id).map(|c| (c.state, c.expires))?;
-            let first = state == CommandState::Queued as i32;
-            let now = SystemTime::now();
-            if first
-                && expires
-                    .and_then(|e| SystemTime::try_from(e).ok())
-                    .is_some_and(|e| e <= now)
-            {
-                // The sweeper would get to it; never deliver late.
-                if let Some(c) = st.transition(id, CommandState::Expired, |c| {
-                    c.finished = Some(now.into());
-                    c.result = Some(v1::CommandResult {
-                        output: Vec::new(),
-                        message: "expired before delivery".into(),
-                    });
-                }) {
-                    drop(self.persist(c));
-                    metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+    fn begin_attempt(
+        &self,
+        agent: &AgentId,
+        id: &str,
+    ) -> Option<(CommandRecord, super::Persisting)> {
+        let (cmd, written, first) = self
+            .state
+            .agents
+            .run(agent, |st| {
+                let (state, expires) = st.active.get(id).map(|c| (c.state, c.expires))?;
+                let first = state == CommandState::Queued;
+                let now = SystemTime::now();
+                if first && expires.is_some_and(|e| e <= now) {
+                    // The sweeper would get to it; never deliver late.
+                    if let Some(c) = self.state.transition(st, id, CommandState::Expired, |c| {
+                        c.finished = Some(now);
+                        c.result = Some(Outcome::message("expired before delivery"));
+                    }) {
+                        drop(self.persist(c));
+                        metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+                    }
+                    return None;
                 }
-                return None;
-            }
-            let to = if first {
-                CommandState::Delivered
-            } else {
-                CommandState::try_from(state).unwrap_or(CommandState::Delivered)
-            };
-            let cmd = st.transition(id, to, |c| {
-                c.attempts += 1;
-                // Each attempt's progress starts anew: the record shows the lines of the attempt
-                // that produced its result, and nothing a failed attempt sent outlives it.
-                c.progress.clear();
-                if first {
-                    c.delivered = Some(now_ts());
-                }
-            })?;
-            let written = self.persist(cmd.clone());
-            (cmd, written, first)
-        };
+                let to = if first {
+                    CommandState::Delivered
+                } else {
+                    state
+                };
+                let cmd = self.state.transition(st, id, to, |c| {
+                    c.attempts += 1;
+                    // Each attempt's progress starts anew: the record shows the lines of the
+                    // attempt that produced its result, and nothing a failed attempt sent
+                    // outlives it.
+                    c.progress.clear();
+                    if first {
+                        c.delivered = Some(now);
+                    }
+                })?;
+                let written = self.persist(cmd.clone());
+                Some((cmd, written, first))
+            })
+            .flatten()?;
         if first {
             metrics::histogram!("tether_gateway_command_submit_to_delivered_seconds")
-                .record(since(cmd.created.as_ref()));
+                .record(since(cmd.created));
         }
         Some((cmd, written))
     }
 
-    /// The command's delivery: header, payload and FIN queued, the agent's report to read.
-    fn delivery(&self, cmd: Command) -> GatewayCommand {
+    /// The command's delivery: header, payload (shared, not copied) and FIN queued, the
+    /// agent's report to read.
+    fn delivery(&self, cmd: CommandRecord) -> GatewayCommand {
         GatewayCommand::new(
             cmd.id,
             cmd.kind,
             cmd.content_type,
-            Bytes::from(cmd.payload),
+            cmd.payload,
             self.cfg.max_output,
         )
     }
@@ -370,28 +382,32 @@ impl Commands {
         mut reader: Reader<GatewayCommand>,
         outputs: &Arc<tokio::sync::Semaphore>,
     ) -> Result<(), DeliveryError> {
+        let agent = &session.agent;
         let mut buffering = None;
         loop {
             match reader.next().await.map_err(DeliveryError::Read)? {
                 ReportEvent::Acked => {
-                    let mut st = self.lock();
-                    let cmd = st.transition(id, CommandState::Running, |c| {
-                        if c.started.is_none() {
-                            c.started = Some(now_ts());
+                    self.state.agents.run(agent, |st| {
+                        let cmd = self.state.transition(st, id, CommandState::Running, |c| {
+                            if c.started.is_none() {
+                                c.started = Some(SystemTime::now());
+                            }
+                        });
+                        if let Some(c) = cmd {
+                            drop(self.persist(c));
                         }
                     });
-                    if let Some(c) = cmd {
-                        drop(self.persist(c));
-                    }
                 }
                 ReportEvent::Progress(line) => {
                     // Progress is for display: not written on its own (a chatty handler would
                     // rewrite the whole record per line); the final record carries the last lines.
-                    self.lock().transition(id, CommandState::Running, |c| {
-                        if c.started.is_none() {
-                            c.started = Some(now_ts());
-                        }
-                        push_progress(&mut c.progress, line);
+                    self.state.agents.run(agent, |st| {
+                        self.state.change(st, id, CommandState::Running, true, |c| {
+                            if c.started.is_none() {
+                                c.started = Some(SystemTime::now());
+                            }
+                            push_progress(&mut c.progress, line);
+                        })
                     });
                 }
                 ReportEvent::OutputStarted => {
@@ -408,24 +424,20 @@ impl Commands {
                     output,
                     message,
                 } => {
-                    self.finish(id, succeeded, output, message).await;
+                    self.finish(agent, id, succeeded, Bytes::from(output), message)
+                        .await;
                     return Ok(());
                 }
                 // The machine stopped a stream whose `Data` went above the limit.
                 ReportEvent::OutputTooLarge { .. } => {
-                    self.finish(id, false, Vec::new(), self.output_too_large(&session.agent))
-                        .await;
+                    let msg = self.output_too_large(agent);
+                    self.finish(agent, id, false, Bytes::new(), msg).await;
                     return Ok(());
                 }
                 // An agent without command support answers like a relay stream.
                 ReportEvent::Unsupported => {
-                    self.finish(
-                        id,
-                        false,
-                        Vec::new(),
-                        format!("agent {} does not support commands", session.agent),
-                    )
-                    .await;
+                    let msg = format!("agent {agent} does not support commands");
+                    self.finish(agent, id, false, Bytes::new(), msg).await;
                     return Ok(());
                 }
                 ReportEvent::Failed(StreamFailure::Ended { .. }) => {

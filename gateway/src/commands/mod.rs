@@ -1,10 +1,16 @@
 //! Feature layer: durable asynchronous commands — `tether.v1.Commands` and delivery to agents.
 //!
+//! A command is a [`CommandRecord`] (`record.rs`): a typed state, a typed agent, its payload in
+//! shared [`bytes::Bytes`]. It becomes the `tether.v1.Command` message only at the API edge
+//! (`api.rs`) and at rest (`store/codec.rs`).
+//!
 //! A Submit is committed to the [`CommandStore`] (fsync'd, group-committed) before it is
 //! answered. Delivery runs in *lanes*, one per `(agent, ordering_key)`: a lane delivers its
 //! commands one at a time in submission order, the next only after the previous reached a final
-//! state; different lanes run in parallel. A delivery is a gateway-opened QUIC stream of kind
-//! `Command` on any live session of the agent (never the control stream):
+//! state; different lanes run in parallel. Each agent's commands and lanes sit behind that
+//! agent's own lock (`state.rs`): two agents' commands never wait for each other. A delivery is
+//! a gateway-opened QUIC stream of kind `Command` on any live session of the agent (never the
+//! control stream):
 //!
 //! ```text
 //! gateway ──StreamHeader{Command, id, kind}, Data(payload)…, FIN──► agent
@@ -19,34 +25,35 @@
 //! What an agent reports is bounded here whatever it sends: a progress line is cut to
 //! [`COMMAND_PROGRESS_LINE_MAX`] bytes and a command keeps its last [`PROGRESS_KEPT`] lines within
 //! [`PROGRESS_BYTES_MAX`] (each delivery attempt starts them anew), a result message is cut to
-//! [`COMMAND_MESSAGE_MAX`], and an output above `commands.max_output` fails the command. Finished
-//! commands are deleted after `commands.retention` or beyond `commands.retention_max`.
+//! [`COMMAND_MESSAGE_MAX`](tunnel_proto::message::COMMAND_MESSAGE_MAX), and an output above
+//! `commands.max_output` fails the command. Finished commands are deleted after
+//! `commands.retention` or beyond `commands.retention_max`.
 
 mod api;
 mod delivery;
+pub mod record;
 mod replicated;
+mod state;
 pub mod store;
 mod watch;
 
 pub use api::CommandsApi;
 pub use delivery::{DeliveryError, OUTPUT_BUFFERS_PER_AGENT};
+pub use record::{CommandRecord, CommandState, EVENT_OUTPUT_MAX, NewCommand, Outcome};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tether_api::v1;
-use tether_api::v1::{Command, CommandState};
 use tether_runtime::CancellationToken;
-use tokio::sync::broadcast;
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{COMMAND_PROGRESS_LINE_MAX, truncate_text};
 
 use crate::cluster::Cluster;
 use crate::cluster::commands as pg;
-use crate::commands::delivery::AgentPermits;
 use crate::commands::replicated::Replicated;
-use crate::commands::store::{CommandStore, ListFilter, ListPage, Retention, StoreError, is_final};
+use crate::commands::state::State;
+use crate::commands::store::{CommandStore, ListFilter, ListPage, Retention, StoreError};
 use crate::config::CommandsConfig;
 use crate::tunnel::registry::Registry;
 
@@ -76,15 +83,6 @@ pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often a lane waiting for its agent rechecks on its own; registry events wake it anyway.
 pub(crate) const LANE_RECHECK: Duration = Duration::from_secs(5);
-/// Largest result output a Watch event carries.
-pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
-/// Events buffered for slow watchers before they are dropped with RESOURCE_EXHAUSTED.
-const EVENT_BUFFER: usize = 8192;
-/// Recently finished commands kept in memory (see `State::recent`).
-const RECENT_KEPT: usize = 4096;
-/// Commands whose last published version is remembered across replicas (see
-/// `State::published`).
-const PUBLISHED_KEPT: usize = 16_384;
 
 // === Errors ===
 
@@ -94,7 +92,7 @@ const PUBLISHED_KEPT: usize = 16_384;
 pub enum CommandError {
     /// The caller named an agent this gateway has never seen (caller's mistake).
     #[error("agent {0} is not known to this gateway")]
-    UnknownAgent(String),
+    UnknownAgent(AgentId),
     /// The caller sent a malformed request (caller's mistake, do not retry as is).
     #[error("{0}")]
     Invalid(String),
@@ -113,7 +111,7 @@ pub enum CommandError {
     )]
     TooManyPending {
         /// The agent.
-        agent: String,
+        agent: AgentId,
         /// The limit.
         limit: u32,
     },
@@ -128,6 +126,13 @@ pub enum CommandError {
         /// The limit.
         limit: u32,
     },
+    /// A `Commands/Watch` stream fell so far behind the gateway's events that some were lost
+    /// (the caller reads too slowly; start a new watch).
+    #[error("watch fell {missed} events behind")]
+    WatchLagged {
+        /// Events it missed.
+        missed: u64,
+    },
     /// No command has this id (or none the caller may see: the answer is the same).
     #[error("no command {0}")]
     NotFound(String),
@@ -140,180 +145,19 @@ pub enum CommandError {
     TooLate {
         /// The command.
         id: String,
-        /// Its state, lower case.
-        state: String,
+        /// Its state.
+        state: CommandState,
     },
     /// The store failed (the gateway's fault; retrying may help).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn state_name(state: i32) -> String {
-    CommandState::try_from(state).map_or_else(
-        |_| format!("state {state}"),
-        |s| s.as_str_name().to_lowercase(),
-    )
-}
-
-pub(crate) fn now_ts() -> prost_types::Timestamp {
-    SystemTime::now().into()
-}
-
-pub(crate) fn since(ts: Option<&prost_types::Timestamp>) -> f64 {
-    let Some(ts) = ts else { return 0.0 };
-    let Ok(t) = SystemTime::try_from(*ts) else {
-        return 0.0;
-    };
+pub(crate) fn since(t: Option<SystemTime>) -> f64 {
+    let Some(t) = t else { return 0.0 };
     SystemTime::now()
         .duration_since(t)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-// === State ===
-
-pub(crate) type LaneKey = (String, String);
-
-struct State {
-    /// Commands not in a final state.
-    active: HashMap<String, Command>,
-    /// The last commands that reached a final state (without payload), so reads never see an
-    /// older state from the store while its final write is still on its way.
-    recent: HashMap<String, Command>,
-    recent_order: VecDeque<String>,
-    /// Every transition, sent under the state lock: the feed's order is the state's order, and a
-    /// watcher that subscribes under the lock with a snapshot misses nothing and sees nothing twice.
-    events: broadcast::Sender<Command>,
-    /// Ids waiting or being delivered, per lane, in order. A lane with an entry here has a
-    /// running task.
-    lanes: HashMap<LaneKey, VecDeque<String>>,
-    /// Active commands per state, for the gauge.
-    depth: HashMap<i32, i64>,
-    /// Per agent: permits for concurrent deliveries and for buffering their outputs.
-    in_flight: HashMap<String, AgentPermits>,
-    /// Per agent: commands not final (in `active`) plus Submits reserved but not yet stored,
-    /// for `limits.pending_commands_per_agent`; kept as commands come and go, never counted.
-    /// (Across replicas PostgreSQL counts them.)
-    pending: HashMap<String, u32>,
-    /// Across replicas only: the last version shown to watchers per command (the newest
-    /// [`PUBLISHED_KEPT`]), so a change published here when made is not published again when
-    /// the feed brings it back, and a stale one never follows a newer one.
-    published: Option<(HashMap<String, u64>, VecDeque<String>)>,
-    /// Bumped when a lane's commands leave memory (its agent's lease went elsewhere): a lane
-    /// runner started before stops instead of touching the lane's new queue.
-    lane_gen: HashMap<LaneKey, u64>,
-}
-
-impl State {
-    fn new() -> State {
-        State {
-            active: HashMap::new(),
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
-            events: broadcast::channel(EVENT_BUFFER).0,
-            lanes: HashMap::new(),
-            depth: HashMap::new(),
-            in_flight: HashMap::new(),
-            pending: HashMap::new(),
-            published: None,
-            lane_gen: HashMap::new(),
-        }
-    }
-
-    /// Forgets `agent`'s lanes; their runners stop at their next step.
-    fn retire_lanes(&mut self, agent: &str) {
-        let lanes: Vec<LaneKey> = self
-            .lanes
-            .keys()
-            .filter(|(a, _)| a == agent)
-            .cloned()
-            .collect();
-        for lane in lanes {
-            self.lanes.remove(&lane);
-            *self.lane_gen.entry(lane).or_default() += 1;
-        }
-    }
-
-    fn release_pending(&mut self, agent: &str) {
-        if let Some(n) = self.pending.get_mut(agent) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.pending.remove(agent);
-            }
-        }
-    }
-
-    /// Sends a transition to watchers. Events leave out the payload, and output above
-    /// [`EVENT_OUTPUT_MAX`] (Get has it): the feed's ring buffer must not pin megabytes.
-    fn publish(&mut self, cmd: &Command) {
-        if let Some((seen, order)) = &mut self.published {
-            match seen.get_mut(&cmd.id) {
-                Some(v) if *v >= cmd.version => return,
-                Some(v) => *v = cmd.version,
-                None => {
-                    seen.insert(cmd.id.clone(), cmd.version);
-                    order.push_back(cmd.id.clone());
-                    while order.len() > PUBLISHED_KEPT {
-                        if let Some(old) = order.pop_front() {
-                            seen.remove(&old);
-                        }
-                    }
-                }
-            }
-        }
-        let _ = self.events.send(for_event(cmd));
-    }
-
-    fn count(&mut self, state: i32, delta: i64) {
-        let n = self.depth.entry(state).or_default();
-        *n += delta;
-        metrics::gauge!("tether_gateway_commands", "state" => state_name(state)).set(*n as f64);
-    }
-
-    /// Moves an active command to `to` (its version one up); final states leave `active`.
-    /// Returns the new record, published to watchers.
-    fn transition(
-        &mut self,
-        id: &str,
-        to: CommandState,
-        edit: impl FnOnce(&mut Command),
-    ) -> Option<Command> {
-        let cmd = self.transition_quiet(id, to, edit)?;
-        self.publish(&cmd);
-        Some(cmd)
-    }
-
-    /// [`State::transition`] without publishing (the change was published already).
-    fn transition_quiet(
-        &mut self,
-        id: &str,
-        to: CommandState,
-        edit: impl FnOnce(&mut Command),
-    ) -> Option<Command> {
-        let cmd = self.active.get_mut(id)?;
-        let from = cmd.state;
-        cmd.state = to as i32;
-        cmd.version += 1;
-        edit(cmd);
-        let snapshot = cmd.clone();
-        if from != to as i32 {
-            self.count(from, -1);
-            if !is_final(to as i32) {
-                self.count(to as i32, 1);
-            }
-        }
-        if is_final(to as i32) {
-            self.active.remove(id);
-            self.release_pending(&snapshot.agent);
-            self.recent.insert(id.to_owned(), for_event(&snapshot));
-            self.recent_order.push_back(id.to_owned());
-            while self.recent_order.len() > RECENT_KEPT {
-                if let Some(old) = self.recent_order.pop_front() {
-                    self.recent.remove(&old);
-                }
-            }
-        }
-        Some(snapshot)
-    }
 }
 
 /// Appends a progress line the agent reported to a command's `progress`: the line cut to
@@ -331,20 +175,6 @@ pub fn push_progress(progress: &mut Vec<String>, mut line: String) {
         drop += 1;
     }
     progress.drain(..drop);
-}
-
-/// A command as events carry it: no payload, no large output.
-pub(crate) fn for_event(cmd: &Command) -> Command {
-    let mut ev = Command {
-        payload: Vec::new(),
-        ..cmd.clone()
-    };
-    if let Some(r) = &mut ev.result
-        && r.output.len() > EVENT_OUTPUT_MAX
-    {
-        r.output.clear();
-    }
-    ev
 }
 
 /// A write of command state on its way; queued when made, so dropping it does not cancel it.
@@ -365,7 +195,7 @@ pub struct Commands {
     backend: Backend,
     registry: Arc<Registry>,
     cfg: CommandsConfig,
-    state: Mutex<State>,
+    state: State,
     shutdown: CancellationToken,
     pending_limit: std::sync::atomic::AtomicU32,
     /// Open `Commands/Watch` streams per caller, for `limits.command_watches_per_caller`.
@@ -395,28 +225,26 @@ impl Commands {
             registry,
             cfg,
             shutdown,
-            State::new(),
+            State::new(false),
         );
         let mut lanes = Vec::new();
-        {
-            let mut st = this.lock();
-            for cmd in unfinished {
-                let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
-                st.count(cmd.state, 1);
-                let q = st.lanes.entry(lane.clone()).or_default();
-                if q.is_empty() {
-                    lanes.push(lane);
-                }
-                q.push_back(cmd.id.clone());
-                *st.pending.entry(cmd.agent.clone()).or_default() += 1;
-                st.active.insert(cmd.id.clone(), cmd);
+        for cmd in unfinished {
+            let (agent, key) = (cmd.agent.clone(), cmd.ordering_key.clone());
+            let spawn = this.state.agents.run_new(&agent, |st| {
+                st.pending += 1;
+                let idle = st.enqueue(&cmd.ordering_key, &cmd.id);
+                this.state.activate(st, cmd);
+                idle.then_some(st.generation)
+            });
+            if let Some(generation) = spawn {
+                lanes.push((agent, key, generation));
             }
         }
         if !lanes.is_empty() {
             tracing::info!(lanes = lanes.len(), "recovered unfinished commands");
         }
-        for lane in lanes {
-            tokio::spawn(this.clone().run_lane(lane));
+        for (agent, key, generation) in lanes {
+            tokio::spawn(this.clone().run_lane(agent, key, generation));
         }
         tokio::spawn(this.clone().sweep());
         tokio::spawn(this.clone().retain());
@@ -434,7 +262,7 @@ impl Commands {
             backend,
             registry,
             cfg,
-            state: Mutex::new(state),
+            state,
             shutdown,
             pending_limit: std::sync::atomic::AtomicU32::new(u32::MAX),
             watches: Mutex::new(HashMap::new()),
@@ -451,14 +279,12 @@ impl Commands {
         shutdown: CancellationToken,
     ) -> Arc<Commands> {
         let (r, writers) = Replicated::new(cluster);
-        let mut state = State::new();
-        state.published = Some((HashMap::new(), VecDeque::new()));
         let this = Commands::new(
             Backend::Replicated(r.clone()),
             registry,
             cfg,
             shutdown,
-            state,
+            State::new(true),
         );
         this.start_replicated_tasks(&r, writers);
         tokio::spawn(this.clone().retain());
@@ -466,21 +292,21 @@ impl Commands {
     }
 
     /// Puts a command this replica now delivers into its lane (once).
-    fn adopt(self: &Arc<Self>, cmd: Command) {
-        let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
-        let spawn = {
-            let mut st = self.lock();
-            if st.active.contains_key(&cmd.id) || is_final(cmd.state) {
-                return;
+    fn adopt(self: &Arc<Self>, cmd: CommandRecord) {
+        if cmd.is_final() {
+            return;
+        }
+        let (agent, key) = (cmd.agent.clone(), cmd.ordering_key.clone());
+        let spawn = self.state.agents.run_new(&agent, |st| {
+            if st.active.contains_key(&cmd.id) {
+                return None;
             }
-            st.count(cmd.state, 1);
-            st.active.insert(cmd.id.clone(), cmd.clone());
-            let q = st.lanes.entry(lane.clone()).or_default();
-            q.push_back(cmd.id.clone());
-            q.len() == 1
-        };
-        if spawn {
-            tokio::spawn(self.clone().run_lane(lane));
+            let idle = st.enqueue(&cmd.ordering_key, &cmd.id);
+            self.state.activate(st, cmd);
+            idle.then_some(st.generation)
+        });
+        if let Some(generation) = spawn {
+            tokio::spawn(self.clone().run_lane(agent, key, generation));
         }
     }
 
@@ -548,14 +374,10 @@ impl Commands {
             .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock would be a bug in this module; keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Writes a record; logged when it fails (the in-memory state stays authoritative until the
-    /// next write, and redelivery covers a lost intermediate state).
-    fn persist(&self, cmd: Command) -> Persisting {
+    /// next write, and redelivery covers a lost intermediate state). Called under the command's
+    /// agent's lock, so one command's writes are queued in the order they were made.
+    fn persist(&self, cmd: CommandRecord) -> Persisting {
         match &self.backend {
             Backend::Embedded(store) => {
                 let fut = store.put(cmd);
@@ -575,12 +397,8 @@ impl Commands {
     /// Validates and durably queues a command; returns it and whether it was created.
     pub async fn submit(
         self: &Arc<Self>,
-        req: v1::SubmitCommandRequest,
-    ) -> Result<(Command, bool), CommandError> {
-        let agent: AgentId = req
-            .agent
-            .parse()
-            .map_err(|e| CommandError::Invalid(format!("agent {:?}: {e}", req.agent)))?;
+        req: NewCommand,
+    ) -> Result<(CommandRecord, bool), CommandError> {
         if req.kind.is_empty() {
             return Err(CommandError::Invalid(
                 "kind is empty: name the handler the agent should run".into(),
@@ -607,8 +425,7 @@ impl Commands {
         }
         // Known: seen by this process, or has commands in the store (a restarted gateway
         // accepts commands for its agents before they reconnect).
-        let known = self.registry.get(&agent).is_some();
-        let agent = agent.to_string();
+        let known = self.registry.get(&req.agent).is_some();
         if let Some(r) = self.replicated()
             && !r.cluster.replica.is_live()
         {
@@ -617,38 +434,19 @@ impl Commands {
                 r.cluster.replica.id()
             )));
         }
-        if !known && !self.knows_agent(&agent).await? {
-            return Err(CommandError::UnknownAgent(agent));
+        if !known && !self.knows_agent(&req.agent).await? {
+            return Err(CommandError::UnknownAgent(req.agent));
         }
         let created = SystemTime::now();
         let expires = match req.ttl {
-            Some(ttl) if ttl.seconds < 0 || ttl.nanos < 0 => {
-                return Err(CommandError::Invalid("ttl is negative".into()));
-            }
-            Some(ttl) if ttl.seconds > 0 || ttl.nanos > 0 => {
-                let ttl = Duration::try_from(ttl)
-                    .map_err(|e| CommandError::Invalid(format!("ttl: {e}")))?;
-                Some(
-                    created
-                        .checked_add(ttl)
-                        .ok_or_else(|| CommandError::Invalid("ttl is too large".into()))?
-                        .into(),
-                )
-            }
+            Some(ttl) if !ttl.is_zero() => Some(
+                created
+                    .checked_add(ttl)
+                    .ok_or_else(|| CommandError::Invalid("ttl is too large".into()))?,
+            ),
             Some(_) | None => None,
         };
-        let cmd = Command {
-            agent,
-            kind: req.kind,
-            payload: req.payload,
-            content_type: req.content_type,
-            idempotency_key: req.idempotency_key,
-            ordering_key: req.ordering_key,
-            state: CommandState::Queued as i32,
-            created: Some(created.into()),
-            expires,
-            ..Default::default()
-        };
+        let cmd = CommandRecord::queued(req, created, expires);
         let limit = self
             .pending_limit
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -659,52 +457,46 @@ impl Commands {
             unreachable!("replicated Submits returned above")
         };
         // Reserve a pending slot before storing, so racing Submits cannot overshoot the limit;
-        // given back below unless a new command took it.
-        let reserved = {
-            let mut st = self.lock();
-            let n = st.pending.entry(cmd.agent.clone()).or_default();
-            let free = *n < limit;
+        // given back below unless a new command took it. The reservation also keeps the agent's
+        // state in memory until the command joins it.
+        let agent = cmd.agent.clone();
+        let reserved = self.state.agents.run_new(&agent, |st| {
+            let free = st.pending < limit;
             if free {
-                *n += 1;
+                st.pending += 1;
             }
             free
-        };
+        });
         if !reserved {
             crate::metrics::count_rejection(crate::metrics::Limit::PendingCommandsPerAgent);
-            return Err(CommandError::TooManyPending {
-                agent: cmd.agent,
-                limit,
-            });
+            return Err(CommandError::TooManyPending { agent, limit });
         }
-        let agent = cmd.agent.clone();
         let out = match store.submit(cmd).await {
             Ok(out) if out.created => out,
             other => {
-                self.lock().release_pending(&agent);
+                self.state.agents.run(&agent, |st| st.release_pending());
                 other?
             }
         };
-        if out.created {
-            let cmd = out.command.clone();
-            let lane = (cmd.agent.clone(), cmd.ordering_key.clone());
-            let spawn = {
-                let mut st = self.lock();
-                st.count(cmd.state, 1);
-                st.active.insert(cmd.id.clone(), cmd.clone());
-                st.publish(&cmd);
-                let q = st.lanes.entry(lane.clone()).or_default();
-                q.push_back(cmd.id.clone());
-                q.len() == 1
-            };
-            if spawn {
-                tokio::spawn(self.clone().run_lane(lane));
-            }
+        if !out.created {
+            return Ok((out.command, false));
+        }
+        let cmd = out.command.clone();
+        let key = cmd.ordering_key.clone();
+        let spawn = self.state.agents.run_new(&agent, |st| {
+            self.state.publish(Arc::new(cmd.view()));
+            let idle = st.enqueue(&cmd.ordering_key, &cmd.id);
+            self.state.activate(st, cmd);
+            idle.then_some(st.generation)
+        });
+        if let Some(generation) = spawn {
+            tokio::spawn(self.clone().run_lane(agent, key, generation));
         }
         Ok((out.command, out.created))
     }
 
     /// True when `agent` was seen (by any replica) or has commands in the store.
-    async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+    async fn knows_agent(&self, agent: &AgentId) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Embedded(store) => store.knows_agent(agent),
             Backend::Replicated(r) => pg::knows_agent(&r.cluster.pool, agent)
@@ -714,7 +506,7 @@ impl Commands {
     }
 
     /// One stored command.
-    async fn stored(&self, id: &str) -> Result<Option<Command>, StoreError> {
+    async fn stored(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         match &self.backend {
             Backend::Embedded(store) => store.get(id),
             Backend::Replicated(r) => pg::get(&r.cluster.pool, id).await.map_err(replicated::sql),
@@ -732,7 +524,7 @@ impl Commands {
             }
             Backend::Replicated(r) => {
                 let q = pg::ListQuery {
-                    agent: (!filter.agent.is_empty()).then_some(filter.agent),
+                    agent: filter.agent,
                     tenants: filter.tenants,
                     state: filter.state,
                     kind: filter.kind,
@@ -753,9 +545,9 @@ impl Commands {
     }
 
     /// One command.
-    pub async fn get(&self, id: &str) -> Result<Command, CommandError> {
-        if let Some(c) = self.lock().active.get(id) {
-            return Ok(c.clone());
+    pub async fn get(&self, id: &str) -> Result<CommandRecord, CommandError> {
+        if let Some(c) = self.state.active(id) {
+            return Ok(c);
         }
         let stored = self.stored(id).await?;
         let mut c = stored.ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
@@ -765,63 +557,61 @@ impl Commands {
 
     /// Replaces store records that lag the in-memory state (an active command, or a final
     /// state whose write is still on its way) with the live state, keeping the stored payload.
-    fn overlay_recent(&self, cmds: &mut [Command]) {
-        let st = self.lock();
+    fn overlay_recent(&self, cmds: &mut [CommandRecord]) {
         for c in cmds {
-            let live = st
-                .active
-                .get(&c.id)
-                .or_else(|| st.recent.get(&c.id).filter(|_| !is_final(c.state)));
+            let live = match self.state.active(&c.id) {
+                Some(live) => Some(live),
+                None if !c.is_final() => self.state.recent(&c.id).map(|r| (*r).clone()),
+                None => None,
+            };
             if let Some(live) = live {
                 let payload = std::mem::take(&mut c.payload);
-                *c = Command {
-                    payload,
-                    ..live.clone()
-                };
+                *c = CommandRecord { payload, ..live };
             }
         }
     }
 
     /// Cancels a command that was not delivered yet.
-    pub async fn cancel(&self, id: &str) -> Result<Command, CommandError> {
+    pub async fn cancel(&self, id: &str) -> Result<CommandRecord, CommandError> {
         if let Some(r) = self.replicated() {
             return self.cancel_replicated(r, id).await;
         }
-        let found = {
-            let mut st = self.lock();
-            match st.active.get(id).map(|c| c.state) {
-                Some(s) if s == CommandState::Queued as i32 => {
-                    let cmd = st
-                        .transition(id, CommandState::Cancelled, |c| {
-                            c.finished = Some(now_ts());
-                            c.result = Some(v1::CommandResult {
-                                output: Vec::new(),
-                                message: "cancelled".into(),
-                            });
-                        })
-                        .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
-                    let write = self.persist(cmd.clone());
-                    Some((cmd, write))
-                }
-                Some(s) => {
-                    return Err(CommandError::TooLate {
+        let found = self.state.agent_of(id).and_then(|agent| {
+            self.state
+                .agents
+                .run(&agent, |st| match st.active.get(id).map(|c| c.state) {
+                    Some(CommandState::Queued) => {
+                        let cmd = self
+                            .state
+                            .transition(st, id, CommandState::Cancelled, |c| {
+                                c.finished = Some(SystemTime::now());
+                                c.result = Some(Outcome::message("cancelled"));
+                            })
+                            .ok_or_else(|| CommandError::NotFound(id.to_owned()));
+                        Some(cmd.map(|cmd| {
+                            let write = self.persist(cmd.clone());
+                            (cmd, write)
+                        }))
+                    }
+                    Some(state) => Some(Err(CommandError::TooLate {
                         id: id.to_owned(),
-                        state: state_name(s),
-                    });
-                }
-                None => None,
-            }
-        };
-        let Some((cmd, write)) = found else {
+                        state,
+                    })),
+                    None => None,
+                })
+                .flatten()
+        });
+        let Some(found) = found else {
             let c = self
                 .stored(id)
                 .await?
                 .ok_or_else(|| CommandError::NotFound(id.to_owned()))?;
             return Err(CommandError::TooLate {
                 id: id.to_owned(),
-                state: state_name(c.state),
+                state: c.state,
             });
         };
+        let (cmd, write) = found?;
         write.await;
         Ok(cmd)
     }
@@ -837,34 +627,27 @@ impl Commands {
                 _ = tokio::time::sleep(SWEEP_EVERY) => {}
             }
             let now = SystemTime::now();
-            let expired: Vec<Command> = {
-                let mut st = self.lock();
+            let mut expired = 0u64;
+            self.state.agents.each(|_, st| {
                 let ids: Vec<String> = st
                     .active
                     .values()
-                    .filter(|c| c.state == CommandState::Queued as i32)
-                    .filter(|c| {
-                        c.expires
-                            .and_then(|e| SystemTime::try_from(e).ok())
-                            .is_some_and(|e| e <= now)
-                    })
+                    .filter(|c| c.state == CommandState::Queued)
+                    .filter(|c| c.expires.is_some_and(|e| e <= now))
                     .map(|c| c.id.clone())
                     .collect();
-                ids.iter()
-                    .filter_map(|id| {
-                        st.transition(id, CommandState::Expired, |c| {
-                            c.finished = Some(now.into());
-                            c.result = Some(v1::CommandResult {
-                                output: Vec::new(),
-                                message: "expired before delivery".into(),
-                            });
-                        })
-                    })
-                    .inspect(|c| drop(self.persist(c.clone())))
-                    .collect()
-            };
-            metrics::counter!("tether_gateway_command_expirations_total")
-                .increment(expired.len() as u64);
+                for id in ids {
+                    let done = self.state.transition(st, &id, CommandState::Expired, |c| {
+                        c.finished = Some(now);
+                        c.result = Some(Outcome::message("expired before delivery"));
+                    });
+                    if let Some(c) = done {
+                        drop(self.persist(c));
+                        expired += 1;
+                    }
+                }
+            });
+            metrics::counter!("tether_gateway_command_expirations_total").increment(expired);
         }
     }
 }

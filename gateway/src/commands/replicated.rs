@@ -22,12 +22,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use prost::Message as _;
-use tether_api::v1::{Command, CommandState};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tunnel_proto::AgentId;
 
 use super::Commands;
-use super::store::{StoreError, is_final};
+use super::record::{CommandRecord, CommandState};
+use super::state::lock;
+use super::store::StoreError;
 use crate::cluster::Cluster;
 use crate::cluster::commands::{self as pg, Write, Written};
 use crate::cluster::events::{EventKind, FeedItem};
@@ -59,13 +60,13 @@ pub(super) fn version_floor(epoch: i64) -> u64 {
 
 /// A Submit waiting for its batch.
 struct Queued {
-    cmd: Command,
+    cmd: CommandRecord,
     limit: u32,
     done: oneshot::Sender<Result<pg::Submitted, String>>,
 }
 
 pub(super) struct Pending {
-    cmd: Command,
+    cmd: CommandRecord,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -73,7 +74,7 @@ pub(super) struct Pending {
 pub(crate) struct Replicated {
     pub(super) cluster: Arc<Cluster>,
     /// Leases held here, by agent.
-    leases: Mutex<HashMap<String, Lease>>,
+    leases: Mutex<HashMap<AgentId, Lease>>,
     writers: Vec<mpsc::UnboundedSender<Pending>>,
     /// Wakes the orphan sweep (a session arrived).
     sweep: Notify,
@@ -81,7 +82,7 @@ pub(crate) struct Replicated {
     /// payloads, until the feed brings their event: the lane takes them in the feed's (commit)
     /// order, so a Submit acknowledged on another replica before this one was sent runs first,
     /// and without reading the payload back.
-    submitted_here: Mutex<HashMap<String, Command>>,
+    submitted_here: Mutex<HashMap<String, CommandRecord>>,
     /// Submits waiting to be stored (see [`run_submitter`]).
     submits: mpsc::UnboundedSender<Queued>,
 }
@@ -98,7 +99,7 @@ impl std::fmt::Debug for Replicated {
     }
 }
 
-fn shard(agent: &str) -> usize {
+fn shard(agent: &AgentId) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     agent.hash(&mut h);
     (h.finish() as usize) % WRITERS
@@ -130,23 +131,19 @@ impl Replicated {
         (r, rxs)
     }
 
-    fn lease_of(&self, agent: &str) -> Option<Lease> {
-        self.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(agent)
-            .cloned()
+    fn lease_of(&self, agent: &AgentId) -> Option<Lease> {
+        lock(&self.leases).get(agent).cloned()
     }
 
     /// True when this replica delivers `agent`'s commands.
-    pub(super) fn holds(&self, agent: &str) -> bool {
+    pub(super) fn holds(&self, agent: &AgentId) -> bool {
         self.lease_of(agent).is_some()
     }
 
     /// Queues a holder's write; the future resolves once it was applied or refused.
     pub(super) fn write(
         &self,
-        cmd: Command,
+        cmd: CommandRecord,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let _ = self.writers[shard(&cmd.agent)].send(Pending {
@@ -177,13 +174,13 @@ impl Commands {
 
     /// Takes `agent`'s lease if nobody alive holds it, and puts its unfinished commands into
     /// lanes here. Does nothing while this replica is not alive.
-    async fn take_lease(self: &Arc<Self>, r: &Arc<Replicated>, agent: &str) {
+    async fn take_lease(self: &Arc<Self>, r: &Arc<Replicated>, agent: &AgentId) {
         if r.holds(agent) || !r.cluster.replica.is_live() {
             return;
         }
-        let tenant = agent.split('/').next().unwrap_or_default();
         let me = r.cluster.replica.id().clone();
-        let lease = match lease::acquire(&r.cluster.pool, &me, agent, tenant).await {
+        let name = agent.to_string();
+        let lease = match lease::acquire(&r.cluster.pool, &me, &name, agent.tenant()).await {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e) => {
@@ -201,19 +198,14 @@ impl Commands {
         };
         let floor = version_floor(lease.epoch);
         {
-            let mut leases = r.leases.lock().unwrap_or_else(|e| e.into_inner());
-            leases.insert(agent.to_owned(), lease);
+            let mut leases = lock(&r.leases);
+            leases.insert(agent.clone(), lease);
             metrics::gauge!("tether_gateway_command_leases").set(leases.len() as f64);
         }
         // The agent's last session here may have ended while the lease was being taken (its
         // release then found no lease): a lease without a session would keep the agent's
         // commands from every replica that has one.
-        if agent
-            .parse()
-            .ok()
-            .and_then(|id| self.registry.last_session(&id))
-            .is_none()
-        {
+        if self.registry.last_session(agent).is_none() {
             self.release_lease(r, agent).await;
             return;
         }
@@ -229,31 +221,20 @@ impl Commands {
 
     /// Stops delivering `agent`'s commands here: its lease was released or taken over. Its
     /// commands leave memory without a state change (the store keeps them for the next holder).
-    fn drop_agent(&self, r: &Replicated, agent: &str) {
+    fn drop_agent(&self, r: &Replicated, agent: &AgentId) {
         {
-            let mut leases = r.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let mut leases = lock(&r.leases);
             leases.remove(agent);
             metrics::gauge!("tether_gateway_command_leases").set(leases.len() as f64);
         }
-        let mut st = self.lock();
-        let ids: Vec<String> = st
-            .active
-            .values()
-            .filter(|c| c.agent == agent)
-            .map(|c| c.id.clone())
-            .collect();
-        for id in ids {
-            if let Some(c) = st.active.remove(&id) {
-                st.count(c.state, -1);
-                st.release_pending(agent);
-            }
-        }
-        st.retire_lanes(agent);
+        self.state
+            .agents
+            .run(agent, |st| self.state.forget(st, &self.state.agents));
     }
 
     /// Releases `agent`'s lease (its last session here ended) so a replica that has one takes
     /// it at once.
-    async fn release_lease(&self, r: &Replicated, agent: &str) {
+    async fn release_lease(&self, r: &Replicated, agent: &AgentId) {
         let Some(lease) = r.lease_of(agent) else {
             return;
         };
@@ -267,10 +248,7 @@ impl Commands {
     /// Puts every unfinished command of the agents held here into its lane (those missing: a
     /// Submit whose feed event this replica missed).
     async fn reload_held(self: &Arc<Self>, r: &Replicated) {
-        let held: Vec<(String, Lease)> = r
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let held: Vec<(AgentId, Lease)> = lock(&r.leases)
             .iter()
             .map(|(a, l)| (a.clone(), l.clone()))
             .collect();
@@ -290,20 +268,14 @@ impl Commands {
     }
 
     /// Drops the leases (all, or `only`'s) that PostgreSQL says another replica holds now.
-    async fn verify_leases(&self, r: &Replicated, only: Option<&str>) {
-        let agents: Vec<String> = match only {
-            Some(a) => vec![a.to_owned()],
-            None => r
-                .leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .cloned()
-                .collect(),
+    async fn verify_leases(&self, r: &Replicated, only: Option<&AgentId>) {
+        let agents: Vec<AgentId> = match only {
+            Some(a) => vec![a.clone()],
+            None => lock(&r.leases).keys().cloned().collect(),
         };
         let me = r.cluster.replica.id().clone();
         for agent in agents {
-            match lease::holder(&r.cluster.pool, &agent).await {
+            match lease::holder(&r.cluster.pool, &agent.to_string()).await {
                 Ok(Some((holder, _))) if holder == me => {}
                 Ok(_) => {
                     tracing::info!(%agent, "another replica holds this agent's command lease now; delivering its commands stops here");
@@ -352,7 +324,7 @@ impl Commands {
                     }
                     Ok(RegistryEvent::Disconnected { session, .. }) => {
                         if self.registry.last_session(&session.agent).is_none() {
-                            self.release_lease(&r, &session.agent.to_string()).await;
+                            self.release_lease(&r, &session.agent).await;
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
@@ -360,13 +332,7 @@ impl Commands {
             }
         }
         // Shutting down: hand every lease over at once instead of after the liveness timeout.
-        let leases: Vec<Lease> = r
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, l)| l)
-            .collect();
+        let leases: Vec<Lease> = lock(&r.leases).drain().map(|(_, l)| l).collect();
         let me = r.cluster.replica.id().clone();
         if let Err(e) = lease::release(&r.cluster.pool, &me, &leases).await {
             tracing::warn!(error = %e, leases = leases.len(), "releasing command leases at shutdown failed; they lapse with this replica");
@@ -380,80 +346,85 @@ impl Commands {
         agent: &str,
         body: &[u8],
     ) {
-        match kind {
-            EventKind::Command => {
-                let Ok(cmd) = Command::decode(body) else {
-                    tracing::warn!(%agent, "a command event on the cluster feed did not decode; ignored");
-                    return;
-                };
-                self.on_command_event(r, cmd).await;
-            }
-            // Taken by someone else while this replica believed it held it (it was paused or
-            // cut off longer than its liveness).
-            EventKind::Lease if r.holds(agent) => self.verify_leases(r, Some(agent)).await,
-            // A lease was released or taken: if this replica has a session, it may take it.
-            EventKind::Lease => {
-                if let Ok(id) = agent.parse()
-                    && self.registry.last_session(&id).is_some()
-                {
-                    self.take_lease(r, agent).await;
+        if kind == EventKind::Command {
+            match pg::decode_event(body) {
+                Ok(cmd) => self.on_command_event(r, cmd).await,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "a command event on the cluster feed did not decode; ignored");
                 }
             }
-            _ => {}
+            return;
+        }
+        if kind != EventKind::Lease {
+            return;
+        }
+        let Ok(agent) = agent.parse::<AgentId>() else {
+            tracing::warn!(%agent, "a lease event on the cluster feed names no agent; ignored");
+            return;
+        };
+        if r.holds(&agent) {
+            // Taken by someone else while this replica believed it held it (it was paused or
+            // cut off longer than its liveness).
+            self.verify_leases(r, Some(&agent)).await;
+        } else if self.registry.last_session(&agent).is_some() {
+            // A lease was released or taken: this replica has a session, it may take it.
+            self.take_lease(r, &agent).await;
         }
     }
 
-    async fn on_command_event(self: &Arc<Self>, r: &Arc<Replicated>, cmd: Command) {
+    async fn on_command_event(self: &Arc<Self>, r: &Arc<Replicated>, cmd: CommandRecord) {
         let id = cmd.id.clone();
         let agent = cmd.agent.clone();
         // Watchers first: this replica's own changes were published when made.
-        self.lock().publish(&cmd);
-        if r.holds(&agent) {
-            let active = self.lock().active.contains_key(&id);
-            if is_final(cmd.state) && active {
-                // Cancelled or expired by another replica.
-                let mut st = self.lock();
-                let to = CommandState::try_from(cmd.state).unwrap_or(CommandState::Cancelled);
-                st.transition_quiet(&id, to, |c| {
-                    c.finished = cmd.finished;
-                    c.result = cmd.result.clone();
-                    c.version = c.version.max(cmd.version);
-                });
-            } else if cmd.state == CommandState::Queued as i32 && !active {
-                let here = r
-                    .submitted_here
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                if let Some(mut own) = here {
-                    if let Some(l) = r.lease_of(&agent) {
-                        own.version = own.version.max(version_floor(l.epoch));
-                    }
-                    self.adopt(own);
-                    return;
-                }
-                // Submitted on another replica: into its lane, with its payload.
-                match pg::get(&r.cluster.pool, &id).await {
-                    Ok(Some(mut full))
-                        if full.state == CommandState::Queued as i32 && r.holds(&agent) =>
-                    {
-                        if let Some(l) = r.lease_of(&agent) {
-                            full.version = full.version.max(version_floor(l.epoch));
-                        }
-                        self.adopt(full);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(command = %id, error = %e, "loading a command submitted on another replica failed; the sweep retries");
-                        self.release_lease(r, &agent).await;
-                    }
-                }
+        self.state.publish(Arc::new(cmd.view()));
+        if !r.holds(&agent) {
+            if cmd.state == CommandState::Queued && self.registry.last_session(&agent).is_some() {
+                self.take_lease(r, &agent).await;
             }
-        } else if cmd.state == CommandState::Queued as i32
-            && let Ok(aid) = agent.parse()
-            && self.registry.last_session(&aid).is_some()
-        {
-            self.take_lease(r, &agent).await;
+            return;
+        }
+        let active = self
+            .state
+            .agents
+            .run(&agent, |st| {
+                if !st.active.contains_key(&id) {
+                    return false;
+                }
+                if cmd.is_final() {
+                    // Cancelled or expired by another replica.
+                    self.state.change(st, &id, cmd.state, false, |c| {
+                        c.finished = cmd.finished;
+                        c.result = cmd.result.clone();
+                        c.version = c.version.max(cmd.version);
+                    });
+                }
+                true
+            })
+            .unwrap_or(false);
+        if active || cmd.state != CommandState::Queued {
+            return;
+        }
+        let here = lock(&r.submitted_here).remove(&id);
+        if let Some(mut own) = here {
+            if let Some(l) = r.lease_of(&agent) {
+                own.version = own.version.max(version_floor(l.epoch));
+            }
+            self.adopt(own);
+            return;
+        }
+        // Submitted on another replica: into its lane, with its payload.
+        match pg::get(&r.cluster.pool, &id).await {
+            Ok(Some(mut full)) if full.state == CommandState::Queued && r.holds(&agent) => {
+                if let Some(l) = r.lease_of(&agent) {
+                    full.version = full.version.max(version_floor(l.epoch));
+                }
+                self.adopt(full);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(command = %id, error = %e, "loading a command submitted on another replica failed; the sweep retries");
+                self.release_lease(r, &agent).await;
+            }
         }
     }
 
@@ -478,7 +449,7 @@ impl Commands {
                     continue;
                 }
             };
-            for (agent, _) in agents {
+            for agent in agents {
                 self.take_lease(&r, &agent).await;
             }
         }
@@ -518,7 +489,7 @@ async fn run_writer(
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         // Group by agent, keeping each agent's order.
-        let mut by_agent: Vec<(String, Vec<Pending>)> = Vec::new();
+        let mut by_agent: Vec<(AgentId, Vec<Pending>)> = Vec::new();
         for p in batch.drain(..) {
             match by_agent.iter_mut().find(|(a, _)| *a == p.cmd.agent) {
                 Some((_, v)) => v.push(p),
@@ -527,7 +498,7 @@ async fn run_writer(
         }
         // Each agent under the lease held now; the others are not ours any more (the new
         // holder redelivers).
-        let mut groups: Vec<(String, Lease, Vec<Write>, Vec<Pending>)> = Vec::new();
+        let mut groups: Vec<(AgentId, Lease, Vec<Write>, Vec<Pending>)> = Vec::new();
         for (agent, pending) in by_agent {
             match r.lease_of(&agent) {
                 Some(lease) => {
@@ -611,15 +582,15 @@ impl Commands {
                 return;
             }
         };
-        if !is_final(stored.state) {
+        if !stored.is_final() {
             return;
         }
-        let to = CommandState::try_from(stored.state).unwrap_or(CommandState::Cancelled);
-        let mut st = self.lock();
-        st.transition_quiet(id, to, |c| {
-            c.finished = stored.finished;
-            c.result = stored.result.clone();
-            c.version = c.version.max(stored.version);
+        self.state.agents.run(&stored.agent, |st| {
+            self.state.change(st, id, stored.state, false, |c| {
+                c.finished = stored.finished;
+                c.result = stored.result.clone();
+                c.version = c.version.max(stored.version);
+            })
         });
     }
 }
@@ -630,13 +601,10 @@ impl Commands {
     pub(super) async fn submit_replicated(
         self: &Arc<Self>,
         r: &Arc<Replicated>,
-        mut cmd: Command,
+        mut cmd: CommandRecord,
         limit: u32,
-    ) -> Result<(Command, bool), super::CommandError> {
-        let created = cmd
-            .created
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .unwrap_or_else(SystemTime::now);
+    ) -> Result<(CommandRecord, bool), super::CommandError> {
+        let created = cmd.created.unwrap_or_else(SystemTime::now);
         cmd.id = super::store::fresh_id(created);
         cmd.version = 1;
         let agent = cmd.agent.clone();
@@ -644,7 +612,7 @@ impl Commands {
         // returns) finds it.
         let holding = r.holds(&agent);
         if holding {
-            let mut here = r.submitted_here.lock().unwrap_or_else(|e| e.into_inner());
+            let mut here = lock(&r.submitted_here);
             if here.len() >= SUBMITTED_HERE_MAX {
                 here.clear();
             }
@@ -660,10 +628,7 @@ impl Commands {
             .await
             .unwrap_or_else(|_| Err("the gateway is shutting down".to_owned()));
         if holding && !matches!(out, Ok(pg::Submitted::Created(_))) {
-            r.submitted_here
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&cmd.id);
+            lock(&r.submitted_here).remove(&cmd.id);
         }
         let out = out.map_err(|e| {
             super::CommandError::Unavailable(format!(
@@ -677,16 +642,10 @@ impl Commands {
                 Err(super::CommandError::TooManyPending { agent, limit })
             }
             pg::Submitted::Created(c) => {
-                let mut st = self.lock();
-                st.publish(&super::for_event(&c));
-                drop(st);
+                self.state.publish(Arc::new(c.view()));
                 // Held here: into the lane when the feed brings it (see `submitted_here`).
                 // Else, with a session to the agent, this replica may take the lease.
-                if !holding
-                    && !r.holds(&agent)
-                    && let Ok(aid) = agent.parse()
-                    && self.registry.last_session(&aid).is_some()
-                {
+                if !holding && !r.holds(&agent) && self.registry.last_session(&agent).is_some() {
                     let this = self.clone();
                     let r = r.clone();
                     tokio::spawn(async move { this.take_lease(&r, &agent).await });
@@ -703,26 +662,33 @@ impl Commands {
         &self,
         r: &Replicated,
         id: &str,
-    ) -> Result<Command, super::CommandError> {
-        let now = SystemTime::now().into();
-        match pg::cancel(&r.cluster.pool, id, now).await.map_err(sql)? {
+    ) -> Result<CommandRecord, super::CommandError> {
+        match pg::cancel(&r.cluster.pool, id, SystemTime::now())
+            .await
+            .map_err(sql)?
+        {
             Ok(cmd) => {
-                let mut st = self.lock();
-                if st.active.contains_key(id) {
-                    st.transition_quiet(id, CommandState::Cancelled, |c| {
-                        c.finished = cmd.finished;
-                        c.result = cmd.result.clone();
-                        c.version = c.version.max(cmd.version);
-                    });
+                let view = Arc::new(cmd.view());
+                let held = self.state.agents.run(&cmd.agent, |st| {
+                    self.state
+                        .change(st, id, CommandState::Cancelled, false, |c| {
+                            c.finished = cmd.finished;
+                            c.result = cmd.result.clone();
+                            c.version = c.version.max(cmd.version);
+                        });
+                    // Under the agent's lock, as its own transitions are.
+                    self.state.publish(view.clone());
+                });
+                if held.is_none() {
+                    self.state.publish(view);
                 }
-                st.publish(&cmd);
                 r.cluster.feed.poke();
                 Ok(cmd)
             }
             Err(pg::NotCancelled::NotFound) => Err(super::CommandError::NotFound(id.to_owned())),
             Err(pg::NotCancelled::TooLate(c)) => Err(super::CommandError::TooLate {
                 id: id.to_owned(),
-                state: super::state_name(c.state),
+                state: c.state,
             }),
         }
     }
@@ -742,7 +708,7 @@ async fn run_submitter(
         }
         // One batch's limit: they are all the configured limit (it changes only at start).
         let limit = batch.iter().map(|q| q.limit).min().unwrap_or(u32::MAX);
-        let cmds: Vec<Command> = batch.iter().map(|q| q.cmd.clone()).collect();
+        let cmds: Vec<CommandRecord> = batch.iter().map(|q| q.cmd.clone()).collect();
         match pg::submit_batch(&pool, &cmds, limit).await {
             Ok(outcomes) => {
                 for (q, o) in batch.drain(..).zip(outcomes) {

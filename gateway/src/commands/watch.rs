@@ -1,22 +1,36 @@
 //! Feature layer: `Commands/Watch`, a snapshot and then every transition, per caller within
-//! `limits.command_watches_per_caller`.
+//! `limits.command_watches_per_caller`. Events are shared records as watchers see them (no
+//! payload); the API edge turns them into `tether.v1.CommandEvent`s.
 
-use std::pin::Pin;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use tether_api::v1;
-use tether_api::v1::Command;
-use tokio::sync::broadcast;
-use tokio_stream::Stream;
-use tonic::Status;
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc};
 use tunnel_proto::AgentId;
 
-use super::store::is_final;
-use super::{CommandError, Commands, for_event};
+use super::record::CommandRecord;
+use super::state::lock;
+use super::{CommandError, Commands};
 use crate::northbound::auth::Caller;
 
-/// The stream a `Commands/Watch` call answers with.
-pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<v1::CommandEvent, Status>> + Send>>;
+/// What a watch is on.
+#[derive(Clone, Debug)]
+pub(super) enum WatchTarget {
+    /// One command, until its final state.
+    Id(String),
+    /// Every command of one agent, for as long as the caller reads.
+    Agent(AgentId),
+}
+
+/// One event of a watch.
+#[derive(Clone, Debug)]
+pub(super) struct WatchEvent {
+    /// The command as watchers see it (without payload).
+    pub(super) command: Arc<CommandRecord>,
+    /// True for the current state sent first.
+    pub(super) initial: bool,
+}
 
 /// One open `Commands/Watch` stream of a caller; given back when the stream's task ends.
 pub(super) struct WatchSlot {
@@ -26,11 +40,7 @@ pub(super) struct WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut w = self
-            .commands
-            .watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut w = lock(&self.commands.watches);
         if let Some(n) = w.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -53,7 +63,7 @@ impl Commands {
         let limit = self.watch_limit.load(std::sync::atomic::Ordering::Relaxed);
         // Names are unique per kind: a certificate's `<name>` and a token's `sub` may coincide.
         let key = format!("{}:{}", caller.kind.as_str(), caller.name);
-        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = lock(&self.watches);
         let n = w.get(&key).copied().unwrap_or(0);
         if n >= limit {
             drop(w);
@@ -70,48 +80,50 @@ impl Commands {
         })
     }
 
+    /// The current state of what `target` names, then every change after it, while `slot` is
+    /// held. A command's events only move forward: each carries a version above the last sent.
     pub(super) async fn watch(
         self: &Arc<Self>,
-        target: Option<v1::watch_commands_request::Target>,
+        target: WatchTarget,
         slot: WatchSlot,
-    ) -> Result<EventStream, CommandError> {
-        use v1::watch_commands_request::Target;
-        // Snapshot and subscription under the state lock (events are sent under it too): no
-        // transition is missed between the two. Across replicas the snapshot may also be read
-        // from PostgreSQL after subscribing: events of a version the snapshot already shows are
-        // dropped (`seen`), so none is seen twice either.
-        let (mut feed, initial, only_id, only_agent) = match target {
-            Some(Target::Id(id)) => {
-                let (live, feed) = {
-                    let st = self.lock();
-                    let live = st.active.get(&id).or_else(|| st.recent.get(&id)).cloned();
-                    (live, st.events.subscribe())
+    ) -> Result<mpsc::Receiver<Result<WatchEvent, CommandError>>, CommandError> {
+        // Subscribed before the snapshot is read: no change after the snapshot is missed, and
+        // one the snapshot already shows is dropped by its version (`seen`) — the same whether
+        // the snapshot comes from memory or, across replicas, from PostgreSQL.
+        let mut feed = self.state.subscribe();
+        let (initial, only_id, only_agent) = match target {
+            WatchTarget::Id(id) => {
+                let live = match self.state.active(&id) {
+                    Some(c) => Some(Arc::new(CommandRecord {
+                        payload: Bytes::new(),
+                        ..c
+                    })),
+                    None => self.state.recent(&id),
                 };
                 // Neither active nor recent: final long ago, and stored.
                 let c = match live {
                     Some(c) => c,
-                    None => self
-                        .stored(&id)
-                        .await?
-                        .ok_or_else(|| CommandError::NotFound(id.clone()))?,
+                    None => {
+                        let c = self
+                            .stored(&id)
+                            .await?
+                            .ok_or_else(|| CommandError::NotFound(id.clone()))?;
+                        Arc::new(CommandRecord {
+                            payload: Bytes::new(),
+                            ..c
+                        })
+                    }
                 };
-                (feed, vec![c], Some(id), None)
+                (vec![c], Some(id), None)
             }
-            Some(Target::Agent(agent)) => {
-                let agent: AgentId = agent
-                    .parse()
-                    .map_err(|e| CommandError::Invalid(format!("agent {agent:?}: {e}")))?;
-                let agent = agent.to_string();
-                let (mut cmds, feed) = {
-                    let st = self.lock();
-                    let cmds: Vec<Command> = st
-                        .active
-                        .values()
-                        .filter(|c| c.agent == agent)
-                        .map(for_event)
-                        .collect();
-                    (cmds, st.events.subscribe())
-                };
+            WatchTarget::Agent(agent) => {
+                let mut cmds: Vec<Arc<CommandRecord>> = self
+                    .state
+                    .agents
+                    .run(&agent, |st| {
+                        st.active.values().map(|c| Arc::new(c.view())).collect()
+                    })
+                    .unwrap_or_default();
                 // Another replica delivers them: its unfinished commands from the store.
                 if let Some(r) = self.replicated()
                     && !r.holds(&agent)
@@ -121,42 +133,33 @@ impl Commands {
                         .map_err(super::replicated::sql)?;
                     for c in stored {
                         if !cmds.iter().any(|k| k.id == c.id) {
-                            cmds.push(for_event(&c));
+                            cmds.push(Arc::new(c.view()));
                         }
                     }
                 }
                 cmds.sort_by(|a, b| a.id.cmp(&b.id));
-                (feed, cmds, None, Some(agent))
-            }
-            None => {
-                return Err(CommandError::Invalid(
-                    "watch needs an id or an agent".into(),
-                ));
+                (cmds, None, Some(agent))
             }
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             // The caller's slot is held for as long as this stream runs.
             let _slot = slot;
             let mut done = false;
             // Versions already sent, of commands not final yet.
-            let mut seen: std::collections::HashMap<String, u64> = initial
+            let mut seen: HashMap<String, u64> = initial
                 .iter()
-                .filter(|c| !is_final(c.state))
+                .filter(|c| !c.is_final())
                 .map(|c| (c.id.clone(), c.version))
                 .collect();
-            for mut c in initial {
-                c.payload.clear();
-                done |= only_id.is_some() && is_final(c.state);
-                if tx
-                    .send(Ok(v1::CommandEvent {
-                        command: Some(c),
-                        initial: true,
-                    }))
-                    .await
-                    .is_err()
-                {
+            for c in initial {
+                done |= only_id.is_some() && c.is_final();
+                let ev = WatchEvent {
+                    command: c,
+                    initial: true,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
             }
@@ -166,8 +169,8 @@ impl Commands {
                     _ = tx.closed() => return,
                     r = feed.recv() => match r {
                         Ok(c) => c,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let _ = tx.send(Err(Status::resource_exhausted(format!("watch fell {n} events behind")))).await;
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            let _ = tx.send(Err(CommandError::WatchLagged { missed })).await;
                             return;
                         }
                         Err(broadcast::error::RecvError::Closed) => return,
@@ -181,24 +184,21 @@ impl Commands {
                 if seen.get(&c.id).is_some_and(|v| c.version <= *v) {
                     continue;
                 }
-                if is_final(c.state) {
+                if c.is_final() {
                     seen.remove(&c.id);
                 } else {
                     seen.insert(c.id.clone(), c.version);
                 }
-                done = only_id.is_some() && is_final(c.state);
-                if tx
-                    .send(Ok(v1::CommandEvent {
-                        command: Some(c),
-                        initial: false,
-                    }))
-                    .await
-                    .is_err()
-                {
+                done = only_id.is_some() && c.is_final();
+                let ev = WatchEvent {
+                    command: c,
+                    initial: false,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(rx)
     }
 }

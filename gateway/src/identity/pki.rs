@@ -1,5 +1,6 @@
 //! PKI with rcgen (backend layer): a CA, the gateway's server certificate, agent and
-//! control-plane client certificates. ECDSA P-256 everywhere: small and fast to verify.
+//! control-plane client certificates, and the replicas' peer certificates. ECDSA P-256
+//! everywhere: small and fast to verify.
 //!
 //! Directory layout written by `pki init` (keys mode 0600):
 //! `ca.pem`, `ca-key.pem`, `gateway.pem`, `gateway-key.pem`, `trust-domain`.
@@ -126,6 +127,8 @@ impl std::fmt::Debug for Ca {
 pub const AGENT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default lifetime of control-plane client certificates.
 pub const CLIENT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Default lifetime of a replica's peer certificate (read at start: a new one takes a restart).
+pub const PEER_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const SERVER_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -246,6 +249,31 @@ impl Ca {
             SpiffeId::controlplane_uri(&self.trust_domain, name),
             ttl,
         ))
+    }
+
+    /// A gateway replica's peer certificate: `spiffe://<td>/gateway/<replica>` as its only URI
+    /// SAN, for client *and* server authentication (each replica both dials and accepts peer
+    /// links), valid from a minute ago for `ttl`. Agents and callers are refused where it is
+    /// accepted, and it is refused where they are.
+    pub fn issue_gateway(&self, replica: &str, ttl: Duration) -> Result<Issued, PkiError> {
+        tunnel_proto::identity::check_replica(replica)?;
+        let spec = LeafSpec::client(
+            &format!("gateway {replica}"),
+            SpiffeId::gateway_uri(&self.trust_domain, replica),
+            ttl,
+        );
+        let mut params = leaf_params(&spec)?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// The gateway's server certificate for the given DNS names and IPs.
@@ -450,6 +478,27 @@ mod tests {
                 id
             }
         );
+    }
+
+    #[test]
+    fn a_peer_certificate_carries_the_gateway_identity_for_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init(dir.path(), "td.example", &["localhost".into()], false).unwrap();
+        let issued = ca.issue_gateway("gw-1", PEER_TTL).unwrap();
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(
+            tether_runtime::tls::spiffe_id(&der).unwrap(),
+            SpiffeId::Gateway {
+                trust_domain: "td.example".into(),
+                replica: "gw-1".into()
+            }
+        );
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let eku = x509.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth, "{eku:?}");
+        assert!(ca.issue_gateway("..", PEER_TTL).is_err());
+        assert!(ca.issue_gateway("a/b", PEER_TTL).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::commands::CommandError;
 use crate::identity::callers::CallerRevokeError;
 use crate::identity::enrollment::EnrollError;
 use crate::identity::revocation::RevokeError;
+use crate::peer::forwarder::ForwardError;
 use crate::relay::RelayError;
 
 impl From<CommandError> for Status {
@@ -22,9 +23,9 @@ impl From<CommandError> for Status {
                 Status::invalid_argument(msg)
             }
             CommandError::TooLate { .. } => Status::failed_precondition(msg),
-            CommandError::TooManyPending { .. } | CommandError::TooManyWatches { .. } => {
-                Status::resource_exhausted(msg)
-            }
+            CommandError::TooManyPending { .. }
+            | CommandError::TooManyWatches { .. }
+            | CommandError::WatchLagged { .. } => Status::resource_exhausted(msg),
             CommandError::Store(_) | CommandError::Unavailable(_) => Status::unavailable(msg),
         }
     }
@@ -97,6 +98,12 @@ impl From<RelayError> for Status {
                 Status::resource_exhausted(msg)
             }
             RelayError::DeadlineWaitingForStream(_) => Status::deadline_exceeded(msg),
+            RelayError::Forward(e) => match e {
+                ForwardError::NoSession { known: false, .. } => Status::not_found(msg),
+                ForwardError::Busy { .. } => Status::resource_exhausted(msg),
+                ForwardError::Deadline(_) => Status::deadline_exceeded(msg),
+                _ => Status::unavailable(msg),
+            },
         }
     }
 }

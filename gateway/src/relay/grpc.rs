@@ -25,7 +25,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -34,14 +34,13 @@ use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
 use tether_runtime::stream::{Reader, flush};
 use tether_runtime::transport::SendStream;
-use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tunnel_proto::ProtoError;
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::rpc::{self, RequestSend, ResponseEvent, ResponseRecv};
 
-use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::northbound::auth::Caller;
 use crate::relay::limits::StreamPermit;
 use crate::relay::resend::{Replay, ReplayReader};
@@ -145,7 +144,7 @@ async fn relay_call(
     let (first, mut reader, cancel, active) = loop {
         let (mut request, response) = rpc::open(header.clone());
         let opened = relay
-            .open_attempt(&agent, &mut request, deadline, &mut attempts)
+            .open_attempt(Some(&caller), &agent, &mut request, deadline, &mut attempts)
             .await;
         if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
             *tenant = Some(agent.tenant().to_owned());
@@ -160,7 +159,13 @@ async fn relay_call(
         };
         let active = ActiveGuard::new(RelayKind::Grpc, permit);
         let cancel = CancellationToken::new();
-        tokio::spawn(pump_request(body.reader(), send, request, cancel.clone()));
+        tokio::spawn(pump_request(
+            body.reader(),
+            send,
+            request,
+            cancel.clone(),
+            deadline,
+        ));
 
         let mut reader = Reader::new(recv, response);
         let first = match deadline {
@@ -243,10 +248,22 @@ async fn relay_call(
             return Err(Status::unavailable(format!("agent {agent}: {e}")));
         }
     }
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(pump_response(reader, tx, deadline, cancel, tenant, active));
+    // The response body reads the QUIC stream as the caller's HTTP/2 stream polls it: no task
+    // or channel between the agent's bytes and the caller's.
+    let to_caller = ToCaller {
+        reader,
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+        cancel,
+        tenant,
+        bytes: relayed_bytes(Direction::FromAgent),
+        done: false,
+        _active: active,
+    };
     *resp.body_mut() = axum::body::Body::new(http_body_util::StreamBody::new(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
+        futures::stream::unfold(to_caller, |mut st| async move {
+            let frame = st.next().await?;
+            Some((frame, st))
+        }),
     ));
     Ok(resp)
 }
@@ -280,23 +297,34 @@ impl Drop for ActiveGuard {
 }
 
 /// Caller → agent: request body bytes as `Data` frames, then FIN. Resets the stream when the
-/// caller's body fails (the caller went away) or the call is cancelled.
+/// caller's body fails (the caller went away), the call is cancelled or its deadline passes
+/// (whether or not the caller is reading the response).
 async fn pump_request(
     mut body: ReplayReader,
     mut send: SendStream,
     mut request: RequestSend,
     cancel: CancellationToken,
+    deadline: Option<Instant>,
 ) {
+    let bytes = relayed_bytes(Direction::ToAgent);
+    let deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = cancel.cancelled() => break,
+            _ = &mut deadline => break,
             _ = send.stopped() => return,
         };
         match frame {
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
-                    count_relayed_bytes(Direction::ToAgent, data.len());
+                    bytes.increment(data.len() as u64);
                     let _ = request.data(data);
                     if flush(&mut send, &mut request).await.is_err() {
                         return;
@@ -310,6 +338,7 @@ async fn pump_request(
                 // Stay until the call ends so a later cancellation can still reset.
                 tokio::select! {
                     _ = cancel.cancelled() => break,
+                    _ = &mut deadline => break,
                     _ = send.stopped() => return,
                 }
             }
@@ -325,69 +354,57 @@ fn status_trailers(code: Code, msg: &str) -> HeaderMap {
     h
 }
 
-/// Agent → caller: `Data` frames as body chunks, `Trailers` as HTTP/2 trailers. Ends the call
-/// with a status of its own when the agent's stream breaks or the deadline passes.
-async fn pump_response(
-    mut reader: Reader<ResponseRecv>,
-    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-    deadline: Option<Instant>,
+/// Agent → caller: `Data` frames as body chunks, `Trailers` as HTTP/2 trailers, read as the
+/// caller's response is polled. Ends the call with a status of its own when the agent's stream
+/// breaks or the deadline passes; dropped before its end (the caller went away), it cancels the
+/// call end to end.
+struct ToCaller {
+    reader: Reader<ResponseRecv>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     cancel: CancellationToken,
     tenant: String,
+    bytes: metrics::Counter,
+    /// The final frame was given (or the call was ended): nothing more is read.
+    done: bool,
     _active: ActiveGuard,
-) {
-    let far = Instant::now() + Duration::from_secs(86_400 * 365);
-    let deadline = deadline.unwrap_or(far);
-    let end = |code: Code, reader: &mut Reader<ResponseRecv>, cancel: &CancellationToken| {
-        reader.half_mut().cancel();
-        reader.apply_stop();
-        cancel.cancel();
-        record_end(&tenant, code);
-    };
-    loop {
-        let event = tokio::select! {
-            e = reader.next() => e,
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                end(Code::DeadlineExceeded, &mut reader, &cancel);
-                let _ = tx.send(Ok(Frame::trailers(status_trailers(Code::DeadlineExceeded, "deadline exceeded")))).await;
-                return;
-            }
-            _ = tx.closed() => {
-                // The caller went away: cancel end to end.
-                end(Code::Cancelled, &mut reader, &cancel);
-                return;
-            }
+}
+
+impl ToCaller {
+    /// Stops the agent's stream, cancels the request side, and counts the call as `code`.
+    fn end(&mut self, code: Code) {
+        self.done = true;
+        self.reader.half_mut().cancel();
+        self.reader.apply_stop();
+        self.cancel.cancel();
+        record_end(&self.tenant, code);
+    }
+
+    async fn next(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        if self.done {
+            return None;
+        }
+        let event = match &mut self.deadline {
+            Some(deadline) => tokio::select! {
+                e = self.reader.next() => e,
+                _ = deadline.as_mut() => {
+                    self.end(Code::DeadlineExceeded);
+                    return Some(Ok(Frame::trailers(status_trailers(Code::DeadlineExceeded, "deadline exceeded"))));
+                }
+            },
+            None => self.reader.next().await,
         };
         let (code, why) = match event {
             Ok(ResponseEvent::Data(b)) => {
-                count_relayed_bytes(Direction::FromAgent, b.len());
-                let sent = tokio::select! {
-                    r = tx.send(Ok(Frame::data(b))) => r.is_ok(),
-                    _ = tokio::time::sleep_until(deadline.into()) => false,
-                };
-                if sent {
-                    continue;
-                }
-                let code = if Instant::now() >= deadline {
-                    Code::DeadlineExceeded
-                } else {
-                    Code::Cancelled
-                };
-                end(code, &mut reader, &cancel);
-                if code == Code::DeadlineExceeded {
-                    let _ = tx.try_send(Ok(Frame::trailers(status_trailers(
-                        code,
-                        "deadline exceeded",
-                    ))));
-                }
-                return;
+                self.bytes.increment(b.len() as u64);
+                return Some(Ok(Frame::data(b)));
             }
             Ok(ResponseEvent::Trailers(t)) => {
-                record_end(&tenant, code_of(&t));
+                self.done = true;
+                record_end(&self.tenant, code_of(&t));
                 let mut h = HeaderMap::new();
                 grpc::metadata_to_headers(&t.metadata, &mut h);
-                let _ = tx.send(Ok(Frame::trailers(h))).await;
-                cancel.cancel();
-                return;
+                self.cancel.cancel();
+                return Some(Ok(Frame::trailers(h)));
             }
             Ok(ResponseEvent::Failed(StreamFailure::Ended { .. })) => (
                 Code::Internal,
@@ -410,11 +427,21 @@ async fn pump_response(
             }
             Err(e) => (Code::Unavailable, format!("agent stream failed: {e}")),
         };
-        end(code, &mut reader, &cancel);
-        let _ = tx
-            .send(Ok(Frame::trailers(status_trailers(code, &why))))
-            .await;
-        return;
+        self.end(code);
+        Some(Ok(Frame::trailers(status_trailers(code, &why))))
+    }
+}
+
+impl Drop for ToCaller {
+    /// Dropped before its end: the caller went away (or reset the call). Cancel end to end.
+    fn drop(&mut self) {
+        if !self.done {
+            let code = match &self.deadline {
+                Some(d) if d.is_elapsed() => Code::DeadlineExceeded,
+                _ => Code::Cancelled,
+            };
+            self.end(code);
+        }
     }
 }
 

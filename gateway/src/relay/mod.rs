@@ -2,14 +2,19 @@
 //!
 //! [`Relay`] picks the session a stream goes on and opens it: [`grpc`] relays any gRPC call
 //! that is not `tether.v1.*` ([`grpc::RelayService`]), [`tcp`] serves `tether.v1.Streams`, and
-//! [`limits`] caps the streams in flight per agent. The caller (resolved by
+//! [`limits`] caps the streams in flight per agent. With replicas, a stream for an agent with
+//! no session here goes over a peer link to a replica that holds one (`peer::forwarder`): the
+//! local session first, else forward; the stream handed back is the same either way, so the
+//! call's code does not know. [`Relay`] is also what a forwarded stream is opened on at the
+//! holder (`peer::LocalStreams`: local sessions only, one hop at most). The caller (resolved by
 //! `northbound::auth::Authenticated`) must be allowed to act for the agent's tenant: otherwise
 //! `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing about
 //! whether the agent exists.
 //!
 //! **Sessions and re-sends.** Calls are spread over the agent's sessions here (round robin),
 //! preferring those this gateway has not asked to go; a session the agent left takes nothing
-//! new. A call that did not reach the agent when its session went away is sent again on
+//! new (with none usable here, the call is forwarded like one for an agent with no session
+//! here). A call that did not reach the agent when its session went away is sent again on
 //! another session ([`Attempts`]): nothing of it reached the upstream, so this is safe for
 //! every call, idempotent or not.
 
@@ -18,20 +23,23 @@ pub mod limits;
 pub mod resend;
 pub mod tcp;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use http::HeaderMap;
 use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
 use tether_runtime::stream::{StreamError, flush};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
-use tunnel_proto::stream::{SendHalf, StreamFailure};
-use tunnel_proto::{AgentId, ErrorCode};
+use tunnel_proto::stream::{SendHalf, StreamFailure, Transmit};
+use tunnel_proto::{AgentId, ErrorCode, Message, StreamKind};
 
 use crate::metrics::RelayKind;
 use crate::northbound::auth::Caller;
+use crate::peer::forwarder::{ForwardError, ForwardRequest, Forwarder};
+use crate::peer::{LocalRefusal, LocalStream, LocalStreams};
 use crate::relay::limits::{AgentStreams, StreamPermit};
 use crate::tunnel::registry::{Registry, SessionInfo};
 
@@ -100,6 +108,9 @@ pub enum RelayError {
         /// What the transport said.
         source: StreamError,
     },
+    /// The agent's sessions are on other replicas, and forwarding there failed.
+    #[error(transparent)]
+    Forward(ForwardError),
 }
 
 /// Shared state of the relay.
@@ -108,6 +119,8 @@ pub struct Relay {
     registry: Arc<Registry>,
     next: AtomicUsize,
     streams: AgentStreams,
+    /// With peer links: where a stream goes when no session is here.
+    forwarder: OnceLock<Arc<Forwarder>>,
 }
 
 impl Relay {
@@ -118,7 +131,14 @@ impl Relay {
             registry,
             next: AtomicUsize::new(0),
             streams: AgentStreams::new(streams_per_agent),
+            forwarder: OnceLock::new(),
         })
+    }
+
+    /// Forwards streams for agents with no session here through `forwarder` from now on (set
+    /// once; a second call is ignored).
+    pub fn set_forwarder(&self, forwarder: Arc<Forwarder>) {
+        let _ = self.forwarder.set(forwarder);
     }
 
     /// Where to send a call for `agent`: its local sessions in turn, so load spreads across
@@ -132,38 +152,39 @@ impl Relay {
     /// - Sessions this gateway asked to go (`GoAway`: draining, rebalancing) take calls only
     ///   when the agent has no other here.
     fn pick(&self, agent: &AgentId, attempts: &Attempts) -> Result<Arc<SessionInfo>, RelayError> {
-        let snapshot = self
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        // Under the registry's lock, without copying the agent's sessions.
+        let picked = self
             .registry
-            .get(agent)
-            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
-        if snapshot.sessions.is_empty() {
-            return Err(RelayError::NotConnected(agent.clone()));
-        }
-        let s = &snapshot.sessions;
-        let current: Vec<&Arc<SessionInfo>> = s
-            .iter()
-            .enumerate()
-            .filter(|(i, a)| {
-                a.is_usable()
-                    && !attempts.tried(a)
-                    && (a.agent_leaves()
-                        || !s[i + 1..]
-                            .iter()
-                            .any(|b| b.hello.instance_id == a.hello.instance_id))
+            .with_sessions(agent, |s| {
+                if s.is_empty() {
+                    return Err(RelayError::NotConnected(agent.clone()));
+                }
+                let usable = |i: usize| {
+                    let a = &s[i];
+                    a.is_usable()
+                        && !attempts.tried(a)
+                        && (a.agent_leaves()
+                            || !s[i + 1..]
+                                .iter()
+                                .any(|b| b.hello.instance_id == a.hello.instance_id))
+                };
+                let staying = |i: usize| usable(i) && !s[i].is_asked_to_go();
+                let n = (0..s.len()).filter(|&i| staying(i)).count();
+                let chosen = if n > 0 {
+                    (0..s.len()).filter(|&i| staying(i)).nth(turn % n)
+                } else {
+                    let n = (0..s.len()).filter(|&i| usable(i)).count();
+                    (n > 0)
+                        .then(|| (0..s.len()).filter(|&i| usable(i)).nth(turn % n))
+                        .flatten()
+                };
+                chosen
+                    .map(|i| s[i].clone())
+                    .ok_or_else(|| RelayError::Moving(agent.clone()))
             })
-            .map(|(_, a)| a)
-            .collect();
-        let staying: Vec<&Arc<SessionInfo>> = current
-            .iter()
-            .copied()
-            .filter(|a| !a.is_asked_to_go())
-            .collect();
-        let from = if staying.is_empty() { current } else { staying };
-        if from.is_empty() {
-            return Err(RelayError::Moving(agent.clone()));
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % from.len();
-        Ok(from[i].clone())
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
+        picked
     }
 
     /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
@@ -195,40 +216,86 @@ impl Relay {
         machine: &mut S,
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
-        self.open_attempt(agent, machine, deadline, &mut Attempts::default())
-            .await
+        self.open_as(None, agent, machine, deadline).await
     }
 
-    /// [`Relay::open`] for one attempt of a call: on a session `attempts` has not tried, which
-    /// it records (see [`Attempts`] for when the call may go again).
+    /// [`Relay::open_as`] for one attempt of a call: on a session `attempts` has not tried,
+    /// which it records (see [`Attempts`] for when the call may go again).
     pub async fn open_attempt<S: SendHalf + ?Sized>(
         &self,
+        caller: Option<&Caller>,
         agent: &AgentId,
         machine: &mut S,
         deadline: Option<Instant>,
         attempts: &mut Attempts,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
-        let session = self.pick(agent, attempts)?;
-        let permit = self
-            .streams
-            .acquire(agent)
-            .ok_or_else(|| RelayError::TooManyStreams {
-                agent: agent.clone(),
-                limit: self.streams.max(),
-            })?;
+        attempts.sends += 1;
+        attempts.last = None;
+        let local = match self.pick(agent, attempts) {
+            Ok(session) => session,
+            Err(
+                e @ (RelayError::UnknownAgent(_)
+                | RelayError::NotConnected(_)
+                | RelayError::Moving(_)),
+            ) => {
+                return match self.forwarder.get() {
+                    Some(f) => self.forward(f, caller, agent, machine, deadline, e).await,
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         // Counted on the session before the stream is opened: a session the agent left
         // closes only once this is dropped (see `SessionInfo::was_closed_after_leave`).
-        let permit = permit.on_session(session.relay_stream());
-        attempts.tried.push(session.clone());
+        let permit = self.permit(agent)?.on_session(local.relay_stream());
+        attempts.tried.push(local.clone());
+        attempts.last = Some(local.clone());
+        self.open_on((caller, agent), local, permit, machine, deadline)
+            .await
+    }
+
+    /// As [`open`](Self::open), for `caller` (named in the holder's logs when the stream is
+    /// forwarded). A session here is used first; with none (or when its connection fails
+    /// before anything was written), the stream is forwarded to a replica that holds one.
+    pub async fn open_as<S: SendHalf + ?Sized>(
+        &self,
+        caller: Option<&Caller>,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        self.open_attempt(caller, agent, machine, deadline, &mut Attempts::default())
+            .await
+    }
+
+    /// The local part of [`Relay::open_attempt`], once a session here was picked.
+    async fn open_on<S: SendHalf + ?Sized>(
+        &self,
+        (caller, agent): (Option<&Caller>, &AgentId),
+        local: Arc<SessionInfo>,
+        permit: StreamPermit,
+        machine: &mut S,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
-            match tokio::time::timeout_at(open_by.into(), session.link.open()).await {
+            match tokio::time::timeout_at(open_by.into(), local.link.open()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(source)) => {
-                    return Err(RelayError::ConnectionLost {
+                    let lost = RelayError::ConnectionLost {
                         agent: agent.clone(),
                         source,
-                    });
+                    };
+                    // The session is going away and nothing was written: another replica's
+                    // session may take the stream.
+                    return match self.forwarder.get() {
+                        Some(f) => {
+                            drop(permit);
+                            self.forward(f, caller, agent, machine, deadline, lost)
+                                .await
+                        }
+                        None => Err(lost),
+                    };
                 }
                 Err(_) if deadline.is_some() => {
                     return Err(RelayError::DeadlineWaitingForStream(agent.clone()));
@@ -242,6 +309,98 @@ impl Relay {
                 source,
             })?;
         Ok((send, recv, permit))
+    }
+
+    fn permit(&self, agent: &AgentId) -> Result<StreamPermit, RelayError> {
+        self.streams
+            .acquire(agent)
+            .ok_or_else(|| RelayError::TooManyStreams {
+                agent: agent.clone(),
+                limit: self.streams.max(),
+            })
+    }
+
+    /// Forwards the stream `machine` opens to a replica holding a session of `agent`;
+    /// `local` is why it could not stay here (answered when no replica holds the agent).
+    async fn forward<S: SendHalf + ?Sized>(
+        &self,
+        forwarder: &Forwarder,
+        caller: Option<&Caller>,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+        local: RelayError,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        let permit = self.permit(agent)?;
+        let mut queued = Vec::new();
+        while let Some(t) = machine.poll_transmit() {
+            queued.push(t);
+        }
+        let req = ForwardRequest {
+            agent,
+            caller: caller.map_or("-", |c| c.name.as_str()),
+            stream_kind: stream_kind(&queued),
+            deadline,
+        };
+        match forwarder.open(req, &queued).await {
+            Ok((send, recv)) => Ok((send, recv, permit)),
+            Err(ForwardError::NoSession { known, .. }) => Err(match local {
+                RelayError::UnknownAgent(a) if known => RelayError::NotConnected(a),
+                other => other,
+            }),
+            Err(ForwardError::Deadline(a)) => Err(RelayError::DeadlineWaitingForStream(a)),
+            Err(e) => Err(RelayError::Forward(e)),
+        }
+    }
+}
+
+/// What a stream carries, from the `StreamHeader` its machine queued (for the holder's logs).
+fn stream_kind(queued: &[Transmit]) -> &'static str {
+    let Some(Transmit::Bytes(first)) = queued.first() else {
+        return "unknown";
+    };
+    let mut dec = tunnel_proto::FrameDecoder::new(tunnel_proto::frame::MAX_STREAM_FRAME);
+    dec.push(first);
+    if let Some(Transmit::Bytes(rest)) = queued.get(1) {
+        dec.push(rest);
+    }
+    match dec.next_message() {
+        Ok(Some(Message::StreamHeader(h))) => match StreamKind::try_from(h.kind) {
+            Ok(StreamKind::Rpc) => "grpc",
+            Ok(StreamKind::Tcp) => "tcp",
+            _ => "other",
+        },
+        _ => "unknown",
+    }
+}
+
+impl LocalStreams for Relay {
+    /// A stream to one of `agent`'s sessions here, never forwarded again (one hop at most).
+    fn open_local<'a>(
+        &'a self,
+        agent: &'a AgentId,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<LocalStream, LocalRefusal>> {
+        Box::pin(async move {
+            let session = self
+                .pick(agent, &Attempts::default())
+                .map_err(|_| LocalRefusal::NotHere)?;
+            let permit = self
+                .permit(agent)
+                .map_err(|e| LocalRefusal::TooManyStreams(e.to_string()))?
+                .on_session(session.relay_stream());
+            match tokio::time::timeout_at(deadline.into(), session.link.open()).await {
+                Ok(Ok((send, recv))) => Ok(LocalStream {
+                    send,
+                    recv,
+                    permit: Box::new(permit),
+                }),
+                Ok(Err(e)) => Err(LocalRefusal::Lost(format!("agent {agent}: {e}"))),
+                Err(_) => Err(LocalRefusal::NoFreeStream(
+                    RelayError::NoFreeStream(agent.clone()).to_string(),
+                )),
+            }
+        })
     }
 }
 
@@ -267,7 +426,12 @@ pub const MAX_SENDS: usize = 4;
 /// [`resend::REPLAY_MAX`].
 #[derive(Debug, Default)]
 pub struct Attempts {
+    /// The local sessions tried.
     tried: Vec<Arc<SessionInfo>>,
+    /// Attempts made, local or forwarded.
+    sends: usize,
+    /// The last attempt's session, when it was one here (not forwarded).
+    last: Option<Arc<SessionInfo>>,
 }
 
 impl Attempts {
@@ -276,13 +440,14 @@ impl Attempts {
     }
 
     fn may_send_again(&self) -> bool {
-        self.tried.len() < MAX_SENDS
+        self.sends < MAX_SENDS
     }
 
-    /// The last attempt's session was closed by this gateway after the agent left it.
+    /// The last attempt's session (one here) was closed by this gateway after the agent left
+    /// it.
     fn closed_after_leave(&self) -> bool {
-        self.tried
-            .last()
+        self.last
+            .as_ref()
             .is_some_and(|s| s.was_closed_after_leave())
     }
 
@@ -348,8 +513,32 @@ fn record_first_byte(kind: RelayKind, started: Instant) {
 /// was routed to (see [`grpc::tenant_label`]).
 fn record_call(kind: RelayKind, tenant: &str, code: Code) {
     metrics::counter!("tether_gateway_relay_calls_total", "kind" => kind.as_str(),
-        "tenant" => tenant.to_owned(), "code" => format!("{code:?}"))
+        "tenant" => tenant.to_owned(), "code" => code_label(code))
     .increment(1);
+}
+
+/// The `code` label: the status code's name, as `{code:?}` writes it, without formatting it
+/// on every call.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
 }
 
 #[cfg(test)]

@@ -9,17 +9,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tether_api::v1::StreamChunk;
 use tether_api::v1::streams_server::{Streams, StreamsServer};
 use tether_runtime::stream::{Reader, flush};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tunnel_proto::stream::StreamFailure;
-use tunnel_proto::stream::tcp::{GatewayTcp, TcpEvent};
+use tunnel_proto::stream::tcp::{GatewayTcp, RawRecv, TcpEvent};
 use tunnel_proto::{ErrorCode, ProtoError};
 
-use crate::metrics::{Direction, RelayKind, count_relayed_bytes};
+use crate::metrics::{Direction, RelayKind, relayed_bytes};
+use crate::relay::limits::StreamPermit;
 use crate::relay::{Attempts, Relay, record_call, record_first_byte, record_resend};
 
 /// `tether.v1.Streams`.
@@ -64,7 +64,7 @@ impl Streams for StreamsApi {
             let mut machine = GatewayTcp::new(service.clone());
             let (send, recv, permit) = match self
                 .relay
-                .open_attempt(&agent, &mut machine, None, &mut attempts)
+                .open_attempt(Some(&caller), &agent, &mut machine, None, &mut attempts)
                 .await
             {
                 Ok(o) => o,
@@ -127,14 +127,16 @@ impl Streams for StreamsApi {
             return Err(Status::internal("TCP stream not open after its answer"));
         };
 
-        // Caller → agent.
+        // Caller → agent: a task of its own, so this direction flows whether or not the caller
+        // reads the other.
         let mut inbound = req.into_inner();
+        let to_agent_bytes = relayed_bytes(Direction::ToAgent);
         tokio::spawn(async move {
             loop {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
-                        count_relayed_bytes(Direction::ToAgent, chunk.data.len());
-                        let _ = to_agent.write(Bytes::from(chunk.data));
+                        to_agent_bytes.increment(chunk.data.len() as u64);
+                        let _ = to_agent.write(chunk.data);
                     }
                     // The caller half-closed: so do we.
                     None => {
@@ -154,45 +156,66 @@ impl Streams for StreamsApi {
             }
         });
 
-        // Agent → caller. The stream counts against the agent's limit until this side ends.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut reader = Reader::new(recv, from_agent);
-        tokio::spawn(async move {
-            let _permit = permit;
-            loop {
-                let event = tokio::select! {
-                    e = reader.next() => e,
-                    _ = tx.closed() => {
-                        reader.half_mut().stop(ErrorCode::CANCELLED);
-                        reader.apply_stop();
-                        return;
-                    }
-                };
-                let failed = match event {
-                    Ok(TcpEvent::Data(b)) => {
-                        count_relayed_bytes(Direction::FromAgent, b.len());
-                        if tx.send(Ok(StreamChunk { data: b.to_vec() })).await.is_err() {
-                            reader.half_mut().stop(ErrorCode::CANCELLED);
-                            reader.apply_stop();
-                            return;
-                        }
-                        continue;
-                    }
-                    Ok(TcpEvent::Finished) => return,
-                    Ok(TcpEvent::Failed(e)) => e.to_string(),
-                    Ok(other) => format!("{other:?}"),
-                    Err(e) => e.to_string(),
-                };
-                let _ = tx
-                    .send(Err(Status::unavailable(format!(
-                        "agent stream failed: {failed}"
-                    ))))
-                    .await;
-                return;
+        // Agent → caller: read from the QUIC stream as the response is polled (by the HTTP/2
+        // stream's task, with no task or channel between). The stream counts against the
+        // agent's limit until this side ends or is dropped.
+        let state = FromAgent {
+            reader: Reader::new(recv, from_agent),
+            bytes: relayed_bytes(Direction::FromAgent),
+            done: false,
+            _permit: permit,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            |mut st| async move {
+                let item = st.next().await?;
+                Some((item, st))
+            },
+        ))))
+    }
+}
+
+/// The agent → caller half of an open TCP stream, read as the caller's response is polled.
+struct FromAgent {
+    reader: Reader<RawRecv>,
+    bytes: metrics::Counter,
+    /// The final item was given: nothing more is read.
+    done: bool,
+    _permit: StreamPermit,
+}
+
+impl FromAgent {
+    /// The next chunk for the caller; `None` once the agent finished (or after an error).
+    async fn next(&mut self) -> Option<Result<StreamChunk, Status>> {
+        if self.done {
+            return None;
+        }
+        let failed = match self.reader.next().await {
+            Ok(TcpEvent::Data(b)) => {
+                self.bytes.increment(b.len() as u64);
+                return Some(Ok(StreamChunk { data: b }));
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            Ok(TcpEvent::Finished) => {
+                self.done = true;
+                return None;
+            }
+            Ok(TcpEvent::Failed(e)) => e.to_string(),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => e.to_string(),
+        };
+        self.done = true;
+        Some(Err(Status::unavailable(format!(
+            "agent stream failed: {failed}"
+        ))))
+    }
+}
+
+impl Drop for FromAgent {
+    /// The caller went away before the agent finished: tell the agent to stop sending.
+    fn drop(&mut self) {
+        if !self.done && !self.reader.half_mut().is_ended() {
+            self.reader.half_mut().stop(ErrorCode::CANCELLED);
+            self.reader.apply_stop();
+        }
     }
 }

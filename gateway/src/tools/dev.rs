@@ -9,7 +9,9 @@
 //! PostgreSQL started for the run (`tools::local_postgres`: Debian's `postgresql` must be
 //! installed; it is removed at exit). The agent dials every replica (one session each), and
 //! each replica answers for the whole fleet; `dev.json` points at the first, `dev-<i>.json`
-//! at replica i. `--check` makes a call through each replica.
+//! at replica i. Each replica gets a peer certificate (`peer-<i>/`) and links to the others,
+//! so a call reaching a replica without the agent's session is forwarded. `--check` waits for
+//! every peer link and makes a call through each replica.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -180,7 +182,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
 async fn run_replicas(
     opts: &DevOptions,
     dir: &Path,
-    _ca: &Ca,
+    ca: &Ca,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let n = opts.replicas;
@@ -199,7 +201,16 @@ async fn run_replicas(
     };
     let mut replicas: Vec<Replica> = Vec::new();
     for i in 0..n {
-        let (sockets, [tunnel, northbound, ops]) = bind(lo(7443, i), lo(7444, i), lo(9090, i))?;
+        let (mut sockets, [tunnel, northbound, ops]) = bind(lo(7443, i), lo(7444, i), lo(9090, i))?;
+        let replica = format!("dev-{}", i + 1);
+        let peer_socket = udp_or_any(lo(7445, i)).map_err(|e| format!("binding peer: {e}"))?;
+        let peer_listen = peer_socket.local_addr().map_err(|e| e.to_string())?;
+        sockets.peer = Some(peer_socket);
+        let peer_dir = dir.join(format!("peer-{}", i + 1));
+        let issued = ca
+            .issue_gateway(&replica, pki::PEER_TTL)
+            .map_err(|e| e.to_string())?;
+        pki::write_issued(&peer_dir, "peer", &issued, ca).map_err(|e| e.to_string())?;
         let mut cfg = gateway_config(
             dir,
             tunnel,
@@ -208,9 +219,11 @@ async fn run_replicas(
             dir.join(format!("data-{}", i + 1)),
         );
         cfg.store.dsn = Some(pg.dsn());
-        cfg.cluster.replica_id = Some(format!("dev-{}", i + 1));
-        // Nothing listens there yet (replica-to-replica links come later); unique per replica.
-        cfg.cluster.advertise = Some(format!("127.0.0.1:{}", 7445 + 10 * i));
+        cfg.cluster.replica_id = Some(replica.clone());
+        // Peers dial it at the bound address (cluster.advertise unset).
+        cfg.cluster.peer_listen = peer_listen;
+        cfg.cluster.peer_cert = Some(peer_dir.join("peer.pem"));
+        cfg.cluster.peer_key = Some(peer_dir.join("peer-key.pem"));
         let mut shown = cfg.clone();
         shown.store.dsn = Some(pg.dsn_without_password());
         write(
@@ -220,7 +233,7 @@ async fn run_replicas(
         let stop = CancellationToken::new();
         let gw = server::start(cfg, sockets, stop.clone())
             .await
-            .map_err(|e| format!("replica dev-{}: {e}", i + 1))?;
+            .map_err(|e| format!("replica {replica}: {e}"))?;
         let json = dev_json(dir, northbound, ops);
         let name = if i == 0 {
             "dev.json".to_owned()
@@ -258,7 +271,7 @@ async fn run_replicas(
     };
     println!();
     println!(
-        "tether dev is up: {n} gateway replicas on PostgreSQL {}; agent {AGENT} holds a session on each, and a call relayed through each answered.",
+        "tether dev is up: {n} gateway replicas on PostgreSQL {}, linked to each other; agent {AGENT} holds a session on each, and a call relayed through each answered.",
         pg.dsn_without_password()
     );
     for (i, (_, _, _, name, [tunnel, northbound, ops])) in replicas.iter().enumerate() {
@@ -332,6 +345,9 @@ async fn check_replicas(
     for (gw, ..) in replicas {
         wait_for_session(gw, child, shutdown).await?;
     }
+    for (gw, _, _, name, _) in replicas {
+        wait_for_peer_links(gw, n - 1, name).await?;
+    }
     let mut agent = None;
     for (_, _, json, name, _) in replicas {
         // Presence is written in batches, a moment after the session registered.
@@ -357,6 +373,31 @@ async fn check_replicas(
     agent.ok_or_else(|| "no replica answered".to_owned())
 }
 
+/// Waits until `gw` has a link up to each of its `want` peers.
+async fn wait_for_peer_links(
+    gw: &server::GatewayHandle,
+    want: usize,
+    name: &str,
+) -> Result<(), String> {
+    let Some(peers) = &gw.peers else {
+        return Err(format!("{name}: the peer links did not start"));
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = peers.status().iter().filter(|p| p.up).count();
+        if up >= want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{name}: {up} of {want} peer links up after 30s: {:?}",
+                peers.status()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Binds the gateway's sockets at the preferred addresses, or free ports on loopback.
 fn bind(
     tunnel: SocketAddr,
@@ -374,6 +415,7 @@ fn bind(
         tunnel_tcp,
         northbound: tcp_or_any(northbound).map_err(|e| format!("binding northbound: {e}"))?,
         ops: tcp_or_any(ops).map_err(|e| format!("binding ops: {e}"))?,
+        peer: None,
     };
     let addrs = [
         sockets.tunnel.local_addr().map_err(|e| e.to_string())?,

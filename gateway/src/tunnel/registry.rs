@@ -403,6 +403,18 @@ impl Registry {
         agents.get(id).map(|e| Self::snapshot(id, e))
     }
 
+    /// Runs `f` on `id`'s live sessions (in connection order) under the registry's lock, without
+    /// copying them: for the relay's per-call pick. `None` when the agent was never seen. `f`
+    /// must not block.
+    pub fn with_sessions<T>(
+        &self,
+        id: &AgentId,
+        f: impl FnOnce(&[Arc<SessionInfo>]) -> T,
+    ) -> Option<T> {
+        let agents = self.agents.lock().expect("registry lock");
+        agents.get(id).map(|e| f(&e.sessions))
+    }
+
     /// The newest live session of `id` the agent has not left, if it has one (no snapshot of
     /// the agent). A session the agent left takes no new stream: it is about to go.
     pub fn last_session(&self, id: &AgentId) -> Option<Arc<SessionInfo>> {

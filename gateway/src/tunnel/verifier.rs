@@ -124,6 +124,10 @@ impl ClientCertVerifier for AgentVerifier {
                 HandshakeFailure::NotAnAgent,
                 format!("{other} is a control-plane identity"),
             ),
+            Ok(other @ SpiffeId::Gateway { .. }) => refuse(
+                HandshakeFailure::NotAnAgent,
+                format!("{other} is a gateway replica's identity (for the peer links only)"),
+            ),
             Err(e @ (TlsError::NoIdentity | TlsError::SeveralIdentities(_))) => {
                 refuse(HandshakeFailure::NoIdentity, e.to_string())
             }

@@ -21,20 +21,22 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use prost::Message as _;
+use bytes::Bytes;
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, WriteTransaction,
 };
-use tether_api::v1::Command;
 use tokio::sync::{mpsc, oneshot};
+use tunnel_proto::AgentId;
 
+use super::codec::{self, Parts};
 use super::{
     CommandStore, LIST_SCAN_BYTES, LIST_SCAN_RECORDS, ListFilter, ListPage, Retention, StoreError,
-    StoreFuture, SubmitOutcome, is_final,
+    StoreFuture, SubmitOutcome,
 };
+use crate::commands::record::{CommandRecord, unix_ms};
 
-/// id → encoded `Command` (its payload inline when at most [`INLINE_PAYLOAD`] bytes, its output
+/// id → the encoded record ([`codec`]; its payload inline when at most [`INLINE_PAYLOAD`] bytes, its output
 /// when at most [`INLINE_OUTPUT`]).
 const COMMANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("commands");
 /// id → a larger payload, written once at Submit: state changes rewrite the small record only.
@@ -74,8 +76,11 @@ const CACHE_SIZE: usize = 64 << 20;
 const MAX_BATCH: usize = 4096;
 
 enum Op {
-    Submit(Command, oneshot::Sender<Result<SubmitOutcome, StoreError>>),
-    Put(Command, oneshot::Sender<Result<(), StoreError>>),
+    Submit(
+        CommandRecord,
+        oneshot::Sender<Result<SubmitOutcome, StoreError>>,
+    ),
+    Put(CommandRecord, oneshot::Sender<Result<(), StoreError>>),
     Prune(Retention, oneshot::Sender<Result<usize, StoreError>>),
 }
 
@@ -90,61 +95,40 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn decode(id: &str, bytes: &[u8]) -> Result<Command, StoreError> {
-    Command::decode(bytes).map_err(|e| StoreError::Corrupt {
-        id: id.to_owned(),
-        detail: e.to_string(),
-    })
-}
+use codec::decode;
 
 /// The record as stored: everything but a large payload or output.
-fn encode_record(cmd: &Command) -> Vec<u8> {
+fn encode_record(cmd: &CommandRecord) -> Vec<u8> {
     let big_output = cmd
         .result
         .as_ref()
         .is_some_and(|r| r.output.len() > INLINE_OUTPUT);
-    if cmd.payload.len() <= INLINE_PAYLOAD && !big_output {
-        return cmd.encode_to_vec();
-    }
-    let mut record = Command {
-        payload: Vec::new(),
-        result: None,
-        ..cmd.clone()
-    };
-    if cmd.payload.len() <= INLINE_PAYLOAD {
-        record.payload = cmd.payload.clone();
-    }
-    record.result = cmd.result.as_ref().map(|r| tether_api::v1::CommandResult {
-        output: if big_output {
-            Vec::new()
-        } else {
-            r.output.clone()
+    codec::encode(
+        cmd,
+        Parts {
+            payload: cmd.payload.len() <= INLINE_PAYLOAD,
+            output: !big_output,
         },
-        message: r.message.clone(),
-    });
-    record.encode_to_vec()
+    )
 }
 
-fn tenant_of(agent: &str) -> &str {
-    agent.split_once('/').map_or(agent, |(t, _)| t)
-}
-
-fn agent_key(agent: &str, id: &str) -> String {
+fn agent_key(agent: &AgentId, id: &str) -> String {
     format!("a{agent}\n{id}")
 }
 
-fn tenant_key(agent: &str, id: &str) -> String {
-    format!("t{}\n{id}", tenant_of(agent))
+fn tenant_key(agent: &AgentId, id: &str) -> String {
+    format!("t{}\n{id}", agent.tenant())
 }
 
-fn unix_ms(ts: Option<&prost_types::Timestamp>) -> i64 {
-    ts.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+/// The `idempotency` table's key.
+fn idempotency_key(agent: &AgentId, key: &str) -> String {
+    format!("{agent}\n{key}")
 }
 
 /// When a final record finished, for the `finished` index (its write time if it has none).
-fn finished_ms(cmd: &Command) -> u64 {
-    match cmd.finished.as_ref() {
-        Some(t) => u64::try_from(unix_ms(Some(t))).unwrap_or(0),
+fn finished_ms(cmd: &CommandRecord) -> u64 {
+    match cmd.finished {
+        Some(t) => u64::try_from(unix_ms(t)).unwrap_or(0),
         None => now_ms(),
     }
 }
@@ -278,7 +262,7 @@ fn build_indexes(tx: &WriteTransaction) -> Result<usize, StoreError> {
         owner
             .insert(tenant_key(&c.agent, &c.id).as_str(), ())
             .map_err(backend)?;
-        if is_final(c.state) {
+        if c.is_final() {
             finished
                 .insert((finished_ms(&c), c.id.as_str()), ())
                 .map_err(backend)?;
@@ -367,7 +351,7 @@ impl Needs {
                     n.large_payload |= c.payload.len() > INLINE_PAYLOAD;
                 }
                 Op::Put(c, _) => {
-                    if is_final(c.state) {
+                    if c.is_final() {
                         n.finals = true;
                         n.large_output |= c
                             .result
@@ -435,7 +419,7 @@ fn write_batch(
                     else {
                         unreachable!("a batch with a Submit opens its tables");
                     };
-                    let key = format!("{}\n{}", cmd.agent, cmd.idempotency_key);
+                    let key = idempotency_key(&cmd.agent, &cmd.idempotency_key);
                     if !cmd.idempotency_key.is_empty()
                         && let Some(id) = idem.get(key.as_str()).map_err(backend)?
                     {
@@ -465,7 +449,7 @@ fn write_batch(
                         && let Some(payloads) = payloads.as_mut()
                     {
                         payloads
-                            .insert(cmd.id.as_str(), cmd.payload.as_slice())
+                            .insert(cmd.id.as_str(), &cmd.payload[..])
                             .map_err(backend)?;
                     }
                     owner
@@ -478,11 +462,12 @@ fn write_batch(
                         idem.insert(key.as_str(), cmd.id.as_str())
                             .map_err(backend)?;
                     }
+                    let agent = cmd.agent.to_string();
                     let n = agents
-                        .get(cmd.agent.as_str())
+                        .get(agent.as_str())
                         .map_err(backend)?
                         .map_or(0, |v| v.value());
-                    agents.insert(cmd.agent.as_str(), n + 1).map_err(backend)?;
+                    agents.insert(agent.as_str(), n + 1).map_err(backend)?;
                     results.push(Done::Submitted(Box::new(SubmitOutcome {
                         command: cmd,
                         created: true,
@@ -495,13 +480,13 @@ fn write_batch(
                     commands
                         .insert(cmd.id.as_str(), encode_record(cmd).as_slice())
                         .map_err(backend)?;
-                    if is_final(cmd.state) {
+                    if cmd.is_final() {
                         if let Some(r) = &cmd.result
                             && r.output.len() > INLINE_OUTPUT
                             && let Some(outputs) = outputs.as_mut()
                         {
                             outputs
-                                .insert(cmd.id.as_str(), r.output.as_slice())
+                                .insert(cmd.id.as_str(), &r.output[..])
                                 .map_err(backend)?;
                         }
                         if let Some(finished) = finished.as_mut() {
@@ -604,7 +589,7 @@ fn prune(
             .remove(tenant_key(&c.agent, id).as_str())
             .map_err(backend)?;
         if !c.idempotency_key.is_empty() {
-            let key = format!("{}\n{}", c.agent, c.idempotency_key);
+            let key = idempotency_key(&c.agent, &c.idempotency_key);
             let names_it = idem
                 .get(key.as_str())
                 .map_err(backend)?
@@ -620,13 +605,13 @@ fn prune(
 // === Reads ===
 
 /// Whether `c` passes the filters `list` checks record by record.
-fn matches(f: &ListFilter, c: &Command) -> bool {
-    let created = unix_ms(c.created.as_ref());
-    (f.agent.is_empty() || c.agent == f.agent)
+fn matches(f: &ListFilter, c: &CommandRecord) -> bool {
+    let created = c.created.map_or(0, unix_ms);
+    f.agent.as_ref().is_none_or(|a| c.agent == *a)
         && f.tenants
             .as_ref()
-            .is_none_or(|ts| ts.iter().any(|t| t == tenant_of(&c.agent)))
-        && (f.state == 0 || c.state == f.state)
+            .is_none_or(|ts| ts.iter().any(|t| t == c.agent.tenant()))
+        && f.state.is_none_or(|s| c.state == s)
         && (f.kind.is_empty() || c.kind == f.kind)
         && f.from_ms.is_none_or(|from| created >= from)
         && f.to_ms.is_none_or(|to| created < to)
@@ -677,8 +662,8 @@ impl EmbeddedStore {
         let owner = tx.open_table(BY_OWNER).map_err(backend)?;
         // Where the records come from, in id order: one agent's index, the merged indexes of
         // some tenants, or the whole table.
-        let mut found: Box<dyn Iterator<Item = Found> + '_> = if !f.agent.is_empty() {
-            let ids = owner_ids(&owner, &format!("a{}", f.agent), &f.after)?;
+        let mut found: Box<dyn Iterator<Item = Found> + '_> = if let Some(agent) = &f.agent {
+            let ids = owner_ids(&owner, &format!("a{agent}"), &f.after)?;
             Box::new(ids.map(|r| r.map(|id| (id, None))))
         } else if let Some(tenants) = &f.tenants {
             let mut heads = Vec::new();
@@ -752,7 +737,7 @@ impl EmbeddedStore {
 }
 
 impl CommandStore for EmbeddedStore {
-    fn submit(&self, command: Command) -> StoreFuture<SubmitOutcome> {
+    fn submit(&self, command: CommandRecord) -> StoreFuture<SubmitOutcome> {
         let (tx, rx) = oneshot::channel();
         let sent = self.writer.send(Op::Submit(command, tx));
         Box::pin(async move {
@@ -761,7 +746,7 @@ impl CommandStore for EmbeddedStore {
         })
     }
 
-    fn put(&self, command: Command) -> StoreFuture<()> {
+    fn put(&self, command: CommandRecord) -> StoreFuture<()> {
         let (tx, rx) = oneshot::channel();
         // Enqueued now, so writes apply in call order even if the future is never awaited.
         let sent = self.writer.send(Op::Put(command, tx));
@@ -771,7 +756,7 @@ impl CommandStore for EmbeddedStore {
         })
     }
 
-    fn get(&self, id: &str) -> Result<Option<Command>, StoreError> {
+    fn get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(COMMANDS).map_err(backend)?;
         let Some(b) = t.get(id).map_err(backend)? else {
@@ -781,16 +766,16 @@ impl CommandStore for EmbeddedStore {
         if c.payload.is_empty() {
             let p = tx.open_table(PAYLOADS).map_err(backend)?;
             if let Some(payload) = p.get(id).map_err(backend)? {
-                c.payload = payload.value().to_vec();
+                c.payload = Bytes::copy_from_slice(payload.value());
             }
         }
-        if let Some(r) = c.result.as_mut()
+        if c.is_final()
+            && let Some(r) = c.result.as_mut()
             && r.output.is_empty()
-            && is_final(c.state)
         {
             let o = tx.open_table(OUTPUTS).map_err(backend)?;
             if let Some(output) = o.get(id).map_err(backend)? {
-                r.output = output.value().to_vec();
+                r.output = Bytes::copy_from_slice(output.value());
             }
         }
         Ok(Some(c))
@@ -801,7 +786,7 @@ impl CommandStore for EmbeddedStore {
         self.list_in(&tx, f)
     }
 
-    fn unfinished(&self) -> Result<Vec<Command>, StoreError> {
+    fn unfinished(&self) -> Result<Vec<CommandRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(COMMANDS).map_err(backend)?;
         let p = tx.open_table(PAYLOADS).map_err(backend)?;
@@ -809,11 +794,11 @@ impl CommandStore for EmbeddedStore {
         for entry in t.iter().map_err(backend)? {
             let (k, v) = entry.map_err(backend)?;
             let mut c = decode(k.value(), v.value())?;
-            if !is_final(c.state) {
+            if !c.is_final() {
                 if c.payload.is_empty()
                     && let Some(payload) = p.get(k.value()).map_err(backend)?
                 {
-                    c.payload = payload.value().to_vec();
+                    c.payload = Bytes::copy_from_slice(payload.value());
                 }
                 out.push(c);
             }
@@ -821,10 +806,12 @@ impl CommandStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+    fn knows_agent(&self, agent: &AgentId) -> Result<bool, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(AGENTS).map_err(backend)?;
-        Ok(t.get(agent).map_err(backend)?.is_some())
+        Ok(t.get(agent.to_string().as_str())
+            .map_err(backend)?
+            .is_some())
     }
 
     fn prune(&self, retention: Retention) -> StoreFuture<usize> {
@@ -846,16 +833,27 @@ impl CommandStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_api::v1::CommandState;
+    use crate::commands::record::{CommandState, NewCommand, Outcome, from_unix_ms};
+    use prost::Message as _;
 
-    fn cmd(agent: &str, key: &str) -> Command {
-        Command {
-            agent: agent.into(),
-            kind: "echo".into(),
-            idempotency_key: key.into(),
-            state: CommandState::Queued as i32,
-            ..Default::default()
-        }
+    fn cmd(agent: &str, key: &str) -> CommandRecord {
+        CommandRecord::queued(
+            NewCommand {
+                agent: agent.parse().unwrap(),
+                kind: "echo".into(),
+                payload: Bytes::new(),
+                content_type: String::new(),
+                idempotency_key: key.into(),
+                ordering_key: String::new(),
+                ttl: None,
+            },
+            std::time::SystemTime::now(),
+            None,
+        )
+    }
+
+    fn agent(s: &str) -> Option<AgentId> {
+        Some(s.parse().unwrap())
     }
 
     #[tokio::test]
@@ -876,8 +874,8 @@ mod tests {
         let c = store.submit(cmd("t/a", "")).await.unwrap();
         assert!(b.command.id < c.command.id);
         assert_eq!(store.unfinished().unwrap().len(), 3);
-        assert!(store.knows_agent("t/a").unwrap());
-        assert!(!store.knows_agent("t/b").unwrap());
+        assert!(store.knows_agent(&"t/a".parse().unwrap()).unwrap());
+        assert!(!store.knows_agent(&"t/b".parse().unwrap()).unwrap());
     }
 
     #[tokio::test]
@@ -885,9 +883,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let mut c = cmd("t/a", "");
-        c.payload = vec![9; INLINE_PAYLOAD + 1];
+        c.payload = Bytes::from(vec![9; INLINE_PAYLOAD + 1]);
         let mut c = store.submit(c).await.unwrap().command;
-        c.state = CommandState::Succeeded as i32;
+        c.state = CommandState::Succeeded;
         store.put(c.clone()).await.unwrap();
         let got = store.get(&c.id).unwrap().unwrap();
         assert_eq!(
@@ -911,7 +909,7 @@ mod tests {
         ]
         .into_iter()
         .map(|s| {
-            c.state = s as i32;
+            c.state = s;
             c.attempts += 1;
             store.put(c.clone())
         })
@@ -920,10 +918,7 @@ mod tests {
             w.await.unwrap();
         }
         let got = store.get(&c.id).unwrap().unwrap();
-        assert_eq!(
-            (got.state, got.attempts),
-            (CommandState::Succeeded as i32, 3)
-        );
+        assert_eq!((got.state, got.attempts), (CommandState::Succeeded, 3));
         assert!(store.unfinished().unwrap().is_empty());
     }
 
@@ -944,12 +939,9 @@ mod tests {
         assert!(other.created);
     }
 
-    fn finished(mut c: Command, ms: i64) -> Command {
-        c.state = CommandState::Succeeded as i32;
-        c.finished = Some(prost_types::Timestamp {
-            seconds: ms / 1000,
-            nanos: 0,
-        });
+    fn finished(mut c: CommandRecord, ms: i64) -> CommandRecord {
+        c.state = CommandState::Succeeded;
+        c.finished = Some(from_unix_ms(ms / 1000 * 1000));
         c
     }
 
@@ -989,9 +981,19 @@ mod tests {
             let db = Database::create(dir.path().join(FILE)).unwrap();
             let tx = db.begin_write().unwrap();
             {
-                let mut c = cmd("t/a", "k");
-                c.id = old_id.into();
-                let c = finished(c, 1_000);
+                // The record as the API message, as every gateway so far wrote it.
+                let c = tether_api::v1::Command {
+                    id: old_id.into(),
+                    agent: "t/a".into(),
+                    kind: "echo".into(),
+                    idempotency_key: "k".into(),
+                    state: tether_api::v1::CommandState::Succeeded as i32,
+                    finished: Some(prost_types::Timestamp {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                };
                 tx.open_table(COMMANDS)
                     .unwrap()
                     .insert(old_id, c.encode_to_vec().as_slice())
@@ -1008,15 +1010,15 @@ mod tests {
             tx.commit().unwrap();
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(store.get(old_id).unwrap().unwrap().agent, "t/a");
+        assert_eq!(store.get(old_id).unwrap().unwrap().agent.to_string(), "t/a");
         // The old idempotency key still names the old command.
         let again = store.submit(cmd("t/a", "k")).await.unwrap();
         assert_eq!((again.command.id.as_str(), again.created), (old_id, false));
         let new = store.submit(cmd("t/a", "")).await.unwrap().command;
         assert!(new.id.starts_with('t') && new.id.len() == 33, "{}", new.id);
         assert!(new.id.as_str() > old_id);
-        let by_agent = |agent: &str| ListFilter {
-            agent: agent.into(),
+        let by_agent = |a: &str| ListFilter {
+            agent: agent(a),
             ..Default::default()
         };
         let ids = |p: ListPage| p.commands.into_iter().map(|c| c.id).collect::<Vec<_>>();
@@ -1058,7 +1060,7 @@ mod tests {
         // One agent, one tenant, two tenants merged in id order: only their records are read.
         let page = store
             .list(&ListFilter {
-                agent: "small/b".into(),
+                agent: agent("small/b"),
                 ..Default::default()
             })
             .unwrap();
@@ -1073,7 +1075,7 @@ mod tests {
         assert_eq!((got, page.resume), (vec![b.id.clone(), c.id.clone()], None));
         // A filter that matches nothing reads a bounded part and says where to go on.
         let nothing = ListFilter {
-            state: CommandState::Failed as i32,
+            state: Some(CommandState::Failed),
             ..Default::default()
         };
         let page = store.list(&nothing).unwrap();
@@ -1089,14 +1091,14 @@ mod tests {
         // Pagination by id within the index.
         let page = store
             .list(&ListFilter {
-                agent: "big/a".into(),
+                agent: agent("big/a"),
                 limit: 3,
                 ..Default::default()
             })
             .unwrap();
         let next = store
             .list(&ListFilter {
-                agent: "big/a".into(),
+                agent: agent("big/a"),
                 limit: 3,
                 after: page.commands[2].id.clone(),
                 ..Default::default()
@@ -1112,11 +1114,11 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..6i64 {
             let mut c = cmd("t/a", &format!("k{i}"));
-            c.payload = vec![1; INLINE_PAYLOAD + 1];
+            c.payload = Bytes::from(vec![1; INLINE_PAYLOAD + 1]);
             let c = store.submit(c).await.unwrap().command;
             let mut f = finished(c, 10_000 * (i + 1));
-            f.result = Some(tether_api::v1::CommandResult {
-                output: vec![2; INLINE_OUTPUT + 1],
+            f.result = Some(Outcome {
+                output: Bytes::from(vec![2; INLINE_OUTPUT + 1]),
                 message: String::new(),
             });
             store.put(f.clone()).await.unwrap();
@@ -1146,7 +1148,7 @@ mod tests {
         assert_eq!(store.prune(r).await.unwrap(), 2);
         let left: Vec<_> = store
             .list(&ListFilter {
-                agent: "t/a".into(),
+                agent: agent("t/a"),
                 ..Default::default()
             })
             .unwrap()

@@ -1,16 +1,19 @@
 //! Backend layer: where command state lives. One interface, [`CommandStore`], so a PostgreSQL
 //! implementation can follow the embedded one ([`embedded`], on redb).
 //!
-//! Records are the northbound `tether.v1.Command` messages themselves (protobuf-encoded at rest):
-//! the API and the store cannot drift apart, and fields added later load from older files. A
-//! large payload is kept apart and written once, so state changes rewrite a small record.
+//! The store keeps [`CommandRecord`]s; at rest a record is the `tether.v1.Command` protobuf
+//! ([`codec`]): fields added later load from older files. A large payload is kept apart and
+//! written once, so state changes rewrite a small record.
 
+pub mod codec;
 pub mod embedded;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use tether_api::v1::{Command, CommandState};
+use tunnel_proto::AgentId;
+
+use crate::commands::record::{CommandRecord, CommandState};
 
 pub use embedded::EmbeddedStore;
 
@@ -42,7 +45,7 @@ pub enum StoreError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubmitOutcome {
     /// The command (new, or the existing one for the idempotency key).
-    pub command: Command,
+    pub command: CommandRecord,
     /// False when the idempotency key already named a command.
     pub created: bool,
 }
@@ -50,13 +53,13 @@ pub struct SubmitOutcome {
 /// Which commands `list` returns; empty fields match everything.
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
-    /// `<tenant>/<agent>`: read from the agent's index.
-    pub agent: String,
+    /// One agent: read from the agent's index.
+    pub agent: Option<AgentId>,
     /// Only these tenants' commands (a caller scoped to some tenants): read from their
     /// indexes. `None`: every tenant.
     pub tenants: Option<Vec<String>>,
-    /// A `CommandState` value, 0 for any.
-    pub state: i32,
+    /// One state (`None`: any).
+    pub state: Option<CommandState>,
     /// Command kind.
     pub kind: String,
     /// Created at or after (Unix ms).
@@ -73,7 +76,7 @@ pub struct ListFilter {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ListPage {
     /// Matching commands in id order, at most the filter's `limit`.
-    pub commands: Vec<Command>,
+    pub commands: Vec<CommandRecord>,
     /// Set when the read stopped at its budget ([`LIST_SCAN_RECORDS`], [`LIST_SCAN_BYTES`])
     /// before `limit` matches: the id to go on after (the last record read, which may not
     /// match). State, kind and time filters are checked record by record within the agent's,
@@ -108,35 +111,24 @@ pub fn fresh_id(at: std::time::SystemTime) -> String {
     format!("t{ms:012x}{rand:020x}")
 }
 
-/// Final states never change again.
-pub fn is_final(state: i32) -> bool {
-    matches!(
-        CommandState::try_from(state),
-        Ok(CommandState::Succeeded
-            | CommandState::Failed
-            | CommandState::Expired
-            | CommandState::Cancelled)
-    )
-}
-
 /// Durable command state. Ids are assigned by the store, unguessable, and sort in submission
 /// order.
 pub trait CommandStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new command (its `id` is assigned here) unless `(agent, idempotency_key)` already
     /// names one, in which case that one is returned (its payload may be left out). Resolves
     /// only once the write is durable.
-    fn submit(&self, command: Command) -> StoreFuture<SubmitOutcome>;
+    fn submit(&self, command: CommandRecord) -> StoreFuture<SubmitOutcome>;
     /// Overwrites a command's record. Writes are applied in call order; resolves once durable.
-    fn put(&self, command: Command) -> StoreFuture<()>;
+    fn put(&self, command: CommandRecord) -> StoreFuture<()>;
     /// One command.
-    fn get(&self, id: &str) -> Result<Option<Command>, StoreError>;
+    fn get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError>;
     /// Commands matching `filter`, in id (submission) order; large payloads and outputs are
     /// left out. Reads a bounded part of the store per call (see [`ListPage::resume`]).
     fn list(&self, filter: &ListFilter) -> Result<ListPage, StoreError>;
     /// Every command not in a final state, in submission order (for recovery at start).
-    fn unfinished(&self) -> Result<Vec<Command>, StoreError>;
+    fn unfinished(&self) -> Result<Vec<CommandRecord>, StoreError>;
     /// True when the store holds any command for `agent` (or ever held one).
-    fn knows_agent(&self, agent: &str) -> Result<bool, StoreError>;
+    fn knows_agent(&self, agent: &AgentId) -> Result<bool, StoreError>;
     /// Deletes up to `retention.batch` finished commands that are past `retention` (with their
     /// payload, output, index entries and idempotency key); resolves to how many, once durable.
     fn prune(&self, retention: Retention) -> StoreFuture<usize>;

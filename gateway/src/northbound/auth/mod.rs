@@ -473,6 +473,9 @@ pub fn caller_from_cert(trust_domain: &str, cert: &CertificateDer<'_>) -> Result
         SpiffeId::Agent { id, .. } => Err(Status::permission_denied(format!(
             "agent identity {id} may not call the northbound API"
         ))),
+        SpiffeId::Gateway { replica, .. } => Err(Status::permission_denied(format!(
+            "gateway replica identity {replica} may not call the northbound API (it is for the peer links between replicas)"
+        ))),
     }
 }
 

@@ -837,6 +837,9 @@ async fn forward(
     }
 }
 
+/// The most `forward` reads from a local connection at once: one message.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// One local connection as one `Streams/Open` call; half-close travels both ways.
 async fn carry(
     channel: ctl::Conn,
@@ -849,18 +852,15 @@ async fn carry(
     let (mut rd, mut wr) = tcp.into_split();
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::StreamChunk>(4);
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Read straight into the buffer the message carries: no copy on the way to the encoder.
+        let mut buf = bytes::BytesMut::new();
         loop {
-            match rd.read(&mut buf).await {
+            buf.reserve(READ_CHUNK);
+            match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return, // dropping tx ends the request stream: half-close
-                Ok(n) => {
-                    if tx
-                        .send(v1::StreamChunk {
-                            data: buf[..n].to_vec(),
-                        })
-                        .await
-                        .is_err()
-                    {
+                Ok(_) => {
+                    let data = buf.split().freeze();
+                    if tx.send(v1::StreamChunk { data }).await.is_err() {
                         return;
                     }
                 }
