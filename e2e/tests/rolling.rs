@@ -6,16 +6,17 @@
 //! - kill -9 of one of three replicas under load: only calls sent to it fail, calls to the
 //!   replicas holding the agents' other sessions go on at once, the agents regain their count
 //!   on the third replica, and no command is lost;
-//! - a rolling restart of the three replicas under steady load (unary calls, commands, a long
-//!   server stream through each replica before it goes): no unary call fails, no command is
-//!   lost; long streams cut by a restart are counted;
+//! - a rolling restart of the three replicas under steady load (unary calls to every replica
+//!   that is up, forwarded over the peer links when it holds no session of the agent; commands;
+//!   a long server stream through each replica before it goes): no unary call fails, no command
+//!   is lost; long streams cut by a restart are counted;
 //! - a replica started after the others (a scale-out) gets its share: the replica above its
 //!   share asks agents to move, and they land elsewhere.
 //!
 //! The callers route like a client behind a load balancer that knows the replicas' readiness:
-//! a call goes to a replica that is up and holds a session of the agent (the agent's own status
-//! says which). Calls that land on a replica without the agent's session are forwarded over
-//! peer links, which are not part of these tests.
+//! a call goes to a replica that is up; in the kill test only to one that holds a session of
+//! the agent (the agent's own status says which: what is measured there is the agents' other
+//! sessions taking over, not forwarding), in the rolling restart to every replica that is up.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -149,7 +150,12 @@ impl Fleet {
     /// in the callers' routes.
     async fn up(&mut self, i: usize) {
         let slot = &self.slots[i];
-        let extra = replica_config(&self.pg.dsn(), &slot.name);
+        let extra = peer_replica_config(
+            &self.pg.dsn(),
+            &slot.name,
+            &self.pki,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        );
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -158,6 +164,22 @@ impl Fleet {
         let gw = GatewayProcess::spawn_env_at(&self.pki, slot.tunnel, &extra, &env).await;
         let ch = gw.channel(&self.pki.client("api")).await;
         self.slots[i].gw = Some(gw);
+        // Linked to every other replica running, both ways, before it takes calls.
+        let running: Vec<usize> = (0..self.slots.len())
+            .filter(|j| self.slots[*j].gw.is_some())
+            .collect();
+        for &a in &running {
+            for &b in &running {
+                if a == b {
+                    continue;
+                }
+                let (gw, peer) = (self.gw(a), self.slots[b].name.clone());
+                wait_until(&format!("{}'s peer link to {peer}", self.slots[a].name), T, || {
+                    gw.peer_up(&peer)
+                })
+                .await;
+            }
+        }
         self.lb.set_up(self.slots[i].tunnel, true);
         self.routes.set(i, Some(ch));
     }
@@ -216,12 +238,21 @@ struct Tally {
     unroutable: AtomicU64,
 }
 
-/// Unary calls in `loops` loops, each to a replica that is up and holds a session of the
-/// agent it calls, until `stop`.
+/// Which replicas a call may go to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    /// One that is up and holds a session of the agent it calls.
+    Holders,
+    /// Any that is up (forwarded when it holds no session of the agent).
+    Every,
+}
+
+/// Unary calls in `loops` loops, each to a replica that is up (and, with `Routing::Holders`,
+/// holds a session of the agent it calls), until `stop`.
 fn unary_load(
     routes: &Routes,
     agents: &[(&str, Arc<AgentStatus>)],
-    loops: usize,
+    (loops, routing): (usize, Routing),
     stop: &Arc<AtomicBool>,
 ) -> (Arc<Tally>, Vec<tokio::task::JoinHandle<()>>) {
     let tally = Arc::new(Tally::default());
@@ -236,10 +267,13 @@ fn unary_load(
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let up = routes.up();
-                let targets: Vec<usize> = held(&status)
-                    .into_iter()
-                    .filter(|i| up.contains(i))
-                    .collect();
+                let targets: Vec<usize> = match routing {
+                    Routing::Holders => held(&status)
+                        .into_iter()
+                        .filter(|i| up.contains(i))
+                        .collect(),
+                    Routing::Every => up,
+                };
                 let Some(&i) = targets.get(n % targets.len().max(1)) else {
                     tally.unroutable.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -409,7 +443,7 @@ async fn a_replica_killed_under_load_fails_only_what_was_sent_to_it_and_agents_r
         ("acme/a1", a1.handle.status.clone()),
         ("acme/a2", a2.handle.status.clone()),
     ];
-    let (tally, loops) = unary_load(&fleet.routes, &statuses, 6, &stop);
+    let (tally, loops) = unary_load(&fleet.routes, &statuses, (6, Routing::Holders), &stop);
     let commands = command_load(&fleet.routes, "acme/a1", Duration::from_millis(50), &stop);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -476,7 +510,7 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
         ("acme/a1", a1.handle.status.clone()),
         ("globex/a2", a2.handle.status.clone()),
     ];
-    let (tally, loops) = unary_load(&fleet.routes, &statuses, 6, &stop);
+    let (tally, loops) = unary_load(&fleet.routes, &statuses, (6, Routing::Every), &stop);
     let commands = command_load(&fleet.routes, "acme/a1", Duration::from_millis(50), &stop);
     let cut = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
@@ -550,9 +584,18 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
         s.abort();
     }
     let failed = tally.failed.lock().unwrap().clone();
+    // Since their last start: the replicas restarted last forwarded least.
+    let forwarded: f64 = (0..fleet.slots.len())
+        .map(|i| {
+            fleet
+                .gw(i)
+                .metric("tether_gateway_peer_forwarded_streams_total", "direction=\"out\"")
+        })
+        .sum();
     eprintln!(
-        "rolling restart: {} unary calls ok, {} failed, {} unroutable moments; {} commands; \
-         {} long streams cut",
+        "rolling restart: {} unary calls ok (to every replica up; {forwarded} streams forwarded \
+         since the last restarts), {} failed, {} unroutable moments; {} commands; {} long \
+         streams cut",
         tally.ok.load(Ordering::Relaxed),
         failed.len(),
         tally.unroutable.load(Ordering::Relaxed),
