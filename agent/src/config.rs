@@ -1,7 +1,9 @@
 //! The agent's configuration: TOML file, `TETHER_*` environment, `--set` flags.
 //!
 //! ```toml
-//! gateways = ["gateway.example.com:443"]  # one session is kept to each
+//! gateways = ["gateway.example.com:443"]  # one address: `connections` sessions on distinct
+//!                                         # replicas behind it; several: one session to each
+//! connections = 2                         # sessions kept behind a single address (1-16)
 //! # server_name = "gateway.example.com"  # TLS name to verify; default: each address's host
 //! default_service = "default"             # for relayed calls without tether-service
 //! [tls]                                   # paths are relative to this file
@@ -99,6 +101,7 @@ impl TlsConfig {
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
     "gateways",
+    "connections",
     "server_name",
     "instance_id",
     "labels",
@@ -141,8 +144,15 @@ pub const KEYS: Keys = &[
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Gateway addresses, `host:port`; the agent keeps one session to each.
+    /// Gateway addresses, `host:port`. One address (a load balancer in front of gateway
+    /// replicas): the agent keeps `connections` sessions on distinct replicas behind it; several:
+    /// one session to each.
     pub gateways: Vec<String>,
+    /// Sessions kept on distinct gateway replicas behind a single address, at most as many as
+    /// there are live replicas: when one replica goes (a crash, a rolling upgrade), calls go on
+    /// through the others at once. Ignored with several addresses.
+    #[serde(default = "default_connections")]
+    pub connections: u32,
     /// TLS server name to verify instead of each address's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
@@ -793,6 +803,13 @@ impl Default for OpsConfig {
     }
 }
 
+/// The most sessions `connections` may ask for behind one address.
+pub const MAX_CONNECTIONS: u32 = 16;
+
+fn default_connections() -> u32 {
+    2
+}
+
 /// Splits `host:port` (or `[v6]:port`) into host and port.
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -821,6 +838,14 @@ impl Validate for AgentConfig {
                     format!("{g:?} is not host:port"),
                 ));
             }
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(ConfigError::invalid(
+                "connections",
+                format!(
+                    "must be between 1 and {MAX_CONNECTIONS} (sessions kept on distinct gateway replicas behind one address; the default is 2)"
+                ),
+            ));
         }
         if self.reconnect.initial_backoff.is_zero() {
             return Err(ConfigError::invalid(
@@ -1150,6 +1175,19 @@ mod tests {
     }
 
     #[test]
+    fn connections_default_to_two_and_bad_values_name_the_key() {
+        assert_eq!(load(&[]).expect("valid").connections, 2);
+        assert_eq!(load(&["connections=3"]).expect("valid").connections, 3);
+        for bad in ["connections=0", "connections=17"] {
+            let e = load(&[bad]).unwrap_err();
+            assert!(e.to_string().contains("connections"), "{e}");
+            assert!(e.to_string().contains("between 1 and 16"), "{e}");
+        }
+        let e = load(&["connections=\"two\""]).unwrap_err();
+        assert!(e.to_string().contains("connections"), "{e}");
+    }
+
+    #[test]
     fn no_secret_is_allowed_and_egress_is_the_commands_choice_by_default() {
         let cfg = load(&[]).expect("valid");
         assert!(cfg.secrets.allow.is_empty());
@@ -1288,6 +1326,7 @@ mod tests {
     fn every_serialized_key_is_listed() {
         let cfg = AgentConfig {
             gateways: vec!["a:1".into()],
+            connections: 2,
             server_name: Some("x".into()),
             instance_id: Some("i".into()),
             labels: [("k".to_string(), "v".to_string())].into(),

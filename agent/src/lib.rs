@@ -1,8 +1,9 @@
 //! Tether's data-plane agent.
 //!
-//! The agent dials **out** to one or more gateways over mutual-TLS QUIC and keeps a session up to
-//! each, so the gateway can reach the private network without any inbound port. It listens on
-//! nothing but its loopback ops endpoint.
+//! The agent dials **out** to one or more gateways over mutual-TLS QUIC and keeps sessions up
+//! (`connections` on distinct replicas behind a single address, else one to each), so the
+//! gateway can reach the private network without any inbound port. It listens on nothing but
+//! its loopback ops endpoint.
 //!
 //! # Layout
 //! Layers only look down: transport → session → feature → backend; no circle of imports runs
@@ -19,6 +20,8 @@
 //!   its lifetime, kept in `state_dir`;
 //! - [`supervisor`] (session): one per gateway address: backoff, make-before-break on `GoAway`;
 //!   each session runs on `tether_runtime::driver`, and how it ended is a [`supervisor::Ended`];
+//! - [`placement`] (session): which replicas a supervisor's sessions should be on, as pure
+//!   decisions;
 //! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
@@ -42,6 +45,7 @@ pub mod error;
 pub mod executors;
 pub mod identity;
 pub mod info;
+pub mod placement;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
@@ -91,7 +95,7 @@ fn instance_id(cfg: &AgentConfig) -> String {
 }
 
 /// What this agent offers, announced in `Hello`.
-pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands"];
+pub const CAPABILITIES: &[&str] = &["relay", "tcp", "commands", tunnel_proto::message::LEAVE];
 
 /// The command kinds an agent runs: the built-ins (`echo`, `sleep`) and the data-plane
 /// executors ([`executors::KINDS`]) on the `[kubernetes]`, `[aws]`, `[secrets]`,
@@ -182,6 +186,9 @@ pub fn start_with_identity(
             capabilities,
             labels: cfg.labels.clone(),
             instance_id,
+            // Set per dial by the supervisor.
+            sessions_held: 0,
+            avoid_replicas: Vec::new(),
         },
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,
@@ -189,6 +196,7 @@ pub fn start_with_identity(
         connect_timeout: cfg.reconnect.connect_timeout,
         mode: cfg.transport.mode,
         quic_retry: cfg.transport.quic_retry,
+        connections: cfg.connections as usize,
     });
     let mut ops_addr = None;
     if let Some(l) = ops {
@@ -213,6 +221,7 @@ pub fn start_with_identity(
         .map(|g| {
             tokio::spawn(supervisor::supervise(
                 g.clone(),
+                cfg.gateways.len() == 1,
                 shared.clone(),
                 shutdown.clone(),
             ))

@@ -138,9 +138,12 @@ impl Services {
 
 /// What the session layer watches on one connection: streams in flight (a retired session
 /// closes once they are done) and when the gateway last probed it. Read by the session's driver
-/// only at its deadlines, and woken by [`LinkStats::idle`]: nothing here is polled.
+/// only at its deadlines, and woken by [`LinkStats::idle`]: nothing here is polled. Once the
+/// session is left ([`LinkStats::refuse_new_streams`]), every stream accepted afterwards is
+/// reset unread with `REFUSED_STREAM`.
 #[derive(Debug)]
 pub struct LinkStats {
+    refusing: std::sync::atomic::AtomicBool,
     active: std::sync::atomic::AtomicUsize,
     /// Notified when `active` drops to zero.
     became_idle: tokio::sync::Notify,
@@ -153,6 +156,7 @@ pub struct LinkStats {
 impl Default for LinkStats {
     fn default() -> Self {
         LinkStats {
+            refusing: Default::default(),
             active: Default::default(),
             became_idle: tokio::sync::Notify::new(),
             since: Instant::now(),
@@ -162,6 +166,13 @@ impl Default for LinkStats {
 }
 
 impl LinkStats {
+    /// From now on, refuse every stream the gateway opens (the session is being left): reset
+    /// unread with `REFUSED_STREAM`, so the gateway sends it again on another session.
+    pub fn refuse_new_streams(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Streams being served.
     pub fn active(&self) -> usize {
         self.active.load(std::sync::atomic::Ordering::SeqCst)
@@ -196,7 +207,14 @@ impl LinkStats {
 /// Serves every stream the gateway opens on `link` until the connection ends.
 pub async fn serve(link: Link, services: Arc<Services>, stats: Arc<LinkStats>) {
     use std::sync::atomic::Ordering;
-    while let Some((send, recv)) = link.accept().await {
+    while let Some((mut send, mut recv)) = link.accept().await {
+        if stats.refusing.load(Ordering::SeqCst) {
+            // Nothing of it is read or served: the gateway opens it again elsewhere.
+            metrics::counter!("tether_agent_streams_refused_total").increment(1);
+            send.reset(ErrorCode::REFUSED_STREAM);
+            recv.stop(ErrorCode::REFUSED_STREAM);
+            continue;
+        }
         let (services, stats) = (services.clone(), stats.clone());
         stats.active.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {

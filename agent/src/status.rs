@@ -12,6 +12,8 @@ pub struct SessionStatus {
     pub gateway: String,
     /// Session id assigned by the gateway.
     pub session_id: String,
+    /// The gateway replica holding it (`Welcome.replica_id`; empty from an older gateway).
+    pub replica: String,
     /// Transport (`quic`).
     pub transport: &'static str,
     /// When `Welcome` arrived.
@@ -75,6 +77,11 @@ impl AgentStatus {
             .collect()
     }
 
+    /// Sessions up now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("status lock").len()
+    }
+
     /// True while at least one session is up.
     pub fn connected(&self) -> bool {
         !self.sessions.lock().expect("status lock").is_empty()
@@ -107,6 +114,7 @@ impl AgentStatus {
                 serde_json::json!({
                     "gateway": s.gateway,
                     "session_id": s.session_id,
+                    "replica": s.replica,
                     "transport": s.transport,
                     "rtt_ms": s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 })

@@ -1,13 +1,25 @@
-//! Session layer: keeps one session up to one gateway address.
+//! Session layer: keeps the sessions to one gateway address up: `connections` sessions on
+//! distinct gateway replicas when it is the agent's only address (a load balancer in front of
+//! replicas), one otherwise. Where they should be is decided in [`crate::placement`].
 //!
 //! Each attempt runs as its own task (dial, `Hello`/`Welcome`, heartbeats) and reports to the
-//! supervisor, which decides what comes next:
-//! - an attempt failed or a session ended, and nothing else is up: wait a full-jitter backoff
-//!   delay, then dial again;
+//! supervisor, which decides what comes next, one dial at a time:
+//! - fewer sessions than the target (`connections`, at most the live replicas each `Welcome`
+//!   and heartbeat ack announces): dial another, naming in its `Hello` the replicas it holds
+//!   sessions to, which a gateway turns away (`BUSY`); one that lands there anyway is let go,
+//!   and dialed again after a full-jitter backoff delay;
+//! - an attempt failed or a session ended: wait a full-jitter backoff delay, then dial again;
+//!   turned away (`BUSY`): wait the gateway's retry-after plus up to as much again at random;
 //! - `GoAway` arrived: dial a replacement (after a random share of the window the gateway gave,
-//!   so a fleet spreads out), and keep the old session until the new one is established —
-//!   make-before-break — then close the old one with `REPLACED`;
+//!   so a fleet spreads out), never on the replica that asked when it named itself, and keep
+//!   the old session until the new one is established — make-before-break — then retire it;
 //! - shutdown: close every session with `SHUTDOWN`.
+//!
+//! Retiring a session on a gateway that offers `leave`: the agent refuses every stream that
+//! arrives from then on (`REFUSED_STREAM`: the gateway sends it again on another session,
+//! nothing of it was processed), tells the gateway it leaves (`GoAway` from the agent), and
+//! the gateway closes the session once the calls it relays on it are done. That replaces a
+//! timing margin with a guarantee; an older gateway gets the margin ([`DRAIN_GRACE`]).
 //!
 //! Transport (`transport.mode = auto`): an attempt dials QUIC and, when QUIC cannot connect
 //! within `connect_timeout`, TCP (TLS + HTTP/2, through the proxy if one applies), so the
@@ -15,11 +27,11 @@
 //! after [`REPROBE_FIRST`], then at doubling intervals up to `transport.quic_retry`; when it
 //! works, the QUIC session takes over make-before-break.
 //!
-//! A retired session (replaced, or moved off TCP) closes only when the streams it carries are
-//! done (at most [`DRAIN_MAX`]) and no sooner than [`DRAIN_GRACE`] after it was retired: the
-//! gateway routes new streams to the newest session of each agent instance, so nothing in
-//! flight fails. A session the gateway stops probing for three of its announced probe
-//! intervals is wedged: it is replaced like after `GoAway`.
+//! A retired session on an older gateway (no `leave`) closes only when the streams it carries
+//! are done (at most [`DRAIN_MAX`]) and no sooner than [`DRAIN_GRACE`] after it was retired:
+//! such a gateway routes new streams to the newest session of each agent instance. A session
+//! the gateway stops probing for three of its announced probe intervals is wedged: it is
+//! replaced like after `GoAway`.
 //!
 //! Each session runs on the shared control-stream driver (`tether_runtime::driver`); what only
 //! the agent does there (renewal orders, the drain of a retired session, the wedged-session
@@ -48,6 +60,7 @@ use tunnel_proto::{Backoff, ErrorCode};
 
 use crate::config::TransportMode;
 use crate::dialer::{DialError, DialFailure, Dialer};
+use crate::placement::{self, Held, Landing, Purpose, Replace};
 use crate::relay::LinkStats;
 use crate::renew::{Credentials, RenewOrder, SessionRenewals};
 use crate::status::{AgentStatus, SessionStatus};
@@ -58,10 +71,11 @@ pub const REPROBE_FIRST: Duration = Duration::from_secs(2);
 /// Longest a retired session waits for its streams before closing.
 pub const DRAIN_MAX: Duration = Duration::from_secs(30);
 
-/// Least time a retired session stays open, idle or not: the gateway sends new calls to the new
-/// session from before the agent hears of it, but a call it routed to the old one just before
-/// is still on its way, on the old connection, when the new session's `Welcome` arrives on the
-/// new one. Closing at the first idle moment would fail that call.
+/// Least time a retired session stays open, idle or not, on a gateway that does not offer
+/// `leave`: it sends new calls to the new session from before the agent hears of it, but a
+/// call it routed to the old one just before is still on its way, on the old connection, when
+/// the new session's `Welcome` arrives on the new one. Closing at the first idle moment would
+/// fail that call. (With `leave` such a call is refused and sent again: no margin needed.)
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// What a supervisor needs, shared by all of an agent's supervisors.
@@ -85,6 +99,8 @@ pub struct Shared {
     pub mode: TransportMode,
     /// While on TCP in `auto` mode, how often QUIC is tried again.
     pub quic_retry: Duration,
+    /// Sessions to keep on distinct replicas behind a single gateway address (`connections`).
+    pub connections: usize,
 }
 
 /// What one attempt may dial.
@@ -102,10 +118,21 @@ enum Report {
     Established {
         id: u64,
         transport: Transport,
+        /// `Welcome.replica_id`.
+        replica: String,
+        /// `Welcome.live_replicas`.
+        live: u32,
     },
+    /// The gateway's count of live replicas changed.
+    Live { live: u32 },
+    /// The session wants a replacement: the gateway asked (`GoAway`), or it is wedged.
     GoAway {
         id: u64,
         within: Duration,
+        /// The gateway named its replica: the replacement goes elsewhere.
+        avoid: bool,
+        /// Not the gateway's asking: the agent found the session wedged.
+        wedged: bool,
     },
     Ended {
         id: u64,
@@ -173,6 +200,23 @@ impl Ended {
     /// there already (it closed with `TOO_MANY_SESSIONS`).
     pub fn is_over_limit(&self) -> bool {
         self.gateway_code() == Some(ErrorCode::TOO_MANY_SESSIONS)
+    }
+
+    /// The gateway turned the session away before it started (`BUSY`: draining, over its
+    /// share of the fleet, its handshake budget, or a replica this agent must avoid): when to
+    /// dial again (its `Close` said, else a second).
+    pub fn busy(&self) -> Option<Duration> {
+        if self.gateway_code() != Some(ErrorCode::BUSY) {
+            return None;
+        }
+        let said = match self {
+            Ended::Session {
+                end: SessionEnd::Closed(info),
+                ..
+            } => info.retry_after,
+            _ => None,
+        };
+        Some(said.unwrap_or(Duration::from_secs(1)))
     }
 
     /// This agent retired the session (`REPLACED`): a newer one took over.
@@ -274,23 +318,80 @@ struct Attempt {
     transport: Option<Transport>,
     /// Which certificate it dialed with ([`crate::renew::Current::generation`]).
     generation: u64,
+    /// What it was dialed for.
+    purpose: Purpose,
+    /// Its replica, once established (`Welcome.replica_id`).
+    replica: String,
+    /// Whether, and why, it wants a replacement.
+    replace: Option<Replace>,
+    /// Retired (or let go): it no longer counts as held.
+    retiring: bool,
 }
 
-/// Keeps a session to `gateway` until `shutdown`.
-pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// The supervisor's view of its attempts.
+struct Attempts(HashMap<u64, Attempt>);
+
+impl Attempts {
+    /// Established sessions it keeps (not being retired).
+    fn held(&self) -> Vec<Held> {
+        let mut held: Vec<Held> = self
+            .0
+            .iter()
+            .filter(|(_, a)| a.established && !a.retiring)
+            .map(|(id, a)| Held {
+                id: *id,
+                replica: a.replica.clone(),
+                transport: a.transport.unwrap_or(Transport::Quic),
+                replace: a.replace,
+            })
+            .collect();
+        held.sort_by_key(|h| h.id);
+        held
+    }
+
+    /// A dial is in flight (not established yet).
+    fn dialing(&self) -> bool {
+        self.0.values().any(|a| !a.established)
+    }
+
+    fn live(&self) -> bool {
+        self.0.values().any(|a| a.established)
+    }
+
+    /// Orders the session `id` to retire (make-before-break: it finishes what it carries).
+    fn retire(&mut self, id: u64, why: &'static str) {
+        if let Some(a) = self.0.get_mut(&id) {
+            a.retiring = true;
+            if let Some(c) = a.close.take() {
+                let _ = c.send((ErrorCode::REPLACED, why));
+            }
+        }
+    }
+}
+
+/// Keeps sessions to `gateway` until `shutdown`: `connections` on distinct replicas when it is
+/// the agent's only address (a load balancer in front of replicas), else one.
+pub async fn supervise(
+    gateway: String,
+    single_address: bool,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(shared.initial_backoff, shared.max_backoff);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut renewed = shared.credentials.subscribe();
-    let mut attempts: HashMap<u64, Attempt> = HashMap::new();
+    let mut attempts = Attempts(HashMap::new());
     let mut next_id = 0u64;
-    // When to dial next; `Some(now)` dials at once.
+    // When to dial next (what for is decided then); `Some(now)` dials at once.
     let mut dial_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
-    // When to try QUIC again while the live session runs on TCP (auto mode): soon at first
-    // (QUIC may only have lost a race, e.g. with a gateway restart), then every `quic_retry`.
+    // When to try QUIC again while a session runs on TCP (auto mode): soon at first (QUIC may
+    // only have lost a race, e.g. with a gateway restart), then every `quic_retry`.
     let mut reprobe_at: Option<tokio::time::Instant> = None;
     let mut reprobe_delay = REPROBE_FIRST.min(shared.quic_retry);
-    // Set by GoAway until a replacement is established.
-    let mut replacing = false;
+    // Replicas alive, as the gateway last said (0: it did not).
+    let mut live_replicas: u32 = 0;
+    // Landings on a replica to avoid in a row, for the log.
+    let mut duplicates = 0u32;
     let first_dial = match shared.mode {
         TransportMode::Auto => Dial::QuicThenTcp,
         TransportMode::Quic => Dial::Quic,
@@ -303,11 +404,14 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
         let reprobe_timer = tokio::time::sleep_until(
             reprobe_at.unwrap_or_else(|| tokio::time::Instant::now() + far),
         );
-        let mut spawn = |dial: Dial, reprobe: bool, attempts: &mut HashMap<u64, Attempt>| {
+        let mut spawn = |purpose: Purpose, dial: Dial, reprobe: bool, attempts: &mut Attempts| {
             next_id += 1;
             let (close_tx, close_rx) = oneshot::channel();
             let credentials = shared.credentials.current();
-            attempts.insert(
+            let mut hello = shared.hello.clone();
+            hello.avoid_replicas = placement::avoid(&attempts.held(), purpose);
+            hello.sessions_held = shared.status.session_count() as u32;
+            attempts.0.insert(
                 next_id,
                 Attempt {
                     close: Some(close_tx),
@@ -315,6 +419,10 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                     reprobe,
                     transport: None,
                     generation: credentials.generation,
+                    purpose,
+                    replica: String::new(),
+                    replace: None,
+                    retiring: false,
                 },
             );
             tokio::spawn(run_attempt(
@@ -322,73 +430,116 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                 gateway.clone(),
                 shared.clone(),
                 credentials.dialer.clone(),
+                hello,
                 tx.clone(),
                 close_rx,
                 dial,
             ));
         };
+        // What the next dial waits for, when one is needed and none is planned: set by the
+        // event handled below.
+        let mut delay: Option<Duration> = None;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = dial_timer, if dial_at.is_some() => {
                 dial_at = None;
-                spawn(first_dial, false, &mut attempts);
+                let target = placement::target(single_address, shared.connections, live_replicas);
+                if !attempts.dialing()
+                    && let Some(purpose) = placement::next(&attempts.held(), target)
+                {
+                    spawn(purpose, first_dial, false, &mut attempts);
+                }
             }
             // A renewed certificate: the sessions move to it below.
             Ok(()) = renewed.changed() => {}
             _ = reprobe_timer, if reprobe_at.is_some() => {
                 reprobe_at = None;
-                let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
-                if !dialing {
+                let on_tcp = attempts.held().into_iter().find(|h| h.transport == Transport::Tcp);
+                if let Some(tcp) = on_tcp && !attempts.dialing() && dial_at.is_none() {
                     tracing::debug!(%gateway, "on the TCP fallback: trying QUIC again");
-                    spawn(Dial::Quic, true, &mut attempts);
+                    spawn(Purpose::Replace(tcp.id), Dial::Quic, true, &mut attempts);
                 }
             }
             Some(report) = rx.recv() => match report {
-                Report::Established { id, transport } => {
-                    backoff.reset();
-                    replacing = false;
-                    if let Some(a) = attempts.get_mut(&id) {
-                        a.established = true;
-                        a.transport = Some(transport);
-                        if a.reprobe {
-                            tracing::info!(%gateway, "QUIC works again: moving off the TCP fallback");
-                            metrics::counter!("tether_agent_transport_switches_total", "to" => "quic").increment(1);
-                        } else if transport == Transport::Tcp && shared.mode == TransportMode::Auto {
-                            metrics::counter!("tether_agent_transport_switches_total", "to" => "tcp").increment(1);
+                Report::Established { id, transport, replica, live } => {
+                    if live > 0 {
+                        live_replicas = live;
+                    }
+                    let held = attempts.held();
+                    let Some(a) = attempts.0.get_mut(&id) else { continue };
+                    a.established = true;
+                    a.transport = Some(transport);
+                    a.replica = replica.clone();
+                    let purpose = a.purpose;
+                    match placement::land(&held, purpose, &replica) {
+                        Landing::Duplicate => {
+                            duplicates += 1;
+                            tracing::info!(%gateway, %replica, landings = duplicates,
+                                "landed on a replica this agent holds a session to already (or was asked to leave): letting it go and dialing again");
+                            metrics::counter!("tether_agent_duplicate_landings_total").increment(1);
+                            attempts.retire(id, "this agent holds a session to this replica already");
+                            if a_reprobe(&attempts, id) {
+                                // QUIC works; the TCP session moves on the next dial.
+                                mark_tcp_for_quic(&mut attempts);
+                            }
+                            delay = Some(backoff.next_delay(rand::random::<f64>()));
+                        }
+                        Landing::Keep { retire } => {
+                            backoff.reset();
+                            duplicates = 0;
+                            if a_reprobe(&attempts, id) {
+                                tracing::info!(%gateway, "QUIC works again: moving off the TCP fallback");
+                                metrics::counter!("tether_agent_transport_switches_total", "to" => "quic").increment(1);
+                                reprobe_delay = REPROBE_FIRST.min(shared.quic_retry);
+                            } else if transport == Transport::Tcp && shared.mode == TransportMode::Auto {
+                                metrics::counter!("tether_agent_transport_switches_total", "to" => "tcp").increment(1);
+                            }
+                            // Make-before-break: the new session is up, retire the old.
+                            if let Some(old) = retire {
+                                attempts.retire(old, "a newer session took over");
+                            }
+                            // More to dial (a second session, another replacement): now.
+                            delay = Some(Duration::ZERO);
                         }
                     }
-                    // Make-before-break: the new session is up, retire the others.
-                    for (other, a) in attempts.iter_mut() {
-                        if *other != id && a.established
-                            && let Some(c) = a.close.take() {
-                                let _ = c.send((ErrorCode::REPLACED, "a newer session took over"));
-                            }
-                    }
-                    if transport == Transport::Quic {
-                        reprobe_delay = REPROBE_FIRST.min(shared.quic_retry);
-                    }
-                    reprobe_at = (transport == Transport::Tcp && shared.mode == TransportMode::Auto)
-                        .then(|| tokio::time::Instant::now() + reprobe_delay);
+                    let on_tcp = attempts.held().iter().any(|h| h.transport == Transport::Tcp);
+                    reprobe_at = (on_tcp && shared.mode == TransportMode::Auto)
+                        .then(|| reprobe_at.unwrap_or_else(|| tokio::time::Instant::now() + reprobe_delay));
                 }
-                Report::GoAway { id, within } => {
-                    tracing::info!(%gateway, attempt = id, ?within, "replacing the session");
-                    let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
-                    replacing = true;
-                    if !dialing {
-                        let spread = within.mul_f64(rand::random::<f64>() * 0.25);
-                        dial_at = Some(tokio::time::Instant::now() + spread);
+                Report::Live { live } => {
+                    if live > 0 && live != live_replicas {
+                        tracing::info!(%gateway, live, "the number of live gateway replicas changed");
+                        live_replicas = live;
+                        delay = Some(Duration::ZERO);
                     }
+                }
+                Report::GoAway { id, within, avoid, wedged } => {
+                    let why = if wedged {
+                        Replace::Wedged
+                    } else {
+                        Replace::Away { avoid }
+                    };
+                    if let Some(a) = attempts.0.get_mut(&id)
+                        && a.replace.is_none()
+                    {
+                        tracing::info!(%gateway, attempt = id, ?within, replica = %a.replica, ?why,
+                            "replacing the session");
+                        a.replace = Some(why);
+                    }
+                    delay = Some(within.mul_f64(rand::random::<f64>() * 0.25));
                 }
                 Report::Ended { id, established, ended } => {
                     let reason = ended.to_string();
                     let revoked = ended.is_revoked();
                     let over_limit = ended.is_over_limit();
-                    let was = attempts.remove(&id);
+                    let was = attempts.0.remove(&id);
                     let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
+                    let retired = was.as_ref().is_some_and(|a| a.retiring);
+                    let busy = ended.busy();
                     if reprobe && !established {
                         tracing::debug!(%gateway, %reason, "QUIC still does not work; staying on TCP");
                         reprobe_delay = (reprobe_delay * 2).min(shared.quic_retry);
-                        if attempts.values().any(|a| a.established) {
+                        if attempts.live() {
                             reprobe_at = Some(tokio::time::Instant::now() + reprobe_delay);
                         }
                     } else if revoked {
@@ -403,7 +554,12 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::error!(%gateway, %reason,
                             "the gateway refused this session: this agent (all its instances together) already holds as many sessions there as limits.sessions_per_agent allows");
                         metrics::counter!("tether_agent_connect_failures_total").increment(1);
-                    } else if established && ended.is_retired() {
+                    } else if let Some(after) = busy {
+                        // Turned away before it started (draining, over its share, its
+                        // handshake budget, or a replica to avoid): come back when it said.
+                        tracing::debug!(%gateway, %reason, ?after, "the gateway turned the session away");
+                        metrics::counter!("tether_agent_sessions_turned_away_total").increment(1);
+                    } else if established && (retired || ended.is_retired()) {
                         tracing::info!(%gateway, %reason, "session retired");
                     } else if established {
                         tracing::warn!(%gateway, %reason, "session ended");
@@ -411,57 +567,72 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
                         tracing::warn!(%gateway, %reason, "could not establish a session");
                         metrics::counter!("tether_agent_connect_failures_total").increment(1);
                     }
-                    if established {
+                    if established && !retired {
                         shared.status.set_session_end(reason.clone());
                     }
-                    if !reprobe || established {
+                    if (!reprobe || established) && !retired {
                         shared.status.set_error(reason);
                     }
-                    let live = attempts.values().any(|a| a.established);
-                    let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
-                    if !live {
+                    if !attempts.held().iter().any(|h| h.transport == Transport::Tcp) {
                         reprobe_at = None;
                     }
-                    if (!live || replacing) && !dialing {
-                        let delay = if revoked {
-                            shared.max_backoff
-                        } else {
-                            backoff.next_delay(rand::random::<f64>())
-                        };
-                        shared.status.record_delay(delay);
-                        tracing::info!(%gateway, ?delay, attempt = backoff.attempt(), "reconnecting after backoff");
-                        dial_at = Some(tokio::time::Instant::now() + delay);
-                    }
+                    delay = Some(if revoked {
+                        shared.max_backoff
+                    } else if let Some(after) = busy {
+                        // Honoured with jitter: a fleet turned away together comes back spread.
+                        after + after.mul_f64(rand::random::<f64>())
+                    } else if retired || (reprobe && !established) {
+                        Duration::ZERO
+                    } else {
+                        backoff.next_delay(rand::random::<f64>())
+                    });
                 }
             },
         }
-        // Make-before-break onto a renewed certificate: when nothing is being dialed and a live
-        // session (not one already retired) presents an older certificate, dial its
-        // replacement now.
+        // Make-before-break onto a renewed certificate: a live session (not one retired)
+        // presenting an older certificate gets a replacement.
         let generation = *renewed.borrow_and_update();
-        let dialing = attempts.values().any(|a| !a.established) || dial_at.is_some();
-        if !dialing
-            && attempts
-                .values()
-                .any(|a| a.established && a.close.is_some() && a.generation < generation)
+        let mut renewing = false;
+        for a in attempts.0.values_mut() {
+            if a.established && !a.retiring && a.generation < generation && a.replace.is_none() {
+                a.replace = Some(Replace::Renewal);
+                renewing = true;
+            }
+        }
+        if renewing {
+            tracing::info!(%gateway, "certificate renewed: replacing the sessions");
+            delay = Some(Duration::ZERO);
+        }
+        // Plan the next dial: when one is needed, none is in flight, and none planned sooner.
+        let target = placement::target(single_address, shared.connections, live_replicas);
+        let needed = placement::next(&attempts.held(), target).is_some();
+        if !needed {
+            dial_at = None;
+        } else if !attempts.dialing()
+            && let Some(d) = delay.or(dial_at.is_none().then_some(Duration::ZERO))
         {
-            tracing::info!(%gateway, "certificate renewed: replacing the session");
-            replacing = true;
-            dial_at = Some(tokio::time::Instant::now());
+            let at = tokio::time::Instant::now() + d;
+            if dial_at.is_none_or(|t| at < t) {
+                if !d.is_zero() {
+                    shared.status.record_delay(d);
+                    tracing::info!(%gateway, delay = ?d, attempt = backoff.attempt(), "dialing after a delay");
+                }
+                dial_at = Some(at);
+            }
         }
     }
     // Shutdown: close every session and wait for the attempts to report their end.
-    for a in attempts.values_mut() {
+    for a in attempts.0.values_mut() {
         if let Some(c) = a.close.take() {
             let _ = c.send((ErrorCode::SHUTDOWN, "agent shutting down"));
         }
     }
     drop(tx);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while !attempts.is_empty() {
+    while !attempts.0.is_empty() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(Report::Ended { id, .. })) => {
-                attempts.remove(&id);
+                attempts.0.remove(&id);
             }
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
@@ -469,11 +640,32 @@ pub async fn supervise(gateway: String, shared: Arc<Shared>, shutdown: Cancellat
     }
 }
 
+/// The attempt `id` is a background QUIC re-probe.
+fn a_reprobe(attempts: &Attempts, id: u64) -> bool {
+    attempts.0.get(&id).is_some_and(|a| a.reprobe)
+}
+
+/// QUIC works (a re-probe landed, on a replica to avoid): the sessions on the TCP fallback
+/// move to QUIC with the next dials.
+fn mark_tcp_for_quic(attempts: &mut Attempts) {
+    for a in attempts.0.values_mut() {
+        if a.established
+            && !a.retiring
+            && a.transport == Some(Transport::Tcp)
+            && a.replace.is_none()
+        {
+            a.replace = Some(Replace::ToQuic);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_attempt(
     id: u64,
     gateway: String,
     shared: Arc<Shared>,
     dialer: Arc<Dialer>,
+    hello: Hello,
     tx: mpsc::UnboundedSender<Report>,
     close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     dial: Dial,
@@ -482,8 +674,7 @@ async fn run_attempt(
     let ended = session(
         id,
         &gateway,
-        &shared,
-        &dialer,
+        (&shared, &dialer, hello),
         &tx,
         close_rx,
         &mut established,
@@ -551,12 +742,10 @@ async fn connect(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn session(
     id: u64,
     gateway: &str,
-    shared: &Shared,
-    dialer: &Dialer,
+    (shared, dialer, hello): (&Shared, &Dialer, Hello),
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     established: &mut bool,
@@ -607,10 +796,7 @@ async fn session(
             renewals: None,
             renewing: None,
         };
-        let mut session = AgentSession::new(
-            AgentSessionConfig::new(shared.hello.clone()),
-            Instant::now(),
-        );
+        let mut session = AgentSession::new(AgentSessionConfig::new(hello), Instant::now());
         let end = driver::drive(&mut session, &mut side, &link, control).await;
         *established = side.established;
         Ok::<_, Ended>(Ended::Session {
@@ -634,9 +820,13 @@ async fn session(
 
 // === The agent's side of the driver ===
 
-/// A retired session: it closes once the grace has passed and the streams in flight are done,
-/// or at the deadline.
+/// A retired session. To a gateway that offers `leave`, the agent has left it (it refuses new
+/// streams) and the gateway closes it once the calls it relays on it are done, or the agent
+/// closes it at the deadline. To an older gateway: it closes once the grace has passed and the
+/// streams in flight are done, or at the deadline.
 struct Drain {
+    /// Left (the gateway closes it); else the agent closes it when idle.
+    left: bool,
     grace: Instant,
     deadline: Instant,
     code: ErrorCode,
@@ -685,11 +875,19 @@ impl AgentSide<'_> {
 
     /// Closes a retired session that is done, and reports a wedged one.
     fn check(&mut self, session: &mut AgentSession, now: Instant) {
-        if let Some(d) = &self.draining
-            && ((self.stats.active() == 0 && now >= d.grace) || now >= d.deadline)
-        {
-            session.close(d.code, d.why);
-            self.draining = None;
+        if let Some(d) = &self.draining {
+            if now >= d.deadline {
+                let code = if d.left && self.stats.active() > 0 {
+                    ErrorCode::DRAIN_TIMEOUT
+                } else {
+                    d.code
+                };
+                session.close(code, d.why);
+                self.draining = None;
+            } else if !d.left && self.stats.active() == 0 && now >= d.grace {
+                session.close(d.code, d.why);
+                self.draining = None;
+            }
         }
         if let Some(at) = self.wedged_at()
             && now >= at
@@ -702,6 +900,8 @@ impl AgentSide<'_> {
             let _ = self.tx.send(Report::GoAway {
                 id: self.id,
                 within: Duration::ZERO,
+                avoid: false,
+                wedged: true,
             });
         }
     }
@@ -715,6 +915,7 @@ impl Side<AgentSession> for AgentSide<'_> {
             AgentEvent::Established(w) => {
                 self.established = true;
                 tracing::info!(gateway = %self.gateway, session = %w.session_id, gateway_id = %w.gateway_id,
+                    replica = %w.replica_id, live_replicas = w.live_replicas,
                     transport = %self.transport, heartbeat_ms = w.heartbeat_interval_ms, "connected to gateway");
                 self.probe_interval =
                     (w.probe_interval_ms > 0).then(|| Duration::from_millis(w.probe_interval_ms));
@@ -723,6 +924,7 @@ impl Side<AgentSession> for AgentSide<'_> {
                     SessionStatus {
                         gateway: self.gateway.to_owned(),
                         session_id: w.session_id,
+                        replica: w.replica_id.clone(),
                         transport: self.transport.name(),
                         since: SystemTime::now(),
                         rtt: None,
@@ -731,6 +933,8 @@ impl Side<AgentSession> for AgentSide<'_> {
                 let _ = self.tx.send(Report::Established {
                     id: self.id,
                     transport: self.transport,
+                    replica: w.replica_id,
+                    live: w.live_replicas,
                 });
                 if session.can_renew() {
                     self.renewals = Some(self.shared.credentials.register(self.key));
@@ -748,10 +952,17 @@ impl Side<AgentSession> for AgentSide<'_> {
                 metrics::histogram!("tether_agent_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
             }
             AgentEvent::GoAway(g) => {
+                metrics::counter!("tether_agent_go_aways_total", "kind" => g.go_away_kind().name())
+                    .increment(1);
                 let _ = self.tx.send(Report::GoAway {
                     id: self.id,
                     within: Duration::from_millis(g.reconnect_within_ms),
+                    avoid: !g.avoid_replica.is_empty(),
+                    wedged: false,
                 });
+            }
+            AgentEvent::LiveReplicas(live) => {
+                let _ = self.tx.send(Report::Live { live });
             }
             // The driver ends the session; the supervisor learns how from `Ended`.
             AgentEvent::Closed(_) => {}
@@ -781,7 +992,7 @@ impl Side<AgentSession> for AgentSide<'_> {
         let idle_matters = self
             .draining
             .as_ref()
-            .is_some_and(|d| Instant::now() >= d.grace);
+            .is_some_and(|d| !d.left && Instant::now() >= d.grace);
         let (renewals, close_rx, stats) = (&mut self.renewals, &mut self.close_rx, self.stats);
         let order = async move {
             match renewals {
@@ -813,12 +1024,29 @@ impl Side<AgentSession> for AgentSide<'_> {
             Wake::Close(order) => {
                 self.close_rx = None;
                 if let Some((code, why)) = order {
-                    // Retired: renewals go on the newer session.
+                    // Retired: renewals go on the newer session, and it no longer counts as
+                    // one of the agent's sessions (`/readyz`, `sessions_held`).
                     self.renewals = None;
-                    if code == ErrorCode::REPLACED {
-                        // Finish what this session carries first: new streams go to the new
-                        // one.
+                    self.shared.status.session_down(self.key);
+                    if code == ErrorCode::REPLACED && session.can_leave() {
+                        // Refuse what arrives from now on (the gateway sends it again on
+                        // another session), then say so: the gateway opens nothing new here
+                        // and closes the session once the calls it relays on it are done.
+                        self.stats.refuse_new_streams();
+                        session.leave(why);
                         self.draining = Some(Drain {
+                            left: true,
+                            grace: now,
+                            deadline: now + DRAIN_MAX,
+                            code,
+                            why,
+                        });
+                    } else if code == ErrorCode::REPLACED {
+                        // An older gateway: finish what this session carries first; new
+                        // streams go to the new one, but one it routed here just before may
+                        // still be on its way.
+                        self.draining = Some(Drain {
+                            left: false,
                             grace: now + DRAIN_GRACE,
                             deadline: now + DRAIN_MAX,
                             code,
@@ -848,6 +1076,7 @@ mod tests {
                 code,
                 reason: reason.into(),
                 by_peer,
+                retry_after: None,
             }),
         }
     }
@@ -904,6 +1133,28 @@ mod tests {
         });
         assert!(refused.is_over_limit() && !refused.is_revoked());
         assert!(closed(ErrorCode::TOO_MANY_SESSIONS, "", true).is_over_limit());
+    }
+
+    #[test]
+    fn a_session_turned_away_says_when_to_come_back() {
+        let turned_away = Ended::Session {
+            gateway: "gw:7443".into(),
+            end: SessionEnd::Closed(CloseInfo {
+                code: ErrorCode::BUSY,
+                reason: "replica r1#1 is draining".into(),
+                by_peer: true,
+                retry_after: Some(Duration::from_millis(500)),
+            }),
+        };
+        assert_eq!(turned_away.busy(), Some(Duration::from_millis(500)));
+        assert!(!turned_away.is_over_limit() && !turned_away.is_revoked());
+        // Only the connection's close arrived: a second, by default.
+        let by_connection = Ended::ControlStream(StreamError::Closed {
+            code: ErrorCode::BUSY,
+            reason: String::new(),
+        });
+        assert_eq!(by_connection.busy(), Some(Duration::from_secs(1)));
+        assert_eq!(closed(ErrorCode::SHUTDOWN, "", true).busy(), None);
     }
 
     #[test]

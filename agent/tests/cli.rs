@@ -97,3 +97,27 @@ fn probe_fails_clearly_when_no_agent_runs() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(&addr.to_string()), "{}", stderr(&o));
 }
+
+#[test]
+fn bad_connections_exit_64_naming_the_key() {
+    let (_d, p) = config("");
+    for (value, why) in [
+        ("0", "between 1 and 16"),
+        ("40", "between 1 and 16"),
+        ("many", ""),
+    ] {
+        let o = agent(
+            &["run", "--config", p.to_str().unwrap(), "--check-config"],
+            &[("TETHER_CONNECTIONS", value)],
+        );
+        assert_eq!(o.status.code(), Some(64), "{value}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("connections") && e.contains(why), "{value}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+    }
+    let o = agent(
+        &["run", "--config", p.to_str().unwrap(), "--check-config"],
+        &[("TETHER_CONNECTIONS", "3")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

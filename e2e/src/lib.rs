@@ -11,11 +11,13 @@
 //! - [`fake_apiserver`]: an in-process fake Kubernetes API server for the agent's kube handlers.
 //! - [`moto`]: a real AWS Secrets Manager emulator (moto) and a throttling proxy in front of it.
 //! - [`netns`]: network namespaces and an nftables firewall around real gateway and agent processes.
+//! - [`udp_balancer`]: a round-robin UDP load balancer on loopback in front of replicas.
 
 pub mod fake_apiserver;
 pub mod hostile;
 pub mod moto;
 pub mod netns;
+pub mod udp_balancer;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1058,6 +1060,22 @@ impl GatewayProcess {
         let data = dir.path().join("data");
         let api = SocketAddr::new(api, 0);
         Self::spawn_in(pki, dir, &data, [tunnel, api, api], Some(ns), "info", extra).await
+    }
+
+    /// As [`spawn_configured_at`](Self::spawn_configured_at), with `env` set (`TETHER_*` keys
+    /// override the config file, e.g. `TETHER_TUNNEL_DRAIN_TIMEOUT`).
+    pub async fn spawn_env_at(
+        pki: &Pki,
+        tunnel: SocketAddr,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut command = tokio::process::Command::new(binary("tether-gateway"));
+        command.envs(env.iter().copied());
+        Self::spawn_command(pki, dir, &data, [tunnel, any, any], command, "info", extra).await
     }
 
     /// As [`spawn_configured`](Self::spawn_configured), its tunnel on `tunnel`.

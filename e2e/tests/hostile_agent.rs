@@ -6,6 +6,7 @@
 //! agent's make-before-break stays within the default.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -425,7 +426,25 @@ async fn make_before_break_is_never_refused_at_the_default_sessions_per_agent() 
     };
     let before = refused();
     let mut calls = 0;
-    let mut peak = 0;
+    // The most sessions registered at once, from the registry's own feed: a replaced session
+    // leaves as soon as the calls on it are done, so sampling between calls can miss the
+    // overlap.
+    let (live, mut feed) = gw.handle.registry.subscribe();
+    let peak_seen = Arc::new(std::sync::atomic::AtomicUsize::new(live.len()));
+    let watcher = {
+        let peak_seen = peak_seen.clone();
+        let mut now = live.len();
+        tokio::spawn(async move {
+            use tether_gateway::tunnel::registry::RegistryEvent;
+            while let Ok(ev) = feed.recv().await {
+                match ev {
+                    RegistryEvent::Connected(_) => now += 1,
+                    RegistryEvent::Disconnected { .. } => now = now.saturating_sub(1),
+                }
+                peak_seen.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
     for round in 0..3 {
         let old = gw.session_ids("acme/a");
         gw.handle
@@ -439,7 +458,6 @@ async fn make_before_break_is_never_refused_at_the_default_sessions_per_agent() 
                 .expect("call while moving");
             calls += 1;
             let now = gw.session_ids("acme/a");
-            peak = peak.max(now.len());
             if now.len() == 4 && now.iter().all(|s| !old.contains(s)) {
                 break;
             }
@@ -454,6 +472,8 @@ async fn make_before_break_is_never_refused_at_the_default_sessions_per_agent() 
             "round {round}: a replacement was refused"
         );
     }
+    watcher.abort();
+    let peak = peak_seen.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "3 rounds of make-before-break of 4 sessions: at most {peak} at once, {calls} calls, \
          none refused"

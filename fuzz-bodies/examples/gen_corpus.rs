@@ -90,6 +90,8 @@ fn main() {
         capabilities: vec!["relay".into(), "tcp".into(), "commands".into()],
         labels: BTreeMap::from([("region".to_owned(), "eu-west-1".to_owned())]),
         instance_id: "i-1".into(),
+        sessions_held: 1,
+        avoid_replicas: vec!["r1#3".into()],
     };
     let welcome = Welcome {
         version: 1,
@@ -108,14 +110,20 @@ fn main() {
             seq: 7,
             last_rtt_us: 1200,
         }),
-        Message::HeartbeatAck(HeartbeatAck { seq: 7 }),
+        Message::HeartbeatAck(HeartbeatAck {
+            seq: 7,
+            live_replicas: 3,
+        }),
         Message::GoAway(GoAway {
             reason: "draining".into(),
             reconnect_within_ms: 30_000,
+            avoid_replica: "r1#3".into(),
+            kind: tunnel_proto::message::GoAwayKind::Drain as i32,
         }),
         Message::Close(Close {
-            code: 1,
-            reason: "bye".into(),
+            code: 15,
+            reason: "busy".into(),
+            retry_after_ms: 1500,
         }),
         Message::StreamHeader(header(StreamKind::Rpc)),
         Message::Data(Bytes::from_static(b"\0\0\0\0\x05hello")),
@@ -243,7 +251,10 @@ fn main() {
                 capabilities: vec![tunnel_proto::message::RENEW.into()],
                 ..welcome.clone()
             }),
-            Message::HeartbeatAck(HeartbeatAck { seq: 1 }),
+            Message::HeartbeatAck(HeartbeatAck {
+                seq: 1,
+                live_replicas: 0,
+            }),
             Message::RenewResponse(RenewResponse {
                 id: 1,
                 code: 7,

@@ -12,6 +12,8 @@
 //! heartbeat_interval = "10s"
 //! handshake_timeout = "10s"
 //! drain_timeout = "15s"
+//! fair_share_margin = 0.25    # refuse new sessions above the fleet's mean per replica by this
+//! rebalance_interval = "30s"  # ask agents above the share to move, at most this often; 0s: never
 //! [northbound]
 //! listen = "0.0.0.0:7444"     # gRPC over TLS
 //! [ops]
@@ -54,6 +56,8 @@
 //! handshake_burst = 100
 //! retry_above = 1000          # gateway-wide QUIC handshakes/s above which QUIC Retry
 //!                             # validates source addresses first
+//! new_sessions_per_second = 1000 # sessions this gateway admits per second; beyond it agents
+//!                             # are turned away with a retry-after (0: no budget)
 //! pending_tokens_per_agent = 16 # enrollment tokens pending at once for one agent
 //! token_creations_per_minute = 60 # CreateToken calls per caller
 //! [auth]                      # without it: every control-plane caller may act for every tenant
@@ -97,6 +101,8 @@ pub const KEYS: Keys = &[
     "tunnel.tcp_fallback",
     "tunnel.probe_interval",
     "tunnel.probe_timeout",
+    "tunnel.fair_share_margin",
+    "tunnel.rebalance_interval",
     "northbound.listen",
     "ops.listen",
     "log.format",
@@ -133,6 +139,7 @@ pub const KEYS: Keys = &[
     "limits.northbound_connections",
     "limits.northbound_connections_per_address",
     "limits.northbound_unauthenticated_timeout",
+    "limits.new_sessions_per_second",
     "auth.callers",
     "auth.jwks_file",
     "auth.jwks_url",
@@ -573,6 +580,11 @@ pub struct LimitsConfig {
     /// `northbound_idle_timeout` is for callers the gateway knows.
     #[serde(with = "humantime_serde")]
     pub northbound_unauthenticated_timeout: Duration,
+    /// New agent sessions this gateway admits per second (its handshake budget, counted over
+    /// the current and the last second); beyond it a session is turned away before it is
+    /// registered (`BUSY`, with a retry-after that grows with the excess, which agents honour
+    /// with jitter), so a reconnect storm is spread out instead of piling up. 0: no budget.
+    pub new_sessions_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -596,6 +608,7 @@ impl Default for LimitsConfig {
             northbound_connections: 4096,
             northbound_connections_per_address: 256,
             northbound_unauthenticated_timeout: Duration::from_secs(10),
+            new_sessions_per_second: 1000,
         }
     }
 }
@@ -893,6 +906,15 @@ pub struct TunnelConfig {
     /// How long a probe may take.
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// With replicas: a replica holding more than the fleet's mean sessions per live replica
+    /// times `1 + fair_share_margin` (plus 2) turns new sessions away (`BUSY`, retry-after) from
+    /// agents that hold a session elsewhere; an agent with none is always admitted.
+    pub fair_share_margin: f64,
+    /// With replicas: how often a replica above its share (as above) asks some of its agents to
+    /// move (`GoAway` of kind `rebalance`, make-before-break), at most a twentieth of its
+    /// sessions each time: how the fleet evens out after a scale-out. 0s: never.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_interval: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -906,6 +928,8 @@ impl Default for TunnelConfig {
             tcp_fallback: true,
             probe_interval: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(10),
+            fair_share_margin: 0.25,
+            rebalance_interval: Duration::from_secs(30),
         }
     }
 }
@@ -969,6 +993,18 @@ impl Validate for GatewayConfig {
             return Err(ConfigError::invalid(
                 "tunnel.probe_timeout",
                 "must be positive and at most tunnel.probe_interval",
+            ));
+        }
+        if !(0.0..=10.0).contains(&t.fair_share_margin) {
+            return Err(ConfigError::invalid(
+                "tunnel.fair_share_margin",
+                "must be between 0 and 10 (a fraction of the mean: 0.25 is 25% above it)",
+            ));
+        }
+        if !t.rebalance_interval.is_zero() && t.rebalance_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "tunnel.rebalance_interval",
+                "must be 0s (never) or at least 1s",
             ));
         }
         if self.commands.max_attempts == 0 {

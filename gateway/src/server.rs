@@ -1,7 +1,11 @@
 //! Wiring: binds nothing itself (sockets come in already bound, so tests use port 0), starts the
 //! tunnel listener, the northbound API and the ops endpoint, and runs the drain on shutdown:
-//! stop accepting → `GoAway` to every agent → wait up to `drain_timeout` for them to move →
-//! close what is left with `SHUTDOWN` → wait for QUIC to go idle.
+//! not ready, new sessions turned away (`BUSY`) and the replica marked draining → `GoAway` to
+//! every agent, naming this replica to avoid → wait up to `drain_timeout` for them to move
+//! (make-before-break: each agent opens its new session elsewhere, then leaves this one, which
+//! closes once the calls on it are done) → stop accepting and delivering commands → release
+//! the command leases → close what is left with `SHUTDOWN` → wait for QUIC to go idle → mark
+//! this replica's row expired.
 //!
 //! With `store.dsn` the gateway is one replica of several (see `cluster`): its identity state
 //! is in PostgreSQL, its sessions are recorded there (presence), it follows the other
@@ -42,6 +46,7 @@ use crate::relay::grpc::RelayService;
 use crate::relay::tcp::StreamsApi;
 use crate::tls::TlsMaterial;
 use crate::tunnel::admission::Admission;
+use crate::tunnel::balance::{self, Balance, FleetView};
 use crate::tunnel::registry::Registry;
 use crate::tunnel::{self, TunnelContext};
 
@@ -248,7 +253,16 @@ pub async fn start(
 
     let stop_accepting = CancellationToken::new();
     let close_sessions = CancellationToken::new();
-    let tunnel_tcp = start_tunnel(
+    let draining = CancellationToken::new();
+    // With replicas, sessions are balanced across the fleet under this replica's cluster id.
+    let balance = cluster.as_ref().map(|c| {
+        Arc::new(Balance::new(
+            c.replica.id().to_string(),
+            cfg.tunnel.fair_share_margin,
+            cfg.limits.new_sessions_per_second,
+        ))
+    });
+    let (tunnel_tcp, balance) = start_tunnel(
         &cfg,
         Tunnel {
             endpoint: endpoint.clone(),
@@ -258,10 +272,14 @@ pub async fn start(
             identity: &state.identity,
             enrollment: enrollment.clone(),
             enroll_endpoint,
+            balance,
         },
         stop_accepting.clone(),
         close_sessions.clone(),
     )?;
+    if let Some(c) = &cluster {
+        cluster_balance(c, &balance, &registry, &cfg, cluster_stop.clone());
+    }
     let northbound = start_northbound(
         &cfg,
         &material,
@@ -281,12 +299,7 @@ pub async fn start(
         close_sessions.clone(),
     )?;
     let ops_stop = CancellationToken::new();
-    let readiness = cluster_readiness(
-        &registry,
-        &stop_accepting,
-        cluster.as_deref(),
-        peers.clone(),
-    );
+    let readiness = cluster_readiness(&registry, &draining, cluster.as_deref(), peers.clone());
     let ops_task = start_ops(sockets.ops, readiness, ops_stop.clone())?;
 
     tracing::info!(tunnel = %tunnel_addr, tunnel_tcp = tunnel_tcp.is_some(),
@@ -302,6 +315,8 @@ pub async fn start(
             dir_lock: state.dir_lock,
             registry: registry.clone(),
             drain_timeout: cfg.tunnel.drain_timeout,
+            draining,
+            balance,
             stop_accepting,
             commands_stop,
             close_sessions,
@@ -411,18 +426,24 @@ struct Tunnel<'a> {
     identity: &'a IdentityStore,
     enrollment: Arc<Enrollment>,
     enroll_endpoint: Arc<EnrollEndpoint>,
+    /// The replica's balance (with replicas); `None`: this process's own.
+    balance: Option<Arc<Balance>>,
 }
 
 /// Starts accepting agents on QUIC and, when its socket is there, on TCP (where enrollment is
 /// served too) until `stop_accepting`; sessions close when `close_sessions` is cancelled.
-/// Returns the TCP listener's address.
+/// Returns the TCP listener's address and the balance new sessions are decided by.
 fn start_tunnel(
     cfg: &GatewayConfig,
     t: Tunnel<'_>,
     stop_accepting: CancellationToken,
     close_sessions: CancellationToken,
-) -> Result<Option<SocketAddr>, GatewayError> {
+) -> Result<(Option<SocketAddr>, Arc<Balance>), GatewayError> {
     let mut ctx = TunnelContext::new(cfg, t.registry, close_sessions);
+    if let Some(b) = t.balance {
+        ctx = ctx.with_balance(b);
+    }
+    let balance = ctx.balance.clone();
     ctx.session.limits.max_control_frame = cfg.limits.max_control_message as usize;
     let admission = Admission::new(&cfg.limits);
     let enroll_endpoint = t.enroll_endpoint;
@@ -449,7 +470,7 @@ fn start_tunnel(
                 "enrollment is served on the tunnel's TCP port, and tunnel.tcp_fallback is off: agents cannot enroll"
             );
         }
-        return Ok(None);
+        return Ok((None, balance));
     };
     l.set_nonblocking(true)
         .map_err(io("tunnel TCP socket".into()))?;
@@ -462,7 +483,7 @@ fn start_tunnel(
         admission,
         stop_accepting,
     ));
-    Ok(Some(addr))
+    Ok((Some(addr), balance))
 }
 
 /// What the northbound API serves.
@@ -675,6 +696,62 @@ fn cluster_presence(cluster: &Arc<Cluster>, registry: &Arc<Registry>, stop: Canc
     });
 }
 
+/// How often a replica writes its count of sessions and reads the others'.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps this replica's share of the fleet's sessions known, until `stop`: about once a second
+/// (jittered) it writes its own count when it changed and reads the other live replicas'
+/// ([`Balance::set_fleet`]); and every `tunnel.rebalance_interval` it asks agents to move when
+/// it holds more than its share ([`balance::rebalance`]).
+fn cluster_balance(
+    cluster: &Arc<Cluster>,
+    balance: &Arc<Balance>,
+    registry: &Arc<Registry>,
+    cfg: &GatewayConfig,
+    stop: CancellationToken,
+) {
+    let (cluster, b, registry_) = (cluster.clone(), balance.clone(), registry.clone());
+    let stop_ = stop.clone();
+    tokio::spawn(async move {
+        let mut written: Option<u64> = None;
+        loop {
+            let me = cluster.replica.id();
+            let local = registry_.session_count() as u64;
+            if written != Some(local) {
+                match crate::cluster::balance::record(&cluster.pool, me, local).await {
+                    Ok(()) => written = Some(local),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "writing this replica's session count failed")
+                    }
+                }
+            }
+            match crate::cluster::balance::others(&cluster.pool, me).await {
+                Ok((others, others_sessions)) => b.set_fleet(
+                    FleetView {
+                        others,
+                        others_sessions,
+                    },
+                    std::time::Instant::now(),
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the other replicas' sessions failed")
+                }
+            }
+            let wait = BALANCE_EVERY.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+            tokio::select! {
+                _ = stop_.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+    tokio::spawn(balance::rebalance(
+        balance.clone(),
+        registry.clone(),
+        cfg.tunnel.rebalance_interval,
+        stop,
+    ));
+}
+
 /// Applies the revocations every replica makes (read from the cluster feed) to this
 /// replica's lists, sessions and caller connections, until `stop`.
 fn cluster_follow_identity(
@@ -695,16 +772,16 @@ fn cluster_follow_identity(
     tokio::spawn(follower.run(cluster.feed.clone(), stop.clone()));
 }
 
-/// What `/readyz` answers: ready until the gateway stops accepting; with replicas, also only
+/// What `/readyz` answers: ready until the gateway starts draining; with replicas, also only
 /// while this replica reaches PostgreSQL, is live (not fenced) and not draining, with the
 /// reason when not.
 fn cluster_readiness(
     registry: &Arc<Registry>,
-    stop_accepting: &CancellationToken,
+    draining: &CancellationToken,
     cluster: Option<&Cluster>,
     peers: Option<Arc<Peers>>,
 ) -> ops::ReadinessFn {
-    let (registry, draining) = (registry.clone(), stop_accepting.clone());
+    let (registry, draining) = (registry.clone(), draining.clone());
     let replica = cluster.map(|c| c.replica.clone());
     Arc::new(move || {
         let mut detail = serde_json::json!({
@@ -783,6 +860,10 @@ struct Running {
     dir_lock: crate::data_dir::DirLock,
     registry: Arc<Registry>,
     drain_timeout: Duration,
+    /// Cancelled first: not ready.
+    draining: CancellationToken,
+    /// New sessions turned away while draining; names this replica in `GoAway`.
+    balance: Arc<Balance>,
     stop_accepting: CancellationToken,
     commands_stop: CancellationToken,
     close_sessions: CancellationToken,
@@ -795,13 +876,17 @@ struct Running {
     cluster_stop: CancellationToken,
 }
 
-/// Waits for `shutdown`, then: stop accepting → `GoAway` to every agent → wait up to
-/// `drain_timeout` for them to move → close what is left with `SHUTDOWN` → wait for QUIC to
-/// go idle (3 s at most) → stop ops.
+/// Waits for `shutdown`, then drains (see the module docs): not ready and turning new sessions
+/// away → marked draining in the cluster → `GoAway` to every agent → wait up to
+/// `drain_timeout` for them to move → stop accepting and delivering commands → release the
+/// command leases → close what is left with `SHUTDOWN` → wait for QUIC to go idle (3 s at most)
+/// → stop ops → mark the replica's row expired.
 async fn stop_on(shutdown: CancellationToken, r: Running) {
     let _dir_lock = r.dir_lock;
     shutdown.cancelled().await;
-    r.stop_accepting.cancel();
+    let started = std::time::Instant::now();
+    r.draining.cancel();
+    r.balance.set_draining();
     if let Some(c) = &r.cluster {
         // Peers stop choosing this replica; PostgreSQL may be gone, so bounded.
         match tokio::time::timeout(Duration::from_secs(2), c.replica.set_draining()).await {
@@ -810,8 +895,21 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
             Err(_) => tracing::warn!("marking this replica draining timed out"),
         }
     }
-    drain(&r.registry, r.drain_timeout).await;
+    drain(&r.registry, &r.balance, r.drain_timeout).await;
+    r.stop_accepting.cancel();
     r.commands_stop.cancel();
+    if let Some(c) = &r.cluster {
+        // Hand the command leases over now (the replicas holding the agents' sessions take
+        // them at once), not when this replica's liveness expires.
+        match tokio::time::timeout(Duration::from_secs(3), c.release_leases()).await {
+            Ok(Ok(n)) => tracing::info!(leases = n, "released this replica's command leases"),
+            Ok(Err(e)) => tracing::warn!(error = %e,
+                "releasing the command leases failed; they lapse with this replica's liveness"),
+            Err(_) => tracing::warn!(
+                "releasing the command leases timed out; they lapse with this replica's liveness"
+            ),
+        }
+    }
     r.close_sessions.cancel();
     let _ = r.northbound.await;
     r.endpoint.close(
@@ -827,7 +925,14 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
     r.ops_stop.cancel();
     let _ = r.ops_task.await;
     r.cluster_stop.cancel();
-    tracing::info!("gateway stopped");
+    if let Some(c) = &r.cluster
+        && let Err(e) = tokio::time::timeout(Duration::from_secs(2), c.expire())
+            .await
+            .unwrap_or(Ok(()))
+    {
+        tracing::warn!(error = %e, "could not mark this replica's row expired; it lapses by itself");
+    }
+    tracing::info!(took = ?started.elapsed(), "gateway stopped");
 }
 
 // === File descriptors ===
@@ -865,8 +970,9 @@ fn raise_open_files_limit() -> std::io::Result<u64> {
     Ok(hard)
 }
 
-/// Sends `GoAway` to every session and waits for them to leave, up to `timeout`.
-async fn drain(registry: &Registry, timeout: Duration) {
+/// Sends `GoAway` to every session, naming this replica to avoid, and waits for them to
+/// leave, up to `timeout`. Agents are asked to spread their new sessions over half of it.
+async fn drain(registry: &Registry, balance: &Balance, timeout: Duration) {
     let (live, mut feed) = registry.subscribe();
     if live.is_empty() || timeout.is_zero() {
         return;
@@ -876,7 +982,14 @@ async fn drain(registry: &Registry, timeout: Duration) {
         ?timeout,
         "draining: asking agents to reconnect elsewhere"
     );
-    registry.go_away_all("gateway shutting down", timeout);
+    metrics::counter!("tether_gateway_go_aways_total", "kind" => "drain")
+        .increment(live.len() as u64);
+    registry.send_go_away_all(&tunnel_proto::message::GoAway {
+        reason: "gateway shutting down".into(),
+        reconnect_within_ms: (timeout / 2).as_millis() as u64,
+        avoid_replica: balance.replica_id().to_owned(),
+        kind: tunnel_proto::message::GoAwayKind::Drain as i32,
+    });
     let deadline = tokio::time::Instant::now() + timeout;
     while registry.session_count() > 0 {
         tokio::select! {

@@ -555,6 +555,7 @@ fn start_lean(
             capabilities: vec!["relay".into(), "commands".into()],
             labels: Default::default(),
             instance_id: name,
+            ..Default::default()
         },
     };
     tokio::spawn(run_lean(agent, index, endpoint.clone(), shared.clone()));
@@ -683,7 +684,10 @@ async fn session(
                     shared.log().ups.push(Instant::now());
                 }
                 AgentEvent::Closed(info) => closed = Some(info),
-                AgentEvent::Rtt(_) | AgentEvent::GoAway(_) | AgentEvent::Renewed(_) => {}
+                AgentEvent::Rtt(_)
+                | AgentEvent::GoAway(_)
+                | AgentEvent::Renewed(_)
+                | AgentEvent::LiveReplicas(_) => {}
             }
         }
         if let Some(info) = closed {

@@ -104,14 +104,16 @@ where
     // The deadline `sleep` is set to; `None`: no deadline, the branch is off.
     let mut armed: Option<Instant> = None;
     loop {
+        // Events first: what a side does on one (a `Welcome` after a decision, a renewal's
+        // answer) is written in this same turn, not at the next wake-up.
+        let now = Instant::now();
+        while let Some(event) = session.poll_event() {
+            side.on_event(session, event, now);
+        }
         while let Some(bytes) = session.poll_transmit() {
             if let Err(e) = send.write_all(&bytes).await {
                 return failed(link, e);
             }
-        }
-        let now = Instant::now();
-        while let Some(event) = session.poll_event() {
-            side.on_event(session, event, now);
         }
         if let Some(info) = session.close_info() {
             let info = info.clone();
@@ -166,8 +168,13 @@ async fn close<S: Session>(session: &mut S, send: &mut SendStream, link: &Link, 
         }
     };
     let _ = tokio::time::timeout(CLOSE_FLUSH, flush).await;
-    // Let the Close frame go out before the connection close discards it.
-    let _ = send.finish();
+    // Let the Close frame go out before the connection close discards it: over QUIC a close
+    // drops stream data not yet acknowledged, so wait (briefly) for the peer's acknowledgement
+    // of the finished stream. The peer's `Close` carries what it must act on (a gateway's
+    // retry-after).
+    if send.finish().is_ok() && matches!(link, Link::Quic(_)) {
+        let _ = tokio::time::timeout(CLOSE_FLUSH, send.stopped()).await;
+    }
     link.close(info.code, info.reason.as_bytes());
     link.linger().await;
 }

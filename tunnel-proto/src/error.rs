@@ -109,6 +109,18 @@ impl ErrorCode {
     /// The agent already holds as many sessions as the gateway allows one agent; retrying helps
     /// once one of them ends.
     pub const TOO_MANY_SESSIONS: ErrorCode = ErrorCode(13);
+    /// A stream reset by the agent without processing any of it, because it arrived on a
+    /// session the agent is leaving (`leave`, see [`crate::message::LEAVE`]): open it again on
+    /// another session. Like HTTP/2's `REFUSED_STREAM`.
+    pub const REFUSED_STREAM: ErrorCode = ErrorCode(14);
+    /// The gateway turned the session away before it started: it is draining, holds more than
+    /// its share of the fleet's sessions, or admits no more new sessions this second. The
+    /// `Close` frame's `retry_after_ms` says when to dial again; another replica may take it
+    /// at once.
+    pub const BUSY: ErrorCode = ErrorCode(15);
+    /// A session the agent was leaving was still carrying streams when the longest drain
+    /// ran out: those streams were cut.
+    pub const DRAIN_TIMEOUT: ErrorCode = ErrorCode(16);
     /// Peer links between gateway replicas (numbered from 0x100, apart from the tunnel's): the
     /// replica asked to carry a stream holds no session of its agent, and nothing reached the
     /// agent, so the stream may be sent to another replica.
@@ -134,6 +146,9 @@ impl ErrorCode {
             11 => "unauthenticated",
             12 => "unresponsive",
             13 => "too_many_sessions",
+            14 => "refused_stream",
+            15 => "busy",
+            16 => "drain_timeout",
             0x100 => "not_here",
             0x101 => "link_lost",
             _ => "unknown",

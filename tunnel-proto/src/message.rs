@@ -29,6 +29,16 @@ pub struct Hello {
     /// Identifies one agent process (one replica); several may share an agent id.
     #[prost(string, tag = "5")]
     pub instance_id: String,
+    /// Sessions this agent process holds to other gateways (replicas) as it sends this `Hello`.
+    /// A gateway turning sessions away to keep the replicas balanced never turns away an agent
+    /// that holds none: an unbalanced fleet is better than an unreachable agent.
+    #[prost(uint32, tag = "6")]
+    pub sessions_held: u32,
+    /// The replicas ([`Welcome::replica_id`]) this dial must not land on: those the agent holds
+    /// a session to already (and keeps), and one that asked it to move. A gateway that is one
+    /// of them turns the session away ([`crate::ErrorCode::BUSY`]) before registering it.
+    #[prost(string, repeated, tag = "7")]
+    pub avoid_replicas: Vec<String>,
 }
 
 /// The gateway's answer to `Hello`: the session is established.
@@ -61,10 +71,32 @@ pub struct Welcome {
     /// would close the session on a frame type it does not know.
     #[prost(string, repeated, tag = "8")]
     pub capabilities: Vec<String>,
+    /// The gateway process that answered, as replicas tell each other apart: with replicas
+    /// `<cluster.replica_id>#<epoch>`, else an id of this process. Two sessions naming the same
+    /// replica are on the same process; an agent keeping sessions to distinct replicas compares
+    /// this. Empty from an older gateway.
+    #[prost(string, tag = "9")]
+    pub replica_id: String,
+    /// Gateway replicas alive and not draining, this one included (1 for a gateway without
+    /// replicas): how many distinct replicas an agent can hold sessions to. 0 from an older
+    /// gateway (unknown).
+    #[prost(uint32, tag = "10")]
+    pub live_replicas: u32,
 }
 
 /// The [`Welcome::capabilities`] entry of a gateway that renews agent certificates.
 pub const RENEW: &str = "renew";
+
+/// The capability of leaving a session cleanly, in [`Hello::capabilities`] and
+/// [`Welcome::capabilities`]. Both sides listing it agree that:
+/// - the agent may send [`GoAway`] on the control stream to say it is leaving the session;
+///   from then on it resets every stream it has not accepted yet with
+///   [`crate::ErrorCode::REFUSED_STREAM`], nothing of it processed;
+/// - the gateway, on that `GoAway`, opens no new stream on the session, and closes it (with
+///   [`crate::ErrorCode::REPLACED`]) once the streams it relays on it are done;
+/// - so a stream the agent refused, or one opened on a session the gateway closed that way,
+///   never reached the upstream, and the gateway sends it again on another session.
+pub const LEAVE: &str = "leave";
 
 /// Agent → gateway liveness probe; the gateway answers with [`HeartbeatAck`].
 #[derive(Clone, PartialEq, prost::Message)]
@@ -83,10 +115,18 @@ pub struct HeartbeatAck {
     /// The sequence number of the heartbeat being answered.
     #[prost(uint64, tag = "1")]
     pub seq: u64,
+    /// [`Welcome::live_replicas`] as the gateway knows it now (replicas come and go while a
+    /// session lasts); 0: not said.
+    #[prost(uint32, tag = "2")]
+    pub live_replicas: u32,
 }
 
-/// Gateway → agent: this gateway is draining; open a new session (make-before-break) and let
-/// this one go.
+/// Gateway → agent: this gateway is draining (or has more than its share of sessions); open a
+/// new session (make-before-break), on another replica when [`GoAway::avoid_replica`] names
+/// this one, and let this one go.
+///
+/// Agent → gateway, only to a gateway whose `Welcome` lists [`LEAVE`]: this agent is leaving
+/// the session (a newer one took over); open no new stream on it (only `reason` is set).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct GoAway {
     /// Why, for logs.
@@ -95,6 +135,44 @@ pub struct GoAway {
     /// How long the agent should spread its reconnect over, to avoid a thundering herd.
     #[prost(uint64, tag = "2")]
     pub reconnect_within_ms: u64,
+    /// The replica asking ([`Welcome::replica_id`]): the replacement must be on another one; a
+    /// replacement that lands on it again is let go and dialed anew. Empty: anywhere.
+    #[prost(string, tag = "3")]
+    pub avoid_replica: String,
+    /// Why, for the agent's metrics and logs ([`GoAwayKind`]).
+    #[prost(enumeration = "GoAwayKind", tag = "4")]
+    pub kind: i32,
+}
+
+impl GoAway {
+    /// The kind, or `Unspecified` for a value this build does not know.
+    pub fn go_away_kind(&self) -> GoAwayKind {
+        GoAwayKind::try_from(self.kind).unwrap_or(GoAwayKind::Unspecified)
+    }
+}
+
+/// Why a gateway sends [`GoAway`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum GoAwayKind {
+    /// Not said (an older gateway).
+    Unspecified = 0,
+    /// The gateway is shutting down (a rolling upgrade, a scale-in).
+    Drain = 1,
+    /// The replica holds more than its share of the fleet's sessions (after a scale-out): a
+    /// few of its agents are asked to move.
+    Rebalance = 2,
+}
+
+impl GoAwayKind {
+    /// A stable lower-case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            GoAwayKind::Unspecified => "unspecified",
+            GoAwayKind::Drain => "drain",
+            GoAwayKind::Rebalance => "rebalance",
+        }
+    }
 }
 
 /// Either side: the session is ending, with a code and a reason for logs.
@@ -106,6 +184,11 @@ pub struct Close {
     /// Human-readable reason.
     #[prost(string, tag = "2")]
     pub reason: String,
+    /// When the gateway refuses a session ([`crate::ErrorCode::BUSY`]): how long the agent
+    /// should wait before dialing again, in milliseconds (it adds up to as much again at random,
+    /// so a fleet turned away together comes back spread out). 0: not said.
+    #[prost(uint64, tag = "3")]
+    pub retry_after_ms: u64,
 }
 
 /// Agent → gateway on the control stream: a certificate signing request (PKCS#10, PEM) for a key

@@ -10,6 +10,17 @@
 //! last value in its next heartbeat). Either side closes the session with `HEARTBEAT_TIMEOUT`
 //! when it has heard nothing from its peer for `dead_after` intervals.
 //!
+//! Leaving (both sides list `leave`, [`crate::message::LEAVE`]): the agent sends `GoAway` on
+//! the control stream when a newer session took over ([`AgentSession::leave`]); the gateway
+//! session reports it once as [`GatewayEvent::Left`] and its IO stops opening streams on the
+//! session and closes it once the streams it carries are done. A `GoAway` from an agent to a
+//! gateway that does not offer `leave` is a protocol error, as it always was.
+//!
+//! Admission: a gateway that decides on a session only once it has read the agent's `Hello`
+//! (its balance and handshake budget) sets [`GatewaySessionConfig::hold_hello`]; the session
+//! then reports [`GatewayEvent::Hello`] and waits for [`GatewaySession::welcome`] or
+//! [`GatewaySession::refuse`] (a `Close` frame with a retry-after).
+//!
 //! Renewal: a gateway that lists `renew` in `Welcome.capabilities` takes `RenewRequest`s (a CSR)
 //! and answers each with a `RenewResponse` of the same id. The agent sends one at a time and only
 //! to such a gateway ([`AgentSession::renew`]); the gateway session hands a request out as
@@ -29,8 +40,8 @@ use crate::SUPPORTED_VERSIONS;
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, Limits};
 use crate::message::{
-    Close, GoAway, Heartbeat, HeartbeatAck, Hello, Message, RENEW, RenewRequest, RenewResponse,
-    Welcome,
+    Close, GoAway, Heartbeat, HeartbeatAck, Hello, LEAVE, Message, RENEW, RenewRequest,
+    RenewResponse, Welcome,
 };
 
 /// gRPC `RESOURCE_EXHAUSTED`, in a [`RenewResponse`] the session answers itself.
@@ -47,6 +58,9 @@ pub struct CloseInfo {
     pub reason: String,
     /// True when the peer closed (sent `Close` or finished the stream), false when we did.
     pub by_peer: bool,
+    /// When the peer's `Close` said when to come back (a gateway turning a session away,
+    /// [`ErrorCode::BUSY`]).
+    pub retry_after: Option<Duration>,
 }
 
 // === Session ===
@@ -141,30 +155,44 @@ impl Core {
 
     /// Closes locally: queues a `Close` frame and returns the info to report.
     fn close_local(&mut self, code: ErrorCode, reason: String) -> Option<CloseInfo> {
+        self.close_local_after(code, reason, None)
+    }
+
+    /// [`Core::close_local`], telling the peer when to come back.
+    fn close_local_after(
+        &mut self,
+        code: ErrorCode,
+        reason: String,
+        retry_after: Option<Duration>,
+    ) -> Option<CloseInfo> {
         if self.closed.is_some() {
             return None;
         }
         self.send(Message::Close(Close {
             code: code.0,
             reason: reason.clone(),
+            retry_after_ms: retry_after.map_or(0, |d| d.as_millis().max(1) as u64),
         }));
         let info = CloseInfo {
             code,
             reason,
             by_peer: false,
+            retry_after,
         };
         self.closed = Some(info.clone());
         Some(info)
     }
 
-    fn close_by_peer(&mut self, code: ErrorCode, reason: String) -> Option<CloseInfo> {
+    fn close_by_peer(&mut self, close: Close) -> Option<CloseInfo> {
         if self.closed.is_some() {
             return None;
         }
         let info = CloseInfo {
-            code,
-            reason,
+            code: ErrorCode(close.code),
+            reason: close.reason,
             by_peer: true,
+            retry_after: (close.retry_after_ms > 0)
+                .then(|| Duration::from_millis(close.retry_after_ms)),
         };
         self.closed = Some(info.clone());
         Some(info)
@@ -172,7 +200,11 @@ impl Core {
 
     fn handle_eof(&mut self) -> Option<CloseInfo> {
         match self.decoder.finish() {
-            Ok(()) => self.close_by_peer(ErrorCode::NO_ERROR, "control stream finished".into()),
+            Ok(()) => self.close_by_peer(Close {
+                code: ErrorCode::NO_ERROR.0,
+                reason: "control stream finished".into(),
+                retry_after_ms: 0,
+            }),
             Err(e) => self.close_local(e.code(), e.to_string()),
         }
     }
@@ -222,6 +254,8 @@ pub enum AgentEvent {
     Rtt(Duration),
     /// The gateway asks for a new session elsewhere; keep this one until that one is up.
     GoAway(GoAway),
+    /// The gateway's count of live replicas changed (a `HeartbeatAck` said so).
+    LiveReplicas(u32),
     /// The gateway answered the [`AgentSession::renew`] request with this id.
     Renewed(RenewResponse),
     /// The session is over; close the connection with this code.
@@ -254,6 +288,12 @@ pub struct AgentSession {
     /// The id of the renewal awaiting its answer, and the last id used.
     renewing: Option<u64>,
     renew_ids: u64,
+    /// The gateway listed [`LEAVE`] in its `Welcome`.
+    gateway_leaves: bool,
+    /// [`AgentSession::leave`] sent its `GoAway`.
+    left: bool,
+    /// The gateway's last count of live replicas (0: not said).
+    live_replicas: u32,
 }
 
 impl AgentSession {
@@ -277,6 +317,9 @@ impl AgentSession {
             gateway_renews: false,
             renewing: None,
             renew_ids: 0,
+            gateway_leaves: false,
+            left: false,
+            live_replicas: 0,
         }
     }
 
@@ -314,6 +357,8 @@ impl AgentSession {
                 }
                 let interval = Duration::from_millis(w.heartbeat_interval_ms.max(10));
                 self.gateway_renews = w.capabilities.iter().any(|c| c == RENEW);
+                self.gateway_leaves = w.capabilities.iter().any(|c| c == LEAVE);
+                self.live_replicas = w.live_replicas;
                 self.state = AgentState::Established {
                     interval,
                     next_heartbeat: now + interval,
@@ -329,6 +374,11 @@ impl AgentSession {
                     self.outstanding = None;
                     self.events.push_back(AgentEvent::Rtt(rtt));
                 }
+                if ack.live_replicas > 0 && ack.live_replicas != self.live_replicas {
+                    self.live_replicas = ack.live_replicas;
+                    self.events
+                        .push_back(AgentEvent::LiveReplicas(ack.live_replicas));
+                }
             }
             (AgentState::Established { .. }, Message::GoAway(g)) => {
                 self.events.push_back(AgentEvent::GoAway(g));
@@ -340,7 +390,7 @@ impl AgentSession {
                 self.events.push_back(AgentEvent::Renewed(r));
             }
             (_, Message::Close(c)) => {
-                if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
+                if let Some(info) = self.core.close_by_peer(c) {
                     self.events.push_back(AgentEvent::Closed(info));
                 }
             }
@@ -458,6 +508,39 @@ impl AgentSession {
         Some(id)
     }
 
+    /// True when [`AgentSession::leave`] would send: established, the gateway offers
+    /// [`LEAVE`], and not left already.
+    pub fn can_leave(&self) -> bool {
+        self.is_established() && self.gateway_leaves && !self.left
+    }
+
+    /// Tells the gateway this agent is leaving the session (a `GoAway`): it opens no new
+    /// stream on it and closes it once its streams are done. The caller must refuse every
+    /// stream it has not accepted yet from now on ([`ErrorCode::REFUSED_STREAM`]). False
+    /// (nothing sent) unless [`AgentSession::can_leave`].
+    pub fn leave(&mut self, reason: &str) -> bool {
+        if !self.can_leave() {
+            return false;
+        }
+        self.left = true;
+        self.core.send(Message::GoAway(GoAway {
+            reason: reason.to_owned(),
+            ..Default::default()
+        }));
+        true
+    }
+
+    /// True once [`AgentSession::leave`] sent its `GoAway`.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// The gateway's last count of live replicas (`Welcome`, then heartbeat acks); 0 when it
+    /// did not say.
+    pub fn live_replicas(&self) -> u32 {
+        self.live_replicas
+    }
+
     /// True once closed by either side.
     pub fn is_closed(&self) -> bool {
         self.core.closed.is_some()
@@ -504,6 +587,14 @@ pub struct GatewaySessionConfig {
     /// Least time between two renewal requests of one session; sooner ones are refused
     /// (`RESOURCE_EXHAUSTED`), so an agent cannot make the gateway sign in a loop.
     pub renew_min_interval: Duration,
+    /// This gateway process among replicas, announced in `Welcome` ([`Welcome::replica_id`]).
+    pub replica_id: String,
+    /// Replicas alive and not draining, announced in `Welcome` and then in heartbeat acks
+    /// ([`GatewaySession::set_live_replicas`]).
+    pub live_replicas: u32,
+    /// Report `Hello` as [`GatewayEvent::Hello`] and wait for [`GatewaySession::welcome`] or
+    /// [`GatewaySession::refuse`] instead of answering it at once.
+    pub hold_hello: bool,
 }
 
 impl GatewaySessionConfig {
@@ -521,6 +612,9 @@ impl GatewaySessionConfig {
             probe_interval: Duration::ZERO,
             capabilities: Vec::new(),
             renew_min_interval: Duration::from_secs(1),
+            replica_id: String::new(),
+            live_replicas: 0,
+            hold_hello: false,
         }
     }
 }
@@ -528,6 +622,14 @@ impl GatewaySessionConfig {
 /// Something the gateway's IO layer must act on or may report.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GatewayEvent {
+    /// With [`GatewaySessionConfig::hold_hello`]: `Hello` arrived with a version in common;
+    /// answer with [`GatewaySession::welcome`] or [`GatewaySession::refuse`].
+    Hello {
+        /// The agent's hello.
+        hello: Hello,
+        /// The version that would be chosen.
+        version: u32,
+    },
     /// `Hello` accepted and `Welcome` queued: register the session.
     Established {
         /// The agent's hello.
@@ -546,13 +648,28 @@ pub enum GatewayEvent {
     /// The agent asks for a new certificate: answer with [`GatewaySession::renew_response`]
     /// (one renewal per session is pending at most).
     RenewRequested(RenewRequest),
+    /// The agent is leaving the session (its `GoAway`, only when this gateway offers
+    /// [`LEAVE`]; reported once): open no new stream on it, and close it once the streams on
+    /// it are done.
+    Left {
+        /// The agent's reason, for logs.
+        reason: String,
+    },
     /// The session is over; close the connection with this code.
     Closed(CloseInfo),
 }
 
 #[derive(Debug)]
 enum GatewayState {
-    AwaitingHello { deadline: Instant },
+    AwaitingHello {
+        deadline: Instant,
+    },
+    /// `Hello` held for the IO's decision ([`GatewaySessionConfig::hold_hello`]).
+    Deciding {
+        deadline: Instant,
+        hello: Box<Hello>,
+        version: u32,
+    },
     Established,
 }
 
@@ -567,6 +684,8 @@ pub struct GatewaySession {
     renew_pending: Option<u64>,
     /// When the last renewal request was accepted.
     last_renew: Option<Instant>,
+    /// The agent left the session (its `GoAway`).
+    left: bool,
 }
 
 impl GatewaySession {
@@ -581,6 +700,7 @@ impl GatewaySession {
             events: VecDeque::new(),
             renew_pending: None,
             last_renew: None,
+            left: false,
         }
     }
 
@@ -609,7 +729,8 @@ impl GatewaySession {
 
     fn on_message(&mut self, msg: Message, now: Instant) -> Result<(), ProtoError> {
         match (&self.state, msg) {
-            (GatewayState::AwaitingHello { .. }, Message::Hello(hello)) => {
+            (GatewayState::AwaitingHello { deadline }, Message::Hello(hello)) => {
+                let deadline = *deadline;
                 let version = hello
                     .versions
                     .iter()
@@ -620,29 +741,38 @@ impl GatewaySession {
                         peer: hello.versions.clone(),
                         ours: self.config.versions.clone(),
                     })?;
-                self.core.send(Message::Welcome(Welcome {
-                    version,
-                    session_id: self.config.session_id.clone(),
-                    heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
-                    max_frame_size: self.config.limits.max_control_frame as u32,
-                    max_concurrent_streams: self.config.max_concurrent_streams,
-                    gateway_id: self.config.gateway_id.clone(),
-                    probe_interval_ms: self.config.probe_interval.as_millis() as u64,
-                    capabilities: self.config.capabilities.clone(),
-                }));
-                self.state = GatewayState::Established;
-                self.events
-                    .push_back(GatewayEvent::Established { hello, version });
+                if self.config.hold_hello {
+                    self.state = GatewayState::Deciding {
+                        deadline,
+                        hello: Box::new(hello.clone()),
+                        version,
+                    };
+                    self.events
+                        .push_back(GatewayEvent::Hello { hello, version });
+                } else {
+                    self.send_welcome(hello, version);
+                }
             }
             (GatewayState::Established, Message::Heartbeat(hb)) => {
-                self.core
-                    .send(Message::HeartbeatAck(HeartbeatAck { seq: hb.seq }));
+                self.core.send(Message::HeartbeatAck(HeartbeatAck {
+                    seq: hb.seq,
+                    live_replicas: self.config.live_replicas,
+                }));
                 let rtt = (hb.last_rtt_us > 0).then(|| Duration::from_micros(hb.last_rtt_us));
                 self.events.push_back(GatewayEvent::Heartbeat { rtt });
             }
             (GatewayState::Established, Message::RenewRequest(req)) => self.on_renew(req, now),
+            (GatewayState::Established, Message::GoAway(g))
+                if self.config.capabilities.iter().any(|c| c == LEAVE) =>
+            {
+                if !self.left {
+                    self.left = true;
+                    self.events
+                        .push_back(GatewayEvent::Left { reason: g.reason });
+                }
+            }
             (_, Message::Close(c)) => {
-                if let Some(info) = self.core.close_by_peer(ErrorCode(c.code), c.reason) {
+                if let Some(info) = self.core.close_by_peer(c) {
                     self.events.push_back(GatewayEvent::Closed(info));
                 }
             }
@@ -651,12 +781,65 @@ impl GatewaySession {
                     got: other.name(),
                     state: match state {
                         GatewayState::AwaitingHello { .. } => "awaiting Hello",
+                        GatewayState::Deciding { .. } => "deciding on Hello",
                         GatewayState::Established => "established",
                     },
                 });
             }
         }
         Ok(())
+    }
+
+    fn send_welcome(&mut self, hello: Hello, version: u32) {
+        self.core.send(Message::Welcome(Welcome {
+            version,
+            session_id: self.config.session_id.clone(),
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            max_frame_size: self.config.limits.max_control_frame as u32,
+            max_concurrent_streams: self.config.max_concurrent_streams,
+            gateway_id: self.config.gateway_id.clone(),
+            probe_interval_ms: self.config.probe_interval.as_millis() as u64,
+            capabilities: self.config.capabilities.clone(),
+            replica_id: self.config.replica_id.clone(),
+            live_replicas: self.config.live_replicas,
+        }));
+        self.state = GatewayState::Established;
+        self.events
+            .push_back(GatewayEvent::Established { hello, version });
+    }
+
+    /// Answers the held `Hello` ([`GatewayEvent::Hello`]) with `Welcome`: the session is
+    /// established ([`GatewayEvent::Established`] follows). Does nothing in any other state.
+    pub fn welcome(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        let state = std::mem::replace(&mut self.state, GatewayState::Established);
+        match state {
+            GatewayState::Deciding { hello, version, .. } => self.send_welcome(*hello, version),
+            other => self.state = other,
+        }
+    }
+
+    /// Turns the session away before it starts: a `Close` frame with `code`, `reason` and
+    /// when to come back (`retry_after`), instead of `Welcome`.
+    pub fn refuse(&mut self, code: ErrorCode, reason: &str, retry_after: Duration) {
+        if let Some(info) = self
+            .core
+            .close_local_after(code, reason.to_owned(), Some(retry_after))
+        {
+            self.events.push_back(GatewayEvent::Closed(info));
+        }
+    }
+
+    /// The count of live replicas heartbeat acks announce from now on.
+    pub fn set_live_replicas(&mut self, live: u32) {
+        self.config.live_replicas = live;
+    }
+
+    /// True once the agent left the session ([`GatewayEvent::Left`]).
+    pub fn has_left(&self) -> bool {
+        self.left
     }
 
     /// A renewal request: handed out as an event, or refused here (not offered, one already
@@ -728,6 +911,12 @@ impl GatewaySession {
                     "no Hello from the agent in time",
                 );
             }
+            GatewayState::Deciding { .. } => {
+                self.close(
+                    ErrorCode::HANDSHAKE_TIMEOUT,
+                    "no decision on the agent's Hello in time",
+                );
+            }
             GatewayState::Established => {
                 let reason = format!(
                     "agent silent for {} heartbeat intervals",
@@ -744,7 +933,9 @@ impl GatewaySession {
             return None;
         }
         Some(match self.state {
-            GatewayState::AwaitingHello { deadline } => deadline,
+            GatewayState::AwaitingHello { deadline } | GatewayState::Deciding { deadline, .. } => {
+                deadline
+            }
             GatewayState::Established => {
                 self.core.last_heard
                     + self.config.heartbeat_interval * self.config.dead_after.max(1)
@@ -764,11 +955,17 @@ impl GatewaySession {
 
     /// Asks the agent to move to a new session within `within`.
     pub fn go_away(&mut self, reason: &str, within: Duration) {
+        self.send_go_away(GoAway {
+            reason: reason.to_owned(),
+            reconnect_within_ms: within.as_millis() as u64,
+            ..Default::default()
+        });
+    }
+
+    /// Sends `go_away` as it is (a hint of where not to go, and why).
+    pub fn send_go_away(&mut self, go_away: GoAway) {
         if matches!(self.state, GatewayState::Established) {
-            self.core.send(Message::GoAway(GoAway {
-                reason: reason.to_owned(),
-                reconnect_within_ms: within.as_millis() as u64,
-            }));
+            self.core.send(Message::GoAway(go_away));
         }
     }
 

@@ -44,16 +44,26 @@ fn message() -> impl Strategy<Value = Message> {
             s(),
             proptest::collection::vec(s(), 0..4),
             proptest::collection::btree_map(s(), s(), 0..4),
-            s()
+            s(),
+            (any::<u32>(), proptest::collection::vec(s(), 0..3))
         )
             .prop_map(
-                |(versions, agent_version, capabilities, labels, instance_id)| {
+                |(
+                    versions,
+                    agent_version,
+                    capabilities,
+                    labels,
+                    instance_id,
+                    (sessions_held, avoid_replicas),
+                )| {
                     Message::Hello(Hello {
                         versions,
                         agent_version,
                         capabilities,
                         labels,
                         instance_id,
+                        sessions_held,
+                        avoid_replicas,
                     })
                 }
             ),
@@ -65,10 +75,21 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             s(),
             any::<u64>(),
-            proptest::collection::vec(s(), 0..3)
+            proptest::collection::vec(s(), 0..3),
+            (s(), any::<u32>())
         )
             .prop_map(
-                |(version, session_id, hb, mfs, mcs, gateway_id, probe, capabilities)| {
+                |(
+                    version,
+                    session_id,
+                    hb,
+                    mfs,
+                    mcs,
+                    gateway_id,
+                    probe,
+                    capabilities,
+                    (replica_id, live_replicas),
+                )| {
                     Message::Welcome(Welcome {
                         version,
                         session_id,
@@ -78,6 +99,8 @@ fn message() -> impl Strategy<Value = Message> {
                         gateway_id,
                         probe_interval_ms: probe,
                         capabilities,
+                        replica_id,
+                        live_replicas,
                     })
                 }
             ),
@@ -94,12 +117,24 @@ fn message() -> impl Strategy<Value = Message> {
         ),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
-        any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),
-        (s(), any::<u64>()).prop_map(|(reason, w)| Message::GoAway(GoAway {
-            reason,
-            reconnect_within_ms: w
-        })),
-        (any::<u32>(), s()).prop_map(|(code, reason)| Message::Close(Close { code, reason })),
+        (any::<u64>(), any::<u32>()).prop_map(|(seq, live_replicas)| Message::HeartbeatAck(
+            HeartbeatAck { seq, live_replicas }
+        )),
+        (s(), any::<u64>(), s(), 0i32..4).prop_map(|(reason, w, avoid_replica, kind)| {
+            Message::GoAway(GoAway {
+                reason,
+                reconnect_within_ms: w,
+                avoid_replica,
+                kind,
+            })
+        }),
+        (any::<u32>(), s(), any::<u64>()).prop_map(|(code, reason, retry_after_ms)| {
+            Message::Close(Close {
+                code,
+                reason,
+                retry_after_ms,
+            })
+        }),
         (
             0i32..5,
             s(),

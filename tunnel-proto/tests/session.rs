@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use tunnel_proto::harness::{Pair, To};
-use tunnel_proto::message::{Hello, Message, RENEW, RenewRequest, RenewResponse};
+use tunnel_proto::message::{
+    GoAway, GoAwayKind, Hello, LEAVE, Message, RENEW, RenewRequest, RenewResponse,
+};
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
 };
@@ -223,6 +225,198 @@ fn go_away_reaches_the_agent_and_the_session_stays_up() {
     let (_, info) = gateway_closed(&p).unwrap();
     assert_eq!(info.code, ErrorCode::REPLACED);
     assert!(info.by_peer);
+}
+
+fn leaving_pair(gateway_offers: bool) -> Pair {
+    let mut gw = GatewaySessionConfig::new("s-1".into());
+    gw.heartbeat_interval = INTERVAL;
+    gw.replica_id = "r1#3".into();
+    gw.live_replicas = 3;
+    if gateway_offers {
+        gw.capabilities.push(LEAVE.into());
+    }
+    let hello = Hello {
+        capabilities: vec![LEAVE.into()],
+        ..Default::default()
+    };
+    Pair::new(AgentSessionConfig::new(hello), gw, LATENCY)
+}
+
+#[test]
+fn welcome_names_the_replica_and_the_live_replicas_and_acks_carry_changes() {
+    let mut p = leaving_pair(true);
+    p.run_for(Duration::from_millis(100));
+    let welcome = p
+        .agent_events
+        .iter()
+        .find_map(|(_, e)| match e {
+            AgentEvent::Established(w) => Some(w.clone()),
+            _ => None,
+        })
+        .expect("established");
+    assert_eq!(welcome.replica_id, "r1#3");
+    assert_eq!(welcome.live_replicas, 3);
+    assert_eq!(p.agent.live_replicas(), 3);
+    // The same count in acks says nothing new; a new one is reported once.
+    p.run_for(INTERVAL * 2);
+    assert!(
+        !p.agent_events
+            .iter()
+            .any(|(_, e)| matches!(e, AgentEvent::LiveReplicas(_)))
+    );
+    p.gateway.set_live_replicas(2);
+    p.run_for(INTERVAL * 3);
+    let changes: Vec<u32> = p
+        .agent_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            AgentEvent::LiveReplicas(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changes, [2]);
+    assert_eq!(p.agent.live_replicas(), 2);
+}
+
+#[test]
+fn a_leaving_agent_is_reported_once_and_the_session_stays_up() {
+    let mut p = leaving_pair(true);
+    p.run_for(Duration::from_millis(100));
+    assert!(p.agent.can_leave());
+    assert!(p.agent.leave("a newer session took over"));
+    assert!(!p.agent.can_leave() && !p.agent.leave("again"), "once");
+    p.run_for(INTERVAL * 4);
+    let left: Vec<&GatewayEvent> = p
+        .gateway_events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| matches!(e, GatewayEvent::Left { .. }))
+        .collect();
+    assert_eq!(
+        left,
+        [&GatewayEvent::Left {
+            reason: "a newer session took over".into()
+        }]
+    );
+    assert!(p.gateway.has_left() && p.agent.has_left());
+    // Heartbeats go on: the gateway closes the session when its streams are done.
+    assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
+    p.gateway
+        .close(ErrorCode::REPLACED, "the agent left this session");
+    p.run_for(Duration::from_millis(100));
+    let (_, info) = agent_closed(&p).expect("closed");
+    assert_eq!(info.code, ErrorCode::REPLACED);
+    assert!(info.by_peer);
+}
+
+#[test]
+fn an_agent_never_leaves_a_gateway_that_does_not_offer_it_and_such_a_gateway_refuses_a_leave() {
+    let mut p = leaving_pair(false);
+    p.run_for(Duration::from_millis(100));
+    assert!(!p.agent.can_leave());
+    assert!(!p.agent.leave("a newer session took over"));
+    p.run_for(INTERVAL);
+    assert!(gateway_closed(&p).is_none());
+    // An agent that sends one anyway breaks the protocol of such a gateway, as it always did.
+    p.inject(
+        To::Gateway,
+        &Message::GoAway(GoAway {
+            reason: "leaving".into(),
+            ..Default::default()
+        })
+        .to_bytes(),
+    );
+    p.run_for(Duration::from_millis(100));
+    assert_eq!(
+        gateway_closed(&p).unwrap().1.code,
+        ErrorCode::PROTOCOL_ERROR
+    );
+}
+
+#[test]
+fn a_go_away_carries_the_replica_to_avoid_and_its_kind() {
+    let mut p = leaving_pair(true);
+    p.run_for(Duration::from_millis(100));
+    p.gateway.send_go_away(GoAway {
+        reason: "rebalancing".into(),
+        reconnect_within_ms: 2000,
+        avoid_replica: "r1#3".into(),
+        kind: GoAwayKind::Rebalance as i32,
+    });
+    p.run_for(Duration::from_millis(100));
+    let g = p
+        .agent_events
+        .iter()
+        .find_map(|(_, e)| match e {
+            AgentEvent::GoAway(g) => Some(g.clone()),
+            _ => None,
+        })
+        .expect("GoAway delivered");
+    assert_eq!(g.avoid_replica, "r1#3");
+    assert_eq!(g.go_away_kind(), GoAwayKind::Rebalance);
+}
+
+#[test]
+fn a_held_hello_is_welcomed_or_refused_with_a_retry_after() {
+    for welcome in [true, false] {
+        let mut gw = GatewaySessionConfig::new("s-1".into());
+        gw.heartbeat_interval = INTERVAL;
+        gw.hold_hello = true;
+        let hello = Hello {
+            sessions_held: 1,
+            ..Default::default()
+        };
+        let mut p = Pair::new(AgentSessionConfig::new(hello), gw, LATENCY);
+        p.run_for(Duration::from_millis(100));
+        assert!(matches!(
+            &p.gateway_events[..],
+            [(_, GatewayEvent::Hello { hello, version: 1 })] if hello.sessions_held == 1
+        ));
+        // Nothing answered while the gateway decides.
+        assert!(p.agent_events.is_empty());
+        if welcome {
+            p.gateway.welcome();
+            p.run_for(Duration::from_millis(100));
+            assert!(
+                p.agent_events
+                    .iter()
+                    .any(|(_, e)| matches!(e, AgentEvent::Established(_)))
+            );
+            assert!(
+                p.gateway_events
+                    .iter()
+                    .any(|(_, e)| matches!(e, GatewayEvent::Established { .. }))
+            );
+        } else {
+            p.gateway.refuse(
+                ErrorCode::BUSY,
+                "over its share",
+                Duration::from_millis(1500),
+            );
+            p.run_for(Duration::from_millis(100));
+            let (_, info) = agent_closed(&p).expect("refused");
+            assert_eq!(info.code, ErrorCode::BUSY);
+            assert!(info.by_peer);
+            assert_eq!(info.retry_after, Some(Duration::from_millis(1500)));
+            assert!(
+                !p.agent_events
+                    .iter()
+                    .any(|(_, e)| matches!(e, AgentEvent::Established(_)))
+            );
+        }
+    }
+}
+
+#[test]
+fn a_hello_held_without_a_decision_times_out() {
+    let mut gw = GatewaySessionConfig::new("s-1".into());
+    gw.hold_hello = true;
+    gw.handshake_timeout = Duration::from_secs(2);
+    let mut p = Pair::new(AgentSessionConfig::new(Hello::default()), gw, LATENCY);
+    p.run_for(Duration::from_secs(3));
+    let (t, info) = gateway_closed(&p).expect("closed");
+    assert_eq!(info.code, ErrorCode::HANDSHAKE_TIMEOUT);
+    assert_eq!(t, Duration::from_secs(2));
 }
 
 #[test]

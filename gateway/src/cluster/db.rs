@@ -15,11 +15,18 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use crate::config::{SslMode, StoreConfig, redact_dsn};
 
 /// The schema, in order. A released migration is never edited: add one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "cluster",
-    include_str!("../../migrations/0001_cluster.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "cluster",
+        include_str!("../../migrations/0001_cluster.sql"),
+    ),
+    (
+        2,
+        "replica_sessions",
+        include_str!("../../migrations/0002_replica_sessions.sql"),
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub fn schema_version() -> i64 {

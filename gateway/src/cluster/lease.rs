@@ -147,6 +147,33 @@ pub async fn release(pool: &PgPool, me: &ReplicaId, leases: &[Lease]) -> Result<
     Ok(released.len() as u64)
 }
 
+/// Releases every lease `me` holds (at shutdown, once its sessions are gone), with a `Lease`
+/// event each so the replicas holding the agents' sessions take them at once, instead of after
+/// `me`'s liveness expires. Returns how many.
+pub async fn release_all(pool: &PgPool, me: &ReplicaId) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let released: Vec<String> = sqlx::query_scalar(
+        "UPDATE agent_queues SET lease_replica = NULL, lease_replica_epoch = NULL
+         WHERE lease_replica = $1 AND lease_replica_epoch = $2
+         RETURNING agent",
+    )
+    .bind(&me.name)
+    .bind(me.epoch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let events: Vec<(super::events::EventKind, &str, &[u8])> = released
+        .iter()
+        .map(|a| (super::events::EventKind::Lease, a.as_str(), &b""[..]))
+        .collect();
+    super::events::append_all(&mut tx, &events).await?;
+    if !released.is_empty() {
+        super::events::notify(&mut tx).await?;
+    }
+    tx.commit().await?;
+    metrics::counter!("tether_gateway_lease_releases_total").increment(released.len() as u64);
+    Ok(released.len() as u64)
+}
+
 /// In the caller's transaction: checks (and holds, until commit) that `lease` is still this
 /// replica's. Every state write of a lease holder calls this first.
 pub async fn fence(

@@ -9,12 +9,14 @@
 //! - [`lease`]: which replica delivers each agent's commands, valid while its holder is alive,
 //!   with an epoch that fences a holder that was taken over;
 //! - [`events`]: the feed every replica reads to learn what the others did;
+//! - [`balance`]: each replica's count of sessions, for their shares of the fleet;
 //! - [`db`]: the pool and the schema's migrations.
 //!
 //! Nothing is written per heartbeat or per lease renewal: a replica's one liveness row renews
 //! all its leases at once (see `../shared/SCALE.md` in the design notes, and ARCHITECTURE.md,
 //! "Replicas").
 
+pub mod balance;
 pub mod commands;
 pub mod db;
 pub mod events;
@@ -84,6 +86,29 @@ impl Cluster {
             feed,
             presence,
         }))
+    }
+}
+
+impl Cluster {
+    /// At shutdown, once this replica's sessions are gone and its commands stopped: releases
+    /// every command lease it holds, so the replicas holding the agents' sessions take them at
+    /// once instead of after this replica's liveness expires. Returns how many.
+    pub async fn release_leases(&self) -> Result<u64, DbError> {
+        Ok(lease::release_all(&self.pool, self.replica.id()).await?)
+    }
+
+    /// The last step of a shutdown, after the heartbeat stopped: marks this replica's row
+    /// expired and draining, so nothing it left counts any more.
+    pub async fn expire(&self) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE gateway_replicas SET expires_at = now(), draining = true
+             WHERE replica_id = $1 AND epoch = $2",
+        )
+        .bind(&self.replica.id().name)
+        .bind(self.replica.id().epoch)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }
 

@@ -91,6 +91,7 @@ impl From<RelayError> for Status {
             | RelayError::ServiceNotText => Status::invalid_argument(msg),
             RelayError::UnknownAgent(_) => Status::not_found(msg),
             RelayError::NotConnected(_)
+            | RelayError::Moving(_)
             | RelayError::ConnectionLost { .. }
             | RelayError::Header { .. } => Status::unavailable(msg),
             RelayError::TooManyStreams { .. } | RelayError::NoFreeStream(_) => {

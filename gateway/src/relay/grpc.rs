@@ -30,7 +30,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
 use tether_runtime::stream::{Reader, flush};
@@ -44,7 +43,8 @@ use tunnel_proto::stream::rpc::{self, RequestSend, ResponseEvent, ResponseRecv};
 use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::northbound::auth::Caller;
 use crate::relay::limits::StreamPermit;
-use crate::relay::{Relay, RelayError, record_call, record_first_byte};
+use crate::relay::resend::{Replay, ReplayReader};
+use crate::relay::{Attempts, Relay, RelayError, record_call, record_first_byte, record_resend};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -138,40 +138,66 @@ async fn relay_call(
         trace_context,
         id: String::new(),
     };
-    let (mut request, response) = rpc::open(header);
-    let opened = relay
-        .open_as(Some(&caller), &agent, &mut request, deadline)
-        .await;
-    if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
-        *tenant = Some(agent.tenant().to_owned());
-    }
-    let (send, recv, permit) = opened?;
-    let tenant = agent.tenant().to_owned();
-    let active = ActiveGuard::new(RelayKind::Grpc, permit);
-    let cancel = CancellationToken::new();
-    tokio::spawn(pump_request(
-        req.into_body(),
-        send,
-        request,
-        cancel.clone(),
-        deadline,
-    ));
-
-    let mut reader = Reader::new(recv, response);
-    let first = match deadline {
-        Some(d) => match tokio::time::timeout_at(d.into(), reader.next()).await {
-            Ok(r) => r,
-            Err(_) => {
-                reader.half_mut().cancel();
-                reader.apply_stop();
-                cancel.cancel();
-                return Err(Status::deadline_exceeded(
-                    "deadline exceeded waiting for the upstream's response",
-                ));
+    // Sent again on another session when it provably did not reach the agent (`Attempts`).
+    let body = Replay::new(req.into_body());
+    let mut attempts = Attempts::default();
+    let (first, mut reader, cancel, active) = loop {
+        let (mut request, response) = rpc::open(header.clone());
+        let opened = relay
+            .open_attempt(Some(&caller), &agent, &mut request, deadline, &mut attempts)
+            .await;
+        if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
+            *tenant = Some(agent.tenant().to_owned());
+        }
+        let (send, recv, permit) = match opened {
+            Ok(o) => o,
+            Err(e) if attempts.resend_after_open(&e) && body.replayable().await => {
+                record_resend(RelayKind::Grpc);
+                continue;
             }
-        },
-        None => reader.next().await,
+            Err(e) => return Err(e.into()),
+        };
+        let active = ActiveGuard::new(RelayKind::Grpc, permit);
+        let cancel = CancellationToken::new();
+        tokio::spawn(pump_request(
+            body.reader(),
+            send,
+            request,
+            cancel.clone(),
+            deadline,
+        ));
+
+        let mut reader = Reader::new(recv, response);
+        let first = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), reader.next()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    reader.half_mut().cancel();
+                    reader.apply_stop();
+                    cancel.cancel();
+                    return Err(Status::deadline_exceeded(
+                        "deadline exceeded waiting for the upstream's response",
+                    ));
+                }
+            },
+            None => reader.next().await,
+        };
+        let again = match &first {
+            Err(e) => attempts.resend_after_stream_error(e),
+            Ok(ResponseEvent::Failed(f)) => attempts.resend_after_failure(f),
+            Ok(_) => false,
+        };
+        if again {
+            cancel.cancel();
+            if body.replayable().await {
+                record_resend(RelayKind::Grpc);
+                continue;
+            }
+        }
+        body.settle();
+        break (first, reader, cancel, active);
     };
+    let tenant = agent.tenant().to_owned();
     let mut resp = Response::new(axum::body::Body::empty());
     match first {
         Ok(ResponseEvent::Head(head)) => {
@@ -274,7 +300,7 @@ impl Drop for ActiveGuard {
 /// caller's body fails (the caller went away), the call is cancelled or its deadline passes
 /// (whether or not the caller is reading the response).
 async fn pump_request(
-    mut body: axum::body::Body,
+    mut body: ReplayReader,
     mut send: SendStream,
     mut request: RequestSend,
     cancel: CancellationToken,

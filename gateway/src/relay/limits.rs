@@ -5,9 +5,24 @@ use tunnel_proto::AgentId;
 
 use crate::metrics::Limit;
 use crate::quota::{AgentPermit, PerAgent};
+use crate::tunnel::registry::RelayedStream;
 
-/// One stream counted against its agent.
-pub type StreamPermit = AgentPermit;
+/// One stream counted against its agent (and, once opened, on the session it went on, so a
+/// session the agent left closes only when its streams are done). Hold it as long as the
+/// stream lives.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _agent: AgentPermit,
+    session: Option<RelayedStream>,
+}
+
+impl StreamPermit {
+    /// The stream goes on `session`'s session.
+    pub(crate) fn on_session(mut self, session: RelayedStream) -> StreamPermit {
+        self.session = Some(session);
+        self
+    }
+}
 
 /// Streams in flight per agent, capped at `limits.streams_per_agent`.
 #[derive(Debug)]
@@ -21,7 +36,10 @@ impl AgentStreams {
 
     /// A permit for one more stream to `agent`, or `None` (counted) when it has `max` already.
     pub fn acquire(&self, agent: &AgentId) -> Option<StreamPermit> {
-        self.0.acquire(agent).ok()
+        self.0.acquire(agent).ok().map(|p| StreamPermit {
+            _agent: p,
+            session: None,
+        })
     }
 
     /// The cap.

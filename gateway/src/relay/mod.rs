@@ -10,9 +10,17 @@
 //! `northbound::auth::Authenticated`) must be allowed to act for the agent's tenant: otherwise
 //! `PERMISSION_DENIED`, before the registry is consulted, so the answer says nothing about
 //! whether the agent exists.
+//!
+//! **Sessions and re-sends.** Calls are spread over the agent's sessions here (round robin),
+//! preferring those this gateway has not asked to go; a session the agent left takes nothing
+//! new (with none usable here, the call is forwarded like one for an agent with no session
+//! here). A call that did not reach the agent when its session went away is sent again on
+//! another session ([`Attempts`]): nothing of it reached the upstream, so this is safe for
+//! every call, idempotent or not.
 
 pub mod grpc;
 pub mod limits;
+pub mod resend;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,8 +33,8 @@ use tether_runtime::grpc::{TETHER_AGENT, TETHER_SERVICE};
 use tether_runtime::stream::{StreamError, flush};
 use tether_runtime::transport::{RecvStream, SendStream};
 use tonic::{Code, Status};
-use tunnel_proto::stream::{SendHalf, Transmit};
-use tunnel_proto::{AgentId, Message, StreamKind};
+use tunnel_proto::stream::{SendHalf, StreamFailure, Transmit};
+use tunnel_proto::{AgentId, ErrorCode, Message, StreamKind};
 
 use crate::metrics::RelayKind;
 use crate::northbound::auth::Caller;
@@ -62,6 +70,12 @@ pub enum RelayError {
     /// The agent has no live session (retrying once it is back helps).
     #[error("agent {0} is not connected")]
     NotConnected(AgentId),
+    /// Every session the agent has here is one it is leaving (it moved to another replica) or
+    /// one that already refused this call (retrying helps: another replica holds it).
+    #[error(
+        "agent {0} is moving its sessions away from this gateway and none here takes the call; retry (another replica holds its new session)"
+    )]
+    Moving(AgentId),
     /// The agent has `limits.streams_per_agent` streams in flight (retry when some end).
     #[error(
         "agent {agent} has {limit} streams in flight, the limit (limits.streams_per_agent); retry when some have ended"
@@ -127,33 +141,50 @@ impl Relay {
         let _ = self.forwarder.set(forwarder);
     }
 
-    /// Where to send a call for `agent`: its live sessions in turn, so load spreads across them.
-    /// A stream stays on the session it was opened on.
-    fn pick(&self, agent: &AgentId) -> Result<Arc<SessionInfo>, RelayError> {
+    /// Where to send a call for `agent`: its local sessions in turn, so load spreads across
+    /// them, leaving out the sessions `attempts` tried. A stream stays on the session it was
+    /// opened on.
+    ///
+    /// - A session the agent left takes nothing (it refuses new streams).
+    /// - An agent that does not leave sessions (before `leave`) moves make-before-break by
+    ///   opening a newer session and retiring the older: only the newest session of each agent
+    ///   instance takes calls (sessions are in connection order).
+    /// - Sessions this gateway asked to go (`GoAway`: draining, rebalancing) take calls only
+    ///   when the agent has no other here.
+    fn pick(&self, agent: &AgentId, attempts: &Attempts) -> Result<Arc<SessionInfo>, RelayError> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         // Under the registry's lock, without copying the agent's sessions.
-        self.registry
+        let picked = self
+            .registry
             .with_sessions(agent, |s| {
-                // Make-before-break: while an agent instance moves to a new session (GoAway, or
-                // back from the TCP fallback to QUIC), its older session only finishes what it
-                // carries. Sessions are in connection order, so the newest of each instance is
-                // the last.
-                let current = |i: usize| {
-                    !s[i + 1..]
-                        .iter()
-                        .any(|b| b.hello.instance_id == s[i].hello.instance_id)
-                };
-                let n = (0..s.len()).filter(|&i| current(i)).count();
-                if n == 0 {
-                    return None;
+                if s.is_empty() {
+                    return Err(RelayError::NotConnected(agent.clone()));
                 }
-                (0..s.len())
-                    .filter(|&i| current(i))
-                    .nth(turn % n)
+                let usable = |i: usize| {
+                    let a = &s[i];
+                    a.is_usable()
+                        && !attempts.tried(a)
+                        && (a.agent_leaves()
+                            || !s[i + 1..]
+                                .iter()
+                                .any(|b| b.hello.instance_id == a.hello.instance_id))
+                };
+                let staying = |i: usize| usable(i) && !s[i].is_asked_to_go();
+                let n = (0..s.len()).filter(|&i| staying(i)).count();
+                let chosen = if n > 0 {
+                    (0..s.len()).filter(|&i| staying(i)).nth(turn % n)
+                } else {
+                    let n = (0..s.len()).filter(|&i| usable(i)).count();
+                    (n > 0)
+                        .then(|| (0..s.len()).filter(|&i| usable(i)).nth(turn % n))
+                        .flatten()
+                };
+                chosen
                     .map(|i| s[i].clone())
+                    .ok_or_else(|| RelayError::Moving(agent.clone()))
             })
-            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?
-            .ok_or_else(|| RelayError::NotConnected(agent.clone()))
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
+        picked
     }
 
     /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act
@@ -188,6 +219,41 @@ impl Relay {
         self.open_as(None, agent, machine, deadline).await
     }
 
+    /// [`Relay::open_as`] for one attempt of a call: on a session `attempts` has not tried,
+    /// which it records (see [`Attempts`] for when the call may go again).
+    pub async fn open_attempt<S: SendHalf + ?Sized>(
+        &self,
+        caller: Option<&Caller>,
+        agent: &AgentId,
+        machine: &mut S,
+        deadline: Option<Instant>,
+        attempts: &mut Attempts,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
+        attempts.sends += 1;
+        attempts.last = None;
+        let local = match self.pick(agent, attempts) {
+            Ok(session) => session,
+            Err(
+                e @ (RelayError::UnknownAgent(_)
+                | RelayError::NotConnected(_)
+                | RelayError::Moving(_)),
+            ) => {
+                return match self.forwarder.get() {
+                    Some(f) => self.forward(f, caller, agent, machine, deadline, e).await,
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        // Counted on the session before the stream is opened: a session the agent left
+        // closes only once this is dropped (see `SessionInfo::was_closed_after_leave`).
+        let permit = self.permit(agent)?.on_session(local.relay_stream());
+        attempts.tried.push(local.clone());
+        attempts.last = Some(local.clone());
+        self.open_on((caller, agent), local, permit, machine, deadline)
+            .await
+    }
+
     /// As [`open`](Self::open), for `caller` (named in the holder's logs when the stream is
     /// forwarded). A session here is used first; with none (or when its connection fails
     /// before anything was written), the stream is forwarded to a replica that holds one.
@@ -198,17 +264,19 @@ impl Relay {
         machine: &mut S,
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
-        let local = match self.pick(agent) {
-            Ok(session) => session,
-            Err(e @ (RelayError::UnknownAgent(_) | RelayError::NotConnected(_))) => {
-                return match self.forwarder.get() {
-                    Some(f) => self.forward(f, caller, agent, machine, deadline, e).await,
-                    None => Err(e),
-                };
-            }
-            Err(e) => return Err(e),
-        };
-        let permit = self.permit(agent)?;
+        self.open_attempt(caller, agent, machine, deadline, &mut Attempts::default())
+            .await
+    }
+
+    /// The local part of [`Relay::open_attempt`], once a session here was picked.
+    async fn open_on<S: SendHalf + ?Sized>(
+        &self,
+        (caller, agent): (Option<&Caller>, &AgentId),
+        local: Arc<SessionInfo>,
+        permit: StreamPermit,
+        machine: &mut S,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
             match tokio::time::timeout_at(open_by.into(), local.link.open()).await {
@@ -314,10 +382,13 @@ impl LocalStreams for Relay {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<LocalStream, LocalRefusal>> {
         Box::pin(async move {
-            let session = self.pick(agent).map_err(|_| LocalRefusal::NotHere)?;
+            let session = self
+                .pick(agent, &Attempts::default())
+                .map_err(|_| LocalRefusal::NotHere)?;
             let permit = self
                 .permit(agent)
-                .map_err(|e| LocalRefusal::TooManyStreams(e.to_string()))?;
+                .map_err(|e| LocalRefusal::TooManyStreams(e.to_string()))?
+                .on_session(session.relay_stream());
             match tokio::time::timeout_at(deadline.into(), session.link.open()).await {
                 Ok(Ok((send, recv))) => Ok(LocalStream {
                     send,
@@ -331,6 +402,93 @@ impl LocalStreams for Relay {
             }
         })
     }
+}
+
+/// Sends (at most) of one call: the first, and re-sends after a failure that proves the call did
+/// not reach the agent.
+pub const MAX_SENDS: usize = 4;
+
+/// The sessions one call was sent on, and whether it may be sent again on another.
+///
+/// A call is re-sent, on a session it was not sent on, at most [`MAX_SENDS`] times in all, when
+/// nothing of it can have reached an upstream (the caller's request body is replayed, see
+/// [`resend::Replay`]), that is when no answer arrived and:
+/// 1. the agent reset the stream with `REFUSED_STREAM`: it arrived on a session the agent is
+///    leaving, and was dropped unread;
+/// 2. the stream could not be opened (the connection was gone before anything was written);
+/// 3. the session's connection was closed by this gateway because the agent had left it and
+///    its relayed streams were done: a stream opened on it after that arrived after the agent
+///    left, and the agent refuses those.
+///
+/// Everything else is not re-sent: a connection lost otherwise (the agent died, the network,
+/// a heartbeat timeout: the agent may have forwarded the call), a stream reset with any other
+/// code, any failure after the first answer, and a request body larger than
+/// [`resend::REPLAY_MAX`].
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// The local sessions tried.
+    tried: Vec<Arc<SessionInfo>>,
+    /// Attempts made, local or forwarded.
+    sends: usize,
+    /// The last attempt's session, when it was one here (not forwarded).
+    last: Option<Arc<SessionInfo>>,
+}
+
+impl Attempts {
+    fn tried(&self, s: &Arc<SessionInfo>) -> bool {
+        self.tried.iter().any(|t| Arc::ptr_eq(t, s))
+    }
+
+    fn may_send_again(&self) -> bool {
+        self.sends < MAX_SENDS
+    }
+
+    /// The last attempt's session (one here) was closed by this gateway after the agent left
+    /// it.
+    fn closed_after_leave(&self) -> bool {
+        self.last
+            .as_ref()
+            .is_some_and(|s| s.was_closed_after_leave())
+    }
+
+    /// `open_attempt` failed with `e`: may the call go again?
+    pub fn resend_after_open(&self, e: &RelayError) -> bool {
+        self.may_send_again()
+            && match e {
+                RelayError::ConnectionLost { .. } => true,
+                RelayError::Header { source, .. } => {
+                    refused(source) || (self.closed_after_leave() && connection_gone(source))
+                }
+                _ => false,
+            }
+    }
+
+    /// The stream failed with `e` before any answer: may the call go again?
+    pub fn resend_after_stream_error(&self, e: &StreamError) -> bool {
+        self.may_send_again() && (refused(e) || (self.closed_after_leave() && connection_gone(e)))
+    }
+
+    /// The stream's machine reported `failure` before any answer: may the call go again?
+    pub fn resend_after_failure(&self, failure: &StreamFailure) -> bool {
+        self.may_send_again()
+            && matches!(failure, StreamFailure::Reset(code) if *code == ErrorCode::REFUSED_STREAM)
+    }
+}
+
+fn refused(e: &StreamError) -> bool {
+    matches!(e, StreamError::Reset(code) if *code == ErrorCode::REFUSED_STREAM)
+}
+
+fn connection_gone(e: &StreamError) -> bool {
+    matches!(
+        e,
+        StreamError::Closed { .. } | StreamError::ConnectionLost(_)
+    )
+}
+
+/// Counts a call sent again on another session.
+fn record_resend(kind: RelayKind) {
+    metrics::counter!("tether_gateway_relay_resends_total", "kind" => kind.as_str()).increment(1);
 }
 
 /// Parses `tether-agent` metadata: `<tenant>/<agent>`, each a valid name.
@@ -386,20 +544,110 @@ fn code_label(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::CertFacts;
+    use crate::tunnel::registry::SessionCommand;
+    use crate::tunnel::test_support::quic_pair;
     use http::HeaderValue;
+    use tunnel_proto::message::{GoAway, Hello, LEAVE};
+
+    type Orders = Vec<tokio::sync::mpsc::UnboundedReceiver<SessionCommand>>;
+
+    /// Registers a session of agent `t/a` for instance `instance` (leaving sessions when
+    /// `leaves`) over `link`; returns it, keeping its orders' receiver in `orders`.
+    fn session(
+        (registry, orders): (&Registry, &mut Orders),
+        link: &tether_runtime::transport::Link,
+        id: &str,
+        instance: &str,
+        leaves: bool,
+    ) -> Arc<SessionInfo> {
+        let hello = Hello {
+            instance_id: instance.into(),
+            capabilities: if leaves { vec![LEAVE.into()] } else { vec![] },
+            ..Default::default()
+        };
+        let facts = CertFacts {
+            fingerprint: "00".into(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let (info, rx) = SessionInfo::new(
+            id.into(),
+            "t/a".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            link.clone(),
+            (hello, 1),
+            &facts,
+        );
+        orders.push(rx);
+        registry.register(info)
+    }
+
+    fn picks(relay: &Relay, n: usize) -> std::collections::BTreeMap<String, usize> {
+        let agent: AgentId = "t/a".parse().unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let s = relay.pick(&agent, &Attempts::default()).unwrap();
+            *seen.entry(s.session_id.clone()).or_default() += 1;
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn calls_are_spread_over_an_agents_sessions_and_never_go_to_one_it_left() {
+        let (_agent_end, link, _endpoints) = quic_pair().await;
+        let registry = Arc::new(Registry::default());
+        let relay = Relay::with_stream_limit(registry.clone(), 16);
+        let mut orders = Orders::new();
+        // One agent process with two sessions here (two addresses, or connections = 2 with two
+        // of its replicas here).
+        let s1 = session((&registry, &mut orders), &link, "s1", "i1", true);
+        let s2 = session((&registry, &mut orders), &link, "s2", "i1", true);
+        let seen = picks(&relay, 100);
+        assert_eq!(seen.get("s1"), Some(&50));
+        assert_eq!(seen.get("s2"), Some(&50));
+        // A session this gateway asked to go takes calls only when nothing else does.
+        s1.command(SessionCommand::GoAway(GoAway::default()));
+        assert_eq!(picks(&relay, 10).keys().collect::<Vec<_>>(), ["s2"]);
+        // A session the agent left takes none, even the last one.
+        s2.mark_left();
+        assert_eq!(picks(&relay, 10).keys().collect::<Vec<_>>(), ["s1"]);
+        s1.mark_left();
+        let agent: AgentId = "t/a".parse().unwrap();
+        assert!(matches!(
+            relay.pick(&agent, &Attempts::default()),
+            Err(RelayError::Moving(_))
+        ));
+        // A call is never sent twice to one session.
+        let s3 = session((&registry, &mut orders), &link, "s3", "i1", true);
+        let mut tried = Attempts::default();
+        tried.tried.push(s3.clone());
+        assert!(matches!(
+            relay.pick(&agent, &tried),
+            Err(RelayError::Moving(_))
+        ));
+        assert!(!tried.resend_after_failure(&StreamFailure::Reset(ErrorCode::CANCELLED)));
+        assert!(tried.resend_after_failure(&StreamFailure::Reset(ErrorCode::REFUSED_STREAM)));
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_leave_gets_calls_on_the_newest_session_of_each_instance() {
+        let (_agent_end, link, _endpoints) = quic_pair().await;
+        let registry = Arc::new(Registry::default());
+        let relay = Relay::with_stream_limit(registry.clone(), 16);
+        let mut orders = Orders::new();
+        session((&registry, &mut orders), &link, "old", "i1", false);
+        session((&registry, &mut orders), &link, "new", "i1", false);
+        session((&registry, &mut orders), &link, "other", "i2", false);
+        let seen = picks(&relay, 100);
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["new", "other"]);
+    }
 
     fn headers(agent: &[u8]) -> Option<HeaderMap> {
         let mut h = HeaderMap::new();
         h.insert(TETHER_AGENT, HeaderValue::from_bytes(agent).ok()?);
         Some(h)
-    }
-
-    #[test]
-    fn code_labels_are_the_codes_debug_names() {
-        for i in 0..=16 {
-            let code = Code::from_i32(i);
-            assert_eq!(code_label(code), format!("{code:?}"));
-        }
     }
 
     #[test]

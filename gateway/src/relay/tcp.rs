@@ -20,7 +20,7 @@ use tunnel_proto::{ErrorCode, ProtoError};
 
 use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::relay::limits::StreamPermit;
-use crate::relay::{Relay, record_call, record_first_byte};
+use crate::relay::{Attempts, Relay, record_call, record_first_byte, record_resend};
 
 /// `tether.v1.Streams`.
 #[derive(Debug, Clone)]
@@ -56,14 +56,38 @@ impl Streams for StreamsApi {
         let (agent, service) = self
             .relay
             .route(&headers, &caller, "tether.v1.Streams/Open")?;
-        let mut machine = GatewayTcp::new(service);
         let started = Instant::now();
-        let (mut send, recv, permit) = self
-            .relay
-            .open_as(Some(&caller), &agent, &mut machine, None)
-            .await?;
-        let mut reader = Reader::new(recv, machine);
-        match reader.next().await {
+        // Nothing of the caller's goes before `Opened`: a stream that provably did not reach
+        // the agent is opened again on another session (`Attempts`).
+        let mut attempts = Attempts::default();
+        let (mut send, mut reader, permit, first) = loop {
+            let mut machine = GatewayTcp::new(service.clone());
+            let (send, recv, permit) = match self
+                .relay
+                .open_attempt(Some(&caller), &agent, &mut machine, None, &mut attempts)
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if attempts.resend_after_open(&e) => {
+                    record_resend(RelayKind::Tcp);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut reader = Reader::new(recv, machine);
+            let first = reader.next().await;
+            let again = match &first {
+                Err(e) => attempts.resend_after_stream_error(e),
+                Ok(TcpEvent::Failed(f)) => attempts.resend_after_failure(f),
+                Ok(_) => false,
+            };
+            if again {
+                record_resend(RelayKind::Tcp);
+                continue;
+            }
+            break (send, reader, permit, first);
+        };
+        match first {
             Ok(TcpEvent::Opened) => {}
             Ok(TcpEvent::Refused { code, message }) => {
                 return Err(Status::new(tonic::Code::from_i32(code), message));

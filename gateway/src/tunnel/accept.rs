@@ -363,6 +363,7 @@ async fn handle_tcp(
             let close = Message::Close(Close {
                 code: code.0,
                 reason: why.clone(),
+                retry_after_ms: 0,
             });
             let refuse = async {
                 if send_msg(&mut send, &close).await.is_ok() {

@@ -11,6 +11,12 @@
 //! answering renewals, the registry's orders (`GoAway`, `Close`), shutdown, and the end-to-end
 //! probe ([`super::probe`]), whose timer is the side's deadline and whose answer is one of its
 //! wake-ups. A bad peer ends only its own connection.
+//!
+//! The session is decided on once its `Hello` is read (`hold_hello`): the tunnel's
+//! [`Balance`](super::balance::Balance) welcomes it or turns it away with `BUSY` and a
+//! retry-after, before anything of it is registered. An agent that leaves the session (its
+//! `GoAway`) gets no new stream on it; the session is closed (`REPLACED`) as soon as the
+//! relayed streams on it are done, and is no longer probed meanwhile.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +28,8 @@ use tether_runtime::transport::{Link, RecvStream, SendStream, Transport};
 use tokio::sync::mpsc;
 use tunnel_proto::session::{GatewayEvent, GatewaySession};
 use tunnel_proto::{AgentId, ErrorCode};
+
+use crate::tunnel::balance::Verdict;
 
 use crate::tls::CertFacts;
 use crate::tunnel::TunnelContext;
@@ -42,6 +50,8 @@ pub(crate) async fn drive_session(
 ) {
     let mut cfg = ctx.session.clone();
     cfg.session_id = ctx.next_session_id();
+    cfg.replica_id = ctx.balance.replica_id().to_owned();
+    cfg.live_replicas = ctx.balance.live_replicas();
     let session_id = cfg.session_id.clone();
     let mut session = GatewaySession::new(cfg, Instant::now());
     let transport = link.transport();
@@ -102,11 +112,59 @@ enum Wake {
     Order(SessionCommand),
     /// The probe in flight has its outcome.
     Probe(Result<(), String>),
+    /// The agent left the session and no relayed stream is open on it any more.
+    LeftIdle,
     /// The gateway is shutting down.
     Shutdown,
 }
 
 impl GatewaySide<'_> {
+    /// The agent's `Hello` arrived: welcome the session or turn it away.
+    fn decide(&mut self, session: &mut GatewaySession, hello: &tunnel_proto::message::Hello) {
+        let local = self.ctx.registry.session_count();
+        match self.ctx.balance.decide(hello, local, Instant::now()) {
+            Verdict::Welcome => session.welcome(),
+            Verdict::Refuse {
+                why,
+                reason,
+                retry_after,
+            } => {
+                metrics::counter!("tether_gateway_sessions_turned_away_total",
+                    "reason" => why.as_str())
+                .increment(1);
+                tracing::debug!(agent = %self.agent, remote = %self.remote, reason = %reason,
+                    ?retry_after, "turning a session away");
+                session.refuse(ErrorCode::BUSY, &reason, retry_after);
+            }
+        }
+    }
+
+    /// The agent left the session: nothing new goes on it, and it closes once its relayed
+    /// streams are done.
+    fn left(&mut self, session: &mut GatewaySession, reason: &str) {
+        self.probe.stop();
+        let Some(info) = &self.registered else {
+            return;
+        };
+        info.mark_left();
+        tracing::info!(agent = %self.agent, session = %self.session_id, %reason,
+            relayed = info.relayed_streams(), "the agent is leaving this session");
+        if info.relayed_streams() == 0 {
+            self.close_left(session);
+        }
+    }
+
+    fn close_left(&mut self, session: &mut GatewaySession) {
+        if let Some(info) = &self.registered {
+            // Before the close: a stream that raced it must see why it failed.
+            info.mark_closed_after_leave();
+        }
+        session.close(
+            ErrorCode::REPLACED,
+            "the agent left this session and its streams are done",
+        );
+    }
+
     fn established(
         &mut self,
         session: &mut GatewaySession,
@@ -145,10 +203,14 @@ impl Side<GatewaySession> for GatewaySide<'_> {
 
     fn on_event(&mut self, session: &mut GatewaySession, event: GatewayEvent, now: Instant) {
         match event {
+            GatewayEvent::Hello { hello, .. } => self.decide(session, &hello),
             GatewayEvent::Established { hello, version } => {
                 self.established(session, (hello, version), now);
             }
+            GatewayEvent::Left { reason } => self.left(session, &reason),
             GatewayEvent::Heartbeat { rtt } => {
+                // The next ack tells the agent of replicas that came or went.
+                session.set_live_replicas(self.ctx.balance.live_replicas());
                 if let Some(rtt) = rtt {
                     if let Some(s) = &self.registered {
                         s.set_rtt(rtt);
@@ -185,16 +247,25 @@ impl Side<GatewaySession> for GatewaySide<'_> {
                 None => std::future::pending().await,
             }
         };
+        let left = self.registered.as_ref().filter(|s| s.has_left());
+        let left_idle = async move {
+            match left {
+                Some(s) => s.relay_idle().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(order) = order => Wake::Order(order),
             outcome = self.probe.answer() => Wake::Probe(outcome),
+            () = left_idle => Wake::LeftIdle,
             () = self.ctx.shutdown.cancelled() => Wake::Shutdown,
         }
     }
 
     fn on_wake(&mut self, session: &mut GatewaySession, wake: Wake, _: Instant) {
         match wake {
-            Wake::Order(SessionCommand::GoAway(reason, within)) => session.go_away(&reason, within),
+            Wake::Order(SessionCommand::GoAway(go_away)) => session.send_go_away(go_away),
+            Wake::LeftIdle => self.close_left(session),
             Wake::Order(SessionCommand::Close(code, reason)) => session.close(code, &reason),
             Wake::Probe(Ok(())) => {}
             Wake::Probe(Err(why)) => {
@@ -223,49 +294,9 @@ mod tests {
     use super::*;
     use crate::config::GatewayConfig;
     use crate::tunnel::registry::{Registry, RegistryEvent};
+    use crate::tunnel::test_support::quic_pair;
 
     const T: Duration = Duration::from_secs(20);
-
-    /// A real QUIC connection on loopback: (the agent's end, the gateway's end). The endpoints
-    /// are returned so they outlive the test.
-    async fn quic_pair() -> (quinn::Connection, Link, [quinn::Endpoint; 2]) {
-        tether_runtime::tls::install_crypto_provider();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        let der = cert.cert.der().clone();
-        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
-            .expect("key");
-        let server = quinn::ServerConfig::with_single_cert(vec![der.clone()], key).expect("tls");
-        let server = quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("server");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).expect("root");
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let client_cfg = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
-        ));
-        let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("client");
-        client.set_default_client_config(client_cfg);
-        let addr = server.local_addr().expect("addr");
-        let (dialed, accepted) = tokio::join!(
-            async {
-                client
-                    .connect(addr, "localhost")
-                    .unwrap()
-                    .await
-                    .expect("connect")
-            },
-            async {
-                server
-                    .accept()
-                    .await
-                    .expect("incoming")
-                    .await
-                    .expect("accept")
-            },
-        );
-        (dialed, Link::Quic(accepted), [client, server])
-    }
 
     /// The gateway's half of the shared driver's rule: a control stream the gateway can no
     /// longer write ends the session (unregistered, its connection closed) while the agent's

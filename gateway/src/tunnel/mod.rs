@@ -3,19 +3,70 @@
 //! The listeners agents dial (QUIC on UDP, and TLS + HTTP/2 on TCP, same port, for networks
 //! that block UDP), the admission of their handshakes, the certificate verifier, the driver
 //! that runs one `tunnel_proto::GatewaySession` per connection whatever its transport, the
-//! end-to-end probe of each session, and the registry of live sessions. Beside the session
+//! end-to-end probe of each session, the registry of live sessions, and the balance of sessions
+//! across replicas (which new sessions to take, which agents to ask to move). Beside the session
 //! driver, a probe opens a stream every `probe_interval` and expects the agent's answer within
 //! `probe_timeout`: a session whose connection looks alive but whose streams do not work is
 //! closed (`UNRESPONSIVE`). A bad peer ends only its own connection.
 
 pub mod accept;
 pub mod admission;
+pub mod balance;
 pub mod driver;
 pub mod endpoint;
 pub mod probe;
 pub mod registry;
 pub mod tls;
 pub mod verifier;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! What unit tests of the tunnel and its users share.
+    use std::sync::Arc;
+
+    use tether_runtime::transport::Link;
+
+    /// A real QUIC connection on loopback: (the agent's end, the gateway's end). The endpoints
+    /// are returned so they outlive the test.
+    pub(crate) async fn quic_pair() -> (quinn::Connection, Link, [quinn::Endpoint; 2]) {
+        tether_runtime::tls::install_crypto_provider();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let der = cert.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .expect("key");
+        let server = quinn::ServerConfig::with_single_cert(vec![der.clone()], key).expect("tls");
+        let server = quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("server");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client_cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+        ));
+        let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("client");
+        client.set_default_client_config(client_cfg);
+        let addr = server.local_addr().expect("addr");
+        let (dialed, accepted) = tokio::join!(
+            async {
+                client
+                    .connect(addr, "localhost")
+                    .unwrap()
+                    .await
+                    .expect("connect")
+            },
+            async {
+                server
+                    .accept()
+                    .await
+                    .expect("incoming")
+                    .await
+                    .expect("accept")
+            },
+        );
+        (dialed, Link::Quic(accepted), [client, server])
+    }
+}
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +81,7 @@ use crate::config::GatewayConfig;
 use crate::identity::revocation::RevocationList;
 use crate::tunnel::accept::{SideDoor, SideDoorFn};
 use crate::tunnel::admission::{AgentSessions, SessionPermit};
+use crate::tunnel::balance::Balance;
 use crate::tunnel::registry::Registry;
 
 /// Shared by every connection's driver.
@@ -52,6 +104,9 @@ pub struct TunnelContext {
     pub renewal: Option<Arc<crate::identity::enrollment::Enrollment>>,
     /// Connections per agent identity (`limits.sessions_per_agent`).
     pub sessions: AgentSessions,
+    /// Which new sessions to take (drain, fair share, budget), and what `Welcome` says of the
+    /// replicas.
+    pub balance: Arc<Balance>,
     /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
     /// retries as fast as its handshake rate allows.
     refusals: std::sync::Mutex<LogThrottle>,
@@ -69,6 +124,15 @@ impl TunnelContext {
         session.handshake_timeout = cfg.tunnel.handshake_timeout;
         session.max_concurrent_streams = cfg.tunnel.max_concurrent_streams;
         session.probe_interval = cfg.tunnel.probe_interval;
+        session.hold_hello = true;
+        session
+            .capabilities
+            .push(tunnel_proto::message::LEAVE.to_owned());
+        let balance = Arc::new(Balance::new(
+            session.gateway_id.clone(),
+            cfg.tunnel.fair_share_margin,
+            cfg.limits.new_sessions_per_second,
+        ));
         TunnelContext {
             registry,
             session,
@@ -78,10 +142,18 @@ impl TunnelContext {
             side_doors: Vec::new(),
             renewal: None,
             sessions: AgentSessions::new(cfg.limits.sessions_per_agent),
+            balance,
             refusals: std::sync::Mutex::new(LogThrottle::new(Duration::from_secs(10))),
             next_session: AtomicU64::new(1),
             instance,
         }
+    }
+
+    /// Decides on new sessions with `balance` (a replica's: its cluster id and the fleet's
+    /// counts) instead of this process's own.
+    pub fn with_balance(mut self, balance: Arc<Balance>) -> Self {
+        self.balance = balance;
+        self
     }
 
     /// Uses `revocations` (the list the verifier consults) for the post-registration check.

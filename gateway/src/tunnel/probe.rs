@@ -4,11 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use tether_runtime::stream::{Reader, flush};
+use tether_runtime::stream::{Reader, StreamError, flush};
 use tether_runtime::transport::Link;
-use tunnel_proto::ProtoError;
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::probe::{GatewayProbe, ProbeEvent};
+use tunnel_proto::{ErrorCode, ProtoError};
 
 type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -46,6 +46,13 @@ impl Probe {
 
     pub(crate) fn start(&mut self, now: Instant) {
         self.next = Some(now + self.interval);
+    }
+
+    /// No more probes (the agent left the session: it refuses new streams), nor the outcome of
+    /// one in flight.
+    pub(crate) fn stop(&mut self) {
+        self.next = None;
+        self.in_flight = None;
     }
 
     /// When the session's timer must wake for the probe. None while a probe is out: its own
@@ -121,11 +128,19 @@ impl Probe {
 async fn probe_once(link: &Link) -> Result<(), String> {
     let (mut send, recv) = link.open().await.map_err(|e| e.to_string())?;
     let mut probe = GatewayProbe::new();
-    flush(&mut send, &mut probe)
-        .await
-        .map_err(|e| e.to_string())?;
+    match flush(&mut send, &mut probe).await {
+        Ok(()) => {}
+        // The agent is leaving the session (its `GoAway` is on its way): it answered.
+        Err(StreamError::Reset(code)) if code == ErrorCode::REFUSED_STREAM => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    }
     match Reader::new(recv, probe).next().await {
         Ok(ProbeEvent::Answered) => Ok(()),
+        Ok(ProbeEvent::Failed(StreamFailure::Reset(code))) | Err(StreamError::Reset(code))
+            if code == ErrorCode::REFUSED_STREAM =>
+        {
+            Ok(())
+        }
         Ok(ProbeEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected { got, .. }))) => {
             Err(format!("unexpected answer {got}"))
         }

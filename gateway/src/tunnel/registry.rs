@@ -1,17 +1,22 @@
 //! Session layer: the registry of live agent sessions, and the event feed `Agents/Watch` reads.
 //!
-//! Several sessions per agent id are normal (replicas, make-before-break reconnects). The
-//! registry also remembers agents whose sessions all ended, so `Agents/Get` can tell "known but
-//! offline" from "never seen".
+//! Several sessions per agent id are normal (replicas, make-before-break reconnects, an agent's
+//! `connections`). The registry also remembers agents whose sessions all ended, so `Agents/Get`
+//! can tell "known but offline" from "never seen".
+//!
+//! A session's state while it goes away is kept on its [`SessionInfo`]: asked to go (this
+//! gateway sent `GoAway`), left (the agent said it is leaving: no new stream goes on it), and
+//! the relayed streams open on it, so its driver closes a left session once they are done.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tunnel_proto::AgentId;
-use tunnel_proto::message::Hello;
+use tunnel_proto::message::{GoAway, Hello, LEAVE};
 
 use crate::tls::CertFacts;
 
@@ -42,8 +47,18 @@ pub struct SessionInfo {
     pub cert_not_after: SystemTime,
     /// Its `notBefore` (Unix seconds): what a revocation's cut-off is compared with.
     pub cert_not_before: i64,
+    /// The agent's `Hello` lists `leave`: it refuses streams it will not serve, and says when
+    /// it leaves.
+    pub agent_leaves: bool,
     rtt: Mutex<Option<Duration>>,
     control: mpsc::UnboundedSender<SessionCommand>,
+    asked_to_go: AtomicBool,
+    left: AtomicBool,
+    /// Set by the driver when it closes the session because the agent left it and its relayed
+    /// streams were done: a stream opened on it after that reached no one.
+    closed_after_leave: AtomicBool,
+    relaying: AtomicUsize,
+    relay_idle: Notify,
 }
 
 impl SessionInfo {
@@ -73,7 +88,92 @@ impl SessionInfo {
 
     /// Asks the session's driver to do something; false if the session is already gone.
     pub fn command(&self, cmd: SessionCommand) -> bool {
+        if matches!(cmd, SessionCommand::GoAway(_)) {
+            self.asked_to_go.store(true, Ordering::Relaxed);
+        }
         self.control.send(cmd).is_ok()
+    }
+
+    /// This gateway asked the agent to move the session elsewhere (`GoAway`).
+    pub fn is_asked_to_go(&self) -> bool {
+        self.asked_to_go.load(Ordering::Relaxed)
+    }
+
+    /// The agent said it is leaving the session: no new stream goes on it.
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
+    }
+
+    /// A stream may be opened on the session (the agent has not left it).
+    pub fn is_usable(&self) -> bool {
+        !self.has_left()
+    }
+
+    /// The agent announced `leave` in its `Hello` (see [`tunnel_proto::message::LEAVE`]).
+    pub fn agent_leaves(&self) -> bool {
+        self.agent_leaves
+    }
+
+    /// Records that the agent left the session (its driver calls this on `GoAway` from the
+    /// agent).
+    pub fn mark_left(&self) {
+        self.left.store(true, Ordering::Release);
+    }
+
+    /// Records that the driver closed the session because the agent left it and its relayed
+    /// streams were done.
+    pub fn mark_closed_after_leave(&self) {
+        self.closed_after_leave.store(true, Ordering::Release);
+    }
+
+    /// True once the driver closed the session after the agent left it, its relayed streams
+    /// done: a stream that was opened on it anyway (it raced the close) reached no upstream,
+    /// since the agent refuses every stream that arrives after it leaves.
+    pub fn was_closed_after_leave(&self) -> bool {
+        self.closed_after_leave.load(Ordering::Acquire)
+    }
+
+    /// Counts a relayed stream on this session until the guard is dropped.
+    pub fn relay_stream(self: &Arc<Self>) -> RelayedStream {
+        self.relaying.fetch_add(1, Ordering::AcqRel);
+        RelayedStream(self.clone())
+    }
+
+    /// Relayed streams open on this session.
+    pub fn relayed_streams(&self) -> usize {
+        self.relaying.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no relayed stream is open on this session (at once when none is).
+    pub async fn relay_idle(&self) {
+        loop {
+            let notified = self.relay_idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.relayed_streams() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One relayed stream counted on its session ([`SessionInfo::relay_stream`]), until dropped.
+#[derive(Debug)]
+pub struct RelayedStream(Arc<SessionInfo>);
+
+impl RelayedStream {
+    /// The session the stream is on.
+    pub fn session(&self) -> &Arc<SessionInfo> {
+        &self.0
+    }
+}
+
+impl Drop for RelayedStream {
+    fn drop(&mut self) {
+        if self.0.relaying.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.relay_idle.notify_waiters();
+        }
     }
 }
 
@@ -89,6 +189,7 @@ impl SessionInfo {
         cert: &CertFacts,
     ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
         let (control, orders) = mpsc::unbounded_channel();
+        let agent_leaves = hello.capabilities.iter().any(|c| c == LEAVE);
         let info = SessionInfo {
             session_id,
             agent,
@@ -102,8 +203,14 @@ impl SessionInfo {
             cert_serial: cert.serial.clone(),
             cert_not_after: cert.not_after_time(),
             cert_not_before: cert.not_before,
+            agent_leaves,
             rtt: Mutex::new(None),
             control,
+            asked_to_go: AtomicBool::new(false),
+            left: AtomicBool::new(false),
+            closed_after_leave: AtomicBool::new(false),
+            relaying: AtomicUsize::new(0),
+            relay_idle: Notify::new(),
         };
         (info, orders)
     }
@@ -112,8 +219,9 @@ impl SessionInfo {
 /// Orders the registry can give a session's driver.
 #[derive(Clone, Debug)]
 pub enum SessionCommand {
-    /// Send `GoAway`: the agent should reconnect (make-before-break) within the duration.
-    GoAway(String, Duration),
+    /// Send this `GoAway`: the agent should reconnect (make-before-break, elsewhere when it
+    /// names this replica to avoid) within its window.
+    GoAway(GoAway),
     /// Close the session with this code and reason (e.g. `REVOKED`).
     Close(tunnel_proto::ErrorCode, String),
 }
@@ -307,10 +415,13 @@ impl Registry {
         agents.get(id).map(|e| f(&e.sessions))
     }
 
-    /// The newest live session of `id`, if it has one (no snapshot of the agent).
+    /// The newest live session of `id` the agent has not left, if it has one (no snapshot of
+    /// the agent). A session the agent left takes no new stream: it is about to go.
     pub fn last_session(&self, id: &AgentId) -> Option<Arc<SessionInfo>> {
         let agents = self.agents.lock().expect("registry lock");
-        agents.get(id).and_then(|e| e.sessions.last().cloned())
+        agents
+            .get(id)
+            .and_then(|e| e.sessions.iter().rev().find(|s| s.is_usable()).cloned())
     }
 
     /// The live sessions now, and a feed of every change after them.
@@ -337,10 +448,19 @@ impl Registry {
         self.live.lock().expect("registry lock").sessions.len()
     }
 
-    /// Sends `GoAway` to every live session.
+    /// Sends `GoAway` to every live session (no hint of where to go).
     pub fn go_away_all(&self, reason: &str, within: Duration) {
+        self.send_go_away_all(&GoAway {
+            reason: reason.to_owned(),
+            reconnect_within_ms: within.as_millis() as u64,
+            ..Default::default()
+        });
+    }
+
+    /// Sends `go_away` to every live session.
+    pub fn send_go_away_all(&self, go_away: &GoAway) {
         for s in self.sessions() {
-            s.command(SessionCommand::GoAway(reason.to_owned(), within));
+            s.command(SessionCommand::GoAway(go_away.clone()));
         }
     }
 }
