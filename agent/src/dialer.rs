@@ -195,9 +195,6 @@ impl Dialer {
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(1024u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
-        // One relayed request or TCP stream from the gateway at up to 80 MiB/s at 50 ms
-        // (quinn's default window, 1.25 MB, holds it to 25 MB/s there).
-        transport.stream_receive_window((4u32 << 20).into());
         transport.max_idle_timeout(Some(
             Duration::from_secs(120)
                 .try_into()

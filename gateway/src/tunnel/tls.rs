@@ -41,14 +41,13 @@ pub fn tls_config(
 }
 
 /// What one agent stream may have in flight towards the gateway (QUIC's per-stream receive
-/// window): one relayed response or TCP stream streams at up to 80 MiB/s at 50 ms (quinn's
-/// default, 1.25 MB, held one stream to 25 MB/s there). A gateway-opened stream is read as its
-/// caller takes the data, and the control stream as it comes; what a connection can make the
-/// gateway buffer stays bounded by [`CONNECTION_WINDOW`].
-pub const STREAM_WINDOW: u32 = 4 << 20;
+/// window): quinn's default, kept so a relayed response streams as fast as before (25 MB/s per
+/// call at 50 ms). A gateway-opened stream is read as its caller takes the data, and the
+/// control stream as it comes.
+pub const STREAM_WINDOW: u32 = 1_250_000;
 
 /// What one agent connection may have in flight towards the gateway across its streams
-/// (quinn's default is unbounded): two streams at full speed, 160 MiB/s at 50 ms.
+/// (quinn's default is unbounded): six streams at full speed, 160 MiB/s at 50 ms.
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// What the gateway keeps written but not yet acknowledged towards one agent connection
