@@ -174,9 +174,11 @@ impl Fleet {
                     continue;
                 }
                 let (gw, peer) = (self.gw(a), self.slots[b].name.clone());
-                wait_until(&format!("{}'s peer link to {peer}", self.slots[a].name), T, || {
-                    gw.peer_up(&peer)
-                })
+                wait_until(
+                    &format!("{}'s peer link to {peer}", self.slots[a].name),
+                    T,
+                    || gw.peer_up(&peer),
+                )
                 .await;
             }
         }
@@ -587,9 +589,10 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
     // Since their last start: the replicas restarted last forwarded least.
     let forwarded: f64 = (0..fleet.slots.len())
         .map(|i| {
-            fleet
-                .gw(i)
-                .metric("tether_gateway_peer_forwarded_streams_total", "direction=\"out\"")
+            fleet.gw(i).metric(
+                "tether_gateway_peer_forwarded_streams_total",
+                "direction=\"out\"",
+            )
         })
         .sum();
     eprintln!(

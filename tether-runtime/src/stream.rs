@@ -369,7 +369,10 @@ impl Buf for Gathered {
     }
 
     fn advance(&mut self, mut cnt: usize) {
-        assert!(cnt <= self.len, "advance past the end of the gathered chunks");
+        assert!(
+            cnt <= self.len,
+            "advance past the end of the gathered chunks"
+        );
         self.len -= cnt;
         while cnt > 0 {
             let Some(front) = self.chunks.front_mut() else {
