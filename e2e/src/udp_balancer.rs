@@ -105,7 +105,7 @@ async fn run(front: Arc<UdpSocket>, backends: Arc<Mutex<Backends>>, stop: Cancel
                 Err(_) => continue,
             },
         };
-        if !flows.contains_key(&client) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(client) {
             let Some(backend) = pick(&backends) else {
                 continue;
             };
@@ -124,7 +124,7 @@ async fn run(front: Arc<UdpSocket>, backends: Arc<Mutex<Backends>>, stop: Cancel
                 flow_stop.clone(),
                 gone_tx.clone(),
             ));
-            flows.insert(client, (sock, flow_stop));
+            slot.insert((sock, flow_stop));
         }
         if let Some((sock, _)) = flows.get(&client) {
             let _ = sock.send(&buf[..n]).await;

@@ -57,7 +57,10 @@ struct Fleet {
 /// The northbound channel of each replica that is up (index = replica number − 1), with a
 /// generation that changes when the replica is started again.
 #[derive(Clone, Default)]
-struct Routes(Arc<RwLock<Vec<Option<(tonic::transport::Channel, u64)>>>>);
+struct Routes(Arc<RwLock<Vec<Option<UpReplica>>>>);
+
+/// A replica that is up: a channel to it, and its start count.
+type UpReplica = (tonic::transport::Channel, u64);
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 

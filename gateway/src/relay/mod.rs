@@ -154,8 +154,7 @@ impl Relay {
     fn pick(&self, agent: &AgentId, attempts: &Attempts) -> Result<Arc<SessionInfo>, RelayError> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         // Under the registry's lock, without copying the agent's sessions.
-        let picked = self
-            .registry
+        self.registry
             .with_sessions(agent, |s| {
                 if s.is_empty() {
                     return Err(RelayError::NotConnected(agent.clone()));
@@ -183,8 +182,7 @@ impl Relay {
                     .map(|i| s[i].clone())
                     .ok_or_else(|| RelayError::Moving(agent.clone()))
             })
-            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?;
-        picked
+            .ok_or_else(|| RelayError::UnknownAgent(agent.clone()))?
     }
 
     /// Resolves `tether-agent` / `tether-service` from metadata and checks that `caller` may act

@@ -208,7 +208,7 @@ impl Balance {
                 retry_after: RETRY_ELSEWHERE,
             };
         }
-        if hello.avoid_replicas.iter().any(|r| *r == self.replica_id) {
+        if hello.avoid_replicas.contains(&self.replica_id) {
             return Verdict::Refuse {
                 why: TurnAway::Avoided,
                 reason: format!(
