@@ -14,7 +14,9 @@
 //!   holder, answers UNAVAILABLE promptly once none is reachable, and the links come back by
 //!   themselves;
 //! - a replica killed with SIGKILL (no cleanup, its rows left behind) is never routed to once
-//!   its liveness expired.
+//!   its liveness expired;
+//! - a started replica is ready (`/readyz`) once linked to every live peer, or after its
+//!   warm-up when one cannot be reached.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -704,4 +706,63 @@ async fn a_replica_killed_without_cleanup_is_never_routed_to_once_its_liveness_e
     );
     assert!(after.len() >= 10, "too few calls to tell: {}", after.len());
     assert_eq!(failed_after, 0, "calls failed once r1 was known dead");
+}
+
+/// `/readyz` of `gw`: status and body.
+fn readyz(gw: &GatewayProcess) -> (u16, String) {
+    tether_runtime::ops::probe(gw.ops, "/readyz", Duration::from_secs(5)).expect("/readyz answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_replica_is_ready_once_linked_to_every_live_peer_or_after_the_warm_up() {
+    let pki = Pki::new();
+    let pg = postgres_on(Ipv4Addr::LOCALHOST);
+    let gws = replicas(&pki, &pg, &["r1", "r2"]).await;
+    // Ready means linked: a call landing on either can be forwarded to the other.
+    eventually("r1 and r2 ready", T, || async {
+        readyz(&gws[0]).0 == 200 && readyz(&gws[1]).0 == 200
+    })
+    .await;
+    assert!(gws[0].peer_up("r2") && gws[1].peer_up("r1"));
+
+    // A replica row that is live in PostgreSQL but that nobody answers for: r3 cannot link to
+    // it, and says so until its warm-up is over.
+    pg.sql(
+        "INSERT INTO gateway_replicas (replica_id, epoch, advertise, version, expires_at) \
+         VALUES ('ghost', 1, '127.0.0.1:9', 'test', now() + interval '1 hour')",
+    )
+    .expect("insert the ghost replica's row");
+    let cfg = peer_replica_config(&pg.dsn(), "r3", &pki, LOOPBACK);
+    let r3 = GatewayProcess::spawn_configured(&pki, &cfg).await;
+    eventually(
+        "r3 not ready, naming the peer it has no link to",
+        T,
+        || async {
+            let (code, body) = readyz(&r3);
+            code == 503 && body.contains("no peer link yet to ghost")
+        },
+    )
+    .await;
+    // Its links to the live replicas come up meanwhile.
+    eventually("r3 linked to r1 and r2", T, || async {
+        r3.peer_up("r1") && r3.peer_up("r2")
+    })
+    .await;
+    // After the warm-up it is ready anyway, with a warning naming the peer, and stays ready:
+    // from then on links are informational.
+    eventually("r3 ready after the warm-up", T, || async {
+        readyz(&r3).0 == 200
+    })
+    .await;
+    let logs = r3.logs();
+    assert!(
+        logs.contains("ready without peer links to every replica") && logs.contains("ghost"),
+        "{logs}"
+    );
+    assert_eq!(readyz(&r3).0, 200);
+    assert_eq!(
+        readyz(&gws[0]).0,
+        200,
+        "an already ready replica stays ready"
+    );
 }

@@ -1,8 +1,10 @@
 //! Short runs of the load test: `tether-loadtest run` with 200 agents against a debug gateway
 //! it starts on loopback ports picked at run time, scenarios ramp, broadcast and commands; and
 //! with 60 agents over two replicas on a local PostgreSQL (Debian's `postgresql`), a share of
-//! the calls sent to the replica without the agent's session (forwarded), and a rolling restart. The full runs (10,000 agents, storm, soak, three replicas) are in
-//! docs/PERFORMANCE.md, not in the suite.
+//! the calls sent to the replica without the agent's session (forwarded), and a rolling restart;
+//! and with 30 agents keeping two sessions each over three replicas, a rolling restart under
+//! load that fails no unary call and loses no command. The full runs (10,000 agents, storm,
+//! soak) are in docs/PERFORMANCE.md, not in the suite.
 
 use std::time::Duration;
 
@@ -124,6 +126,9 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
         "0.1",
         "--forwarded",
         "0.3",
+        // One session per agent: a replica without it is there to forward to.
+        "--agent-connections",
+        "1",
     ])
     .arg("--out")
     .arg(out.path())
@@ -259,4 +264,93 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
             assert!(text("r1 RSS") && text("r2 RSS"), "{f}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_agents_with_two_sessions_over_three_replicas_fail_no_unary_call_in_a_rolling_restart()
+ {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut cmd = tokio::process::Command::new(binary("tether-loadtest"));
+    cmd.args([
+        "run",
+        "--agents",
+        "30",
+        "--replicas",
+        "3",
+        "--agent-connections",
+        "2",
+        "--scenario",
+        "ramp,rolling",
+    ])
+    .args([
+        "--no-progress",
+        "--heartbeat",
+        "2s",
+        "--settle",
+        "1s",
+        "--idle-window",
+        "1s",
+        "--sample-every",
+        "250ms",
+    ])
+    .args([
+        "--drain-timeout",
+        "1s",
+        "--rolling-rate",
+        "40",
+        "--rolling-pause",
+        "1s",
+        "--soak-command-share",
+        "0.1",
+        "--forwarded",
+        "0.3",
+        "--bulk-kib",
+        "128",
+    ])
+    .arg("--out")
+    .arg(out.path())
+    .arg("--gateway-bin")
+    .arg(binary("tether-gateway"))
+    .env("RUST_LOG", "warn")
+    .kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(150), cmd.output())
+        .await
+        .expect("the three-replica run finished within 150s")
+        .expect("tether-loadtest ran");
+    assert!(
+        run.status.success(),
+        "tether-loadtest failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .expect("report.json is JSON");
+    assert_eq!(r["ramp"]["connected"], 30, "{:#}", r["ramp"]);
+    // Two sessions per agent on distinct replicas: 60 in all, on every replica (about 20 each:
+    // round robin, but a replica above its fair share turns some away and they land on the
+    // next).
+    let replicas = r["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 3, "{replicas:#?}");
+    let sessions: Vec<u64> = replicas
+        .iter()
+        .map(|x| x["sessions"].as_u64().expect("sessions"))
+        .collect();
+    assert_eq!(sessions.iter().sum::<u64>(), 60, "{replicas:#?}");
+    assert!(sessions.iter().all(|n| *n > 0), "{replicas:#?}");
+    // Each replica drained and restarted in turn under steady load: while one is away, calls
+    // go through the agents' sessions on the others (or are forwarded to them), so none fails
+    // and no accepted command is lost.
+    let x = &r["rolling"];
+    assert_eq!(
+        x["restarts"].as_array().expect("restarts").len(),
+        3,
+        "{x:#}"
+    );
+    let calls = x["rpc"]["calls"].as_u64().unwrap();
+    assert!(calls > 40, "{x:#}");
+    assert_eq!(x["rpc"]["errors"], 0, "{x:#}");
+    assert_eq!(x["rpc"]["ok"].as_u64().unwrap(), calls, "{x:#}");
+    assert!(x["commands_submitted"].as_u64().unwrap() > 0, "{x:#}");
+    assert_eq!(x["commands_lost"], 0, "{x:#}");
 }

@@ -783,6 +783,11 @@ fn cluster_readiness(
 ) -> ops::ReadinessFn {
     let (registry, draining) = (registry.clone(), draining.clone());
     let replica = cluster.map(|c| c.replica.clone());
+    // After a start, not ready until the peer links to every live replica are up (a call
+    // forwarded before would fail), for at most PEER_WARMUP; from then on the links are
+    // informational: a replica cut off from a peer still serves its own agents.
+    let started = std::time::Instant::now();
+    let warm = Arc::new(std::sync::atomic::AtomicBool::new(peers.is_none()));
     Arc::new(move || {
         let mut detail = serde_json::json!({
             "draining": draining.is_cancelled(),
@@ -811,10 +816,10 @@ fn cluster_readiness(
                     .as_deref()
                     .unwrap_or("no renewal succeeded in time")
             ))
+        } else if let Some(e) = &store_error {
+            Some(format!("PostgreSQL unreachable: {e}"))
         } else {
-            store_error
-                .as_ref()
-                .map(|e| format!("PostgreSQL unreachable: {e}"))
+            peer_warmup(peers.as_deref(), &warm, started)
         };
         if let Some(d) = detail.as_object_mut() {
             d.insert("replica".into(), replica.id().to_string().into());
@@ -852,6 +857,40 @@ fn cluster_readiness(
             detail,
         }
     })
+}
+
+/// The longest a started replica waits for its peer links before it is ready anyway.
+const PEER_WARMUP: Duration = Duration::from_secs(10);
+
+/// Why a replica that just started is not ready yet: live peers it has no link to. `None`
+/// once every one is linked, or `PEER_WARMUP` after `started`, and from then on.
+fn peer_warmup(
+    peers: Option<&Peers>,
+    warm: &std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
+) -> Option<String> {
+    use std::sync::atomic::Ordering;
+    let peers = peers?;
+    if warm.load(Ordering::Relaxed) {
+        return None;
+    }
+    let missing = match peers.unlinked() {
+        Some(m) if m.is_empty() => {
+            warm.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(m) => m.join(", "),
+        None => "the other replicas (not read from PostgreSQL yet)".to_owned(),
+    };
+    if started.elapsed() >= PEER_WARMUP {
+        tracing::warn!(peers = %missing, "ready without peer links to every replica after {PEER_WARMUP:?}: calls for agents only they hold fail here until the links are up; check cluster.advertise and that peer_listen's UDP port is open between replicas");
+        warm.store(true, Ordering::Relaxed);
+        return None;
+    }
+    Some(format!(
+        "starting: no peer link yet to {missing}; ready when they are up (at most {}s after start), so that calls landing here can be forwarded",
+        PEER_WARMUP.as_secs()
+    ))
 }
 
 /// What a running gateway stops, in order.

@@ -8,17 +8,21 @@
 //!   the gateway announces, RTT, close codes); gateway-opened streams are served by
 //!   `tether_agent::relay::serve` with the agent's own service map and command executor
 //!   (`tether_agent::commands`, the built-in `echo` and `sleep` kinds). What it leaves out of the
-//!   real supervisor: the TCP fallback and its re-probing, make-before-break on `GoAway`, and the
-//!   100 ms housekeeping tick; reconnects use the same full-jitter [`Backoff`] with the agent's
-//!   defaults. With several replicas, agent `i` first dials replica `i mod N` (round robin), and
-//!   after a session ends or a dial fails it dials the next one, as an agent behind a load
-//!   balancer lands elsewhere when it redials. Agents share a few UDP sockets (`--sockets`) instead of one connected socket
-//!   each. The relay's upstream is an in-process echo service (`tether.demo.v1.Echo`), the
-//!   agent's default service.
+//!   real supervisor: the TCP fallback and its re-probing, make-before-break on `GoAway` (a
+//!   draining replica closes its sessions after `drain_timeout`; calls have gone to the agent's
+//!   other session by then), and leaving a session with `REFUSED_STREAM`; reconnects use the
+//!   same full-jitter [`Backoff`] with the agent's defaults. Each agent keeps `connections`
+//!   sessions on distinct replicas, as a real agent behind one load-balanced address does:
+//!   agent `i`'s `k`-th session first dials replica `(i + k) mod N`, and after it ends or a
+//!   dial fails it dials the next replica none of the agent's other sessions is on, as an agent
+//!   behind a load balancer lands elsewhere when it redials. Agents share a few UDP sockets
+//!   (`--sockets`) instead of one connected socket each. The relay's upstream is an in-process
+//!   echo service (`tether.demo.v1.Echo`), the agent's default service.
 //! - **full**: `tether_agent::start_with_identity`, a complete agent per identity (supervisor,
 //!   one UDP socket and QUIC endpoint per session, the 100 ms tick), with a real TCP echo
 //!   upstream on loopback. Heavier: for checking that the lean fleet behaves like real agents.
-//!   With several replicas, agent `i` is configured with replica `i mod N` only.
+//!   With several replicas, agent `i` is configured with replicas `i mod N`, `i + 1 mod N`, …
+//!   (`connections` of them) and keeps one session to each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -70,6 +74,8 @@ pub struct FleetSettings {
     pub max_backoff: Duration,
     /// Time allowed for one dial (handshake and `Welcome`).
     pub connect_timeout: Duration,
+    /// Sessions each agent keeps, on distinct replicas (1 to the number of replicas).
+    pub connections: usize,
 }
 
 /// Failed dials whose reason is kept.
@@ -88,7 +94,8 @@ pub struct EventLog {
     pub failures: std::collections::VecDeque<(Instant, String)>,
 }
 
-/// Where one agent is: the replica it holds a session on (or dials next) and whether it is up.
+/// Where one of an agent's sessions is: the replica it holds it on (or dials next) and whether
+/// it is up. Agent `i`'s sessions are places `i * connections ..` of [`Shared::places`].
 #[derive(Debug, Default)]
 struct Place {
     replica: AtomicUsize,
@@ -108,6 +115,19 @@ struct Shared {
 }
 
 impl Shared {
+    /// Sessions each agent keeps.
+    fn per_agent(&self) -> usize {
+        self.settings
+            .connections
+            .clamp(1, self.settings.gateways.len().max(1))
+    }
+
+    /// Agent `i`'s sessions (lean fleet).
+    fn agent_places(&self, i: usize) -> &[Place] {
+        let per = self.per_agent();
+        self.places.get(i * per..(i + 1) * per).unwrap_or(&[])
+    }
+
     fn log(&self) -> std::sync::MutexGuard<'_, EventLog> {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -191,9 +211,11 @@ impl Fleet {
             FleetMode::Full => Vec::new(),
         };
         let replicas = settings.gateways.len().max(1);
-        let places = (0..total)
-            .map(|i| Place {
-                replica: AtomicUsize::new(i % replicas),
+        let per = settings.connections.clamp(1, replicas);
+        // Agent i's k-th session starts on replica i + k: distinct replicas, spread round robin.
+        let places = (0..total * per)
+            .map(|j| Place {
+                replica: AtomicUsize::new((j / per + j % per) % replicas),
                 up: Default::default(),
             })
             .collect();
@@ -245,18 +267,26 @@ impl Fleet {
         }
     }
 
-    /// The replica agent `i` (in the order of the identities) holds a session on now.
-    pub fn holder(&self, i: usize) -> Option<usize> {
+    /// The replicas agent `i` holds a session on now (a full agent: those it was given, while
+    /// it is connected).
+    pub fn held(&self, i: usize) -> Vec<usize> {
         let n = self.shared.settings.gateways.len().max(1);
         match self.shared.settings.mode {
-            FleetMode::Lean => {
-                let p = self.shared.places.get(i)?;
-                p.up.load(Ordering::Relaxed)
-                    .then(|| p.replica.load(Ordering::Relaxed))
-            }
+            FleetMode::Lean => self
+                .shared
+                .agent_places(i)
+                .iter()
+                .filter(|p| p.up.load(Ordering::Relaxed))
+                .map(|p| p.replica.load(Ordering::Relaxed))
+                .collect(),
             FleetMode::Full => {
                 let full = self.full.lock().unwrap_or_else(|e| e.into_inner());
-                full.get(i)?.status.connected().then_some(i % n)
+                match full.get(i) {
+                    Some(h) if h.status.connected() => {
+                        (0..self.shared.per_agent()).map(|k| (i + k) % n).collect()
+                    }
+                    _ => Vec::new(),
+                }
             }
         }
     }
@@ -267,8 +297,8 @@ impl Fleet {
         match self.shared.settings.mode {
             FleetMode::Lean => self
                 .shared
-                .places
-                .get(i)
+                .agent_places(i)
+                .first()
                 .map_or(i % n, |p| p.replica.load(Ordering::Relaxed)),
             FleetMode::Full => i % n,
         }
@@ -341,7 +371,8 @@ impl Fleet {
     }
 }
 
-/// Each agent's replica, `None` when it holds no session.
+/// The replica of each lean agent's session (each full agent's first), `None` when it is not
+/// up.
 fn holders(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> Vec<Option<usize>> {
     let n = shared.settings.gateways.len().max(1);
     match shared.settings.mode {
@@ -365,7 +396,14 @@ fn holders(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> Vec
 
 fn connected(shared: &Shared, full: &Mutex<Vec<tether_agent::AgentHandle>>) -> usize {
     match shared.settings.mode {
-        FleetMode::Lean => shared.connected.load(Ordering::Relaxed),
+        FleetMode::Lean => {
+            let per = shared.per_agent();
+            shared
+                .places
+                .chunks(per)
+                .filter(|c| c.iter().any(|p| p.up.load(Ordering::Relaxed)))
+                .count()
+        }
         FleetMode::Full => full
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -404,11 +442,15 @@ async fn ramp(
         },
         FleetMode::Lean => None,
     };
-    let templates: Vec<tether_agent::AgentConfig> = shared
-        .settings
-        .gateways
-        .iter()
-        .map(|g| agent_config(&shared.settings, *g, upstream.as_deref()))
+    // Full agent i is given replicas i, i + 1, … (`connections` of them): one session to each.
+    let (n, per) = (shared.settings.gateways.len(), shared.per_agent());
+    let templates: Vec<tether_agent::AgentConfig> = (0..n.max(1))
+        .map(|i| {
+            let gateways: Vec<SocketAddr> = (0..per)
+                .filter_map(|k| shared.settings.gateways.get((i + k) % n.max(1)).copied())
+                .collect();
+            agent_config(&shared.settings, &gateways, upstream.as_deref())
+        })
         .collect();
     let rate = shared.settings.ramp_rate.max(0.001);
     let start = tokio::time::Instant::now();
@@ -452,14 +494,18 @@ async fn ramp(
 /// the service map and default service).
 fn agent_config(
     s: &FleetSettings,
-    gateway: SocketAddr,
+    gateways: &[SocketAddr],
     upstream: Option<&str>,
 ) -> tether_agent::AgentConfig {
+    let gw = gateways
+        .iter()
+        .map(|g| format!("\"{g}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let text = format!(
-        "gateways = [\"{gw}\"]\nserver_name = \"{name}\"\ndefault_service = \"{default}\"\n\
+        "gateways = [{gw}]\nserver_name = \"{name}\"\ndefault_service = \"{default}\"\n\
          [transport]\nmode = \"quic\"\n\
          [reconnect]\ninitial_backoff = \"{ib}\"\nmax_backoff = \"{mb}\"\nconnect_timeout = \"{ct}\"\n",
-        gw = gateway,
         name = s.server_name,
         default = if upstream.is_some() {
             "echo"
@@ -558,20 +604,50 @@ fn start_lean(
             ..Default::default()
         },
     };
-    tokio::spawn(run_lean(agent, index, endpoint.clone(), shared.clone()));
+    let agent = Arc::new(agent);
+    let per = shared.per_agent();
+    for k in 0..per {
+        tokio::spawn(run_lean(
+            agent.clone(),
+            (index, index * per + k),
+            endpoint.clone(),
+            shared.clone(),
+        ));
+    }
     Ok(())
 }
 
 /// Keeps one lean agent's session up until the fleet stops.
-async fn run_lean(agent: LeanAgent, index: usize, endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+/// One session of lean agent `agent` (place `slot`), dialed again whenever it ends.
+async fn run_lean(
+    agent: Arc<LeanAgent>,
+    (index, slot): (usize, usize),
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+) {
     let s = &shared.settings;
-    let place = &shared.places[index];
+    let place = &shared.places[slot];
     let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
     let mut first = true;
     loop {
         if !first && s.gateways.len() > 1 {
-            // Redialing: lands on the next replica, as through a load balancer.
-            let next = (place.replica.load(Ordering::Relaxed) + 1) % s.gateways.len();
+            // Redialing: lands on the next replica, as through a load balancer, but never on
+            // one where the agent's other sessions are (a real agent names those in its
+            // `Hello`, and the gateway turns the dial away).
+            let n = s.gateways.len();
+            let siblings: Vec<usize> = shared
+                .agent_places(index)
+                .iter()
+                .filter(|p| !std::ptr::eq(*p, place))
+                .map(|p| p.replica.load(Ordering::Relaxed))
+                .collect();
+            let mut next = place.replica.load(Ordering::Relaxed);
+            for _ in 0..n {
+                next = (next + 1) % n;
+                if !siblings.contains(&next) {
+                    break;
+                }
+            }
             place.replica.store(next, Ordering::Relaxed);
         }
         first = false;

@@ -66,7 +66,7 @@ pub struct LocalGateway {
     child: Option<Child>,
     /// Its listeners (fixed after the first start).
     pub addrs: Addrs,
-    /// Time from spawn to "gateway listening" of the last start.
+    /// Time from spawn to ready (`/readyz` 200) of the last start.
     pub last_start: Duration,
 }
 
@@ -218,7 +218,6 @@ impl LocalGateway {
             northbound,
             ops,
         };
-        self.last_start = started.elapsed();
         // Keep copying its log so it never blocks on a full pipe.
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -228,6 +227,25 @@ impl LocalGateway {
             let _ = log.flush().await;
         });
         self.child = Some(child);
+        // In rotation only once ready, as a load balancer honouring `/readyz` puts it: a
+        // restarted replica is ready once its peer links are up.
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let r = ops_get(ops, "/readyz").await;
+            if matches!(r, Some((200, _))) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(LoadError::Gateway(format!(
+                    "{} was not ready within {READY_WITHIN:?}: {}; see {}",
+                    self.name(),
+                    r.map_or_else(|| "/readyz did not answer".to_owned(), |(_, t)| t),
+                    self.log_path().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.last_start = started.elapsed();
         Ok(())
     }
 
@@ -268,23 +286,37 @@ impl LocalGateway {
     }
 }
 
-/// `GET /metrics` from an ops listener; `None` when it cannot be read.
-pub async fn metrics_text(ops: SocketAddr) -> Option<String> {
+/// How long a started gateway may take to be ready (`/readyz` 200) after it listens.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// `GET path` from an ops listener: the status code and the whole response; `None` when it
+/// cannot be read.
+async fn ops_get(ops: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(ops))
         .await
         .ok()?
         .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut body = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut body))
         .await
         .ok()?
         .ok()?;
     let text = String::from_utf8_lossy(&body).into_owned();
-    text.starts_with("HTTP/1.1 200").then_some(text)
+    let code = text.get(9..12)?.parse().ok()?;
+    Some((code, text))
+}
+
+/// `GET /metrics` from an ops listener; `None` when it cannot be read.
+pub async fn metrics_text(ops: SocketAddr) -> Option<String> {
+    ops_get(ops, "/metrics")
+        .await
+        .and_then(|(code, text)| (code == 200).then_some(text))
 }
 
 /// The counter of streams a replica forwarded to a peer (`direction="out"`; the receiving

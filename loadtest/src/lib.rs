@@ -113,6 +113,11 @@ pub struct RunOptions {
     /// local and forwarded latency apart.
     #[arg(long, default_value_t = 0.0)]
     pub forwarded: f64,
+    /// Sessions each agent keeps on distinct replicas, as the agent's `connections` (default 2,
+    /// at most --replicas): lean agents dial their next replica for each, full agents are given
+    /// that many replica addresses (one session to each).
+    #[arg(long, default_value_t = 2)]
+    pub agent_connections: usize,
     /// `tunnel.drain_timeout` of the started gateways: how long a stopped replica drains.
     #[arg(long, value_parser = duration, default_value = "2s")]
     pub drain_timeout: Duration,

@@ -68,25 +68,33 @@ impl Ctx {
     }
 
     /// The replica a relayed call to agent `i` goes through, and whether it is one without
-    /// the agent's session (sent there on purpose, `--forwarded`, so the gateway forwards it).
-    /// A replica out of rotation is never picked while another is in: a call meant for it goes
-    /// to another, which must forward it.
+    /// the agent's session, so that the gateway forwards it: `--forwarded` of the calls go to
+    /// such a replica on purpose (when there is one), the others to one of the replicas
+    /// holding the agent's sessions, at random (calls spread over its sessions). A replica out
+    /// of rotation is never picked while another is in: with none of the agent's sessions in
+    /// rotation, a call goes to any replica that is, which forwards it.
     fn route(&self, i: usize) -> (usize, bool) {
-        let n = self.driver.replicas();
-        let holder = self
-            .fleet
-            .holder(i)
-            .unwrap_or_else(|| self.fleet.last_replica(i))
-            % n;
+        let n = self.driver.replicas().max(1);
         let is_in = |k: usize| !self.out.get(k).is_some_and(|o| o.load(Ordering::Relaxed));
-        let others: Vec<usize> = (0..n).filter(|k| *k != holder && is_in(*k)).collect();
+        let held: Vec<usize> = self.fleet.held(i).into_iter().map(|k| k % n).collect();
+        let pick = |v: &[usize]| v[rand::rng().random_range(0..v.len())];
         let share = self.opts.forwarded.clamp(0.0, 1.0);
-        let elsewhere = !is_in(holder) || (share > 0.0 && rand::rng().random_bool(share));
-        if elsewhere && !others.is_empty() {
-            (others[rand::rng().random_range(0..others.len())], true)
-        } else {
-            (holder, false)
+        if share > 0.0 && rand::rng().random_bool(share) {
+            let away: Vec<usize> = (0..n).filter(|k| is_in(*k) && !held.contains(k)).collect();
+            if !away.is_empty() {
+                return (pick(&away), true);
+            }
         }
+        let local: Vec<usize> = held.iter().copied().filter(|k| is_in(*k)).collect();
+        if !local.is_empty() {
+            return (pick(&local), false);
+        }
+        // None of its sessions is on a replica in rotation: any replica in rotation forwards.
+        let any: Vec<usize> = (0..n).filter(|k| is_in(*k)).collect();
+        if !any.is_empty() {
+            return (pick(&any), true);
+        }
+        (self.fleet.last_replica(i) % n, false)
     }
 }
 
@@ -275,6 +283,7 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
         initial_backoff: opts.initial_backoff,
         max_backoff: opts.max_backoff,
         connect_timeout: opts.connect_timeout,
+        connections: opts.agent_connections.clamp(1, gateways.len().max(1)),
     };
     let ramp_started = Instant::now();
     let fleet = Fleet::start(settings, ids, roots)?;

@@ -201,6 +201,8 @@ pub struct Peers {
     settings: PeerSettings,
     links: Mutex<HashMap<String, Arc<PeerLink>>>,
     rows: RwLock<HashMap<String, PeerRow>>,
+    /// The rows were read at least once.
+    rows_read: std::sync::atomic::AtomicBool,
     /// Peers a dialer task keeps a link to.
     keepers: Mutex<HashSet<String>>,
     local: Arc<dyn LocalStreams>,
@@ -253,6 +255,7 @@ impl Peers {
             settings,
             links: Mutex::default(),
             rows: RwLock::default(),
+            rows_read: Default::default(),
             keepers: Mutex::default(),
             local,
             stop,
@@ -302,6 +305,29 @@ impl Peers {
             .cloned()
     }
 
+    /// The live peers, not draining, this replica has no open link to (sorted); `None` until
+    /// the replicas were read once. What `/readyz` waits for after a start: a call that lands
+    /// here before the links are up could not be forwarded.
+    pub fn unlinked(&self) -> Option<Vec<String>> {
+        if !self.rows_read.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let rows: Vec<String> = self
+            .rows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| r.alive() && !r.draining)
+            .map(|r| r.replica.clone())
+            .collect();
+        let mut out: Vec<String> = rows
+            .into_iter()
+            .filter(|p| self.link(p).is_none())
+            .collect();
+        out.sort();
+        Some(out)
+    }
+
     /// Every link, for `/readyz` and the dev tool.
     pub fn status(&self) -> Vec<PeerStatus> {
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
@@ -336,6 +362,8 @@ impl Peers {
             })
             .collect();
         *self.rows.write().unwrap_or_else(|e| e.into_inner()) = map;
+        self.rows_read
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Takes `link` as the link to its peer (closing one it replaces), and serves it: probes,

@@ -174,6 +174,24 @@ impl LocalPostgres {
         self.port
     }
 
+    /// Runs one SQL statement on the project's database with psql (for tests that need to
+    /// see or shape what the replicas share); its tuples-only output.
+    pub fn sql(&self, statement: &str) -> Result<String, LocalPostgresError> {
+        let out = self
+            .command("psql")
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", USER, "-d", DATABASE])
+            .args(["-v", "ON_ERROR_STOP=1", "-qtA", "-c"])
+            .arg(statement)
+            .output()
+            .map_err(|e| failed("running psql", e))?;
+        if !out.status.success() {
+            return Err(failed("psql", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The cluster's directory (data in `data/`, the server's log in `postgres.log`).
     pub fn dir(&self) -> &Path {
         &self.dir
