@@ -134,17 +134,7 @@ pub async fn release(pool: &PgPool, me: &ReplicaId, leases: &[Lease]) -> Result<
     .bind(&epochs)
     .fetch_all(&mut *tx)
     .await?;
-    let events: Vec<(super::events::EventKind, &str, &[u8])> = released
-        .iter()
-        .map(|a| (super::events::EventKind::Lease, a.as_str(), &b""[..]))
-        .collect();
-    super::events::append_all(&mut tx, &events).await?;
-    if !released.is_empty() {
-        super::events::notify(&mut tx).await?;
-    }
-    tx.commit().await?;
-    metrics::counter!("tether_gateway_lease_releases_total").increment(released.len() as u64);
-    Ok(released.len() as u64)
+    announce_released(tx, &released).await
 }
 
 /// Releases every lease `me` holds (at shutdown, once its sessions are gone), with a `Lease`
@@ -161,6 +151,15 @@ pub async fn release_all(pool: &PgPool, me: &ReplicaId) -> Result<u64, sqlx::Err
     .bind(me.epoch)
     .fetch_all(&mut *tx)
     .await?;
+    announce_released(tx, &released).await
+}
+
+/// Appends a `Lease` event for each released agent (the replicas holding its sessions take
+/// the lease at once), commits `tx` and counts them.
+async fn announce_released(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    released: &[String],
+) -> Result<u64, sqlx::Error> {
     let events: Vec<(super::events::EventKind, &str, &[u8])> = released
         .iter()
         .map(|a| (super::events::EventKind::Lease, a.as_str(), &b""[..]))
