@@ -1135,7 +1135,12 @@ impl GatewayProcess {
         extra: &str,
     ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
-        let [tunnel, northbound, ops] = listen;
+        let [mut tunnel, northbound, ops] = listen;
+        // Restartable on the same port: one below the ephemeral range, which no socket bound
+        // to port 0 elsewhere (another test's agent, say) can take while it is stopped.
+        if tunnel.port() == 0 && tunnel.ip().is_loopback() {
+            tunnel = restartable_port(tunnel.ip());
+        }
         let tls = pki.gateway_tls();
         let cfg = format!(
             "trust_domain = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"{tunnel}\"\nheartbeat_interval = \"500ms\"\ndrain_timeout = \"0s\"\n[northbound]\nlisten = \"{northbound}\"\n[ops]\nlisten = \"{ops}\"\n[commands]\nretry_backoff = \"50ms\"\nmax_retry_backoff = \"500ms\"\n",
@@ -1176,8 +1181,13 @@ impl GatewayProcess {
             None
         })
         .await
-        .expect("gateway started within 20s")
-        .expect("gateway printed its addresses");
+        .unwrap_or_else(|_| panic!("gateway started within 20s; its log:\n{}", logs.text()))
+        .unwrap_or_else(|| {
+            panic!(
+                "gateway exited before printing its addresses; its log:\n{}",
+                logs.text()
+            )
+        });
         // Keep reading its log so it never blocks on a full pipe.
         let sink = logs.clone();
         tokio::spawn(async move {
@@ -1597,3 +1607,5 @@ impl GatewayProcess {
             .sum()
     }
 }
+
+pub use tether_gateway::tools::ports::restartable_port;

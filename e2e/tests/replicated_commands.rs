@@ -516,7 +516,7 @@ async fn a_replica_cut_off_from_postgresql_by_a_firewall_fences_itself_and_anoth
     .await;
     // Replica 1 starts later on an address the agent already dials: until then the agent's
     // only session is with replica 0, which therefore takes the agent's lease.
-    let gw1_addr = free_udp_and_tcp_port();
+    let gw1_addr = restartable_port(std::net::Ipv4Addr::LOCALHOST.into());
     let state = tempfile::tempdir().unwrap();
     let mut fleet = Fleet {
         pki,
@@ -629,16 +629,5 @@ async fn a_replica_cut_off_from_postgresql_by_a_firewall_fences_itself_and_anoth
             "replica 0 not ready again: {body}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A loopback port free for both UDP and TCP now (for a gateway started later).
-fn free_udp_and_tcp_port() -> SocketAddr {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-        let addr = udp.local_addr().expect("addr");
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return addr;
-        }
     }
 }

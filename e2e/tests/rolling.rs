@@ -124,10 +124,8 @@ impl Fleet {
         env.push(("TETHER_TUNNEL_TCP_FALLBACK".into(), "false".into()));
         let mut slots = Vec::new();
         for i in 0..n {
-            // A free UDP port, kept across restarts.
-            let port = std::net::UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .expect("free port");
+            // A free port, kept across restarts.
+            let port = restartable_port(std::net::Ipv4Addr::LOCALHOST.into());
             slots.push(Slot {
                 name: format!("r{}", i + 1),
                 tunnel: port,
@@ -389,21 +387,29 @@ async fn one_address_gets_connections_sessions_on_distinct_replicas() {
     settled(&fleet, &[&two], 2, T).await;
     settled(&fleet, &[&three], 3, T).await;
     settled(&fleet, &[&one], 1, T).await;
-    // The fleet sees the same: each session named by its replica, none twice.
+    // The fleet sees the same (once each replica's presence write has reached PostgreSQL):
+    // each session named by its replica, none twice.
     let mut agents = tether_api::v1::agents_client::AgentsClient::new(fleet.routes.get(0).unwrap());
-    let a = agents
-        .get(tether_api::v1::GetAgentRequest {
-            agent: "acme/three".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let replicas: BTreeSet<String> = a.sessions.iter().map(|s| s.replica.clone()).collect();
-    assert_eq!(
-        replicas,
-        BTreeSet::from(["r1".into(), "r2".into(), "r3".into()]),
-        "{a:?}"
-    );
+    let want = BTreeSet::from(["r1".to_owned(), "r2".to_owned(), "r3".to_owned()]);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let a = agents
+            .get(tether_api::v1::GetAgentRequest {
+                agent: "acme/three".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let replicas: Vec<String> = a.sessions.iter().map(|s| s.replica.clone()).collect();
+        if replicas.iter().cloned().collect::<BTreeSet<_>>() == want && replicas.len() == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Agents/Get never showed acme/three on r1, r2 and r3 once each: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Each replica holding a session relays to the agent.
     for i in held(&two.handle.status) {
         let mut echo = EchoClient::with_interceptor(

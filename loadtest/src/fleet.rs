@@ -304,6 +304,25 @@ impl Fleet {
         }
     }
 
+    /// Sessions the fleet keeps when every agent holds all of its own.
+    pub fn sessions_wanted(&self) -> usize {
+        self.total * self.shared.per_agent()
+    }
+
+    /// Sessions established now.
+    pub fn sessions_up(&self) -> usize {
+        match self.shared.settings.mode {
+            FleetMode::Lean => self.shared.connected.load(Ordering::Relaxed),
+            FleetMode::Full => self
+                .full
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|h| h.status.sessions().len())
+                .sum(),
+        }
+    }
+
     /// Agents with an established session now.
     pub fn connected(&self) -> usize {
         connected(&self.shared, &self.full)

@@ -71,16 +71,18 @@ pub struct LocalGateway {
 }
 
 impl LocalGateway {
-    /// Starts the gateway on free loopback ports.
+    /// Starts the gateway on free loopback ports, kept across restarts.
     pub async fn start(settings: LocalSettings) -> Result<LocalGateway, LoadError> {
-        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        // Ports a restart can bind again: below the ephemeral range, where no socket bound
+        // to port 0 meanwhile (the fleet's, another process's) can take them.
+        let port = || tether_gateway::tools::ports::restartable_port([127, 0, 0, 1].into());
         let mut gw = LocalGateway {
             settings,
             child: None,
             addrs: Addrs {
-                tunnel: any,
-                northbound: any,
-                ops: any,
+                tunnel: port(),
+                northbound: port(),
+                ops: port(),
             },
             last_start: Duration::ZERO,
         };

@@ -418,13 +418,18 @@ async fn ramp(
         + Duration::from_secs_f64(n as f64 / ctx.opts.ramp_rate.max(0.001))
         + ctx.opts.connect_timeout
         + Duration::from_secs(60);
+    // Every agent connected (the ramp's duration), then every agent with all its sessions
+    // (`--agent-connections`; some are turned away by a replica above its share at first and
+    // land on another).
     let mut done_at = None;
     while Instant::now() < deadline {
         let c = ctx.fleet.connected();
         bar.set_position(c as u64);
         bar.set_message(format!("{} failed dials", ctx.fleet.connect_failures()));
-        if c >= n {
+        if c >= n && done_at.is_none() {
             done_at = Some(Instant::now());
+        }
+        if c >= n && ctx.fleet.sessions_up() >= ctx.fleet.sessions_wanted() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -433,12 +438,24 @@ async fn ramp(
     bar.finish();
     let duration = done_at.unwrap_or_else(Instant::now) - started;
     // Replicas learn of each other's sessions through PostgreSQL, in batches: wait (a little)
-    // until the list the driver gets holds every agent the fleet connected.
+    // until the list the driver gets holds every agent and every session the fleet connected.
     let listed_by = Instant::now() + Duration::from_secs(15);
-    let mut gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
-    while gateway_connected < connected && Instant::now() < listed_by {
+    let sessions = ctx.fleet.sessions_up();
+    let listed = || async {
+        let agents = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+        let by = ctx
+            .driver
+            .sessions_by_replica(TENANT)
+            .await
+            .unwrap_or_default();
+        (agents, by.values().sum::<usize>())
+    };
+    let (mut gateway_connected, mut gateway_sessions) = listed().await;
+    while (gateway_connected < connected || gateway_sessions < sessions)
+        && Instant::now() < listed_by
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        gateway_connected = ctx.driver.connected_agents(TENANT).await.unwrap_or(0);
+        (gateway_connected, gateway_sessions) = listed().await;
     }
     let mut r = report::Ramp {
         agents: n,

@@ -5,3 +5,4 @@ pub mod ctl;
 pub mod demo;
 pub mod dev;
 pub mod local_postgres;
+pub mod ports;
