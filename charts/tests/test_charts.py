@@ -43,7 +43,8 @@ GATEWAY_CHART = CHARTS / "tether-gateway"
 VALUES = CHARTS / "tests" / "values"
 BIN = ROOT / "target" / "debug"
 
-# The chart declares kubeVersion >= 1.26; check against a mainstream and a recent release.
+# The charts declare kubeVersion >= 1.26 (agent) and >= 1.30 (gateway: the preStop sleep action);
+# check against the oldest the gateway takes and a recent release.
 KUBERNETES_VERSIONS = ("1.30", "1.34")
 # prometheus-operator kinds: kubernetes-validate has no schema for CRDs; checked by hand below.
 CRD_KINDS = {"PodMonitor", "ServiceMonitor"}
