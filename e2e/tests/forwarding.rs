@@ -16,7 +16,8 @@
 //! - a replica killed with SIGKILL (no cleanup, its rows left behind) is never routed to once
 //!   its liveness expired;
 //! - a started replica is ready (`/readyz`) once linked to every live peer, or after its
-//!   warm-up when one cannot be reached.
+//!   warm-up when one cannot be reached;
+//! - replicas issuing their own peer certificates with `cluster.peer_ca_key` link and forward.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -766,4 +767,38 @@ async fn a_started_replica_is_ready_once_linked_to_every_live_peer_or_after_the_
         200,
         "an already ready replica stays ready"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_issuing_their_own_peer_certificates_with_a_ca_key_link_and_forward() {
+    let pki = Pki::new();
+    let pg = postgres_on(Ipv4Addr::LOCALHOST);
+    // No peer certificate on disk: each replica issues its own with the CA's key at start
+    // (what the Helm chart configures), identity spiffe://<td>/gateway/<replica_id>.
+    let mut gws = Vec::new();
+    for name in ["r1", "r2"] {
+        let cfg = format!(
+            "[store]\ndsn = \"{}\"\nconnect_timeout = \"20s\"\n[cluster]\nreplica_id = \"{name}\"\npeer_listen = \"127.0.0.1:0\"\npeer_ca_key = \"{}\"\nheartbeat_interval = \"200ms\"\nliveness_timeout = \"1500ms\"\n",
+            pg.dsn(),
+            pki.dir.path().join("ca-key.pem").display()
+        );
+        gws.push(GatewayProcess::spawn_configured(&pki, &cfg).await);
+    }
+    wait_linked(&[&gws[0], &gws[1]], &["r1", "r2"]).await;
+    let upstream = DemoUpstream::start().await;
+    let echo_addr = tcp_echo_server().await;
+    let _agent = agent_on(&pki, &[&gws[0]], &upstream, echo_addr);
+    wait_held(&gws[1], &pki, AGENT, &["r1"]).await;
+    // A call at r2, which holds no session of the agent, is forwarded to r1.
+    let mut echo = echo_at(&gws[1], &pki, AGENT).await;
+    call(&mut echo, 1)
+        .await
+        .expect("a call forwarded through r2");
+    assert!(gws[1].forwarded("r1", "out") >= 1.0);
+    eventually("r1's log naming its self-issued certificate", T, || async {
+        gws[0]
+            .logs()
+            .contains("peer certificate issued by cluster.peer_ca_key")
+    })
+    .await;
 }

@@ -163,6 +163,7 @@ pub const KEYS: Keys = &[
     "cluster.liveness_timeout",
     "cluster.peer_cert",
     "cluster.peer_key",
+    "cluster.peer_ca_key",
 ];
 
 /// The whole gateway config.
@@ -342,6 +343,12 @@ pub struct ClusterConfig {
     /// The private key of `peer_cert` (PEM).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_key: Option<PathBuf>,
+    /// Instead of `peer_cert` and `peer_key`: the key of a CA whose certificate is in `tls.ca`.
+    /// At start the replica issues itself a peer certificate for its own identity (valid a
+    /// year, kept in memory only), so that every replica of a fleet gets its identity without
+    /// a certificate per replica (what the Helm chart does). It also turns on the peer links.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ca_key: Option<PathBuf>,
     /// How often this replica renews its liveness in PostgreSQL (jittered ±20%).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -360,6 +367,7 @@ impl Default for ClusterConfig {
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7445)),
             peer_cert: None,
             peer_key: None,
+            peer_ca_key: None,
             heartbeat_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(6),
         }
@@ -426,6 +434,12 @@ impl ClusterConfig {
             }
             _ => {}
         }
+        if self.peer_ca_key.is_some() && self.peer_cert.is_some() {
+            return Err(ConfigError::invalid(
+                "cluster.peer_ca_key",
+                "set either cluster.peer_ca_key (the replica issues its own peer certificate) or cluster.peer_cert and cluster.peer_key, not both",
+            ));
+        }
         if let Some(a) = &self.advertise
             && a.rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
@@ -474,9 +488,10 @@ impl ClusterConfig {
         }
     }
 
-    /// True when this replica runs peer links (`peer_cert` and `peer_key` set).
+    /// True when this replica runs peer links (`peer_cert` and `peer_key` set, or
+    /// `peer_ca_key`).
     pub fn peer_links(&self) -> bool {
-        self.peer_cert.is_some() && self.peer_key.is_some()
+        (self.peer_cert.is_some() && self.peer_key.is_some()) || self.peer_ca_key.is_some()
     }
 }
 
@@ -1232,6 +1247,7 @@ impl GatewayConfig {
             &mut cfg.store.ca_file,
             &mut cfg.cluster.peer_cert,
             &mut cfg.cluster.peer_key,
+            &mut cfg.cluster.peer_ca_key,
         ]
         .into_iter()
         .flatten()
@@ -1510,6 +1526,12 @@ mod tests {
         let e = check("[cluster]\npeer_key = \"peer-key.pem\"\n").unwrap_err();
         assert!(e.to_string().contains("cluster.peer_cert"), "{e}");
         check("[cluster]\npeer_cert = \"p.pem\"\npeer_key = \"k.pem\"\n").unwrap();
+        check("[cluster]\npeer_ca_key = \"ca-key.pem\"\n").unwrap();
+        let e = check(
+            "[cluster]\npeer_cert = \"p.pem\"\npeer_key = \"k.pem\"\npeer_ca_key = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster.peer_ca_key"), "{e}");
         let cfg = StoreConfig {
             dsn: Some("postgres://tether:s3cret@db:5432/tether".into()),
             ..Default::default()

@@ -129,7 +129,8 @@ impl Sockets {
     }
 }
 
-/// True when this gateway runs peer links: a replica (`store.dsn`) with `cluster.peer_cert`.
+/// True when this gateway runs peer links: a replica (`store.dsn`) with `cluster.peer_cert`
+/// or `cluster.peer_ca_key`.
 fn peer_links_on(cfg: &GatewayConfig) -> bool {
     cfg.store.dsn.is_some() && cfg.cluster.peer_links()
 }
@@ -611,7 +612,7 @@ async fn cluster_start(
     if cfg.store.dsn.is_none() {
         if cfg.cluster.peer_links() {
             tracing::warn!(
-                "cluster.peer_cert is set but store.dsn is not: a single gateway has no peers, the peer links stay off"
+                "cluster.peer_cert (or peer_ca_key) is set but store.dsn is not: a single gateway has no peers, the peer links stay off"
             );
         }
         return Ok(None);
@@ -620,9 +621,10 @@ async fn cluster_start(
         Some(bound) => cfg.cluster.advertise_for(bound),
         None => {
             tracing::warn!(
-                "peer links are off (cluster.peer_cert and cluster.peer_key are not set): calls \
-                 that land on this replica reach only the agents connected to it; issue a peer \
-                 certificate with `tether-gateway pki issue-gateway` to forward them"
+                "peer links are off (neither cluster.peer_cert and cluster.peer_key nor \
+                 cluster.peer_ca_key are set): calls that land on this replica reach only the \
+                 agents connected to it; issue a peer certificate with `tether-gateway pki \
+                 issue-gateway`, or set cluster.peer_ca_key, to forward them"
             );
             cfg.cluster.advertise()
         }

@@ -291,3 +291,35 @@ fn a_second_gateway_on_the_same_data_dir_refuses_to_start_naming_the_first() {
         "a data_dir left by a killed gateway must not block the next"
     );
 }
+
+#[test]
+fn a_peer_ca_key_that_is_not_a_ca_of_tls_ca_exits_64_naming_the_key() {
+    let d = pki_dir();
+    let cluster =
+        "[store]\ndsn = \"postgres://u:p@127.0.0.1:1/db\"\n[cluster]\nreplica_id = \"r1\"\n";
+    // The gateway's own key is no CA key: refused, saying what the key must be.
+    let p = config(
+        d.path(),
+        &format!("{cluster}peer_ca_key = \"gateway-key.pem\"\n"),
+    );
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("cluster.peer_ca_key") && e.contains("tls.ca"),
+        "{e}"
+    );
+    // The CA's key issues this replica its peer certificate.
+    let p = config(
+        d.path(),
+        &format!("{cluster}peer_ca_key = \"ca-key.pem\"\n"),
+    );
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

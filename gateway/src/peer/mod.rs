@@ -77,6 +77,14 @@ pub enum PeerError {
     /// `cluster.peer_cert` and `cluster.peer_key` are not set.
     #[error("cluster.peer_cert and cluster.peer_key are not set")]
     NotConfigured,
+    /// Issuing this replica's own peer certificate with `cluster.peer_ca_key` failed.
+    #[error("cluster.peer_ca_key {}: cannot issue this replica's peer certificate: {reason} (it must be the key of a CA whose certificate is in tls.ca)", path.display())]
+    SelfIssued {
+        /// `cluster.peer_ca_key`.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The peer certificate or key could not be loaded.
     #[error("cluster.peer_cert / cluster.peer_key: {0}")]
     Material(tether_runtime::tls::TlsError),

@@ -58,7 +58,7 @@ impl PeerTls {
         roots: Arc<rustls::RootCertStore>,
     ) -> Result<PeerTls, PeerError> {
         let (Some(cert), Some(key)) = (&cfg.cluster.peer_cert, &cfg.cluster.peer_key) else {
-            return Err(PeerError::NotConfigured);
+            return Self::self_issued(cfg, roots);
         };
         let certs = runtime_tls::load_certs("peer certificate", cert)?;
         let key = runtime_tls::load_key(key)?;
@@ -86,6 +86,44 @@ impl PeerTls {
             }
             Err(e) => return Err(wrong(e.to_string())),
         }
+        Ok(PeerTls {
+            trust_domain: cfg.trust_domain.clone(),
+            roots,
+            certs,
+            key,
+        })
+    }
+
+    /// With `cluster.peer_ca_key`: a peer certificate for this replica's identity, issued at
+    /// start by that CA (its certificate found in `tls.ca` by the key), valid a year, kept in
+    /// memory only; a replica started again gets a new one.
+    fn self_issued(
+        cfg: &GatewayConfig,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<PeerTls, PeerError> {
+        use rustls_pki_types::pem::PemObject;
+        let Some(ca_key) = &cfg.cluster.peer_ca_key else {
+            return Err(PeerError::NotConfigured);
+        };
+        let me = cfg.cluster.replica_id();
+        let failed = |reason: String| PeerError::SelfIssued {
+            path: ca_key.clone(),
+            reason,
+        };
+        let ca = crate::identity::pki::Ca::from_files(&cfg.tls.ca, ca_key, &cfg.trust_domain)
+            .map_err(|e| failed(e.to_string()))?;
+        let issued = ca
+            .issue_gateway(&me, crate::identity::pki::PEER_TTL)
+            .map_err(|e| failed(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed(format!("the issued certificate does not parse: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+            .map_err(|e| failed(format!("the issued key does not parse: {e}")))?;
+        tracing::info!(
+            identity = %SpiffeId::gateway_uri(&cfg.trust_domain, &me),
+            "peer certificate issued by cluster.peer_ca_key"
+        );
         Ok(PeerTls {
             trust_domain: cfg.trust_domain.clone(),
             roots,
