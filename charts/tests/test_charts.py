@@ -1084,7 +1084,8 @@ def test_gateway_postgres_store_takes_the_dsn_the_password_and_the_ca_from_their
         "connect_timeout": "45s",
         "statement_timeout": "3s",
     }
-    assert cfg["cluster"] == {"peer_listen": "0.0.0.0:7445", "heartbeat_interval": "2s", "liveness_timeout": "10s"}
+    assert cfg["cluster"] == {"peer_listen": "0.0.0.0:7445", "heartbeat_interval": "2s", "liveness_timeout": "10s",
+                              "peer_ca_key": "/etc/tether/peer/ca.key"}
     config = next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
     assert {"secret": {"name": "tether-gateway-db-password", "items": [{"key": "password", "path": "postgres/password"}]}} in config
     assert {"configMap": {"name": "rds-ca-bundle", "items": [{"key": "global-bundle.pem", "path": "postgres/ca.crt"}]}} in config
@@ -1147,7 +1148,7 @@ def test_gateway_replicas_find_each_other_through_a_headless_service_and_adverti
     assert pod["subdomain"] == "tether-tether-gateway-peers"
     ports = {p["name"]: p for p in pod["containers"][0]["ports"]}
     assert ports["peer"] == {"name": "peer", "containerPort": 7445, "protocol": "UDP"}
-    env = pod_env(pod["containers"][0], gateway_externals({"ca": "", "gateway_cert": "", "gateway_key": ""})[0],
+    env = pod_env(pod["containers"][0], gateway_externals({"ca": "", "gateway_cert": "", "gateway_key": "", "ca_key": ""})[0],
                   "tether-tether-gateway-7d9f8b6c5d-x2x4q", "10.42.0.7")
     assert env["TETHER_CLUSTER_REPLICA_ID"] == "tether-tether-gateway-7d9f8b6c5d-x2x4q"
     assert env["TETHER_CLUSTER_ADVERTISE"] == (
@@ -1303,6 +1304,7 @@ def pki(tmp_path_factory) -> dict[str, str]:
         "ca": (d / "ca.pem").read_text(),
         "gateway_cert": (d / "gateway.pem").read_text(),
         "gateway_key": (d / "gateway-key.pem").read_text(),
+        "ca_key": (d / "ca-key.pem").read_text(),
         "agent_cert": (d / "agent" / "agent.pem").read_text(),
         "agent_key": (d / "agent" / "agent-key.pem").read_text(),
     }
@@ -1427,6 +1429,8 @@ def gateway_externals(pki: dict[str, str]) -> tuple[dict[str, dict[str, str]], d
         # With the password in its own Secret the DSN carries none.
         "tether-gateway-db": {"dsn": "postgres://tether@db.example.com:5432/tether?sslmode=verify-full"},
         "tether-gateway-db-password": {"password": DB_PASSWORD + "\n"},
+        # The CA each replica issues its peer certificate with (cluster.peerCA).
+        "tether-gateway-peer-ca": {"ca.key": pki["ca_key"]},
         # One Secret with everything, keyed as operators such as CloudNativePG write them.
         "tether-db-app": {
             "uri": "postgresql://tether:pw-in-the-uri@tether-db-rw.db.svc:5432/tether",
@@ -1502,7 +1506,8 @@ def test_rendered_gateway_config_passes_the_gateway_binarys_check(name, pki, tmp
     assert hook["containers"][0].get("env") == pod["containers"][0].get("env")
     # Every file the config names is where the volume put it.
     cfg = tomllib.loads((etc / "gateway.toml").read_text())
-    files = [*cfg["tls"].values(), *(v for k, v in cfg.get("store", {}).items() if k.endswith("_file"))]
+    files = [*cfg["tls"].values(), *(v for k, v in cfg.get("store", {}).items() if k.endswith("_file")),
+             *(v for k, v in cfg.get("cluster", {}).items() if k == "peer_ca_key")]
     for path in files:
         assert Path(path).is_file(), path
     if "store" in cfg:
@@ -1685,3 +1690,21 @@ def test_rendered_agent_and_gateway_connect_and_the_charts_probes_tell_the_truth
             stop(gateway)
         stop(agent)
     assert agent.returncode == 0, (logs / "agent.out").read_text()[-4000:]
+
+
+def test_gateway_replicas_issue_their_peer_certificates_with_the_peer_ca_and_warn_without_it(pki, tmp_path):
+    """With cluster.peerCA the pods get the CA key at /etc/tether/peer/ca.key and the config names
+    it (each replica issues itself its peer certificate, checked by the binary); without it the
+    notes warn that calls cannot be forwarded. A key that is no CA of ca.crt fails the check
+    naming cluster.peer_ca_key."""
+    r, etc, env, out = gateway_check(load_values("gateway-postgres.yaml"), pki, tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = tomllib.loads((etc / "gateway.toml").read_text())
+    assert cfg["cluster"]["peer_ca_key"] == str(etc / "peer" / "ca.key")
+    assert "Peer links on" in r.notes and "tether-gateway-peer-ca" in r.notes
+    (etc / "peer" / "ca.key").write_text(pki["gateway_key"])
+    bad = run(in_pod(r.one("Pod")["spec"]["containers"][0]["command"], etc), env=clean_env(**env))
+    assert bad.returncode == 64 and "cluster.peer_ca_key" in bad.stderr, bad
+    off = render_file(GATEWAY_CHART, "gateway-postgres-dsn-only.yaml")
+    assert "peer_ca_key" not in tomllib.loads(off.one("ConfigMap")["data"]["gateway.toml"])["cluster"]
+    assert "WARNING: peer links off" in off.notes

@@ -174,6 +174,13 @@ with store.type=postgres also the PostgreSQL password (postgres/password) and CA
             - key: tls.key
               path: tls/tls.key
       {{- if eq .Values.store.type "postgres" }}
+      {{- with .Values.cluster.peerCA.existingSecret }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $.Values.cluster.peerCA.key }}
+              path: peer/ca.key
+      {{- end }}
       {{- with $pg.password.existingSecret }}
       - secret:
           name: {{ . }}
