@@ -86,69 +86,47 @@ async fn loadtest_with_200_agents_connects_all_broadcasts_without_errors_and_run
 async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_counts_a_rolling_restart()
  {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut cmd = tokio::process::Command::new(binary("tether-loadtest"));
-    cmd.args([
-        "run",
-        "--agents",
-        "60",
-        "--replicas",
-        "2",
-        "--scenario",
-        "ramp,broadcast,commands,rolling",
-    ])
-    .args([
-        "--no-progress",
-        "--heartbeat",
-        "2s",
-        "--settle",
-        "1s",
-        "--idle-window",
-        "2s",
-        "--sample-every",
-        "250ms",
-    ])
-    .args([
-        "--unary-calls",
-        "60",
-        "--bulk-agents",
-        "2",
-        "--bulk-kib",
-        "128",
-    ])
-    .args([
-        "--drain-timeout",
-        "1s",
-        "--rolling-rate",
-        "40",
-        "--rolling-pause",
-        "1s",
-        "--soak-command-share",
-        "0.1",
-        "--forwarded",
-        "0.3",
-        // One session per agent: a replica without it is there to forward to.
-        "--agent-connections",
-        "1",
-    ])
-    .arg("--out")
-    .arg(out.path())
-    .arg("--gateway-bin")
-    .arg(binary("tether-gateway"))
-    .env("RUST_LOG", "warn")
-    .kill_on_drop(true);
-    let run = tokio::time::timeout(Duration::from_secs(150), cmd.output())
-        .await
-        .expect("the two-replica run finished within 150s")
-        .expect("tether-loadtest ran");
-    assert!(
-        run.status.success(),
-        "tether-loadtest failed:\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
-            .expect("report.json is JSON");
+    let r = run_loadtest(
+        out.path(),
+        &[
+            "--agents",
+            "60",
+            "--replicas",
+            "2",
+            "--scenario",
+            "ramp,broadcast,commands,rolling",
+            "--no-progress",
+            "--heartbeat",
+            "2s",
+            "--settle",
+            "1s",
+            "--idle-window",
+            "2s",
+            "--sample-every",
+            "250ms",
+            "--unary-calls",
+            "60",
+            "--bulk-agents",
+            "2",
+            "--bulk-kib",
+            "128",
+            "--drain-timeout",
+            "1s",
+            "--rolling-rate",
+            "40",
+            "--rolling-pause",
+            "1s",
+            "--soak-command-share",
+            "0.1",
+            "--forwarded",
+            "0.3",
+            // One session per agent: a replica without it is there to forward to.
+            "--agent-connections",
+            "1",
+        ],
+        "the two-replica run",
+    )
+    .await;
     assert_eq!(r["replica_count"], 2);
     assert_eq!(r["ramp"]["connected"], 60, "{:#}", r["ramp"]);
     // Round robin: 30 sessions on each replica, as the gateways list them, and each replica's
@@ -270,62 +248,42 @@ async fn loadtest_over_two_replicas_spreads_agents_reports_each_replica_and_coun
 async fn loadtest_agents_with_two_sessions_over_three_replicas_fail_no_unary_call_in_a_rolling_restart()
  {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut cmd = tokio::process::Command::new(binary("tether-loadtest"));
-    cmd.args([
-        "run",
-        "--agents",
-        "30",
-        "--replicas",
-        "3",
-        "--agent-connections",
-        "2",
-        "--scenario",
-        "ramp,rolling",
-    ])
-    .args([
-        "--no-progress",
-        "--heartbeat",
-        "2s",
-        "--settle",
-        "1s",
-        "--idle-window",
-        "1s",
-        "--sample-every",
-        "250ms",
-    ])
-    .args([
-        "--drain-timeout",
-        "1s",
-        "--rolling-rate",
-        "40",
-        "--rolling-pause",
-        "1s",
-        "--soak-command-share",
-        "0.1",
-        "--forwarded",
-        "0.3",
-        "--bulk-kib",
-        "128",
-    ])
-    .arg("--out")
-    .arg(out.path())
-    .arg("--gateway-bin")
-    .arg(binary("tether-gateway"))
-    .env("RUST_LOG", "warn")
-    .kill_on_drop(true);
-    let run = tokio::time::timeout(Duration::from_secs(150), cmd.output())
-        .await
-        .expect("the three-replica run finished within 150s")
-        .expect("tether-loadtest ran");
-    assert!(
-        run.status.success(),
-        "tether-loadtest failed:\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
-            .expect("report.json is JSON");
+    let r = run_loadtest(
+        out.path(),
+        &[
+            "--agents",
+            "30",
+            "--replicas",
+            "3",
+            "--agent-connections",
+            "2",
+            "--scenario",
+            "ramp,rolling",
+            "--no-progress",
+            "--heartbeat",
+            "2s",
+            "--settle",
+            "1s",
+            "--idle-window",
+            "1s",
+            "--sample-every",
+            "250ms",
+            "--drain-timeout",
+            "1s",
+            "--rolling-rate",
+            "40",
+            "--rolling-pause",
+            "1s",
+            "--soak-command-share",
+            "0.1",
+            "--forwarded",
+            "0.3",
+            "--bulk-kib",
+            "128",
+        ],
+        "the three-replica run",
+    )
+    .await;
     assert_eq!(r["ramp"]["connected"], 30, "{:#}", r["ramp"]);
     // Two sessions per agent on distinct replicas: 60 in all, on every replica (about 20 each:
     // round robin, but a replica above its fair share turns some away and they land on the
@@ -355,4 +313,30 @@ async fn loadtest_agents_with_two_sessions_over_three_replicas_fail_no_unary_cal
     assert_eq!(x["commands_lost"], 0, "{x:#}");
     // Agents asked to go by a draining replica left its session (their other one being up).
     assert!(x["sessions_left"].as_u64().unwrap() > 0, "{x:#}");
+}
+
+/// Runs `tether-loadtest run ARGS` against debug gateways it starts, its report in `out`, within
+/// 150 s (`what` names the run in failures); the report's JSON.
+async fn run_loadtest(out: &std::path::Path, args: &[&str], what: &str) -> serde_json::Value {
+    let mut cmd = tokio::process::Command::new(binary("tether-loadtest"));
+    cmd.arg("run")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--gateway-bin")
+        .arg(binary("tether-gateway"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(150), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} finished within 150s"))
+        .expect("tether-loadtest ran");
+    assert!(
+        run.status.success(),
+        "tether-loadtest failed ({what}):\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+        .expect("report.json is JSON")
 }
