@@ -311,6 +311,8 @@ async fn loadtest_agents_with_two_sessions_over_three_replicas_fail_no_unary_cal
     assert_eq!(x["rpc"]["ok"].as_u64().unwrap(), calls, "{x:#}");
     assert!(x["commands_submitted"].as_u64().unwrap() > 0, "{x:#}");
     assert_eq!(x["commands_lost"], 0, "{x:#}");
+    // Agents asked to go by a draining replica left its session (their other one being up).
+    assert!(x["sessions_left"].as_u64().unwrap() > 0, "{x:#}");
 }
 
 /// Runs `tether-loadtest run ARGS` against debug gateways it starts, its report in `out`, within

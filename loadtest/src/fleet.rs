@@ -8,10 +8,12 @@
 //!   the gateway announces, RTT, close codes); gateway-opened streams are served by
 //!   `tether_agent::relay::serve` with the agent's own service map and command executor
 //!   (`tether_agent::commands`, the built-in `echo` and `sleep` kinds). What it leaves out of the
-//!   real supervisor: the TCP fallback and its re-probing, make-before-break on `GoAway` (a
-//!   draining replica closes its sessions after `drain_timeout`; calls have gone to the agent's
-//!   other session by then), and leaving a session with `REFUSED_STREAM`; reconnects use the
-//!   same full-jitter [`Backoff`] with the agent's defaults. Each agent keeps `connections`
+//!   real supervisor: the TCP fallback and its re-probing, and make-before-break on `GoAway`:
+//!   a lean agent asked to go leaves the session at once when another of its sessions is up
+//!   (its `GoAway`, new streams refused with `REFUSED_STREAM`, which the gateway sends again
+//!   elsewhere; the gateway closes the session once its streams are done), then dials another
+//!   replica for it; with no other session up it stays until the gateway closes it.
+//!   Reconnects use the same full-jitter [`Backoff`] with the agent's defaults. Each agent keeps `connections`
 //!   sessions on distinct replicas, as a real agent behind one load-balanced address does:
 //!   agent `i`'s `k`-th session first dials replica `(i + k) mod N`, and after it ends or a
 //!   dial fails it dials the next replica none of the agent's other sessions is on, as an agent
@@ -109,6 +111,8 @@ struct Shared {
     started: AtomicUsize,
     sessions: AtomicU64,
     connect_failures: AtomicU64,
+    /// Sessions left on a `GoAway` (another of the agent's sessions being up).
+    leaves: AtomicU64,
     log: Mutex<EventLog>,
     handshakes: Option<Arc<Semaphore>>,
     stop: CancellationToken,
@@ -228,6 +232,7 @@ impl Fleet {
             started: AtomicUsize::new(0),
             sessions: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            leaves: AtomicU64::new(0),
             log: Mutex::new(EventLog::default()),
             stop: CancellationToken::new(),
         });
@@ -307,6 +312,11 @@ impl Fleet {
     /// Sessions the fleet keeps when every agent holds all of its own.
     pub fn sessions_wanted(&self) -> usize {
         self.total * self.shared.per_agent()
+    }
+
+    /// Sessions left on a `GoAway` so far (lean agents).
+    pub fn sessions_left(&self) -> u64 {
+        self.shared.leaves.load(Ordering::Relaxed)
     }
 
     /// Sessions established now.
@@ -617,7 +627,11 @@ fn start_lean(
         hello: Hello {
             versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
             agent_version: format!("loadtest-{}", env!("CARGO_PKG_VERSION")),
-            capabilities: vec!["relay".into(), "commands".into()],
+            capabilities: vec![
+                "relay".into(),
+                "commands".into(),
+                tunnel_proto::message::LEAVE.into(),
+            ],
             labels: Default::default(),
             instance_id: name,
             ..Default::default()
@@ -701,7 +715,8 @@ async fn run_lean(
         };
         let outcome = match dialed {
             Ok((link, control)) => {
-                let established = session(&agent, &shared, place, link, control, permit).await;
+                let established =
+                    session(&agent, &shared, (index, place), link, control, permit).await;
                 if established {
                     backoff.reset();
                 }
@@ -735,7 +750,7 @@ async fn run_lean(
 async fn session(
     agent: &LeanAgent,
     shared: &Shared,
-    place: &Place,
+    (index, place): (usize, &Place),
     link: Link,
     (mut send, mut recv): (
         tether_runtime::transport::SendStream,
@@ -744,10 +759,11 @@ async fn session(
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> bool {
     // Streams the gateway opens (relayed calls, commands, probes); ends with the connection.
+    let stats = Arc::new(LinkStats::default());
     tokio::spawn(tether_agent::relay::serve(
         link.clone(),
         agent.services.clone(),
-        Arc::new(LinkStats::default()),
+        stats.clone(),
     ));
     let mut session = AgentSession::new(
         AgentSessionConfig::new(agent.hello.clone()),
@@ -779,10 +795,21 @@ async fn session(
                     shared.log().ups.push(Instant::now());
                 }
                 AgentEvent::Closed(info) => closed = Some(info),
-                AgentEvent::Rtt(_)
-                | AgentEvent::GoAway(_)
-                | AgentEvent::Renewed(_)
-                | AgentEvent::LiveReplicas(_) => {}
+                // Asked to go (a drain, a rebalance): while another of the agent's sessions is
+                // up, leave this one as the agent does once its replacement is up: refuse new
+                // streams (the gateway sends them again elsewhere) and let the gateway close it
+                // when the streams on it are done; then this slot dials another replica.
+                AgentEvent::GoAway(_) => {
+                    let other_up = shared
+                        .agent_places(index)
+                        .iter()
+                        .any(|p| !std::ptr::eq(p, place) && p.up.load(Ordering::Relaxed));
+                    if other_up && session.leave("moving to another replica") {
+                        stats.refuse_new_streams();
+                        shared.leaves.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                AgentEvent::Rtt(_) | AgentEvent::Renewed(_) | AgentEvent::LiveReplicas(_) => {}
             }
         }
         if let Some(info) = closed {

@@ -356,6 +356,8 @@ pub struct Rolling {
     pub streams_completed: usize,
     /// Failures of streams cut (first few).
     pub stream_errors: Vec<String>,
+    /// Sessions the agents left when asked to go (`GoAway`), another of theirs being up.
+    pub sessions_left: u64,
 }
 
 /// One target of the issue, as measured.
@@ -794,7 +796,7 @@ fn markdown(r: &Report) -> String {
             "\n## rolling\n\n- each replica in turn: SIGTERM (drain {:.1} s), wait for the exit, start again; steady load of {:.0} unary calls/s for {:.1} s\n\
              - unary calls: {} made, {} failed {:?}, {} skipped (concurrency cap); {}\n\
              - commands: {} submitted, {} Submits refused, {} Succeeded, **{} lost** (not Succeeded by the end of --commands-timeout)\n\
-             - bulk streams: {} started, {} completed, {} cut\n\n\
+             - bulk streams: {} started, {} completed, {} cut\n             - sessions left on a GoAway (another of the agent's sessions up): {}\n\n\
              | replica | agents on it | SIGTERM → exit | killed | SIGTERM → listening again |\n|---|---|---|---|---|",
             x.drain_timeout_s,
             x.rate,
@@ -810,7 +812,8 @@ fn markdown(r: &Report) -> String {
             x.commands_lost,
             x.streams,
             x.streams_completed,
-            x.streams - x.streams_completed
+            x.streams - x.streams_completed,
+            x.sessions_left
         );
         for k in &x.restarts {
             let _ = writeln!(

@@ -1154,6 +1154,7 @@ struct RollingLoad {
 
 async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
     let mut gateways = std::mem::take(&mut ctx.gateways);
+    let left_before = ctx.fleet.sessions_left();
     let stop = CancellationToken::new();
     let from = SystemTime::now() - Duration::from_millis(1);
     let started = Instant::now();
@@ -1236,6 +1237,7 @@ async fn rolling(ctx: &mut Ctx) -> Result<report::Rolling, LoadError> {
         streams: load.streams,
         streams_completed: load.streams_ok,
         stream_errors: load.stream_errors,
+        sessions_left: ctx.fleet.sessions_left() - left_before,
     })
 }
 
