@@ -114,6 +114,9 @@ pub struct ForwardRequest<'a> {
     pub stream_kind: &'a str,
     /// The call's deadline.
     pub deadline: Option<Instant>,
+    /// Replicas earlier attempts of this call were forwarded to (and came back refused): tried
+    /// only when no other holder is left.
+    pub avoid: &'a [String],
 }
 
 /// See the module docs.
@@ -205,7 +208,7 @@ impl Forwarder {
         &self,
         req: ForwardRequest<'_>,
         header: &[Transmit],
-    ) -> Result<(SendStream, RecvStream), ForwardError> {
+    ) -> Result<(SendStream, RecvStream, String), ForwardError> {
         let agent = req.agent;
         let holders =
             self.holders(&agent.to_string())
@@ -238,15 +241,21 @@ impl Forwarder {
             });
         }
         ready.shuffle(&mut rand::rng());
-        // Stable: shuffled within (not draining, link healthy) first.
-        ready.sort_by_key(|(l, draining)| (*draining, l.is_suspect()));
+        // Stable: shuffled within (not tried by this call, not draining, link healthy) first.
+        ready.sort_by_key(|(l, draining)| {
+            (
+                req.avoid.iter().any(|a| a == l.peer()),
+                *draining,
+                l.is_suspect(),
+            )
+        });
 
         let mut busy = Vec::new();
         for (link, _) in &ready {
             let peer = link.peer();
             metrics::count_forwarded(peer, Direction::Out);
             match self.attempt(link, &req, header).await {
-                Ok(streams) => return Ok(streams),
+                Ok((send, recv)) => return Ok((send, recv, peer.to_owned())),
                 Err(Attempt::Deadline) => return Err(ForwardError::Deadline(agent.clone())),
                 Err(Attempt::NotHere(m)) => {
                     metrics::count_failure(peer, PeerFailure::NotHere);

@@ -237,7 +237,10 @@ impl Relay {
                 | RelayError::Moving(_)),
             ) => {
                 return match self.forwarder.get() {
-                    Some(f) => self.forward(f, caller, agent, machine, deadline, e).await,
+                    Some(f) => {
+                        self.forward(f, (caller, agent), machine, deadline, e, attempts)
+                            .await
+                    }
                     None => Err(e),
                 };
             }
@@ -248,7 +251,7 @@ impl Relay {
         let permit = self.permit(agent)?.on_session(local.relay_stream());
         attempts.tried.push(local.clone());
         attempts.last = Some(local.clone());
-        self.open_on((caller, agent), local, permit, machine, deadline)
+        self.open_on((caller, agent), local, permit, machine, deadline, attempts)
             .await
     }
 
@@ -274,6 +277,7 @@ impl Relay {
         permit: StreamPermit,
         machine: &mut S,
         deadline: Option<Instant>,
+        attempts: &mut Attempts,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let open_by = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
         let (mut send, recv) =
@@ -289,7 +293,7 @@ impl Relay {
                     return match self.forwarder.get() {
                         Some(f) => {
                             drop(permit);
-                            self.forward(f, caller, agent, machine, deadline, lost)
+                            self.forward(f, (caller, agent), machine, deadline, lost, attempts)
                                 .await
                         }
                         None => Err(lost),
@@ -323,11 +327,11 @@ impl Relay {
     async fn forward<S: SendHalf + ?Sized>(
         &self,
         forwarder: &Forwarder,
-        caller: Option<&Caller>,
-        agent: &AgentId,
+        (caller, agent): (Option<&Caller>, &AgentId),
         machine: &mut S,
         deadline: Option<Instant>,
         local: RelayError,
+        attempts: &mut Attempts,
     ) -> Result<(SendStream, RecvStream, StreamPermit), RelayError> {
         let permit = self.permit(agent)?;
         let mut queued = Vec::new();
@@ -339,9 +343,13 @@ impl Relay {
             caller: caller.map_or("-", |c| c.name.as_str()),
             stream_kind: stream_kind(&queued),
             deadline,
+            avoid: &attempts.forwarded_to,
         };
         match forwarder.open(req, &queued).await {
-            Ok((send, recv)) => Ok((send, recv, permit)),
+            Ok((send, recv, peer)) => {
+                attempts.forwarded_to.push(peer);
+                Ok((send, recv, permit))
+            }
             Err(ForwardError::NoSession { known, .. }) => Err(match local {
                 RelayError::UnknownAgent(a) if known => RelayError::NotConnected(a),
                 other => other,
@@ -430,6 +438,8 @@ pub struct Attempts {
     sends: usize,
     /// The last attempt's session, when it was one here (not forwarded).
     last: Option<Arc<SessionInfo>>,
+    /// The replicas attempts were forwarded to: a re-send goes to another holder first.
+    forwarded_to: Vec<String>,
 }
 
 impl Attempts {
