@@ -796,7 +796,8 @@ fn markdown(r: &Report) -> String {
             "\n## rolling\n\n- each replica in turn: SIGTERM (drain {:.1} s), wait for the exit, start again; steady load of {:.0} unary calls/s for {:.1} s\n\
              - unary calls: {} made, {} failed {:?}, {} skipped (concurrency cap); {}\n\
              - commands: {} submitted, {} Submits refused, {} Succeeded, **{} lost** (not Succeeded by the end of --commands-timeout)\n\
-             - bulk streams: {} started, {} completed, {} cut\n             - sessions left on a GoAway (another of the agent's sessions up): {}\n\n\
+             - bulk streams: {} started, {} completed, {} cut\n\
+             - sessions left on a GoAway (another of the agent's sessions up): {}\n\n\
              | replica | agents on it | SIGTERM → exit | killed | SIGTERM → listening again |\n|---|---|---|---|---|",
             x.drain_timeout_s,
             x.rate,
