@@ -107,7 +107,8 @@ struct Place {
 struct Shared {
     settings: FleetSettings,
     places: Vec<Place>,
-    connected: AtomicUsize,
+    /// Sessions established now (all agents, all their sessions).
+    sessions_up: AtomicUsize,
     started: AtomicUsize,
     sessions: AtomicU64,
     connect_failures: AtomicU64,
@@ -228,7 +229,7 @@ impl Fleet {
             handshakes: (settings.max_handshakes > 0)
                 .then(|| Arc::new(Semaphore::new(settings.max_handshakes))),
             settings,
-            connected: AtomicUsize::new(0),
+            sessions_up: AtomicUsize::new(0),
             started: AtomicUsize::new(0),
             sessions: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
@@ -322,7 +323,7 @@ impl Fleet {
     /// Sessions established now.
     pub fn sessions_up(&self) -> usize {
         match self.shared.settings.mode {
-            FleetMode::Lean => self.shared.connected.load(Ordering::Relaxed),
+            FleetMode::Lean => self.shared.sessions_up.load(Ordering::Relaxed),
             FleetMode::Full => self
                 .full
                 .lock()
@@ -391,7 +392,7 @@ impl Fleet {
             let _ = tokio::time::timeout(Duration::from_secs(5), h.wait()).await;
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.shared.connected.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        while self.shared.sessions_up.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for e in &self.endpoints {
@@ -790,7 +791,7 @@ async fn session(
                     established = true;
                     place.up.store(true, Ordering::Relaxed);
                     permit.take();
-                    shared.connected.fetch_add(1, Ordering::Relaxed);
+                    shared.sessions_up.fetch_add(1, Ordering::Relaxed);
                     shared.sessions.fetch_add(1, Ordering::Relaxed);
                     shared.log().ups.push(Instant::now());
                 }
@@ -838,7 +839,7 @@ async fn session(
     tracing::debug!(agent = %agent.hello.instance_id, reason = %ended, "session ended");
     if established {
         place.up.store(false, Ordering::Relaxed);
-        shared.connected.fetch_sub(1, Ordering::Relaxed);
+        shared.sessions_up.fetch_sub(1, Ordering::Relaxed);
         shared.log().downs.push(Instant::now());
     }
     established

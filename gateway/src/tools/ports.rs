@@ -8,18 +8,13 @@ use std::net::SocketAddr;
 /// at the same time) can take it later: for a gateway that is stopped and started again on the
 /// same address. Ports of the range 10000 up to the ephemeral range, picked at random.
 pub fn restartable_port(ip: std::net::IpAddr) -> SocketAddr {
-    use std::hash::{BuildHasher, Hasher};
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     let low = 10_000u16.min(ephemeral.saturating_sub(1_000));
-    let span = u64::from(ephemeral - low);
     loop {
-        let r = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let addr = SocketAddr::new(ip, low + (r % span) as u16);
+        let addr = SocketAddr::new(ip, rand::random_range(low..ephemeral));
         if std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok() {
             return addr;
         }
