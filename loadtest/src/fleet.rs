@@ -90,6 +90,8 @@ pub struct EventLog {
     pub ups: Vec<Instant>,
     /// Sessions that ended.
     pub downs: Vec<Instant>,
+    /// A session slot back up after it went down: when it went down, and how long it took.
+    pub gaps: Vec<(Instant, Duration)>,
     /// Reconnect delays chosen (when chosen, how long).
     pub delays: Vec<(Instant, Duration)>,
     /// Dials that failed (when, why); the last [`FAILURES_KEPT`].
@@ -102,6 +104,8 @@ pub struct EventLog {
 struct Place {
     replica: AtomicUsize,
     up: std::sync::atomic::AtomicBool,
+    /// When its last session ended (the agent noticed), until the next one is up.
+    down_at: Mutex<Option<Instant>>,
 }
 
 struct Shared {
@@ -222,6 +226,7 @@ impl Fleet {
             .map(|j| Place {
                 replica: AtomicUsize::new((j / per + j % per) % replicas),
                 up: Default::default(),
+                down_at: Default::default(),
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -793,7 +798,17 @@ async fn session(
                     permit.take();
                     shared.sessions_up.fetch_add(1, Ordering::Relaxed);
                     shared.sessions.fetch_add(1, Ordering::Relaxed);
-                    shared.log().ups.push(Instant::now());
+                    let now = Instant::now();
+                    let down_at = place
+                        .down_at
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    let mut log = shared.log();
+                    log.ups.push(now);
+                    if let Some(d) = down_at {
+                        log.gaps.push((d, now - d));
+                    }
                 }
                 AgentEvent::Closed(info) => closed = Some(info),
                 // Asked to go (a drain, a rebalance): while another of the agent's sessions is
@@ -840,7 +855,9 @@ async fn session(
     if established {
         place.up.store(false, Ordering::Relaxed);
         shared.sessions_up.fetch_sub(1, Ordering::Relaxed);
-        shared.log().downs.push(Instant::now());
+        let now = Instant::now();
+        *place.down_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        shared.log().downs.push(now);
     }
     established
 }

@@ -751,7 +751,7 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
         ..Default::default()
     };
     let since_restart = |t: Instant| t.saturating_duration_since(restart_at).as_secs_f64();
-    let (mut back, mut detect, mut delays, failures) = ctx.fleet.with_log(|l| {
+    let (mut back, mut detect, mut delays, failures, gaps) = ctx.fleet.with_log(|l| {
         (
             l.ups
                 .iter()
@@ -774,8 +774,26 @@ async fn storm(ctx: &mut Ctx) -> Result<report::Storm, LoadError> {
                 .take(5)
                 .map(|(_, w)| w.clone())
                 .collect::<Vec<String>>(),
+            l.gaps
+                .iter()
+                .filter(|(t, _)| *t > kill_at)
+                .map(|(_, d)| d.as_secs_f64())
+                .collect::<Vec<f64>>(),
         )
     });
+    if ctx.opts.fleet == FleetMode::Lean {
+        // Sessions lost in the kill that never came back count as not back.
+        let lost = before.max(gaps.len()).max(1) as f64;
+        let within = |secs: f64| gaps.iter().filter(|d| **d <= secs).count() as f64 / lost;
+        s.after_notice_within = Some((within(10.0), within(20.0)));
+        let mut all = gaps.clone();
+        all.resize(before.max(gaps.len()), f64::INFINITY);
+        s.after_notice_s = Some([
+            quantile(&mut all, 0.5),
+            quantile(&mut all, 0.99),
+            quantile(&mut all, 1.0),
+        ]);
+    }
     s.failure_samples = failures;
     if ctx.opts.fleet == FleetMode::Full {
         // Thresholds from the polled counts; delays from the agents' own record.
