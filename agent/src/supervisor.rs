@@ -196,6 +196,12 @@ impl Ended {
             || self.tls_alert() == Some(AlertDescription::CertificateRevoked)
     }
 
+    /// The gateway refused the session because this agent's version is older than its
+    /// `agents.min_version` (`UPGRADE_REQUIRED`; the reason names both versions).
+    pub fn is_upgrade_required(&self) -> bool {
+        self.gateway_code() == Some(ErrorCode::UPGRADE_REQUIRED)
+    }
+
     /// The gateway refused the session because this agent holds `limits.sessions_per_agent`
     /// there already (it closed with `TOO_MANY_SESSIONS`).
     pub fn is_over_limit(&self) -> bool {
@@ -532,6 +538,7 @@ pub async fn supervise(
                     let reason = ended.to_string();
                     let revoked = ended.is_revoked();
                     let over_limit = ended.is_over_limit();
+                    let upgrade = ended.is_upgrade_required();
                     let was = attempts.0.remove(&id);
                     let reprobe = was.as_ref().is_some_and(|a| a.reprobe);
                     let retired = was.as_ref().is_some_and(|a| a.retiring);
@@ -548,6 +555,13 @@ pub async fn supervise(
                         tracing::error!(%gateway, %reason, retry_in = ?shared.max_backoff,
                             "the gateway revoked this agent's certificate; it needs a new one");
                         metrics::counter!("tether_agent_revoked_total").increment(1);
+                    } else if upgrade {
+                        // Retrying cannot help until this agent is upgraded (or the gateway's
+                        // minimum lowered): try again only at the longest backoff.
+                        tracing::error!(%gateway, %reason, agent_version = crate::VERSION,
+                            retry_in = ?shared.max_backoff,
+                            "the gateway requires a newer agent: upgrade this agent");
+                        metrics::counter!("tether_agent_upgrade_required_total").increment(1);
                     } else if over_limit {
                         // The gateway's reason says what to do; retrying with the backoff
                         // succeeds once one of the agent's other sessions there ends.
@@ -576,7 +590,7 @@ pub async fn supervise(
                     if !attempts.held().iter().any(|h| h.transport == Transport::Tcp) {
                         reprobe_at = None;
                     }
-                    delay = Some(if revoked {
+                    delay = Some(if revoked || upgrade {
                         shared.max_backoff
                     } else if let Some(after) = busy {
                         // Honoured with jitter: a fleet turned away together comes back spread.

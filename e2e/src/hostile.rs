@@ -65,6 +65,16 @@ impl HostileAgent {
     /// Connects to `gateway` with `files` (a valid agent certificate), waits for `Welcome`, and
     /// serves deliveries with `flood`.
     pub async fn connect(files: &CertFiles, gateway: SocketAddr, flood: Flood) -> HostileAgent {
+        Self::connect_as(files, gateway, flood, "hostile").await
+    }
+
+    /// [`HostileAgent::connect`], announcing `agent_version` in its `Hello`.
+    pub async fn connect_as(
+        files: &CertFiles,
+        gateway: SocketAddr,
+        flood: Flood,
+        agent_version: &str,
+    ) -> HostileAgent {
         let raw = RawAgent::new(files, true, b"tether/1");
         let conn = raw
             .endpoint
@@ -74,7 +84,7 @@ impl HostileAgent {
             .expect("hostile agent handshake");
         let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
         let hello = Hello {
-            agent_version: "hostile".into(),
+            agent_version: agent_version.into(),
             capabilities: vec!["relay".into(), "commands".into()],
             instance_id: "hostile".into(),
             ..Default::default()

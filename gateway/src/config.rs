@@ -164,6 +164,7 @@ pub const KEYS: Keys = &[
     "cluster.peer_cert",
     "cluster.peer_key",
     "cluster.peer_ca_key",
+    "agents.min_version",
 ];
 
 /// The whole gateway config.
@@ -210,6 +211,36 @@ pub struct GatewayConfig {
     /// This replica among several (with `store.dsn`).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Which agents may hold sessions.
+    #[serde(default)]
+    pub agents: AgentsConfig,
+}
+
+/// `[agents]`: which agents may hold sessions.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// The oldest agent version admitted (a semantic version, e.g. `"0.4.0"`): an agent
+    /// announcing an older one (or none that parses) is refused at `Hello` with
+    /// `UPGRADE_REQUIRED` and both versions. Unset: every version is admitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
+}
+
+impl AgentsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(v) = &self.min_version
+            && let Err(e) = semver::Version::parse(v)
+        {
+            return Err(ConfigError::invalid(
+                "agents.min_version",
+                format!(
+                    "{v:?} is not a semantic version ({e}): write it as MAJOR.MINOR.PATCH, e.g. \"0.4.0\""
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[store]`: PostgreSQL for every durable thing (commands, identity, the cluster state), shared
@@ -1081,6 +1112,7 @@ impl Validate for GatewayConfig {
         self.limits.validate()?;
         self.store.validate()?;
         self.cluster.validate()?;
+        self.agents.validate()?;
         if let Some(auth) = &self.auth {
             auth.validate()?;
         }
@@ -1467,6 +1499,9 @@ mod tests {
                 replica_id: Some("r".into()),
                 advertise: Some("r:7445".into()),
                 ..Default::default()
+            },
+            agents: AgentsConfig {
+                min_version: Some("0.1.0".into()),
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

@@ -92,6 +92,28 @@ fn invalid_value_exits_64_naming_the_key() {
 }
 
 #[test]
+fn a_min_version_that_is_not_a_semantic_version_exits_64_naming_the_key() {
+    let d = pki_dir();
+    let p = config(d.path(), "[agents]\nmin_version = \"1.2\"\n");
+    let o = gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("agents.min_version") && e.contains("MAJOR.MINOR.PATCH"),
+        "{e}"
+    );
+    let ok = config(d.path(), "[agents]\nmin_version = \"0.1.0\"\n");
+    let o = gw(
+        &["serve", "--config", ok.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
 fn invalid_value_from_env_and_flag_exit_64_naming_key_and_source() {
     let d = pki_dir();
     let p = config(d.path(), "");

@@ -121,6 +121,10 @@ impl ErrorCode {
     /// A session the agent was leaving was still carrying streams when the longest drain
     /// ran out: those streams were cut.
     pub const DRAIN_TIMEOUT: ErrorCode = ErrorCode(16);
+    /// The gateway refused the session before it started: the agent's version (in `Hello`) is
+    /// older than the gateway's `agents.min_version`. The `Close` frame's reason names both
+    /// versions; dialing again helps only once the agent is upgraded (or the minimum lowered).
+    pub const UPGRADE_REQUIRED: ErrorCode = ErrorCode(17);
     /// Peer links between gateway replicas (numbered from 0x100, apart from the tunnel's): the
     /// replica asked to carry a stream holds no session of its agent, and nothing reached the
     /// agent, so the stream may be sent to another replica.
@@ -149,6 +153,7 @@ impl ErrorCode {
             14 => "refused_stream",
             15 => "busy",
             16 => "drain_timeout",
+            17 => "upgrade_required",
             0x100 => "not_here",
             0x101 => "link_lost",
             _ => "unknown",

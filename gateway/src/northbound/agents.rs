@@ -173,6 +173,10 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
         protocol_version: s.version,
         certificate_expires: Some(ts(s.cert_not_after)),
         replica: String::new(),
+        version_skew: crate::tunnel::version::skew(
+            crate::tunnel::version::gateway_version(),
+            &s.hello.agent_version,
+        ) as i32,
     }
 }
 

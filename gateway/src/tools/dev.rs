@@ -459,6 +459,7 @@ fn gateway_config(
         auth: None,
         store: Default::default(),
         cluster: Default::default(),
+        agents: Default::default(),
     }
 }
 

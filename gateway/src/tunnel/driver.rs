@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tether_runtime::driver::{self, SessionEnd, Side};
 use tether_runtime::stream::StreamError;
@@ -121,6 +121,20 @@ enum Wake {
 impl GatewaySide<'_> {
     /// The agent's `Hello` arrived: welcome the session or turn it away.
     fn decide(&mut self, session: &mut GatewaySession, hello: &tunnel_proto::message::Hello) {
+        if let Some(reason) = self.ctx.min_version.refusal(&hello.agent_version) {
+            metrics::counter!("tether_gateway_sessions_turned_away_total",
+                "reason" => "upgrade_required")
+            .increment(1);
+            tracing::warn!(agent = %self.agent, remote = %self.remote,
+                agent_version = %hello.agent_version, "refusing an agent older than agents.min_version");
+            // Dialing again helps only after an upgrade: the agent waits its longest backoff.
+            session.refuse(
+                ErrorCode::UPGRADE_REQUIRED,
+                &reason,
+                Duration::from_secs(300),
+            );
+            return;
+        }
         let local = self.ctx.registry.session_count();
         match self.ctx.balance.decide(hello, local, Instant::now()) {
             Verdict::Welcome => session.welcome(),
@@ -284,7 +298,6 @@ impl Side<GatewaySession> for GatewaySide<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use tether_runtime::CancellationToken;
     use tokio::sync::broadcast::error::RecvError;

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod registry;
 pub mod tls;
 pub mod verifier;
+pub mod version;
 
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -107,6 +108,8 @@ pub struct TunnelContext {
     /// Which new sessions to take (drain, fair share, budget), and what `Welcome` says of the
     /// replicas.
     pub balance: Arc<Balance>,
+    /// The oldest agent version admitted (`agents.min_version`).
+    pub min_version: version::MinVersion,
     /// Refusals over `sessions_per_agent` are logged at most every 10 s: a hostile agent
     /// retries as fast as its handshake rate allows.
     refusals: std::sync::Mutex<LogThrottle>,
@@ -143,6 +146,7 @@ impl TunnelContext {
             renewal: None,
             sessions: AgentSessions::new(cfg.limits.sessions_per_agent),
             balance,
+            min_version: version::MinVersion::new(cfg.agents.min_version.as_deref()),
             refusals: std::sync::Mutex::new(LogThrottle::new(Duration::from_secs(10))),
             next_session: AtomicU64::new(1),
             instance,

@@ -620,19 +620,29 @@ fn rtt(s: &v1::Session) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The agent's version, flagged when it is not the gateway's minor release (the version-skew
+/// policy: `behind` is supported, `unsupported` is not).
+fn version(s: &v1::Session) -> String {
+    match v1::VersionSkew::try_from(s.version_skew) {
+        Ok(v1::VersionSkew::Behind) => format!("{} (behind)", s.agent_version),
+        Ok(v1::VersionSkew::Unsupported) => format!("{} (unsupported)", s.agent_version),
+        _ => s.agent_version.clone(),
+    }
+}
+
 fn print_agents(agents: &[v1::Agent]) {
     println!(
-        "{:<28} {:<10} {:<8} {:<10} {:<22} {:<8} UP/SEEN",
+        "{:<28} {:<10} {:<8} {:<14} {:<22} {:<8} UP/SEEN",
         "AGENT", "CONNECTED", "SESSIONS", "VERSION", "REMOTE", "RTT"
     );
     for a in agents {
         let s = a.sessions.first();
         println!(
-            "{:<28} {:<10} {:<8} {:<10} {:<22} {:<8} {}",
+            "{:<28} {:<10} {:<8} {:<14} {:<22} {:<8} {}",
             a.id,
             if a.connected { "yes" } else { "no" },
             a.sessions.len(),
-            s.map(|s| s.agent_version.as_str()).unwrap_or("-"),
+            s.map(version).unwrap_or_else(|| "-".into()),
             s.map(|s| s.remote_addr.as_str()).unwrap_or("-"),
             s.map(rtt).unwrap_or_else(|| "-".into()),
             match s {
@@ -658,6 +668,9 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
         "remote_addr": s.remote_addr,
         "transport": s.transport,
         "agent_version": s.agent_version,
+        "version_skew": v1::VersionSkew::try_from(s.version_skew)
+            .map(crate::tunnel::version::skew_name)
+            .unwrap_or("unknown"),
         "instance_id": s.instance_id,
         "labels": s.labels,
         "rtt": rtt(s),
