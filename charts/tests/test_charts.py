@@ -313,6 +313,7 @@ def test_missing_or_contradictory_values_fail_the_render_naming_the_value(chart,
         (GATEWAY_CHART, "gateway-required.yaml", {"store": {"type": "sqlite"}}, "/store/type"),
         (GATEWAY_CHART, "gateway-required.yaml", {"tunnel": {"drainTimeout": "1h30m"}}, "/tunnel/drainTimeout"),
         (GATEWAY_CHART, "gateway-required.yaml", {"replicaCount": -1}, "/replicaCount"),
+        (GATEWAY_CHART, "gateway-required.yaml", {"agents": {"minVersion": "1.2"}}, "/agents/minVersion"),
         (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"sslmode": "verify"}}}, "/store/postgres/sslmode"),
         (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"poolSize": 1}}}, "/store/postgres/poolSize"),
         (GATEWAY_CHART, "gateway-postgres.yaml", {"store": {"postgres": {"connectTimeout": "30"}}}, "/store/postgres/connectTimeout"),
@@ -978,6 +979,14 @@ def test_gateway_probes_config_and_embedded_store():
         "ops": {"listen": "0.0.0.0:9090"},
         "log": {"format": "json", "level": "info"},
     }
+
+
+def test_gateway_agents_min_version_renders_only_when_set_and_must_be_a_semantic_version():
+    cfg = tomllib.loads(render_file(GATEWAY_CHART, "gateway-required.yaml", {"agents": {"minVersion": "0.4.0"}})
+                        .one("ConfigMap")["data"]["gateway.toml"])
+    assert cfg["agents"] == {"min_version": "0.4.0"}
+    bare = tomllib.loads(render_file(GATEWAY_CHART, "gateway-required.yaml").one("ConfigMap")["data"]["gateway.toml"])
+    assert "agents" not in bare
 
 
 def test_gateway_replica_count_defaults_to_1_embedded_and_3_on_postgres():
