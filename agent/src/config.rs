@@ -100,6 +100,8 @@ impl TlsConfig {
 
 /// Every key, for the environment and `--set`.
 pub const KEYS: Keys = &[
+    "telemetry.otlp_endpoint",
+    "telemetry.sample_ratio",
     "gateways",
     "connections",
     "server_name",
@@ -214,6 +216,9 @@ pub struct AgentConfig {
     /// The egress of environments' workloads.
     #[serde(default)]
     pub environments: EnvironmentsConfig,
+    /// OpenTelemetry traces of relayed calls and streams.
+    #[serde(default)]
+    pub telemetry: tether_runtime::telemetry::TelemetryConfig,
 }
 
 // === [secrets] and [environments]: what the control plane may reach ===
@@ -825,6 +830,9 @@ pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
 
 impl Validate for AgentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry
+            .check()
+            .map_err(|(key, why)| ConfigError::invalid(&format!("telemetry.{key}"), why))?;
         if self.gateways.is_empty() {
             return Err(ConfigError::invalid(
                 "gateways",
@@ -1376,6 +1384,10 @@ mod tests {
                     protocol: None,
                 }],
                 ..Default::default()
+            },
+            telemetry: tether_runtime::telemetry::TelemetryConfig {
+                otlp_endpoint: Some("http://c:4317".into()),
+                sample_ratio: 0.5,
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

@@ -171,12 +171,17 @@ pub fn start_with_identity(
         status: status.clone(),
     });
     let executor = Arc::new(commands::Executor::new(handlers, cfg.state_dir.as_deref())?);
-    let services = Arc::new(relay::Services::new(
-        cfg,
-        agent,
-        info::service(info),
-        executor,
-    )?);
+    let telemetry =
+        tether_runtime::telemetry::Telemetry::new(&cfg.telemetry, "tether-agent", &instance_id)
+            .map_err(|e| {
+                AgentError::Config(tether_runtime::config::ConfigError::invalid(
+                    "telemetry.otlp_endpoint",
+                    e.to_string(),
+                ))
+            })?;
+    let services = Arc::new(
+        relay::Services::new(cfg, agent, info::service(info), executor)?.with_telemetry(telemetry),
+    );
     let shared = Arc::new(supervisor::Shared {
         credentials: credentials.clone(),
         services,

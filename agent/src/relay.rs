@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
 use tether_runtime::stream::{Gathered, Reader, flush};
+use tether_runtime::telemetry::{CallSpan, KeyValue, SpanKind, Telemetry};
 use tether_runtime::transport::{Link, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -62,6 +63,7 @@ pub struct Services {
     builtin: GrpcService,
     agent: String,
     commands: Arc<crate::commands::Executor>,
+    telemetry: Telemetry,
 }
 
 impl std::fmt::Debug for Services {
@@ -127,7 +129,14 @@ impl Services {
             builtin,
             agent,
             commands,
+            telemetry: Telemetry::disabled(),
         })
+    }
+
+    /// Makes a span of every relayed call and stream with `telemetry` (`[telemetry]`).
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Services {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Service names, for `AgentInfo`.
@@ -249,12 +258,30 @@ async fn handle(
     match event {
         IncomingEvent::Accepted(accepted) => match *accepted {
             Accepted::Rpc {
-                header,
+                mut header,
                 request,
                 response,
             } => {
+                // The agent's span, child of the gateway's; the upstream's parent.
+                let span = services.telemetry.span(
+                    format!("upstream {}", header.method),
+                    SpanKind::Client,
+                    &header.trace_context,
+                    vec![
+                        KeyValue::new("rpc.system", "grpc"),
+                        KeyValue::new("rpc.method", header.method.clone()),
+                        KeyValue::new("tether.agent", services.agent.clone()),
+                        KeyValue::new(
+                            "tether.service",
+                            service_name(&header, &services).to_owned(),
+                        ),
+                    ],
+                );
+                header.trace_context = span.context();
                 let request = Reader::new(recv, request);
-                rpc(header, request, response, send, &services).await
+                if let Some(code) = rpc(header, request, response, send, &services).await {
+                    span.end(code as i32, "");
+                }
             }
             Accepted::Tcp(machine) => tcp(Reader::new(recv, machine), send, &services).await,
             Accepted::Command(machine) => {
@@ -291,10 +318,11 @@ async fn finish_with(
     response: &mut ResponseSend,
     code: Code,
     message: &str,
-) {
+) -> Code {
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
     let _ = response.trailers(Trailers::status(code as i32, message));
     let _ = flush(send, response).await;
+    code
 }
 
 async fn rpc(
@@ -303,7 +331,7 @@ async fn rpc(
     mut response: ResponseSend,
     mut send: SendStream,
     services: &Services,
-) {
+) -> Option<Code> {
     let name = service_name(&header, services).to_owned();
     let (svc, address) = match services.map.get(&name) {
         _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
@@ -313,7 +341,9 @@ async fn rpc(
                 "service {name:?} on agent {} is a TCP service: use tether.v1.Streams/Open",
                 services.agent
             );
-            return finish_with(&mut send, &mut response, Code::FailedPrecondition, &msg).await;
+            return Some(
+                finish_with(&mut send, &mut response, Code::FailedPrecondition, &msg).await,
+            );
         }
         None => {
             tracing::info!(service = %name, method = %header.method, "refused: service not in the allow-list");
@@ -321,7 +351,7 @@ async fn rpc(
                 "service {name:?} is not allow-listed on agent {}",
                 services.agent
             );
-            return finish_with(&mut send, &mut response, Code::PermissionDenied, &msg).await;
+            return Some(finish_with(&mut send, &mut response, Code::PermissionDenied, &msg).await);
         }
     };
     let deadline =
@@ -339,13 +369,15 @@ async fn rpc(
     *req.uri_mut() = match header.method.parse() {
         Ok(u) => u,
         Err(_) => {
-            return finish_with(
-                &mut send,
-                &mut response,
-                Code::InvalidArgument,
-                "method is not a valid path",
-            )
-            .await;
+            return Some(
+                finish_with(
+                    &mut send,
+                    &mut response,
+                    Code::InvalidArgument,
+                    "method is not a valid path",
+                )
+                .await,
+            );
         }
     };
     grpc::metadata_to_headers(&header.metadata, req.headers_mut());
@@ -372,25 +404,27 @@ async fn rpc(
     let resp = tokio::select! {
         r = call => r,
         _ = tokio::time::sleep_until(deadline_at.into()) => {
-            return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await;
+            return Some(finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await);
         }
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
             metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
-            return;
+            return Some(Code::Cancelled);
         }
     };
     let resp = match resp {
         Ok(r) => r,
         Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d) => {
             // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
-            return finish_with(
-                &mut send,
-                &mut response,
-                Code::DeadlineExceeded,
-                "deadline exceeded before the upstream answered",
-            )
-            .await;
+            return Some(
+                finish_with(
+                    &mut send,
+                    &mut response,
+                    Code::DeadlineExceeded,
+                    "deadline exceeded before the upstream answered",
+                )
+                .await,
+            );
         }
         Err(e) => {
             let msg = format!(
@@ -398,7 +432,7 @@ async fn rpc(
                 error_chain(e.as_ref())
             );
             tracing::warn!(service = %name, %address, "{msg}");
-            return finish_with(&mut send, &mut response, Code::Unavailable, &msg).await;
+            return Some(finish_with(&mut send, &mut response, Code::Unavailable, &msg).await);
         }
     };
     let (parts, mut body) = resp.into_parts();
@@ -411,7 +445,7 @@ async fn rpc(
         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
         let _ = response.trailers(t);
         let _ = flush(&mut send, &mut response).await;
-        return;
+        return Some(code);
     }
     let head = ResponseHead {
         status: u32::from(parts.status.as_u16()),
@@ -419,17 +453,17 @@ async fn rpc(
     };
     let _ = response.head(head);
     if flush(&mut send, &mut response).await.is_err() {
-        return;
+        return None;
     }
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = tokio::time::sleep_until(deadline_at.into()) => {
-                    return finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await;
+                    return Some(finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await);
             }
             _ = send.stopped() => {
                     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
-                return;
+                return Some(Code::Cancelled);
             }
         };
         match frame {
@@ -437,7 +471,7 @@ async fn rpc(
                 Ok(data) => {
                     let _ = response.data(data);
                     if flush(&mut send, &mut response).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
                 Err(f) => {
@@ -449,7 +483,7 @@ async fn rpc(
                         metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
                         let _ = response.trailers(t);
                         let _ = flush(&mut send, &mut response).await;
-                        return;
+                        return Some(code);
                     }
                 }
             },
@@ -458,17 +492,19 @@ async fn rpc(
                     "upstream service {name:?} failed mid-call: {}",
                     error_chain(&e)
                 );
-                return finish_with(&mut send, &mut response, Code::Unavailable, &msg).await;
+                return Some(finish_with(&mut send, &mut response, Code::Unavailable, &msg).await);
             }
             None => {
                 // A response without trailers is not valid gRPC; report it rather than hang.
-                return finish_with(
-                    &mut send,
-                    &mut response,
-                    Code::Internal,
-                    "upstream response ended without trailers",
-                )
-                .await;
+                return Some(
+                    finish_with(
+                        &mut send,
+                        &mut response,
+                        Code::Internal,
+                        "upstream response ended without trailers",
+                    )
+                    .await,
+                );
             }
         }
     }
@@ -513,8 +549,17 @@ fn request_body(
     })
 }
 
-/// Answers the TCP stream: `Code::Ok` accepts it, anything else refuses it (and ends it).
-async fn open_result(send: &mut SendStream, machine: &mut AgentTcp, code: Code, message: String) {
+/// Answers the TCP stream: `Code::Ok` accepts it, anything else refuses it (and ends it); ends
+/// the stream's span (its opening) with the same code.
+async fn open_result(
+    (send, span): (&mut SendStream, &mut Option<CallSpan>),
+    machine: &mut AgentTcp,
+    code: Code,
+    message: String,
+) {
+    if let Some(s) = span.take() {
+        s.end(code as i32, "");
+    }
     let _ = if code == Code::Ok {
         machine.accept()
     } else {
@@ -527,6 +572,17 @@ async fn open_result(send: &mut SendStream, machine: &mut AgentTcp, code: Code, 
 async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services) {
     let (recv, mut machine) = reader.into_parts();
     let name = service_name(machine.header(), services).to_owned();
+    // The agent's span of the stream's opening (its connect to the service), child of the
+    // gateway's.
+    let mut span = Some(services.telemetry.span(
+        format!("connect {name}"),
+        SpanKind::Client,
+        &machine.header().trace_context,
+        vec![
+            KeyValue::new("tether.agent", services.agent.clone()),
+            KeyValue::new("tether.service", name.clone()),
+        ],
+    ));
     let address = match services.map.get(&name) {
         Some(Upstream::Tcp { address }) => address.clone(),
         Some(Upstream::Grpc { .. }) => {
@@ -534,7 +590,13 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
                 "service {name:?} on agent {} is a gRPC service, not TCP",
                 services.agent
             );
-            return open_result(&mut send, &mut machine, Code::FailedPrecondition, msg).await;
+            return open_result(
+                (&mut send, &mut span),
+                &mut machine,
+                Code::FailedPrecondition,
+                msg,
+            )
+            .await;
         }
         None => {
             tracing::info!(service = %name, "refused: TCP service not in the allow-list");
@@ -542,7 +604,13 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
                 "service {name:?} is not allow-listed on agent {}",
                 services.agent
             );
-            return open_result(&mut send, &mut machine, Code::PermissionDenied, msg).await;
+            return open_result(
+                (&mut send, &mut span),
+                &mut machine,
+                Code::PermissionDenied,
+                msg,
+            )
+            .await;
         }
     };
     let stream = match tokio::time::timeout(
@@ -554,17 +622,23 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let msg = format!("upstream service {name:?} ({address}) is unavailable: {e}");
-            return open_result(&mut send, &mut machine, Code::Unavailable, msg).await;
+            return open_result((&mut send, &mut span), &mut machine, Code::Unavailable, msg).await;
         }
         Err(_) => {
             let msg = format!(
                 "upstream service {name:?} ({address}) did not accept within {TCP_CONNECT_TIMEOUT:?}"
             );
-            return open_result(&mut send, &mut machine, Code::Unavailable, msg).await;
+            return open_result((&mut send, &mut span), &mut machine, Code::Unavailable, msg).await;
         }
     };
     let _ = stream.set_nodelay(true);
-    open_result(&mut send, &mut machine, Code::Ok, String::new()).await;
+    open_result(
+        (&mut send, &mut span),
+        &mut machine,
+        Code::Ok,
+        String::new(),
+    )
+    .await;
     let Ok((mut to_gateway, from_gateway)) = machine.into_raw() else {
         return;
     };

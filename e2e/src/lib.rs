@@ -1609,3 +1609,148 @@ impl GatewayProcess {
 }
 
 pub use tether_gateway::tools::ports::restartable_port;
+
+/// Request headers a [`header_recorder`] saw, one map per request.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>>;
+
+/// A gRPC upstream (h2c) that records each request's headers and answers UNIMPLEMENTED.
+pub async fn header_recorder() -> (std::net::SocketAddr, Seen) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Seen = Default::default();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                            .collect();
+                        sink.lock().unwrap().push(headers);
+                        async move {
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "12")
+                                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A span an [`OtlpCollector`] received: the exporting service (`service.name`) and the span.
+#[derive(Clone, Debug)]
+pub struct CollectedSpan {
+    /// `service.name` of the resource that exported it.
+    pub service: String,
+    /// The span as exported.
+    pub span: opentelemetry_proto::tonic::trace::v1::Span,
+}
+
+/// An OTLP/gRPC trace collector on a free loopback port (opentelemetry-proto's tonic
+/// `TraceService`), keeping every span it receives.
+pub struct OtlpCollector {
+    /// `http://127.0.0.1:port`, for `telemetry.otlp_endpoint`.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collect
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    out.push(CollectedSpan {
+                        service: service.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl OtlpCollector {
+    /// Starts listening.
+    pub async fn start() -> OtlpCollector {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind collector");
+        let endpoint = format!("http://{}", l.local_addr().expect("addr"));
+        let collect = Collect::default();
+        let spans = collect.0.clone();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(
+                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collect),
+                )
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    stop.cancelled_owned(),
+                )
+                .await;
+        });
+        OtlpCollector {
+            endpoint,
+            spans,
+            shutdown,
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for OtlpCollector {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -630,45 +630,6 @@ async fn tetherctl_list(s: &Scene, dir: &Path, token: String) -> std::process::O
 
 // === Test servers ===
 
-type Seen = Arc<Mutex<Vec<std::collections::HashMap<String, String>>>>;
-
-/// A gRPC upstream (h2c) that records each request's headers and answers UNIMPLEMENTED.
-async fn header_recorder() -> (std::net::SocketAddr, Seen) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen: Seen = Default::default();
-    let sink = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let headers = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-                            .collect();
-                        sink.lock().unwrap().push(headers);
-                        async move {
-                            let resp = http::Response::builder()
-                                .header("content-type", "application/grpc")
-                                .header("grpc-status", "12")
-                                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                                .unwrap();
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 /// An HTTPS server on 127.0.0.1 answering every GET with the current JWKS (or 503 while
 /// failing), with a certificate from `pki`.
 struct JwksServer {

@@ -165,6 +165,8 @@ pub const KEYS: Keys = &[
     "cluster.peer_key",
     "cluster.peer_ca_key",
     "agents.min_version",
+    "telemetry.otlp_endpoint",
+    "telemetry.sample_ratio",
 ];
 
 /// The whole gateway config.
@@ -214,6 +216,9 @@ pub struct GatewayConfig {
     /// Which agents may hold sessions.
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// OpenTelemetry traces of relayed calls and streams.
+    #[serde(default)]
+    pub telemetry: tether_runtime::telemetry::TelemetryConfig,
 }
 
 /// `[agents]`: which agents may hold sessions.
@@ -1113,6 +1118,9 @@ impl Validate for GatewayConfig {
         self.store.validate()?;
         self.cluster.validate()?;
         self.agents.validate()?;
+        self.telemetry
+            .check()
+            .map_err(|(key, why)| ConfigError::invalid(&format!("telemetry.{key}"), why))?;
         if let Some(auth) = &self.auth {
             auth.validate()?;
         }
@@ -1502,6 +1510,10 @@ mod tests {
             },
             agents: AgentsConfig {
                 min_version: Some("0.1.0".into()),
+            },
+            telemetry: tether_runtime::telemetry::TelemetryConfig {
+                otlp_endpoint: Some("http://c:4317".into()),
+                sample_ratio: 0.5,
             },
         };
         let v = toml::Value::try_from(&cfg).unwrap();

@@ -57,6 +57,9 @@ pub enum GatewayError {
     /// [`PeerError::is_config`](crate::peer::PeerError::is_config).
     #[error(transparent)]
     Peer(#[from] crate::peer::PeerError),
+    /// The OTLP exporter (`telemetry.otlp_endpoint`) could not be built.
+    #[error("telemetry.otlp_endpoint: {0}")]
+    Telemetry(#[from] tether_runtime::telemetry::TelemetryError),
 }
 
 impl GatewayError {
@@ -64,7 +67,10 @@ impl GatewayError {
     /// that cannot load, or a PostgreSQL refusal that names a `store.*` key.
     pub fn is_config(&self) -> bool {
         match self {
-            GatewayError::Config(_) | GatewayError::TlsMaterial(_) | GatewayError::Tls(_) => true,
+            GatewayError::Config(_)
+            | GatewayError::TlsMaterial(_)
+            | GatewayError::Tls(_)
+            | GatewayError::Telemetry(_) => true,
             GatewayError::Cluster(e) => e.is_config(),
             GatewayError::Peer(e) => e.is_config(),
             _ => false,

@@ -227,6 +227,19 @@ pub async fn start(
         .map_err(io(format!("starting QUIC on udp/{tunnel_addr}")))?;
     let registry = Arc::new(Registry::default());
     let relay = Relay::with_stream_limit(registry.clone(), cfg.limits.streams_per_agent);
+    let telemetry = tether_runtime::telemetry::Telemetry::new(
+        &cfg.telemetry,
+        "tether-gateway",
+        cfg.cluster.replica_id.as_deref().unwrap_or("gateway"),
+    )?;
+    if telemetry.enabled() {
+        let (t, stop) = (telemetry.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            t.shutdown();
+        });
+    }
+    relay.set_telemetry(telemetry);
     let peers = match (&cluster, peer_socket) {
         (Some(c), Some(socket)) => Some(cluster_peers(
             &cfg,

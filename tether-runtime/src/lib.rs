@@ -26,6 +26,7 @@ pub mod logging;
 pub mod ops;
 pub mod shutdown;
 pub mod stream;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 

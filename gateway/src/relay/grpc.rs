@@ -33,6 +33,7 @@ use http_body::Frame;
 use tether_runtime::CancellationToken;
 use tether_runtime::grpc;
 use tether_runtime::stream::{Reader, flush};
+use tether_runtime::telemetry::{self, CallSpan, KeyValue, SpanKind};
 use tether_runtime::transport::SendStream;
 use tonic::{Code, Status};
 use tunnel_proto::ProtoError;
@@ -74,13 +75,18 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
             let started = Instant::now();
             // Set once the call reached an agent the caller may act for and the gateway knows.
             let mut tenant = None;
-            match relay_call(&relay, req, &mut tenant).await {
+            // The call's span once it is routed; ended with the call's status.
+            let mut span = None;
+            match relay_call(&relay, req, &mut tenant, &mut span).await {
                 Ok(resp) => {
                     record_first_byte(RelayKind::Grpc, started);
                     Ok(resp)
                 }
                 Err(status) => {
                     record_end(tenant_label(tenant.as_deref()), status.code());
+                    if let Some(s) = span.take() {
+                        s.end(status.code() as i32, status.message());
+                    }
                     Ok(status.into_http())
                 }
             }
@@ -112,6 +118,7 @@ async fn relay_call(
     relay: &Relay,
     req: Request<axum::body::Body>,
     tenant: &mut Option<String>,
+    span_slot: &mut Option<CallSpan>,
 ) -> Result<Response<axum::body::Body>, Status> {
     let caller = caller_of(&req)?;
     let (agent, service) = relay.route(req.headers(), &caller, "relay")?;
@@ -120,15 +127,22 @@ async fn relay_call(
         .get("grpc-timeout")
         .and_then(grpc::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
-    let trace_context = ["traceparent", "tracestate"]
-        .iter()
-        .filter_map(|k| {
-            Some((
-                (*k).to_owned(),
-                req.headers().get(*k)?.to_str().ok()?.to_owned(),
-            ))
-        })
-        .collect();
+    // The server span of this call, child of the caller's trace context: the agent's span
+    // will be its child.
+    let span = relay.telemetry().span(
+        format!("relay {}", req.uri().path()),
+        SpanKind::Server,
+        &telemetry::context_of(req.headers()),
+        vec![
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.method", req.uri().path().to_owned()),
+            KeyValue::new("tether.tenant", agent.tenant().to_owned()),
+            KeyValue::new("tether.agent", agent.to_string()),
+            KeyValue::new("tether.service", service.clone()),
+        ],
+    );
+    let trace_context = span.context();
+    *span_slot = Some(span);
     let header = StreamHeader {
         kind: StreamKind::Rpc as i32,
         service,
@@ -209,6 +223,9 @@ async fn relay_call(
             // Trailers-only: the call failed before any response (or had no body).
             cancel.cancel();
             record_end(&tenant, code_of(&t));
+            if let Some(s) = span_slot.take() {
+                s.end(code_of(&t) as i32, &message_of(&t));
+            }
             grpc::metadata_to_headers(&t.metadata, resp.headers_mut());
             resp.headers_mut()
                 .entry(http::header::CONTENT_TYPE)
@@ -257,6 +274,7 @@ async fn relay_call(
         tenant,
         bytes: relayed_bytes(Direction::FromAgent),
         done: false,
+        span: span_slot.take(),
         _active: active,
     };
     *resp.body_mut() = axum::body::Body::new(http_body_util::StreamBody::new(
@@ -266,6 +284,15 @@ async fn relay_call(
         }),
     ));
     Ok(resp)
+}
+
+/// The trailers' `grpc-message` (as sent: percent-encoded), for the span's status.
+fn message_of(t: &Trailers) -> String {
+    t.metadata
+        .iter()
+        .find(|m| m.key == "grpc-message")
+        .map(|m| String::from_utf8_lossy(&m.value).into_owned())
+        .unwrap_or_default()
 }
 
 fn code_of(t: &Trailers) -> Code {
@@ -366,6 +393,8 @@ struct ToCaller {
     bytes: metrics::Counter,
     /// The final frame was given (or the call was ended): nothing more is read.
     done: bool,
+    /// The call's span, ended with its status.
+    span: Option<CallSpan>,
     _active: ActiveGuard,
 }
 
@@ -376,7 +405,15 @@ impl ToCaller {
         self.reader.half_mut().cancel();
         self.reader.apply_stop();
         self.cancel.cancel();
+        self.record(code, "");
+    }
+
+    /// Counts the call as `code` and ends its span.
+    fn record(&mut self, code: Code, message: &str) {
         record_end(&self.tenant, code);
+        if let Some(s) = self.span.take() {
+            s.end(code as i32, message);
+        }
     }
 
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
@@ -400,7 +437,7 @@ impl ToCaller {
             }
             Ok(ResponseEvent::Trailers(t)) => {
                 self.done = true;
-                record_end(&self.tenant, code_of(&t));
+                self.record(code_of(&t), &message_of(&t));
                 let mut h = HeaderMap::new();
                 grpc::metadata_to_headers(&t.metadata, &mut h);
                 self.cancel.cancel();

@@ -121,6 +121,8 @@ pub struct Relay {
     streams: AgentStreams,
     /// With peer links: where a stream goes when no session is here.
     forwarder: OnceLock<Arc<Forwarder>>,
+    /// Spans of relayed calls and streams (`[telemetry]`); unset: none.
+    telemetry: OnceLock<tether_runtime::telemetry::Telemetry>,
 }
 
 impl Relay {
@@ -132,7 +134,20 @@ impl Relay {
             next: AtomicUsize::new(0),
             streams: AgentStreams::new(streams_per_agent),
             forwarder: OnceLock::new(),
+            telemetry: OnceLock::new(),
         })
+    }
+
+    /// Makes a span of every relayed call and stream with `telemetry` from now on (set once).
+    pub fn set_telemetry(&self, telemetry: tether_runtime::telemetry::Telemetry) {
+        let _ = self.telemetry.set(telemetry);
+    }
+
+    /// The tracer of relayed calls and streams.
+    pub fn telemetry(&self) -> &tether_runtime::telemetry::Telemetry {
+        static OFF: tether_runtime::telemetry::Telemetry =
+            tether_runtime::telemetry::Telemetry::disabled();
+        self.telemetry.get().unwrap_or(&OFF)
     }
 
     /// Forwards streams for agents with no session here through `forwarder` from now on (set

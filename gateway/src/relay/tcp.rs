@@ -12,6 +12,7 @@ use std::time::Instant;
 use tether_api::v1::StreamChunk;
 use tether_api::v1::streams_server::{Streams, StreamsServer};
 use tether_runtime::stream::{Reader, flush};
+use tether_runtime::telemetry::{self, KeyValue, SpanKind};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tunnel_proto::stream::StreamFailure;
@@ -57,11 +58,25 @@ impl Streams for StreamsApi {
             .relay
             .route(&headers, &caller, "tether.v1.Streams/Open")?;
         let started = Instant::now();
+        // The stream's span (its opening: the agent's connect to the service), child of the
+        // caller's trace context; the agent's span is its child.
+        let span = self.relay.telemetry().span(
+            "relay tether.v1.Streams/Open".to_owned(),
+            SpanKind::Server,
+            &telemetry::context_of(&headers),
+            vec![
+                KeyValue::new("tether.tenant", agent.tenant().to_owned()),
+                KeyValue::new("tether.agent", agent.to_string()),
+                KeyValue::new("tether.service", service.clone()),
+            ],
+        );
+        let trace_context = span.context();
         // Nothing of the caller's goes before `Opened`: a stream that provably did not reach
         // the agent is opened again on another session (`Attempts`).
         let mut attempts = Attempts::default();
         let (mut send, mut reader, permit, first) = loop {
-            let mut machine = GatewayTcp::new(service.clone());
+            let mut machine =
+                GatewayTcp::with_trace_context(service.clone(), trace_context.clone());
             let (send, recv, permit) = match self
                 .relay
                 .open_attempt(Some(&caller), &agent, &mut machine, None, &mut attempts)
@@ -72,7 +87,11 @@ impl Streams for StreamsApi {
                     record_resend(RelayKind::Tcp);
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let status: Status = e.into();
+                    span.end(status.code() as i32, status.message());
+                    return Err(status);
+                }
             };
             let mut reader = Reader::new(recv, machine);
             let first = reader.next().await;
@@ -87,39 +106,44 @@ impl Streams for StreamsApi {
             }
             break (send, reader, permit, first);
         };
-        match first {
-            Ok(TcpEvent::Opened) => {}
+        let opened: Result<(), Status> = match first {
+            Ok(TcpEvent::Opened) => Ok(()),
             Ok(TcpEvent::Refused { code, message }) => {
-                return Err(Status::new(tonic::Code::from_i32(code), message));
+                Err(Status::new(tonic::Code::from_i32(code), message))
             }
             Ok(TcpEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
                 got, ..
             }))) => {
                 // The machine reset the stream (PROTOCOL_ERROR).
                 let _ = flush(&mut send, reader.half_mut()).await;
-                return Err(Status::internal(format!(
+                Err(Status::internal(format!(
                     "agent {agent} answered a TCP stream with {got}"
-                )));
+                )))
             }
             Ok(TcpEvent::Failed(StreamFailure::Ended { .. })) => {
                 let _ = flush(&mut send, reader.half_mut()).await;
-                return Err(Status::internal(format!(
+                Err(Status::internal(format!(
                     "agent {agent} answered a TCP stream with nothing"
-                )));
+                )))
             }
             Ok(TcpEvent::Failed(e)) => {
                 let _ = flush(&mut send, reader.half_mut()).await;
-                return Err(Status::unavailable(format!("agent {agent}: {e}")));
+                Err(Status::unavailable(format!("agent {agent}: {e}")))
             }
             // Bytes or an end come only after `Opened`.
             Ok(other) => {
                 send.reset(ErrorCode::PROTOCOL_ERROR);
-                return Err(Status::internal(format!(
+                Err(Status::internal(format!(
                     "agent {agent} answered a TCP stream with {other:?}"
-                )));
+                )))
             }
-            Err(e) => return Err(Status::unavailable(format!("agent {agent}: {e}"))),
+            Err(e) => Err(Status::unavailable(format!("agent {agent}: {e}"))),
+        };
+        if let Err(status) = opened {
+            span.end(status.code() as i32, status.message());
+            return Err(status);
         }
+        span.end(0, "");
         record_first_byte(RelayKind::Tcp, started);
         record_call(RelayKind::Tcp, agent.tenant(), tonic::Code::Ok);
         let (recv, machine) = reader.into_parts();

@@ -460,6 +460,7 @@ fn gateway_config(
         store: Default::default(),
         cluster: Default::default(),
         agents: Default::default(),
+        telemetry: Default::default(),
     }
 }
 

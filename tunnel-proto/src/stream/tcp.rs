@@ -94,10 +94,19 @@ pub struct GatewayTcp {
 impl GatewayTcp {
     /// Queues the header of a stream to the agent's service `service` (empty: its default).
     pub fn new(service: String) -> GatewayTcp {
+        Self::with_trace_context(service, Default::default())
+    }
+
+    /// [`GatewayTcp::new`] carrying a W3C trace context (`traceparent`, `tracestate`).
+    pub fn with_trace_context(
+        service: String,
+        trace_context: std::collections::BTreeMap<String, String>,
+    ) -> GatewayTcp {
         let mut out = Outbox::default();
         out.frame(&Message::StreamHeader(StreamHeader {
             kind: StreamKind::Tcp as i32,
             service,
+            trace_context,
             ..Default::default()
         }));
         GatewayTcp {
