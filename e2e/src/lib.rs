@@ -323,6 +323,22 @@ impl TestGateway {
             .unwrap_or_default()
     }
 
+    /// The built `tetherctl`, pointed at this gateway's northbound API as the caller of
+    /// `files` (TLS name `localhost`, no dev.json); add the subcommand.
+    pub fn tetherctl(&self, files: &CertFiles) -> std::process::Command {
+        let mut c = std::process::Command::new(binary("tetherctl"));
+        c.arg("--northbound")
+            .arg(self.handle.northbound_addr.to_string())
+            .arg("--ca")
+            .arg(&files.ca)
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .args(["--server-name", "localhost", "--dev-json", "/nonexistent"]);
+        c
+    }
+
     /// A northbound client authenticated as control-plane caller `name`.
     pub async fn client(&self, pki: &Pki, name: &str) -> AgentsClient<tonic::transport::Channel> {
         let files = pki.client(name);

@@ -633,24 +633,8 @@ async fn tetherctl_submits_watches_progress_live_and_lists() {
     let s = scene().await;
     let files = s._pki.client("api");
     let ctl = |args: &[&str]| {
-        let mut c = tokio::process::Command::new(binary("tetherctl"));
-        c.arg("--northbound")
-            .arg(s.gw.handle.northbound_addr.to_string())
-            .arg("--ca")
-            .arg(&files.ca)
-            .arg("--cert")
-            .arg(&files.cert)
-            .arg("--key")
-            .arg(&files.key)
-            .args([
-                "--server-name",
-                "localhost",
-                "--dev-json",
-                "/nonexistent",
-                "commands",
-            ])
-            .args(args)
-            .kill_on_drop(true);
+        let mut c = tokio::process::Command::from(s.gw.tetherctl(&files));
+        c.arg("commands").args(args).kill_on_drop(true);
         c
     };
     let out = tokio::time::timeout(

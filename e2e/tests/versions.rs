@@ -201,17 +201,8 @@ fn semver_of(v: &str) -> (u64, u64) {
 
 /// Runs the built `tetherctl` against `gw` as caller `ops`.
 fn tetherctl(gw: &TestGateway, pki: &Pki, args: &[&str]) -> String {
-    let files = pki.client("ops");
-    let out = std::process::Command::new(binary("tetherctl"))
-        .args(["--server-name", "localhost", "--dev-json", "/nonexistent"])
-        .arg("--northbound")
-        .arg(gw.handle.northbound_addr.to_string())
-        .arg("--ca")
-        .arg(&files.ca)
-        .arg("--cert")
-        .arg(&files.cert)
-        .arg("--key")
-        .arg(&files.key)
+    let out = gw
+        .tetherctl(&pki.client("ops"))
         .args(args)
         .output()
         .expect("run tetherctl");

@@ -61,11 +61,7 @@ fn valid_config_checks_ok() {
 #[test]
 fn unknown_key_exits_64_naming_the_key() {
     let d = pki_dir();
-    let p = config(d.path(), "[tunnel]\nheartbeat_intervall = \"5s\"\n");
-    let o = gw(
-        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
-        &[],
-    );
+    let o = check_config(d.path(), "[tunnel]\nheartbeat_intervall = \"5s\"\n");
     assert_eq!(o.status.code(), Some(64));
     let e = stderr(&o);
     assert!(
@@ -78,11 +74,7 @@ fn unknown_key_exits_64_naming_the_key() {
 #[test]
 fn invalid_value_exits_64_naming_the_key() {
     let d = pki_dir();
-    let p = config(d.path(), "[tunnel]\nheartbeat_interval = \"often\"\n");
-    let o = gw(
-        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
-        &[],
-    );
+    let o = check_config(d.path(), "[tunnel]\nheartbeat_interval = \"often\"\n");
     assert_eq!(o.status.code(), Some(64));
     assert!(
         stderr(&o).contains("tunnel.heartbeat_interval"),
@@ -91,25 +83,26 @@ fn invalid_value_exits_64_naming_the_key() {
     );
 }
 
+/// `serve --check-config` of a config with `extra` appended.
+fn check_config(dir: &std::path::Path, extra: &str) -> Output {
+    let p = config(dir, extra);
+    gw(
+        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
+        &[],
+    )
+}
+
 #[test]
 fn a_min_version_that_is_not_a_semantic_version_exits_64_naming_the_key() {
     let d = pki_dir();
-    let p = config(d.path(), "[agents]\nmin_version = \"1.2\"\n");
-    let o = gw(
-        &["serve", "--config", p.to_str().unwrap(), "--check-config"],
-        &[],
-    );
+    let o = check_config(d.path(), "[agents]\nmin_version = \"1.2\"\n");
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(
         e.contains("agents.min_version") && e.contains("MAJOR.MINOR.PATCH"),
         "{e}"
     );
-    let ok = config(d.path(), "[agents]\nmin_version = \"0.1.0\"\n");
-    let o = gw(
-        &["serve", "--config", ok.to_str().unwrap(), "--check-config"],
-        &[],
-    );
+    let o = check_config(d.path(), "[agents]\nmin_version = \"0.1.0\"\n");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
