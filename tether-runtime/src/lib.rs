@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`accept`]: taking TCP connections without spinning when the process is out of file
 //!   descriptors;
+//! - [`duration`]: durations as people write them (`90d`, `1h 30m`);
 //! - [`digest`]: SHA-256 in lowercase hex (certificate fingerprints, token hashes);
 //! - [`driver`]: the one control-stream driver, for the agent's and the gateway's session
 //!   machines alike (deadlines from the machines, no fixed tick);
@@ -20,6 +21,7 @@
 pub mod accept;
 pub mod config;
 pub mod digest;
+pub mod duration;
 pub mod driver;
 pub mod grpc;
 pub mod logging;

@@ -2,5 +2,6 @@
 
 pub mod cli;
 mod client;
+pub mod diagnose;
 
 pub use client::*;
