@@ -280,8 +280,8 @@ pub fn check_config(cfg: &AgentConfig) -> Result<String, AgentError> {
     match &cfg.identity.source {
         config::IdentitySource::Files => {
             if cfg.enrolled_identity() && !state::identity_files(cfg).0.exists() {
-                tls::load_roots(&cfg.tls.ca)
-                    .map_err(|e| IdentityError::from(e.for_key("tls.ca", "")))?;
+                tether_runtime::tls::load_roots(&cfg.tls.ca)
+                    .map_err(|e| AgentError::TlsMaterial(e.for_key("tls.ca", "")))?;
                 return Ok(
                     "no enrolled certificate yet: the agent enrolls with `enrollment.token` at start"
                         .into(),

@@ -13,6 +13,7 @@
 //! - [`logging`]: `tracing` subscriber, text or JSON, and a throttle for repeated lines;
 //! - [`ops`]: the ops HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`tls`]: loading PEM material and reading SPIFFE identities out of certificates;
+//! - [`report`]: an error and its sources as one line, each part said once;
 //! - [`shutdown`]: the one shutdown signal every task listens to;
 //! - [`transport`]: a tunnel connection and its streams, over QUIC or TLS + HTTP/2 on TCP;
 //! - [`stream`]: framed reads and writes on one tunnel stream.
@@ -26,6 +27,7 @@ pub mod driver;
 pub mod grpc;
 pub mod logging;
 pub mod ops;
+pub mod report;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;

@@ -46,6 +46,12 @@ pub enum PkiError {
     /// A gateway name is neither a DNS name nor an IP address.
     #[error("gateway name {0:?} is neither a DNS name nor an IP address")]
     GatewayName(String),
+    /// `--dir` holds no CA (`pki init` writes one).
+    #[error(
+        "{} holds no CA ({} is missing): create one with `tether-gateway pki init --dir {}`, or pass the --dir `pki init` wrote to",
+        .0.display(), .1, .0.display()
+    )]
+    NoCa(PathBuf, &'static str),
     /// The CA certificate does not belong to the CA key.
     #[error("{cert}: {reason}")]
     CaMismatch {
@@ -200,6 +206,11 @@ impl Ca {
 
     /// Loads the CA written by [`init`] in `dir`.
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
+            if !dir.join(file).exists() {
+                return Err(PkiError::NoCa(dir.to_owned(), file));
+            }
+        }
         let cert_pem = read(&dir.join("ca.pem"))?;
         let key = KeyPair::from_pem(&read(&dir.join("ca-key.pem"))?)?;
         let trust_domain = read(&dir.join("trust-domain"))?.trim().to_owned();

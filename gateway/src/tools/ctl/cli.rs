@@ -65,6 +65,25 @@ enum Cmd {
     /// Northbound callers (control-plane client certificates).
     #[command(subcommand)]
     Callers(CallersCmd),
+    /// Call a gRPC method of a service behind an agent, with a JSON request; prints each reply
+    /// as JSON. The message types come from the upstream's server reflection, through the
+    /// tunnel.
+    Call {
+        /// The agent, <tenant>/<agent>.
+        agent: String,
+        /// <package.Service>/<Method>, e.g. tether.demo.v1.Echo/Unary.
+        method: String,
+        /// The request, as JSON.
+        #[arg(long, short, default_value = "{}")]
+        data: String,
+        /// The agent's service to call (its `tether-service`; default: the agent's default
+        /// service).
+        #[arg(long)]
+        service: Option<String>,
+        /// Deadline of the call.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -740,6 +759,31 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         .await
         .map_err(Exit::from);
     }
+    if let Cmd::Call {
+        agent,
+        method,
+        data,
+        service,
+        timeout,
+    } = &cli.cmd
+    {
+        agent
+            .parse::<tunnel_proto::AgentId>()
+            .map_err(|e| format!("agent {agent:?}: {e}"))?;
+        let route = ctl::call::Route {
+            agent: agent.clone(),
+            service: service.clone(),
+        };
+        return Ok(ctl::call::call(
+            channel,
+            &route,
+            method,
+            data,
+            *timeout,
+            cli.output == Output::Table,
+        )
+        .await?);
+    }
     let cli = match cli.cmd {
         Cmd::Commands(cmd) => return commands_cmd(channel, cmd, cli.output).await,
         Cmd::Tokens(cmd) => return Ok(tokens_cmd(channel, cmd, cli.output).await?),
@@ -815,7 +859,11 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 ),
             }
         }
-        Cmd::Forward { .. } | Cmd::Commands(_) | Cmd::Tokens(_) | Cmd::Callers(_) => {
+        Cmd::Forward { .. }
+        | Cmd::Call { .. }
+        | Cmd::Commands(_)
+        | Cmd::Tokens(_)
+        | Cmd::Callers(_) => {
             unreachable!("handled above")
         }
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
@@ -1023,13 +1071,15 @@ async fn carry(
         }
         wr.write_all_buf(&mut gathered)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("writing to the local connection: {e}"))?;
         if let Some(end) = ended {
             end?;
             break;
         }
     }
-    wr.shutdown().await.map_err(|e| e.to_string())
+    wr.shutdown()
+        .await
+        .map_err(|e| format!("closing the local connection: {e}"))
 }
 
 /// Runs `tetherctl` with the process's arguments.

@@ -69,7 +69,7 @@ pub async fn diagnose(
         Err(e) => return Some(format!("the CA bundle {}: {e}", t.ca.display())),
     };
     let seen = Arc::new(Seen::default());
-    let verifier = match rustls::client::WebPkiServerVerifier::builder(Arc::new(roots.clone()))
+    let verifier = match rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
         .build()
     {
         Ok(v) => v,
@@ -123,7 +123,7 @@ pub async fn diagnose(
                 "{remote} accepted the TCP connection but did not complete a TLS handshake within {CONNECT_TIMEOUT:?}: it does not look like a Tether gateway's northbound port ({PORTS})"
             ));
         }
-        Ok(Err(e)) => return Some(tls_failure(t, remote, server_name, &e, &seen, &roots)),
+        Ok(Err(e)) => return Some(tls_failure(t, remote, server_name, &e, &seen, ca_pem)),
         Ok(Ok(tls)) => tls,
     };
     if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
@@ -136,7 +136,7 @@ pub async fn diagnose(
     if tls.write_all(H2_PREFACE).await.is_ok() {
         let mut buf = [0u8; 64];
         if let Ok(Err(e)) = tokio::time::timeout(CONNECT_TIMEOUT, tls.read(&mut buf)).await {
-            return Some(tls_failure(t, remote, server_name, &e, &seen, &roots));
+            return Some(tls_failure(t, remote, server_name, &e, &seen, ca_pem));
         }
     }
     None
@@ -165,7 +165,7 @@ fn tls_failure(
     server_name: &str,
     e: &std::io::Error,
     seen: &Seen,
-    roots: &rustls::RootCertStore,
+    ca_pem: &[u8],
 ) -> String {
     let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     let ca = t.ca.display();
@@ -197,7 +197,7 @@ fn tls_failure(
                         .unwrap_or_else(|| "an unknown issuer".into());
                     format!(
                         "the gateway's certificate is not trusted: it was issued by \"{issuer}\", and the CA bundle {ca} (--ca) holds {}. Pass the CA that issued the gateway's certificate (`tether-gateway pki init` writes it as ca.pem; `tether-gateway dev` as .tether/pki/ca.pem)",
-                        ca_subjects(roots)
+                        ca_subjects(ca_pem)
                     )
                 }
                 CertificateError::Expired
@@ -309,14 +309,13 @@ impl Facts {
     }
 }
 
-fn ca_subjects(roots: &rustls::RootCertStore) -> String {
-    let names: Vec<String> = roots
-        .roots
-        .iter()
-        .map(|r| {
-            x509_parser::x509::X509Name::from_der(r.subject.as_ref())
-                .map(|(_, n)| format!("\"{n}\""))
-                .unwrap_or_else(|_| "(unreadable name)".into())
+fn ca_subjects(ca_pem: &[u8]) -> String {
+    let names: Vec<String> = CertificateDer::pem_slice_iter(ca_pem)
+        .filter_map(Result::ok)
+        .map(|der| {
+            x509_parser::parse_x509_certificate(der.as_ref())
+                .map(|(_, c)| format!("\"{}\"", c.subject()))
+                .unwrap_or_else(|_| "(a certificate that does not parse)".into())
         })
         .collect();
     names.join(" and ")
@@ -378,19 +377,7 @@ impl ServerCertVerifier for Recording {
     }
 }
 
-/// `e` and each of its sources, joined: the whole story of an error whose `Display` is only
-/// its outermost layer (tonic's `transport error`).
+/// `e` and each of its sources, each said once ([`tether_runtime::report::chain`]).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        // hyper and tonic repeat their inner error in their own text: say each part once.
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
+    tether_runtime::report::chain(e)
 }
