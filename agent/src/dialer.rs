@@ -59,7 +59,10 @@ impl DialError {
                 A::NoApplicationProtocol => {
                     ". The server there speaks TLS but not Tether's tunnel protocol (it refused ALPN tether/1): is this the gateway's northbound port (7444)? Agents dial the tunnel port (`tunnel.listen`, default 7443)"
                 }
-                A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::UnsupportedCertificate => {
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::UnsupportedCertificate => {
                     ". The gateway does not accept this agent's certificate: is it issued by a CA in the gateway's `tls.ca`, for this trust domain, and unexpired?"
                 }
                 A::CertificateExpired => {

@@ -103,13 +103,17 @@ impl Identity {
         let (cert, key) = state::identity_files(cfg);
         let enrolled = cfg.enrolled_identity();
         let (cert_key, key_key) = if enrolled {
-            ("enrolled certificate in state_dir", "enrolled key in state_dir")
+            (
+                "enrolled certificate in state_dir",
+                "enrolled key in state_dir",
+            )
         } else {
             ("tls.cert", "tls.key")
         };
         let certs = tls::load_certs("certificate", &cert)
             .map_err(|e| e.for_key(cert_key, if enrolled { "" } else { PKI }))?;
-        let key = tls::load_key(&key).map_err(|e| e.for_key(key_key, if enrolled { "" } else { PKI }))?;
+        let key =
+            tls::load_key(&key).map_err(|e| e.for_key(key_key, if enrolled { "" } else { PKI }))?;
         let agent = certs::agent_id(&certs).map_err(|error| IdentityError::Certificate {
             origin: cert.display().to_string(),
             error,

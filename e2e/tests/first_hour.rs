@@ -75,7 +75,10 @@ async fn tetherctl_says_why_it_cannot_reach_the_northbound_api() {
     let e = stderr(&tetherctl(&args).await);
     assert!(e.contains("not trusted"), "{e}");
     assert!(e.contains("CN=Tether CA test.local"), "{e}");
-    assert!(e.contains("holds \"O=Tether, CN=Tether CA test.local"), "{e}");
+    assert!(
+        e.contains("holds \"O=Tether, CN=Tether CA test.local"),
+        "{e}"
+    );
     assert!(e.contains(other_ca.to_str().unwrap()), "{e}");
     assert!(!e.ends_with("transport error\n"), "{e}");
 
@@ -83,7 +86,10 @@ async fn tetherctl_says_why_it_cannot_reach_the_northbound_api() {
     let mut args = conn(&nb, &files);
     args.extend(["--server-name", "gateway.example", "agents", "list"]);
     let e = stderr(&tetherctl(&args).await);
-    assert!(e.contains("not valid for the name \"gateway.example\""), "{e}");
+    assert!(
+        e.contains("not valid for the name \"gateway.example\""),
+        "{e}"
+    );
     assert!(e.contains("localhost, 127.0.0.1"), "{e}");
     assert!(e.contains("--server-name localhost"), "{e}");
 
@@ -178,9 +184,11 @@ async fn an_agent_pointed_at_a_closed_port_says_nothing_listens_there_at_once() 
     // Far longer than the test waits: the answer must come from the ICMP refusal.
     cfg.reconnect.connect_timeout = Duration::from_secs(60);
     let agent = AgentProcess::spawn(&cfg);
-    wait_until("the agent says nothing listens there", Duration::from_secs(15), || {
-        agent.logs().contains("nothing listens on UDP")
-    })
+    wait_until(
+        "the agent says nothing listens there",
+        Duration::from_secs(15),
+        || agent.logs().contains("nothing listens on UDP"),
+    )
     .await;
     let logs = agent.logs();
     assert!(logs.contains("tunnel port"), "{logs}");
@@ -197,9 +205,11 @@ async fn an_agent_pointed_at_the_northbound_port_is_told_it_is_the_wrong_port() 
     let mut cfg = agent_config(&pki.agent("acme/lost"), gw.handle.northbound_addr);
     cfg.reconnect.connect_timeout = Duration::from_secs(60);
     let agent = AgentProcess::spawn(&cfg);
-    wait_until("the agent names the wrong port", Duration::from_secs(15), || {
-        agent.logs().contains("northbound port")
-    })
+    wait_until(
+        "the agent names the wrong port",
+        Duration::from_secs(15),
+        || agent.logs().contains("northbound port"),
+    )
     .await;
     let logs = agent.logs();
     assert!(logs.contains("NoApplicationProtocol"), "{logs}");
@@ -363,11 +373,19 @@ async fn an_unreachable_upstream_is_reported_with_each_cause_once() {
     let gw = TestGateway::start(&pki).await;
     let mut cfg = agent_config(&pki.agent("acme/u"), gw.handle.tunnel_addr);
     let closed = closed_port();
-    with_service(&mut cfg, "echo", &format!("http://{closed}"), ServiceKind::Grpc);
+    with_service(
+        &mut cfg,
+        "echo",
+        &format!("http://{closed}"),
+        ServiceKind::Grpc,
+    );
     let agent = TestAgent::start(&cfg);
     wait_until("agent connected", T, || gw.sessions_of("acme/u") == 1).await;
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/u"), Some("echo"))).await;
-    let s = echo.unary(echo_req("hi")).await.expect_err("nothing listens");
+    let s = echo
+        .unary(echo_req("hi"))
+        .await
+        .expect_err("nothing listens");
     assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
     assert!(s.message().contains("tcp connect error"), "{s:?}");
     assert!(

@@ -126,10 +126,10 @@ impl std::fmt::Debug for TlsMaterial {
 impl TlsMaterial {
     /// Reads `tls.ca`, `tls.cert` and `tls.key`, in that order; an error names the file.
     pub fn load(files: &TlsConfig) -> Result<TlsMaterial, TlsError> {
-        const PKI: &str = "`tether-gateway pki init --dir <dir>` writes ca.pem, gateway.pem and gateway-key.pem";
-        let roots = Arc::new(
-            runtime_tls::load_roots(&files.ca).map_err(|e| e.for_key("tls.ca", PKI))?,
-        );
+        const PKI: &str =
+            "`tether-gateway pki init --dir <dir>` writes ca.pem, gateway.pem and gateway-key.pem";
+        let roots =
+            Arc::new(runtime_tls::load_roots(&files.ca).map_err(|e| e.for_key("tls.ca", PKI))?);
         let ca_pem = std::fs::read_to_string(&files.ca).map_err(|e| {
             TlsError::Pem {
                 what: "CA bundle",

@@ -56,7 +56,10 @@ mod tests {
         assert_eq!(h(5400), "1h 30m");
         assert_eq!(h(252), "4m 12s");
         assert_eq!(human(Duration::from_millis(250)), "250ms");
-        assert_eq!(approx(Duration::from_secs(2 * 86_400 + 3 * 3600 + 7)), "2d 3h");
+        assert_eq!(
+            approx(Duration::from_secs(2 * 86_400 + 3 * 3600 + 7)),
+            "2d 3h"
+        );
         assert_eq!(approx(Duration::from_secs(3600 + 7)), "1h");
     }
 }

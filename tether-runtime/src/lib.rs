@@ -22,8 +22,8 @@
 pub mod accept;
 pub mod config;
 pub mod digest;
-pub mod duration;
 pub mod driver;
+pub mod duration;
 pub mod grpc;
 pub mod logging;
 pub mod ops;

@@ -25,7 +25,11 @@ pub struct Route {
 }
 
 impl Route {
-    fn request<T>(&self, body: T, timeout: std::time::Duration) -> Result<tonic::Request<T>, String> {
+    fn request<T>(
+        &self,
+        body: T,
+        timeout: std::time::Duration,
+    ) -> Result<tonic::Request<T>, String> {
         let mut req = tonic::Request::new(body);
         req.metadata_mut().insert(
             "tether-agent",
@@ -70,11 +74,17 @@ pub async fn call(
         })?;
     let pool = reflect(&channel, route, service, timeout).await?;
     let svc = pool.get_service_by_name(service).ok_or_else(|| {
-        format!("{} does not describe service {service} through reflection", route.describe())
+        format!(
+            "{} does not describe service {service} through reflection",
+            route.describe()
+        )
     })?;
     let m = svc.methods().find(|m| m.name() == name).ok_or_else(|| {
         let names: Vec<String> = svc.methods().map(|m| m.name().to_owned()).collect();
-        format!("service {service} has no method {name}; its methods: {}", names.join(", "))
+        format!(
+            "service {service} has no method {name}; its methods: {}",
+            names.join(", ")
+        )
     })?;
     let mut de = serde_json::Deserializer::from_str(data);
     let request = DynamicMessage::deserialize(m.input(), &mut de)
@@ -122,9 +132,12 @@ async fn send(
     timeout: std::time::Duration,
 ) -> Result<tonic::Response<tonic::Streaming<DynamicMessage>>, String> {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| format!("the gateway connection: {}", tether_runtime::report::chain(&e)))?;
+    grpc.ready().await.map_err(|e| {
+        format!(
+            "the gateway connection: {}",
+            tether_runtime::report::chain(&e)
+        )
+    })?;
     let path: http::uri::PathAndQuery = format!("/{}/{}", m.parent_service().full_name(), m.name())
         .parse()
         .map_err(|e| format!("method path: {e}"))?;
@@ -162,8 +175,12 @@ async fn reflect(
             .map_err(|s| reflection_failed(route, s))?
             .into_inner();
         for _ in 0..n {
-            let Some(ServerReflectionResponse { message_response, .. }) =
-                replies.message().await.map_err(|s| reflection_failed(route, s))?
+            let Some(ServerReflectionResponse {
+                message_response, ..
+            }) = replies
+                .message()
+                .await
+                .map_err(|s| reflection_failed(route, s))?
             else {
                 break;
             };
@@ -207,7 +224,11 @@ fn reflection_failed(route: &Route, s: tonic::Status) -> String {
             route.agent
         )
     } else {
-        format!("asking {} for its descriptors: {}", route.describe(), status(s))
+        format!(
+            "asking {} for its descriptors: {}",
+            route.describe(),
+            status(s)
+        )
     }
 }
 

@@ -607,7 +607,11 @@ async fn watch_commands(
                 "command {} ended {}{}",
                 c.id,
                 state_of(&c).to_uppercase(),
-                if r.is_empty() { String::new() } else { format!(": {r}") }
+                if r.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {r}")
+                }
             )))
         }
         _ => Ok(()),
@@ -956,12 +960,17 @@ async fn check_forwardable(channel: &ctl::Conn, agent: &str, service: &str) -> R
         "tether-agent",
         agent.parse().map_err(|_| "agent id is not ASCII")?,
     );
-    req.metadata_mut()
-        .insert("tether-service", tonic::metadata::MetadataValue::from_static("agent"));
+    req.metadata_mut().insert(
+        "tether-service",
+        tonic::metadata::MetadataValue::from_static("agent"),
+    );
     req.set_timeout(Duration::from_secs(10));
     let info = match AgentInfoClient::new(channel.clone()).get(req).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::DeadlineExceeded => {
+        Err(s)
+            if s.code() == tonic::Code::Unavailable
+                || s.code() == tonic::Code::DeadlineExceeded =>
+        {
             eprintln!(
                 "tetherctl forward: cannot check service {service:?} on agent {agent} now ({}); forwarding anyway",
                 status(s)
@@ -1044,11 +1053,7 @@ async fn carry(
         service.parse().map_err(|_| "service is not ASCII")?,
     );
     let mut client = tether_api::v1::streams_client::StreamsClient::new(channel);
-    let mut inbound = client
-        .open(req)
-        .await
-        .map_err(status)?
-        .into_inner();
+    let mut inbound = client.open(req).await.map_err(status)?.into_inner();
     // Messages that have already arrived leave in one gathered write (the gateway sends what
     // the tunnel delivered, often a packet's worth per message).
     let mut gathered = tether_runtime::stream::Gathered::default();

@@ -180,7 +180,10 @@ async fn channel(t: &Target, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Cha
             )
             .await
             .unwrap_or_else(|| diagnose::chain(&e));
-            Err(format!("cannot reach the northbound API at {}: {why}", t.addr))
+            Err(format!(
+                "cannot reach the northbound API at {}: {why}",
+                t.addr
+            ))
         }
     }
 }

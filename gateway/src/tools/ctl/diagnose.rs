@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::tools::ctl::Target;
@@ -40,7 +40,11 @@ pub async fn diagnose(
     let addr = &t.addr;
     let addrs: Vec<SocketAddr> =
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(addr.as_str())).await {
-            Err(_) => return Some(format!("resolving {addr} took longer than {CONNECT_TIMEOUT:?}")),
+            Err(_) => {
+                return Some(format!(
+                    "resolving {addr} took longer than {CONNECT_TIMEOUT:?}"
+                ));
+            }
             Ok(Err(e)) => return Some(format!("cannot resolve {addr}: {e}")),
             Ok(Ok(a)) => a.collect(),
         };
@@ -69,9 +73,7 @@ pub async fn diagnose(
         Err(e) => return Some(format!("the CA bundle {}: {e}", t.ca.display())),
     };
     let seen = Arc::new(Seen::default());
-    let verifier = match rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
-        .build()
-    {
+    let verifier = match rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build() {
         Ok(v) => v,
         Err(e) => return Some(format!("the CA bundle {}: {e}", t.ca.display())),
     };
@@ -84,14 +86,10 @@ pub async fn diagnose(
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let certs = match CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>()
-            {
+            let certs = match CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>() {
                 Ok(c) if !c.is_empty() => c,
                 _ => {
-                    return Some(format!(
-                        "{}: no PEM certificate in it",
-                        t.cert.display()
-                    ));
+                    return Some(format!("{}: no PEM certificate in it", t.cert.display()));
                 }
             };
             let Ok(key) = PrivateKeyDer::from_pem_slice(key) else {
@@ -185,7 +183,11 @@ fn tls_failure(
                         .unwrap_or_else(|| "<name>".into());
                     format!(
                         "the gateway's certificate is not valid for the name {server_name:?}: it names {}. Connect by one of those names, or keep the address and pass --server-name {first}",
-                        if names.is_empty() { "nothing".into() } else { names }
+                        if names.is_empty() {
+                            "nothing".into()
+                        } else {
+                            names
+                        }
                     )
                 }
                 CertificateError::UnknownIssuer
@@ -217,9 +219,9 @@ fn tls_failure(
             AlertDescription::NoApplicationProtocol => format!(
                 "{remote} speaks TLS but not HTTP/2 gRPC (it refused ALPN h2): this looks like the gateway's tunnel port, not its northbound API ({PORTS})"
             ),
-            AlertDescription::CertificateRequired => format!(
-                "the gateway wants a client certificate: pass --cert and --key (`tether-gateway pki issue-client <name>` writes them), or --token for a gateway with [auth] keys"
-            ),
+            AlertDescription::CertificateRequired => {
+                "the gateway wants a client certificate: pass --cert and --key (`tether-gateway pki issue-client <name>` writes them), or --token for a gateway with [auth] keys".to_owned()
+            }
             AlertDescription::CertificateRevoked => format!(
                 "the gateway refused the client certificate {} as revoked: issue a new one (`tether-gateway pki issue-client <name>`)",
                 t.cert.display()
@@ -239,7 +241,8 @@ fn tls_failure(
             ),
             other => format!("the gateway ended the TLS handshake with the alert {other:?}"),
         },
-        Some(rustls::Error::InvalidMessage(_)) | Some(rustls::Error::InappropriateMessage { .. }) => {
+        Some(rustls::Error::InvalidMessage(_))
+        | Some(rustls::Error::InappropriateMessage { .. }) => {
             format!(
                 "{remote} does not speak TLS (its answer is not a TLS handshake): is this the ops port or another service? ({PORTS})"
             )
