@@ -263,7 +263,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         _ = shutdown.cancelled() => return Ok(()),
     };
     let ops = std::net::TcpListener::bind(cfg.ops.listen).map_err(|source| AgentError::Io {
-        what: format!("binding ops listener tcp/{}", cfg.ops.listen),
+        what: format!("binding ops listener tcp/{} (ops.listen)", cfg.ops.listen),
         source,
     })?;
     let handle = start_with_identity(&cfg, identity, Some(ops), shutdown, default_handlers(&cfg))?;

@@ -38,7 +38,9 @@ fn identity_files(dir: &std::path::Path) {
     let key = KeyPair::generate().unwrap();
     let mut leaf = CertificateParams::default();
     leaf.subject_alt_names = vec![SanType::URI(
-        "spiffe://td.example/tenant/acme/agent/cli".try_into().unwrap(),
+        "spiffe://td.example/tenant/acme/agent/cli"
+            .try_into()
+            .unwrap(),
     )];
     let cert = leaf.signed_by(&key, &issuer).unwrap();
     std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();

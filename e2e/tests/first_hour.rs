@@ -464,3 +464,40 @@ async fn tetherctl_call_sends_json_and_prints_json_replies_through_the_tunnel() 
     agent.stop().await;
     gw.stop().await;
 }
+
+// === Other errors a person reads ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_names_the_key_and_what_to_do() {
+    let pki = Pki::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\n[northbound]\nlisten = \"{}\"\n[ops]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display(),
+            pki.dir.path().join("ca.pem").display(),
+            pki.dir.path().join("gateway.pem").display(),
+            pki.dir.path().join("gateway-key.pem").display(),
+            taken.local_addr().unwrap(),
+        ),
+    )
+    .unwrap();
+    let o = tokio::time::timeout(
+        T,
+        tokio::process::Command::new(binary("tether-gateway"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the gateway exits")
+    .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("northbound.listen"), "{e}");
+    assert!(e.contains("another process listens there"), "{e}");
+}
