@@ -168,3 +168,11 @@ fn bad_connections_exit_64_naming_the_key() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn run_without_a_config_file_says_to_pass_one() {
+    let o = agent(&["run", "--check-config"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    let e = stderr(&o);
+    assert!(e.contains("gateways") && e.contains("pass --config"), "{e}");
+}
