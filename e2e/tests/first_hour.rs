@@ -501,3 +501,37 @@ async fn a_taken_port_names_the_key_and_what_to_do() {
     assert!(e.contains("northbound.listen"), "{e}");
     assert!(e.contains("another process listens there"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_log_pipe_closed_still_stops_on_sigterm() {
+    let pki = Pki::new();
+    let mut cfg = agent_config(&pki.agent("acme/pipe"), closed_port());
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cfg.ops.listen = ops.local_addr().unwrap();
+    drop(ops);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let mut child = tokio::process::Command::new(binary("tether-agent"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Whoever read the log is gone: every line the agent writes from now on meets a broken pipe.
+    drop(child.stderr.take());
+    wait_until("the agent's ops endpoint answers", T, || {
+        tether_runtime::ops::probe(cfg.ops.listen, "/healthz", Duration::from_secs(1))
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the agent stops on SIGTERM though it cannot log")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -63,6 +63,11 @@ pub fn init(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
+        // tracing-subscriber would report it with `eprintln!`, which panics on that same
+        // broken pipe, inside whichever task logged (the signal handler's: SIGTERM then did
+        // nothing).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
