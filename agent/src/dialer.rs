@@ -40,7 +40,7 @@ pub enum DialerError {
 
 /// Why one dial of a gateway failed; the supervisor retries with backoff.
 #[derive(Debug, thiserror::Error)]
-#[error("gateway {gateway}: {failure}")]
+#[error("gateway {gateway}: {failure}{}", self.hint())]
 pub struct DialError {
     /// The address dialed.
     pub gateway: String,
@@ -50,6 +50,42 @@ pub struct DialError {
 }
 
 impl DialError {
+    /// What a TLS refusal means for the operator, after the bare alert (empty when there is
+    /// nothing to add).
+    fn hint(&self) -> &'static str {
+        use rustls::AlertDescription as A;
+        if let Some(alert) = self.tls_alert() {
+            return match alert {
+                A::NoApplicationProtocol => {
+                    ". The server there speaks TLS but not Tether's tunnel protocol (it refused ALPN tether/1): is this the gateway's northbound port (7444)? Agents dial the tunnel port (`tunnel.listen`, default 7443)"
+                }
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::UnsupportedCertificate => {
+                    ". The gateway does not accept this agent's certificate: is it issued by a CA in the gateway's `tls.ca`, for this trust domain, and unexpired?"
+                }
+                A::CertificateExpired => {
+                    ". The gateway says this agent's certificate expired: issue a new one (`tether-gateway pki issue-agent`) or enroll again"
+                }
+                _ => "",
+            };
+        }
+        // This agent refused the gateway's certificate (rustls says why only in words).
+        let local = match &self.failure {
+            DialFailure::Handshake(quinn::ConnectionError::TransportError(e)) => e.reason.clone(),
+            DialFailure::Tcp(TcpFailure::Tls(e)) => e.to_string(),
+            _ => return "",
+        };
+        if local.contains("NotValidForName") {
+            ". The gateway's certificate does not carry the name dialed: set `server_name` to a name it has (`tether-gateway pki init --gateway-name` sets them)"
+        } else if local.contains("UnknownIssuer") || local.contains("BadSignature") {
+            ". The gateway's certificate is not signed by a CA in this agent's `tls.ca`: use the CA bundle of the gateway's PKI (its ca.pem)"
+        } else {
+            ""
+        }
+    }
+
     /// The TLS alert the gateway refused this agent with, if it did (typed: from QUIC's
     /// `CRYPTO_ERROR` code or rustls's error, never from text).
     pub fn tls_alert(&self) -> Option<rustls::AlertDescription> {
@@ -101,6 +137,12 @@ pub enum DialFailure {
     /// The QUIC handshake failed.
     #[error("{}", describe(.0))]
     Handshake(#[source] quinn::ConnectionError),
+    /// The gateway's host answered with ICMP port unreachable: nothing listens on that UDP
+    /// port (or a firewall rejects it). Known at once, without waiting the connect timeout.
+    #[error(
+        "nothing listens on UDP {0}: the host answered ICMP port unreachable. Is the gateway running, and is this its tunnel port (`tunnel.listen`, default 7443)? (or a firewall rejects UDP to it)"
+    )]
+    PortUnreachable(SocketAddr),
     /// The TCP fallback failed.
     #[error("tcp: {0}")]
     Tcp(#[source] TcpFailure),
@@ -132,7 +174,7 @@ pub enum TcpFailure {
         error: std::io::Error,
     },
     /// The TCP connection failed.
-    #[error("{0}")]
+    #[error("{}", tcp_connect(.0))]
     Connect(#[source] std::io::Error),
     /// TLS failed.
     #[error("TLS: {0}")]
@@ -141,6 +183,14 @@ pub enum TcpFailure {
     /// a client certificate after the client's side of the handshake is done).
     #[error("HTTP/2: {0}")]
     Http2(#[source] StreamError),
+}
+
+fn tcp_connect(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        "connection refused: nothing listens on that TCP port".into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// Everything needed to dial, built once from config.
@@ -241,11 +291,16 @@ impl Dialer {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| fail(DialFailure::Endpoint(e)))?;
-        let conn = endpoint
+        let connecting = endpoint
             .connect_with(self.client.clone(), remote, &name)
-            .map_err(|e| fail(DialFailure::Connect(e)))?
-            .await
-            .map_err(|e| fail(DialFailure::Handshake(e)))?;
+            .map_err(|e| fail(DialFailure::Connect(e)))?;
+        let conn = tokio::select! {
+            biased;
+            c = connecting => c.map_err(|e| fail(DialFailure::Handshake(e)))?,
+            () = udp_port_closed(remote) => {
+                return Err(fail(DialFailure::PortUnreachable(remote)));
+            }
+        };
         Ok((endpoint, Link::Quic(conn)))
     }
 
@@ -299,6 +354,44 @@ impl Dialer {
             }
         };
         link.map_err(|e| tcp_fail(TcpFailure::Http2(e)))
+    }
+}
+
+/// Resolves once `remote`'s host answers a datagram with ICMP port unreachable (the kernel
+/// reports it on a connected UDP socket as `ECONNREFUSED`); never resolves otherwise.
+///
+/// quinn hears of the ICMP answer too, but only logs it and waits for its handshake to time
+/// out. So a probe socket of its own sends a one-byte datagram every half second (too short
+/// for any QUIC packet: a gateway drops it unread) and listens for the refusal, while the
+/// handshake runs.
+async fn udp_port_closed(remote: SocketAddr) {
+    let local: SocketAddr = if remote.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
+    let probe = async {
+        let sock = tokio::net::UdpSocket::bind(local).await.ok()?;
+        sock.connect(remote).await.ok()?;
+        let mut buf = [0u8; 64];
+        loop {
+            if let Err(e) = sock.send(&[0]).await
+                && refused(&e)
+            {
+                return Some(());
+            }
+            let answer =
+                tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await;
+            if let Ok(Err(e)) = answer
+                && refused(&e)
+            {
+                return Some(());
+            }
+        }
+    };
+    if probe.await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -47,7 +47,7 @@ pub enum AgentError {
     #[error(transparent)]
     Enrollment(#[from] crate::enroll::EnrollError),
     /// A local listener or file could not be set up.
-    #[error("{what}: {source}")]
+    #[error("{what}: {source}{}", tether_runtime::report::io_hint(source))]
     Io {
         /// What was being done.
         what: String,

@@ -98,10 +98,22 @@ impl Identity {
         if let Some(state) = StateDir::of(cfg) {
             state.recover_renewal()?;
         }
-        let roots = tls::load_roots(&cfg.tls.ca)?;
+        const PKI: &str = "`tether-gateway pki issue-agent <tenant>/<agent>` writes ca.pem, agent.pem and agent-key.pem; or enroll with a token (`enrollment.token`)";
+        let roots = tls::load_roots(&cfg.tls.ca).map_err(|e| e.for_key("tls.ca", PKI))?;
         let (cert, key) = state::identity_files(cfg);
-        let certs = tls::load_certs("certificate", &cert)?;
-        let key = tls::load_key(&key)?;
+        let enrolled = cfg.enrolled_identity();
+        let (cert_key, key_key) = if enrolled {
+            (
+                "enrolled certificate in state_dir",
+                "enrolled key in state_dir",
+            )
+        } else {
+            ("tls.cert", "tls.key")
+        };
+        let certs = tls::load_certs("certificate", &cert)
+            .map_err(|e| e.for_key(cert_key, if enrolled { "" } else { PKI }))?;
+        let key =
+            tls::load_key(&key).map_err(|e| e.for_key(key_key, if enrolled { "" } else { PKI }))?;
         let agent = certs::agent_id(&certs).map_err(|error| IdentityError::Certificate {
             origin: cert.display().to_string(),
             error,

@@ -26,6 +26,8 @@ pub struct Info {
     pub labels: BTreeMap<String, String>,
     /// Allow-listed service names.
     pub services: Vec<String>,
+    /// What each speaks (`grpc` or `tcp`), by name.
+    pub service_kinds: BTreeMap<String, String>,
     /// This process among replicas.
     pub instance_id: String,
     /// Process start.
@@ -59,6 +61,7 @@ impl AgentInfo for Info {
             uptime: prost_types::Duration::try_from(self.started.elapsed()).ok(),
             gateways,
             services: self.services.clone(),
+            service_kinds: self.service_kinds.clone().into_iter().collect(),
             instance_id: self.instance_id.clone(),
         }))
     }

@@ -166,6 +166,17 @@ pub fn start_with_identity(
         capabilities: capabilities.clone(),
         labels: cfg.labels.clone(),
         services: cfg.services.keys().cloned().collect(),
+        service_kinds: cfg
+            .services
+            .iter()
+            .map(|(name, s)| {
+                let kind = match s.kind {
+                    config::ServiceKind::Grpc => "grpc",
+                    config::ServiceKind::Tcp => "tcp",
+                };
+                (name.clone(), kind.to_owned())
+            })
+            .collect(),
         instance_id: instance_id.clone(),
         started: std::time::Instant::now(),
         status: status.clone(),
@@ -257,13 +268,43 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         _ = shutdown.cancelled() => return Ok(()),
     };
     let ops = std::net::TcpListener::bind(cfg.ops.listen).map_err(|source| AgentError::Io {
-        what: format!("binding ops listener tcp/{}", cfg.ops.listen),
+        what: format!("binding ops listener tcp/{} (ops.listen)", cfg.ops.listen),
         source,
     })?;
     let handle = start_with_identity(&cfg, identity, Some(ops), shutdown, default_handlers(&cfg))?;
     tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
     handle.wait().await;
     Ok(())
+}
+
+/// What `tether-agent --check-config` checks beyond the config's own validation, without
+/// touching the network: the identity files `run` would read at start (CA bundle, certificate,
+/// key, the agent id in the certificate) and the TLS client built from them. Returns what was
+/// checked, in words; an error is what `run` would exit 64 with.
+pub fn check_config(cfg: &AgentConfig) -> Result<String, AgentError> {
+    match &cfg.identity.source {
+        config::IdentitySource::Files => {
+            if cfg.enrolled_identity() && !state::identity_files(cfg).0.exists() {
+                tether_runtime::tls::load_roots(&cfg.tls.ca)
+                    .map_err(|e| AgentError::TlsMaterial(e.for_key("tls.ca", "")))?;
+                return Ok(
+                    "no enrolled certificate yet: the agent enrolls with `enrollment.token` at start"
+                        .into(),
+                );
+            }
+            let identity = Identity::from_files(cfg)?;
+            dialer::Dialer::new(cfg, &identity)?;
+            let (cert, _) = state::identity_files(cfg);
+            Ok(format!(
+                "identity {} from {}",
+                identity.agent,
+                cert.display()
+            ))
+        }
+        other => Ok(format!(
+            "identity from {other} (fetched at start; not checked here)"
+        )),
+    }
 }
 
 // === Loading the identity (wiring) ===

@@ -69,8 +69,16 @@ fn main() -> ExitCode {
         }
     };
     if check_config {
-        println!("config ok");
-        return ExitCode::SUCCESS;
+        return match tether_agent::check_config(&cfg) {
+            Ok(checked) => {
+                println!("config ok; {checked}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tether-agent: invalid config: {e}");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+        };
     }
     logging::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()

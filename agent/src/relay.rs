@@ -511,14 +511,7 @@ async fn rpc(
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    tether_runtime::report::chain(e)
 }
 
 /// Gateway → upstream: the Data frames as the request body, read as the HTTP/2 client polls

@@ -553,7 +553,7 @@ pub async fn supervise(
                         // Retrying cannot help until the agent has a new certificate: do not
                         // hammer the gateway, try again only at the longest backoff.
                         tracing::error!(%gateway, %reason, retry_in = ?shared.max_backoff,
-                            "the gateway revoked this agent's certificate; it needs a new one");
+                            "the gateway revoked this agent's certificate; it needs a new one: a certificate issued after the revocation (`tether-gateway pki issue-agent`, or enrolling with a new token) is accepted at once");
                         metrics::counter!("tether_agent_revoked_total").increment(1);
                     } else if upgrade {
                         // Retrying cannot help until this agent is upgraded (or the gateway's

@@ -104,6 +104,7 @@ fn spec(uri: Option<&str>, from_now: (i64, i64)) -> LeafSpec {
         not_before: now + time::Duration::hours(from_now.0),
         not_after: now + time::Duration::hours(from_now.1),
         server: false,
+        issued_at: None,
     }
 }
 

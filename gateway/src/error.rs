@@ -17,7 +17,7 @@ pub enum GatewayError {
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsSetupError),
     /// A listener could not be bound or served.
-    #[error("{what}: {source}")]
+    #[error("{what}: {source}{}", tether_runtime::report::io_hint(source))]
     Io {
         /// What was being done.
         what: String,

@@ -267,10 +267,10 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
             let issued = ca.issue_agent(&id, ttl)?;
             pki::write_issued(&out, "agent", &issued, &ca)?;
             format!(
-                "agent certificate for {} ({}) valid for {} written to {}",
+                "agent certificate for {} ({}) valid for {} written to {}: agent.pem, agent-key.pem and ca.pem (the agent's tls.cert, tls.key and tls.ca)",
                 id,
                 id.to_uri(&ca.trust_domain),
-                humantime::format_duration(ttl),
+                tether_runtime::duration::human(ttl),
                 out.display()
             )
         }
@@ -286,7 +286,7 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
             format!(
                 "peer certificate for {} valid for {} written to {}: set cluster.peer_cert = \"{}\" and cluster.peer_key = \"{}\" on replica {replica_id}",
                 tunnel_proto::SpiffeId::gateway_uri(&ca.trust_domain, &replica_id),
-                humantime::format_duration(ttl),
+                tether_runtime::duration::human(ttl),
                 out.display(),
                 out.join("peer.pem").display(),
                 out.join("peer-key.pem").display(),
@@ -302,9 +302,9 @@ fn pki_cmd(cmd: PkiCmd) -> Result<String, GatewayError> {
             let issued = ca.issue_client(&name, ttl)?;
             pki::write_issued(&out, "client", &issued, &ca)?;
             format!(
-                "control-plane certificate for {} valid for {} written to {}",
+                "control-plane certificate for {} valid for {} written to {}: client.pem, client-key.pem, and ca.pem (the CA bundle: tetherctl --ca)",
                 tunnel_proto::SpiffeId::controlplane_uri(&ca.trust_domain, &name),
-                humantime::format_duration(ttl),
+                tether_runtime::duration::human(ttl),
                 out.display()
             )
         }

@@ -78,8 +78,9 @@ fn bind_tunnel(
 ) -> Result<(std::net::UdpSocket, std::net::TcpListener), GatewayError> {
     let mut tries = 0;
     loop {
-        let udp = std::net::UdpSocket::bind(addr)
-            .map_err(io(format!("binding tunnel listener udp/{addr}")))?;
+        let udp = std::net::UdpSocket::bind(addr).map_err(io(format!(
+            "binding tunnel listener udp/{addr} (tunnel.listen)"
+        )))?;
         let bound = udp.local_addr().map_err(io("tunnel socket".into()))?;
         match std::net::TcpListener::bind(bound) {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -120,10 +121,11 @@ impl Sockets {
         Ok(Sockets {
             tunnel: udp,
             tunnel_tcp: Some(tcp),
-            northbound: std::net::TcpListener::bind(northbound)
-                .map_err(io(format!("binding northbound listener tcp/{northbound}")))?,
+            northbound: std::net::TcpListener::bind(northbound).map_err(io(format!(
+                "binding northbound listener tcp/{northbound} (northbound.listen)"
+            )))?,
             ops: std::net::TcpListener::bind(ops)
-                .map_err(io(format!("binding ops listener tcp/{ops}")))?,
+                .map_err(io(format!("binding ops listener tcp/{ops} (ops.listen)")))?,
             peer: None,
         })
     }

@@ -41,6 +41,20 @@ impl CertFacts {
         })
     }
 
+    /// Whether this certificate was issued at or before `cutoff_ms` (Unix ms), for a
+    /// revocation's cut-off: by its issue stamp ([`crate::identity::pki::issue_stamp`]) when
+    /// it has one, else by its `notBefore` (whole seconds: one issued in the second of the
+    /// cut-off counts as issued before it).
+    pub fn issued_by(&self, cutoff_ms: i64) -> bool {
+        let stamp = hex::decode(&self.serial)
+            .ok()
+            .and_then(|s| crate::identity::pki::issue_stamp(&s, self.not_before));
+        match stamp {
+            Some(ms) => ms <= cutoff_ms,
+            None => self.not_before <= cutoff_ms.div_euclid(1000),
+        }
+    }
+
     /// `notAfter` as a time.
     pub fn not_after_time(&self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after.max(0) as u64)
@@ -112,14 +126,21 @@ impl std::fmt::Debug for TlsMaterial {
 impl TlsMaterial {
     /// Reads `tls.ca`, `tls.cert` and `tls.key`, in that order; an error names the file.
     pub fn load(files: &TlsConfig) -> Result<TlsMaterial, TlsError> {
-        let roots = Arc::new(runtime_tls::load_roots(&files.ca)?);
-        let ca_pem = std::fs::read_to_string(&files.ca).map_err(|e| TlsError::Pem {
-            what: "CA bundle",
-            path: files.ca.clone(),
-            message: e.to_string(),
+        const PKI: &str =
+            "`tether-gateway pki init --dir <dir>` writes ca.pem, gateway.pem and gateway-key.pem";
+        let roots =
+            Arc::new(runtime_tls::load_roots(&files.ca).map_err(|e| e.for_key("tls.ca", PKI))?);
+        let ca_pem = std::fs::read_to_string(&files.ca).map_err(|e| {
+            TlsError::Pem {
+                what: "CA bundle",
+                path: files.ca.clone(),
+                message: e.to_string(),
+            }
+            .for_key("tls.ca", PKI)
         })?;
-        let certs = runtime_tls::load_certs("certificate", &files.cert)?;
-        let key = runtime_tls::load_key(&files.key)?;
+        let certs = runtime_tls::load_certs("certificate", &files.cert)
+            .map_err(|e| e.for_key("tls.cert", PKI))?;
+        let key = runtime_tls::load_key(&files.key).map_err(|e| e.for_key("tls.key", PKI))?;
         Ok(TlsMaterial {
             roots,
             ca_pem,

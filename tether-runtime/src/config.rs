@@ -157,18 +157,24 @@ pub fn load<T: DeserializeOwned + Validate>(
         } else {
             key
         };
+        // toml adds a second line ("in `section`") that repeats the key path: one line only.
+        let mut message = e
+            .into_inner()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if file.is_none() && message.starts_with("missing field") {
+            message.push_str(
+                ": no config file was given; pass --config <file> (or set the key with TETHER_<KEY> or --set key=value)",
+            );
+        }
         ConfigError::Invalid {
             key,
             origin,
-            // toml adds a second line ("in `section`") that repeats the key path: one line only.
-            message: e
-                .into_inner()
-                .to_string()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
+            message,
         }
     })?;
     cfg.validate()?;

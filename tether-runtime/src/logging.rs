@@ -50,16 +50,40 @@ impl Default for LogConfig {
 }
 
 /// Installs the global subscriber (once; later calls are ignored, which suits tests).
-/// `RUST_LOG` wins over `level` when set.
+/// `RUST_LOG` wins over `level` when set (either way quinn's socket layer is quiet, see
+/// [`default_filter`]). Colours only on a terminal: a log file or a
+/// collector gets plain text.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    use std::io::IsTerminal as _;
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    let filter = EnvFilter::new(default_filter(&spec));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
+        // tracing-subscriber would report it with `eprintln!`, which panics on that same
+        // broken pipe, inside whichever task logged (the signal handler's: SIGTERM then did
+        // nothing).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `level` as a filter, with quinn's socket layer (`quinn_udp`) at `error` unless `level`
+/// names it: its warnings (`sendmsg error: … Connection refused`, one per ICMP error) repeat
+/// what the agent and gateway report themselves in words, once per dial.
+fn default_filter(level: &str) -> String {
+    if level.contains("quinn_udp") {
+        level.to_owned()
+    } else {
+        format!("{level},quinn_udp=error")
+    }
 }
 
 /// Lets one log line through per interval and counts the ones held back, for events a peer
@@ -100,6 +124,12 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quinn_udp_warnings_are_off_unless_named() {
+        assert_eq!(default_filter("info"), "info,quinn_udp=error");
+        assert_eq!(default_filter("quinn_udp=warn"), "quinn_udp=warn");
+    }
 
     #[test]
     fn one_line_per_interval_and_the_count_of_the_rest() {

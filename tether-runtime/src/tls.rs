@@ -34,6 +34,39 @@ pub enum TlsError {
     /// The URI SAN is not a Tether SPIFFE identity.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The file a config key names could not be used: names the key, and what to do when the
+    /// file is not there.
+    #[error("{key}: {source}{}", missing_hint(source, hint))]
+    Keyed {
+        /// The config key (`tls.cert`).
+        key: &'static str,
+        /// What to do when the file does not exist.
+        hint: &'static str,
+        /// What went wrong with the file.
+        #[source]
+        source: Box<TlsError>,
+    },
+}
+
+fn missing_hint(e: &TlsError, hint: &str) -> String {
+    match e {
+        TlsError::Pem { path, .. } if !hint.is_empty() && !path.exists() => {
+            format!(" (no such file; {hint})")
+        }
+        _ => String::new(),
+    }
+}
+
+impl TlsError {
+    /// This error as one of the file config key `key` names, with `hint` for a file that is
+    /// not there (what writes it).
+    pub fn for_key(self, key: &'static str, hint: &'static str) -> TlsError {
+        TlsError::Keyed {
+            key,
+            hint,
+            source: Box::new(self),
+        }
+    }
 }
 
 /// The `[tls]` section both binaries share: a CA bundle (what the peer must chain to), this

@@ -134,7 +134,7 @@ impl CallerRevocationList {
             ));
         }
         let r = i.names.get(name)?;
-        (cert.not_before <= r.revoked_at_ms.div_euclid(1000)).then(|| {
+        cert.issued_by(r.revoked_at_ms).then(|| {
             format!(
                 "caller {name} was revoked at {} ({}): its certificates issued until then are refused",
                 humantime::format_rfc3339_seconds(from_ms(r.revoked_at_ms)),

@@ -244,7 +244,7 @@ impl Enrollment {
             return Err(e.into());
         }
         metrics::counter!("tether_gateway_enrollment_tokens_created_total").increment(1);
-        tracing::info!(agent = %id, created_by, ttl = %humantime::format_duration(ttl),
+        tracing::info!(agent = %id, created_by, ttl = %tether_runtime::duration::human(ttl),
             "enrollment token created");
         Ok(v1::CreateTokenResponse {
             token,
@@ -368,6 +368,8 @@ impl Enrollment {
             not_before: ts(not_before)?,
             not_after: ts(to_ms(not_after) / 1000)?,
             server: false,
+            // Judged by its backdated notBefore: a renewal racing a revocation is refused.
+            issued_at: None,
         };
         let pem = ca
             .sign(&spec, key)

@@ -46,6 +46,12 @@ pub enum PkiError {
     /// A gateway name is neither a DNS name nor an IP address.
     #[error("gateway name {0:?} is neither a DNS name nor an IP address")]
     GatewayName(String),
+    /// `--dir` holds no CA (`pki init` writes one).
+    #[error(
+        "{} holds no CA ({} is missing): create one with `tether-gateway pki init --dir {}`, or pass the --dir `pki init` wrote to",
+        .0.display(), .1, .0.display()
+    )]
+    NoCa(PathBuf, &'static str),
     /// The CA certificate does not belong to the CA key.
     #[error("{cert}: {reason}")]
     CaMismatch {
@@ -89,10 +95,47 @@ pub struct LeafSpec {
     pub not_after: OffsetDateTime,
     /// Server (true) or client (false) usage.
     pub server: bool,
+    /// When the certificate counts as issued for revocation (see [`issue_stamp`]): stamped
+    /// into its serial number. `None`: no stamp, and a revocation cut-off judges it by its
+    /// `notBefore` (the gateway's own issuance, whose backdated `notBefore` is what refuses a
+    /// renewal racing a revocation).
+    pub issued_at: Option<OffsetDateTime>,
+}
+
+/// First byte of a serial number that carries the moment of issue: `0x54`, then the Unix
+/// time in milliseconds (8 bytes, big-endian), then 8 random bytes.
+const ISSUE_STAMP_TAG: u8 = 0x54;
+
+/// The serial number of a certificate issued at `at_ms` (Unix ms).
+fn stamped_serial(at_ms: i64) -> Vec<u8> {
+    let mut serial = Vec::with_capacity(17);
+    serial.push(ISSUE_STAMP_TAG);
+    serial.extend_from_slice(&at_ms.to_be_bytes());
+    serial.extend_from_slice(&rand::random::<[u8; 8]>());
+    serial
+}
+
+/// The moment of issue (Unix ms) a certificate with this serial number and `notBefore` (Unix
+/// seconds) was stamped with by `pki issue-agent` / `issue-client`, if it was.
+///
+/// Why: a revocation refuses the certificates of an agent *issued until then*. `notBefore`
+/// cannot say when that was (it is backdated a minute for clock skew, and has one-second
+/// resolution), so a certificate issued right after a revocation would count as issued
+/// before it. The stamp says it to the millisecond. It is believed only when it agrees with
+/// `notBefore` (a stamped certificate is valid from one minute before its issue), so no
+/// serial number of another issuer is ever read as one.
+pub fn issue_stamp(serial: &[u8], not_before: i64) -> Option<i64> {
+    if serial.len() != 17 || serial[0] != ISSUE_STAMP_TAG {
+        return None;
+    }
+    let ms = i64::from_be_bytes(serial[1..9].try_into().ok()?);
+    let from = not_before.checked_mul(1000)?;
+    (from..=from + 120_000).contains(&ms).then_some(ms)
 }
 
 impl LeafSpec {
-    /// A client certificate for `uri`, valid from a minute ago (clock skew) for `ttl`.
+    /// A client certificate for `uri`, valid from a minute ago (clock skew) for `ttl`, stamped
+    /// as issued now ([`issue_stamp`]).
     pub fn client(common_name: &str, uri: String, ttl: Duration) -> LeafSpec {
         let now = OffsetDateTime::now_utc();
         LeafSpec {
@@ -102,6 +145,7 @@ impl LeafSpec {
             not_before: now - time::Duration::minutes(1),
             not_after: now + ttl,
             server: false,
+            issued_at: Some(now),
         }
     }
 }
@@ -162,6 +206,11 @@ impl Ca {
 
     /// Loads the CA written by [`init`] in `dir`.
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
+            if !dir.join(file).exists() {
+                return Err(PkiError::NoCa(dir.to_owned(), file));
+            }
+        }
         let cert_pem = read(&dir.join("ca.pem"))?;
         let key = KeyPair::from_pem(&read(&dir.join("ca-key.pem"))?)?;
         let trust_domain = read(&dir.join("trust-domain"))?.trim().to_owned();
@@ -289,6 +338,7 @@ impl Ca {
             not_before: now - time::Duration::minutes(1),
             not_after: now + SERVER_TTL,
             server: true,
+            issued_at: None,
         })
     }
 }
@@ -300,6 +350,10 @@ fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams, PkiError> {
     params.distinguished_name = dn(&spec.common_name);
     params.not_before = spec.not_before;
     params.not_after = spec.not_after;
+    if let Some(at) = spec.issued_at {
+        let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+        params.serial_number = Some(rcgen::SerialNumber::from(stamped_serial(ms)));
+    }
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![if spec.server {

@@ -2,10 +2,14 @@
 //! tunnel's certificate verifier consults on every handshake.
 //!
 //! A revocation is keyed two ways:
-//! - by **agent id with a cut-off time**: every certificate of that agent valid from (its
-//!   `notBefore`) at or before the revocation is refused. Certificates issued later are
-//!   accepted, so the agent can be enrolled again; the gateway's issuance starts new
-//!   certificates of a revoked agent strictly after the cut-off ([`RevocationList::not_before`]);
+//! - by **agent id with a cut-off time**: every certificate of that agent issued at or before
+//!   the revocation is refused. When it was issued is read from the issue stamp in its serial
+//!   number (`pki issue-agent` stamps the millisecond of issue, so a certificate issued right
+//!   after a revocation is accepted) or, without one, from its `notBefore` (the gateway's own
+//!   issuance backdates it, so a renewal racing a revocation is refused; it starts new
+//!   certificates of a revoked agent strictly after the cut-off, [`RevocationList::not_before`]).
+//!   See [`CertFacts::issued_by`]. Certificates issued later are accepted, so the agent can
+//!   be enrolled or issued a certificate again;
 //! - by **certificate fingerprint** (SHA-256 of the DER): the certificates the agent's live
 //!   sessions presented, refused whatever their dates.
 //!
@@ -135,7 +139,7 @@ impl RevocationList {
             ));
         }
         let r = i.agents.get(agent)?;
-        (cert.not_before <= r.cutoff_secs()).then(|| {
+        cert.issued_by(r.revoked_at_ms).then(|| {
             format!(
                 "agent {agent} was revoked at {} ({}): its certificates issued until then are refused",
                 humantime::format_rfc3339_seconds(from_ms(r.revoked_at_ms)),

@@ -621,6 +621,9 @@ fn print_grpcurl(dev_json: &DevJson, northbound: SocketAddr) {
     let k = rel_path(&dev_json.client_key);
     let ca = rel_path(&dev_json.ca);
     println!(
+        "      ./target/debug/tetherctl call {AGENT} tether.demo.v1.Echo/Unary --data '{{\"message\":\"hi\"}}'"
+    );
+    println!(
         "      grpcurl -cacert {ca} -cert {c} -key {k} -H 'tether-agent: {AGENT}' {northbound} list"
     );
     println!(

@@ -190,6 +190,12 @@ impl SessionInfo {
     ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
         let (control, orders) = mpsc::unbounded_channel();
         let agent_leaves = hello.capabilities.iter().any(|c| c == LEAVE);
+        // Until the first heartbeat measures it: QUIC's estimate from the handshake (TCP has
+        // none to give).
+        let rtt = match &link {
+            tether_runtime::transport::Link::Quic(c) => Some(c.rtt()),
+            tether_runtime::transport::Link::H2(_) => None,
+        };
         let info = SessionInfo {
             session_id,
             agent,
@@ -204,7 +210,7 @@ impl SessionInfo {
             cert_not_after: cert.not_after_time(),
             cert_not_before: cert.not_before,
             agent_leaves,
-            rtt: Mutex::new(None),
+            rtt: Mutex::new(rtt),
             control,
             asked_to_go: AtomicBool::new(false),
             left: AtomicBool::new(false),

@@ -65,6 +65,25 @@ enum Cmd {
     /// Northbound callers (control-plane client certificates).
     #[command(subcommand)]
     Callers(CallersCmd),
+    /// Call a gRPC method of a service behind an agent, with a JSON request; prints each reply
+    /// as JSON. The message types come from the upstream's server reflection, through the
+    /// tunnel.
+    Call {
+        /// The agent, <tenant>/<agent>.
+        agent: String,
+        /// <package.Service>/<Method>, e.g. tether.demo.v1.Echo/Unary.
+        method: String,
+        /// The request, as JSON.
+        #[arg(long, short, default_value = "{}")]
+        data: String,
+        /// The agent's service to call (its `tether-service`; default: the agent's default
+        /// service).
+        #[arg(long)]
+        service: Option<String>,
+        /// Deadline of the call.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -157,7 +176,7 @@ async fn callers_cmd(channel: ctl::Conn, cmd: CallersCmd, output: Output) -> Res
             reason,
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(status)?
         .into_inner();
     match output {
         Output::Table => {
@@ -205,7 +224,7 @@ async fn tokens_cmd(channel: ctl::Conn, cmd: TokensCmd, output: Output) -> Resul
             ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(status)?
         .into_inner();
     match output {
         Output::Table => {
@@ -294,6 +313,21 @@ enum CommandsCmd {
     Cancel { id: String },
 }
 
+/// A failed call in words: the gateway's status code and message, and for a connection that
+/// broke (tonic's bare `transport error`) what broke it.
+fn status(s: tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    if let Some(source) = s.source() {
+        let more = ctl::diagnose::chain(source);
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+    }
+    text
+}
+
 fn state_of(c: &v1::Command) -> String {
     c.state().as_str_name().to_lowercase()
 }
@@ -356,11 +390,10 @@ fn json_command(c: &v1::Command) -> serde_json::Value {
     })
 }
 
-async fn commands_cmd(channel: ctl::Conn, cmd: CommandsCmd, output: Output) -> Result<(), String> {
+async fn commands_cmd(channel: ctl::Conn, cmd: CommandsCmd, output: Output) -> Result<(), Exit> {
     let mut client = v1::commands_client::CommandsClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let show = |c: &v1::Command| match output {
         Output::Table => print_commands(std::slice::from_ref(c)),
         Output::Json => println!("{}", json_command(c)),
@@ -499,9 +532,9 @@ async fn watch_commands(
     client: &mut v1::commands_client::CommandsClient<ctl::Conn>,
     target: v1::watch_commands_request::Target,
     output: Output,
-) -> Result<(), String> {
+) -> Result<(), Exit> {
+    let one = matches!(target, v1::watch_commands_request::Target::Id(_));
     use std::io::Write as _;
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut stream = client
         .watch(v1::WatchCommandsRequest {
             target: Some(target),
@@ -511,8 +544,13 @@ async fn watch_commands(
         .into_inner();
     // Per command: the last state printed and how many progress lines were shown.
     let mut shown: std::collections::HashMap<String, (i32, Vec<String>)> = Default::default();
+    // Watching one command: its last state, to exit non-zero when it did not succeed.
+    let mut last: Option<v1::Command> = None;
     while let Some(ev) = stream.message().await.map_err(status)? {
         let Some(c) = ev.command else { continue };
+        if one {
+            last = Some(c.clone());
+        }
         if output == Output::Json {
             println!(
                 "{}",
@@ -557,7 +595,53 @@ async fn watch_commands(
         }
         let _ = std::io::stdout().flush();
     }
-    Ok(())
+    match last {
+        Some(c)
+            if matches!(
+                c.state(),
+                v1::CommandState::Failed | v1::CommandState::Expired | v1::CommandState::Cancelled
+            ) =>
+        {
+            let r = result_text(&c);
+            Err(Exit::Unsuccessful(format!(
+                "command {} ended {}{}",
+                c.id,
+                state_of(&c).to_uppercase(),
+                if r.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {r}")
+                }
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why `tetherctl` exits non-zero.
+#[derive(Debug)]
+enum Exit {
+    /// It could not do what was asked (exit code 1).
+    Error(String),
+    /// A command it watched to its end did not succeed: FAILED, EXPIRED or CANCELLED (exit
+    /// code [`EXIT_UNSUCCESSFUL`]).
+    Unsuccessful(String),
+}
+
+/// The exit code of `commands submit --watch` and `commands watch <id>` when the command ends
+/// FAILED, EXPIRED or CANCELLED (1 stays for tetherctl's own failures).
+pub const EXIT_UNSUCCESSFUL: u8 = 3;
+
+impl From<String> for Exit {
+    fn from(s: String) -> Exit {
+        Exit::Error(s)
+    }
+}
+
+impl From<&str> for Exit {
+    fn from(s: &str) -> Exit {
+        Exit::Error(s.to_owned())
+    }
 }
 
 fn target(cli: &Cli) -> Result<Target, String> {
@@ -604,10 +688,7 @@ fn ago(t: &Option<prost_types::Timestamp>) -> String {
         return "-".into();
     };
     match SystemTime::now().duration_since(st) {
-        Ok(d) => format!(
-            "{}",
-            humantime::format_duration(Duration::from_secs(d.as_secs()))
-        ),
+        Ok(d) => tether_runtime::duration::approx(d),
         Err(_) => "now".into(),
     }
 }
@@ -677,7 +758,7 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
     })
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), Exit> {
     let channel = ctl::connect_with_token(&target(&cli)?, cli.token.as_deref()).await?;
     if let Cmd::Forward {
         agent,
@@ -692,16 +773,41 @@ async fn run(cli: Cli) -> Result<(), String> {
             service,
             std::net::SocketAddr::new(*bind, *local_port),
         )
-        .await;
+        .await
+        .map_err(Exit::from);
+    }
+    if let Cmd::Call {
+        agent,
+        method,
+        data,
+        service,
+        timeout,
+    } = &cli.cmd
+    {
+        agent
+            .parse::<tunnel_proto::AgentId>()
+            .map_err(|e| format!("agent {agent:?}: {e}"))?;
+        let route = ctl::call::Route {
+            agent: agent.clone(),
+            service: service.clone(),
+        };
+        return Ok(ctl::call::call(
+            channel,
+            &route,
+            method,
+            data,
+            *timeout,
+            cli.output == Output::Table,
+        )
+        .await?);
     }
     let cli = match cli.cmd {
         Cmd::Commands(cmd) => return commands_cmd(channel, cmd, cli.output).await,
-        Cmd::Tokens(cmd) => return tokens_cmd(channel, cmd, cli.output).await,
-        Cmd::Callers(cmd) => return callers_cmd(channel, cmd, cli.output).await,
+        Cmd::Tokens(cmd) => return Ok(tokens_cmd(channel, cmd, cli.output).await?),
+        Cmd::Callers(cmd) => return Ok(callers_cmd(channel, cmd, cli.output).await?),
         _ => cli,
     };
     let mut client = AgentsClient::new(channel);
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     match cli.cmd {
         Cmd::Agents(AgentsCmd::List { tenant, connected }) => {
             let r = client
@@ -770,7 +876,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ),
             }
         }
-        Cmd::Forward { .. } | Cmd::Commands(_) | Cmd::Tokens(_) | Cmd::Callers(_) => {
+        Cmd::Forward { .. }
+        | Cmd::Call { .. }
+        | Cmd::Commands(_)
+        | Cmd::Tokens(_)
+        | Cmd::Callers(_) => {
             unreachable!("handled above")
         }
         Cmd::Agents(AgentsCmd::Watch { tenant, agent }) => {
@@ -829,7 +939,8 @@ async fn forward(
 ) -> Result<(), String> {
     agent
         .parse::<tunnel_proto::AgentId>()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("agent {agent:?}: {e}"))?;
+    check_forwardable(&channel, agent, service).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("listening on {listen}: {e}"))?;
@@ -847,6 +958,68 @@ async fn forward(
                 eprintln!("tetherctl forward: connection from {peer}: {e}");
             }
         });
+    }
+}
+
+/// Asks the agent (its built-in `AgentInfo`, through the tunnel) whether `service` is in its
+/// allow-list and speaks TCP, so that a mistake shows now and not as an empty reply to the
+/// first connection. An agent that cannot be asked now (offline) gets a warning: the
+/// forward is set up anyway and each connection says what happens.
+async fn check_forwardable(channel: &ctl::Conn, agent: &str, service: &str) -> Result<(), String> {
+    use tether_api::agent::v1::GetAgentInfoRequest;
+    use tether_api::agent::v1::agent_info_client::AgentInfoClient;
+    let mut req = tonic::Request::new(GetAgentInfoRequest {});
+    req.metadata_mut().insert(
+        "tether-agent",
+        agent.parse().map_err(|_| "agent id is not ASCII")?,
+    );
+    req.metadata_mut().insert(
+        "tether-service",
+        tonic::metadata::MetadataValue::from_static("agent"),
+    );
+    req.set_timeout(Duration::from_secs(10));
+    let info = match AgentInfoClient::new(channel.clone()).get(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s)
+            if s.code() == tonic::Code::Unavailable
+                || s.code() == tonic::Code::DeadlineExceeded =>
+        {
+            eprintln!(
+                "tetherctl forward: cannot check service {service:?} on agent {agent} now ({}); forwarding anyway",
+                status(s)
+            );
+            return Ok(());
+        }
+        Err(s) => return Err(format!("agent {agent}: {}", status(s))),
+    };
+    let listing = || {
+        let mut names: Vec<String> = info
+            .services
+            .iter()
+            .filter(|n| n.as_str() != "agent")
+            .map(|n| match info.service_kinds.get(n) {
+                Some(k) => format!("{n} ({k})"),
+                None => n.clone(),
+            })
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    if !info.services.iter().any(|n| n == service) {
+        return Err(format!(
+            "agent {agent} has no service {service:?} in its allow-list (its services: {}); add [services.{service}] with kind = \"tcp\" to the agent's config",
+            listing()
+        ));
+    }
+    match info.service_kinds.get(service).map(String::as_str) {
+        Some("tcp") | None => Ok(()),
+        Some(kind) => Err(format!(
+            "service {service:?} on agent {agent} is {kind}, and forward carries raw TCP only (kind = \"tcp\"); call a gRPC service through the gateway instead (`tetherctl call`, or grpcurl with -H 'tether-agent: {agent}' -H 'tether-service: {service}')"
+        )),
     }
 }
 
@@ -893,12 +1066,7 @@ async fn carry(
         service.parse().map_err(|_| "service is not ASCII")?,
     );
     let mut client = tether_api::v1::streams_client::StreamsClient::new(channel);
-    let mut inbound = client
-        .open(req)
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut inbound = client.open(req).await.map_err(status)?.into_inner();
     // Messages that have already arrived leave in one gathered write (the gateway sends what
     // the tunnel delivered, often a packet's worth per message).
     let mut gathered = tether_runtime::stream::Gathered::default();
@@ -921,13 +1089,15 @@ async fn carry(
         }
         wr.write_all_buf(&mut gathered)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("writing to the local connection: {e}"))?;
         if let Some(end) = ended {
             end?;
             break;
         }
     }
-    wr.shutdown().await.map_err(|e| e.to_string())
+    wr.shutdown()
+        .await
+        .map_err(|e| format!("closing the local connection: {e}"))
 }
 
 /// Runs `tetherctl` with the process's arguments.
@@ -940,9 +1110,13 @@ pub fn main() -> ExitCode {
         .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Exit::Error(e)) => {
             eprintln!("tetherctl: {e}");
             ExitCode::FAILURE
+        }
+        Err(Exit::Unsuccessful(e)) => {
+            eprintln!("tetherctl: {e}");
+            ExitCode::from(EXIT_UNSUCCESSFUL)
         }
     }
 }

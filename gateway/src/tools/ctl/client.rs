@@ -9,6 +9,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use crate::tools::ctl::diagnose;
+
 /// What `tether-gateway dev` writes for clients (`./.tether/dev.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DevJson {
@@ -66,8 +68,7 @@ impl From<&DevJson> for Target {
 
 /// Connects to the northbound API.
 pub async fn connect(t: &Target) -> Result<Channel, String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    channel(t, Some(Identity::from_pem(read(&t.cert)?, read(&t.key)?))).await
+    channel(t, Some(read_identity(t)?)).await
 }
 
 /// Sends a bearer token as `authorization` metadata on every call. Its `Debug` hides the token.
@@ -116,36 +117,73 @@ pub type Conn = InterceptedService<Channel, Bearer>;
 /// (a caller with a token may present none).
 pub async fn connect_with_token(t: &Target, token: Option<&str>) -> Result<Conn, String> {
     let bearer = Bearer::new(token)?;
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let identity = if t.cert.as_os_str().is_empty() {
         None
     } else {
-        Some(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+        Some(read_identity(t)?)
     };
     Ok(InterceptedService::new(channel(t, identity).await?, bearer))
 }
 
-async fn channel(t: &Target, identity: Option<Identity>) -> Result<Channel, String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+/// The client certificate and key files of `t`.
+fn read_identity(t: &Target) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).map_err(|e| {
+            format!(
+                "the client {what} {} (--{what}): {e}{}",
+                p.display(),
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    "; `tether-gateway pki issue-client <name>` writes one"
+                } else {
+                    ""
+                }
+            )
+        })
+    };
+    Ok((read(&t.cert, "cert")?, read(&t.key, "key")?))
+}
+
+async fn channel(t: &Target, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Channel, String> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| format!("the CA bundle {} (--ca): {e}", p.display()))
+    };
     let host = t
         .addr
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         .unwrap_or(&t.addr);
     let name = t.server_name.clone().unwrap_or_else(|| host.to_owned());
+    let ca = read(&t.ca)?;
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-        .domain_name(name);
-    if let Some(identity) = identity {
-        tls = tls.identity(identity);
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name(name.clone());
+    if let Some((cert, key)) = &identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
     }
-    Channel::from_shared(format!("https://{}", t.addr))
-        .map_err(|e| format!("northbound address {:?}: {e}", t.addr))?
+    let connected = Channel::from_shared(format!("https://{}", t.addr))
+        .map_err(|e| format!("northbound address {:?} is not host:port: {e}", t.addr))?
         // HTTP/2 frames as large as the gateway's (fewer frames, and wake-ups, per byte).
         .max_frame_size(crate::northbound::listener::MAX_FRAME_SIZE)
+        .connect_timeout(diagnose::CONNECT_TIMEOUT)
         .tls_config(tls)
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| format!("TLS: {}", diagnose::chain(&e)))?
         .connect()
-        .await
-        .map_err(|e| format!("cannot reach the northbound API at {}: {e}", t.addr))
+        .await;
+    match connected {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let why = diagnose::diagnose(
+                t,
+                &name,
+                &ca,
+                identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            )
+            .await
+            .unwrap_or_else(|| diagnose::chain(&e));
+            Err(format!(
+                "cannot reach the northbound API at {}: {why}",
+                t.addr
+            ))
+        }
+    }
 }
