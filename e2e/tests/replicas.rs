@@ -237,8 +237,11 @@ async fn a_revocation_at_one_replica_closes_the_session_at_another_and_a_third_r
     })
     .await;
 
-    // The same certificate at r3, which never held the agent: refused at the handshake.
-    let again = TestAgent::start(&agent_on(&pki, "acme/victim", &[r3]));
+    // The same certificate at r3, which never held the agent: refused at the handshake. (A
+    // certificate issued after the revocation would be accepted: `pki::issue_stamp`.)
+    let mut same = victim_cfg.clone();
+    same.gateways = vec![r3.tunnel.to_string()];
+    let again = TestAgent::start(&same);
     eventually("r3 refusing the revoked certificate", T, || async {
         r3.metric(
             "tether_gateway_handshake_failures_total",
