@@ -43,12 +43,10 @@ fn conn<'a>(addr: &'a str, files: &'a CertFiles) -> Vec<&'a str> {
     ]
 }
 
-/// A loopback port nothing listens on (TCP and UDP): bound, then let go.
+/// A loopback port nothing listens on (TCP and UDP), below the ephemeral range so that no
+/// socket bound to port 0 (nor a TCP dial connecting to itself) takes it meanwhile.
 fn closed_port() -> std::net::SocketAddr {
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = udp.local_addr().unwrap();
-    drop(udp);
-    addr
+    restartable_port([127, 0, 0, 1].into())
 }
 
 // === Item 1: tetherctl says why it cannot connect ===

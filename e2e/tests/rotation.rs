@@ -636,9 +636,10 @@ async fn ca_rotation_old_and_new_ca_overlap_then_the_old_one_is_refused() {
 
     // Overlap: the gateway trusts both CAs, signs with the new one, and still presents its
     // old-CA certificate (agents know only the old CA so far).
+    // Restarted on the same address below: one below the ephemeral range (`restartable_port`).
     let overlap = TestGateway::start_with(
         rotation_config(&bundle, &old, &new),
-        "127.0.0.1:0".parse().unwrap(),
+        restartable_port([127, 0, 0, 1].into()),
     )
     .await;
     let tunnel = overlap.handle.tunnel_addr;

@@ -189,8 +189,10 @@ async fn killed_agent_disappears_within_three_heartbeat_intervals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_restart_on_the_same_port_agents_come_back_with_jittered_backoff() {
     let pki = Pki::new();
-    let gw = TestGateway::start(&pki).await;
-    let addr = gw.handle.tunnel_addr;
+    // Below the ephemeral range: while the gateway is down, the agents' TCP dials of the
+    // closed port cannot connect to themselves and hold it.
+    let addr = restartable_port([127, 0, 0, 1].into());
+    let gw = TestGateway::start_with(TestGateway::config(&pki), addr).await;
     let agents: Vec<_> = (0..6)
         .map(|i| TestAgent::start(&agent_config(&pki.agent(&format!("fleet/a{i}")), addr)))
         .collect();
@@ -332,10 +334,10 @@ async fn gateway_drain_sends_go_away_then_closes_with_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_readyz_follows_the_session_and_healthz_does_not() {
     let pki = Pki::new();
-    // Point the agent at a gateway address where nothing answers yet.
-    let probe_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = probe_sock.local_addr().unwrap();
-    drop(probe_sock);
+    // Point the agent at a gateway address where nothing answers yet: below the ephemeral
+    // range, so that neither another socket nor the agent's own TCP dial (a dial of a closed
+    // port in the ephemeral range can connect to itself) holds it when the gateway starts.
+    let addr = restartable_port([127, 0, 0, 1].into());
     let agent = TestAgent::start_with_ops(&agent_config(&pki.agent("acme/ready"), addr));
     let ops = agent.handle.ops_addr.unwrap();
     let get = move |path: &'static str| {
