@@ -279,7 +279,10 @@ async fn handle(
                 );
                 header.trace_context = span.context();
                 let request = Reader::new(recv, request);
+                // Counted once here: every way a call ends gives its code (none when the
+                // gateway's stream broke before an answer could be sent).
                 if let Some(code) = rpc(header, request, response, send, &services).await {
+                    metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
                     span.end(code as i32, "");
                 }
             }
@@ -319,7 +322,6 @@ async fn finish_with(
     code: Code,
     message: &str,
 ) -> Code {
-    metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
     let _ = response.trailers(Trailers::status(code as i32, message));
     let _ = flush(send, response).await;
     code
@@ -408,7 +410,6 @@ async fn rpc(
         }
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
-            metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
             return Some(Code::Cancelled);
         }
     };
@@ -442,7 +443,6 @@ async fn rpc(
             metadata: grpc::headers_to_metadata(&parts.headers),
         };
         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
-        metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
         let _ = response.trailers(t);
         let _ = flush(&mut send, &mut response).await;
         return Some(code);
@@ -462,7 +462,6 @@ async fn rpc(
                     return Some(finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded").await);
             }
             _ = send.stopped() => {
-                    metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => "Cancelled").increment(1);
                 return Some(Code::Cancelled);
             }
         };
@@ -480,7 +479,6 @@ async fn rpc(
                             metadata: grpc::headers_to_metadata(&trailers),
                         };
                         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
-                        metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
                         let _ = response.trailers(t);
                         let _ = flush(&mut send, &mut response).await;
                         return Some(code);

@@ -319,7 +319,7 @@ fn status(s: tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = format!("{:?}: {}", s.code(), s.message());
     if let Some(source) = s.source() {
-        let more = ctl::diagnose::chain(source);
+        let more = tether_runtime::report::chain(source);
         if !text.contains(&more) {
             text.push_str(": ");
             text.push_str(&more);

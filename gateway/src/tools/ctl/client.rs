@@ -166,7 +166,7 @@ async fn channel(t: &Target, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Cha
         .max_frame_size(crate::northbound::listener::MAX_FRAME_SIZE)
         .connect_timeout(diagnose::CONNECT_TIMEOUT)
         .tls_config(tls)
-        .map_err(|e| format!("TLS: {}", diagnose::chain(&e)))?
+        .map_err(|e| format!("TLS: {}", tether_runtime::report::chain(&e)))?
         .connect()
         .await;
     match connected {
@@ -179,7 +179,7 @@ async fn channel(t: &Target, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Cha
                 identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
             )
             .await
-            .unwrap_or_else(|| diagnose::chain(&e));
+            .unwrap_or_else(|| tether_runtime::report::chain(&e));
             Err(format!(
                 "cannot reach the northbound API at {}: {why}",
                 t.addr

@@ -379,8 +379,3 @@ impl ServerCertVerifier for Recording {
         self.inner.supported_verify_schemes()
     }
 }
-
-/// `e` and each of its sources, each said once ([`tether_runtime::report::chain`]).
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    tether_runtime::report::chain(e)
-}
