@@ -404,18 +404,22 @@ async fn rpc(
     let deadline_at = deadline.unwrap_or(far);
     let call = async { svc.oneshot(req).await };
     let resp = tokio::select! {
-        r = call => r,
+        // The deadline first: an upstream that gives up at the same moment (a tonic server
+        // answers its own grpc-timeout with CANCELLED) must not win the draw.
+        biased;
         _ = tokio::time::sleep_until(deadline_at.into()) => {
             return Some(finish_with(&mut send, &mut response, Code::DeadlineExceeded, "deadline exceeded before the upstream answered").await);
         }
+        r = call => r,
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
             return Some(Code::Cancelled);
         }
     };
+    let expired = || deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d);
     let resp = match resp {
         Ok(r) => r,
-        Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d) => {
+        Err(_) if expired() => {
             // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
             return Some(
                 finish_with(
@@ -443,6 +447,19 @@ async fn rpc(
             metadata: grpc::headers_to_metadata(&parts.headers),
         };
         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
+        if code == Code::Cancelled && expired() {
+            // The upstream enforced the grpc-timeout it was sent and called it CANCELLED (as
+            // tonic's server does): for the caller, its deadline passed.
+            return Some(
+                finish_with(
+                    &mut send,
+                    &mut response,
+                    Code::DeadlineExceeded,
+                    "deadline exceeded before the upstream answered",
+                )
+                .await,
+            );
+        }
         let _ = response.trailers(t);
         let _ = flush(&mut send, &mut response).await;
         return Some(code);

@@ -17,7 +17,9 @@
 //!   its liveness expired;
 //! - a started replica is ready (`/readyz`) once linked to every live peer, or after its
 //!   warm-up when one cannot be reached;
-//! - replicas issuing their own peer certificates with `cluster.peer_ca_key` link and forward.
+//! - replicas issuing their own peer certificates with `cluster.peer_ca_key` link and forward;
+//! - a link dialed to a restarted peer before its new row was read is kept once the row
+//!   catches up (the probe names the process that answered).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -801,4 +803,82 @@ async fn replicas_issuing_their_own_peer_certificates_with_a_ca_key_link_and_for
             .contains("peer certificate issued by cluster.peer_ca_key")
     })
     .await;
+}
+
+/// Lines of `gw`'s log with `message` about `peer`.
+fn peer_log_lines(gw: &GatewayProcess, message: &str, peer: &str) -> usize {
+    gw.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == message && v["peer"] == peer)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_dialed_to_a_restarted_peer_before_its_new_row_was_read_stays_up() {
+    // r0 dials r1 (its id sorts first). Rows live 10 s here, so r0 keeps dialing r1 by the
+    // row it read before the kill, and its dial, pending while nothing listens, completes
+    // with the new process once that listens on the same port: the link must then be known
+    // as the new process's, and not closed as the old one's when the new row is read.
+    let pki = Pki::new();
+    let pg = postgres_on(Ipv4Addr::LOCALHOST);
+    let long_rows = |cfg: String| {
+        cfg.replace(
+            "liveness_timeout = \"1500ms\"",
+            "liveness_timeout = \"10s\"",
+        )
+    };
+    let r0 = GatewayProcess::spawn_configured(
+        &pki,
+        &long_rows(peer_replica_config(&pg.dsn(), "r0", &pki, LOOPBACK)),
+    )
+    .await;
+    let r1_cfg = long_rows(peer_replica_config(&pg.dsn(), "r1", &pki, LOOPBACK));
+    let mut r1 = GatewayProcess::spawn_configured(&pki, &r1_cfg).await;
+    wait_linked(&[&r0, &r1], &["r0", "r1"]).await;
+    let port = r1.peer_addr().expect("r1's peer address");
+
+    r1.child.start_kill().unwrap();
+    let _ = r1.child.wait().await;
+    eventually("r0 seeing its link to r1 down", T, || async {
+        !r0.peer_up("r1")
+    })
+    .await;
+    let ups_before = peer_log_lines(&r0, "peer link up", "r1");
+    let downs_before = peer_log_lines(&r0, "peer link down", "r1");
+
+    // The same replica again, on the same peer port: a new epoch.
+    let again = r1_cfg.replace(
+        &format!("peer_listen = \"{}\"", SocketAddr::new(LOOPBACK, 0)),
+        &format!("peer_listen = \"{port}\""),
+    );
+    assert_ne!(
+        again, r1_cfg,
+        "the peer port is set in the restarted replica's config"
+    );
+    let r1 = GatewayProcess::spawn_configured(&pki, &again).await;
+    assert_eq!(r1.peer_addr(), Some(port));
+    wait_linked(&[&r0, &r1], &["r0", "r1"]).await;
+    // r0 reads the rows every 200 ms: watch 2 s of them.
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            r0.peer_up("r1"),
+            "r0 lost its link to the restarted r1: {}",
+            r0.logs()
+        );
+    }
+    assert_eq!(
+        peer_log_lines(&r0, "peer link up", "r1") - ups_before,
+        1,
+        "r0 linked to the restarted r1 more than once (the first link was closed): {}",
+        r0.logs()
+    );
+    assert_eq!(
+        peer_log_lines(&r0, "peer link down", "r1"),
+        downs_before,
+        "r0's link to the restarted r1 went down: {}",
+        r0.logs()
+    );
 }

@@ -661,6 +661,7 @@ fn cluster_peers(
 ) -> Result<Arc<Peers>, GatewayError> {
     let peers = Peers::start(
         cfg,
+        cluster.replica.id().epoch,
         socket,
         material.roots(),
         cluster.pool.clone(),

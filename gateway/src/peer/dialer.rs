@@ -6,7 +6,10 @@
 //! a task per such peer keeps the link up while the peer is alive, dialing again with capped
 //! exponential backoff and full jitter (100 ms to 5 s) after a failure, and at once when the
 //! peer restarted (its epoch moved). A dial is complete once the peer answered a probe: over
-//! QUIC a peer that refuses this replica's certificate shows it only at the first stream.
+//! QUIC a peer that refuses this replica's certificate shows it only at the first stream. The
+//! probe's answer names the epoch of the process that answered, and that is the link's: a
+//! restarted peer may be dialed before its new row is read, and its link must not then be
+//! taken for the old process's (and closed, with the calls on it) when the row catches up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -230,6 +230,10 @@ impl Forwarder {
                 continue;
             }
             match self.peers.link(r) {
+                // The link is to a process that has since restarted: it holds nothing now.
+                Some(link) if link.epoch().is_some_and(|e| e < row.epoch) => {
+                    notes.push(format!("{r}: restarted; its link is being dialed again"))
+                }
                 Some(link) => ready.push((link, row.draining)),
                 None => notes.push(format!("{r}: no peer link")),
             }

@@ -6,7 +6,7 @@
 //! replica that dialed it dials again. A forwarded stream whose answer is late marks the link
 //! *suspect*: the forwarder prefers other links until a probe, run at once, answers.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_runtime::stream::StreamError;
@@ -22,8 +22,9 @@ use crate::peer::wire::{self, AnswerCode, PeerAnswer, PeerHeader, PeerKind, Wire
 #[derive(Debug)]
 pub struct PeerLink {
     peer: String,
-    /// The epoch of the peer's row when this replica dialed it (`None` when accepted).
-    epoch: Option<i64>,
+    /// The epoch of the peer process this replica dialed, as its first probe answered (or,
+    /// from a peer too old to say, its row when dialed); 0 when accepted.
+    epoch: AtomicI64,
     conn: quinn::Connection,
     link: Link,
     suspect: AtomicBool,
@@ -53,7 +54,7 @@ impl PeerLink {
     pub fn new(peer: String, epoch: Option<i64>, conn: quinn::Connection) -> PeerLink {
         PeerLink {
             peer,
-            epoch,
+            epoch: AtomicI64::new(epoch.unwrap_or(0)),
             link: Link::Quic(conn.clone()),
             conn,
             suspect: AtomicBool::new(false),
@@ -68,9 +69,12 @@ impl PeerLink {
         &self.peer
     }
 
-    /// The peer's epoch when this side dialed it.
+    /// The epoch of the peer process at the other end, when this side dialed it.
     pub fn epoch(&self) -> Option<i64> {
-        self.epoch
+        match self.epoch.load(Ordering::Relaxed) {
+            0 => None,
+            e => Some(e),
+        }
     }
 
     /// True until the connection closed.
@@ -122,7 +126,8 @@ impl PeerLink {
         self.link.closed().await
     }
 
-    /// One probe: a `Ping` stream, answered `Ok`.
+    /// One probe: a `Ping` stream, answered `Ok`. On a dialed link, the answer's epoch (when
+    /// the peer says it) becomes the link's: the process that answers is the one linked.
     pub async fn ping(&self) -> Result<(), ProbeError> {
         let (mut send, mut recv) = self.open().await?;
         let header = PeerHeader {
@@ -134,7 +139,12 @@ impl PeerLink {
         send.finish()?;
         let answer: PeerAnswer = wire::read(&mut recv).await?;
         match answer.code() {
-            AnswerCode::Ok => Ok(()),
+            AnswerCode::Ok => {
+                if answer.epoch > 0 && self.epoch().is_some() {
+                    self.epoch.store(answer.epoch, Ordering::Relaxed);
+                }
+                Ok(())
+            }
             other => Err(ProbeError::Refused(other)),
         }
     }

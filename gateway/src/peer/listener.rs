@@ -119,7 +119,15 @@ async fn serve_stream(
     };
     match PeerKind::from_u32(header.kind) {
         Some(PeerKind::Ping) => {
-            if answer(&mut send, AnswerCode::Ok, "").await {
+            let pong = PeerAnswer {
+                epoch: peers.epoch(),
+                ..PeerAnswer::new(AnswerCode::Ok, "")
+            };
+            if send
+                .write_all_chunks(&mut [wire::encode(&pong)])
+                .await
+                .is_ok()
+            {
                 let _ = send.finish();
             }
         }

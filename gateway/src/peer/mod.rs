@@ -203,6 +203,8 @@ pub struct PeerStatus {
 /// This replica's peer links: the endpoint, the links by peer, and the peers' rows.
 pub struct Peers {
     me: String,
+    /// This process's epoch (`gateway_replicas.epoch`), told to peers in probe answers.
+    epoch: i64,
     trust_domain: String,
     endpoint: quinn::Endpoint,
     tls: PeerTls,
@@ -232,6 +234,7 @@ impl Peers {
     /// streams are opened on `local`. Everything stops at `stop`.
     pub fn start(
         cfg: &GatewayConfig,
+        epoch: i64,
         socket: std::net::UdpSocket,
         roots: Arc<rustls::RootCertStore>,
         pool: PgPool,
@@ -257,6 +260,7 @@ impl Peers {
         })?;
         let peers = Arc::new(Peers {
             me: cfg.cluster.replica_id(),
+            epoch,
             trust_domain: cfg.trust_domain.clone(),
             endpoint,
             tls,
@@ -282,6 +286,11 @@ impl Peers {
     /// This replica's id.
     pub fn me(&self) -> &str {
         &self.me
+    }
+
+    /// This process's epoch.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
     }
 
     /// The timings.

@@ -80,6 +80,11 @@ pub struct PeerAnswer {
     /// Why, for a refusal (shown to the caller when no other replica can take the stream).
     #[prost(string, tag = "2")]
     pub message: String,
+    /// The answering process's epoch (`gateway_replicas.epoch`); 0 from replicas that predate
+    /// it. A dialer learns from its first probe which process it reached: the row it read
+    /// may be older than the process that answers at that address.
+    #[prost(int64, tag = "3")]
+    pub epoch: i64,
 }
 
 /// What a [`PeerAnswer`] says.
@@ -121,6 +126,7 @@ impl PeerAnswer {
         PeerAnswer {
             code: code as u32,
             message: message.into(),
+            epoch: 0,
         }
     }
 
