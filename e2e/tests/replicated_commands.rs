@@ -448,12 +448,33 @@ async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing(
     use nix::unistd::Pid;
     let fleet = Fleet::start(2).await;
     let state = tempfile::tempdir().unwrap();
-    let (_agent, runs) = counting_agent(&fleet, &[0, 1], state.path());
+    // `held` runs its first 20 payloads at once and holds the others until the test opens the
+    // gate after the take-over: work is left for the other replica to take, however fast the
+    // first 20 ran or however late the pause lands on a loaded machine.
+    let runs: Runs = Default::default();
+    let handlers = counting_handlers(&runs, &Default::default());
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    let r = runs.clone();
+    handlers.register("held", move |payload: bytes::Bytes, _p: ProgressSink| {
+        let (r, mut open) = (r.clone(), gate_rx.clone());
+        async move {
+            let p = String::from_utf8_lossy(&payload).into_owned();
+            *r.lock().unwrap().entry(p.clone()).or_default() += 1;
+            if p.parse::<u32>().is_ok_and(|n| n >= 20) {
+                let _ = open.wait_for(|o| *o).await;
+            }
+            Ok(payload)
+        }
+    });
+    let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[0].tunnel);
+    cfg.gateways = vec![fleet.gws[0].tunnel.to_string(), fleet.gws[1].tunnel.to_string()];
+    cfg.state_dir = Some(state.path().to_owned());
+    let _agent = TestAgent::start_with_handlers(&cfg, handlers);
     wait_connected_everywhere(&fleet, &[0, 1]).await;
     let mut ids = Vec::new();
     let mut c0 = fleet.client(0).await;
     for n in 0..300 {
-        let mut req = submit_req(AGENT, "count", n.to_string());
+        let mut req = submit_req(AGENT, "held", n.to_string());
         req.ordering_key = format!("k{}", n % 8);
         ids.push((submit_keyed(&mut c0, req).await.id, n));
     }
@@ -473,6 +494,7 @@ async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     kill(pid, Signal::SIGCONT).unwrap();
+    gate.send_replace(true);
     let mut c = fleet.client(other).await;
     for (id, n) in &ids {
         let got = wait_final(&mut c, id, Duration::from_secs(120)).await;
