@@ -344,23 +344,36 @@ async fn durations_read_as_written_and_rtt_shows_from_the_start() {
     assert!(said.contains("valid for 90d"), "{said}");
     assert!(said.contains("ca.pem"), "{said}");
 
-    // A heartbeat far in the future: the RTT shown is QUIC's from the handshake.
+    // A heartbeat far in the future: the RTT shown is the handshake's, QUIC's estimate or,
+    // over the TCP fallback, how long the TLS handshake took.
     let mut gcfg = TestGateway::config(&pki);
     gcfg.tunnel.heartbeat_interval = Duration::from_secs(600);
     let gw = TestGateway::start_with(gcfg, "127.0.0.1:0".parse().unwrap()).await;
     let agent = TestAgent::start(&agent_config(&pki.agent("acme/r"), gw.handle.tunnel_addr));
-    wait_until("agent connected", T, || gw.sessions_of("acme/r") == 1).await;
+    let mut tcp_cfg = agent_config(&pki.agent("acme/t"), gw.handle.tunnel_addr);
+    tcp_cfg.transport.mode = tether_agent::config::TransportMode::Tcp;
+    let tcp_agent = TestAgent::start(&tcp_cfg);
+    wait_until("agents connected", T, || {
+        gw.sessions_of("acme/r") == 1 && gw.sessions_of("acme/t") == 1
+    })
+    .await;
     let files = pki.client("api");
     let nb = gw.handle.northbound_addr.to_string();
     let mut args = conn(&nb, &files);
     args.extend(["agents", "list"]);
     let o = tetherctl(&args).await;
     let table = String::from_utf8_lossy(&o.stdout).into_owned();
-    let row = table
-        .lines()
-        .find(|l| l.starts_with("acme/r"))
-        .unwrap_or_else(|| panic!("{table}"));
-    assert!(row.contains("ms "), "{table}");
+    for (agent, transport) in [("acme/r", "quic"), ("acme/t", "tcp")] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(agent))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            row.contains("ms "),
+            "no RTT for the {transport} session before its first heartbeat: {table}"
+        );
+    }
+    tcp_agent.stop().await;
     agent.stop().await;
     gw.stop().await;
 }

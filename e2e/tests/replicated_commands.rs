@@ -467,7 +467,10 @@ async fn a_paused_lease_holder_is_taken_over_and_its_late_writes_change_nothing(
         }
     });
     let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[0].tunnel);
-    cfg.gateways = vec![fleet.gws[0].tunnel.to_string(), fleet.gws[1].tunnel.to_string()];
+    cfg.gateways = vec![
+        fleet.gws[0].tunnel.to_string(),
+        fleet.gws[1].tunnel.to_string(),
+    ];
     cfg.state_dir = Some(state.path().to_owned());
     let _agent = TestAgent::start_with_handlers(&cfg, handlers);
     wait_connected_everywhere(&fleet, &[0, 1]).await;

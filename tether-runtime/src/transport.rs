@@ -118,6 +118,9 @@ struct H2Inner {
     close: CancellationToken,
     /// Why the connection ended, once it has.
     ended: watch::Receiver<Option<String>>,
+    /// How long its TLS handshake took, in microseconds (0: not measured): the round trip
+    /// until the first heartbeat measures one.
+    handshake_rtt_us: std::sync::atomic::AtomicU64,
 }
 
 /// How long a closing HTTP/2 connection keeps flushing (the session's `Close` frame) before the
@@ -125,6 +128,33 @@ struct H2Inner {
 const CLOSE_FLUSH: Duration = Duration::from_millis(250);
 
 impl Link {
+    /// The round trip as known before any heartbeat: QUIC's estimate from its handshake, or,
+    /// over TCP, how long the TLS handshake took when [`Link::set_handshake_rtt`] said.
+    pub fn initial_rtt(&self) -> Option<Duration> {
+        match self {
+            Link::Quic(c) => Some(c.rtt()),
+            Link::H2(h) => match h
+                .inner
+                .handshake_rtt_us
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                0 => None,
+                us => Some(Duration::from_micros(us)),
+            },
+        }
+    }
+
+    /// Records how long the TLS handshake under an HTTP/2 link took (from the ClientHello read
+    /// to its end: one round trip plus both ends' handshake work); nothing for QUIC.
+    pub fn set_handshake_rtt(&self, took: Duration) {
+        if let Link::H2(h) = self {
+            h.inner.handshake_rtt_us.store(
+                took.as_micros().clamp(1, u64::MAX as u128) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
     /// The transport.
     pub fn transport(&self) -> Transport {
         match self {
@@ -282,6 +312,7 @@ impl H2Link {
                 remote,
                 close,
                 ended,
+                handshake_rtt_us: Default::default(),
             }),
         }))
     }
@@ -337,6 +368,7 @@ impl H2Link {
                 remote,
                 close,
                 ended,
+                handshake_rtt_us: Default::default(),
             }),
         }))
     }

@@ -306,6 +306,7 @@ async fn handle_tcp(
         (door.serve)(start, remote).await;
         return;
     }
+    let handshake_started = std::time::Instant::now();
     let handshake = tokio::time::timeout_at(deadline, start.into_stream(tunnel_tls));
     let tls = match handshake.await {
         Ok(Ok(t)) => t,
@@ -339,9 +340,13 @@ async fn handle_tcp(
     else {
         return;
     };
+    let handshake_took = handshake_started.elapsed();
     let admitted = ctx.admit_session(&peer.0, remote);
     let link = match H2Link::client(tls, remote).await {
-        Ok(l) => l,
+        Ok(l) => {
+            l.set_handshake_rtt(handshake_took);
+            l
+        }
         Err(e) => {
             tracing::debug!(%remote, error = %e, "HTTP/2 handshake with an agent failed");
             return;

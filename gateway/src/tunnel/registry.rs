@@ -190,12 +190,9 @@ impl SessionInfo {
     ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
         let (control, orders) = mpsc::unbounded_channel();
         let agent_leaves = hello.capabilities.iter().any(|c| c == LEAVE);
-        // Until the first heartbeat measures it: QUIC's estimate from the handshake (TCP has
-        // none to give).
-        let rtt = match &link {
-            tether_runtime::transport::Link::Quic(c) => Some(c.rtt()),
-            tether_runtime::transport::Link::H2(_) => None,
-        };
+        // Until the first heartbeat measures it: the handshake's (QUIC's estimate, or how long
+        // the TLS handshake over TCP took).
+        let rtt = link.initial_rtt();
         let info = SessionInfo {
             session_id,
             agent,
