@@ -476,6 +476,91 @@ async fn tetherctl_call_sends_json_and_prints_json_replies_through_the_tunnel() 
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tetherctl_call_falls_back_to_v1alpha_reflection_and_says_when_there_is_none() {
+    use tether_api::demo::v1::echo_server::EchoServer;
+    // Two upstreams without v1 reflection: one serving only v1alpha (as older gRPC servers
+    // do), one serving no reflection at all.
+    async fn upstream(v1alpha: bool) -> (std::net::SocketAddr, tether_runtime::CancellationToken) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = tether_runtime::CancellationToken::new();
+        let reflection = v1alpha.then(|| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tether_api::FILE_DESCRIPTOR_SET)
+                .build_v1alpha()
+                .unwrap()
+        });
+        let router = tonic::transport::Server::builder()
+            .add_optional_service(reflection)
+            .add_service(EchoServer::new(EchoService::default()));
+        let s = stop.clone();
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    s.cancelled_owned(),
+                )
+                .await
+                .unwrap()
+        });
+        (addr, stop)
+    }
+    let (alpha, stop_alpha) = upstream(true).await;
+    let (none, stop_none) = upstream(false).await;
+    let pki = Pki::new();
+    let gw = TestGateway::start(&pki).await;
+    let mut cfg = agent_config(&pki.agent("acme/old"), gw.handle.tunnel_addr);
+    with_service(
+        &mut cfg,
+        "alpha",
+        &format!("http://{alpha}"),
+        ServiceKind::Grpc,
+    );
+    with_service(
+        &mut cfg,
+        "none",
+        &format!("http://{none}"),
+        ServiceKind::Grpc,
+    );
+    let agent = TestAgent::start(&cfg);
+    wait_until("agent connected", T, || gw.sessions_of("acme/old") == 1).await;
+    let files = pki.client("api");
+    let nb = gw.handle.northbound_addr.to_string();
+    let call = |service: &'static str| {
+        let mut args = conn(&nb, &files);
+        args.extend([
+            "-o",
+            "json",
+            "call",
+            "acme/old",
+            "tether.demo.v1.Echo/Unary",
+            "--service",
+            service,
+            "--data",
+            r#"{"message":"old"}"#,
+        ]);
+        args
+    };
+    let o = tetherctl(&call("alpha")).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reply: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    assert_eq!(reply["message"], "old", "{reply}");
+
+    let o = tetherctl(&call("none")).await;
+    assert_eq!(o.status.code(), Some(1));
+    let said = stderr(&o);
+    assert!(
+        said.contains("neither grpc.reflection.v1 nor v1alpha") && said.contains("grpcurl"),
+        "{said}"
+    );
+    agent.stop().await;
+    gw.stop().await;
+    stop_alpha.cancel();
+    stop_none.cancel();
+}
+
 // === Other errors a person reads ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

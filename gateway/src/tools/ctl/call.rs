@@ -1,6 +1,7 @@
 //! `tetherctl call`: a gRPC call to a service behind an agent, with a JSON request and JSON
 //! replies, the message types learnt from the upstream's own server reflection
-//! (`grpc.reflection.v1`) through the tunnel. No `.proto` files, no grpcurl needed.
+//! (`grpc.reflection.v1`, or `v1alpha` from servers that serve only that one) through the
+//! tunnel. No `.proto` files, no grpcurl needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,7 +9,6 @@ use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataValue;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
@@ -72,7 +72,22 @@ pub async fn call(
         .ok_or_else(|| {
             format!("method {method:?} is not <package.Service>/<Method>, e.g. tether.demo.v1.Echo/Unary")
         })?;
-    let pool = reflect(&channel, route, service, timeout).await?;
+    let pool = match reflect(&channel, route, service, timeout, REFLECTION_V1).await {
+        // Older servers (grpc-java before 1.57, grpc-go before 1.58, grpcio's older releases)
+        // serve only the v1alpha service; its messages are v1's, field for field.
+        Err(Reflection::Unimplemented) => {
+            reflect(&channel, route, service, timeout, REFLECTION_V1ALPHA).await
+        }
+        other => other,
+    }
+    .map_err(|e| match e {
+        Reflection::Unimplemented => format!(
+            "{} does not serve gRPC server reflection (neither grpc.reflection.v1 nor v1alpha), so tetherctl cannot learn its message types; call it with grpcurl and its .proto files (-proto), adding -H 'tether-agent: {}'",
+            route.describe(),
+            route.agent
+        ),
+        Reflection::Failed(m) => m,
+    })?;
     let svc = pool.get_service_by_name(service).ok_or_else(|| {
         format!(
             "{} does not describe service {service} through reflection",
@@ -149,14 +164,34 @@ async fn send(
         .map_err(status)
 }
 
-/// Asks the upstream for the file declaring `symbol` and every file it imports.
+/// The reflection service's method, in its two versions.
+const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// Why reflection gave no descriptors.
+enum Reflection {
+    /// The upstream does not serve this version of it.
+    Unimplemented,
+    /// Anything else, said for a person.
+    Failed(String),
+}
+
+impl From<String> for Reflection {
+    fn from(m: String) -> Reflection {
+        Reflection::Failed(m)
+    }
+}
+
+/// Asks the upstream, through the reflection method at `path`, for the file declaring
+/// `symbol` and every file it imports.
 async fn reflect(
     channel: &Conn,
     route: &Route,
     symbol: &str,
     timeout: std::time::Duration,
-) -> Result<DescriptorPool, String> {
-    let mut client = ServerReflectionClient::new(channel.clone());
+    path: &'static str,
+) -> Result<DescriptorPool, Reflection> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
     let mut files: BTreeMap<String, prost_types::FileDescriptorProto> = BTreeMap::new();
     let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.to_owned())];
     let mut asked: BTreeSet<String> = BTreeSet::new();
@@ -169,8 +204,20 @@ async fn reflect(
             })
             .collect();
         let n = reqs.len();
-        let mut replies = client
-            .server_reflection_info(route.request(futures::stream::iter(reqs), timeout)?)
+        grpc.ready().await.map_err(|e| {
+            format!(
+                "the gateway connection: {}",
+                tether_runtime::report::chain(&e)
+            )
+        })?;
+        let codec =
+            tonic_prost::ProstCodec::<ServerReflectionRequest, ServerReflectionResponse>::default();
+        let mut replies = grpc
+            .streaming(
+                route.request(futures::stream::iter(reqs), timeout)?,
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
             .await
             .map_err(|s| reflection_failed(route, s))?
             .into_inner();
@@ -193,11 +240,11 @@ async fn reflect(
                     }
                 }
                 Some(MessageResponse::ErrorResponse(e)) => {
-                    return Err(format!(
+                    return Err(Reflection::Failed(format!(
                         "{} does not know {symbol} ({}); `grpcurl ... list` through the tunnel shows what it serves",
                         route.describe(),
                         e.error_message
-                    ));
+                    )));
                 }
                 _ => {}
             }
@@ -216,19 +263,15 @@ async fn reflect(
     Ok(pool)
 }
 
-fn reflection_failed(route: &Route, s: tonic::Status) -> String {
+fn reflection_failed(route: &Route, s: tonic::Status) -> Reflection {
     if s.code() == tonic::Code::Unimplemented {
-        format!(
-            "{} does not serve gRPC server reflection (grpc.reflection.v1), so tetherctl cannot learn its message types; call it with grpcurl and its .proto files (-proto), adding -H 'tether-agent: {}'",
-            route.describe(),
-            route.agent
-        )
+        Reflection::Unimplemented
     } else {
-        format!(
+        Reflection::Failed(format!(
             "asking {} for its descriptors: {}",
             route.describe(),
             status(s)
-        )
+        ))
     }
 }
 
