@@ -228,16 +228,46 @@ impl Dialer {
         Dialer::build(identity, self.server_name.clone(), self.proxy.clone())
     }
 
+    /// A dialer as [`Dialer::new`] builds it, but checking the gateway's certificate with
+    /// `verifier` (`tether-agent doctor` wraps the usual check to see what was presented), and
+    /// presenting no certificate when there is no `identity` yet (reachability only).
+    pub fn inspecting(
+        cfg: &AgentConfig,
+        identity: Option<&Identity>,
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    ) -> Result<Dialer, DialerError> {
+        tls::install_crypto_provider();
+        let proxy = Proxy::from_config(&cfg.proxy, |k| std::env::var(k).ok())?;
+        let builder =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .dangerous()
+                .with_custom_certificate_verifier(verifier);
+        let tls = match identity {
+            Some(id) => builder
+                .with_client_auth_cert(id.certs.clone(), id.key.clone_key())
+                .map_err(DialerError::Certificate)?,
+            None => builder.with_no_client_auth(),
+        };
+        Dialer::from_tls(tls, cfg.server_name.clone(), proxy)
+    }
+
     fn build(
         identity: &Identity,
         server_name: Option<String>,
         proxy: Option<Proxy>,
     ) -> Result<Dialer, DialerError> {
-        let mut tls =
-            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-                .with_root_certificates(identity.roots.clone())
-                .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())
-                .map_err(DialerError::Certificate)?;
+        let tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(identity.roots.clone())
+            .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())
+            .map_err(DialerError::Certificate)?;
+        Dialer::from_tls(tls, server_name, proxy)
+    }
+
+    fn from_tls(
+        mut tls: rustls::ClientConfig,
+        server_name: Option<String>,
+        proxy: Option<Proxy>,
+    ) -> Result<Dialer, DialerError> {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let tls = Arc::new(tls);
         let crypto = QuicClientConfig::try_from(tls.clone()).map_err(DialerError::Quic)?;
@@ -257,6 +287,11 @@ impl Dialer {
             server_name,
             proxy,
         })
+    }
+
+    /// The HTTP CONNECT proxy the TCP transport uses for `host`, if one applies.
+    pub fn proxy_for(&self, host: &str) -> Option<&Proxy> {
+        self.proxy.as_ref().filter(|p| p.applies_to(host))
     }
 
     /// Resolves `addr` and completes the QUIC + TLS handshake.

@@ -39,6 +39,7 @@ pub mod certs;
 pub mod commands;
 pub mod config;
 pub mod dialer;
+pub mod doctor;
 pub mod ecr;
 pub mod enroll;
 pub mod error;

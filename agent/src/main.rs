@@ -49,6 +49,17 @@ enum Cmd {
         #[arg(long)]
         ready: bool,
     },
+    /// Network preflight: checks, in order, the agent's certificate, state_dir, and for each
+    /// gateway DNS, UDP and QUIC, TCP (or the proxy) and TLS, a session, and the clock; prints
+    /// what a network team can act on. Exits 0 only when the agent can connect.
+    Doctor {
+        /// The agent's config (as for `run`).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
             check_config,
         } => (config, set, log_format, check_config),
         Cmd::Probe { config, set, ready } => return probe(config, set, ready),
+        Cmd::Doctor { config, set } => return doctor(config, set),
     };
     let cfg = match AgentConfig::load(config.as_deref(), &set) {
         Ok(c) => c,
@@ -134,5 +146,26 @@ fn probe(config: Option<PathBuf>, set: Vec<String>, ready: bool) -> ExitCode {
             eprintln!("tether-agent probe: {addr}{path}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn doctor(config: Option<PathBuf>, set: Vec<String>) -> ExitCode {
+    let cfg = match AgentConfig::load(config.as_deref(), &set) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether-agent doctor: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let report = rt.block_on(tether_agent::doctor::run(&cfg));
+    print!("{}", report.render());
+    if report.can_connect() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

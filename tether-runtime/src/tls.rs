@@ -197,6 +197,32 @@ pub fn validity(
     Ok((at(v.not_before), at(v.not_after)))
 }
 
+/// A certificate's issuer and subject, as distinguished names (`CN=…, O=…`), for a person.
+pub fn issuer_and_subject(cert: &CertificateDer<'_>) -> Result<(String, String), TlsError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::X509(e.to_string()))?;
+    Ok((x509.issuer().to_string(), x509.subject().to_string()))
+}
+
+/// A trust anchor's subject (a distinguished name's content, without its SEQUENCE header, as
+/// `RootCertStore` keeps it), for a person.
+pub fn anchor_name(subject: &[u8]) -> String {
+    let len = subject.len();
+    let mut full = Vec::with_capacity(len + 4);
+    full.push(0x30);
+    if len < 0x80 {
+        full.push(len as u8);
+    } else if len < 0x100 {
+        full.extend([0x81, len as u8]);
+    } else {
+        full.extend([0x82, (len >> 8) as u8, len as u8]);
+    }
+    full.extend_from_slice(subject);
+    <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<x509_parser::error::X509Error>>::from_der(&full)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|_| "a CA whose name does not parse".into())
+}
+
 /// The SPIFFE identity in a certificate's single URI SAN.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())

@@ -82,6 +82,10 @@ pub struct Welcome {
     /// gateway (unknown).
     #[prost(uint32, tag = "10")]
     pub live_replicas: u32,
+    /// The gateway's wall clock when it sent this, in Unix milliseconds: how far the agent's
+    /// clock is off (`tether-agent doctor`). 0 from an older gateway (unknown).
+    #[prost(uint64, tag = "11")]
+    pub server_time_ms: u64,
 }
 
 /// The [`Welcome::capabilities`] entry of a gateway that renews agent certificates.

@@ -802,6 +802,9 @@ impl GatewaySession {
             capabilities: self.config.capabilities.clone(),
             replica_id: self.config.replica_id.clone(),
             live_replicas: self.config.live_replicas,
+            server_time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }));
         self.state = GatewayState::Established;
         self.events

@@ -101,6 +101,7 @@ fn message() -> impl Strategy<Value = Message> {
                         capabilities,
                         replica_id,
                         live_replicas,
+                        server_time_ms: hb.rotate_left(7),
                     })
                 }
             ),
