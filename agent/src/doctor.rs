@@ -110,6 +110,27 @@ impl Report {
             .collect()
     }
 
+    /// As `AgentInfo` carries it.
+    pub fn to_proto(&self) -> tether_api::agent::v1::Preflight {
+        use tether_api::agent::v1::{Preflight, PreflightCheck};
+        Preflight {
+            at_unix_ms: self
+                .at
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64),
+            can_connect: self.can_connect(),
+            checks: self
+                .checks
+                .iter()
+                .map(|c| PreflightCheck {
+                    name: c.name.clone(),
+                    verdict: c.verdict.label().to_lowercase(),
+                    detail: c.detail.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// The report as `doctor` prints it.
     pub fn render(&self) -> String {
         let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -139,9 +160,24 @@ impl Report {
     }
 }
 
+/// What a run includes.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Open a session after the handshake (`Hello`/`Welcome`, then leave), which proves the
+    /// gateway accepts this agent and measures the clock. The agent's own preflight, run while
+    /// it cannot connect, stops at the handshake: a session would show in the fleet.
+    pub session: bool,
+}
+
+/// Runs every check against `cfg`, with a session ([`Options::session`]), as `tether-agent
+/// doctor` does.
+pub async fn run(cfg: &AgentConfig) -> Report {
+    run_with(cfg, Options { session: true }).await
+}
+
 /// Runs every check against `cfg`. Never enrolls (a token is used once): an agent that has
 /// not enrolled yet is checked for reachability and the gateway's certificate only.
-pub async fn run(cfg: &AgentConfig) -> Report {
+pub async fn run_with(cfg: &AgentConfig, opts: Options) -> Report {
     tls::install_crypto_provider();
     let mut report = Report {
         at: Some(SystemTime::now()),
@@ -161,7 +197,7 @@ pub async fn run(cfg: &AgentConfig) -> Report {
         }
     };
     for gateway in &cfg.gateways {
-        check_gateway(cfg, gateway, identity.as_ref(), roots.clone(), &mut report).await;
+        check_gateway(cfg, gateway, identity.as_ref(), roots.clone(), opts, &mut report).await;
     }
     report
 }
@@ -321,6 +357,7 @@ async fn check_gateway(
     gateway: &str,
     identity: Option<&Identity>,
     roots: Option<Arc<rustls::RootCertStore>>,
+    opts: Options,
     report: &mut Report,
 ) {
     let Some((host, port)) = split_host_port(gateway) else {
@@ -361,7 +398,7 @@ async fn check_gateway(
         return;
     };
     let dns_ok = !addrs.is_empty();
-    let hello = hello(cfg);
+    let hello = opts.session.then(|| hello(cfg));
     let mut presented: Vec<(&'static str, Option<String>)> = Vec::new();
 
     // UDP and QUIC.
@@ -497,8 +534,9 @@ fn proxy_check(report: &mut Report, gateway: &str, proxy: &str, e: &DialError) {
 
 /// What came of a session attempt over a transport that connected.
 struct SessionOutcome {
-    /// `Welcome`'s replica and round trip, or why there was none.
-    result: Result<(String, Duration), String>,
+    /// `Welcome`'s replica and round trip (`None`: no session was asked for), or why there
+    /// was none.
+    result: Result<Option<(String, Duration)>, String>,
     /// How far this machine's clock is ahead of the gateway's (negative: behind).
     skew: Option<f64>,
 }
@@ -513,8 +551,12 @@ fn report_transport(
     let name = format!("{gateway} {transport}");
     match outcome {
         Err(why) => report.add(name, Verdict::Fail, why),
+        Ok(SessionOutcome { result: Ok(None), .. }) => {
+            report.add(name, Verdict::Ok, "TLS handshake ok (certificate from tls.ca)");
+            report.connected.push(format!("{gateway} over {transport}"));
+        }
         Ok(SessionOutcome {
-            result: Ok((replica, rtt)),
+            result: Ok(Some((replica, rtt))),
             skew,
         }) => {
             report.add(
@@ -623,7 +665,13 @@ fn hello(cfg: &AgentConfig) -> Hello {
 /// `Hello`, then `Welcome` (or the gateway's refusal), then leaves: nothing is ever routed to
 /// this session, and every stream the gateway opens on it is refused (`REFUSED_STREAM`: it
 /// re-sends elsewhere).
-async fn session(link: &Link, hello: Hello, timeout: Duration) -> SessionOutcome {
+async fn session(link: &Link, hello: Option<Hello>, timeout: Duration) -> SessionOutcome {
+    let Some(hello) = hello else {
+        return SessionOutcome {
+            result: Ok(None),
+            skew: None,
+        };
+    };
     let refuse = {
         let link = link.clone();
         let opens_first = matches!(link, Link::H2(_));
@@ -697,7 +745,7 @@ async fn handshake(link: &Link, hello: Hello) -> SessionOutcome {
                         w.replica_id
                     };
                     return SessionOutcome {
-                        result: Ok((format!("gateway {replica}"), rtt)),
+                        result: Ok(Some((format!("gateway {replica}"), rtt))),
                         skew,
                     };
                 }
@@ -825,5 +873,51 @@ fn span(d: Duration) -> String {
         60..3600 => format!("{}m {}s", s / 60, s % 60),
         3600..86_400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// While the agent has no session to any gateway for a while (twice `reconnect.connect_timeout`
+/// and a second), runs the preflight (without sessions), logs what failed and keeps the report
+/// for `/readyz` and `AgentInfo`; again every five minutes while it stays so.
+pub async fn while_disconnected(
+    cfg: AgentConfig,
+    status: Arc<crate::status::AgentStatus>,
+    shutdown: tether_runtime::CancellationToken,
+) {
+    let grace = cfg.reconnect.connect_timeout * 2 + Duration::from_secs(1);
+    let mut disconnected_since: Option<Instant> = None;
+    let mut last_run: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !status.sessions().is_empty() {
+            disconnected_since = None;
+            continue;
+        }
+        let since = *disconnected_since.get_or_insert_with(Instant::now);
+        let due = since.elapsed() >= grace
+            && last_run.is_none_or(|t| t.elapsed() >= Duration::from_secs(300));
+        if !due {
+            continue;
+        }
+        last_run = Some(Instant::now());
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = run_with(&cfg, Options { session: false }) => r,
+        };
+        if report.can_connect() {
+            tracing::info!(
+                "no session to any gateway yet, but the network preflight reached one; the agent keeps dialing"
+            );
+        } else {
+            tracing::warn!(
+                failures = ?report.failures(),
+                "no session to any gateway for {}: the network preflight (as `tether-agent doctor` runs it) found the failures listed; /readyz shows them too",
+                span(since.elapsed())
+            );
+        }
+        status.set_preflight(report);
     }
 }

@@ -63,6 +63,7 @@ impl AgentInfo for Info {
             services: self.services.clone(),
             service_kinds: self.service_kinds.clone().into_iter().collect(),
             instance_id: self.instance_id.clone(),
+            preflight: self.status.preflight().map(|p| p.to_proto()),
         }))
     }
 }

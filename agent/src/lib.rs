@@ -232,6 +232,11 @@ pub fn start_with_identity(
         ));
     }
     let renewer = tokio::spawn(renew::run(credentials, cfg.clone(), shutdown.clone()));
+    tokio::spawn(doctor::while_disconnected(
+        cfg.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
     let sups: Vec<_> = cfg
         .gateways
         .iter()

@@ -29,6 +29,7 @@ pub struct AgentStatus {
     last_error: Mutex<Option<String>>,
     last_session_end: Mutex<Option<String>>,
     delays: Mutex<Vec<Duration>>,
+    preflight: Mutex<Option<crate::doctor::Report>>,
 }
 
 impl AgentStatus {
@@ -105,6 +106,16 @@ impl AgentStatus {
         self.delays.lock().expect("status lock").clone()
     }
 
+    /// Keeps the last network preflight (run while no gateway could be reached).
+    pub(crate) fn set_preflight(&self, report: crate::doctor::Report) {
+        *self.preflight.lock().expect("status lock") = Some(report);
+    }
+
+    /// The last network preflight, if one ran.
+    pub fn preflight(&self) -> Option<crate::doctor::Report> {
+        self.preflight.lock().expect("status lock").clone()
+    }
+
     /// The `/readyz` body.
     pub fn readiness(&self) -> tether_runtime::ops::Readiness {
         let sessions: Vec<_> = self
@@ -126,6 +137,11 @@ impl AgentStatus {
                 "sessions": sessions,
                 "last_error": self.last_error(),
                 "last_session_end": self.last_session_end(),
+                "preflight": self.preflight().map(|p| serde_json::json!({
+                    "at": p.at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    "can_connect": p.can_connect(),
+                    "failures": p.failures(),
+                })),
             }),
         }
     }
