@@ -13,8 +13,8 @@
 //! The dials are the agent's own ([`Dialer`]), with the gateway-certificate check wrapped to
 //! see what was presented. A session the doctor opens leaves at once (`GoAway`, every stream
 //! refused with `REFUSED_STREAM`, which the gateway re-sends elsewhere), so nothing is ever
-//! routed to it. The agent's `run` runs the same checks when it cannot connect
-//! ([`Report`] in `/readyz`).
+//! routed to it. An agent that cannot connect after it started runs the same checks, without
+//! the session ([`at_start`]; the [`Report`] is in `/readyz` and `AgentInfo`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -876,48 +876,46 @@ fn span(d: Duration) -> String {
     }
 }
 
-/// While the agent has no session to any gateway for a while (twice `reconnect.connect_timeout`
-/// and a second), runs the preflight (without sessions), logs what failed and keeps the report
-/// for `/readyz` and `AgentInfo`; again every five minutes while it stays so.
-pub async fn while_disconnected(
+/// While the agent has had no session since it started, for twice `reconnect.connect_timeout`
+/// and a second: runs the preflight (handshakes only, no session), logs what failed and keeps
+/// the report for `/readyz` and `AgentInfo`; again every five minutes until a session is up.
+/// Once the agent has connected, it is not run again: a later disconnection is reported by
+/// the sessions themselves.
+pub async fn at_start(
     cfg: AgentConfig,
     status: Arc<crate::status::AgentStatus>,
     shutdown: tether_runtime::CancellationToken,
 ) {
+    let started = Instant::now();
     let grace = cfg.reconnect.connect_timeout * 2 + Duration::from_secs(1);
-    let mut disconnected_since: Option<Instant> = None;
-    let mut last_run: Option<Instant> = None;
+    let mut wait = grace;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         if !status.sessions().is_empty() {
-            disconnected_since = None;
-            continue;
+            return;
         }
-        let since = *disconnected_since.get_or_insert_with(Instant::now);
-        let due = since.elapsed() >= grace
-            && last_run.is_none_or(|t| t.elapsed() >= Duration::from_secs(300));
-        if !due {
-            continue;
-        }
-        last_run = Some(Instant::now());
         let report = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = run_with(&cfg, Options { session: false }) => r,
         };
+        if !status.sessions().is_empty() {
+            return;
+        }
         if report.can_connect() {
             tracing::info!(
-                "no session to any gateway yet, but the network preflight reached one; the agent keeps dialing"
+                "no session to any gateway yet, but the network preflight completed a handshake with one; the agent keeps dialing"
             );
         } else {
             tracing::warn!(
                 failures = ?report.failures(),
-                "no session to any gateway for {}: the network preflight (as `tether-agent doctor` runs it) found the failures listed; /readyz shows them too",
-                span(since.elapsed())
+                "no session to any gateway {} after start: the network preflight (the checks of `tether-agent doctor`) found the failures listed; /readyz shows them too",
+                span(started.elapsed())
             );
         }
         status.set_preflight(report);
+        wait = Duration::from_secs(300);
     }
 }

@@ -232,7 +232,7 @@ pub fn start_with_identity(
         ));
     }
     let renewer = tokio::spawn(renew::run(credentials, cfg.clone(), shutdown.clone()));
-    tokio::spawn(doctor::while_disconnected(
+    tokio::spawn(doctor::at_start(
         cfg.clone(),
         status.clone(),
         shutdown.clone(),
