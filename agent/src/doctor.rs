@@ -197,7 +197,15 @@ pub async fn run_with(cfg: &AgentConfig, opts: Options) -> Report {
         }
     };
     for gateway in &cfg.gateways {
-        check_gateway(cfg, gateway, identity.as_ref(), roots.clone(), opts, &mut report).await;
+        check_gateway(
+            cfg,
+            gateway,
+            identity.as_ref(),
+            roots.clone(),
+            opts,
+            &mut report,
+        )
+        .await;
     }
     report
 }
@@ -628,11 +636,20 @@ fn dial_failure(e: &DialError, inspect: &Inspect, roots: &rustls::RootCertStore)
                 trusted.join("; ")
             )
         }
-        Some((rustls::CertificateError::NotValidYet, _, subject)) => format!(
+        Some((
+            rustls::CertificateError::NotValidYet
+            | rustls::CertificateError::NotValidYetContext { .. },
+            _,
+            subject,
+        )) => format!(
             "the gateway's certificate ({subject}) is not valid yet by this machine's clock ({}): this machine's clock is probably behind; fix the node's time sync (NTP, chrony)",
             rfc3339(SystemTime::now())
         ),
-        Some((rustls::CertificateError::Expired, _, subject)) => format!(
+        Some((
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            _,
+            subject,
+        )) => format!(
             "the gateway's certificate ({subject}) has expired by this machine's clock ({}): either the gateway's certificate needs renewing, or this machine's clock is ahead",
             rfc3339(SystemTime::now())
         ),
@@ -666,53 +683,56 @@ fn hello(cfg: &AgentConfig) -> Hello {
 /// this session, and every stream the gateway opens on it is refused (`REFUSED_STREAM`: it
 /// re-sends elsewhere).
 async fn session(link: &Link, hello: Option<Hello>, timeout: Duration) -> SessionOutcome {
+    let fail = |why: String| SessionOutcome {
+        result: Err(why),
+        skew: None,
+    };
     let Some(hello) = hello else {
         return SessionOutcome {
             result: Ok(None),
             skew: None,
         };
     };
+    // Over QUIC the agent opens the control stream; over HTTP/2 the gateway's first stream is.
+    let control = match link {
+        Link::Quic(_) => link.open().await.map_err(|e| e.to_string()),
+        Link::H2(_) => tokio::time::timeout(timeout, link.accept())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("the gateway opened no control stream within {timeout:?}")),
+    };
+    let control = match control {
+        Ok(c) => c,
+        Err(e) => return fail(format!("control stream: {e}")),
+    };
+    // Every other stream the gateway opens is refused: nothing reaches this session.
     let refuse = {
         let link = link.clone();
-        let opens_first = matches!(link, Link::H2(_));
         tokio::spawn(async move {
-            let mut skip_first = opens_first;
             while let Some((mut send, mut recv)) = link.accept().await {
-                if skip_first {
-                    // Over HTTP/2 the gateway's first stream is the control stream.
-                    skip_first = false;
-                    continue;
-                }
                 send.reset(ErrorCode::REFUSED_STREAM);
                 recv.stop(ErrorCode::REFUSED_STREAM);
             }
         })
     };
-    let outcome = tokio::time::timeout(timeout, handshake(link, hello))
+    let outcome = tokio::time::timeout(timeout, handshake(control, hello))
         .await
-        .unwrap_or_else(|_| SessionOutcome {
-            result: Err(format!("no Welcome within {timeout:?}")),
-            skew: None,
-        });
+        .unwrap_or_else(|_| fail(format!("no Welcome within {timeout:?}")));
     refuse.abort();
     outcome
 }
 
-async fn handshake(link: &Link, hello: Hello) -> SessionOutcome {
+async fn handshake(
+    (mut send, mut recv): (
+        tether_runtime::transport::SendStream,
+        tether_runtime::transport::RecvStream,
+    ),
+    hello: Hello,
+) -> SessionOutcome {
     let fail = |why: String| SessionOutcome {
         result: Err(why),
         skew: None,
-    };
-    let control = match link {
-        Link::Quic(_) => link.open().await.map_err(|e| e.to_string()),
-        Link::H2(_) => link
-            .accept()
-            .await
-            .ok_or_else(|| "the gateway opened no control stream".to_owned()),
-    };
-    let (mut send, mut recv) = match control {
-        Ok(c) => c,
-        Err(e) => return fail(format!("control stream: {e}")),
     };
     let started = Instant::now();
     let sent_at = SystemTime::now();

@@ -1626,6 +1626,12 @@ impl GatewayProcess {
 
 pub use tether_gateway::tools::ports::restartable_port;
 
+/// A loopback port nothing listens on (TCP and UDP), below the ephemeral range so that no
+/// socket bound to port 0 (nor a TCP dial connecting to itself) takes it meanwhile.
+pub fn closed_port() -> SocketAddr {
+    restartable_port([127, 0, 0, 1].into())
+}
+
 /// Request headers a [`header_recorder`] saw, one map per request.
 pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>>;
 

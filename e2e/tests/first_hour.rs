@@ -43,12 +43,6 @@ fn conn<'a>(addr: &'a str, files: &'a CertFiles) -> Vec<&'a str> {
     ]
 }
 
-/// A loopback port nothing listens on (TCP and UDP), below the ephemeral range so that no
-/// socket bound to port 0 (nor a TCP dial connecting to itself) takes it meanwhile.
-fn closed_port() -> std::net::SocketAddr {
-    restartable_port([127, 0, 0, 1].into())
-}
-
 // === Item 1: tetherctl says why it cannot connect ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
