@@ -715,7 +715,7 @@ def test_agent_refuses_a_secret_pattern_the_schema_lets_through_naming_the_key(p
         "secrets": {"allow": ["tether/apps/*", "arn:aws:ssm:eu-west-1:123456789012:parameter:x"]}})
     r = render(AGENT_CHART, values)
     etc = materialize(r, tmp_path, {})
-    bad = run(in_pod(r.one("Pod")["spec"]["containers"][0]["command"], etc))
+    bad = run(in_pod(hook_pod(r, "config")["spec"]["containers"][0]["command"], etc))
     assert bad.returncode == 64, bad
     assert "secrets.allow[1]" in bad.stderr and "an ARN pattern is" in bad.stderr, bad.stderr
 
@@ -1379,6 +1379,13 @@ def agent_secrets(values: dict[str, Any], pki: dict[str, str]) -> dict[str, dict
     return {name: {"tls.crt": pki["agent_cert"], "tls.key": pki["agent_key"], "ca.crt": pki["ca"]}}
 
 
+def hook_pod(r: "Rendered", test: str) -> dict[str, Any]:
+    """The `helm test` Pod named `<fullname>-test-<test>`."""
+    found = [o for o in r.of_kind("Pod") if o["metadata"]["name"].endswith(f"-test-{test}")]
+    assert len(found) == 1, f"expected one helm test pod -test-{test}, got {[o['metadata']['name'] for o in r.of_kind('Pod')]}"
+    return found[0]
+
+
 def in_pod(cmd: list[str], etc: Path) -> list[str]:
     """A command from the rendered manifests, run here: binaries from target/debug, files from etc."""
     assert cmd[0].startswith("/usr/local/bin/"), cmd
@@ -1393,7 +1400,7 @@ def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_pat
     for path in tomllib.loads((etc / "agent.toml").read_text()).get("tls", {}).values():
         assert Path(path).is_file(), path
     # The same command as the chart's `helm test` hook pod.
-    hook = r.one("Pod")["spec"]["containers"][0]["command"]
+    hook = hook_pod(r, "config")["spec"]["containers"][0]["command"]
     assert hook[-1] == "--check-config"
     out = run(in_pod(hook, etc))
     assert out.returncode == 0, f"tether-agent rejected the chart's agent.toml:\n{out.stderr}"
@@ -1404,6 +1411,41 @@ def test_rendered_agent_config_passes_the_agent_binarys_check(name, pki, tmp_pat
     assert bad.returncode == 64 and "relay_everything" in bad.stderr, bad
 
 
+def test_agent_helm_test_runs_the_doctor_from_a_pod_like_the_agents_and_it_names_the_fault(pki, tmp_path):
+    """The `helm test` doctor pod has the agent's image, config, identity, proxy settings and
+    service account, the agent's NetworkPolicy selects it (and the Deployment does not), and its
+    command, run here on the rendered files, exits 1 naming what is wrong: the example gateway's
+    name does not resolve from this machine."""
+    values = agent_values("agent-required.yaml", pki, {"proxy": {"noProxy": ".internal"}})
+    r = render(AGENT_CHART, values)
+    pod = hook_pod(r, "doctor")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    d = r.one("Deployment")
+    agent, doctor = d["spec"]["template"]["spec"], pod["spec"]
+    assert doctor["serviceAccountName"] == agent["serviceAccountName"]
+    assert doctor["automountServiceAccountToken"] == agent["automountServiceAccountToken"]
+    a, c = agent["containers"][0], doctor["containers"][0]
+    assert c["image"] == a["image"]
+    assert c["command"] == ["/usr/local/bin/tether-agent", "doctor", "--config", "/etc/tether/agent.toml"]
+    assert c.get("env") == a.get("env")
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {m["mountPath"] for m in a["volumeMounts"]}
+    # The NetworkPolicy covers it, the Deployment's selector does not (no adoption).
+    np = r.one("NetworkPolicy")["spec"]["podSelector"]
+    labels = pod["metadata"]["labels"]
+    assert np["matchLabels"].items() <= labels.items()
+    assert all(labels.get(e["key"]) in e["values"] for e in np["matchExpressions"]), np
+    assert not d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Its command, on the rendered files: the report names the unresolvable gateway, exit 1.
+    etc = materialize(r, tmp_path, agent_secrets(values, pki))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cmd = in_pod(c["command"], etc) + ["--set", f'state_dir="{state}"']
+    out = run(cmd, timeout=60)
+    assert out.returncode == 1, out
+    assert "dns" in out.stdout and "cannot resolve" in out.stdout, out.stdout
+    assert "result: the agent cannot connect" in out.stdout, out.stdout
+
+
 def test_agent_identity_from_aws_secrets_manager_with_a_ca_bundle_passes_the_agent_binarys_check(pki, tmp_path):
     """With gateway.caBundle the config keeps tls.ca (used when the secret holds no `ca`); the
     agent accepts it without contacting AWS, and refuses a tls.cert next to this source, which is
@@ -1412,7 +1454,7 @@ def test_agent_identity_from_aws_secrets_manager_with_a_ca_bundle_passes_the_age
     r = render(AGENT_CHART, values)
     etc = materialize(r, tmp_path, {})
     assert sorted(p.name for p in etc.iterdir()) == ["agent.toml", "gateway-ca.crt"]
-    hook = r.one("Pod")["spec"]["containers"][0]["command"]
+    hook = hook_pod(r, "config")["spec"]["containers"][0]["command"]
     out = run(in_pod(hook, etc))
     assert out.returncode == 0, f"tether-agent rejected the chart's agent.toml:\n{out.stderr}"
     assert "config ok" in out.stdout
