@@ -217,6 +217,13 @@ async fn running_it_for_real_works_as_the_readme_writes_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The README's doctor line, next to the agent: it can connect.
+    let doctor = commands(&sh, "tether-agent doctor");
+    assert_eq!(doctor.len(), 1, "{sh}");
+    let o = run("tether-agent", &doctor[0][1..], &agent_dir).await;
+    assert!(o.status.success(), "tether-agent doctor: {}", said(&o));
+    assert!(said(&o).contains("result: the agent can connect"), "{}", said(&o));
+
     // `forward acme/eu-1 db <port>`, as the README shows it (another local port).
     let fwd_line = commands(&sh, "tetherctl ... forward");
     assert_eq!(fwd_line.len(), 1, "{sh}");
