@@ -5,7 +5,7 @@
 //! from what the binaries accept.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use tether_e2e::*;
@@ -222,7 +222,11 @@ async fn running_it_for_real_works_as_the_readme_writes_it() {
     assert_eq!(doctor.len(), 1, "{sh}");
     let o = run("tether-agent", &doctor[0][1..], &agent_dir).await;
     assert!(o.status.success(), "tether-agent doctor: {}", said(&o));
-    assert!(said(&o).contains("result: the agent can connect"), "{}", said(&o));
+    assert!(
+        said(&o).contains("result: the agent can connect"),
+        "{}",
+        said(&o)
+    );
 
     // `forward acme/eu-1 db <port>`, as the README shows it (another local port).
     let fwd_line = commands(&sh, "tetherctl ... forward");

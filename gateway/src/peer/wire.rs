@@ -214,13 +214,13 @@ mod tests {
         #[test]
         fn headers_and_answers_round_trip(
             kind in 0u32..4, agent in ".{0,80}", caller in ".{0,80}", timeout_ms in any::<u64>(),
-            code in 0u32..8, message in ".{0,200}",
+            code in 0u32..8, message in ".{0,200}", epoch in any::<i64>(),
         ) {
             let h = PeerHeader {
                 version: VERSION, kind, agent, caller, timeout_ms, stream_kind: "grpc".into(),
             };
             prop_assert_eq!(decode::<PeerHeader>(&encode(&h)).unwrap(), h);
-            let a = PeerAnswer { code, message };
+            let a = PeerAnswer { code, message, epoch };
             prop_assert_eq!(decode::<PeerAnswer>(&encode(&a)).unwrap(), a);
         }
 
