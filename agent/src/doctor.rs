@@ -914,14 +914,14 @@ pub async fn at_start(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        if !status.sessions().is_empty() {
+        if status.ever_connected() {
             return;
         }
         let report = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = run_with(&cfg, Options { session: false }) => r,
         };
-        if !status.sessions().is_empty() {
+        if status.ever_connected() {
             return;
         }
         if report.can_connect() {

@@ -30,10 +30,14 @@ pub struct AgentStatus {
     last_session_end: Mutex<Option<String>>,
     delays: Mutex<Vec<Duration>>,
     preflight: Mutex<Option<crate::doctor::Report>>,
+    /// A session was up at some point since the agent started.
+    ever_connected: std::sync::atomic::AtomicBool,
 }
 
 impl AgentStatus {
     pub(crate) fn session_up(&self, key: u64, s: SessionStatus) {
+        self.ever_connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut m = self.sessions.lock().expect("status lock");
         m.insert(key, s);
         metrics::gauge!("tether_agent_sessions_active").set(m.len() as f64);
@@ -104,6 +108,12 @@ impl AgentStatus {
     /// Reconnect delays chosen so far (most recent last, at most 1024).
     pub fn reconnect_delays(&self) -> Vec<Duration> {
         self.delays.lock().expect("status lock").clone()
+    }
+
+    /// True once a session was up at some point since the agent started.
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps the last network preflight (run while no gateway could be reached).
