@@ -326,9 +326,25 @@ impl Executor {
     }
 
     /// Serves one `Command` stream whose header was read.
-    pub async fn serve(self: Arc<Self>, mut reader: Reader<AgentCommand>, mut send: SendStream) {
+    /// With `telemetry` on, the delivery is a span of its own (`command <kind>`), linked to
+    /// the Submit call's trace context the gateway sent.
+    pub async fn serve(
+        self: Arc<Self>,
+        mut reader: Reader<AgentCommand>,
+        mut send: SendStream,
+        telemetry: &tether_runtime::telemetry::Telemetry,
+    ) {
         let id = reader.half_mut().id().to_owned();
         let kind = reader.half_mut().kind().to_owned();
+        let span = telemetry.linked_span(
+            format!("command {kind}"),
+            tether_runtime::telemetry::SpanKind::Consumer,
+            &reader.half_mut().trace_context(),
+            vec![
+                tether_runtime::telemetry::KeyValue::new("tether.command.id", id.clone()),
+                tether_runtime::telemetry::KeyValue::new("tether.command.kind", kind.clone()),
+            ],
+        );
         // The payload: Data frames up to FIN.
         let payload = match reader.next().await {
             Ok(PayloadEvent::Payload(p)) => p,
@@ -393,6 +409,8 @@ impl Executor {
         // The machine cuts the message (outcomes recorded by an older agent may carry longer
         // ones) and sends the output inline, in `Data` frames, or not at all above the
         // gateway's limit.
+        // The span's status: gRPC's OK or UNKNOWN, as the command succeeded or failed.
+        span.end(if outcome.ok { 0 } else { 2 }, &outcome.msg);
         if let Ok(OutputSent::AboveLimit { len, max }) =
             machine.result(outcome.ok, Bytes::from(outcome.out), outcome.msg)
         {

@@ -289,7 +289,11 @@ async fn handle(
             Accepted::Tcp(machine) => tcp(Reader::new(recv, machine), send, &services).await,
             Accepted::Command(machine) => {
                 let reader = Reader::new(recv, machine);
-                services.commands.clone().serve(reader, send).await
+                services
+                    .commands
+                    .clone()
+                    .serve(reader, send, &services.telemetry)
+                    .await
             }
         },
         IncomingEvent::Probed => {

@@ -2,7 +2,8 @@
 //! OTLP/gRPC collector, continue the caller's W3C trace context. The trace id is kept end to
 //! end and the parent chain is caller → gateway → agent → upstream, for a relayed gRPC call and
 //! for a `Streams/Open` TCP stream; a call the caller did not sample is not exported but still
-//! carries its context on.
+//! carries its context on. A command keeps its Submit call's context, and the agent's span for
+//! running it links to that span.
 
 use std::time::Duration;
 
@@ -198,6 +199,55 @@ async fn a_tcp_stream_carries_the_trace_context_in_its_stream_header() {
         agent.span.status.as_ref().map(|x| x.code),
         Some(StatusCode::Ok as i32)
     );
+    s.agent.stop().await;
+    s.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_execution_span_on_the_agent_links_to_its_submit() {
+    let s = scene().await;
+    let mut commands = commands_client(s.gw.channel(&s.pki.client("ops")).await.unwrap());
+    let submit_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(submit_req("acme/a1", "echo", "traced"));
+    req.metadata_mut().insert(
+        "traceparent",
+        traceparent(submit_trace, true).parse().unwrap(),
+    );
+    let id = commands.submit(req).await.expect("submit").into_inner().id;
+    let done = wait_final(&mut commands, &id, T).await;
+    assert_eq!(
+        done.state(),
+        tether_api::v1::CommandState::Succeeded,
+        "{done:?}"
+    );
+    // The command keeps the context it was submitted under (both stores keep the record).
+    assert_eq!(
+        done.trace_context.get("traceparent").map(String::as_str),
+        Some(traceparent(submit_trace, true).as_str())
+    );
+
+    // The agent's span for running it: a trace of its own, linked to the submit.
+    let find = || {
+        s.collector.spans().into_iter().find(|x| {
+            x.service == "tether-agent" && attr(x, "tether.command.id").as_deref() == Some(&id)
+        })
+    };
+    wait_until("the agent's command span at the collector", T, || {
+        find().is_some()
+    })
+    .await;
+    let span = find().unwrap();
+    assert_eq!(span.span.name, "command echo");
+    assert_eq!(span.span.kind, SpanKind::Consumer as i32);
+    assert_eq!(attr(&span, "tether.command.kind").as_deref(), Some("echo"));
+    assert_ne!(hex(&span.span.trace_id), submit_trace, "a trace of its own");
+    assert!(span.span.parent_span_id.is_empty(), "a root span");
+    assert_eq!(span.span.links.len(), 1, "{:?}", span.span.links);
+    let link = &span.span.links[0];
+    assert_eq!(hex(&link.trace_id), submit_trace);
+    assert_eq!(hex(&link.span_id), CALLER_SPAN);
+    let status = span.span.status.as_ref().expect("a status");
+    assert_eq!(status.code, StatusCode::Ok as i32);
     s.agent.stop().await;
     s.gw.stop().await;
 }

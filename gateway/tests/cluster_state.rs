@@ -578,6 +578,7 @@ mod commands {
                 idempotency_key: key.into(),
                 ordering_key: String::new(),
                 ttl: None,
+                trace_context: Default::default(),
             },
             std::time::SystemTime::now(),
             None,

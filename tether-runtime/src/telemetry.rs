@@ -195,6 +195,40 @@ impl Telemetry {
         }
     }
 
+    /// A span named `name` of `kind` starting a trace of its own, linked to the context in
+    /// `linked` (`traceparent`, `tracestate`; no link without one): work that runs later than
+    /// the call that asked for it, as a command does. Sampled by the ratio, or as the linked
+    /// context was.
+    pub fn linked_span(
+        &self,
+        name: String,
+        kind: SpanKind,
+        linked: &BTreeMap<String, String>,
+        attributes: Vec<KeyValue>,
+    ) -> CallSpan {
+        let Some(inner) = &self.inner else {
+            return CallSpan::none();
+        };
+        let link = TraceContextPropagator::new()
+            .extract(&Map(linked))
+            .span()
+            .span_context()
+            .clone();
+        let mut builder = inner
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes);
+        if link.is_valid() {
+            builder = builder.with_links(vec![opentelemetry::trace::Link::with_context(link)]);
+        }
+        let span = builder.start_with_context(&inner.tracer, &Context::new());
+        CallSpan {
+            cx: Some(Context::new().with_span(span)),
+            incoming: BTreeMap::new(),
+        }
+    }
+
     /// Exports what is queued and stops (at shutdown).
     pub fn shutdown(&self) {
         if let Some(inner) = &self.inner {

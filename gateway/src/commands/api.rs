@@ -53,6 +53,11 @@ pub(super) fn to_proto(c: &CommandRecord) -> Command {
         }),
         progress: c.progress.clone(),
         version: c.version,
+        trace_context: c
+            .trace_context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -64,7 +69,11 @@ fn to_event(ev: WatchEvent) -> v1::CommandEvent {
 }
 
 /// A Submit's request as the feature takes it: the agent already parsed and authorized.
-fn new_command(agent: AgentId, r: v1::SubmitCommandRequest) -> Result<NewCommand, CommandError> {
+fn new_command(
+    agent: AgentId,
+    r: v1::SubmitCommandRequest,
+    trace_context: std::collections::BTreeMap<String, String>,
+) -> Result<NewCommand, CommandError> {
     let ttl = match r.ttl {
         Some(ttl) if ttl.seconds < 0 || ttl.nanos < 0 => {
             return Err(CommandError::Invalid("ttl is negative".into()));
@@ -82,6 +91,7 @@ fn new_command(agent: AgentId, r: v1::SubmitCommandRequest) -> Result<NewCommand
         idempotency_key: r.idempotency_key,
         ordering_key: r.ordering_key,
         ttl,
+        trace_context,
     })
 }
 
@@ -163,7 +173,9 @@ impl CommandsRpc for CommandsApi {
         const METHOD: &str = "tether.v1.Commands/Submit";
         let caller = caller(&req)?;
         let agent = authorized_agent(&caller, METHOD, &req.get_ref().agent)?;
-        let new = new_command(agent.clone(), req.into_inner())?;
+        // The caller's trace context, kept with the command for the agent's span to link to.
+        let trace = tether_runtime::telemetry::context_of(req.metadata().as_ref());
+        let new = new_command(agent.clone(), req.into_inner(), trace)?;
         let (cmd, created) = self.commands.submit(new).await?;
         let detail = format!("command {} kind {} created {created}", cmd.id, cmd.kind);
         caller.audit_allowed(METHOD, &agent, &detail);

@@ -160,6 +160,9 @@ pub struct CommandRecord {
     pub progress: Vec<String>,
     /// Grows with every change (a transition, a progress line).
     pub version: u64,
+    /// The trace context of the Submit call (`traceparent`, `tracestate`), handed to the
+    /// agent with each delivery.
+    pub trace_context: std::collections::BTreeMap<String, String>,
 }
 
 impl CommandRecord {
@@ -183,6 +186,7 @@ impl CommandRecord {
             result: None,
             progress: Vec::new(),
             version: 0,
+            trace_context: new.trace_context,
         }
     }
 
@@ -220,6 +224,7 @@ impl CommandRecord {
             }),
             progress: self.progress.clone(),
             version: self.version,
+            trace_context: self.trace_context.clone(),
         }
     }
 }
@@ -241,6 +246,8 @@ pub struct NewCommand {
     pub ordering_key: String,
     /// Expires if not delivered within this (none: never).
     pub ttl: Option<Duration>,
+    /// The Submit call's trace context (`traceparent`, `tracestate`; empty without one).
+    pub trace_context: std::collections::BTreeMap<String, String>,
 }
 
 /// Unix milliseconds, as the stores index times (floor, also before 1970).
@@ -294,6 +301,7 @@ mod tests {
             idempotency_key: String::new(),
             ordering_key: String::new(),
             ttl: None,
+            trace_context: Default::default(),
         };
         let mut c = CommandRecord::queued(new, SystemTime::now(), None);
         c.result = Some(Outcome {

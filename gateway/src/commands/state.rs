@@ -435,6 +435,7 @@ mod tests {
                 idempotency_key: String::new(),
                 ordering_key: String::new(),
                 ttl: None,
+                trace_context: Default::default(),
             },
             std::time::SystemTime::now(),
             None,

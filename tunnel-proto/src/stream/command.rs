@@ -98,7 +98,27 @@ impl GatewayCommand {
         payload: Bytes,
         max_output: u64,
     ) -> GatewayCommand {
-        let header = StreamHeader {
+        GatewayCommand::traced(
+            id,
+            kind,
+            content_type,
+            payload,
+            max_output,
+            &Default::default(),
+        )
+    }
+
+    /// [`GatewayCommand::new`], with the Submit call's trace context (`traceparent`,
+    /// `tracestate`) in the header's metadata, for the agent's span to link to.
+    pub fn traced(
+        id: String,
+        kind: String,
+        content_type: String,
+        payload: Bytes,
+        max_output: u64,
+        trace_context: &std::collections::BTreeMap<String, String>,
+    ) -> GatewayCommand {
+        let mut header = StreamHeader {
             kind: StreamKind::Command as i32,
             service: kind,
             id,
@@ -114,6 +134,15 @@ impl GatewayCommand {
             ],
             ..Default::default()
         };
+        header.metadata.extend(
+            trace_context
+                .iter()
+                .filter(|(k, _)| matches!(k.as_str(), "traceparent" | "tracestate"))
+                .map(|(k, v)| MetadataEntry {
+                    key: k.clone(),
+                    value: v.clone().into_bytes(),
+                }),
+        );
         let mut out = Outbox::default();
         out.frame(&Message::StreamHeader(header));
         out.data(payload);
@@ -329,6 +358,17 @@ impl AgentCommand {
     /// The command's id.
     pub fn id(&self) -> &str {
         &self.header.id
+    }
+
+    /// The trace context the command was submitted under (`traceparent`, `tracestate` from
+    /// the header's metadata; empty from a gateway that sent none).
+    pub fn trace_context(&self) -> std::collections::BTreeMap<String, String> {
+        self.header
+            .metadata
+            .iter()
+            .filter(|m| matches!(m.key.as_str(), "traceparent" | "tracestate"))
+            .filter_map(|m| Some((m.key.clone(), String::from_utf8(m.value.clone()).ok()?)))
+            .collect()
     }
 
     /// The command's kind (which handler runs it).

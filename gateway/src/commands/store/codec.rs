@@ -55,6 +55,11 @@ pub fn encode(c: &CommandRecord, parts: Parts) -> Vec<u8> {
         }),
         progress: c.progress.clone(),
         version: c.version,
+        trace_context: c
+            .trace_context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
     .encode_to_vec()
 }
@@ -96,6 +101,7 @@ pub fn decode(id: &str, bytes: &[u8]) -> Result<CommandRecord, StoreError> {
         }),
         progress: c.progress,
         version: c.version,
+        trace_context: c.trace_context.into_iter().collect(),
     })
 }
 
@@ -127,6 +133,11 @@ mod tests {
             }),
             progress: vec!["a".into(), "b".into()],
             version: 5,
+            trace_context: [(
+                "traceparent".to_owned(),
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+            )]
+            .into(),
         }
     }
 

@@ -846,6 +846,7 @@ mod tests {
                 idempotency_key: key.into(),
                 ordering_key: String::new(),
                 ttl: None,
+                trace_context: Default::default(),
             },
             std::time::SystemTime::now(),
             None,
