@@ -18,13 +18,9 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tether_runtime::tls;
 use tether_runtime::transport::Link;
 use tunnel_proto::ErrorCode;
@@ -416,7 +412,7 @@ async fn check_gateway(
             report.add(name, Verdict::Skip, "the name does not resolve");
         } else {
             let inspect = Inspect::new(roots.clone());
-            match Dialer::inspecting(cfg, identity, inspect.clone()) {
+            match Dialer::inspecting(cfg, identity, inspect.0.clone()) {
                 Ok(dialer) => {
                     let dial = tokio::time::timeout(timeout, dialer.dial(gateway)).await;
                     let outcome = match dial {
@@ -445,7 +441,7 @@ async fn check_gateway(
     if cfg.transport.mode != TransportMode::Quic {
         let name = format!("{gateway} tcp");
         let inspect = Inspect::new(roots.clone());
-        match Dialer::inspecting(cfg, identity, inspect.clone()) {
+        match Dialer::inspecting(cfg, identity, inspect.0.clone()) {
             Ok(dialer) => {
                 let proxy = dialer.proxy_for(host).map(|p| p.to_string());
                 if proxy.is_none() && !dns_ok {
@@ -599,7 +595,8 @@ fn clock(report: &mut Report, gateway: &str, skew_s: f64) {
     if report.checks.iter().any(|c| c.name == name) {
         return;
     }
-    let off = Duration::from_secs_f64(skew_s.abs());
+    // Whole seconds, rounded: a clock ten minutes off reads "10m 0s", not "9m 59s".
+    let off = Duration::from_secs(skew_s.abs().round() as u64);
     let way = if skew_s > 0.0 { "ahead of" } else { "behind" };
     if off <= SKEW_OK {
         report.add(
@@ -788,96 +785,27 @@ async fn handshake(
 
 /// The usual check of the gateway's certificate (`tls.ca`), noting what was presented and
 /// why it was refused.
-#[derive(Debug)]
-struct Inspect {
-    inner: Arc<WebPkiServerVerifier>,
-    seen: Mutex<Option<(String, String)>>,
-    refused: Mutex<Option<rustls::CertificateError>>,
-}
+#[derive(Clone)]
+struct Inspect(Arc<tls::RecordingVerifier>);
 
 impl Inspect {
-    fn new(roots: Arc<rustls::RootCertStore>) -> Arc<Inspect> {
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(roots, Arc::new(tls::crypto_provider()))
-                .build()
-                .expect("a non-empty root store builds a verifier");
-        Arc::new(Inspect {
-            inner,
-            seen: Mutex::default(),
-            refused: Mutex::default(),
-        })
+    fn new(roots: Arc<rustls::RootCertStore>) -> Inspect {
+        Inspect(
+            tls::RecordingVerifier::new(roots).expect("a non-empty root store builds a verifier"),
+        )
     }
 
     /// The issuer of the certificate presented, if one was.
     fn issuer(&self) -> Option<String> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(i, _)| i.clone())
+        let leaf = self.0.presented()?;
+        tls::issuer_and_subject(&leaf).ok().map(|(i, _)| i)
     }
 
     /// Why the presented certificate was refused, with its issuer and subject.
     fn refusal(&self) -> Option<(rustls::CertificateError, String, String)> {
-        let refused = self
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
-        let (issuer, subject) = self
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
+        let refused = self.0.refused()?;
+        let (issuer, subject) = tls::issuer_and_subject(&self.0.presented()?).ok()?;
         Some((refused, issuer, subject))
-    }
-}
-
-impl ServerCertVerifier for Inspect {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(names) = tls::issuer_and_subject(end_entity) {
-            *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(names);
-        }
-        let verdict = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        if let Err(rustls::Error::InvalidCertificate(e)) = &verdict {
-            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
-        }
-        verdict
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 

@@ -268,3 +268,94 @@ mod tests {
         assert_eq!(ours.kx_groups.len(), stock.kx_groups.len());
     }
 }
+
+/// Checks a server's certificate as webpki does against a root store, remembering the leaf the
+/// server presented and why it was refused: to explain a refusal to a person (which issuer, a
+/// TLS-inspecting middlebox, a clock off), as `tetherctl` and `tether-agent doctor` do.
+#[derive(Debug)]
+pub struct RecordingVerifier {
+    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
+    presented: std::sync::Mutex<Option<CertificateDer<'static>>>,
+    refused: std::sync::Mutex<Option<rustls::CertificateError>>,
+}
+
+impl RecordingVerifier {
+    /// A verifier trusting `roots`.
+    pub fn new(
+        roots: std::sync::Arc<RootCertStore>,
+    ) -> Result<std::sync::Arc<RecordingVerifier>, rustls::client::VerifierBuilderError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            std::sync::Arc::new(crypto_provider()),
+        )
+        .build()?;
+        Ok(std::sync::Arc::new(RecordingVerifier {
+            inner,
+            presented: Default::default(),
+            refused: Default::default(),
+        }))
+    }
+
+    /// The leaf certificate the server presented, once it did.
+    pub fn presented(&self) -> Option<CertificateDer<'static>> {
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Why the presented certificate was refused, if it was.
+    pub fn refused(&self) -> Option<rustls::CertificateError> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.presented.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(end_entity.clone().into_owned());
+        let verdict = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if let Err(rustls::Error::InvalidCertificate(e)) = &verdict {
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+        }
+        verdict
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

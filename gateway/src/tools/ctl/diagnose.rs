@@ -8,13 +8,12 @@
 //! gateway refused.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::tools::ctl::Target;
@@ -72,17 +71,13 @@ pub async fn diagnose(
         Ok(r) => r,
         Err(e) => return Some(format!("the CA bundle {}: {e}", t.ca.display())),
     };
-    let seen = Arc::new(Seen::default());
-    let verifier = match rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build() {
+    let seen = match tether_runtime::tls::RecordingVerifier::new(Arc::new(roots)) {
         Ok(v) => v,
         Err(e) => return Some(format!("the CA bundle {}: {e}", t.ca.display())),
     };
     let builder = rustls::ClientConfig::builder()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Recording {
-            inner: verifier,
-            seen: seen.clone(),
-        }));
+        .with_custom_certificate_verifier(seen.clone());
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
@@ -162,14 +157,14 @@ fn tls_failure(
     remote: SocketAddr,
     server_name: &str,
     e: &std::io::Error,
-    seen: &Seen,
+    seen: &tether_runtime::tls::RecordingVerifier,
     ca_pem: &[u8],
 ) -> String {
     let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     let ca = t.ca.display();
     match rustls_err {
         Some(rustls::Error::InvalidCertificate(c)) => {
-            let facts = seen.leaf().map(|d| Facts::of(&d));
+            let facts = seen.presented().map(|d| Facts::of(&d));
             match c {
                 CertificateError::NotValidForName
                 | CertificateError::NotValidForNameContext { .. } => {
@@ -322,60 +317,4 @@ fn ca_subjects(ca_pem: &[u8]) -> String {
         })
         .collect();
     names.join(" and ")
-}
-
-/// The certificate chain the server presented.
-#[derive(Debug, Default)]
-struct Seen(Mutex<Option<Vec<u8>>>);
-
-impl Seen {
-    fn leaf(&self) -> Option<Vec<u8>> {
-        self.0.lock().ok()?.clone()
-    }
-}
-
-/// Verifies as webpki does, remembering the server's certificate to explain a refusal.
-#[derive(Debug)]
-struct Recording {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    seen: Arc<Seen>,
-}
-
-impl ServerCertVerifier for Recording {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut s) = self.seen.0.lock() {
-            *s = Some(end_entity.as_ref().to_vec());
-        }
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
