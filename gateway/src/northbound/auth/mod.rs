@@ -269,6 +269,7 @@ const METHODS: &[&str] = &[
     "tether.v1.Enrollment/CreateToken",
     "tether.v1.Enrollment/Enroll",
     "tether.v1.Callers/Revoke",
+    "tether.v1.Console/CreateLoginLink",
 ];
 
 /// The method label of a request path (a bounded set: paths are the caller's to choose).
