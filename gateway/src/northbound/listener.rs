@@ -222,8 +222,9 @@ pub async fn serve<S, B>(
                         return;
                     }
                 };
-            // Browsers on the console may speak HTTP/1.1; gRPC is HTTP/2 only.
-            let http1 = stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+            // Browsers on the console may speak HTTP/1.1; gRPC is HTTP/2 only. A client that
+            // named no protocol gets whichever its first bytes are.
+            let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
             let certs = PeerCerts(Arc::new(
                 stream
                     .get_ref()
@@ -278,10 +279,10 @@ pub async fn serve<S, B>(
                 .max_frame_size(MAX_FRAME_SIZE)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .max_header_list_size(max_headers.saturating_mul(2));
-            let builder = if http1 {
-                builder.http1_only()
-            } else {
-                builder.http2_only()
+            let builder = match alpn.as_deref() {
+                Some(b"http/1.1") => builder.http1_only(),
+                Some(_) => builder.http2_only(),
+                None => builder,
             };
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
