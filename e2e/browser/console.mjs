@@ -106,6 +106,9 @@ async function ops() {
   // A command, followed live.
   await page.goto(`${cfg.base}/ui/agents/acme/eu-1`);
   await live(page);
+  const calls = await page.textContent("#calls");
+  check(calls.startsWith("2 since") && calls.includes("Ok × 1") && calls.includes("PermissionDenied × 1"),
+    `the agent page shows its relayed calls by code (${calls})`);
   await shot(page, "agent");
   await page.fill('#submit-form input[name="kind"]', "sleep");
   await page.fill('#submit-form textarea[name="payload"]', '{"ms": 3000}');
@@ -213,6 +216,8 @@ async function scoped() {
   resp = await page.goto(`${cfg.base}/ui/commands`);
   const body = await page.content();
   check(resp.status() === 200 && body.includes(cfg.own_command) && !body.includes(cfg.other_command), "the commands view lists acme's command and not beta's");
+  resp = await page.goto(`${cfg.base}/ui/?tenant=beta`);
+  check(resp.status() === 403, `filtering the fleet by another tenant is forbidden (got ${resp.status()})`);
   resp = await page.goto(`${cfg.base}/ui/commands?tenant=beta`);
   check(resp.status() === 403, `filtering commands by another tenant is forbidden (got ${resp.status()})`);
   await page.goto(`${cfg.base}/ui/tenants`);

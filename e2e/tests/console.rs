@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tether_api::v1;
-use tether_e2e::{AgentProcess, CertFiles, GatewayProcess, Pki, agent_config, binary, init};
+use tether_e2e::{AgentProcess, CertFiles, GatewayProcess, Pki, Route, agent_config, binary, init};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const T: Duration = Duration::from_secs(30);
@@ -222,6 +222,18 @@ async fn console_login_live_fleet_command_progress_and_revoke_in_chromium() {
     let mut running = Vec::new();
     for id in ["acme/eu-1", "acme/eu-2", "beta/us-1"] {
         running.push(spawn_agent(&gw, &pki, id).await);
+    }
+    // Two relayed calls to acme/eu-1: one answered, one to a service it does not allow-list.
+    let ch = gw.channel(&pki.client("ops")).await;
+    for (service, ok) in [("agent", true), ("nope", false)] {
+        let mut info = tether_api::agent::v1::agent_info_client::AgentInfoClient::with_interceptor(
+            ch.clone(),
+            Route::new(Some("acme/eu-1"), Some(service)),
+        );
+        let r = info
+            .get(tether_api::agent::v1::GetAgentInfoRequest {})
+            .await;
+        assert_eq!(r.is_ok(), ok, "{service}: {r:?}");
     }
     let base = format!("https://{}", gw.northbound);
     let link = login_link(&gw, &pki.client("ops"));

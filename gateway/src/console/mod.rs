@@ -55,6 +55,8 @@ pub struct Console {
     pub logins: Arc<Logins>,
     /// The gateway's trust domain (for the enrollment command shown).
     pub trust_domain: String,
+    /// How relayed calls ended, per agent (shown for the agents the API lets the viewer see).
+    pub outcomes: Arc<crate::relay::outcomes::CallOutcomes>,
     /// Ends the live streams when the gateway stops.
     pub shutdown: tether_runtime::CancellationToken,
 }

@@ -17,6 +17,7 @@ use tether_api::v1::commands_server::Commands as _;
 
 use crate::console::{SameOrigin, State, Viewer, live, login};
 use crate::northbound::auth::{Caller, TenantScope};
+use crate::relay::outcomes::{self, CallOutcomes, Tally};
 
 /// Agents on one page of the fleet.
 pub const PAGE_SIZE: usize = 50;
@@ -183,6 +184,12 @@ pub struct AgentRow {
     pub sessions: Vec<SessionRow>,
     /// The earliest certificate expiry among its sessions (relative).
     pub cert_expires: String,
+    /// Relayed calls and TCP streams to it that ended, since the gateway started.
+    pub calls: u64,
+    /// Of those, the ones that did not end `OK`.
+    pub failed: u64,
+    /// Those calls by status code name, the codes seen only.
+    pub codes: Vec<(String, u64)>,
 }
 
 impl AgentRow {
@@ -261,7 +268,23 @@ impl AgentRow {
                 })
                 .collect(),
             cert_expires: relative(earliest, now),
+            calls: 0,
+            failed: 0,
+            codes: Vec::new(),
         }
+    }
+
+    /// With the outcomes of the calls relayed to it.
+    pub fn with_outcomes(mut self, t: &Tally) -> AgentRow {
+        self.calls = outcomes::total(t);
+        self.failed = outcomes::failed(t);
+        self.codes = t
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (format!("{:?}", tonic::Code::from(i as i32)), *n))
+            .collect();
+        self
     }
 }
 
@@ -379,10 +402,17 @@ pub(super) async fn fleet_rows(
         .list(as_caller(caller, v1::ListAgentsRequest::default()))
         .await?
         .into_inner();
-    let now = SystemTime::now();
-    let mut rows: Vec<AgentRow> = list.agents.iter().map(|a| AgentRow::new(a, now)).collect();
+    Ok(rows_of(&list.agents, &console.outcomes, SystemTime::now()))
+}
+
+/// The rows of `agents`, by id, with the outcomes of their calls.
+pub fn rows_of(agents: &[v1::Agent], outcomes: &CallOutcomes, now: SystemTime) -> Vec<AgentRow> {
+    let mut rows: Vec<AgentRow> = agents
+        .iter()
+        .map(|a| AgentRow::new(a, now).with_outcomes(&outcomes.of(&a.id)))
+        .collect();
     rows.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(rows)
+    rows
 }
 
 #[derive(Template)]
@@ -448,6 +478,12 @@ async fn fleet(
     Viewer(caller): Viewer,
     Query(f): Query<FleetFilter>,
 ) -> Response {
+    // Naming another tenant is refused (and audited) as `Agents/List` refuses it.
+    if !f.tenant.is_empty()
+        && let Err(s) = caller.authorize_tenant("tether.v1.Agents/List", &f.tenant, "")
+    {
+        return status_page(s);
+    }
     match fleet_rows(&console, &caller).await {
         Ok(rows) => Html(render_fleet(&caller, &rows, &f)).into_response(),
         Err(s) => status_page(s),
@@ -633,7 +669,7 @@ pub(super) async fn agent_row(
         ))
         .await?
         .into_inner();
-    Ok(AgentRow::new(&a, SystemTime::now()))
+    Ok(AgentRow::new(&a, SystemTime::now()).with_outcomes(&console.outcomes.of(&a.id)))
 }
 
 #[derive(Deserialize, Default)]
@@ -905,6 +941,8 @@ struct TenantRow {
     offline: usize,
     degraded: usize,
     outdated: usize,
+    calls: u64,
+    failed: u64,
     versions: Vec<(String, usize)>,
 }
 
@@ -938,6 +976,8 @@ async fn tenants(Shared(console): Shared<State>, Viewer(caller): Viewer) -> Resp
         if matches!(r.skew, "behind" | "unsupported") {
             t.outdated += 1;
         }
+        t.calls += r.calls;
+        t.failed += r.failed;
         if r.version != "-" {
             *versions.entry(r.version.clone()).or_default() += 1;
         }

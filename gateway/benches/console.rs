@@ -1,0 +1,185 @@
+//! The console with 10,000 agents: server-side render time of the fleet page and the bytes of
+//! each live update, through the console's own code (`console::views`, `console::live`) over
+//! a synthetic fleet shaped like `Agents/List`'s answer (20 tenants, two labels each, 10 %
+//! offline, 5 % one minor release behind).
+//!
+//! `cargo bench -p tether-gateway --bench console` (figures in docs/PERFORMANCE.md).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tether_api::v1;
+use tether_gateway::console::live::{counts_update, row_update};
+use tether_gateway::console::views::{FleetFilter, render_fleet, rows_of};
+use tether_gateway::northbound::auth::{Caller, CallerKind, TenantScope};
+use tether_gateway::relay::outcomes::CallOutcomes;
+
+const AGENTS: usize = 10_000;
+const RUNS: usize = 30;
+
+fn fleet(now: SystemTime) -> Vec<v1::Agent> {
+    (0..AGENTS)
+        .map(|i| {
+            let tenant = format!("tenant-{:02}", i % 20);
+            let name = format!("agent-{i:05}");
+            let id = format!("{tenant}/{name}");
+            let online = i % 10 != 0;
+            let behind = i % 20 == 1;
+            let sessions = if online {
+                vec![v1::Session {
+                    session_id: format!("019fb6e3-{i}"),
+                    agent: id.clone(),
+                    remote_addr: format!(
+                        "10.{}.{}.{}:{}",
+                        i / 65536 % 256,
+                        i / 256 % 256,
+                        i % 256,
+                        40000 + i % 20000
+                    ),
+                    transport: if i % 7 == 0 { "tcp" } else { "quic" }.into(),
+                    connected_at: Some((now - Duration::from_secs(i as u64 * 3)).into()),
+                    agent_version: if behind { "0.0.9" } else { "0.1.0" }.into(),
+                    labels: [
+                        (
+                            "region".to_owned(),
+                            ["eu-west", "us-east", "ap-south"][i % 3].to_owned(),
+                        ),
+                        ("cluster".to_owned(), format!("k8s-{}", i % 50)),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    capabilities: vec!["relay".into(), "tcp".into(), "commands".into()],
+                    rtt: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 1_200_000,
+                    }),
+                    instance_id: format!("agent-{i:08x}"),
+                    protocol_version: 1,
+                    certificate_expires: Some((now + Duration::from_secs(86_400)).into()),
+                    replica: String::new(),
+                    version_skew: if behind {
+                        v1::VersionSkew::Behind
+                    } else {
+                        v1::VersionSkew::Current
+                    } as i32,
+                }]
+            } else {
+                vec![]
+            };
+            v1::Agent {
+                id,
+                tenant,
+                name,
+                connected: online,
+                sessions,
+                last_seen: Some((now - Duration::from_secs(600)).into()),
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time<T>(mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut times = Vec::with_capacity(RUNS);
+    let mut out = None;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        out = Some(std::hint::black_box(f()));
+        times.push(t.elapsed());
+    }
+    (median(times), out.expect("ran"))
+}
+
+fn main() {
+    let now = SystemTime::now();
+    let agents = fleet(now);
+    // Every agent has had calls, one in 50 a failing one.
+    let outcomes = CallOutcomes::default();
+    for (i, a) in agents.iter().enumerate() {
+        outcomes.record(&a.id, tonic::Code::Ok);
+        if i % 50 == 0 {
+            outcomes.record(&a.id, tonic::Code::Unavailable);
+        }
+    }
+    let caller = Caller {
+        name: "ops".into(),
+        kind: CallerKind::Mtls,
+        tenants: TenantScope::All,
+    };
+    let all = FleetFilter::default();
+    let narrow = FleetFilter {
+        tenant: "tenant-07".into(),
+        status: "online".into(),
+        label: "region=eu-west".into(),
+        ..FleetFilter::default()
+    };
+    let last_page = FleetFilter {
+        page: Some(AGENTS / 50),
+        ..FleetFilter::default()
+    };
+
+    let (rows_t, rows) = time(|| rows_of(&agents, &outcomes, now));
+    let (page_t, page) = time(|| render_fleet(&caller, &rows, &all));
+    let (narrow_t, narrow_page) = time(|| render_fleet(&caller, &rows, &narrow));
+    let (last_t, _) = time(|| render_fleet(&caller, &rows, &last_page));
+    let whole = |f: &FleetFilter| {
+        let rows = rows_of(&agents, &outcomes, now);
+        render_fleet(&caller, &rows, f)
+    };
+    let (whole_t, _) = time(|| whole(&all));
+    // One live batch on an open fleet page: the rows again (the watch's batch reads the list
+    // once), the changed agent's row and the counts.
+    let changed = &rows[1234];
+    let (batch_t, (row, counts)) = time(|| {
+        let rows = rows_of(&agents, &outcomes, now);
+        (row_update(&rows[1234], &all), counts_update(&rows, &all))
+    });
+    let removed = row_update(changed, &narrow);
+
+    println!("console with {AGENTS} agents, median of {RUNS} runs");
+    println!(
+        "  List answer → rows (sort, status, skew)     {:>9.2} ms",
+        ms(rows_t)
+    );
+    println!(
+        "  render fleet page 1 (50 rows, counts)       {:>9.2} ms  {} bytes",
+        ms(page_t),
+        page.len()
+    );
+    println!(
+        "  render fleet, 3 filters                     {:>9.2} ms  {} bytes",
+        ms(narrow_t),
+        narrow_page.len()
+    );
+    println!(
+        "  render fleet, last page                     {:>9.2} ms",
+        ms(last_t)
+    );
+    println!(
+        "  rows + render page 1 (the handler's work)   {:>9.2} ms",
+        ms(whole_t)
+    );
+    println!(
+        "  one live batch (rows, 1 row, counts)        {:>9.2} ms",
+        ms(batch_t)
+    );
+    println!(
+        "  live update: row                             {:>6} bytes on the wire",
+        row.wire_len()
+    );
+    println!(
+        "  live update: remove (filtered out)           {:>6} bytes on the wire",
+        removed.wire_len()
+    );
+    println!(
+        "  live update: counts                          {:>6} bytes on the wire",
+        counts.wire_len()
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
