@@ -178,6 +178,16 @@ async function refusals() {
   resp = await p.goto(`${cfg.base}/ui/`);
   check(resp.status() === 401, `without a session the console answers 401 (got ${resp.status()})`);
   await anon.close();
+
+  // A session of a caller whose certificate is then revoked.
+  const other = await browser.newContext({ ignoreHTTPSErrors: true });
+  const q = await other.newPage();
+  resp = await q.goto(cfg.link2);
+  check(resp.status() === 200 && new URL(q.url()).pathname === "/ui/", "acme-ops logs in");
+  await step("revoke acme-ops");
+  resp = await q.goto(`${cfg.base}/ui/`);
+  check(resp.status() === 401, `a session of a revoked caller certificate is refused (got ${resp.status()})`);
+  await other.close();
   await page.close();
 }
 

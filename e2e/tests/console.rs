@@ -293,17 +293,31 @@ async fn console_login_live_fleet_command_progress_and_revoke_in_chromium() {
 }
 
 #[tokio::test]
-async fn forged_and_replayed_login_links_and_cross_origin_posts_are_refused_in_chromium() {
+async fn forged_and_replayed_links_cross_origin_posts_and_revoked_callers_are_refused_in_chromium()
+{
     init();
     let pki = Pki::new();
     let gw = gateway(&pki, &[]).await;
     let agent = spawn_agent(&gw, &pki, "acme/eu-1").await;
     let base = format!("https://{}", gw.northbound);
     let link = login_link(&gw, &pki.client("ops"));
-    let b = Browser::start(
+    let link2 = login_link(&gw, &pki.client("acme-ops"));
+    let mut b = Browser::start(
         "refusals",
-        serde_json::json!({"base": base, "link": link, "shots": shots()}),
+        serde_json::json!({"base": base, "link": link, "link2": link2, "shots": shots()}),
     );
+    while let Some(step) = b.next_step().await {
+        assert_eq!(step, "revoke acme-ops");
+        v1::callers_client::CallersClient::new(gw.channel(&pki.client("ops")).await)
+            .revoke(v1::RevokeCallerRequest {
+                name: "acme-ops".into(),
+                reason: "console test".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("revoke acme-ops");
+        b.ok("").await;
+    }
     let passed = b.finish().await;
     assert!(
         passed

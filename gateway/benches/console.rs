@@ -11,7 +11,8 @@ use tether_api::v1;
 use tether_gateway::console::live::{counts_update, row_update};
 use tether_gateway::console::views::{FleetFilter, render_fleet, rows_of};
 use tether_gateway::northbound::auth::{Caller, CallerKind, TenantScope};
-use tether_gateway::relay::outcomes::CallOutcomes;
+use tether_gateway::relay::Relay;
+use tether_gateway::tunnel::registry::Registry;
 
 const AGENTS: usize = 10_000;
 const RUNS: usize = 30;
@@ -97,11 +98,11 @@ fn main() {
     let now = SystemTime::now();
     let agents = fleet(now);
     // Every agent has had calls, one in 50 a failing one.
-    let outcomes = CallOutcomes::default();
+    let relay = Relay::with_stream_limit(std::sync::Arc::new(Registry::default()), 256);
     for (i, a) in agents.iter().enumerate() {
-        outcomes.record(&a.id, tonic::Code::Ok);
+        relay.outcomes().record(&a.id, tonic::Code::Ok);
         if i % 50 == 0 {
-            outcomes.record(&a.id, tonic::Code::Unavailable);
+            relay.outcomes().record(&a.id, tonic::Code::Unavailable);
         }
     }
     let caller = Caller {
@@ -121,12 +122,12 @@ fn main() {
         ..FleetFilter::default()
     };
 
-    let (rows_t, rows) = time(|| rows_of(&agents, &outcomes, now));
+    let (rows_t, rows) = time(|| rows_of(&agents, &relay, now));
     let (page_t, page) = time(|| render_fleet(&caller, &rows, &all));
     let (narrow_t, narrow_page) = time(|| render_fleet(&caller, &rows, &narrow));
     let (last_t, _) = time(|| render_fleet(&caller, &rows, &last_page));
     let whole = |f: &FleetFilter| {
-        let rows = rows_of(&agents, &outcomes, now);
+        let rows = rows_of(&agents, &relay, now);
         render_fleet(&caller, &rows, f)
     };
     let (whole_t, _) = time(|| whole(&all));
@@ -134,7 +135,7 @@ fn main() {
     // once), the changed agent's row and the counts.
     let changed = &rows[1234];
     let (batch_t, (row, counts)) = time(|| {
-        let rows = rows_of(&agents, &outcomes, now);
+        let rows = rows_of(&agents, &relay, now);
         (row_update(&rows[1234], &all), counts_update(&rows, &all))
     });
     let removed = row_update(changed, &narrow);

@@ -542,7 +542,7 @@ fn start_northbound(
     let logins = Arc::new(crate::console::login::Logins::new(
         cfg.northbound.console_session_ttl,
     ));
-    let outcomes = f.relay.outcomes().clone();
+    let relay = f.relay.clone();
     let (routes, agents, commands) = northbound_routes(
         cfg,
         f,
@@ -555,7 +555,7 @@ fn start_northbound(
         commands,
         auth: auth.clone(),
         logins,
-        outcomes,
+        relay,
         trust_domain: cfg.trust_domain.clone(),
         shutdown: close_sessions.clone(),
     }));

@@ -8,7 +8,8 @@ use tether_api::v1::console_server::{Console, ConsoleServer};
 use tonic::{Request, Response, Status};
 
 use crate::console::login::{LoginError, Logins};
-use crate::northbound::auth::{TenantScope, caller};
+use crate::northbound::auth::{CallerKind, TenantScope, caller};
+use crate::northbound::listener::PeerCerts;
 
 /// `tether.v1.Console`.
 #[derive(Debug, Clone)]
@@ -36,13 +37,22 @@ impl Console for ConsoleApi {
     ) -> Result<Response<v1::LoginLink>, Status> {
         const METHOD: &str = "tether.v1.Console/CreateLoginLink";
         let caller = caller(&req)?;
-        let (code, expires) =
-            self.logins
-                .mint(&caller, SystemTime::now())
-                .map_err(|e| match e {
-                    LoginError::TooMany => Status::resource_exhausted(e.to_string()),
-                    _ => Status::internal(e.to_string()),
-                })?;
+        // The certificate it came with (none with a bearer token): revoking it ends the session.
+        let fingerprint = match (caller.kind, req.extensions().get::<PeerCerts>()) {
+            (CallerKind::Mtls, Some(certs)) => certs
+                .0
+                .first()
+                .map(|c| tether_runtime::digest::sha256_hex(c))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (code, expires) = self
+            .logins
+            .mint(&caller, &fingerprint, SystemTime::now())
+            .map_err(|e| match e {
+                LoginError::TooMany => Status::resource_exhausted(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
         let tenants = match &caller.tenants {
             TenantScope::All => vec!["*".to_owned()],
             TenantScope::Set(s) => s.iter().cloned().collect(),

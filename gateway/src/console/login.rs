@@ -44,7 +44,20 @@ pub enum LoginError {
 
 struct Pending {
     caller: Caller,
+    fingerprint: String,
     expires: SystemTime,
+}
+
+/// A console session, from its cookie.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Who it acts as, with the tenants it was minted with.
+    pub caller: Caller,
+    /// SHA-256 of the client certificate the login link was asked for with (empty for a
+    /// bearer token): a session ends when that certificate is revoked.
+    pub fingerprint: String,
+    /// When it started (whole seconds): a revocation of the caller's name after this ends it.
+    pub issued: SystemTime,
 }
 
 /// Login links pending and the key session cookies are signed with.
@@ -73,6 +86,10 @@ struct Claims {
     t: Vec<String>,
     /// Expiry, Unix seconds.
     e: u64,
+    /// Issued, Unix seconds.
+    i: u64,
+    /// The caller certificate's SHA-256, hex (empty: a bearer token).
+    f: String,
 }
 
 fn random32() -> [u8; 32] {
@@ -107,10 +124,12 @@ impl Logins {
         self.session_ttl
     }
 
-    /// A new single-use code for `caller`, and when it expires.
+    /// A new single-use code for `caller` (who came with the certificate of SHA-256
+    /// `fingerprint`, or none: empty), and when it expires.
     pub fn mint(
         &self,
         caller: &Caller,
+        fingerprint: &str,
         now: SystemTime,
     ) -> Result<(String, SystemTime), LoginError> {
         let code = random32();
@@ -124,24 +143,31 @@ impl Logins {
             digest(&code),
             Pending {
                 caller: caller.clone(),
+                fingerprint: fingerprint.to_owned(),
                 expires,
             },
         );
         Ok((B64.encode(code), expires))
     }
 
-    /// The caller a code was minted for; the code is spent whatever the outcome.
-    pub fn redeem(&self, code: &str, now: SystemTime) -> Result<Caller, LoginError> {
+    /// The session a code was minted for, starting `now`; the code is spent whatever the
+    /// outcome.
+    pub fn redeem(&self, code: &str, now: SystemTime) -> Result<Session, LoginError> {
         let raw = B64.decode(code).map_err(|_| LoginError::UnknownLink)?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match pending.remove(&digest(&raw)) {
-            Some(p) if p.expires > now => Ok(p.caller),
+            Some(p) if p.expires > now => Ok(Session {
+                caller: p.caller,
+                fingerprint: p.fingerprint,
+                issued: now,
+            }),
             _ => Err(LoginError::UnknownLink),
         }
     }
 
-    /// A signed cookie value for `caller`, valid `session_ttl` from `now`.
-    pub fn cookie_value(&self, caller: &Caller, now: SystemTime) -> String {
+    /// A signed cookie value for `session`, valid `session_ttl` from its start.
+    pub fn cookie_value(&self, session: &Session) -> String {
+        let caller = &session.caller;
         let claims = Claims {
             n: caller.name.clone(),
             k: caller.kind.as_str().to_owned(),
@@ -149,16 +175,18 @@ impl Logins {
                 TenantScope::All => vec!["*".to_owned()],
                 TenantScope::Set(s) => s.iter().cloned().collect(),
             },
-            e: unix(now + self.session_ttl),
+            e: unix(session.issued + self.session_ttl),
+            i: unix(session.issued),
+            f: session.fingerprint.clone(),
         };
         let body = B64.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let tag = hmac::sign(&self.key, body.as_bytes());
         format!("{body}.{}", B64.encode(tag.as_ref()))
     }
 
-    /// The caller a cookie value was signed for, if the signature is ours and it has not
+    /// The session a cookie value was signed for, if the signature is ours and it has not
     /// expired.
-    pub fn session(&self, value: &str, now: SystemTime) -> Option<Caller> {
+    pub fn session(&self, value: &str, now: SystemTime) -> Option<Session> {
         let (body, tag) = value.split_once('.')?;
         let tag = B64.decode(tag).ok()?;
         hmac::verify(&self.key, body.as_bytes(), &tag).ok()?;
@@ -175,18 +203,22 @@ impl Logins {
         } else {
             TenantScope::Set(claims.t.into_iter().collect::<BTreeSet<_>>())
         };
-        Some(Caller {
-            name: claims.n,
-            kind,
-            tenants,
+        Some(Session {
+            caller: Caller {
+                name: claims.n,
+                kind,
+                tenants,
+            },
+            fingerprint: claims.f,
+            issued: UNIX_EPOCH + Duration::from_secs(claims.i),
         })
     }
 
-    /// The `set-cookie` value starting a session for `caller`.
-    pub fn set_cookie(&self, caller: &Caller, now: SystemTime) -> String {
+    /// The `set-cookie` value starting `session`.
+    pub fn set_cookie(&self, session: &Session) -> String {
         format!(
             "{COOKIE}={}; Path=/ui; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
-            self.cookie_value(caller, now),
+            self.cookie_value(session),
             self.session_ttl.as_secs()
         )
     }
@@ -225,12 +257,13 @@ mod tests {
     fn a_login_code_works_once_and_not_after_a_minute() {
         let l = Logins::new(Duration::from_secs(3600));
         let now = SystemTime::now();
-        let (code, expires) = l.mint(&caller(&["acme"]), now).unwrap();
+        let (code, expires) = l.mint(&caller(&["acme"]), "ab12", now).unwrap();
         assert_eq!(expires, now + LINK_TTL);
-        let c = l.redeem(&code, now).unwrap();
-        assert_eq!(c.tenants, caller(&["acme"]).tenants);
+        let s = l.redeem(&code, now).unwrap();
+        assert_eq!(s.caller.tenants, caller(&["acme"]).tenants);
+        assert_eq!(s.fingerprint, "ab12");
         assert_eq!(l.redeem(&code, now).unwrap_err(), LoginError::UnknownLink);
-        let (late, _) = l.mint(&caller(&["acme"]), now).unwrap();
+        let (late, _) = l.mint(&caller(&["acme"]), "", now).unwrap();
         let refused = |code: &str, at| l.redeem(code, at).unwrap_err();
         assert_eq!(
             refused(&late, now + LINK_TTL + Duration::from_secs(1)),
@@ -247,10 +280,17 @@ mod tests {
     fn a_cookie_keeps_its_scope_until_it_expires_and_only_under_its_key() {
         let l = Logins::new(Duration::from_secs(60));
         let now = SystemTime::now();
-        let v = l.cookie_value(&caller(&["acme", "beta"]), now);
-        let c = l.session(&v, now).unwrap();
-        assert_eq!(c.name, "ops");
-        assert_eq!(c.tenants, caller(&["acme", "beta"]).tenants);
+        let session = |c: Caller| Session {
+            caller: c,
+            fingerprint: "ab12".into(),
+            issued: now,
+        };
+        let v = l.cookie_value(&session(caller(&["acme", "beta"])));
+        let s = l.session(&v, now).unwrap();
+        assert_eq!(s.caller.name, "ops");
+        assert_eq!(s.caller.tenants, caller(&["acme", "beta"]).tenants);
+        assert_eq!(s.fingerprint, "ab12");
+        assert_eq!(unix(s.issued), unix(now));
         assert!(l.session(&v, now + Duration::from_secs(61)).is_none());
         // Another gateway start: another key.
         assert!(
@@ -266,8 +306,8 @@ mod tests {
             tenants: TenantScope::All,
             ..caller(&[])
         };
-        let v = l.cookie_value(&all, now);
-        assert_eq!(l.session(&v, now).unwrap().tenants, TenantScope::All);
+        let v = l.cookie_value(&session(all));
+        assert_eq!(l.session(&v, now).unwrap().caller.tenants, TenantScope::All);
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub struct Console {
     pub logins: Arc<Logins>,
     /// The gateway's trust domain (for the enrollment command shown).
     pub trust_domain: String,
-    /// How relayed calls ended, per agent (shown for the agents the API lets the viewer see).
-    pub outcomes: Arc<crate::relay::outcomes::CallOutcomes>,
+    /// Streams open and how relayed calls ended, per agent (shown for the agents the API
+    /// lets the viewer see).
+    pub relay: Arc<crate::relay::Relay>,
     /// Ends the live streams when the gateway stops.
     pub shutdown: tether_runtime::CancellationToken,
 }
@@ -94,8 +95,9 @@ impl axum::extract::FromRequestParts<State> for Viewer {
     ) -> Result<Self, Self::Rejection> {
         let caller = match login::cookie_of(&parts.headers)
             .and_then(|v| console.logins.session(v, SystemTime::now()))
+            .filter(|s| !revoked(&console.auth, s))
         {
-            Some(c) => Some(c),
+            Some(s) => Some(s.caller),
             None => {
                 let certs = parts.extensions.get::<PeerCerts>().map(|c| c.0.clone());
                 let has_cert = certs.as_ref().is_some_and(|c| !c.is_empty());
@@ -125,6 +127,23 @@ impl axum::extract::FromRequestParts<State> for Viewer {
             None => Err(views::login_required()),
         }
     }
+}
+
+/// Whether the caller certificate a session was started with has been revoked since
+/// (`Callers/Revoke`, by fingerprint or by name).
+fn revoked(auth: &Authenticator, s: &login::Session) -> bool {
+    if s.caller.kind != crate::northbound::auth::CallerKind::Mtls {
+        return false;
+    }
+    let list = auth.caller_revocations();
+    let started_ms = s
+        .issued
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    (!s.fingerprint.is_empty() && list.cert(&s.fingerprint).is_some())
+        || list
+            .name(&s.caller.name)
+            .is_some_and(|r| r.revoked_at_ms >= started_ms)
 }
 
 /// A state-changing request from the console's own page: its `Origin` is this very host over

@@ -17,7 +17,8 @@ use tether_api::v1::commands_server::Commands as _;
 
 use crate::console::{SameOrigin, State, Viewer, live, login};
 use crate::northbound::auth::{Caller, TenantScope};
-use crate::relay::outcomes::{self, CallOutcomes, Tally};
+use crate::relay::Relay;
+use crate::relay::outcomes::{self, Tally};
 
 /// Agents on one page of the fleet.
 pub const PAGE_SIZE: usize = 50;
@@ -184,6 +185,8 @@ pub struct AgentRow {
     pub sessions: Vec<SessionRow>,
     /// The earliest certificate expiry among its sessions (relative).
     pub cert_expires: String,
+    /// Calls and TCP streams this gateway relays to it now.
+    pub open_streams: u32,
     /// Relayed calls and TCP streams to it that ended, since the gateway started.
     pub calls: u64,
     /// Of those, the ones that did not end `OK`.
@@ -268,10 +271,21 @@ impl AgentRow {
                 })
                 .collect(),
             cert_expires: relative(earliest, now),
+            open_streams: 0,
             calls: 0,
             failed: 0,
             codes: Vec::new(),
         }
+    }
+
+    /// With what `relay` says of it: its streams open now, how its calls ended.
+    pub fn with_relay(self, relay: &Relay) -> AgentRow {
+        let tally = relay.outcomes().of(&self.id);
+        let mut row = self.with_outcomes(&tally);
+        if let Ok(id) = row.id.parse::<tunnel_proto::AgentId>() {
+            row.open_streams = relay.open_streams(&id);
+        }
+        row
     }
 
     /// With the outcomes of the calls relayed to it.
@@ -402,14 +416,14 @@ pub(super) async fn fleet_rows(
         .list(as_caller(caller, v1::ListAgentsRequest::default()))
         .await?
         .into_inner();
-    Ok(rows_of(&list.agents, &console.outcomes, SystemTime::now()))
+    Ok(rows_of(&list.agents, &console.relay, SystemTime::now()))
 }
 
-/// The rows of `agents`, by id, with the outcomes of their calls.
-pub fn rows_of(agents: &[v1::Agent], outcomes: &CallOutcomes, now: SystemTime) -> Vec<AgentRow> {
+/// The rows of `agents`, by id, with what `relay` says of them.
+pub fn rows_of(agents: &[v1::Agent], relay: &Relay, now: SystemTime) -> Vec<AgentRow> {
     let mut rows: Vec<AgentRow> = agents
         .iter()
-        .map(|a| AgentRow::new(a, now).with_outcomes(&outcomes.of(&a.id)))
+        .map(|a| AgentRow::new(a, now).with_relay(relay))
         .collect();
     rows.sort_by(|a, b| a.id.cmp(&b.id));
     rows
@@ -500,9 +514,10 @@ struct LoginQuery {
 
 async fn login(Shared(console): Shared<State>, Query(q): Query<LoginQuery>) -> Response {
     match console.logins.redeem(&q.code, SystemTime::now()) {
-        Ok(caller) => {
+        Ok(session) => {
+            let caller = &session.caller;
             caller.audit_allowed_on("console/login", "", "", "console session started");
-            let cookie = console.logins.set_cookie(&caller, SystemTime::now());
+            let cookie = console.logins.set_cookie(&session);
             (
                 StatusCode::SEE_OTHER,
                 [
@@ -669,7 +684,7 @@ pub(super) async fn agent_row(
         ))
         .await?
         .into_inner();
-    Ok(AgentRow::new(&a, SystemTime::now()).with_outcomes(&console.outcomes.of(&a.id)))
+    Ok(AgentRow::new(&a, SystemTime::now()).with_relay(&console.relay))
 }
 
 #[derive(Deserialize, Default)]

@@ -142,6 +142,11 @@ impl Relay {
         })
     }
 
+    /// Calls and TCP streams this gateway relays to `agent` now.
+    pub fn open_streams(&self, agent: &AgentId) -> u32 {
+        self.streams.open(agent)
+    }
+
     /// How relayed calls and streams ended, per agent.
     pub fn outcomes(&self) -> &Arc<outcomes::CallOutcomes> {
         &self.outcomes

@@ -340,6 +340,11 @@ impl Authenticator {
         }))
     }
 
+    /// The revoked caller certificates it refuses.
+    pub fn caller_revocations(&self) -> &Arc<CallerRevocationList> {
+        &self.revoked
+    }
+
     /// Whether callers may come without a client certificate (they bring a token instead).
     pub fn accepts_tokens(&self) -> bool {
         self.jwt.is_some()
