@@ -22,11 +22,13 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
 use crate::console::views::{
-    AgentCommands, AgentDetail, AgentRow, CommandDetail, CommandRow, Counts, CountsFragment,
-    FleetFilter, RowFragment, agent_commands, agent_row, as_caller, fleet_rows, status_page,
+    AgentCommands, AgentDetail, AgentRow, CommandDetail, CommandRow, Counts, CountsFragment, Facts,
+    FleetFilter, RowFragment, agent_commands, agent_row, as_caller, facts_of, fleet_list,
+    status_page,
 };
 use crate::console::{State, Viewer};
 use crate::northbound::auth::Caller;
+use crate::relay::Relay;
 
 /// Changes arriving within this long of the first are sent together.
 const GATHER: Duration = Duration::from_millis(250);
@@ -64,9 +66,10 @@ fn clean(html: String) -> String {
 }
 
 /// The update for one agent on a fleet page with filters `f`.
-pub fn row_update(row: &AgentRow, f: &FleetFilter) -> Update {
-    if f.matches(row) {
-        let html = RowFragment { r: row }.render().unwrap_or_default();
+pub fn row_update(agent: &v1::Agent, f: &FleetFilter, relay: &Relay, now: SystemTime) -> Update {
+    if f.matches(&Facts::new(agent, now)) {
+        let row = AgentRow::new(agent, now).with_relay(relay);
+        let html = RowFragment { r: &row }.render().unwrap_or_default();
         Update {
             kind: "row",
             data: format!("{}\n{}", row.id, clean(html)),
@@ -74,16 +77,16 @@ pub fn row_update(row: &AgentRow, f: &FleetFilter) -> Update {
     } else {
         Update {
             kind: "remove",
-            data: row.id.clone(),
+            data: agent.id.clone(),
         }
     }
 }
 
 /// The update of the fleet page's counts.
-pub fn counts_update(rows: &[AgentRow], f: &FleetFilter) -> Update {
-    let matching = rows.iter().filter(|r| f.matches(r)).count();
+pub fn counts_update(fleet: &[Facts<'_>], f: &FleetFilter) -> Update {
+    let matching = fleet.iter().filter(|r| f.matches(r)).count();
     let html = CountsFragment {
-        counts: Counts::of(rows, matching),
+        counts: Counts::of(fleet, matching),
     }
     .render()
     .unwrap_or_default();
@@ -208,15 +211,16 @@ pub(super) async fn fleet(
             if changed.is_empty() {
                 continue;
             }
-            let Ok(rows) = fleet_rows(&console, &caller).await else {
+            let Ok(agents) = fleet_list(&console, &caller).await else {
                 return;
             };
-            let mut updates: Vec<Update> = rows
+            let now = SystemTime::now();
+            let mut updates: Vec<Update> = agents
                 .iter()
-                .filter(|r| changed.contains(&r.id))
-                .map(|r| row_update(r, &f))
+                .filter(|a| changed.contains(&a.id))
+                .map(|a| row_update(a, &f, &console.relay, now))
                 .collect();
-            updates.push(counts_update(&rows, &f));
+            updates.push(counts_update(&facts_of(&agents, now), &f));
             if !send_all(&tx, updates).await {
                 return;
             }
