@@ -97,8 +97,8 @@ impl Browser {
 
     /// Waits for the script to end; panics with its error unless every check passed.
     async fn finish(mut self) -> Vec<String> {
-        while self.next_step().await.is_some() {
-            panic!("the browser script asked for a step this test does not know");
+        if let Some(step) = self.next_step().await {
+            panic!("the browser script asked for a step this test does not know: {step}");
         }
         let mut err = String::new();
         if let Some(mut e) = self.child.stderr.take() {

@@ -253,19 +253,18 @@ async fn console(
             );
         }
     }
-    if let (false, Some(browser)) = (no_browser, std::env::var_os("BROWSER")) {
-        if let Err(e) = std::process::Command::new(&browser)
+    if let (false, Some(browser)) = (no_browser, std::env::var_os("BROWSER"))
+        && let Err(e) = std::process::Command::new(&browser)
             .arg(&url)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-        {
-            eprintln!(
-                "could not start $BROWSER ({}): {e}",
-                browser.to_string_lossy()
-            );
-        }
+    {
+        eprintln!(
+            "could not start $BROWSER ({}): {e}",
+            browser.to_string_lossy()
+        );
     }
     Ok(())
 }
