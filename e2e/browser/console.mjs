@@ -13,7 +13,7 @@ import { existsSync, mkdirSync } from "node:fs";
 const cfg = JSON.parse(process.env.CONSOLE_TEST || "{}");
 const scenario = process.argv[2];
 const CHROMIUM = cfg.chromium || "/usr/bin/chromium";
-const TIMEOUT = 20000;
+const TIMEOUT = 30000;
 
 const lines = createInterface({ input: process.stdin });
 const waiting = [];

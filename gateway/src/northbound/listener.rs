@@ -1,5 +1,7 @@
-//! Transport layer: the northbound listener. TLS (client certificates required) and HTTP/2,
-//! served with hyper directly rather than tonic's `Server`.
+//! Transport layer: the northbound listener. TLS (a client certificate asked for, required
+//! per request by `auth` unless a bearer token or a console session stands in) and HTTP/2,
+//! or HTTP/1.1 for browsers on the console (by ALPN, or by the first bytes when the client
+//! names no protocol), served with hyper directly rather than tonic's `Server`.
 //!
 //! Why not tonic's server: it enforces `grpc-timeout` in a layer outside every service and
 //! answers an expired call with `CANCELLED "Timeout expired"`; the relay must own deadlines
