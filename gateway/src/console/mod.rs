@@ -257,3 +257,25 @@ fn security_headers(h: &mut http::HeaderMap) {
     set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::CACHE_CONTROL, "no-store");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_non_grpc_requests_under_ui_reach_the_console() {
+        let req = |path: &str, grpc: bool| {
+            let mut b = http::Request::builder().uri(path);
+            if grpc {
+                b = b.header(header::CONTENT_TYPE, "application/grpc+proto");
+            }
+            b.body(()).unwrap()
+        };
+        assert!(is_console_request(&req("/ui", false)));
+        assert!(is_console_request(&req("/ui/agents/a/b", false)));
+        // A relayed service that happens to be called `ui` stays gRPC.
+        assert!(!is_console_request(&req("/ui/Method", true)));
+        assert!(!is_console_request(&req("/uix", false)));
+        assert!(!is_console_request(&req("/tether.v1.Agents/List", true)));
+    }
+}
