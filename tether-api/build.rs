@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tether/v1/commands.proto",
             "tether/v1/enrollment.proto",
             "tether/v1/callers.proto",
+            "tether/v1/console.proto",
             "tether/agent/v1/agent_info.proto",
             "tether/demo/v1/echo.proto",
         ],

@@ -15,7 +15,8 @@
 //! fair_share_margin = 0.25    # refuse new sessions above the fleet's mean per replica by this
 //! rebalance_interval = "30s"  # ask agents above the share to move, at most this often; 0s: never
 //! [northbound]
-//! listen = "0.0.0.0:7444"     # gRPC over TLS
+//! listen = "0.0.0.0:7444"     # gRPC over TLS, and the web console at /ui/
+//! console_session_ttl = "8h"  # how long a console login lasts
 //! [ops]
 //! listen = "127.0.0.1:9090"   # /metrics /healthz /readyz
 //! [log]
@@ -104,6 +105,7 @@ pub const KEYS: Keys = &[
     "tunnel.fair_share_margin",
     "tunnel.rebalance_interval",
     "northbound.listen",
+    "northbound.console_session_ttl",
     "ops.listen",
     "log.format",
     "log.level",
@@ -991,12 +993,16 @@ impl Default for TunnelConfig {
 pub struct NorthboundConfig {
     /// TCP address.
     pub listen: SocketAddr,
+    /// How long a console session (the cookie a login link sets) lasts.
+    #[serde(with = "humantime_serde")]
+    pub console_session_ttl: Duration,
 }
 
 impl Default for NorthboundConfig {
     fn default() -> Self {
         NorthboundConfig {
             listen: ([0, 0, 0, 0], 7444).into(),
+            console_session_ttl: Duration::from_secs(8 * 3600),
         }
     }
 }
@@ -1118,6 +1124,12 @@ impl Validate for GatewayConfig {
         self.store.validate()?;
         self.cluster.validate()?;
         self.agents.validate()?;
+        if self.northbound.console_session_ttl.is_zero() {
+            return Err(ConfigError::invalid(
+                "northbound.console_session_ttl",
+                "must be above zero (e.g. \"8h\")".to_owned(),
+            ));
+        }
         self.telemetry
             .check()
             .map_err(|(key, why)| ConfigError::invalid(&format!("telemetry.{key}"), why))?;

@@ -11,6 +11,8 @@
 //!   end-to-end probe, the registry of live sessions;
 //! - [`northbound`] (transport + feature): the listener the control plane calls, its callers
 //!   and their tenants (`auth`), `tether.v1.Agents`, and the one error → status mapping;
+//! - [`console`] (feature): the web console at `/ui/` on the northbound listener, its login
+//!   links and session cookies, asking the northbound services as the viewer;
 //! - [`relay`] (feature): gRPC calls and TCP streams relayed to agents, streams per agent;
 //! - [`commands`] (feature + backend): durable commands, their delivery, `Watch`, and the
 //!   command store;
@@ -27,6 +29,7 @@
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod data_dir;
 pub mod error;
 pub mod identity;

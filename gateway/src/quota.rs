@@ -53,6 +53,12 @@ impl PerAgent {
         }
     }
 
+    /// How many `agent` holds now.
+    pub(crate) fn count(&self, agent: &AgentId) -> u32 {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(agent).copied().unwrap_or(0)
+    }
+
     /// A permit, or (counted as a refusal) how many `agent` holds already.
     pub(crate) fn acquire(&self, agent: &AgentId) -> Result<AgentPermit, u32> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

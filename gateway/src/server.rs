@@ -532,20 +532,43 @@ fn start_northbound(
         );
     }
     tokio::spawn(auth.clone().run_refresh(close_sessions.clone()));
-    let tls = crate::northbound::listener::tls_config(material, auth.accepts_tokens())?;
+    let tls = crate::northbound::listener::tls_config(material)?;
     socket
         .set_nonblocking(true)
         .map_err(io("northbound socket".into()))?;
     let listener =
         tokio::net::TcpListener::from_std(socket).map_err(io("northbound socket".into()))?;
     let live_callers = f.live_callers.clone();
-    let routes = northbound_routes(cfg, f, live_callers.clone(), close_sessions.clone());
-    // Every request, the relay's included, is authenticated before it is routed; one that
-    // gets through tells its connection so.
+    let logins = Arc::new(crate::console::login::Logins::new(
+        cfg.northbound.console_session_ttl,
+    ));
+    let relay = f.relay.clone();
+    let (routes, agents, commands) = northbound_routes(
+        cfg,
+        f,
+        live_callers.clone(),
+        logins.clone(),
+        close_sessions.clone(),
+    );
+    let console = crate::console::router(Arc::new(crate::console::Console {
+        agents,
+        commands,
+        auth: auth.clone(),
+        logins,
+        relay,
+        trust_domain: cfg.trust_domain.clone(),
+        shutdown: close_sessions.clone(),
+    }));
+    // Every API request, the relay's included, is authenticated before it is routed; one that
+    // gets through tells its connection so. The console (`/ui/`, not gRPC) resolves its viewer
+    // itself, with the same authenticator, and asks the same services.
     Ok(tokio::spawn(crate::northbound::listener::serve(
         listener,
         tls,
-        Authenticated::new(auth, MarkAuthenticated(routes)),
+        crate::console::WithConsole::new(
+            console,
+            Authenticated::new(auth, MarkAuthenticated(routes)),
+        ),
         crate::northbound::listener::ListenerLimits {
             handshake_timeout: cfg.limits.northbound_handshake_timeout,
             idle_timeout: cfg.limits.northbound_idle_timeout,
@@ -565,14 +588,17 @@ fn northbound_routes(
     cfg: &GatewayConfig,
     f: Features,
     live_callers: Arc<LiveConnections>,
+    logins: Arc<crate::console::login::Logins>,
     close_sessions: CancellationToken,
-) -> tonic::service::Routes {
+) -> (tonic::service::Routes, AgentsApi, CommandsApi) {
     let mut api = AgentsApi::new(f.registry.clone(), close_sessions)
         .with_identity(f.identity.clone())
         .with_watch_limit(cfg.limits.agent_watches_per_caller);
     if let Some(fleet) = f.fleet {
         api = api.with_fleet(fleet);
     }
+    let console_agents = api.clone();
+    let console_commands = CommandsApi::new(f.commands.clone());
     let relay = f.relay;
     let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
     let mut routes = tonic::service::Routes::builder();
@@ -593,11 +619,12 @@ fn northbound_routes(
         cfg.trust_domain.clone(),
     ));
     routes.add_service(CallersApi::new(f.identity, live_callers).into_service());
+    routes.add_service(crate::console::api::ConsoleApi::new(logins).into_service());
     let mut routes = routes.routes();
     // Everything that is not tether.v1.* is relayed to an agent.
     let axum_router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = axum_router.fallback_service(RelayService(relay));
-    routes.prepare()
+    (routes.prepare(), console_agents, console_commands)
 }
 
 /// Serves ops HTTP (`/metrics`, `/healthz`, `/readyz` as `readiness` says) on `socket` until

@@ -1,5 +1,7 @@
-//! Transport layer: the northbound listener. TLS (client certificates required) and HTTP/2,
-//! served with hyper directly rather than tonic's `Server`.
+//! Transport layer: the northbound listener. TLS (a client certificate asked for, required
+//! per request by `auth` unless a bearer token or a console session stands in) and HTTP/2,
+//! or HTTP/1.1 for browsers on the console (by ALPN, or by the first bytes when the client
+//! names no protocol), served with hyper directly rather than tonic's `Server`.
 //!
 //! Why not tonic's server: it enforces `grpc-timeout` in a layer outside every service and
 //! answers an expired call with `CANCELLED "Timeout expired"`; the relay must own deadlines
@@ -78,7 +80,8 @@ impl Default for ListenerLimits {
 pub struct ConnectionAuth(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl ConnectionAuth {
-    fn mark(&self) {
+    /// Marks the connection authenticated (the console does, for a request with a session).
+    pub fn mark(&self) {
         if !*self.0.borrow() {
             self.0
                 .send_if_modified(|authenticated| !std::mem::replace(authenticated, true));
@@ -116,29 +119,29 @@ where
 }
 
 /// TLS for the northbound listener: the gateway's certificate, client certificates verified
-/// against the CA (which identities may call is decided per request), ALPN h2, TLS 1.2 or
-/// 1.3. Required, unless `tokens_accepted`: a caller with a bearer token may come without one
-/// (a certificate it does send is still verified). No session resumption, as on the tunnel
-/// ([`TlsMaterial::server_config`]): an expired caller certificate, or one of a CA a rotation
-/// removed, would keep working for as long as its session was cached.
-pub fn tls_config(
-    material: &TlsMaterial,
-    tokens_accepted: bool,
-) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-    let mut verifier = rustls::server::WebPkiClientVerifier::builder(material.roots());
-    if tokens_accepted {
-        verifier = verifier.allow_unauthenticated();
-    }
-    let verifier = verifier.build().map_err(|source| TlsSetupError::Verifier {
-        listener: Listener::Northbound,
-        source,
-    })?;
-    let tls = material.server_config(
+/// against the CA (which identities may call is decided per request), ALPN h2 and http/1.1
+/// (browsers on the console at `/ui/`), TLS 1.2 or 1.3. A certificate is asked for but not
+/// required at the handshake: a browser comes without one, and so may a caller with a bearer
+/// token (a certificate that is sent is still verified). A request without a certificate, a
+/// token or a console session is refused by `auth` before it reaches any service. No session
+/// resumption, as on the tunnel ([`TlsMaterial::server_config`]): an expired caller
+/// certificate, or one of a CA a rotation removed, would keep working for as long as its
+/// session was cached.
+pub fn tls_config(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder(material.roots())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|source| TlsSetupError::Verifier {
+            listener: Listener::Northbound,
+            source,
+        })?;
+    let mut tls = material.server_config(
         Listener::Northbound,
         rustls::DEFAULT_VERSIONS,
         Some(verifier),
         b"h2",
     )?;
+    tls.alpn_protocols.push(b"http/1.1".to_vec());
     Ok(Arc::new(tls))
 }
 
@@ -221,6 +224,9 @@ pub async fn serve<S, B>(
                         return;
                     }
                 };
+            // Browsers on the console may speak HTTP/1.1; gRPC is HTTP/2 only. A client that
+            // named no protocol gets whichever its first bytes are.
+            let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
             let certs = PeerCerts(Arc::new(
                 stream
                     .get_ref()
@@ -264,8 +270,10 @@ pub async fn serve<S, B>(
                     )
                 }
             });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
             builder
+                .http2()
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .initial_stream_window_size(1 << 20)
@@ -273,6 +281,11 @@ pub async fn serve<S, B>(
                 .max_frame_size(MAX_FRAME_SIZE)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .max_header_list_size(max_headers.saturating_mul(2));
+            let builder = match alpn.as_deref() {
+                Some(b"http/1.1") => builder.http1_only(),
+                Some(_) => builder.http2_only(),
+                None => builder,
+            };
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let idle = async {

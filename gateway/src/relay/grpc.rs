@@ -36,10 +36,10 @@ use tether_runtime::stream::{Reader, flush};
 use tether_runtime::telemetry::{self, CallSpan, KeyValue, SpanKind};
 use tether_runtime::transport::SendStream;
 use tonic::{Code, Status};
-use tunnel_proto::ProtoError;
 use tunnel_proto::message::{StreamHeader, StreamKind, Trailers};
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::rpc::{self, RequestSend, ResponseEvent, ResponseRecv};
+use tunnel_proto::{AgentId, ProtoError};
 
 use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::northbound::auth::Caller;
@@ -74,16 +74,22 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
         Box::pin(async move {
             let started = Instant::now();
             // Set once the call reached an agent the caller may act for and the gateway knows.
-            let mut tenant = None;
+            let mut routed: Option<AgentId> = None;
             // The call's span once it is routed; ended with the call's status.
             let mut span = None;
-            match relay_call(&relay, req, &mut tenant, &mut span).await {
+            match relay_call(&relay, req, &mut routed, &mut span).await {
                 Ok(resp) => {
                     record_first_byte(RelayKind::Grpc, started);
                     Ok(resp)
                 }
                 Err(status) => {
-                    record_end(tenant_label(tenant.as_deref()), status.code());
+                    record_end(
+                        tenant_label(routed.as_ref().map(AgentId::tenant)),
+                        status.code(),
+                    );
+                    if let Some(agent) = &routed {
+                        relay.outcomes.record(&agent.to_string(), status.code());
+                    }
                     if let Some(s) = span.take() {
                         s.end(status.code() as i32, status.message());
                     }
@@ -112,12 +118,12 @@ fn record_end(tenant: &str, code: Code) {
     record_call(RelayKind::Grpc, tenant, code);
 }
 
-/// Relays one call; `tenant` is set to the agent's tenant once the call is routed to an agent
-/// the caller may act for and the registry knows (for the metrics label).
+/// Relays one call; `routed` is set to the agent once the call is routed to an agent the
+/// caller may act for and the registry knows (for the metrics label and the outcomes).
 async fn relay_call(
     relay: &Relay,
     req: Request<axum::body::Body>,
-    tenant: &mut Option<String>,
+    routed: &mut Option<AgentId>,
     span_slot: &mut Option<CallSpan>,
 ) -> Result<Response<axum::body::Body>, Status> {
     let caller = caller_of(&req)?;
@@ -161,7 +167,7 @@ async fn relay_call(
             .open_attempt(Some(&caller), &agent, &mut request, deadline, &mut attempts)
             .await;
         if !matches!(&opened, Err(RelayError::UnknownAgent(_))) {
-            *tenant = Some(agent.tenant().to_owned());
+            *routed = Some(agent.clone());
         }
         let (send, recv, permit) = match opened {
             Ok(o) => o,
@@ -223,6 +229,7 @@ async fn relay_call(
             // Trailers-only: the call failed before any response (or had no body).
             cancel.cancel();
             record_end(&tenant, code_of(&t));
+            relay.outcomes.record(&agent.to_string(), code_of(&t));
             if let Some(s) = span_slot.take() {
                 s.end(code_of(&t) as i32, &message_of(&t));
             }
@@ -272,6 +279,7 @@ async fn relay_call(
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
         cancel,
         tenant,
+        outcome: (relay.outcomes.clone(), agent.to_string()),
         bytes: relayed_bytes(Direction::FromAgent),
         done: false,
         span: span_slot.take(),
@@ -390,6 +398,8 @@ struct ToCaller {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     cancel: CancellationToken,
     tenant: String,
+    /// Where the call's outcome is counted, and its agent.
+    outcome: (Arc<crate::relay::outcomes::CallOutcomes>, String),
     bytes: metrics::Counter,
     /// The final frame was given (or the call was ended): nothing more is read.
     done: bool,
@@ -411,6 +421,7 @@ impl ToCaller {
     /// Counts the call as `code` and ends its span.
     fn record(&mut self, code: Code, message: &str) {
         record_end(&self.tenant, code);
+        self.outcome.0.record(&self.outcome.1, code);
         if let Some(s) = self.span.take() {
             s.end(code as i32, message);
         }

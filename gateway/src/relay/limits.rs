@@ -42,6 +42,11 @@ impl AgentStreams {
         })
     }
 
+    /// Streams open to `agent` now.
+    pub fn open(&self, agent: &AgentId) -> u32 {
+        self.0.count(agent)
+    }
+
     /// The cap.
     pub fn max(&self) -> u32 {
         self.0.max()

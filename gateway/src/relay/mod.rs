@@ -20,6 +20,7 @@
 
 pub mod grpc;
 pub mod limits;
+pub mod outcomes;
 pub mod resend;
 pub mod tcp;
 
@@ -123,6 +124,8 @@ pub struct Relay {
     forwarder: OnceLock<Arc<Forwarder>>,
     /// Spans of relayed calls and streams (`[telemetry]`); unset: none.
     telemetry: OnceLock<tether_runtime::telemetry::Telemetry>,
+    /// How calls ended, per agent (for the console).
+    outcomes: Arc<outcomes::CallOutcomes>,
 }
 
 impl Relay {
@@ -135,7 +138,18 @@ impl Relay {
             streams: AgentStreams::new(streams_per_agent),
             forwarder: OnceLock::new(),
             telemetry: OnceLock::new(),
+            outcomes: Arc::default(),
         })
+    }
+
+    /// Calls and TCP streams this gateway relays to `agent` now.
+    pub fn open_streams(&self, agent: &AgentId) -> u32 {
+        self.streams.open(agent)
+    }
+
+    /// How relayed calls and streams ended, per agent.
+    pub fn outcomes(&self) -> &Arc<outcomes::CallOutcomes> {
+        &self.outcomes
     }
 
     /// Makes a span of every relayed call and stream with `telemetry` from now on (set once).

@@ -141,8 +141,14 @@ impl Streams for StreamsApi {
         };
         if let Err(status) = opened {
             span.end(status.code() as i32, status.message());
+            self.relay
+                .outcomes()
+                .record(&agent.to_string(), status.code());
             return Err(status);
         }
+        self.relay
+            .outcomes()
+            .record(&agent.to_string(), tonic::Code::Ok);
         span.end(0, "");
         record_first_byte(RelayKind::Tcp, started);
         record_call(RelayKind::Tcp, agent.tenant(), tonic::Code::Ok);

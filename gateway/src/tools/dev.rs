@@ -160,6 +160,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), St
     println!("Try:  ./target/debug/tetherctl agents list");
     println!("      ./target/debug/tetherctl agents watch");
     print_grpcurl(&dev_json, northbound);
+    print_console_link(&dev_json, northbound).await;
 
     if !opts.check {
         println!("\nPress Ctrl-C to stop.");
@@ -303,6 +304,7 @@ async fn run_replicas(
         replicas[0].4[2]
     );
     print_grpcurl(&replicas[0].2, replicas[0].4[1]);
+    print_console_link(&replicas[0].2, replicas[0].4[1]).await;
 
     if !opts.check {
         println!("\nPress Ctrl-C to stop.");
@@ -446,7 +448,10 @@ fn gateway_config(
             drain_timeout: Duration::from_secs(1),
             ..Default::default()
         },
-        northbound: NorthboundConfig { listen: northbound },
+        northbound: NorthboundConfig {
+            listen: northbound,
+            ..NorthboundConfig::default()
+        },
         ops: OpsConfig { listen: ops },
         log: LogConfig::default(),
         data_dir: Some(data_dir),
@@ -614,6 +619,28 @@ fn print_agent(agent: &tether_api::v1::Agent) {
             replicas.join(",")
         }
     );
+}
+
+/// A console login link for the dev caller (`tetherctl console` prints a new one).
+async fn print_console_link(dev_json: &DevJson, northbound: SocketAddr) {
+    let link = async {
+        let channel = ctl::connect(&dev_json.into()).await?;
+        tether_api::v1::console_client::ConsoleClient::new(channel)
+            .create_login_link(tether_api::v1::CreateLoginLinkRequest {})
+            .await
+            .map_err(|s| s.message().to_owned())
+    };
+    println!();
+    match link.await {
+        Ok(l) => {
+            println!("Console: https://{northbound}{}", l.into_inner().path);
+            println!(
+                "      (single use, valid 60 s; the dev CA signs the gateway's certificate: accept it in the browser, or import {}; a new link: ./target/debug/tetherctl console)",
+                rel_path(&dev_json.ca)
+            );
+        }
+        Err(e) => println!("Console: no login link ({e}); try ./target/debug/tetherctl console"),
+    }
 }
 
 fn print_grpcurl(dev_json: &DevJson, northbound: SocketAddr) {

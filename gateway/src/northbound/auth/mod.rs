@@ -269,6 +269,7 @@ const METHODS: &[&str] = &[
     "tether.v1.Enrollment/CreateToken",
     "tether.v1.Enrollment/Enroll",
     "tether.v1.Callers/Revoke",
+    "tether.v1.Console/CreateLoginLink",
 ];
 
 /// The method label of a request path (a bounded set: paths are the caller's to choose).
@@ -337,6 +338,11 @@ impl Authenticator {
             policy,
             jwt,
         }))
+    }
+
+    /// The revoked caller certificates it refuses.
+    pub fn caller_revocations(&self) -> &Arc<CallerRevocationList> {
+        &self.revoked
     }
 
     /// Whether callers may come without a client certificate (they bring a token instead).

@@ -84,6 +84,13 @@ enum Cmd {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Print a single-use login link for the web console (valid 60 s), acting as this caller
+    /// for its tenants; opens it with $BROWSER when that is set.
+    Console {
+        /// Print the link only, even when $BROWSER is set.
+        #[arg(long)]
+        no_browser: bool,
+    },
     /// Listen on a loopback port and carry each connection to an agent's TCP service.
     Forward {
         /// The agent, <tenant>/<agent>.
@@ -210,6 +217,54 @@ async fn callers_cmd(channel: ctl::Conn, cmd: CallersCmd, output: Output) -> Res
                 "closed_fingerprints": r.closed_fingerprints,
             })
         ),
+    }
+    Ok(())
+}
+
+/// `tetherctl console`: asks for a login link, prints it, and opens it with `$BROWSER`.
+async fn console(
+    channel: ctl::Conn,
+    addr: &str,
+    no_browser: bool,
+    output: Output,
+) -> Result<(), String> {
+    let link = v1::console_client::ConsoleClient::new(channel)
+        .create_login_link(v1::CreateLoginLinkRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let url = format!("https://{addr}{}", link.path);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "url": url,
+                "expires_at": ts_json(&link.expires_at),
+                "caller": link.caller,
+                "tenants": link.tenants,
+            })
+        ),
+        Output::Table => {
+            println!("{url}");
+            eprintln!(
+                "console login for {} ({}): single use, valid 60 s",
+                link.caller,
+                link.tenants.join(", ")
+            );
+        }
+    }
+    if let (false, Some(browser)) = (no_browser, std::env::var_os("BROWSER"))
+        && let Err(e) = std::process::Command::new(&browser)
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    {
+        eprintln!(
+            "could not start $BROWSER ({}): {e}",
+            browser.to_string_lossy()
+        );
     }
     Ok(())
 }
@@ -759,7 +814,11 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
 }
 
 async fn run(cli: Cli) -> Result<(), Exit> {
-    let channel = ctl::connect_with_token(&target(&cli)?, cli.token.as_deref()).await?;
+    let target = target(&cli)?;
+    let channel = ctl::connect_with_token(&target, cli.token.as_deref()).await?;
+    if let Cmd::Console { no_browser } = &cli.cmd {
+        return Ok(console(channel, &target.addr, *no_browser, cli.output).await?);
+    }
     if let Cmd::Forward {
         agent,
         service,
@@ -877,6 +936,7 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             }
         }
         Cmd::Forward { .. }
+        | Cmd::Console { .. }
         | Cmd::Call { .. }
         | Cmd::Commands(_)
         | Cmd::Tokens(_)
