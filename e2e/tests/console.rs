@@ -3,7 +3,8 @@
 //! `tether-gateway serve` process and real `tether-agent` processes. Each test logs in
 //! through a link from `tetherctl console`; the script asks this test to start or stop agents
 //! when the page must see the world change (`STEP`), and every check it passes prints
-//! `PASS`. The screenshots in `docs/console/` come from these runs.
+//! `PASS`. The screenshots in `docs/console/` come from these runs (with `TETHER_CONSOLE_SHOTS`,
+//! see [`shots`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -156,8 +157,17 @@ fn login_link(gw: &GatewayProcess, files: &CertFiles) -> String {
     link
 }
 
+/// Where the browser writes its screenshots: `target/console-shots`, or the directory named by
+/// `TETHER_CONSOLE_SHOTS` (relative to the repository). The docs' own are refreshed with
+/// `TETHER_CONSOLE_SHOTS=docs/console cargo nextest run -p tether-e2e --test console`, so that a
+/// test run does not rewrite files in the source tree.
 fn shots() -> String {
-    repo().join("docs/console").display().to_string()
+    let dir = match std::env::var("TETHER_CONSOLE_SHOTS") {
+        Ok(d) if !d.is_empty() => repo().join(d),
+        _ => repo().join("target/console-shots"),
+    };
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir.display().to_string()
 }
 
 async fn agents(
