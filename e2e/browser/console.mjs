@@ -111,7 +111,7 @@ async function ops() {
     `the agent page shows its relayed calls by code (${calls})`);
   await shot(page, "agent");
   await page.fill('#submit-form input[name="kind"]', "sleep");
-  await page.fill('#submit-form textarea[name="payload"]', '{"ms": 3000}');
+  await page.fill('#submit-form textarea[name="payload"]', '{"ms": 10000}');
   await Promise.all([page.waitForURL(/\/ui\/commands\/t[0-9a-f]+$/), page.click("#submit-form button")]);
   await live(page);
   await page.evaluate(() => (window.__notReloaded = true));
@@ -120,7 +120,7 @@ async function ops() {
   await shot(page, "command");
   await page.waitForSelector('#command-detail[data-state="succeeded"]');
   const progress = await page.$$eval("#progress li", (l) => l.map((x) => x.textContent));
-  check(progress.length >= 5 && progress[progress.length - 1].includes("slept 3000 of 3000 ms"), `every progress line arrived (${progress.length})`);
+  check(progress.length >= 5 && progress[progress.length - 1].includes("slept 10000 of 10000 ms"), `every progress line arrived (${progress.length})`);
   check(await page.evaluate(() => window.__notReloaded === true), "the command page was never reloaded");
   const id = page.url().split("/").pop();
   await step(`command ${id}`);
