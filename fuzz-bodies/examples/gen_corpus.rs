@@ -45,6 +45,8 @@ fn header(kind: StreamKind) -> StreamHeader {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
         )]),
         id: "cmd-1".into(),
+        caller: "mtls:api".into(),
+        attempt: 1,
     }
 }
 

@@ -277,6 +277,15 @@ pub struct StreamHeader {
     /// An id for the stream's subject (a command id, for deliveries).
     #[prost(string, tag = "7")]
     pub id: String,
+    /// Who the gateway authenticated as the caller of a relayed call or stream
+    /// (`mtls:<name>` or `jwt:<subject>`), for the agent's ledger; empty from older gateways
+    /// and on command deliveries. The agent records it; it authorizes nothing.
+    #[prost(string, tag = "8")]
+    pub caller: String,
+    /// For a command delivery: which delivery of the command this is (1 for the first);
+    /// 0 from older gateways.
+    #[prost(uint32, tag = "9")]
+    pub attempt: u32,
 }
 
 impl StreamHeader {

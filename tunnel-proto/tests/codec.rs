@@ -158,6 +158,7 @@ fn message() -> impl Strategy<Value = Message> {
                         timeout_ms,
                         trace_context,
                         id,
+                        ..Default::default()
                     })
                 }
             ),

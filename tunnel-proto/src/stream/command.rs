@@ -98,7 +98,21 @@ impl GatewayCommand {
         payload: Bytes,
         max_output: u64,
     ) -> GatewayCommand {
+        Self::attempt(id, kind, content_type, payload, max_output, 0)
+    }
+
+    /// [`GatewayCommand::new`] saying which delivery of the command this is
+    /// ([`StreamHeader::attempt`], 1 for the first).
+    pub fn attempt(
+        id: String,
+        kind: String,
+        content_type: String,
+        payload: Bytes,
+        max_output: u64,
+        attempt: u32,
+    ) -> GatewayCommand {
         let header = StreamHeader {
+            attempt,
             kind: StreamKind::Command as i32,
             service: kind,
             id,
