@@ -105,7 +105,8 @@ pub struct Relayed {
 pub struct CommandEntry {
     /// The command id.
     pub id: String,
-    /// Its kind.
+    /// Its kind (`command_kind`: `kind` says what the record is).
+    #[serde(rename = "command_kind")]
     pub kind: String,
     /// SHA-256 of the payload, hex.
     pub payload_sha256: String,
