@@ -275,7 +275,7 @@ async fn pause_refuses_every_call_and_stream_with_the_reason_holds_commands_and_
     .await;
     stop.cancel();
     task.await.unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let during: Vec<_> = seen
         .iter()
         .filter(|o| o.0 > paused_at && o.1 < resumed_at)
@@ -488,7 +488,7 @@ async fn reload_adds_and_removes_services_under_load_and_refuses_an_invalid_conf
 
     stop.cancel();
     task.await.unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let failed: Vec<_> = seen.iter().filter_map(|o| o.2.as_ref().err()).collect();
     assert!(
         failed.is_empty(),

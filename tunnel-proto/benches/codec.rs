@@ -25,6 +25,8 @@ fn header() -> Message {
         )]
         .into(),
         id: String::new(),
+        caller: "mtls:control-plane".into(),
+        attempt: 0,
     })
 }
 
