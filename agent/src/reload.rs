@@ -100,6 +100,18 @@ impl Control {
             }
             *last = Some(text);
         }
+        if !path.exists() {
+            // No file is no pause from it (the chart always mounts one); a file that exists
+            // and does not parse is refused.
+            tracing::warn!(path = %path.display(), "control_file does not exist: it pauses nothing until it does");
+            self.pause
+                .set(Source::ControlFile, None)
+                .map_err(|source| AgentError::Io {
+                    what: "applying the control file".into(),
+                    source,
+                })?;
+            return Ok(());
+        }
         let c = ControlFile::read(&path)?;
         let want = c.paused.then_some(c.reason);
         self.pause
