@@ -279,7 +279,8 @@ fn scheme_named(name: &str) -> Option<SignatureScheme> {
 /// are dropped at once.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    tx: Option<SyncSender<Entry>>,
+    /// `None` on the channel: the writer closes (its last checkpoint) and stops.
+    tx: Option<SyncSender<Option<Entry>>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -297,7 +298,7 @@ impl Ledger {
     /// Queues a record; never waits. A full queue counts it as lost (a `gap` record follows).
     pub fn record(&self, entry: Entry) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(entry) {
+        match tx.try_send(Some(entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -312,17 +313,24 @@ impl Ledger {
 #[derive(Debug)]
 pub struct Writer {
     thread: Option<std::thread::JoinHandle<()>>,
+    tx: Option<SyncSender<Option<Entry>>>,
 }
 
 impl Writer {
     /// No writer (the ledger is disabled).
     pub fn none() -> Writer {
-        Writer { thread: None }
+        Writer {
+            thread: None,
+            tx: None,
+        }
     }
 
-    /// Waits for the writer to finish (every [`Ledger`] handle dropped): the queue written
-    /// and the final checkpoint signed.
+    /// Closes the ledger and waits for the writer: what was queued before is written, the
+    /// last checkpoint signed, the file synced; records handed in later are dropped. Blocking.
     pub fn join(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(None);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -370,11 +378,12 @@ pub fn start(
         })?;
     Ok((
         Ledger {
-            tx: Some(tx),
+            tx: Some(tx.clone()),
             dropped,
         },
         Writer {
             thread: Some(thread),
+            tx: Some(tx),
         },
     ))
 }
@@ -557,7 +566,7 @@ struct WriterState {
 }
 
 impl WriterState {
-    fn run(&mut self, rx: Receiver<Entry>) {
+    fn run(&mut self, rx: Receiver<Option<Entry>>) {
         let key = self.signer.fingerprint();
         self.append(&Entry::Open {
             agent: self.agent.clone(),
@@ -572,8 +581,9 @@ impl WriterState {
                 }
                 None => Duration::from_secs(3600),
             };
+            let mut closing = false;
             match rx.recv_timeout(wait) {
-                Ok(entry) => {
+                Ok(Some(entry)) => {
                     self.append(&entry);
                     // Whatever else is queued goes in the same write, up to the file's size.
                     let room = self.files.as_ref().map_or(1 << 20, |f| {
@@ -581,24 +591,30 @@ impl WriterState {
                     });
                     while self.out.len() < room {
                         match rx.try_recv() {
-                            Ok(e) => self.append(&e),
+                            Ok(Some(e)) => self.append(&e),
+                            Ok(None) => {
+                                closing = true;
+                                break;
+                            }
                             Err(_) => break,
                         }
                     }
                 }
+                Ok(None) => closing = true,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.checkpoint();
-                    self.flush();
-                    if let Some(f) = &self.files {
-                        let _ = f.file.sync_all();
-                    }
-                    return;
-                }
+                Err(RecvTimeoutError::Disconnected) => closing = true,
             }
             let dropped = self.dropped.swap(0, Ordering::Relaxed);
             if dropped > 0 {
                 self.append(&Entry::Gap { dropped });
+            }
+            if closing {
+                self.checkpoint();
+                self.flush();
+                if let Some(f) = &self.files {
+                    let _ = f.file.sync_all();
+                }
+                return;
             }
             if self
                 .first_unsigned
