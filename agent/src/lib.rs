@@ -236,6 +236,9 @@ pub fn start_with_identity(
             // Set per dial by the supervisor.
             sessions_held: 0,
             avoid_replicas: Vec::new(),
+            // Set per dial by the supervisor, from `pause`.
+            paused: false,
+            pause_reason: String::new(),
         },
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,
@@ -244,6 +247,7 @@ pub fn start_with_identity(
         mode: cfg.transport.mode,
         quic_retry: cfg.transport.quic_retry,
         connections: cfg.connections as usize,
+        pause: pause.subscribe(),
     });
     let mut ops_addr = None;
     if let Some(l) = ops {

@@ -229,6 +229,28 @@ async fn pause_refuses_every_call_and_stream_with_the_reason_holds_commands_and_
     assert_eq!(ready["paused"], true, "{body}");
     assert_eq!(ready["pause_reason"], "incident 7", "{body}");
     assert_eq!(s.gw.sessions_of(AGENT), 1, "the session stays up");
+    // And Agents/Get: the agent tells the gateway at once, in a heartbeat ahead of its time.
+    let mut agents = s.gw.client(&s.pki, "api").await;
+    let deadline = Instant::now() + T;
+    loop {
+        let a = agents
+            .get(tether_api::v1::GetAgentRequest {
+                agent: AGENT.into(),
+            })
+            .await
+            .expect("Agents/Get")
+            .into_inner();
+        if a.paused {
+            assert_eq!(a.sessions[0].pause_reason, "incident 7");
+            assert!(a.sessions[0].paused);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Agents/Get never said paused: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Commands submitted while paused are delivered but neither acknowledged nor run.
     let mut commands = s.gw.commands(&s.pki).await;
@@ -266,6 +288,19 @@ async fn pause_refuses_every_call_and_stream_with_the_reason_holds_commands_and_
     let resumed_at = Instant::now();
     let o = s.cli(&["resume"]).await;
     assert!(o.status.success(), "{}", text(&o));
+    let deadline = Instant::now() + T;
+    while agents
+        .get(tether_api::v1::GetAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .expect("Agents/Get")
+        .into_inner()
+        .paused
+    {
+        assert!(Instant::now() < deadline, "Agents/Get still says paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_until("calls succeed again", T, || {
         seen.lock()
             .unwrap()

@@ -94,6 +94,8 @@ fn main() {
         instance_id: "i-1".into(),
         sessions_held: 1,
         avoid_replicas: vec!["r1#3".into()],
+        paused: true,
+        pause_reason: "audit".into(),
     };
     let welcome = Welcome {
         version: 1,
@@ -111,6 +113,8 @@ fn main() {
         Message::Heartbeat(Heartbeat {
             seq: 7,
             last_rtt_us: 1200,
+            paused: true,
+            pause_reason: "audit".into(),
         }),
         Message::HeartbeatAck(HeartbeatAck {
             seq: 7,
@@ -213,6 +217,7 @@ fn main() {
             Message::Heartbeat(Heartbeat {
                 seq: 8,
                 last_rtt_us: 0,
+                ..Default::default()
             }),
             messages[5].clone(),
         ]),
