@@ -367,7 +367,7 @@ impl Executor {
                     payload_sha256: note.payload_sha256,
                     attempt,
                     outcome: note.outcome.to_owned(),
-                    start: crate::ledger::timestamp(start),
+                    start,
                     duration_ms: began.elapsed().as_secs_f64() * 1000.0,
                     held_ms: note.held.as_secs_f64() * 1000.0,
                 }));

@@ -94,8 +94,10 @@ pub struct Relayed {
     pub bytes_in: u64,
     /// Bytes to the caller.
     pub bytes_out: u64,
-    /// When it began (RFC 3339, UTC).
-    pub start: String,
+    /// When it began (written as RFC 3339, UTC, by the writer: no formatting on the call's
+    /// path).
+    #[serde(serialize_with = "rfc3339")]
+    pub start: SystemTime,
     /// How long it lasted, in milliseconds.
     pub duration_ms: f64,
 }
@@ -116,12 +118,17 @@ pub struct CommandEntry {
     /// `stream_lost`.
     pub outcome: String,
     /// When the delivery arrived (RFC 3339, UTC).
-    pub start: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub start: SystemTime,
     /// How long it took, in milliseconds (a delivery held while paused included).
     pub duration_ms: f64,
     /// How long it was held because the agent was paused, in milliseconds.
     #[serde(skip_serializing_if = "is_zero")]
     pub held_ms: f64,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -1065,7 +1072,7 @@ mod tests {
             status: "Ok".into(),
             bytes_in: i,
             bytes_out: 2 * i,
-            start: timestamp(SystemTime::now()),
+            start: SystemTime::now(),
             duration_ms: 1.5,
         })
     }

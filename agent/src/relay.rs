@@ -38,7 +38,7 @@ use tunnel_proto::{ErrorCode, ProtoError};
 
 use crate::config::{AgentConfig, ServiceConfig, ServiceKind};
 use crate::error::{AgentError, UpstreamError};
-use crate::ledger::{Entry, Ledger, Relayed, timestamp};
+use crate::ledger::{Entry, Ledger, Relayed};
 use crate::pause::{PauseSwitch, refusal};
 
 /// Errors of upstream services.
@@ -454,7 +454,7 @@ async fn handle(
                         status: code.map_or_else(|| "Reset".to_owned(), |c| format!("{c:?}")),
                         bytes_in: counts.bytes_in.load(AtomicOrdering::Relaxed),
                         bytes_out: counts.bytes_out.load(AtomicOrdering::Relaxed),
-                        start: timestamp(start),
+                        start,
                         duration_ms: began.elapsed().as_secs_f64() * 1000.0,
                     }));
                 }
@@ -478,7 +478,7 @@ async fn handle(
                         status: format!("{code:?}"),
                         bytes_in: counts.bytes_in.load(AtomicOrdering::Relaxed),
                         bytes_out: counts.bytes_out.load(AtomicOrdering::Relaxed),
-                        start: timestamp(start),
+                        start,
                         duration_ms: began.elapsed().as_secs_f64() * 1000.0,
                     }));
                 }
