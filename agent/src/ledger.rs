@@ -289,9 +289,18 @@ pub struct Ledger {
     /// `None` on the channel: the writer closes (its last checkpoint) and stops.
     tx: Option<SyncSender<Option<Entry>>>,
     dropped: Arc<AtomicU64>,
+    /// Records queued, and records the writer took off the queue.
+    queued: Arc<AtomicU64>,
+    taken: Arc<AtomicU64>,
 }
 
 impl Ledger {
+    /// Records queued and not yet taken by the writer.
+    pub fn pending(&self) -> u64 {
+        let taken = self.taken.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(taken)
+    }
+
     /// A ledger that records nothing.
     pub fn disabled() -> Ledger {
         Ledger::default()
@@ -306,7 +315,9 @@ impl Ledger {
     pub fn record(&self, entry: Entry) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(Some(entry)) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tether_agent_ledger_dropped_total").increment(1);
@@ -363,12 +374,14 @@ pub fn start(
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
+    let taken = Arc::new(AtomicU64::new(0));
     let mut state = WriterState {
         cfg: cfg.clone(),
         files,
         signer,
         agent,
         dropped: dropped.clone(),
+        taken: taken.clone(),
         since_checkpoint: 0,
         first_unsigned: None,
         out: String::new(),
@@ -387,6 +400,8 @@ pub fn start(
         Ledger {
             tx: Some(tx.clone()),
             dropped,
+            queued: Arc::default(),
+            taken,
         },
         Writer {
             thread: Some(thread),
@@ -563,6 +578,7 @@ struct WriterState {
     signer: Signer,
     agent: String,
     dropped: Arc<AtomicU64>,
+    taken: Arc<AtomicU64>,
     since_checkpoint: u32,
     first_unsigned: Option<Instant>,
     /// Lines of the batch being written.
@@ -591,6 +607,7 @@ impl WriterState {
             let mut closing = false;
             match rx.recv_timeout(wait) {
                 Ok(Some(entry)) => {
+                    self.taken.fetch_add(1, Ordering::Relaxed);
                     self.append(&entry);
                     // Whatever else is queued goes in the same write, up to the file's size.
                     let room = self.files.as_ref().map_or(1 << 20, |f| {
@@ -598,7 +615,10 @@ impl WriterState {
                     });
                     while self.out.len() < room {
                         match rx.try_recv() {
-                            Ok(Some(e)) => self.append(&e),
+                            Ok(Some(e)) => {
+                                self.taken.fetch_add(1, Ordering::Relaxed);
+                                self.append(&e)
+                            }
                             Ok(None) => {
                                 closing = true;
                                 break;
