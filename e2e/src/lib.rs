@@ -368,6 +368,9 @@ pub fn agent_config(files: &CertFiles, gateway: SocketAddr) -> AgentConfig {
     ))
     .expect("agent config");
     cfg.labels.insert("suite".into(), "e2e".into());
+    // The ledger is kept (in memory without a state_dir), but not copied to stdout: in-process
+    // agents would print every record into the test's own output.
+    cfg.ledger.stdout = false;
     cfg
 }
 

@@ -36,6 +36,7 @@ async fn scene() -> Scene {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = agent_config(&pki.agent(AGENT), gw.handle.tunnel_addr);
     cfg.state_dir = Some(state.path().to_owned());
+    cfg.ledger.stdout = true;
     cfg.default_service = "a".into();
     with_service(&mut cfg, "a", &a.url(), ServiceKind::Grpc);
     with_service(&mut cfg, "b", &b.url(), ServiceKind::Grpc);
