@@ -252,6 +252,21 @@ async fn pause_refuses_every_call_and_stream_with_the_reason_holds_commands_and_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // tetherctl shows it too.
+    let out =
+        s.gw.tetherctl(&s.pki.client("ops"))
+            .args(["-o", "json", "agents", "get", AGENT])
+            .output()
+            .expect("run tetherctl");
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).expect("tetherctl's JSON");
+    assert_eq!(json["paused"], true, "{json}");
+    assert_eq!(json["sessions"][0]["pause_reason"], "incident 7", "{json}");
 
     // Commands submitted while paused are delivered but neither acknowledged nor run.
     let mut commands = s.gw.commands(&s.pki).await;
