@@ -243,6 +243,16 @@ pub struct Executor {
     handlers: Arc<Handlers>,
     record: Mutex<Record>,
     state_file: Option<PathBuf>,
+    /// While paused, deliveries are held unacknowledged (the gateway keeps the commands).
+    pause: Option<Arc<crate::pause::PauseSwitch>>,
+    ledger: crate::ledger::Ledger,
+}
+
+/// What the ledger says of one delivery, filled in as it goes.
+struct Note {
+    outcome: &'static str,
+    payload_sha256: String,
+    held: Duration,
 }
 
 impl std::fmt::Debug for Executor {
@@ -289,7 +299,20 @@ impl Executor {
             handlers,
             record: Mutex::new(record),
             state_file,
+            pause: None,
+            ledger: crate::ledger::Ledger::disabled(),
         })
+    }
+
+    /// Holds deliveries while `pause` says so, and records each delivery in `ledger`.
+    pub fn with_control(
+        mut self,
+        pause: Arc<crate::pause::PauseSwitch>,
+        ledger: crate::ledger::Ledger,
+    ) -> Executor {
+        self.pause = Some(pause);
+        self.ledger = ledger;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
@@ -325,13 +348,46 @@ impl Executor {
         }
     }
 
-    /// Serves one `Command` stream whose header was read.
-    /// With `telemetry` on, the delivery is a span of its own (`command <kind>`), linked to
-    /// the Submit call's trace context the gateway sent.
+    /// Serves one `Command` stream whose header was read, and records it in the ledger. With
+    /// `telemetry` on, the delivery is a span of its own (`command <kind>`), linked to the
+    /// Submit call's trace context the gateway sent.
     pub async fn serve(
         self: Arc<Self>,
         mut reader: Reader<AgentCommand>,
+        send: SendStream,
+        telemetry: &tether_runtime::telemetry::Telemetry,
+    ) {
+        let (start, began) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let header = reader.half_mut().header();
+        let (id, kind, attempt) = (header.id.clone(), header.service.clone(), header.attempt);
+        let mut note = Note {
+            outcome: "stream_lost",
+            payload_sha256: String::new(),
+            held: Duration::ZERO,
+        };
+        self.clone()
+            .deliver(reader, send, &mut note, telemetry)
+            .await;
+        if self.ledger.is_enabled() {
+            self.ledger
+                .record(crate::ledger::Entry::Command(crate::ledger::CommandEntry {
+                    id,
+                    kind,
+                    payload_sha256: note.payload_sha256,
+                    attempt,
+                    outcome: note.outcome.to_owned(),
+                    start,
+                    duration_ms: began.elapsed().as_secs_f64() * 1000.0,
+                    held_ms: note.held.as_secs_f64() * 1000.0,
+                }));
+        }
+    }
+
+    async fn deliver(
+        self: Arc<Self>,
+        mut reader: Reader<AgentCommand>,
         mut send: SendStream,
+        note: &mut Note,
         telemetry: &tether_runtime::telemetry::Telemetry,
     ) {
         let id = reader.half_mut().id().to_owned();
@@ -361,11 +417,33 @@ impl Executor {
                 return;
             }
         };
+        if self.ledger.is_enabled() {
+            note.payload_sha256 = crate::ledger::sha256_hex(&payload);
+        }
+        // Paused: not acknowledged, not run. The gateway keeps the command (and the rest of
+        // the agent's commands queued behind its delivery permits) until the agent resumes;
+        // a delivery the gateway gives up on meanwhile is simply dropped here.
+        if let Some(pause) = &self.pause
+            && pause.reason().is_some()
+        {
+            let held = std::time::Instant::now();
+            tracing::info!(command = %id, %kind, "paused: the delivery is held, unacknowledged, until the agent resumes");
+            let mut rx = pause.subscribe();
+            tokio::select! {
+                ok = crate::pause::resumed(&mut rx) => if !ok { return },
+                _ = send.stopped() => {
+                    note.held = held.elapsed();
+                    return;
+                }
+            }
+            note.held = held.elapsed();
+        }
         let (_, mut machine) = reader.into_parts();
         let _ = machine.ack();
         if flush(&mut send, &mut machine).await.is_err() {
             return;
         }
+        let from_record = self.lock().done.contains_key(&id);
         let (mut progress, mut done) = self.clone().start(id.clone(), kind, payload);
         let outcome = loop {
             if let Some(o) = done.borrow_and_update().clone() {
@@ -411,12 +489,19 @@ impl Executor {
         // gateway's limit.
         // The span's status: gRPC's OK or UNKNOWN, as the command succeeded or failed.
         span.end(if outcome.ok { 0 } else { 2 }, &outcome.msg);
+        let ok = outcome.ok;
         if let Ok(OutputSent::AboveLimit { len, max }) =
             machine.result(outcome.ok, Bytes::from(outcome.out), outcome.msg)
         {
             tracing::warn!(command = %id, bytes = len, limit = max, "command output is above the gateway's limit: reported as a failure");
         }
-        let _ = flush(&mut send, &mut machine).await;
+        if flush(&mut send, &mut machine).await.is_ok() {
+            note.outcome = match (from_record, ok) {
+                (true, _) => "answered_from_record",
+                (false, true) => "succeeded",
+                (false, false) => "failed",
+            };
+        }
     }
 
     /// The progress feed and outcome of command `id`: from the record if it completed, from its

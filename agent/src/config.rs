@@ -46,6 +46,12 @@
 //! [environments]
 //! egress = "deny"                         # or "allow" (default): the command decides
 //! egress_allow = [{ cidr = "10.0.0.0/16", ports = [5432] }]
+//! paused = false                          # the kill switch: true refuses every relayed call
+//! # pause_reason = "incident 4711"        # and stream, and holds commands (see README)
+//! # control_file = "/etc/tether/control/control.toml"  # `paused`/`reason` there too (chart)
+//! [ledger]                                # the hash-chained record in state_dir/ledger
+//! max_file_bytes = 67108864               # rotated at this size
+//! max_files = 16                          # files kept; the oldest goes first
 //! [services.default]                      # the allow-list: the agent dials nothing else
 //! address = "http://billing.internal:50051"   # gRPC over h2c; https:// needs `ca`
 //! [services.db]
@@ -140,6 +146,15 @@ pub const KEYS: Keys = &[
     "environments.egress_allow",
     "environments.dns_namespace",
     "environments.dns_pod_labels",
+    "paused",
+    "pause_reason",
+    "control_file",
+    "ledger.enabled",
+    "ledger.max_file_bytes",
+    "ledger.max_files",
+    "ledger.checkpoint_records",
+    "ledger.checkpoint_interval",
+    "ledger.stdout",
 ];
 
 /// The whole agent config.
@@ -219,6 +234,121 @@ pub struct AgentConfig {
     /// OpenTelemetry traces of relayed calls and streams.
     #[serde(default)]
     pub telemetry: tether_runtime::telemetry::TelemetryConfig,
+    /// The kill switch: while true every relayed call and TCP stream is refused with
+    /// `FAILED_PRECONDITION` and commands stay queued at the gateway. Reloaded live.
+    #[serde(default)]
+    pub paused: bool,
+    /// Why, for the vendor (in every refusal, `AgentInfo` and `/readyz`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pause_reason: String,
+    /// A TOML file with `paused` and `reason` (the chart mounts it from a ConfigMap of its own),
+    /// read at start and whenever it changes; a pause there is one more reason to be paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_file: Option<PathBuf>,
+    /// The ledger of relayed calls, streams and commands in `state_dir/ledger`.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+// === [ledger] and the pause switch ===
+
+/// `[ledger]`: the hash-chained record the agent keeps of every relayed call, stream and
+/// command (the `ledger` module). Needs `state_dir` to write files; without one only the
+/// stdout copy is written.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Keep the ledger (default true).
+    pub enabled: bool,
+    /// A file is closed with a checkpoint and a new one begun once it reaches this size.
+    pub max_file_bytes: u64,
+    /// Files kept; beyond, the oldest is deleted (the next file's chain starts where the
+    /// deleted one ended, which `verify` reports).
+    pub max_files: u32,
+    /// A signed checkpoint after this many records...
+    pub checkpoint_records: u32,
+    /// ...or this long after the first record since the last one.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// Also write each record as a JSON line on stdout (the logs go to stderr).
+    pub stdout: bool,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            enabled: true,
+            max_file_bytes: 64 << 20,
+            max_files: 16,
+            checkpoint_records: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            stdout: true,
+        }
+    }
+}
+
+impl LedgerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_file_bytes < 4096 {
+            return Err(ConfigError::invalid(
+                "ledger.max_file_bytes",
+                "must be at least 4096 (a file holds at least its opening record and a checkpoint)",
+            ));
+        }
+        if self.max_files < 2 {
+            return Err(ConfigError::invalid(
+                "ledger.max_files",
+                "must be at least 2 (the file being written and the one before)",
+            ));
+        }
+        if self.checkpoint_records == 0 {
+            return Err(ConfigError::invalid(
+                "ledger.checkpoint_records",
+                "must be positive",
+            ));
+        }
+        if self.checkpoint_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "ledger.checkpoint_interval",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The control file (`control_file`): the chart's ConfigMap, which `kubectl edit` changes.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    /// Paused while true.
+    #[serde(default)]
+    pub paused: bool,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl ControlFile {
+    /// Reads and parses `path`; the error names the file and the key.
+    pub fn read(path: &Path) -> Result<ControlFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(
+                "control_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            ConfigError::invalid(
+                "control_file",
+                format!(
+                    "{} is not a control file (`paused = true|false`, `reason = \"…\"`): {}",
+                    path.display(),
+                    e.message()
+                ),
+            )
+        })
+    }
 }
 
 // === [secrets] and [environments]: what the control plane may reach ===
@@ -751,7 +881,7 @@ pub enum ServiceKind {
 }
 
 /// One allow-listed upstream.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// `http://host:port`, `https://host:port` (gRPC) or `host:port` (TCP).
@@ -1041,6 +1171,34 @@ impl Validate for AgentConfig {
                 .map_err(|e| ConfigError::invalid("instance_id", e.to_string()))?;
         }
         self.environments.validate()?;
+        self.ledger.validate()?;
+        if let Err(e) = tether_runtime::logging::check_level(&self.log.level) {
+            return Err(ConfigError::invalid("log.level", e));
+        }
+        if self.ops.listen.port() != 0 {
+            for (name, s) in &self.services {
+                let target = s
+                    .address
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/');
+                let port = self.ops.listen.port();
+                if [
+                    format!("127.0.0.1:{port}"),
+                    format!("localhost:{port}"),
+                    format!("[::1]:{port}"),
+                    self.ops.listen.to_string(),
+                ]
+                .iter()
+                .any(|a| a == target)
+                {
+                    return Err(ConfigError::invalid(
+                        &format!("services.{name}.address"),
+                        "is the agent's own ops endpoint (ops.listen), where the pod's owner pauses and resumes the agent: the control plane must not reach it",
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -1063,6 +1221,9 @@ impl AgentConfig {
         }
         if let Some(k) = &mut cfg.kubernetes.kubeconfig {
             *k = tether_runtime::config::resolve(base, k);
+        }
+        if let Some(c) = &mut cfg.control_file {
+            *c = tether_runtime::config::resolve(base, c);
         }
         Ok(cfg)
     }
@@ -1389,6 +1550,10 @@ mod tests {
                 otlp_endpoint: Some("http://c:4317".into()),
                 sample_ratio: 0.5,
             },
+            paused: true,
+            pause_reason: "r".into(),
+            control_file: Some("c".into()),
+            ledger: Default::default(),
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         for (k, v) in v.as_table().unwrap() {

@@ -673,6 +673,7 @@ fn hello(cfg: &AgentConfig) -> Hello {
         ),
         sessions_held: 0,
         avoid_replicas: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -46,6 +46,10 @@ pub enum AgentError {
     /// to fix. Unreachable gateways are retried, not reported here.
     #[error(transparent)]
     Enrollment(#[from] crate::enroll::EnrollError),
+    /// The ledger could not be opened (its directory, the agent's key): see
+    /// [`crate::ledger::LedgerError`].
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// A local listener or file could not be set up.
     #[error("{what}: {source}{}", tether_runtime::report::io_hint(source))]
     Io {

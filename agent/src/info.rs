@@ -24,10 +24,11 @@ pub struct Info {
     pub capabilities: Vec<String>,
     /// Labels from config.
     pub labels: BTreeMap<String, String>,
-    /// Allow-listed service names.
-    pub services: Vec<String>,
-    /// What each speaks (`grpc` or `tcp`), by name.
-    pub service_kinds: BTreeMap<String, String>,
+    /// Allow-listed service names and what each speaks (`grpc` or `tcp`); replaced when the
+    /// config is reloaded.
+    pub catalog: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The kill switch.
+    pub pause: Arc<crate::pause::PauseSwitch>,
     /// This process among replicas.
     pub instance_id: String,
     /// Process start.
@@ -53,6 +54,12 @@ impl AgentInfo for Info {
                 rtt: s.rtt.and_then(|d| prost_types::Duration::try_from(d).ok()),
             })
             .collect();
+        let catalog = self
+            .catalog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pause_reason = self.pause.reason();
         Ok(Response::new(AgentInfoResponse {
             agent: self.agent.clone(),
             version: self.version.clone(),
@@ -60,9 +67,11 @@ impl AgentInfo for Info {
             labels: self.labels.clone().into_iter().collect(),
             uptime: prost_types::Duration::try_from(self.started.elapsed()).ok(),
             gateways,
-            services: self.services.clone(),
-            service_kinds: self.service_kinds.clone().into_iter().collect(),
+            services: catalog.keys().cloned().collect(),
+            service_kinds: catalog.into_iter().collect(),
             instance_id: self.instance_id.clone(),
+            paused: pause_reason.is_some(),
+            pause_reason: pause_reason.map(|r| r.to_string()).unwrap_or_default(),
             preflight: self.status.preflight().map(|p| p.to_proto()),
         }))
     }

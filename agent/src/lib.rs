@@ -22,7 +22,12 @@
 //!   each session runs on `tether_runtime::driver`, and how it ended is a [`supervisor::Ended`];
 //! - [`placement`] (session): which replicas a supervisor's sessions should be on, as pure
 //!   decisions;
-//! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams;
+//! - [`relay`] (feature): serves gateway-opened streams to the allow-listed upstreams, from a
+//!   live allow-list;
+//! - [`pause`] (feature): the kill switch (config, control file, `tether-agent pause`);
+//! - [`ledger`] (feature + backend): the hash-chained record of every call, stream and
+//!   command in `state_dir/ledger`, written off the call's path, and its verification;
+//! - [`reload`] (wiring): live reload on SIGHUP and on changes of the config or control file;
 //! - [`commands`] (feature): runs delivered commands (handler registry, completed-id record);
 //! - [`info`] (feature): the built-in `tether.agent.v1.AgentInfo` service;
 //! - [`secrets`] (backend): AWS Secrets Manager reads;
@@ -46,10 +51,13 @@ pub mod error;
 pub mod executors;
 pub mod identity;
 pub mod info;
+pub mod ledger;
+pub mod pause;
 pub mod placement;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod renew;
 pub mod secrets;
 pub mod state;
@@ -77,6 +85,8 @@ pub struct AgentHandle {
     pub status: Arc<AgentStatus>,
     /// Where the ops endpoint listens, if one was given.
     pub ops_addr: Option<std::net::SocketAddr>,
+    /// What can change while it runs: the allow-list, the kill switch, the log level.
+    pub control: Arc<reload::Control>,
     task: JoinHandle<()>,
 }
 
@@ -158,6 +168,21 @@ pub fn start_with_identity(
     tether_runtime::ops::metrics_handle();
     let status = Arc::new(AgentStatus::default());
     let agent = identity.agent.clone();
+    let (ledger, ledger_writer) = if cfg.ledger.enabled {
+        let signer = ledger::Signer::new(&identity.key)?;
+        ledger::start(
+            &cfg.ledger,
+            cfg.state_dir.as_ref().map(|d| d.join(ledger::DIR)),
+            signer,
+            agent.clone(),
+        )?
+    } else {
+        (ledger::Ledger::disabled(), ledger::Writer::none())
+    };
+    let pause = Arc::new(pause::PauseSwitch::new(
+        cfg.state_dir.as_deref(),
+        ledger.clone(),
+    ));
     let credentials = Arc::new(renew::Credentials::new(cfg, identity)?);
     let instance_id = instance_id(cfg);
     let capabilities: Vec<String> = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
@@ -166,23 +191,16 @@ pub fn start_with_identity(
         version: VERSION.to_owned(),
         capabilities: capabilities.clone(),
         labels: cfg.labels.clone(),
-        services: cfg.services.keys().cloned().collect(),
-        service_kinds: cfg
-            .services
-            .iter()
-            .map(|(name, s)| {
-                let kind = match s.kind {
-                    config::ServiceKind::Grpc => "grpc",
-                    config::ServiceKind::Tcp => "tcp",
-                };
-                (name.clone(), kind.to_owned())
-            })
-            .collect(),
+        catalog: Default::default(),
+        pause: pause.clone(),
         instance_id: instance_id.clone(),
         started: std::time::Instant::now(),
         status: status.clone(),
     });
-    let executor = Arc::new(commands::Executor::new(handlers, cfg.state_dir.as_deref())?);
+    let executor = Arc::new(
+        commands::Executor::new(handlers, cfg.state_dir.as_deref())?
+            .with_control(pause.clone(), ledger.clone()),
+    );
     let telemetry =
         tether_runtime::telemetry::Telemetry::new(&cfg.telemetry, "tether-agent", &instance_id)
             .map_err(|e| {
@@ -192,8 +210,21 @@ pub fn start_with_identity(
                 ))
             })?;
     let services = Arc::new(
-        relay::Services::new(cfg, agent, info::service(info), executor)?.with_telemetry(telemetry),
+        relay::Services::new(cfg, agent, info::service(info.clone()), executor)?
+            .with_telemetry(telemetry)
+            .with_control(pause.clone(), ledger.clone()),
     );
+    *info.catalog.lock().unwrap_or_else(|e| e.into_inner()) = services.catalog();
+    let control = Arc::new(reload::Control::new(
+        cfg,
+        services.clone(),
+        pause.clone(),
+        info,
+        ledger.clone(),
+    ));
+    control.apply_pause(cfg);
+    control.poll_control_file()?;
+    drop(ledger);
     let shared = Arc::new(supervisor::Shared {
         credentials: credentials.clone(),
         services,
@@ -206,6 +237,9 @@ pub fn start_with_identity(
             // Set per dial by the supervisor.
             sessions_held: 0,
             avoid_replicas: Vec::new(),
+            // Set per dial by the supervisor, from `pause`.
+            paused: false,
+            pause_reason: String::new(),
         },
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,
@@ -214,6 +248,7 @@ pub fn start_with_identity(
         mode: cfg.transport.mode,
         quic_retry: cfg.transport.quic_retry,
         connections: cfg.connections as usize,
+        pause: pause.subscribe(),
     });
     let mut ops_addr = None;
     if let Some(l) = ops {
@@ -225,11 +260,33 @@ pub fn start_with_identity(
         l.set_nonblocking(true).map_err(io("ops socket"))?;
         let l = tokio::net::TcpListener::from_std(l).map_err(io("ops socket"))?;
         let st = status.clone();
-        tokio::spawn(tether_runtime::ops::serve(
+        let p = pause.clone();
+        tokio::spawn(tether_runtime::ops::serve_with_actions(
             l,
-            Arc::new(move || st.readiness()),
+            Arc::new(move || {
+                let mut r = st.readiness();
+                if let serde_json::Value::Object(d) = &mut r.detail {
+                    let reason = p.reason();
+                    d.insert("paused".into(), reason.is_some().into());
+                    if let Some(reason) = reason {
+                        d.insert("pause_reason".into(), reason.to_string().into());
+                        let switches: serde_json::Map<_, _> = p
+                            .switches()
+                            .into_iter()
+                            .map(|(s, r)| (s.as_str().to_owned(), r.into()))
+                            .collect();
+                        d.insert("pause_switches".into(), switches.into());
+                    }
+                }
+                r
+            }),
+            Some(ops_actions(pause.clone())),
             shutdown.clone(),
         ));
+        if let (Some(dir), Some(addr)) = (cfg.state_dir.as_deref(), ops_addr) {
+            // Where `tether-agent pause|resume --config` finds an ops endpoint bound to port 0.
+            let _ = std::fs::write(dir.join(OPS_ADDR_FILE), addr.to_string());
+        }
     }
     let renewer = tokio::spawn(renew::run(credentials, cfg.clone(), shutdown.clone()));
     tokio::spawn(doctor::at_start(
@@ -249,18 +306,75 @@ pub fn start_with_identity(
             ))
         })
         .collect();
+    drop(shared);
+    drop(pause);
     let task = tokio::spawn(async move {
         for s in sups {
             let _ = s.await;
         }
         // A renewal under way finishes (or fails, its session gone) before the agent is done.
         let _ = renewer.await;
+        // The ledger's last checkpoint, once every handle is gone (bounded: a handle still
+        // held elsewhere must not hold the agent up).
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::task::spawn_blocking(move || ledger_writer.join()),
+        )
+        .await;
         tracing::info!("agent stopped");
     });
     Ok(AgentHandle {
         status,
         ops_addr,
+        control,
         task,
+    })
+}
+
+/// The file in `state_dir` naming the address the ops endpoint is bound to.
+pub const OPS_ADDR_FILE: &str = "ops.addr";
+
+/// `POST /pause` (the body is the reason) and `POST /resume` on the ops endpoint: the
+/// `tether-agent pause|resume` switch.
+fn ops_actions(pause: Arc<pause::PauseSwitch>) -> tether_runtime::ops::ActionFn {
+    Arc::new(move |path, body| match path {
+        "/pause" => {
+            let reason = body.trim().to_owned();
+            Some(match pause.set(pause::Source::Ops, Some(reason)) {
+                Ok(_) => (
+                    200,
+                    format!(
+                        "paused: every relayed call and stream is refused (\"{}\"), commands are held at the gateway\n",
+                        pause::refusal(&pause.reason().unwrap_or_default())
+                    ),
+                ),
+                Err(e) => (
+                    500,
+                    format!("not paused: the pause could not be written to state_dir: {e}\n"),
+                ),
+            })
+        }
+        "/resume" => Some(match pause.set(pause::Source::Ops, None) {
+            Ok(left) if left.is_empty() => (200, "resumed\n".to_owned()),
+            Ok(left) => {
+                let why: Vec<String> = left
+                    .iter()
+                    .map(|(s, r)| {
+                        format!(
+                            "{} (\"{r}\"): turn it off with {}",
+                            s.as_str(),
+                            s.how_to_resume()
+                        )
+                    })
+                    .collect();
+                (409, format!("still paused by: {}\n", why.join("; ")))
+            }
+            Err(e) => (
+                500,
+                format!("still paused: the pause could not be removed from state_dir: {e}\n"),
+            ),
+        }),
+        _ => None,
     })
 }
 
@@ -268,6 +382,16 @@ pub fn start_with_identity(
 /// (once: a rotated secret is picked up at the next restart), binds the ops listener from
 /// config and starts.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_from(cfg, None, shutdown).await
+}
+
+/// [`run`], reloading the config from `source` on SIGHUP and when its file changes
+/// ([`reload`]).
+pub async fn run_from(
+    cfg: AgentConfig,
+    source: Option<reload::ConfigSource>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     // Loading may enroll first, retrying an unreachable gateway: a signal stops that too.
     let identity = tokio::select! {
         i = Identity::load(&cfg) => i?,
@@ -277,8 +401,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         what: format!("binding ops listener tcp/{} (ops.listen)", cfg.ops.listen),
         source,
     })?;
-    let handle = start_with_identity(&cfg, identity, Some(ops), shutdown, default_handlers(&cfg))?;
+    let handle = start_with_identity(
+        &cfg,
+        identity,
+        Some(ops),
+        shutdown.clone(),
+        default_handlers(&cfg),
+    )?;
     tracing::info!(gateways = ?cfg.gateways, ops = ?handle.ops_addr, "agent started");
+    if let Some(source) = source {
+        tokio::spawn(reload::watch(handle.control.clone(), source, shutdown));
+    }
     handle.wait().await;
     Ok(())
 }

@@ -60,6 +60,63 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Pause the running agent (the kill switch): every relayed call and TCP stream is refused
+    /// with FAILED_PRECONDITION and commands stay queued at the gateway, until `resume`. Kept
+    /// in state_dir across restarts. Through the loopback ops endpoint: run it in the pod.
+    Pause {
+        /// The agent's config, to find `ops.listen` (and `state_dir`).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Why, shown to the vendor in every refusal, AgentInfo and /readyz.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Turn off the pause `pause` made. A pause in the config (`paused`) or the control file
+    /// stays: exits 1 naming it.
+    Resume {
+        /// The agent's config, to find `ops.listen` (and `state_dir`).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Read the ledger in state_dir: `tail` prints the last records, `verify` checks the
+    /// hash chain and the signed checkpoints and says where it is broken (exit 1).
+    Ledger {
+        #[command(subcommand)]
+        cmd: LedgerCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// Print the last records, oldest first, as stored (JSON lines).
+    Tail {
+        /// The agent's config, to find `state_dir`.
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Check every record's hash, the chain across records and files, and every checkpoint's
+    /// signature; print each break with its file and record number. Exit 0 when intact, 1 when
+    /// not.
+    Verify {
+        /// The agent's config, to find `state_dir` (and the agent's key to compare with).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +129,18 @@ fn main() -> ExitCode {
         } => (config, set, log_format, check_config),
         Cmd::Probe { config, set, ready } => return probe(config, set, ready),
         Cmd::Doctor { config, set } => return doctor(config, set),
+        Cmd::Pause {
+            config,
+            set,
+            reason,
+        } => return act(config, set, "pause", &reason),
+        Cmd::Resume { config, set } => return act(config, set, "resume", ""),
+        Cmd::Ledger {
+            cmd: LedgerCmd::Tail { config, set, lines },
+        } => return ledger_tail(config, set, lines),
+        Cmd::Ledger {
+            cmd: LedgerCmd::Verify { config, set },
+        } => return ledger_verify(config, set),
     };
     let cfg = match AgentConfig::load(config.as_deref(), &set) {
         Ok(c) => c,
@@ -97,9 +166,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let source = config.map(|file| tether_agent::reload::ConfigSource { file, sets: set });
     rt.block_on(async {
         let shutdown = tether_runtime::shutdown::on_signals();
-        match tether_agent::run(cfg, shutdown).await {
+        match tether_agent::run_from(cfg, source, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(
                 e @ (tether_agent::AgentError::Config(_)
@@ -107,6 +177,7 @@ fn main() -> ExitCode {
                 | tether_agent::AgentError::Dialer(_)
                 | tether_agent::AgentError::Upstream { .. }
                 | tether_agent::AgentError::Identity(_)
+                | tether_agent::AgentError::Ledger(_)
                 | tether_agent::AgentError::Enrollment(_)),
             ) => {
                 tracing::error!("{e}");
@@ -166,6 +237,168 @@ fn doctor(config: Option<PathBuf>, set: Vec<String>) -> ExitCode {
     if report.can_connect() {
         ExitCode::SUCCESS
     } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn load(config: Option<PathBuf>, set: &[String], what: &str) -> Result<AgentConfig, ExitCode> {
+    AgentConfig::load(config.as_deref(), set).map_err(|e| {
+        eprintln!("tether-agent {what}: invalid config: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+/// `POST /pause` or `/resume` on the running agent's ops endpoint.
+fn act(config: Option<PathBuf>, set: Vec<String>, what: &str, body: &str) -> ExitCode {
+    let addr = match &config {
+        None => tether_agent::config::OpsConfig::default().listen,
+        Some(_) => match load(config, &set, what) {
+            Ok(cfg) => ops_addr(&cfg),
+            Err(code) => return code,
+        },
+    };
+    let path = format!("/{what}");
+    match tether_runtime::ops::request(addr, "POST", &path, body, std::time::Duration::from_secs(5))
+    {
+        Ok((200, answer)) => {
+            println!("{}", answer.trim());
+            ExitCode::SUCCESS
+        }
+        Ok((status, answer)) => {
+            eprintln!(
+                "tether-agent {what}: the agent answered {status}: {}",
+                answer.trim()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "tether-agent {what}: cannot reach the agent's ops endpoint {addr}: {e} (run this in the agent's pod, with the agent's --config)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ops.listen`, or where an agent bound to port 0 says it listens (`state_dir/ops.addr`).
+fn ops_addr(cfg: &AgentConfig) -> std::net::SocketAddr {
+    if cfg.ops.listen.port() == 0
+        && let Some(dir) = &cfg.state_dir
+        && let Ok(text) = std::fs::read_to_string(dir.join(tether_agent::OPS_ADDR_FILE))
+        && let Ok(addr) = text.trim().parse()
+    {
+        return addr;
+    }
+    cfg.ops.listen
+}
+
+fn ledger_dir(cfg: &AgentConfig, what: &str) -> Result<PathBuf, ExitCode> {
+    match &cfg.state_dir {
+        Some(d) => Ok(d.join(tether_agent::ledger::DIR)),
+        None => {
+            eprintln!(
+                "tether-agent ledger {what}: invalid config: state_dir: not set, and the ledger lives in state_dir/ledger: set state_dir (the agent keeps no ledger file without it)"
+            );
+            Err(ExitCode::from(EXIT_CONFIG as u8))
+        }
+    }
+}
+
+fn ledger_tail(config: Option<PathBuf>, set: Vec<String>, n: usize) -> ExitCode {
+    let dir = match load(config, &set, "ledger tail").and_then(|c| ledger_dir(&c, "tail")) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match tether_agent::ledger::tail_lines(&dir, n) {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-agent ledger tail: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ledger_verify(config: Option<PathBuf>, set: Vec<String>) -> ExitCode {
+    let cfg = match load(config, &set, "ledger verify") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = match ledger_dir(&cfg, "verify") {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    // The agent and key the checkpoints should be of: the configured identity's when it can
+    // be read here, else the agent the ledger's first `open` record names.
+    let identity = tether_agent::Identity::from_files(&cfg).ok();
+    let agent = identity
+        .as_ref()
+        .map(|i| i.agent.clone())
+        .or_else(|| tether_agent::ledger::agent_of(&dir));
+    let key = identity
+        .as_ref()
+        .and_then(|i| tether_agent::ledger::Signer::new(&i.key).ok())
+        .map(|s| s.fingerprint());
+    let started = std::time::Instant::now();
+    let report = match tether_agent::ledger::verify(&dir, agent.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-agent ledger verify: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let took = started.elapsed();
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    if let Some(key) = &key
+        && !report.keys.is_empty()
+        && !report.keys.contains(key)
+    {
+        println!(
+            "note: no checkpoint is signed with the agent's current key {key} (a renewed certificate with a new key signs from its start on)"
+        );
+    }
+    let summary = format!(
+        "{} records in {} files (seq {}..{}), {} signed checkpoints (keys: {}), {} records after the last checkpoint; read in {:.3} s ({:.0} records/s)",
+        report.records,
+        report.files,
+        report.first_seq.map_or("-".into(), |s| s.to_string()),
+        report.last_seq.map_or("-".into(), |s| s.to_string()),
+        report.checkpoints,
+        if report.keys.is_empty() {
+            "none".to_owned()
+        } else {
+            report.keys.iter().cloned().collect::<Vec<_>>().join(", ")
+        },
+        report.unsigned_tail,
+        took.as_secs_f64(),
+        report.records as f64 / took.as_secs_f64().max(1e-9),
+    );
+    if report.records == 0 {
+        eprintln!(
+            "tether-agent ledger verify: no ledger records in {}",
+            dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    if report.faults.is_empty() {
+        println!("ledger intact: {summary}");
+        ExitCode::SUCCESS
+    } else {
+        for f in &report.faults {
+            println!("BROKEN: {f}");
+        }
+        eprintln!(
+            "tether-agent ledger verify: the ledger was tampered with or damaged at {} place(s); first: {}",
+            report.faults.len(),
+            report.faults[0]
+        );
+        println!("{summary}");
         ExitCode::FAILURE
     }
 }

@@ -5,10 +5,16 @@
 //! The service map is the allow-list: a stream naming anything else is refused here, before any
 //! connection is made. Cancellation travels both ways: a gateway reset cancels the upstream call
 //! (its h2 stream is reset), and a deadline passing does the same.
+//!
+//! The map is live ([`Services::reload`]): a call looks its service up once, in the map of the
+//! moment, and runs on until it ends, unless its service leaves the map (or changes) or the
+//! agent pauses ([`crate::pause`]): then it is ended at once, a call with its status, a TCP
+//! stream with a reset. Each call and stream is handed to the [`Ledger`] as it ends.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -30,8 +36,10 @@ use tunnel_proto::stream::tcp::{AgentTcp, TcpEvent};
 use tunnel_proto::stream::{Accepted, Incoming, IncomingEvent, StreamFailure};
 use tunnel_proto::{ErrorCode, ProtoError};
 
-use crate::config::{AgentConfig, ServiceKind};
+use crate::config::{AgentConfig, ServiceConfig, ServiceKind};
 use crate::error::{AgentError, UpstreamError};
+use crate::ledger::{Entry, Ledger, Relayed};
+use crate::pause::{PauseSwitch, refusal};
 
 /// Errors of upstream services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,22 +64,54 @@ enum Upstream {
     Tcp { address: String },
 }
 
+/// One entry of the live map: its upstream and the config it was built from.
+struct Entrant {
+    upstream: Upstream,
+    config: ServiceConfig,
+}
+
+/// The allow-list of the moment.
+struct Live {
+    map: BTreeMap<String, Arc<Entrant>>,
+    default: String,
+}
+
 /// The agent's allow-listed upstreams.
 pub struct Services {
-    map: BTreeMap<String, Upstream>,
-    default: String,
+    live: tokio::sync::watch::Sender<Arc<Live>>,
     builtin: GrpcService,
     agent: String,
+    tenant: String,
     commands: Arc<crate::commands::Executor>,
     telemetry: Telemetry,
+    pause: Arc<PauseSwitch>,
+    ledger: Ledger,
 }
 
 impl std::fmt::Debug for Services {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.live.borrow().clone();
         f.debug_struct("Services")
-            .field("names", &self.map.keys().collect::<Vec<_>>())
-            .field("default", &self.default)
+            .field("names", &live.map.keys().collect::<Vec<_>>())
+            .field("default", &live.default)
             .finish()
+    }
+}
+
+/// Bytes of one call or stream, each way.
+#[derive(Debug, Default)]
+struct Counts {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Counts {
+    fn inbound(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, AtomicOrdering::Relaxed);
+    }
+
+    fn outbound(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, AtomicOrdering::Relaxed);
     }
 }
 
@@ -83,56 +123,169 @@ impl Services {
         builtin: GrpcService,
         commands: Arc<crate::commands::Executor>,
     ) -> Result<Services, AgentError> {
-        let mut map = BTreeMap::new();
-        for (name, s) in &cfg.services {
-            let up = match s.kind {
-                ServiceKind::Tcp => Upstream::Tcp {
-                    address: s.address.clone(),
-                },
-                ServiceKind::Grpc => {
-                    let bad = |error| AgentError::Upstream {
-                        service: name.clone(),
-                        error,
-                    };
-                    let mut ep = Endpoint::from_shared(s.address.clone())
-                        .map_err(|e| bad(UpstreamError::Endpoint(e)))?
-                        .connect_timeout(Duration::from_secs(5))
-                        .tcp_nodelay(true);
-                    if let Some(ca) = &s.ca {
-                        let pem = std::fs::read(ca).map_err(|source| {
-                            bad(UpstreamError::Ca {
-                                path: ca.clone(),
-                                source,
-                            })
-                        })?;
-                        let mut tls =
-                            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
-                        if let Some(n) = &s.server_name {
-                            tls = tls.domain_name(n.clone());
-                        }
-                        ep = ep
-                            .tls_config(tls)
-                            .map_err(|e| bad(UpstreamError::Endpoint(e)))?;
-                    }
-                    let channel = ep.connect_lazy();
-                    Upstream::Grpc {
-                        svc: BoxCloneSyncService::new(channel.map_err(BoxError::from)),
-                        address: s.address.clone(),
-                    }
-                }
-            };
-            map.insert(name.clone(), up);
-        }
+        let map = build(cfg, None)?;
+        let tenant = agent.split_once('/').map_or("", |(t, _)| t).to_owned();
         Ok(Services {
-            map,
-            default: cfg.default_service.clone(),
+            live: tokio::sync::watch::channel(Arc::new(Live {
+                map,
+                default: cfg.default_service.clone(),
+            }))
+            .0,
             builtin,
             agent,
+            tenant,
             commands,
             telemetry: Telemetry::disabled(),
+            pause: Arc::new(PauseSwitch::new(None, Ledger::disabled())),
+            ledger: Ledger::disabled(),
         })
     }
 
+    /// Refuses calls while `pause` says so, and records every call and stream in `ledger`.
+    pub fn with_control(mut self, pause: Arc<PauseSwitch>, ledger: Ledger) -> Services {
+        self.pause = pause;
+        self.ledger = ledger;
+        self
+    }
+
+    /// Replaces the allow-list with `cfg`'s `services` and `default_service`: an entry whose
+    /// config did not change keeps its client (and its calls in flight); one that left or
+    /// changed ends its calls and streams at once. Returns what changed, by key; on an error
+    /// (naming the service) nothing changes.
+    pub fn reload(&self, cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
+        let old = self.live.borrow().clone();
+        let map = build(cfg, Some(&old.map))?;
+        let mut changed = Vec::new();
+        for (name, e) in &map {
+            match old.map.get(name) {
+                None => changed.push(format!("services.{name} (added)")),
+                Some(o) if !Arc::ptr_eq(o, e) => changed.push(format!("services.{name} (changed)")),
+                Some(_) => {}
+            }
+        }
+        for name in old.map.keys().filter(|n| !map.contains_key(*n)) {
+            changed.push(format!("services.{name} (removed)"));
+        }
+        if old.default != cfg.default_service {
+            changed.push("default_service".into());
+        }
+        if !changed.is_empty() {
+            self.live.send_replace(Arc::new(Live {
+                map,
+                default: cfg.default_service.clone(),
+            }));
+        }
+        Ok(changed)
+    }
+
+    /// Service names and what each speaks (`grpc`, `tcp`), for `AgentInfo`.
+    pub fn catalog(&self) -> BTreeMap<String, String> {
+        self.live
+            .borrow()
+            .map
+            .iter()
+            .map(|(n, e)| {
+                let kind = match e.config.kind {
+                    ServiceKind::Grpc => "grpc",
+                    ServiceKind::Tcp => "tcp",
+                };
+                (n.clone(), kind.to_owned())
+            })
+            .collect()
+    }
+
+    /// Resolves when a call to `name` (its entry `entry`; `None`: the built-in, never
+    /// ended) must end: the agent paused, or the entry left the allow-list or changed.
+    async fn ended(&self, name: &str, entry: Option<Arc<Entrant>>) -> (Code, String) {
+        let Some(entry) = entry else {
+            return std::future::pending().await;
+        };
+        let mut live = self.live.subscribe();
+        let mut pause = self.pause.subscribe();
+        loop {
+            if let Some(r) = pause.borrow_and_update().clone() {
+                return (Code::FailedPrecondition, refusal(&r));
+            }
+            let still = live
+                .borrow_and_update()
+                .map
+                .get(name)
+                .is_some_and(|e| Arc::ptr_eq(e, &entry));
+            if !still {
+                return (
+                    Code::PermissionDenied,
+                    format!(
+                        "service {name:?} was removed from the allow-list of agent {} (its config was reloaded)",
+                        self.agent
+                    ),
+                );
+            }
+            tokio::select! {
+                r = pause.changed() => if r.is_err() { return std::future::pending().await },
+                r = live.changed() => if r.is_err() { return std::future::pending().await },
+            }
+        }
+    }
+}
+
+/// Builds the entries of `cfg.services`, reusing those of `old` whose config is the same.
+fn build(
+    cfg: &AgentConfig,
+    old: Option<&BTreeMap<String, Arc<Entrant>>>,
+) -> Result<BTreeMap<String, Arc<Entrant>>, AgentError> {
+    let mut map = BTreeMap::new();
+    for (name, s) in &cfg.services {
+        if let Some(e) = old.and_then(|o| o.get(name)).filter(|e| e.config == *s) {
+            map.insert(name.clone(), e.clone());
+            continue;
+        }
+        let up = match s.kind {
+            ServiceKind::Tcp => Upstream::Tcp {
+                address: s.address.clone(),
+            },
+            ServiceKind::Grpc => {
+                let bad = |error| AgentError::Upstream {
+                    service: name.clone(),
+                    error,
+                };
+                let mut ep = Endpoint::from_shared(s.address.clone())
+                    .map_err(|e| bad(UpstreamError::Endpoint(e)))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true);
+                if let Some(ca) = &s.ca {
+                    let pem = std::fs::read(ca).map_err(|source| {
+                        bad(UpstreamError::Ca {
+                            path: ca.clone(),
+                            source,
+                        })
+                    })?;
+                    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+                    if let Some(n) = &s.server_name {
+                        tls = tls.domain_name(n.clone());
+                    }
+                    ep = ep
+                        .tls_config(tls)
+                        .map_err(|e| bad(UpstreamError::Endpoint(e)))?;
+                }
+                let channel = ep.connect_lazy();
+                Upstream::Grpc {
+                    svc: BoxCloneSyncService::new(channel.map_err(BoxError::from)),
+                    address: s.address.clone(),
+                }
+            }
+        };
+        map.insert(
+            name.clone(),
+            Arc::new(Entrant {
+                upstream: up,
+                config: s.clone(),
+            }),
+        );
+    }
+    Ok(map)
+}
+
+impl Services {
     /// Makes a span of every relayed call and stream with `telemetry` (`[telemetry]`).
     pub fn with_telemetry(mut self, telemetry: Telemetry) -> Services {
         self.telemetry = telemetry;
@@ -141,7 +294,7 @@ impl Services {
 
     /// Service names, for `AgentInfo`.
     pub fn names(&self) -> Vec<String> {
-        self.map.keys().cloned().collect()
+        self.live.borrow().map.keys().cloned().collect()
     }
 }
 
@@ -271,22 +424,65 @@ async fn handle(
                         KeyValue::new("rpc.system", "grpc"),
                         KeyValue::new("rpc.method", header.method.clone()),
                         KeyValue::new("tether.agent", services.agent.clone()),
-                        KeyValue::new(
-                            "tether.service",
-                            service_name(&header, &services).to_owned(),
-                        ),
+                        KeyValue::new("tether.service", service_name(&header, &services)),
                     ],
                 );
                 header.trace_context = span.context();
                 let request = Reader::new(recv, request);
+                let (start, began) = (SystemTime::now(), Instant::now());
+                let counts = Arc::new(Counts::default());
+                let noted = services.ledger.is_enabled().then(|| {
+                    (
+                        header.caller.clone(),
+                        service_name(&header, &services),
+                        header.method.clone(),
+                    )
+                });
                 // Counted once here: every way a call ends gives its code (none when the
                 // gateway's stream broke before an answer could be sent).
-                if let Some(code) = rpc(header, request, response, send, &services).await {
+                let code = rpc(header, request, response, send, &services, &counts).await;
+                if let Some(code) = code {
                     metrics::counter!("tether_agent_relay_calls_total", "kind" => "grpc", "code" => format!("{code:?}")).increment(1);
                     span.end(code as i32, "");
                 }
+                if let Some((caller, service, method)) = noted {
+                    services.ledger.record(Entry::Call(Relayed {
+                        caller,
+                        tenant: services.tenant.clone(),
+                        service,
+                        method,
+                        status: code.map_or_else(|| "Reset".to_owned(), |c| format!("{c:?}")),
+                        bytes_in: counts.bytes_in.load(AtomicOrdering::Relaxed),
+                        bytes_out: counts.bytes_out.load(AtomicOrdering::Relaxed),
+                        start,
+                        duration_ms: began.elapsed().as_secs_f64() * 1000.0,
+                    }));
+                }
             }
-            Accepted::Tcp(machine) => tcp(Reader::new(recv, machine), send, &services).await,
+            Accepted::Tcp(machine) => {
+                let (start, began) = (SystemTime::now(), Instant::now());
+                let counts = Counts::default();
+                let noted = services.ledger.is_enabled().then(|| {
+                    (
+                        machine.header().caller.clone(),
+                        service_name(machine.header(), &services),
+                    )
+                });
+                let code = tcp(Reader::new(recv, machine), send, &services, &counts).await;
+                if let Some((caller, service)) = noted {
+                    services.ledger.record(Entry::Stream(Relayed {
+                        caller,
+                        tenant: services.tenant.clone(),
+                        service,
+                        method: String::new(),
+                        status: format!("{code:?}"),
+                        bytes_in: counts.bytes_in.load(AtomicOrdering::Relaxed),
+                        bytes_out: counts.bytes_out.load(AtomicOrdering::Relaxed),
+                        start,
+                        duration_ms: began.elapsed().as_secs_f64() * 1000.0,
+                    }));
+                }
+            }
             Accepted::Command(machine) => {
                 let reader = Reader::new(recv, machine);
                 services
@@ -312,11 +508,11 @@ async fn handle(
     }
 }
 
-fn service_name<'a>(header: &'a StreamHeader, services: &'a Services) -> &'a str {
+fn service_name(header: &StreamHeader, services: &Services) -> String {
     if header.service.is_empty() {
-        &services.default
+        services.live.borrow().default.clone()
     } else {
-        &header.service
+        header.service.clone()
     }
 }
 
@@ -337,9 +533,19 @@ async fn rpc(
     mut response: ResponseSend,
     mut send: SendStream,
     services: &Services,
+    counts: &Arc<Counts>,
 ) -> Option<Code> {
-    let name = service_name(&header, services).to_owned();
-    let (svc, address) = match services.map.get(&name) {
+    let name = service_name(&header, services);
+    // The built-in service answers while paused: it is how the vendor sees the pause.
+    if name != BUILTIN
+        && let Some(reason) = services.pause.reason()
+    {
+        let msg = refusal(&reason);
+        return Some(finish_with(&mut send, &mut response, Code::FailedPrecondition, &msg).await);
+    }
+    let live = services.live.borrow().clone();
+    let entry = live.map.get(&name).filter(|_| name != BUILTIN).cloned();
+    let (svc, address) = match entry.as_ref().map(|e| &e.upstream) {
         _ if name == BUILTIN => (services.builtin.clone(), "built-in".to_owned()),
         Some(Upstream::Grpc { svc, address }) => (svc.clone(), address.clone()),
         Some(Upstream::Tcp { .. }) => {
@@ -369,8 +575,11 @@ async fn rpc(
     let abort = CancellationToken::new();
     let _abort_body = abort.clone().drop_guard();
     let mut req = Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
-        request_body(request, abort),
+        request_body(request, abort, counts.clone()),
     )));
+    // Ends the call when the agent pauses or the service leaves the allow-list.
+    let ended = services.ended(&name, entry);
+    tokio::pin!(ended);
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = match header.method.parse() {
         Ok(u) => u,
@@ -418,6 +627,9 @@ async fn rpc(
         _ = send.stopped() => {
             // The gateway cancelled: dropping the call resets the upstream's stream.
             return Some(Code::Cancelled);
+        }
+        (code, msg) = &mut ended => {
+            return Some(finish_with(&mut send, &mut response, code, &msg).await);
         }
     };
     let expired = || deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d);
@@ -485,10 +697,14 @@ async fn rpc(
             _ = send.stopped() => {
                 return Some(Code::Cancelled);
             }
+            (code, msg) = &mut ended => {
+                return Some(finish_with(&mut send, &mut response, code, &msg).await);
+            }
         };
         match frame {
             Some(Ok(f)) => match f.into_data() {
                 Ok(data) => {
+                    counts.outbound(data.len());
                     let _ = response.data(data);
                     if flush(&mut send, &mut response).await.is_err() {
                         return None;
@@ -539,15 +755,19 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn request_body(
     request: Reader<RequestRecv>,
     abort: CancellationToken,
+    counts: Arc<Counts>,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static {
-    futures::stream::unfold(Some((request, abort)), |state| async move {
-        let (mut request, abort) = state?;
+    futures::stream::unfold(Some((request, abort, counts)), |state| async move {
+        let (mut request, abort, counts) = state?;
         let event = tokio::select! {
             e = request.next() => e,
             _ = abort.cancelled() => return Some((Err("the call ended".into()), None)),
         };
         let failure: BoxError = match event {
-            Ok(RequestEvent::Data(b)) => return Some((Ok(Frame::data(b)), Some((request, abort)))),
+            Ok(RequestEvent::Data(b)) => {
+                counts.inbound(b.len());
+                return Some((Ok(Frame::data(b)), Some((request, abort, counts))));
+            }
             Ok(RequestEvent::Finished) => return None,
             // The machine stopped the stream (PROTOCOL_ERROR).
             Ok(RequestEvent::Failed(StreamFailure::Protocol(ProtoError::Unexpected {
@@ -568,7 +788,7 @@ async fn open_result(
     machine: &mut AgentTcp,
     code: Code,
     message: String,
-) {
+) -> Code {
     if let Some(s) = span.take() {
         s.end(code as i32, "");
     }
@@ -579,11 +799,18 @@ async fn open_result(
     };
     let _ = flush(send, machine).await;
     metrics::counter!("tether_agent_relay_calls_total", "kind" => "tcp", "code" => format!("{code:?}")).increment(1);
+    code
 }
 
-async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services) {
+/// Serves a TCP stream; returns how it ended (`Ok`: opened and ended by either side).
+async fn tcp(
+    reader: Reader<AgentTcp>,
+    mut send: SendStream,
+    services: &Services,
+    counts: &Counts,
+) -> Code {
     let (recv, mut machine) = reader.into_parts();
-    let name = service_name(machine.header(), services).to_owned();
+    let name = service_name(machine.header(), services);
     // The agent's span of the stream's opening (its connect to the service), child of the
     // gateway's.
     let mut span = Some(services.telemetry.span(
@@ -595,7 +822,18 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
             KeyValue::new("tether.service", name.clone()),
         ],
     ));
-    let address = match services.map.get(&name) {
+    if let Some(reason) = services.pause.reason() {
+        let msg = refusal(&reason);
+        return open_result(
+            (&mut send, &mut span),
+            &mut machine,
+            Code::FailedPrecondition,
+            msg,
+        )
+        .await;
+    }
+    let entry = services.live.borrow().map.get(&name).cloned();
+    let address = match entry.as_ref().map(|e| &e.upstream) {
         Some(Upstream::Tcp { address }) => address.clone(),
         Some(Upstream::Grpc { .. }) => {
             let msg = format!(
@@ -625,6 +863,8 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
             .await;
         }
     };
+    let ended = services.ended(&name, entry);
+    tokio::pin!(ended);
     let stream = match tokio::time::timeout(
         TCP_CONNECT_TIMEOUT,
         tokio::net::TcpStream::connect(&address),
@@ -652,11 +892,15 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
     )
     .await;
     let Ok((mut to_gateway, from_gateway)) = machine.into_raw() else {
-        return;
+        return Code::Ok;
     };
+    // Set when the stream must end (paused, service removed): both directions stop, the
+    // gateway's side is reset.
+    let cut = CancellationToken::new();
     let mut from_gateway = Reader::new(recv, from_gateway);
     let (mut rd, mut wr) = stream.into_split();
     // Gateway → service; the gateway finishing its side half-closes ours.
+    let (cut_in, cut_out) = (cut.clone(), cut.clone());
     let inbound = async move {
         // What has already arrived goes to the service in one gathered write: QUIC hands bytes
         // over a packet (~1.4 KB) at a time, and a write each would be a TCP segment each.
@@ -665,14 +909,25 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
         loop {
             let event = match next.take() {
                 Some(e) => e,
-                None => from_gateway.next().await,
+                None => tokio::select! {
+                    e = from_gateway.next() => e,
+                    _ = cut_in.cancelled() => {
+                        from_gateway.half_mut().stop(ErrorCode::CANCELLED);
+                        from_gateway.apply_stop();
+                        return;
+                    }
+                },
             };
             match event {
                 Ok(TcpEvent::Data(b)) => {
+                    counts.inbound(b.len());
                     gathered.push(b);
                     while gathered.has_room(TCP_WRITE_GATHER) {
                         match from_gateway.try_next() {
-                            Some(Ok(TcpEvent::Data(b))) => gathered.push(b),
+                            Some(Ok(TcpEvent::Data(b))) => {
+                                counts.inbound(b.len());
+                                gathered.push(b)
+                            }
                             Some(other) => {
                                 next = Some(other);
                                 break;
@@ -700,9 +955,20 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
         let mut buf = bytes::BytesMut::new();
         loop {
             buf.reserve(TCP_READ_CHUNK);
-            let done = match rd.read_buf(&mut buf).await {
+            let read = tokio::select! {
+                r = rd.read_buf(&mut buf) => r,
+                _ = cut_out.cancelled() => {
+                    to_gateway.reset(ErrorCode::CANCELLED);
+                    let _ = flush(&mut send, &mut to_gateway).await;
+                    return;
+                }
+            };
+            let done = match read {
                 Ok(0) => to_gateway.finish().is_ok(),
-                Ok(_) => to_gateway.write(buf.split().freeze()).is_err(),
+                Ok(n) => {
+                    counts.outbound(n);
+                    to_gateway.write(buf.split().freeze()).is_err()
+                }
                 Err(_) => {
                     to_gateway.reset(ErrorCode::CANCELLED);
                     true
@@ -713,5 +979,17 @@ async fn tcp(reader: Reader<AgentTcp>, mut send: SendStream, services: &Services
             }
         }
     };
-    tokio::join!(inbound, outbound);
+    let mut code = Code::Ok;
+    let both = async { tokio::join!(inbound, outbound) };
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => {}
+        (c, msg) = &mut ended => {
+            tracing::info!(service = %name, "{msg}: the TCP stream is ended");
+            code = c;
+            cut.cancel();
+            both.await;
+        }
+    }
+    code
 }

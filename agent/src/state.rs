@@ -9,6 +9,9 @@
 //! | `gateway-ca.pem` | enrollment, renewal | the CA bundle that came with the last certificate |
 //! | `renewed.pem` | renewal | a renewed pair, for a moment: the commit point of a renewal |
 //! | `commands.jsonl` | commands | the record of completed commands |
+//! | `ledger/ledger-NNNNNN.jsonl` | ledger | the hash-chained ledger (`crate::ledger`) |
+//! | `paused.json` | pause | a pause made with `tether-agent pause` (`crate::pause`) |
+//! | `ops.addr` | wiring | where the ops endpoint is bound (for `pause`/`resume` with port 0) |
 //!
 //! The directory is created `0700` and secret files `0600` from creation on; every file but the
 //! command record (appended) is written beside and renamed, so a reader never sees half a file.

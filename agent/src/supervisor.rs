@@ -101,6 +101,9 @@ pub struct Shared {
     pub quic_retry: Duration,
     /// Sessions to keep on distinct replicas behind a single gateway address (`connections`).
     pub connections: usize,
+    /// The owner's pause (the kill switch's effective state), told to the gateway for display
+    /// in `Hello` and heartbeats.
+    pub pause: tokio::sync::watch::Receiver<Option<Arc<str>>>,
 }
 
 /// What one attempt may dial.
@@ -417,6 +420,10 @@ pub async fn supervise(
             let mut hello = shared.hello.clone();
             hello.avoid_replicas = placement::avoid(&attempts.held(), purpose);
             hello.sessions_held = shared.status.session_count() as u32;
+            if let Some(reason) = shared.pause.borrow().as_deref() {
+                hello.paused = true;
+                hello.pause_reason = reason.to_owned();
+            }
             attempts.0.insert(
                 next_id,
                 Attempt {
@@ -809,6 +816,7 @@ async fn session(
             wedged_reported: false,
             renewals: None,
             renewing: None,
+            pause: shared.pause.clone(),
         };
         let mut session = AgentSession::new(AgentSessionConfig::new(hello), Instant::now());
         let end = driver::drive(&mut session, &mut side, &link, control).await;
@@ -868,10 +876,14 @@ struct AgentSide<'a> {
     /// awaiting the gateway's answer.
     renewals: Option<SessionRenewals>,
     renewing: Option<(u64, oneshot::Sender<RenewResponse>)>,
+    /// The owner's pause, to tell the gateway of its changes.
+    pause: tokio::sync::watch::Receiver<Option<Arc<str>>>,
 }
 
 /// What woke the agent's side.
 enum Wake {
+    /// The owner paused or resumed the agent (`None`: the switch is gone).
+    Pause(Option<Option<Arc<str>>>),
     /// A renewal to send.
     Renew(RenewOrder),
     /// The supervisor's order (`None`: the supervisor is gone).
@@ -1008,6 +1020,13 @@ impl Side<AgentSession> for AgentSide<'_> {
             .as_ref()
             .is_some_and(|d| !d.left && Instant::now() >= d.grace);
         let (renewals, close_rx, stats) = (&mut self.renewals, &mut self.close_rx, self.stats);
+        let pause = &mut self.pause;
+        let paused = async move {
+            match pause.changed().await {
+                Ok(()) => Some(pause.borrow_and_update().clone()),
+                Err(_) => std::future::pending().await,
+            }
+        };
         let order = async move {
             match renewals {
                 Some(r) => r.orders.recv().await,
@@ -1024,6 +1043,7 @@ impl Side<AgentSession> for AgentSide<'_> {
             Some(order) = order => Wake::Renew(order),
             r = close => Wake::Close(r),
             () = stats.idle(), if idle_matters => Wake::Idle,
+            p = paused => Wake::Pause(p),
         }
     }
 
@@ -1072,6 +1092,11 @@ impl Side<AgentSession> for AgentSide<'_> {
                 }
             }
             Wake::Idle => self.check(session, now),
+            Wake::Pause(p) => {
+                if let Some(p) = p {
+                    session.set_paused(p.map(|r| r.to_string()), now);
+                }
+            }
         }
     }
 }

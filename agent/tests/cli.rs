@@ -176,3 +176,117 @@ fn run_without_a_config_file_says_to_pass_one() {
     let e = stderr(&o);
     assert!(e.contains("gateways") && e.contains("pass --config"), "{e}");
 }
+
+#[test]
+fn pause_and_resume_say_where_they_looked_when_no_agent_runs() {
+    // A free port: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_d, p) = config(&format!("[ops]\nlisten = \"127.0.0.1:{port}\"\n"));
+    for (args, what) in [
+        (vec!["pause", "--reason", "incident"], "pause"),
+        (vec!["resume"], "resume"),
+    ] {
+        let mut args = args;
+        args.extend(["--config", p.to_str().unwrap()]);
+        let o = agent(&args, &[]);
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && e.contains("agent's pod"),
+            "{what}: {e}"
+        );
+    }
+}
+
+#[test]
+fn ledger_commands_need_state_dir_and_say_so() {
+    let (_d, p) = config("");
+    for sub in ["verify", "tail"] {
+        let o = agent(&["ledger", sub, "--config", p.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(64), "{sub}: {}", stderr(&o));
+        assert!(stderr(&o).contains("state_dir"), "{sub}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn ledger_verify_of_a_missing_ledger_fails_saying_so() {
+    let (d, p) = config("");
+    std::fs::create_dir_all(d.path().join("state")).unwrap();
+    let o = agent(
+        &[
+            "ledger",
+            "verify",
+            "--config",
+            p.to_str().unwrap(),
+            "--set",
+            "state_dir=state",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no ledger records"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_control_keys_exit_64_naming_the_key() {
+    for (extra, key) in [
+        ("[ledger]\nmax_files = 1\n", "ledger.max_files"),
+        ("[ledger]\nmax_file_bytes = 10\n", "ledger.max_file_bytes"),
+        ("[ledger]\nretention = 3\n", "retention"),
+        ("[log]\nlevel = \"info,=\"\n", "log.level"),
+        (
+            "[services.ops]\naddress = \"127.0.0.1:9091\"\nkind = \"tcp\"\n",
+            "services.ops.address",
+        ),
+    ] {
+        let (_d, p) = config(extra);
+        let o = agent(
+            &["run", "--config", p.to_str().unwrap(), "--check-config"],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(64), "{extra}: {}", stderr(&o));
+        assert!(stderr(&o).contains(key), "{extra}: {}", stderr(&o));
+    }
+    let (_d, p) = config("");
+    let o = agent(
+        &[
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--check-config",
+            "--set",
+            "paused=\"yes\"",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("key paused"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_control_file_that_cannot_be_read_stops_the_start_naming_it() {
+    let (d, p) = config("");
+    std::fs::write(d.path().join("control.toml"), "paused = maybe\n").unwrap();
+    let o = agent(
+        &[
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--set",
+            "control_file=control.toml",
+            "--set",
+            "ops.listen=127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("control_file") && e.contains("control.toml"),
+        "{e}"
+    );
+}

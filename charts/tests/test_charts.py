@@ -95,7 +95,9 @@ class Rendered:
         return [o for o in self.objects if o["kind"] == kind]
 
     def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if name is None or o["metadata"]["name"] == name]
+        # The agent's ConfigMap without a name: its config, not the kill switch's `-control`.
+        found = [o for o in self.of_kind(kind) if (o["metadata"]["name"] == name if name is not None
+                 else not (kind == "ConfigMap" and o["metadata"]["name"].endswith("-control")))]
         assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
         return found[0]
 
@@ -363,7 +365,7 @@ def _values_leaves(values: Any, path: str, out: set[str]):
 
 
 PASSTHROUGH = {
-    AGENT_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]", "networkPolicy.extraEgress[]"},
+    AGENT_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]", "networkPolicy.extraEgress[]", "ledger.volume"},
     GATEWAY_CHART: {"affinity", "tolerations[]", "extraEnv[]", "extraVolumes[]", "extraVolumeMounts[]",
                     "networkPolicy.northboundFrom[]", "networkPolicy.opsFrom[]"},
 }
@@ -624,6 +626,9 @@ def test_agent_toml_holds_exactly_the_keys_the_agent_knows():
         "reconnect": {"initial_backoff": "1s", "max_backoff": "1m", "connect_timeout": "10s"},
         "ops": {"listen": "127.0.0.1:9091"},
         "log": {"format": "text", "level": "info,tether_agent=debug"},
+        "control_file": "/etc/tether-control/control.toml",
+        "ledger": {"enabled": True, "max_file_bytes": 16777216, "max_files": 8,
+                   "checkpoint_records": 1000, "checkpoint_interval": "60s", "stdout": True},
     }
     inline = tomllib.loads(render_file(AGENT_CHART, "agent-required.yaml").one("ConfigMap")["data"]["agent.toml"])
     assert inline["tls"]["ca"] == "/etc/tether/gateway-ca.crt"
@@ -674,6 +679,9 @@ def test_agent_identity_from_aws_secrets_manager_and_the_aws_and_kubernetes_valu
         "reconnect": {"initial_backoff": "500ms", "max_backoff": "30s", "connect_timeout": "5s"},
         "ops": {"listen": "127.0.0.1:9091"},
         "log": {"format": "json", "level": "info"},
+        "control_file": "/etc/tether-control/control.toml",
+        "ledger": {"enabled": True, "max_file_bytes": 16777216, "max_files": 8,
+                   "checkpoint_records": 1000, "checkpoint_interval": "60s", "stdout": True},
     }
     with_ca = render_file(AGENT_CHART, "agent-aws-secretsmanager.yaml", {"gateway": {"caBundle": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}})
     assert tomllib.loads(with_ca.one("ConfigMap")["data"]["agent.toml"])["tls"] == {"ca": "/etc/tether/gateway-ca.crt"}
@@ -1759,3 +1767,71 @@ def test_gateway_replicas_issue_their_peer_certificates_with_the_peer_ca_and_war
     off = render_file(GATEWAY_CHART, "gateway-postgres-dsn-only.yaml")
     assert "peer_ca_key" not in tomllib.loads(off.one("ConfigMap")["data"]["gateway.toml"])["cluster"]
     assert "WARNING: peer links off" in off.notes
+
+
+# === customer controls: the kill switch's ConfigMap and the ledger (issue 21) ===
+
+
+def test_agent_kill_switch_configmap_is_mounted_watched_and_paused_only_on_request():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    control = r.one("ConfigMap", f"{RELEASE}-tether-agent-control")
+    assert tomllib.loads(control["data"]["control.toml"]) == {"paused": False, "reason": ""}
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert cfg["control_file"] == "/etc/tether-control/control.toml"
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "control")
+    assert vol["configMap"]["name"] == control["metadata"]["name"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "control")
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/tether-control", True)
+    # Editing it must reload, not restart: it is not in the pod template's checksums.
+    annotations = r.one("Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    assert not any("control" in k for k in annotations), annotations
+
+    paused = render_file(AGENT_CHART, "agent-required.yaml",
+                         {"control": {"paused": True, "reason": "audit \"Q3\""}})
+    text = paused.one("ConfigMap", f"{RELEASE}-tether-agent-control")["data"]["control.toml"]
+    assert tomllib.loads(text) == {"paused": True, "reason": 'audit "Q3"'}
+    with pytest.raises(Exception) as e:
+        render_file(AGENT_CHART, "agent-required.yaml", {"control": {"paused": "yes"}})
+    assert "paused" in str(e.value)
+
+
+def test_agent_ledger_values_reach_agent_toml_and_its_volume():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert cfg["ledger"] == {
+        "enabled": True,
+        "max_file_bytes": 16777216,
+        "max_files": 8,
+        "checkpoint_records": 1000,
+        "checkpoint_interval": "60s",
+        "stdout": True,
+    }
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    ledger = next(v for v in pod["volumes"] if v["name"] == "ledger")
+    assert ledger == {"name": "ledger", "emptyDir": {"sizeLimit": "160Mi"}}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "ledger")
+    assert mount["mountPath"] == "/var/lib/tether/ledger" and "subPathExpr" not in mount
+
+    pvc = render_file(AGENT_CHART, "agent-required.yaml", {"ledger": {
+        "volume": {"persistentVolumeClaim": {"claimName": "tether-ledger"}},
+        "maxFiles": 4, "maxFileBytes": 1048576}})
+    pod = pvc.one("Deployment")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "ledger") == {
+        "name": "ledger", "persistentVolumeClaim": {"claimName": "tether-ledger"}}
+    c = pod["containers"][0]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "ledger")
+    # Replicas write their own chains, each in the pod's own directory.
+    assert mount["subPathExpr"] == "$(POD_NAME)"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    cfg = tomllib.loads(pvc.one("ConfigMap")["data"]["agent.toml"])
+    assert (cfg["ledger"]["max_files"], cfg["ledger"]["max_file_bytes"]) == (4, 1048576)
+
+    off = render_file(AGENT_CHART, "agent-required.yaml", {"ledger": {"enabled": False}})
+    pod = off.one("Deployment")["spec"]["template"]["spec"]
+    assert not any(v["name"] == "ledger" for v in pod["volumes"])
+    assert tomllib.loads(off.one("ConfigMap")["data"]["agent.toml"])["ledger"]["enabled"] is False
+    with pytest.raises(Exception) as e:
+        render_file(AGENT_CHART, "agent-required.yaml", {"ledger": {"maxFiles": 1}})
+    assert "maxFiles" in str(e.value)

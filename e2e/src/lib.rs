@@ -368,6 +368,9 @@ pub fn agent_config(files: &CertFiles, gateway: SocketAddr) -> AgentConfig {
     ))
     .expect("agent config");
     cfg.labels.insert("suite".into(), "e2e".into());
+    // The ledger is kept (in memory without a state_dir), but not copied to stdout: in-process
+    // agents would print every record into the test's own output.
+    cfg.ledger.stdout = false;
     cfg
 }
 
@@ -438,6 +441,8 @@ pub struct AgentProcess {
     /// The child.
     pub child: tokio::process::Child,
     logs: LogLines,
+    /// Its stdout: the ledger's JSON lines.
+    pub stdout: LogLines,
     _dir: tempfile::TempDir,
 }
 
@@ -543,16 +548,20 @@ impl AgentProcess {
         Self::spawn_with(cfg, command)
     }
 
+    /// The config file it runs with (`tether-agent … --config` for its other subcommands).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("agent.toml")
+    }
+
+    /// Writes `cfg` over its config file (as `spawn` wrote it), for the agent to reload.
+    pub fn rewrite_config(&self, cfg: &AgentConfig) {
+        write_agent_config(&self.config_path(), cfg);
+    }
+
     fn spawn_with(cfg: &AgentConfig, mut command: tokio::process::Command) -> AgentProcess {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = cfg.clone();
-        cfg.ops.listen = "127.0.0.1:0".parse().expect("addr");
         let path = dir.path().join("agent.toml");
-        std::fs::write(
-            &path,
-            toml::to_string(&cfg).expect("serialize agent config"),
-        )
-        .expect("write config");
+        write_agent_config(&path, cfg);
         if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
             command.env("RUST_LOG", "warn");
         }
@@ -560,13 +569,16 @@ impl AgentProcess {
             .args(["run", "--config"])
             .arg(&path)
             .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn tether-agent");
         let logs = LogLines::collect(child.stderr.take().expect("stderr"));
+        let stdout = LogLines::collect(child.stdout.take().expect("stdout"));
         AgentProcess {
             child,
             logs,
+            stdout,
             _dir: dir,
         }
     }
@@ -576,6 +588,18 @@ impl AgentProcess {
         let pid = self.child.id().expect("child running") as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
     }
+}
+
+/// Writes an agent config file as [`AgentProcess`] runs it: the ops endpoint on a free
+/// loopback port (the agent writes where to `state_dir/ops.addr`).
+pub fn write_agent_config(path: &Path, cfg: &AgentConfig) {
+    let mut cfg = cfg.clone();
+    cfg.ops.listen = "127.0.0.1:0".parse().expect("addr");
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, toml::to_string(&cfg).expect("serialize agent config"))
+        .expect("write config");
+    // Renamed into place, as a ConfigMap volume does: a reader never sees half a file.
+    std::fs::rename(&tmp, path).expect("install config");
 }
 
 /// Reads a counter or gauge from this process's metrics (0 when absent). Labels as `k="v"`.

@@ -45,6 +45,8 @@ fn header(kind: StreamKind) -> StreamHeader {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
         )]),
         id: "cmd-1".into(),
+        caller: "mtls:api".into(),
+        attempt: 1,
     }
 }
 
@@ -92,6 +94,8 @@ fn main() {
         instance_id: "i-1".into(),
         sessions_held: 1,
         avoid_replicas: vec!["r1#3".into()],
+        paused: true,
+        pause_reason: "audit".into(),
     };
     let welcome = Welcome {
         version: 1,
@@ -109,6 +113,8 @@ fn main() {
         Message::Heartbeat(Heartbeat {
             seq: 7,
             last_rtt_us: 1200,
+            paused: true,
+            pause_reason: "audit".into(),
         }),
         Message::HeartbeatAck(HeartbeatAck {
             seq: 7,
@@ -211,6 +217,7 @@ fn main() {
             Message::Heartbeat(Heartbeat {
                 seq: 8,
                 last_rtt_us: 0,
+                ..Default::default()
             }),
             messages[5].clone(),
         ]),

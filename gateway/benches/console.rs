@@ -62,6 +62,7 @@ fn fleet(now: SystemTime) -> Vec<v1::Agent> {
                     } else {
                         v1::VersionSkew::Current
                     } as i32,
+                    ..Default::default()
                 }]
             } else {
                 vec![]
@@ -73,6 +74,7 @@ fn fleet(now: SystemTime) -> Vec<v1::Agent> {
                 connected: online,
                 sessions,
                 last_seen: Some((now - Duration::from_secs(600)).into()),
+                ..Default::default()
             }
         })
         .collect()

@@ -60,19 +60,70 @@ pub fn init(format: LogFormat, level: &str) {
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| level.to_owned());
     let filter = EnvFilter::new(default_filter(&spec));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
-        // tracing-subscriber would report it with `eprintln!`, which panics on that same
-        // broken pipe, inside whichever task logged (the signal handler's: SIGTERM then did
-        // nothing).
-        .log_internal_errors(false)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let ansi = std::io::stderr().is_terminal();
+    // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
+    // tracing-subscriber would report it with `eprintln!`, which panics on that same broken
+    // pipe, inside whichever task logged (the signal handler's: SIGTERM then did nothing).
+    // The filter is reloadable ([`set_level`]).
+    let reload: Reload = match format {
+        LogFormat::Text => {
+            let builder = tracing_subscriber::fmt()
+                .with_ansi(ansi)
+                .log_internal_errors(false)
+                .with_writer(std::io::stderr)
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_err() {
+                return;
+            }
+            Box::new(move |level: &str| {
+                let f = EnvFilter::try_new(default_filter(level)).map_err(|e| e.to_string())?;
+                handle.reload(f).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let builder = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_ansi(ansi)
+                .log_internal_errors(false)
+                .with_writer(std::io::stderr)
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_err() {
+                return;
+            }
+            Box::new(move |level: &str| {
+                let f = EnvFilter::try_new(default_filter(level)).map_err(|e| e.to_string())?;
+                handle.reload(f).map_err(|e| e.to_string())
+            })
+        }
     };
+    let _ = RELOAD.set(reload);
+}
+
+type Reload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static RELOAD: std::sync::OnceLock<Reload> = std::sync::OnceLock::new();
+
+/// Replaces the level filter [`init`] installed (a reloaded `log.level`), unless `RUST_LOG`
+/// is set (it wins, as at start). Does nothing when `init` did not install the subscriber.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var("RUST_LOG").is_ok_and(|s| !s.trim().is_empty()) {
+        return Ok(());
+    }
+    match RELOAD.get() {
+        Some(reload) => reload(level),
+        None => Ok(()),
+    }
+}
+
+/// Whether `level` is a filter [`init`] and [`set_level`] accept.
+pub fn check_level(level: &str) -> Result<(), String> {
+    EnvFilter::try_new(default_filter(level))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// `level` as a filter, with quinn's socket layer (`quinn_udp`) at `error` unless `level`

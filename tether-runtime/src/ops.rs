@@ -67,22 +67,48 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Answers a `POST` to the ops endpoint: the path, the body (at most [`ACTION_BODY_MAX`]
+/// bytes, UTF-8), and `(status, body)` back; `None` for a path it does not know (404).
+pub type ActionFn = Arc<dyn Fn(&str, &str) -> Option<(u16, String)> + Send + Sync>;
+
+/// The largest `POST` body the ops endpoint reads.
+pub const ACTION_BODY_MAX: usize = 4096;
+
 /// Serves the ops endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, readiness: ReadinessFn, shutdown: CancellationToken) {
+    serve_with_actions(listener, readiness, None, shutdown).await
+}
+
+/// [`serve`], also answering `POST`s with `actions`. Only a peer on a loopback address may
+/// `POST` (whatever address the endpoint is bound to: `metrics.enabled` binds it on the pod's
+/// address for scrapes, which must not be able to act): others get 403.
+pub async fn serve_with_actions(
+    listener: TcpListener,
+    readiness: ReadinessFn,
+    actions: Option<ActionFn>,
+    shutdown: CancellationToken,
+) {
     let handle = metrics_handle();
     let mut listener = Acceptor::new(listener, "ops");
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         let handle = handle.clone();
         let readiness = readiness.clone();
+        let actions = actions.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let r = route(&req, &handle, &readiness);
-                async move { Ok::<_, Infallible>(r) }
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (handle, readiness, actions) =
+                    (handle.clone(), readiness.clone(), actions.clone());
+                async move {
+                    if req.method() == Method::POST {
+                        return Ok::<_, Infallible>(act(req, peer, actions.as_ref()).await);
+                    }
+                    Ok::<_, Infallible>(route(&req, &handle, &readiness))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -91,6 +117,46 @@ pub async fn serve(listener: TcpListener, readiness: ReadinessFn, shutdown: Canc
                 _ = shutdown.cancelled() => {}
             }
         });
+    }
+}
+
+async fn act(
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+    actions: Option<&ActionFn>,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let Some(actions) = actions else {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    };
+    if !peer.ip().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "actions are taken only from the agent's own pod (a loopback address)\n",
+        );
+    }
+    let path = req.uri().path().to_owned();
+    let body = match http_body_util::Limited::new(req.into_body(), ACTION_BODY_MAX)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the body is above {ACTION_BODY_MAX} bytes\n"),
+            );
+        }
+    };
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return text(StatusCode::BAD_REQUEST, "the body is not UTF-8\n");
+    };
+    match actions(&path, body) {
+        Some((status, answer)) => text(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &answer,
+        ),
+        None => text(StatusCode::NOT_FOUND, "no such action\n"),
     }
 }
 
@@ -150,11 +216,27 @@ pub fn probe(
     path: &str,
     timeout: std::time::Duration,
 ) -> std::io::Result<(u16, String)> {
+    request(addr, "GET", path, "", timeout)
+}
+
+/// A blocking request against an ops endpoint (`GET`, or `POST` with `body`): `(status,
+/// body)`. What the agent's `pause`/`resume` subcommands send.
+pub fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut resp = String::new();
     s.take(64 * 1024).read_to_string(&mut resp)?;
     let status = resp

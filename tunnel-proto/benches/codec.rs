@@ -25,6 +25,8 @@ fn header() -> Message {
         )]
         .into(),
         id: String::new(),
+        caller: "mtls:control-plane".into(),
+        attempt: 0,
     })
 }
 
@@ -32,6 +34,7 @@ fn bench(c: &mut Criterion) {
     let hb = Message::Heartbeat(Heartbeat {
         seq: 12345,
         last_rtt_us: 250,
+        ..Default::default()
     });
     let hdr = header();
     let mut g = c.benchmark_group("codec");

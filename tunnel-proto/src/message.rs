@@ -39,6 +39,14 @@ pub struct Hello {
     /// of them turns the session away ([`crate::ErrorCode::BUSY`]) before registering it.
     #[prost(string, repeated, tag = "7")]
     pub avoid_replicas: Vec<String>,
+    /// The data plane's owner has paused this agent (its kill switch): relayed calls and
+    /// streams are refused and command deliveries held. For display; an older gateway ignores
+    /// it. Later changes come in [`Heartbeat::paused`].
+    #[prost(bool, tag = "8")]
+    pub paused: bool,
+    /// Why, as the owner wrote it.
+    #[prost(string, tag = "9")]
+    pub pause_reason: String,
 }
 
 /// The gateway's answer to `Hello`: the session is established.
@@ -111,6 +119,13 @@ pub struct Heartbeat {
     /// The last round-trip time the agent measured, in microseconds (0 = none yet).
     #[prost(uint64, tag = "2")]
     pub last_rtt_us: u64,
+    /// The agent is paused by its owner ([`Hello::paused`]); a change is sent at once, in a
+    /// heartbeat ahead of its time.
+    #[prost(bool, tag = "3")]
+    pub paused: bool,
+    /// Why.
+    #[prost(string, tag = "4")]
+    pub pause_reason: String,
 }
 
 /// Gateway → agent answer to a [`Heartbeat`].
@@ -281,6 +296,15 @@ pub struct StreamHeader {
     /// An id for the stream's subject (a command id, for deliveries).
     #[prost(string, tag = "7")]
     pub id: String,
+    /// Who the gateway authenticated as the caller of a relayed call or stream
+    /// (`mtls:<name>` or `jwt:<subject>`), for the agent's ledger; empty from older gateways
+    /// and on command deliveries. The agent records it; it authorizes nothing.
+    #[prost(string, tag = "8")]
+    pub caller: String,
+    /// For a command delivery: which delivery of the command this is (1 for the first);
+    /// 0 from older gateways.
+    #[prost(uint32, tag = "9")]
+    pub attempt: u32,
 }
 
 impl StreamHeader {

@@ -294,6 +294,8 @@ pub struct AgentSession {
     left: bool,
     /// The gateway's last count of live replicas (0: not said).
     live_replicas: u32,
+    /// Paused by the owner, and why ([`AgentSession::set_paused`]).
+    pause: Option<String>,
 }
 
 impl AgentSession {
@@ -303,6 +305,10 @@ impl AgentSession {
             config.hello.versions = SUPPORTED_VERSIONS.to_vec();
         }
         let mut core = Core::new(config.max_frame, now);
+        let pause = config
+            .hello
+            .paused
+            .then(|| config.hello.pause_reason.clone());
         core.send(Message::Hello(config.hello));
         AgentSession {
             core,
@@ -320,6 +326,23 @@ impl AgentSession {
             gateway_leaves: false,
             left: false,
             live_replicas: 0,
+            pause,
+        }
+    }
+
+    /// Tells the gateway the agent is paused (`Some(reason)`) or not, for display: in every
+    /// heartbeat from now on, the next one sent at once when this changes it.
+    pub fn set_paused(&mut self, pause: Option<String>, now: Instant) {
+        if self.pause == pause {
+            return;
+        }
+        self.pause = pause;
+        if let AgentState::Established {
+            ref mut next_heartbeat,
+            ..
+        } = self.state
+        {
+            *next_heartbeat = now;
         }
     }
 
@@ -446,6 +469,8 @@ impl AgentSession {
                     self.core.send(Message::Heartbeat(Heartbeat {
                         seq: self.seq,
                         last_rtt_us,
+                        paused: self.pause.is_some(),
+                        pause_reason: self.pause.clone().unwrap_or_default(),
                     }));
                 }
             }
@@ -644,6 +669,8 @@ pub enum GatewayEvent {
     Heartbeat {
         /// The agent's last measured heartbeat round trip.
         rtt: Option<Duration>,
+        /// Paused by its owner, and why ([`Heartbeat::paused`]).
+        pause: Option<String>,
     },
     /// The agent asks for a new certificate: answer with [`GatewaySession::renew_response`]
     /// (one renewal per session is pending at most).
@@ -759,7 +786,9 @@ impl GatewaySession {
                     live_replicas: self.config.live_replicas,
                 }));
                 let rtt = (hb.last_rtt_us > 0).then(|| Duration::from_micros(hb.last_rtt_us));
-                self.events.push_back(GatewayEvent::Heartbeat { rtt });
+                let pause = hb.paused.then_some(hb.pause_reason);
+                self.events
+                    .push_back(GatewayEvent::Heartbeat { rtt, pause });
             }
             (GatewayState::Established, Message::RenewRequest(req)) => self.on_renew(req, now),
             (GatewayState::Established, Message::GoAway(g))

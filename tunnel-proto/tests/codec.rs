@@ -64,6 +64,7 @@ fn message() -> impl Strategy<Value = Message> {
                         instance_id,
                         sessions_held,
                         avoid_replicas,
+                        ..Default::default()
                     })
                 }
             ),
@@ -116,8 +117,11 @@ fn message() -> impl Strategy<Value = Message> {
                 ca_pem
             })
         ),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat { seq, last_rtt_us })),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, last_rtt_us)| Message::Heartbeat(Heartbeat {
+            seq,
+            last_rtt_us,
+            ..Default::default()
+        })),
         (any::<u64>(), any::<u32>()).prop_map(|(seq, live_replicas)| Message::HeartbeatAck(
             HeartbeatAck { seq, live_replicas }
         )),
@@ -159,6 +163,7 @@ fn message() -> impl Strategy<Value = Message> {
                         timeout_ms,
                         trace_context,
                         id,
+                        ..Default::default()
                     })
                 }
             ),

@@ -85,7 +85,8 @@ fn heartbeats_measure_rtt_and_keep_the_session_alive() {
     // The agent reports its RTT to the gateway in the next heartbeat.
     assert!(p.gateway_events.iter().any(|(_, e)| *e
         == GatewayEvent::Heartbeat {
-            rtt: Some(LATENCY * 2)
+            rtt: Some(LATENCY * 2),
+            pause: None,
         }));
     assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
 }

@@ -364,12 +364,13 @@ impl Commands {
     /// The command's delivery: header, payload (shared, not copied) and FIN queued, the
     /// agent's report to read.
     fn delivery(&self, cmd: CommandRecord) -> GatewayCommand {
-        GatewayCommand::traced(
+        GatewayCommand::delivery(
             cmd.id,
             cmd.kind,
             cmd.content_type,
             cmd.payload,
             self.cfg.max_output,
+            cmd.attempts,
             &cmd.trace_context,
         )
     }

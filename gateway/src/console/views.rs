@@ -229,7 +229,8 @@ impl<'a> Facts<'a> {
             .filter_map(|s| when(&s.certificate_expires))
             .min();
         let expired = earliest_expiry.is_some_and(|e| e <= now);
-        let status = match (a.connected, expired || skew == "unsupported") {
+        // Paused by the data plane's owner (its kill switch): up, but refusing every call.
+        let status = match (a.connected, expired || skew == "unsupported" || a.paused) {
             (false, _) => "offline",
             (true, false) => "online",
             (true, true) => "degraded",
@@ -274,12 +275,21 @@ impl AgentRow {
         let facts = Facts::new(a, now);
         let (newest, skew, status) = (facts.newest, facts.skew, facts.status);
         let earliest = facts.earliest_expiry;
-        let mut why = Vec::new();
+        let mut why: Vec<String> = Vec::new();
+        if a.paused {
+            let reason = a
+                .sessions
+                .iter()
+                .find(|s| s.paused)
+                .map(|s| s.pause_reason.as_str())
+                .unwrap_or("");
+            why.push(format!("paused by the data plane's owner: {reason}"));
+        }
         if earliest.is_some_and(|e| e <= now) {
-            why.push("a session's certificate expired (renewal failing)");
+            why.push("a session's certificate expired (renewal failing)".into());
         }
         if skew == "unsupported" {
-            why.push("version outside the supported skew");
+            why.push("version outside the supported skew".into());
         }
         AgentRow {
             id: a.id.clone(),
@@ -1137,7 +1147,24 @@ mod tests {
                 vec![]
             },
             last_seen: Some(now.into()),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_paused_agent_is_degraded_with_its_owners_reason() {
+        let mut a = agent("acme/p", true, env!("CARGO_PKG_VERSION"), &[]);
+        a.paused = true;
+        a.sessions[0].paused = true;
+        a.sessions[0].pause_reason = "maintenance window".into();
+        let row = AgentRow::new(&a, SystemTime::now());
+        assert_eq!(row.status, "degraded");
+        assert!(
+            row.why
+                .contains("paused by the data plane's owner: maintenance window"),
+            "{}",
+            row.why
+        );
     }
 
     #[test]

@@ -177,6 +177,8 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
             crate::tunnel::version::gateway_version(),
             &s.hello.agent_version,
         ) as i32,
+        paused: s.pause().is_some(),
+        pause_reason: s.pause().unwrap_or_default(),
     }
 }
 
@@ -188,6 +190,7 @@ fn agent_proto(a: &AgentSnapshot) -> v1::Agent {
         connected: !a.sessions.is_empty(),
         sessions: a.sessions.iter().map(|s| session_proto(s)).collect(),
         last_seen: Some(ts(a.last_seen)),
+        paused: a.sessions.iter().any(|s| s.pause().is_some()),
     }
 }
 
@@ -225,6 +228,8 @@ async fn fleet_agents(pool: &PgPool, filter: &SessionFilter) -> Result<Vec<v1::A
                 connected: false,
                 sessions: Vec::new(),
                 last_seen: Some(ts(last_seen)),
+                // Presence rows do not carry the agent's pause (only its holder's view does).
+                paused: false,
             },
         );
     }

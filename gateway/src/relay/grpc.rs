@@ -157,6 +157,8 @@ async fn relay_call(
         timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u64),
         trace_context,
         id: String::new(),
+        caller: format!("{}:{}", caller.kind.as_str(), caller.name),
+        attempt: 0,
     };
     // Sent again on another session when it provably did not reach the agent (`Attempts`).
     let body = Replay::new(req.into_body());

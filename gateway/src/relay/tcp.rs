@@ -75,8 +75,11 @@ impl Streams for StreamsApi {
         // the agent is opened again on another session (`Attempts`).
         let mut attempts = Attempts::default();
         let (mut send, mut reader, permit, first) = loop {
-            let mut machine =
-                GatewayTcp::with_trace_context(service.clone(), trace_context.clone());
+            let mut machine = GatewayTcp::with_caller(
+                service.clone(),
+                trace_context.clone(),
+                format!("{}:{}", caller.kind.as_str(), caller.name),
+            );
             let (send, recv, permit) = match self
                 .relay
                 .open_attempt(Some(&caller), &agent, &mut machine, None, &mut attempts)

@@ -222,9 +222,12 @@ impl Side<GatewaySession> for GatewaySide<'_> {
                 self.established(session, (hello, version), now);
             }
             GatewayEvent::Left { reason } => self.left(session, &reason),
-            GatewayEvent::Heartbeat { rtt } => {
+            GatewayEvent::Heartbeat { rtt, pause } => {
                 // The next ack tells the agent of replicas that came or went.
                 session.set_live_replicas(self.ctx.balance.live_replicas());
+                if let Some(s) = &self.registered {
+                    s.set_pause(pause);
+                }
                 if let Some(rtt) = rtt {
                     if let Some(s) = &self.registered {
                         s.set_rtt(rtt);

@@ -51,6 +51,8 @@ pub struct SessionInfo {
     /// it leaves.
     pub agent_leaves: bool,
     rtt: Mutex<Option<Duration>>,
+    /// Paused by the agent's owner, and why (its `Hello`, then its heartbeats).
+    pause: Mutex<Option<String>>,
     control: mpsc::UnboundedSender<SessionCommand>,
     asked_to_go: AtomicBool,
     left: AtomicBool,
@@ -84,6 +86,21 @@ impl SessionInfo {
     /// Records the RTT the agent reported.
     pub fn set_rtt(&self, rtt: Duration) {
         *self.rtt.lock().expect("rtt lock") = Some(rtt);
+    }
+
+    /// The agent says it is paused by its owner (`Some(reason)`) or not.
+    pub fn set_pause(&self, pause: Option<String>) {
+        let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        if *p != pause {
+            tracing::info!(agent = %self.agent, session = %self.session_id, paused = pause.is_some(),
+                reason = pause.as_deref().unwrap_or(""), "the agent's owner changed its pause");
+            *p = pause;
+        }
+    }
+
+    /// Paused by the agent's owner, and why.
+    pub fn pause(&self) -> Option<String> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Asks the session's driver to do something; false if the session is already gone.
@@ -193,6 +210,7 @@ impl SessionInfo {
         // Until the first heartbeat measures it: the handshake's (QUIC's estimate, or how long
         // the TLS handshake over TCP took).
         let rtt = link.initial_rtt();
+        let pause = hello.paused.then(|| hello.pause_reason.clone());
         let info = SessionInfo {
             session_id,
             agent,
@@ -208,6 +226,7 @@ impl SessionInfo {
             cert_not_before: cert.not_before,
             agent_leaves,
             rtt: Mutex::new(rtt),
+            pause: Mutex::new(pause),
             control,
             asked_to_go: AtomicBool::new(false),
             left: AtomicBool::new(false),

@@ -98,27 +98,31 @@ impl GatewayCommand {
         payload: Bytes,
         max_output: u64,
     ) -> GatewayCommand {
-        GatewayCommand::traced(
+        GatewayCommand::delivery(
             id,
             kind,
             content_type,
             payload,
             max_output,
+            0,
             &Default::default(),
         )
     }
 
-    /// [`GatewayCommand::new`], with the Submit call's trace context (`traceparent`,
-    /// `tracestate`) in the header's metadata, for the agent's span to link to.
-    pub fn traced(
+    /// [`GatewayCommand::new`] saying which delivery of the command this is
+    /// ([`StreamHeader::attempt`], 1 for the first), with the Submit call's trace context
+    /// (`traceparent`, `tracestate`) in the header's metadata, for the agent's span to link to.
+    pub fn delivery(
         id: String,
         kind: String,
         content_type: String,
         payload: Bytes,
         max_output: u64,
+        attempt: u32,
         trace_context: &std::collections::BTreeMap<String, String>,
     ) -> GatewayCommand {
         let mut header = StreamHeader {
+            attempt,
             kind: StreamKind::Command as i32,
             service: kind,
             id,

@@ -102,11 +102,22 @@ impl GatewayTcp {
         service: String,
         trace_context: std::collections::BTreeMap<String, String>,
     ) -> GatewayTcp {
+        Self::with_caller(service, trace_context, String::new())
+    }
+
+    /// [`GatewayTcp::with_trace_context`] naming the caller the gateway authenticated
+    /// ([`StreamHeader::caller`]).
+    pub fn with_caller(
+        service: String,
+        trace_context: std::collections::BTreeMap<String, String>,
+        caller: String,
+    ) -> GatewayTcp {
         let mut out = Outbox::default();
         out.frame(&Message::StreamHeader(StreamHeader {
             kind: StreamKind::Tcp as i32,
             service,
             trace_context,
+            caller,
             ..Default::default()
         }));
         GatewayTcp {

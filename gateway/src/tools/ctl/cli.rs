@@ -776,7 +776,11 @@ fn print_agents(agents: &[v1::Agent]) {
         println!(
             "{:<28} {:<10} {:<8} {:<14} {:<22} {:<8} {}",
             a.id,
-            if a.connected { "yes" } else { "no" },
+            match (a.connected, a.paused) {
+                (true, true) => "paused",
+                (true, false) => "yes",
+                (false, _) => "no",
+            },
             a.sessions.len(),
             s.map(version).unwrap_or_else(|| "-".into()),
             s.map(|s| s.remote_addr.as_str()).unwrap_or("-"),
@@ -790,15 +794,20 @@ fn print_agents(agents: &[v1::Agent]) {
 }
 
 fn json_agent(a: &v1::Agent) -> serde_json::Value {
-    serde_json::json!({
+    let mut j = serde_json::json!({
         "id": a.id,
         "connected": a.connected,
         "sessions": a.sessions.iter().map(json_session).collect::<Vec<_>>(),
-    })
+    });
+    // Only when the agent's owner paused it: the kill switch, enforced by the agent.
+    if a.paused {
+        j["paused"] = true.into();
+    }
+    j
 }
 
 fn json_session(s: &v1::Session) -> serde_json::Value {
-    serde_json::json!({
+    let mut j = serde_json::json!({
         "session_id": s.session_id,
         "agent": s.agent,
         "remote_addr": s.remote_addr,
@@ -810,7 +819,12 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
         "instance_id": s.instance_id,
         "labels": s.labels,
         "rtt": rtt(s),
-    })
+    });
+    if s.paused {
+        j["paused"] = true.into();
+        j["pause_reason"] = s.pause_reason.clone().into();
+    }
+    j
 }
 
 async fn run(cli: Cli) -> Result<(), Exit> {
