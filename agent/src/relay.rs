@@ -632,21 +632,30 @@ async fn rpc(
             return Some(finish_with(&mut send, &mut response, code, &msg).await);
         }
     };
-    let expired = || deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d);
+    // The deadline passed while the upstream answered: the HTTP/2 client's own grpc-timeout
+    // error, or the upstream enforcing the grpc-timeout it was sent and calling it CANCELLED
+    // (as tonic's server does). For the caller, its deadline passed.
+    let expired = deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d);
+    let upstream_gave_up = match &resp {
+        Err(_) => true,
+        Ok(r) => r
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"1"),
+    };
+    if expired && upstream_gave_up {
+        return Some(
+            finish_with(
+                &mut send,
+                &mut response,
+                Code::DeadlineExceeded,
+                "deadline exceeded before the upstream answered",
+            )
+            .await,
+        );
+    }
     let resp = match resp {
         Ok(r) => r,
-        Err(_) if expired() => {
-            // The HTTP/2 client enforces grpc-timeout itself; report it as what it is.
-            return Some(
-                finish_with(
-                    &mut send,
-                    &mut response,
-                    Code::DeadlineExceeded,
-                    "deadline exceeded before the upstream answered",
-                )
-                .await,
-            );
-        }
         Err(e) => {
             let msg = format!(
                 "upstream service {name:?} ({address}) is unavailable: {}",
@@ -663,19 +672,6 @@ async fn rpc(
             metadata: grpc::headers_to_metadata(&parts.headers),
         };
         let code = t.grpc_status().map(Code::from_i32).unwrap_or(Code::Unknown);
-        if code == Code::Cancelled && expired() {
-            // The upstream enforced the grpc-timeout it was sent and called it CANCELLED (as
-            // tonic's server does): for the caller, its deadline passed.
-            return Some(
-                finish_with(
-                    &mut send,
-                    &mut response,
-                    Code::DeadlineExceeded,
-                    "deadline exceeded before the upstream answered",
-                )
-                .await,
-            );
-        }
         let _ = response.trailers(t);
         let _ = flush(&mut send, &mut response).await;
         return Some(code);

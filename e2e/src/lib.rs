@@ -326,17 +326,7 @@ impl TestGateway {
     /// The built `tetherctl`, pointed at this gateway's northbound API as the caller of
     /// `files` (TLS name `localhost`, no dev.json); add the subcommand.
     pub fn tetherctl(&self, files: &CertFiles) -> std::process::Command {
-        let mut c = std::process::Command::new(binary("tetherctl"));
-        c.arg("--northbound")
-            .arg(self.handle.northbound_addr.to_string())
-            .arg("--ca")
-            .arg(&files.ca)
-            .arg("--cert")
-            .arg(&files.cert)
-            .arg("--key")
-            .arg(&files.key)
-            .args(["--server-name", "localhost", "--dev-json", "/nonexistent"]);
-        c
+        tetherctl_at(self.handle.northbound_addr, files)
     }
 
     /// A northbound client authenticated as control-plane caller `name`.
@@ -1649,6 +1639,22 @@ impl GatewayProcess {
 }
 
 pub use tether_gateway::tools::ports::restartable_port;
+
+/// The built `tetherctl`, pointed at the northbound API at `northbound` as the caller of
+/// `files` (TLS name `localhost`, no dev.json); add the subcommand.
+pub fn tetherctl_at(northbound: SocketAddr, files: &CertFiles) -> std::process::Command {
+    let mut c = std::process::Command::new(binary("tetherctl"));
+    c.arg("--northbound")
+        .arg(northbound.to_string())
+        .arg("--ca")
+        .arg(&files.ca)
+        .arg("--cert")
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .args(["--server-name", "localhost", "--dev-json", "/nonexistent"]);
+    c
+}
 
 /// A loopback port nothing listens on (TCP and UDP), below the ephemeral range so that no
 /// socket bound to port 0 (nor a TCP dial connecting to itself) takes it meanwhile.

@@ -11,7 +11,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tether_api::v1;
-use tether_e2e::{AgentProcess, CertFiles, GatewayProcess, Pki, Route, agent_config, binary, init};
+use tether_e2e::{
+    AgentProcess, CertFiles, GatewayProcess, Pki, Route, agent_config, init, tetherctl_at,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const T: Duration = Duration::from_secs(30);
@@ -127,16 +129,7 @@ async fn gateway(pki: &Pki, env: &[(&str, &str)]) -> GatewayProcess {
 
 /// `tetherctl console` as `files`: the link it prints.
 fn login_link(gw: &GatewayProcess, files: &CertFiles) -> String {
-    let out = std::process::Command::new(binary("tetherctl"))
-        .arg("--northbound")
-        .arg(gw.northbound.to_string())
-        .arg("--ca")
-        .arg(&files.ca)
-        .arg("--cert")
-        .arg(&files.cert)
-        .arg("--key")
-        .arg(&files.key)
-        .args(["--server-name", "localhost", "--dev-json", "/nonexistent"])
+    let out = tetherctl_at(gw.northbound, files)
         .args(["console", "--no-browser"])
         .env_remove("BROWSER")
         .output()
