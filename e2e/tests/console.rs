@@ -339,7 +339,8 @@ async fn forged_and_replayed_links_cross_origin_posts_and_revoked_callers_are_re
 async fn an_expired_console_cookie_is_refused_in_chromium() {
     init();
     let pki = Pki::new();
-    let gw = gateway(&pki, &[("TETHER_NORTHBOUND_CONSOLE_SESSION_TTL", "2s")]).await;
+    // Long enough that the login's own redirect is surely inside it on a loaded machine.
+    let gw = gateway(&pki, &[("TETHER_NORTHBOUND_CONSOLE_SESSION_TTL", "5s")]).await;
     let base = format!("https://{}", gw.northbound);
     let link = login_link(&gw, &pki.client("ops"));
     let passed = Browser::start("expiry", serde_json::json!({"base": base, "link": link}))
