@@ -245,6 +245,8 @@ pub struct Executor {
     state_file: Option<PathBuf>,
     /// While paused, deliveries are held unacknowledged (the gateway keeps the commands).
     pause: Option<Arc<crate::pause::PauseSwitch>>,
+    /// Kinds held for the owner's approval (`approvals.kinds`).
+    approvals: Option<Arc<crate::approvals::Approvals>>,
     ledger: crate::ledger::Ledger,
 }
 
@@ -300,8 +302,15 @@ impl Executor {
             record: Mutex::new(record),
             state_file,
             pause: None,
+            approvals: None,
             ledger: crate::ledger::Ledger::disabled(),
         })
+    }
+
+    /// Holds commands of the kinds `approvals` lists until the owner decides.
+    pub fn with_approvals(mut self, approvals: Arc<crate::approvals::Approvals>) -> Executor {
+        self.approvals = Some(approvals);
+        self
     }
 
     /// Holds deliveries while `pause` says so, and records each delivery in `ledger`.
@@ -439,12 +448,34 @@ impl Executor {
             note.held = held.elapsed();
         }
         let (_, mut machine) = reader.into_parts();
+        // A kind that needs the owner's approval waits for it here (unless this id already
+        // ran or runs: a redelivery is answered as ever).
+        let mut rejected = None;
+        if let Some(approvals) = self.approvals.clone()
+            && approvals.required(&kind)
+            && !self.known(&id)
+        {
+            let sha = if note.payload_sha256.is_empty() {
+                crate::ledger::sha256_hex(&payload)
+            } else {
+                note.payload_sha256.clone()
+            };
+            match wait_for_approval(&approvals, &id, &kind, &sha, &mut machine, &mut send).await {
+                Waited::Approved => {}
+                Waited::Rejected(reason) => rejected = Some(crate::approvals::rejection(&reason)),
+                Waited::Left(outcome) => {
+                    note.outcome = outcome;
+                    return;
+                }
+            }
+        }
         let _ = machine.ack();
         if flush(&mut send, &mut machine).await.is_err() {
             return;
         }
         let from_record = self.lock().done.contains_key(&id);
-        let (mut progress, mut done) = self.clone().start(id.clone(), kind, payload);
+        let was_rejected = rejected.is_some();
+        let (mut progress, mut done) = self.clone().start(id.clone(), kind, payload, rejected);
         let outcome = loop {
             if let Some(o) = done.borrow_and_update().clone() {
                 break o;
@@ -499,18 +530,27 @@ impl Executor {
             note.outcome = match (from_record, ok) {
                 (true, _) => "answered_from_record",
                 (false, true) => "succeeded",
+                (false, false) if was_rejected => "rejected",
                 (false, false) => "failed",
             };
         }
     }
 
+    /// Whether command `id` completed or runs.
+    fn known(&self, id: &str) -> bool {
+        let r = self.lock();
+        r.done.contains_key(id) || r.running.contains_key(id)
+    }
+
     /// The progress feed and outcome of command `id`: from the record if it completed, from its
-    /// execution if it is running, or from a new execution.
+    /// execution if it is running, or from a new execution (`rejected`: a failure with that
+    /// message, recorded without running the handler).
     fn start(
         self: Arc<Self>,
         id: String,
         kind: String,
         payload: Bytes,
+        rejected: Option<String>,
     ) -> (
         broadcast::Receiver<String>,
         watch::Receiver<Option<Outcome>>,
@@ -538,9 +578,14 @@ impl Executor {
         drop(r);
         let this = self.clone();
         tokio::spawn(async move {
-            let (ok, out, msg) = match this.handlers.get(&kind) {
-                None => (false, Vec::new(), format!("unsupported kind {kind}")),
-                Some(h) => {
+            let handler = match rejected {
+                Some(msg) => Err(msg),
+                None => Ok(this.handlers.get(&kind)),
+            };
+            let (ok, out, msg) = match handler {
+                Err(rejection) => (false, Vec::new(), rejection),
+                Ok(None) => (false, Vec::new(), format!("unsupported kind {kind}")),
+                Ok(Some(h)) => {
                     let fut = h.run(payload, ProgressSink(ptx));
                     match tokio::spawn(fut).await {
                         Ok(Ok(out)) => (true, out.to_vec(), String::new()),
@@ -588,9 +633,87 @@ impl Executor {
                 r.running.remove(&id);
                 r.remember(o.clone());
             }
+            // The record answers from now on: an approval kept for it is done with.
+            if let Some(a) = &this.approvals {
+                a.forget(&id);
+            }
             let _ = dtx.send(Some(o));
         });
         (prx, drx)
+    }
+}
+
+/// How a wait for approval ended.
+enum Waited {
+    Approved,
+    Rejected(String),
+    /// The delivery ended first (the gateway's stream went: a reconnect, the TTL, a
+    /// shutdown); the wait is kept for the next delivery. The ledger's outcome.
+    Left(&'static str),
+}
+
+/// Tells the gateway command `id` awaits approval (or, to an older gateway, holds it
+/// unacknowledged) and waits for the owner's decision, the end of its TTL, or the stream's end.
+async fn wait_for_approval(
+    approvals: &crate::approvals::Approvals,
+    id: &str,
+    kind: &str,
+    sha: &str,
+    machine: &mut AgentCommand,
+    send: &mut SendStream,
+) -> Waited {
+    use crate::approvals::Decision;
+    let expires = machine.expires_unix_ms();
+    let mut changes = approvals.subscribe();
+    let mut said = false;
+    loop {
+        changes.borrow_and_update();
+        match approvals.request(id, kind, sha, expires) {
+            Ok(Decision::Approved { .. }) => return Waited::Approved,
+            Ok(Decision::Rejected { reason, .. }) => return Waited::Rejected(reason),
+            Ok(Decision::Pending) => {}
+            Err(e) => {
+                // Not kept, so not waited on: it would be lost at a restart. The gateway
+                // redelivers.
+                tracing::error!(command = %id, error = %e, "could not keep the command's wait for approval");
+                send.reset(ErrorCode::INTERNAL);
+                return Waited::Left("approval_not_kept");
+            }
+        }
+        if !said {
+            said = true;
+            if machine.gateway_takes_approvals() {
+                let _ = machine.awaiting_approval();
+                if flush(send, machine).await.is_err() {
+                    return Waited::Left("awaiting_approval");
+                }
+            } else {
+                tracing::warn!(command = %id, "this gateway predates approvals: the command is held unacknowledged (DELIVERED) until it is approved");
+            }
+        }
+        let ttl = async {
+            match expires {
+                Some(ms) => {
+                    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                    let left = at
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                return Waited::Left("awaiting_approval");
+            },
+            _ = send.stopped() => return Waited::Left("awaiting_approval"),
+            _ = ttl => {
+                // Forgotten by `request`'s pruning; the gateway ends it EXPIRED.
+                let _ = approvals.list();
+                return Waited::Left("approval_expired");
+            }
+        }
     }
 }
 
@@ -672,16 +795,16 @@ mod tests {
         let ex = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
         let (_, first) = ex
             .clone()
-            .start("c1".into(), "count".into(), Bytes::from_static(b"x"));
+            .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
         // Redelivered while running: attaches.
         let (_, second) = ex
             .clone()
-            .start("c1".into(), "count".into(), Bytes::from_static(b"x"));
+            .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
         assert_eq!(outcome_of(first).await.out, b"x");
         assert_eq!(outcome_of(second).await.out, b"x");
         // Redelivered after completion, even to a restarted agent: answered from the record.
         let restarted = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
-        let (_, third) = restarted.start("c1".into(), "count".into(), Bytes::from_static(b"y"));
+        let (_, third) = restarted.start("c1".into(), "count".into(), Bytes::from_static(b"y"), None);
         assert_eq!(outcome_of(third).await.out, b"x");
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -709,7 +832,7 @@ mod tests {
             Err::<Bytes, _>("x".repeat(100_000))
         });
         let ex = Arc::new(Executor::new(Arc::new(handlers), None).unwrap());
-        let (mut progress, done) = ex.start("c1".into(), "loud".into(), Bytes::new());
+        let (mut progress, done) = ex.start("c1".into(), "loud".into(), Bytes::new(), None);
         let line = progress.recv().await.unwrap();
         assert!(line.len() <= COMMAND_PROGRESS_LINE_MAX && line.starts_with("éé"));
         assert!(line.ends_with(" bytes]"), "{line}");

@@ -49,6 +49,8 @@
 //! paused = false                          # the kill switch: true refuses every relayed call
 //! # pause_reason = "incident 4711"        # and stream, and holds commands (see README)
 //! # control_file = "/etc/tether/control/control.toml"  # `paused`/`reason` there too (chart)
+//! [approvals]                             # these kinds wait for `tether-agent approve <id>`
+//! kinds = []                              # e.g. ["deploy", "environment.delete"]; needs state_dir
 //! [ledger]                                # the hash-chained record in state_dir/ledger
 //! max_file_bytes = 67108864               # rotated at this size
 //! max_files = 16                          # files kept; the oldest goes first
@@ -149,6 +151,7 @@ pub const KEYS: Keys = &[
     "paused",
     "pause_reason",
     "control_file",
+    "approvals.kinds",
     "ledger.enabled",
     "ledger.max_file_bytes",
     "ledger.max_files",
@@ -248,6 +251,45 @@ pub struct AgentConfig {
     /// The ledger of relayed calls, streams and commands in `state_dir/ledger`.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// Command kinds that wait for the data plane owner's approval. Reloaded live.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+/// `[approvals]`: the command kinds that wait in the agent for `tether-agent approve <id>` (or
+/// `reject`) on its pod; the gateway shows them `AWAITING_APPROVAL` meanwhile.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// The kinds, exactly as submitted (`deploy`, `environment.delete`, …).
+    pub kinds: Vec<String>,
+}
+
+impl ApprovalsConfig {
+    fn validate(&self, state_dir: Option<&Path>) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in &self.kinds {
+            if k.trim().is_empty() || k.trim() != k {
+                return Err(ConfigError::invalid(
+                    "approvals.kinds",
+                    format!("{k:?} is not a command kind (no blanks, no surrounding spaces)"),
+                ));
+            }
+            if !seen.insert(k) {
+                return Err(ConfigError::invalid(
+                    "approvals.kinds",
+                    format!("{k:?} is listed twice"),
+                ));
+            }
+        }
+        if !self.kinds.is_empty() && state_dir.is_none() {
+            return Err(ConfigError::invalid(
+                "approvals.kinds",
+                "needs state_dir: the agent keeps the commands waiting for approval, and the decisions, there (a restart must not run what nobody approved, or forget a rejection)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 // === [ledger] and the pause switch ===
@@ -1172,6 +1214,7 @@ impl Validate for AgentConfig {
         }
         self.environments.validate()?;
         self.ledger.validate()?;
+        self.approvals.validate(self.state_dir.as_deref())?;
         if let Err(e) = tether_runtime::logging::check_level(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e));
         }
@@ -1554,6 +1597,7 @@ mod tests {
             pause_reason: "r".into(),
             control_file: Some("c".into()),
             ledger: Default::default(),
+            approvals: Default::default(),
         };
         let v = toml::Value::try_from(&cfg).unwrap();
         for (k, v) in v.as_table().unwrap() {

@@ -1,6 +1,6 @@
 //! Feature + backend: the ledger, the customer's own record of what the control plane did
-//! through this agent: every relayed call and TCP stream, every command delivery, and every
-//! pause, resume and reload, never a payload or a secret value.
+//! through this agent: every relayed call and TCP stream, every command delivery, every approval
+//! decision, and every pause, resume and reload, never a payload or a secret value.
 //!
 //! Records are appended, one JSON object a line, to `state_dir/ledger/ledger-NNNNNN.jsonl`:
 //!
@@ -145,6 +145,24 @@ pub enum Entry {
     Stream(Relayed),
     /// A command delivery.
     Command(CommandEntry),
+    /// A command of a kind in `approvals.kinds`: it began waiting for the owner's decision, or
+    /// was decided, or its wait ended with its TTL.
+    Approval {
+        /// The command id.
+        id: String,
+        /// Its kind.
+        command_kind: String,
+        /// SHA-256 of the payload, hex: what was approved.
+        payload_sha256: String,
+        /// `awaiting`, `approved`, `rejected`, `expired`.
+        decision: String,
+        /// Who decided (`--by`, else the user running `tether-agent approve|reject`).
+        #[serde(skip_serializing_if = "String::is_empty")]
+        by: String,
+        /// A rejection's reason.
+        #[serde(skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
     /// The agent paused (or the reason changed).
     Pause {
         /// Why.

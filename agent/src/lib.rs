@@ -39,6 +39,7 @@
 //! - [`config`], [`run`]/[`start`] (wiring).
 #![warn(missing_docs)]
 
+pub mod approvals;
 pub mod aws;
 pub mod certs;
 pub mod commands;
@@ -197,9 +198,15 @@ pub fn start_with_identity(
         started: std::time::Instant::now(),
         status: status.clone(),
     });
+    let approvals = Arc::new(approvals::Approvals::new(
+        &cfg.approvals.kinds,
+        cfg.state_dir.as_deref(),
+        ledger.clone(),
+    )?);
     let executor = Arc::new(
         commands::Executor::new(handlers, cfg.state_dir.as_deref())?
-            .with_control(pause.clone(), ledger.clone()),
+            .with_control(pause.clone(), ledger.clone())
+            .with_approvals(approvals.clone()),
     );
     let telemetry =
         tether_runtime::telemetry::Telemetry::new(&cfg.telemetry, "tether-agent", &instance_id)
@@ -219,6 +226,7 @@ pub fn start_with_identity(
         cfg,
         services.clone(),
         pause.clone(),
+        approvals.clone(),
         info,
         ledger.clone(),
     ));
@@ -261,6 +269,7 @@ pub fn start_with_identity(
         let l = tokio::net::TcpListener::from_std(l).map_err(io("ops socket"))?;
         let st = status.clone();
         let p = pause.clone();
+        let a = approvals.clone();
         tokio::spawn(tether_runtime::ops::serve_with_actions(
             l,
             Arc::new(move || {
@@ -277,10 +286,14 @@ pub fn start_with_identity(
                             .collect();
                         d.insert("pause_switches".into(), switches.into());
                     }
+                    let waiting = a.pending();
+                    if waiting > 0 {
+                        d.insert("awaiting_approval".into(), waiting.into());
+                    }
                 }
                 r
             }),
-            Some(ops_actions(pause.clone())),
+            Some(ops_actions(pause.clone(), approvals.clone())),
             shutdown.clone(),
         ));
         if let (Some(dir), Some(addr)) = (cfg.state_dir.as_deref(), ops_addr) {
@@ -308,6 +321,7 @@ pub fn start_with_identity(
         .collect();
     drop(shared);
     drop(pause);
+    drop(approvals);
     let task = tokio::spawn(async move {
         for s in sups {
             let _ = s.await;
@@ -334,9 +348,72 @@ pub fn start_with_identity(
 /// The file in `state_dir` naming the address the ops endpoint is bound to.
 pub const OPS_ADDR_FILE: &str = "ops.addr";
 
+/// What `tether-agent approve|reject` posts to `/approve` and `/reject`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ApprovalDecision {
+    /// The command id.
+    pub id: String,
+    /// Who decides.
+    #[serde(default)]
+    pub by: String,
+    /// A rejection's reason.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST /approvals` (the waits, as JSON), `/approve` and `/reject` (an [`ApprovalDecision`]).
+fn approval_action(
+    approvals: &approvals::Approvals,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    if path == "/approvals" {
+        let list = approvals.list();
+        return Some((
+            200,
+            serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()),
+        ));
+    }
+    let reject = match path {
+        "/approve" => false,
+        "/reject" => true,
+        _ => return None,
+    };
+    let d: ApprovalDecision = match serde_json::from_str(body) {
+        Ok(d) => d,
+        Err(e) => return Some((400, format!("not a decision ({{\"id\", \"by\", \"reason\"}}): {e}\n"))),
+    };
+    let reason = reject.then_some(d.reason.as_str());
+    Some(match approvals.decide(&d.id, &d.by, reason) {
+        Ok(r) if reject => (
+            200,
+            format!(
+                "rejected {} ({}): it ends FAILED with \"{}\" and does not run\n",
+                r.id,
+                r.kind,
+                approvals::rejection(d.reason.trim())
+            ),
+        ),
+        Ok(r) => (
+            200,
+            format!(
+                "approved {} ({}, payload sha256 {}): it runs at its delivery\n",
+                r.id, r.kind, r.payload_sha256
+            ),
+        ),
+        Err(e @ approvals::DecideError::NotFound(_)) => (404, format!("{e}\n")),
+        Err(e @ approvals::DecideError::Decided { .. }) => (409, format!("{e}\n")),
+        Err(e @ approvals::DecideError::NoReason) => (400, format!("{e}\n")),
+        Err(e) => (500, format!("{e}\n")),
+    })
+}
+
 /// `POST /pause` (the body is the reason) and `POST /resume` on the ops endpoint: the
-/// `tether-agent pause|resume` switch.
-fn ops_actions(pause: Arc<pause::PauseSwitch>) -> tether_runtime::ops::ActionFn {
+/// `tether-agent pause|resume` switch; and the approvals' actions ([`approval_action`]).
+fn ops_actions(
+    pause: Arc<pause::PauseSwitch>,
+    approvals: Arc<approvals::Approvals>,
+) -> tether_runtime::ops::ActionFn {
     Arc::new(move |path, body| match path {
         "/pause" => {
             let reason = body.trim().to_owned();
@@ -374,7 +451,7 @@ fn ops_actions(pause: Arc<pause::PauseSwitch>) -> tether_runtime::ops::ActionFn 
                 format!("still paused: the pause could not be removed from state_dir: {e}\n"),
             ),
         }),
-        _ => None,
+        _ => approval_action(&approvals, path, body),
     })
 }
 

@@ -84,6 +84,52 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// List the commands waiting for approval (`approvals.kinds`) in the running agent: id,
+    /// kind, payload SHA-256, how long it waits, when its TTL ends.
+    Approvals {
+        /// The agent's config, to find `ops.listen`.
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a command waiting in the running agent: it runs at once (or at its next
+    /// delivery). Recorded in the ledger with who approved it.
+    Approve {
+        /// The command id (`tether-agent approvals` lists them).
+        id: String,
+        /// The agent's config, to find `ops.listen`.
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Who approves (default: $USER), for the ledger.
+        #[arg(long, default_value = "")]
+        by: String,
+    },
+    /// Reject a command waiting in the running agent: it ends FAILED with "rejected by the
+    /// data plane's owner: <reason>" and never runs. Recorded in the ledger.
+    Reject {
+        /// The command id (`tether-agent approvals` lists them).
+        id: String,
+        /// Why, for the vendor (required).
+        #[arg(long)]
+        reason: String,
+        /// The agent's config, to find `ops.listen`.
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Set a config key (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Who rejects (default: $USER), for the ledger.
+        #[arg(long, default_value = "")]
+        by: String,
+    },
     /// Read the ledger in state_dir: `tail` prints the last records, `verify` checks the
     /// hash chain and the signed checkpoints and says where it is broken (exit 1).
     Ledger {
@@ -135,6 +181,20 @@ fn main() -> ExitCode {
             reason,
         } => return act(config, set, "pause", &reason),
         Cmd::Resume { config, set } => return act(config, set, "resume", ""),
+        Cmd::Approvals { config, set, json } => return approvals(config, set, json),
+        Cmd::Approve {
+            id,
+            config,
+            set,
+            by,
+        } => return decide(config, set, "approve", id, by, String::new()),
+        Cmd::Reject {
+            id,
+            reason,
+            config,
+            set,
+            by,
+        } => return decide(config, set, "reject", id, by, reason),
         Cmd::Ledger {
             cmd: LedgerCmd::Tail { config, set, lines },
         } => return ledger_tail(config, set, lines),
@@ -250,32 +310,117 @@ fn load(config: Option<PathBuf>, set: &[String], what: &str) -> Result<AgentConf
 
 /// `POST /pause` or `/resume` on the running agent's ops endpoint.
 fn act(config: Option<PathBuf>, set: Vec<String>, what: &str, body: &str) -> ExitCode {
+    match post(config, set, what, body) {
+        Ok(answer) => {
+            println!("{}", answer.trim());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `POST /approve` or `/reject` with a decision.
+fn decide(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    what: &str,
+    id: String,
+    by: String,
+    reason: String,
+) -> ExitCode {
+    let by = if by.is_empty() {
+        std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_default()
+    } else {
+        by
+    };
+    let body = serde_json::to_string(&tether_agent::ApprovalDecision { id, by, reason })
+        .expect("a decision serializes");
+    act(config, set, what, &body)
+}
+
+/// `POST /approvals`: the commands waiting, as a table or JSON.
+fn approvals(config: Option<PathBuf>, set: Vec<String>, json: bool) -> ExitCode {
+    let answer = match post(config, set, "approvals", "") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", answer.trim());
+        return ExitCode::SUCCESS;
+    }
+    let list: Vec<tether_agent::approvals::Request> = match serde_json::from_str(&answer) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tether-agent approvals: the agent's answer is not a list of waits: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if list.is_empty() {
+        println!("no command is waiting for approval");
+        return ExitCode::SUCCESS;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let ago = |ms: u64| humantime::format_duration(std::time::Duration::from_secs(ms / 1000));
+    println!(
+        "{:<28} {:<22} {:<10} {:<12} {:<12} PAYLOAD SHA-256",
+        "ID", "KIND", "DECISION", "WAITING", "TTL LEFT"
+    );
+    for r in list {
+        use tether_agent::approvals::Decision as D;
+        let decision = match &r.decision {
+            D::Pending => "pending".to_owned(),
+            D::Approved { .. } => "approved".to_owned(),
+            D::Rejected { .. } => "rejected".to_owned(),
+        };
+        let ttl = r
+            .expires_ms
+            .map_or("-".to_owned(), |e| ago(e.saturating_sub(now)).to_string());
+        println!(
+            "{:<28} {:<22} {:<10} {:<12} {:<12} {}",
+            r.id,
+            r.kind,
+            decision,
+            ago(now.saturating_sub(r.received_ms)).to_string(),
+            ttl,
+            r.payload_sha256
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `POST /<what>` on the running agent's ops endpoint: its answer when 200, else the exit code
+/// after saying why.
+fn post(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    what: &str,
+    body: &str,
+) -> Result<String, ExitCode> {
     let addr = match &config {
         None => tether_agent::config::OpsConfig::default().listen,
-        Some(_) => match load(config, &set, what) {
-            Ok(cfg) => ops_addr(&cfg),
-            Err(code) => return code,
-        },
+        Some(_) => ops_addr(&load(config, &set, what)?),
     };
     let path = format!("/{what}");
     match tether_runtime::ops::request(addr, "POST", &path, body, std::time::Duration::from_secs(5))
     {
-        Ok((200, answer)) => {
-            println!("{}", answer.trim());
-            ExitCode::SUCCESS
-        }
+        Ok((200, answer)) => Ok(answer),
         Ok((status, answer)) => {
             eprintln!(
                 "tether-agent {what}: the agent answered {status}: {}",
                 answer.trim()
             );
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
         Err(e) => {
             eprintln!(
                 "tether-agent {what}: cannot reach the agent's ops endpoint {addr}: {e} (run this in the agent's pod, with the agent's --config)"
             );
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }

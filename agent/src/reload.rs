@@ -7,6 +7,7 @@
 //! - `services` and `default_service` (a service removed or changed ends its calls and streams;
 //!   the others go on untouched),
 //! - `paused` and `pause_reason`, `control_file` and the control file's content,
+//! - `approvals.kinds` (a kind taken off the list lets its waiting commands run),
 //! - `log.level`.
 //!
 //! A config that does not load (or a service that cannot be built) is refused as a whole: the
@@ -33,6 +34,7 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub struct Control {
     services: Arc<Services>,
     pause: Arc<PauseSwitch>,
+    approvals: Arc<crate::approvals::Approvals>,
     info: Arc<crate::info::Info>,
     ledger: Ledger,
     current: Mutex<AgentConfig>,
@@ -46,12 +48,14 @@ impl Control {
         cfg: &AgentConfig,
         services: Arc<Services>,
         pause: Arc<PauseSwitch>,
+        approvals: Arc<crate::approvals::Approvals>,
         info: Arc<crate::info::Info>,
         ledger: Ledger,
     ) -> Control {
         Control {
             services,
             pause,
+            approvals,
             info,
             ledger,
             current: Mutex::new(cfg.clone()),
@@ -139,6 +143,10 @@ impl Control {
         if old.control_file != new.control_file {
             changed.push("control_file".into());
         }
+        if old.approvals != new.approvals {
+            changed.push("approvals.kinds".into());
+            self.approvals.set_kinds(&new.approvals.kinds);
+        }
         if old.log.level != new.log.level {
             match tether_runtime::logging::set_level(&new.log.level) {
                 Ok(()) => changed.push("log.level".into()),
@@ -191,6 +199,7 @@ fn fixed_changes(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
         c.paused = false;
         c.pause_reason.clear();
         c.control_file = None;
+        c.approvals = Default::default();
         c.log.level.clear();
         toml::Value::try_from(&c).ok()
     };

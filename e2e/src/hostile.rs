@@ -208,7 +208,7 @@ async fn answer(
         *n
     };
     let second = flood.fail_first_attempt && attempt > 1;
-    let mut frames = vec![Message::CommandAck(CommandAck {}).to_bytes()];
+    let mut frames = vec![Message::CommandAck(CommandAck::default()).to_bytes()];
     if second {
         frames.push(
             Message::CommandProgress(CommandProgress {

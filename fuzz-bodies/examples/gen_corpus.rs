@@ -143,7 +143,7 @@ fn main() {
             code: 7,
             message: "denied".into(),
         }),
-        Message::CommandAck(CommandAck {}),
+        Message::CommandAck(CommandAck::default()),
         Message::CommandProgress(CommandProgress {
             message: "half way".into(),
         }),
@@ -454,7 +454,7 @@ fn main() {
         v.insert(1, limit);
         v
     };
-    let ack = || Message::CommandAck(CommandAck {});
+    let ack = || Message::CommandAck(CommandAck::default());
     let progress = || {
         Message::CommandProgress(CommandProgress {
             message: "step 1 of 2".into(),

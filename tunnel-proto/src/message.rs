@@ -389,8 +389,18 @@ pub struct OpenResult {
 }
 
 /// Agent → gateway on a `Command` stream: the command arrived and its handler is starting.
+///
+/// With `awaiting_approval` it arrived but does not run yet: its kind needs the data plane
+/// owner's approval (`approvals.kinds` in the agent's config). A plain `CommandAck` follows once
+/// it is approved (then progress and the result) or rejected (then a failed result). Sent only
+/// to a gateway whose delivery header carries [`COMMAND_APPROVALS_KEY`]; an agent holds the
+/// delivery unacknowledged instead with an older gateway.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct CommandAck {}
+pub struct CommandAck {
+    /// The command waits for the owner's approval in the agent's cluster.
+    #[prost(bool, tag = "1")]
+    pub awaiting_approval: bool,
+}
 
 /// Agent → gateway on a `Command` stream: a progress line the handler reported.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -413,6 +423,15 @@ pub const COMMAND_MESSAGE_MAX: usize = 4096;
 /// gateway keeps. An agent reports a larger output as a failure instead of sending it; a gateway
 /// that does not say refuses what is above its own limit anyway.
 pub const COMMAND_MAX_OUTPUT_KEY: &str = "tether-max-output";
+
+/// Metadata key of a `Command` stream's header: when the command expires (its TTL), in Unix
+/// milliseconds (decimal); absent for a command without a TTL. An agent holding the command for
+/// approval forgets it then.
+pub const COMMAND_EXPIRES_KEY: &str = "tether-expires-at";
+
+/// Metadata key of a `Command` stream's header, value `1`: the gateway understands a
+/// [`CommandAck`] with `awaiting_approval` (the `AWAITING_APPROVAL` state).
+pub const COMMAND_APPROVALS_KEY: &str = "tether-approvals";
 
 /// Cuts `text` to at most `max` bytes: its head up to a character boundary, then a marker
 /// saying how many bytes were cut (`… [+1234 bytes]`), so a reader sees that the end is missing

@@ -25,7 +25,7 @@ fn message() -> impl Strategy<Value = Message> {
         metadata().prop_map(|metadata| Message::Trailers(Trailers { metadata })),
         (any::<bool>(), any::<i32>(), s())
             .prop_map(|(ok, code, message)| Message::OpenResult(OpenResult { ok, code, message })),
-        Just(Message::CommandAck(CommandAck {})),
+        Just(Message::CommandAck(CommandAck::default())),
         s().prop_map(|message| Message::CommandProgress(CommandProgress { message })),
         (
             any::<bool>(),

@@ -33,7 +33,7 @@ fn stream_message() -> impl Strategy<Value = Message> {
         (0i32..17, text).prop_map(|(c, m)| Message::Trailers(Trailers::status(c, &m))),
         (any::<bool>(), 0i32..17, text)
             .prop_map(|(ok, code, message)| Message::OpenResult(OpenResult { ok, code, message })),
-        Just(Message::CommandAck(CommandAck {})),
+        Just(Message::CommandAck(CommandAck::default())),
         text.prop_map(|message| Message::CommandProgress(CommandProgress { message })),
         (
             any::<bool>(),

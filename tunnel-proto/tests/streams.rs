@@ -419,7 +419,7 @@ fn a_response_out_of_order_or_malformed_stops_the_stream_with_its_code() {
             ErrorCode::PROTOCOL_ERROR,
         ),
         (
-            frames(&[head.clone(), Message::CommandAck(CommandAck {})]),
+            frames(&[head.clone(), Message::CommandAck(CommandAck::default())]),
             "CommandAck",
             ErrorCode::PROTOCOL_ERROR,
         ),
@@ -773,8 +773,66 @@ fn report_from(bytes: Bytes, fin: bool, max_output: u64) -> (Vec<ReportEvent>, O
 }
 
 #[test]
+fn a_command_awaiting_approval_says_so_then_acks_and_runs_once_approved() {
+    for seed in seeds() {
+        let mut link = link(seed);
+        let mut gw = GatewayCommand::delivery(
+            "cmd-1".into(),
+            "deploy".into(),
+            String::new(),
+            Bytes::from_static(b"p"),
+            1 << 20,
+            1,
+            &Default::default(),
+            Some(1_700_000_000_123),
+        );
+        let mut incoming = Incoming::new();
+        let Accepted::Command(mut agent) = accepted(accept(&mut link, &mut gw, &mut incoming))
+        else {
+            panic!("not a command");
+        };
+        assert!(agent.gateway_takes_approvals());
+        assert_eq!(agent.expires_unix_ms(), Some(1_700_000_000_123));
+        link.run(&mut gw, &mut agent);
+        assert!(matches!(
+            events(&mut agent).as_slice(),
+            [PayloadEvent::Payload(_)]
+        ));
+        // Said twice (a redelivery says it again): one event each, no state change.
+        agent.awaiting_approval().unwrap();
+        agent.awaiting_approval().unwrap();
+        link.run(&mut gw, &mut agent);
+        assert_eq!(
+            events(&mut gw),
+            vec![ReportEvent::AwaitingApproval, ReportEvent::AwaitingApproval],
+            "seed {seed:?}"
+        );
+        agent.ack().unwrap();
+        assert!(agent.awaiting_approval().is_err(), "not after the ack");
+        agent
+            .result(false, Bytes::new(), "rejected".into())
+            .unwrap();
+        link.run(&mut gw, &mut agent);
+        let ev = events(&mut gw);
+        assert_eq!(ev[0], ReportEvent::Acked, "seed {seed:?}");
+        assert!(
+            matches!(&ev[1], ReportEvent::Finished { succeeded: false, message, .. } if message == "rejected"),
+            "{ev:?}"
+        );
+    }
+    // Without a TTL the header names no expiry.
+    let mut link = link(None);
+    let mut gw = delivery(Bytes::new(), 10);
+    let mut incoming = Incoming::new();
+    let Accepted::Command(agent) = accepted(accept(&mut link, &mut gw, &mut incoming)) else {
+        panic!("not a command");
+    };
+    assert_eq!(agent.expires_unix_ms(), None);
+}
+
+#[test]
 fn a_hostile_agents_output_above_the_limit_is_refused_and_its_stream_stopped() {
-    let ack = Message::CommandAck(CommandAck {});
+    let ack = Message::CommandAck(CommandAck::default());
     let data = |n| Message::Data(pattern(n, 0));
     // In Data frames: stopped at the frame that crosses the limit.
     let (ev, stopped) = report_from(frames(&[ack.clone(), data(60), data(60)]), false, 100);
@@ -800,7 +858,7 @@ fn a_hostile_agents_output_above_the_limit_is_refused_and_its_stream_stopped() {
 
 #[test]
 fn a_result_message_is_cut_and_progress_lines_too() {
-    let ack = Message::CommandAck(CommandAck {});
+    let ack = Message::CommandAck(CommandAck::default());
     let line = Message::CommandProgress(CommandProgress {
         message: "p".repeat(120 << 10),
     });
@@ -822,7 +880,7 @@ fn a_result_message_is_cut_and_progress_lines_too() {
 
 #[test]
 fn a_report_out_of_order_fails_the_delivery() {
-    let ack = Message::CommandAck(CommandAck {});
+    let ack = Message::CommandAck(CommandAck::default());
     let progress = Message::CommandProgress(CommandProgress {
         message: "x".into(),
     });
@@ -1168,6 +1226,11 @@ fn every_machine_writes_the_bytes_the_hand_written_protocol_wrote() {
                 key: COMMAND_MAX_OUTPUT_KEY.into(),
                 value: b"1048576".to_vec(),
             },
+            // New: this gateway understands an approval wait (older agents ignore it).
+            MetadataEntry {
+                key: "tether-approvals".into(),
+                value: b"1".to_vec(),
+            },
         ],
         ..Default::default()
     };
@@ -1254,7 +1317,7 @@ fn every_machine_writes_the_bytes_the_hand_written_protocol_wrote() {
     let big = pattern(INLINE_OUTPUT + 1, 2);
     a.result(true, big.clone(), "ok".into()).unwrap();
     let mut want = frames(&[
-        Message::CommandAck(CommandAck {}),
+        Message::CommandAck(CommandAck::default()),
         Message::CommandProgress(CommandProgress {
             message: "half".into(),
         }),

@@ -298,7 +298,7 @@ async fn write_in(
         let n = sqlx::query(
             "UPDATE commands c SET state = $2, version = $3, finished_ms = $4, record = $5,
                  output = coalesce($6, c.output)
-             WHERE c.id = $1 AND c.version < $3 AND c.state IN (1, 2, 3)
+             WHERE c.id = $1 AND c.version < $3 AND c.state IN (1, 2, 3, 8)
                AND EXISTS (SELECT 1 FROM agent_queues q WHERE q.agent = c.agent
                            AND q.lease_replica = $7 AND q.lease_replica_epoch = $8
                            AND q.lease_epoch = $9)",
@@ -392,7 +392,7 @@ pub async fn unfinished(pool: &PgPool, agent: &AgentId) -> Result<Vec<CommandRec
     let rows = sqlx::query(
         "SELECT c.id, c.record, p.payload FROM commands c
          LEFT JOIN command_payloads p ON p.id = c.id
-         WHERE c.agent = $1 AND c.state IN (1, 2, 3) ORDER BY c.seq",
+         WHERE c.agent = $1 AND c.state IN (1, 2, 3, 8) ORDER BY c.seq",
     )
     .bind(agent.to_string())
     .fetch_all(pool)

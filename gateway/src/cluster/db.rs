@@ -26,6 +26,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "replica_sessions",
         include_str!("../../migrations/0002_replica_sessions.sql"),
     ),
+    (
+        3,
+        "awaiting_approval",
+        include_str!("../../migrations/0003_awaiting_approval.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

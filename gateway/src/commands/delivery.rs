@@ -47,6 +47,17 @@ pub enum DeliveryError {
     Stream(StreamFailure),
 }
 
+/// A command's message when its TTL ended while it waited for the owner's approval.
+pub(super) const NOT_APPROVED_IN_TIME: &str =
+    "not approved in the data plane before its TTL: the agent's owner neither approved nor rejected it";
+
+/// The progress line of a command awaiting approval: what the vendor tells the customer.
+fn awaiting_line(id: &str) -> String {
+    format!(
+        "awaiting approval by the data plane's owner: `tether-agent approve {id}` (or `tether-agent reject {id} --reason …`) in the agent's pod"
+    )
+}
+
 /// An agent's delivery permits.
 #[derive(Clone)]
 pub(super) struct AgentPermits {
@@ -160,7 +171,7 @@ impl Commands {
         // wait on it, so a session registered in between still wakes this lane.
         let mut feed = None;
         loop {
-            if !self.is_active(agent, id) {
+            if !self.is_active(agent, id) || self.expire_unapproved(agent, id).await {
                 return None;
             }
             if let Some(s) = self.registry.last_session(agent) {
@@ -198,18 +209,28 @@ impl Commands {
             let Some(session) = self.wait_session(agent, id).await else {
                 return;
             };
-            let reason = match self.attempt(&session, id, &permits.outputs).await {
+            let reason = match self
+                .attempt(&session, id, &permits.outputs, permit)
+                .await
+            {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
-            drop(permit);
             let attempts = self
                 .state
                 .agents
-                .run(agent, |st| st.active.get(id).map(|c| c.attempts))
+                .run(agent, |st| {
+                    st.active
+                        .get(id)
+                        .map(|c| (c.attempts, c.state == CommandState::AwaitingApproval))
+                })
                 .flatten();
-            let Some(attempts) = attempts else { return };
-            if attempts >= self.cfg.max_attempts {
+            let Some((attempts, awaiting)) = attempts else {
+                return;
+            };
+            // A wait for the owner's approval may outlast any number of reconnects (a rolling
+            // upgrade, a flaky network): the agent remembers it, and its TTL bounds it.
+            if attempts >= self.cfg.max_attempts && !awaiting {
                 let msg = format!("delivery failed {attempts} times; last: {reason}");
                 self.finish(agent, id, false, Bytes::new(), msg).await;
                 return;
@@ -269,12 +290,14 @@ impl Commands {
     }
 
     /// One delivery: `Ok` when the command reached a final state (or left `active`
-    /// meanwhile), `Err` when the stream failed before the result.
+    /// meanwhile), `Err` when the stream failed before the result. `permit` (a delivery
+    /// permit) is let go while the agent holds the command for approval.
     async fn attempt(
         &self,
         session: &SessionInfo,
         id: &str,
         outputs: &Arc<tokio::sync::Semaphore>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), DeliveryError> {
         let agent = &session.agent;
         // The stream first: waiting for stream credit (the agent's stream limit) is not a
@@ -305,7 +328,7 @@ impl Commands {
         flush(&mut send, &mut delivery)
             .await
             .map_err(DeliveryError::Send)?;
-        self.read_outcome(session, id, Reader::new(recv, delivery), outputs)
+        self.read_outcome(session, id, Reader::new(recv, delivery), outputs, permit)
             .await
     }
 
@@ -324,16 +347,26 @@ impl Commands {
                 let (state, expires) = st.active.get(id).map(|c| (c.state, c.expires))?;
                 let first = state == CommandState::Queued;
                 let now = SystemTime::now();
-                if first && expires.is_some_and(|e| e <= now) {
-                    // The sweeper would get to it; never deliver late.
-                    if let Some(c) = self.state.transition(st, id, CommandState::Expired, |c| {
-                        c.finished = Some(now);
-                        c.result = Some(Outcome::message("expired before delivery"));
-                    }) {
-                        drop(self.persist(c));
-                        metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+                if expires.is_some_and(|e| e <= now) {
+                    // The sweeper would get to a queued one; never deliver late. A command
+                    // the owner did not approve in time ends here too when its wait was cut
+                    // off (the agent forgets it at the same time).
+                    let why = match state {
+                        CommandState::Queued => "expired before delivery",
+                        CommandState::AwaitingApproval => NOT_APPROVED_IN_TIME,
+                        _ => "",
+                    };
+                    if !why.is_empty() {
+                        if let Some(c) = self.state.transition(st, id, CommandState::Expired, |c| {
+                            c.finished = Some(now);
+                            c.result = Some(Outcome::message(why));
+                        }) {
+                            drop(self.persist(c));
+                            metrics::counter!("tether_gateway_command_expirations_total")
+                                .increment(1);
+                        }
+                        return None;
                     }
-                    return None;
                 }
                 let to = if first {
                     CommandState::Delivered
@@ -364,6 +397,7 @@ impl Commands {
     /// The command's delivery: header, payload (shared, not copied) and FIN queued, the
     /// agent's report to read.
     fn delivery(&self, cmd: CommandRecord) -> GatewayCommand {
+        let expires = cmd.expires.map(|e| super::record::unix_ms(e).max(0) as u64);
         GatewayCommand::delivery(
             cmd.id,
             cmd.kind,
@@ -372,7 +406,31 @@ impl Commands {
             self.cfg.max_output,
             cmd.attempts,
             &cmd.trace_context,
+            expires,
         )
+    }
+
+    /// Ends a command still awaiting approval at its TTL: `true` when it expired now.
+    async fn expire_unapproved(&self, agent: &AgentId, id: &str) -> bool {
+        let now = SystemTime::now();
+        let write = self.state.agents.run(agent, |st| {
+            let c = st.active.get(id)?;
+            if c.state != CommandState::AwaitingApproval || c.expires.is_none_or(|e| e > now) {
+                return None;
+            }
+            let c = self.state.transition(st, id, CommandState::Expired, |c| {
+                c.finished = Some(now);
+                c.result = Some(Outcome::message(NOT_APPROVED_IN_TIME));
+            })?;
+            Some(self.persist(c))
+        });
+        let Some(write) = write.flatten() else {
+            return false;
+        };
+        write.await;
+        metrics::counter!("tether_gateway_command_expirations_total").increment(1);
+        tracing::info!(command = %id, %agent, "command expired waiting for the data plane owner's approval");
+        true
     }
 
     /// Reads the agent's answer up to its result, recording each step; `Ok` once the command
@@ -383,12 +441,54 @@ impl Commands {
         id: &str,
         mut reader: Reader<GatewayCommand>,
         outputs: &Arc<tokio::sync::Semaphore>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), DeliveryError> {
         let agent = &session.agent;
         let mut buffering = None;
+        let mut permit = Some(permit);
+        // While the agent holds the command for approval: when its TTL ends the wait.
+        let mut deadline: Option<SystemTime> = None;
         loop {
-            match reader.next().await.map_err(DeliveryError::Read)? {
+            let event = match deadline {
+                None => reader.next().await,
+                Some(at) => {
+                    let left = at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(std::time::Duration::ZERO);
+                    tokio::select! {
+                        ev = reader.next() => ev,
+                        _ = tokio::time::sleep(left) => {
+                            deadline = None;
+                            // Dropping the stream tells the agent to stop waiting on it.
+                            if self.expire_unapproved(agent, id).await {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            match event.map_err(DeliveryError::Read)? {
+                ReportEvent::AwaitingApproval => {
+                    // The wait holds no delivery permit: other lanes of this agent go on.
+                    permit = None;
+                    let write = self.state.agents.run(agent, |st| {
+                        let c = self.state.transition(st, id, CommandState::AwaitingApproval, |c| {
+                            c.progress.clear();
+                            push_progress(&mut c.progress, awaiting_line(id));
+                        })?;
+                        deadline = c.expires;
+                        Some(self.persist(c))
+                    });
+                    if let Some(write) = write.flatten() {
+                        write.await;
+                        metrics::counter!("tether_gateway_command_approval_waits_total")
+                            .increment(1);
+                    }
+                }
                 ReportEvent::Acked => {
+                    deadline = None;
+                    drop(permit.take());
                     self.state.agents.run(agent, |st| {
                         let cmd = self.state.transition(st, id, CommandState::Running, |c| {
                             if c.started.is_none() {

@@ -15,8 +15,8 @@ use tunnel_proto::AgentId;
 /// Largest result output a watcher's event (and a `List` entry) carries; `Get` has all of it.
 pub const EVENT_OUTPUT_MAX: usize = 64 << 10;
 
-/// Where a command is in its life. The first three are unfinished; the others are final and
-/// never change again.
+/// Where a command is in its life. Queued, Delivered, Running and AwaitingApproval are
+/// unfinished; the others are final and never change again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CommandState {
     /// Stored, not delivered yet (the only state Cancel and expiry act on).
@@ -33,13 +33,16 @@ pub enum CommandState {
     Expired,
     /// Cancelled before delivery.
     Cancelled,
+    /// Delivered; the agent holds it for its owner's approval (`approvals.kinds`).
+    AwaitingApproval,
 }
 
 impl CommandState {
     /// Every state, unfinished ones first.
-    pub const ALL: [CommandState; 7] = [
+    pub const ALL: [CommandState; 8] = [
         CommandState::Queued,
         CommandState::Delivered,
+        CommandState::AwaitingApproval,
         CommandState::Running,
         CommandState::Succeeded,
         CommandState::Failed,
@@ -51,7 +54,10 @@ impl CommandState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            CommandState::Queued | CommandState::Delivered | CommandState::Running
+            CommandState::Queued
+                | CommandState::Delivered
+                | CommandState::Running
+                | CommandState::AwaitingApproval
         )
     }
 
@@ -65,6 +71,7 @@ impl CommandState {
             CommandState::Failed => "failed",
             CommandState::Expired => "expired",
             CommandState::Cancelled => "cancelled",
+            CommandState::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -80,6 +87,7 @@ impl CommandState {
             v1::CommandState::Failed => CommandState::Failed,
             v1::CommandState::Expired => CommandState::Expired,
             v1::CommandState::Cancelled => CommandState::Cancelled,
+            v1::CommandState::AwaitingApproval => CommandState::AwaitingApproval,
         })
     }
 
@@ -93,6 +101,7 @@ impl CommandState {
             CommandState::Failed => v1::CommandState::Failed,
             CommandState::Expired => v1::CommandState::Expired,
             CommandState::Cancelled => v1::CommandState::Cancelled,
+            CommandState::AwaitingApproval => v1::CommandState::AwaitingApproval,
         };
         s as i32
     }
@@ -271,12 +280,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_state_maps_to_its_wire_number_and_back_and_only_the_last_four_are_final() {
+    fn every_state_maps_to_its_wire_number_and_back_and_only_the_four_ends_are_final() {
         for s in CommandState::ALL {
             assert_eq!(CommandState::from_wire(s.wire()), Some(s));
+            // Succeeded..=Cancelled end a command; AwaitingApproval (8) came later, unfinished.
             assert_eq!(
                 s.is_final(),
-                s.wire() >= v1::CommandState::Succeeded as i32,
+                (v1::CommandState::Succeeded as i32..=v1::CommandState::Cancelled as i32)
+                    .contains(&s.wire()),
                 "{s}"
             );
             assert_eq!(

@@ -904,6 +904,7 @@ struct CommandsPage<'a> {
 const STATES: &[&str] = &[
     "queued",
     "delivered",
+    "awaiting_approval",
     "running",
     "succeeded",
     "failed",

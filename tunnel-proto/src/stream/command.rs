@@ -25,7 +25,7 @@ use super::{Inbox, Outbox, RecvHalf, SendError, SendHalf, StreamFailure, Transmi
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, MAX_STREAM_FRAME};
 use crate::message::{
-    COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
+    COMMAND_APPROVALS_KEY, COMMAND_EXPIRES_KEY, COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
     CommandProgress, CommandResult, Message, MetadataEntry, StreamHeader, StreamKind,
     truncate_text,
 };
@@ -44,6 +44,9 @@ pub const INLINE_OUTPUT: usize = 32 << 10;
 pub enum ReportEvent {
     /// The command arrived whole and its handler is starting.
     Acked,
+    /// The command arrived whole and waits for the data plane owner's approval; `Acked`
+    /// follows when it is approved, `Acked` and a failed `Finished` when it is rejected.
+    AwaitingApproval,
     /// A progress line (cut to [`COMMAND_PROGRESS_LINE_MAX`]).
     Progress(String),
     /// The first bytes of a streamed output arrived (the machine keeps them, and the rest):
@@ -106,12 +109,16 @@ impl GatewayCommand {
             max_output,
             0,
             &Default::default(),
+            None,
         )
     }
 
     /// [`GatewayCommand::new`] saying which delivery of the command this is
     /// ([`StreamHeader::attempt`], 1 for the first), with the Submit call's trace context
-    /// (`traceparent`, `tracestate`) in the header's metadata, for the agent's span to link to.
+    /// (`traceparent`, `tracestate`) in the header's metadata, for the agent's span to link to,
+    /// and its expiry (`expires_unix_ms`, [`COMMAND_EXPIRES_KEY`]) when it has a TTL. The
+    /// header also says this gateway understands an approval wait ([`COMMAND_APPROVALS_KEY`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn delivery(
         id: String,
         kind: String,
@@ -120,6 +127,7 @@ impl GatewayCommand {
         max_output: u64,
         attempt: u32,
         trace_context: &std::collections::BTreeMap<String, String>,
+        expires_unix_ms: Option<u64>,
     ) -> GatewayCommand {
         let mut header = StreamHeader {
             attempt,
@@ -135,9 +143,19 @@ impl GatewayCommand {
                     key: COMMAND_MAX_OUTPUT_KEY.into(),
                     value: max_output.to_string().into_bytes(),
                 },
+                MetadataEntry {
+                    key: COMMAND_APPROVALS_KEY.into(),
+                    value: b"1".to_vec(),
+                },
             ],
             ..Default::default()
         };
+        if let Some(ms) = expires_unix_ms {
+            header.metadata.push(MetadataEntry {
+                key: COMMAND_EXPIRES_KEY.into(),
+                value: ms.to_string().into_bytes(),
+            });
+        }
         header.metadata.extend(
             trace_context
                 .iter()
@@ -182,6 +200,9 @@ impl GatewayCommand {
 
     fn on_message(&mut self, msg: Message) -> Result<(), ProtoError> {
         match (self.state, msg) {
+            (ReportState::AwaitingAck, Message::CommandAck(a)) if a.awaiting_approval => {
+                self.events.push_back(ReportEvent::AwaitingApproval);
+            }
             (ReportState::AwaitingAck, Message::CommandAck(_)) => {
                 self.state = ReportState::Running;
                 self.events.push_back(ReportEvent::Acked);
@@ -390,6 +411,27 @@ impl AgentCommand {
         self.max_output
     }
 
+    fn metadata(&self, key: &str) -> Option<&[u8]> {
+        self.header
+            .metadata
+            .iter()
+            .find(|m| m.key == key)
+            .map(|m| m.value.as_slice())
+    }
+
+    /// When the command expires (Unix milliseconds), when the gateway said.
+    pub fn expires_unix_ms(&self) -> Option<u64> {
+        std::str::from_utf8(self.metadata(COMMAND_EXPIRES_KEY)?)
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    /// True when the gateway understands [`AgentCommand::awaiting_approval`].
+    pub fn gateway_takes_approvals(&self) -> bool {
+        self.metadata(COMMAND_APPROVALS_KEY) == Some(b"1")
+    }
+
     fn drain(&mut self) {
         while let Some(next) = self.inbox.next() {
             match next {
@@ -439,7 +481,17 @@ impl AgentCommand {
     pub fn ack(&mut self) -> Result<(), SendError> {
         self.expect("CommandAck", AgentState::Received)?;
         self.state = AgentState::Acked;
-        self.out.frame(&Message::CommandAck(CommandAck {}));
+        self.out.frame(&Message::CommandAck(CommandAck::default()));
+        Ok(())
+    }
+
+    /// The command waits for the owner's approval: `CommandAck` with `awaiting_approval`,
+    /// after the payload and before [`AgentCommand::ack`] (again on a redelivery).
+    pub fn awaiting_approval(&mut self) -> Result<(), SendError> {
+        self.expect("CommandAck", AgentState::Received)?;
+        self.out.frame(&Message::CommandAck(CommandAck {
+            awaiting_approval: true,
+        }));
         Ok(())
     }
 

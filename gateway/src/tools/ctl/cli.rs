@@ -627,6 +627,10 @@ async fn watch_commands(
             *last_state = c.state;
             let extra = match c.state() {
                 v1::CommandState::Delivered => format!(" (attempt {})", c.attempts),
+                v1::CommandState::AwaitingApproval => format!(
+                    " (in the data plane: `tether-agent approve {}` or `reject {} --reason …` in the agent's pod)",
+                    c.id, c.id
+                ),
                 v1::CommandState::Succeeded
                 | v1::CommandState::Failed
                 | v1::CommandState::Expired
