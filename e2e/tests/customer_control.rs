@@ -1,6 +1,7 @@
 //! The customer's controls (issue 21), through the real `tether-agent` binary and a real
 //! gateway: the kill switch (`tether-agent pause|resume`, `paused` in the config, the control
-//! file), live reload of the allow-list, and the ledger with `tether-agent ledger verify`.
+//! file), approvals (`tether-agent approvals|approve|reject`), live reload of the allow-list, and
+//! the ledger with `tether-agent ledger verify`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,11 @@ struct Scene {
 /// A gateway and an agent process with a state directory, gRPC services `a` and `b` (two demo
 /// upstreams) and the TCP service `echo`.
 async fn scene() -> Scene {
+    scene_with(|_| {}).await
+}
+
+/// [`scene`], with the agent's config changed by `edit` first.
+async fn scene_with(edit: impl FnOnce(&mut tether_agent::AgentConfig)) -> Scene {
     let pki = Pki::new();
     let gw = TestGateway::start(&pki).await;
     let (a, b) = (DemoUpstream::start().await, DemoUpstream::start().await);
@@ -41,6 +47,7 @@ async fn scene() -> Scene {
     with_service(&mut cfg, "a", &a.url(), ServiceKind::Grpc);
     with_service(&mut cfg, "b", &b.url(), ServiceKind::Grpc);
     with_service(&mut cfg, "echo", &echo.to_string(), ServiceKind::Tcp);
+    edit(&mut cfg);
     let agent = AgentProcess::spawn_env(&cfg, &[("RUST_LOG", "info")]);
     wait_until("agent connected", T, || gw.sessions_of(AGENT) >= 1).await;
     wait_until("ops address written", T, || {
@@ -758,4 +765,196 @@ async fn wait_until_async(commands: &mut CommandsClient, ids: &[String]) {
         assert!(Instant::now() < deadline, "{st:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Submits `kind` with `payload` on its own lane (`key`), with a TTL when given.
+async fn submit_on(
+    commands: &mut CommandsClient,
+    kind: &str,
+    payload: &str,
+    key: &str,
+    ttl: Option<Duration>,
+) -> String {
+    let mut req = submit_req(AGENT, kind, payload);
+    req.ordering_key = key.into();
+    req.ttl = ttl.map(|t| t.try_into().unwrap());
+    commands.submit(req).await.expect("submit").into_inner().id
+}
+
+/// Polls `Commands/Get` until `id` is in `state`; fails naming the state it stayed in.
+async fn wait_state(
+    commands: &mut CommandsClient,
+    id: &str,
+    state: CommandState,
+) -> tether_api::v1::Command {
+    let deadline = Instant::now() + T;
+    loop {
+        let c = commands
+            .get(tether_api::v1::GetCommandRequest { id: id.into() })
+            .await
+            .expect("get")
+            .into_inner();
+        if c.state() == state {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "command {id} never reached {state:?}: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn result_message(c: &tether_api::v1::Command) -> String {
+    c.result.as_ref().map(|r| r.message.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_restarts_and_reloads()
+{
+    let mut s = scene_with(|c| c.approvals.kinds = vec!["echo".into()]).await;
+    let mut commands = s.gw.commands(&s.pki).await;
+
+    // Three echo commands wait, each on its own lane; a kind not listed runs meanwhile (the
+    // waits hold no delivery permit).
+    let approve = submit_on(&mut commands, "echo", "ship it", "a", None).await;
+    let reject = submit_on(&mut commands, "echo", "drop prod", "b", None).await;
+    let expire = submit_on(&mut commands, "echo", "late", "c", Some(Duration::from_secs(8))).await;
+    let free = submit_on(&mut commands, "sleep", "10", "d", None).await;
+    let waiting = wait_state(&mut commands, &approve, CommandState::AwaitingApproval).await;
+    assert!(
+        waiting
+            .progress
+            .iter()
+            .any(|l| l.contains(&format!("tether-agent approve {approve}"))),
+        "the vendor is told what the owner runs: {:?}",
+        waiting.progress
+    );
+    wait_state(&mut commands, &reject, CommandState::AwaitingApproval).await;
+    wait_state(&mut commands, &expire, CommandState::AwaitingApproval).await;
+    wait_state(&mut commands, &free, CommandState::Succeeded).await;
+    // Nothing of theirs ran.
+    assert_eq!(
+        states(&mut commands, &[approve.clone(), reject.clone()]).await,
+        vec![CommandState::AwaitingApproval; 2]
+    );
+
+    // The owner sees them in the pod, with what would run (the payload's SHA-256).
+    let o = s.cli(&["approvals", "--json"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let listed: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    for id in [&approve, &reject, &expire] {
+        assert!(listed.contains(&id.as_str()), "{id} not in {list}");
+    }
+    let sha = tether_agent::ledger::sha256_hex(b"ship it");
+    assert!(
+        list.as_array().unwrap().iter().any(|r| r["id"] == approve.as_str()
+            && r["payload_sha256"] == sha.as_str()
+            && r["kind"] == "echo"
+            && r["decision"] == "pending"),
+        "{list}"
+    );
+    let table = s.cli(&["approvals"]).await;
+    assert!(
+        text(&table).contains(&approve) && text(&table).contains("pending"),
+        "{}",
+        text(&table)
+    );
+
+    // Approved: it runs.
+    let o = s.cli(&["approve", &approve, "--by", "alice"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let done = wait_state(&mut commands, &approve, CommandState::Succeeded).await;
+    assert_eq!(done.result.unwrap().output, b"ship it");
+
+    // A rejection needs a reason; then it ends FAILED with it, never run.
+    let o = s.cli(&["reject", &reject]).await;
+    assert_eq!(o.status.code(), Some(2), "clap refuses: {}", text(&o));
+    let o = s
+        .cli(&["reject", &reject, "--reason", "change freeze", "--by", "bob"])
+        .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let failed = wait_state(&mut commands, &reject, CommandState::Failed).await;
+    assert_eq!(
+        result_message(&failed),
+        "rejected by the data plane's owner: change freeze"
+    );
+    assert!(failed.result.unwrap().output.is_empty());
+    // Decided once: a second decision is refused, naming how to list what waits.
+    let o = s.cli(&["approve", &reject]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("tether-agent approvals"), "{}", text(&o));
+
+    // Not decided before its TTL: EXPIRED, and forgotten by the agent.
+    let expired = wait_state(&mut commands, &expire, CommandState::Expired).await;
+    assert!(
+        result_message(&expired).contains("not approved in the data plane before its TTL"),
+        "{expired:?}"
+    );
+    wait_until("the agent forgets the expired wait", T, || {
+        let o = std::process::Command::new(binary("tether-agent"))
+            .args(["approvals", "--json", "--config"])
+            .arg(s.agent.config_path())
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&o.stdout).contains(&expire)
+    })
+    .await;
+
+    // A wait survives the agent's restart (and the redeliveries it causes): it is still the
+    // same wait, and approving it then runs it once.
+    let kept = submit_on(&mut commands, "echo", "after restart", "e", None).await;
+    wait_state(&mut commands, &kept, CommandState::AwaitingApproval).await;
+    s.agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(s.agent.exit_within(T).await.success(), "{}", s.agent.logs());
+    s.agent = AgentProcess::spawn_env(&s.cfg, &[("RUST_LOG", "info")]);
+    wait_until("agent reconnected", T, || s.gw.sessions_of(AGENT) >= 1).await;
+    let again = wait_state(&mut commands, &kept, CommandState::AwaitingApproval).await;
+    let o = s.cli(&["approve", &kept, "--by", "carol"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let done = wait_state(&mut commands, &kept, CommandState::Succeeded).await;
+    assert_eq!(done.result.unwrap().output, b"after restart");
+    assert!(again.attempts >= 1);
+
+    // A kind taken off `approvals.kinds` by a live reload runs what waited.
+    let freed = submit_on(&mut commands, "echo", "freed", "f", None).await;
+    wait_state(&mut commands, &freed, CommandState::AwaitingApproval).await;
+    s.cfg.approvals.kinds.clear();
+    s.agent.rewrite_config(&s.cfg);
+    wait_state(&mut commands, &freed, CommandState::Succeeded).await;
+
+    // The ledger has each wait and decision, with who and why, and verifies.
+    let tail = s.cli(&["ledger", "tail", "-n", "200"]).await;
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] == "approval")
+        .collect();
+    let decision = |id: &str, d: &str| {
+        records
+            .iter()
+            .find(|r| r["id"] == id && r["decision"] == d)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {d} record of {id} in {records:?}"))
+    };
+    assert_eq!(decision(&approve, "approved")["by"], "alice");
+    assert_eq!(decision(&approve, "awaiting")["payload_sha256"], sha.as_str());
+    let r = decision(&reject, "rejected");
+    assert_eq!((r["by"].as_str(), r["reason"].as_str()), (Some("bob"), Some("change freeze")));
+    decision(&expire, "expired");
+    assert_eq!(decision(&kept, "approved")["by"], "carol");
+    assert_eq!(
+        records.iter().filter(|r| r["id"] == kept.as_str() && r["decision"] == "awaiting").count(),
+        1,
+        "one wait across the restart: {records:?}"
+    );
+    let verify = s.cli(&["ledger", "verify"]).await;
+    assert!(verify.status.success(), "{}", text(&verify));
+    s.stop().await;
 }
