@@ -68,6 +68,11 @@ impl Control {
         &self.pause
     }
 
+    /// The commands waiting for approval, and the decisions.
+    pub fn approvals(&self) -> &Arc<crate::approvals::Approvals> {
+        &self.approvals
+    }
+
     /// Sets the config's own switch from `cfg` (at start and on reload).
     pub(crate) fn apply_pause(&self, cfg: &AgentConfig) {
         let want = cfg.paused.then(|| cfg.pause_reason.clone());

@@ -656,3 +656,99 @@ async fn a_replica_cut_off_from_postgresql_by_a_firewall_fences_itself_and_anoth
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_awaiting_approval_is_seen_by_every_replica_survives_the_lease_holders_death_and_expires_by_its_ttl()
+ {
+    let mut fleet = Fleet::start(2).await;
+    let state = tempfile::tempdir().unwrap();
+    let runs: Runs = Default::default();
+    let handlers = counting_handlers(&runs, &Default::default());
+    let mut cfg = agent_config(&fleet.pki.agent(AGENT), fleet.gws[0].tunnel);
+    cfg.gateways = fleet.gws.iter().map(|g| g.tunnel.to_string()).collect();
+    cfg.state_dir = Some(state.path().to_owned());
+    cfg.approvals.kinds = vec!["count".into()];
+    let agent = TestAgent::start_with_handlers(&cfg, handlers);
+    wait_connected_everywhere(&fleet, &[0, 1]).await;
+
+    let mut req = submit_req(AGENT, "count", "needs a yes");
+    req.ordering_key = "a".into();
+    let id = submit_keyed(&mut fleet.client(1).await, req).await.id;
+    let mut req = submit_req(AGENT, "count", "nobody answers");
+    req.ordering_key = "b".into();
+    req.ttl = Some(Duration::from_secs(6).try_into().unwrap());
+    let lapses = submit_keyed(&mut fleet.client(0).await, req).await.id;
+    // Both replicas read the state from PostgreSQL.
+    for i in 0..2 {
+        let mut c = fleet.client(i).await;
+        for id in [&id, &lapses] {
+            wait_until_state(&mut c, id, CommandState::AwaitingApproval).await;
+        }
+    }
+    // The lease holder dies; the other takes the agent's commands over and delivers again:
+    // the wait goes on (a redelivery does not count against max_attempts), nothing ran.
+    let holder = fleet.holder().await;
+    let other = 1 - holder;
+    fleet.gws[holder].child.start_kill().unwrap();
+    fleet.gws[holder].child.wait().await.unwrap();
+    let mut c = fleet.client(other).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let got = get(&mut c, &id).await;
+        assert_eq!(got.state(), CommandState::AwaitingApproval, "{got:?}");
+        if got.attempts >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never redelivered: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(runs.lock().unwrap().is_empty());
+    // Not answered in time: EXPIRED, written by the new holder.
+    let expired = wait_until_state(&mut c, &lapses, CommandState::Expired).await;
+    assert!(
+        expired
+            .result
+            .as_ref()
+            .is_some_and(|r| r.message.contains("not approved in the data plane before its TTL")),
+        "{expired:?}"
+    );
+    // Approved in the agent's cluster: it runs, once.
+    agent
+        .handle
+        .control
+        .approvals()
+        .decide(&id, "test", None)
+        .expect("approve");
+    let done = wait_until_state(&mut c, &id, CommandState::Succeeded).await;
+    assert_eq!(done.result.unwrap().output, b"needs a yes");
+    assert_eq!(runs.lock().unwrap().get("needs a yes"), Some(&1));
+    assert_eq!(runs.lock().unwrap().get("nobody answers"), None);
+    agent.stop().await;
+}
+
+async fn get(c: &mut CommandsClient, id: &str) -> tether_api::v1::Command {
+    c.get(tether_api::v1::GetCommandRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Polls `Get` until `id` is in `state`.
+async fn wait_until_state(
+    c: &mut CommandsClient,
+    id: &str,
+    state: CommandState,
+) -> tether_api::v1::Command {
+    let deadline = Instant::now() + T;
+    loop {
+        let got = get(c, id).await;
+        if got.state() == state {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never reached {state:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
