@@ -1798,6 +1798,18 @@ def test_agent_kill_switch_configmap_is_mounted_watched_and_paused_only_on_reque
     assert "paused" in str(e.value)
 
 
+def test_agent_approvals_reach_agent_toml_only_when_set():
+    r = render_file(AGENT_CHART, "agent-required.yaml")
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert "approvals" not in cfg
+    r = render_file(AGENT_CHART, "agent-required.yaml",
+                    {"approvals": {"kinds": ["deploy", "environment.delete"]}})
+    cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
+    assert cfg["approvals"] == {"kinds": ["deploy", "environment.delete"]}
+    # The agent keeps the waits in state_dir, which the chart always sets.
+    assert cfg["state_dir"] == "/var/lib/tether"
+
+
 def test_agent_ledger_values_reach_agent_toml_and_its_volume():
     r = render_file(AGENT_CHART, "agent-required.yaml")
     cfg = tomllib.loads(r.one("ConfigMap")["data"]["agent.toml"])
