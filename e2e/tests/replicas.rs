@@ -544,3 +544,56 @@ async fn bad_store_settings_exit_64_naming_the_key_and_an_unreachable_server_is_
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_agents_owner_makes_is_shown_by_every_replica_and_so_is_the_resume() {
+    init();
+    let pki = Pki::new();
+    let pg = postgres();
+    let gws = replicas(&pki, &pg, 2, "").await;
+    // One session, at r1: r2 knows of it only through PostgreSQL.
+    let agent = TestAgent::start(&agent_on(&pki, "acme/p", &[&gws[0]]));
+    eventually("r2 lists the session at r1", T, || async {
+        replicas_of(&gws[1], &pki, "acme/p").await == strings(&["r1"])
+    })
+    .await;
+    let paused_at = |i: usize| {
+        let (gw, pki) = (&gws[i], &pki);
+        async move {
+            let a = agents_client(gw, pki)
+                .await
+                .get(GetAgentRequest {
+                    agent: "acme/p".into(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            let reasons: Vec<String> = a.sessions.iter().map(|s| s.pause_reason.clone()).collect();
+            (a.paused, reasons)
+        }
+    };
+    assert_eq!(paused_at(1).await, (false, vec![String::new()]));
+    agent
+        .handle
+        .control
+        .pause()
+        .set(tether_agent::pause::Source::Ops, Some("incident 9".into()))
+        .unwrap();
+    for i in 0..2 {
+        eventually("the pause is shown", T, || async {
+            paused_at(i).await == (true, vec!["incident 9".to_owned()])
+        })
+        .await;
+    }
+    agent
+        .handle
+        .control
+        .pause()
+        .set(tether_agent::pause::Source::Ops, None)
+        .unwrap();
+    eventually("the resume is shown at r2", T, || async {
+        paused_at(1).await == (false, vec![String::new()])
+    })
+    .await;
+    agent.stop().await;
+}

@@ -704,8 +704,8 @@ fn cluster_peers(
     Ok(peers)
 }
 
-/// Records this replica's sessions in the cluster's presence as they register and end (in
-/// batches, nothing per heartbeat). When this replica comes back after its liveness expired
+/// Records this replica's sessions in the cluster's presence as they register and end, and when
+/// an agent's pause changes (in batches, nothing per heartbeat). When this replica comes back after its liveness expired
 /// (PostgreSQL unreachable for longer than `cluster.liveness_timeout`), its sessions were
 /// invisible to the fleet, and may have been collected since: they are written again.
 fn cluster_presence(cluster: &Arc<Cluster>, registry: &Arc<Registry>, stop: CancellationToken) {
@@ -716,6 +716,8 @@ fn cluster_presence(cluster: &Arc<Cluster>, registry: &Arc<Registry>, stop: Canc
             session, reason, ..
         } => presence.down(session_proto(session), reason.clone()),
     }));
+    let updates = cluster.presence.clone();
+    registry.set_updater(Arc::new(move |s| updates.update(session_proto(s))));
     let (presence, registry) = (cluster.presence.clone(), registry.clone());
     let mut liveness = cluster.replica.watch();
     tokio::spawn(async move {

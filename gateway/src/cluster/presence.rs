@@ -2,7 +2,8 @@
 //! agents ever seen (`agents`).
 //!
 //! A replica writes a row when a session registers and removes it when the session ends, and
-//! nothing in between (no heartbeat reaches PostgreSQL). Changes are queued and written in
+//! in between only when the agent's owner pauses or resumes it (the row's `info` rewritten; no
+//! heartbeat reaches PostgreSQL). Changes are queued and written in
 //! batches, one transaction for whatever is queued, with one event each on the cluster feed
 //! (`SessionUp`/`SessionDown`, the `tether.v1.AgentEvent` as body) so other replicas' watchers
 //! see them. A row counts only while its replica is alive: a replica that died leaves rows the
@@ -28,6 +29,8 @@ const BATCH: usize = 512;
 enum Change {
     Up(v1::AgentEvent),
     Down(v1::AgentEvent),
+    /// A live session's `info` changed (the agent's pause).
+    Update(v1::Session),
 }
 
 /// This replica's presence writer.
@@ -65,6 +68,12 @@ impl Presence {
             reason: String::new(),
             initial: false,
         }));
+    }
+
+    /// Records a change of a live session of this replica (the agent's pause).
+    pub fn update(&self, mut session: v1::Session) {
+        session.replica = self.replica.id().name.clone();
+        let _ = self.tx.send(Change::Update(session));
     }
 
     /// Records a session of this replica that ended.
@@ -137,6 +146,20 @@ async fn write(replica: &Replica, batch: &[Change]) -> Result<(), sqlx::Error> {
         let (kind, ev) = match change {
             Change::Up(ev) => (EventKind::SessionUp, ev),
             Change::Down(ev) => (EventKind::SessionDown, ev),
+            Change::Update(s) => {
+                // Only this process's own row (a session collected meanwhile stays gone).
+                sqlx::query(
+                    "UPDATE agent_sessions SET info = $2
+                     WHERE session_id = $1 AND replica_id = $3 AND replica_epoch = $4",
+                )
+                .bind(&s.session_id)
+                .bind(s.encode_to_vec())
+                .bind(&me.name)
+                .bind(me.epoch)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
         };
         let Some(s) = &ev.session else { continue };
         let tenant = s.agent.split('/').next().unwrap_or_default();

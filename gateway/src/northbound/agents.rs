@@ -228,7 +228,7 @@ async fn fleet_agents(pool: &PgPool, filter: &SessionFilter) -> Result<Vec<v1::A
                 connected: false,
                 sessions: Vec::new(),
                 last_seen: Some(ts(last_seen)),
-                // Presence rows do not carry the agent's pause (only its holder's view does).
+                // Set from its sessions below.
                 paused: false,
             },
         );
@@ -238,6 +238,7 @@ async fn fleet_agents(pool: &PgPool, filter: &SessionFilter) -> Result<Vec<v1::A
         if let Some(a) = by_agent.get_mut(&s.agent) {
             a.connected = true;
             a.last_seen = Some(ts(SystemTime::now()));
+            a.paused |= s.paused;
             a.sessions.push(s);
         }
     }

@@ -225,8 +225,11 @@ impl Side<GatewaySession> for GatewaySide<'_> {
             GatewayEvent::Heartbeat { rtt, pause } => {
                 // The next ack tells the agent of replicas that came or went.
                 session.set_live_replicas(self.ctx.balance.live_replicas());
-                if let Some(s) = &self.registered {
-                    s.set_pause(pause);
+                if let Some(s) = &self.registered
+                    && s.set_pause(pause)
+                {
+                    // Other replicas show it too (a presence update: only on a change).
+                    self.ctx.registry.session_changed(s);
                 }
                 if let Some(rtt) = rtt {
                     if let Some(s) = &self.registered {

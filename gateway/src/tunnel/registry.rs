@@ -88,14 +88,17 @@ impl SessionInfo {
         *self.rtt.lock().expect("rtt lock") = Some(rtt);
     }
 
-    /// The agent says it is paused by its owner (`Some(reason)`) or not.
-    pub fn set_pause(&self, pause: Option<String>) {
+    /// The agent says it is paused by its owner (`Some(reason)`) or not; true when that
+    /// changed.
+    pub fn set_pause(&self, pause: Option<String>) -> bool {
         let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
-        if *p != pause {
-            tracing::info!(agent = %self.agent, session = %self.session_id, paused = pause.is_some(),
-                reason = pause.as_deref().unwrap_or(""), "the agent's owner changed its pause");
-            *p = pause;
+        if *p == pause {
+            return false;
         }
+        tracing::info!(agent = %self.agent, session = %self.session_id, paused = pause.is_some(),
+            reason = pause.as_deref().unwrap_or(""), "the agent's owner changed its pause");
+        *p = pause;
+        true
     }
 
     /// Paused by the agent's owner, and why.
@@ -304,12 +307,17 @@ struct Live {
 /// must not block. The replicas' presence writer is one.
 pub type RegistryObserver = Arc<dyn Fn(&RegistryEvent) + Send + Sync>;
 
+/// Told when a live session's state that other replicas show changed (the agent's pause):
+/// rare, never per heartbeat. Must not block.
+pub type SessionUpdater = Arc<dyn Fn(&Arc<SessionInfo>) + Send + Sync>;
+
 /// See the module docs.
 pub struct Registry {
     agents: Mutex<HashMap<AgentId, Entry>>,
     live: Mutex<Live>,
     events: broadcast::Sender<RegistryEvent>,
     observer: std::sync::OnceLock<RegistryObserver>,
+    updater: std::sync::OnceLock<SessionUpdater>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -325,6 +333,7 @@ impl Default for Registry {
             live: Mutex::new(Live::default()),
             events: broadcast::channel(4096).0,
             observer: std::sync::OnceLock::new(),
+            updater: std::sync::OnceLock::new(),
         }
     }
 }
@@ -355,6 +364,19 @@ impl Registry {
     /// Set once; a second call is ignored and returns false.
     pub fn set_observer(&self, observer: RegistryObserver) -> bool {
         self.observer.set(observer).is_ok()
+    }
+
+    /// Tells `updater` of each change to a live session that other replicas show. Set once;
+    /// a second call is ignored and returns false.
+    pub fn set_updater(&self, updater: SessionUpdater) -> bool {
+        self.updater.set(updater).is_ok()
+    }
+
+    /// The agent of `session` changed its pause ([`SessionInfo::set_pause`] said so).
+    pub fn session_changed(&self, session: &Arc<SessionInfo>) {
+        if let Some(u) = self.updater.get() {
+            u(session);
+        }
     }
 
     fn publish(&self, ev: RegistryEvent) {
