@@ -298,12 +298,7 @@ impl Approvals {
     }
 
     /// Approves (`reason` = `None`) or rejects command `id`.
-    pub fn decide(
-        &self,
-        id: &str,
-        by: &str,
-        reject: Option<&str>,
-    ) -> Result<Request, DecideError> {
+    pub fn decide(&self, id: &str, by: &str, reject: Option<&str>) -> Result<Request, DecideError> {
         if reject.is_some_and(|r| r.trim().is_empty()) {
             return Err(DecideError::NoReason);
         }
@@ -413,18 +408,28 @@ mod tests {
         let kinds = vec!["deploy".to_owned()];
         let a = Approvals::new(&kinds, Some(dir.path()), Ledger::disabled()).unwrap();
         assert!(a.required("deploy") && !a.required("echo"));
-        assert_eq!(a.request("c1", "deploy", "ab", None).unwrap(), Decision::Pending);
-        assert_eq!(a.request("c2", "deploy", "cd", None).unwrap(), Decision::Pending);
+        assert_eq!(
+            a.request("c1", "deploy", "ab", None).unwrap(),
+            Decision::Pending
+        );
+        assert_eq!(
+            a.request("c2", "deploy", "cd", None).unwrap(),
+            Decision::Pending
+        );
         assert_eq!(a.pending(), 2);
         assert!(matches!(
             a.decide("c1", "", Some("  ")),
             Err(DecideError::NoReason)
         ));
         a.decide("c1", "alice", None).unwrap();
-        a.decide("c2", "bob", Some("not during the freeze")).unwrap();
+        a.decide("c2", "bob", Some("not during the freeze"))
+            .unwrap();
         assert!(matches!(
             a.decide("c2", "carol", None),
-            Err(DecideError::Decided { what: "rejected", .. })
+            Err(DecideError::Decided {
+                what: "rejected",
+                ..
+            })
         ));
         assert!(matches!(
             a.decide("nope", "carol", None),
@@ -450,7 +455,8 @@ mod tests {
     #[test]
     fn a_wait_past_its_ttl_is_forgotten_and_a_kind_taken_off_the_list_goes_on() {
         let a = Approvals::new(&["deploy".to_owned()], None, Ledger::disabled()).unwrap();
-        a.request("old", "deploy", "", Some(now_ms() + 60_000)).unwrap();
+        a.request("old", "deploy", "", Some(now_ms() + 60_000))
+            .unwrap();
         a.request("new", "deploy", "", None).unwrap();
         assert_eq!(a.list().len(), 2);
         // Its TTL ends.
@@ -461,7 +467,7 @@ mod tests {
             a.decide("old", "x", None),
             Err(DecideError::NotFound(_))
         ));
-        let mut rx = a.subscribe();
+        let rx = a.subscribe();
         a.set_kinds(&[]);
         assert!(rx.has_changed().unwrap());
         assert!(matches!(

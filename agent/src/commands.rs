@@ -793,18 +793,19 @@ mod tests {
             Arc::new(h)
         };
         let ex = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
-        let (_, first) = ex
-            .clone()
-            .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
+        let (_, first) =
+            ex.clone()
+                .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
         // Redelivered while running: attaches.
-        let (_, second) = ex
-            .clone()
-            .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
+        let (_, second) =
+            ex.clone()
+                .start("c1".into(), "count".into(), Bytes::from_static(b"x"), None);
         assert_eq!(outcome_of(first).await.out, b"x");
         assert_eq!(outcome_of(second).await.out, b"x");
         // Redelivered after completion, even to a restarted agent: answered from the record.
         let restarted = Arc::new(Executor::new(handlers(), Some(dir.path())).unwrap());
-        let (_, third) = restarted.start("c1".into(), "count".into(), Bytes::from_static(b"y"), None);
+        let (_, third) =
+            restarted.start("c1".into(), "count".into(), Bytes::from_static(b"y"), None);
         assert_eq!(outcome_of(third).await.out, b"x");
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }

@@ -381,7 +381,12 @@ fn approval_action(
     };
     let d: ApprovalDecision = match serde_json::from_str(body) {
         Ok(d) => d,
-        Err(e) => return Some((400, format!("not a decision ({{\"id\", \"by\", \"reason\"}}): {e}\n"))),
+        Err(e) => {
+            return Some((
+                400,
+                format!("not a decision ({{\"id\", \"by\", \"reason\"}}): {e}\n"),
+            ));
+        }
     };
     let reason = reject.then_some(d.reason.as_str());
     Some(match approvals.decide(&d.id, &d.by, reason) {

@@ -806,7 +806,10 @@ async fn wait_state(
 }
 
 fn result_message(c: &tether_api::v1::Command) -> String {
-    c.result.as_ref().map(|r| r.message.clone()).unwrap_or_default()
+    c.result
+        .as_ref()
+        .map(|r| r.message.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -819,7 +822,14 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
     // waits hold no delivery permit).
     let approve = submit_on(&mut commands, "echo", "ship it", "a", None).await;
     let reject = submit_on(&mut commands, "echo", "drop prod", "b", None).await;
-    let expire = submit_on(&mut commands, "echo", "late", "c", Some(Duration::from_secs(8))).await;
+    let expire = submit_on(
+        &mut commands,
+        "echo",
+        "late",
+        "c",
+        Some(Duration::from_secs(8)),
+    )
+    .await;
     let free = submit_on(&mut commands, "sleep", "10", "d", None).await;
     let waiting = wait_state(&mut commands, &approve, CommandState::AwaitingApproval).await;
     assert!(
@@ -854,10 +864,13 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
     }
     let sha = tether_agent::ledger::sha256_hex(b"ship it");
     assert!(
-        list.as_array().unwrap().iter().any(|r| r["id"] == approve.as_str()
-            && r["payload_sha256"] == sha.as_str()
-            && r["kind"] == "echo"
-            && r["decision"] == "pending"),
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == approve.as_str()
+                && r["payload_sha256"] == sha.as_str()
+                && r["kind"] == "echo"
+                && r["decision"] == "pending"),
         "{list}"
     );
     let table = s.cli(&["approvals"]).await;
@@ -877,7 +890,14 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
     let o = s.cli(&["reject", &reject]).await;
     assert_eq!(o.status.code(), Some(2), "clap refuses: {}", text(&o));
     let o = s
-        .cli(&["reject", &reject, "--reason", "change freeze", "--by", "bob"])
+        .cli(&[
+            "reject",
+            &reject,
+            "--reason",
+            "change freeze",
+            "--by",
+            "bob",
+        ])
         .await;
     assert!(o.status.success(), "{}", text(&o));
     let failed = wait_state(&mut commands, &reject, CommandState::Failed).await;
@@ -944,13 +964,22 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
             .unwrap_or_else(|| panic!("no {d} record of {id} in {records:?}"))
     };
     assert_eq!(decision(&approve, "approved")["by"], "alice");
-    assert_eq!(decision(&approve, "awaiting")["payload_sha256"], sha.as_str());
+    assert_eq!(
+        decision(&approve, "awaiting")["payload_sha256"],
+        sha.as_str()
+    );
     let r = decision(&reject, "rejected");
-    assert_eq!((r["by"].as_str(), r["reason"].as_str()), (Some("bob"), Some("change freeze")));
+    assert_eq!(
+        (r["by"].as_str(), r["reason"].as_str()),
+        (Some("bob"), Some("change freeze"))
+    );
     decision(&expire, "expired");
     assert_eq!(decision(&kept, "approved")["by"], "carol");
     assert_eq!(
-        records.iter().filter(|r| r["id"] == kept.as_str() && r["decision"] == "awaiting").count(),
+        records
+            .iter()
+            .filter(|r| r["id"] == kept.as_str() && r["decision"] == "awaiting")
+            .count(),
         1,
         "one wait across the restart: {records:?}"
     );

@@ -706,10 +706,9 @@ async fn a_command_awaiting_approval_is_seen_by_every_replica_survives_the_lease
     // Not answered in time: EXPIRED, written by the new holder.
     let expired = wait_until_state(&mut c, &lapses, CommandState::Expired).await;
     assert!(
-        expired
-            .result
-            .as_ref()
-            .is_some_and(|r| r.message.contains("not approved in the data plane before its TTL")),
+        expired.result.as_ref().is_some_and(|r| r
+            .message
+            .contains("not approved in the data plane before its TTL")),
         "{expired:?}"
     );
     // Approved in the agent's cluster: it runs, once.

@@ -48,8 +48,7 @@ pub enum DeliveryError {
 }
 
 /// A command's message when its TTL ended while it waited for the owner's approval.
-pub(super) const NOT_APPROVED_IN_TIME: &str =
-    "not approved in the data plane before its TTL: the agent's owner neither approved nor rejected it";
+pub(super) const NOT_APPROVED_IN_TIME: &str = "not approved in the data plane before its TTL: the agent's owner neither approved nor rejected it";
 
 /// The progress line of a command awaiting approval: what the vendor tells the customer.
 fn awaiting_line(id: &str) -> String {
@@ -209,10 +208,7 @@ impl Commands {
             let Some(session) = self.wait_session(agent, id).await else {
                 return;
             };
-            let reason = match self
-                .attempt(&session, id, &permits.outputs, permit)
-                .await
-            {
+            let reason = match self.attempt(&session, id, &permits.outputs, permit).await {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
@@ -473,10 +469,12 @@ impl Commands {
                     // The wait holds no delivery permit: other lanes of this agent go on.
                     permit = None;
                     let write = self.state.agents.run(agent, |st| {
-                        let c = self.state.transition(st, id, CommandState::AwaitingApproval, |c| {
-                            c.progress.clear();
-                            push_progress(&mut c.progress, awaiting_line(id));
-                        })?;
+                        let c =
+                            self.state
+                                .transition(st, id, CommandState::AwaitingApproval, |c| {
+                                    c.progress.clear();
+                                    push_progress(&mut c.progress, awaiting_line(id));
+                                })?;
                         deadline = c.expires;
                         Some(self.persist(c))
                     });

@@ -25,9 +25,9 @@ use super::{Inbox, Outbox, RecvHalf, SendError, SendHalf, StreamFailure, Transmi
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, MAX_STREAM_FRAME};
 use crate::message::{
-    COMMAND_APPROVALS_KEY, COMMAND_EXPIRES_KEY, COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX, COMMAND_PROGRESS_LINE_MAX, CommandAck,
-    CommandProgress, CommandResult, Message, MetadataEntry, StreamHeader, StreamKind,
-    truncate_text,
+    COMMAND_APPROVALS_KEY, COMMAND_EXPIRES_KEY, COMMAND_MAX_OUTPUT_KEY, COMMAND_MESSAGE_MAX,
+    COMMAND_PROGRESS_LINE_MAX, CommandAck, CommandProgress, CommandResult, Message, MetadataEntry,
+    StreamHeader, StreamKind, truncate_text,
 };
 
 /// Largest payload an agent takes by default.
