@@ -633,7 +633,10 @@ pub fn command_report(data: &[u8]) -> Outcome {
     let events = drive(&mut c, &mut chunks(rest, &s), &s, |e| {
         !matches!(
             e,
-            ReportEvent::Acked | ReportEvent::Progress(_) | ReportEvent::OutputStarted
+            ReportEvent::Acked
+                | ReportEvent::AwaitingApproval
+                | ReportEvent::Progress(_)
+                | ReportEvent::OutputStarted
         )
     });
     let mut finished = false;

@@ -466,8 +466,9 @@ impl Commands {
             };
             match event.map_err(DeliveryError::Read)? {
                 ReportEvent::AwaitingApproval => {
-                    // The wait holds no delivery permit: other lanes of this agent go on.
-                    permit = None;
+                    // The wait holds no delivery permit: other lanes of this agent go on. Once
+                    // approved it runs without one (approvals are a person's pace: few).
+                    drop(permit.take());
                     let write = self.state.agents.run(agent, |st| {
                         let c =
                             self.state
@@ -486,7 +487,6 @@ impl Commands {
                 }
                 ReportEvent::Acked => {
                     deadline = None;
-                    drop(permit.take());
                     self.state.agents.run(agent, |st| {
                         let cmd = self.state.transition(st, id, CommandState::Running, |c| {
                             if c.started.is_none() {
