@@ -40,6 +40,7 @@ pub(super) fn routes() -> Router<State> {
         .route("/ui/tenants", get(tenants))
         .route("/ui/events/fleet", get(live::fleet))
         .route("/ui/events/agents/{tenant}/{name}", get(live::agent))
+        .route("/ui/events/commands", get(live::commands))
         .route("/ui/events/commands/{id}", get(live::command))
         .route(
             "/ui/static/console.js",
@@ -954,16 +955,39 @@ async fn submit(
 
 // === Commands ===
 
+/// The commands page's filters (its query string).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
-struct CommandFilter {
-    tenant: String,
-    agent: String,
+pub(super) struct CommandFilter {
+    pub(super) tenant: String,
+    pub(super) agent: String,
     state: String,
     kind: String,
     /// `1h`, `30m`, `2d`: created within.
     since: String,
     page_token: String,
+}
+
+impl CommandFilter {
+    /// The query string of these filters, the page included.
+    fn query(&self) -> String {
+        form_urlencoded_pairs(&[
+            ("tenant", &self.tenant),
+            ("agent", &self.agent),
+            ("state", &self.state),
+            ("kind", &self.kind),
+            ("since", &self.since),
+            ("page_token", &self.page_token),
+        ])
+    }
+}
+
+/// A row of the commands list, as the page and its live updates render it.
+#[derive(Template)]
+#[template(path = "console/command_row.html")]
+pub struct CommandRowFragment<'a> {
+    /// The command.
+    pub c: &'a CommandRow,
 }
 
 #[derive(Template)]
@@ -974,6 +998,8 @@ struct CommandsPage<'a> {
     commands: Vec<CommandRow>,
     next: String,
     states: &'static [&'static str],
+    /// The page's filters, for its live updates.
+    query: String,
 }
 
 const STATES: &[&str] = &[
@@ -986,29 +1012,31 @@ const STATES: &[&str] = &[
     "cancelled",
 ];
 
-async fn commands(
-    Shared(console): Shared<State>,
-    Viewer(caller): Viewer,
-    Query(f): Query<CommandFilter>,
-) -> Response {
+/// The commands `Commands/List` answers the viewer for the filters `f`, and the query of the
+/// next page (empty on the last); a refusal as a page.
+pub(super) async fn list_commands(
+    console: &State,
+    caller: &Caller,
+    f: &CommandFilter,
+) -> Result<(Vec<CommandRow>, String), Response> {
     let state = match f.state.as_str() {
         "" => 0,
         s => match v1::CommandState::from_str_name(&s.to_ascii_uppercase()) {
             Some(s) => s as i32,
-            None => return error_page(StatusCode::BAD_REQUEST, "unknown state"),
+            None => return Err(error_page(StatusCode::BAD_REQUEST, "unknown state")),
         },
     };
     let from = match f.since.trim() {
         "" => None,
         s => match humantime::parse_duration(s) {
             Ok(d) => Some((SystemTime::now() - d).into()),
-            Err(e) => return error_page(StatusCode::BAD_REQUEST, &format!("since: {e}")),
+            Err(e) => return Err(error_page(StatusCode::BAD_REQUEST, &format!("since: {e}"))),
         },
     };
     if !f.tenant.is_empty()
         && let Err(s) = caller.authorize_tenant("tether.v1.Commands/List", &f.tenant, "")
     {
-        return status_page(s);
+        return Err(status_page(s));
     }
     let req = v1::ListCommandsRequest {
         agent: f.agent.clone(),
@@ -1019,9 +1047,9 @@ async fn commands(
         page_size: 100,
         page_token: f.page_token.clone(),
     };
-    let page = match console.commands.list(as_caller(&caller, req)).await {
+    let page = match console.commands.list(as_caller(caller, req)).await {
         Ok(p) => p.into_inner(),
-        Err(s) => return status_page(s),
+        Err(s) => return Err(status_page(s)),
     };
     let commands = page
         .commands
@@ -1043,12 +1071,25 @@ async fn commands(
             ("page_token", &page.next_page_token),
         ])
     };
+    Ok((commands, next))
+}
+
+async fn commands(
+    Shared(console): Shared<State>,
+    Viewer(caller): Viewer,
+    Query(f): Query<CommandFilter>,
+) -> Response {
+    let (commands, next) = match list_commands(&console, &caller, &f).await {
+        Ok(page) => page,
+        Err(refused) => return refused,
+    };
     render(&CommandsPage {
         viewer: &caller,
         f: &f,
         commands,
         next,
         states: STATES,
+        query: f.query(),
     })
     .into_response()
 }
