@@ -337,7 +337,7 @@ impl AgentRow {
         }
         if let Some((held, wanted)) = facts.short {
             why.push(format!(
-                "{held} of the {wanted} sessions it wants are connected"
+                "holds {held} of the {wanted} sessions it wants"
             ));
         }
         AgentRow {
