@@ -236,7 +236,11 @@ async fn services_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> Vec<String> {
     let mut s: Vec<String> = a
         .sessions
         .iter()
-        .flat_map(|s| s.services.iter().map(|e| format!("{} ({})", e.name, e.kind)))
+        .flat_map(|s| {
+            s.services
+                .iter()
+                .map(|e| format!("{} ({})", e.name, e.kind))
+        })
         .collect();
     s.sort();
     s.dedup();

@@ -482,7 +482,10 @@ mod tests {
         let mut sent = HashMap::new();
         let first = [cmd("t1", v1::CommandState::Running)];
         assert_eq!(command_rows(&first, &mut sent).len(), 1);
-        assert!(command_rows(&first, &mut sent).is_empty(), "nothing changed");
+        assert!(
+            command_rows(&first, &mut sent).is_empty(),
+            "nothing changed"
+        );
         let later = [
             cmd("t1", v1::CommandState::Succeeded),
             cmd("t2", v1::CommandState::Queued),
@@ -490,7 +493,11 @@ mod tests {
         let u = command_rows(&later, &mut sent);
         assert_eq!(u.len(), 2);
         assert_eq!(u[0].kind, "command");
-        assert!(u[0].data.starts_with("t1\n<tr data-command=\"t1\""), "{}", u[0].data);
+        assert!(
+            u[0].data.starts_with("t1\n<tr data-command=\"t1\""),
+            "{}",
+            u[0].data
+        );
         assert!(u[0].data.contains("succeeded"), "{}", u[0].data);
         assert!(u[1].data.starts_with("t2\n"), "{}", u[1].data);
     }

@@ -241,9 +241,7 @@ pub struct Facts<'a> {
 /// (`Session.sessions_wanted`; 0, unknown, never counts): `(held, wanted)`.
 pub fn short_of_sessions(sessions: &[v1::Session]) -> Option<(usize, u32)> {
     sessions.iter().find_map(|s| {
-        let mine = sessions
-            .iter()
-            .filter(|o| o.instance_id == s.instance_id);
+        let mine = sessions.iter().filter(|o| o.instance_id == s.instance_id);
         let wanted = mine.clone().map(|o| o.sessions_wanted).max().unwrap_or(0);
         let held = mine.count();
         (held < wanted as usize).then_some((held, wanted))
@@ -336,9 +334,7 @@ impl AgentRow {
             why.push("version outside the supported skew".into());
         }
         if let Some((held, wanted)) = facts.short {
-            why.push(format!(
-                "holds {held} of the {wanted} sessions it wants"
-            ));
+            why.push(format!("holds {held} of the {wanted} sessions it wants"));
         }
         AgentRow {
             id: a.id.clone(),
@@ -1370,12 +1366,21 @@ mod tests {
         t.from_agent(10);
         t.ended(tonic::Code::Ok);
         let r = AgentRow::new(&a, SystemTime::now()).with_relay(&relay);
-        assert_eq!((r.calls, r.bytes_to_agent, r.bytes_from_agent), (1, 2048, 10));
+        assert_eq!(
+            (r.calls, r.bytes_to_agent, r.bytes_from_agent),
+            (1, 2048, 10)
+        );
         let html = AgentDetail { r: &r }.render().unwrap();
         assert!(html.contains(r#"data-service="billing""#), "{html}");
         assert!(html.contains("billing (grpc)"), "{html}");
-        assert!(html.contains(r#"<td class="proxy">HTTP proxy</td>"#), "{html}");
-        assert!(html.contains("2.0 KiB to the agent, 10 B from it"), "{html}");
+        assert!(
+            html.contains(r#"<td class="proxy">HTTP proxy</td>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains("2.0 KiB to the agent, 10 B from it"),
+            "{html}"
+        );
         let row = RowFragment { r: &r }.render().unwrap();
         assert!(row.contains("tcp via HTTP proxy"), "{row}");
     }

@@ -169,7 +169,10 @@ mod tests {
         a.from_agent(3);
         o.agent(&id("t/b")).to_agent(100);
         let t = o.traffic("t/a");
-        assert_eq!((t.bytes_to_agent, t.bytes_from_agent, t.calls()), (5, 10, 0));
+        assert_eq!(
+            (t.bytes_to_agent, t.bytes_from_agent, t.calls()),
+            (5, 10, 0)
+        );
         assert_eq!(o.traffic("t/b").bytes_to_agent, 100);
         assert_eq!(o.traffic("t/c"), Traffic::default());
     }
