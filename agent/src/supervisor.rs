@@ -424,7 +424,6 @@ pub async fn supervise(
                 hello.paused = true;
                 hello.pause_reason = reason.to_owned();
             }
-            hello.services = shared.services.announced();
             attempts.0.insert(
                 next_id,
                 Attempt {
@@ -786,6 +785,9 @@ async fn session(
         Link::H2(_) if dialer.proxied(gateway) => Proxy::Http,
         _ => Proxy::Direct,
     } as i32;
+    // Followed from before it is read: a reload from here on reaches the gateway.
+    let services = shared.services.subscribe();
+    hello.services = shared.services.announced();
     let stats = Arc::new(LinkStats::default());
     // Over HTTP/2 the first stream the gateway opens is the control stream; QUIC's are all
     // gateway-opened streams after the one we open.
@@ -822,7 +824,7 @@ async fn session(
             renewals: None,
             renewing: None,
             pause: shared.pause.clone(),
-            services: shared.services.subscribe(),
+            services,
         };
         let mut session = AgentSession::new(AgentSessionConfig::new(hello), Instant::now());
         let end = driver::drive(&mut session, &mut side, &link, control).await;

@@ -200,7 +200,7 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
         ) as i32,
         paused: s.pause().is_some(),
         pause_reason: s.pause().unwrap_or_default(),
-        proxy: match v1_proxy(s.hello.proxy) {
+        proxy: match hello_proxy(s.hello.proxy) {
             tunnel_proto::message::Proxy::Unknown => v1::ProxyUse::ProxyUnspecified,
             tunnel_proto::message::Proxy::Direct => v1::ProxyUse::ProxyDirect,
             tunnel_proto::message::Proxy::Http => v1::ProxyUse::ProxyHttp,
@@ -218,7 +218,7 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
 }
 
 /// The `Hello`'s proxy field (an unknown value from a newer agent: unknown).
-fn v1_proxy(p: i32) -> tunnel_proto::message::Proxy {
+fn hello_proxy(p: i32) -> tunnel_proto::message::Proxy {
     tunnel_proto::message::Proxy::try_from(p).unwrap_or(tunnel_proto::message::Proxy::Unknown)
 }
 
