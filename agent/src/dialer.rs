@@ -289,6 +289,11 @@ impl Dialer {
         })
     }
 
+    /// Whether a TCP connection to `addr` (`host:port`) goes through the HTTP CONNECT proxy.
+    pub fn proxied(&self, addr: &str) -> bool {
+        split_host_port(addr).is_some_and(|(host, _)| self.proxy_for(host).is_some())
+    }
+
     /// The HTTP CONNECT proxy the TCP transport uses for `host`, if one applies.
     pub fn proxy_for(&self, host: &str) -> Option<&Proxy> {
         self.proxy.as_ref().filter(|p| p.applies_to(host))

@@ -99,6 +99,17 @@ impl AgentHandle {
     }
 }
 
+/// The sessions an agent process keeps in all, as its `Hello` says: one per gateway address
+/// when it has several, else `connections` (the gateway caps that by its live replicas, as
+/// `placement::target` does).
+fn sessions_wanted(addresses: usize, connections: u32) -> u32 {
+    if addresses > 1 {
+        addresses as u32
+    } else {
+        connections.max(1)
+    }
+}
+
 fn instance_id(cfg: &AgentConfig) -> String {
     cfg.instance_id
         .clone()
@@ -248,6 +259,11 @@ pub fn start_with_identity(
             // Set per dial by the supervisor, from `pause`.
             paused: false,
             pause_reason: String::new(),
+            // Set per dial: what the connection goes through, the allow-list now.
+            proxy: 0,
+            services: Vec::new(),
+            sessions_wanted: sessions_wanted(cfg.gateways.len(), cfg.connections),
+            gateway_addresses: cfg.gateways.len() as u32,
         },
         status: status.clone(),
         initial_backoff: cfg.reconnect.initial_backoff,

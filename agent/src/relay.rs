@@ -70,8 +70,8 @@ struct Entrant {
     config: ServiceConfig,
 }
 
-/// The allow-list of the moment.
-struct Live {
+/// The allow-list of the moment (opaque outside this module: see [`Services::subscribe`]).
+pub struct Live {
     map: BTreeMap<String, Arc<Entrant>>,
     default: String,
 }
@@ -176,6 +176,21 @@ impl Services {
             }));
         }
         Ok(changed)
+    }
+
+    /// The allow-list as a gateway is told of it: names and kinds, never addresses or
+    /// credentials ([`tunnel_proto::message::Hello::services`]).
+    pub fn announced(&self) -> Vec<tunnel_proto::message::ServiceEntry> {
+        self.catalog()
+            .into_iter()
+            .map(|(name, kind)| tunnel_proto::message::ServiceEntry { name, kind })
+            .collect()
+    }
+
+    /// Follows the allow-list: changed when a reload replaced it (read it with
+    /// [`Services::announced`]).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Live>> {
+        self.live.subscribe()
     }
 
     /// Service names and what each speaks (`grpc`, `tcp`), for `AgentInfo`.

@@ -54,7 +54,7 @@ use tether_runtime::driver::{self, SessionEnd, Side};
 use tether_runtime::stream::StreamError;
 use tether_runtime::transport::{Link, Transport};
 use tokio::sync::{mpsc, oneshot};
-use tunnel_proto::message::{Hello, RenewResponse};
+use tunnel_proto::message::{Hello, Proxy, RenewResponse};
 use tunnel_proto::session::{AgentEvent, AgentSession, AgentSessionConfig};
 use tunnel_proto::{Backoff, ErrorCode};
 
@@ -766,7 +766,7 @@ async fn connect(
 async fn session(
     id: u64,
     gateway: &str,
-    (shared, dialer, hello): (&Shared, &Dialer, Hello),
+    (shared, dialer, mut hello): (&Shared, &Dialer, Hello),
     tx: &mpsc::UnboundedSender<Report>,
     mut close_rx: oneshot::Receiver<(ErrorCode, &'static str)>,
     established: &mut bool,
@@ -781,6 +781,13 @@ async fn session(
             return Ended::Cancelled(r.map(|(_, why)| why).unwrap_or("supervisor gone"));
         }
     };
+    hello.proxy = match &link {
+        Link::H2(_) if dialer.proxied(gateway) => Proxy::Http,
+        _ => Proxy::Direct,
+    } as i32;
+    // Followed from before it is read: a reload from here on reaches the gateway.
+    let services = shared.services.subscribe();
+    hello.services = shared.services.announced();
     let stats = Arc::new(LinkStats::default());
     // Over HTTP/2 the first stream the gateway opens is the control stream; QUIC's are all
     // gateway-opened streams after the one we open.
@@ -817,6 +824,7 @@ async fn session(
             renewals: None,
             renewing: None,
             pause: shared.pause.clone(),
+            services,
         };
         let mut session = AgentSession::new(AgentSessionConfig::new(hello), Instant::now());
         let end = driver::drive(&mut session, &mut side, &link, control).await;
@@ -878,12 +886,16 @@ struct AgentSide<'a> {
     renewing: Option<(u64, oneshot::Sender<RenewResponse>)>,
     /// The owner's pause, to tell the gateway of its changes.
     pause: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    /// The allow-list, to tell the gateway of its changes (a reload).
+    services: tokio::sync::watch::Receiver<Arc<crate::relay::Live>>,
 }
 
 /// What woke the agent's side.
 enum Wake {
     /// The owner paused or resumed the agent (`None`: the switch is gone).
     Pause(Option<Option<Arc<str>>>),
+    /// The allow-list was replaced (a reload).
+    Services,
     /// A renewal to send.
     Renew(RenewOrder),
     /// The supervisor's order (`None`: the supervisor is gone).
@@ -1020,6 +1032,13 @@ impl Side<AgentSession> for AgentSide<'_> {
             .as_ref()
             .is_some_and(|d| !d.left && Instant::now() >= d.grace);
         let (renewals, close_rx, stats) = (&mut self.renewals, &mut self.close_rx, self.stats);
+        let services = &mut self.services;
+        let reloaded = async move {
+            match services.changed().await {
+                Ok(()) => {}
+                Err(_) => std::future::pending().await,
+            }
+        };
         let pause = &mut self.pause;
         let paused = async move {
             match pause.changed().await {
@@ -1044,6 +1063,7 @@ impl Side<AgentSession> for AgentSide<'_> {
             r = close => Wake::Close(r),
             () = stats.idle(), if idle_matters => Wake::Idle,
             p = paused => Wake::Pause(p),
+            () = reloaded => Wake::Services,
         }
     }
 
@@ -1097,6 +1117,8 @@ impl Side<AgentSession> for AgentSide<'_> {
                     session.set_paused(p.map(|r| r.to_string()), now);
                 }
             }
+            // Sent only when the names or kinds changed (not an address or a credential).
+            Wake::Services => session.set_services(self.shared.services.announced(), now),
         }
     }
 }

@@ -87,6 +87,10 @@ async function ops() {
   const { page } = await login(cfg.link);
   await live(page);
   check(await page.isVisible(row("acme/eu-1")), "the fleet shows acme/eu-1");
+  check(await page.isVisible(`${row("acme/eu-1")} .session[data-transport="quic"]`), "the fleet shows its session's transport (quic)");
+  const two = await page.getAttribute(`${row("acme/two-ways")} [data-status]`, "title");
+  check(await page.getAttribute(`${row("acme/two-ways")} [data-status]`, "data-status") === "degraded" && two.includes("1 of the 2 sessions"),
+    `an agent holding 1 of the 2 sessions it wants is degraded (${two})`);
   const before = await count(page, "online");
   await page.evaluate(() => (window.__notReloaded = true));
 
@@ -109,7 +113,24 @@ async function ops() {
   const calls = await page.textContent("#calls");
   check(calls.startsWith("2 since") && calls.includes("Ok × 1") && calls.includes("PermissionDenied × 1"),
     `the agent page shows its relayed calls by code (${calls})`);
+  const services = await page.$$eval("#services [data-service]", (l) => l.map((x) => x.textContent.trim()));
+  check(services.join(",") === "billing (grpc),db (tcp)", `the agent page lists its allow-listed services (${services})`);
+  check(await page.textContent("#agent-detail td.transport") === "quic" && await page.textContent("#agent-detail td.proxy") === "direct",
+    "the agent page shows its session's transport and that it dials without a proxy");
+  const bytesFrom = () => page.getAttribute("#bytes", "data-bytes-from").then((b) => parseInt(b, 10));
+  const from = await bytesFrom();
+  check(from > 0 && parseInt(await page.getAttribute("#bytes", "data-bytes-to"), 10) > 0, `the agent page shows relayed bytes each way (${from} from it)`);
+  await page.evaluate(() => (window.__notReloaded = true));
+  await step("call acme/eu-1");
+  await page.waitForFunction((before) => parseInt(document.querySelector("#bytes").dataset.bytesFrom, 10) > before, from);
+  check((await page.textContent("#calls")).startsWith("3 since") && await page.evaluate(() => window.__notReloaded === true),
+    "another relayed call moves the calls and bytes live");
   await shot(page, "agent");
+  await step("reload acme/eu-1");
+  await page.reload();
+  await live(page);
+  const reloaded = await page.$$eval("#services [data-service]", (l) => l.map((x) => x.getAttribute("data-service")));
+  check(reloaded.join(",") === "billing,db,ledger", `a service the agent's reload added is listed (${reloaded})`);
   await page.fill('#submit-form input[name="kind"]', "sleep");
   await page.fill('#submit-form textarea[name="payload"]', '{"ms": 10000}');
   await Promise.all([page.waitForURL(/\/ui\/commands\/t[0-9a-f]+$/), page.click("#submit-form button")]);
@@ -127,6 +148,15 @@ async function ops() {
 
   await page.goto(`${cfg.base}/ui/commands?agent=acme/eu-1`);
   check(await page.isVisible(`tr[data-command="${id}"]`), "the commands view lists it");
+  // The commands list, unfiltered, gains a command submitted elsewhere, live.
+  await page.goto(`${cfg.base}/ui/commands`);
+  await live(page);
+  await page.evaluate(() => (window.__notReloaded = true));
+  const submitted = await step("submit acme/eu-1");
+  await page.waitForSelector(`tr[data-command="${submitted}"]`);
+  check(await page.evaluate(() => window.__notReloaded === true), "the commands list gains a command submitted through the API, live");
+  await page.waitForSelector(`tr[data-command="${submitted}"] .state.succeeded`);
+  pass("and its row follows it to succeeded");
   await shot(page, "commands");
   await page.goto(`${cfg.base}/ui/tenants`);
   check(await page.isVisible('tr[data-tenant="acme"]') && await page.isVisible('tr[data-tenant="beta"]'), "the tenants view lists both tenants");

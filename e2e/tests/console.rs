@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use tether_agent::config::{AgentConfig, ServiceConfig, ServiceKind};
 use tether_api::v1;
 use tether_e2e::{
     AgentProcess, CertFiles, GatewayProcess, Pki, Route, agent_config, init, tetherctl_at,
@@ -190,12 +191,87 @@ async fn wait_connected(gw: &GatewayProcess, pki: &Pki, id: &str, connected: boo
     }
 }
 
-async fn spawn_agent(gw: &GatewayProcess, pki: &Pki, id: &str) -> AgentProcess {
+fn config_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> AgentConfig {
     let mut cfg = agent_config(&pki.agent(id), gw.tunnel);
     cfg.labels.insert("region".into(), "eu-west".into());
-    let a = AgentProcess::spawn(&cfg);
+    cfg
+}
+
+async fn spawn_agent(gw: &GatewayProcess, pki: &Pki, id: &str) -> AgentProcess {
+    spawn_with(gw, pki, id, &config_of(gw, pki, id)).await
+}
+
+async fn spawn_with(gw: &GatewayProcess, pki: &Pki, id: &str, cfg: &AgentConfig) -> AgentProcess {
+    let a = AgentProcess::spawn(cfg);
     wait_connected(gw, pki, id, true).await;
     a
+}
+
+/// Allow-lists `name` (`kind`) at an address nothing listens on: the console shows names and
+/// kinds only, and no call goes there.
+fn allow(cfg: &mut AgentConfig, name: &str, kind: ServiceKind) {
+    let address = match kind {
+        ServiceKind::Grpc => "http://127.0.0.1:9".to_owned(),
+        ServiceKind::Tcp => "127.0.0.1:9".to_owned(),
+    };
+    cfg.services.insert(
+        name.into(),
+        ServiceConfig {
+            address,
+            kind,
+            ca: None,
+            server_name: None,
+        },
+    );
+}
+
+/// The services `Agents/Get` says `id` allow-lists, `name (kind)`, sorted.
+async fn services_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> Vec<String> {
+    let a = agents(gw, pki)
+        .await
+        .get(v1::GetAgentRequest { agent: id.into() })
+        .await
+        .expect("get agent")
+        .into_inner();
+    let mut s: Vec<String> = a
+        .sessions
+        .iter()
+        .flat_map(|s| {
+            s.services
+                .iter()
+                .map(|e| format!("{} ({})", e.name, e.kind))
+        })
+        .collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+/// Relayed calls and bytes each way `Agents/Get` reports for `id`.
+async fn traffic_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> (u64, u64, u64) {
+    let a = agents(gw, pki)
+        .await
+        .get(v1::GetAgentRequest { agent: id.into() })
+        .await
+        .expect("get agent")
+        .into_inner();
+    (
+        a.relayed_calls,
+        a.relayed_bytes_to_agent,
+        a.relayed_bytes_from_agent,
+    )
+}
+
+/// One relayed `AgentInfo/Get` to `service` of `agent` as `ops`; whether it was answered.
+async fn call(gw: &GatewayProcess, pki: &Pki, agent: &str, service: &str) -> bool {
+    let ch = gw.channel(&pki.client("ops")).await;
+    let mut info = tether_api::agent::v1::agent_info_client::AgentInfoClient::with_interceptor(
+        ch,
+        Route::new(Some(agent), Some(service)),
+    );
+    info.get(tether_api::agent::v1::GetAgentInfoRequest {})
+        .await
+        .is_ok()
 }
 
 async fn stop_agent(mut a: AgentProcess) {
@@ -223,21 +299,31 @@ async fn console_login_live_fleet_command_progress_and_revoke_in_chromium() {
     let pki = Pki::new();
     let gw = gateway(&pki, &[]).await;
     let mut running = Vec::new();
-    for id in ["acme/eu-1", "acme/eu-2", "beta/us-1"] {
+    // acme/eu-1 allow-lists two services (a reload adds a third, below).
+    let mut eu1 = config_of(&gw, &pki, "acme/eu-1");
+    allow(&mut eu1, "billing", ServiceKind::Grpc);
+    allow(&mut eu1, "db", ServiceKind::Tcp);
+    running.push(spawn_with(&gw, &pki, "acme/eu-1", &eu1).await);
+    for id in ["acme/eu-2", "beta/us-1"] {
         running.push(spawn_agent(&gw, &pki, id).await);
     }
+    // acme/two-ways dials two gateway addresses, one where nothing answers: it wants two
+    // sessions and holds one.
+    let nothing = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a silent port");
+    let mut two = config_of(&gw, &pki, "acme/two-ways");
+    two.gateways
+        .push(nothing.local_addr().expect("addr").to_string());
+    running.push(spawn_with(&gw, &pki, "acme/two-ways", &two).await);
     // Two relayed calls to acme/eu-1: one answered, one to a service it does not allow-list.
-    let ch = gw.channel(&pki.client("ops")).await;
     for (service, ok) in [("agent", true), ("nope", false)] {
-        let mut info = tether_api::agent::v1::agent_info_client::AgentInfoClient::with_interceptor(
-            ch.clone(),
-            Route::new(Some("acme/eu-1"), Some(service)),
-        );
-        let r = info
-            .get(tether_api::agent::v1::GetAgentInfoRequest {})
-            .await;
-        assert_eq!(r.is_ok(), ok, "{service}: {r:?}");
+        assert_eq!(call(&gw, &pki, "acme/eu-1", service).await, ok, "{service}");
     }
+    let (calls, to, from) = traffic_of(&gw, &pki, "acme/eu-1").await;
+    assert_eq!(calls, 2, "Agents/Get counts the relayed calls");
+    assert!(
+        to > 0 && from > 0,
+        "and their bytes each way: {to} to, {from} from"
+    );
     let base = format!("https://{}", gw.northbound);
     let link = login_link(&gw, &pki.client("ops"));
     let mut b = Browser::start(
@@ -254,13 +340,36 @@ async fn console_login_live_fleet_command_progress_and_revoke_in_chromium() {
                 wait_connected(&gw, &pki, "acme/new-1", false).await;
             }
             s if s.starts_with("command ") => command = s["command ".len()..].to_owned(),
+            "call acme/eu-1" => assert!(call(&gw, &pki, "acme/eu-1", "agent").await),
+            "reload acme/eu-1" => {
+                // The allow-list grows by `ledger`: the gateway hears of it in a heartbeat.
+                allow(&mut eu1, "ledger", ServiceKind::Grpc);
+                running[0].rewrite_config(&eu1);
+                running[0].signal(nix::sys::signal::Signal::SIGHUP);
+                let want = ["billing (grpc)", "db (tcp)", "ledger (grpc)"];
+                let deadline = tokio::time::Instant::now() + T;
+                while services_of(&gw, &pki, "acme/eu-1").await != want {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "Agents/Get lists the reloaded allow-list within {T:?}: {:?}",
+                        services_of(&gw, &pki, "acme/eu-1").await
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            "submit acme/eu-1" => {
+                let id = submit(&gw, &pki, "acme/eu-1").await;
+                b.ok(&id).await;
+                continue;
+            }
             "revoked acme/eu-2" => {}
             other => panic!("unknown step {other}"),
         }
         b.ok("").await;
     }
     let passed = b.finish().await;
-    assert!(passed.len() >= 15, "{passed:#?}");
+    assert!(passed.len() >= 22, "{passed:#?}");
+    drop(nothing);
 
     // What the page did went through the API's own methods, audited as theirs.
     let c = v1::commands_client::CommandsClient::new(gw.channel(&pki.client("ops")).await)

@@ -274,6 +274,15 @@ async fn pause_refuses_every_call_and_stream_with_the_reason_holds_commands_and_
     let json: serde_json::Value = serde_json::from_str(&json).expect("tetherctl's JSON");
     assert_eq!(json["paused"], true, "{json}");
     assert_eq!(json["sessions"][0]["pause_reason"], "incident 7", "{json}");
+    // And the allow-list the agent announced (names and kinds), and that it dials directly.
+    let services: Vec<&str> = json["sessions"][0]["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(services, ["a", "b", "echo"], "{json}");
+    assert_eq!(json["sessions"][0]["proxy"], "direct", "{json}");
 
     // Commands submitted while paused are delivered but neither acknowledged nor run.
     let mut commands = s.gw.commands(&s.pki).await;

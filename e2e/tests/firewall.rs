@@ -987,6 +987,13 @@ async fn through_an_http_connect_proxy_with_udp_and_direct_tcp_to_the_gateway_bl
     let connected = s.started.elapsed();
     assert_eq!(up.len(), 1, "{:?}", shown(&up));
     assert_eq!(up[0].transport, "tcp", "{:?}", shown(&up));
+    // The agent says it dials through the proxy (the console shows it).
+    assert_eq!(
+        up[0].proxy,
+        tether_api::v1::ProxyUse::ProxyHttp as i32,
+        "{:?}",
+        shown(&up)
+    );
     // The gateway sees the connection come from the proxy (in cp), not from the data plane.
     let remote: SocketAddr = up[0].remote_addr.parse().expect("remote_addr");
     assert_eq!(

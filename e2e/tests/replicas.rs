@@ -546,13 +546,14 @@ async fn bad_store_settings_exit_64_naming_the_key_and_an_unreachable_server_is_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_the_agents_owner_makes_is_shown_by_every_replica_and_so_is_the_resume() {
+async fn a_pause_and_an_allow_list_the_agents_owner_changes_are_shown_by_every_replica() {
     init();
     let pki = Pki::new();
     let pg = postgres();
     let gws = replicas(&pki, &pg, 2, "").await;
     // One session, at r1: r2 knows of it only through PostgreSQL.
-    let agent = TestAgent::start(&agent_on(&pki, "acme/p", &[&gws[0]]));
+    let mut cfg = agent_on(&pki, "acme/p", &[&gws[0]]);
+    let agent = TestAgent::start(&cfg);
     eventually("r2 lists the session at r1", T, || async {
         replicas_of(&gws[1], &pki, "acme/p").await == strings(&["r1"])
     })
@@ -593,6 +594,30 @@ async fn a_pause_the_agents_owner_makes_is_shown_by_every_replica_and_so_is_the_
         .unwrap();
     eventually("the resume is shown at r2", T, || async {
         paused_at(1).await == (false, vec![String::new()])
+    })
+    .await;
+    // A live reload adds a service: r2 lists it too.
+    with_service(
+        &mut cfg,
+        "added",
+        "127.0.0.1:9",
+        tether_agent::config::ServiceKind::Tcp,
+    );
+    agent.handle.control.apply(cfg).expect("reload");
+    eventually("r2 lists the added service", T, || async {
+        let a = agents_client(&gws[1], &pki)
+            .await
+            .get(GetAgentRequest {
+                agent: "acme/p".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        a.sessions.iter().any(|s| {
+            s.services
+                .iter()
+                .any(|v| v.name == "added" && v.kind == "tcp")
+        })
     })
     .await;
     agent.stop().await;

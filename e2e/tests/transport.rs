@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tether_agent::config::{ServiceKind, TransportMode};
 use tether_api::demo::v1::EchoRequest;
 use tether_api::v1::streams_client::StreamsClient;
-use tether_api::v1::{GetAgentRequest, StreamChunk};
+use tether_api::v1::{GetAgentRequest, ProxyUse, StreamChunk};
 use tether_e2e::{
     DemoUpstream, Pki, Route, TestAgent, TestGateway, agent_config, call_every_shape, echo_via,
     metric, submit_req, tcp_echo_server, wait_final, wait_until, with_service,
@@ -44,6 +44,23 @@ async fn over_tcp_every_call_shape_a_stream_and_a_command_work_and_it_shows() {
         .into_inner();
     assert_eq!(a.sessions[0].transport, "tcp");
     assert_eq!(agent.handle.status.sessions()[0].transport, "tcp");
+    // No proxy configured: direct; the allow-list as names and kinds; one session wanted.
+    assert_eq!(a.sessions[0].proxy, ProxyUse::ProxyDirect as i32);
+    let mut services: Vec<(String, String)> = a.sessions[0]
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.kind.clone()))
+        .collect();
+    services.sort();
+    assert_eq!(
+        services,
+        [
+            ("default".to_owned(), "grpc".to_owned()),
+            ("echo".to_owned(), "tcp".to_owned())
+        ]
+    );
+    assert_eq!(a.sessions[0].sessions_wanted, 1);
+    assert_eq!(a.relayed_calls, 0);
 
     // Four call shapes.
     let mut echo = echo_via(&gw, &pki, Route::new(Some("acme/tcp"), None)).await;
@@ -81,6 +98,22 @@ async fn over_tcp_every_call_shape_a_stream_and_a_command_work_and_it_shows() {
         got.extend_from_slice(&c.data);
     }
     assert_eq!(got, data);
+    // The TCP stream's bytes (and the calls' before it) are counted on the agent, each way.
+    let a = agents
+        .get(GetAgentRequest {
+            agent: "acme/tcp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        a.relayed_bytes_to_agent > (3 << 20) + data.len() as u64
+            && a.relayed_bytes_from_agent > (3 << 20) + data.len() as u64,
+        "{} to, {} from",
+        a.relayed_bytes_to_agent,
+        a.relayed_bytes_from_agent
+    );
+    assert!(a.relayed_calls >= 6, "{} calls", a.relayed_calls);
 
     // A command.
     let mut commands = gw.commands(&pki).await;

@@ -96,6 +96,13 @@ fn main() {
         avoid_replicas: vec!["r1#3".into()],
         paused: true,
         pause_reason: "audit".into(),
+        proxy: tunnel_proto::message::Proxy::Http as i32,
+        services: vec![tunnel_proto::message::ServiceEntry {
+            name: "billing".into(),
+            kind: "grpc".into(),
+        }],
+        sessions_wanted: 2,
+        gateway_addresses: 1,
     };
     let welcome = Welcome {
         version: 1,
@@ -115,6 +122,11 @@ fn main() {
             last_rtt_us: 1200,
             paused: true,
             pause_reason: "audit".into(),
+            services_changed: true,
+            services: vec![tunnel_proto::message::ServiceEntry {
+                name: "db".into(),
+                kind: "tcp".into(),
+            }],
         }),
         Message::HeartbeatAck(HeartbeatAck {
             seq: 7,

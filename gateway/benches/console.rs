@@ -62,6 +62,15 @@ fn fleet(now: SystemTime) -> Vec<v1::Agent> {
                     } else {
                         v1::VersionSkew::Current
                     } as i32,
+                    proxy: v1::ProxyUse::ProxyDirect as i32,
+                    services: ["billing", "inventory"]
+                        .into_iter()
+                        .map(|n| v1::AgentService {
+                            name: n.into(),
+                            kind: "grpc".into(),
+                        })
+                        .collect(),
+                    sessions_wanted: 1,
                     ..Default::default()
                 }]
             } else {
@@ -102,9 +111,12 @@ fn main() {
     // Every agent has had calls, one in 50 a failing one.
     let relay = Relay::with_stream_limit(std::sync::Arc::new(Registry::default()), 256);
     for (i, a) in agents.iter().enumerate() {
-        relay.outcomes().record(&a.id, tonic::Code::Ok);
+        let id = a.id.parse().expect("agent id");
+        relay.outcomes().record(&id, tonic::Code::Ok);
+        relay.outcomes().agent(&id).to_agent(512);
+        relay.outcomes().agent(&id).from_agent(4096);
         if i % 50 == 0 {
-            relay.outcomes().record(&a.id, tonic::Code::Unavailable);
+            relay.outcomes().record(&id, tonic::Code::Unavailable);
         }
     }
     let caller = Caller {

@@ -593,7 +593,8 @@ fn northbound_routes(
 ) -> (tonic::service::Routes, AgentsApi, CommandsApi) {
     let mut api = AgentsApi::new(f.registry.clone(), close_sessions)
         .with_identity(f.identity.clone())
-        .with_watch_limit(cfg.limits.agent_watches_per_caller);
+        .with_watch_limit(cfg.limits.agent_watches_per_caller)
+        .with_traffic(f.relay.outcomes().clone());
     if let Some(fleet) = f.fleet {
         api = api.with_fleet(fleet);
     }

@@ -47,6 +47,47 @@ pub struct Hello {
     /// Why, as the owner wrote it.
     #[prost(string, tag = "9")]
     pub pause_reason: String,
+    /// Whether this connection goes through an HTTP CONNECT proxy ([`Proxy`]), for display.
+    /// Unset ([`Proxy::Unknown`]) from an older agent.
+    #[prost(enumeration = "Proxy", tag = "10")]
+    pub proxy: i32,
+    /// The agent's allow-listed services: names and what each speaks, never where they are
+    /// or their credentials. For display; later changes (a reload) come in
+    /// [`Heartbeat::services`]. Empty from an older agent (or one with no service).
+    #[prost(message, repeated, tag = "11")]
+    pub services: Vec<ServiceEntry>,
+    /// How many sessions this agent process keeps in all: one per gateway address when it has
+    /// several, else its `connections` (at most one per live replica behind that address: a
+    /// gateway reckons with the smaller of this and its live replicas when
+    /// [`Hello::gateway_addresses`] is 1). 0 from an older agent: unknown.
+    #[prost(uint32, tag = "12")]
+    pub sessions_wanted: u32,
+    /// How many gateway addresses the agent dials (0 from an older agent).
+    #[prost(uint32, tag = "13")]
+    pub gateway_addresses: u32,
+}
+
+/// How an agent's connection reaches the gateway ([`Hello::proxy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Proxy {
+    /// Not said (an older agent).
+    Unknown = 0,
+    /// Straight to the gateway (every QUIC connection).
+    Direct = 1,
+    /// Through an HTTP CONNECT proxy (TCP only).
+    Http = 2,
+}
+
+/// One allow-listed service of an agent ([`Hello::services`]).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ServiceEntry {
+    /// Its name (what callers put in `tether-service`).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `grpc` or `tcp`.
+    #[prost(string, tag = "2")]
+    pub kind: String,
 }
 
 /// The gateway's answer to `Hello`: the session is established.
@@ -126,6 +167,14 @@ pub struct Heartbeat {
     /// Why.
     #[prost(string, tag = "4")]
     pub pause_reason: String,
+    /// The allow-list changed (a reload): [`Heartbeat::services`] is the new list. Sent in
+    /// one heartbeat, ahead of its time, after each change; every other heartbeat leaves both
+    /// unset, so a heartbeat costs nothing more.
+    #[prost(bool, tag = "5")]
+    pub services_changed: bool,
+    /// The new allow-list when [`Heartbeat::services_changed`] (see [`Hello::services`]).
+    #[prost(message, repeated, tag = "6")]
+    pub services: Vec<ServiceEntry>,
 }
 
 /// Gateway → agent answer to a [`Heartbeat`].

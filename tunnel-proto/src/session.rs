@@ -41,7 +41,7 @@ use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{FrameDecoder, Limits};
 use crate::message::{
     Close, GoAway, Heartbeat, HeartbeatAck, Hello, LEAVE, Message, RENEW, RenewRequest,
-    RenewResponse, Welcome,
+    RenewResponse, ServiceEntry, Welcome,
 };
 
 /// gRPC `RESOURCE_EXHAUSTED`, in a [`RenewResponse`] the session answers itself.
@@ -296,6 +296,10 @@ pub struct AgentSession {
     live_replicas: u32,
     /// Paused by the owner, and why ([`AgentSession::set_paused`]).
     pause: Option<String>,
+    /// The allow-list the gateway was last told of (`Hello`, then a heartbeat), and whether
+    /// the next heartbeat must carry it ([`AgentSession::set_services`]).
+    services: Vec<ServiceEntry>,
+    services_changed: bool,
 }
 
 impl AgentSession {
@@ -309,6 +313,7 @@ impl AgentSession {
             .hello
             .paused
             .then(|| config.hello.pause_reason.clone());
+        let services = config.hello.services.clone();
         core.send(Message::Hello(config.hello));
         AgentSession {
             core,
@@ -327,6 +332,25 @@ impl AgentSession {
             left: false,
             live_replicas: 0,
             pause,
+            services,
+            services_changed: false,
+        }
+    }
+
+    /// Tells the gateway the agent's allow-list is now `services` (a reload), for display:
+    /// in the next heartbeat, sent at once, when this changes what the gateway was told.
+    pub fn set_services(&mut self, services: Vec<ServiceEntry>, now: Instant) {
+        if self.services == services {
+            return;
+        }
+        self.services = services;
+        self.services_changed = true;
+        if let AgentState::Established {
+            ref mut next_heartbeat,
+            ..
+        } = self.state
+        {
+            *next_heartbeat = now;
         }
     }
 
@@ -466,11 +490,18 @@ impl AgentSession {
                     self.seq += 1;
                     self.outstanding = Some((self.seq, now));
                     let last_rtt_us = self.rtt.map_or(0, |d| d.as_micros() as u64);
+                    let changed = std::mem::take(&mut self.services_changed);
                     self.core.send(Message::Heartbeat(Heartbeat {
                         seq: self.seq,
                         last_rtt_us,
                         paused: self.pause.is_some(),
                         pause_reason: self.pause.clone().unwrap_or_default(),
+                        services_changed: changed,
+                        services: if changed {
+                            self.services.clone()
+                        } else {
+                            Vec::new()
+                        },
                     }));
                 }
             }
@@ -671,6 +702,8 @@ pub enum GatewayEvent {
         rtt: Option<Duration>,
         /// Paused by its owner, and why ([`Heartbeat::paused`]).
         pause: Option<String>,
+        /// The agent's new allow-list, when it changed ([`Heartbeat::services_changed`]).
+        services: Option<Vec<ServiceEntry>>,
     },
     /// The agent asks for a new certificate: answer with [`GatewaySession::renew_response`]
     /// (one renewal per session is pending at most).
@@ -787,8 +820,12 @@ impl GatewaySession {
                 }));
                 let rtt = (hb.last_rtt_us > 0).then(|| Duration::from_micros(hb.last_rtt_us));
                 let pause = hb.paused.then_some(hb.pause_reason);
-                self.events
-                    .push_back(GatewayEvent::Heartbeat { rtt, pause });
+                let services = hb.services_changed.then_some(hb.services);
+                self.events.push_back(GatewayEvent::Heartbeat {
+                    rtt,
+                    pause,
+                    services,
+                });
             }
             (GatewayState::Established, Message::RenewRequest(req)) => self.on_renew(req, now),
             (GatewayState::Established, Message::GoAway(g))

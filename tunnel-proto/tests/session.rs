@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tunnel_proto::harness::{Pair, To};
 use tunnel_proto::message::{
-    GoAway, GoAwayKind, Hello, LEAVE, Message, RENEW, RenewRequest, RenewResponse,
+    GoAway, GoAwayKind, Hello, LEAVE, Message, RENEW, RenewRequest, RenewResponse, ServiceEntry,
 };
 use tunnel_proto::session::{
     AgentEvent, AgentSessionConfig, CloseInfo, GatewayEvent, GatewaySessionConfig,
@@ -87,6 +87,7 @@ fn heartbeats_measure_rtt_and_keep_the_session_alive() {
         == GatewayEvent::Heartbeat {
             rtt: Some(LATENCY * 2),
             pause: None,
+            services: None,
         }));
     assert!(gateway_closed(&p).is_none() && agent_closed(&p).is_none());
 }
@@ -624,4 +625,49 @@ fn the_session_face_tells_a_driver_how_each_side_ended() {
     assert_eq!(agent.reason, "gateway shutting down");
     assert_eq!(Session::poll_timeout(&p.agent), None);
     assert_eq!(Session::poll_timeout(&p.gateway), None);
+}
+
+fn services_heard(p: &Pair) -> Vec<(Duration, Vec<ServiceEntry>)> {
+    p.gateway_events
+        .iter()
+        .filter_map(|(t, e)| match e {
+            GatewayEvent::Heartbeat {
+                services: Some(s), ..
+            } => Some((*t, s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_changed_allow_list_reaches_the_gateway_in_one_early_heartbeat_and_only_then() {
+    let entry = |name: &str, kind: &str| ServiceEntry {
+        name: name.into(),
+        kind: kind.into(),
+    };
+    let mut p = pair_with(Hello {
+        agent_version: "test".into(),
+        services: vec![entry("api", "grpc")],
+        ..Default::default()
+    });
+    p.run_for(Duration::from_millis(100));
+    assert!(matches!(
+        &p.gateway_events[0].1,
+        GatewayEvent::Established { hello, .. } if hello.services == vec![entry("api", "grpc")]
+    ));
+    // The same list again (a reload that changed something else) sends nothing.
+    let now = p.now;
+    p.agent.set_services(vec![entry("api", "grpc")], now);
+    p.run_for(Duration::from_secs(5));
+    assert!(services_heard(&p).is_empty());
+    // A new list goes at once, not at the next heartbeat's time, and once.
+    let changed_at = p.elapsed();
+    let now = p.now;
+    p.agent
+        .set_services(vec![entry("api", "grpc"), entry("db", "tcp")], now);
+    p.run_for(Duration::from_secs(5));
+    let heard = services_heard(&p);
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert_eq!(heard[0].0, changed_at + LATENCY);
+    assert_eq!(heard[0].1, vec![entry("api", "grpc"), entry("db", "tcp")]);
 }

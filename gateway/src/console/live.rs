@@ -3,10 +3,14 @@
 //! Each stream follows a `Watch` of the gRPC API (as the viewer, so with its tenant checks),
 //! gathers what changed for a quarter of a second, then sends the fragments that changed,
 //! rendered by the templates the page used: `row` (a fleet row, `<id>\n<html>`), `remove`
-//! (an agent that no longer passes the page's filters), `replace` (`<element id>\n<html>`).
-//! `console.js` applies them.
+//! (an agent that no longer passes the page's filters), `replace` (`<element id>\n<html>`),
+//! `command` (a row of the commands list, `<command id>\n<html>`).
+//! `console.js` applies them. Two things no watch follows are looked at every
+//! [`COMMANDS_REFRESH`] instead: the commands list without an agent filter (`Commands/Watch`
+//! follows one command or one agent, not a fleet), and an agent's relayed calls and bytes (a
+//! look at its in-memory counters; the detail is sent again only when they moved).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime};
 
@@ -22,9 +26,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
 use crate::console::views::{
-    AgentCommands, AgentDetail, AgentRow, CommandDetail, CommandRow, Counts, CountsFragment, Facts,
-    FleetFilter, RowFragment, agent_commands, agent_row, as_caller, facts_of, fleet_list,
-    status_page,
+    AgentCommands, AgentDetail, AgentRow, CommandDetail, CommandFilter, CommandRow,
+    CommandRowFragment, Counts, CountsFragment, Facts, FleetFilter, RowFragment, agent_commands,
+    agent_row, as_caller, facts_of, fleet_list, list_commands, status_page,
 };
 use crate::console::{State, Viewer};
 use crate::northbound::auth::Caller;
@@ -33,10 +37,14 @@ use crate::relay::Relay;
 /// Changes arriving within this long of the first are sent together.
 const GATHER: Duration = Duration::from_millis(250);
 
+/// How often the commands list without an agent filter asks `Commands/List` again:
+/// `Commands/Watch` follows one command or one agent, not a whole fleet.
+pub const COMMANDS_REFRESH: Duration = Duration::from_secs(2);
+
 /// One update the page applies: the event's name and its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Update {
-    /// `row`, `remove` or `replace`.
+    /// `row`, `remove`, `replace` or `command`.
     pub kind: &'static str,
     /// What `console.js` reads: a target, a newline, the fragment.
     pub data: String,
@@ -287,6 +295,13 @@ pub(super) async fn agent(
     tokio::spawn(async move {
         // The first events are the state the page was rendered from, or newer: refresh both.
         let mut what = (true, true);
+        let counters = |console: &State| {
+            let open = id
+                .parse::<tunnel_proto::AgentId>()
+                .map_or(0, |a| console.relay.open_streams(&a));
+            (console.relay.outcomes().traffic(&id), open)
+        };
+        let mut counted = counters(&console);
         loop {
             if what.0 || what.1 {
                 tokio::time::sleep(GATHER).await;
@@ -295,6 +310,9 @@ pub(super) async fn agent(
                 }
                 while commands.try_recv().is_ok() {
                     what.1 = true;
+                }
+                if what.0 {
+                    counted = counters(&console);
                 }
                 if !send_all(&tx, agent_updates(&console, &caller, &id, what).await).await {
                     return;
@@ -305,7 +323,92 @@ pub(super) async fn agent(
                 _ = tx.closed() => return,
                 ev = sessions.recv() => match ev { Some(_) => (true, false), None => return },
                 ev = commands.recv() => match ev { Some(_) => (false, true), None => return },
+                _ = tokio::time::sleep(COMMANDS_REFRESH) => (counters(&console) != counted, false),
             };
+        }
+    });
+    sse(rx)
+}
+
+/// The rows of `page` that differ from what `sent` holds (all of them the first time), as
+/// `command` updates; `sent` is brought up to date.
+pub fn command_rows(page: &[CommandRow], sent: &mut HashMap<String, String>) -> Vec<Update> {
+    let mut updates = Vec::new();
+    for c in page {
+        let html = clean(CommandRowFragment { c }.render().unwrap_or_default());
+        if sent.get(&c.id) != Some(&html) {
+            updates.push(Update {
+                kind: "command",
+                data: format!("{}\n{html}", c.id),
+            });
+            sent.insert(c.id.clone(), html);
+        }
+    }
+    updates
+}
+
+/// `GET /ui/events/commands?<filters>`: rows of the commands list that appear or change. With
+/// an agent filter, each change of that agent's commands (`Commands/Watch`) asks for the
+/// page's rows again; without, every [`COMMANDS_REFRESH`].
+pub(super) async fn commands(
+    Shared(console): Shared<State>,
+    Viewer(caller): Viewer,
+    Query(f): Query<CommandFilter>,
+) -> Response {
+    // What the page shows now: only what changes after it is sent.
+    let mut sent = HashMap::new();
+    match list_commands(&console, &caller, &f).await {
+        Ok((rows, _)) => {
+            command_rows(&rows, &mut sent);
+        }
+        Err(refused) => return refused,
+    }
+    let mut changes = if f.agent.is_empty() {
+        None
+    } else {
+        let watch = console
+            .commands
+            .watch(as_caller(
+                &caller,
+                v1::WatchCommandsRequest {
+                    target: Some(v1::watch_commands_request::Target::Agent(f.agent.clone())),
+                },
+            ))
+            .await;
+        match watch {
+            Ok(w) => Some(pump(w.into_inner())),
+            Err(s) => return status_page(s),
+        }
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let shutdown = console.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let changed = async {
+                match &mut changes {
+                    Some(events) => {
+                        events.recv().await?;
+                        tokio::time::sleep(GATHER).await;
+                        while events.try_recv().is_ok() {}
+                        Some(())
+                    }
+                    None => {
+                        tokio::time::sleep(COMMANDS_REFRESH).await;
+                        Some(())
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                c = changed => if c.is_none() { return },
+            }
+            let Ok((rows, _)) = list_commands(&console, &caller, &f).await else {
+                return;
+            };
+            if !send_all(&tx, command_rows(&rows, &mut sent)).await {
+                return;
+            }
         }
     });
     sse(rx)
@@ -363,5 +466,39 @@ mod tests {
         };
         // "event: row\n" + "data: a\n" + "data: bc\n" + "\n"
         assert_eq!(u.wire_len(), 11 + 8 + 9 + 1);
+    }
+
+    #[test]
+    fn the_commands_list_is_sent_the_rows_that_appeared_or_changed_only() {
+        let cmd = |id: &str, state: v1::CommandState| {
+            CommandRow::new(&v1::Command {
+                id: id.into(),
+                agent: "acme/a".into(),
+                kind: "echo".into(),
+                state: state as i32,
+                ..Default::default()
+            })
+        };
+        let mut sent = HashMap::new();
+        let first = [cmd("t1", v1::CommandState::Running)];
+        assert_eq!(command_rows(&first, &mut sent).len(), 1);
+        assert!(
+            command_rows(&first, &mut sent).is_empty(),
+            "nothing changed"
+        );
+        let later = [
+            cmd("t1", v1::CommandState::Succeeded),
+            cmd("t2", v1::CommandState::Queued),
+        ];
+        let u = command_rows(&later, &mut sent);
+        assert_eq!(u.len(), 2);
+        assert_eq!(u[0].kind, "command");
+        assert!(
+            u[0].data.starts_with("t1\n<tr data-command=\"t1\""),
+            "{}",
+            u[0].data
+        );
+        assert!(u[0].data.contains("succeeded"), "{}", u[0].data);
+        assert!(u[1].data.starts_with("t2\n"), "{}", u[1].data);
     }
 }

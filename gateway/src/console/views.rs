@@ -40,6 +40,7 @@ pub(super) fn routes() -> Router<State> {
         .route("/ui/tenants", get(tenants))
         .route("/ui/events/fleet", get(live::fleet))
         .route("/ui/events/agents/{tenant}/{name}", get(live::agent))
+        .route("/ui/events/commands", get(live::commands))
         .route("/ui/events/commands/{id}", get(live::command))
         .route(
             "/ui/static/console.js",
@@ -113,6 +114,21 @@ fn when(t: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
     t.and_then(|t| SystemTime::try_from(t).ok())
 }
 
+/// `0 B`, `512 B`, `1.5 KiB`, `3.2 MiB`, `1.0 GiB`.
+pub fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 /// `3m ago`, `in 2h`, or `-`.
 pub(super) fn relative(t: Option<SystemTime>, now: SystemTime) -> String {
     let Some(t) = t else { return "-".into() };
@@ -158,6 +174,8 @@ pub struct SessionRow {
     pub cert_expires: String,
     /// The agent process.
     pub instance: String,
+    /// `direct`, `HTTP proxy`, or `-` (an agent too old to say).
+    pub proxy: &'static str,
 }
 
 /// One agent as the pages show it.
@@ -193,6 +211,12 @@ pub struct AgentRow {
     pub failed: u64,
     /// Those calls by status code name, the codes seen only.
     pub codes: Vec<(String, u64)>,
+    /// Bytes relayed caller → agent (request bodies, TCP bytes), since the gateway started.
+    pub bytes_to_agent: u64,
+    /// Bytes relayed agent → caller.
+    pub bytes_from_agent: u64,
+    /// Its allow-listed services, `(name, kind)`, as its newest session announced them.
+    pub services: Vec<(String, String)>,
 }
 
 /// What the fleet's filters and counts need of an agent, read from the API's answer without
@@ -209,6 +233,19 @@ pub struct Facts<'a> {
     pub skew: &'static str,
     /// The earliest certificate expiry among its sessions.
     pub earliest_expiry: Option<SystemTime>,
+    /// An agent process of it holding fewer sessions than it wants: `(held, wanted)`.
+    pub short: Option<(usize, u32)>,
+}
+
+/// The first agent process among `sessions` that holds fewer sessions than it says it wants
+/// (`Session.sessions_wanted`; 0, unknown, never counts): `(held, wanted)`.
+pub fn short_of_sessions(sessions: &[v1::Session]) -> Option<(usize, u32)> {
+    sessions.iter().find_map(|s| {
+        let mine = sessions.iter().filter(|o| o.instance_id == s.instance_id);
+        let wanted = mine.clone().map(|o| o.sessions_wanted).max().unwrap_or(0);
+        let held = mine.count();
+        (held < wanted as usize).then_some((held, wanted))
+    })
 }
 
 impl<'a> Facts<'a> {
@@ -229,8 +266,12 @@ impl<'a> Facts<'a> {
             .filter_map(|s| when(&s.certificate_expires))
             .min();
         let expired = earliest_expiry.is_some_and(|e| e <= now);
+        let short = short_of_sessions(&a.sessions);
         // Paused by the data plane's owner (its kill switch): up, but refusing every call.
-        let status = match (a.connected, expired || skew == "unsupported" || a.paused) {
+        // Fewer sessions than wanted: a replica refuses it, or a path to one is failing (a
+        // session whose probes fail is closed, so it shows here).
+        let degraded = expired || skew == "unsupported" || a.paused || short.is_some();
+        let status = match (a.connected, degraded) {
             (false, _) => "offline",
             (true, false) => "online",
             (true, true) => "degraded",
@@ -241,6 +282,7 @@ impl<'a> Facts<'a> {
             status,
             skew,
             earliest_expiry,
+            short,
         }
     }
 
@@ -291,6 +333,9 @@ impl AgentRow {
         if skew == "unsupported" {
             why.push("version outside the supported skew".into());
         }
+        if let Some((held, wanted)) = facts.short {
+            why.push(format!("holds {held} of the {wanted} sessions it wants"));
+        }
         AgentRow {
             id: a.id.clone(),
             tenant: a.tenant.clone(),
@@ -334,6 +379,11 @@ impl AgentRow {
                         .unwrap_or_else(|| "-".into()),
                     cert_expires: relative(when(&s.certificate_expires), now),
                     instance: s.instance_id.clone(),
+                    proxy: match v1::ProxyUse::try_from(s.proxy) {
+                        Ok(v1::ProxyUse::ProxyDirect) => "direct",
+                        Ok(v1::ProxyUse::ProxyHttp) => "HTTP proxy",
+                        _ => "-",
+                    },
                 })
                 .collect(),
             cert_expires: relative(earliest, now),
@@ -341,17 +391,39 @@ impl AgentRow {
             calls: 0,
             failed: 0,
             codes: Vec::new(),
+            bytes_to_agent: a.relayed_bytes_to_agent,
+            bytes_from_agent: a.relayed_bytes_from_agent,
+            services: newest
+                .map(|s| {
+                    s.services
+                        .iter()
+                        .map(|e| (e.name.clone(), e.kind.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
     /// With what `relay` says of it: its streams open now, how its calls ended.
     pub fn with_relay(self, relay: &Relay) -> AgentRow {
-        let tally = relay.outcomes().of(&self.id);
-        let mut row = self.with_outcomes(&tally);
+        let traffic = relay.outcomes().traffic(&self.id);
+        let mut row = self.with_outcomes(&traffic.tally);
+        row.bytes_to_agent = traffic.bytes_to_agent;
+        row.bytes_from_agent = traffic.bytes_from_agent;
         if let Ok(id) = row.id.parse::<tunnel_proto::AgentId>() {
             row.open_streams = relay.open_streams(&id);
         }
         row
+    }
+
+    /// Bytes relayed to it, for display.
+    pub fn to_agent_text(&self) -> String {
+        bytes_text(self.bytes_to_agent)
+    }
+
+    /// Bytes relayed from it, for display.
+    pub fn from_agent_text(&self) -> String {
+        bytes_text(self.bytes_from_agent)
     }
 
     /// With the outcomes of the calls relayed to it.
@@ -879,16 +951,39 @@ async fn submit(
 
 // === Commands ===
 
+/// The commands page's filters (its query string).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
-struct CommandFilter {
-    tenant: String,
-    agent: String,
+pub(super) struct CommandFilter {
+    pub(super) tenant: String,
+    pub(super) agent: String,
     state: String,
     kind: String,
     /// `1h`, `30m`, `2d`: created within.
     since: String,
     page_token: String,
+}
+
+impl CommandFilter {
+    /// The query string of these filters, the page included.
+    fn query(&self) -> String {
+        form_urlencoded_pairs(&[
+            ("tenant", &self.tenant),
+            ("agent", &self.agent),
+            ("state", &self.state),
+            ("kind", &self.kind),
+            ("since", &self.since),
+            ("page_token", &self.page_token),
+        ])
+    }
+}
+
+/// A row of the commands list, as the page and its live updates render it.
+#[derive(Template)]
+#[template(path = "console/command_row.html")]
+pub struct CommandRowFragment<'a> {
+    /// The command.
+    pub c: &'a CommandRow,
 }
 
 #[derive(Template)]
@@ -899,6 +994,8 @@ struct CommandsPage<'a> {
     commands: Vec<CommandRow>,
     next: String,
     states: &'static [&'static str],
+    /// The page's filters, for its live updates.
+    query: String,
 }
 
 const STATES: &[&str] = &[
@@ -912,29 +1009,31 @@ const STATES: &[&str] = &[
     "cancelled",
 ];
 
-async fn commands(
-    Shared(console): Shared<State>,
-    Viewer(caller): Viewer,
-    Query(f): Query<CommandFilter>,
-) -> Response {
+/// The commands `Commands/List` answers the viewer for the filters `f`, and the query of the
+/// next page (empty on the last); a refusal as a page.
+pub(super) async fn list_commands(
+    console: &State,
+    caller: &Caller,
+    f: &CommandFilter,
+) -> Result<(Vec<CommandRow>, String), Response> {
     let state = match f.state.as_str() {
         "" => 0,
         s => match v1::CommandState::from_str_name(&s.to_ascii_uppercase()) {
             Some(s) => s as i32,
-            None => return error_page(StatusCode::BAD_REQUEST, "unknown state"),
+            None => return Err(error_page(StatusCode::BAD_REQUEST, "unknown state")),
         },
     };
     let from = match f.since.trim() {
         "" => None,
         s => match humantime::parse_duration(s) {
             Ok(d) => Some((SystemTime::now() - d).into()),
-            Err(e) => return error_page(StatusCode::BAD_REQUEST, &format!("since: {e}")),
+            Err(e) => return Err(error_page(StatusCode::BAD_REQUEST, &format!("since: {e}"))),
         },
     };
     if !f.tenant.is_empty()
         && let Err(s) = caller.authorize_tenant("tether.v1.Commands/List", &f.tenant, "")
     {
-        return status_page(s);
+        return Err(status_page(s));
     }
     let req = v1::ListCommandsRequest {
         agent: f.agent.clone(),
@@ -945,9 +1044,9 @@ async fn commands(
         page_size: 100,
         page_token: f.page_token.clone(),
     };
-    let page = match console.commands.list(as_caller(&caller, req)).await {
+    let page = match console.commands.list(as_caller(caller, req)).await {
         Ok(p) => p.into_inner(),
-        Err(s) => return status_page(s),
+        Err(s) => return Err(status_page(s)),
     };
     let commands = page
         .commands
@@ -969,12 +1068,25 @@ async fn commands(
             ("page_token", &page.next_page_token),
         ])
     };
+    Ok((commands, next))
+}
+
+async fn commands(
+    Shared(console): Shared<State>,
+    Viewer(caller): Viewer,
+    Query(f): Query<CommandFilter>,
+) -> Response {
+    let (commands, next) = match list_commands(&console, &caller, &f).await {
+        Ok(page) => page,
+        Err(refused) => return refused,
+    };
     render(&CommandsPage {
         viewer: &caller,
         f: &f,
         commands,
         next,
         states: STATES,
+        query: f.query(),
     })
     .into_response()
 }
@@ -1212,6 +1324,75 @@ mod tests {
         };
         let html = render_fleet(&caller, &agents, &page3, &relay, now);
         assert_eq!(html.matches("<tr data-agent=").count(), 20);
+    }
+
+    #[test]
+    fn an_agent_process_with_fewer_sessions_than_it_wants_is_degraded() {
+        let mut a = agent("acme/two", true, env!("CARGO_PKG_VERSION"), &[]);
+        a.sessions[0].instance_id = "i1".into();
+        a.sessions[0].sessions_wanted = 2;
+        let row = AgentRow::new(&a, SystemTime::now());
+        assert_eq!(row.status, "degraded");
+        assert!(row.why.contains("1 of the 2 sessions"), "{}", row.why);
+        // Its second session: online.
+        let mut second = a.sessions[0].clone();
+        second.session_id = "s2".into();
+        a.sessions.push(second);
+        assert_eq!(AgentRow::new(&a, SystemTime::now()).status, "online");
+        // Another process of the same agent wanting one is not short of the first's two.
+        let mut other = a.sessions[0].clone();
+        other.session_id = "s3".into();
+        other.instance_id = "i2".into();
+        other.sessions_wanted = 1;
+        a.sessions.push(other);
+        assert_eq!(AgentRow::new(&a, SystemTime::now()).status, "online");
+        // An agent too old to say (0) is never short.
+        let mut old = agent("acme/old", true, env!("CARGO_PKG_VERSION"), &[]);
+        old.sessions[0].sessions_wanted = 0;
+        assert_eq!(AgentRow::new(&old, SystemTime::now()).status, "online");
+    }
+
+    #[test]
+    fn the_agent_page_shows_services_proxy_and_bytes() {
+        let mut a = agent("acme/p", true, env!("CARGO_PKG_VERSION"), &[]);
+        a.sessions[0].proxy = v1::ProxyUse::ProxyHttp as i32;
+        a.sessions[0].transport = "tcp".into();
+        a.sessions[0].services = vec![v1::AgentService {
+            name: "billing".into(),
+            kind: "grpc".into(),
+        }];
+        let relay = Relay::with_stream_limit(Default::default(), 8);
+        let t = relay.outcomes().agent(&"acme/p".parse().unwrap());
+        t.to_agent(2048);
+        t.from_agent(10);
+        t.ended(tonic::Code::Ok);
+        let r = AgentRow::new(&a, SystemTime::now()).with_relay(&relay);
+        assert_eq!(
+            (r.calls, r.bytes_to_agent, r.bytes_from_agent),
+            (1, 2048, 10)
+        );
+        let html = AgentDetail { r: &r }.render().unwrap();
+        assert!(html.contains(r#"data-service="billing""#), "{html}");
+        assert!(html.contains("billing (grpc)"), "{html}");
+        assert!(
+            html.contains(r#"<td class="proxy">HTTP proxy</td>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains("2.0 KiB to the agent, 10 B from it"),
+            "{html}"
+        );
+        let row = RowFragment { r: &r }.render().unwrap();
+        assert!(row.contains("tcp via HTTP proxy"), "{row}");
+    }
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(bytes_text(0), "0 B");
+        assert_eq!(bytes_text(1023), "1023 B");
+        assert_eq!(bytes_text(1536), "1.5 KiB");
+        assert_eq!(bytes_text(5 << 20), "5.0 MiB");
+        assert_eq!(bytes_text(3 << 30), "3.0 GiB");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::identity::store::IdentityStore;
 use crate::metrics::{Limit, count_rejection};
 pub use crate::northbound::auth::Caller;
 use crate::northbound::auth::caller;
+use crate::relay::outcomes::CallOutcomes;
 use crate::tunnel::registry::{AgentSnapshot, Registry, RegistryEvent, SessionInfo};
 
 /// Checks that the request was authenticated (by `auth::Authenticated`, which wraps every
@@ -60,6 +61,8 @@ pub struct AgentsApi {
     identity: Option<IdentityStore>,
     fleet: Option<Fleet>,
     watches: Arc<WatchCount>,
+    /// Relayed calls and bytes per agent, counted by this gateway's relay.
+    traffic: Option<Arc<CallOutcomes>>,
 }
 
 /// Open `Agents/Watch` streams per caller.
@@ -117,6 +120,7 @@ impl AgentsApi {
             shutdown,
             identity: None,
             fleet: None,
+            traffic: None,
             watches: Arc::new(WatchCount {
                 limit: u32::MAX,
                 open: Mutex::default(),
@@ -134,6 +138,23 @@ impl AgentsApi {
     pub fn with_fleet(mut self, fleet: Fleet) -> Self {
         self.fleet = Some(fleet);
         self
+    }
+
+    /// Answers with the relayed calls and bytes `traffic` counts (the relay's), per agent.
+    pub fn with_traffic(mut self, traffic: Arc<CallOutcomes>) -> Self {
+        self.traffic = Some(traffic);
+        self
+    }
+
+    /// Fills in what this gateway relayed to `a`.
+    fn count(&self, mut a: v1::Agent) -> v1::Agent {
+        if let Some(t) = &self.traffic {
+            let t = t.traffic(&a.id);
+            a.relayed_calls = t.calls();
+            a.relayed_bytes_to_agent = t.bytes_to_agent;
+            a.relayed_bytes_from_agent = t.bytes_from_agent;
+        }
+        a
     }
 
     /// At most `limit` open `Watch` streams per caller (`limits.agent_watches_per_caller`).
@@ -179,7 +200,26 @@ pub fn session_proto(s: &SessionInfo) -> v1::Session {
         ) as i32,
         paused: s.pause().is_some(),
         pause_reason: s.pause().unwrap_or_default(),
+        proxy: match hello_proxy(s.hello.proxy) {
+            tunnel_proto::message::Proxy::Unknown => v1::ProxyUse::ProxyUnspecified,
+            tunnel_proto::message::Proxy::Direct => v1::ProxyUse::ProxyDirect,
+            tunnel_proto::message::Proxy::Http => v1::ProxyUse::ProxyHttp,
+        } as i32,
+        services: s
+            .services()
+            .iter()
+            .map(|e| v1::AgentService {
+                name: e.name.clone(),
+                kind: e.kind.clone(),
+            })
+            .collect(),
+        sessions_wanted: s.sessions_wanted,
     }
+}
+
+/// The `Hello`'s proxy field (an unknown value from a newer agent: unknown).
+fn hello_proxy(p: i32) -> tunnel_proto::message::Proxy {
+    tunnel_proto::message::Proxy::try_from(p).unwrap_or(tunnel_proto::message::Proxy::Unknown)
 }
 
 fn agent_proto(a: &AgentSnapshot) -> v1::Agent {
@@ -191,6 +231,8 @@ fn agent_proto(a: &AgentSnapshot) -> v1::Agent {
         sessions: a.sessions.iter().map(|s| session_proto(s)).collect(),
         last_seen: Some(ts(a.last_seen)),
         paused: a.sessions.iter().any(|s| s.pause().is_some()),
+        // Filled in by `AgentsApi::count`.
+        ..Default::default()
     }
 }
 
@@ -230,6 +272,7 @@ async fn fleet_agents(pool: &PgPool, filter: &SessionFilter) -> Result<Vec<v1::A
                 last_seen: Some(ts(last_seen)),
                 // Set from its sessions below.
                 paused: false,
+                ..Default::default()
             },
         );
     }
@@ -445,6 +488,7 @@ impl Agents for AgentsApi {
             .filter(|a| caller.may_act_for(&a.tenant))
             .filter(|a| r.tenant.is_empty() || a.tenant == r.tenant)
             .filter(|a| !r.connected_only || a.connected)
+            .map(|a| self.count(a))
             .collect();
         Ok(Response::new(v1::ListAgentsResponse { agents }))
     }
@@ -465,7 +509,7 @@ impl Agents for AgentsApi {
             None => self.registry.get(&id).map(|a| agent_proto(&a)),
         };
         match found {
-            Some(a) => Ok(Response::new(a)),
+            Some(a) => Ok(Response::new(self.count(a))),
             None => Err(Status::not_found(format!(
                 "agent {id} is not known to this gateway"
             ))),

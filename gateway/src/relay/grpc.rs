@@ -44,6 +44,7 @@ use tunnel_proto::{AgentId, ProtoError};
 use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::northbound::auth::Caller;
 use crate::relay::limits::StreamPermit;
+use crate::relay::outcomes::AgentTraffic;
 use crate::relay::resend::{Replay, ReplayReader};
 use crate::relay::{Attempts, Relay, RelayError, record_call, record_first_byte, record_resend};
 
@@ -88,7 +89,7 @@ impl tower::Service<Request<axum::body::Body>> for RelayService {
                         status.code(),
                     );
                     if let Some(agent) = &routed {
-                        relay.outcomes.record(&agent.to_string(), status.code());
+                        relay.outcomes.record(agent, status.code());
                     }
                     if let Some(s) = span.take() {
                         s.end(status.code() as i32, status.message());
@@ -163,7 +164,9 @@ async fn relay_call(
     // Sent again on another session when it provably did not reach the agent (`Attempts`).
     let body = Replay::new(req.into_body());
     let mut attempts = Attempts::default();
-    let (first, mut reader, cancel, active) = loop {
+    // The agent's counters (calls, bytes each way), looked up once the call reached it.
+    let mut counted: Option<Arc<AgentTraffic>> = None;
+    let (first, mut reader, cancel, active, traffic) = loop {
         let (mut request, response) = rpc::open(header.clone());
         let opened = relay
             .open_attempt(Some(&caller), &agent, &mut request, deadline, &mut attempts)
@@ -181,12 +184,15 @@ async fn relay_call(
         };
         let active = ActiveGuard::new(RelayKind::Grpc, permit);
         let cancel = CancellationToken::new();
+        let traffic = counted
+            .get_or_insert_with(|| relay.outcomes.agent(&agent))
+            .clone();
         tokio::spawn(pump_request(
             body.reader(),
             send,
             request,
-            cancel.clone(),
-            deadline,
+            (cancel.clone(), deadline),
+            traffic.clone(),
         ));
 
         let mut reader = Reader::new(recv, response);
@@ -217,7 +223,7 @@ async fn relay_call(
             }
         }
         body.settle();
-        break (first, reader, cancel, active);
+        break (first, reader, cancel, active, traffic);
     };
     let tenant = agent.tenant().to_owned();
     let mut resp = Response::new(axum::body::Body::empty());
@@ -231,7 +237,7 @@ async fn relay_call(
             // Trailers-only: the call failed before any response (or had no body).
             cancel.cancel();
             record_end(&tenant, code_of(&t));
-            relay.outcomes.record(&agent.to_string(), code_of(&t));
+            traffic.ended(code_of(&t));
             if let Some(s) = span_slot.take() {
                 s.end(code_of(&t) as i32, &message_of(&t));
             }
@@ -281,7 +287,7 @@ async fn relay_call(
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
         cancel,
         tenant,
-        outcome: (relay.outcomes.clone(), agent.to_string()),
+        traffic,
         bytes: relayed_bytes(Direction::FromAgent),
         done: false,
         span: span_slot.take(),
@@ -340,8 +346,8 @@ async fn pump_request(
     mut body: ReplayReader,
     mut send: SendStream,
     mut request: RequestSend,
-    cancel: CancellationToken,
-    deadline: Option<Instant>,
+    (cancel, deadline): (CancellationToken, Option<Instant>),
+    traffic: Arc<AgentTraffic>,
 ) {
     let bytes = relayed_bytes(Direction::ToAgent);
     let deadline = async {
@@ -362,6 +368,7 @@ async fn pump_request(
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     bytes.increment(data.len() as u64);
+                    traffic.to_agent(data.len() as u64);
                     let _ = request.data(data);
                     if flush(&mut send, &mut request).await.is_err() {
                         return;
@@ -400,8 +407,8 @@ struct ToCaller {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     cancel: CancellationToken,
     tenant: String,
-    /// Where the call's outcome is counted, and its agent.
-    outcome: (Arc<crate::relay::outcomes::CallOutcomes>, String),
+    /// The agent's counters: the call's outcome and its response bytes.
+    traffic: Arc<AgentTraffic>,
     bytes: metrics::Counter,
     /// The final frame was given (or the call was ended): nothing more is read.
     done: bool,
@@ -423,7 +430,7 @@ impl ToCaller {
     /// Counts the call as `code` and ends its span.
     fn record(&mut self, code: Code, message: &str) {
         record_end(&self.tenant, code);
-        self.outcome.0.record(&self.outcome.1, code);
+        self.traffic.ended(code);
         if let Some(s) = self.span.take() {
             s.end(code as i32, message);
         }
@@ -446,6 +453,7 @@ impl ToCaller {
         let (code, why) = match event {
             Ok(ResponseEvent::Data(b)) => {
                 self.bytes.increment(b.len() as u64);
+                self.traffic.from_agent(b.len() as u64);
                 return Some(Ok(Frame::data(b)));
             }
             Ok(ResponseEvent::Trailers(t)) => {

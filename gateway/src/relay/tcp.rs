@@ -21,6 +21,7 @@ use tunnel_proto::{ErrorCode, ProtoError};
 
 use crate::metrics::{Direction, RelayKind, relayed_bytes};
 use crate::relay::limits::StreamPermit;
+use crate::relay::outcomes::AgentTraffic;
 use crate::relay::{Attempts, Relay, record_call, record_first_byte, record_resend};
 
 /// `tether.v1.Streams`.
@@ -144,14 +145,12 @@ impl Streams for StreamsApi {
         };
         if let Err(status) = opened {
             span.end(status.code() as i32, status.message());
-            self.relay
-                .outcomes()
-                .record(&agent.to_string(), status.code());
+            self.relay.outcomes().record(&agent, status.code());
             return Err(status);
         }
-        self.relay
-            .outcomes()
-            .record(&agent.to_string(), tonic::Code::Ok);
+        // The agent's counters: this stream's opening, then its bytes each way.
+        let traffic = self.relay.outcomes().agent(&agent);
+        traffic.ended(tonic::Code::Ok);
         span.end(0, "");
         record_first_byte(RelayKind::Tcp, started);
         record_call(RelayKind::Tcp, agent.tenant(), tonic::Code::Ok);
@@ -164,11 +163,13 @@ impl Streams for StreamsApi {
         // reads the other.
         let mut inbound = req.into_inner();
         let to_agent_bytes = relayed_bytes(Direction::ToAgent);
+        let to_agent_traffic = traffic.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.next().await {
                     Some(Ok(chunk)) => {
                         to_agent_bytes.increment(chunk.data.len() as u64);
+                        to_agent_traffic.to_agent(chunk.data.len() as u64);
                         let _ = to_agent.write(chunk.data);
                     }
                     // The caller half-closed: so do we.
@@ -195,6 +196,7 @@ impl Streams for StreamsApi {
         let state = FromAgent {
             reader: Reader::new(recv, from_agent),
             bytes: relayed_bytes(Direction::FromAgent),
+            traffic,
             done: false,
             _permit: permit,
         };
@@ -212,6 +214,8 @@ impl Streams for StreamsApi {
 struct FromAgent {
     reader: Reader<RawRecv>,
     bytes: metrics::Counter,
+    /// The agent's counters.
+    traffic: Arc<AgentTraffic>,
     /// The final item was given: nothing more is read.
     done: bool,
     _permit: StreamPermit,
@@ -226,6 +230,7 @@ impl FromAgent {
         let failed = match self.reader.next().await {
             Ok(TcpEvent::Data(b)) => {
                 self.bytes.increment(b.len() as u64);
+                self.traffic.from_agent(b.len() as u64);
                 return Some(Ok(StreamChunk { data: b }));
             }
             Ok(TcpEvent::Finished) => {

@@ -186,7 +186,14 @@ impl GatewaySide<'_> {
         now: Instant,
     ) {
         let (agent, transport) = (self.agent, self.transport);
-        let (info, orders) = SessionInfo::new(
+        // With one gateway address, an agent keeps at most one session per live replica.
+        let wanted = match hello.gateway_addresses {
+            0 | 1 => hello
+                .sessions_wanted
+                .min(self.ctx.balance.live_replicas().max(1)),
+            _ => hello.sessions_wanted,
+        };
+        let (mut info, orders) = SessionInfo::new(
             self.session_id.to_owned(),
             agent.clone(),
             self.remote,
@@ -194,6 +201,7 @@ impl GatewaySide<'_> {
             (hello, version),
             self.cert,
         );
+        info.sessions_wanted = wanted;
         let info = self.ctx.registry.register(info);
         tracing::info!(%agent, session = %self.session_id, remote = %self.remote, %transport,
             agent_version = %info.hello.agent_version, "agent connected");
@@ -222,14 +230,24 @@ impl Side<GatewaySession> for GatewaySide<'_> {
                 self.established(session, (hello, version), now);
             }
             GatewayEvent::Left { reason } => self.left(session, &reason),
-            GatewayEvent::Heartbeat { rtt, pause } => {
+            GatewayEvent::Heartbeat {
+                rtt,
+                pause,
+                services,
+            } => {
                 // The next ack tells the agent of replicas that came or went.
                 session.set_live_replicas(self.ctx.balance.live_replicas());
-                if let Some(s) = &self.registered
-                    && s.set_pause(pause)
-                {
-                    // Other replicas show it too (a presence update: only on a change).
-                    self.ctx.registry.session_changed(s);
+                if let Some(s) = &self.registered {
+                    let mut changed = s.set_pause(pause);
+                    if let Some(services) = services {
+                        s.set_services(services);
+                        changed = true;
+                    }
+                    if changed {
+                        // Other replicas show it too (a presence update: only on a change,
+                        // never per heartbeat).
+                        self.ctx.registry.session_changed(s);
+                    }
                 }
                 if let Some(rtt) = rtt {
                     if let Some(s) = &self.registered {

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, broadcast, mpsc};
 use tunnel_proto::AgentId;
-use tunnel_proto::message::{GoAway, Hello, LEAVE};
+use tunnel_proto::message::{GoAway, Hello, LEAVE, ServiceEntry};
 
 use crate::tls::CertFacts;
 
@@ -53,6 +53,12 @@ pub struct SessionInfo {
     rtt: Mutex<Option<Duration>>,
     /// Paused by the agent's owner, and why (its `Hello`, then its heartbeats).
     pause: Mutex<Option<String>>,
+    /// The agent's allow-listed services (its `Hello`, then a heartbeat after a reload).
+    services: Mutex<Arc<[ServiceEntry]>>,
+    /// Sessions the agent process keeps in all, as reckoned when this one started
+    /// ([`Hello::sessions_wanted`], at most the live replicas when the agent has one gateway
+    /// address); 0: unknown. Set by the driver before registering.
+    pub sessions_wanted: u32,
     control: mpsc::UnboundedSender<SessionCommand>,
     asked_to_go: AtomicBool,
     left: AtomicBool,
@@ -104,6 +110,22 @@ impl SessionInfo {
     /// Paused by the agent's owner, and why.
     pub fn pause(&self) -> Option<String> {
         self.pause.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The agent's allow-list changed (a reload): these services now.
+    pub fn set_services(&self, services: Vec<ServiceEntry>) {
+        tracing::info!(agent = %self.agent, session = %self.session_id,
+            services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            "the agent's allow-list changed");
+        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = services.into();
+    }
+
+    /// The agent's allow-listed services, names and kinds.
+    pub fn services(&self) -> Arc<[ServiceEntry]> {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Asks the session's driver to do something; false if the session is already gone.
@@ -214,6 +236,8 @@ impl SessionInfo {
         // the TLS handshake over TCP took).
         let rtt = link.initial_rtt();
         let pause = hello.paused.then(|| hello.pause_reason.clone());
+        let services = hello.services.clone().into();
+        let sessions_wanted = hello.sessions_wanted;
         let info = SessionInfo {
             session_id,
             agent,
@@ -230,6 +254,8 @@ impl SessionInfo {
             agent_leaves,
             rtt: Mutex::new(rtt),
             pause: Mutex::new(pause),
+            services: Mutex::new(services),
+            sessions_wanted,
             control,
             asked_to_go: AtomicBool::new(false),
             left: AtomicBool::new(false),
@@ -307,8 +333,8 @@ struct Live {
 /// must not block. The replicas' presence writer is one.
 pub type RegistryObserver = Arc<dyn Fn(&RegistryEvent) + Send + Sync>;
 
-/// Told when a live session's state that other replicas show changed (the agent's pause):
-/// rare, never per heartbeat. Must not block.
+/// Told when a live session's state that other replicas show changed (the agent's pause, its
+/// allow-list): rare, never per heartbeat. Must not block.
 pub type SessionUpdater = Arc<dyn Fn(&Arc<SessionInfo>) + Send + Sync>;
 
 /// See the module docs.
@@ -372,7 +398,7 @@ impl Registry {
         self.updater.set(updater).is_ok()
     }
 
-    /// The agent of `session` changed its pause ([`SessionInfo::set_pause`] said so).
+    /// The agent of `session` changed its pause or its allow-list.
     pub fn session_changed(&self, session: &Arc<SessionInfo>) {
         if let Some(u) = self.updater.get() {
             u(session);

@@ -6,6 +6,7 @@
 //   row      <agent id>\n<tr>   replace the fleet row of that agent, or insert it in order
 //   remove   <agent id>         drop the fleet row of that agent
 //   replace  <element id>\n<x>  replace that element
+//   command  <command id>\n<tr> replace the commands list's row of that command, or append it
 // document.body.dataset.live is "open" while every stream is connected (tests wait on it).
 (function () {
   "use strict";
@@ -77,6 +78,21 @@
     es.addEventListener("remove", function (e) {
       var old = rowOf(el, e.data);
       if (old) old.remove();
+    });
+    es.addEventListener("command", function (e) {
+      var p = split(e.data);
+      var next = parse(p[1]);
+      if (!next) return;
+      var rows = el.querySelectorAll("tr[data-command]");
+      for (var i = 0; i < rows.length; i++) {
+        if (rows[i].getAttribute("data-command") === p[0]) {
+          rows[i].replaceWith(next);
+          return;
+        }
+      }
+      var none = el.querySelector("tr.none");
+      if (none) none.remove();
+      el.appendChild(next);
     });
     es.addEventListener("replace", function (e) {
       var p = split(e.data);

@@ -802,6 +802,10 @@ fn json_agent(a: &v1::Agent) -> serde_json::Value {
         "id": a.id,
         "connected": a.connected,
         "sessions": a.sessions.iter().map(json_session).collect::<Vec<_>>(),
+        // By the gateway answering, since it started.
+        "relayed_calls": a.relayed_calls,
+        "relayed_bytes_to_agent": a.relayed_bytes_to_agent,
+        "relayed_bytes_from_agent": a.relayed_bytes_from_agent,
     });
     // Only when the agent's owner paused it: the kill switch, enforced by the agent.
     if a.paused {
@@ -823,6 +827,15 @@ fn json_session(s: &v1::Session) -> serde_json::Value {
         "instance_id": s.instance_id,
         "labels": s.labels,
         "rtt": rtt(s),
+        "proxy": match v1::ProxyUse::try_from(s.proxy) {
+            Ok(v1::ProxyUse::ProxyDirect) => "direct",
+            Ok(v1::ProxyUse::ProxyHttp) => "http",
+            _ => "unknown",
+        },
+        "services": s.services.iter()
+            .map(|e| serde_json::json!({"name": e.name, "kind": e.kind}))
+            .collect::<Vec<_>>(),
+        "sessions_wanted": s.sessions_wanted,
     });
     if s.paused {
         j["paused"] = true.into();
