@@ -362,6 +362,21 @@ impl Approvals {
         Ok(decided)
     }
 
+    /// Forgets the wait of command `id`, which the gateway withdrew (cancelled, or expired
+    /// there): recorded in the ledger.
+    pub fn withdraw(&self, id: &str) {
+        let mut book = self.lock();
+        let Some(r) = book.remove(id) else { return };
+        if let Err(e) = self.persist(&book) {
+            tracing::error!(command = %id, error = %e, "could not forget a withdrawn approval");
+        }
+        metrics::gauge!("tether_agent_commands_awaiting_approval").set(pending(&book) as f64);
+        // At its TTL (within a second: the two clocks): the gateway expired it.
+        let expired = r.expires_ms.is_some_and(|e| e <= now_ms() + 1000);
+        tracing::info!(command = %id, kind = %r.kind, expired, "the gateway withdrew the command (cancelled or expired): its wait is forgotten");
+        self.record(&r, if expired { "expired" } else { "withdrawn" }, "", "");
+    }
+
     /// Forgets command `id` once its outcome is in the executor's record.
     pub fn forget(&self, id: &str) {
         let mut book = self.lock();

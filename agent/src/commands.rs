@@ -707,7 +707,14 @@ async fn wait_for_approval(
             changed = changes.changed() => if changed.is_err() {
                 return Waited::Left("awaiting_approval");
             },
-            _ = send.stopped() => return Waited::Left("awaiting_approval"),
+            code = send.stopped_code() => {
+                if code == Some(ErrorCode::WITHDRAWN) {
+                    // Cancelled or expired at the gateway: never delivered again.
+                    approvals.withdraw(id);
+                    return Waited::Left("approval_withdrawn");
+                }
+                return Waited::Left("awaiting_approval");
+            }
             _ = ttl => {
                 // Forgotten by `request`'s pruning; the gateway ends it EXPIRED.
                 let _ = approvals.list();

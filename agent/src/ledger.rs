@@ -154,7 +154,8 @@ pub enum Entry {
         command_kind: String,
         /// SHA-256 of the payload, hex: what was approved.
         payload_sha256: String,
-        /// `awaiting`, `approved`, `rejected`, `expired`.
+        /// `awaiting`, `approved`, `rejected`, `expired`, `withdrawn` (cancelled or expired at
+        /// the gateway).
         decision: String,
         /// Who decided (`--by`, else the user running `tether-agent approve|reject`).
         #[serde(skip_serializing_if = "String::is_empty")]

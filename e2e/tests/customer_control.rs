@@ -932,9 +932,36 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
             .arg(s.agent.config_path())
             .output()
             .unwrap();
-        !String::from_utf8_lossy(&o.stdout).contains(&expire)
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains(&expire)
     })
     .await;
+
+    // The vendor cancels a waiting command: CANCELLED, and the agent forgets the wait at once.
+    let cancelled = submit_on(&mut commands, "echo", "never mind", "g", None).await;
+    wait_state(&mut commands, &cancelled, CommandState::AwaitingApproval).await;
+    let c = commands
+        .cancel(tether_api::v1::CancelCommandRequest {
+            id: cancelled.clone(),
+        })
+        .await
+        .expect("a command awaiting approval can be cancelled")
+        .into_inner();
+    assert_eq!(c.state(), CommandState::Cancelled);
+    assert_eq!(
+        result_message(&c),
+        "cancelled while awaiting the data plane owner's approval"
+    );
+    wait_until("the agent forgets the cancelled wait", T, || {
+        let o = std::process::Command::new(binary("tether-agent"))
+            .args(["approvals", "--json", "--config"])
+            .arg(s.agent.config_path())
+            .output()
+            .unwrap();
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains(&cancelled)
+    })
+    .await;
+    let o = s.cli(&["approve", &cancelled]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
 
     // A wait survives the agent's restart (and the redeliveries it causes): it is still the
     // same wait, and approving it then runs it once.
@@ -983,6 +1010,7 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
         (Some("bob"), Some("change freeze"))
     );
     decision(&expire, "expired");
+    decision(&cancelled, "withdrawn");
     assert_eq!(decision(&kept, "approved")["by"], "carol");
     assert_eq!(
         records

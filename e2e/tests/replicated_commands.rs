@@ -711,6 +711,24 @@ async fn a_command_awaiting_approval_is_seen_by_every_replica_survives_the_lease
             .contains("not approved in the data plane before its TTL")),
         "{expired:?}"
     );
+    // Cancelled at a replica: CANCELLED, and the agent forgets the wait.
+    let mut req = submit_req(AGENT, "count", "withdrawn");
+    req.ordering_key = "c".into();
+    let withdrawn = submit_keyed(&mut c, req).await.id;
+    wait_until_state(&mut c, &withdrawn, CommandState::AwaitingApproval).await;
+    let cancelled = c
+        .cancel(CancelCommandRequest {
+            id: withdrawn.clone(),
+        })
+        .await
+        .expect("cancel a command awaiting approval")
+        .into_inner();
+    assert_eq!(cancelled.state(), CommandState::Cancelled);
+    let approvals = agent.handle.control.approvals().clone();
+    wait_until("the agent forgets the cancelled wait", T, || {
+        !approvals.list().iter().any(|r| r.id == withdrawn)
+    })
+    .await;
     // Approved in the agent's cluster: it runs, once.
     agent
         .handle

@@ -125,6 +125,10 @@ impl ErrorCode {
     /// older than the gateway's `agents.min_version`. The `Close` frame's reason names both
     /// versions; dialing again helps only once the agent is upgraded (or the minimum lowered).
     pub const UPGRADE_REQUIRED: ErrorCode = ErrorCode(17);
+    /// On a `Command` stream, from the gateway while the agent holds the command for its
+    /// owner's approval: the command was cancelled or expired, it will not be delivered again,
+    /// and the agent forgets its wait.
+    pub const WITHDRAWN: ErrorCode = ErrorCode(18);
     /// Peer links between gateway replicas (numbered from 0x100, apart from the tunnel's): the
     /// replica asked to carry a stream holds no session of its agent, and nothing reached the
     /// agent, so the stream may be sent to another replica.
@@ -154,6 +158,7 @@ impl ErrorCode {
             15 => "busy",
             16 => "drain_timeout",
             17 => "upgrade_required",
+            18 => "withdrawn",
             0x100 => "not_here",
             0x101 => "link_lost",
             _ => "unknown",

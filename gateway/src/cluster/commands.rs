@@ -430,8 +430,9 @@ pub enum NotCancelled {
     TooLate(Box<CommandRecord>),
 }
 
-/// Cancels a command still queued (any replica may: the holder's delivery write is
-/// conditional on the version this changes).
+/// Cancels a command still queued, or awaiting its owner's approval (any replica may: the
+/// holder's writes are conditional on the version this changes, and its delivery withdraws a
+/// wait from the agent when the cancel reaches it on the feed).
 pub async fn cancel(
     pool: &PgPool,
     id: &str,
@@ -440,7 +441,8 @@ pub async fn cancel(
     let Some(mut cmd) = get(pool, id).await? else {
         return Ok(Err(NotCancelled::NotFound));
     };
-    if cmd.state != CommandState::Queued {
+    let from = cmd.state;
+    if !matches!(from, CommandState::Queued | CommandState::AwaitingApproval) {
         return Ok(Err(NotCancelled::TooLate(Box::new(cmd))));
     }
     let expected = cmd.version;
@@ -448,8 +450,8 @@ pub async fn cancel(
     cmd.state = CommandState::Cancelled;
     cmd.finished = Some(now);
     cmd.version += 1;
-    cmd.result = Some(Outcome::message("cancelled"));
-    if !change_unleased(pool, &cmd, expected).await? {
+    cmd.result = Some(Outcome::message(crate::commands::cancelled_from(from)));
+    if !change_unleased(pool, &cmd, expected, from).await? {
         // Delivered (or expired) meanwhile.
         return match get(pool, id).await? {
             Some(c) => Ok(Err(NotCancelled::TooLate(Box::new(c)))),
@@ -460,18 +462,19 @@ pub async fn cancel(
 }
 
 /// A final transition any replica may make (Cancel, expiry): lands only while the command is
-/// still queued at `expected`.
+/// still at version `expected` in state `from`.
 async fn change_unleased(
     pool: &PgPool,
     cmd: &CommandRecord,
     expected: u64,
+    from: CommandState,
 ) -> Result<bool, sqlx::Error> {
     let (record, _) = split(cmd);
     let agent = cmd.agent.to_string();
     let mut tx = pool.begin().await?;
     let n = sqlx::query(
         "UPDATE commands SET state = $3, version = $4, finished_ms = $5, record = $6
-         WHERE id = $1 AND version = $2 AND state = 1",
+         WHERE id = $1 AND version = $2 AND state = $7",
     )
     .bind(&cmd.id)
     .bind(expected as i64)
@@ -479,6 +482,7 @@ async fn change_unleased(
     .bind(cmd.version as i64)
     .bind(ms(cmd.finished))
     .bind(&record)
+    .bind(state_col(from))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -516,7 +520,7 @@ pub async fn expire_due(
         cmd.finished = Some(now);
         cmd.version += 1;
         cmd.result = Some(Outcome::message("expired before delivery"));
-        if change_unleased(pool, &cmd, expected).await? {
+        if change_unleased(pool, &cmd, expected, CommandState::Queued).await? {
             out.push(cmd);
         }
     }

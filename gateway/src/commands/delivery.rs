@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use tether_runtime::stream::{Reader, StreamError, flush};
+use tether_runtime::transport::SendStream;
 use tunnel_proto::stream::StreamFailure;
 use tunnel_proto::stream::command::{GatewayCommand, ReportEvent};
 use tunnel_proto::{AgentId, ErrorCode, ProtoError};
@@ -324,8 +325,15 @@ impl Commands {
         flush(&mut send, &mut delivery)
             .await
             .map_err(DeliveryError::Send)?;
-        self.read_outcome(session, id, Reader::new(recv, delivery), outputs, permit)
-            .await
+        self.read_outcome(
+            session,
+            id,
+            &mut send,
+            Reader::new(recv, delivery),
+            outputs,
+            permit,
+        )
+        .await
     }
 
     /// Marks the command delivered (the first time) and counts the attempt, atomically with
@@ -406,6 +414,48 @@ impl Commands {
         )
     }
 
+    /// Resolves when a command awaiting approval is to be withdrawn from its agent: its TTL
+    /// ended (and this wrote `EXPIRED`), or it left `active` (cancelled, or expired by another
+    /// replica). Restarted at each of the delivery's events: `feed` keeps its place.
+    async fn withdrawn(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        deadline: Option<SystemTime>,
+        feed: &mut tokio::sync::broadcast::Receiver<Arc<CommandRecord>>,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        let ttl = async {
+            match deadline {
+                Some(at) => {
+                    let left = at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(std::time::Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(ttl);
+        let mut ttl_passed = false;
+        loop {
+            tokio::select! {
+                () = &mut ttl, if !ttl_passed => {
+                    ttl_passed = true;
+                    if self.expire_unapproved(agent, id).await || !self.is_active(agent, id) {
+                        return;
+                    }
+                }
+                ev = feed.recv() => match ev {
+                    Ok(c) if c.id == id && c.is_final() => return,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => if !self.is_active(agent, id) { return },
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                },
+            }
+        }
+    }
+
     /// Ends a command still awaiting approval at its TTL: `true` when it expired now.
     async fn expire_unapproved(&self, agent: &AgentId, id: &str) -> bool {
         let now = SystemTime::now();
@@ -435,6 +485,7 @@ impl Commands {
         &self,
         session: &SessionInfo,
         id: &str,
+        send: &mut SendStream,
         mut reader: Reader<GatewayCommand>,
         outputs: &Arc<tokio::sync::Semaphore>,
         permit: tokio::sync::OwnedSemaphorePermit,
@@ -442,33 +493,31 @@ impl Commands {
         let agent = &session.agent;
         let mut buffering = None;
         let mut permit = Some(permit);
-        // While the agent holds the command for approval: when its TTL ends the wait.
-        let mut deadline: Option<SystemTime> = None;
+        // While the agent holds the command for approval: its TTL (`Some(deadline)`), and the
+        // feed of transitions, to see it cancelled (or expired by another replica).
+        let mut awaiting: Option<(
+            Option<SystemTime>,
+            tokio::sync::broadcast::Receiver<Arc<CommandRecord>>,
+        )> = None;
         loop {
-            let event = match deadline {
+            let event = match awaiting.as_mut() {
                 None => reader.next().await,
-                Some(at) => {
-                    let left = at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(std::time::Duration::ZERO);
-                    tokio::select! {
-                        ev = reader.next() => ev,
-                        _ = tokio::time::sleep(left) => {
-                            deadline = None;
-                            // Dropping the stream tells the agent to stop waiting on it.
-                            if self.expire_unapproved(agent, id).await {
-                                return Ok(());
-                            }
-                            continue;
-                        }
+                Some((deadline, feed)) => tokio::select! {
+                    ev = reader.next() => ev,
+                    () = self.withdrawn(agent, id, *deadline, feed) => {
+                        // The agent forgets its wait when it sees this code.
+                        send.reset(ErrorCode::WITHDRAWN);
+                        reader.into_parts().0.stop(ErrorCode::WITHDRAWN);
+                        return Ok(());
                     }
-                }
+                },
             };
             match event.map_err(DeliveryError::Read)? {
                 ReportEvent::AwaitingApproval => {
                     // The wait holds no delivery permit: other lanes of this agent go on. Once
                     // approved it runs without one (approvals are a person's pace: few).
                     drop(permit.take());
+                    let feed = self.state.subscribe();
                     let write = self.state.agents.run(agent, |st| {
                         let c =
                             self.state
@@ -476,7 +525,7 @@ impl Commands {
                                     c.progress.clear();
                                     push_progress(&mut c.progress, awaiting_line(id));
                                 })?;
-                        deadline = c.expires;
+                        awaiting = Some((c.expires, feed));
                         Some(self.persist(c))
                     });
                     if let Some(write) = write.flatten() {
@@ -486,7 +535,7 @@ impl Commands {
                     }
                 }
                 ReportEvent::Acked => {
-                    deadline = None;
+                    awaiting = None;
                     self.state.agents.run(agent, |st| {
                         let cmd = self.state.transition(st, id, CommandState::Running, |c| {
                             if c.started.is_none() {

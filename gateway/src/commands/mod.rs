@@ -571,7 +571,8 @@ impl Commands {
         }
     }
 
-    /// Cancels a command that was not delivered yet.
+    /// Cancels a command that was not delivered yet, or one its agent holds for its owner's
+    /// approval (its delivery then withdraws it from the agent).
     pub async fn cancel(&self, id: &str) -> Result<CommandRecord, CommandError> {
         if let Some(r) = self.replicated() {
             return self.cancel_replicated(r, id).await;
@@ -580,12 +581,12 @@ impl Commands {
             self.state
                 .agents
                 .run(&agent, |st| match st.active.get(id).map(|c| c.state) {
-                    Some(CommandState::Queued) => {
+                    Some(from @ (CommandState::Queued | CommandState::AwaitingApproval)) => {
                         let cmd = self
                             .state
                             .transition(st, id, CommandState::Cancelled, |c| {
                                 c.finished = Some(SystemTime::now());
-                                c.result = Some(Outcome::message("cancelled"));
+                                c.result = Some(Outcome::message(cancelled_from(from)));
                             })
                             .ok_or_else(|| CommandError::NotFound(id.to_owned()));
                         Some(cmd.map(|cmd| {
@@ -649,6 +650,16 @@ impl Commands {
             });
             metrics::counter!("tether_gateway_command_expirations_total").increment(expired);
         }
+    }
+}
+
+/// A cancelled command's message, by the state it was cancelled in.
+pub(crate) fn cancelled_from(state: CommandState) -> &'static str {
+    match state {
+        CommandState::AwaitingApproval => {
+            "cancelled while awaiting the data plane owner's approval"
+        }
+        _ => "cancelled",
     }
 }
 
