@@ -1470,6 +1470,30 @@ pub fn is_final(c: &Command) -> bool {
 
 /// Polls `Get` until the command is in a final state (or panics after `timeout`).
 pub async fn wait_final(client: &mut CommandsClient, id: &str, timeout: Duration) -> Command {
+    wait_command(client, id, timeout, "final", is_final).await
+}
+
+/// Polls `Commands/Get` until command `id` is in `state` (or panics after `timeout`, naming the
+/// state it stayed in).
+pub async fn wait_command_state(
+    client: &mut CommandsClient,
+    id: &str,
+    state: tether_api::v1::CommandState,
+    timeout: Duration,
+) -> Command {
+    wait_command(client, id, timeout, state.as_str_name(), |c| {
+        c.state() == state
+    })
+    .await
+}
+
+async fn wait_command(
+    client: &mut CommandsClient,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Command) -> bool,
+) -> Command {
     let deadline = Instant::now() + timeout;
     loop {
         let c = client
@@ -1477,13 +1501,12 @@ pub async fn wait_final(client: &mut CommandsClient, id: &str, timeout: Duration
             .await
             .expect("get command")
             .into_inner();
-        if is_final(&c) {
+        if done(&c) {
             return c;
         }
         assert!(
             Instant::now() < deadline,
-            "command {id} not final after {timeout:?}: {:?}",
-            c.state()
+            "command {id} not {what} after {timeout:?}: {c:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

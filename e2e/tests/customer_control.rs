@@ -790,28 +790,25 @@ async fn submit_on(
     commands.submit(req).await.expect("submit").into_inner().id
 }
 
-/// Polls `Commands/Get` until `id` is in `state`; fails naming the state it stayed in.
 async fn wait_state(
     commands: &mut CommandsClient,
     id: &str,
     state: CommandState,
 ) -> tether_api::v1::Command {
-    let deadline = Instant::now() + T;
-    loop {
-        let c = commands
-            .get(tether_api::v1::GetCommandRequest { id: id.into() })
-            .await
-            .expect("get")
-            .into_inner();
-        if c.state() == state {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "command {id} never reached {state:?}: {c:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_command_state(commands, id, state, T).await
+}
+
+/// The commands waiting in the agent, as `tether-agent approvals --json` prints them (`None`
+/// when it fails).
+fn waits_listed(s: &Scene) -> Option<String> {
+    let o = std::process::Command::new(binary("tether-agent"))
+        .args(["approvals", "--json", "--config"])
+        .arg(s.agent.config_path())
+        .output()
+        .unwrap();
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn result_message(c: &tether_api::v1::Command) -> String {
@@ -927,12 +924,7 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
         "{expired:?}"
     );
     wait_until("the agent forgets the expired wait", T, || {
-        let o = std::process::Command::new(binary("tether-agent"))
-            .args(["approvals", "--json", "--config"])
-            .arg(s.agent.config_path())
-            .output()
-            .unwrap();
-        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains(&expire)
+        waits_listed(&s).is_some_and(|w| !w.contains(&expire))
     })
     .await;
 
@@ -952,12 +944,7 @@ async fn approvals_hold_their_kinds_until_approved_rejected_or_expired_across_re
         "cancelled while awaiting the data plane owner's approval"
     );
     wait_until("the agent forgets the cancelled wait", T, || {
-        let o = std::process::Command::new(binary("tether-agent"))
-            .args(["approvals", "--json", "--config"])
-            .arg(s.agent.config_path())
-            .output()
-            .unwrap();
-        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains(&cancelled)
+        waits_listed(&s).is_some_and(|w| !w.contains(&cancelled))
     })
     .await;
     let o = s.cli(&["approve", &cancelled]).await;

@@ -558,17 +558,23 @@ async fn a_pause_and_an_allow_list_the_agents_owner_changes_are_shown_by_every_r
         replicas_of(&gws[1], &pki, "acme/p").await == strings(&["r1"])
     })
     .await;
-    let paused_at = |i: usize| {
+    let get = |i: usize| {
         let (gw, pki) = (&gws[i], &pki);
         async move {
-            let a = agents_client(gw, pki)
+            agents_client(gw, pki)
                 .await
                 .get(GetAgentRequest {
                     agent: "acme/p".into(),
                 })
                 .await
                 .expect("get")
-                .into_inner();
+                .into_inner()
+        }
+    };
+    let paused_at = |i: usize| {
+        let get = &get;
+        async move {
+            let a = get(i).await;
             let reasons: Vec<String> = a.sessions.iter().map(|s| s.pause_reason.clone()).collect();
             (a.paused, reasons)
         }
@@ -605,15 +611,7 @@ async fn a_pause_and_an_allow_list_the_agents_owner_changes_are_shown_by_every_r
     );
     agent.handle.control.apply(cfg).expect("reload");
     eventually("r2 lists the added service", T, || async {
-        let a = agents_client(&gws[1], &pki)
-            .await
-            .get(GetAgentRequest {
-                agent: "acme/p".into(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
-        a.sessions.iter().any(|s| {
+        get(1).await.sessions.iter().any(|s| {
             s.services
                 .iter()
                 .any(|v| v.name == "added" && v.kind == "tcp")

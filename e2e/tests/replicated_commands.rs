@@ -750,22 +750,10 @@ async fn get(c: &mut CommandsClient, id: &str) -> tether_api::v1::Command {
         .into_inner()
 }
 
-/// Polls `Get` until `id` is in `state`.
 async fn wait_until_state(
     c: &mut CommandsClient,
     id: &str,
     state: CommandState,
 ) -> tether_api::v1::Command {
-    let deadline = Instant::now() + T;
-    loop {
-        let got = get(c, id).await;
-        if got.state() == state {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} never reached {state:?}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_command_state(c, id, state, T).await
 }
