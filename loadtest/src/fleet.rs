@@ -678,7 +678,9 @@ fn start_lean(
         services: Arc::new(services),
         hello: Hello {
             versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
-            agent_version: format!("loadtest-{}", env!("CARGO_PKG_VERSION")),
+            // The agent's own version, as a real agent of this release announces it (a name
+            // that is no semantic version is an unsupported skew: every agent degraded).
+            agent_version: tether_agent::VERSION.to_owned(),
             capabilities: vec![
                 "relay".into(),
                 "commands".into(),

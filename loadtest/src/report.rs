@@ -377,6 +377,8 @@ pub struct ConsolePage {
     pub failed: usize,
     /// Bytes of HTML of the last load.
     pub bytes: usize,
+    /// Agents' rows on it (`<tr data-agent=`).
+    pub rows: usize,
     /// From sending the request to the last byte of the page, over a kept-alive connection.
     pub latency: Latency,
 }
@@ -945,16 +947,22 @@ fn console_md(s: &mut String, x: &Console) {
     for p in [&x.fleet_page, &x.filtered_page] {
         let _ = writeln!(
             s,
-            "- `GET {}`: {} bytes, {} failed; {}",
+            "- `GET {}`: {} bytes, {} rows, {} failed; {}",
             p.path,
             p.bytes,
+            p.rows,
             p.failed,
             quantiles(&p.latency)
         );
     }
     let _ = writeln!(
         s,
-        "- live updates on `{}`, {} agents stopped and started again one at a time, {} missed:\n           - disconnect (close → `offline` row): {}\n           - connect (session established → `online` row): {}\n           - connect from the dial: {}\n         - events {:?}, {} bytes in all; a `row` {:.0} bytes, the counts {:.0} bytes on average\n         - gateway CPU during the changes: {}",
+        "- live updates on `{}`, {} agents stopped and started again one at a time, {} missed:\n  \
+         - disconnect (close → `offline` row): {}\n  \
+         - connect (session established → `online` row): {}\n  \
+         - connect from the dial: {}\n\
+         - events {:?}, {} bytes in all; a `row` {:.0} bytes, the counts {:.0} bytes on average\n\
+         - gateway CPU during the changes: {}",
         x.stream,
         x.changes,
         x.missed,

@@ -1065,7 +1065,7 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     // Pages: the fleet page and a filtered page in the middle of the fleet, each loaded once
     // untimed, then CONSOLE_LOADS times one after another.
     let middle = (ctx.n().div_ceil(50) / 2).max(1);
-    let filtered = format!("/ui/?tenant={TENANT}&status=online&page={middle}");
+    let filtered = format!("/ui/?tenant={TENANT}&status=online&version={}&page={middle}", tether_agent::VERSION);
     let mut pages = Vec::new();
     let mut fleet_html = String::new();
     for path in ["/ui/", filtered.as_str()] {
@@ -1078,24 +1078,26 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
             )));
         }
         let mut h = driver::histogram();
-        let (mut failed, mut bytes) = (0, first.body.len());
+        let (mut failed, mut body) = (0, first.body);
         for _ in 0..CONSOLE_LOADS {
             match c.get(path).await {
                 Ok(p) if p.status == http::StatusCode::OK => {
                     h.saturating_record(p.took.as_micros().max(1) as u64);
-                    bytes = p.body.len();
-                    if path == "/ui/" {
-                        fleet_html = String::from_utf8_lossy(&p.body).into_owned();
-                    }
+                    body = p.body;
                 }
                 _ => failed += 1,
             }
+        }
+        let html = String::from_utf8_lossy(&body);
+        if path == "/ui/" {
+            fleet_html = html.clone().into_owned();
         }
         pages.push(report::ConsolePage {
             path: path.to_owned(),
             loads: CONSOLE_LOADS,
             failed,
-            bytes,
+            bytes: body.len(),
+            rows: html.matches("<tr data-agent=").count(),
             latency: Latency::from_histogram(&h),
         });
     }
