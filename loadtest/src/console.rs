@@ -66,8 +66,8 @@ impl ConsoleClient {
         link: &str,
     ) -> Result<ConsoleClient, LoadError> {
         let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| err(format!("{}: {e}", ca.display())))?;
+        let certs =
+            CertificateDer::pem_file_iter(ca).map_err(|e| err(format!("{}: {e}", ca.display())))?;
         for c in certs {
             let c = c.map_err(|e| err(format!("{}: {e}", ca.display())))?;
             roots
@@ -139,7 +139,9 @@ impl ConsoleClient {
         if guard.as_ref().is_none_or(SendRequest::is_closed) {
             *guard = Some(self.connect().await?);
         }
-        let send = guard.as_mut().expect("a page connection, just opened if need be");
+        let send = guard
+            .as_mut()
+            .expect("a page connection, just opened if need be");
         send.ready()
             .await
             .map_err(|e| err(format!("{path}: {e}")))?;
@@ -383,7 +385,11 @@ mod tests {
         let row = "event: row\ndata: load/a00001\ndata: <tr data-agent=\"load/a00001\" class=\"offline\">\n\n";
         assert_eq!(whole[0].wire_len, row.len());
         let replace = "event: replace\ndata: counts\ndata: <p>\n\n";
-        assert_eq!(whole[1].wire_len, replace.len(), "CR LF counted as one byte");
+        assert_eq!(
+            whole[1].wire_len,
+            replace.len(),
+            "CR LF counted as one byte"
+        );
     }
 
     #[test]

@@ -1048,11 +1048,9 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     pb.enable_steady_tick(Duration::from_millis(200));
     pb.set_message("console: login");
     let t = Instant::now();
-    let link = ctx
-        .driver
-        .login_link(0)
-        .await
-        .map_err(|s| LoadError::Driver(format!("CreateLoginLink: {:?}: {}", s.code(), s.message())))?;
+    let link = ctx.driver.login_link(0).await.map_err(|s| {
+        LoadError::Driver(format!("CreateLoginLink: {:?}: {}", s.code(), s.message()))
+    })?;
     let c = ConsoleClient::login(
         &ctx.northbounds[0],
         &ctx.opts.server_name,
@@ -1065,7 +1063,10 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     // Pages: the fleet page and a filtered page in the middle of the fleet, each loaded once
     // untimed, then CONSOLE_LOADS times one after another.
     let middle = (ctx.n().div_ceil(50) / 2).max(1);
-    let filtered = format!("/ui/?tenant={TENANT}&status=online&version={}&page={middle}", tether_agent::VERSION);
+    let filtered = format!(
+        "/ui/?tenant={TENANT}&status=online&version={}&page={middle}",
+        tether_agent::VERSION
+    );
     let mut pages = Vec::new();
     let mut fleet_html = String::new();
     for path in ["/ui/", filtered.as_str()] {
