@@ -113,6 +113,9 @@ pub struct RunOptions {
     /// Agents in the fleet.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
+    /// Timed loads of each console page (console scenario).
+    #[arg(long, default_value_t = 30)]
+    pub console_loads: usize,
     /// Gateway replicas to start, on a local PostgreSQL started for the run (Debian's
     /// `postgresql`), as `tether-gateway dev --replicas N` does; agents are spread over them
     /// round robin. 1: one gateway on its embedded store.

@@ -379,6 +379,9 @@ pub struct ConsolePage {
     pub bytes: usize,
     /// Agents' rows on it (`<tr data-agent=`).
     pub rows: usize,
+    /// Gateway CPU over the timed loads per load, milliseconds (the quiet rate of
+    /// [`Console::gateway_quiet_cpu_pct`] not taken off).
+    pub gateway_cpu_ms_per_load: Option<f64>,
     /// From sending the request to the last byte of the page, over a kept-alive connection.
     pub latency: Latency,
 }
@@ -388,6 +391,9 @@ pub struct ConsolePage {
 pub struct Console {
     /// Login: `CreateLoginLink`, then following the link to the session cookie, seconds.
     pub login_s: f64,
+    /// Gateway CPU over a quiet second before the page loads (heartbeats of the fleet),
+    /// percent of one core.
+    pub gateway_quiet_cpu_pct: Option<f64>,
     /// The fleet page, `/ui/`.
     pub fleet_page: ConsolePage,
     /// A page with filters.
@@ -941,18 +947,21 @@ fn quantiles(l: &Latency) -> String {
 fn console_md(s: &mut String, x: &Console) {
     let _ = writeln!(
         s,
-        "\n## console\n\n- login (CreateLoginLink, then the link to the cookie): {:.3} s",
-        x.login_s
+        "\n## console\n\n- login (CreateLoginLink, then the link to the cookie): {:.3} s\n\
+         - gateway CPU over a quiet second before the loads: {} % of a core",
+        x.login_s,
+        opt(x.gateway_quiet_cpu_pct.map(|c| format!("{c:.1}")), "")
     );
     for p in [&x.fleet_page, &x.filtered_page] {
         let _ = writeln!(
             s,
-            "- `GET {}`: {} bytes, {} rows, {} failed; {}",
+            "- `GET {}`: {} bytes, {} rows, {} failed; {}; gateway CPU {} ms a load",
             p.path,
             p.bytes,
             p.rows,
             p.failed,
-            quantiles(&p.latency)
+            quantiles(&p.latency),
+            opt(p.gateway_cpu_ms_per_load.map(|c| format!("{c:.1}")), "")
         );
     }
     let _ = writeln!(

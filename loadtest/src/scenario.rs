@@ -1035,8 +1035,6 @@ async fn soak(ctx: &Ctx) -> report::Soak {
 
 // === console ===
 
-/// Timed loads of each console page.
-const CONSOLE_LOADS: usize = 30;
 /// Agents stopped and started again on the fleet page's event stream, one at a time.
 const CONSOLE_CHANGES: usize = 20;
 /// Longest wait for one change's row on the stream.
@@ -1062,6 +1060,14 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
 
     // Pages: the fleet page and a filtered page in the middle of the fleet, each loaded once
     // untimed, then CONSOLE_LOADS times one after another.
+    // What the gateway spends with no page asked for (the fleet's heartbeats), to tell a
+    // page's own CPU apart.
+    let cpu = |r: Option<procstat::ProcReading>| r.map(|r| r.cpu_secs);
+    let (c0, t0) = (cpu(ctx.sampler.gateway_now()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = c0
+        .zip(cpu(ctx.sampler.gateway_now()))
+        .map(|(a, b)| (b - a) / t0.elapsed().as_secs_f64() * 100.0);
     let middle = (ctx.n().div_ceil(50) / 2).max(1);
     let filtered = format!(
         "/ui/?tenant={TENANT}&status=online&version={}&page={middle}",
@@ -1070,7 +1076,7 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     let mut pages = Vec::new();
     let mut fleet_html = String::new();
     for path in ["/ui/", filtered.as_str()] {
-        pb.set_message(format!("console: {CONSOLE_LOADS} loads of {path}"));
+        pb.set_message(format!("console: {} loads of {path}", ctx.opts.console_loads));
         let first = c.get(path).await?;
         if first.status != http::StatusCode::OK {
             return Err(LoadError::Driver(format!(
@@ -1080,7 +1086,8 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
         }
         let mut h = driver::histogram();
         let (mut failed, mut body) = (0, first.body);
-        for _ in 0..CONSOLE_LOADS {
+        let c0 = cpu(ctx.sampler.gateway_now());
+        for _ in 0..ctx.opts.console_loads {
             match c.get(path).await {
                 Ok(p) if p.status == http::StatusCode::OK => {
                     h.saturating_record(p.took.as_micros().max(1) as u64);
@@ -1089,14 +1096,17 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
                 _ => failed += 1,
             }
         }
+        let spent = c0.zip(cpu(ctx.sampler.gateway_now())).map(|(a, b)| b - a);
         let html = String::from_utf8_lossy(&body);
         if path == "/ui/" {
             fleet_html = html.clone().into_owned();
         }
         pages.push(report::ConsolePage {
             path: path.to_owned(),
-            loads: CONSOLE_LOADS,
+            loads: ctx.opts.console_loads,
             failed,
+            gateway_cpu_ms_per_load: spent
+                .map(|s| s * 1000.0 / ctx.opts.console_loads.max(1) as f64),
             bytes: body.len(),
             rows: html.matches("<tr data-agent=").count(),
             latency: Latency::from_histogram(&h),
@@ -1111,6 +1121,7 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     let mut events = c.events(&stream).await?;
     let mut r = report::Console {
         login_s,
+        gateway_quiet_cpu_pct: quiet,
         fleet_page,
         filtered_page,
         stream: stream.clone(),
