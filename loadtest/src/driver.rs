@@ -1,8 +1,8 @@
 //! The driver: talks to the gateway's northbound API only, as a control plane would — relayed
 //! unary calls and server streams to agents (`tether.demo.v1.Echo`, routed with
-//! `tether-agent`), durable commands (`tether.v1.Commands`) and the agent list
-//! (`tether.v1.Agents`), console login links (`tether.v1.Console`) — over a few HTTP/2 connections with a client certificate to each
-//! gateway replica. A relayed call goes to the replica the caller names (`via`): the one
+//! `tether-agent`), durable commands (`tether.v1.Commands`), the agent list
+//! (`tether.v1.Agents`) and console login links (`tether.v1.Console`) — over a few HTTP/2
+//! connections with a client certificate to each gateway replica. A relayed call goes to the replica the caller names (`via`): the one
 //! holding the agent's session, or another that must forward it.
 
 use std::collections::BTreeMap;

@@ -1076,7 +1076,10 @@ async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
     let mut pages = Vec::new();
     let mut fleet_html = String::new();
     for path in ["/ui/", filtered.as_str()] {
-        pb.set_message(format!("console: {} loads of {path}", ctx.opts.console_loads));
+        pb.set_message(format!(
+            "console: {} loads of {path}",
+            ctx.opts.console_loads
+        ));
         let first = c.get(path).await?;
         if first.status != http::StatusCode::OK {
             return Err(LoadError::Driver(format!(
