@@ -12,7 +12,9 @@
 //!   a lean agent asked to go leaves the session at once when another of its sessions is up
 //!   (its `GoAway`, new streams refused with `REFUSED_STREAM`, which the gateway sends again
 //!   elsewhere; the gateway closes the session once its streams are done), then dials another
-//!   replica for it; with no other session up it stays until the gateway closes it.
+//!   replica for it; with no other session up it stays until the gateway closes it. A lean
+//!   agent can be switched off and on again ([`Fleet::stop_agent`], [`Fleet::start_agent`]):
+//!   it closes its sessions as a stopping agent does, then dials at once when switched on.
 //!   Reconnects use the same full-jitter [`Backoff`] with the agent's defaults. Each agent keeps `connections`
 //!   sessions on distinct replicas, as a real agent behind one load-balanced address does:
 //!   agent `i`'s `k`-th session first dials replica `(i + k) mod N`, and after it ends or a
