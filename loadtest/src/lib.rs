@@ -144,7 +144,7 @@ pub struct RunOptions {
     /// Scenarios, comma-separated, run in this order (the fleet always ramps up first).
     #[arg(long, value_delimiter = ',', default_value = "ramp,broadcast,commands")]
     pub scenario: Vec<Scenario>,
-    /// Report directory (default: loadtest-report/<unix time>).
+    /// Report directory (default: `loadtest-report/<unix time>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `lean` agents (default) or `full` tether_agent instances.
