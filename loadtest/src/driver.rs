@@ -1,8 +1,8 @@
 //! The driver: talks to the gateway's northbound API only, as a control plane would — relayed
 //! unary calls and server streams to agents (`tether.demo.v1.Echo`, routed with
-//! `tether-agent`), durable commands (`tether.v1.Commands`) and the agent list
-//! (`tether.v1.Agents`) — over a few HTTP/2 connections with a client certificate to each
-//! gateway replica. A relayed call goes to the replica the caller names (`via`): the one
+//! `tether-agent`), durable commands (`tether.v1.Commands`), the agent list
+//! (`tether.v1.Agents`) and console login links (`tether.v1.Console`) — over a few HTTP/2
+//! connections with a client certificate to each gateway replica. A relayed call goes to the replica the caller names (`via`): the one
 //! holding the agent's session, or another that must forward it.
 
 use std::collections::BTreeMap;
@@ -246,6 +246,17 @@ impl Driver {
             }
             token = page.next_page_token;
         }
+    }
+
+    /// A single-use console login link from replica `via`
+    /// (`tether.v1.Console/CreateLoginLink`, as `tetherctl console` asks for it): its path,
+    /// `/ui/login?code=…`.
+    pub async fn login_link(&self, via: usize) -> Result<String, tonic::Status> {
+        let link = v1::console_client::ConsoleClient::new(self.channel_to(via))
+            .create_login_link(v1::CreateLoginLinkRequest {})
+            .await?
+            .into_inner();
+        Ok(link.path)
     }
 
     /// Agents of `tenant` the gateway lists as connected.

@@ -12,7 +12,9 @@
 //!   a lean agent asked to go leaves the session at once when another of its sessions is up
 //!   (its `GoAway`, new streams refused with `REFUSED_STREAM`, which the gateway sends again
 //!   elsewhere; the gateway closes the session once its streams are done), then dials another
-//!   replica for it; with no other session up it stays until the gateway closes it.
+//!   replica for it; with no other session up it stays until the gateway closes it. A lean
+//!   agent can be switched off and on again ([`Fleet::stop_agent`], [`Fleet::start_agent`]):
+//!   it closes its sessions as a stopping agent does, then dials at once when switched on.
 //!   Reconnects use the same full-jitter [`Backoff`] with the agent's defaults. Each agent keeps `connections`
 //!   sessions on distinct replicas, as a real agent behind one load-balanced address does:
 //!   agent `i`'s `k`-th session first dials replica `(i + k) mod N`, and after it ends or a
@@ -106,6 +108,8 @@ struct Place {
     up: std::sync::atomic::AtomicBool,
     /// When its last session ended (the agent noticed), until the next one is up.
     down_at: Mutex<Option<Instant>>,
+    /// When its last session was established (the agent read the `Welcome`).
+    up_at: Mutex<Option<Instant>>,
 }
 
 struct Shared {
@@ -121,6 +125,9 @@ struct Shared {
     log: Mutex<EventLog>,
     handshakes: Option<Arc<Semaphore>>,
     stop: CancellationToken,
+    /// Per lean agent: whether it is on ([`Fleet::stop_agent`], [`Fleet::start_agent`]). An
+    /// agent switched off closes its sessions (`SHUTDOWN`) and dials again only once on.
+    on: Vec<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Shared {
@@ -227,8 +234,15 @@ impl Fleet {
                 replica: AtomicUsize::new((j / per + j % per) % replicas),
                 up: Default::default(),
                 down_at: Default::default(),
+                up_at: Default::default(),
             })
             .collect();
+        let on = match settings.mode {
+            FleetMode::Lean => (0..total)
+                .map(|_| tokio::sync::watch::Sender::new(true))
+                .collect(),
+            FleetMode::Full => Vec::new(),
+        };
         let shared = Arc::new(Shared {
             places,
             handshakes: (settings.max_handshakes > 0)
@@ -241,6 +255,7 @@ impl Fleet {
             leaves: AtomicU64::new(0),
             log: Mutex::new(EventLog::default()),
             stop: CancellationToken::new(),
+            on,
         });
         let full = Arc::new(Mutex::new(Vec::new()));
         let ramp = tokio::spawn(ramp(
@@ -372,6 +387,39 @@ impl Fleet {
             .iter()
             .map(|h| h.status.reconnect_delays())
             .collect()
+    }
+
+    /// Switches lean agent `i` off: its sessions close (`SHUTDOWN`, as an agent that stops)
+    /// and it does not dial again until [`start_agent`](Self::start_agent). Full agents cannot
+    /// be switched (an error).
+    pub fn stop_agent(&self, i: usize) -> Result<(), LoadError> {
+        self.switch(i, false)
+    }
+
+    /// Switches lean agent `i` on again: it dials at once.
+    pub fn start_agent(&self, i: usize) -> Result<(), LoadError> {
+        self.switch(i, true)
+    }
+
+    fn switch(&self, i: usize, on: bool) -> Result<(), LoadError> {
+        let s = self.shared.on.get(i).ok_or_else(|| {
+            LoadError::Usage(format!(
+                "agent {i} cannot be stopped or started: only lean agents can, and there are {}",
+                self.shared.on.len()
+            ))
+        })?;
+        s.send_replace(on);
+        Ok(())
+    }
+
+    /// When lean agent `i`'s latest session was established (the agent read the gateway's
+    /// `Welcome`), if ever.
+    pub fn last_up(&self, i: usize) -> Option<Instant> {
+        self.shared
+            .agent_places(i)
+            .iter()
+            .filter_map(|p| *p.up_at.lock().unwrap_or_else(|e| e.into_inner()))
+            .max()
     }
 
     /// Waits until `n` agents are connected or `timeout` passes; true if reached.
@@ -632,7 +680,9 @@ fn start_lean(
         services: Arc::new(services),
         hello: Hello {
             versions: tunnel_proto::SUPPORTED_VERSIONS.to_vec(),
-            agent_version: format!("loadtest-{}", env!("CARGO_PKG_VERSION")),
+            // The agent's own version, as a real agent of this release announces it (a name
+            // that is no semantic version is an unsupported skew: every agent degraded).
+            agent_version: tether_agent::VERSION.to_owned(),
             capabilities: vec![
                 "relay".into(),
                 "commands".into(),
@@ -668,7 +718,16 @@ async fn run_lean(
     let place = &shared.places[slot];
     let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
     let mut first = true;
+    let mut on = shared.on[index].subscribe();
     loop {
+        // Switched off: no dial until switched on again.
+        if !*on.borrow_and_update() {
+            tokio::select! {
+                r = on.wait_for(|on| *on) => if r.is_err() { return },
+                _ = shared.stop.cancelled() => return,
+            }
+            backoff.reset();
+        }
         if !first && s.gateways.len() > 1 {
             // Redialing: lands on the next replica, as through a load balancer, but never on
             // one where the agent's other sessions are (a real agent names those in its
@@ -721,8 +780,16 @@ async fn run_lean(
         };
         let outcome = match dialed {
             Ok((link, control)) => {
-                let established =
-                    session(&agent, &shared, (index, place), link, control, permit).await;
+                let established = session(
+                    &agent,
+                    &shared,
+                    (index, place),
+                    link,
+                    control,
+                    permit,
+                    on.clone(),
+                )
+                .await;
                 if established {
                     backoff.reset();
                 }
@@ -742,6 +809,10 @@ async fn run_lean(
         let _ = outcome;
         if shared.stop.is_cancelled() {
             return;
+        }
+        if !*on.borrow() {
+            // Switched off: the top of the loop waits to be switched on, then dials at once.
+            continue;
         }
         let delay = backoff.next_delay(rand::random::<f64>());
         shared.log().delays.push((Instant::now(), delay));
@@ -763,6 +834,7 @@ async fn session(
         tether_runtime::transport::RecvStream,
     ),
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    mut on: tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     // Streams the gateway opens (relayed calls, commands, probes); ends with the connection.
     let stats = Arc::new(LinkStats::default());
@@ -799,6 +871,7 @@ async fn session(
                     shared.sessions_up.fetch_add(1, Ordering::Relaxed);
                     shared.sessions.fetch_add(1, Ordering::Relaxed);
                     let now = Instant::now();
+                    *place.up_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                     let down_at = place
                         .down_at
                         .lock()
@@ -848,6 +921,11 @@ async fn session(
             _ = shared.stop.cancelled(), if !stopping => {
                 stopping = true;
                 session.close(ErrorCode::SHUTDOWN, "load test over");
+            }
+            r = on.wait_for(|on| !*on), if !stopping => {
+                drop(r);
+                stopping = true;
+                session.close(ErrorCode::SHUTDOWN, "agent stopped by the load test");
             }
         }
     };

@@ -6,6 +6,7 @@
 //! ```text
 //! tether-loadtest run --agents 10000 --scenario ramp,broadcast,commands,storm,soak
 //! tether-loadtest run --agents 3000 --replicas 3 --scenario ramp,broadcast,rolling
+//! tether-loadtest run --agents 10000 --ramp-rate 500 --scenario ramp,console
 //! ```
 //!
 //! # Layout
@@ -14,14 +15,18 @@
 //!   starts, kills and restarts (one, or `--replicas N` on a local PostgreSQL), or an existing
 //!   one;
 //! - [`fleet`] (transport + session + feature): the simulated agents;
-//! - [`driver`] (northbound client): relayed calls, commands, the agent list;
+//! - [`driver`] (northbound client): relayed calls, commands, the agent list, console login
+//!   links;
+//! - [`console`] (northbound client, HTTPS): the web console as a browser uses it: login,
+//!   pages, server-sent events;
 //! - [`procstat`] (backend): RSS and CPU of each gateway replica and of this process, over time;
-//! - [`scenario`]: `ramp`, `broadcast`, `commands`, `storm`, `soak`, `rolling`, and [`run`]
-//!   that wires them;
+//! - [`scenario`]: `ramp`, `broadcast`, `commands`, `storm`, `soak`, `rolling`, `console`, and
+//!   [`run`] that wires them;
 //! - [`report`]: `report.json`, `report.md`, and [`chart`]: the SVG charts (plotters).
 #![warn(missing_docs)]
 
 pub mod chart;
+pub mod console;
 pub mod driver;
 pub mod fleet;
 pub mod gateway;
@@ -77,6 +82,10 @@ pub enum Scenario {
     /// Steady mixed load while each replica in turn is stopped (SIGTERM: it drains) and
     /// started again; counts failed calls, lost commands and cut streams.
     Rolling,
+    /// The web console with the fleet connected: log in through a login link, load the fleet
+    /// page and a filtered one, and time the live update of agents stopped and started again
+    /// (lean fleet) on the fleet page's event stream.
+    Console,
 }
 
 impl Scenario {
@@ -89,6 +98,7 @@ impl Scenario {
             Scenario::Storm => "storm",
             Scenario::Soak => "soak",
             Scenario::Rolling => "rolling",
+            Scenario::Console => "console",
         }
     }
 }
@@ -103,6 +113,9 @@ pub struct RunOptions {
     /// Agents in the fleet.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
+    /// Timed loads of each console page (console scenario).
+    #[arg(long, default_value_t = 30)]
+    pub console_loads: usize,
     /// Gateway replicas to start, on a local PostgreSQL started for the run (Debian's
     /// `postgresql`), as `tether-gateway dev --replicas N` does; agents are spread over them
     /// round robin. 1: one gateway on its embedded store.
@@ -131,7 +144,7 @@ pub struct RunOptions {
     /// Scenarios, comma-separated, run in this order (the fleet always ramps up first).
     #[arg(long, value_delimiter = ',', default_value = "ramp,broadcast,commands")]
     pub scenario: Vec<Scenario>,
-    /// Report directory (default: loadtest-report/<unix time>).
+    /// Report directory (default: `loadtest-report/<unix time>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `lean` agents (default) or `full` tether_agent instances.

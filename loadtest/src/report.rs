@@ -366,6 +366,63 @@ pub struct Rolling {
     pub sessions_left: u64,
 }
 
+/// Loads of one console page.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConsolePage {
+    /// Its path and query.
+    pub path: String,
+    /// Loads timed (after one untimed).
+    pub loads: usize,
+    /// Loads that failed or did not answer 200.
+    pub failed: usize,
+    /// Bytes of HTML of the last load.
+    pub bytes: usize,
+    /// Agents' rows on it (`<tr data-agent=`).
+    pub rows: usize,
+    /// Gateway CPU over the timed loads per load, milliseconds (the quiet rate of
+    /// [`Console::gateway_quiet_cpu_pct`] not taken off).
+    pub gateway_cpu_ms_per_load: Option<f64>,
+    /// From sending the request to the last byte of the page, over a kept-alive connection.
+    pub latency: Latency,
+}
+
+/// `console`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Console {
+    /// Login: `CreateLoginLink`, then following the link to the session cookie, seconds.
+    pub login_s: f64,
+    /// Gateway CPU over a quiet second before the page loads (heartbeats of the fleet),
+    /// percent of one core.
+    pub gateway_quiet_cpu_pct: Option<f64>,
+    /// The fleet page, `/ui/`.
+    pub fleet_page: ConsolePage,
+    /// A page with filters.
+    pub filtered_page: ConsolePage,
+    /// The fleet page's event stream, as its `data-live` names it.
+    pub stream: String,
+    /// Agents stopped and started again, one change at a time.
+    pub changes: usize,
+    /// From an agent's close (`SHUTDOWN`) to its `offline` row arriving on the stream.
+    pub disconnect: Latency,
+    /// From an agent's session established (the agent read the `Welcome`) to its `online`
+    /// row arriving.
+    pub connect: Latency,
+    /// From an agent's dial to its `online` row arriving (the QUIC handshake included).
+    pub connect_from_dial: Latency,
+    /// Changes whose row did not arrive within the wait.
+    pub missed: usize,
+    /// Events read on the stream, by name.
+    pub events: std::collections::BTreeMap<String, usize>,
+    /// Mean bytes of a `row` event (as `text/event-stream` carries it).
+    pub row_event_bytes: f64,
+    /// Mean bytes of a `replace` event (the counts).
+    pub counts_event_bytes: f64,
+    /// Every event's bytes together.
+    pub event_bytes: u64,
+    /// Gateway CPU while the changes ran (all cores: 100 = one core), percent.
+    pub gateway_cpu_pct: Option<f64>,
+}
+
 /// One target of the issue, as measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -459,6 +516,8 @@ pub struct Report {
     pub soak: Option<Soak>,
     /// `rolling`.
     pub rolling: Option<Rolling>,
+    /// `console`.
+    pub console: Option<Console>,
     /// The issue's targets.
     pub targets: Vec<Target>,
     /// Where each scenario started on the time axis (seconds, name).
@@ -864,11 +923,67 @@ fn markdown(r: &Report) -> String {
             let _ = writeln!(s, "  - `{e}`");
         }
     }
+    if let Some(x) = &r.console {
+        console_md(&mut s, x);
+    }
     let _ = writeln!(
         s,
         "\n## Charts\n\n![connected](connected.svg)\n![gateway RSS](gateway-rss.svg)\n![CPU](cpu.svg)\n![latency CDF](latency-cdf.svg)"
     );
     s
+}
+
+/// p50, p99 and max of `l`, and how many.
+fn quantiles(l: &Latency) -> String {
+    format!(
+        "p50 {} · p99 {} · max {} ({})",
+        ms(l.p50_us),
+        ms(l.p99_us),
+        ms(l.max_us),
+        l.count
+    )
+}
+
+fn console_md(s: &mut String, x: &Console) {
+    let _ = writeln!(
+        s,
+        "\n## console\n\n- login (CreateLoginLink, then the link to the cookie): {:.3} s\n\
+         - gateway CPU over a quiet second before the loads: {} % of a core",
+        x.login_s,
+        opt(x.gateway_quiet_cpu_pct.map(|c| format!("{c:.1}")), "")
+    );
+    for p in [&x.fleet_page, &x.filtered_page] {
+        let _ = writeln!(
+            s,
+            "- `GET {}`: {} bytes, {} rows, {} failed; {}; gateway CPU {} ms a load",
+            p.path,
+            p.bytes,
+            p.rows,
+            p.failed,
+            quantiles(&p.latency),
+            opt(p.gateway_cpu_ms_per_load.map(|c| format!("{c:.1}")), "")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "- live updates on `{}`, {} agents stopped and started again one at a time, {} missed:\n  \
+         - disconnect (close → `offline` row): {}\n  \
+         - connect (session established → `online` row): {}\n  \
+         - connect from the dial: {}\n\
+         - events {:?}, {} bytes in all; a `row` {:.0} bytes, the counts {:.0} bytes on average\n\
+         - gateway CPU during the changes: {}",
+        x.stream,
+        x.changes,
+        x.missed,
+        quantiles(&x.disconnect),
+        quantiles(&x.connect),
+        quantiles(&x.connect_from_dial),
+        x.events,
+        x.event_bytes,
+        x.row_event_bytes,
+        x.counts_event_bytes,
+        opt(x.gateway_cpu_pct.map(|c| format!("{c:.1}")), " %"),
+    );
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {

@@ -40,6 +40,10 @@ struct Ctx {
     progress: MultiProgress,
     agents: Vec<String>,
     marks: Vec<(f64, String)>,
+    /// The driver's certificate files (its CA is the gateway's).
+    client: identities::ClientFiles,
+    /// Each replica's northbound address.
+    northbounds: Vec<String>,
 }
 
 impl Ctx {
@@ -134,6 +138,11 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
     }
     if opts.replicas == 0 {
         return Err(LoadError::Usage("--replicas must be at least 1".into()));
+    }
+    if opts.fleet == FleetMode::Full && opts.scenario.contains(&Scenario::Console) {
+        return Err(LoadError::Usage(
+            "the console scenario stops and starts agents one at a time: it needs the lean fleet (--fleet lean)".into(),
+        ));
     }
     if opts.replicas > 1 && opts.gateway.is_some() {
         return Err(LoadError::Usage(
@@ -305,6 +314,8 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
         progress,
         agents,
         marks: Vec::new(),
+        client,
+        northbounds,
     };
     ctx.mark("ramp");
     let measure = ctx.opts.scenario.contains(&Scenario::Ramp);
@@ -339,6 +350,10 @@ pub async fn run(opts: RunOptions) -> Result<PathBuf, LoadError> {
             Scenario::Rolling => {
                 ctx.mark("rolling");
                 report.rolling = Some(rolling(&mut ctx).await?);
+            }
+            Scenario::Console => {
+                ctx.mark("console");
+                report.console = Some(console(&ctx).await?);
             }
         }
     }
@@ -1016,6 +1031,203 @@ async fn soak(ctx: &Ctx) -> report::Soak {
             _ => 0.0,
         },
     }
+}
+
+// === console ===
+
+/// Agents stopped and started again on the fleet page's event stream, one at a time.
+const CONSOLE_CHANGES: usize = 20;
+/// Longest wait for one change's row on the stream.
+const CONSOLE_EVENT_WAIT: Duration = Duration::from_secs(30);
+
+async fn console(ctx: &Ctx) -> Result<report::Console, LoadError> {
+    use crate::console::{ConsoleClient, live_path};
+    let pb = ctx.progress.add(ProgressBar::new_spinner());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb.set_message("console: login");
+    let t = Instant::now();
+    let link = ctx.driver.login_link(0).await.map_err(|s| {
+        LoadError::Driver(format!("CreateLoginLink: {:?}: {}", s.code(), s.message()))
+    })?;
+    let c = ConsoleClient::login(
+        &ctx.northbounds[0],
+        &ctx.opts.server_name,
+        &ctx.client.ca,
+        &link,
+    )
+    .await?;
+    let login_s = t.elapsed().as_secs_f64();
+
+    // Pages: the fleet page and a filtered page in the middle of the fleet, each loaded once
+    // untimed, then CONSOLE_LOADS times one after another.
+    // What the gateway spends with no page asked for (the fleet's heartbeats), to tell a
+    // page's own CPU apart.
+    let cpu = |r: Option<procstat::ProcReading>| r.map(|r| r.cpu_secs);
+    let (c0, t0) = (cpu(ctx.sampler.gateway_now()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = c0
+        .zip(cpu(ctx.sampler.gateway_now()))
+        .map(|(a, b)| (b - a) / t0.elapsed().as_secs_f64() * 100.0);
+    let middle = (ctx.n().div_ceil(50) / 2).max(1);
+    let filtered = format!(
+        "/ui/?tenant={TENANT}&status=online&version={}&page={middle}",
+        tether_agent::VERSION
+    );
+    let mut pages = Vec::new();
+    let mut fleet_html = String::new();
+    for path in ["/ui/", filtered.as_str()] {
+        pb.set_message(format!(
+            "console: {} loads of {path}",
+            ctx.opts.console_loads
+        ));
+        let first = c.get(path).await?;
+        if first.status != http::StatusCode::OK {
+            return Err(LoadError::Driver(format!(
+                "console: {path} answered {}",
+                first.status
+            )));
+        }
+        let mut h = driver::histogram();
+        let (mut failed, mut body) = (0, first.body);
+        let c0 = cpu(ctx.sampler.gateway_now());
+        for _ in 0..ctx.opts.console_loads {
+            match c.get(path).await {
+                Ok(p) if p.status == http::StatusCode::OK => {
+                    h.saturating_record(p.took.as_micros().max(1) as u64);
+                    body = p.body;
+                }
+                _ => failed += 1,
+            }
+        }
+        let spent = c0.zip(cpu(ctx.sampler.gateway_now())).map(|(a, b)| b - a);
+        let html = String::from_utf8_lossy(&body);
+        if path == "/ui/" {
+            fleet_html = html.clone().into_owned();
+        }
+        pages.push(report::ConsolePage {
+            path: path.to_owned(),
+            loads: ctx.opts.console_loads,
+            failed,
+            gateway_cpu_ms_per_load: spent
+                .map(|s| s * 1000.0 / ctx.opts.console_loads.max(1) as f64),
+            bytes: body.len(),
+            rows: html.matches("<tr data-agent=").count(),
+            latency: Latency::from_histogram(&h),
+        });
+    }
+    let filtered_page = pages.pop().expect("two pages");
+    let fleet_page = pages.pop().expect("two pages");
+
+    // Live updates: the fleet page's stream, as console.js opens it.
+    let stream = live_path(&fleet_html)
+        .ok_or_else(|| LoadError::Driver("console: the fleet page names no event stream".into()))?;
+    let mut events = c.events(&stream).await?;
+    let mut r = report::Console {
+        login_s,
+        gateway_quiet_cpu_pct: quiet,
+        fleet_page,
+        filtered_page,
+        stream: stream.clone(),
+        changes: CONSOLE_CHANGES.min(ctx.n()),
+        ..Default::default()
+    };
+    let (mut down, mut up, mut dial) = (
+        driver::histogram(),
+        driver::histogram(),
+        driver::histogram(),
+    );
+    let (mut row_bytes, mut rows, mut counts_bytes, mut counts) = (0u64, 0u64, 0u64, 0u64);
+    let mut count = |r: &mut report::Console, ev: &crate::console::SseEvent| {
+        *r.events.entry(ev.name.clone()).or_default() += 1;
+        r.event_bytes += ev.wire_len as u64;
+        match ev.name.as_str() {
+            "row" => (row_bytes, rows) = (row_bytes + ev.wire_len as u64, rows + 1),
+            "replace" if ev.data.starts_with("counts\n") => {
+                (counts_bytes, counts) = (counts_bytes + ev.wire_len as u64, counts + 1)
+            }
+            _ => {}
+        }
+    };
+    let bar = ctx.bar("console", 2 * r.changes as u64);
+    let cpu_start = ctx.sampler.gateway_now();
+    let started = Instant::now();
+    for k in 0..r.changes {
+        // Agents spread over the fleet, each stopped then started again.
+        let i = k * ctx.n() / r.changes;
+        let id = &ctx.agents[i];
+        for on in [false, true] {
+            // Whatever came before this change (the counts of the last one, keep-alives).
+            for ev in events.drain().await {
+                count(&mut r, &ev);
+            }
+            let t0 = Instant::now();
+            if on {
+                ctx.fleet.start_agent(i)?;
+            } else {
+                ctx.fleet.stop_agent(i)?;
+            }
+            let deadline = t0 + CONSOLE_EVENT_WAIT;
+            let arrived = loop {
+                let Some(ev) = events.next(deadline).await else {
+                    if Instant::now() < deadline {
+                        return Err(LoadError::Driver(format!(
+                            "console: the gateway ended the event stream {stream}"
+                        )));
+                    }
+                    break None;
+                };
+                count(&mut r, &ev);
+                let mine = ev.fleet_row().is_some_and(|(agent, status)| {
+                    agent == id
+                        && if on {
+                            status == "online" || status == "degraded"
+                        } else {
+                            status == "offline"
+                        }
+                });
+                if mine {
+                    break Some(ev.at);
+                }
+            };
+            let Some(at) = arrived else {
+                r.missed += 1;
+                bar.inc(1);
+                continue;
+            };
+            let us = |d: Duration| d.as_micros().max(1) as u64;
+            if on {
+                dial.saturating_record(us(at - t0));
+                if let Some(established) = ctx.fleet.last_up(i).filter(|u| *u >= t0) {
+                    up.saturating_record(us(at.saturating_duration_since(established)));
+                }
+            } else {
+                down.saturating_record(us(at - t0));
+            }
+            bar.inc(1);
+        }
+    }
+    let elapsed = started.elapsed();
+    // The counts event of the last change.
+    for ev in events.drain().await {
+        count(&mut r, &ev);
+    }
+    bar.finish();
+    let cpu_end = ctx.sampler.gateway_now();
+    r.gateway_cpu_pct = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some((b.cpu_secs - a.cpu_secs) / elapsed.as_secs_f64() * 100.0),
+        _ => None,
+    };
+    r.disconnect = Latency::from_histogram(&down);
+    r.connect = Latency::from_histogram(&up);
+    r.connect_from_dial = Latency::from_histogram(&dial);
+    r.row_event_bytes = row_bytes as f64 / rows.max(1) as f64;
+    r.counts_event_bytes = counts_bytes as f64 / counts.max(1) as f64;
+    pb.finish_with_message(format!(
+        "console: page p50 {:.1} ms, live update p50 {:.0} ms",
+        r.fleet_page.latency.p50_us as f64 / 1000.0,
+        r.disconnect.p50_us as f64 / 1000.0
+    ));
+    Ok(r)
 }
 
 // === replicas ===
