@@ -355,14 +355,14 @@ pub(super) async fn commands(
     Viewer(caller): Viewer,
     Query(f): Query<CommandFilter>,
 ) -> Response {
-    // What the page shows now: only what changes after it is sent.
+    // The page's rows as they are now, sent first: a page whose stream reconnects (or whose
+    // rows changed between its render and this stream) is brought up to date; then only what
+    // changes.
     let mut sent = HashMap::new();
-    match list_commands(&console, &caller, &f).await {
-        Ok((rows, _)) => {
-            command_rows(&rows, &mut sent);
-        }
+    let first = match list_commands(&console, &caller, &f).await {
+        Ok((rows, _)) => command_rows(&rows, &mut sent),
         Err(refused) => return refused,
-    }
+    };
     let mut changes = if f.agent.is_empty() {
         None
     } else {
@@ -383,6 +383,9 @@ pub(super) async fn commands(
     let (tx, rx) = mpsc::channel(16);
     let shutdown = console.shutdown.clone();
     tokio::spawn(async move {
+        if !send_all(&tx, first).await {
+            return;
+        }
         loop {
             let changed = async {
                 match &mut changes {
@@ -403,8 +406,9 @@ pub(super) async fn commands(
                 _ = tx.closed() => return,
                 c = changed => if c.is_none() { return },
             }
+            // A List that fails (a store hiccup) is asked again at the next change or tick.
             let Ok((rows, _)) = list_commands(&console, &caller, &f).await else {
-                return;
+                continue;
             };
             if !send_all(&tx, command_rows(&rows, &mut sent)).await {
                 return;
