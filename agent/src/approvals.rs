@@ -128,7 +128,7 @@ fn now_ms() -> u64 {
 
 impl Approvals {
     /// Approvals for `kinds`, with the waits kept in `state_dir` (an unreadable file is
-    /// refused: silently dropping waits could run what nobody approved... or lose a rejection).
+    /// refused, naming it: dropping the waits silently would lose decisions, a rejection too).
     pub fn new(
         kinds: &[String],
         state_dir: Option<&Path>,
