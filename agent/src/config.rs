@@ -285,7 +285,7 @@ impl ApprovalsConfig {
         if !self.kinds.is_empty() && state_dir.is_none() {
             return Err(ConfigError::invalid(
                 "approvals.kinds",
-                "needs state_dir: the agent keeps the commands waiting for approval, and the decisions, there (a restart must not run what nobody approved, or forget a rejection)",
+                "needs state_dir: the agent keeps the commands waiting for approval and the decisions there, so that a restart keeps them (set state_dir, or leave approvals.kinds empty)",
             ));
         }
         Ok(())
