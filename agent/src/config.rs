@@ -1315,6 +1315,33 @@ mod tests {
     }
 
     #[test]
+    fn approvals_need_state_dir_and_distinct_kinds_naming_the_key() {
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"k.pem\"\n";
+        for (extra, why) in [
+            ("[approvals]\nkinds = [\"deploy\"]\n", "needs state_dir"),
+            (
+                "state_dir = \"s\"\n[approvals]\nkinds = [\"deploy\", \"deploy\"]\n",
+                "listed twice",
+            ),
+            (
+                "state_dir = \"s\"\n[approvals]\nkinds = [\" deploy\"]\n",
+                "not a command kind",
+            ),
+        ] {
+            let e = parse(&format!("{extra}{tls}")).validate().unwrap_err();
+            assert!(
+                e.to_string().contains("approvals.kinds") && e.to_string().contains(why),
+                "{e}"
+            );
+        }
+        parse(&format!(
+            "state_dir = \"s\"\n{tls}[approvals]\nkinds = [\"deploy\", \"environment.delete\"]\n"
+        ))
+        .validate()
+        .expect("valid");
+    }
+
+    #[test]
     fn files_identity_needs_every_tls_file() {
         let e = parse("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\n")
             .validate()
