@@ -49,6 +49,10 @@ const WRITE_BATCH: usize = 64;
 const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
 /// Agents taken per sweep at most.
 const ORPHANS_PER_SWEEP: i64 = 500;
+/// How long Cancel waits for a command stored `DELIVERED` to be acknowledged or to wait for
+/// approval (see `cancel_replicated`).
+const DELIVERY_SETTLES: Duration = Duration::from_secs(3);
+
 /// Queued commands expired per pass at most.
 const EXPIRE_BATCH: i64 = 1000;
 
@@ -663,10 +667,26 @@ impl Commands {
         r: &Replicated,
         id: &str,
     ) -> Result<CommandRecord, super::CommandError> {
-        match pg::cancel(&r.cluster.pool, id, SystemTime::now())
-            .await
-            .map_err(sql)?
-        {
+        // A command stored DELIVERED may be waiting for its owner's approval already, its
+        // holder's write of that still on its way (a `Get` at the holder shows it first): a
+        // delivery is acknowledged (RUNNING) or waits (AWAITING_APPROVAL, cancellable) within
+        // moments, so Cancel waits that long for it to settle before saying it is too late.
+        let settles = std::time::Instant::now() + DELIVERY_SETTLES;
+        let cancelled = loop {
+            match pg::cancel(&r.cluster.pool, id, SystemTime::now())
+                .await
+                .map_err(sql)?
+            {
+                Err(pg::NotCancelled::TooLate(c))
+                    if c.state == CommandState::Delivered
+                        && std::time::Instant::now() < settles =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        };
+        match cancelled {
             Ok(cmd) => {
                 let view = Arc::new(cmd.view());
                 let held = self.state.agents.run(&cmd.agent, |st| {
