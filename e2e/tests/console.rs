@@ -225,14 +225,19 @@ fn allow(cfg: &mut AgentConfig, name: &str, kind: ServiceKind) {
     );
 }
 
-/// The services `Agents/Get` says `id` allow-lists, `name (kind)`, sorted.
-async fn services_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> Vec<String> {
-    let a = agents(gw, pki)
+/// `Agents/Get` of `id`.
+async fn get_agent(gw: &GatewayProcess, pki: &Pki, id: &str) -> v1::Agent {
+    agents(gw, pki)
         .await
         .get(v1::GetAgentRequest { agent: id.into() })
         .await
         .expect("get agent")
-        .into_inner();
+        .into_inner()
+}
+
+/// The services `Agents/Get` says `id` allow-lists, `name (kind)`, sorted.
+async fn services_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> Vec<String> {
+    let a = get_agent(gw, pki, id).await;
     let mut s: Vec<String> = a
         .sessions
         .iter()
@@ -249,12 +254,7 @@ async fn services_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> Vec<String> {
 
 /// Relayed calls and bytes each way `Agents/Get` reports for `id`.
 async fn traffic_of(gw: &GatewayProcess, pki: &Pki, id: &str) -> (u64, u64, u64) {
-    let a = agents(gw, pki)
-        .await
-        .get(v1::GetAgentRequest { agent: id.into() })
-        .await
-        .expect("get agent")
-        .into_inner();
+    let a = get_agent(gw, pki, id).await;
     (
         a.relayed_calls,
         a.relayed_bytes_to_agent,
