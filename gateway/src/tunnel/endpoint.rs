@@ -74,7 +74,7 @@ pub fn quic_endpoint(
         endpoint,
         Some(server),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(super::lean::LeanRuntime),
     )
 }
 

@@ -14,6 +14,7 @@ pub mod admission;
 pub mod balance;
 pub mod driver;
 pub mod endpoint;
+pub mod lean;
 pub mod probe;
 pub mod registry;
 pub mod tls;
