@@ -252,7 +252,6 @@ async fn establish(
     Ok(Some((link, (send, recv), (agent, cert), permit)))
 }
 
-
 /// Accepts agent connections on TCP (the fallback, and the enrollment side door) until
 /// `stop_accepting` is cancelled; a source address over `limits.handshakes_per_second` is
 /// closed at once, before TLS.
