@@ -587,12 +587,10 @@ mod tests {
     use http::HeaderValue;
     use tunnel_proto::message::{GoAway, Hello, LEAVE};
 
-    type Orders = Vec<tokio::sync::mpsc::UnboundedReceiver<SessionCommand>>;
-
     /// Registers a session of agent `t/a` for instance `instance` (leaving sessions when
-    /// `leaves`) over `link`; returns it, keeping its orders' receiver in `orders`.
+    /// `leaves`) over `link`; returns it.
     fn session(
-        (registry, orders): (&Registry, &mut Orders),
+        registry: &Registry,
         link: &tether_runtime::transport::Link,
         id: &str,
         instance: &str,
@@ -609,7 +607,7 @@ mod tests {
             not_before: 0,
             not_after: i64::MAX,
         };
-        let (info, rx) = SessionInfo::new(
+        let info = SessionInfo::new(
             id.into(),
             "t/a".parse().unwrap(),
             "127.0.0.1:1".parse().unwrap(),
@@ -617,7 +615,6 @@ mod tests {
             (hello, 1),
             &facts,
         );
-        orders.push(rx);
         registry.register(info)
     }
 
@@ -636,11 +633,10 @@ mod tests {
         let (_agent_end, link, _endpoints) = quic_pair().await;
         let registry = Arc::new(Registry::default());
         let relay = Relay::with_stream_limit(registry.clone(), 16);
-        let mut orders = Orders::new();
         // One agent process with two sessions here (two addresses, or connections = 2 with two
         // of its replicas here).
-        let s1 = session((&registry, &mut orders), &link, "s1", "i1", true);
-        let s2 = session((&registry, &mut orders), &link, "s2", "i1", true);
+        let s1 = session(&registry, &link, "s1", "i1", true);
+        let s2 = session(&registry, &link, "s2", "i1", true);
         let seen = picks(&relay, 100);
         assert_eq!(seen.get("s1"), Some(&50));
         assert_eq!(seen.get("s2"), Some(&50));
@@ -657,7 +653,7 @@ mod tests {
             Err(RelayError::Moving(_))
         ));
         // A call is never sent twice to one session.
-        let s3 = session((&registry, &mut orders), &link, "s3", "i1", true);
+        let s3 = session(&registry, &link, "s3", "i1", true);
         let mut tried = Attempts::default();
         tried.tried.push(s3.clone());
         assert!(matches!(
@@ -673,10 +669,9 @@ mod tests {
         let (_agent_end, link, _endpoints) = quic_pair().await;
         let registry = Arc::new(Registry::default());
         let relay = Relay::with_stream_limit(registry.clone(), 16);
-        let mut orders = Orders::new();
-        session((&registry, &mut orders), &link, "old", "i1", false);
-        session((&registry, &mut orders), &link, "new", "i1", false);
-        session((&registry, &mut orders), &link, "other", "i2", false);
+        session(&registry, &link, "old", "i1", false);
+        session(&registry, &link, "new", "i1", false);
+        session(&registry, &link, "other", "i2", false);
         let seen = picks(&relay, 100);
         assert_eq!(seen.keys().collect::<Vec<_>>(), ["new", "other"]);
     }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use tether_runtime::driver::{self, SessionEnd, Side};
 use tether_runtime::stream::StreamError;
 use tether_runtime::transport::{Link, RecvStream, SendStream, Transport};
-use tokio::sync::mpsc;
 use tunnel_proto::session::{GatewayEvent, GatewaySession};
 use tunnel_proto::{AgentId, ErrorCode};
 
@@ -67,7 +66,6 @@ pub(crate) async fn drive_session(
         // session, which matters at 10,000 mostly idle sessions; see docs/PERFORMANCE.md).
         probe: Probe::new(ctx.probe, ctx.session.heartbeat_interval),
         registered: None,
-        orders: None,
     };
     let end = driver::drive(&mut session, &mut side, &link, (send, recv)).await;
     let close_reason = match &end {
@@ -102,8 +100,6 @@ struct GatewaySide<'a> {
     probe: Probe,
     /// The session in the registry, once `Hello` is accepted.
     registered: Option<Arc<SessionInfo>>,
-    /// The registry's orders for this session, once registered.
-    orders: Option<mpsc::UnboundedReceiver<SessionCommand>>,
 }
 
 /// What woke the gateway's side.
@@ -193,7 +189,7 @@ impl GatewaySide<'_> {
                 .min(self.ctx.balance.live_replicas().max(1)),
             _ => hello.sessions_wanted,
         };
-        let (mut info, orders) = SessionInfo::new(
+        let mut info = SessionInfo::new(
             self.session_id.to_owned(),
             agent.clone(),
             self.remote,
@@ -209,7 +205,6 @@ impl GatewaySide<'_> {
             .increment(1);
         self.probe.start(now);
         self.registered = Some(info);
-        self.orders = Some(orders);
         // A revocation that landed between the handshake and the registration missed this
         // session: catch it here.
         if let Some(why) = self.ctx.revocations.refusal(agent, self.cert) {
@@ -278,10 +273,10 @@ impl Side<GatewaySession> for GatewaySide<'_> {
     }
 
     async fn wake(&mut self) -> Wake {
-        let orders = &mut self.orders;
+        let registered = self.registered.as_ref();
         let order = async move {
-            match orders {
-                Some(rx) => rx.recv().await,
+            match registered {
+                Some(s) => s.next_order().await,
                 None => std::future::pending().await,
             }
         };
@@ -293,7 +288,7 @@ impl Side<GatewaySession> for GatewaySide<'_> {
             }
         };
         tokio::select! {
-            Some(order) = order => Wake::Order(order),
+            order = order => Wake::Order(order),
             outcome = self.probe.answer() => Wake::Probe(outcome),
             () = left_idle => Wake::LeftIdle,
             () = self.ctx.shutdown.cancelled() => Wake::Shutdown,

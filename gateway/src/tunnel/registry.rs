@@ -8,13 +8,13 @@
 //! gateway sent `GoAway`), left (the agent said it is leaving: no new stream goes on it), and
 //! the relayed streams open on it, so its driver closes a left session once they are done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast};
 use tunnel_proto::AgentId;
 use tunnel_proto::message::{GoAway, Hello, LEAVE, ServiceEntry};
 
@@ -59,7 +59,11 @@ pub struct SessionInfo {
     /// ([`Hello::sessions_wanted`], at most the live replicas when the agent has one gateway
     /// address); 0: unknown. Set by the driver before registering.
     pub sessions_wanted: u32,
-    control: mpsc::UnboundedSender<SessionCommand>,
+    /// The registry's orders not yet taken by the session's driver. A queue and a `Notify`
+    /// rather than a channel: orders are rare (a `GoAway`, a revocation) and a tokio channel
+    /// allocates its first block of 32 slots up front, 2.6 KB of every idle session.
+    orders: Mutex<VecDeque<SessionCommand>>,
+    order_ready: Notify,
     asked_to_go: AtomicBool,
     left: AtomicBool,
     /// Set by the driver when it closes the session because the agent left it and its relayed
@@ -128,12 +132,33 @@ impl SessionInfo {
             .clone()
     }
 
-    /// Asks the session's driver to do something; false if the session is already gone.
-    pub fn command(&self, cmd: SessionCommand) -> bool {
+    /// Asks the session's driver to do something (nothing happens if the session has ended).
+    pub fn command(&self, cmd: SessionCommand) {
         if matches!(cmd, SessionCommand::GoAway(_)) {
             self.asked_to_go.store(true, Ordering::Relaxed);
         }
-        self.control.send(cmd).is_ok()
+        self.orders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(cmd);
+        // One waiter, the driver; with none waiting the permit is kept for its next wait.
+        self.order_ready.notify_one();
+    }
+
+    /// The registry's next order, for the session's driver (its only reader). Cancel-safe: an
+    /// order is taken from the queue only when this returns it.
+    pub async fn next_order(&self) -> SessionCommand {
+        loop {
+            let order = self
+                .orders
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            if let Some(order) = order {
+                return order;
+            }
+            self.order_ready.notified().await;
+        }
     }
 
     /// This gateway asked the agent to move the session elsewhere (`GoAway`).
@@ -229,8 +254,7 @@ impl SessionInfo {
         link: tether_runtime::transport::Link,
         (hello, version): (Hello, u32),
         cert: &CertFacts,
-    ) -> (SessionInfo, mpsc::UnboundedReceiver<SessionCommand>) {
-        let (control, orders) = mpsc::unbounded_channel();
+    ) -> SessionInfo {
         let agent_leaves = hello.capabilities.iter().any(|c| c == LEAVE);
         // Until the first heartbeat measures it: the handshake's (QUIC's estimate, or how long
         // the TLS handshake over TCP took).
@@ -256,14 +280,15 @@ impl SessionInfo {
             pause: Mutex::new(pause),
             services: Mutex::new(services),
             sessions_wanted,
-            control,
+            orders: Mutex::default(),
+            order_ready: Notify::new(),
             asked_to_go: AtomicBool::new(false),
             left: AtomicBool::new(false),
             closed_after_leave: AtomicBool::new(false),
             relaying: AtomicUsize::new(0),
             relay_idle: Notify::new(),
         };
-        (info, orders)
+        info
     }
 }
 
@@ -532,5 +557,59 @@ impl Registry {
         for s in self.sessions() {
             s.command(SessionCommand::GoAway(go_away.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::test_support::quic_pair;
+
+    /// The registry's orders reach the session's driver once each and in order, whether given
+    /// before it waits or while it waits, and a wait given up (another wake-up came first)
+    /// loses none.
+    #[tokio::test]
+    async fn orders_reach_the_driver_once_each_in_order_whether_or_not_it_waits() {
+        let (_agent_end, link, _endpoints) = quic_pair().await;
+        let facts = CertFacts {
+            fingerprint: "00".into(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let info = Arc::new(SessionInfo::new(
+            "s".into(),
+            "t/a".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            link,
+            (Hello::default(), 1),
+            &facts,
+        ));
+        let close = |why: &str| SessionCommand::Close(tunnel_proto::ErrorCode::REVOKED, why.into());
+        let reason = |o: SessionCommand| match o {
+            SessionCommand::Close(_, why) => why,
+            SessionCommand::GoAway(_) => "go away".into(),
+        };
+        info.command(close("first"));
+        info.command(SessionCommand::GoAway(GoAway::default()));
+        assert!(info.is_asked_to_go());
+        assert_eq!(reason(info.next_order().await), "first");
+        assert_eq!(reason(info.next_order().await), "go away");
+        // Nothing queued: a wait that loses to another wake-up takes nothing with it.
+        tokio::select! {
+            biased;
+            o = info.next_order() => panic!("no order was given: {}", reason(o)),
+            () = std::future::ready(()) => {}
+        }
+        info.command(close("after a lost wait"));
+        assert_eq!(reason(info.next_order().await), "after a lost wait");
+        // Given while the driver waits.
+        let waiting = tokio::spawn({
+            let info = info.clone();
+            async move { reason(info.next_order().await) }
+        });
+        tokio::task::yield_now().await;
+        info.command(close("while waiting"));
+        assert_eq!(waiting.await.unwrap(), "while waiting");
     }
 }
