@@ -1,12 +1,13 @@
 //! Transport layer: quinn's runtime for the tunnel endpoint, tokio's with one difference that
-//! saves ~12 KB of every idle agent's connection.
+//! saves ~11 KB of heap (~4 KiB resident) of every idle agent's connection.
 //!
 //! quinn's connection driver keeps one send buffer per connection for its life, and the first
 //! time a transmit needs a second datagram (the handshake's flight: the post-quantum
 //! `ServerHello` and the certificate do not fit one) quinn-proto reserves room for a whole GSO
 //! batch at once, ten datagrams of up to 1,452 bytes (`Connection::poll_transmit`). That buffer
 //! is never shrunk, so an agent that only heartbeats keeps ~13 KB the gateway will not use
-//! again, a third of what one idle agent costs (see docs/PERFORMANCE.md).
+//! again, a quarter of the heap one idle agent costs; its pages never written are not resident,
+//! so RSS gains less (see docs/PERFORMANCE.md, "Memory per idle agent, second pass").
 //!
 //! quinn asks the socket how many segments a batch may have (`max_transmit_segments`) each
 //! time a connection's driver sends. Here the socket answers 1 to a connection that has sent
