@@ -526,6 +526,9 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
     let cut = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Why sessions ended, from the logs of the replicas as they stop: what a failed call's
+    // message is read against.
+    let mut session_ends = Vec::new();
 
     for i in 0..fleet.slots.len() {
         let name = fleet.slots[i].name.clone();
@@ -578,6 +581,7 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
         })
         .await;
         let exited = started.elapsed();
+        session_ends.extend(ends_of_sessions(&name, &gw.logs()));
         fleet.up(i).await;
         let back = settled(&fleet, &[&a1, &a2], 2, T).await;
         eprintln!(
@@ -614,12 +618,40 @@ async fn a_rolling_restart_under_steady_load_fails_no_unary_call_and_loses_no_co
         ids.len(),
         cut.load(Ordering::Relaxed)
     );
-    assert!(failed.is_empty(), "unary calls failed: {failed:?}");
+    if !failed.is_empty() {
+        for i in 0..fleet.slots.len() {
+            session_ends.extend(ends_of_sessions(&fleet.slots[i].name, &fleet.gw(i).logs()));
+        }
+        panic!(
+            "unary calls failed: {failed:?}\nsessions ended, by replica:\n{}",
+            session_ends.join("\n")
+        );
+    }
     assert_eq!(tally.unroutable.load(Ordering::Relaxed), 0);
     assert!(tally.ok.load(Ordering::Relaxed) > 100);
     all_succeeded(&fleet, &ids).await;
     a1.stop().await;
     a2.stop().await;
+}
+
+/// The lines of a replica's log that say why a session or a relayed call ended abnormally:
+/// disconnects, failed probes, a drain that ran out of time, the replica losing its liveness,
+/// peer links coming and going.
+fn ends_of_sessions(replica: &str, logs: &str) -> Vec<String> {
+    logs.lines()
+        .filter(|l| {
+            [
+                "agent disconnected",
+                "probe failed",
+                "drain timeout",
+                "fenced",
+                "liveness",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .map(|l| format!("{replica}: {l}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -966,8 +966,9 @@ struct Running {
 /// Waits for `shutdown`, then drains (see the module docs): not ready and turning new sessions
 /// away → marked draining in the cluster → `GoAway` to every agent → wait up to
 /// `drain_timeout` for them to move → stop accepting and delivering commands → release the
-/// command leases → close what is left with `SHUTDOWN` → wait for QUIC to go idle (3 s at most)
-/// → stop ops → mark the replica's row expired.
+/// command leases → close what is left with `SHUTDOWN` → let the calls open on the northbound
+/// finish (until the drain's deadline, at least [`CALLS_GRACE`]) → wait for QUIC to go idle
+/// (3 s at most) → stop ops and the peer links → mark the replica's row expired.
 async fn stop_on(shutdown: CancellationToken, r: Running) {
     let _dir_lock = r.dir_lock;
     shutdown.cancelled().await;
@@ -982,6 +983,7 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
             Err(_) => tracing::warn!("marking this replica draining timed out"),
         }
     }
+    let drain_deadline = tokio::time::Instant::now() + r.drain_timeout;
     drain(&r.registry, &r.balance, r.drain_timeout).await;
     r.stop_accepting.cancel();
     r.commands_stop.cancel();
@@ -998,7 +1000,16 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
         }
     }
     r.close_sessions.cancel();
-    let _ = r.northbound.await;
+    // Calls still open on the northbound finish before the peer links and the process go: a
+    // call forwarded to another replica holds no session here, so the drain did not wait for
+    // it, and closing the links under it would fail it (`connection lost`). Until the drain's
+    // deadline, and at least CALLS_GRACE.
+    let calls_by = drain_deadline.max(tokio::time::Instant::now() + CALLS_GRACE);
+    if tokio::time::timeout_at(calls_by, r.northbound).await.is_err() {
+        tracing::warn!(
+            "northbound calls still open at the end of the drain; closing them with the process"
+        );
+    }
     r.endpoint.close(
         tunnel_proto::ErrorCode::SHUTDOWN.0.into(),
         b"gateway shutting down",
@@ -1056,6 +1067,10 @@ fn raise_open_files_limit() -> std::io::Result<u64> {
     }
     Ok(hard)
 }
+
+/// How long a stopping gateway waits at least, after its drain, for the calls open on its
+/// northbound to finish (see [`stop_on`]).
+const CALLS_GRACE: Duration = Duration::from_secs(2);
 
 /// Sends `GoAway` to every session, naming this replica to avoid, and waits for them to
 /// leave, up to `timeout`. Agents are asked to spread their new sessions over half of it.

@@ -160,8 +160,8 @@ pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 pub type Incoming = hyper::body::Incoming;
 
 /// Serves `service` (the northbound routes behind authentication) on `listener` until
-/// `shutdown`, then lets open calls finish (graceful h2 shutdown) for as long as the process
-/// waits. An empty certificate chain in [`PeerCerts`] means the caller sent none (allowed only
+/// `shutdown`, then lets open calls finish (graceful h2 shutdown) and returns once every
+/// connection has closed: the caller bounds how long it waits for that. An empty certificate chain in [`PeerCerts`] means the caller sent none (allowed only
 /// when the TLS config does not require one). Connections with a certificate are kept in
 /// `live` while they are open.
 pub async fn serve<S, B>(
@@ -188,9 +188,16 @@ pub async fn serve<S, B>(
     let connections = Connections::new(limits.max_connections, limits.max_connections_per_address);
     // Refusals are logged at most every 10 s: whoever is refused can retry at any rate.
     let mut refusals = LogThrottle::new(Duration::from_secs(10));
+    // Connections open, each counted until its task ends.
+    let (open, mut open_rx) = tokio::sync::watch::channel(0usize);
+    let open = Arc::new(open);
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                drop(listener);
+                let _ = open_rx.wait_for(|n| *n == 0).await;
+                return;
+            }
             a = listener.accept() => a,
         };
         let slot = match connections.open(peer.ip()) {
@@ -209,8 +216,9 @@ pub async fn serve<S, B>(
         let _ = tcp.set_nodelay(true);
         let (acceptor, service, shutdown) = (acceptor.clone(), service.clone(), shutdown.clone());
         let live = live.clone();
+        let counted = CallGuard::new(open.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let (_slot, _counted) = (slot, counted);
             let stream =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -354,7 +362,8 @@ fn header_list_size(headers: &http::HeaderMap) -> usize {
         .sum()
 }
 
-/// One call open on a connection, from its request to the end of its response body.
+/// One call open on a connection, from its request to the end of its response body (or one
+/// connection open on the listener).
 struct CallGuard(Arc<tokio::sync::watch::Sender<usize>>);
 
 impl CallGuard {

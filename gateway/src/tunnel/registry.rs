@@ -262,7 +262,7 @@ impl SessionInfo {
         let pause = hello.paused.then(|| hello.pause_reason.clone());
         let services = hello.services.clone().into();
         let sessions_wanted = hello.sessions_wanted;
-        let info = SessionInfo {
+        SessionInfo {
             session_id,
             agent,
             remote,
@@ -287,8 +287,7 @@ impl SessionInfo {
             closed_after_leave: AtomicBool::new(false),
             relaying: AtomicUsize::new(0),
             relay_idle: Notify::new(),
-        };
-        info
+        }
     }
 }
 
