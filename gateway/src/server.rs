@@ -1005,7 +1005,10 @@ async fn stop_on(shutdown: CancellationToken, r: Running) {
     // it, and closing the links under it would fail it (`connection lost`). Until the drain's
     // deadline, and at least CALLS_GRACE.
     let calls_by = drain_deadline.max(tokio::time::Instant::now() + CALLS_GRACE);
-    if tokio::time::timeout_at(calls_by, r.northbound).await.is_err() {
+    if tokio::time::timeout_at(calls_by, r.northbound)
+        .await
+        .is_err()
+    {
         tracing::warn!(
             "northbound calls still open at the end of the drain; closing them with the process"
         );
